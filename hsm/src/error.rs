@@ -1,0 +1,122 @@
+//! The one error type of the key store.
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
+
+/// What went wrong talking to the token. Never carries key material or the PIN.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HsmError {
+    /// The PKCS#11 module could not be loaded (missing file, not a PKCS#11 library).
+    #[error("cannot load PKCS#11 module {path}: {reason}")]
+    ModuleLoad { path: String, reason: String },
+
+    /// No slot holds an initialized token with this label.
+    #[error(
+        "no initialized PKCS#11 token labelled {label:?} (is the token initialized, and is SOFTHSM2_CONF right?)"
+    )]
+    TokenNotFound { label: String },
+
+    /// The user PIN was refused by the token.
+    #[error("the token refused the user PIN")]
+    PinIncorrect,
+
+    /// The token locked the user PIN after too many failures.
+    #[error("the token's user PIN is locked")]
+    PinLocked,
+
+    /// The PIN could not be read from its configured source.
+    #[error("cannot read the token PIN: {0}")]
+    PinSource(String),
+
+    /// The token, its slot or our session went away; the call may succeed once it returns.
+    #[error("the token is unavailable: {function} returned {rv}")]
+    Unavailable { function: Function, rv: RvError },
+
+    /// No key object carries this label.
+    #[error("no key labelled {0:?} in the token")]
+    KeyNotFound(String),
+
+    /// A key with this label already exists; labels are unique names.
+    #[error("a key labelled {0:?} already exists in the token")]
+    KeyExists(String),
+
+    /// A wrapped key or ciphertext failed authentication or has the wrong shape.
+    #[error("the wrapped key or ciphertext is invalid or was tampered with")]
+    InvalidCiphertext,
+
+    /// The token supports none of the mechanisms this operation can use.
+    #[error("the token supports no usable mechanism for {0}")]
+    MechanismUnsupported(&'static str),
+
+    /// A key attribute came back in a shape we do not understand.
+    #[error("unexpected key attribute: {0}")]
+    BadAttribute(&'static str),
+
+    /// Every session of the pool stayed busy for the whole wait.
+    #[error("timed out waiting for a free PKCS#11 session")]
+    PoolTimeout,
+
+    /// Any other failed `C_*` call, with the function and its return value.
+    #[error("{function} failed: {rv}")]
+    Pkcs11 { function: Function, rv: RvError },
+
+    /// A failure inside the cryptoki wrapper that is not a PKCS#11 return value.
+    #[error("PKCS#11 wrapper error: {0}")]
+    Wrapper(String),
+}
+
+impl HsmError {
+    /// True when retrying later (after the token comes back) may succeed; the HTTP layer
+    /// answers 503 for these.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Unavailable { .. } | HsmError::PoolTimeout | HsmError::TokenNotFound { .. }
+        )
+    }
+}
+
+/// Return values that mean "the session, token or device went away".
+pub(crate) fn rv_is_gone(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::DeviceRemoved
+            | RvError::DeviceError
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::SessionClosed
+            | RvError::SessionHandleInvalid
+            | RvError::SlotIdInvalid
+            | RvError::CryptokiNotInitialized
+            | RvError::UserNotLoggedIn
+    )
+}
+
+/// Return values that mean a cached object handle is stale (the object was re-created,
+/// or the token was re-inserted): look the key up by label again.
+pub(crate) fn rv_is_stale_handle(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid
+            | RvError::WrappingKeyHandleInvalid
+            | RvError::UnwrappingKeyHandleInvalid
+    )
+}
+
+impl From<CkError> for HsmError {
+    fn from(e: CkError) -> Self {
+        match e {
+            CkError::Pkcs11(RvError::PinIncorrect, _) => HsmError::PinIncorrect,
+            CkError::Pkcs11(RvError::PinLocked, _) => HsmError::PinLocked,
+            CkError::Pkcs11(rv, function) if rv_is_gone(rv) => {
+                HsmError::Unavailable { function, rv }
+            }
+            CkError::Pkcs11(rv, function) => HsmError::Pkcs11 { function, rv },
+            other => HsmError::Wrapper(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = HsmError> = std::result::Result<T, E>;

@@ -1,0 +1,789 @@
+//! The PKCS#11 implementation of [`KeyStore`], through `cryptoki`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+use crate::error::{HsmError, Result, rv_is_stale_handle};
+use crate::keystore::{KeyKind, KeyLabel, KeyStore, WrapMechanism};
+
+/// DER encoding of the Ed25519 curve OID 1.3.101.112, the `CKA_EC_PARAMS` of PKCS#11 3.0.
+const ED25519_OID: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+const GCM_IV_LEN: usize = 12;
+const GCM_TAG_BITS: u64 = 128;
+
+/// Which wrap mechanism to use for new wraps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WrapPreference {
+    /// AES-GCM if the token offers it, else AES key wrap with padding.
+    #[default]
+    Auto,
+    /// Exactly this one; opening fails if the token does not offer it.
+    Only(WrapMechanism),
+}
+
+/// How to open a token.
+#[derive(Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// `CKA_LABEL` of the token, never a slot number (slot numbers change).
+    pub token_label: String,
+    /// The user PIN.
+    pub pin: SecretString,
+    /// Upper bound on open sessions. SoftHSM serializes inside the module, so a small pool
+    /// is enough there; a network HSM benefits from more.
+    pub max_sessions: usize,
+    /// How long a caller waits for a free session before [`HsmError::PoolTimeout`].
+    pub session_wait: Duration,
+    /// How long to keep retrying token discovery at start-up (SoftHSMv2 issue 757: processes
+    /// that initialize at the same moment sometimes do not see the token).
+    pub discovery_timeout: Duration,
+    pub wrap: WrapPreference,
+}
+
+impl std::fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"<redacted>")
+            .field("max_sessions", &self.max_sessions)
+            .field("session_wait", &self.session_wait)
+            .field("discovery_timeout", &self.discovery_timeout)
+            .field("wrap", &self.wrap)
+            .finish()
+    }
+}
+
+impl Pkcs11Config {
+    pub fn new(
+        module: impl Into<PathBuf>,
+        token_label: impl Into<String>,
+        pin: SecretString,
+    ) -> Self {
+        Pkcs11Config {
+            module: module.into(),
+            token_label: token_label.into(),
+            pin,
+            max_sessions: 4,
+            session_wait: Duration::from_secs(5),
+            discovery_timeout: Duration::from_secs(3),
+            wrap: WrapPreference::Auto,
+        }
+    }
+}
+
+/// One `Pkcs11` context per module per process: calling `C_Initialize` from several
+/// contexts on the same module is not safe, and all sessions share one login.
+static CONTEXTS: LazyLock<Mutex<HashMap<PathBuf, Pkcs11>>> = LazyLock::new(Default::default);
+
+/// Load and initialize `module` once for this process.
+pub fn context(module: &Path) -> Result<Pkcs11> {
+    let mut contexts = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ctx) = contexts.get(module) {
+        return Ok(ctx.clone());
+    }
+    if !module.exists() {
+        return Err(HsmError::ModuleLoad {
+            path: module.display().to_string(),
+            reason: "file not found (on Debian: apt-get install softhsm2)".into(),
+        });
+    }
+    let ctx = Pkcs11::new(module).map_err(|e| HsmError::ModuleLoad {
+        path: module.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    contexts.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+/// Find the slot whose initialized token carries `label`.
+pub fn find_token(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>> {
+    for slot in ctx.get_slots_with_initialized_token()? {
+        let info = ctx.get_token_info(slot)?;
+        if info.label().trim_end() == label {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+/// Sessions, opened lazily up to `max` and reused.
+struct Pool {
+    idle: Mutex<PoolState>,
+    freed: Condvar,
+    max: usize,
+    wait: Duration,
+}
+
+struct PoolState {
+    sessions: Vec<Session>,
+    open: usize,
+}
+
+/// A session on loan. Returned to the pool on drop unless it was found broken.
+struct Lease<'a> {
+    store: &'a Pkcs11KeyStore,
+    session: Option<Session>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        // Invariant: `session` is Some until drop or `discard`, which consumes the lease.
+        self.session
+            .as_ref()
+            .expect("lease holds a session until dropped")
+    }
+}
+
+impl Lease<'_> {
+    /// Close this session instead of returning it (it errored as gone).
+    fn discard(mut self) {
+        if let Some(s) = self.session.take() {
+            drop(s);
+            let mut st = self
+                .store
+                .pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            st.open -= 1;
+            self.store.pool.freed.notify_one();
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let mut st = self
+                .store
+                .pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            st.sessions.push(s);
+            self.store.pool.freed.notify_one();
+        }
+    }
+}
+
+/// A [`KeyStore`] on a PKCS#11 token.
+pub struct Pkcs11KeyStore {
+    ctx: Pkcs11,
+    label: String,
+    pin: SecretString,
+    slot: RwLock<Slot>,
+    pool: Pool,
+    /// Object handles by (label, class). Handles of token objects are valid in every
+    /// session of this application until the object is destroyed or the token goes away.
+    handles: RwLock<HashMap<(String, u8), ObjectHandle>>,
+    wrap: WrapMechanism,
+    mechanisms: Vec<MechanismType>,
+}
+
+impl std::fmt::Debug for Pkcs11KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11KeyStore")
+            .field("token_label", &self.label)
+            .field("wrap", &self.wrap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stable cache key for the three object classes KeyVault looks up
+/// (`ObjectClass` is not `Hash`).
+fn class_key(class: ObjectClass) -> u8 {
+    if class == ObjectClass::SECRET_KEY {
+        0
+    } else if class == ObjectClass::PRIVATE_KEY {
+        1
+    } else {
+        2
+    }
+}
+
+impl Pkcs11KeyStore {
+    /// Load the module, find the token by label (retrying for `discovery_timeout`), log
+    /// in and pick the wrap mechanism from the token's mechanism list.
+    pub fn open(config: &Pkcs11Config) -> Result<Arc<Self>> {
+        let ctx = context(&config.module)?;
+        let deadline = Instant::now() + config.discovery_timeout;
+        let mut backoff = Duration::from_millis(20);
+        let slot = loop {
+            match find_token(&ctx, &config.token_label) {
+                Ok(Some(slot)) => break slot,
+                Ok(None) | Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(400));
+                }
+                Ok(None) => {
+                    return Err(HsmError::TokenNotFound {
+                        label: config.token_label.clone(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let mechanisms = ctx.get_mechanism_list(slot)?;
+        let has = |m: MechanismType| mechanisms.contains(&m);
+        let wrap = match config.wrap {
+            WrapPreference::Auto if has(MechanismType::AES_GCM) => WrapMechanism::AesGcm,
+            WrapPreference::Auto if has(MechanismType::AES_KEY_WRAP_PAD) => {
+                WrapMechanism::AesKeyWrapPad
+            }
+            WrapPreference::Auto => {
+                return Err(HsmError::MechanismUnsupported("wrapping data keys"));
+            }
+            WrapPreference::Only(m) => {
+                let needed = match m {
+                    WrapMechanism::AesGcm => MechanismType::AES_GCM,
+                    WrapMechanism::AesKeyWrapPad => MechanismType::AES_KEY_WRAP_PAD,
+                };
+                if !has(needed) {
+                    return Err(HsmError::MechanismUnsupported(m.name()));
+                }
+                m
+            }
+        };
+        let store = Pkcs11KeyStore {
+            ctx,
+            label: config.token_label.clone(),
+            pin: config.pin.clone(),
+            slot: RwLock::new(slot),
+            pool: Pool {
+                idle: Mutex::new(PoolState {
+                    sessions: Vec::new(),
+                    open: 0,
+                }),
+                freed: Condvar::new(),
+                max: config.max_sessions.max(1),
+                wait: config.session_wait,
+            },
+            handles: RwLock::new(HashMap::new()),
+            wrap,
+            mechanisms,
+        };
+        // Log in now so that a wrong PIN fails start-up, not the first request.
+        drop(store.lease()?);
+        tracing::info!(token = %store.label, slot = slot.id(), wrap = wrap.name(), "PKCS#11 token opened");
+        Ok(Arc::new(store))
+    }
+
+    /// True if the token lists this mechanism.
+    pub fn supports(&self, m: MechanismType) -> bool {
+        self.mechanisms.contains(&m)
+    }
+
+    fn open_session(&self) -> Result<Session> {
+        let slot = *self.slot.read().unwrap_or_else(|p| p.into_inner());
+        let session = self.ctx.open_rw_session(slot)?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn lease(&self) -> Result<Lease<'_>> {
+        let deadline = Instant::now() + self.pool.wait;
+        let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = st.sessions.pop() {
+                return Ok(Lease {
+                    store: self,
+                    session: Some(s),
+                });
+            }
+            if st.open < self.pool.max {
+                st.open += 1;
+                drop(st);
+                return match self.open_session() {
+                    Ok(s) => Ok(Lease {
+                        store: self,
+                        session: Some(s),
+                    }),
+                    Err(e) => {
+                        let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                        st.open -= 1;
+                        self.pool.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(HsmError::PoolTimeout);
+            }
+            st = self
+                .pool
+                .freed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The token went away: drop idle sessions and cached handles, find the token again
+    /// by label (its slot may have changed) so the next call starts afresh.
+    fn reconnect(&self) -> Result<()> {
+        {
+            let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let n = st.sessions.len();
+            st.sessions.clear();
+            st.open -= n;
+        }
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        match find_token(&self.ctx, &self.label)? {
+            Some(slot) => {
+                *self.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
+                tracing::warn!(token = %self.label, slot = slot.id(), "PKCS#11 token reconnected");
+                Ok(())
+            }
+            None => Err(HsmError::TokenNotFound {
+                label: self.label.clone(),
+            }),
+        }
+    }
+
+    /// Run `op` on a pooled session. A session or token that went away is replaced and
+    /// the call retried once; a stale object handle is looked up again and retried once.
+    fn run<T>(&self, op: impl Fn(&Self, &Session) -> Result<T>) -> Result<T> {
+        let mut retried = false;
+        loop {
+            let lease = self.lease()?;
+            match op(self, &lease) {
+                Err(HsmError::Unavailable { function, rv }) => {
+                    lease.discard();
+                    tracing::warn!(%function, %rv, "PKCS#11 session lost");
+                    if retried {
+                        return Err(HsmError::Unavailable { function, rv });
+                    }
+                    self.reconnect()?;
+                }
+                Err(HsmError::Pkcs11 { function, rv }) if rv_is_stale_handle(rv) && !retried => {
+                    drop(lease);
+                    tracing::debug!(%function, "stale object handle, looking keys up again");
+                    self.handles
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                }
+                other => return other,
+            }
+            retried = true;
+        }
+    }
+
+    /// Handle of the object with `label` and `class`, from cache or by `C_FindObjects`.
+    fn handle(
+        &self,
+        session: &Session,
+        label: &KeyLabel,
+        class: ObjectClass,
+    ) -> Result<ObjectHandle> {
+        let key = (label.as_str().to_owned(), class_key(class));
+        if let Some(h) = self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(*h);
+        }
+        let found = session.find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(class),
+            Attribute::Label(label.as_str().as_bytes().to_vec()),
+        ])?;
+        match found.as_slice() {
+            [] => Err(HsmError::KeyNotFound(label.to_string())),
+            [h] => {
+                self.handles
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, *h);
+                Ok(*h)
+            }
+            _ => Err(HsmError::BadAttribute(
+                "several key objects share one label",
+            )),
+        }
+    }
+
+    fn objects_with_label(&self, session: &Session, label: &KeyLabel) -> Result<Vec<ObjectHandle>> {
+        Ok(session.find_objects(&[
+            Attribute::Token(true),
+            Attribute::Label(label.as_str().as_bytes().to_vec()),
+        ])?)
+    }
+
+    fn gcm_encrypt(
+        &self,
+        session: &Session,
+        kek: ObjectHandle,
+        data: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>> {
+        let mut iv = [0u8; GCM_IV_LEN];
+        getrandom::fill(&mut iv).map_err(|e| HsmError::Wrapper(format!("OS RNG: {e}")))?;
+        let mut iv_param = iv;
+        let params = GcmParams::new(&mut iv_param, aad, GCM_TAG_BITS.into())?;
+        let ct = session.encrypt(&Mechanism::AesGcm(params), kek, data)?;
+        let mut out = Vec::with_capacity(1 + GCM_IV_LEN + ct.len());
+        out.push(WrapMechanism::AesGcm as u8);
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn gcm_decrypt(
+        &self,
+        session: &Session,
+        kek: ObjectHandle,
+        body: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        if body.len() < GCM_IV_LEN + 16 {
+            return Err(HsmError::InvalidCiphertext);
+        }
+        let (iv, ct) = body.split_at(GCM_IV_LEN);
+        let mut iv = <[u8; GCM_IV_LEN]>::try_from(iv).map_err(|_| HsmError::InvalidCiphertext)?;
+        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into())?;
+        match session.decrypt(&Mechanism::AesGcm(params), kek, ct) {
+            Ok(pt) => Ok(Zeroizing::new(pt)),
+            // SoftHSM 2.6 answers a failed tag check with CKR_GENERAL_ERROR instead of
+            // CKR_ENCRYPTED_DATA_INVALID (SoftHSMv2 issue 689, fixed after 2.6.1).
+            Err(CkError::Pkcs11(
+                RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid
+                | RvError::GeneralError,
+                _,
+            )) => Err(HsmError::InvalidCiphertext),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn kwp_wrap(&self, session: &Session, kek: ObjectHandle, key: &[u8]) -> Result<Vec<u8>> {
+        // C_WrapKey needs the data key as an object: a session object (never on the
+        // token's storage), destroyed straight after.
+        let obj = session.create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::Value(key.to_vec()),
+        ])?;
+        let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, kek, obj);
+        let destroyed = session.destroy_object(obj);
+        let wrapped = wrapped?;
+        destroyed?;
+        let mut out = Vec::with_capacity(1 + wrapped.len());
+        out.push(WrapMechanism::AesKeyWrapPad as u8);
+        out.extend_from_slice(&wrapped);
+        Ok(out)
+    }
+
+    fn kwp_unwrap(
+        &self,
+        session: &Session,
+        kek: ObjectHandle,
+        body: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let obj = match session.unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            kek,
+            body,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+            ],
+        ) {
+            Ok(obj) => obj,
+            // CKR_GENERAL_ERROR: SoftHSM's answer to a failed integrity check (issue 689).
+            Err(CkError::Pkcs11(
+                RvError::WrappedKeyInvalid
+                | RvError::WrappedKeyLenRange
+                | RvError::EncryptedDataInvalid
+                | RvError::GeneralError,
+                _,
+            )) => return Err(HsmError::InvalidCiphertext),
+            Err(e) => return Err(e.into()),
+        };
+        let value = session.get_attributes(obj, &[AttributeType::Value]);
+        let destroyed = session.destroy_object(obj);
+        let mut attrs = value?;
+        destroyed?;
+        match attrs.pop() {
+            Some(Attribute::Value(mut v)) => {
+                let out = Zeroizing::new(v.clone());
+                zeroize::Zeroize::zeroize(&mut v);
+                Ok(out)
+            }
+            _ => Err(HsmError::BadAttribute(
+                "unwrapped key has no readable value",
+            )),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn value_attribute_info(
+        &self,
+        label: &KeyLabel,
+        class: ObjectClass,
+    ) -> Result<cryptoki::object::AttributeInfo> {
+        self.run(|s, session| {
+            let h = s.handle(session, label, class)?;
+            let mut info = session.get_attribute_info(h, &[AttributeType::Value])?;
+            info.pop()
+                .ok_or(HsmError::BadAttribute("no attribute info"))
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn value_attributes_returned(
+        &self,
+        label: &KeyLabel,
+        class: ObjectClass,
+    ) -> Result<usize> {
+        self.run(|s, session| {
+            let h = s.handle(session, label, class)?;
+            Ok(session.get_attributes(h, &[AttributeType::Value])?.len())
+        })
+    }
+}
+
+/// Parse `CKA_EC_POINT` of an Ed25519 public key: a DER OCTET STRING (`04 20 || key`), as
+/// SoftHSM returns it, or the raw 32 bytes, as some tokens do.
+fn parse_ec_point(point: &[u8]) -> Result<[u8; 32]> {
+    let raw = match point {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest,
+        raw if raw.len() == 32 => raw,
+        _ => {
+            return Err(HsmError::BadAttribute(
+                "CKA_EC_POINT is not a 32-byte Ed25519 point",
+            ));
+        }
+    };
+    let mut out = [0u8; 32];
+    out.copy_from_slice(raw);
+    Ok(out)
+}
+
+impl KeyStore for Pkcs11KeyStore {
+    fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+        self.run(|s, session| {
+            if !s.objects_with_label(session, label)?.is_empty() {
+                return Err(HsmError::KeyExists(label.to_string()));
+            }
+            let name = label.as_str().as_bytes().to_vec();
+            let private = [
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Label(name.clone()),
+            ];
+            match kind {
+                KeyKind::Aes256 => {
+                    // The master key is usable for exactly the mechanism this token wraps with.
+                    let (a, b) = match s.wrap {
+                        WrapMechanism::AesGcm => {
+                            (Attribute::Encrypt(true), Attribute::Decrypt(true))
+                        }
+                        WrapMechanism::AesKeyWrapPad => {
+                            (Attribute::Wrap(true), Attribute::Unwrap(true))
+                        }
+                    };
+                    let mut t = vec![
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        a,
+                        b,
+                    ];
+                    t.extend(private);
+                    session.generate_key(&Mechanism::AesKeyGen, &t)?;
+                }
+                KeyKind::HmacSha256 => {
+                    let mut t = vec![
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::GENERIC_SECRET),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Sign(true),
+                        Attribute::Verify(true),
+                    ];
+                    t.extend(private);
+                    session.generate_key(&Mechanism::GenericSecretKeyGen, &t)?;
+                }
+                KeyKind::Ed25519 => {
+                    let public = [
+                        Attribute::Token(true),
+                        Attribute::Private(false),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(ED25519_OID.to_vec()),
+                        Attribute::Label(name.clone()),
+                    ];
+                    let mut t = vec![Attribute::Sign(true)];
+                    t.extend(private);
+                    session.generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &t)?;
+                }
+            }
+            tracing::info!(key = %label, ?kind, "generated key in the token");
+            Ok(())
+        })
+    }
+
+    fn exists(&self, label: &KeyLabel) -> Result<bool> {
+        self.run(|s, session| Ok(!s.objects_with_label(session, label)?.is_empty()))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<KeyLabel>> {
+        self.run(|_, session| {
+            let mut labels = Vec::new();
+            for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY] {
+                for h in session.find_objects(&[Attribute::Token(true), Attribute::Class(class)])? {
+                    for attr in session.get_attributes(h, &[AttributeType::Label])? {
+                        if let Attribute::Label(l) = attr
+                            && let Ok(l) = String::from_utf8(l)
+                            && l.starts_with(prefix)
+                            && let Ok(l) = KeyLabel::new(l)
+                        {
+                            labels.push(l);
+                        }
+                    }
+                }
+            }
+            labels.sort();
+            labels.dedup();
+            Ok(labels)
+        })
+    }
+
+    fn destroy(&self, label: &KeyLabel) -> Result<bool> {
+        let destroyed = self.run(|s, session| {
+            let objects = s.objects_with_label(session, label)?;
+            for h in &objects {
+                session.destroy_object(*h)?;
+            }
+            Ok(!objects.is_empty())
+        })?;
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(l, _), _| l != label.as_str());
+        if destroyed {
+            tracing::info!(key = %label, "destroyed key in the token");
+        }
+        Ok(destroyed)
+    }
+
+    fn wrap_key(&self, kek: &KeyLabel, key: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        if !(16..=64).contains(&key.len()) {
+            return Err(HsmError::BadAttribute("data keys are 16 to 64 bytes"));
+        }
+        self.run(|s, session| {
+            let h = s.handle(session, kek, ObjectClass::SECRET_KEY)?;
+            match s.wrap {
+                WrapMechanism::AesGcm => s.gcm_encrypt(session, h, key, aad),
+                WrapMechanism::AesKeyWrapPad => s.kwp_wrap(session, h, key),
+            }
+        })
+    }
+
+    fn unwrap_key(&self, kek: &KeyLabel, wrapped: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let (mech, body) = match wrapped.split_first() {
+            Some((b, body)) => (
+                WrapMechanism::from_byte(*b).ok_or(HsmError::InvalidCiphertext)?,
+                body,
+            ),
+            None => return Err(HsmError::InvalidCiphertext),
+        };
+        self.run(|s, session| {
+            let h = s.handle(session, kek, ObjectClass::SECRET_KEY)?;
+            match mech {
+                WrapMechanism::AesGcm => s.gcm_decrypt(session, h, body, aad),
+                WrapMechanism::AesKeyWrapPad => s.kwp_unwrap(session, h, body),
+            }
+        })
+    }
+
+    fn sign_ed25519(&self, label: &KeyLabel, message: &[u8]) -> Result<[u8; 64]> {
+        self.run(|s, session| {
+            let h = s.handle(session, label, ObjectClass::PRIVATE_KEY)?;
+            let mech = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
+            let sig = session.sign(&mech, h, message)?;
+            <[u8; 64]>::try_from(sig.as_slice())
+                .map_err(|_| HsmError::BadAttribute("Ed25519 signature is not 64 bytes"))
+        })
+    }
+
+    fn ed25519_public_key(&self, label: &KeyLabel) -> Result<[u8; 32]> {
+        self.run(|s, session| {
+            let h = s.handle(session, label, ObjectClass::PUBLIC_KEY)?;
+            match session.get_attributes(h, &[AttributeType::EcPoint])?.pop() {
+                Some(Attribute::EcPoint(p)) => parse_ec_point(&p),
+                _ => Err(HsmError::BadAttribute("public key has no CKA_EC_POINT")),
+            }
+        })
+    }
+
+    fn hmac_sha256(&self, label: &KeyLabel, message: &[u8]) -> Result<[u8; 32]> {
+        self.run(|s, session| {
+            let h = s.handle(session, label, ObjectClass::SECRET_KEY)?;
+            let mac = session.sign(&Mechanism::Sha256Hmac, h, message)?;
+            <[u8; 32]>::try_from(mac.as_slice())
+                .map_err(|_| HsmError::BadAttribute("HMAC-SHA256 is not 32 bytes"))
+        })
+    }
+
+    fn wrap_mechanism(&self) -> WrapMechanism {
+        self.wrap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec_point_forms() {
+        let key = [7u8; 32];
+        let mut der = vec![0x04, 0x20];
+        der.extend_from_slice(&key);
+        assert_eq!(parse_ec_point(&der).unwrap(), key);
+        assert_eq!(parse_ec_point(&key).unwrap(), key);
+        assert!(parse_ec_point(&der[..20]).is_err());
+    }
+
+    #[test]
+    fn config_debug_redacts_pin() {
+        let c = Pkcs11Config::new("/x.so", "t", SecretString::from("hunter2".to_owned()));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,259 @@
+//! Tests against a real SoftHSM2 token created for the test run.
+
+use std::sync::Arc;
+
+use cryptoki::object::{AttributeInfo, ObjectClass};
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use crate::softhsm::testing;
+use crate::{HsmError, KeyKind, KeyLabel, KeyStore, Pkcs11KeyStore, WrapMechanism, WrapPreference};
+
+fn label(s: &str) -> KeyLabel {
+    KeyLabel::new(s).unwrap()
+}
+
+#[test]
+fn master_key_value_cannot_be_read() {
+    let t = testing::token();
+    let kek = label("keyvault/master/v1");
+    t.store.generate(&kek, KeyKind::Aes256).unwrap();
+    assert!(
+        matches!(
+            t.store
+                .value_attribute_info(&kek, ObjectClass::SECRET_KEY)
+                .unwrap(),
+            AttributeInfo::Sensitive
+        ),
+        "CKA_VALUE of the master key must be refused"
+    );
+    assert_eq!(
+        t.store
+            .value_attributes_returned(&kek, ObjectClass::SECRET_KEY)
+            .unwrap(),
+        0
+    );
+
+    let hmac = label("keyvault/hmac/v1");
+    t.store.generate(&hmac, KeyKind::HmacSha256).unwrap();
+    assert!(matches!(
+        t.store
+            .value_attribute_info(&hmac, ObjectClass::SECRET_KEY)
+            .unwrap(),
+        AttributeInfo::Sensitive
+    ));
+
+    let signing = label("keyvault/token-signing/v1");
+    t.store.generate(&signing, KeyKind::Ed25519).unwrap();
+    assert!(matches!(
+        t.store
+            .value_attribute_info(&signing, ObjectClass::PRIVATE_KEY)
+            .unwrap(),
+        AttributeInfo::Sensitive
+    ));
+}
+
+fn round_trips(t: &testing::TestToken) {
+    let kek = label("keyvault/master/v1");
+    t.store.generate(&kek, KeyKind::Aes256).unwrap();
+    let dek = [0x5au8; 32];
+    let wrapped = t.store.wrap_key(&kek, &dek, b"ctx").unwrap();
+    assert_eq!(wrapped[0], t.store.wrap_mechanism() as u8);
+    assert!(
+        !wrapped.windows(32).any(|w| w == dek),
+        "wrapped key contains the plaintext"
+    );
+    let unwrapped = t.store.unwrap_key(&kek, &wrapped, b"ctx").unwrap();
+    assert_eq!(unwrapped.as_slice(), &dek);
+
+    // Two wraps of one key differ (fresh IV) where the mechanism is randomized.
+    if t.store.wrap_mechanism() == WrapMechanism::AesGcm {
+        assert_ne!(wrapped, t.store.wrap_key(&kek, &dek, b"ctx").unwrap());
+        // The associated data is bound.
+        let r = t.store.unwrap_key(&kek, &wrapped, b"other");
+        assert!(matches!(r, Err(HsmError::InvalidCiphertext)), "{r:?}");
+    }
+
+    // Every single flipped bit is detected.
+    for i in 1..wrapped.len() {
+        for bit in [0u8, 3, 7] {
+            let mut bad = wrapped.clone();
+            bad[i] ^= 1 << bit;
+            let r = t.store.unwrap_key(&kek, &bad, b"ctx");
+            assert!(
+                matches!(r, Err(HsmError::InvalidCiphertext)),
+                "byte {i} bit {bit}: {r:?}"
+            );
+        }
+    }
+    // Truncated, empty, unknown mechanism byte.
+    assert!(matches!(
+        t.store.unwrap_key(&kek, &wrapped[..10], b"ctx"),
+        Err(HsmError::InvalidCiphertext)
+    ));
+    assert!(matches!(
+        t.store.unwrap_key(&kek, &[], b"ctx"),
+        Err(HsmError::InvalidCiphertext)
+    ));
+    let mut bad = wrapped.clone();
+    bad[0] = 99;
+    assert!(matches!(
+        t.store.unwrap_key(&kek, &bad, b"ctx"),
+        Err(HsmError::InvalidCiphertext)
+    ));
+
+    // Another master key version cannot unwrap it.
+    let kek2 = label("keyvault/master/v2");
+    t.store.generate(&kek2, KeyKind::Aes256).unwrap();
+    assert!(t.store.unwrap_key(&kek2, &wrapped, b"ctx").is_err());
+    // The master key's own value cannot be read even when wrapping is the mechanism.
+    assert!(matches!(
+        t.store
+            .value_attribute_info(&kek, ObjectClass::SECRET_KEY)
+            .unwrap(),
+        AttributeInfo::Sensitive
+    ));
+}
+
+#[test]
+fn wrap_unwrap_round_trip_aes_gcm() {
+    let t = testing::token_with(|c| c.wrap = WrapPreference::Only(WrapMechanism::AesGcm));
+    assert_eq!(t.store.wrap_mechanism(), WrapMechanism::AesGcm);
+    round_trips(&t);
+}
+
+#[test]
+fn wrap_unwrap_round_trip_aes_key_wrap_pad() {
+    let t = testing::token_with(|c| c.wrap = WrapPreference::Only(WrapMechanism::AesKeyWrapPad));
+    assert_eq!(t.store.wrap_mechanism(), WrapMechanism::AesKeyWrapPad);
+    round_trips(&t);
+}
+
+#[test]
+fn auto_prefers_aes_gcm_on_softhsm() {
+    let t = testing::token();
+    assert_eq!(t.store.wrap_mechanism(), WrapMechanism::AesGcm);
+}
+
+#[test]
+fn ed25519_signature_verifies_with_dalek() {
+    let t = testing::token();
+    let key = label("keyvault/token-signing/v1");
+    t.store.generate(&key, KeyKind::Ed25519).unwrap();
+    let public = t.store.ed25519_public_key(&key).unwrap();
+    let vk = VerifyingKey::from_bytes(&public).unwrap();
+    let msg = b"header.claims";
+    let sig = Signature::from_bytes(&t.store.sign_ed25519(&key, msg).unwrap());
+    vk.verify_strict(msg, &sig).unwrap();
+    assert!(vk.verify_strict(b"header.claimz", &sig).is_err());
+}
+
+#[test]
+fn hmac_is_keyed_and_deterministic() {
+    let t = testing::token();
+    let k1 = label("keyvault/hmac/v1");
+    let k2 = label("keyvault/hmac/v2");
+    t.store.generate(&k1, KeyKind::HmacSha256).unwrap();
+    t.store.generate(&k2, KeyKind::HmacSha256).unwrap();
+    let a = t.store.hmac_sha256(&k1, b"secret-id").unwrap();
+    assert_eq!(a, t.store.hmac_sha256(&k1, b"secret-id").unwrap());
+    assert_ne!(a, t.store.hmac_sha256(&k1, b"secret-ie").unwrap());
+    assert_ne!(a, t.store.hmac_sha256(&k2, b"secret-id").unwrap());
+}
+
+#[test]
+fn keys_are_found_by_label_after_reopen() {
+    let t = testing::token();
+    let kek = label("keyvault/master/v1");
+    let sig = label("keyvault/token-signing/v1");
+    t.store.generate(&kek, KeyKind::Aes256).unwrap();
+    t.store.generate(&sig, KeyKind::Ed25519).unwrap();
+    let wrapped = t.store.wrap_key(&kek, &[1u8; 32], b"").unwrap();
+    let public = t.store.ed25519_public_key(&sig).unwrap();
+
+    // A second store on the same token (a restarted process looks keys up the same way).
+    let again = Pkcs11KeyStore::open(&t.config).unwrap();
+    assert_eq!(
+        again.unwrap_key(&kek, &wrapped, b"").unwrap().as_slice(),
+        &[1u8; 32]
+    );
+    assert_eq!(again.ed25519_public_key(&sig).unwrap(), public);
+    assert!(again.exists(&kek).unwrap());
+    assert_eq!(
+        again.list("keyvault/").unwrap(),
+        vec![kek.clone(), sig.clone()]
+    );
+    assert!(matches!(
+        again.generate(&kek, KeyKind::Aes256),
+        Err(HsmError::KeyExists(_))
+    ));
+    assert!(matches!(
+        again.wrap_key(&label("nope"), &[1u8; 32], b""),
+        Err(HsmError::KeyNotFound(_))
+    ));
+
+    // Destroy: gone for both stores (the first one's cached handle is stale).
+    assert!(again.destroy(&kek).unwrap());
+    assert!(!again.exists(&kek).unwrap());
+    assert!(t.store.unwrap_key(&kek, &wrapped, b"").is_err());
+    assert!(!again.destroy(&kek).unwrap());
+}
+
+#[test]
+fn wrong_pin_and_unknown_token_are_clear_errors() {
+    // PKCS#11 logins belong to the application, not the session: test the wrong PIN on
+    // a token this process has not logged in to yet.
+    let mut bad = testing::token_config();
+    let good_pin = bad.pin.clone();
+    bad.pin = testing::wrong_pin();
+    let err = Pkcs11KeyStore::open(&bad).unwrap_err();
+    assert!(matches!(err, HsmError::PinIncorrect), "{err:?}");
+    assert!(
+        !err.to_string()
+            .contains(secrecy::ExposeSecret::expose_secret(&good_pin))
+    );
+
+    let t = testing::token();
+
+    let mut missing = t.config.clone();
+    missing.token_label = "no-such-token".into();
+    missing.discovery_timeout = std::time::Duration::from_millis(50);
+    let err = Pkcs11KeyStore::open(&missing).unwrap_err();
+    assert!(matches!(err, HsmError::TokenNotFound { .. }), "{err:?}");
+
+    let mut module = t.config.clone();
+    module.module = "/nonexistent/libpkcs11.so".into();
+    let err = Pkcs11KeyStore::open(&module).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/libpkcs11.so"), "{err}");
+}
+
+#[test]
+fn sixty_four_concurrent_wrap_unwrap_calls_succeed() {
+    let t = testing::token();
+    let kek = label("keyvault/master/v1");
+    t.store.generate(&kek, KeyKind::Aes256).unwrap();
+    let store: Arc<Pkcs11KeyStore> = t.store.clone();
+    let threads: Vec<_> = (0..64u8)
+        .map(|i| {
+            let store = store.clone();
+            let kek = kek.clone();
+            std::thread::spawn(move || {
+                let dek = [i; 32];
+                let aad = [i];
+                let wrapped = store.wrap_key(&kek, &dek, &aad).unwrap();
+                let back = store.unwrap_key(&kek, &wrapped, &aad).unwrap();
+                assert_eq!(back.as_slice(), &dek);
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+}
+
+#[test]
+fn labels_are_validated() {
+    assert!(KeyLabel::new("").is_err());
+    assert!(KeyLabel::new("a b").is_err());
+    assert!(KeyLabel::new("x".repeat(65)).is_err());
+    assert!(KeyLabel::new("keyvault/transit/orders-v2.key_1").is_ok());
+}
