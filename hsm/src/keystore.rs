@@ -94,7 +94,7 @@ impl WrapMechanism {
 /// A key store backed by a PKCS#11 token (the only implementation today, but the seam
 /// every other crate talks to). All calls block: async callers run them on a blocking
 /// thread.
-pub trait KeyStore: Send + Sync {
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Generate a new key inside the token: persistent, sensitive, not extractable.
     /// Fails with [`HsmError::KeyExists`] if the label is taken.
     fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()>;

@@ -243,7 +243,20 @@ impl Pkcs11KeyStore {
                 Err(e) => return Err(e),
             }
         };
-        let mechanisms = ctx.get_mechanism_list(slot)?;
+        // Ask for the mechanisms KeyVault uses one by one: C_GetMechanismList would also
+        // return vendor mechanisms that cryptoki cannot name (and logs each as an error).
+        let mechanisms: Vec<MechanismType> = [
+            MechanismType::AES_GCM,
+            MechanismType::AES_KEY_WRAP_PAD,
+            MechanismType::AES_KEY_GEN,
+            MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+            MechanismType::EDDSA,
+            MechanismType::GENERIC_SECRET_KEY_GEN,
+            MechanismType::SHA256_HMAC,
+        ]
+        .into_iter()
+        .filter(|m| ctx.get_mechanism_info(slot, *m).is_ok())
+        .collect();
         let has = |m: MechanismType| mechanisms.contains(&m);
         let wrap = match config.wrap {
             WrapPreference::Auto if has(MechanismType::AES_GCM) => WrapMechanism::AesGcm,
@@ -288,7 +301,7 @@ impl Pkcs11KeyStore {
         Ok(Arc::new(store))
     }
 
-    /// True if the token lists this mechanism.
+    /// True if the token offers this mechanism (of those KeyVault uses).
     pub fn supports(&self, m: MechanismType) -> bool {
         self.mechanisms.contains(&m)
     }

@@ -1,0 +1,271 @@
+//! Username and password, for human administrators. Passwords are stored as Argon2id
+//! (m = 19456 KiB, t = 2, p = 1: OWASP's recommendation) and hashed on blocking threads,
+//! at most two at a time, so a flood of logins cannot starve the server.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use argon2::{Algorithm, Argon2, Params, PasswordHasher, PasswordVerifier, Version};
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::{
+    Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name,
+    vault_duration,
+};
+use crate::error::{AuthFailure, Error, Result};
+use crate::store::{Store, scan_all};
+
+pub const METHOD: &str = "userpass";
+const MIN_PASSWORD_LEN: usize = 12;
+const MAX_PASSWORD_LEN: usize = 1024;
+
+fn argon2() -> Argon2<'static> {
+    // Invariant: constant, valid parameters (the argon2 crate's own defaults).
+    let params = Params::new(19 * 1024, 2, 1, Some(32)).expect("valid Argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Limits concurrent Argon2 work (each hash holds 19 MiB and ~17 ms of a core).
+static HASHING: Semaphore = Semaphore::const_new(2);
+
+/// A hash of a random password, verified against for unknown users so that a login for a
+/// user that does not exist takes as long as one with a wrong password.
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    let salt = crate::barrier::random::<16>().unwrap_or([7u8; 16]);
+    let pw = crate::barrier::random::<16>().unwrap_or([9u8; 16]);
+    argon2()
+        .hash_password_with_salt(&pw, &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+});
+
+async fn hash_password(password: SecretString) -> Result<String> {
+    let _permit = HASHING
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("hashing pool closed".into()))?;
+    let salt = crate::barrier::random::<16>()?;
+    tokio::task::spawn_blocking(move || {
+        argon2()
+            .hash_password_with_salt(password.expose_secret().as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Error::Internal(format!("argon2: {e}")))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("hash task: {e}")))?
+}
+
+async fn verify_password(password: SecretString, phc: String) -> Result<bool> {
+    let _permit = HASHING
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("hashing pool closed".into()))?;
+    tokio::task::spawn_blocking(move || {
+        // Verification compares the derived hashes in constant time (password-hash's Output).
+        Ok(argon2()
+            .verify_password(password.expose_secret().as_bytes(), phc.as_str())
+            .is_ok())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("verify task: {e}")))?
+}
+
+/// The body of `POST /v1/auth/userpass/users/<user>`. (`SecretString`'s `Debug` is redacted.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserWrite {
+    /// Required when creating; optional when updating policies or TTLs.
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    #[serde(default, with = "policy_list")]
+    pub token_policies: Vec<String>,
+    #[serde(default, with = "vault_duration")]
+    pub token_ttl: Option<Duration>,
+    #[serde(default, with = "vault_duration")]
+    pub token_max_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredUser {
+    password_hash: String,
+    token_policies: Vec<String>,
+    #[serde(
+        default,
+        with = "vault_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    token_ttl: Option<Duration>,
+    #[serde(
+        default,
+        with = "vault_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    token_max_ttl: Option<Duration>,
+}
+
+/// A user as `GET` shows it (never the hash).
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    pub token_policies: Vec<String>,
+    pub token_ttl: u64,
+    pub token_max_ttl: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    password: SecretString,
+}
+
+fn user_key(name: &str) -> String {
+    format!("auth/userpass/users/{name}")
+}
+
+#[derive(Debug)]
+pub struct UserPass {
+    store: Arc<dyn Store>,
+}
+
+impl UserPass {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        UserPass { store }
+    }
+
+    async fn load(&self, name: &str) -> Result<Option<StoredUser>> {
+        match self.store.get(&user_key(name)).await? {
+            Some(raw) => {
+                Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
+                    Error::Internal(format!("stored user {name}: {e}"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub async fn write_user(&self, name: &str, w: UserWrite) -> Result<()> {
+        validate_name("user", name)?;
+        let existing = self.load(name).await?;
+        let password_hash = match (w.password, existing) {
+            (Some(pw), _) => {
+                let len = pw.expose_secret().chars().count();
+                if !(MIN_PASSWORD_LEN..=MAX_PASSWORD_LEN).contains(&len) {
+                    return Err(Error::invalid(format!(
+                        "password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters"
+                    )));
+                }
+                hash_password(pw).await?
+            }
+            (None, Some(u)) => u.password_hash,
+            (None, None) => return Err(Error::invalid("password is required for a new user")),
+        };
+        let stored = StoredUser {
+            password_hash,
+            token_policies: w.token_policies,
+            token_ttl: w.token_ttl,
+            token_max_ttl: w.token_max_ttl,
+        };
+        let raw = serde_json::to_vec(&stored).map_err(|e| Error::Internal(e.to_string()))?;
+        self.store.put(&user_key(name), &raw).await?;
+        Ok(())
+    }
+
+    pub async fn read_user(&self, name: &str) -> Result<UserView> {
+        validate_name("user", name)?;
+        let u = self
+            .load(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no user {name}")))?;
+        Ok(UserView {
+            token_policies: u.token_policies,
+            token_ttl: u.token_ttl.map(|d| d.as_secs()).unwrap_or(0),
+            token_max_ttl: u.token_max_ttl.map(|d| d.as_secs()).unwrap_or(0),
+        })
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<()> {
+        validate_name("user", name)?;
+        if !self.store.delete(&user_key(name)).await? {
+            return Err(Error::NotFound(format!("no user {name}")));
+        }
+        Ok(())
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<String>> {
+        let prefix = "auth/userpass/users/";
+        let names: Vec<String> = scan_all(self.store.as_ref(), prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k[prefix.len()..].to_owned())
+            .collect();
+        if names.is_empty() {
+            return Err(Error::NotFound("no users".into()));
+        }
+        Ok(names)
+    }
+}
+
+#[async_trait]
+impl Authenticator for UserPass {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
+        let name = req
+            .name
+            .ok_or_else(|| Error::invalid("the user name goes in the URL"))?;
+        validate_name("user", name)?;
+        let body: LoginBody = parse_body(req.body)?;
+        if body.password.expose_secret().len() > MAX_PASSWORD_LEN * 4 {
+            return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
+        }
+        let user = self.load(name).await?;
+        let phc = match &user {
+            Some(u) => u.password_hash.clone(),
+            None => DUMMY_HASH.clone(),
+        };
+        let ok = verify_password(body.password, phc).await?;
+        match user {
+            Some(u) if ok => Ok(LoginOutcome {
+                sub: format!("userpass:{name}"),
+                method: METHOD,
+                role: None,
+                policies: u.token_policies,
+                ttl: u.token_ttl,
+                max_ttl: u.token_max_ttl,
+                metadata: [("username".to_owned(), name.to_owned())].into(),
+            }),
+            _ => Err(Error::Unauthenticated(AuthFailure::InvalidCredentials)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn argon2id_with_owasp_parameters() {
+        let h = hash_password(SecretString::from("correct horse battery".to_owned()))
+            .await
+            .unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(
+            verify_password(
+                SecretString::from("correct horse battery".to_owned()),
+                h.clone()
+            )
+            .await
+            .unwrap()
+        );
+        assert!(
+            !verify_password(SecretString::from("correct horse batterz".to_owned()), h)
+                .await
+                .unwrap()
+        );
+    }
+}

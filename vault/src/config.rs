@@ -1,0 +1,270 @@
+//! The configuration file (`keyvault server --config keyvault.toml`), documented with an
+//! annotated example in docs/configuration.md and deploy/keyvault.example.toml.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyvault_hsm::{PinSource, WrapMechanism, WrapPreference};
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub storage: StorageConfig,
+    pub hsm: HsmConfig,
+    #[serde(default)]
+    pub tokens: TokenConfig,
+    #[serde(default)]
+    pub secrets: SecretsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub address: SocketAddr,
+    /// PEM certificate chain of the server.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of the server (PKCS#8, SEC1 or PKCS#1).
+    pub tls_key_file: PathBuf,
+    /// Largest request body accepted; larger ones get 413.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+}
+
+fn default_max_request_bytes() -> usize {
+    1024 * 1024
+}
+
+/// The storage engine, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// Embedded, one process: a data directory.
+    Sled { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Label of the token (never a slot number).
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600). Exactly one of `pin_file`, `pin_env`.
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN (set by your supervisor).
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Prefix of KeyVault's key labels in the token.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Most PKCS#11 sessions open at once.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// `auto` (AES-GCM if the token has it, else AES key wrap with padding),
+    /// `aes-gcm` or `aes-key-wrap-pad`.
+    #[serde(default)]
+    pub wrap_mechanism: WrapSetting,
+}
+
+fn default_key_prefix() -> String {
+    "keyvault".into()
+}
+fn default_max_sessions() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WrapSetting {
+    #[default]
+    Auto,
+    AesGcm,
+    AesKeyWrapPad,
+}
+
+impl HsmConfig {
+    pub fn pin_source(&self) -> Result<PinSource> {
+        match (&self.pin_file, &self.pin_env) {
+            (Some(f), None) => Ok(PinSource::File(f.clone())),
+            (None, Some(e)) => Ok(PinSource::Env(e.clone())),
+            _ => Err(Error::Config(
+                "[hsm] needs exactly one of pin_file or pin_env".into(),
+            )),
+        }
+    }
+
+    pub fn wrap_preference(&self) -> WrapPreference {
+        match self.wrap_mechanism {
+            WrapSetting::Auto => WrapPreference::Auto,
+            WrapSetting::AesGcm => WrapPreference::Only(WrapMechanism::AesGcm),
+            WrapSetting::AesKeyWrapPad => WrapPreference::Only(WrapMechanism::AesKeyWrapPad),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// TTL of tokens whose role sets none.
+    #[serde(default = "default_ttl", deserialize_with = "duration")]
+    pub default_ttl: Duration,
+    /// No token lives longer than this, whatever its role says.
+    #[serde(default = "default_max_ttl", deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// The `iss` claim.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_issuer() -> String {
+    "keyvault".into()
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            default_ttl: default_ttl(),
+            max_ttl: default_max_ttl(),
+            issuer: default_issuer(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// Versions kept per secret; older ones are destroyed on write.
+    #[serde(default = "default_max_versions")]
+    pub max_versions: usize,
+}
+
+fn default_max_versions() -> usize {
+    10
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        SecretsConfig {
+            max_versions: default_max_versions(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `keyvault=debug,info`, ...
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default = "default_format")]
+    pub format: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+fn default_format() -> String {
+    "text".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_level(),
+            format: default_format(),
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.hsm.pin_source()?;
+        if self.tokens.default_ttl > self.tokens.max_ttl {
+            return Err(Error::Config(
+                "tokens.default_ttl exceeds tokens.max_ttl".into(),
+            ));
+        }
+        if self.tokens.default_ttl.is_zero() {
+            return Err(Error::Config("tokens.default_ttl must be positive".into()));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(Error::Config(
+                "log.format must be \"text\" or \"json\"".into(),
+            ));
+        }
+        if self.listener.max_request_bytes < 1024 {
+            return Err(Error::Config(
+                "listener.max_request_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../deploy/keyvault.example.toml");
+
+    #[test]
+    fn example_config_parses() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.tokens.default_ttl, Duration::from_secs(600));
+        assert!(matches!(c.storage, StorageConfig::Sled { .. }));
+        assert_eq!(c.hsm.wrap_mechanism, WrapSetting::Auto);
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        let base = EXAMPLE.replace("pin_file", "# pin_file");
+        let err = Config::parse(&base).unwrap_err().to_string();
+        assert!(err.contains("exactly one of pin_file or pin_env"), "{err}");
+        let err = Config::parse(&format!("{EXAMPLE}\n[bogus]\nx = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+        let err = Config::parse(&EXAMPLE.replace("default_ttl = \"10m\"", "default_ttl = \"2h\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceeds"), "{err}");
+    }
+}

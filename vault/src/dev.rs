@@ -1,0 +1,146 @@
+//! `keyvault dev`: a working KeyVault in one command, for a newcomer's laptop.
+//!
+//! Everything lives in one data directory: a SoftHSM token directory created on first
+//! start (random PINs; the user PIN in a 0600 file), a development CA and server
+//! certificate, sled storage, the keys generated inside the token. A root token is
+//! printed at every start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyvault_hsm::softhsm;
+use secrecy::ExposeSecret;
+
+use crate::config::{
+    Config, HsmConfig, ListenerConfig, LogConfig, SecretsConfig, StorageConfig, TokenConfig,
+    WrapSetting,
+};
+use crate::error::{Error, Result};
+use crate::tls::DevPki;
+
+pub const DEV_TOKEN_LABEL: &str = "keyvault-dev";
+
+/// Where `keyvault dev` keeps its files.
+#[derive(Debug, Clone)]
+pub struct DevLayout {
+    pub data_dir: PathBuf,
+}
+
+impl DevLayout {
+    pub fn new(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            Error::Config(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(|e| Error::Config(format!("data directory {}: {e}", data_dir.display())))?;
+        restrict(&data_dir)?;
+        Ok(DevLayout { data_dir })
+    }
+    pub fn softhsm_dir(&self) -> PathBuf {
+        self.data_dir.join("softhsm")
+    }
+    pub fn softhsm_conf(&self) -> PathBuf {
+        self.softhsm_dir().join("softhsm2.conf")
+    }
+    pub fn token_dir(&self) -> PathBuf {
+        self.softhsm_dir().join("tokens")
+    }
+    pub fn pin_file(&self) -> PathBuf {
+        self.data_dir.join("hsm-pin")
+    }
+    pub fn storage_dir(&self) -> PathBuf {
+        self.data_dir.join("storage")
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+    pub fn pki(&self) -> DevPki {
+        DevPki::in_dir(&self.tls_dir())
+    }
+
+    /// Write the SoftHSM configuration for this data directory (before the module loads).
+    pub fn write_softhsm_conf(&self) -> Result<PathBuf> {
+        std::fs::create_dir_all(self.softhsm_dir()).map_err(|e| Error::Config(e.to_string()))?;
+        softhsm::write_config(&self.softhsm_dir())
+            .map_err(|e| Error::Config(format!("cannot write SoftHSM configuration: {e}")))
+    }
+}
+
+fn restrict(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::Config(format!("cannot restrict {}: {e}", dir.display())))
+}
+
+/// First start: create the token and its PIN file. Later starts: nothing to do.
+pub fn ensure_token(layout: &DevLayout) -> Result<PathBuf> {
+    let module = softhsm::find_module().ok_or_else(|| {
+        Error::Config(
+            "SoftHSM2 is not installed: run `sudo apt-get install -y softhsm2` (Debian/Ubuntu)"
+                .into(),
+        )
+    })?;
+    if !layout.pin_file().exists() {
+        let so_pin = softhsm::random_pin()?;
+        let pin = softhsm::random_pin()?;
+        softhsm::init_token(&module, DEV_TOKEN_LABEL, &so_pin, &pin)?;
+        crate::tls::write_private(&layout.pin_file(), pin.expose_secret())?;
+    }
+    Ok(module)
+}
+
+/// The configuration `keyvault dev` runs with.
+pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr) -> Config {
+    let pki = layout.pki();
+    Config {
+        listener: ListenerConfig {
+            address,
+            tls_cert_file: pki.server_cert,
+            tls_key_file: pki.server_key,
+            max_request_bytes: 1024 * 1024,
+        },
+        storage: StorageConfig::Sled {
+            path: layout.storage_dir(),
+        },
+        hsm: HsmConfig {
+            module,
+            token_label: DEV_TOKEN_LABEL.into(),
+            pin_file: Some(layout.pin_file()),
+            pin_env: None,
+            key_prefix: "keyvault".into(),
+            max_sessions: 4,
+            wrap_mechanism: WrapSetting::Auto,
+        },
+        tokens: TokenConfig::default(),
+        secrets: SecretsConfig::default(),
+        log: LogConfig::default(),
+    }
+}
+
+/// The banner printed once the server listens. The root token is printed on purpose:
+/// this is development mode. It goes to stdout, never to the log.
+pub fn banner(layout: &DevLayout, addr: SocketAddr, root_token: &str, ttl: Duration) -> String {
+    let pki = layout.pki();
+    let url = format!("https://{addr}");
+    format!(
+        "\nKeyVault is running in development mode. Do not use it for real secrets.\n\n\
+         \x20 Address:        {url}\n\
+         \x20 CA certificate: {ca}\n\
+         \x20 Root token:     {root_token}   (expires in {ttl})\n\
+         \x20 Data directory: {data}\n\
+         \x20 SoftHSM tokens: {tokens}\n\n\
+         Try it:\n\
+         \x20 export KEYVAULT_ADDR={url} KEYVAULT_CACERT={ca} KEYVAULT_TOKEN={root_token}\n\
+         \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" -X PUT -d '{{\"value\":\"s3cret\"}}' $KEYVAULT_ADDR/v1/secret/db/password\n\
+         \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" $KEYVAULT_ADDR/v1/secret/db/password | jq -r .data.value\n",
+        ca = pki.ca_cert.display(),
+        data = layout.data_dir.display(),
+        tokens = layout.token_dir().display(),
+        ttl = humantime::format_duration(ttl),
+    )
+}

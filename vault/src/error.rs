@@ -1,0 +1,96 @@
+//! The domain error of the vault crate. `http::error` is the one place that turns it into
+//! a status code and a reply.
+
+use keyvault_hsm::HsmError;
+
+use crate::barrier::BarrierError;
+use crate::store::StoreError;
+
+/// Why a caller is not authenticated. The reason goes to the audit log and the server log;
+/// the caller sees only the generic message, so that probing learns nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthFailure {
+    MissingToken,
+    MalformedToken,
+    BadSignature,
+    Expired,
+    UnknownSigningKey,
+    InvalidCredentials,
+}
+
+impl AuthFailure {
+    /// A stable machine-readable code (audit log, metrics).
+    pub fn code(self) -> &'static str {
+        match self {
+            AuthFailure::MissingToken => "missing_token",
+            AuthFailure::MalformedToken => "malformed_token",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::Expired => "token_expired",
+            AuthFailure::UnknownSigningKey => "unknown_signing_key",
+            AuthFailure::InvalidCredentials => "invalid_credentials",
+        }
+    }
+
+    /// What the caller is told.
+    pub fn public_message(self) -> &'static str {
+        match self {
+            AuthFailure::MissingToken => "missing client token",
+            AuthFailure::InvalidCredentials => "invalid credentials",
+            AuthFailure::Expired => "token expired",
+            _ => "invalid token",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is wrong; the message says how (400).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No valid identity (401).
+    #[error("{}", .0.public_message())]
+    Unauthenticated(AuthFailure),
+    /// Valid identity, not allowed (403).
+    #[error("permission denied")]
+    PermissionDenied,
+    /// (404)
+    #[error("{0}")]
+    NotFound(String),
+    /// (405)
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// (413)
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// (415)
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Too many attempts (429).
+    #[error("too many requests, retry after {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+    /// Configuration that cannot work (start-up only).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A bug or an impossible state; logged, answered generically.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidRequest(msg.into())
+    }
+}

@@ -1,0 +1,103 @@
+//! Request extractors with KeyVault's error shapes.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::error::{AuthFailure, Error};
+use crate::vault::Caller;
+
+/// The client token of a request: `X-Vault-Token: <t>` or `Authorization: Bearer <t>`.
+pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    if let Some(v) = headers.get("x-vault-token") {
+        let t = v
+            .to_str()
+            .map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        return Ok(Some(t.trim().to_owned()));
+    }
+    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        let (scheme, token) = v
+            .split_once(' ')
+            .ok_or(Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Error::Unauthenticated(AuthFailure::MalformedToken));
+        }
+        return Ok(Some(token.trim().to_owned()));
+    }
+    Ok(None)
+}
+
+/// An authenticated caller (401 otherwise).
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = Zeroizing::new(token_from_headers(&parts.headers)?);
+        Ok(state.vault.authenticate(token.as_deref()).await?)
+    }
+}
+
+/// The raw request body, bounded by `listener.max_request_bytes` (413 beyond), held in
+/// zeroizing memory because it may carry a secret or a credential.
+pub struct SecretBody(pub Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for SecretBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBody({} bytes)", self.0.len())
+    }
+}
+
+impl FromRequest<AppState> for SecretBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.max_body;
+        let body: Body = req.into_body();
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_large {
+                Error::PayloadTooLarge { limit }
+            } else {
+                Error::invalid("could not read the request body")
+            }
+        })?;
+        // Takes the allocation without copying when this is the only reference.
+        Ok(SecretBody(Zeroizing::new(Vec::from(bytes))))
+    }
+}
+
+/// A JSON body deserialized into `T` (which should `deny_unknown_fields`).
+pub struct JsonBody<T>(pub T);
+
+impl<T> std::fmt::Debug for JsonBody<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonBody(<redacted>)")
+    }
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let SecretBody(bytes) = SecretBody::from_request(req, state).await?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        Ok(JsonBody(crate::auth::parse_body(bytes)?))
+    }
+}

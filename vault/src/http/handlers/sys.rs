@@ -1,0 +1,95 @@
+//! `/v1/sys/...`: health and policies.
+
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::{envelope, is_list};
+use crate::error::Error;
+use crate::http::extract::JsonBody;
+use crate::http::{ApiResult, AppState, json, no_content};
+use crate::vault::Caller;
+
+/// `GET /v1/sys/health`: unauthenticated; 200 when storage and the HSM answer, else 503.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let report = state.vault.health().await;
+    let ok = report.storage.is_ok() && report.hsm.is_ok();
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.clone(),
+    };
+    json(
+        status,
+        serde_json::json!({
+            "initialized": true,
+            "sealed": false,
+            "standby": false,
+            "version": env!("CARGO_PKG_VERSION"),
+            "storage": show(&report.storage),
+            "hsm": show(&report.hsm),
+            "master_key_version": report.master_version,
+            "server_time_utc": crate::unix_now(),
+        }),
+    )
+}
+
+/// `LIST /v1/sys/policies/acl`.
+pub async fn policies_root(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    caller: Caller,
+) -> ApiResult<Response> {
+    if !is_list(&method, &uri)? {
+        return Err(Error::MethodNotAllowed.into());
+    }
+    let names = state.vault.list_policies(&caller).await?;
+    Ok(json(
+        StatusCode::OK,
+        envelope(serde_json::json!({ "keys": names, "policies": names })),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    #[serde(default)]
+    policy: Option<String>,
+}
+
+/// `/v1/sys/policies/acl/<name>`: GET, PUT/POST `{"policy": "..."}`, DELETE.
+pub async fn policy(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    method: Method,
+    caller: Caller,
+    JsonBody(body): JsonBody<PolicyBody>,
+) -> ApiResult<Response> {
+    match method {
+        Method::GET => {
+            let text = state.vault.read_policy(&caller, &name).await?;
+            Ok(json(
+                StatusCode::OK,
+                envelope(serde_json::json!({ "name": name, "policy": text })),
+            ))
+        }
+        Method::PUT | Method::POST => {
+            let text = body
+                .policy
+                .ok_or_else(|| Error::invalid("missing field `policy`"))?;
+            state.vault.put_policy(&caller, &name, &text).await?;
+            Ok(no_content())
+        }
+        Method::DELETE => {
+            state.vault.delete_policy(&caller, &name).await?;
+            Ok(no_content())
+        }
+        _ => Err(Error::MethodNotAllowed.into()),
+    }
+}

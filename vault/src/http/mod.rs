@@ -1,0 +1,134 @@
+//! The HTTP API (DESIGN §6), Vault-shaped, over TLS. Handlers are thin: parse, call the
+//! vault (which authorizes), shape the reply.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::vault::Vault;
+
+pub mod error;
+pub mod extract;
+mod handlers;
+pub mod server;
+
+pub use error::ApiError;
+
+/// Shared state of every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub vault: Arc<Vault>,
+    pub max_body: usize,
+}
+
+/// What the server knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+}
+
+/// The request id, also returned as `X-Request-Id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+tokio::task_local! {
+    /// The id of the request this task serves (for reply envelopes).
+    static REQUEST_ID: String;
+}
+
+/// The id of the current request (a fresh one outside a request).
+pub fn current_request_id() -> String {
+    REQUEST_ID
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| uuid::Uuid::new_v4().to_string())
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Every route of the API.
+pub fn router(state: AppState) -> Router {
+    use handlers::{auth, secrets, sys};
+    Router::new()
+        .route("/v1/sys/health", get(sys::health))
+        .route("/v1/sys/policies/acl", any(sys::policies_root))
+        .route("/v1/sys/policies/acl/", any(sys::policies_root))
+        .route("/v1/sys/policies/acl/{name}", any(sys::policy))
+        .route("/v1/auth", post(auth::login_short))
+        .route("/v1/auth/approle/login", post(auth::approle_login))
+        .route("/v1/auth/approle/role", any(auth::approle_roles))
+        .route("/v1/auth/approle/role/", any(auth::approle_roles))
+        .route("/v1/auth/approle/role/{name}", any(auth::approle_role))
+        .route(
+            "/v1/auth/approle/role/{name}/role-id",
+            get(auth::approle_role_id),
+        )
+        .route(
+            "/v1/auth/approle/role/{name}/secret-id",
+            post(auth::approle_secret_id).put(auth::approle_secret_id),
+        )
+        .route("/v1/auth/userpass/login/{user}", post(auth::userpass_login))
+        .route("/v1/auth/userpass/users", any(auth::userpass_users))
+        .route("/v1/auth/userpass/users/", any(auth::userpass_users))
+        .route("/v1/auth/userpass/users/{name}", any(auth::userpass_user))
+        .route("/v1/secret", any(secrets::root))
+        .route("/v1/secret/", any(secrets::root))
+        .route("/v1/secret/{*path}", any(secrets::secret))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError(Error::NotFound("no handler for this path".into()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(Error::MethodNotAllowed)
+}
+
+/// Give every request an id and a span, and log its outcome (method, path without query,
+/// status, latency): never headers or bodies, which carry tokens and secrets.
+async fn request_context(mut req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let start = Instant::now();
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), next.run(req).instrument(span.clone()))
+        .await;
+    let status = resp.status();
+    span.in_scope(|| {
+        let micros = start.elapsed().as_micros() as u64;
+        if status.is_server_error() {
+            tracing::warn!(%method, path, status = status.as_u16(), micros, "request");
+        } else {
+            tracing::debug!(%method, path, status = status.as_u16(), micros, "request");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// A JSON reply with a status.
+pub fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    (status, axum::Json(value)).into_response()
+}
+
+/// 204 No Content.
+pub fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,186 @@
+//! The key hierarchy (DESIGN §4): which keys exist in the token, under which labels, and
+//! which version of each is active. The keyring lives in the store so that every replica
+//! agrees on it; the keys themselves live only in the token.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use keyvault_hsm::{HsmError, KeyKind, KeyLabel, KeyStore};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::hsm_call;
+use crate::store::Store;
+
+/// A key version: 1, 2, ... Version 0 does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeyVersion(u32);
+
+impl KeyVersion {
+    pub const FIRST: KeyVersion = KeyVersion(1);
+
+    pub fn new(v: u32) -> Option<Self> {
+        (v > 0).then_some(KeyVersion(v))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    pub fn next(self) -> KeyVersion {
+        KeyVersion(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for KeyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+/// Labels of KeyVault's keys in the token, under a configurable prefix so that several
+/// installations can share one token.
+#[derive(Debug, Clone)]
+pub struct KeyNames {
+    prefix: String,
+}
+
+impl KeyNames {
+    pub fn new(prefix: &str) -> Result<Self> {
+        // Validate once: the longest label built from it must still be a valid label.
+        KeyLabel::new(format!("{prefix}/token-signing/v4294967295")).map_err(|_| {
+            Error::Config(format!(
+                "hsm.key_prefix {prefix:?}: use up to 30 characters of [A-Za-z0-9._-]"
+            ))
+        })?;
+        Ok(KeyNames {
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn label(&self, family: &str, v: KeyVersion) -> KeyLabel {
+        // Invariant: `new` checked that the longest label of this form is valid.
+        KeyLabel::new(format!("{}/{family}/v{}", self.prefix, v.0))
+            .expect("validated in KeyNames::new")
+    }
+
+    /// AES-256 master key (KEK) version `v`.
+    pub fn master(&self, v: KeyVersion) -> KeyLabel {
+        self.label("master", v)
+    }
+
+    /// Ed25519 key that signs access tokens, version `v`.
+    pub fn token_signing(&self, v: KeyVersion) -> KeyLabel {
+        self.label("token-signing", v)
+    }
+
+    /// HMAC key for AppRole secret ids (keyed hashes, computed in the token).
+    pub fn approle_hmac(&self, v: KeyVersion) -> KeyLabel {
+        self.label("approle-hmac", v)
+    }
+}
+
+/// One family of versioned keys: which version new operations use, which still exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFamily {
+    pub active: KeyVersion,
+    pub versions: Vec<KeyVersion>,
+}
+
+impl KeyFamily {
+    fn first() -> Self {
+        KeyFamily {
+            active: KeyVersion::FIRST,
+            versions: vec![KeyVersion::FIRST],
+        }
+    }
+}
+
+/// The keyring record, stored at [`KEYRING_KEY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keyring {
+    pub master: KeyFamily,
+    pub token_signing: KeyFamily,
+    pub approle_hmac: KeyFamily,
+}
+
+pub const KEYRING_KEY: &str = "sys/keyring";
+
+/// The current keyring, shared by the barrier and the token issuer.
+pub type SharedKeyring = Arc<ArcSwap<Keyring>>;
+
+/// Load the keyring; `None` if this installation is not initialized.
+pub async fn load(store: &dyn Store) -> Result<Option<Keyring>> {
+    match store.get(KEYRING_KEY).await? {
+        Some(raw) => Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
+            Error::Internal(format!("keyring record is corrupt: {e}"))
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// First-time initialization: generate version 1 of every key inside the token and record
+/// the keyring. Refuses if the store already holds a keyring.
+pub async fn initialize(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+) -> Result<Keyring> {
+    if load(store).await?.is_some() {
+        return Err(Error::Conflict("KeyVault is already initialized".into()));
+    }
+    let v1 = KeyVersion::FIRST;
+    let wanted = [
+        (names.master(v1), KeyKind::Aes256),
+        (names.token_signing(v1), KeyKind::Ed25519),
+        (names.approle_hmac(v1), KeyKind::HmacSha256),
+    ];
+    for (label, kind) in wanted {
+        let l = label.clone();
+        match hsm_call(keys, move |k| k.generate(&l, kind)).await {
+            Ok(()) => {}
+            Err(Error::Hsm(HsmError::KeyExists(_))) => {
+                return Err(Error::Conflict(format!(
+                    "the token already holds a key labelled {label} but the store has no keyring: \
+                     this token belongs to another installation (choose another hsm.key_prefix) \
+                     or the store was lost (restore it from backup)"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let ring = Keyring {
+        master: KeyFamily::first(),
+        token_signing: KeyFamily::first(),
+        approle_hmac: KeyFamily::first(),
+    };
+    let raw = serde_json::to_vec(&ring).map_err(|e| Error::Internal(e.to_string()))?;
+    if !store.insert_if_absent(KEYRING_KEY, &raw, None).await? {
+        return Err(Error::Conflict(
+            "another process initialized KeyVault at the same time".into(),
+        ));
+    }
+    tracing::info!("initialized the key hierarchy: master v1, token-signing v1, approle-hmac v1");
+    Ok(ring)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        let n = KeyNames::new("keyvault").unwrap();
+        assert_eq!(n.master(KeyVersion::FIRST).as_str(), "keyvault/master/v1");
+        assert_eq!(
+            n.token_signing(KeyVersion::FIRST.next()).as_str(),
+            "keyvault/token-signing/v2"
+        );
+        assert!(KeyNames::new("bad prefix").is_err());
+        assert!(KeyNames::new(&"p".repeat(40)).is_err());
+        assert!(KeyVersion::new(0).is_none());
+    }
+}

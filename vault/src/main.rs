@@ -1,0 +1,330 @@
+//! The `keyvault` command.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand};
+use keyvault::bench::{self, BenchOptions, Scenario};
+use keyvault::config::Config;
+use keyvault::dev::{self, DevLayout};
+use keyvault::http::{self, AppState};
+use keyvault::keys::{self, KeyNames};
+use keyvault::vault::{self, Vault, token_string};
+use secrecy::ExposeSecret;
+
+#[derive(Parser)]
+#[command(
+    name = "keyvault",
+    version,
+    about = "Embedded secret vault and HSM-backed key service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server from a configuration file.
+    Server {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Development mode: SoftHSM token, TLS, storage and keys created on the fly in one
+    /// data directory; prints a root token.
+    Dev {
+        /// Where the token, certificates and storage live (created if missing).
+        #[arg(long, default_value = "keyvault-dev")]
+        data_dir: PathBuf,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8200")]
+        address: SocketAddr,
+        /// Lifetime of the printed root token.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        root_token_ttl: Duration,
+        /// Log filter (`info`, `keyvault=debug`, ...).
+        #[arg(long, default_value = "info", env = "KEYVAULT_LOG")]
+        log: String,
+    },
+    /// Administration that needs the HSM and the store directly.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// Load generator for any Vault-API server (see docs/PERFORMANCE.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Generate the keys of a new installation inside the token and print a root token.
+    Init {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        root_token_ttl: Duration,
+    },
+    /// Mint a new root token (needs the HSM PIN; with sled storage, stop the server first).
+    RootToken {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// `https://127.0.0.1:8200`, or `http://...` for a plain-HTTP server.
+    #[arg(long)]
+    address: String,
+    /// CA certificate for https.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Token for reads and set-up (use the environment variable to keep it out of `ps`).
+    #[arg(long, env = "KEYVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long, default_value = "X-Vault-Token")]
+    token_header: String,
+    #[arg(long, value_enum, default_value = "read")]
+    scenario: Scenario,
+    /// Secret path under /v1/.
+    #[arg(long, default_value = "secret/bench")]
+    path: String,
+    #[arg(long)]
+    role_id: Option<String>,
+    #[arg(long)]
+    secret_id: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Write the secret (and create an AppRole role for logins) before the run.
+    #[arg(long)]
+    setup: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `keyvault dev` runs SoftHSM from its own data directory. SoftHSM reads its
+    // configuration path from SOFTHSM2_CONF when the module loads; rather than mutating
+    // the environment of a running process, re-execute with the variable set.
+    if let Command::Dev { data_dir, .. } = &cli.command
+        && let Err(e) = ensure_softhsm_env(data_dir)
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ensure_softhsm_env(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let layout = DevLayout::new(data_dir)?;
+    let conf = layout.write_softhsm_conf()?;
+    if std::env::var_os(keyvault_hsm::softhsm::CONF_ENV).as_deref() == Some(conf.as_os_str()) {
+        return Ok(());
+    }
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating the keyvault binary")?;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(keyvault_hsm::softhsm::CONF_ENV, &conf)
+        .exec();
+    Err(anyhow::anyhow!(
+        "cannot re-execute with {}: {err}",
+        keyvault_hsm::softhsm::CONF_ENV
+    ))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server { config } => {
+            let config = Config::load(&config)?;
+            init_logging(&config.log.level, config.log.format == "json");
+            let vault = Vault::open(&config).await?;
+            serve(
+                &config,
+                vault,
+                |addr| tracing::info!(%addr, "KeyVault listening (TLS)"),
+            )
+            .await
+        }
+        Command::Dev {
+            data_dir,
+            address,
+            root_token_ttl,
+            log,
+        } => {
+            init_logging(&log, false);
+            let started = std::time::Instant::now();
+            let layout = DevLayout::new(&data_dir)?;
+            let module = dev::ensure_token(&layout)?;
+            layout.pki().ensure()?;
+            let config = dev::config(&layout, module, address);
+            let store = vault::open_store(&config).await?;
+            let keys = vault::open_keystore(&config)?;
+            let names = KeyNames::new(&config.hsm.key_prefix)?;
+            if keys::load(store.as_ref()).await?.is_none() {
+                keys::initialize(store.as_ref(), &keys, &names).await?;
+            }
+            let vault = Vault::from_parts(
+                store,
+                keys,
+                names,
+                config.tokens.clone(),
+                config.secrets.clone(),
+            )
+            .await?;
+            let root = vault.issue_root_token(root_token_ttl).await?;
+            let root = token_string(&root).to_owned();
+            serve(&config, vault, move |addr| {
+                println!("{}", dev::banner(&layout, addr, &root, root_token_ttl));
+                tracing::info!(%addr, ready_ms = started.elapsed().as_millis() as u64, "KeyVault (dev) listening");
+            })
+            .await
+        }
+        Command::Operator { command } => operator(command).await,
+        Command::Bench(a) => bench_cmd(a).await,
+    }
+}
+
+async fn serve(
+    config: &Config,
+    vault: Arc<Vault>,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let tls = keyvault::tls::server_config(
+        &config.listener.tls_cert_file,
+        &config.listener.tls_key_file,
+    )?;
+    let listener = http::server::bind(config.listener.address).await?;
+    let addr = listener.local_addr()?;
+    let housekeeping = vault.spawn_housekeeping();
+    let app = http::router(AppState {
+        vault,
+        max_body: config.listener.max_request_bytes,
+    });
+    on_listening(addr);
+    http::server::serve(
+        listener,
+        Arc::new(ArcSwap::new(tls)),
+        app,
+        http::server::shutdown_signal(),
+    )
+    .await?;
+    housekeeping.abort();
+    Ok(())
+}
+
+async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
+    match command {
+        OperatorCommand::Init {
+            config,
+            root_token_ttl,
+        } => {
+            let config = Config::load(&config)?;
+            init_logging(&config.log.level, config.log.format == "json");
+            let store = vault::open_store(&config).await?;
+            let keys = vault::open_keystore(&config)?;
+            let names = KeyNames::new(&config.hsm.key_prefix)?;
+            keys::initialize(store.as_ref(), &keys, &names).await?;
+            let vault = Vault::from_parts(
+                store,
+                keys,
+                names,
+                config.tokens.clone(),
+                config.secrets.clone(),
+            )
+            .await?;
+            let root = vault.issue_root_token(root_token_ttl).await?;
+            println!(
+                "KeyVault initialized: master key v1, token-signing key v1 and AppRole HMAC key v1 are in the token."
+            );
+            println!(
+                "Root token (expires in {}): {}",
+                humantime::format_duration(root_token_ttl),
+                root.token.expose_secret()
+            );
+            println!("Use it to create policies, roles and admin users, then let it expire.");
+            Ok(())
+        }
+        OperatorCommand::RootToken { config, ttl } => {
+            let config = Config::load(&config)?;
+            init_logging(&config.log.level, config.log.format == "json");
+            let vault = Vault::open(&config).await?;
+            let root = vault.issue_root_token(ttl).await?;
+            println!("{}", root.token.expose_secret());
+            Ok(())
+        }
+    }
+}
+
+async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
+    init_logging("warn", false);
+    let mut o = BenchOptions {
+        address: a.address,
+        ca_file: a.ca_file,
+        token: a.token,
+        token_header: a.token_header,
+        scenario: a.scenario,
+        path: a.path,
+        role_id: a.role_id,
+        secret_id: a.secret_id,
+        connections: a.connections,
+        duration: a.duration,
+        warmup: a.warmup,
+    };
+    if a.setup
+        && let Some((role_id, secret_id)) = bench::setup(&o).await?
+    {
+        o.role_id = Some(role_id);
+        o.secret_id = Some(secret_id);
+    }
+    let report = bench::run(o).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! Policies (DESIGN §7): path globs with capabilities, deny by default, in HashiCorp
+//! Vault's syntax (HCL or its JSON form) so that existing policies carry over.
+//!
+//! ```hcl
+//! path "secret/db/*" { capabilities = ["read", "list"] }
+//! path "secret/+/config" { capabilities = ["read"] }
+//! ```
+//!
+//! Matching follows Vault: `*` at the end is a prefix glob, `+` stands for exactly one
+//! path segment. The policies of a token are merged into one ACL; for a request path the
+//! single most specific matching pattern decides (Vault's priority rules), and `deny`
+//! there overrides everything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// One capability. Bit positions of [`Caps`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Capability {
+    Read = 1 << 0,
+    Create = 1 << 1,
+    Update = 1 << 2,
+    Delete = 1 << 3,
+    List = 1 << 4,
+    Sudo = 1 << 5,
+    Deny = 1 << 6,
+    Sign = 1 << 7,
+    Verify = 1 << 8,
+    Encrypt = 1 << 9,
+    Decrypt = 1 << 10,
+    Rotate = 1 << 11,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 12] = [
+        Capability::Read,
+        Capability::Create,
+        Capability::Update,
+        Capability::Delete,
+        Capability::List,
+        Capability::Sudo,
+        Capability::Deny,
+        Capability::Sign,
+        Capability::Verify,
+        Capability::Encrypt,
+        Capability::Decrypt,
+        Capability::Rotate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Read => "read",
+            Capability::Create => "create",
+            Capability::Update => "update",
+            Capability::Delete => "delete",
+            Capability::List => "list",
+            Capability::Sudo => "sudo",
+            Capability::Deny => "deny",
+            Capability::Sign => "sign",
+            Capability::Verify => "verify",
+            Capability::Encrypt => "encrypt",
+            Capability::Decrypt => "decrypt",
+            Capability::Rotate => "rotate",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Capability::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| Error::invalid(format!("unsupported capability {s:?}")))
+    }
+}
+
+/// A set of capabilities.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps(u16);
+
+impl Caps {
+    pub fn contains(self, c: Capability) -> bool {
+        self.0 & c as u16 != 0
+    }
+    fn insert(&mut self, c: Capability) {
+        self.0 |= c as u16;
+    }
+    fn union(self, other: Caps) -> Caps {
+        Caps(self.0 | other.0)
+    }
+    pub fn names(self) -> Vec<&'static str> {
+        Capability::ALL
+            .into_iter()
+            .filter(|c| self.contains(*c))
+            .map(Capability::name)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    /// `+`: exactly one non-empty path segment.
+    Segment,
+}
+
+/// A parsed path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    raw: String,
+    parts: Vec<Part>,
+    glob: bool,
+}
+
+impl Pattern {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let bad = |why: &str| Error::invalid(format!("policy path {raw:?}: {why}"));
+        if raw.is_empty() || raw.len() > 512 {
+            return Err(bad("must be 1 to 512 characters"));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(bad("contains a control character"));
+        }
+        let (body, glob) = match raw.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (raw, false),
+        };
+        if body.contains('*') {
+            return Err(bad("'*' is only allowed at the end"));
+        }
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        for (i, seg) in body.split('/').enumerate() {
+            if i > 0 {
+                literal.push('/');
+            }
+            if seg == "+" {
+                if !literal.is_empty() {
+                    parts.push(Part::Literal(std::mem::take(&mut literal)));
+                }
+                parts.push(Part::Segment);
+            } else if seg.contains('+') {
+                return Err(bad("'+' must be a whole path segment"));
+            } else {
+                literal.push_str(seg);
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(Pattern {
+            raw: raw.to_owned(),
+            parts,
+            glob,
+        })
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        let mut rest = path;
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => match rest.strip_prefix(l.as_str()) {
+                    Some(r) => rest = r,
+                    None => return false,
+                },
+                Part::Segment => {
+                    let end = rest.find('/').unwrap_or(rest.len());
+                    if end == 0 {
+                        return false;
+                    }
+                    rest = &rest[end..];
+                }
+            }
+        }
+        self.glob || rest.is_empty()
+    }
+
+    /// Vault's priority: a later first wildcard, no trailing glob, fewer `+`, longer, then
+    /// lexicographically larger wins.
+    fn priority(&self) -> (usize, bool, std::cmp::Reverse<usize>, usize, &str) {
+        let first_wild = match (self.raw.find('+'), self.glob) {
+            (Some(p), _) => p,
+            (None, true) => self.raw.len() - 1,
+            (None, false) => usize::MAX,
+        };
+        let plus = self
+            .parts
+            .iter()
+            .filter(|p| matches!(p, Part::Segment))
+            .count();
+        (
+            first_wild,
+            !self.glob,
+            std::cmp::Reverse(plus),
+            self.raw.len(),
+            &self.raw,
+        )
+    }
+}
+
+/// A named policy as parsed.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub text: String,
+    rules: Vec<(Pattern, Caps)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyDoc {
+    #[serde(default)]
+    path: BTreeMap<String, PathBlock>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathBlock {
+    capabilities: Vec<String>,
+}
+
+pub const ROOT_POLICY: &str = "root";
+
+/// Policy names: 1 to 128 characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid policy name {name:?}: use 1-128 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+impl Policy {
+    /// Parse Vault policy syntax: HCL, or the JSON form when the text starts with `{`.
+    pub fn parse(name: &str, text: &str) -> Result<Self> {
+        validate_name(name)?;
+        if text.len() > 64 * 1024 {
+            return Err(Error::invalid("policy text is longer than 64 KiB"));
+        }
+        let doc: PolicyDoc = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| Error::invalid(format!("policy JSON: {e}")))?
+        } else {
+            hcl::from_str(text).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?
+        };
+        let mut rules = Vec::with_capacity(doc.path.len());
+        for (raw, block) in doc.path {
+            let pattern = Pattern::parse(&raw)?;
+            let mut caps = Caps::default();
+            for c in &block.capabilities {
+                caps.insert(Capability::parse(c)?);
+            }
+            rules.push((pattern, caps));
+        }
+        Ok(Policy {
+            name: name.to_owned(),
+            text: text.to_owned(),
+            rules,
+        })
+    }
+}
+
+/// The merged rules of a token's policies.
+#[derive(Debug, Clone, Default)]
+pub struct Acl {
+    root: bool,
+    rules: Vec<(Pattern, Caps)>,
+}
+
+impl Acl {
+    pub fn root() -> Self {
+        Acl {
+            root: true,
+            rules: Vec::new(),
+        }
+    }
+
+    pub fn from_policies<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Self {
+        let mut merged: BTreeMap<String, (Pattern, Caps)> = BTreeMap::new();
+        for p in policies {
+            for (pattern, caps) in &p.rules {
+                merged
+                    .entry(pattern.raw.clone())
+                    .and_modify(|(_, c)| *c = c.union(*caps))
+                    .or_insert_with(|| (pattern.clone(), *caps));
+            }
+        }
+        Acl {
+            root: false,
+            rules: merged.into_values().collect(),
+        }
+    }
+
+    /// The capabilities this ACL grants on `path`.
+    pub fn capabilities(&self, path: &str) -> Caps {
+        if self.root {
+            return Caps(!(Capability::Deny as u16));
+        }
+        let best = self
+            .rules
+            .iter()
+            .filter(|(p, _)| p.matches(path))
+            .max_by(|a, b| a.0.priority().cmp(&b.0.priority()));
+        match best {
+            Some((_, caps)) if caps.contains(Capability::Deny) => Caps::default(),
+            Some((_, caps)) => *caps,
+            None => Caps::default(),
+        }
+    }
+
+    pub fn allows(&self, path: &str, cap: Capability) -> bool {
+        self.capabilities(path).contains(cap)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredPolicy {
+    name: String,
+    text: String,
+}
+
+fn key(name: &str) -> String {
+    format!("sys/policy/{name}")
+}
+
+/// Policies in the store, with a parsed cache (invalidated on every change made here).
+#[derive(Debug)]
+pub struct PolicyStore {
+    store: Arc<dyn Store>,
+    cache: RwLock<HashMap<String, Arc<Policy>>>,
+}
+
+impl PolicyStore {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        PolicyStore {
+            store,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub async fn put(&self, name: &str, text: &str) -> Result<()> {
+        if name == ROOT_POLICY {
+            return Err(Error::invalid("the root policy cannot be changed"));
+        }
+        let policy = Policy::parse(name, text)?;
+        let raw = serde_json::to_vec(&StoredPolicy {
+            name: name.to_owned(),
+            text: text.to_owned(),
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        self.store.put(&key(name), &raw).await?;
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), Arc::new(policy));
+        Ok(())
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<Arc<Policy>>> {
+        validate_name(name)?;
+        if let Some(p) = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(Some(p.clone()));
+        }
+        let Some(raw) = self.store.get(&key(name)).await? else {
+            return Ok(None);
+        };
+        let stored: StoredPolicy = serde_json::from_slice(&raw)
+            .map_err(|e| Error::Internal(format!("stored policy {name}: {e}")))?;
+        let policy = Arc::new(Policy::parse(name, &stored.text)?);
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), policy.clone());
+        Ok(Some(policy))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<bool> {
+        validate_name(name)?;
+        if name == ROOT_POLICY {
+            return Err(Error::invalid("the root policy cannot be deleted"));
+        }
+        let existed = self.store.delete(&key(name)).await?;
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(existed)
+    }
+
+    pub async fn list(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = crate::store::scan_all(self.store.as_ref(), "sys/policy/")
+            .await?
+            .into_iter()
+            .map(|(k, _)| k["sys/policy/".len()..].to_owned())
+            .collect();
+        names.push(ROOT_POLICY.to_owned());
+        names.sort();
+        Ok(names)
+    }
+
+    /// The ACL of a set of policy names, re-read on every call so that a policy change
+    /// takes effect on the next request. Unknown names contribute nothing.
+    pub async fn acl(&self, names: &[String]) -> Result<Acl> {
+        if names.iter().any(|n| n == ROOT_POLICY) {
+            return Ok(Acl::root());
+        }
+        let mut policies = Vec::with_capacity(names.len());
+        for n in names {
+            if let Some(p) = self.get(n).await? {
+                policies.push(p);
+            }
+        }
+        Ok(Acl::from_policies(policies.iter().map(|p| p.as_ref())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acl(text: &str) -> Acl {
+        Acl::from_policies([&Policy::parse("p", text).unwrap()])
+    }
+
+    #[test]
+    fn hcl_with_several_blocks() {
+        let a = acl(r#"
+            # a comment
+            path "secret/db/*" { capabilities = ["read", "list"] }
+            path "secret/db/admin" { capabilities = ["deny"] }
+            path "secret/+/config" {
+              capabilities = ["read", "update"]
+            }
+            "#);
+        assert!(a.allows("secret/db/password", Capability::Read));
+        assert!(a.allows("secret/db/nested/deep", Capability::Read));
+        assert!(!a.allows("secret/db/password", Capability::Update));
+        assert!(
+            !a.allows("secret/db/admin", Capability::Read),
+            "deny on the exact path wins"
+        );
+        assert!(a.allows("secret/web/config", Capability::Update));
+        assert!(
+            !a.allows("secret/web/x/config", Capability::Read),
+            "+ is exactly one segment"
+        );
+        assert!(
+            !a.allows("secret/other", Capability::Read),
+            "deny by default"
+        );
+        assert!(
+            !a.allows("secret/db", Capability::Read),
+            "glob needs the slash"
+        );
+    }
+
+    #[test]
+    fn json_form() {
+        let a = acl(r#"{"path": {"secret/app": {"capabilities": ["read"]}}}"#);
+        assert!(a.allows("secret/app", Capability::Read));
+        assert!(!a.allows("secret/app2", Capability::Read));
+    }
+
+    #[test]
+    fn most_specific_pattern_decides() {
+        let a = acl(r#"
+            path "secret/*" { capabilities = ["read", "create", "update"] }
+            path "secret/ro/*" { capabilities = ["read"] }
+            "#);
+        assert!(a.allows("secret/x", Capability::Update));
+        assert!(!a.allows("secret/ro/x", Capability::Update));
+        assert!(a.allows("secret/ro/x", Capability::Read));
+    }
+
+    #[test]
+    fn policies_merge_and_deny_overrides() {
+        let p1 = Policy::parse("a", r#"path "secret/x" { capabilities = ["read"] }"#).unwrap();
+        let p2 = Policy::parse("b", r#"path "secret/x" { capabilities = ["update"] }"#).unwrap();
+        let p3 = Policy::parse("c", r#"path "secret/x" { capabilities = ["deny"] }"#).unwrap();
+        let a = Acl::from_policies([&p1, &p2]);
+        assert!(a.allows("secret/x", Capability::Read) && a.allows("secret/x", Capability::Update));
+        let a = Acl::from_policies([&p1, &p2, &p3]);
+        assert!(!a.allows("secret/x", Capability::Read));
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_reasons() {
+        for (text, needle) in [
+            (
+                r#"path "a/*/b" { capabilities = ["read"] }"#,
+                "only allowed at the end",
+            ),
+            (
+                r#"path "a" { capabilities = ["fly"] }"#,
+                "unsupported capability",
+            ),
+            (
+                "path \"a\" {\n  capabilities = [\"read\"]\n  policy = \"x\"\n}",
+                "unknown field",
+            ),
+            (r#"path "a" { "#, "HCL"),
+            (r#"{"path": 3}"#, "JSON"),
+            (
+                r#"path "a+b" { capabilities = ["read"] }"#,
+                "whole path segment",
+            ),
+        ] {
+            let err = Policy::parse("p", text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert!(Policy::parse("bad name", "").is_err());
+    }
+
+    #[test]
+    fn root_has_everything_but_deny() {
+        let a = Acl::root();
+        assert!(a.allows("anything/at/all", Capability::Sudo));
+        assert!(!a.capabilities("x").contains(Capability::Deny));
+    }
+}

@@ -1,0 +1,437 @@
+//! The versioned secret store behind `/v1/secret/<path>`.
+//!
+//! Storage layout (see docs/architecture.md):
+//! - `kv/meta/<path>`: JSON metadata (versions, creation times, deletions), updated by
+//!   compare-and-swap so that concurrent writers never lose a version;
+//! - `kv/data/<path>\x1f<version, 20 digits>`: one sealed record per version (the barrier's
+//!   record format). A version's slot is claimed with insert-if-absent, so two writers
+//!   racing for the same number end up with two distinct versions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use zeroize::Zeroizing;
+
+use crate::barrier::{Barrier, RecordContext};
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+pub const MAX_PATH_LEN: usize = 512;
+pub const MAX_SEGMENTS: usize = 32;
+const META_PREFIX: &str = "kv/meta/";
+const DATA_PREFIX: &str = "kv/data/";
+/// Separates the path from the version in data keys; paths cannot contain control characters.
+const VERSION_SEP: char = '\x1f';
+
+/// A valid secret path: 1-32 non-empty segments, no `.` or `..`, no control characters,
+/// at most 512 bytes. Parse, don't validate: holding one means it is valid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SecretPath(String);
+
+/// A prefix to list under: empty (the root) or a path followed by `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretPrefix(String);
+
+fn check_segment(seg: &str) -> Result<()> {
+    if seg.is_empty() {
+        return Err(Error::invalid("invalid path: empty segment"));
+    }
+    if seg == "." || seg == ".." {
+        return Err(Error::invalid(
+            "invalid path: '.' and '..' segments are not allowed",
+        ));
+    }
+    if seg.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "invalid path: control characters are not allowed",
+        ));
+    }
+    if seg.contains('/') {
+        return Err(Error::invalid("invalid path: encoded '/' inside a segment"));
+    }
+    Ok(())
+}
+
+/// Percent-decode each `/`-separated segment of a URL path remainder.
+fn decode_segments(raw: &str) -> Result<Vec<String>> {
+    raw.split('/')
+        .map(|seg| {
+            percent_encoding::percent_decode_str(seg)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| Error::invalid("invalid path: not valid UTF-8"))
+        })
+        .collect()
+}
+
+impl SecretPath {
+    /// Parse the part of a URL path after `/v1/secret/` (still percent-encoded).
+    pub fn from_url(raw: &str) -> Result<Self> {
+        let segments = decode_segments(raw)?;
+        Self::from_segments(&segments)
+    }
+
+    /// Parse an already decoded path.
+    pub fn parse(path: &str) -> Result<Self> {
+        let segments: Vec<String> = path.split('/').map(str::to_owned).collect();
+        Self::from_segments(&segments)
+    }
+
+    fn from_segments(segments: &[String]) -> Result<Self> {
+        if segments.len() > MAX_SEGMENTS {
+            return Err(Error::invalid(format!(
+                "invalid path: more than {MAX_SEGMENTS} segments"
+            )));
+        }
+        for s in segments {
+            check_segment(s)?;
+        }
+        let path = segments.join("/");
+        if path.len() > MAX_PATH_LEN {
+            return Err(Error::invalid(format!(
+                "invalid path: longer than {MAX_PATH_LEN} bytes"
+            )));
+        }
+        Ok(SecretPath(path))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl SecretPrefix {
+    /// Parse a list prefix from the URL: empty, `a/b`, or `a/b/`.
+    pub fn from_url(raw: &str) -> Result<Self> {
+        let trimmed = raw.strip_suffix('/').unwrap_or(raw);
+        if trimmed.is_empty() {
+            return Ok(SecretPrefix(String::new()));
+        }
+        let path = SecretPath::from_url(trimmed)?;
+        Ok(SecretPrefix(format!("{}/", path.0)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Metadata of one version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionMeta {
+    pub created_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_time: Option<String>,
+}
+
+/// Metadata of a secret: its versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretMeta {
+    pub current_version: u64,
+    pub versions: BTreeMap<u64, VersionMeta>,
+}
+
+/// A decrypted version.
+pub struct SecretVersion {
+    pub version: u64,
+    pub meta: VersionMeta,
+    /// The value as written: a JSON object's text. Zeroized on drop.
+    pub data: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SecretVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretVersion")
+            .field("version", &self.version)
+            .field("data", &"<redacted>")
+            .finish()
+    }
+}
+
+fn meta_key(path: &SecretPath) -> String {
+    format!("{META_PREFIX}{}", path.0)
+}
+
+fn data_key(path: &SecretPath, version: u64) -> String {
+    format!("{DATA_PREFIX}{}{VERSION_SEP}{version:020}", path.0)
+}
+
+/// Split a data key back into path and version (for rotation, which walks all records).
+pub fn parse_data_key(key: &str) -> Option<(SecretPath, u64)> {
+    let rest = key.strip_prefix(DATA_PREFIX)?;
+    let (path, version) = rest.rsplit_once(VERSION_SEP)?;
+    Some((SecretPath(path.to_owned()), version.parse().ok()?))
+}
+
+/// The prefix under which every sealed secret record lives.
+pub fn data_prefix() -> &'static str {
+    DATA_PREFIX
+}
+
+pub fn record_context(path: &SecretPath, version: u64) -> RecordContext<'_> {
+    RecordContext {
+        purpose: "kv",
+        path: path.as_str(),
+        version,
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Check that a value is a JSON object, without copying its (secret) values: they are
+/// borrowed as raw JSON and the original bytes are what gets sealed.
+pub fn validate_value(body: &[u8]) -> Result<()> {
+    serde_json::from_slice::<BTreeMap<String, &RawValue>>(body)
+        .map(drop)
+        .map_err(|e| {
+            Error::invalid(format!(
+                "the secret must be a JSON object: {}",
+                json_error_category(&e)
+            ))
+        })
+}
+
+/// A JSON parse error's category only: serde_json's full message can quote the input,
+/// which may be a secret.
+pub fn json_error_category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "not a JSON object",
+        serde_json::error::Category::Eof => "truncated JSON",
+    }
+}
+
+/// The secret engine.
+#[derive(Debug)]
+pub struct Secrets {
+    store: Arc<dyn Store>,
+    barrier: Barrier,
+    max_versions: usize,
+}
+
+impl Secrets {
+    pub fn new(store: Arc<dyn Store>, barrier: Barrier, max_versions: usize) -> Self {
+        Secrets {
+            store,
+            barrier,
+            max_versions: max_versions.max(1),
+        }
+    }
+
+    async fn load_meta(&self, path: &SecretPath) -> Result<(Option<Vec<u8>>, SecretMeta)> {
+        match self.store.get(&meta_key(path)).await? {
+            Some(raw) => {
+                let meta = serde_json::from_slice(&raw).map_err(|e| {
+                    Error::Internal(format!("metadata of {} is corrupt: {e}", path.0))
+                })?;
+                Ok((Some(raw), meta))
+            }
+            None => Ok((None, SecretMeta::default())),
+        }
+    }
+
+    pub async fn exists(&self, path: &SecretPath) -> Result<bool> {
+        Ok(self.store.get(&meta_key(path)).await?.is_some())
+    }
+
+    /// Write a new version; returns it. `value` must be a JSON object's text.
+    pub async fn write(&self, path: &SecretPath, value: &[u8]) -> Result<(u64, VersionMeta)> {
+        validate_value(value)?;
+        let (_, meta) = self.load_meta(path).await?;
+        // Claim a version slot: the next number whose record does not exist yet.
+        let mut version = meta.current_version + 1;
+        loop {
+            let sealed = self
+                .barrier
+                .seal(&record_context(path, version), value)
+                .await?;
+            if self
+                .store
+                .insert_if_absent(&data_key(path, version), &sealed, None)
+                .await?
+            {
+                break;
+            }
+            version += 1;
+        }
+        let vmeta = VersionMeta {
+            created_time: now_rfc3339(),
+            deletion_time: None,
+        };
+        // Record the version in the metadata; merge with concurrent writers.
+        loop {
+            let (raw, mut meta) = self.load_meta(path).await?;
+            meta.versions.insert(version, vmeta.clone());
+            meta.current_version = meta.current_version.max(version);
+            let mut pruned = Vec::new();
+            while meta.versions.len() > self.max_versions {
+                if let Some((old, _)) = meta.versions.pop_first() {
+                    pruned.push(old);
+                }
+            }
+            let new = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+            if self
+                .store
+                .compare_and_swap(&meta_key(path), raw.as_deref(), Some(&new))
+                .await?
+            {
+                for old in pruned {
+                    self.store.delete(&data_key(path, old)).await?;
+                }
+                return Ok((version, vmeta));
+            }
+        }
+    }
+
+    /// Read a version (default: the current one).
+    pub async fn read(&self, path: &SecretPath, version: Option<u64>) -> Result<SecretVersion> {
+        let not_found = || Error::NotFound(format!("no secret at {}", path.0));
+        let (raw, meta) = self.load_meta(path).await?;
+        if raw.is_none() {
+            return Err(not_found());
+        }
+        let version = version.unwrap_or(meta.current_version);
+        let vmeta = meta.versions.get(&version).ok_or_else(not_found)?;
+        if vmeta.deletion_time.is_some() {
+            return Err(Error::NotFound(format!(
+                "version {version} of {} is deleted",
+                path.0
+            )));
+        }
+        let sealed = self.store.get(&data_key(path, version)).await?.ok_or_else(|| {
+            tracing::error!(path = %path.0, version, "metadata names a version whose record is missing");
+            not_found()
+        })?;
+        let data = self
+            .barrier
+            .open(&record_context(path, version), &sealed)
+            .await?;
+        Ok(SecretVersion {
+            version,
+            meta: vmeta.clone(),
+            data,
+        })
+    }
+
+    /// Delete the current version: its record is destroyed, its metadata marked deleted.
+    pub async fn delete_latest(&self, path: &SecretPath) -> Result<()> {
+        loop {
+            let (raw, mut meta) = self.load_meta(path).await?;
+            let Some(raw) = raw else {
+                return Err(Error::NotFound(format!("no secret at {}", path.0)));
+            };
+            let current = meta.current_version;
+            match meta.versions.get_mut(&current) {
+                Some(v) if v.deletion_time.is_none() => v.deletion_time = Some(now_rfc3339()),
+                _ => {
+                    return Err(Error::NotFound(format!(
+                        "the latest version of {} is already deleted",
+                        path.0
+                    )));
+                }
+            }
+            let new = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+            if self
+                .store
+                .compare_and_swap(&meta_key(path), Some(&raw), Some(&new))
+                .await?
+            {
+                self.store.delete(&data_key(path, current)).await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// The names directly under `prefix`; sub-folders end with `/`.
+    pub async fn list(&self, prefix: &SecretPrefix) -> Result<Vec<String>> {
+        let full = format!("{META_PREFIX}{}", prefix.0);
+        let mut keys: Vec<String> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .scan_prefix(&full, after.as_deref(), 1000)
+                .await?;
+            let done = page.len() < 1000;
+            for (k, _) in &page {
+                let rest = &k[full.len()..];
+                let child = match rest.find('/') {
+                    Some(i) => &rest[..=i],
+                    None => rest,
+                };
+                if keys.last().map(String::as_str) != Some(child) {
+                    keys.push(child.to_owned());
+                }
+            }
+            after = page.last().map(|(k, _)| k.clone());
+            if done {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
+            return Err(Error::NotFound(format!("nothing under {:?}", prefix.0)));
+        }
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_validated() {
+        assert_eq!(
+            SecretPath::from_url("db/password").unwrap().as_str(),
+            "db/password"
+        );
+        assert_eq!(
+            SecretPath::from_url("caf%C3%A9/x").unwrap().as_str(),
+            "café/x"
+        );
+        for bad in [
+            "", "a//b", "a/", "/a", "a/../b", "..", "a/./b", "a%00b", "a%2Fb", "a%FFb", "a%0Ab",
+        ] {
+            assert!(
+                SecretPath::from_url(bad).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+        assert!(SecretPath::from_url(&"a".repeat(513)).is_err());
+        assert!(SecretPath::from_url(&vec!["a"; 33].join("/")).is_err());
+        assert_eq!(SecretPrefix::from_url("").unwrap().as_str(), "");
+        assert_eq!(SecretPrefix::from_url("a/b/").unwrap().as_str(), "a/b/");
+        assert_eq!(SecretPrefix::from_url("a/b").unwrap().as_str(), "a/b/");
+        assert!(SecretPrefix::from_url("a/../").is_err());
+    }
+
+    #[test]
+    fn data_keys_round_trip() {
+        let p = SecretPath::parse("a/b").unwrap();
+        assert_eq!(parse_data_key(&data_key(&p, 42)), Some((p, 42)));
+        assert_eq!(parse_data_key("kv/meta/x"), None);
+    }
+
+    #[test]
+    fn values_must_be_objects_and_errors_do_not_quote_them() {
+        assert!(validate_value(br#"{"value":"s3cret","n":1}"#).is_ok());
+        for bad in [
+            &br#"["s3cret"]"#[..],
+            br#""s3cret""#,
+            br#"{"value":"s3cret""#,
+            b"s3cret",
+        ] {
+            let err = validate_value(bad).unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+}

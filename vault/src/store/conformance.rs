@@ -1,0 +1,294 @@
+//! The `Store` conformance suite: every engine runs exactly these checks.
+//!
+//! Each check uses its own key prefix, so the suite can run on a shared database.
+
+// Test-support code: every call must succeed, and a panic is the failed check.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Store, scan_all};
+
+/// Run every check against `store`.
+pub async fn run_all(store: &dyn Store) {
+    get_put_delete(store).await;
+    compare_and_swap(store).await;
+    scan_prefix_pages_and_bounds(store).await;
+    insert_if_absent_with_expiry(store).await;
+    purge_expired(store).await;
+    invalid_keys(store).await;
+    store.ping().await.expect("ping");
+}
+
+/// Concurrency checks need an owned handle to share between tasks.
+pub async fn run_concurrent(store: Arc<dyn Store>) {
+    concurrent_cas_loses_no_update(store.clone()).await;
+    concurrent_insert_if_absent_has_one_winner(store.clone()).await;
+    concurrent_delete_has_one_winner(store).await;
+}
+
+pub async fn get_put_delete(s: &dyn Store) {
+    assert_eq!(s.get("c1/a").await.unwrap(), None);
+    s.put("c1/a", b"one").await.unwrap();
+    assert_eq!(s.get("c1/a").await.unwrap().as_deref(), Some(&b"one"[..]));
+    s.put("c1/a", b"two").await.unwrap();
+    assert_eq!(s.get("c1/a").await.unwrap().as_deref(), Some(&b"two"[..]));
+    // Empty and binary values round-trip exactly.
+    s.put("c1/empty", b"").await.unwrap();
+    assert_eq!(s.get("c1/empty").await.unwrap().as_deref(), Some(&b""[..]));
+    let binary: Vec<u8> = (0..=255u8).collect();
+    s.put("c1/bin", &binary).await.unwrap();
+    assert_eq!(s.get("c1/bin").await.unwrap(), Some(binary));
+    assert!(s.delete("c1/a").await.unwrap());
+    assert!(!s.delete("c1/a").await.unwrap());
+    assert_eq!(s.get("c1/a").await.unwrap(), None);
+    // Unicode keys.
+    s.put("c1/ключ/密钥", b"u").await.unwrap();
+    assert_eq!(
+        s.get("c1/ключ/密钥").await.unwrap().as_deref(),
+        Some(&b"u"[..])
+    );
+}
+
+pub async fn compare_and_swap(s: &dyn Store) {
+    // Absent -> value.
+    assert!(s.compare_and_swap("c2/k", None, Some(b"v1")).await.unwrap());
+    // Absent expected but present: refused, value unchanged.
+    assert!(!s.compare_and_swap("c2/k", None, Some(b"x")).await.unwrap());
+    assert_eq!(s.get("c2/k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+    // Wrong expected value: refused.
+    assert!(
+        !s.compare_and_swap("c2/k", Some(b"v0"), Some(b"x"))
+            .await
+            .unwrap()
+    );
+    // Right expected value: swapped.
+    assert!(
+        s.compare_and_swap("c2/k", Some(b"v1"), Some(b"v2"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get("c2/k").await.unwrap().as_deref(), Some(&b"v2"[..]));
+    // Swap to None deletes.
+    assert!(s.compare_and_swap("c2/k", Some(b"v2"), None).await.unwrap());
+    assert_eq!(s.get("c2/k").await.unwrap(), None);
+    // Expecting a value on an absent key: refused.
+    assert!(
+        !s.compare_and_swap("c2/k", Some(b"v2"), Some(b"v3"))
+            .await
+            .unwrap()
+    );
+    // An expired entry counts as absent.
+    assert!(
+        s.insert_if_absent("c2/exp", b"e", Some(Duration::from_millis(30)))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(
+        s.compare_and_swap("c2/exp", None, Some(b"fresh"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.get("c2/exp").await.unwrap().as_deref(),
+        Some(&b"fresh"[..])
+    );
+}
+
+pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {
+    for i in 0..25u32 {
+        s.put(&format!("c3/items/{i:03}"), &i.to_be_bytes())
+            .await
+            .unwrap();
+    }
+    // Neighbours that must not show up.
+    s.put("c3/item", b"no").await.unwrap();
+    s.put("c3/items0", b"no").await.unwrap();
+    s.put("c3/itemt", b"no").await.unwrap();
+
+    let first = s.scan_prefix("c3/items/", None, 10).await.unwrap();
+    assert_eq!(first.len(), 10);
+    assert_eq!(first[0].0, "c3/items/000");
+    assert_eq!(first[9].0, "c3/items/009");
+    assert_eq!(first[3].1, 3u32.to_be_bytes().to_vec());
+    let second = s
+        .scan_prefix("c3/items/", Some(&first[9].0), 10)
+        .await
+        .unwrap();
+    assert_eq!(second[0].0, "c3/items/010");
+    let all = scan_all(s, "c3/items/").await.unwrap();
+    assert_eq!(all.len(), 25);
+    assert!(
+        all.windows(2).all(|w| w[0].0 < w[1].0),
+        "scan is in key order"
+    );
+    assert!(
+        s.scan_prefix("c3/nothing/", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // `after` before the prefix starts at the prefix.
+    assert_eq!(
+        s.scan_prefix("c3/items/", Some("c3/a"), 1).await.unwrap()[0].0,
+        "c3/items/000"
+    );
+    // Expired entries are skipped.
+    assert!(
+        s.insert_if_absent("c3/items/999", b"", Some(Duration::from_millis(20)))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert_eq!(scan_all(s, "c3/items/").await.unwrap().len(), 25);
+}
+
+pub async fn insert_if_absent_with_expiry(s: &dyn Store) {
+    assert!(
+        s.insert_if_absent("c4/nonce", b"1", Some(Duration::from_millis(80)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.insert_if_absent("c4/nonce", b"2", Some(Duration::from_millis(80)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.get("c4/nonce").await.unwrap().as_deref(), Some(&b"1"[..]));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        s.get("c4/nonce").await.unwrap(),
+        None,
+        "expired entry is gone"
+    );
+    assert!(
+        !s.delete("c4/nonce").await.unwrap(),
+        "deleting an expired entry reports absent"
+    );
+    assert!(
+        s.insert_if_absent("c4/nonce", b"3", Some(Duration::from_secs(60)))
+            .await
+            .unwrap()
+    );
+    // Without a TTL the entry is permanent.
+    assert!(s.insert_if_absent("c4/perm", b"p", None).await.unwrap());
+    assert!(!s.insert_if_absent("c4/perm", b"q", None).await.unwrap());
+    // put clears an expiry.
+    assert!(
+        s.insert_if_absent("c4/put", b"a", Some(Duration::from_millis(20)))
+            .await
+            .unwrap()
+    );
+    s.put("c4/put", b"b").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    assert_eq!(s.get("c4/put").await.unwrap().as_deref(), Some(&b"b"[..]));
+}
+
+pub async fn purge_expired(s: &dyn Store) {
+    for i in 0..5 {
+        assert!(
+            s.insert_if_absent(
+                &format!("c5/short/{i}"),
+                b"",
+                Some(Duration::from_millis(10))
+            )
+            .await
+            .unwrap()
+        );
+    }
+    assert!(
+        s.insert_if_absent("c5/long", b"", Some(Duration::from_secs(60)))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(s.purge_expired().await.unwrap() >= 5);
+    assert!(s.get("c5/long").await.unwrap().is_some());
+    assert!(
+        s.scan_prefix("c5/short/", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A re-inserted key survives the purge of its earlier expiry.
+    assert!(
+        s.insert_if_absent("c5/again", b"", Some(Duration::from_millis(10)))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(
+        s.insert_if_absent("c5/again", b"2", Some(Duration::from_secs(60)))
+            .await
+            .unwrap()
+    );
+    s.purge_expired().await.unwrap();
+    assert_eq!(s.get("c5/again").await.unwrap().as_deref(), Some(&b"2"[..]));
+}
+
+pub async fn invalid_keys(s: &dyn Store) {
+    assert!(s.put("", b"x").await.is_err());
+    assert!(s.put("a\0b", b"x").await.is_err());
+    assert!(s.put(&"k".repeat(2000), b"x").await.is_err());
+}
+
+pub async fn concurrent_cas_loses_no_update(s: Arc<dyn Store>) {
+    s.put("c6/counter", &0u64.to_be_bytes()).await.unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                loop {
+                    let cur = s.get("c6/counter").await.unwrap().unwrap();
+                    let n = u64::from_be_bytes(cur.as_slice().try_into().unwrap());
+                    if s.compare_and_swap("c6/counter", Some(&cur), Some(&(n + 1).to_be_bytes()))
+                        .await
+                        .unwrap()
+                    {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let v = s.get("c6/counter").await.unwrap().unwrap();
+    assert_eq!(u64::from_be_bytes(v.as_slice().try_into().unwrap()), 16);
+}
+
+pub async fn concurrent_insert_if_absent_has_one_winner(s: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..50)
+        .map(|i: u32| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.insert_if_absent("c7/nonce", &i.to_be_bytes(), Some(Duration::from_secs(60)))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+}
+
+pub async fn concurrent_delete_has_one_winner(s: Arc<dyn Store>) {
+    s.put("c8/once", b"token").await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.delete("c8/once").await.unwrap() })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+}

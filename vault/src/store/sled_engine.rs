@@ -1,0 +1,323 @@
+//! The embedded engine: sled, one process, one data directory.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{Store, StoreError, StoreResult, check_key};
+
+/// First byte of every stored value: whether an expiry follows.
+const PERMANENT: u8 = 0;
+const EXPIRING: u8 = 1;
+
+/// sled in one data directory. Each write is followed by a flush (an fsync of the log),
+/// so an acknowledged write survives `kill -9`.
+pub struct SledStore {
+    db: sled::Db,
+    data: sled::Tree,
+    /// `expiry_ms (8 bytes BE) || key` for every expiring entry, so a purge reads only
+    /// what is due instead of the whole store.
+    expiry: sled::Tree,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: sled::Error) -> StoreError {
+    StoreError::Unavailable(format!("sled: {e}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The live value inside a stored entry, or `None` if it has expired.
+fn live<'a>(key: &str, raw: &'a [u8], now: u64) -> StoreResult<Option<&'a [u8]>> {
+    match raw.split_first() {
+        Some((&PERMANENT, v)) => Ok(Some(v)),
+        Some((&EXPIRING, rest)) if rest.len() >= 8 => {
+            let (exp, v) = rest.split_at(8);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(exp);
+            Ok((u64::from_be_bytes(b) > now).then_some(v))
+        }
+        _ => Err(StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: "unknown entry header",
+        }),
+    }
+}
+
+fn encode(value: &[u8], expires_ms: Option<u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + 9);
+    match expires_ms {
+        None => out.push(PERMANENT),
+        Some(ms) => {
+            out.push(EXPIRING);
+            out.extend_from_slice(&ms.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(value);
+    out
+}
+
+impl SledStore {
+    /// Open (or create) the store in `dir`. Fails clearly if another process holds it.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display()))
+            })?;
+        let data = db.open_tree("data").map_err(unavailable)?;
+        let expiry = db.open_tree("expiry").map_err(unavailable)?;
+        Ok(SledStore { db, data, expiry })
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        // Not `flush_async`: concurrent `flush_async` calls deadlock in sled 0.34
+        // (sled issue 1308). A blocking flush on the blocking pool is correct, and
+        // concurrent callers still share the log writes that one fsync covers.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("flush task: {e}")))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        check_key(key)?;
+        match self.data.get(key).map_err(unavailable)? {
+            Some(raw) => Ok(live(key, &raw, now_ms())?.map(<[u8]>::to_vec)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        check_key(key)?;
+        self.data
+            .insert(key, encode(value, None))
+            .map_err(unavailable)?;
+        self.flush().await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> StoreResult<bool> {
+        check_key(key)?;
+        loop {
+            let current = self.data.get(key).map_err(unavailable)?;
+            let logical = match &current {
+                Some(raw) => live(key, raw, now_ms())?,
+                None => None,
+            };
+            if logical != expected {
+                return Ok(false);
+            }
+            let replacement = new.map(|v| encode(v, None));
+            match self
+                .data
+                .compare_and_swap(key, current, replacement)
+                .map_err(unavailable)?
+            {
+                Ok(()) => {
+                    self.flush().await?;
+                    return Ok(true);
+                }
+                // Raced with another writer between our read and the swap: decide again.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<bool> {
+        check_key(key)?;
+        loop {
+            let Some(current) = self.data.get(key).map_err(unavailable)? else {
+                return Ok(false);
+            };
+            let was_live = live(key, &current, now_ms())?.is_some();
+            match self
+                .data
+                .compare_and_swap(key, Some(current), None::<&[u8]>)
+                .map_err(unavailable)?
+            {
+                Ok(()) => {
+                    self.flush().await?;
+                    return Ok(was_live);
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let start = match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => Bound::Excluded(a.as_bytes().to_vec()),
+            _ => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let now = now_ms();
+        let mut out = Vec::new();
+        for item in self.data.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, raw) = item.map_err(unavailable)?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "non-UTF-8 key",
+            })?;
+            if let Some(v) = live(&key, &raw, now)? {
+                out.push((key, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn insert_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> StoreResult<bool> {
+        check_key(key)?;
+        let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
+        loop {
+            let current = self.data.get(key).map_err(unavailable)?;
+            if let Some(raw) = &current
+                && live(key, raw, now_ms())?.is_some()
+            {
+                return Ok(false);
+            }
+            match self
+                .data
+                .compare_and_swap(key, current, Some(encode(value, expires)))
+                .map_err(unavailable)?
+            {
+                Ok(()) => {
+                    if let Some(ms) = expires {
+                        let mut idx = ms.to_be_bytes().to_vec();
+                        idx.extend_from_slice(key.as_bytes());
+                        self.expiry.insert(idx, &[]).map_err(unavailable)?;
+                    }
+                    self.flush().await?;
+                    return Ok(true);
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    async fn purge_expired(&self) -> StoreResult<u64> {
+        let now = now_ms();
+        let mut purged = 0;
+        let due: Vec<sled::IVec> = self
+            .expiry
+            .range(..now.to_be_bytes().to_vec())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        for idx in due {
+            let key = &idx[8..];
+            if let Some(raw) = self.data.get(key).map_err(unavailable)? {
+                let k = String::from_utf8_lossy(key);
+                // Only remove what is still expired: the key may have been re-inserted.
+                if live(&k, &raw, now)?.is_none()
+                    && self
+                        .data
+                        .compare_and_swap(key, Some(raw), None::<&[u8]>)
+                        .map_err(unavailable)?
+                        .is_ok()
+                {
+                    purged += 1;
+                }
+            }
+            self.expiry.remove(&idx).map_err(unavailable)?;
+        }
+        if purged > 0 {
+            self.flush().await?;
+        }
+        Ok(purged)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.data.get("sys/ping").map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn conformance() {
+        let (_dir, s) = store().await;
+        super::super::conformance::run_all(&s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn conformance_concurrent() {
+        let (_dir, s) = store().await;
+        super::super::conformance::run_concurrent(std::sync::Arc::new(s)).await;
+    }
+
+    #[tokio::test]
+    async fn a_second_opener_gets_a_clear_error() {
+        let (dir, _s) = store().await;
+        let err = SledStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cannot open sled store"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn writes_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put("kv/a", b"1").await.unwrap();
+            assert!(
+                s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60)))
+                    .await
+                    .unwrap()
+            );
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("kv/a").await.unwrap().as_deref(), Some(&b"1"[..]));
+        assert!(
+            !s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60)))
+                .await
+                .unwrap()
+        );
+    }
+}
