@@ -167,6 +167,48 @@ pub async fn initialize(
     Ok(ring)
 }
 
+/// Generate master key version N+1 inside the token and make it the active version for
+/// new records (the first step of a rotation; re-wrapping old records is separate).
+/// The keyring is updated by compare-and-swap, so two concurrent callers cannot both
+/// claim N+1.
+pub async fn add_master_version(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+) -> Result<Keyring> {
+    let raw = store
+        .get(KEYRING_KEY)
+        .await?
+        .ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
+    let mut ring: Keyring = serde_json::from_slice(&raw)
+        .map_err(|e| Error::Internal(format!("keyring record is corrupt: {e}")))?;
+    let next = ring
+        .master
+        .versions
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(ring.master.active)
+        .next();
+    let label = names.master(next);
+    hsm_call(keys, move |k| k.generate(&label, KeyKind::Aes256)).await?;
+    ring.master.versions.push(next);
+    ring.master.active = next;
+    let new = serde_json::to_vec(&ring).map_err(|e| Error::Internal(e.to_string()))?;
+    if !store
+        .compare_and_swap(KEYRING_KEY, Some(&raw), Some(&new))
+        .await?
+    {
+        let label = names.master(next);
+        let _ = hsm_call(keys, move |k| k.destroy(&label)).await;
+        return Err(Error::Conflict(
+            "the keyring changed concurrently; retry".into(),
+        ));
+    }
+    tracing::info!(version = %next, "new master key version is active");
+    Ok(ring)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

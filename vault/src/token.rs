@@ -187,22 +187,25 @@ impl TokenIssuer {
             max_exp: Some(now + spec.max_ttl_secs.max(ttl)),
             cnf: spec.cnf,
         };
+        let token = self.sign(&claims).await?;
+        Ok(IssuedToken { token, claims })
+    }
+
+    /// Sign `claims` with the active signing key inside the HSM.
+    async fn sign(&self, claims: &Claims) -> Result<SecretString> {
         let version = self.keyring.load().token_signing.active;
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(kid(version));
         let mut token = String::with_capacity(512);
         URL_SAFE_NO_PAD.encode_string(to_json(&header)?, &mut token);
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(to_json(&claims)?, &mut token);
+        URL_SAFE_NO_PAD.encode_string(to_json(claims)?, &mut token);
         let label = self.names.token_signing(version);
         let input = token.clone().into_bytes();
         let signature = hsm_call(&self.keys, move |k| k.sign_ed25519(&label, &input)).await?;
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut token);
-        Ok(IssuedToken {
-            token: SecretString::from(token),
-            claims,
-        })
+        Ok(SecretString::from(token))
     }
 
     /// Verify a token in process: signature under a known signing key, issuer, expiry.
@@ -251,4 +254,139 @@ impl TokenIssuer {
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{self, KeyNames};
+    use crate::store::SledStore;
+    use keyvault_hsm::softhsm::testing;
+    use secrecy::ExposeSecret;
+
+    async fn issuer() -> (tempfile::TempDir, TokenIssuer) {
+        let t = testing::token();
+        let keys: Arc<dyn KeyStore> = t.store.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let names = KeyNames::new("keyvault").unwrap();
+        let ring = keys::initialize(&store, &keys, &names).await.unwrap();
+        let keyring = Arc::new(arc_swap::ArcSwap::from_pointee(ring));
+        (
+            dir,
+            TokenIssuer::new(keys, names, keyring, "keyvault".into())
+                .await
+                .unwrap(),
+        )
+    }
+
+    fn spec(ttl: u64) -> TokenSpec {
+        TokenSpec {
+            sub: "approle:web".into(),
+            method: "approle".into(),
+            role: Some("web".into()),
+            policies: vec!["web".into()],
+            ttl_secs: ttl,
+            max_ttl_secs: 3600,
+            cnf: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn issued_tokens_verify_and_carry_claims() {
+        let (_d, iss) = issuer().await;
+        let t = iss.issue(spec(600)).await.unwrap();
+        let c = iss.verify(t.token.expose_secret()).unwrap();
+        assert_eq!(c.sub, "approle:web");
+        assert_eq!(c.pol, vec!["web".to_owned()]);
+        assert_eq!(c.exp - c.iat, 600);
+        // Verified a second time from the cache, same claims.
+        assert_eq!(iss.verify(t.token.expose_secret()).unwrap(), c);
+        let header = jsonwebtoken::decode_header(t.token.expose_secret()).unwrap();
+        assert_eq!(header.alg, Algorithm::EdDSA);
+        assert_eq!(header.kid.as_deref(), Some("v1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forged_expired_and_malformed_tokens_are_refused() {
+        let (_d, iss) = issuer().await;
+        let good = iss.issue(spec(600)).await.unwrap();
+        let good = good.token.expose_secret().to_owned();
+        let (head_claims, sig) = good.rsplit_once('.').unwrap();
+
+        // Signature bytes changed.
+        let mut sig_bytes = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        sig_bytes[10] ^= 1;
+        let forged = format!("{head_claims}.{}", URL_SAFE_NO_PAD.encode(&sig_bytes));
+        assert_eq!(iss.verify(&forged), Err(AuthFailure::BadSignature));
+
+        // Claims changed (policy escalation), signature kept.
+        let (head, claims) = head_claims.split_once('.').unwrap();
+        let mut c: Claims =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+        c.pol = vec!["root".into()];
+        let escalated = format!(
+            "{head}.{}.{sig}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap())
+        );
+        assert_eq!(iss.verify(&escalated), Err(AuthFailure::BadSignature));
+
+        // alg: none and HS256 headers are refused before any key is used.
+        for alg in ["none", "HS256"] {
+            let h = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"v1"}}"#));
+            let t = format!("{h}.{claims}.{sig}");
+            assert_eq!(iss.verify(&t), Err(AuthFailure::MalformedToken), "{alg}");
+        }
+
+        // Expired: signed by the real key, exp in the past beyond the leeway.
+        let now = unix_now();
+        let mut expired = iss.verify(&good).unwrap().as_ref().clone();
+        expired.iat = now - 100;
+        expired.nbf = now - 100;
+        expired.exp = now - 30;
+        let t = iss.sign(&expired).await.unwrap();
+        assert_eq!(iss.verify(t.expose_secret()), Err(AuthFailure::Expired));
+
+        // Not yet valid.
+        let mut future = expired.clone();
+        future.nbf = now + 600;
+        future.exp = now + 1200;
+        let t = iss.sign(&future).await.unwrap();
+        assert_eq!(
+            iss.verify(t.expose_secret()),
+            Err(AuthFailure::MalformedToken)
+        );
+
+        // Another issuer.
+        let mut other = expired.clone();
+        other.exp = now + 600;
+        other.iss = "someone-else".into();
+        let t = iss.sign(&other).await.unwrap();
+        assert_eq!(
+            iss.verify(t.expose_secret()),
+            Err(AuthFailure::MalformedToken)
+        );
+
+        // Unknown key id.
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","typ":"JWT","kid":"v9"}"#);
+        assert_eq!(
+            iss.verify(&format!("{h}.{claims}.{sig}")),
+            Err(AuthFailure::UnknownSigningKey)
+        );
+
+        for junk in ["", "abc", "a.b.c", &"x".repeat(MAX_TOKEN_LEN + 1), "é.é.é"] {
+            assert!(iss.verify(junk).is_err(), "{junk:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_of_another_installation_is_refused() {
+        let (_d1, a) = issuer().await;
+        let (_d2, b) = issuer().await;
+        let t = a.issue(spec(600)).await.unwrap();
+        assert_eq!(
+            b.verify(t.token.expose_secret()),
+            Err(AuthFailure::BadSignature)
+        );
+    }
 }

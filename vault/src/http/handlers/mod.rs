@@ -14,8 +14,8 @@ pub mod auth;
 pub mod secrets;
 pub mod sys;
 
+/// Only `list` is looked at here; each endpoint parses (and checks) its full query.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct ListQuery {
     #[serde(default)]
     list: Option<String>,

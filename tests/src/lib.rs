@@ -1,0 +1,286 @@
+//! Shared set-up of the end-to-end tests: start real `keyvault` processes on free ports
+//! with their own SoftHSM token directory, talk to them over real TLS.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub use serde_json::{Value, json};
+
+/// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this
+/// test executable (`cargo test --workspace` builds it).
+pub fn keyvault_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEYVAULT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/keyvault
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("keyvault"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p keyvault` (or the README's test command) first",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `keyvault dev` with its own data directory.
+pub struct DevServer {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub addr: String,
+    pub ca: PathBuf,
+    pub root_token: String,
+    pub log: PathBuf,
+    pub stdout: Vec<String>,
+}
+
+impl DevServer {
+    /// Start in a fresh temporary data directory.
+    pub fn start() -> DevServer {
+        let tmp = tempfile::Builder::new()
+            .prefix("keyvault-e2e-")
+            .tempdir()
+            .unwrap();
+        let data_dir = tmp.path().join("data");
+        let mut s = Self::start_in(&data_dir, 0);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Start in `data_dir` (created if missing) with a given log file generation.
+    pub fn start_in(data_dir: &Path, generation: u32) -> DevServer {
+        let log = data_dir.with_file_name(format!("keyvault-{generation}.log"));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(keyvault_bin())
+            .args([
+                "dev",
+                "--address",
+                "127.0.0.1:0",
+                "--log",
+                "debug",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env_remove("SOFTHSM2_CONF")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let (mut addr, mut ca, mut root) = (None, None, None);
+        while addr.is_none() || ca.is_none() || root.is_none() {
+            let line = match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "keyvault dev did not start; log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+            };
+            let field = |prefix: &str| {
+                line.trim()
+                    .strip_prefix(prefix)
+                    .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+            };
+            if let Some(v) = field("Address:") {
+                addr = Some(v);
+            }
+            if let Some(v) = field("CA certificate:") {
+                ca = Some(PathBuf::from(v));
+            }
+            if let Some(v) = field("Root token:") {
+                root = Some(v);
+            }
+            lines.push(line);
+        }
+        DevServer {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+            addr: addr.unwrap(),
+            ca: ca.unwrap(),
+            root_token: root.unwrap(),
+            log,
+            stdout: lines,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.addr, &self.ca)
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Everything the server logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTPS client trusting exactly one CA.
+#[derive(Clone)]
+pub struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+/// A reply: status and JSON body (Null when empty or not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Client {
+    pub fn new(addr: &str, ca: &Path) -> Client {
+        let pem = std::fs::read(ca).unwrap();
+        let cert = reqwest::Certificate::from_pem(&pem).unwrap();
+        let http = reqwest::Client::builder()
+            .tls_certs_only([cert])
+            .build()
+            .unwrap();
+        Client {
+            http,
+            base: addr.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/v1/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    /// Send `method path` with an optional token (as `X-Vault-Token`) and raw body.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    pub async fn reply(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        self.send("GET", path, Some(token), None).await
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: Value) -> Reply {
+        self.send(
+            "PUT",
+            path,
+            Some(token),
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        self.send("POST", path, token, Some(body.to_string().into_bytes()))
+            .await
+    }
+}
+
+/// Files under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+/// Send a request line exactly as given (no client-side path normalization, which every
+/// HTTP client applies to `..`), over TLS; returns the status code.
+pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = addr.trim_start_matches("https://");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in keyvault::tls::load_certs(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(hostport).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let req = format!(
+        "{method} {raw_path} HTTP/1.1\r\nHost: localhost\r\nX-Vault-Token: {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf).await;
+    let head = String::from_utf8_lossy(&buf);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,323 @@
+//! Envelope encryption against a real SoftHSM token and a real sled store.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use keyvault::barrier::{BarrierError, Record};
+use keyvault::config::{SecretsConfig, TokenConfig};
+use keyvault::keys::{self, KeyNames};
+use keyvault::secrets::{SecretPath, Secrets, data_prefix, parse_data_key, record_context};
+use keyvault::store::{SledStore, Store, scan_all};
+use keyvault::{Error, vault::Vault};
+use keyvault_hsm::KeyStore;
+use keyvault_hsm::softhsm::testing;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    keys: Arc<dyn KeyStore>,
+    names: KeyNames,
+    vault: Arc<Vault>,
+}
+
+async fn fixture() -> Fixture {
+    let token = testing::token();
+    let keys: Arc<dyn KeyStore> = token.store.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("storage")).unwrap());
+    let names = KeyNames::new("keyvault").unwrap();
+    keys::initialize(store.as_ref(), &keys, &names)
+        .await
+        .unwrap();
+    let vault = Vault::from_parts(
+        store.clone(),
+        keys.clone(),
+        names.clone(),
+        TokenConfig::default(),
+        SecretsConfig::default(),
+    )
+    .await
+    .unwrap();
+    Fixture {
+        dir,
+        store,
+        keys,
+        names,
+        vault,
+    }
+}
+
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_appears_nowhere_on_disk() {
+    let f = fixture().await;
+    let path = SecretPath::parse("db/password").unwrap();
+    let marker = "plaintext-marker-7f3c9e1a5b";
+    let value = format!(r#"{{"value":"{marker}"}}"#);
+    for _ in 0..3 {
+        f.vault
+            .secrets
+            .write(&path, value.as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        f.vault
+            .secrets
+            .read(&path, None)
+            .await
+            .unwrap()
+            .data
+            .as_slice(),
+        value.as_bytes()
+    );
+    // Make sure sled has written everything it buffers.
+    drop(f.vault);
+    drop(f.store);
+    assert_eq!(
+        files_containing(f.dir.path(), marker.as_bytes()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        files_containing(&testing::token_dir(), marker.as_bytes()),
+        Vec::<String>::new()
+    );
+    // The scan itself works: the path (not secret) is on disk.
+    assert!(!files_containing(f.dir.path(), b"db/password").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_copied_to_another_path_or_version_fails() {
+    let f = fixture().await;
+    let a = SecretPath::parse("app/a").unwrap();
+    let b = SecretPath::parse("app/b").unwrap();
+    f.vault
+        .secrets
+        .write(&a, br#"{"value":"for-a"}"#)
+        .await
+        .unwrap();
+    f.vault
+        .secrets
+        .write(&b, br#"{"value":"for-b"}"#)
+        .await
+        .unwrap();
+    f.vault
+        .secrets
+        .write(&b, br#"{"value":"for-b-2"}"#)
+        .await
+        .unwrap();
+    let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
+    let find = |p: &SecretPath, v: u64| {
+        records
+            .iter()
+            .find(|(k, _)| parse_data_key(k) == Some((p.clone(), v)))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .unwrap()
+    };
+    let (_, rec_a) = find(&a, 1);
+    let (key_b1, _) = find(&b, 1);
+    // Copy a's record over b's version 1: reading b v1 must fail, not return a's value.
+    f.store.put(&key_b1, &rec_a).await.unwrap();
+    let err = f.vault.secrets.read(&b, Some(1)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Barrier(BarrierError::Integrity)),
+        "{err:?}"
+    );
+    // Same record, right path, wrong version.
+    let barrier = &f.vault.barrier;
+    assert!(barrier.open(&record_context(&a, 2), &rec_a).await.is_err());
+    assert_eq!(
+        barrier
+            .open(&record_context(&a, 1), &rec_a)
+            .await
+            .unwrap()
+            .as_slice(),
+        br#"{"value":"for-a"}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_records_fail() {
+    let f = fixture().await;
+    let p = SecretPath::parse("x").unwrap();
+    let ctx = record_context(&p, 1);
+    let sealed = f
+        .vault
+        .barrier
+        .seal(&ctx, br#"{"value":"v"}"#)
+        .await
+        .unwrap();
+    let parsed = Record::parse(&sealed).unwrap();
+    let header = sealed.len() - parsed.ciphertext.len();
+    // Flip a bit in the ciphertext, in the tag, in the nonce, in the wrapped key.
+    for i in [header, sealed.len() - 1, header - 1, 12] {
+        let mut bad = sealed.clone();
+        bad[i] ^= 0x01;
+        let r = f.vault.barrier.open(&ctx, &bad).await;
+        assert!(
+            matches!(r, Err(Error::Barrier(BarrierError::Integrity))),
+            "byte {i}: {r:?}"
+        );
+    }
+    // Truncated and garbage records are refused as malformed.
+    assert!(matches!(
+        f.vault.barrier.open(&ctx, &sealed[..20]).await,
+        Err(Error::Barrier(BarrierError::Malformed(_)))
+    ));
+    assert!(matches!(
+        f.vault.barrier.open(&ctx, b"not a record").await,
+        Err(Error::Barrier(BarrierError::Malformed(_)))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_under_v1_read_after_v2_is_active() {
+    let f = fixture().await;
+    let p = SecretPath::parse("rotating").unwrap();
+    f.vault
+        .secrets
+        .write(&p, br#"{"value":"old"}"#)
+        .await
+        .unwrap();
+    let ring = keys::add_master_version(f.store.as_ref(), &f.keys, &f.names)
+        .await
+        .unwrap();
+    assert_eq!(ring.master.active.get(), 2);
+    // A vault opened after the change (as after a restart) uses v2 for new writes.
+    let vault = Vault::from_parts(
+        f.store.clone(),
+        f.keys.clone(),
+        f.names.clone(),
+        TokenConfig::default(),
+        SecretsConfig::default(),
+    )
+    .await
+    .unwrap();
+    vault
+        .secrets
+        .write(&p, br#"{"value":"new"}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        vault
+            .secrets
+            .read(&p, Some(1))
+            .await
+            .unwrap()
+            .data
+            .as_slice(),
+        br#"{"value":"old"}"#
+    );
+    assert_eq!(
+        vault
+            .secrets
+            .read(&p, Some(2))
+            .await
+            .unwrap()
+            .data
+            .as_slice(),
+        br#"{"value":"new"}"#
+    );
+    let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
+    let versions: Vec<u32> = records
+        .iter()
+        .map(|(_, r)| Record::parse(r).unwrap().kek_version.get())
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    // Re-wrapping moves a v1 record to v2 without changing its value.
+    let (key, old) = &records[0];
+    let (path, version) = parse_data_key(key).unwrap();
+    let ctx = record_context(&path, version);
+    let rewrapped = vault
+        .barrier
+        .rewrap(&ctx, old, ring.master.active)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Record::parse(&rewrapped).unwrap().kek_version.get(), 2);
+    assert_eq!(
+        Record::parse(&rewrapped).unwrap().ciphertext,
+        Record::parse(old).unwrap().ciphertext
+    );
+    assert_eq!(
+        vault
+            .barrier
+            .open(&ctx, &rewrapped)
+            .await
+            .unwrap()
+            .as_slice(),
+        br#"{"value":"old"}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_never_lose_a_version() {
+    let f = fixture().await;
+    let secrets = Arc::new(Secrets::new(f.store.clone(), f.vault.barrier.clone(), 100));
+    let p = SecretPath::parse("contended").unwrap();
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = secrets.clone();
+            let p = p.clone();
+            tokio::spawn(async move {
+                s.write(&p, format!(r#"{{"value":"w{i}"}}"#).as_bytes())
+                    .await
+                    .unwrap()
+                    .0
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.push(t.await.unwrap());
+    }
+    versions.sort();
+    assert_eq!(versions, (1..=12).collect::<Vec<_>>());
+    let mut values = Vec::new();
+    for v in 1..=12 {
+        values.push(
+            String::from_utf8(secrets.read(&p, Some(v)).await.unwrap().data.to_vec()).unwrap(),
+        );
+    }
+    values.sort();
+    let mut expected: Vec<String> = (0..12).map(|i| format!(r#"{{"value":"w{i}"}}"#)).collect();
+    expected.sort();
+    assert_eq!(values, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_sensitive_and_initialization_is_once() {
+    let f = fixture().await;
+    let err = keys::initialize(f.store.as_ref(), &f.keys, &f.names)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+    // A second installation on the same token with an empty store is refused clearly.
+    let dir = tempfile::tempdir().unwrap();
+    let other: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let err = keys::initialize(other.as_ref(), &f.keys, &f.names)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already holds a key"), "{err}");
+}
