@@ -72,7 +72,12 @@ impl HsmError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            HsmError::Unavailable { .. } | HsmError::PoolTimeout | HsmError::TokenNotFound { .. }
+            HsmError::Unavailable { .. }
+                | HsmError::PoolTimeout
+                | HsmError::TokenNotFound { .. }
+                // A key KeyVault's keyring names is missing: the token (or an HSM
+                // partition) went away or is being restored. Retryable, and fail closed.
+                | HsmError::KeyNotFound(_)
         )
     }
 }

@@ -116,10 +116,17 @@ pub fn context(module: &Path) -> Result<Pkcs11> {
 
 /// Find the slot whose initialized token carries `label`.
 pub fn find_token(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>> {
-    for slot in ctx.get_slots_with_initialized_token()? {
-        let info = ctx.get_token_info(slot)?;
-        if info.label().trim_end() == label {
-            return Ok(Some(slot));
+    // Not get_slots_with_initialized_token: it fails as a whole when one slot's token
+    // does not answer, and a slot whose token is being removed can do that.
+    for slot in ctx.get_slots_with_token()? {
+        match ctx.get_token_info(slot) {
+            Ok(info) if info.token_initialized() && info.label().trim_end() == label => {
+                return Ok(Some(slot));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(slot = slot.id(), error = %e, "skipping a slot whose token does not answer")
+            }
         }
     }
     Ok(None)
@@ -311,6 +318,14 @@ impl Pkcs11KeyStore {
         let session = self.ctx.open_rw_session(slot)?;
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(
+                e @ CkError::Pkcs11(
+                    RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired,
+                    _,
+                ),
+            ) => Err(e.into()),
+            // Any other login failure means the token is not in a usable state right now.
+            Err(CkError::Pkcs11(rv, function)) => Err(HsmError::Unavailable { function, rv }),
             Err(e) => Err(e.into()),
         }
     }
@@ -401,6 +416,13 @@ impl Pkcs11KeyStore {
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
                         .clear();
+                }
+                // A key we expected is gone: the token may have been swapped or restored
+                // under us. Start from fresh sessions and a fresh slot lookup, once.
+                Err(HsmError::KeyNotFound(label)) if !retried => {
+                    lease.discard();
+                    tracing::warn!(key = %label, "key not found in the token; reconnecting once");
+                    self.reconnect()?;
                 }
                 other => return other,
             }

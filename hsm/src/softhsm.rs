@@ -74,7 +74,11 @@ pub fn init_token(
     }
     let mut free = None;
     for slot in ctx.get_slots_with_token()? {
-        if !ctx.get_token_info(slot)?.token_initialized() {
+        // Skip slots whose token does not answer (a removed token directory).
+        if ctx
+            .get_token_info(slot)
+            .is_ok_and(|info| !info.token_initialized())
+        {
             free = Some(slot);
             break;
         }

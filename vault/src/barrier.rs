@@ -16,11 +16,14 @@
 //! Re-wrapping (master key rotation) replaces `kek_version` and `wrapped_dek` only: the
 //! value's ciphertext is untouched.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit};
 use keyvault_hsm::KeyStore;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
@@ -181,12 +184,59 @@ pub fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
+/// Unwrapped data keys, kept for a short time so that reading the same record again
+/// does not cost a round trip to the token. Off unless configured
+/// (`secrets.dek_cache_ttl`): it trades DESIGN §4's "a data key is in process memory only
+/// while used" for a window of `ttl` per recently used record (see docs/architecture.md).
+/// Keys are zeroized when evicted or expired.
+struct DekCache {
+    ttl: Duration,
+    capacity: usize,
+    map: Mutex<HashMap<[u8; 32], (Instant, Zeroizing<[u8; 32]>)>>,
+}
+
+impl DekCache {
+    /// Cache key: a digest of everything the unwrap depends on.
+    fn key(kek: KeyVersion, wrapped: &[u8], aad: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(kek.get().to_be_bytes());
+        h.update((wrapped.len() as u32).to_be_bytes());
+        h.update(wrapped);
+        h.update(aad);
+        h.finalize().into()
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(key) {
+            Some((expires, dek)) if *expires > Instant::now() => Some(dek.clone()),
+            _ => None,
+        }
+    }
+
+    fn insert(&self, key: [u8; 32], dek: &[u8]) {
+        let Ok(fixed) = <[u8; 32]>::try_from(dek) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.capacity {
+            map.retain(|_, (expires, _)| *expires > now);
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+        }
+        map.insert(key, (now + self.ttl, Zeroizing::new(fixed)));
+    }
+}
+
 /// Seals and opens records with data keys wrapped by the master key in the token.
 #[derive(Clone)]
 pub struct Barrier {
     keys: Arc<dyn KeyStore>,
     names: KeyNames,
     keyring: SharedKeyring,
+    dek_cache: Option<Arc<DekCache>>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -203,7 +253,20 @@ impl Barrier {
             keys,
             names,
             keyring,
+            dek_cache: None,
         }
+    }
+
+    /// Keep unwrapped data keys for `ttl` (at most `capacity` of them). See [`DekCache`].
+    pub fn with_dek_cache(mut self, ttl: Duration, capacity: usize) -> Self {
+        if !ttl.is_zero() && capacity > 0 {
+            self.dek_cache = Some(Arc::new(DekCache {
+                ttl,
+                capacity,
+                map: Mutex::new(HashMap::new()),
+            }));
+        }
+        self
     }
 
     /// The master key version new records are wrapped with.
@@ -293,13 +356,26 @@ impl Barrier {
         if !self.keyring.load().master.versions.contains(&v) {
             return Err(Error::Barrier(BarrierError::UnknownKeyVersion(v)));
         }
+        let cache_key = self
+            .dek_cache
+            .as_ref()
+            .map(|_| DekCache::key(v, &wrapped, &aad));
+        if let (Some(cache), Some(k)) = (&self.dek_cache, &cache_key)
+            && let Some(dek) = cache.get(k)
+        {
+            return Ok(Zeroizing::new(dek.to_vec()));
+        }
         let label = self.names.master(v);
-        match hsm_call(&self.keys, move |k| k.unwrap_key(&label, &wrapped, &aad)).await {
+        let dek = match hsm_call(&self.keys, move |k| k.unwrap_key(&label, &wrapped, &aad)).await {
             Err(Error::Hsm(keyvault_hsm::HsmError::InvalidCiphertext)) => {
                 Err(Error::Barrier(BarrierError::Integrity))
             }
             other => other,
+        }?;
+        if let (Some(cache), Some(k)) = (&self.dek_cache, cache_key) {
+            cache.insert(k, &dek);
         }
+        Ok(dek)
     }
 }
 

@@ -151,6 +151,20 @@ pub struct SecretsConfig {
     /// Versions kept per secret; older ones are destroyed on write.
     #[serde(default = "default_max_versions")]
     pub max_versions: usize,
+    /// Keep unwrapped data keys in memory this long after use, so that repeated reads of a
+    /// record skip the token. "0s" (the default) keeps a data key only while it is used.
+    #[serde(default = "zero", deserialize_with = "duration")]
+    pub dek_cache_ttl: Duration,
+    /// Most data keys cached at once.
+    #[serde(default = "default_dek_cache_capacity")]
+    pub dek_cache_capacity: usize,
+}
+
+fn zero() -> Duration {
+    Duration::ZERO
+}
+fn default_dek_cache_capacity() -> usize {
+    100_000
 }
 
 fn default_max_versions() -> usize {
@@ -161,6 +175,8 @@ impl Default for SecretsConfig {
     fn default() -> Self {
         SecretsConfig {
             max_versions: default_max_versions(),
+            dek_cache_ttl: zero(),
+            dek_cache_capacity: default_dek_cache_capacity(),
         }
     }
 }

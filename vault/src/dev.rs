@@ -95,7 +95,12 @@ pub fn ensure_token(layout: &DevLayout) -> Result<PathBuf> {
 }
 
 /// The configuration `keyvault dev` runs with.
-pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr) -> Config {
+pub fn config(
+    layout: &DevLayout,
+    module: PathBuf,
+    address: SocketAddr,
+    dek_cache_ttl: Duration,
+) -> Config {
     let pki = layout.pki();
     Config {
         listener: ListenerConfig {
@@ -117,7 +122,10 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr) -> Confi
             wrap_mechanism: WrapSetting::Auto,
         },
         tokens: TokenConfig::default(),
-        secrets: SecretsConfig::default(),
+        secrets: SecretsConfig {
+            dek_cache_ttl,
+            ..SecretsConfig::default()
+        },
         log: LogConfig::default(),
     }
 }

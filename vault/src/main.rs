@@ -51,6 +51,9 @@ enum Command {
         /// Log filter (`info`, `keyvault=debug`, ...).
         #[arg(long, default_value = "info", env = "KEYVAULT_LOG")]
         log: String,
+        /// Keep unwrapped data keys this long (`secrets.dek_cache_ttl`; 0s: off).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        dek_cache_ttl: Duration,
     },
     /// Administration that needs the HSM and the store directly.
     Operator {
@@ -194,13 +197,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             address,
             root_token_ttl,
             log,
+            dek_cache_ttl,
         } => {
             init_logging(&log, false);
             let started = std::time::Instant::now();
             let layout = DevLayout::new(&data_dir)?;
             let module = dev::ensure_token(&layout)?;
             layout.pki().ensure()?;
-            let config = dev::config(&layout, module, address);
+            let config = dev::config(&layout, module, address, dek_cache_ttl);
             let store = vault::open_store(&config).await?;
             let keys = vault::open_keystore(&config)?;
             let names = KeyNames::new(&config.hsm.key_prefix)?;

@@ -128,7 +128,10 @@ impl Vault {
             )
         })?;
         let keyring: SharedKeyring = Arc::new(ArcSwap::from_pointee(ring));
-        let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone());
+        let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone()).with_dek_cache(
+            secrets_config.dek_cache_ttl,
+            secrets_config.dek_cache_capacity,
+        );
         let tokens = TokenIssuer::new(
             keys.clone(),
             names.clone(),

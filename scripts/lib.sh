@@ -1,0 +1,30 @@
+# Shared helpers of the scripts in this directory (sourced, not run).
+
+# Run a command as root: directly when we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Install the Debian packages given whose status is not "installed".
+need_debs() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing Debian packages: ${missing[*]}"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || {
+            as_root apt-get update -q >/dev/null
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+        }
+    fi
+}
+
+# Install a Python package (providing a command) when the command is missing.
+need_pip() {
+    local cmd=$1 pkg=$2
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        echo "==> installing $pkg (pip)"
+        python3 -m pip install -q "$pkg"
+    fi
+}

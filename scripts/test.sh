@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine with Rust: installs what the tests
+# need (SoftHSM2, OpenSSL, jq), checks formatting and lints, builds everything and runs
+# every test. Tests start their own services (SoftHSM token directories, keyvault
+# processes on free ports); nothing here depends on a service the machine happens to run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+need_debs softhsm2 openssl jq curl
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+# Build first: the end-to-end tests run the keyvault binary built here.
+echo "==> cargo build"
+cargo build --workspace --all-targets --quiet
+
+echo "==> cargo test"
+cargo test --workspace --quiet
