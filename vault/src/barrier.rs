@@ -192,8 +192,11 @@ pub fn random<const N: usize>() -> Result<[u8; N]> {
 struct DekCache {
     ttl: Duration,
     capacity: usize,
-    map: Mutex<HashMap<[u8; 32], (Instant, Zeroizing<[u8; 32]>)>>,
+    map: Mutex<HashMap<[u8; 32], CachedDek>>,
 }
+
+/// Expiry and value of one cached data key.
+type CachedDek = (Instant, Zeroizing<[u8; 32]>);
 
 impl DekCache {
     /// Cache key: a digest of everything the unwrap depends on.
