@@ -325,7 +325,10 @@ async fn keys_are_sensitive_and_initialization_is_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_key_cache_keeps_every_integrity_check() {
     let f = fixture().await;
-    let ring = keyvault::keys::load(f.store.as_ref()).await.unwrap().unwrap();
+    let ring = keyvault::keys::load(f.store.as_ref())
+        .await
+        .unwrap()
+        .unwrap();
     let keyring = Arc::new(arc_swap::ArcSwap::from_pointee(ring));
     let cached = keyvault::barrier::Barrier::new(f.keys.clone(), f.names.clone(), keyring)
         .with_dek_cache(std::time::Duration::from_secs(60), 10);
@@ -335,7 +338,10 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
     let sealed = cached.seal(&ctx, br#"{"value":"v"}"#).await.unwrap();
     // Twice: the second open is served from the cache.
     for _ in 0..2 {
-        assert_eq!(cached.open(&ctx, &sealed).await.unwrap().as_slice(), br#"{"value":"v"}"#);
+        assert_eq!(
+            cached.open(&ctx, &sealed).await.unwrap().as_slice(),
+            br#"{"value":"v"}"#
+        );
     }
     // Another path or version (different associated data): refused despite the cached key.
     assert!(cached.open(&record_context(&b, 1), &sealed).await.is_err());
@@ -344,11 +350,17 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
     let mut bad = sealed.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    assert!(matches!(cached.open(&ctx, &bad).await, Err(Error::Barrier(BarrierError::Integrity))));
+    assert!(matches!(
+        cached.open(&ctx, &bad).await,
+        Err(Error::Barrier(BarrierError::Integrity))
+    ));
     // Tampered wrapped key: a cache miss, refused by the token.
     let mut bad = sealed.clone();
     bad[12] ^= 1;
-    assert!(matches!(cached.open(&ctx, &bad).await, Err(Error::Barrier(BarrierError::Integrity))));
+    assert!(matches!(
+        cached.open(&ctx, &bad).await,
+        Err(Error::Barrier(BarrierError::Integrity))
+    ));
     // More records than the capacity still all open.
     for v in 1..=25u64 {
         let c = record_context(&a, v);
