@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::hsm_call;
-use crate::store::Store;
+use crate::store::{Store, decode_json, encode_json, get_json};
 
 /// A key version: 1, 2, ... Version 0 does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -114,12 +114,7 @@ pub type SharedKeyring = Arc<ArcSwap<Keyring>>;
 
 /// Load the keyring; `None` if this installation is not initialized.
 pub async fn load(store: &dyn Store) -> Result<Option<Keyring>> {
-    match store.get(KEYRING_KEY).await? {
-        Some(raw) => Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
-            Error::Internal(format!("keyring record is corrupt: {e}"))
-        })?)),
-        None => Ok(None),
-    }
+    Ok(get_json(store, KEYRING_KEY).await?)
 }
 
 /// First-time initialization: generate version 1 of every key inside the token and record
@@ -157,7 +152,7 @@ pub async fn initialize(
         token_signing: KeyFamily::first(),
         approle_hmac: KeyFamily::first(),
     };
-    let raw = serde_json::to_vec(&ring).map_err(|e| Error::Internal(e.to_string()))?;
+    let raw = encode_json(&ring);
     if !store.insert_if_absent(KEYRING_KEY, &raw, None).await? {
         return Err(Error::Conflict(
             "another process initialized KeyVault at the same time".into(),
@@ -180,8 +175,7 @@ pub async fn add_master_version(
         .get(KEYRING_KEY)
         .await?
         .ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
-    let mut ring: Keyring = serde_json::from_slice(&raw)
-        .map_err(|e| Error::Internal(format!("keyring record is corrupt: {e}")))?;
+    let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
     let next = ring
         .master
         .versions
@@ -194,7 +188,7 @@ pub async fn add_master_version(
     hsm_call(keys, move |k| k.generate(&label, KeyKind::Aes256)).await?;
     ring.master.versions.push(next);
     ring.master.active = next;
-    let new = serde_json::to_vec(&ring).map_err(|e| Error::Internal(e.to_string()))?;
+    let new = encode_json(&ring);
     if !store
         .compare_and_swap(KEYRING_KEY, Some(&raw), Some(&new))
         .await?

@@ -49,3 +49,20 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Names of roles, users and policies: 1-128 characters of `[A-Za-z0-9._-]`, so they are
+/// safe in storage keys, policy paths and log lines.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {kind} name: use 1-128 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}

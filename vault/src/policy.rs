@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Store, decode_json, encode_json};
 
 /// One capability. Bit positions of [`Caps`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,20 +225,9 @@ struct PathBlock {
 
 pub const ROOT_POLICY: &str = "root";
 
-/// Policy names: 1 to 128 characters of `[A-Za-z0-9._-]`.
+/// Policy names follow the common rule for names.
 pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "invalid policy name {name:?}: use 1-128 characters of [A-Za-z0-9._-]"
-        )))
-    }
+    crate::validate_name("policy", name)
 }
 
 impl Policy {
@@ -354,11 +343,10 @@ impl PolicyStore {
             return Err(Error::invalid("the root policy cannot be changed"));
         }
         let policy = Policy::parse(name, text)?;
-        let raw = serde_json::to_vec(&StoredPolicy {
+        let raw = encode_json(&StoredPolicy {
             name: name.to_owned(),
             text: text.to_owned(),
-        })
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        });
         self.store.put(&key(name), &raw).await?;
         self.cache
             .write()
@@ -380,8 +368,7 @@ impl PolicyStore {
         let Some(raw) = self.store.get(&key(name)).await? else {
             return Ok(None);
         };
-        let stored: StoredPolicy = serde_json::from_slice(&raw)
-            .map_err(|e| Error::Internal(format!("stored policy {name}: {e}")))?;
+        let stored: StoredPolicy = decode_json(&key(name), &raw)?;
         let policy = Arc::new(Policy::parse(name, &stored.text)?);
         self.cache
             .write()

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 
 use crate::barrier::{Barrier, RecordContext};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Store, decode_json, encode_json};
 
 pub const MAX_PATH_LEN: usize = 512;
 pub const MAX_SEGMENTS: usize = 32;
@@ -228,9 +228,7 @@ impl Secrets {
     async fn load_meta(&self, path: &SecretPath) -> Result<(Option<Vec<u8>>, SecretMeta)> {
         match self.store.get(&meta_key(path)).await? {
             Some(raw) => {
-                let meta = serde_json::from_slice(&raw).map_err(|e| {
-                    Error::Internal(format!("metadata of {} is corrupt: {e}", path.0))
-                })?;
+                let meta = decode_json(&meta_key(path), &raw)?;
                 Ok((Some(raw), meta))
             }
             None => Ok((None, SecretMeta::default())),
@@ -276,7 +274,7 @@ impl Secrets {
                     pruned.push(old);
                 }
             }
-            let new = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+            let new = encode_json(&meta);
             if self
                 .store
                 .compare_and_swap(&meta_key(path), raw.as_deref(), Some(&new))
@@ -337,7 +335,7 @@ impl Secrets {
                     )));
                 }
             }
-            let new = serde_json::to_vec(&meta).map_err(|e| Error::Internal(e.to_string()))?;
+            let new = encode_json(&meta);
             if self
                 .store
                 .compare_and_swap(&meta_key(path), Some(&raw), Some(&new))

@@ -21,7 +21,7 @@ use super::{
 use crate::error::{AuthFailure, Error, Result};
 use crate::hsm_call;
 use crate::keys::{KeyNames, SharedKeyring};
-use crate::store::{Store, scan_all};
+use crate::store::{Store, decode_json, encode_json, get_json, scan_all};
 use crate::unix_now;
 
 pub const METHOD: &str = "approle";
@@ -142,14 +142,7 @@ impl AppRole {
     }
 
     async fn load(&self, name: &str) -> Result<Option<StoredRole>> {
-        match self.store.get(&role_key(name)).await? {
-            Some(raw) => {
-                Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
-                    Error::Internal(format!("stored role {name}: {e}"))
-                })?))
-            }
-            None => Ok(None),
-        }
+        Ok(get_json(self.store.as_ref(), &role_key(name)).await?)
     }
 
     /// Create or update a role. A new role gets a random role id.
@@ -166,11 +159,10 @@ impl AppRole {
             Some(r) => r.role_id.clone(),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        let raw = serde_json::to_vec(&StoredRole {
+        let raw = encode_json(&StoredRole {
             role_id: role_id.clone(),
             config,
-        })
-        .map_err(|e| Error::Internal(e.to_string()))?;
+        });
         if existing.is_none() {
             self.store
                 .put(&role_id_key(&role_id), name.as_bytes())
@@ -261,7 +253,7 @@ impl AppRole {
             created: unix_now(),
             expires: ttl.map(|t| unix_now() + t.as_secs()),
         };
-        let raw = serde_json::to_vec(&entry).map_err(|e| Error::Internal(e.to_string()))?;
+        let raw = encode_json(&entry);
         let key = format!("{}{mac}", secret_id_prefix(name));
         if !self.store.insert_if_absent(&key, &raw, ttl).await? {
             return Err(Error::Internal("secret id collision".into()));
@@ -320,8 +312,7 @@ impl Authenticator for AppRole {
         let mac = self.secret_id_hmac(&name, &body.secret_id).await?;
         let key = format!("{}{}", secret_id_prefix(&name), hex::encode(mac));
         let raw = self.store.get(&key).await?.ok_or_else(invalid)?;
-        let stored: StoredSecretId = serde_json::from_slice(&raw)
-            .map_err(|e| Error::Internal(format!("stored secret id: {e}")))?;
+        let stored: StoredSecretId = decode_json(&key, &raw)?;
         let stored_mac = hex::decode(&stored.hmac)
             .map_err(|_| Error::Internal("stored secret id hmac".into()))?;
         if !bool::from(stored_mac.as_slice().ct_eq(&mac)) {

@@ -51,21 +51,7 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug {
     async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome>;
 }
 
-/// Role and user names: 1-128 characters of `[A-Za-z0-9._-]`.
-pub fn validate_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "invalid {kind} name: use 1-128 characters of [A-Za-z0-9._-]"
-        )))
-    }
-}
+pub use crate::validate_name;
 
 fn role_index_key(name: &str) -> String {
     format!("auth/roles/{name}")

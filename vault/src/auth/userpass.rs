@@ -16,7 +16,7 @@ use super::{
     vault_duration,
 };
 use crate::error::{AuthFailure, Error, Result};
-use crate::store::{Store, scan_all};
+use crate::store::{Store, encode_json, get_json, scan_all};
 
 pub const METHOD: &str = "userpass";
 const MIN_PASSWORD_LEN: usize = 12;
@@ -136,14 +136,7 @@ impl UserPass {
     }
 
     async fn load(&self, name: &str) -> Result<Option<StoredUser>> {
-        match self.store.get(&user_key(name)).await? {
-            Some(raw) => {
-                Ok(Some(serde_json::from_slice(&raw).map_err(|e| {
-                    Error::Internal(format!("stored user {name}: {e}"))
-                })?))
-            }
-            None => Ok(None),
-        }
+        Ok(get_json(self.store.as_ref(), &user_key(name)).await?)
     }
 
     pub async fn write_user(&self, name: &str, w: UserWrite) -> Result<()> {
@@ -168,7 +161,7 @@ impl UserPass {
             token_ttl: w.token_ttl,
             token_max_ttl: w.token_max_ttl,
         };
-        let raw = serde_json::to_vec(&stored).map_err(|e| Error::Internal(e.to_string()))?;
+        let raw = encode_json(&stored);
         self.store.put(&user_key(name), &raw).await?;
         Ok(())
     }

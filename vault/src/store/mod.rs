@@ -98,6 +98,31 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn ping(&self) -> StoreResult<()>;
 }
 
+/// Decode a stored JSON record. Failing to decode is corruption, named by its key.
+pub fn decode_json<T: serde::de::DeserializeOwned>(key: &str, raw: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(raw).map_err(|_| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: "not the expected JSON record",
+    })
+}
+
+/// Read and decode a JSON record.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    store: &dyn Store,
+    key: &str,
+) -> StoreResult<Option<T>> {
+    match store.get(key).await? {
+        Some(raw) => decode_json(key, &raw).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Encode a record as JSON (our record types always serialize).
+pub fn encode_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Invariant: plain structs of strings, numbers, maps and lists with string keys.
+    serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
 /// Every key under `prefix`, page by page (for callers that need them all).
 pub async fn scan_all(store: &dyn Store, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
     const PAGE: usize = 1000;
