@@ -103,7 +103,10 @@ async fn unit_start_up_and_admin_flows_over_tls() {
     let unit = token_of(&r);
     assert_eq!(r.body["auth"]["policies"], json!(["web-read"]));
     assert_eq!(r.body["auth"]["lease_duration"], 300);
-    assert_eq!(r.body["auth"]["renewable"], false);
+    assert_eq!(
+        r.body["auth"]["renewable"], true,
+        "renewable up to token_max_ttl"
+    );
     assert!(r.body["auth"]["accessor"].as_str().unwrap().len() >= 16);
     assert_eq!(r.headers.get("cache-control").unwrap(), "no-store");
     let r = c.get("secret/db/password", &unit).await;

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keyvault::barrier::{decrypt_value, encrypt_value};
-use keyvault::config::{SecretsConfig, TokenConfig};
 use keyvault::keys::{self, KeyNames, KeyVersion};
 use keyvault::secrets::{SecretPath, record_context};
 use keyvault::store::{SledStore, Store};
 use keyvault::vault::Vault;
+use keyvault::vault::VaultSettings;
 use keyvault_hsm::KeyStore;
 use keyvault_hsm::softhsm::testing;
 
@@ -36,8 +36,7 @@ fn bench(c: &mut Criterion) {
             store,
             keys.clone(),
             names.clone(),
-            TokenConfig::default(),
-            SecretsConfig::default(),
+            VaultSettings::default(),
         ))
         .unwrap();
     let path = SecretPath::parse("bench/value").unwrap();

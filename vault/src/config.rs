@@ -9,6 +9,7 @@ use keyvault_hsm::{PinSource, WrapMechanism, WrapPreference};
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
+use crate::tls::{ClientAuth, TlsFiles};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +23,17 @@ pub struct Config {
     pub secrets: SecretsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: settings shared by the auth methods.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Brute-force protection of logins.
+    #[serde(default)]
+    pub rate_limit: crate::auth::limiter::LimitConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +48,28 @@ pub struct ListenerConfig {
     /// Largest request body accepted; larger ones get 413.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
+    /// Mutual TLS: `off`, `optional` (auth endpoints reachable without a client
+    /// certificate) or `required`.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// PEM bundle of the CAs that issue client certificates.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// PEM CRL files checked for client certificates (reloaded with the rest).
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+}
+
+impl ListenerConfig {
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert_file.clone(),
+            key: self.tls_key_file.clone(),
+            client_ca: self.client_ca_file.clone(),
+            crls: self.crl_files.clone(),
+            client_auth: self.client_auth,
+        }
+    }
 }
 
 fn default_max_request_bytes() -> usize {
@@ -208,7 +242,7 @@ impl Default for LogConfig {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
         .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))

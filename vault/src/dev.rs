@@ -17,7 +17,7 @@ use crate::config::{
     WrapSetting,
 };
 use crate::error::{Error, Result};
-use crate::tls::DevPki;
+use crate::tls::{ClientAuth, DevPki};
 
 pub const DEV_TOKEN_LABEL: &str = "keyvault-dev";
 
@@ -108,6 +108,9 @@ pub fn config(
             tls_cert_file: pki.server_cert,
             tls_key_file: pki.server_key,
             max_request_bytes: 1024 * 1024,
+            client_auth: ClientAuth::Optional,
+            client_ca_file: Some(pki.client_ca_cert),
+            crl_files: Vec::new(),
         },
         storage: StorageConfig::Sled {
             path: layout.storage_dir(),
@@ -127,8 +130,39 @@ pub fn config(
             ..SecretsConfig::default()
         },
         log: LogConfig::default(),
+        auth: Default::default(),
     }
 }
+
+/// The development client identity: a policy `dev-client` over `secret/*` and a cert role
+/// `dev-client` pinned to the development client certificate, allowing direct requests.
+/// Created on first start; left alone afterwards (an admin may have changed them).
+pub async fn ensure_dev_client(vault: &crate::vault::Vault, layout: &DevLayout) -> Result<()> {
+    use crate::auth::RoleAdmin;
+    if vault.policies.get(DEV_CLIENT_ROLE).await?.is_some() {
+        return Ok(());
+    }
+    vault
+        .policies
+        .put(
+            DEV_CLIENT_ROLE,
+            r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#,
+        )
+        .await?;
+    let certs = crate::tls::load_certs(&layout.pki().client_cert)?;
+    let fp = crate::tls::ClientCert::from_der(&certs[0]).sha256_hex;
+    let role = serde_json::json!({
+        "certificate_sha256": [fp],
+        "token_policies": [DEV_CLIENT_ROLE],
+        "allow_direct": true,
+    });
+    vault
+        .cert
+        .write_role(DEV_CLIENT_ROLE, role.to_string().as_bytes())
+        .await
+}
+
+pub const DEV_CLIENT_ROLE: &str = "dev-client";
 
 /// The banner printed once the server listens. The root token is printed on purpose:
 /// this is development mode. It goes to stdout, never to the log.
@@ -145,8 +179,15 @@ pub fn banner(layout: &DevLayout, addr: SocketAddr, root_token: &str, ttl: Durat
          Try it:\n\
          \x20 export KEYVAULT_ADDR={url} KEYVAULT_CACERT={ca} KEYVAULT_TOKEN={root_token}\n\
          \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" -X PUT -d '{{\"value\":\"s3cret\"}}' $KEYVAULT_ADDR/v1/secret/db/password\n\
-         \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" $KEYVAULT_ADDR/v1/secret/db/password | jq -r .data.value\n",
+         \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" $KEYVAULT_ADDR/v1/secret/db/password | jq -r .data.value\n\n\
+         Mutual TLS (client CA {client_ca}; client certificate {client_cert}, key {client_key}):\n\
+         \x20 export KEYVAULT_CLIENT_CERT={client_cert} KEYVAULT_CLIENT_KEY={client_key}\n\
+         \x20 curl -s --cacert $KEYVAULT_CACERT --cert $KEYVAULT_CLIENT_CERT --key $KEYVAULT_CLIENT_KEY -X POST -d '{{\"name\":\"dev-client\"}}' $KEYVAULT_ADDR/v1/auth/cert/login | jq -r .auth.client_token\n\
+         \x20 curl -s --cacert $KEYVAULT_CACERT --cert $KEYVAULT_CLIENT_CERT --key $KEYVAULT_CLIENT_KEY $KEYVAULT_ADDR/v1/secret/db/password | jq -r .data.value   # no token: the certificate is the credential\n",
         ca = pki.ca_cert.display(),
+        client_ca = pki.client_ca_cert.display(),
+        client_cert = pki.client_cert.display(),
+        client_key = pki.client_key.display(),
         data = layout.data_dir.display(),
         tokens = layout.token_dir().display(),
         ttl = humantime::format_duration(ttl),

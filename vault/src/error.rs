@@ -17,6 +17,15 @@ pub enum AuthFailure {
     Expired,
     UnknownSigningKey,
     InvalidCredentials,
+    /// A certificate-bound token, or a role that requires binding, on a connection
+    /// without a client certificate.
+    CertificateRequired,
+    /// A certificate-bound token on a connection with another client certificate.
+    CertificateMismatch,
+    /// The token was revoked.
+    Revoked,
+    /// The token's identity (role, certificate, SPIFFE ID) was revoked (kill switch).
+    RevokedIdentity,
 }
 
 impl AuthFailure {
@@ -29,6 +38,10 @@ impl AuthFailure {
             AuthFailure::Expired => "token_expired",
             AuthFailure::UnknownSigningKey => "unknown_signing_key",
             AuthFailure::InvalidCredentials => "invalid_credentials",
+            AuthFailure::CertificateRequired => "certificate_required",
+            AuthFailure::CertificateMismatch => "certificate_mismatch",
+            AuthFailure::Revoked => "token_revoked",
+            AuthFailure::RevokedIdentity => "identity_revoked",
         }
     }
 
@@ -38,6 +51,11 @@ impl AuthFailure {
             AuthFailure::MissingToken => "missing client token",
             AuthFailure::InvalidCredentials => "invalid credentials",
             AuthFailure::Expired => "token expired",
+            AuthFailure::CertificateRequired | AuthFailure::CertificateMismatch => {
+                "the token is bound to a client certificate that this connection did not present"
+            }
+            AuthFailure::Revoked => "token revoked",
+            AuthFailure::RevokedIdentity => "identity revoked",
             _ => "invalid token",
         }
     }

@@ -203,6 +203,29 @@ pub async fn add_master_version(
     Ok(ring)
 }
 
+/// HMAC-SHA256 computed inside the token under the active HMAC key, for secrets that are
+/// stored only as keyed hashes (AppRole secret ids, bootstrap tokens). `domain` separates
+/// the uses; each part is length-prefixed, so part boundaries cannot be shifted.
+pub async fn keyed_hash(
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+    keyring: &SharedKeyring,
+    domain: &str,
+    parts: &[&[u8]],
+) -> Result<[u8; 32]> {
+    let mut msg = zeroize::Zeroizing::new(Vec::with_capacity(
+        64 + parts.iter().map(|p| p.len() + 4).sum::<usize>(),
+    ));
+    msg.extend_from_slice(domain.as_bytes());
+    msg.push(0);
+    for p in parts {
+        msg.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        msg.extend_from_slice(p);
+    }
+    let label = names.approle_hmac(keyring.load().approle_hmac.active);
+    hsm_call(keys, move |k| k.hmac_sha256(&label, &msg)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

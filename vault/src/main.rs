@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use keyvault::bench::{self, BenchOptions, Scenario};
 use keyvault::config::Config;
 use keyvault::dev::{self, DevLayout};
 use keyvault::http::{self, AppState};
 use keyvault::keys::{self, KeyNames};
-use keyvault::vault::{self, Vault, token_string};
+use keyvault::vault::{self, Vault, VaultSettings, token_string};
 use secrecy::ExposeSecret;
 
 #[derive(Parser)]
@@ -211,14 +210,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if keys::load(store.as_ref()).await?.is_none() {
                 keys::initialize(store.as_ref(), &keys, &names).await?;
             }
-            let vault = Vault::from_parts(
-                store,
-                keys,
-                names,
-                config.tokens.clone(),
-                config.secrets.clone(),
-            )
-            .await?;
+            let vault =
+                Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
+            dev::ensure_dev_client(&vault, &layout).await?;
             let root = vault.issue_root_token(root_token_ttl).await?;
             let root = token_string(&root).to_owned();
             serve(&config, vault, move |addr| {
@@ -237,10 +231,8 @@ async fn serve(
     vault: Arc<Vault>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    let tls = keyvault::tls::server_config(
-        &config.listener.tls_cert_file,
-        &config.listener.tls_key_file,
-    )?;
+    let tls = keyvault::tls::TlsReloader::new(config.listener.tls_files())?;
+    let watcher = tls.spawn_watchers(Duration::from_secs(2));
     let listener = http::server::bind(config.listener.address).await?;
     let addr = listener.local_addr()?;
     let housekeeping = vault.spawn_housekeeping();
@@ -251,12 +243,13 @@ async fn serve(
     on_listening(addr);
     http::server::serve(
         listener,
-        Arc::new(ArcSwap::new(tls)),
+        tls.current(),
         app,
         http::server::shutdown_signal(),
     )
     .await?;
     housekeeping.abort();
+    watcher.abort();
     Ok(())
 }
 
@@ -272,14 +265,8 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             let keys = vault::open_keystore(&config)?;
             let names = KeyNames::new(&config.hsm.key_prefix)?;
             keys::initialize(store.as_ref(), &keys, &names).await?;
-            let vault = Vault::from_parts(
-                store,
-                keys,
-                names,
-                config.tokens.clone(),
-                config.secrets.clone(),
-            )
-            .await?;
+            let vault =
+                Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
             let root = vault.issue_root_token(root_token_ttl).await?;
             println!(
                 "KeyVault initialized: master key v1, token-signing key v1 and AppRole HMAC key v1 are in the token."

@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::error::{Error, Result};
 
@@ -47,33 +51,329 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     })
 }
 
-/// The server configuration for a certificate chain and key.
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>> {
-    let certs = load_certs(cert_file)?;
-    let key = load_key(key_file)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+/// Whether and how clients present certificates on a listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificates are asked for.
+    #[default]
+    Off,
+    /// Clients may present one (verified if they do); auth endpoints stay reachable without.
+    Optional,
+    /// Every connection must present a valid client certificate.
+    Required,
+}
+
+/// The files a listener's TLS configuration is built from (and reloaded from).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub crls: Vec<PathBuf>,
+    pub client_auth: ClientAuth,
+}
+
+impl TlsFiles {
+    /// Every file whose change triggers a reload.
+    pub fn watched(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.cert.clone(), self.key.clone()];
+        v.extend(self.client_ca.iter().cloned());
+        v.extend(self.crls.iter().cloned());
+        v
+    }
+}
+
+/// Read PEM certificate revocation lists.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| Error::Config(format!("cannot read CRLs from {}: {e}", path.display())))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Config(format!("bad PEM in {}: {e}", path.display())))?;
+    if crls.is_empty() {
+        return Err(Error::Config(format!("no CRL in {}", path.display())));
+    }
+    Ok(crls)
+}
+
+/// The server configuration: certificate chain and key, and for mutual TLS the client CA
+/// bundle and CRLs (chain, validity period and revocation of the end-entity certificate
+/// are checked by rustls/webpki; a certificate not issued by the CA bundle, a self-signed
+/// one, an expired one or a revoked one fails the handshake).
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| Error::Config(format!("TLS: {e}")))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            Error::Config(format!(
-                "TLS certificate {} / key {}: {e}",
-                cert_file.display(),
-                key_file.display()
-            ))
-        })?;
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    let builder = match (files.client_auth, &files.client_ca) {
+        (ClientAuth::Off, None) => builder.with_no_client_auth(),
+        (ClientAuth::Off, Some(_)) => {
+            return Err(Error::Config(
+                "listener.client_ca_file is set but listener.client_auth is \"off\"".into(),
+            ));
+        }
+        (_, None) => {
+            return Err(Error::Config(
+                "listener.client_auth needs listener.client_ca_file".into(),
+            ));
+        }
+        (mode, Some(ca)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| {
+                    Error::Config(format!("client CA bundle {}: {e}", ca.display()))
+                })?;
+            }
+            let mut crls = Vec::new();
+            for f in &files.crls {
+                crls.extend(load_crls(f)?);
+            }
+            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .with_crls(crls)
+                // Intermediate CAs need not publish CRLs; the client's own certificate is
+                // what gets revoked. With CRLs configured, an end-entity certificate whose
+                // issuer has no CRL fails (unknown status is not accepted).
+                .only_check_end_entity_revocation();
+            if mode == ClientAuth::Optional {
+                v = v.allow_unauthenticated();
+            }
+            let verifier = v
+                .build()
+                .map_err(|e| Error::Config(format!("client certificate verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        Error::Config(format!(
+            "TLS certificate {} / key {}: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// Files of the development PKI under a `keyvault dev` data directory.
+/// A file's identity and size as seen by the last (re)load.
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamp(p: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| {
+        (
+            m.modified().unwrap_or(std::time::UNIX_EPOCH),
+            m.len(),
+            m.ino(),
+        )
+    })
+}
+
+/// The live TLS configuration of a listener, rebuilt from its files on SIGHUP or when a
+/// file changes. New connections use the new configuration; open ones keep theirs, so a
+/// reload drops nothing. A broken new file keeps the old configuration and logs why.
+#[derive(Debug)]
+pub struct TlsReloader {
+    files: TlsFiles,
+    current: Arc<ArcSwap<ServerConfig>>,
+    stamps: Mutex<Vec<Stamp>>,
+}
+
+impl TlsReloader {
+    pub fn new(files: TlsFiles) -> Result<Arc<Self>> {
+        let config = server_config(&files)?;
+        let stamps = files.watched().iter().map(|p| stamp(p)).collect();
+        Ok(Arc::new(TlsReloader {
+            files,
+            current: Arc::new(ArcSwap::new(config)),
+            stamps: Mutex::new(stamps),
+        }))
+    }
+
+    /// The configuration handle the listener reads for every new connection.
+    pub fn current(&self) -> Arc<ArcSwap<ServerConfig>> {
+        self.current.clone()
+    }
+
+    /// Rebuild from the files. On failure the running configuration stays.
+    pub fn reload(&self, why: &str) -> bool {
+        let stamps: Vec<Stamp> = self.files.watched().iter().map(|p| stamp(p)).collect();
+        match server_config(&self.files) {
+            Ok(config) => {
+                self.current.store(config);
+                *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+                tracing::info!(trigger = why, "TLS configuration reloaded");
+                true
+            }
+            Err(e) => {
+                // Remember the stamps anyway: retry when the files change again, not every poll.
+                *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+                tracing::error!(trigger = why, error = %e, "TLS reload failed; keeping the previous configuration");
+                false
+            }
+        }
+    }
+
+    fn changed(&self) -> bool {
+        let now: Vec<Stamp> = self.files.watched().iter().map(|p| stamp(p)).collect();
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) != now
+    }
+
+    /// Reload on SIGHUP, and when a watched file changes (checked every `poll`).
+    pub fn spawn_watchers(
+        self: &Arc<Self>,
+        poll: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut hup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(poll);
+            loop {
+                let sighup = async {
+                    match hup.as_mut() {
+                        Some(s) => s.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = sighup => { me.reload("SIGHUP"); }
+                    _ = tick.tick() => {
+                        if me.changed() {
+                            // Give a writer a moment to finish (files replaced one by one).
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            me.reload("file change");
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// What KeyVault knows about a client certificate that passed the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-256 of the DER certificate, lower-case hex (the pin format).
+    pub sha256_hex: String,
+    /// The same digest, base64url without padding (RFC 8705 `x5t#S256`).
+    pub x5t_s256: String,
+    pub common_name: Option<String>,
+    pub dns_sans: Vec<String>,
+    pub uri_sans: Vec<String>,
+}
+
+impl ClientCert {
+    pub fn from_der(der: &[u8]) -> Self {
+        use base64::Engine;
+        use sha2::{Digest, Sha256};
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let digest = Sha256::digest(der);
+        let mut c = ClientCert {
+            sha256_hex: hex::encode(digest),
+            x5t_s256: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest),
+            common_name: None,
+            dns_sans: Vec::new(),
+            uri_sans: Vec::new(),
+        };
+        // The handshake already verified the certificate; a parse failure here only
+        // means no name-based identities.
+        if let Ok((_, x)) = X509Certificate::from_der(der) {
+            c.common_name = x
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned);
+            if let Ok(Some(san)) = x.subject_alternative_name() {
+                for name in &san.value.general_names {
+                    match name {
+                        GeneralName::DNSName(d) => c.dns_sans.push((*d).to_owned()),
+                        GeneralName::URI(u) => c.uri_sans.push((*u).to_owned()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// The SPIFFE ID: the URI SAN with the `spiffe://` scheme, if any.
+    pub fn spiffe_id(&self) -> Option<&str> {
+        self.uri_sans
+            .iter()
+            .map(String::as_str)
+            .find(|u| u.starts_with("spiffe://"))
+    }
+}
+
+/// Files of the development PKI under a `keyvault dev` data directory: a server CA and
+/// server certificate, and a separate client CA with one client certificate.
 #[derive(Debug, Clone)]
 pub struct DevPki {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub client_ca_cert: PathBuf,
+    pub client_ca_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Common name and SPIFFE ID of the development client certificate.
+pub const DEV_CLIENT_CN: &str = "dev-client";
+pub const DEV_CLIENT_SPIFFE: &str = "spiffe://keyvault.dev/client/dev";
+
+fn rcgen_err(e: rcgen::Error) -> Error {
+    Error::Internal(format!("generating development certificates: {e}"))
+}
+
+/// A self-signed CA.
+pub fn new_ca(common_name: &str) -> Result<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>> {
+    let key = rcgen::KeyPair::generate().map_err(rcgen_err)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    rcgen::CertifiedIssuer::self_signed(params, key).map_err(rcgen_err)
+}
+
+/// A leaf certificate signed by `ca`: for a server (`server = true`) or a client, with
+/// DNS/IP SANs or URI SANs taken from `sans` (a `spiffe://` or other URI becomes a URI SAN).
+pub fn new_leaf(
+    ca: &rcgen::Issuer<'_, impl rcgen::SigningKey>,
+    common_name: &str,
+    sans: &[&str],
+    server: bool,
+) -> Result<(rcgen::Certificate, rcgen::KeyPair)> {
+    let key = rcgen::KeyPair::generate().map_err(rcgen_err)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
+    for san in sans {
+        let san = if san.contains("://") {
+            rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*san).map_err(rcgen_err)?)
+        } else if let Ok(ip) = san.parse::<std::net::IpAddr>() {
+            rcgen::SanType::IpAddress(ip)
+        } else {
+            rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*san).map_err(rcgen_err)?)
+        };
+        params.subject_alt_names.push(san);
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.extended_key_usages = vec![if server {
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    let cert = params.signed_by(&key, ca).map_err(rcgen_err)?;
+    Ok((cert, key))
 }
 
 impl DevPki {
@@ -83,55 +383,41 @@ impl DevPki {
             ca_key: dir.join("ca-key.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server-key.pem"),
+            client_ca_cert: dir.join("client-ca.pem"),
+            client_ca_key: dir.join("client-ca-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
         }
     }
 
-    /// Create the CA and a server certificate for `localhost` and 127.0.0.1 if missing.
+    /// Create whatever is missing: the server CA and a server certificate for `localhost`,
+    /// 127.0.0.1 and ::1; the client CA and a client certificate (CN `dev-client`, SPIFFE
+    /// ID `spiffe://keyvault.dev/client/dev`).
     pub fn ensure(&self) -> Result<()> {
-        if self.ca_cert.exists() && self.server_cert.exists() && self.server_key.exists() {
-            return Ok(());
-        }
         if let Some(dir) = self.ca_cert.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let err =
-            |e: rcgen::Error| Error::Internal(format!("generating development certificates: {e}"));
-        let ca_key = rcgen::KeyPair::generate().map_err(err)?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "KeyVault development CA");
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(err)?;
-
-        let server_key = rcgen::KeyPair::generate().map_err(err)?;
-        let mut params = rcgen::CertificateParams::new(vec![
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            "::1".to_owned(),
-        ])
-        .map_err(err)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let server = params.signed_by(&server_key, &ca).map_err(err)?;
-
-        write_private(&self.ca_key, &ca_key_pem(&ca))?;
-        write_file(&self.ca_cert, &ca.pem())?;
-        write_private(&self.server_key, &server_key.serialize_pem())?;
-        write_file(&self.server_cert, &server.pem())?;
+        if !(self.ca_cert.exists() && self.server_cert.exists() && self.server_key.exists()) {
+            let ca = new_ca("KeyVault development CA")?;
+            let (server, key) =
+                new_leaf(&ca, "localhost", &["localhost", "127.0.0.1", "::1"], true)?;
+            write_private(&self.ca_key, &ca.key().serialize_pem())?;
+            write_file(&self.ca_cert, &ca.pem())?;
+            write_private(&self.server_key, &key.serialize_pem())?;
+            write_file(&self.server_cert, &server.pem())?;
+        }
+        if !(self.client_ca_cert.exists() && self.client_cert.exists() && self.client_key.exists())
+        {
+            let ca = new_ca("KeyVault development client CA")?;
+            let (client, key) = new_leaf(&ca, DEV_CLIENT_CN, &[DEV_CLIENT_SPIFFE], false)?;
+            write_private(&self.client_ca_key, &ca.key().serialize_pem())?;
+            write_file(&self.client_ca_cert, &ca.pem())?;
+            write_private(&self.client_key, &key.serialize_pem())?;
+            write_file(&self.client_cert, &client.pem())?;
+        }
         Ok(())
     }
-}
-
-fn ca_key_pem(ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>) -> String {
-    ca.key().serialize_pem()
 }
 
 fn write_file(path: &Path, content: &str) -> Result<()> {

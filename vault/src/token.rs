@@ -55,6 +55,9 @@ pub struct Claims {
     pub max_exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnf: Option<Confirmation>,
+    /// The SPIFFE ID of the client certificate of the login, for the kill switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe: Option<String>,
 }
 
 /// What to put in a new token.
@@ -67,6 +70,7 @@ pub struct TokenSpec {
     pub ttl_secs: u64,
     pub max_ttl_secs: u64,
     pub cnf: Option<Confirmation>,
+    pub spiffe: Option<String>,
 }
 
 /// A freshly signed token. The token string is a bearer credential.
@@ -186,7 +190,14 @@ impl TokenIssuer {
             role: spec.role,
             max_exp: Some(now + spec.max_ttl_secs.max(ttl)),
             cnf: spec.cnf,
+            spiffe: spec.spiffe,
         };
+        let token = self.sign(&claims).await?;
+        Ok(IssuedToken { token, claims })
+    }
+
+    /// Sign given claims (a renewal: same id and accessor, new times).
+    pub async fn sign_claims(&self, claims: Claims) -> Result<IssuedToken> {
         let token = self.sign(&claims).await?;
         Ok(IssuedToken { token, claims })
     }
@@ -289,6 +300,7 @@ mod tests {
             ttl_secs: ttl,
             max_ttl_secs: 3600,
             cnf: None,
+            spiffe: None,
         }
     }
 

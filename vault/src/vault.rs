@@ -2,6 +2,7 @@
 //! tests and benchmarks all call these functions; none of them knows about HTTP.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +11,14 @@ use keyvault_hsm::{KeyStore, Pkcs11Config, Pkcs11KeyStore};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-use crate::auth::approle::{AppRole, NewSecretId, RoleConfig, RoleView};
+use crate::auth::approle::{AppRole, NewSecretId};
+use crate::auth::bootstrap::{Bootstrap, MintRequest, Minted};
+use crate::auth::cert::CertAuth;
+use crate::auth::kubernetes::{KubeConfig, KubernetesAuth};
+use crate::auth::limiter::{FailureLimiter, LimitConfig};
+use crate::auth::revocation::{Identity, Revocations};
 use crate::auth::userpass::{UserPass, UserView, UserWrite};
-use crate::auth::{self, Authenticator, LoginOutcome, LoginRequest};
+use crate::auth::{self, Authenticator, LoginOutcome, LoginRequest, RoleAdmin};
 use crate::barrier::Barrier;
 use crate::config::{Config, SecretsConfig, StorageConfig, TokenConfig};
 use crate::error::{AuthFailure, Error, Result};
@@ -20,13 +26,43 @@ use crate::keys::{self, KeyNames, SharedKeyring};
 use crate::policy::{Acl, Capability, PolicyStore, ROOT_POLICY};
 use crate::secrets::{SecretPath, SecretPrefix, SecretVersion, Secrets, VersionMeta};
 use crate::store::{SledStore, Store};
-use crate::token::{Claims, IssuedToken, TokenIssuer, TokenSpec};
+use crate::tls::ClientCert;
+use crate::token::{Claims, Confirmation, IssuedToken, TokenIssuer, TokenSpec};
+use crate::unix_now;
+
+/// The longest any token may live (root tokens included); revocation records by accessor
+/// are kept this long.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Who is on the other end of a request: the connection's address and, over mutual TLS,
+/// the verified client certificate.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub client_cert: Option<Arc<ClientCert>>,
+}
+
+impl Peer {
+    /// A peer for in-process calls (CLI, tests, benchmarks).
+    pub fn local() -> Self {
+        Peer {
+            remote: SocketAddr::from(([127, 0, 0, 1], 0)),
+            client_cert: None,
+        }
+    }
+
+    fn ip(&self) -> IpAddr {
+        self.remote.ip()
+    }
+}
 
 /// An authenticated caller: verified claims and the ACL of their policies.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub claims: Arc<Claims>,
     pub acl: Acl,
+    /// True for a direct certificate request (no token): nothing to renew or revoke.
+    pub direct: bool,
 }
 
 impl Caller {
@@ -38,6 +74,10 @@ impl Caller {
             tracing::debug!(accessor = %self.claims.acc, path, capability = cap.name(), "permission denied");
             Err(Error::PermissionDenied)
         }
+    }
+
+    fn is_root(&self) -> bool {
+        self.claims.pol.iter().any(|p| p == ROOT_POLICY)
     }
 }
 
@@ -69,6 +109,24 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     }
 }
 
+/// Settings of the vault that are not storage or keys.
+#[derive(Debug, Clone, Default)]
+pub struct VaultSettings {
+    pub tokens: TokenConfig,
+    pub secrets: SecretsConfig,
+    pub rate_limit: LimitConfig,
+}
+
+impl VaultSettings {
+    pub fn from_config(c: &Config) -> Self {
+        VaultSettings {
+            tokens: c.tokens.clone(),
+            secrets: c.secrets.clone(),
+            rate_limit: c.auth.rate_limit,
+        }
+    }
+}
+
 pub struct Vault {
     pub store: Arc<dyn Store>,
     pub keys: Arc<dyn KeyStore>,
@@ -80,7 +138,13 @@ pub struct Vault {
     pub secrets: Secrets,
     pub approle: Arc<AppRole>,
     pub userpass: Arc<UserPass>,
+    pub cert: Arc<CertAuth>,
+    pub kubernetes: Arc<KubernetesAuth>,
+    pub bootstrap: Arc<Bootstrap>,
+    pub revocations: Revocations,
+    limiter: FailureLimiter,
     authenticators: HashMap<&'static str, Arc<dyn Authenticator>>,
+    role_admins: HashMap<&'static str, Arc<dyn RoleAdmin>>,
     token_config: TokenConfig,
 }
 
@@ -92,9 +156,20 @@ impl std::fmt::Debug for Vault {
     }
 }
 
-#[derive(Deserialize)]
-struct RoleOnly {
-    role: String,
+/// The fields of a login body that name a role (everything else is ignored here: this
+/// parse only feeds the rate limiter and the short form's dispatch).
+#[derive(Deserialize, Default)]
+struct RoleHint {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    role_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn role_hint(body: &[u8]) -> RoleHint {
+    serde_json::from_slice(body).unwrap_or_default()
 }
 
 impl Vault {
@@ -103,14 +178,7 @@ impl Vault {
         let keys = open_keystore(config)?;
         let store = open_store(config).await?;
         let names = KeyNames::new(&config.hsm.key_prefix)?;
-        Self::from_parts(
-            store,
-            keys,
-            names,
-            config.tokens.clone(),
-            config.secrets.clone(),
-        )
-        .await
+        Self::from_parts(store, keys, names, VaultSettings::from_config(config)).await
     }
 
     /// Assemble a vault from an opened store and key store. Fails if not initialized.
@@ -118,8 +186,7 @@ impl Vault {
         store: Arc<dyn Store>,
         keys: Arc<dyn KeyStore>,
         names: KeyNames,
-        token_config: TokenConfig,
-        secrets_config: SecretsConfig,
+        settings: VaultSettings,
     ) -> Result<Arc<Vault>> {
         let ring = keys::load(store.as_ref()).await?.ok_or_else(|| {
             Error::Config(
@@ -129,14 +196,14 @@ impl Vault {
         })?;
         let keyring: SharedKeyring = Arc::new(ArcSwap::from_pointee(ring));
         let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone()).with_dek_cache(
-            secrets_config.dek_cache_ttl,
-            secrets_config.dek_cache_capacity,
+            settings.secrets.dek_cache_ttl,
+            settings.secrets.dek_cache_capacity,
         );
         let tokens = TokenIssuer::new(
             keys.clone(),
             names.clone(),
             keyring.clone(),
-            token_config.issuer.clone(),
+            settings.tokens.issuer.clone(),
         )
         .await?;
         let approle = Arc::new(AppRole::new(
@@ -146,12 +213,40 @@ impl Vault {
             keyring.clone(),
         ));
         let userpass = Arc::new(UserPass::new(store.clone()));
-        let mut authenticators: HashMap<&'static str, Arc<dyn Authenticator>> = HashMap::new();
-        authenticators.insert(approle.method(), approle.clone());
-        authenticators.insert(userpass.method(), userpass.clone());
+        let cert = Arc::new(CertAuth::new(store.clone()));
+        let kubernetes = Arc::new(KubernetesAuth::new(store.clone()));
+        let bootstrap = Arc::new(Bootstrap::new(
+            store.clone(),
+            keys.clone(),
+            names.clone(),
+            keyring.clone(),
+        ));
+        let authenticators: HashMap<&'static str, Arc<dyn Authenticator>> = [
+            (
+                auth::approle::METHOD,
+                approle.clone() as Arc<dyn Authenticator>,
+            ),
+            (auth::userpass::METHOD, userpass.clone()),
+            (auth::cert::METHOD, cert.clone()),
+            (auth::kubernetes::METHOD, kubernetes.clone()),
+            (auth::bootstrap::METHOD, bootstrap.clone()),
+        ]
+        .into();
+        let role_admins: HashMap<&'static str, Arc<dyn RoleAdmin>> = [
+            (auth::approle::METHOD, approle.clone() as Arc<dyn RoleAdmin>),
+            (auth::cert::METHOD, cert.clone()),
+            (auth::kubernetes::METHOD, kubernetes.clone()),
+        ]
+        .into();
         Ok(Arc::new(Vault {
             policies: PolicyStore::new(store.clone()),
-            secrets: Secrets::new(store.clone(), barrier.clone(), secrets_config.max_versions),
+            secrets: Secrets::new(
+                store.clone(),
+                barrier.clone(),
+                settings.secrets.max_versions,
+            ),
+            revocations: Revocations::new(store.clone()),
+            limiter: FailureLimiter::new(settings.rate_limit),
             store,
             keys,
             names,
@@ -160,8 +255,12 @@ impl Vault {
             tokens,
             approle,
             userpass,
+            cert,
+            kubernetes,
+            bootstrap,
             authenticators,
-            token_config,
+            role_admins,
+            token_config: settings.tokens,
         }))
     }
 
@@ -183,12 +282,108 @@ impl Vault {
 
     // ---- identity ----
 
-    /// Verify a token and resolve its policies (re-read, so changes apply at once).
-    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller> {
-        let token = token.ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
+    /// The identities a token or a certificate speaks for, for the kill switch.
+    fn identities(
+        role: Option<&str>,
+        cert_hex: Option<&str>,
+        spiffe: Option<&str>,
+    ) -> Vec<Identity> {
+        let mut ids = Vec::with_capacity(3);
+        if let Some(r) = role {
+            ids.push(Identity::Role(r.to_owned()));
+        }
+        if let Some(c) = cert_hex {
+            ids.push(Identity::Certificate(c.to_owned()));
+        }
+        if let Some(s) = spiffe {
+            ids.push(Identity::Spiffe(s.to_owned()));
+        }
+        ids
+    }
+
+    /// Fail with `RevokedIdentity` if any of `ids` was revoked at or after `issued_at`
+    /// (`None`: revoked at all, for logins).
+    async fn check_identities(&self, ids: &[Identity], issued_at: Option<u64>) -> Result<()> {
+        for id in ids {
+            if let Some(at) = self.revocations.identity_revoked_at(id).await?
+                && issued_at.is_none_or(|iat| iat <= at)
+            {
+                tracing::info!(identity = %id.describe(), "request from a revoked identity");
+                return Err(Error::Unauthenticated(AuthFailure::RevokedIdentity));
+            }
+        }
+        Ok(())
+    }
+
+    /// Authenticate a request: a token (checked against the connection's certificate when
+    /// it is bound to one, against revocations, and resolved to policies, re-read every
+    /// time), or with no token, a client certificate matching a cert role that allows
+    /// direct requests.
+    pub async fn authenticate(&self, token: Option<&str>, peer: &Peer) -> Result<Caller> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return self.authenticate_direct(peer).await;
+        };
         let claims = self.tokens.verify(token).map_err(Error::Unauthenticated)?;
+        let cert = peer.client_cert.as_deref();
+        if let Some(cnf) = &claims.cnf {
+            match cert {
+                None => return Err(binding_failure(AuthFailure::CertificateRequired, &claims)),
+                Some(c) if c.x5t_s256 != cnf.x5t_s256 => {
+                    return Err(binding_failure(AuthFailure::CertificateMismatch, &claims));
+                }
+                Some(_) => {}
+            }
+        }
+        if self.revocations.accessor_revoked(&claims.acc).await? {
+            return Err(Error::Unauthenticated(AuthFailure::Revoked));
+        }
+        let bound_cert = claims.cnf.as_ref().and(cert).map(|c| c.sha256_hex.as_str());
+        let ids = Self::identities(claims.role.as_deref(), bound_cert, claims.spiffe.as_deref());
+        self.check_identities(&ids, Some(claims.iat)).await?;
         let acl = self.policies.acl(&claims.pol).await?;
-        Ok(Caller { claims, acl })
+        Ok(Caller {
+            claims,
+            acl,
+            direct: false,
+        })
+    }
+
+    async fn authenticate_direct(&self, peer: &Peer) -> Result<Caller> {
+        let cert = peer
+            .client_cert
+            .as_deref()
+            .ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
+        let (name, role) = self
+            .cert
+            .direct_role(cert)
+            .await?
+            .ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
+        let ids = Self::identities(Some(&name), Some(&cert.sha256_hex), cert.spiffe_id());
+        self.check_identities(&ids, None).await?;
+        let now = unix_now();
+        let claims = Arc::new(Claims {
+            iss: self.token_config.issuer.clone(),
+            sub: format!("{}:{name}", auth::cert::METHOD),
+            iat: now,
+            nbf: now,
+            exp: now,
+            jti: String::new(),
+            acc: format!("direct:{}", &cert.sha256_hex[..16]),
+            pol: role.token.token_policies.clone(),
+            meth: auth::cert::METHOD.into(),
+            role: Some(name),
+            max_exp: None,
+            cnf: Some(Confirmation {
+                x5t_s256: cert.x5t_s256.clone(),
+            }),
+            spiffe: cert.spiffe_id().map(str::to_owned),
+        });
+        let acl = self.policies.acl(&claims.pol).await?;
+        Ok(Caller {
+            claims,
+            acl,
+            direct: true,
+        })
     }
 
     fn ttls(&self, outcome: &LoginOutcome) -> (u64, u64) {
@@ -203,9 +398,57 @@ impl Vault {
         (ttl.as_secs(), max.as_secs())
     }
 
-    async fn issue_for(&self, outcome: LoginOutcome) -> Result<IssuedToken> {
+    /// Log in with method `method` (`/v1/auth/<method>/login[/<name>]`). Over mutual TLS
+    /// the token is bound to the client certificate.
+    pub async fn login(
+        &self,
+        method: &str,
+        name: Option<&str>,
+        body: &[u8],
+        peer: &Peer,
+    ) -> Result<IssuedToken> {
+        let authn = self
+            .authenticators
+            .get(method)
+            .ok_or_else(|| Error::NotFound(format!("no auth method {method:?}")))?;
+        let hint = role_hint(body);
+        let limit_key = format!(
+            "{method}/{}",
+            name.or(hint.role.as_deref())
+                .or(hint.name.as_deref())
+                .or(hint.role_id.as_deref())
+                .unwrap_or("-")
+        );
+        self.limiter.check(&limit_key, peer.ip())?;
+        let cert = peer.client_cert.as_deref();
+        let outcome = match authn
+            .login(LoginRequest {
+                name,
+                body,
+                client_cert: cert,
+            })
+            .await
+        {
+            Ok(o) => o,
+            Err(e @ Error::Unauthenticated(_)) => {
+                self.limiter.record_failure(&limit_key, peer.ip());
+                tracing::info!(method, remote = %peer.remote, "login failed");
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let ids = Self::identities(
+            outcome.role.as_deref(),
+            cert.map(|c| c.sha256_hex.as_str()),
+            cert.and_then(|c| c.spiffe_id()),
+        );
+        self.check_identities(&ids, None).await?;
+        if outcome.bind_certificate && cert.is_none() {
+            return Err(Error::Unauthenticated(AuthFailure::CertificateRequired));
+        }
         let (ttl_secs, max_ttl_secs) = self.ttls(&outcome);
-        self.tokens
+        let token = self
+            .tokens
             .issue(TokenSpec {
                 sub: outcome.sub,
                 method: outcome.method.to_owned(),
@@ -213,35 +456,38 @@ impl Vault {
                 policies: outcome.policies,
                 ttl_secs,
                 max_ttl_secs,
-                cnf: None,
+                cnf: cert.map(|c| Confirmation {
+                    x5t_s256: c.x5t_s256.clone(),
+                }),
+                spiffe: cert.and_then(|c| c.spiffe_id()).map(str::to_owned),
             })
-            .await
-    }
-
-    /// Log in with method `method` (`/v1/auth/<method>/login[/<name>]`).
-    pub async fn login(&self, method: &str, req: LoginRequest<'_>) -> Result<IssuedToken> {
-        let authn = self
-            .authenticators
-            .get(method)
-            .ok_or_else(|| Error::NotFound(format!("no auth method {method:?}")))?;
-        let outcome = authn.login(req).await?;
-        let token = self.issue_for(outcome).await?;
-        tracing::info!(method, accessor = %token.claims.acc, sub = %token.claims.sub, "login");
+            .await?;
+        tracing::info!(method, accessor = %token.claims.acc, sub = %token.claims.sub, bound = token.claims.cnf.is_some(), "login");
         Ok(token)
     }
 
     /// The short form `POST /v1/auth` with `{"role": ..., credentials}`: the role's method.
-    pub async fn login_short(&self, body: &[u8]) -> Result<IssuedToken> {
-        let RoleOnly { role } = serde_json::from_slice(body).map_err(|e| auth::json_error(&e))?;
+    pub async fn login_short(&self, body: &[u8], peer: &Peer) -> Result<IssuedToken> {
+        let role = role_hint(body)
+            .role
+            .ok_or_else(|| Error::invalid("missing field `role`"))?;
         auth::validate_name("role", &role)?;
-        let method = auth::role_method(self.store.as_ref(), &role)
-            .await?
-            .ok_or(Error::Unauthenticated(AuthFailure::InvalidCredentials))?;
-        self.login(&method, LoginRequest { name: None, body }).await
+        let method = match auth::role_method(self.store.as_ref(), &role).await? {
+            Some(m) => m,
+            None => {
+                self.limiter.check(&format!("-/{role}"), peer.ip())?;
+                self.limiter.record_failure(&format!("-/{role}"), peer.ip());
+                return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
+            }
+        };
+        self.login(&method, None, body, peer).await
     }
 
     /// A root token (dev mode, `operator init`, `operator root-token`).
     pub async fn issue_root_token(&self, ttl: Duration) -> Result<IssuedToken> {
+        if ttl > MAX_TOKEN_LIFETIME {
+            return Err(Error::invalid("a root token lives at most 7 days"));
+        }
         self.tokens
             .issue(TokenSpec {
                 sub: "root".into(),
@@ -251,8 +497,125 @@ impl Vault {
                 ttl_secs: ttl.as_secs(),
                 max_ttl_secs: ttl.as_secs(),
                 cnf: None,
+                spiffe: None,
             })
             .await
+    }
+
+    // ---- token lifecycle ----
+
+    /// A new token for the caller's, with a later expiry (up to its `max_exp`); same
+    /// accessor, same binding. The old token stays valid until its own expiry.
+    pub async fn renew_self(
+        &self,
+        caller: &Caller,
+        increment: Option<Duration>,
+    ) -> Result<IssuedToken> {
+        if caller.direct {
+            return Err(Error::invalid(
+                "a direct certificate request has no token to renew",
+            ));
+        }
+        let c = caller.claims.as_ref();
+        let now = unix_now();
+        let max_exp = c.max_exp.unwrap_or(c.exp);
+        let ttl = increment
+            .map(|d| d.as_secs())
+            .unwrap_or(c.exp.saturating_sub(c.iat))
+            .max(1);
+        let exp = (now + ttl).min(max_exp);
+        if exp <= now {
+            return Err(Error::invalid(
+                "the token has reached its maximum TTL; log in again",
+            ));
+        }
+        let claims = Claims {
+            iat: now,
+            nbf: now,
+            exp,
+            ..c.clone()
+        };
+        let token = self.tokens.sign_claims(claims).await?;
+        tracing::info!(accessor = %token.claims.acc, exp, "token renewed");
+        Ok(token)
+    }
+
+    /// Revoke the caller's token (and its renewals: they share the accessor).
+    pub async fn revoke_self(&self, caller: &Caller) -> Result<()> {
+        if caller.direct {
+            return Err(Error::invalid(
+                "a direct certificate request has no token to revoke",
+            ));
+        }
+        let until = caller.claims.max_exp.unwrap_or(caller.claims.exp);
+        self.revocations
+            .revoke_accessor(&caller.claims.acc, until)
+            .await?;
+        tracing::info!(accessor = %caller.claims.acc, "token revoked by its holder");
+        Ok(())
+    }
+
+    /// Revoke the token(s) with `accessor` (admin).
+    pub async fn revoke_accessor(&self, caller: &Caller, accessor: &str) -> Result<()> {
+        caller.require("auth/token/revoke-accessor", Capability::Update)?;
+        if accessor.is_empty()
+            || accessor.len() > 64
+            || !accessor.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(Error::invalid("invalid accessor"));
+        }
+        let until = unix_now() + MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs();
+        self.revocations.revoke_accessor(accessor, until).await?;
+        tracing::info!(accessor, by = %caller.claims.acc, "token revoked by accessor");
+        Ok(())
+    }
+
+    // ---- the kill switch ----
+
+    /// Revoke an identity everywhere at once: its tokens (issued before now), its logins
+    /// and direct requests (until restored), and its certificate pins.
+    pub async fn revoke_identity(&self, caller: &Caller, identity: &Identity) -> Result<u64> {
+        caller.require("sys/revoke-identity", Capability::Sudo)?;
+        let at = self
+            .revocations
+            .revoke_identity(identity, &caller.claims.acc)
+            .await?;
+        if let Identity::Certificate(fp) = identity {
+            // After the atomic step above, tidy the pins: they no longer match anyway.
+            let roles = self.cert.remove_pin(fp).await?;
+            tracing::info!(roles, "certificate pin removed from cert roles");
+        }
+        tracing::warn!(identity = %identity.describe(), by = %caller.claims.acc, "identity revoked (kill switch)");
+        Ok(at)
+    }
+
+    pub async fn restore_identity(&self, caller: &Caller, identity: &Identity) -> Result<()> {
+        caller.require("sys/revoke-identity", Capability::Sudo)?;
+        if !self.revocations.restore_identity(identity).await? {
+            return Err(Error::NotFound(format!(
+                "{} is not revoked",
+                identity.describe()
+            )));
+        }
+        tracing::warn!(identity = %identity.describe(), by = %caller.claims.acc, "identity restored");
+        Ok(())
+    }
+
+    // ---- bootstrap tokens ----
+
+    /// Mint a one-time bootstrap token. Its policies must be the caller's own (or the
+    /// caller is root): nobody mints more than they have.
+    pub async fn mint_bootstrap(&self, caller: &Caller, req: MintRequest) -> Result<Minted> {
+        caller.require("auth/bootstrap/token", Capability::Update)?;
+        if !caller.is_root() && !req.policies.iter().all(|p| caller.claims.pol.contains(p)) {
+            return Err(Error::PermissionDenied);
+        }
+        if req.policies.iter().any(|p| p == ROOT_POLICY) {
+            return Err(Error::invalid(
+                "a bootstrap token cannot carry the root policy",
+            ));
+        }
+        self.bootstrap.mint(req).await
     }
 
     // ---- secrets ----
@@ -338,31 +701,47 @@ impl Vault {
         self.policies.list().await
     }
 
-    // ---- AppRole administration ----
+    // ---- roles of every method (approle, cert, kubernetes) ----
 
-    pub async fn write_approle(
+    fn role_admin(&self, method: &str) -> Result<&Arc<dyn RoleAdmin>> {
+        self.role_admins
+            .get(method)
+            .ok_or_else(|| Error::NotFound(format!("no auth method with roles named {method:?}")))
+    }
+
+    pub async fn write_role(
         &self,
         caller: &Caller,
+        method: &str,
         name: &str,
-        config: RoleConfig,
+        body: &[u8],
     ) -> Result<()> {
-        caller.require(&format!("auth/approle/role/{name}"), Capability::Update)?;
-        self.approle.write_role(name, config).await
+        let admin = self.role_admin(method)?;
+        caller.require(&format!("auth/{method}/role/{name}"), Capability::Update)?;
+        admin.write_role(name, body).await
     }
 
-    pub async fn read_approle(&self, caller: &Caller, name: &str) -> Result<RoleView> {
-        caller.require(&format!("auth/approle/role/{name}"), Capability::Read)?;
-        self.approle.read_role(name).await
+    pub async fn read_role(
+        &self,
+        caller: &Caller,
+        method: &str,
+        name: &str,
+    ) -> Result<serde_json::Value> {
+        let admin = self.role_admin(method)?;
+        caller.require(&format!("auth/{method}/role/{name}"), Capability::Read)?;
+        admin.read_role(name).await
     }
 
-    pub async fn delete_approle(&self, caller: &Caller, name: &str) -> Result<()> {
-        caller.require(&format!("auth/approle/role/{name}"), Capability::Delete)?;
-        self.approle.delete_role(name).await
+    pub async fn delete_role(&self, caller: &Caller, method: &str, name: &str) -> Result<()> {
+        let admin = self.role_admin(method)?;
+        caller.require(&format!("auth/{method}/role/{name}"), Capability::Delete)?;
+        admin.delete_role(name).await
     }
 
-    pub async fn list_approles(&self, caller: &Caller) -> Result<Vec<String>> {
-        caller.require("auth/approle/role/", Capability::List)?;
-        self.approle.list_roles().await
+    pub async fn list_roles(&self, caller: &Caller, method: &str) -> Result<Vec<String>> {
+        let admin = self.role_admin(method)?;
+        caller.require(&format!("auth/{method}/role/"), Capability::List)?;
+        admin.list_roles().await
     }
 
     pub async fn approle_role_id(&self, caller: &Caller, name: &str) -> Result<String> {
@@ -379,6 +758,16 @@ impl Vault {
             Capability::Update,
         )?;
         self.approle.new_secret_id(name).await
+    }
+
+    pub async fn write_kubernetes_config(&self, caller: &Caller, config: KubeConfig) -> Result<()> {
+        caller.require("auth/kubernetes/config", Capability::Update)?;
+        self.kubernetes.write_config(config).await
+    }
+
+    pub async fn read_kubernetes_config(&self, caller: &Caller) -> Result<KubeConfig> {
+        caller.require("auth/kubernetes/config", Capability::Read)?;
+        self.kubernetes.read_config().await
     }
 
     // ---- userpass administration ----
@@ -425,6 +814,12 @@ impl Vault {
             master_version: self.barrier.active_version().get(),
         }
     }
+}
+
+/// Log why a bound token was refused; the caller gets 401.
+fn binding_failure(reason: AuthFailure, claims: &Claims) -> Error {
+    tracing::info!(accessor = %claims.acc, reason = reason.code(), "certificate-bound token refused");
+    Error::Unauthenticated(reason)
 }
 
 /// What `/v1/sys/health` reports.

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keyvault::barrier::{BarrierError, Record};
-use keyvault::config::{SecretsConfig, TokenConfig};
 use keyvault::keys::{self, KeyNames};
 use keyvault::secrets::{SecretPath, Secrets, data_prefix, parse_data_key, record_context};
 use keyvault::store::{SledStore, Store, scan_all};
+use keyvault::vault::VaultSettings;
 use keyvault::{Error, vault::Vault};
 use keyvault_hsm::KeyStore;
 use keyvault_hsm::softhsm::testing;
@@ -36,8 +36,7 @@ async fn fixture() -> Fixture {
         store.clone(),
         keys.clone(),
         names.clone(),
-        TokenConfig::default(),
-        SecretsConfig::default(),
+        VaultSettings::default(),
     )
     .await
     .unwrap();
@@ -208,8 +207,7 @@ async fn records_under_v1_read_after_v2_is_active() {
         f.store.clone(),
         f.keys.clone(),
         f.names.clone(),
-        TokenConfig::default(),
-        SecretsConfig::default(),
+        VaultSettings::default(),
     )
     .await
     .unwrap();

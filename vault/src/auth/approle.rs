@@ -15,35 +15,20 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::{
-    Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name,
-    vault_duration,
+    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body,
+    parse_role_body, role_view, validate_name, vault_duration,
 };
 use crate::error::{AuthFailure, Error, Result};
-use crate::hsm_call;
-use crate::keys::{KeyNames, SharedKeyring};
-use crate::store::{Store, decode_json, encode_json, get_json, scan_all};
+use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
+use crate::store::{Store, decode_json, encode_json, scan_all};
 use crate::unix_now;
 
 pub const METHOD: &str = "approle";
 
-/// A role's configuration, as written by `POST /v1/auth/approle/role/<name>`.
+/// AppRole's own role settings, as written (the token settings are common to every method).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
-    #[serde(default, with = "policy_list")]
-    pub token_policies: Vec<String>,
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub token_ttl: Option<Duration>,
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub token_max_ttl: Option<Duration>,
     #[serde(
         default,
         with = "vault_duration",
@@ -52,12 +37,13 @@ pub struct RoleConfig {
     pub secret_id_ttl: Option<Duration>,
 }
 
-/// What is stored for a role.
+/// What is stored besides the token settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StoredRole {
+struct AppRoleData {
     role_id: String,
-    config: RoleConfig,
+    #[serde(default, with = "vault_duration")]
+    secret_id_ttl: Option<Duration>,
 }
 
 /// What is stored for a secret id (under a key derived from its HMAC).
@@ -85,15 +71,6 @@ impl std::fmt::Debug for NewSecretId {
     }
 }
 
-/// Role as `GET .../role/<name>` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RoleView {
-    pub token_policies: Vec<String>,
-    pub token_ttl: u64,
-    pub token_max_ttl: u64,
-    pub secret_id_ttl: u64,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
@@ -104,9 +81,6 @@ struct LoginBody {
     secret_id: SecretString,
 }
 
-fn role_key(name: &str) -> String {
-    format!("auth/approle/role/{name}")
-}
 fn role_id_key(role_id: &str) -> String {
     format!("auth/approle/role-id/{role_id}")
 }
@@ -114,16 +88,21 @@ fn secret_id_prefix(name: &str) -> String {
     format!("auth/approle/secret-id/{name}/")
 }
 
+pub(crate) fn random_hex<const N: usize>() -> Result<String> {
+    Ok(hex::encode(crate::barrier::random::<N>()?))
+}
+
 #[derive(Debug)]
 pub struct AppRole {
     store: Arc<dyn Store>,
+    roles: RoleStore<AppRoleData>,
     keys: Arc<dyn KeyStore>,
     names: KeyNames,
     keyring: SharedKeyring,
 }
 
-fn random_hex<const N: usize>() -> Result<String> {
-    Ok(hex::encode(crate::barrier::random::<N>()?))
+fn invalid() -> Error {
+    Error::Unauthenticated(AuthFailure::InvalidCredentials)
 }
 
 impl AppRole {
@@ -134,6 +113,7 @@ impl AppRole {
         keyring: SharedKeyring,
     ) -> Self {
         AppRole {
+            roles: RoleStore::new(store.clone(), METHOD),
             store,
             keys,
             names,
@@ -141,108 +121,57 @@ impl AppRole {
         }
     }
 
-    async fn load(&self, name: &str) -> Result<Option<StoredRole>> {
-        Ok(get_json(self.store.as_ref(), &role_key(name)).await?)
-    }
-
-    /// Create or update a role. A new role gets a random role id.
-    pub async fn write_role(&self, name: &str, config: RoleConfig) -> Result<()> {
-        validate_name("role", name)?;
-        if let (Some(ttl), Some(max)) = (config.token_ttl, config.token_max_ttl)
-            && ttl > max
-        {
-            return Err(Error::invalid("token_ttl must not exceed token_max_ttl"));
-        }
-        super::claim_role_name(self.store.as_ref(), name, METHOD).await?;
-        let existing = self.load(name).await?;
+    /// Create or update a role. A new role gets a random role id; an update keeps it.
+    pub async fn write(
+        &self,
+        name: &str,
+        config: RoleConfig,
+        token: super::TokenSettings,
+    ) -> Result<()> {
+        let existing = self.roles.load(name).await?;
         let role_id = match &existing {
-            Some(r) => r.role_id.clone(),
+            Some(r) => r.config.role_id.clone(),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        let raw = encode_json(&StoredRole {
-            role_id: role_id.clone(),
-            config,
-        });
+        self.roles
+            .save(
+                name,
+                &StoredRole {
+                    config: AppRoleData {
+                        role_id: role_id.clone(),
+                        secret_id_ttl: config.secret_id_ttl,
+                    },
+                    token,
+                },
+            )
+            .await?;
         if existing.is_none() {
             self.store
                 .put(&role_id_key(&role_id), name.as_bytes())
                 .await?;
         }
-        self.store.put(&role_key(name), &raw).await?;
         Ok(())
     }
 
-    pub async fn read_role(&self, name: &str) -> Result<RoleView> {
-        validate_name("role", name)?;
-        let r = self
-            .load(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no role {name}")))?;
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs()).unwrap_or(0);
-        Ok(RoleView {
-            token_policies: r.config.token_policies,
-            token_ttl: secs(r.config.token_ttl),
-            token_max_ttl: secs(r.config.token_max_ttl),
-            secret_id_ttl: secs(r.config.secret_id_ttl),
-        })
-    }
-
-    pub async fn delete_role(&self, name: &str) -> Result<()> {
-        validate_name("role", name)?;
-        let r = self
-            .load(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no role {name}")))?;
-        for (k, _) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
-            self.store.delete(&k).await?;
-        }
-        self.store.delete(&role_key(name)).await?;
-        self.store.delete(&role_id_key(&r.role_id)).await?;
-        super::release_role_name(self.store.as_ref(), name).await
-    }
-
-    pub async fn list_roles(&self) -> Result<Vec<String>> {
-        let prefix = "auth/approle/role/";
-        let names: Vec<String> = scan_all(self.store.as_ref(), prefix)
-            .await?
-            .into_iter()
-            .map(|(k, _)| k[prefix.len()..].to_owned())
-            .collect();
-        if names.is_empty() {
-            return Err(Error::NotFound("no roles".into()));
-        }
-        Ok(names)
-    }
-
     pub async fn role_id(&self, name: &str) -> Result<String> {
-        validate_name("role", name)?;
-        Ok(self
-            .load(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no role {name}")))?
-            .role_id)
+        Ok(self.roles.require(name).await?.config.role_id)
     }
 
     /// Keyed hash of a secret id, bound to its role, computed inside the token.
     async fn secret_id_hmac(&self, role: &str, secret_id: &SecretString) -> Result<[u8; 32]> {
-        let mut msg = zeroize::Zeroizing::new(Vec::with_capacity(role.len() + 96));
-        msg.extend_from_slice(b"keyvault.approle.secret-id.v1\0");
-        msg.extend_from_slice(role.as_bytes());
-        msg.push(0);
-        msg.extend_from_slice(secret_id.expose_secret().as_bytes());
-        let label = self
-            .names
-            .approle_hmac(self.keyring.load().approle_hmac.active);
-        hsm_call(&self.keys, move |k| k.hmac_sha256(&label, &msg)).await
+        keyed_hash(
+            &self.keys,
+            &self.names,
+            &self.keyring,
+            "keyvault.approle.secret-id.v1",
+            &[role.as_bytes(), secret_id.expose_secret().as_bytes()],
+        )
+        .await
     }
 
     /// Generate a secret id for a role: 256 random bits, returned once.
     pub async fn new_secret_id(&self, name: &str) -> Result<NewSecretId> {
-        validate_name("role", name)?;
-        let role = self
-            .load(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no role {name}")))?;
+        let role = self.roles.require(name).await?;
         let secret_id = SecretString::from(random_hex::<32>()?);
         let accessor = random_hex::<16>()?;
         let mac = hex::encode(self.secret_id_hmac(name, &secret_id).await?);
@@ -253,9 +182,12 @@ impl AppRole {
             created: unix_now(),
             expires: ttl.map(|t| unix_now() + t.as_secs()),
         };
-        let raw = encode_json(&entry);
         let key = format!("{}{mac}", secret_id_prefix(name));
-        if !self.store.insert_if_absent(&key, &raw, ttl).await? {
+        if !self
+            .store
+            .insert_if_absent(&key, &encode_json(&entry), ttl)
+            .await?
+        {
             return Err(Error::Internal("secret id collision".into()));
         }
         Ok(NewSecretId {
@@ -266,8 +198,40 @@ impl AppRole {
     }
 }
 
-fn invalid() -> Error {
-    Error::Unauthenticated(AuthFailure::InvalidCredentials)
+#[async_trait]
+impl RoleAdmin for AppRole {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
+        let (config, token) = parse_role_body::<RoleConfig>(body)?;
+        self.write(name, config, token).await
+    }
+
+    async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
+        let mut view = role_view(&self.roles.require(name).await?);
+        // The role id is read through its own endpoint, as in Vault.
+        if let Some(v) = view.as_object_mut() {
+            v.remove("role_id");
+        }
+        Ok(view)
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<()> {
+        let role = self.roles.delete(name).await?;
+        for (k, _) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
+            self.store.delete(&k).await?;
+        }
+        self.store
+            .delete(&role_id_key(&role.config.role_id))
+            .await?;
+        Ok(())
+    }
+
+    async fn list_roles(&self) -> Result<Vec<String>> {
+        self.roles.names().await
+    }
 }
 
 #[async_trait]
@@ -281,7 +245,7 @@ impl Authenticator for AppRole {
         let (name, role) = match (body.role, body.role_id) {
             (Some(name), None) => {
                 validate_name("role", &name)?;
-                let role = self.load(&name).await?.ok_or_else(invalid)?;
+                let role = self.roles.load(&name).await?.ok_or_else(invalid)?;
                 (name, role)
             }
             (None, Some(role_id)) => {
@@ -294,8 +258,8 @@ impl Authenticator for AppRole {
                     .await?
                     .ok_or_else(invalid)?;
                 let name = String::from_utf8(name).map_err(|_| invalid())?;
-                let role = self.load(&name).await?.ok_or_else(invalid)?;
-                if !bool::from(role.role_id.as_bytes().ct_eq(role_id.as_bytes())) {
+                let role = self.roles.load(&name).await?.ok_or_else(invalid)?;
+                if !bool::from(role.config.role_id.as_bytes().ct_eq(role_id.as_bytes())) {
                     return Err(invalid());
                 }
                 (name, role)
@@ -321,14 +285,6 @@ impl Authenticator for AppRole {
         if stored.expires.is_some_and(|e| e <= unix_now()) {
             return Err(invalid());
         }
-        Ok(LoginOutcome {
-            sub: format!("approle:{name}"),
-            method: METHOD,
-            role: Some(name.clone()),
-            policies: role.config.token_policies,
-            ttl: role.config.token_ttl,
-            max_ttl: role.config.token_max_ttl,
-            metadata: [("role_name".to_owned(), name)].into(),
-        })
+        Ok(LoginOutcome::for_role(METHOD, &name, &role.token))
     }
 }

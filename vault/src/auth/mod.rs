@@ -11,15 +11,22 @@ use async_trait::async_trait;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Store, decode_json, encode_json, get_json, scan_all};
+use crate::tls::ClientCert;
+use std::sync::Arc;
 
 pub mod approle;
+pub mod bootstrap;
+pub mod cert;
+pub mod kubernetes;
+pub mod limiter;
+pub mod revocation;
 pub mod userpass;
 
 /// What a successful login establishes.
 #[derive(Debug, Clone)]
 pub struct LoginOutcome {
-    /// Token subject: `approle:<role>`, `userpass:<user>`.
+    /// Token subject: `approle:<role>`, `userpass:<user>`, `cert:<role>`, ...
     pub sub: String,
     pub method: &'static str,
     pub role: Option<String>,
@@ -28,16 +35,82 @@ pub struct LoginOutcome {
     pub ttl: Option<Duration>,
     /// Ceiling for this role's tokens (the server's maximum applies as well).
     pub max_ttl: Option<Duration>,
+    /// The role requires the token to be bound to the client certificate of the login.
+    pub bind_certificate: bool,
     pub metadata: BTreeMap<String, String>,
+}
+
+impl LoginOutcome {
+    /// The outcome of a login to role `name` of `method`.
+    pub fn for_role(method: &'static str, name: &str, t: &TokenSettings) -> Self {
+        LoginOutcome {
+            sub: format!("{method}:{name}"),
+            method,
+            role: Some(name.to_owned()),
+            policies: t.token_policies.clone(),
+            ttl: t.token_ttl,
+            max_ttl: t.token_max_ttl,
+            bind_certificate: t.bind_certificate,
+            metadata: [("role_name".to_owned(), name.to_owned())].into(),
+        }
+    }
+}
+
+/// The token settings every role carries (Vault's names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    #[serde(default, with = "policy_list")]
+    pub token_policies: Vec<String>,
+    #[serde(
+        default,
+        with = "vault_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token_ttl: Option<Duration>,
+    #[serde(
+        default,
+        with = "vault_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token_max_ttl: Option<Duration>,
+    /// Tokens of this role must be bound to a client certificate (RFC 8705): a login
+    /// without one is refused.
+    #[serde(default)]
+    pub bind_certificate: bool,
+}
+
+impl TokenSettings {
+    pub fn validate(&self) -> Result<()> {
+        if let (Some(ttl), Some(max)) = (self.token_ttl, self.token_max_ttl)
+            && ttl > max
+        {
+            return Err(Error::invalid("token_ttl must not exceed token_max_ttl"));
+        }
+        Ok(())
+    }
+
+    /// How `GET` of a role shows them.
+    pub fn view(&self) -> serde_json::Value {
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs()).unwrap_or(0);
+        serde_json::json!({
+            "token_policies": self.token_policies,
+            "token_ttl": secs(self.token_ttl),
+            "token_max_ttl": secs(self.token_max_ttl),
+            "bind_certificate": self.bind_certificate,
+        })
+    }
 }
 
 /// A login request as the HTTP layer hands it over. `body` holds credentials: it is
 /// zeroized by the caller after the call.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct LoginRequest<'a> {
     /// A name from the URL (the user of `/v1/auth/userpass/login/<user>`).
     pub name: Option<&'a str>,
     pub body: &'a [u8],
+    /// The verified client certificate of the connection, if any.
+    pub client_cert: Option<&'a ClientCert>,
 }
 
 #[async_trait]
@@ -52,6 +125,113 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug {
 }
 
 pub use crate::validate_name;
+
+/// A role as stored: the method's own settings and the common token settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredRole<T> {
+    pub config: T,
+    pub token: TokenSettings,
+}
+
+/// The roles of one method, under `auth/<method>/role/<name>`.
+#[derive(Debug)]
+pub struct RoleStore<T> {
+    store: Arc<dyn Store>,
+    method: &'static str,
+    _config: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
+    pub fn new(store: Arc<dyn Store>, method: &'static str) -> Self {
+        RoleStore {
+            store,
+            method,
+            _config: std::marker::PhantomData,
+        }
+    }
+
+    fn prefix(&self) -> String {
+        format!("auth/{}/role/", self.method)
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix())
+    }
+
+    pub async fn load(&self, name: &str) -> Result<Option<StoredRole<T>>> {
+        validate_name("role", name)?;
+        Ok(get_json(self.store.as_ref(), &self.key(name)).await?)
+    }
+
+    pub async fn require(&self, name: &str) -> Result<StoredRole<T>> {
+        self.load(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))
+    }
+
+    /// Create or replace a role (claiming its name in the shared role namespace).
+    pub async fn save(&self, name: &str, role: &StoredRole<T>) -> Result<()> {
+        validate_name("role", name)?;
+        role.token.validate()?;
+        claim_role_name(self.store.as_ref(), name, self.method).await?;
+        self.store.put(&self.key(name), &encode_json(role)).await?;
+        Ok(())
+    }
+
+    /// Delete a role and release its name; returns what was stored.
+    pub async fn delete(&self, name: &str) -> Result<StoredRole<T>> {
+        let role = self.require(name).await?;
+        self.store.delete(&self.key(name)).await?;
+        release_role_name(self.store.as_ref(), name).await?;
+        Ok(role)
+    }
+
+    pub async fn all(&self) -> Result<Vec<(String, StoredRole<T>)>> {
+        let prefix = self.prefix();
+        let mut out = Vec::new();
+        for (k, raw) in scan_all(self.store.as_ref(), &prefix).await? {
+            let role = decode_json(&k, &raw)?;
+            out.push((k[prefix.len()..].to_owned(), role));
+        }
+        Ok(out)
+    }
+
+    pub async fn names(&self) -> Result<Vec<String>> {
+        let prefix = self.prefix();
+        let names: Vec<String> = scan_all(self.store.as_ref(), &prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k[prefix.len()..].to_owned())
+            .collect();
+        if names.is_empty() {
+            return Err(Error::NotFound(format!("no {} roles", self.method)));
+        }
+        Ok(names)
+    }
+}
+
+/// Role administration, the same for every method with roles (`/v1/auth/<method>/role/<name>`).
+#[async_trait]
+pub trait RoleAdmin: Send + Sync + std::fmt::Debug {
+    fn method(&self) -> &'static str;
+    /// Create or update from a request body (method fields and token fields).
+    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()>;
+    async fn read_role(&self, name: &str) -> Result<serde_json::Value>;
+    async fn delete_role(&self, name: &str) -> Result<()>;
+    async fn list_roles(&self) -> Result<Vec<String>>;
+}
+
+/// Merge a method's own role view with its token settings' view.
+pub fn role_view<T: Serialize>(role: &StoredRole<T>) -> serde_json::Value {
+    let mut view = role.token.view();
+    if let (Some(v), Ok(serde_json::Value::Object(own))) =
+        (view.as_object_mut(), serde_json::to_value(&role.config))
+    {
+        v.extend(own);
+    }
+    view
+}
 
 fn role_index_key(name: &str) -> String {
     format!("auth/roles/{name}")
@@ -183,6 +363,36 @@ pub mod policy_list {
     ) -> std::result::Result<S::Ok, S::Error> {
         l.serialize(s)
     }
+}
+
+/// Parse a role's body: the method's own fields into `T`, the common token fields into
+/// [`TokenSettings`]; unknown fields in either are refused. (serde cannot combine
+/// `flatten` with `deny_unknown_fields`, hence the split by hand.)
+pub fn parse_role_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, TokenSettings)> {
+    const TOKEN_FIELDS: [&str; 4] = [
+        "token_policies",
+        "token_ttl",
+        "token_max_ttl",
+        "bind_certificate",
+    ];
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    let mut own: serde_json::Map<String, serde_json::Value> = parse_body(body)?;
+    let mut token = serde_json::Map::new();
+    for f in TOKEN_FIELDS {
+        if let Some(v) = own.remove(f) {
+            token.insert(f.to_owned(), v);
+        }
+    }
+    let token: TokenSettings =
+        serde_json::from_value(serde_json::Value::Object(token)).map_err(|e| json_error(&e))?;
+    let own: T =
+        serde_json::from_value(serde_json::Value::Object(own)).map_err(|e| json_error(&e))?;
+    token.validate()?;
+    Ok((own, token))
 }
 
 /// Parse a JSON request body into `T`, with messages that never quote the input.

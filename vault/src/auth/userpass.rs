@@ -230,6 +230,7 @@ impl Authenticator for UserPass {
                 policies: u.token_policies,
                 ttl: u.token_ttl,
                 max_ttl: u.token_max_ttl,
+                bind_certificate: false,
                 metadata: [("username".to_owned(), name.to_owned())].into(),
             }),
             _ => Err(Error::Unauthenticated(AuthFailure::InvalidCredentials)),

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 use super::AppState;
 use super::error::ApiError;
 use crate::error::{AuthFailure, Error};
-use crate::vault::Caller;
+use crate::vault::{Caller, Peer};
 
 /// The client token of a request: `X-Vault-Token: <t>` or `Authorization: Bearer <t>`.
 pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> {
@@ -35,6 +35,24 @@ pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> 
     Ok(None)
 }
 
+/// The connection of a request (inserted by the listener; a local peer otherwise).
+pub fn peer_of(parts: &Parts) -> Peer {
+    parts
+        .extensions
+        .get::<Peer>()
+        .cloned()
+        .unwrap_or_else(Peer::local)
+}
+
+/// The connection a request came on.
+impl FromRequestParts<AppState> for Peer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(peer_of(parts))
+    }
+}
+
 /// An authenticated caller (401 otherwise).
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
@@ -44,7 +62,8 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = Zeroizing::new(token_from_headers(&parts.headers)?);
-        Ok(state.vault.authenticate(token.as_deref()).await?)
+        let peer = peer_of(parts);
+        Ok(state.vault.authenticate(token.as_deref(), &peer).await?)
     }
 }
 

@@ -1,7 +1,6 @@
 //! The HTTP API (DESIGN §6), Vault-shaped, over TLS. Handlers are thin: parse, call the
 //! vault (which authorizes), shape the reply.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,10 +30,7 @@ pub struct AppState {
 }
 
 /// What the server knows about the connection a request came on.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub remote: SocketAddr,
-}
+pub use crate::vault::Peer as ConnInfo;
 
 /// The request id, also returned as `X-Request-Id`.
 #[derive(Debug, Clone)]
@@ -62,11 +58,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sys/policies/acl", any(sys::policies_root))
         .route("/v1/sys/policies/acl/", any(sys::policies_root))
         .route("/v1/sys/policies/acl/{name}", any(sys::policy))
+        .route("/v1/sys/revoke-identity", post(sys::revoke_identity))
+        .route("/v1/sys/restore-identity", post(sys::restore_identity))
         .route("/v1/auth", post(auth::login_short))
         .route("/v1/auth/approle/login", post(auth::approle_login))
-        .route("/v1/auth/approle/role", any(auth::approle_roles))
-        .route("/v1/auth/approle/role/", any(auth::approle_roles))
-        .route("/v1/auth/approle/role/{name}", any(auth::approle_role))
         .route(
             "/v1/auth/approle/role/{name}/role-id",
             get(auth::approle_role_id),
@@ -75,10 +70,30 @@ pub fn router(state: AppState) -> Router {
             "/v1/auth/approle/role/{name}/secret-id",
             post(auth::approle_secret_id).put(auth::approle_secret_id),
         )
+        .route("/v1/auth/cert/login", post(auth::cert_login))
+        .route("/v1/auth/cert/certs", any(auth::cert_roles))
+        .route("/v1/auth/cert/certs/{name}", any(auth::cert_role))
+        .route("/v1/auth/kubernetes/login", post(auth::kubernetes_login))
+        .route(
+            "/v1/auth/kubernetes/config",
+            get(auth::kubernetes_config_read).post(auth::kubernetes_config_write),
+        )
+        .route("/v1/auth/bootstrap/token", post(auth::bootstrap_mint))
+        .route("/v1/auth/bootstrap/login", post(auth::bootstrap_login))
+        .route("/v1/auth/{method}/role", any(auth::roles))
+        .route("/v1/auth/{method}/role/", any(auth::roles))
+        .route("/v1/auth/{method}/role/{name}", any(auth::role))
         .route("/v1/auth/userpass/login/{user}", post(auth::userpass_login))
         .route("/v1/auth/userpass/users", any(auth::userpass_users))
         .route("/v1/auth/userpass/users/", any(auth::userpass_users))
         .route("/v1/auth/userpass/users/{name}", any(auth::userpass_user))
+        .route("/v1/auth/token/lookup-self", get(auth::lookup_self))
+        .route("/v1/auth/token/renew-self", post(auth::renew_self))
+        .route("/v1/auth/token/revoke-self", post(auth::revoke_self))
+        .route(
+            "/v1/auth/token/revoke-accessor",
+            post(auth::revoke_accessor),
+        )
         .route("/v1/secret", any(secrets::root))
         .route("/v1/secret/", any(secrets::root))
         .route("/v1/secret/{*path}", any(secrets::secret))

@@ -16,8 +16,9 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use super::ConnInfo;
 use crate::error::{Error, Result};
+use crate::tls::ClientCert;
+use crate::vault::Peer;
 
 /// A TLS handshake that takes longer than this is dropped (slowloris).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,7 +77,16 @@ pub async fn serve(
                     return;
                 }
             };
-            let info = ConnInfo { remote };
+            let client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|der| Arc::new(ClientCert::from_der(der)));
+            let info = Peer {
+                remote,
+                client_cert,
+            };
             let svc = app.map_request(
                 move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(info.clone());

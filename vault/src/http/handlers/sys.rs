@@ -6,6 +6,7 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::{envelope, is_list};
+use crate::auth::revocation::Identity;
 use crate::error::Error;
 use crate::http::extract::JsonBody;
 use crate::http::{ApiResult, AppState, json, no_content};
@@ -92,4 +93,67 @@ pub async fn policy(
         }
         _ => Err(Error::MethodNotAllowed.into()),
     }
+}
+
+/// The body of `POST /v1/sys/revoke-identity` and `/restore-identity`: exactly one of
+/// the three.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityBody {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    certificate_sha256: Option<String>,
+    #[serde(default)]
+    spiffe_id: Option<String>,
+}
+
+impl IdentityBody {
+    fn identity(self) -> Result<Identity, Error> {
+        match (self.role, self.certificate_sha256, self.spiffe_id) {
+            (Some(r), None, None) => {
+                crate::validate_name("role", &r)?;
+                Ok(Identity::Role(r))
+            }
+            (None, Some(f), None) => Ok(Identity::Certificate(
+                crate::auth::cert::normalize_fingerprint(&f)?,
+            )),
+            (None, None, Some(s))
+                if s.starts_with("spiffe://")
+                    && s.len() <= 2048
+                    && !s.chars().any(char::is_control) =>
+            {
+                Ok(Identity::Spiffe(s))
+            }
+            (None, None, Some(_)) => Err(Error::invalid("spiffe_id must be a spiffe:// URI")),
+            _ => Err(Error::invalid(
+                "give exactly one of role, certificate_sha256, spiffe_id",
+            )),
+        }
+    }
+}
+
+/// `POST /v1/sys/revoke-identity` (sudo): the kill switch.
+pub async fn revoke_identity(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<IdentityBody>,
+) -> ApiResult<Response> {
+    let identity = body.identity()?;
+    let at = state.vault.revoke_identity(&caller, &identity).await?;
+    Ok(json(
+        StatusCode::OK,
+        envelope(serde_json::json!({ "identity": identity.describe(), "revoked_at": at })),
+    ))
+}
+
+/// `POST /v1/sys/restore-identity` (sudo): lift a revocation.
+pub async fn restore_identity(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<IdentityBody>,
+) -> ApiResult<Response> {
+    let identity = body.identity()?;
+    state.vault.restore_identity(&caller, &identity).await?;
+    Ok(no_content())
 }

@@ -1,0 +1,339 @@
+//! Kubernetes service-account auth: a pod presents its projected service-account token;
+//! KeyVault verifies it in process against the cluster's public keys (a JWKS or PEM file,
+//! reloaded when it changes), with issuer, audience and expiry, and maps the service
+//! account to a role bound to namespaces and service-account names.
+//!
+//! No call to the Kubernetes API (TokenReview) is made: the cluster's signing keys are
+//! enough to verify, and KeyVault keeps working when the API server is unreachable. The
+//! trade: a service account deleted in the cluster keeps working until its token expires
+//! (projected tokens live one hour by default).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body,
+    parse_role_body, role_view, validate_name,
+};
+use crate::error::{AuthFailure, Error, Result};
+use crate::store::{Store, encode_json, get_json};
+
+pub const METHOD: &str = "kubernetes";
+const CONFIG_KEY: &str = "auth/kubernetes/config";
+const MAX_JWT_LEN: usize = 16 * 1024;
+
+/// The auth mount's configuration (`POST /v1/auth/kubernetes/config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeConfig {
+    /// The `iss` of the cluster's service-account tokens.
+    pub issuer: String,
+    /// A JWKS (`{"keys": [...]}`, as served at the cluster's `/openid/v1/jwks`) or one or
+    /// more PEM public keys (`sa.pub`). Reloaded when the file changes.
+    pub public_keys_file: PathBuf,
+    /// Accepted audiences; a role may narrow them to one.
+    pub audiences: Vec<String>,
+}
+
+/// A role: which service accounts in which namespaces it accepts (`*` for any).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeRoleConfig {
+    pub bound_service_account_names: Vec<String>,
+    pub bound_service_account_namespaces: Vec<String>,
+    /// The audience this role's tokens must carry (one of the mount's audiences).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    role: String,
+    jwt: SecretString,
+}
+
+#[derive(Deserialize)]
+struct SaClaims {
+    sub: String,
+    #[serde(rename = "kubernetes.io", default)]
+    kubernetes: Option<KubeInfo>,
+}
+
+#[derive(Deserialize)]
+struct KubeInfo {
+    namespace: String,
+    serviceaccount: NameOnly,
+}
+
+#[derive(Deserialize)]
+struct NameOnly {
+    name: String,
+}
+
+/// A verification key from the file.
+struct PublicKey {
+    kid: Option<String>,
+    family: AlgorithmFamily,
+    key: DecodingKey,
+}
+
+type FileStamp = (std::time::SystemTime, u64);
+
+#[derive(Default)]
+struct KeyCache {
+    path: PathBuf,
+    stamp: Option<FileStamp>,
+    keys: Arc<Vec<PublicKey>>,
+}
+
+#[derive(Debug)]
+pub struct KubernetesAuth {
+    store: Arc<dyn Store>,
+    roles: RoleStore<KubeRoleConfig>,
+    cache: RwLock<KeyCache>,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("path", &self.path)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+fn file_stamp(p: &Path) -> Option<FileStamp> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+}
+
+/// Parse a JWKS or a PEM file of public keys.
+fn load_keys(path: &Path) -> Result<Vec<PublicKey>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!(
+            "cannot read Kubernetes public keys {}: {e}",
+            path.display()
+        ))
+    })?;
+    let bad =
+        |why: String| Error::Config(format!("Kubernetes public keys {}: {why}", path.display()));
+    let mut keys = Vec::new();
+    if text.trim_start().starts_with('{') {
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        for jwk in &set.keys {
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?;
+            keys.push(PublicKey {
+                kid: jwk.common.key_id.clone(),
+                family: key.family(),
+                key,
+            });
+        }
+    } else {
+        for block in text
+            .split_inclusive("-----END PUBLIC KEY-----")
+            .filter(|b| b.contains("-----BEGIN PUBLIC KEY-----"))
+        {
+            let pem = block.trim().as_bytes();
+            let key = DecodingKey::from_rsa_pem(pem)
+                .or_else(|_| DecodingKey::from_ec_pem(pem))
+                .or_else(|_| DecodingKey::from_ed_pem(pem))
+                .map_err(|e| {
+                    bad(format!(
+                        "a PEM block is not an RSA, EC or Ed25519 public key: {e}"
+                    ))
+                })?;
+            keys.push(PublicKey {
+                kid: None,
+                family: key.family(),
+                key,
+            });
+        }
+    }
+    if keys.is_empty() {
+        return Err(bad("no public key found".into()));
+    }
+    Ok(keys)
+}
+
+/// The signature algorithms accepted for service-account tokens (never `none` or HMAC).
+fn allowed(alg: Algorithm) -> bool {
+    matches!(
+        alg,
+        Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512
+            | Algorithm::ES256
+            | Algorithm::ES384
+            | Algorithm::EdDSA
+    )
+}
+
+fn bound(list: &[String], value: &str) -> bool {
+    list.iter().any(|v| v == "*" || v == value)
+}
+
+impl KubernetesAuth {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        KubernetesAuth {
+            roles: RoleStore::new(store.clone(), METHOD),
+            store,
+            cache: RwLock::new(KeyCache::default()),
+        }
+    }
+
+    pub async fn write_config(&self, config: KubeConfig) -> Result<()> {
+        if config.issuer.is_empty() || config.audiences.is_empty() {
+            return Err(Error::invalid(
+                "issuer and at least one audience are required",
+            ));
+        }
+        // Refuse a file that cannot be used now rather than failing every login later.
+        load_keys(&config.public_keys_file).map_err(|e| Error::invalid(e.to_string()))?;
+        self.store.put(CONFIG_KEY, &encode_json(&config)).await?;
+        Ok(())
+    }
+
+    pub async fn read_config(&self) -> Result<KubeConfig> {
+        get_json(self.store.as_ref(), CONFIG_KEY)
+            .await?
+            .ok_or_else(|| Error::NotFound("the kubernetes auth method is not configured".into()))
+    }
+
+    /// The current keys of `path`, reloaded when the file changed. If a changed file
+    /// cannot be parsed, the previous keys stay (and the error is logged).
+    fn keys(&self, path: &Path) -> Result<Arc<Vec<PublicKey>>> {
+        let stamp = file_stamp(path);
+        {
+            let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            if c.path == path && c.stamp == stamp && !c.keys.is_empty() {
+                return Ok(c.keys.clone());
+            }
+        }
+        let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        match load_keys(path) {
+            Ok(keys) => {
+                tracing::info!(file = %path.display(), keys = keys.len(), "Kubernetes public keys loaded");
+                *c = KeyCache {
+                    path: path.to_path_buf(),
+                    stamp,
+                    keys: Arc::new(keys),
+                };
+            }
+            Err(e) if c.path == path && !c.keys.is_empty() => {
+                tracing::error!(error = %e, "reloading Kubernetes public keys failed; keeping the previous keys");
+                c.stamp = stamp;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(c.keys.clone())
+    }
+}
+
+#[async_trait]
+impl RoleAdmin for KubernetesAuth {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
+        let (config, token) = parse_role_body::<KubeRoleConfig>(body)?;
+        if config.bound_service_account_names.is_empty()
+            || config.bound_service_account_namespaces.is_empty()
+        {
+            return Err(Error::invalid(
+                "bound_service_account_names and bound_service_account_namespaces are required (\"*\" for any)",
+            ));
+        }
+        self.roles.save(name, &StoredRole { config, token }).await
+    }
+
+    async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
+        Ok(role_view(&self.roles.require(name).await?))
+    }
+
+    async fn delete_role(&self, name: &str) -> Result<()> {
+        self.roles.delete(name).await.map(drop)
+    }
+
+    async fn list_roles(&self) -> Result<Vec<String>> {
+        self.roles.names().await
+    }
+}
+
+#[async_trait]
+impl Authenticator for KubernetesAuth {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
+        let body: LoginBody = parse_body(req.body)?;
+        validate_name("role", &body.role)?;
+        let invalid = || Error::Unauthenticated(AuthFailure::InvalidCredentials);
+        let jwt = body.jwt.expose_secret();
+        if jwt.len() > MAX_JWT_LEN {
+            return Err(invalid());
+        }
+        let config = self.read_config().await?;
+        let role = self.roles.load(&body.role).await?.ok_or_else(invalid)?;
+        let header = jsonwebtoken::decode_header(jwt).map_err(|_| invalid())?;
+        if !allowed(header.alg) {
+            return Err(invalid());
+        }
+        let keys = self.keys(&config.public_keys_file)?;
+        let audiences: Vec<&str> = match &role.config.audience {
+            Some(a) => vec![a.as_str()],
+            None => config.audiences.iter().map(String::as_str).collect(),
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&config.issuer]);
+        validation.set_audience(&audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 5;
+        let candidates = keys.iter().filter(|k| {
+            k.family == header.alg.family()
+                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+        });
+        let claims = candidates
+            .filter_map(|k| jsonwebtoken::decode::<SaClaims>(jwt, &k.key, &validation).ok())
+            .map(|d| d.claims)
+            .next()
+            .ok_or_else(invalid)?;
+        let (namespace, name) = match claims.kubernetes {
+            Some(k) => (k.namespace, k.serviceaccount.name),
+            None => {
+                let mut parts = claims
+                    .sub
+                    .strip_prefix("system:serviceaccount:")
+                    .ok_or_else(invalid)?
+                    .splitn(2, ':');
+                match (parts.next(), parts.next()) {
+                    (Some(ns), Some(n)) => (ns.to_owned(), n.to_owned()),
+                    _ => return Err(invalid()),
+                }
+            }
+        };
+        if !bound(&role.config.bound_service_account_namespaces, &namespace)
+            || !bound(&role.config.bound_service_account_names, &name)
+        {
+            return Err(invalid());
+        }
+        let mut outcome = LoginOutcome::for_role(METHOD, &body.role, &role.token);
+        outcome
+            .metadata
+            .insert("service_account_namespace".into(), namespace);
+        outcome.metadata.insert("service_account_name".into(), name);
+        Ok(outcome)
+    }
+}
