@@ -9,6 +9,9 @@ use std::time::Duration;
 
 pub use serde_json::{Value, json};
 
+pub mod pki;
+pub mod server;
+
 /// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this
 /// test executable (`cargo test --workspace` builds it).
 pub fn keyvault_bin() -> PathBuf {
@@ -165,15 +168,57 @@ pub struct Reply {
 
 impl Client {
     pub fn new(addr: &str, ca: &Path) -> Client {
+        Self::with_identity(addr, ca, None)
+    }
+
+    /// A client that presents a client certificate (`cert || key` PEM) when given one.
+    pub fn with_identity(addr: &str, ca: &Path, identity_pem: Option<&[u8]>) -> Client {
+        let pem = std::fs::read(ca).unwrap();
+        let cert = reqwest::Certificate::from_pem(&pem).unwrap();
+        let mut b = reqwest::Client::builder().tls_certs_only([cert]);
+        if let Some(id) = identity_pem {
+            b = b.identity(reqwest::Identity::from_pem(id).unwrap());
+        }
+        Client {
+            http: b.build().unwrap(),
+            base: addr.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// A client whose connections come from `local` (e.g. 127.0.0.2: another source address).
+    pub fn from_address(addr: &str, ca: &Path, local: std::net::IpAddr) -> Client {
         let pem = std::fs::read(ca).unwrap();
         let cert = reqwest::Certificate::from_pem(&pem).unwrap();
         let http = reqwest::Client::builder()
             .tls_certs_only([cert])
+            .local_address(local)
             .build()
             .unwrap();
         Client {
             http,
             base: addr.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// Like `send`, but a connection or TLS failure is returned instead of panicking.
+    pub async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, String> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        match req.send().await {
+            Ok(resp) => Ok(Self::reply(resp).await),
+            Err(e) => Err(format!("{e:?}")),
         }
     }
 

@@ -10,12 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::net::TcpStream;
 
+use crate::client::{Endpoint, connect, request as one_shot};
 use crate::error::{Error, Result};
 
 /// What to measure.
@@ -26,15 +23,16 @@ pub enum Scenario {
     Read,
     /// `POST /v1/auth/approle/login` with a role id and secret id.
     ApproleLogin,
+    /// `POST /v1/auth/cert/login` over mutual TLS (needs `--client-cert`/`--client-key`).
+    CertLogin,
+    /// A new connection per iteration: a full TLS handshake (no resumption), nothing sent.
+    Handshake,
 }
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// `https://host:port` or `http://host:port`.
-    pub address: String,
-    pub ca_file: Option<std::path::PathBuf>,
-    pub token: Option<String>,
-    pub token_header: String,
+    /// The server, its CA, the client certificate (mutual TLS) and the token.
+    pub endpoint: Endpoint,
     pub scenario: Scenario,
     /// Secret path for `read`, under `/v1/` (e.g. `secret/bench`).
     pub path: String,
@@ -80,91 +78,24 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-struct Target {
-    host: String,
-    port: u16,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
-}
-
-fn parse_target(o: &BenchOptions) -> Result<Target> {
-    let (scheme, rest) = o
-        .address
-        .split_once("://")
-        .ok_or_else(|| Error::invalid("address must start with https:// or http://"))?;
-    let hostport = rest.trim_end_matches('/');
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| Error::invalid("address needs a port"))?;
-    let port: u16 = port.parse().map_err(|_| Error::invalid("bad port"))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let tls = match scheme {
-        "http" => None,
-        "https" => {
-            let mut roots = rustls::RootCertStore::empty();
-            let ca = o
-                .ca_file
-                .as_ref()
-                .ok_or_else(|| Error::invalid("https needs --ca-file"))?;
-            for c in crate::tls::load_certs(ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| Error::Config(format!("CA file: {e}")))?;
-            }
-            let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| Error::Config(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let name =
-                ServerName::try_from(host.clone()).map_err(|_| Error::invalid("bad host name"))?;
-            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
-        }
-        _ => {
-            return Err(Error::invalid(
-                "address must start with https:// or http://",
-            ));
-        }
-    };
-    Ok(Target { host, port, tls })
-}
-
-type Sender = http1::SendRequest<Full<Bytes>>;
-
-async fn connect(t: &Target) -> Result<Sender> {
-    let tcp = TcpStream::connect((t.host.as_str(), t.port))
-        .await
-        .map_err(|e| Error::Internal(format!("connect {}:{}: {e}", t.host, t.port)))?;
-    let _ = tcp.set_nodelay(true);
-    let io_err = |e: hyper::Error| Error::Internal(format!("HTTP handshake: {e}"));
-    match &t.tls {
-        Some((connector, name)) => {
-            let stream = connector
-                .connect(name.clone(), tcp)
-                .await
-                .map_err(|e| Error::Internal(format!("TLS handshake: {e}")))?;
-            let (sender, conn) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(io_err)?;
-            tokio::spawn(conn);
-            Ok(sender)
-        }
-        None => {
-            let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(io_err)?;
-            tokio::spawn(conn);
-            Ok(sender)
-        }
-    }
-}
-
 fn build_request(o: &BenchOptions, host: &str) -> Result<Request<Full<Bytes>>> {
     let mut b = Request::builder().header(hyper::header::HOST, host);
-    if let Some(t) = &o.token {
-        b = b.header(o.token_header.as_str(), t.as_str());
+    if let Some(t) = &o.endpoint.token {
+        b = b.header(o.endpoint.token_header.as_str(), t.as_str());
     }
     let req = match o.scenario {
+        Scenario::Handshake => {
+            return Err(Error::Internal(
+                "the handshake scenario sends no request".into(),
+            ));
+        }
+        Scenario::CertLogin => b
+            .method("POST")
+            .uri("/v1/auth/cert/login")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                serde_json::json!({"name": o.path}).to_string(),
+            ))),
         Scenario::Read => b
             .method("GET")
             .uri(format!("/v1/{}", o.path))
@@ -183,44 +114,9 @@ fn build_request(o: &BenchOptions, host: &str) -> Result<Request<Full<Bytes>>> {
     req.map_err(|e| Error::Internal(format!("building request: {e}")))
 }
 
-/// Send one request on a one-off connection (set-up calls). Returns status and body.
-pub async fn one_shot(
-    o: &BenchOptions,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> Result<(u16, serde_json::Value)> {
-    let target = parse_target(o)?;
-    let mut sender = connect(&target).await?;
-    let mut b = Request::builder()
-        .method(method)
-        .uri(format!("/v1/{path}"))
-        .header(hyper::header::HOST, target.host.as_str());
-    if let Some(t) = &o.token {
-        b = b.header(o.token_header.as_str(), t.as_str());
-    }
-    let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
-    let req = b
-        .body(Full::new(body))
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| Error::Internal(format!("request: {e}")))?;
-    let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Ok((status, json))
-}
-
 /// Run the load and report.
 pub async fn run(o: BenchOptions) -> Result<BenchReport> {
-    let target = Arc::new(parse_target(&o)?);
+    let target = Arc::new(o.endpoint.target()?);
     let template = Arc::new(o.clone());
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
@@ -231,12 +127,24 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
-            let mut sender = connect(&target).await?;
-            loop {
-                let now = Instant::now();
-                if now >= end {
-                    break;
+            if o.scenario == Scenario::Handshake {
+                // A fresh TCP connection and full TLS handshake per iteration.
+                while Instant::now() < end {
+                    let t0 = Instant::now();
+                    let ok = connect(&target).await.is_ok();
+                    let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    if t0 >= start {
+                        if ok {
+                            lat.push(micros);
+                        } else {
+                            errors += 1;
+                        }
+                    }
                 }
+                return Ok::<_, Error>((lat, errors));
+            }
+            let mut sender = connect(&target).await?;
+            while Instant::now() < end {
                 let req = build_request(&o, &target.host)?;
                 let t0 = Instant::now();
                 let ok = match sender.send_request(req).await {
@@ -282,7 +190,7 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
     let seconds = o.duration.as_secs_f64();
     Ok(BenchReport {
         scenario: o.scenario,
-        address: o.address.clone(),
+        address: o.endpoint.address.clone(),
         connections: o.connections,
         seconds,
         requests: all.len() as u64,
@@ -300,7 +208,7 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
 /// Returns the role id and secret id for `approle-login`.
 pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     let (s, _) = one_shot(
-        o,
+        &o.endpoint,
         "PUT",
         &o.path,
         Some(serde_json::json!({"value": "bench-value-not-secret"})),
@@ -314,14 +222,14 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     }
     // OpenBao and Vault need the method mounted; KeyVault has it built in (404 here).
     let _ = one_shot(
-        o,
+        &o.endpoint,
         "POST",
         "sys/auth/approle",
         Some(serde_json::json!({"type": "approle"})),
     )
     .await?;
     let (s, _) = one_shot(
-        o,
+        &o.endpoint,
         "POST",
         "auth/approle/role/bench",
         Some(serde_json::json!({"token_policies": ["default"], "token_ttl": "10m"})),
@@ -332,9 +240,9 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
             "creating the bench role answered {s}"
         )));
     }
-    let (_, r) = one_shot(o, "GET", "auth/approle/role/bench/role-id", None).await?;
+    let (_, r) = one_shot(&o.endpoint, "GET", "auth/approle/role/bench/role-id", None).await?;
     let (_, sid) = one_shot(
-        o,
+        &o.endpoint,
         "POST",
         "auth/approle/role/bench/secret-id",
         Some(serde_json::json!({})),

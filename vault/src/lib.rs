@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod barrier;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod error;

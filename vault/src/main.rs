@@ -72,6 +72,21 @@ enum OperatorCommand {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         root_token_ttl: Duration,
     },
+    /// The kill switch: revoke an identity's tokens, certificate pins and logins at once,
+    /// on a running server (`POST /v1/sys/revoke-identity`; needs sudo on that path).
+    RevokeIdentity {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// A role of any auth method.
+        #[arg(long, group = "identity")]
+        role: Option<String>,
+        /// A client certificate's SHA-256 fingerprint (hex).
+        #[arg(long, group = "identity")]
+        certificate_sha256: Option<String>,
+        /// A SPIFFE ID (`spiffe://...`).
+        #[arg(long, group = "identity")]
+        spiffe_id: Option<String>,
+    },
     /// Mint a new root token (needs the HSM PIN; with sled storage, stop the server first).
     RootToken {
         #[arg(long, short)]
@@ -81,19 +96,45 @@ enum OperatorCommand {
     },
 }
 
+/// How to reach a running server.
 #[derive(clap::Args)]
-struct BenchArgs {
+struct EndpointArgs {
     /// `https://127.0.0.1:8200`, or `http://...` for a plain-HTTP server.
-    #[arg(long)]
+    #[arg(long, env = "KEYVAULT_ADDR")]
     address: String,
     /// CA certificate for https.
-    #[arg(long)]
+    #[arg(long, env = "KEYVAULT_CACERT")]
     ca_file: Option<PathBuf>,
-    /// Token for reads and set-up (use the environment variable to keep it out of `ps`).
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "KEYVAULT_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "KEYVAULT_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+    /// Token (prefer the environment variable: it stays out of `ps`).
     #[arg(long, env = "KEYVAULT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[arg(long, default_value = "X-Vault-Token")]
     token_header: String,
+}
+
+impl EndpointArgs {
+    fn endpoint(self) -> keyvault::client::Endpoint {
+        keyvault::client::Endpoint {
+            address: self.address,
+            ca_file: self.ca_file,
+            client_cert: self.client_cert,
+            client_key: self.client_key,
+            token: self.token,
+            token_header: self.token_header,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    endpoint: EndpointArgs,
     #[arg(long, value_enum, default_value = "read")]
     scenario: Scenario,
     /// Secret path under /v1/.
@@ -279,6 +320,39 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             println!("Use it to create policies, roles and admin users, then let it expire.");
             Ok(())
         }
+        OperatorCommand::RevokeIdentity {
+            endpoint,
+            role,
+            certificate_sha256,
+            spiffe_id,
+        } => {
+            init_logging("warn", false);
+            let body = serde_json::json!({ "role": role, "certificate_sha256": certificate_sha256, "spiffe_id": spiffe_id });
+            let body = serde_json::Value::Object(
+                body.as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+            let (status, reply) = keyvault::client::request(
+                &endpoint.endpoint(),
+                "POST",
+                "sys/revoke-identity",
+                Some(body),
+            )
+            .await?;
+            if status != 200 {
+                anyhow::bail!("revoke-identity answered {status}: {reply}");
+            }
+            println!(
+                "revoked {} at {}",
+                reply["data"]["identity"].as_str().unwrap_or("?"),
+                reply["data"]["revoked_at"]
+            );
+            Ok(())
+        }
         OperatorCommand::RootToken { config, ttl } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
@@ -293,10 +367,7 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
 async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     init_logging("warn", false);
     let mut o = BenchOptions {
-        address: a.address,
-        ca_file: a.ca_file,
-        token: a.token,
-        token_header: a.token_header,
+        endpoint: a.endpoint.endpoint(),
         scenario: a.scenario,
         path: a.path,
         role_id: a.role_id,

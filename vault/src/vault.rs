@@ -301,13 +301,18 @@ impl Vault {
         ids
     }
 
-    /// Fail with `RevokedIdentity` if any of `ids` was revoked at or after `issued_at`
-    /// (`None`: revoked at all, for logins).
+    /// Fail with `RevokedIdentity` if any of `ids` was revoked at or after `issued_at` (a
+    /// token), or, for a login or direct request (`None`), is revoked and not restored.
     async fn check_identities(&self, ids: &[Identity], issued_at: Option<u64>) -> Result<()> {
         for id in ids {
-            if let Some(at) = self.revocations.identity_revoked_at(id).await?
-                && issued_at.is_none_or(|iat| iat <= at)
-            {
+            let Some((at, blocks_logins)) = self.revocations.identity_revocation(id).await? else {
+                continue;
+            };
+            let refused = match issued_at {
+                Some(iat) => iat <= at,
+                None => blocks_logins,
+            };
+            if refused {
                 tracing::info!(identity = %id.describe(), "request from a revoked identity");
                 return Err(Error::Unauthenticated(AuthFailure::RevokedIdentity));
             }

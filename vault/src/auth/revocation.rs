@@ -51,6 +51,10 @@ impl Identity {
 struct Revoked {
     revoked_at: u64,
     by: String,
+    /// Lifted by an admin: logins work again, but tokens issued before `revoked_at` stay
+    /// revoked (restoring an identity never resurrects its old tokens).
+    #[serde(default)]
+    restored: bool,
 }
 
 #[derive(Debug)]
@@ -89,22 +93,54 @@ impl Revocations {
                 &encode_json(&Revoked {
                     revoked_at,
                     by: by.to_owned(),
+                    restored: false,
                 }),
             )
             .await?;
         Ok(revoked_at)
     }
 
-    /// Lift an identity revocation. Returns whether there was one.
+    /// Lift an identity revocation: logins work again; tokens issued before the revocation
+    /// stay revoked. Returns whether the identity was revoked.
     pub async fn restore_identity(&self, identity: &Identity) -> Result<bool> {
-        Ok(self.store.delete(&identity.key()).await?)
+        let key = identity.key();
+        loop {
+            let Some(raw) = self.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let mut record: Revoked = decode_json(&key, &raw)?;
+            if record.restored {
+                return Ok(false);
+            }
+            // Tokens are stamped in whole seconds and those issued at or before
+            // `revoked_at` stay refused: let that second pass, so that tokens of logins
+            // after the restore are never caught by it.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            if now.as_secs() <= record.revoked_at {
+                let wait = Duration::from_secs(record.revoked_at + 1).saturating_sub(now);
+                tokio::time::sleep(wait).await;
+            }
+            record.restored = true;
+            if self
+                .store
+                .compare_and_swap(&key, Some(&raw), Some(&encode_json(&record)))
+                .await?
+            {
+                return Ok(true);
+            }
+        }
     }
 
-    /// When `identity` was revoked, if it is.
-    pub async fn identity_revoked_at(&self, identity: &Identity) -> Result<Option<u64>> {
+    /// The revocation of `identity`, if any: when, and whether it still blocks logins.
+    pub async fn identity_revocation(&self, identity: &Identity) -> Result<Option<(u64, bool)>> {
         let key = identity.key();
         match self.store.get(&key).await? {
-            Some(raw) => Ok(Some(decode_json::<Revoked>(&key, &raw)?.revoked_at)),
+            Some(raw) => {
+                let r: Revoked = decode_json(&key, &raw)?;
+                Ok(Some((r.revoked_at, !r.restored)))
+            }
             None => Ok(None),
         }
     }

@@ -1,0 +1,182 @@
+//! A real install for the tests: `keyvault operator init` then `keyvault server` from a
+//! configuration file, with a SoftHSM token of its own and certificates made by the test.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use crate::pki::{Issued, TestCa};
+use crate::{Client, keyvault_bin};
+
+/// Listener and extra configuration of a test server.
+#[derive(Default, Clone)]
+pub struct ServerOptions {
+    /// `off`, `optional` or `required`.
+    pub client_auth: &'static str,
+    pub client_ca_pem: Option<String>,
+    pub crl_pem: Option<String>,
+    /// TOML appended to the configuration (whole sections).
+    pub extra: String,
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    pub port: u16,
+    /// `https://localhost:<port>`
+    pub addr: String,
+    pub server_ca: TestCa,
+    pub server_ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
+    pub crl_file: PathBuf,
+    pub config_file: PathBuf,
+    pub root: String,
+    pub log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestServer {
+    pub fn start(opts: ServerOptions) -> TestServer {
+        let dir = tempfile::Builder::new()
+            .prefix("keyvault-srv-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let token = keyvault_hsm::softhsm::testing::token_config();
+        let pin_file = d.join("hsm-pin");
+        std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
+        let server_ca = TestCa::new("test server CA");
+        let server = server_ca.leaf("localhost", &["localhost", "127.0.0.1"], 1, true);
+        let (server_ca_file, cert_file, key_file) = (
+            d.join("server-ca.pem"),
+            d.join("server.pem"),
+            d.join("server-key.pem"),
+        );
+        std::fs::write(&server_ca_file, server_ca.pem()).unwrap();
+        std::fs::write(&cert_file, &server.cert_pem).unwrap();
+        std::fs::write(&key_file, &server.key_pem).unwrap();
+        let (client_ca_file, crl_file) = (d.join("client-ca.pem"), d.join("crl.pem"));
+        let mut listener_extra = format!(
+            "client_auth = \"{}\"\n",
+            if opts.client_auth.is_empty() {
+                "off"
+            } else {
+                opts.client_auth
+            }
+        );
+        if let Some(ca) = &opts.client_ca_pem {
+            std::fs::write(&client_ca_file, ca).unwrap();
+            listener_extra += &format!("client_ca_file = \"{}\"\n", client_ca_file.display());
+        }
+        if let Some(crl) = &opts.crl_pem {
+            std::fs::write(&crl_file, crl).unwrap();
+            listener_extra += &format!("crl_files = [\"{}\"]\n", crl_file.display());
+        }
+        let port = free_port();
+        let config = format!(
+            "[listener]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
+             [storage]\ntype = \"sled\"\npath = \"{}\"\n\n\
+             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
+             [log]\nlevel = \"debug\"\n\n{}\n",
+            cert_file.display(),
+            key_file.display(),
+            d.join("storage").display(),
+            token.module.display(),
+            token.token_label,
+            pin_file.display(),
+            opts.extra,
+        );
+        let config_file = d.join("keyvault.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let init = Command::new(keyvault_bin())
+            .args(["operator", "init", "--config"])
+            .arg(&config_file)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&init.stdout);
+        let root = stdout
+            .lines()
+            .find_map(|l| l.split("Root token").nth(1))
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        let log = d.join("server.log");
+        let child = Command::new(keyvault_bin())
+            .args(["server", "--config"])
+            .arg(&config_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let s = TestServer {
+            dir,
+            child,
+            port,
+            addr: format!("https://localhost:{port}"),
+            server_ca,
+            server_ca_file,
+            cert_file,
+            key_file,
+            client_ca_file,
+            crl_file,
+            config_file,
+            root,
+            log,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not listen: {}", s.log_text());
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.addr, &self.server_ca_file)
+    }
+
+    /// A client presenting `id` as its certificate.
+    pub fn client_with(&self, id: &Issued) -> Client {
+        Client::with_identity(&self.addr, &self.server_ca_file, Some(&id.identity_pem()))
+    }
+
+    pub fn sighup(&self) {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
