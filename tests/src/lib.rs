@@ -116,6 +116,14 @@ impl DevServer {
             }
             lines.push(line);
         }
+        // The rest of the banner (its last line is the direct-request example).
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+            let last = line.contains("the certificate is the credential");
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
         DevServer {
             child,
             data_dir: data_dir.to_path_buf(),

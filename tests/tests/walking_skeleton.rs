@@ -587,3 +587,35 @@ async fn expired_tokens_get_401() {
     assert_eq!(r.status, 401);
     assert_eq!(r.body["errors"][0], "token expired");
 }
+
+#[tokio::test]
+async fn dev_mode_offers_mtls_and_certificate_login() {
+    let s = DevServer::start();
+    let out = s.stdout.join("\n");
+    let field = |name: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| panic!("{name} not printed:\n{out}"))
+    };
+    // The printed paths exist and the printed curl line's shape is there.
+    let (cert, key) = (field("KEYVAULT_CLIENT_CERT"), field("KEYVAULT_CLIENT_KEY"));
+    assert!(out.contains("/v1/auth/cert/login"), "{out}");
+    let mut pem = std::fs::read(&cert).unwrap();
+    pem.extend(std::fs::read(&key).unwrap());
+    let c = Client::with_identity(&s.addr, &s.ca, Some(&pem));
+    c.put("secret/dev/x", &s.root_token, json!({"value": "v"}))
+        .await;
+    let r = c
+        .post("auth/cert/login", None, json!({"name": "dev-client"}))
+        .await;
+    let t = token_of(&r);
+    assert_eq!(c.get("secret/dev/x", &t).await.body["data"]["value"], "v");
+    // Direct request: the certificate is the credential.
+    assert_eq!(
+        c.send("GET", "secret/dev/x", None, None).await.body["data"]["value"],
+        "v"
+    );
+    // The bound token is useless without the certificate.
+    assert_eq!(s.client().get("secret/dev/x", &t).await.status, 401);
+}

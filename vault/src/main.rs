@@ -140,6 +140,9 @@ struct BenchArgs {
     /// Secret path under /v1/.
     #[arg(long, default_value = "secret/bench")]
     path: String,
+    /// Cert role for `cert-login`.
+    #[arg(long, default_value = "dev-client")]
+    role: String,
     #[arg(long)]
     role_id: Option<String>,
     #[arg(long)]
@@ -370,6 +373,7 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         endpoint: a.endpoint.endpoint(),
         scenario: a.scenario,
         path: a.path,
+        role: a.role,
         role_id: a.role_id,
         secret_id: a.secret_id,
         connections: a.connections,
