@@ -12,9 +12,7 @@ pub enum HsmError {
     ModuleLoad { path: String, reason: String },
 
     /// No slot holds an initialized token with this label.
-    #[error(
-        "no initialized PKCS#11 token labelled {label:?} (is the token initialized, and is SOFTHSM2_CONF right?)"
-    )]
+    #[error("no initialized PKCS#11 token labelled {label:?} (is the token initialized, and is SOFTHSM2_CONF right?)")]
     TokenNotFound { label: String },
 
     /// The user PIN was refused by the token.
@@ -115,9 +113,7 @@ impl From<CkError> for HsmError {
         match e {
             CkError::Pkcs11(RvError::PinIncorrect, _) => HsmError::PinIncorrect,
             CkError::Pkcs11(RvError::PinLocked, _) => HsmError::PinLocked,
-            CkError::Pkcs11(rv, function) if rv_is_gone(rv) => {
-                HsmError::Unavailable { function, rv }
-            }
+            CkError::Pkcs11(rv, function) if rv_is_gone(rv) => HsmError::Unavailable { function, rv },
             CkError::Pkcs11(rv, function) => HsmError::Pkcs11 { function, rv },
             other => HsmError::Wrapper(other.to_string()),
         }

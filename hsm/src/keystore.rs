@@ -20,15 +20,11 @@ impl KeyLabel {
         let label = label.into();
         let ok = !label.is_empty()
             && label.len() <= Self::MAX_LEN
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
         if ok {
             Ok(KeyLabel(label))
         } else {
-            Err(HsmError::BadAttribute(
-                "key label must be 1-64 characters of [A-Za-z0-9._/-]",
-            ))
+            Err(HsmError::BadAttribute("key label must be 1-64 characters of [A-Za-z0-9._/-]"))
         }
     }
 

@@ -32,16 +32,14 @@ impl PinSource {
     /// Read the PIN. Errors name the source, never the content.
     pub fn read(&self) -> Result<SecretString> {
         let raw: Zeroizing<String> = match self {
-            PinSource::File(path) => {
-                Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                    HsmError::PinSource(format!("cannot read PIN file {}: {e}", path.display()))
-                })?)
-            }
-            PinSource::Env(name) => Zeroizing::new(std::env::var(name).map_err(|_| {
-                HsmError::PinSource(format!(
-                    "environment variable {name} is not set or not UTF-8"
-                ))
-            })?),
+            PinSource::File(path) => Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .map_err(|e| HsmError::PinSource(format!("cannot read PIN file {}: {e}", path.display())))?,
+            ),
+            PinSource::Env(name) => Zeroizing::new(
+                std::env::var(name)
+                    .map_err(|_| HsmError::PinSource(format!("environment variable {name} is not set or not UTF-8")))?,
+            ),
         };
         let pin = raw.trim_end_matches(['\r', '\n']);
         if pin.is_empty() {
@@ -68,10 +66,7 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         let err = PinSource::File(path).read().unwrap_err().to_string();
         assert!(err.contains("empty PIN"), "{err}");
-        let err = PinSource::File(dir.join("missing"))
-            .read()
-            .unwrap_err()
-            .to_string();
+        let err = PinSource::File(dir.join("missing")).read().unwrap_err().to_string();
         assert!(err.contains("cannot read PIN file"), "{err}");
     }
 }

@@ -69,11 +69,7 @@ impl std::fmt::Debug for Pkcs11Config {
 }
 
 impl Pkcs11Config {
-    pub fn new(
-        module: impl Into<PathBuf>,
-        token_label: impl Into<String>,
-        pin: SecretString,
-    ) -> Self {
+    pub fn new(module: impl Into<PathBuf>, token_label: impl Into<String>, pin: SecretString) -> Self {
         Pkcs11Config {
             module: module.into(),
             token_label: token_label.into(),
@@ -102,10 +98,8 @@ pub fn context(module: &Path) -> Result<Pkcs11> {
             reason: "file not found (on Debian: apt-get install softhsm2)".into(),
         });
     }
-    let ctx = Pkcs11::new(module).map_err(|e| HsmError::ModuleLoad {
-        path: module.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let ctx = Pkcs11::new(module)
+        .map_err(|e| HsmError::ModuleLoad { path: module.display().to_string(), reason: e.to_string() })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(e.into()),
@@ -155,9 +149,7 @@ impl std::ops::Deref for Lease<'_> {
     type Target = Session;
     fn deref(&self) -> &Session {
         // Invariant: `session` is Some until drop or `discard`, which consumes the lease.
-        self.session
-            .as_ref()
-            .expect("lease holds a session until dropped")
+        self.session.as_ref().expect("lease holds a session until dropped")
     }
 }
 
@@ -166,12 +158,7 @@ impl Lease<'_> {
     fn discard(mut self) {
         if let Some(s) = self.session.take() {
             drop(s);
-            let mut st = self
-                .store
-                .pool
-                .idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut st = self.store.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             st.open -= 1;
             self.store.pool.freed.notify_one();
         }
@@ -181,12 +168,7 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            let mut st = self
-                .store
-                .pool
-                .idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut st = self.store.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             st.sessions.push(s);
             self.store.pool.freed.notify_one();
         }
@@ -243,9 +225,7 @@ impl Pkcs11KeyStore {
                     backoff = (backoff * 2).min(Duration::from_millis(400));
                 }
                 Ok(None) => {
-                    return Err(HsmError::TokenNotFound {
-                        label: config.token_label.clone(),
-                    });
+                    return Err(HsmError::TokenNotFound { label: config.token_label.clone() });
                 }
                 Err(e) => return Err(e),
             }
@@ -267,9 +247,7 @@ impl Pkcs11KeyStore {
         let has = |m: MechanismType| mechanisms.contains(&m);
         let wrap = match config.wrap {
             WrapPreference::Auto if has(MechanismType::AES_GCM) => WrapMechanism::AesGcm,
-            WrapPreference::Auto if has(MechanismType::AES_KEY_WRAP_PAD) => {
-                WrapMechanism::AesKeyWrapPad
-            }
+            WrapPreference::Auto if has(MechanismType::AES_KEY_WRAP_PAD) => WrapMechanism::AesKeyWrapPad,
             WrapPreference::Auto => {
                 return Err(HsmError::MechanismUnsupported("wrapping data keys"));
             }
@@ -290,10 +268,7 @@ impl Pkcs11KeyStore {
             pin: config.pin.clone(),
             slot: RwLock::new(slot),
             pool: Pool {
-                idle: Mutex::new(PoolState {
-                    sessions: Vec::new(),
-                    open: 0,
-                }),
+                idle: Mutex::new(PoolState { sessions: Vec::new(), open: 0 }),
                 freed: Condvar::new(),
                 max: config.max_sessions.max(1),
                 wait: config.session_wait,
@@ -318,12 +293,9 @@ impl Pkcs11KeyStore {
         let session = self.ctx.open_rw_session(slot)?;
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(
-                e @ CkError::Pkcs11(
-                    RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired,
-                    _,
-                ),
-            ) => Err(e.into()),
+            Err(e @ CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired, _)) => {
+                Err(e.into())
+            }
             // Any other login failure means the token is not in a usable state right now.
             Err(CkError::Pkcs11(rv, function)) => Err(HsmError::Unavailable { function, rv }),
             Err(e) => Err(e.into()),
@@ -335,19 +307,13 @@ impl Pkcs11KeyStore {
         let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(s) = st.sessions.pop() {
-                return Ok(Lease {
-                    store: self,
-                    session: Some(s),
-                });
+                return Ok(Lease { store: self, session: Some(s) });
             }
             if st.open < self.pool.max {
                 st.open += 1;
                 drop(st);
                 return match self.open_session() {
-                    Ok(s) => Ok(Lease {
-                        store: self,
-                        session: Some(s),
-                    }),
+                    Ok(s) => Ok(Lease { store: self, session: Some(s) }),
                     Err(e) => {
                         let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
                         st.open -= 1;
@@ -360,12 +326,7 @@ impl Pkcs11KeyStore {
             if now >= deadline {
                 return Err(HsmError::PoolTimeout);
             }
-            st = self
-                .pool
-                .freed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.pool.freed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -378,19 +339,14 @@ impl Pkcs11KeyStore {
             st.sessions.clear();
             st.open -= n;
         }
-        self.handles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
         match find_token(&self.ctx, &self.label)? {
             Some(slot) => {
                 *self.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
                 tracing::warn!(token = %self.label, slot = slot.id(), "PKCS#11 token reconnected");
                 Ok(())
             }
-            None => Err(HsmError::TokenNotFound {
-                label: self.label.clone(),
-            }),
+            None => Err(HsmError::TokenNotFound { label: self.label.clone() }),
         }
     }
 
@@ -412,10 +368,7 @@ impl Pkcs11KeyStore {
                 Err(HsmError::Pkcs11 { function, rv }) if rv_is_stale_handle(rv) && !retried => {
                     drop(lease);
                     tracing::debug!(%function, "stale object handle, looking keys up again");
-                    self.handles
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
+                    self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
                 }
                 // A key we expected is gone: the token may have been swapped or restored
                 // under us. Start from fresh sessions and a fresh slot lookup, once.
@@ -431,19 +384,9 @@ impl Pkcs11KeyStore {
     }
 
     /// Handle of the object with `label` and `class`, from cache or by `C_FindObjects`.
-    fn handle(
-        &self,
-        session: &Session,
-        label: &KeyLabel,
-        class: ObjectClass,
-    ) -> Result<ObjectHandle> {
+    fn handle(&self, session: &Session, label: &KeyLabel, class: ObjectClass) -> Result<ObjectHandle> {
         let key = (label.as_str().to_owned(), class_key(class));
-        if let Some(h) = self
-            .handles
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(h) = self.handles.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(*h);
         }
         let found = session.find_objects(&[
@@ -454,32 +397,18 @@ impl Pkcs11KeyStore {
         match found.as_slice() {
             [] => Err(HsmError::KeyNotFound(label.to_string())),
             [h] => {
-                self.handles
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, *h);
+                self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, *h);
                 Ok(*h)
             }
-            _ => Err(HsmError::BadAttribute(
-                "several key objects share one label",
-            )),
+            _ => Err(HsmError::BadAttribute("several key objects share one label")),
         }
     }
 
     fn objects_with_label(&self, session: &Session, label: &KeyLabel) -> Result<Vec<ObjectHandle>> {
-        Ok(session.find_objects(&[
-            Attribute::Token(true),
-            Attribute::Label(label.as_str().as_bytes().to_vec()),
-        ])?)
+        Ok(session.find_objects(&[Attribute::Token(true), Attribute::Label(label.as_str().as_bytes().to_vec())])?)
     }
 
-    fn gcm_encrypt(
-        &self,
-        session: &Session,
-        kek: ObjectHandle,
-        data: &[u8],
-        aad: &[u8],
-    ) -> Result<Vec<u8>> {
+    fn gcm_encrypt(&self, session: &Session, kek: ObjectHandle, data: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         let mut iv = [0u8; GCM_IV_LEN];
         getrandom::fill(&mut iv).map_err(|e| HsmError::Wrapper(format!("OS RNG: {e}")))?;
         let mut iv_param = iv;
@@ -492,13 +421,7 @@ impl Pkcs11KeyStore {
         Ok(out)
     }
 
-    fn gcm_decrypt(
-        &self,
-        session: &Session,
-        kek: ObjectHandle,
-        body: &[u8],
-        aad: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>> {
+    fn gcm_decrypt(&self, session: &Session, kek: ObjectHandle, body: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         if body.len() < GCM_IV_LEN + 16 {
             return Err(HsmError::InvalidCiphertext);
         }
@@ -541,12 +464,7 @@ impl Pkcs11KeyStore {
         Ok(out)
     }
 
-    fn kwp_unwrap(
-        &self,
-        session: &Session,
-        kek: ObjectHandle,
-        body: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>> {
+    fn kwp_unwrap(&self, session: &Session, kek: ObjectHandle, body: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let obj = match session.unwrap_key(
             &Mechanism::AesKeyWrapPad,
             kek,
@@ -580,9 +498,7 @@ impl Pkcs11KeyStore {
                 zeroize::Zeroize::zeroize(&mut v);
                 Ok(out)
             }
-            _ => Err(HsmError::BadAttribute(
-                "unwrapped key has no readable value",
-            )),
+            _ => Err(HsmError::BadAttribute("unwrapped key has no readable value")),
         }
     }
 
@@ -595,17 +511,12 @@ impl Pkcs11KeyStore {
         self.run(|s, session| {
             let h = s.handle(session, label, class)?;
             let mut info = session.get_attribute_info(h, &[AttributeType::Value])?;
-            info.pop()
-                .ok_or(HsmError::BadAttribute("no attribute info"))
+            info.pop().ok_or(HsmError::BadAttribute("no attribute info"))
         })
     }
 
     #[cfg(test)]
-    pub(crate) fn value_attributes_returned(
-        &self,
-        label: &KeyLabel,
-        class: ObjectClass,
-    ) -> Result<usize> {
+    pub(crate) fn value_attributes_returned(&self, label: &KeyLabel, class: ObjectClass) -> Result<usize> {
         self.run(|s, session| {
             let h = s.handle(session, label, class)?;
             Ok(session.get_attributes(h, &[AttributeType::Value])?.len())
@@ -620,9 +531,7 @@ fn parse_ec_point(point: &[u8]) -> Result<[u8; 32]> {
         [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest,
         raw if raw.len() == 32 => raw,
         _ => {
-            return Err(HsmError::BadAttribute(
-                "CKA_EC_POINT is not a 32-byte Ed25519 point",
-            ));
+            return Err(HsmError::BadAttribute("CKA_EC_POINT is not a 32-byte Ed25519 point"));
         }
     };
     let mut out = [0u8; 32];
@@ -648,12 +557,8 @@ impl KeyStore for Pkcs11KeyStore {
                 KeyKind::Aes256 => {
                     // The master key is usable for exactly the mechanism this token wraps with.
                     let (a, b) = match s.wrap {
-                        WrapMechanism::AesGcm => {
-                            (Attribute::Encrypt(true), Attribute::Decrypt(true))
-                        }
-                        WrapMechanism::AesKeyWrapPad => {
-                            (Attribute::Wrap(true), Attribute::Unwrap(true))
-                        }
+                        WrapMechanism::AesGcm => (Attribute::Encrypt(true), Attribute::Decrypt(true)),
+                        WrapMechanism::AesKeyWrapPad => (Attribute::Wrap(true), Attribute::Unwrap(true)),
                     };
                     let mut t = vec![
                         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -728,10 +633,7 @@ impl KeyStore for Pkcs11KeyStore {
             }
             Ok(!objects.is_empty())
         })?;
-        self.handles
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(l, _), _| l != label.as_str());
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).retain(|(l, _), _| l != label.as_str());
         if destroyed {
             tracing::info!(key = %label, "destroyed key in the token");
         }
@@ -753,10 +655,7 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn unwrap_key(&self, kek: &KeyLabel, wrapped: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let (mech, body) = match wrapped.split_first() {
-            Some((b, body)) => (
-                WrapMechanism::from_byte(*b).ok_or(HsmError::InvalidCiphertext)?,
-                body,
-            ),
+            Some((b, body)) => (WrapMechanism::from_byte(*b).ok_or(HsmError::InvalidCiphertext)?, body),
             None => return Err(HsmError::InvalidCiphertext),
         };
         self.run(|s, session| {
@@ -792,8 +691,7 @@ impl KeyStore for Pkcs11KeyStore {
         self.run(|s, session| {
             let h = s.handle(session, label, ObjectClass::SECRET_KEY)?;
             let mac = session.sign(&Mechanism::Sha256Hmac, h, message)?;
-            <[u8; 32]>::try_from(mac.as_slice())
-                .map_err(|_| HsmError::BadAttribute("HMAC-SHA256 is not 32 bytes"))
+            <[u8; 32]>::try_from(mac.as_slice()).map_err(|_| HsmError::BadAttribute("HMAC-SHA256 is not 32 bytes"))
         })
     }
 

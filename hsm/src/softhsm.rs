@@ -26,10 +26,7 @@ pub const CONF_ENV: &str = "SOFTHSM2_CONF";
 
 /// The installed SoftHSM2 module, if any.
 pub fn find_module() -> Option<PathBuf> {
-    MODULE_CANDIDATES
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    MODULE_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists())
 }
 
 /// Write `<dir>/softhsm2.conf` with a token directory `<dir>/tokens` (file backend: the
@@ -59,12 +56,7 @@ fn restrict_permissions(dir: &Path) -> std::io::Result<()> {
 /// Initialize a new token labelled `label` in the first free slot of `module` and set its
 /// user PIN. SoftHSM offers one free slot at a time; after `C_InitToken` the token moves
 /// to a new slot, so everything afterwards finds it by label.
-pub fn init_token(
-    module: &Path,
-    label: &str,
-    so_pin: &SecretString,
-    user_pin: &SecretString,
-) -> Result<()> {
+pub fn init_token(module: &Path, label: &str, so_pin: &SecretString, user_pin: &SecretString) -> Result<()> {
     // Two threads initializing at once would both pick the one free slot.
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _serial = INIT.lock().unwrap_or_else(|p| p.into_inner());
@@ -75,21 +67,14 @@ pub fn init_token(
     let mut free = None;
     for slot in ctx.get_slots_with_token()? {
         // Skip slots whose token does not answer (a removed token directory).
-        if ctx
-            .get_token_info(slot)
-            .is_ok_and(|info| !info.token_initialized())
-        {
+        if ctx.get_token_info(slot).is_ok_and(|info| !info.token_initialized()) {
             free = Some(slot);
             break;
         }
     }
-    let free = free.ok_or(HsmError::TokenNotFound {
-        label: "<a free slot>".into(),
-    })?;
+    let free = free.ok_or(HsmError::TokenNotFound { label: "<a free slot>".into() })?;
     ctx.init_token(free, so_pin, label)?;
-    let slot = find_token(&ctx, label)?.ok_or(HsmError::TokenNotFound {
-        label: label.into(),
-    })?;
+    let slot = find_token(&ctx, label)?.ok_or(HsmError::TokenNotFound { label: label.into() })?;
     let session = ctx.open_rw_session(slot)?;
     session.login(UserType::So, Some(so_pin))?;
     session.init_pin(user_pin)?;
@@ -137,21 +122,15 @@ pub mod testing {
 
     impl std::fmt::Debug for TestToken {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("TestToken")
-                .field("config", &self.config)
-                .finish()
+            f.debug_struct("TestToken").field("config", &self.config).finish()
         }
     }
 
     fn process() -> &'static ProcessTokens {
         PROCESS.get_or_init(|| {
-            let module = super::find_module().expect(
-                "SoftHSM2 is not installed: run the README's test command, which installs it",
-            );
-            let dir = tempfile::Builder::new()
-                .prefix("keyvault-softhsm-")
-                .tempdir()
-                .expect("temp dir");
+            let module = super::find_module()
+                .expect("SoftHSM2 is not installed: run the README's test command, which installs it");
+            let dir = tempfile::Builder::new().prefix("keyvault-softhsm-").tempdir().expect("temp dir");
             let conf = super::write_config(dir.path()).expect("write softhsm2.conf");
             // SAFETY: runs once per process inside OnceLock::get_or_init, before this
             // process loads the SoftHSM module (which is the only reader of the variable);
@@ -172,11 +151,7 @@ pub mod testing {
     /// Initialize a new token with a unique label, without opening it.
     pub fn token_config() -> Pkcs11Config {
         let p = process();
-        let label = format!(
-            "test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let label = format!("test-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
         let so_pin = super::random_pin().expect("rng");
         let pin = super::random_pin().expect("rng");
         super::init_token(&p.module, &label, &so_pin, &pin).expect("init SoftHSM token");

@@ -18,36 +18,19 @@ fn master_key_value_cannot_be_read() {
     let kek = label("keyvault/master/v1");
     t.store.generate(&kek, KeyKind::Aes256).unwrap();
     assert!(
-        matches!(
-            t.store
-                .value_attribute_info(&kek, ObjectClass::SECRET_KEY)
-                .unwrap(),
-            AttributeInfo::Sensitive
-        ),
+        matches!(t.store.value_attribute_info(&kek, ObjectClass::SECRET_KEY).unwrap(), AttributeInfo::Sensitive),
         "CKA_VALUE of the master key must be refused"
     );
-    assert_eq!(
-        t.store
-            .value_attributes_returned(&kek, ObjectClass::SECRET_KEY)
-            .unwrap(),
-        0
-    );
+    assert_eq!(t.store.value_attributes_returned(&kek, ObjectClass::SECRET_KEY).unwrap(), 0);
 
     let hmac = label("keyvault/hmac/v1");
     t.store.generate(&hmac, KeyKind::HmacSha256).unwrap();
-    assert!(matches!(
-        t.store
-            .value_attribute_info(&hmac, ObjectClass::SECRET_KEY)
-            .unwrap(),
-        AttributeInfo::Sensitive
-    ));
+    assert!(matches!(t.store.value_attribute_info(&hmac, ObjectClass::SECRET_KEY).unwrap(), AttributeInfo::Sensitive));
 
     let signing = label("keyvault/token-signing/v1");
     t.store.generate(&signing, KeyKind::Ed25519).unwrap();
     assert!(matches!(
-        t.store
-            .value_attribute_info(&signing, ObjectClass::PRIVATE_KEY)
-            .unwrap(),
+        t.store.value_attribute_info(&signing, ObjectClass::PRIVATE_KEY).unwrap(),
         AttributeInfo::Sensitive
     ));
 }
@@ -58,10 +41,7 @@ fn round_trips(t: &testing::TestToken) {
     let dek = [0x5au8; 32];
     let wrapped = t.store.wrap_key(&kek, &dek, b"ctx").unwrap();
     assert_eq!(wrapped[0], t.store.wrap_mechanism() as u8);
-    assert!(
-        !wrapped.windows(32).any(|w| w == dek),
-        "wrapped key contains the plaintext"
-    );
+    assert!(!wrapped.windows(32).any(|w| w == dek), "wrapped key contains the plaintext");
     let unwrapped = t.store.unwrap_key(&kek, &wrapped, b"ctx").unwrap();
     assert_eq!(unwrapped.as_slice(), &dek);
 
@@ -79,39 +59,22 @@ fn round_trips(t: &testing::TestToken) {
             let mut bad = wrapped.clone();
             bad[i] ^= 1 << bit;
             let r = t.store.unwrap_key(&kek, &bad, b"ctx");
-            assert!(
-                matches!(r, Err(HsmError::InvalidCiphertext)),
-                "byte {i} bit {bit}: {r:?}"
-            );
+            assert!(matches!(r, Err(HsmError::InvalidCiphertext)), "byte {i} bit {bit}: {r:?}");
         }
     }
     // Truncated, empty, unknown mechanism byte.
-    assert!(matches!(
-        t.store.unwrap_key(&kek, &wrapped[..10], b"ctx"),
-        Err(HsmError::InvalidCiphertext)
-    ));
-    assert!(matches!(
-        t.store.unwrap_key(&kek, &[], b"ctx"),
-        Err(HsmError::InvalidCiphertext)
-    ));
+    assert!(matches!(t.store.unwrap_key(&kek, &wrapped[..10], b"ctx"), Err(HsmError::InvalidCiphertext)));
+    assert!(matches!(t.store.unwrap_key(&kek, &[], b"ctx"), Err(HsmError::InvalidCiphertext)));
     let mut bad = wrapped.clone();
     bad[0] = 99;
-    assert!(matches!(
-        t.store.unwrap_key(&kek, &bad, b"ctx"),
-        Err(HsmError::InvalidCiphertext)
-    ));
+    assert!(matches!(t.store.unwrap_key(&kek, &bad, b"ctx"), Err(HsmError::InvalidCiphertext)));
 
     // Another master key version cannot unwrap it.
     let kek2 = label("keyvault/master/v2");
     t.store.generate(&kek2, KeyKind::Aes256).unwrap();
     assert!(t.store.unwrap_key(&kek2, &wrapped, b"ctx").is_err());
     // The master key's own value cannot be read even when wrapping is the mechanism.
-    assert!(matches!(
-        t.store
-            .value_attribute_info(&kek, ObjectClass::SECRET_KEY)
-            .unwrap(),
-        AttributeInfo::Sensitive
-    ));
+    assert!(matches!(t.store.value_attribute_info(&kek, ObjectClass::SECRET_KEY).unwrap(), AttributeInfo::Sensitive));
 }
 
 #[test]
@@ -172,24 +135,12 @@ fn keys_are_found_by_label_after_reopen() {
 
     // A second store on the same token (a restarted process looks keys up the same way).
     let again = Pkcs11KeyStore::open(&t.config).unwrap();
-    assert_eq!(
-        again.unwrap_key(&kek, &wrapped, b"").unwrap().as_slice(),
-        &[1u8; 32]
-    );
+    assert_eq!(again.unwrap_key(&kek, &wrapped, b"").unwrap().as_slice(), &[1u8; 32]);
     assert_eq!(again.ed25519_public_key(&sig).unwrap(), public);
     assert!(again.exists(&kek).unwrap());
-    assert_eq!(
-        again.list("keyvault/").unwrap(),
-        vec![kek.clone(), sig.clone()]
-    );
-    assert!(matches!(
-        again.generate(&kek, KeyKind::Aes256),
-        Err(HsmError::KeyExists(_))
-    ));
-    assert!(matches!(
-        again.wrap_key(&label("nope"), &[1u8; 32], b""),
-        Err(HsmError::KeyNotFound(_))
-    ));
+    assert_eq!(again.list("keyvault/").unwrap(), vec![kek.clone(), sig.clone()]);
+    assert!(matches!(again.generate(&kek, KeyKind::Aes256), Err(HsmError::KeyExists(_))));
+    assert!(matches!(again.wrap_key(&label("nope"), &[1u8; 32], b""), Err(HsmError::KeyNotFound(_))));
 
     // Destroy: gone for both stores (the first one's cached handle is stale).
     assert!(again.destroy(&kek).unwrap());
@@ -207,10 +158,7 @@ fn wrong_pin_and_unknown_token_are_clear_errors() {
     bad.pin = testing::wrong_pin();
     let err = Pkcs11KeyStore::open(&bad).unwrap_err();
     assert!(matches!(err, HsmError::PinIncorrect), "{err:?}");
-    assert!(
-        !err.to_string()
-            .contains(secrecy::ExposeSecret::expose_secret(&good_pin))
-    );
+    assert!(!err.to_string().contains(secrecy::ExposeSecret::expose_secret(&good_pin)));
 
     let t = testing::token();
 

@@ -26,10 +26,7 @@ fn a_token_that_goes_away_gives_unavailable_errors_not_panics() {
     let dirs: Vec<_> = std::fs::read_dir(testing::token_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            std::fs::read(p.join("token.object"))
-                .is_ok_and(|b| b.windows(label.len()).any(|w| w == label))
-        })
+        .filter(|p| std::fs::read(p.join("token.object")).is_ok_and(|b| b.windows(label.len()).any(|w| w == label)))
         .collect();
     assert_eq!(dirs.len(), 1, "found this test's token directory");
     let backup = tempfile::tempdir().unwrap();
@@ -40,10 +37,7 @@ fn a_token_that_goes_away_gives_unavailable_errors_not_panics() {
     assert!(err.is_unavailable(), "{err:?}");
     let err = t.store.wrap_key(&kek, &[3u8; 32], b"").unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    let err = t
-        .store
-        .sign_ed25519(&KeyLabel::new("keyvault/token-signing/v1").unwrap(), b"m")
-        .unwrap_err();
+    let err = t.store.sign_ed25519(&KeyLabel::new("keyvault/token-signing/v1").unwrap(), b"m").unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
 
     // Every later call keeps failing as unavailable (503 at the HTTP layer), never a panic.

@@ -20,11 +20,7 @@ pub fn keyvault_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/keyvault
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("keyvault"))
-        .expect("target dir");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("keyvault")).expect("target dir");
     assert!(
         bin.exists(),
         "{} not found: run `cargo build -p keyvault` (or the README's test command) first",
@@ -48,10 +44,7 @@ pub struct DevServer {
 impl DevServer {
     /// Start in a fresh temporary data directory.
     pub fn start() -> DevServer {
-        let tmp = tempfile::Builder::new()
-            .prefix("keyvault-e2e-")
-            .tempdir()
-            .unwrap();
+        let tmp = tempfile::Builder::new().prefix("keyvault-e2e-").tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut s = Self::start_in(&data_dir, 0);
         s._tmp = Some(tmp);
@@ -63,14 +56,7 @@ impl DevServer {
         let log = data_dir.with_file_name(format!("keyvault-{generation}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(keyvault_bin())
-            .args([
-                "dev",
-                "--address",
-                "127.0.0.1:0",
-                "--log",
-                "debug",
-                "--data-dir",
-            ])
+            .args(["dev", "--address", "127.0.0.1:0", "--log", "debug", "--data-dir"])
             .arg(data_dir)
             .env_remove("SOFTHSM2_CONF")
             .stdout(Stdio::piped())
@@ -94,16 +80,11 @@ impl DevServer {
                 Ok(l) => l,
                 Err(_) => {
                     let _ = child.kill();
-                    panic!(
-                        "keyvault dev did not start; log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
+                    panic!("keyvault dev did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
                 }
             };
             let field = |prefix: &str| {
-                line.trim()
-                    .strip_prefix(prefix)
-                    .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+                line.trim().strip_prefix(prefix).map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
             };
             if let Some(v) = field("Address:") {
                 addr = Some(v);
@@ -187,25 +168,15 @@ impl Client {
         if let Some(id) = identity_pem {
             b = b.identity(reqwest::Identity::from_pem(id).unwrap());
         }
-        Client {
-            http: b.build().unwrap(),
-            base: addr.trim_end_matches('/').to_owned(),
-        }
+        Client { http: b.build().unwrap(), base: addr.trim_end_matches('/').to_owned() }
     }
 
     /// A client whose connections come from `local` (e.g. 127.0.0.2: another source address).
     pub fn from_address(addr: &str, ca: &Path, local: std::net::IpAddr) -> Client {
         let pem = std::fs::read(ca).unwrap();
         let cert = reqwest::Certificate::from_pem(&pem).unwrap();
-        let http = reqwest::Client::builder()
-            .tls_certs_only([cert])
-            .local_address(local)
-            .build()
-            .unwrap();
-        Client {
-            http,
-            base: addr.trim_end_matches('/').to_owned(),
-        }
+        let http = reqwest::Client::builder().tls_certs_only([cert]).local_address(local).build().unwrap();
+        Client { http, base: addr.trim_end_matches('/').to_owned() }
     }
 
     /// Like `send`, but a connection or TLS failure is returned instead of panicking.
@@ -235,13 +206,7 @@ impl Client {
     }
 
     /// Send `method path` with an optional token (as `X-Vault-Token`) and raw body.
-    pub async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Vec<u8>>,
-    ) -> Reply {
+    pub async fn send(&self, method: &str, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> Reply {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = token {
@@ -258,11 +223,7 @@ impl Client {
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.unwrap();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply {
-            status,
-            body,
-            headers,
-        }
+        Reply { status, body, headers }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Reply {
@@ -270,18 +231,11 @@ impl Client {
     }
 
     pub async fn put(&self, path: &str, token: &str, body: Value) -> Reply {
-        self.send(
-            "PUT",
-            path,
-            Some(token),
-            Some(body.to_string().into_bytes()),
-        )
-        .await
+        self.send("PUT", path, Some(token), Some(body.to_string().into_bytes())).await
     }
 
     pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
-        self.send("POST", path, token, Some(body.to_string().into_bytes()))
-            .await
+        self.send("POST", path, token, Some(body.to_string().into_bytes())).await
     }
 }
 
@@ -332,8 +286,5 @@ pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, tok
     let mut buf = Vec::new();
     let _ = tls.read_to_end(&mut buf).await;
     let head = String::from_utf8_lossy(&buf);
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }

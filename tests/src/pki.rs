@@ -2,8 +2,7 @@
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
-    SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -40,11 +39,8 @@ fn leaf_params(cn: &str, sans: &[&str], serial: u64, server: bool) -> Certificat
     }
     params.distinguished_name.push(DnType::CommonName, cn);
     params.serial_number = Some(SerialNumber::from(serial));
-    params.extended_key_usages = vec![if server {
-        ExtendedKeyUsagePurpose::ServerAuth
-    } else {
-        ExtendedKeyUsagePurpose::ClientAuth
-    }];
+    params.extended_key_usages =
+        vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
     params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
     params.not_after = OffsetDateTime::now_utc() + Duration::days(30);
     params
@@ -64,14 +60,9 @@ impl TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        TestCa {
-            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        TestCa { issuer: CertifiedIssuer::self_signed(params, key).unwrap() }
     }
 
     pub fn pem(&self) -> String {
@@ -81,9 +72,7 @@ impl TestCa {
     /// A client (or server) certificate valid from yesterday for 30 days.
     pub fn leaf(&self, cn: &str, sans: &[&str], serial: u64, server: bool) -> Issued {
         let key = KeyPair::generate().unwrap();
-        let cert = leaf_params(cn, sans, serial, server)
-            .signed_by(&key, &self.issuer)
-            .unwrap();
+        let cert = leaf_params(cn, sans, serial, server).signed_by(&key, &self.issuer).unwrap();
         issued(&cert, &key)
     }
 

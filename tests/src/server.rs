@@ -39,42 +39,26 @@ pub struct TestServer {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl TestServer {
     pub fn start(opts: ServerOptions) -> TestServer {
-        let dir = tempfile::Builder::new()
-            .prefix("keyvault-srv-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("keyvault-srv-").tempdir().unwrap();
         let d = dir.path();
         let token = keyvault_hsm::softhsm::testing::token_config();
         let pin_file = d.join("hsm-pin");
         std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
         let server_ca = TestCa::new("test server CA");
         let server = server_ca.leaf("localhost", &["localhost", "127.0.0.1"], 1, true);
-        let (server_ca_file, cert_file, key_file) = (
-            d.join("server-ca.pem"),
-            d.join("server.pem"),
-            d.join("server-key.pem"),
-        );
+        let (server_ca_file, cert_file, key_file) =
+            (d.join("server-ca.pem"), d.join("server.pem"), d.join("server-key.pem"));
         std::fs::write(&server_ca_file, server_ca.pem()).unwrap();
         std::fs::write(&cert_file, &server.cert_pem).unwrap();
         std::fs::write(&key_file, &server.key_pem).unwrap();
         let (client_ca_file, crl_file) = (d.join("client-ca.pem"), d.join("crl.pem"));
-        let mut listener_extra = format!(
-            "client_auth = \"{}\"\n",
-            if opts.client_auth.is_empty() {
-                "off"
-            } else {
-                opts.client_auth
-            }
-        );
+        let mut listener_extra =
+            format!("client_auth = \"{}\"\n", if opts.client_auth.is_empty() { "off" } else { opts.client_auth });
         if let Some(ca) = &opts.client_ca_pem {
             std::fs::write(&client_ca_file, ca).unwrap();
             listener_extra += &format!("client_ca_file = \"{}\"\n", client_ca_file.display());
@@ -88,36 +72,24 @@ impl TestServer {
             "[listener]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
              [storage]\ntype = \"sled\"\npath = \"{}\"\n\n\
              [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
-             [log]\nlevel = \"debug\"\n\n{}\n",
+             [log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n\n{}\n",
             cert_file.display(),
             key_file.display(),
             d.join("storage").display(),
             token.module.display(),
             token.token_label,
             pin_file.display(),
+            d.join("audit").join("audit.log").display(),
             opts.extra,
         );
         let config_file = d.join("keyvault.toml");
         std::fs::write(&config_file, config).unwrap();
-        let init = Command::new(keyvault_bin())
-            .args(["operator", "init", "--config"])
-            .arg(&config_file)
-            .output()
-            .unwrap();
-        assert!(
-            init.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        let init =
+            Command::new(keyvault_bin()).args(["operator", "init", "--config"]).arg(&config_file).output().unwrap();
+        assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
         let stdout = String::from_utf8_lossy(&init.stdout);
-        let root = stdout
-            .lines()
-            .find_map(|l| l.split("Root token").nth(1))
-            .unwrap()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_owned();
+        let root =
+            stdout.lines().find_map(|l| l.split("Root token").nth(1)).unwrap().rsplit(' ').next().unwrap().to_owned();
         let log = d.join("server.log");
         let child = Command::new(keyvault_bin())
             .args(["server", "--config"])
@@ -160,13 +132,7 @@ impl TestServer {
     }
 
     pub fn sighup(&self) {
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &self.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        assert!(Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().unwrap().success());
     }
 
     pub fn log_text(&self) -> String {

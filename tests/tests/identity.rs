@@ -57,13 +57,14 @@ async fn world(extra: &str) -> World {
         .await,
         204,
     );
+    ok(c.put("secret/app/x", &root, json!({"value": SECRET})).await, 200);
     ok(
-        c.put("secret/app/x", &root, json!({"value": SECRET})).await,
-        200,
-    );
-    ok(
-        c.post("auth/cert/role/role-a", Some(&root), json!({"certificate_sha256": [a.sha256_hex], "token_policies": ["read-app"], "allow_direct": true}))
-            .await,
+        c.post(
+            "auth/cert/role/role-a",
+            Some(&root),
+            json!({"certificate_sha256": [a.sha256_hex], "token_policies": ["read-app"], "allow_direct": true}),
+        )
+        .await,
         204,
     );
     ok(
@@ -76,28 +77,16 @@ async fn world(extra: &str) -> World {
         204,
     );
     ok(
-        c.post("auth/cert/role/role-spiffe", Some(&root), json!({"allowed_uri_sans": ["spiffe://corp/ns/payments/*"], "token_policies": ["read-app"]}))
-            .await,
-        204,
-    );
-    ok(
         c.post(
-            "auth/approle/role/app",
+            "auth/cert/role/role-spiffe",
             Some(&root),
-            json!({"token_policies": ["read-app"]}),
+            json!({"allowed_uri_sans": ["spiffe://corp/ns/payments/*"], "token_policies": ["read-app"]}),
         )
         .await,
         204,
     );
-    World {
-        s,
-        a,
-        b,
-        revoked,
-        expired,
-        foreign,
-        selfsigned,
-    }
+    ok(c.post("auth/approle/role/app", Some(&root), json!({"token_policies": ["read-app"]})).await, 204);
+    World { s, a, b, revoked, expired, foreign, selfsigned }
 }
 
 #[track_caller]
@@ -112,21 +101,12 @@ fn token(r: &Reply) -> String {
 }
 
 async fn approle_token(c: &Client, root: &str, role: &str) -> String {
-    let sid = c
-        .post(
-            &format!("auth/approle/role/{role}/secret-id"),
-            Some(root),
-            json!({}),
-        )
-        .await
-        .body["data"]["secret_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    token(
-        &c.post("auth", None, json!({"role": role, "secret_id": sid}))
-            .await,
-    )
+    let sid =
+        c.post(&format!("auth/approle/role/{role}/secret-id"), Some(root), json!({})).await.body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    token(&c.post("auth", None, json!({"role": role, "secret_id": sid})).await)
 }
 
 #[tokio::test]
@@ -138,14 +118,8 @@ async fn every_credential_on_every_connection() {
     let cb = w.s.client_with(&w.b);
 
     let t_app = approle_token(&none, &root, "app").await;
-    let t_a = token(
-        &ca.post("auth/cert/login", None, json!({"name": "role-a"}))
-            .await,
-    );
-    let t_b = token(
-        &cb.post("auth/cert/login", None, json!({"name": "role-b"}))
-            .await,
-    );
+    let t_a = token(&ca.post("auth/cert/login", None, json!({"name": "role-a"})).await);
+    let t_b = token(&cb.post("auth/cert/login", None, json!({"name": "role-b"})).await);
 
     // (connection, credential, expected status of GET secret/app/x)
     let rows: Vec<(&str, &Client, Option<&str>, u16)> = vec![
@@ -163,16 +137,7 @@ async fn every_credential_on_every_connection() {
     ];
     for (conn, client, cred, expected) in rows {
         let r = client.send("GET", "secret/app/x", cred, None).await;
-        assert_eq!(
-            r.status,
-            expected,
-            "{conn} with {}: {r:?}",
-            if cred.is_none() {
-                "no token"
-            } else {
-                "a token"
-            }
-        );
+        assert_eq!(r.status, expected, "{conn} with {}: {r:?}", if cred.is_none() { "no token" } else { "a token" });
         if expected == 200 {
             assert_eq!(r.body["data"]["value"], SECRET);
         }
@@ -181,38 +146,19 @@ async fn every_credential_on_every_connection() {
     // log says why.
     let r = cb.get("secret/app/x", &t_a).await;
     assert_eq!(r.status, 401);
-    assert!(
-        r.body["errors"][0]
-            .as_str()
-            .unwrap()
-            .contains("bound to a client certificate")
-    );
+    assert!(r.body["errors"][0].as_str().unwrap().contains("bound to a client certificate"));
     let log = w.s.log_text();
-    assert!(
-        log.contains("certificate_mismatch") && log.contains("certificate_required"),
-        "the reasons are logged"
-    );
+    assert!(log.contains("certificate_mismatch") && log.contains("certificate_required"), "the reasons are logged");
 
     // Certificates that must fail the handshake, whatever the credential.
-    for (name, bad) in [
-        ("revoked", &w.revoked),
-        ("expired", &w.expired),
-        ("other CA", &w.foreign),
-        ("self-signed", &w.selfsigned),
-    ] {
+    for (name, bad) in
+        [("revoked", &w.revoked), ("expired", &w.expired), ("other CA", &w.foreign), ("self-signed", &w.selfsigned)]
+    {
         let c = w.s.client_with(bad);
         for cred in [None, Some(t_app.as_str()), Some(root.as_str())] {
-            assert!(
-                c.try_send("GET", "secret/app/x", cred, None).await.is_err(),
-                "{name} certificate was accepted"
-            );
+            assert!(c.try_send("GET", "secret/app/x", cred, None).await.is_err(), "{name} certificate was accepted");
         }
-        assert!(
-            c.try_send("POST", "auth/cert/login", None, Some(b"{}".to_vec()))
-                .await
-                .is_err(),
-            "{name}"
-        );
+        assert!(c.try_send("POST", "auth/cert/login", None, Some(b"{}".to_vec())).await.is_err(), "{name}");
     }
 
     // Cert login: which certificate may log in to which role.
@@ -224,11 +170,7 @@ async fn every_credential_on_every_connection() {
     assert_eq!(login(&ca, json!({"name": "role-a"})).await, 200);
     assert_eq!(login(&ca, json!({"name": "role-b"})).await, 401);
     assert_eq!(login(&cb, json!({"name": "role-a"})).await, 401);
-    assert_eq!(
-        login(&ca, json!({"name": "role-spiffe"})).await,
-        200,
-        "SPIFFE ID prefix"
-    );
+    assert_eq!(login(&ca, json!({"name": "role-spiffe"})).await, 200, "SPIFFE ID prefix");
     assert_eq!(login(&cb, json!({"name": "role-spiffe"})).await, 401);
     assert_eq!(login(&ca, json!({})).await, 200, "the first matching role");
     assert_eq!(login(&ca, json!({"name": "role-a", "x": 1})).await, 400);
@@ -237,17 +179,11 @@ async fn every_credential_on_every_connection() {
     assert_eq!(r.status, 200);
     assert!(r.body["auth"]["bound_certificate_x5t_s256"].is_string());
     // Tokens issued over mTLS by any method are bound; tokens issued without are not.
-    let sid = none
-        .post("auth/approle/role/app/secret-id", Some(&root), json!({}))
-        .await
-        .body["data"]["secret_id"]
+    let sid = none.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await.body["data"]["secret_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let bound_app = token(
-        &ca.post("auth", None, json!({"role": "app", "secret_id": sid}))
-            .await,
-    );
+    let bound_app = token(&ca.post("auth", None, json!({"role": "app", "secret_id": sid})).await);
     assert_eq!(none.get("secret/app/x", &bound_app).await.status, 401);
     assert_eq!(ca.get("secret/app/x", &bound_app).await.status, 200);
 
@@ -261,51 +197,22 @@ async fn every_credential_on_every_connection() {
         .await,
         204,
     );
-    let sid = none
-        .post("auth/approle/role/strict/secret-id", Some(&root), json!({}))
-        .await
-        .body["data"]["secret_id"]
+    let sid = none.post("auth/approle/role/strict/secret-id", Some(&root), json!({})).await.body["data"]["secret_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(
-        none.post("auth", None, json!({"role": "strict", "secret_id": sid}))
-            .await
-            .status,
-        401
-    );
-    let t = token(
-        &cb.post("auth", None, json!({"role": "strict", "secret_id": sid}))
-            .await,
-    );
+    assert_eq!(none.post("auth", None, json!({"role": "strict", "secret_id": sid})).await.status, 401);
+    let t = token(&cb.post("auth", None, json!({"role": "strict", "secret_id": sid})).await);
     assert_eq!(cb.get("secret/app/x", &t).await.status, 200);
     assert_eq!(ca.get("secret/app/x", &t).await.status, 401);
 
     // Bad cert roles are refused.
-    ok(
-        none.post(
-            "auth/cert/role/empty",
-            Some(&root),
-            json!({"token_policies": ["x"]}),
-        )
-        .await,
-        400,
-    );
-    ok(
-        none.post(
-            "auth/cert/role/badpin",
-            Some(&root),
-            json!({"certificate_sha256": ["abc"]}),
-        )
-        .await,
-        400,
-    );
+    ok(none.post("auth/cert/role/empty", Some(&root), json!({"token_policies": ["x"]})).await, 400);
+    ok(none.post("auth/cert/role/badpin", Some(&root), json!({"certificate_sha256": ["abc"]})).await, 400);
     let r = none.get("auth/cert/certs/role-b", &root).await;
     assert_eq!(r.body["data"]["allowed_dns_sans"], json!(["unit-b.corp"]));
     assert_eq!(
-        none.send("LIST", "auth/cert/role", Some(&root), None)
-            .await
-            .body["data"]["keys"],
+        none.send("LIST", "auth/cert/role", Some(&root), None).await.body["data"]["keys"],
         json!(["role-a", "role-b", "role-spiffe"])
     );
 }
@@ -319,26 +226,10 @@ async fn required_mode_refuses_connections_without_a_certificate() {
         client_ca_pem: Some(ca.pem()),
         ..Default::default()
     });
-    assert!(
-        s.client()
-            .try_send("GET", "sys/health", None, None)
-            .await
-            .is_err()
-    );
-    assert_eq!(
-        s.client_with(&a)
-            .send("GET", "sys/health", None, None)
-            .await
-            .status,
-        200
-    );
+    assert!(s.client().try_send("GET", "sys/health", None, None).await.is_err());
+    assert_eq!(s.client_with(&a).send("GET", "sys/health", None, None).await.status, 200);
     let other = TestCa::new("other").leaf("x", &[], 1, false);
-    assert!(
-        s.client_with(&other)
-            .try_send("GET", "sys/health", None, None)
-            .await
-            .is_err()
-    );
+    assert!(s.client_with(&other).try_send("GET", "sys/health", None, None).await.is_err());
 }
 
 /// The SHA-256 of the certificate a fresh TLS connection to the server presents.
@@ -352,14 +243,9 @@ async fn served_cert_sha256(s: &TestServer) -> String {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
     let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -400,18 +286,12 @@ async fn certificate_reload_under_continuous_requests_loses_none() {
     std::fs::write(&w.s.cert_file, b"-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     w.s.sighup();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(
-        w.s.log_text().contains("TLS reload failed"),
-        "{}",
-        w.s.log_text()
-    );
+    assert!(w.s.log_text().contains("TLS reload failed"), "{}", w.s.log_text());
     assert_eq!(served_cert_sha256(&w.s).await, before);
     std::fs::write(&w.s.cert_file, good_cert).unwrap();
 
     // A new server certificate, picked up from the files changing (no signal).
-    let new_server =
-        w.s.server_ca
-            .leaf("localhost", &["localhost", "127.0.0.1"], 2, true);
+    let new_server = w.s.server_ca.leaf("localhost", &["localhost", "127.0.0.1"], 2, true);
     std::fs::write(&w.s.key_file, &new_server.key_pem).unwrap();
     std::fs::write(&w.s.cert_file, &new_server.cert_pem).unwrap();
     let mut swapped = false;
@@ -422,25 +302,14 @@ async fn certificate_reload_under_continuous_requests_loses_none() {
             break;
         }
     }
-    assert!(
-        swapped,
-        "the new server certificate is served after the files changed"
-    );
+    assert!(swapped, "the new server certificate is served after the files changed");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
     }
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "no request failed across the reloads"
-    );
-    assert!(
-        ok_count.load(Ordering::Relaxed) > 20,
-        "the load ran: {}",
-        ok_count.load(Ordering::Relaxed)
-    );
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request failed across the reloads");
+    assert!(ok_count.load(Ordering::Relaxed) > 20, "the load ran: {}", ok_count.load(Ordering::Relaxed));
     assert!(w.s.log_text().contains("TLS configuration reloaded"));
 }
 
@@ -455,30 +324,12 @@ async fn a_crl_change_takes_effect_on_sighup() {
         crl_pem: Some(ca.crl(&[])),
         ..Default::default()
     });
-    assert_eq!(
-        s.client_with(&b)
-            .send("GET", "sys/health", None, None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(s.client_with(&b).send("GET", "sys/health", None, None).await.status, 200);
     std::fs::write(&s.crl_file, ca.crl(&[11])).unwrap();
     s.sighup();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        s.client_with(&b)
-            .try_send("GET", "sys/health", None, None)
-            .await
-            .is_err(),
-        "B is revoked now"
-    );
-    assert_eq!(
-        s.client_with(&a)
-            .send("GET", "sys/health", None, None)
-            .await
-            .status,
-        200
-    );
+    assert!(s.client_with(&b).try_send("GET", "sys/health", None, None).await.is_err(), "B is revoked now");
+    assert_eq!(s.client_with(&a).send("GET", "sys/health", None, None).await.status, 200);
 }
 
 mod kube {
@@ -492,21 +343,14 @@ mod kube {
 
     impl Signer {
         pub fn new(kid: &'static str) -> Self {
-            Signer {
-                key: rcgen::KeyPair::generate().unwrap(),
-                kid,
-            }
+            Signer { key: rcgen::KeyPair::generate().unwrap(), kid }
         }
 
         pub fn sign(&self, claims: &serde_json::Value) -> String {
             let mut h = Header::new(Algorithm::ES256);
             h.kid = Some(self.kid.to_owned());
-            jsonwebtoken::encode(
-                &h,
-                claims,
-                &EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap(),
-            )
-            .unwrap()
+            jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap())
+                .unwrap()
         }
 
         pub fn public_pem(&self) -> String {
@@ -525,10 +369,7 @@ mod kube {
     }
 
     pub fn claims(ns: &str, sa: &str, aud: &str, iss: &str, exp_in: i64) -> serde_json::Value {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         json!({
             "iss": iss, "aud": [aud], "iat": now, "nbf": now, "exp": now + exp_in,
             "sub": format!("system:serviceaccount:{ns}:{sa}"),
@@ -567,14 +408,7 @@ async fn kubernetes_service_account_login() {
     );
     let login = |jwt: String| {
         let c = c.clone();
-        async move {
-            c.post(
-                "auth/kubernetes/login",
-                None,
-                json!({"role": "payments-api", "jwt": jwt}),
-            )
-            .await
-        }
+        async move { c.post("auth/kubernetes/login", None, json!({"role": "payments-api", "jwt": jwt})).await }
     };
     let good = login(signer.sign(&claims("payments", "api", "keyvault", ISS, 600))).await;
     let t = token(&good);
@@ -583,30 +417,12 @@ async fn kubernetes_service_account_login() {
 
     let other_key = Signer::new("k1");
     let cases: Vec<(&str, String)> = vec![
-        (
-            "expired",
-            signer.sign(&claims("payments", "api", "keyvault", ISS, -60)),
-        ),
-        (
-            "wrong audience",
-            signer.sign(&claims("payments", "api", "other", ISS, 600)),
-        ),
-        (
-            "wrong namespace",
-            signer.sign(&claims("billing", "api", "keyvault", ISS, 600)),
-        ),
-        (
-            "wrong service account",
-            signer.sign(&claims("payments", "web", "keyvault", ISS, 600)),
-        ),
-        (
-            "wrong issuer",
-            signer.sign(&claims("payments", "api", "keyvault", "https://evil", 600)),
-        ),
-        (
-            "another key",
-            other_key.sign(&claims("payments", "api", "keyvault", ISS, 600)),
-        ),
+        ("expired", signer.sign(&claims("payments", "api", "keyvault", ISS, -60))),
+        ("wrong audience", signer.sign(&claims("payments", "api", "other", ISS, 600))),
+        ("wrong namespace", signer.sign(&claims("billing", "api", "keyvault", ISS, 600))),
+        ("wrong service account", signer.sign(&claims("payments", "web", "keyvault", ISS, 600))),
+        ("wrong issuer", signer.sign(&claims("payments", "api", "keyvault", "https://evil", 600))),
+        ("another key", other_key.sign(&claims("payments", "api", "keyvault", ISS, 600))),
         ("alg none", {
             use base64::Engine;
             let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
@@ -631,45 +447,17 @@ async fn kubernetes_service_account_login() {
         let r = login(jwt).await;
         assert_eq!(r.status, 401, "{name}: {r:?}");
     }
-    assert_eq!(
-        c.post(
-            "auth/kubernetes/login",
-            None,
-            json!({"role": "payments-api"})
-        )
-        .await
-        .status,
-        400
-    );
-    assert_eq!(
-        c.post(
-            "auth/kubernetes/login",
-            None,
-            json!({"role": "nope", "jwt": "x.y.z"})
-        )
-        .await
-        .status,
-        401
-    );
+    assert_eq!(c.post("auth/kubernetes/login", None, json!({"role": "payments-api"})).await.status, 400);
+    assert_eq!(c.post("auth/kubernetes/login", None, json!({"role": "nope", "jwt": "x.y.z"})).await.status, 401);
 
     // Key rotation in the cluster: the JWKS file changes, new tokens verify, old ones not.
     let rotated = Signer::new("k2");
     std::fs::write(&keys_file, rotated.jwks()).unwrap();
     // File stamps have one-second resolution on some file systems: make the change visible.
     let later = std::time::SystemTime::now() + Duration::from_secs(2);
-    std::fs::File::options()
-        .write(true)
-        .open(&keys_file)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    std::fs::File::options().write(true).open(&keys_file).unwrap().set_modified(later).unwrap();
     token(&login(rotated.sign(&claims("payments", "api", "keyvault", ISS, 600))).await);
-    assert_eq!(
-        login(signer.sign(&claims("payments", "api", "keyvault", ISS, 600)))
-            .await
-            .status,
-        401
-    );
+    assert_eq!(login(signer.sign(&claims("payments", "api", "keyvault", ISS, 600))).await.status, 401);
     // A broken file keeps the last good keys.
     std::fs::write(&keys_file, "not a key").unwrap();
     std::fs::File::options()
@@ -680,15 +468,7 @@ async fn kubernetes_service_account_login() {
         .unwrap();
     token(&login(rotated.sign(&claims("payments", "api", "keyvault", ISS, 600))).await);
     // Roles need bounds; the config needs an audience and a readable key file.
-    ok(
-        c.post(
-            "auth/kubernetes/role/loose",
-            Some(&root),
-            json!({"bound_service_account_names": ["api"]}),
-        )
-        .await,
-        400,
-    );
+    ok(c.post("auth/kubernetes/role/loose", Some(&root), json!({"bound_service_account_names": ["api"]})).await, 400);
     ok(
         c.post(
             "auth/kubernetes/config",
@@ -717,25 +497,13 @@ async fn bootstrap_tokens_are_used_once_even_concurrently() {
                 .await,
                 200,
             );
-            r.body["data"]["bootstrap_token"]
-                .as_str()
-                .unwrap()
-                .to_owned()
+            r.body["data"]["bootstrap_token"].as_str().unwrap().to_owned()
         }
     };
     let b1 = mint().await;
-    let t = token(
-        &c.post("auth/bootstrap/login", None, json!({"token": b1}))
-            .await,
-    );
+    let t = token(&c.post("auth/bootstrap/login", None, json!({"token": b1})).await);
     assert_eq!(c.get("secret/app/x", &t).await.status, 200);
-    assert_eq!(
-        c.post("auth/bootstrap/login", None, json!({"token": b1}))
-            .await
-            .status,
-        401,
-        "second use"
-    );
+    assert_eq!(c.post("auth/bootstrap/login", None, json!({"token": b1})).await.status, 401, "second use");
 
     for _ in 0..5 {
         let b = mint().await;
@@ -745,34 +513,14 @@ async fn bootstrap_tokens_are_used_once_even_concurrently() {
         );
         let mut statuses = [r1.status, r2.status];
         statuses.sort();
-        assert_eq!(
-            statuses,
-            [200, 401],
-            "exactly one of two concurrent uses wins"
-        );
+        assert_eq!(statuses, [200, 401], "exactly one of two concurrent uses wins");
     }
 
     // Expiry.
-    let r = ok(
-        c.post(
-            "auth/bootstrap/token",
-            Some(&root),
-            json!({"policies": ["read-app"], "ttl": "1s"}),
-        )
-        .await,
-        200,
-    );
-    let short = r.body["data"]["bootstrap_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let r = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["read-app"], "ttl": "1s"})).await, 200);
+    let short = r.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(
-        c.post("auth/bootstrap/login", None, json!({"token": short}))
-            .await
-            .status,
-        401
-    );
+    assert_eq!(c.post("auth/bootstrap/login", None, json!({"token": short})).await.status, 401);
 
     // Nobody mints more than they have.
     let app = approle_token(&c, &root, "app").await;
@@ -785,57 +533,13 @@ async fn bootstrap_tokens_are_used_once_even_concurrently() {
         .await,
         204,
     );
-    ok(
-        c.post(
-            "auth/approle/role/minter",
-            Some(&root),
-            json!({"token_policies": ["minter", "read-app"]}),
-        )
-        .await,
-        204,
-    );
+    ok(c.post("auth/approle/role/minter", Some(&root), json!({"token_policies": ["minter", "read-app"]})).await, 204);
     let minter = approle_token(&c, &root, "minter").await;
-    ok(
-        c.post(
-            "auth/bootstrap/token",
-            Some(&minter),
-            json!({"policies": ["read-app"]}),
-        )
-        .await,
-        200,
-    );
-    ok(
-        c.post(
-            "auth/bootstrap/token",
-            Some(&minter),
-            json!({"policies": ["admin"]}),
-        )
-        .await,
-        403,
-    );
-    ok(
-        c.post(
-            "auth/bootstrap/token",
-            Some(&app),
-            json!({"policies": ["read-app"]}),
-        )
-        .await,
-        403,
-    );
-    ok(
-        c.post(
-            "auth/bootstrap/token",
-            Some(&root),
-            json!({"policies": ["root"]}),
-        )
-        .await,
-        400,
-    );
-    ok(
-        c.post("auth/bootstrap/token", Some(&root), json!({"ttl": "48h"}))
-            .await,
-        400,
-    );
+    ok(c.post("auth/bootstrap/token", Some(&minter), json!({"policies": ["read-app"]})).await, 200);
+    ok(c.post("auth/bootstrap/token", Some(&minter), json!({"policies": ["admin"]})).await, 403);
+    ok(c.post("auth/bootstrap/token", Some(&app), json!({"policies": ["read-app"]})).await, 403);
+    ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["root"]})).await, 400);
+    ok(c.post("auth/bootstrap/token", Some(&root), json!({"ttl": "48h"})).await, 400);
 }
 
 #[tokio::test]
@@ -857,40 +561,21 @@ async fn token_lifecycle() {
     let r = ok(c.get("auth/token/lookup-self", &t).await, 200);
     assert_eq!(r.body["data"]["policies"], json!(["read-app"]));
     assert_eq!(r.body["data"]["renewable"], true);
-    assert!(
-        !r.body.to_string().contains(&t),
-        "lookup-self never returns the token"
-    );
+    assert!(!r.body.to_string().contains(&t), "lookup-self never returns the token");
     let accessor = r.body["data"]["accessor"].as_str().unwrap().to_owned();
 
     // Renew: a new token, same accessor, expiry capped by the role's max TTL.
-    let r = ok(
-        c.post(
-            "auth/token/renew-self",
-            Some(&t),
-            json!({"increment": "1h"}),
-        )
-        .await,
-        200,
-    );
+    let r = ok(c.post("auth/token/renew-self", Some(&t), json!({"increment": "1h"})).await, 200);
     let renewed = r.body["auth"]["client_token"].as_str().unwrap().to_owned();
     assert_ne!(renewed, t);
     assert_eq!(r.body["auth"]["accessor"], accessor.as_str());
     let ttl = r.body["auth"]["lease_duration"].as_u64().unwrap();
     assert!((85..=90).contains(&ttl), "capped at token_max_ttl: {ttl}");
     assert_eq!(c.get("secret/app/x", &renewed).await.status, 200);
-    ok(
-        c.post("auth/token/renew-self", Some(&t), json!({"bogus": 1}))
-            .await,
-        400,
-    );
+    ok(c.post("auth/token/renew-self", Some(&t), json!({"bogus": 1})).await, 400);
 
     // Revoke-self revokes the token and its renewals.
-    ok(
-        c.post("auth/token/revoke-self", Some(&renewed), json!({}))
-            .await,
-        204,
-    );
+    ok(c.post("auth/token/revoke-self", Some(&renewed), json!({})).await, 204);
     for tok in [&t, &renewed] {
         let r = c.get("secret/app/x", tok).await;
         assert_eq!(r.status, 401);
@@ -899,50 +584,19 @@ async fn token_lifecycle() {
 
     // Admin revoke by accessor.
     let victim = approle_token(&c, &root, "app").await;
-    let acc = c.get("auth/token/lookup-self", &victim).await.body["data"]["accessor"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let acc = c.get("auth/token/lookup-self", &victim).await.body["data"]["accessor"].as_str().unwrap().to_owned();
     let bystander = approle_token(&c, &root, "app").await;
-    ok(
-        c.post(
-            "auth/token/revoke-accessor",
-            Some(&bystander),
-            json!({"accessor": acc}),
-        )
-        .await,
-        403,
-    );
-    ok(
-        c.post(
-            "auth/token/revoke-accessor",
-            Some(&root),
-            json!({"accessor": acc}),
-        )
-        .await,
-        204,
-    );
+    ok(c.post("auth/token/revoke-accessor", Some(&bystander), json!({"accessor": acc})).await, 403);
+    ok(c.post("auth/token/revoke-accessor", Some(&root), json!({"accessor": acc})).await, 204);
     assert_eq!(c.get("secret/app/x", &victim).await.status, 401);
     assert_eq!(c.get("secret/app/x", &bystander).await.status, 200);
-    ok(
-        c.post(
-            "auth/token/revoke-accessor",
-            Some(&root),
-            json!({"accessor": "../x"}),
-        )
-        .await,
-        400,
-    );
+    ok(c.post("auth/token/revoke-accessor", Some(&root), json!({"accessor": "../x"})).await, 400);
 
     // A direct certificate request has no token to renew.
     let ca = w.s.client_with(&w.a);
     ok(ca.post("auth/token/renew-self", None, json!({})).await, 400);
     assert_eq!(
-        ok(
-            ca.send("GET", "auth/token/lookup-self", None, None).await,
-            200
-        )
-        .body["data"]["type"],
+        ok(ca.send("GET", "auth/token/lookup-self", None, None).await, 200).body["data"]["type"],
         "direct-certificate"
     );
 }
@@ -955,166 +609,69 @@ async fn kill_switch_revokes_an_identity_everywhere_at_once() {
     let ca = w.s.client_with(&w.a);
     let cb = w.s.client_with(&w.b);
     let t_app = approle_token(&none, &root, "app").await;
-    let t_a = token(
-        &ca.post("auth/cert/login", None, json!({"name": "role-a"}))
-            .await,
-    );
-    let t_spiffe = token(
-        &ca.post("auth/cert/login", None, json!({"name": "role-spiffe"}))
-            .await,
-    );
-    let t_b = token(
-        &cb.post("auth/cert/login", None, json!({"name": "role-b"}))
-            .await,
-    );
+    let t_a = token(&ca.post("auth/cert/login", None, json!({"name": "role-a"})).await);
+    let t_spiffe = token(&ca.post("auth/cert/login", None, json!({"name": "role-spiffe"})).await);
+    let t_b = token(&cb.post("auth/cert/login", None, json!({"name": "role-b"})).await);
 
     // Only sudo may pull the switch.
-    ok(
-        none.post("sys/revoke-identity", Some(&t_app), json!({"role": "app"}))
-            .await,
-        403,
-    );
-    ok(
-        none.post(
-            "sys/revoke-identity",
-            Some(&root),
-            json!({"role": "app", "spiffe_id": "spiffe://x"}),
-        )
-        .await,
-        400,
-    );
+    ok(none.post("sys/revoke-identity", Some(&t_app), json!({"role": "app"})).await, 403);
+    ok(none.post("sys/revoke-identity", Some(&root), json!({"role": "app", "spiffe_id": "spiffe://x"})).await, 400);
 
     // A role: its tokens and its logins.
-    let r = ok(
-        none.post("sys/revoke-identity", Some(&root), json!({"role": "app"}))
-            .await,
-        200,
-    );
+    let r = ok(none.post("sys/revoke-identity", Some(&root), json!({"role": "app"})).await, 200);
     assert!(r.body["data"]["revoked_at"].as_u64().is_some());
     let r = none.get("secret/app/x", &t_app).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.body["errors"][0], "identity revoked");
-    let sid = none
-        .post("auth/approle/role/app/secret-id", Some(&root), json!({}))
-        .await
-        .body["data"]["secret_id"]
+    let sid = none.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await.body["data"]["secret_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(
-        none.post("auth", None, json!({"role": "app", "secret_id": sid}))
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        cb.get("secret/app/x", &t_b).await.status,
-        200,
-        "other identities are untouched"
-    );
+    assert_eq!(none.post("auth", None, json!({"role": "app", "secret_id": sid})).await.status, 401);
+    assert_eq!(cb.get("secret/app/x", &t_b).await.status, 200, "other identities are untouched");
     // Restored: logins work again, the old token stays dead.
-    ok(
-        none.post("sys/restore-identity", Some(&root), json!({"role": "app"}))
-            .await,
-        204,
-    );
-    let fresh = token(
-        &none
-            .post("auth", None, json!({"role": "app", "secret_id": sid}))
-            .await,
-    );
+    ok(none.post("sys/restore-identity", Some(&root), json!({"role": "app"})).await, 204);
+    let fresh = token(&none.post("auth", None, json!({"role": "app", "secret_id": sid})).await);
     assert_eq!(none.get("secret/app/x", &fresh).await.status, 200);
     assert_eq!(none.get("secret/app/x", &t_app).await.status, 401);
 
     // A certificate: bound tokens, direct requests, cert logins, and its pin.
     ok(
-        none.post(
-            "sys/revoke-identity",
-            Some(&root),
-            json!({"certificate_sha256": w.a.sha256_hex.to_uppercase()}),
-        )
-        .await,
+        none.post("sys/revoke-identity", Some(&root), json!({"certificate_sha256": w.a.sha256_hex.to_uppercase()}))
+            .await,
         200,
     );
     assert_eq!(ca.get("secret/app/x", &t_a).await.status, 401);
-    assert_eq!(
-        ca.send("GET", "secret/app/x", None, None).await.status,
-        401,
-        "direct request"
-    );
-    assert_eq!(
-        ca.post("auth/cert/login", None, json!({"name": "role-spiffe"}))
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        none.get("auth/cert/role/role-a", &root).await.status,
-        404,
-        "the role pinned to it is gone"
-    );
+    assert_eq!(ca.send("GET", "secret/app/x", None, None).await.status, 401, "direct request");
+    assert_eq!(ca.post("auth/cert/login", None, json!({"name": "role-spiffe"})).await.status, 401);
+    assert_eq!(none.get("auth/cert/role/role-a", &root).await.status, 404, "the role pinned to it is gone");
     assert_eq!(cb.get("secret/app/x", &t_b).await.status, 200);
 
     // A SPIFFE ID, through the CLI.
     let out = std::process::Command::new(keyvault_tests::keyvault_bin())
-        .args([
-            "operator",
-            "revoke-identity",
-            "--address",
-            &w.s.addr,
-            "--ca-file",
-        ])
+        .args(["operator", "revoke-identity", "--address", &w.s.addr, "--ca-file"])
         .arg(&w.s.server_ca_file)
         .args(["--spiffe-id", SPIFFE_A])
         .env("KEYVAULT_TOKEN", &root)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("SPIFFE ID spiffe://corp/ns/payments/sa/api")
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SPIFFE ID spiffe://corp/ns/payments/sa/api"));
     // t_spiffe was issued to A (also revoked by fingerprint); check the SPIFFE record on its own.
-    ok(
-        none.post(
-            "sys/restore-identity",
-            Some(&root),
-            json!({"certificate_sha256": w.a.sha256_hex}),
-        )
-        .await,
-        204,
-    );
+    ok(none.post("sys/restore-identity", Some(&root), json!({"certificate_sha256": w.a.sha256_hex})).await, 204);
     assert_eq!(ca.get("secret/app/x", &t_spiffe).await.status, 401);
-    assert_eq!(
-        ca.post("auth/cert/login", None, json!({"name": "role-spiffe"}))
-            .await
-            .status,
-        401
-    );
+    assert_eq!(ca.post("auth/cert/login", None, json!({"name": "role-spiffe"})).await.status, 401);
     assert!(w.s.log_text().contains("identity revoked (kill switch)"));
 }
 
 #[tokio::test]
 async fn failed_logins_are_rate_limited_per_role_and_address() {
-    let w = world("[auth.rate_limit]\nfailures_per_role_and_address = 3\nfailures_per_address = 6\nwindow = \"60s\"\n").await;
+    let w = world("[auth.rate_limit]\nfailures_per_role_and_address = 3\nfailures_per_address = 6\nwindow = \"60s\"\n")
+        .await;
     let root = w.s.root.clone();
     let c = w.s.client();
-    ok(
-        c.post(
-            "auth/approle/role/batch",
-            Some(&root),
-            json!({"token_policies": ["read-app"]}),
-        )
-        .await,
-        204,
-    );
-    let sid = c
-        .post("auth/approle/role/app/secret-id", Some(&root), json!({}))
-        .await
-        .body["data"]["secret_id"]
+    ok(c.post("auth/approle/role/batch", Some(&root), json!({"token_policies": ["read-app"]})).await, 204);
+    let sid = c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await.body["data"]["secret_id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1124,38 +681,18 @@ async fn failed_logins_are_rate_limited_per_role_and_address() {
     }
     let r = c.post("auth", None, wrong.clone()).await;
     assert_eq!(r.status, 429);
-    let retry: u64 = r
-        .headers
-        .get("retry-after")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = r.headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry));
     // The right secret from the attacking address is refused too (no guessing while limited).
-    assert_eq!(
-        c.post("auth", None, json!({"role": "app", "secret_id": sid}))
-            .await
-            .status,
-        429
-    );
+    assert_eq!(c.post("auth", None, json!({"role": "app", "secret_id": sid})).await.status, 429);
     // The legitimate unit from its own address is not locked out.
     let unit = Client::from_address(&w.s.addr, &w.s.server_ca_file, "127.0.0.2".parse().unwrap());
-    token(
-        &unit
-            .post("auth", None, json!({"role": "app", "secret_id": sid}))
-            .await,
-    );
+    token(&unit.post("auth", None, json!({"role": "app", "secret_id": sid})).await);
     // Another role from the attacking address: ordinary 401s until the per-address limit.
     let wrong_batch = json!({"role": "batch", "secret_id": "0".repeat(64)});
     for _ in 0..3 {
         assert_eq!(c.post("auth", None, wrong_batch.clone()).await.status, 401);
     }
-    assert_eq!(
-        c.post("auth", None, wrong_batch.clone()).await.status,
-        429,
-        "per-address limit"
-    );
+    assert_eq!(c.post("auth", None, wrong_batch.clone()).await.status, 429, "per-address limit");
     assert_eq!(unit.post("auth", None, wrong_batch).await.status, 401);
 }

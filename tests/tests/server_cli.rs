@@ -20,10 +20,7 @@ struct Install {
 }
 
 fn install() -> Install {
-    let tmp = tempfile::Builder::new()
-        .prefix("keyvault-server-")
-        .tempdir()
-        .unwrap();
+    let tmp = tempfile::Builder::new().prefix("keyvault-server-").tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     // A fresh SoftHSM token in this test process's token directory; SOFTHSM2_CONF is set
     // in this process and inherited by the keyvault processes it starts.
@@ -32,14 +29,7 @@ fn install() -> Install {
     std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
     let pki = DevPki::in_dir(&dir.join("tls"));
     pki.ensure().unwrap();
-    Install {
-        _tmp: tmp,
-        dir,
-        pki,
-        module: token.module.clone(),
-        label: token.token_label.clone(),
-        pin_file,
-    }
+    Install { _tmp: tmp, dir, pki, module: token.module.clone(), label: token.token_label.clone(), pin_file }
 }
 
 impl Install {
@@ -62,6 +52,9 @@ pin_file = "{pin}"
 
 [log]
 level = "debug"
+
+[audit]
+path = "{audit}"
 "#,
             cert = self.pki.server_cert.display(),
             key = self.pki.server_key.display(),
@@ -69,6 +62,7 @@ level = "debug"
             module = module.display(),
             label = self.label,
             pin = pin_file.display(),
+            audit = self.dir.join("audit.log").display(),
         );
         let path = self.dir.join(format!("keyvault-{}.toml", text.len()));
         std::fs::write(&path, text).unwrap();
@@ -81,11 +75,7 @@ level = "debug"
 }
 
 fn keyvault(args: &[&str]) -> Output {
-    let out = Command::new(keyvault_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = Command::new(keyvault_bin()).args(args).stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "keyvault panicked: {stderr}");
     out
@@ -96,10 +86,7 @@ fn fails_with(args: &[&str], needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} should fail");
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected {needle:?} in:\n{stderr}"
-    );
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in:\n{stderr}");
 }
 
 #[test]
@@ -114,16 +101,9 @@ fn clear_errors_for_operator_mistakes() {
     );
     let bad = i.dir.join("bad.toml");
     std::fs::write(&bad, "[listener]\naddress = 12\n").unwrap();
-    fails_with(
-        &["server", "--config", bad.to_str().unwrap()],
-        "configuration",
-    );
+    fails_with(&["server", "--config", bad.to_str().unwrap()], "configuration");
 
-    let missing_module = i.config(
-        "127.0.0.1:0",
-        Path::new("/nonexistent/libpkcs11.so"),
-        &i.pin_file,
-    );
+    let missing_module = i.config("127.0.0.1:0", Path::new("/nonexistent/libpkcs11.so"), &i.pin_file);
     fails_with(
         &["server", "--config", missing_module.to_str().unwrap()],
         "cannot load PKCS#11 module /nonexistent/libpkcs11.so",
@@ -134,79 +114,40 @@ fn clear_errors_for_operator_mistakes() {
     let wrong = i.config("127.0.0.1:0", &i.module, &wrong_pin);
     let out = keyvault(&["server", "--config", wrong.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("the token refused the user PIN"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("0000000000000000"),
-        "the PIN is never printed"
-    );
+    assert!(stderr.contains("the token refused the user PIN"), "{stderr}");
+    assert!(!stderr.contains("0000000000000000"), "the PIN is never printed");
 
     let no_pin = i.config("127.0.0.1:0", &i.module, Path::new("/nonexistent/pin"));
-    fails_with(
-        &["server", "--config", no_pin.to_str().unwrap()],
-        "cannot read PIN file /nonexistent/pin",
-    );
+    fails_with(&["server", "--config", no_pin.to_str().unwrap()], "cannot read PIN file /nonexistent/pin");
 
-    fails_with(
-        &["server", "--config", cfg_s],
-        "not initialized: run `keyvault operator init",
-    );
+    fails_with(&["server", "--config", cfg_s], "not initialized: run `keyvault operator init");
 
     // Port in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = i.good_config(&taken.local_addr().unwrap().to_string());
     let init = keyvault(&["operator", "init", "--config", busy.to_str().unwrap()]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    fails_with(
-        &["server", "--config", busy.to_str().unwrap()],
-        "already in use",
-    );
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    fails_with(&["server", "--config", busy.to_str().unwrap()], "already in use");
 
     // Initializing twice is refused.
-    fails_with(
-        &["operator", "init", "--config", cfg_s],
-        "already initialized",
-    );
+    fails_with(&["operator", "init", "--config", cfg_s], "already initialized");
 }
 
 #[tokio::test]
 async fn operator_init_then_server_serves_over_tls() {
     let i = install();
     // Reserve a free port, then hand it to the server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cfg = i.good_config(&format!("127.0.0.1:{port}"));
     let out = keyvault(&["operator", "init", "--config", cfg.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let root = stdout
-        .lines()
-        .find_map(|l| l.split("Root token").nth(1))
-        .unwrap()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let root =
+        stdout.lines().find_map(|l| l.split("Root token").nth(1)).unwrap().rsplit(' ').next().unwrap().to_owned();
 
     let log = std::fs::File::create(i.dir.join("server.log")).unwrap();
-    let mut child = Command::new(keyvault_bin())
-        .args(["server", "--config", cfg.to_str().unwrap()])
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(keyvault_bin()).args(["server", "--config", cfg.to_str().unwrap()]).stderr(log).spawn().unwrap();
     let c = Client::new(&format!("https://localhost:{port}"), &i.pki.ca_cert);
     let mut up = false;
     for _ in 0..100 {
@@ -216,34 +157,15 @@ async fn operator_init_then_server_serves_over_tls() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        up,
-        "server did not come up: {}",
-        std::fs::read_to_string(i.dir.join("server.log")).unwrap_or_default()
-    );
-    let r = c
-        .put(
-            "secret/app/config",
-            &root,
-            json!({"value": "from-a-real-install"}),
-        )
-        .await;
+    assert!(up, "server did not come up: {}", std::fs::read_to_string(i.dir.join("server.log")).unwrap_or_default());
+    let r = c.put("secret/app/config", &root, json!({"value": "from-a-real-install"})).await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(
-        c.get("secret/app/config", &root).await.body["data"]["value"],
-        "from-a-real-install"
-    );
+    assert_eq!(c.get("secret/app/config", &root).await.body["data"]["value"], "from-a-real-install");
 
     // TLS 1.2 and 1.3 with AEAD suites; nothing older, nothing with CBC.
     let s_client = |args: &[&str]| {
         let out = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-CAfile",
-                i.pki.ca_cert.to_str().unwrap(),
-            ])
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-CAfile", i.pki.ca_cert.to_str().unwrap()])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -251,37 +173,18 @@ async fn operator_init_then_server_serves_over_tls() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
     let tls13 = s_client(&["-tls1_3"]);
-    assert!(
-        tls13.contains("Cipher is TLS_") && tls13.contains("Verify return code: 0 (ok)"),
-        "{tls13}"
-    );
+    assert!(tls13.contains("Cipher is TLS_") && tls13.contains("Verify return code: 0 (ok)"), "{tls13}");
     let tls12 = s_client(&["-tls1_2"]);
-    assert!(
-        tls12.contains("Cipher is ECDHE-") && (tls12.contains("GCM") || tls12.contains("CHACHA20")),
-        "{tls12}"
-    );
-    for old in [
-        ["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"],
-        ["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"],
-    ] {
+    assert!(tls12.contains("Cipher is ECDHE-") && (tls12.contains("GCM") || tls12.contains("CHACHA20")), "{tls12}");
+    for old in [["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"], ["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"]] {
         let out = s_client(&old);
-        assert!(
-            out.contains("Cipher is (NONE)"),
-            "{old:?} was accepted: {out}"
-        );
+        assert!(out.contains("Cipher is (NONE)"), "{old:?} was accepted: {out}");
     }
-    let cbc = s_client(&[
-        "-tls1_2",
-        "-cipher",
-        "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384",
-    ]);
+    let cbc = s_client(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384"]);
     assert!(cbc.contains("Cipher is (NONE)"), "CBC accepted: {cbc}");
 
     // SIGTERM: graceful shutdown, exit 0.
-    Command::new("kill")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    Command::new("kill").arg(child.id().to_string()).status().unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let log = std::fs::read_to_string(i.dir.join("server.log")).unwrap();

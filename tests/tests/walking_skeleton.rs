@@ -20,18 +20,10 @@ async fn make_approle(c: &Client, root: &str, name: &str, policies: &[&str], ttl
         )
         .await;
     assert_eq!(r.status, 204, "{r:?}");
-    let r = c
-        .get(&format!("auth/approle/role/{name}/role-id"), root)
-        .await;
+    let r = c.get(&format!("auth/approle/role/{name}/role-id"), root).await;
     assert_eq!(r.status, 200, "{r:?}");
     let role_id = r.body["data"]["role_id"].as_str().unwrap().to_owned();
-    let r = c
-        .post(
-            &format!("auth/approle/role/{name}/secret-id"),
-            Some(root),
-            json!({}),
-        )
-        .await;
+    let r = c.post(&format!("auth/approle/role/{name}/secret-id"), Some(root), json!({})).await;
     assert_eq!(r.status, 200, "{r:?}");
     let secret_id = r.body["data"]["secret_id"].as_str().unwrap().to_owned();
     assert_eq!(secret_id.len(), 64, "256-bit secret ids");
@@ -39,13 +31,7 @@ async fn make_approle(c: &Client, root: &str, name: &str, policies: &[&str], ttl
 }
 
 async fn put_policy(c: &Client, root: &str, name: &str, text: &str) {
-    let r = c
-        .put(
-            &format!("sys/policies/acl/{name}"),
-            root,
-            json!({ "policy": text }),
-        )
-        .await;
+    let r = c.put(&format!("sys/policies/acl/{name}"), root, json!({ "policy": text })).await;
     assert_eq!(r.status, 204, "{r:?}");
 }
 
@@ -65,119 +51,51 @@ async fn unit_start_up_and_admin_flows_over_tls() {
     assert_eq!(r.body["hsm"], "ok");
     assert_eq!(r.body["storage"], "ok");
 
-    put_policy(
-        &c,
-        &root,
-        "web-read",
-        r#"path "secret/db/*" { capabilities = ["read"] }"#,
-    )
-    .await;
-    put_policy(
-        &c,
-        &root,
-        "batch-read",
-        r#"{"path": {"secret/batch/*": {"capabilities": ["read", "list"]}}}"#,
-    )
-    .await;
+    put_policy(&c, &root, "web-read", r#"path "secret/db/*" { capabilities = ["read"] }"#).await;
+    put_policy(&c, &root, "batch-read", r#"{"path": {"secret/batch/*": {"capabilities": ["read", "list"]}}}"#).await;
     let web = make_approle(&c, &root, "web", &["web-read"], "5m").await;
     let batch = make_approle(&c, &root, "batch", &["batch-read"], "5m").await;
 
-    let r = c
-        .put(
-            "secret/db/password",
-            &root,
-            json!({ "value": SECRET_VALUE }),
-        )
-        .await;
+    let r = c.put("secret/db/password", &root, json!({ "value": SECRET_VALUE })).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["data"]["version"], 1);
 
     // The unit's start-up: short form login, then read.
-    let r = c
-        .post(
-            "auth",
-            None,
-            json!({"role": "web", "secret_id": web.secret_id}),
-        )
-        .await;
+    let r = c.post("auth", None, json!({"role": "web", "secret_id": web.secret_id})).await;
     let unit = token_of(&r);
     assert_eq!(r.body["auth"]["policies"], json!(["web-read"]));
     assert_eq!(r.body["auth"]["lease_duration"], 300);
-    assert_eq!(
-        r.body["auth"]["renewable"], true,
-        "renewable up to token_max_ttl"
-    );
+    assert_eq!(r.body["auth"]["renewable"], true, "renewable up to token_max_ttl");
     assert!(r.body["auth"]["accessor"].as_str().unwrap().len() >= 16);
     assert_eq!(r.headers.get("cache-control").unwrap(), "no-store");
     let r = c.get("secret/db/password", &unit).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["data"]["value"], SECRET_VALUE);
     assert_eq!(r.body["metadata"]["version"], 1);
-    assert!(
-        r.body["metadata"]["created_time"]
-            .as_str()
-            .unwrap()
-            .ends_with('Z')
-    );
+    assert!(r.body["metadata"]["created_time"].as_str().unwrap().ends_with('Z'));
 
     // The Vault-shaped login, and the Bearer header.
-    let r = c
-        .post(
-            "auth/approle/login",
-            None,
-            json!({"role_id": web.role_id, "secret_id": web.secret_id}),
-        )
-        .await;
+    let r = c.post("auth/approle/login", None, json!({"role_id": web.role_id, "secret_id": web.secret_id})).await;
     let unit2 = token_of(&r);
-    let resp = c
-        .http
-        .get(c.url("secret/db/password"))
-        .bearer_auth(&unit2)
-        .send()
-        .await
-        .unwrap();
+    let resp = c.http.get(c.url("secret/db/password")).bearer_auth(&unit2).send().await.unwrap();
     let r = Client::reply(resp).await;
     assert_eq!(r.body["data"]["value"], SECRET_VALUE);
 
     // Policy: read only, and only under secret/db/.
-    assert_eq!(
-        c.put("secret/db/password", &unit, json!({"value": "x"}))
-            .await
-            .status,
-        403
-    );
+    assert_eq!(c.put("secret/db/password", &unit, json!({"value": "x"})).await.status, 403);
     assert_eq!(c.get("secret/batch/job", &unit).await.status, 403);
-    assert_eq!(
-        c.send("LIST", "secret/db", Some(&unit), None).await.status,
-        403
-    );
+    assert_eq!(c.send("LIST", "secret/db", Some(&unit), None).await.status, 403);
     // A token of another role.
-    let batch_token = token_of(
-        &c.post(
-            "auth",
-            None,
-            json!({"role": "batch", "secret_id": batch.secret_id}),
-        )
-        .await,
-    );
+    let batch_token = token_of(&c.post("auth", None, json!({"role": "batch", "secret_id": batch.secret_id})).await);
     assert_eq!(c.get("secret/db/password", &batch_token).await.status, 403);
     // Admin endpoints are closed to units.
     assert_eq!(
-        c.put(
-            "sys/policies/acl/evil",
-            &unit,
-            json!({"policy": "path \"*\" { capabilities = [\"sudo\"] }"})
-        )
-        .await
-        .status,
-        403
-    );
-    assert_eq!(
-        c.post("auth/approle/role/web/secret-id", Some(&unit), json!({}))
+        c.put("sys/policies/acl/evil", &unit, json!({"policy": "path \"*\" { capabilities = [\"sudo\"] }"}))
             .await
             .status,
         403
     );
+    assert_eq!(c.post("auth/approle/role/web/secret-id", Some(&unit), json!({})).await.status, 403);
 
     // Wrong credentials: 401, and the caller cannot tell which part was wrong.
     for body in [
@@ -188,93 +106,40 @@ async fn unit_start_up_and_admin_flows_over_tls() {
         json!({"role_id": "00000000-0000-0000-0000-000000000000", "secret_id": web.secret_id}),
     ] {
         let r = c.post("auth", None, body.clone()).await;
-        let r = if body.get("role_id").is_some() {
-            c.post("auth/approle/login", None, body).await
-        } else {
-            r
-        };
+        let r = if body.get("role_id").is_some() { c.post("auth/approle/login", None, body).await } else { r };
         assert_eq!(r.status, 401, "{r:?}");
         assert_eq!(r.body["errors"][0], "invalid credentials");
     }
 
     // Removing a capability takes effect on the next request (policies are re-read).
-    put_policy(
-        &c,
-        &root,
-        "web-read",
-        r#"path "secret/other/*" { capabilities = ["read"] }"#,
-    )
-    .await;
+    put_policy(&c, &root, "web-read", r#"path "secret/other/*" { capabilities = ["read"] }"#).await;
     assert_eq!(c.get("secret/db/password", &unit).await.status, 403);
-    put_policy(
-        &c,
-        &root,
-        "web-read",
-        r#"path "secret/db/*" { capabilities = ["read"] }"#,
-    )
-    .await;
+    put_policy(&c, &root, "web-read", r#"path "secret/db/*" { capabilities = ["read"] }"#).await;
     assert_eq!(c.get("secret/db/password", &unit).await.status, 200);
 
     // userpass for a human admin.
-    put_policy(&c, &root, "admin", r#"path "sys/policies/acl/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#).await;
+    put_policy(
+        &c,
+        &root,
+        "admin",
+        r#"path "sys/policies/acl/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#,
+    )
+    .await;
     let r = c
-        .post(
-            "auth/userpass/users/alice",
-            Some(&root),
-            json!({"password": PASSWORD, "token_policies": "admin"}),
-        )
+        .post("auth/userpass/users/alice", Some(&root), json!({"password": PASSWORD, "token_policies": "admin"}))
         .await;
     assert_eq!(r.status, 204, "{r:?}");
-    let r = c
-        .post(
-            "auth/userpass/users/bob",
-            Some(&root),
-            json!({"password": "short"}),
-        )
-        .await;
+    let r = c.post("auth/userpass/users/bob", Some(&root), json!({"password": "short"})).await;
     assert_eq!(r.status, 400, "{r:?}");
     let r = c.get("auth/userpass/users/alice", &root).await;
     assert_eq!(r.body["data"]["token_policies"], json!(["admin"]));
-    assert!(
-        r.body.to_string().find("argon2").is_none(),
-        "the hash is never shown"
-    );
-    let alice = token_of(
-        &c.post(
-            "auth/userpass/login/alice",
-            None,
-            json!({"password": PASSWORD}),
-        )
-        .await,
-    );
-    assert_eq!(
-        c.post(
-            "auth/userpass/login/alice",
-            None,
-            json!({"password": "wrong-password-123"})
-        )
-        .await
-        .status,
-        401
-    );
-    assert_eq!(
-        c.post(
-            "auth/userpass/login/mallory",
-            None,
-            json!({"password": PASSWORD})
-        )
-        .await
-        .status,
-        401
-    );
+    assert!(r.body.to_string().find("argon2").is_none(), "the hash is never shown");
+    let alice = token_of(&c.post("auth/userpass/login/alice", None, json!({"password": PASSWORD})).await);
+    assert_eq!(c.post("auth/userpass/login/alice", None, json!({"password": "wrong-password-123"})).await.status, 401);
+    assert_eq!(c.post("auth/userpass/login/mallory", None, json!({"password": PASSWORD})).await.status, 401);
     let r = c.get("sys/policies/acl/web-read", &alice).await;
     assert_eq!(r.status, 200);
-    assert!(
-        r.body["data"]["policy"]
-            .as_str()
-            .unwrap()
-            .contains("secret/db/*")
-    );
+    assert!(r.body["data"]["policy"].as_str().unwrap().contains("secret/db/*"));
     assert_eq!(c.get("secret/db/password", &alice).await.status, 403);
     let r = c.send("LIST", "sys/policies/acl", Some(&alice), None).await;
     assert_eq!(r.status, 200);
@@ -288,82 +153,28 @@ async fn unit_start_up_and_admin_flows_over_tls() {
     let r = c.get("auth/approle/role?list=true", &root).await;
     assert_eq!(r.body["data"]["keys"], json!(["batch", "web"]));
     // A role name is one namespace across methods.
-    assert_eq!(
-        c.send("DELETE", "auth/approle/role/batch", Some(&root), None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        c.post(
-            "auth",
-            None,
-            json!({"role": "batch", "secret_id": batch.secret_id})
-        )
-        .await
-        .status,
-        401
-    );
+    assert_eq!(c.send("DELETE", "auth/approle/role/batch", Some(&root), None).await.status, 204);
+    assert_eq!(c.post("auth", None, json!({"role": "batch", "secret_id": batch.secret_id})).await.status, 401);
 
     // Secret versions, delete, list.
-    assert_eq!(
-        c.put("secret/db/password", &root, json!({"value": "second"}))
-            .await
-            .body["data"]["version"],
-        2
-    );
-    assert_eq!(
-        c.get("secret/db/password?version=1", &root).await.body["data"]["value"],
-        SECRET_VALUE
-    );
-    assert_eq!(
-        c.get("secret/db/password", &root).await.body["data"]["value"],
-        "second"
-    );
-    assert_eq!(
-        c.send("DELETE", "secret/db/password", Some(&root), None)
-            .await
-            .status,
-        204
-    );
+    assert_eq!(c.put("secret/db/password", &root, json!({"value": "second"})).await.body["data"]["version"], 2);
+    assert_eq!(c.get("secret/db/password?version=1", &root).await.body["data"]["value"], SECRET_VALUE);
+    assert_eq!(c.get("secret/db/password", &root).await.body["data"]["value"], "second");
+    assert_eq!(c.send("DELETE", "secret/db/password", Some(&root), None).await.status, 204);
     assert_eq!(c.get("secret/db/password", &root).await.status, 404);
-    assert_eq!(
-        c.get("secret/db/password?version=1", &root).await.body["data"]["value"],
-        SECRET_VALUE
-    );
-    assert_eq!(
-        c.put("secret/db/password", &root, json!({"value": "third"}))
-            .await
-            .body["data"]["version"],
-        3
-    );
-    c.put("secret/db/replica/password", &root, json!({"value": "r"}))
-        .await;
+    assert_eq!(c.get("secret/db/password?version=1", &root).await.body["data"]["value"], SECRET_VALUE);
+    assert_eq!(c.put("secret/db/password", &root, json!({"value": "third"})).await.body["data"]["version"], 3);
+    c.put("secret/db/replica/password", &root, json!({"value": "r"})).await;
     let r = c.send("LIST", "secret/db/", Some(&root), None).await;
     assert_eq!(r.body["data"]["keys"], json!(["password", "replica/"]));
-    assert_eq!(
-        c.get("secret/db?list=true", &root).await.body["data"]["keys"],
-        json!(["password", "replica/"])
-    );
-    assert_eq!(
-        c.send("LIST", "secret/", Some(&root), None).await.body["data"]["keys"],
-        json!(["db/"])
-    );
+    assert_eq!(c.get("secret/db?list=true", &root).await.body["data"]["keys"], json!(["password", "replica/"]));
+    assert_eq!(c.send("LIST", "secret/", Some(&root), None).await.body["data"]["keys"], json!(["db/"]));
 
     // Nothing secret reached the log (debug level), though the requests did.
     let log = s.log_text();
     assert!(log.contains("request"), "the log is being written");
-    for secret in [
-        SECRET_VALUE,
-        PASSWORD,
-        &web.secret_id,
-        &batch.secret_id,
-        &unit,
-        &unit2,
-        &alice,
-        &root,
-        &batch_token,
-    ] {
+    for secret in [SECRET_VALUE, PASSWORD, &web.secret_id, &batch.secret_id, &unit, &unit2, &alice, &root, &batch_token]
+    {
         assert!(!log.contains(secret), "a secret value reached the log");
     }
 }
@@ -373,12 +184,7 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
     let s = DevServer::start();
     let c = s.client();
     let root = s.root_token.clone();
-    assert_eq!(
-        c.put("secret/app/key", &root, json!({"value": "original"}))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(c.put("secret/app/key", &root, json!({"value": "original"})).await.status, 200);
     let unchanged = |r: Value| assert_eq!(r["data"]["value"], "original");
 
     let raw = |m: &'static str, p: &'static str, b: &'static [u8]| {
@@ -387,91 +193,37 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
         async move { c.send(m, p, Some(&root), Some(b.to_vec())).await }
     };
     // Malformed JSON, not an object, trailing garbage.
-    for body in [
-        &b"{\"value\": "[..],
-        b"[1,2]",
-        b"\"str\"",
-        b"{} x",
-        b"\xff\xfe",
-    ] {
-        let r = c
-            .send("PUT", "secret/app/key", Some(&root), Some(body.to_vec()))
-            .await;
+    for body in [&b"{\"value\": "[..], b"[1,2]", b"\"str\"", b"{} x", b"\xff\xfe"] {
+        let r = c.send("PUT", "secret/app/key", Some(&root), Some(body.to_vec())).await;
         assert_eq!(r.status, 400, "{body:?}: {r:?}");
-        assert!(
-            r.body["errors"][0].as_str().unwrap().contains("JSON"),
-            "{r:?}"
-        );
+        assert!(r.body["errors"][0].as_str().unwrap().contains("JSON"), "{r:?}");
     }
     unchanged(c.get("secret/app/key", &root).await.body);
     // Oversize body: 413, nothing written.
     let big = format!(r#"{{"value":"{}"}}"#, "x".repeat(1024 * 1024));
-    let r = c
-        .send("PUT", "secret/app/key", Some(&root), Some(big.into_bytes()))
-        .await;
+    let r = c.send("PUT", "secret/app/key", Some(&root), Some(big.into_bytes())).await;
     assert_eq!(r.status, 413, "{r:?}");
     let r = c.get("secret/app/key", &root).await;
     unchanged(r.body.clone());
     assert_eq!(r.body["metadata"]["version"], 1);
     // Unknown fields.
-    let r = raw(
-        "POST",
-        "auth/approle/role/x",
-        br#"{"token_policies": [], "bogus": 1}"#,
-    )
-    .await;
+    let r = raw("POST", "auth/approle/role/x", br#"{"token_policies": [], "bogus": 1}"#).await;
     assert_eq!(r.status, 400);
-    assert!(
-        r.body["errors"][0]
-            .as_str()
-            .unwrap()
-            .contains("unknown field `bogus`"),
-        "{r:?}"
-    );
-    assert_eq!(
-        c.get("auth/approle/role/x", &root).await.status,
-        404,
-        "nothing created"
-    );
-    let r = c
-        .post(
-            "auth",
-            None,
-            json!({"role": "x", "secret_id": "s", "extra": true}),
-        )
-        .await;
+    assert!(r.body["errors"][0].as_str().unwrap().contains("unknown field `bogus`"), "{r:?}");
+    assert_eq!(c.get("auth/approle/role/x", &root).await.status, 404, "nothing created");
+    let r = c.post("auth", None, json!({"role": "x", "secret_id": "s", "extra": true})).await;
     assert!(r.status == 400 || r.status == 401, "{r:?}");
-    let r = raw(
-        "PUT",
-        "sys/policies/acl/p",
-        br#"{"policy": "path \"a\" { capabilities = [\"read\"] }", "x": 1}"#,
-    )
-    .await;
+    let r =
+        raw("PUT", "sys/policies/acl/p", br#"{"policy": "path \"a\" { capabilities = [\"read\"] }", "x": 1}"#).await;
     assert_eq!(r.status, 400);
     // Wrong types never echo the value.
-    let r = raw(
-        "POST",
-        "auth/approle/role/x",
-        br#"{"token_ttl": {"nested": "s3cr3t-in-body"}}"#,
-    )
-    .await;
+    let r = raw("POST", "auth/approle/role/x", br#"{"token_ttl": {"nested": "s3cr3t-in-body"}}"#).await;
     assert_eq!(r.status, 400);
     assert!(!r.body.to_string().contains("s3cr3t-in-body"));
     // Bad policies.
-    let r = c
-        .put(
-            "sys/policies/acl/p",
-            &root,
-            json!({"policy": "path \"a/*/b\" { capabilities = [\"read\"] }"}),
-        )
-        .await;
+    let r = c.put("sys/policies/acl/p", &root, json!({"policy": "path \"a/*/b\" { capabilities = [\"read\"] }"})).await;
     assert_eq!(r.status, 400);
-    assert_eq!(
-        c.put("sys/policies/acl/root", &root, json!({"policy": ""}))
-            .await
-            .status,
-        400
-    );
+    assert_eq!(c.put("sys/policies/acl/root", &root, json!({"policy": ""})).await.status, 400);
     // Paths: dot segments (encoded, since clients normalize plain ones), control
     // characters, invalid UTF-8, encoded slashes, empty segments, overlong.
     let long = format!("secret/{}", "a".repeat(600));
@@ -484,21 +236,11 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
         "/v1/secret/../sys/health",
     ] {
         for m in ["GET", "PUT", "DELETE"] {
-            assert_eq!(
-                keyvault_tests::raw_status(&s.addr, &s.ca, m, p, &root).await,
-                400,
-                "{m} {p}"
-            );
+            assert_eq!(keyvault_tests::raw_status(&s.addr, &s.ca, m, p, &root).await, 400, "{m} {p}");
         }
     }
-    for p in [
-        "secret/app%0Akey",
-        "secret/app/%FF",
-        "secret/a%2Fb",
-        "secret/app//key",
-        "secret/app/key/",
-        long.as_str(),
-    ] {
+    for p in ["secret/app%0Akey", "secret/app/%FF", "secret/a%2Fb", "secret/app//key", "secret/app/key/", long.as_str()]
+    {
         let r = c.get(p, &root).await;
         assert_eq!(r.status, 400, "{p}: {r:?}");
         let r = c.put(p, &root, json!({"value": "v"})).await;
@@ -510,10 +252,7 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
     assert_eq!(c.get("secret/app/key?bogus=1", &root).await.status, 400);
     assert_eq!(c.get("secret/app/key?version=9", &root).await.status, 404);
     // Tokens: missing, malformed, forged, wrong scheme.
-    assert_eq!(
-        c.send("GET", "secret/app/key", None, None).await.status,
-        401
-    );
+    assert_eq!(c.send("GET", "secret/app/key", None, None).await.status, 401);
     assert_eq!(c.get("secret/app/key", "not-a-token").await.status, 401);
     let mut forged = root.clone();
     let last = forged.pop().unwrap();
@@ -521,34 +260,14 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
     let r = c.get("secret/app/key", &forged).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.body["errors"][0], "invalid token");
-    let resp = c
-        .http
-        .get(c.url("secret/app/key"))
-        .header("Authorization", format!("Basic {root}"))
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        c.http.get(c.url("secret/app/key")).header("Authorization", format!("Basic {root}")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     // Methods and routes.
-    assert_eq!(
-        c.send("PATCH", "secret/app/key", Some(&root), None)
-            .await
-            .status,
-        405
-    );
-    assert_eq!(
-        c.send("DELETE", "auth/approle/role/x/role-id", Some(&root), None)
-            .await
-            .status,
-        405
-    );
+    assert_eq!(c.send("PATCH", "secret/app/key", Some(&root), None).await.status, 405);
+    assert_eq!(c.send("DELETE", "auth/approle/role/x/role-id", Some(&root), None).await.status, 405);
     assert_eq!(c.get("no/such/route", &root).await.status, 404);
-    assert_eq!(
-        c.send("LIST", "secret/none/", Some(&root), None)
-            .await
-            .status,
-        404
-    );
+    assert_eq!(c.send("LIST", "secret/none/", Some(&root), None).await.status, 404);
     let r = c.send("DELETE", "secret/none", Some(&root), None).await;
     assert_eq!(r.status, 404);
     assert!(r.body["errors"].is_array());
@@ -563,23 +282,10 @@ async fn expired_tokens_get_401() {
     let s = DevServer::start();
     let c = s.client();
     let root = s.root_token.clone();
-    put_policy(
-        &c,
-        &root,
-        "r",
-        r#"path "secret/*" { capabilities = ["read"] }"#,
-    )
-    .await;
+    put_policy(&c, &root, "r", r#"path "secret/*" { capabilities = ["read"] }"#).await;
     let short = make_approle(&c, &root, "short", &["r"], "1s").await;
     c.put("secret/k", &root, json!({"value": "v"})).await;
-    let t = token_of(
-        &c.post(
-            "auth",
-            None,
-            json!({"role": "short", "secret_id": short.secret_id}),
-        )
-        .await,
-    );
+    let t = token_of(&c.post("auth", None, json!({"role": "short", "secret_id": short.secret_id})).await);
     assert_eq!(c.get("secret/k", &t).await.status, 200);
     // 1 s TTL plus the 5 s clock-skew leeway.
     tokio::time::sleep(std::time::Duration::from_secs(7)).await;
@@ -604,18 +310,12 @@ async fn dev_mode_offers_mtls_and_certificate_login() {
     let mut pem = std::fs::read(&cert).unwrap();
     pem.extend(std::fs::read(&key).unwrap());
     let c = Client::with_identity(&s.addr, &s.ca, Some(&pem));
-    c.put("secret/dev/x", &s.root_token, json!({"value": "v"}))
-        .await;
-    let r = c
-        .post("auth/cert/login", None, json!({"name": "dev-client"}))
-        .await;
+    c.put("secret/dev/x", &s.root_token, json!({"value": "v"})).await;
+    let r = c.post("auth/cert/login", None, json!({"name": "dev-client"})).await;
     let t = token_of(&r);
     assert_eq!(c.get("secret/dev/x", &t).await.body["data"]["value"], "v");
     // Direct request: the certificate is the credential.
-    assert_eq!(
-        c.send("GET", "secret/dev/x", None, None).await.body["data"]["value"],
-        "v"
-    );
+    assert_eq!(c.send("GET", "secret/dev/x", None, None).await.body["data"]["value"], "v");
     // The bound token is useless without the certificate.
     assert_eq!(s.client().get("secret/dev/x", &t).await.status, 401);
 }

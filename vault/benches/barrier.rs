@@ -19,26 +19,14 @@ use keyvault_hsm::KeyStore;
 use keyvault_hsm::softhsm::testing;
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let token = testing::token();
     let keys: Arc<dyn KeyStore> = token.store.clone();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let names = KeyNames::new("keyvault").unwrap();
-    rt.block_on(keys::initialize(store.as_ref(), &keys, &names))
-        .unwrap();
-    let vault = rt
-        .block_on(Vault::from_parts(
-            store,
-            keys.clone(),
-            names.clone(),
-            VaultSettings::default(),
-        ))
-        .unwrap();
+    rt.block_on(keys::initialize(store.as_ref(), &keys, &names)).unwrap();
+    let vault = rt.block_on(Vault::from_parts(store, keys.clone(), names.clone(), VaultSettings::default())).unwrap();
     let path = SecretPath::parse("bench/value").unwrap();
     let ctx = record_context(&path, 1);
     let value = vec![b'x'; 1024];
@@ -49,18 +37,10 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("barrier");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("seal_1KiB", |b| {
-        b.iter(|| rt.block_on(vault.barrier.seal(&ctx, &value)).unwrap())
-    });
-    g.bench_function("open_1KiB", |b| {
-        b.iter(|| rt.block_on(vault.barrier.open(&ctx, &sealed)).unwrap())
-    });
-    g.bench_function("token_wrap_32B", |b| {
-        b.iter(|| keys.wrap_key(&kek, &dek, b"aad").unwrap())
-    });
-    g.bench_function("token_unwrap_32B", |b| {
-        b.iter(|| keys.unwrap_key(&kek, &wrapped, b"aad").unwrap())
-    });
+    g.bench_function("seal_1KiB", |b| b.iter(|| rt.block_on(vault.barrier.seal(&ctx, &value)).unwrap()));
+    g.bench_function("open_1KiB", |b| b.iter(|| rt.block_on(vault.barrier.open(&ctx, &sealed)).unwrap()));
+    g.bench_function("token_wrap_32B", |b| b.iter(|| keys.wrap_key(&kek, &dek, b"aad").unwrap()));
+    g.bench_function("token_unwrap_32B", |b| b.iter(|| keys.unwrap_key(&kek, &wrapped, b"aad").unwrap()));
     let nonce = [1u8; 12];
     let ct = encrypt_value(&dek, &nonce, b"aad", &value).unwrap();
     g.bench_function("aes_gcm_encrypt_1KiB_in_process", |b| {

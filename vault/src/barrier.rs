@@ -113,18 +113,11 @@ impl<'a> Record<'a> {
         let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
         let mut n = [0u8; NONCE_LEN];
         n.copy_from_slice(nonce);
-        Ok(Record {
-            kek_version,
-            wrapped_dek,
-            nonce: n,
-            ciphertext,
-        })
+        Ok(Record { kek_version, wrapped_dek, nonce: n, ciphertext })
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            HEADER_LEN + self.wrapped_dek.len() + NONCE_LEN + self.ciphertext.len(),
-        );
+        let mut out = Vec::with_capacity(HEADER_LEN + self.wrapped_dek.len() + NONCE_LEN + self.ciphertext.len());
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_V1);
         out.extend_from_slice(&self.kek_version.get().to_be_bytes());
@@ -138,41 +131,18 @@ impl<'a> Record<'a> {
 }
 
 /// AES-256-GCM of `plaintext` under `dek`: the in-process half of sealing.
-pub fn encrypt_value(
-    dek: &[u8; 32],
-    nonce: &[u8; NONCE_LEN],
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<Vec<u8>> {
+pub fn encrypt_value(dek: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
     let cipher = Aes256Gcm::new(dek.into());
     cipher
-        .encrypt(
-            nonce.into(),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
+        .encrypt(nonce.into(), Payload { msg: plaintext, aad })
         .map_err(|_| Error::Internal("AES-GCM encryption failed".into()))
 }
 
 /// The in-process half of opening.
-pub fn decrypt_value(
-    dek: &[u8],
-    nonce: &[u8; NONCE_LEN],
-    aad: &[u8],
-    ciphertext: &[u8],
-) -> Result<Zeroizing<Vec<u8>>> {
-    let cipher =
-        Aes256Gcm::new_from_slice(dek).map_err(|_| Error::Barrier(BarrierError::Integrity))?;
+pub fn decrypt_value(dek: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    let cipher = Aes256Gcm::new_from_slice(dek).map_err(|_| Error::Barrier(BarrierError::Integrity))?;
     cipher
-        .decrypt(
-            nonce.into(),
-            Payload {
-                msg: ciphertext,
-                aad,
-            },
-        )
+        .decrypt(nonce.into(), Payload { msg: ciphertext, aad })
         .map(Zeroizing::new)
         .map_err(|_| Error::Barrier(BarrierError::Integrity))
 }
@@ -244,30 +214,19 @@ pub struct Barrier {
 
 impl std::fmt::Debug for Barrier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Barrier")
-            .field("active_master", &self.active_version())
-            .finish_non_exhaustive()
+        f.debug_struct("Barrier").field("active_master", &self.active_version()).finish_non_exhaustive()
     }
 }
 
 impl Barrier {
     pub fn new(keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
-        Barrier {
-            keys,
-            names,
-            keyring,
-            dek_cache: None,
-        }
+        Barrier { keys, names, keyring, dek_cache: None }
     }
 
     /// Keep unwrapped data keys for `ttl` (at most `capacity` of them). See [`DekCache`].
     pub fn with_dek_cache(mut self, ttl: Duration, capacity: usize) -> Self {
         if !ttl.is_zero() && capacity > 0 {
-            self.dek_cache = Some(Arc::new(DekCache {
-                ttl,
-                capacity,
-                map: Mutex::new(HashMap::new()),
-            }));
+            self.dek_cache = Some(Arc::new(DekCache { ttl, capacity, map: Mutex::new(HashMap::new()) }));
         }
         self
     }
@@ -287,62 +246,34 @@ impl Barrier {
         if wrapped_dek.len() > usize::from(u16::MAX) {
             return Err(Error::Internal("wrapped data key too long".into()));
         }
-        Ok(Record {
-            kek_version,
-            wrapped_dek: &wrapped_dek,
-            nonce,
-            ciphertext: &ciphertext,
-        }
-        .encode())
+        Ok(Record { kek_version, wrapped_dek: &wrapped_dek, nonce, ciphertext: &ciphertext }.encode())
     }
 
     /// Open a record sealed for `ctx`.
     pub async fn open(&self, ctx: &RecordContext<'_>, stored: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let record = Record::parse(stored)?;
-        let dek = self
-            .unwrap(
-                record.kek_version,
-                record.wrapped_dek.to_vec(),
-                ctx.dek_aad(),
-            )
-            .await?;
+        let dek = self.unwrap(record.kek_version, record.wrapped_dek.to_vec(), ctx.dek_aad()).await?;
         decrypt_value(&dek, &record.nonce, &ctx.value_aad(), record.ciphertext)
     }
 
     /// Re-wrap a record's data key under master key `to` without touching the value's
     /// ciphertext (master key rotation). Returns `None` if it already uses `to`.
-    pub async fn rewrap(
-        &self,
-        ctx: &RecordContext<'_>,
-        stored: &[u8],
-        to: KeyVersion,
-    ) -> Result<Option<Vec<u8>>> {
+    pub async fn rewrap(&self, ctx: &RecordContext<'_>, stored: &[u8], to: KeyVersion) -> Result<Option<Vec<u8>>> {
         let record = Record::parse(stored)?;
         if record.kek_version == to {
             return Ok(None);
         }
         let aad = ctx.dek_aad();
-        let dek = self
-            .unwrap(record.kek_version, record.wrapped_dek.to_vec(), aad.clone())
-            .await?;
+        let dek = self.unwrap(record.kek_version, record.wrapped_dek.to_vec(), aad.clone()).await?;
         // Prove the record is intact before vouching for it under the new key.
         decrypt_value(&dek, &record.nonce, &ctx.value_aad(), record.ciphertext)?;
         let mut fixed = Zeroizing::new([0u8; 32]);
         if dek.len() != 32 {
-            return Err(Error::Barrier(BarrierError::Malformed(
-                "data key is not 256 bits",
-            )));
+            return Err(Error::Barrier(BarrierError::Malformed("data key is not 256 bits")));
         }
         fixed.copy_from_slice(&dek);
         let wrapped = self.wrap(to, fixed, aad).await?;
-        Ok(Some(
-            Record {
-                kek_version: to,
-                wrapped_dek: &wrapped,
-                ..record
-            }
-            .encode(),
-        ))
+        Ok(Some(Record { kek_version: to, wrapped_dek: &wrapped, ..record }.encode()))
     }
 
     async fn wrap(&self, v: KeyVersion, dek: Zeroizing<[u8; 32]>, aad: Vec<u8>) -> Result<Vec<u8>> {
@@ -350,19 +281,11 @@ impl Barrier {
         hsm_call(&self.keys, move |k| k.wrap_key(&label, dek.as_ref(), &aad)).await
     }
 
-    async fn unwrap(
-        &self,
-        v: KeyVersion,
-        wrapped: Vec<u8>,
-        aad: Vec<u8>,
-    ) -> Result<Zeroizing<Vec<u8>>> {
+    async fn unwrap(&self, v: KeyVersion, wrapped: Vec<u8>, aad: Vec<u8>) -> Result<Zeroizing<Vec<u8>>> {
         if !self.keyring.load().master.versions.contains(&v) {
             return Err(Error::Barrier(BarrierError::UnknownKeyVersion(v)));
         }
-        let cache_key = self
-            .dek_cache
-            .as_ref()
-            .map(|_| DekCache::key(v, &wrapped, &aad));
+        let cache_key = self.dek_cache.as_ref().map(|_| DekCache::key(v, &wrapped, &aad));
         if let (Some(cache), Some(k)) = (&self.dek_cache, &cache_key)
             && let Some(dek) = cache.get(k)
         {
@@ -370,9 +293,7 @@ impl Barrier {
         }
         let label = self.names.master(v);
         let dek = match hsm_call(&self.keys, move |k| k.unwrap_key(&label, &wrapped, &aad)).await {
-            Err(Error::Hsm(keyvault_hsm::HsmError::InvalidCiphertext)) => {
-                Err(Error::Barrier(BarrierError::Integrity))
-            }
+            Err(Error::Hsm(keyvault_hsm::HsmError::InvalidCiphertext)) => Err(Error::Barrier(BarrierError::Integrity)),
             other => other,
         }?;
         if let (Some(cache), Some(k)) = (&self.dek_cache, cache_key) {
@@ -388,26 +309,11 @@ mod tests {
 
     #[test]
     fn record_parse_rejects_garbage() {
-        assert_eq!(
-            Record::parse(b""),
-            Err(BarrierError::Malformed("shorter than the header"))
-        );
-        assert_eq!(
-            Record::parse(b"XYZ\x01\0\0\0\x01\0\x01"),
-            Err(BarrierError::Malformed("bad magic"))
-        );
-        assert_eq!(
-            Record::parse(b"KVR\x02\0\0\0\x01\0\x01"),
-            Err(BarrierError::Malformed("unknown format version"))
-        );
-        assert_eq!(
-            Record::parse(b"KVR\x01\0\0\0\0\0\x01"),
-            Err(BarrierError::Malformed("key version 0"))
-        );
-        assert_eq!(
-            Record::parse(b"KVR\x01\0\0\0\x01\0\x05abc"),
-            Err(BarrierError::Malformed("truncated"))
-        );
+        assert_eq!(Record::parse(b""), Err(BarrierError::Malformed("shorter than the header")));
+        assert_eq!(Record::parse(b"XYZ\x01\0\0\0\x01\0\x01"), Err(BarrierError::Malformed("bad magic")));
+        assert_eq!(Record::parse(b"KVR\x02\0\0\0\x01\0\x01"), Err(BarrierError::Malformed("unknown format version")));
+        assert_eq!(Record::parse(b"KVR\x01\0\0\0\0\0\x01"), Err(BarrierError::Malformed("key version 0")));
+        assert_eq!(Record::parse(b"KVR\x01\0\0\0\x01\0\x05abc"), Err(BarrierError::Malformed("truncated")));
     }
 
     #[test]
@@ -428,52 +334,30 @@ mod tests {
     fn record_v1_test_vector() {
         let text = include_str!("../tests/vectors/record-v1.txt");
         let field = |name: &str| -> Vec<u8> {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(&format!("{name} = ")))
-                .unwrap();
+            let line = text.lines().find(|l| l.starts_with(&format!("{name} = "))).unwrap();
             hex::decode(line.split(" = ").nth(1).unwrap().trim()).unwrap()
         };
         let text_field = |name: &str| -> String {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(&format!("{name} = ")))
-                .unwrap();
+            let line = text.lines().find(|l| l.starts_with(&format!("{name} = "))).unwrap();
             line.split(" = ").nth(1).unwrap().trim().to_owned()
         };
         let dek: [u8; 32] = field("dek").try_into().unwrap();
         let nonce: [u8; 12] = field("nonce").try_into().unwrap();
         let path = text_field("path");
         let version: u64 = text_field("version").parse().unwrap();
-        let ctx = RecordContext {
-            purpose: "kv",
-            path: &path,
-            version,
-        };
+        let ctx = RecordContext { purpose: "kv", path: &path, version };
         let plaintext = field("plaintext");
         let ciphertext = encrypt_value(&dek, &nonce, &ctx.value_aad(), &plaintext).unwrap();
         assert_eq!(hex::encode(&ciphertext), hex::encode(field("ciphertext")));
         let record = field("record");
         let parsed = Record::parse(&record).unwrap();
-        assert_eq!(
-            parsed.kek_version.get(),
-            text_field("kek_version").parse::<u32>().unwrap()
-        );
+        assert_eq!(parsed.kek_version.get(), text_field("kek_version").parse::<u32>().unwrap());
         assert_eq!(parsed.wrapped_dek, field("wrapped_dek").as_slice());
         assert_eq!(parsed.nonce, nonce);
         assert_eq!(parsed.ciphertext, ciphertext.as_slice());
-        assert_eq!(
-            decrypt_value(&dek, &nonce, &ctx.value_aad(), parsed.ciphertext)
-                .unwrap()
-                .as_slice(),
-            plaintext
-        );
+        assert_eq!(decrypt_value(&dek, &nonce, &ctx.value_aad(), parsed.ciphertext).unwrap().as_slice(), plaintext);
         // The same bytes under another path or version do not decrypt.
-        let other = RecordContext {
-            purpose: "kv",
-            path: "other",
-            version,
-        };
+        let other = RecordContext { purpose: "kv", path: "other", version };
         assert!(decrypt_value(&dek, &nonce, &other.value_aad(), parsed.ciphertext).is_err());
     }
 }

@@ -87,21 +87,14 @@ fn build_request(o: &BenchOptions, host: &str) -> Result<Request<Full<Bytes>>> {
     }
     let req = match o.scenario {
         Scenario::Handshake => {
-            return Err(Error::Internal(
-                "the handshake scenario sends no request".into(),
-            ));
+            return Err(Error::Internal("the handshake scenario sends no request".into()));
         }
         Scenario::CertLogin => b
             .method("POST")
             .uri("/v1/auth/cert/login")
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(
-                serde_json::json!({"name": o.role}).to_string(),
-            ))),
-        Scenario::Read => b
-            .method("GET")
-            .uri(format!("/v1/{}", o.path))
-            .body(Full::new(Bytes::new())),
+            .body(Full::new(Bytes::from(serde_json::json!({"name": o.role}).to_string()))),
+        Scenario::Read => b.method("GET").uri(format!("/v1/{}", o.path)).body(Full::new(Bytes::new())),
         Scenario::ApproleLogin => {
             let body = serde_json::json!({
                 "role_id": o.role_id.as_deref().unwrap_or_default(),
@@ -175,9 +168,7 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
     let mut all: Vec<u32> = Vec::new();
     let mut errors = 0;
     for t in tasks {
-        let (lat, e) = t
-            .await
-            .map_err(|e| Error::Internal(format!("load task: {e}")))??;
+        let (lat, e) = t.await.map_err(|e| Error::Internal(format!("load task: {e}")))??;
         all.extend(lat);
         errors += e;
     }
@@ -209,13 +200,8 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
 /// (enabling the AppRole mount first on servers that need it, such as OpenBao).
 /// Returns the role id and secret id for `approle-login`.
 pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
-    let (s, _) = one_shot(
-        &o.endpoint,
-        "PUT",
-        &o.path,
-        Some(serde_json::json!({"value": "bench-value-not-secret"})),
-    )
-    .await?;
+    let (s, _) =
+        one_shot(&o.endpoint, "PUT", &o.path, Some(serde_json::json!({"value": "bench-value-not-secret"}))).await?;
     if !(200..300).contains(&s) {
         return Err(Error::Internal(format!("writing {} answered {s}", o.path)));
     }
@@ -226,13 +212,7 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
         return Ok(None);
     }
     // OpenBao and Vault need the method mounted; KeyVault has it built in (404 here).
-    let _ = one_shot(
-        &o.endpoint,
-        "POST",
-        "sys/auth/approle",
-        Some(serde_json::json!({"type": "approle"})),
-    )
-    .await?;
+    let _ = one_shot(&o.endpoint, "POST", "sys/auth/approle", Some(serde_json::json!({"type": "approle"}))).await?;
     let (s, _) = one_shot(
         &o.endpoint,
         "POST",
@@ -241,25 +221,12 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     )
     .await?;
     if !(200..300).contains(&s) {
-        return Err(Error::Internal(format!(
-            "creating the bench role answered {s}"
-        )));
+        return Err(Error::Internal(format!("creating the bench role answered {s}")));
     }
     let (_, r) = one_shot(&o.endpoint, "GET", "auth/approle/role/bench/role-id", None).await?;
-    let (_, sid) = one_shot(
-        &o.endpoint,
-        "POST",
-        "auth/approle/role/bench/secret-id",
-        Some(serde_json::json!({})),
-    )
-    .await?;
-    let role_id = r["data"]["role_id"]
-        .as_str()
-        .ok_or_else(|| Error::Internal("no role_id".into()))?
-        .to_owned();
-    let secret_id = sid["data"]["secret_id"]
-        .as_str()
-        .ok_or_else(|| Error::Internal("no secret_id".into()))?
-        .to_owned();
+    let (_, sid) =
+        one_shot(&o.endpoint, "POST", "auth/approle/role/bench/secret-id", Some(serde_json::json!({}))).await?;
+    let role_id = r["data"]["role_id"].as_str().ok_or_else(|| Error::Internal("no role_id".into()))?.to_owned();
+    let secret_id = sid["data"]["secret_id"].as_str().ok_or_else(|| Error::Internal("no secret_id".into()))?.to_owned();
     Ok(Some((role_id, secret_id)))
 }

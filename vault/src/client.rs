@@ -52,31 +52,19 @@ impl Endpoint {
 }
 
 fn parse_target(o: &Endpoint) -> Result<Target> {
-    let (scheme, rest) = o
-        .address
-        .split_once("://")
-        .ok_or_else(|| Error::invalid("address must start with https:// or http://"))?;
+    let (scheme, rest) =
+        o.address.split_once("://").ok_or_else(|| Error::invalid("address must start with https:// or http://"))?;
     let hostport = rest.trim_end_matches('/');
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| Error::invalid("address needs a port"))?;
+    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| Error::invalid("address needs a port"))?;
     let port: u16 = port.parse().map_err(|_| Error::invalid("bad port"))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
     let tls = match scheme {
         "http" => None,
         "https" => {
             let mut roots = rustls::RootCertStore::empty();
-            let ca = o
-                .ca_file
-                .as_ref()
-                .ok_or_else(|| Error::invalid("https needs --ca-file"))?;
+            let ca = o.ca_file.as_ref().ok_or_else(|| Error::invalid("https needs --ca-file"))?;
             for c in crate::tls::load_certs(ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| Error::Config(format!("CA file: {e}")))?;
+                roots.add(c).map_err(|e| Error::Config(format!("CA file: {e}")))?;
             }
             let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
                 .with_safe_default_protocol_versions()
@@ -91,14 +79,11 @@ fn parse_target(o: &Endpoint) -> Result<Target> {
             };
             // Every connection is a full handshake (the handshake benchmark counts them).
             config.resumption = rustls::client::Resumption::disabled();
-            let name =
-                ServerName::try_from(host.clone()).map_err(|_| Error::invalid("bad host name"))?;
+            let name = ServerName::try_from(host.clone()).map_err(|_| Error::invalid("bad host name"))?;
             Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
         }
         _ => {
-            return Err(Error::invalid(
-                "address must start with https:// or http://",
-            ));
+            return Err(Error::invalid("address must start with https:// or http://"));
         }
     };
     Ok(Target { host, port, tls })
@@ -118,9 +103,7 @@ pub async fn connect(t: &Target) -> Result<Sender> {
                 .connect(name.clone(), tcp)
                 .await
                 .map_err(|e| Error::Internal(format!("TLS handshake: {e}")))?;
-            let (sender, conn) = http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(io_err)?;
+            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(io_err)?;
             tokio::spawn(conn);
             Ok(sender)
         }
@@ -141,28 +124,16 @@ pub async fn request(
 ) -> Result<(u16, serde_json::Value)> {
     let target = parse_target(e)?;
     let mut sender = connect(&target).await?;
-    let mut b = Request::builder()
-        .method(method)
-        .uri(format!("/v1/{path}"))
-        .header(hyper::header::HOST, target.host.as_str());
+    let mut b =
+        Request::builder().method(method).uri(format!("/v1/{path}")).header(hyper::header::HOST, target.host.as_str());
     if let Some(t) = &e.token {
         b = b.header(e.token_header.as_str(), t.as_str());
     }
     let body = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
-    let req = b
-        .body(Full::new(body))
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| Error::Internal(format!("request: {e}")))?;
+    let req = b.body(Full::new(body)).map_err(|e| Error::Internal(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| Error::Internal(format!("request: {e}")))?;
     let status = resp.status().as_u16();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .to_bytes();
+    let bytes = resp.into_body().collect().await.map_err(|e| Error::Internal(e.to_string()))?.to_bytes();
     let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     Ok((status, json))
 }

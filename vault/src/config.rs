@@ -25,6 +25,7 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// `[auth]`: settings shared by the auth methods.
@@ -130,9 +131,7 @@ impl HsmConfig {
         match (&self.pin_file, &self.pin_env) {
             (Some(f), None) => Ok(PinSource::File(f.clone())),
             (None, Some(e)) => Ok(PinSource::Env(e.clone())),
-            _ => Err(Error::Config(
-                "[hsm] needs exactly one of pin_file or pin_env".into(),
-            )),
+            _ => Err(Error::Config("[hsm] needs exactly one of pin_file or pin_env".into())),
         }
     }
 
@@ -171,11 +170,7 @@ fn default_issuer() -> String {
 
 impl Default for TokenConfig {
     fn default() -> Self {
-        TokenConfig {
-            default_ttl: default_ttl(),
-            max_ttl: default_max_ttl(),
-            issuer: default_issuer(),
-        }
+        TokenConfig { default_ttl: default_ttl(), max_ttl: default_max_ttl(), issuer: default_issuer() }
     }
 }
 
@@ -235,24 +230,19 @@ fn default_format() -> String {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            level: default_level(),
-            format: default_format(),
-        }
+        LogConfig { level: default_level(), format: default_format() }
     }
 }
 
 pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!("cannot read config file {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
         Self::parse(&text).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
             other => other,
@@ -268,22 +258,16 @@ impl Config {
     fn validate(&self) -> Result<()> {
         self.hsm.pin_source()?;
         if self.tokens.default_ttl > self.tokens.max_ttl {
-            return Err(Error::Config(
-                "tokens.default_ttl exceeds tokens.max_ttl".into(),
-            ));
+            return Err(Error::Config("tokens.default_ttl exceeds tokens.max_ttl".into()));
         }
         if self.tokens.default_ttl.is_zero() {
             return Err(Error::Config("tokens.default_ttl must be positive".into()));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(Error::Config(
-                "log.format must be \"text\" or \"json\"".into(),
-            ));
+            return Err(Error::Config("log.format must be \"text\" or \"json\"".into()));
         }
         if self.listener.max_request_bytes < 1024 {
-            return Err(Error::Config(
-                "listener.max_request_bytes must be at least 1024".into(),
-            ));
+            return Err(Error::Config("listener.max_request_bytes must be at least 1024".into()));
         }
         Ok(())
     }
@@ -308,13 +292,10 @@ mod tests {
         let base = EXAMPLE.replace("pin_file", "# pin_file");
         let err = Config::parse(&base).unwrap_err().to_string();
         assert!(err.contains("exactly one of pin_file or pin_env"), "{err}");
-        let err = Config::parse(&format!("{EXAMPLE}\n[bogus]\nx = 1\n"))
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(&format!("{EXAMPLE}\n[bogus]\nx = 1\n")).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "{err}");
-        let err = Config::parse(&EXAMPLE.replace("default_ttl = \"10m\"", "default_ttl = \"2h\""))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Config::parse(&EXAMPLE.replace("default_ttl = \"10m\"", "default_ttl = \"2h\"")).unwrap_err().to_string();
         assert!(err.contains("exceeds"), "{err}");
     }
 }

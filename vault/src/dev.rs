@@ -13,8 +13,7 @@ use keyvault_hsm::softhsm;
 use secrecy::ExposeSecret;
 
 use crate::config::{
-    Config, HsmConfig, ListenerConfig, LogConfig, SecretsConfig, StorageConfig, TokenConfig,
-    WrapSetting,
+    Config, HsmConfig, ListenerConfig, LogConfig, SecretsConfig, StorageConfig, TokenConfig, WrapSetting,
 };
 use crate::error::{Error, Result};
 use crate::tls::{ClientAuth, DevPki};
@@ -29,12 +28,8 @@ pub struct DevLayout {
 
 impl DevLayout {
     pub fn new(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            Error::Config(format!(
-                "cannot create data directory {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| Error::Config(format!("cannot create data directory {}: {e}", data_dir.display())))?;
         let data_dir = data_dir
             .canonicalize()
             .map_err(|e| Error::Config(format!("data directory {}: {e}", data_dir.display())))?;
@@ -55,6 +50,12 @@ impl DevLayout {
     }
     pub fn storage_dir(&self) -> PathBuf {
         self.data_dir.join("storage")
+    }
+    pub fn audit_log(&self) -> PathBuf {
+        self.data_dir.join("audit").join("audit.log")
+    }
+    pub fn audit_key_file(&self) -> PathBuf {
+        self.data_dir.join("audit").join("audit-key.pub")
     }
     pub fn tls_dir(&self) -> PathBuf {
         self.data_dir.join("tls")
@@ -80,10 +81,7 @@ fn restrict(dir: &Path) -> Result<()> {
 /// First start: create the token and its PIN file. Later starts: nothing to do.
 pub fn ensure_token(layout: &DevLayout) -> Result<PathBuf> {
     let module = softhsm::find_module().ok_or_else(|| {
-        Error::Config(
-            "SoftHSM2 is not installed: run `sudo apt-get install -y softhsm2` (Debian/Ubuntu)"
-                .into(),
-        )
+        Error::Config("SoftHSM2 is not installed: run `sudo apt-get install -y softhsm2` (Debian/Ubuntu)".into())
     })?;
     if !layout.pin_file().exists() {
         let so_pin = softhsm::random_pin()?;
@@ -95,12 +93,7 @@ pub fn ensure_token(layout: &DevLayout) -> Result<PathBuf> {
 }
 
 /// The configuration `keyvault dev` runs with.
-pub fn config(
-    layout: &DevLayout,
-    module: PathBuf,
-    address: SocketAddr,
-    dek_cache_ttl: Duration,
-) -> Config {
+pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cache_ttl: Duration) -> Config {
     let pki = layout.pki();
     Config {
         listener: ListenerConfig {
@@ -112,9 +105,7 @@ pub fn config(
             client_ca_file: Some(pki.client_ca_cert),
             crl_files: Vec::new(),
         },
-        storage: StorageConfig::Sled {
-            path: layout.storage_dir(),
-        },
+        storage: StorageConfig::Sled { path: layout.storage_dir() },
         hsm: HsmConfig {
             module,
             token_label: DEV_TOKEN_LABEL.into(),
@@ -125,12 +116,10 @@ pub fn config(
             wrap_mechanism: WrapSetting::Auto,
         },
         tokens: TokenConfig::default(),
-        secrets: SecretsConfig {
-            dek_cache_ttl,
-            ..SecretsConfig::default()
-        },
+        secrets: SecretsConfig { dek_cache_ttl, ..SecretsConfig::default() },
         log: LogConfig::default(),
         auth: Default::default(),
+        audit: crate::audit::AuditConfig::at(layout.audit_log()),
     }
 }
 
@@ -144,10 +133,7 @@ pub async fn ensure_dev_client(vault: &crate::vault::Vault, layout: &DevLayout) 
     }
     vault
         .policies
-        .put(
-            DEV_CLIENT_ROLE,
-            r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#,
-        )
+        .put(DEV_CLIENT_ROLE, r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#)
         .await?;
     let certs = crate::tls::load_certs(&layout.pki().client_cert)?;
     let fp = crate::tls::ClientCert::from_der(&certs[0]).sha256_hex;
@@ -156,10 +142,7 @@ pub async fn ensure_dev_client(vault: &crate::vault::Vault, layout: &DevLayout) 
         "token_policies": [DEV_CLIENT_ROLE],
         "allow_direct": true,
     });
-    vault
-        .cert
-        .write_role(DEV_CLIENT_ROLE, role.to_string().as_bytes())
-        .await
+    vault.cert.write_role(DEV_CLIENT_ROLE, role.to_string().as_bytes()).await
 }
 
 pub const DEV_CLIENT_ROLE: &str = "dev-client";
@@ -175,6 +158,7 @@ pub fn banner(layout: &DevLayout, addr: SocketAddr, root_token: &str, ttl: Durat
          \x20 CA certificate: {ca}\n\
          \x20 Root token:     {root_token}   (expires in {ttl})\n\
          \x20 Data directory: {data}\n\
+         \x20 Audit log:      {audit} (verify: keyvault audit verify --public-key {audit_key} {audit})\n\
          \x20 SoftHSM tokens: {tokens}\n\n\
          Try it:\n\
          \x20 export KEYVAULT_ADDR={url} KEYVAULT_CACERT={ca} KEYVAULT_TOKEN={root_token}\n\
@@ -189,6 +173,8 @@ pub fn banner(layout: &DevLayout, addr: SocketAddr, root_token: &str, ttl: Durat
         client_cert = pki.client_cert.display(),
         client_key = pki.client_key.display(),
         data = layout.data_dir.display(),
+        audit = layout.audit_log().display(),
+        audit_key = layout.audit_key_file().display(),
         tokens = layout.token_dir().display(),
         ttl = humantime::format_duration(ttl),
     )

@@ -111,4 +111,23 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidRequest(msg.into())
     }
+
+    /// A stable code for the audit log's `reason`.
+    pub fn audit_code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::Unauthenticated(f) => f.code(),
+            Error::PermissionDenied => "permission_denied",
+            Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::Conflict(_) => "conflict",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
+            Error::TooManyRequests { .. } => "rate_limited",
+            Error::Store(_) => "storage_error",
+            Error::Hsm(_) => "hsm_error",
+            Error::Barrier(_) => "integrity_error",
+            Error::Config(_) | Error::Internal(_) => "internal_error",
+        }
+    }
 }

@@ -50,19 +50,14 @@ impl KeyNames {
     pub fn new(prefix: &str) -> Result<Self> {
         // Validate once: the longest label built from it must still be a valid label.
         KeyLabel::new(format!("{prefix}/token-signing/v4294967295")).map_err(|_| {
-            Error::Config(format!(
-                "hsm.key_prefix {prefix:?}: use up to 30 characters of [A-Za-z0-9._-]"
-            ))
+            Error::Config(format!("hsm.key_prefix {prefix:?}: use up to 30 characters of [A-Za-z0-9._-]"))
         })?;
-        Ok(KeyNames {
-            prefix: prefix.to_owned(),
-        })
+        Ok(KeyNames { prefix: prefix.to_owned() })
     }
 
     fn label(&self, family: &str, v: KeyVersion) -> KeyLabel {
         // Invariant: `new` checked that the longest label of this form is valid.
-        KeyLabel::new(format!("{}/{family}/v{}", self.prefix, v.0))
-            .expect("validated in KeyNames::new")
+        KeyLabel::new(format!("{}/{family}/v{}", self.prefix, v.0)).expect("validated in KeyNames::new")
     }
 
     /// AES-256 master key (KEK) version `v`.
@@ -79,6 +74,28 @@ impl KeyNames {
     pub fn approle_hmac(&self, v: KeyVersion) -> KeyLabel {
         self.label("approle-hmac", v)
     }
+
+    /// Ed25519 key that signs audit checkpoints.
+    pub fn audit_signing(&self) -> KeyLabel {
+        self.label("audit", KeyVersion::FIRST)
+    }
+
+    /// HMAC key from which each audit log's HMAC key is derived.
+    pub fn audit_hmac(&self) -> KeyLabel {
+        self.label("audit-hmac", KeyVersion::FIRST)
+    }
+}
+
+/// Generate the audit keys if this installation has none yet (installations initialized
+/// before the audit log existed get them at their next start).
+pub async fn ensure_audit_keys(keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
+    for (label, kind) in [(names.audit_signing(), KeyKind::Ed25519), (names.audit_hmac(), KeyKind::HmacSha256)] {
+        let l = label.clone();
+        if !hsm_call(keys, move |k| k.exists(&l)).await? {
+            hsm_call(keys, move |k| k.generate(&label, kind)).await?;
+        }
+    }
+    Ok(())
 }
 
 /// One family of versioned keys: which version new operations use, which still exist.
@@ -91,10 +108,7 @@ pub struct KeyFamily {
 
 impl KeyFamily {
     fn first() -> Self {
-        KeyFamily {
-            active: KeyVersion::FIRST,
-            versions: vec![KeyVersion::FIRST],
-        }
+        KeyFamily { active: KeyVersion::FIRST, versions: vec![KeyVersion::FIRST] }
     }
 }
 
@@ -119,11 +133,7 @@ pub async fn load(store: &dyn Store) -> Result<Option<Keyring>> {
 
 /// First-time initialization: generate version 1 of every key inside the token and record
 /// the keyring. Refuses if the store already holds a keyring.
-pub async fn initialize(
-    store: &dyn Store,
-    keys: &Arc<dyn KeyStore>,
-    names: &KeyNames,
-) -> Result<Keyring> {
+pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
     if load(store).await?.is_some() {
         return Err(Error::Conflict("KeyVault is already initialized".into()));
     }
@@ -132,6 +142,8 @@ pub async fn initialize(
         (names.master(v1), KeyKind::Aes256),
         (names.token_signing(v1), KeyKind::Ed25519),
         (names.approle_hmac(v1), KeyKind::HmacSha256),
+        (names.audit_signing(), KeyKind::Ed25519),
+        (names.audit_hmac(), KeyKind::HmacSha256),
     ];
     for (label, kind) in wanted {
         let l = label.clone();
@@ -147,16 +159,11 @@ pub async fn initialize(
             Err(e) => return Err(e),
         }
     }
-    let ring = Keyring {
-        master: KeyFamily::first(),
-        token_signing: KeyFamily::first(),
-        approle_hmac: KeyFamily::first(),
-    };
+    let ring =
+        Keyring { master: KeyFamily::first(), token_signing: KeyFamily::first(), approle_hmac: KeyFamily::first() };
     let raw = encode_json(&ring);
     if !store.insert_if_absent(KEYRING_KEY, &raw, None).await? {
-        return Err(Error::Conflict(
-            "another process initialized KeyVault at the same time".into(),
-        ));
+        return Err(Error::Conflict("another process initialized KeyVault at the same time".into()));
     }
     tracing::info!("initialized the key hierarchy: master v1, token-signing v1, approle-hmac v1");
     Ok(ring)
@@ -166,38 +173,19 @@ pub async fn initialize(
 /// new records (the first step of a rotation; re-wrapping old records is separate).
 /// The keyring is updated by compare-and-swap, so two concurrent callers cannot both
 /// claim N+1.
-pub async fn add_master_version(
-    store: &dyn Store,
-    keys: &Arc<dyn KeyStore>,
-    names: &KeyNames,
-) -> Result<Keyring> {
-    let raw = store
-        .get(KEYRING_KEY)
-        .await?
-        .ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
+pub async fn add_master_version(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
+    let raw = store.get(KEYRING_KEY).await?.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
     let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
-    let next = ring
-        .master
-        .versions
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(ring.master.active)
-        .next();
+    let next = ring.master.versions.iter().copied().max().unwrap_or(ring.master.active).next();
     let label = names.master(next);
     hsm_call(keys, move |k| k.generate(&label, KeyKind::Aes256)).await?;
     ring.master.versions.push(next);
     ring.master.active = next;
     let new = encode_json(&ring);
-    if !store
-        .compare_and_swap(KEYRING_KEY, Some(&raw), Some(&new))
-        .await?
-    {
+    if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&new)).await? {
         let label = names.master(next);
         let _ = hsm_call(keys, move |k| k.destroy(&label)).await;
-        return Err(Error::Conflict(
-            "the keyring changed concurrently; retry".into(),
-        ));
+        return Err(Error::Conflict("the keyring changed concurrently; retry".into()));
     }
     tracing::info!(version = %next, "new master key version is active");
     Ok(ring)
@@ -213,9 +201,7 @@ pub async fn keyed_hash(
     domain: &str,
     parts: &[&[u8]],
 ) -> Result<[u8; 32]> {
-    let mut msg = zeroize::Zeroizing::new(Vec::with_capacity(
-        64 + parts.iter().map(|p| p.len() + 4).sum::<usize>(),
-    ));
+    let mut msg = zeroize::Zeroizing::new(Vec::with_capacity(64 + parts.iter().map(|p| p.len() + 4).sum::<usize>()));
     msg.extend_from_slice(domain.as_bytes());
     msg.push(0);
     for p in parts {
@@ -234,10 +220,7 @@ mod tests {
     fn labels() {
         let n = KeyNames::new("keyvault").unwrap();
         assert_eq!(n.master(KeyVersion::FIRST).as_str(), "keyvault/master/v1");
-        assert_eq!(
-            n.token_signing(KeyVersion::FIRST.next()).as_str(),
-            "keyvault/token-signing/v2"
-        );
+        assert_eq!(n.token_signing(KeyVersion::FIRST.next()).as_str(), "keyvault/token-signing/v2");
         assert!(KeyNames::new("bad prefix").is_err());
         assert!(KeyNames::new(&"p".repeat(40)).is_err());
         assert!(KeyVersion::new(0).is_none());

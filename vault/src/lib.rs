@@ -7,6 +7,7 @@
 //! benchmarks call. Only `keyvault-hsm` touches PKCS#11.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod barrier;
 pub mod bench;
@@ -45,10 +46,7 @@ where
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Names of roles, users and policies: 1-128 characters of `[A-Za-z0-9._-]`, so they are
@@ -56,14 +54,10 @@ pub fn unix_now() -> u64 {
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(format!(
-            "invalid {kind} name: use 1-128 characters of [A-Za-z0-9._-]"
-        )))
+        Err(Error::invalid(format!("invalid {kind} name: use 1-128 characters of [A-Za-z0-9._-]")))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use keyvault::audit::AuditLog;
 use keyvault::bench::{self, BenchOptions, Scenario};
 use keyvault::config::Config;
 use keyvault::dev::{self, DevLayout};
@@ -18,11 +19,7 @@ use keyvault::vault::{self, Vault, VaultSettings, token_string};
 use secrecy::ExposeSecret;
 
 #[derive(Parser)]
-#[command(
-    name = "keyvault",
-    version,
-    about = "Embedded secret vault and HSM-backed key service"
-)]
+#[command(name = "keyvault", version, about = "Embedded secret vault and HSM-backed key service")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,6 +58,32 @@ enum Command {
     },
     /// Load generator for any Vault-API server (see docs/PERFORMANCE.md).
     Bench(BenchArgs),
+    /// The audit log: verify it, export its public key.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check audit files (in order, oldest first) with the audit public key only. Prints
+    /// `ok ...` or `ok=false file=... line=... reason=...`; exits 0 only when ok.
+    Verify {
+        /// The audit public key file (`keyvault audit export-key`).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// The log is still being written: accept entries after the last checkpoint.
+        #[arg(long)]
+        live: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the audit public key (base64 Ed25519) from the HSM; needs the PIN only.
+    ExportKey {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,11 +185,9 @@ struct BenchArgs {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -185,10 +206,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -216,10 +234,7 @@ fn ensure_softhsm_env(data_dir: &std::path::Path) -> anyhow::Result<()> {
         .args(std::env::args_os().skip(1))
         .env(keyvault_hsm::softhsm::CONF_ENV, &conf)
         .exec();
-    Err(anyhow::anyhow!(
-        "cannot re-execute with {}: {err}",
-        keyvault_hsm::softhsm::CONF_ENV
-    ))
+    Err(anyhow::anyhow!("cannot re-execute with {}: {err}", keyvault_hsm::softhsm::CONF_ENV))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -228,20 +243,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
             let vault = Vault::open(&config).await?;
-            serve(
-                &config,
-                vault,
-                |addr| tracing::info!(%addr, "KeyVault listening (TLS)"),
-            )
-            .await
+            serve(&config, vault, |addr, _| tracing::info!(%addr, "KeyVault listening (TLS)")).await
         }
-        Command::Dev {
-            data_dir,
-            address,
-            root_token_ttl,
-            log,
-            dek_cache_ttl,
-        } => {
+        Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl } => {
             init_logging(&log, false);
             let started = std::time::Instant::now();
             let layout = DevLayout::new(&data_dir)?;
@@ -254,12 +258,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if keys::load(store.as_ref()).await?.is_none() {
                 keys::initialize(store.as_ref(), &keys, &names).await?;
             }
-            let vault =
-                Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
+            let vault = Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
             dev::ensure_dev_client(&vault, &layout).await?;
             let root = vault.issue_root_token(root_token_ttl).await?;
             let root = token_string(&root).to_owned();
-            serve(&config, vault, move |addr| {
+            serve(&config, vault, move |addr, audit| {
+                if let Err(e) = std::fs::write(layout.audit_key_file(), audit.public_key_b64() + "\n") {
+                    tracing::warn!(error = %e, "cannot write the audit public key file");
+                }
                 println!("{}", dev::banner(&layout, addr, &root, root_token_ttl));
                 tracing::info!(%addr, ready_ms = started.elapsed().as_millis() as u64, "KeyVault (dev) listening");
             })
@@ -267,50 +273,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Operator { command } => operator(command).await,
         Command::Bench(a) => bench_cmd(a).await,
+        Command::Audit { command } => audit_cmd(command).await,
     }
 }
 
 async fn serve(
     config: &Config,
     vault: Arc<Vault>,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, &AuditLog),
 ) -> anyhow::Result<()> {
     let tls = keyvault::tls::TlsReloader::new(config.listener.tls_files())?;
     let watcher = tls.spawn_watchers(Duration::from_secs(2));
+    let audit = AuditLog::open(&config.audit, &vault.keys, &vault.names).await?;
     let listener = http::server::bind(config.listener.address).await?;
     let addr = listener.local_addr()?;
     let housekeeping = vault.spawn_housekeeping();
-    let app = http::router(AppState {
-        vault,
-        max_body: config.listener.max_request_bytes,
-    });
-    on_listening(addr);
-    http::server::serve(
-        listener,
-        tls.current(),
-        app,
-        http::server::shutdown_signal(),
-    )
-    .await?;
+    let app = http::router(AppState { vault, audit: audit.clone(), max_body: config.listener.max_request_bytes });
+    on_listening(addr, &audit);
+    http::server::serve(listener, tls.current(), app, http::server::shutdown_signal()).await?;
     housekeeping.abort();
     watcher.abort();
+    // The last entries and a final checkpoint: a cleanly stopped log verifies as complete.
+    audit.shutdown().await;
     Ok(())
 }
 
 async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
     match command {
-        OperatorCommand::Init {
-            config,
-            root_token_ttl,
-        } => {
+        OperatorCommand::Init { config, root_token_ttl } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
             let store = vault::open_store(&config).await?;
             let keys = vault::open_keystore(&config)?;
             let names = KeyNames::new(&config.hsm.key_prefix)?;
             keys::initialize(store.as_ref(), &keys, &names).await?;
-            let vault =
-                Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
+            let vault = Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
             let root = vault.issue_root_token(root_token_ttl).await?;
             println!(
                 "KeyVault initialized: master key v1, token-signing key v1 and AppRole HMAC key v1 are in the token."
@@ -323,14 +320,10 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             println!("Use it to create policies, roles and admin users, then let it expire.");
             Ok(())
         }
-        OperatorCommand::RevokeIdentity {
-            endpoint,
-            role,
-            certificate_sha256,
-            spiffe_id,
-        } => {
+        OperatorCommand::RevokeIdentity { endpoint, role, certificate_sha256, spiffe_id } => {
             init_logging("warn", false);
-            let body = serde_json::json!({ "role": role, "certificate_sha256": certificate_sha256, "spiffe_id": spiffe_id });
+            let body =
+                serde_json::json!({ "role": role, "certificate_sha256": certificate_sha256, "spiffe_id": spiffe_id });
             let body = serde_json::Value::Object(
                 body.as_object()
                     .into_iter()
@@ -339,13 +332,8 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             );
-            let (status, reply) = keyvault::client::request(
-                &endpoint.endpoint(),
-                "POST",
-                "sys/revoke-identity",
-                Some(body),
-            )
-            .await?;
+            let (status, reply) =
+                keyvault::client::request(&endpoint.endpoint(), "POST", "sys/revoke-identity", Some(body)).await?;
             if status != 200 {
                 anyhow::bail!("revoke-identity answered {status}: {reply}");
             }
@@ -362,6 +350,28 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             let vault = Vault::open(&config).await?;
             let root = vault.issue_root_token(ttl).await?;
             println!("{}", root.token.expose_secret());
+            Ok(())
+        }
+    }
+}
+
+async fn audit_cmd(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify { public_key, live, files } => {
+            let key = keyvault::audit::verify::read_public_key(&public_key).map_err(anyhow::Error::msg)?;
+            let report = keyvault::audit::verify::verify(&files, &key, live)?;
+            println!("{report}");
+            if matches!(report, keyvault::audit::verify::Report::Ok { .. }) { Ok(()) } else { std::process::exit(1) }
+        }
+        AuditCommand::ExportKey { config } => {
+            let config = Config::load(&config)?;
+            init_logging("warn", false);
+            let keys = vault::open_keystore(&config)?;
+            let names = KeyNames::new(&config.hsm.key_prefix)?;
+            let label = names.audit_signing();
+            let public = keyvault::hsm_call(&keys, move |k| k.ed25519_public_key(&label)).await?;
+            use base64::Engine;
+            println!("{}", base64::engine::general_purpose::STANDARD.encode(public));
             Ok(())
         }
     }

@@ -93,11 +93,7 @@ impl Caps {
         Caps(self.0 | other.0)
     }
     pub fn names(self) -> Vec<&'static str> {
-        Capability::ALL
-            .into_iter()
-            .filter(|c| self.contains(*c))
-            .map(Capability::name)
-            .collect()
+        Capability::ALL.into_iter().filter(|c| self.contains(*c)).map(Capability::name).collect()
     }
 }
 
@@ -152,11 +148,7 @@ impl Pattern {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        Ok(Pattern {
-            raw: raw.to_owned(),
-            parts,
-            glob,
-        })
+        Ok(Pattern { raw: raw.to_owned(), parts, glob })
     }
 
     pub fn matches(&self, path: &str) -> bool {
@@ -187,18 +179,8 @@ impl Pattern {
             (None, true) => self.raw.len() - 1,
             (None, false) => usize::MAX,
         };
-        let plus = self
-            .parts
-            .iter()
-            .filter(|p| matches!(p, Part::Segment))
-            .count();
-        (
-            first_wild,
-            !self.glob,
-            std::cmp::Reverse(plus),
-            self.raw.len(),
-            &self.raw,
-        )
+        let plus = self.parts.iter().filter(|p| matches!(p, Part::Segment)).count();
+        (first_wild, !self.glob, std::cmp::Reverse(plus), self.raw.len(), &self.raw)
     }
 }
 
@@ -251,11 +233,7 @@ impl Policy {
             }
             rules.push((pattern, caps));
         }
-        Ok(Policy {
-            name: name.to_owned(),
-            text: text.to_owned(),
-            rules,
-        })
+        Ok(Policy { name: name.to_owned(), text: text.to_owned(), rules })
     }
 }
 
@@ -268,10 +246,7 @@ pub struct Acl {
 
 impl Acl {
     pub fn root() -> Self {
-        Acl {
-            root: true,
-            rules: Vec::new(),
-        }
+        Acl { root: true, rules: Vec::new() }
     }
 
     pub fn from_policies<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Self {
@@ -284,10 +259,7 @@ impl Acl {
                     .or_insert_with(|| (pattern.clone(), *caps));
             }
         }
-        Acl {
-            root: false,
-            rules: merged.into_values().collect(),
-        }
+        Acl { root: false, rules: merged.into_values().collect() }
     }
 
     /// The capabilities this ACL grants on `path`.
@@ -295,11 +267,8 @@ impl Acl {
         if self.root {
             return Caps(!(Capability::Deny as u16));
         }
-        let best = self
-            .rules
-            .iter()
-            .filter(|(p, _)| p.matches(path))
-            .max_by(|a, b| a.0.priority().cmp(&b.0.priority()));
+        let best =
+            self.rules.iter().filter(|(p, _)| p.matches(path)).max_by(|a, b| a.0.priority().cmp(&b.0.priority()));
         match best {
             Some((_, caps)) if caps.contains(Capability::Deny) => Caps::default(),
             Some((_, caps)) => *caps,
@@ -332,10 +301,7 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        PolicyStore {
-            store,
-            cache: RwLock::new(HashMap::new()),
-        }
+        PolicyStore { store, cache: RwLock::new(HashMap::new()) }
     }
 
     pub async fn put(&self, name: &str, text: &str) -> Result<()> {
@@ -343,26 +309,15 @@ impl PolicyStore {
             return Err(Error::invalid("the root policy cannot be changed"));
         }
         let policy = Policy::parse(name, text)?;
-        let raw = encode_json(&StoredPolicy {
-            name: name.to_owned(),
-            text: text.to_owned(),
-        });
+        let raw = encode_json(&StoredPolicy { name: name.to_owned(), text: text.to_owned() });
         self.store.put(&key(name), &raw).await?;
-        self.cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), Arc::new(policy));
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), Arc::new(policy));
         Ok(())
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Arc<Policy>>> {
         validate_name(name)?;
-        if let Some(p) = self
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
+        if let Some(p) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             return Ok(Some(p.clone()));
         }
         let Some(raw) = self.store.get(&key(name)).await? else {
@@ -370,10 +325,7 @@ impl PolicyStore {
         };
         let stored: StoredPolicy = decode_json(&key(name), &raw)?;
         let policy = Arc::new(Policy::parse(name, &stored.text)?);
-        self.cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), policy.clone());
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), policy.clone());
         Ok(Some(policy))
     }
 
@@ -383,10 +335,7 @@ impl PolicyStore {
             return Err(Error::invalid("the root policy cannot be deleted"));
         }
         let existed = self.store.delete(&key(name)).await?;
-        self.cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         Ok(existed)
     }
 
@@ -438,23 +387,11 @@ mod tests {
         assert!(a.allows("secret/db/password", Capability::Read));
         assert!(a.allows("secret/db/nested/deep", Capability::Read));
         assert!(!a.allows("secret/db/password", Capability::Update));
-        assert!(
-            !a.allows("secret/db/admin", Capability::Read),
-            "deny on the exact path wins"
-        );
+        assert!(!a.allows("secret/db/admin", Capability::Read), "deny on the exact path wins");
         assert!(a.allows("secret/web/config", Capability::Update));
-        assert!(
-            !a.allows("secret/web/x/config", Capability::Read),
-            "+ is exactly one segment"
-        );
-        assert!(
-            !a.allows("secret/other", Capability::Read),
-            "deny by default"
-        );
-        assert!(
-            !a.allows("secret/db", Capability::Read),
-            "glob needs the slash"
-        );
+        assert!(!a.allows("secret/web/x/config", Capability::Read), "+ is exactly one segment");
+        assert!(!a.allows("secret/other", Capability::Read), "deny by default");
+        assert!(!a.allows("secret/db", Capability::Read), "glob needs the slash");
     }
 
     #[test]
@@ -489,24 +426,12 @@ mod tests {
     #[test]
     fn bad_policies_are_refused_with_reasons() {
         for (text, needle) in [
-            (
-                r#"path "a/*/b" { capabilities = ["read"] }"#,
-                "only allowed at the end",
-            ),
-            (
-                r#"path "a" { capabilities = ["fly"] }"#,
-                "unsupported capability",
-            ),
-            (
-                "path \"a\" {\n  capabilities = [\"read\"]\n  policy = \"x\"\n}",
-                "unknown field",
-            ),
+            (r#"path "a/*/b" { capabilities = ["read"] }"#, "only allowed at the end"),
+            (r#"path "a" { capabilities = ["fly"] }"#, "unsupported capability"),
+            ("path \"a\" {\n  capabilities = [\"read\"]\n  policy = \"x\"\n}", "unknown field"),
             (r#"path "a" { "#, "HCL"),
             (r#"{"path": 3}"#, "JSON"),
-            (
-                r#"path "a+b" { capabilities = ["read"] }"#,
-                "whole path segment",
-            ),
+            (r#"path "a+b" { capabilities = ["read"] }"#, "whole path segment"),
         ] {
             let err = Policy::parse("p", text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -39,14 +39,10 @@ fn check_segment(seg: &str) -> Result<()> {
         return Err(Error::invalid("invalid path: empty segment"));
     }
     if seg == "." || seg == ".." {
-        return Err(Error::invalid(
-            "invalid path: '.' and '..' segments are not allowed",
-        ));
+        return Err(Error::invalid("invalid path: '.' and '..' segments are not allowed"));
     }
     if seg.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "invalid path: control characters are not allowed",
-        ));
+        return Err(Error::invalid("invalid path: control characters are not allowed"));
     }
     if seg.contains('/') {
         return Err(Error::invalid("invalid path: encoded '/' inside a segment"));
@@ -81,18 +77,14 @@ impl SecretPath {
 
     fn from_segments(segments: &[String]) -> Result<Self> {
         if segments.len() > MAX_SEGMENTS {
-            return Err(Error::invalid(format!(
-                "invalid path: more than {MAX_SEGMENTS} segments"
-            )));
+            return Err(Error::invalid(format!("invalid path: more than {MAX_SEGMENTS} segments")));
         }
         for s in segments {
             check_segment(s)?;
         }
         let path = segments.join("/");
         if path.len() > MAX_PATH_LEN {
-            return Err(Error::invalid(format!(
-                "invalid path: longer than {MAX_PATH_LEN} bytes"
-            )));
+            return Err(Error::invalid(format!("invalid path: longer than {MAX_PATH_LEN} bytes")));
         }
         Ok(SecretPath(path))
     }
@@ -145,10 +137,7 @@ pub struct SecretVersion {
 
 impl std::fmt::Debug for SecretVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretVersion")
-            .field("version", &self.version)
-            .field("data", &"<redacted>")
-            .finish()
+        f.debug_struct("SecretVersion").field("version", &self.version).field("data", &"<redacted>").finish()
     }
 }
 
@@ -173,11 +162,7 @@ pub fn data_prefix() -> &'static str {
 }
 
 pub fn record_context(path: &SecretPath, version: u64) -> RecordContext<'_> {
-    RecordContext {
-        purpose: "kv",
-        path: path.as_str(),
-        version,
-    }
+    RecordContext { purpose: "kv", path: path.as_str(), version }
 }
 
 fn now_rfc3339() -> String {
@@ -189,12 +174,7 @@ fn now_rfc3339() -> String {
 pub fn validate_value(body: &[u8]) -> Result<()> {
     serde_json::from_slice::<BTreeMap<String, &RawValue>>(body)
         .map(drop)
-        .map_err(|e| {
-            Error::invalid(format!(
-                "the secret must be a JSON object: {}",
-                json_error_category(&e)
-            ))
-        })
+        .map_err(|e| Error::invalid(format!("the secret must be a JSON object: {}", json_error_category(&e))))
 }
 
 /// A JSON parse error's category only: serde_json's full message can quote the input,
@@ -218,11 +198,7 @@ pub struct Secrets {
 
 impl Secrets {
     pub fn new(store: Arc<dyn Store>, barrier: Barrier, max_versions: usize) -> Self {
-        Secrets {
-            store,
-            barrier,
-            max_versions: max_versions.max(1),
-        }
+        Secrets { store, barrier, max_versions: max_versions.max(1) }
     }
 
     async fn load_meta(&self, path: &SecretPath) -> Result<(Option<Vec<u8>>, SecretMeta)> {
@@ -246,23 +222,13 @@ impl Secrets {
         // Claim a version slot: the next number whose record does not exist yet.
         let mut version = meta.current_version + 1;
         loop {
-            let sealed = self
-                .barrier
-                .seal(&record_context(path, version), value)
-                .await?;
-            if self
-                .store
-                .insert_if_absent(&data_key(path, version), &sealed, None)
-                .await?
-            {
+            let sealed = self.barrier.seal(&record_context(path, version), value).await?;
+            if self.store.insert_if_absent(&data_key(path, version), &sealed, None).await? {
                 break;
             }
             version += 1;
         }
-        let vmeta = VersionMeta {
-            created_time: now_rfc3339(),
-            deletion_time: None,
-        };
+        let vmeta = VersionMeta { created_time: now_rfc3339(), deletion_time: None };
         // Record the version in the metadata; merge with concurrent writers.
         loop {
             let (raw, mut meta) = self.load_meta(path).await?;
@@ -275,11 +241,7 @@ impl Secrets {
                 }
             }
             let new = encode_json(&meta);
-            if self
-                .store
-                .compare_and_swap(&meta_key(path), raw.as_deref(), Some(&new))
-                .await?
-            {
+            if self.store.compare_and_swap(&meta_key(path), raw.as_deref(), Some(&new)).await? {
                 for old in pruned {
                     self.store.delete(&data_key(path, old)).await?;
                 }
@@ -298,24 +260,14 @@ impl Secrets {
         let version = version.unwrap_or(meta.current_version);
         let vmeta = meta.versions.get(&version).ok_or_else(not_found)?;
         if vmeta.deletion_time.is_some() {
-            return Err(Error::NotFound(format!(
-                "version {version} of {} is deleted",
-                path.0
-            )));
+            return Err(Error::NotFound(format!("version {version} of {} is deleted", path.0)));
         }
         let sealed = self.store.get(&data_key(path, version)).await?.ok_or_else(|| {
             tracing::error!(path = %path.0, version, "metadata names a version whose record is missing");
             not_found()
         })?;
-        let data = self
-            .barrier
-            .open(&record_context(path, version), &sealed)
-            .await?;
-        Ok(SecretVersion {
-            version,
-            meta: vmeta.clone(),
-            data,
-        })
+        let data = self.barrier.open(&record_context(path, version), &sealed).await?;
+        Ok(SecretVersion { version, meta: vmeta.clone(), data })
     }
 
     /// Delete the current version: its record is destroyed, its metadata marked deleted.
@@ -329,18 +281,11 @@ impl Secrets {
             match meta.versions.get_mut(&current) {
                 Some(v) if v.deletion_time.is_none() => v.deletion_time = Some(now_rfc3339()),
                 _ => {
-                    return Err(Error::NotFound(format!(
-                        "the latest version of {} is already deleted",
-                        path.0
-                    )));
+                    return Err(Error::NotFound(format!("the latest version of {} is already deleted", path.0)));
                 }
             }
             let new = encode_json(&meta);
-            if self
-                .store
-                .compare_and_swap(&meta_key(path), Some(&raw), Some(&new))
-                .await?
-            {
+            if self.store.compare_and_swap(&meta_key(path), Some(&raw), Some(&new)).await? {
                 self.store.delete(&data_key(path, current)).await?;
                 return Ok(());
             }
@@ -353,10 +298,7 @@ impl Secrets {
         let mut keys: Vec<String> = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self
-                .store
-                .scan_prefix(&full, after.as_deref(), 1000)
-                .await?;
+            let page = self.store.scan_prefix(&full, after.as_deref(), 1000).await?;
             let done = page.len() < 1000;
             for (k, _) in &page {
                 let rest = &k[full.len()..];
@@ -388,21 +330,10 @@ mod tests {
 
     #[test]
     fn paths_are_validated() {
-        assert_eq!(
-            SecretPath::from_url("db/password").unwrap().as_str(),
-            "db/password"
-        );
-        assert_eq!(
-            SecretPath::from_url("caf%C3%A9/x").unwrap().as_str(),
-            "café/x"
-        );
-        for bad in [
-            "", "a//b", "a/", "/a", "a/../b", "..", "a/./b", "a%00b", "a%2Fb", "a%FFb", "a%0Ab",
-        ] {
-            assert!(
-                SecretPath::from_url(bad).is_err(),
-                "{bad:?} must be refused"
-            );
+        assert_eq!(SecretPath::from_url("db/password").unwrap().as_str(), "db/password");
+        assert_eq!(SecretPath::from_url("caf%C3%A9/x").unwrap().as_str(), "café/x");
+        for bad in ["", "a//b", "a/", "/a", "a/../b", "..", "a/./b", "a%00b", "a%2Fb", "a%FFb", "a%0Ab"] {
+            assert!(SecretPath::from_url(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(SecretPath::from_url(&"a".repeat(513)).is_err());
         assert!(SecretPath::from_url(&vec!["a"; 33].join("/")).is_err());
@@ -422,12 +353,7 @@ mod tests {
     #[test]
     fn values_must_be_objects_and_errors_do_not_quote_them() {
         assert!(validate_value(br#"{"value":"s3cret","n":1}"#).is_ok());
-        for bad in [
-            &br#"["s3cret"]"#[..],
-            br#""s3cret""#,
-            br#"{"value":"s3cret""#,
-            b"s3cret",
-        ] {
+        for bad in [&br#"["s3cret"]"#[..], br#""s3cret""#, br#"{"value":"s3cret""#, b"s3cret"] {
             let err = validate_value(bad).unwrap_err().to_string();
             assert!(!err.contains("s3cret"), "{err}");
         }

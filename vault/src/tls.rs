@@ -24,31 +24,19 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Read a PEM certificate chain.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| {
-            Error::Config(format!(
-                "cannot read certificates from {}: {e}",
-                path.display()
-            ))
-        })?
+        .map_err(|e| Error::Config(format!("cannot read certificates from {}: {e}", path.display())))?
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Config(format!("bad PEM in {}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(Error::Config(format!(
-            "no certificate in {}",
-            path.display()
-        )));
+        return Err(Error::Config(format!("no certificate in {}", path.display())));
     }
     Ok(certs)
 }
 
 /// Read a PEM private key (PKCS#8, SEC1 or PKCS#1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read a private key from {}: {e}",
-            path.display()
-        ))
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| Error::Config(format!("cannot read a private key from {}: {e}", path.display())))
 }
 
 /// Whether and how clients present certificates on a listener.
@@ -109,21 +97,15 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
     let builder = match (files.client_auth, &files.client_ca) {
         (ClientAuth::Off, None) => builder.with_no_client_auth(),
         (ClientAuth::Off, Some(_)) => {
-            return Err(Error::Config(
-                "listener.client_ca_file is set but listener.client_auth is \"off\"".into(),
-            ));
+            return Err(Error::Config("listener.client_ca_file is set but listener.client_auth is \"off\"".into()));
         }
         (_, None) => {
-            return Err(Error::Config(
-                "listener.client_auth needs listener.client_ca_file".into(),
-            ));
+            return Err(Error::Config("listener.client_auth needs listener.client_ca_file".into()));
         }
         (mode, Some(ca)) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in load_certs(ca)? {
-                roots.add(c).map_err(|e| {
-                    Error::Config(format!("client CA bundle {}: {e}", ca.display()))
-                })?;
+                roots.add(c).map_err(|e| Error::Config(format!("client CA bundle {}: {e}", ca.display())))?;
             }
             let mut crls = Vec::new();
             for f in &files.crls {
@@ -138,18 +120,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
             if mode == ClientAuth::Optional {
                 v = v.allow_unauthenticated();
             }
-            let verifier = v
-                .build()
-                .map_err(|e| Error::Config(format!("client certificate verifier: {e}")))?;
+            let verifier = v.build().map_err(|e| Error::Config(format!("client certificate verifier: {e}")))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-        Error::Config(format!(
-            "TLS certificate {} / key {}: {e}",
-            files.cert.display(),
-            files.key.display()
-        ))
+        Error::Config(format!("TLS certificate {} / key {}: {e}", files.cert.display(), files.key.display()))
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -160,13 +136,7 @@ type Stamp = Option<(std::time::SystemTime, u64, u64)>;
 
 fn stamp(p: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).ok().map(|m| {
-        (
-            m.modified().unwrap_or(std::time::UNIX_EPOCH),
-            m.len(),
-            m.ino(),
-        )
-    })
+    std::fs::metadata(p).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), m.ino()))
 }
 
 /// The live TLS configuration of a listener, rebuilt from its files on SIGHUP or when a
@@ -183,11 +153,7 @@ impl TlsReloader {
     pub fn new(files: TlsFiles) -> Result<Arc<Self>> {
         let config = server_config(&files)?;
         let stamps = files.watched().iter().map(|p| stamp(p)).collect();
-        Ok(Arc::new(TlsReloader {
-            files,
-            current: Arc::new(ArcSwap::new(config)),
-            stamps: Mutex::new(stamps),
-        }))
+        Ok(Arc::new(TlsReloader { files, current: Arc::new(ArcSwap::new(config)), stamps: Mutex::new(stamps) }))
     }
 
     /// The configuration handle the listener reads for every new connection.
@@ -220,14 +186,10 @@ impl TlsReloader {
     }
 
     /// Reload on SIGHUP, and when a watched file changes (checked every `poll`).
-    pub fn spawn_watchers(
-        self: &Arc<Self>,
-        poll: std::time::Duration,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_watchers(self: &Arc<Self>, poll: std::time::Duration) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(poll);
             loop {
                 let sighup = async {
@@ -279,12 +241,7 @@ impl ClientCert {
         // The handshake already verified the certificate; a parse failure here only
         // means no name-based identities.
         if let Ok((_, x)) = X509Certificate::from_der(der) {
-            c.common_name = x
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .map(str::to_owned);
+            c.common_name = x.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
             if let Ok(Some(san)) = x.subject_alternative_name() {
                 for name in &san.value.general_names {
                     match name {
@@ -300,10 +257,7 @@ impl ClientCert {
 
     /// The SPIFFE ID: the URI SAN with the `spiffe://` scheme, if any.
     pub fn spiffe_id(&self) -> Option<&str> {
-        self.uri_sans
-            .iter()
-            .map(String::as_str)
-            .find(|u| u.starts_with("spiffe://"))
+        self.uri_sans.iter().map(String::as_str).find(|u| u.starts_with("spiffe://"))
     }
 }
 
@@ -334,13 +288,8 @@ pub fn new_ca(common_name: &str) -> Result<rcgen::CertifiedIssuer<'static, rcgen
     let key = rcgen::KeyPair::generate().map_err(rcgen_err)?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, common_name);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
     rcgen::CertifiedIssuer::self_signed(params, key).map_err(rcgen_err)
 }
 
@@ -364,9 +313,7 @@ pub fn new_leaf(
         };
         params.subject_alt_names.push(san);
     }
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, common_name);
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
     params.extended_key_usages = vec![if server {
         rcgen::ExtendedKeyUsagePurpose::ServerAuth
     } else {
@@ -395,20 +342,17 @@ impl DevPki {
     /// ID `spiffe://keyvault.dev/client/dev`).
     pub fn ensure(&self) -> Result<()> {
         if let Some(dir) = self.ca_cert.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
         }
         if !(self.ca_cert.exists() && self.server_cert.exists() && self.server_key.exists()) {
             let ca = new_ca("KeyVault development CA")?;
-            let (server, key) =
-                new_leaf(&ca, "localhost", &["localhost", "127.0.0.1", "::1"], true)?;
+            let (server, key) = new_leaf(&ca, "localhost", &["localhost", "127.0.0.1", "::1"], true)?;
             write_private(&self.ca_key, &ca.key().serialize_pem())?;
             write_file(&self.ca_cert, &ca.pem())?;
             write_private(&self.server_key, &key.serialize_pem())?;
             write_file(&self.server_cert, &server.pem())?;
         }
-        if !(self.client_ca_cert.exists() && self.client_cert.exists() && self.client_key.exists())
-        {
+        if !(self.client_ca_cert.exists() && self.client_cert.exists() && self.client_key.exists()) {
             let ca = new_ca("KeyVault development client CA")?;
             let (client, key) = new_leaf(&ca, DEV_CLIENT_CN, &[DEV_CLIENT_SPIFFE], false)?;
             write_private(&self.client_ca_key, &ca.key().serialize_pem())?;
@@ -421,8 +365,7 @@ impl DevPki {
 }
 
 fn write_file(path: &Path, content: &str) -> Result<()> {
-    std::fs::write(path, content)
-        .map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))
+    std::fs::write(path, content).map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Write a file readable by its owner only.
@@ -436,6 +379,5 @@ pub fn write_private(path: &Path, content: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))?;
-    f.write_all(content.as_bytes())
-        .map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))
+    f.write_all(content.as_bytes()).map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))
 }

@@ -81,9 +81,7 @@ pub struct IssuedToken {
 
 impl std::fmt::Debug for IssuedToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedToken")
-            .field("accessor", &self.claims.acc)
-            .finish_non_exhaustive()
+        f.debug_struct("IssuedToken").field("accessor", &self.claims.acc).finish_non_exhaustive()
     }
 }
 
@@ -127,9 +125,7 @@ pub struct TokenIssuer {
 
 impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenIssuer")
-            .field("issuer", &self.issuer)
-            .finish_non_exhaustive()
+        f.debug_struct("TokenIssuer").field("issuer", &self.issuer).finish_non_exhaustive()
     }
 }
 
@@ -139,22 +135,14 @@ fn kid(v: KeyVersion) -> String {
 
 impl TokenIssuer {
     /// Read the public halves of every live signing key version from the token.
-    pub async fn new(
-        keys: Arc<dyn KeyStore>,
-        names: KeyNames,
-        keyring: SharedKeyring,
-        issuer: String,
-    ) -> Result<Self> {
+    pub async fn new(keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring, issuer: String) -> Result<Self> {
         let issuer = TokenIssuer {
             keys,
             names,
             keyring,
             issuer,
             verifiers: RwLock::new(HashMap::new()),
-            cache: VerifiedCache {
-                map: RwLock::new(HashMap::new()),
-                capacity: 100_000,
-            },
+            cache: VerifiedCache { map: RwLock::new(HashMap::new()), capacity: 100_000 },
         };
         issuer.load_public_keys().await?;
         Ok(issuer)
@@ -250,9 +238,7 @@ impl TokenIssuer {
         validation.validate_nbf = true;
         // Replicas' clocks may differ a little; tokens live minutes.
         validation.leeway = 5;
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e
-            .kind()
-        {
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthFailure::Expired,
             ErrorKind::InvalidSignature => AuthFailure::BadSignature,
             _ => AuthFailure::MalformedToken,
@@ -283,12 +269,7 @@ mod tests {
         let names = KeyNames::new("keyvault").unwrap();
         let ring = keys::initialize(&store, &keys, &names).await.unwrap();
         let keyring = Arc::new(arc_swap::ArcSwap::from_pointee(ring));
-        (
-            dir,
-            TokenIssuer::new(keys, names, keyring, "keyvault".into())
-                .await
-                .unwrap(),
-        )
+        (dir, TokenIssuer::new(keys, names, keyring, "keyvault".into()).await.unwrap())
     }
 
     fn spec(ttl: u64) -> TokenSpec {
@@ -334,13 +315,9 @@ mod tests {
 
         // Claims changed (policy escalation), signature kept.
         let (head, claims) = head_claims.split_once('.').unwrap();
-        let mut c: Claims =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+        let mut c: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
         c.pol = vec!["root".into()];
-        let escalated = format!(
-            "{head}.{}.{sig}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap())
-        );
+        let escalated = format!("{head}.{}.{sig}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap()));
         assert_eq!(iss.verify(&escalated), Err(AuthFailure::BadSignature));
 
         // alg: none and HS256 headers are refused before any key is used.
@@ -364,27 +341,18 @@ mod tests {
         future.nbf = now + 600;
         future.exp = now + 1200;
         let t = iss.sign(&future).await.unwrap();
-        assert_eq!(
-            iss.verify(t.expose_secret()),
-            Err(AuthFailure::MalformedToken)
-        );
+        assert_eq!(iss.verify(t.expose_secret()), Err(AuthFailure::MalformedToken));
 
         // Another issuer.
         let mut other = expired.clone();
         other.exp = now + 600;
         other.iss = "someone-else".into();
         let t = iss.sign(&other).await.unwrap();
-        assert_eq!(
-            iss.verify(t.expose_secret()),
-            Err(AuthFailure::MalformedToken)
-        );
+        assert_eq!(iss.verify(t.expose_secret()), Err(AuthFailure::MalformedToken));
 
         // Unknown key id.
         let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","typ":"JWT","kid":"v9"}"#);
-        assert_eq!(
-            iss.verify(&format!("{h}.{claims}.{sig}")),
-            Err(AuthFailure::UnknownSigningKey)
-        );
+        assert_eq!(iss.verify(&format!("{h}.{claims}.{sig}")), Err(AuthFailure::UnknownSigningKey));
 
         for junk in ["", "abc", "a.b.c", &"x".repeat(MAX_TOKEN_LEN + 1), "é.é.é"] {
             assert!(iss.verify(junk).is_err(), "{junk:?}");
@@ -396,9 +364,6 @@ mod tests {
         let (_d1, a) = issuer().await;
         let (_d2, b) = issuer().await;
         let t = a.issue(spec(600)).await.unwrap();
-        assert_eq!(
-            b.verify(t.token.expose_secret()),
-            Err(AuthFailure::BadSignature)
-        );
+        assert_eq!(b.verify(t.token.expose_secret()), Err(AuthFailure::BadSignature));
     }
 }

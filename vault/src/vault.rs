@@ -45,10 +45,7 @@ pub struct Peer {
 impl Peer {
     /// A peer for in-process calls (CLI, tests, benchmarks).
     pub fn local() -> Self {
-        Peer {
-            remote: SocketAddr::from(([127, 0, 0, 1], 0)),
-            client_cert: None,
-        }
+        Peer { remote: SocketAddr::from(([127, 0, 0, 1], 0)), client_cert: None }
     }
 
     fn ip(&self) -> IpAddr {
@@ -84,11 +81,7 @@ impl Caller {
 /// Open the configured key store (PKCS#11 token).
 pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
     let pin = config.hsm.pin_source()?.read()?;
-    let mut p = Pkcs11Config::new(
-        config.hsm.module.clone(),
-        config.hsm.token_label.clone(),
-        pin,
-    );
+    let mut p = Pkcs11Config::new(config.hsm.module.clone(), config.hsm.token_label.clone(), pin);
     p.max_sessions = config.hsm.max_sessions;
     p.wrap = config.hsm.wrap_preference();
     Ok(Pkcs11KeyStore::open(&p)?)
@@ -98,12 +91,8 @@ pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     match &config.storage {
         StorageConfig::Sled { path } => {
-            std::fs::create_dir_all(path).map_err(|e| {
-                Error::Config(format!(
-                    "cannot create storage directory {}: {e}",
-                    path.display()
-                ))
-            })?;
+            std::fs::create_dir_all(path)
+                .map_err(|e| Error::Config(format!("cannot create storage directory {}: {e}", path.display())))?;
             Ok(Arc::new(SledStore::open(path)?))
         }
     }
@@ -119,11 +108,7 @@ pub struct VaultSettings {
 
 impl VaultSettings {
     pub fn from_config(c: &Config) -> Self {
-        VaultSettings {
-            tokens: c.tokens.clone(),
-            secrets: c.secrets.clone(),
-            rate_limit: c.auth.rate_limit,
-        }
+        VaultSettings { tokens: c.tokens.clone(), secrets: c.secrets.clone(), rate_limit: c.auth.rate_limit }
     }
 }
 
@@ -150,9 +135,7 @@ pub struct Vault {
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vault")
-            .field("store", &self.store)
-            .finish_non_exhaustive()
+        f.debug_struct("Vault").field("store", &self.store).finish_non_exhaustive()
     }
 }
 
@@ -189,43 +172,20 @@ impl Vault {
         settings: VaultSettings,
     ) -> Result<Arc<Vault>> {
         let ring = keys::load(store.as_ref()).await?.ok_or_else(|| {
-            Error::Config(
-                "KeyVault is not initialized: run `keyvault operator init --config <file>` first"
-                    .into(),
-            )
+            Error::Config("KeyVault is not initialized: run `keyvault operator init --config <file>` first".into())
         })?;
         let keyring: SharedKeyring = Arc::new(ArcSwap::from_pointee(ring));
-        let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone()).with_dek_cache(
-            settings.secrets.dek_cache_ttl,
-            settings.secrets.dek_cache_capacity,
-        );
-        let tokens = TokenIssuer::new(
-            keys.clone(),
-            names.clone(),
-            keyring.clone(),
-            settings.tokens.issuer.clone(),
-        )
-        .await?;
-        let approle = Arc::new(AppRole::new(
-            store.clone(),
-            keys.clone(),
-            names.clone(),
-            keyring.clone(),
-        ));
+        let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone())
+            .with_dek_cache(settings.secrets.dek_cache_ttl, settings.secrets.dek_cache_capacity);
+        let tokens =
+            TokenIssuer::new(keys.clone(), names.clone(), keyring.clone(), settings.tokens.issuer.clone()).await?;
+        let approle = Arc::new(AppRole::new(store.clone(), keys.clone(), names.clone(), keyring.clone()));
         let userpass = Arc::new(UserPass::new(store.clone()));
         let cert = Arc::new(CertAuth::new(store.clone()));
         let kubernetes = Arc::new(KubernetesAuth::new(store.clone()));
-        let bootstrap = Arc::new(Bootstrap::new(
-            store.clone(),
-            keys.clone(),
-            names.clone(),
-            keyring.clone(),
-        ));
+        let bootstrap = Arc::new(Bootstrap::new(store.clone(), keys.clone(), names.clone(), keyring.clone()));
         let authenticators: HashMap<&'static str, Arc<dyn Authenticator>> = [
-            (
-                auth::approle::METHOD,
-                approle.clone() as Arc<dyn Authenticator>,
-            ),
+            (auth::approle::METHOD, approle.clone() as Arc<dyn Authenticator>),
             (auth::userpass::METHOD, userpass.clone()),
             (auth::cert::METHOD, cert.clone()),
             (auth::kubernetes::METHOD, kubernetes.clone()),
@@ -240,11 +200,7 @@ impl Vault {
         .into();
         Ok(Arc::new(Vault {
             policies: PolicyStore::new(store.clone()),
-            secrets: Secrets::new(
-                store.clone(),
-                barrier.clone(),
-                settings.secrets.max_versions,
-            ),
+            secrets: Secrets::new(store.clone(), barrier.clone(), settings.secrets.max_versions),
             revocations: Revocations::new(store.clone()),
             limiter: FailureLimiter::new(settings.rate_limit),
             store,
@@ -283,11 +239,7 @@ impl Vault {
     // ---- identity ----
 
     /// The identities a token or a certificate speaks for, for the kill switch.
-    fn identities(
-        role: Option<&str>,
-        cert_hex: Option<&str>,
-        spiffe: Option<&str>,
-    ) -> Vec<Identity> {
+    fn identities(role: Option<&str>, cert_hex: Option<&str>, spiffe: Option<&str>) -> Vec<Identity> {
         let mut ids = Vec::with_capacity(3);
         if let Some(r) = role {
             ids.push(Identity::Role(r.to_owned()));
@@ -346,23 +298,13 @@ impl Vault {
         let ids = Self::identities(claims.role.as_deref(), bound_cert, claims.spiffe.as_deref());
         self.check_identities(&ids, Some(claims.iat)).await?;
         let acl = self.policies.acl(&claims.pol).await?;
-        Ok(Caller {
-            claims,
-            acl,
-            direct: false,
-        })
+        Ok(Caller { claims, acl, direct: false })
     }
 
     async fn authenticate_direct(&self, peer: &Peer) -> Result<Caller> {
-        let cert = peer
-            .client_cert
-            .as_deref()
-            .ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
-        let (name, role) = self
-            .cert
-            .direct_role(cert)
-            .await?
-            .ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
+        let cert = peer.client_cert.as_deref().ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
+        let (name, role) =
+            self.cert.direct_role(cert).await?.ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
         let ids = Self::identities(Some(&name), Some(&cert.sha256_hex), cert.spiffe_id());
         self.check_identities(&ids, None).await?;
         let now = unix_now();
@@ -378,62 +320,32 @@ impl Vault {
             meth: auth::cert::METHOD.into(),
             role: Some(name),
             max_exp: None,
-            cnf: Some(Confirmation {
-                x5t_s256: cert.x5t_s256.clone(),
-            }),
+            cnf: Some(Confirmation { x5t_s256: cert.x5t_s256.clone() }),
             spiffe: cert.spiffe_id().map(str::to_owned),
         });
         let acl = self.policies.acl(&claims.pol).await?;
-        Ok(Caller {
-            claims,
-            acl,
-            direct: true,
-        })
+        Ok(Caller { claims, acl, direct: true })
     }
 
     fn ttls(&self, outcome: &LoginOutcome) -> (u64, u64) {
-        let max = outcome
-            .max_ttl
-            .unwrap_or(self.token_config.max_ttl)
-            .min(self.token_config.max_ttl);
-        let ttl = outcome
-            .ttl
-            .unwrap_or(self.token_config.default_ttl)
-            .min(max);
+        let max = outcome.max_ttl.unwrap_or(self.token_config.max_ttl).min(self.token_config.max_ttl);
+        let ttl = outcome.ttl.unwrap_or(self.token_config.default_ttl).min(max);
         (ttl.as_secs(), max.as_secs())
     }
 
     /// Log in with method `method` (`/v1/auth/<method>/login[/<name>]`). Over mutual TLS
     /// the token is bound to the client certificate.
-    pub async fn login(
-        &self,
-        method: &str,
-        name: Option<&str>,
-        body: &[u8],
-        peer: &Peer,
-    ) -> Result<IssuedToken> {
-        let authn = self
-            .authenticators
-            .get(method)
-            .ok_or_else(|| Error::NotFound(format!("no auth method {method:?}")))?;
+    pub async fn login(&self, method: &str, name: Option<&str>, body: &[u8], peer: &Peer) -> Result<IssuedToken> {
+        let authn =
+            self.authenticators.get(method).ok_or_else(|| Error::NotFound(format!("no auth method {method:?}")))?;
         let hint = role_hint(body);
         let limit_key = format!(
             "{method}/{}",
-            name.or(hint.role.as_deref())
-                .or(hint.name.as_deref())
-                .or(hint.role_id.as_deref())
-                .unwrap_or("-")
+            name.or(hint.role.as_deref()).or(hint.name.as_deref()).or(hint.role_id.as_deref()).unwrap_or("-")
         );
         self.limiter.check(&limit_key, peer.ip())?;
         let cert = peer.client_cert.as_deref();
-        let outcome = match authn
-            .login(LoginRequest {
-                name,
-                body,
-                client_cert: cert,
-            })
-            .await
-        {
+        let outcome = match authn.login(LoginRequest { name, body, client_cert: cert }).await {
             Ok(o) => o,
             Err(e @ Error::Unauthenticated(_)) => {
                 self.limiter.record_failure(&limit_key, peer.ip());
@@ -461,9 +373,7 @@ impl Vault {
                 policies: outcome.policies,
                 ttl_secs,
                 max_ttl_secs,
-                cnf: cert.map(|c| Confirmation {
-                    x5t_s256: c.x5t_s256.clone(),
-                }),
+                cnf: cert.map(|c| Confirmation { x5t_s256: c.x5t_s256.clone() }),
                 spiffe: cert.and_then(|c| c.spiffe_id()).map(str::to_owned),
             })
             .await?;
@@ -473,9 +383,7 @@ impl Vault {
 
     /// The short form `POST /v1/auth` with `{"role": ..., credentials}`: the role's method.
     pub async fn login_short(&self, body: &[u8], peer: &Peer) -> Result<IssuedToken> {
-        let role = role_hint(body)
-            .role
-            .ok_or_else(|| Error::invalid("missing field `role`"))?;
+        let role = role_hint(body).role.ok_or_else(|| Error::invalid("missing field `role`"))?;
         auth::validate_name("role", &role)?;
         let method = match auth::role_method(self.store.as_ref(), &role).await? {
             Some(m) => m,
@@ -511,35 +419,19 @@ impl Vault {
 
     /// A new token for the caller's, with a later expiry (up to its `max_exp`); same
     /// accessor, same binding. The old token stays valid until its own expiry.
-    pub async fn renew_self(
-        &self,
-        caller: &Caller,
-        increment: Option<Duration>,
-    ) -> Result<IssuedToken> {
+    pub async fn renew_self(&self, caller: &Caller, increment: Option<Duration>) -> Result<IssuedToken> {
         if caller.direct {
-            return Err(Error::invalid(
-                "a direct certificate request has no token to renew",
-            ));
+            return Err(Error::invalid("a direct certificate request has no token to renew"));
         }
         let c = caller.claims.as_ref();
         let now = unix_now();
         let max_exp = c.max_exp.unwrap_or(c.exp);
-        let ttl = increment
-            .map(|d| d.as_secs())
-            .unwrap_or(c.exp.saturating_sub(c.iat))
-            .max(1);
+        let ttl = increment.map(|d| d.as_secs()).unwrap_or(c.exp.saturating_sub(c.iat)).max(1);
         let exp = (now + ttl).min(max_exp);
         if exp <= now {
-            return Err(Error::invalid(
-                "the token has reached its maximum TTL; log in again",
-            ));
+            return Err(Error::invalid("the token has reached its maximum TTL; log in again"));
         }
-        let claims = Claims {
-            iat: now,
-            nbf: now,
-            exp,
-            ..c.clone()
-        };
+        let claims = Claims { iat: now, nbf: now, exp, ..c.clone() };
         let token = self.tokens.sign_claims(claims).await?;
         tracing::info!(accessor = %token.claims.acc, exp, "token renewed");
         Ok(token)
@@ -548,14 +440,10 @@ impl Vault {
     /// Revoke the caller's token (and its renewals: they share the accessor).
     pub async fn revoke_self(&self, caller: &Caller) -> Result<()> {
         if caller.direct {
-            return Err(Error::invalid(
-                "a direct certificate request has no token to revoke",
-            ));
+            return Err(Error::invalid("a direct certificate request has no token to revoke"));
         }
         let until = caller.claims.max_exp.unwrap_or(caller.claims.exp);
-        self.revocations
-            .revoke_accessor(&caller.claims.acc, until)
-            .await?;
+        self.revocations.revoke_accessor(&caller.claims.acc, until).await?;
         tracing::info!(accessor = %caller.claims.acc, "token revoked by its holder");
         Ok(())
     }
@@ -563,10 +451,7 @@ impl Vault {
     /// Revoke the token(s) with `accessor` (admin).
     pub async fn revoke_accessor(&self, caller: &Caller, accessor: &str) -> Result<()> {
         caller.require("auth/token/revoke-accessor", Capability::Update)?;
-        if accessor.is_empty()
-            || accessor.len() > 64
-            || !accessor.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
+        if accessor.is_empty() || accessor.len() > 64 || !accessor.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(Error::invalid("invalid accessor"));
         }
         let until = unix_now() + MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs();
@@ -581,10 +466,7 @@ impl Vault {
     /// and direct requests (until restored), and its certificate pins.
     pub async fn revoke_identity(&self, caller: &Caller, identity: &Identity) -> Result<u64> {
         caller.require("sys/revoke-identity", Capability::Sudo)?;
-        let at = self
-            .revocations
-            .revoke_identity(identity, &caller.claims.acc)
-            .await?;
+        let at = self.revocations.revoke_identity(identity, &caller.claims.acc).await?;
         if let Identity::Certificate(fp) = identity {
             // After the atomic step above, tidy the pins: they no longer match anyway.
             let roles = self.cert.remove_pin(fp).await?;
@@ -597,10 +479,7 @@ impl Vault {
     pub async fn restore_identity(&self, caller: &Caller, identity: &Identity) -> Result<()> {
         caller.require("sys/revoke-identity", Capability::Sudo)?;
         if !self.revocations.restore_identity(identity).await? {
-            return Err(Error::NotFound(format!(
-                "{} is not revoked",
-                identity.describe()
-            )));
+            return Err(Error::NotFound(format!("{} is not revoked", identity.describe())));
         }
         tracing::warn!(identity = %identity.describe(), by = %caller.claims.acc, "identity restored");
         Ok(())
@@ -616,38 +495,22 @@ impl Vault {
             return Err(Error::PermissionDenied);
         }
         if req.policies.iter().any(|p| p == ROOT_POLICY) {
-            return Err(Error::invalid(
-                "a bootstrap token cannot carry the root policy",
-            ));
+            return Err(Error::invalid("a bootstrap token cannot carry the root policy"));
         }
         self.bootstrap.mint(req).await
     }
 
     // ---- secrets ----
 
-    pub async fn read_secret(
-        &self,
-        caller: &Caller,
-        path: &SecretPath,
-        version: Option<u64>,
-    ) -> Result<SecretVersion> {
+    pub async fn read_secret(&self, caller: &Caller, path: &SecretPath, version: Option<u64>) -> Result<SecretVersion> {
         caller.require(&format!("secret/{}", path.as_str()), Capability::Read)?;
         self.secrets.read(path, version).await
     }
 
     /// Write a new version. Needs `create` for a new secret, `update` for an existing one.
-    pub async fn write_secret(
-        &self,
-        caller: &Caller,
-        path: &SecretPath,
-        value: &[u8],
-    ) -> Result<(u64, VersionMeta)> {
+    pub async fn write_secret(&self, caller: &Caller, path: &SecretPath, value: &[u8]) -> Result<(u64, VersionMeta)> {
         let policy_path = format!("secret/{}", path.as_str());
-        let cap = if self.secrets.exists(path).await? {
-            Capability::Update
-        } else {
-            Capability::Create
-        };
+        let cap = if self.secrets.exists(path).await? { Capability::Update } else { Capability::Create };
         caller.require(&policy_path, cap)?;
         self.secrets.write(path, value).await
     }
@@ -657,11 +520,7 @@ impl Vault {
         self.secrets.delete_latest(path).await
     }
 
-    pub async fn list_secrets(
-        &self,
-        caller: &Caller,
-        prefix: &SecretPrefix,
-    ) -> Result<Vec<String>> {
+    pub async fn list_secrets(&self, caller: &Caller, prefix: &SecretPrefix) -> Result<Vec<String>> {
         caller.require(&format!("secret/{}", prefix.as_str()), Capability::List)?;
         self.secrets.list(prefix).await
     }
@@ -670,11 +529,7 @@ impl Vault {
 
     pub async fn put_policy(&self, caller: &Caller, name: &str, text: &str) -> Result<()> {
         let path = format!("sys/policies/acl/{name}");
-        let cap = if self.policies.get(name).await?.is_some() {
-            Capability::Update
-        } else {
-            Capability::Create
-        };
+        let cap = if self.policies.get(name).await?.is_some() { Capability::Update } else { Capability::Create };
         caller.require(&path, cap)?;
         self.policies.put(name, text).await
     }
@@ -684,13 +539,7 @@ impl Vault {
         if name == ROOT_POLICY {
             return Ok(String::new());
         }
-        Ok(self
-            .policies
-            .get(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no policy {name}")))?
-            .text
-            .clone())
+        Ok(self.policies.get(name).await?.ok_or_else(|| Error::NotFound(format!("no policy {name}")))?.text.clone())
     }
 
     pub async fn delete_policy(&self, caller: &Caller, name: &str) -> Result<()> {
@@ -714,24 +563,13 @@ impl Vault {
             .ok_or_else(|| Error::NotFound(format!("no auth method with roles named {method:?}")))
     }
 
-    pub async fn write_role(
-        &self,
-        caller: &Caller,
-        method: &str,
-        name: &str,
-        body: &[u8],
-    ) -> Result<()> {
+    pub async fn write_role(&self, caller: &Caller, method: &str, name: &str, body: &[u8]) -> Result<()> {
         let admin = self.role_admin(method)?;
         caller.require(&format!("auth/{method}/role/{name}"), Capability::Update)?;
         admin.write_role(name, body).await
     }
 
-    pub async fn read_role(
-        &self,
-        caller: &Caller,
-        method: &str,
-        name: &str,
-    ) -> Result<serde_json::Value> {
+    pub async fn read_role(&self, caller: &Caller, method: &str, name: &str) -> Result<serde_json::Value> {
         let admin = self.role_admin(method)?;
         caller.require(&format!("auth/{method}/role/{name}"), Capability::Read)?;
         admin.read_role(name).await
@@ -750,18 +588,12 @@ impl Vault {
     }
 
     pub async fn approle_role_id(&self, caller: &Caller, name: &str) -> Result<String> {
-        caller.require(
-            &format!("auth/approle/role/{name}/role-id"),
-            Capability::Read,
-        )?;
+        caller.require(&format!("auth/approle/role/{name}/role-id"), Capability::Read)?;
         self.approle.role_id(name).await
     }
 
     pub async fn approle_secret_id(&self, caller: &Caller, name: &str) -> Result<NewSecretId> {
-        caller.require(
-            &format!("auth/approle/role/{name}/secret-id"),
-            Capability::Update,
-        )?;
+        caller.require(&format!("auth/approle/role/{name}/secret-id"), Capability::Update)?;
         self.approle.new_secret_id(name).await
     }
 
@@ -805,19 +637,9 @@ impl Vault {
         let label = self.names.master(self.barrier.active_version());
         let hsm = crate::hsm_call(&self.keys, move |k| k.exists(&label))
             .await
-            .and_then(|found| {
-                if found {
-                    Ok(())
-                } else {
-                    Err(Error::Internal("active master key missing".into()))
-                }
-            })
+            .and_then(|found| if found { Ok(()) } else { Err(Error::Internal("active master key missing".into())) })
             .map_err(|e| e.to_string());
-        HealthReport {
-            storage,
-            hsm,
-            master_version: self.barrier.active_version().get(),
-        }
+        HealthReport { storage, hsm, master_version: self.barrier.active_version().get() }
     }
 }
 

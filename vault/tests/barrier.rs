@@ -29,24 +29,9 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("storage")).unwrap());
     let names = KeyNames::new("keyvault").unwrap();
-    keys::initialize(store.as_ref(), &keys, &names)
-        .await
-        .unwrap();
-    let vault = Vault::from_parts(
-        store.clone(),
-        keys.clone(),
-        names.clone(),
-        VaultSettings::default(),
-    )
-    .await
-    .unwrap();
-    Fixture {
-        dir,
-        store,
-        keys,
-        names,
-        vault,
-    }
+    keys::initialize(store.as_ref(), &keys, &names).await.unwrap();
+    let vault = Vault::from_parts(store.clone(), keys.clone(), names.clone(), VaultSettings::default()).await.unwrap();
+    Fixture { dir, store, keys, names, vault }
 }
 
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
@@ -74,33 +59,14 @@ async fn plaintext_appears_nowhere_on_disk() {
     let marker = "plaintext-marker-7f3c9e1a5b";
     let value = format!(r#"{{"value":"{marker}"}}"#);
     for _ in 0..3 {
-        f.vault
-            .secrets
-            .write(&path, value.as_bytes())
-            .await
-            .unwrap();
+        f.vault.secrets.write(&path, value.as_bytes()).await.unwrap();
     }
-    assert_eq!(
-        f.vault
-            .secrets
-            .read(&path, None)
-            .await
-            .unwrap()
-            .data
-            .as_slice(),
-        value.as_bytes()
-    );
+    assert_eq!(f.vault.secrets.read(&path, None).await.unwrap().data.as_slice(), value.as_bytes());
     // Make sure sled has written everything it buffers.
     drop(f.vault);
     drop(f.store);
-    assert_eq!(
-        files_containing(f.dir.path(), marker.as_bytes()),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        files_containing(&testing::token_dir(), marker.as_bytes()),
-        Vec::<String>::new()
-    );
+    assert_eq!(files_containing(f.dir.path(), marker.as_bytes()), Vec::<String>::new());
+    assert_eq!(files_containing(&testing::token_dir(), marker.as_bytes()), Vec::<String>::new());
     // The scan itself works: the path (not secret) is on disk.
     assert!(!files_containing(f.dir.path(), b"db/password").is_empty());
 }
@@ -110,21 +76,9 @@ async fn a_record_copied_to_another_path_or_version_fails() {
     let f = fixture().await;
     let a = SecretPath::parse("app/a").unwrap();
     let b = SecretPath::parse("app/b").unwrap();
-    f.vault
-        .secrets
-        .write(&a, br#"{"value":"for-a"}"#)
-        .await
-        .unwrap();
-    f.vault
-        .secrets
-        .write(&b, br#"{"value":"for-b"}"#)
-        .await
-        .unwrap();
-    f.vault
-        .secrets
-        .write(&b, br#"{"value":"for-b-2"}"#)
-        .await
-        .unwrap();
+    f.vault.secrets.write(&a, br#"{"value":"for-a"}"#).await.unwrap();
+    f.vault.secrets.write(&b, br#"{"value":"for-b"}"#).await.unwrap();
+    f.vault.secrets.write(&b, br#"{"value":"for-b-2"}"#).await.unwrap();
     let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
     let find = |p: &SecretPath, v: u64| {
         records
@@ -138,21 +92,11 @@ async fn a_record_copied_to_another_path_or_version_fails() {
     // Copy a's record over b's version 1: reading b v1 must fail, not return a's value.
     f.store.put(&key_b1, &rec_a).await.unwrap();
     let err = f.vault.secrets.read(&b, Some(1)).await.unwrap_err();
-    assert!(
-        matches!(err, Error::Barrier(BarrierError::Integrity)),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::Barrier(BarrierError::Integrity)), "{err:?}");
     // Same record, right path, wrong version.
     let barrier = &f.vault.barrier;
     assert!(barrier.open(&record_context(&a, 2), &rec_a).await.is_err());
-    assert_eq!(
-        barrier
-            .open(&record_context(&a, 1), &rec_a)
-            .await
-            .unwrap()
-            .as_slice(),
-        br#"{"value":"for-a"}"#
-    );
+    assert_eq!(barrier.open(&record_context(&a, 1), &rec_a).await.unwrap().as_slice(), br#"{"value":"for-a"}"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,12 +104,7 @@ async fn tampered_records_fail() {
     let f = fixture().await;
     let p = SecretPath::parse("x").unwrap();
     let ctx = record_context(&p, 1);
-    let sealed = f
-        .vault
-        .barrier
-        .seal(&ctx, br#"{"value":"v"}"#)
-        .await
-        .unwrap();
+    let sealed = f.vault.barrier.seal(&ctx, br#"{"value":"v"}"#).await.unwrap();
     let parsed = Record::parse(&sealed).unwrap();
     let header = sealed.len() - parsed.ciphertext.len();
     // Flip a bit in the ciphertext, in the tag, in the nonce, in the wrapped key.
@@ -173,16 +112,10 @@ async fn tampered_records_fail() {
         let mut bad = sealed.clone();
         bad[i] ^= 0x01;
         let r = f.vault.barrier.open(&ctx, &bad).await;
-        assert!(
-            matches!(r, Err(Error::Barrier(BarrierError::Integrity))),
-            "byte {i}: {r:?}"
-        );
+        assert!(matches!(r, Err(Error::Barrier(BarrierError::Integrity))), "byte {i}: {r:?}");
     }
     // Truncated and garbage records are refused as malformed.
-    assert!(matches!(
-        f.vault.barrier.open(&ctx, &sealed[..20]).await,
-        Err(Error::Barrier(BarrierError::Malformed(_)))
-    ));
+    assert!(matches!(f.vault.barrier.open(&ctx, &sealed[..20]).await, Err(Error::Barrier(BarrierError::Malformed(_)))));
     assert!(matches!(
         f.vault.barrier.open(&ctx, b"not a record").await,
         Err(Error::Barrier(BarrierError::Malformed(_)))
@@ -193,79 +126,26 @@ async fn tampered_records_fail() {
 async fn records_under_v1_read_after_v2_is_active() {
     let f = fixture().await;
     let p = SecretPath::parse("rotating").unwrap();
-    f.vault
-        .secrets
-        .write(&p, br#"{"value":"old"}"#)
-        .await
-        .unwrap();
-    let ring = keys::add_master_version(f.store.as_ref(), &f.keys, &f.names)
-        .await
-        .unwrap();
+    f.vault.secrets.write(&p, br#"{"value":"old"}"#).await.unwrap();
+    let ring = keys::add_master_version(f.store.as_ref(), &f.keys, &f.names).await.unwrap();
     assert_eq!(ring.master.active.get(), 2);
     // A vault opened after the change (as after a restart) uses v2 for new writes.
-    let vault = Vault::from_parts(
-        f.store.clone(),
-        f.keys.clone(),
-        f.names.clone(),
-        VaultSettings::default(),
-    )
-    .await
-    .unwrap();
-    vault
-        .secrets
-        .write(&p, br#"{"value":"new"}"#)
-        .await
-        .unwrap();
-    assert_eq!(
-        vault
-            .secrets
-            .read(&p, Some(1))
-            .await
-            .unwrap()
-            .data
-            .as_slice(),
-        br#"{"value":"old"}"#
-    );
-    assert_eq!(
-        vault
-            .secrets
-            .read(&p, Some(2))
-            .await
-            .unwrap()
-            .data
-            .as_slice(),
-        br#"{"value":"new"}"#
-    );
+    let vault =
+        Vault::from_parts(f.store.clone(), f.keys.clone(), f.names.clone(), VaultSettings::default()).await.unwrap();
+    vault.secrets.write(&p, br#"{"value":"new"}"#).await.unwrap();
+    assert_eq!(vault.secrets.read(&p, Some(1)).await.unwrap().data.as_slice(), br#"{"value":"old"}"#);
+    assert_eq!(vault.secrets.read(&p, Some(2)).await.unwrap().data.as_slice(), br#"{"value":"new"}"#);
     let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
-    let versions: Vec<u32> = records
-        .iter()
-        .map(|(_, r)| Record::parse(r).unwrap().kek_version.get())
-        .collect();
+    let versions: Vec<u32> = records.iter().map(|(_, r)| Record::parse(r).unwrap().kek_version.get()).collect();
     assert_eq!(versions, vec![1, 2]);
     // Re-wrapping moves a v1 record to v2 without changing its value.
     let (key, old) = &records[0];
     let (path, version) = parse_data_key(key).unwrap();
     let ctx = record_context(&path, version);
-    let rewrapped = vault
-        .barrier
-        .rewrap(&ctx, old, ring.master.active)
-        .await
-        .unwrap()
-        .unwrap();
+    let rewrapped = vault.barrier.rewrap(&ctx, old, ring.master.active).await.unwrap().unwrap();
     assert_eq!(Record::parse(&rewrapped).unwrap().kek_version.get(), 2);
-    assert_eq!(
-        Record::parse(&rewrapped).unwrap().ciphertext,
-        Record::parse(old).unwrap().ciphertext
-    );
-    assert_eq!(
-        vault
-            .barrier
-            .open(&ctx, &rewrapped)
-            .await
-            .unwrap()
-            .as_slice(),
-        br#"{"value":"old"}"#
-    );
+    assert_eq!(Record::parse(&rewrapped).unwrap().ciphertext, Record::parse(old).unwrap().ciphertext);
+    assert_eq!(vault.barrier.open(&ctx, &rewrapped).await.unwrap().as_slice(), br#"{"value":"old"}"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -277,12 +157,7 @@ async fn concurrent_writers_never_lose_a_version() {
         .map(|i| {
             let s = secrets.clone();
             let p = p.clone();
-            tokio::spawn(async move {
-                s.write(&p, format!(r#"{{"value":"w{i}"}}"#).as_bytes())
-                    .await
-                    .unwrap()
-                    .0
-            })
+            tokio::spawn(async move { s.write(&p, format!(r#"{{"value":"w{i}"}}"#).as_bytes()).await.unwrap().0 })
         })
         .collect();
     let mut versions = Vec::new();
@@ -293,9 +168,7 @@ async fn concurrent_writers_never_lose_a_version() {
     assert_eq!(versions, (1..=12).collect::<Vec<_>>());
     let mut values = Vec::new();
     for v in 1..=12 {
-        values.push(
-            String::from_utf8(secrets.read(&p, Some(v)).await.unwrap().data.to_vec()).unwrap(),
-        );
+        values.push(String::from_utf8(secrets.read(&p, Some(v)).await.unwrap().data.to_vec()).unwrap());
     }
     values.sort();
     let mut expected: Vec<String> = (0..12).map(|i| format!(r#"{{"value":"w{i}"}}"#)).collect();
@@ -306,27 +179,19 @@ async fn concurrent_writers_never_lose_a_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_sensitive_and_initialization_is_once() {
     let f = fixture().await;
-    let err = keys::initialize(f.store.as_ref(), &f.keys, &f.names)
-        .await
-        .unwrap_err();
+    let err = keys::initialize(f.store.as_ref(), &f.keys, &f.names).await.unwrap_err();
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
     // A second installation on the same token with an empty store is refused clearly.
     let dir = tempfile::tempdir().unwrap();
     let other: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-    let err = keys::initialize(other.as_ref(), &f.keys, &f.names)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = keys::initialize(other.as_ref(), &f.keys, &f.names).await.unwrap_err().to_string();
     assert!(err.contains("already holds a key"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_key_cache_keeps_every_integrity_check() {
     let f = fixture().await;
-    let ring = keyvault::keys::load(f.store.as_ref())
-        .await
-        .unwrap()
-        .unwrap();
+    let ring = keyvault::keys::load(f.store.as_ref()).await.unwrap().unwrap();
     let keyring = Arc::new(arc_swap::ArcSwap::from_pointee(ring));
     let cached = keyvault::barrier::Barrier::new(f.keys.clone(), f.names.clone(), keyring)
         .with_dek_cache(std::time::Duration::from_secs(60), 10);
@@ -336,10 +201,7 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
     let sealed = cached.seal(&ctx, br#"{"value":"v"}"#).await.unwrap();
     // Twice: the second open is served from the cache.
     for _ in 0..2 {
-        assert_eq!(
-            cached.open(&ctx, &sealed).await.unwrap().as_slice(),
-            br#"{"value":"v"}"#
-        );
+        assert_eq!(cached.open(&ctx, &sealed).await.unwrap().as_slice(), br#"{"value":"v"}"#);
     }
     // Another path or version (different associated data): refused despite the cached key.
     assert!(cached.open(&record_context(&b, 1), &sealed).await.is_err());
@@ -348,17 +210,11 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
     let mut bad = sealed.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    assert!(matches!(
-        cached.open(&ctx, &bad).await,
-        Err(Error::Barrier(BarrierError::Integrity))
-    ));
+    assert!(matches!(cached.open(&ctx, &bad).await, Err(Error::Barrier(BarrierError::Integrity))));
     // Tampered wrapped key: a cache miss, refused by the token.
     let mut bad = sealed.clone();
     bad[12] ^= 1;
-    assert!(matches!(
-        cached.open(&ctx, &bad).await,
-        Err(Error::Barrier(BarrierError::Integrity))
-    ));
+    assert!(matches!(cached.open(&ctx, &bad).await, Err(Error::Barrier(BarrierError::Integrity))));
     // More records than the capacity still all open.
     for v in 1..=25u64 {
         let c = record_context(&a, v);

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::{
-    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body,
-    parse_role_body, role_view, validate_name, vault_duration,
+    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body, parse_role_body,
+    role_view, validate_name, vault_duration,
 };
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
@@ -29,11 +29,7 @@ pub const METHOD: &str = "approle";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
     pub secret_id_ttl: Option<Duration>,
 }
 
@@ -65,9 +61,7 @@ pub struct NewSecretId {
 
 impl std::fmt::Debug for NewSecretId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewSecretId")
-            .field("accessor", &self.accessor)
-            .finish_non_exhaustive()
+        f.debug_struct("NewSecretId").field("accessor", &self.accessor).finish_non_exhaustive()
     }
 }
 
@@ -106,28 +100,12 @@ fn invalid() -> Error {
 }
 
 impl AppRole {
-    pub fn new(
-        store: Arc<dyn Store>,
-        keys: Arc<dyn KeyStore>,
-        names: KeyNames,
-        keyring: SharedKeyring,
-    ) -> Self {
-        AppRole {
-            roles: RoleStore::new(store.clone(), METHOD),
-            store,
-            keys,
-            names,
-            keyring,
-        }
+    pub fn new(store: Arc<dyn Store>, keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
+        AppRole { roles: RoleStore::new(store.clone(), METHOD), store, keys, names, keyring }
     }
 
     /// Create or update a role. A new role gets a random role id; an update keeps it.
-    pub async fn write(
-        &self,
-        name: &str,
-        config: RoleConfig,
-        token: super::TokenSettings,
-    ) -> Result<()> {
+    pub async fn write(&self, name: &str, config: RoleConfig, token: super::TokenSettings) -> Result<()> {
         let existing = self.roles.load(name).await?;
         let role_id = match &existing {
             Some(r) => r.config.role_id.clone(),
@@ -137,18 +115,13 @@ impl AppRole {
             .save(
                 name,
                 &StoredRole {
-                    config: AppRoleData {
-                        role_id: role_id.clone(),
-                        secret_id_ttl: config.secret_id_ttl,
-                    },
+                    config: AppRoleData { role_id: role_id.clone(), secret_id_ttl: config.secret_id_ttl },
                     token,
                 },
             )
             .await?;
         if existing.is_none() {
-            self.store
-                .put(&role_id_key(&role_id), name.as_bytes())
-                .await?;
+            self.store.put(&role_id_key(&role_id), name.as_bytes()).await?;
         }
         Ok(())
     }
@@ -183,18 +156,10 @@ impl AppRole {
             expires: ttl.map(|t| unix_now() + t.as_secs()),
         };
         let key = format!("{}{mac}", secret_id_prefix(name));
-        if !self
-            .store
-            .insert_if_absent(&key, &encode_json(&entry), ttl)
-            .await?
-        {
+        if !self.store.insert_if_absent(&key, &encode_json(&entry), ttl).await? {
             return Err(Error::Internal("secret id collision".into()));
         }
-        Ok(NewSecretId {
-            secret_id,
-            accessor,
-            ttl,
-        })
+        Ok(NewSecretId { secret_id, accessor, ttl })
     }
 }
 
@@ -223,9 +188,7 @@ impl RoleAdmin for AppRole {
         for (k, _) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
             self.store.delete(&k).await?;
         }
-        self.store
-            .delete(&role_id_key(&role.config.role_id))
-            .await?;
+        self.store.delete(&role_id_key(&role.config.role_id)).await?;
         Ok(())
     }
 
@@ -252,11 +215,7 @@ impl Authenticator for AppRole {
                 if role_id.len() > 128 {
                     return Err(invalid());
                 }
-                let name = self
-                    .store
-                    .get(&role_id_key(&role_id))
-                    .await?
-                    .ok_or_else(invalid)?;
+                let name = self.store.get(&role_id_key(&role_id)).await?.ok_or_else(invalid)?;
                 let name = String::from_utf8(name).map_err(|_| invalid())?;
                 let role = self.roles.load(&name).await?.ok_or_else(invalid)?;
                 if !bool::from(role.config.role_id.as_bytes().ct_eq(role_id.as_bytes())) {
@@ -265,9 +224,7 @@ impl Authenticator for AppRole {
                 (name, role)
             }
             _ => {
-                return Err(Error::invalid(
-                    "give either role (short form) or role_id, and secret_id",
-                ));
+                return Err(Error::invalid("give either role (short form) or role_id, and secret_id"));
             }
         };
         if body.secret_id.expose_secret().len() > 256 {
@@ -277,8 +234,7 @@ impl Authenticator for AppRole {
         let key = format!("{}{}", secret_id_prefix(&name), hex::encode(mac));
         let raw = self.store.get(&key).await?.ok_or_else(invalid)?;
         let stored: StoredSecretId = decode_json(&key, &raw)?;
-        let stored_mac = hex::decode(&stored.hmac)
-            .map_err(|_| Error::Internal("stored secret id hmac".into()))?;
+        let stored_mac = hex::decode(&stored.hmac).map_err(|_| Error::Internal("stored secret id hmac".into()))?;
         if !bool::from(stored_mac.as_slice().ct_eq(&mac)) {
             return Err(invalid());
         }

@@ -11,10 +11,7 @@ use keyvault_hsm::KeyStore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Authenticator, LoginOutcome, LoginRequest, TokenSettings, parse_body, policy_list,
-    vault_duration,
-};
+use super::{Authenticator, LoginOutcome, LoginRequest, TokenSettings, parse_body, policy_list, vault_duration};
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
 use crate::store::{Store, decode_json, encode_json};
@@ -59,9 +56,7 @@ pub struct Minted {
 
 impl std::fmt::Debug for Minted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Minted")
-            .field("accessor", &self.accessor)
-            .finish_non_exhaustive()
+        f.debug_struct("Minted").field("accessor", &self.accessor).finish_non_exhaustive()
     }
 }
 
@@ -80,18 +75,8 @@ pub struct Bootstrap {
 }
 
 impl Bootstrap {
-    pub fn new(
-        store: Arc<dyn Store>,
-        keys: Arc<dyn KeyStore>,
-        names: KeyNames,
-        keyring: SharedKeyring,
-    ) -> Self {
-        Bootstrap {
-            store,
-            keys,
-            names,
-            keyring,
-        }
+    pub fn new(store: Arc<dyn Store>, keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
+        Bootstrap { store, keys, names, keyring }
     }
 
     async fn key_of(&self, token: &SecretString) -> Result<String> {
@@ -123,18 +108,10 @@ impl Bootstrap {
             accessor: accessor.clone(),
         };
         let key = self.key_of(&token).await?;
-        if !self
-            .store
-            .insert_if_absent(&key, &encode_json(&stored), Some(ttl))
-            .await?
-        {
+        if !self.store.insert_if_absent(&key, &encode_json(&stored), Some(ttl)).await? {
             return Err(Error::Internal("bootstrap token collision".into()));
         }
-        Ok(Minted {
-            token,
-            accessor,
-            ttl,
-        })
+        Ok(Minted { token, accessor, ttl })
     }
 }
 
@@ -157,10 +134,7 @@ impl Authenticator for Bootstrap {
             return Err(invalid());
         }
         let stored: Stored = decode_json(&key, &raw)?;
-        let name = stored
-            .display_name
-            .clone()
-            .unwrap_or_else(|| stored.accessor.clone());
+        let name = stored.display_name.clone().unwrap_or_else(|| stored.accessor.clone());
         let settings = TokenSettings {
             token_policies: stored.policies,
             token_ttl: stored.token_ttl.map(Duration::from_secs),
@@ -170,9 +144,7 @@ impl Authenticator for Bootstrap {
         let mut outcome = LoginOutcome::for_role(METHOD, &name, &settings);
         // A bootstrap token is not a role: no role-wide kill switch applies to it.
         outcome.role = None;
-        outcome
-            .metadata
-            .insert("bootstrap_accessor".into(), stored.accessor);
+        outcome.metadata.insert("bootstrap_accessor".into(), stored.accessor);
         Ok(outcome)
     }
 }

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body,
-    parse_role_body, role_view, validate_name,
+    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body, parse_role_body,
+    role_view, validate_name,
 };
 use crate::error::{AuthFailure, Error, Result};
 use crate::store::Store;
@@ -45,17 +45,11 @@ pub struct CertRoleConfig {
 
 /// Normalize a fingerprint to 64 lower-case hex characters.
 pub fn normalize_fingerprint(fp: &str) -> Result<String> {
-    let hex: String = fp
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
+    let hex: String = fp.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
     if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(hex)
     } else {
-        Err(Error::invalid(
-            "a certificate SHA-256 fingerprint is 64 hex characters",
-        ))
+        Err(Error::invalid("a certificate SHA-256 fingerprint is 64 hex characters"))
     }
 }
 
@@ -68,11 +62,8 @@ fn uri_matches(pattern: &str, uri: &str) -> bool {
 
 impl CertRoleConfig {
     fn normalize(mut self) -> Result<Self> {
-        self.certificate_sha256 = self
-            .certificate_sha256
-            .iter()
-            .map(|f| normalize_fingerprint(f))
-            .collect::<Result<_>>()?;
+        self.certificate_sha256 =
+            self.certificate_sha256.iter().map(|f| normalize_fingerprint(f)).collect::<Result<_>>()?;
         let set = !self.certificate_sha256.is_empty()
             || !self.allowed_common_names.is_empty()
             || !self.allowed_dns_sans.is_empty()
@@ -86,18 +77,12 @@ impl CertRoleConfig {
     }
 
     pub fn matches(&self, c: &ClientCert) -> bool {
-        let pin =
-            self.certificate_sha256.is_empty() || self.certificate_sha256.contains(&c.sha256_hex);
+        let pin = self.certificate_sha256.is_empty() || self.certificate_sha256.contains(&c.sha256_hex);
         let cn = self.allowed_common_names.is_empty()
-            || c.common_name
-                .as_ref()
-                .is_some_and(|cn| self.allowed_common_names.contains(cn));
-        let dns = self.allowed_dns_sans.is_empty()
-            || c.dns_sans.iter().any(|d| self.allowed_dns_sans.contains(d));
+            || c.common_name.as_ref().is_some_and(|cn| self.allowed_common_names.contains(cn));
+        let dns = self.allowed_dns_sans.is_empty() || c.dns_sans.iter().any(|d| self.allowed_dns_sans.contains(d));
         let uri = self.allowed_uri_sans.is_empty()
-            || c.uri_sans
-                .iter()
-                .any(|u| self.allowed_uri_sans.iter().any(|p| uri_matches(p, u)));
+            || c.uri_sans.iter().any(|u| self.allowed_uri_sans.iter().any(|p| uri_matches(p, u)));
         pin && cn && dns && uri
     }
 }
@@ -120,22 +105,12 @@ pub struct CertAuth {
 
 impl CertAuth {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        CertAuth {
-            roles: RoleStore::new(store, METHOD),
-        }
+        CertAuth { roles: RoleStore::new(store, METHOD) }
     }
 
     /// The first role (by name) that allows direct requests and accepts `cert`.
-    pub async fn direct_role(
-        &self,
-        cert: &ClientCert,
-    ) -> Result<Option<(String, StoredRole<CertRoleConfig>)>> {
-        Ok(self
-            .roles
-            .all()
-            .await?
-            .into_iter()
-            .find(|(_, r)| r.config.allow_direct && r.config.matches(cert)))
+    pub async fn direct_role(&self, cert: &ClientCert) -> Result<Option<(String, StoredRole<CertRoleConfig>)>> {
+        Ok(self.roles.all().await?.into_iter().find(|(_, r)| r.config.allow_direct && r.config.matches(cert)))
     }
 
     /// Remove a fingerprint pin from every role (the kill switch). A role left with no
@@ -168,15 +143,7 @@ impl RoleAdmin for CertAuth {
 
     async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
         let (config, token) = parse_role_body::<CertRoleConfig>(body)?;
-        self.roles
-            .save(
-                name,
-                &StoredRole {
-                    config: config.normalize()?,
-                    token,
-                },
-            )
-            .await
+        self.roles.save(name, &StoredRole { config: config.normalize()?, token }).await
     }
 
     async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
@@ -199,14 +166,8 @@ impl Authenticator for CertAuth {
     }
 
     async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let body: LoginBody = parse_body(if req.body.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            req.body
-        })?;
-        let cert = req
-            .client_cert
-            .ok_or(Error::Unauthenticated(AuthFailure::CertificateRequired))?;
+        let body: LoginBody = parse_body(if req.body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { req.body })?;
+        let cert = req.client_cert.ok_or(Error::Unauthenticated(AuthFailure::CertificateRequired))?;
         let invalid = || Error::Unauthenticated(AuthFailure::InvalidCredentials);
         let (name, role) = match body.name.or(body.role) {
             Some(name) => {
@@ -214,13 +175,7 @@ impl Authenticator for CertAuth {
                 let role = self.roles.load(&name).await?.ok_or_else(invalid)?;
                 (name, role)
             }
-            None => self
-                .roles
-                .all()
-                .await?
-                .into_iter()
-                .find(|(_, r)| r.config.matches(cert))
-                .ok_or_else(invalid)?,
+            None => self.roles.all().await?.into_iter().find(|(_, r)| r.config.matches(cert)).ok_or_else(invalid)?,
         };
         if !role.config.matches(cert) {
             return Err(invalid());
@@ -251,15 +206,11 @@ mod tests {
     #[test]
     fn constraints_are_anded_across_categories() {
         let c = cert();
-        let by_uri = CertRoleConfig {
-            allowed_uri_sans: vec!["spiffe://corp/ns/payments/*".into()],
-            ..Default::default()
-        };
+        let by_uri =
+            CertRoleConfig { allowed_uri_sans: vec!["spiffe://corp/ns/payments/*".into()], ..Default::default() };
         assert!(by_uri.matches(&c));
-        let exact = CertRoleConfig {
-            allowed_uri_sans: vec!["spiffe://corp/ns/payments/sa/web".into()],
-            ..Default::default()
-        };
+        let exact =
+            CertRoleConfig { allowed_uri_sans: vec!["spiffe://corp/ns/payments/sa/web".into()], ..Default::default() };
         assert!(!exact.matches(&c));
         let both = CertRoleConfig {
             allowed_common_names: vec!["api".into()],
@@ -267,17 +218,11 @@ mod tests {
             ..Default::default()
         };
         assert!(!both.matches(&c), "CN matches but the pin does not");
-        let pin = CertRoleConfig {
-            certificate_sha256: vec!["AB:".repeat(31) + "AB"],
-            ..Default::default()
-        }
-        .normalize()
-        .unwrap();
+        let pin = CertRoleConfig { certificate_sha256: vec!["AB:".repeat(31) + "AB"], ..Default::default() }
+            .normalize()
+            .unwrap();
         assert!(pin.matches(&c));
-        assert!(
-            CertRoleConfig::default().normalize().is_err(),
-            "no constraint at all is refused"
-        );
+        assert!(CertRoleConfig::default().normalize().is_err(), "no constraint at all is refused");
         assert!(normalize_fingerprint("xyz").is_err());
     }
 }

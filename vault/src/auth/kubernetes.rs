@@ -17,8 +17,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body,
-    parse_role_body, role_view, validate_name,
+    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body, parse_role_body,
+    role_view, validate_name,
 };
 use crate::error::{AuthFailure, Error, Result};
 use crate::store::{Store, encode_json, get_json};
@@ -101,60 +101,36 @@ pub struct KubernetesAuth {
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyCache")
-            .field("path", &self.path)
-            .field("keys", &self.keys.len())
-            .finish()
+        f.debug_struct("KeyCache").field("path", &self.path).field("keys", &self.keys.len()).finish()
     }
 }
 
 fn file_stamp(p: &Path) -> Option<FileStamp> {
-    std::fs::metadata(p)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+    std::fs::metadata(p).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
 }
 
 /// Parse a JWKS or a PEM file of public keys.
 fn load_keys(path: &Path) -> Result<Vec<PublicKey>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read Kubernetes public keys {}: {e}",
-            path.display()
-        ))
-    })?;
-    let bad =
-        |why: String| Error::Config(format!("Kubernetes public keys {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read Kubernetes public keys {}: {e}", path.display())))?;
+    let bad = |why: String| Error::Config(format!("Kubernetes public keys {}: {why}", path.display()));
     let mut keys = Vec::new();
     if text.trim_start().starts_with('{') {
-        let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         for jwk in &set.keys {
             let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?;
-            keys.push(PublicKey {
-                kid: jwk.common.key_id.clone(),
-                family: key.family(),
-                key,
-            });
+            keys.push(PublicKey { kid: jwk.common.key_id.clone(), family: key.family(), key });
         }
     } else {
-        for block in text
-            .split_inclusive("-----END PUBLIC KEY-----")
-            .filter(|b| b.contains("-----BEGIN PUBLIC KEY-----"))
+        for block in
+            text.split_inclusive("-----END PUBLIC KEY-----").filter(|b| b.contains("-----BEGIN PUBLIC KEY-----"))
         {
             let pem = block.trim().as_bytes();
             let key = DecodingKey::from_rsa_pem(pem)
                 .or_else(|_| DecodingKey::from_ec_pem(pem))
                 .or_else(|_| DecodingKey::from_ed_pem(pem))
-                .map_err(|e| {
-                    bad(format!(
-                        "a PEM block is not an RSA, EC or Ed25519 public key: {e}"
-                    ))
-                })?;
-            keys.push(PublicKey {
-                kid: None,
-                family: key.family(),
-                key,
-            });
+                .map_err(|e| bad(format!("a PEM block is not an RSA, EC or Ed25519 public key: {e}")))?;
+            keys.push(PublicKey { kid: None, family: key.family(), key });
         }
     }
     if keys.is_empty() {
@@ -185,18 +161,12 @@ fn bound(list: &[String], value: &str) -> bool {
 
 impl KubernetesAuth {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        KubernetesAuth {
-            roles: RoleStore::new(store.clone(), METHOD),
-            store,
-            cache: RwLock::new(KeyCache::default()),
-        }
+        KubernetesAuth { roles: RoleStore::new(store.clone(), METHOD), store, cache: RwLock::new(KeyCache::default()) }
     }
 
     pub async fn write_config(&self, config: KubeConfig) -> Result<()> {
         if config.issuer.is_empty() || config.audiences.is_empty() {
-            return Err(Error::invalid(
-                "issuer and at least one audience are required",
-            ));
+            return Err(Error::invalid("issuer and at least one audience are required"));
         }
         // Refuse a file that cannot be used now rather than failing every login later.
         load_keys(&config.public_keys_file).map_err(|e| Error::invalid(e.to_string()))?;
@@ -224,11 +194,7 @@ impl KubernetesAuth {
         match load_keys(path) {
             Ok(keys) => {
                 tracing::info!(file = %path.display(), keys = keys.len(), "Kubernetes public keys loaded");
-                *c = KeyCache {
-                    path: path.to_path_buf(),
-                    stamp,
-                    keys: Arc::new(keys),
-                };
+                *c = KeyCache { path: path.to_path_buf(), stamp, keys: Arc::new(keys) };
             }
             Err(e) if c.path == path && !c.keys.is_empty() => {
                 tracing::error!(error = %e, "reloading Kubernetes public keys failed; keeping the previous keys");
@@ -248,9 +214,7 @@ impl RoleAdmin for KubernetesAuth {
 
     async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
         let (config, token) = parse_role_body::<KubeRoleConfig>(body)?;
-        if config.bound_service_account_names.is_empty()
-            || config.bound_service_account_namespaces.is_empty()
-        {
+        if config.bound_service_account_names.is_empty() || config.bound_service_account_namespaces.is_empty() {
             return Err(Error::invalid(
                 "bound_service_account_names and bound_service_account_namespaces are required (\"*\" for any)",
             ));
@@ -302,8 +266,7 @@ impl Authenticator for KubernetesAuth {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
         let candidates = keys.iter().filter(|k| {
-            k.family == header.alg.family()
-                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+            k.family == header.alg.family() && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
         });
         let claims = candidates
             .filter_map(|k| jsonwebtoken::decode::<SaClaims>(jwt, &k.key, &validation).ok())
@@ -313,11 +276,7 @@ impl Authenticator for KubernetesAuth {
         let (namespace, name) = match claims.kubernetes {
             Some(k) => (k.namespace, k.serviceaccount.name),
             None => {
-                let mut parts = claims
-                    .sub
-                    .strip_prefix("system:serviceaccount:")
-                    .ok_or_else(invalid)?
-                    .splitn(2, ':');
+                let mut parts = claims.sub.strip_prefix("system:serviceaccount:").ok_or_else(invalid)?.splitn(2, ':');
                 match (parts.next(), parts.next()) {
                     (Some(ns), Some(n)) => (ns.to_owned(), n.to_owned()),
                     _ => return Err(invalid()),
@@ -330,9 +289,7 @@ impl Authenticator for KubernetesAuth {
             return Err(invalid());
         }
         let mut outcome = LoginOutcome::for_role(METHOD, &body.role, &role.token);
-        outcome
-            .metadata
-            .insert("service_account_namespace".into(), namespace);
+        outcome.metadata.insert("service_account_namespace".into(), namespace);
         outcome.metadata.insert("service_account_name".into(), name);
         Ok(outcome)
     }

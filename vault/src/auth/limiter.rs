@@ -22,10 +22,7 @@ pub struct LimitConfig {
     #[serde(default = "default_per_address")]
     pub failures_per_address: u32,
     /// The window.
-    #[serde(
-        default = "default_window",
-        deserialize_with = "crate::config::duration"
-    )]
+    #[serde(default = "default_window", deserialize_with = "crate::config::duration")]
     pub window: Duration,
 }
 
@@ -59,17 +56,11 @@ const MAX_ENTRIES: usize = 100_000;
 
 impl FailureLimiter {
     pub fn new(config: LimitConfig) -> Self {
-        FailureLimiter {
-            config,
-            counters: Mutex::new(HashMap::new()),
-        }
+        FailureLimiter { config, counters: Mutex::new(HashMap::new()) }
     }
 
     fn keys(role: &str, addr: IpAddr) -> [(String, bool); 2] {
-        [
-            (format!("r:{role}@{addr}"), true),
-            (format!("a:{addr}"), false),
-        ]
+        [(format!("r:{role}@{addr}"), true), (format!("a:{addr}"), false)]
     }
 
     /// Refuse with 429 if either counter is at its threshold.
@@ -77,22 +68,14 @@ impl FailureLimiter {
         let now = Instant::now();
         let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         for (key, per_role) in Self::keys(role, addr) {
-            let limit = if per_role {
-                self.config.failures_per_role_and_address
-            } else {
-                self.config.failures_per_address
-            };
+            let limit =
+                if per_role { self.config.failures_per_role_and_address } else { self.config.failures_per_address };
             if let Some((start, count)) = map.get(&key)
                 && now.duration_since(*start) < self.config.window
                 && *count >= limit
             {
-                let retry = self
-                    .config
-                    .window
-                    .saturating_sub(now.duration_since(*start));
-                return Err(Error::TooManyRequests {
-                    retry_after_secs: retry.as_secs().max(1),
-                });
+                let retry = self.config.window.saturating_sub(now.duration_since(*start));
+                return Err(Error::TooManyRequests { retry_after_secs: retry.as_secs().max(1) });
             }
         }
         Ok(())
@@ -132,20 +115,14 @@ mod tests {
             l.check("web", attacker).unwrap();
             l.record_failure("web", attacker);
         }
-        assert!(matches!(
-            l.check("web", attacker),
-            Err(Error::TooManyRequests { .. })
-        ));
+        assert!(matches!(l.check("web", attacker), Err(Error::TooManyRequests { .. })));
         // The legitimate unit of the same role, from its own address, is not locked out.
         l.check("web", unit).unwrap();
         // Nor is another role from the attacker's address, until the per-address limit.
         l.check("batch", attacker).unwrap();
         l.record_failure("batch", attacker);
         l.record_failure("batch", attacker);
-        assert!(matches!(
-            l.check("other", attacker),
-            Err(Error::TooManyRequests { .. })
-        ));
+        assert!(matches!(l.check("other", attacker), Err(Error::TooManyRequests { .. })));
         l.check("other", unit).unwrap();
     }
 }

@@ -62,17 +62,9 @@ impl LoginOutcome {
 pub struct TokenSettings {
     #[serde(default, with = "policy_list")]
     pub token_policies: Vec<String>,
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
     pub token_ttl: Option<Duration>,
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
     pub token_max_ttl: Option<Duration>,
     /// Tokens of this role must be bound to a client certificate (RFC 8705): a login
     /// without one is refused.
@@ -144,11 +136,7 @@ pub struct RoleStore<T> {
 
 impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     pub fn new(store: Arc<dyn Store>, method: &'static str) -> Self {
-        RoleStore {
-            store,
-            method,
-            _config: std::marker::PhantomData,
-        }
+        RoleStore { store, method, _config: std::marker::PhantomData }
     }
 
     fn prefix(&self) -> String {
@@ -165,9 +153,7 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     }
 
     pub async fn require(&self, name: &str) -> Result<StoredRole<T>> {
-        self.load(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))
+        self.load(name).await?.ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))
     }
 
     /// Create or replace a role (claiming its name in the shared role namespace).
@@ -225,9 +211,7 @@ pub trait RoleAdmin: Send + Sync + std::fmt::Debug {
 /// Merge a method's own role view with its token settings' view.
 pub fn role_view<T: Serialize>(role: &StoredRole<T>) -> serde_json::Value {
     let mut view = role.token.view();
-    if let (Some(v), Ok(serde_json::Value::Object(own))) =
-        (view.as_object_mut(), serde_json::to_value(&role.config))
-    {
+    if let (Some(v), Ok(serde_json::Value::Object(own))) = (view.as_object_mut(), serde_json::to_value(&role.config)) {
         v.extend(own);
     }
     view
@@ -239,28 +223,18 @@ fn role_index_key(name: &str) -> String {
 
 /// Claim `name` for `method` in the shared role namespace (idempotent for the same method).
 pub async fn claim_role_name(store: &dyn Store, name: &str, method: &str) -> Result<()> {
-    if store
-        .insert_if_absent(&role_index_key(name), method.as_bytes(), None)
-        .await?
-    {
+    if store.insert_if_absent(&role_index_key(name), method.as_bytes(), None).await? {
         return Ok(());
     }
     match store.get(&role_index_key(name)).await? {
         Some(m) if m == method.as_bytes() => Ok(()),
-        Some(_) => Err(Error::Conflict(format!(
-            "role name {name:?} is used by another auth method"
-        ))),
+        Some(_) => Err(Error::Conflict(format!("role name {name:?} is used by another auth method"))),
         // Deleted in between: try once more.
         None => {
-            if store
-                .insert_if_absent(&role_index_key(name), method.as_bytes(), None)
-                .await?
-            {
+            if store.insert_if_absent(&role_index_key(name), method.as_bytes(), None).await? {
                 Ok(())
             } else {
-                Err(Error::Conflict(format!(
-                    "role name {name:?} is being created concurrently"
-                )))
+                Err(Error::Conflict(format!("role name {name:?} is being created concurrently")))
             }
         }
     }
@@ -273,10 +247,7 @@ pub async fn release_role_name(store: &dyn Store, name: &str) -> Result<()> {
 
 /// The method that owns role `name`, if any.
 pub async fn role_method(store: &dyn Store, name: &str) -> Result<Option<String>> {
-    Ok(store
-        .get(&role_index_key(name))
-        .await?
-        .and_then(|m| String::from_utf8(m).ok()))
+    Ok(store.get(&role_index_key(name)).await?.and_then(|m| String::from_utf8(m).ok()))
 }
 
 /// Parse a Vault-style duration: seconds as a number, or a string such as `"90s"`, `"10m"`,
@@ -286,11 +257,8 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(s).map_err(|_| {
-        Error::invalid(format!(
-            "invalid duration {s:?} (use e.g. 600, \"90s\", \"10m\", \"1h\")"
-        ))
-    })
+    humantime::parse_duration(s)
+        .map_err(|_| Error::invalid(format!("invalid duration {s:?} (use e.g. 600, \"90s\", \"10m\", \"1h\")")))
 }
 
 /// Serde adapter for optional Vault-style durations (number of seconds, or a string).
@@ -304,26 +272,19 @@ pub mod vault_duration {
         Text(String),
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> std::result::Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
         match Option::<Raw>::deserialize(d)? {
             None => Ok(None),
             Some(Raw::Secs(0)) => Ok(None),
             Some(Raw::Secs(s)) => Ok(Some(Duration::from_secs(s))),
-            Some(Raw::Text(t)) => {
-                match super::parse_duration(&t).map_err(serde::de::Error::custom)? {
-                    d if d.is_zero() => Ok(None),
-                    d => Ok(Some(d)),
-                }
-            }
+            Some(Raw::Text(t)) => match super::parse_duration(&t).map_err(serde::de::Error::custom)? {
+                d if d.is_zero() => Ok(None),
+                d => Ok(Some(d)),
+            },
         }
     }
 
-    pub fn serialize<S: serde::Serializer>(
-        d: &Option<Duration>,
-        s: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_u64(d.map(|d| d.as_secs()).unwrap_or(0))
     }
 }
@@ -339,17 +300,11 @@ pub mod policy_list {
         Text(String),
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> std::result::Result<Vec<String>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
         let list = match Option::<Raw>::deserialize(d)? {
             None => Vec::new(),
             Some(Raw::List(l)) => l,
-            Some(Raw::Text(t)) => t
-                .split(',')
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect(),
+            Some(Raw::Text(t)) => t.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
         };
         for p in &list {
             crate::policy::validate_name(p).map_err(serde::de::Error::custom)?;
@@ -357,10 +312,7 @@ pub mod policy_list {
         Ok(list)
     }
 
-    pub fn serialize<S: serde::Serializer>(
-        l: &[String],
-        s: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(l: &[String], s: S) -> std::result::Result<S::Ok, S::Error> {
         l.serialize(s)
     }
 }
@@ -369,17 +321,8 @@ pub mod policy_list {
 /// [`TokenSettings`]; unknown fields in either are refused. (serde cannot combine
 /// `flatten` with `deny_unknown_fields`, hence the split by hand.)
 pub fn parse_role_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, TokenSettings)> {
-    const TOKEN_FIELDS: [&str; 4] = [
-        "token_policies",
-        "token_ttl",
-        "token_max_ttl",
-        "bind_certificate",
-    ];
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
+    const TOKEN_FIELDS: [&str; 4] = ["token_policies", "token_ttl", "token_max_ttl", "bind_certificate"];
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
     let mut own: serde_json::Map<String, serde_json::Value> = parse_body(body)?;
     let mut token = serde_json::Map::new();
     for f in TOKEN_FIELDS {
@@ -387,10 +330,8 @@ pub fn parse_role_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T
             token.insert(f.to_owned(), v);
         }
     }
-    let token: TokenSettings =
-        serde_json::from_value(serde_json::Value::Object(token)).map_err(|e| json_error(&e))?;
-    let own: T =
-        serde_json::from_value(serde_json::Value::Object(own)).map_err(|e| json_error(&e))?;
+    let token: TokenSettings = serde_json::from_value(serde_json::Value::Object(token)).map_err(|e| json_error(&e))?;
+    let own: T = serde_json::from_value(serde_json::Value::Object(own)).map_err(|e| json_error(&e))?;
     token.validate()?;
     Ok((own, token))
 }
@@ -413,10 +354,7 @@ pub fn json_error(e: &serde_json::Error) -> Error {
     } else if e.classify() == serde_json::error::Category::Data {
         Error::invalid("invalid request body: a field has the wrong type or value")
     } else {
-        Error::invalid(format!(
-            "invalid request body: {}",
-            crate::secrets::json_error_category(e)
-        ))
+        Error::invalid(format!("invalid request body: {}", crate::secrets::json_error_category(e)))
     }
 }
 
@@ -440,9 +378,7 @@ mod tests {
         struct T {
             a: u32,
         }
-        let e = parse_body::<T>(br#"{"a": "s3cret"}"#)
-            .unwrap_err()
-            .to_string();
+        let e = parse_body::<T>(br#"{"a": "s3cret"}"#).unwrap_err().to_string();
         assert!(!e.contains("s3cret"), "{e}");
         let e = parse_body::<T>(br#"{"b": 1}"#).unwrap_err().to_string();
         assert!(e.contains("unknown field `b`"), "{e}");

@@ -74,9 +74,7 @@ impl Revocations {
     /// Revoke the token(s) with this accessor until `until` (unix seconds) has passed.
     pub async fn revoke_accessor(&self, accessor: &str, until: u64) -> Result<()> {
         let ttl = Duration::from_secs(until.saturating_sub(unix_now()) + 60);
-        self.store
-            .insert_if_absent(&accessor_key(accessor), b"", Some(ttl))
-            .await?;
+        self.store.insert_if_absent(&accessor_key(accessor), b"", Some(ttl)).await?;
         Ok(())
     }
 
@@ -88,14 +86,7 @@ impl Revocations {
     pub async fn revoke_identity(&self, identity: &Identity, by: &str) -> Result<u64> {
         let revoked_at = unix_now();
         self.store
-            .put(
-                &identity.key(),
-                &encode_json(&Revoked {
-                    revoked_at,
-                    by: by.to_owned(),
-                    restored: false,
-                }),
-            )
+            .put(&identity.key(), &encode_json(&Revoked { revoked_at, by: by.to_owned(), restored: false }))
             .await?;
         Ok(revoked_at)
     }
@@ -115,19 +106,13 @@ impl Revocations {
             // Tokens are stamped in whole seconds and those issued at or before
             // `revoked_at` stay refused: let that second pass, so that tokens of logins
             // after the restore are never caught by it.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             if now.as_secs() <= record.revoked_at {
                 let wait = Duration::from_secs(record.revoked_at + 1).saturating_sub(now);
                 tokio::time::sleep(wait).await;
             }
             record.restored = true;
-            if self
-                .store
-                .compare_and_swap(&key, Some(&raw), Some(&encode_json(&record)))
-                .await?
-            {
+            if self.store.compare_and_swap(&key, Some(&raw), Some(&encode_json(&record))).await? {
                 return Ok(true);
             }
         }

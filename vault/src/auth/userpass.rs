@@ -11,10 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{
-    Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name,
-    vault_duration,
-};
+use super::{Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name, vault_duration};
 use crate::error::{AuthFailure, Error, Result};
 use crate::store::{Store, encode_json, get_json, scan_all};
 
@@ -36,17 +33,11 @@ static HASHING: Semaphore = Semaphore::const_new(2);
 static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
     let salt = crate::barrier::random::<16>().unwrap_or([7u8; 16]);
     let pw = crate::barrier::random::<16>().unwrap_or([9u8; 16]);
-    argon2()
-        .hash_password_with_salt(&pw, &salt)
-        .map(|h| h.to_string())
-        .unwrap_or_default()
+    argon2().hash_password_with_salt(&pw, &salt).map(|h| h.to_string()).unwrap_or_default()
 });
 
 async fn hash_password(password: SecretString) -> Result<String> {
-    let _permit = HASHING
-        .acquire()
-        .await
-        .map_err(|_| Error::Internal("hashing pool closed".into()))?;
+    let _permit = HASHING.acquire().await.map_err(|_| Error::Internal("hashing pool closed".into()))?;
     let salt = crate::barrier::random::<16>()?;
     tokio::task::spawn_blocking(move || {
         argon2()
@@ -59,15 +50,10 @@ async fn hash_password(password: SecretString) -> Result<String> {
 }
 
 async fn verify_password(password: SecretString, phc: String) -> Result<bool> {
-    let _permit = HASHING
-        .acquire()
-        .await
-        .map_err(|_| Error::Internal("hashing pool closed".into()))?;
+    let _permit = HASHING.acquire().await.map_err(|_| Error::Internal("hashing pool closed".into()))?;
     tokio::task::spawn_blocking(move || {
         // Verification compares the derived hashes in constant time (password-hash's Output).
-        Ok(argon2()
-            .verify_password(password.expose_secret().as_bytes(), phc.as_str())
-            .is_ok())
+        Ok(argon2().verify_password(password.expose_secret().as_bytes(), phc.as_str()).is_ok())
     })
     .await
     .map_err(|e| Error::Internal(format!("verify task: {e}")))?
@@ -93,17 +79,9 @@ pub struct UserWrite {
 struct StoredUser {
     password_hash: String,
     token_policies: Vec<String>,
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
     token_ttl: Option<Duration>,
-    #[serde(
-        default,
-        with = "vault_duration",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
     token_max_ttl: Option<Duration>,
 }
 
@@ -168,10 +146,7 @@ impl UserPass {
 
     pub async fn read_user(&self, name: &str) -> Result<UserView> {
         validate_name("user", name)?;
-        let u = self
-            .load(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no user {name}")))?;
+        let u = self.load(name).await?.ok_or_else(|| Error::NotFound(format!("no user {name}")))?;
         Ok(UserView {
             token_policies: u.token_policies,
             token_ttl: u.token_ttl.map(|d| d.as_secs()).unwrap_or(0),
@@ -208,9 +183,7 @@ impl Authenticator for UserPass {
     }
 
     async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let name = req
-            .name
-            .ok_or_else(|| Error::invalid("the user name goes in the URL"))?;
+        let name = req.name.ok_or_else(|| Error::invalid("the user name goes in the URL"))?;
         validate_name("user", name)?;
         let body: LoginBody = parse_body(req.body)?;
         if body.password.expose_secret().len() > MAX_PASSWORD_LEN * 4 {
@@ -244,22 +217,9 @@ mod tests {
 
     #[tokio::test]
     async fn argon2id_with_owasp_parameters() {
-        let h = hash_password(SecretString::from("correct horse battery".to_owned()))
-            .await
-            .unwrap();
+        let h = hash_password(SecretString::from("correct horse battery".to_owned())).await.unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
-        assert!(
-            verify_password(
-                SecretString::from("correct horse battery".to_owned()),
-                h.clone()
-            )
-            .await
-            .unwrap()
-        );
-        assert!(
-            !verify_password(SecretString::from("correct horse batterz".to_owned()), h)
-                .await
-                .unwrap()
-        );
+        assert!(verify_password(SecretString::from("correct horse battery".to_owned()), h.clone()).await.unwrap());
+        assert!(!verify_password(SecretString::from("correct horse batterz".to_owned()), h).await.unwrap());
     }
 }

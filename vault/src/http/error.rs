@@ -11,6 +11,10 @@ use crate::barrier::BarrierError;
 use crate::error::Error;
 use crate::store::StoreError;
 
+/// The reason code of a failed request, for its audit entry.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditReason(pub &'static str);
+
 /// An error on its way to the client.
 #[derive(Debug)]
 pub struct ApiError(pub Error);
@@ -35,11 +39,9 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Hsm(h) if h.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Store(_)
-        | Error::Hsm(_)
-        | Error::Barrier(_)
-        | Error::Config(_)
-        | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Store(_) | Error::Hsm(_) | Error::Barrier(_) | Error::Config(_) | Error::Internal(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         // `Error` is non_exhaustive within the crate too: treat new kinds as server errors
         // until they are mapped here.
         #[allow(unreachable_patterns)]
@@ -50,18 +52,10 @@ pub fn status_of(e: &Error) -> StatusCode {
 /// What the client is told for a server-side failure.
 fn public_message(e: &Error, status: StatusCode) -> String {
     match (e, status) {
-        (Error::Store(_), StatusCode::SERVICE_UNAVAILABLE) => {
-            "storage is unavailable, retry later".into()
-        }
-        (Error::Hsm(_), StatusCode::SERVICE_UNAVAILABLE) => {
-            "the key store (HSM) is unavailable, retry later".into()
-        }
-        (Error::Barrier(BarrierError::Integrity), _) => {
-            "a stored record failed its integrity check".into()
-        }
-        (Error::Hsm(HsmError::KeyNotFound(_)), _) => {
-            "a key this record needs is missing from the HSM".into()
-        }
+        (Error::Store(_), StatusCode::SERVICE_UNAVAILABLE) => "storage is unavailable, retry later".into(),
+        (Error::Hsm(_), StatusCode::SERVICE_UNAVAILABLE) => "the key store (HSM) is unavailable, retry later".into(),
+        (Error::Barrier(BarrierError::Integrity), _) => "a stored record failed its integrity check".into(),
+        (Error::Hsm(HsmError::KeyNotFound(_)), _) => "a key this record needs is missing from the HSM".into(),
         (_, s) if s.is_server_error() => "internal error".into(),
         _ => e.to_string(),
     }
@@ -77,9 +71,9 @@ impl IntoResponse for ApiError {
         }
         let body = Json(serde_json::json!({ "errors": [public_message(&self.0, status)] }));
         let mut resp = (status, body).into_response();
+        resp.extensions_mut().insert(AuditReason(self.0.audit_code()));
         if let Error::TooManyRequests { retry_after_secs } = self.0 {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         resp
     }
@@ -93,33 +87,13 @@ mod tests {
     #[test]
     fn status_table() {
         assert_eq!(status_of(&Error::invalid("x")), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            status_of(&Error::Unauthenticated(AuthFailure::Expired)),
-            StatusCode::UNAUTHORIZED
-        );
+        assert_eq!(status_of(&Error::Unauthenticated(AuthFailure::Expired)), StatusCode::UNAUTHORIZED);
         assert_eq!(status_of(&Error::PermissionDenied), StatusCode::FORBIDDEN);
-        assert_eq!(
-            status_of(&Error::PayloadTooLarge { limit: 1 }),
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
-        assert_eq!(
-            status_of(&Error::Store(StoreError::Unavailable("down".into()))),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            status_of(&Error::Hsm(HsmError::PoolTimeout)),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert_eq!(
-            status_of(&Error::Barrier(BarrierError::Integrity)),
-            StatusCode::INTERNAL_SERVER_ERROR
-        );
-        assert_eq!(
-            status_of(&Error::TooManyRequests {
-                retry_after_secs: 3
-            }),
-            StatusCode::TOO_MANY_REQUESTS
-        );
+        assert_eq!(status_of(&Error::PayloadTooLarge { limit: 1 }), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(status_of(&Error::Store(StoreError::Unavailable("down".into()))), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_of(&Error::Hsm(HsmError::PoolTimeout)), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_of(&Error::Barrier(BarrierError::Integrity)), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(status_of(&Error::TooManyRequests { retry_after_secs: 3 }), StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[test]

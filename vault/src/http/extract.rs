@@ -9,24 +9,19 @@ use zeroize::Zeroizing;
 
 use super::AppState;
 use super::error::ApiError;
+use crate::audit::{AuditIdentity, AuditSlot};
 use crate::error::{AuthFailure, Error};
 use crate::vault::{Caller, Peer};
 
 /// The client token of a request: `X-Vault-Token: <t>` or `Authorization: Bearer <t>`.
 pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> {
     if let Some(v) = headers.get("x-vault-token") {
-        let t = v
-            .to_str()
-            .map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        let t = v.to_str().map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
         return Ok(Some(t.trim().to_owned()));
     }
     if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
-        let (scheme, token) = v
-            .split_once(' ')
-            .ok_or(Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        let v = v.to_str().map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        let (scheme, token) = v.split_once(' ').ok_or(Error::Unauthenticated(AuthFailure::MalformedToken))?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(Error::Unauthenticated(AuthFailure::MalformedToken));
         }
@@ -37,11 +32,7 @@ pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> 
 
 /// The connection of a request (inserted by the listener; a local peer otherwise).
 pub fn peer_of(parts: &Parts) -> Peer {
-    parts
-        .extensions
-        .get::<Peer>()
-        .cloned()
-        .unwrap_or_else(Peer::local)
+    parts.extensions.get::<Peer>().cloned().unwrap_or_else(Peer::local)
 }
 
 /// The connection a request came on.
@@ -57,13 +48,49 @@ impl FromRequestParts<AppState> for Peer {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = Zeroizing::new(token_from_headers(&parts.headers)?);
         let peer = peer_of(parts);
-        Ok(state.vault.authenticate(token.as_deref(), &peer).await?)
+        let slot = parts.extensions.get::<AuditSlot>().cloned();
+        if let (Some(slot), Some(t)) = (&slot, token.as_deref()) {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).token_hmac = Some(state.audit.hmac(t.as_bytes()));
+        }
+        let caller = state.vault.authenticate(token.as_deref(), &peer).await?;
+        if let Some(slot) = slot {
+            record_identity(&slot, &caller.claims, &peer);
+        }
+        Ok(caller)
+    }
+}
+
+/// Record who made the request in its audit slot.
+pub fn record_identity(slot: &AuditSlot, claims: &crate::token::Claims, peer: &Peer) {
+    let mut ctx = slot.lock().unwrap_or_else(|p| p.into_inner());
+    ctx.identity = AuditIdentity {
+        sub: Some(claims.sub.clone()),
+        role: claims.role.clone(),
+        accessor: Some(claims.acc.clone()),
+        method: Some(claims.meth.clone()),
+        cert_sha256: peer.client_cert.as_ref().map(|c| c.sha256_hex.clone()),
+    };
+}
+
+/// The audit slot of the request (a detached one outside the router).
+impl FromRequestParts<AppState> for Audit {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(Audit(parts.extensions.get::<AuditSlot>().cloned().unwrap_or_default()))
+    }
+}
+
+/// Handlers that learn something the audit entry should say take this.
+#[derive(Debug, Clone)]
+pub struct Audit(pub AuditSlot);
+
+impl Audit {
+    pub fn detail(&self, detail: String) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).detail = Some(detail);
     }
 }
 
@@ -84,14 +111,9 @@ impl FromRequest<AppState> for SecretBody {
         let limit = state.max_body;
         let body: Body = req.into_body();
         let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit");
-            if too_large {
-                Error::PayloadTooLarge { limit }
-            } else {
-                Error::invalid("could not read the request body")
-            }
+            if too_large { Error::PayloadTooLarge { limit } } else { Error::invalid("could not read the request body") }
         })?;
         // Takes the allocation without copying when this is the only reference.
         Ok(SecretBody(Zeroizing::new(Vec::from(bytes))))
@@ -112,11 +134,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let SecretBody(bytes) = SecretBody::from_request(req, state).await?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
         Ok(JsonBody(crate::auth::parse_body(bytes)?))
     }
 }

@@ -5,15 +5,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use tracing::Instrument;
 
+use crate::audit::{AuditLog, AuditSlot};
 use crate::error::Error;
 use crate::vault::Vault;
+use error::AuditReason;
 
 pub mod error;
 pub mod extract;
@@ -26,6 +28,7 @@ pub use error::ApiError;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub vault: Arc<Vault>,
+    pub audit: Arc<AuditLog>,
     pub max_body: usize,
 }
 
@@ -43,9 +46,7 @@ tokio::task_local! {
 
 /// The id of the current request (a fresh one outside a request).
 pub fn current_request_id() -> String {
-    REQUEST_ID
-        .try_with(Clone::clone)
-        .unwrap_or_else(|_| uuid::Uuid::new_v4().to_string())
+    REQUEST_ID.try_with(Clone::clone).unwrap_or_else(|_| uuid::Uuid::new_v4().to_string())
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -60,24 +61,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sys/policies/acl/{name}", any(sys::policy))
         .route("/v1/sys/revoke-identity", post(sys::revoke_identity))
         .route("/v1/sys/restore-identity", post(sys::restore_identity))
+        .route("/v1/sys/audit-hash", post(sys::audit_hash))
         .route("/v1/auth", post(auth::login_short))
         .route("/v1/auth/approle/login", post(auth::approle_login))
-        .route(
-            "/v1/auth/approle/role/{name}/role-id",
-            get(auth::approle_role_id),
-        )
-        .route(
-            "/v1/auth/approle/role/{name}/secret-id",
-            post(auth::approle_secret_id).put(auth::approle_secret_id),
-        )
+        .route("/v1/auth/approle/role/{name}/role-id", get(auth::approle_role_id))
+        .route("/v1/auth/approle/role/{name}/secret-id", post(auth::approle_secret_id).put(auth::approle_secret_id))
         .route("/v1/auth/cert/login", post(auth::cert_login))
         .route("/v1/auth/cert/certs", any(auth::cert_roles))
         .route("/v1/auth/cert/certs/{name}", any(auth::cert_role))
         .route("/v1/auth/kubernetes/login", post(auth::kubernetes_login))
-        .route(
-            "/v1/auth/kubernetes/config",
-            get(auth::kubernetes_config_read).post(auth::kubernetes_config_write),
-        )
+        .route("/v1/auth/kubernetes/config", get(auth::kubernetes_config_read).post(auth::kubernetes_config_write))
         .route("/v1/auth/bootstrap/token", post(auth::bootstrap_mint))
         .route("/v1/auth/bootstrap/login", post(auth::bootstrap_login))
         .route("/v1/auth/{method}/role", any(auth::roles))
@@ -90,16 +83,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/token/lookup-self", get(auth::lookup_self))
         .route("/v1/auth/token/renew-self", post(auth::renew_self))
         .route("/v1/auth/token/revoke-self", post(auth::revoke_self))
-        .route(
-            "/v1/auth/token/revoke-accessor",
-            post(auth::revoke_accessor),
-        )
+        .route("/v1/auth/token/revoke-accessor", post(auth::revoke_accessor))
         .route("/v1/secret", any(secrets::root))
         .route("/v1/secret/", any(secrets::root))
         .route("/v1/secret/{*path}", any(secrets::secret))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(request_context))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_context))
         .with_state(state)
 }
 
@@ -111,18 +101,32 @@ async fn method_not_allowed() -> ApiError {
     ApiError(Error::MethodNotAllowed)
 }
 
-/// Give every request an id and a span, and log its outcome (method, path without query,
-/// status, latency): never headers or bodies, which carry tokens and secrets.
-async fn request_context(mut req: Request, next: Next) -> Response {
+/// Give every request an id and a span, write its audit entry before the reply leaves
+/// (fail closed: if the entry cannot be written, the reply is replaced by 503 and its body
+/// dropped), and log its outcome (method, path without query, status, latency): never
+/// headers or bodies, which carry tokens and secrets.
+async fn request_context(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     req.extensions_mut().insert(RequestId(id.clone()));
+    let slot: AuditSlot = Default::default();
+    req.extensions_mut().insert(slot.clone());
     let span = tracing::info_span!("request", request_id = %id);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let operation = match req.extensions().get::<MatchedPath>() {
+        Some(m) => format!("{method} {}", m.as_str()),
+        None => format!("{method} (no route)"),
+    };
+    let remote = req.extensions().get::<crate::vault::Peer>().map(|p| p.remote.to_string());
     let start = Instant::now();
-    let mut resp = REQUEST_ID
-        .scope(id.clone(), next.run(req).instrument(span.clone()))
-        .await;
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span.clone())).await;
+    let status = resp.status();
+    let entry =
+        audit_entry(&id, remote, &operation, &path, status, resp.extensions().get::<AuditReason>().map(|r| r.0), &slot);
+    if let Err(e) = state.audit.append(entry).await {
+        span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
+        resp = ApiError(e).into_response();
+    }
     let status = resp.status();
     span.in_scope(|| {
         let micros = start.elapsed().as_micros() as u64;
@@ -136,6 +140,44 @@ async fn request_context(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// The audit entry of one request.
+fn audit_entry(
+    id: &str,
+    remote: Option<String>,
+    operation: &str,
+    path: &str,
+    status: StatusCode,
+    reason: Option<&str>,
+    slot: &AuditSlot,
+) -> serde_json::Map<String, serde_json::Value> {
+    let ctx = slot.lock().unwrap_or_else(|p| p.into_inner());
+    let outcome = match status.as_u16() {
+        200..=399 => "ok",
+        401 | 403 | 429 => "denied",
+        400..=499 => "refused",
+        _ => "error",
+    };
+    let i = &ctx.identity;
+    let identity = serde_json::json!({
+        "sub": i.sub, "role": i.role, "accessor": i.accessor, "method": i.method, "cert_sha256": i.cert_sha256,
+    });
+    crate::audit::event(
+        "request",
+        serde_json::json!({
+            "request_id": id,
+            "remote": remote,
+            "operation": operation,
+            "path": path,
+            "status": status.as_u16(),
+            "outcome": outcome,
+            "reason": reason.map(str::to_owned).or_else(|| ctx.reason.clone()),
+            "detail": ctx.detail,
+            "identity": identity,
+            "token_hmac": ctx.token_hmac,
+        }),
+    )
 }
 
 /// A JSON reply with a status.

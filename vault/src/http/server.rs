@@ -29,7 +29,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            Error::Config(format!("cannot listen on {addr}: the address is already in use (is another KeyVault running?)"))
+            Error::Config(format!(
+                "cannot listen on {addr}: the address is already in use (is another KeyVault running?)"
+            ))
         } else {
             Error::Config(format!("cannot listen on {addr}: {e}"))
         }
@@ -83,18 +85,12 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|der| Arc::new(ClientCert::from_der(der)));
-            let info = Peer {
-                remote,
-                client_cert,
-            };
-            let svc = app.map_request(
-                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(info.clone());
-                    req.map(axum::body::Body::new)
-                },
-            );
-            let conn =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            let info = Peer { remote, client_cert };
+            let svc = app.map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(info.clone());
+                req.map(axum::body::Body::new)
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
@@ -102,10 +98,7 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining open connections");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
     }
     Ok(())
@@ -116,14 +109,13 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

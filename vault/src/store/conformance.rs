@@ -45,10 +45,7 @@ pub async fn get_put_delete(s: &dyn Store) {
     assert_eq!(s.get("c1/a").await.unwrap(), None);
     // Unicode keys.
     s.put("c1/ключ/密钥", b"u").await.unwrap();
-    assert_eq!(
-        s.get("c1/ключ/密钥").await.unwrap().as_deref(),
-        Some(&b"u"[..])
-    );
+    assert_eq!(s.get("c1/ключ/密钥").await.unwrap().as_deref(), Some(&b"u"[..]));
 }
 
 pub async fn compare_and_swap(s: &dyn Store) {
@@ -58,50 +55,25 @@ pub async fn compare_and_swap(s: &dyn Store) {
     assert!(!s.compare_and_swap("c2/k", None, Some(b"x")).await.unwrap());
     assert_eq!(s.get("c2/k").await.unwrap().as_deref(), Some(&b"v1"[..]));
     // Wrong expected value: refused.
-    assert!(
-        !s.compare_and_swap("c2/k", Some(b"v0"), Some(b"x"))
-            .await
-            .unwrap()
-    );
+    assert!(!s.compare_and_swap("c2/k", Some(b"v0"), Some(b"x")).await.unwrap());
     // Right expected value: swapped.
-    assert!(
-        s.compare_and_swap("c2/k", Some(b"v1"), Some(b"v2"))
-            .await
-            .unwrap()
-    );
+    assert!(s.compare_and_swap("c2/k", Some(b"v1"), Some(b"v2")).await.unwrap());
     assert_eq!(s.get("c2/k").await.unwrap().as_deref(), Some(&b"v2"[..]));
     // Swap to None deletes.
     assert!(s.compare_and_swap("c2/k", Some(b"v2"), None).await.unwrap());
     assert_eq!(s.get("c2/k").await.unwrap(), None);
     // Expecting a value on an absent key: refused.
-    assert!(
-        !s.compare_and_swap("c2/k", Some(b"v2"), Some(b"v3"))
-            .await
-            .unwrap()
-    );
+    assert!(!s.compare_and_swap("c2/k", Some(b"v2"), Some(b"v3")).await.unwrap());
     // An expired entry counts as absent.
-    assert!(
-        s.insert_if_absent("c2/exp", b"e", Some(Duration::from_millis(30)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c2/exp", b"e", Some(Duration::from_millis(30))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(60)).await;
-    assert!(
-        s.compare_and_swap("c2/exp", None, Some(b"fresh"))
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        s.get("c2/exp").await.unwrap().as_deref(),
-        Some(&b"fresh"[..])
-    );
+    assert!(s.compare_and_swap("c2/exp", None, Some(b"fresh")).await.unwrap());
+    assert_eq!(s.get("c2/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
 }
 
 pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {
     for i in 0..25u32 {
-        s.put(&format!("c3/items/{i:03}"), &i.to_be_bytes())
-            .await
-            .unwrap();
+        s.put(&format!("c3/items/{i:03}"), &i.to_be_bytes()).await.unwrap();
     }
     // Neighbours that must not show up.
     s.put("c3/item", b"no").await.unwrap();
@@ -113,74 +85,33 @@ pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {
     assert_eq!(first[0].0, "c3/items/000");
     assert_eq!(first[9].0, "c3/items/009");
     assert_eq!(first[3].1, 3u32.to_be_bytes().to_vec());
-    let second = s
-        .scan_prefix("c3/items/", Some(&first[9].0), 10)
-        .await
-        .unwrap();
+    let second = s.scan_prefix("c3/items/", Some(&first[9].0), 10).await.unwrap();
     assert_eq!(second[0].0, "c3/items/010");
     let all = scan_all(s, "c3/items/").await.unwrap();
     assert_eq!(all.len(), 25);
-    assert!(
-        all.windows(2).all(|w| w[0].0 < w[1].0),
-        "scan is in key order"
-    );
-    assert!(
-        s.scan_prefix("c3/nothing/", None, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "scan is in key order");
+    assert!(s.scan_prefix("c3/nothing/", None, 10).await.unwrap().is_empty());
     // `after` before the prefix starts at the prefix.
-    assert_eq!(
-        s.scan_prefix("c3/items/", Some("c3/a"), 1).await.unwrap()[0].0,
-        "c3/items/000"
-    );
+    assert_eq!(s.scan_prefix("c3/items/", Some("c3/a"), 1).await.unwrap()[0].0, "c3/items/000");
     // Expired entries are skipped.
-    assert!(
-        s.insert_if_absent("c3/items/999", b"", Some(Duration::from_millis(20)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c3/items/999", b"", Some(Duration::from_millis(20))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(40)).await;
     assert_eq!(scan_all(s, "c3/items/").await.unwrap().len(), 25);
 }
 
 pub async fn insert_if_absent_with_expiry(s: &dyn Store) {
-    assert!(
-        s.insert_if_absent("c4/nonce", b"1", Some(Duration::from_millis(80)))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !s.insert_if_absent("c4/nonce", b"2", Some(Duration::from_millis(80)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c4/nonce", b"1", Some(Duration::from_millis(80))).await.unwrap());
+    assert!(!s.insert_if_absent("c4/nonce", b"2", Some(Duration::from_millis(80))).await.unwrap());
     assert_eq!(s.get("c4/nonce").await.unwrap().as_deref(), Some(&b"1"[..]));
     tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(
-        s.get("c4/nonce").await.unwrap(),
-        None,
-        "expired entry is gone"
-    );
-    assert!(
-        !s.delete("c4/nonce").await.unwrap(),
-        "deleting an expired entry reports absent"
-    );
-    assert!(
-        s.insert_if_absent("c4/nonce", b"3", Some(Duration::from_secs(60)))
-            .await
-            .unwrap()
-    );
+    assert_eq!(s.get("c4/nonce").await.unwrap(), None, "expired entry is gone");
+    assert!(!s.delete("c4/nonce").await.unwrap(), "deleting an expired entry reports absent");
+    assert!(s.insert_if_absent("c4/nonce", b"3", Some(Duration::from_secs(60))).await.unwrap());
     // Without a TTL the entry is permanent.
     assert!(s.insert_if_absent("c4/perm", b"p", None).await.unwrap());
     assert!(!s.insert_if_absent("c4/perm", b"q", None).await.unwrap());
     // put clears an expiry.
-    assert!(
-        s.insert_if_absent("c4/put", b"a", Some(Duration::from_millis(20)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c4/put", b"a", Some(Duration::from_millis(20))).await.unwrap());
     s.put("c4/put", b"b").await.unwrap();
     tokio::time::sleep(Duration::from_millis(40)).await;
     assert_eq!(s.get("c4/put").await.unwrap().as_deref(), Some(&b"b"[..]));
@@ -188,42 +119,17 @@ pub async fn insert_if_absent_with_expiry(s: &dyn Store) {
 
 pub async fn purge_expired(s: &dyn Store) {
     for i in 0..5 {
-        assert!(
-            s.insert_if_absent(
-                &format!("c5/short/{i}"),
-                b"",
-                Some(Duration::from_millis(10))
-            )
-            .await
-            .unwrap()
-        );
+        assert!(s.insert_if_absent(&format!("c5/short/{i}"), b"", Some(Duration::from_millis(10))).await.unwrap());
     }
-    assert!(
-        s.insert_if_absent("c5/long", b"", Some(Duration::from_secs(60)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c5/long", b"", Some(Duration::from_secs(60))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert!(s.purge_expired().await.unwrap() >= 5);
     assert!(s.get("c5/long").await.unwrap().is_some());
-    assert!(
-        s.scan_prefix("c5/short/", None, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(s.scan_prefix("c5/short/", None, 10).await.unwrap().is_empty());
     // A re-inserted key survives the purge of its earlier expiry.
-    assert!(
-        s.insert_if_absent("c5/again", b"", Some(Duration::from_millis(10)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c5/again", b"", Some(Duration::from_millis(10))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(30)).await;
-    assert!(
-        s.insert_if_absent("c5/again", b"2", Some(Duration::from_secs(60)))
-            .await
-            .unwrap()
-    );
+    assert!(s.insert_if_absent("c5/again", b"2", Some(Duration::from_secs(60))).await.unwrap());
     s.purge_expired().await.unwrap();
     assert_eq!(s.get("c5/again").await.unwrap().as_deref(), Some(&b"2"[..]));
 }
@@ -243,10 +149,7 @@ pub async fn concurrent_cas_loses_no_update(s: Arc<dyn Store>) {
                 loop {
                     let cur = s.get("c6/counter").await.unwrap().unwrap();
                     let n = u64::from_be_bytes(cur.as_slice().try_into().unwrap());
-                    if s.compare_and_swap("c6/counter", Some(&cur), Some(&(n + 1).to_be_bytes()))
-                        .await
-                        .unwrap()
-                    {
+                    if s.compare_and_swap("c6/counter", Some(&cur), Some(&(n + 1).to_be_bytes())).await.unwrap() {
                         break;
                     }
                 }
@@ -265,9 +168,7 @@ pub async fn concurrent_insert_if_absent_has_one_winner(s: Arc<dyn Store>) {
         .map(|i: u32| {
             let s = s.clone();
             tokio::spawn(async move {
-                s.insert_if_absent("c7/nonce", &i.to_be_bytes(), Some(Duration::from_secs(60)))
-                    .await
-                    .unwrap()
+                s.insert_if_absent("c7/nonce", &i.to_be_bytes(), Some(Duration::from_secs(60))).await.unwrap()
             })
         })
         .collect();

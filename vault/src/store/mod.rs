@@ -61,12 +61,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Atomically replace the value under `key` if the current value equals `expected`
     /// (`None`: the key is absent). `new == None` deletes. Returns whether it swapped.
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> StoreResult<bool>;
+    async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool>;
 
     /// Remove `key`. Returns whether it was present (and not expired): a consuming read
     /// for one-time values, since exactly one of two concurrent deletes sees `true`.
@@ -74,22 +69,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Up to `limit` entries whose key starts with `prefix`, in key order, starting after
     /// `after` (exclusive) when given: a page of a scan. Expired entries are skipped.
-    async fn scan_prefix(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    async fn scan_prefix(&self, prefix: &str, after: Option<&str>, limit: usize)
+    -> StoreResult<Vec<(String, Vec<u8>)>>;
 
     /// Store `value` under `key` only if no live entry is there; the entry disappears
     /// after `ttl` if one is given. Returns whether it inserted. Atomic across every
     /// process sharing the store: nonces, revoked token ids, one-time tokens.
-    async fn insert_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Option<Duration>,
-    ) -> StoreResult<bool>;
+    async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool>;
 
     /// Delete expired entries; returns how many. Called periodically.
     async fn purge_expired(&self) -> StoreResult<u64>;
@@ -100,17 +86,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
 /// Decode a stored JSON record. Failing to decode is corruption, named by its key.
 pub fn decode_json<T: serde::de::DeserializeOwned>(key: &str, raw: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(raw).map_err(|_| StoreError::Corrupt {
-        key: key.to_owned(),
-        reason: "not the expected JSON record",
-    })
+    serde_json::from_slice(raw)
+        .map_err(|_| StoreError::Corrupt { key: key.to_owned(), reason: "not the expected JSON record" })
 }
 
 /// Read and decode a JSON record.
-pub async fn get_json<T: serde::de::DeserializeOwned>(
-    store: &dyn Store,
-    key: &str,
-) -> StoreResult<Option<T>> {
+pub async fn get_json<T: serde::de::DeserializeOwned>(store: &dyn Store, key: &str) -> StoreResult<Option<T>> {
     match store.get(key).await? {
         Some(raw) => decode_json(key, &raw).map(Some),
         None => Ok(None),

@@ -33,10 +33,7 @@ fn unavailable(e: sled::Error) -> StoreError {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The live value inside a stored entry, or `None` if it has expired.
@@ -49,10 +46,7 @@ fn live<'a>(key: &str, raw: &'a [u8], now: u64) -> StoreResult<Option<&'a [u8]>>
             b.copy_from_slice(exp);
             Ok((u64::from_be_bytes(b) > now).then_some(v))
         }
-        _ => Err(StoreError::Corrupt {
-            key: key.to_owned(),
-            reason: "unknown entry header",
-        }),
+        _ => Err(StoreError::Corrupt { key: key.to_owned(), reason: "unknown entry header" }),
     }
 }
 
@@ -76,9 +70,7 @@ impl SledStore {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()
-            .map_err(|e| {
-                StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display()))
-            })?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display())))?;
         let data = db.open_tree("data").map_err(unavailable)?;
         let expiry = db.open_tree("expiry").map_err(unavailable)?;
         Ok(SledStore { db, data, expiry })
@@ -109,18 +101,11 @@ impl Store for SledStore {
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         check_key(key)?;
-        self.data
-            .insert(key, encode(value, None))
-            .map_err(unavailable)?;
+        self.data.insert(key, encode(value, None)).map_err(unavailable)?;
         self.flush().await
     }
 
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> StoreResult<bool> {
+    async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
         check_key(key)?;
         loop {
             let current = self.data.get(key).map_err(unavailable)?;
@@ -132,11 +117,7 @@ impl Store for SledStore {
                 return Ok(false);
             }
             let replacement = new.map(|v| encode(v, None));
-            match self
-                .data
-                .compare_and_swap(key, current, replacement)
-                .map_err(unavailable)?
-            {
+            match self.data.compare_and_swap(key, current, replacement).map_err(unavailable)? {
                 Ok(()) => {
                     self.flush().await?;
                     return Ok(true);
@@ -154,11 +135,7 @@ impl Store for SledStore {
                 return Ok(false);
             };
             let was_live = live(key, &current, now_ms())?.is_some();
-            match self
-                .data
-                .compare_and_swap(key, Some(current), None::<&[u8]>)
-                .map_err(unavailable)?
-            {
+            match self.data.compare_and_swap(key, Some(current), None::<&[u8]>).map_err(unavailable)? {
                 Ok(()) => {
                     self.flush().await?;
                     return Ok(was_live);
@@ -199,12 +176,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    async fn insert_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Option<Duration>,
-    ) -> StoreResult<bool> {
+    async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
         check_key(key)?;
         let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
         loop {
@@ -214,11 +186,7 @@ impl Store for SledStore {
             {
                 return Ok(false);
             }
-            match self
-                .data
-                .compare_and_swap(key, current, Some(encode(value, expires)))
-                .map_err(unavailable)?
-            {
+            match self.data.compare_and_swap(key, current, Some(encode(value, expires))).map_err(unavailable)? {
                 Ok(()) => {
                     if let Some(ms) = expires {
                         let mut idx = ms.to_be_bytes().to_vec();
@@ -236,23 +204,15 @@ impl Store for SledStore {
     async fn purge_expired(&self) -> StoreResult<u64> {
         let now = now_ms();
         let mut purged = 0;
-        let due: Vec<sled::IVec> = self
-            .expiry
-            .range(..now.to_be_bytes().to_vec())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)?;
+        let due: Vec<sled::IVec> =
+            self.expiry.range(..now.to_be_bytes().to_vec()).keys().collect::<Result<_, _>>().map_err(unavailable)?;
         for idx in due {
             let key = &idx[8..];
             if let Some(raw) = self.data.get(key).map_err(unavailable)? {
                 let k = String::from_utf8_lossy(key);
                 // Only remove what is still expired: the key may have been re-inserted.
                 if live(&k, &raw, now)?.is_none()
-                    && self
-                        .data
-                        .compare_and_swap(key, Some(raw), None::<&[u8]>)
-                        .map_err(unavailable)?
-                        .is_ok()
+                    && self.data.compare_and_swap(key, Some(raw), None::<&[u8]>).map_err(unavailable)?.is_ok()
                 {
                     purged += 1;
                 }
@@ -306,18 +266,10 @@ mod tests {
         {
             let s = SledStore::open(dir.path()).unwrap();
             s.put("kv/a", b"1").await.unwrap();
-            assert!(
-                s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60)))
-                    .await
-                    .unwrap()
-            );
+            assert!(s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60))).await.unwrap());
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.get("kv/a").await.unwrap().as_deref(), Some(&b"1"[..]));
-        assert!(
-            !s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60)))
-                .await
-                .unwrap()
-        );
+        assert!(!s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60))).await.unwrap());
     }
 }

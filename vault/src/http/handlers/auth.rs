@@ -12,7 +12,7 @@ use crate::auth::kubernetes::KubeConfig;
 use crate::auth::userpass::UserWrite;
 use crate::auth::{approle, bootstrap, cert, kubernetes, userpass, vault_duration};
 use crate::error::Error;
-use crate::http::extract::{JsonBody, SecretBody};
+use crate::http::extract::{Audit, JsonBody, SecretBody};
 use crate::http::{ApiResult, AppState, json, no_content};
 use crate::token::IssuedToken;
 use crate::unix_now;
@@ -42,6 +42,12 @@ struct AuthBlock<'a> {
     /// RFC 8705: the thumbprint of the client certificate the token is bound to.
     #[serde(skip_serializing_if = "Option::is_none")]
     bound_certificate_x5t_s256: Option<&'a str>,
+}
+
+/// Record a new token's identity in the request's audit entry, then reply.
+fn login_reply(audit: &Audit, peer: &Peer, t: &IssuedToken) -> ApiResult<Response> {
+    crate::http::extract::record_identity(&audit.0, &t.claims, peer);
+    auth_reply(t)
 }
 
 /// The login (and renewal) reply, Vault's shape.
@@ -76,88 +82,70 @@ fn auth_reply(t: &IssuedToken) -> ApiResult<Response> {
 /// `POST /v1/auth` with `{"role": ..., credentials}`.
 pub async fn login_short(
     State(state): State<AppState>,
+    audit: Audit,
     peer: Peer,
     body: SecretBody,
 ) -> ApiResult<Response> {
-    auth_reply(&state.vault.login_short(&body.0, &peer).await?)
+    login_reply(&audit, &peer, &state.vault.login_short(&body.0, &peer).await?)
+}
+
+async fn method_login(state: &AppState, method: &str, audit: &Audit, peer: &Peer, body: &[u8]) -> ApiResult<Response> {
+    login_reply(audit, peer, &state.vault.login(method, None, body, peer).await?)
 }
 
 /// `POST /v1/auth/approle/login` with `{"role_id", "secret_id"}`.
 pub async fn approle_login(
     State(state): State<AppState>,
+    audit: Audit,
     peer: Peer,
     body: SecretBody,
 ) -> ApiResult<Response> {
-    auth_reply(
-        &state
-            .vault
-            .login(approle::METHOD, None, &body.0, &peer)
-            .await?,
-    )
+    method_login(&state, approle::METHOD, &audit, &peer, &body.0).await
 }
 
 /// `POST /v1/auth/cert/login` (over mutual TLS) with optional `{"name": role}`.
 pub async fn cert_login(
     State(state): State<AppState>,
+    audit: Audit,
     peer: Peer,
     body: SecretBody,
 ) -> ApiResult<Response> {
-    auth_reply(
-        &state
-            .vault
-            .login(cert::METHOD, None, &body.0, &peer)
-            .await?,
-    )
+    method_login(&state, cert::METHOD, &audit, &peer, &body.0).await
 }
 
 /// `POST /v1/auth/kubernetes/login` with `{"role", "jwt"}`.
 pub async fn kubernetes_login(
     State(state): State<AppState>,
+    audit: Audit,
     peer: Peer,
     body: SecretBody,
 ) -> ApiResult<Response> {
-    auth_reply(
-        &state
-            .vault
-            .login(kubernetes::METHOD, None, &body.0, &peer)
-            .await?,
-    )
+    method_login(&state, kubernetes::METHOD, &audit, &peer, &body.0).await
 }
 
 /// `POST /v1/auth/bootstrap/login` with `{"token"}`: consumes the bootstrap token.
 pub async fn bootstrap_login(
     State(state): State<AppState>,
+    audit: Audit,
     peer: Peer,
     body: SecretBody,
 ) -> ApiResult<Response> {
-    auth_reply(
-        &state
-            .vault
-            .login(bootstrap::METHOD, None, &body.0, &peer)
-            .await?,
-    )
+    method_login(&state, bootstrap::METHOD, &audit, &peer, &body.0).await
 }
 
 /// `POST /v1/auth/userpass/login/<user>` with `{"password"}`.
 pub async fn userpass_login(
     State(state): State<AppState>,
     Path(user): Path<String>,
+    audit: Audit,
     peer: Peer,
     body: SecretBody,
 ) -> ApiResult<Response> {
-    auth_reply(
-        &state
-            .vault
-            .login(userpass::METHOD, Some(&user), &body.0, &peer)
-            .await?,
-    )
+    login_reply(&audit, &peer, &state.vault.login(userpass::METHOD, Some(&user), &body.0, &peer).await?)
 }
 
 fn keys_reply(keys: Vec<String>) -> Response {
-    json(
-        StatusCode::OK,
-        envelope(serde_json::json!({ "keys": keys })),
-    )
+    json(StatusCode::OK, envelope(serde_json::json!({ "keys": keys })))
 }
 
 /// `LIST /v1/auth/<method>/role` (approle, cert, kubernetes).
@@ -194,10 +182,7 @@ async fn role_crud(
     body: &[u8],
 ) -> ApiResult<Response> {
     match http_method {
-        Method::GET => Ok(json(
-            StatusCode::OK,
-            envelope(state.vault.read_role(caller, method, name).await?),
-        )),
+        Method::GET => Ok(json(StatusCode::OK, envelope(state.vault.read_role(caller, method, name).await?))),
         Method::POST | Method::PUT => {
             state.vault.write_role(caller, method, name, body).await?;
             Ok(no_content())
@@ -231,9 +216,7 @@ pub async fn cert_roles(
     if !is_list(&method, &uri)? {
         return Err(Error::MethodNotAllowed.into());
     }
-    Ok(keys_reply(
-        state.vault.list_roles(&caller, cert::METHOD).await?,
-    ))
+    Ok(keys_reply(state.vault.list_roles(&caller, cert::METHOD).await?))
 }
 
 /// `GET /v1/auth/approle/role/<name>/role-id`.
@@ -243,10 +226,7 @@ pub async fn approle_role_id(
     caller: Caller,
 ) -> ApiResult<Response> {
     let role_id = state.vault.approle_role_id(&caller, &name).await?;
-    Ok(json(
-        StatusCode::OK,
-        envelope(serde_json::json!({ "role_id": role_id })),
-    ))
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "role_id": role_id }))))
 }
 
 /// Endpoints that take no parameters still refuse unknown ones.
@@ -277,15 +257,9 @@ pub async fn approle_secret_id(
 }
 
 /// `GET /v1/auth/kubernetes/config`.
-pub async fn kubernetes_config_read(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> ApiResult<Response> {
+pub async fn kubernetes_config_read(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     let c = state.vault.read_kubernetes_config(&caller).await?;
-    Ok(json(
-        StatusCode::OK,
-        envelope(serde_json::to_value(c).map_err(|e| Error::Internal(e.to_string()))?),
-    ))
+    Ok(json(StatusCode::OK, envelope(serde_json::to_value(c).map_err(|e| Error::Internal(e.to_string()))?)))
 }
 
 /// `POST /v1/auth/kubernetes/config`.
@@ -299,17 +273,9 @@ pub async fn kubernetes_config_write(
 }
 
 /// `POST /v1/auth/bootstrap/token`: mint a one-time token (shown once).
-pub async fn bootstrap_mint(
-    State(state): State<AppState>,
-    caller: Caller,
-    body: SecretBody,
-) -> ApiResult<Response> {
+pub async fn bootstrap_mint(State(state): State<AppState>, caller: Caller, body: SecretBody) -> ApiResult<Response> {
     let req: MintRequest =
-        crate::auth::parse_body(if body.0.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &body.0
-        })?;
+        crate::auth::parse_body(if body.0.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &body.0 })?;
     use secrecy::ExposeSecret;
     let m = state.vault.mint_bootstrap(&caller, req).await?;
     let data = serde_json::json!({
@@ -348,10 +314,7 @@ pub async fn userpass_user(
     match method {
         Method::GET => {
             let view = state.vault.read_user(&caller, &name).await?;
-            Ok(json(
-                StatusCode::OK,
-                envelope(serde_json::to_value(view).map_err(|e| Error::Internal(e.to_string()))?),
-            ))
+            Ok(json(StatusCode::OK, envelope(serde_json::to_value(view).map_err(|e| Error::Internal(e.to_string()))?)))
         }
         Method::POST | Method::PUT => {
             let w: UserWrite = crate::auth::parse_body(&body.0)?;

@@ -50,14 +50,9 @@ pub(crate) fn is_list(method: &Method, uri: &Uri) -> Result<bool> {
 /// A JSON reply whose body may hold a secret (a value, a token, a secret id): serialized
 /// into a buffer reserved up front (so it never reallocates and leaves copies behind)
 /// that is zeroized when the connection has sent it.
-pub(crate) fn secret_json<T: Serialize>(
-    status: StatusCode,
-    value: &T,
-    size_hint: usize,
-) -> Result<Response> {
+pub(crate) fn secret_json<T: Serialize>(status: StatusCode, value: &T, size_hint: usize) -> Result<Response> {
     let mut buf = Zeroizing::new(Vec::with_capacity(size_hint * 2 + 4096));
-    serde_json::to_writer(&mut *buf, value)
-        .map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+    serde_json::to_writer(&mut *buf, value).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
     secret_bytes(status, buf)
 }
 

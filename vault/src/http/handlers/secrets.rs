@@ -26,12 +26,7 @@ struct ReadQuery {
 }
 
 /// `/v1/secret` and `/v1/secret/`: only listing the root makes sense.
-pub async fn root(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    caller: Caller,
-) -> ApiResult<Response> {
+pub async fn root(State(state): State<AppState>, method: Method, uri: Uri, caller: Caller) -> ApiResult<Response> {
     if !is_list(&method, &uri)? {
         return Err(Error::MethodNotAllowed.into());
     }
@@ -63,9 +58,7 @@ pub async fn secret(
             let (version, meta) = state.vault.write_secret(&caller, &path, &body.0).await?;
             Ok(json(
                 StatusCode::OK,
-                envelope(
-                    serde_json::json!({"version": version, "created_time": meta.created_time}),
-                ),
+                envelope(serde_json::json!({"version": version, "created_time": meta.created_time})),
             ))
         }
         Method::DELETE => {
@@ -79,10 +72,7 @@ pub async fn secret(
 async fn list(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<Response> {
     let prefix = SecretPrefix::from_url(raw)?;
     let keys = state.vault.list_secrets(caller, &prefix).await?;
-    Ok(json(
-        StatusCode::OK,
-        envelope(serde_json::json!({ "keys": keys })),
-    ))
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "keys": keys }))))
 }
 
 /// `{"request_id", ..., "data": <the value as written>, "metadata": {...}}`, assembled

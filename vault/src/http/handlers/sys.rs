@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::{envelope, is_list};
 use crate::auth::revocation::Identity;
 use crate::error::Error;
-use crate::http::extract::JsonBody;
+use crate::http::extract::{Audit, JsonBody, SecretBody};
 use crate::http::{ApiResult, AppState, json, no_content};
 use crate::vault::Caller;
 
@@ -16,11 +16,7 @@ use crate::vault::Caller;
 pub async fn health(State(state): State<AppState>) -> Response {
     let report = state.vault.health().await;
     let ok = report.storage.is_ok() && report.hsm.is_ok();
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let show = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_owned(),
         Err(e) => e.clone(),
@@ -51,10 +47,7 @@ pub async fn policies_root(
         return Err(Error::MethodNotAllowed.into());
     }
     let names = state.vault.list_policies(&caller).await?;
-    Ok(json(
-        StatusCode::OK,
-        envelope(serde_json::json!({ "keys": names, "policies": names })),
-    ))
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "keys": names, "policies": names }))))
 }
 
 #[derive(Deserialize, Default)]
@@ -75,15 +68,10 @@ pub async fn policy(
     match method {
         Method::GET => {
             let text = state.vault.read_policy(&caller, &name).await?;
-            Ok(json(
-                StatusCode::OK,
-                envelope(serde_json::json!({ "name": name, "policy": text })),
-            ))
+            Ok(json(StatusCode::OK, envelope(serde_json::json!({ "name": name, "policy": text }))))
         }
         Method::PUT | Method::POST => {
-            let text = body
-                .policy
-                .ok_or_else(|| Error::invalid("missing field `policy`"))?;
+            let text = body.policy.ok_or_else(|| Error::invalid("missing field `policy`"))?;
             state.vault.put_policy(&caller, &name, &text).await?;
             Ok(no_content())
         }
@@ -115,20 +103,14 @@ impl IdentityBody {
                 crate::validate_name("role", &r)?;
                 Ok(Identity::Role(r))
             }
-            (None, Some(f), None) => Ok(Identity::Certificate(
-                crate::auth::cert::normalize_fingerprint(&f)?,
-            )),
+            (None, Some(f), None) => Ok(Identity::Certificate(crate::auth::cert::normalize_fingerprint(&f)?)),
             (None, None, Some(s))
-                if s.starts_with("spiffe://")
-                    && s.len() <= 2048
-                    && !s.chars().any(char::is_control) =>
+                if s.starts_with("spiffe://") && s.len() <= 2048 && !s.chars().any(char::is_control) =>
             {
                 Ok(Identity::Spiffe(s))
             }
             (None, None, Some(_)) => Err(Error::invalid("spiffe_id must be a spiffe:// URI")),
-            _ => Err(Error::invalid(
-                "give exactly one of role, certificate_sha256, spiffe_id",
-            )),
+            _ => Err(Error::invalid("give exactly one of role, certificate_sha256, spiffe_id")),
         }
     }
 }
@@ -136,24 +118,43 @@ impl IdentityBody {
 /// `POST /v1/sys/revoke-identity` (sudo): the kill switch.
 pub async fn revoke_identity(
     State(state): State<AppState>,
+    audit: Audit,
     caller: Caller,
     JsonBody(body): JsonBody<IdentityBody>,
 ) -> ApiResult<Response> {
     let identity = body.identity()?;
     let at = state.vault.revoke_identity(&caller, &identity).await?;
-    Ok(json(
-        StatusCode::OK,
-        envelope(serde_json::json!({ "identity": identity.describe(), "revoked_at": at })),
-    ))
+    audit.detail(format!("kill switch: revoked {} at {at}", identity.describe()));
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "identity": identity.describe(), "revoked_at": at }))))
 }
 
 /// `POST /v1/sys/restore-identity` (sudo): lift a revocation.
 pub async fn restore_identity(
     State(state): State<AppState>,
+    audit: Audit,
     caller: Caller,
     JsonBody(body): JsonBody<IdentityBody>,
 ) -> ApiResult<Response> {
     let identity = body.identity()?;
     state.vault.restore_identity(&caller, &identity).await?;
+    audit.detail(format!("restored {}", identity.describe()));
     Ok(no_content())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HashBody {
+    #[serde(default)]
+    input: Option<secrecy::SecretString>,
+}
+
+/// `POST /v1/sys/audit-hash` with `{"input"}`: the HMAC a value would have in this audit
+/// log, to search the log for a known token or secret id without it ever being written.
+pub async fn audit_hash(State(state): State<AppState>, caller: Caller, body: SecretBody) -> ApiResult<Response> {
+    use secrecy::ExposeSecret;
+    caller.require("sys/audit-hash", crate::policy::Capability::Update)?;
+    let b: HashBody = crate::auth::parse_body(&body.0)?;
+    let input = b.input.ok_or_else(|| Error::invalid("missing field `input`"))?;
+    let hash = state.audit.hmac(input.expose_secret().as_bytes());
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "hash": hash }))))
 }

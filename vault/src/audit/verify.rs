@@ -1,0 +1,206 @@
+//! `keyvault audit verify`: check a sequence of audit files with the audit public key only
+//! (no HSM, no server). The first failure is reported with its file, line and one reason.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde_json::{Map, Value};
+
+use super::chain::{canonical, checkpoint_message, decode_hash, entry_hash};
+
+/// Why verification failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A line's content does not produce its recorded hash (edited, or not JSON).
+    EntryHashMismatch,
+    /// A line does not follow the previous one (deleted, reordered or appended lines).
+    PreviousHashMismatch,
+    /// A checkpoint's signature does not verify with the audit public key.
+    CheckpointSignatureInvalid,
+    /// The log does not end with its final checkpoint, or its last line is cut.
+    TruncatedAfterCheckpoint,
+    /// The first file does not start with a genesis header.
+    MissingGenesis,
+}
+
+impl Failure {
+    pub fn code(self) -> &'static str {
+        match self {
+            Failure::EntryHashMismatch => "entry_hash_mismatch",
+            Failure::PreviousHashMismatch => "previous_hash_mismatch",
+            Failure::CheckpointSignatureInvalid => "checkpoint_signature_invalid",
+            Failure::TruncatedAfterCheckpoint => "truncated_after_checkpoint",
+            Failure::MissingGenesis => "missing_genesis",
+        }
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    Ok {
+        entries: u64,
+        /// `seq` of the last checkpoint, if any.
+        last_checkpoint: Option<u64>,
+        /// Entries after the last checkpoint (only with `live`).
+        unsigned_tail: u64,
+        gaps: u64,
+    },
+    Failed {
+        file: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        reason: Failure,
+    },
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Report::Ok { entries, last_checkpoint, unsigned_tail, gaps } => {
+                write!(f, "ok entries={entries} last_checkpoint=")?;
+                match last_checkpoint {
+                    Some(s) => write!(f, "{s}")?,
+                    None => write!(f, "none")?,
+                }
+                write!(f, " unsigned_tail={unsigned_tail} gaps={gaps}")
+            }
+            Report::Failed { file, line, reason } => {
+                write!(f, "ok=false file={} line={line} reason={}", file.display(), reason.code())
+            }
+        }
+    }
+}
+
+/// Parse a public key file: the base64 of the 32-byte Ed25519 key (what
+/// `keyvault audit export-key` writes), surrounding whitespace ignored.
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let raw = STANDARD.decode(text.trim()).map_err(|_| format!("{} is not base64", path.display()))?;
+    let raw: [u8; 32] = raw.try_into().map_err(|_| format!("{} is not a 32-byte Ed25519 key", path.display()))?;
+    VerifyingKey::from_bytes(&raw).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+struct State {
+    prev: Option<[u8; 32]>,
+    /// The previous line was a final checkpoint: only a continuation header may follow.
+    closed: bool,
+    entries: u64,
+    last_checkpoint: Option<u64>,
+    since_checkpoint: u64,
+    gaps: u64,
+}
+
+/// Verify `files` in order as one chain. `live`: the log is still being written, so
+/// entries after the last checkpoint are accepted (and counted as the unsigned tail).
+pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Result<Report> {
+    let mut st = State { prev: None, closed: false, entries: 0, last_checkpoint: None, since_checkpoint: 0, gaps: 0 };
+    let mut last_position = (PathBuf::new(), 0usize);
+    for (fi, file) in files.iter().enumerate() {
+        let bytes = std::fs::read(file)?;
+        let fail = |line: usize, reason: Failure| Ok(Report::Failed { file: file.clone(), line, reason });
+        let mut lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+        // A complete file ends with a newline: the split leaves one empty piece.
+        let torn = lines.last().is_some_and(|l| !l.is_empty());
+        if !torn {
+            lines.pop();
+        }
+        for (i, raw) in lines.iter().enumerate() {
+            let lineno = i + 1;
+            if torn && i + 1 == lines.len() {
+                return fail(lineno, Failure::TruncatedAfterCheckpoint);
+            }
+            let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(raw) else {
+                return fail(lineno, Failure::EntryHashMismatch);
+            };
+            let Some(hash) = obj.remove("hash").and_then(|h| h.as_str().and_then(decode_hash)) else {
+                return fail(lineno, Failure::EntryHashMismatch);
+            };
+            let Some(prev) = obj.get("prev").and_then(Value::as_str).and_then(decode_hash) else {
+                return fail(lineno, Failure::EntryHashMismatch);
+            };
+            let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+            let first_of_all = fi == 0 && i == 0;
+            if first_of_all {
+                let genesis = obj.get("genesis").and_then(Value::as_str).and_then(decode_hash);
+                if kind != "header" || genesis != Some(prev) {
+                    return fail(lineno, Failure::MissingGenesis);
+                }
+            } else {
+                if kind == "header" {
+                    // A continuation header must name the hash it continues from.
+                    let continues = obj.get("continues").and_then(Value::as_str).and_then(decode_hash);
+                    if continues != Some(prev) || Some(prev) != st.prev {
+                        return fail(lineno, Failure::PreviousHashMismatch);
+                    }
+                } else if st.closed || Some(prev) != st.prev {
+                    return fail(lineno, Failure::PreviousHashMismatch);
+                }
+            }
+            if entry_hash(&prev, &canonical(&Value::Object(obj.clone()))) != hash {
+                return fail(lineno, Failure::EntryHashMismatch);
+            }
+            st.closed = false;
+            match kind {
+                "checkpoint" => {
+                    if !checkpoint_ok(&obj, &prev, key) {
+                        return fail(lineno, Failure::CheckpointSignatureInvalid);
+                    }
+                    st.last_checkpoint = obj.get("seq").and_then(Value::as_u64);
+                    st.since_checkpoint = 0;
+                    st.closed = obj.get("final").and_then(Value::as_bool).unwrap_or(false);
+                }
+                "header" => {}
+                other => {
+                    if other == "gap" {
+                        st.gaps += 1;
+                    }
+                    st.entries += 1;
+                    st.since_checkpoint += 1;
+                }
+            }
+            st.prev = Some(hash);
+            last_position = (file.clone(), lineno);
+        }
+        if lines.is_empty() && fi == 0 {
+            return fail(1, Failure::MissingGenesis);
+        }
+    }
+    if st.prev.is_none() {
+        return Ok(Report::Failed {
+            file: files.first().cloned().unwrap_or_default(),
+            line: 1,
+            reason: Failure::MissingGenesis,
+        });
+    }
+    if !live && !st.closed {
+        // A stopped log ends with its final checkpoint; here something after the last
+        // checkpoint was cut off, or lines were appended after it without a signature.
+        return Ok(Report::Failed {
+            file: last_position.0,
+            line: last_position.1 + 1,
+            reason: Failure::TruncatedAfterCheckpoint,
+        });
+    }
+    Ok(Report::Ok {
+        entries: st.entries,
+        last_checkpoint: st.last_checkpoint,
+        unsigned_tail: st.since_checkpoint,
+        gaps: st.gaps,
+    })
+}
+
+fn checkpoint_ok(obj: &Map<String, Value>, prev: &[u8; 32], key: &VerifyingKey) -> bool {
+    let head = obj.get("head").and_then(Value::as_str).and_then(decode_hash);
+    let seq = obj.get("seq").and_then(Value::as_u64);
+    let is_final = obj.get("final").and_then(Value::as_bool).unwrap_or(false);
+    let sig = obj.get("signature").and_then(Value::as_str).and_then(|s| STANDARD.decode(s).ok());
+    let (Some(head), Some(seq), Some(sig)) = (head, seq, sig) else { return false };
+    if head != *prev {
+        return false;
+    }
+    let Ok(sig) = Signature::from_slice(&sig) else { return false };
+    key.verify_strict(&checkpoint_message(&head, seq, is_final), &sig).is_ok()
+}
