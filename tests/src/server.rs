@@ -19,6 +19,8 @@ pub struct ServerOptions {
     pub crl_pem: Option<String>,
     /// TOML appended to the configuration (whole sections).
     pub extra: String,
+    /// Lines added to the `[audit]` section.
+    pub audit_extra: String,
 }
 
 pub struct TestServer {
@@ -72,7 +74,7 @@ impl TestServer {
             "[listener]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
              [storage]\ntype = \"sled\"\npath = \"{}\"\n\n\
              [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
-             [log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n\n{}\n",
+             [log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n{}\n\n{}\n",
             cert_file.display(),
             key_file.display(),
             d.join("storage").display(),
@@ -80,6 +82,7 @@ impl TestServer {
             token.token_label,
             pin_file.display(),
             d.join("audit").join("audit.log").display(),
+            opts.audit_extra,
             opts.extra,
         );
         let config_file = d.join("keyvault.toml");
@@ -129,6 +132,31 @@ impl TestServer {
     /// A client presenting `id` as its certificate.
     pub fn client_with(&self, id: &Issued) -> Client {
         Client::with_identity(&self.addr, &self.server_ca_file, Some(&id.identity_pem()))
+    }
+
+    /// The audit log file.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit").join("audit.log")
+    }
+
+    /// SIGTERM and wait: a clean stop (the audit log gets its final checkpoint).
+    pub fn stop(&mut self) {
+        assert!(Command::new("kill").arg(self.child.id().to_string()).status().unwrap().success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "keyvault server exited with {status:?}: {}", self.log_text());
+    }
+
+    /// `keyvault audit export-key` into a file; returns its path.
+    pub fn export_audit_key(&self) -> PathBuf {
+        let out = Command::new(keyvault_bin())
+            .args(["audit", "export-key", "--config"])
+            .arg(&self.config_file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = self.dir.path().join("audit-key.pub");
+        std::fs::write(&path, &out.stdout).unwrap();
+        path
     }
 
     pub fn sighup(&self) {

@@ -45,6 +45,7 @@ async fn world(extra: &str) -> World {
         client_ca_pem: Some(ca.pem()),
         crl_pem: Some(ca.crl(&[12])),
         extra: extra.to_owned(),
+        ..Default::default()
     });
     let c = s.client();
     let root = s.root.clone();

@@ -462,7 +462,8 @@ impl Writer {
         tracing::error!(path = %self.config.path.display(), reason, "the audit log file changed under the writer; starting a new file with a gap entry");
         let found = std::fs::metadata(&self.config.path).map(|m| m.len()).ok();
         if found.is_some() {
-            let aside = PathBuf::from(format!("{}.anomaly-{}", self.config.path.display(), crate::unix_now()));
+            let aside =
+                PathBuf::from(format!("{}.anomaly-{}-{}", self.config.path.display(), crate::unix_now(), self.seq));
             std::fs::rename(&self.config.path, &aside)?;
         }
         self.pending.clear();

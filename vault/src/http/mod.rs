@@ -119,6 +119,23 @@ async fn request_context(State(state): State<AppState>, mut req: Request, next: 
     };
     let remote = req.extensions().get::<crate::vault::Peer>().map(|p| p.remote.to_string());
     let start = Instant::now();
+    // A request that may change state is recorded before it runs: if that entry cannot be
+    // written, nothing happens (fail closed). Reads are recorded once, with their outcome,
+    // and their reply is withheld if that entry cannot be written.
+    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        let intent = crate::audit::event(
+            "intent",
+            serde_json::json!({"request_id": id, "remote": remote, "operation": operation, "path": path}),
+        );
+        if let Err(e) = state.audit.append(intent).await {
+            span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the request"));
+            let mut resp = ApiError(e).into_response();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            return resp;
+        }
+    }
     let mut resp = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span.clone())).await;
     let status = resp.status();
     let entry =
