@@ -50,6 +50,9 @@ enum Command {
         /// Keep unwrapped data keys this long (`secrets.dek_cache_ttl`; 0s: off).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         dek_cache_ttl: Duration,
+        /// `fail_closed`, `buffered`, or `dangerous_off` (benchmarks only).
+        #[arg(long, default_value = "fail_closed")]
+        audit_mode: String,
     },
     /// Administration that needs the HSM and the store directly.
     Operator {
@@ -245,13 +248,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let vault = Vault::open(&config).await?;
             serve(&config, vault, |addr, _| tracing::info!(%addr, "KeyVault listening (TLS)")).await
         }
-        Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl } => {
+        Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl, audit_mode } => {
             init_logging(&log, false);
             let started = std::time::Instant::now();
             let layout = DevLayout::new(&data_dir)?;
             let module = dev::ensure_token(&layout)?;
             layout.pki().ensure()?;
-            let config = dev::config(&layout, module, address, dek_cache_ttl);
+            let mut config = dev::config(&layout, module, address, dek_cache_ttl);
+            config.audit.mode = serde_json::from_value(serde_json::Value::String(audit_mode.clone()))
+                .map_err(|_| anyhow::anyhow!("--audit-mode: use fail_closed, buffered or dangerous_off"))?;
             let store = vault::open_store(&config).await?;
             let keys = vault::open_keystore(&config)?;
             let names = KeyNames::new(&config.hsm.key_prefix)?;

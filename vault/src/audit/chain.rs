@@ -81,17 +81,20 @@ pub fn checkpoint_message(head: &[u8; 32], seq: u64, is_final: bool) -> Vec<u8> 
     m
 }
 
-/// Chain `entry` after `prev`: sets `prev` and `hash`, returns the line (with its
-/// newline) and the new head.
+/// Chain `entry` after `prev`: sets `prev`, returns the line (with its newline) and the
+/// new head. The line is the canonical form with `"hash"` appended as the last member:
+/// the verifier removes it and canonicalizes again, so only the hashed form must be
+/// canonical (and the writer canonicalizes once per entry).
 pub fn seal(mut entry: Map<String, Value>, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
     entry.remove("hash");
     entry.insert("prev".into(), Value::String(hex::encode(prev)));
-    let value = Value::Object(entry);
-    let hash = entry_hash(prev, &canonical(&value));
-    let Value::Object(mut entry) = value else { unreachable!("built as an object above") };
-    entry.insert("hash".into(), Value::String(hex::encode(hash)));
     let mut line = canonical(&Value::Object(entry));
-    line.push(b'\n');
+    let hash = entry_hash(prev, &line);
+    // Invariant: the canonical form of an object ends with '}'.
+    line.pop();
+    line.extend_from_slice(b",\"hash\":\"");
+    line.extend_from_slice(hex::encode(hash).as_bytes());
+    line.extend_from_slice(b"\"}\n");
     (line, hash)
 }
 

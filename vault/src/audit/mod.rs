@@ -68,6 +68,10 @@ pub struct AuditConfig {
     /// Queue bound in `buffered` mode.
     #[serde(default = "default_buffer")]
     pub buffer_entries: usize,
+    /// In `buffered` mode, how long the writer gathers entries before one write and one
+    /// fsync: the most an acknowledged request's entry waits for the disk.
+    #[serde(default = "default_linger", deserialize_with = "crate::config::duration")]
+    pub buffered_linger: Duration,
     /// This replica's name in the log header (default: the host name).
     #[serde(default)]
     pub replica_id: Option<String>,
@@ -85,6 +89,9 @@ fn default_max_file_bytes() -> u64 {
 fn default_buffer() -> usize {
     10_000
 }
+fn default_linger() -> Duration {
+    Duration::from_millis(5)
+}
 
 impl AuditConfig {
     pub fn at(path: PathBuf) -> Self {
@@ -95,6 +102,7 @@ impl AuditConfig {
             checkpoint_interval: default_interval(),
             max_file_bytes: default_max_file_bytes(),
             buffer_entries: default_buffer(),
+            buffered_linger: default_linger(),
             replica_id: None,
         }
     }
@@ -526,6 +534,12 @@ impl Writer {
             let mut entries = Vec::new();
             let mut acks = Vec::new();
             let mut shutdown = None;
+            // In buffered mode nobody waits for the disk: let entries gather for
+            // `buffered_linger` (sleeping, so that senders do not wake this thread for
+            // each entry), then one write and one fsync cover them all.
+            if self.config.mode == AuditMode::Buffered && !matches!(first, Job::Shutdown(_)) {
+                std::thread::sleep(self.config.buffered_linger);
+            }
             let mut next = Some(first);
             while let Some(job) = next.take() {
                 match job {
@@ -535,7 +549,7 @@ impl Writer {
                     }
                     Job::Shutdown(ack) => shutdown = Some(ack),
                 }
-                if entries.len() < 4096 && shutdown.is_none() {
+                if entries.len() < 8192 && shutdown.is_none() {
                     next = rx.try_recv().ok();
                 }
             }
