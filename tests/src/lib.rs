@@ -127,6 +127,13 @@ impl DevServer {
         self.child.wait().unwrap();
     }
 
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        assert!(Command::new("kill").arg(self.child.id().to_string()).status().unwrap().success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "keyvault dev exited with {status:?}");
+    }
+
     /// Everything the server logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

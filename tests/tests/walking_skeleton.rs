@@ -319,3 +319,23 @@ async fn dev_mode_offers_mtls_and_certificate_login() {
     // The bound token is useless without the certificate.
     assert_eq!(s.client().get("secret/dev/x", &t).await.status, 401);
 }
+
+#[tokio::test]
+async fn dev_mode_audit_log_verifies_with_the_printed_command() {
+    let mut s = DevServer::start();
+    let c = s.client();
+    c.put("secret/a", &s.root_token, json!({"value": "audited"})).await;
+    assert_eq!(c.get("secret/a", "bad").await.status, 401);
+    s.stop();
+    let line = s.stdout.iter().find(|l| l.contains("Audit log:")).expect("the audit log is printed");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let key = words.iter().position(|w| *w == "--public-key").map(|i| words[i + 1]).unwrap();
+    let log = words[2];
+    let out = std::process::Command::new(keyvault_tests::keyvault_bin())
+        .args(["audit", "verify", "--public-key", key, log.trim_end_matches(')')])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(!text.contains("audited") && !text.contains(&s.root_token));
+}
