@@ -54,6 +54,9 @@ pub enum KeyKind {
     Ed25519,
     /// 256-bit generic secret for HMAC-SHA256 (keyed hashes of AppRole secret ids, audit HMACs).
     HmacSha256,
+    /// AES-256 for encrypting data with AES-GCM in the token (transit keys), whatever
+    /// mechanism the token wraps data keys with.
+    Aes256Gcm,
 }
 
 /// How a data key was wrapped; recorded in the first byte of every wrapped key so that a
@@ -112,6 +115,14 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Unwrap what [`KeyStore::wrap_key`] produced; any tampering gives
     /// [`HsmError::InvalidCiphertext`].
     fn unwrap_key(&self, kek: &KeyLabel, wrapped: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>>;
+
+    /// AES-256-GCM encryption of `plaintext` inside the token under `label` (a
+    /// [`KeyKind::Aes256Gcm`] key): returns `iv (12) || ciphertext || tag (16)`, random IV.
+    fn encrypt_aes_gcm(&self, label: &KeyLabel, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>>;
+
+    /// The inverse of [`KeyStore::encrypt_aes_gcm`]; tampering gives
+    /// [`HsmError::InvalidCiphertext`].
+    fn decrypt_aes_gcm(&self, label: &KeyLabel, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>>;
 
     /// Sign `message` with the Ed25519 private key `label` (`CKM_EDDSA`, pure Ed25519).
     fn sign_ed25519(&self, label: &KeyLabel, message: &[u8]) -> Result<[u8; 64]>;

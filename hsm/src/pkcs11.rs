@@ -570,6 +570,17 @@ impl KeyStore for Pkcs11KeyStore {
                     t.extend(private);
                     session.generate_key(&Mechanism::AesKeyGen, &t)?;
                 }
+                KeyKind::Aes256Gcm => {
+                    let mut t = vec![
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                    ];
+                    t.extend(private);
+                    session.generate_key(&Mechanism::AesKeyGen, &t)?;
+                }
                 KeyKind::HmacSha256 => {
                     let mut t = vec![
                         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -664,6 +675,26 @@ impl KeyStore for Pkcs11KeyStore {
                 WrapMechanism::AesGcm => s.gcm_decrypt(session, h, body, aad),
                 WrapMechanism::AesKeyWrapPad => s.kwp_unwrap(session, h, body),
             }
+        })
+    }
+
+    fn encrypt_aes_gcm(&self, label: &KeyLabel, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        if !self.supports(MechanismType::AES_GCM) {
+            return Err(HsmError::MechanismUnsupported("CKM_AES_GCM"));
+        }
+        self.run(|s, session| {
+            let h = s.handle(session, label, ObjectClass::SECRET_KEY)?;
+            // gcm_encrypt prefixes the wrap mechanism byte; transit ciphertexts have none.
+            let mut out = s.gcm_encrypt(session, h, plaintext, aad)?;
+            out.remove(0);
+            Ok(out)
+        })
+    }
+
+    fn decrypt_aes_gcm(&self, label: &KeyLabel, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        self.run(|s, session| {
+            let h = s.handle(session, label, ObjectClass::SECRET_KEY)?;
+            s.gcm_decrypt(session, h, ciphertext, aad)
         })
     }
 

@@ -205,3 +205,21 @@ fn labels_are_validated() {
     assert!(KeyLabel::new("x".repeat(65)).is_err());
     assert!(KeyLabel::new("keyvault/transit/orders-v2.key_1").is_ok());
 }
+
+#[test]
+fn aes_gcm_data_encryption_in_the_token() {
+    let t = testing::token();
+    let key = label("keyvault/transit/orders/v1");
+    t.store.generate(&key, KeyKind::Aes256Gcm).unwrap();
+    let ct = t.store.encrypt_aes_gcm(&key, b"hello transit", b"ctx").unwrap();
+    assert_eq!(ct.len(), 12 + 13 + 16);
+    assert_eq!(t.store.decrypt_aes_gcm(&key, &ct, b"ctx").unwrap().as_slice(), b"hello transit");
+    assert!(matches!(t.store.decrypt_aes_gcm(&key, &ct, b"other"), Err(HsmError::InvalidCiphertext)));
+    let mut bad = ct.clone();
+    bad[20] ^= 1;
+    assert!(matches!(t.store.decrypt_aes_gcm(&key, &bad, b"ctx"), Err(HsmError::InvalidCiphertext)));
+    assert!(matches!(t.store.value_attribute_info(&key, ObjectClass::SECRET_KEY).unwrap(), AttributeInfo::Sensitive));
+    // Empty plaintexts are fine too.
+    let ct = t.store.encrypt_aes_gcm(&key, b"", b"").unwrap();
+    assert!(t.store.decrypt_aes_gcm(&key, &ct, b"").unwrap().is_empty());
+}

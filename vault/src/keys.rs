@@ -75,6 +75,13 @@ impl KeyNames {
         self.label("approle-hmac", v)
     }
 
+    /// Version `v` of the transit key `name` (a valid transit name keeps the label short
+    /// enough; a label that is still too long is a clear error, not a panic).
+    pub fn transit(&self, name: &str, v: u32) -> Result<KeyLabel> {
+        KeyLabel::new(format!("{}/transit/{name}/v{v}", self.prefix))
+            .map_err(|_| Error::invalid("the transit key name is too long for this installation's key prefix"))
+    }
+
     /// Ed25519 key that signs audit checkpoints.
     pub fn audit_signing(&self) -> KeyLabel {
         self.label("audit", KeyVersion::FIRST)

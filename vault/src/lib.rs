@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod keys;
 pub mod policy;
@@ -22,6 +23,7 @@ pub mod secrets;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod transit;
 pub mod vault;
 
 use std::sync::Arc;

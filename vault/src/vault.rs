@@ -22,12 +22,14 @@ use crate::auth::{self, Authenticator, LoginOutcome, LoginRequest, RoleAdmin};
 use crate::barrier::Barrier;
 use crate::config::{Config, SecretsConfig, StorageConfig, TokenConfig};
 use crate::error::{AuthFailure, Error, Result};
+use crate::gateway::{Gateway, Producer, Verdict, VerifyItem};
 use crate::keys::{self, KeyNames, SharedKeyring};
 use crate::policy::{Acl, Capability, PolicyStore, ROOT_POLICY};
 use crate::secrets::{SecretPath, SecretPrefix, SecretVersion, Secrets, VersionMeta};
 use crate::store::{SledStore, Store};
 use crate::tls::ClientCert;
 use crate::token::{Claims, Confirmation, IssuedToken, TokenIssuer, TokenSpec};
+use crate::transit::{KeyType, Transit, TransitKey};
 use crate::unix_now;
 
 /// The longest any token may live (root tokens included); revocation records by accessor
@@ -127,6 +129,8 @@ pub struct Vault {
     pub kubernetes: Arc<KubernetesAuth>,
     pub bootstrap: Arc<Bootstrap>,
     pub revocations: Revocations,
+    pub transit: Transit,
+    pub gateway: Gateway,
     limiter: FailureLimiter,
     authenticators: HashMap<&'static str, Arc<dyn Authenticator>>,
     role_admins: HashMap<&'static str, Arc<dyn RoleAdmin>>,
@@ -202,6 +206,8 @@ impl Vault {
             policies: PolicyStore::new(store.clone()),
             secrets: Secrets::new(store.clone(), barrier.clone(), settings.secrets.max_versions),
             revocations: Revocations::new(store.clone()),
+            transit: Transit::new(store.clone(), keys.clone(), names.clone()),
+            gateway: Gateway::new(store.clone()),
             limiter: FailureLimiter::new(settings.rate_limit),
             store,
             keys,
@@ -467,10 +473,19 @@ impl Vault {
     pub async fn revoke_identity(&self, caller: &Caller, identity: &Identity) -> Result<u64> {
         caller.require("sys/revoke-identity", Capability::Sudo)?;
         let at = self.revocations.revoke_identity(identity, &caller.claims.acc).await?;
-        if let Identity::Certificate(fp) = identity {
-            // After the atomic step above, tidy the pins: they no longer match anyway.
-            let roles = self.cert.remove_pin(fp).await?;
-            tracing::info!(roles, "certificate pin removed from cert roles");
+        // After the atomic step above (which already refuses everything of this identity),
+        // tidy up: certificate pins and gateway producers.
+        let producers = match identity {
+            Identity::Certificate(fp) => {
+                let roles = self.cert.remove_pin(fp).await?;
+                tracing::info!(roles, "certificate pin removed from cert roles");
+                self.gateway.disable_matching(Some(fp), None).await?
+            }
+            Identity::Spiffe(id) => self.gateway.disable_matching(None, Some(id)).await?,
+            Identity::Role(_) => 0,
+        };
+        if producers > 0 {
+            tracing::info!(producers, "gateway producers disabled");
         }
         tracing::warn!(identity = %identity.describe(), by = %caller.claims.acc, "identity revoked (kill switch)");
         Ok(at)
@@ -498,6 +513,84 @@ impl Vault {
             return Err(Error::invalid("a bootstrap token cannot carry the root policy"));
         }
         self.bootstrap.mint(req).await
+    }
+
+    // ---- transit ----
+
+    /// Authorize `cap` on the key's path and load it.
+    pub async fn transit_key(&self, caller: &Caller, name: &str, cap: Capability) -> Result<TransitKey> {
+        crate::transit::validate_key_name(name)?;
+        caller.require(&format!("transit/keys/{name}"), cap)?;
+        self.transit.get(name).await
+    }
+
+    pub async fn transit_create(&self, caller: &Caller, name: &str, key_type: KeyType) -> Result<TransitKey> {
+        crate::transit::validate_key_name(name)?;
+        caller.require(&format!("transit/keys/{name}"), Capability::Create)?;
+        self.transit.create(name, key_type).await
+    }
+
+    pub async fn transit_rotate(&self, caller: &Caller, name: &str) -> Result<TransitKey> {
+        crate::transit::validate_key_name(name)?;
+        caller.require(&format!("transit/keys/{name}"), Capability::Rotate)?;
+        self.transit.rotate(name).await
+    }
+
+    pub async fn transit_configure(
+        &self,
+        caller: &Caller,
+        name: &str,
+        min_decryption_version: Option<u32>,
+        deletion_allowed: Option<bool>,
+    ) -> Result<TransitKey> {
+        crate::transit::validate_key_name(name)?;
+        caller.require(&format!("transit/keys/{name}"), Capability::Update)?;
+        self.transit.configure(name, min_decryption_version, deletion_allowed).await
+    }
+
+    pub async fn transit_delete(&self, caller: &Caller, name: &str) -> Result<()> {
+        crate::transit::validate_key_name(name)?;
+        caller.require(&format!("transit/keys/{name}"), Capability::Delete)?;
+        self.transit.delete(name).await
+    }
+
+    pub async fn transit_list(&self, caller: &Caller) -> Result<Vec<String>> {
+        caller.require("transit/keys/", Capability::List)?;
+        self.transit.list().await
+    }
+
+    // ---- gateway ----
+
+    pub async fn put_producer(&self, caller: &Caller, identity: &str, p: Producer) -> Result<()> {
+        crate::gateway::validate_identity(identity)?;
+        let path = format!("gateway/producers/{identity}");
+        let cap =
+            if self.gateway.producer(identity).await?.is_some() { Capability::Update } else { Capability::Create };
+        caller.require(&path, cap)?;
+        self.gateway.put_producer(identity, p).await
+    }
+
+    pub async fn read_producer(&self, caller: &Caller, identity: &str) -> Result<Producer> {
+        crate::gateway::validate_identity(identity)?;
+        caller.require(&format!("gateway/producers/{identity}"), Capability::Read)?;
+        self.gateway.producer(identity).await?.ok_or_else(|| Error::NotFound(format!("no producer {identity}")))
+    }
+
+    pub async fn delete_producer(&self, caller: &Caller, identity: &str) -> Result<()> {
+        crate::gateway::validate_identity(identity)?;
+        caller.require(&format!("gateway/producers/{identity}"), Capability::Delete)?;
+        self.gateway.delete_producer(identity).await
+    }
+
+    pub async fn list_producers(&self, caller: &Caller) -> Result<Vec<String>> {
+        caller.require("gateway/producers/", Capability::List)?;
+        self.gateway.list_producers().await
+    }
+
+    /// The gateway check of journey 2 (needs `verify` on `gateway/verify`).
+    pub async fn gateway_verify(&self, caller: &Caller, items: &[VerifyItem]) -> Result<Vec<Verdict>> {
+        caller.require("gateway/verify", Capability::Verify)?;
+        self.gateway.verify(items, &self.transit, &self.revocations).await
     }
 
     // ---- secrets ----

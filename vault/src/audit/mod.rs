@@ -246,6 +246,33 @@ impl AuditLog {
         }
     }
 
+    /// Append several entries; in `fail_closed` mode returns once all are on disk (they
+    /// usually share one batch).
+    pub async fn append_many(&self, entries: Vec<Map<String, Value>>) -> Result<()> {
+        if self.mode != AuditMode::FailClosed {
+            for e in entries {
+                self.append(e).await?;
+            }
+            return Ok(());
+        }
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let unavailable = |why: &str| Error::Store(crate::store::StoreError::Unavailable(format!("audit log: {why}")));
+        let mut waits = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (ack, done) = oneshot::channel();
+            tx.try_send(Job::Append(e, Some(ack))).map_err(|_| unavailable("the writer queue is full or stopped"))?;
+            waits.push(done);
+        }
+        for done in waits {
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(unavailable(&e)),
+                Err(_) => return Err(unavailable("the writer stopped")),
+            }
+        }
+        Ok(())
+    }
+
     /// Write a final checkpoint and stop the writer (clean shutdown).
     pub async fn shutdown(&self) {
         if let Some(tx) = &self.tx {

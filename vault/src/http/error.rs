@@ -61,6 +61,11 @@ fn public_message(e: &Error, status: StatusCode) -> String {
     }
 }
 
+/// What a client is told about `e` (for per-item errors of batch replies).
+pub fn client_message(e: &Error) -> String {
+    public_message(e, status_of(e))
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_of(&self.0);

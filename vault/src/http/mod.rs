@@ -53,7 +53,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 /// Every route of the API.
 pub fn router(state: AppState) -> Router {
-    use handlers::{auth, secrets, sys};
+    use handlers::{auth, keys, secrets, sys};
     Router::new()
         .route("/v1/sys/health", get(sys::health))
         .route("/v1/sys/policies/acl", any(sys::policies_root))
@@ -84,6 +84,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/token/renew-self", post(auth::renew_self))
         .route("/v1/auth/token/revoke-self", post(auth::revoke_self))
         .route("/v1/auth/token/revoke-accessor", post(auth::revoke_accessor))
+        .route("/v1/transit/keys", any(keys::keys))
+        .route("/v1/transit/keys/", any(keys::keys))
+        .route("/v1/transit/keys/{name}", any(keys::key))
+        .route("/v1/transit/keys/{name}/rotate", post(keys::rotate))
+        .route("/v1/transit/keys/{name}/config", post(keys::config))
+        .route("/v1/transit/encrypt/{name}", post(keys::encrypt))
+        .route("/v1/transit/decrypt/{name}", post(keys::decrypt))
+        .route("/v1/transit/rewrap/{name}", post(keys::rewrap))
+        .route("/v1/transit/sign/{name}", post(keys::sign))
+        .route("/v1/transit/verify/{name}", post(keys::verify))
+        .route("/v1/transit/datakey/{kind}/{name}", post(keys::datakey))
+        .route("/v1/gateway/producers", any(keys::producers))
+        .route("/v1/gateway/producers/", any(keys::producers))
+        .route("/v1/gateway/producers/{*identity}", any(keys::producer))
+        .route("/v1/gateway/verify", post(keys::gateway_verify))
         .route("/v1/secret", any(secrets::root))
         .route("/v1/secret/", any(secrets::root))
         .route("/v1/secret/{*path}", any(secrets::secret))

@@ -18,6 +18,7 @@ pub async fn run_all(store: &dyn Store) {
     insert_if_absent_with_expiry(store).await;
     purge_expired(store).await;
     invalid_keys(store).await;
+    insert_if_absent_many(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -192,4 +193,15 @@ pub async fn concurrent_delete_has_one_winner(s: Arc<dyn Store>) {
         wins += usize::from(t.await.unwrap());
     }
     assert_eq!(wins, 1);
+}
+
+pub async fn insert_if_absent_many(s: &dyn Store) {
+    assert!(s.insert_if_absent("c9/b", b"taken", None).await.unwrap());
+    let items: Vec<(String, Vec<u8>, Option<Duration>)> = ["c9/a", "c9/b", "c9/c", "c9/a"]
+        .iter()
+        .map(|k| (k.to_string(), b"v".to_vec(), Some(Duration::from_secs(60))))
+        .collect();
+    assert_eq!(s.insert_if_absent_many(&items).await.unwrap(), vec![true, false, true, false]);
+    assert_eq!(s.get("c9/b").await.unwrap().as_deref(), Some(&b"taken"[..]));
+    assert!(s.get("c9/c").await.unwrap().is_some());
 }

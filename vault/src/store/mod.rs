@@ -77,6 +77,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// process sharing the store: nonces, revoked token ids, one-time tokens.
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool>;
 
+    /// Several insert-if-absent at once (gateway nonces of a batch): each is atomic on
+    /// its own; an engine may make them durable together. Returns one result per item.
+    async fn insert_if_absent_many(&self, items: &[(String, Vec<u8>, Option<Duration>)]) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (k, v, ttl) in items {
+            out.push(self.insert_if_absent(k, v, *ttl).await?);
+        }
+        Ok(out)
+    }
+
     /// Delete expired entries; returns how many. Called periodically.
     async fn purge_expired(&self) -> StoreResult<u64>;
 

@@ -64,6 +64,31 @@ fn encode(value: &[u8], expires_ms: Option<u64>) -> Vec<u8> {
 }
 
 impl SledStore {
+    /// Insert-if-absent without the flush (the caller flushes).
+    fn insert_if_absent_unflushed(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        check_key(key)?;
+        let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
+        loop {
+            let current = self.data.get(key).map_err(unavailable)?;
+            if let Some(raw) = &current
+                && live(key, raw, now_ms())?.is_some()
+            {
+                return Ok(false);
+            }
+            match self.data.compare_and_swap(key, current, Some(encode(value, expires))).map_err(unavailable)? {
+                Ok(()) => {
+                    if let Some(ms) = expires {
+                        let mut idx = ms.to_be_bytes().to_vec();
+                        idx.extend_from_slice(key.as_bytes());
+                        self.expiry.insert(idx, &[]).map_err(unavailable)?;
+                    }
+                    return Ok(true);
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
     /// Open (or create) the store in `dir`. Fails clearly if another process holds it.
     pub fn open(dir: &Path) -> StoreResult<Self> {
         let db = sled::Config::new()
@@ -177,28 +202,23 @@ impl Store for SledStore {
     }
 
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
-        check_key(key)?;
-        let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
-        loop {
-            let current = self.data.get(key).map_err(unavailable)?;
-            if let Some(raw) = &current
-                && live(key, raw, now_ms())?.is_some()
-            {
-                return Ok(false);
-            }
-            match self.data.compare_and_swap(key, current, Some(encode(value, expires))).map_err(unavailable)? {
-                Ok(()) => {
-                    if let Some(ms) = expires {
-                        let mut idx = ms.to_be_bytes().to_vec();
-                        idx.extend_from_slice(key.as_bytes());
-                        self.expiry.insert(idx, &[]).map_err(unavailable)?;
-                    }
-                    self.flush().await?;
-                    return Ok(true);
-                }
-                Err(_) => continue,
-            }
+        let inserted = self.insert_if_absent_unflushed(key, value, ttl)?;
+        if inserted {
+            self.flush().await?;
         }
+        Ok(inserted)
+    }
+
+    async fn insert_if_absent_many(&self, items: &[(String, Vec<u8>, Option<Duration>)]) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (k, v, ttl) in items {
+            out.push(self.insert_if_absent_unflushed(k, v, *ttl)?);
+        }
+        // One fsync makes the whole batch durable.
+        if out.iter().any(|b| *b) {
+            self.flush().await?;
+        }
+        Ok(out)
     }
 
     async fn purge_expired(&self) -> StoreResult<u64> {

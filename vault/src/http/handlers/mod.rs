@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 
 pub mod auth;
+pub mod keys;
 pub mod secrets;
 pub mod sys;
 
