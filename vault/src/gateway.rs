@@ -165,6 +165,9 @@ impl Verdict {
     }
 }
 
+/// A producer and its keys that are active now, `(key_id, key)`.
+type ActiveProducer = (Producer, Vec<(String, VerifyingKey)>);
+
 /// A parsed, well-formed item.
 struct Parsed {
     identity: String,
@@ -289,7 +292,7 @@ impl Gateway {
             return Err(Error::invalid(format!("at most {MAX_BATCH} items per batch")));
         }
         let now = unix_now();
-        let mut producers: HashMap<String, Option<(Producer, Vec<(String, VerifyingKey)>)>> = HashMap::new();
+        let mut producers: HashMap<String, Option<ActiveProducer>> = HashMap::new();
         let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(items.len());
         // (item index, nonce key, ttl) of items whose signature verified.
         let mut pending: Vec<(usize, String, u64)> = Vec::new();

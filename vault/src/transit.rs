@@ -113,7 +113,7 @@ impl Transit {
     }
 
     fn label(&self, name: &str, v: u32) -> Result<KeyLabel> {
-        Ok(self.names.transit(name, v)?)
+        self.names.transit(name, v)
     }
 
     async fn load_raw(&self, name: &str) -> Result<Option<(Vec<u8>, TransitKey)>> {
