@@ -210,6 +210,8 @@ pub struct Barrier {
     names: KeyNames,
     keyring: SharedKeyring,
     dek_cache: Option<Arc<DekCache>>,
+    /// Records sealed by this process (automatic rotation by number of encryptions).
+    sealed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -220,7 +222,7 @@ impl std::fmt::Debug for Barrier {
 
 impl Barrier {
     pub fn new(keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
-        Barrier { keys, names, keyring, dek_cache: None }
+        Barrier { keys, names, keyring, dek_cache: None, sealed: Default::default() }
     }
 
     /// Keep unwrapped data keys for `ttl` (at most `capacity` of them). See [`DekCache`].
@@ -237,7 +239,13 @@ impl Barrier {
     }
 
     /// Seal `plaintext` for `ctx` under the active master key version.
+    /// Records sealed by this process so far.
+    pub fn sealed_count(&self) -> u64 {
+        self.sealed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn seal(&self, ctx: &RecordContext<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.sealed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let kek_version = self.active_version();
         let dek = Zeroizing::new(random::<32>()?);
         let nonce = random::<NONCE_LEN>()?;

@@ -26,6 +26,35 @@ pub struct Config {
     #[serde(default)]
     pub auth: AuthConfig,
     pub audit: crate::audit::AuditConfig,
+    #[serde(default)]
+    pub rotation: RotationConfig,
+}
+
+/// `[rotation]`: automatic master key rotation, like Vault's keyring.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// Rotate when the active master key version is older than this.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub master_max_age: Option<Duration>,
+    /// Rotate after this many records were sealed under the active version (AES-GCM with
+    /// random IVs stays far from its 2^32 limit with the default).
+    #[serde(default = "default_max_encryptions")]
+    pub master_max_encryptions: Option<u64>,
+}
+
+fn default_max_encryptions() -> Option<u64> {
+    Some(1 << 30)
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig { master_max_age: None, master_max_encryptions: default_max_encryptions() }
+    }
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// `[auth]`: settings shared by the auth methods.

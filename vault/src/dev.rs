@@ -120,6 +120,7 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
         log: LogConfig::default(),
         auth: Default::default(),
         audit: crate::audit::AuditConfig::at(layout.audit_log()),
+        rotation: Default::default(),
     }
 }
 

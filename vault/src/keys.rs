@@ -111,11 +111,14 @@ pub async fn ensure_audit_keys(keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Re
 pub struct KeyFamily {
     pub active: KeyVersion,
     pub versions: Vec<KeyVersion>,
+    /// When `active` last changed (unix seconds).
+    #[serde(default)]
+    pub activated_at: u64,
 }
 
 impl KeyFamily {
     fn first() -> Self {
-        KeyFamily { active: KeyVersion::FIRST, versions: vec![KeyVersion::FIRST] }
+        KeyFamily { active: KeyVersion::FIRST, versions: vec![KeyVersion::FIRST], activated_at: crate::unix_now() }
     }
 }
 
@@ -176,26 +179,104 @@ pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Key
     Ok(ring)
 }
 
-/// Generate master key version N+1 inside the token and make it the active version for
-/// new records (the first step of a rotation; re-wrapping old records is separate).
-/// The keyring is updated by compare-and-swap, so two concurrent callers cannot both
-/// claim N+1.
-pub async fn add_master_version(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
+/// The rotating key families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// AES-256 master keys (KEKs) that wrap data keys.
+    Master,
+    /// Ed25519 keys that sign access tokens.
+    TokenSigning,
+}
+
+impl Family {
+    fn of(self, ring: &mut Keyring) -> &mut KeyFamily {
+        match self {
+            Family::Master => &mut ring.master,
+            Family::TokenSigning => &mut ring.token_signing,
+        }
+    }
+
+    fn label(self, names: &KeyNames, v: KeyVersion) -> KeyLabel {
+        match self {
+            Family::Master => names.master(v),
+            Family::TokenSigning => names.token_signing(v),
+        }
+    }
+
+    fn kind(self) -> KeyKind {
+        match self {
+            Family::Master => KeyKind::Aes256,
+            Family::TokenSigning => KeyKind::Ed25519,
+        }
+    }
+}
+
+/// Generate version N+1 of a family inside the token and make it active (the first step
+/// of a rotation). The keyring is updated by compare-and-swap, so two concurrent callers
+/// cannot both claim N+1.
+pub async fn add_version(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+    family: Family,
+) -> Result<Keyring> {
     let raw = store.get(KEYRING_KEY).await?.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
     let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
-    let next = ring.master.versions.iter().copied().max().unwrap_or(ring.master.active).next();
-    let label = names.master(next);
-    hsm_call(keys, move |k| k.generate(&label, KeyKind::Aes256)).await?;
-    ring.master.versions.push(next);
-    ring.master.active = next;
-    let new = encode_json(&ring);
-    if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&new)).await? {
-        let label = names.master(next);
+    let fam = family.of(&mut ring);
+    let next = fam.versions.iter().copied().max().unwrap_or(fam.active).next();
+    let label = family.label(names, next);
+    let l = label.clone();
+    match hsm_call(keys, move |k| k.generate(&l, family.kind())).await {
+        Ok(()) => {}
+        // Left by a rotation that crashed before recording it: replace it.
+        Err(Error::Hsm(keyvault_hsm::HsmError::KeyExists(_))) => {
+            let l = label.clone();
+            hsm_call(keys, move |k| k.destroy(&l)).await?;
+            let l = label.clone();
+            hsm_call(keys, move |k| k.generate(&l, family.kind())).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    fam.versions.push(next);
+    fam.active = next;
+    fam.activated_at = crate::unix_now();
+    if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
         let _ = hsm_call(keys, move |k| k.destroy(&label)).await;
         return Err(Error::Conflict("the keyring changed concurrently; retry".into()));
     }
-    tracing::info!(version = %next, "new master key version is active");
+    tracing::info!(?family, version = %next, "new key version is active");
     Ok(ring)
+}
+
+/// Generate master key version N+1 and make it active for new records.
+pub async fn add_master_version(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
+    add_version(store, keys, names, Family::Master).await
+}
+
+/// Retire a version: remove it from the keyring (never the active one), then destroy its
+/// token object. The caller has checked that nothing needs it any more.
+pub async fn retire_version(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+    family: Family,
+    v: KeyVersion,
+) -> Result<Keyring> {
+    loop {
+        let raw = store.get(KEYRING_KEY).await?.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
+        let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
+        let fam = family.of(&mut ring);
+        if fam.active == v {
+            return Err(Error::Conflict(format!("version {v} is active and cannot be retired")));
+        }
+        fam.versions.retain(|x| *x != v);
+        if store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
+            let label = family.label(names, v);
+            hsm_call(keys, move |k| k.destroy(&label)).await?;
+            tracing::info!(?family, version = %v, "key version retired and destroyed in the token");
+            return Ok(ring);
+        }
+    }
 }
 
 /// HMAC-SHA256 computed inside the token under the active HMAC key, for secrets that are

@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod http;
 pub mod keys;
 pub mod policy;
+pub mod rotation;
 pub mod secrets;
 pub mod store;
 pub mod tls;

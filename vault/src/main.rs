@@ -113,6 +113,18 @@ enum OperatorCommand {
         #[arg(long, group = "identity")]
         spiffe_id: Option<String>,
     },
+    /// Rotate the master key on a running server (`POST /v1/sys/rotate`, sudo) and follow
+    /// the background re-wrap with a progress line until it is done.
+    Rotate {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// Start the rotation and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// After the re-wrap, destroy the master versions nothing uses any more.
+        #[arg(long)]
+        retire: bool,
+    },
     /// Mint a new root token (needs the HSM PIN; with sled storage, stop the server first).
     RootToken {
         #[arg(long, short)]
@@ -292,11 +304,13 @@ async fn serve(
     let audit = AuditLog::open(&config.audit, &vault.keys, &vault.names).await?;
     let listener = http::server::bind(config.listener.address).await?;
     let addr = listener.local_addr()?;
-    let housekeeping = vault.spawn_housekeeping();
+    let background = vault.spawn_background();
     let app = http::router(AppState { vault, audit: audit.clone(), max_body: config.listener.max_request_bytes });
     on_listening(addr, &audit);
     http::server::serve(listener, tls.current(), app, http::server::shutdown_signal()).await?;
-    housekeeping.abort();
+    for task in background {
+        task.abort();
+    }
     watcher.abort();
     // The last entries and a final checkpoint: a cleanly stopped log verifies as complete.
     audit.shutdown().await;
@@ -347,6 +361,51 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
                 reply["data"]["identity"].as_str().unwrap_or("?"),
                 reply["data"]["revoked_at"]
             );
+            Ok(())
+        }
+        OperatorCommand::Rotate { endpoint, no_wait, retire } => {
+            init_logging("warn", false);
+            let e = endpoint.endpoint();
+            let (status, reply) =
+                keyvault::client::request(&e, "POST", "sys/rotate", Some(serde_json::json!({}))).await?;
+            if status != 200 {
+                anyhow::bail!("rotate answered {status}: {reply}");
+            }
+            println!("master key v{} is active; re-wrapping stored data keys", reply["data"]["version"]);
+            if no_wait {
+                return Ok(());
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (status, s) = keyvault::client::request(&e, "GET", "sys/rotate/status", None).await?;
+                if status != 200 {
+                    anyhow::bail!("status answered {status}: {s}");
+                }
+                let d = &s["data"];
+                let (done, remaining) =
+                    (d["records_done"].as_u64().unwrap_or(0), d["records_remaining"].as_u64().unwrap_or(0));
+                let total = done + remaining;
+                let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                eprint!(
+                    "\r{:>6.1}%  {done}/{total} records  {:.0}/s  versions in use {}   ",
+                    pct,
+                    d["rate_per_second"].as_f64().unwrap_or(0.0),
+                    d["versions_in_use"]
+                );
+                if d["state"] == "idle" {
+                    eprintln!();
+                    break;
+                }
+            }
+            println!("re-wrap finished");
+            if retire {
+                let (status, r) =
+                    keyvault::client::request(&e, "POST", "sys/rotate/retire", Some(serde_json::json!({}))).await?;
+                if status != 200 {
+                    anyhow::bail!("retire answered {status}: {r}");
+                }
+                println!("retired master key versions {}", r["data"]["retired"]);
+            }
             Ok(())
         }
         OperatorCommand::RootToken { config, ttl } => {

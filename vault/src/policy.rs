@@ -329,6 +329,12 @@ impl PolicyStore {
         Ok(Some(policy))
     }
 
+    /// Forget the parsed policies: the next use reads them from the store again (another
+    /// replica may have changed them).
+    pub fn invalidate(&self) {
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     pub async fn delete(&self, name: &str) -> Result<bool> {
         validate_name(name)?;
         if name == ROOT_POLICY {

@@ -120,6 +120,8 @@ pub struct TokenIssuer {
     issuer: String,
     /// Decoding keys by `kid` (`v1`, `v2`, ...), loaded from the token's public keys.
     verifiers: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    /// The same public keys, raw, for `GET /v1/auth/jwks`.
+    public_keys: RwLock<Vec<(String, [u8; 32])>>,
     cache: VerifiedCache,
 }
 
@@ -142,6 +144,7 @@ impl TokenIssuer {
             keyring,
             issuer,
             verifiers: RwLock::new(HashMap::new()),
+            public_keys: RwLock::new(Vec::new()),
             cache: VerifiedCache { map: RwLock::new(HashMap::new()), capacity: 100_000 },
         };
         issuer.load_public_keys().await?;
@@ -152,13 +155,30 @@ impl TokenIssuer {
     pub async fn load_public_keys(&self) -> Result<()> {
         let versions = self.keyring.load().token_signing.versions.clone();
         let mut loaded = HashMap::new();
+        let mut raw = Vec::new();
         for v in versions {
             let label = self.names.token_signing(v);
             let public = hsm_call(&self.keys, move |k| k.ed25519_public_key(&label)).await?;
             loaded.insert(kid(v), Arc::new(DecodingKey::from_ed_der(&public)));
+            raw.push((kid(v), public));
         }
         *self.verifiers.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        *self.public_keys.write().unwrap_or_else(|p| p.into_inner()) = raw;
         Ok(())
+    }
+
+    /// The token-verification keys as a JWK set (RFC 8037 OKP keys).
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys: Vec<serde_json::Value> = self
+            .public_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(kid, pk)| {
+                serde_json::json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": URL_SAFE_NO_PAD.encode(pk)})
+            })
+            .collect();
+        serde_json::json!({ "keys": keys })
     }
 
     /// Sign a new token with the active signing key, inside the HSM.

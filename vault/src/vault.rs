@@ -20,11 +20,12 @@ use crate::auth::revocation::{Identity, Revocations};
 use crate::auth::userpass::{UserPass, UserView, UserWrite};
 use crate::auth::{self, Authenticator, LoginOutcome, LoginRequest, RoleAdmin};
 use crate::barrier::Barrier;
-use crate::config::{Config, SecretsConfig, StorageConfig, TokenConfig};
+use crate::config::{Config, RotationConfig, SecretsConfig, StorageConfig, TokenConfig};
 use crate::error::{AuthFailure, Error, Result};
 use crate::gateway::{Gateway, Producer, Verdict, VerifyItem};
 use crate::keys::{self, KeyNames, SharedKeyring};
 use crate::policy::{Acl, Capability, PolicyStore, ROOT_POLICY};
+use crate::rotation::Rotation;
 use crate::secrets::{SecretPath, SecretPrefix, SecretVersion, Secrets, VersionMeta};
 use crate::store::{SledStore, Store};
 use crate::tls::ClientCert;
@@ -106,11 +107,17 @@ pub struct VaultSettings {
     pub tokens: TokenConfig,
     pub secrets: SecretsConfig,
     pub rate_limit: LimitConfig,
+    pub rotation: RotationConfig,
 }
 
 impl VaultSettings {
     pub fn from_config(c: &Config) -> Self {
-        VaultSettings { tokens: c.tokens.clone(), secrets: c.secrets.clone(), rate_limit: c.auth.rate_limit }
+        VaultSettings {
+            tokens: c.tokens.clone(),
+            secrets: c.secrets.clone(),
+            rate_limit: c.auth.rate_limit,
+            rotation: c.rotation.clone(),
+        }
     }
 }
 
@@ -131,6 +138,8 @@ pub struct Vault {
     pub revocations: Revocations,
     pub transit: Transit,
     pub gateway: Gateway,
+    pub rotation: Arc<Rotation>,
+    rotation_config: RotationConfig,
     limiter: FailureLimiter,
     authenticators: HashMap<&'static str, Arc<dyn Authenticator>>,
     role_admins: HashMap<&'static str, Arc<dyn RoleAdmin>>,
@@ -208,6 +217,14 @@ impl Vault {
             revocations: Revocations::new(store.clone()),
             transit: Transit::new(store.clone(), keys.clone(), names.clone()),
             gateway: Gateway::new(store.clone()),
+            rotation: Arc::new(Rotation::new(
+                store.clone(),
+                keys.clone(),
+                names.clone(),
+                keyring.clone(),
+                barrier.clone(),
+            )),
+            rotation_config: settings.rotation.clone(),
             limiter: FailureLimiter::new(settings.rate_limit),
             store,
             keys,
@@ -226,20 +243,148 @@ impl Vault {
         }))
     }
 
-    /// Start background housekeeping (expired entry purge). Returns the task handle.
-    pub fn spawn_housekeeping(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+    /// Start the background work of this replica: expired-entry purges, following changes
+    /// other replicas make (keyring, policies: within a second), driving master key
+    /// rotations, and automatic rotation. Returns the task handles.
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let purge = {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    match store.purge_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(purged = n, "purged expired entries"),
+                        Err(e) => tracing::warn!(error = %e, "purging expired entries failed"),
+                    }
+                }
+            })
+        };
+        let sync = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut reported = me.barrier.sealed_count();
+                let mut last_auto_check = std::time::Instant::now();
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = me.sync_once().await {
+                        tracing::warn!(error = %e, "following the keyring failed");
+                    }
+                    if last_auto_check.elapsed() >= Duration::from_secs(10) {
+                        last_auto_check = std::time::Instant::now();
+                        let sealed = me.barrier.sealed_count();
+                        if let Err(e) = me.auto_rotate(sealed - reported).await {
+                            tracing::warn!(error = %e, "automatic rotation check failed");
+                        }
+                        reported = sealed;
+                    }
+                }
+            })
+        };
+        vec![purge, sync, self.rotation.spawn_driver()]
+    }
+
+    /// Pick up what other replicas changed: the keyring (new or retired versions) and
+    /// policies.
+    pub async fn sync_once(&self) -> Result<()> {
+        self.policies.invalidate();
+        let Some(ring) = keys::load(self.store.as_ref()).await? else { return Ok(()) };
+        let current = self.keyring.load_full();
+        if *current != ring {
+            let signing_changed = current.token_signing != ring.token_signing;
+            self.keyring.store(Arc::new(ring));
+            if signing_changed {
+                self.tokens.load_public_keys().await?;
+            }
+            tracing::info!("keyring changed by another replica; following it");
+        }
+        Ok(())
+    }
+
+    /// Start a rotation when the active master version is too old or has sealed too much.
+    async fn auto_rotate(&self, newly_sealed: u64) -> Result<()> {
+        let active = self.keyring.load().master.clone();
+        let key = format!("sys/rotation/encryptions/v{}", active.active.get());
+        let mut count = 0;
+        if newly_sealed > 0 || self.rotation_config.master_max_encryptions.is_some() {
             loop {
-                tick.tick().await;
-                match store.purge_expired().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(purged = n, "purged expired entries"),
-                    Err(e) => tracing::warn!(error = %e, "purging expired entries failed"),
+                let raw = self.store.get(&key).await?;
+                let old = raw.as_deref().and_then(|r| r.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                count = old + newly_sealed;
+                if newly_sealed == 0
+                    || self.store.compare_and_swap(&key, raw.as_deref(), Some(&count.to_be_bytes())).await?
+                {
+                    break;
                 }
             }
-        })
+        }
+        let too_old = self
+            .rotation_config
+            .master_max_age
+            .is_some_and(|age| unix_now().saturating_sub(active.activated_at) > age.as_secs());
+        let too_used = self.rotation_config.master_max_encryptions.is_some_and(|max| count >= max);
+        if too_old || too_used {
+            match self.rotation.start().await {
+                Ok(v) => tracing::warn!(version = %v, too_old, too_used, "automatic master key rotation started"),
+                Err(Error::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    // ---- rotation ----
+
+    pub async fn rotate_master(&self, caller: &Caller) -> Result<crate::keys::KeyVersion> {
+        caller.require("sys/rotate", Capability::Sudo)?;
+        self.rotation.start().await
+    }
+
+    pub async fn rotation_status(&self, caller: &Caller) -> Result<crate::rotation::Status> {
+        caller.require("sys/rotate", Capability::Read)?;
+        self.rotation.status().await
+    }
+
+    pub async fn retire_master(&self, caller: &Caller) -> Result<Vec<u32>> {
+        caller.require("sys/rotate", Capability::Sudo)?;
+        self.rotation.retire().await
+    }
+
+    /// New token-signing key; tokens signed by older keys stay valid until they expire.
+    pub async fn rotate_token_signing(&self, caller: &Caller) -> Result<crate::keys::KeyVersion> {
+        caller.require("sys/rotate", Capability::Sudo)?;
+        let ring = keys::add_version(self.store.as_ref(), &self.keys, &self.names, keys::Family::TokenSigning).await?;
+        let v = ring.token_signing.active;
+        self.keyring.store(Arc::new(ring));
+        self.tokens.load_public_keys().await?;
+        Ok(v)
+    }
+
+    /// Retire token-signing versions older than the active one, once every token they
+    /// signed has expired (the active version has been in use longer than any token lives).
+    pub async fn retire_token_signing(&self, caller: &Caller) -> Result<Vec<u32>> {
+        caller.require("sys/rotate", Capability::Sudo)?;
+        let fam = self.keyring.load().token_signing.clone();
+        let lifetime = MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs();
+        let since = unix_now().saturating_sub(fam.activated_at);
+        if since < lifetime {
+            return Err(Error::Conflict(format!(
+                "tokens signed by older keys may live {} s more; retire after that",
+                lifetime - since
+            )));
+        }
+        let mut retired = Vec::new();
+        for v in fam.versions.iter().copied().filter(|v| *v != fam.active) {
+            let ring =
+                keys::retire_version(self.store.as_ref(), &self.keys, &self.names, keys::Family::TokenSigning, v)
+                    .await?;
+            self.keyring.store(Arc::new(ring));
+            retired.push(v.get());
+        }
+        self.tokens.load_public_keys().await?;
+        Ok(retired)
     }
 
     // ---- identity ----

@@ -158,3 +158,62 @@ pub async fn audit_hash(State(state): State<AppState>, caller: Caller, body: Sec
     let hash = state.audit.hmac(input.expose_secret().as_bytes());
     Ok(json(StatusCode::OK, envelope(serde_json::json!({ "hash": hash }))))
 }
+
+/// `POST /v1/sys/rotate` (sudo): start a master key rotation.
+pub async fn rotate(
+    State(state): State<AppState>,
+    audit: Audit,
+    caller: Caller,
+    JsonBody(_): JsonBody<super::auth::EmptyBody>,
+) -> ApiResult<Response> {
+    let v = state.vault.rotate_master(&caller).await?;
+    audit.detail(format!("master key rotation to v{} started", v.get()));
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "version": v.get() }))))
+}
+
+/// `GET /v1/sys/rotate/status`.
+pub async fn rotate_status(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let s = state.vault.rotation_status(&caller).await?;
+    Ok(json(StatusCode::OK, envelope(serde_json::to_value(s).map_err(|e| Error::Internal(e.to_string()))?)))
+}
+
+/// `POST /v1/sys/rotate/retire` (sudo): destroy master versions nothing uses.
+pub async fn rotate_retire(
+    State(state): State<AppState>,
+    audit: Audit,
+    caller: Caller,
+    JsonBody(_): JsonBody<super::auth::EmptyBody>,
+) -> ApiResult<Response> {
+    let retired = state.vault.retire_master(&caller).await?;
+    audit.detail(format!("master key versions retired: {retired:?}"));
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "retired": retired }))))
+}
+
+/// `POST /v1/sys/rotate/token-signing` (sudo).
+pub async fn rotate_token_signing(
+    State(state): State<AppState>,
+    audit: Audit,
+    caller: Caller,
+    JsonBody(_): JsonBody<super::auth::EmptyBody>,
+) -> ApiResult<Response> {
+    let v = state.vault.rotate_token_signing(&caller).await?;
+    audit.detail(format!("token-signing key v{} active", v.get()));
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "version": v.get() }))))
+}
+
+/// `POST /v1/sys/rotate/token-signing/retire` (sudo).
+pub async fn retire_token_signing(
+    State(state): State<AppState>,
+    audit: Audit,
+    caller: Caller,
+    JsonBody(_): JsonBody<super::auth::EmptyBody>,
+) -> ApiResult<Response> {
+    let retired = state.vault.retire_token_signing(&caller).await?;
+    audit.detail(format!("token-signing versions retired: {retired:?}"));
+    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "retired": retired }))))
+}
+
+/// `GET /v1/auth/jwks`: the public keys that verify KeyVault's tokens (no token needed).
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    json(StatusCode::OK, state.vault.tokens.jwks())
+}

@@ -1,0 +1,340 @@
+//! Master key rotation without downtime (DESIGN §2 journey 3).
+//!
+//! `start`: master key version N+1 is generated in the token and becomes active for new
+//! records at once. Then every stored record still wrapped by an older version has its data
+//! key re-wrapped to N+1 in the background (the value's ciphertext is untouched), in
+//! batches, by exactly one replica at a time: the one holding the lease in the rotation
+//! record. The record also holds the checkpoint (the last key done), so a crash or restart
+//! resumes where it stopped, on this replica or another once the lease expires. When a full
+//! pass finds nothing left to re-wrap, the rotation is done; `retire` then destroys the old
+//! versions nothing uses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use keyvault_hsm::KeyStore;
+use serde::{Deserialize, Serialize};
+
+use crate::barrier::{Barrier, Record};
+use crate::error::{Error, Result};
+use crate::keys::{self, Family, KeyNames, KeyVersion, SharedKeyring};
+use crate::secrets::{data_prefix, parse_data_key, record_context};
+use crate::store::{Store, decode_json, encode_json};
+use crate::unix_now;
+
+const KEY: &str = "sys/rotation";
+const LEASE: Duration = Duration::from_secs(10);
+const BATCH: usize = 256;
+const CONCURRENCY: usize = 8;
+
+/// The rotation record: state, checkpoint and lease.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationRecord {
+    /// `idle` or `rewrapping`.
+    pub state: String,
+    pub target: u32,
+    /// The last data key re-wrapped (the scan resumes after it); `None`: from the start.
+    pub cursor: Option<String>,
+    pub done: u64,
+    /// Records found wrapped by an older version when the pass began.
+    pub total: u64,
+    /// Passes over the whole store (a second one catches records written by replicas that
+    /// had not seen the new version yet).
+    pub pass: u32,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    pub lease_owner: Option<String>,
+    pub lease_until: u64,
+}
+
+/// `GET /v1/sys/rotate/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub active_version: u32,
+    pub state: String,
+    pub records_done: u64,
+    pub records_remaining: u64,
+    pub rate_per_second: f64,
+    pub versions_in_use: Vec<u32>,
+    pub driven_by: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Rotation {
+    store: Arc<dyn Store>,
+    keys: Arc<dyn KeyStore>,
+    names: KeyNames,
+    keyring: SharedKeyring,
+    barrier: Barrier,
+    /// This process, in leases.
+    replica: String,
+    /// Records re-wrapped by this process during the current rotation (for the rate).
+    local_done: AtomicU64,
+}
+
+fn lease_expired(r: &RotationRecord, now: u64) -> bool {
+    r.lease_until <= now
+}
+
+impl Rotation {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<dyn KeyStore>,
+        names: KeyNames,
+        keyring: SharedKeyring,
+        barrier: Barrier,
+    ) -> Self {
+        Rotation {
+            store,
+            keys,
+            names,
+            keyring,
+            barrier,
+            replica: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            local_done: AtomicU64::new(0),
+        }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    async fn load(&self) -> Result<(Option<Vec<u8>>, RotationRecord)> {
+        match self.store.get(KEY).await? {
+            Some(raw) => {
+                let r = decode_json(KEY, &raw)?;
+                Ok((Some(raw), r))
+            }
+            None => Ok((None, RotationRecord { state: "idle".into(), ..Default::default() })),
+        }
+    }
+
+    async fn save(&self, old: Option<&[u8]>, new: &RotationRecord) -> Result<bool> {
+        Ok(self.store.compare_and_swap(KEY, old, Some(&encode_json(new))).await?)
+    }
+
+    /// How many records each master key version wraps (a full scan).
+    pub async fn versions_in_use(&self) -> Result<BTreeMap<u32, u64>> {
+        let mut counts = BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.scan_prefix(data_prefix(), after.as_deref(), 1000).await?;
+            for (_, raw) in &page {
+                if let Ok(r) = Record::parse(raw) {
+                    *counts.entry(r.kek_version.get()).or_insert(0) += 1;
+                }
+            }
+            let done = page.len() < 1000;
+            after = page.last().map(|(k, _)| k.clone());
+            if done {
+                return Ok(counts);
+            }
+        }
+    }
+
+    /// Start a rotation: new master version, active at once, re-wrap in the background.
+    /// Refused (409) while one is running.
+    pub async fn start(&self) -> Result<KeyVersion> {
+        let (raw, current) = self.load().await?;
+        if current.state == "rewrapping" {
+            return Err(Error::Conflict(format!("a rotation to v{} is already running", current.target)));
+        }
+        // Claim the rotation record first, so that two concurrent starts cannot both add
+        // a version.
+        let mut claim = current.clone();
+        claim.state = "starting".into();
+        claim.lease_owner = Some(self.replica.clone());
+        claim.lease_until = unix_now() + LEASE.as_secs();
+        if current.state == "starting" && !lease_expired(&current, unix_now()) {
+            return Err(Error::Conflict("a rotation is being started".into()));
+        }
+        if !self.save(raw.as_deref(), &claim).await? {
+            return Err(Error::Conflict("a rotation is being started".into()));
+        }
+        let claimed = encode_json(&claim);
+        let ring = match keys::add_version(self.store.as_ref(), &self.keys, &self.names, Family::Master).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.save(Some(&claimed), &current).await;
+                return Err(e);
+            }
+        };
+        self.keyring.store(Arc::new(ring.clone()));
+        let target = ring.master.active;
+        let total = self.versions_in_use().await?.iter().filter(|(v, _)| **v != target.get()).map(|(_, n)| n).sum();
+        let record = RotationRecord {
+            state: "rewrapping".into(),
+            target: target.get(),
+            cursor: None,
+            done: 0,
+            total,
+            pass: 1,
+            started_at: unix_now(),
+            finished_at: None,
+            lease_owner: None,
+            lease_until: 0,
+        };
+        if !self.save(Some(&claimed), &record).await? {
+            return Err(Error::Internal("the rotation record changed while starting".into()));
+        }
+        self.local_done.store(0, Ordering::Relaxed);
+        tracing::info!(version = %target, records = total, "master key rotation started");
+        Ok(target)
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let (_, r) = self.load().await?;
+        let in_use = self.versions_in_use().await?;
+        let active = self.keyring.load().master.active.get();
+        let remaining: u64 = in_use.iter().filter(|(v, _)| **v != active).map(|(_, n)| n).sum();
+        let elapsed = unix_now().saturating_sub(r.started_at).max(1) as f64;
+        let state = if r.state == "rewrapping" { "rewrapping" } else { "idle" };
+        Ok(Status {
+            active_version: active,
+            state: state.into(),
+            records_done: r.done,
+            records_remaining: remaining,
+            rate_per_second: if state == "rewrapping" { r.done as f64 / elapsed } else { 0.0 },
+            versions_in_use: in_use.keys().copied().collect(),
+            driven_by: r.lease_owner.filter(|_| state == "rewrapping" && !lease_expired_now(r.lease_until)),
+        })
+    }
+
+    /// Destroy every master version that is neither active nor wrapping any record.
+    /// Refused while a rotation runs.
+    pub async fn retire(&self) -> Result<Vec<u32>> {
+        let (_, r) = self.load().await?;
+        if r.state == "rewrapping" {
+            return Err(Error::Conflict("a rotation is still re-wrapping; retire when it is idle".into()));
+        }
+        let in_use = self.versions_in_use().await?;
+        let ring = self.keyring.load_full();
+        let retire: Vec<KeyVersion> = ring
+            .master
+            .versions
+            .iter()
+            .copied()
+            .filter(|v| *v != ring.master.active && !in_use.contains_key(&v.get()))
+            .collect();
+        let still: Vec<u32> = in_use.keys().copied().filter(|v| *v != ring.master.active.get()).collect();
+        if retire.is_empty() && !still.is_empty() {
+            return Err(Error::Conflict(format!("versions {still:?} still wrap records; rotate first")));
+        }
+        for v in &retire {
+            let ring = keys::retire_version(self.store.as_ref(), &self.keys, &self.names, Family::Master, *v).await?;
+            self.keyring.store(Arc::new(ring));
+        }
+        Ok(retire.iter().map(|v| v.get()).collect())
+    }
+
+    /// One step of the driver: take or renew the lease, re-wrap one batch, checkpoint.
+    /// Returns whether there is more to do right away.
+    pub async fn step(&self) -> Result<bool> {
+        let (raw, mut r) = self.load().await?;
+        if r.state != "rewrapping" {
+            return Ok(false);
+        }
+        let now = unix_now();
+        let mine = r.lease_owner.as_deref() == Some(&self.replica);
+        if !mine && !lease_expired(&r, now) {
+            return Ok(false);
+        }
+        if !mine {
+            tracing::info!(replica = %self.replica, cursor = ?r.cursor, "taking over the master key rotation");
+        }
+        r.lease_owner = Some(self.replica.clone());
+        r.lease_until = now + LEASE.as_secs();
+        if !self.save(raw.as_deref(), &r).await? {
+            return Ok(false);
+        }
+        let leased = encode_json(&r);
+        let target = KeyVersion::new(r.target).ok_or_else(|| Error::Internal("rotation target 0".into()))?;
+        if self.keyring.load().master.active != target {
+            // This replica has not seen the new version yet: the keyring poller will.
+            if let Some(ring) = keys::load(self.store.as_ref()).await? {
+                self.keyring.store(Arc::new(ring));
+            }
+        }
+        let page = self.store.scan_prefix(data_prefix(), r.cursor.as_deref(), BATCH).await?;
+        let last = page.last().map(|(k, _)| k.clone());
+        let mut done = 0u64;
+        let mut set = tokio::task::JoinSet::new();
+        let mut pending = page.into_iter();
+        loop {
+            while set.len() < CONCURRENCY {
+                let Some((key, old)) = pending.next() else { break };
+                let (store, barrier) = (self.store.clone(), self.barrier.clone());
+                set.spawn(async move { rewrap_one(store.as_ref(), &barrier, &key, &old, target).await });
+            }
+            match set.join_next().await {
+                Some(res) => {
+                    if res.map_err(|e| Error::Internal(format!("rewrap task: {e}")))?? {
+                        done += 1;
+                    }
+                }
+                None => break,
+            }
+        }
+        self.local_done.fetch_add(done, Ordering::Relaxed);
+        let mut next = r.clone();
+        next.done += done;
+        match last {
+            Some(k) => next.cursor = Some(k),
+            None => {
+                // A pass ended. If it re-wrapped anything, or an older version is still in
+                // use (written by a replica that had not seen the new one), pass again.
+                let stragglers: u64 =
+                    self.versions_in_use().await?.iter().filter(|(v, _)| **v != r.target).map(|(_, n)| n).sum();
+                if stragglers > 0 && next.pass < 100 {
+                    next.cursor = None;
+                    next.pass += 1;
+                    next.total = next.done + stragglers;
+                } else {
+                    next.state = "idle".into();
+                    next.finished_at = Some(unix_now());
+                    next.lease_owner = None;
+                    next.lease_until = 0;
+                    tracing::info!(version = r.target, records = next.done, "master key rotation finished");
+                }
+            }
+        }
+        if !self.save(Some(&leased), &next).await? {
+            // Lost the lease meanwhile (paused too long): whoever holds it redoes this batch,
+            // which is harmless (records already at the target are skipped).
+            return Ok(false);
+        }
+        Ok(next.state == "rewrapping")
+    }
+
+    /// Drive rotations in the background: whenever one is running and no live replica holds
+    /// its lease, take it and work until done.
+    pub fn spawn_driver(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                match me.step().await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "rotation step failed; retrying"),
+                }
+                tokio::time::sleep(Duration::from_millis(500).saturating_sub(started.elapsed())).await;
+            }
+        })
+    }
+}
+
+fn lease_expired_now(until: u64) -> bool {
+    until <= unix_now()
+}
+
+/// Re-wrap one record to `target` if it is not there yet; `true` if it was re-wrapped.
+async fn rewrap_one(store: &dyn Store, barrier: &Barrier, key: &str, old: &[u8], target: KeyVersion) -> Result<bool> {
+    let Some((path, version)) = parse_data_key(key) else { return Ok(false) };
+    let Some(new) = barrier.rewrap(&record_context(&path, version), old, target).await? else { return Ok(false) };
+    // The record may have been deleted meanwhile: then there is nothing to re-wrap.
+    Ok(store.compare_and_swap(key, Some(old), Some(&new)).await?)
+}
