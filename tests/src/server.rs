@@ -38,6 +38,8 @@ pub struct TestServer {
     pub config_file: PathBuf,
     pub root: String,
     pub log: PathBuf,
+    /// The SoftHSM token of this install (open it to look at its key objects).
+    pub token: keyvault_hsm::Pkcs11Config,
 }
 
 fn free_port() -> u16 {
@@ -49,6 +51,7 @@ impl TestServer {
         let dir = tempfile::Builder::new().prefix("keyvault-srv-").tempdir().unwrap();
         let d = dir.path();
         let token = keyvault_hsm::softhsm::testing::token_config();
+        let token_for_later = token.clone();
         let pin_file = d.join("hsm-pin");
         std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
         let server_ca = TestCa::new("test server CA");
@@ -115,6 +118,7 @@ impl TestServer {
             config_file,
             root,
             log,
+            token: token_for_later,
         };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -157,6 +161,31 @@ impl TestServer {
         let path = self.dir.path().join("audit-key.pub");
         std::fs::write(&path, &out.stdout).unwrap();
         path
+    }
+
+    /// Start the server again (after `stop` or a kill), with the same configuration.
+    pub fn restart(&mut self) {
+        self.child = Command::new(keyvault_bin())
+            .args(["server", "--config"])
+            .arg(&self.config_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&self.log).unwrap())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not come back: {}", self.log_text());
+    }
+
+    /// The labels of the key objects in the token that start with `prefix`.
+    pub fn token_keys(&self, prefix: &str) -> Vec<String> {
+        let store = keyvault_hsm::Pkcs11KeyStore::open(&self.token).unwrap();
+        use keyvault_hsm::KeyStore;
+        store.list(prefix).unwrap().into_iter().map(|l| l.as_str().to_owned()).collect()
     }
 
     pub fn sighup(&self) {
