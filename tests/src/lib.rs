@@ -10,6 +10,7 @@ use std::time::Duration;
 pub use serde_json::{Value, json};
 
 pub mod pki;
+pub mod postgres;
 pub mod server;
 
 /// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this

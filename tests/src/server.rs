@@ -21,6 +21,12 @@ pub struct ServerOptions {
     pub extra: String,
     /// Lines added to the `[audit]` section.
     pub audit_extra: String,
+    /// The `[storage]` section (default: sled in the install's directory).
+    pub storage: Option<String>,
+    /// Share the SoftHSM token of another install (a replica) instead of creating one.
+    pub token: Option<keyvault_hsm::Pkcs11Config>,
+    /// Do not run `operator init` (a replica joining an initialized store).
+    pub skip_init: bool,
 }
 
 pub struct TestServer {
@@ -50,7 +56,7 @@ impl TestServer {
     pub fn start(opts: ServerOptions) -> TestServer {
         let dir = tempfile::Builder::new().prefix("keyvault-srv-").tempdir().unwrap();
         let d = dir.path();
-        let token = keyvault_hsm::softhsm::testing::token_config();
+        let token = opts.token.clone().unwrap_or_else(keyvault_hsm::softhsm::testing::token_config);
         let token_for_later = token.clone();
         let pin_file = d.join("hsm-pin");
         std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
@@ -75,12 +81,14 @@ impl TestServer {
         let port = free_port();
         let config = format!(
             "[listener]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
-             [storage]\ntype = \"sled\"\npath = \"{}\"\n\n\
+             {}\n\n\
              [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
              [log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n{}\n\n{}\n",
             cert_file.display(),
             key_file.display(),
-            d.join("storage").display(),
+            opts.storage
+                .clone()
+                .unwrap_or_else(|| format!("[storage]\ntype = \"sled\"\npath = \"{}\"", d.join("storage").display())),
             token.module.display(),
             token.token_label,
             pin_file.display(),
@@ -90,12 +98,21 @@ impl TestServer {
         );
         let config_file = d.join("keyvault.toml");
         std::fs::write(&config_file, config).unwrap();
-        let init =
-            Command::new(keyvault_bin()).args(["operator", "init", "--config"]).arg(&config_file).output().unwrap();
-        assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
-        let stdout = String::from_utf8_lossy(&init.stdout);
-        let root =
-            stdout.lines().find_map(|l| l.split("Root token").nth(1)).unwrap().rsplit(' ').next().unwrap().to_owned();
+        let root = if opts.skip_init {
+            let out = Command::new(keyvault_bin())
+                .args(["operator", "root-token", "--config"])
+                .arg(&config_file)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "root-token failed: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        } else {
+            let init =
+                Command::new(keyvault_bin()).args(["operator", "init", "--config"]).arg(&config_file).output().unwrap();
+            assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+            let stdout = String::from_utf8_lossy(&init.stdout);
+            stdout.lines().find_map(|l| l.split("Root token").nth(1)).unwrap().rsplit(' ').next().unwrap().to_owned()
+        };
         let log = d.join("server.log");
         let child = Command::new(keyvault_bin())
             .args(["server", "--config"])

@@ -112,6 +112,23 @@ fn default_max_request_bytes() -> usize {
 pub enum StorageConfig {
     /// Embedded, one process: a data directory.
     Sled { path: PathBuf },
+    /// PostgreSQL, shared by several replicas.
+    Postgres {
+        /// `postgres://user@host:port/db` (put the password in `password_file`, not here).
+        url: String,
+        /// File holding the database password (mode 0600).
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        /// CA of the database server's certificate: TLS is then required and verified.
+        #[serde(default)]
+        tls_ca_file: Option<PathBuf>,
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+    },
+}
+
+fn default_pool_size() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Deserialize)]

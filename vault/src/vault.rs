@@ -98,6 +98,23 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
                 .map_err(|e| Error::Config(format!("cannot create storage directory {}: {e}", path.display())))?;
             Ok(Arc::new(SledStore::open(path)?))
         }
+        StorageConfig::Postgres { url, password_file, tls_ca_file, pool_size } => {
+            let password = match password_file {
+                Some(f) => Some(
+                    keyvault_hsm::PinSource::File(f.clone())
+                        .read()
+                        .map_err(|e| Error::Config(format!("storage.password_file: {e}")))?,
+                ),
+                None => None,
+            };
+            let options = crate::store::PostgresOptions {
+                url: url.clone(),
+                password,
+                tls_ca_file: tls_ca_file.clone(),
+                pool_size: *pool_size,
+            };
+            Ok(Arc::new(crate::store::PostgresStore::open(&options).await?))
+        }
     }
 }
 

@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+mod postgres;
 mod sled_engine;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sled_engine::SledStore;
 
 /// Why a storage call failed. Messages never include values.

@@ -1,0 +1,114 @@
+//! A throwaway PostgreSQL cluster for a test process: `initdb` in a temporary directory,
+//! `postgres` on a free port on 127.0.0.1, trust authentication for the `keyvault` user.
+//! PostgreSQL refuses to run as root, so as root it runs as the `postgres` system user.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct TestPostgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().expect("PostgreSQL is not installed: run the README's test command, which installs it")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// A command that runs as the `postgres` user when we are root.
+fn pg_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl TestPostgres {
+    pub fn start() -> TestPostgres {
+        let dir = tempfile::Builder::new().prefix("keyvault-pg-").tempdir().unwrap();
+        let data = dir.path().join("data");
+        if is_root() {
+            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
+            assert!(status.success());
+        }
+        let bin = bin_dir();
+        let out = pg_command(&bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "keyvault", "--auth=trust", "-E", "UTF8", "--no-instructions", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut pg = TestPostgres { _dir: dir, data, bin, port, child: None };
+        pg.run();
+        pg
+    }
+
+    /// Start the server process (again).
+    pub fn run(&mut self) {
+        let child = pg_command(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..200 {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "keyvault"])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("PostgreSQL did not start");
+    }
+
+    /// Stop the server at once (as a crash or an outage would).
+    pub fn halt(&mut self) {
+        let _ =
+            pg_command(&self.bin.join("pg_ctl")).arg("-D").arg(&self.data).args(["stop", "-m", "immediate"]).output();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Create a database and return its URL.
+    pub fn database(&self, name: &str) -> String {
+        let out = Command::new(self.bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "keyvault", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "createdb: {}", String::from_utf8_lossy(&out.stderr));
+        format!("postgres://keyvault@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
