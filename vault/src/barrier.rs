@@ -29,6 +29,7 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::hsm_call;
 use crate::keys::{KeyNames, KeyVersion, SharedKeyring};
+use crate::store::Store;
 
 const MAGIC: &[u8; 3] = b"KVR";
 const FORMAT_V1: u8 = 1;
@@ -212,6 +213,9 @@ pub struct Barrier {
     dek_cache: Option<Arc<DekCache>>,
     /// Records sealed by this process (automatic rotation by number of encryptions).
     sealed: Arc<std::sync::atomic::AtomicU64>,
+    /// Where to re-read the keyring when a record names a master key version this
+    /// replica has not heard of yet (another replica rotated less than a sync ago).
+    store: Option<Arc<dyn Store>>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -222,7 +226,33 @@ impl std::fmt::Debug for Barrier {
 
 impl Barrier {
     pub fn new(keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
-        Barrier { keys, names, keyring, dek_cache: None, sealed: Default::default() }
+        Barrier { keys, names, keyring, dek_cache: None, sealed: Default::default(), store: None }
+    }
+
+    /// Re-read the keyring from `store` when a record needs a master key version this
+    /// process does not know yet, instead of failing the request.
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Make sure master key version `v` is in the keyring, re-reading it from the store
+    /// when needed. Only the master family is taken from the fresh copy: the periodic sync
+    /// notices the rest (and reloads token verification keys when they changed).
+    async fn ensure_known(&self, v: KeyVersion) -> Result<()> {
+        if self.keyring.load().master.versions.contains(&v) {
+            return Ok(());
+        }
+        if let Some(store) = &self.store
+            && let Some(fresh) = crate::keys::load(store.as_ref()).await?
+            && fresh.master.versions.contains(&v)
+        {
+            let current = self.keyring.load_full();
+            self.keyring.store(Arc::new(crate::keys::Keyring { master: fresh.master, ..(*current).clone() }));
+            tracing::info!(version = v.get(), "master key version added by another replica; following it");
+            return Ok(());
+        }
+        Err(Error::Barrier(BarrierError::UnknownKeyVersion(v)))
     }
 
     /// Keep unwrapped data keys for `ttl` (at most `capacity` of them). See [`DekCache`].
@@ -290,9 +320,7 @@ impl Barrier {
     }
 
     async fn unwrap(&self, v: KeyVersion, wrapped: Vec<u8>, aad: Vec<u8>) -> Result<Zeroizing<Vec<u8>>> {
-        if !self.keyring.load().master.versions.contains(&v) {
-            return Err(Error::Barrier(BarrierError::UnknownKeyVersion(v)));
-        }
+        self.ensure_known(v).await?;
         let cache_key = self.dek_cache.as_ref().map(|_| DekCache::key(v, &wrapped, &aad));
         if let (Some(cache), Some(k)) = (&self.dek_cache, &cache_key)
             && let Some(dek) = cache.get(k)

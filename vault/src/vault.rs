@@ -206,6 +206,7 @@ impl Vault {
         })?;
         let keyring: SharedKeyring = Arc::new(ArcSwap::from_pointee(ring));
         let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone())
+            .with_store(store.clone())
             .with_dek_cache(settings.secrets.dek_cache_ttl, settings.secrets.dek_cache_capacity);
         let tokens =
             TokenIssuer::new(keys.clone(), names.clone(), keyring.clone(), settings.tokens.issuer.clone()).await?;
@@ -448,7 +449,14 @@ impl Vault {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return self.authenticate_direct(peer).await;
         };
-        let claims = self.tokens.verify(token).map_err(Error::Unauthenticated)?;
+        let claims = match self.tokens.verify(token) {
+            // Signed by a key another replica added less than a sync ago: catch up once.
+            Err(AuthFailure::UnknownSigningKey) => {
+                self.sync_once().await?;
+                self.tokens.verify(token).map_err(Error::Unauthenticated)?
+            }
+            other => other.map_err(Error::Unauthenticated)?,
+        };
         let cert = peer.client_cert.as_deref();
         if let Some(cnf) = &claims.cnf {
             match cert {
