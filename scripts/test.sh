@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine with Rust: installs what the tests
-# need (SoftHSM2, OpenSSL, jq), checks formatting and lints, builds everything and runs
-# every test. Tests start their own services (SoftHSM token directories, keyvault
-# processes on free ports); nothing here depends on a service the machine happens to run.
+# need (SoftHSM2, PostgreSQL, OpenSSL, jq), checks formatting and lints, builds everything
+# and runs every test. Tests start their own services (SoftHSM token directories,
+# throwaway PostgreSQL clusters from initdb, keyvault processes on free ports); nothing
+# here depends on a service the machine happens to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-need_debs softhsm2 openssl jq curl
+need_debs softhsm2 postgresql openssl jq curl
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

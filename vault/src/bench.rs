@@ -21,6 +21,9 @@ use crate::error::{Error, Result};
 pub enum Scenario {
     /// `GET /v1/<path>` with a token.
     Read,
+    /// `PUT /v1/<path>/<n>`: a new secret per request, `n` counting up from 0 across
+    /// connections (`--requests` bounds the run: a way to fill a server).
+    Write,
     /// `POST /v1/auth/approle/login` with a role id and secret id.
     ApproleLogin,
     /// `POST /v1/auth/cert/login` over mutual TLS (needs `--client-cert`/`--client-key`).
@@ -82,6 +85,8 @@ pub struct BenchOptions {
     pub connections: usize,
     pub duration: Duration,
     pub warmup: Duration,
+    /// Stop after this many requests in all (or at the end of `duration`).
+    pub requests: Option<u64>,
 }
 
 /// The outcome of one run.
@@ -121,7 +126,7 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-fn build_request(o: &BenchOptions, host: &str) -> Result<Request<Full<Bytes>>> {
+fn build_request(o: &BenchOptions, host: &str, n: u64) -> Result<Request<Full<Bytes>>> {
     let mut b = Request::builder().header(hyper::header::HOST, host);
     if let Some(t) = &o.endpoint.token {
         b = b.header(o.endpoint.token_header.as_str(), t.as_str());
@@ -136,6 +141,11 @@ fn build_request(o: &BenchOptions, host: &str) -> Result<Request<Full<Bytes>>> {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(serde_json::json!({"name": o.role}).to_string()))),
         Scenario::Read => b.method("GET").uri(format!("/v1/{}", o.path)).body(Full::new(Bytes::new())),
+        Scenario::Write => b
+            .method("PUT")
+            .uri(format!("/v1/{}/{n:08}", o.path))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(serde_json::json!({"value": format!("bench-value-{n}")}).to_string()))),
         Scenario::GatewayVerify | Scenario::GatewayVerifyBatch => {
             let key = ed25519_dalek::SigningKey::from_bytes(&PRODUCER_SEED);
             let body = if o.scenario == Scenario::GatewayVerify {
@@ -173,10 +183,12 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
     let template = Arc::new(o.clone());
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
+    let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(o.connections);
     for _ in 0..o.connections.max(1) {
         let target = target.clone();
         let o = template.clone();
+        let issued = issued.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
@@ -198,7 +210,11 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
             }
             let mut sender = connect(&target).await?;
             while Instant::now() < end {
-                let req = build_request(&o, &target.host)?;
+                let n = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if o.requests.is_some_and(|max| n >= max) {
+                    break;
+                }
+                let req = build_request(&o, &target.host, n)?;
                 let t0 = Instant::now();
                 let ok = match sender.send_request(req).await {
                     Ok(resp) => {
@@ -238,7 +254,8 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
         let i = ((all.len() as f64 - 1.0) * p).round() as usize;
         f64::from(all[i]) / 1000.0
     };
-    let seconds = o.duration.as_secs_f64();
+    // A run bounded by `requests` may end before `duration`.
+    let seconds = Instant::now().min(end).saturating_duration_since(start).as_secs_f64().max(1e-3);
     Ok(BenchReport {
         scenario: o.scenario,
         address: o.endpoint.address.clone(),
@@ -292,7 +309,7 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
             }
             return Ok(None);
         }
-        Scenario::Read | Scenario::ApproleLogin => {}
+        Scenario::Read | Scenario::Write | Scenario::ApproleLogin => {}
     }
     if o.scenario != Scenario::ApproleLogin {
         return Ok(None);

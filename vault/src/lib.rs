@@ -47,6 +47,30 @@ where
         .map_err(Error::Hsm)
 }
 
+/// How much lower background work runs than requests (`nice` units).
+const BACKGROUND_NICE: i32 = 10;
+
+/// [`hsm_call`] for background work (re-wrapping during a rotation): on a thread of its
+/// own with a lower scheduling priority, so that on a busy machine requests are served
+/// first and the background work takes the idle time (at full speed when there is any).
+pub async fn hsm_call_background<T, F>(keys: &Arc<dyn KeyStore>, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn KeyStore) -> keyvault_hsm::Result<T> + Send + 'static,
+{
+    let keys = keys.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("keyvault-background".into())
+        .spawn(move || {
+            // Best effort: where it is refused, the thread keeps the normal priority.
+            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICE);
+            let _ = tx.send(f(keys.as_ref()));
+        })
+        .map_err(|e| Error::Internal(format!("starting a background thread: {e}")))?;
+    rx.await.map_err(|_| Error::Internal("background key store thread failed".into()))?.map_err(Error::Hsm)
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

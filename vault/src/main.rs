@@ -191,6 +191,9 @@ struct BenchArgs {
     duration: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Stop after this many requests in all (`write`: how many secrets to create).
+    #[arg(long)]
+    requests: Option<u64>,
     /// Write the secret (and create an AppRole role for logins) before the run.
     #[arg(long)]
     setup: bool,
@@ -453,6 +456,7 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         connections: a.connections,
         duration: a.duration,
         warmup: a.warmup,
+        requests: a.requests,
     };
     if a.setup
         && let Some((role_id, secret_id)) = bench::setup(&o).await?

@@ -11,13 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keyvault_hsm::KeyStore;
 use serde::{Deserialize, Serialize};
 
-use crate::barrier::{Barrier, Record};
+use crate::barrier::{Barrier, Record, RewrapItem};
 use crate::error::{Error, Result};
 use crate::keys::{self, Family, KeyNames, KeyVersion, SharedKeyring};
 use crate::secrets::{data_prefix, parse_data_key, record_context};
@@ -27,7 +26,10 @@ use crate::unix_now;
 const KEY: &str = "sys/rotation";
 const LEASE: Duration = Duration::from_secs(10);
 const BATCH: usize = 256;
-const CONCURRENCY: usize = 8;
+/// Token batches per page, run side by side (one blocking thread each).
+const CHUNKS: usize = 2;
+/// Passes over the store before giving up on records that keep coming back.
+const MAX_PASSES: u32 = 100;
 
 /// The rotation record: state, checkpoint and lease.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +46,16 @@ pub struct RotationRecord {
     /// Passes over the whole store (a second one catches records written by replicas that
     /// had not seen the new version yet).
     pub pass: u32,
+    /// Re-wrapped during the current pass.
+    #[serde(default)]
+    pub pass_done: u64,
+    /// Records of the current pass that could not be re-wrapped (integrity check failed).
+    #[serde(default)]
+    pub failed: u64,
+    /// Master versions in use when the rotation started (reported while it runs, so that
+    /// status does not scan the store).
+    #[serde(default)]
+    pub versions_at_start: Vec<u32>,
     pub started_at: u64,
     pub finished_at: Option<u64>,
     pub lease_owner: Option<String>,
@@ -71,8 +83,8 @@ pub struct Rotation {
     barrier: Barrier,
     /// This process, in leases.
     replica: String,
-    /// Records re-wrapped by this process during the current rotation (for the rate).
-    local_done: AtomicU64,
+    /// Wakes this process's driver when a rotation starts here.
+    wake: tokio::sync::Notify,
 }
 
 fn lease_expired(r: &RotationRecord, now: u64) -> bool {
@@ -94,7 +106,7 @@ impl Rotation {
             keyring,
             barrier,
             replica: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
-            local_done: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -164,7 +176,11 @@ impl Rotation {
         };
         self.keyring.store(Arc::new(ring.clone()));
         let target = ring.master.active;
-        let total = self.versions_in_use().await?.iter().filter(|(v, _)| **v != target.get()).map(|(_, n)| n).sum();
+        let in_use = self.versions_in_use().await?;
+        let total = in_use.iter().filter(|(v, _)| **v != target.get()).map(|(_, n)| n).sum();
+        let mut versions_at_start: Vec<u32> = in_use.keys().copied().chain([target.get()]).collect();
+        versions_at_start.sort_unstable();
+        versions_at_start.dedup();
         let record = RotationRecord {
             state: "rewrapping".into(),
             target: target.get(),
@@ -176,30 +192,45 @@ impl Rotation {
             finished_at: None,
             lease_owner: None,
             lease_until: 0,
+            pass_done: 0,
+            failed: 0,
+            versions_at_start,
         };
         if !self.save(Some(&claimed), &record).await? {
             return Err(Error::Internal("the rotation record changed while starting".into()));
         }
-        self.local_done.store(0, Ordering::Relaxed);
         tracing::info!(version = %target, records = total, "master key rotation started");
+        self.wake.notify_one();
         Ok(target)
     }
 
+    /// While a rotation runs, the figures come from its record (no scan of the store:
+    /// status is polled); when idle, from a full scan (exact, as retiring needs).
     pub async fn status(&self) -> Result<Status> {
         let (_, r) = self.load().await?;
-        let in_use = self.versions_in_use().await?;
         let active = self.keyring.load().master.active.get();
+        if r.state == "rewrapping" {
+            let elapsed = unix_now().saturating_sub(r.started_at).max(1) as f64;
+            return Ok(Status {
+                active_version: active,
+                state: "rewrapping".into(),
+                records_done: r.done,
+                records_remaining: r.total.saturating_sub(r.done),
+                rate_per_second: r.done as f64 / elapsed,
+                versions_in_use: r.versions_at_start.clone(),
+                driven_by: r.lease_owner.filter(|_| !lease_expired_now(r.lease_until)),
+            });
+        }
+        let in_use = self.versions_in_use().await?;
         let remaining: u64 = in_use.iter().filter(|(v, _)| **v != active).map(|(_, n)| n).sum();
-        let elapsed = unix_now().saturating_sub(r.started_at).max(1) as f64;
-        let state = if r.state == "rewrapping" { "rewrapping" } else { "idle" };
         Ok(Status {
             active_version: active,
-            state: state.into(),
+            state: "idle".into(),
             records_done: r.done,
             records_remaining: remaining,
-            rate_per_second: if state == "rewrapping" { r.done as f64 / elapsed } else { 0.0 },
+            rate_per_second: 0.0,
             versions_in_use: in_use.keys().copied().collect(),
-            driven_by: r.lease_owner.filter(|_| state == "rewrapping" && !lease_expired_now(r.lease_until)),
+            driven_by: None,
         })
     }
 
@@ -260,44 +291,41 @@ impl Rotation {
         }
         let page = self.store.scan_prefix(data_prefix(), r.cursor.as_deref(), BATCH).await?;
         let last = page.last().map(|(k, _)| k.clone());
-        let mut done = 0u64;
-        let mut set = tokio::task::JoinSet::new();
-        let mut pending = page.into_iter();
-        loop {
-            while set.len() < CONCURRENCY {
-                let Some((key, old)) = pending.next() else { break };
-                let (store, barrier) = (self.store.clone(), self.barrier.clone());
-                set.spawn(async move { rewrap_one(store.as_ref(), &barrier, &key, &old, target).await });
-            }
-            match set.join_next().await {
-                Some(res) => {
-                    if res.map_err(|e| Error::Internal(format!("rewrap task: {e}")))?? {
-                        done += 1;
-                    }
-                }
-                None => break,
-            }
-        }
-        self.local_done.fetch_add(done, Ordering::Relaxed);
+        let (done, failed) = self.rewrap_page(page, target).await?;
         let mut next = r.clone();
         next.done += done;
+        next.pass_done += done;
+        next.failed += failed;
         match last {
             Some(k) => next.cursor = Some(k),
             None => {
-                // A pass ended. If it re-wrapped anything, or an older version is still in
-                // use (written by a replica that had not seen the new one), pass again.
+                // A pass ended. If an older version is still in use (written by a replica
+                // that had not seen the new one yet), pass again, unless this pass got
+                // nowhere: what is left cannot be re-wrapped (see `failed`).
                 let stragglers: u64 =
                     self.versions_in_use().await?.iter().filter(|(v, _)| **v != r.target).map(|(_, n)| n).sum();
-                if stragglers > 0 && next.pass < 100 {
+                if stragglers > 0 && next.pass_done > 0 && next.pass < MAX_PASSES {
                     next.cursor = None;
                     next.pass += 1;
+                    next.pass_done = 0;
+                    next.failed = 0;
                     next.total = next.done + stragglers;
                 } else {
                     next.state = "idle".into();
                     next.finished_at = Some(unix_now());
                     next.lease_owner = None;
                     next.lease_until = 0;
-                    tracing::info!(version = r.target, records = next.done, "master key rotation finished");
+                    if stragglers > 0 {
+                        tracing::warn!(
+                            version = r.target,
+                            records = next.done,
+                            left = stragglers,
+                            "master key rotation finished, but some records could not be re-wrapped: \
+                             their master key versions stay in use and cannot be retired"
+                        );
+                    } else {
+                        tracing::info!(version = r.target, records = next.done, "master key rotation finished");
+                    }
                 }
             }
         }
@@ -321,7 +349,10 @@ impl Rotation {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "rotation step failed; retrying"),
                 }
-                tokio::time::sleep(Duration::from_millis(500).saturating_sub(started.elapsed())).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500).saturating_sub(started.elapsed())) => {}
+                    _ = me.wake.notified() => {}
+                }
             }
         })
     }
@@ -331,10 +362,49 @@ fn lease_expired_now(until: u64) -> bool {
     until <= unix_now()
 }
 
-/// Re-wrap one record to `target` if it is not there yet; `true` if it was re-wrapped.
-async fn rewrap_one(store: &dyn Store, barrier: &Barrier, key: &str, old: &[u8], target: KeyVersion) -> Result<bool> {
-    let Some((path, version)) = parse_data_key(key) else { return Ok(false) };
-    let Some(new) = barrier.rewrap(&record_context(&path, version), old, target).await? else { return Ok(false) };
-    // The record may have been deleted meanwhile: then there is nothing to re-wrap.
-    Ok(store.compare_and_swap(key, Some(old), Some(&new)).await?)
+/// The outcome of one record's re-wrap (see [`Barrier::rewrap_batch`]).
+type Rewrapped = Result<Option<Vec<u8>>>;
+
+impl Rotation {
+    /// Re-wrap one page of records to `target`: the token work in `CHUNKS` batches (one
+    /// blocking trip each), then one store call that swaps every record still as it was
+    /// read (a record written or deleted meanwhile is left alone: it is either at the
+    /// target already or gone). Returns (re-wrapped, could not be re-wrapped).
+    async fn rewrap_page(&self, page: Vec<(String, Vec<u8>)>, target: KeyVersion) -> Result<(u64, u64)> {
+        let mut work: Vec<(String, RewrapItem)> = Vec::with_capacity(page.len());
+        for (key, stored) in page {
+            let Some((path, version)) = parse_data_key(&key) else { continue };
+            let ctx = record_context(&path, version);
+            let item = RewrapItem { dek_aad: ctx.dek_aad(), value_aad: ctx.value_aad(), stored };
+            work.push((key, item));
+        }
+        let per_chunk = work.len().div_ceil(CHUNKS).max(1);
+        let mut set = tokio::task::JoinSet::new();
+        for (n, chunk) in work.chunks(per_chunk).enumerate() {
+            let items: Vec<RewrapItem> = chunk.iter().map(|(_, i)| i.clone()).collect();
+            let barrier = self.barrier.clone();
+            set.spawn(async move { (n, barrier.rewrap_batch(items, target).await) });
+        }
+        let mut results: Vec<Option<Vec<Rewrapped>>> = (0..work.len().div_ceil(per_chunk)).map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            let (n, res) = joined.map_err(|e| Error::Internal(format!("rewrap task: {e}")))?;
+            results[n] = Some(res?);
+        }
+        let mut swaps = Vec::new();
+        let mut failed = 0u64;
+        for (outcome, (key, item)) in results.into_iter().flatten().flatten().zip(work) {
+            match outcome {
+                Ok(Some(new)) => swaps.push((key, item.stored, new)),
+                Ok(None) => {}
+                Err(e) => {
+                    // The key names the record, never its value; the record keeps its
+                    // version (and blocks retiring it) until someone looks at it.
+                    tracing::warn!(record = %key, error = %e, "record cannot be re-wrapped; left as it is");
+                    failed += 1;
+                }
+            }
+        }
+        let swapped = self.store.compare_and_swap_many(&swaps).await?;
+        Ok((swapped.iter().filter(|s| **s).count() as u64, failed))
+    }
 }

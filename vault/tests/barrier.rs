@@ -222,3 +222,52 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
         assert!(cached.open(&c, &s).await.is_ok());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_is_left_alone_by_a_rotation_and_blocks_retiring_its_version() {
+    let f = fixture().await;
+    for i in 0..600 {
+        let p = SecretPath::parse(&format!("many/{i:04}")).unwrap();
+        f.vault.secrets.write(&p, format!(r#"{{"value":"v{i}"}}"#).as_bytes()).await.unwrap();
+    }
+    // Flip one bit of one record's value ciphertext (its data key still unwraps).
+    let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
+    let (damaged_key, raw) = records[300].clone();
+    let mut bad = raw.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    f.store.put(&damaged_key, &bad).await.unwrap();
+
+    let target = f.vault.rotation.start().await.unwrap();
+    assert_eq!(target.get(), 2);
+    // A second start while this one runs is refused.
+    assert!(matches!(f.vault.rotation.start().await, Err(Error::Conflict(_))));
+    let mut steps = 0;
+    while f.vault.rotation.step().await.unwrap() {
+        steps += 1;
+        assert!(steps < 100, "the rotation does not end");
+    }
+    let status = f.vault.rotation.status().await.unwrap();
+    assert_eq!(status.state, "idle");
+    // Every record moved to v2 except the damaged one, which was not touched.
+    assert_eq!(status.versions_in_use, vec![1, 2]);
+    assert_eq!(status.records_remaining, 1);
+    assert_eq!(f.store.get(&damaged_key).await.unwrap().unwrap(), bad);
+    let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
+    let at_v2 = records.iter().filter(|(_, r)| Record::parse(r).unwrap().kek_version.get() == 2).count();
+    assert_eq!(at_v2, 599);
+    // v1 is still needed by that record: retiring refuses and the key object stays.
+    assert!(matches!(f.vault.rotation.retire().await, Err(Error::Conflict(_))));
+    assert!(f.keys.exists(&f.names.master(keys::KeyVersion::FIRST)).unwrap());
+    // Once the record is deleted, v1 can go.
+    f.store.delete(&damaged_key).await.unwrap();
+    assert_eq!(f.vault.rotation.retire().await.unwrap(), vec![1]);
+    assert!(!f.keys.exists(&f.names.master(keys::KeyVersion::FIRST)).unwrap());
+    for i in (0..600).filter(|i| *i != 300).step_by(37) {
+        let p = SecretPath::parse(&format!("many/{i:04}")).unwrap();
+        assert_eq!(
+            f.vault.secrets.read(&p, None).await.unwrap().data.as_slice(),
+            format!(r#"{{"value":"v{i}"}}"#).as_bytes()
+        );
+    }
+}

@@ -19,6 +19,7 @@ pub async fn run_all(store: &dyn Store) {
     purge_expired(store).await;
     invalid_keys(store).await;
     insert_if_absent_many(store).await;
+    compare_and_swap_many(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -70,6 +71,34 @@ pub async fn compare_and_swap(s: &dyn Store) {
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(s.compare_and_swap("c2/exp", None, Some(b"fresh")).await.unwrap());
     assert_eq!(s.get("c2/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
+}
+
+pub async fn compare_and_swap_many(s: &dyn Store) {
+    assert_eq!(s.compare_and_swap_many(&[]).await.unwrap(), Vec::<bool>::new());
+    s.put("c10/a", b"a1").await.unwrap();
+    s.put("c10/b", b"b1").await.unwrap();
+    assert!(s.insert_if_absent("c10/exp", b"e1", Some(Duration::from_millis(30))).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let items = |list: &[(&str, &str, &str)]| -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        list.iter().map(|(k, o, n)| (k.to_string(), o.as_bytes().to_vec(), n.as_bytes().to_vec())).collect()
+    };
+    // Matching, stale, absent, expired: only the matching one is swapped.
+    let out = s
+        .compare_and_swap_many(&items(&[
+            ("c10/a", "a1", "a2"),
+            ("c10/b", "stale", "b2"),
+            ("c10/none", "x", "y"),
+            ("c10/exp", "e1", "e2"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(out, vec![true, false, false, false]);
+    assert_eq!(s.get("c10/a").await.unwrap().as_deref(), Some(&b"a2"[..]));
+    assert_eq!(s.get("c10/b").await.unwrap().as_deref(), Some(&b"b1"[..]));
+    assert_eq!(s.get("c10/none").await.unwrap(), None);
+    assert_eq!(s.get("c10/exp").await.unwrap(), None);
+    // An invalid key fails the call.
+    assert!(s.compare_and_swap_many(&items(&[("", "a", "b")])).await.is_err());
 }
 
 pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {

@@ -89,6 +89,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         Ok(out)
     }
 
+    /// Several compare-and-swaps of existing values at once (a re-wrap batch): each
+    /// `(key, expected, new)` replaces the value under `key` only if it still equals
+    /// `expected`; each is atomic on its own, and an engine may make them durable
+    /// together. Returns one result per item.
+    async fn compare_and_swap_many(&self, items: &[(String, Vec<u8>, Vec<u8>)]) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (k, old, new) in items {
+            out.push(self.compare_and_swap(k, Some(old), Some(new)).await?);
+        }
+        Ok(out)
+    }
+
     /// Delete expired entries; returns how many. Called periodically.
     async fn purge_expired(&self) -> StoreResult<u64>;
 

@@ -276,6 +276,34 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
+    async fn compare_and_swap_many(&self, items: &[(String, Vec<u8>, Vec<u8>)]) -> StoreResult<Vec<bool>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut keys = Vec::with_capacity(items.len());
+        for (k, _, _) in items {
+            check_key(k)?;
+            keys.push(k.as_str());
+        }
+        let olds: Vec<&[u8]> = items.iter().map(|(_, o, _)| o.as_slice()).collect();
+        let news: Vec<&[u8]> = items.iter().map(|(_, _, n)| n.as_slice()).collect();
+        let c = self.client().await?;
+        // One statement, one commit: each row is swapped only if it still holds its
+        // expected value (row locks make each swap atomic against concurrent writers).
+        let rows = c
+            .query(
+                "UPDATE keyvault_kv AS t SET value = u.new, expires_at = NULL
+                 FROM unnest($1::TEXT[], $2::BYTEA[], $3::BYTEA[]) AS u(key, old, new)
+                 WHERE t.key = u.key AND t.value = u.old AND (t.expires_at IS NULL OR t.expires_at > now())
+                 RETURNING t.key",
+                &[&keys, &olds, &news],
+            )
+            .await
+            .map_err(unavailable)?;
+        let swapped: std::collections::HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        Ok(items.iter().map(|(k, _, _)| swapped.contains(k)).collect())
+    }
+
     async fn purge_expired(&self) -> StoreResult<u64> {
         let c = self.client().await?;
         c.execute("DELETE FROM keyvault_kv WHERE expires_at IS NOT NULL AND expires_at <= now()", &[])

@@ -95,6 +95,26 @@ impl SledStore {
         }
     }
 
+    fn compare_and_swap_unflushed(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
+        check_key(key)?;
+        loop {
+            let current = self.data.get(key).map_err(unavailable)?;
+            let logical = match &current {
+                Some(raw) => live(key, raw, now_ms())?,
+                None => None,
+            };
+            if logical != expected {
+                return Ok(false);
+            }
+            let replacement = new.map(|v| encode(v, None));
+            match self.data.compare_and_swap(key, current, replacement).map_err(unavailable)? {
+                Ok(()) => return Ok(true),
+                // Raced with another writer between our read and the swap: decide again.
+                Err(_) => continue,
+            }
+        }
+    }
+
     /// Open (or create) the store in `dir`. Fails clearly if another process holds it.
     pub fn open(dir: &Path) -> StoreResult<Self> {
         let db = sled::Config::new()
@@ -153,26 +173,23 @@ impl Store for SledStore {
     }
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
-        check_key(key)?;
-        loop {
-            let current = self.data.get(key).map_err(unavailable)?;
-            let logical = match &current {
-                Some(raw) => live(key, raw, now_ms())?,
-                None => None,
-            };
-            if logical != expected {
-                return Ok(false);
-            }
-            let replacement = new.map(|v| encode(v, None));
-            match self.data.compare_and_swap(key, current, replacement).map_err(unavailable)? {
-                Ok(()) => {
-                    self.flush().await?;
-                    return Ok(true);
-                }
-                // Raced with another writer between our read and the swap: decide again.
-                Err(_) => continue,
-            }
+        let swapped = self.compare_and_swap_unflushed(key, expected, new)?;
+        if swapped {
+            self.flush().await?;
         }
+        Ok(swapped)
+    }
+
+    async fn compare_and_swap_many(&self, items: &[(String, Vec<u8>, Vec<u8>)]) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (k, old, new) in items {
+            out.push(self.compare_and_swap_unflushed(k, Some(old), Some(new))?);
+        }
+        // One fsync makes the whole batch durable.
+        if out.iter().any(|b| *b) {
+            self.flush().await?;
+        }
+        Ok(out)
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
