@@ -299,4 +299,28 @@ async fn replicas_share_replay_protection_versions_and_policy_changes() {
     // A revocation on B applies on A at once (it is in the database).
     ok(cb.post("auth/token/revoke-self", Some(&t), json!({})).await, 204);
     ok(ca.get("auth/token/lookup-self", &t).await, 401);
+
+    // A token signed by a token-signing version that A added a moment ago is accepted by
+    // B at once (B re-reads the keyring instead of refusing an unknown key id), and
+    // tokens of the old version stay valid on both.
+    let old_token = root.clone();
+    ok(ca.post("sys/rotate/token-signing", Some(&root), json!({})).await, 200);
+    let sid = ca.post("auth/approle/role/r/secret-id", Some(&root), json!({})).await.body["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fresh =
+        ok(ca.post("auth", None, json!({"role": "r", "secret_id": sid})).await, 200).body["auth"]["client_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    ok(cb.get("auth/token/lookup-self", &fresh).await, 200);
+    ok(cb.get("auth/token/lookup-self", &old_token).await, 200);
+    // A token claiming a key id nobody has is refused.
+    let mut parts: Vec<String> = fresh.split('.').map(str::to_owned).collect();
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&parts[0]).unwrap();
+    let mut header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    header["kid"] = json!("v99");
+    parts[0] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string());
+    ok(cb.get("auth/token/lookup-self", &parts.join(".")).await, 401);
 }

@@ -161,6 +161,8 @@ pub struct Vault {
     authenticators: HashMap<&'static str, Arc<dyn Authenticator>>,
     role_admins: HashMap<&'static str, Arc<dyn RoleAdmin>>,
     token_config: TokenConfig,
+    /// When a token signed by an unknown key last made this replica re-read the keyring.
+    keyring_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -258,6 +260,7 @@ impl Vault {
             authenticators,
             role_admins,
             token_config: settings.tokens,
+            keyring_refresh: Default::default(),
         }))
     }
 
@@ -308,6 +311,11 @@ impl Vault {
     /// policies.
     pub async fn sync_once(&self) -> Result<()> {
         self.policies.invalidate();
+        self.follow_keyring().await
+    }
+
+    /// Re-read the keyring and follow it if another replica changed it.
+    async fn follow_keyring(&self) -> Result<()> {
         let Some(ring) = keys::load(self.store.as_ref()).await? else { return Ok(()) };
         let current = self.keyring.load_full();
         if *current != ring {
@@ -451,8 +459,17 @@ impl Vault {
         };
         let claims = match self.tokens.verify(token) {
             // Signed by a key another replica added less than a sync ago: catch up once.
+            // Refreshes run one at a time, and one that started after this request
+            // arrived covers it: a flood of such tokens (forged ones included) costs one
+            // keyring read at a time, and the policy cache is left alone.
             Err(AuthFailure::UnknownSigningKey) => {
-                self.sync_once().await?;
+                let arrived = std::time::Instant::now();
+                let mut last_started = self.keyring_refresh.lock().await;
+                if last_started.is_none_or(|t| t < arrived) {
+                    *last_started = Some(std::time::Instant::now());
+                    self.follow_keyring().await?;
+                }
+                drop(last_started);
                 self.tokens.verify(token).map_err(Error::Unauthenticated)?
             }
             other => other.map_err(Error::Unauthenticated)?,
