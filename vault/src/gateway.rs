@@ -255,11 +255,7 @@ impl Gateway {
     }
 
     pub async fn list_producers(&self) -> Result<Vec<String>> {
-        let names: Vec<String> = scan_all(self.store.as_ref(), PREFIX)
-            .await?
-            .into_iter()
-            .map(|(k, _)| k[PREFIX.len()..].to_owned())
-            .collect();
+        let names = crate::store::list_names(self.store.as_ref(), PREFIX).await?;
         if names.is_empty() {
             return Err(Error::NotFound("no producers".into()));
         }

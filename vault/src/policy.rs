@@ -346,11 +346,7 @@ impl PolicyStore {
     }
 
     pub async fn list(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = crate::store::scan_all(self.store.as_ref(), "sys/policy/")
-            .await?
-            .into_iter()
-            .map(|(k, _)| k["sys/policy/".len()..].to_owned())
-            .collect();
+        let mut names = crate::store::list_names(self.store.as_ref(), "sys/policy/").await?;
         names.push(ROOT_POLICY.to_owned());
         names.sort();
         Ok(names)

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::hsm_call;
 use crate::keys::KeyNames;
-use crate::store::{Store, decode_json, encode_json, scan_all};
+use crate::store::{Store, decode_json, encode_json, list_names};
 
 const PREFIX: &str = "transit/keys/";
 
@@ -238,11 +238,7 @@ impl Transit {
     }
 
     pub async fn list(&self) -> Result<Vec<String>> {
-        let names: Vec<String> = scan_all(self.store.as_ref(), PREFIX)
-            .await?
-            .into_iter()
-            .map(|(k, _)| k[PREFIX.len()..].to_owned())
-            .collect();
+        let names = list_names(self.store.as_ref(), PREFIX).await?;
         if names.is_empty() {
             return Err(Error::NotFound("no transit keys".into()));
         }

@@ -185,11 +185,7 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
 
     pub async fn names(&self) -> Result<Vec<String>> {
         let prefix = self.prefix();
-        let names: Vec<String> = scan_all(self.store.as_ref(), &prefix)
-            .await?
-            .into_iter()
-            .map(|(k, _)| k[prefix.len()..].to_owned())
-            .collect();
+        let names = crate::store::list_names(self.store.as_ref(), &prefix).await?;
         if names.is_empty() {
             return Err(Error::NotFound(format!("no {} roles", self.method)));
         }

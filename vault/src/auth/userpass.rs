@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use super::{Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name, vault_duration};
 use crate::error::{AuthFailure, Error, Result};
-use crate::store::{Store, encode_json, get_json, scan_all};
+use crate::store::{Store, encode_json, get_json, list_names};
 
 pub const METHOD: &str = "userpass";
 const MIN_PASSWORD_LEN: usize = 12;
@@ -164,11 +164,7 @@ impl UserPass {
 
     pub async fn list_users(&self) -> Result<Vec<String>> {
         let prefix = "auth/userpass/users/";
-        let names: Vec<String> = scan_all(self.store.as_ref(), prefix)
-            .await?
-            .into_iter()
-            .map(|(k, _)| k[prefix.len()..].to_owned())
-            .collect();
+        let names = list_names(self.store.as_ref(), prefix).await?;
         if names.is_empty() {
             return Err(Error::NotFound("no users".into()));
         }

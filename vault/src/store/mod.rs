@@ -129,6 +129,11 @@ pub fn encode_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Every key under `prefix`, page by page (for callers that need them all).
+/// The keys under `prefix`, with the prefix cut off, in key order (names for LIST).
+pub async fn list_names(store: &dyn Store, prefix: &str) -> StoreResult<Vec<String>> {
+    Ok(scan_all(store, prefix).await?.into_iter().map(|(k, _)| k[prefix.len()..].to_owned()).collect())
+}
+
 pub async fn scan_all(store: &dyn Store, prefix: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
     const PAGE: usize = 1000;
     let mut out: Vec<(String, Vec<u8>)> = Vec::new();

@@ -6,7 +6,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::{envelope, is_list, secret_json};
+use super::{data_reply, envelope, is_list, keys_reply, secret_json};
 use crate::auth::bootstrap::MintRequest;
 use crate::auth::kubernetes::KubeConfig;
 use crate::auth::userpass::UserWrite;
@@ -144,10 +144,6 @@ pub async fn userpass_login(
     login_reply(&audit, &peer, &state.vault.login(userpass::METHOD, Some(&user), &body.0, &peer).await?)
 }
 
-fn keys_reply(keys: Vec<String>) -> Response {
-    json(StatusCode::OK, envelope(serde_json::json!({ "keys": keys })))
-}
-
 /// `LIST /v1/auth/<method>/role` (approle, cert, kubernetes).
 pub async fn roles(
     State(state): State<AppState>,
@@ -259,7 +255,7 @@ pub async fn approle_secret_id(
 /// `GET /v1/auth/kubernetes/config`.
 pub async fn kubernetes_config_read(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     let c = state.vault.read_kubernetes_config(&caller).await?;
-    Ok(json(StatusCode::OK, envelope(serde_json::to_value(c).map_err(|e| Error::Internal(e.to_string()))?)))
+    data_reply(&c).map_err(Into::into)
 }
 
 /// `POST /v1/auth/kubernetes/config`.
@@ -314,7 +310,7 @@ pub async fn userpass_user(
     match method {
         Method::GET => {
             let view = state.vault.read_user(&caller, &name).await?;
-            Ok(json(StatusCode::OK, envelope(serde_json::to_value(view).map_err(|e| Error::Internal(e.to_string()))?)))
+            data_reply(&view).map_err(Into::into)
         }
         Method::POST | Method::PUT => {
             let w: UserWrite = crate::auth::parse_body(&body.0)?;

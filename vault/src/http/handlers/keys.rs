@@ -7,7 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::{envelope, is_list, secret_json};
+use super::{data_reply, envelope, is_list, keys_reply, secret_json};
 use crate::error::{Error, Result};
 use crate::gateway::{Producer, Verdict, VerifyItem};
 use crate::http::extract::{JsonBody, SecretBody};
@@ -80,7 +80,7 @@ pub async fn keys(State(state): State<AppState>, method: Method, uri: Uri, calle
     if !is_list(&method, &uri)? {
         return Err(Error::MethodNotAllowed.into());
     }
-    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "keys": state.vault.transit_list(&caller).await? }))))
+    Ok(keys_reply(state.vault.transit_list(&caller).await?))
 }
 
 /// `POST /v1/transit/keys/<name>/rotate`.
@@ -331,7 +331,7 @@ pub async fn producer(
     match method {
         Method::GET => {
             let p = state.vault.read_producer(&caller, &identity).await?;
-            Ok(json(StatusCode::OK, envelope(serde_json::to_value(p).map_err(|e| Error::Internal(e.to_string()))?)))
+            data_reply(&p).map_err(Into::into)
         }
         Method::POST | Method::PUT => {
             let p: Producer = crate::auth::parse_body(&body.0)?;
@@ -351,7 +351,7 @@ pub async fn producers(State(state): State<AppState>, method: Method, uri: Uri, 
     if !is_list(&method, &uri)? {
         return Err(Error::MethodNotAllowed.into());
     }
-    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "keys": state.vault.list_producers(&caller).await? }))))
+    Ok(keys_reply(state.vault.list_producers(&caller).await?))
 }
 
 #[derive(Deserialize)]

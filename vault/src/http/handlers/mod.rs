@@ -77,6 +77,17 @@ impl AsRef<[u8]> for ZeroizingBody {
     }
 }
 
+/// `{"data": {"keys": [...]}}`: the reply of every LIST endpoint.
+pub(crate) fn keys_reply(keys: Vec<String>) -> Response {
+    crate::http::json(StatusCode::OK, envelope(serde_json::json!({ "keys": keys })))
+}
+
+/// 200 with a serializable view as `data`.
+pub(crate) fn data_reply<T: Serialize>(view: &T) -> Result<Response> {
+    let data = serde_json::to_value(view).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+    Ok(crate::http::json(StatusCode::OK, envelope(data)))
+}
+
 /// The envelope of every Vault-shaped reply.
 pub(crate) fn envelope(data: serde_json::Value) -> serde_json::Value {
     serde_json::json!({

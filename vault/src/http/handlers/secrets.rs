@@ -6,7 +6,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::{envelope, is_list, query, secret_bytes};
+use super::{envelope, is_list, keys_reply, query, secret_bytes};
 use crate::error::Error;
 use crate::http::extract::SecretBody;
 use crate::http::{ApiResult, AppState, json, no_content};
@@ -72,7 +72,7 @@ pub async fn secret(
 async fn list(state: &AppState, caller: &Caller, raw: &str) -> ApiResult<Response> {
     let prefix = SecretPrefix::from_url(raw)?;
     let keys = state.vault.list_secrets(caller, &prefix).await?;
-    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "keys": keys }))))
+    Ok(keys_reply(keys))
 }
 
 /// `{"request_id", ..., "data": <the value as written>, "metadata": {...}}`, assembled

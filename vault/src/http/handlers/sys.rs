@@ -5,7 +5,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::{envelope, is_list};
+use super::{data_reply, envelope, is_list};
 use crate::auth::revocation::Identity;
 use crate::error::Error;
 use crate::http::extract::{Audit, JsonBody, SecretBody};
@@ -174,7 +174,7 @@ pub async fn rotate(
 /// `GET /v1/sys/rotate/status`.
 pub async fn rotate_status(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
     let s = state.vault.rotation_status(&caller).await?;
-    Ok(json(StatusCode::OK, envelope(serde_json::to_value(s).map_err(|e| Error::Internal(e.to_string()))?)))
+    data_reply(&s).map_err(Into::into)
 }
 
 /// `POST /v1/sys/rotate/retire` (sudo): destroy master versions nothing uses.
