@@ -19,14 +19,7 @@ cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 for mode in dangerous_off fail_closed buffered; do
-    rm -rf "$WORK/kv"
-    taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn --dek-cache-ttl 30s --audit-mode "$mode" \
-        > "$WORK/kv.out" 2> "$WORK/kv.err" &
-    PID=$!
-    for _ in $(seq 100); do grep -q "the certificate is the credential" "$WORK/kv.out" 2>/dev/null && break; sleep 0.1; done
-    ADDR=$(awk '/Address:/ {print $2}' "$WORK/kv.out")
-    CA=$(awk '/CA certificate:/ {print $3}' "$WORK/kv.out")
-    TOKEN=$(awk '/Root token:/ {print $3}' "$WORK/kv.out")
+    start_dev --dek-cache-ttl 30s --audit-mode "$mode"
     for conns in $CONNS 128; do
         KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --scenario read \
             --connections "$conns" --duration "$DURATION" --setup --json \

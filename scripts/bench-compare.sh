@@ -38,18 +38,11 @@ run_bench() { # name address ca token scenario [extra...]
 # --- KeyVault: default configuration, then with the data key cache on ---
 run_keyvault() { # name [dev args...]
     local name=$1; shift
-    rm -rf "$WORK/kv"
-    taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn "$@" > "$WORK/kv.out" 2> "$WORK/kv.err" &
-    local pid=$!
-    PIDS+=($pid)
-    for _ in $(seq 100); do grep -q "Root token" "$WORK/kv.out" 2>/dev/null && break; sleep 0.1; done
-    local addr ca token
-    addr=$(awk '/Address:/ {print $2}' "$WORK/kv.out")
-    ca=$(awk '/CA certificate:/ {print $3}' "$WORK/kv.out")
-    token=$(awk '/Root token:/ {print $3}' "$WORK/kv.out")
-    run_bench "$name" "$addr" "$ca" "$token" read
-    run_bench "$name" "$addr" "$ca" "$token" approle-login
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    start_dev "$@"
+    PIDS+=("$PID")
+    run_bench "$name" "$ADDR" "$CA" "$TOKEN" read
+    run_bench "$name" "$ADDR" "$CA" "$TOKEN" approle-login
+    kill "$PID"; wait "$PID" 2>/dev/null || true
 }
 run_keyvault keyvault
 run_keyvault keyvault+dek-cache --dek-cache-ttl 30s

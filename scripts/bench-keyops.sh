@@ -24,12 +24,7 @@ WORK=$(mktemp -d /tmp/keyvault-bench-keyops.XXXXXX)
 PID=
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn > "$WORK/kv.out" 2> "$WORK/kv.err" &
-PID=$!
-for _ in $(seq 100); do grep -q "the certificate is the credential" "$WORK/kv.out" 2>/dev/null && break; sleep 0.1; done
-ADDR=$(awk '/Address:/ {print $2}' "$WORK/kv.out")
-CA=$(awk '/CA certificate:/ {print $3}' "$WORK/kv.out")
-TOKEN=$(awk '/Root token:/ {print $3}' "$WORK/kv.out")
+start_dev
 echo "== over HTTP (server on CPU 0, load on CPU 1)"
 for scenario in gateway-verify gateway-verify-batch transit-sign transit-encrypt; do
     KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --scenario "$scenario" \

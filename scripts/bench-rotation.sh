@@ -26,13 +26,8 @@ WORK=$(mktemp -d /tmp/keyvault-bench-rotation.XXXXXX)
 PID=
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn > "$WORK/kv.out" 2> "$WORK/kv.err" &
-PID=$!
-for _ in $(seq 100); do grep -q "the certificate is the credential" "$WORK/kv.out" 2>/dev/null && break; sleep 0.1; done
-export KEYVAULT_ADDR KEYVAULT_CACERT KEYVAULT_TOKEN
-KEYVAULT_ADDR=$(awk '/Address:/ {print $2}' "$WORK/kv.out")
-KEYVAULT_CACERT=$(awk '/CA certificate:/ {print $3}' "$WORK/kv.out")
-KEYVAULT_TOKEN=$(awk '/Root token:/ {print $3}' "$WORK/kv.out")
+start_dev
+export KEYVAULT_ADDR=$ADDR KEYVAULT_CACERT=$CA KEYVAULT_TOKEN=$TOKEN
 load() { taskset -c 1 "$KV" bench "$@"; }
 now() { date +%s.%N; }
 rate() { awk -v r="$RECORDS" -v a="$1" -v b="$2" 'BEGIN {printf "\"seconds\": %.1f, \"records_per_second\": %d", b - a, r / (b - a)}'; }

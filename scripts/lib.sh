@@ -28,3 +28,17 @@ need_pip() {
         python3 -m pip install -q "$pkg"
     fi
 }
+
+# Start `keyvault dev` in the background pinned to CPU 0 with a fresh data directory
+# $WORK/kv (extra arguments are passed on), wait until it is ready, and set PID, ADDR, CA
+# and TOKEN from what it printed. Needs $KV (the binary) and $WORK.
+start_dev() {
+    rm -rf "$WORK/kv"
+    taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn "$@" \
+        > "$WORK/kv.out" 2> "$WORK/kv.err" &
+    PID=$!
+    for _ in $(seq 100); do grep -q "the certificate is the credential" "$WORK/kv.out" 2>/dev/null && break; sleep 0.1; done
+    ADDR=$(awk '/Address:/ {print $2}' "$WORK/kv.out")
+    CA=$(awk '/CA certificate:/ {print $3}' "$WORK/kv.out")
+    TOKEN=$(awk '/Root token:/ {print $3}' "$WORK/kv.out")
+}
