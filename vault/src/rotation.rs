@@ -283,12 +283,8 @@ impl Rotation {
         }
         let leased = encode_json(&r);
         let target = KeyVersion::new(r.target).ok_or_else(|| Error::Internal("rotation target 0".into()))?;
-        if self.keyring.load().master.active != target {
-            // This replica has not seen the new version yet: the keyring poller will.
-            if let Some(ring) = keys::load(self.store.as_ref()).await? {
-                self.keyring.store(Arc::new(ring));
-            }
-        }
+        // A replica that has not seen the target version yet learns it in
+        // `Barrier::rewrap_batch` (it re-reads the keyring for unknown versions).
         let page = self.store.scan_prefix(data_prefix(), r.cursor.as_deref(), BATCH).await?;
         let last = page.last().map(|(k, _)| k.clone());
         let (done, failed) = self.rewrap_page(page, target).await?;
@@ -379,20 +375,22 @@ impl Rotation {
             work.push((key, item));
         }
         let per_chunk = work.len().div_ceil(CHUNKS).max(1);
-        let mut set = tokio::task::JoinSet::new();
-        for (n, chunk) in work.chunks(per_chunk).enumerate() {
-            let items: Vec<RewrapItem> = chunk.iter().map(|(_, i)| i.clone()).collect();
-            let barrier = self.barrier.clone();
-            set.spawn(async move { (n, barrier.rewrap_batch(items, target).await) });
-        }
-        let mut results: Vec<Option<Vec<Rewrapped>>> = (0..work.len().div_ceil(per_chunk)).map(|_| None).collect();
-        while let Some(joined) = set.join_next().await {
-            let (n, res) = joined.map_err(|e| Error::Internal(format!("rewrap task: {e}")))?;
-            results[n] = Some(res?);
+        // The chunks run side by side; their results are taken in order.
+        let tasks: Vec<_> = work
+            .chunks(per_chunk)
+            .map(|chunk| {
+                let items: Vec<RewrapItem> = chunk.iter().map(|(_, i)| i.clone()).collect();
+                let barrier = self.barrier.clone();
+                tokio::spawn(async move { barrier.rewrap_batch(items, target).await })
+            })
+            .collect();
+        let mut results: Vec<Rewrapped> = Vec::with_capacity(work.len());
+        for task in tasks {
+            results.extend(task.await.map_err(|e| Error::Internal(format!("rewrap task: {e}")))??);
         }
         let mut swaps = Vec::new();
         let mut failed = 0u64;
-        for (outcome, (key, item)) in results.into_iter().flatten().flatten().zip(work) {
+        for (outcome, (key, item)) in results.into_iter().zip(work) {
             match outcome {
                 Ok(Some(new)) => swaps.push((key, item.stored, new)),
                 Ok(None) => {}
