@@ -68,15 +68,10 @@ impl HsmError {
     /// True when retrying later (after the token comes back) may succeed; the HTTP layer
     /// answers 503 for these.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            HsmError::Unavailable { .. }
-                | HsmError::PoolTimeout
-                | HsmError::TokenNotFound { .. }
-                // A key KeyVault's keyring names is missing: the token (or an HSM
-                // partition) went away or is being restored. Retryable, and fail closed.
-                | HsmError::KeyNotFound(_)
-        )
+        matches!(self, HsmError::Unavailable { .. } | HsmError::PoolTimeout | HsmError::TokenNotFound { .. })
+        // Not `KeyNotFound`: the token answers but a key that KeyVault's state names is
+        // not in it. That is a fault to fix (an error naming the key), not an outage to
+        // wait out; the store retries once after reconnecting before saying so.
     }
 }
 

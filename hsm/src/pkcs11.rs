@@ -187,6 +187,9 @@ pub struct Pkcs11KeyStore {
     handles: RwLock<HashMap<(String, u8), ObjectHandle>>,
     wrap: WrapMechanism,
     mechanisms: Vec<MechanismType>,
+    /// Serializes generation in this process: "is the label free" and "make the object"
+    /// are two calls, and two threads must not both find it free.
+    generating: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Pkcs11KeyStore {
@@ -276,6 +279,7 @@ impl Pkcs11KeyStore {
             handles: RwLock::new(HashMap::new()),
             wrap,
             mechanisms,
+            generating: std::sync::Mutex::new(()),
         };
         // Log in now so that a wrong PIN fails start-up, not the first request.
         drop(store.lease()?);
@@ -377,10 +381,30 @@ impl Pkcs11KeyStore {
                     tracing::warn!(key = %label, "key not found in the token; reconnecting once");
                     self.reconnect()?;
                 }
+                // Still missing after a fresh look. A token with no objects of ours at all
+                // is not the token we keep keys in (gone, swapped, being restored: retry
+                // later); one that has others is missing this key (a fault to fix).
+                Err(HsmError::KeyNotFound(label)) => {
+                    if self.token_is_empty(&lease)? {
+                        tracing::error!(token = %self.label, "the token holds no keys at all; treating it as unavailable");
+                        return Err(HsmError::TokenNotFound { label: self.label.clone() });
+                    }
+                    return Err(HsmError::KeyNotFound(label));
+                }
                 other => return other,
             }
             retried = true;
         }
+    }
+
+    /// Whether the token holds no private or secret key objects at all.
+    fn token_is_empty(&self, session: &Session) -> Result<bool> {
+        for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY] {
+            if !session.find_objects(&[Attribute::Token(true), Attribute::Class(class)])?.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Handle of the object with `label` and `class`, from cache or by `C_FindObjects`.
@@ -541,6 +565,7 @@ fn parse_ec_point(point: &[u8]) -> Result<[u8; 32]> {
 
 impl KeyStore for Pkcs11KeyStore {
     fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+        let _one_at_a_time = self.generating.lock().unwrap_or_else(|p| p.into_inner());
         self.run(|s, session| {
             if !s.objects_with_label(session, label)?.is_empty() {
                 return Err(HsmError::KeyExists(label.to_string()));

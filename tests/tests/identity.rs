@@ -387,13 +387,11 @@ async fn kubernetes_service_account_login() {
     let c = w.s.client();
     let root = w.s.root.clone();
     let signer = Signer::new("k1");
-    let keys_file = w.s.dir.path().join("sa.pub");
-    std::fs::write(&keys_file, signer.public_pem()).unwrap();
     ok(
         c.post(
             "auth/kubernetes/config",
             Some(&root),
-            json!({"issuer": ISS, "public_keys_file": keys_file, "audiences": ["keyvault"]}),
+            json!({"issuer": ISS, "public_keys": signer.public_pem(), "audiences": ["keyvault"]}),
         )
         .await,
         204,
@@ -451,34 +449,34 @@ async fn kubernetes_service_account_login() {
     assert_eq!(c.post("auth/kubernetes/login", None, json!({"role": "payments-api"})).await.status, 400);
     assert_eq!(c.post("auth/kubernetes/login", None, json!({"role": "nope", "jwt": "x.y.z"})).await.status, 401);
 
-    // Key rotation in the cluster: the JWKS file changes, new tokens verify, old ones not.
+    // Key rotation in the cluster: the admin posts the new JWKS; new tokens verify, old
+    // ones not.
     let rotated = Signer::new("k2");
-    std::fs::write(&keys_file, rotated.jwks()).unwrap();
-    // File stamps have one-second resolution on some file systems: make the change visible.
-    let later = std::time::SystemTime::now() + Duration::from_secs(2);
-    std::fs::File::options().write(true).open(&keys_file).unwrap().set_modified(later).unwrap();
+    let config = |keys: String| json!({"issuer": ISS, "public_keys": keys, "audiences": ["keyvault"]});
+    ok(c.post("auth/kubernetes/config", Some(&root), config(rotated.jwks())).await, 204);
     token(&login(rotated.sign(&claims("payments", "api", "keyvault", ISS, 600))).await);
     assert_eq!(login(signer.sign(&claims("payments", "api", "keyvault", ISS, 600))).await.status, 401);
-    // A broken file keeps the last good keys.
-    std::fs::write(&keys_file, "not a key").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&keys_file)
-        .unwrap()
-        .set_modified(later + Duration::from_secs(2))
-        .unwrap();
+    // A broken document is refused and the last good keys stay.
+    let r = ok(c.post("auth/kubernetes/config", Some(&root), config("not a key".into())).await, 400);
+    assert!(!r.body.to_string().contains("not a key"), "errors never echo the input: {r:?}");
     token(&login(rotated.sign(&claims("payments", "api", "keyvault", ISS, 600))).await);
-    // Roles need bounds; the config needs an audience and a readable key file.
+    // No request names a file on the server, and key documents are size-capped.
+    for path in ["/dev/zero", "/etc/passwd", "/nonexistent"] {
+        let r = c
+            .post(
+                "auth/kubernetes/config",
+                Some(&root),
+                json!({"issuer": ISS, "public_keys_file": path, "audiences": ["k"]}),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert!(!r.body.to_string().contains("root:"), "{r:?}");
+    }
+    let huge = format!("{}{}", rotated.public_pem(), " ".repeat(70 * 1024));
+    ok(c.post("auth/kubernetes/config", Some(&root), config(huge)).await, 400);
+    assert_eq!(c.get("sys/health", &root).await.status, 200);
+    // Roles need bounds.
     ok(c.post("auth/kubernetes/role/loose", Some(&root), json!({"bound_service_account_names": ["api"]})).await, 400);
-    ok(
-        c.post(
-            "auth/kubernetes/config",
-            Some(&root),
-            json!({"issuer": ISS, "public_keys_file": "/nonexistent", "audiences": ["k"]}),
-        )
-        .await,
-        400,
-    );
 }
 
 #[tokio::test]

@@ -88,9 +88,84 @@ pub struct ListenerConfig {
     /// PEM CRL files checked for client certificates (reloaded with the rest).
     #[serde(default)]
     pub crl_files: Vec<PathBuf>,
+    /// A TLS handshake must complete within this.
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// An HTTP/1.1 request's headers must arrive within this.
+    #[serde(default = "default_header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this (408 otherwise).
+    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving is closed after this.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Open connections in all (lowered to fit the open-file limit).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections from one source address (an IPv6 /64).
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Request bodies being received at once, in bytes, across all connections (a
+    /// request waits for room, up to `body_timeout`, then gets 503).
+    #[serde(default = "default_max_body_bytes_in_flight")]
+    pub max_body_bytes_in_flight: usize,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_address() -> usize {
+    256
+}
+fn default_max_body_bytes_in_flight() -> usize {
+    256 * 1024 * 1024
 }
 
 impl ListenerConfig {
+    /// A listener with the default bounds.
+    pub fn new(address: SocketAddr, tls_cert_file: PathBuf, tls_key_file: PathBuf) -> Self {
+        ListenerConfig {
+            address,
+            tls_cert_file,
+            tls_key_file,
+            max_request_bytes: default_max_request_bytes(),
+            client_auth: ClientAuth::Off,
+            client_ca_file: None,
+            crl_files: Vec::new(),
+            handshake_timeout: default_handshake_timeout(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_address: default_max_connections_per_address(),
+            max_body_bytes_in_flight: default_max_body_bytes_in_flight(),
+        }
+    }
+
+    /// The transport bounds of the listener.
+    pub fn limits(&self) -> crate::http::server::Limits {
+        crate::http::server::Limits {
+            handshake_timeout: self.handshake_timeout,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+        }
+    }
+
     pub fn tls_files(&self) -> TlsFiles {
         TlsFiles {
             cert: self.tls_cert_file.clone(),
@@ -202,6 +277,11 @@ pub struct TokenConfig {
     /// The `iss` claim.
     #[serde(default = "default_issuer")]
     pub issuer: String,
+    /// How far this replica's clock may be from the storage's (PostgreSQL's clock, which
+    /// all replicas share) before it refuses to serve (503). Token expiry and the
+    /// gateway's skew window read the local clock; revocations never compare clocks.
+    #[serde(default = "default_max_clock_offset", deserialize_with = "duration")]
+    pub max_clock_offset: Duration,
 }
 
 fn default_ttl() -> Duration {
@@ -210,13 +290,21 @@ fn default_ttl() -> Duration {
 fn default_max_ttl() -> Duration {
     Duration::from_secs(3600)
 }
+fn default_max_clock_offset() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_issuer() -> String {
     "keyvault".into()
 }
 
 impl Default for TokenConfig {
     fn default() -> Self {
-        TokenConfig { default_ttl: default_ttl(), max_ttl: default_max_ttl(), issuer: default_issuer() }
+        TokenConfig {
+            default_ttl: default_ttl(),
+            max_ttl: default_max_ttl(),
+            issuer: default_issuer(),
+            max_clock_offset: default_max_clock_offset(),
+        }
     }
 }
 
@@ -311,6 +399,23 @@ impl Config {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(Error::Config("log.format must be \"text\" or \"json\"".into()));
+        }
+        let l = &self.listener;
+        for (name, d) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("header_timeout", l.header_timeout),
+            ("body_timeout", l.body_timeout),
+            ("idle_timeout", l.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::Config(format!("listener.{name} must be positive")));
+            }
+        }
+        if l.max_connections == 0 || l.max_connections_per_address == 0 {
+            return Err(Error::Config("listener.max_connections(_per_address) must be positive".into()));
+        }
+        if l.max_body_bytes_in_flight < l.max_request_bytes {
+            return Err(Error::Config("listener.max_body_bytes_in_flight must be at least max_request_bytes".into()));
         }
         if self.listener.max_request_bytes < 1024 {
             return Err(Error::Config("listener.max_request_bytes must be at least 1024".into()));

@@ -97,13 +97,9 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
     let pki = layout.pki();
     Config {
         listener: ListenerConfig {
-            address,
-            tls_cert_file: pki.server_cert,
-            tls_key_file: pki.server_key,
-            max_request_bytes: 1024 * 1024,
             client_auth: ClientAuth::Optional,
             client_ca_file: Some(pki.client_ca_cert),
-            crl_files: Vec::new(),
+            ..ListenerConfig::new(address, pki.server_cert, pki.server_key)
         },
         storage: StorageConfig::Sled { path: layout.storage_dir() },
         hsm: HsmConfig {
@@ -143,7 +139,8 @@ pub async fn ensure_dev_client(vault: &crate::vault::Vault, layout: &DevLayout) 
         "token_policies": [DEV_CLIENT_ROLE],
         "allow_direct": true,
     });
-    vault.cert.write_role(DEV_CLIENT_ROLE, role.to_string().as_bytes()).await
+    let current = vault.cert.current(DEV_CLIENT_ROLE).await?;
+    vault.cert.write_role(DEV_CLIENT_ROLE, role.to_string().as_bytes(), current.as_deref()).await
 }
 
 pub const DEV_CLIENT_ROLE: &str = "dev-client";

@@ -26,6 +26,13 @@ pub enum AuthFailure {
     Revoked,
     /// The token's identity (role, certificate, SPIFFE ID) was revoked (kill switch).
     RevokedIdentity,
+    /// The connection's client certificate was revoked (CRL) after the handshake.
+    CertificateRevoked,
+    /// Right credentials of a revoked identity at login: answered like wrong ones.
+    LoginRevokedIdentity,
+    /// Right credentials of a role that binds tokens to a certificate, at a login without
+    /// one: answered like wrong ones.
+    LoginCertificateRequired,
 }
 
 impl AuthFailure {
@@ -41,7 +48,9 @@ impl AuthFailure {
             AuthFailure::CertificateRequired => "certificate_required",
             AuthFailure::CertificateMismatch => "certificate_mismatch",
             AuthFailure::Revoked => "token_revoked",
-            AuthFailure::RevokedIdentity => "identity_revoked",
+            AuthFailure::RevokedIdentity | AuthFailure::LoginRevokedIdentity => "identity_revoked",
+            AuthFailure::LoginCertificateRequired => "certificate_required",
+            AuthFailure::CertificateRevoked => "certificate_revoked",
         }
     }
 
@@ -49,12 +58,15 @@ impl AuthFailure {
     pub fn public_message(self) -> &'static str {
         match self {
             AuthFailure::MissingToken => "missing client token",
-            AuthFailure::InvalidCredentials => "invalid credentials",
+            AuthFailure::InvalidCredentials
+            | AuthFailure::LoginRevokedIdentity
+            | AuthFailure::LoginCertificateRequired => "invalid credentials",
             AuthFailure::Expired => "token expired",
             AuthFailure::CertificateRequired | AuthFailure::CertificateMismatch => {
                 "the token is bound to a client certificate that this connection did not present"
             }
             AuthFailure::Revoked => "token revoked",
+            AuthFailure::CertificateRevoked => "the client certificate is revoked",
             AuthFailure::RevokedIdentity => "identity revoked",
             _ => "invalid token",
         }
@@ -91,6 +103,13 @@ pub enum Error {
     /// Too many attempts (429).
     #[error("too many requests, retry after {retry_after_secs} s")]
     TooManyRequests { retry_after_secs: u64 },
+    /// This replica cannot serve now (its clock is too far from the others'); the message
+    /// is ours and safe to show (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The request took too long to arrive (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -124,6 +143,8 @@ impl Error {
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::TooManyRequests { .. } => "rate_limited",
+            Error::Unavailable(_) => "unavailable",
+            Error::RequestTimeout(_) => "request_timeout",
             Error::Store(_) => "storage_error",
             Error::Hsm(_) => "hsm_error",
             Error::Barrier(_) => "integrity_error",

@@ -29,6 +29,16 @@ use crate::unix_now;
 const PREFIX: &str = "gateway/producers/";
 pub const MAX_BATCH: usize = 1000;
 const MAX_SKEW: u64 = 300;
+/// The longest a nonce is remembered (a day).
+const MAX_NONCE_TTL: u64 = 24 * 3600;
+/// Nonces: 16 to 128 characters of `[A-Za-z0-9_-]` (base64url), so that the signing input
+/// `"{timestamp}.{nonce}." + body` splits one way only (neither part can contain `.`).
+pub const NONCE_MIN: usize = 16;
+pub const NONCE_MAX: usize = 128;
+
+fn valid_nonce(n: &str) -> bool {
+    (NONCE_MIN..=NONCE_MAX).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
 
 /// One signing key of a producer. Several at once give a dual-validation window during a
 /// key rotation; `not_after` closes it.
@@ -114,9 +124,13 @@ impl Producer {
         if !(1..=MAX_SKEW).contains(&self.clock_skew_seconds) {
             return Err(Error::invalid(format!("clock_skew_seconds must be 1-{MAX_SKEW}")));
         }
-        // A nonce must be remembered for as long as its timestamp can be accepted.
-        if self.nonce_ttl_seconds < 2 * self.clock_skew_seconds {
-            return Err(Error::invalid("nonce_ttl_seconds must be at least twice clock_skew_seconds"));
+        // A nonce must be remembered for as long as its timestamp can be accepted: from
+        // `now - skew` to `now + skew` in whole seconds, so 2 x skew + 1 seconds at least.
+        let min_ttl = 2 * self.clock_skew_seconds + 1;
+        if !(min_ttl..=MAX_NONCE_TTL).contains(&self.nonce_ttl_seconds) {
+            return Err(Error::invalid(format!(
+                "nonce_ttl_seconds must be between 2 x clock_skew_seconds + 1 ({min_ttl}) and {MAX_NONCE_TTL}"
+            )));
         }
         self.disabled = false;
         Ok(self)
@@ -192,7 +206,7 @@ fn parse(item: &VerifyItem) -> Option<Parsed> {
         return None;
     }
     let ts = ts_text.parse().ok()?;
-    let nonce = item.nonce.clone().filter(|n| (16..=256).contains(&n.len()) && !n.chars().any(char::is_control))?;
+    let nonce = item.nonce.clone().filter(|n| valid_nonce(n))?;
     let sig = STANDARD.decode(item.signature.as_deref()?).ok()?;
     let signature = Signature::from_slice(&sig).ok()?;
     let body = STANDARD.decode(item.body.as_deref()?).ok()?;
@@ -200,9 +214,13 @@ fn parse(item: &VerifyItem) -> Option<Parsed> {
 }
 
 /// The tenant rule: `signed_metadata.{tenant_id, operator_id, campaign_id}` equal the
-/// top-level fields, and the operator belongs to the tenant.
+/// top-level fields, and the operator belongs to the tenant. A body with a duplicate key
+/// anywhere fails it: a parser downstream that takes the first of two `tenant_id`s would
+/// see another tenant than this check.
 fn tenant_ok(body: &[u8], tenants: &BTreeMap<String, String>) -> bool {
-    let Ok(serde_json::Value::Object(b)) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+    let Ok(serde_json::Value::Object(b)) = crate::json::from_slice_strict::<serde_json::Value>(body) else {
+        return false;
+    };
     let Some(serde_json::Value::Object(meta)) = b.get("signed_metadata") else { return false };
     let field =
         |m: &serde_json::Map<String, serde_json::Value>, k: &str| m.get(k).and_then(|v| v.as_str()).map(str::to_owned);
@@ -231,10 +249,21 @@ impl Gateway {
         format!("{PREFIX}{identity}")
     }
 
-    pub async fn put_producer(&self, identity: &str, p: Producer) -> Result<()> {
+    /// Register or replace a producer if its stored bytes are still `expected` (`None`: it
+    /// must not exist); 409 otherwise.
+    pub async fn put_producer(&self, identity: &str, p: Producer, expected: Option<&[u8]>) -> Result<()> {
         validate_identity(identity)?;
-        self.store.put(&Self::key(identity), &encode_json(&p.validate()?)).await?;
+        let new = encode_json(&p.validate()?);
+        if !self.store.compare_and_swap(&Self::key(identity), expected, Some(&new)).await? {
+            return Err(Error::Conflict(format!("producer {identity} changed concurrently; retry")));
+        }
         Ok(())
+    }
+
+    /// The stored bytes of a producer (the existence check of a write).
+    pub async fn producer_raw(&self, identity: &str) -> Result<Option<Vec<u8>>> {
+        validate_identity(identity)?;
+        Ok(self.store.get(&Self::key(identity)).await?)
     }
 
     pub async fn producer(&self, identity: &str) -> Result<Option<Producer>> {
@@ -317,11 +346,10 @@ impl Gateway {
             let revoked = match revoked_cache.get(&pair) {
                 Some(r) => *r,
                 None => {
-                    let blocks = |r: Option<(u64, bool)>| r.is_some_and(|(_, blocks)| blocks);
                     let r = prod.disabled
-                        || blocks(revocations.identity_revocation(&Identity::Certificate(p.cert.clone())).await?)
+                        || revocations.identity_state(&Identity::Certificate(p.cert.clone())).await?.blocks_logins
                         || (p.identity.starts_with("spiffe://")
-                            && blocks(revocations.identity_revocation(&Identity::Spiffe(p.identity.clone())).await?));
+                            && revocations.identity_state(&Identity::Spiffe(p.identity.clone())).await?.blocks_logins);
                     revoked_cache.insert(pair, r);
                     r
                 }

@@ -114,11 +114,32 @@ pub struct KeyFamily {
     /// When `active` last changed (unix seconds).
     #[serde(default)]
     pub activated_at: u64,
+    /// A version being generated: claimed in the keyring before its token object is made,
+    /// so that of concurrent rotations exactly one makes it (see [`add_version`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingVersion>,
 }
+
+/// A version whose token object is being generated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingVersion {
+    pub version: KeyVersion,
+    /// Unix seconds after which another request may finish it (its owner crashed).
+    pub until: u64,
+}
+
+/// How long a pending version is its claimer's alone.
+const PENDING_LEASE: u64 = 60;
 
 impl KeyFamily {
     fn first() -> Self {
-        KeyFamily { active: KeyVersion::FIRST, versions: vec![KeyVersion::FIRST], activated_at: crate::unix_now() }
+        KeyFamily {
+            active: KeyVersion::FIRST,
+            versions: vec![KeyVersion::FIRST],
+            activated_at: crate::unix_now(),
+            pending: None,
+        }
     }
 }
 
@@ -212,37 +233,48 @@ impl Family {
 }
 
 /// Generate version N+1 of a family inside the token and make it active (the first step
-/// of a rotation). The keyring is updated by compare-and-swap, so two concurrent callers
-/// cannot both claim N+1.
+/// of a rotation). The version is claimed in the keyring first (compare-and-swap), so of
+/// concurrent callers, on any replica, exactly one generates it and the others get 409;
+/// then the new version is recorded by a second compare-and-swap. Nothing is ever
+/// destroyed here: a token object left by a claimer that crashed is adopted by whoever
+/// finishes its claim (no committed state ever referenced it).
 pub async fn add_version(
     store: &dyn Store,
     keys: &Arc<dyn KeyStore>,
     names: &KeyNames,
     family: Family,
 ) -> Result<Keyring> {
+    let conflict = || Error::Conflict("a new key version is being made by another request; retry".into());
     let raw = store.get(KEYRING_KEY).await?.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
     let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
+    let now = crate::unix_now();
     let fam = family.of(&mut ring);
-    let next = fam.versions.iter().copied().max().unwrap_or(fam.active).next();
+    let next = match &fam.pending {
+        Some(p) if p.until > now => return Err(conflict()),
+        Some(p) => p.version,
+        None => fam.versions.iter().copied().max().unwrap_or(fam.active).next(),
+    };
+    fam.pending = Some(PendingVersion { version: next, until: now.saturating_add(PENDING_LEASE) });
+    let claimed = encode_json(&ring);
+    if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&claimed)).await? {
+        return Err(conflict());
+    }
     let label = family.label(names, next);
     let l = label.clone();
     match hsm_call(keys, move |k| k.generate(&l, family.kind())).await {
         Ok(()) => {}
-        // Left by a rotation that crashed before recording it: replace it.
         Err(Error::Hsm(keyvault_hsm::HsmError::KeyExists(_))) => {
-            let l = label.clone();
-            hsm_call(keys, move |k| k.destroy(&l)).await?;
-            let l = label.clone();
-            hsm_call(keys, move |k| k.generate(&l, family.kind())).await?;
+            tracing::warn!(?family, version = %next, "adopting a key object left by an interrupted rotation");
         }
         Err(e) => return Err(e),
     }
+    let fam = family.of(&mut ring);
+    fam.pending = None;
     fam.versions.push(next);
     fam.active = next;
     fam.activated_at = crate::unix_now();
-    if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
-        let _ = hsm_call(keys, move |k| k.destroy(&label)).await;
-        return Err(Error::Conflict("the keyring changed concurrently; retry".into()));
+    if !store.compare_and_swap(KEYRING_KEY, Some(&claimed), Some(&encode_json(&ring))).await? {
+        return Err(conflict());
     }
     tracing::info!(?family, version = %next, "new key version is active");
     Ok(ring)

@@ -17,6 +17,7 @@ pub mod dev;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod json;
 pub mod keys;
 pub mod policy;
 pub mod rotation;

@@ -308,9 +308,12 @@ async fn serve(
     let listener = http::server::bind(config.listener.address).await?;
     let addr = listener.local_addr()?;
     let background = vault.spawn_background();
-    let app = http::router(AppState { vault, audit: audit.clone(), max_body: config.listener.max_request_bytes });
+    let app =
+        http::router(AppState { vault, audit: audit.clone(), body: http::BodyLimits::from_config(&config.listener) });
+    let mut limits = config.listener.limits();
+    limits.max_connections = http::server::fit_file_limit(limits.max_connections);
     on_listening(addr, &audit);
-    http::server::serve(listener, tls.current(), app, http::server::shutdown_signal()).await?;
+    http::server::serve(listener, tls.current(), tls.revoked(), app, limits, http::server::shutdown_signal()).await?;
     for task in background {
         task.abort();
     }

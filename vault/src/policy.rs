@@ -305,12 +305,27 @@ impl PolicyStore {
     }
 
     pub async fn put(&self, name: &str, text: &str) -> Result<()> {
+        let expected = self.raw(name).await?;
+        self.put_if(name, text, expected.as_deref()).await
+    }
+
+    /// The stored bytes of policy `name`, if any (the existence check of a write).
+    pub async fn raw(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        validate_name(name)?;
+        Ok(self.store.get(&key(name)).await?)
+    }
+
+    /// Create or replace policy `name` if its stored bytes are still `expected` (`None`:
+    /// it must not exist); 409 otherwise.
+    pub async fn put_if(&self, name: &str, text: &str, expected: Option<&[u8]>) -> Result<()> {
         if name == ROOT_POLICY {
             return Err(Error::invalid("the root policy cannot be changed"));
         }
         let policy = Policy::parse(name, text)?;
         let raw = encode_json(&StoredPolicy { name: name.to_owned(), text: text.to_owned() });
-        self.store.put(&key(name), &raw).await?;
+        if !self.store.compare_and_swap(&key(name), expected, Some(&raw)).await? {
+            return Err(Error::Conflict(format!("policy {name} changed concurrently; retry")));
+        }
         self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), Arc::new(policy));
         Ok(())
     }

@@ -172,6 +172,13 @@ fn now_rfc3339() -> String {
 /// Check that a value is a JSON object, without copying its (secret) values: they are
 /// borrowed as raw JSON and the original bytes are what gets sealed.
 pub fn validate_value(body: &[u8]) -> Result<()> {
+    crate::json::check_no_duplicate_keys(body).map_err(|e| {
+        if crate::json::is_duplicate_key_error(&e) {
+            Error::invalid("the secret must be a JSON object: duplicate key in a JSON object")
+        } else {
+            Error::invalid(format!("the secret must be a JSON object: {}", json_error_category(&e)))
+        }
+    })?;
     serde_json::from_slice::<BTreeMap<String, &RawValue>>(body)
         .map(drop)
         .map_err(|e| Error::invalid(format!("the secret must be a JSON object: {}", json_error_category(&e))))

@@ -131,6 +131,47 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// The certificates the loaded CRLs revoke, as (issuer name DER, serial number bytes):
+/// consulted on every request, so that a CRL reload reaches connections opened before it
+/// (the handshake only checks the CRLs of its own moment).
+#[derive(Debug, Default)]
+pub struct RevokedCerts(std::collections::HashSet<(Vec<u8>, Vec<u8>)>);
+
+impl RevokedCerts {
+    /// Parse the CRLs of a listener (the same files the handshake verifier uses).
+    pub fn from_files(files: &[PathBuf]) -> Result<Self> {
+        use x509_parser::prelude::FromDer;
+        let mut set = std::collections::HashSet::new();
+        for f in files {
+            for der in load_crls(f)? {
+                let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+                    .map_err(|e| Error::Config(format!("CRL in {}: {e}", f.display())))?;
+                let issuer = crl.issuer().as_raw().to_vec();
+                for r in crl.iter_revoked_certificates() {
+                    set.insert((issuer.clone(), r.raw_serial().to_vec()));
+                }
+            }
+        }
+        Ok(RevokedCerts(set))
+    }
+
+    pub fn contains(&self, cert: &ClientCert) -> bool {
+        !self.0.is_empty() && self.0.contains(&(cert.issuer_der.clone(), cert.serial.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The live set of revoked client certificates, shared by the listener and every
+/// connection's [`crate::vault::Peer`].
+pub type SharedRevoked = Arc<ArcSwap<RevokedCerts>>;
+
 /// A file's identity and size as seen by the last (re)load.
 type Stamp = Option<(std::time::SystemTime, u64, u64)>;
 
@@ -146,14 +187,26 @@ fn stamp(p: &Path) -> Stamp {
 pub struct TlsReloader {
     files: TlsFiles,
     current: Arc<ArcSwap<ServerConfig>>,
+    revoked: SharedRevoked,
     stamps: Mutex<Vec<Stamp>>,
 }
 
 impl TlsReloader {
     pub fn new(files: TlsFiles) -> Result<Arc<Self>> {
         let config = server_config(&files)?;
+        let revoked = RevokedCerts::from_files(&files.crls)?;
         let stamps = files.watched().iter().map(|p| stamp(p)).collect();
-        Ok(Arc::new(TlsReloader { files, current: Arc::new(ArcSwap::new(config)), stamps: Mutex::new(stamps) }))
+        Ok(Arc::new(TlsReloader {
+            files,
+            current: Arc::new(ArcSwap::new(config)),
+            revoked: Arc::new(ArcSwap::from_pointee(revoked)),
+            stamps: Mutex::new(stamps),
+        }))
+    }
+
+    /// The revoked client certificates of the current CRLs (see [`RevokedCerts`]).
+    pub fn revoked(&self) -> SharedRevoked {
+        self.revoked.clone()
     }
 
     /// The configuration handle the listener reads for every new connection.
@@ -164,9 +217,10 @@ impl TlsReloader {
     /// Rebuild from the files. On failure the running configuration stays.
     pub fn reload(&self, why: &str) -> bool {
         let stamps: Vec<Stamp> = self.files.watched().iter().map(|p| stamp(p)).collect();
-        match server_config(&self.files) {
-            Ok(config) => {
+        match server_config(&self.files).and_then(|c| Ok((c, RevokedCerts::from_files(&self.files.crls)?))) {
+            Ok((config, revoked)) => {
                 self.current.store(config);
+                self.revoked.store(Arc::new(revoked));
                 *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
                 tracing::info!(trigger = why, "TLS configuration reloaded");
                 true
@@ -198,13 +252,19 @@ impl TlsReloader {
                         None => std::future::pending().await,
                     }
                 };
+                // File reads happen on a blocking thread, never on a runtime worker.
                 tokio::select! {
-                    _ = sighup => { me.reload("SIGHUP"); }
+                    _ = sighup => {
+                        let m = me.clone();
+                        let _ = tokio::task::spawn_blocking(move || m.reload("SIGHUP")).await;
+                    }
                     _ = tick.tick() => {
-                        if me.changed() {
+                        let m = me.clone();
+                        if tokio::task::spawn_blocking(move || m.changed()).await.unwrap_or(false) {
                             // Give a writer a moment to finish (files replaced one by one).
                             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            me.reload("file change");
+                            let m = me.clone();
+                            let _ = tokio::task::spawn_blocking(move || m.reload("file change")).await;
                         }
                     }
                 }
@@ -223,6 +283,9 @@ pub struct ClientCert {
     pub common_name: Option<String>,
     pub dns_sans: Vec<String>,
     pub uri_sans: Vec<String>,
+    /// Issuer name (DER) and serial number, to look the certificate up in CRLs.
+    pub issuer_der: Vec<u8>,
+    pub serial: Vec<u8>,
 }
 
 impl ClientCert {
@@ -237,10 +300,14 @@ impl ClientCert {
             common_name: None,
             dns_sans: Vec::new(),
             uri_sans: Vec::new(),
+            issuer_der: Vec::new(),
+            serial: Vec::new(),
         };
         // The handshake already verified the certificate; a parse failure here only
         // means no name-based identities.
         if let Ok((_, x)) = X509Certificate::from_der(der) {
+            c.issuer_der = x.issuer().as_raw().to_vec();
+            c.serial = x.raw_serial().to_vec();
             c.common_name = x.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
             if let Ok(Some(san)) = x.subject_alternative_name() {
                 for name in &san.value.general_names {

@@ -58,6 +58,14 @@ pub struct Claims {
     /// The SPIFFE ID of the client certificate of the login, for the kill switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spiffe: Option<String>,
+    /// The generations of the token's identities when it was issued (kill switch; see
+    /// `auth::revocation`). Absent kinds are generation 0.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub idg: crate::auth::revocation::Generations,
+    /// The accessor of the credential this token was issued for (a bootstrap token):
+    /// revoking it revokes this token too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub par: Option<String>,
 }
 
 /// What to put in a new token.
@@ -71,6 +79,8 @@ pub struct TokenSpec {
     pub max_ttl_secs: u64,
     pub cnf: Option<Confirmation>,
     pub spiffe: Option<String>,
+    pub generations: crate::auth::revocation::Generations,
+    pub parent: Option<String>,
 }
 
 /// A freshly signed token. The token string is a bearer credential.
@@ -185,20 +195,25 @@ impl TokenIssuer {
     pub async fn issue(&self, spec: TokenSpec) -> Result<IssuedToken> {
         let now = unix_now();
         let ttl = spec.ttl_secs.min(spec.max_ttl_secs).max(1);
+        let (Some(exp), Some(max_exp)) = (now.checked_add(ttl), now.checked_add(spec.max_ttl_secs.max(ttl))) else {
+            return Err(Error::invalid("token lifetime out of range"));
+        };
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: spec.sub,
             iat: now,
             nbf: now,
-            exp: now + ttl,
+            exp,
             jti: uuid::Uuid::new_v4().to_string(),
             acc: uuid::Uuid::new_v4().simple().to_string(),
             pol: spec.policies,
             meth: spec.method,
             role: spec.role,
-            max_exp: Some(now + spec.max_ttl_secs.max(ttl)),
+            max_exp: Some(max_exp),
             cnf: spec.cnf,
             spiffe: spec.spiffe,
+            idg: spec.generations,
+            par: spec.parent,
         };
         let token = self.sign(&claims).await?;
         Ok(IssuedToken { token, claims })
@@ -302,6 +317,8 @@ mod tests {
             max_ttl_secs: 3600,
             cnf: None,
             spiffe: None,
+            generations: Default::default(),
+            parent: None,
         }
     }
 

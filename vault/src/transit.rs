@@ -19,7 +19,8 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::hsm_call;
 use crate::keys::KeyNames;
-use crate::store::{Store, decode_json, encode_json, list_names};
+use crate::store::{Store, decode_json, encode_json};
+use crate::unix_now;
 
 const PREFIX: &str = "transit/keys/";
 
@@ -59,6 +60,39 @@ pub struct TransitKey {
     pub latest_version: u32,
     pub min_decryption_version: u32,
     pub deletion_allowed: bool,
+    /// A change in progress (create, rotate, delete) that touches the token: claimed in
+    /// the store before any token object is made or destroyed, so that of concurrent
+    /// requests exactly one does it, on any replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+}
+
+/// A claimed change of a transit key (see [`TransitKey::operation`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    /// `create`, `rotate` or `delete`.
+    pub kind: String,
+    /// The version being made (create, rotate).
+    pub version: u32,
+    pub owner: String,
+    /// Unix seconds after which another request may take the operation over (its owner
+    /// crashed): it finishes it, adopting a token object the owner left.
+    pub until: u64,
+}
+
+/// How long a claimed operation is its owner's alone.
+const OPERATION_LEASE: u64 = 60;
+
+impl TransitKey {
+    /// Usable for operations: not being created or deleted.
+    fn usable(&self) -> bool {
+        !matches!(self.operation.as_ref().map(|o| o.kind.as_str()), Some("create" | "delete"))
+    }
+
+    fn busy(&self, now: u64) -> Option<&Operation> {
+        self.operation.as_ref().filter(|o| o.until > now)
+    }
 }
 
 /// Transit key names: 1-32 characters of `[A-Za-z0-9._-]` (they become HSM labels).
@@ -129,20 +163,23 @@ impl Transit {
     }
 
     pub async fn get(&self, name: &str) -> Result<TransitKey> {
-        self.load_raw(name).await?.map(|(_, k)| k).ok_or_else(|| Error::NotFound(format!("no transit key {name}")))
+        self.load_raw(name)
+            .await?
+            .map(|(_, k)| k)
+            .filter(TransitKey::usable)
+            .ok_or_else(|| Error::NotFound(format!("no transit key {name}")))
     }
 
+    /// Make version `v` of a key in the token, or adopt the object an owner that crashed
+    /// left under that label (it was never referenced by committed state, so nothing was
+    /// encrypted or signed with it). Only the holder of the key's operation calls this.
     async fn new_version(&self, name: &str, key_type: KeyType, v: u32) -> Result<KeyVersionMeta> {
         let label = self.label(name, v)?;
         let l = label.clone();
         match hsm_call(&self.keys, move |k| k.generate(&l, key_type.kind())).await {
             Ok(()) => {}
-            // Left over from an interrupted create or rotation: start that version afresh.
             Err(Error::Hsm(HsmError::KeyExists(_))) => {
-                let l = label.clone();
-                hsm_call(&self.keys, move |k| k.destroy(&l)).await?;
-                let l = label.clone();
-                hsm_call(&self.keys, move |k| k.generate(&l, key_type.kind())).await?;
+                tracing::warn!(key = name, version = v, "adopting a key object left by an interrupted operation");
             }
             Err(e) => return Err(e),
         }
@@ -156,89 +193,157 @@ impl Transit {
         Ok(KeyVersionMeta { creation_time: now_rfc3339(), public_key })
     }
 
-    /// Create a key (version 1). Creating an existing key of the same type is a no-op.
+    fn claim(&self, kind: &str, version: u32) -> Operation {
+        Operation {
+            kind: kind.to_owned(),
+            version,
+            owner: uuid::Uuid::new_v4().simple().to_string(),
+            until: unix_now().saturating_add(OPERATION_LEASE),
+        }
+    }
+
+    fn conflict(name: &str) -> Error {
+        Error::Conflict(format!("transit key {name} is being changed by another request; retry"))
+    }
+
+    /// Replace the stored metadata if it is still `expected`; 409 otherwise.
+    async fn swap(&self, name: &str, expected: Option<&[u8]>, key: Option<&TransitKey>) -> Result<Vec<u8>> {
+        let new = key.map(encode_json);
+        if !self.store.compare_and_swap(&key_path(name), expected, new.as_deref()).await? {
+            return Err(Self::conflict(name));
+        }
+        Ok(new.unwrap_or_default())
+    }
+
+    /// Create a key (version 1). Creating an existing key of the same type is a no-op; of
+    /// concurrent creates of a new key, one makes it and the others get 409.
     pub async fn create(&self, name: &str, key_type: KeyType) -> Result<TransitKey> {
-        if let Some((_, existing)) = self.load_raw(name).await? {
-            if existing.key_type != key_type {
-                return Err(Error::Conflict(format!("transit key {name} exists with another type")));
+        let now = unix_now();
+        let (expected, mut key) = match self.load_raw(name).await? {
+            Some((_, existing)) if existing.operation.is_none() => {
+                if existing.key_type != key_type {
+                    return Err(Error::Conflict(format!("transit key {name} exists with another type")));
+                }
+                return Ok(existing);
             }
-            return Ok(existing);
-        }
-        let v1 = self.new_version(name, key_type, 1).await?;
-        let key = TransitKey {
-            key_type,
-            versions: [(1, v1)].into(),
-            latest_version: 1,
-            min_decryption_version: 1,
-            deletion_allowed: false,
+            Some((_, existing)) if existing.busy(now).is_some() => return Err(Self::conflict(name)),
+            // An interrupted create (take it over) or an interrupted delete (refuse).
+            Some((raw, existing)) => {
+                if existing.operation.as_ref().is_some_and(|o| o.kind != "create") {
+                    return Err(Self::conflict(name));
+                }
+                (Some(raw), existing)
+            }
+            None => (
+                None,
+                TransitKey {
+                    key_type,
+                    versions: BTreeMap::new(),
+                    latest_version: 0,
+                    min_decryption_version: 1,
+                    deletion_allowed: false,
+                    operation: None,
+                },
+            ),
         };
-        if !self.store.insert_if_absent(&key_path(name), &encode_json(&key), None).await? {
-            return Err(Error::Conflict(format!("transit key {name} is being created concurrently")));
-        }
+        key.operation = Some(self.claim("create", 1));
+        let claimed = self.swap(name, expected.as_deref(), Some(&key)).await?;
+        let v1 = self.new_version(name, key.key_type, 1).await?;
+        key.versions.insert(1, v1);
+        key.latest_version = 1;
+        key.operation = None;
+        self.swap(name, Some(&claimed), Some(&key)).await?;
         tracing::info!(key = name, ?key_type, "transit key created");
         Ok(key)
     }
 
-    /// Add a version and make it the one new operations use.
+    /// Add a version and make it the one new operations use. Of concurrent rotations one
+    /// wins; the others get 409 and change nothing.
     pub async fn rotate(&self, name: &str) -> Result<TransitKey> {
         let (raw, mut key) =
             self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
-        let v = key.latest_version + 1;
+        if !key.usable() && key.operation.as_ref().is_some_and(|o| o.kind != "rotate") {
+            return Err(Error::NotFound(format!("no transit key {name}")));
+        }
+        if key.busy(unix_now()).is_some() {
+            return Err(Self::conflict(name));
+        }
+        // A rotation a crashed owner left is finished with its version number.
+        let v = match &key.operation {
+            Some(o) => o.version,
+            None => key.latest_version + 1,
+        };
+        key.operation = Some(self.claim("rotate", v));
+        let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
         let meta = self.new_version(name, key.key_type, v).await?;
         key.versions.insert(v, meta);
         key.latest_version = v;
-        if !self.store.compare_and_swap(&key_path(name), Some(&raw), Some(&encode_json(&key))).await? {
-            let label = self.label(name, v)?;
-            let _ = hsm_call(&self.keys, move |k| k.destroy(&label)).await;
-            return Err(Error::Conflict(format!("transit key {name} changed concurrently; retry")));
-        }
+        key.operation = None;
+        self.swap(name, Some(&claimed), Some(&key)).await?;
         tracing::info!(key = name, version = v, "transit key rotated");
         Ok(key)
     }
 
+    /// Change settings; of concurrent changes one wins, the others get 409.
     pub async fn configure(
         &self,
         name: &str,
         min_decryption_version: Option<u32>,
         deletion_allowed: Option<bool>,
     ) -> Result<TransitKey> {
-        loop {
-            let (raw, mut key) =
-                self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
-            if let Some(m) = min_decryption_version {
-                if m == 0 || m > key.latest_version {
-                    return Err(Error::invalid("min_decryption_version must be between 1 and the latest version"));
-                }
-                key.min_decryption_version = m;
+        let (raw, mut key) = self
+            .load_raw(name)
+            .await?
+            .filter(|(_, k)| k.usable())
+            .ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
+        if let Some(m) = min_decryption_version {
+            if m == 0 || m > key.latest_version {
+                return Err(Error::invalid("min_decryption_version must be between 1 and the latest version"));
             }
-            if let Some(d) = deletion_allowed {
-                key.deletion_allowed = d;
-            }
-            if self.store.compare_and_swap(&key_path(name), Some(&raw), Some(&encode_json(&key))).await? {
-                return Ok(key);
-            }
+            key.min_decryption_version = m;
         }
+        if let Some(d) = deletion_allowed {
+            key.deletion_allowed = d;
+        }
+        self.swap(name, Some(&raw), Some(&key)).await?;
+        Ok(key)
     }
 
-    /// Delete a key whose `deletion_allowed` is set: its token objects are destroyed.
+    /// Delete a key whose `deletion_allowed` is set: it is marked as being deleted (from
+    /// then on it is 404 and cannot be created again), its token objects are destroyed,
+    /// then its metadata is removed. A delete interrupted half way is finished by the next.
     pub async fn delete(&self, name: &str) -> Result<()> {
-        let (raw, key) = self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
+        let (raw, mut key) =
+            self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
+        let resuming = key.operation.as_ref().is_some_and(|o| o.kind == "delete");
+        if !resuming && !key.usable() {
+            return Err(Error::NotFound(format!("no transit key {name}")));
+        }
         if !key.deletion_allowed {
             return Err(Error::invalid("deletion is not allowed for this key (set deletion_allowed first)"));
         }
-        if !self.store.compare_and_swap(&key_path(name), Some(&raw), None).await? {
-            return Err(Error::Conflict(format!("transit key {name} changed concurrently; retry")));
+        if key.busy(unix_now()).is_some() {
+            return Err(Self::conflict(name));
         }
+        key.operation = Some(self.claim("delete", 0));
+        let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
         for v in key.versions.keys() {
             let label = self.label(name, *v)?;
             hsm_call(&self.keys, move |k| k.destroy(&label)).await?;
         }
+        self.swap(name, Some(&claimed), None).await?;
         tracing::info!(key = name, "transit key deleted");
         Ok(())
     }
 
     pub async fn list(&self) -> Result<Vec<String>> {
-        let names = list_names(self.store.as_ref(), PREFIX).await?;
+        let mut names = Vec::new();
+        for (k, raw) in crate::store::scan_all(self.store.as_ref(), PREFIX).await? {
+            let key: TransitKey = decode_json(&k, &raw)?;
+            if key.usable() {
+                names.push(k[PREFIX.len()..].to_owned());
+            }
+        }
         if names.is_empty() {
             return Err(Error::NotFound("no transit keys".into()));
         }

@@ -16,7 +16,7 @@ use crate::auth::bootstrap::{Bootstrap, MintRequest, Minted};
 use crate::auth::cert::CertAuth;
 use crate::auth::kubernetes::{KubeConfig, KubernetesAuth};
 use crate::auth::limiter::{FailureLimiter, LimitConfig};
-use crate::auth::revocation::{Identity, Revocations};
+use crate::auth::revocation::{Generations, Identity, Revocations};
 use crate::auth::userpass::{UserPass, UserView, UserWrite};
 use crate::auth::{self, Authenticator, LoginOutcome, LoginRequest, RoleAdmin};
 use crate::barrier::Barrier;
@@ -37,18 +37,35 @@ use crate::unix_now;
 /// are kept this long.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The largest login body accepted (a Kubernetes service-account token is at most 16 KiB).
+pub const MAX_LOGIN_BODY: usize = 64 * 1024;
+
 /// Who is on the other end of a request: the connection's address and, over mutual TLS,
 /// the verified client certificate.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub remote: SocketAddr,
     pub client_cert: Option<Arc<ClientCert>>,
+    /// The listener's current CRL contents: a certificate revoked after the connection
+    /// was opened is refused at its next request.
+    pub revoked: Option<crate::tls::SharedRevoked>,
 }
 
 impl Peer {
     /// A peer for in-process calls (CLI, tests, benchmarks).
     pub fn local() -> Self {
-        Peer { remote: SocketAddr::from(([127, 0, 0, 1], 0)), client_cert: None }
+        Peer { remote: SocketAddr::from(([127, 0, 0, 1], 0)), client_cert: None, revoked: None }
+    }
+
+    /// 401 if the connection's client certificate is in the current CRLs.
+    fn check_certificate(&self) -> Result<()> {
+        if let (Some(cert), Some(revoked)) = (&self.client_cert, &self.revoked)
+            && revoked.load().contains(cert)
+        {
+            tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate is now revoked");
+            return Err(Error::Unauthenticated(AuthFailure::CertificateRevoked));
+        }
+        Ok(())
     }
 
     fn ip(&self) -> IpAddr {
@@ -76,8 +93,43 @@ impl Caller {
         }
     }
 
+    /// Fail with 403 unless the policies grant `cap` and `sudo` on `path`: the rule of
+    /// Vault's root-protected paths, where `sudo` is needed in addition to the
+    /// capability of the operation, never instead of it.
+    pub fn require_sudo(&self, path: &str, cap: Capability) -> Result<()> {
+        self.require(path, cap)?;
+        self.require(path, Capability::Sudo)
+    }
+
     fn is_root(&self) -> bool {
         self.claims.pol.iter().any(|p| p == ROOT_POLICY)
+    }
+
+    /// The one check of every request that assigns policies to something that will later
+    /// log in or act (a role of any auth method, a userpass user, a bootstrap token): no
+    /// request grants what its caller does not hold. The `root` policy is never
+    /// assignable (root tokens come only from `operator init` and `operator root-token`);
+    /// any other policy needs the caller to hold it, or `sudo` on
+    /// `sys/policies/grant/<name>` (for administrators who hand out policies they do not
+    /// use themselves; see docs/api.md).
+    pub fn check_grant(&self, policies: &[String]) -> Result<()> {
+        if policies.iter().any(|p| p == ROOT_POLICY) {
+            return Err(Error::invalid(
+                "the root policy cannot be assigned; root tokens come only from `keyvault operator init` \
+                 and `keyvault operator root-token`",
+            ));
+        }
+        if self.is_root() {
+            return Ok(());
+        }
+        for p in policies {
+            let held = self.claims.pol.iter().any(|mine| mine == p);
+            if !held && !self.acl.allows(&format!("sys/policies/grant/{p}"), Capability::Sudo) {
+                tracing::debug!(accessor = %self.claims.acc, policy = %p, "policy grant refused");
+                return Err(Error::PermissionDenied);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -163,6 +215,19 @@ pub struct Vault {
     token_config: TokenConfig,
     /// When a token signed by an unknown key last made this replica re-read the keyring.
     keyring_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// This replica's clock against the storage's.
+    clock: ClockWatch,
+}
+
+/// The last measured offset of this replica's clock from the storage's clock.
+#[derive(Debug, Default)]
+struct ClockWatch {
+    /// Milliseconds, storage minus local; meaningful when `measured`.
+    offset_ms: std::sync::atomic::AtomicI64,
+    measured: std::sync::atomic::AtomicBool,
+    /// The offset exceeds `max`: requests are refused until it does not.
+    refusing: std::sync::atomic::AtomicBool,
+    max_ms: i64,
 }
 
 impl std::fmt::Debug for Vault {
@@ -259,6 +324,10 @@ impl Vault {
             bootstrap,
             authenticators,
             role_admins,
+            clock: ClockWatch {
+                max_ms: i64::try_from(settings.tokens.max_clock_offset.as_millis()).unwrap_or(i64::MAX),
+                ..Default::default()
+            },
             token_config: settings.tokens,
             keyring_refresh: Default::default(),
         }))
@@ -304,14 +373,68 @@ impl Vault {
                 }
             })
         };
-        vec![purge, sync, self.rotation.spawn_driver()]
+        let limiter = {
+            let limiter = self.limiter.clone();
+            tokio::spawn(async move {
+                let period = limiter.window().clamp(Duration::from_secs(1), Duration::from_secs(60));
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    let n = limiter.purge();
+                    if n > 0 {
+                        tracing::debug!(purged = n, "expired login rate-limit counters removed");
+                    }
+                }
+            })
+        };
+        vec![purge, sync, limiter, self.rotation.spawn_driver()]
     }
 
     /// Pick up what other replicas changed: the keyring (new or retired versions) and
-    /// policies.
+    /// policies; measure this replica's clock against the storage's.
     pub async fn sync_once(&self) -> Result<()> {
         self.policies.invalidate();
+        self.measure_clock().await?;
         self.follow_keyring().await
+    }
+
+    /// Compare the local clock with the storage's (half the round trip is allowed for).
+    async fn measure_clock(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let before = std::time::SystemTime::now();
+        let Some(theirs) = self.store.clock().await? else { return Ok(()) };
+        let after = std::time::SystemTime::now();
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+        };
+        let local = (ms(before) + ms(after)) / 2;
+        let offset = ms(theirs) - local;
+        let c = &self.clock;
+        c.offset_ms.store(offset, Ordering::Relaxed);
+        c.measured.store(true, Ordering::Relaxed);
+        let too_far = offset.abs() > c.max_ms;
+        if c.refusing.swap(too_far, Ordering::Relaxed) != too_far {
+            if too_far {
+                tracing::error!(
+                    offset_ms = offset,
+                    max_ms = c.max_ms,
+                    "this replica's clock is too far from the storage's: refusing requests until it is fixed"
+                );
+            } else {
+                tracing::warn!(offset_ms = offset, "this replica's clock agrees with the storage's again: serving");
+            }
+        }
+        Ok(())
+    }
+
+    /// 503 while this replica's clock is too far from the storage's.
+    fn check_clock(&self) -> Result<()> {
+        if self.clock.refusing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Unavailable(
+                "this replica's clock disagrees with the storage's; it does not serve until that is fixed".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Re-read the keyring and follow it if another replica changed it.
@@ -364,23 +487,23 @@ impl Vault {
     // ---- rotation ----
 
     pub async fn rotate_master(&self, caller: &Caller) -> Result<crate::keys::KeyVersion> {
-        caller.require("sys/rotate", Capability::Sudo)?;
+        caller.require_sudo("sys/rotate", Capability::Update)?;
         self.rotation.start().await
     }
 
     pub async fn rotation_status(&self, caller: &Caller) -> Result<crate::rotation::Status> {
-        caller.require("sys/rotate", Capability::Read)?;
+        caller.require("sys/rotate/status", Capability::Read)?;
         self.rotation.status().await
     }
 
     pub async fn retire_master(&self, caller: &Caller) -> Result<Vec<u32>> {
-        caller.require("sys/rotate", Capability::Sudo)?;
+        caller.require_sudo("sys/rotate/retire", Capability::Update)?;
         self.rotation.retire().await
     }
 
     /// New token-signing key; tokens signed by older keys stay valid until they expire.
     pub async fn rotate_token_signing(&self, caller: &Caller) -> Result<crate::keys::KeyVersion> {
-        caller.require("sys/rotate", Capability::Sudo)?;
+        caller.require_sudo("sys/rotate/token-signing", Capability::Update)?;
         let ring = keys::add_version(self.store.as_ref(), &self.keys, &self.names, keys::Family::TokenSigning).await?;
         let v = ring.token_signing.active;
         self.keyring.store(Arc::new(ring));
@@ -391,7 +514,7 @@ impl Vault {
     /// Retire token-signing versions older than the active one, once every token they
     /// signed has expired (the active version has been in use longer than any token lives).
     pub async fn retire_token_signing(&self, caller: &Caller) -> Result<Vec<u32>> {
-        caller.require("sys/rotate", Capability::Sudo)?;
+        caller.require_sudo("sys/rotate/token-signing/retire", Capability::Update)?;
         let fam = self.keyring.load().token_signing.clone();
         let lifetime = MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs();
         let since = unix_now().saturating_sub(fam.activated_at);
@@ -415,11 +538,19 @@ impl Vault {
 
     // ---- identity ----
 
-    /// The identities a token or a certificate speaks for, for the kill switch.
-    fn identities(role: Option<&str>, cert_hex: Option<&str>, spiffe: Option<&str>) -> Vec<Identity> {
+    /// The identities a token, a login or a certificate speaks for, for the kill switch.
+    fn identities(
+        role: Option<&str>,
+        user: Option<&str>,
+        cert_hex: Option<&str>,
+        spiffe: Option<&str>,
+    ) -> Vec<Identity> {
         let mut ids = Vec::with_capacity(3);
         if let Some(r) = role {
             ids.push(Identity::Role(r.to_owned()));
+        }
+        if let Some(u) = user {
+            ids.push(Identity::User(u.to_owned()));
         }
         if let Some(c) = cert_hex {
             ids.push(Identity::Certificate(c.to_owned()));
@@ -430,19 +561,31 @@ impl Vault {
         ids
     }
 
-    /// Fail with `RevokedIdentity` if any of `ids` was revoked at or after `issued_at` (a
-    /// token), or, for a login or direct request (`None`), is revoked and not restored.
-    async fn check_identities(&self, ids: &[Identity], issued_at: Option<u64>) -> Result<()> {
+    /// For a login or a direct request: refuse (`RevokedIdentity`) if any of `ids` is
+    /// revoked and not restored; else the generations to put in the new token.
+    async fn admit_identities(&self, ids: &[Identity]) -> Result<Generations> {
+        let mut generations = Generations::new();
         for id in ids {
-            let Some((at, blocks_logins)) = self.revocations.identity_revocation(id).await? else {
-                continue;
-            };
-            let refused = match issued_at {
-                Some(iat) => iat <= at,
-                None => blocks_logins,
-            };
-            if refused {
-                tracing::info!(identity = %id.describe(), "request from a revoked identity");
+            let state = self.revocations.identity_state(id).await?;
+            if state.blocks_logins {
+                tracing::info!(identity = %id.describe(), "login or direct request from a revoked identity");
+                return Err(Error::Unauthenticated(AuthFailure::RevokedIdentity));
+            }
+            if state.generation > 0 {
+                generations.insert(id.kind().to_owned(), state.generation);
+            }
+        }
+        Ok(generations)
+    }
+
+    /// For a token: refuse (`RevokedIdentity`) if any of its identities was revoked after
+    /// it was issued (its generation there is older than the identity's).
+    async fn check_token_identities(&self, ids: &[Identity], claims: &Claims) -> Result<()> {
+        for id in ids {
+            let state = self.revocations.identity_state(id).await?;
+            let issued_with = claims.idg.get(id.kind()).copied().unwrap_or(0);
+            if state.generation > issued_with {
+                tracing::info!(identity = %id.describe(), accessor = %claims.acc, "token of a revoked identity");
                 return Err(Error::Unauthenticated(AuthFailure::RevokedIdentity));
             }
         }
@@ -454,6 +597,8 @@ impl Vault {
     /// time), or with no token, a client certificate matching a cert role that allows
     /// direct requests.
     pub async fn authenticate(&self, token: Option<&str>, peer: &Peer) -> Result<Caller> {
+        self.check_clock()?;
+        peer.check_certificate()?;
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return self.authenticate_direct(peer).await;
         };
@@ -487,9 +632,15 @@ impl Vault {
         if self.revocations.accessor_revoked(&claims.acc).await? {
             return Err(Error::Unauthenticated(AuthFailure::Revoked));
         }
+        if let Some(parent) = &claims.par
+            && self.revocations.accessor_revoked(parent).await?
+        {
+            return Err(Error::Unauthenticated(AuthFailure::Revoked));
+        }
         let bound_cert = claims.cnf.as_ref().and(cert).map(|c| c.sha256_hex.as_str());
-        let ids = Self::identities(claims.role.as_deref(), bound_cert, claims.spiffe.as_deref());
-        self.check_identities(&ids, Some(claims.iat)).await?;
+        let user = claims.sub.strip_prefix("userpass:").filter(|_| claims.meth == auth::userpass::METHOD);
+        let ids = Self::identities(claims.role.as_deref(), user, bound_cert, claims.spiffe.as_deref());
+        self.check_token_identities(&ids, &claims).await?;
         let acl = self.policies.acl(&claims.pol).await?;
         Ok(Caller { claims, acl, direct: false })
     }
@@ -498,8 +649,8 @@ impl Vault {
         let cert = peer.client_cert.as_deref().ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
         let (name, role) =
             self.cert.direct_role(cert).await?.ok_or(Error::Unauthenticated(AuthFailure::MissingToken))?;
-        let ids = Self::identities(Some(&name), Some(&cert.sha256_hex), cert.spiffe_id());
-        self.check_identities(&ids, None).await?;
+        let ids = Self::identities(Some(&name), None, Some(&cert.sha256_hex), cert.spiffe_id());
+        self.admit_identities(&ids).await?;
         let now = unix_now();
         let claims = Arc::new(Claims {
             iss: self.token_config.issuer.clone(),
@@ -515,6 +666,8 @@ impl Vault {
             max_exp: None,
             cnf: Some(Confirmation { x5t_s256: cert.x5t_s256.clone() }),
             spiffe: cert.spiffe_id().map(str::to_owned),
+            idg: Generations::new(),
+            par: None,
         });
         let acl = self.policies.acl(&claims.pol).await?;
         Ok(Caller { claims, acl, direct: true })
@@ -526,35 +679,92 @@ impl Vault {
         (ttl.as_secs(), max.as_secs())
     }
 
+    /// Who a login body claims to be, for the rate limiter: the user of the URL, the
+    /// role, role id or cert role of the body, or for a bootstrap login a digest of the
+    /// token presented (so that one failing unit behind a NAT address does not lock the
+    /// others out). `None`: the source address alone.
+    fn login_identity(method: &str, name: Option<&str>, body: &[u8]) -> Option<String> {
+        if let Some(n) = name {
+            return Some(n.to_owned());
+        }
+        if method == auth::bootstrap::METHOD {
+            #[derive(Deserialize)]
+            struct TokenHint {
+                #[serde(default)]
+                token: Option<secrecy::SecretString>,
+            }
+            use sha2::Digest;
+            let hint: TokenHint = serde_json::from_slice(body).unwrap_or(TokenHint { token: None });
+            return hint.token.map(|t| hex::encode(sha2::Sha256::digest(t.expose_secret().as_bytes())));
+        }
+        let hint = role_hint(body);
+        hint.role.or(hint.name).or(hint.role_id)
+    }
+
     /// Log in with method `method` (`/v1/auth/<method>/login[/<name>]`). Over mutual TLS
     /// the token is bound to the client certificate.
+    ///
+    /// The attempt takes its place in the rate limiter before any credential is looked
+    /// at, and gives it back only when the login succeeds (check and count are one step:
+    /// parallel attempts cannot get more guesses than the limit).
     pub async fn login(&self, method: &str, name: Option<&str>, body: &[u8], peer: &Peer) -> Result<IssuedToken> {
         let authn =
             self.authenticators.get(method).ok_or_else(|| Error::NotFound(format!("no auth method {method:?}")))?;
-        let hint = role_hint(body);
-        let limit_key = format!(
-            "{method}/{}",
-            name.or(hint.role.as_deref()).or(hint.name.as_deref()).or(hint.role_id.as_deref()).unwrap_or("-")
-        );
-        self.limiter.check(&limit_key, peer.ip())?;
-        let cert = peer.client_cert.as_deref();
-        let outcome = match authn.login(LoginRequest { name, body, client_cert: cert }).await {
-            Ok(o) => o,
-            Err(e @ Error::Unauthenticated(_)) => {
-                self.limiter.record_failure(&limit_key, peer.ip());
-                tracing::info!(method, remote = %peer.remote, "login failed");
-                return Err(e);
+        self.check_clock()?;
+        peer.check_certificate()?;
+        if body.len() > MAX_LOGIN_BODY {
+            return Err(Error::PayloadTooLarge { limit: MAX_LOGIN_BODY });
+        }
+        let identity = Self::login_identity(method, name, body);
+        let reservation = self.limiter.reserve(method, identity.as_deref(), peer.ip()).await?;
+        match self.login_checked(authn.as_ref(), method, name, body, peer).await {
+            Ok(token) => {
+                reservation.succeeded();
+                Ok(token)
             }
-            Err(e) => return Err(e),
-        };
+            Err(e @ Error::Unauthenticated(_)) => {
+                drop(reservation);
+                tracing::info!(method, remote = %peer.remote, reason = e.audit_code(), "login failed");
+                Err(e)
+            }
+            Err(e) => {
+                reservation.not_counted();
+                Err(e)
+            }
+        }
+    }
+
+    async fn login_checked(
+        &self,
+        authn: &dyn Authenticator,
+        method: &str,
+        name: Option<&str>,
+        body: &[u8],
+        peer: &Peer,
+    ) -> Result<IssuedToken> {
+        let cert = peer.client_cert.as_deref();
+        let outcome = authn.login(LoginRequest { name, body, client_cert: cert }).await?;
+        // From here on the credentials were right: a refusal must not say so (the
+        // caller gets the generic answer; the reason goes to the logs and audit entry).
         let ids = Self::identities(
             outcome.role.as_deref(),
+            outcome.user.as_deref(),
             cert.map(|c| c.sha256_hex.as_str()),
             cert.and_then(|c| c.spiffe_id()),
         );
-        self.check_identities(&ids, None).await?;
+        let generations = match self.admit_identities(&ids).await {
+            Err(Error::Unauthenticated(AuthFailure::RevokedIdentity)) => {
+                return Err(Error::Unauthenticated(AuthFailure::LoginRevokedIdentity));
+            }
+            other => other?,
+        };
+        if let Some(parent) = &outcome.parent
+            && self.revocations.accessor_revoked(parent).await?
+        {
+            return Err(Error::Unauthenticated(AuthFailure::LoginRevokedIdentity));
+        }
         if outcome.bind_certificate && cert.is_none() {
-            return Err(Error::Unauthenticated(AuthFailure::CertificateRequired));
+            return Err(Error::Unauthenticated(AuthFailure::LoginCertificateRequired));
         }
         let (ttl_secs, max_ttl_secs) = self.ttls(&outcome);
         let token = self
@@ -568,6 +778,8 @@ impl Vault {
                 max_ttl_secs,
                 cnf: cert.map(|c| Confirmation { x5t_s256: c.x5t_s256.clone() }),
                 spiffe: cert.and_then(|c| c.spiffe_id()).map(str::to_owned),
+                generations,
+                parent: outcome.parent,
             })
             .await?;
         tracing::info!(method, accessor = %token.claims.acc, sub = %token.claims.sub, bound = token.claims.cnf.is_some(), "login");
@@ -576,13 +788,16 @@ impl Vault {
 
     /// The short form `POST /v1/auth` with `{"role": ..., credentials}`: the role's method.
     pub async fn login_short(&self, body: &[u8], peer: &Peer) -> Result<IssuedToken> {
+        if body.len() > MAX_LOGIN_BODY {
+            return Err(Error::PayloadTooLarge { limit: MAX_LOGIN_BODY });
+        }
         let role = role_hint(body).role.ok_or_else(|| Error::invalid("missing field `role`"))?;
         auth::validate_name("role", &role)?;
         let method = match auth::role_method(self.store.as_ref(), &role).await? {
             Some(m) => m,
             None => {
-                self.limiter.check(&format!("-/{role}"), peer.ip())?;
-                self.limiter.record_failure(&format!("-/{role}"), peer.ip());
+                // An unknown role is a failed attempt like any other (and answers the same).
+                drop(self.limiter.reserve("-", Some(&role), peer.ip()).await?);
                 return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
             }
         };
@@ -604,6 +819,8 @@ impl Vault {
                 max_ttl_secs: ttl.as_secs(),
                 cnf: None,
                 spiffe: None,
+                generations: Generations::new(),
+                parent: None,
             })
             .await
     }
@@ -619,8 +836,11 @@ impl Vault {
         let c = caller.claims.as_ref();
         let now = unix_now();
         let max_exp = c.max_exp.unwrap_or(c.exp);
+        if increment.is_some_and(|d| d > MAX_TOKEN_LIFETIME) {
+            return Err(Error::invalid(format!("increment out of range (at most {} s)", MAX_TOKEN_LIFETIME.as_secs())));
+        }
         let ttl = increment.map(|d| d.as_secs()).unwrap_or(c.exp.saturating_sub(c.iat)).max(1);
-        let exp = (now + ttl).min(max_exp);
+        let exp = now.checked_add(ttl).ok_or_else(|| Error::invalid("increment out of range"))?.min(max_exp);
         if exp <= now {
             return Err(Error::invalid("the token has reached its maximum TTL; log in again"));
         }
@@ -644,10 +864,8 @@ impl Vault {
     /// Revoke the token(s) with `accessor` (admin).
     pub async fn revoke_accessor(&self, caller: &Caller, accessor: &str) -> Result<()> {
         caller.require("auth/token/revoke-accessor", Capability::Update)?;
-        if accessor.is_empty() || accessor.len() > 64 || !accessor.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(Error::invalid("invalid accessor"));
-        }
-        let until = unix_now() + MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs();
+        validate_accessor(accessor)?;
+        let until = unix_now().saturating_add(MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs());
         self.revocations.revoke_accessor(accessor, until).await?;
         tracing::info!(accessor, by = %caller.claims.acc, "token revoked by accessor");
         Ok(())
@@ -655,11 +873,14 @@ impl Vault {
 
     // ---- the kill switch ----
 
-    /// Revoke an identity everywhere at once: its tokens (issued before now), its logins
-    /// and direct requests (until restored), and its certificate pins.
+    /// Revoke an identity everywhere at once: its tokens (every one issued so far, on
+    /// every replica, whatever the clocks say), its logins and direct requests (until
+    /// restored), its certificate pins and gateway producers. A role or user that does
+    /// not exist is 404. Returns the identity's new generation.
     pub async fn revoke_identity(&self, caller: &Caller, identity: &Identity) -> Result<u64> {
-        caller.require("sys/revoke-identity", Capability::Sudo)?;
-        let at = self.revocations.revoke_identity(identity, &caller.claims.acc).await?;
+        caller.require_sudo("sys/revoke-identity", Capability::Update)?;
+        self.identity_exists(identity).await?;
+        let generation = self.revocations.revoke_identity(identity, &caller.claims.acc).await?;
         // After the atomic step above (which already refuses everything of this identity),
         // tidy up: certificate pins and gateway producers.
         let producers = match identity {
@@ -669,17 +890,44 @@ impl Vault {
                 self.gateway.disable_matching(Some(fp), None).await?
             }
             Identity::Spiffe(id) => self.gateway.disable_matching(None, Some(id)).await?,
-            Identity::Role(_) => 0,
+            Identity::Role(_) | Identity::User(_) => 0,
         };
         if producers > 0 {
             tracing::info!(producers, "gateway producers disabled");
         }
-        tracing::warn!(identity = %identity.describe(), by = %caller.claims.acc, "identity revoked (kill switch)");
-        Ok(at)
+        tracing::warn!(identity = %identity.describe(), generation, by = %caller.claims.acc, "identity revoked (kill switch)");
+        Ok(generation)
+    }
+
+    /// 404 for a role or user this installation does not know (certificates and SPIFFE
+    /// IDs come from the PKI and may be revoked before they are ever seen).
+    async fn identity_exists(&self, identity: &Identity) -> Result<()> {
+        match identity {
+            Identity::Role(r) if auth::role_method(self.store.as_ref(), r).await?.is_none() => {
+                Err(Error::NotFound(format!("no role {r} in any auth method")))
+            }
+            Identity::User(u) if self.userpass.current(u).await?.is_none() => {
+                Err(Error::NotFound(format!("no userpass user {u}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The kill switch for one credential: the token(s) with this accessor, every token
+    /// issued from it (a bootstrap token's login), and the bootstrap token itself if it
+    /// is still unused.
+    pub async fn revoke_identity_accessor(&self, caller: &Caller, accessor: &str) -> Result<()> {
+        caller.require_sudo("sys/revoke-identity", Capability::Update)?;
+        validate_accessor(accessor)?;
+        let until = unix_now().saturating_add(MAX_TOKEN_LIFETIME.max(self.token_config.max_ttl).as_secs());
+        self.revocations.revoke_accessor(accessor, until).await?;
+        let unused = self.bootstrap.revoke_accessor(accessor).await?;
+        tracing::warn!(accessor, unused_bootstrap_tokens = unused, by = %caller.claims.acc, "accessor revoked (kill switch)");
+        Ok(())
     }
 
     pub async fn restore_identity(&self, caller: &Caller, identity: &Identity) -> Result<()> {
-        caller.require("sys/revoke-identity", Capability::Sudo)?;
+        caller.require_sudo("sys/restore-identity", Capability::Update)?;
         if !self.revocations.restore_identity(identity).await? {
             return Err(Error::NotFound(format!("{} is not revoked", identity.describe())));
         }
@@ -693,12 +941,7 @@ impl Vault {
     /// caller is root): nobody mints more than they have.
     pub async fn mint_bootstrap(&self, caller: &Caller, req: MintRequest) -> Result<Minted> {
         caller.require("auth/bootstrap/token", Capability::Update)?;
-        if !caller.is_root() && !req.policies.iter().all(|p| caller.claims.pol.contains(p)) {
-            return Err(Error::PermissionDenied);
-        }
-        if req.policies.iter().any(|p| p == ROOT_POLICY) {
-            return Err(Error::invalid("a bootstrap token cannot carry the root policy"));
-        }
+        caller.check_grant(&req.policies)?;
         self.bootstrap.mint(req).await
     }
 
@@ -751,10 +994,10 @@ impl Vault {
     pub async fn put_producer(&self, caller: &Caller, identity: &str, p: Producer) -> Result<()> {
         crate::gateway::validate_identity(identity)?;
         let path = format!("gateway/producers/{identity}");
-        let cap =
-            if self.gateway.producer(identity).await?.is_some() { Capability::Update } else { Capability::Create };
+        let current = self.gateway.producer_raw(identity).await?;
+        let cap = if current.is_some() { Capability::Update } else { Capability::Create };
         caller.require(&path, cap)?;
-        self.gateway.put_producer(identity, p).await
+        self.gateway.put_producer(identity, p, current.as_deref()).await
     }
 
     pub async fn read_producer(&self, caller: &Caller, identity: &str) -> Result<Producer> {
@@ -808,13 +1051,16 @@ impl Vault {
     // ---- policies ----
 
     pub async fn put_policy(&self, caller: &Caller, name: &str, text: &str) -> Result<()> {
+        let name = &name.to_ascii_lowercase();
         let path = format!("sys/policies/acl/{name}");
-        let cap = if self.policies.get(name).await?.is_some() { Capability::Update } else { Capability::Create };
+        let current = self.policies.raw(name).await?;
+        let cap = if current.is_some() { Capability::Update } else { Capability::Create };
         caller.require(&path, cap)?;
-        self.policies.put(name, text).await
+        self.policies.put_if(name, text, current.as_deref()).await
     }
 
     pub async fn read_policy(&self, caller: &Caller, name: &str) -> Result<String> {
+        let name = &name.to_ascii_lowercase();
         caller.require(&format!("sys/policies/acl/{name}"), Capability::Read)?;
         if name == ROOT_POLICY {
             return Ok(String::new());
@@ -823,6 +1069,7 @@ impl Vault {
     }
 
     pub async fn delete_policy(&self, caller: &Caller, name: &str) -> Result<()> {
+        let name = &name.to_ascii_lowercase();
         caller.require(&format!("sys/policies/acl/{name}"), Capability::Delete)?;
         if !self.policies.delete(name).await? {
             return Err(Error::NotFound(format!("no policy {name}")));
@@ -843,10 +1090,16 @@ impl Vault {
             .ok_or_else(|| Error::NotFound(format!("no auth method with roles named {method:?}")))
     }
 
+    /// Create (needs `create`) or update (needs `update`) a role; the policies it assigns
+    /// must pass [`Caller::check_grant`].
     pub async fn write_role(&self, caller: &Caller, method: &str, name: &str, body: &[u8]) -> Result<()> {
         let admin = self.role_admin(method)?;
-        caller.require(&format!("auth/{method}/role/{name}"), Capability::Update)?;
-        admin.write_role(name, body).await
+        auth::validate_name("role", name)?;
+        let current = admin.current(name).await?;
+        let cap = if current.is_some() { Capability::Update } else { Capability::Create };
+        caller.require(&format!("auth/{method}/role/{name}"), cap)?;
+        caller.check_grant(&auth::requested_policies(body)?)?;
+        admin.write_role(name, body, current.as_deref()).await
     }
 
     pub async fn read_role(&self, caller: &Caller, method: &str, name: &str) -> Result<serde_json::Value> {
@@ -889,17 +1142,27 @@ impl Vault {
 
     // ---- userpass administration ----
 
+    /// Create (needs `create`) or update (needs `update`) a user; the policies it
+    /// assigns must pass [`Caller::check_grant`].
     pub async fn write_user(&self, caller: &Caller, name: &str, w: UserWrite) -> Result<()> {
-        caller.require(&format!("auth/userpass/users/{name}"), Capability::Update)?;
-        self.userpass.write_user(name, w).await
+        let name = auth::userpass::normalize_user(name)?;
+        let current = self.userpass.current(&name).await?;
+        let cap = if current.is_some() { Capability::Update } else { Capability::Create };
+        caller.require(&format!("auth/userpass/users/{name}"), cap)?;
+        if let Some(p) = &w.token_policies {
+            caller.check_grant(p)?;
+        }
+        self.userpass.write_user(&name, w, current.as_deref()).await
     }
 
     pub async fn read_user(&self, caller: &Caller, name: &str) -> Result<UserView> {
+        let name = &auth::userpass::normalize_user(name)?;
         caller.require(&format!("auth/userpass/users/{name}"), Capability::Read)?;
         self.userpass.read_user(name).await
     }
 
     pub async fn delete_user(&self, caller: &Caller, name: &str) -> Result<()> {
+        let name = &auth::userpass::normalize_user(name)?;
         caller.require(&format!("auth/userpass/users/{name}"), Capability::Delete)?;
         self.userpass.delete_user(name).await
     }
@@ -911,16 +1174,49 @@ impl Vault {
 
     // ---- health ----
 
-    /// Storage and token reachability, for `/v1/sys/health`.
+    /// Storage and token reachability, the clock, and missing keys, for
+    /// `/v1/sys/health`. Details of a failure go to the log, not to the (unauthenticated)
+    /// caller.
     pub async fn health(&self) -> HealthReport {
-        let storage = self.store.ping().await.map_err(|e| e.to_string());
+        use std::sync::atomic::Ordering;
+        let storage = match self.store.ping().await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::warn!(error = %e, "health: storage check failed");
+                "unavailable"
+            }
+        };
         let label = self.names.master(self.barrier.active_version());
-        let hsm = crate::hsm_call(&self.keys, move |k| k.exists(&label))
-            .await
-            .and_then(|found| if found { Ok(()) } else { Err(Error::Internal("active master key missing".into())) })
-            .map_err(|e| e.to_string());
-        HealthReport { storage, hsm, master_version: self.barrier.active_version().get() }
+        let shown = label.clone();
+        let hsm = match crate::hsm_call(&self.keys, move |k| k.exists(&label)).await {
+            Ok(true) => "ok",
+            Ok(false) => {
+                tracing::error!(key = %shown, "health: the active master key is missing from the HSM");
+                "key_missing"
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "health: HSM check failed");
+                "unavailable"
+            }
+        };
+        let measured = self.clock.measured.load(Ordering::Relaxed);
+        HealthReport {
+            storage,
+            hsm,
+            master_version: self.barrier.active_version().get(),
+            clock_offset_ms: measured.then(|| self.clock.offset_ms.load(Ordering::Relaxed)),
+            clock_ok: !self.clock.refusing.load(Ordering::Relaxed),
+            missing_key_errors: crate::http::error::MISSING_KEY_ERRORS.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// Accessors are 1-64 ASCII letters and digits.
+fn validate_accessor(accessor: &str) -> Result<()> {
+    if accessor.is_empty() || accessor.len() > 64 || !accessor.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(Error::invalid("invalid accessor"));
+    }
+    Ok(())
 }
 
 /// Log why a bound token was refused; the caller gets 401.
@@ -932,9 +1228,23 @@ fn binding_failure(reason: AuthFailure, claims: &Claims) -> Error {
 /// What `/v1/sys/health` reports.
 #[derive(Debug)]
 pub struct HealthReport {
-    pub storage: std::result::Result<(), String>,
-    pub hsm: std::result::Result<(), String>,
+    /// `ok` or `unavailable`.
+    pub storage: &'static str,
+    /// `ok`, `unavailable` or `key_missing`.
+    pub hsm: &'static str,
     pub master_version: u32,
+    /// Storage clock minus this replica's clock (shared storage only).
+    pub clock_offset_ms: Option<i64>,
+    /// False while the offset exceeds `tokens.max_clock_offset` (requests get 503).
+    pub clock_ok: bool,
+    /// Requests that failed on a key missing from the HSM since start.
+    pub missing_key_errors: u64,
+}
+
+impl HealthReport {
+    pub fn ok(&self) -> bool {
+        self.storage == "ok" && self.hsm == "ok" && self.clock_ok
+    }
 }
 
 /// Reveal a token string for the one place that must: the login reply.

@@ -178,7 +178,14 @@ impl AuditLog {
             }));
         }
         if let Some(dir) = config.path.parent() {
-            std::fs::create_dir_all(dir)
+            // Only its owner may read the audit log: it names identities, paths and
+            // outcomes (created 0700 here; an existing directory is left as the operator
+            // set it, e.g. group-readable for a log shipper).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| Error::Config(format!("cannot create audit directory {}: {e}", dir.display())))?;
         }
         let writer = Writer::open(config.clone(), keys.clone(), names.clone(), public_key)?;
@@ -418,7 +425,8 @@ impl Writer {
 
     /// Create a fresh file at the path: a genesis header, or a header that continues.
     fn start_file(&mut self, continues: Option<[u8; 32]>, gap: Option<Value>) -> std::io::Result<()> {
-        let f = std::fs::OpenOptions::new().create_new(true).append(true).open(&self.config.path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(&self.config.path)?;
         let meta = f.metadata()?;
         self.identity = (meta.dev(), meta.ino());
         self.size = 0;

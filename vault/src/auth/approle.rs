@@ -26,11 +26,32 @@ use crate::unix_now;
 pub const METHOD: &str = "approle";
 
 /// AppRole's own role settings, as written (the token settings are common to every method).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
-    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
+    /// How long a secret id of this role stays valid (Vault's field). Default
+    /// [`DEFAULT_SECRET_ID_TTL`]; `0` means never (not recommended: a leaked secret id
+    /// then works until someone notices).
+    #[serde(default = "default_secret_id_ttl", with = "vault_duration")]
     pub secret_id_ttl: Option<Duration>,
+    /// How many logins a secret id allows (Vault's field); `0`: any number.
+    #[serde(default)]
+    pub secret_id_num_uses: u64,
+}
+
+impl Default for RoleConfig {
+    fn default() -> Self {
+        RoleConfig { secret_id_ttl: default_secret_id_ttl(), secret_id_num_uses: 0 }
+    }
+}
+
+/// A week: long enough for a unit that restarts now and then, short enough that a
+/// secret id copied somewhere it should not be dies on its own (Vault's default is no
+/// expiry at all).
+pub const DEFAULT_SECRET_ID_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn default_secret_id_ttl() -> Option<Duration> {
+    Some(DEFAULT_SECRET_ID_TTL)
 }
 
 /// What is stored besides the token settings.
@@ -40,6 +61,8 @@ struct AppRoleData {
     role_id: String,
     #[serde(default, with = "vault_duration")]
     secret_id_ttl: Option<Duration>,
+    #[serde(default)]
+    secret_id_num_uses: u64,
 }
 
 /// What is stored for a secret id (under a key derived from its HMAC).
@@ -50,6 +73,10 @@ struct StoredSecretId {
     accessor: String,
     created: u64,
     expires: Option<u64>,
+    /// Logins left; `None`: any number. Decremented by compare-and-swap (the last use
+    /// deletes the record), so concurrent logins never use one more than allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uses_left: Option<u64>,
 }
 
 /// A freshly generated secret id: shown once, never stored.
@@ -57,6 +84,7 @@ pub struct NewSecretId {
     pub secret_id: SecretString,
     pub accessor: String,
     pub ttl: Option<Duration>,
+    pub num_uses: u64,
 }
 
 impl std::fmt::Debug for NewSecretId {
@@ -104,22 +132,27 @@ impl AppRole {
         AppRole { roles: RoleStore::new(store.clone(), METHOD), store, keys, names, keyring }
     }
 
-    /// Create or update a role. A new role gets a random role id; an update keeps it.
-    pub async fn write(&self, name: &str, config: RoleConfig, token: super::TokenSettings) -> Result<()> {
-        let existing = self.roles.load(name).await?;
+    /// Create (`expected == None`) or update a role whose stored bytes are still
+    /// `expected`. A new role gets a random role id; an update keeps it.
+    pub async fn write(
+        &self,
+        name: &str,
+        config: RoleConfig,
+        token: super::TokenSettings,
+        expected: Option<&[u8]>,
+    ) -> Result<()> {
+        let existing: Option<StoredRole<AppRoleData>> =
+            expected.map(|raw| decode_json(&format!("auth/approle/role/{name}"), raw)).transpose()?;
         let role_id = match &existing {
             Some(r) => r.config.role_id.clone(),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        self.roles
-            .save(
-                name,
-                &StoredRole {
-                    config: AppRoleData { role_id: role_id.clone(), secret_id_ttl: config.secret_id_ttl },
-                    token,
-                },
-            )
-            .await?;
+        let data = AppRoleData {
+            role_id: role_id.clone(),
+            secret_id_ttl: config.secret_id_ttl,
+            secret_id_num_uses: config.secret_id_num_uses,
+        };
+        self.roles.save(name, &StoredRole { config: data, token }, expected).await?;
         if existing.is_none() {
             self.store.put(&role_id_key(&role_id), name.as_bytes()).await?;
         }
@@ -149,17 +182,19 @@ impl AppRole {
         let accessor = random_hex::<16>()?;
         let mac = hex::encode(self.secret_id_hmac(name, &secret_id).await?);
         let ttl = role.config.secret_id_ttl;
+        let num_uses = role.config.secret_id_num_uses;
         let entry = StoredSecretId {
             hmac: mac.clone(),
             accessor: accessor.clone(),
             created: unix_now(),
-            expires: ttl.map(|t| unix_now() + t.as_secs()),
+            expires: ttl.map(|t| unix_now().saturating_add(t.as_secs())),
+            uses_left: (num_uses > 0).then_some(num_uses),
         };
         let key = format!("{}{mac}", secret_id_prefix(name));
         if !self.store.insert_if_absent(&key, &encode_json(&entry), ttl).await? {
             return Err(Error::Internal("secret id collision".into()));
         }
-        Ok(NewSecretId { secret_id, accessor, ttl })
+        Ok(NewSecretId { secret_id, accessor, ttl, num_uses })
     }
 }
 
@@ -169,9 +204,13 @@ impl RoleAdmin for AppRole {
         METHOD
     }
 
-    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
+    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
+    }
+
+    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()> {
         let (config, token) = parse_role_body::<RoleConfig>(body)?;
-        self.write(name, config, token).await
+        self.write(name, config, token, expected).await
     }
 
     async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
@@ -232,15 +271,29 @@ impl Authenticator for AppRole {
         }
         let mac = self.secret_id_hmac(&name, &body.secret_id).await?;
         let key = format!("{}{}", secret_id_prefix(&name), hex::encode(mac));
-        let raw = self.store.get(&key).await?.ok_or_else(invalid)?;
-        let stored: StoredSecretId = decode_json(&key, &raw)?;
-        let stored_mac = hex::decode(&stored.hmac).map_err(|_| Error::Internal("stored secret id hmac".into()))?;
-        if !bool::from(stored_mac.as_slice().ct_eq(&mac)) {
-            return Err(invalid());
+        // A use is taken atomically: of concurrent logins with the last use, exactly one
+        // wins (the others find the record changed or gone and look again).
+        loop {
+            let raw = self.store.get(&key).await?.ok_or_else(invalid)?;
+            let mut stored: StoredSecretId = decode_json(&key, &raw)?;
+            let stored_mac = hex::decode(&stored.hmac).map_err(|_| Error::Internal("stored secret id hmac".into()))?;
+            if !bool::from(stored_mac.as_slice().ct_eq(&mac)) {
+                return Err(invalid());
+            }
+            if stored.expires.is_some_and(|e| e <= unix_now()) {
+                return Err(invalid());
+            }
+            let taken = match stored.uses_left {
+                None => true,
+                Some(0 | 1) => self.store.compare_and_swap(&key, Some(&raw), None).await?,
+                Some(n) => {
+                    stored.uses_left = Some(n - 1);
+                    self.store.compare_and_swap(&key, Some(&raw), Some(&encode_json(&stored))).await?
+                }
+            };
+            if taken {
+                return Ok(LoginOutcome::for_role(METHOD, &name, &role.token));
+            }
         }
-        if stored.expires.is_some_and(|e| e <= unix_now()) {
-            return Err(invalid());
-        }
-        Ok(LoginOutcome::for_role(METHOD, &name, &role.token))
     }
 }

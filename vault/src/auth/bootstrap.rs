@@ -75,6 +75,19 @@ pub struct Bootstrap {
 }
 
 impl Bootstrap {
+    /// Destroy the unused bootstrap tokens with this accessor (the kill switch); returns
+    /// how many there were.
+    pub async fn revoke_accessor(&self, accessor: &str) -> Result<usize> {
+        let mut n = 0;
+        for (key, raw) in crate::store::scan_all(self.store.as_ref(), "auth/bootstrap/").await? {
+            let stored: Stored = decode_json(&key, &raw)?;
+            if stored.accessor == accessor && self.store.compare_and_swap(&key, Some(&raw), None).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn new(store: Arc<dyn Store>, keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
         Bootstrap { store, keys, names, keyring }
     }
@@ -144,6 +157,7 @@ impl Authenticator for Bootstrap {
         let mut outcome = LoginOutcome::for_role(METHOD, &name, &settings);
         // A bootstrap token is not a role: no role-wide kill switch applies to it.
         outcome.role = None;
+        outcome.parent = Some(stored.accessor.clone());
         outcome.metadata.insert("bootstrap_accessor".into(), stored.accessor);
         Ok(outcome)
     }

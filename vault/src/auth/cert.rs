@@ -117,7 +117,7 @@ impl CertAuth {
     /// constraint at all is deleted rather than left matching nothing by accident.
     pub async fn remove_pin(&self, fingerprint: &str) -> Result<usize> {
         let mut changed = 0;
-        for (name, mut role) in self.roles.all().await? {
+        for (name, raw, mut role) in self.roles.all_raw().await? {
             let before = role.config.certificate_sha256.len();
             role.config.certificate_sha256.retain(|f| f != fingerprint);
             if role.config.certificate_sha256.len() == before {
@@ -125,7 +125,7 @@ impl CertAuth {
             }
             changed += 1;
             match role.config.clone().normalize() {
-                Ok(_) => self.roles.save(&name, &role).await?,
+                Ok(_) => self.roles.save(&name, &role, Some(&raw)).await?,
                 Err(_) => {
                     self.roles.delete(&name).await?;
                 }
@@ -141,9 +141,13 @@ impl RoleAdmin for CertAuth {
         METHOD
     }
 
-    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
+    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
+    }
+
+    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()> {
         let (config, token) = parse_role_body::<CertRoleConfig>(body)?;
-        self.roles.save(name, &StoredRole { config: config.normalize()?, token }).await
+        self.roles.save(name, &StoredRole { config: config.normalize()?, token }, expected).await
     }
 
     async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
@@ -200,6 +204,8 @@ mod tests {
             common_name: Some("api".into()),
             dns_sans: vec!["api.payments.svc".into()],
             uri_sans: vec!["spiffe://corp/ns/payments/sa/api".into()],
+            issuer_der: Vec::new(),
+            serial: vec![1],
         }
     }
 

@@ -1,14 +1,15 @@
 //! Kubernetes service-account auth: a pod presents its projected service-account token;
-//! KeyVault verifies it in process against the cluster's public keys (a JWKS or PEM file,
-//! reloaded when it changes), with issuer, audience and expiry, and maps the service
-//! account to a role bound to namespaces and service-account names.
+//! KeyVault verifies it in process against the cluster's public keys (a JWKS or PEM
+//! document given inline in the configuration request: no request ever names a file on
+//! the server), with issuer, audience and expiry, and maps the service account to a role
+//! bound to namespaces and service-account names. When the cluster rotates its keys, the
+//! admin posts the new document (both keys during the overlap).
 //!
 //! No call to the Kubernetes API (TokenReview) is made: the cluster's signing keys are
 //! enough to verify, and KeyVault keeps working when the API server is unreachable. The
 //! trade: a service account deleted in the cluster keeps working until its token expires
 //! (projected tokens live one hour by default).
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -26,6 +27,8 @@ use crate::store::{Store, encode_json, get_json};
 pub const METHOD: &str = "kubernetes";
 const CONFIG_KEY: &str = "auth/kubernetes/config";
 const MAX_JWT_LEN: usize = 16 * 1024;
+/// The largest public key document accepted (a JWKS of a few dozen keys).
+pub const MAX_PUBLIC_KEYS_LEN: usize = 64 * 1024;
 
 /// The auth mount's configuration (`POST /v1/auth/kubernetes/config`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,9 +36,10 @@ const MAX_JWT_LEN: usize = 16 * 1024;
 pub struct KubeConfig {
     /// The `iss` of the cluster's service-account tokens.
     pub issuer: String,
-    /// A JWKS (`{"keys": [...]}`, as served at the cluster's `/openid/v1/jwks`) or one or
-    /// more PEM public keys (`sa.pub`). Reloaded when the file changes.
-    pub public_keys_file: PathBuf,
+    /// The cluster's public keys, inline: a JWKS (`{"keys": [...]}`, as served at the
+    /// cluster's `/openid/v1/jwks`) or one or more PEM public keys (`sa.pub`), at most
+    /// [`MAX_PUBLIC_KEYS_LEN`] bytes.
+    pub public_keys: String,
     /// Accepted audiences; a role may narrow them to one.
     pub audiences: Vec<String>,
 }
@@ -83,12 +87,10 @@ struct PublicKey {
     key: DecodingKey,
 }
 
-type FileStamp = (std::time::SystemTime, u64);
-
+/// The parsed keys of one public key document, by its digest.
 #[derive(Default)]
 struct KeyCache {
-    path: PathBuf,
-    stamp: Option<FileStamp>,
+    digest: [u8; 32],
     keys: Arc<Vec<PublicKey>>,
 }
 
@@ -101,24 +103,22 @@ pub struct KubernetesAuth {
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyCache").field("path", &self.path).field("keys", &self.keys.len()).finish()
+        f.debug_struct("KeyCache").field("keys", &self.keys.len()).finish()
     }
 }
 
-fn file_stamp(p: &Path) -> Option<FileStamp> {
-    std::fs::metadata(p).ok().map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
-}
-
-/// Parse a JWKS or a PEM file of public keys.
-fn load_keys(path: &Path) -> Result<Vec<PublicKey>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Config(format!("cannot read Kubernetes public keys {}: {e}", path.display())))?;
-    let bad = |why: String| Error::Config(format!("Kubernetes public keys {}: {why}", path.display()));
+/// Parse a JWKS or PEM public keys. Errors describe the problem, never echo the input.
+fn parse_keys(text: &str) -> Result<Vec<PublicKey>> {
+    let bad = |why: &str| Error::invalid(format!("public_keys: {why}"));
+    if text.len() > MAX_PUBLIC_KEYS_LEN {
+        return Err(bad("longer than 64 KiB"));
+    }
     let mut keys = Vec::new();
     if text.trim_start().starts_with('{') {
-        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let set: jsonwebtoken::jwk::JwkSet =
+            crate::json::from_slice_strict(text.as_bytes()).map_err(|_| bad("not a valid JWKS document"))?;
         for jwk in &set.keys {
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|_| bad("a JWK is not a usable public key"))?;
             keys.push(PublicKey { kid: jwk.common.key_id.clone(), family: key.family(), key });
         }
     } else {
@@ -129,12 +129,12 @@ fn load_keys(path: &Path) -> Result<Vec<PublicKey>> {
             let key = DecodingKey::from_rsa_pem(pem)
                 .or_else(|_| DecodingKey::from_ec_pem(pem))
                 .or_else(|_| DecodingKey::from_ed_pem(pem))
-                .map_err(|e| bad(format!("a PEM block is not an RSA, EC or Ed25519 public key: {e}")))?;
+                .map_err(|_| bad("a PEM block is not an RSA, EC or Ed25519 public key"))?;
             keys.push(PublicKey { kid: None, family: key.family(), key });
         }
     }
     if keys.is_empty() {
-        return Err(bad("no public key found".into()));
+        return Err(bad("no public key found (give a JWKS or PEM public keys)"));
     }
     Ok(keys)
 }
@@ -168,8 +168,8 @@ impl KubernetesAuth {
         if config.issuer.is_empty() || config.audiences.is_empty() {
             return Err(Error::invalid("issuer and at least one audience are required"));
         }
-        // Refuse a file that cannot be used now rather than failing every login later.
-        load_keys(&config.public_keys_file).map_err(|e| Error::invalid(e.to_string()))?;
+        // Refuse keys that cannot be used now rather than failing every login later.
+        parse_keys(&config.public_keys)?;
         self.store.put(CONFIG_KEY, &encode_json(&config)).await?;
         Ok(())
     }
@@ -180,29 +180,19 @@ impl KubernetesAuth {
             .ok_or_else(|| Error::NotFound("the kubernetes auth method is not configured".into()))
     }
 
-    /// The current keys of `path`, reloaded when the file changed. If a changed file
-    /// cannot be parsed, the previous keys stay (and the error is logged).
-    fn keys(&self, path: &Path) -> Result<Arc<Vec<PublicKey>>> {
-        let stamp = file_stamp(path);
+    /// The parsed keys of the configured document (parsed once per document).
+    fn keys(&self, document: &str) -> Result<Arc<Vec<PublicKey>>> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(document.as_bytes()).into();
         {
             let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
-            if c.path == path && c.stamp == stamp && !c.keys.is_empty() {
+            if c.digest == digest && !c.keys.is_empty() {
                 return Ok(c.keys.clone());
             }
         }
-        let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        match load_keys(path) {
-            Ok(keys) => {
-                tracing::info!(file = %path.display(), keys = keys.len(), "Kubernetes public keys loaded");
-                *c = KeyCache { path: path.to_path_buf(), stamp, keys: Arc::new(keys) };
-            }
-            Err(e) if c.path == path && !c.keys.is_empty() => {
-                tracing::error!(error = %e, "reloading Kubernetes public keys failed; keeping the previous keys");
-                c.stamp = stamp;
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(c.keys.clone())
+        let keys = Arc::new(parse_keys(document)?);
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = KeyCache { digest, keys: keys.clone() };
+        Ok(keys)
     }
 }
 
@@ -212,14 +202,18 @@ impl RoleAdmin for KubernetesAuth {
         METHOD
     }
 
-    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()> {
+    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
+    }
+
+    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()> {
         let (config, token) = parse_role_body::<KubeRoleConfig>(body)?;
         if config.bound_service_account_names.is_empty() || config.bound_service_account_namespaces.is_empty() {
             return Err(Error::invalid(
                 "bound_service_account_names and bound_service_account_namespaces are required (\"*\" for any)",
             ));
         }
-        self.roles.save(name, &StoredRole { config, token }).await
+        self.roles.save(name, &StoredRole { config, token }, expected).await
     }
 
     async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
@@ -255,7 +249,7 @@ impl Authenticator for KubernetesAuth {
         if !allowed(header.alg) {
             return Err(invalid());
         }
-        let keys = self.keys(&config.public_keys_file)?;
+        let keys = self.keys(&config.public_keys)?;
         let audiences: Vec<&str> = match &role.config.audience {
             Some(a) => vec![a.as_str()],
             None => config.audiences.iter().map(String::as_str).collect(),

@@ -1,13 +1,32 @@
-//! Brute-force protection: failed logins are counted per (role, source address) and per
-//! source address in a fixed window; past a threshold, logins from there answer 429 with
-//! `Retry-After` without checking the credentials. Counting per (role, address) rather than
-//! per role means an attacker cannot lock a legitimate unit out of its role from another
-//! address, nor lock out any other role. Counters live in this process's memory.
+//! Brute-force protection of logins.
+//!
+//! Failed logins are counted per (identity, source) and per source in a fixed window;
+//! past a threshold, logins from there answer 429 with `Retry-After` without looking at
+//! the credentials. The identity is the normalized role, user, role id or a digest of
+//! the bootstrap token presented; the source is the client's address (an IPv6 address by
+//! its /64, which one host usually owns whole). Counting per (identity, source) rather than
+//! per identity means an attacker cannot lock a legitimate unit out of its role from
+//! another address, nor lock out any other role.
+//!
+//! The check and the count are one step: an attempt *reserves* its place before any
+//! credential is looked at (failures plus attempts in flight never exceed the limit), and
+//! gives it back only if it succeeds. So 300 wrong passwords sent at once get 5 answers
+//! of 401 and 295 of 429, not 300 guesses. An attempt that would exceed the limit only
+//! because others are still in flight waits for them (briefly) instead of failing, so a
+//! fleet logging in at once from behind one NAT address is slowed, not refused.
+//!
+//! Bounds (docs/threat-model.md): keys are SHA-256 digests truncated to 16 bytes,
+//! whatever the client sent; at most [`MAX_ENTRIES`] counters, expired ones removed by
+//! a timer; when the table is full, attempts that need a new counter are refused (429)
+//! rather than evicting someone's count. Counters live in this process's memory (each
+//! replica counts on its own).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -15,10 +34,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
-    /// Failed logins allowed per role and source address in one window.
+    /// Failed logins allowed per identity and source address in one window.
     #[serde(default = "default_per_role")]
     pub failures_per_role_and_address: u32,
-    /// Failed logins allowed per source address (all roles) in one window.
+    /// Failed logins allowed per source address (all identities) in one window.
     #[serde(default = "default_per_address")]
     pub failures_per_address: u32,
     /// The window.
@@ -46,55 +65,237 @@ impl Default for LimitConfig {
     }
 }
 
+/// The most counters held at once (about 64 bytes each).
+pub const MAX_ENTRIES: usize = 100_000;
+/// How long an attempt waits for attempts in flight before it is refused.
+const MAX_WAIT: Duration = Duration::from_secs(5);
+
+type Key = [u8; 16];
+
 #[derive(Debug)]
-pub struct FailureLimiter {
-    config: LimitConfig,
-    counters: Mutex<HashMap<String, (Instant, u32)>>,
+struct Counter {
+    start: Instant,
+    failures: u32,
+    in_flight: u32,
 }
 
-const MAX_ENTRIES: usize = 100_000;
+#[derive(Debug)]
+struct Inner {
+    config: LimitConfig,
+    counters: Mutex<HashMap<Key, Counter>>,
+    /// Woken whenever an attempt finishes.
+    finished: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone)]
+pub struct FailureLimiter {
+    inner: Arc<Inner>,
+}
+
+/// The identity part of a limiter key, normalized: surrounding white space removed and
+/// ASCII letters in lower case (names are ASCII by the common name rule; anything else
+/// is refused before it could log in, and still counted under its digest).
+pub fn normalize(identity: &str) -> String {
+    identity.trim().to_ascii_lowercase()
+}
+
+/// The source part: an IPv4 address, or the /64 of an IPv6 address.
+fn source(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_ipv6_mapped().octets(),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                o
+            }
+        },
+    }
+}
+
+fn digest(parts: &[&[u8]]) -> Key {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    let full = h.finalize();
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&full[..16]);
+    k
+}
+
+/// One attempt's place in its counters. Dropped without [`Reservation::succeeded`] or
+/// [`Reservation::not_counted`], it counts as a failure (a cancelled or crashed attempt
+/// is not a free one).
+#[derive(Debug)]
+pub struct Reservation {
+    inner: Arc<Inner>,
+    keys: Vec<Key>,
+    counted: bool,
+}
+
+impl Reservation {
+    /// The credentials were right: the attempt does not count.
+    pub fn succeeded(mut self) {
+        self.counted = false;
+    }
+
+    /// The attempt never got to the credentials (malformed request, storage down):
+    /// it does not count either.
+    pub fn not_counted(mut self) {
+        self.counted = false;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut map = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner());
+        for k in &self.keys {
+            if let Some(c) = map.get_mut(k) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+                if self.counted {
+                    c.failures = c.failures.saturating_add(1);
+                }
+            }
+        }
+        drop(map);
+        self.inner.finished.notify_waiters();
+    }
+}
+
+enum Decision {
+    Go,
+    Wait,
+    Refuse(u64),
+}
 
 impl FailureLimiter {
     pub fn new(config: LimitConfig) -> Self {
-        FailureLimiter { config, counters: Mutex::new(HashMap::new()) }
+        FailureLimiter {
+            inner: Arc::new(Inner {
+                config,
+                counters: Mutex::new(HashMap::new()),
+                finished: tokio::sync::Notify::new(),
+            }),
+        }
     }
 
-    fn keys(role: &str, addr: IpAddr) -> [(String, bool); 2] {
-        [(format!("r:{role}@{addr}"), true), (format!("a:{addr}"), false)]
+    fn keys(method: &str, identity: Option<&str>, addr: IpAddr) -> Vec<(Key, bool)> {
+        let src = source(addr);
+        let mut keys = vec![(digest(&[b"a", &src]), false)];
+        if let Some(id) = identity {
+            let id = normalize(id);
+            keys.push((digest(&[b"r", method.as_bytes(), id.as_bytes(), &src]), true));
+        }
+        keys
     }
 
-    /// Refuse with 429 if either counter is at its threshold.
-    pub fn check(&self, role: &str, addr: IpAddr) -> Result<()> {
-        let now = Instant::now();
-        let map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, per_role) in Self::keys(role, addr) {
-            let limit =
-                if per_role { self.config.failures_per_role_and_address } else { self.config.failures_per_address };
-            if let Some((start, count)) = map.get(&key)
-                && now.duration_since(*start) < self.config.window
-                && *count >= limit
-            {
-                let retry = self.config.window.saturating_sub(now.duration_since(*start));
-                return Err(Error::TooManyRequests { retry_after_secs: retry.as_secs().max(1) });
+    fn decide(&self, keys: &[(Key, bool)], now: Instant) -> Decision {
+        let c = &self.inner.config;
+        let mut map = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let new_keys = keys.iter().filter(|(k, _)| !map.contains_key(k)).count();
+        if map.len() + new_keys > MAX_ENTRIES {
+            let window = c.window;
+            map.retain(|_, v| v.in_flight > 0 || now.duration_since(v.start) < window);
+            if map.len() + new_keys > MAX_ENTRIES {
+                tracing::warn!(entries = map.len(), "login rate limiter table full; refusing new sources");
+                return Decision::Refuse(c.window.as_secs().max(1));
             }
+        }
+        let mut wait = false;
+        for (key, per_identity) in keys {
+            let limit = if *per_identity { c.failures_per_role_and_address } else { c.failures_per_address };
+            let counter = map.entry(*key).or_insert(Counter { start: now, failures: 0, in_flight: 0 });
+            if now.duration_since(counter.start) >= c.window {
+                counter.start = now;
+                counter.failures = 0;
+            }
+            if counter.failures >= limit {
+                let retry = c.window.saturating_sub(now.duration_since(counter.start));
+                return Decision::Refuse(retry.as_secs().max(1));
+            }
+            if counter.failures + counter.in_flight >= limit {
+                wait = true;
+            }
+        }
+        if wait {
+            return Decision::Wait;
+        }
+        for (key, _) in keys {
+            if let Some(counter) = map.get_mut(key) {
+                counter.in_flight += 1;
+            }
+        }
+        Decision::Go
+    }
+
+    /// Take a place for one login attempt by `identity` (none known yet: the source
+    /// only) of `method` from `addr`: 429 if failures already reached a limit, a short
+    /// wait if attempts in flight might still reach it.
+    pub async fn reserve(&self, method: &str, identity: Option<&str>, addr: IpAddr) -> Result<Reservation> {
+        let keys = Self::keys(method, identity, addr);
+        let deadline = tokio::time::Instant::now() + MAX_WAIT;
+        loop {
+            let finished = self.inner.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            match self.decide(&keys, Instant::now()) {
+                Decision::Go => {
+                    return Ok(Reservation {
+                        inner: self.inner.clone(),
+                        keys: keys.into_iter().map(|(k, _)| k).collect(),
+                        counted: true,
+                    });
+                }
+                Decision::Refuse(retry_after_secs) => return Err(Error::TooManyRequests { retry_after_secs }),
+                Decision::Wait => {
+                    if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                        return Err(Error::TooManyRequests { retry_after_secs: 1 });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuse at once if the source alone is at its limit (before a body is read).
+    pub fn check_source(&self, addr: IpAddr) -> Result<()> {
+        let key = digest(&[b"a", &source(addr)]);
+        let c = &self.inner.config;
+        let now = Instant::now();
+        let map = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counter) = map.get(&key)
+            && now.duration_since(counter.start) < c.window
+            && counter.failures >= c.failures_per_address
+        {
+            let retry = c.window.saturating_sub(now.duration_since(counter.start));
+            return Err(Error::TooManyRequests { retry_after_secs: retry.as_secs().max(1) });
         }
         Ok(())
     }
 
-    pub fn record_failure(&self, role: &str, addr: IpAddr) {
+    /// Remove counters whose window has passed (called by a timer).
+    pub fn purge(&self) -> usize {
         let now = Instant::now();
-        let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > MAX_ENTRIES {
-            let window = self.config.window;
-            map.retain(|_, (start, _)| now.duration_since(*start) < window);
-        }
-        for (key, _) in Self::keys(role, addr) {
-            let entry = map.entry(key).or_insert((now, 0));
-            if now.duration_since(entry.0) >= self.config.window {
-                *entry = (now, 0);
-            }
-            entry.1 += 1;
-        }
+        let window = self.inner.config.window;
+        let mut map = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|_, v| v.in_flight > 0 || now.duration_since(v.start) < window);
+        before - map.len()
+    }
+
+    /// Counters held now.
+    pub fn len(&self) -> usize {
+        self.inner.counters.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn window(&self) -> Duration {
+        self.inner.config.window
     }
 }
 
@@ -102,27 +303,93 @@ impl FailureLimiter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn limits_per_role_and_address_do_not_spill_over() {
-        let l = FailureLimiter::new(LimitConfig {
-            failures_per_role_and_address: 3,
-            failures_per_address: 5,
+    fn limiter(per_role: u32, per_addr: u32) -> FailureLimiter {
+        FailureLimiter::new(LimitConfig {
+            failures_per_role_and_address: per_role,
+            failures_per_address: per_addr,
             window: Duration::from_secs(60),
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn limits_per_role_and_address_do_not_spill_over() {
+        let l = limiter(3, 5);
         let attacker: IpAddr = "10.0.0.66".parse().unwrap();
         let unit: IpAddr = "10.0.0.7".parse().unwrap();
         for _ in 0..3 {
-            l.check("web", attacker).unwrap();
-            l.record_failure("web", attacker);
+            drop(l.reserve("approle", Some("web"), attacker).await.unwrap());
         }
-        assert!(matches!(l.check("web", attacker), Err(Error::TooManyRequests { .. })));
+        assert!(matches!(l.reserve("approle", Some("web"), attacker).await, Err(Error::TooManyRequests { .. })));
         // The legitimate unit of the same role, from its own address, is not locked out.
-        l.check("web", unit).unwrap();
+        l.reserve("approle", Some("web"), unit).await.unwrap().succeeded();
         // Nor is another role from the attacker's address, until the per-address limit.
-        l.check("batch", attacker).unwrap();
-        l.record_failure("batch", attacker);
-        l.record_failure("batch", attacker);
-        assert!(matches!(l.check("other", attacker), Err(Error::TooManyRequests { .. })));
-        l.check("other", unit).unwrap();
+        drop(l.reserve("approle", Some("batch"), attacker).await.unwrap());
+        drop(l.reserve("approle", Some("batch"), attacker).await.unwrap());
+        assert!(matches!(l.reserve("approle", Some("other"), attacker).await, Err(Error::TooManyRequests { .. })));
+        assert!(l.check_source(attacker).is_err());
+        l.reserve("approle", Some("other"), unit).await.unwrap().succeeded();
+    }
+
+    #[tokio::test]
+    async fn successes_do_not_count_and_variants_of_a_name_share_a_counter() {
+        let l = limiter(2, 100);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..10 {
+            l.reserve("userpass", Some("alice"), a).await.unwrap().succeeded();
+        }
+        drop(l.reserve("userpass", Some("Alice"), a).await.unwrap());
+        drop(l.reserve("userpass", Some(" alice "), a).await.unwrap());
+        assert!(l.reserve("userpass", Some("ALICE"), a).await.is_err());
+        assert!(l.reserve("userpass", Some("alice"), a).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn ipv6_addresses_of_one_64_share_a_counter() {
+        let l = limiter(1, 100);
+        drop(l.reserve("approle", Some("r"), "2001:db8::1".parse().unwrap()).await.unwrap());
+        assert!(l.reserve("approle", Some("r"), "2001:db8::ffff:2".parse().unwrap()).await.is_err());
+        l.reserve("approle", Some("r"), "2001:db8:0:1::1".parse().unwrap()).await.unwrap().succeeded();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_attempts_never_exceed_the_limit() {
+        let l = limiter(5, 20);
+        let a: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..300 {
+            let l = l.clone();
+            tasks.push(tokio::spawn(async move {
+                match l.reserve("userpass", Some("alice"), a).await {
+                    Ok(r) => {
+                        // The credential check takes a while; then it fails.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        drop(r);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }));
+        }
+        let mut tried = 0;
+        for t in tasks {
+            tried += u32::from(t.await.unwrap());
+        }
+        assert_eq!(tried, 5, "exactly the limit got to try");
+    }
+
+    #[tokio::test]
+    async fn long_keys_are_digests_and_the_table_is_bounded_and_purged() {
+        let l = FailureLimiter::new(LimitConfig {
+            failures_per_role_and_address: 5,
+            failures_per_address: 1_000_000,
+            window: Duration::from_millis(1),
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let big = "x".repeat(1 << 20);
+        drop(l.reserve("approle", Some(&big), a).await.unwrap());
+        assert_eq!(l.len(), 2);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(l.purge(), 2);
+        assert!(l.is_empty());
     }
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::{Store, decode_json, encode_json, get_json, scan_all};
+use crate::store::{Store, decode_json, encode_json, scan_all};
 use crate::tls::ClientCert;
 use std::sync::Arc;
 
@@ -38,6 +38,10 @@ pub struct LoginOutcome {
     /// The role requires the token to be bound to the client certificate of the login.
     pub bind_certificate: bool,
     pub metadata: BTreeMap<String, String>,
+    /// The userpass user who logged in (an identity of the kill switch).
+    pub user: Option<String>,
+    /// The accessor of the one-time credential used (a bootstrap token).
+    pub parent: Option<String>,
 }
 
 impl LoginOutcome {
@@ -52,6 +56,8 @@ impl LoginOutcome {
             max_ttl: t.token_max_ttl,
             bind_certificate: t.bind_certificate,
             metadata: [("role_name".to_owned(), name.to_owned())].into(),
+            user: None,
+            parent: None,
         }
     }
 }
@@ -148,20 +154,36 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     }
 
     pub async fn load(&self, name: &str) -> Result<Option<StoredRole<T>>> {
+        Ok(self.load_raw(name).await?.map(|(_, r)| r))
+    }
+
+    /// The role and its stored bytes (what a later [`RoleStore::save`] expects to replace).
+    pub async fn load_raw(&self, name: &str) -> Result<Option<(Vec<u8>, StoredRole<T>)>> {
         validate_name("role", name)?;
-        Ok(get_json(self.store.as_ref(), &self.key(name)).await?)
+        let key = self.key(name);
+        match self.store.get(&key).await? {
+            Some(raw) => {
+                let role = decode_json(&key, &raw)?;
+                Ok(Some((raw, role)))
+            }
+            None => Ok(None),
+        }
     }
 
     pub async fn require(&self, name: &str) -> Result<StoredRole<T>> {
         self.load(name).await?.ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))
     }
 
-    /// Create or replace a role (claiming its name in the shared role namespace).
-    pub async fn save(&self, name: &str, role: &StoredRole<T>) -> Result<()> {
+    /// Create or replace a role (claiming its name in the shared role namespace), if what
+    /// is stored is still `expected` (`None`: the role must not exist). Of concurrent
+    /// writers exactly one wins; the others get 409 and change nothing.
+    pub async fn save(&self, name: &str, role: &StoredRole<T>, expected: Option<&[u8]>) -> Result<()> {
         validate_name("role", name)?;
         role.token.validate()?;
         claim_role_name(self.store.as_ref(), name, self.method).await?;
-        self.store.put(&self.key(name), &encode_json(role)).await?;
+        if !self.store.compare_and_swap(&self.key(name), expected, Some(&encode_json(role))).await? {
+            return Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method)));
+        }
         Ok(())
     }
 
@@ -174,11 +196,16 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     }
 
     pub async fn all(&self) -> Result<Vec<(String, StoredRole<T>)>> {
+        Ok(self.all_raw().await?.into_iter().map(|(name, _, role)| (name, role)).collect())
+    }
+
+    /// Every role with its stored bytes.
+    pub async fn all_raw(&self) -> Result<Vec<(String, Vec<u8>, StoredRole<T>)>> {
         let prefix = self.prefix();
         let mut out = Vec::new();
         for (k, raw) in scan_all(self.store.as_ref(), &prefix).await? {
             let role = decode_json(&k, &raw)?;
-            out.push((k[prefix.len()..].to_owned(), role));
+            out.push((k[prefix.len()..].to_owned(), raw, role));
         }
         Ok(out)
     }
@@ -197,8 +224,12 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
 #[async_trait]
 pub trait RoleAdmin: Send + Sync + std::fmt::Debug {
     fn method(&self) -> &'static str;
-    /// Create or update from a request body (method fields and token fields).
-    async fn write_role(&self, name: &str, body: &[u8]) -> Result<()>;
+    /// The stored bytes of role `name`, if it exists (the existence check that decides
+    /// between `create` and `update`, and what the write then expects to replace).
+    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Create (`expected == None`) or update a role from a request body (method fields and
+    /// token fields), if what is stored is still `expected`; 409 otherwise.
+    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()>;
     async fn read_role(&self, name: &str) -> Result<serde_json::Value>;
     async fn delete_role(&self, name: &str) -> Result<()>;
     async fn list_roles(&self) -> Result<Vec<String>>;
@@ -297,10 +328,14 @@ pub mod policy_list {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-        let list = match Option::<Raw>::deserialize(d)? {
+        // Vault's rule: policy names are case-insensitive (kept in lower case) and the
+        // surrounding spaces of a comma-separated list are not part of them.
+        let list: Vec<String> = match Option::<Raw>::deserialize(d)? {
             None => Vec::new(),
-            Some(Raw::List(l)) => l,
-            Some(Raw::Text(t)) => t.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+            Some(Raw::List(l)) => l.into_iter().map(|p| p.trim().to_ascii_lowercase()).collect(),
+            Some(Raw::Text(t)) => {
+                t.split(',').map(|p| p.trim().to_ascii_lowercase()).filter(|p| !p.is_empty()).collect()
+            }
         };
         for p in &list {
             crate::policy::validate_name(p).map_err(serde::de::Error::custom)?;
@@ -311,6 +346,21 @@ pub mod policy_list {
     pub fn serialize<S: serde::Serializer>(l: &[String], s: S) -> std::result::Result<S::Ok, S::Error> {
         l.serialize(s)
     }
+}
+
+/// The policies a role body asks for (`token_policies`), for the grant check before the
+/// write (the body is parsed in full, and refused if malformed, by the method).
+pub fn requested_policies(body: &[u8]) -> Result<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Only {
+        #[serde(default, with = "policy_list")]
+        token_policies: Vec<String>,
+    }
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
+    let mut map: serde_json::Map<String, serde_json::Value> = parse_body(body)?;
+    let only = serde_json::Map::from_iter(map.remove("token_policies").map(|v| ("token_policies".to_owned(), v)));
+    let only: Only = serde_json::from_value(serde_json::Value::Object(only)).map_err(|e| json_error(&e))?;
+    Ok(only.token_policies)
 }
 
 /// Parse a role's body: the method's own fields into `T`, the common token fields into
@@ -332,8 +382,10 @@ pub fn parse_role_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T
     Ok((own, token))
 }
 
-/// Parse a JSON request body into `T`, with messages that never quote the input.
+/// Parse a JSON request body into `T`, with messages that never quote the input. A body
+/// that repeats a key in any object is refused (see [`crate::json`]).
 pub fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T> {
+    crate::json::check_no_duplicate_keys(body).map_err(|e| json_error(&e))?;
     serde_json::from_slice(body).map_err(|e| json_error(&e))
 }
 
@@ -343,7 +395,8 @@ pub fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T> {
 /// credentials.
 pub fn json_error(e: &serde_json::Error) -> Error {
     let msg = e.to_string();
-    let safe = msg.starts_with("unknown field") || msg.starts_with("missing field");
+    let safe =
+        msg.starts_with("unknown field") || msg.starts_with("missing field") || crate::json::is_duplicate_key_error(e);
     if safe {
         let msg = msg.split(" at line ").next().unwrap_or(&msg);
         Error::invalid(format!("invalid request body: {msg}"))

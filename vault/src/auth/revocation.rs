@@ -1,17 +1,26 @@
 //! Revocation: of single tokens (by accessor) and of whole identities (the kill switch).
 //!
 //! Both live in the store, so every replica sees them. A revoked accessor is kept until
-//! the token could no longer be valid anyway. An identity revocation is one record, written
-//! in one atomic step: from then on every token of that identity issued before it is
-//! refused, and no login or direct request of that identity succeeds, until an admin
-//! restores it.
+//! the token could no longer be valid anyway; a token whose parent accessor is revoked
+//! (the token a bootstrap login issued) is refused with it.
+//!
+//! An identity revocation never compares clocks. Each identity (a role, a userpass user,
+//! a client certificate, a SPIFFE ID) has a *generation*, 0 until it is first revoked;
+//! every token carries the generations of its identities at the moment it was issued.
+//! Revoking an identity increments its generation in one compare-and-swap, so from then
+//! on every token issued before is refused on every replica, whatever their clocks say,
+//! and logins are refused until an admin restores the identity. Restoring lifts the
+//! login block but keeps the generation: old tokens stay dead. A login that read the old
+//! generation just before a revocation issues a token with that old generation, which is
+//! refused at its first use.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{Store, decode_json, encode_json};
 use crate::unix_now;
 
@@ -20,6 +29,8 @@ use crate::unix_now;
 pub enum Identity {
     /// A role of any auth method (role names are one namespace).
     Role(String),
+    /// A userpass user (normalized name).
+    User(String),
     /// A client certificate by SHA-256 fingerprint (64 lower-case hex).
     Certificate(String),
     /// A SPIFFE ID (URI SAN of client certificates).
@@ -30,6 +41,7 @@ impl Identity {
     fn key(&self) -> String {
         match self {
             Identity::Role(r) => format!("auth/revoked-identity/role/{r}"),
+            Identity::User(u) => format!("auth/revoked-identity/user/{u}"),
             Identity::Certificate(f) => format!("auth/revoked-identity/cert/{f}"),
             Identity::Spiffe(s) => {
                 format!("auth/revoked-identity/spiffe/{}", hex::encode(s.as_bytes()))
@@ -37,25 +49,56 @@ impl Identity {
         }
     }
 
+    /// The name of this kind of identity in a token's generations (`idg` claim).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Identity::Role(_) => "role",
+            Identity::User(_) => "user",
+            Identity::Certificate(_) => "cert",
+            Identity::Spiffe(_) => "spiffe",
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Identity::Role(r) => format!("role {r}"),
+            Identity::User(u) => format!("user {u}"),
             Identity::Certificate(f) => format!("certificate {f}"),
             Identity::Spiffe(s) => format!("SPIFFE ID {s}"),
         }
     }
 }
 
+fn first_generation() -> u64 {
+    // Records written before generations existed meant "revoked once".
+    1
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Revoked {
+    #[serde(default = "first_generation")]
+    generation: u64,
+    /// When, by the revoking replica's clock: for people, never compared with anything.
     revoked_at: u64,
     by: String,
-    /// Lifted by an admin: logins work again, but tokens issued before `revoked_at` stay
+    /// Lifted by an admin: logins work again, but tokens of earlier generations stay
     /// revoked (restoring an identity never resurrects its old tokens).
     #[serde(default)]
     restored: bool,
 }
+
+/// The revocation state of one identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IdentityState {
+    /// Tokens carrying an older generation are refused.
+    pub generation: u64,
+    /// Logins and direct requests are refused.
+    pub blocks_logins: bool,
+}
+
+/// The generations of a token's identities, by [`Identity::kind`] (absent: 0).
+pub type Generations = BTreeMap<String, u64>;
 
 #[derive(Debug)]
 pub struct Revocations {
@@ -71,9 +114,10 @@ impl Revocations {
         Revocations { store }
     }
 
-    /// Revoke the token(s) with this accessor until `until` (unix seconds) has passed.
+    /// Revoke the token(s) with this accessor, and those issued from it, until `until`
+    /// (unix seconds) has passed.
     pub async fn revoke_accessor(&self, accessor: &str, until: u64) -> Result<()> {
-        let ttl = Duration::from_secs(until.saturating_sub(unix_now()) + 60);
+        let ttl = Duration::from_secs(until.saturating_sub(unix_now()).saturating_add(60));
         self.store.insert_if_absent(&accessor_key(accessor), b"", Some(ttl)).await?;
         Ok(())
     }
@@ -82,17 +126,27 @@ impl Revocations {
         Ok(self.store.get(&accessor_key(accessor)).await?.is_some())
     }
 
-    /// The kill switch: one record, effective for every replica at once.
+    /// The kill switch: one compare-and-swap, effective for every replica at once.
+    /// Returns the identity's new generation.
     pub async fn revoke_identity(&self, identity: &Identity, by: &str) -> Result<u64> {
-        let revoked_at = unix_now();
-        self.store
-            .put(&identity.key(), &encode_json(&Revoked { revoked_at, by: by.to_owned(), restored: false }))
-            .await?;
-        Ok(revoked_at)
+        let key = identity.key();
+        loop {
+            let raw = self.store.get(&key).await?;
+            let generation = match &raw {
+                Some(r) => decode_json::<Revoked>(&key, r)?.generation,
+                None => 0,
+            }
+            .checked_add(1)
+            .ok_or_else(|| Error::Internal("identity generation overflow".into()))?;
+            let record = Revoked { generation, revoked_at: unix_now(), by: by.to_owned(), restored: false };
+            if self.store.compare_and_swap(&key, raw.as_deref(), Some(&encode_json(&record))).await? {
+                return Ok(generation);
+            }
+        }
     }
 
-    /// Lift an identity revocation: logins work again; tokens issued before the revocation
-    /// stay revoked. Returns whether the identity was revoked.
+    /// Lift an identity revocation: logins work again; tokens of earlier generations stay
+    /// revoked. Returns whether the identity was revoked.
     pub async fn restore_identity(&self, identity: &Identity) -> Result<bool> {
         let key = identity.key();
         loop {
@@ -103,14 +157,6 @@ impl Revocations {
             if record.restored {
                 return Ok(false);
             }
-            // Tokens are stamped in whole seconds and those issued at or before
-            // `revoked_at` stay refused: let that second pass, so that tokens of logins
-            // after the restore are never caught by it.
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            if now.as_secs() <= record.revoked_at {
-                let wait = Duration::from_secs(record.revoked_at + 1).saturating_sub(now);
-                tokio::time::sleep(wait).await;
-            }
             record.restored = true;
             if self.store.compare_and_swap(&key, Some(&raw), Some(&encode_json(&record))).await? {
                 return Ok(true);
@@ -118,15 +164,15 @@ impl Revocations {
         }
     }
 
-    /// The revocation of `identity`, if any: when, and whether it still blocks logins.
-    pub async fn identity_revocation(&self, identity: &Identity) -> Result<Option<(u64, bool)>> {
+    /// The revocation state of `identity` (generation 0 and no block if never revoked).
+    pub async fn identity_state(&self, identity: &Identity) -> Result<IdentityState> {
         let key = identity.key();
         match self.store.get(&key).await? {
             Some(raw) => {
                 let r: Revoked = decode_json(&key, &raw)?;
-                Ok(Some((r.revoked_at, !r.restored)))
+                Ok(IdentityState { generation: r.generation, blocks_logins: !r.restored })
             }
-            None => Ok(None),
+            None => Ok(IdentityState::default()),
         }
     }
 }

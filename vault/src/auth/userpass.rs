@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use super::{Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name, vault_duration};
 use crate::error::{AuthFailure, Error, Result};
-use crate::store::{Store, encode_json, get_json, list_names};
+use crate::store::{Store, decode_json, encode_json, get_json, list_names};
 
 pub const METHOD: &str = "userpass";
 const MIN_PASSWORD_LEN: usize = 12;
@@ -60,18 +60,36 @@ async fn verify_password(password: SecretString, phc: String) -> Result<bool> {
 }
 
 /// The body of `POST /v1/auth/userpass/users/<user>`. (`SecretString`'s `Debug` is redacted.)
+/// As in Vault, an update changes only the fields it gives.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserWrite {
     /// Required when creating; optional when updating policies or TTLs.
     #[serde(default)]
     pub password: Option<SecretString>,
-    #[serde(default, with = "policy_list")]
-    pub token_policies: Vec<String>,
-    #[serde(default, with = "vault_duration")]
-    pub token_ttl: Option<Duration>,
-    #[serde(default, with = "vault_duration")]
-    pub token_max_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "some_policies")]
+    pub token_policies: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "some_duration")]
+    pub token_ttl: Option<Option<Duration>>,
+    #[serde(default, deserialize_with = "some_duration")]
+    pub token_max_ttl: Option<Option<Duration>>,
+}
+
+fn some_policies<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
+    policy_list::deserialize(d).map(Some)
+}
+
+fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<Duration>>, D::Error> {
+    vault_duration::deserialize(d).map(Some)
+}
+
+/// A user name as stored and looked up: surrounding white space removed, lower case (as
+/// Vault's userpass does), then the common name rule. Logins, the rate limiter and
+/// administration all use this form, so `Alice` and ` alice` are `alice`.
+pub fn normalize_user(name: &str) -> Result<String> {
+    let n = name.trim().to_ascii_lowercase();
+    validate_name("user", &n)?;
+    Ok(n)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -117,9 +135,20 @@ impl UserPass {
         Ok(get_json(self.store.as_ref(), &user_key(name)).await?)
     }
 
-    pub async fn write_user(&self, name: &str, w: UserWrite) -> Result<()> {
+    /// The stored bytes of user `name` (a normalized name), if it exists.
+    pub async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.store.get(&user_key(name)).await?)
+    }
+
+    /// Create (`expected == None`) or update the user `name` (a normalized name) if its
+    /// stored bytes are still `expected`; 409 otherwise.
+    pub async fn write_user(&self, name: &str, w: UserWrite, expected: Option<&[u8]>) -> Result<()> {
         validate_name("user", name)?;
-        let existing = self.load(name).await?;
+        let existing: Option<StoredUser> = expected.map(|raw| decode_json(&user_key(name), raw)).transpose()?;
+        let (old_policies, old_ttl, old_max) = match &existing {
+            Some(u) => (u.token_policies.clone(), u.token_ttl, u.token_max_ttl),
+            None => (Vec::new(), None, None),
+        };
         let password_hash = match (w.password, existing) {
             (Some(pw), _) => {
                 let len = pw.expose_secret().chars().count();
@@ -135,12 +164,19 @@ impl UserPass {
         };
         let stored = StoredUser {
             password_hash,
-            token_policies: w.token_policies,
-            token_ttl: w.token_ttl,
-            token_max_ttl: w.token_max_ttl,
+            token_policies: w.token_policies.unwrap_or(old_policies),
+            token_ttl: w.token_ttl.unwrap_or(old_ttl),
+            token_max_ttl: w.token_max_ttl.unwrap_or(old_max),
         };
+        if let (Some(ttl), Some(max)) = (stored.token_ttl, stored.token_max_ttl)
+            && ttl > max
+        {
+            return Err(Error::invalid("token_ttl must not exceed token_max_ttl"));
+        }
         let raw = encode_json(&stored);
-        self.store.put(&user_key(name), &raw).await?;
+        if !self.store.compare_and_swap(&user_key(name), expected, Some(&raw)).await? {
+            return Err(Error::Conflict(format!("user {name} changed concurrently; retry")));
+        }
         Ok(())
     }
 
@@ -180,7 +216,7 @@ impl Authenticator for UserPass {
 
     async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
         let name = req.name.ok_or_else(|| Error::invalid("the user name goes in the URL"))?;
-        validate_name("user", name)?;
+        let name = &normalize_user(name)?;
         let body: LoginBody = parse_body(req.body)?;
         if body.password.expose_secret().len() > MAX_PASSWORD_LEN * 4 {
             return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
@@ -201,6 +237,8 @@ impl Authenticator for UserPass {
                 max_ttl: u.token_max_ttl,
                 bind_certificate: false,
                 metadata: [("username".to_owned(), name.to_owned())].into(),
+                user: Some(name.to_owned()),
+                parent: None,
             }),
             _ => Err(Error::Unauthenticated(AuthFailure::InvalidCredentials)),
         }

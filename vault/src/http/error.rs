@@ -37,6 +37,8 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Hsm(h) if h.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
         Error::Store(_) | Error::Hsm(_) | Error::Barrier(_) | Error::Config(_) | Error::Internal(_) => {
@@ -55,7 +57,8 @@ fn public_message(e: &Error, status: StatusCode) -> String {
         (Error::Store(_), StatusCode::SERVICE_UNAVAILABLE) => "storage is unavailable, retry later".into(),
         (Error::Hsm(_), StatusCode::SERVICE_UNAVAILABLE) => "the key store (HSM) is unavailable, retry later".into(),
         (Error::Barrier(BarrierError::Integrity), _) => "a stored record failed its integrity check".into(),
-        (Error::Hsm(HsmError::KeyNotFound(_)), _) => "a key this record needs is missing from the HSM".into(),
+        (Error::Hsm(HsmError::KeyNotFound(label)), _) => format!("key {label} is missing from the HSM"),
+        (Error::Unavailable(m), _) => m.clone(),
         (_, s) if s.is_server_error() => "internal error".into(),
         _ => e.to_string(),
     }
@@ -66,9 +69,17 @@ pub fn client_message(e: &Error) -> String {
     public_message(e, status_of(e))
 }
 
+/// Requests that failed because a key KeyVault's state names is missing from the token
+/// (reported by `/v1/sys/health`).
+pub static MISSING_KEY_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_of(&self.0);
+        if let Error::Hsm(HsmError::KeyNotFound(label)) = &self.0 {
+            MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(key = %label, "a key named by KeyVault's state is missing from the HSM");
+        }
         if status.is_server_error() {
             tracing::error!(error = %self.0, status = status.as_u16(), "request failed");
         } else if let Error::Unauthenticated(reason) = &self.0 {
@@ -99,6 +110,9 @@ mod tests {
         assert_eq!(status_of(&Error::Hsm(HsmError::PoolTimeout)), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status_of(&Error::Barrier(BarrierError::Integrity)), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(status_of(&Error::TooManyRequests { retry_after_secs: 3 }), StatusCode::TOO_MANY_REQUESTS);
+        let missing = Error::Hsm(HsmError::KeyNotFound("keyvault/transit/k/v2".into()));
+        assert_eq!(status_of(&missing), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(public_message(&missing, status_of(&missing)), "key keyvault/transit/k/v2 is missing from the HSM");
     }
 
     #[test]

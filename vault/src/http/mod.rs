@@ -29,7 +29,28 @@ pub use error::ApiError;
 pub struct AppState {
     pub vault: Arc<Vault>,
     pub audit: Arc<AuditLog>,
-    pub max_body: usize,
+    pub body: BodyLimits,
+}
+
+/// How request bodies are read: the largest one (413 beyond), how long it may take to
+/// arrive (408 beyond), and a budget of bytes being received at once.
+#[derive(Clone, Debug)]
+pub struct BodyLimits {
+    pub max: usize,
+    pub timeout: std::time::Duration,
+    /// Permits are KiB of body being received.
+    pub budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl BodyLimits {
+    pub fn new(max: usize, timeout: std::time::Duration, in_flight_bytes: usize) -> Self {
+        let permits = (in_flight_bytes / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        BodyLimits { max, timeout, budget: Arc::new(tokio::sync::Semaphore::new(permits)) }
+    }
+
+    pub fn from_config(l: &crate::config::ListenerConfig) -> Self {
+        Self::new(l.max_request_bytes, l.body_timeout, l.max_body_bytes_in_flight)
+    }
 }
 
 /// What the server knows about the connection a request came on.

@@ -1,29 +1,61 @@
 //! The TLS listener: accept, handshake (rustls), serve HTTP/1.1 or HTTP/2 (ALPN) with
 //! hyper, drain connections on shutdown.
+//!
+//! Everything a client controls is bounded in time and number (docs/threat-model.md):
+//! the TLS handshake, reading request headers (HTTP/1.1), an idle connection (no request
+//! in flight and no bytes moving, both protocols), and reading a body (in the extractor:
+//! `listener.body_timeout`); connections in all and per source address (an IPv6 address
+//! by its /64). A connection over a limit is closed at once, before its handshake. Accept
+//! errors (out of file descriptors) back off instead of spinning, and are logged at most
+//! once a second.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::error::{Error, Result};
-use crate::tls::ClientCert;
+use crate::tls::{ClientCert, SharedRevoked};
 use crate::vault::Peer;
 
-/// A TLS handshake that takes longer than this is dropped (slowloris).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The transport's bounds (`[listener]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connections_per_address: 256,
+        }
+    }
+}
 
 /// Bind the listener, with a clear error for an address in use.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -38,37 +70,224 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// Raise the soft limit of open files to the hard limit, and make sure the connection
+/// limit leaves room for everything else the process opens (storage, token, audit log).
+/// Returns the connection limit to use.
+pub fn fit_file_limit(max_connections: usize) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (limit.current, limit.maximum)
+        && cur < max
+    {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(max), maximum: Some(max) });
+    }
+    let available = getrlimit(Resource::Nofile).current.map(|n| n as usize).unwrap_or(usize::MAX);
+    const RESERVED: usize = 256;
+    let fitting = available.saturating_sub(RESERVED).max(16);
+    if max_connections > fitting {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = available,
+            using = fitting,
+            "listener.max_connections exceeds what the open-file limit allows; lowering it (raise LimitNOFILE)"
+        );
+        fitting
+    } else {
+        max_connections
+    }
+}
+
+/// Source of a connection for the per-address limit: an IPv4 address, or an IPv6 /64.
+fn source(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_ipv6_mapped().octets(),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                o
+            }
+        },
+    }
+}
+
+/// Open connections, in all and per source.
+#[derive(Debug, Default)]
+struct Connections {
+    total: AtomicUsize,
+    per_source: Mutex<HashMap<[u8; 16], usize>>,
+}
+
+/// A connection's place in [`Connections`], released on drop.
+struct ConnGuard {
+    conns: Arc<Connections>,
+    source: [u8; 16],
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.conns.total.fetch_sub(1, Ordering::SeqCst);
+        let mut map = self.conns.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Connections {
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<ConnGuard> {
+        let source = source(ip);
+        let mut map = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        if self.total.load(Ordering::SeqCst) >= limits.max_connections {
+            return None;
+        }
+        let n = map.entry(source).or_insert(0);
+        if *n >= limits.max_connections_per_address {
+            return None;
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Some(ConnGuard { conns: self.clone(), source })
+    }
+}
+
+/// Logs a repeated warning at most once a second, with how many were suppressed.
+struct RateLimitedLog {
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedLog {
+    const fn new() -> Self {
+        RateLimitedLog { last: Mutex::new(None), suppressed: AtomicU64::new(0) }
+    }
+
+    fn warn(&self, what: &str, detail: &dyn std::fmt::Display) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(detail = %detail, suppressed, "{what}");
+    }
+}
+
+static ACCEPT_FAILED: RateLimitedLog = RateLimitedLog::new();
+static OVER_LIMIT: RateLimitedLog = RateLimitedLog::new();
+
+/// A stream that notes when bytes last moved (for the idle timeout).
+struct ActivityIo<T> {
+    inner: T,
+    started: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> ActivityIo<T> {
+    fn touch(&self) {
+        self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Counts a request in flight on its connection until its handler returns.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Serve `app` over TLS on `listener` until `shutdown` completes. The TLS configuration
 /// is read from `tls` for every new connection, so it can be swapped at run time.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ArcSwap<ServerConfig>>,
+    revoked: SharedRevoked,
     app: Router,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(128);
+    let conns: Arc<Connections> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off (up to a second) instead of spinning.
+                    ACCEPT_FAILED.warn("accept failed; backing off", &e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        let Some(guard) = conns.admit(remote.ip(), &limits) else {
+            OVER_LIMIT.warn("connection refused: too many connections (in all or from this address)", &remote);
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
         let app = app.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let limits = limits.clone();
+        let revoked = revoked.clone();
+        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let _guard = guard;
+            let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -85,21 +304,63 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|der| Arc::new(ClientCert::from_der(der)));
-            let info = Peer { remote, client_cert };
-            let svc = app.map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(info.clone());
-                req.map(axum::body::Body::new)
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            let info = Peer { remote, client_cert, revoked: Some(revoked) };
+            let in_flight: Arc<AtomicUsize> = Arc::default();
+            let counter = in_flight.clone();
+            let svc = app
+                .map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(info.clone());
+                    req.map(axum::body::Body::new)
+                })
+                .map_future(move |fut| {
+                    let guard = InFlight::new(&counter);
+                    async move {
+                        let r = fut.await;
+                        drop(guard);
+                        r
+                    }
+                });
+            let last = Arc::new(AtomicU64::new(0));
+            let io = ActivityIo { inner: stream, started: Instant::now(), last: last.clone() };
+            let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            let mut tick = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
+            let started = Instant::now();
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%remote, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = tick.tick(), if !closing => {
+                        let idle_ms = (started.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
+                        if in_flight.load(Ordering::SeqCst) == 0 && idle_ms >= limits.idle_timeout.as_millis() as u64 {
+                            tracing::debug!(%remote, "closing an idle connection");
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                    _ = stop.changed(), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
             }
         });
     }
     drop(listener);
     tracing::info!("shutting down: draining open connections");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    let _ = stop_tx.send(true);
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while conns.total.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }
@@ -123,4 +384,29 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_in_all_and_per_source() {
+        let conns: Arc<Connections> = Arc::default();
+        let limits = Limits { max_connections: 3, max_connections_per_address: 2, ..Default::default() };
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let g1 = conns.admit(a, &limits).unwrap();
+        let _g2 = conns.admit(a, &limits).unwrap();
+        assert!(conns.admit(a, &limits).is_none(), "per address");
+        let _g3 = conns.admit(b, &limits).unwrap();
+        assert!(conns.admit(b, &limits).is_none(), "in all");
+        drop(g1);
+        let _g4 = conns.admit(a, &limits).unwrap();
+        // Addresses of one IPv6 /64 are one source.
+        let v6 = Limits { max_connections_per_address: 1, ..limits };
+        let conns: Arc<Connections> = Arc::default();
+        let _x = conns.admit("2001:db8::1".parse().unwrap(), &v6).unwrap();
+        assert!(conns.admit("2001:db8::2".parse().unwrap(), &v6).is_none());
+    }
 }

@@ -106,6 +106,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A cheap liveness check for `/v1/sys/health`.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The storage's own clock, for engines shared by several replicas (whose clocks are
+    /// compared with it); `None` for an engine inside this process.
+    async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {
+        Ok(None)
+    }
 }
 
 /// Decode a stored JSON record. Failing to decode is corruption, named by its key.

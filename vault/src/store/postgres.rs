@@ -316,4 +316,15 @@ impl Store for PostgresStore {
         c.execute("SELECT 1", &[]).await.map_err(unavailable)?;
         Ok(())
     }
+
+    async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {
+        let c = self.client().await?;
+        let row = c
+            .query_one("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8", &[])
+            .await
+            .map_err(unavailable)?;
+        let micros: i64 = row.get(0);
+        let micros = u64::try_from(micros).map_err(|_| unavailable("the database clock is before 1970"))?;
+        Ok(Some(std::time::UNIX_EPOCH + Duration::from_micros(micros)))
+    }
 }

@@ -243,7 +243,7 @@ pub async fn approle_secret_id(
         "secret_id": s.secret_id.expose_secret(),
         "secret_id_accessor": s.accessor,
         "secret_id_ttl": s.ttl.map(|t| t.as_secs()).unwrap_or(0),
-        "secret_id_num_uses": 0,
+        "secret_id_num_uses": s.num_uses,
     });
     Ok(secret_json(
         StatusCode::OK,

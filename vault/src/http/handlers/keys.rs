@@ -372,7 +372,7 @@ fn verdict_json(v: &Verdict, with_status: bool) -> serde_json::Value {
 /// `{"batch": [...]}` (200, each result with its own status). Every verdict is an audit
 /// event (`telemetry.accepted` / `telemetry.rejected`).
 pub async fn gateway_verify(State(state): State<AppState>, caller: Caller, body: SecretBody) -> ApiResult<Response> {
-    let raw: serde_json::Value = serde_json::from_slice(&body.0).map_err(|e| crate::auth::json_error(&e))?;
+    let raw: serde_json::Value = crate::auth::parse_body(&body.0)?;
     let (items, batch) = if raw.get("batch").is_some() {
         let b: Batch = serde_json::from_value(raw).map_err(|e| crate::auth::json_error(&e))?;
         if b.batch.is_empty() {

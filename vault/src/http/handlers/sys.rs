@@ -12,15 +12,11 @@ use crate::http::extract::{Audit, JsonBody, SecretBody};
 use crate::http::{ApiResult, AppState, json, no_content};
 use crate::vault::Caller;
 
-/// `GET /v1/sys/health`: unauthenticated; 200 when storage and the HSM answer, else 503.
+/// `GET /v1/sys/health`: unauthenticated; 200 when storage and the HSM answer and the
+/// clock agrees with the storage's, else 503. Status words only: the reasons are logged.
 pub async fn health(State(state): State<AppState>) -> Response {
     let report = state.vault.health().await;
-    let ok = report.storage.is_ok() && report.hsm.is_ok();
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let show = |r: &Result<(), String>| match r {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => e.clone(),
-    };
+    let status = if report.ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json(
         status,
         serde_json::json!({
@@ -28,8 +24,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "sealed": false,
             "standby": false,
             "version": env!("CARGO_PKG_VERSION"),
-            "storage": show(&report.storage),
-            "hsm": show(&report.hsm),
+            "storage": report.storage,
+            "hsm": report.hsm,
+            "clock": if report.clock_ok { "ok" } else { "offset_too_large" },
+            "clock_offset_ms": report.clock_offset_ms,
+            "missing_key_errors": report.missing_key_errors,
             "master_key_version": report.master_version,
             "server_time_utc": crate::unix_now(),
         }),
@@ -84,51 +83,96 @@ pub async fn policy(
 }
 
 /// The body of `POST /v1/sys/revoke-identity` and `/restore-identity`: exactly one of
-/// the three.
+/// `role`, `user`, `certificate_sha256`, `spiffe_id` (and, for revoke only, `accessor`).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityBody {
     #[serde(default)]
     role: Option<String>,
     #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
     certificate_sha256: Option<String>,
     #[serde(default)]
     spiffe_id: Option<String>,
+    #[serde(default)]
+    accessor: Option<String>,
+}
+
+/// What the kill switch is asked to revoke.
+enum Target {
+    Identity(Identity),
+    Accessor(String),
 }
 
 impl IdentityBody {
+    fn target(self) -> Result<Target, Error> {
+        let given = [
+            self.role.is_some(),
+            self.user.is_some(),
+            self.certificate_sha256.is_some(),
+            self.spiffe_id.is_some(),
+            self.accessor.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(Error::invalid("give exactly one of role, user, certificate_sha256, spiffe_id, accessor"));
+        }
+        if let Some(r) = self.role {
+            crate::validate_name("role", &r)?;
+            return Ok(Target::Identity(Identity::Role(r)));
+        }
+        if let Some(u) = self.user {
+            return Ok(Target::Identity(Identity::User(crate::auth::userpass::normalize_user(&u)?)));
+        }
+        if let Some(f) = self.certificate_sha256 {
+            return Ok(Target::Identity(Identity::Certificate(crate::auth::cert::normalize_fingerprint(&f)?)));
+        }
+        if let Some(s) = self.spiffe_id {
+            if s.starts_with("spiffe://") && s.len() <= 2048 && !s.chars().any(char::is_control) {
+                return Ok(Target::Identity(Identity::Spiffe(s)));
+            }
+            return Err(Error::invalid("spiffe_id must be a spiffe:// URI"));
+        }
+        Ok(Target::Accessor(self.accessor.unwrap_or_default()))
+    }
+
     fn identity(self) -> Result<Identity, Error> {
-        match (self.role, self.certificate_sha256, self.spiffe_id) {
-            (Some(r), None, None) => {
-                crate::validate_name("role", &r)?;
-                Ok(Identity::Role(r))
-            }
-            (None, Some(f), None) => Ok(Identity::Certificate(crate::auth::cert::normalize_fingerprint(&f)?)),
-            (None, None, Some(s))
-                if s.starts_with("spiffe://") && s.len() <= 2048 && !s.chars().any(char::is_control) =>
-            {
-                Ok(Identity::Spiffe(s))
-            }
-            (None, None, Some(_)) => Err(Error::invalid("spiffe_id must be a spiffe:// URI")),
-            _ => Err(Error::invalid("give exactly one of role, certificate_sha256, spiffe_id")),
+        match self.target()? {
+            Target::Identity(i) => Ok(i),
+            Target::Accessor(_) => Err(Error::invalid("an accessor cannot be restored; issue a new credential")),
         }
     }
 }
 
-/// `POST /v1/sys/revoke-identity` (sudo): the kill switch.
+/// `POST /v1/sys/revoke-identity` (update + sudo): the kill switch.
 pub async fn revoke_identity(
     State(state): State<AppState>,
     audit: Audit,
     caller: Caller,
     JsonBody(body): JsonBody<IdentityBody>,
 ) -> ApiResult<Response> {
-    let identity = body.identity()?;
-    let at = state.vault.revoke_identity(&caller, &identity).await?;
-    audit.detail(format!("kill switch: revoked {} at {at}", identity.describe()));
-    Ok(json(StatusCode::OK, envelope(serde_json::json!({ "identity": identity.describe(), "revoked_at": at }))))
+    let (described, generation) = match body.target()? {
+        Target::Identity(identity) => {
+            let g = state.vault.revoke_identity(&caller, &identity).await?;
+            (identity.describe(), Some(g))
+        }
+        Target::Accessor(acc) => {
+            state.vault.revoke_identity_accessor(&caller, &acc).await?;
+            (format!("accessor {acc}"), None)
+        }
+    };
+    audit.detail(format!("kill switch: revoked {described} (generation {generation:?})"));
+    Ok(json(
+        StatusCode::OK,
+        envelope(serde_json::json!({
+            "identity": described,
+            "generation": generation,
+            "revoked_at": crate::unix_now(),
+        })),
+    ))
 }
 
-/// `POST /v1/sys/restore-identity` (sudo): lift a revocation.
+/// `POST /v1/sys/restore-identity` (update + sudo): lift a revocation.
 pub async fn restore_identity(
     State(state): State<AppState>,
     audit: Audit,
