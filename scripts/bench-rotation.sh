@@ -40,7 +40,7 @@ load_status() {
 }
 rotate() {
     curl -s --fail --cacert "$KEYVAULT_CACERT" -H @<(printf 'X-Vault-Token: %s\n' "$KEYVAULT_TOKEN") \
-        -X POST -d '{}' "$KEYVAULT_ADDR/v1/sys/rotate" > /dev/null
+        -X POST --json '{}' "$KEYVAULT_ADDR/v1/sys/rotate" > /dev/null
 }
 
 echo "== over HTTP (server on CPU 0, load on CPU 1)"
@@ -61,5 +61,5 @@ jq -c "{reads: \"during rotation\", rotation_still_running_at_the_end: (\"$STATE
 echo "{\"rotation\": 2, \"load\": \"reads during the first $DURATION\", \"records\": $RECORDS, $(rate "$T0" "$T1")}"
 load "${READ[@]}" | jq -c "{reads: \"after rotation\"} + $SUMMARY"
 curl -s --fail --cacert "$KEYVAULT_CACERT" -H @<(printf 'X-Vault-Token: %s\n' "$KEYVAULT_TOKEN") \
-    -X POST -d '{}' "$KEYVAULT_ADDR/v1/sys/rotate/retire" | jq -c '{retired: .data.retired}'
+    -X POST --json '{}' "$KEYVAULT_ADDR/v1/sys/rotate/retire" | jq -c '{retired: .data.retired}'
 load_status | jq -c '.data | {active_version, versions_in_use, state}'

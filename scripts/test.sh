@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-need_debs softhsm2 postgresql openssl jq curl
+need_debs softhsm2 postgresql openssl jq curl libfaketime
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

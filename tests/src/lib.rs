@@ -269,6 +269,74 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     hits
 }
 
+/// A TLS connection to `addr` (`https://host:port`) trusting `ca`, from `local` if given:
+/// for tests that speak HTTP by hand (slow clients, partial requests).
+pub async fn tls_connect(
+    addr: &str,
+    ca: &Path,
+    local: Option<std::net::IpAddr>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let hostport = addr.trim_start_matches("https://");
+    let port: u16 = hostport.rsplit(':').next().unwrap().parse().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in keyvault::tls::load_certs(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(l) = local {
+        socket.bind((l, 0).into()).unwrap();
+    }
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// Read from `stream` until the server closes it (or `within` passes); returns what was
+/// read and whether it closed in time.
+pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (out, closed)
+}
+
+/// The resident memory of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Wait (polling, up to `within`) until `f` is true.
+pub async fn wait_for(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Send a request line exactly as given (no client-side path normalization, which every
 /// HTTP client applies to `..`), over TLS; returns the status code.
 pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, token: &str) -> u16 {

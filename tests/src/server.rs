@@ -27,6 +27,10 @@ pub struct ServerOptions {
     pub token: Option<keyvault_hsm::Pkcs11Config>,
     /// Do not run `operator init` (a replica joining an initialized store).
     pub skip_init: bool,
+    /// Lines added to the `[listener]` section.
+    pub listener_extra: String,
+    /// Environment of the server process (e.g. libfaketime for another clock).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct TestServer {
@@ -70,6 +74,8 @@ impl TestServer {
         let (client_ca_file, crl_file) = (d.join("client-ca.pem"), d.join("crl.pem"));
         let mut listener_extra =
             format!("client_auth = \"{}\"\n", if opts.client_auth.is_empty() { "off" } else { opts.client_auth });
+        listener_extra += &opts.listener_extra;
+        listener_extra.push('\n');
         if let Some(ca) = &opts.client_ca_pem {
             std::fs::write(&client_ca_file, ca).unwrap();
             listener_extra += &format!("client_ca_file = \"{}\"\n", client_ca_file.display());
@@ -117,6 +123,7 @@ impl TestServer {
         let child = Command::new(keyvault_bin())
             .args(["server", "--config"])
             .arg(&config_file)
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -315,7 +315,7 @@ async fn certificate_reload_under_continuous_requests_loses_none() {
 }
 
 #[tokio::test]
-async fn a_crl_change_takes_effect_on_sighup() {
+async fn a_crl_change_takes_effect_on_sighup_for_new_and_open_connections() {
     let ca = TestCa::new("client CA");
     let a = ca.leaf("unit-a", &[], 10, false);
     let b = ca.leaf("unit-b", &[], 11, false);
@@ -325,11 +325,47 @@ async fn a_crl_change_takes_effect_on_sighup() {
         crl_pem: Some(ca.crl(&[])),
         ..Default::default()
     });
-    assert_eq!(s.client_with(&b).send("GET", "sys/health", None, None).await.status, 200);
+    let root = s.root.clone();
+    let none = s.client();
+    ok(
+        none.put(
+            "sys/policies/acl/read-app",
+            &root,
+            json!({"policy": "path \"secret/app/*\" { capabilities = [\"read\"] }"}),
+        )
+        .await,
+        204,
+    );
+    ok(none.put("secret/app/x", &root, json!({"value": SECRET})).await, 200);
+    ok(
+        none.post(
+            "auth/cert/role/role-b",
+            Some(&root),
+            json!({"certificate_sha256": [b.sha256_hex], "token_policies": ["read-app"], "allow_direct": true}),
+        )
+        .await,
+        204,
+    );
+    // B opens a keep-alive connection, logs in and reads over it.
+    let cb = s.client_with(&b);
+    let t_b = token(&cb.post("auth/cert/login", None, json!({"name": "role-b"})).await);
+    ok(cb.get("secret/app/x", &t_b).await, 200);
+    ok(cb.send("GET", "secret/app/x", None, None).await, 200);
+    let reloads = s.log_text().matches("TLS configuration reloaded").count();
     std::fs::write(&s.crl_file, ca.crl(&[11])).unwrap();
     s.sighup();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    keyvault_tests::wait_for(Duration::from_secs(10), "the TLS reload", || {
+        s.log_text().matches("TLS configuration reloaded").count() > reloads
+    })
+    .await;
+    // New connections of B fail the handshake...
     assert!(s.client_with(&b).try_send("GET", "sys/health", None, None).await.is_err(), "B is revoked now");
+    // ...and the connection it opened before is refused too: bound token, direct request,
+    // new login.
+    let r = ok(cb.get("secret/app/x", &t_b).await, 401);
+    assert_eq!(r.body["errors"][0], "the client certificate is revoked");
+    ok(cb.send("GET", "secret/app/x", None, None).await, 401);
+    ok(cb.post("auth/cert/login", None, json!({"name": "role-b"})).await, 401);
     assert_eq!(s.client_with(&a).send("GET", "sys/health", None, None).await.status, 200);
 }
 

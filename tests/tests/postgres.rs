@@ -51,6 +51,15 @@ async fn the_database_going_away_gives_503_and_recovers() {
     let r = c.get("secret/a", &s.root).await;
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(c.put("secret/a", &s.root, json!({"value": "during"})).await.status, 503);
+    // Health (no token needed) says what is wrong in a word; the detail is in the log.
+    let h = c.send("GET", "sys/health", None, None).await;
+    assert_eq!(h.status, 503, "{h:?}");
+    assert_eq!(h.body["storage"], "unavailable", "{h:?}");
+    let text = h.body.to_string();
+    for leak in ["postgres", "127.0.0.1", "connect", "refused", "sled"] {
+        assert!(!text.to_lowercase().contains(leak), "health leaks {leak:?}: {text}");
+    }
+    assert!(s.log_text().contains("health: storage check failed"));
     pg.run();
     let mut back = false;
     for _ in 0..100 {

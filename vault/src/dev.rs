@@ -160,11 +160,11 @@ pub fn banner(layout: &DevLayout, addr: SocketAddr, root_token: &str, ttl: Durat
          \x20 SoftHSM tokens: {tokens}\n\n\
          Try it:\n\
          \x20 export KEYVAULT_ADDR={url} KEYVAULT_CACERT={ca} KEYVAULT_TOKEN={root_token}\n\
-         \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" -X PUT -d '{{\"value\":\"s3cret\"}}' $KEYVAULT_ADDR/v1/secret/db/password\n\
+         \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" -X PUT --json '{{\"value\":\"s3cret\"}}' $KEYVAULT_ADDR/v1/secret/db/password\n\
          \x20 curl -s --cacert $KEYVAULT_CACERT -H \"X-Vault-Token: $KEYVAULT_TOKEN\" $KEYVAULT_ADDR/v1/secret/db/password | jq -r .data.value\n\n\
          Mutual TLS (client CA {client_ca}; client certificate {client_cert}, key {client_key}):\n\
          \x20 export KEYVAULT_CLIENT_CERT={client_cert} KEYVAULT_CLIENT_KEY={client_key}\n\
-         \x20 curl -s --cacert $KEYVAULT_CACERT --cert $KEYVAULT_CLIENT_CERT --key $KEYVAULT_CLIENT_KEY -X POST -d '{{\"name\":\"dev-client\"}}' $KEYVAULT_ADDR/v1/auth/cert/login | jq -r .auth.client_token\n\
+         \x20 curl -s --cacert $KEYVAULT_CACERT --cert $KEYVAULT_CLIENT_CERT --key $KEYVAULT_CLIENT_KEY --json '{{\"name\":\"dev-client\"}}' $KEYVAULT_ADDR/v1/auth/cert/login | jq -r .auth.client_token\n\
          \x20 curl -s --cacert $KEYVAULT_CACERT --cert $KEYVAULT_CLIENT_CERT --key $KEYVAULT_CLIENT_KEY $KEYVAULT_ADDR/v1/secret/db/password | jq -r .data.value   # no token: the certificate is the credential\n",
         ca = pki.ca_cert.display(),
         client_ca = pki.client_ca_cert.display(),

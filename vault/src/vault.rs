@@ -679,6 +679,12 @@ impl Vault {
         (ttl.as_secs(), max.as_secs())
     }
 
+    /// 429 at once if `peer`'s address is at its limit of failed logins (before a login
+    /// body is read).
+    pub fn check_login_source(&self, peer: &Peer) -> Result<()> {
+        self.limiter.check_source(peer.ip())
+    }
+
     /// Who a login body claims to be, for the rate limiter: the user of the URL, the
     /// role, role id or cert role of the body, or for a bootstrap login a digest of the
     /// token presented (so that one failing unit behind a NAT address does not lock the

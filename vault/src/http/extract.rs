@@ -112,6 +112,28 @@ impl FromRequest<AppState> for SecretBody {
     }
 }
 
+/// The body of a login: refused (429) before it is read if the source address is at its
+/// limit of failed logins, and at most [`crate::vault::MAX_LOGIN_BODY`] bytes (413 beyond),
+/// so that no credential check, and no parse of a large body, comes before the limiter.
+pub struct LoginBody(pub Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for LoginBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LoginBody({} bytes)", self.0.len())
+    }
+}
+
+impl FromRequest<AppState> for LoginBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = req.extensions().get::<Peer>().cloned().unwrap_or_else(Peer::local);
+        state.vault.check_login_source(&peer)?;
+        let limit = crate::vault::MAX_LOGIN_BODY.min(state.body.max);
+        Ok(LoginBody(read_body(req, state, limit).await?.0))
+    }
+}
+
 /// Read a body of at most `limit` bytes: 413 at once for a declared length over it
 /// (HTTP/1.1 and HTTP/2 alike), 408 if it does not arrive within the body timeout, 415
 /// for a media type that a browser may send across sites without asking (see

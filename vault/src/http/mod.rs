@@ -9,7 +9,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use tracing::Instrument;
 
 use crate::audit::{AuditLog, AuditSlot};
@@ -72,63 +72,79 @@ pub fn current_request_id() -> String {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// Every route of the API, as (path pattern, handlers by method). The authorization
+/// tests walk this list, so a route added here without a row in their table fails them.
+fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    use handlers::{auth, keys, secrets, sys};
+    vec![
+        ("/v1/sys/health", get(sys::health)),
+        ("/v1/sys/policies/acl", any(sys::policies_root)),
+        ("/v1/sys/policies/acl/", any(sys::policies_root)),
+        ("/v1/sys/policies/acl/{name}", any(sys::policy)),
+        ("/v1/sys/revoke-identity", post(sys::revoke_identity)),
+        ("/v1/sys/restore-identity", post(sys::restore_identity)),
+        ("/v1/sys/audit-hash", post(sys::audit_hash)),
+        ("/v1/sys/rotate", post(sys::rotate)),
+        ("/v1/sys/rotate/status", get(sys::rotate_status)),
+        ("/v1/sys/rotate/retire", post(sys::rotate_retire)),
+        ("/v1/sys/rotate/token-signing", post(sys::rotate_token_signing)),
+        ("/v1/sys/rotate/token-signing/retire", post(sys::retire_token_signing)),
+        ("/v1/auth/jwks", get(sys::jwks)),
+        ("/v1/auth", post(auth::login_short)),
+        ("/v1/auth/approle/login", post(auth::approle_login)),
+        ("/v1/auth/approle/role/{name}/role-id", get(auth::approle_role_id)),
+        ("/v1/auth/approle/role/{name}/secret-id", post(auth::approle_secret_id).put(auth::approle_secret_id)),
+        ("/v1/auth/cert/login", post(auth::cert_login)),
+        ("/v1/auth/cert/certs", any(auth::cert_roles)),
+        ("/v1/auth/cert/certs/{name}", any(auth::cert_role)),
+        ("/v1/auth/kubernetes/login", post(auth::kubernetes_login)),
+        ("/v1/auth/kubernetes/config", get(auth::kubernetes_config_read).post(auth::kubernetes_config_write)),
+        ("/v1/auth/bootstrap/token", post(auth::bootstrap_mint)),
+        ("/v1/auth/bootstrap/login", post(auth::bootstrap_login)),
+        ("/v1/auth/{method}/role", any(auth::roles)),
+        ("/v1/auth/{method}/role/", any(auth::roles)),
+        ("/v1/auth/{method}/role/{name}", any(auth::role)),
+        ("/v1/auth/userpass/login/{user}", post(auth::userpass_login)),
+        ("/v1/auth/userpass/users", any(auth::userpass_users)),
+        ("/v1/auth/userpass/users/", any(auth::userpass_users)),
+        ("/v1/auth/userpass/users/{name}", any(auth::userpass_user)),
+        ("/v1/auth/token/lookup-self", get(auth::lookup_self)),
+        ("/v1/auth/token/renew-self", post(auth::renew_self)),
+        ("/v1/auth/token/revoke-self", post(auth::revoke_self)),
+        ("/v1/auth/token/revoke-accessor", post(auth::revoke_accessor)),
+        ("/v1/transit/keys", any(keys::keys)),
+        ("/v1/transit/keys/", any(keys::keys)),
+        ("/v1/transit/keys/{name}", any(keys::key)),
+        ("/v1/transit/keys/{name}/rotate", post(keys::rotate)),
+        ("/v1/transit/keys/{name}/config", post(keys::config)),
+        ("/v1/transit/encrypt/{name}", post(keys::encrypt)),
+        ("/v1/transit/decrypt/{name}", post(keys::decrypt)),
+        ("/v1/transit/rewrap/{name}", post(keys::rewrap)),
+        ("/v1/transit/sign/{name}", post(keys::sign)),
+        ("/v1/transit/verify/{name}", post(keys::verify)),
+        ("/v1/transit/datakey/{kind}/{name}", post(keys::datakey)),
+        ("/v1/gateway/producers", any(keys::producers)),
+        ("/v1/gateway/producers/", any(keys::producers)),
+        ("/v1/gateway/producers/{*identity}", any(keys::producer)),
+        ("/v1/gateway/verify", post(keys::gateway_verify)),
+        ("/v1/secret", any(secrets::root)),
+        ("/v1/secret/", any(secrets::root)),
+        ("/v1/secret/{*path}", any(secrets::secret)),
+    ]
+}
+
+/// The path patterns of every route (for the authorization tests and the docs).
+pub fn route_paths() -> Vec<&'static str> {
+    routes().into_iter().map(|(p, _)| p).collect()
+}
+
 /// Every route of the API.
 pub fn router(state: AppState) -> Router {
-    use handlers::{auth, keys, secrets, sys};
-    Router::new()
-        .route("/v1/sys/health", get(sys::health))
-        .route("/v1/sys/policies/acl", any(sys::policies_root))
-        .route("/v1/sys/policies/acl/", any(sys::policies_root))
-        .route("/v1/sys/policies/acl/{name}", any(sys::policy))
-        .route("/v1/sys/revoke-identity", post(sys::revoke_identity))
-        .route("/v1/sys/restore-identity", post(sys::restore_identity))
-        .route("/v1/sys/audit-hash", post(sys::audit_hash))
-        .route("/v1/sys/rotate", post(sys::rotate))
-        .route("/v1/sys/rotate/status", get(sys::rotate_status))
-        .route("/v1/sys/rotate/retire", post(sys::rotate_retire))
-        .route("/v1/sys/rotate/token-signing", post(sys::rotate_token_signing))
-        .route("/v1/sys/rotate/token-signing/retire", post(sys::retire_token_signing))
-        .route("/v1/auth/jwks", get(sys::jwks))
-        .route("/v1/auth", post(auth::login_short))
-        .route("/v1/auth/approle/login", post(auth::approle_login))
-        .route("/v1/auth/approle/role/{name}/role-id", get(auth::approle_role_id))
-        .route("/v1/auth/approle/role/{name}/secret-id", post(auth::approle_secret_id).put(auth::approle_secret_id))
-        .route("/v1/auth/cert/login", post(auth::cert_login))
-        .route("/v1/auth/cert/certs", any(auth::cert_roles))
-        .route("/v1/auth/cert/certs/{name}", any(auth::cert_role))
-        .route("/v1/auth/kubernetes/login", post(auth::kubernetes_login))
-        .route("/v1/auth/kubernetes/config", get(auth::kubernetes_config_read).post(auth::kubernetes_config_write))
-        .route("/v1/auth/bootstrap/token", post(auth::bootstrap_mint))
-        .route("/v1/auth/bootstrap/login", post(auth::bootstrap_login))
-        .route("/v1/auth/{method}/role", any(auth::roles))
-        .route("/v1/auth/{method}/role/", any(auth::roles))
-        .route("/v1/auth/{method}/role/{name}", any(auth::role))
-        .route("/v1/auth/userpass/login/{user}", post(auth::userpass_login))
-        .route("/v1/auth/userpass/users", any(auth::userpass_users))
-        .route("/v1/auth/userpass/users/", any(auth::userpass_users))
-        .route("/v1/auth/userpass/users/{name}", any(auth::userpass_user))
-        .route("/v1/auth/token/lookup-self", get(auth::lookup_self))
-        .route("/v1/auth/token/renew-self", post(auth::renew_self))
-        .route("/v1/auth/token/revoke-self", post(auth::revoke_self))
-        .route("/v1/auth/token/revoke-accessor", post(auth::revoke_accessor))
-        .route("/v1/transit/keys", any(keys::keys))
-        .route("/v1/transit/keys/", any(keys::keys))
-        .route("/v1/transit/keys/{name}", any(keys::key))
-        .route("/v1/transit/keys/{name}/rotate", post(keys::rotate))
-        .route("/v1/transit/keys/{name}/config", post(keys::config))
-        .route("/v1/transit/encrypt/{name}", post(keys::encrypt))
-        .route("/v1/transit/decrypt/{name}", post(keys::decrypt))
-        .route("/v1/transit/rewrap/{name}", post(keys::rewrap))
-        .route("/v1/transit/sign/{name}", post(keys::sign))
-        .route("/v1/transit/verify/{name}", post(keys::verify))
-        .route("/v1/transit/datakey/{kind}/{name}", post(keys::datakey))
-        .route("/v1/gateway/producers", any(keys::producers))
-        .route("/v1/gateway/producers/", any(keys::producers))
-        .route("/v1/gateway/producers/{*identity}", any(keys::producer))
-        .route("/v1/gateway/verify", post(keys::gateway_verify))
-        .route("/v1/secret", any(secrets::root))
-        .route("/v1/secret/", any(secrets::root))
-        .route("/v1/secret/{*path}", any(secrets::secret))
+    let mut router = Router::new();
+    for (path, handlers) in routes() {
+        router = router.route(path, handlers);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_context))

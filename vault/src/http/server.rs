@@ -34,6 +34,9 @@ use crate::vault::Peer;
 
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection being closed gracefully, with nothing in flight, is left to the
+/// client to close before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// The transport's bounds (`[listener]` in the configuration).
 #[derive(Debug, Clone)]
@@ -324,9 +327,12 @@ pub async fn serve(
             let io = ActivityIo { inner: stream, started: Instant::now(), last: last.clone() };
             let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
             tokio::pin!(conn);
-            let mut tick = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
+            let mut tick = tokio::time::interval(Duration::from_millis(250).min(limits.idle_timeout));
             let started = Instant::now();
-            let mut closing = false;
+            // Since when a graceful close is under way: an HTTP/2 client may keep the
+            // connection after GOAWAY; once nothing is in flight it gets a moment, then
+            // the connection is dropped.
+            let mut closing: Option<Instant> = None;
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -335,17 +341,28 @@ pub async fn serve(
                         }
                         break;
                     }
-                    _ = tick.tick(), if !closing => {
-                        let idle_ms = (started.elapsed().as_millis() as u64).saturating_sub(last.load(Ordering::Relaxed));
-                        if in_flight.load(Ordering::SeqCst) == 0 && idle_ms >= limits.idle_timeout.as_millis() as u64 {
-                            tracing::debug!(%remote, "closing an idle connection");
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
+                    _ = tick.tick() => {
+                        let quiet = in_flight.load(Ordering::SeqCst) == 0;
+                        match closing {
+                            Some(since) => {
+                                if quiet && since.elapsed() >= CLOSE_GRACE {
+                                    break;
+                                }
+                            }
+                            None => {
+                                let idle_ms = (started.elapsed().as_millis() as u64)
+                                    .saturating_sub(last.load(Ordering::Relaxed));
+                                if quiet && idle_ms >= limits.idle_timeout.as_millis() as u64 {
+                                    tracing::debug!(%remote, "closing an idle connection");
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = Some(Instant::now());
+                                }
+                            }
                         }
                     }
-                    _ = stop.changed(), if !closing => {
+                    _ = stop.changed(), if closing.is_none() => {
                         conn.as_mut().graceful_shutdown();
-                        closing = true;
+                        closing = Some(Instant::now());
                     }
                 }
             }

@@ -12,7 +12,7 @@ use crate::auth::kubernetes::KubeConfig;
 use crate::auth::userpass::UserWrite;
 use crate::auth::{approle, bootstrap, cert, kubernetes, userpass, vault_duration};
 use crate::error::Error;
-use crate::http::extract::{Audit, JsonBody, SecretBody};
+use crate::http::extract::{Audit, JsonBody, LoginBody, SecretBody};
 use crate::http::{ApiResult, AppState, json, no_content};
 use crate::token::IssuedToken;
 use crate::unix_now;
@@ -84,7 +84,7 @@ pub async fn login_short(
     State(state): State<AppState>,
     audit: Audit,
     peer: Peer,
-    body: SecretBody,
+    body: LoginBody,
 ) -> ApiResult<Response> {
     login_reply(&audit, &peer, &state.vault.login_short(&body.0, &peer).await?)
 }
@@ -98,7 +98,7 @@ pub async fn approle_login(
     State(state): State<AppState>,
     audit: Audit,
     peer: Peer,
-    body: SecretBody,
+    body: LoginBody,
 ) -> ApiResult<Response> {
     method_login(&state, approle::METHOD, &audit, &peer, &body.0).await
 }
@@ -108,7 +108,7 @@ pub async fn cert_login(
     State(state): State<AppState>,
     audit: Audit,
     peer: Peer,
-    body: SecretBody,
+    body: LoginBody,
 ) -> ApiResult<Response> {
     method_login(&state, cert::METHOD, &audit, &peer, &body.0).await
 }
@@ -118,7 +118,7 @@ pub async fn kubernetes_login(
     State(state): State<AppState>,
     audit: Audit,
     peer: Peer,
-    body: SecretBody,
+    body: LoginBody,
 ) -> ApiResult<Response> {
     method_login(&state, kubernetes::METHOD, &audit, &peer, &body.0).await
 }
@@ -128,7 +128,7 @@ pub async fn bootstrap_login(
     State(state): State<AppState>,
     audit: Audit,
     peer: Peer,
-    body: SecretBody,
+    body: LoginBody,
 ) -> ApiResult<Response> {
     method_login(&state, bootstrap::METHOD, &audit, &peer, &body.0).await
 }
@@ -139,7 +139,7 @@ pub async fn userpass_login(
     Path(user): Path<String>,
     audit: Audit,
     peer: Peer,
-    body: SecretBody,
+    body: LoginBody,
 ) -> ApiResult<Response> {
     login_reply(&audit, &peer, &state.vault.login(userpass::METHOD, Some(&user), &body.0, &peer).await?)
 }

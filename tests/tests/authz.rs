@@ -1,0 +1,615 @@
+//! Authorization, route by route: for every route of the API, a table row says which
+//! capabilities on which policy path it needs (Vault's rules: `create` for a new entry and
+//! `update` for an existing one, decided by an existence check; `sudo` only in addition to
+//! the operation's capability on root-protected paths). For each row a token holding
+//! exactly those capabilities gets through, and tokens missing any one of them, or holding
+//! every other capability, get 403. A route without a row fails the test by itself.
+//!
+//! And the grant rule: no request assigns a policy its caller does not hold, and `root`
+//! is never assignable, through any endpoint that assigns policies.
+
+use std::collections::BTreeSet;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use keyvault_tests::server::{ServerOptions, TestServer};
+use keyvault_tests::{Client, Reply, Value, json};
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+/// Every capability a policy can grant (but `deny`).
+const ALL: [&str; 11] =
+    ["read", "create", "update", "delete", "list", "sudo", "sign", "verify", "encrypt", "decrypt", "rotate"];
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug)]
+enum Needs {
+    /// No token at all (health, logins, JWKS).
+    Nobody,
+    /// Any valid token (the token's own lifecycle).
+    AnyToken,
+    /// These capabilities on this policy path.
+    Caps(&'static str, &'static [&'static str]),
+}
+
+struct Row {
+    /// The route pattern it exercises (as in `keyvault::http::route_paths()`).
+    route: &'static str,
+    method: &'static str,
+    /// `{n}` is replaced by a number unique to each request.
+    path: &'static str,
+    body: Value,
+    needs: Needs,
+}
+
+fn row(route: &'static str, method: &'static str, path: &'static str, body: Value, needs: Needs) -> Row {
+    Row { route, method, path, body, needs }
+}
+
+/// A token with exactly `policy` (HCL), made with a one-time bootstrap token.
+async fn token_with(c: &Client, root: &str, name: &str, policy: Option<String>) -> String {
+    let policies: Vec<&str> = match &policy {
+        Some(p) => {
+            ok(c.put(&format!("sys/policies/acl/{name}"), root, json!({ "policy": p })).await, 204);
+            vec![name]
+        }
+        None => vec![],
+    };
+    let b = ok(c.post("auth/bootstrap/token", Some(root), json!({ "policies": policies })).await, 200);
+    let t = b.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
+    let r = ok(c.post("auth/bootstrap/login", None, json!({ "token": t })).await, 200);
+    r.body["auth"]["client_token"].as_str().unwrap().to_owned()
+}
+
+fn hcl(path: &str, caps: &[&str]) -> String {
+    let caps: Vec<String> = caps.iter().map(|c| format!("\"{c}\"")).collect();
+    format!("path \"{path}\" {{ capabilities = [{}] }}", caps.join(", "))
+}
+
+async fn fixtures(c: &Client, root: &str) -> (String, String) {
+    for p in ["upd", "del"] {
+        ok(c.put(&format!("sys/policies/acl/{p}"), root, json!({"policy": hcl("secret/x", &["read"])})).await, 204);
+    }
+    ok(c.put("secret/app/x", root, json!({"value": "v"})).await, 200);
+    ok(c.put("secret/sdel", root, json!({"value": "v"})).await, 200);
+    for r in ["r1", "rdel", "victim"] {
+        ok(c.post(&format!("auth/approle/role/{r}"), Some(root), json!({})).await, 204);
+    }
+    for r in ["c1", "cdel"] {
+        ok(c.post(&format!("auth/cert/certs/{r}"), Some(root), json!({"allowed_common_names": ["x"]})).await, 204);
+    }
+    for u in ["u1", "udel"] {
+        ok(
+            c.post(&format!("auth/userpass/users/{u}"), Some(root), json!({"password": "a long passphrase"})).await,
+            204,
+        );
+    }
+    ok(c.post("transit/keys/ta", Some(root), json!({"type": "aes256-gcm96"})).await, 200);
+    ok(c.post("transit/keys/te", Some(root), json!({"type": "ed25519"})).await, 200);
+    ok(c.post("transit/keys/tdel", Some(root), json!({})).await, 200);
+    ok(c.post("transit/keys/tdel/config", Some(root), json!({"deletion_allowed": true})).await, 200);
+    for p in ["prod1", "pdel"] {
+        ok(c.post(&format!("gateway/producers/{p}"), Some(root), producer()).await, 204);
+    }
+    let ct = ok(c.post("transit/encrypt/ta", Some(root), json!({"plaintext": STANDARD.encode("hi")})).await, 200).body
+        ["data"]["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sig = ok(c.post("transit/sign/te", Some(root), json!({"input": STANDARD.encode("hi")})).await, 200).body
+        ["data"]["signature"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (ct, sig)
+}
+
+fn producer() -> Value {
+    json!({"cert_sha256": ["ab".repeat(32)], "keys": [{"key_id": "k1", "public_key": STANDARD.encode(ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key().as_bytes())}]})
+}
+
+fn rows(ct: &str, sig: &str) -> Vec<Row> {
+    use Needs::*;
+    let e = json!({});
+    let pw = json!({"password": "a long passphrase"});
+    let cert = json!({"allowed_common_names": ["x"]});
+    vec![
+        row("/v1/sys/health", "GET", "sys/health", Value::Null, Nobody),
+        row("/v1/sys/policies/acl", "LIST", "sys/policies/acl", Value::Null, Caps("sys/policies/acl/", &["list"])),
+        row("/v1/sys/policies/acl/", "LIST", "sys/policies/acl/", Value::Null, Caps("sys/policies/acl/", &["list"])),
+        row(
+            "/v1/sys/policies/acl/{name}",
+            "GET",
+            "sys/policies/acl/upd",
+            e.clone(),
+            Caps("sys/policies/acl/upd", &["read"]),
+        ),
+        row(
+            "/v1/sys/policies/acl/{name}",
+            "PUT",
+            "sys/policies/acl/new-{n}",
+            json!({"policy": hcl("secret/y", &["read"])}),
+            Caps("sys/policies/acl/new-*", &["create"]),
+        ),
+        row(
+            "/v1/sys/policies/acl/{name}",
+            "PUT",
+            "sys/policies/acl/upd",
+            json!({"policy": hcl("secret/z", &["read"])}),
+            Caps("sys/policies/acl/upd", &["update"]),
+        ),
+        row(
+            "/v1/sys/policies/acl/{name}",
+            "DELETE",
+            "sys/policies/acl/del",
+            e.clone(),
+            Caps("sys/policies/acl/del", &["delete"]),
+        ),
+        row(
+            "/v1/sys/revoke-identity",
+            "POST",
+            "sys/revoke-identity",
+            json!({"role": "victim"}),
+            Caps("sys/revoke-identity", &["update", "sudo"]),
+        ),
+        row(
+            "/v1/sys/restore-identity",
+            "POST",
+            "sys/restore-identity",
+            json!({"role": "victim"}),
+            Caps("sys/restore-identity", &["update", "sudo"]),
+        ),
+        row("/v1/sys/audit-hash", "POST", "sys/audit-hash", json!({"input": "x"}), Caps("sys/audit-hash", &["update"])),
+        row("/v1/sys/rotate", "POST", "sys/rotate", e.clone(), Caps("sys/rotate", &["update", "sudo"])),
+        row("/v1/sys/rotate/status", "GET", "sys/rotate/status", Value::Null, Caps("sys/rotate/status", &["read"])),
+        row(
+            "/v1/sys/rotate/retire",
+            "POST",
+            "sys/rotate/retire",
+            e.clone(),
+            Caps("sys/rotate/retire", &["update", "sudo"]),
+        ),
+        row(
+            "/v1/sys/rotate/token-signing",
+            "POST",
+            "sys/rotate/token-signing",
+            e.clone(),
+            Caps("sys/rotate/token-signing", &["update", "sudo"]),
+        ),
+        row(
+            "/v1/sys/rotate/token-signing/retire",
+            "POST",
+            "sys/rotate/token-signing/retire",
+            e.clone(),
+            Caps("sys/rotate/token-signing/retire", &["update", "sudo"]),
+        ),
+        row("/v1/auth/jwks", "GET", "auth/jwks", Value::Null, Nobody),
+        row("/v1/auth", "POST", "auth", json!({"role": "r1", "secret_id": "0"}), Nobody),
+        row("/v1/auth/approle/login", "POST", "auth/approle/login", json!({"role_id": "x", "secret_id": "0"}), Nobody),
+        row(
+            "/v1/auth/approle/role/{name}/role-id",
+            "GET",
+            "auth/approle/role/r1/role-id",
+            Value::Null,
+            Caps("auth/approle/role/r1/role-id", &["read"]),
+        ),
+        row(
+            "/v1/auth/approle/role/{name}/secret-id",
+            "POST",
+            "auth/approle/role/r1/secret-id",
+            e.clone(),
+            Caps("auth/approle/role/r1/secret-id", &["update"]),
+        ),
+        row("/v1/auth/cert/login", "POST", "auth/cert/login", e.clone(), Nobody),
+        row("/v1/auth/cert/certs", "LIST", "auth/cert/certs", Value::Null, Caps("auth/cert/role/", &["list"])),
+        row(
+            "/v1/auth/cert/certs/{name}",
+            "GET",
+            "auth/cert/certs/c1",
+            Value::Null,
+            Caps("auth/cert/role/c1", &["read"]),
+        ),
+        row(
+            "/v1/auth/cert/certs/{name}",
+            "POST",
+            "auth/cert/certs/new-{n}",
+            cert.clone(),
+            Caps("auth/cert/role/new-*", &["create"]),
+        ),
+        row(
+            "/v1/auth/cert/certs/{name}",
+            "POST",
+            "auth/cert/certs/c1",
+            cert.clone(),
+            Caps("auth/cert/role/c1", &["update"]),
+        ),
+        row(
+            "/v1/auth/cert/certs/{name}",
+            "DELETE",
+            "auth/cert/certs/cdel",
+            Value::Null,
+            Caps("auth/cert/role/cdel", &["delete"]),
+        ),
+        row("/v1/auth/kubernetes/login", "POST", "auth/kubernetes/login", json!({"role": "k", "jwt": "a.b.c"}), Nobody),
+        row(
+            "/v1/auth/kubernetes/config",
+            "GET",
+            "auth/kubernetes/config",
+            Value::Null,
+            Caps("auth/kubernetes/config", &["read"]),
+        ),
+        row(
+            "/v1/auth/kubernetes/config",
+            "POST",
+            "auth/kubernetes/config",
+            json!({"issuer": "i", "public_keys": "x", "audiences": ["a"]}),
+            Caps("auth/kubernetes/config", &["update"]),
+        ),
+        row(
+            "/v1/auth/bootstrap/token",
+            "POST",
+            "auth/bootstrap/token",
+            e.clone(),
+            Caps("auth/bootstrap/token", &["update"]),
+        ),
+        row("/v1/auth/bootstrap/login", "POST", "auth/bootstrap/login", json!({"token": "kvb.x"}), Nobody),
+        row("/v1/auth/{method}/role", "LIST", "auth/approle/role", Value::Null, Caps("auth/approle/role/", &["list"])),
+        row(
+            "/v1/auth/{method}/role/",
+            "LIST",
+            "auth/kubernetes/role/",
+            Value::Null,
+            Caps("auth/kubernetes/role/", &["list"]),
+        ),
+        row(
+            "/v1/auth/{method}/role/{name}",
+            "GET",
+            "auth/approle/role/r1",
+            Value::Null,
+            Caps("auth/approle/role/r1", &["read"]),
+        ),
+        row(
+            "/v1/auth/{method}/role/{name}",
+            "POST",
+            "auth/approle/role/new-{n}",
+            e.clone(),
+            Caps("auth/approle/role/new-*", &["create"]),
+        ),
+        row(
+            "/v1/auth/{method}/role/{name}",
+            "POST",
+            "auth/approle/role/r1",
+            e.clone(),
+            Caps("auth/approle/role/r1", &["update"]),
+        ),
+        row(
+            "/v1/auth/{method}/role/{name}",
+            "DELETE",
+            "auth/approle/role/rdel",
+            Value::Null,
+            Caps("auth/approle/role/rdel", &["delete"]),
+        ),
+        row(
+            "/v1/auth/userpass/login/{user}",
+            "POST",
+            "auth/userpass/login/u1",
+            json!({"password": "wrong password!"}),
+            Nobody,
+        ),
+        row(
+            "/v1/auth/userpass/users",
+            "LIST",
+            "auth/userpass/users",
+            Value::Null,
+            Caps("auth/userpass/users/", &["list"]),
+        ),
+        row(
+            "/v1/auth/userpass/users/",
+            "LIST",
+            "auth/userpass/users/",
+            Value::Null,
+            Caps("auth/userpass/users/", &["list"]),
+        ),
+        row(
+            "/v1/auth/userpass/users/{name}",
+            "GET",
+            "auth/userpass/users/u1",
+            Value::Null,
+            Caps("auth/userpass/users/u1", &["read"]),
+        ),
+        row(
+            "/v1/auth/userpass/users/{name}",
+            "POST",
+            "auth/userpass/users/new-{n}",
+            pw.clone(),
+            Caps("auth/userpass/users/new-*", &["create"]),
+        ),
+        row(
+            "/v1/auth/userpass/users/{name}",
+            "POST",
+            "auth/userpass/users/u1",
+            json!({"token_ttl": "5m"}),
+            Caps("auth/userpass/users/u1", &["update"]),
+        ),
+        row(
+            "/v1/auth/userpass/users/{name}",
+            "DELETE",
+            "auth/userpass/users/udel",
+            Value::Null,
+            Caps("auth/userpass/users/udel", &["delete"]),
+        ),
+        row("/v1/auth/token/lookup-self", "GET", "auth/token/lookup-self", Value::Null, AnyToken),
+        row("/v1/auth/token/renew-self", "POST", "auth/token/renew-self", e.clone(), AnyToken),
+        row("/v1/auth/token/revoke-self", "POST", "auth/token/revoke-self", e.clone(), AnyToken),
+        row(
+            "/v1/auth/token/revoke-accessor",
+            "POST",
+            "auth/token/revoke-accessor",
+            json!({"accessor": "0123456789abcdef"}),
+            Caps("auth/token/revoke-accessor", &["update"]),
+        ),
+        row("/v1/transit/keys", "LIST", "transit/keys", Value::Null, Caps("transit/keys/", &["list"])),
+        row("/v1/transit/keys/", "LIST", "transit/keys/", Value::Null, Caps("transit/keys/", &["list"])),
+        row("/v1/transit/keys/{name}", "GET", "transit/keys/ta", Value::Null, Caps("transit/keys/ta", &["read"])),
+        row(
+            "/v1/transit/keys/{name}",
+            "POST",
+            "transit/keys/new-{n}",
+            e.clone(),
+            Caps("transit/keys/new-*", &["create"]),
+        ),
+        row(
+            "/v1/transit/keys/{name}",
+            "DELETE",
+            "transit/keys/tdel",
+            Value::Null,
+            Caps("transit/keys/tdel", &["delete"]),
+        ),
+        row(
+            "/v1/transit/keys/{name}/rotate",
+            "POST",
+            "transit/keys/ta/rotate",
+            e.clone(),
+            Caps("transit/keys/ta", &["rotate"]),
+        ),
+        row(
+            "/v1/transit/keys/{name}/config",
+            "POST",
+            "transit/keys/ta/config",
+            json!({"min_decryption_version": 1}),
+            Caps("transit/keys/ta", &["update"]),
+        ),
+        row(
+            "/v1/transit/encrypt/{name}",
+            "POST",
+            "transit/encrypt/ta",
+            json!({"plaintext": "aGk="}),
+            Caps("transit/keys/ta", &["encrypt"]),
+        ),
+        row(
+            "/v1/transit/decrypt/{name}",
+            "POST",
+            "transit/decrypt/ta",
+            json!({"ciphertext": ct}),
+            Caps("transit/keys/ta", &["decrypt"]),
+        ),
+        row(
+            "/v1/transit/rewrap/{name}",
+            "POST",
+            "transit/rewrap/ta",
+            json!({"ciphertext": ct}),
+            Caps("transit/keys/ta", &["encrypt"]),
+        ),
+        row(
+            "/v1/transit/sign/{name}",
+            "POST",
+            "transit/sign/te",
+            json!({"input": "aGk="}),
+            Caps("transit/keys/te", &["sign"]),
+        ),
+        row(
+            "/v1/transit/verify/{name}",
+            "POST",
+            "transit/verify/te",
+            json!({"input": "aGk=", "signature": sig}),
+            Caps("transit/keys/te", &["verify"]),
+        ),
+        row(
+            "/v1/transit/datakey/{kind}/{name}",
+            "POST",
+            "transit/datakey/wrapped/ta",
+            e.clone(),
+            Caps("transit/keys/ta", &["encrypt"]),
+        ),
+        row("/v1/gateway/producers", "LIST", "gateway/producers", Value::Null, Caps("gateway/producers/", &["list"])),
+        row("/v1/gateway/producers/", "LIST", "gateway/producers/", Value::Null, Caps("gateway/producers/", &["list"])),
+        row(
+            "/v1/gateway/producers/{*identity}",
+            "GET",
+            "gateway/producers/prod1",
+            Value::Null,
+            Caps("gateway/producers/prod1", &["read"]),
+        ),
+        row(
+            "/v1/gateway/producers/{*identity}",
+            "POST",
+            "gateway/producers/new-{n}",
+            producer(),
+            Caps("gateway/producers/new-*", &["create"]),
+        ),
+        row(
+            "/v1/gateway/producers/{*identity}",
+            "POST",
+            "gateway/producers/prod1",
+            producer(),
+            Caps("gateway/producers/prod1", &["update"]),
+        ),
+        row(
+            "/v1/gateway/producers/{*identity}",
+            "DELETE",
+            "gateway/producers/pdel",
+            Value::Null,
+            Caps("gateway/producers/pdel", &["delete"]),
+        ),
+        row(
+            "/v1/gateway/verify",
+            "POST",
+            "gateway/verify",
+            json!({"identity": "prod1"}),
+            Caps("gateway/verify", &["verify"]),
+        ),
+        row("/v1/secret", "LIST", "secret", Value::Null, Caps("secret/", &["list"])),
+        row("/v1/secret/", "LIST", "secret/", Value::Null, Caps("secret/", &["list"])),
+        row("/v1/secret/{*path}", "GET", "secret/app/x", Value::Null, Caps("secret/app/x", &["read"])),
+        row("/v1/secret/{*path}", "PUT", "secret/new-{n}", json!({"value": "v"}), Caps("secret/new-*", &["create"])),
+        row("/v1/secret/{*path}", "PUT", "secret/app/x", json!({"value": "w"}), Caps("secret/app/x", &["update"])),
+        row("/v1/secret/{*path}", "DELETE", "secret/sdel", Value::Null, Caps("secret/sdel", &["delete"])),
+        row("/v1/secret/{*path}", "LIST", "secret/app/", Value::Null, Caps("secret/app/", &["list"])),
+    ]
+}
+
+async fn send(c: &Client, r: &Row, n: &mut u32, token: Option<&str>) -> Reply {
+    *n += 1;
+    let path = r.path.replace("{n}", &n.to_string());
+    let body = (!r.body.is_null()).then(|| r.body.to_string().into_bytes());
+    c.send(r.method, &path, token, body).await
+}
+
+#[tokio::test]
+async fn every_route_authorizes_by_vault_rules() {
+    let s = TestServer::start(ServerOptions {
+        extra: "[auth.rate_limit]\nfailures_per_role_and_address = 1000\nfailures_per_address = 1000\n".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    let (ct, sig) = fixtures(&c, &root).await;
+    let table = rows(&ct, &sig);
+
+    // Every route has a row.
+    let covered: BTreeSet<&str> = table.iter().map(|r| r.route).collect();
+    for route in keyvault::http::route_paths() {
+        assert!(covered.contains(route), "route {route} has no row in the authorization table");
+    }
+
+    let mut n = 0u32;
+    let mut policy = 0u32;
+    let mut checked = 0;
+    for r in &table {
+        let what = format!("{} {}", r.method, r.path);
+        match r.needs {
+            Needs::Nobody => {
+                let reply = send(&c, r, &mut n, None).await;
+                assert_ne!(reply.status, 403, "{what}: {reply:?}");
+                assert_ne!(reply.body["errors"][0], "missing client token", "{what} must not need a token");
+            }
+            Needs::AnyToken => {
+                let none = send(&c, r, &mut n, None).await;
+                assert_eq!(none.status, 401, "{what} without a token: {none:?}");
+                let t = token_with(&c, &root, "unused", None).await;
+                let reply = send(&c, r, &mut n, Some(&t)).await;
+                assert!(reply.status < 300, "{what} with a token of no policy: {reply:?}");
+            }
+            Needs::Caps(path, caps) => {
+                // Without a token: 401.
+                assert_eq!(send(&c, r, &mut n, None).await.status, 401, "{what} without a token");
+                // Every capability but the ones needed: 403.
+                let others: Vec<&str> = ALL.iter().copied().filter(|a| !caps.contains(a)).collect();
+                policy += 1;
+                let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, &others))).await;
+                let reply = send(&c, r, &mut n, Some(&t)).await;
+                assert_eq!(reply.status, 403, "{what} with {others:?} on {path}: {reply:?}");
+                // All but one of the ones needed: 403 (e.g. `sudo` without `update`).
+                for missing in caps.iter().filter(|_| caps.len() > 1) {
+                    let partial: Vec<&str> = caps.iter().copied().filter(|c| c != missing).collect();
+                    policy += 1;
+                    let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, &partial))).await;
+                    let reply = send(&c, r, &mut n, Some(&t)).await;
+                    assert_eq!(reply.status, 403, "{what} with {partial:?} on {path}: {reply:?}");
+                }
+                // Exactly the ones needed: through.
+                policy += 1;
+                let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, caps))).await;
+                let reply = send(&c, r, &mut n, Some(&t)).await;
+                assert!(![401, 403].contains(&reply.status), "{what} with {caps:?} on {path}: {reply:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 50, "{checked} rows checked");
+}
+
+/// No request grants a policy its caller does not hold; `root` is never assignable.
+#[tokio::test]
+async fn no_request_grants_more_than_its_caller_holds() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("sys/policies/acl/admin", &root, json!({"policy": hcl("*", &ALL)})).await, 204);
+    // The finding: a token whose only policy manages userpass users.
+    let manage = ["create", "read", "update", "delete", "list"];
+    let policy = [
+        hcl("auth/userpass/users/*", &manage),
+        hcl("auth/approle/role/*", &manage),
+        hcl("auth/cert/role/*", &manage),
+        hcl("auth/kubernetes/role/*", &manage),
+        hcl("auth/bootstrap/token", &["update"]),
+    ]
+    .join("\n");
+    let mgr = token_with(&c, &root, "user-manager", Some(policy)).await;
+    // Every endpoint that assigns policies, with the root policy in every spelling, and
+    // with a policy the caller does not hold.
+    type BodyFor = Box<dyn Fn(Value) -> Value>;
+    let endpoints: Vec<(&str, BodyFor)> = vec![
+        ("auth/userpass/users/mallory", Box::new(|p| json!({"password": "a long passphrase", "token_policies": p}))),
+        ("auth/approle/role/mallory-a", Box::new(|p| json!({"token_policies": p}))),
+        ("auth/cert/certs/mallory-c", Box::new(|p| json!({"allowed_common_names": ["m"], "token_policies": p}))),
+        ("auth/cert/role/mallory-c2", Box::new(|p| json!({"allowed_common_names": ["m"], "token_policies": p}))),
+        (
+            "auth/kubernetes/role/mallory-k",
+            Box::new(
+                |p| json!({"bound_service_account_names": ["*"], "bound_service_account_namespaces": ["*"], "token_policies": p}),
+            ),
+        ),
+        ("auth/bootstrap/token", Box::new(|p| json!({"policies": p}))),
+    ];
+    for (path, body) in &endpoints {
+        for root_spelling in
+            [json!(["root"]), json!("root"), json!(" ROOT "), json!("user-manager,root"), json!(["Root"])]
+        {
+            for who in [&mgr, &root] {
+                let r = c.post(path, Some(who), body(root_spelling.clone())).await;
+                assert_eq!(r.status, 400, "{path} {root_spelling}: {r:?}");
+                assert!(r.body["errors"][0].as_str().unwrap().contains("root policy cannot be assigned"), "{r:?}");
+            }
+        }
+        let r = c.post(path, Some(&mgr), body(json!(["admin"]))).await;
+        assert_eq!(r.status, 403, "{path}: a policy the caller does not hold: {r:?}");
+        // Its own policy it may hand on.
+        let r = c.post(path, Some(&mgr), body(json!(["user-manager"]))).await;
+        assert!(r.status < 300, "{path}: {r:?}");
+    }
+    // mallory exists with the caller's policy, never with root or admin.
+    let r = ok(c.post("auth/userpass/login/mallory", None, json!({"password": "a long passphrase"})).await, 200);
+    assert_eq!(r.body["auth"]["policies"], json!(["user-manager"]));
+    // Updating a user without naming policies leaves them; naming one not held is refused.
+    ok(c.post("auth/userpass/users/mallory", Some(&mgr), json!({"token_ttl": "5m"})).await, 204);
+    ok(c.post("auth/userpass/users/mallory", Some(&mgr), json!({"token_policies": "admin"})).await, 403);
+    let r = ok(c.get("auth/userpass/users/mallory", &root).await, 200);
+    assert_eq!(r.body["data"]["token_policies"], json!(["user-manager"]));
+    // `sudo` on sys/policies/grant/<name> lets an administrator hand out a policy it
+    // does not use itself.
+    let granter = token_with(
+        &c,
+        &root,
+        "granter",
+        Some(format!("{}\n{}", hcl("auth/approle/role/*", &manage), hcl("sys/policies/grant/admin", &["sudo"]))),
+    )
+    .await;
+    ok(c.post("auth/approle/role/ops", Some(&granter), json!({"token_policies": ["admin"]})).await, 204);
+    ok(c.post("auth/approle/role/ops2", Some(&granter), json!({"token_policies": ["user-manager"]})).await, 403);
+}

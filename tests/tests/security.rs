@@ -1,0 +1,492 @@
+//! The classes of an attacker's review, each tested as a class: logins get no more guesses
+//! than the limit however they are sent and however a name is spelled, and the limiter's
+//! memory is bounded; the transport bounds every connection in time and number; the
+//! gateway's signing input splits one way only and bodies never repeat a key; every state
+//! change on a named object is safe when 16 copies arrive at once; and the smaller
+//! findings (renewal arithmetic, media types, HTTP/2 413, secret id uses, file modes,
+//! health detail).
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signer, SigningKey};
+use keyvault_tests::server::{ServerOptions, TestServer};
+use keyvault_tests::{Client, Reply, Value, json, read_until_closed, rss_bytes, tls_connect};
+use tokio::io::AsyncWriteExt;
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+async fn bootstrap_token(c: &Client, root: &str, policies: &[&str]) -> String {
+    let b = ok(c.post("auth/bootstrap/token", Some(root), json!({ "policies": policies })).await, 200);
+    b.body["data"]["bootstrap_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logins_get_no_more_guesses_than_the_limit() {
+    let s = TestServer::start(ServerOptions {
+        // Room for 300 connections from one address (the limit under test is the login one).
+        listener_extra: "max_connections_per_address = 1024".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.post("auth/userpass/users/alice", Some(&root), json!({"password": "the right passphrase"})).await, 204);
+
+    // 300 wrong passwords at once from one address: exactly the limit (5) get to try.
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.post("auth/userpass/login/alice", None, json!({"password": "a wrong passphrase"})).await.status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 5, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 295, "{statuses:?}");
+
+    // Spellings of one name share its counter (and log in as it).
+    let other = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.2".parse().unwrap());
+    ok(other.post("auth/userpass/login/ALICE", None, json!({"password": "the right passphrase"})).await, 200);
+    for name in ["Alice", "%20alice", "aLiCe", "alice%20", "ALICE"] {
+        ok(
+            other.post(&format!("auth/userpass/login/{name}"), None, json!({"password": "wrong passphrase"})).await,
+            401,
+        );
+    }
+    ok(other.post("auth/userpass/login/alice", None, json!({"password": "the right passphrase"})).await, 429);
+
+    // Bootstrap logins are limited per token presented: a unit failing with a bad token
+    // does not lock out the others behind the same address.
+    let nat = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.3".parse().unwrap());
+    for _ in 0..5 {
+        ok(nat.post("auth/bootstrap/login", None, json!({"token": "kvb.not-a-real-token"})).await, 401);
+    }
+    ok(nat.post("auth/bootstrap/login", None, json!({"token": "kvb.not-a-real-token"})).await, 429);
+    let good = bootstrap_token(&c, &root, &[]).await;
+    ok(nat.post("auth/bootstrap/login", None, json!({"token": good})).await, 200);
+
+    // Revoked credentials answer exactly like wrong ones.
+    ok(c.post("auth/approle/role/app", Some(&root), json!({})).await, 204);
+    let sid =
+        ok(c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    ok(c.post("sys/revoke-identity", Some(&root), json!({"role": "app"})).await, 200);
+    let four = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.4".parse().unwrap());
+    let right = ok(four.post("auth", None, json!({"role": "app", "secret_id": sid})).await, 401);
+    let wrong = ok(four.post("auth", None, json!({"role": "app", "secret_id": "0".repeat(64)})).await, 401);
+    assert_eq!(right.body, wrong.body);
+    assert_eq!(right.body["errors"][0], "invalid credentials");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn login_bodies_and_limiter_keys_cannot_exhaust_memory() {
+    let s = TestServer::start(ServerOptions {
+        extra: "[auth.rate_limit]\nfailures_per_role_and_address = 1000\nfailures_per_address = 100000\n".into(),
+        ..Default::default()
+    });
+    let before = rss_bytes(s.child.id());
+    // The finding: 210 logins with a unique 1 MB role_id from 10 addresses. Login bodies
+    // are capped (64 KiB) before they are parsed: 413, nothing kept.
+    let tasks: Vec<_> = (0..10u8)
+        .map(|a| {
+            let c = Client::from_address(&s.addr, &s.server_ca_file, std::net::IpAddr::from([127, 0, 1, a + 1]));
+            tokio::spawn(async move {
+                for i in 0..21 {
+                    let role_id = format!("{a}-{i}-{}", "x".repeat(1 << 20));
+                    let r = c.post("auth/approle/login", None, json!({"role_id": role_id, "secret_id": "s"})).await;
+                    assert_eq!(r.status, 413, "{r:?}");
+                }
+                // Just under the cap: refused as wrong credentials, remembered as a digest.
+                for i in 0..50 {
+                    let role_id = format!("{a}-{i}-{}", "y".repeat(60 * 1024));
+                    let r = c.post("auth/approle/login", None, json!({"role_id": role_id, "secret_id": "s"})).await;
+                    assert_eq!(r.status, 401, "{r:?}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let grown = rss_bytes(s.child.id()).saturating_sub(before);
+    assert!(grown < 64 << 20, "the server grew by {} MiB", grown >> 20);
+    assert_eq!(s.client().send("GET", "sys/health", None, None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_connection_is_bounded_in_time_and_number() {
+    let s = TestServer::start(ServerOptions {
+        listener_extra: "handshake_timeout = \"2s\"\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"\n\
+                         idle_timeout = \"1s\"\nmax_connections_per_address = 20"
+            .into(),
+        ..Default::default()
+    });
+    let within = Duration::from_secs(6);
+
+    // Slowloris: headers that never end. The connection is closed.
+    let mut slow = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    slow.write_all(b"GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    let (_, closed) = read_until_closed(&mut slow, within).await;
+    assert!(closed, "half-sent headers are cut off");
+
+    // A body that stops coming: 408, then closed.
+    let mut stalled = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    stalled
+        .write_all(
+            format!(
+                "PUT /v1/secret/slow HTTP/1.1\r\nHost: localhost\r\nX-Vault-Token: {}\r\nContent-Length: 1000\r\n\r\n{{\"v\":",
+                s.root
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (reply, closed) = read_until_closed(&mut stalled, within).await;
+    assert!(closed, "a stalled body is cut off");
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&reply));
+
+    // An idle keep-alive connection is closed.
+    let mut idle = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    idle.write_all(b"GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let (reply, closed) = read_until_closed(&mut idle, within).await;
+    assert!(closed, "an idle connection is closed");
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+
+    // A flood from one address (connections that never handshake) takes its 20 and no
+    // more; another client keeps getting answers; the flood's connections are closed
+    // when their handshake time is up.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 9], 0).into()).unwrap();
+        let port: u16 = s.addr.rsplit(':').next().unwrap().parse().unwrap();
+        flood.push(socket.connect(([127, 0, 0, 1], port).into()).await.unwrap());
+    }
+    let other = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.10".parse().unwrap());
+    for _ in 0..20 {
+        assert_eq!(other.send("GET", "sys/health", None, None).await.status, 200);
+    }
+    let mut closed_at_once = 0;
+    for conn in &mut flood[20..] {
+        if read_until_closed(conn, Duration::from_secs(2)).await.1 {
+            closed_at_once += 1;
+        }
+    }
+    assert_eq!(closed_at_once, 180, "connections over the per-address limit are closed at once");
+    for conn in &mut flood[..20] {
+        assert!(read_until_closed(conn, within).await.1, "a handshake that never comes is cut off");
+    }
+    let log = s.log_text();
+    let refusals = log.matches("connection refused: too many connections").count();
+    assert!((1..=10).contains(&refusals), "refusals are logged at most once a second: {refusals}");
+}
+
+struct Producer {
+    key: SigningKey,
+    cert: String,
+}
+
+impl Producer {
+    fn item(&self, id: &str, ts: &str, nonce: &str, body: &[u8]) -> Value {
+        let mut msg = format!("{ts}.{nonce}.").into_bytes();
+        msg.extend_from_slice(body);
+        self.item_with_signature(id, ts, nonce, body, &self.key.sign(&msg).to_bytes())
+    }
+
+    fn item_with_signature(&self, id: &str, ts: &str, nonce: &str, body: &[u8], sig: &[u8]) -> Value {
+        json!({"identity": id, "cert_sha256": self.cert, "timestamp": ts, "nonce": nonce,
+               "signature": STANDARD.encode(sig), "body": STANDARD.encode(body)})
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_signing_input_and_bodies_read_one_way_only() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let p = Producer { key: SigningKey::from_bytes(&[5; 32]), cert: "cd".repeat(32) };
+    let tenant = "t-1";
+    let register = |skew: u64, ttl: u64| {
+        json!({"cert_sha256": [p.cert], "keys": [{"key_id": "k", "public_key": STANDARD.encode(p.key.verifying_key().as_bytes())}],
+               "operator_tenants": {"op-1": tenant}, "clock_skew_seconds": skew, "nonce_ttl_seconds": ttl})
+    };
+    // A nonce must outlive every timestamp that can be accepted: 2 x skew + 1 seconds.
+    ok(c.post("gateway/producers/sensor", Some(&root), register(1, 2)).await, 400);
+    ok(c.post("gateway/producers/sensor", Some(&root), register(1, 3)).await, 204);
+    ok(c.post("gateway/producers/sensor", Some(&root), register(30, 24 * 3600 + 1)).await, 400);
+    ok(c.post("gateway/producers/sensor", Some(&root), register(30, 120)).await, 204);
+    let verify = |item: Value| {
+        let (c, root) = (c.clone(), root.clone());
+        async move { c.post("gateway/verify", Some(&root), item).await }
+    };
+    let ts = now().to_string();
+    // The finding: a captured request with nonce N and body `xyz.rest`, replayed as nonce
+    // `N.xyz` and body `rest` (the same signing input). Nonces are [A-Za-z0-9_-] only.
+    let nonce = "nonce-aaaaaaaaaaaaaaaa";
+    let body = br#"xyz.{"tenant_id":"t-1"}"#;
+    let item = p.item("sensor", &ts, nonce, body);
+    let r = verify(item.clone()).await;
+    assert_eq!(r.body["data"]["reason"], "tenant_mapping_violation", "{r:?}");
+    let sig = STANDARD.decode(item["signature"].as_str().unwrap()).unwrap();
+    let shifted = p.item_with_signature("sensor", &ts, &format!("{nonce}.xyz"), br#"{"tenant_id":"t-1"}"#, &sig);
+    let r = verify(shifted).await;
+    assert_eq!((r.status, r.body["data"]["reason"].as_str()), (400, Some("malformed_request")), "{r:?}");
+    for bad in ["short", "has space in it 0123", "dots.are.not.allowed", "ünïcödé-nonce-0123456", &"n".repeat(129)]
+    {
+        let r = verify(p.item("sensor", &ts, bad, b"{}")).await;
+        assert_eq!((r.status, r.body["data"]["reason"].as_str()), (400, Some("malformed_request")), "{bad}: {r:?}");
+    }
+    for bad_ts in ["+123", "12.5", " 1", "0x10", ""] {
+        let r = verify(p.item("sensor", bad_ts, "nonce-bbbbbbbbbbbbbbbb", b"{}")).await;
+        assert_eq!(r.status, 400, "{bad_ts}: {r:?}");
+    }
+    // A signed body with a repeated key is refused: a consumer taking the first
+    // `tenant_id` would see another tenant than the check did.
+    let dup = br#"{"tenant_id":"t-2","tenant_id":"t-1","operator_id":"op-1","campaign_id":"c","signed_metadata":{"tenant_id":"t-1","operator_id":"op-1","campaign_id":"c"}}"#;
+    let r = verify(p.item("sensor", &ts, "nonce-cccccccccccccccc", dup)).await;
+    assert_eq!(r.body["data"]["reason"], "tenant_mapping_violation", "{r:?}");
+    let good = br#"{"tenant_id":"t-1","operator_id":"op-1","campaign_id":"c","signed_metadata":{"tenant_id":"t-1","operator_id":"op-1","campaign_id":"c"}}"#;
+    ok(verify(p.item("sensor", &ts, "nonce-dddddddddddddddd", good)).await, 200);
+    // Every request body: a repeated key is 400 and changes nothing.
+    for (path, body) in [
+        ("secret/dup", r#"{"value":"a","value":"b"}"#),
+        ("secret/dup", r#"{"a":{"x":1,"x":2}}"#),
+        ("sys/policies/acl/dup", r#"{"policy":"path \"a\" { capabilities = [\"read\"] }","policy":"x"}"#),
+        ("auth/approle/role/dup", r#"{"token_policies":["a"],"token_policies":["b"]}"#),
+        ("gateway/verify", r#"{"identity":"sensor","identity":"other"}"#),
+    ] {
+        let r = c.send("POST", path, Some(&root), Some(body.as_bytes().to_vec())).await;
+        assert_eq!(r.status, 400, "{path} {body}: {r:?}");
+        assert!(r.body["errors"][0].as_str().unwrap().contains("duplicate key"), "{r:?}");
+    }
+    ok(c.get("secret/dup", &root).await, 404);
+    ok(c.get("auth/approle/role/dup", &root).await, 404);
+}
+
+/// Fire `n` copies of one request at once; the statuses.
+async fn copies(c: &Client, n: usize, method: &'static str, path: &str, token: &str, body: Value) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, path, token, body) = (c.clone(), path.to_owned(), token.to_owned(), body.clone());
+            tokio::spawn(async move { c.send(method, &path, Some(&token), Some(body.to_string().into_bytes())).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(r.status < 300 || r.status == 409 || r.status == 404, "{method} {path}: {r:?}");
+        out.push(r.status);
+    }
+    assert!(out.iter().any(|s| *s < 300), "{method} {path}: one copy wins: {out:?}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_copies_of_every_change_leave_usable_objects() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let versions = |r: &Reply| -> Vec<String> {
+        let mut v: Vec<String> = r.body["data"]["keys"].as_object().unwrap().keys().cloned().collect();
+        v.sort_by_key(|x| x.parse::<u32>().unwrap());
+        v
+    };
+    let objects = |prefix: &str| -> Vec<String> {
+        let mut v: Vec<String> = s
+            .token_keys(prefix)
+            .into_iter()
+            .map(|l| l.rsplit('/').next().unwrap().trim_start_matches('v').to_owned())
+            .collect();
+        v.sort_by_key(|x| x.parse::<u32>().unwrap());
+        v
+    };
+    let round_trip = |name: &'static str| {
+        let (c, root) = (c.clone(), root.clone());
+        async move {
+            let ct =
+                ok(c.post(&format!("transit/encrypt/{name}"), Some(&root), json!({"plaintext": "aGk="})).await, 200)
+                    .body["data"]["ciphertext"]
+                    .clone();
+            let r = ok(c.post(&format!("transit/decrypt/{name}"), Some(&root), json!({"ciphertext": ct})).await, 200);
+            assert_eq!(r.body["data"]["plaintext"], "aGk=");
+        }
+    };
+
+    // Transit: create, rotate (the finding: a losing rotation destroyed the winner's key),
+    // configure, delete.
+    copies(&c, 16, "POST", "transit/keys/k16", &root, json!({"type": "aes256-gcm96"})).await;
+    round_trip("k16").await;
+    let statuses = copies(&c, 16, "POST", "transit/keys/k16/rotate", &root, json!({})).await;
+    assert!(statuses.contains(&409), "concurrent rotations lose with 409: {statuses:?}");
+    let k = ok(c.get("transit/keys/k16", &root).await, 200);
+    assert_eq!(versions(&k), objects("keyvault/transit/k16/"), "the token holds exactly the versions the key names");
+    assert_eq!(k.body["data"]["latest_version"].as_u64().unwrap() as usize, versions(&k).len());
+    round_trip("k16").await;
+    copies(&c, 16, "POST", "transit/keys/k16/config", &root, json!({"deletion_allowed": true})).await;
+    let statuses = copies(&c, 16, "DELETE", "transit/keys/k16", &root, json!({})).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 204).count(), 1, "{statuses:?}");
+    assert!(objects("keyvault/transit/k16/").is_empty(), "a deleted key's objects are gone");
+    ok(c.get("transit/keys/k16", &root).await, 404);
+    copies(&c, 16, "POST", "transit/keys/k16", &root, json!({"type": "ed25519"})).await;
+    let k = ok(c.get("transit/keys/k16", &root).await, 200);
+    assert_eq!(versions(&k), objects("keyvault/transit/k16/"));
+
+    // Token-signing and master key rotations.
+    copies(&c, 16, "POST", "sys/rotate/token-signing", &root, json!({})).await;
+    let jwks = ok(c.send("GET", "auth/jwks", None, None).await, 200);
+    let mut kids: Vec<String> = jwks.body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().trim_start_matches('v').to_owned())
+        .collect();
+    kids.sort_by_key(|x| x.parse::<u32>().unwrap());
+    assert_eq!(kids, objects("keyvault/token-signing/"));
+    copies(&c, 16, "POST", "sys/rotate", &root, json!({})).await;
+    let mut active = 0;
+    keyvault_tests::wait_for(Duration::from_secs(30), "the rotation to finish", || {
+        let r = futures_lite_block(c.get("sys/rotate/status", &root));
+        active = r.body["data"]["active_version"].as_u64().unwrap();
+        r.body["data"]["state"] == "idle"
+    })
+    .await;
+    let expected: Vec<String> = (1..=active).map(|v| v.to_string()).collect();
+    assert_eq!(objects("keyvault/master/"), expected);
+    ok(c.put("secret/after", &root, json!({"value": "v"})).await, 200);
+    ok(c.get("secret/after", &root).await, 200);
+    ok(c.post("auth/approle/role/r", Some(&root), json!({})).await, 204);
+
+    // Roles, users, policies, producers: one create wins, the rest 409 or an update.
+    let p = SigningKey::from_bytes(&[3; 32]);
+    for (path, body) in [
+        ("auth/approle/role/r16", json!({"token_ttl": "5m"})),
+        ("auth/cert/certs/c16", json!({"allowed_common_names": ["x"]})),
+        ("auth/userpass/users/u16", json!({"password": "a long passphrase"})),
+        ("sys/policies/acl/p16", json!({"policy": "path \"a\" { capabilities = [\"read\"] }"})),
+        (
+            "gateway/producers/g16",
+            json!({"cert_sha256": ["ab".repeat(32)], "keys": [{"key_id": "k", "public_key": STANDARD.encode(p.verifying_key().as_bytes())}]}),
+        ),
+    ] {
+        copies(&c, 16, "POST", path, &root, body).await;
+        ok(c.get(path, &root).await, 200);
+    }
+}
+
+/// Block on a future from a synchronous closure (the polling helper takes one).
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test]
+async fn small_findings() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+
+    // Renewal arithmetic from client input is checked: 400, not a wrapped sum.
+    for inc in [json!(18446744073709551615u64), json!("1000000h"), json!(30 * 24 * 3600)] {
+        let r = c.post("auth/token/renew-self", Some(&root), json!({ "increment": inc })).await;
+        assert_eq!(r.status, 400, "{inc}: {r:?}");
+    }
+    ok(c.post("auth/token/renew-self", Some(&root), json!({"increment": "10m"})).await, 200);
+
+    // Media types a browser sends across sites without asking are refused.
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/html"] {
+        let r = c
+            .http
+            .put(c.url("secret/ct"))
+            .header("X-Vault-Token", &root)
+            .header("Content-Type", ct)
+            .body(r#"{"value":"v"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 415, "{ct}");
+    }
+    ok(c.get("secret/ct", &root).await, 404);
+    let r = c
+        .http
+        .put(c.url("secret/ct"))
+        .header("X-Vault-Token", &root)
+        .header("Content-Type", "application/json; charset=utf-8")
+        .body(r#"{"value":"v"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // 413 over HTTP/2 as over HTTP/1.1, whether or not the length is declared.
+    let h2 = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(&s.server_ca_file).unwrap()).unwrap()])
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let big = format!(r#"{{"value":"{}"}}"#, "x".repeat(3 << 20));
+    let r = h2.put(c.url("secret/big")).header("X-Vault-Token", &root).body(big.clone()).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status().as_u16(), 413);
+    let stream = futures_stream(big.clone().into_bytes());
+    let r = h2
+        .put(c.url("secret/big"))
+        .header("X-Vault-Token", &root)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    ok(c.get("secret/big", &root).await, 404);
+
+    // Secret ids: a number of uses, taken atomically; and a TTL by default.
+    ok(c.post("auth/approle/role/limited", Some(&root), json!({"secret_id_num_uses": 3})).await, 204);
+    let r = ok(c.post("auth/approle/role/limited/secret-id", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["secret_id_num_uses"], 3);
+    assert_eq!(r.body["data"]["secret_id_ttl"], 7 * 24 * 3600, "a week by default");
+    let sid = r.body["data"]["secret_id"].as_str().unwrap().to_owned();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let c = Client::from_address(&s.addr, &s.server_ca_file, std::net::IpAddr::from([127, 0, 2, i + 1]));
+            let sid = sid.clone();
+            tokio::spawn(async move { c.post("auth", None, json!({"role": "limited", "secret_id": sid})).await.status })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        let st = t.await.unwrap();
+        assert!(st == 200 || st == 401, "{st}");
+        won += usize::from(st == 200);
+    }
+    assert_eq!(won, 3, "exactly the allowed number of uses");
+    ok(c.post("auth/approle/role/short", Some(&root), json!({"secret_id_ttl": "1s"})).await, 204);
+    let r = ok(c.post("auth/approle/role/short/secret-id", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["secret_id_ttl"], 1);
+
+    // The audit log and its directory are its owner's only.
+    let log = s.audit_log();
+    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(log.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+}
+
+/// The body in 64 KiB chunks with no declared length.
+fn futures_stream(
+    bytes: Vec<u8>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    futures_util::stream::iter(chunks)
+}
