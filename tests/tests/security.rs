@@ -328,6 +328,7 @@ async fn sixteen_concurrent_copies_of_every_change_leave_usable_objects() {
         }
     };
 
+    ok(c.post("transit/keys/k16b", Some(&root), json!({})).await, 200);
     // Transit: create, rotate (the finding: a losing rotation destroyed the winner's key),
     // configure, delete.
     copies(&c, 16, "POST", "transit/keys/k16", &root, json!({"type": "aes256-gcm96"})).await;
@@ -387,6 +388,21 @@ async fn sixteen_concurrent_copies_of_every_change_leave_usable_objects() {
         copies(&c, 16, "POST", path, &root, body).await;
         ok(c.get(path, &root).await, 200);
     }
+
+    // A key version that state names but the token lacks is an error naming the key
+    // (500, counted in health), not "HSM unavailable".
+    ok(c.post("transit/keys/gone", Some(&root), json!({})).await, 200);
+    round_trip("gone").await;
+    {
+        use keyvault_hsm::KeyStore;
+        let token = keyvault_hsm::Pkcs11KeyStore::open(&s.token).unwrap();
+        assert!(token.destroy(&keyvault_hsm::KeyLabel::new("keyvault/transit/gone/v1").unwrap()).unwrap());
+    }
+    let r = ok(c.post("transit/encrypt/gone", Some(&root), json!({"plaintext": "aGk="})).await, 500);
+    assert_eq!(r.body["errors"][0], "key keyvault/transit/gone/v1 is missing from the HSM");
+    let h = ok(c.send("GET", "sys/health", None, None).await, 200);
+    assert!(h.body["missing_key_errors"].as_u64().unwrap() >= 1, "{h:?}");
+    round_trip("k16b").await;
 }
 
 /// Block on a future from a synchronous closure (the polling helper takes one).
