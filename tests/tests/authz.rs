@@ -174,6 +174,13 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
             Caps("sys/rotate/retire", &["update", "sudo"]),
         ),
         row(
+            "/v1/sys/rotate/set-aside",
+            "GET",
+            "sys/rotate/set-aside",
+            Value::Null,
+            Caps("sys/rotate/set-aside", &["read"]),
+        ),
+        row(
             "/v1/sys/rotate/token-signing",
             "POST",
             "sys/rotate/token-signing",

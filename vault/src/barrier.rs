@@ -213,23 +213,60 @@ pub struct RewrapItem {
     pub value_aad: Vec<u8>,
 }
 
+/// A record re-wrapped: its new bytes, and the version its data key was wrapped under
+/// (the one it was counted under).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrapped {
+    pub record: Vec<u8>,
+    pub from: KeyVersion,
+}
+
 /// The work of one re-wrap, on a blocking thread: unwrap under the record's version,
-/// prove the value intact, wrap under `to`.
-fn rewrap_in_token(k: &dyn KeyStore, names: &KeyNames, item: &RewrapItem, to: KeyVersion) -> Result<Option<Vec<u8>>> {
+/// prove the value intact, wrap under `to`. A record whose version bytes were damaged (or
+/// name a version that does not exist) is tried under each version of `known`: the one
+/// that opens it is the one it was sealed, and counted, under; the record is repaired.
+fn rewrap_in_token(
+    k: &dyn KeyStore,
+    names: &KeyNames,
+    item: &RewrapItem,
+    to: KeyVersion,
+    known: &[KeyVersion],
+) -> Result<Option<Rewrapped>> {
     let record = Record::parse(&item.stored)?;
     if record.kek_version == to {
         return Ok(None);
     }
-    let dek = match k.unwrap_key(&names.master(record.kek_version), record.wrapped_dek, &item.dek_aad) {
-        Err(keyvault_hsm::HsmError::InvalidCiphertext) => return Err(Error::Barrier(BarrierError::Integrity)),
-        other => other.map_err(Error::Hsm)?,
-    };
-    decrypt_value(&dek, &record.nonce, &item.value_aad, record.ciphertext)?;
-    if dek.len() != 32 {
-        return Err(Error::Barrier(BarrierError::Malformed("data key is not 256 bits")));
+    let mut tries: Vec<KeyVersion> = Vec::with_capacity(known.len() + 1);
+    if known.contains(&record.kek_version) {
+        tries.push(record.kek_version);
     }
-    let wrapped = k.wrap_key(&names.master(to), &dek, &item.dek_aad).map_err(Error::Hsm)?;
-    Ok(Some(Record { kek_version: to, wrapped_dek: &wrapped, ..record }.encode()))
+    tries.extend(known.iter().rev().copied().filter(|v| *v != record.kek_version));
+    for v in tries {
+        let dek = match k.unwrap_key(&names.master(v), record.wrapped_dek, &item.dek_aad) {
+            Ok(d) => d,
+            Err(keyvault_hsm::HsmError::InvalidCiphertext) => continue,
+            Err(e) => return Err(Error::Hsm(e)),
+        };
+        if decrypt_value(&dek, &record.nonce, &item.value_aad, record.ciphertext).is_err() {
+            continue;
+        }
+        if dek.len() != 32 {
+            return Err(Error::Barrier(BarrierError::Malformed("data key is not 256 bits")));
+        }
+        if v != record.kek_version {
+            tracing::warn!(
+                recorded = record.kek_version.get(),
+                actual = v.get(),
+                "a record's key version was damaged; repaired"
+            );
+        }
+        let wrapped = k.wrap_key(&names.master(to), &dek, &item.dek_aad).map_err(Error::Hsm)?;
+        return Ok(Some(Rewrapped {
+            record: Record { kek_version: to, wrapped_dek: &wrapped, ..record }.encode(),
+            from: v,
+        }));
+    }
+    Err(Error::Barrier(BarrierError::Integrity))
 }
 
 /// Seals and opens records with data keys wrapped by the master key in the token.
@@ -296,13 +333,42 @@ impl Barrier {
         self.keyring.load().master.active
     }
 
-    /// Seal `plaintext` for `ctx` under the active master key version.
     /// Records sealed by this process so far.
     pub fn sealed_count(&self) -> u64 {
         self.sealed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Seal `plaintext` for `ctx` under the active master key version. A version another
+    /// replica has retired since this one last looked (its token object gone) makes it
+    /// re-read the keyring and seal under the new active version.
     pub async fn seal(&self, ctx: &RecordContext<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
+        match self.seal_once(ctx, plaintext).await {
+            Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label))) => {
+                if self.follow_store().await? {
+                    return self.seal_once(ctx, plaintext).await;
+                }
+                Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label)))
+            }
+            other => other,
+        }
+    }
+
+    /// Re-read the master family from the store; returns whether the active version
+    /// changed (another replica rotated or retired).
+    pub async fn follow_store(&self) -> Result<bool> {
+        let Some(store) = &self.store else { return Ok(false) };
+        let Some(fresh) = crate::keys::load(store.as_ref()).await? else { return Ok(false) };
+        let current = self.keyring.load_full();
+        if current.master == fresh.master {
+            return Ok(false);
+        }
+        let changed = current.master.active != fresh.master.active;
+        self.keyring.store(Arc::new(crate::keys::Keyring { master: fresh.master, ..(*current).clone() }));
+        tracing::info!(active = %self.active_version(), "master key versions changed by another replica; following them");
+        Ok(changed)
+    }
+
+    async fn seal_once(&self, ctx: &RecordContext<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
         self.sealed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let kek_version = self.active_version();
         let dek = Zeroizing::new(random::<32>()?);
@@ -324,7 +390,7 @@ impl Barrier {
 
     /// Re-wrap a record's data key under master key `to` without touching the value's
     /// ciphertext (master key rotation). Returns `None` if it already uses `to`.
-    pub async fn rewrap(&self, ctx: &RecordContext<'_>, stored: &[u8], to: KeyVersion) -> Result<Option<Vec<u8>>> {
+    pub async fn rewrap(&self, ctx: &RecordContext<'_>, stored: &[u8], to: KeyVersion) -> Result<Option<Rewrapped>> {
         let item = RewrapItem { stored: stored.to_vec(), dek_aad: ctx.dek_aad(), value_aad: ctx.value_aad() };
         self.rewrap_batch(vec![item], to).await?.pop().unwrap_or(Ok(None))
     }
@@ -333,23 +399,26 @@ impl Barrier {
     /// of a batch run back to back on one background thread (lower priority than
     /// requests: see [`crate::hsm_call_background`]) instead of paying a hand-off each.
     /// One result per item, in order: `Ok(None)` if it already uses `to`; an item that is
-    /// malformed or fails its integrity check is an `Err` of its own. A failure of the
-    /// token itself (unavailable, key missing) fails the whole call.
-    pub async fn rewrap_batch(&self, items: Vec<RewrapItem>, to: KeyVersion) -> Result<Vec<Result<Option<Vec<u8>>>>> {
-        let mut versions = std::collections::BTreeSet::new();
-        for item in &items {
-            if let Ok(r) = Record::parse(&item.stored) {
-                versions.insert(r.kek_version);
-            }
+    /// malformed or fails its integrity check under every known version is an `Err` of
+    /// its own. A failure of the token itself (unavailable, key missing) fails the whole
+    /// call.
+    pub async fn rewrap_batch(&self, items: Vec<RewrapItem>, to: KeyVersion) -> Result<Vec<Result<Option<Rewrapped>>>> {
+        // Versions this replica has not heard of yet: re-read the keyring once (a version
+        // that is still unknown then is damage, tried under every known version).
+        let ring = self.keyring.load_full();
+        let unknown = items
+            .iter()
+            .any(|i| Record::parse(&i.stored).is_ok_and(|r| !ring.master.versions.contains(&r.kek_version)));
+        if unknown || !ring.master.versions.contains(&to) {
+            self.follow_store().await?;
         }
-        for v in versions.iter().copied().chain([to]) {
-            self.ensure_known(v).await?;
-        }
+        self.ensure_known(to).await?;
+        let known = self.keyring.load().master.versions.clone();
         let names = self.names.clone();
         crate::hsm_call_background(&self.keys, move |k| {
             let mut out = Vec::with_capacity(items.len());
             for item in &items {
-                out.push(match rewrap_in_token(k, &names, item, to) {
+                out.push(match rewrap_in_token(k, &names, item, to, &known) {
                     Err(Error::Hsm(e)) if !matches!(e, keyvault_hsm::HsmError::InvalidCiphertext) => return Err(e),
                     other => other,
                 });

@@ -26,6 +26,7 @@ pub mod store;
 pub mod tls;
 pub mod token;
 pub mod transit;
+pub mod usage;
 pub mod vault;
 
 use std::sync::Arc;

@@ -124,6 +124,10 @@ enum OperatorCommand {
         /// After the re-wrap, destroy the master versions nothing uses any more.
         #[arg(long)]
         retire: bool,
+        /// Start nothing: show the records per version and the records a rotation set
+        /// aside as damaged.
+        #[arg(long, conflicts_with_all = ["no_wait", "retire"])]
+        report: bool,
     },
     /// Mint a new root token (needs the HSM PIN; with sled storage, stop the server first).
     RootToken {
@@ -369,7 +373,33 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        OperatorCommand::Rotate { endpoint, no_wait, retire } => {
+        OperatorCommand::Rotate { endpoint, report: true, .. } => {
+            init_logging("warn", false);
+            let e = endpoint.endpoint();
+            let (status, s) = keyvault::client::request(&e, "GET", "sys/rotate/status", None).await?;
+            if status != 200 {
+                anyhow::bail!("status answered {status}: {s}");
+            }
+            let d = &s["data"];
+            println!(
+                "active master key v{}, {}; records by version {}; {} remaining to re-wrap; {} set aside",
+                d["active_version"], d["state"], d["records_by_version"], d["records_remaining"], d["set_aside"]
+            );
+            let (status, r) = keyvault::client::request(&e, "GET", "sys/rotate/set-aside", None).await?;
+            if status != 200 {
+                anyhow::bail!("set-aside answered {status}: {r}");
+            }
+            for rec in r["data"]["records"].as_array().into_iter().flatten() {
+                let key = rec["key"].as_str().unwrap_or("?").replace('\x1f', " version ");
+                println!(
+                    "set aside: {key} (counted under v{}): {}",
+                    rec["counted_under"],
+                    rec["reason"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        OperatorCommand::Rotate { endpoint, no_wait, retire, .. } => {
             init_logging("warn", false);
             let e = endpoint.endpoint();
             let (status, reply) =

@@ -8,6 +8,14 @@
 //! resumes where it stopped, on this replica or another once the lease expires. When a full
 //! pass finds nothing left to re-wrap, the rotation is done; `retire` then destroys the old
 //! versions nothing uses.
+//!
+//! The moment the new version is recorded, the older versions are closed to new records
+//! (see [`crate::usage`]): a write on any replica that still seals under an old version
+//! fails its transaction and seals again under the new one. So the re-wrap chases only
+//! records committed before the rotation started, and retiring a version never races a
+//! write in flight. A record that cannot be re-wrapped (damaged) is set aside under
+//! `sys/set-aside/`, reported by status and `keyvault operator rotate --report`, and never
+//! stops the rotation of the others.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,12 +24,13 @@ use std::time::{Duration, Instant};
 use keyvault_hsm::KeyStore;
 use serde::{Deserialize, Serialize};
 
-use crate::barrier::{Barrier, Record, RewrapItem};
+use crate::barrier::{Barrier, Record, RewrapItem, Rewrapped};
 use crate::error::{Error, Result};
 use crate::keys::{self, Family, KeyNames, KeyVersion, SharedKeyring};
 use crate::secrets::{data_prefix, parse_data_key, record_context};
-use crate::store::{Store, decode_json, encode_json};
+use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json};
 use crate::unix_now;
+use crate::usage;
 
 const KEY: &str = "sys/rotation";
 const LEASE: Duration = Duration::from_secs(10);
@@ -49,12 +58,12 @@ pub struct RotationRecord {
     /// Re-wrapped during the current pass.
     #[serde(default)]
     pub pass_done: u64,
-    /// Records of the current pass that could not be re-wrapped (integrity check failed).
+    /// Records set aside by this rotation (they could not be re-wrapped).
     #[serde(default)]
     pub failed: u64,
-    /// Master versions in use when the rotation started (reported while it runs, so that
-    /// status does not scan the store).
-    #[serde(default)]
+    /// Not used any more (status reads the version counters); kept so that records
+    /// written by earlier versions still parse.
+    #[serde(default, skip_serializing)]
     pub versions_at_start: Vec<u32>,
     pub started_at: u64,
     pub finished_at: Option<u64>,
@@ -68,10 +77,25 @@ pub struct Status {
     pub active_version: u32,
     pub state: String,
     pub records_done: u64,
+    /// Records still wrapped by an older version, not counting those set aside.
     pub records_remaining: u64,
     pub rate_per_second: f64,
+    /// Versions that wrap at least one record, and the active one.
     pub versions_in_use: Vec<u32>,
+    /// Records per version (exact: counted with every write, re-wrap and deletion).
+    pub records_by_version: BTreeMap<u32, i64>,
+    /// Records set aside as damaged (`keyvault operator rotate --report` lists them).
+    pub set_aside: u64,
     pub driven_by: Option<String>,
+}
+
+/// What `keyvault operator rotate --report` shows of one record set aside.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetAsideView {
+    pub key: String,
+    pub reason: String,
+    pub counted_under: Option<u32>,
+    pub set_aside_at: u64,
 }
 
 #[derive(Debug)]
@@ -128,23 +152,17 @@ impl Rotation {
         Ok(self.store.compare_and_swap(KEY, old, Some(&encode_json(new))).await?)
     }
 
-    /// How many records each master key version wraps (a full scan).
-    pub async fn versions_in_use(&self) -> Result<BTreeMap<u32, u64>> {
-        let mut counts = BTreeMap::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.scan_prefix(data_prefix(), after.as_deref(), 1000).await?;
-            for (_, raw) in &page {
-                if let Ok(r) = Record::parse(raw) {
-                    *counts.entry(r.kek_version.get()).or_insert(0) += 1;
-                }
-            }
-            let done = page.len() < 1000;
-            after = page.last().map(|(k, _)| k.clone());
-            if done {
-                return Ok(counts);
-            }
-        }
+    /// Records per version, exactly, from the counters.
+    pub async fn usage(&self) -> Result<usage::Usage> {
+        usage::read(self.store.as_ref()).await
+    }
+
+    /// Records set aside that are counted under a version other than `target`: the part
+    /// of the old versions' counts that no re-wrap will ever bring down.
+    async fn set_aside_outside(&self, target: u32) -> Result<(u64, i64)> {
+        let all = usage::set_aside(self.store.as_ref()).await?;
+        let outside = all.iter().filter(|a| a.counted_under.is_some_and(|v| v != target)).count() as i64;
+        Ok((all.len() as u64, outside))
     }
 
     /// Start a rotation: new master version, active at once, re-wrap in the background.
@@ -176,11 +194,11 @@ impl Rotation {
         };
         self.keyring.store(Arc::new(ring.clone()));
         let target = ring.master.active;
-        let in_use = self.versions_in_use().await?;
-        let total = in_use.iter().filter(|(v, _)| **v != target.get()).map(|(_, n)| n).sum();
-        let mut versions_at_start: Vec<u32> = in_use.keys().copied().chain([target.get()]).collect();
-        versions_at_start.sort_unstable();
-        versions_at_start.dedup();
+        // From here on no record can commit under an older version, on any replica.
+        for v in ring.master.versions.iter().copied().filter(|v| *v != target) {
+            usage::close(self.store.as_ref(), v).await?;
+        }
+        let total = self.usage().await?.outside(target).max(0) as u64;
         let record = RotationRecord {
             state: "rewrapping".into(),
             target: target.get(),
@@ -194,7 +212,7 @@ impl Rotation {
             lease_until: 0,
             pass_done: 0,
             failed: 0,
-            versions_at_start,
+            versions_at_start: Vec::new(),
         };
         if !self.save(Some(&claimed), &record).await? {
             return Err(Error::Internal("the rotation record changed while starting".into()));
@@ -204,55 +222,76 @@ impl Rotation {
         Ok(target)
     }
 
-    /// While a rotation runs, the figures come from its record (no scan of the store:
-    /// status is polled); when idle, from a full scan (exact, as retiring needs).
+    /// Progress from the rotation record, counts from the version counters: a few
+    /// reads, however many records there are.
     pub async fn status(&self) -> Result<Status> {
         let (_, r) = self.load().await?;
-        let active = self.keyring.load().master.active.get();
-        if r.state == "rewrapping" {
-            let elapsed = unix_now().saturating_sub(r.started_at).max(1) as f64;
-            return Ok(Status {
-                active_version: active,
-                state: "rewrapping".into(),
-                records_done: r.done,
-                records_remaining: r.total.saturating_sub(r.done),
-                rate_per_second: r.done as f64 / elapsed,
-                versions_in_use: r.versions_at_start.clone(),
-                driven_by: r.lease_owner.filter(|_| !lease_expired_now(r.lease_until)),
-            });
-        }
-        let in_use = self.versions_in_use().await?;
-        let remaining: u64 = in_use.iter().filter(|(v, _)| **v != active).map(|(_, n)| n).sum();
+        let active = self.keyring.load().master.active;
+        let usage = self.usage().await?;
+        let (set_aside, aside_outside) = self.set_aside_outside(active.get()).await?;
+        let remaining = (usage.outside(active) - aside_outside).max(0) as u64;
+        let mut versions_in_use: Vec<u32> =
+            usage.records.iter().filter(|(_, n)| **n > 0).map(|(v, _)| *v).chain([active.get()]).collect();
+        versions_in_use.sort_unstable();
+        versions_in_use.dedup();
+        let rewrapping = r.state == "rewrapping";
+        let elapsed = unix_now().saturating_sub(r.started_at).max(1) as f64;
         Ok(Status {
-            active_version: active,
-            state: "idle".into(),
+            active_version: active.get(),
+            state: if rewrapping { "rewrapping".into() } else { "idle".into() },
             records_done: r.done,
             records_remaining: remaining,
-            rate_per_second: 0.0,
-            versions_in_use: in_use.keys().copied().collect(),
-            driven_by: None,
+            rate_per_second: if rewrapping { r.done as f64 / elapsed } else { 0.0 },
+            versions_in_use,
+            records_by_version: usage.records.into_iter().filter(|(_, n)| *n != 0).collect(),
+            set_aside,
+            driven_by: r.lease_owner.filter(|_| rewrapping && !lease_expired_now(r.lease_until)),
         })
     }
 
+    /// The records set aside, for `keyvault operator rotate --report`.
+    pub async fn set_aside_report(&self) -> Result<Vec<SetAsideView>> {
+        Ok(usage::set_aside(self.store.as_ref())
+            .await?
+            .into_iter()
+            .map(|a| SetAsideView {
+                key: a.key,
+                reason: a.reason,
+                counted_under: a.counted_under,
+                set_aside_at: a.set_aside_at,
+            })
+            .collect())
+    }
+
     /// Destroy every master version that is neither active nor wrapping any record.
-    /// Refused while a rotation runs.
+    /// Refused while a rotation runs. Each candidate is closed to new records first
+    /// (which waits for writes that hold its counters), then its count is read: zero
+    /// means no record, committed or in flight on any replica, needs it.
     pub async fn retire(&self) -> Result<Vec<u32>> {
         let (_, r) = self.load().await?;
-        if r.state == "rewrapping" {
+        if r.state == "rewrapping" || r.state == "starting" {
             return Err(Error::Conflict("a rotation is still re-wrapping; retire when it is idle".into()));
         }
-        let in_use = self.versions_in_use().await?;
         let ring = self.keyring.load_full();
-        let retire: Vec<KeyVersion> = ring
-            .master
-            .versions
-            .iter()
-            .copied()
-            .filter(|v| *v != ring.master.active && !in_use.contains_key(&v.get()))
-            .collect();
-        let still: Vec<u32> = in_use.keys().copied().filter(|v| *v != ring.master.active.get()).collect();
+        let active = ring.master.active;
+        let old: Vec<KeyVersion> = ring.master.versions.iter().copied().filter(|v| *v != active).collect();
+        for v in &old {
+            usage::close(self.store.as_ref(), *v).await?;
+        }
+        let usage = self.usage().await?;
+        let retire: Vec<KeyVersion> = old.iter().copied().filter(|v| usage.of(*v) == 0).collect();
+        let still: Vec<u32> = old.iter().filter(|v| usage.of(**v) != 0).map(|v| v.get()).collect();
         if retire.is_empty() && !still.is_empty() {
-            return Err(Error::Conflict(format!("versions {still:?} still wrap records; rotate first")));
+            let (aside, _) = self.set_aside_outside(active.get()).await?;
+            let why = if aside > 0 {
+                format!(
+                    "versions {still:?} still wrap records, {aside} of them set aside as damaged \
+                     (`keyvault operator rotate --report`; deleting those secret versions releases them)"
+                )
+            } else {
+                format!("versions {still:?} still wrap records; rotate first")
+            };
+            return Err(Error::Conflict(why));
         }
         for v in &retire {
             let ring = keys::retire_version(self.store.as_ref(), &self.keys, &self.names, Family::Master, *v).await?;
@@ -287,7 +326,7 @@ impl Rotation {
         // `Barrier::rewrap_batch` (it re-reads the keyring for unknown versions).
         let page = self.store.scan_prefix(data_prefix(), r.cursor.as_deref(), BATCH).await?;
         let last = page.last().map(|(k, _)| k.clone());
-        let (done, failed) = self.rewrap_page(page, target).await?;
+        let (done, failed) = self.rewrap_page(page, target, &r).await?;
         let mut next = r.clone();
         next.done += done;
         next.pass_done += done;
@@ -295,16 +334,16 @@ impl Rotation {
         match last {
             Some(k) => next.cursor = Some(k),
             None => {
-                // A pass ended. If an older version is still in use (written by a replica
-                // that had not seen the new one yet), pass again, unless this pass got
-                // nowhere: what is left cannot be re-wrapped (see `failed`).
-                let stragglers: u64 =
-                    self.versions_in_use().await?.iter().filter(|(v, _)| **v != r.target).map(|(_, n)| n).sum();
+                // A pass ended. Older versions were closed when the rotation started, so
+                // a pass normally leaves nothing behind but records set aside; pass again
+                // if something is left that a re-wrap can reach, unless this pass got
+                // nowhere.
+                let (_, aside_outside) = self.set_aside_outside(r.target).await?;
+                let stragglers = (self.usage().await?.outside(target) - aside_outside).max(0) as u64;
                 if stragglers > 0 && next.pass_done > 0 && next.pass < MAX_PASSES {
                     next.cursor = None;
                     next.pass += 1;
                     next.pass_done = 0;
-                    next.failed = 0;
                     next.total = next.done + stragglers;
                 } else {
                     next.state = "idle".into();
@@ -359,14 +398,21 @@ fn lease_expired_now(until: u64) -> bool {
 }
 
 /// The outcome of one record's re-wrap (see [`Barrier::rewrap_batch`]).
-type Rewrapped = Result<Option<Vec<u8>>>;
+type RewrapOutcome = Result<Option<Rewrapped>>;
 
 impl Rotation {
     /// Re-wrap one page of records to `target`: the token work in `CHUNKS` batches (one
-    /// blocking trip each), then one store call that swaps every record still as it was
-    /// read (a record written or deleted meanwhile is left alone: it is either at the
-    /// target already or gone). Returns (re-wrapped, could not be re-wrapped).
-    async fn rewrap_page(&self, page: Vec<(String, Vec<u8>)>, target: KeyVersion) -> Result<(u64, u64)> {
+    /// blocking trip each), then one store call in which each record still as it was
+    /// read is swapped and moved from its version's count to the target's (a record
+    /// written or deleted meanwhile is left alone: it is either at the target already or
+    /// gone). A record that cannot be re-wrapped is set aside. Returns (re-wrapped, set
+    /// aside).
+    async fn rewrap_page(
+        &self,
+        page: Vec<(String, Vec<u8>)>,
+        target: KeyVersion,
+        rotation: &RotationRecord,
+    ) -> Result<(u64, u64)> {
         let mut work: Vec<(String, RewrapItem)> = Vec::with_capacity(page.len());
         for (key, stored) in page {
             let Some((path, version)) = parse_data_key(&key) else { continue };
@@ -384,25 +430,51 @@ impl Rotation {
                 tokio::spawn(async move { barrier.rewrap_batch(items, target).await })
             })
             .collect();
-        let mut results: Vec<Rewrapped> = Vec::with_capacity(work.len());
+        let mut results: Vec<RewrapOutcome> = Vec::with_capacity(work.len());
         for task in tasks {
             results.extend(task.await.map_err(|e| Error::Internal(format!("rewrap task: {e}")))??);
         }
+        let known_max = self.keyring.load().master.versions.iter().copied().max().unwrap_or(target);
         let mut swaps = Vec::new();
-        let mut failed = 0u64;
+        let mut aside = Vec::new();
         for (outcome, (key, item)) in results.into_iter().zip(work) {
             match outcome {
-                Ok(Some(new)) => swaps.push((key, item.stored, new)),
+                Ok(Some(rw)) => swaps.push(vec![
+                    TxOp::Swap { key: key.clone(), expected: item.stored, new: Some(rw.record) },
+                    usage::count(rw.from, &key, -1),
+                    usage::count(target, &key, 1),
+                ]),
                 Ok(None) => {}
                 Err(e) => {
-                    // The key names the record, never its value; the record keeps its
-                    // version (and blocks retiring it) until someone looks at it.
-                    tracing::warn!(record = %key, error = %e, "record cannot be re-wrapped; left as it is");
-                    failed += 1;
+                    // The key names the record, never its value.
+                    tracing::warn!(record = %key, error = %e, "record cannot be re-wrapped; setting it aside");
+                    let counted_under =
+                        Record::parse(&item.stored).ok().map(|r| r.kek_version).filter(|v| *v <= known_max);
+                    let entry = usage::SetAside {
+                        key: key.clone(),
+                        record: hex::encode(&item.stored),
+                        reason: e.to_string(),
+                        counted_under: counted_under.map(|v| v.get()),
+                        set_aside_at: unix_now(),
+                    };
+                    aside.push(vec![
+                        TxOp::Swap { key: key.clone(), expected: item.stored, new: None },
+                        TxOp::Insert { key: usage::set_aside_key(&key), value: encode_json(&entry) },
+                    ]);
                 }
             }
         }
-        let swapped = self.store.compare_and_swap_many(&swaps).await?;
-        Ok((swapped.iter().filter(|s| **s).count() as u64, failed))
+        let swapped = self.store.transact_many(swaps).await?;
+        let set_aside = self.store.transact_many(aside).await?;
+        let committed = |v: &[TxOutcome]| v.iter().filter(|o| **o == TxOutcome::Committed).count() as u64;
+        let n_aside = committed(&set_aside);
+        if n_aside > 0 {
+            tracing::warn!(
+                target = rotation.target,
+                records = n_aside,
+                "records set aside: see `keyvault operator rotate --report`"
+            );
+        }
+        Ok((committed(&swapped), n_aside))
     }
 }

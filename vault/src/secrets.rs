@@ -14,9 +14,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use zeroize::Zeroizing;
 
-use crate::barrier::{Barrier, RecordContext};
+use crate::barrier::{Barrier, BarrierError, Record, RecordContext};
 use crate::error::{Error, Result};
-use crate::store::{Store, decode_json, encode_json};
+use crate::keys::KeyVersion;
+use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json};
+use crate::usage;
+
+/// Tries of one write before it gives up with 409 (slots taken by concurrent writers of
+/// the same secret, or versions closed under it by a rotation).
+const MAX_WRITE_ATTEMPTS: usize = 64;
 
 pub const MAX_PATH_LEN: usize = 512;
 pub const MAX_SEGMENTS: usize = 32;
@@ -223,17 +229,33 @@ impl Secrets {
     }
 
     /// Write a new version; returns it. `value` must be a JSON object's text.
+    ///
+    /// The sealed record and its count under the master version that wraps it are one
+    /// store transaction (see [`crate::usage`]). If that version was closed by a rotation
+    /// in the meantime (on any replica), the value is sealed again under the new version.
     pub async fn write(&self, path: &SecretPath, value: &[u8]) -> Result<(u64, VersionMeta)> {
         validate_value(value)?;
         let (_, meta) = self.load_meta(path).await?;
         // Claim a version slot: the next number whose record does not exist yet.
         let mut version = meta.current_version + 1;
+        let mut attempts = 0;
         loop {
-            let sealed = self.barrier.seal(&record_context(path, version), value).await?;
-            if self.store.insert_if_absent(&data_key(path, version), &sealed, None).await? {
-                break;
+            attempts += 1;
+            if attempts > MAX_WRITE_ATTEMPTS {
+                return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.0)));
             }
-            version += 1;
+            let sealed = self.barrier.seal(&record_context(path, version), value).await?;
+            let kek = Record::parse(&sealed)?.kek_version;
+            let key = data_key(path, version);
+            let ops = vec![TxOp::Insert { key: key.clone(), value: sealed }, usage::count(kek, &key, 1)];
+            match self.store.transact(ops).await? {
+                TxOutcome::Committed => break,
+                TxOutcome::Conflict => version += 1,
+                TxOutcome::Closed => {
+                    // A rotation closed `kek` after this replica sealed under it.
+                    self.barrier.follow_store().await?;
+                }
+            }
         }
         let vmeta = VersionMeta { created_time: now_rfc3339(), deletion_time: None };
         // Record the version in the metadata; merge with concurrent writers.
@@ -250,11 +272,43 @@ impl Secrets {
             let new = encode_json(&meta);
             if self.store.compare_and_swap(&meta_key(path), raw.as_deref(), Some(&new)).await? {
                 for old in pruned {
-                    self.store.delete(&data_key(path, old)).await?;
+                    self.destroy_record(&data_key(path, old)).await?;
                 }
                 return Ok((version, vmeta));
             }
         }
+    }
+
+    /// Delete a stored record and its count, in one transaction; a record set aside by a
+    /// rotation goes with its count too.
+    async fn destroy_record(&self, key: &str) -> Result<()> {
+        loop {
+            let Some(raw) = self.store.get(key).await? else {
+                return self.discard_set_aside(key).await;
+            };
+            let mut ops = vec![TxOp::Swap { key: key.to_owned(), expected: raw.clone(), new: None }];
+            if let Ok(r) = Record::parse(&raw) {
+                ops.push(usage::count(r.kek_version, key, -1));
+            }
+            match self.store.transact(ops).await? {
+                TxOutcome::Committed => return Ok(()),
+                // Re-wrapped meanwhile: read it again.
+                _ => continue,
+            }
+        }
+    }
+
+    async fn discard_set_aside(&self, key: &str) -> Result<()> {
+        let aside_key = usage::set_aside_key(key);
+        let Some(raw) = self.store.get(&aside_key).await? else { return Ok(()) };
+        let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
+        let mut ops = vec![TxOp::Swap { key: aside_key, expected: raw, new: None }];
+        if let Some(v) = aside.counted_under.and_then(KeyVersion::new) {
+            ops.push(usage::count(v, key, -1));
+        }
+        self.store.transact(ops).await?;
+        tracing::warn!(record = %key, "a record set aside by a rotation was deleted with its secret version");
+        Ok(())
     }
 
     /// Read a version (default: the current one).
@@ -269,10 +323,15 @@ impl Secrets {
         if vmeta.deletion_time.is_some() {
             return Err(Error::NotFound(format!("version {version} of {} is deleted", path.0)));
         }
-        let sealed = self.store.get(&data_key(path, version)).await?.ok_or_else(|| {
+        let key = data_key(path, version);
+        let Some(sealed) = self.store.get(&key).await? else {
+            if self.store.get(&usage::set_aside_key(&key)).await?.is_some() {
+                tracing::error!(path = %path.0, version, "this version's record was set aside as damaged by a rotation");
+                return Err(Error::Barrier(BarrierError::Integrity));
+            }
             tracing::error!(path = %path.0, version, "metadata names a version whose record is missing");
-            not_found()
-        })?;
+            return Err(not_found());
+        };
         let data = self.barrier.open(&record_context(path, version), &sealed).await?;
         Ok(SecretVersion { version, meta: vmeta.clone(), data })
     }
@@ -293,7 +352,7 @@ impl Secrets {
             }
             let new = encode_json(&meta);
             if self.store.compare_and_swap(&meta_key(path), Some(&raw), Some(&new)).await? {
-                self.store.delete(&data_key(path, current)).await?;
+                self.destroy_record(&data_key(path, current)).await?;
                 return Ok(());
             }
         }

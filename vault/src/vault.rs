@@ -271,6 +271,7 @@ impl Vault {
         let ring = keys::load(store.as_ref()).await?.ok_or_else(|| {
             Error::Config("KeyVault is not initialized: run `keyvault operator init --config <file>` first".into())
         })?;
+        crate::usage::ensure_counted(store.as_ref()).await?;
         let keyring: SharedKeyring = Arc::new(ArcSwap::from_pointee(ring));
         let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone())
             .with_store(store.clone())
@@ -494,6 +495,11 @@ impl Vault {
     pub async fn rotation_status(&self, caller: &Caller) -> Result<crate::rotation::Status> {
         caller.require("sys/rotate/status", Capability::Read)?;
         self.rotation.status().await
+    }
+
+    pub async fn rotation_set_aside(&self, caller: &Caller) -> Result<Vec<crate::rotation::SetAsideView>> {
+        caller.require("sys/rotate/set-aside", Capability::Read)?;
+        self.rotation.set_aside_report().await
     }
 
     pub async fn retire_master(&self, caller: &Caller) -> Result<Vec<u32>> {

@@ -142,7 +142,7 @@ async fn records_under_v1_read_after_v2_is_active() {
     let (key, old) = &records[0];
     let (path, version) = parse_data_key(key).unwrap();
     let ctx = record_context(&path, version);
-    let rewrapped = vault.barrier.rewrap(&ctx, old, ring.master.active).await.unwrap().unwrap();
+    let rewrapped = vault.barrier.rewrap(&ctx, old, ring.master.active).await.unwrap().unwrap().record;
     assert_eq!(Record::parse(&rewrapped).unwrap().kek_version.get(), 2);
     assert_eq!(Record::parse(&rewrapped).unwrap().ciphertext, Record::parse(old).unwrap().ciphertext);
     assert_eq!(vault.barrier.open(&ctx, &rewrapped).await.unwrap().as_slice(), br#"{"value":"old"}"#);
@@ -224,19 +224,24 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_record_is_left_alone_by_a_rotation_and_blocks_retiring_its_version() {
+async fn damaged_records_are_repaired_or_set_aside_and_never_stop_a_rotation() {
     let f = fixture().await;
     for i in 0..600 {
         let p = SecretPath::parse(&format!("many/{i:04}")).unwrap();
         f.vault.secrets.write(&p, format!(r#"{{"value":"v{i}"}}"#).as_bytes()).await.unwrap();
     }
-    // Flip one bit of one record's value ciphertext (its data key still unwraps).
+    // One record: a bit of its value ciphertext flipped (lost for good).
     let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
     let (damaged_key, raw) = records[300].clone();
     let mut bad = raw.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
     f.store.put(&damaged_key, &bad).await.unwrap();
+    // Another: its key version bytes set to 99 (the rest intact: repairable).
+    let (renamed_key, raw) = records[100].clone();
+    let mut renamed = raw.clone();
+    renamed[4..8].copy_from_slice(&99u32.to_be_bytes());
+    f.store.put(&renamed_key, &renamed).await.unwrap();
 
     let target = f.vault.rotation.start().await.unwrap();
     assert_eq!(target.get(), 2);
@@ -249,20 +254,34 @@ async fn a_damaged_record_is_left_alone_by_a_rotation_and_blocks_retiring_its_ve
     }
     let status = f.vault.rotation.status().await.unwrap();
     assert_eq!(status.state, "idle");
-    // Every record moved to v2 except the damaged one, which was not touched.
+    // Every record moved to v2 (the renamed one repaired) except the damaged one, set aside.
+    assert_eq!(status.records_remaining, 0);
+    assert_eq!(status.set_aside, 1);
+    assert_eq!(status.records_by_version, [(1, 1), (2, 599)].into());
     assert_eq!(status.versions_in_use, vec![1, 2]);
-    assert_eq!(status.records_remaining, 1);
-    assert_eq!(f.store.get(&damaged_key).await.unwrap().unwrap(), bad);
+    assert_eq!(f.store.get(&damaged_key).await.unwrap(), None, "moved aside");
+    let report = f.vault.rotation.set_aside_report().await.unwrap();
+    assert_eq!(report.len(), 1);
+    assert_eq!((report[0].key.as_str(), report[0].counted_under), (damaged_key.as_str(), Some(1)));
     let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
-    let at_v2 = records.iter().filter(|(_, r)| Record::parse(r).unwrap().kek_version.get() == 2).count();
-    assert_eq!(at_v2, 599);
-    // v1 is still needed by that record: retiring refuses and the key object stays.
-    assert!(matches!(f.vault.rotation.retire().await, Err(Error::Conflict(_))));
+    assert!(records.iter().all(|(_, r)| Record::parse(r).unwrap().kek_version.get() == 2));
+    assert_eq!(records.len(), 599);
+    let p = SecretPath::parse("many/0100").unwrap();
+    assert_eq!(f.vault.secrets.read(&p, None).await.unwrap().data.as_slice(), br#"{"value":"v100"}"#);
+    // The set-aside record is counted under v1: retiring refuses, naming it, and the key
+    // object stays (a repair might still need it).
+    match f.vault.rotation.retire().await {
+        Err(Error::Conflict(m)) => assert!(m.contains("set aside"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     assert!(f.keys.exists(&f.names.master(keys::KeyVersion::FIRST)).unwrap());
-    // Once the record is deleted, v1 can go.
-    f.store.delete(&damaged_key).await.unwrap();
+    let p = SecretPath::parse("many/0300").unwrap();
+    assert!(matches!(f.vault.secrets.read(&p, None).await, Err(Error::Barrier(BarrierError::Integrity))));
+    // Once that secret version is deleted, v1 can go.
+    f.vault.secrets.delete_latest(&p).await.unwrap();
     assert_eq!(f.vault.rotation.retire().await.unwrap(), vec![1]);
     assert!(!f.keys.exists(&f.names.master(keys::KeyVersion::FIRST)).unwrap());
+    assert_eq!(f.vault.rotation.status().await.unwrap().set_aside, 0);
     for i in (0..600).filter(|i| *i != 300).step_by(37) {
         let p = SecretPath::parse(&format!("many/{i:04}")).unwrap();
         assert_eq!(

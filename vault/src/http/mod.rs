@@ -87,6 +87,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/sys/rotate", post(sys::rotate)),
         ("/v1/sys/rotate/status", get(sys::rotate_status)),
         ("/v1/sys/rotate/retire", post(sys::rotate_retire)),
+        ("/v1/sys/rotate/set-aside", get(sys::rotate_set_aside)),
         ("/v1/sys/rotate/token-signing", post(sys::rotate_token_signing)),
         ("/v1/sys/rotate/token-signing/retire", post(sys::retire_token_signing)),
         ("/v1/auth/jwks", get(sys::jwks)),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Store, scan_all};
+use super::{Store, TxOp, TxOutcome, scan_all};
 
 /// Run every check against `store`.
 pub async fn run_all(store: &dyn Store) {
@@ -19,7 +19,7 @@ pub async fn run_all(store: &dyn Store) {
     purge_expired(store).await;
     invalid_keys(store).await;
     insert_if_absent_many(store).await;
-    compare_and_swap_many(store).await;
+    transactions(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -27,7 +27,8 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn run_concurrent(store: Arc<dyn Store>) {
     concurrent_cas_loses_no_update(store.clone()).await;
     concurrent_insert_if_absent_has_one_winner(store.clone()).await;
-    concurrent_delete_has_one_winner(store).await;
+    concurrent_delete_has_one_winner(store.clone()).await;
+    concurrent_counts_meet_a_close(store).await;
 }
 
 pub async fn get_put_delete(s: &dyn Store) {
@@ -73,32 +74,120 @@ pub async fn compare_and_swap(s: &dyn Store) {
     assert_eq!(s.get("c2/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
 }
 
-pub async fn compare_and_swap_many(s: &dyn Store) {
-    assert_eq!(s.compare_and_swap_many(&[]).await.unwrap(), Vec::<bool>::new());
-    s.put("c10/a", b"a1").await.unwrap();
-    s.put("c10/b", b"b1").await.unwrap();
+fn ins(key: &str, value: &str) -> TxOp {
+    TxOp::Insert { key: key.into(), value: value.as_bytes().to_vec() }
+}
+
+fn swap(key: &str, expected: &str, new: Option<&str>) -> TxOp {
+    TxOp::Swap { key: key.into(), expected: expected.as_bytes().to_vec(), new: new.map(|n| n.as_bytes().to_vec()) }
+}
+
+fn count(key: &str, delta: i64) -> TxOp {
+    TxOp::Count { key: key.into(), delta }
+}
+
+async fn counter(s: &dyn Store, key: &str) -> Option<(i64, bool)> {
+    s.counters(key).await.unwrap().into_iter().find(|c| c.key == key).map(|c| (c.value, c.closed))
+}
+
+pub async fn transactions(s: &dyn Store) {
+    use TxOutcome::*;
+    assert_eq!(s.transact_many(Vec::new()).await.unwrap(), Vec::<TxOutcome>::new());
+    // A record and its count commit together...
+    assert_eq!(s.transact(vec![ins("c10/a", "a1"), count("c10/n/1", 1)]).await.unwrap(), Committed);
+    assert_eq!(s.get("c10/a").await.unwrap().as_deref(), Some(&b"a1"[..]));
+    assert_eq!(counter(s, "c10/n/1").await, Some((1, false)));
+    // ...or neither: a taken key fails the transaction, and its count does not apply.
+    assert_eq!(s.transact(vec![count("c10/n/1", 1), ins("c10/a", "x")]).await.unwrap(), Conflict);
+    assert_eq!(counter(s, "c10/n/1").await, Some((1, false)));
+    assert_eq!(s.get("c10/a").await.unwrap().as_deref(), Some(&b"a1"[..]));
+    // Swaps: the expected value, a stale one, a missing key.
+    assert_eq!(s.transact(vec![swap("c10/a", "stale", Some("x")), count("c10/n/1", 5)]).await.unwrap(), Conflict);
+    assert_eq!(s.transact(vec![swap("c10/none", "x", Some("y"))]).await.unwrap(), Conflict);
+    assert_eq!(s.transact(vec![swap("c10/a", "a1", Some("a2")), count("c10/n/2", 1)]).await.unwrap(), Committed);
+    assert_eq!(s.get("c10/a").await.unwrap().as_deref(), Some(&b"a2"[..]));
+    assert_eq!(s.get("c10/none").await.unwrap(), None);
+    // Expired entries are absent: an insert takes their place, a swap does not find them.
     assert!(s.insert_if_absent("c10/exp", b"e1", Some(Duration::from_millis(30))).await.unwrap());
+    assert!(s.insert_if_absent("c10/exp2", b"e1", Some(Duration::from_millis(30))).await.unwrap());
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let items = |list: &[(&str, &str, &str)]| -> Vec<(String, Vec<u8>, Vec<u8>)> {
-        list.iter().map(|(k, o, n)| (k.to_string(), o.as_bytes().to_vec(), n.as_bytes().to_vec())).collect()
-    };
-    // Matching, stale, absent, expired: only the matching one is swapped.
+    assert_eq!(s.transact(vec![swap("c10/exp2", "e1", Some("e2"))]).await.unwrap(), Conflict);
+    assert_eq!(s.transact(vec![ins("c10/exp", "fresh")]).await.unwrap(), Committed);
+    assert_eq!(s.get("c10/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
+    // A closed counter refuses increments (and their transaction), takes decrements.
+    s.close_counter("c10/n/1").await.unwrap();
+    assert_eq!(s.transact(vec![ins("c10/b", "b1"), count("c10/n/1", 1)]).await.unwrap(), Closed);
+    assert_eq!(s.get("c10/b").await.unwrap(), None);
+    assert_eq!(s.transact(vec![swap("c10/a", "a2", None), count("c10/n/1", -1)]).await.unwrap(), Committed);
+    assert_eq!(s.get("c10/a").await.unwrap(), None);
+    assert_eq!(counter(s, "c10/n/1").await, Some((0, true)));
+    // Closing a counter that does not exist yet: closed at 0.
+    s.close_counter("c10/n/3").await.unwrap();
+    assert_eq!(s.transact(vec![count("c10/n/3", 1)]).await.unwrap(), Closed);
+    assert_eq!(counter(s, "c10/n/3").await, Some((0, true)));
+    let all: Vec<String> = s.counters("c10/n/").await.unwrap().into_iter().map(|c| c.key).collect();
+    assert_eq!(all, vec!["c10/n/1", "c10/n/2", "c10/n/3"]);
+    // Many at once: each stands on its own.
+    s.put("c10/r1", b"old1").await.unwrap();
+    s.put("c10/r2", b"old2").await.unwrap();
+    s.put("c10/r3", b"old3").await.unwrap();
+    // The re-wrap shape: swap, then move a count.
+    let rewrap = |k: &str, old: &str| vec![swap(k, old, Some("new")), count("c10/v/1", -1), count("c10/v/2", 1)];
+    let out =
+        s.transact_many(vec![rewrap("c10/r1", "old1"), rewrap("c10/r2", "stale"), rewrap("c10/r3", "old3")]).await;
+    assert_eq!(out.unwrap(), vec![Committed, Conflict, Committed]);
+    assert_eq!(counter(s, "c10/v/1").await, Some((-2, false)));
+    assert_eq!(counter(s, "c10/v/2").await, Some((2, false)));
+    assert_eq!(s.get("c10/r2").await.unwrap().as_deref(), Some(&b"old2"[..]));
+    // Mixed shapes.
     let out = s
-        .compare_and_swap_many(&items(&[
-            ("c10/a", "a1", "a2"),
-            ("c10/b", "stale", "b2"),
-            ("c10/none", "x", "y"),
-            ("c10/exp", "e1", "e2"),
-        ]))
+        .transact_many(vec![
+            vec![ins("c10/m1", "x"), count("c10/v/2", 1)],
+            vec![ins("c10/m1", "y")],
+            vec![ins("c10/m2", "x"), count("c10/n/3", 1)],
+            vec![swap("c10/r2", "old2", None)],
+        ])
         .await
         .unwrap();
-    assert_eq!(out, vec![true, false, false, false]);
-    assert_eq!(s.get("c10/a").await.unwrap().as_deref(), Some(&b"a2"[..]));
-    assert_eq!(s.get("c10/b").await.unwrap().as_deref(), Some(&b"b1"[..]));
-    assert_eq!(s.get("c10/none").await.unwrap(), None);
-    assert_eq!(s.get("c10/exp").await.unwrap(), None);
+    assert_eq!(out, vec![Committed, Conflict, Closed, Committed]);
+    assert_eq!(s.get("c10/m1").await.unwrap().as_deref(), Some(&b"x"[..]));
+    assert_eq!(s.get("c10/m2").await.unwrap(), None);
+    assert_eq!(counter(s, "c10/v/2").await, Some((3, false)));
     // An invalid key fails the call.
-    assert!(s.compare_and_swap_many(&items(&[("", "a", "b")])).await.is_err());
+    assert!(s.transact(vec![ins("", "x")]).await.is_err());
+}
+
+/// Writers counting their records race a closer: afterwards the counter equals the
+/// records that committed, and no record committed after the counter was closed.
+pub async fn concurrent_counts_meet_a_close(s: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut committed = 0i64;
+                for i in 0..25 {
+                    let key = format!("c11/rec/{w}/{i}");
+                    match s.transact(vec![ins(&key, "v"), count("c11/n", 1)]).await.unwrap() {
+                        TxOutcome::Committed => committed += 1,
+                        TxOutcome::Closed => assert_eq!(s.get(&key).await.unwrap(), None),
+                        TxOutcome::Conflict => panic!("unique keys"),
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    s.close_counter("c11/n").await.unwrap();
+    let at_close = counter(s.as_ref(), "c11/n").await.unwrap().0;
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    let stored = scan_all(s.as_ref(), "c11/rec/").await.unwrap().len() as i64;
+    assert_eq!(counter(s.as_ref(), "c11/n").await, Some((total, true)));
+    assert_eq!(stored, total);
+    assert_eq!(at_close, total, "nothing committed under the counter after it was closed");
 }
 
 pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {

@@ -89,17 +89,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         Ok(out)
     }
 
-    /// Several compare-and-swaps of existing values at once (a re-wrap batch): each
-    /// `(key, expected, new)` replaces the value under `key` only if it still equals
-    /// `expected`; each is atomic on its own, and an engine may make them durable
-    /// together. Returns one result per item.
-    async fn compare_and_swap_many(&self, items: &[(String, Vec<u8>, Vec<u8>)]) -> StoreResult<Vec<bool>> {
-        let mut out = Vec::with_capacity(items.len());
-        for (k, old, new) in items {
-            out.push(self.compare_and_swap(k, Some(old), Some(new)).await?);
-        }
-        Ok(out)
+    /// Apply `ops` as one atomic transaction: all of them or none, on every engine and
+    /// across every process sharing the store. Durable when it returns `Committed`.
+    async fn transact(&self, ops: Vec<TxOp>) -> StoreResult<TxOutcome> {
+        Ok(self.transact_many(vec![ops]).await?.pop().unwrap_or(TxOutcome::Conflict))
     }
+
+    /// Several independent transactions (a re-wrap batch): each is atomic on its own
+    /// and fails on its own; an engine may make them durable together. One outcome each.
+    async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>>;
+
+    /// Close the counter `key`: from now on a positive [`TxOp::Count`] on it fails its
+    /// transaction with [`TxOutcome::Closed`] (negative ones still apply). A counter that
+    /// does not exist yet is created closed at 0. Waits for transactions holding the
+    /// counter to finish, so that every increment that may still commit has.
+    async fn close_counter(&self, key: &str) -> StoreResult<()>;
+
+    /// The counters whose key starts with `prefix`, in key order.
+    async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>>;
 
     /// Delete expired entries; returns how many. Called periodically.
     async fn purge_expired(&self) -> StoreResult<u64>;
@@ -112,6 +119,48 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {
         Ok(None)
     }
+}
+
+/// One step of a transaction ([`Store::transact`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxOp {
+    /// Store `value` under `key`, which must hold no live entry (else `Conflict`).
+    Insert { key: String, value: Vec<u8> },
+    /// Replace the live value `expected` under `key` by `new` (`None`: delete it); any
+    /// other value, or none, is a `Conflict`.
+    Swap { key: String, expected: Vec<u8>, new: Option<Vec<u8>> },
+    /// Add `delta` to the counter `key` (a missing counter is 0). A positive delta on a
+    /// closed counter fails the transaction with `Closed`. Counters live apart from the
+    /// key-value entries (their keys never collide with entry keys).
+    Count { key: String, delta: i64 },
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxOutcome {
+    Committed,
+    /// An `Insert` found its key taken, or a `Swap` did not find its expected value.
+    Conflict,
+    /// A positive `Count` met a closed counter.
+    Closed,
+}
+
+/// A counter as [`Store::counters`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    pub key: String,
+    pub value: i64,
+    pub closed: bool,
+}
+
+/// Check every key a transaction names.
+pub(crate) fn check_tx_keys(txs: &[Vec<TxOp>]) -> StoreResult<()> {
+    for op in txs.iter().flatten() {
+        match op {
+            TxOp::Insert { key, .. } | TxOp::Swap { key, .. } | TxOp::Count { key, .. } => check_key(key)?,
+        }
+    }
+    Ok(())
 }
 
 /// Decode a stored JSON record. Failing to decode is corruption, named by its key.

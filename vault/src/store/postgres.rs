@@ -16,10 +16,10 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{Store, StoreError, StoreResult, check_key};
+use super::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome, check_key, check_tx_keys};
 
-/// The schema version this build expects.
-const SCHEMA_VERSION: i32 = 1;
+/// The schema version this build expects. 2: the `keyvault_counters` table.
+const SCHEMA_VERSION: i32 = 2;
 /// Serializes schema migrations of replicas that start at the same moment.
 const MIGRATION_LOCK: i64 = 0x6b65_7976_6175_6c74; // "keyvault"
 
@@ -112,7 +112,12 @@ impl PostgresStore {
                  value BYTEA NOT NULL,
                  expires_at TIMESTAMPTZ
              );
-             CREATE INDEX IF NOT EXISTS keyvault_kv_expires ON keyvault_kv (expires_at) WHERE expires_at IS NOT NULL;",
+             CREATE INDEX IF NOT EXISTS keyvault_kv_expires ON keyvault_kv (expires_at) WHERE expires_at IS NOT NULL;
+             CREATE TABLE IF NOT EXISTS keyvault_counters (
+                 key TEXT COLLATE \"C\" PRIMARY KEY,
+                 value BIGINT NOT NULL,
+                 closed BOOLEAN NOT NULL DEFAULT false
+             );",
         )
         .await
         .map_err(unavailable)?;
@@ -125,6 +130,9 @@ impl PostgresStore {
                     .map_err(unavailable)?;
             }
             Some(v) if v == SCHEMA_VERSION => {}
+            Some(1) => {
+                tx.execute("UPDATE keyvault_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(unavailable)?;
+            }
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(StoreError::Unavailable(format!(
                     "the database schema is version {v}, newer than this KeyVault ({SCHEMA_VERSION}): upgrade KeyVault"
@@ -135,6 +143,58 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// A batch of re-wraps in one statement: every row still holding its expected value is
+    /// swapped (row locks make each swap atomic against concurrent writers), then the
+    /// counts of the swapped ones are applied, summed per counter. All in the caller's
+    /// transaction: one commit for the batch.
+    async fn swaps_with_counts(
+        tx: &deadpool_postgres::Transaction<'_>,
+        txs: &[Vec<TxOp>],
+    ) -> StoreResult<Vec<TxOutcome>> {
+        let mut keys: Vec<&str> = Vec::with_capacity(txs.len());
+        let mut olds: Vec<&[u8]> = Vec::with_capacity(txs.len());
+        let mut news: Vec<&[u8]> = Vec::with_capacity(txs.len());
+        for t in txs {
+            if let Some(TxOp::Swap { key, expected, new: Some(new) }) = t.first() {
+                keys.push(key);
+                olds.push(expected);
+                news.push(new);
+            }
+        }
+        let rows = tx
+            .query(
+                "UPDATE keyvault_kv AS t SET value = u.new, expires_at = NULL
+                 FROM unnest($1::TEXT[], $2::BYTEA[], $3::BYTEA[]) AS u(key, old, new)
+                 WHERE t.key = u.key AND t.value = u.old AND (t.expires_at IS NULL OR t.expires_at > now())
+                 RETURNING t.key",
+                &[&keys, &olds, &news],
+            )
+            .await
+            .map_err(unavailable)?;
+        let swapped: std::collections::HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        let mut deltas: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        let mut out = Vec::with_capacity(txs.len());
+        for (t, key) in txs.iter().zip(&keys) {
+            if swapped.contains(*key) {
+                for op in &t[1..] {
+                    if let TxOp::Count { key, delta } = op {
+                        *deltas.entry(key.as_str()).or_default() += *delta;
+                    }
+                }
+                out.push(TxOutcome::Committed);
+            } else {
+                out.push(TxOutcome::Conflict);
+            }
+        }
+        for (key, delta) in deltas {
+            if !count(tx, key, delta).await? {
+                // Re-wraps only ever add to the active version, which is never closed.
+                return Err(StoreError::Unavailable(format!("counter {key} is closed")));
+            }
+        }
+        Ok(out)
     }
 
     async fn insert_if_absent_in(
@@ -160,6 +220,78 @@ impl PostgresStore {
 }
 
 const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
+
+/// Run one transaction's steps in `c` (inside a transaction or savepoint); the first step
+/// that fails decides the outcome (the caller rolls back).
+async fn apply_ops(c: &impl deadpool_postgres::GenericClient, ops: &[TxOp]) -> StoreResult<TxOutcome> {
+    for op in ops {
+        let ok = match op {
+            TxOp::Insert { key, value } => {
+                c.execute(
+                    "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL
+                     WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()",
+                    &[key, value],
+                )
+                .await
+                .map_err(unavailable)?
+                    == 1
+            }
+            TxOp::Swap { key, expected, new: Some(new) } => {
+                c.execute(
+                    &format!(
+                        "UPDATE keyvault_kv SET value = $3, expires_at = NULL WHERE key = $1 AND value = $2 AND {LIVE}"
+                    ),
+                    &[key, expected, new],
+                )
+                .await
+                .map_err(unavailable)?
+                    == 1
+            }
+            TxOp::Swap { key, expected, new: None } => {
+                c.execute(
+                    &format!("DELETE FROM keyvault_kv WHERE key = $1 AND value = $2 AND {LIVE}"),
+                    &[key, expected],
+                )
+                .await
+                .map_err(unavailable)?
+                    == 1
+            }
+            TxOp::Count { key, delta } => {
+                if !count(c, key, *delta).await? {
+                    return Ok(TxOutcome::Closed);
+                }
+                true
+            }
+        };
+        if !ok {
+            return Ok(TxOutcome::Conflict);
+        }
+    }
+    Ok(TxOutcome::Committed)
+}
+
+/// Add `delta` to a counter; false if it is closed and `delta` positive. The row lock
+/// taken here is held until the transaction ends, so `close_counter` waits for it.
+async fn count(c: &impl deadpool_postgres::GenericClient, key: &str, delta: i64) -> StoreResult<bool> {
+    let row = c
+        .query_opt(
+            "INSERT INTO keyvault_counters (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = keyvault_counters.value + EXCLUDED.value
+             WHERE EXCLUDED.value <= 0 OR NOT keyvault_counters.closed
+             RETURNING value",
+            &[&key, &delta],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(row.is_some())
+}
+
+/// The shape of one re-wrap: one swap of an existing value, then counts.
+fn is_swap_and_counts(ops: &[TxOp]) -> bool {
+    matches!(ops.first(), Some(TxOp::Swap { new: Some(_), .. }))
+        && ops[1..].iter().all(|o| matches!(o, TxOp::Count { .. }))
+}
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -276,32 +408,63 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn compare_and_swap_many(&self, items: &[(String, Vec<u8>, Vec<u8>)]) -> StoreResult<Vec<bool>> {
-        if items.is_empty() {
+    async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
+        check_tx_keys(&txs)?;
+        if txs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut keys = Vec::with_capacity(items.len());
-        for (k, _, _) in items {
-            check_key(k)?;
-            keys.push(k.as_str());
-        }
-        let olds: Vec<&[u8]> = items.iter().map(|(_, o, _)| o.as_slice()).collect();
-        let news: Vec<&[u8]> = items.iter().map(|(_, _, n)| n.as_slice()).collect();
+        let mut c = self.client().await?;
+        let mut tx = c.transaction().await.map_err(unavailable)?;
+        let outcomes = if txs.len() == 1 {
+            let outcome = apply_ops(&tx, &txs[0]).await?;
+            if outcome != TxOutcome::Committed {
+                tx.rollback().await.map_err(unavailable)?;
+                return Ok(vec![outcome]);
+            }
+            vec![outcome]
+        } else if txs.iter().all(|t| is_swap_and_counts(t)) {
+            Self::swaps_with_counts(&tx, &txs).await?
+        } else {
+            let mut out = Vec::with_capacity(txs.len());
+            for ops in &txs {
+                let sp = tx.savepoint("keyvault_tx").await.map_err(unavailable)?;
+                let outcome = apply_ops(&sp, ops).await?;
+                if outcome == TxOutcome::Committed {
+                    sp.commit().await.map_err(unavailable)?;
+                } else {
+                    sp.rollback().await.map_err(unavailable)?;
+                }
+                out.push(outcome);
+            }
+            out
+        };
+        tx.commit().await.map_err(unavailable)?;
+        Ok(outcomes)
+    }
+
+    async fn close_counter(&self, key: &str) -> StoreResult<()> {
+        check_key(key)?;
         let c = self.client().await?;
-        // One statement, one commit: each row is swapped only if it still holds its
-        // expected value (row locks make each swap atomic against concurrent writers).
+        c.execute(
+            "INSERT INTO keyvault_counters (key, value, closed) VALUES ($1, 0, true)
+             ON CONFLICT (key) DO UPDATE SET closed = true",
+            &[&key],
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
+        let c = self.client().await?;
         let rows = c
             .query(
-                "UPDATE keyvault_kv AS t SET value = u.new, expires_at = NULL
-                 FROM unnest($1::TEXT[], $2::BYTEA[], $3::BYTEA[]) AS u(key, old, new)
-                 WHERE t.key = u.key AND t.value = u.old AND (t.expires_at IS NULL OR t.expires_at > now())
-                 RETURNING t.key",
-                &[&keys, &olds, &news],
+                "SELECT key, value, closed FROM keyvault_counters WHERE starts_with(key, $1) ORDER BY key",
+                &[&prefix],
             )
             .await
             .map_err(unavailable)?;
-        let swapped: std::collections::HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        Ok(items.iter().map(|(k, _, _)| swapped.contains(k)).collect())
+        Ok(rows.into_iter().map(|r| Counter { key: r.get(0), value: r.get(1), closed: r.get(2) }).collect())
     }
 
     async fn purge_expired(&self) -> StoreResult<u64> {

@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{Store, StoreError, StoreResult, check_key};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use super::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome, check_key, check_tx_keys};
 
 /// First byte of every stored value: whether an expiry follows.
 const PERMANENT: u8 = 0;
@@ -21,6 +23,8 @@ pub struct SledStore {
     /// `expiry_ms (8 bytes BE) || key` for every expiring entry, so a purge reads only
     /// what is due instead of the whole store.
     expiry: sled::Tree,
+    /// Counters (`TxOp::Count`): `value (i64 BE) || closed (1 byte)`.
+    counters: sled::Tree,
     /// Group commit: writes are numbered; a flush covers every write numbered before it
     /// started, so a writer whose write a finished flush already covers does not flush.
     written: AtomicU64,
@@ -67,6 +71,91 @@ fn encode(value: &[u8], expires_ms: Option<u64>) -> Vec<u8> {
     }
     out.extend_from_slice(value);
     out
+}
+
+/// A counter's stored form.
+fn encode_counter(value: i64, closed: bool) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[..8].copy_from_slice(&value.to_be_bytes());
+    b[8] = u8::from(closed);
+    b
+}
+
+fn decode_counter(key: &[u8], raw: &[u8]) -> StoreResult<(i64, bool)> {
+    let corrupt = || StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: "bad counter" };
+    let b: [u8; 9] = raw.try_into().map_err(|_| corrupt())?;
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[..8]);
+    Ok((i64::from_be_bytes(v), b[8] != 0))
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+/// Decide one transaction against the state seen in `data`/`counters` (which includes
+/// the writes of transactions applied before it in the same batch), and apply it if it
+/// passes.
+fn apply_tx(data: &TransactionalTree, counters: &TransactionalTree, ops: &[TxOp], now: u64) -> TxResult<TxOutcome> {
+    for op in ops {
+        match op {
+            TxOp::Insert { key, .. } => {
+                if let Some(raw) = data.get(key)?
+                    && live(key, &raw, now).map_err(abort)?.is_some()
+                {
+                    return Ok(TxOutcome::Conflict);
+                }
+            }
+            TxOp::Swap { key, expected, .. } => {
+                let current = data.get(key)?;
+                let value = match &current {
+                    Some(raw) => live(key, raw, now).map_err(abort)?,
+                    None => None,
+                };
+                if value != Some(expected.as_slice()) {
+                    return Ok(TxOutcome::Conflict);
+                }
+            }
+            TxOp::Count { key, delta } => {
+                if *delta > 0
+                    && let Some(raw) = counters.get(key)?
+                    && decode_counter(key.as_bytes(), &raw).map_err(abort)?.1
+                {
+                    return Ok(TxOutcome::Closed);
+                }
+            }
+        }
+    }
+    for op in ops {
+        match op {
+            TxOp::Insert { key, value } => {
+                data.insert(key.as_bytes(), encode(value, None))?;
+            }
+            TxOp::Swap { key, new: Some(v), .. } => {
+                data.insert(key.as_bytes(), encode(v, None))?;
+            }
+            TxOp::Swap { key, new: None, .. } => {
+                data.remove(key.as_bytes())?;
+            }
+            TxOp::Count { key, delta } => {
+                let (value, closed) = match counters.get(key)? {
+                    Some(raw) => decode_counter(key.as_bytes(), &raw).map_err(abort)?,
+                    None => (0, false),
+                };
+                counters.insert(key.as_bytes(), &encode_counter(value.saturating_add(*delta), closed))?;
+            }
+        }
+    }
+    Ok(TxOutcome::Committed)
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => unavailable(e),
+    }
 }
 
 impl SledStore {
@@ -124,10 +213,12 @@ impl SledStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display())))?;
         let data = db.open_tree("data").map_err(unavailable)?;
         let expiry = db.open_tree("expiry").map_err(unavailable)?;
+        let counters = db.open_tree("counters").map_err(unavailable)?;
         Ok(SledStore {
             db,
             data,
             expiry,
+            counters,
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -180,14 +271,54 @@ impl Store for SledStore {
         Ok(swapped)
     }
 
-    async fn compare_and_swap_many(&self, items: &[(String, Vec<u8>, Vec<u8>)]) -> StoreResult<Vec<bool>> {
-        let mut out = Vec::with_capacity(items.len());
-        for (k, old, new) in items {
-            out.push(self.compare_and_swap_unflushed(k, Some(old), Some(new))?);
-        }
+    async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
+        use sled::Transactional;
+        check_tx_keys(&txs)?;
+        let now = now_ms();
+        // One sled transaction for the batch (serializable; sled retries it on conflict),
+        // in which each of ours passes or fails on its own. Only transactions write
+        // sealed records and counters, so none of them interleaves with a plain write.
+        let outcomes = (&self.data, &self.counters)
+            .transaction(|(data, counters)| {
+                let mut out = Vec::with_capacity(txs.len());
+                for ops in &txs {
+                    out.push(apply_tx(data, counters, ops, now)?);
+                }
+                Ok(out)
+            })
+            .map_err(tx_error)?;
         // One fsync makes the whole batch durable.
-        if out.iter().any(|b| *b) {
+        if outcomes.contains(&TxOutcome::Committed) {
             self.flush().await?;
+        }
+        Ok(outcomes)
+    }
+
+    async fn close_counter(&self, key: &str) -> StoreResult<()> {
+        check_key(key)?;
+        self.counters
+            .transaction(|t| {
+                let value = match t.get(key)? {
+                    Some(raw) => decode_counter(key.as_bytes(), &raw).map_err(abort)?.0,
+                    None => 0,
+                };
+                t.insert(key.as_bytes(), &encode_counter(value, true))?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush().await
+    }
+
+    async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
+        let mut out = Vec::new();
+        for item in self.counters.scan_prefix(prefix.as_bytes()) {
+            let (k, raw) = item.map_err(unavailable)?;
+            let (value, closed) = decode_counter(&k, &raw)?;
+            let key = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "non-UTF-8 key",
+            })?;
+            out.push(Counter { key, value, closed });
         }
         Ok(out)
     }

@@ -221,6 +221,12 @@ pub async fn rotate_status(State(state): State<AppState>, caller: Caller) -> Api
     data_reply(&s).map_err(Into::into)
 }
 
+/// `GET /v1/sys/rotate/set-aside`: the records a rotation could not re-wrap.
+pub async fn rotate_set_aside(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let list = state.vault.rotation_set_aside(&caller).await?;
+    data_reply(&serde_json::json!({ "records": list })).map_err(Into::into)
+}
+
 /// `POST /v1/sys/rotate/retire` (sudo): destroy master versions nothing uses.
 pub async fn rotate_retire(
     State(state): State<AppState>,
