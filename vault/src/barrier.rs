@@ -342,10 +342,15 @@ impl Barrier {
     /// replica has retired since this one last looked (its token object gone) makes it
     /// re-read the keyring and seal under the new active version.
     pub async fn seal(&self, ctx: &RecordContext<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
-        match self.seal_once(ctx, plaintext).await {
+        let used = self.active_version();
+        match self.seal_once(ctx, plaintext, used).await {
             Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label))) => {
-                if self.follow_store().await? {
-                    return self.seal_once(ctx, plaintext).await;
+                // The periodic sync may have caught up meanwhile: compare with the version
+                // this attempt used, not with what was known a moment ago.
+                self.follow_store().await?;
+                let active = self.active_version();
+                if active != used {
+                    return self.seal_once(ctx, plaintext, active).await;
                 }
                 Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label)))
             }
@@ -368,9 +373,8 @@ impl Barrier {
         Ok(changed)
     }
 
-    async fn seal_once(&self, ctx: &RecordContext<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
+    async fn seal_once(&self, ctx: &RecordContext<'_>, plaintext: &[u8], kek_version: KeyVersion) -> Result<Vec<u8>> {
         self.sealed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let kek_version = self.active_version();
         let dek = Zeroizing::new(random::<32>()?);
         let nonce = random::<NONCE_LEN>()?;
         let ciphertext = encrypt_value(&dek, &nonce, &ctx.value_aad(), plaintext)?;

@@ -225,6 +225,8 @@ impl Rotation {
     /// Progress from the rotation record, counts from the version counters: a few
     /// reads, however many records there are.
     pub async fn status(&self) -> Result<Status> {
+        // Another replica may have rotated less than a sync ago.
+        self.barrier.follow_store().await?;
         let (_, r) = self.load().await?;
         let active = self.keyring.load().master.active;
         let usage = self.usage().await?;
@@ -272,6 +274,9 @@ impl Rotation {
         if r.state == "rewrapping" || r.state == "starting" {
             return Err(Error::Conflict("a rotation is still re-wrapping; retire when it is idle".into()));
         }
+        // Decide on the keyring as stored (another replica may have rotated less than a
+        // sync ago), never on this replica's copy.
+        self.barrier.follow_store().await?;
         let ring = self.keyring.load_full();
         let active = ring.master.active;
         let old: Vec<KeyVersion> = ring.master.versions.iter().copied().filter(|v| *v != active).collect();
