@@ -31,6 +31,8 @@ pub struct ServerOptions {
     pub listener_extra: String,
     /// Environment of the server process (e.g. libfaketime for another clock).
     pub env: Vec<(String, String)>,
+    /// Where the audit log goes (default: `audit/audit.log` in the install's directory).
+    pub audit_path: Option<PathBuf>,
 }
 
 pub struct TestServer {
@@ -50,6 +52,7 @@ pub struct TestServer {
     pub log: PathBuf,
     /// The SoftHSM token of this install (open it to look at its key objects).
     pub token: keyvault_hsm::Pkcs11Config,
+    audit_path: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -98,7 +101,7 @@ impl TestServer {
             token.module.display(),
             token.token_label,
             pin_file.display(),
-            d.join("audit").join("audit.log").display(),
+            opts.audit_path.clone().unwrap_or_else(|| d.join("audit").join("audit.log")).display(),
             opts.audit_extra,
             opts.extra,
         );
@@ -120,6 +123,7 @@ impl TestServer {
             stdout.lines().find_map(|l| l.split("Root token").nth(1)).unwrap().rsplit(' ').next().unwrap().to_owned()
         };
         let log = d.join("server.log");
+        let audit_path = opts.audit_path.clone().unwrap_or_else(|| d.join("audit").join("audit.log"));
         let child = Command::new(keyvault_bin())
             .args(["server", "--config"])
             .arg(&config_file)
@@ -143,6 +147,7 @@ impl TestServer {
             root,
             log,
             token: token_for_later,
+            audit_path,
         };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -164,7 +169,7 @@ impl TestServer {
 
     /// The audit log file.
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit").join("audit.log")
+        self.audit_path.clone()
     }
 
     /// SIGTERM and wait: a clean stop (the audit log gets its final checkpoint).

@@ -86,6 +86,15 @@ async fn revocation_holds_across_replicas_whose_clocks_differ() {
         204,
     );
 
+    // The audit HMAC of a value is the same on every replica (their logs are in
+    // different places), so one search finds a token in all of them.
+    let ha = ok(ca.post("sys/audit-hash", Some(&root), json!({"input": "some token"})).await, 200).body["data"]["hash"]
+        .clone();
+    let hb = ok(cb.post("sys/audit-hash", Some(&root), json!({"input": "some token"})).await, 200).body["data"]["hash"]
+        .clone();
+    assert_ne!(a.audit_log(), b.audit_log());
+    assert_eq!(ha, hb);
+
     // B measures its clock against the database's.
     let mut offset = None;
     for _ in 0..100 {

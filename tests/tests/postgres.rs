@@ -55,9 +55,14 @@ async fn the_database_going_away_gives_503_and_recovers() {
     let h = c.send("GET", "sys/health", None, None).await;
     assert_eq!(h.status, 503, "{h:?}");
     assert_eq!(h.body["storage"], "unavailable", "{h:?}");
-    let text = h.body.to_string();
-    for leak in ["postgres", "127.0.0.1", "connect", "refused", "sled"] {
-        assert!(!text.to_lowercase().contains(leak), "health leaks {leak:?}: {text}");
+    // Every string it shows is a status word (or the version).
+    for (k, v) in h.body.as_object().unwrap() {
+        if let Some(word) = v.as_str() {
+            assert!(
+                word.len() <= 20 && word.chars().all(|c| c.is_ascii_alphanumeric() || "._".contains(c)),
+                "{k}: {word}"
+            );
+        }
     }
     assert!(s.log_text().contains("health: storage check failed"));
     pg.run();

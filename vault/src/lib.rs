@@ -20,6 +20,7 @@ pub mod http;
 pub mod json;
 pub mod keys;
 pub mod policy;
+pub mod ratelog;
 pub mod rotation;
 pub mod secrets;
 pub mod store;

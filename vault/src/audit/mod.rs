@@ -12,9 +12,11 @@
 pub mod chain;
 pub mod verify;
 
+use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -133,10 +135,97 @@ pub struct AuditContext {
 /// A shared slot for [`AuditContext`], put in every request's extensions.
 pub type AuditSlot = Arc<Mutex<AuditContext>>;
 
+/// What an entry is to the request that writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Written before a request that may change state runs (its request id): the change
+    /// happens only if this is durable.
+    Intent(String),
+    /// The entry of a request whose intent was written (its request id): room for it
+    /// on disk was reserved with the intent, and it is retried until it is written.
+    Outcome(String),
+    /// Any other entry (reads, logins, events).
+    Plain,
+}
+
+/// The state of the audit log (`GET /v1/sys/health`, the `X-KeyVault-Audit` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AuditState {
+    /// Entries reach the disk.
+    Writing = 0,
+    /// Writes fail and are retried with backoff. `buffered`: requests are still answered
+    /// and their entries kept in memory to be written on recovery; every reply says so
+    /// in `X-KeyVault-Audit: degraded`.
+    Degraded = 1,
+    /// Entries cannot be accepted: `fail_closed` while writes fail (requests get 503,
+    /// nothing they would change is changed), or `buffered` with its queue full.
+    Failed = 2,
+}
+
+impl AuditState {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditState::Writing => "ok",
+            AuditState::Degraded => "degraded",
+            AuditState::Failed => "failed",
+        }
+    }
+}
+
+/// Counters shared by the log handle and its writer thread.
+#[derive(Debug, Default)]
+struct Shared {
+    state: AtomicU8,
+    failed_writes: AtomicU64,
+    /// Entries refused while writes failed (their requests got 503).
+    refused: AtomicU64,
+    /// Entries waiting in memory for the disk.
+    waiting: AtomicU64,
+}
+
+impl Shared {
+    fn set_state(&self, s: AuditState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    fn state(&self) -> AuditState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => AuditState::Writing,
+            1 => AuditState::Degraded,
+            _ => AuditState::Failed,
+        }
+    }
+}
+
+/// What `/v1/sys/health` shows of the audit log.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditHealth {
+    pub state: AuditState,
+    pub failed_writes: u64,
+    pub refused_entries: u64,
+    pub waiting_entries: u64,
+}
+
+type Ack = oneshot::Sender<std::result::Result<(), String>>;
+
 enum Job {
-    Append(Map<String, Value>, Option<oneshot::Sender<std::result::Result<(), String>>>),
+    Append(Map<String, Value>, Option<Ack>, EntryKind),
     Shutdown(oneshot::Sender<()>),
 }
+
+/// How long a request whose change was made waits for its outcome entry when the disk
+/// fails, before it is answered 503 (the entry is still written when the disk recovers).
+const OUTCOME_WAIT: Duration = Duration::from_secs(30);
+/// Room kept on disk for the outcome entry of every request whose intent was written.
+const OUTCOME_RESERVE: u64 = 8 * 1024;
+/// Extra room reserved at a time, so that reserving is rare.
+const RESERVE_CHUNK: u64 = 64 * 1024;
+/// The longest pause between two tries of a failing disk.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// While a disk fails, new entries may make the writer try again this often (a request
+/// should not wait out a long backoff if the disk is back).
+const RETRY_ON_DEMAND: Duration = Duration::from_millis(100);
 
 /// The audit log of this process.
 pub struct AuditLog {
@@ -145,6 +234,7 @@ pub struct AuditLog {
     hmac_key: SecretBox<[u8; 32]>,
     public_key: [u8; 32],
     path: PathBuf,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -155,18 +245,24 @@ impl std::fmt::Debug for AuditLog {
 
 type HmacSha256 = Hmac<Sha256>;
 
+fn unavailable(why: &str) -> Error {
+    Error::Unavailable(format!("the audit log is unavailable ({why}); nothing was changed, retry later"))
+}
+
 impl AuditLog {
     /// Open (or create) the log and start its writer thread.
     pub async fn open(config: &AuditConfig, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Arc<AuditLog>> {
         crate::keys::ensure_audit_keys(keys, names).await?;
         let sign_label = names.audit_signing();
         let public_key = hsm_call(keys, move |k| k.ed25519_public_key(&sign_label)).await?;
-        // The per-log HMAC key is derived in the HSM from the audit HMAC key and the
-        // log's path, so that it is stable across restarts of the same log.
+        // The HMAC key of audit entries is derived in the HSM from the audit HMAC key,
+        // which every replica of an installation shares: the same input hashes the same
+        // on every replica and in every log file, wherever the files are.
         let hmac_label = names.audit_hmac();
-        let context = format!("keyvault.audit.hmac.v1\0{}", config.path.display()).into_bytes();
+        let context = b"keyvault.audit.hmac.v2".to_vec();
         let derived = hsm_call(keys, move |k| k.hmac_sha256(&hmac_label, &context)).await?;
         let hmac_key = SecretBox::new(Box::new(derived));
+        let shared = Arc::new(Shared::default());
         if config.mode == AuditMode::DangerousOff {
             tracing::warn!("the audit log is OFF (audit.mode = \"dangerous_off\")");
             return Ok(Arc::new(AuditLog {
@@ -175,6 +271,7 @@ impl AuditLog {
                 hmac_key,
                 public_key,
                 path: config.path.clone(),
+                shared,
             }));
         }
         if let Some(dir) = config.path.parent() {
@@ -188,7 +285,7 @@ impl AuditLog {
                 .create(dir)
                 .map_err(|e| Error::Config(format!("cannot create audit directory {}: {e}", dir.display())))?;
         }
-        let writer = Writer::open(config.clone(), keys.clone(), names.clone(), public_key)?;
+        let writer = Writer::open(config.clone(), keys.clone(), names.clone(), public_key, shared.clone())?;
         let bound = match config.mode {
             AuditMode::Buffered => config.buffer_entries.max(1),
             // Requests wait for their entry, so the queue holds at most one per request
@@ -201,7 +298,14 @@ impl AuditLog {
             .spawn(move || writer.run(rx))
             .map_err(|e| Error::Internal(format!("cannot start the audit writer: {e}")))?;
         tracing::info!(path = %config.path.display(), mode = ?config.mode, "audit log open");
-        Ok(Arc::new(AuditLog { mode: config.mode, tx: Some(tx), hmac_key, public_key, path: config.path.clone() }))
+        Ok(Arc::new(AuditLog {
+            mode: config.mode,
+            tx: Some(tx),
+            hmac_key,
+            public_key,
+            path: config.path.clone(),
+            shared,
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -212,12 +316,23 @@ impl AuditLog {
         self.mode
     }
 
+    /// The state of the log and its counters.
+    pub fn health(&self) -> AuditHealth {
+        AuditHealth {
+            state: if self.tx.is_none() { AuditState::Writing } else { self.shared.state() },
+            failed_writes: self.shared.failed_writes.load(Ordering::Relaxed),
+            refused_entries: self.shared.refused.load(Ordering::Relaxed),
+            waiting_entries: self.shared.waiting.load(Ordering::Relaxed),
+        }
+    }
+
     /// The audit public key, base64 (what `audit verify` needs).
     pub fn public_key_b64(&self) -> String {
         STANDARD.encode(self.public_key)
     }
 
-    /// HMAC-SHA256 of a sensitive value under this log's key, as it appears in the log.
+    /// HMAC-SHA256 of a sensitive value under this installation's audit key, as it
+    /// appears in the log.
     pub fn hmac(&self, value: &[u8]) -> String {
         // Invariant: HMAC accepts keys of any length.
         let mut mac = HmacSha256::new_from_slice(self.hmac_key.expose_secret()).expect("HMAC takes any key length");
@@ -225,28 +340,43 @@ impl AuditLog {
         format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
     }
 
-    /// Append an entry. In `fail_closed` mode this returns once the entry is on disk;
-    /// any failure is an error (the caller answers 503).
+    /// Append an entry (see [`AuditLog::append_kind`]).
     pub async fn append(&self, entry: Map<String, Value>) -> Result<()> {
+        self.append_kind(entry, EntryKind::Plain).await
+    }
+
+    /// Append an entry. In `fail_closed` mode this returns once the entry is on disk;
+    /// any failure is an error (the caller answers 503). An outcome entry whose disk
+    /// fails waits for it up to [`OUTCOME_WAIT`], and is written when it recovers even if
+    /// the wait ends first. In `buffered` mode it returns at once (503 if the queue is
+    /// full).
+    pub async fn append_kind(&self, entry: Map<String, Value>, kind: EntryKind) -> Result<()> {
         let Some(tx) = &self.tx else { return Ok(()) };
-        let unavailable = |why: &str| Error::Store(crate::store::StoreError::Unavailable(format!("audit log: {why}")));
         match self.mode {
             AuditMode::FailClosed => {
+                let outcome = matches!(kind, EntryKind::Outcome(_));
                 let (ack, done) = oneshot::channel();
-                match tx.try_send(Job::Append(entry, Some(ack))) {
+                match tx.try_send(Job::Append(entry, Some(ack), kind)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => return Err(unavailable("the writer queue is full")),
                     Err(TrySendError::Disconnected(_)) => return Err(unavailable("the writer stopped")),
                 }
                 match done.await {
                     Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) if outcome => Err(Error::Unavailable(format!(
+                        "the request was carried out, but the audit log cannot record it yet ({e}); \
+                         its entry is written when the log recovers"
+                    ))),
                     Ok(Err(e)) => Err(unavailable(&e)),
                     Err(_) => Err(unavailable("the writer stopped")),
                 }
             }
-            AuditMode::Buffered => match tx.try_send(Job::Append(entry, None)) {
+            AuditMode::Buffered => match tx.try_send(Job::Append(entry, None, kind)) {
                 Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(unavailable("the buffer is full")),
+                Err(TrySendError::Full(_)) => {
+                    self.shared.set_state(AuditState::Failed);
+                    Err(unavailable("the buffer is full"))
+                }
                 Err(TrySendError::Disconnected(_)) => Err(unavailable("the writer stopped")),
             },
             AuditMode::DangerousOff => Ok(()),
@@ -263,11 +393,11 @@ impl AuditLog {
             return Ok(());
         }
         let Some(tx) = &self.tx else { return Ok(()) };
-        let unavailable = |why: &str| Error::Store(crate::store::StoreError::Unavailable(format!("audit log: {why}")));
         let mut waits = Vec::with_capacity(entries.len());
         for e in entries {
             let (ack, done) = oneshot::channel();
-            tx.try_send(Job::Append(e, Some(ack))).map_err(|_| unavailable("the writer queue is full or stopped"))?;
+            tx.try_send(Job::Append(e, Some(ack), EntryKind::Plain))
+                .map_err(|_| unavailable("the writer queue is full or stopped"))?;
             waits.push(done);
         }
         for done in waits {
@@ -312,25 +442,68 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "keyvault".into())
 }
 
-/// The state of the active file, owned by the writer thread.
+/// An entry waiting for the disk.
+struct Queued {
+    entry: Map<String, Value>,
+    ack: Option<Ack>,
+    kind: EntryKind,
+    since: Instant,
+}
+
+/// How the active file begins, when its first line is still to be written.
+#[derive(Clone, Copy)]
+enum FileStart {
+    /// A new log: a header with this random genesis.
+    Genesis([u8; 32]),
+    /// A later file: a header that continues the durable head.
+    Continues,
+}
+
+/// A write failure being ridden out (one per incident: one gap entry, one anomaly file
+/// at most, log lines at most once a second).
+struct Incident {
+    since: Instant,
+    first_error: String,
+    failed_writes: u64,
+    refused: u64,
+}
+
+static WRITE_FAILED: crate::ratelog::RateLimitedLog = crate::ratelog::RateLimitedLog::new();
+
+/// The state of the active file, owned by the writer thread. Entries are chained from
+/// the *durable* head: a batch is chained, written and fsynced as one, and only then do
+/// the head, the sequence number and the size move. A failed write is cut off the file
+/// (truncated back), so the chain on disk never names an entry that is not there.
 struct Writer {
     config: AuditConfig,
     keys: Arc<dyn KeyStore>,
     names: KeyNames,
     public_key: [u8; 32],
     replica: String,
+    shared: Arc<Shared>,
     file: Option<std::fs::File>,
-    /// (device, inode) and size of the file as we left it.
+    /// (device, inode) of the file as we left it.
     identity: (u64, u64),
+    /// Durable size of the file.
     size: u64,
     seq: u64,
     head: [u8; 32],
     since_checkpoint: u64,
     last_checkpoint: Instant,
-    /// Lines produced but not yet written.
-    pending: Vec<u8>,
-    /// A write failed: the file no longer matches the chain head.
-    broken: bool,
+    /// The first lines of a file not written yet (set when a file is created).
+    start: Option<FileStart>,
+    /// An entry to write before the next ones (a gap or an event about the file).
+    preamble: Vec<Map<String, Value>>,
+    /// Room reserved on disk beyond `size` (fallocate, file size unchanged).
+    reserved_end: u64,
+    /// The file system supports reserving room.
+    can_reserve: bool,
+    /// Requests whose intent is on disk and whose outcome is not yet.
+    awaiting: HashSet<String>,
+    incident: Option<Incident>,
+    next_try: Instant,
+    last_try: Instant,
+    backoff: Duration,
 }
 
 /// The head, sequence number and state of an existing file's last complete line.
@@ -373,8 +546,23 @@ fn read_tail(path: &Path) -> std::io::Result<Option<Tail>> {
     }
 }
 
+/// A chained batch, not yet written: its bytes and where the chain stands after it.
+struct Chained {
+    bytes: Vec<u8>,
+    head: [u8; 32],
+    seq: u64,
+    since_checkpoint: u64,
+    checkpointed: bool,
+}
+
 impl Writer {
-    fn open(config: AuditConfig, keys: Arc<dyn KeyStore>, names: KeyNames, public_key: [u8; 32]) -> Result<Self> {
+    fn open(
+        config: AuditConfig,
+        keys: Arc<dyn KeyStore>,
+        names: KeyNames,
+        public_key: [u8; 32],
+        shared: Arc<Shared>,
+    ) -> Result<Self> {
         let replica = config.replica_id.clone().unwrap_or_else(hostname);
         let shown = config.path.display().to_string();
         let io = |e: std::io::Error| Error::Config(format!("audit log {shown}: {e}"));
@@ -385,6 +573,7 @@ impl Writer {
             names,
             public_key,
             replica,
+            shared,
             file: None,
             identity: (0, 0),
             size: 0,
@@ -392,11 +581,22 @@ impl Writer {
             head: [0u8; 32],
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
-            pending: Vec::new(),
-            broken: false,
+            start: None,
+            preamble: Vec::new(),
+            reserved_end: 0,
+            can_reserve: true,
+            awaiting: HashSet::new(),
+            incident: None,
+            next_try: Instant::now(),
+            last_try: Instant::now(),
+            backoff: Duration::from_millis(50),
         };
         match tail {
-            None => w.start_file(None, None).map_err(io)?,
+            None => {
+                let genesis = crate::barrier::random::<32>().map_err(|e| Error::Config(e.to_string()))?;
+                w.head = genesis;
+                w.create_file(FileStart::Genesis(genesis)).map_err(io)?;
+            }
             Some(t) => {
                 let f = std::fs::OpenOptions::new().append(true).open(&w.config.path).map_err(io)?;
                 let meta = f.metadata().map_err(io)?;
@@ -411,89 +611,171 @@ impl Writer {
                 w.seq = t.seq;
                 w.head = t.head;
                 if t.is_final_checkpoint {
-                    w.push(header(&w.replica, &w.public_key, None, Some(t.head)));
+                    w.preamble.push(header(&w.replica, &w.public_key, None, Some(t.head)));
                 }
                 if torn > 0 {
-                    w.push(event("gap", json!({"reason": "torn_write_recovered", "dropped_bytes": torn})));
+                    w.preamble.push(event("gap", json!({"reason": "torn_write_recovered", "dropped_bytes": torn})));
                 }
-                w.push(event("event", json!({"event": "audit_log_reopened", "replica": w.replica})));
-                w.flush().map_err(io)?;
+                w.preamble.push(event("event", json!({"event": "audit_log_reopened", "replica": w.replica})));
             }
         }
+        w.write(&[]).map_err(io)?;
         Ok(w)
     }
 
-    /// Create a fresh file at the path: a genesis header, or a header that continues.
-    fn start_file(&mut self, continues: Option<[u8; 32]>, gap: Option<Value>) -> std::io::Result<()> {
+    /// Create a fresh file at the path (its first lines are written with the next batch);
+    /// an empty file already there is taken as it is.
+    fn create_file(&mut self, start: FileStart) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(&self.config.path)?;
+        let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.config.path)?;
         let meta = f.metadata()?;
+        if meta.len() != 0 {
+            return Err(std::io::Error::other("a new audit file is not empty"));
+        }
         self.identity = (meta.dev(), meta.ino());
         self.size = 0;
+        self.reserved_end = 0;
         self.file = Some(f);
-        let genesis = match continues {
-            Some(_) => None,
-            None => Some(crate::barrier::random::<32>().map_err(|e| std::io::Error::other(e.to_string()))?),
+        self.start = Some(start);
+        Ok(())
+    }
+
+    /// Chain `entries` (after whatever must come first) from the durable head.
+    fn chain(&self, entries: &[&Map<String, Value>]) -> std::io::Result<Chained> {
+        let mut c = Chained {
+            bytes: Vec::new(),
+            head: self.head,
+            seq: self.seq,
+            since_checkpoint: self.since_checkpoint,
+            checkpointed: false,
         };
-        if let Some(g) = genesis {
-            self.head = g;
+        let mut first: Vec<Map<String, Value>> = Vec::new();
+        match self.start {
+            Some(FileStart::Genesis(g)) => first.push(header(&self.replica, &self.public_key, Some(g), None)),
+            Some(FileStart::Continues) => first.push(header(&self.replica, &self.public_key, None, Some(self.head))),
+            None => {}
         }
-        self.push(header(&self.replica, &self.public_key, genesis, continues));
-        if let Some(gap) = gap {
-            self.push(event("gap", gap));
+        first.extend(self.preamble.iter().cloned());
+        if let Some(i) = &self.incident {
+            first.push(event(
+                "gap",
+                json!({
+                    "reason": "write_failed",
+                    "error": i.first_error,
+                    "failed_writes": i.failed_writes,
+                    "refused_entries": i.refused,
+                    "lasted_ms": i.since.elapsed().as_millis() as u64,
+                }),
+            ));
         }
-        self.flush()
+        for e in first.iter().chain(entries.iter().copied()) {
+            self.push(&mut c, e.clone());
+            if c.since_checkpoint >= self.config.checkpoint_every {
+                self.push_checkpoint(&mut c, false)?;
+            }
+        }
+        Ok(c)
     }
 
-    /// Chain an entry into the pending buffer.
-    fn push(&mut self, mut entry: Map<String, Value>) {
-        self.seq += 1;
-        entry.insert("seq".into(), self.seq.into());
+    fn push(&self, c: &mut Chained, mut entry: Map<String, Value>) {
+        c.seq += 1;
+        entry.insert("seq".into(), c.seq.into());
         let is_checkpoint = entry.get("type").and_then(Value::as_str) == Some("checkpoint");
-        let (line, hash) = chain::seal(entry, &self.head);
-        self.pending.extend_from_slice(&line);
-        self.head = hash;
+        let (line, hash) = chain::seal(entry, &c.head);
+        c.bytes.extend_from_slice(&line);
+        c.head = hash;
         if !is_checkpoint {
-            self.since_checkpoint += 1;
+            c.since_checkpoint += 1;
         }
     }
 
-    /// Sign the current head in the HSM and chain the checkpoint.
-    fn checkpoint(&mut self, is_final: bool) -> std::io::Result<()> {
-        let seq = self.seq + 1;
-        let message = chain::checkpoint_message(&self.head, seq, is_final);
+    /// Sign the head in the HSM and chain the checkpoint.
+    fn push_checkpoint(&self, c: &mut Chained, is_final: bool) -> std::io::Result<()> {
+        let message = chain::checkpoint_message(&c.head, c.seq + 1, is_final);
         let label = self.names.audit_signing();
         let sig = self.keys.sign_ed25519(&label, &message).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut cp = event(
+        let cp = event(
             "checkpoint",
-            json!({"head": hex::encode(self.head), "final": is_final, "key": label.as_str(), "signature": STANDARD.encode(sig)}),
+            json!({"head": hex::encode(c.head), "final": is_final, "key": label.as_str(), "signature": STANDARD.encode(sig)}),
         );
-        // `push` assigns this same seq.
-        cp.remove("seq");
-        self.push(cp);
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
+        self.push(c, cp);
+        c.since_checkpoint = 0;
+        c.checkpointed = true;
         Ok(())
     }
 
-    /// Write the pending lines and make them durable.
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.pending.is_empty() {
+    /// Write a chained batch and make it durable, or leave the file as it was.
+    fn commit(&mut self, c: Chained) -> std::io::Result<()> {
+        let f = self.file.as_mut().ok_or_else(|| std::io::Error::other("no open audit file"))?;
+        let result = f.write_all(&c.bytes).and_then(|()| f.sync_data());
+        if let Err(e) = result {
+            // Cut off whatever part of the batch reached the file: the chain on disk
+            // must end with an entry that is there.
+            if let Err(t) = f.set_len(self.size).and_then(|()| f.sync_data()) {
+                tracing::error!(error = %t, "cannot cut a failed audit write off the file");
+                self.preamble.push(event("event", json!({"event": "audit_file_unrepairable"})));
+                self.file = None;
+            }
+            return Err(e);
+        }
+        self.size += c.bytes.len() as u64;
+        self.head = c.head;
+        self.seq = c.seq;
+        self.since_checkpoint = c.since_checkpoint;
+        if c.checkpointed {
+            self.last_checkpoint = Instant::now();
+        }
+        self.start = None;
+        self.preamble.clear();
+        Ok(())
+    }
+
+    /// Write `entries` (and anything that must come first), chained, in one write.
+    fn write(&mut self, entries: &[&Map<String, Value>]) -> std::io::Result<()> {
+        self.check_file()?;
+        let c = self.chain(entries)?;
+        self.commit(c)?;
+        if self.incident.take().is_some() {
+            tracing::warn!("the audit log writes again; the failure is recorded in it as a gap");
+        }
+        Ok(())
+    }
+
+    /// Reserve room on disk (without changing the file's size) for `bytes` beyond its
+    /// end. Space that is reserved cannot run out under a later write.
+    fn reserve(&mut self, bytes: u64) -> std::io::Result<()> {
+        let want = self.size + bytes;
+        if want <= self.reserved_end {
             return Ok(());
         }
-        let f = self.file.as_mut().ok_or_else(|| std::io::Error::other("no open audit file"))?;
-        f.write_all(&self.pending)?;
-        f.sync_data()?;
-        self.size += self.pending.len() as u64;
-        self.pending.clear();
-        Ok(())
+        if !self.can_reserve {
+            return Ok(());
+        }
+        let f = self.file.as_ref().ok_or_else(|| std::io::Error::other("no open audit file"))?;
+        let end = want + RESERVE_CHUNK;
+        match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, self.size, end - self.size) {
+            Ok(()) => {
+                self.reserved_end = end;
+                Ok(())
+            }
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                tracing::warn!(
+                    path = %self.config.path.display(),
+                    "this file system cannot reserve room for audit entries (fallocate): a full disk can \
+                     then stop the outcome entry of a change that was made (docs/operations.md)"
+                );
+                self.can_reserve = false;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Is the file at the path still ours, as we left it? A deleted, replaced or truncated
-    /// file is set aside and a new one continues the chain with a gap entry.
+    /// Is the file at the path still ours, as we left it? A deleted, replaced or changed
+    /// file is set aside (once) and a new one continues the chain with a gap entry.
     fn check_file(&mut self) -> std::io::Result<()> {
         let reason = match std::fs::metadata(&self.config.path) {
-            _ if self.broken => Some("write_failed"),
+            _ if self.file.is_none() => Some("write_failed"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("deleted"),
             Err(e) => return Err(e),
             Ok(m) if (m.dev(), m.ino()) != self.identity => Some("replaced"),
@@ -509,16 +791,16 @@ impl Writer {
                 PathBuf::from(format!("{}.anomaly-{}-{}", self.config.path.display(), crate::unix_now(), self.seq));
             std::fs::rename(&self.config.path, &aside)?;
         }
-        self.pending.clear();
-        let gap = json!({"reason": reason, "expected_size": self.size, "found_size": found});
-        self.start_file(Some(self.head), Some(gap))?;
-        self.broken = false;
+        self.file = None;
+        self.create_file(FileStart::Continues)?;
+        self.preamble.push(event("gap", json!({"reason": reason, "expected_size": self.size, "found_size": found})));
         Ok(())
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.checkpoint(true)?;
-        self.flush()?;
+        let mut c = self.chain(&[])?;
+        self.push_checkpoint(&mut c, true)?;
+        self.commit(c)?;
         let mut n = 1;
         let rotated = loop {
             let candidate = PathBuf::from(format!("{}.{n}", self.config.path.display()));
@@ -527,82 +809,248 @@ impl Writer {
             }
             n += 1;
         };
+        if let Some(f) = &self.file {
+            // Give back the room reserved beyond the end.
+            let _ = f.set_len(self.size);
+        }
         std::fs::rename(&self.config.path, &rotated)?;
         tracing::info!(rotated = %rotated.display(), "audit log rotated");
-        self.start_file(Some(self.head), None)
+        self.file = None;
+        self.create_file(FileStart::Continues)?;
+        self.write(&[])
     }
 
-    fn write_batch(&mut self, batch: Vec<Map<String, Value>>) -> std::io::Result<()> {
-        self.check_file()?;
-        for entry in batch {
-            self.push(entry);
-            if self.since_checkpoint >= self.config.checkpoint_every {
-                self.checkpoint(false)?;
+    fn degraded(&self) -> bool {
+        self.incident.is_some()
+    }
+
+    /// A write failed: keep what must be kept, refuse the rest, back off.
+    fn failed(&mut self, e: &std::io::Error, queue: &mut Vec<Queued>) {
+        let fail_closed = self.config.mode == AuditMode::FailClosed;
+        let incident = self.incident.get_or_insert_with(|| Incident {
+            since: Instant::now(),
+            first_error: e.to_string(),
+            failed_writes: 0,
+            refused: 0,
+        });
+        incident.failed_writes += 1;
+        self.shared.failed_writes.fetch_add(1, Ordering::Relaxed);
+        WRITE_FAILED.error("writing the audit log failed; retrying with backoff", e);
+        self.last_try = Instant::now();
+        self.next_try = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        let msg = e.to_string();
+        let mut refused = 0u64;
+        queue.retain_mut(|q| {
+            let keep = !fail_closed || matches!(q.kind, EntryKind::Outcome(_));
+            if keep {
+                // An outcome whose request waited long enough is answered, and still
+                // written when the disk recovers.
+                if q.since.elapsed() >= OUTCOME_WAIT
+                    && let Some(ack) = q.ack.take()
+                {
+                    let _ = ack.send(Err(msg.clone()));
+                }
+            } else {
+                refused += 1;
+                if let Some(ack) = q.ack.take() {
+                    let _ = ack.send(Err(msg.clone()));
+                }
             }
+            keep
+        });
+        incident.refused += refused;
+        self.shared.refused.fetch_add(refused, Ordering::Relaxed);
+        self.shared.set_state(if fail_closed { AuditState::Failed } else { AuditState::Degraded });
+    }
+
+    /// Refuse (503) the queued entries that are not outcomes: nothing of their requests
+    /// was changed. Returns how many.
+    fn refuse_non_outcomes(&mut self, queue: &mut Vec<Queued>, why: &str) -> u64 {
+        let mut refused = 0;
+        queue.retain_mut(|q| {
+            let keep = matches!(q.kind, EntryKind::Outcome(_));
+            if !keep {
+                refused += 1;
+                if let Some(ack) = q.ack.take() {
+                    let _ = ack.send(Err(why.to_owned()));
+                }
+            }
+            keep
+        });
+        self.shared.refused.fetch_add(refused, Ordering::Relaxed);
+        if let Some(i) = &mut self.incident {
+            i.refused += refused;
         }
-        self.flush()?;
-        if self.size > self.config.max_file_bytes {
-            self.rotate()?;
+        refused
+    }
+
+    /// Try to write the queue. Before entries are written, room is reserved on disk for
+    /// them and for the outcome of every request whose intent is written: so an outcome
+    /// never meets a full disk. In `fail_closed` mode, when that room cannot be had,
+    /// everything but outcomes is refused (503: nothing of theirs was changed) and the
+    /// outcomes are written into the room reserved for them.
+    fn flush_queue(&mut self, queue: &mut Vec<Queued>) {
+        if queue.is_empty() && !self.degraded() {
+            return;
         }
-        Ok(())
+        let fail_closed = self.config.mode == AuditMode::FailClosed;
+        let prepared = self.check_file().and_then(|()| {
+            let entries: Vec<&Map<String, Value>> = queue.iter().map(|q| &q.entry).collect();
+            let c = self.chain(&entries)?;
+            let intents = queue.iter().filter(|q| matches!(q.kind, EntryKind::Intent(_))).count() as u64;
+            let outcomes = (self.awaiting.len() as u64 + intents + 1) * OUTCOME_RESERVE;
+            self.reserve(c.bytes.len() as u64 + outcomes)?;
+            Ok(c)
+        });
+        let chained = match prepared {
+            Ok(c) => c,
+            Err(e) if fail_closed && self.file.is_some() => {
+                // No room: what may be refused is refused; the outcomes go into the room
+                // their intents reserved.
+                self.refuse_non_outcomes(queue, &format!("no room for audit entries: {e}"));
+                if queue.is_empty() {
+                    self.failed(&e, queue);
+                    self.shared.waiting.store(0, Ordering::Relaxed);
+                    return;
+                }
+                let entries: Vec<&Map<String, Value>> = queue.iter().map(|q| &q.entry).collect();
+                match self.chain(&entries) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.failed(&e, queue);
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                self.failed(&e, queue);
+                self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
+                return;
+            }
+        };
+        match self.commit(chained) {
+            Ok(()) => {
+                if self.incident.take().is_some() {
+                    tracing::warn!("the audit log writes again; the failure is recorded in it as a gap");
+                }
+                for q in queue.drain(..) {
+                    match &q.kind {
+                        EntryKind::Intent(id) => {
+                            self.awaiting.insert(id.clone());
+                        }
+                        EntryKind::Outcome(id) => {
+                            self.awaiting.remove(id);
+                        }
+                        EntryKind::Plain => {}
+                    }
+                    if let Some(ack) = q.ack {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+                self.backoff = Duration::from_millis(50);
+                self.shared.set_state(AuditState::Writing);
+                if self.size > self.config.max_file_bytes
+                    && let Err(e) = self.rotate()
+                {
+                    WRITE_FAILED.error("rotating the audit log failed", &e);
+                }
+            }
+            Err(e) => self.failed(&e, queue),
+        }
+        self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
     }
 
     fn run(mut self, rx: Receiver<Job>) {
+        let mut queue: Vec<Queued> = Vec::new();
+        // In buffered mode the queue holds what the channel held: when the disk fails,
+        // entries wait here (and then in the channel, which fills and makes requests
+        // 503) rather than being dropped.
+        let capacity = self.config.buffer_entries.max(1);
         loop {
-            let wait = self.config.checkpoint_interval.saturating_sub(self.last_checkpoint.elapsed());
-            let first = match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
-                Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.since_checkpoint > 0 {
-                        let r = self.check_file().and_then(|()| self.checkpoint(false)).and_then(|()| self.flush());
-                        if let Err(e) = r {
-                            tracing::error!(error = %e, "audit checkpoint failed");
-                            self.pending.clear();
-                        }
-                    } else {
-                        self.last_checkpoint = Instant::now();
-                    }
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => return,
+            let now = Instant::now();
+            let wait = if self.degraded() {
+                self.next_try.saturating_duration_since(now)
+            } else {
+                self.config.checkpoint_interval.saturating_sub(self.last_checkpoint.elapsed())
             };
-            let mut entries = Vec::new();
-            let mut acks = Vec::new();
             let mut shutdown = None;
-            // In buffered mode nobody waits for the disk: let entries gather for
-            // `buffered_linger` (sleeping, so that senders do not wake this thread for
-            // each entry), then one write and one fsync cover them all.
-            if self.config.mode == AuditMode::Buffered && !matches!(first, Job::Shutdown(_)) {
+            let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
+            let first = if room {
+                match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                std::thread::sleep(wait.max(Duration::from_millis(1)));
+                None
+            };
+            if first.is_some()
+                && self.config.mode == AuditMode::Buffered
+                && !matches!(first, Some(Job::Shutdown(_)))
+                && !self.degraded()
+            {
+                // Nobody waits for the disk: let entries gather for `buffered_linger`, then
+                // one write and one fsync cover them all.
                 std::thread::sleep(self.config.buffered_linger);
             }
-            let mut next = Some(first);
+            let mut next = first;
             while let Some(job) = next.take() {
                 match job {
-                    Job::Append(e, ack) => {
-                        entries.push(e);
-                        acks.extend(ack);
+                    Job::Append(entry, ack, kind) => {
+                        queue.push(Queued { entry, ack, kind, since: Instant::now() });
                     }
                     Job::Shutdown(ack) => shutdown = Some(ack),
                 }
-                if entries.len() < 8192 && shutdown.is_none() {
+                let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
+                if queue.len() < 8192 && shutdown.is_none() && room {
                     next = rx.try_recv().ok();
                 }
             }
-            let result = self.write_batch(entries).map_err(|e| e.to_string());
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "writing the audit log failed");
-                self.pending.clear();
-                // The chain head moved past entries that were not written: the next
-                // successful write starts a new file that records the gap.
-                self.broken = true;
+            let due = self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval;
+            let on_demand = !queue.is_empty() && self.last_try.elapsed() >= RETRY_ON_DEMAND;
+            if self.degraded() && Instant::now() < self.next_try && shutdown.is_none() && !on_demand {
+                if self.config.mode == AuditMode::FailClosed {
+                    // Do not make requests wait out the backoff: refuse what may be
+                    // refused now (nothing of theirs was changed).
+                    self.refuse_non_outcomes(&mut queue, "the audit log cannot be written (backing off)");
+                }
+                self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
+                continue;
             }
-            for ack in acks {
-                let _ = ack.send(result.clone());
+            if !queue.is_empty() || self.degraded() {
+                self.flush_queue(&mut queue);
+            } else if due {
+                let r = self.check_file().and_then(|()| {
+                    let mut c = self.chain(&[])?;
+                    self.push_checkpoint(&mut c, false)?;
+                    self.commit(c)
+                });
+                if let Err(e) = r {
+                    self.failed(&e, &mut queue);
+                }
+            } else if wait.is_zero() {
+                self.last_checkpoint = Instant::now();
             }
             if let Some(ack) = shutdown {
-                let r = self.check_file().and_then(|()| self.checkpoint(true)).and_then(|()| self.flush());
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "final audit checkpoint failed");
+                let r = self.check_file().and_then(|()| {
+                    let mut c = self.chain(&queue.iter().map(|q| &q.entry).collect::<Vec<_>>())?;
+                    self.push_checkpoint(&mut c, true)?;
+                    self.commit(c)
+                });
+                match r {
+                    Ok(()) => {
+                        for q in queue.drain(..) {
+                            if let Some(ack) = q.ack {
+                                let _ = ack.send(Ok(()));
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, entries = queue.len(), "final audit checkpoint failed"),
+                }
+                if let Some(f) = &self.file {
+                    let _ = f.set_len(self.size);
                 }
                 let _ = ack.send(());
                 return;

@@ -47,6 +47,9 @@ pub enum Report {
         /// Entries after the last checkpoint (only with `live`).
         unsigned_tail: u64,
         gaps: u64,
+        /// Requests whose `intent` is in the log but whose outcome is not: a crash (or a
+        /// failed disk) between the two; the change may or may not have been made.
+        unfinished_intents: u64,
     },
     Failed {
         file: PathBuf,
@@ -59,13 +62,13 @@ pub enum Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Report::Ok { entries, last_checkpoint, unsigned_tail, gaps } => {
+            Report::Ok { entries, last_checkpoint, unsigned_tail, gaps, unfinished_intents } => {
                 write!(f, "ok entries={entries} last_checkpoint=")?;
                 match last_checkpoint {
                     Some(s) => write!(f, "{s}")?,
                     None => write!(f, "none")?,
                 }
-                write!(f, " unsigned_tail={unsigned_tail} gaps={gaps}")
+                write!(f, " unsigned_tail={unsigned_tail} gaps={gaps} unfinished_intents={unfinished_intents}")
             }
             Report::Failed { file, line, reason } => {
                 write!(f, "ok=false file={} line={line} reason={}", file.display(), reason.code())
@@ -91,12 +94,22 @@ struct State {
     last_checkpoint: Option<u64>,
     since_checkpoint: u64,
     gaps: u64,
+    /// Request ids of intents not followed (yet) by their request entry.
+    open_intents: std::collections::HashSet<String>,
 }
 
 /// Verify `files` in order as one chain. `live`: the log is still being written, so
 /// entries after the last checkpoint are accepted (and counted as the unsigned tail).
 pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Result<Report> {
-    let mut st = State { prev: None, closed: false, entries: 0, last_checkpoint: None, since_checkpoint: 0, gaps: 0 };
+    let mut st = State {
+        prev: None,
+        closed: false,
+        entries: 0,
+        last_checkpoint: None,
+        since_checkpoint: 0,
+        gaps: 0,
+        open_intents: Default::default(),
+    };
     let mut last_position = (PathBuf::new(), 0usize);
     for (fi, file) in files.iter().enumerate() {
         let bytes = std::fs::read(file)?;
@@ -157,6 +170,16 @@ pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Res
                     if other == "gap" {
                         st.gaps += 1;
                     }
+                    let id = obj.get("request_id").and_then(Value::as_str).map(str::to_owned);
+                    match (other, id) {
+                        ("intent", Some(id)) => {
+                            st.open_intents.insert(id);
+                        }
+                        ("request", Some(id)) => {
+                            st.open_intents.remove(&id);
+                        }
+                        _ => {}
+                    }
                     st.entries += 1;
                     st.since_checkpoint += 1;
                 }
@@ -189,6 +212,7 @@ pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Res
         last_checkpoint: st.last_checkpoint,
         unsigned_tail: st.since_checkpoint,
         gaps: st.gaps,
+        unfinished_intents: st.open_intents.len() as u64,
     })
 }
 

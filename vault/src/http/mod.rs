@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
 use tracing::Instrument;
 
-use crate::audit::{AuditLog, AuditSlot};
+use crate::audit::{AuditLog, AuditSlot, AuditState, EntryKind};
 use crate::error::Error;
 use crate::vault::Vault;
 use error::AuditReason;
@@ -181,12 +181,13 @@ async fn request_context(State(state): State<AppState>, mut req: Request, next: 
     // A request that may change state is recorded before it runs: if that entry cannot be
     // written, nothing happens (fail closed). Reads are recorded once, with their outcome,
     // and their reply is withheld if that entry cannot be written.
-    if changes_state(&method, &operation) {
+    let had_intent = changes_state(&method, &operation);
+    if had_intent {
         let intent = crate::audit::event(
             "intent",
             serde_json::json!({"request_id": id, "remote": remote, "operation": operation, "path": path}),
         );
-        if let Err(e) = state.audit.append(intent).await {
+        if let Err(e) = state.audit.append_kind(intent, EntryKind::Intent(id.clone())).await {
             span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the request"));
             let mut resp = ApiError(e).into_response();
             if let Ok(v) = HeaderValue::from_str(&id) {
@@ -199,9 +200,14 @@ async fn request_context(State(state): State<AppState>, mut req: Request, next: 
     let status = resp.status();
     let entry =
         audit_entry(&id, remote, &operation, &path, status, resp.extensions().get::<AuditReason>().map(|r| r.0), &slot);
-    if let Err(e) = state.audit.append(entry).await {
+    let kind = if had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
+    if let Err(e) = state.audit.append_kind(entry, kind).await {
         span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
         resp = ApiError(e).into_response();
+    }
+    // Say so when this reply's entry is not on disk yet (buffered mode, failing disk).
+    if state.audit.health().state != AuditState::Writing {
+        resp.headers_mut().insert("x-keyvault-audit", HeaderValue::from_static("degraded"));
     }
     let status = resp.status();
     span.in_scope(|| {
@@ -227,11 +233,11 @@ fn changes_state(method: &axum::http::Method, operation: &str) -> bool {
     }
     let route = operation.split_once(' ').map(|(_, r)| r).unwrap_or("");
     let pure = route.starts_with("/v1/transit/") && !route.starts_with("/v1/transit/keys");
+    // Logins that consume nothing (a bootstrap token or an AppRole secret id with a
+    // number of uses may be consumed, and are state changes like any other).
     let login = matches!(
         route,
-        "/v1/auth"
-            | "/v1/auth/approle/login"
-            | "/v1/auth/cert/login"
+        "/v1/auth/cert/login"
             | "/v1/auth/kubernetes/login"
             | "/v1/auth/userpass/login/{user}"
             | "/v1/auth/token/renew-self"

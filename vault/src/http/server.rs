@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::error::{Error, Result};
+use crate::ratelog::RateLimitedLog;
 use crate::tls::{ClientCert, SharedRevoked};
 use crate::vault::Peer;
 
@@ -155,29 +156,6 @@ impl Connections {
         *n += 1;
         self.total.fetch_add(1, Ordering::SeqCst);
         Some(ConnGuard { conns: self.clone(), source })
-    }
-}
-
-/// Logs a repeated warning at most once a second, with how many were suppressed.
-struct RateLimitedLog {
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl RateLimitedLog {
-    const fn new() -> Self {
-        RateLimitedLog { last: Mutex::new(None), suppressed: AtomicU64::new(0) }
-    }
-
-    fn warn(&self, what: &str, detail: &dyn std::fmt::Display) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        *last = Some(Instant::now());
-        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-        tracing::warn!(detail = %detail, suppressed, "{what}");
     }
 }
 

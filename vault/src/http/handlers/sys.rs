@@ -16,7 +16,9 @@ use crate::vault::Caller;
 /// clock agrees with the storage's, else 503. Status words only: the reasons are logged.
 pub async fn health(State(state): State<AppState>) -> Response {
     let report = state.vault.health().await;
-    let status = if report.ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let audit = state.audit.health();
+    let audit_ok = audit.state != crate::audit::AuditState::Failed;
+    let status = if report.ok() && audit_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json(
         status,
         serde_json::json!({
@@ -29,6 +31,10 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "clock": if report.clock_ok { "ok" } else { "offset_too_large" },
             "clock_offset_ms": report.clock_offset_ms,
             "missing_key_errors": report.missing_key_errors,
+            "audit": audit.state.name(),
+            "audit_failed_writes": audit.failed_writes,
+            "audit_refused_entries": audit.refused_entries,
+            "audit_waiting_entries": audit.waiting_entries,
             "master_key_version": report.master_version,
             "server_time_utc": crate::unix_now(),
         }),
