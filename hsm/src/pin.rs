@@ -56,8 +56,8 @@ mod tests {
 
     #[test]
     fn file_pin_strips_newline_and_errors_do_not_leak() {
-        let dir = std::env::temp_dir().join(format!("kv-pin-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("pin");
         std::fs::write(&path, "s3cr3t-pin\n").unwrap();
         let pin = PinSource::File(path.clone()).read().unwrap();

@@ -107,8 +107,29 @@ pub mod testing {
     use crate::pkcs11::{Pkcs11Config, Pkcs11KeyStore};
 
     struct ProcessTokens {
-        dir: tempfile::TempDir,
+        dir: PathBuf,
         module: PathBuf,
+    }
+
+    /// Where the token directories of test processes live: one per process, named
+    /// `<pid>-<random>`. A static is never dropped, so a process cannot remove its own
+    /// directory when it ends; instead each new test process removes the directories of
+    /// processes that are gone.
+    fn tests_root() -> PathBuf {
+        std::env::temp_dir().join("keyvault-softhsm-tests")
+    }
+
+    fn sweep_stale(root: &std::path::Path) {
+        let Ok(entries) = std::fs::read_dir(root) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let pid = name.to_string_lossy().split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     static PROCESS: OnceLock<ProcessTokens> = OnceLock::new();
@@ -130,8 +151,15 @@ pub mod testing {
         PROCESS.get_or_init(|| {
             let module = super::find_module()
                 .expect("SoftHSM2 is not installed: run the README's test command, which installs it");
-            let dir = tempfile::Builder::new().prefix("keyvault-softhsm-").tempdir().expect("temp dir");
-            let conf = super::write_config(dir.path()).expect("write softhsm2.conf");
+            let root = tests_root();
+            std::fs::create_dir_all(&root).expect("temp dir");
+            sweep_stale(&root);
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("{}-", std::process::id()))
+                .tempdir_in(&root)
+                .expect("temp dir")
+                .keep();
+            let conf = super::write_config(&dir).expect("write softhsm2.conf");
             // SAFETY: runs once per process inside OnceLock::get_or_init, before this
             // process loads the SoftHSM module (which is the only reader of the variable);
             // the test harness threads that race here all wait on the same OnceLock.
@@ -145,7 +173,7 @@ pub mod testing {
 
     /// The token directory of this test process (to grep it for plaintexts).
     pub fn token_dir() -> PathBuf {
-        process().dir.path().join("tokens")
+        process().dir.join("tokens")
     }
 
     /// Initialize a new token with a unique label, without opening it.

@@ -30,6 +30,16 @@ pub fn keyvault_bin() -> PathBuf {
     bin
 }
 
+/// libfaketime (the test command installs it): lets a test run a server on another clock.
+pub fn faketime_lib() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found.expect("libfaketime is not installed: run the README's test command, which installs it")
+}
+
 /// A running `keyvault dev` with its own data directory.
 pub struct DevServer {
     pub child: Child,

@@ -1,6 +1,7 @@
 //! A throwaway PostgreSQL cluster for a test process: `initdb` in a temporary directory,
-//! `postgres` on a free port on 127.0.0.1, trust authentication for the `keyvault` user.
-//! PostgreSQL refuses to run as root, so as root it runs as the `postgres` system user.
+//! `postgres` listening only on a Unix socket in that directory (no TCP port to collide
+//! with anything), trust authentication for the `keyvault` user. PostgreSQL refuses to
+//! run as root, so as root it runs as the `postgres` system user.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,9 +11,13 @@ pub struct TestPostgres {
     _dir: tempfile::TempDir,
     data: PathBuf,
     bin: PathBuf,
-    pub port: u16,
+    /// The directory of the server's Unix socket.
+    pub socket_dir: PathBuf,
     child: Option<Child>,
 }
+
+/// The port number names the socket file (`.s.PGSQL.5432`) in a directory of our own.
+const PORT: &str = "5432";
 
 fn bin_dir() -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -55,8 +60,13 @@ impl TestPostgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut pg = TestPostgres { _dir: dir, data, bin, port, child: None };
+        let socket_dir = dir.path().join("sock");
+        std::fs::create_dir(&socket_dir).unwrap();
+        if is_root() {
+            let status = Command::new("chown").args(["postgres:postgres"]).arg(&socket_dir).status().unwrap();
+            assert!(status.success());
+        }
+        let mut pg = TestPostgres { _dir: dir, data, bin, socket_dir, child: None };
         pg.run();
         pg
     }
@@ -66,7 +76,9 @@ impl TestPostgres {
         let child = pg_command(&self.bin.join("postgres"))
             .arg("-D")
             .arg(&self.data)
-            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args(["-p", PORT, "-c", "listen_addresses="])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.socket_dir.display()))
             .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -75,7 +87,9 @@ impl TestPostgres {
         self.child = Some(child);
         for _ in 0..200 {
             let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "keyvault"])
+                .arg("-h")
+                .arg(&self.socket_dir)
+                .args(["-p", PORT, "-U", "keyvault"])
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
@@ -87,10 +101,26 @@ impl TestPostgres {
         panic!("PostgreSQL did not start");
     }
 
-    /// Stop the server at once (as a crash or an outage would).
+    /// Stop the server at once (as a crash or an outage would). If `pg_ctl` cannot, the
+    /// postmaster is killed, so that waiting for it cannot hang.
     pub fn halt(&mut self) {
-        let _ =
-            pg_command(&self.bin.join("pg_ctl")).arg("-D").arg(&self.data).args(["stop", "-m", "immediate"]).output();
+        let stopped = pg_command(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["stop", "-m", "immediate", "-w", "-t", "10"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !stopped {
+            let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+                .ok()
+                .and_then(|t| t.lines().next().map(str::to_owned));
+            if let Some(pid) = pid {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
+            if let Some(c) = &mut self.child {
+                let _ = c.kill();
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
@@ -99,11 +129,13 @@ impl TestPostgres {
     /// Create a database and return its URL.
     pub fn database(&self, name: &str) -> String {
         let out = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "keyvault", name])
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", PORT, "-U", "keyvault", name])
             .output()
             .unwrap();
         assert!(out.status.success(), "createdb: {}", String::from_utf8_lossy(&out.stderr));
-        format!("postgres://keyvault@127.0.0.1:{}/{name}", self.port)
+        format!("postgres://keyvault@localhost:{PORT}/{name}?host={}", self.socket_dir.display())
     }
 }
 

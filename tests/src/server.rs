@@ -33,6 +33,10 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Where the audit log goes (default: `audit/audit.log` in the install's directory).
     pub audit_path: Option<PathBuf>,
+    /// Run the server on a clock the test sets ([`TestServer::advance_clock`]):
+    /// libfaketime reading its offset from a file, re-read on every call (monotonic time
+    /// is left alone, so timers and timeouts work).
+    pub settable_clock: bool,
 }
 
 pub struct TestServer {
@@ -53,10 +57,40 @@ pub struct TestServer {
     /// The SoftHSM token of this install (open it to look at its key objects).
     pub token: keyvault_hsm::Pkcs11Config,
     audit_path: PathBuf,
+    env: Vec<(String, String)>,
+    clock_file: Option<PathBuf>,
+    clock_offset: i64,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Start `keyvault server` and wait for the line that says it listens (on the port the
+/// OS gave it): ready means this process is listening, not that something is.
+fn spawn_server(config_file: &std::path::Path, log: &std::path::Path, env: &[(String, String)]) -> (Child, u16) {
+    let mut child = Command::new(keyvault_bin())
+        .args(["server", "--config"])
+        .arg(config_file)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::OpenOptions::new().append(true).open(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("KeyVault listening on https://") {
+                let _ = tx.send(addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()));
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Some(port)) => (child, port),
+        _ => {
+            let _ = child.kill();
+            panic!("keyvault server did not start: {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+    }
 }
 
 impl TestServer {
@@ -87,9 +121,8 @@ impl TestServer {
             std::fs::write(&crl_file, crl).unwrap();
             listener_extra += &format!("crl_files = [\"{}\"]\n", crl_file.display());
         }
-        let port = free_port();
         let config = format!(
-            "[listener]\naddress = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
+            "[listener]\naddress = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
              {}\n\n\
              [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
              [log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n{}\n\n{}\n",
@@ -124,15 +157,18 @@ impl TestServer {
         };
         let log = d.join("server.log");
         let audit_path = opts.audit_path.clone().unwrap_or_else(|| d.join("audit").join("audit.log"));
-        let child = Command::new(keyvault_bin())
-            .args(["server", "--config"])
-            .arg(&config_file)
-            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let s = TestServer {
+        let mut env = opts.env.clone();
+        let clock_file = opts.settable_clock.then(|| d.join("clock"));
+        if let Some(f) = &clock_file {
+            std::fs::write(f, "+0s").unwrap();
+            env.push(("LD_PRELOAD".into(), crate::faketime_lib().display().to_string()));
+            env.push(("FAKETIME_TIMESTAMP_FILE".into(), f.display().to_string()));
+            env.push(("FAKETIME_NO_CACHE".into(), "1".into()));
+            env.push(("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()));
+        }
+        std::fs::File::create(&log).unwrap();
+        let (child, port) = spawn_server(&config_file, &log, &env);
+        TestServer {
             dir,
             child,
             port,
@@ -148,14 +184,10 @@ impl TestServer {
             log,
             token: token_for_later,
             audit_path,
-        };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            env,
+            clock_file,
+            clock_offset: 0,
         }
-        panic!("server did not listen: {}", s.log_text());
     }
 
     pub fn client(&self) -> Client {
@@ -192,22 +224,20 @@ impl TestServer {
         path
     }
 
-    /// Start the server again (after `stop` or a kill), with the same configuration.
+    /// Start the server again (after `stop` or a kill), with the same configuration. It
+    /// listens on a new port: make clients after this (`client()`).
     pub fn restart(&mut self) {
-        self.child = Command::new(keyvault_bin())
-            .args(["server", "--config"])
-            .arg(&self.config_file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().append(true).open(&self.log).unwrap())
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("server did not come back: {}", self.log_text());
+        let (child, port) = spawn_server(&self.config_file, &self.log, &self.env);
+        self.child = child;
+        self.port = port;
+        self.addr = format!("https://localhost:{port}");
+    }
+
+    /// Move the server's wall clock `secs` seconds on (needs `settable_clock`).
+    pub fn advance_clock(&mut self, secs: i64) {
+        let f = self.clock_file.as_ref().expect("the server was started with settable_clock");
+        self.clock_offset += secs;
+        std::fs::write(f, format!("{:+}s", self.clock_offset)).unwrap();
     }
 
     /// The labels of the key objects in the token that start with `prefix`.

@@ -206,8 +206,8 @@ async fn disk_fills_and_frees(mode: &str) {
     assert!(out.status.success(), "{report}");
     let (requests, intents, gaps) = entries(&[s.audit_log()]);
     assert!(gaps >= 1 && report.contains("gaps="), "the failure is a verifiable gap: {report}");
-    let check = Client::new(&s.addr, &s.server_ca_file);
     s.restart();
+    let check = s.client();
     for r in &sent {
         match r.status {
             200 | 204 => {

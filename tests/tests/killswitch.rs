@@ -2,7 +2,6 @@
 //! of identity. Two replicas share a PostgreSQL database; one runs with its clock ahead
 //! (libfaketime). A third, whose clock is further off than it allows, refuses to serve.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use keyvault_tests::postgres::TestPostgres;
@@ -20,16 +19,6 @@ fn token(r: &Reply) -> String {
     r.body["auth"]["client_token"].as_str().unwrap().to_owned()
 }
 
-/// libfaketime (the test command installs it).
-fn faketime_lib() -> PathBuf {
-    let found = std::fs::read_dir("/usr/lib")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|p| p.exists());
-    found.expect("libfaketime is not installed: run the README's test command, which installs it")
-}
-
 /// A replica whose wall clock is `offset` ahead (monotonic time is left alone, so timers work).
 fn ahead(offset: &str, storage: &str, token: &keyvault_hsm::Pkcs11Config, extra: &str) -> TestServer {
     TestServer::start(ServerOptions {
@@ -38,7 +27,7 @@ fn ahead(offset: &str, storage: &str, token: &keyvault_hsm::Pkcs11Config, extra:
         skip_init: true,
         extra: extra.to_owned(),
         env: vec![
-            ("LD_PRELOAD".into(), faketime_lib().display().to_string()),
+            ("LD_PRELOAD".into(), keyvault_tests::faketime_lib().display().to_string()),
             ("FAKETIME".into(), offset.to_owned()),
             ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
         ],

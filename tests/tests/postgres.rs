@@ -80,24 +80,30 @@ async fn the_database_going_away_gives_503_and_recovers() {
 
 struct Cluster {
     _pg: TestPostgres,
+    url: String,
     a: TestServer,
     b: TestServer,
 }
 
 fn cluster(name: &str) -> Cluster {
+    cluster_with(name, Vec::new())
+}
+
+fn cluster_with(name: &str, env: Vec<(String, String)>) -> Cluster {
     let pg = TestPostgres::start();
     let url = pg.database(name);
     let storage = format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 8");
-    let a = TestServer::start(ServerOptions { storage: Some(storage.clone()), ..Default::default() });
+    let a = TestServer::start(ServerOptions { storage: Some(storage.clone()), env: env.clone(), ..Default::default() });
     // The second replica: same database, same token (started after the first: SoftHSMv2
     // issue 757), no init.
     let b = TestServer::start(ServerOptions {
         storage: Some(storage),
         token: Some(a.token.clone()),
         skip_init: true,
+        env,
         ..Default::default()
     });
-    Cluster { _pg: pg, a, b }
+    Cluster { _pg: pg, url, a, b }
 }
 
 async fn wait_idle(c: &Client, root: &str) -> serde_json::Value {
@@ -156,16 +162,41 @@ async fn two_replicas_rotate_twice_under_load_with_no_failed_request() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ran = |n: u64| {
+        let count = count.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let start = count.load(Ordering::Relaxed);
+            while count.load(Ordering::Relaxed) < start + n {
+                assert!(std::time::Instant::now() < deadline, "the load does not run");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    ran(30).await;
+    let (psql, conn) = tokio_postgres::connect(&cl.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
     for expected in [2, 3] {
         let via = if expected == 2 { &ca } else { &cb };
-        assert_eq!(ok(via.post("sys/rotate", Some(&root), json!({})).await, 200).body["data"]["version"], expected);
-        // Refused on either replica while running.
-        assert_eq!(ca.post("sys/rotate", Some(&root), json!({})).await.status, 409);
+        // Hold one record the re-wrap needs (a row lock on the first record of its first
+        // page): the rotation stays `rewrapping` for sure while a second start is tried
+        // on either replica.
+        psql.batch_execute(
+            "BEGIN; SELECT 1 FROM keyvault_kv WHERE key = E'kv/data/seed/0\\x1f00000000000000000001' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+        let started = via.post("sys/rotate", Some(&root), json!({})).await;
+        assert_eq!(ok(started, 200).body["data"]["version"], expected);
+        for c in [&ca, &cb] {
+            let r = ok(c.post("sys/rotate", Some(&root), json!({})).await, 409);
+            assert!(r.body["errors"][0].as_str().unwrap().contains("already running"), "{r:?}");
+        }
+        psql.batch_execute("COMMIT").await.unwrap();
         let st = wait_idle(&cb, &root).await;
         assert_eq!(st["versions_in_use"], json!([expected]), "{st}");
+        ran(30).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.await.unwrap();
@@ -181,8 +212,7 @@ async fn two_replicas_rotate_twice_under_load_with_no_failed_request() {
         vec!["keyvault/master/v3"],
         "old key objects are gone from the token"
     );
-    // Replica B follows the keyring within a second and reads everything.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Replica B reads everything at once (it learns key versions when it meets them).
     for i in (0..300).step_by(29) {
         assert_eq!(
             ok(cb.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"],
@@ -193,7 +223,10 @@ async fn two_replicas_rotate_twice_under_load_with_no_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_driving_replica_is_killed_the_other_finishes() {
-    let mut cl = cluster("takeover");
+    // The rotation test hook of debug builds: hold the re-wrap at a checkpoint.
+    let hold_dir = tempfile::tempdir().unwrap();
+    let hold = hold_dir.path().join("hold");
+    let mut cl = cluster_with("takeover", vec![("KEYVAULT_TEST_HOLD_ROTATION".into(), hold.display().to_string())]);
     let (ca, cb) = (cl.a.client(), cl.b.client());
     let root = cl.a.root.clone();
     let tasks: Vec<_> = (0..16)
@@ -209,26 +242,29 @@ async fn when_the_driving_replica_is_killed_the_other_finishes() {
     for t in tasks {
         t.await.unwrap();
     }
+    std::fs::write(&hold, "1000").unwrap();
     ok(ca.post("sys/rotate", Some(&root), json!({})).await, 200);
-    // Find who drives (the lease owner id starts with its process id) and kill it half way.
+    // Held after 1000 records: find who drives (the lease owner id starts with its
+    // process id) and kill it there, in the middle of the re-wrap for certain.
     let (pid_a, pid_b) = (cl.a.child.id().to_string(), cl.b.child.id().to_string());
     let mut victim = None;
-    for _ in 0..400 {
+    for _ in 0..1000 {
         let st = ok(cb.get("sys/rotate/status", &root).await, 200).body["data"].clone();
         if let Some(driver) = st["driven_by"].as_str()
-            && st["records_done"].as_u64().unwrap() > 0
+            && st["records_done"].as_u64().unwrap() >= 1000
         {
+            assert_eq!(st["state"], "rewrapping");
+            assert!(driver.starts_with(&format!("{pid_a}-")) || driver.starts_with(&format!("{pid_b}-")), "{driver}");
             victim = Some(driver.starts_with(&format!("{pid_a}-")));
-            if driver.starts_with(&format!("{pid_a}-")) || driver.starts_with(&format!("{pid_b}-")) {
-                break;
-            }
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let kill_a = victim.expect("caught the rotation while it was driven");
+    let kill_a = victim.expect("caught the rotation at its checkpoint");
     let (dead, alive, alive_client) = if kill_a { (&mut cl.a, &cl.b, &cb) } else { (&mut cl.b, &cl.a, &ca) };
     dead.child.kill().unwrap();
     dead.child.wait().unwrap();
+    std::fs::remove_file(&hold).unwrap();
     let st = wait_idle(alive_client, &root).await;
     assert_eq!(st["versions_in_use"], json!([2]), "{st}");
     assert!(alive.log_text().contains("taking over the master key rotation"));
@@ -308,8 +344,12 @@ async fn replicas_share_replay_protection_versions_and_policy_changes() {
         ca.put("sys/policies/acl/p", &root, json!({"policy": "path \"other/*\" { capabilities = [\"read\"] }"})).await,
         204,
     );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    ok(cb.get("secret/contended", &t).await, 403);
+    // B follows within a second (it drops its policy cache every second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cb.get("secret/contended", &t).await.status != 403 {
+        assert!(std::time::Instant::now() < deadline, "B never saw the policy change");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A revocation on B applies on A at once (it is in the database).
     ok(cb.post("auth/token/revoke-self", Some(&t), json!({})).await, 204);
     ok(ca.get("auth/token/lookup-self", &t).await, 401);

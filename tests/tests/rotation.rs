@@ -13,6 +13,44 @@ fn ok(r: Reply, status: u16) -> Reply {
     r
 }
 
+/// The rotation test hook of debug builds (`KEYVAULT_TEST_HOLD_ROTATION`): a file that
+/// holds the rotation once a number of records are re-wrapped.
+struct Hold {
+    _dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+}
+
+impl Hold {
+    fn new() -> Hold {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hold");
+        Hold { _dir: dir, file }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![("KEYVAULT_TEST_HOLD_ROTATION".into(), self.file.display().to_string())]
+    }
+
+    /// Hold the rotation once `records` are re-wrapped.
+    fn at(&self, records: u64) {
+        std::fs::write(&self.file, records.to_string()).unwrap();
+    }
+
+    fn release(&self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Wait until the load made `n` more requests.
+async fn ran(count: &AtomicU64, n: u64) {
+    let start = count.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count.load(Ordering::Relaxed) < start + n {
+        assert!(std::time::Instant::now() < deadline, "the load does not run");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn wait_idle(c: &Client, root: &str) -> serde_json::Value {
     for _ in 0..600 {
         let r = ok(c.get("sys/rotate/status", root).await, 200);
@@ -89,25 +127,29 @@ fn load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_twice_under_load_then_retire_on_sled() {
-    let s = TestServer::start(ServerOptions::default());
+    let hold = Hold::new();
+    let s = TestServer::start(ServerOptions { env: hold.env(), ..Default::default() });
     let c = s.client();
     let root = s.root.clone();
     seed(&c, &root, 400).await;
     assert_eq!(s.token_keys("keyvault/master/"), vec!["keyvault/master/v1"]);
     let (stop, count, failures, handles) = load(&c, &root, 8);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    ran(&count, 30).await;
 
     for expected in [2, 3] {
+        // Held at its start: the rotation is certainly running when the second start
+        // comes, which is refused.
+        hold.at(0);
         let r = ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
         assert_eq!(r.body["data"]["version"], expected);
-        // A second rotation while this one runs is refused.
-        let again = c.post("sys/rotate", Some(&root), json!({})).await;
-        assert!(again.status == 409 || again.status == 200 && expected == 3, "{again:?}");
+        let again = ok(c.post("sys/rotate", Some(&root), json!({})).await, 409);
+        assert!(again.body["errors"][0].as_str().unwrap().contains("already running"), "{again:?}");
+        hold.release();
         let status = wait_idle(&c, &root).await;
         assert_eq!(status["active_version"], expected);
         assert_eq!(status["versions_in_use"], json!([expected]), "{status}");
+        ran(&count, 30).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.await.unwrap();
@@ -126,13 +168,28 @@ async fn rotation_twice_under_load_then_retire_on_sled() {
     for i in (0..400).step_by(37) {
         assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
     }
-    // Nothing left to retire; only sudo may rotate.
-    ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
-    ok(
-        c.put("sys/policies/acl/ro", &root, json!({"policy": "path \"sys/rotate\" { capabilities = [\"read\"] }"}))
-            .await,
-        204,
-    );
+    // Nothing left to retire.
+    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([]));
+    // Only `update` with `sudo` may rotate or retire: a token with everything else on
+    // these paths is refused, and nothing happens.
+    let all_but = r#"path "sys/rotate*" { capabilities = ["read", "create", "delete", "list", "sudo"] }"#;
+    ok(c.put("sys/policies/acl/ro", &root, json!({ "policy": all_but })).await, 204);
+    ok(c.post("auth/approle/role/ro", Some(&root), json!({"token_policies": ["ro"]})).await, 204);
+    let sid = ok(c.post("auth/approle/role/ro/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ro = ok(c.post("auth", None, json!({"role": "ro", "secret_id": sid})).await, 200).body["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in ["sys/rotate", "sys/rotate/retire", "sys/rotate/token-signing", "sys/rotate/token-signing/retire"] {
+        ok(c.post(path, Some(&ro), json!({})).await, 403);
+    }
+    ok(c.get("sys/rotate/status", &ro).await, 200);
+    assert_eq!(ok(c.get("sys/rotate/status", &root).await, 200).body["data"]["active_version"], 3);
+    assert_eq!(ok(c.send("GET", "auth/jwks", None, None).await, 200).body["keys"].as_array().unwrap().len(), 1);
     let audit = std::fs::read_to_string(s.audit_log()).unwrap();
     assert!(
         audit.contains("master key rotation to v2 started") && audit.contains("master key versions retired: [1, 2]")
@@ -141,25 +198,30 @@ async fn rotation_twice_under_load_then_retire_on_sled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_interrupted_by_kill_9_resumes_after_restart() {
-    let mut s = TestServer::start(ServerOptions::default());
+    let hold = Hold::new();
+    let mut s = TestServer::start(ServerOptions { env: hold.env(), ..Default::default() });
     let c = s.client();
     let root = s.root.clone();
     seed(&c, &root, 3000).await;
+    // Held after its first 1000 records: killed for certain in the middle of the re-wrap.
+    hold.at(1000);
     ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
-    // Kill while the re-wrap is under way.
-    let mut killed_at = None;
-    for _ in 0..400 {
+    let mut caught = None;
+    for _ in 0..600 {
         let st = ok(c.get("sys/rotate/status", &root).await, 200).body["data"].clone();
-        if st["records_done"].as_u64().unwrap() > 0 && st["state"] == "rewrapping" {
-            killed_at = Some(st["records_remaining"].as_u64().unwrap());
+        if st["records_done"].as_u64().unwrap() >= 1000 {
+            caught = Some(st);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let st = caught.expect("the rotation reached its checkpoint");
+    assert_eq!(st["state"], "rewrapping");
+    let done = st["records_done"].as_u64().unwrap();
+    assert!(done < 3000 && st["records_remaining"] == 3000 - done, "{st}");
     s.child.kill().unwrap();
     s.child.wait().unwrap();
-    let remaining = killed_at.expect("caught the rotation half way");
-    assert!(remaining > 0);
+    hold.release();
     s.restart();
     let c = s.client();
     // The restarted process takes the lease over once it expires, and finishes.

@@ -265,7 +265,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
             let vault = Vault::open(&config).await?;
-            serve(&config, vault, |addr, _| tracing::info!(%addr, "KeyVault listening (TLS)")).await
+            serve(&config, vault, |addr, _| {
+                tracing::info!(%addr, "KeyVault listening (TLS)");
+                // On stdout too: with port 0 in the configuration, this is how a
+                // supervisor (or a test) learns the port.
+                println!("KeyVault listening on https://{addr}");
+            })
+            .await
         }
         Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl, audit_mode } => {
             init_logging(&log, false);

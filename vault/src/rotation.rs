@@ -312,6 +312,9 @@ impl Rotation {
         if r.state != "rewrapping" {
             return Ok(false);
         }
+        if held_for_tests(r.done) {
+            return Ok(false);
+        }
         let now = unix_now();
         let mine = r.lease_owner.as_deref() == Some(&self.replica);
         if !mine && !lease_expired(&r, now) {
@@ -396,6 +399,21 @@ impl Rotation {
             }
         })
     }
+}
+
+/// Test hook, in debug builds only (release builds compile it away): while the file
+/// named by `KEYVAULT_TEST_HOLD_ROTATION` exists and holds a number, the driver takes no
+/// step once that many records are re-wrapped. Tests use it to catch a rotation at a
+/// checkpoint, for certain, instead of racing it.
+#[cfg(debug_assertions)]
+fn held_for_tests(done: u64) -> bool {
+    let Some(path) = std::env::var_os("KEYVAULT_TEST_HOLD_ROTATION") else { return false };
+    std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<u64>().ok()).is_some_and(|after| done >= after)
+}
+
+#[cfg(not(debug_assertions))]
+fn held_for_tests(_: u64) -> bool {
+    false
 }
 
 fn lease_expired_now(until: u64) -> bool {
