@@ -50,6 +50,7 @@ pub struct DevServer {
     pub root_token: String,
     pub log: PathBuf,
     pub stdout: Vec<String>,
+    clock: Option<(PathBuf, i64)>,
 }
 
 impl DevServer {
@@ -62,11 +63,42 @@ impl DevServer {
         s
     }
 
+    /// Start in a fresh temporary data directory, on a clock the test sets
+    /// ([`DevServer::advance_clock`]; libfaketime, monotonic time left alone).
+    pub fn start_with_clock() -> DevServer {
+        let tmp = tempfile::Builder::new().prefix("keyvault-e2e-").tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let clock = tmp.path().join("clock");
+        std::fs::write(&clock, "+0s").unwrap();
+        let mut s = Self::spawn(&data_dir, 0, Some(&clock));
+        s._tmp = Some(tmp);
+        s.clock = Some((clock, 0));
+        s
+    }
+
+    /// Move the server's wall clock `secs` seconds on.
+    pub fn advance_clock(&mut self, secs: i64) {
+        let (file, offset) = self.clock.as_mut().expect("started with start_with_clock");
+        *offset += secs;
+        std::fs::write(file, format!("{:+}s", offset)).unwrap();
+    }
+
     /// Start in `data_dir` (created if missing) with a given log file generation.
     pub fn start_in(data_dir: &Path, generation: u32) -> DevServer {
+        Self::spawn(data_dir, generation, None)
+    }
+
+    fn spawn(data_dir: &Path, generation: u32, clock: Option<&Path>) -> DevServer {
         let log = data_dir.with_file_name(format!("keyvault-{generation}.log"));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(keyvault_bin())
+        let mut cmd = Command::new(keyvault_bin());
+        if let Some(f) = clock {
+            cmd.env("LD_PRELOAD", faketime_lib())
+                .env("FAKETIME_TIMESTAMP_FILE", f)
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let mut child = cmd
             .args(["dev", "--address", "127.0.0.1:0", "--log", "debug", "--data-dir"])
             .arg(data_dir)
             .env_remove("SOFTHSM2_CONF")
@@ -125,6 +157,7 @@ impl DevServer {
             root_token: root.unwrap(),
             log,
             stdout: lines,
+            clock: None,
         }
     }
 

@@ -322,8 +322,13 @@ async fn buffered_mode_and_restarts_keep_a_verifiable_chain() {
     for i in 0..20 {
         ok(c.put(&format!("secret/b/{i}"), &s.root, json!({"value": "v"})).await, 200);
     }
-    // A live log: entries after the last checkpoint are accepted only with --live.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A live log: entries after the last checkpoint are accepted only with --live. Wait
+    // for the timed checkpoint that follows the writes (checkpoint_interval 1 s).
+    let written = lines(&s.audit_log()).len();
+    keyvault_tests::wait_for(Duration::from_secs(10), "a checkpoint after the writes", || {
+        lines(&s.audit_log()).iter().skip(written.saturating_sub(1)).any(|l| l.contains("\"type\":\"checkpoint\""))
+    })
+    .await;
     let key = s.export_audit_key();
     let (good, out) = verify_cli(&key, &[s.audit_log()], true);
     assert!(good, "{out}");

@@ -26,6 +26,10 @@ const SPIFFE_A: &str = "spiffe://corp/ns/payments/sa/api";
 
 /// A server in `optional` mode with a client CA, a CRL, policies, roles and a secret.
 async fn world(extra: &str) -> World {
+    world_with(extra, false).await
+}
+
+async fn world_with(extra: &str, settable_clock: bool) -> World {
     let ca = TestCa::new("client CA");
     let other = TestCa::new("another CA");
     let a = ca.leaf("unit-a", &[SPIFFE_A], 10, false);
@@ -45,6 +49,7 @@ async fn world(extra: &str) -> World {
         client_ca_pem: Some(ca.pem()),
         crl_pem: Some(ca.crl(&[12])),
         extra: extra.to_owned(),
+        settable_clock,
         ..Default::default()
     });
     let c = s.client();
@@ -280,16 +285,31 @@ async fn certificate_reload_under_continuous_requests_loses_none() {
         }));
     }
     let before = served_cert_sha256(&w.s).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served = |n: u64| {
+        let ok_count = ok_count.clone();
+        async move {
+            let start = ok_count.load(Ordering::Relaxed);
+            keyvault_tests::wait_for(Duration::from_secs(30), "requests to be served", || {
+                ok_count.load(Ordering::Relaxed) >= start + n
+            })
+            .await;
+        }
+    };
+    served(10).await;
 
     // A broken certificate file: the old configuration stays, and the log says why.
     let good_cert = std::fs::read(&w.s.cert_file).unwrap();
     std::fs::write(&w.s.cert_file, b"-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
     w.s.sighup();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(w.s.log_text().contains("TLS reload failed"), "{}", w.s.log_text());
+    keyvault_tests::wait_for(Duration::from_secs(10), "the failed reload", || {
+        w.s.log_text().contains("TLS reload failed")
+    })
+    .await;
     assert_eq!(served_cert_sha256(&w.s).await, before);
-    std::fs::write(&w.s.cert_file, good_cert).unwrap();
+    // Swap the good file back in one rename, so that no reload sees a half-written file.
+    let tmp = w.s.dir.path().join("server.pem.tmp");
+    std::fs::write(&tmp, good_cert).unwrap();
+    std::fs::rename(&tmp, &w.s.cert_file).unwrap();
 
     // A new server certificate, picked up from the files changing (no signal).
     let new_server = w.s.server_ca.leaf("localhost", &["localhost", "127.0.0.1"], 2, true);
@@ -304,7 +324,7 @@ async fn certificate_reload_under_continuous_requests_loses_none() {
         }
     }
     assert!(swapped, "the new server certificate is served after the files changed");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    served(10).await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
@@ -517,7 +537,7 @@ async fn kubernetes_service_account_login() {
 
 #[tokio::test]
 async fn bootstrap_tokens_are_used_once_even_concurrently() {
-    let w = world("").await;
+    let mut w = world_with("", true).await;
     let c = w.s.client();
     let root = w.s.root.clone();
     let mint = || {
@@ -552,9 +572,9 @@ async fn bootstrap_tokens_are_used_once_even_concurrently() {
     }
 
     // Expiry.
-    let r = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["read-app"], "ttl": "1s"})).await, 200);
+    let r = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["read-app"], "ttl": "1m"})).await, 200);
     let short = r.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    w.s.advance_clock(61);
     assert_eq!(c.post("auth/bootstrap/login", None, json!({"token": short})).await.status, 401);
 
     // Nobody mints more than they have.

@@ -1,8 +1,6 @@
 //! Key operations for gateways, end to end: transit keys in the HSM and the gateway
 //! signature check. Producers sign with `ed25519-dalek` here, independently of KeyVault.
 
-use std::time::Duration;
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signer, SigningKey, Verifier};
@@ -268,9 +266,10 @@ fn body(tenant: &str, operator: &str, signed_tenant: &str) -> Vec<u8> {
 #[tokio::test]
 async fn gateway_check_matrix() {
     let ca = TestCa::new("client CA");
-    let s = TestServer::start(ServerOptions {
+    let mut s = TestServer::start(ServerOptions {
         client_auth: "optional",
         client_ca_pem: Some(ca.pem()),
+        settable_clock: true,
         ..Default::default()
     });
     let c = s.client();
@@ -323,9 +322,11 @@ async fn gateway_check_matrix() {
         b64(&body(tenant, "op-001", tenant).iter().map(|b| if *b == b'5' { b'6' } else { *b }).collect::<Vec<_>>())
             .into();
     expect(&check(tampered).await, 401, Some("invalid_signature"));
-    // Timestamp 31 s old (skew 30), and 31 s in the future.
-    expect(&check(new.item(id, now() - 31, &nonce(5), &good_body)).await, 401, Some("timestamp_out_of_skew"));
-    expect(&check(new.item(id, now() + 31, &nonce(6), &good_body)).await, 401, Some("timestamp_out_of_skew"));
+    // Timestamps outside the 30 s skew, either way (by a margin: the second may tick
+    // between this process and the server).
+    expect(&check(new.item(id, now() - 35, &nonce(5), &good_body)).await, 401, Some("timestamp_out_of_skew"));
+    expect(&check(new.item(id, now() + 35, &nonce(6), &good_body)).await, 401, Some("timestamp_out_of_skew"));
+    expect(&check(new.item(id, now() - 25, &nonce(250), &good_body)).await, 200, None);
     // The same signed request twice: the second is a replay.
     let item = new.item(id, now(), &nonce(7), &good_body);
     expect(&check(item.clone()).await, 200, None);
@@ -398,8 +399,9 @@ async fn gateway_check_matrix() {
     assert_eq!(results[98]["reason"], "invalid_signature");
     assert_eq!(results[99]["status"], 409, "a duplicate inside one batch is a replay");
 
-    // Closing the dual-validation window: the old key stops at not_after.
-    let na = now() + 2;
+    // Closing the dual-validation window: the old key stops at not_after (the server's
+    // clock is moved past it, not waited for).
+    let na = now() + 60;
     ok(
         c.post(
             &format!("gateway/producers/{id}"),
@@ -411,13 +413,14 @@ async fn gateway_check_matrix() {
         204,
     );
     expect(&check(old.item(id, now(), &nonce(300), &good_body)).await, 200, None);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    expect(&check(old.item(id, now(), &nonce(301), &good_body)).await, 401, Some("invalid_signature"));
-    expect(&check(new.item(id, now(), &nonce(302), &good_body)).await, 200, None);
+    s.advance_clock(120);
+    let later = now() + 120;
+    expect(&check(old.item(id, later, &nonce(301), &good_body)).await, 401, Some("invalid_signature"));
+    expect(&check(new.item(id, later, &nonce(302), &good_body)).await, 200, None);
 
     // The kill switch on the producer's certificate: revoked_identity.
     ok(c.post("sys/revoke-identity", Some(&root), json!({"certificate_sha256": cert})).await, 200);
-    expect(&check(new.item(id, now(), &nonce(303), &good_body)).await, 401, Some("revoked_identity"));
+    expect(&check(new.item(id, later, &nonce(303), &good_body)).await, 401, Some("revoked_identity"));
     let r = ok(c.get(&format!("gateway/producers/{id}"), &root).await, 200);
     assert_eq!(r.body["data"]["disabled"], true);
 

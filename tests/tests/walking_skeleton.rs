@@ -279,7 +279,7 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
 
 #[tokio::test]
 async fn expired_tokens_get_401() {
-    let s = DevServer::start();
+    let mut s = DevServer::start_with_clock();
     let c = s.client();
     let root = s.root_token.clone();
     put_policy(&c, &root, "r", r#"path "secret/*" { capabilities = ["read"] }"#).await;
@@ -287,8 +287,10 @@ async fn expired_tokens_get_401() {
     c.put("secret/k", &root, json!({"value": "v"})).await;
     let t = token_of(&c.post("auth", None, json!({"role": "short", "secret_id": short.secret_id})).await);
     assert_eq!(c.get("secret/k", &t).await.status, 200);
-    // 1 s TTL plus the 5 s clock-skew leeway.
-    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    // Within the TTL plus the 5 s clock-skew leeway it works; past it, not.
+    s.advance_clock(3);
+    assert_eq!(c.get("secret/k", &t).await.status, 200);
+    s.advance_clock(4);
     let r = c.get("secret/k", &t).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.body["errors"][0], "token expired");

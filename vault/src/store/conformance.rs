@@ -69,7 +69,7 @@ pub async fn compare_and_swap(s: &dyn Store) {
     assert!(!s.compare_and_swap("c2/k", Some(b"v2"), Some(b"v3")).await.unwrap());
     // An expired entry counts as absent.
     assert!(s.insert_if_absent("c2/exp", b"e", Some(Duration::from_millis(30))).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    wait_expired(s, "c2/exp").await;
     assert!(s.compare_and_swap("c2/exp", None, Some(b"fresh")).await.unwrap());
     assert_eq!(s.get("c2/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
 }
@@ -110,7 +110,8 @@ pub async fn transactions(s: &dyn Store) {
     // Expired entries are absent: an insert takes their place, a swap does not find them.
     assert!(s.insert_if_absent("c10/exp", b"e1", Some(Duration::from_millis(30))).await.unwrap());
     assert!(s.insert_if_absent("c10/exp2", b"e1", Some(Duration::from_millis(30))).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    wait_expired(s, "c10/exp").await;
+    wait_expired(s, "c10/exp2").await;
     assert_eq!(s.transact(vec![swap("c10/exp2", "e1", Some("e2"))]).await.unwrap(), Conflict);
     assert_eq!(s.transact(vec![ins("c10/exp", "fresh")]).await.unwrap(), Committed);
     assert_eq!(s.get("c10/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
@@ -177,7 +178,12 @@ pub async fn concurrent_counts_meet_a_close(s: Arc<dyn Store>) {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Close while the writers are at it: once some have committed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counter(s.as_ref(), "c11/n").await.is_none_or(|(n, _)| n == 0) {
+        assert!(std::time::Instant::now() < deadline, "no writer committed");
+        tokio::task::yield_now().await;
+    }
     s.close_counter("c11/n").await.unwrap();
     let at_close = counter(s.as_ref(), "c11/n").await.unwrap().0;
     let mut total = 0;
@@ -214,25 +220,38 @@ pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {
     assert_eq!(s.scan_prefix("c3/items/", Some("c3/a"), 1).await.unwrap()[0].0, "c3/items/000");
     // Expired entries are skipped.
     assert!(s.insert_if_absent("c3/items/999", b"", Some(Duration::from_millis(20))).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    wait_expired(s, "c3/items/999").await;
     assert_eq!(scan_all(s, "c3/items/").await.unwrap().len(), 25);
 }
 
+/// Wait (up to a few seconds) until the entry under `key` has expired.
+async fn wait_expired(s: &dyn Store, key: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.get(key).await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "{key} never expired");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub async fn insert_if_absent_with_expiry(s: &dyn Store) {
-    assert!(s.insert_if_absent("c4/nonce", b"1", Some(Duration::from_millis(80))).await.unwrap());
-    assert!(!s.insert_if_absent("c4/nonce", b"2", Some(Duration::from_millis(80))).await.unwrap());
+    // A live entry (a TTL far longer than anything the check does) blocks the key.
+    assert!(s.insert_if_absent("c4/nonce", b"1", Some(Duration::from_secs(60))).await.unwrap());
+    assert!(!s.insert_if_absent("c4/nonce", b"2", Some(Duration::from_secs(60))).await.unwrap());
     assert_eq!(s.get("c4/nonce").await.unwrap().as_deref(), Some(&b"1"[..]));
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(s.get("c4/nonce").await.unwrap(), None, "expired entry is gone");
-    assert!(!s.delete("c4/nonce").await.unwrap(), "deleting an expired entry reports absent");
-    assert!(s.insert_if_absent("c4/nonce", b"3", Some(Duration::from_secs(60))).await.unwrap());
+    // An expired one is gone, and frees the key.
+    assert!(s.insert_if_absent("c4/short", b"1", Some(Duration::from_millis(50))).await.unwrap());
+    wait_expired(s, "c4/short").await;
+    assert!(!s.delete("c4/short").await.unwrap(), "deleting an expired entry reports absent");
+    assert!(s.insert_if_absent("c4/short", b"3", Some(Duration::from_secs(60))).await.unwrap());
     // Without a TTL the entry is permanent.
     assert!(s.insert_if_absent("c4/perm", b"p", None).await.unwrap());
     assert!(!s.insert_if_absent("c4/perm", b"q", None).await.unwrap());
     // put clears an expiry.
     assert!(s.insert_if_absent("c4/put", b"a", Some(Duration::from_millis(20))).await.unwrap());
     s.put("c4/put", b"b").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    // (A twin with the same expiry and no put shows when the expiry has passed.)
+    assert!(s.insert_if_absent("c4/put-twin", b"a", Some(Duration::from_millis(20))).await.unwrap());
+    wait_expired(s, "c4/put-twin").await;
     assert_eq!(s.get("c4/put").await.unwrap().as_deref(), Some(&b"b"[..]));
 }
 
@@ -241,13 +260,15 @@ pub async fn purge_expired(s: &dyn Store) {
         assert!(s.insert_if_absent(&format!("c5/short/{i}"), b"", Some(Duration::from_millis(10))).await.unwrap());
     }
     assert!(s.insert_if_absent("c5/long", b"", Some(Duration::from_secs(60))).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    for i in 0..5 {
+        wait_expired(s, &format!("c5/short/{i}")).await;
+    }
     assert!(s.purge_expired().await.unwrap() >= 5);
     assert!(s.get("c5/long").await.unwrap().is_some());
     assert!(s.scan_prefix("c5/short/", None, 10).await.unwrap().is_empty());
     // A re-inserted key survives the purge of its earlier expiry.
     assert!(s.insert_if_absent("c5/again", b"", Some(Duration::from_millis(10))).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    wait_expired(s, "c5/again").await;
     assert!(s.insert_if_absent("c5/again", b"2", Some(Duration::from_secs(60))).await.unwrap());
     s.purge_expired().await.unwrap();
     assert_eq!(s.get("c5/again").await.unwrap().as_deref(), Some(&b"2"[..]));
