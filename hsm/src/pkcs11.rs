@@ -213,6 +213,17 @@ fn class_key(class: ObjectClass) -> u8 {
     }
 }
 
+/// See [`Pkcs11KeyStore::protection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyProtection {
+    /// `CKO_SECRET_KEY` or `CKO_PRIVATE_KEY`.
+    pub class: String,
+    pub sensitive: bool,
+    pub extractable: bool,
+    /// `C_WrapKey` of the object was refused by the token.
+    pub wrap_refused: bool,
+}
+
 impl Pkcs11KeyStore {
     /// Load the module, find the token by label (retrying for `discovery_timeout`), log
     /// in and pick the wrap mechanism from the token's mechanism list.
@@ -426,6 +437,58 @@ impl Pkcs11KeyStore {
             }
             _ => Err(HsmError::BadAttribute("several key objects share one label")),
         }
+    }
+
+    /// How the token protects each private or secret key object labelled `label`: what
+    /// the token itself says about it (`CKA_SENSITIVE`, `CKA_EXTRACTABLE`), and whether an
+    /// attempt to get it out of the token wrapped (`C_WrapKey` under a fresh session key)
+    /// is refused. For audits and tests: nothing here returns key material.
+    pub fn protection(&self, label: &KeyLabel) -> Result<Vec<KeyProtection>> {
+        self.run(|s, session| {
+            let mut out = Vec::new();
+            for h in s.objects_with_label(session, label)? {
+                let attrs = session
+                    .get_attributes(h, &[AttributeType::Class, AttributeType::Sensitive, AttributeType::Extractable])?;
+                let mut p =
+                    KeyProtection { class: String::new(), sensitive: false, extractable: true, wrap_refused: false };
+                for a in attrs {
+                    match a {
+                        Attribute::Class(c) => p.class = c.to_string(),
+                        Attribute::Sensitive(v) => p.sensitive = v,
+                        Attribute::Extractable(v) => p.extractable = v,
+                        _ => {}
+                    }
+                }
+                if p.class == ObjectClass::PUBLIC_KEY.to_string() {
+                    continue;
+                }
+                // A wrapping key that lives only in this session.
+                let wrapper = session.generate_key(
+                    &Mechanism::AesKeyGen,
+                    &[
+                        Attribute::Token(false),
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Wrap(true),
+                    ],
+                )?;
+                let attempt = session.wrap_key(&Mechanism::AesKeyWrapPad, wrapper, h);
+                let _ = session.destroy_object(wrapper);
+                p.wrap_refused = match attempt {
+                    Ok(_) => false,
+                    Err(CkError::Pkcs11(rv, _)) => {
+                        matches!(
+                            rv,
+                            RvError::KeyUnextractable | RvError::KeyNotWrappable | RvError::KeyFunctionNotPermitted
+                        )
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                out.push(p);
+            }
+            Ok(out)
+        })
     }
 
     fn objects_with_label(&self, session: &Session, label: &KeyLabel) -> Result<Vec<ObjectHandle>> {

@@ -72,7 +72,7 @@ fn round_trips(t: &testing::TestToken) {
     // Another master key version cannot unwrap it.
     let kek2 = label("keyvault/master/v2");
     t.store.generate(&kek2, KeyKind::Aes256).unwrap();
-    assert!(t.store.unwrap_key(&kek2, &wrapped, b"ctx").is_err());
+    assert!(matches!(t.store.unwrap_key(&kek2, &wrapped, b"ctx"), Err(HsmError::InvalidCiphertext)));
     // The master key's own value cannot be read even when wrapping is the mechanism.
     assert!(matches!(t.store.value_attribute_info(&kek, ObjectClass::SECRET_KEY).unwrap(), AttributeInfo::Sensitive));
 }
@@ -142,11 +142,17 @@ fn keys_are_found_by_label_after_reopen() {
     assert!(matches!(again.generate(&kek, KeyKind::Aes256), Err(HsmError::KeyExists(_))));
     assert!(matches!(again.wrap_key(&label("nope"), &[1u8; 32], b""), Err(HsmError::KeyNotFound(_))));
 
-    // Destroy: gone for both stores (the first one's cached handle is stale).
+    // Destroy: gone for both stores (the first one's cached handle is stale, and the key
+    // is looked for again by label: it is missing, and the token still has other keys).
     assert!(again.destroy(&kek).unwrap());
     assert!(!again.exists(&kek).unwrap());
-    assert!(t.store.unwrap_key(&kek, &wrapped, b"").is_err());
+    assert!(matches!(t.store.unwrap_key(&kek, &wrapped, b""), Err(HsmError::KeyNotFound(_))));
     assert!(!again.destroy(&kek).unwrap());
+    // Made again under the same label by the other store: the first store's stale handle
+    // is dropped and the new object found by its label.
+    again.generate(&kek, KeyKind::Aes256).unwrap();
+    let rewrapped = t.store.wrap_key(&kek, &[5u8; 32], b"").unwrap();
+    assert_eq!(again.unwrap_key(&kek, &rewrapped, b"").unwrap().as_slice(), &[5u8; 32]);
 }
 
 #[test]

@@ -40,14 +40,14 @@ fn a_token_that_goes_away_gives_unavailable_errors_not_panics() {
     let err = t.store.sign_ed25519(&KeyLabel::new("keyvault/token-signing/v1").unwrap(), b"m").unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
 
-    // Every later call keeps failing as unavailable (503 at the HTTP layer), never a panic.
-    // (SoftHSM does not notice a restored token directory inside a running process; a
-    // network HSM that comes back is found again by the store's reconnect.)
+    // Every later call keeps failing as unavailable (503 at the HTTP layer), never a panic:
+    // SoftHSM 2.6 does not take back a token directory restored under a running process
+    // (it refuses the login of the fresh session), so this process stays on "unavailable"
+    // until it restarts. (Finding a key again by its label once a token or an object is
+    // back is shown in `keys_are_found_by_label_after_reopen`.)
     copy_dir(backup.path(), &dirs[0]);
     for _ in 0..3 {
-        match t.store.unwrap_key(&kek, &wrapped, b"") {
-            Ok(k) => assert_eq!(k.as_slice(), &[3u8; 32]),
-            Err(e) => assert!(e.is_unavailable(), "{e:?}"),
-        }
+        let err = t.store.unwrap_key(&kek, &wrapped, b"").unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
     }
 }

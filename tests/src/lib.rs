@@ -407,3 +407,52 @@ pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, tok
     let head = String::from_utf8_lossy(&buf);
     head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
+
+/// The TLS alert the server answers a client certificate with: connect presenting
+/// `identity` (`cert || key` PEM, or none), send a request, and read; the server's fatal
+/// alert (e.g. `CertificateRevoked`, `CertificateExpired`, `UnknownCA`,
+/// `CertificateRequired`) is what the read fails with. `None` if the server answered.
+pub async fn tls_alert(addr: &str, ca: &Path, identity: Option<&[u8]>) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = addr.trim_start_matches("https://");
+    let port: u16 = hostport.rsplit(':').next().unwrap().parse().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in keyvault::tls::load_certs(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(pem) => {
+            let certs: Vec<_> =
+                rustls::pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = match connector.connect(name, tcp).await {
+        Ok(t) => t,
+        Err(e) => return Some(alert_name(&e.to_string())),
+    };
+    let req = "GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if let Err(e) = tls.write_all(req.as_bytes()).await {
+        return Some(alert_name(&e.to_string()));
+    }
+    let mut buf = Vec::new();
+    match tls.read_to_end(&mut buf).await {
+        Ok(_) if buf.starts_with(b"HTTP/1.1") => None,
+        Ok(_) => Some("connection closed without an alert".into()),
+        Err(e) => Some(alert_name(&e.to_string())),
+    }
+}
+
+fn alert_name(e: &str) -> String {
+    e.split("received fatal alert: ").nth(1).map(str::to_owned).unwrap_or_else(|| e.to_owned())
+}

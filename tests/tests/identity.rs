@@ -156,14 +156,20 @@ async fn every_credential_on_every_connection() {
     let log = w.s.log_text();
     assert!(log.contains("certificate_mismatch") && log.contains("certificate_required"), "the reasons are logged");
 
-    // Certificates that must fail the handshake, whatever the credential.
-    for (name, bad) in
-        [("revoked", &w.revoked), ("expired", &w.expired), ("other CA", &w.foreign), ("self-signed", &w.selfsigned)]
-    {
+    // Certificates that must fail the handshake, whatever the credential, each with the
+    // server's alert that says why.
+    for (name, bad, why) in [
+        ("revoked", &w.revoked, "CertificateRevoked"),
+        ("expired", &w.expired, "CertificateExpired"),
+        ("other CA", &w.foreign, "UnknownCA"),
+        ("self-signed", &w.selfsigned, "UnknownCA"),
+    ] {
         let c = w.s.client_with(bad);
         for cred in [None, Some(t_app.as_str()), Some(root.as_str())] {
             assert!(c.try_send("GET", "secret/app/x", cred, None).await.is_err(), "{name} certificate was accepted");
         }
+        let alert = keyvault_tests::tls_alert(&w.s.addr, &w.s.server_ca_file, Some(&bad.identity_pem())).await;
+        assert_eq!(alert.as_deref(), Some(why), "{name}");
         assert!(c.try_send("POST", "auth/cert/login", None, Some(b"{}".to_vec())).await.is_err(), "{name}");
     }
 
@@ -233,9 +239,18 @@ async fn required_mode_refuses_connections_without_a_certificate() {
         ..Default::default()
     });
     assert!(s.client().try_send("GET", "sys/health", None, None).await.is_err());
+    assert_eq!(
+        keyvault_tests::tls_alert(&s.addr, &s.server_ca_file, None).await.as_deref(),
+        Some("CertificateRequired")
+    );
     assert_eq!(s.client_with(&a).send("GET", "sys/health", None, None).await.status, 200);
+    assert_eq!(keyvault_tests::tls_alert(&s.addr, &s.server_ca_file, Some(&a.identity_pem())).await, None);
     let other = TestCa::new("other").leaf("x", &[], 1, false);
     assert!(s.client_with(&other).try_send("GET", "sys/health", None, None).await.is_err());
+    assert_eq!(
+        keyvault_tests::tls_alert(&s.addr, &s.server_ca_file, Some(&other.identity_pem())).await.as_deref(),
+        Some("UnknownCA")
+    );
 }
 
 /// The SHA-256 of the certificate a fresh TLS connection to the server presents.
@@ -380,6 +395,10 @@ async fn a_crl_change_takes_effect_on_sighup_for_new_and_open_connections() {
     .await;
     // New connections of B fail the handshake...
     assert!(s.client_with(&b).try_send("GET", "sys/health", None, None).await.is_err(), "B is revoked now");
+    assert_eq!(
+        keyvault_tests::tls_alert(&s.addr, &s.server_ca_file, Some(&b.identity_pem())).await.as_deref(),
+        Some("CertificateRevoked")
+    );
     // ...and the connection it opened before is refused too: bound token, direct request,
     // new login.
     let r = ok(cb.get("secret/app/x", &t_b).await, 401);

@@ -113,7 +113,7 @@ async fn transit_encryption_round_trips_rotation_and_policies() {
     );
     let d = r.body["data"]["batch_results"].as_array().unwrap().clone();
     assert_eq!(d[0]["plaintext"], b64(b"a"));
-    assert!(d[1]["error"].is_string(), "below min_decryption_version");
+    assert!(d[1]["error"].as_str().unwrap().contains("below min_decryption_version"), "{d:?}");
     assert_eq!(d[2]["plaintext"], b64(b"c"));
     let r = ok(
         c.post(

@@ -46,7 +46,11 @@ fn bench(c: &mut Criterion) {
                             let e = entry();
                             set.spawn(async move { log.append(e).await.unwrap() });
                         }
-                        while set.join_next().await.is_some() {}
+                        // A failed append (or a panic in a task) fails the benchmark
+                        // rather than being timed as if it had succeeded.
+                        while let Some(done) = set.join_next().await {
+                            done.expect("append task");
+                        }
                     }
                     start.elapsed()
                 })

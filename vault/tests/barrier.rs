@@ -95,7 +95,7 @@ async fn a_record_copied_to_another_path_or_version_fails() {
     assert!(matches!(err, Error::Barrier(BarrierError::Integrity)), "{err:?}");
     // Same record, right path, wrong version.
     let barrier = &f.vault.barrier;
-    assert!(barrier.open(&record_context(&a, 2), &rec_a).await.is_err());
+    assert!(matches!(barrier.open(&record_context(&a, 2), &rec_a).await, Err(Error::Barrier(BarrierError::Integrity))));
     assert_eq!(barrier.open(&record_context(&a, 1), &rec_a).await.unwrap().as_slice(), br#"{"value":"for-a"}"#);
 }
 
@@ -178,7 +178,28 @@ async fn concurrent_writers_never_lose_a_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_sensitive_and_initialization_is_once() {
-    let f = fixture().await;
+    let token = testing::token();
+    let keys: Arc<dyn KeyStore> = token.store.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("storage")).unwrap());
+    let names = KeyNames::new("keyvault").unwrap();
+    keys::initialize(store.as_ref(), &keys, &names).await.unwrap();
+    let vault = Vault::from_parts(store.clone(), keys.clone(), names.clone(), VaultSettings::default()).await.unwrap();
+    vault.transit.create("aes", keyvault::transit::KeyType::Aes256Gcm96).await.unwrap();
+    vault.transit.create("ed", keyvault::transit::KeyType::Ed25519).await.unwrap();
+    keyvault::keys::ensure_audit_keys(&keys, &names).await.unwrap();
+    // Every key the installation made, as the token reports it: sensitive, not
+    // extractable, and C_WrapKey of it refused.
+    let labels = token.store.list("keyvault/").unwrap();
+    assert_eq!(labels.len(), 7, "master, token-signing, approle-hmac, audit, audit-hmac, two transit keys: {labels:?}");
+    for label in &labels {
+        let p = token.store.protection(label).unwrap();
+        assert!(!p.is_empty(), "{label}");
+        for o in p {
+            assert!(o.sensitive && !o.extractable && o.wrap_refused, "{label}: {o:?}");
+        }
+    }
+    let f = Fixture { dir, store, keys, names, vault };
     let err = keys::initialize(f.store.as_ref(), &f.keys, &f.names).await.unwrap_err();
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
     // A second installation on the same token with an empty store is refused clearly.
@@ -204,8 +225,8 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
         assert_eq!(cached.open(&ctx, &sealed).await.unwrap().as_slice(), br#"{"value":"v"}"#);
     }
     // Another path or version (different associated data): refused despite the cached key.
-    assert!(cached.open(&record_context(&b, 1), &sealed).await.is_err());
-    assert!(cached.open(&record_context(&a, 2), &sealed).await.is_err());
+    assert!(matches!(cached.open(&record_context(&b, 1), &sealed).await, Err(Error::Barrier(BarrierError::Integrity))));
+    assert!(matches!(cached.open(&record_context(&a, 2), &sealed).await, Err(Error::Barrier(BarrierError::Integrity))));
     // Tampered ciphertext: refused.
     let mut bad = sealed.clone();
     let last = bad.len() - 1;
