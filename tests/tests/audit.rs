@@ -267,6 +267,14 @@ async fn a_deleted_truncated_or_replaced_log_is_noticed() {
                 std::fs::write(p, b"").unwrap();
             }),
         ),
+        (
+            "appended_by_another_writer",
+            Box::new(|p: &Path| {
+                use std::io::Write;
+                let mut f = std::fs::File::options().append(true).open(p).unwrap();
+                f.write_all(b"{\"type\":\"request\",\"forged\":true}\n").unwrap();
+            }),
+        ),
     ] {
         ok(c.get("sys/health", &s.root).await, 200);
         damage(&log);
@@ -284,7 +292,30 @@ async fn a_deleted_truncated_or_replaced_log_is_noticed() {
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains("anomaly"))
         .count();
-    assert_eq!(aside, 2, "the truncated and the replaced file are kept for inspection");
+    assert_eq!(aside, 3, "the truncated, replaced and appended files are kept for inspection");
+}
+
+#[tokio::test]
+async fn a_torn_last_line_is_cut_at_start_and_recorded() {
+    let mut s = TestServer::start(ServerOptions::default());
+    ok(s.client().put("secret/t", &s.root, json!({"value": "v"})).await, 200);
+    s.stop();
+    // A crash in the middle of a write leaves part of a line.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::options().append(true).open(s.audit_log()).unwrap();
+        f.write_all(b"{\"type\":\"request\",\"request_id\":\"cut-her").unwrap();
+    }
+    let key = s.export_audit_key();
+    assert!(verify_cli(&key, &[s.audit_log()], false).1.contains("truncated_after_checkpoint"));
+    s.restart();
+    ok(s.client().get("secret/t", &s.root).await, 200);
+    s.stop();
+    let text = std::fs::read_to_string(s.audit_log()).unwrap();
+    assert!(!text.contains("cut-her"), "the partial line is gone");
+    assert!(text.contains("\"reason\":\"torn_write_recovered\""), "{text}");
+    let (good, out) = verify_cli(&key, &[s.audit_log()], false);
+    assert!(good && out.contains("gaps=1"), "{out}");
 }
 
 #[tokio::test]

@@ -264,3 +264,131 @@ async fn token_signing_rotation_keeps_old_tokens_valid() {
     // Retiring v1 now would break live tokens: refused.
     ok(c.post("sys/rotate/token-signing/retire", Some(&root), json!({})).await, 409);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_rotation_by_age_and_by_encryptions() {
+    let mut s = TestServer::start(ServerOptions {
+        extra: "[rotation]\nmaster_max_age = \"30d\"\nmaster_max_encryptions = 20\ncheck_interval = \"1s\"\n".into(),
+        settable_clock: true,
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    let active = |c: Client, root: String| async move {
+        ok(c.get("sys/rotate/status", &root).await, 200).body["data"]["active_version"].as_u64().unwrap()
+    };
+    let wait_for_version = |c: Client, root: String, v: u64| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = ok(c.get("sys/rotate/status", &root).await, 200).body["data"].clone();
+            if st["active_version"] == v && st["state"] == "idle" {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no automatic rotation to v{v}: {st}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Below both limits: nothing happens.
+    seed(&c, &root, 10).await;
+    assert_eq!(active(c.clone(), root.clone()).await, 1);
+    // More records sealed under v1 than allowed: a rotation starts by itself.
+    for i in 0..15 {
+        ok(c.put(&format!("secret/more/{i}"), &root, json!({"value": "v"})).await, 200);
+    }
+    wait_for_version(c.clone(), root.clone(), 2).await;
+    // The active version grows older than allowed: another one. (A month on, the root
+    // token has expired: a watcher logs in then, with a secret id that does not expire.)
+    let watch = r#"path "sys/rotate/status" { capabilities = ["read"] }"#;
+    ok(c.put("sys/policies/acl/watch", &root, json!({ "policy": watch })).await, 204);
+    ok(
+        c.post("auth/approle/role/watcher", Some(&root), json!({"token_policies": ["watch"], "secret_id_ttl": 0}))
+            .await,
+        204,
+    );
+    let sid =
+        ok(c.post("auth/approle/role/watcher/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    s.advance_clock(31 * 24 * 3600);
+    let watcher =
+        ok(c.post("auth", None, json!({"role": "watcher", "secret_id": sid})).await, 200).body["auth"]["client_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    wait_for_version(c.clone(), watcher.clone(), 3).await;
+    assert!(s.log_text().contains("automatic master key rotation started"));
+    let st = ok(c.get("sys/rotate/status", &watcher).await, 200).body["data"].clone();
+    assert_eq!(st["records_by_version"], json!({"3": 25}), "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_command_shows_progress_and_retires() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    seed(&c, &root, 300).await;
+    let out = std::process::Command::new(keyvault_tests::keyvault_bin())
+        .args(["operator", "rotate", "--retire", "--address", &s.addr, "--ca-file"])
+        .arg(&s.server_ca_file)
+        .env("KEYVAULT_TOKEN", &root)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("master key v2 is active; re-wrapping stored data keys"), "{stdout}");
+    // The progress line: percentage, records done of all, rate, versions in use.
+    let progress = stderr.split('\r').map(str::trim).filter(|l| !l.is_empty()).last().unwrap_or_default().to_owned();
+    assert!(progress.starts_with("100.0%") && progress.contains("300/300 records"), "{stderr:?}");
+    assert!(stdout.contains("re-wrap finished") && stdout.contains("retired master key versions [1]"), "{stdout}");
+    assert_eq!(s.token_keys("keyvault/master/"), vec!["keyvault/master/v2"]);
+    // Without a token: a clear error, exit status 1.
+    let out = std::process::Command::new(keyvault_tests::keyvault_bin())
+        .args(["operator", "rotate", "--address", &s.addr, "--ca-file"])
+        .arg(&s.server_ca_file)
+        .env_remove("KEYVAULT_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rotate answered 401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_token_signing_version_verifies_nothing_any_more() {
+    let mut s = TestServer::start(ServerOptions { settable_clock: true, ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    // An administrator who can log in later (a secret id that does not expire).
+    let admin = r#"path "sys/rotate/*" { capabilities = ["update", "sudo"] }"#;
+    ok(c.put("sys/policies/acl/admin", &root, json!({ "policy": admin })).await, 204);
+    ok(
+        c.post("auth/approle/role/admin", Some(&root), json!({"token_policies": ["admin"], "secret_id_ttl": 0})).await,
+        204,
+    );
+    let sid =
+        ok(c.post("auth/approle/role/admin/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let login = || c.post("auth", None, json!({"role": "admin", "secret_id": sid}));
+    let old = ok(login().await, 200).body["auth"]["client_token"].as_str().unwrap().to_owned();
+    ok(c.post("sys/rotate/token-signing", Some(&old), json!({})).await, 200);
+    ok(c.post("sys/rotate/token-signing/retire", Some(&old), json!({})).await, 409);
+    // Once the longest token lifetime has passed, retiring works...
+    s.advance_clock(7 * 24 * 3600 + 60);
+    let fresh = ok(login().await, 200).body["auth"]["client_token"].as_str().unwrap().to_owned();
+    let r = ok(c.post("sys/rotate/token-signing/retire", Some(&fresh), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([1]));
+    assert_eq!(s.token_keys("keyvault/token-signing/"), vec!["keyvault/token-signing/v2"]);
+    let jwks = ok(c.send("GET", "auth/jwks", None, None).await, 200);
+    assert_eq!(jwks.body["keys"].as_array().unwrap().len(), 1);
+    // ...and a token v1 signed is refused for its key, not only for its age.
+    ok(c.get("auth/token/lookup-self", &old).await, 401);
+    let audit = std::fs::read_to_string(s.audit_log()).unwrap();
+    assert!(audit.contains("\"reason\":\"unknown_signing_key\""), "the refusal names the retired key");
+    ok(c.get("auth/token/lookup-self", &fresh).await, 200);
+}

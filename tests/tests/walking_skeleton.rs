@@ -170,12 +170,32 @@ async fn unit_start_up_and_admin_flows_over_tls() {
     assert_eq!(c.get("secret/db?list=true", &root).await.body["data"]["keys"], json!(["password", "replica/"]));
     assert_eq!(c.send("LIST", "secret/", Some(&root), None).await.body["data"]["keys"], json!(["db/"]));
 
-    // Nothing secret reached the log (debug level), though the requests did.
+    // A bootstrap token, minted and used.
+    let minted = c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["web-read"]})).await;
+    let bootstrap = minted.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
+    let from_bootstrap = token_of(&c.post("auth/bootstrap/login", None, json!({"token": bootstrap})).await);
+
+    // Nothing secret reached the server log (debug level), though the requests did, nor
+    // any file in the data directory (storage, audit log, token directory).
     let log = s.log_text();
     assert!(log.contains("request"), "the log is being written");
-    for secret in [SECRET_VALUE, PASSWORD, &web.secret_id, &batch.secret_id, &unit, &unit2, &alice, &root, &batch_token]
-    {
-        assert!(!log.contains(secret), "a secret value reached the log");
+    let secrets = [
+        SECRET_VALUE,
+        PASSWORD,
+        &web.secret_id,
+        &batch.secret_id,
+        &bootstrap,
+        &unit,
+        &unit2,
+        &alice,
+        &root,
+        &batch_token,
+        &from_bootstrap,
+    ];
+    for (i, secret) in secrets.iter().enumerate() {
+        assert!(!log.contains(secret), "secret {i} reached the log");
+        let hits = keyvault_tests::files_containing(&s.data_dir, secret.as_bytes());
+        assert!(hits.is_empty(), "secret {i} is in {hits:?}");
     }
 }
 

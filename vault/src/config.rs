@@ -41,15 +41,26 @@ pub struct RotationConfig {
     /// random IVs stays far from its 2^32 limit with the default).
     #[serde(default = "default_max_encryptions")]
     pub master_max_encryptions: Option<u64>,
+    /// How often each replica checks the two limits above.
+    #[serde(default = "default_check_interval", deserialize_with = "duration")]
+    pub check_interval: Duration,
 }
 
 fn default_max_encryptions() -> Option<u64> {
     Some(1 << 30)
 }
 
+fn default_check_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
 impl Default for RotationConfig {
     fn default() -> Self {
-        RotationConfig { master_max_age: None, master_max_encryptions: default_max_encryptions() }
+        RotationConfig {
+            master_max_age: None,
+            master_max_encryptions: default_max_encryptions(),
+            check_interval: default_check_interval(),
+        }
     }
 }
 

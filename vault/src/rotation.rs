@@ -238,9 +238,16 @@ impl Rotation {
         versions_in_use.dedup();
         let rewrapping = r.state == "rewrapping";
         let elapsed = unix_now().saturating_sub(r.started_at).max(1) as f64;
+        // `starting`: a new version is being made and the older ones closed; a moment later
+        // it is `rewrapping`. Either way, not idle.
+        let state = match r.state.as_str() {
+            "rewrapping" => "rewrapping",
+            "starting" if !lease_expired_now(r.lease_until) => "starting",
+            _ => "idle",
+        };
         Ok(Status {
             active_version: active.get(),
-            state: if rewrapping { "rewrapping".into() } else { "idle".into() },
+            state: state.into(),
             records_done: r.done,
             records_remaining: remaining,
             rate_per_second: if rewrapping { r.done as f64 / elapsed } else { 0.0 },

@@ -363,7 +363,7 @@ impl Vault {
                     if let Err(e) = me.sync_once().await {
                         tracing::warn!(error = %e, "following the keyring failed");
                     }
-                    if last_auto_check.elapsed() >= Duration::from_secs(10) {
+                    if last_auto_check.elapsed() >= me.rotation_config.check_interval {
                         last_auto_check = std::time::Instant::now();
                         let sealed = me.barrier.sealed_count();
                         if let Err(e) = me.auto_rotate(sealed - reported).await {
