@@ -338,8 +338,7 @@ async fn the_operator_command_shows_progress_and_retires() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("master key v2 is active; re-wrapping stored data keys"), "{stdout}");
     // The progress line: percentage, records done of all, rate, versions in use.
-    let progress =
-        stderr.split('\r').map(str::trim).filter(|l| !l.is_empty()).next_back().unwrap_or_default().to_owned();
+    let progress = stderr.split('\r').map(str::trim).rfind(|l| !l.is_empty()).unwrap_or_default().to_owned();
     assert!(progress.starts_with("100.0%") && progress.contains("300/300 records"), "{stderr:?}");
     assert!(stdout.contains("re-wrap finished") && stdout.contains("retired master key versions [1]"), "{stdout}");
     assert_eq!(s.token_keys("keyvault/master/"), vec!["keyvault/master/v2"]);
