@@ -312,6 +312,30 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     hits
 }
 
+/// A TLS client trusting `ca`, presenting `identity` (`cert || key` PEM) if given: for
+/// tests that speak TLS and HTTP by hand.
+pub fn tls_connector(ca: &Path, identity: Option<&[u8]>) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in keyvault::tls::load_certs(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(pem) => {
+            let certs: Vec<_> =
+                rustls::pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
 /// A TLS connection to `addr` (`https://host:port`) trusting `ca`, from `local` if given:
 /// for tests that speak HTTP by hand (slow clients, partial requests).
 pub async fn tls_connect(
@@ -321,16 +345,7 @@ pub async fn tls_connect(
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let hostport = addr.trim_start_matches("https://");
     let port: u16 = hostport.rsplit(':').next().unwrap().parse().unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in keyvault::tls::load_certs(ca).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = tls_connector(ca, None);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     if let Some(l) = local {
         socket.bind((l, 0).into()).unwrap();
@@ -385,16 +400,7 @@ pub async fn wait_for(within: Duration, what: &str, mut f: impl FnMut() -> bool)
 pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, token: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hostport = addr.trim_start_matches("https://");
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in keyvault::tls::load_certs(ca).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = tls_connector(ca, None);
     let tcp = tokio::net::TcpStream::connect(hostport).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = connector.connect(name, tcp).await.unwrap();
@@ -413,28 +419,10 @@ pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, tok
 /// alert (e.g. `CertificateRevoked`, `CertificateExpired`, `UnknownCA`,
 /// `CertificateRequired`) is what the read fails with. `None` if the server answered.
 pub async fn tls_alert(addr: &str, ca: &Path, identity: Option<&[u8]>) -> Option<String> {
-    use rustls::pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hostport = addr.trim_start_matches("https://");
     let port: u16 = hostport.rsplit(':').next().unwrap().parse().unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in keyvault::tls::load_certs(ca).unwrap() {
-        roots.add(cert).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match identity {
-        Some(pem) => {
-            let certs: Vec<_> =
-                rustls::pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().unwrap();
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem).unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = tls_connector(ca, identity);
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = match connector.connect(name, tcp).await {

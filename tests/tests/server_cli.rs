@@ -4,15 +4,22 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use keyvault::tls::DevPki;
 use keyvault_hsm::softhsm::testing;
+use keyvault_tests::pki::TestCa;
 use keyvault_tests::{Client, json, keyvault_bin};
 use secrecy::ExposeSecret;
+
+/// The server's TLS files.
+struct Pki {
+    ca_cert: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
 
 struct Install {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
-    pki: DevPki,
+    pki: Pki,
     module: PathBuf,
     label: String,
     pin_file: PathBuf,
@@ -26,8 +33,16 @@ fn install() -> Install {
     let token = testing::token_config();
     let pin_file = dir.join("hsm-pin");
     std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
-    let pki = DevPki::in_dir(&dir.join("tls"));
-    pki.ensure().unwrap();
+    let ca = TestCa::new("KeyVault test CA");
+    let server = ca.leaf("localhost", &["localhost", "127.0.0.1"], 1, true);
+    let pki = Pki {
+        ca_cert: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server-key.pem"),
+    };
+    std::fs::write(&pki.ca_cert, ca.pem()).unwrap();
+    std::fs::write(&pki.server_cert, &server.cert_pem).unwrap();
+    std::fs::write(&pki.server_key, &server.key_pem).unwrap();
     Install { _tmp: tmp, dir, pki, module: token.module.clone(), label: token.token_label.clone(), pin_file }
 }
 

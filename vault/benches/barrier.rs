@@ -9,12 +9,10 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use keyvault::barrier::{decrypt_value, encrypt_value};
-use keyvault::keys::{self, KeyNames, KeyVersion};
+use keyvault::barrier::{Barrier, decrypt_value, encrypt_value};
+use keyvault::keys::{self, KeyNames, KeyVersion, SharedKeyring};
 use keyvault::secrets::{SecretPath, record_context};
 use keyvault::store::{SledStore, Store};
-use keyvault::vault::Vault;
-use keyvault::vault::VaultSettings;
 use keyvault_hsm::KeyStore;
 use keyvault_hsm::softhsm::testing;
 
@@ -25,20 +23,20 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let names = KeyNames::new("keyvault").unwrap();
-    rt.block_on(keys::initialize(store.as_ref(), &keys, &names)).unwrap();
-    let vault = rt.block_on(Vault::from_parts(store, keys.clone(), names.clone(), VaultSettings::default())).unwrap();
+    let ring = rt.block_on(keys::initialize(store.as_ref(), &keys, &names)).unwrap();
+    let barrier = Barrier::new(keys.clone(), names.clone(), SharedKeyring::new(ring, store));
     let path = SecretPath::parse("bench/value").unwrap();
     let ctx = record_context(&path, 1);
     let value = vec![b'x'; 1024];
-    let sealed = rt.block_on(vault.barrier.seal(&ctx, &value)).unwrap();
+    let sealed = rt.block_on(barrier.seal(&ctx, &value)).unwrap();
     let kek = names.master(KeyVersion::FIRST);
     let dek = [7u8; 32];
     let wrapped = keys.wrap_key(&kek, &dek, b"aad").unwrap();
 
     let mut g = c.benchmark_group("barrier");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("seal_1KiB", |b| b.iter(|| rt.block_on(vault.barrier.seal(&ctx, &value)).unwrap()));
-    g.bench_function("open_1KiB", |b| b.iter(|| rt.block_on(vault.barrier.open(&ctx, &sealed)).unwrap()));
+    g.bench_function("seal_1KiB", |b| b.iter(|| rt.block_on(barrier.seal(&ctx, &value)).unwrap()));
+    g.bench_function("open_1KiB", |b| b.iter(|| rt.block_on(barrier.open(&ctx, &sealed)).unwrap()));
     g.bench_function("token_wrap_32B", |b| b.iter(|| keys.wrap_key(&kek, &dek, b"aad").unwrap()));
     g.bench_function("token_unwrap_32B", |b| b.iter(|| keys.unwrap_key(&kek, &wrapped, b"aad").unwrap()));
     let nonce = [1u8; 12];

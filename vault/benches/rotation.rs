@@ -13,10 +13,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyvault::keys::{self, Family, KeyNames, KeyVersion};
-use keyvault::secrets::SecretPath;
+use keyvault::barrier::Barrier;
+use keyvault::keys::{self, Family, KeyNames, KeyVersion, SharedKeyring};
+use keyvault::rotation::Rotation;
+use keyvault::secrets::{SecretPath, Secrets};
 use keyvault::store::{PostgresOptions, PostgresStore, SledStore, Store};
-use keyvault::vault::{Vault, VaultSettings};
 use keyvault_hsm::KeyStore;
 use keyvault_hsm::softhsm::testing;
 
@@ -38,20 +39,23 @@ fn main() {
         _ => Arc::new(SledStore::open(dir.path()).unwrap()),
     };
     let names = KeyNames::new("keyvault").unwrap();
-    rt.block_on(keys::initialize(store.as_ref(), &keys, &names)).unwrap();
-    let vault =
-        rt.block_on(Vault::from_parts(store.clone(), keys.clone(), names.clone(), VaultSettings::default())).unwrap();
+    let ring = rt.block_on(keys::initialize(store.as_ref(), &keys, &names)).unwrap();
+    rt.block_on(keyvault::usage::ensure_counted(store.as_ref())).unwrap();
+    let keyring = SharedKeyring::new(ring, store.clone());
+    let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone());
+    let secrets = Arc::new(Secrets::new(store.clone(), barrier.clone(), 100));
+    let rotation = Rotation::new(store.clone(), keys.clone(), names.clone(), keyring, barrier);
 
     // The stored secrets, 64 writers at a time (their fsyncs are shared).
     let t0 = Instant::now();
     rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for w in 0..64 {
-            let vault = vault.clone();
+            let secrets = secrets.clone();
             set.spawn(async move {
                 for i in (w..records).step_by(64) {
                     let path = SecretPath::parse(&format!("bench/rotation/{i:07}")).unwrap();
-                    vault.secrets.write(&path, format!("{{\"value\":\"value-{i}\"}}").as_bytes()).await.unwrap();
+                    secrets.write(&path, format!("{{\"value\":\"value-{i}\"}}").as_bytes()).await.unwrap();
                 }
             });
         }
@@ -82,11 +86,11 @@ fn main() {
     // The rotation itself, driven to the end as the background driver would.
     let t0 = Instant::now();
     let rate = rt.block_on(async {
-        let target = vault.rotation.start().await.unwrap();
+        let target = rotation.start().await.unwrap();
         assert_eq!(target.get(), 3);
-        while vault.rotation.step().await.unwrap() {}
+        while rotation.step().await.unwrap() {}
         let elapsed = t0.elapsed().as_secs_f64();
-        let status = vault.rotation.status().await.unwrap();
+        let status = rotation.status().await.unwrap();
         assert_eq!(status.versions_in_use, vec![3], "every record re-wrapped to v3");
         assert_eq!(status.state, "idle");
         records as f64 / elapsed
@@ -100,6 +104,6 @@ fn main() {
         "rotation/rewrap: {records} records in {elapsed:.1} s: {rate:.0} records/s = {:.0}% of the raw rate ({raw_rate:.0}/s)",
         rate * 100.0 / raw_rate
     );
-    drop(vault);
+    drop((secrets, rotation));
     std::thread::sleep(Duration::from_millis(10));
 }

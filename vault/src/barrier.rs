@@ -1,4 +1,4 @@
-//! Envelope encryption (DESIGN §4): every stored value is sealed under its own data key.
+//! Envelope encryption (docs/architecture.md): every stored value is sealed under its own data key.
 //!
 //! `seal`: a fresh random 256-bit data key (DEK) encrypts the value with AES-256-GCM in
 //! process; the associated data binds the record to its purpose, path and version, so a
@@ -29,7 +29,6 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::hsm_call;
 use crate::keys::{KeyNames, KeyVersion, SharedKeyring};
-use crate::store::Store;
 
 const MAGIC: &[u8; 3] = b"KVR";
 const FORMAT_V1: u8 = 1;
@@ -278,9 +277,6 @@ pub struct Barrier {
     dek_cache: Option<Arc<DekCache>>,
     /// Records sealed by this process (automatic rotation by number of encryptions).
     sealed: Arc<std::sync::atomic::AtomicU64>,
-    /// Where to re-read the keyring when a record names a master key version this
-    /// replica has not heard of yet (another replica rotated less than a sync ago).
-    store: Option<Arc<dyn Store>>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -291,30 +287,18 @@ impl std::fmt::Debug for Barrier {
 
 impl Barrier {
     pub fn new(keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
-        Barrier { keys, names, keyring, dek_cache: None, sealed: Default::default(), store: None }
+        Barrier { keys, names, keyring, dek_cache: None, sealed: Default::default() }
     }
 
-    /// Re-read the keyring from `store` when a record needs a master key version this
-    /// process does not know yet, instead of failing the request.
-    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
-        self.store = Some(store);
-        self
-    }
-
-    /// Make sure master key version `v` is in the keyring, re-reading it from the store
-    /// when needed. Only the master family is taken from the fresh copy: the periodic sync
-    /// notices the rest (and reloads token verification keys when they changed).
+    /// Make sure master key version `v` is in the keyring, following the stored keyring
+    /// when it is not (another replica rotated less than a sync ago).
     async fn ensure_known(&self, v: KeyVersion) -> Result<()> {
         if self.keyring.load().master.versions.contains(&v) {
             return Ok(());
         }
-        if let Some(store) = &self.store
-            && let Some(fresh) = crate::keys::load(store.as_ref()).await?
-            && fresh.master.versions.contains(&v)
-        {
-            let current = self.keyring.load_full();
-            self.keyring.store(Arc::new(crate::keys::Keyring { master: fresh.master, ..(*current).clone() }));
-            tracing::info!(version = v.get(), "master key version added by another replica; following it");
+        // Whether this call or a concurrent one took the change, look again.
+        self.keyring.follow().await?;
+        if self.keyring.load().master.versions.contains(&v) {
             return Ok(());
         }
         Err(Error::Barrier(BarrierError::UnknownKeyVersion(v)))
@@ -333,6 +317,12 @@ impl Barrier {
         self.keyring.load().master.active
     }
 
+    /// Follow the stored keyring (a rotation closed the version this process sealed
+    /// under); whether anything changed.
+    pub async fn follow_keyring(&self) -> Result<bool> {
+        self.keyring.follow().await
+    }
+
     /// Records sealed by this process so far.
     pub fn sealed_count(&self) -> u64 {
         self.sealed.load(std::sync::atomic::Ordering::Relaxed)
@@ -347,7 +337,7 @@ impl Barrier {
             Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label))) => {
                 // The periodic sync may have caught up meanwhile: compare with the version
                 // this attempt used, not with what was known a moment ago.
-                self.follow_store().await?;
+                self.keyring.follow().await?;
                 let active = self.active_version();
                 if active != used {
                     return self.seal_once(ctx, plaintext, active).await;
@@ -356,21 +346,6 @@ impl Barrier {
             }
             other => other,
         }
-    }
-
-    /// Re-read the master family from the store; returns whether the active version
-    /// changed (another replica rotated or retired).
-    pub async fn follow_store(&self) -> Result<bool> {
-        let Some(store) = &self.store else { return Ok(false) };
-        let Some(fresh) = crate::keys::load(store.as_ref()).await? else { return Ok(false) };
-        let current = self.keyring.load_full();
-        if current.master == fresh.master {
-            return Ok(false);
-        }
-        let changed = current.master.active != fresh.master.active;
-        self.keyring.store(Arc::new(crate::keys::Keyring { master: fresh.master, ..(*current).clone() }));
-        tracing::info!(active = %self.active_version(), "master key versions changed by another replica; following them");
-        Ok(changed)
     }
 
     async fn seal_once(&self, ctx: &RecordContext<'_>, plaintext: &[u8], kek_version: KeyVersion) -> Result<Vec<u8>> {
@@ -414,7 +389,7 @@ impl Barrier {
             .iter()
             .any(|i| Record::parse(&i.stored).is_ok_and(|r| !ring.master.versions.contains(&r.kek_version)));
         if unknown || !ring.master.versions.contains(&to) {
-            self.follow_store().await?;
+            self.keyring.follow().await?;
         }
         self.ensure_known(to).await?;
         let known = self.keyring.load().master.versions.clone();

@@ -28,6 +28,40 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// Where the engines and auth methods are mounted (`[[mounts]]`); when absent, the
+    /// defaults of [`default_mounts`]. When given, it is the whole list.
+    #[serde(default = "default_mounts")]
+    pub mounts: Vec<MountConfig>,
+}
+
+/// One `[[mounts]]` entry: an engine or auth method of a kind at a path. Auth methods are
+/// mounted under `auth/`, everything else elsewhere; `sys/` and `auth/token/` are fixed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    /// The mount path, e.g. `"secret"` or `"auth/approle"` (a trailing `/` is optional).
+    pub path: String,
+    /// The kind: `kv`, `transit`, `gateway`, `approle`, `userpass`, `cert`, `kubernetes`,
+    /// `bootstrap`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// Today's mounts: what an installation serves when its configuration names none.
+pub fn default_mounts() -> Vec<MountConfig> {
+    [
+        ("secret", "kv"),
+        ("transit", "transit"),
+        ("gateway", "gateway"),
+        ("auth/approle", "approle"),
+        ("auth/userpass", "userpass"),
+        ("auth/cert", "cert"),
+        ("auth/kubernetes", "kubernetes"),
+        ("auth/bootstrap", "bootstrap"),
+    ]
+    .into_iter()
+    .map(|(path, kind)| MountConfig { path: path.into(), kind: kind.into() })
+    .collect()
 }
 
 /// `[rotation]`: automatic master key rotation, like Vault's keyring.

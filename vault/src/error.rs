@@ -1,5 +1,5 @@
-//! The domain error of the vault crate. `http::error` is the one place that turns it into
-//! a status code and a reply.
+//! The domain error of the vault crate: what went wrong, in the domain's words. The
+//! transport (`http::error`) is the one place that turns it into a status code.
 
 use keyvault_hsm::HsmError;
 
@@ -85,31 +85,22 @@ pub enum Error {
     /// Valid identity, not allowed (403).
     #[error("permission denied")]
     PermissionDenied,
-    /// (404)
+    /// Nothing there.
     #[error("{0}")]
     NotFound(String),
-    /// (405)
-    #[error("method not allowed")]
-    MethodNotAllowed,
-    /// The request conflicts with the current state (409).
+    /// The path exists but does not support the operation (a write to a read-only path).
+    #[error("unsupported operation")]
+    UnsupportedOperation,
+    /// The request conflicts with the current state (a concurrent change won).
     #[error("{0}")]
     Conflict(String),
-    /// (413)
-    #[error("request body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: usize },
-    /// (415)
-    #[error("{0}")]
-    UnsupportedMediaType(String),
-    /// Too many attempts (429).
+    /// Too many failed attempts; retry later.
     #[error("too many requests, retry after {retry_after_secs} s")]
-    TooManyRequests { retry_after_secs: u64 },
-    /// This replica cannot serve now (its clock is too far from the others'); the message
-    /// is ours and safe to show (503).
+    RateLimited { retry_after_secs: u64 },
+    /// This replica cannot serve now (its clock is too far from the others', too many
+    /// bodies in flight); the message is ours and safe to show.
     #[error("{0}")]
     Unavailable(String),
-    /// The request took too long to arrive (408).
-    #[error("{0}")]
-    RequestTimeout(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -131,6 +122,35 @@ impl Error {
         Error::InvalidRequest(msg.into())
     }
 
+    /// Whether this is a failure on the server's side (storage, the HSM, a record's
+    /// integrity, a bug) rather than a refusal of the request.
+    pub fn is_server_side(&self) -> bool {
+        matches!(
+            self,
+            Error::Store(_)
+                | Error::Hsm(_)
+                | Error::Barrier(_)
+                | Error::Config(_)
+                | Error::Internal(_)
+                | Error::Unavailable(_)
+        )
+    }
+
+    /// What a client is told: the precise message for a refusal; for a server-side
+    /// failure, what it may know (storage or HSM unavailable, a damaged record, a missing
+    /// key) and never internal details.
+    pub fn client_message(&self) -> String {
+        match self {
+            Error::Store(StoreError::Unavailable(_)) => "storage is unavailable, retry later".into(),
+            Error::Hsm(h) if h.is_unavailable() => "the key store (HSM) is unavailable, retry later".into(),
+            Error::Barrier(BarrierError::Integrity) => "a stored record failed its integrity check".into(),
+            Error::Hsm(HsmError::KeyNotFound(label)) => format!("key {label} is missing from the HSM"),
+            Error::Unavailable(m) => m.clone(),
+            e if e.is_server_side() => "internal error".into(),
+            e => e.to_string(),
+        }
+    }
+
     /// A stable code for the audit log's `reason`.
     pub fn audit_code(&self) -> &'static str {
         match self {
@@ -138,13 +158,10 @@ impl Error {
             Error::Unauthenticated(f) => f.code(),
             Error::PermissionDenied => "permission_denied",
             Error::NotFound(_) => "not_found",
-            Error::MethodNotAllowed => "method_not_allowed",
+            Error::UnsupportedOperation => "method_not_allowed",
             Error::Conflict(_) => "conflict",
-            Error::PayloadTooLarge { .. } => "payload_too_large",
-            Error::UnsupportedMediaType(_) => "unsupported_media_type",
-            Error::TooManyRequests { .. } => "rate_limited",
+            Error::RateLimited { .. } => "rate_limited",
             Error::Unavailable(_) => "unavailable",
-            Error::RequestTimeout(_) => "request_timeout",
             Error::Store(_) => "storage_error",
             Error::Hsm(_) => "hsm_error",
             Error::Barrier(_) => "integrity_error",
@@ -152,3 +169,7 @@ impl Error {
         }
     }
 }
+
+/// Requests that failed because a key KeyVault's state names is missing from the token
+/// (reported by `/v1/sys/health`).
+pub static MISSING_KEY_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

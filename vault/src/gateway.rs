@@ -1,7 +1,8 @@
-//! Gateway signature checks (DESIGN §2 journey 2): is a producer's signed request genuine,
+//! Gateway signature checks (docs/architecture.md, "The gateway check"): is a producer's signed request genuine,
 //! fresh, not replayed, and within its tenant mapping?
 //!
-//! The producer signs `"{timestamp}.{nonce}." + raw_body` with Ed25519. Checks, in order:
+//! The producer signs `"{timestamp}.{nonce}." + raw_body` with Ed25519
+//! ([`keyvault_api::gateway::signing_input`]). Checks, in order:
 //! identity known and its certificate fingerprint pinned (401 `identity_mismatch`, or 401
 //! `revoked_identity` after the kill switch), timestamp within the producer's skew (401
 //! `timestamp_out_of_skew`), signature valid under an active key (401 `invalid_signature`),
@@ -17,7 +18,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, VerifyingKey};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::auth::revocation::{Identity, Revocations};
@@ -27,60 +28,11 @@ use crate::transit::Transit;
 use crate::unix_now;
 
 const PREFIX: &str = "gateway/producers/";
-pub const MAX_BATCH: usize = 1000;
+pub use keyvault_api::gateway::{MAX_BATCH, Producer, ProducerKey, Timestamp, VerifyItem, signing_input, valid_nonce};
+
 const MAX_SKEW: u64 = 300;
 /// The longest a nonce is remembered (a day).
 const MAX_NONCE_TTL: u64 = 24 * 3600;
-/// Nonces: 16 to 128 characters of `[A-Za-z0-9_-]` (base64url), so that the signing input
-/// `"{timestamp}.{nonce}." + body` splits one way only (neither part can contain `.`).
-pub const NONCE_MIN: usize = 16;
-pub const NONCE_MAX: usize = 128;
-
-fn valid_nonce(n: &str) -> bool {
-    (NONCE_MIN..=NONCE_MAX).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// One signing key of a producer. Several at once give a dual-validation window during a
-/// key rotation; `not_after` closes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProducerKey {
-    pub key_id: String,
-    /// Base64 of the 32-byte Ed25519 public key.
-    pub public_key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_after: Option<u64>,
-}
-
-/// A registered producer (`POST /v1/gateway/producers/<identity>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Producer {
-    /// SHA-256 fingerprints (hex) of the client certificates this producer presents.
-    pub cert_sha256: Vec<String>,
-    #[serde(default)]
-    pub keys: Vec<ProducerKey>,
-    /// A named Ed25519 transit key in this HSM instead of (or besides) `keys`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transit_key: Option<String>,
-    /// operator id → tenant id; when set, bodies must carry matching signed metadata.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub operator_tenants: BTreeMap<String, String>,
-    #[serde(default = "default_skew")]
-    pub clock_skew_seconds: u64,
-    #[serde(default = "default_nonce_ttl")]
-    pub nonce_ttl_seconds: u64,
-    /// Set by the kill switch: every request of this producer is refused.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub disabled: bool,
-}
-
-fn default_skew() -> u64 {
-    30
-}
-fn default_nonce_ttl() -> u64 {
-    120
-}
 
 /// Producer identities: 1-256 characters, no whitespace or control characters (SPIFFE IDs
 /// are fine).
@@ -97,71 +49,42 @@ fn decode_public_key(b64: &str) -> Option<VerifyingKey> {
     VerifyingKey::from_bytes(&raw).ok().filter(|k| !k.is_weak())
 }
 
-impl Producer {
-    fn validate(mut self) -> Result<Self> {
-        if self.cert_sha256.is_empty() {
-            return Err(Error::invalid("a producer needs at least one pinned cert_sha256"));
+/// Check and normalize a producer before it is stored.
+fn validate_producer(mut p: Producer) -> Result<Producer> {
+    if p.cert_sha256.is_empty() {
+        return Err(Error::invalid("a producer needs at least one pinned cert_sha256"));
+    }
+    p.cert_sha256 = p.cert_sha256.iter().map(|f| crate::auth::cert::normalize_fingerprint(f)).collect::<Result<_>>()?;
+    if p.keys.is_empty() && p.transit_key.is_none() {
+        return Err(Error::invalid("a producer needs keys or a transit_key"));
+    }
+    for k in &p.keys {
+        if k.key_id.is_empty() || k.key_id.len() > 128 {
+            return Err(Error::invalid("key_id must be 1-128 characters"));
         }
-        self.cert_sha256 =
-            self.cert_sha256.iter().map(|f| crate::auth::cert::normalize_fingerprint(f)).collect::<Result<_>>()?;
-        if self.keys.is_empty() && self.transit_key.is_none() {
-            return Err(Error::invalid("a producer needs keys or a transit_key"));
-        }
-        for k in &self.keys {
-            if k.key_id.is_empty() || k.key_id.len() > 128 {
-                return Err(Error::invalid("key_id must be 1-128 characters"));
-            }
-            if decode_public_key(&k.public_key).is_none() {
-                return Err(Error::invalid(format!(
-                    "key {}: public_key must be the base64 of a 32-byte Ed25519 key",
-                    k.key_id
-                )));
-            }
-        }
-        if let Some(t) = &self.transit_key {
-            crate::transit::validate_key_name(t)?;
-        }
-        if !(1..=MAX_SKEW).contains(&self.clock_skew_seconds) {
-            return Err(Error::invalid(format!("clock_skew_seconds must be 1-{MAX_SKEW}")));
-        }
-        // A nonce must be remembered for as long as its timestamp can be accepted: from
-        // `now - skew` to `now + skew` in whole seconds, so 2 x skew + 1 seconds at least.
-        let min_ttl = 2 * self.clock_skew_seconds + 1;
-        if !(min_ttl..=MAX_NONCE_TTL).contains(&self.nonce_ttl_seconds) {
+        if decode_public_key(&k.public_key).is_none() {
             return Err(Error::invalid(format!(
-                "nonce_ttl_seconds must be between 2 x clock_skew_seconds + 1 ({min_ttl}) and {MAX_NONCE_TTL}"
+                "key {}: public_key must be the base64 of a 32-byte Ed25519 key",
+                k.key_id
             )));
         }
-        self.disabled = false;
-        Ok(self)
     }
-}
-
-/// Accepts a timestamp as decimal text (the header value) or a JSON number.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Timestamp {
-    Text(String),
-    Number(u64),
-}
-
-/// One check: the five header values and the body.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VerifyItem {
-    #[serde(default)]
-    pub identity: Option<String>,
-    #[serde(default)]
-    pub cert_sha256: Option<String>,
-    #[serde(default)]
-    pub timestamp: Option<Timestamp>,
-    #[serde(default)]
-    pub nonce: Option<String>,
-    #[serde(default)]
-    pub signature: Option<String>,
-    /// Base64 of the raw body.
-    #[serde(default)]
-    pub body: Option<String>,
+    if let Some(t) = &p.transit_key {
+        crate::transit::validate_key_name(t)?;
+    }
+    if !(1..=MAX_SKEW).contains(&p.clock_skew_seconds) {
+        return Err(Error::invalid(format!("clock_skew_seconds must be 1-{MAX_SKEW}")));
+    }
+    // A nonce must be remembered for as long as its timestamp can be accepted: from
+    // `now - skew` to `now + skew` in whole seconds, so 2 x skew + 1 seconds at least.
+    let min_ttl = 2 * p.clock_skew_seconds + 1;
+    if !(min_ttl..=MAX_NONCE_TTL).contains(&p.nonce_ttl_seconds) {
+        return Err(Error::invalid(format!(
+            "nonce_ttl_seconds must be between 2 x clock_skew_seconds + 1 ({min_ttl}) and {MAX_NONCE_TTL}"
+        )));
+    }
+    p.disabled = false;
+    Ok(p)
 }
 
 /// The verdict on one item.
@@ -202,7 +125,7 @@ fn parse(item: &VerifyItem) -> Option<Parsed> {
         Timestamp::Text(t) => t.clone(),
         Timestamp::Number(n) => n.to_string(),
     };
-    if ts_text.is_empty() || ts_text.len() > 12 || !ts_text.bytes().all(|b| b.is_ascii_digit()) {
+    if !keyvault_api::gateway::valid_timestamp(&ts_text) {
         return None;
     }
     let ts = ts_text.parse().ok()?;
@@ -253,7 +176,7 @@ impl Gateway {
     /// must not exist); 409 otherwise.
     pub async fn put_producer(&self, identity: &str, p: Producer, expected: Option<&[u8]>) -> Result<()> {
         validate_identity(identity)?;
-        let new = encode_json(&p.validate()?);
+        let new = encode_json(&validate_producer(p)?);
         if !self.store.compare_and_swap(&Self::key(identity), expected, Some(&new)).await? {
             return Err(Error::Conflict(format!("producer {identity} changed concurrently; retry")));
         }
@@ -362,12 +285,7 @@ impl Gateway {
                 verdicts[i] = Some(Verdict::reject(401, "timestamp_out_of_skew", id));
                 continue;
             }
-            let mut message = Vec::with_capacity(p.ts_text.len() + p.nonce.len() + 2 + p.body.len());
-            message.extend_from_slice(p.ts_text.as_bytes());
-            message.push(b'.');
-            message.extend_from_slice(p.nonce.as_bytes());
-            message.push(b'.');
-            message.extend_from_slice(&p.body);
+            let message = signing_input(&p.ts_text, &p.nonce, &p.body);
             candidates.push((i, p, message));
         }
         let key_ids = verify_signatures(&candidates, &producers);

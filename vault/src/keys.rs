@@ -1,4 +1,4 @@
-//! The key hierarchy (DESIGN §4): which keys exist in the token, under which labels, and
+//! The key hierarchy (docs/architecture.md): which keys exist in the token, under which labels, and
 //! which version of each is active. The keyring lives in the store so that every replica
 //! agrees on it; the keys themselves live only in the token.
 
@@ -154,8 +154,81 @@ pub struct Keyring {
 
 pub const KEYRING_KEY: &str = "sys/keyring";
 
-/// The current keyring, shared by the barrier and the token issuer.
-pub type SharedKeyring = Arc<ArcSwap<Keyring>>;
+/// This process's copy of the keyring, and its one owner: everything reads the keyring
+/// through a handle, and the copy changes in two ways only, both here: this process
+/// commits a change to the stored keyring ([`SharedKeyring::add_version`],
+/// [`SharedKeyring::retire_version`]), or it follows the stored keyring after another
+/// replica changed it ([`SharedKeyring::follow`]). Cloning shares the copy.
+#[derive(Clone)]
+pub struct SharedKeyring {
+    ring: Arc<ArcSwap<Keyring>>,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for SharedKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedKeyring").field("master", &self.ring.load().master.active).finish_non_exhaustive()
+    }
+}
+
+impl SharedKeyring {
+    /// The owner of a keyring read from (or just written to) `store`.
+    pub fn new(ring: Keyring, store: Arc<dyn Store>) -> Self {
+        SharedKeyring { ring: Arc::new(ArcSwap::from_pointee(ring)), store }
+    }
+
+    /// Load the stored keyring; `None` if the installation is not initialized.
+    pub async fn open(store: Arc<dyn Store>) -> Result<Option<Self>> {
+        Ok(load(store.as_ref()).await?.map(|ring| Self::new(ring, store)))
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Keyring>> {
+        self.ring.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Keyring> {
+        self.ring.load_full()
+    }
+
+    /// Re-read the stored keyring and take it if it differs from this copy. Returns
+    /// whether anything changed. The one way another replica's change reaches this one
+    /// (the periodic sync, a record or token naming a version this copy lacks, a key
+    /// another replica retired).
+    pub async fn follow(&self) -> Result<bool> {
+        let Some(fresh) = load(self.store.as_ref()).await? else { return Ok(false) };
+        let current = self.ring.load_full();
+        if *current == fresh {
+            return Ok(false);
+        }
+        tracing::info!(
+            master = %fresh.master.active,
+            token_signing = %fresh.token_signing.active,
+            "keyring changed by another replica; following it"
+        );
+        self.ring.store(Arc::new(fresh));
+        Ok(true)
+    }
+
+    /// Generate version N+1 of `family` and make it active (see [`add_version`]).
+    pub async fn add_version(&self, keys: &Arc<dyn KeyStore>, names: &KeyNames, family: Family) -> Result<Keyring> {
+        let ring = add_version(self.store.as_ref(), keys, names, family).await?;
+        self.ring.store(Arc::new(ring.clone()));
+        Ok(ring)
+    }
+
+    /// Retire version `v` of `family` (see [`retire_version`]).
+    pub async fn retire_version(
+        &self,
+        keys: &Arc<dyn KeyStore>,
+        names: &KeyNames,
+        family: Family,
+        v: KeyVersion,
+    ) -> Result<Keyring> {
+        let ring = retire_version(self.store.as_ref(), keys, names, family, v).await?;
+        self.ring.store(Arc::new(ring.clone()));
+        Ok(ring)
+    }
+}
 
 /// Load the keyring; `None` if this installation is not initialized.
 pub async fn load(store: &dyn Store) -> Result<Option<Keyring>> {
@@ -278,11 +351,6 @@ pub async fn add_version(
     }
     tracing::info!(?family, version = %next, "new key version is active");
     Ok(ring)
-}
-
-/// Generate master key version N+1 and make it active for new records.
-pub async fn add_master_version(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
-    add_version(store, keys, names, Family::Master).await
 }
 
 /// Retire a version: remove it from the keyring (never the active one), then destroy its

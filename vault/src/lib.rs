@@ -1,34 +1,36 @@
 //! KeyVault: an embedded secret vault and HSM-backed key service.
 //!
-//! The crate is organised by domain (DESIGN §3): [`store`] (storage engines), [`keys`]
-//! (the key hierarchy), [`barrier`] (envelope encryption), [`secrets`] (the versioned
-//! secret store), [`policy`], [`token`] and [`auth`] (identity), [`http`] (the API over
-//! TLS), and [`vault`], which ties them together and is what handlers, tests and
-//! benchmarks call. Only `keyvault-hsm` touches PKCS#11.
+//! The crate is organised in layers (docs/architecture.md): the domain — [`store`]
+//! (storage engines), [`keys`] (the key hierarchy), [`barrier`] (envelope encryption),
+//! [`secrets`], [`transit`], [`gateway`], [`policy`], [`token`], [`auth`] (identity),
+//! [`audit`], [`rotation`]; the logical layer — [`logical`] (requests, routes, the
+//! [`Engine`](logical::Engine) trait, the mount table) and [`engines`]; the [`service`],
+//! built from a configuration by one builder, whose pipeline every request goes through;
+//! and [`http`], the adapter that serves it over TLS. Only `keyvault-hsm` touches
+//! PKCS#11; the wire types are in `keyvault-api`.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod auth;
 pub mod barrier;
-pub mod bench;
-pub mod client;
 pub mod config;
-pub mod dev;
+pub mod engines;
 pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod json;
 pub mod keys;
+pub mod logical;
 pub mod policy;
 pub mod ratelog;
 pub mod rotation;
 pub mod secrets;
+pub mod service;
 pub mod store;
 pub mod tls;
 pub mod token;
 pub mod transit;
 pub mod usage;
-pub mod vault;
 
 use std::sync::Arc;
 

@@ -4,19 +4,21 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use keyvault::audit::AuditLog;
-use keyvault::bench::{self, BenchOptions, Scenario};
 use keyvault::config::Config;
-use keyvault::dev::{self, DevLayout};
-use keyvault::http::{self, AppState};
-use keyvault::keys::{self, KeyNames};
-use keyvault::vault::{self, Vault, VaultSettings, token_string};
+use keyvault::keys::KeyNames;
+use keyvault::service::{Builder, Init};
+use keyvault_api::sys::{Retired, Rotated, RotationStatus, SetAside};
 use secrecy::ExposeSecret;
+
+mod cli;
+
+use cli::bench::{self, BenchOptions, Scenario};
+use cli::client::call;
+use cli::dev::{self, DevLayout};
 
 #[derive(Parser)]
 #[command(name = "keyvault", version, about = "Embedded secret vault and HSM-backed key service")]
@@ -161,8 +163,8 @@ struct EndpointArgs {
 }
 
 impl EndpointArgs {
-    fn endpoint(self) -> keyvault::client::Endpoint {
-        keyvault::client::Endpoint {
+    fn endpoint(self) -> cli::client::Endpoint {
+        cli::client::Endpoint {
             address: self.address,
             ca_file: self.ca_file,
             client_cert: self.client_cert,
@@ -264,14 +266,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server { config } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
-            let vault = Vault::open(&config).await?;
-            serve(&config, vault, |addr, _| {
+            let service = Builder::new(&config).build().await?;
+            keyvault::http::serve(service, |addr, _| {
                 tracing::info!(%addr, "KeyVault listening (TLS)");
                 // On stdout too: with port 0 in the configuration, this is how a
                 // supervisor (or a test) learns the port.
                 println!("KeyVault listening on https://{addr}");
             })
-            .await
+            .await?;
+            Ok(())
         }
         Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl, audit_mode } => {
             init_logging(&log, false);
@@ -282,24 +285,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = dev::config(&layout, module, address, dek_cache_ttl);
             config.audit.mode = serde_json::from_value(serde_json::Value::String(audit_mode.clone()))
                 .map_err(|_| anyhow::anyhow!("--audit-mode: use fail_closed, buffered or dangerous_off"))?;
-            let store = vault::open_store(&config).await?;
-            let keys = vault::open_keystore(&config)?;
-            let names = KeyNames::new(&config.hsm.key_prefix)?;
-            if keys::load(store.as_ref()).await?.is_none() {
-                keys::initialize(store.as_ref(), &keys, &names).await?;
-            }
-            let vault = Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
-            dev::ensure_dev_client(&vault, &layout).await?;
-            let root = vault.issue_root_token(root_token_ttl).await?;
-            let root = token_string(&root).to_owned();
-            serve(&config, vault, move |addr, audit| {
+            let service = Builder::new(&config).init(Init::IfNew).build().await?;
+            let root = service.issue_root_token(root_token_ttl).await?;
+            let root = root.token.expose_secret().to_owned();
+            dev::ensure_dev_client(&service, &root, &layout).await?;
+            keyvault::http::serve(service, move |addr, audit| {
                 if let Err(e) = std::fs::write(layout.audit_key_file(), audit.public_key_b64() + "\n") {
                     tracing::warn!(error = %e, "cannot write the audit public key file");
                 }
                 println!("{}", dev::banner(&layout, addr, &root, root_token_ttl));
                 tracing::info!(%addr, ready_ms = started.elapsed().as_millis() as u64, "KeyVault (dev) listening");
             })
-            .await
+            .await?;
+            Ok(())
         }
         Command::Operator { command } => operator(command).await,
         Command::Bench(a) => bench_cmd(a).await,
@@ -307,43 +305,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(
-    config: &Config,
-    vault: Arc<Vault>,
-    on_listening: impl FnOnce(SocketAddr, &AuditLog),
-) -> anyhow::Result<()> {
-    let tls = keyvault::tls::TlsReloader::new(config.listener.tls_files())?;
-    let watcher = tls.spawn_watchers(Duration::from_secs(2));
-    let audit = AuditLog::open(&config.audit, &vault.keys, &vault.names).await?;
-    let listener = http::server::bind(config.listener.address).await?;
-    let addr = listener.local_addr()?;
-    let background = vault.spawn_background();
-    let app =
-        http::router(AppState { vault, audit: audit.clone(), body: http::BodyLimits::from_config(&config.listener) });
-    let mut limits = config.listener.limits();
-    limits.max_connections = http::server::fit_file_limit(limits.max_connections);
-    on_listening(addr, &audit);
-    http::server::serve(listener, tls.current(), tls.revoked(), app, limits, http::server::shutdown_signal()).await?;
-    for task in background {
-        task.abort();
-    }
-    watcher.abort();
-    // The last entries and a final checkpoint: a cleanly stopped log verifies as complete.
-    audit.shutdown().await;
-    Ok(())
-}
-
 async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
     match command {
         OperatorCommand::Init { config, root_token_ttl } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
-            let store = vault::open_store(&config).await?;
-            let keys = vault::open_keystore(&config)?;
-            let names = KeyNames::new(&config.hsm.key_prefix)?;
-            keys::initialize(store.as_ref(), &keys, &names).await?;
-            let vault = Vault::from_parts(store, keys, names, VaultSettings::from_config(&config)).await?;
-            let root = vault.issue_root_token(root_token_ttl).await?;
+            let service = Builder::admin(&config).init(Init::Always).build().await?;
+            let root = service.issue_root_token(root_token_ttl).await?;
             println!(
                 "KeyVault initialized: master key v1, token-signing key v1 and AppRole HMAC key v1 are in the token."
             );
@@ -357,104 +325,68 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
         }
         OperatorCommand::RevokeIdentity { endpoint, role, certificate_sha256, spiffe_id } => {
             init_logging("warn", false);
-            let body =
-                serde_json::json!({ "role": role, "certificate_sha256": certificate_sha256, "spiffe_id": spiffe_id });
-            let body = serde_json::Value::Object(
-                body.as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, v)| !v.is_null())
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            );
-            let (status, reply) =
-                keyvault::client::request(&endpoint.endpoint(), "POST", "sys/revoke-identity", Some(body)).await?;
-            if status != 200 {
-                anyhow::bail!("revoke-identity answered {status}: {reply}");
-            }
-            println!(
-                "revoked {} at {}",
-                reply["data"]["identity"].as_str().unwrap_or("?"),
-                reply["data"]["revoked_at"]
-            );
+            let target =
+                keyvault_api::sys::IdentityTarget { role, certificate_sha256, spiffe_id, ..Default::default() };
+            let revoked: keyvault_api::sys::Revoked =
+                call(&endpoint.endpoint(), "POST", "sys/revoke-identity", Some(serde_json::to_value(target)?)).await?;
+            println!("revoked {} at {}", revoked.identity, revoked.revoked_at);
             Ok(())
         }
         OperatorCommand::Rotate { endpoint, report: true, .. } => {
             init_logging("warn", false);
             let e = endpoint.endpoint();
-            let (status, s) = keyvault::client::request(&e, "GET", "sys/rotate/status", None).await?;
-            if status != 200 {
-                anyhow::bail!("status answered {status}: {s}");
-            }
-            let d = &s["data"];
+            let d: RotationStatus = call(&e, "GET", "sys/rotate/status", None).await?;
             println!(
                 "active master key v{}, {}; records by version {}; {} remaining to re-wrap; {} set aside",
-                d["active_version"], d["state"], d["records_by_version"], d["records_remaining"], d["set_aside"]
+                d.active_version,
+                d.state,
+                serde_json::to_string(&d.records_by_version)?,
+                d.records_remaining,
+                d.set_aside
             );
-            let (status, r) = keyvault::client::request(&e, "GET", "sys/rotate/set-aside", None).await?;
-            if status != 200 {
-                anyhow::bail!("set-aside answered {status}: {r}");
-            }
-            for rec in r["data"]["records"].as_array().into_iter().flatten() {
-                let key = rec["key"].as_str().unwrap_or("?").replace('\x1f', " version ");
-                println!(
-                    "set aside: {key} (counted under v{}): {}",
-                    rec["counted_under"],
-                    rec["reason"].as_str().unwrap_or("")
-                );
+            let r: SetAside = call(&e, "GET", "sys/rotate/set-aside", None).await?;
+            for rec in r.records {
+                let key = rec.key.replace('\x1f', " version ");
+                let under = rec.counted_under.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+                println!("set aside: {key} (counted under v{under}): {}", rec.reason);
             }
             Ok(())
         }
         OperatorCommand::Rotate { endpoint, no_wait, retire, .. } => {
             init_logging("warn", false);
             let e = endpoint.endpoint();
-            let (status, reply) =
-                keyvault::client::request(&e, "POST", "sys/rotate", Some(serde_json::json!({}))).await?;
-            if status != 200 {
-                anyhow::bail!("rotate answered {status}: {reply}");
-            }
-            println!("master key v{} is active; re-wrapping stored data keys", reply["data"]["version"]);
+            let rotated: Rotated = call(&e, "POST", "sys/rotate", Some(serde_json::json!({}))).await?;
+            println!("master key v{} is active; re-wrapping stored data keys", rotated.version);
             if no_wait {
                 return Ok(());
             }
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let (status, s) = keyvault::client::request(&e, "GET", "sys/rotate/status", None).await?;
-                if status != 200 {
-                    anyhow::bail!("status answered {status}: {s}");
-                }
-                let d = &s["data"];
-                let (done, remaining) =
-                    (d["records_done"].as_u64().unwrap_or(0), d["records_remaining"].as_u64().unwrap_or(0));
+                let d: RotationStatus = call(&e, "GET", "sys/rotate/status", None).await?;
+                let (done, remaining) = (d.records_done, d.records_remaining);
                 let total = done + remaining;
                 let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
                 eprint!(
-                    "\r{:>6.1}%  {done}/{total} records  {:.0}/s  versions in use {}   ",
-                    pct,
-                    d["rate_per_second"].as_f64().unwrap_or(0.0),
-                    d["versions_in_use"]
+                    "\r{:>6.1}%  {done}/{total} records  {:.0}/s  versions in use {:?}   ",
+                    pct, d.rate_per_second, d.versions_in_use
                 );
-                if d["state"] == "idle" {
+                if d.state == "idle" {
                     eprintln!();
                     break;
                 }
             }
             println!("re-wrap finished");
             if retire {
-                let (status, r) =
-                    keyvault::client::request(&e, "POST", "sys/rotate/retire", Some(serde_json::json!({}))).await?;
-                if status != 200 {
-                    anyhow::bail!("retire answered {status}: {r}");
-                }
-                println!("retired master key versions {}", r["data"]["retired"]);
+                let r: Retired = call(&e, "POST", "sys/rotate/retire", Some(serde_json::json!({}))).await?;
+                println!("retired master key versions {:?}", r.retired);
             }
             Ok(())
         }
         OperatorCommand::RootToken { config, ttl } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
-            let vault = Vault::open(&config).await?;
-            let root = vault.issue_root_token(ttl).await?;
+            let service = Builder::admin(&config).build().await?;
+            let root = service.issue_root_token(ttl).await?;
             println!("{}", root.token.expose_secret());
             Ok(())
         }
@@ -472,7 +404,7 @@ async fn audit_cmd(command: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::ExportKey { config } => {
             let config = Config::load(&config)?;
             init_logging("warn", false);
-            let keys = vault::open_keystore(&config)?;
+            let keys = keyvault::service::open_keystore(&config)?;
             let names = KeyNames::new(&config.hsm.key_prefix)?;
             let label = names.audit_signing();
             let public = keyvault::hsm_call(&keys, move |k| k.ed25519_public_key(&label)).await?;

@@ -17,7 +17,6 @@
 //! `sys/set-aside/`, reported by status and `keyvault operator rotate --report`, and never
 //! stops the rotation of the others.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::barrier::{Barrier, Record, RewrapItem, Rewrapped};
 use crate::error::{Error, Result};
-use crate::keys::{self, Family, KeyNames, KeyVersion, SharedKeyring};
+use crate::keys::{Family, KeyNames, KeyVersion, SharedKeyring};
 use crate::secrets::{data_prefix, parse_data_key, record_context};
 use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json};
 use crate::unix_now;
@@ -71,32 +70,8 @@ pub struct RotationRecord {
     pub lease_until: u64,
 }
 
-/// `GET /v1/sys/rotate/status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub active_version: u32,
-    pub state: String,
-    pub records_done: u64,
-    /// Records still wrapped by an older version, not counting those set aside.
-    pub records_remaining: u64,
-    pub rate_per_second: f64,
-    /// Versions that wrap at least one record, and the active one.
-    pub versions_in_use: Vec<u32>,
-    /// Records per version (exact: counted with every write, re-wrap and deletion).
-    pub records_by_version: BTreeMap<u32, i64>,
-    /// Records set aside as damaged (`keyvault operator rotate --report` lists them).
-    pub set_aside: u64,
-    pub driven_by: Option<String>,
-}
-
-/// What `keyvault operator rotate --report` shows of one record set aside.
-#[derive(Debug, Clone, Serialize)]
-pub struct SetAsideView {
-    pub key: String,
-    pub reason: String,
-    pub counted_under: Option<u32>,
-    pub set_aside_at: u64,
-}
+/// What `GET /v1/sys/rotate/status` reports, and one record a rotation set aside.
+pub use keyvault_api::sys::{RotationStatus as Status, SetAsideRecord as SetAsideView};
 
 #[derive(Debug)]
 pub struct Rotation {
@@ -185,14 +160,13 @@ impl Rotation {
             return Err(Error::Conflict("a rotation is being started".into()));
         }
         let claimed = encode_json(&claim);
-        let ring = match keys::add_version(self.store.as_ref(), &self.keys, &self.names, Family::Master).await {
+        let ring = match self.keyring.add_version(&self.keys, &self.names, Family::Master).await {
             Ok(r) => r,
             Err(e) => {
                 let _ = self.save(Some(&claimed), &current).await;
                 return Err(e);
             }
         };
-        self.keyring.store(Arc::new(ring.clone()));
         let target = ring.master.active;
         // From here on no record can commit under an older version, on any replica.
         for v in ring.master.versions.iter().copied().filter(|v| *v != target) {
@@ -226,7 +200,7 @@ impl Rotation {
     /// reads, however many records there are.
     pub async fn status(&self) -> Result<Status> {
         // Another replica may have rotated less than a sync ago.
-        self.barrier.follow_store().await?;
+        self.keyring.follow().await?;
         let (_, r) = self.load().await?;
         let active = self.keyring.load().master.active;
         let usage = self.usage().await?;
@@ -283,7 +257,7 @@ impl Rotation {
         }
         // Decide on the keyring as stored (another replica may have rotated less than a
         // sync ago), never on this replica's copy.
-        self.barrier.follow_store().await?;
+        self.keyring.follow().await?;
         let ring = self.keyring.load_full();
         let active = ring.master.active;
         let old: Vec<KeyVersion> = ring.master.versions.iter().copied().filter(|v| *v != active).collect();
@@ -306,8 +280,7 @@ impl Rotation {
             return Err(Error::Conflict(why));
         }
         for v in &retire {
-            let ring = keys::retire_version(self.store.as_ref(), &self.keys, &self.names, Family::Master, *v).await?;
-            self.keyring.store(Arc::new(ring));
+            self.keyring.retire_version(&self.keys, &self.names, Family::Master, *v).await?;
         }
         Ok(retire.iter().map(|v| v.get()).collect())
     }

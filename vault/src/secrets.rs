@@ -24,95 +24,17 @@ use crate::usage;
 /// the same secret, or versions closed under it by a rotation).
 const MAX_WRITE_ATTEMPTS: usize = 64;
 
-pub const MAX_PATH_LEN: usize = 512;
-pub const MAX_SEGMENTS: usize = 32;
 const META_PREFIX: &str = "kv/meta/";
 const DATA_PREFIX: &str = "kv/data/";
 /// Separates the path from the version in data keys; paths cannot contain control characters.
 const VERSION_SEP: char = '\x1f';
 
-/// A valid secret path: 1-32 non-empty segments, no `.` or `..`, no control characters,
-/// at most 512 bytes. Parse, don't validate: holding one means it is valid.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SecretPath(String);
+pub use keyvault_api::secret::{MAX_PATH_LEN, MAX_SEGMENTS, SecretPath, SecretPrefix};
 
-/// A prefix to list under: empty (the root) or a path followed by `/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretPrefix(String);
-
-fn check_segment(seg: &str) -> Result<()> {
-    if seg.is_empty() {
-        return Err(Error::invalid("invalid path: empty segment"));
-    }
-    if seg == "." || seg == ".." {
-        return Err(Error::invalid("invalid path: '.' and '..' segments are not allowed"));
-    }
-    if seg.chars().any(char::is_control) {
-        return Err(Error::invalid("invalid path: control characters are not allowed"));
-    }
-    if seg.contains('/') {
-        return Err(Error::invalid("invalid path: encoded '/' inside a segment"));
-    }
-    Ok(())
-}
-
-/// Percent-decode each `/`-separated segment of a URL path remainder.
-fn decode_segments(raw: &str) -> Result<Vec<String>> {
-    raw.split('/')
-        .map(|seg| {
-            percent_encoding::percent_decode_str(seg)
-                .decode_utf8()
-                .map(|s| s.into_owned())
-                .map_err(|_| Error::invalid("invalid path: not valid UTF-8"))
-        })
-        .collect()
-}
-
-impl SecretPath {
-    /// Parse the part of a URL path after `/v1/secret/` (still percent-encoded).
-    pub fn from_url(raw: &str) -> Result<Self> {
-        let segments = decode_segments(raw)?;
-        Self::from_segments(&segments)
-    }
-
-    /// Parse an already decoded path.
-    pub fn parse(path: &str) -> Result<Self> {
-        let segments: Vec<String> = path.split('/').map(str::to_owned).collect();
-        Self::from_segments(&segments)
-    }
-
-    fn from_segments(segments: &[String]) -> Result<Self> {
-        if segments.len() > MAX_SEGMENTS {
-            return Err(Error::invalid(format!("invalid path: more than {MAX_SEGMENTS} segments")));
-        }
-        for s in segments {
-            check_segment(s)?;
-        }
-        let path = segments.join("/");
-        if path.len() > MAX_PATH_LEN {
-            return Err(Error::invalid(format!("invalid path: longer than {MAX_PATH_LEN} bytes")));
-        }
-        Ok(SecretPath(path))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl SecretPrefix {
-    /// Parse a list prefix from the URL: empty, `a/b`, or `a/b/`.
-    pub fn from_url(raw: &str) -> Result<Self> {
-        let trimmed = raw.strip_suffix('/').unwrap_or(raw);
-        if trimmed.is_empty() {
-            return Ok(SecretPrefix(String::new()));
-        }
-        let path = SecretPath::from_url(trimmed)?;
-        Ok(SecretPrefix(format!("{}/", path.0)))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
+/// A path refused by the rules of [`SecretPath`] (400).
+impl From<keyvault_api::PathError> for Error {
+    fn from(e: keyvault_api::PathError) -> Self {
+        Error::invalid(e.to_string())
     }
 }
 
@@ -148,18 +70,18 @@ impl std::fmt::Debug for SecretVersion {
 }
 
 fn meta_key(path: &SecretPath) -> String {
-    format!("{META_PREFIX}{}", path.0)
+    format!("{META_PREFIX}{}", path.as_str())
 }
 
 fn data_key(path: &SecretPath, version: u64) -> String {
-    format!("{DATA_PREFIX}{}{VERSION_SEP}{version:020}", path.0)
+    format!("{DATA_PREFIX}{}{VERSION_SEP}{version:020}", path.as_str())
 }
 
 /// Split a data key back into path and version (for rotation, which walks all records).
 pub fn parse_data_key(key: &str) -> Option<(SecretPath, u64)> {
     let rest = key.strip_prefix(DATA_PREFIX)?;
     let (path, version) = rest.rsplit_once(VERSION_SEP)?;
-    Some((SecretPath(path.to_owned()), version.parse().ok()?))
+    Some((SecretPath::parse(path).ok()?, version.parse().ok()?))
 }
 
 /// The prefix under which every sealed secret record lives.
@@ -242,7 +164,7 @@ impl Secrets {
         loop {
             attempts += 1;
             if attempts > MAX_WRITE_ATTEMPTS {
-                return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.0)));
+                return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.as_str())));
             }
             let sealed = self.barrier.seal(&record_context(path, version), value).await?;
             let kek = Record::parse(&sealed)?.kek_version;
@@ -253,7 +175,7 @@ impl Secrets {
                 TxOutcome::Conflict => version += 1,
                 TxOutcome::Closed => {
                     // A rotation closed `kek` after this replica sealed under it.
-                    self.barrier.follow_store().await?;
+                    self.barrier.follow_keyring().await?;
                 }
             }
         }
@@ -313,7 +235,7 @@ impl Secrets {
 
     /// Read a version (default: the current one).
     pub async fn read(&self, path: &SecretPath, version: Option<u64>) -> Result<SecretVersion> {
-        let not_found = || Error::NotFound(format!("no secret at {}", path.0));
+        let not_found = || Error::NotFound(format!("no secret at {}", path.as_str()));
         let (raw, meta) = self.load_meta(path).await?;
         if raw.is_none() {
             return Err(not_found());
@@ -321,15 +243,15 @@ impl Secrets {
         let version = version.unwrap_or(meta.current_version);
         let vmeta = meta.versions.get(&version).ok_or_else(not_found)?;
         if vmeta.deletion_time.is_some() {
-            return Err(Error::NotFound(format!("version {version} of {} is deleted", path.0)));
+            return Err(Error::NotFound(format!("version {version} of {} is deleted", path.as_str())));
         }
         let key = data_key(path, version);
         let Some(sealed) = self.store.get(&key).await? else {
             if self.store.get(&usage::set_aside_key(&key)).await?.is_some() {
-                tracing::error!(path = %path.0, version, "this version's record was set aside as damaged by a rotation");
+                tracing::error!(path = %path.as_str(), version, "this version's record was set aside as damaged by a rotation");
                 return Err(Error::Barrier(BarrierError::Integrity));
             }
-            tracing::error!(path = %path.0, version, "metadata names a version whose record is missing");
+            tracing::error!(path = %path.as_str(), version, "metadata names a version whose record is missing");
             return Err(not_found());
         };
         let data = self.barrier.open(&record_context(path, version), &sealed).await?;
@@ -341,13 +263,13 @@ impl Secrets {
         loop {
             let (raw, mut meta) = self.load_meta(path).await?;
             let Some(raw) = raw else {
-                return Err(Error::NotFound(format!("no secret at {}", path.0)));
+                return Err(Error::NotFound(format!("no secret at {}", path.as_str())));
             };
             let current = meta.current_version;
             match meta.versions.get_mut(&current) {
                 Some(v) if v.deletion_time.is_none() => v.deletion_time = Some(now_rfc3339()),
                 _ => {
-                    return Err(Error::NotFound(format!("the latest version of {} is already deleted", path.0)));
+                    return Err(Error::NotFound(format!("the latest version of {} is already deleted", path.as_str())));
                 }
             }
             let new = encode_json(&meta);
@@ -360,7 +282,7 @@ impl Secrets {
 
     /// The names directly under `prefix`; sub-folders end with `/`.
     pub async fn list(&self, prefix: &SecretPrefix) -> Result<Vec<String>> {
-        let full = format!("{META_PREFIX}{}", prefix.0);
+        let full = format!("{META_PREFIX}{}", prefix.as_str());
         let mut keys: Vec<String> = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -384,7 +306,7 @@ impl Secrets {
         keys.sort();
         keys.dedup();
         if keys.is_empty() {
-            return Err(Error::NotFound(format!("nothing under {:?}", prefix.0)));
+            return Err(Error::NotFound(format!("nothing under {:?}", prefix.as_str())));
         }
         Ok(keys)
     }

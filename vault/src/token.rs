@@ -177,18 +177,35 @@ impl TokenIssuer {
         Ok(())
     }
 
+    /// Reload the verification keys if the keyring's signing versions are not the ones
+    /// loaded (the keyring was followed, or a version added or retired).
+    pub async fn sync_public_keys(&self) -> Result<()> {
+        let wanted: Vec<String> = self.keyring.load().token_signing.versions.iter().map(|v| kid(*v)).collect();
+        let loaded: Vec<String> =
+            self.public_keys.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, _)| k.clone()).collect();
+        if wanted != loaded {
+            self.load_public_keys().await?;
+        }
+        Ok(())
+    }
+
     /// The token-verification keys as a JWK set (RFC 8037 OKP keys).
-    pub fn jwks(&self) -> serde_json::Value {
-        let keys: Vec<serde_json::Value> = self
+    pub fn jwks(&self) -> keyvault_api::auth::Jwks {
+        let keys = self
             .public_keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(kid, pk)| {
-                serde_json::json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": URL_SAFE_NO_PAD.encode(pk)})
+            .map(|(kid, pk)| keyvault_api::auth::Jwk {
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                alg: "EdDSA".into(),
+                usage: "sig".into(),
+                kid: kid.clone(),
+                x: URL_SAFE_NO_PAD.encode(pk),
             })
             .collect();
-        serde_json::json!({ "keys": keys })
+        keyvault_api::auth::Jwks { keys }
     }
 
     /// Sign a new token with the active signing key, inside the HSM.
@@ -303,7 +320,7 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         let names = KeyNames::new("keyvault").unwrap();
         let ring = keys::initialize(&store, &keys, &names).await.unwrap();
-        let keyring = Arc::new(arc_swap::ArcSwap::from_pointee(ring));
+        let keyring = crate::keys::SharedKeyring::new(ring, Arc::new(store));
         (dir, TokenIssuer::new(keys, names, keyring, "keyvault".into()).await.unwrap())
     }
 

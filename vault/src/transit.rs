@@ -24,20 +24,13 @@ use crate::unix_now;
 
 const PREFIX: &str = "transit/keys/";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KeyType {
-    #[serde(rename = "aes256-gcm96")]
-    Aes256Gcm96,
-    #[serde(rename = "ed25519")]
-    Ed25519,
-}
+pub use keyvault_api::transit::KeyType;
 
-impl KeyType {
-    fn kind(self) -> KeyKind {
-        match self {
-            KeyType::Aes256Gcm96 => KeyKind::Aes256Gcm,
-            KeyType::Ed25519 => KeyKind::Ed25519,
-        }
+/// The token object kind of a key type.
+fn token_kind(t: KeyType) -> KeyKind {
+    match t {
+        KeyType::Aes256Gcm96 => KeyKind::Aes256Gcm,
+        KeyType::Ed25519 => KeyKind::Ed25519,
     }
 }
 
@@ -176,7 +169,7 @@ impl Transit {
     async fn new_version(&self, name: &str, key_type: KeyType, v: u32) -> Result<KeyVersionMeta> {
         let label = self.label(name, v)?;
         let l = label.clone();
-        match hsm_call(&self.keys, move |k| k.generate(&l, key_type.kind())).await {
+        match hsm_call(&self.keys, move |k| k.generate(&l, token_kind(key_type))).await {
             Ok(()) => {}
             Err(Error::Hsm(HsmError::KeyExists(_))) => {
                 tracing::warn!(key = name, version = v, "adopting a key object left by an interrupted operation");

@@ -6,31 +6,56 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use keyvault::barrier::{BarrierError, Record};
-use keyvault::keys::{self, KeyNames};
+use keyvault::Error;
+use keyvault::barrier::{Barrier, BarrierError, Record};
+use keyvault::keys::{self, KeyNames, SharedKeyring};
+use keyvault::rotation::Rotation;
 use keyvault::secrets::{SecretPath, Secrets, data_prefix, parse_data_key, record_context};
 use keyvault::store::{SledStore, Store, scan_all};
-use keyvault::vault::VaultSettings;
-use keyvault::{Error, vault::Vault};
+use keyvault::transit::Transit;
 use keyvault_hsm::KeyStore;
 use keyvault_hsm::softhsm::testing;
+
+/// The domain parts these tests drive directly (no requests, no authorization).
+struct Domain {
+    barrier: Barrier,
+    secrets: Secrets,
+    transit: Transit,
+    rotation: Rotation,
+}
+
+/// The parts of an initialized installation, as a process opening it would have them.
+async fn domain(store: &Arc<dyn Store>, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Domain {
+    keyvault::usage::ensure_counted(store.as_ref()).await.unwrap();
+    let keyring = SharedKeyring::open(store.clone()).await.unwrap().unwrap();
+    let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone());
+    Domain {
+        secrets: Secrets::new(store.clone(), barrier.clone(), 100),
+        transit: Transit::new(store.clone(), keys.clone(), names.clone()),
+        rotation: Rotation::new(store.clone(), keys.clone(), names.clone(), keyring, barrier.clone()),
+        barrier,
+    }
+}
 
 struct Fixture {
     dir: tempfile::TempDir,
     store: Arc<dyn Store>,
     keys: Arc<dyn KeyStore>,
     names: KeyNames,
-    vault: Arc<Vault>,
+    vault: Domain,
 }
 
 async fn fixture() -> Fixture {
-    let token = testing::token();
+    fixture_on(&testing::token()).await
+}
+
+async fn fixture_on(token: &testing::TestToken) -> Fixture {
     let keys: Arc<dyn KeyStore> = token.store.clone();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("storage")).unwrap());
     let names = KeyNames::new("keyvault").unwrap();
     keys::initialize(store.as_ref(), &keys, &names).await.unwrap();
-    let vault = Vault::from_parts(store.clone(), keys.clone(), names.clone(), VaultSettings::default()).await.unwrap();
+    let vault = domain(&store, &keys, &names).await;
     Fixture { dir, store, keys, names, vault }
 }
 
@@ -127,11 +152,10 @@ async fn records_under_v1_read_after_v2_is_active() {
     let f = fixture().await;
     let p = SecretPath::parse("rotating").unwrap();
     f.vault.secrets.write(&p, br#"{"value":"old"}"#).await.unwrap();
-    let ring = keys::add_master_version(f.store.as_ref(), &f.keys, &f.names).await.unwrap();
+    let ring = keys::add_version(f.store.as_ref(), &f.keys, &f.names, keys::Family::Master).await.unwrap();
     assert_eq!(ring.master.active.get(), 2);
     // A vault opened after the change (as after a restart) uses v2 for new writes.
-    let vault =
-        Vault::from_parts(f.store.clone(), f.keys.clone(), f.names.clone(), VaultSettings::default()).await.unwrap();
+    let vault = domain(&f.store, &f.keys, &f.names).await;
     vault.secrets.write(&p, br#"{"value":"new"}"#).await.unwrap();
     assert_eq!(vault.secrets.read(&p, Some(1)).await.unwrap().data.as_slice(), br#"{"value":"old"}"#);
     assert_eq!(vault.secrets.read(&p, Some(2)).await.unwrap().data.as_slice(), br#"{"value":"new"}"#);
@@ -179,15 +203,10 @@ async fn concurrent_writers_never_lose_a_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_sensitive_and_initialization_is_once() {
     let token = testing::token();
-    let keys: Arc<dyn KeyStore> = token.store.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("storage")).unwrap());
-    let names = KeyNames::new("keyvault").unwrap();
-    keys::initialize(store.as_ref(), &keys, &names).await.unwrap();
-    let vault = Vault::from_parts(store.clone(), keys.clone(), names.clone(), VaultSettings::default()).await.unwrap();
-    vault.transit.create("aes", keyvault::transit::KeyType::Aes256Gcm96).await.unwrap();
-    vault.transit.create("ed", keyvault::transit::KeyType::Ed25519).await.unwrap();
-    keyvault::keys::ensure_audit_keys(&keys, &names).await.unwrap();
+    let f = fixture_on(&token).await;
+    f.vault.transit.create("aes", keyvault::transit::KeyType::Aes256Gcm96).await.unwrap();
+    f.vault.transit.create("ed", keyvault::transit::KeyType::Ed25519).await.unwrap();
+    keyvault::keys::ensure_audit_keys(&f.keys, &f.names).await.unwrap();
     // Every key the installation made, as the token reports it: sensitive, not
     // extractable, and C_WrapKey of it refused.
     let labels = token.store.list("keyvault/").unwrap();
@@ -199,7 +218,7 @@ async fn keys_are_sensitive_and_initialization_is_once() {
             assert!(o.sensitive && !o.extractable && o.wrap_refused, "{label}: {o:?}");
         }
     }
-    let f = Fixture { dir, store, keys, names, vault };
+
     let err = keys::initialize(f.store.as_ref(), &f.keys, &f.names).await.unwrap_err();
     assert!(matches!(err, Error::Conflict(_)), "{err:?}");
     // A second installation on the same token with an empty store is refused clearly.
@@ -213,7 +232,7 @@ async fn keys_are_sensitive_and_initialization_is_once() {
 async fn the_data_key_cache_keeps_every_integrity_check() {
     let f = fixture().await;
     let ring = keyvault::keys::load(f.store.as_ref()).await.unwrap().unwrap();
-    let keyring = Arc::new(arc_swap::ArcSwap::from_pointee(ring));
+    let keyring = SharedKeyring::new(ring, f.store.clone());
     let cached = keyvault::barrier::Barrier::new(f.keys.clone(), f.names.clone(), keyring)
         .with_dek_cache(std::time::Duration::from_secs(60), 10);
     let a = SecretPath::parse("cached/a").unwrap();

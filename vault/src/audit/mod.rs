@@ -250,8 +250,25 @@ fn unavailable(why: &str) -> Error {
 }
 
 impl AuditLog {
+    /// A log that writes nothing, for administrative commands that serve no request
+    /// (`operator init`, `operator root-token`): they must not write to the file a running
+    /// server writes.
+    pub async fn detached(config: &AuditConfig, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Arc<AuditLog>> {
+        let config = AuditConfig { mode: AuditMode::DangerousOff, ..config.clone() };
+        Self::open_quietly(&config, keys, names, false).await
+    }
+
     /// Open (or create) the log and start its writer thread.
     pub async fn open(config: &AuditConfig, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Arc<AuditLog>> {
+        Self::open_quietly(config, keys, names, true).await
+    }
+
+    async fn open_quietly(
+        config: &AuditConfig,
+        keys: &Arc<dyn KeyStore>,
+        names: &KeyNames,
+        say_off: bool,
+    ) -> Result<Arc<AuditLog>> {
         crate::keys::ensure_audit_keys(keys, names).await?;
         let sign_label = names.audit_signing();
         let public_key = hsm_call(keys, move |k| k.ed25519_public_key(&sign_label)).await?;
@@ -264,7 +281,9 @@ impl AuditLog {
         let hmac_key = SecretBox::new(Box::new(derived));
         let shared = Arc::new(Shared::default());
         if config.mode == AuditMode::DangerousOff {
-            tracing::warn!("the audit log is OFF (audit.mode = \"dangerous_off\")");
+            if say_off {
+                tracing::warn!("the audit log is OFF (audit.mode = \"dangerous_off\")");
+            }
             return Ok(Arc::new(AuditLog {
                 mode: config.mode,
                 tx: None,

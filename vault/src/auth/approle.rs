@@ -14,45 +14,48 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use super::{
-    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body, parse_role_body,
-    role_view, validate_name, vault_duration,
-};
+use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_name, vault_duration};
+use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
+use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json, scan_all};
 use crate::unix_now;
 
 pub const METHOD: &str = "approle";
 
-/// AppRole's own role settings, as written (the token settings are common to every method).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoleConfig {
-    /// How long a secret id of this role stays valid (Vault's field). Default
-    /// [`DEFAULT_SECRET_ID_TTL`]; `0` means never (not recommended: a leaked secret id
-    /// then works until someone notices).
-    #[serde(default = "default_secret_id_ttl", with = "vault_duration")]
-    pub secret_id_ttl: Option<Duration>,
-    /// How many logins a secret id allows (Vault's field); `0`: any number.
-    #[serde(default)]
-    pub secret_id_num_uses: u64,
-}
+pub const KIND: EngineKind = EngineKind {
+    name: METHOD,
+    description: "machine login with a role id and a secret id",
+    auth: true,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| {
+        Ok(Arc::new(AppRole::new(core.store.clone(), core.keys.clone(), core.names.clone(), core.keyring.clone())))
+    },
+};
 
-impl Default for RoleConfig {
-    fn default() -> Self {
-        RoleConfig { secret_id_ttl: default_secret_id_ttl(), secret_id_num_uses: 0 }
-    }
-}
+const ROLES: [Route; 2] = crate::role_routes!("role", "role");
 
-/// A week: long enough for a unit that restarts now and then, short enough that a
-/// secret id copied somewhere it should not be dies on its own (Vault's default is no
-/// expiry at all).
-pub const DEFAULT_SECRET_ID_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+const ROUTES: &[Route] = &[
+    // A secret id with a number of uses is consumed by a login.
+    Route::new("login", "log in with role_id (or role) and secret_id", &[OpSpec::write(Access::Login)]),
+    ROLES[0],
+    ROLES[1],
+    Route::new("role/{name}/role-id", "the role's role id", &[OpSpec::read(Access::Needs(Capability::Read))])
+        .normalize(super::role_name),
+    Route::new(
+        "role/{name}/secret-id",
+        "a new secret id (shown once)",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    )
+    .normalize(super::role_name),
+];
 
-fn default_secret_id_ttl() -> Option<Duration> {
-    Some(DEFAULT_SECRET_ID_TTL)
-}
+/// AppRole's own role settings, as written (the token settings are common to every
+/// method).
+pub use keyvault_api::auth::{AppRoleRole as RoleConfig, DEFAULT_SECRET_ID_TTL};
 
 /// What is stored besides the token settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,16 +94,6 @@ impl std::fmt::Debug for NewSecretId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NewSecretId").field("accessor", &self.accessor).finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    #[serde(default)]
-    role: Option<String>,
-    #[serde(default)]
-    role_id: Option<String>,
-    secret_id: SecretString,
 }
 
 fn role_id_key(role_id: &str) -> String {
@@ -198,28 +191,37 @@ impl AppRole {
     }
 }
 
+/// What `GET` shows of a role (the role id has its own endpoint, as in Vault).
+#[derive(Serialize)]
+struct RoleFields {
+    #[serde(with = "vault_duration")]
+    secret_id_ttl: Option<Duration>,
+    secret_id_num_uses: u64,
+}
+
 #[async_trait]
 impl RoleAdmin for AppRole {
-    fn method(&self) -> &'static str {
-        METHOD
-    }
+    type Config = RoleConfig;
 
     async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
     }
 
-    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()> {
-        let (config, token) = parse_role_body::<RoleConfig>(body)?;
+    async fn write_role(
+        &self,
+        name: &str,
+        config: RoleConfig,
+        token: super::TokenSettings,
+        expected: Option<&[u8]>,
+    ) -> Result<()> {
         self.write(name, config, token, expected).await
     }
 
-    async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
-        let mut view = role_view(&self.roles.require(name).await?);
-        // The role id is read through its own endpoint, as in Vault.
-        if let Some(v) = view.as_object_mut() {
-            v.remove("role_id");
-        }
-        Ok(view)
+    async fn read_role(&self, name: &str) -> Result<Reply> {
+        let role = self.roles.require(name).await?;
+        let fields =
+            RoleFields { secret_id_ttl: role.config.secret_id_ttl, secret_id_num_uses: role.config.secret_id_num_uses };
+        Reply::data(&RoleView { token: (&role.token).into(), config: &fields })
     }
 
     async fn delete_role(&self, name: &str) -> Result<()> {
@@ -237,13 +239,45 @@ impl RoleAdmin for AppRole {
 }
 
 #[async_trait]
-impl Authenticator for AppRole {
-    fn method(&self) -> &'static str {
-        METHOD
+impl Engine for AppRole {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
     }
 
-    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let body: LoginBody = parse_body(req.body)?;
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        self.current(req.param("name")).await
+    }
+
+    fn login_identity(&self, req: &Request) -> Option<String> {
+        super::claimed_role(&req.body)
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let name = req.param("name").to_owned();
+        match req.route.pattern {
+            "role/{name}/role-id" => Reply::data(&keyvault_api::auth::RoleId { role_id: self.role_id(&name).await? }),
+            "role/{name}/secret-id" => {
+                req.data::<keyvault_api::Empty>()?;
+                let s = self.new_secret_id(&name).await?;
+                Reply::data(&keyvault_api::auth::SecretId {
+                    secret_id: s.secret_id.into(),
+                    secret_id_accessor: s.accessor,
+                    secret_id_ttl: s.ttl.map(|t| t.as_secs()).unwrap_or(0),
+                    secret_id_num_uses: s.num_uses,
+                })
+            }
+            _ => super::handle_role(self, req).await,
+        }
+    }
+
+    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
+        let body: keyvault_api::auth::AppRoleLogin = req.data()?;
         let (name, role) = match (body.role, body.role_id) {
             (Some(name), None) => {
                 validate_name("role", &name)?;
@@ -266,10 +300,11 @@ impl Authenticator for AppRole {
                 return Err(Error::invalid("give either role (short form) or role_id, and secret_id"));
             }
         };
-        if body.secret_id.expose_secret().len() > 256 {
+        let secret_id = SecretString::from(body.secret_id.expose().to_owned());
+        if secret_id.expose_secret().len() > 256 {
             return Err(invalid());
         }
-        let mac = self.secret_id_hmac(&name, &body.secret_id).await?;
+        let mac = self.secret_id_hmac(&name, &secret_id).await?;
         let key = format!("{}{}", secret_id_prefix(&name), hex::encode(mac));
         // A use is taken atomically: of concurrent logins with the last use, exactly one
         // wins (the others find the record changed or gone and look again).

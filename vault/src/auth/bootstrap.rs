@@ -11,32 +11,41 @@ use keyvault_hsm::KeyStore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{Authenticator, LoginOutcome, LoginRequest, TokenSettings, parse_body, policy_list, vault_duration};
+use super::{LoginOutcome, TokenSettings};
+use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
+use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json};
 
 pub const METHOD: &str = "bootstrap";
+
+pub const KIND: EngineKind = EngineKind {
+    name: METHOD,
+    description: "one-time bootstrap tokens for units that have no credential yet",
+    auth: true,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| {
+        Ok(Arc::new(Bootstrap::new(core.store.clone(), core.keys.clone(), core.names.clone(), core.keyring.clone())))
+    },
+};
+
+const ROUTES: &[Route] = &[
+    Route::new(
+        "token",
+        "mint a one-time bootstrap token (shown once)",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    ),
+    // The login consumes the bootstrap token.
+    Route::new("login", "exchange a bootstrap token for a token", &[OpSpec::write(Access::Login)]),
+];
 /// The longest a bootstrap token may wait to be used.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `POST /v1/auth/bootstrap/token`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MintRequest {
-    /// Policies of the token the bootstrap token will be exchanged for.
-    #[serde(default, with = "policy_list")]
-    pub policies: Vec<String>,
-    /// How long the bootstrap token may wait to be used (default 15 minutes, at most 24 h).
-    #[serde(default, with = "vault_duration")]
-    pub ttl: Option<Duration>,
-    /// TTL of the token it is exchanged for.
-    #[serde(default, with = "vault_duration")]
-    pub token_ttl: Option<Duration>,
-    /// A name for audit and token metadata (e.g. the VM's host name).
-    #[serde(default)]
-    pub display_name: Option<String>,
-}
+pub use keyvault_api::auth::BootstrapMint as MintRequest;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,12 +67,6 @@ impl std::fmt::Debug for Minted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Minted").field("accessor", &self.accessor).finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    token: SecretString,
 }
 
 #[derive(Debug)]
@@ -129,18 +132,50 @@ impl Bootstrap {
 }
 
 #[async_trait]
-impl Authenticator for Bootstrap {
-    fn method(&self) -> &'static str {
-        METHOD
+impl Engine for Bootstrap {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
     }
 
-    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let body: LoginBody = parse_body(req.body)?;
+    /// A digest of the token presented: one failing unit behind a NAT address does not
+    /// lock the others out.
+    fn login_identity(&self, req: &Request) -> Option<String> {
+        use sha2::Digest;
+        #[derive(Deserialize)]
+        struct TokenHint {
+            #[serde(default)]
+            token: Option<SecretString>,
+        }
+        let hint: TokenHint = serde_json::from_slice(&req.body).unwrap_or(TokenHint { token: None });
+        hint.token.map(|t| hex::encode(sha2::Sha256::digest(t.expose_secret().as_bytes())))
+    }
+
+    /// Mint a one-time bootstrap token. Its policies must be the caller's to give.
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let mint: MintRequest = req.data()?;
+        req.caller()?.check_grant(&mint.policies)?;
+        let m = self.mint(mint).await?;
+        Reply::data(&keyvault_api::auth::BootstrapMinted {
+            bootstrap_token: m.token.into(),
+            accessor: m.accessor,
+            ttl: m.ttl.as_secs(),
+        })
+    }
+
+    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
+        let body: keyvault_api::auth::BootstrapLogin = req.data()?;
+        let token = body.token.into_secret();
         let invalid = || Error::Unauthenticated(AuthFailure::InvalidCredentials);
-        if body.token.expose_secret().len() > 256 {
+        if token.expose_secret().len() > 256 {
             return Err(invalid());
         }
-        let key = self.key_of(&body.token).await?;
+        let key = self.key_of(&token).await?;
         let raw = self.store.get(&key).await?.ok_or_else(invalid)?;
         // Consume: of concurrent attempts, only the one whose delete removed it wins.
         if !self.store.delete(&key).await? {

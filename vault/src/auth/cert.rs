@@ -10,38 +10,41 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
-use super::{
-    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body, parse_role_body,
-    role_view, validate_name,
-};
+use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_name};
+use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
+use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
 use crate::store::Store;
 use crate::tls::ClientCert;
 
 pub const METHOD: &str = "cert";
 
+pub const KIND: EngineKind = EngineKind {
+    name: METHOD,
+    description: "TLS client certificates: pins, CNs, DNS and URI SANs (SPIFFE IDs)",
+    auth: true,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(CertAuth::new(core.store.clone()))),
+};
+
+const ROLES: [Route; 2] = crate::role_routes!("role", "role");
+/// Vault's path for cert roles, an alias authorized as `role/...` (so that a policy on
+/// either path means the same thing, denials included).
+const CERTS: [Route; 2] = crate::role_routes!("certs", "role");
+
+const ROUTES: &[Route] = &[
+    Route::new("login", "log in with the connection's client certificate", &[OpSpec::compute(Access::Login)]),
+    ROLES[0],
+    ROLES[1],
+    CERTS[0],
+    CERTS[1],
+];
+
 /// Which certificates a role accepts. Every category that is set must match (a pin, or
 /// a CN, or a DNS SAN, or a URI SAN of the lists); at least one category must be set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertRoleConfig {
-    /// SHA-256 fingerprints of accepted certificates (hex; `:` separators allowed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub certificate_sha256: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allowed_common_names: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allowed_dns_sans: Vec<String>,
-    /// Exact URIs, or prefixes ending in `*` (`spiffe://corp/ns/payments/*`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allowed_uri_sans: Vec<String>,
-    /// Requests over mTLS with a matching certificate and no token are authorized with
-    /// this role's policies.
-    #[serde(default)]
-    pub allow_direct: bool,
-}
+pub use keyvault_api::auth::CertRole as CertRoleConfig;
 
 /// Normalize a fingerprint to 64 lower-case hex characters.
 pub fn normalize_fingerprint(fp: &str) -> Result<String> {
@@ -60,42 +63,31 @@ fn uri_matches(pattern: &str, uri: &str) -> bool {
     }
 }
 
-impl CertRoleConfig {
-    fn normalize(mut self) -> Result<Self> {
-        self.certificate_sha256 =
-            self.certificate_sha256.iter().map(|f| normalize_fingerprint(f)).collect::<Result<_>>()?;
-        let set = !self.certificate_sha256.is_empty()
-            || !self.allowed_common_names.is_empty()
-            || !self.allowed_dns_sans.is_empty()
-            || !self.allowed_uri_sans.is_empty();
-        if !set {
-            return Err(Error::invalid(
-                "a cert role needs at least one of certificate_sha256, allowed_common_names, allowed_dns_sans, allowed_uri_sans",
-            ));
-        }
-        Ok(self)
+/// Check a role's constraints: fingerprints normalized, at least one category set.
+fn normalize(mut role: CertRoleConfig) -> Result<CertRoleConfig> {
+    role.certificate_sha256 =
+        role.certificate_sha256.iter().map(|f| normalize_fingerprint(f)).collect::<Result<_>>()?;
+    let set = !role.certificate_sha256.is_empty()
+        || !role.allowed_common_names.is_empty()
+        || !role.allowed_dns_sans.is_empty()
+        || !role.allowed_uri_sans.is_empty();
+    if !set {
+        return Err(Error::invalid(
+            "a cert role needs at least one of certificate_sha256, allowed_common_names, allowed_dns_sans, allowed_uri_sans",
+        ));
     }
-
-    pub fn matches(&self, c: &ClientCert) -> bool {
-        let pin = self.certificate_sha256.is_empty() || self.certificate_sha256.contains(&c.sha256_hex);
-        let cn = self.allowed_common_names.is_empty()
-            || c.common_name.as_ref().is_some_and(|cn| self.allowed_common_names.contains(cn));
-        let dns = self.allowed_dns_sans.is_empty() || c.dns_sans.iter().any(|d| self.allowed_dns_sans.contains(d));
-        let uri = self.allowed_uri_sans.is_empty()
-            || c.uri_sans.iter().any(|u| self.allowed_uri_sans.iter().any(|p| uri_matches(p, u)));
-        pin && cn && dns && uri
-    }
+    Ok(role)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    /// Vault's field name.
-    #[serde(default)]
-    name: Option<String>,
-    /// The short form's field name.
-    #[serde(default)]
-    role: Option<String>,
+/// Whether `c` meets every constraint `role` sets.
+pub fn matches(role: &CertRoleConfig, c: &ClientCert) -> bool {
+    let pin = role.certificate_sha256.is_empty() || role.certificate_sha256.contains(&c.sha256_hex);
+    let cn = role.allowed_common_names.is_empty()
+        || c.common_name.as_ref().is_some_and(|cn| role.allowed_common_names.contains(cn));
+    let dns = role.allowed_dns_sans.is_empty() || c.dns_sans.iter().any(|d| role.allowed_dns_sans.contains(d));
+    let uri = role.allowed_uri_sans.is_empty()
+        || c.uri_sans.iter().any(|u| role.allowed_uri_sans.iter().any(|p| uri_matches(p, u)));
+    pin && cn && dns && uri
 }
 
 #[derive(Debug)]
@@ -110,7 +102,7 @@ impl CertAuth {
 
     /// The first role (by name) that allows direct requests and accepts `cert`.
     pub async fn direct_role(&self, cert: &ClientCert) -> Result<Option<(String, StoredRole<CertRoleConfig>)>> {
-        Ok(self.roles.all().await?.into_iter().find(|(_, r)| r.config.allow_direct && r.config.matches(cert)))
+        Ok(self.roles.all().await?.into_iter().find(|(_, r)| r.config.allow_direct && matches(&r.config, cert)))
     }
 
     /// Remove a fingerprint pin from every role (the kill switch). A role left with no
@@ -124,7 +116,7 @@ impl CertAuth {
                 continue;
             }
             changed += 1;
-            match role.config.clone().normalize() {
+            match normalize(role.config.clone()) {
                 Ok(_) => self.roles.save(&name, &role, Some(&raw)).await?,
                 Err(_) => {
                     self.roles.delete(&name).await?;
@@ -137,21 +129,24 @@ impl CertAuth {
 
 #[async_trait]
 impl RoleAdmin for CertAuth {
-    fn method(&self) -> &'static str {
-        METHOD
-    }
+    type Config = CertRoleConfig;
 
     async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
     }
 
-    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()> {
-        let (config, token) = parse_role_body::<CertRoleConfig>(body)?;
-        self.roles.save(name, &StoredRole { config: config.normalize()?, token }, expected).await
+    async fn write_role(
+        &self,
+        name: &str,
+        config: CertRoleConfig,
+        token: super::TokenSettings,
+        expected: Option<&[u8]>,
+    ) -> Result<()> {
+        self.roles.save(name, &StoredRole { config: normalize(config)?, token }, expected).await
     }
 
-    async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
-        Ok(role_view(&self.roles.require(name).await?))
+    async fn read_role(&self, name: &str) -> Result<Reply> {
+        Reply::data(&RoleView::of(&self.roles.require(name).await?))
     }
 
     async fn delete_role(&self, name: &str) -> Result<()> {
@@ -164,14 +159,32 @@ impl RoleAdmin for CertAuth {
 }
 
 #[async_trait]
-impl Authenticator for CertAuth {
-    fn method(&self) -> &'static str {
-        METHOD
+impl Engine for CertAuth {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
     }
 
-    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let body: LoginBody = parse_body(if req.body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { req.body })?;
-        let cert = req.client_cert.ok_or(Error::Unauthenticated(AuthFailure::CertificateRequired))?;
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        self.current(req.param("name")).await
+    }
+
+    fn login_identity(&self, req: &Request) -> Option<String> {
+        super::claimed_role(&req.body)
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        super::handle_role(self, req).await
+    }
+
+    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
+        let body: keyvault_api::auth::CertLogin = req.data()?;
+        let cert = req.peer.client_cert.clone().ok_or(Error::Unauthenticated(AuthFailure::CertificateRequired))?;
         let invalid = || Error::Unauthenticated(AuthFailure::InvalidCredentials);
         let (name, role) = match body.name.or(body.role) {
             Some(name) => {
@@ -179,9 +192,9 @@ impl Authenticator for CertAuth {
                 let role = self.roles.load(&name).await?.ok_or_else(invalid)?;
                 (name, role)
             }
-            None => self.roles.all().await?.into_iter().find(|(_, r)| r.config.matches(cert)).ok_or_else(invalid)?,
+            None => self.roles.all().await?.into_iter().find(|(_, r)| matches(&r.config, &cert)).ok_or_else(invalid)?,
         };
-        if !role.config.matches(cert) {
+        if !matches(&role.config, &cert) {
             return Err(invalid());
         }
         let mut outcome = LoginOutcome::for_role(METHOD, &name, &role.token);
@@ -214,21 +227,20 @@ mod tests {
         let c = cert();
         let by_uri =
             CertRoleConfig { allowed_uri_sans: vec!["spiffe://corp/ns/payments/*".into()], ..Default::default() };
-        assert!(by_uri.matches(&c));
+        assert!(matches(&by_uri, &c));
         let exact =
             CertRoleConfig { allowed_uri_sans: vec!["spiffe://corp/ns/payments/sa/web".into()], ..Default::default() };
-        assert!(!exact.matches(&c));
+        assert!(!matches(&exact, &c));
         let both = CertRoleConfig {
             allowed_common_names: vec!["api".into()],
             certificate_sha256: vec!["cd".repeat(32)],
             ..Default::default()
         };
-        assert!(!both.matches(&c), "CN matches but the pin does not");
-        let pin = CertRoleConfig { certificate_sha256: vec!["AB:".repeat(31) + "AB"], ..Default::default() }
-            .normalize()
+        assert!(!matches(&both, &c), "CN matches but the pin does not");
+        let pin = normalize(CertRoleConfig { certificate_sha256: vec!["AB:".repeat(31) + "AB"], ..Default::default() })
             .unwrap();
-        assert!(pin.matches(&c));
-        assert!(CertRoleConfig::default().normalize().is_err(), "no constraint at all is refused");
+        assert!(matches(&pin, &c));
+        assert!(normalize(CertRoleConfig::default()).is_err(), "no constraint at all is refused");
         assert!(normalize_fingerprint("xyz").is_err());
     }
 }

@@ -14,53 +14,49 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
-use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::{
-    Authenticator, LoginOutcome, LoginRequest, RoleAdmin, RoleStore, StoredRole, parse_body, parse_role_body,
-    role_view, validate_name,
-};
+use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_name};
+use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
+use crate::logical::{Access, Engine, OpSpec, Operation, Reply, Request, Route};
+use crate::policy::Capability;
 use crate::store::{Store, encode_json, get_json};
 
 pub const METHOD: &str = "kubernetes";
+
+pub const KIND: EngineKind = EngineKind {
+    name: METHOD,
+    description: "Kubernetes service-account tokens, verified against the cluster's public keys",
+    auth: true,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(KubernetesAuth::new(core.store.clone()))),
+};
+
+const ROLES: [Route; 2] = crate::role_routes!("role", "role");
+
+const ROUTES: &[Route] = &[
+    Route::new("login", "log in with a role and a service-account token", &[OpSpec::compute(Access::Login)]),
+    Route::new(
+        "config",
+        "the cluster's issuer, public keys and audiences",
+        &[OpSpec::read(Access::Needs(Capability::Read)), OpSpec::write(Access::Needs(Capability::Update))],
+    ),
+    ROLES[0],
+    ROLES[1],
+];
 const CONFIG_KEY: &str = "auth/kubernetes/config";
 const MAX_JWT_LEN: usize = 16 * 1024;
 /// The largest public key document accepted (a JWKS of a few dozen keys).
 pub const MAX_PUBLIC_KEYS_LEN: usize = 64 * 1024;
 
-/// The auth mount's configuration (`POST /v1/auth/kubernetes/config`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubeConfig {
-    /// The `iss` of the cluster's service-account tokens.
-    pub issuer: String,
-    /// The cluster's public keys, inline: a JWKS (`{"keys": [...]}`, as served at the
-    /// cluster's `/openid/v1/jwks`) or one or more PEM public keys (`sa.pub`), at most
-    /// [`MAX_PUBLIC_KEYS_LEN`] bytes.
-    pub public_keys: String,
-    /// Accepted audiences; a role may narrow them to one.
-    pub audiences: Vec<String>,
-}
-
+/// The auth mount's configuration (`POST /v1/auth/kubernetes/config`): the issuer, the
+/// cluster's public keys inline (a JWKS or PEM keys, at most [`MAX_PUBLIC_KEYS_LEN`]
+/// bytes), the accepted audiences.
+pub use keyvault_api::auth::KubernetesConfig as KubeConfig;
 /// A role: which service accounts in which namespaces it accepts (`*` for any).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubeRoleConfig {
-    pub bound_service_account_names: Vec<String>,
-    pub bound_service_account_namespaces: Vec<String>,
-    /// The audience this role's tokens must carry (one of the mount's audiences).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audience: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    role: String,
-    jwt: SecretString,
-}
+pub use keyvault_api::auth::KubernetesRole as KubeRoleConfig;
 
 #[derive(Deserialize)]
 struct SaClaims {
@@ -198,16 +194,19 @@ impl KubernetesAuth {
 
 #[async_trait]
 impl RoleAdmin for KubernetesAuth {
-    fn method(&self) -> &'static str {
-        METHOD
-    }
+    type Config = KubeRoleConfig;
 
     async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
     }
 
-    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()> {
-        let (config, token) = parse_role_body::<KubeRoleConfig>(body)?;
+    async fn write_role(
+        &self,
+        name: &str,
+        config: KubeRoleConfig,
+        token: super::TokenSettings,
+        expected: Option<&[u8]>,
+    ) -> Result<()> {
         if config.bound_service_account_names.is_empty() || config.bound_service_account_namespaces.is_empty() {
             return Err(Error::invalid(
                 "bound_service_account_names and bound_service_account_namespaces are required (\"*\" for any)",
@@ -216,8 +215,8 @@ impl RoleAdmin for KubernetesAuth {
         self.roles.save(name, &StoredRole { config, token }, expected).await
     }
 
-    async fn read_role(&self, name: &str) -> Result<serde_json::Value> {
-        Ok(role_view(&self.roles.require(name).await?))
+    async fn read_role(&self, name: &str) -> Result<Reply> {
+        Reply::data(&RoleView::of(&self.roles.require(name).await?))
     }
 
     async fn delete_role(&self, name: &str) -> Result<()> {
@@ -230,16 +229,41 @@ impl RoleAdmin for KubernetesAuth {
 }
 
 #[async_trait]
-impl Authenticator for KubernetesAuth {
-    fn method(&self) -> &'static str {
-        METHOD
+impl Engine for KubernetesAuth {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
     }
 
-    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let body: LoginBody = parse_body(req.body)?;
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        self.current(req.param("name")).await
+    }
+
+    fn login_identity(&self, req: &Request) -> Option<String> {
+        super::claimed_role(&req.body)
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        match (req.route.pattern, req.operation) {
+            ("config", Operation::Read) => Reply::data(&self.read_config().await?),
+            ("config", _) => {
+                self.write_config(req.data()?).await?;
+                Ok(Reply::empty())
+            }
+            _ => super::handle_role(self, req).await,
+        }
+    }
+
+    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
+        let body: keyvault_api::auth::KubernetesLogin = req.data()?;
         validate_name("role", &body.role)?;
         let invalid = || Error::Unauthenticated(AuthFailure::InvalidCredentials);
-        let jwt = body.jwt.expose_secret();
+        let jwt = body.jwt.expose();
         if jwt.len() > MAX_JWT_LEN {
             return Err(invalid());
         }

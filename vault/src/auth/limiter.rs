@@ -99,8 +99,9 @@ pub fn normalize(identity: &str) -> String {
     identity.trim().to_ascii_lowercase()
 }
 
-/// The source part: an IPv4 address, or the /64 of an IPv6 address.
-fn source(addr: IpAddr) -> [u8; 16] {
+/// Where a request comes from, for limits per source: an IPv4 address, or the /64 of an
+/// IPv6 address (one host usually owns a whole /64).
+pub fn source(addr: IpAddr) -> [u8; 16] {
     match addr {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -249,10 +250,10 @@ impl FailureLimiter {
                         counted: true,
                     });
                 }
-                Decision::Refuse(retry_after_secs) => return Err(Error::TooManyRequests { retry_after_secs }),
+                Decision::Refuse(retry_after_secs) => return Err(Error::RateLimited { retry_after_secs }),
                 Decision::Wait => {
                     if tokio::time::timeout_at(deadline, finished).await.is_err() {
-                        return Err(Error::TooManyRequests { retry_after_secs: 1 });
+                        return Err(Error::RateLimited { retry_after_secs: 1 });
                     }
                 }
             }
@@ -270,7 +271,7 @@ impl FailureLimiter {
             && counter.failures >= c.failures_per_address
         {
             let retry = c.window.saturating_sub(now.duration_since(counter.start));
-            return Err(Error::TooManyRequests { retry_after_secs: retry.as_secs().max(1) });
+            return Err(Error::RateLimited { retry_after_secs: retry.as_secs().max(1) });
         }
         Ok(())
     }
@@ -319,13 +320,13 @@ mod tests {
         for _ in 0..3 {
             drop(l.reserve("approle", Some("web"), attacker).await.unwrap());
         }
-        assert!(matches!(l.reserve("approle", Some("web"), attacker).await, Err(Error::TooManyRequests { .. })));
+        assert!(matches!(l.reserve("approle", Some("web"), attacker).await, Err(Error::RateLimited { .. })));
         // The legitimate unit of the same role, from its own address, is not locked out.
         l.reserve("approle", Some("web"), unit).await.unwrap().succeeded();
         // Nor is another role from the attacker's address, until the per-address limit.
         drop(l.reserve("approle", Some("batch"), attacker).await.unwrap());
         drop(l.reserve("approle", Some("batch"), attacker).await.unwrap());
-        assert!(matches!(l.reserve("approle", Some("other"), attacker).await, Err(Error::TooManyRequests { .. })));
+        assert!(matches!(l.reserve("approle", Some("other"), attacker).await, Err(Error::RateLimited { .. })));
         assert!(l.check_source(attacker).is_err());
         l.reserve("approle", Some("other"), unit).await.unwrap().succeeded();
     }

@@ -1,5 +1,8 @@
-//! Authentication methods (DESIGN §7). Each method is an [`Authenticator`]; a successful
-//! login yields a [`LoginOutcome`], which `vault` turns into a signed token.
+//! Authentication methods (docs/architecture.md, "Identity"). Each method is an
+//! [`Engine`](crate::logical::Engine) in its own file, mounted under `auth/`; its login
+//! route checks credentials and yields a [`LoginOutcome`], which the pipeline turns into a
+//! signed token. What every method with roles shares is here: [`RoleStore`],
+//! [`RoleAdmin`] and [`handle_role`].
 //!
 //! Role names are one namespace across methods (the short form `POST /v1/auth` with
 //! `{"role": ...}` finds the method from the role), kept in `auth/roles/<name>`.
@@ -7,13 +10,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::logical::{Operation, Params, Reply, Request};
 use crate::store::{Store, decode_json, encode_json, scan_all};
-use crate::tls::ClientCert;
-use std::sync::Arc;
 
 pub mod approle;
 pub mod bootstrap;
@@ -62,64 +66,33 @@ impl LoginOutcome {
     }
 }
 
-/// The token settings every role carries (Vault's names).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenSettings {
-    #[serde(default, with = "policy_list")]
-    pub token_policies: Vec<String>,
-    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
-    pub token_ttl: Option<Duration>,
-    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
-    pub token_max_ttl: Option<Duration>,
-    /// Tokens of this role must be bound to a client certificate (RFC 8705): a login
-    /// without one is refused.
-    #[serde(default)]
-    pub bind_certificate: bool,
-}
+pub use keyvault_api::auth::{TOKEN_FIELDS, TokenSettings};
+pub use keyvault_api::{policy_list, vault_duration};
 
-impl TokenSettings {
-    pub fn validate(&self) -> Result<()> {
-        if let (Some(ttl), Some(max)) = (self.token_ttl, self.token_max_ttl)
-            && ttl > max
-        {
-            return Err(Error::invalid("token_ttl must not exceed token_max_ttl"));
-        }
-        Ok(())
+/// The rule of every role's token settings.
+pub fn validate_token_settings(t: &TokenSettings) -> Result<()> {
+    if let (Some(ttl), Some(max)) = (t.token_ttl, t.token_max_ttl)
+        && ttl > max
+    {
+        return Err(Error::invalid("token_ttl must not exceed token_max_ttl"));
     }
+    Ok(())
+}
 
-    /// How `GET` of a role shows them.
-    pub fn view(&self) -> serde_json::Value {
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs()).unwrap_or(0);
-        serde_json::json!({
-            "token_policies": self.token_policies,
-            "token_ttl": secs(self.token_ttl),
-            "token_max_ttl": secs(self.token_max_ttl),
-            "bind_certificate": self.bind_certificate,
-        })
+/// The role a login body claims (`role`, `name` or `role_id`), for the rate limiter;
+/// nothing is checked here, and a body that does not parse claims nothing.
+pub fn claimed_role(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize, Default)]
+    struct Hint {
+        #[serde(default)]
+        role: Option<String>,
+        #[serde(default)]
+        role_id: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
     }
-}
-
-/// A login request as the HTTP layer hands it over. `body` holds credentials: it is
-/// zeroized by the caller after the call.
-#[derive(Debug, Clone, Copy)]
-pub struct LoginRequest<'a> {
-    /// A name from the URL (the user of `/v1/auth/userpass/login/<user>`).
-    pub name: Option<&'a str>,
-    pub body: &'a [u8],
-    /// The verified client certificate of the connection, if any.
-    pub client_cert: Option<&'a ClientCert>,
-}
-
-#[async_trait]
-pub trait Authenticator: Send + Sync + std::fmt::Debug {
-    /// The method's mount name: `approle`, `userpass`.
-    fn method(&self) -> &'static str;
-
-    /// Check the credentials. Any wrong or unknown credential is
-    /// `Error::Unauthenticated(AuthFailure::InvalidCredentials)`: the caller must not
-    /// learn whether a role exists.
-    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome>;
+    let hint: Hint = serde_json::from_slice(body).unwrap_or_default();
+    hint.role.or(hint.name).or(hint.role_id)
 }
 
 pub use crate::validate_name;
@@ -179,7 +152,7 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     /// writers exactly one wins; the others get 409 and change nothing.
     pub async fn save(&self, name: &str, role: &StoredRole<T>, expected: Option<&[u8]>) -> Result<()> {
         validate_name("role", name)?;
-        role.token.validate()?;
+        validate_token_settings(&role.token)?;
         claim_role_name(self.store.as_ref(), name, self.method).await?;
         if !self.store.compare_and_swap(&self.key(name), expected, Some(&encode_json(role))).await? {
             return Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method)));
@@ -220,28 +193,94 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     }
 }
 
-/// Role administration, the same for every method with roles (`/v1/auth/<method>/role/<name>`).
+/// Role administration, the same for every method with roles (`auth/<mount>/role/<name>`).
 #[async_trait]
-pub trait RoleAdmin: Send + Sync + std::fmt::Debug {
-    fn method(&self) -> &'static str;
+pub trait RoleAdmin: Send + Sync {
+    /// The method's own role fields (besides [`TokenSettings`]).
+    type Config: serde::de::DeserializeOwned + Send;
     /// The stored bytes of role `name`, if it exists (the existence check that decides
     /// between `create` and `update`, and what the write then expects to replace).
     async fn current(&self, name: &str) -> Result<Option<Vec<u8>>>;
-    /// Create (`expected == None`) or update a role from a request body (method fields and
-    /// token fields), if what is stored is still `expected`; 409 otherwise.
-    async fn write_role(&self, name: &str, body: &[u8], expected: Option<&[u8]>) -> Result<()>;
-    async fn read_role(&self, name: &str) -> Result<serde_json::Value>;
+    /// Create (`expected == None`) or update a role, if what is stored is still
+    /// `expected`; 409 otherwise.
+    async fn write_role(
+        &self,
+        name: &str,
+        config: Self::Config,
+        token: TokenSettings,
+        expected: Option<&[u8]>,
+    ) -> Result<()>;
+    /// The role as `GET` shows it.
+    async fn read_role(&self, name: &str) -> Result<Reply>;
     async fn delete_role(&self, name: &str) -> Result<()>;
     async fn list_roles(&self) -> Result<Vec<String>>;
 }
 
-/// Merge a method's own role view with its token settings' view.
-pub fn role_view<T: Serialize>(role: &StoredRole<T>) -> serde_json::Value {
-    let mut view = role.token.view();
-    if let (Some(v), Ok(serde_json::Value::Object(own))) = (view.as_object_mut(), serde_json::to_value(&role.config)) {
-        v.extend(own);
+/// A role as `GET` shows it: the token settings (in seconds) and the method's fields.
+#[derive(Debug, Serialize)]
+pub struct RoleView<'a, T: Serialize> {
+    #[serde(flatten)]
+    pub token: keyvault_api::auth::TokenSettingsView,
+    #[serde(flatten)]
+    pub config: &'a T,
+}
+
+impl<'a, T: Serialize> RoleView<'a, T> {
+    pub fn of(role: &'a StoredRole<T>) -> Self {
+        RoleView { token: (&role.token).into(), config: &role.config }
     }
-    view
+}
+
+/// Role names: the common name rule, checked before authorization.
+pub fn role_name(_: Operation, p: &mut Params) -> Result<()> {
+    validate_name("role", p.get("name").unwrap_or_default())
+}
+
+/// The routes of role administration, under `prefix/` (`role/`).
+#[macro_export]
+macro_rules! role_routes {
+    ($prefix:literal, $policy:literal) => {
+        [
+            $crate::logical::Route::new(
+                $prefix,
+                "list roles",
+                &[$crate::logical::OpSpec::list($crate::logical::Access::Needs($crate::policy::Capability::List))],
+            )
+            .policy($policy),
+            $crate::logical::Route::new(
+                concat!($prefix, "/{name}"),
+                "create or update (`create` or `update`), read, delete a role",
+                &[
+                    $crate::logical::OpSpec::write($crate::logical::Access::CreateOrUpdate),
+                    $crate::logical::OpSpec::read($crate::logical::Access::Needs($crate::policy::Capability::Read)),
+                    $crate::logical::OpSpec::delete($crate::logical::Access::Needs($crate::policy::Capability::Delete)),
+                ],
+            )
+            .policy(concat!($policy, "/{name}"))
+            .normalize($crate::auth::role_name),
+        ]
+    };
+}
+
+/// Serve a role route: a write parses the body (method fields and token fields; unknown
+/// fields are warnings) and checks that the policies it assigns are the caller's to give
+/// ([`Caller::check_grant`](crate::logical::Caller::check_grant)).
+pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<Reply> {
+    let name = req.param("name").to_owned();
+    match req.operation {
+        Operation::List => Reply::keys(admin.list_roles().await?),
+        Operation::Read => admin.read_role(&name).await,
+        Operation::Write => {
+            let (config, token) = parse_role_body::<R::Config>(req)?;
+            req.caller()?.check_grant(&token.token_policies)?;
+            admin.write_role(&name, config, token, req.existing.as_deref()).await?;
+            Ok(Reply::empty())
+        }
+        Operation::Delete => {
+            admin.delete_role(&name).await?;
+            Ok(Reply::empty())
+        }
+    }
 }
 
 fn role_index_key(name: &str) -> String {
@@ -280,96 +319,13 @@ pub async fn role_method(store: &dyn Store, name: &str) -> Result<Option<String>
 /// Parse a Vault-style duration: seconds as a number, or a string such as `"90s"`, `"10m"`,
 /// `"1h"` (also plain digits as a string).
 pub fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(s)
-        .map_err(|_| Error::invalid(format!("invalid duration {s:?} (use e.g. 600, \"90s\", \"10m\", \"1h\")")))
-}
-
-/// Serde adapter for optional Vault-style durations (number of seconds, or a string).
-pub mod vault_duration {
-    use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(u64),
-        Text(String),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
-        match Option::<Raw>::deserialize(d)? {
-            None => Ok(None),
-            Some(Raw::Secs(0)) => Ok(None),
-            Some(Raw::Secs(s)) => Ok(Some(Duration::from_secs(s))),
-            Some(Raw::Text(t)) => match super::parse_duration(&t).map_err(serde::de::Error::custom)? {
-                d if d.is_zero() => Ok(None),
-                d => Ok(Some(d)),
-            },
-        }
-    }
-
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_u64(d.map(|d| d.as_secs()).unwrap_or(0))
-    }
-}
-
-/// Policies as Vault accepts them: a list, or one comma-separated string.
-pub mod policy_list {
-    use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        List(Vec<String>),
-        Text(String),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-        // Vault's rule: policy names are case-insensitive (kept in lower case) and the
-        // surrounding spaces of a comma-separated list are not part of them.
-        let list: Vec<String> = match Option::<Raw>::deserialize(d)? {
-            None => Vec::new(),
-            Some(Raw::List(l)) => l.into_iter().map(|p| p.trim().to_ascii_lowercase()).collect(),
-            Some(Raw::Text(t)) => {
-                t.split(',').map(|p| p.trim().to_ascii_lowercase()).filter(|p| !p.is_empty()).collect()
-            }
-        };
-        for p in &list {
-            crate::policy::validate_name(p).map_err(serde::de::Error::custom)?;
-        }
-        Ok(list)
-    }
-
-    pub fn serialize<S: serde::Serializer>(l: &[String], s: S) -> std::result::Result<S::Ok, S::Error> {
-        l.serialize(s)
-    }
-}
-
-/// The policies a role body asks for (`token_policies`), for the grant check before the
-/// write (the body is parsed in full, and refused if malformed, by the method).
-pub fn requested_policies(body: &[u8]) -> Result<Vec<String>> {
-    #[derive(Deserialize)]
-    struct Only {
-        #[serde(default, with = "policy_list")]
-        token_policies: Vec<String>,
-    }
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
-    let mut map: serde_json::Map<String, serde_json::Value> = parse_body(body)?;
-    let only = serde_json::Map::from_iter(map.remove("token_policies").map(|v| ("token_policies".to_owned(), v)));
-    let only: Only = serde_json::from_value(serde_json::Value::Object(only)).map_err(|e| json_error(&e))?;
-    Ok(only.token_policies)
+    keyvault_api::parse_duration(s).map_err(Error::invalid)
 }
 
 /// Parse a role's body: the method's own fields into `T`, the common token fields into
-/// [`TokenSettings`]; unknown fields in either are refused. (serde cannot combine
-/// `flatten` with `deny_unknown_fields`, hence the split by hand.)
-pub fn parse_role_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, TokenSettings)> {
-    const TOKEN_FIELDS: [&str; 4] = ["token_policies", "token_ttl", "token_max_ttl", "bind_certificate"];
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
-    let mut own: serde_json::Map<String, serde_json::Value> = parse_body(body)?;
+/// [`TokenSettings`]; fields of neither are named in the reply's warnings.
+pub fn parse_role_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<(T, TokenSettings)> {
+    let mut own: serde_json::Map<String, serde_json::Value> = parse_body(&req.body)?;
     let mut token = serde_json::Map::new();
     for f in TOKEN_FIELDS {
         if let Some(v) = own.remove(f) {
@@ -377,8 +333,9 @@ pub fn parse_role_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T
         }
     }
     let token: TokenSettings = serde_json::from_value(serde_json::Value::Object(token)).map_err(|e| json_error(&e))?;
-    let own: T = serde_json::from_value(serde_json::Value::Object(own)).map_err(|e| json_error(&e))?;
-    token.validate()?;
+    let own = serde_json::to_vec(&own).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+    let own: T = crate::logical::parse_data(&own, &mut req.warnings)?;
+    validate_token_settings(&token)?;
     Ok((own, token))
 }
 

@@ -11,11 +11,49 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{Authenticator, LoginOutcome, LoginRequest, parse_body, policy_list, validate_name, vault_duration};
+use super::{LoginOutcome, validate_name, vault_duration};
+use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
+use crate::logical::{Access, Engine, OpSpec, Operation, Reply, Request, Route};
+use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json, get_json, list_names};
 
 pub const METHOD: &str = "userpass";
+
+pub const KIND: EngineKind = EngineKind {
+    name: METHOD,
+    description: "user names and passwords (Argon2id), for people",
+    auth: true,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(UserPass::new(core.store.clone()))),
+};
+
+/// User names in their one form (see [`normalize_user`]) before authorization.
+fn user_param(_: Operation, p: &mut crate::logical::Params) -> Result<()> {
+    for key in ["user", "name"] {
+        if let Some(raw) = p.get(key) {
+            let n = normalize_user(raw)?;
+            p.set(key, n);
+        }
+    }
+    Ok(())
+}
+
+const ROUTES: &[Route] = &[
+    Route::new("login/{user}", "log in with a password", &[OpSpec::compute(Access::Login)]).normalize(user_param),
+    Route::new("users", "list users", &[OpSpec::list(Access::Needs(Capability::List))]),
+    Route::new(
+        "users/{name}",
+        "create or update (`create` or `update`), read, delete a user",
+        &[
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .normalize(user_param),
+];
 const MIN_PASSWORD_LEN: usize = 12;
 const MAX_PASSWORD_LEN: usize = 1024;
 
@@ -59,29 +97,9 @@ async fn verify_password(password: SecretString, phc: String) -> Result<bool> {
     .map_err(|e| Error::Internal(format!("verify task: {e}")))?
 }
 
-/// The body of `POST /v1/auth/userpass/users/<user>`. (`SecretString`'s `Debug` is redacted.)
-/// As in Vault, an update changes only the fields it gives.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UserWrite {
-    /// Required when creating; optional when updating policies or TTLs.
-    #[serde(default)]
-    pub password: Option<SecretString>,
-    #[serde(default, deserialize_with = "some_policies")]
-    pub token_policies: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "some_duration")]
-    pub token_ttl: Option<Option<Duration>>,
-    #[serde(default, deserialize_with = "some_duration")]
-    pub token_max_ttl: Option<Option<Duration>>,
-}
-
-fn some_policies<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
-    policy_list::deserialize(d).map(Some)
-}
-
-fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<Duration>>, D::Error> {
-    vault_duration::deserialize(d).map(Some)
-}
+/// The body of `POST /v1/auth/userpass/users/<user>` (an update changes only the fields
+/// it gives) and a user as `GET` shows it (never the hash).
+pub use keyvault_api::auth::{UserView, UserWrite};
 
 /// A user name as stored and looked up: surrounding white space removed, lower case (as
 /// Vault's userpass does), then the common name rule. Logins, the rate limiter and
@@ -101,20 +119,6 @@ struct StoredUser {
     token_ttl: Option<Duration>,
     #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
     token_max_ttl: Option<Duration>,
-}
-
-/// A user as `GET` shows it (never the hash).
-#[derive(Debug, Serialize)]
-pub struct UserView {
-    pub token_policies: Vec<String>,
-    pub token_ttl: u64,
-    pub token_max_ttl: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    password: SecretString,
 }
 
 fn user_key(name: &str) -> String {
@@ -149,7 +153,7 @@ impl UserPass {
             Some(u) => (u.token_policies.clone(), u.token_ttl, u.token_max_ttl),
             None => (Vec::new(), None, None),
         };
-        let password_hash = match (w.password, existing) {
+        let password_hash = match (w.password.map(keyvault_api::Sensitive::into_secret), existing) {
             (Some(pw), _) => {
                 let len = pw.expose_secret().chars().count();
                 if !(MIN_PASSWORD_LEN..=MAX_PASSWORD_LEN).contains(&len) {
@@ -209,24 +213,58 @@ impl UserPass {
 }
 
 #[async_trait]
-impl Authenticator for UserPass {
-    fn method(&self) -> &'static str {
-        METHOD
+impl Engine for UserPass {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
     }
 
-    async fn login(&self, req: LoginRequest<'_>) -> Result<LoginOutcome> {
-        let name = req.name.ok_or_else(|| Error::invalid("the user name goes in the URL"))?;
-        let name = &normalize_user(name)?;
-        let body: LoginBody = parse_body(req.body)?;
-        if body.password.expose_secret().len() > MAX_PASSWORD_LEN * 4 {
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        self.current(req.param("name")).await
+    }
+
+    fn login_identity(&self, req: &Request) -> Option<String> {
+        Some(req.param("user").to_owned())
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let name = req.param("name").to_owned();
+        match req.operation {
+            Operation::List => Reply::keys(self.list_users().await?),
+            Operation::Read => Reply::data(&self.read_user(&name).await?),
+            Operation::Write => {
+                let w: UserWrite = req.data()?;
+                if let Some(p) = &w.token_policies {
+                    req.caller()?.check_grant(p)?;
+                }
+                self.write_user(&name, w, req.existing.as_deref()).await?;
+                Ok(Reply::empty())
+            }
+            Operation::Delete => {
+                self.delete_user(&name).await?;
+                Ok(Reply::empty())
+            }
+        }
+    }
+
+    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
+        let name = req.param("user").to_owned();
+        let body: keyvault_api::auth::UserpassLogin = req.data()?;
+        let password = body.password.into_secret();
+        if password.expose_secret().len() > MAX_PASSWORD_LEN * 4 {
             return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
         }
-        let user = self.load(name).await?;
+        let user = self.load(&name).await?;
         let phc = match &user {
             Some(u) => u.password_hash.clone(),
             None => DUMMY_HASH.clone(),
         };
-        let ok = verify_password(body.password, phc).await?;
+        let ok = verify_password(password, phc).await?;
         match user {
             Some(u) if ok => Ok(LoginOutcome {
                 sub: format!("userpass:{name}"),
@@ -236,8 +274,8 @@ impl Authenticator for UserPass {
                 ttl: u.token_ttl,
                 max_ttl: u.token_max_ttl,
                 bind_certificate: false,
-                metadata: [("username".to_owned(), name.to_owned())].into(),
-                user: Some(name.to_owned()),
+                metadata: [("username".to_owned(), name.clone())].into(),
+                user: Some(name),
                 parent: None,
             }),
             _ => Err(Error::Unauthenticated(AuthFailure::InvalidCredentials)),

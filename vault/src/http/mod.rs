@@ -1,34 +1,42 @@
-//! The HTTP API (DESIGN §6), Vault-shaped, over TLS. Handlers are thin: parse, call the
-//! vault (which authorizes), shape the reply.
+//! The HTTP adapter (docs/api.md): axum in, the service's pipeline, Vault-shaped replies
+//! out. It owns what is HTTP's alone: methods (405), bodies (413, 415, 408), the request
+//! id, the reply envelope, and the audit entries written around each request.
+//!
+//! There is one route, `/v1/*`: the mount table decides the rest. `GET` is a read (a
+//! listing with `?list=true`), `LIST` a listing, `POST` and `PUT` the same write, `DELETE`
+//! a delete.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::Next;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, any, get, post};
+use bytes::Bytes;
+use serde::Serialize;
 use tracing::Instrument;
+use zeroize::Zeroizing;
 
-use crate::audit::{AuditLog, AuditSlot, AuditState, EntryKind};
-use crate::error::Error;
-use crate::vault::Vault;
-use error::AuditReason;
+use crate::audit::{AuditSlot, AuditState, EntryKind};
+use crate::error::{AuthFailure, Error};
+use crate::logical::mounts::Resolved;
+use crate::logical::{Access, MAX_LOGIN_BODY, Operation, Peer, Reply, ReplyBody};
+use crate::service::{Incoming, Service};
+use crate::token::IssuedToken;
+use crate::unix_now;
 
+pub mod body;
 pub mod error;
-pub mod extract;
-mod handlers;
 pub mod server;
 
 pub use error::ApiError;
 
-/// Shared state of every handler.
+/// Shared state of the adapter.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    pub vault: Arc<Vault>,
-    pub audit: Arc<AuditLog>,
+    pub service: Arc<Service>,
     pub body: BodyLimits,
 }
 
@@ -53,165 +61,90 @@ impl BodyLimits {
     }
 }
 
-/// What the server knows about the connection a request came on.
-pub use crate::vault::Peer as ConnInfo;
-
-/// The request id, also returned as `X-Request-Id`.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
-
-tokio::task_local! {
-    /// The id of the request this task serves (for reply envelopes).
-    static REQUEST_ID: String;
-}
-
-/// The id of the current request (a fresh one outside a request).
-pub fn current_request_id() -> String {
-    REQUEST_ID.try_with(Clone::clone).unwrap_or_else(|_| uuid::Uuid::new_v4().to_string())
-}
-
-pub type ApiResult<T> = Result<T, ApiError>;
-
-/// Every route of the API, as (path pattern, handlers by method). The authorization
-/// tests walk this list, so a route added here without a row in their table fails them.
-fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
-    use handlers::{auth, keys, secrets, sys};
-    vec![
-        ("/v1/sys/health", get(sys::health)),
-        ("/v1/sys/policies/acl", any(sys::policies_root)),
-        ("/v1/sys/policies/acl/", any(sys::policies_root)),
-        ("/v1/sys/policies/acl/{name}", any(sys::policy)),
-        ("/v1/sys/revoke-identity", post(sys::revoke_identity)),
-        ("/v1/sys/restore-identity", post(sys::restore_identity)),
-        ("/v1/sys/audit-hash", post(sys::audit_hash)),
-        ("/v1/sys/rotate", post(sys::rotate)),
-        ("/v1/sys/rotate/status", get(sys::rotate_status)),
-        ("/v1/sys/rotate/retire", post(sys::rotate_retire)),
-        ("/v1/sys/rotate/set-aside", get(sys::rotate_set_aside)),
-        ("/v1/sys/rotate/token-signing", post(sys::rotate_token_signing)),
-        ("/v1/sys/rotate/token-signing/retire", post(sys::retire_token_signing)),
-        ("/v1/auth/jwks", get(sys::jwks)),
-        ("/v1/auth", post(auth::login_short)),
-        ("/v1/auth/approle/login", post(auth::approle_login)),
-        ("/v1/auth/approle/role/{name}/role-id", get(auth::approle_role_id)),
-        ("/v1/auth/approle/role/{name}/secret-id", post(auth::approle_secret_id).put(auth::approle_secret_id)),
-        ("/v1/auth/cert/login", post(auth::cert_login)),
-        ("/v1/auth/cert/certs", any(auth::cert_roles)),
-        ("/v1/auth/cert/certs/{name}", any(auth::cert_role)),
-        ("/v1/auth/kubernetes/login", post(auth::kubernetes_login)),
-        ("/v1/auth/kubernetes/config", get(auth::kubernetes_config_read).post(auth::kubernetes_config_write)),
-        ("/v1/auth/bootstrap/token", post(auth::bootstrap_mint)),
-        ("/v1/auth/bootstrap/login", post(auth::bootstrap_login)),
-        ("/v1/auth/{method}/role", any(auth::roles)),
-        ("/v1/auth/{method}/role/", any(auth::roles)),
-        ("/v1/auth/{method}/role/{name}", any(auth::role)),
-        ("/v1/auth/userpass/login/{user}", post(auth::userpass_login)),
-        ("/v1/auth/userpass/users", any(auth::userpass_users)),
-        ("/v1/auth/userpass/users/", any(auth::userpass_users)),
-        ("/v1/auth/userpass/users/{name}", any(auth::userpass_user)),
-        ("/v1/auth/token/lookup-self", get(auth::lookup_self)),
-        ("/v1/auth/token/renew-self", post(auth::renew_self)),
-        ("/v1/auth/token/revoke-self", post(auth::revoke_self)),
-        ("/v1/auth/token/revoke-accessor", post(auth::revoke_accessor)),
-        ("/v1/transit/keys", any(keys::keys)),
-        ("/v1/transit/keys/", any(keys::keys)),
-        ("/v1/transit/keys/{name}", any(keys::key)),
-        ("/v1/transit/keys/{name}/rotate", post(keys::rotate)),
-        ("/v1/transit/keys/{name}/config", post(keys::config)),
-        ("/v1/transit/encrypt/{name}", post(keys::encrypt)),
-        ("/v1/transit/decrypt/{name}", post(keys::decrypt)),
-        ("/v1/transit/rewrap/{name}", post(keys::rewrap)),
-        ("/v1/transit/sign/{name}", post(keys::sign)),
-        ("/v1/transit/verify/{name}", post(keys::verify)),
-        ("/v1/transit/datakey/{kind}/{name}", post(keys::datakey)),
-        ("/v1/gateway/producers", any(keys::producers)),
-        ("/v1/gateway/producers/", any(keys::producers)),
-        ("/v1/gateway/producers/{*identity}", any(keys::producer)),
-        ("/v1/gateway/verify", post(keys::gateway_verify)),
-        ("/v1/secret", any(secrets::root)),
-        ("/v1/secret/", any(secrets::root)),
-        ("/v1/secret/{*path}", any(secrets::secret)),
-    ]
-}
-
-/// The path patterns of every route (for the authorization tests and the docs).
-pub fn route_paths() -> Vec<&'static str> {
-    routes().into_iter().map(|(p, _)| p).collect()
-}
-
-/// Every route of the API.
+/// The API.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new();
-    for (path, handlers) in routes() {
-        router = router.route(path, handlers);
+    Router::new().route("/v1/{*path}", axum::routing::any(handle)).fallback(not_found).with_state(state)
+}
+
+async fn not_found() -> Response {
+    ApiError::from(Error::NotFound("no handler for this path".into())).into_response()
+}
+
+/// The client token of a request: `X-Vault-Token: <t>` or `Authorization: Bearer <t>`.
+pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, Error> {
+    if let Some(v) = headers.get("x-vault-token") {
+        let t = v.to_str().map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        return Ok(Some(Zeroizing::new(t.trim().to_owned())));
     }
-    router
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), request_context))
-        .with_state(state)
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        let (scheme, token) = v.split_once(' ').ok_or(Error::Unauthenticated(AuthFailure::MalformedToken))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Error::Unauthenticated(AuthFailure::MalformedToken));
+        }
+        return Ok(Some(Zeroizing::new(token.trim().to_owned())));
+    }
+    Ok(None)
 }
 
-async fn not_found() -> ApiError {
-    ApiError(Error::NotFound("no handler for this path".into()))
+/// Vault's mapping of methods to operations.
+fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
+    let listing =
+        || form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "list" && matches!(v.as_ref(), "true" | "1"));
+    Ok(match method.as_str() {
+        "GET" if listing() => Operation::List,
+        "GET" => Operation::Read,
+        "LIST" => Operation::List,
+        "POST" | "PUT" => Operation::Write,
+        "DELETE" => Operation::Delete,
+        _ => return Err(ApiError::MethodNotAllowed),
+    })
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError(Error::MethodNotAllowed)
-}
-
-/// Give every request an id and a span, write its audit entry before the reply leaves
-/// (fail closed: if the entry cannot be written, the reply is replaced by 503 and its body
-/// dropped), and log its outcome (method, path without query, status, latency): never
-/// headers or bodies, which carry tokens and secrets.
-async fn request_context(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Everything about one request, from its arrival to its audit entry: resolve it, read
+/// its body within the limits, record an intent before anything that may change state
+/// (fail closed: no entry, no change), run it through the pipeline, write the outcome
+/// entry before the reply leaves (a reply whose entry cannot be written is replaced by
+/// 503), and log method, path, status and latency (never headers or bodies).
+async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let slot: AuditSlot = Default::default();
-    req.extensions_mut().insert(slot.clone());
     let span = tracing::info_span!("request", request_id = %id);
+    let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let operation = match req.extensions().get::<MatchedPath>() {
-        Some(m) => format!("{method} {}", m.as_str()),
-        None => format!("{method} (no route)"),
+    let peer = req.extensions().get::<Peer>().cloned().unwrap_or_else(Peer::local);
+    let slot = AuditSlot::default();
+    let audit = state.service.audit().clone();
+    let mut ctx =
+        Ctx { id: id.clone(), operation: format!("{method} (no route)"), had_intent: false, intent_refused: false };
+    let outcome = run(&state, req, &peer, &slot, &mut ctx).instrument(span.clone()).await;
+    let mut resp = match outcome {
+        Ok(reply) => render(reply, &id),
+        Err(e) => e.into_response(),
     };
-    let remote = req.extensions().get::<crate::vault::Peer>().map(|p| p.remote.to_string());
-    let start = Instant::now();
-    // A request that may change state is recorded before it runs: if that entry cannot be
-    // written, nothing happens (fail closed). Reads are recorded once, with their outcome,
-    // and their reply is withheld if that entry cannot be written.
-    let had_intent = changes_state(&method, &operation);
-    if had_intent {
-        let intent = crate::audit::event(
-            "intent",
-            serde_json::json!({"request_id": id, "remote": remote, "operation": operation, "path": path}),
-        );
-        if let Err(e) = state.audit.append_kind(intent, EntryKind::Intent(id.clone())).await {
-            span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the request"));
-            let mut resp = ApiError(e).into_response();
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                resp.headers_mut().insert("x-request-id", v);
-            }
-            return resp;
+    if ctx.intent_refused {
+        // Refused before it ran because its intent could not be written: nothing happened,
+        // and there is nothing more to write.
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-request-id", v);
         }
+        return resp;
     }
-    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span.clone())).await;
     let status = resp.status();
-    let entry =
-        audit_entry(&id, remote, &operation, &path, status, resp.extensions().get::<AuditReason>().map(|r| r.0), &slot);
-    let kind = if had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
-    if let Err(e) = state.audit.append_kind(entry, kind).await {
+    let reason = resp.extensions().get::<error::AuditReason>().map(|r| r.0);
+    let entry = audit_entry(&ctx, &peer, &path, status, reason, &slot);
+    let kind = if ctx.had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
+    if let Err(e) = audit.append_kind(entry, kind).await {
         span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
-        resp = ApiError(e).into_response();
+        resp = ApiError::from(e).into_response();
     }
     // Say so when this reply's entry is not on disk yet (buffered mode, failing disk).
-    if state.audit.health().state != AuditState::Writing {
+    if audit.health().state != AuditState::Writing {
         resp.headers_mut().insert("x-keyvault-audit", HeaderValue::from_static("degraded"));
     }
     let status = resp.status();
     span.in_scope(|| {
-        let micros = start.elapsed().as_micros() as u64;
+        let micros = started.elapsed().as_micros() as u64;
         if status.is_server_error() {
             tracing::warn!(%method, path, status = status.as_u16(), micros, "request");
         } else {
@@ -224,72 +157,243 @@ async fn request_context(State(state): State<AppState>, mut req: Request, next: 
     resp
 }
 
-/// Whether a request may change stored state (and so gets an audit `intent` entry before
-/// it runs). Reads, listings, logins and pure key operations do not; anything not listed
-/// here is treated as state-changing.
-fn changes_state(method: &axum::http::Method, operation: &str) -> bool {
-    if matches!(method.as_str(), "GET" | "HEAD" | "LIST") {
-        return false;
+/// What the audit entry of a request needs from its handling.
+struct Ctx {
+    id: String,
+    /// `POST /v1/transit/encrypt/{name}`.
+    operation: String,
+    had_intent: bool,
+    /// The intent entry could not be written: the request was refused unrun.
+    intent_refused: bool,
+}
+
+async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx: &mut Ctx) -> Result<Reply, ApiError> {
+    let service = &state.service;
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let op = operation(req.method(), &query)?;
+    let raw = req.uri().path().strip_prefix("/v1/").unwrap_or_default().to_owned();
+    let resolved: Resolved = service.resolve(op, &raw)?;
+    ctx.operation = resolved.describe(req.method().as_str());
+    let token = token_from_headers(req.headers())?;
+    if let Some(t) = &token {
+        slot.lock().unwrap_or_else(|p| p.into_inner()).token_hmac = Some(service.audit_hmac(t.as_bytes()));
     }
-    let route = operation.split_once(' ').map(|(_, r)| r).unwrap_or("");
-    let pure = route.starts_with("/v1/transit/") && !route.starts_with("/v1/transit/keys");
-    // Logins that consume nothing (a bootstrap token or an AppRole secret id with a
-    // number of uses may be consumed, and are state changes like any other).
-    let login = matches!(
-        route,
-        "/v1/auth/cert/login"
-            | "/v1/auth/kubernetes/login"
-            | "/v1/auth/userpass/login/{user}"
-            | "/v1/auth/token/renew-self"
-            | "/v1/sys/audit-hash"
-    );
-    !(pure || login)
+    let login = matches!(resolved.spec.access, Access::Login | Access::LoginByRole);
+    let limit = if login {
+        // No credential check, and no parse of a large body, before the limiter.
+        service.check_login_source(peer)?;
+        MAX_LOGIN_BODY.min(state.body.max)
+    } else {
+        state.body.max
+    };
+    let body = body::read_body(req, &state.body, limit).await?;
+    if resolved.spec.changes_state {
+        let intent = crate::audit::event(
+            "intent",
+            serde_json::json!({
+                "request_id": ctx.id, "remote": peer.remote.to_string(), "operation": ctx.operation,
+                "path": format!("/v1/{raw}"),
+            }),
+        );
+        if let Err(e) = service.audit().append_kind(intent, EntryKind::Intent(ctx.id.clone())).await {
+            tracing::error!(error = %e, "audit entry not written: refusing the request");
+            ctx.intent_refused = true;
+            return Err(e.into());
+        }
+        ctx.had_intent = true;
+    }
+    let incoming = Incoming { request_id: ctx.id.clone(), token, body, query, peer: peer.clone(), audit: slot.clone() };
+    Ok(service.dispatch(resolved, incoming).await?)
 }
 
 /// The audit entry of one request.
 fn audit_entry(
-    id: &str,
-    remote: Option<String>,
-    operation: &str,
+    ctx: &Ctx,
+    peer: &Peer,
     path: &str,
     status: StatusCode,
     reason: Option<&str>,
     slot: &AuditSlot,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let ctx = slot.lock().unwrap_or_else(|p| p.into_inner());
+    let a = slot.lock().unwrap_or_else(|p| p.into_inner());
     let outcome = match status.as_u16() {
         200..=399 => "ok",
         401 | 403 | 429 => "denied",
         400..=499 => "refused",
         _ => "error",
     };
-    let i = &ctx.identity;
-    let identity = serde_json::json!({
-        "sub": i.sub, "role": i.role, "accessor": i.accessor, "method": i.method, "cert_sha256": i.cert_sha256,
-    });
+    let i = &a.identity;
     crate::audit::event(
         "request",
         serde_json::json!({
-            "request_id": id,
-            "remote": remote,
-            "operation": operation,
+            "request_id": ctx.id,
+            "remote": peer.remote.to_string(),
+            "operation": ctx.operation,
             "path": path,
             "status": status.as_u16(),
             "outcome": outcome,
-            "reason": reason.map(str::to_owned).or_else(|| ctx.reason.clone()),
-            "detail": ctx.detail,
-            "identity": identity,
-            "token_hmac": ctx.token_hmac,
+            "reason": reason.map(str::to_owned).or_else(|| a.reason.clone()),
+            "detail": a.detail,
+            "identity": {
+                "sub": i.sub, "role": i.role, "accessor": i.accessor, "method": i.method, "cert_sha256": i.cert_sha256,
+            },
+            "token_hmac": a.token_hmac,
         }),
     )
 }
 
-/// A JSON reply with a status.
-pub fn json(status: StatusCode, value: serde_json::Value) -> Response {
-    (status, axum::Json(value)).into_response()
+/// A reply body from zeroizing memory, as JSON, never cached.
+fn json_response(status: StatusCode, buf: Zeroizing<Vec<u8>>) -> Response {
+    let mut resp = Response::new(Body::from(Bytes::from_owner(ZeroizingBody(buf))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
-/// 204 No Content.
-pub fn no_content() -> Response {
-    StatusCode::NO_CONTENT.into_response()
+/// Owner handed to `Bytes::from_owner`: zeroizes the buffer when the last reference to
+/// the body's bytes is dropped.
+struct ZeroizingBody(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for ZeroizingBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A login or renewal reply: the token in Vault's `auth` block.
+#[derive(Serialize)]
+struct AuthEnvelope<'a> {
+    request_id: &'a str,
+    lease_id: &'static str,
+    renewable: bool,
+    lease_duration: u64,
+    data: Option<()>,
+    auth: keyvault_api::auth::Auth,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+}
+
+fn auth_block(t: &IssuedToken) -> keyvault_api::auth::Auth {
+    use secrecy::ExposeSecret;
+    let c = &t.claims;
+    let renewable = c.max_exp.is_some_and(|m| m > c.exp);
+    keyvault_api::auth::Auth {
+        client_token: keyvault_api::Sensitive::new(t.token.expose_secret()),
+        accessor: c.acc.clone(),
+        policies: c.pol.clone(),
+        token_policies: c.pol.clone(),
+        metadata: c.role.iter().map(|r| ("role_name".to_owned(), r.clone())).collect(),
+        lease_duration: c.exp.saturating_sub(unix_now()),
+        renewable,
+        token_type: "service".into(),
+        orphan: true,
+        bound_certificate_x5t_s256: c.cnf.as_ref().map(|x| x.x5t_s256.clone()),
+    }
+}
+
+/// Turn a reply into HTTP: Vault's envelope around `data` (and `warnings`), the `auth`
+/// block for a token, or the bare body.
+fn render(reply: Reply, request_id: &str) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let built = match reply.body {
+        ReplyBody::Empty if reply.warnings.is_empty() => return StatusCode::NO_CONTENT.into_response(),
+        ReplyBody::Empty => envelope(request_id, b"null", &reply.extra, &reply.warnings).map(|b| (StatusCode::OK, b)),
+        ReplyBody::Data(data) => envelope(request_id, &data, &reply.extra, &reply.warnings).map(|b| (status, b)),
+        ReplyBody::Bare(body) => Ok((status, body)),
+        ReplyBody::Auth(token) => {
+            let env = AuthEnvelope {
+                request_id,
+                lease_id: "",
+                renewable: false,
+                lease_duration: 0,
+                data: None,
+                auth: auth_block(&token),
+                warnings: &reply.warnings,
+            };
+            crate::logical::to_json(&env).map(|b| (status, b))
+        }
+        ReplyBody::Login(_) => Err(Error::Internal("a login outcome reached the transport".into())),
+    };
+    match built {
+        Ok((status, buf)) => json_response(status, buf),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// `{"request_id", "lease_id", "renewable", "lease_duration", "data": <data>, extras...,
+/// "warnings"}`, assembled around `data` without parsing or copying it out of zeroizing
+/// memory (it may be a secret's value exactly as it was written).
+fn envelope(
+    request_id: &str,
+    data: &[u8],
+    extra: &[(&'static str, serde_json::Value)],
+    warnings: &[String],
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let enc = |v: &dyn erased::Json| v.json();
+    let head = format!(
+        r#"{{"request_id":{},"lease_id":"","renewable":false,"lease_duration":0,"data":"#,
+        enc(&request_id.to_owned())?
+    );
+    let mut tail = String::new();
+    for (name, value) in extra {
+        tail.push_str(&format!(",{}:{}", enc(&(*name).to_owned())?, enc(value)?));
+    }
+    if !warnings.is_empty() {
+        tail.push_str(&format!(",\"warnings\":{}", enc(&warnings.to_vec())?));
+    }
+    tail.push('}');
+    let mut buf = Zeroizing::new(Vec::with_capacity(head.len() + data.len() + tail.len()));
+    buf.extend_from_slice(head.as_bytes());
+    buf.extend_from_slice(data);
+    buf.extend_from_slice(tail.as_bytes());
+    Ok(buf)
+}
+
+/// JSON text of the envelope's small parts.
+mod erased {
+    use crate::error::Error;
+
+    pub trait Json {
+        fn json(&self) -> Result<String, Error>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Result<String, Error> {
+            serde_json::to_string(self).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))
+        }
+    }
+}
+
+/// Serve `service` over TLS until SIGTERM or SIGINT: bind the configured address (port 0:
+/// any free port), start the background work and the TLS file watchers, call
+/// `on_listening` with the bound address, serve, then close the audit log cleanly (its
+/// last entries and a final checkpoint: a cleanly stopped log verifies as complete).
+pub async fn serve(
+    service: Service,
+    on_listening: impl FnOnce(std::net::SocketAddr, &crate::audit::AuditLog),
+) -> crate::error::Result<()> {
+    let listening = service
+        .listener
+        .as_ref()
+        .ok_or_else(|| Error::Internal("this service was built for administration, not to serve".into()))?;
+    let tls = listening.tls.clone();
+    let config = listening.config.clone();
+    let watcher = tls.spawn_watchers(std::time::Duration::from_secs(2));
+    let listener = server::bind(config.address).await?;
+    let addr = listener.local_addr().map_err(|e| Error::Internal(format!("listener address: {e}")))?;
+    let background = service.spawn_background();
+    let audit = service.audit().clone();
+    let app = router(AppState { service: Arc::new(service), body: BodyLimits::from_config(&config) });
+    let mut limits = config.limits();
+    limits.max_connections = server::fit_file_limit(limits.max_connections);
+    on_listening(addr, &audit);
+    let served = server::serve(listener, tls.current(), tls.revoked(), app, limits, server::shutdown_signal()).await;
+    for task in background {
+        task.abort();
+    }
+    watcher.abort();
+    audit.shutdown().await;
+    served
 }

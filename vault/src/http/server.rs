@@ -28,10 +28,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::auth::limiter::source;
 use crate::error::{Error, Result};
+use crate::logical::Peer;
 use crate::ratelog::RateLimitedLog;
 use crate::tls::{ClientCert, SharedRevoked};
-use crate::vault::Peer;
 
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,21 +99,6 @@ pub fn fit_file_limit(max_connections: usize) -> usize {
         fitting
     } else {
         max_connections
-    }
-}
-
-/// Source of a connection for the per-address limit: an IPv4 address, or an IPv6 /64.
-fn source(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_ipv6_mapped().octets(),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                o
-            }
-        },
     }
 }
 

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::error::{Error, Result};
+use keyvault::error::{Error, Result};
 
 /// A server to talk to.
 #[derive(Debug, Clone)]
@@ -63,16 +63,16 @@ fn parse_target(o: &Endpoint) -> Result<Target> {
         "https" => {
             let mut roots = rustls::RootCertStore::empty();
             let ca = o.ca_file.as_ref().ok_or_else(|| Error::invalid("https needs --ca-file"))?;
-            for c in crate::tls::load_certs(ca)? {
+            for c in keyvault::tls::load_certs(ca)? {
                 roots.add(c).map_err(|e| Error::Config(format!("CA file: {e}")))?;
             }
-            let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            let builder = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| Error::Config(e.to_string()))?
                 .with_root_certificates(roots);
             let mut config = match (&o.client_cert, &o.client_key) {
                 (Some(c), Some(k)) => builder
-                    .with_client_auth_cert(crate::tls::load_certs(c)?, crate::tls::load_key(k)?)
+                    .with_client_auth_cert(keyvault::tls::load_certs(c)?, keyvault::tls::load_key(k)?)
                     .map_err(|e| Error::Config(format!("client certificate: {e}")))?,
                 (None, None) => builder.with_no_client_auth(),
                 _ => return Err(Error::invalid("give both --client-cert and --client-key")),
@@ -136,4 +136,24 @@ pub async fn request(
     let bytes = resp.into_body().collect().await.map_err(|e| Error::Internal(e.to_string()))?.to_bytes();
     let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     Ok((status, json))
+}
+
+/// Send one request and read the `data` of its reply as `T` (a 2xx reply with data), or
+/// fail with the status and the server's error messages.
+pub async fn call<T: serde::de::DeserializeOwned>(
+    e: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<T> {
+    let (status, reply) = request(e, method, path, body).await?;
+    if !(200..300).contains(&status) {
+        let errors = serde_json::from_value::<keyvault_api::ErrorBody>(reply)
+            .map(|b| b.errors.join("; "))
+            .unwrap_or_else(|_| "no error message".into());
+        return Err(Error::Internal(format!("{method} /v1/{path} answered {status}: {errors}")));
+    }
+    let envelope: keyvault_api::Envelope<T> = serde_json::from_value(reply)
+        .map_err(|err| Error::Internal(format!("{method} /v1/{path}: unexpected reply: {err}")))?;
+    envelope.data.ok_or_else(|| Error::Internal(format!("{method} /v1/{path}: the reply has no data")))
 }

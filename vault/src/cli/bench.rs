@@ -12,8 +12,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use serde::Serialize;
 
-use crate::client::{Endpoint, connect, request as one_shot};
-use crate::error::{Error, Result};
+use super::client::{Endpoint, call, connect, request as one_shot};
+use keyvault::error::{Error, Result};
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -61,14 +61,21 @@ fn signed_item(key: &ed25519_dalek::SigningKey) -> serde_json::Value {
     use base64::Engine;
     use ed25519_dalek::Signer;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let ts = crate::unix_now();
+    let ts = keyvault::unix_now();
     let n = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nonce = format!("bench-{}-{n:016}", std::process::id());
     let body = br#"{"reading":21.5}"#;
-    let mut msg = format!("{ts}.{nonce}.").into_bytes();
-    msg.extend_from_slice(body);
-    serde_json::json!({"identity": PRODUCER, "cert_sha256": producer_cert(), "timestamp": ts.to_string(), "nonce": nonce,
-        "signature": b64(&key.sign(&msg).to_bytes()), "body": b64(body)})
+    let ts = ts.to_string();
+    let msg = keyvault_api::gateway::signing_input(&ts, &nonce, body);
+    let item = keyvault_api::gateway::VerifyItem {
+        identity: Some(PRODUCER.into()),
+        cert_sha256: Some(producer_cert()),
+        timestamp: Some(keyvault_api::gateway::Timestamp::Text(ts)),
+        nonce: Some(nonce),
+        signature: Some(b64(&key.sign(&msg).to_bytes())),
+        body: Some(b64(body)),
+    };
+    serde_json::to_value(item).unwrap_or_default()
 }
 
 #[derive(Debug, Clone)]
@@ -326,10 +333,8 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     if !(200..300).contains(&s) {
         return Err(Error::Internal(format!("creating the bench role answered {s}")));
     }
-    let (_, r) = one_shot(&o.endpoint, "GET", "auth/approle/role/bench/role-id", None).await?;
-    let (_, sid) =
-        one_shot(&o.endpoint, "POST", "auth/approle/role/bench/secret-id", Some(serde_json::json!({}))).await?;
-    let role_id = r["data"]["role_id"].as_str().ok_or_else(|| Error::Internal("no role_id".into()))?.to_owned();
-    let secret_id = sid["data"]["secret_id"].as_str().ok_or_else(|| Error::Internal("no secret_id".into()))?.to_owned();
-    Ok(Some((role_id, secret_id)))
+    let r: keyvault_api::auth::RoleId = call(&o.endpoint, "GET", "auth/approle/role/bench/role-id", None).await?;
+    let sid: keyvault_api::auth::SecretId =
+        call(&o.endpoint, "POST", "auth/approle/role/bench/secret-id", Some(serde_json::json!({}))).await?;
+    Ok(Some((r.role_id, sid.secret_id.expose().to_owned())))
 }

@@ -12,11 +12,15 @@ use std::time::Duration;
 use keyvault_hsm::softhsm;
 use secrecy::ExposeSecret;
 
-use crate::config::{
+use keyvault::config::{
     Config, HsmConfig, ListenerConfig, LogConfig, SecretsConfig, StorageConfig, TokenConfig, WrapSetting,
 };
-use crate::error::{Error, Result};
-use crate::tls::{ClientAuth, DevPki};
+use keyvault::error::{Error, Result};
+use keyvault::logical::Operation;
+use keyvault::service::Service;
+use keyvault::tls::ClientAuth;
+
+use super::dev_pki::DevPki;
 
 pub const DEV_TOKEN_LABEL: &str = "keyvault-dev";
 
@@ -38,9 +42,6 @@ impl DevLayout {
     }
     pub fn softhsm_dir(&self) -> PathBuf {
         self.data_dir.join("softhsm")
-    }
-    pub fn softhsm_conf(&self) -> PathBuf {
-        self.softhsm_dir().join("softhsm2.conf")
     }
     pub fn token_dir(&self) -> PathBuf {
         self.softhsm_dir().join("tokens")
@@ -87,7 +88,7 @@ pub fn ensure_token(layout: &DevLayout) -> Result<PathBuf> {
         let so_pin = softhsm::random_pin()?;
         let pin = softhsm::random_pin()?;
         softhsm::init_token(&module, DEV_TOKEN_LABEL, &so_pin, &pin)?;
-        crate::tls::write_private(&layout.pin_file(), pin.expose_secret())?;
+        keyvault::tls::write_private(&layout.pin_file(), pin.expose_secret())?;
     }
     Ok(module)
 }
@@ -115,32 +116,46 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
         secrets: SecretsConfig { dek_cache_ttl, ..SecretsConfig::default() },
         log: LogConfig::default(),
         auth: Default::default(),
-        audit: crate::audit::AuditConfig::at(layout.audit_log()),
+        audit: keyvault::audit::AuditConfig::at(layout.audit_log()),
         rotation: Default::default(),
+        mounts: keyvault::config::default_mounts(),
     }
 }
 
 /// The development client identity: a policy `dev-client` over `secret/*` and a cert role
 /// `dev-client` pinned to the development client certificate, allowing direct requests.
-/// Created on first start; left alone afterwards (an admin may have changed them).
-pub async fn ensure_dev_client(vault: &crate::vault::Vault, layout: &DevLayout) -> Result<()> {
-    use crate::auth::RoleAdmin;
-    if vault.policies.get(DEV_CLIENT_ROLE).await?.is_some() {
-        return Ok(());
+/// Created on first start, through the pipeline with the root token; left alone
+/// afterwards (an admin may have changed them).
+pub async fn ensure_dev_client(service: &Service, root: &str, layout: &DevLayout) -> Result<()> {
+    let policy = format!("sys/policies/acl/{DEV_CLIENT_ROLE}");
+    match service.request(Operation::Read, &policy, Some(root), &serde_json::Value::Null).await {
+        Ok(_) => return Ok(()),
+        Err(Error::NotFound(_)) => {}
+        Err(e) => return Err(e),
     }
-    vault
-        .policies
-        .put(DEV_CLIENT_ROLE, r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#)
-        .await?;
-    let certs = crate::tls::load_certs(&layout.pki().client_cert)?;
-    let fp = crate::tls::ClientCert::from_der(&certs[0]).sha256_hex;
-    let role = serde_json::json!({
-        "certificate_sha256": [fp],
-        "token_policies": [DEV_CLIENT_ROLE],
-        "allow_direct": true,
-    });
-    let current = vault.cert.current(DEV_CLIENT_ROLE).await?;
-    vault.cert.write_role(DEV_CLIENT_ROLE, role.to_string().as_bytes(), current.as_deref()).await
+    let text = r#"path "secret/*" { capabilities = ["create", "read", "update", "delete", "list"] }"#;
+    let body = keyvault_api::sys::PolicyWrite { policy: Some(text.into()) };
+    service.request(Operation::Write, &policy, Some(root), &to_value(&body)?).await?;
+    let certs = keyvault::tls::load_certs(&layout.pki().client_cert)?;
+    let fp = keyvault::tls::ClientCert::from_der(&certs[0]).sha256_hex;
+    #[derive(serde::Serialize)]
+    struct Role {
+        #[serde(flatten)]
+        role: keyvault_api::auth::CertRole,
+        #[serde(flatten)]
+        token: keyvault_api::auth::TokenSettings,
+    }
+    let role = Role {
+        role: keyvault_api::auth::CertRole { certificate_sha256: vec![fp], allow_direct: true, ..Default::default() },
+        token: keyvault_api::auth::TokenSettings { token_policies: vec![DEV_CLIENT_ROLE.into()], ..Default::default() },
+    };
+    let path = format!("auth/cert/role/{DEV_CLIENT_ROLE}");
+    service.request(Operation::Write, &path, Some(root), &to_value(&role)?).await?;
+    Ok(())
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))
 }
 
 pub const DEV_CLIENT_ROLE: &str = "dev-client";

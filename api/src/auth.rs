@@ -1,0 +1,329 @@
+//! `/v1/auth/...`: logins (every method), the roles and users they log in as, one-time
+//! bootstrap tokens, and the token's own lifecycle.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Sensitive, policy_list, vault_duration};
+
+/// The `auth` block of a login (and renewal) reply: the token and what it carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Auth {
+    pub client_token: Sensitive,
+    pub accessor: String,
+    pub policies: Vec<String>,
+    pub token_policies: Vec<String>,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Seconds left.
+    pub lease_duration: u64,
+    pub renewable: bool,
+    pub token_type: String,
+    pub orphan: bool,
+    /// RFC 8705: the thumbprint of the client certificate the token is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_certificate_x5t_s256: Option<String>,
+}
+
+/// The token settings every role carries (Vault's names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSettings {
+    #[serde(default, with = "policy_list")]
+    pub token_policies: Vec<String>,
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<Duration>,
+    #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
+    pub token_max_ttl: Option<Duration>,
+    /// Tokens of this role must be bound to a client certificate (RFC 8705): a login
+    /// without one is refused.
+    #[serde(default)]
+    pub bind_certificate: bool,
+}
+
+/// The fields of [`TokenSettings`], which every role body may carry besides its
+/// method's own.
+pub const TOKEN_FIELDS: [&str; 4] = ["token_policies", "token_ttl", "token_max_ttl", "bind_certificate"];
+
+/// A role as `GET` shows it: the token settings in seconds, and the method's own fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenSettingsView {
+    pub token_policies: Vec<String>,
+    pub token_ttl: u64,
+    pub token_max_ttl: u64,
+    pub bind_certificate: bool,
+}
+
+impl From<&TokenSettings> for TokenSettingsView {
+    fn from(t: &TokenSettings) -> Self {
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs()).unwrap_or(0);
+        TokenSettingsView {
+            token_policies: t.token_policies.clone(),
+            token_ttl: secs(t.token_ttl),
+            token_max_ttl: secs(t.token_max_ttl),
+            bind_certificate: t.bind_certificate,
+        }
+    }
+}
+
+// ---- logins ----
+
+/// `POST /v1/auth` (the short form): `{"role": ...}` and the credentials of the role's
+/// method, e.g. `{"role": "web", "secret_id": "..."}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoleHint {
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// `POST /v1/auth/approle/login`: the role (by name, or by role id) and a secret id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppRoleLogin {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_id: Option<String>,
+    pub secret_id: Sensitive,
+}
+
+/// `POST /v1/auth/userpass/login/<user>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserpassLogin {
+    pub password: Sensitive,
+}
+
+/// `POST /v1/auth/cert/login` (over mutual TLS): optionally the role to log in as.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CertLogin {
+    /// Vault's field name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The short form's field name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// `POST /v1/auth/kubernetes/login`: a role and the pod's service-account token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KubernetesLogin {
+    pub role: String,
+    pub jwt: Sensitive,
+}
+
+/// `POST /v1/auth/bootstrap/login`: the one-time bootstrap token (consumed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BootstrapLogin {
+    pub token: Sensitive,
+}
+
+// ---- AppRole ----
+
+/// AppRole's own role fields (`POST /v1/auth/approle/role/<name>`, with [`TokenSettings`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRoleRole {
+    /// How long a secret id of this role stays valid. Default 7 days; `0` means never.
+    #[serde(default = "default_secret_id_ttl", with = "vault_duration")]
+    pub secret_id_ttl: Option<Duration>,
+    /// How many logins a secret id allows; `0`: any number.
+    #[serde(default)]
+    pub secret_id_num_uses: u64,
+}
+
+/// The default lifetime of a secret id: a week.
+pub const DEFAULT_SECRET_ID_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn default_secret_id_ttl() -> Option<Duration> {
+    Some(DEFAULT_SECRET_ID_TTL)
+}
+
+impl Default for AppRoleRole {
+    fn default() -> Self {
+        AppRoleRole { secret_id_ttl: default_secret_id_ttl(), secret_id_num_uses: 0 }
+    }
+}
+
+/// `GET /v1/auth/approle/role/<name>/role-id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleId {
+    pub role_id: String,
+}
+
+/// `POST /v1/auth/approle/role/<name>/secret-id`: a new secret id, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretId {
+    pub secret_id: Sensitive,
+    pub secret_id_accessor: String,
+    /// Seconds; 0: never expires.
+    pub secret_id_ttl: u64,
+    /// 0: any number of logins.
+    pub secret_id_num_uses: u64,
+}
+
+// ---- cert ----
+
+/// Which certificates a cert role accepts (`/v1/auth/cert/certs/<name>`, with
+/// [`TokenSettings`]). Every category that is set must match; at least one must be set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRole {
+    /// SHA-256 fingerprints of accepted certificates (hex; `:` separators allowed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificate_sha256: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_common_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_dns_sans: Vec<String>,
+    /// Exact URIs, or prefixes ending in `*` (`spiffe://corp/ns/payments/*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_uri_sans: Vec<String>,
+    /// Requests over mTLS with a matching certificate and no token are authorized with
+    /// this role's policies.
+    #[serde(default)]
+    pub allow_direct: bool,
+}
+
+// ---- kubernetes ----
+
+/// `POST /v1/auth/kubernetes/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesConfig {
+    /// The `iss` of the cluster's service-account tokens.
+    pub issuer: String,
+    /// The cluster's public keys, inline: a JWKS or PEM public keys, at most 64 KiB.
+    pub public_keys: String,
+    /// Accepted audiences; a role may narrow them to one.
+    pub audiences: Vec<String>,
+}
+
+/// A Kubernetes role: which service accounts in which namespaces it accepts (`*`: any).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesRole {
+    pub bound_service_account_names: Vec<String>,
+    pub bound_service_account_namespaces: Vec<String>,
+    /// The audience this role's tokens must carry (one of the mount's audiences).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}
+
+// ---- userpass ----
+
+/// `POST /v1/auth/userpass/users/<user>`. As in Vault, an update changes only the fields
+/// it gives; `password` is required when creating.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UserWrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Sensitive>,
+    #[serde(default, deserialize_with = "some_policies", skip_serializing_if = "Option::is_none")]
+    pub token_policies: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "some_duration", skip_serializing_if = "Option::is_none")]
+    pub token_ttl: Option<Option<Duration>>,
+    #[serde(default, deserialize_with = "some_duration", skip_serializing_if = "Option::is_none")]
+    pub token_max_ttl: Option<Option<Duration>>,
+}
+
+fn some_policies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    policy_list::deserialize(d).map(Some)
+}
+
+fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Duration>>, D::Error> {
+    vault_duration::deserialize(d).map(Some)
+}
+
+/// A user as `GET` shows it (never the hash).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserView {
+    pub token_policies: Vec<String>,
+    pub token_ttl: u64,
+    pub token_max_ttl: u64,
+}
+
+// ---- bootstrap tokens ----
+
+/// `POST /v1/auth/bootstrap/token`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BootstrapMint {
+    /// Policies of the token the bootstrap token will be exchanged for.
+    #[serde(default, with = "policy_list")]
+    pub policies: Vec<String>,
+    /// How long the bootstrap token may wait to be used (default 15 minutes, at most 24 h).
+    #[serde(default, with = "vault_duration")]
+    pub ttl: Option<Duration>,
+    /// TTL of the token it is exchanged for.
+    #[serde(default, with = "vault_duration")]
+    pub token_ttl: Option<Duration>,
+    /// A name for audit and token metadata (e.g. the VM's host name).
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+/// A freshly minted bootstrap token, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BootstrapMinted {
+    pub bootstrap_token: Sensitive,
+    pub accessor: String,
+    /// Seconds it may wait to be used.
+    pub ttl: u64,
+}
+
+// ---- the token's own lifecycle ----
+
+/// `GET /v1/auth/token/lookup-self`: the caller's token, without the token itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenLookup {
+    pub accessor: String,
+    pub policies: Vec<String>,
+    pub display_name: String,
+    pub meta: TokenMeta,
+    pub path: String,
+    pub issue_time: String,
+    pub creation_time: u64,
+    pub expire_time: String,
+    pub ttl: u64,
+    pub explicit_max_ttl: u64,
+    pub renewable: bool,
+    pub bound_certificate_x5t_s256: Option<String>,
+    pub spiffe_id: Option<String>,
+    /// `service`, or `direct-certificate` for a request authenticated by its client
+    /// certificate alone.
+    #[serde(rename = "type")]
+    pub token_type: String,
+}
+
+/// The metadata of a token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenMeta {
+    pub role_name: Option<String>,
+}
+
+/// `POST /v1/auth/token/renew-self`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RenewSelf {
+    /// Requested new TTL from now (capped by the token's maximum).
+    #[serde(default, with = "vault_duration")]
+    pub increment: Option<Duration>,
+}
+
+/// `POST /v1/auth/token/revoke-accessor`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevokeAccessor {
+    #[serde(default)]
+    pub accessor: String,
+}
+
+/// `GET /v1/auth/jwks`: the keys that verify KeyVault's tokens (no token needed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<Jwk>,
+}
+
+/// One token-verification key (RFC 8037: an Ed25519 OKP key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Jwk {
+    pub kty: String,
+    pub crv: String,
+    pub alg: String,
+    #[serde(rename = "use")]
+    pub usage: String,
+    pub kid: String,
+    /// The public key, base64url without padding.
+    pub x: String,
+}

@@ -1,0 +1,146 @@
+//! The gateway contract: what a producer signs, how a gateway asks KeyVault to check it
+//! (`POST /v1/gateway/verify`), and how producers are registered
+//! (`/v1/gateway/producers/<identity>`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Nonces: 16 to 128 characters of `[A-Za-z0-9_-]` (base64url), so that the signing input
+/// splits one way only (neither the timestamp nor the nonce can contain `.`).
+pub const NONCE_MIN: usize = 16;
+pub const NONCE_MAX: usize = 128;
+/// The most items in one `batch`.
+pub const MAX_BATCH: usize = 1000;
+
+/// Whether `nonce` is a valid nonce ([`NONCE_MIN`]-[`NONCE_MAX`] characters of
+/// `[A-Za-z0-9_-]`).
+pub fn valid_nonce(nonce: &str) -> bool {
+    (NONCE_MIN..=NONCE_MAX).contains(&nonce.len())
+        && nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `timestamp` is a valid timestamp: 1-12 decimal digits (Unix seconds).
+pub fn valid_timestamp(timestamp: &str) -> bool {
+    !timestamp.is_empty() && timestamp.len() <= 12 && timestamp.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The bytes a producer signs with Ed25519: `"{timestamp}.{nonce}." + body`. With a
+/// timestamp of digits and a nonce of `[A-Za-z0-9_-]` (neither contains `.`), the input
+/// splits back one way only: no two (timestamp, nonce, body) give the same bytes.
+pub fn signing_input(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(timestamp.len() + nonce.len() + 2 + body.len());
+    message.extend_from_slice(timestamp.as_bytes());
+    message.push(b'.');
+    message.extend_from_slice(nonce.as_bytes());
+    message.push(b'.');
+    message.extend_from_slice(body);
+    message
+}
+
+/// One signing key of a producer. Several at once give a dual-validation window during a
+/// key rotation; `not_after` closes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerKey {
+    pub key_id: String,
+    /// Base64 of the 32-byte Ed25519 public key.
+    pub public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<u64>,
+}
+
+/// A registered producer (`POST /v1/gateway/producers/<identity>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Producer {
+    /// SHA-256 fingerprints (hex) of the client certificates this producer presents.
+    pub cert_sha256: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<ProducerKey>,
+    /// A named Ed25519 transit key in this HSM instead of (or besides) `keys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transit_key: Option<String>,
+    /// operator id → tenant id; when set, bodies must carry matching signed metadata.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub operator_tenants: BTreeMap<String, String>,
+    #[serde(default = "default_skew")]
+    pub clock_skew_seconds: u64,
+    #[serde(default = "default_nonce_ttl")]
+    pub nonce_ttl_seconds: u64,
+    /// Set by the kill switch: every request of this producer is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+}
+
+fn default_skew() -> u64 {
+    30
+}
+
+fn default_nonce_ttl() -> u64 {
+    120
+}
+
+/// A timestamp as decimal text (the header value) or a JSON number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Timestamp {
+    Text(String),
+    Number(u64),
+}
+
+/// One check: the producer's header values and the body it signed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyItem {
+    #[serde(default)]
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<Timestamp>,
+    #[serde(default)]
+    pub nonce: Option<String>,
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// Base64 of the raw body.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+/// The request of `POST /v1/gateway/verify` for several items at once (one item is sent
+/// as a [`VerifyItem`] on its own).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyBatch {
+    pub batch: Vec<VerifyItem>,
+}
+
+/// The verdict on one item. A single check answers with the verdict's `status`; in a
+/// batch each result carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub valid: bool,
+    pub reason: Option<String>,
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+/// The `data` of a batch check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchVerdicts {
+    pub batch_results: Vec<Verdict>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signing_input_splits_one_way() {
+        assert_eq!(signing_input("1700000000", "abcdefghijklmnop", b"{}"), b"1700000000.abcdefghijklmnop.{}".to_vec());
+        assert!(valid_nonce("abcdefghijklmnop"));
+        assert!(!valid_nonce("abcdefghijklmno."));
+        assert!(!valid_nonce("short"));
+        assert!(valid_timestamp("1700000000"));
+        assert!(!valid_timestamp("17.5"));
+        assert!(!valid_timestamp(""));
+    }
+}

@@ -1,0 +1,145 @@
+//! `/v1/transit/...`: named keys in the HSM and the operations on them (Vault's transit
+//! shapes).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Sensitive;
+
+/// The kinds of named key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyType {
+    #[serde(rename = "aes256-gcm96")]
+    Aes256Gcm96,
+    #[serde(rename = "ed25519")]
+    Ed25519,
+}
+
+/// `POST /v1/transit/keys/<name>`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateKey {
+    /// `aes256-gcm96` when absent.
+    #[serde(default, rename = "type")]
+    pub key_type: Option<KeyType>,
+}
+
+/// `POST /v1/transit/keys/<name>/config`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KeyConfig {
+    #[serde(default)]
+    pub min_decryption_version: Option<u32>,
+    #[serde(default)]
+    pub deletion_allowed: Option<bool>,
+}
+
+/// One version of a key as `GET` shows it: its creation time, or for Ed25519 keys also
+/// its public key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum VersionInfo {
+    Created(String),
+    Signing { creation_time: String, public_key: String },
+}
+
+/// A key as `GET /v1/transit/keys/<name>` (and create, rotate, config) show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub key_type: KeyType,
+    pub keys: BTreeMap<String, VersionInfo>,
+    pub latest_version: u32,
+    pub min_decryption_version: u32,
+    pub deletion_allowed: bool,
+    /// Always false: no key leaves the HSM.
+    pub exportable: bool,
+    pub supports_encryption: bool,
+    pub supports_decryption: bool,
+    pub supports_signing: bool,
+}
+
+/// One item of an operation: the body itself, or an element of `batch_input`. Which
+/// fields an operation reads: encrypt `plaintext`; decrypt and rewrap `ciphertext`; sign
+/// `input`; verify `input` and `signature`; `associated_data` for the AES ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Item {
+    /// Base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<Sensitive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+    /// Base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated_data: Option<String>,
+    /// Base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Echoed in the item's result (batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// `POST /v1/transit/{encrypt,decrypt,rewrap,sign,verify}/<name>`: one item's fields, or
+/// `batch_input` (1 to 1000 items).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OperationRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<Sensitive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated_data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_input: Option<Vec<Item>>,
+}
+
+/// The result of one item. Which fields are set depends on the operation; a failed
+/// batch item carries `error` only (and its `reference`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ItemResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<Sensitive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// The `data` of a batch operation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatchResults {
+    pub batch_results: Vec<ItemResult>,
+}
+
+/// `POST /v1/transit/datakey/{plaintext,wrapped}/<name>`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DatakeyRequest {
+    /// Base64.
+    #[serde(default)]
+    pub associated_data: Option<String>,
+}
+
+/// A fresh data key, encrypted under the named key; `plaintext` (base64) only for the
+/// `plaintext` kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Datakey {
+    pub ciphertext: String,
+    pub key_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<Sensitive>,
+}

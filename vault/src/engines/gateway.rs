@@ -1,0 +1,148 @@
+//! The gateway check, mounted at `gateway/` by default: producers registered by identity,
+//! and `verify`, which a gateway calls to check a producer's signed request (freshness,
+//! replay, tenant mapping). Every verdict is an audit event.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyvault_api::gateway::{BatchVerdicts, Producer, Verdict, VerifyBatch, VerifyItem};
+
+use super::EngineKind;
+use crate::auth::revocation::Revocations;
+use crate::error::{Error, Result};
+use crate::gateway::{Gateway, validate_identity};
+use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::Capability;
+use crate::service::Core;
+use crate::transit::Transit;
+
+pub const KIND: EngineKind = EngineKind {
+    name: "gateway",
+    description: "Ed25519 request checks for gateways: producers, freshness, replay, tenant mapping",
+    auth: false,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(GatewayEngine::new(core))),
+};
+
+fn identity(_: Operation, p: &mut Params) -> Result<()> {
+    validate_identity(p.get("identity").unwrap_or_default())
+}
+
+const ROUTES: &[Route] = &[
+    Route::new("producers", "list producers", &[OpSpec::list(Access::Needs(Capability::List))]),
+    Route::new(
+        "producers/{*identity}",
+        "register (or replace), read, delete a producer",
+        &[
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .normalize(identity),
+    // Records each nonce it accepts (replay protection), so it changes state.
+    Route::new(
+        "verify",
+        "check one signed request (the reply's status is the verdict's) or a `batch`",
+        &[OpSpec::write(Access::Needs(Capability::Verify))],
+    ),
+];
+
+#[derive(Debug)]
+pub struct GatewayEngine {
+    gateway: Gateway,
+    transit: Transit,
+    revocations: Revocations,
+    core: Arc<Core>,
+}
+
+impl GatewayEngine {
+    fn new(core: &Arc<Core>) -> Self {
+        GatewayEngine {
+            gateway: Gateway::new(core.store.clone()),
+            transit: Transit::new(core.store.clone(), core.keys.clone(), core.names.clone()),
+            revocations: Revocations::new(core.store.clone()),
+            core: core.clone(),
+        }
+    }
+
+    async fn verify(&self, req: &mut Request) -> Result<Reply> {
+        let (items, batch) = if req.has_field("batch")? {
+            let b: VerifyBatch = req.data()?;
+            if b.batch.is_empty() {
+                return Err(Error::invalid("an empty batch"));
+            }
+            (b.batch, true)
+        } else {
+            (vec![req.data::<VerifyItem>()?], false)
+        };
+        let verdicts = self.gateway.verify(&items, &self.transit, &self.revocations).await?;
+        let caller = req.caller()?.claims.acc.clone();
+        let events = verdicts
+            .iter()
+            .map(|v| {
+                crate::audit::event(
+                    "event",
+                    serde_json::json!({
+                        "event": if v.valid { "telemetry.accepted" } else { "telemetry.rejected" },
+                        "request_id": req.request_id,
+                        "producer": v.identity, "reason": v.reason, "key_id": v.key_id, "status": v.status,
+                        "caller": caller,
+                    }),
+                )
+            })
+            .collect();
+        self.core.audit.append_many(events).await?;
+        let view = |v: &crate::gateway::Verdict, with_status: bool| Verdict {
+            valid: v.valid,
+            reason: v.reason.map(str::to_owned),
+            key_id: v.key_id.clone(),
+            status: with_status.then_some(v.status),
+        };
+        if batch {
+            return Reply::data(&BatchVerdicts { batch_results: verdicts.iter().map(|v| view(v, true)).collect() });
+        }
+        let v = &verdicts[0];
+        Ok(Reply::data(&view(v, false))?.status(v.status))
+    }
+}
+
+#[async_trait]
+impl Engine for GatewayEngine {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
+    }
+
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        self.gateway.producer_raw(req.param("identity")).await
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let identity = req.param("identity").to_owned();
+        match (req.route.pattern, req.operation) {
+            ("producers", _) => Reply::keys(self.gateway.list_producers().await?),
+            ("producers/{*identity}", Operation::Write) => {
+                let p: Producer = req.data()?;
+                self.gateway.put_producer(&identity, p, req.existing.as_deref()).await?;
+                Ok(Reply::empty())
+            }
+            ("producers/{*identity}", Operation::Read) => {
+                let p = self.gateway.producer(&identity).await?;
+                Reply::data(&p.ok_or_else(|| Error::NotFound(format!("no producer {identity}")))?)
+            }
+            ("producers/{*identity}", Operation::Delete) => {
+                self.gateway.delete_producer(&identity).await?;
+                Ok(Reply::empty())
+            }
+            ("verify", _) => self.verify(req).await,
+            _ => Err(Error::UnsupportedOperation),
+        }
+    }
+}

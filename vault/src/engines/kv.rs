@@ -1,0 +1,116 @@
+//! The key/value secret store, mounted at `secret/` by default: versioned values, each
+//! sealed under its own data key (see [`crate::secrets`]).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyvault_api::secret::{Metadata, ReadQuery, Written};
+
+use super::EngineKind;
+use crate::error::{Error, Result};
+use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::Capability;
+use crate::secrets::{SecretPath, SecretPrefix, Secrets};
+use crate::service::Core;
+
+pub const KIND: EngineKind = EngineKind {
+    name: "kv",
+    description: "versioned key/value secrets, each value sealed under its own data key",
+    auth: false,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(Kv::new(core))),
+};
+
+/// A path for reads, writes and deletes; a prefix (`a/b/`) for listings.
+fn normalize(op: Operation, p: &mut Params) -> Result<()> {
+    let raw = p.get("path").unwrap_or_default().to_owned();
+    let canonical = if op == Operation::List {
+        SecretPrefix::parse(&raw)?.as_str().to_owned()
+    } else {
+        SecretPath::parse(&raw)?.as_str().to_owned()
+    };
+    p.set("path", canonical);
+    Ok(())
+}
+
+const ROUTES: &[Route] = &[
+    Route::new("", "list the top level", &[OpSpec::list(Access::Needs(Capability::List))]),
+    Route::new(
+        "{*path}",
+        "read (`?version=N`), write a new version, delete the latest version, list under",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::list(Access::Needs(Capability::List)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .normalize(normalize),
+];
+
+#[derive(Debug)]
+pub struct Kv {
+    secrets: Secrets,
+}
+
+impl Kv {
+    fn new(core: &Arc<Core>) -> Self {
+        let max_versions = core.settings.secrets.max_versions;
+        Kv { secrets: Secrets::new(core.store.clone(), core.barrier.clone(), max_versions) }
+    }
+}
+
+#[async_trait]
+impl Engine for Kv {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
+    }
+
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        let path = SecretPath::parse(req.param("path"))?;
+        Ok(self.secrets.exists(&path).await?.then(Vec::new))
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        if req.operation == Operation::List {
+            let prefix = SecretPrefix::parse(req.param("path"))?;
+            return Reply::keys(self.secrets.list(&prefix).await?);
+        }
+        let path = SecretPath::parse(req.param("path"))?;
+        match req.operation {
+            Operation::Read => {
+                let q: ReadQuery = req.query()?;
+                if q.version == Some(0) {
+                    return Err(Error::invalid("versions start at 1"));
+                }
+                let v = self.secrets.read(&path, q.version).await?;
+                let metadata = Metadata {
+                    version: v.version,
+                    created_time: v.meta.created_time.clone(),
+                    deletion_time: String::new(),
+                    destroyed: false,
+                };
+                let metadata =
+                    serde_json::to_value(&metadata).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+                // `data` is the value exactly as written, never parsed or copied.
+                Ok(Reply::raw_data(v.data).extra("metadata", metadata))
+            }
+            Operation::Write => {
+                let (version, meta) = self.secrets.write(&path, &req.body).await?;
+                Reply::data(&Written { version, created_time: meta.created_time })
+            }
+            Operation::Delete => {
+                self.secrets.delete_latest(&path).await?;
+                Ok(Reply::empty())
+            }
+            Operation::List => Err(Error::UnsupportedOperation),
+        }
+    }
+}

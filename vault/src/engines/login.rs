@@ -1,0 +1,53 @@
+//! `auth/` itself: the short login form `POST /v1/auth` `{"role": ...}` (the pipeline
+//! sends it to the method that owns the role) and `GET /v1/auth/jwks`, the keys that
+//! verify KeyVault's tokens. Mounted by KeyVault itself, under every auth method's mount;
+//! not listed by `sys/auth`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::EngineKind;
+use crate::error::{Error, Result};
+use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::service::Core;
+
+pub const KIND: EngineKind = EngineKind {
+    name: "login",
+    description: "the short login form and the token-verification keys",
+    auth: true,
+    fixed_at: Some("auth/"),
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(Login { core: core.clone() })),
+};
+
+const ROUTES: &[Route] = &[
+    // A login may consume a credential (a bootstrap token, a limited secret id).
+    Route::new("", "log in with `role` and the credentials of its method", &[OpSpec::write(Access::LoginByRole)]),
+    Route::new("jwks", "the token-verification keys (JWK set, no token)", &[OpSpec::read(Access::Public)]),
+];
+
+#[derive(Debug)]
+pub struct Login {
+    core: Arc<Core>,
+}
+
+#[async_trait]
+impl Engine for Login {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        match req.route.pattern {
+            "jwks" => Reply::bare(&self.core.tokens.jwks()),
+            _ => Err(Error::UnsupportedOperation),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The engines, and the registry of every kind of engine and auth method. Adding one is
+//! its own file (an [`Engine`](crate::logical::Engine) and an [`EngineKind`]) plus one
+//! line in [`KINDS`].
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::logical::{Engine, Route};
+use crate::service::Core;
+
+pub mod gateway;
+pub mod kv;
+pub mod login;
+pub mod sys;
+pub mod token;
+pub mod transit;
+
+/// A kind of engine or auth method: what `[[mounts]]` names in `type`.
+#[derive(Debug)]
+pub struct EngineKind {
+    /// `kv`, `transit`, `approle`, ...
+    pub name: &'static str,
+    pub description: &'static str,
+    /// An auth method (mounted under `auth/`).
+    pub auth: bool,
+    /// Mounted by KeyVault itself at this path (not configurable).
+    pub fixed_at: Option<&'static str>,
+    pub routes: &'static [Route],
+    pub build: fn(&Arc<Core>) -> Result<Arc<dyn Engine>>,
+}
+
+/// Every kind of engine and auth method.
+pub const KINDS: &[EngineKind] = &[
+    kv::KIND,
+    transit::KIND,
+    gateway::KIND,
+    crate::auth::approle::KIND,
+    crate::auth::userpass::KIND,
+    crate::auth::cert::KIND,
+    crate::auth::kubernetes::KIND,
+    crate::auth::bootstrap::KIND,
+    sys::KIND,
+    token::KIND,
+    login::KIND,
+];
+
+/// The kind named `name`.
+pub fn kind(name: &str) -> Option<&'static EngineKind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// The kinds a configuration may mount.
+pub fn configurable() -> Vec<&'static str> {
+    KINDS.iter().filter(|k| k.fixed_at.is_none()).map(|k| k.name).collect()
+}
+
+/// An engine kind that only describes its routes (see
+/// [`describe_mounts`](crate::service::describe_mounts)); it serves nothing.
+#[derive(Debug)]
+pub struct Described(pub &'static EngineKind);
+
+#[async_trait::async_trait]
+impl Engine for Described {
+    fn kind(&self) -> &'static str {
+        self.0.name
+    }
+    fn description(&self) -> &'static str {
+        self.0.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        self.0.routes
+    }
+    async fn handle(&self, _: &mut crate::logical::Request) -> Result<crate::logical::Reply> {
+        Err(crate::error::Error::Internal("a described engine serves nothing".into()))
+    }
+}

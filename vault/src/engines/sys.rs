@@ -1,0 +1,374 @@
+//! `sys/`: health, policies, the kill switch, master and token-signing key rotation, the
+//! audit HMAC, and the mount listings. Mounted by KeyVault itself.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyvault_api::sys::{
+    AuditHash, AuditHashRequest, Health, IdentityTarget, PolicyList, PolicyRead, PolicyWrite, Retired, Revoked,
+    Rotated, SetAside,
+};
+
+use super::EngineKind;
+use crate::auth::bootstrap::Bootstrap;
+use crate::auth::cert::CertAuth;
+use crate::auth::revocation::Identity;
+use crate::auth::userpass::UserPass;
+use crate::error::{Error, Result};
+use crate::gateway::Gateway;
+use crate::keys::Family;
+use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::{Capability, ROOT_POLICY};
+use crate::service::{Core, MAX_TOKEN_LIFETIME};
+use crate::unix_now;
+
+pub const KIND: EngineKind = EngineKind {
+    name: "system",
+    description: "system endpoints: health, policies, kill switch, key rotation, mounts",
+    auth: false,
+    fixed_at: Some("sys/"),
+    routes: ROUTES,
+    build: |core| Ok(Arc::new(Sys::new(core))),
+};
+
+/// Policy names are case-insensitive: lower case before authorization, so that the path
+/// authorized is the policy written.
+fn policy_name(_: Operation, p: &mut Params) -> Result<()> {
+    let name = p.get("name").unwrap_or_default().to_ascii_lowercase();
+    crate::policy::validate_name(&name)?;
+    p.set("name", name);
+    Ok(())
+}
+
+const SUDO_UPDATE: &[OpSpec] = &[OpSpec::write(Access::Sudo(Capability::Update))];
+
+const ROUTES: &[Route] = &[
+    Route::new("health", "storage, HSM, clock and audit status (no token)", &[OpSpec::read(Access::Public)]),
+    Route::new("mounts", "the mounted engines (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
+    Route::new("auth", "the mounted auth methods (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
+    Route::new("policies/acl", "list policies", &[OpSpec::list(Access::Needs(Capability::List))]),
+    Route::new(
+        "policies/acl/{name}",
+        "read, write (`policy`: HCL or JSON), delete a policy",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .normalize(policy_name),
+    Route::new("revoke-identity", "the kill switch: revoke an identity everywhere", SUDO_UPDATE),
+    Route::new("restore-identity", "lift a revocation of an identity", SUDO_UPDATE),
+    Route::new(
+        "audit-hash",
+        "the HMAC a value has in the audit log",
+        &[OpSpec::compute(Access::Needs(Capability::Update))],
+    ),
+    Route::new("rotate", "start a master key rotation", SUDO_UPDATE),
+    Route::new("rotate/status", "rotation progress", &[OpSpec::read(Access::Needs(Capability::Read))]),
+    Route::new("rotate/retire", "destroy master key versions nothing uses", SUDO_UPDATE),
+    Route::new(
+        "rotate/set-aside",
+        "records a rotation set aside as damaged",
+        &[OpSpec::read(Access::Needs(Capability::Read))],
+    ),
+    Route::new("rotate/token-signing", "new token-signing key", SUDO_UPDATE),
+    Route::new("rotate/token-signing/retire", "destroy token-signing versions no token needs", SUDO_UPDATE),
+];
+
+#[derive(Debug)]
+pub struct Sys {
+    core: Arc<Core>,
+    cert: CertAuth,
+    gateway: Gateway,
+    bootstrap: Bootstrap,
+    userpass: UserPass,
+}
+
+/// What the kill switch is asked to revoke.
+enum Target {
+    Identity(Identity),
+    Accessor(String),
+}
+
+fn target(t: IdentityTarget) -> Result<Target> {
+    let given = [
+        t.role.is_some(),
+        t.user.is_some(),
+        t.certificate_sha256.is_some(),
+        t.spiffe_id.is_some(),
+        t.accessor.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(Error::invalid("give exactly one of role, user, certificate_sha256, spiffe_id, accessor"));
+    }
+    if let Some(r) = t.role {
+        crate::validate_name("role", &r)?;
+        return Ok(Target::Identity(Identity::Role(r)));
+    }
+    if let Some(u) = t.user {
+        return Ok(Target::Identity(Identity::User(crate::auth::userpass::normalize_user(&u)?)));
+    }
+    if let Some(f) = t.certificate_sha256 {
+        return Ok(Target::Identity(Identity::Certificate(crate::auth::cert::normalize_fingerprint(&f)?)));
+    }
+    if let Some(s) = t.spiffe_id {
+        if s.starts_with("spiffe://") && s.len() <= 2048 && !s.chars().any(char::is_control) {
+            return Ok(Target::Identity(Identity::Spiffe(s)));
+        }
+        return Err(Error::invalid("spiffe_id must be a spiffe:// URI"));
+    }
+    Ok(Target::Accessor(t.accessor.unwrap_or_default()))
+}
+
+/// Accessors are 1-64 ASCII letters and digits.
+pub(crate) fn validate_accessor(accessor: &str) -> Result<()> {
+    if accessor.is_empty() || accessor.len() > 64 || !accessor.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(Error::invalid("invalid accessor"));
+    }
+    Ok(())
+}
+
+impl Sys {
+    fn new(core: &Arc<Core>) -> Self {
+        let store = core.store.clone();
+        Sys {
+            cert: CertAuth::new(store.clone()),
+            gateway: Gateway::new(store.clone()),
+            bootstrap: Bootstrap::new(store.clone(), core.keys.clone(), core.names.clone(), core.keyring.clone()),
+            userpass: UserPass::new(store),
+            core: core.clone(),
+        }
+    }
+
+    /// `GET /v1/sys/health`: 200 when storage and the HSM answer, the clock agrees with
+    /// the storage's and the audit log is not failed; else 503. Status words only: the
+    /// reasons are logged, not told to an unauthenticated caller.
+    async fn health(&self) -> Result<Reply> {
+        let core = &self.core;
+        let storage = match core.store.ping().await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::warn!(error = %e, "health: storage check failed");
+                "unavailable"
+            }
+        };
+        let active = core.barrier.active_version();
+        let label = core.names.master(active);
+        let shown = label.clone();
+        let hsm = match crate::hsm_call(&core.keys, move |k| k.exists(&label)).await {
+            Ok(true) => "ok",
+            Ok(false) => {
+                tracing::error!(key = %shown, "health: the active master key is missing from the HSM");
+                "key_missing"
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "health: HSM check failed");
+                "unavailable"
+            }
+        };
+        let (clock_offset_ms, clock_ok) = core.clock_state();
+        let audit = core.audit.health();
+        let audit_ok = audit.state != crate::audit::AuditState::Failed;
+        let ok = storage == "ok" && hsm == "ok" && clock_ok && audit_ok;
+        let health = Health {
+            initialized: true,
+            sealed: false,
+            standby: false,
+            version: env!("CARGO_PKG_VERSION").into(),
+            storage: storage.into(),
+            hsm: hsm.into(),
+            clock: if clock_ok { "ok" } else { "offset_too_large" }.into(),
+            clock_offset_ms,
+            missing_key_errors: crate::error::MISSING_KEY_ERRORS.load(std::sync::atomic::Ordering::Relaxed),
+            audit: audit.state.name().into(),
+            audit_failed_writes: audit.failed_writes,
+            audit_refused_entries: audit.refused_entries,
+            audit_waiting_entries: audit.waiting_entries,
+            master_key_version: active.get(),
+            server_time_utc: unix_now(),
+        };
+        Ok(Reply::bare(&health)?.status(if ok { 200 } else { 503 }))
+    }
+
+    /// Revoke an identity everywhere at once: its tokens (every one issued so far, on
+    /// every replica, whatever the clocks say), its logins and direct requests (until
+    /// restored), its certificate pins and gateway producers. A role or user that does
+    /// not exist is 404. Or, for an accessor: the token(s) with it, every token issued from
+    /// it (a bootstrap token's login), and the bootstrap token itself if still unused.
+    async fn revoke_identity(&self, req: &mut Request) -> Result<Reply> {
+        let by = req.caller()?.claims.acc.clone();
+        let (described, generation) = match target(req.data()?)? {
+            Target::Identity(identity) => {
+                self.identity_exists(&identity).await?;
+                let generation = self.core.revocations.revoke_identity(&identity, &by).await?;
+                // After the atomic step above (which already refuses everything of this
+                // identity), tidy up: certificate pins and gateway producers.
+                let producers = match &identity {
+                    Identity::Certificate(fp) => {
+                        let roles = self.cert.remove_pin(fp).await?;
+                        tracing::info!(roles, "certificate pin removed from cert roles");
+                        self.gateway.disable_matching(Some(fp), None).await?
+                    }
+                    Identity::Spiffe(id) => self.gateway.disable_matching(None, Some(id)).await?,
+                    Identity::Role(_) | Identity::User(_) => 0,
+                };
+                if producers > 0 {
+                    tracing::info!(producers, "gateway producers disabled");
+                }
+                tracing::warn!(identity = %identity.describe(), generation, by = %by, "identity revoked (kill switch)");
+                (identity.describe(), Some(generation))
+            }
+            Target::Accessor(accessor) => {
+                validate_accessor(&accessor)?;
+                self.core.revocations.revoke_accessor(&accessor, self.core.revocation_horizon()).await?;
+                let unused = self.bootstrap.revoke_accessor(&accessor).await?;
+                tracing::warn!(accessor, unused_bootstrap_tokens = unused, by = %by, "accessor revoked (kill switch)");
+                (format!("accessor {accessor}"), None)
+            }
+        };
+        req.audit_detail(format!("kill switch: revoked {described} (generation {generation:?})"));
+        Reply::data(&Revoked { identity: described, generation, revoked_at: unix_now() })
+    }
+
+    /// 404 for a role or user this installation does not know (certificates and SPIFFE
+    /// IDs come from the PKI and may be revoked before they are ever seen).
+    async fn identity_exists(&self, identity: &Identity) -> Result<()> {
+        match identity {
+            Identity::Role(r) if crate::auth::role_method(self.core.store.as_ref(), r).await?.is_none() => {
+                Err(Error::NotFound(format!("no role {r} in any auth method")))
+            }
+            Identity::User(u) if self.userpass.current(u).await?.is_none() => {
+                Err(Error::NotFound(format!("no userpass user {u}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn restore_identity(&self, req: &mut Request) -> Result<Reply> {
+        let identity = match target(req.data()?)? {
+            Target::Identity(i) => i,
+            Target::Accessor(_) => {
+                return Err(Error::invalid("an accessor cannot be restored; issue a new credential"));
+            }
+        };
+        if !self.core.revocations.restore_identity(&identity).await? {
+            return Err(Error::NotFound(format!("{} is not revoked", identity.describe())));
+        }
+        let by = &req.caller()?.claims.acc;
+        tracing::warn!(identity = %identity.describe(), by = %by, "identity restored");
+        req.audit_detail(format!("restored {}", identity.describe()));
+        Ok(Reply::empty())
+    }
+
+    /// New token-signing key; tokens signed by older keys stay valid until they expire.
+    async fn rotate_token_signing(&self, req: &mut Request) -> Result<Reply> {
+        req.data::<keyvault_api::Empty>()?;
+        let core = &self.core;
+        let ring = core.keyring.add_version(&core.keys, &core.names, Family::TokenSigning).await?;
+        core.tokens.sync_public_keys().await?;
+        let v = ring.token_signing.active.get();
+        req.audit_detail(format!("token-signing key v{v} active"));
+        Reply::data(&Rotated { version: v })
+    }
+
+    /// Retire token-signing versions older than the active one, once every token they
+    /// signed has expired (the active version has been in use longer than any token lives).
+    async fn retire_token_signing(&self, req: &mut Request) -> Result<Reply> {
+        req.data::<keyvault_api::Empty>()?;
+        let core = &self.core;
+        let fam = core.keyring.load().token_signing.clone();
+        let lifetime = MAX_TOKEN_LIFETIME.max(core.settings.tokens.max_ttl).as_secs();
+        let since = unix_now().saturating_sub(fam.activated_at);
+        if since < lifetime {
+            return Err(Error::Conflict(format!(
+                "tokens signed by older keys may live {} s more; retire after that",
+                lifetime - since
+            )));
+        }
+        let mut retired = Vec::new();
+        for v in fam.versions.iter().copied().filter(|v| *v != fam.active) {
+            core.keyring.retire_version(&core.keys, &core.names, Family::TokenSigning, v).await?;
+            retired.push(v.get());
+        }
+        core.tokens.sync_public_keys().await?;
+        req.audit_detail(format!("token-signing versions retired: {retired:?}"));
+        Reply::data(&Retired { retired })
+    }
+}
+
+#[async_trait]
+impl Engine for Sys {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
+    }
+
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        self.core.policies.raw(req.param("name")).await
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let core = &self.core;
+        let name = req.param("name").to_owned();
+        match (req.route.pattern, req.operation) {
+            ("health", _) => self.health().await,
+            ("mounts", _) => Reply::data(&core.mount_listing(false)),
+            ("auth", _) => Reply::data(&core.mount_listing(true)),
+            ("policies/acl", _) => {
+                let names = core.policies.list().await?;
+                Reply::data(&PolicyList { keys: names.clone(), policies: names })
+            }
+            ("policies/acl/{name}", Operation::Read) => {
+                let policy = if name == ROOT_POLICY {
+                    String::new()
+                } else {
+                    let p = core.policies.get(&name).await?;
+                    p.ok_or_else(|| Error::NotFound(format!("no policy {name}")))?.text.clone()
+                };
+                Reply::data(&PolicyRead { name, policy })
+            }
+            ("policies/acl/{name}", Operation::Write) => {
+                let b: PolicyWrite = req.data()?;
+                let text = b.policy.ok_or_else(|| Error::invalid("missing field `policy`"))?;
+                core.policies.put_if(&name, &text, req.existing.as_deref()).await?;
+                Ok(Reply::empty())
+            }
+            ("policies/acl/{name}", Operation::Delete) => {
+                if !core.policies.delete(&name).await? {
+                    return Err(Error::NotFound(format!("no policy {name}")));
+                }
+                Ok(Reply::empty())
+            }
+            ("revoke-identity", _) => self.revoke_identity(req).await,
+            ("restore-identity", _) => self.restore_identity(req).await,
+            ("audit-hash", _) => {
+                let b: AuditHashRequest = req.data()?;
+                let input = b.input.ok_or_else(|| Error::invalid("missing field `input`"))?;
+                Reply::data(&AuditHash { hash: core.audit.hmac(input.expose().as_bytes()) })
+            }
+            ("rotate", _) => {
+                req.data::<keyvault_api::Empty>()?;
+                let v = core.rotation.start().await?;
+                req.audit_detail(format!("master key rotation to v{} started", v.get()));
+                Reply::data(&Rotated { version: v.get() })
+            }
+            ("rotate/status", _) => Reply::data(&core.rotation.status().await?),
+            ("rotate/set-aside", _) => Reply::data(&SetAside { records: core.rotation.set_aside_report().await? }),
+            ("rotate/retire", _) => {
+                req.data::<keyvault_api::Empty>()?;
+                let retired = core.rotation.retire().await?;
+                req.audit_detail(format!("master key versions retired: {retired:?}"));
+                Reply::data(&Retired { retired })
+            }
+            ("rotate/token-signing", _) => self.rotate_token_signing(req).await,
+            ("rotate/token-signing/retire", _) => self.retire_token_signing(req).await,
+            _ => Err(Error::UnsupportedOperation),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Transit, mounted at `transit/` by default: named keys in the HSM and the operations on
+//! them (Vault's shapes). Every operation is authorized on its key's path
+//! (`transit/keys/<name>`) with the capability of the operation: `encrypt` (also rewrap
+//! and data keys), `decrypt`, `sign`, `verify`, `rotate`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use keyvault_api::Sensitive;
+use keyvault_api::transit::{
+    BatchResults, CreateKey, Datakey, DatakeyRequest, Item, ItemResult, KeyConfig, KeyInfo, KeyType, OperationRequest,
+    VersionInfo,
+};
+
+use super::EngineKind;
+use crate::error::{Error, Result};
+use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::Capability;
+use crate::transit::{Transit, TransitKey, b64_field};
+
+pub const KIND: EngineKind = EngineKind {
+    name: "transit",
+    description: "named keys in the HSM: encrypt, decrypt, sign, verify, data keys",
+    auth: false,
+    fixed_at: None,
+    routes: ROUTES,
+    build: |core| {
+        Ok(Arc::new(TransitEngine { transit: Transit::new(core.store.clone(), core.keys.clone(), core.names.clone()) }))
+    },
+};
+
+fn key_name(_: Operation, p: &mut Params) -> Result<()> {
+    crate::transit::validate_key_name(p.get("name").unwrap_or_default())
+}
+
+fn datakey_params(op: Operation, p: &mut Params) -> Result<()> {
+    if !matches!(p.get("kind"), Some("plaintext" | "wrapped")) {
+        return Err(Error::NotFound("datakey type is plaintext or wrapped".into()));
+    }
+    key_name(op, p)
+}
+
+const fn on_key(pattern: &'static str, summary: &'static str, ops: &'static [OpSpec]) -> Route {
+    Route::new(pattern, summary, ops).policy("keys/{name}").normalize(key_name)
+}
+
+const ROUTES: &[Route] = &[
+    Route::new("keys", "list keys", &[OpSpec::list(Access::Needs(Capability::List))]),
+    on_key(
+        "keys/{name}",
+        "create (`type`: aes256-gcm96 or ed25519), read, delete (when `deletion_allowed`)",
+        &[
+            OpSpec::write(Access::Needs(Capability::Create)),
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    ),
+    on_key("keys/{name}/rotate", "new key version", &[OpSpec::write(Access::Needs(Capability::Rotate))]),
+    on_key(
+        "keys/{name}/config",
+        "min_decryption_version, deletion_allowed",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    ),
+    on_key("encrypt/{name}", "encrypt (or batch_input)", &[OpSpec::compute(Access::Needs(Capability::Encrypt))]),
+    on_key("decrypt/{name}", "decrypt (or batch_input)", &[OpSpec::compute(Access::Needs(Capability::Decrypt))]),
+    on_key(
+        "rewrap/{name}",
+        "re-encrypt under the latest version",
+        &[OpSpec::compute(Access::Needs(Capability::Encrypt))],
+    ),
+    on_key("sign/{name}", "Ed25519 signature (or batch_input)", &[OpSpec::compute(Access::Needs(Capability::Sign))]),
+    on_key(
+        "verify/{name}",
+        "check a signature (or batch_input)",
+        &[OpSpec::compute(Access::Needs(Capability::Verify))],
+    ),
+    Route::new(
+        "datakey/{kind}/{name}",
+        "a fresh 256-bit data key encrypted under the key (`plaintext` also returns it)",
+        &[OpSpec::compute(Access::Needs(Capability::Encrypt))],
+    )
+    .policy("keys/{name}")
+    .normalize(datakey_params),
+];
+
+#[derive(Debug)]
+pub struct TransitEngine {
+    transit: Transit,
+}
+
+fn key_info(name: &str, k: &TransitKey) -> KeyInfo {
+    let keys = k
+        .versions
+        .iter()
+        .map(|(v, m)| {
+            let info = match &m.public_key {
+                Some(pk) => VersionInfo::Signing { creation_time: m.creation_time.clone(), public_key: pk.clone() },
+                None => VersionInfo::Created(m.creation_time.clone()),
+            };
+            (v.to_string(), info)
+        })
+        .collect();
+    let ed = k.key_type == KeyType::Ed25519;
+    KeyInfo {
+        name: name.to_owned(),
+        key_type: k.key_type,
+        keys,
+        latest_version: k.latest_version,
+        min_decryption_version: k.min_decryption_version,
+        deletion_allowed: k.deletion_allowed,
+        exportable: false,
+        supports_encryption: !ed,
+        supports_decryption: !ed,
+        supports_signing: ed,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Encrypt,
+    Decrypt,
+    Rewrap,
+    Sign,
+    Verify,
+}
+
+/// The items of an operation, and whether it was a batch.
+fn into_items(body: OperationRequest) -> Result<(Vec<Item>, bool)> {
+    {
+        let this = body;
+        match this.batch_input {
+            Some(batch) => {
+                let single = this.plaintext.is_some()
+                    || this.ciphertext.is_some()
+                    || this.input.is_some()
+                    || this.signature.is_some()
+                    || this.associated_data.is_some();
+                if single {
+                    return Err(Error::invalid("give either batch_input or the fields of one item"));
+                }
+                if batch.is_empty() || batch.len() > keyvault_api::gateway::MAX_BATCH {
+                    return Err(Error::invalid("batch_input holds 1 to 1000 items"));
+                }
+                Ok((batch, true))
+            }
+            None => Ok((
+                vec![Item {
+                    plaintext: this.plaintext,
+                    ciphertext: this.ciphertext,
+                    associated_data: this.associated_data,
+                    input: this.input,
+                    signature: this.signature,
+                    reference: None,
+                }],
+                false,
+            )),
+        }
+    }
+}
+
+fn aad(item: &Item) -> Result<Vec<u8>> {
+    Ok(match &item.associated_data {
+        Some(a) => b64_field("associated_data", a)?.to_vec(),
+        None => Vec::new(),
+    })
+}
+
+fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str> {
+    v.as_deref().ok_or_else(|| Error::invalid(format!("missing field `{name}`")))
+}
+
+impl TransitEngine {
+    async fn one(&self, name: &str, key: &TransitKey, op: Op, item: &Item) -> Result<ItemResult> {
+        let t = &self.transit;
+        let version = Some(key.latest_version);
+        Ok(match op {
+            Op::Encrypt => {
+                let pt = item.plaintext.as_ref().ok_or_else(|| Error::invalid("missing field `plaintext`"))?;
+                let pt = b64_field("plaintext", pt.expose())?;
+                let ct = t.encrypt(name, key, pt, aad(item)?).await?;
+                ItemResult { ciphertext: Some(ct), key_version: version, ..Default::default() }
+            }
+            Op::Decrypt => {
+                let pt = t.decrypt(name, key, required(&item.ciphertext, "ciphertext")?, aad(item)?).await?;
+                ItemResult { plaintext: Some(Sensitive::new(STANDARD.encode(pt.as_slice()))), ..Default::default() }
+            }
+            Op::Rewrap => {
+                let ct = t.rewrap(name, key, required(&item.ciphertext, "ciphertext")?, aad(item)?).await?;
+                ItemResult { ciphertext: Some(ct), key_version: version, ..Default::default() }
+            }
+            Op::Sign => {
+                let input = b64_field("input", required(&item.input, "input")?)?;
+                let sig = t.sign(name, key, input.to_vec()).await?;
+                ItemResult { signature: Some(sig), key_version: version, ..Default::default() }
+            }
+            Op::Verify => {
+                let input = b64_field("input", required(&item.input, "input")?)?;
+                let valid = Transit::verify(key, &input, required(&item.signature, "signature")?)?;
+                ItemResult { valid: Some(valid), ..Default::default() }
+            }
+        })
+    }
+
+    /// One item, or `batch_input` (one result per item; a failing item carries `error`
+    /// and does not fail the others).
+    async fn operation(&self, req: &mut Request, op: Op) -> Result<Reply> {
+        let name = req.param("name").to_owned();
+        let key = self.transit.get(&name).await?;
+        let body: OperationRequest = req.data()?;
+        let (items, batch) = into_items(body)?;
+        if !batch {
+            return Reply::data(&self.one(&name, &key, op, &items[0]).await?);
+        }
+        let mut results = Vec::with_capacity(items.len());
+        for item in &items {
+            let mut r = match self.one(&name, &key, op, item).await {
+                Ok(r) => r,
+                Err(e) => ItemResult { error: Some(e.client_message()), ..Default::default() },
+            };
+            r.reference = item.reference.clone();
+            results.push(r);
+        }
+        Reply::data(&BatchResults { batch_results: results })
+    }
+
+    async fn datakey(&self, req: &mut Request) -> Result<Reply> {
+        let name = req.param("name").to_owned();
+        let with_plaintext = req.param("kind") == "plaintext";
+        let b: DatakeyRequest = req.data()?;
+        let key = self.transit.get(&name).await?;
+        let aad = match &b.associated_data {
+            Some(a) => b64_field("associated_data", a)?.to_vec(),
+            None => Vec::new(),
+        };
+        let (dk, ciphertext) = self.transit.datakey(&name, &key, aad).await?;
+        let plaintext = with_plaintext.then(|| Sensitive::new(STANDARD.encode(dk.as_slice())));
+        Reply::data(&Datakey { ciphertext, key_version: key.latest_version, plaintext })
+    }
+}
+
+#[async_trait]
+impl Engine for TransitEngine {
+    fn kind(&self) -> &'static str {
+        KIND.name
+    }
+    fn description(&self) -> &'static str {
+        KIND.description
+    }
+    fn routes(&self) -> &'static [Route] {
+        KIND.routes
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let name = req.param("name").to_owned();
+        match (req.route.pattern, req.operation) {
+            ("keys", Operation::List) => Reply::keys(self.transit.list().await?),
+            ("keys/{name}", Operation::Write) => {
+                let b: CreateKey = req.data()?;
+                let k = self.transit.create(&name, b.key_type.unwrap_or(KeyType::Aes256Gcm96)).await?;
+                Reply::data(&key_info(&name, &k))
+            }
+            ("keys/{name}", Operation::Read) => Reply::data(&key_info(&name, &self.transit.get(&name).await?)),
+            ("keys/{name}", Operation::Delete) => {
+                self.transit.delete(&name).await?;
+                Ok(Reply::empty())
+            }
+            ("keys/{name}/rotate", _) => {
+                req.data::<keyvault_api::Empty>()?;
+                Reply::data(&key_info(&name, &self.transit.rotate(&name).await?))
+            }
+            ("keys/{name}/config", _) => {
+                let b: KeyConfig = req.data()?;
+                let k = self.transit.configure(&name, b.min_decryption_version, b.deletion_allowed).await?;
+                Reply::data(&key_info(&name, &k))
+            }
+            ("encrypt/{name}", _) => self.operation(req, Op::Encrypt).await,
+            ("decrypt/{name}", _) => self.operation(req, Op::Decrypt).await,
+            ("rewrap/{name}", _) => self.operation(req, Op::Rewrap).await,
+            ("sign/{name}", _) => self.operation(req, Op::Sign).await,
+            ("verify/{name}", _) => self.operation(req, Op::Verify).await,
+            ("datakey/{kind}/{name}", _) => self.datakey(req).await,
+            _ => Err(Error::UnsupportedOperation),
+        }
+    }
+}

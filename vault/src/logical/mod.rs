@@ -1,0 +1,601 @@
+//! The logical layer: every request, whatever it came over, becomes one [`Request`]
+//! (operation, path, data, caller, connection facts), is authorized once by the pipeline
+//! from what its route declares, and is handled by the [`Engine`] mounted at its path.
+//! See docs/architecture.md ("Request pipeline").
+//!
+//! An engine declares its [`Route`]s: a path pattern relative to its mount, and for each
+//! [`Operation`] it supports, the [`Access`] it needs. The pipeline reads only these
+//! declarations to authorize; an engine never checks a capability itself (the one check
+//! left to engines is [`Caller::check_grant`]: whether the policies a write *assigns* are
+//! the caller's to give).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+use crate::audit::AuditSlot;
+use crate::auth::LoginOutcome;
+use crate::error::{AuthFailure, Error, Result};
+use crate::policy::{Acl, Capability, ROOT_POLICY};
+use crate::tls::ClientCert;
+use crate::token::{Claims, IssuedToken};
+
+pub mod mounts;
+
+/// What a request does. HTTP maps onto these as Vault does: `GET` is [`Operation::Read`]
+/// (or [`Operation::List`] with `?list=true`), `LIST` is [`Operation::List`], `POST` and
+/// `PUT` are both [`Operation::Write`], `DELETE` is [`Operation::Delete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    Read,
+    List,
+    Write,
+    Delete,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [Operation::Read, Operation::List, Operation::Write, Operation::Delete];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::List => "list",
+            Operation::Write => "write",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// Who may perform an operation on a route. The pipeline enforces it before the engine
+/// runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token needed (health, the token-verification keys).
+    Public,
+    /// A login: no token; the attempt is rate limited (by source and by the identity it
+    /// claims) before any credential is looked at, and its body is at most
+    /// [`MAX_LOGIN_BODY`] bytes.
+    Login,
+    /// The short login form `POST /v1/auth` `{"role": ...}`: a [`Access::Login`] to the
+    /// method that owns the role.
+    LoginByRole,
+    /// Any valid token, no capability (the token's own lifecycle).
+    AnyToken,
+    /// This capability on the route's policy path.
+    Needs(Capability),
+    /// `create` when nothing is stored at the path, `update` when something is, decided
+    /// by the engine's [`Engine::existence`] check (Vault's rule).
+    CreateOrUpdate,
+    /// This capability and `sudo` on the route's policy path (Vault's root-protected
+    /// paths: `sudo` is needed in addition to the operation's capability, never instead).
+    Sudo(Capability),
+}
+
+/// One operation a route supports.
+#[derive(Debug, Clone, Copy)]
+pub struct OpSpec {
+    pub operation: Operation,
+    pub access: Access,
+    /// Whether it may change stored state. Such requests get an audit intent entry
+    /// before they run (and do not run if it cannot be written).
+    pub changes_state: bool,
+}
+
+impl OpSpec {
+    pub const fn read(access: Access) -> Self {
+        OpSpec { operation: Operation::Read, access, changes_state: false }
+    }
+    pub const fn list(access: Access) -> Self {
+        OpSpec { operation: Operation::List, access, changes_state: false }
+    }
+    /// A write that changes stored state.
+    pub const fn write(access: Access) -> Self {
+        OpSpec { operation: Operation::Write, access, changes_state: true }
+    }
+    /// A write that computes and stores nothing (a transit operation, a login that
+    /// consumes nothing).
+    pub const fn compute(access: Access) -> Self {
+        OpSpec { operation: Operation::Write, access, changes_state: false }
+    }
+    pub const fn delete(access: Access) -> Self {
+        OpSpec { operation: Operation::Delete, access, changes_state: true }
+    }
+}
+
+/// The parameters a route captured, after [`Route::normalize`].
+#[derive(Debug, Clone, Default)]
+pub struct Params(Vec<(&'static str, String)>);
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &'static str, value: String) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+}
+
+/// Puts a route's parameters in their one canonical form (lower-case names, parsed
+/// paths) before authorization, so that the path authorized is the path acted on.
+pub type Normalize = fn(Operation, &mut Params) -> Result<()>;
+
+/// A path an engine serves, relative to its mount.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// Segments separated by `/`: literals, `{name}` (one segment), and a last
+    /// `{*name}` (one or more segments). `""` is the mount itself.
+    pub pattern: &'static str,
+    /// The policy path's pattern, when it is not `pattern` itself: transit operations are
+    /// authorized on their key (`keys/{name}`), an alias on the path it is an alias of.
+    pub policy: Option<&'static str>,
+    pub ops: &'static [OpSpec],
+    pub normalize: Option<Normalize>,
+    /// One line for the docs and the route listing.
+    pub summary: &'static str,
+}
+
+impl Route {
+    pub const fn new(pattern: &'static str, summary: &'static str, ops: &'static [OpSpec]) -> Self {
+        Route { pattern, policy: None, ops, normalize: None, summary }
+    }
+
+    pub const fn policy(mut self, pattern: &'static str) -> Self {
+        self.policy = Some(pattern);
+        self
+    }
+
+    pub const fn normalize(mut self, f: Normalize) -> Self {
+        self.normalize = Some(f);
+        self
+    }
+
+    pub fn op(&self, operation: Operation) -> Option<&OpSpec> {
+        self.ops.iter().find(|o| o.operation == operation)
+    }
+
+    /// Match decoded path segments; the captured parameters.
+    pub fn matches(&self, segments: &[String]) -> Option<Params> {
+        let pattern: Vec<&'static str> =
+            if self.pattern.is_empty() { Vec::new() } else { self.pattern.split('/').collect() };
+        let mut params = Params::default();
+        for (i, p) in pattern.iter().enumerate() {
+            if let Some(name) = p.strip_prefix("{*").and_then(|n| n.strip_suffix('}')) {
+                if i >= segments.len() {
+                    return None;
+                }
+                params.set(name, segments[i..].join("/"));
+                return Some(params);
+            }
+            let seg = segments.get(i)?;
+            if let Some(name) = p.strip_prefix('{').and_then(|n| n.strip_suffix('}')) {
+                if seg.is_empty() {
+                    return None;
+                }
+                params.set(name, seg.clone());
+            } else if p != seg {
+                return None;
+            }
+        }
+        (pattern.len() == segments.len()).then_some(params)
+    }
+
+    /// `pattern` (or `policy`) with the parameters filled in.
+    pub fn render(&self, params: &Params) -> String {
+        let pattern = self.policy.unwrap_or(self.pattern);
+        pattern
+            .split('/')
+            .map(|p| {
+                let name = p.strip_prefix("{*").or_else(|| p.strip_prefix('{')).and_then(|n| n.strip_suffix('}'));
+                match name {
+                    Some(n) => params.get(n).unwrap_or_default().to_owned(),
+                    None => p.to_owned(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
+/// The largest login body accepted (a Kubernetes service-account token is at most 16 KiB).
+pub const MAX_LOGIN_BODY: usize = 64 * 1024;
+
+/// Who is on the other end of a request: the connection's address and, over mutual TLS,
+/// the verified client certificate.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub client_cert: Option<Arc<ClientCert>>,
+    /// The listener's current CRL contents: a certificate revoked after the connection
+    /// was opened is refused at its next request.
+    pub revoked: Option<crate::tls::SharedRevoked>,
+}
+
+impl Peer {
+    /// A peer for in-process calls (the command line, tests, benchmarks).
+    pub fn local() -> Self {
+        Peer { remote: SocketAddr::from(([127, 0, 0, 1], 0)), client_cert: None, revoked: None }
+    }
+
+    /// 401 if the connection's client certificate is in the current CRLs.
+    pub fn check_certificate(&self) -> Result<()> {
+        if let (Some(cert), Some(revoked)) = (&self.client_cert, &self.revoked)
+            && revoked.load().contains(cert)
+        {
+            tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate is now revoked");
+            return Err(Error::Unauthenticated(AuthFailure::CertificateRevoked));
+        }
+        Ok(())
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.remote.ip()
+    }
+}
+
+/// An authenticated caller: verified claims and the ACL of their policies.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub claims: Arc<Claims>,
+    pub acl: Acl,
+    /// True for a direct certificate request (no token): nothing to renew or revoke.
+    pub direct: bool,
+}
+
+impl Caller {
+    /// Fail with 403 unless the caller's policies grant `cap` on `path`.
+    pub fn require(&self, path: &str, cap: Capability) -> Result<()> {
+        if self.acl.allows(path, cap) {
+            Ok(())
+        } else {
+            tracing::debug!(accessor = %self.claims.acc, path, capability = cap.name(), "permission denied");
+            Err(Error::PermissionDenied)
+        }
+    }
+
+    /// Fail with 403 unless the policies grant `cap` and `sudo` on `path`.
+    pub fn require_sudo(&self, path: &str, cap: Capability) -> Result<()> {
+        self.require(path, cap)?;
+        self.require(path, Capability::Sudo)
+    }
+
+    fn is_root(&self) -> bool {
+        self.claims.pol.iter().any(|p| p == ROOT_POLICY)
+    }
+
+    /// The one check of every request that assigns policies to something that will later
+    /// log in or act (a role of any auth method, a userpass user, a bootstrap token): no
+    /// request grants what its caller does not hold. The `root` policy is never
+    /// assignable (root tokens come only from `operator init` and `operator root-token`);
+    /// any other policy needs the caller to hold it, or `sudo` on
+    /// `sys/policies/grant/<name>` (for administrators who hand out policies they do not
+    /// use themselves; see docs/api.md).
+    pub fn check_grant(&self, policies: &[String]) -> Result<()> {
+        if policies.iter().any(|p| p == ROOT_POLICY) {
+            return Err(Error::invalid(
+                "the root policy cannot be assigned; root tokens come only from `keyvault operator init` \
+                 and `keyvault operator root-token`",
+            ));
+        }
+        if self.is_root() {
+            return Ok(());
+        }
+        for p in policies {
+            let held = self.claims.pol.iter().any(|mine| mine == p);
+            if !held && !self.acl.allows(&format!("sys/policies/grant/{p}"), Capability::Sudo) {
+                tracing::debug!(accessor = %self.claims.acc, policy = %p, "policy grant refused");
+                return Err(Error::PermissionDenied);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One request, as an engine sees it: authorized, its parameters normalized.
+pub struct Request {
+    /// The request's id (the reply's `request_id`, the audit entries').
+    pub request_id: String,
+    pub operation: Operation,
+    /// The mount's path (`transit/`).
+    pub mount: String,
+    pub route: &'static Route,
+    pub params: Params,
+    /// The path the request was authorized on (`transit/keys/k`).
+    pub policy_path: String,
+    /// The body: JSON text, `{}` when the request had none (or `null`). Zeroized on drop:
+    /// it may carry a secret or a credential.
+    pub body: Zeroizing<Vec<u8>>,
+    /// The query string, still encoded.
+    pub query: String,
+    pub peer: Peer,
+    /// Set for every access but [`Access::Public`] and the logins.
+    pub caller: Option<Caller>,
+    /// For [`Access::CreateOrUpdate`]: what the existence check found stored (the bytes
+    /// a compare-and-swap should expect), `None` if nothing.
+    pub existing: Option<Vec<u8>>,
+    /// What the audit entry of this request should say.
+    pub audit: AuditSlot,
+    /// Fields of the body (or query) that no endpoint reads: named in the reply.
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("operation", &self.operation)
+            .field("policy_path", &self.policy_path)
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request {
+    /// A parameter the route captured (empty if the route has none of that name).
+    pub fn param(&self, name: &str) -> &str {
+        self.params.get(name).unwrap_or_default()
+    }
+
+    /// The authenticated caller (an internal error on a route without one: a route
+    /// table mistake, not a client's).
+    pub fn caller(&self) -> Result<&Caller> {
+        self.caller.as_ref().ok_or_else(|| Error::Internal("route handled without a caller".into()))
+    }
+
+    /// The body as `T`: strict JSON (a repeated key is an error), wrong types are errors,
+    /// fields `T` does not have are named in the reply's warnings (Vault's convention).
+    pub fn data<T: DeserializeOwned>(&mut self) -> Result<T> {
+        parse_data(&self.body, &mut self.warnings)
+    }
+
+    /// Whether the body (a JSON object) has a member `name`.
+    pub fn has_field(&self, name: &str) -> Result<bool> {
+        let map: std::collections::HashMap<String, serde::de::IgnoredAny> =
+            serde_json::from_slice(&self.body).map_err(|e| crate::auth::json_error(&e))?;
+        Ok(map.contains_key(name))
+    }
+
+    /// The query string as `T` (`list` is the pipeline's and never a warning).
+    pub fn query<T: DeserializeOwned + Default>(&mut self) -> Result<T> {
+        if self.query.is_empty() {
+            return Ok(T::default());
+        }
+        let mut unknown = Vec::new();
+        let pairs = form_urlencoded::parse(self.query.as_bytes());
+        let de = serde_urlencoded::Deserializer::new(pairs);
+        let value = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()))
+            .map_err(|e| Error::invalid(format!("invalid query string: {e}")))?;
+        unknown.retain(|u| u != "list");
+        self.warn_unknown(unknown);
+        Ok(value)
+    }
+
+    fn warn_unknown(&mut self, unknown: Vec<String>) {
+        if !unknown.is_empty() {
+            self.warnings.push(format!("Endpoint ignored these unrecognized parameters: [{}]", unknown.join(" ")));
+        }
+    }
+
+    /// What the audit entry should say this request did.
+    pub fn audit_detail(&self, detail: String) {
+        self.audit.lock().unwrap_or_else(|p| p.into_inner()).detail = Some(detail);
+    }
+}
+
+/// Parse a JSON body as `T`: strict (a repeated key is refused), unknown fields pushed to
+/// `warnings` in Vault's words. Error messages name fields, never values (which may be
+/// credentials).
+pub fn parse_data<T: DeserializeOwned>(body: &[u8], warnings: &mut Vec<String>) -> Result<T> {
+    crate::json::check_no_duplicate_keys(body).map_err(|e| crate::auth::json_error(&e))?;
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string()))
+        .map_err(|e| crate::auth::json_error(&e))?;
+    de.end().map_err(|e| crate::auth::json_error(&e))?;
+    if !unknown.is_empty() {
+        warnings.push(format!("Endpoint ignored these unrecognized parameters: [{}]", unknown.join(" ")));
+    }
+    Ok(value)
+}
+
+/// What an engine answers.
+#[derive(Debug)]
+pub struct Reply {
+    /// 200 unless said otherwise (a gateway check answers with its verdict's status).
+    pub status: u16,
+    pub body: ReplyBody,
+    /// Members of the reply beside `data` (a secret's `metadata`).
+    pub extra: Vec<(&'static str, serde_json::Value)>,
+    pub warnings: Vec<String>,
+}
+
+/// The body of a [`Reply`].
+pub enum ReplyBody {
+    /// Nothing: 204 (or 200 with the envelope when there are warnings, as Vault does).
+    Empty,
+    /// The JSON text of `data`, put in the envelope. Zeroized on drop.
+    Data(Zeroizing<Vec<u8>>),
+    /// The whole body, no envelope (health, the token-verification keys).
+    Bare(Zeroizing<Vec<u8>>),
+    /// A login succeeded: the pipeline turns this into a token.
+    Login(Box<LoginOutcome>),
+    /// A token was issued: the `auth` block.
+    Auth(Box<IssuedToken>),
+}
+
+impl std::fmt::Debug for ReplyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyBody::Empty => f.write_str("Empty"),
+            ReplyBody::Data(d) => write!(f, "Data(<{} bytes>)", d.len()),
+            ReplyBody::Bare(d) => write!(f, "Bare(<{} bytes>)", d.len()),
+            ReplyBody::Login(_) => f.write_str("Login"),
+            ReplyBody::Auth(_) => f.write_str("Auth"),
+        }
+    }
+}
+
+/// Serialize into a buffer reserved up front (so that it never reallocates and leaves
+/// copies of a secret behind), zeroized on drop.
+pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
+    let mut probe = SizeProbe(0);
+    serde_json::to_writer(&mut probe, value).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+    buf.reserve(probe.0);
+    serde_json::to_writer(&mut *buf, value).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+    Ok(buf)
+}
+
+/// Counts the bytes written to it.
+struct SizeProbe(usize);
+
+impl std::io::Write for SizeProbe {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Reply {
+    fn with(body: ReplyBody) -> Self {
+        Reply { status: 200, body, extra: Vec::new(), warnings: Vec::new() }
+    }
+
+    /// 200 with `data`.
+    pub fn data<T: Serialize + ?Sized>(data: &T) -> Result<Self> {
+        Ok(Self::with(ReplyBody::Data(to_json(data)?)))
+    }
+
+    /// 200 with `data` given as JSON text (a secret's value as it was written).
+    pub fn raw_data(json: Zeroizing<Vec<u8>>) -> Self {
+        Self::with(ReplyBody::Data(json))
+    }
+
+    /// 200 with `{"keys": [...]}`.
+    pub fn keys(keys: Vec<String>) -> Result<Self> {
+        Self::data(&keyvault_api::KeyList { keys })
+    }
+
+    /// 204.
+    pub fn empty() -> Self {
+        Self::with(ReplyBody::Empty)
+    }
+
+    /// The whole body, without the envelope.
+    pub fn bare<T: Serialize + ?Sized>(body: &T) -> Result<Self> {
+        Ok(Self::with(ReplyBody::Bare(to_json(body)?)))
+    }
+
+    pub fn login(outcome: LoginOutcome) -> Self {
+        Self::with(ReplyBody::Login(Box::new(outcome)))
+    }
+
+    pub fn auth(token: IssuedToken) -> Self {
+        Self::with(ReplyBody::Auth(Box::new(token)))
+    }
+
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn extra(mut self, name: &'static str, value: serde_json::Value) -> Self {
+        self.extra.push((name, value));
+        self
+    }
+}
+
+/// Something mounted at a path: the key/value store, transit, the gateway check, `sys`,
+/// each auth method. One trait, implemented once per kind; the pipeline does the rest
+/// (authentication, authorization, audit, Vault's conventions).
+#[async_trait]
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// The kind, as `sys/mounts` and `sys/auth` list it (`kv`, `transit`, `approle`).
+    fn kind(&self) -> &'static str;
+
+    /// One line for `sys/mounts` and `sys/auth`.
+    fn description(&self) -> &'static str;
+
+    /// Every path this engine serves, relative to its mount.
+    fn routes(&self) -> &'static [Route];
+
+    /// For routes with [`Access::CreateOrUpdate`]: what is stored at the request's path
+    /// now (`None`: nothing; an existing entry with no bytes to compare: `Some(vec![])`).
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        let _ = req;
+        Err(Error::Internal("this engine declares no existence check".into()))
+    }
+
+    /// Serve an authorized request (every access but the logins).
+    async fn handle(&self, req: &mut Request) -> Result<Reply>;
+
+    /// Check a login's credentials (routes with [`Access::Login`]). Any wrong or unknown
+    /// credential is `Unauthenticated(InvalidCredentials)`: the caller must not learn
+    /// whether a role or user exists.
+    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
+        let _ = req;
+        Err(Error::NotFound("this mount has no login".into()))
+    }
+
+    /// The rate limiter's notion of who a login claims to be (the user of the URL, the
+    /// role of the body, ...). `None`: the source address alone.
+    fn login_identity(&self, req: &Request) -> Option<String> {
+        let _ = req;
+        None
+    }
+}
+
+/// Tests of the route matcher.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPS: &[OpSpec] = &[OpSpec::read(Access::Public)];
+
+    fn segs(p: &str) -> Vec<String> {
+        if p.is_empty() { Vec::new() } else { p.split('/').map(str::to_owned).collect() }
+    }
+
+    #[test]
+    fn routes_match_and_render() {
+        let r = Route::new("keys/{name}", "", OPS);
+        assert_eq!(r.matches(&segs("keys/a")).unwrap().get("name"), Some("a"));
+        assert!(r.matches(&segs("keys")).is_none());
+        assert!(r.matches(&segs("keys/a/b")).is_none());
+        assert!(r.matches(&segs("keys/")).is_none(), "a parameter is never empty");
+        let w = Route::new("{*path}", "", OPS);
+        assert_eq!(w.matches(&segs("a/b/c")).unwrap().get("path"), Some("a/b/c"));
+        assert!(w.matches(&segs("")).is_none());
+        let root = Route::new("", "", OPS);
+        assert!(root.matches(&segs("")).is_some());
+        assert!(root.matches(&segs("x")).is_none());
+        let op = Route::new("encrypt/{name}", "", OPS).policy("keys/{name}");
+        let p = op.matches(&segs("encrypt/k")).unwrap();
+        assert_eq!(op.render(&p), "keys/k");
+    }
+
+    #[test]
+    fn unknown_fields_become_warnings_and_duplicates_stay_errors() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            #[serde(default)]
+            a: Option<u32>,
+        }
+        let mut w = Vec::new();
+        let t: T = parse_data(br#"{"a": 1, "b": 2, "c": {"d": 3}}"#, &mut w).unwrap();
+        assert_eq!(t.a, Some(1));
+        assert_eq!(w, vec!["Endpoint ignored these unrecognized parameters: [b c]".to_owned()]);
+        assert!(parse_data::<T>(br#"{"a": 1, "a": 2}"#, &mut w).is_err());
+        assert!(parse_data::<T>(br#"{"a": "one"}"#, &mut w).is_err());
+        assert!(parse_data::<T>(br#"{"a": 1} x"#, &mut w).is_err());
+    }
+}

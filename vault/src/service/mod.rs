@@ -1,0 +1,248 @@
+//! The running service and its one request pipeline. A [`Service`] is made by the
+//! [`Builder`] from a configuration; every request, over HTTP or in process, goes through
+//! [`Service::resolve`] (which engine, which route, which policy path) and
+//! [`Service::dispatch`] (authenticate, authorize once from the route's declaration,
+//! run the engine, turn a login into a token). See docs/architecture.md.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditIdentity, AuditLog, AuditSlot};
+use crate::error::{Error, Result};
+use crate::logical::mounts::{MountTable, Resolved, RouteInfo};
+use crate::logical::{Access, Caller, Operation, Peer, Reply, ReplyBody, Request};
+use crate::policy::Capability;
+use crate::token::{Claims, IssuedToken};
+
+mod builder;
+pub(crate) mod core;
+
+pub use builder::{Builder, Init, describe_mounts, open_keystore, open_store};
+pub(crate) use core::Core;
+pub use core::{MAX_TOKEN_LIFETIME, Settings};
+
+/// What the transport knows of a request besides its operation and path.
+pub struct Incoming {
+    /// The request's id.
+    pub request_id: String,
+    /// The client token (`X-Vault-Token` or a bearer token), if any.
+    pub token: Option<Zeroizing<String>>,
+    /// The body as received (empty, `null`, or JSON).
+    pub body: Zeroizing<Vec<u8>>,
+    /// The query string, still encoded.
+    pub query: String,
+    pub peer: Peer,
+    /// Where the request's audit entry collects what it should say.
+    pub audit: AuditSlot,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// An in-process request (the command line, tests).
+    pub fn local(token: Option<&str>, body: &[u8]) -> Self {
+        Incoming {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            token: token.map(|t| Zeroizing::new(t.to_owned())),
+            body: Zeroizing::new(body.to_vec()),
+            query: String::new(),
+            peer: Peer::local(),
+            audit: AuditSlot::default(),
+        }
+    }
+}
+
+/// A running KeyVault: its engines at their mounts, and the shared core. Its state is
+/// private; everything goes through the pipeline.
+pub struct Service {
+    core: Arc<Core>,
+    mounts: Arc<MountTable>,
+    /// The TLS configuration and listener settings of `keyvault server` and `dev`.
+    pub(crate) listener: Option<builder::Listening>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("mounts", &self.mounts.mounts().len()).finish_non_exhaustive()
+    }
+}
+
+/// Record who made a request in its audit entry.
+fn record_identity(slot: &AuditSlot, claims: &Claims, peer: &Peer) {
+    let mut ctx = slot.lock().unwrap_or_else(|p| p.into_inner());
+    ctx.identity = AuditIdentity {
+        sub: Some(claims.sub.clone()),
+        role: claims.role.clone(),
+        accessor: Some(claims.acc.clone()),
+        method: Some(claims.meth.clone()),
+        cert_sha256: peer.client_cert.as_ref().map(|c| c.sha256_hex.clone()),
+    };
+}
+
+/// A body that is empty, white space or `null` is `{}` (Vault's rule: `vault write -f`
+/// sends `null`).
+fn normalize_body(body: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    let text = body.trim_ascii();
+    if text.is_empty() || text == b"null" { Zeroizing::new(b"{}".to_vec()) } else { body }
+}
+
+impl Service {
+    /// The audit log (the transport writes each request's entries).
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.core.audit
+    }
+
+    /// The mount table.
+    pub fn mounts(&self) -> &MountTable {
+        &self.mounts
+    }
+
+    /// Every route of every mount (for the docs and the authorization tests).
+    pub fn route_info(&self) -> Vec<RouteInfo> {
+        self.mounts.route_info()
+    }
+
+    /// Which engine, route and policy path serve `operation` on `raw_path` (after `/v1/`,
+    /// still percent-encoded).
+    pub fn resolve(&self, operation: Operation, raw_path: &str) -> Result<Resolved> {
+        self.mounts.resolve(operation, raw_path)
+    }
+
+    /// 429 at once if `peer` is at its limit of failed logins: the transport asks before
+    /// it reads a login's body.
+    pub fn check_login_source(&self, peer: &Peer) -> Result<()> {
+        self.core.check_login_source(peer)
+    }
+
+    /// The HMAC of a value in this installation's audit log.
+    pub fn audit_hmac(&self, value: &[u8]) -> String {
+        self.core.audit.hmac(value)
+    }
+
+    /// Run one resolved request: authenticate and authorize it as its route declares, run
+    /// its engine, and turn a successful login into a token. Unknown body fields end up in
+    /// the reply's warnings.
+    pub async fn dispatch(&self, resolved: Resolved, incoming: Incoming) -> Result<Reply> {
+        let Resolved { mount, route, spec, params, policy_path } = resolved;
+        let engine = mount.engine.clone();
+        let mut req = Request {
+            request_id: incoming.request_id,
+            operation: spec.operation,
+            mount: mount.path.clone(),
+            route,
+            params,
+            policy_path,
+            body: normalize_body(incoming.body),
+            query: incoming.query,
+            peer: incoming.peer,
+            caller: None,
+            existing: None,
+            audit: incoming.audit,
+            warnings: Vec::new(),
+        };
+        let token = incoming.token.as_ref().map(|t| t.as_str());
+        match spec.access {
+            Access::Public => {}
+            Access::Login => {
+                let issued = self.core.login(engine.as_ref(), &mut req).await?;
+                return Ok(self.login_reply(&req, issued));
+            }
+            Access::LoginByRole => {
+                let issued = self.login_by_role(&mut req).await?;
+                return Ok(self.login_reply(&req, issued));
+            }
+            Access::AnyToken => req.caller = Some(self.authenticate(token, &req).await?),
+            Access::Needs(cap) => {
+                let caller = self.authenticate(token, &req).await?;
+                caller.require(&req.policy_path, cap)?;
+                req.caller = Some(caller);
+            }
+            Access::Sudo(cap) => {
+                let caller = self.authenticate(token, &req).await?;
+                caller.require_sudo(&req.policy_path, cap)?;
+                req.caller = Some(caller);
+            }
+            Access::CreateOrUpdate => {
+                let caller = self.authenticate(token, &req).await?;
+                req.existing = engine.existence(&req).await?;
+                let cap = if req.existing.is_some() { Capability::Update } else { Capability::Create };
+                caller.require(&req.policy_path, cap)?;
+                req.caller = Some(caller);
+            }
+        }
+        let mut reply = engine.handle(&mut req).await?;
+        reply.warnings.append(&mut req.warnings);
+        Ok(reply)
+    }
+
+    async fn authenticate(&self, token: Option<&str>, req: &Request) -> Result<Caller> {
+        let caller = self.core.authenticate(token, &req.peer).await?;
+        record_identity(&req.audit, &caller.claims, &req.peer);
+        Ok(caller)
+    }
+
+    fn login_reply(&self, req: &Request, issued: IssuedToken) -> Reply {
+        record_identity(&req.audit, &issued.claims, &req.peer);
+        let mut reply = Reply::auth(issued);
+        reply.warnings = req.warnings.clone();
+        reply
+    }
+
+    /// `POST /v1/auth` `{"role": ...}`: log in to the method that owns the role.
+    async fn login_by_role(&self, req: &mut Request) -> Result<IssuedToken> {
+        crate::json::check_no_duplicate_keys(&req.body).map_err(|e| crate::auth::json_error(&e))?;
+        let hint: keyvault_api::auth::RoleHint =
+            serde_json::from_slice(&req.body).map_err(|e| crate::auth::json_error(&e))?;
+        let role = hint.role.ok_or_else(|| Error::invalid("missing field `role`"))?;
+        crate::validate_name("role", &role)?;
+        let method = crate::auth::role_method(self.core.store.as_ref(), &role).await?;
+        let mount = method.as_deref().and_then(|m| self.mounts.by_kind(m)).filter(|m| m.is_auth());
+        match mount {
+            Some(m) => self.core.login(m.engine.as_ref(), req).await,
+            None => self.core.unknown_role(&role, &req.peer).await,
+        }
+    }
+
+    /// One request in process: resolve and dispatch (the command line, `dev` set-up).
+    pub async fn request(
+        &self,
+        operation: Operation,
+        path: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> Result<Reply> {
+        let resolved = self.resolve(operation, path)?;
+        let body = serde_json::to_vec(body).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+        self.dispatch(resolved, Incoming::local(token, &body)).await
+    }
+
+    /// A root token (`dev`, `operator init`, `operator root-token`).
+    pub async fn issue_root_token(&self, ttl: Duration) -> Result<IssuedToken> {
+        self.core.issue_root_token(ttl).await
+    }
+
+    /// Start this replica's background work (purges, following other replicas, the
+    /// clock check, rotations).
+    pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.core.spawn_background()
+    }
+
+    /// Follow other replicas' changes now (what the background work does every second).
+    pub async fn sync_once(&self) -> Result<()> {
+        self.core.sync_once().await
+    }
+}
+
+/// The JSON of a reply's `data`, if it has one (the command line reads replies with it).
+pub fn reply_data<T: serde::de::DeserializeOwned>(reply: &Reply) -> Result<T> {
+    match &reply.body {
+        ReplyBody::Data(d) => serde_json::from_slice(d).map_err(|e| Error::Internal(format!("reading a reply: {e}"))),
+        _ => Err(Error::Internal("the reply has no data".into())),
+    }
+}
