@@ -40,7 +40,7 @@ fn main() {
     };
     let names = KeyNames::new("keyvault").unwrap();
     let ring = rt.block_on(keys::initialize(store.as_ref(), &keys, &names)).unwrap();
-    rt.block_on(keyvault::usage::ensure_counted(store.as_ref())).unwrap();
+    rt.block_on(keyvault::usage::ensure_counted(store.as_ref(), keyvault::secrets::data_prefix())).unwrap();
     let keyring = SharedKeyring::new(ring, store.clone());
     let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone());
     let secrets = Arc::new(Secrets::new(store.clone(), barrier.clone(), 100));

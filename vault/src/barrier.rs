@@ -70,17 +70,8 @@ impl RecordContext<'_> {
     }
 }
 
-/// Why a record could not be opened.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BarrierError {
-    #[error("record is malformed: {0}")]
-    Malformed(&'static str),
-    #[error("record failed authentication (tampered, or copied from another path or version)")]
-    Integrity,
-    #[error("record needs master key {0}, which this keyring does not have")]
-    UnknownKeyVersion(KeyVersion),
-}
+/// Why a record could not be opened (defined with the domain error, which carries it).
+pub use crate::error::BarrierError;
 
 /// A parsed record, borrowing from the stored bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -301,7 +292,7 @@ impl Barrier {
         if self.keyring.load().master.versions.contains(&v) {
             return Ok(());
         }
-        Err(Error::Barrier(BarrierError::UnknownKeyVersion(v)))
+        Err(Error::Barrier(BarrierError::UnknownKeyVersion(v.get())))
     }
 
     /// Keep unwrapped data keys for `ttl` (at most `capacity` of them). See [`DekCache`].

@@ -200,17 +200,6 @@ impl ListenerConfig {
         }
     }
 
-    /// The transport bounds of the listener.
-    pub fn limits(&self) -> crate::http::server::Limits {
-        crate::http::server::Limits {
-            handshake_timeout: self.handshake_timeout,
-            header_timeout: self.header_timeout,
-            idle_timeout: self.idle_timeout,
-            max_connections: self.max_connections,
-            max_connections_per_address: self.max_connections_per_address,
-        }
-    }
-
     pub fn tls_files(&self) -> TlsFiles {
         TlsFiles {
             cert: self.tls_cert_file.clone(),
@@ -413,10 +402,7 @@ impl Default for LogConfig {
     }
 }
 
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
-}
+use crate::deserialize_duration as duration;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {

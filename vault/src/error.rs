@@ -3,8 +3,19 @@
 
 use keyvault_hsm::HsmError;
 
-use crate::barrier::BarrierError;
 use crate::store::StoreError;
+
+/// Why a sealed record could not be opened (see [`crate::barrier`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BarrierError {
+    #[error("record is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("record failed authentication (tampered, or copied from another path or version)")]
+    Integrity,
+    #[error("record needs master key v{0}, which this keyring does not have")]
+    UnknownKeyVersion(u32),
+}
 
 /// Why a caller is not authenticated. The reason goes to the audit log and the server log;
 /// the caller sees only the generic message, so that probing learns nothing.

@@ -9,6 +9,8 @@ use std::fmt;
 
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use crate::error::{Error, Result};
+
 /// Walks a document and fails on the first object with a repeated key.
 struct NoDuplicates;
 
@@ -85,6 +87,41 @@ pub fn is_duplicate_key_error(e: &serde_json::Error) -> bool {
 pub fn from_slice_strict<T: DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
     check_no_duplicate_keys(bytes)?;
     serde_json::from_slice(bytes)
+}
+
+/// Parse a JSON request body into `T`, with messages that never quote the input. A body
+/// that repeats a key in any object is refused (see [`crate::json`]).
+pub fn parse_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T> {
+    check_no_duplicate_keys(body).map_err(|e| json_error(&e))?;
+    serde_json::from_slice(body).map_err(|e| json_error(&e))
+}
+
+/// A client-facing message for a JSON error. Unknown and missing fields are named (field
+/// names are not secret, and the message is what the user needs); every other error is
+/// reduced to its category, because serde_json quotes offending values, which may be
+/// credentials.
+pub fn json_error(e: &serde_json::Error) -> Error {
+    let msg = e.to_string();
+    let safe = msg.starts_with("unknown field") || msg.starts_with("missing field") || is_duplicate_key_error(e);
+    if safe {
+        let msg = msg.split(" at line ").next().unwrap_or(&msg);
+        Error::invalid(format!("invalid request body: {msg}"))
+    } else if e.classify() == serde_json::error::Category::Data {
+        Error::invalid("invalid request body: a field has the wrong type or value")
+    } else {
+        Error::invalid(format!("invalid request body: {}", json_error_category(e)))
+    }
+}
+
+/// A JSON parse error's category only: serde_json's full message can quote the input,
+/// which may be a secret.
+pub fn json_error_category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "malformed JSON",
+        serde_json::error::Category::Data => "not a JSON object",
+        serde_json::error::Category::Eof => "truncated JSON",
+    }
 }
 
 #[cfg(test)]

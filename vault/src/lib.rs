@@ -26,6 +26,7 @@ pub mod ratelog;
 pub mod rotation;
 pub mod secrets;
 pub mod service;
+pub mod shared;
 pub mod store;
 pub mod tls;
 pub mod token;
@@ -74,6 +75,13 @@ where
         })
         .map_err(|e| Error::Internal(format!("starting a background thread: {e}")))?;
     rx.await.map_err(|_| Error::Internal("background key store thread failed".into()))?.map_err(Error::Hsm)
+}
+
+/// A duration in a configuration file: `"30s"`, `"10m"`, `"1h 30m"`.
+pub(crate) fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    use serde::Deserialize;
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 /// Seconds since the Unix epoch.

@@ -112,16 +112,7 @@ pub fn validate_value(body: &[u8]) -> Result<()> {
         .map_err(|e| Error::invalid(format!("the secret must be a JSON object: {}", json_error_category(&e))))
 }
 
-/// A JSON parse error's category only: serde_json's full message can quote the input,
-/// which may be a secret.
-pub fn json_error_category(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "read error",
-        serde_json::error::Category::Syntax => "malformed JSON",
-        serde_json::error::Category::Data => "not a JSON object",
-        serde_json::error::Category::Eof => "truncated JSON",
-    }
-}
+pub use crate::json::json_error_category;
 
 /// The secret engine.
 #[derive(Debug)]

@@ -24,6 +24,10 @@ use crate::{hsm_call, unix_now};
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
+/// The generations of a token's identities (role, user, certificate, SPIFFE ID) when it
+/// was issued: a later revocation of any of them raises its generation past these.
+pub type Generations = std::collections::BTreeMap<String, u64>;
+
 /// RFC 8705 confirmation claim: the SHA-256 thumbprint of the client certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
@@ -61,7 +65,7 @@ pub struct Claims {
     /// The generations of the token's identities when it was issued (kill switch; see
     /// `auth::revocation`). Absent kinds are generation 0.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub idg: crate::auth::revocation::Generations,
+    pub idg: Generations,
     /// The accessor of the credential this token was issued for (a bootstrap token):
     /// revoking it revokes this token too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,7 +83,7 @@ pub struct TokenSpec {
     pub max_ttl_secs: u64,
     pub cnf: Option<Confirmation>,
     pub spiffe: Option<String>,
-    pub generations: crate::auth::revocation::Generations,
+    pub generations: Generations,
     pub parent: Option<String>,
 }
 

@@ -121,7 +121,7 @@ pub async fn set_aside(store: &dyn Store) -> Result<Vec<SetAside>> {
 /// Make sure the counters count every record: on an installation made before they
 /// existed, count the records once (one replica does it; the others wait for it). Run at
 /// start, before serving.
-pub async fn ensure_counted(store: &dyn Store) -> Result<()> {
+pub async fn ensure_counted(store: &dyn Store, data_prefix: &str) -> Result<()> {
     const CLAIM: &str = "sys/usage/recounting";
     if store.get(COUNTED_MARKER).await?.is_some() {
         return Ok(());
@@ -138,7 +138,7 @@ pub async fn ensure_counted(store: &dyn Store) -> Result<()> {
     }
     let mut counts: BTreeMap<String, i64> = BTreeMap::new();
     let mut n = 0u64;
-    for (key, raw) in scan_all(store, crate::secrets::data_prefix()).await? {
+    for (key, raw) in scan_all(store, data_prefix).await? {
         if let Ok(r) = crate::barrier::Record::parse(&raw) {
             *counts.entry(counter_key(r.kek_version, &key)).or_default() += 1;
             n += 1;

@@ -26,7 +26,7 @@ struct Domain {
 
 /// The parts of an initialized installation, as a process opening it would have them.
 async fn domain(store: &Arc<dyn Store>, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Domain {
-    keyvault::usage::ensure_counted(store.as_ref()).await.unwrap();
+    keyvault::usage::ensure_counted(store.as_ref(), keyvault::secrets::data_prefix()).await.unwrap();
     let keyring = SharedKeyring::open(store.clone()).await.unwrap().unwrap();
     let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone());
     Domain {

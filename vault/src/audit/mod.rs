@@ -62,7 +62,7 @@ pub struct AuditConfig {
     #[serde(default = "default_every")]
     pub checkpoint_every: u64,
     /// ...or after this long, whichever comes first.
-    #[serde(default = "default_interval", deserialize_with = "crate::config::duration")]
+    #[serde(default = "default_interval", deserialize_with = "crate::deserialize_duration")]
     pub checkpoint_interval: Duration,
     /// Rotate when the file grows past this size.
     #[serde(default = "default_max_file_bytes")]
@@ -72,7 +72,7 @@ pub struct AuditConfig {
     pub buffer_entries: usize,
     /// In `buffered` mode, how long the writer gathers entries before one write and one
     /// fsync: the most an acknowledged request's entry waits for the disk.
-    #[serde(default = "default_linger", deserialize_with = "crate::config::duration")]
+    #[serde(default = "default_linger", deserialize_with = "crate::deserialize_duration")]
     pub buffered_linger: Duration,
     /// This replica's name in the log header (default: the host name).
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! TLS certificate auth: a role names the client certificates it accepts, by SHA-256
+//! TLS certificate auth, its domain part (the engine is `engines/auth/cert.rs`): a role names the client certificates it accepts, by SHA-256
 //! fingerprint pin, subject CN, DNS SAN or URI SAN (SPIFFE IDs included). The certificate
 //! itself was verified by the TLS handshake (chain to the client CA bundle, validity,
 //! CRLs); this method decides which role it is.
@@ -9,38 +9,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-
-use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_name};
-use crate::engines::EngineKind;
-use crate::error::{AuthFailure, Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use super::{RoleStore, StoredRole};
+use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::tls::ClientCert;
 
 pub const METHOD: &str = "cert";
-
-pub const KIND: EngineKind = EngineKind {
-    name: METHOD,
-    description: "TLS client certificates: pins, CNs, DNS and URI SANs (SPIFFE IDs)",
-    auth: true,
-    fixed_at: None,
-    routes: ROUTES,
-    build: |core| Ok(Arc::new(CertAuth::new(core.store.clone()))),
-};
-
-const ROLES: [Route; 2] = crate::role_routes!("role", "role");
-/// Vault's path for cert roles, an alias authorized as `role/...` (so that a policy on
-/// either path means the same thing, denials included).
-const CERTS: [Route; 2] = crate::role_routes!("certs", "role");
-
-const ROUTES: &[Route] = &[
-    Route::new("login", "log in with the connection's client certificate", &[OpSpec::compute(Access::Login)]),
-    ROLES[0],
-    ROLES[1],
-    CERTS[0],
-    CERTS[1],
-];
 
 /// Which certificates a role accepts. Every category that is set must match (a pin, or
 /// a CN, or a DNS SAN, or a URI SAN of the lists); at least one category must be set.
@@ -64,7 +38,7 @@ fn uri_matches(pattern: &str, uri: &str) -> bool {
 }
 
 /// Check a role's constraints: fingerprints normalized, at least one category set.
-fn normalize(mut role: CertRoleConfig) -> Result<CertRoleConfig> {
+pub fn normalize(mut role: CertRoleConfig) -> Result<CertRoleConfig> {
     role.certificate_sha256 =
         role.certificate_sha256.iter().map(|f| normalize_fingerprint(f)).collect::<Result<_>>()?;
     let set = !role.certificate_sha256.is_empty()
@@ -92,7 +66,7 @@ pub fn matches(role: &CertRoleConfig, c: &ClientCert) -> bool {
 
 #[derive(Debug)]
 pub struct CertAuth {
-    roles: RoleStore<CertRoleConfig>,
+    pub(crate) roles: RoleStore<CertRoleConfig>,
 }
 
 impl CertAuth {
@@ -124,85 +98,6 @@ impl CertAuth {
             }
         }
         Ok(changed)
-    }
-}
-
-#[async_trait]
-impl RoleAdmin for CertAuth {
-    type Config = CertRoleConfig;
-
-    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.roles.load_raw(name).await?.map(|(raw, _)| raw))
-    }
-
-    async fn write_role(
-        &self,
-        name: &str,
-        config: CertRoleConfig,
-        token: super::TokenSettings,
-        expected: Option<&[u8]>,
-    ) -> Result<()> {
-        self.roles.save(name, &StoredRole { config: normalize(config)?, token }, expected).await
-    }
-
-    async fn read_role(&self, name: &str) -> Result<Reply> {
-        Reply::data(&RoleView::of(&self.roles.require(name).await?))
-    }
-
-    async fn delete_role(&self, name: &str) -> Result<()> {
-        self.roles.delete(name).await.map(drop)
-    }
-
-    async fn list_roles(&self) -> Result<Vec<String>> {
-        self.roles.names().await
-    }
-}
-
-#[async_trait]
-impl Engine for CertAuth {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
-    }
-
-    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
-        self.current(req.param("name")).await
-    }
-
-    fn login_identity(&self, req: &Request) -> Option<String> {
-        super::claimed_role(&req.body)
-    }
-
-    async fn handle(&self, req: &mut Request) -> Result<Reply> {
-        super::handle_role(self, req).await
-    }
-
-    async fn login(&self, req: &mut Request) -> Result<LoginOutcome> {
-        let body: keyvault_api::auth::CertLogin = req.data()?;
-        let cert = req.peer.client_cert.clone().ok_or(Error::Unauthenticated(AuthFailure::CertificateRequired))?;
-        let invalid = || Error::Unauthenticated(AuthFailure::InvalidCredentials);
-        let (name, role) = match body.name.or(body.role) {
-            Some(name) => {
-                validate_name("role", &name)?;
-                let role = self.roles.load(&name).await?.ok_or_else(invalid)?;
-                (name, role)
-            }
-            None => self.roles.all().await?.into_iter().find(|(_, r)| matches(&r.config, &cert)).ok_or_else(invalid)?,
-        };
-        if !matches(&role.config, &cert) {
-            return Err(invalid());
-        }
-        let mut outcome = LoginOutcome::for_role(METHOD, &name, &role.token);
-        outcome.bind_certificate = true;
-        if let Some(cn) = &cert.common_name {
-            outcome.metadata.insert("common_name".into(), cn.clone());
-        }
-        Ok(outcome)
     }
 }
 

@@ -41,7 +41,7 @@ pub struct LimitConfig {
     #[serde(default = "default_per_address")]
     pub failures_per_address: u32,
     /// The window.
-    #[serde(default = "default_window", deserialize_with = "crate::config::duration")]
+    #[serde(default = "default_window", deserialize_with = "crate::deserialize_duration")]
     pub window: Duration,
 }
 

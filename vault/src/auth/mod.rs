@@ -1,70 +1,27 @@
-//! Authentication methods (docs/architecture.md, "Identity"). Each method is an
-//! [`Engine`](crate::logical::Engine) in its own file, mounted under `auth/`; its login
-//! route checks credentials and yields a [`LoginOutcome`], which the pipeline turns into a
-//! signed token. What every method with roles shares is here: [`RoleStore`],
-//! [`RoleAdmin`] and [`handle_role`].
+//! Identity (docs/architecture.md, "Identity"): what authentication needs below the
+//! engines. The roles every method stores ([`RoleStore`], one role namespace across
+//! methods), the login limiter, revocations and the kill switch's identities, certificate
+//! matching (for cert logins and direct requests), user names. The auth methods
+//! themselves are engines, one file each, in `engines/auth/`.
 //!
 //! Role names are one namespace across methods (the short form `POST /v1/auth` with
 //! `{"role": ...}` finds the method from the role), kept in `auth/roles/<name>`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::logical::{Operation, Params, Reply, Request};
 use crate::store::{Store, decode_json, encode_json, scan_all};
 
-pub mod approle;
-pub mod bootstrap;
 pub mod cert;
-pub mod kubernetes;
 pub mod limiter;
 pub mod revocation;
 pub mod userpass;
 
-/// What a successful login establishes.
-#[derive(Debug, Clone)]
-pub struct LoginOutcome {
-    /// Token subject: `approle:<role>`, `userpass:<user>`, `cert:<role>`, ...
-    pub sub: String,
-    pub method: &'static str,
-    pub role: Option<String>,
-    pub policies: Vec<String>,
-    /// Token TTL asked for by the role (the server's default when `None`).
-    pub ttl: Option<Duration>,
-    /// Ceiling for this role's tokens (the server's maximum applies as well).
-    pub max_ttl: Option<Duration>,
-    /// The role requires the token to be bound to the client certificate of the login.
-    pub bind_certificate: bool,
-    pub metadata: BTreeMap<String, String>,
-    /// The userpass user who logged in (an identity of the kill switch).
-    pub user: Option<String>,
-    /// The accessor of the one-time credential used (a bootstrap token).
-    pub parent: Option<String>,
-}
-
-impl LoginOutcome {
-    /// The outcome of a login to role `name` of `method`.
-    pub fn for_role(method: &'static str, name: &str, t: &TokenSettings) -> Self {
-        LoginOutcome {
-            sub: format!("{method}:{name}"),
-            method,
-            role: Some(name.to_owned()),
-            policies: t.token_policies.clone(),
-            ttl: t.token_ttl,
-            max_ttl: t.token_max_ttl,
-            bind_certificate: t.bind_certificate,
-            metadata: [("role_name".to_owned(), name.to_owned())].into(),
-            user: None,
-            parent: None,
-        }
-    }
-}
+pub use crate::logical::LoginOutcome;
 
 pub use keyvault_api::auth::{TOKEN_FIELDS, TokenSettings};
 pub use keyvault_api::{policy_list, vault_duration};
@@ -193,96 +150,6 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     }
 }
 
-/// Role administration, the same for every method with roles (`auth/<mount>/role/<name>`).
-#[async_trait]
-pub trait RoleAdmin: Send + Sync {
-    /// The method's own role fields (besides [`TokenSettings`]).
-    type Config: serde::de::DeserializeOwned + Send;
-    /// The stored bytes of role `name`, if it exists (the existence check that decides
-    /// between `create` and `update`, and what the write then expects to replace).
-    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>>;
-    /// Create (`expected == None`) or update a role, if what is stored is still
-    /// `expected`; 409 otherwise.
-    async fn write_role(
-        &self,
-        name: &str,
-        config: Self::Config,
-        token: TokenSettings,
-        expected: Option<&[u8]>,
-    ) -> Result<()>;
-    /// The role as `GET` shows it.
-    async fn read_role(&self, name: &str) -> Result<Reply>;
-    async fn delete_role(&self, name: &str) -> Result<()>;
-    async fn list_roles(&self) -> Result<Vec<String>>;
-}
-
-/// A role as `GET` shows it: the token settings (in seconds) and the method's fields.
-#[derive(Debug, Serialize)]
-pub struct RoleView<'a, T: Serialize> {
-    #[serde(flatten)]
-    pub token: keyvault_api::auth::TokenSettingsView,
-    #[serde(flatten)]
-    pub config: &'a T,
-}
-
-impl<'a, T: Serialize> RoleView<'a, T> {
-    pub fn of(role: &'a StoredRole<T>) -> Self {
-        RoleView { token: (&role.token).into(), config: &role.config }
-    }
-}
-
-/// Role names: the common name rule, checked before authorization.
-pub fn role_name(_: Operation, p: &mut Params) -> Result<()> {
-    validate_name("role", p.get("name").unwrap_or_default())
-}
-
-/// The routes of role administration, under `prefix/` (`role/`).
-#[macro_export]
-macro_rules! role_routes {
-    ($prefix:literal, $policy:literal) => {
-        [
-            $crate::logical::Route::new(
-                $prefix,
-                "list roles",
-                &[$crate::logical::OpSpec::list($crate::logical::Access::Needs($crate::policy::Capability::List))],
-            )
-            .policy($policy),
-            $crate::logical::Route::new(
-                concat!($prefix, "/{name}"),
-                "create or update (`create` or `update`), read, delete a role",
-                &[
-                    $crate::logical::OpSpec::write($crate::logical::Access::CreateOrUpdate),
-                    $crate::logical::OpSpec::read($crate::logical::Access::Needs($crate::policy::Capability::Read)),
-                    $crate::logical::OpSpec::delete($crate::logical::Access::Needs($crate::policy::Capability::Delete)),
-                ],
-            )
-            .policy(concat!($policy, "/{name}"))
-            .normalize($crate::auth::role_name),
-        ]
-    };
-}
-
-/// Serve a role route: a write parses the body (method fields and token fields; unknown
-/// fields are warnings) and checks that the policies it assigns are the caller's to give
-/// ([`Caller::check_grant`](crate::logical::Caller::check_grant)).
-pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<Reply> {
-    let name = req.param("name").to_owned();
-    match req.operation {
-        Operation::List => Reply::keys(admin.list_roles().await?),
-        Operation::Read => admin.read_role(&name).await,
-        Operation::Write => {
-            let (config, token) = parse_role_body::<R::Config>(req)?;
-            req.caller()?.check_grant(&token.token_policies)?;
-            admin.write_role(&name, config, token, req.existing.as_deref()).await?;
-            Ok(Reply::empty())
-        }
-        Operation::Delete => {
-            admin.delete_role(&name).await?;
-            Ok(Reply::empty())
-        }
-    }
-}
-
 fn role_index_key(name: &str) -> String {
     format!("auth/roles/{name}")
 }
@@ -322,47 +189,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     keyvault_api::parse_duration(s).map_err(Error::invalid)
 }
 
-/// Parse a role's body: the method's own fields into `T`, the common token fields into
-/// [`TokenSettings`]; fields of neither are named in the reply's warnings.
-pub fn parse_role_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<(T, TokenSettings)> {
-    let mut own: serde_json::Map<String, serde_json::Value> = parse_body(&req.body)?;
-    let mut token = serde_json::Map::new();
-    for f in TOKEN_FIELDS {
-        if let Some(v) = own.remove(f) {
-            token.insert(f.to_owned(), v);
-        }
-    }
-    let token: TokenSettings = serde_json::from_value(serde_json::Value::Object(token)).map_err(|e| json_error(&e))?;
-    let own = serde_json::to_vec(&own).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
-    let own: T = crate::logical::parse_data(&own, &mut req.warnings)?;
-    validate_token_settings(&token)?;
-    Ok((own, token))
-}
-
-/// Parse a JSON request body into `T`, with messages that never quote the input. A body
-/// that repeats a key in any object is refused (see [`crate::json`]).
-pub fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T> {
-    crate::json::check_no_duplicate_keys(body).map_err(|e| json_error(&e))?;
-    serde_json::from_slice(body).map_err(|e| json_error(&e))
-}
-
-/// A client-facing message for a JSON error. Unknown and missing fields are named (field
-/// names are not secret, and the message is what the user needs); every other error is
-/// reduced to its category, because serde_json quotes offending values, which may be
-/// credentials.
-pub fn json_error(e: &serde_json::Error) -> Error {
-    let msg = e.to_string();
-    let safe =
-        msg.starts_with("unknown field") || msg.starts_with("missing field") || crate::json::is_duplicate_key_error(e);
-    if safe {
-        let msg = msg.split(" at line ").next().unwrap_or(&msg);
-        Error::invalid(format!("invalid request body: {msg}"))
-    } else if e.classify() == serde_json::error::Category::Data {
-        Error::invalid("invalid request body: a field has the wrong type or value")
-    } else {
-        Error::invalid(format!("invalid request body: {}", crate::secrets::json_error_category(e)))
-    }
-}
+pub use crate::json::{json_error, parse_body};
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,6 @@
 //! generation just before a revocation issues a token with that old generation, which is
 //! refused at its first use.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,7 +97,7 @@ pub struct IdentityState {
 }
 
 /// The generations of a token's identities, by [`Identity::kind`] (absent: 0).
-pub type Generations = BTreeMap<String, u64>;
+pub use crate::token::Generations;
 
 #[derive(Debug)]
 pub struct Revocations {

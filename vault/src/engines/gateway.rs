@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gateway::{Gateway, validate_identity};
 use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
-use crate::service::Core;
+use crate::shared::Core;
 use crate::transit::Transit;
 
 pub const KIND: EngineKind = EngineKind {

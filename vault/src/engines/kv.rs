@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::secrets::{SecretPath, SecretPrefix, Secrets};
-use crate::service::Core;
+use crate::shared::Core;
 
 pub const KIND: EngineKind = EngineKind {
     name: "kv",

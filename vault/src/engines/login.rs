@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use super::EngineKind;
 use crate::error::{Error, Result};
 use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
-use crate::service::Core;
+use crate::shared::Core;
 
 pub const KIND: EngineKind = EngineKind {
     name: "login",

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::logical::{Engine, Route};
-use crate::service::Core;
+use crate::shared::Core;
 
+pub mod auth;
 pub mod gateway;
 pub mod kv;
 pub mod login;
@@ -34,11 +35,11 @@ pub const KINDS: &[EngineKind] = &[
     kv::KIND,
     transit::KIND,
     gateway::KIND,
-    crate::auth::approle::KIND,
-    crate::auth::userpass::KIND,
-    crate::auth::cert::KIND,
-    crate::auth::kubernetes::KIND,
-    crate::auth::bootstrap::KIND,
+    auth::approle::KIND,
+    auth::userpass::KIND,
+    auth::cert::KIND,
+    auth::kubernetes::KIND,
+    auth::bootstrap::KIND,
     sys::KIND,
     token::KIND,
     login::KIND,

@@ -10,16 +10,16 @@ use keyvault_api::sys::{
 };
 
 use super::EngineKind;
-use crate::auth::bootstrap::Bootstrap;
+use super::auth::bootstrap::Bootstrap;
+use super::auth::userpass::UserPass;
 use crate::auth::cert::CertAuth;
 use crate::auth::revocation::Identity;
-use crate::auth::userpass::UserPass;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
 use crate::keys::Family;
 use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::{Capability, ROOT_POLICY};
-use crate::service::{Core, MAX_TOKEN_LIFETIME};
+use crate::shared::{Core, MAX_TOKEN_LIFETIME};
 use crate::unix_now;
 
 pub const KIND: EngineKind = EngineKind {

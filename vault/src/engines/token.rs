@@ -11,7 +11,7 @@ use super::EngineKind;
 use crate::error::{Error, Result};
 use crate::logical::{Access, Caller, Engine, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
-use crate::service::{Core, MAX_TOKEN_LIFETIME};
+use crate::shared::{Core, MAX_TOKEN_LIFETIME};
 use crate::token::Claims;
 use crate::unix_now;
 

@@ -386,7 +386,7 @@ pub async fn serve(
     let background = service.spawn_background();
     let audit = service.audit().clone();
     let app = router(AppState { service: Arc::new(service), body: BodyLimits::from_config(&config) });
-    let mut limits = config.limits();
+    let mut limits = server::Limits::from_config(&config);
     limits.max_connections = server::fit_file_limit(limits.max_connections);
     on_listening(addr, &audit);
     let served = server::serve(listener, tls.current(), tls.revoked(), app, limits, server::shutdown_signal()).await;

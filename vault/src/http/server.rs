@@ -62,6 +62,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The bounds `[listener]` sets.
+    pub fn from_config(l: &crate::config::ListenerConfig) -> Self {
+        Limits {
+            handshake_timeout: l.handshake_timeout,
+            header_timeout: l.header_timeout,
+            idle_timeout: l.idle_timeout,
+            max_connections: l.max_connections,
+            max_connections_per_address: l.max_connections_per_address,
+        }
+    }
+}
+
 /// Bind the listener, with a clear error for an address in use.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {

@@ -9,8 +9,10 @@
 //! left to engines is [`Caller::check_grant`]: whether the policies a write *assigns* are
 //! the caller's to give).
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -18,7 +20,6 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditSlot;
-use crate::auth::LoginOutcome;
 use crate::error::{AuthFailure, Error, Result};
 use crate::policy::{Acl, Capability, ROOT_POLICY};
 use crate::tls::ClientCert;
@@ -207,6 +208,45 @@ impl Route {
 /// The largest login body accepted (a Kubernetes service-account token is at most 16 KiB).
 pub const MAX_LOGIN_BODY: usize = 64 * 1024;
 
+/// What a successful login establishes.
+#[derive(Debug, Clone)]
+pub struct LoginOutcome {
+    /// Token subject: `approle:<role>`, `userpass:<user>`, `cert:<role>`, ...
+    pub sub: String,
+    pub method: &'static str,
+    pub role: Option<String>,
+    pub policies: Vec<String>,
+    /// Token TTL asked for by the role (the server's default when `None`).
+    pub ttl: Option<Duration>,
+    /// Ceiling for this role's tokens (the server's maximum applies as well).
+    pub max_ttl: Option<Duration>,
+    /// The role requires the token to be bound to the client certificate of the login.
+    pub bind_certificate: bool,
+    pub metadata: BTreeMap<String, String>,
+    /// The userpass user who logged in (an identity of the kill switch).
+    pub user: Option<String>,
+    /// The accessor of the one-time credential used (a bootstrap token).
+    pub parent: Option<String>,
+}
+
+impl LoginOutcome {
+    /// The outcome of a login to role `name` of `method`.
+    pub fn for_role(method: &'static str, name: &str, t: &keyvault_api::auth::TokenSettings) -> Self {
+        LoginOutcome {
+            sub: format!("{method}:{name}"),
+            method,
+            role: Some(name.to_owned()),
+            policies: t.token_policies.clone(),
+            ttl: t.token_ttl,
+            max_ttl: t.token_max_ttl,
+            bind_certificate: t.bind_certificate,
+            metadata: [("role_name".to_owned(), name.to_owned())].into(),
+            user: None,
+            parent: None,
+        }
+    }
+}
+
 /// Who is on the other end of a request: the connection's address and, over mutual TLS,
 /// the verified client certificate.
 #[derive(Debug, Clone)]
@@ -357,7 +397,7 @@ impl Request {
     /// Whether the body (a JSON object) has a member `name`.
     pub fn has_field(&self, name: &str) -> Result<bool> {
         let map: std::collections::HashMap<String, serde::de::IgnoredAny> =
-            serde_json::from_slice(&self.body).map_err(|e| crate::auth::json_error(&e))?;
+            serde_json::from_slice(&self.body).map_err(|e| crate::json::json_error(&e))?;
         Ok(map.contains_key(name))
     }
 
@@ -392,12 +432,12 @@ impl Request {
 /// `warnings` in Vault's words. Error messages name fields, never values (which may be
 /// credentials).
 pub fn parse_data<T: DeserializeOwned>(body: &[u8], warnings: &mut Vec<String>) -> Result<T> {
-    crate::json::check_no_duplicate_keys(body).map_err(|e| crate::auth::json_error(&e))?;
+    crate::json::check_no_duplicate_keys(body).map_err(|e| crate::json::json_error(&e))?;
     let mut unknown = Vec::new();
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string()))
-        .map_err(|e| crate::auth::json_error(&e))?;
-    de.end().map_err(|e| crate::auth::json_error(&e))?;
+        .map_err(|e| crate::json::json_error(&e))?;
+    de.end().map_err(|e| crate::json::json_error(&e))?;
     if !unknown.is_empty() {
         warnings.push(format!("Endpoint ignored these unrecognized parameters: [{}]", unknown.join(" ")));
     }

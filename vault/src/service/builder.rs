@@ -178,7 +178,7 @@ impl<'a> Builder<'a> {
         let keyring = SharedKeyring::open(store.clone()).await?.ok_or_else(|| {
             Error::Config("KeyVault is not initialized: run `keyvault operator init --config <file>` first".into())
         })?;
-        crate::usage::ensure_counted(store.as_ref()).await?;
+        crate::usage::ensure_counted(store.as_ref(), crate::secrets::data_prefix()).await?;
         let audit = match self.purpose {
             Purpose::Serve => AuditLog::open(&config.audit, &keys, &names).await?,
             Purpose::Admin => AuditLog::detached(&config.audit, &keys, &names).await?,

@@ -17,11 +17,10 @@ use crate::policy::Capability;
 use crate::token::{Claims, IssuedToken};
 
 mod builder;
-pub(crate) mod core;
 
+pub(crate) use crate::shared::Core;
+pub use crate::shared::{MAX_TOKEN_LIFETIME, Settings};
 pub use builder::{Builder, Init, describe_mounts, open_keystore, open_store};
-pub(crate) use core::Core;
-pub use core::{MAX_TOKEN_LIFETIME, Settings};
 
 /// What the transport knows of a request besides its operation and path.
 pub struct Incoming {

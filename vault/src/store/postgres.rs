@@ -72,10 +72,15 @@ impl PostgresStore {
         let manager = match &options.tls_ca_file {
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for c in crate::tls::load_certs(ca).map_err(|e| StoreError::Unavailable(e.to_string()))? {
+                use rustls_pki_types::pem::PemObject;
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+                    .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+                    .map_err(|e| StoreError::Unavailable(format!("storage.tls_ca_file {}: {e}", ca.display())))?;
+                for c in certs {
                     roots.add(c).map_err(unavailable)?;
                 }
-                let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
                     .map_err(unavailable)?
                     .with_root_certificates(roots)

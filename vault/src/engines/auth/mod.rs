@@ -1,0 +1,127 @@
+//! The auth methods, one file each, mounted under `auth/`: their login route checks
+//! credentials and yields a [`LoginOutcome`], which the pipeline turns into a signed token.
+//! What every method with roles shares is here: [`RoleAdmin`], the role routes and
+//! [`handle_role`].
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub use crate::auth::{
+    LoginOutcome, RoleStore, StoredRole, TokenSettings, claimed_role, policy_list, validate_name, vault_duration,
+};
+use crate::error::{Error, Result};
+use crate::logical::{Operation, Params, Reply, Request};
+
+pub mod approle;
+pub mod bootstrap;
+pub mod cert;
+pub mod kubernetes;
+pub mod userpass;
+
+/// Role administration, the same for every method with roles (`auth/<mount>/role/<name>`).
+#[async_trait]
+pub trait RoleAdmin: Send + Sync {
+    /// The method's own role fields (besides [`TokenSettings`]).
+    type Config: serde::de::DeserializeOwned + Send;
+    /// The stored bytes of role `name`, if it exists (the existence check that decides
+    /// between `create` and `update`, and what the write then expects to replace).
+    async fn current(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Create (`expected == None`) or update a role, if what is stored is still
+    /// `expected`; 409 otherwise.
+    async fn write_role(
+        &self,
+        name: &str,
+        config: Self::Config,
+        token: TokenSettings,
+        expected: Option<&[u8]>,
+    ) -> Result<()>;
+    /// The role as `GET` shows it.
+    async fn read_role(&self, name: &str) -> Result<Reply>;
+    async fn delete_role(&self, name: &str) -> Result<()>;
+    async fn list_roles(&self) -> Result<Vec<String>>;
+}
+
+/// A role as `GET` shows it: the token settings (in seconds) and the method's fields.
+#[derive(Debug, Serialize)]
+pub struct RoleView<'a, T: Serialize> {
+    #[serde(flatten)]
+    pub token: keyvault_api::auth::TokenSettingsView,
+    #[serde(flatten)]
+    pub config: &'a T,
+}
+
+impl<'a, T: Serialize> RoleView<'a, T> {
+    pub fn of(role: &'a StoredRole<T>) -> Self {
+        RoleView { token: (&role.token).into(), config: &role.config }
+    }
+}
+
+/// Role names: the common name rule, checked before authorization.
+pub fn role_name(_: Operation, p: &mut Params) -> Result<()> {
+    validate_name("role", p.get("name").unwrap_or_default())
+}
+
+/// The routes of role administration, under `prefix/` (`role/`).
+#[macro_export]
+macro_rules! role_routes {
+    ($prefix:literal, $policy:literal) => {
+        [
+            $crate::logical::Route::new(
+                $prefix,
+                "list roles",
+                &[$crate::logical::OpSpec::list($crate::logical::Access::Needs($crate::policy::Capability::List))],
+            )
+            .policy($policy),
+            $crate::logical::Route::new(
+                concat!($prefix, "/{name}"),
+                "create or update (`create` or `update`), read, delete a role",
+                &[
+                    $crate::logical::OpSpec::write($crate::logical::Access::CreateOrUpdate),
+                    $crate::logical::OpSpec::read($crate::logical::Access::Needs($crate::policy::Capability::Read)),
+                    $crate::logical::OpSpec::delete($crate::logical::Access::Needs($crate::policy::Capability::Delete)),
+                ],
+            )
+            .policy(concat!($policy, "/{name}"))
+            .normalize($crate::engines::auth::role_name),
+        ]
+    };
+}
+
+/// Serve a role route: a write parses the body (method fields and token fields; unknown
+/// fields are warnings) and checks that the policies it assigns are the caller's to give
+/// ([`Caller::check_grant`](crate::logical::Caller::check_grant)).
+pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<Reply> {
+    let name = req.param("name").to_owned();
+    match req.operation {
+        Operation::List => Reply::keys(admin.list_roles().await?),
+        Operation::Read => admin.read_role(&name).await,
+        Operation::Write => {
+            let (config, token) = parse_role_body::<R::Config>(req)?;
+            req.caller()?.check_grant(&token.token_policies)?;
+            admin.write_role(&name, config, token, req.existing.as_deref()).await?;
+            Ok(Reply::empty())
+        }
+        Operation::Delete => {
+            admin.delete_role(&name).await?;
+            Ok(Reply::empty())
+        }
+    }
+}
+
+/// Parse a role's body: the method's own fields into `T`, the common token fields into
+/// [`TokenSettings`]; fields of neither are named in the reply's warnings.
+pub fn parse_role_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<(T, TokenSettings)> {
+    let mut own: serde_json::Map<String, serde_json::Value> = crate::json::parse_body(&req.body)?;
+    let mut token = serde_json::Map::new();
+    for f in crate::auth::TOKEN_FIELDS {
+        if let Some(v) = own.remove(f) {
+            token.insert(f.to_owned(), v);
+        }
+    }
+    let token: TokenSettings =
+        serde_json::from_value(serde_json::Value::Object(token)).map_err(|e| crate::json::json_error(&e))?;
+    let own = serde_json::to_vec(&own).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+    let own: T = crate::logical::parse_data(&own, &mut req.warnings)?;
+    crate::auth::validate_token_settings(&token)?;
+    Ok((own, token))
+}
