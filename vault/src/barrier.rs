@@ -147,7 +147,7 @@ pub fn random<const N: usize>() -> Result<[u8; N]> {
 
 /// Unwrapped data keys, kept for a short time so that reading the same record again
 /// does not cost a round trip to the token. Off unless configured
-/// (`secrets.dek_cache_ttl`): it trades DESIGN §4's "a data key is in process memory only
+/// (`secrets.dek_cache_ttl`): it trades the promise "a data key is in process memory only
 /// while used" for a window of `ttl` per recently used record (see docs/architecture.md).
 /// Keys are zeroized when evicted or expired.
 struct DekCache {

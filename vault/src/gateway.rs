@@ -1,5 +1,5 @@
-//! Gateway signature checks (docs/architecture.md, "The gateway check"): is a producer's signed request genuine,
-//! fresh, not replayed, and within its tenant mapping?
+//! Gateway signature checks (docs/architecture.md, "Key operations"): is a producer's
+//! signed request genuine, fresh, not replayed, and within its tenant mapping?
 //!
 //! The producer signs `"{timestamp}.{nonce}." + raw_body` with Ed25519
 //! ([`keyvault_api::gateway::signing_input`]). Checks, in order:

@@ -1,4 +1,4 @@
-//! Policies (DESIGN §7): path globs with capabilities, deny by default, in HashiCorp
+//! Policies (docs/architecture.md, "Policies"): path globs with capabilities, deny by default, in HashiCorp
 //! Vault's syntax (HCL or its JSON form) so that existing policies carry over.
 //!
 //! ```hcl

@@ -1,4 +1,4 @@
-//! Master key rotation without downtime (DESIGN §2 journey 3).
+//! Master key rotation without downtime (docs/architecture.md, "Master key rotation").
 //!
 //! `start`: master key version N+1 is generated in the token and becomes active for new
 //! records at once. Then every stored record still wrapped by an older version has its data

@@ -1,4 +1,4 @@
-//! The tamper-evident audit log (DESIGN §8).
+//! The tamper-evident audit log (docs/architecture.md, "Audit log").
 //!
 //! Every request that reaches the router is appended as one JSON line before its reply is
 //! sent: time, request id, identity, remote address, operation, path, outcome, status and

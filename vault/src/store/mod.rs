@@ -1,4 +1,4 @@
-//! Storage: one trait, several engines (DESIGN §5).
+//! Storage: one trait, several engines (docs/architecture.md, "Storage").
 //!
 //! The trait's operations are everything a replica needs: get, put, compare-and-swap,
 //! delete, prefix scan, and insert-if-absent with expiry. Values are opaque bytes (the
