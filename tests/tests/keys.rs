@@ -248,8 +248,7 @@ impl Producer {
     }
 
     fn item_signed_by(&self, key: &SigningKey, identity: &str, ts: u64, nonce: &str, body: &[u8]) -> serde_json::Value {
-        let mut msg = format!("{ts}.{nonce}.").into_bytes();
-        msg.extend_from_slice(body);
+        let msg = keyvault_api::gateway::signing_input(&ts.to_string(), nonce, body);
         json!({"identity": identity, "cert_sha256": self.cert, "timestamp": ts.to_string(), "nonce": nonce,
                "signature": b64(&key.sign(&msg).to_bytes()), "body": b64(body)})
     }
@@ -468,8 +467,7 @@ async fn a_producer_signing_through_transit_never_holds_its_key() {
     let ts = now();
     let n = "transit-nonce-0000000001";
     let body = br#"{"reading": 1}"#;
-    let mut msg = format!("{ts}.{n}.").into_bytes();
-    msg.extend_from_slice(body);
+    let msg = keyvault_api::gateway::signing_input(&ts.to_string(), n, body);
     let sig = ok(c.post("transit/sign/sensor-9", Some(&producer), json!({"input": b64(&msg)})).await, 200).body["data"]
         ["signature"]
         .as_str()
@@ -486,8 +484,7 @@ async fn a_producer_signing_through_transit_never_holds_its_key() {
     let mut items = Vec::new();
     for i in 0..6 {
         let n = format!("transit-batch-nonce-{i:04}");
-        let mut msg = format!("{ts}.{n}.").into_bytes();
-        msg.extend_from_slice(body);
+        let msg = keyvault_api::gateway::signing_input(&ts.to_string(), &n, body);
         let sig = ok(c.post("transit/sign/sensor-9", Some(&producer), json!({"input": b64(&msg)})).await, 200).body["data"]["signature"]
             .as_str()
             .unwrap()

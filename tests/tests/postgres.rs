@@ -295,8 +295,7 @@ async fn replicas_share_replay_protection_versions_and_policy_changes() {
     let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let nonce = "replica-nonce-000000001";
     let body = br#"{"x":1}"#;
-    let mut msg = format!("{ts}.{nonce}.").into_bytes();
-    msg.extend_from_slice(body);
+    let msg = keyvault_api::gateway::signing_input(&ts.to_string(), nonce, body);
     let item = json!({"identity": "p1", "cert_sha256": cert, "timestamp": ts, "nonce": nonce, "signature": b64(&key.sign(&msg).to_bytes()), "body": b64(body)});
     let tasks: Vec<_> = (0..50)
         .map(|i| {

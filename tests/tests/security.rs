@@ -204,8 +204,7 @@ struct Producer {
 
 impl Producer {
     fn item(&self, id: &str, ts: &str, nonce: &str, body: &[u8]) -> Value {
-        let mut msg = format!("{ts}.{nonce}.").into_bytes();
-        msg.extend_from_slice(body);
+        let msg = keyvault_api::gateway::signing_input(ts, nonce, body);
         self.item_with_signature(id, ts, nonce, body, &self.key.sign(&msg).to_bytes())
     }
 
