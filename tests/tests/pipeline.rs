@@ -330,6 +330,10 @@ async fn a_configuration_with_overlapping_or_misplaced_mounts_is_refused_at_star
         ("[[mounts]]\npath = \"a\"\ntype = \"kv\"\n[[mounts]]\npath = \"b\"\ntype = \"kv\"\n", "mounted twice"),
         ("[[mounts]]\npath = \"x\"\ntype = \"nosuch\"\n", "unknown type"),
         ("[[mounts]]\npath = \"a/../b\"\ntype = \"kv\"\n", "not a valid path"),
+        (
+            "[[mounts]]\npath = \"a\"\ntype = \"kv\"\n[mounts.options]\nversion = 2\n",
+            "kv takes no options (got version)",
+        ),
     ] {
         let config: keyvault::config::Config = toml::from_str(&format!(
             "[listener]\naddress = \"127.0.0.1:0\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\n\

@@ -36,7 +36,7 @@ pub struct Config {
 
 /// One `[[mounts]]` entry: an engine or auth method of a kind at a path. Auth methods are
 /// mounted under `auth/`, everything else elsewhere; `sys/` and `auth/token/` are fixed.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MountConfig {
     /// The mount path, e.g. `"secret"` or `"auth/approle"` (a trailing `/` is optional).
@@ -45,6 +45,10 @@ pub struct MountConfig {
     /// `bootstrap`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// Settings of this mount, for the kinds that take any (`[mounts.options]`); a kind
+    /// that takes none refuses them.
+    #[serde(default)]
+    pub options: toml::Table,
 }
 
 /// Today's mounts: what an installation serves when its configuration names none.
@@ -60,7 +64,7 @@ pub fn default_mounts() -> Vec<MountConfig> {
         ("auth/bootstrap", "bootstrap"),
     ]
     .into_iter()
-    .map(|(path, kind)| MountConfig { path: path.into(), kind: kind.into() })
+    .map(|(path, kind)| MountConfig { path: path.into(), kind: kind.into(), options: Default::default() })
     .collect()
 }
 

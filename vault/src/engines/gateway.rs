@@ -22,7 +22,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: false,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| Ok(Arc::new(GatewayEngine::new(core))),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(GatewayEngine::new(core))),
 };
 
 fn identity(_: Operation, p: &mut Params) -> Result<()> {

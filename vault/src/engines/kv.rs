@@ -19,7 +19,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: false,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| Ok(Arc::new(Kv::new(core))),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(Kv::new(core))),
 };
 
 /// A path for reads, writes and deletes; a prefix (`a/b/`) for listings.

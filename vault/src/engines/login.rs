@@ -18,7 +18,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: true,
     fixed_at: Some("auth/"),
     routes: ROUTES,
-    build: |core| Ok(Arc::new(Login { core: core.clone() })),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(Login { core: core.clone() })),
 };
 
 const ROUTES: &[Route] = &[

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::config::MountConfig;
 use crate::error::Result;
 use crate::logical::{Engine, Route};
 use crate::shared::Core;
@@ -27,7 +28,31 @@ pub struct EngineKind {
     /// Mounted by KeyVault itself at this path (not configurable).
     pub fixed_at: Option<&'static str>,
     pub routes: &'static [Route],
-    pub build: fn(&Arc<Core>) -> Result<Arc<dyn Engine>>,
+    /// Mounted at most once: the kind keeps its data under fixed storage keys. (A kind
+    /// that keeps none, such as a proxy to another vault, may be mounted many times.)
+    pub once: bool,
+    /// Takes `[mounts.options]` (a proxy's address and credentials); the others refuse any.
+    pub takes_options: bool,
+    /// Build the engine of one mount (its `[mounts.options]` included).
+    pub build: Build,
+}
+
+/// How a kind builds the engine of one mount from the shared core and its `[[mounts]]`
+/// entry.
+pub type Build = fn(&Arc<Core>, &MountConfig) -> Result<Arc<dyn Engine>>;
+
+/// For the kinds that take no options: refuse any, naming them.
+pub fn check_options(kind: &EngineKind, mount: &MountConfig) -> Result<()> {
+    if !kind.takes_options && !mount.options.is_empty() {
+        let names: Vec<&str> = mount.options.keys().map(String::as_str).collect();
+        return Err(crate::error::Error::Config(format!(
+            "mount {:?}: {} takes no options (got {})",
+            mount.path,
+            kind.name,
+            names.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// Every kind of engine and auth method.

@@ -28,7 +28,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: false,
     fixed_at: Some("sys/"),
     routes: ROUTES,
-    build: |core| Ok(Arc::new(Sys::new(core))),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(Sys::new(core))),
 };
 
 /// Policy names are case-insensitive: lower case before authorization, so that the path

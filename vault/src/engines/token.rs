@@ -21,7 +21,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: true,
     fixed_at: Some("auth/token/"),
     routes: ROUTES,
-    build: |core| Ok(Arc::new(TokenEngine { core: core.clone() })),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(TokenEngine { core: core.clone() })),
 };
 
 const ROUTES: &[Route] = &[

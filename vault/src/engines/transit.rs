@@ -26,7 +26,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: false,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| {
+    once: true,
+    takes_options: false,
+    build: |core, _| {
         Ok(Arc::new(TransitEngine { transit: Transit::new(core.store.clone(), core.keys.clone(), core.names.clone()) }))
     },
 };

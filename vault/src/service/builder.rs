@@ -91,18 +91,21 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
 /// The mounts of a configuration, built: the configured ones and the fixed ones (`sys/`,
 /// `auth/token/`, and the short login and token-verification keys under `auth/`).
 pub(crate) fn build_mounts(config: &[crate::config::MountConfig], core: &Arc<Core>) -> Result<MountTable> {
-    mount_table(config, |kind| (kind.build)(core))
+    mount_table(config, |kind, mount| (kind.build)(core, mount))
 }
 
 /// The mount table of a configuration, with engines that only describe their routes:
 /// for the docs and the authorization tests, without opening anything.
 pub fn describe_mounts(config: &[crate::config::MountConfig]) -> Result<MountTable> {
-    mount_table(config, |kind| Ok(Arc::new(crate::engines::Described(kind))))
+    mount_table(config, |kind, _| Ok(Arc::new(crate::engines::Described(kind))))
 }
 
 fn mount_table(
     config: &[crate::config::MountConfig],
-    make: impl Fn(&'static crate::engines::EngineKind) -> Result<Arc<dyn crate::logical::Engine>>,
+    make: impl Fn(
+        &'static crate::engines::EngineKind,
+        &crate::config::MountConfig,
+    ) -> Result<Arc<dyn crate::logical::Engine>>,
 ) -> Result<MountTable> {
     let mut mounts = Vec::new();
     for m in config {
@@ -127,17 +130,23 @@ fn mount_table(
         if path == "sys/" || path.starts_with("sys/") || path == "auth/token/" {
             return Err(Error::Config(format!("mount {:?}: {path} is reserved", m.path)));
         }
-        if mounts.iter().any(|x: &Mount| x.engine.kind() == kind.name) {
+        crate::engines::check_options(kind, m)?;
+        if kind.once && mounts.iter().any(|x: &Mount| x.engine.kind() == kind.name) {
             return Err(Error::Config(format!(
                 "mount {:?}: {} is mounted twice (each kind keeps its data in one place; mount it once)",
                 m.path, m.kind
             )));
         }
-        mounts.push(Mount { path, engine: make(kind)?, hidden: false });
+        mounts.push(Mount { path, engine: make(kind, m)?, hidden: false });
     }
     for kind in crate::engines::KINDS {
         if let Some(path) = kind.fixed_at {
-            mounts.push(Mount { path: path.to_owned(), engine: make(kind)?, hidden: path == "auth/" });
+            let fixed = crate::config::MountConfig {
+                path: path.to_owned(),
+                kind: kind.name.to_owned(),
+                options: Default::default(),
+            };
+            mounts.push(Mount { path: path.to_owned(), engine: make(kind, &fixed)?, hidden: path == "auth/" });
         }
     }
     MountTable::new(mounts)

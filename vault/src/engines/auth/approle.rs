@@ -31,7 +31,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: true,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| {
+    once: true,
+    takes_options: false,
+    build: |core, _| {
         Ok(Arc::new(AppRole::new(core.store.clone(), core.keys.clone(), core.names.clone(), core.keyring.clone())))
     },
 };

@@ -27,7 +27,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: true,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| {
+    once: true,
+    takes_options: false,
+    build: |core, _| {
         Ok(Arc::new(Bootstrap::new(core.store.clone(), core.keys.clone(), core.names.clone(), core.keyring.clone())))
     },
 };

@@ -19,7 +19,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: true,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| Ok(Arc::new(CertEngine(CertAuth::new(core.store.clone())))),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(CertEngine(CertAuth::new(core.store.clone())))),
 };
 
 const ROLES: [Route; 2] = crate::role_routes!("role", "role");

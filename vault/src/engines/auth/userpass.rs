@@ -24,7 +24,9 @@ pub const KIND: EngineKind = EngineKind {
     auth: true,
     fixed_at: None,
     routes: ROUTES,
-    build: |core| Ok(Arc::new(UserPass::new(core.store.clone()))),
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(UserPass::new(core.store.clone()))),
 };
 
 /// User names in their one form (see [`normalize_user`]) before authorization.
