@@ -11,17 +11,19 @@ use super::EngineKind;
 use crate::auth::revocation::Revocations;
 use crate::error::{Error, Result};
 use crate::gateway::{Gateway, validate_identity};
-use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::Core;
 use crate::transit::Transit;
 
 pub const KIND: EngineKind = EngineKind {
-    name: "gateway",
-    description: "Ed25519 request checks for gateways: producers, freshness, replay, tenant mapping",
-    auth: false,
+    info: EngineInfo {
+        name: "gateway",
+        description: "Ed25519 request checks for gateways: producers, freshness, replay, tenant mapping",
+        auth: false,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(GatewayEngine::new(core))),
@@ -112,14 +114,8 @@ impl GatewayEngine {
 
 #[async_trait]
 impl Engine for GatewayEngine {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {

@@ -8,17 +8,19 @@ use keyvault_api::secret::{Metadata, ReadQuery, Written};
 
 use super::EngineKind;
 use crate::error::{Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::secrets::{SecretPath, SecretPrefix, Secrets};
 use crate::shared::Core;
 
 pub const KIND: EngineKind = EngineKind {
-    name: "kv",
-    description: "versioned key/value secrets, each value sealed under its own data key",
-    auth: false,
+    info: EngineInfo {
+        name: "kv",
+        description: "versioned key/value secrets, each value sealed under its own data key",
+        auth: false,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(Kv::new(core))),
@@ -65,14 +67,8 @@ impl Kv {
 
 #[async_trait]
 impl Engine for Kv {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {

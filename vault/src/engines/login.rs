@@ -9,15 +9,17 @@ use async_trait::async_trait;
 
 use super::EngineKind;
 use crate::error::{Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::shared::Core;
 
 pub const KIND: EngineKind = EngineKind {
-    name: "login",
-    description: "the short login form and the token-verification keys",
-    auth: true,
+    info: EngineInfo {
+        name: "login",
+        description: "the short login form and the token-verification keys",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: Some("auth/"),
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(Login { core: core.clone() })),
@@ -36,14 +38,8 @@ pub struct Login {
 
 #[async_trait]
 impl Engine for Login {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {

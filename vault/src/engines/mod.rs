@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::MountConfig;
 use crate::error::Result;
-use crate::logical::{Engine, Route};
+use crate::logical::{Engine, EngineInfo};
 use crate::shared::Core;
 
 pub mod auth;
@@ -20,14 +20,10 @@ pub mod transit;
 /// A kind of engine or auth method: what `[[mounts]]` names in `type`.
 #[derive(Debug)]
 pub struct EngineKind {
-    /// `kv`, `transit`, `approle`, ...
-    pub name: &'static str,
-    pub description: &'static str,
-    /// An auth method (mounted under `auth/`).
-    pub auth: bool,
+    /// Its name, description and routes.
+    pub info: EngineInfo,
     /// Mounted by KeyVault itself at this path (not configurable).
     pub fixed_at: Option<&'static str>,
-    pub routes: &'static [Route],
     /// Mounted at most once: the kind keeps its data under fixed storage keys. (A kind
     /// that keeps none, such as a proxy to another vault, may be mounted many times.)
     pub once: bool,
@@ -48,7 +44,7 @@ pub fn check_options(kind: &EngineKind, mount: &MountConfig) -> Result<()> {
         return Err(crate::error::Error::Config(format!(
             "mount {:?}: {} takes no options (got {})",
             mount.path,
-            kind.name,
+            kind.info.name,
             names.join(", ")
         )));
     }
@@ -72,12 +68,12 @@ pub const KINDS: &[EngineKind] = &[
 
 /// The kind named `name`.
 pub fn kind(name: &str) -> Option<&'static EngineKind> {
-    KINDS.iter().find(|k| k.name == name)
+    KINDS.iter().find(|k| k.info.name == name)
 }
 
 /// The kinds a configuration may mount.
 pub fn configurable() -> Vec<&'static str> {
-    KINDS.iter().filter(|k| k.fixed_at.is_none()).map(|k| k.name).collect()
+    KINDS.iter().filter(|k| k.fixed_at.is_none()).map(|k| k.info.name).collect()
 }
 
 /// An engine kind that only describes its routes (see
@@ -87,14 +83,8 @@ pub struct Described(pub &'static EngineKind);
 
 #[async_trait::async_trait]
 impl Engine for Described {
-    fn kind(&self) -> &'static str {
-        self.0.name
-    }
-    fn description(&self) -> &'static str {
-        self.0.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        self.0.routes
+    fn info(&self) -> &'static EngineInfo {
+        &self.0.info
     }
     async fn handle(&self, _: &mut crate::logical::Request) -> Result<crate::logical::Reply> {
         Err(crate::error::Error::Internal("a described engine serves nothing".into()))

@@ -17,17 +17,19 @@ use crate::auth::revocation::Identity;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
 use crate::keys::Family;
-use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::{Capability, ROOT_POLICY};
 use crate::shared::{Core, MAX_TOKEN_LIFETIME};
 use crate::unix_now;
 
 pub const KIND: EngineKind = EngineKind {
-    name: "system",
-    description: "system endpoints: health, policies, kill switch, key rotation, mounts",
-    auth: false,
+    info: EngineInfo {
+        name: "system",
+        description: "system endpoints: health, policies, kill switch, key rotation, mounts",
+        auth: false,
+        routes: ROUTES,
+    },
     fixed_at: Some("sys/"),
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(Sys::new(core))),
@@ -301,14 +303,8 @@ impl Sys {
 
 #[async_trait]
 impl Engine for Sys {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {

@@ -9,18 +9,20 @@ use keyvault_api::auth::{RenewSelf, RevokeAccessor, TokenLookup, TokenMeta};
 
 use super::EngineKind;
 use crate::error::{Error, Result};
-use crate::logical::{Access, Caller, Engine, OpSpec, Reply, Request, Route};
+use crate::logical::{Access, Caller, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::{Core, MAX_TOKEN_LIFETIME};
 use crate::token::Claims;
 use crate::unix_now;
 
 pub const KIND: EngineKind = EngineKind {
-    name: "token",
-    description: "the caller's own token: look up, renew, revoke; revocation by accessor",
-    auth: true,
+    info: EngineInfo {
+        name: "token",
+        description: "the caller's own token: look up, renew, revoke; revocation by accessor",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: Some("auth/token/"),
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(TokenEngine { core: core.clone() })),
@@ -99,14 +101,8 @@ impl TokenEngine {
 
 #[async_trait]
 impl Engine for TokenEngine {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {

@@ -16,16 +16,18 @@ use keyvault_api::transit::{
 
 use super::EngineKind;
 use crate::error::{Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::transit::{Transit, TransitKey, b64_field};
 
 pub const KIND: EngineKind = EngineKind {
-    name: "transit",
-    description: "named keys in the HSM: encrypt, decrypt, sign, verify, data keys",
-    auth: false,
+    info: EngineInfo {
+        name: "transit",
+        description: "named keys in the HSM: encrypt, decrypt, sign, verify, data keys",
+        auth: false,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| {
@@ -244,14 +246,8 @@ impl TransitEngine {
 
 #[async_trait]
 impl Engine for TransitEngine {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {

@@ -554,19 +554,40 @@ impl Reply {
     }
 }
 
+/// What a kind of engine is: its name (as `sys/mounts` and `sys/auth` list it: `kv`,
+/// `transit`, `approle`), one line about it, and every path it serves, relative to its
+/// mount.
+#[derive(Debug)]
+pub struct EngineInfo {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// An auth method (mounted under `auth/`).
+    pub auth: bool,
+    pub routes: &'static [Route],
+}
+
 /// Something mounted at a path: the key/value store, transit, the gateway check, `sys`,
 /// each auth method. One trait, implemented once per kind; the pipeline does the rest
 /// (authentication, authorization, audit, Vault's conventions).
 #[async_trait]
 pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// What kind of engine this is.
+    fn info(&self) -> &'static EngineInfo;
+
     /// The kind, as `sys/mounts` and `sys/auth` list it (`kv`, `transit`, `approle`).
-    fn kind(&self) -> &'static str;
+    fn kind(&self) -> &'static str {
+        self.info().name
+    }
 
     /// One line for `sys/mounts` and `sys/auth`.
-    fn description(&self) -> &'static str;
+    fn description(&self) -> &'static str {
+        self.info().description
+    }
 
     /// Every path this engine serves, relative to its mount.
-    fn routes(&self) -> &'static [Route];
+    fn routes(&self) -> &'static [Route] {
+        self.info().routes
+    }
 
     /// For routes with [`Access::CreateOrUpdate`]: what is stored at the request's path
     /// now (`None`: nothing; an existing entry with no bytes to compare: `Some(vec![])`).

@@ -121,7 +121,7 @@ fn mount_table(
             return Err(Error::Config(format!("mount {:?}: {} is mounted by KeyVault itself", m.path, m.kind)));
         }
         let path = format!("{}/", m.path.trim_matches('/'));
-        if kind.auth != path.starts_with("auth/") {
+        if kind.info.auth != path.starts_with("auth/") {
             return Err(Error::Config(format!(
                 "mount {:?}: auth methods are mounted under auth/, and nothing else is",
                 m.path
@@ -131,7 +131,7 @@ fn mount_table(
             return Err(Error::Config(format!("mount {:?}: {path} is reserved", m.path)));
         }
         crate::engines::check_options(kind, m)?;
-        if kind.once && mounts.iter().any(|x: &Mount| x.engine.kind() == kind.name) {
+        if kind.once && mounts.iter().any(|x: &Mount| x.engine.kind() == kind.info.name) {
             return Err(Error::Config(format!(
                 "mount {:?}: {} is mounted twice (each kind keeps its data in one place; mount it once)",
                 m.path, m.kind
@@ -143,7 +143,7 @@ fn mount_table(
         if let Some(path) = kind.fixed_at {
             let fixed = crate::config::MountConfig {
                 path: path.to_owned(),
-                kind: kind.name.to_owned(),
+                kind: kind.info.name.to_owned(),
                 options: Default::default(),
             };
             mounts.push(Mount { path: path.to_owned(), engine: make(kind, &fixed)?, hidden: path == "auth/" });

@@ -18,7 +18,7 @@ use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_n
 use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
-use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json, scan_all};
 use crate::unix_now;
@@ -26,11 +26,13 @@ use crate::unix_now;
 pub const METHOD: &str = "approle";
 
 pub const KIND: EngineKind = EngineKind {
-    name: METHOD,
-    description: "machine login with a role id and a secret id",
-    auth: true,
+    info: EngineInfo {
+        name: METHOD,
+        description: "machine login with a role id and a secret id",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| {
@@ -242,14 +244,8 @@ impl RoleAdmin for AppRole {
 
 #[async_trait]
 impl Engine for AppRole {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {

@@ -15,18 +15,20 @@ use super::{LoginOutcome, TokenSettings};
 use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
-use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json};
 
 pub const METHOD: &str = "bootstrap";
 
 pub const KIND: EngineKind = EngineKind {
-    name: METHOD,
-    description: "one-time bootstrap tokens for units that have no credential yet",
-    auth: true,
+    info: EngineInfo {
+        name: METHOD,
+        description: "one-time bootstrap tokens for units that have no credential yet",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| {
@@ -135,14 +137,8 @@ impl Bootstrap {
 
 #[async_trait]
 impl Engine for Bootstrap {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     /// A digest of the token presented: one failing unit behind a NAT address does not

@@ -11,14 +11,16 @@ use super::{LoginOutcome, RoleAdmin, RoleView, StoredRole, validate_name};
 use crate::auth::cert::{CertAuth, CertRoleConfig, METHOD, matches, normalize};
 use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 
 pub const KIND: EngineKind = EngineKind {
-    name: METHOD,
-    description: "TLS client certificates: pins, CNs, DNS and URI SANs (SPIFFE IDs)",
-    auth: true,
+    info: EngineInfo {
+        name: METHOD,
+        description: "TLS client certificates: pins, CNs, DNS and URI SANs (SPIFFE IDs)",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(CertEngine(CertAuth::new(core.store.clone())))),
@@ -74,14 +76,8 @@ impl RoleAdmin for CertEngine {
 
 #[async_trait]
 impl Engine for CertEngine {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {

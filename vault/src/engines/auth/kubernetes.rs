@@ -19,18 +19,20 @@ use serde::Deserialize;
 use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_name};
 use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Operation, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::store::{Store, encode_json, get_json};
 
 pub const METHOD: &str = "kubernetes";
 
 pub const KIND: EngineKind = EngineKind {
-    name: METHOD,
-    description: "Kubernetes service-account tokens, verified against the cluster's public keys",
-    auth: true,
+    info: EngineInfo {
+        name: METHOD,
+        description: "Kubernetes service-account tokens, verified against the cluster's public keys",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(KubernetesAuth::new(core.store.clone()))),
@@ -232,14 +234,8 @@ impl RoleAdmin for KubernetesAuth {
 
 #[async_trait]
 impl Engine for KubernetesAuth {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {

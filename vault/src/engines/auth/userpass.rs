@@ -14,16 +14,18 @@ use tokio::sync::Semaphore;
 use super::{LoginOutcome, validate_name, vault_duration};
 use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
-use crate::logical::{Access, Engine, OpSpec, Operation, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json, get_json, list_names};
 
 pub const KIND: EngineKind = EngineKind {
-    name: METHOD,
-    description: "user names and passwords (Argon2id), for people",
-    auth: true,
+    info: EngineInfo {
+        name: METHOD,
+        description: "user names and passwords (Argon2id), for people",
+        auth: true,
+        routes: ROUTES,
+    },
     fixed_at: None,
-    routes: ROUTES,
     once: true,
     takes_options: false,
     build: |core, _| Ok(Arc::new(UserPass::new(core.store.clone()))),
@@ -207,14 +209,8 @@ impl UserPass {
 
 #[async_trait]
 impl Engine for UserPass {
-    fn kind(&self) -> &'static str {
-        KIND.name
-    }
-    fn description(&self) -> &'static str {
-        KIND.description
-    }
-    fn routes(&self) -> &'static [Route] {
-        KIND.routes
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
