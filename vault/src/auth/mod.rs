@@ -196,14 +196,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("600").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("ten minutes").is_err());
-    }
-
-    #[test]
     fn data_errors_name_fields_not_values() {
         #[derive(Deserialize, Debug)]
         #[serde(deny_unknown_fields)]
