@@ -266,13 +266,21 @@ pub struct BootstrapMinted {
 
 // ---- the token's own lifecycle ----
 
-/// `GET /v1/auth/token/lookup-self`: the caller's token, without the token itself.
+/// `GET /v1/auth/token/lookup-self` (and `lookup`, `lookup-accessor`), Vault's shape.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenLookup {
+    /// The token itself (`lookup-self` only: the caller's own; empty for a lookup by
+    /// accessor, as in Vault).
+    pub id: Sensitive,
     pub accessor: String,
     pub policies: Vec<String>,
     pub display_name: String,
-    pub meta: TokenMeta,
+    /// String values only (Vault's clients decode it as a map of strings).
+    pub meta: std::collections::BTreeMap<String, String>,
+    pub num_uses: u64,
+    pub orphan: bool,
+    pub entity_id: String,
+    pub creation_ttl: u64,
     pub path: String,
     pub issue_time: String,
     pub creation_time: u64,
@@ -286,12 +294,6 @@ pub struct TokenLookup {
     /// certificate alone.
     #[serde(rename = "type")]
     pub token_type: String,
-}
-
-/// The metadata of a token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenMeta {
-    pub role_name: Option<String>,
 }
 
 /// `POST /v1/auth/token/renew-self`.

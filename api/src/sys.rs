@@ -31,6 +31,10 @@ pub struct Health {
     pub audit_waiting_entries: u64,
     pub master_key_version: u32,
     pub server_time_utc: u64,
+    pub replication_performance_mode: String,
+    pub replication_dr_mode: String,
+    pub cluster_name: String,
+    pub cluster_id: String,
 }
 
 /// `PUT /v1/sys/policies/acl/<name>`.
@@ -163,3 +167,69 @@ pub struct MountConfig {
 
 /// Mount path (with its trailing `/`) to mount.
 pub type Mounts = BTreeMap<String, MountInfo>;
+
+/// `GET /v1/sys/seal-status` (no token), Vault's shape. KeyVault has no unseal keys: it is
+/// sealed only by `sys/seal` and opened again with the token's PIN.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SealStatus {
+    #[serde(rename = "type")]
+    pub seal_type: String,
+    pub initialized: bool,
+    pub sealed: bool,
+    pub t: u32,
+    pub n: u32,
+    pub progress: u32,
+    pub nonce: String,
+    pub version: String,
+    pub build_date: String,
+    pub migration: bool,
+    pub cluster_name: String,
+    pub cluster_id: String,
+    pub recovery_seal: bool,
+    pub storage_type: String,
+}
+
+/// `POST /v1/sys/capabilities-self`: one `path` or several `paths`; `sys/capabilities`
+/// also takes the `token` to look at.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CapabilitiesRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<crate::Sensitive>,
+}
+
+/// The reply of the capabilities endpoints: the capabilities by path, and for a single
+/// path also as `capabilities` (Vault's shape). `root` for a root token, `deny` for none.
+pub type Capabilities = BTreeMap<String, Vec<String>>;
+
+/// `GET /v1/sys/internal/ui/mounts`: the mounts a token may see.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UiMounts {
+    pub secret: Mounts,
+    pub auth: Mounts,
+}
+
+/// `GET /v1/sys/internal/ui/mounts/<path>`: the mount that serves `<path>` (how the CLI
+/// learns a KV mount's version).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UiMount {
+    pub path: String,
+    #[serde(flatten)]
+    pub info: MountInfo,
+}
+
+/// `GET /v1/sys/leader` (no token), Vault's shape. KeyVault's replicas are all active (no
+/// leader election: they share PostgreSQL), so `ha_enabled` is false.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Leader {
+    pub ha_enabled: bool,
+    pub is_self: bool,
+    pub active_time: String,
+    pub leader_address: String,
+    pub leader_cluster_address: String,
+    pub performance_standby: bool,
+    pub performance_standby_last_remote_wal: u64,
+}

@@ -33,6 +33,9 @@ enum Needs {
     Nobody,
     /// Any valid token (the token's own lifecycle).
     AnyToken,
+    /// Any valid token, and then the engine's own check (Vault's preflight of
+    /// `sys/internal/ui/mounts/<path>`: a token that may do nothing under the mount is 403).
+    Preflight,
     /// These capabilities on this policy path.
     Caps(&'static str, &'static [&'static str]),
 }
@@ -82,7 +85,7 @@ fn hcl(path: &str, caps: &[&str]) -> String {
 }
 
 async fn fixtures(c: &Client, root: &str) -> (String, String) {
-    for p in ["upd", "del"] {
+    for p in ["upd", "del", "del2"] {
         ok(c.put(&format!("sys/policies/acl/{p}"), root, json!({"policy": hcl("secret/x", &["read"])})).await, 204);
     }
     ok(c.put("secret/app/x", root, json!({"value": "v"})).await, 200);
@@ -193,6 +196,24 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("POST", "auth/bootstrap/login", json!({"token": "kvb.x"}), Nobody),
         row("LIST", "auth/approle/role", Value::Null, Caps("auth/approle/role/", &["list"])),
         row("GET", "sys/mounts", Value::Null, Caps("sys/mounts", &["read"])),
+        row("GET", "sys/seal-status", Value::Null, Nobody),
+        row("GET", "sys/leader", Value::Null, Nobody),
+        row("GET", "sys/internal/ui/mounts", Value::Null, AnyToken),
+        row("POST", "sys/capabilities-self", json!({"path": "secret/x"}), AnyToken),
+        row("GET", "sys/internal/ui/mounts/secret/x", Value::Null, Preflight),
+        row(
+            "POST",
+            "sys/capabilities",
+            json!({"path": "secret/x", "token": "x"}),
+            Caps("sys/capabilities", &["update"]),
+        ),
+        // Vault's older policy paths, authorized as the paths they alias.
+        row("GET", "sys/policy", Value::Null, Caps("sys/policies/acl/", &["list"])),
+        row("LIST", "sys/policy", Value::Null, Caps("sys/policies/acl/", &["list"])),
+        row("GET", "sys/policy/upd", Value::Null, Caps("sys/policies/acl/upd", &["read"])),
+        row("PUT", "sys/policy/new-{n}", json!({"policy": ""}), Caps("sys/policies/acl/new-*", &["create"])),
+        row("PUT", "sys/policy/upd", json!({"policy": ""}), Caps("sys/policies/acl/upd", &["update"])),
+        row("DELETE", "sys/policy/del2", Value::Null, Caps("sys/policies/acl/del2", &["delete"])),
         row("GET", "sys/auth", Value::Null, Caps("sys/auth", &["read"])),
         // Cert roles at `role/` (and their alias `certs/`, authorized as `role/`).
         row("LIST", "auth/cert/role", Value::Null, Caps("auth/cert/role/", &["list"])),
@@ -334,6 +355,14 @@ async fn every_route_authorizes_by_vault_rules() {
                 let t = token_with(&c, &root, "unused", None).await;
                 let reply = send(&c, r, &mut n, Some(&t)).await;
                 assert!(reply.status < 300, "{what} with a token of no policy: {reply:?}");
+            }
+            Needs::Preflight => {
+                assert_eq!(send(&c, r, &mut n, None).await.status, 401, "{what} without a token");
+                let t = token_with(&c, &root, "unused", None).await;
+                assert_eq!(send(&c, r, &mut n, Some(&t)).await.status, 403, "{what} with a token of no policy");
+                let t = token_with(&c, &root, "preflight", Some(hcl("secret/x", &["read"]))).await;
+                let reply = send(&c, r, &mut n, Some(&t)).await;
+                assert_eq!(reply.status, 200, "{what} with read on secret/x: {reply:?}");
             }
             Needs::Caps(path, caps) => {
                 // Without a token: 401.

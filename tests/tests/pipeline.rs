@@ -26,6 +26,8 @@ fn ok(r: Reply, status: u16) -> Reply {
 /// capability: a new public route must be added here on purpose.
 const PUBLIC: &[&str] = &[
     "sys/health",
+    "sys/seal-status",
+    "sys/leader",
     "auth",
     "auth/jwks",
     "auth/approle/login",
@@ -34,7 +36,14 @@ const PUBLIC: &[&str] = &[
     "auth/kubernetes/login",
     "auth/bootstrap/login",
 ];
-const ANY_TOKEN: &[&str] = &["auth/token/lookup-self", "auth/token/renew-self", "auth/token/revoke-self"];
+const ANY_TOKEN: &[&str] = &[
+    "auth/token/lookup-self",
+    "auth/token/renew-self",
+    "auth/token/revoke-self",
+    "sys/internal/ui/mounts",
+    "sys/internal/ui/mounts/{*path}",
+    "sys/capabilities-self",
+];
 
 /// The route's path with its parameters filled in (`n` keeps paths apart).
 fn fill(pattern: &str, n: u32) -> String {

@@ -279,6 +279,22 @@ impl Acl {
     pub fn allows(&self, path: &str, cap: Capability) -> bool {
         self.capabilities(path).contains(cap)
     }
+
+    /// A root token's ACL.
+    pub fn is_root(&self) -> bool {
+        self.root
+    }
+
+    /// Whether any rule grants something on a path under `prefix` (a mount path ending in
+    /// `/`): Vault's preflight check before it describes a mount to a token.
+    pub fn grants_under(&self, prefix: &str) -> bool {
+        self.root
+            || self.rules.iter().any(|(p, caps)| {
+                !caps.contains(Capability::Deny)
+                    && *caps != Caps::default()
+                    && (p.raw.starts_with(prefix) || prefix.starts_with(p.raw.trim_end_matches('*')))
+            })
+    }
 }
 
 #[derive(Serialize, Deserialize)]

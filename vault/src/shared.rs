@@ -79,6 +79,8 @@ pub struct Core {
     /// When a token signed by an unknown key last made this replica re-read the keyring.
     keyring_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) clock: ClockWatch,
+    /// This installation's id (`sys/seal-status`, `sys/health`), made once, stored.
+    pub(crate) cluster_id: String,
     /// What `sys/mounts` and `sys/auth` list (set once the mounts are built).
     pub(crate) mounts: std::sync::OnceLock<(keyvault_api::sys::Mounts, keyvault_api::sys::Mounts)>,
 }
@@ -87,6 +89,16 @@ impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core").field("store", &self.store).finish_non_exhaustive()
     }
+}
+
+/// The installation's id: a random UUID made by the first process that asks (any replica),
+/// the same for every replica after.
+async fn cluster_id(store: &dyn Store) -> Result<String> {
+    const KEY: &str = "sys/cluster-id";
+    let fresh = uuid::Uuid::new_v4().to_string();
+    store.insert_if_absent(KEY, fresh.as_bytes(), None).await?;
+    let stored = store.get(KEY).await?.ok_or_else(|| Error::Internal("the cluster id vanished".into()))?;
+    String::from_utf8(stored).map_err(|_| Error::Internal("the stored cluster id is not text".into()))
 }
 
 /// Log why a bound token was refused; the caller gets 401.
@@ -129,6 +141,7 @@ impl Core {
             TokenIssuer::new(keys.clone(), names.clone(), keyring.clone(), settings.tokens.issuer.clone()).await?;
         let rotation =
             Arc::new(Rotation::new(store.clone(), keys.clone(), names.clone(), keyring.clone(), barrier.clone()));
+        let cluster_id = cluster_id(store.as_ref()).await?;
         Ok(Core {
             policies: PolicyStore::new(store.clone()),
             revocations: Revocations::new(store.clone()),
@@ -140,6 +153,7 @@ impl Core {
             },
             keyring_refresh: Default::default(),
             mounts: Default::default(),
+            cluster_id,
             store,
             keys,
             names,

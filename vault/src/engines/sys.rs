@@ -48,6 +48,38 @@ const SUDO_UPDATE: &[OpSpec] = &[OpSpec::write(Access::Sudo(Capability::Update))
 
 const ROUTES: &[Route] = &[
     Route::new("health", "storage, HSM, clock and audit status (no token)", &[OpSpec::read(Access::Public)]),
+    Route::new("seal-status", "Vault's seal status (no token)", &[OpSpec::read(Access::Public)]),
+    Route::new("leader", "Vault's HA status (no token): every replica is active", &[OpSpec::read(Access::Public)]),
+    Route::new("internal/ui/mounts", "the mounts, for Vault's tools", &[OpSpec::read(Access::AnyToken)]),
+    Route::new(
+        "internal/ui/mounts/{*path}",
+        "the mount serving a path (how the CLI learns a KV mount's version)",
+        &[OpSpec::read(Access::AnyToken)],
+    ),
+    Route::new("capabilities-self", "the caller's capabilities on paths", &[OpSpec::compute(Access::AnyToken)]),
+    Route::new(
+        "capabilities",
+        "another token's capabilities on paths",
+        &[OpSpec::compute(Access::Needs(Capability::Update))],
+    ),
+    // Vault's older policy endpoints, authorized as the paths they alias.
+    Route::new(
+        "policy",
+        "list policies (Vault's older path)",
+        &[OpSpec::read(Access::Needs(Capability::List)), OpSpec::list(Access::Needs(Capability::List))],
+    )
+    .policy("policies/acl/"),
+    Route::new(
+        "policy/{name}",
+        "read, write, delete a policy (Vault's older path)",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .policy("policies/acl/{name}")
+    .normalize(policy_name),
     Route::new("mounts", "the mounted engines (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
     Route::new("auth", "the mounted auth methods (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
     Route::new("policies/acl", "list policies", &[OpSpec::list(Access::Needs(Capability::List))]),
@@ -125,6 +157,32 @@ fn target(t: IdentityTarget) -> Result<Target> {
     Ok(Target::Accessor(t.accessor.unwrap_or_default()))
 }
 
+/// The capabilities an ACL grants on each path asked about: `root` for a root token,
+/// `deny` for nothing (Vault's words).
+fn capabilities(acl: &crate::policy::Acl, b: keyvault_api::sys::CapabilitiesRequest) -> Result<Reply> {
+    let mut paths = b.paths;
+    paths.extend(b.path);
+    if paths.is_empty() {
+        return Err(Error::invalid("give `path` or `paths`"));
+    }
+    let mut out = keyvault_api::sys::Capabilities::new();
+    for p in &paths {
+        let p = p.trim_start_matches('/');
+        let names: Vec<String> = if acl.is_root() {
+            vec!["root".into()]
+        } else {
+            let caps = acl.capabilities(p).names();
+            if caps.is_empty() { vec!["deny".into()] } else { caps.into_iter().map(str::to_owned).collect() }
+        };
+        out.insert(p.to_owned(), names);
+    }
+    if paths.len() == 1 {
+        let only = out.values().next().cloned().unwrap_or_default();
+        out.insert("capabilities".into(), only);
+    }
+    Reply::data(&out)
+}
+
 /// Accessors are 1-64 ASCII letters and digits.
 pub(crate) fn validate_accessor(accessor: &str) -> Result<()> {
     if accessor.is_empty() || accessor.len() > 64 || !accessor.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -143,6 +201,49 @@ impl Sys {
             userpass: UserPass::new(store),
             core: core.clone(),
         }
+    }
+
+    /// Vault's seal status: never sealed unless `sys/seal` sealed this replica.
+    fn seal_status(&self) -> keyvault_api::sys::SealStatus {
+        keyvault_api::sys::SealStatus {
+            seal_type: "pkcs11".into(),
+            initialized: true,
+            sealed: false,
+            t: 1,
+            n: 1,
+            progress: 0,
+            nonce: String::new(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            build_date: String::new(),
+            migration: false,
+            cluster_name: "keyvault".into(),
+            cluster_id: self.core.cluster_id.clone(),
+            recovery_seal: false,
+            storage_type: self.core.store.kind().into(),
+        }
+    }
+
+    /// The mount serving a path, if the caller may do anything under it (Vault's
+    /// preflight check: mounts are not listed to whoever asks).
+    fn ui_mount(&self, req: &Request) -> Result<Reply> {
+        let path = req.param("path").trim_matches('/').to_owned() + "/";
+        let caller = req.caller()?;
+        let (listing, key, prefix) = match path.strip_prefix("auth/") {
+            Some(rest) => (self.core.mount_listing(true), rest.to_owned(), "auth/"),
+            None => (self.core.mount_listing(false), path.clone(), ""),
+        };
+        let found = listing.into_iter().filter(|(m, _)| key.starts_with(m.as_str())).max_by_key(|(m, _)| m.len());
+        let Some((mount, info)) = found else {
+            return Err(Error::invalid(format!("no mount serves {path}")));
+        };
+        let full = format!("{prefix}{mount}");
+        if !caller.acl.is_root() && caller.acl.capabilities(path.trim_end_matches('/')).names().is_empty() {
+            let any_under = caller.acl.grants_under(&full);
+            if !any_under {
+                return Err(Error::PermissionDenied);
+            }
+        }
+        Reply::data(&keyvault_api::sys::UiMount { path: full, info })
     }
 
     /// `GET /v1/sys/health`: 200 when storage and the HSM answer, the clock agrees with
@@ -191,6 +292,10 @@ impl Sys {
             audit_waiting_entries: audit.waiting_entries,
             master_key_version: active.get(),
             server_time_utc: unix_now(),
+            replication_performance_mode: "disabled".into(),
+            replication_dr_mode: "disabled".into(),
+            cluster_name: "keyvault".into(),
+            cluster_id: core.cluster_id.clone(),
         };
         Ok(Reply::bare(&health)?.status(if ok { 200 } else { 503 }))
     }
@@ -318,11 +423,38 @@ impl Engine for Sys {
             ("health", _) => self.health().await,
             ("mounts", _) => Reply::data(&core.mount_listing(false)),
             ("auth", _) => Reply::data(&core.mount_listing(true)),
-            ("policies/acl", _) => {
+            ("policies/acl" | "policy", _) => {
                 let names = core.policies.list().await?;
                 Reply::data(&PolicyList { keys: names.clone(), policies: names })
             }
-            ("policies/acl/{name}", Operation::Read) => {
+            ("seal-status", _) => Reply::bare(&self.seal_status()),
+            ("leader", _) => Reply::bare(&keyvault_api::sys::Leader {
+                ha_enabled: false,
+                is_self: false,
+                active_time: "0001-01-01T00:00:00Z".into(),
+                leader_address: String::new(),
+                leader_cluster_address: String::new(),
+                performance_standby: false,
+                performance_standby_last_remote_wal: 0,
+            }),
+            ("internal/ui/mounts", _) => Reply::data(&keyvault_api::sys::UiMounts {
+                secret: core.mount_listing(false),
+                auth: core.mount_listing(true),
+            }),
+            ("internal/ui/mounts/{*path}", _) => self.ui_mount(req),
+            ("capabilities-self", _) => {
+                let b: keyvault_api::sys::CapabilitiesRequest = req.data()?;
+                let acl = req.caller()?.acl.clone();
+                capabilities(&acl, b)
+            }
+            ("capabilities", _) => {
+                let mut b: keyvault_api::sys::CapabilitiesRequest = req.data()?;
+                let token = b.token.take().ok_or_else(|| Error::invalid("missing field `token`"))?;
+                let claims = core.tokens.verify(token.expose()).map_err(|_| Error::invalid("invalid token"))?;
+                let acl = core.policies.acl(&claims.pol).await?;
+                capabilities(&acl, b)
+            }
+            ("policies/acl/{name}" | "policy/{name}", Operation::Read) => {
                 let policy = if name == ROOT_POLICY {
                     String::new()
                 } else {
@@ -331,16 +463,15 @@ impl Engine for Sys {
                 };
                 Reply::data(&PolicyRead { name, policy })
             }
-            ("policies/acl/{name}", Operation::Write) => {
+            ("policies/acl/{name}" | "policy/{name}", Operation::Write) => {
                 let b: PolicyWrite = req.data()?;
                 let text = b.policy.ok_or_else(|| Error::invalid("missing field `policy`"))?;
                 core.policies.put_if(&name, &text, req.existing.as_deref()).await?;
                 Ok(Reply::empty())
             }
-            ("policies/acl/{name}", Operation::Delete) => {
-                if !core.policies.delete(&name).await? {
-                    return Err(Error::NotFound(format!("no policy {name}")));
-                }
+            ("policies/acl/{name}" | "policy/{name}", Operation::Delete) => {
+                // Deleting a policy that does not exist succeeds, as in Vault.
+                core.policies.delete(&name).await?;
                 Ok(Reply::empty())
             }
             ("revoke-identity", _) => self.revoke_identity(req).await,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use keyvault_api::auth::{RenewSelf, RevokeAccessor, TokenLookup, TokenMeta};
+use keyvault_api::auth::{RenewSelf, RevokeAccessor, TokenLookup};
 
 use super::EngineKind;
 use crate::error::{Error, Result};
@@ -52,13 +52,18 @@ fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
-fn lookup(caller: &Caller) -> TokenLookup {
+fn lookup(caller: &Caller, token: &str) -> TokenLookup {
     let c = caller.claims.as_ref();
     TokenLookup {
+        id: keyvault_api::Sensitive::new(token),
         accessor: c.acc.clone(),
         policies: c.pol.clone(),
         display_name: c.sub.clone(),
-        meta: TokenMeta { role_name: c.role.clone() },
+        meta: c.role.iter().map(|r| ("role_name".to_owned(), r.clone())).collect(),
+        num_uses: 0,
+        orphan: c.par.is_none(),
+        entity_id: String::new(),
+        creation_ttl: c.exp.saturating_sub(c.iat),
         path: format!("auth/{}/login", c.meth),
         issue_time: rfc3339(c.iat),
         creation_time: c.iat,
@@ -107,7 +112,10 @@ impl Engine for TokenEngine {
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {
         match req.route.pattern {
-            "lookup-self" => Reply::data(&lookup(req.caller()?)),
+            "lookup-self" => {
+                let token = req.token.as_deref().map(String::as_str).unwrap_or_default();
+                Reply::data(&lookup(req.caller()?, token))
+            }
             "renew-self" => self.renew_self(req).await,
             "revoke-self" => {
                 req.data::<keyvault_api::Empty>()?;

@@ -357,6 +357,8 @@ pub struct Request {
     pub peer: Peer,
     /// Set for every access but [`Access::Public`] and the logins.
     pub caller: Option<Caller>,
+    /// The client token the request came with (`lookup-self` returns it, as Vault does).
+    pub token: Option<Zeroizing<String>>,
     /// For [`Access::CreateOrUpdate`]: what the existence check found stored (the bytes
     /// a compare-and-swap should expect), `None` if nothing.
     pub existing: Option<Vec<u8>>,

@@ -141,11 +141,13 @@ impl Service {
             query: incoming.query,
             peer: incoming.peer,
             caller: None,
+            token: incoming.token,
             existing: None,
             audit: incoming.audit,
             warnings: Vec::new(),
         };
-        let token = incoming.token.as_ref().map(|t| t.as_str());
+        let token = req.token.clone();
+        let token = token.as_ref().map(|t| t.as_str());
         match spec.access {
             Access::Public => {}
             Access::Login => {

@@ -114,6 +114,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A cheap liveness check for `/v1/sys/health`.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// The engine's name (`sled`, `postgresql`), as `sys/seal-status` reports it.
+    fn kind(&self) -> &'static str;
+
     /// The storage's own clock, for engines shared by several replicas (whose clocks are
     /// compared with it); `None` for an engine inside this process.
     async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {

@@ -300,6 +300,10 @@ fn is_swap_and_counts(ops: &[TxOp]) -> bool {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgresql"
+    }
+
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         check_key(key)?;
         let c = self.client().await?;

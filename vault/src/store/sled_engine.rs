@@ -249,6 +249,10 @@ impl SledStore {
 
 #[async_trait]
 impl Store for SledStore {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         check_key(key)?;
         match self.data.get(key).map_err(unavailable)? {
