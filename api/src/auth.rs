@@ -304,6 +304,14 @@ pub struct RenewSelf {
     pub increment: Option<Duration>,
 }
 
+/// `POST /v1/auth/token/renew`: another token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewToken {
+    pub token: Sensitive,
+    #[serde(default, with = "vault_duration")]
+    pub increment: Option<Duration>,
+}
+
 /// `POST /v1/auth/token/revoke-accessor`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RevokeAccessor {

@@ -239,6 +239,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("DELETE", "auth/userpass/users/udel", Value::Null, Caps("auth/userpass/users/udel", &["delete"])),
         row("GET", "auth/token/lookup-self", Value::Null, AnyToken),
         row("POST", "auth/token/renew-self", e.clone(), AnyToken),
+        row("POST", "auth/token/renew", json!({"token": "x"}), Caps("auth/token/renew", &["update"])),
         row("POST", "auth/token/revoke-self", e.clone(), AnyToken),
         row(
             "POST",

@@ -192,3 +192,76 @@ async fn the_kill_switch_reaches_every_kind_of_identity() {
     ok(c.post("sys/revoke-identity", Some(&root), json!({"user": "carol", "role": "x"})).await, 400);
     ok(c.post("sys/revoke-identity", Some(&root), json!({})).await, 400);
 }
+
+/// Vault's renewal semantics: the client keeps the token it holds. A token renewed on one
+/// replica is accepted by the other past its own expiry, until the renewal's, and never
+/// past its maximum; a token that was not renewed expires on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_token_outlives_its_own_expiry_on_every_replica() {
+    let pg = TestPostgres::start();
+    let url = pg.database("renewal");
+    let storage = format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 4");
+    // Both clocks are moved together, ahead of the database's: allow it.
+    let extra = "[tokens]\nmax_clock_offset = \"2h\"\n".to_owned();
+    let mut a = TestServer::start(ServerOptions {
+        storage: Some(storage.clone()),
+        settable_clock: true,
+        extra: extra.clone(),
+        ..Default::default()
+    });
+    let mut b = TestServer::start(ServerOptions {
+        storage: Some(storage),
+        token: Some(a.token.clone()),
+        skip_init: true,
+        settable_clock: true,
+        extra,
+        ..Default::default()
+    });
+    let (ca, cb) = (a.client(), b.client());
+    let root = a.root.clone();
+    ok(
+        ca.put(
+            "sys/policies/acl/read-app",
+            &root,
+            json!({"policy": "path \"secret/app\" { capabilities = [\"read\"] }"}),
+        )
+        .await,
+        204,
+    );
+    ok(ca.put("secret/app", &root, json!({"value": "v"})).await, 200);
+    let role = json!({"token_policies": ["read-app"], "token_ttl": "60s", "token_max_ttl": "15m"});
+    ok(ca.post("auth/approle/role/app", Some(&root), role).await, 204);
+    let renewed = approle_login(&ca, &root, "app").await;
+    let plain = approle_login(&ca, &root, "app").await;
+
+    let r = ok(ca.post("auth/token/renew-self", Some(&renewed), json!({"increment": "10m"})).await, 200);
+    assert_eq!(r.body["auth"]["client_token"], renewed.as_str(), "the same token");
+    let lease = r.body["auth"]["lease_duration"].as_u64().unwrap();
+    assert!((595..=600).contains(&lease), "{lease}");
+
+    // Two minutes on: past both tokens' own expiry.
+    a.advance_clock(120);
+    b.advance_clock(120);
+    for c in [&ca, &cb] {
+        ok(c.get("secret/app", &renewed).await, 200);
+        let r = ok(c.get("secret/app", &plain).await, 401);
+        assert_eq!(r.body["errors"][0], "token expired");
+    }
+    // Renewed again on B, beyond the maximum: capped at it (15 min after login).
+    let r = ok(cb.post("auth/token/renew-self", Some(&renewed), json!({"increment": "1h"})).await, 200);
+    let lease = r.body["auth"]["lease_duration"].as_u64().unwrap();
+    assert!((775..=780).contains(&lease), "capped at token_max_ttl: {lease}");
+    // Past the first renewal, within the second: still valid on A (which read B's renewal).
+    a.advance_clock(600);
+    b.advance_clock(600);
+    ok(ca.get("secret/app", &renewed).await, 200);
+    // Past the maximum: expired everywhere, and no renewal brings it back.
+    a.advance_clock(300);
+    b.advance_clock(300);
+    for c in [&ca, &cb] {
+        let r = ok(c.get("secret/app", &renewed).await, 401);
+        assert_eq!(r.body["errors"][0], "token expired");
+    }
+    ok(cb.post("auth/token/renew-self", Some(&renewed), json!({})).await, 401);
+    drop(pg);
+}

@@ -68,6 +68,8 @@ pub struct Core {
     pub(crate) keyring: SharedKeyring,
     pub(crate) barrier: Barrier,
     pub(crate) tokens: TokenIssuer,
+    /// Renewals of tokens past their own `exp`.
+    pub(crate) renewals: crate::token::Renewals,
     pub(crate) policies: PolicyStore,
     pub(crate) revocations: Revocations,
     pub(crate) rotation: Arc<Rotation>,
@@ -145,6 +147,7 @@ impl Core {
         Ok(Core {
             policies: PolicyStore::new(store.clone()),
             revocations: Revocations::new(store.clone()),
+            renewals: crate::token::Renewals::new(store.clone()),
             cert: CertAuth::new(store.clone()),
             limiter: FailureLimiter::new(settings.rate_limit),
             clock: ClockWatch {
@@ -280,7 +283,7 @@ impl Core {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return self.authenticate_direct(peer).await;
         };
-        let claims = match self.tokens.verify(token) {
+        let (claims, expired) = match self.tokens.verify_signature(token) {
             // Signed by a key another replica added less than a sync ago: catch up once.
             // Refreshes run one at a time, and one that started after this request
             // arrived covers it: a flood of such tokens (forged ones included) costs one
@@ -293,10 +296,15 @@ impl Core {
                     self.follow_keyring().await?;
                 }
                 drop(last_started);
-                self.tokens.verify(token).map_err(Error::Unauthenticated)?
+                self.tokens.verify_signature(token).map_err(Error::Unauthenticated)?
             }
             other => other.map_err(Error::Unauthenticated)?,
         };
+        // Past its own expiry, a token lives on only if it was renewed (read once, then
+        // kept in memory until the renewal's expiry).
+        if expired && self.renewals.valid_until(&claims).await? <= unix_now() {
+            return Err(Error::Unauthenticated(AuthFailure::Expired));
+        }
         let cert = peer.client_cert.as_deref();
         if let Some(cnf) = &claims.cnf {
             match cert {

@@ -21,6 +21,9 @@ use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, KeyVersion, SharedKeyring};
 use crate::{hsm_call, unix_now};
 
+/// Seconds of clock difference between replicas that token checks allow.
+const LEEWAY: u64 = 5;
+
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
@@ -265,6 +268,16 @@ impl TokenIssuer {
 
     /// Verify a token in process: signature under a known signing key, issuer, expiry.
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthFailure> {
+        let (claims, expired) = self.verify_signature(token)?;
+        if expired {
+            return Err(AuthFailure::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// Verify a token's signature, issuer and `nbf`, and say whether its own `exp` has
+    /// passed (a renewed token outlives it: see [`Renewals`]).
+    pub fn verify_signature(&self, token: &str) -> Result<(Arc<Claims>, bool), AuthFailure> {
         if token.is_empty() {
             return Err(AuthFailure::MissingToken);
         }
@@ -274,7 +287,7 @@ impl TokenIssuer {
         let now = unix_now();
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(c) = self.cache.get(&digest, now) {
-            return Ok(c);
+            return Ok((c, false));
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::MalformedToken)?;
         if header.alg != Algorithm::EdDSA {
@@ -292,16 +305,91 @@ impl TokenIssuer {
         validation.set_issuer(&[&self.issuer]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "sub"]);
         validation.validate_nbf = true;
+        // Expiry is judged below, so that a renewed token's claims can be read.
+        validation.validate_exp = false;
         // Replicas' clocks may differ a little; tokens live minutes.
-        validation.leeway = 5;
+        validation.leeway = LEEWAY;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthFailure::Expired,
             ErrorKind::InvalidSignature => AuthFailure::BadSignature,
             _ => AuthFailure::MalformedToken,
         })?;
         let claims = Arc::new(data.claims);
-        self.cache.insert(digest, claims.clone(), now);
-        Ok(claims)
+        let expired = claims.exp.saturating_add(LEEWAY) < now;
+        if !expired {
+            self.cache.insert(digest, claims.clone(), now);
+        }
+        Ok((claims, expired))
+    }
+}
+
+/// Renewals: a renewed token keeps its string (Vault's clients keep using the token they
+/// hold) and is valid past its own `exp` until the renewal's, never past its `max_exp`.
+/// A renewal is a record `auth/renewals/<accessor>/<expiry>`, kept until that expiry (one
+/// record per renewal, each with its own time to live: concurrent renewals on several
+/// replicas need no compare-and-swap, and the latest expiry wins). It is read only for a token whose own `exp` has passed, and then kept in memory
+/// until the expiry it names (a later renewal on another replica only extends it, so a
+/// cached value is never too generous): checking an unexpired token reads nothing. A
+/// verifier outside KeyVault (with the JWKS) sees the JWT's own `exp`, not the renewal.
+#[derive(Debug)]
+pub struct Renewals {
+    store: Arc<dyn crate::store::Store>,
+    cache: RwLock<HashMap<String, u64>>,
+    capacity: usize,
+}
+
+fn renewal_prefix(accessor: &str) -> String {
+    format!("auth/renewals/{accessor}/")
+}
+
+impl Renewals {
+    pub fn new(store: Arc<dyn crate::store::Store>) -> Self {
+        Renewals { store, cache: RwLock::new(HashMap::new()), capacity: 100_000 }
+    }
+
+    /// Until when the token with `claims` is valid: its own `exp`, or a later renewal.
+    pub async fn valid_until(&self, claims: &Claims) -> Result<u64> {
+        let now = unix_now();
+        let cap = claims.max_exp.unwrap_or(claims.exp);
+        if let Some(until) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&claims.acc).copied()
+            && until > now
+        {
+            return Ok(until.min(cap));
+        }
+        let until = self.stored(&claims.acc).await?.unwrap_or(claims.exp);
+        if until > now {
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= self.capacity {
+                cache.retain(|_, u| *u > now);
+                if cache.len() >= self.capacity {
+                    cache.clear();
+                }
+            }
+            cache.insert(claims.acc.clone(), until);
+        }
+        Ok(until.max(claims.exp).min(cap))
+    }
+
+    /// The latest renewal stored for `accessor`.
+    async fn stored(&self, accessor: &str) -> Result<Option<u64>> {
+        let prefix = renewal_prefix(accessor);
+        let names = crate::store::list_names(self.store.as_ref(), &prefix).await?;
+        Ok(names.iter().filter_map(|n| n.parse::<u64>().ok()).max())
+    }
+
+    /// Extend the token with `claims` to `until` (capped by its `max_exp`; never
+    /// shortened). Returns the expiry in force.
+    pub async fn renew(&self, claims: &Claims, until: u64) -> Result<u64> {
+        let until = until.min(claims.max_exp.unwrap_or(claims.exp));
+        let current = self.stored(&claims.acc).await?.unwrap_or(0).max(claims.exp);
+        if until <= current {
+            return Ok(current);
+        }
+        let ttl = std::time::Duration::from_secs(until.saturating_sub(unix_now()) + 60);
+        let key = format!("{}{until:020}", renewal_prefix(&claims.acc));
+        self.store.insert_if_absent(&key, b"", Some(ttl)).await?;
+        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(claims.acc.clone(), until);
+        Ok(until)
     }
 }
 

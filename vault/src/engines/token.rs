@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::logical::{Access, Caller, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::{Core, MAX_TOKEN_LIFETIME};
-use crate::token::Claims;
+use crate::token::{Claims, IssuedToken};
 use crate::unix_now;
 
 pub const KIND: EngineKind = EngineKind {
@@ -30,10 +30,16 @@ pub const KIND: EngineKind = EngineKind {
 
 const ROUTES: &[Route] = &[
     Route::new("lookup-self", "the caller's token, without the token itself", &[OpSpec::read(Access::AnyToken)]),
+    // A renewal is stored (every replica honours it), so it changes state.
     Route::new(
         "renew-self",
-        "a new token with a later expiry, up to its maximum",
-        &[OpSpec::compute(Access::AnyToken)],
+        "extend the caller's token (the same token), up to its maximum",
+        &[OpSpec::write(Access::AnyToken)],
+    ),
+    Route::new(
+        "renew",
+        "extend another token (the same token), up to its maximum",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
     ),
     Route::new("revoke-self", "revoke the caller's token and its renewals", &[OpSpec::write(Access::AnyToken)]),
     Route::new(
@@ -78,29 +84,23 @@ fn lookup(caller: &Caller, token: &str) -> TokenLookup {
 }
 
 impl TokenEngine {
-    /// A new token for the caller's, with a later expiry (up to its `max_exp`); same
-    /// accessor, same binding. The old token stays valid until its own expiry.
-    async fn renew_self(&self, req: &mut Request) -> Result<Reply> {
-        let b: RenewSelf = req.data()?;
-        let caller = req.caller()?;
-        if caller.direct {
-            return Err(Error::invalid("a direct certificate request has no token to renew"));
-        }
-        let c = caller.claims.as_ref();
+    /// Extend a token: the same token string stays valid until now + `increment` (or
+    /// its original TTL), capped by its `max_exp`, on every replica (see
+    /// [`crate::token::Renewals`]). Vault's clients keep the token they hold.
+    async fn renew(&self, token: &str, claims: &Claims, increment: Option<Duration>) -> Result<Reply> {
         let now = unix_now();
-        let max_exp = c.max_exp.unwrap_or(c.exp);
-        if b.increment.is_some_and(|d| d > MAX_TOKEN_LIFETIME) {
+        if increment.is_some_and(|d| d > MAX_TOKEN_LIFETIME) {
             return Err(Error::invalid(format!("increment out of range (at most {} s)", MAX_TOKEN_LIFETIME.as_secs())));
         }
-        let ttl = b.increment.map(|d| d.as_secs()).unwrap_or(c.exp.saturating_sub(c.iat)).max(1);
-        let exp = now.checked_add(ttl).ok_or_else(|| Error::invalid("increment out of range"))?.min(max_exp);
-        if exp <= now {
+        let ttl = increment.map(|d| d.as_secs()).unwrap_or(claims.exp.saturating_sub(claims.iat)).max(1);
+        let wanted = now.checked_add(ttl).ok_or_else(|| Error::invalid("increment out of range"))?;
+        if claims.max_exp.unwrap_or(claims.exp) <= now {
             return Err(Error::invalid("the token has reached its maximum TTL; log in again"));
         }
-        let claims = Claims { iat: now, nbf: now, exp, ..c.clone() };
-        let token = self.core.tokens.sign_claims(claims).await?;
-        tracing::info!(accessor = %token.claims.acc, exp, "token renewed");
-        Ok(Reply::auth(token))
+        let exp = self.core.renewals.renew(claims, wanted).await?;
+        tracing::info!(accessor = %claims.acc, exp, "token renewed");
+        let claims = Claims { exp, ..claims.clone() };
+        Ok(Reply::auth(IssuedToken { token: secrecy::SecretString::from(token.to_owned()), claims }))
     }
 }
 
@@ -116,7 +116,28 @@ impl Engine for TokenEngine {
                 let token = req.token.as_deref().map(String::as_str).unwrap_or_default();
                 Reply::data(&lookup(req.caller()?, token))
             }
-            "renew-self" => self.renew_self(req).await,
+            "renew-self" => {
+                let b: RenewSelf = req.data()?;
+                let caller = req.caller()?;
+                if caller.direct {
+                    return Err(Error::invalid("a direct certificate request has no token to renew"));
+                }
+                let claims = caller.claims.clone();
+                let token = req.token.clone().unwrap_or_default();
+                self.renew(&token, &claims, b.increment).await
+            }
+            "renew" => {
+                let b: keyvault_api::auth::RenewToken = req.data()?;
+                let invalid = || Error::invalid("invalid token");
+                let (claims, expired) = self.core.tokens.verify_signature(b.token.expose()).map_err(|_| invalid())?;
+                if expired && self.core.renewals.valid_until(&claims).await? <= unix_now() {
+                    return Err(invalid());
+                }
+                if self.core.revocations.accessor_revoked(&claims.acc).await? {
+                    return Err(invalid());
+                }
+                self.renew(b.token.expose(), &claims, b.increment).await
+            }
             "revoke-self" => {
                 req.data::<keyvault_api::Empty>()?;
                 let caller = req.caller()?;
