@@ -304,6 +304,42 @@ pub struct RenewSelf {
     pub increment: Option<Duration>,
 }
 
+/// `POST /v1/auth/token/create` and `create-orphan`: a token for something the caller
+/// starts (Vault's fields). Its policies must be the caller's to give; it lives no longer
+/// than its parent could, and dies with it (not an orphan's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TokenCreate {
+    /// Default: the caller's policies.
+    #[serde(default, deserialize_with = "optional_policies", skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Vec<String>>,
+    #[serde(default, with = "vault_duration")]
+    pub ttl: Option<Duration>,
+    #[serde(default, with = "vault_duration")]
+    pub explicit_max_ttl: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub meta: std::collections::BTreeMap<String, String>,
+    /// Only through `create-orphan` here.
+    #[serde(default)]
+    pub no_parent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewable: Option<bool>,
+    /// Limited-use tokens are not supported: 0 only.
+    #[serde(default)]
+    pub num_uses: u64,
+}
+
+fn optional_policies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    policy_list::deserialize(d).map(Some)
+}
+
+/// `POST /v1/auth/token/lookup` and `revoke`: another token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRef {
+    pub token: Sensitive,
+}
+
 /// `POST /v1/auth/token/renew`: another token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RenewToken {

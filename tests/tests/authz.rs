@@ -239,7 +239,17 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("DELETE", "auth/userpass/users/udel", Value::Null, Caps("auth/userpass/users/udel", &["delete"])),
         row("GET", "auth/token/lookup-self", Value::Null, AnyToken),
         row("POST", "auth/token/renew-self", e.clone(), AnyToken),
+        row("POST", "auth/token/lookup-self", e.clone(), AnyToken),
         row("POST", "auth/token/renew", json!({"token": "x"}), Caps("auth/token/renew", &["update"])),
+        row("POST", "auth/token/create", json!({"policies": []}), Caps("auth/token/create", &["update"])),
+        row(
+            "POST",
+            "auth/token/create-orphan",
+            json!({"policies": []}),
+            Caps("auth/token/create-orphan", &["update", "sudo"]),
+        ),
+        row("POST", "auth/token/lookup", json!({"token": "x"}), Caps("auth/token/lookup", &["update"])),
+        row("POST", "auth/token/revoke", json!({"token": "x"}), Caps("auth/token/revoke", &["update"])),
         row("POST", "auth/token/revoke-self", e.clone(), AnyToken),
         row(
             "POST",

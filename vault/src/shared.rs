@@ -318,10 +318,10 @@ impl Core {
         if self.revocations.accessor_revoked(&claims.acc).await? {
             return Err(Error::Unauthenticated(AuthFailure::Revoked));
         }
-        if let Some(parent) = &claims.par
-            && self.revocations.accessor_revoked(parent).await?
-        {
-            return Err(Error::Unauthenticated(AuthFailure::Revoked));
+        for ancestor in claims.par.iter().chain(&claims.anc) {
+            if self.revocations.accessor_revoked(ancestor).await? {
+                return Err(Error::Unauthenticated(AuthFailure::Revoked));
+            }
         }
         let bound_cert = claims.cnf.as_ref().and(cert).map(|c| c.sha256_hex.as_str());
         let user = claims.sub.strip_prefix("userpass:").filter(|_| claims.meth == auth::userpass::METHOD);
@@ -354,6 +354,7 @@ impl Core {
             spiffe: cert.spiffe_id().map(str::to_owned),
             idg: Generations::new(),
             par: None,
+            anc: Vec::new(),
         });
         let acl = self.policies.acl(&claims.pol).await?;
         Ok(Caller { claims, acl, direct: true })

@@ -73,6 +73,10 @@ pub struct Claims {
     /// revoking it revokes this token too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub par: Option<String>,
+    /// The accessors of the tokens this one descends from (`auth/token/create`), oldest
+    /// first: revoking any of them revokes this token too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anc: Vec<String>,
 }
 
 /// What to put in a new token.
@@ -238,6 +242,7 @@ impl TokenIssuer {
             spiffe: spec.spiffe,
             idg: spec.generations,
             par: spec.parent,
+            anc: Vec::new(),
         };
         let token = self.sign(&claims).await?;
         Ok(IssuedToken { token, claims })

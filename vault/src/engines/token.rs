@@ -29,7 +29,11 @@ pub const KIND: EngineKind = EngineKind {
 };
 
 const ROUTES: &[Route] = &[
-    Route::new("lookup-self", "the caller's token, without the token itself", &[OpSpec::read(Access::AnyToken)]),
+    Route::new(
+        "lookup-self",
+        "the caller's token (GET, or POST as Vault also takes it)",
+        &[OpSpec::read(Access::AnyToken), OpSpec::compute(Access::AnyToken)],
+    ),
     // A renewal is stored (every replica honours it), so it changes state.
     Route::new(
         "renew-self",
@@ -42,6 +46,18 @@ const ROUTES: &[Route] = &[
         &[OpSpec::write(Access::Needs(Capability::Update))],
     ),
     Route::new("revoke-self", "revoke the caller's token and its renewals", &[OpSpec::write(Access::AnyToken)]),
+    Route::new(
+        "create",
+        "a child token of the caller (dies with it)",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    ),
+    Route::new("create-orphan", "a token with no parent", &[OpSpec::write(Access::Sudo(Capability::Update))]),
+    Route::new("lookup", "look up another token", &[OpSpec::compute(Access::Needs(Capability::Update))]),
+    Route::new(
+        "revoke",
+        "revoke another token and every token made from it",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    ),
     Route::new(
         "revoke-accessor",
         "revoke the tokens with an accessor",
@@ -104,6 +120,88 @@ impl TokenEngine {
     }
 }
 
+/// The most generations of child tokens (`auth/token/create` from a child...).
+const MAX_DEPTH: usize = 8;
+
+impl TokenEngine {
+    /// A token the caller makes (`create`, `create-orphan`): the caller's identities (so
+    /// the kill switch reaches it) and binding, policies the caller may give, no longer
+    /// than the caller could live unless an orphan.
+    async fn create(&self, req: &mut Request, orphan: bool) -> Result<Reply> {
+        let b: keyvault_api::auth::TokenCreate = req.data()?;
+        let caller = req.caller()?;
+        if caller.direct {
+            return Err(Error::invalid("a direct certificate request cannot create tokens; log in first"));
+        }
+        if b.no_parent && !orphan {
+            return Err(Error::invalid("use auth/token/create-orphan (update and sudo) for a token without a parent"));
+        }
+        if b.num_uses > 0 {
+            return Err(Error::invalid("limited-use tokens are not supported (num_uses must be 0)"));
+        }
+        let parent = caller.claims.as_ref();
+        let policies = b.policies.clone().unwrap_or_else(|| parent.pol.clone());
+        caller.check_grant(&policies)?;
+        let mut anc = Vec::new();
+        if !orphan {
+            anc = parent.anc.clone();
+            anc.extend(parent.par.clone());
+            anc.push(parent.acc.clone());
+            if anc.len() > MAX_DEPTH {
+                return Err(Error::invalid(format!("tokens may be nested {MAX_DEPTH} deep at most")));
+            }
+        }
+        let now = unix_now();
+        let cfg = &self.core.settings.tokens;
+        let max = b.explicit_max_ttl.unwrap_or(cfg.max_ttl).min(cfg.max_ttl).as_secs();
+        let ttl = b.ttl.unwrap_or(cfg.default_ttl).as_secs().min(max).max(1);
+        let mut max_exp = now.saturating_add(max);
+        let mut exp = now.saturating_add(ttl);
+        if !orphan {
+            // A child lives no longer than its parent could.
+            max_exp = max_exp.min(parent.max_exp.unwrap_or(parent.exp));
+            exp = exp.min(max_exp);
+        }
+        if exp <= now {
+            return Err(Error::invalid("the parent token expires too soon to create a child"));
+        }
+        if b.renewable == Some(false) {
+            max_exp = exp;
+        }
+        let claims = Claims {
+            iat: now,
+            nbf: now,
+            exp,
+            max_exp: Some(max_exp),
+            jti: uuid::Uuid::new_v4().to_string(),
+            acc: uuid::Uuid::new_v4().simple().to_string(),
+            pol: policies,
+            anc,
+            par: if orphan { None } else { parent.par.clone() },
+            ..parent.clone()
+        };
+        let token = self.core.tokens.sign_claims(claims).await?;
+        tracing::info!(accessor = %token.claims.acc, parent = %parent.acc, orphan, "token created");
+        req.audit_detail(format!("token {} created by {}", token.claims.acc, parent.acc));
+        Ok(Reply::auth(token))
+    }
+
+    /// Another token, as presented in a body: signature, expiry (with renewals), not revoked.
+    async fn other(&self, token: &str) -> Result<std::sync::Arc<Claims>> {
+        let invalid = || Error::invalid("invalid token");
+        let (claims, expired) = self.core.tokens.verify_signature(token).map_err(|_| invalid())?;
+        if expired && self.core.renewals.valid_until(&claims).await? <= unix_now() {
+            return Err(invalid());
+        }
+        for acc in std::iter::once(&claims.acc).chain(claims.par.iter()).chain(&claims.anc) {
+            if self.core.revocations.accessor_revoked(acc).await? {
+                return Err(invalid());
+            }
+        }
+        Ok(claims)
+    }
+}
+
 #[async_trait]
 impl Engine for TokenEngine {
     fn info(&self) -> &'static EngineInfo {
@@ -113,6 +211,9 @@ impl Engine for TokenEngine {
     async fn handle(&self, req: &mut Request) -> Result<Reply> {
         match req.route.pattern {
             "lookup-self" => {
+                if req.operation == crate::logical::Operation::Write {
+                    req.data::<keyvault_api::Empty>()?;
+                }
                 let token = req.token.as_deref().map(String::as_str).unwrap_or_default();
                 Reply::data(&lookup(req.caller()?, token))
             }
@@ -128,15 +229,24 @@ impl Engine for TokenEngine {
             }
             "renew" => {
                 let b: keyvault_api::auth::RenewToken = req.data()?;
-                let invalid = || Error::invalid("invalid token");
-                let (claims, expired) = self.core.tokens.verify_signature(b.token.expose()).map_err(|_| invalid())?;
-                if expired && self.core.renewals.valid_until(&claims).await? <= unix_now() {
-                    return Err(invalid());
-                }
-                if self.core.revocations.accessor_revoked(&claims.acc).await? {
-                    return Err(invalid());
-                }
+                let claims = self.other(b.token.expose()).await?;
                 self.renew(b.token.expose(), &claims, b.increment).await
+            }
+            "create" => self.create(req, false).await,
+            "create-orphan" => self.create(req, true).await,
+            "lookup" => {
+                let b: keyvault_api::auth::TokenRef = req.data()?;
+                let claims = self.other(b.token.expose()).await?;
+                let caller = Caller { claims, acl: Default::default(), direct: false };
+                Reply::data(&lookup(&caller, b.token.expose()))
+            }
+            "revoke" => {
+                let b: keyvault_api::auth::TokenRef = req.data()?;
+                let claims = self.other(b.token.expose()).await?;
+                let until = claims.max_exp.unwrap_or(claims.exp);
+                self.core.revocations.revoke_accessor(&claims.acc, until).await?;
+                tracing::info!(accessor = %claims.acc, by = %req.caller()?.claims.acc, "token revoked");
+                Ok(Reply::empty())
             }
             "revoke-self" => {
                 req.data::<keyvault_api::Empty>()?;
