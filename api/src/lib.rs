@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod auth;
 pub mod gateway;
+pub mod kv2;
 pub mod secret;
 pub mod sys;
 pub mod transit;

@@ -60,6 +60,7 @@ fn operation(method: &str, path: &str) -> Operation {
         "LIST" => Operation::List,
         "POST" | "PUT" => Operation::Write,
         "DELETE" => Operation::Delete,
+        "PATCH" => Operation::Patch,
         other => panic!("method {other}"),
     }
 }
@@ -89,6 +90,9 @@ async fn fixtures(c: &Client, root: &str) -> (String, String) {
         ok(c.put(&format!("sys/policies/acl/{p}"), root, json!({"policy": hcl("secret/x", &["read"])})).await, 204);
     }
     ok(c.put("secret/app/x", root, json!({"value": "v"})).await, 200);
+    for p in ["app", "kdel", "kdel2", "kdel3", "dir/x"] {
+        ok(c.put(&format!("kv/data/{p}"), root, json!({"data": {"a": "1"}})).await, 200);
+    }
     ok(c.put("secret/sdel", root, json!({"value": "v"})).await, 200);
     for r in ["r1", "rdel", "victim"] {
         ok(c.post(&format!("auth/approle/role/{r}"), Some(root), json!({})).await, 204);
@@ -196,6 +200,24 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("POST", "auth/bootstrap/login", json!({"token": "kvb.x"}), Nobody),
         row("LIST", "auth/approle/role", Value::Null, Caps("auth/approle/role/", &["list"])),
         row("GET", "sys/mounts", Value::Null, Caps("sys/mounts", &["read"])),
+        // KV version 2 at kv/.
+        row("GET", "kv/config", Value::Null, Caps("kv/config", &["read"])),
+        row("POST", "kv/config", json!({"max_versions": 20}), Caps("kv/config", &["update"])),
+        row("GET", "kv/data/app", Value::Null, Caps("kv/data/app", &["read"])),
+        row("POST", "kv/data/new-{n}", json!({"data": {"a": "1"}}), Caps("kv/data/new-*", &["create"])),
+        row("POST", "kv/data/app", json!({"data": {"a": "2"}}), Caps("kv/data/app", &["update"])),
+        row("PATCH", "kv/data/app", json!({"data": {"b": "1"}}), Caps("kv/data/app", &["update"])),
+        row("DELETE", "kv/data/kdel", Value::Null, Caps("kv/data/kdel", &["delete"])),
+        row("POST", "kv/delete/app", json!({"versions": [1]}), Caps("kv/delete/app", &["update"])),
+        row("POST", "kv/undelete/app", json!({"versions": [1]}), Caps("kv/undelete/app", &["update"])),
+        row("POST", "kv/destroy/kdel2", json!({"versions": [1]}), Caps("kv/destroy/kdel2", &["update"])),
+        row("LIST", "kv/metadata", Value::Null, Caps("kv/metadata/", &["list"])),
+        row("LIST", "kv/metadata/dir", Value::Null, Caps("kv/metadata/dir/", &["list"])),
+        row("GET", "kv/metadata/app", Value::Null, Caps("kv/metadata/app", &["read"])),
+        row("POST", "kv/metadata/meta-{n}", json!({"max_versions": 3}), Caps("kv/metadata/meta-*", &["create"])),
+        row("POST", "kv/metadata/app", json!({"max_versions": 30}), Caps("kv/metadata/app", &["update"])),
+        row("DELETE", "kv/metadata/kdel3", Value::Null, Caps("kv/metadata/kdel3", &["delete"])),
+        row("GET", "kv/subkeys/app", Value::Null, Caps("kv/subkeys/app", &["read"])),
         row("GET", "sys/seal-status", Value::Null, Nobody),
         row("GET", "sys/leader", Value::Null, Nobody),
         row("GET", "sys/internal/ui/mounts", Value::Null, AnyToken),
@@ -312,7 +334,7 @@ async fn send_with(c: &Client, r: &Row, n: &mut u32, token: Option<&str>, body: 
 /// whose fields are the secret).
 fn with_unknown_field(r: &Row) -> Option<Value> {
     let mut body = r.body.clone();
-    if r.path.starts_with("secret/") || !matches!(r.method, "POST" | "PUT") {
+    if r.path.starts_with("secret/") || !matches!(r.method, "POST" | "PUT" | "PATCH") {
         return None;
     }
     body.as_object_mut()?.insert("zz_unknown".into(), json!(1));

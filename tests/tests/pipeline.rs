@@ -67,6 +67,7 @@ fn requests(info: &RouteInfo, n: u32) -> Vec<(&'static str, String)> {
         Operation::List => vec![("LIST", path.clone()), ("GET", format!("{path}?list=true"))],
         Operation::Write => vec![("PUT", path.clone()), ("POST", path)],
         Operation::Delete => vec![("DELETE", path)],
+        Operation::Patch => vec![("PATCH", path)],
     }
 }
 
@@ -214,12 +215,14 @@ async fn sys_mounts_and_sys_auth_list_the_default_mounts_in_vaults_shape() {
         kinds,
         vec![
             ("gateway/".into(), "gateway".into()),
+            ("kv/".into(), "kv".into()),
             ("secret/".into(), "kv".into()),
             ("sys/".into(), "system".into()),
             ("transit/".into(), "transit".into()),
         ]
     );
     assert_eq!(mounts["secret/"]["options"]["version"], "1");
+    assert_eq!(mounts["kv/"]["options"]["version"], "2");
     assert!(mounts["secret/"]["accessor"].as_str().unwrap().starts_with("kv_"));
     let r = ok(c.get("sys/auth", &root).await, 200);
     let methods: Vec<(&String, &str)> =

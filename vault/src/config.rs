@@ -41,8 +41,8 @@ pub struct Config {
 pub struct MountConfig {
     /// The mount path, e.g. `"secret"` or `"auth/approle"` (a trailing `/` is optional).
     pub path: String,
-    /// The kind: `kv`, `transit`, `gateway`, `approle`, `userpass`, `cert`, `kubernetes`,
-    /// `bootstrap`.
+    /// The kind: `kv`, `kv-v2`, `transit`, `gateway`, `approle`, `userpass`, `cert`,
+    /// `kubernetes`, `bootstrap`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Settings of this mount, for the kinds that take any (`[mounts.options]`); a kind
@@ -55,6 +55,7 @@ pub struct MountConfig {
 pub fn default_mounts() -> Vec<MountConfig> {
     [
         ("secret", "kv"),
+        ("kv", "kv-v2"),
         ("transit", "transit"),
         ("gateway", "gateway"),
         ("auth/approle", "approle"),

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::barrier::{Barrier, Record, RewrapItem, Rewrapped};
 use crate::error::{Error, Result};
 use crate::keys::{Family, KeyNames, KeyVersion, SharedKeyring};
-use crate::secrets::{data_prefix, parse_data_key, record_context};
+use crate::secrets::{data_prefix, parse_data_key_raw, record_context_raw};
 use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json};
 use crate::unix_now;
 use crate::usage;
@@ -418,8 +418,8 @@ impl Rotation {
     ) -> Result<(u64, u64)> {
         let mut work: Vec<(String, RewrapItem)> = Vec::with_capacity(page.len());
         for (key, stored) in page {
-            let Some((path, version)) = parse_data_key(&key) else { continue };
-            let ctx = record_context(&path, version);
+            let Some((path, version)) = parse_data_key_raw(&key) else { continue };
+            let ctx = record_context_raw(&path, version);
             let item = RewrapItem { dek_aad: ctx.dek_aad(), value_aad: ctx.value_aad(), stored };
             work.push((key, item));
         }

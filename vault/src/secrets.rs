@@ -1,4 +1,7 @@
-//! The versioned secret store behind `/v1/secret/<path>`.
+//! The versioned secret store behind the key/value engines: `secret/` (KV version 1) and
+//! the KV version 2 engine. Both keep their records under `kv/`, the version 2 engine's
+//! behind a namespace that no version 1 path can name (a control character), so that one
+//! rotation re-wraps both and neither mount can reach the other's secrets.
 //!
 //! Storage layout (see docs/architecture.md):
 //! - `kv/meta/<path>`: JSON metadata (versions, creation times, deletions), updated by
@@ -38,6 +41,9 @@ impl From<keyvault_api::PathError> for Error {
     }
 }
 
+/// The namespace of the KV version 2 engine's secrets (see the module's documentation).
+pub const KV2_NAMESPACE: &str = "\u{2}v2/";
+
 /// Metadata of one version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,14 +51,48 @@ pub struct VersionMeta {
     pub created_time: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_time: Option<String>,
+    /// Its record is gone for good (KV version 2 `destroy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub destroyed: bool,
 }
 
-/// Metadata of a secret: its versions.
+/// Metadata of a secret: its versions, and the settings KV version 2 keeps per secret.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretMeta {
     pub current_version: u64,
     pub versions: BTreeMap<u64, VersionMeta>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_versions: Option<usize>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cas_required: bool,
+    /// Seconds after which a version counts as deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_version_after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_time: Option<String>,
+}
+
+/// What a write may ask besides the value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteOptions {
+    /// Check-and-set: write only if the current version is this one (0: no secret yet).
+    pub cas: Option<u64>,
+    /// Keep at most this many versions (else the secret's setting, else the engine's).
+    pub max_versions: Option<usize>,
+}
+
+/// A change of a secret's settings (KV version 2 `metadata`); `None` leaves one as is.
+#[derive(Debug, Clone, Default)]
+pub struct MetaUpdate {
+    pub max_versions: Option<usize>,
+    pub cas_required: Option<bool>,
+    pub delete_version_after: Option<u64>,
+    pub custom_metadata: Option<BTreeMap<String, String>>,
 }
 
 /// A decrypted version.
@@ -69,19 +109,18 @@ impl std::fmt::Debug for SecretVersion {
     }
 }
 
-fn meta_key(path: &SecretPath) -> String {
-    format!("{META_PREFIX}{}", path.as_str())
-}
-
-fn data_key(path: &SecretPath, version: u64) -> String {
-    format!("{DATA_PREFIX}{}{VERSION_SEP}{version:020}", path.as_str())
-}
-
-/// Split a data key back into path and version (for rotation, which walks all records).
+/// Split a KV version 1 data key back into path and version.
 pub fn parse_data_key(key: &str) -> Option<(SecretPath, u64)> {
+    let (path, version) = parse_data_key_raw(key)?;
+    Some((SecretPath::parse(&path).ok()?, version))
+}
+
+/// Split any data key (either engine's) into its stored path and version: what rotation,
+/// which walks every record, seals the record's context with.
+pub fn parse_data_key_raw(key: &str) -> Option<(String, u64)> {
     let rest = key.strip_prefix(DATA_PREFIX)?;
     let (path, version) = rest.rsplit_once(VERSION_SEP)?;
-    Some((SecretPath::parse(path).ok()?, version.parse().ok()?))
+    Some((path.to_owned(), version.parse().ok()?))
 }
 
 /// The prefix under which every sealed secret record lives.
@@ -90,7 +129,12 @@ pub fn data_prefix() -> &'static str {
 }
 
 pub fn record_context(path: &SecretPath, version: u64) -> RecordContext<'_> {
-    RecordContext { purpose: "kv", path: path.as_str(), version }
+    record_context_raw(path.as_str(), version)
+}
+
+/// The context of a record by its stored path (a version 2 secret's includes its namespace).
+pub fn record_context_raw(path: &str, version: u64) -> RecordContext<'_> {
+    RecordContext { purpose: "kv", path, version }
 }
 
 fn now_rfc3339() -> String {
@@ -114,23 +158,51 @@ pub fn validate_value(body: &[u8]) -> Result<()> {
 
 pub use crate::json::json_error_category;
 
+/// Whether a version counts as deleted by its secret's `delete_version_after`.
+pub fn expired(meta: &SecretMeta, v: &VersionMeta) -> bool {
+    let Some(after) = meta.delete_version_after else { return false };
+    let Ok(created) = humantime::parse_rfc3339_weak(&v.created_time) else { return false };
+    created.checked_add(std::time::Duration::from_secs(after)).is_some_and(|t| t <= std::time::SystemTime::now())
+}
+
 /// The secret engine.
 #[derive(Debug)]
 pub struct Secrets {
     store: Arc<dyn Store>,
     barrier: Barrier,
     max_versions: usize,
+    /// `""` for KV version 1, [`KV2_NAMESPACE`] for version 2.
+    ns: &'static str,
 }
 
 impl Secrets {
+    /// The KV version 1 store.
     pub fn new(store: Arc<dyn Store>, barrier: Barrier, max_versions: usize) -> Self {
-        Secrets { store, barrier, max_versions: max_versions.max(1) }
+        Secrets { store, barrier, max_versions: max_versions.max(1), ns: "" }
+    }
+
+    /// The KV version 2 store.
+    pub fn kv2(store: Arc<dyn Store>, barrier: Barrier, max_versions: usize) -> Self {
+        Secrets { ns: KV2_NAMESPACE, ..Self::new(store, barrier, max_versions) }
+    }
+
+    fn full(&self, path: &SecretPath) -> String {
+        format!("{}{}", self.ns, path.as_str())
+    }
+
+    fn meta_key(&self, path: &SecretPath) -> String {
+        format!("{META_PREFIX}{}", self.full(path))
+    }
+
+    fn data_key(&self, path: &SecretPath, version: u64) -> String {
+        format!("{DATA_PREFIX}{}{VERSION_SEP}{version:020}", self.full(path))
     }
 
     async fn load_meta(&self, path: &SecretPath) -> Result<(Option<Vec<u8>>, SecretMeta)> {
-        match self.store.get(&meta_key(path)).await? {
+        let key = self.meta_key(path);
+        match self.store.get(&key).await? {
             Some(raw) => {
-                let meta = decode_json(&meta_key(path), &raw)?;
+                let meta = decode_json(&key, &raw)?;
                 Ok((Some(raw), meta))
             }
             None => Ok((None, SecretMeta::default())),
@@ -138,7 +210,13 @@ impl Secrets {
     }
 
     pub async fn exists(&self, path: &SecretPath) -> Result<bool> {
-        Ok(self.store.get(&meta_key(path)).await?.is_some())
+        Ok(self.store.get(&self.meta_key(path)).await?.is_some())
+    }
+
+    /// A secret's metadata, if it has any.
+    pub async fn metadata(&self, path: &SecretPath) -> Result<Option<SecretMeta>> {
+        let (raw, meta) = self.load_meta(path).await?;
+        Ok(raw.map(|_| meta))
     }
 
     /// Write a new version; returns it. `value` must be a JSON object's text.
@@ -147,8 +225,17 @@ impl Secrets {
     /// store transaction (see [`crate::usage`]). If that version was closed by a rotation
     /// in the meantime (on any replica), the value is sealed again under the new version.
     pub async fn write(&self, path: &SecretPath, value: &[u8]) -> Result<(u64, VersionMeta)> {
+        self.write_with(path, value, WriteOptions::default()).await
+    }
+
+    /// [`Secrets::write`] with check-and-set and a version limit.
+    pub async fn write_with(&self, path: &SecretPath, value: &[u8], opts: WriteOptions) -> Result<(u64, VersionMeta)> {
         validate_value(value)?;
         let (_, meta) = self.load_meta(path).await?;
+        let cas_mismatch = || Error::Conflict("check-and-set parameter did not match the current version".into());
+        if opts.cas.is_some_and(|cas| cas != meta.current_version) {
+            return Err(cas_mismatch());
+        }
         // Claim a version slot: the next number whose record does not exist yet.
         let mut version = meta.current_version + 1;
         let mut attempts = 0;
@@ -157,12 +244,15 @@ impl Secrets {
             if attempts > MAX_WRITE_ATTEMPTS {
                 return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.as_str())));
             }
-            let sealed = self.barrier.seal(&record_context(path, version), value).await?;
+            let full = self.full(path);
+            let sealed = self.barrier.seal(&record_context_raw(&full, version), value).await?;
             let kek = Record::parse(&sealed)?.kek_version;
-            let key = data_key(path, version);
+            let key = self.data_key(path, version);
             let ops = vec![TxOp::Insert { key: key.clone(), value: sealed }, usage::count(kek, &key, 1)];
             match self.store.transact(ops).await? {
                 TxOutcome::Committed => break,
+                // With check-and-set, another writer took the one version allowed.
+                TxOutcome::Conflict if opts.cas.is_some() => return Err(cas_mismatch()),
                 TxOutcome::Conflict => version += 1,
                 TxOutcome::Closed => {
                     // A rotation closed `kek` after this replica sealed under it.
@@ -170,22 +260,25 @@ impl Secrets {
                 }
             }
         }
-        let vmeta = VersionMeta { created_time: now_rfc3339(), deletion_time: None };
+        let vmeta = VersionMeta { created_time: now_rfc3339(), deletion_time: None, destroyed: false };
         // Record the version in the metadata; merge with concurrent writers.
         loop {
             let (raw, mut meta) = self.load_meta(path).await?;
             meta.versions.insert(version, vmeta.clone());
             meta.current_version = meta.current_version.max(version);
+            meta.created_time.get_or_insert_with(|| vmeta.created_time.clone());
+            meta.updated_time = Some(vmeta.created_time.clone());
+            let max = opts.max_versions.or(meta.max_versions).unwrap_or(self.max_versions).max(1);
             let mut pruned = Vec::new();
-            while meta.versions.len() > self.max_versions {
+            while meta.versions.len() > max {
                 if let Some((old, _)) = meta.versions.pop_first() {
                     pruned.push(old);
                 }
             }
             let new = encode_json(&meta);
-            if self.store.compare_and_swap(&meta_key(path), raw.as_deref(), Some(&new)).await? {
+            if self.store.compare_and_swap(&self.meta_key(path), raw.as_deref(), Some(&new)).await? {
                 for old in pruned {
-                    self.destroy_record(&data_key(path, old)).await?;
+                    self.destroy_record(&self.data_key(path, old)).await?;
                 }
                 return Ok((version, vmeta));
             }
@@ -233,10 +326,10 @@ impl Secrets {
         }
         let version = version.unwrap_or(meta.current_version);
         let vmeta = meta.versions.get(&version).ok_or_else(not_found)?;
-        if vmeta.deletion_time.is_some() {
+        if vmeta.deletion_time.is_some() || vmeta.destroyed || expired(&meta, vmeta) {
             return Err(Error::NotFound(format!("version {version} of {} is deleted", path.as_str())));
         }
-        let key = data_key(path, version);
+        let key = self.data_key(path, version);
         let Some(sealed) = self.store.get(&key).await? else {
             if self.store.get(&usage::set_aside_key(&key)).await?.is_some() {
                 tracing::error!(path = %path.as_str(), version, "this version's record was set aside as damaged by a rotation");
@@ -245,7 +338,7 @@ impl Secrets {
             tracing::error!(path = %path.as_str(), version, "metadata names a version whose record is missing");
             return Err(not_found());
         };
-        let data = self.barrier.open(&record_context(path, version), &sealed).await?;
+        let data = self.barrier.open(&record_context_raw(&self.full(path), version), &sealed).await?;
         Ok(SecretVersion { version, meta: vmeta.clone(), data })
     }
 
@@ -264,8 +357,112 @@ impl Secrets {
                 }
             }
             let new = encode_json(&meta);
-            if self.store.compare_and_swap(&meta_key(path), Some(&raw), Some(&new)).await? {
-                self.destroy_record(&data_key(path, current)).await?;
+            if self.store.compare_and_swap(&self.meta_key(path), Some(&raw), Some(&new)).await? {
+                self.destroy_record(&self.data_key(path, current)).await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Change the metadata of the versions given (KV version 2 `delete`, `undelete`,
+    /// `destroy`; `None`: the current version): `change` returns whether it changed one.
+    /// Records of versions destroyed go.
+    async fn change_versions(
+        &self,
+        path: &SecretPath,
+        versions: Option<&[u64]>,
+        change: impl Fn(&mut VersionMeta) -> bool,
+    ) -> Result<()> {
+        loop {
+            let (raw, mut meta) = self.load_meta(path).await?;
+            let Some(raw) = raw else {
+                return Err(Error::NotFound(format!("no secret at {}", path.as_str())));
+            };
+            let wanted: Vec<u64> = match versions {
+                Some(v) => v.to_vec(),
+                None => vec![meta.current_version],
+            };
+            let mut destroy = Vec::new();
+            let mut changed = false;
+            for v in &wanted {
+                if let Some(m) = meta.versions.get_mut(v) {
+                    let was_destroyed = m.destroyed;
+                    changed |= change(m);
+                    if m.destroyed && !was_destroyed {
+                        destroy.push(*v);
+                    }
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            meta.updated_time = Some(now_rfc3339());
+            if self.store.compare_and_swap(&self.meta_key(path), Some(&raw), Some(&encode_json(&meta))).await? {
+                for v in destroy {
+                    self.destroy_record(&self.data_key(path, v)).await?;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Mark versions deleted, keeping their records (undelete brings them back).
+    pub async fn soft_delete(&self, path: &SecretPath, versions: Option<&[u64]>) -> Result<()> {
+        let now = now_rfc3339();
+        self.change_versions(path, versions, |m| {
+            let fresh = m.deletion_time.is_none() && !m.destroyed;
+            if fresh {
+                m.deletion_time = Some(now.clone());
+            }
+            fresh
+        })
+        .await
+    }
+
+    /// Bring back versions deleted but not destroyed.
+    pub async fn undelete(&self, path: &SecretPath, versions: &[u64]) -> Result<()> {
+        self.change_versions(path, Some(versions), |m| !m.destroyed && m.deletion_time.take().is_some()).await
+    }
+
+    /// Destroy versions: their records go for good.
+    pub async fn destroy(&self, path: &SecretPath, versions: &[u64]) -> Result<()> {
+        self.change_versions(path, Some(versions), |m| !std::mem::replace(&mut m.destroyed, true)).await
+    }
+
+    /// Delete a secret entirely: every version's record and its metadata.
+    pub async fn delete_all(&self, path: &SecretPath) -> Result<()> {
+        loop {
+            let (raw, meta) = self.load_meta(path).await?;
+            let Some(raw) = raw else { return Ok(()) };
+            if self.store.compare_and_swap(&self.meta_key(path), Some(&raw), None).await? {
+                for v in meta.versions.keys() {
+                    self.destroy_record(&self.data_key(path, *v)).await?;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Change a secret's settings, creating its metadata if it has none.
+    pub async fn update_metadata(&self, path: &SecretPath, update: MetaUpdate) -> Result<()> {
+        loop {
+            let (raw, mut meta) = self.load_meta(path).await?;
+            if let Some(m) = update.max_versions {
+                meta.max_versions = (m > 0).then_some(m);
+            }
+            if let Some(c) = update.cas_required {
+                meta.cas_required = c;
+            }
+            if let Some(d) = update.delete_version_after {
+                meta.delete_version_after = (d > 0).then_some(d);
+            }
+            if let Some(c) = &update.custom_metadata {
+                meta.custom_metadata = c.clone();
+            }
+            let now = now_rfc3339();
+            meta.created_time.get_or_insert_with(|| now.clone());
+            meta.updated_time = Some(now);
+            if self.store.compare_and_swap(&self.meta_key(path), raw.as_deref(), Some(&encode_json(&meta))).await? {
                 return Ok(());
             }
         }
@@ -273,7 +470,7 @@ impl Secrets {
 
     /// The names directly under `prefix`; sub-folders end with `/`.
     pub async fn list(&self, prefix: &SecretPrefix) -> Result<Vec<String>> {
-        let full = format!("{META_PREFIX}{}", prefix.as_str());
+        let full = format!("{META_PREFIX}{}{}", self.ns, prefix.as_str());
         let mut keys: Vec<String> = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -285,7 +482,9 @@ impl Secrets {
                     Some(i) => &rest[..=i],
                     None => rest,
                 };
-                if keys.last().map(String::as_str) != Some(child) {
+                // The version 2 engine's namespace is not a folder of version 1.
+                let other_namespace = self.ns.is_empty() && child.starts_with('\u{2}');
+                if !other_namespace && keys.last().map(String::as_str) != Some(child) {
                     keys.push(child.to_owned());
                 }
             }
@@ -325,7 +524,11 @@ mod tests {
     #[test]
     fn data_keys_round_trip() {
         let p = SecretPath::parse("a/b").unwrap();
-        assert_eq!(parse_data_key(&data_key(&p, 42)), Some((p, 42)));
+        let key = format!("kv/data/{}\x1f{:020}", p.as_str(), 42);
+        assert_eq!(parse_data_key(&key), Some((p, 42)));
+        let v2 = format!("kv/data/{KV2_NAMESPACE}a/b\x1f{:020}", 3);
+        assert_eq!(parse_data_key(&v2), None, "a version 2 record is no version 1 path");
+        assert_eq!(parse_data_key_raw(&v2), Some((format!("{KV2_NAMESPACE}a/b"), 3)));
         assert_eq!(parse_data_key("kv/meta/x"), None);
     }
 

@@ -56,12 +56,43 @@ const ROUTES: &[Route] = &[
 #[derive(Debug)]
 pub struct Kv {
     secrets: Secrets,
+    core: Arc<Core>,
 }
+
+/// The first path segments of KV version 2 requests.
+const V2_ROUTES: [&str; 6] = ["data", "metadata", "delete", "undelete", "destroy", "subkeys"];
 
 impl Kv {
     fn new(core: &Arc<Core>) -> Self {
         let max_versions = core.settings.secrets.max_versions;
-        Kv { secrets: Secrets::new(core.store.clone(), core.barrier.clone(), max_versions) }
+        Kv { secrets: Secrets::new(core.store.clone(), core.barrier.clone(), max_versions), core: core.clone() }
+    }
+
+    /// A KV version 2 write sent to this version 1 mount (`secret/data/x` with
+    /// `{"data": {...}}`) is refused, naming the version 2 mounts, rather than stored as a
+    /// secret at a path nobody meant.
+    fn refuse_version_2(&self, path: &SecretPath, body: &[u8]) -> Result<()> {
+        let first = path.as_str().split('/').next().unwrap_or_default();
+        if !V2_ROUTES.contains(&first) {
+            return Ok(());
+        }
+        let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            serde_json::from_slice(body).unwrap_or_default();
+        if !keys.contains_key("data") || keys.keys().any(|k| k != "data" && k != "options") {
+            return Ok(());
+        }
+        let v2: Vec<String> = self
+            .core
+            .mount_listing(false)
+            .into_iter()
+            .filter(|(_, m)| m.options.as_ref().and_then(|o| o.get("version")).is_some_and(|v| v == "2"))
+            .map(|(path, _)| path)
+            .collect();
+        let where_ = if v2.is_empty() { "none is mounted".to_owned() } else { v2.join(", ") };
+        Err(Error::invalid(format!(
+            "this is a KV version 1 mount and the request is shaped for KV version 2 (a value under \"data\"); \
+             KV version 2 mounts: {where_}"
+        )))
     }
 }
 
@@ -101,6 +132,7 @@ impl Engine for Kv {
                 Ok(Reply::raw_data(v.data).extra("metadata", metadata))
             }
             Operation::Write => {
+                self.refuse_version_2(&path, &req.body)?;
                 let (version, meta) = self.secrets.write(&path, &req.body).await?;
                 Reply::data(&Written { version, created_time: meta.created_time })
             }
@@ -108,7 +140,7 @@ impl Engine for Kv {
                 self.secrets.delete_latest(&path).await?;
                 Ok(Reply::empty())
             }
-            Operation::List => Err(Error::UnsupportedOperation),
+            Operation::List | Operation::Patch => Err(Error::UnsupportedOperation),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::shared::Core;
 pub mod auth;
 pub mod gateway;
 pub mod kv;
+pub mod kv2;
 pub mod login;
 pub mod sys;
 pub mod token;
@@ -54,6 +55,7 @@ pub fn check_options(kind: &EngineKind, mount: &MountConfig) -> Result<()> {
 /// Every kind of engine and auth method.
 pub const KINDS: &[EngineKind] = &[
     kv::KIND,
+    kv2::KIND,
     transit::KIND,
     gateway::KIND,
     auth::approle::KIND,

@@ -97,6 +97,7 @@ fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
         "LIST" => Operation::List,
         "POST" | "PUT" => Operation::Write,
         "DELETE" => Operation::Delete,
+        "PATCH" => Operation::Patch,
         _ => return Err(ApiError::MethodNotAllowed),
     })
 }

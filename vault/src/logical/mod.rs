@@ -29,17 +29,20 @@ pub mod mounts;
 
 /// What a request does. HTTP maps onto these as Vault does: `GET` is [`Operation::Read`]
 /// (or [`Operation::List`] with `?list=true`), `LIST` is [`Operation::List`], `POST` and
-/// `PUT` are both [`Operation::Write`], `DELETE` is [`Operation::Delete`].
+/// `PUT` are both [`Operation::Write`], `DELETE` is [`Operation::Delete`], `PATCH` is
+/// [`Operation::Patch`] (a JSON merge patch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Operation {
     Read,
     List,
     Write,
     Delete,
+    Patch,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [Operation::Read, Operation::List, Operation::Write, Operation::Delete];
+    pub const ALL: [Operation; 5] =
+        [Operation::Read, Operation::List, Operation::Write, Operation::Delete, Operation::Patch];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -47,6 +50,7 @@ impl Operation {
             Operation::List => "list",
             Operation::Write => "write",
             Operation::Delete => "delete",
+            Operation::Patch => "patch",
         }
     }
 }
@@ -104,6 +108,9 @@ impl OpSpec {
     }
     pub const fn delete(access: Access) -> Self {
         OpSpec { operation: Operation::Delete, access, changes_state: true }
+    }
+    pub const fn patch(access: Access) -> Self {
+        OpSpec { operation: Operation::Patch, access, changes_state: true }
     }
 }
 

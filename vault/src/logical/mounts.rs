@@ -203,15 +203,21 @@ impl MountTable {
             .filter(|m| !m.hidden && m.is_auth() == auth)
             .map(|m| {
                 let key = if auth { m.path.trim_start_matches("auth/").to_owned() } else { m.path.clone() };
+                // Vault's tools tell the key/value versions apart by `options.version`.
+                let (kind, version) = match m.engine.kind() {
+                    "kv" => ("kv", Some("1")),
+                    "kv-v2" => ("kv", Some("2")),
+                    other => (other, None),
+                };
                 let info = keyvault_api::sys::MountInfo {
-                    kind: m.engine.kind().to_owned(),
+                    kind: kind.to_owned(),
                     description: m.engine.description().to_owned(),
                     accessor: m.accessor(),
                     local: false,
                     seal_wrap: false,
                     external_entropy_access: false,
                     config: Default::default(),
-                    options: (m.engine.kind() == "kv").then(|| [("version".to_owned(), "1".to_owned())].into()),
+                    options: version.map(|v| [("version".to_owned(), v.to_owned())].into()),
                 };
                 (key, info)
             })

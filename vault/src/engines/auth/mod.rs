@@ -105,6 +105,7 @@ pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<R
             admin.delete_role(&name).await?;
             Ok(Reply::empty())
         }
+        Operation::Patch => Err(Error::UnsupportedOperation),
     }
 }
 

@@ -238,6 +238,7 @@ impl Engine for UserPass {
                 self.delete_user(&name).await?;
                 Ok(Reply::empty())
             }
+            Operation::Patch => Err(Error::UnsupportedOperation),
         }
     }
 

@@ -1,0 +1,110 @@
+//! The KV version 2 engine (Vault's shapes): `data/`, `metadata/`, `delete/`,
+//! `undelete/`, `destroy/`, `subkeys/`, `config`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `options` of a write: check-and-set (`0`: only if the secret does not exist).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WriteOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cas: Option<u64>,
+}
+
+/// One version's metadata (also the reply to a write).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionMetadata {
+    pub created_time: String,
+    pub custom_metadata: Option<BTreeMap<String, String>>,
+    /// `""` when not deleted.
+    pub deletion_time: String,
+    pub destroyed: bool,
+    pub version: u64,
+}
+
+/// `GET <mount>/metadata/<path>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metadata {
+    pub cas_required: bool,
+    pub created_time: String,
+    pub current_version: u64,
+    pub custom_metadata: Option<BTreeMap<String, String>>,
+    /// A duration (`"0s"`: never).
+    pub delete_version_after: String,
+    pub max_versions: usize,
+    pub oldest_version: u64,
+    pub updated_time: String,
+    pub versions: BTreeMap<String, VersionState>,
+}
+
+/// A version in [`Metadata`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionState {
+    pub created_time: String,
+    pub deletion_time: String,
+    pub destroyed: bool,
+}
+
+/// `POST <mount>/metadata/<path>` and `<mount>/config`: settings; absent ones unchanged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Settings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_versions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cas_required: Option<bool>,
+    /// A duration: `"30d"`, `"1h"`, seconds; `"0s"`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_version_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `GET <mount>/config`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub cas_required: bool,
+    pub delete_version_after: String,
+    pub max_versions: usize,
+}
+
+/// `POST <mount>/delete/<path>`, `undelete/`, `destroy/`: which versions (numbers, or
+/// numbers as strings, as Vault's CLI sends them).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Versions {
+    #[serde(default, deserialize_with = "numbers")]
+    pub versions: Vec<u64>,
+}
+
+fn numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        Number(u64),
+        Text(String),
+    }
+    Vec::<N>::deserialize(d)?
+        .into_iter()
+        .map(|n| match n {
+            N::Number(v) => Ok(v),
+            N::Text(t) => t.trim().parse().map_err(|_| serde::de::Error::custom("a version is a number")),
+        })
+        .collect()
+}
+
+/// `GET <mount>/subkeys/<path>`: the value's keys, every leaf `null`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Subkeys {
+    pub subkeys: serde_json::Value,
+    pub metadata: VersionMetadata,
+}
+
+/// The query of `GET <mount>/data/<path>` and `subkeys/`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReadQuery {
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// `subkeys/` only: how deep (0: all).
+    #[serde(default)]
+    pub depth: Option<u32>,
+}

@@ -1,0 +1,435 @@
+//! The KV version 2 engine (Vault's `kv-v2`), mounted at `kv/` by `keyvault dev` and
+//! wherever `[[mounts]]` puts it: versions with soft delete, undelete and destroy,
+//! check-and-set, per-secret settings and custom metadata, merge-patch, subkeys. Its
+//! secrets are sealed like the version 1 store's (one data key per version), in a
+//! namespace of their own (see [`crate::secrets`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyvault_api::kv2::{Config, Metadata, ReadQuery, Settings, Subkeys, VersionMetadata, VersionState, Versions};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::EngineKind;
+use crate::error::{Error, Result};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::Capability;
+use crate::secrets::{MetaUpdate, SecretMeta, SecretPath, SecretPrefix, Secrets, VersionMeta, WriteOptions};
+use crate::shared::Core;
+use crate::store::{Store, decode_json, encode_json};
+
+pub const KIND: EngineKind = EngineKind {
+    info: EngineInfo {
+        name: "kv-v2",
+        description: "versioned key/value secrets, Vault's KV version 2 (soft delete, check-and-set, metadata)",
+        auth: false,
+        routes: ROUTES,
+    },
+    fixed_at: None,
+    once: true,
+    takes_options: false,
+    build: |core, _| Ok(Arc::new(Kv2::new(core))),
+};
+
+/// The engine's settings, stored once.
+const CONFIG_KEY: &str = "kv2/config";
+/// Limits of custom metadata (Vault's).
+const MAX_CUSTOM_KEYS: usize = 64;
+
+fn secret_path(op: Operation, p: &mut Params) -> Result<()> {
+    let raw = p.get("path").unwrap_or_default().to_owned();
+    let canonical = if op == Operation::List {
+        SecretPrefix::parse(&raw)?.as_str().to_owned()
+    } else {
+        SecretPath::parse(&raw)?.as_str().to_owned()
+    };
+    p.set("path", canonical);
+    Ok(())
+}
+
+const fn on_path(pattern: &'static str, summary: &'static str, ops: &'static [OpSpec]) -> Route {
+    Route::new(pattern, summary, ops).normalize(secret_path)
+}
+
+const ROUTES: &[Route] = &[
+    Route::new(
+        "config",
+        "the engine's settings: max_versions, cas_required, delete_version_after",
+        &[OpSpec::read(Access::Needs(Capability::Read)), OpSpec::write(Access::Needs(Capability::Update))],
+    ),
+    on_path(
+        "data/{*path}",
+        "read (`?version=N`), write a version (`options.cas`), delete the latest (soft), merge-patch",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::patch(Access::Needs(Capability::Update)),
+        ],
+    ),
+    Route::new("metadata", "list the top level", &[OpSpec::list(Access::Needs(Capability::List))]),
+    on_path(
+        "metadata/{*path}",
+        "read the versions and settings, change the settings, list under, delete every version",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::list(Access::Needs(Capability::List)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    ),
+    on_path("delete/{*path}", "soft-delete versions", &[OpSpec::write(Access::Needs(Capability::Update))]),
+    on_path("undelete/{*path}", "bring back versions", &[OpSpec::write(Access::Needs(Capability::Update))]),
+    on_path("destroy/{*path}", "destroy versions for good", &[OpSpec::write(Access::Needs(Capability::Update))]),
+    on_path("subkeys/{*path}", "the value's keys, leaves null", &[OpSpec::read(Access::Needs(Capability::Read))]),
+];
+
+/// The engine's settings as stored.
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredConfig {
+    #[serde(default)]
+    max_versions: Option<usize>,
+    #[serde(default)]
+    cas_required: bool,
+    #[serde(default)]
+    delete_version_after: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Kv2 {
+    secrets: Secrets,
+    store: Arc<dyn Store>,
+}
+
+/// The body of a write: the value (kept as the raw text it came as) and its options.
+#[derive(Deserialize)]
+struct WriteBody<'a> {
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    options: Option<keyvault_api::kv2::WriteOptions>,
+}
+
+/// Zeroize every string of a JSON value (values of a secret met while patching).
+fn scrub(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => s.zeroize(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
+        serde_json::Value::Object(o) => o.values_mut().for_each(scrub),
+        _ => {}
+    }
+}
+
+/// RFC 7396 JSON merge patch.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(Default::default());
+    }
+    if let serde_json::Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                if let Some(mut old) = t.remove(k) {
+                    scrub(&mut old);
+                }
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+    }
+}
+
+/// The keys of a value with every leaf `null`, down to `depth` (0: all the way).
+fn subkeys(v: &serde_json::Value, depth: u32, level: u32) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(o) if depth == 0 || level < depth => {
+            serde_json::Value::Object(o.iter().map(|(k, v)| (k.clone(), subkeys(v, depth, level + 1))).collect())
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// A duration as Vault shows it: `0s`, `1h30m`.
+fn duration_text(secs: Option<u64>) -> String {
+    match secs.unwrap_or(0) {
+        0 => "0s".into(),
+        s => humantime::format_duration(std::time::Duration::from_secs(s)).to_string().replace(' ', ""),
+    }
+}
+
+fn parse_duration(text: &str) -> Result<u64> {
+    Ok(crate::auth::parse_duration(text)?.as_secs())
+}
+
+fn check_custom(m: &BTreeMap<String, String>) -> Result<()> {
+    if m.len() > MAX_CUSTOM_KEYS || m.iter().any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 512) {
+        return Err(Error::invalid("custom_metadata: at most 64 keys of 1-128 bytes, values of at most 512 bytes"));
+    }
+    Ok(())
+}
+
+fn version_metadata(meta: &SecretMeta, version: u64, v: &VersionMeta) -> VersionMetadata {
+    VersionMetadata {
+        created_time: v.created_time.clone(),
+        custom_metadata: (!meta.custom_metadata.is_empty()).then(|| meta.custom_metadata.clone()),
+        deletion_time: v.deletion_time.clone().unwrap_or_default(),
+        destroyed: v.destroyed,
+        version,
+    }
+}
+
+impl Kv2 {
+    fn new(core: &Arc<Core>) -> Self {
+        let max = core.settings.secrets.max_versions;
+        Kv2 { secrets: Secrets::kv2(core.store.clone(), core.barrier.clone(), max), store: core.store.clone() }
+    }
+
+    async fn config(&self) -> Result<StoredConfig> {
+        Ok(match self.store.get(CONFIG_KEY).await? {
+            Some(raw) => decode_json(CONFIG_KEY, &raw)?,
+            None => StoredConfig::default(),
+        })
+    }
+
+    fn path(req: &Request) -> Result<SecretPath> {
+        Ok(SecretPath::parse(req.param("path"))?)
+    }
+
+    async fn write(&self, req: &mut Request) -> Result<Reply> {
+        let path = Self::path(req)?;
+        crate::json::check_no_duplicate_keys(&req.body).map_err(|e| crate::json::json_error(&e))?;
+        let mut unknown = Vec::new();
+        let body = req.body.clone();
+        let mut de = serde_json::Deserializer::from_slice(&body);
+        let parsed: WriteBody<'_> = serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string()))
+            .map_err(|e| crate::json::json_error(&e))?;
+        if !unknown.is_empty() {
+            req.warnings.push(format!("Endpoint ignored these unrecognized parameters: [{}]", unknown.join(" ")));
+        }
+        let data = parsed.data.ok_or_else(|| Error::invalid("no data provided"))?;
+        let cas = parsed.options.and_then(|o| o.cas);
+        self.write_value(&path, data.get().as_bytes(), cas).await
+    }
+
+    async fn write_value(&self, path: &SecretPath, value: &[u8], cas: Option<u64>) -> Result<Reply> {
+        let config = self.config().await?;
+        let meta = self.secrets.metadata(path).await?.unwrap_or_default();
+        if (config.cas_required || meta.cas_required) && cas.is_none() {
+            return Err(Error::invalid("check-and-set parameter required for this call"));
+        }
+        let opts = WriteOptions { cas, max_versions: meta.max_versions.or(config.max_versions) };
+        let (version, vmeta) = self.secrets.write_with(path, value, opts).await?;
+        Reply::data(&version_metadata(&meta, version, &vmeta))
+    }
+
+    /// The version asked for (default: the current one), with its metadata; 404 with the
+    /// metadata for a deleted or destroyed version (Vault's reply).
+    async fn read(&self, req: &mut Request) -> Result<Reply> {
+        let path = Self::path(req)?;
+        let q: ReadQuery = req.query()?;
+        if q.version == Some(0) {
+            return Err(Error::invalid("versions start at 1"));
+        }
+        let meta = self
+            .secrets
+            .metadata(&path)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no secret at {}", path.as_str())))?;
+        let version = q.version.unwrap_or(meta.current_version);
+        let v = meta
+            .versions
+            .get(&version)
+            .ok_or_else(|| Error::NotFound(format!("no version {version} of {}", path.as_str())))?;
+        let vm = version_metadata(&meta, version, v);
+        if v.deletion_time.is_some() || v.destroyed || crate::secrets::expired(&meta, v) {
+            #[derive(serde::Serialize)]
+            struct Deleted {
+                data: Option<()>,
+                metadata: VersionMetadata,
+            }
+            return Ok(Reply::data(&Deleted { data: None, metadata: vm })?.status(404));
+        }
+        let secret = self.secrets.read(&path, Some(version)).await?;
+        let vm = serde_json::to_vec(&vm).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
+        let mut buf = Zeroizing::new(Vec::with_capacity(secret.data.len() + vm.len() + 24));
+        buf.extend_from_slice(b"{\"data\":");
+        buf.extend_from_slice(&secret.data);
+        buf.extend_from_slice(b",\"metadata\":");
+        buf.extend_from_slice(&vm);
+        buf.push(b'}');
+        Ok(Reply::raw_data(buf))
+    }
+
+    /// RFC 7396 merge patch of the current version into a new version (check-and-set
+    /// on the version patched: a concurrent write makes it 409).
+    async fn patch(&self, req: &mut Request) -> Result<Reply> {
+        let path = Self::path(req)?;
+        #[derive(Deserialize)]
+        struct PatchBody {
+            data: serde_json::Value,
+            #[serde(default)]
+            options: Option<keyvault_api::kv2::WriteOptions>,
+        }
+        let mut body: PatchBody = req.data()?;
+        let current = self.secrets.read(&path, None).await?;
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&current.data).map_err(|e| Error::Internal(format!("stored value: {e}")))?;
+        merge_patch(&mut value, &body.data);
+        scrub(&mut body.data);
+        let text =
+            Zeroizing::new(serde_json::to_vec(&value).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?);
+        scrub(&mut value);
+        let cas = body.options.and_then(|o| o.cas).or(Some(current.version));
+        self.write_value(&path, &text, cas).await
+    }
+
+    async fn metadata(&self, req: &Request) -> Result<Reply> {
+        let path = Self::path(req)?;
+        let config = self.config().await?;
+        let meta = self
+            .secrets
+            .metadata(&path)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no secret at {}", path.as_str())))?;
+        let versions = meta
+            .versions
+            .iter()
+            .map(|(n, v)| {
+                let state = VersionState {
+                    created_time: v.created_time.clone(),
+                    deletion_time: v.deletion_time.clone().unwrap_or_default(),
+                    destroyed: v.destroyed,
+                };
+                (n.to_string(), state)
+            })
+            .collect();
+        Reply::data(&Metadata {
+            cas_required: meta.cas_required,
+            created_time: meta.created_time.clone().unwrap_or_default(),
+            current_version: meta.current_version,
+            custom_metadata: (!meta.custom_metadata.is_empty()).then(|| meta.custom_metadata.clone()),
+            delete_version_after: duration_text(meta.delete_version_after.or(config.delete_version_after)),
+            max_versions: meta.max_versions.unwrap_or(0),
+            oldest_version: meta.versions.keys().next().copied().unwrap_or(0),
+            updated_time: meta.updated_time.clone().unwrap_or_default(),
+            versions,
+        })
+    }
+
+    fn settings_update(s: Settings) -> Result<MetaUpdate> {
+        if let Some(c) = &s.custom_metadata {
+            check_custom(c)?;
+        }
+        Ok(MetaUpdate {
+            max_versions: s.max_versions,
+            cas_required: s.cas_required,
+            delete_version_after: s.delete_version_after.as_deref().map(parse_duration).transpose()?,
+            custom_metadata: s.custom_metadata,
+        })
+    }
+}
+
+#[async_trait]
+impl Engine for Kv2 {
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
+    }
+
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        Ok(self.secrets.exists(&Self::path(req)?).await?.then(Vec::new))
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        match (req.route.pattern, req.operation) {
+            ("config", Operation::Read) => {
+                let c = self.config().await?;
+                Reply::data(&Config {
+                    cas_required: c.cas_required,
+                    delete_version_after: duration_text(c.delete_version_after),
+                    max_versions: c.max_versions.unwrap_or(0),
+                })
+            }
+            ("config", _) => {
+                let s: Settings = req.data()?;
+                let update = Self::settings_update(s)?;
+                let mut c = self.config().await?;
+                if let Some(m) = update.max_versions {
+                    c.max_versions = (m > 0).then_some(m);
+                }
+                if let Some(r) = update.cas_required {
+                    c.cas_required = r;
+                }
+                if let Some(d) = update.delete_version_after {
+                    c.delete_version_after = (d > 0).then_some(d);
+                }
+                self.store.put(CONFIG_KEY, &encode_json(&c)).await?;
+                Ok(Reply::empty())
+            }
+            ("data/{*path}", Operation::Read) => self.read(req).await,
+            ("data/{*path}", Operation::Write) => self.write(req).await,
+            ("data/{*path}", Operation::Patch) => self.patch(req).await,
+            ("data/{*path}", Operation::Delete) => {
+                self.secrets.soft_delete(&Self::path(req)?, None).await?;
+                Ok(Reply::empty())
+            }
+            ("metadata", _) => Reply::keys(self.secrets.list(&SecretPrefix::parse("")?).await?),
+            ("metadata/{*path}", Operation::List) => {
+                Reply::keys(self.secrets.list(&SecretPrefix::parse(req.param("path"))?).await?)
+            }
+            ("metadata/{*path}", Operation::Read) => self.metadata(req).await,
+            ("metadata/{*path}", Operation::Write) => {
+                let s: Settings = req.data()?;
+                let update = Self::settings_update(s)?;
+                self.secrets.update_metadata(&Self::path(req)?, update).await?;
+                Ok(Reply::empty())
+            }
+            ("metadata/{*path}", Operation::Delete) => {
+                self.secrets.delete_all(&Self::path(req)?).await?;
+                Ok(Reply::empty())
+            }
+            ("delete/{*path}", _) => {
+                let v: Versions = req.data()?;
+                if v.versions.is_empty() {
+                    return Err(Error::invalid("no versions provided"));
+                }
+                self.secrets.soft_delete(&Self::path(req)?, Some(&v.versions)).await?;
+                Ok(Reply::empty())
+            }
+            ("undelete/{*path}", _) => {
+                let v: Versions = req.data()?;
+                if v.versions.is_empty() {
+                    return Err(Error::invalid("no versions provided"));
+                }
+                self.secrets.undelete(&Self::path(req)?, &v.versions).await?;
+                Ok(Reply::empty())
+            }
+            ("destroy/{*path}", _) => {
+                let v: Versions = req.data()?;
+                if v.versions.is_empty() {
+                    return Err(Error::invalid("no versions provided"));
+                }
+                self.secrets.destroy(&Self::path(req)?, &v.versions).await?;
+                Ok(Reply::empty())
+            }
+            ("subkeys/{*path}", _) => {
+                let path = Self::path(req)?;
+                let q: ReadQuery = req.query()?;
+                let secret = self.secrets.read(&path, q.version).await?;
+                let meta = self.secrets.metadata(&path).await?.unwrap_or_default();
+                let mut value: serde_json::Value =
+                    serde_json::from_slice(&secret.data).map_err(|e| Error::Internal(format!("stored value: {e}")))?;
+                let keys = subkeys(&value, q.depth.unwrap_or(0), 0);
+                scrub(&mut value);
+                Reply::data(&Subkeys { subkeys: keys, metadata: version_metadata(&meta, secret.version, &secret.meta) })
+            }
+            _ => Err(Error::UnsupportedOperation),
+        }
+    }
+}
