@@ -233,3 +233,31 @@ pub struct Leader {
     pub performance_standby: bool,
     pub performance_standby_last_remote_wal: u64,
 }
+
+/// A wrapped reply's `wrap_info` (Vault's shape): the single-use wrapping token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WrapInfo {
+    pub token: crate::Sensitive,
+    pub accessor: String,
+    pub ttl: u64,
+    pub creation_time: String,
+    pub creation_path: String,
+    #[serde(default)]
+    pub wrapped_accessor: String,
+}
+
+/// `POST /v1/sys/wrapping/lookup`, `unwrap`, `rewrap`: the wrapping token (or in
+/// `X-Vault-Token`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WrappingToken {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<crate::Sensitive>,
+}
+
+/// `POST /v1/sys/wrapping/lookup`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WrappingLookup {
+    pub creation_path: String,
+    pub creation_time: String,
+    pub creation_ttl: u64,
+}

@@ -220,6 +220,10 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("GET", "kv/subkeys/app", Value::Null, Caps("kv/subkeys/app", &["read"])),
         row("GET", "sys/seal-status", Value::Null, Nobody),
         row("GET", "sys/leader", Value::Null, Nobody),
+        row("POST", "sys/wrapping/unwrap", json!({"token": "kvw.x"}), Nobody),
+        row("POST", "sys/wrapping/lookup", json!({"token": "kvw.x"}), Nobody),
+        row("POST", "sys/wrapping/rewrap", json!({"token": "kvw.x"}), Nobody),
+        row("POST", "sys/wrapping/wrap", json!({"k": "v"}), Caps("sys/wrapping/wrap", &["update"])),
         row("GET", "sys/internal/ui/mounts", Value::Null, AnyToken),
         row("POST", "sys/capabilities-self", json!({"path": "secret/x"}), AnyToken),
         row("GET", "sys/internal/ui/mounts/secret/x", Value::Null, Preflight),
@@ -334,7 +338,8 @@ async fn send_with(c: &Client, r: &Row, n: &mut u32, token: Option<&str>, body: 
 /// whose fields are the secret).
 fn with_unknown_field(r: &Row) -> Option<Value> {
     let mut body = r.body.clone();
-    if r.path.starts_with("secret/") || !matches!(r.method, "POST" | "PUT" | "PATCH") {
+    // Free-form bodies: a secret's fields and the data to wrap are the caller's own.
+    if r.path.starts_with("secret/") || r.path == "sys/wrapping/wrap" || !matches!(r.method, "POST" | "PUT" | "PATCH") {
         return None;
     }
     body.as_object_mut()?.insert("zz_unknown".into(), json!(1));

@@ -91,6 +91,11 @@ impl KeyNames {
     pub fn audit_hmac(&self) -> KeyLabel {
         self.label("audit-hmac", KeyVersion::FIRST)
     }
+
+    /// AES key that wraps the data keys of wrapped replies (response wrapping).
+    pub fn wrapping(&self) -> KeyLabel {
+        self.label("wrapping", KeyVersion::FIRST)
+    }
 }
 
 /// Generate the audit keys if this installation has none yet (installations initialized

@@ -32,6 +32,7 @@ pub mod tls;
 pub mod token;
 pub mod transit;
 pub mod usage;
+pub mod wrapping;
 
 use std::sync::Arc;
 

@@ -70,6 +70,8 @@ pub struct Core {
     pub(crate) tokens: TokenIssuer,
     /// Renewals of tokens past their own `exp`.
     pub(crate) renewals: crate::token::Renewals,
+    /// Wrapped replies (`X-Vault-Wrap-TTL`, `sys/wrapping/*`).
+    pub(crate) wrapping: crate::wrapping::Wrapping,
     pub(crate) policies: PolicyStore,
     pub(crate) revocations: Revocations,
     pub(crate) rotation: Arc<Rotation>,
@@ -144,10 +146,12 @@ impl Core {
         let rotation =
             Arc::new(Rotation::new(store.clone(), keys.clone(), names.clone(), keyring.clone(), barrier.clone()));
         let cluster_id = cluster_id(store.as_ref()).await?;
+        crate::wrapping::Wrapping::ensure_key(&keys, &names).await?;
         Ok(Core {
             policies: PolicyStore::new(store.clone()),
             revocations: Revocations::new(store.clone()),
             renewals: crate::token::Renewals::new(store.clone()),
+            wrapping: crate::wrapping::Wrapping::new(store.clone(), keys.clone(), names.clone(), keyring.clone()),
             cert: CertAuth::new(store.clone()),
             limiter: FailureLimiter::new(settings.rate_limit),
             clock: ClockWatch {

@@ -126,10 +126,8 @@ impl Engine for Kv {
                     deletion_time: String::new(),
                     destroyed: false,
                 };
-                let metadata =
-                    serde_json::to_value(&metadata).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
                 // `data` is the value exactly as written, never parsed or copied.
-                Ok(Reply::raw_data(v.data).extra("metadata", metadata))
+                Reply::raw_data(v.data).extra("metadata", &metadata)
             }
             Operation::Write => {
                 self.refuse_version_2(&path, &req.body)?;

@@ -62,6 +62,15 @@ const ROUTES: &[Route] = &[
         "another token's capabilities on paths",
         &[OpSpec::compute(Access::Needs(Capability::Update))],
     ),
+    // Response wrapping: the wrapping token is the credential.
+    Route::new("wrapping/unwrap", "the wrapped reply, once", &[OpSpec::write(Access::Public)]),
+    Route::new("wrapping/lookup", "when and where a wrapping token was made", &[OpSpec::compute(Access::Public)]),
+    Route::new("wrapping/rewrap", "a new wrapping token for the same reply", &[OpSpec::write(Access::Public)]),
+    Route::new(
+        "wrapping/wrap",
+        "wrap the body (for `X-Vault-Wrap-TTL`, default 5 minutes)",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    ),
     // Vault's older policy endpoints, authorized as the paths they alias.
     Route::new(
         "policy",
@@ -181,6 +190,17 @@ fn capabilities(acl: &crate::policy::Acl, b: keyvault_api::sys::CapabilitiesRequ
         out.insert("capabilities".into(), only);
     }
     Reply::data(&out)
+}
+
+/// The wrapping token of a `sys/wrapping/*` request: in the body's `token`, or in
+/// `X-Vault-Token` (Vault takes both).
+fn wrapping_token(req: &mut Request) -> Result<zeroize::Zeroizing<String>> {
+    let b: keyvault_api::sys::WrappingToken = req.data()?;
+    match (b.token, req.token.as_deref()) {
+        (Some(t), _) => Ok(zeroize::Zeroizing::new(t.expose().to_owned())),
+        (None, Some(t)) if !t.is_empty() => Ok(zeroize::Zeroizing::new(t.clone())),
+        _ => Err(Error::invalid("give the wrapping token in `token` or in X-Vault-Token")),
+    }
 }
 
 /// Accessors are 1-64 ASCII letters and digits.
@@ -428,6 +448,54 @@ impl Engine for Sys {
                 Reply::data(&PolicyList { keys: names.clone(), policies: names })
             }
             ("seal-status", _) => Reply::bare(&self.seal_status()),
+            ("wrapping/unwrap", _) => {
+                let token = wrapping_token(req)?;
+                let (reply, accessor) = core.wrapping.unwrap(&token).await?;
+                req.audit_detail(format!("wrapped reply unwrapped (wrapping token accessor {accessor})"));
+                Ok(Reply {
+                    status: 200,
+                    body: crate::logical::ReplyBody::Bare(reply),
+                    extra: Vec::new(),
+                    warnings: Vec::new(),
+                })
+            }
+            ("wrapping/lookup", _) => {
+                let token = wrapping_token(req)?;
+                let l = core.wrapping.lookup(&token).await?;
+                Reply::data(&keyvault_api::sys::WrappingLookup {
+                    creation_path: l.creation_path,
+                    creation_time: humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(l.creation_time),
+                    )
+                    .to_string(),
+                    creation_ttl: l.ttl,
+                })
+            }
+            ("wrapping/rewrap", _) => {
+                let token = wrapping_token(req)?;
+                let info = core.wrapping.rewrap(&token).await?;
+                req.audit_detail(format!("wrapped reply rewrapped (new wrapping token accessor {})", info.accessor));
+                let wrap_info = keyvault_api::sys::WrapInfo {
+                    token: info.token.into(),
+                    accessor: info.accessor,
+                    ttl: info.ttl,
+                    creation_time: humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(info.creation_time),
+                    )
+                    .to_string(),
+                    creation_path: info.creation_path,
+                    wrapped_accessor: String::new(),
+                };
+                Reply::raw_data(zeroize::Zeroizing::new(b"null".to_vec())).extra("wrap_info", &wrap_info)
+            }
+            ("wrapping/wrap", _) => {
+                // The body is the data; the pipeline wraps the reply.
+                req.data::<std::collections::HashMap<String, serde::de::IgnoredAny>>()?;
+                if req.wrap_ttl.is_none() {
+                    req.wrap_ttl = Some(std::time::Duration::from_secs(300));
+                }
+                Ok(Reply::raw_data(req.body.clone()))
+            }
             ("leader", _) => Reply::bare(&keyvault_api::sys::Leader {
                 ha_enabled: false,
                 is_self: false,

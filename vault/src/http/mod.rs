@@ -15,17 +15,15 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde::Serialize;
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditSlot, AuditState, EntryKind};
 use crate::error::{AuthFailure, Error};
 use crate::logical::mounts::Resolved;
-use crate::logical::{Access, MAX_LOGIN_BODY, Operation, Peer, Reply, ReplyBody};
+use crate::logical::render::render;
+use crate::logical::{Access, MAX_LOGIN_BODY, Operation, Peer, Reply};
 use crate::service::{Incoming, Service};
-use crate::token::IssuedToken;
-use crate::unix_now;
 
 pub mod body;
 pub mod error;
@@ -87,6 +85,13 @@ pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<Zeroizing<String
     Ok(None)
 }
 
+/// `X-Vault-Wrap-TTL: 5m` (or seconds): wrap the reply (see [`crate::wrapping`]).
+fn wrap_ttl(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Error> {
+    let Some(v) = headers.get("x-vault-wrap-ttl") else { return Ok(None) };
+    let text = v.to_str().map_err(|_| Error::invalid("invalid X-Vault-Wrap-TTL"))?;
+    crate::auth::parse_duration(text).map(Some)
+}
+
 /// Vault's mapping of methods to operations.
 fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
     let listing =
@@ -120,7 +125,7 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
         Ctx { id: id.clone(), operation: format!("{method} (no route)"), had_intent: false, intent_refused: false };
     let outcome = run(&state, req, &peer, &slot, &mut ctx).instrument(span.clone()).await;
     let mut resp = match outcome {
-        Ok(reply) => render(reply, &id),
+        Ok(reply) => render_reply(reply, &id),
         Err(e) => e.into_response(),
     };
     if ctx.intent_refused {
@@ -176,6 +181,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
     let resolved: Resolved = service.resolve(op, &raw)?;
     ctx.operation = resolved.describe(req.method().as_str());
     let token = token_from_headers(req.headers())?;
+    let wrap_ttl = wrap_ttl(req.headers())?;
     if let Some(t) = &token {
         slot.lock().unwrap_or_else(|p| p.into_inner()).token_hmac = Some(service.audit_hmac(t.as_bytes()));
     }
@@ -203,7 +209,8 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
         }
         ctx.had_intent = true;
     }
-    let incoming = Incoming { request_id: ctx.id.clone(), token, body, query, peer: peer.clone(), audit: slot.clone() };
+    let incoming =
+        Incoming { request_id: ctx.id.clone(), token, body, query, peer: peer.clone(), audit: slot.clone(), wrap_ttl };
     Ok(service.dispatch(resolved, incoming).await?)
 }
 
@@ -263,107 +270,14 @@ impl AsRef<[u8]> for ZeroizingBody {
     }
 }
 
-/// A login or renewal reply: the token in Vault's `auth` block.
-#[derive(Serialize)]
-struct AuthEnvelope<'a> {
-    request_id: &'a str,
-    lease_id: &'static str,
-    renewable: bool,
-    lease_duration: u64,
-    data: Option<()>,
-    auth: keyvault_api::auth::Auth,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    warnings: &'a [String],
-}
-
-fn auth_block(t: &IssuedToken) -> keyvault_api::auth::Auth {
-    use secrecy::ExposeSecret;
-    let c = &t.claims;
-    let renewable = c.max_exp.is_some_and(|m| m > c.exp);
-    keyvault_api::auth::Auth {
-        client_token: keyvault_api::Sensitive::new(t.token.expose_secret()),
-        accessor: c.acc.clone(),
-        policies: c.pol.clone(),
-        token_policies: c.pol.clone(),
-        metadata: c.role.iter().map(|r| ("role_name".to_owned(), r.clone())).collect(),
-        lease_duration: c.exp.saturating_sub(unix_now()),
-        renewable,
-        token_type: "service".into(),
-        orphan: true,
-        bound_certificate_x5t_s256: c.cnf.as_ref().map(|x| x.x5t_s256.clone()),
-    }
-}
-
-/// Turn a reply into HTTP: Vault's envelope around `data` (and `warnings`), the `auth`
-/// block for a token, or the bare body.
-fn render(reply: Reply, request_id: &str) -> Response {
-    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let built = match reply.body {
-        ReplyBody::Empty if reply.warnings.is_empty() => return StatusCode::NO_CONTENT.into_response(),
-        ReplyBody::Empty => envelope(request_id, b"null", &reply.extra, &reply.warnings).map(|b| (StatusCode::OK, b)),
-        ReplyBody::Data(data) => envelope(request_id, &data, &reply.extra, &reply.warnings).map(|b| (status, b)),
-        ReplyBody::Bare(body) => Ok((status, body)),
-        ReplyBody::Auth(token) => {
-            let env = AuthEnvelope {
-                request_id,
-                lease_id: "",
-                renewable: false,
-                lease_duration: 0,
-                data: None,
-                auth: auth_block(&token),
-                warnings: &reply.warnings,
-            };
-            crate::logical::to_json(&env).map(|b| (status, b))
+/// Turn a reply into HTTP: its status and the body [`render`] makes (204 for none).
+fn render_reply(reply: Reply, request_id: &str) -> Response {
+    match render(&reply, request_id) {
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Some((code, buf))) => {
+            json_response(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), buf)
         }
-        ReplyBody::Login(_) => Err(Error::Internal("a login outcome reached the transport".into())),
-    };
-    match built {
-        Ok((status, buf)) => json_response(status, buf),
         Err(e) => ApiError::from(e).into_response(),
-    }
-}
-
-/// `{"request_id", "lease_id", "renewable", "lease_duration", "data": <data>, extras...,
-/// "warnings"}`, assembled around `data` without parsing or copying it out of zeroizing
-/// memory (it may be a secret's value exactly as it was written).
-fn envelope(
-    request_id: &str,
-    data: &[u8],
-    extra: &[(&'static str, serde_json::Value)],
-    warnings: &[String],
-) -> Result<Zeroizing<Vec<u8>>, Error> {
-    let enc = |v: &dyn erased::Json| v.json();
-    let head = format!(
-        r#"{{"request_id":{},"lease_id":"","renewable":false,"lease_duration":0,"data":"#,
-        enc(&request_id.to_owned())?
-    );
-    let mut tail = String::new();
-    for (name, value) in extra {
-        tail.push_str(&format!(",{}:{}", enc(&(*name).to_owned())?, enc(value)?));
-    }
-    if !warnings.is_empty() {
-        tail.push_str(&format!(",\"warnings\":{}", enc(&warnings.to_vec())?));
-    }
-    tail.push('}');
-    let mut buf = Zeroizing::new(Vec::with_capacity(head.len() + data.len() + tail.len()));
-    buf.extend_from_slice(head.as_bytes());
-    buf.extend_from_slice(data);
-    buf.extend_from_slice(tail.as_bytes());
-    Ok(buf)
-}
-
-/// JSON text of the envelope's small parts.
-mod erased {
-    use crate::error::Error;
-
-    pub trait Json {
-        fn json(&self) -> Result<String, Error>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> Result<String, Error> {
-            serde_json::to_string(self).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))
-        }
     }
 }
 

@@ -26,6 +26,7 @@ use crate::tls::ClientCert;
 use crate::token::{Claims, IssuedToken};
 
 pub mod mounts;
+pub mod render;
 
 /// What a request does. HTTP maps onto these as Vault does: `GET` is [`Operation::Read`]
 /// (or [`Operation::List`] with `?list=true`), `LIST` is [`Operation::List`], `POST` and
@@ -349,6 +350,8 @@ impl Caller {
 pub struct Request {
     /// The request's id (the reply's `request_id`, the audit entries').
     pub request_id: String,
+    /// The request's path (decoded, without `/v1/`).
+    pub path: String,
     pub operation: Operation,
     /// The mount's path (`transit/`).
     pub mount: String,
@@ -366,6 +369,8 @@ pub struct Request {
     pub caller: Option<Caller>,
     /// The client token the request came with (`lookup-self` returns it, as Vault does).
     pub token: Option<Zeroizing<String>>,
+    /// Wrap the reply for this long (`X-Vault-Wrap-TTL`; `sys/wrapping/wrap` sets it).
+    pub wrap_ttl: Option<std::time::Duration>,
     /// For [`Access::CreateOrUpdate`]: what the existence check found stored (the bytes
     /// a compare-and-swap should expect), `None` if nothing.
     pub existing: Option<Vec<u8>>,
@@ -459,8 +464,9 @@ pub struct Reply {
     /// 200 unless said otherwise (a gateway check answers with its verdict's status).
     pub status: u16,
     pub body: ReplyBody,
-    /// Members of the reply beside `data` (a secret's `metadata`).
-    pub extra: Vec<(&'static str, serde_json::Value)>,
+    /// Members of the reply beside `data` (a secret's `metadata`, `wrap_info`), as JSON
+    /// text (zeroized: `wrap_info` holds a token).
+    pub extra: Vec<(&'static str, Zeroizing<Vec<u8>>)>,
     pub warnings: Vec<String>,
 }
 
@@ -557,9 +563,9 @@ impl Reply {
         self
     }
 
-    pub fn extra(mut self, name: &'static str, value: serde_json::Value) -> Self {
-        self.extra.push((name, value));
-        self
+    pub fn extra<T: Serialize + ?Sized>(mut self, name: &'static str, value: &T) -> Result<Self> {
+        self.extra.push((name, to_json(value)?));
+        Ok(self)
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Resolved {
     pub params: Params,
     /// The path the request is authorized on.
     pub policy_path: String,
+    /// The request's path (decoded, without `/v1/`).
+    pub path: String,
 }
 
 impl Resolved {
@@ -170,7 +172,7 @@ impl MountTable {
         if operation == Operation::List && !policy_path.ends_with('/') {
             policy_path.push('/');
         }
-        Ok(Resolved { mount: mount.clone(), route, spec, params, policy_path })
+        Ok(Resolved { mount: mount.clone(), route, spec, params, policy_path, path: segs.join("/") })
     }
 
     /// Every (route, operation) of every mount.

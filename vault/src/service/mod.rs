@@ -35,6 +35,8 @@ pub struct Incoming {
     pub peer: Peer,
     /// Where the request's audit entry collects what it should say.
     pub audit: AuditSlot,
+    /// Wrap the reply for this long (`X-Vault-Wrap-TTL`).
+    pub wrap_ttl: Option<Duration>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -53,6 +55,7 @@ impl Incoming {
             query: String::new(),
             peer: Peer::local(),
             audit: AuditSlot::default(),
+            wrap_ttl: None,
         }
     }
 }
@@ -70,6 +73,10 @@ impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service").field("mounts", &self.mounts.mounts().len()).finish_non_exhaustive()
     }
+}
+
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// Record who made a request in its audit entry.
@@ -128,10 +135,11 @@ impl Service {
     /// its engine, and turn a successful login into a token. Unknown body fields end up in
     /// the reply's warnings.
     pub async fn dispatch(&self, resolved: Resolved, incoming: Incoming) -> Result<Reply> {
-        let Resolved { mount, route, spec, params, policy_path } = resolved;
+        let Resolved { mount, route, spec, params, policy_path, path } = resolved;
         let engine = mount.engine.clone();
         let mut req = Request {
             request_id: incoming.request_id,
+            path,
             operation: spec.operation,
             mount: mount.path.clone(),
             route,
@@ -142,44 +150,77 @@ impl Service {
             peer: incoming.peer,
             caller: None,
             token: incoming.token,
+            wrap_ttl: incoming.wrap_ttl,
             existing: None,
             audit: incoming.audit,
             warnings: Vec::new(),
         };
+        let reply = self.run(&engine, spec.access, &mut req).await?;
+        match req.wrap_ttl {
+            Some(ttl) => self.wrap(reply, ttl, &req).await,
+            None => Ok(reply),
+        }
+    }
+
+    /// Authorize as the route declares and run the engine (or the login).
+    async fn run(&self, engine: &Arc<dyn crate::logical::Engine>, access: Access, req: &mut Request) -> Result<Reply> {
         let token = req.token.clone();
         let token = token.as_ref().map(|t| t.as_str());
-        match spec.access {
+        match access {
             Access::Public => {}
             Access::Login => {
-                let issued = self.core.login(engine.as_ref(), &mut req).await?;
-                return Ok(self.login_reply(&req, issued));
+                let issued = self.core.login(engine.as_ref(), req).await?;
+                return Ok(self.login_reply(req, issued));
             }
             Access::LoginByRole => {
-                let issued = self.login_by_role(&mut req).await?;
-                return Ok(self.login_reply(&req, issued));
+                let issued = self.login_by_role(req).await?;
+                return Ok(self.login_reply(req, issued));
             }
-            Access::AnyToken => req.caller = Some(self.authenticate(token, &req).await?),
+            Access::AnyToken => req.caller = Some(self.authenticate(token, req).await?),
             Access::Needs(cap) => {
-                let caller = self.authenticate(token, &req).await?;
+                let caller = self.authenticate(token, req).await?;
                 caller.require(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
             Access::Sudo(cap) => {
-                let caller = self.authenticate(token, &req).await?;
+                let caller = self.authenticate(token, req).await?;
                 caller.require_sudo(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
             Access::CreateOrUpdate => {
-                let caller = self.authenticate(token, &req).await?;
-                req.existing = engine.existence(&req).await?;
+                let caller = self.authenticate(token, req).await?;
+                req.existing = engine.existence(req).await?;
                 let cap = if req.existing.is_some() { Capability::Update } else { Capability::Create };
                 caller.require(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
         }
-        let mut reply = engine.handle(&mut req).await?;
+        let mut reply = engine.handle(req).await?;
         reply.warnings.append(&mut req.warnings);
         Ok(reply)
+    }
+
+    /// Response wrapping (`X-Vault-Wrap-TTL`): the reply is sealed and stored, and the
+    /// caller gets `wrap_info` with a single-use wrapping token instead (see
+    /// [`crate::wrapping`]). Only a successful reply with a body is wrapped.
+    async fn wrap(&self, reply: Reply, ttl: Duration, req: &Request) -> Result<Reply> {
+        if reply.status != 200 {
+            return Ok(reply);
+        }
+        let Some((_, inner)) = crate::logical::render::render(&reply, &req.request_id)? else {
+            return Ok(reply);
+        };
+        let info = self.core.wrapping.wrap(&inner, ttl, &req.path).await?;
+        req.audit_detail(format!("reply wrapped (wrapping token accessor {})", info.accessor));
+        let wrap_info = keyvault_api::sys::WrapInfo {
+            token: info.token.into(),
+            accessor: info.accessor,
+            ttl: info.ttl,
+            creation_time: rfc3339(info.creation_time),
+            creation_path: info.creation_path,
+            wrapped_accessor: String::new(),
+        };
+        Reply::raw_data(Zeroizing::new(b"null".to_vec())).extra("wrap_info", &wrap_info)
     }
 
     async fn authenticate(&self, token: Option<&str>, req: &Request) -> Result<Caller> {

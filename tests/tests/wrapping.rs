@@ -1,0 +1,101 @@
+//! Response wrapping: `X-Vault-Wrap-TTL` returns a single-use wrapping token instead of
+//! the reply; the reply is sealed at rest and unwrapped exactly once, even by sixteen
+//! concurrent unwraps.
+
+use keyvault_tests::server::{ServerOptions, TestServer};
+use keyvault_tests::{Client, Reply, json};
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+async fn wrapped(c: &Client, method: &str, path: &str, token: &str, body: serde_json::Value, ttl: &str) -> Reply {
+    let req = c
+        .http
+        .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), c.url(path))
+        .header("X-Vault-Token", token)
+        .header("X-Vault-Wrap-TTL", ttl)
+        .body(body.to_string());
+    Client::reply(req.send().await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_secret_id_is_unwrapped_exactly_once() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.post("auth/approle/role/web", Some(&root), json!({})).await, 204);
+    let r = ok(wrapped(&c, "POST", "auth/approle/role/web/secret-id", &root, json!({}), "5m").await, 200);
+    assert_eq!(r.body["data"], serde_json::Value::Null, "the reply itself is not shown: {r:?}");
+    let info = &r.body["wrap_info"];
+    assert_eq!(info["creation_path"], "auth/approle/role/web/secret-id");
+    assert_eq!(info["ttl"], 300);
+    let w = info["token"].as_str().unwrap().to_owned();
+    assert!(w.starts_with("kvw."));
+
+    // Lookup tells when and where; it does not spend the token.
+    let l = ok(c.post("sys/wrapping/lookup", None, json!({ "token": w })).await, 200);
+    assert_eq!(l.body["data"]["creation_ttl"], 300);
+    // Sixteen unwraps at once: exactly one gets the secret id.
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, w) = (c.clone(), w.clone());
+            tokio::spawn(async move { c.send("POST", "sys/wrapping/unwrap", Some(&w), None).await })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => got.push(r.body["data"]["secret_id"].as_str().unwrap().to_owned()),
+            400 => assert_eq!(r.body["errors"][0], "wrapping token is not valid or does not exist"),
+            other => panic!("unwrap answered {other}: {r:?}"),
+        }
+    }
+    assert_eq!(got.len(), 1, "exactly one unwrap wins");
+    // The secret id works, and the wrapped reply is no longer stored.
+    let role_id = ok(c.get("auth/approle/role/web/role-id", &root).await, 200).body["data"]["role_id"].clone();
+    ok(c.post("auth/approle/login", None, json!({"role_id": role_id, "secret_id": got[0]})).await, 200);
+    ok(c.post("sys/wrapping/lookup", None, json!({ "token": w })).await, 400);
+    // At rest, the wrapped reply was sealed: the secret id is in no file of the install.
+    assert!(keyvault_tests::files_containing(s.dir.path(), got[0].as_bytes()).is_empty());
+    // Audited as Vault does: the wrapping request names the wrap by its accessor; neither
+    // the wrapping token nor the secret id appears in the log.
+    let log = std::fs::read_to_string(s.audit_log()).unwrap();
+    let accessor = info["accessor"].as_str().unwrap();
+    assert!(log.contains(&format!("reply wrapped (wrapping token accessor {accessor})")), "{log}");
+    assert!(log.contains("sys/wrapping/unwrap"), "{log}");
+    assert!(!log.contains(&w) && !log.contains(&got[0]));
+}
+
+#[tokio::test]
+async fn reads_writes_and_wrap_itself_can_be_wrapped_and_rewrapped() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("secret/db", &root, json!({"password": "s3cret-wrapped"})).await, 200);
+    let r = ok(wrapped(&c, "GET", "secret/db", &root, json!({}), "60").await, 200);
+    let w = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
+    // Rewrap: a new token for the same reply, the old one spent.
+    let r = ok(c.post("sys/wrapping/rewrap", None, json!({ "token": w })).await, 200);
+    let w2 = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
+    ok(c.post("sys/wrapping/unwrap", None, json!({ "token": w })).await, 400);
+    let u = ok(c.post("sys/wrapping/unwrap", None, json!({ "token": w2 })).await, 200);
+    assert_eq!(u.body["data"]["password"], "s3cret-wrapped");
+    assert_eq!(u.body["metadata"]["version"], 1);
+    // sys/wrapping/wrap wraps what it is given (default TTL 5 minutes).
+    let r = ok(c.post("sys/wrapping/wrap", Some(&root), json!({"k": "v"})).await, 200);
+    assert_eq!(r.body["wrap_info"]["ttl"], 300);
+    let w3 = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let u = ok(c.post("sys/wrapping/unwrap", None, json!({ "token": w3 })).await, 200);
+    assert_eq!(u.body["data"]["k"], "v");
+    // A TTL beyond a day, or nonsense, is refused; errors are never wrapped.
+    ok(wrapped(&c, "GET", "secret/db", &root, json!({}), "48h").await, 400);
+    ok(wrapped(&c, "GET", "secret/db", &root, json!({}), "soon").await, 400);
+    let r = ok(wrapped(&c, "GET", "secret/nope", &root, json!({}), "5m").await, 404);
+    assert!(r.body.get("wrap_info").is_none());
+    ok(c.post("sys/wrapping/unwrap", None, json!({"token": "kvw.0000"})).await, 400);
+    ok(c.post("sys/wrapping/unwrap", None, json!({})).await, 400);
+}
