@@ -254,6 +254,19 @@ pub struct WrappingToken {
     pub token: Option<crate::Sensitive>,
 }
 
+/// `PUT /v1/sys/unseal` (no token), Vault's body. `key` is the PKCS#11 token's user PIN
+/// (KeyVault has no unseal key shares); `reset` and `migrate` are accepted and mean
+/// nothing here. The reply is [`SealStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UnsealRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::Sensitive>,
+    #[serde(default)]
+    pub reset: bool,
+    #[serde(default)]
+    pub migrate: bool,
+}
+
 /// `POST /v1/sys/wrapping/lookup`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WrappingLookup {

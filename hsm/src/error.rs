@@ -31,6 +31,11 @@ pub enum HsmError {
     #[error("the token is unavailable: {function} returned {rv}")]
     Unavailable { function: Function, rv: RvError },
 
+    /// The key store was sealed (`sys/seal`): no session, no key handle, no PIN in memory
+    /// until it is unsealed with the PIN.
+    #[error("the key store is sealed; unseal it with the token PIN")]
+    Sealed,
+
     /// No key object carries this label.
     #[error("no key labelled {0:?} in the token")]
     KeyNotFound(String),
@@ -68,7 +73,10 @@ impl HsmError {
     /// True when retrying later (after the token comes back) may succeed; the HTTP layer
     /// answers 503 for these.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, HsmError::Unavailable { .. } | HsmError::PoolTimeout | HsmError::TokenNotFound { .. })
+        matches!(
+            self,
+            HsmError::Unavailable { .. } | HsmError::PoolTimeout | HsmError::TokenNotFound { .. } | HsmError::Sealed
+        )
         // Not `KeyNotFound`: the token answers but a key that KeyVault's state names is
         // not in it. That is a fault to fix (an error naming the key), not an outage to
         // wait out; the store retries once after reconnecting before saying so.

@@ -4,6 +4,7 @@
 //! key's value: keys are generated inside the token and only their public halves, and
 //! the results of operations with them, come out.
 
+use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 use crate::error::{HsmError, Result};
@@ -135,4 +136,18 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
 
     /// The mechanism new wraps use.
     fn wrap_mechanism(&self) -> WrapMechanism;
+
+    /// Emergency seal: close every session (which logs the application out of the
+    /// token), forget every object handle and the PIN. Until [`KeyStore::unseal`], every
+    /// call fails with [`HsmError::Sealed`]. Calls running when it is sealed finish; their
+    /// sessions are closed, not reused.
+    fn seal(&self);
+
+    /// Log in again with `pin`. A PIN the token refuses leaves the store sealed (and
+    /// counts against the token's PIN retry limit, as any login does). Unsealing a store
+    /// that is not sealed checks nothing and succeeds.
+    fn unseal(&self, pin: SecretString) -> Result<()>;
+
+    /// True between [`KeyStore::seal`] and a successful [`KeyStore::unseal`].
+    fn is_sealed(&self) -> bool;
 }

@@ -168,6 +168,14 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
+            if self.store.is_sealed() {
+                // Sealed while on loan: close it (the pool keeps no session while sealed).
+                drop(s);
+                let mut st = self.store.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                st.open -= 1;
+                self.store.pool.freed.notify_one();
+                return;
+            }
             let mut st = self.store.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             st.sessions.push(s);
             self.store.pool.freed.notify_one();
@@ -179,7 +187,8 @@ impl Drop for Lease<'_> {
 pub struct Pkcs11KeyStore {
     ctx: Pkcs11,
     label: String,
-    pin: SecretString,
+    /// The user PIN; `None` while sealed.
+    pin: RwLock<Option<SecretString>>,
     slot: RwLock<Slot>,
     pool: Pool,
     /// Object handles by (label, class). Handles of token objects are valid in every
@@ -190,6 +199,8 @@ pub struct Pkcs11KeyStore {
     /// Serializes generation in this process: "is the label free" and "make the object"
     /// are two calls, and two threads must not both find it free.
     generating: std::sync::Mutex<()>,
+    /// Serializes [`KeyStore::unseal`].
+    unsealing: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Pkcs11KeyStore {
@@ -279,7 +290,7 @@ impl Pkcs11KeyStore {
         let store = Pkcs11KeyStore {
             ctx,
             label: config.token_label.clone(),
-            pin: config.pin.clone(),
+            pin: RwLock::new(Some(config.pin.clone())),
             slot: RwLock::new(slot),
             pool: Pool {
                 idle: Mutex::new(PoolState { sessions: Vec::new(), open: 0 }),
@@ -291,6 +302,7 @@ impl Pkcs11KeyStore {
             wrap,
             mechanisms,
             generating: std::sync::Mutex::new(()),
+            unsealing: std::sync::Mutex::new(()),
         };
         // Log in now so that a wrong PIN fails start-up, not the first request.
         drop(store.lease()?);
@@ -304,10 +316,21 @@ impl Pkcs11KeyStore {
     }
 
     fn open_session(&self) -> Result<Session> {
+        let pin = self.pin.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(HsmError::Sealed)?;
+        self.login_session(&pin, false)
+    }
+
+    /// Open a session and log in. `strict`: the login must check this PIN, so a token
+    /// this application is already logged in to is an error, not a success.
+    fn login_session(&self, pin: &SecretString, strict: bool) -> Result<Session> {
         let slot = *self.slot.read().unwrap_or_else(|p| p.into_inner());
         let session = self.ctx.open_rw_session(slot)?;
-        match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        match session.login(UserType::User, Some(pin)) {
+            Ok(()) => Ok(session),
+            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, function)) if strict => {
+                Err(HsmError::Pkcs11 { function, rv: RvError::UserAlreadyLoggedIn })
+            }
+            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(e @ CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired, _)) => {
                 Err(e.into())
             }
@@ -318,6 +341,9 @@ impl Pkcs11KeyStore {
     }
 
     fn lease(&self) -> Result<Lease<'_>> {
+        if self.is_sealed() {
+            return Err(HsmError::Sealed);
+        }
         let deadline = Instant::now() + self.pool.wait;
         let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -816,6 +842,64 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn wrap_mechanism(&self) -> WrapMechanism {
         self.wrap
+    }
+
+    fn seal(&self) {
+        // The PIN first: from here no new session can be opened.
+        *self.pin.write().unwrap_or_else(|p| p.into_inner()) = None;
+        {
+            let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let n = st.sessions.len();
+            // Closing the application's last session ends its login (PKCS#11 v2.40 §5.6).
+            st.sessions.clear();
+            st.open -= n;
+        }
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+        tracing::warn!(token = %self.label, "key store sealed: sessions closed, handles and PIN dropped");
+    }
+
+    fn unseal(&self, pin: SecretString) -> Result<()> {
+        // One unseal at a time; and none while a session from before the seal is still
+        // open (it keeps the application logged in, so a login would not check the PIN).
+        let _one_at_a_time = self.unsealing.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + self.pool.wait;
+        {
+            let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if !self.is_sealed() {
+                    return Ok(());
+                }
+                if st.open == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(HsmError::PoolTimeout);
+                }
+                st = self.pool.freed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        }
+        // Log in with the PIN given before keeping it: a wrong PIN leaves the store sealed.
+        let session = self.login_session(&pin, true)?;
+        {
+            let mut kept = self.pin.write().unwrap_or_else(|p| p.into_inner());
+            if kept.is_none() {
+                *kept = Some(pin);
+                tracing::warn!(token = %self.label, "key store unsealed");
+            }
+        }
+        // Keep the session: while one is open, the application stays logged in.
+        let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if st.open < self.pool.max {
+            st.open += 1;
+            st.sessions.push(session);
+            self.pool.freed.notify_one();
+        }
+        Ok(())
+    }
+
+    fn is_sealed(&self) -> bool {
+        self.pin.read().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 }
 

@@ -229,3 +229,47 @@ fn aes_gcm_data_encryption_in_the_token() {
     let ct = t.store.encrypt_aes_gcm(&key, b"", b"").unwrap();
     assert!(t.store.decrypt_aes_gcm(&key, &ct, b"").unwrap().is_empty());
 }
+
+#[test]
+fn a_sealed_store_refuses_every_call_until_unsealed_with_the_pin() {
+    let t = testing::token();
+    let kek = label("keyvault/master/v1");
+    t.store.generate(&kek, KeyKind::Aes256).unwrap();
+    let wrapped = t.store.wrap_key(&kek, &[7u8; 32], b"aad").unwrap();
+    // A call on loan while the store is sealed finishes; its session is closed after.
+    let lease_holder = {
+        let store = t.store.clone();
+        let kek = kek.clone();
+        std::thread::spawn(move || store.unwrap_key(&kek, &wrapped, b"aad").map(|k| k.to_vec()))
+    };
+    let wrapped = t.store.wrap_key(&kek, &[7u8; 32], b"aad").unwrap();
+    t.store.seal();
+    assert!(t.store.is_sealed());
+    let _ = lease_holder.join().unwrap();
+    for err in [
+        t.store.unwrap_key(&kek, &wrapped, b"aad").map(|_| ()).unwrap_err(),
+        t.store.exists(&kek).map(|_| ()).unwrap_err(),
+        t.store.generate(&label("keyvault/other"), KeyKind::Aes256).unwrap_err(),
+    ] {
+        assert!(matches!(err, HsmError::Sealed), "{err:?}");
+        assert!(err.is_unavailable());
+    }
+    // The token's login ended with the last session: a wrong PIN is checked and refused.
+    let err = t.store.unseal(testing::wrong_pin()).unwrap_err();
+    assert!(matches!(err, HsmError::PinIncorrect), "{err:?}");
+    assert!(t.store.is_sealed());
+    // Sixteen unseals with the right PIN at once: all succeed, the store works again.
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, pin) = (t.store.clone(), t.config.pin.clone());
+            std::thread::spawn(move || store.unseal(pin))
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap().unwrap();
+    }
+    assert!(!t.store.is_sealed());
+    assert_eq!(t.store.unwrap_key(&kek, &wrapped, b"aad").unwrap().as_slice(), &[7u8; 32]);
+    // Unsealing an unsealed store checks nothing.
+    t.store.unseal(testing::wrong_pin()).unwrap();
+}

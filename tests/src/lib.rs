@@ -395,6 +395,20 @@ pub async fn wait_for(within: Duration, what: &str, mut f: impl FnMut() -> bool)
     }
 }
 
+/// Poll `sys/rotate/status` until no rotation runs (up to two minutes); its `data`.
+pub async fn wait_rotation_idle(c: &Client, root: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = c.get("sys/rotate/status", root).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        if r.body["data"]["state"] == "idle" {
+            return r.body["data"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotation did not finish: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Send a request line exactly as given (no client-side path normalization, which every
 /// HTTP client applies to `..`), over TLS; returns the status code.
 pub async fn raw_status(addr: &str, ca: &Path, method: &str, raw_path: &str, token: &str) -> u16 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keyvault_tests::postgres::TestPostgres;
 use keyvault_tests::server::{ServerOptions, TestServer};
-use keyvault_tests::{Client, Reply, json};
+use keyvault_tests::{Reply, json};
 use tokio::sync::Mutex;
 
 #[track_caller]
@@ -49,17 +49,6 @@ async fn sql(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
-}
-
-async fn wait_idle(c: &Client, root: &str) -> serde_json::Value {
-    for _ in 0..3000 {
-        let r = ok(c.get("sys/rotate/status", root).await, 200);
-        if r.body["data"]["state"] == "idle" {
-            return r.body["data"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the rotation did not finish");
 }
 
 /// The master key versions whose objects are in the token.
@@ -102,7 +91,7 @@ async fn a_write_in_flight_across_rotate_and_retire_is_never_lost() {
     assert!(!write.is_finished(), "B's write waits for the held row");
     // A rotates and retires meanwhile.
     ok(ca.post("sys/rotate", Some(&root), json!({})).await, 200);
-    wait_idle(&ca, &root).await;
+    keyvault_tests::wait_rotation_idle(&ca, &root).await;
     let r = ok(ca.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
     assert_eq!(r.body["data"]["retired"], json!([1]));
     assert_eq!(master_objects(&cl.a), vec![2]);
@@ -114,18 +103,18 @@ async fn a_write_in_flight_across_rotate_and_retire_is_never_lost() {
         assert_eq!(ok(c.get("secret/race/x", &root).await, 200).body["data"]["value"], "acknowledged");
     }
     // Nothing is stuck: status is exact and idle, another rotation and retire work.
-    let s = wait_idle(&ca, &root).await;
+    let s = keyvault_tests::wait_rotation_idle(&ca, &root).await;
     assert_eq!(s["records_by_version"], json!({"2": 2}));
     assert_eq!(s["records_remaining"], 0);
     ok(cb.post("sys/rotate", Some(&root), json!({})).await, 200);
-    wait_idle(&cb, &root).await;
+    keyvault_tests::wait_rotation_idle(&cb, &root).await;
     assert_eq!(ok(cb.post("sys/rotate/retire", Some(&root), json!({})).await, 200).body["data"]["retired"], json!([2]));
     // Right after a retire on one replica, writes on the other work at once (no 503).
     for i in 0..5 {
         ok(ca.put(&format!("secret/after/{i}"), &root, json!({"value": "v"})).await, 200);
     }
     ok(ca.post("sys/rotate", Some(&root), json!({})).await, 200);
-    wait_idle(&ca, &root).await;
+    keyvault_tests::wait_rotation_idle(&ca, &root).await;
     ok(ca.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
     for i in 0..5 {
         ok(cb.put(&format!("secret/after/{i}"), &root, json!({"value": "w"})).await, 200);
@@ -181,7 +170,7 @@ async fn a_hundred_rotate_and_retire_rounds_under_writes_lose_nothing() {
     for round in 0..100 {
         let (rot, other) = if round % 2 == 0 { (&ca, &cb) } else { (&cb, &ca) };
         ok(rot.post("sys/rotate", Some(&root), json!({})).await, 200);
-        wait_idle(rot, &root).await;
+        keyvault_tests::wait_rotation_idle(rot, &root).await;
         // Retire on either replica; a version still in use (a write that committed just
         // before the rotation closed it, not yet re-wrapped) makes it wait, never lose.
         let mut retired = false;
@@ -212,7 +201,7 @@ async fn a_hundred_rotate_and_retire_rounds_under_writes_lose_nothing() {
     }
     // The counts are exact (a scan of the records agrees) and only the active version is
     // left, in the keyring and in the token.
-    let s = wait_idle(&ca, &root).await;
+    let s = keyvault_tests::wait_rotation_idle(&ca, &root).await;
     let active = s["active_version"].as_u64().unwrap();
     assert_eq!(active, 101);
     let rows = psql
@@ -251,7 +240,7 @@ async fn damaged_records_never_wedge_a_rotation() {
     .await
     .unwrap();
     ok(ca.post("sys/rotate", Some(&root), json!({})).await, 200);
-    let s = wait_idle(&ca, &root).await;
+    let s = keyvault_tests::wait_rotation_idle(&ca, &root).await;
     assert_eq!(s["records_remaining"], 0, "{s}");
     assert_eq!(s["set_aside"], 1, "{s}");
     assert_eq!(s["records_by_version"], json!({"1": 1, "2": 19}), "{s}");
@@ -271,7 +260,7 @@ async fn damaged_records_never_wedge_a_rotation() {
     let r = ok(ca.post("sys/rotate/retire", Some(&root), json!({})).await, 409);
     assert!(r.body["errors"][0].as_str().unwrap().contains("set aside"), "{r:?}");
     ok(cb.post("sys/rotate", Some(&root), json!({})).await, 200);
-    let s = wait_idle(&cb, &root).await;
+    let s = keyvault_tests::wait_rotation_idle(&cb, &root).await;
     assert_eq!(s["records_by_version"], json!({"1": 1, "3": 19}), "{s}");
     assert_eq!(ok(ca.post("sys/rotate/retire", Some(&root), json!({})).await, 200).body["data"]["retired"], json!([2]));
     // Deleting the damaged secret version releases v1.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use keyvault::store::{PostgresOptions, PostgresStore, Store};
 use keyvault_tests::postgres::TestPostgres;
 use keyvault_tests::server::{ServerOptions, TestServer};
-use keyvault_tests::{Client, Reply, json};
+use keyvault_tests::{Reply, json};
 
 #[track_caller]
 fn ok(r: Reply, status: u16) -> Reply {
@@ -112,17 +112,6 @@ fn cluster_with(name: &str, env: Vec<(String, String)>) -> Cluster {
     Cluster { _pg: pg, url, a, b }
 }
 
-async fn wait_idle(c: &Client, root: &str) -> serde_json::Value {
-    for _ in 0..1200 {
-        let r = ok(c.get("sys/rotate/status", root).await, 200);
-        if r.body["data"]["state"] == "idle" {
-            return r.body["data"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the rotation did not finish");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_rotate_twice_under_load_with_no_failed_request() {
     let cl = cluster("rotation");
@@ -199,7 +188,7 @@ async fn two_replicas_rotate_twice_under_load_with_no_failed_request() {
             assert!(r.body["errors"][0].as_str().unwrap().contains("already running"), "{r:?}");
         }
         psql.batch_execute("COMMIT").await.unwrap();
-        let st = wait_idle(&cb, &root).await;
+        let st = keyvault_tests::wait_rotation_idle(&cb, &root).await;
         assert_eq!(st["versions_in_use"], json!([expected]), "{st}");
         ran(30).await;
     }
@@ -271,7 +260,7 @@ async fn when_the_driving_replica_is_killed_the_other_finishes() {
     dead.child.kill().unwrap();
     dead.child.wait().unwrap();
     std::fs::remove_file(&hold).unwrap();
-    let st = wait_idle(alive_client, &root).await;
+    let st = keyvault_tests::wait_rotation_idle(alive_client, &root).await;
     assert_eq!(st["versions_in_use"], json!([2]), "{st}");
     assert!(alive.log_text().contains("taking over the master key rotation"));
     for i in (0..2500).step_by(97) {

@@ -303,6 +303,15 @@ impl Barrier {
         self
     }
 
+    /// Drop (and zeroize) every cached data key (emergency seal).
+    pub fn forget_cached_keys(&self) -> usize {
+        let Some(cache) = &self.dek_cache else { return 0 };
+        let mut map = cache.map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.len();
+        map.clear();
+        n
+    }
+
     /// The master key version new records are wrapped with.
     pub fn active_version(&self) -> KeyVersion {
         self.keyring.load().master.active

@@ -17,7 +17,7 @@ use secrecy::ExposeSecret;
 mod cli;
 
 use cli::bench::{self, BenchOptions, Scenario};
-use cli::client::call;
+use cli::client::{call, request};
 use cli::dev::{self, DevLayout};
 
 #[derive(Parser)]
@@ -130,6 +130,22 @@ enum OperatorCommand {
         /// aside as damaged.
         #[arg(long, conflicts_with_all = ["no_wait", "retire"])]
         report: bool,
+    },
+    /// Emergency seal of one running replica (`PUT /v1/sys/seal`, sudo): it closes its
+    /// sessions with the token, forgets the PIN, key handles and caches, and answers 503
+    /// until unsealed. Other replicas are not affected.
+    Seal {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// Unseal a sealed replica with the token's PIN, read from the PIN source of the
+    /// server's configuration file (`PUT /v1/sys/unseal`; no token needed).
+    Unseal {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// The server's configuration file (its `[hsm]` PIN source is read).
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Mint a new root token (needs the HSM PIN; with sled storage, stop the server first).
     RootToken {
@@ -382,6 +398,29 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        OperatorCommand::Seal { endpoint } => {
+            init_logging("warn", false);
+            let (status, reply) = request(&endpoint.endpoint(), "PUT", "sys/seal", Some(serde_json::json!({}))).await?;
+            if status != 204 {
+                anyhow::bail!("PUT /v1/sys/seal answered {status}: {}", error_messages(&reply));
+            }
+            println!("sealed: every request but health, seal status and unseal is refused until unsealed");
+            Ok(())
+        }
+        OperatorCommand::Unseal { endpoint, config } => {
+            init_logging("warn", false);
+            let config = Config::load(&config)?;
+            let pin = config.hsm.pin_source()?.read()?;
+            let body =
+                serde_json::to_value(keyvault_api::sys::UnsealRequest { key: Some(pin.into()), ..Default::default() })?;
+            let (status, reply) = request(&endpoint.endpoint(), "PUT", "sys/unseal", Some(body)).await?;
+            if status != 200 {
+                anyhow::bail!("PUT /v1/sys/unseal answered {status}: {}", error_messages(&reply));
+            }
+            let s: keyvault_api::sys::SealStatus = serde_json::from_value(reply)?;
+            println!("sealed: {}", s.sealed);
+            Ok(())
+        }
         OperatorCommand::RootToken { config, ttl } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
@@ -442,4 +481,11 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// The `errors` of an error reply, joined (never a request body).
+fn error_messages(reply: &serde_json::Value) -> String {
+    serde_json::from_value::<keyvault_api::ErrorBody>(reply.clone())
+        .map(|b| b.errors.join("; "))
+        .unwrap_or_else(|_| "no error message".into())
 }

@@ -367,7 +367,10 @@ impl Rotation {
         tokio::spawn(async move {
             loop {
                 let started = Instant::now();
-                match me.step().await {
+                // A sealed replica takes no step (and so renews no lease): another replica
+                // takes the rotation over when the lease runs out.
+                let step = if me.keys.is_sealed() { Ok(false) } else { me.step().await };
+                match step {
                     Ok(true) => continue,
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "rotation step failed; retrying"),

@@ -87,7 +87,14 @@ pub struct Core {
     pub(crate) cluster_id: String,
     /// What `sys/mounts` and `sys/auth` list (set once the mounts are built).
     pub(crate) mounts: std::sync::OnceLock<(keyvault_api::sys::Mounts, keyvault_api::sys::Mounts)>,
+    /// Wrong PINs tried by `sys/unseal` since the last seal (serializes unseals).
+    unseal_failures: tokio::sync::Mutex<u32>,
 }
+
+/// Wrong PINs `sys/unseal` tries against the token per seal. Tokens lock their user PIN
+/// after a number of failed logins (often 10); stopping well before keeps a stranger from
+/// locking it while the replica is sealed. Past it, restarting the replica unseals it.
+pub const MAX_UNSEAL_FAILURES: u32 = 3;
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,6 +167,7 @@ impl Core {
             },
             keyring_refresh: Default::default(),
             mounts: Default::default(),
+            unseal_failures: Default::default(),
             cluster_id,
             store,
             keys,
@@ -171,6 +179,52 @@ impl Core {
             audit,
             settings,
         })
+    }
+
+    // ---- emergency seal ----
+
+    /// Whether this replica is sealed (`sys/seal`).
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.keys.is_sealed()
+    }
+
+    /// Seal this replica: close every session with the token and forget the PIN and key
+    /// handles, then drop every cached data key and verified token. From the first step
+    /// on, requests other than health, seal status and unseal are answered 503.
+    pub(crate) async fn seal(&self) {
+        let mut failures = self.unseal_failures.lock().await;
+        self.keys.seal();
+        *failures = 0;
+        let deks = self.barrier.forget_cached_keys();
+        let tokens = self.tokens.forget_verified();
+        tracing::warn!(cached_data_keys = deks, verified_tokens = tokens, "KeyVault sealed");
+    }
+
+    /// Unseal with the token's user PIN (checked by logging in to the token). A store
+    /// that is not sealed is left as it is. At most [`MAX_UNSEAL_FAILURES`] wrong PINs per
+    /// seal reach the token; after that every attempt is refused without trying.
+    pub(crate) async fn unseal(&self, pin: secrecy::SecretString) -> Result<()> {
+        let mut failures = self.unseal_failures.lock().await;
+        if !self.is_sealed() {
+            return Ok(());
+        }
+        if *failures >= MAX_UNSEAL_FAILURES {
+            return Err(Error::Unavailable(format!(
+                "{MAX_UNSEAL_FAILURES} wrong PINs were given since the seal; no more are tried (restart this replica to unseal it)"
+            )));
+        }
+        match crate::hsm_call(&self.keys, move |k| k.unseal(pin)).await {
+            Ok(()) => {
+                tracing::warn!("KeyVault unsealed");
+                Ok(())
+            }
+            Err(Error::Hsm(keyvault_hsm::HsmError::PinIncorrect)) => {
+                *failures += 1;
+                tracing::warn!(failures = *failures, "unseal refused: the token refused the PIN");
+                Err(Error::invalid("the token refused the PIN"))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `sys/mounts` (`auth == false`) or `sys/auth` (`auth == true`).
@@ -546,7 +600,7 @@ impl Core {
                     if let Err(e) = me.sync_once().await {
                         tracing::warn!(error = %e, "following the keyring failed");
                     }
-                    if last_auto_check.elapsed() >= me.settings.rotation.check_interval {
+                    if last_auto_check.elapsed() >= me.settings.rotation.check_interval && !me.is_sealed() {
                         last_auto_check = std::time::Instant::now();
                         let sealed = me.barrier.sealed_count();
                         if let Err(e) = me.auto_rotate(sealed - reported).await {

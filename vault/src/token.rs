@@ -172,6 +172,14 @@ impl TokenIssuer {
         Ok(issuer)
     }
 
+    /// Forget every verified token (emergency seal): each is verified afresh after.
+    pub fn forget_verified(&self) -> usize {
+        let mut map = self.cache.map.write().unwrap_or_else(|p| p.into_inner());
+        let n = map.len();
+        map.clear();
+        n
+    }
+
     /// (Re)load the verification keys of the keyring's signing versions.
     pub async fn load_public_keys(&self) -> Result<()> {
         let versions = self.keyring.load().token_signing.versions.clone();

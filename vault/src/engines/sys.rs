@@ -47,8 +47,16 @@ fn policy_name(_: Operation, p: &mut Params) -> Result<()> {
 const SUDO_UPDATE: &[OpSpec] = &[OpSpec::write(Access::Sudo(Capability::Update))];
 
 const ROUTES: &[Route] = &[
-    Route::new("health", "storage, HSM, clock and audit status (no token)", &[OpSpec::read(Access::Public)]),
-    Route::new("seal-status", "Vault's seal status (no token)", &[OpSpec::read(Access::Public)]),
+    Route::new("health", "storage, HSM, clock, audit and seal status (no token)", &[OpSpec::read(Access::Public)])
+        .while_sealed(),
+    Route::new("seal-status", "Vault's seal status (no token)", &[OpSpec::read(Access::Public)]).while_sealed(),
+    Route::new("seal", "emergency seal of this replica: sessions, key handles, PIN and caches dropped", SUDO_UPDATE),
+    Route::new(
+        "unseal",
+        "unseal this replica with the token's PIN (`key`; no token)",
+        &[OpSpec::write(Access::Public)],
+    )
+    .while_sealed(),
     Route::new("leader", "Vault's HA status (no token): every replica is active", &[OpSpec::read(Access::Public)]),
     Route::new("internal/ui/mounts", "the mounts, for Vault's tools", &[OpSpec::read(Access::AnyToken)]),
     Route::new(
@@ -228,7 +236,7 @@ impl Sys {
         keyvault_api::sys::SealStatus {
             seal_type: "pkcs11".into(),
             initialized: true,
-            sealed: false,
+            sealed: self.core.is_sealed(),
             t: 1,
             n: 1,
             progress: 0,
@@ -281,15 +289,19 @@ impl Sys {
         let active = core.barrier.active_version();
         let label = core.names.master(active);
         let shown = label.clone();
-        let hsm = match crate::hsm_call(&core.keys, move |k| k.exists(&label)).await {
-            Ok(true) => "ok",
-            Ok(false) => {
-                tracing::error!(key = %shown, "health: the active master key is missing from the HSM");
-                "key_missing"
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "health: HSM check failed");
-                "unavailable"
+        let hsm = if core.is_sealed() {
+            "sealed"
+        } else {
+            match crate::hsm_call(&core.keys, move |k| k.exists(&label)).await {
+                Ok(true) => "ok",
+                Ok(false) => {
+                    tracing::error!(key = %shown, "health: the active master key is missing from the HSM");
+                    "key_missing"
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "health: HSM check failed");
+                    "unavailable"
+                }
             }
         };
         let (clock_offset_ms, clock_ok) = core.clock_state();
@@ -298,7 +310,7 @@ impl Sys {
         let ok = storage == "ok" && hsm == "ok" && clock_ok && audit_ok;
         let health = Health {
             initialized: true,
-            sealed: false,
+            sealed: hsm == "sealed",
             standby: false,
             version: env!("CARGO_PKG_VERSION").into(),
             storage: storage.into(),
@@ -448,6 +460,21 @@ impl Engine for Sys {
                 Reply::data(&PolicyList { keys: names.clone(), policies: names })
             }
             ("seal-status", _) => Reply::bare(&self.seal_status()),
+            ("seal", _) => {
+                req.data::<keyvault_api::Empty>()?;
+                core.seal().await;
+                req.audit_detail("this replica was sealed".into());
+                Ok(Reply::empty())
+            }
+            ("unseal", _) => {
+                let b: keyvault_api::sys::UnsealRequest = req.data()?;
+                if let Some(pin) = b.key {
+                    core.unseal(pin.into_secret()).await?;
+                } else if core.is_sealed() && !b.reset {
+                    return Err(Error::invalid("give the token's user PIN in `key`"));
+                }
+                Reply::bare(&self.seal_status())
+            }
             ("wrapping/unwrap", _) => {
                 let token = wrapping_token(req)?;
                 let (reply, accessor) = core.wrapping.unwrap(&token).await?;

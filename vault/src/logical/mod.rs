@@ -149,11 +149,19 @@ pub struct Route {
     pub normalize: Option<Normalize>,
     /// One line for the docs and the route listing.
     pub summary: &'static str,
+    /// Served while the replica is sealed (health, seal status, unseal); every other
+    /// route is answered 503 then.
+    pub while_sealed: bool,
 }
 
 impl Route {
     pub const fn new(pattern: &'static str, summary: &'static str, ops: &'static [OpSpec]) -> Self {
-        Route { pattern, policy: None, ops, normalize: None, summary }
+        Route { pattern, policy: None, ops, normalize: None, summary, while_sealed: false }
+    }
+
+    pub const fn while_sealed(mut self) -> Self {
+        self.while_sealed = true;
+        self
     }
 
     pub const fn policy(mut self, pattern: &'static str) -> Self {

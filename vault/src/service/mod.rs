@@ -136,6 +136,9 @@ impl Service {
     /// the reply's warnings.
     pub async fn dispatch(&self, resolved: Resolved, incoming: Incoming) -> Result<Reply> {
         let Resolved { mount, route, spec, params, policy_path, path } = resolved;
+        if !route.while_sealed && self.core.is_sealed() {
+            return Err(crate::error::Error::Hsm(keyvault_hsm::HsmError::Sealed));
+        }
         let engine = mount.engine.clone();
         let mut req = Request {
             request_id: incoming.request_id,
