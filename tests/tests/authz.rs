@@ -279,6 +279,12 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("POST", "auth/token/revoke-self", e.clone(), AnyToken),
         row(
             "POST",
+            "auth/token/lookup-accessor",
+            json!({"accessor": "0123456789abcdef"}),
+            Caps("auth/token/lookup-accessor", &["update"]),
+        ),
+        row(
+            "POST",
             "auth/token/revoke-accessor",
             json!({"accessor": "0123456789abcdef"}),
             Caps("auth/token/revoke-accessor", &["update"]),

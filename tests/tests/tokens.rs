@@ -51,7 +51,20 @@ async fn child_tokens_die_with_their_parents_and_never_hold_more() {
     let orphan = token(&c.post("auth/token/create-orphan", Some(&root), json!({"policies": ["app"]})).await);
 
     // A grandchild; revoking the parent revokes both generations, not the orphan.
-    let grandchild = token(&c.post("auth/token/create", Some(&child), json!({"policies": ["app"]})).await);
+    let made = ok(c.post("auth/token/create", Some(&child), json!({"policies": ["app"]})).await, 200);
+    let grandchild = token(&made);
+    // Tokens made by create are recorded by accessor (without the token); a login's is not.
+    let acc = made.body["auth"]["accessor"].as_str().unwrap().to_owned();
+    let l = ok(c.post("auth/token/lookup-accessor", Some(&root), json!({"accessor": acc})).await, 200);
+    assert_eq!(l.body["data"]["accessor"], acc.as_str());
+    assert_eq!(l.body["data"]["id"], "");
+    assert_eq!(l.body["data"]["policies"], json!(["app"]));
+    assert_eq!(l.body["data"]["orphan"], false);
+    assert!(!l.body.to_string().contains(&grandchild));
+    let login_acc = ok(c.get("auth/token/lookup-self", &parent).await, 200).body["data"]["accessor"].clone();
+    let r = ok(c.post("auth/token/lookup-accessor", Some(&root), json!({"accessor": login_acc})).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("only tokens made by auth/token/create"), "{r:?}");
+    ok(c.post("auth/token/lookup-accessor", Some(&parent), json!({"accessor": acc})).await, 403);
     ok(c.get("secret/app/x", &grandchild).await, 200);
     ok(c.post("auth/token/revoke-self", Some(&parent), json!({})).await, 204);
     for t in [&parent, &child, &grandchild] {
@@ -59,6 +72,8 @@ async fn child_tokens_die_with_their_parents_and_never_hold_more() {
         assert_eq!(r.body["errors"][0], "token revoked");
     }
     ok(c.get("secret/app/x", &orphan).await, 200);
+    // A revoked line is not looked up by accessor either.
+    ok(c.post("auth/token/lookup-accessor", Some(&root), json!({"accessor": acc})).await, 400);
 
     // Lookup and revoke of another token (update on the path).
     let l = ok(c.post("auth/token/lookup", Some(&root), json!({"token": orphan})).await, 200);

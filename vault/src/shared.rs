@@ -358,11 +358,6 @@ impl Core {
             }
             other => other.map_err(Error::Unauthenticated)?,
         };
-        // Past its own expiry, a token lives on only if it was renewed (read once, then
-        // kept in memory until the renewal's expiry).
-        if expired && self.renewals.valid_until(&claims).await? <= unix_now() {
-            return Err(Error::Unauthenticated(AuthFailure::Expired));
-        }
         let cert = peer.client_cert.as_deref();
         if let Some(cnf) = &claims.cnf {
             match cert {
@@ -373,20 +368,49 @@ impl Core {
                 Some(_) => {}
             }
         }
-        if self.revocations.accessor_revoked(&claims.acc).await? {
-            return Err(Error::Unauthenticated(AuthFailure::Revoked));
+        let bound_cert = claims.cnf.as_ref().and(cert).map(|c| c.sha256_hex.clone());
+        self.check_token_standing(&claims, expired, bound_cert.as_deref()).await?;
+        let acl = self.policies.acl(&claims.pol).await?;
+        Ok(Caller { claims, acl, direct: false })
+    }
+
+    /// What a token needs besides its signature and the connection: not past its expiry
+    /// unless renewed (a renewal is read once, then kept in memory until it ends), no
+    /// accessor of its line revoked (its own, its parent's, its ancestors'), none of its
+    /// identities revoked since it was issued. `bound_cert`: the hex SHA-256 of the
+    /// certificate it is bound to.
+    pub(crate) async fn check_token_standing(
+        &self,
+        claims: &Claims,
+        expired: bool,
+        bound_cert: Option<&str>,
+    ) -> Result<()> {
+        if expired && self.renewals.valid_until(claims).await? <= unix_now() {
+            return Err(Error::Unauthenticated(AuthFailure::Expired));
         }
-        for ancestor in claims.par.iter().chain(&claims.anc) {
-            if self.revocations.accessor_revoked(ancestor).await? {
+        for acc in std::iter::once(&claims.acc).chain(claims.par.iter()).chain(&claims.anc) {
+            if self.revocations.accessor_revoked(acc).await? {
                 return Err(Error::Unauthenticated(AuthFailure::Revoked));
             }
         }
-        let bound_cert = claims.cnf.as_ref().and(cert).map(|c| c.sha256_hex.as_str());
         let user = claims.sub.strip_prefix("userpass:").filter(|_| claims.meth == auth::userpass::METHOD);
         let ids = identities(claims.role.as_deref(), user, bound_cert, claims.spiffe.as_deref());
-        self.check_token_identities(&ids, &claims).await?;
-        let acl = self.policies.acl(&claims.pol).await?;
-        Ok(Caller { claims, acl, direct: false })
+        self.check_token_identities(&ids, claims).await
+    }
+
+    /// [`Core::check_token_standing`] for a token that is not the caller's (lookup,
+    /// renew, revoke, lookup by accessor): its binding is taken from the token itself.
+    pub(crate) async fn check_other_token(&self, claims: &Claims, expired: bool) -> Result<()> {
+        use base64::Engine as _;
+        let bound = match &claims.cnf {
+            Some(cnf) => Some(hex::encode(
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(&cnf.x5t_s256)
+                    .map_err(|_| Error::Unauthenticated(AuthFailure::MalformedToken))?,
+            )),
+            None => None,
+        };
+        self.check_token_standing(claims, expired, bound.as_deref()).await
     }
 
     async fn authenticate_direct(&self, peer: &Peer) -> Result<Caller> {

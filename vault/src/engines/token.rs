@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::logical::{Access, Caller, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::{Core, MAX_TOKEN_LIFETIME};
+use crate::store::{encode_json, get_json};
 use crate::token::{Claims, IssuedToken};
 use crate::unix_now;
 
@@ -57,6 +58,11 @@ const ROUTES: &[Route] = &[
         "revoke",
         "revoke another token and every token made from it",
         &[OpSpec::write(Access::Needs(Capability::Update))],
+    ),
+    Route::new(
+        "lookup-accessor",
+        "look up a token made by auth/token/create by its accessor",
+        &[OpSpec::compute(Access::Needs(Capability::Update))],
     ),
     Route::new(
         "revoke-accessor",
@@ -120,6 +126,11 @@ impl TokenEngine {
     }
 }
 
+/// Where a token made by `auth/token/create` is recorded by its accessor.
+fn accessor_key(accessor: &str) -> String {
+    format!("auth/token/accessor/{accessor}")
+}
+
 /// The most generations of child tokens (`auth/token/create` from a child...).
 const MAX_DEPTH: usize = 8;
 
@@ -181,6 +192,11 @@ impl TokenEngine {
             ..parent.clone()
         };
         let token = self.core.tokens.sign_claims(claims).await?;
+        // Recorded by accessor (its claims, never the token) for lookup-accessor, until it
+        // can no longer be valid. Logins record nothing: a login writes nothing.
+        let lives = Duration::from_secs(max_exp.saturating_sub(now).max(1));
+        let key = accessor_key(&token.claims.acc);
+        self.core.store.insert_if_absent(&key, &encode_json(&token.claims), Some(lives)).await?;
         tracing::info!(accessor = %token.claims.acc, parent = %parent.acc, orphan, "token created");
         req.audit_detail(format!("token {} created by {}", token.claims.acc, parent.acc));
         Ok(Reply::auth(token))
@@ -190,15 +206,11 @@ impl TokenEngine {
     async fn other(&self, token: &str) -> Result<std::sync::Arc<Claims>> {
         let invalid = || Error::invalid("invalid token");
         let (claims, expired) = self.core.tokens.verify_signature(token).map_err(|_| invalid())?;
-        if expired && self.core.renewals.valid_until(&claims).await? <= unix_now() {
-            return Err(invalid());
+        match self.core.check_other_token(&claims, expired).await {
+            Ok(()) => Ok(claims),
+            Err(Error::Unauthenticated(_)) => Err(invalid()),
+            Err(e) => Err(e),
         }
-        for acc in std::iter::once(&claims.acc).chain(claims.par.iter()).chain(&claims.anc) {
-            if self.core.revocations.accessor_revoked(acc).await? {
-                return Err(invalid());
-            }
-        }
-        Ok(claims)
     }
 }
 
@@ -258,6 +270,26 @@ impl Engine for TokenEngine {
                 self.core.revocations.revoke_accessor(&caller.claims.acc, until).await?;
                 tracing::info!(accessor = %caller.claims.acc, "token revoked by its holder");
                 Ok(Reply::empty())
+            }
+            "lookup-accessor" => {
+                let b: RevokeAccessor = req.data()?;
+                super::sys::validate_accessor(&b.accessor)?;
+                let unknown = || {
+                    Error::invalid(
+                        "no valid token with this accessor is recorded (only tokens made by auth/token/create are: \
+                         look a login's token up with auth/token/lookup)",
+                    )
+                };
+                let key = accessor_key(&b.accessor);
+                let mut claims: Claims = get_json(self.core.store.as_ref(), &key).await?.ok_or_else(unknown)?;
+                match self.core.check_other_token(&claims, claims.exp <= unix_now()).await {
+                    Ok(()) => {}
+                    Err(Error::Unauthenticated(_)) => return Err(unknown()),
+                    Err(e) => return Err(e),
+                }
+                claims.exp = claims.exp.max(self.core.renewals.valid_until(&claims).await?);
+                let caller = Caller { claims: std::sync::Arc::new(claims), acl: Default::default(), direct: false };
+                Reply::data(&lookup(&caller, ""))
             }
             "revoke-accessor" => {
                 let b: RevokeAccessor = req.data()?;
