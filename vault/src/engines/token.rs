@@ -19,7 +19,7 @@ use crate::unix_now;
 pub const KIND: EngineKind = EngineKind {
     info: EngineInfo {
         name: "token",
-        description: "the caller's own token: look up, renew, revoke; revocation by accessor",
+        description: "tokens: look up, renew (the same token), create child and orphan tokens, revoke; by accessor too",
         auth: true,
         routes: ROUTES,
     },
@@ -89,10 +89,10 @@ fn lookup(caller: &Caller, token: &str) -> TokenLookup {
         display_name: c.sub.clone(),
         meta: c.role.iter().map(|r| ("role_name".to_owned(), r.clone())).collect(),
         num_uses: 0,
-        orphan: c.par.is_none(),
+        orphan: c.par.is_none() && c.anc.is_empty(),
         entity_id: String::new(),
         creation_ttl: c.exp.saturating_sub(c.iat),
-        path: format!("auth/{}/login", c.meth),
+        path: if c.anc.is_empty() { format!("auth/{}/login", c.meth) } else { "auth/token/create".into() },
         issue_time: rfc3339(c.iat),
         creation_time: c.iat,
         expire_time: rfc3339(c.exp),
@@ -116,6 +116,10 @@ impl TokenEngine {
         }
         let ttl = increment.map(|d| d.as_secs()).unwrap_or(claims.exp.saturating_sub(claims.iat)).max(1);
         let wanted = now.checked_add(ttl).ok_or_else(|| Error::invalid("increment out of range"))?;
+        // As in Vault: a token made not renewable (its maximum is its expiry) says so.
+        if claims.max_exp.unwrap_or(claims.exp) <= claims.exp {
+            return Err(Error::invalid("lease is not renewable"));
+        }
         if claims.max_exp.unwrap_or(claims.exp) <= now {
             return Err(Error::invalid("the token has reached its maximum TTL; log in again"));
         }
@@ -202,6 +206,15 @@ impl TokenEngine {
         Ok(Reply::auth(token))
     }
 
+    /// The caller as a lookup shows it: with the expiry of its latest renewal.
+    async fn renewed(&self, caller: &Caller) -> Result<Caller> {
+        let mut claims = caller.claims.as_ref().clone();
+        if !caller.direct {
+            claims.exp = claims.exp.max(self.core.renewals.valid_until(&claims).await?);
+        }
+        Ok(Caller { claims: std::sync::Arc::new(claims), acl: caller.acl.clone(), direct: caller.direct })
+    }
+
     /// Another token, as presented in a body: signature, expiry (with renewals), not revoked.
     async fn other(&self, token: &str) -> Result<std::sync::Arc<Claims>> {
         let invalid = || Error::invalid("invalid token");
@@ -227,7 +240,8 @@ impl Engine for TokenEngine {
                     req.data::<keyvault_api::Empty>()?;
                 }
                 let token = req.token.as_deref().map(String::as_str).unwrap_or_default();
-                Reply::data(&lookup(req.caller()?, token))
+                let caller = self.renewed(req.caller()?).await?;
+                Reply::data(&lookup(&caller, token))
             }
             "renew-self" => {
                 let b: RenewSelf = req.data()?;
@@ -249,7 +263,7 @@ impl Engine for TokenEngine {
             "lookup" => {
                 let b: keyvault_api::auth::TokenRef = req.data()?;
                 let claims = self.other(b.token.expose()).await?;
-                let caller = Caller { claims, acl: Default::default(), direct: false };
+                let caller = self.renewed(&Caller { claims, acl: Default::default(), direct: false }).await?;
                 Reply::data(&lookup(&caller, b.token.expose()))
             }
             "revoke" => {
