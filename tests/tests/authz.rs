@@ -222,6 +222,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("GET", "sys/leader", Value::Null, Nobody),
         row("POST", "sys/wrapping/unwrap", json!({"token": "kvw.x"}), Nobody),
         row("POST", "sys/wrapping/lookup", json!({"token": "kvw.x"}), Nobody),
+        row("GET", "sys/wrapping/lookup?token=kvw.x", Value::Null, Nobody),
         row("POST", "sys/wrapping/rewrap", json!({"token": "kvw.x"}), Nobody),
         row("POST", "sys/wrapping/wrap", json!({"k": "v"}), Caps("sys/wrapping/wrap", &["update"])),
         row("GET", "sys/internal/ui/mounts", Value::Null, AnyToken),

@@ -437,6 +437,7 @@ impl Core {
             idg: Generations::new(),
             par: None,
             anc: Vec::new(),
+            nren: true,
         });
         let acl = self.policies.acl(&claims.pol).await?;
         Ok(Caller { claims, acl, direct: true })

@@ -77,6 +77,10 @@ pub struct Claims {
     /// first: revoking any of them revokes this token too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anc: Vec<String>,
+    /// Made not renewable (a root token, a token whose maximum is its TTL, or one created
+    /// with `renewable: false`): a renewal is refused, as Vault does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nren: bool,
 }
 
 /// What to put in a new token.
@@ -251,6 +255,7 @@ impl TokenIssuer {
             idg: spec.generations,
             par: spec.parent,
             anc: Vec::new(),
+            nren: max_exp <= exp,
         };
         let token = self.sign(&claims).await?;
         Ok(IssuedToken { token, claims })

@@ -72,7 +72,11 @@ const ROUTES: &[Route] = &[
     ),
     // Response wrapping: the wrapping token is the credential.
     Route::new("wrapping/unwrap", "the wrapped reply, once", &[OpSpec::write(Access::Public)]),
-    Route::new("wrapping/lookup", "when and where a wrapping token was made", &[OpSpec::compute(Access::Public)]),
+    Route::new(
+        "wrapping/lookup",
+        "when and where a wrapping token was made (GET: `?token=`, as Vault's agent asks)",
+        &[OpSpec::compute(Access::Public), OpSpec::read(Access::Public)],
+    ),
     Route::new("wrapping/rewrap", "a new wrapping token for the same reply", &[OpSpec::write(Access::Public)]),
     Route::new(
         "wrapping/wrap",
@@ -203,7 +207,8 @@ fn capabilities(acl: &crate::policy::Acl, b: keyvault_api::sys::CapabilitiesRequ
 /// The wrapping token of a `sys/wrapping/*` request: in the body's `token`, or in
 /// `X-Vault-Token` (Vault takes both).
 fn wrapping_token(req: &mut Request) -> Result<zeroize::Zeroizing<String>> {
-    let b: keyvault_api::sys::WrappingToken = req.data()?;
+    // `GET sys/wrapping/lookup?token=...` is how Vault's agent looks a wrapped secret id up.
+    let b: keyvault_api::sys::WrappingToken = if req.operation == Operation::Read { req.query()? } else { req.data()? };
     match (b.token, req.token.as_deref()) {
         (Some(t), _) => Ok(zeroize::Zeroizing::new(t.expose().to_owned())),
         (None, Some(t)) if !t.is_empty() => Ok(zeroize::Zeroizing::new(t.clone())),

@@ -80,7 +80,8 @@ fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
-fn lookup(caller: &Caller, token: &str) -> TokenLookup {
+/// A token as Vault's lookups show it; `exp`: when it expires now (after renewals).
+fn lookup(caller: &Caller, token: &str, exp: u64) -> TokenLookup {
     let c = caller.claims.as_ref();
     TokenLookup {
         id: keyvault_api::Sensitive::new(token),
@@ -95,10 +96,10 @@ fn lookup(caller: &Caller, token: &str) -> TokenLookup {
         path: if c.anc.is_empty() { format!("auth/{}/login", c.meth) } else { "auth/token/create".into() },
         issue_time: rfc3339(c.iat),
         creation_time: c.iat,
-        expire_time: rfc3339(c.exp),
-        ttl: c.exp.saturating_sub(unix_now()),
+        expire_time: rfc3339(exp),
+        ttl: exp.saturating_sub(unix_now()),
         explicit_max_ttl: c.max_exp.map(|m| m.saturating_sub(c.iat)).unwrap_or(0),
-        renewable: !caller.direct && c.max_exp.is_some_and(|m| m > c.exp),
+        renewable: !caller.direct && !c.nren,
         bound_certificate_x5t_s256: c.cnf.as_ref().map(|x| x.x5t_s256.clone()),
         spiffe_id: c.spiffe.clone(),
         token_type: if caller.direct { "direct-certificate" } else { "service" }.into(),
@@ -116,8 +117,8 @@ impl TokenEngine {
         }
         let ttl = increment.map(|d| d.as_secs()).unwrap_or(claims.exp.saturating_sub(claims.iat)).max(1);
         let wanted = now.checked_add(ttl).ok_or_else(|| Error::invalid("increment out of range"))?;
-        // As in Vault: a token made not renewable (its maximum is its expiry) says so.
-        if claims.max_exp.unwrap_or(claims.exp) <= claims.exp {
+        // As in Vault: a token made not renewable says so.
+        if claims.nren {
             return Err(Error::invalid("lease is not renewable"));
         }
         if claims.max_exp.unwrap_or(claims.exp) <= now {
@@ -193,6 +194,7 @@ impl TokenEngine {
             pol: policies,
             anc,
             par: if orphan { None } else { parent.par.clone() },
+            nren: b.renewable == Some(false),
             ..parent.clone()
         };
         let token = self.core.tokens.sign_claims(claims).await?;
@@ -206,13 +208,13 @@ impl TokenEngine {
         Ok(Reply::auth(token))
     }
 
-    /// The caller as a lookup shows it: with the expiry of its latest renewal.
-    async fn renewed(&self, caller: &Caller) -> Result<Caller> {
-        let mut claims = caller.claims.as_ref().clone();
-        if !caller.direct {
-            claims.exp = claims.exp.max(self.core.renewals.valid_until(&claims).await?);
+    /// When a token expires now: its own `exp`, or its latest renewal's.
+    async fn expiry(&self, caller: &Caller) -> Result<u64> {
+        let c = caller.claims.as_ref();
+        if caller.direct {
+            return Ok(c.exp);
         }
-        Ok(Caller { claims: std::sync::Arc::new(claims), acl: caller.acl.clone(), direct: caller.direct })
+        Ok(c.exp.max(self.core.renewals.valid_until(c).await?))
     }
 
     /// Another token, as presented in a body: signature, expiry (with renewals), not revoked.
@@ -240,8 +242,8 @@ impl Engine for TokenEngine {
                     req.data::<keyvault_api::Empty>()?;
                 }
                 let token = req.token.as_deref().map(String::as_str).unwrap_or_default();
-                let caller = self.renewed(req.caller()?).await?;
-                Reply::data(&lookup(&caller, token))
+                let caller = req.caller()?;
+                Reply::data(&lookup(caller, token, self.expiry(caller).await?))
             }
             "renew-self" => {
                 let b: RenewSelf = req.data()?;
@@ -263,8 +265,8 @@ impl Engine for TokenEngine {
             "lookup" => {
                 let b: keyvault_api::auth::TokenRef = req.data()?;
                 let claims = self.other(b.token.expose()).await?;
-                let caller = self.renewed(&Caller { claims, acl: Default::default(), direct: false }).await?;
-                Reply::data(&lookup(&caller, b.token.expose()))
+                let caller = Caller { claims, acl: Default::default(), direct: false };
+                Reply::data(&lookup(&caller, b.token.expose(), self.expiry(&caller).await?))
             }
             "revoke" => {
                 let b: keyvault_api::auth::TokenRef = req.data()?;
@@ -295,15 +297,14 @@ impl Engine for TokenEngine {
                     )
                 };
                 let key = accessor_key(&b.accessor);
-                let mut claims: Claims = get_json(self.core.store.as_ref(), &key).await?.ok_or_else(unknown)?;
+                let claims: Claims = get_json(self.core.store.as_ref(), &key).await?.ok_or_else(unknown)?;
                 match self.core.check_other_token(&claims, claims.exp <= unix_now()).await {
                     Ok(()) => {}
                     Err(Error::Unauthenticated(_)) => return Err(unknown()),
                     Err(e) => return Err(e),
                 }
-                claims.exp = claims.exp.max(self.core.renewals.valid_until(&claims).await?);
                 let caller = Caller { claims: std::sync::Arc::new(claims), acl: Default::default(), direct: false };
-                Reply::data(&lookup(&caller, ""))
+                Reply::data(&lookup(&caller, "", self.expiry(&caller).await?))
             }
             "revoke-accessor" => {
                 let b: RevokeAccessor = req.data()?;

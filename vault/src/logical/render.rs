@@ -26,7 +26,7 @@ struct AuthEnvelope<'a> {
 fn auth_block(t: &IssuedToken) -> keyvault_api::auth::Auth {
     use secrecy::ExposeSecret;
     let c = &t.claims;
-    let renewable = c.max_exp.is_some_and(|m| m > c.exp);
+    let renewable = !c.nren;
     keyvault_api::auth::Auth {
         client_token: keyvault_api::Sensitive::new(t.token.expose_secret()),
         accessor: c.acc.clone(),
