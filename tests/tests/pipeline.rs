@@ -367,3 +367,25 @@ async fn a_configuration_with_overlapping_or_misplaced_mounts_is_refused_at_star
         assert!(e.contains(expect), "{mounts}: {e}");
     }
 }
+
+/// `X-Vault-Namespace` naming another namespace is refused, not served from the only one
+/// KeyVault has; the root namespace is this one.
+#[tokio::test]
+async fn a_request_for_another_namespace_is_refused() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("secret/ns", &root, json!({"v": "root namespace"})).await, 200);
+    let with_ns = |ns: &str| {
+        c.http.get(c.url("secret/ns")).header("X-Vault-Token", root.as_str()).header("X-Vault-Namespace", ns).send()
+    };
+    for ns in ["team1", "team1/", "admin/team1"] {
+        let r = Client::reply(with_ns(ns).await.unwrap()).await;
+        assert_eq!(r.status, 400, "{ns}: {r:?}");
+        assert_eq!(r.body["errors"][0], "namespaces are not supported: KeyVault has only the root namespace");
+    }
+    for ns in ["", "root", "root/"] {
+        let r = Client::reply(with_ns(ns).await.unwrap()).await;
+        assert_eq!(r.body["data"]["v"], "root namespace", "{ns:?}: {r:?}");
+    }
+}

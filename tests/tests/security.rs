@@ -415,12 +415,18 @@ async fn small_findings() {
     let c = s.client();
     let root = s.root.clone();
 
-    // Renewal arithmetic from client input is checked: 400, not a wrapped sum.
+    // Renewal arithmetic from client input is checked: 400, not a wrapped sum (on a
+    // renewable token: a root token is not).
+    let made = ok(c.post("auth/token/create", Some(&root), json!({"policies": []})).await, 200);
+    let t = made.body["auth"]["client_token"].as_str().unwrap().to_owned();
     for inc in [json!(18446744073709551615u64), json!("1000000h"), json!(30 * 24 * 3600)] {
-        let r = c.post("auth/token/renew-self", Some(&root), json!({ "increment": inc })).await;
+        let r = c.post("auth/token/renew-self", Some(&t), json!({ "increment": inc })).await;
         assert_eq!(r.status, 400, "{inc}: {r:?}");
+        assert_ne!(r.body["errors"][0], "lease is not renewable");
     }
-    ok(c.post("auth/token/renew-self", Some(&root), json!({"increment": "10m"})).await, 200);
+    ok(c.post("auth/token/renew-self", Some(&t), json!({"increment": "10m"})).await, 200);
+    let r = ok(c.post("auth/token/renew-self", Some(&root), json!({"increment": "10m"})).await, 400);
+    assert_eq!(r.body["errors"][0], "lease is not renewable");
 
     // Media types a browser sends across sites without asking are refused.
     for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/html"] {

@@ -92,6 +92,17 @@ fn wrap_ttl(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Error> {
     crate::auth::parse_duration(text).map(Some)
 }
 
+/// `X-Vault-Namespace`: KeyVault has one namespace. A request meant for another one is
+/// refused rather than served from the only one there is (fail closed); the root
+/// namespace (empty, `root`) is this one.
+fn check_namespace(headers: &HeaderMap) -> Result<(), Error> {
+    let Some(v) = headers.get("x-vault-namespace") else { return Ok(()) };
+    match v.to_str().map(|s| s.trim().trim_matches('/')) {
+        Ok("" | "root") => Ok(()),
+        _ => Err(Error::invalid("namespaces are not supported: KeyVault has only the root namespace")),
+    }
+}
+
 /// Vault's mapping of methods to operations.
 fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
     let listing =
@@ -182,6 +193,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
     ctx.operation = resolved.describe(req.method().as_str());
     let token = token_from_headers(req.headers())?;
     let wrap_ttl = wrap_ttl(req.headers())?;
+    check_namespace(req.headers())?;
     if let Some(t) = &token {
         slot.lock().unwrap_or_else(|p| p.into_inner()).token_hmac = Some(service.audit_hmac(t.as_bytes()));
     }
