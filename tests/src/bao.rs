@@ -31,12 +31,17 @@ pub enum Server {
     OpenBao(OpenBaoDev),
 }
 
-/// `bao server -dev` (in memory, plain HTTP) on a free port, stopped on drop.
+/// `bao server -dev` (in memory) on a free port, stopped on drop: plain HTTP, or TLS
+/// with a CA of its own (`-dev-tls`).
 pub struct OpenBaoDev {
     child: Child,
     pub addr: String,
     pub root: String,
     pub unseal_key: String,
+    /// With TLS: the CA certificate that verifies the server.
+    pub ca_file: Option<PathBuf>,
+    port: u16,
+    tls_dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for OpenBaoDev {
@@ -53,17 +58,36 @@ fn free_port() -> u16 {
 }
 
 impl OpenBaoDev {
-    fn start() -> OpenBaoDev {
+    /// Start a dev server (`tls`: with `-dev-tls`) and wait until it answers.
+    pub fn start(tls: bool) -> OpenBaoDev {
         let root = format!("root-{}", uuid_like());
-        let port = free_port();
-        let mut child = Command::new(bao_bin())
-            .args(["server", "-dev", "-dev-kv-v1", "-dev-no-store-token"])
-            .arg(format!("-dev-root-token-id={root}"))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+        let tls_dir = tls.then(|| tempfile::Builder::new().prefix("bao-tls-").tempdir().unwrap());
+        let mut dev = OpenBaoDev {
+            child: Command::new("true").spawn().unwrap(),
+            addr: String::new(),
+            root,
+            unseal_key: String::new(),
+            ca_file: tls_dir.as_ref().map(|d| d.path().join("vault-ca.pem")),
+            port: free_port(),
+            tls_dir,
+        };
+        dev.spawn();
+        dev
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(bao_bin());
+        cmd.args(["server", "-dev", "-dev-kv-v1", "-dev-no-store-token"])
+            .arg(format!("-dev-root-token-id={}", self.root))
+            .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port))
+            .env("HOME", std::env::temp_dir())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        if let Some(d) = &self.tls_dir {
+            cmd.arg("-dev-tls").arg(format!("-dev-tls-cert-dir={}", d.path().display()));
+        }
+        let _ = self.child.wait();
+        let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -74,8 +98,49 @@ impl OpenBaoDev {
                 }
             }
         });
-        let unseal_key = rx.recv_timeout(Duration::from_secs(60)).expect("bao server -dev printed no unseal key");
-        OpenBaoDev { child, addr: format!("http://127.0.0.1:{port}"), root, unseal_key }
+        self.unseal_key = rx.recv_timeout(Duration::from_secs(60)).expect("bao server -dev printed no unseal key");
+        self.child = child;
+        let scheme = if self.tls_dir.is_some() { "https" } else { "http" };
+        self.addr = format!("{scheme}://127.0.0.1:{}", self.port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !self.cli(&["status"]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "the OpenBao dev server did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop it (in memory: everything it held is gone).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port, with the same root token (and nothing else).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// `bao <args>` against it with its root token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(bao_bin());
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::temp_dir())
+            .env("VAULT_ADDR", &self.addr)
+            .env("VAULT_TOKEN", &self.root);
+        if let Some(ca) = &self.ca_file {
+            c.env("VAULT_CACERT", ca);
+        }
+        c.args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// `bao <args>`, which must succeed; its standard output, trimmed.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "bao {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
 
@@ -99,9 +164,8 @@ impl Target {
         let home = tempfile::Builder::new().prefix("bao-home-").tempdir().unwrap();
         let server = match std::env::var("KEYVAULT_BAO_TARGET").as_deref() {
             Ok("openbao") => {
-                let dev = OpenBaoDev::start();
+                let dev = OpenBaoDev::start(false);
                 let t = Target { server: Server::OpenBao(dev), home };
-                t.wait_ready();
                 for args in [
                     &["secrets", "enable", "-path=kv", "kv-v2"][..],
                     &["secrets", "enable", "transit"],
@@ -183,16 +247,5 @@ impl Target {
     /// Run `bao <args>` (with `token` in `VAULT_TOKEN` if given).
     pub fn run_as(&self, args: &[&str], token: Option<&str>) -> Output {
         self.command(token).args(args).stdin(Stdio::null()).output().unwrap()
-    }
-
-    fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.run_as(&["status"], None).status.success() {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "the OpenBao dev server did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 }

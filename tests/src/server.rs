@@ -262,3 +262,12 @@ impl Drop for TestServer {
         let _ = self.child.wait();
     }
 }
+
+/// The `[[mounts]]` entries of the default configuration, as TOML: a test that adds a
+/// mount appends its own after these (a configuration that names mounts names them all).
+pub fn default_mounts_toml() -> String {
+    keyvault::config::default_mounts()
+        .iter()
+        .map(|m| format!("[[mounts]]\npath = \"{}\"\ntype = \"{}\"\n", m.path, m.kind))
+        .collect()
+}

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod kv;
 pub mod kv2;
 pub mod login;
+pub mod proxy;
 pub mod sys;
 pub mod token;
 pub mod transit;
@@ -56,6 +57,7 @@ pub fn check_options(kind: &EngineKind, mount: &MountConfig) -> Result<()> {
 pub const KINDS: &[EngineKind] = &[
     kv::KIND,
     kv2::KIND,
+    proxy::HASHICORP,
     transit::KIND,
     gateway::KIND,
     auth::approle::KIND,

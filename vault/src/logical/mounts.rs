@@ -207,7 +207,8 @@ impl MountTable {
                 let key = if auth { m.path.trim_start_matches("auth/").to_owned() } else { m.path.clone() };
                 // Vault's tools tell the key/value versions apart by `options.version`.
                 let (kind, version) = match m.engine.kind() {
-                    "kv" => ("kv", Some("1")),
+                    // A proxied mount answers as KV version 1 (versions by `?version=N`).
+                    "kv" | "hashicorp" => ("kv", Some("1")),
                     "kv-v2" => ("kv", Some("2")),
                     other => (other, None),
                 };

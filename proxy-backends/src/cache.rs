@@ -1,0 +1,365 @@
+//! A read cache in front of any [`SecretBackend`]: entries live `ttl`, bounded in number
+//! and in bytes (the oldest go first), zeroized when evicted or replaced (their
+//! [`SecretData`] is); "not found" is kept `negative_ttl`; with `stale_if_error`, a value
+//! past its `ttl` is served for that much longer while the upstream is unavailable. Writes
+//! and deletes go through to the upstream and drop the path's entries.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::resilience::humantime_serde_compat;
+use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue};
+
+/// `[mounts.options.cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a value read is served without asking the upstream (`0`: no cache).
+    #[serde(default = "default_ttl", with = "humantime_serde_compat")]
+    pub ttl: Duration,
+    #[serde(default = "default_max_entries")]
+    pub max_entries: usize,
+    /// Bytes of secret values held, at most.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// How long "not found" is remembered.
+    #[serde(default = "default_negative_ttl", with = "humantime_serde_compat")]
+    pub negative_ttl: Duration,
+    /// Off (`0`, the default): an unavailable upstream is a 503. Else, a value at most
+    /// `ttl + stale_if_error` old is served while the upstream is unavailable.
+    #[serde(default, with = "humantime_serde_compat")]
+    pub stale_if_error: Duration,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_entries() -> usize {
+    10_000
+}
+fn default_max_bytes() -> usize {
+    16 << 20
+}
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            ttl: default_ttl(),
+            max_entries: default_max_entries(),
+            max_bytes: default_max_bytes(),
+            negative_ttl: default_negative_ttl(),
+            stale_if_error: Duration::ZERO,
+        }
+    }
+}
+
+type Key = (String, Option<u64>);
+
+#[derive(Debug)]
+struct Entry {
+    /// `None`: the upstream said "not found".
+    value: Option<SecretValue>,
+    fetched: Instant,
+    seq: u64,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.value.as_ref().map_or(0, |v| v.data.len())
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    map: HashMap<Key, Entry>,
+    /// Insertion order for eviction (entries replaced since are skipped by `seq`).
+    order: VecDeque<(Key, u64)>,
+    bytes: usize,
+    next_seq: u64,
+}
+
+/// Counters of a cache (for tests and the benchmark).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub stale_served: u64,
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+/// [`SecretBackend`] with a bounded read cache.
+#[derive(Debug)]
+pub struct Cached<B> {
+    inner: B,
+    config: CacheConfig,
+    state: Mutex<State>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+}
+
+impl<B: SecretBackend> Cached<B> {
+    pub fn new(inner: B, config: CacheConfig) -> Self {
+        Cached {
+            inner,
+            config,
+            state: Mutex::new(State::default()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            stale_served: self.stale.load(Ordering::Relaxed),
+            entries: st.map.len(),
+            bytes: st.bytes,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.config.ttl.is_zero() && self.config.max_entries > 0
+    }
+
+    /// The entry if still fresh: `Some(Ok)` a value, `Some(Err(NotFound))` a negative.
+    fn fresh(&self, key: &Key) -> Option<Result<SecretValue, BackendError>> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let e = st.map.get(key)?;
+        let age = e.fetched.elapsed();
+        match &e.value {
+            Some(v) if age < self.config.ttl => Some(Ok(v.clone())),
+            None if age < self.config.negative_ttl => Some(Err(BackendError::NotFound)),
+            _ => None,
+        }
+    }
+
+    /// A value past its `ttl` but within `stale_if_error`.
+    fn stale(&self, key: &Key) -> Option<SecretValue> {
+        if self.config.stale_if_error.is_zero() {
+            return None;
+        }
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let e = st.map.get(key)?;
+        let limit = self.config.ttl.saturating_add(self.config.stale_if_error);
+        e.value.as_ref().filter(|_| e.fetched.elapsed() < limit).cloned()
+    }
+
+    fn insert(&self, key: Key, value: Option<SecretValue>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let entry = Entry { value, fetched: Instant::now(), seq };
+        if entry.bytes() > self.config.max_bytes {
+            return;
+        }
+        st.bytes += entry.bytes();
+        if let Some(old) = st.map.insert(key.clone(), entry) {
+            st.bytes -= old.bytes();
+        }
+        st.order.push_back((key, seq));
+        // The oldest go first, until both bounds hold. (Dropping an entry zeroizes it.)
+        while st.map.len() > self.config.max_entries || st.bytes > self.config.max_bytes {
+            let Some((k, s)) = st.order.pop_front() else { break };
+            if st.map.get(&k).is_some_and(|e| e.seq == s)
+                && let Some(old) = st.map.remove(&k)
+            {
+                st.bytes -= old.bytes();
+            }
+        }
+        // Keep the order queue from growing without bound under replacements.
+        if st.order.len() > 4 * self.config.max_entries.max(16) {
+            let State { map, order, .. } = &mut *st;
+            order.retain(|(k, s)| map.get(k).is_some_and(|e| e.seq == *s));
+        }
+    }
+
+    fn invalidate(&self, path: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = st.bytes;
+        let mut freed = 0;
+        st.map.retain(|(p, _), e| {
+            let keep = p != path;
+            if !keep {
+                freed += e.bytes();
+            }
+            keep
+        });
+        st.bytes = before - freed;
+    }
+}
+
+#[async_trait]
+impl<B: SecretBackend> SecretBackend for Cached<B> {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn read(&self, path: &str, version: Option<u64>) -> Result<SecretValue, BackendError> {
+        if !self.enabled() {
+            return self.inner.read(path, version).await;
+        }
+        let key = (path.to_owned(), version);
+        if let Some(hit) = self.fresh(&key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        match self.inner.read(path, version).await {
+            Ok(v) => {
+                self.insert(key, Some(v.clone()));
+                Ok(v)
+            }
+            Err(BackendError::NotFound) => {
+                self.insert(key, None);
+                Err(BackendError::NotFound)
+            }
+            Err(e) if e.is_transient() => match self.stale(&key) {
+                Some(v) => {
+                    self.stale.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(upstream = self.inner.kind(), error = %e, "upstream unavailable: serving a stale value");
+                    Ok(v)
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn write(&self, path: &str, data: &SecretData, expected: Option<u64>) -> Result<Option<u64>, BackendError> {
+        let r = self.inner.write(path, data, expected).await;
+        // Whatever the outcome (a timed-out write may have landed), the cached value may
+        // be wrong now.
+        self.invalidate(path);
+        r
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        let r = self.inner.delete(path).await;
+        self.invalidate(path);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// An in-memory backend whose availability the test switches (the cache's own logic
+    /// under test; the adapters are tested against real upstreams).
+    #[derive(Debug, Default)]
+    struct Memory {
+        down: AtomicBool,
+        reads: AtomicU64,
+        map: Mutex<HashMap<String, SecretValue>>,
+    }
+
+    #[async_trait]
+    impl SecretBackend for Memory {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities { versions: false, writes: true, deletes: true, list: false }
+        }
+        async fn read(&self, path: &str, _: Option<u64>) -> Result<SecretValue, BackendError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(BackendError::Unavailable("down".into()));
+            }
+            self.map.lock().unwrap().get(path).cloned().ok_or(BackendError::NotFound)
+        }
+        async fn write(&self, path: &str, data: &SecretData, _: Option<u64>) -> Result<Option<u64>, BackendError> {
+            let v = SecretValue { data: data.clone(), version: None, created_time: None };
+            self.map.lock().unwrap().insert(path.into(), v);
+            Ok(None)
+        }
+        async fn list(&self, _: &str) -> Result<Vec<String>, BackendError> {
+            Err(BackendError::Unsupported("list"))
+        }
+        async fn delete(&self, path: &str) -> Result<(), BackendError> {
+            self.map.lock().unwrap().remove(path);
+            Ok(())
+        }
+    }
+
+    fn cfg(ttl: Duration, stale_ms: u64) -> CacheConfig {
+        CacheConfig {
+            ttl,
+            negative_ttl: ttl,
+            stale_if_error: Duration::from_millis(stale_ms),
+            ..CacheConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_negatives_write_through_and_bounds() {
+        let c = Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0));
+        assert_eq!(c.read("a", None).await, Err(BackendError::NotFound));
+        assert_eq!(c.read("a", None).await, Err(BackendError::NotFound));
+        assert_eq!(c.inner().reads.load(Ordering::Relaxed), 1, "the negative answer was cached");
+        c.write("a", &SecretData::from_fields([("v", "1")]), None).await.unwrap();
+        assert_eq!(c.read("a", None).await.unwrap().data.field("v").unwrap().as_str(), "1");
+        assert_eq!(c.read("a", None).await.unwrap().data.field("v").unwrap().as_str(), "1");
+        assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the write dropped the negative entry, one miss");
+        c.delete("a").await.unwrap();
+        assert_eq!(c.read("a", None).await, Err(BackendError::NotFound));
+
+        // Entry and byte bounds: the oldest go first.
+        let small =
+            Cached::new(Memory::default(), CacheConfig { max_entries: 3, max_bytes: 40, ..CacheConfig::default() });
+        for i in 0..10 {
+            let p = format!("p{i}");
+            small.write(&p, &SecretData::from_fields([("v", "0123456789")]), None).await.unwrap();
+            small.read(&p, None).await.unwrap();
+            let s = small.stats();
+            assert!(s.entries <= 3 && s.bytes <= 40, "{s:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stale_if_error_serves_a_bounded_stale_value_only_when_the_upstream_is_down() {
+        for stale_ms in [0, 60_000] {
+            // A ttl of 1 ns: every entry is past it by the next read.
+            let c = Cached::new(Memory::default(), cfg(Duration::from_nanos(1), stale_ms));
+            c.write("a", &SecretData::from_fields([("v", "old")]), None).await.unwrap();
+            c.read("a", None).await.unwrap();
+            c.inner().down.store(true, Ordering::Relaxed);
+            let r = c.read("a", None).await;
+            if stale_ms == 0 {
+                assert!(matches!(r, Err(BackendError::Unavailable(_))), "{r:?}");
+            } else {
+                assert_eq!(r.unwrap().data.field("v").unwrap().as_str(), "old");
+                assert_eq!(c.stats().stale_served, 1);
+                // A missing path is not made up.
+                assert!(matches!(c.read("b", None).await, Err(BackendError::Unavailable(_))));
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Secret backends that KeyVault serves through its own API: a mount of type `hashicorp`
+//! (and, to come, `aws` and `azure`) is an engine over a [`SecretBackend`]. Units keep
+//! their KeyVault tokens, mutual TLS, policies and API; KeyVault holds the upstream
+//! credentials and never passes them on.
+//!
+//! - [`SecretBackend`]: read a path (optionally a version), write, list, delete, and what
+//!   the backend can do ([`Capabilities`]).
+//! - One adapter per upstream, behind a cargo feature: [`hashicorp`] (Vault and OpenBao,
+//!   KV version 1 and 2).
+//! - Behaviour common to every adapter, as wrappers that are themselves backends:
+//!   [`resilience::Resilient`] (bounded retries with backoff and jitter, a timeout per
+//!   call, a circuit breaker) and [`cache::Cached`] (a bounded read cache, zeroized on
+//!   eviction, negative entries, `stale_if_error`).
+//! - [`conformance`] (feature `conformance`): the suite every adapter passes.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+pub mod cache;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+#[cfg(feature = "hashicorp")]
+pub mod hashicorp;
+pub mod resilience;
+
+/// A secret's fields: the text of one JSON object, zeroized on drop, never shown by
+/// `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretData(Zeroizing<Vec<u8>>);
+
+impl SecretData {
+    /// The JSON text of an object (anything else is [`BackendError::Invalid`]).
+    pub fn from_json(text: Zeroizing<Vec<u8>>) -> Result<Self, BackendError> {
+        let ok = serde_json::from_slice::<&serde_json::value::RawValue>(&text)
+            .is_ok_and(|raw| raw.get().trim_start().starts_with('{'));
+        if !ok {
+            return Err(BackendError::Invalid("a secret is a JSON object of fields".into()));
+        }
+        Ok(SecretData(text))
+    }
+
+    /// A secret of string fields.
+    pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let map: serde_json::Map<String, serde_json::Value> =
+            fields.into_iter().map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned()))).collect();
+        // Invariant: a map of strings always serializes.
+        SecretData(Zeroizing::new(serde_json::to_vec(&map).expect("a JSON map serializes")))
+    }
+
+    /// The JSON text, handed over (still zeroized on drop).
+    pub fn into_json(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+
+    /// The JSON text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// One string field, if present and a string.
+    pub fn field(&self, name: &str) -> Option<Zeroizing<String>> {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&self.0).ok()?;
+        map.get(name).and_then(|v| v.as_str()).map(|s| Zeroizing::new(s.to_owned()))
+    }
+
+    /// Bytes held (for cache bounds).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretData([redacted, {} bytes])", self.0.len())
+    }
+}
+
+/// A secret as read: its fields and, where the backend keeps versions, which one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretValue {
+    pub data: SecretData,
+    pub version: Option<u64>,
+    /// RFC 3339, when the backend says.
+    pub created_time: Option<String>,
+}
+
+/// What a backend can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Reads of older versions (`?version=N`).
+    pub versions: bool,
+    pub writes: bool,
+    pub deletes: bool,
+    pub list: bool,
+}
+
+/// Why a backend call failed. Messages summarize the upstream's answer and never carry
+/// its credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("not found")]
+    NotFound,
+    /// The upstream refused KeyVault's credentials or policy for this path.
+    #[error("the upstream refused: {0}")]
+    Denied(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// A concurrent change won (a check-and-set upstream).
+    #[error("{0}")]
+    Conflict(String),
+    /// Down, timed out, overloaded, or its circuit is open: retry later.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    #[error("this backend does not support {0}")]
+    Unsupported(&'static str),
+}
+
+impl BackendError {
+    /// Worth retrying (the upstream may answer later).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BackendError::Unavailable(_))
+    }
+}
+
+/// A store of secrets behind KeyVault's API. Paths are relative to the mount, validated
+/// by KeyVault (no empty, `.` or `..` segment) before they get here.
+#[async_trait]
+pub trait SecretBackend: Send + Sync + fmt::Debug {
+    /// `hashicorp`, `aws`, `azure`, ...
+    fn kind(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// The latest version, or `version`.
+    async fn read(&self, path: &str, version: Option<u64>) -> Result<SecretValue, BackendError>;
+
+    /// Store a new value (a new version where the backend keeps versions). `expected`:
+    /// the version the caller read (a check-and-set where the backend can; `Some(0)`:
+    /// only if there is none).
+    async fn write(&self, path: &str, data: &SecretData, expected: Option<u64>) -> Result<Option<u64>, BackendError>;
+
+    /// Names under `prefix` (`""` for the top): `name` for a secret, `name/` for a folder.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+
+    /// Delete the secret (its latest version where versions are kept, as `secret/` does).
+    async fn delete(&self, path: &str) -> Result<(), BackendError>;
+}
+
+/// Uniform random in `0..=max` from the OS's generator (jitter).
+pub(crate) fn jitter(max: std::time::Duration) -> std::time::Duration {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return max / 2;
+    }
+    let r = u64::from_le_bytes(b);
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    std::time::Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_data_is_an_object_and_never_shown() {
+        assert!(SecretData::from_json(Zeroizing::new(b"[1]".to_vec())).is_err());
+        assert!(SecretData::from_json(Zeroizing::new(b"\"x\"".to_vec())).is_err());
+        let d = SecretData::from_json(Zeroizing::new(br#"{"password":"hunter2"}"#.to_vec())).unwrap();
+        assert_eq!(d.field("password").unwrap().as_str(), "hunter2");
+        assert!(!format!("{d:?}").contains("hunter2"));
+        let v = SecretValue { data: d, version: Some(1), created_time: None };
+        assert!(!format!("{v:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        let max = std::time::Duration::from_millis(10);
+        for _ in 0..100 {
+            assert!(jitter(max) <= max);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Mounts served by OpenBao (`type = "hashicorp"`), against a real OpenBao dev server
+//! started here (TLS with its own CA): the unit's journey over mutual TLS through
+//! KeyVault, versions, policies and audit as for an embedded mount, AppRole and token
+//! auth to the upstream, the upstream token renewed, the upstream restarted and down
+//! (with and without `stale_if_error`, the circuit breaker); and the conformance suite,
+//! against the adapter on OpenBao (KV versions 1 and 2) and on KeyVault's own KV engines.
+
+use std::path::Path;
+
+use keyvault_proxy_backends::hashicorp::{AuthConfig, HashicorpBackend, HashicorpConfig};
+use keyvault_tests::bao::OpenBaoDev;
+use keyvault_tests::pki::TestCa;
+use keyvault_tests::server::{ServerOptions, TestServer, default_mounts_toml};
+use keyvault_tests::{Reply, json};
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+/// On the upstream: `kv/` (version 2) besides the dev server's `secret/` (version 1), a
+/// policy for KeyVault and an AppRole role with it (token TTL `ttl`). Writes KeyVault's
+/// upstream credentials into `dir`: `upstream-token` (the root token, for token auth)
+/// and `secret-id`. Returns the role id.
+fn prepare_upstream(bao: &OpenBaoDev, dir: &Path, ttl: &str) -> String {
+    if !bao.ok(&["secrets", "list"]).contains("kv/") {
+        bao.ok(&["secrets", "enable", "-path=kv", "kv-v2"]);
+        bao.ok(&["auth", "enable", "approle"]);
+    }
+    let policy = dir.join("keyvault.hcl");
+    std::fs::write(&policy, "path \"secret/*\" { capabilities = [\"create\", \"read\", \"update\", \"delete\", \"list\"] }\npath \"kv/*\" { capabilities = [\"create\", \"read\", \"update\", \"delete\", \"list\"] }\n").unwrap();
+    bao.ok(&["policy", "write", "keyvault", policy.to_str().unwrap()]);
+    bao.ok(&[
+        "write",
+        "auth/approle/role/keyvault",
+        "token_policies=keyvault",
+        &format!("token_ttl={ttl}"),
+        "token_max_ttl=1h",
+    ]);
+    let role_id = bao.ok(&["read", "-field=role_id", "auth/approle/role/keyvault/role-id"]);
+    let secret_id = bao.ok(&["write", "-f", "-field=secret_id", "auth/approle/role/keyvault/secret-id"]);
+    std::fs::write(dir.join("secret-id"), secret_id).unwrap();
+    std::fs::write(dir.join("upstream-token"), &bao.root).unwrap();
+    role_id
+}
+
+/// Where KeyVault's upstream credentials are (see [`prepare_upstream`]).
+struct Upstream<'a> {
+    bao: &'a OpenBaoDev,
+    dir: &'a Path,
+    role_id: &'a str,
+}
+
+/// A `[[mounts]]` entry of type `hashicorp`; `auth` is `token` or `approle`.
+fn mount(u: &Upstream, path: &str, upstream: &str, kv: u8, auth: &str, extra: &str) -> String {
+    let (bao, dir, role_id) = (u.bao, u.dir, u.role_id);
+    let auth = match auth {
+        "token" => format!("auth = {{ token = {{ token_file = \"{}\" }} }}", dir.join("upstream-token").display()),
+        _ => format!(
+            "auth = {{ approle = {{ role_id = \"{role_id}\", secret_id_file = \"{}\" }} }}",
+            dir.join("secret-id").display()
+        ),
+    };
+    let ca = bao.ca_file.as_ref().map(|f| format!("ca_file = \"{}\"\n", f.display())).unwrap_or_default();
+    format!(
+        "[[mounts]]\npath = \"{path}\"\ntype = \"hashicorp\"\n[mounts.options]\naddress = \"{}\"\nmount = \"{upstream}\"\n\
+         kv_version = {kv}\n{ca}{auth}\n{extra}\n",
+        bao.addr,
+    )
+}
+
+fn keyvault_with(mounts: &str, ca: Option<&TestCa>) -> TestServer {
+    TestServer::start(ServerOptions {
+        client_auth: if ca.is_some() { "optional" } else { "" },
+        client_ca_pem: ca.map(TestCa::pem),
+        extra: format!("{}{mounts}", default_mounts_toml()),
+        ..Default::default()
+    })
+}
+
+/// The adapter pointed at a Vault-API server: OpenBao, or KeyVault itself.
+fn adapter(address: &str, ca: &Path, mount: &str, kv: u8, token_file: &Path) -> HashicorpBackend {
+    HashicorpBackend::new(HashicorpConfig {
+        address: address.into(),
+        mount: mount.into(),
+        kv_version: kv,
+        namespace: None,
+        ca_file: Some(ca.to_owned()),
+        auth: AuthConfig::Token { token_file: token_file.to_owned() },
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_reads_secrets_kept_in_openbao_through_keyvault() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    bao.ok(&["kv", "put", "-mount=kv", "app/db", "password=from-openbao-1"]);
+    bao.ok(&["kv", "put", "-mount=kv", "app/db", "password=from-openbao-2"]);
+    bao.ok(&["kv", "put", "-mount=secret", "app/api", "key=v1-upstream"]);
+    let ca = TestCa::new("unit CA");
+    let unit = ca.leaf("unit-a", &[], 21, false);
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let mounts = mount(&up, "legacy", "kv", 2, "approle", "") + &mount(&up, "legacy1", "secret", 1, "token", "");
+    let s = keyvault_with(&mounts, Some(&ca));
+    let c = s.client();
+    let root = s.root.clone();
+
+    // The unit: a cert role, a policy on the proxied mount, mutual TLS, nothing else.
+    let policy =
+        "path \"legacy/app/*\" { capabilities = [\"read\"] }\npath \"legacy1/app/*\" { capabilities = [\"read\"] }";
+    ok(c.put("sys/policies/acl/unit", &root, json!({ "policy": policy })).await, 204);
+    let role = json!({"certificate_sha256": [unit.sha256_hex], "token_policies": ["unit"]});
+    ok(c.post("auth/cert/role/unit", Some(&root), role).await, 204);
+    let u = s.client_with(&unit);
+    let login = ok(u.post("auth/cert/login", None, json!({"name": "unit"})).await, 200);
+    let t = login.body["auth"]["client_token"].as_str().unwrap().to_owned();
+    let r = ok(u.get("legacy/app/db", &t).await, 200);
+    assert_eq!(r.body["data"]["password"], "from-openbao-2");
+    assert_eq!(r.body["metadata"]["version"], 2);
+    let r = ok(u.get("legacy/app/db?version=1", &t).await, 200);
+    assert_eq!(r.body["data"]["password"], "from-openbao-1");
+    let r = ok(u.get("legacy1/app/api", &t).await, 200);
+    assert_eq!(r.body["data"]["key"], "v1-upstream");
+    // KeyVault's policies hold on the proxied mount: no write, nothing outside app/.
+    ok(u.put("legacy/app/db", &t, json!({"password": "mine"})).await, 403);
+    ok(u.get("legacy/other", &t).await, 403);
+    ok(u.get("legacy/app/missing", &t).await, 404);
+    // The same token is bound to the unit's certificate, on this mount as on any.
+    ok(c.get("legacy/app/db", &t).await, 401);
+
+    // Writes go through to the upstream (a version there), and are read back at once.
+    let w = ok(c.put("legacy/app/db", &root, json!({"password": "from-keyvault-3"})).await, 200);
+    assert_eq!(w.body["data"]["version"], 3);
+    assert_eq!(bao.ok(&["kv", "get", "-mount=kv", "-field=password", "app/db"]), "from-keyvault-3");
+    assert_eq!(ok(u.get("legacy/app/db", &t).await, 200).body["data"]["password"], "from-keyvault-3");
+    let l = ok(c.send("LIST", "legacy/app", Some(&root), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["db"]));
+    ok(c.send("DELETE", "legacy1/app/api", Some(&root), None).await, 204);
+    ok(c.get("legacy1/app/api", &root).await, 404);
+    // Vault's tools see a KV version 1 mount.
+    let m = ok(c.get("sys/internal/ui/mounts/legacy", &root).await, 200);
+    assert_eq!(m.body["data"]["options"]["version"], "1", "{m:?}");
+
+    // Audited as an embedded request: the path, never the value.
+    let audit = std::fs::read_to_string(s.audit_log()).unwrap();
+    assert!(audit.contains("legacy/app/db"));
+    // The upstream's credentials are in no reply and no log line of KeyVault.
+    let secret_id = std::fs::read_to_string(dir.path().join("secret-id")).unwrap();
+    let log = s.log_text();
+    for (what, v) in [("upstream root token", bao.root.as_str()), ("upstream secret id", secret_id.trim())] {
+        assert!(!log.contains(v) && !audit.contains(v), "{what} leaked");
+    }
+    for v in ["from-openbao-1", "from-openbao-2", "from-keyvault-3"] {
+        assert!(!log.contains(v) && !audit.contains(v), "a secret value is in a log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_adapter_and_keyvaults_own_engines_pass_the_conformance_suite() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let bao_ca = bao.ca_file.clone().unwrap();
+    let token = dir.path().join("upstream-token");
+    // The adapter on OpenBao, KV version 1 and 2.
+    let v1 = adapter(&bao.addr, &bao_ca, "secret", 1, &token);
+    keyvault_proxy_backends::conformance::run(&v1, "conf-v1").await;
+    let v2 = adapter(&bao.addr, &bao_ca, "kv", 2, &token);
+    keyvault_proxy_backends::conformance::run(&v2, "conf-v2").await;
+
+    // KeyVault's own engines (secret/ and kv/), and a proxied mount, through the same
+    // adapter: KeyVault speaks Vault's API.
+    let s = keyvault_with(&mount(&up, "legacy", "kv", 2, "token", ""), None);
+    let kv_token = dir.path().join("keyvault-token");
+    std::fs::write(&kv_token, &s.root).unwrap();
+    let embedded1 = adapter(&s.addr, &s.server_ca_file, "secret", 1, &kv_token);
+    keyvault_proxy_backends::conformance::run(&embedded1, "conf-embedded-v1").await;
+    let embedded2 = adapter(&s.addr, &s.server_ca_file, "kv", 2, &kv_token);
+    keyvault_proxy_backends::conformance::run(&embedded2, "conf-embedded-v2").await;
+    let proxied = adapter(&s.addr, &s.server_ca_file, "legacy", 1, &kv_token);
+    keyvault_proxy_backends::conformance::run(&proxied, "conf-proxied").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_restarts_or_dies_is_retried_served_stale_or_503() {
+    // Plain HTTP: a restarted `-dev-tls` server makes itself a new CA.
+    let mut bao = OpenBaoDev::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    bao.ok(&["kv", "put", "-mount=secret", "db", "password=before"]);
+    // `fresh`: no cache. `stale`: a value 1 ms old is past its ttl, and served for
+    // an hour more while the upstream is down.
+    let stale = "[mounts.options.cache]\nttl = \"1ms\"\nnegative_ttl = \"1ms\"\nstale_if_error = \"1h\"\n\
+                 [mounts.options.resilience]\ntimeout = \"2s\"\nattempts = 2\nbreaker_failures = 3\nbreaker_cooldown = \"1h\"\n";
+    let fresh = "[mounts.options.cache]\nttl = 0\n[mounts.options.resilience]\ntimeout = \"2s\"\nattempts = 2\nbreaker_failures = 3\nbreaker_cooldown = \"1h\"\n";
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let mounts = mount(&up, "fresh", "secret", 1, "token", fresh) + &mount(&up, "stale", "secret", 1, "token", stale);
+    let s = keyvault_with(&mounts, None);
+    let c = s.client();
+    let root = s.root.clone();
+    assert_eq!(ok(c.get("fresh/db", &root).await, 200).body["data"]["password"], "before");
+    assert_eq!(ok(c.get("stale/db", &root).await, 200).body["data"]["password"], "before");
+
+    // Restarted (in memory, so empty; same root token): KeyVault reconnects.
+    bao.restart();
+    ok(c.get("stale/db", &root).await, 404);
+    bao.ok(&["kv", "put", "-mount=secret", "db", "password=after"]);
+    assert_eq!(ok(c.get("fresh/db", &root).await, 200).body["data"]["password"], "after");
+    assert_eq!(ok(c.get("stale/db", &root).await, 200).body["data"]["password"], "after");
+
+    // Down: without stale_if_error, 503 naming the upstream's failure (never its
+    // credentials); with it, the last value.
+    bao.stop();
+    let r = ok(c.get("fresh/db", &root).await, 503);
+    let msg = r.body["errors"][0].as_str().unwrap().to_owned();
+    assert!(msg.starts_with("upstream unavailable: upstream read: cannot connect"), "{msg}");
+    assert!(!msg.contains(&bao.root));
+    assert_eq!(ok(c.get("stale/db", &root).await, 200).body["data"]["password"], "after");
+    // A path never read has no stale value.
+    ok(c.get("stale/never-read", &root).await, 503);
+    // After 3 failed calls the breaker opens: calls fail at once, without trying.
+    for _ in 0..3 {
+        ok(c.get("fresh/other", &root).await, 503);
+    }
+    let r = ok(c.get("fresh/db", &root).await, 503);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("circuit open"), "{r:?}");
+    // Writes are not served from a cache: 503.
+    ok(c.put("stale/db", &root, json!({"password": "x"})).await, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyvault_renews_its_short_lived_upstream_token() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "3s");
+    bao.ok(&["kv", "put", "-mount=kv", "app/db", "password=renewed"]);
+    let nocache = "[mounts.options.cache]\nttl = 0\n";
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let s = keyvault_with(&mount(&up, "legacy", "kv", 2, "approle", nocache), None);
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.get("legacy/app/db", &root).await, 200);
+    // Renewed at two thirds of each 3 s lease: two renewals take at least 4 s, past the
+    // first lease.
+    keyvault_tests::wait_for(std::time::Duration::from_secs(60), "two upstream token renewals", || {
+        s.log_text().matches("upstream token renewed").count() >= 2
+    })
+    .await;
+    assert_eq!(ok(c.get("legacy/app/db", &root).await, 200).body["data"]["password"], "renewed");
+    let log = s.log_text();
+    assert!(log.matches("upstream token renewed").count() >= 2, "renewals: {log}");
+    assert_eq!(log.matches("logged in to the upstream (AppRole)").count(), 1, "one login, then renewals");
+    assert!(!log.contains("obtaining a new token"));
+}

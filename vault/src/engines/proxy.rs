@@ -1,0 +1,184 @@
+//! Mounts served by another secret store (`type = "hashicorp"`): the same routes, reply
+//! shapes, authorization and audit as `secret/` (KV version 1 to Vault's tools), with the
+//! values read from and written through to the upstream by a
+//! [`keyvault_proxy_backends::SecretBackend`], behind a bounded cache and a circuit
+//! breaker. KeyVault holds the upstream credentials; callers never see them.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyvault_api::secret::{Metadata, ReadQuery, Written};
+use keyvault_proxy_backends::cache::{CacheConfig, Cached};
+use keyvault_proxy_backends::resilience::{Policy, Resilient};
+use keyvault_proxy_backends::{BackendError, SecretBackend, SecretData};
+
+use super::EngineKind;
+use crate::config::MountConfig;
+use crate::error::{Error, Result};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::Capability;
+use crate::secrets::{SecretPath, SecretPrefix};
+
+pub const HASHICORP: EngineKind = EngineKind {
+    info: EngineInfo {
+        name: "hashicorp",
+        description: "secrets kept in a HashiCorp Vault or OpenBao KV mount, served through KeyVault",
+        auth: false,
+        routes: ROUTES,
+    },
+    fixed_at: None,
+    once: false,
+    takes_options: true,
+    build: |_, mount| Ok(Arc::new(Proxy::hashicorp(mount)?)),
+};
+
+/// A path for reads, writes and deletes; a prefix for listings (as `secret/`).
+fn normalize(op: Operation, p: &mut Params) -> Result<()> {
+    let raw = p.get("path").unwrap_or_default().to_owned();
+    let canonical = if op == Operation::List {
+        SecretPrefix::parse(&raw)?.as_str().to_owned()
+    } else {
+        SecretPath::parse(&raw)?.as_str().to_owned()
+    };
+    p.set("path", canonical);
+    Ok(())
+}
+
+const ROUTES: &[Route] = &[
+    Route::new("", "list the top level", &[OpSpec::list(Access::Needs(Capability::List))]),
+    Route::new(
+        "{*path}",
+        "read (`?version=N` where the upstream keeps versions), write through, delete, list under",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::list(Access::Needs(Capability::List)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .normalize(normalize),
+];
+
+type Stack<B> = Cached<Resilient<B>>;
+
+/// One proxied mount.
+#[derive(Debug)]
+pub struct Proxy {
+    backend: Arc<dyn ProxyStack>,
+}
+
+/// The layered backend, with access to the uncached layer (existence checks decide
+/// between `create` and `update`, so they ask the upstream, not the cache).
+trait ProxyStack: SecretBackend {
+    fn uncached(&self) -> &dyn SecretBackend;
+}
+
+impl<B: SecretBackend + 'static> ProxyStack for Stack<B> {
+    fn uncached(&self) -> &dyn SecretBackend {
+        self.inner()
+    }
+}
+
+/// Split a mount's options into the adapter's, `cache` and `resilience`.
+fn options<T: serde::de::DeserializeOwned>(mount: &MountConfig) -> Result<(T, CacheConfig, Policy)> {
+    let mut table = mount.options.clone();
+    let bad = |what: &str, e: String| Error::Config(format!("mount {:?}: {what}: {e}", mount.path));
+    let cache = match table.remove("cache") {
+        Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("cache", e.to_string()))?,
+        None => CacheConfig::default(),
+    };
+    let policy = match table.remove("resilience") {
+        Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("resilience", e.to_string()))?,
+        None => Policy::default(),
+    };
+    let adapter = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| bad("options", e.to_string()))?;
+    Ok((adapter, cache, policy))
+}
+
+impl Proxy {
+    fn hashicorp(mount: &MountConfig) -> Result<Self> {
+        use keyvault_proxy_backends::hashicorp::{HashicorpBackend, HashicorpConfig};
+        let (config, cache, policy): (HashicorpConfig, _, _) = options(mount)?;
+        let adapter =
+            HashicorpBackend::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
+        Ok(Proxy { backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
+    }
+}
+
+/// An upstream's refusal or failure as ours: 404, 403, 400, 409, or 503 with a summary
+/// (never its credentials).
+fn map_error(e: BackendError, path: &str) -> Error {
+    match e {
+        BackendError::NotFound => Error::NotFound(format!("no secret at {path}")),
+        BackendError::Denied(m) => {
+            tracing::warn!(error = %m, "the upstream refused KeyVault's credentials or policy");
+            Error::Unavailable("the upstream refused KeyVault's request (see the server log)".into())
+        }
+        BackendError::Invalid(m) => Error::invalid(m),
+        BackendError::Conflict(m) => Error::Conflict(m),
+        BackendError::Unavailable(m) => Error::Unavailable(format!("upstream unavailable: {m}")),
+        BackendError::Unsupported(what) => Error::invalid(format!("this mount's upstream does not support {what}")),
+    }
+}
+
+#[async_trait]
+impl Engine for Proxy {
+    fn info(&self) -> &'static EngineInfo {
+        &HASHICORP.info
+    }
+
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        let path = SecretPath::parse(req.param("path"))?;
+        match self.backend.uncached().read(path.as_str(), None).await {
+            Ok(v) => Ok(Some(v.version.unwrap_or(0).to_string().into_bytes())),
+            Err(BackendError::NotFound) => Ok(None),
+            Err(e) => Err(map_error(e, path.as_str())),
+        }
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        if req.operation == Operation::List {
+            let prefix = SecretPrefix::parse(req.param("path"))?;
+            let keys = self.backend.list(prefix.as_str()).await.map_err(|e| map_error(e, prefix.as_str()))?;
+            return Reply::keys(keys);
+        }
+        let path = SecretPath::parse(req.param("path"))?;
+        let p = path.as_str();
+        match req.operation {
+            Operation::Read => {
+                let q: ReadQuery = req.query()?;
+                if q.version == Some(0) {
+                    return Err(Error::invalid("versions start at 1"));
+                }
+                let v = self.backend.read(p, q.version).await.map_err(|e| map_error(e, p))?;
+                let metadata = Metadata {
+                    version: v.version.unwrap_or(0),
+                    created_time: v.created_time.clone().unwrap_or_default(),
+                    deletion_time: String::new(),
+                    destroyed: false,
+                };
+                Reply::raw_data(v.data.into_json()).extra("metadata", &metadata)
+            }
+            Operation::Write => {
+                let data =
+                    SecretData::from_json(zeroize::Zeroizing::new(req.body.to_vec())).map_err(|e| map_error(e, p))?;
+                // The version the existence check saw: a check-and-set where the upstream
+                // keeps versions (none: create only), so a concurrent writer makes a 409.
+                let expected = match req.existing.as_deref() {
+                    Some(v) => std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).filter(|v| *v > 0),
+                    None => Some(0),
+                };
+                let version = self.backend.write(p, &data, expected).await.map_err(|e| map_error(e, p))?;
+                Reply::data(&Written {
+                    version: version.unwrap_or(0),
+                    created_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                })
+            }
+            Operation::Delete => {
+                self.backend.delete(p).await.map_err(|e| map_error(e, p))?;
+                Ok(Reply::empty())
+            }
+            Operation::List | Operation::Patch => Err(Error::UnsupportedOperation),
+        }
+    }
+}
