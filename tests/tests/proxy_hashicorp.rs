@@ -256,3 +256,57 @@ async fn keyvault_renews_its_short_lived_upstream_token() {
     assert_eq!(log.matches("logged in to the upstream (AppRole)").count(), 1, "one login, then renewals");
     assert!(!log.contains("obtaining a new token"));
 }
+
+fn migrate(s: &TestServer, from: &str, to: &str, extra: &[&str]) -> String {
+    let out = std::process::Command::new(keyvault_tests::keyvault_bin())
+        .args(["operator", "migrate", "--address", &s.addr, "--ca-file"])
+        .arg(&s.server_ca_file)
+        .args(["--from", from, "--to", to, "--prefix", "mig"])
+        .args(extra)
+        .env("KEYVAULT_TOKEN", &s.root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "migrate {from} -> {to}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// 1,000 secrets from the embedded store to OpenBao and back into the embedded KV version
+/// 2 engine: every value equal; a dry run writes nothing; a second run copies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_secrets_move_to_openbao_and_back_by_configuration() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let s = keyvault_with(&mount(&up, "legacy", "kv", 2, "approle", ""), None);
+    let c = s.client();
+    let root = s.root.clone();
+    let value = |i: usize| format!("value-{i}-\u{e9}\"{}", i * 7919);
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(50) {
+        let writes = chunk.iter().map(|&i| {
+            let (c, root) = (c.clone(), root.clone());
+            async move { c.put(&format!("secret/mig/d{}/s{i}", i % 10), &root, json!({ "v": value(i), "n": i })).await }
+        });
+        for r in futures_util::future::join_all(writes).await {
+            ok(r, 200);
+        }
+    }
+
+    assert_eq!(
+        migrate(&s, "secret", "legacy", &["--dry-run"]),
+        "would copy 1000 secrets from secret to legacy; 0 already equal"
+    );
+    ok(c.get("legacy/mig/d3/s3", &root).await, 404);
+    assert_eq!(migrate(&s, "secret", "legacy", &[]), "copied 1000 secrets from secret to legacy; 0 already equal");
+    // In OpenBao itself.
+    assert_eq!(bao.ok(&["kv", "get", "-mount=kv", "-field=v", "mig/d7/s997"]), value(997));
+    // Again: nothing to do (how a run that stopped half way resumes).
+    assert_eq!(migrate(&s, "secret", "legacy", &[]), "copied 0 secrets from secret to legacy; 1000 already equal");
+    // And back, into the embedded KV version 2 engine.
+    assert_eq!(migrate(&s, "legacy", "kv", &[]), "copied 1000 secrets from legacy to kv; 0 already equal");
+    for i in 0..1000 {
+        let r = ok(c.get(&format!("kv/data/mig/d{}/s{i}", i % 10), &root).await, 200);
+        assert_eq!(r.body["data"]["data"]["v"], value(i));
+        assert_eq!(r.body["data"]["data"]["n"], i);
+    }
+}

@@ -147,6 +147,28 @@ enum OperatorCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Copy every secret under a prefix from one key/value mount to another on a running
+    /// server (embedded or proxied), reading each copy back; an equal secret at the
+    /// destination is skipped, so running it again resumes a run that stopped.
+    Migrate {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// The mount to copy from, e.g. `secret`.
+        #[arg(long)]
+        from: String,
+        /// The mount to copy to, e.g. `legacy`.
+        #[arg(long)]
+        to: String,
+        /// Only the secrets under this folder.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Count what would be copied; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Connections working at once.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+    },
     /// Mint a new root token (needs the HSM PIN; with sled storage, stop the server first).
     RootToken {
         #[arg(long, short)]
@@ -419,6 +441,14 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             }
             let s: keyvault_api::sys::SealStatus = serde_json::from_value(reply)?;
             println!("sealed: {}", s.sealed);
+            Ok(())
+        }
+        OperatorCommand::Migrate { endpoint, from, to, prefix, dry_run, workers } => {
+            init_logging("warn", false);
+            let (copied, equal) =
+                cli::migrate::run(&endpoint.endpoint(), &from, &to, &prefix, dry_run, workers).await?;
+            let verb = if dry_run { "would copy" } else { "copied" };
+            println!("{verb} {copied} secrets from {from} to {to}; {equal} already equal");
             Ok(())
         }
         OperatorCommand::RootToken { config, ttl } => {

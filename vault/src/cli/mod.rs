@@ -6,3 +6,4 @@ pub mod bench;
 pub mod client;
 pub mod dev;
 pub mod dev_pki;
+pub mod migrate;
