@@ -44,7 +44,7 @@ impl Conn {
             if let Some(t) = &self.token {
                 b = b.header(self.header.as_str(), t.as_str());
             }
-            let payload = body.map(|b| Bytes::copy_from_slice(b)).unwrap_or_default();
+            let payload = body.map(Bytes::copy_from_slice).unwrap_or_default();
             let req = b.body(Full::new(payload)).map_err(|e| Error::Internal(e.to_string()))?;
             match sender.send_request(req).await {
                 Ok(resp) => {
