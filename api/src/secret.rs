@@ -136,6 +136,19 @@ pub struct ReadQuery {
     pub version: Option<u64>,
 }
 
+/// The query of a read on a proxied mount: a numbered version (KV version 2 upstreams),
+/// or the upstream's own version id or staging label (AWS Secrets Manager, Azure Key
+/// Vault); at most one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProxyReadQuery {
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub version_id: Option<String>,
+    #[serde(default)]
+    pub version_stage: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::resilience::humantime_serde_compat;
-use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue};
+use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue, Version};
 
 /// `[mounts.options.cache]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -61,7 +61,7 @@ impl Default for CacheConfig {
     }
 }
 
-type Key = (String, Option<u64>);
+type Key = (String, Version);
 
 #[derive(Debug)]
 struct Entry {
@@ -215,11 +215,11 @@ impl<B: SecretBackend> SecretBackend for Cached<B> {
         self.inner.capabilities()
     }
 
-    async fn read(&self, path: &str, version: Option<u64>) -> Result<SecretValue, BackendError> {
+    async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
         if !self.enabled() {
             return self.inner.read(path, version).await;
         }
-        let key = (path.to_owned(), version);
+        let key = (path.to_owned(), version.clone());
         if let Some(hit) = self.fresh(&key) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return hit;
@@ -286,9 +286,16 @@ mod tests {
             "memory"
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities { versions: false, writes: true, deletes: true, list: false }
+            Capabilities {
+                versions: false,
+                version_ids: false,
+                version_stages: false,
+                writes: true,
+                deletes: true,
+                list: false,
+            }
         }
-        async fn read(&self, path: &str, _: Option<u64>) -> Result<SecretValue, BackendError> {
+        async fn read(&self, path: &str, _: &Version) -> Result<SecretValue, BackendError> {
             self.reads.fetch_add(1, Ordering::Relaxed);
             if self.down.load(Ordering::Relaxed) {
                 return Err(BackendError::Unavailable("down".into()));
@@ -296,7 +303,7 @@ mod tests {
             self.map.lock().unwrap().get(path).cloned().ok_or(BackendError::NotFound)
         }
         async fn write(&self, path: &str, data: &SecretData, _: Option<u64>) -> Result<Option<u64>, BackendError> {
-            let v = SecretValue { data: data.clone(), version: None, created_time: None };
+            let v = SecretValue { data: data.clone(), version: None, version_id: None, created_time: None };
             self.map.lock().unwrap().insert(path.into(), v);
             Ok(None)
         }
@@ -321,15 +328,15 @@ mod tests {
     #[tokio::test]
     async fn hits_negatives_write_through_and_bounds() {
         let c = Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0));
-        assert_eq!(c.read("a", None).await, Err(BackendError::NotFound));
-        assert_eq!(c.read("a", None).await, Err(BackendError::NotFound));
+        assert_eq!(c.read("a", &Version::Latest).await, Err(BackendError::NotFound));
+        assert_eq!(c.read("a", &Version::Latest).await, Err(BackendError::NotFound));
         assert_eq!(c.inner().reads.load(Ordering::Relaxed), 1, "the negative answer was cached");
         c.write("a", &SecretData::from_fields([("v", "1")]), None).await.unwrap();
-        assert_eq!(c.read("a", None).await.unwrap().data.field("v").unwrap().as_str(), "1");
-        assert_eq!(c.read("a", None).await.unwrap().data.field("v").unwrap().as_str(), "1");
+        assert_eq!(c.read("a", &Version::Latest).await.unwrap().data.field("v").unwrap().as_str(), "1");
+        assert_eq!(c.read("a", &Version::Latest).await.unwrap().data.field("v").unwrap().as_str(), "1");
         assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the write dropped the negative entry, one miss");
         c.delete("a").await.unwrap();
-        assert_eq!(c.read("a", None).await, Err(BackendError::NotFound));
+        assert_eq!(c.read("a", &Version::Latest).await, Err(BackendError::NotFound));
 
         // Entry and byte bounds: the oldest go first.
         let small =
@@ -337,7 +344,7 @@ mod tests {
         for i in 0..10 {
             let p = format!("p{i}");
             small.write(&p, &SecretData::from_fields([("v", "0123456789")]), None).await.unwrap();
-            small.read(&p, None).await.unwrap();
+            small.read(&p, &Version::Latest).await.unwrap();
             let s = small.stats();
             assert!(s.entries <= 3 && s.bytes <= 40, "{s:?}");
         }
@@ -349,16 +356,16 @@ mod tests {
             // A ttl of 1 ns: every entry is past it by the next read.
             let c = Cached::new(Memory::default(), cfg(Duration::from_nanos(1), stale_ms));
             c.write("a", &SecretData::from_fields([("v", "old")]), None).await.unwrap();
-            c.read("a", None).await.unwrap();
+            c.read("a", &Version::Latest).await.unwrap();
             c.inner().down.store(true, Ordering::Relaxed);
-            let r = c.read("a", None).await;
+            let r = c.read("a", &Version::Latest).await;
             if stale_ms == 0 {
                 assert!(matches!(r, Err(BackendError::Unavailable(_))), "{r:?}");
             } else {
                 assert_eq!(r.unwrap().data.field("v").unwrap().as_str(), "old");
                 assert_eq!(c.stats().stale_served, 1);
                 // A missing path is not made up.
-                assert!(matches!(c.read("b", None).await, Err(BackendError::Unavailable(_))));
+                assert!(matches!(c.read("b", &Version::Latest).await, Err(BackendError::Unavailable(_))));
             }
         }
     }

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use zeroize::Zeroizing;
 
-use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue};
+use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue, Version};
 
 /// `[[mounts]] type = "hashicorp"`, `[mounts.options]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -521,17 +521,27 @@ impl SecretBackend for HashicorpBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { versions: self.0.v2, writes: true, deletes: true, list: true }
+        Capabilities {
+            versions: self.0.v2,
+            version_ids: false,
+            version_stages: false,
+            writes: true,
+            deletes: true,
+            list: true,
+        }
     }
 
-    async fn read(&self, path: &str, version: Option<u64>) -> Result<SecretValue, BackendError> {
+    async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
         let h = &self.0;
         let what = "upstream read";
         let mut p = h.data_path(path);
         match version {
-            Some(v) if h.v2 => p = format!("{p}?version={v}"),
-            Some(_) => return Err(BackendError::Unsupported("versions (the upstream mount is KV version 1)")),
-            None => {}
+            Version::Number(v) if h.v2 => p = format!("{p}?version={v}"),
+            Version::Number(_) => {
+                return Err(BackendError::Unsupported("versions (the upstream mount is KV version 1)"));
+            }
+            Version::Id(_) | Version::Stage(_) => return Err(BackendError::Unsupported("version ids and stages")),
+            Version::Latest => {}
         }
         let (status, body) = h.call(Method::GET, &p, None, what).await?;
         if !status.is_success() {
@@ -545,6 +555,7 @@ impl SecretBackend for HashicorpBackend {
             Ok(SecretValue {
                 data: SecretData::from_json(Zeroizing::new(data.get().as_bytes().to_vec()))?,
                 version: Some(r.data.metadata.version),
+                version_id: None,
                 created_time: r.data.metadata.created_time,
             })
         } else {
@@ -552,6 +563,7 @@ impl SecretBackend for HashicorpBackend {
             Ok(SecretValue {
                 data: SecretData::from_json(Zeroizing::new(r.data.get().as_bytes().to_vec()))?,
                 version: None,
+                version_id: None,
                 created_time: None,
             })
         }

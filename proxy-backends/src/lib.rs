@@ -18,6 +18,8 @@ use std::fmt;
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -86,15 +88,33 @@ impl fmt::Debug for SecretData {
 pub struct SecretValue {
     pub data: SecretData,
     pub version: Option<u64>,
+    /// The upstream's own id of the version read, where it has one.
+    pub version_id: Option<String>,
     /// RFC 3339, when the backend says.
     pub created_time: Option<String>,
+}
+
+/// Which version of a secret to read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Version {
+    #[default]
+    Latest,
+    /// KV version 2's numbered versions (`?version=N`).
+    Number(u64),
+    /// An upstream's own version id (AWS `VersionId`, Azure's version).
+    Id(String),
+    /// A staging label (AWS `VersionStage`, e.g. `AWSPREVIOUS`).
+    Stage(String),
 }
 
 /// What a backend can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Reads of older versions (`?version=N`).
+    /// Reads of older versions by number (`?version=N`).
     pub versions: bool,
+    /// Reads by the upstream's version id (`?version_id=`) or stage (`?version_stage=`).
+    pub version_ids: bool,
+    pub version_stages: bool,
     pub writes: bool,
     pub deletes: bool,
     pub list: bool,
@@ -137,8 +157,8 @@ pub trait SecretBackend: Send + Sync + fmt::Debug {
 
     fn capabilities(&self) -> Capabilities;
 
-    /// The latest version, or `version`.
-    async fn read(&self, path: &str, version: Option<u64>) -> Result<SecretValue, BackendError>;
+    /// The latest version, or another one.
+    async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError>;
 
     /// Store a new value (a new version where the backend keeps versions). `expected`:
     /// the version the caller read (a check-and-set where the backend can; `Some(0)`:
@@ -174,7 +194,7 @@ mod tests {
         let d = SecretData::from_json(Zeroizing::new(br#"{"password":"hunter2"}"#.to_vec())).unwrap();
         assert_eq!(d.field("password").unwrap().as_str(), "hunter2");
         assert!(!format!("{d:?}").contains("hunter2"));
-        let v = SecretValue { data: d, version: Some(1), created_time: None };
+        let v = SecretValue { data: d, version: Some(1), version_id: None, created_time: None };
         assert!(!format!("{v:?}").contains("hunter2"));
     }
 

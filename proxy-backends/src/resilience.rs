@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue};
+use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue, Version};
 
 /// `[mounts.options.resilience]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -195,7 +195,7 @@ impl<B: SecretBackend> SecretBackend for Resilient<B> {
         self.inner.capabilities()
     }
 
-    async fn read(&self, path: &str, version: Option<u64>) -> Result<SecretValue, BackendError> {
+    async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
         self.call(self.policy.attempts, || self.inner.read(path, version)).await
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 pub use serde_json::{Value, json};
 
 pub mod bao;
+pub mod moto;
 pub mod pki;
 pub mod postgres;
 pub mod server;

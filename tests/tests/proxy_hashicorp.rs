@@ -136,6 +136,29 @@ async fn a_unit_reads_secrets_kept_in_openbao_through_keyvault() {
     assert_eq!(w.body["data"]["version"], 3);
     assert_eq!(bao.ok(&["kv", "get", "-mount=kv", "-field=password", "app/db"]), "from-keyvault-3");
     assert_eq!(ok(u.get("legacy/app/db", &t).await, 200).body["data"]["password"], "from-keyvault-3");
+    // Sixteen updates at once: each is a check-and-set on the version it saw, so none is
+    // lost: every 200 made exactly one version, the others are 409.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (c, root) = (c.clone(), root.clone());
+            tokio::spawn(
+                async move { c.put("legacy/app/db", &root, json!({ "password": format!("racer-{i}") })).await },
+            )
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => won += 1,
+            409 => {}
+            _ => panic!("{r:?}"),
+        }
+    }
+    assert!(won >= 1);
+    let meta = bao.ok(&["kv", "metadata", "get", "-mount=kv", "-format=json", "app/db"]);
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["data"]["current_version"], 3 + won, "one version per successful write");
     let l = ok(c.send("LIST", "legacy/app", Some(&root), None).await, 200);
     assert_eq!(l.body["data"]["keys"], json!(["db"]));
     ok(c.send("DELETE", "legacy1/app/api", Some(&root), None).await, 204);

@@ -58,6 +58,7 @@ pub const KINDS: &[EngineKind] = &[
     kv::KIND,
     kv2::KIND,
     proxy::HASHICORP,
+    proxy::AWS,
     transit::KIND,
     gateway::KIND,
     auth::approle::KIND,

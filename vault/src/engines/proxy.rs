@@ -1,4 +1,4 @@
-//! Mounts served by another secret store (`type = "hashicorp"`): the same routes, reply
+//! Mounts served by another secret store (`type = "hashicorp"` or `"aws"`): the same routes, reply
 //! shapes, authorization and audit as `secret/` (KV version 1 to Vault's tools), with the
 //! values read from and written through to the upstream by a
 //! [`keyvault_proxy_backends::SecretBackend`], behind a bounded cache and a circuit
@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keyvault_api::secret::{Metadata, ReadQuery, Written};
+use keyvault_api::secret::{Metadata, ProxyReadQuery, Written};
 use keyvault_proxy_backends::cache::{CacheConfig, Cached};
 use keyvault_proxy_backends::resilience::{Policy, Resilient};
-use keyvault_proxy_backends::{BackendError, SecretBackend, SecretData};
+use keyvault_proxy_backends::{BackendError, SecretBackend, SecretData, Version};
 
 use super::EngineKind;
 use crate::config::MountConfig;
@@ -30,6 +30,19 @@ pub const HASHICORP: EngineKind = EngineKind {
     once: false,
     takes_options: true,
     build: |_, mount| Ok(Arc::new(Proxy::hashicorp(mount)?)),
+};
+
+pub const AWS: EngineKind = EngineKind {
+    info: EngineInfo {
+        name: "aws",
+        description: "secrets kept in AWS Secrets Manager, served through KeyVault",
+        auth: false,
+        routes: ROUTES,
+    },
+    fixed_at: None,
+    once: false,
+    takes_options: true,
+    build: |_, mount| Ok(Arc::new(Proxy::aws(mount)?)),
 };
 
 /// A path for reads, writes and deletes; a prefix for listings (as `secret/`).
@@ -64,6 +77,7 @@ type Stack<B> = Cached<Resilient<B>>;
 /// One proxied mount.
 #[derive(Debug)]
 pub struct Proxy {
+    info: &'static EngineInfo,
     backend: Arc<dyn ProxyStack>,
 }
 
@@ -101,7 +115,14 @@ impl Proxy {
         let (config, cache, policy): (HashicorpConfig, _, _) = options(mount)?;
         let adapter =
             HashicorpBackend::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
-        Ok(Proxy { backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
+        Ok(Proxy { info: &HASHICORP.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
+    }
+
+    fn aws(mount: &MountConfig) -> Result<Self> {
+        use keyvault_proxy_backends::aws::{Aws, AwsConfig};
+        let (config, cache, policy): (AwsConfig, _, _) = options(mount)?;
+        let adapter = Aws::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
+        Ok(Proxy { info: &AWS.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
     }
 }
 
@@ -124,12 +145,12 @@ fn map_error(e: BackendError, path: &str) -> Error {
 #[async_trait]
 impl Engine for Proxy {
     fn info(&self) -> &'static EngineInfo {
-        &HASHICORP.info
+        self.info
     }
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
         let path = SecretPath::parse(req.param("path"))?;
-        match self.backend.uncached().read(path.as_str(), None).await {
+        match self.backend.uncached().read(path.as_str(), &Version::Latest).await {
             Ok(v) => Ok(Some(v.version.unwrap_or(0).to_string().into_bytes())),
             Err(BackendError::NotFound) => Ok(None),
             Err(e) => Err(map_error(e, path.as_str())),
@@ -146,11 +167,16 @@ impl Engine for Proxy {
         let p = path.as_str();
         match req.operation {
             Operation::Read => {
-                let q: ReadQuery = req.query()?;
-                if q.version == Some(0) {
-                    return Err(Error::invalid("versions start at 1"));
-                }
-                let v = self.backend.read(p, q.version).await.map_err(|e| map_error(e, p))?;
+                let q: ProxyReadQuery = req.query()?;
+                let version = match (q.version, q.version_id, q.version_stage) {
+                    (None, None, None) => Version::Latest,
+                    (Some(0), None, None) => return Err(Error::invalid("versions start at 1")),
+                    (Some(n), None, None) => Version::Number(n),
+                    (None, Some(id), None) if !id.is_empty() => Version::Id(id),
+                    (None, None, Some(stage)) if !stage.is_empty() => Version::Stage(stage),
+                    _ => return Err(Error::invalid("give at most one of version, version_id, version_stage")),
+                };
+                let v = self.backend.read(p, &version).await.map_err(|e| map_error(e, p))?;
                 let metadata = Metadata {
                     version: v.version.unwrap_or(0),
                     created_time: v.created_time.clone().unwrap_or_default(),
@@ -162,12 +188,16 @@ impl Engine for Proxy {
             Operation::Write => {
                 let data =
                     SecretData::from_json(zeroize::Zeroizing::new(req.body.to_vec())).map_err(|e| map_error(e, p))?;
-                // The version the existence check saw: a check-and-set where the upstream
-                // keeps versions (none: create only), so a concurrent writer makes a 409.
-                let expected = match req.existing.as_deref() {
-                    Some(v) => std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).filter(|v| *v > 0),
-                    None => Some(0),
-                };
+                // An update is a check-and-set against the version the existence check saw,
+                // where the upstream keeps versions, so a concurrent writer makes a 409. (A
+                // create is not "only if absent": a KV version 2 secret deleted upstream
+                // still has versions, and no live value to compare with.)
+                let expected = req
+                    .existing
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .filter(|v| *v > 0);
                 let version = self.backend.write(p, &data, expected).await.map_err(|e| map_error(e, p))?;
                 Reply::data(&Written {
                     version: version.unwrap_or(0),

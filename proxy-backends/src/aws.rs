@@ -1,0 +1,475 @@
+//! AWS Secrets Manager as a [`SecretBackend`]: `GetSecretValue` (latest, a version id, or
+//! a staging label), `PutSecretValue` (and `CreateSecret` for a new name), `ListSecrets`,
+//! `DeleteSecret`, over `reqwest`, each request signed with SigV4 by the `aws-sigv4` crate
+//! (the official SDK builds about ten times longer on a two-core machine: docs/architecture.md).
+//!
+//! A secret whose `SecretString` is a JSON object maps to its fields (`.data.<key>`); any
+//! other string to `.data.value`; `SecretBinary` to `.data.binary` (base64). A write of
+//! exactly one string field `value` stores that string, any other object its JSON text.
+//!
+//! Credentials, in this order: the configuration (`access_key_id` with
+//! `secret_access_key_file`), the environment (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), the shared credentials file
+//! (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, profile `AWS_PROFILE` or the
+//! configured `profile`, else `default`). Read once at start; held in memory only.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue, Version};
+
+/// `[[mounts]] type = "aws"`, `[mounts.options]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// e.g. `eu-west-1` (default: `AWS_REGION`, then `AWS_DEFAULT_REGION`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Default `https://secretsmanager.<region>.amazonaws.com`; a VPC endpoint, or a
+    /// local emulator in tests.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Secret names are `<prefix><path>` (e.g. `prod/`): a mount sees only its part.
+    #[serde(default)]
+    pub name_prefix: String,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// The shared credentials file's profile (default `AWS_PROFILE`, else `default`).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Days before a deleted secret is gone for good (7 to 30); `0` deletes at once.
+    #[serde(default = "default_recovery")]
+    pub recovery_window_days: u32,
+    /// CA certificates (PEM) to verify the endpoint with, instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_recovery() -> u32 {
+    7
+}
+
+struct Keys {
+    access_key_id: String,
+    secret: SecretString,
+    session_token: Option<SecretString>,
+}
+
+/// An AWS Secrets Manager region (or endpoint).
+pub struct Aws {
+    http: reqwest::Client,
+    endpoint: String,
+    region: String,
+    prefix: String,
+    recovery_days: u32,
+    keys: Keys,
+}
+
+impl std::fmt::Debug for Aws {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aws")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.keys.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `[profile]` of an INI credentials file: `aws_access_key_id`, `aws_secret_access_key`,
+/// `aws_session_token`.
+fn profile_keys(text: &str, profile: &str) -> Option<Keys> {
+    let mut in_profile = false;
+    let (mut id, mut secret, mut token) = (None, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_profile = line.trim_matches(['[', ']']).trim() == profile;
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=').filter(|_| in_profile) else { continue };
+        let v = v.trim().to_owned();
+        match k.trim() {
+            "aws_access_key_id" => id = Some(v),
+            "aws_secret_access_key" => secret = Some(SecretString::from(v)),
+            "aws_session_token" => token = Some(SecretString::from(v)),
+            _ => {}
+        }
+    }
+    Some(Keys { access_key_id: id?, secret: secret?, session_token: token })
+}
+
+fn credentials(c: &AwsConfig) -> Result<Keys, BackendError> {
+    let invalid = BackendError::Invalid;
+    if let (Some(id), Some(file)) = (&c.access_key_id, &c.secret_access_key_file) {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(file)
+                .map_err(|e| invalid(format!("secret_access_key_file {}: {e}", file.display())))?,
+        );
+        return Ok(Keys {
+            access_key_id: id.clone(),
+            secret: SecretString::from(text.trim().to_owned()),
+            session_token: None,
+        });
+    }
+    if c.access_key_id.is_some() || c.secret_access_key_file.is_some() {
+        return Err(invalid("give both access_key_id and secret_access_key_file, or neither".into()));
+    }
+    if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        return Ok(Keys {
+            access_key_id: id,
+            secret: SecretString::from(secret),
+            session_token: env("AWS_SESSION_TOKEN").map(SecretString::from),
+        });
+    }
+    let file = env("AWS_SHARED_CREDENTIALS_FILE")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")));
+    let profile = c.profile.clone().or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".into());
+    if let Some(file) = file
+        && let Ok(text) = std::fs::read_to_string(&file).map(Zeroizing::new)
+    {
+        return profile_keys(&text, &profile)
+            .ok_or_else(|| invalid(format!("no credentials for profile {profile:?} in {}", file.display())));
+    }
+    Err(invalid("no AWS credentials: configure access_key_id, set AWS_ACCESS_KEY_ID, or a credentials file".into()))
+}
+
+/// An error reply of the AWS JSON protocol: `{"__type": "...#Name", "message": "..."}`.
+fn aws_error(status: StatusCode, body: &[u8], what: &str) -> BackendError {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let kind = v["__type"].as_str().unwrap_or_default().rsplit('#').next().unwrap_or_default().to_owned();
+    let msg: String = v["message"].as_str().or(v["Message"].as_str()).unwrap_or_default().chars().take(200).collect();
+    // AWS: "...because it was marked for deletion"; moto: "...currently marked deleted".
+    let deleted = msg.contains("marked for deletion") || msg.contains("marked deleted");
+    match kind.as_str() {
+        "ResourceNotFoundException" => BackendError::NotFound,
+        "InvalidRequestException" if deleted => BackendError::NotFound,
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken" => BackendError::Denied(format!("{what}: {kind}: {msg}")),
+        "ThrottlingException" | "InternalServiceError" | "ServiceUnavailable" | "RequestTimeout" => {
+            BackendError::Unavailable(format!("{what}: {kind}"))
+        }
+        "ResourceExistsException" => BackendError::Conflict(format!("{what}: {msg}")),
+        _ if status == StatusCode::NOT_FOUND => BackendError::NotFound,
+        _ if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
+            BackendError::Unavailable(format!("{what}: {status}"))
+        }
+        _ => BackendError::Invalid(format!("{what}: {kind}: {msg}")),
+    }
+}
+
+impl Aws {
+    pub fn new(config: AwsConfig) -> Result<Self, BackendError> {
+        let invalid = BackendError::Invalid;
+        let region = config
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .ok_or_else(|| invalid("no region: set region, or AWS_REGION".into()))?;
+        if !region.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(invalid(format!("region {region:?}")));
+        }
+        let endpoint = config
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://secretsmanager.{region}.amazonaws.com"))
+            .trim_end_matches('/')
+            .to_owned();
+        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+            return Err(invalid(format!("endpoint {endpoint:?}: give https://host")));
+        }
+        if config.recovery_window_days != 0 && !(7..=30).contains(&config.recovery_window_days) {
+            return Err(invalid("recovery_window_days is 0 or 7 to 30".into()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        Ok(Aws {
+            http: builder.build().map_err(|e| invalid(format!("HTTP client: {e}")))?,
+            keys: credentials(&config)?,
+            endpoint,
+            region,
+            prefix: config.name_prefix,
+            recovery_days: config.recovery_window_days,
+        })
+    }
+
+    /// One call of the Secrets Manager JSON protocol, signed.
+    async fn call(&self, action: &str, body: &Value) -> Result<(StatusCode, Zeroizing<Vec<u8>>), BackendError> {
+        let what = format!("AWS {action}");
+        let payload = Zeroizing::new(serde_json::to_vec(body).map_err(|e| BackendError::Invalid(e.to_string()))?);
+        let target = format!("secretsmanager.{action}");
+        let url = format!("{}/", self.endpoint);
+        let headers = [("content-type", "application/x-amz-json-1.1"), ("x-amz-target", target.as_str())];
+        let identity = Credentials::new(
+            self.keys.access_key_id.clone(),
+            self.keys.secret.expose_secret().to_owned(),
+            self.keys.session_token.as_ref().map(|t| t.expose_secret().to_owned()),
+            None,
+            "keyvault",
+        )
+        .into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("secretsmanager")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| BackendError::Invalid(format!("{what}: signing: {e}")))?
+            .into();
+        let signable =
+            SignableRequest::new("POST", url.as_str(), headers.iter().copied(), SignableBody::Bytes(&payload))
+                .map_err(|e| BackendError::Invalid(format!("{what}: signing: {e}")))?;
+        let (instructions, _) =
+            sign(signable, &params).map_err(|e| BackendError::Invalid(format!("{what}: signing: {e}")))?.into_parts();
+        let mut r = self.http.post(&url).body(payload.to_vec());
+        for (k, v) in headers.iter().copied().chain(instructions.headers()) {
+            r = r.header(k, v);
+        }
+        let resp = r.send().await.map_err(|e| {
+            BackendError::Unavailable(format!(
+                "{what}: {}",
+                if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "cannot connect"
+                } else {
+                    "request failed"
+                }
+            ))
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|_| BackendError::Unavailable(format!("{what}: reply cut short")))?;
+        let body = Zeroizing::new(bytes.to_vec());
+        drop(bytes);
+        if !status.is_success() {
+            return Err(aws_error(status, &body, &what));
+        }
+        Ok((status, body))
+    }
+
+    fn name(&self, path: &str) -> String {
+        format!("{}{path}", self.prefix)
+    }
+}
+
+#[derive(Deserialize)]
+struct GetReply {
+    #[serde(rename = "SecretString", default)]
+    secret_string: Option<String>,
+    #[serde(rename = "SecretBinary", default)]
+    secret_binary: Option<String>,
+    #[serde(rename = "VersionId", default)]
+    version_id: Option<String>,
+    #[serde(rename = "CreatedDate", default)]
+    created: Option<f64>,
+}
+
+impl Drop for GetReply {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        if let Some(s) = self.secret_string.as_mut() {
+            s.zeroize();
+        }
+        if let Some(s) = self.secret_binary.as_mut() {
+            s.zeroize();
+        }
+    }
+}
+
+/// The fields of a `SecretString`: a JSON object's, else `{"value": <string>}`.
+fn string_fields(s: &str) -> Result<SecretData, BackendError> {
+    if s.trim_start().starts_with('{')
+        && let Ok(d) = SecretData::from_json(Zeroizing::new(s.as_bytes().to_vec()))
+    {
+        return Ok(d);
+    }
+    Ok(SecretData::from_fields([("value", s)]))
+}
+
+/// What to store: the lone `value` string as itself, anything else as JSON text.
+fn stored_string(data: &SecretData) -> Result<Zeroizing<String>, BackendError> {
+    let map: serde_json::Map<String, Value> = serde_json::from_slice(data.as_bytes())
+        .map_err(|_| BackendError::Invalid("a secret is a JSON object".into()))?;
+    if map.len() == 1
+        && let Some(Value::String(v)) = map.get("value")
+    {
+        return Ok(Zeroizing::new(v.clone()));
+    }
+    String::from_utf8(data.as_bytes().to_vec())
+        .map(Zeroizing::new)
+        .map_err(|_| BackendError::Invalid("a secret is UTF-8 JSON".into()))
+}
+
+#[async_trait]
+impl SecretBackend for Aws {
+    fn kind(&self) -> &'static str {
+        "aws"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            versions: false,
+            version_ids: true,
+            version_stages: true,
+            writes: true,
+            deletes: true,
+            list: true,
+        }
+    }
+
+    async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
+        let mut req = json!({ "SecretId": self.name(path) });
+        match version {
+            Version::Latest => {}
+            Version::Id(id) => req["VersionId"] = json!(id),
+            Version::Stage(stage) => req["VersionStage"] = json!(stage),
+            Version::Number(_) => {
+                return Err(BackendError::Unsupported("numbered versions (use version_id or version_stage)"));
+            }
+        }
+        let (_, body) = self.call("GetSecretValue", &req).await?;
+        let r: GetReply = serde_json::from_slice(&body)
+            .map_err(|_| BackendError::Unavailable("AWS GetSecretValue: a reply not in its shape".into()))?;
+        let data = match (&r.secret_string, &r.secret_binary) {
+            (Some(s), _) => string_fields(s)?,
+            (None, Some(b)) => SecretData::from_fields([("binary", b.as_str())]),
+            (None, None) => return Err(BackendError::NotFound),
+        };
+        let created_time = r.created.and_then(|secs| {
+            let t = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs_f64(secs.max(0.0)))?;
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        });
+        Ok(SecretValue { data, version: None, version_id: r.version_id.clone(), created_time })
+    }
+
+    async fn write(&self, path: &str, data: &SecretData, _expected: Option<u64>) -> Result<Option<u64>, BackendError> {
+        let value = stored_string(data)?;
+        let name = self.name(path);
+        let req = json!({ "SecretId": name, "SecretString": value.as_str() });
+        // New, deleted within its recovery window (the name stays taken until restored:
+        // writing it again restores it), or live.
+        match self.call("DescribeSecret", &json!({ "SecretId": name })).await {
+            Err(BackendError::NotFound) => {
+                let create = json!({ "Name": name, "SecretString": value.as_str() });
+                self.call("CreateSecret", &create).await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+            Ok((_, body)) => {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if v.get("DeletedDate").is_some_and(|d| !d.is_null()) {
+                    self.call("RestoreSecret", &json!({ "SecretId": name })).await?;
+                }
+            }
+        }
+        self.call("PutSecretValue", &req).await?;
+        // The request bodies above held the value; serde_json's buffers are dropped.
+        Ok(None)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let folder = prefix.trim_matches('/');
+        let under = if folder.is_empty() { self.prefix.clone() } else { format!("{}{folder}/", self.prefix) };
+        let mut names = std::collections::BTreeSet::new();
+        let mut next: Option<String> = None;
+        for _ in 0..10_000 {
+            let mut req = json!({ "MaxResults": 100 });
+            if !under.is_empty() {
+                req["Filters"] = json!([{ "Key": "name", "Values": [under] }]);
+            }
+            if let Some(t) = &next {
+                req["NextToken"] = json!(t);
+            }
+            let (_, body) = self.call("ListSecrets", &req).await?;
+            let v: Value = serde_json::from_slice(&body)
+                .map_err(|_| BackendError::Unavailable("AWS ListSecrets: a reply not in its shape".into()))?;
+            for s in v["SecretList"].as_array().into_iter().flatten() {
+                if s.get("DeletedDate").is_some_and(|d| !d.is_null()) {
+                    continue;
+                }
+                let Some(rest) = s["Name"].as_str().and_then(|n| n.strip_prefix(under.as_str())) else { continue };
+                match rest.split_once('/') {
+                    Some((dir, _)) if !dir.is_empty() => names.insert(format!("{dir}/")),
+                    None if !rest.is_empty() => names.insert(rest.to_owned()),
+                    _ => false,
+                };
+            }
+            next = v["NextToken"].as_str().filter(|t| !t.is_empty()).map(str::to_owned);
+            if next.is_none() {
+                break;
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        let mut req = json!({ "SecretId": self.name(path) });
+        if self.recovery_days == 0 {
+            req["ForceDeleteWithoutRecovery"] = json!(true);
+        } else {
+            req["RecoveryWindowInDays"] = json!(self.recovery_days);
+        }
+        match self.call("DeleteSecret", &req).await {
+            Ok(_) | Err(BackendError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_and_json_map_to_fields_both_ways() {
+        assert_eq!(string_fields("plain").unwrap().field("value").unwrap().as_str(), "plain");
+        assert_eq!(string_fields(r#"{"u":"x"}"#).unwrap().field("u").unwrap().as_str(), "x");
+        assert_eq!(string_fields("{not json").unwrap().field("value").unwrap().as_str(), "{not json");
+        assert_eq!(stored_string(&SecretData::from_fields([("value", "p")])).unwrap().as_str(), "p");
+        assert_eq!(stored_string(&SecretData::from_fields([("a", "1")])).unwrap().as_str(), r#"{"a":"1"}"#);
+    }
+
+    #[test]
+    fn profiles_and_errors() {
+        let ini = "[default]\naws_access_key_id = A\naws_secret_access_key = S\n[other]\naws_access_key_id=B\naws_secret_access_key=T\naws_session_token=X\n";
+        let k = profile_keys(ini, "other").unwrap();
+        assert_eq!((k.access_key_id.as_str(), k.secret.expose_secret()), ("B", "T"));
+        assert!(k.session_token.is_some());
+        assert!(profile_keys(ini, "none").is_none());
+        let e = aws_error(StatusCode::BAD_REQUEST, br#"{"__type":"ResourceNotFoundException","message":"x"}"#, "r");
+        assert_eq!(e, BackendError::NotFound);
+        let e = aws_error(StatusCode::BAD_REQUEST, br#"{"__type":"com.amazonaws#ThrottlingException"}"#, "r");
+        assert!(e.is_transient());
+        let e = aws_error(StatusCode::BAD_REQUEST, br#"{"__type":"UnrecognizedClientException"}"#, "r");
+        assert!(matches!(e, BackendError::Denied(_)));
+    }
+}

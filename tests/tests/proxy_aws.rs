@@ -1,0 +1,108 @@
+//! Mounts served by AWS Secrets Manager (`type = "aws"`), against moto's server started
+//! here: the conformance suite on the adapter; a unit reading JSON and plain-string
+//! secrets through KeyVault, by stage and by version id; a missing secret; the upstream
+//! down.
+
+use keyvault_proxy_backends::aws::{Aws, AwsConfig};
+use keyvault_proxy_backends::{SecretBackend, SecretData, Version};
+use keyvault_tests::moto::Moto;
+use keyvault_tests::server::{ServerOptions, TestServer, default_mounts_toml};
+use keyvault_tests::{Reply, json};
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+fn config(moto: &Moto, key_file: &std::path::Path, prefix: &str) -> AwsConfig {
+    AwsConfig {
+        region: Some("us-east-1".into()),
+        endpoint: Some(moto.endpoint.clone()),
+        name_prefix: prefix.into(),
+        access_key_id: Some("AKIDKEYVAULTTEST".into()),
+        secret_access_key_file: Some(key_file.to_owned()),
+        profile: None,
+        recovery_window_days: 7,
+        ca_file: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_adapter_passes_the_conformance_suite() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("aws-secret");
+    std::fs::write(&key, "test-secret-access-key\n").unwrap();
+    let aws = Aws::new(config(&moto, &key, "")).unwrap();
+    keyvault_proxy_backends::conformance::run(&aws, "conf-aws").await;
+    // With a name prefix, the mount sees only its part of the account.
+    let scoped = Aws::new(config(&moto, &key, "team-a/")).unwrap();
+    keyvault_proxy_backends::conformance::run(&scoped, "conf").await;
+    assert_eq!(scoped.list("").await.unwrap(), vec!["conf/".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_reads_secrets_kept_in_aws_through_keyvault() {
+    let mut moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("aws-secret");
+    std::fs::write(&key, "test-secret-access-key").unwrap();
+    // Secrets put there by another tool (the adapter, used here as a plain client).
+    let aws = Aws::new(config(&moto, &key, "prod/")).unwrap();
+    aws.write("db", &SecretData::from_fields([("username", "app"), ("password", "aws-pass-1")]), None).await.unwrap();
+    let first = aws.read("db", &Version::Latest).await.unwrap().version_id.unwrap();
+    aws.write("db", &SecretData::from_fields([("username", "app"), ("password", "aws-pass-2")]), None).await.unwrap();
+    aws.write("plain", &SecretData::from_fields([("value", "just-a-string")]), None).await.unwrap();
+
+    let mounts = format!(
+        "[[mounts]]\npath = \"cloud\"\ntype = \"aws\"\n[mounts.options]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n\
+         name_prefix = \"prod/\"\naccess_key_id = \"AKIDKEYVAULTTEST\"\nsecret_access_key_file = \"{}\"\n\
+         [mounts.options.cache]\nttl = 0\n[mounts.options.resilience]\nattempts = 1\ntimeout = \"2s\"\n",
+        moto.endpoint,
+        key.display()
+    );
+    let s =
+        TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    let policy = "path \"cloud/*\" { capabilities = [\"read\", \"list\"] }";
+    ok(c.put("sys/policies/acl/unit", &root, json!({ "policy": policy })).await, 204);
+    let b = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["unit"]})).await, 200);
+    let bt = b.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
+    let t = ok(c.post("auth/bootstrap/login", None, json!({ "token": bt })).await, 200).body["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // JSON secrets map to fields; plain strings to `value`.
+    let r = ok(c.get("cloud/db", &t).await, 200);
+    assert_eq!(r.body["data"], json!({"username": "app", "password": "aws-pass-2"}));
+    assert_eq!(ok(c.get("cloud/plain", &t).await, 200).body["data"]["value"], "just-a-string");
+    // Stages and version ids.
+    let r = ok(c.get("cloud/db?version_stage=AWSPREVIOUS", &t).await, 200);
+    assert_eq!(r.body["data"]["password"], "aws-pass-1");
+    let r = ok(c.get(&format!("cloud/db?version_id={first}"), &t).await, 200);
+    assert_eq!(r.body["data"]["password"], "aws-pass-1");
+    ok(c.get("cloud/db?version=1", &t).await, 400);
+    ok(c.get("cloud/db?version_id=a&version_stage=b", &t).await, 400);
+    let l = ok(c.send("LIST", "cloud", Some(&t), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["db", "plain"]));
+    ok(c.get("cloud/missing", &t).await, 404);
+    // Policies hold: the unit cannot write.
+    ok(c.put("cloud/db", &t, json!({"password": "x"})).await, 403);
+    // Writes go through (a plain `value` stays a plain string in AWS).
+    ok(c.put("cloud/new", &root, json!({"value": "written-through"})).await, 200);
+    let v = aws.read("new", &Version::Latest).await.unwrap();
+    assert_eq!(v.data.field("value").unwrap().as_str(), "written-through");
+
+    // Down: 503 with a summary, never the credentials.
+    moto.stop();
+    let r = ok(c.get("cloud/db", &t).await, 503);
+    let msg = r.body["errors"][0].as_str().unwrap();
+    assert!(msg.starts_with("upstream unavailable: AWS GetSecretValue: cannot connect"), "{msg}");
+    let log = s.log_text();
+    for leaked in ["test-secret-access-key", "aws-pass-1", "aws-pass-2", "just-a-string"] {
+        assert!(!log.contains(leaked) && !msg.contains(leaked), "{leaked} leaked");
+    }
+}
