@@ -127,6 +127,10 @@ pub struct Metadata {
     pub created_time: String,
     pub deletion_time: String,
     pub destroyed: bool,
+    /// A proxied mount's upstream id of the version read (AWS `VersionId`, Azure's
+    /// version), for `?version_id=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
 }
 
 /// The query of a read: `?version=N` (versions start at 1).

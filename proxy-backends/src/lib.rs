@@ -20,6 +20,8 @@ use zeroize::Zeroizing;
 
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod cache;
 #[cfg(feature = "conformance")]
 pub mod conformance;

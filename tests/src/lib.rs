@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub use serde_json::{Value, json};
 
+pub mod azure_fake;
 pub mod bao;
 pub mod moto;
 pub mod pki;

@@ -125,6 +125,7 @@ impl Engine for Kv {
                     created_time: v.meta.created_time.clone(),
                     deletion_time: String::new(),
                     destroyed: false,
+                    version_id: None,
                 };
                 // `data` is the value exactly as written, never parsed or copied.
                 Reply::raw_data(v.data).extra("metadata", &metadata)

@@ -59,6 +59,7 @@ pub const KINDS: &[EngineKind] = &[
     kv2::KIND,
     proxy::HASHICORP,
     proxy::AWS,
+    proxy::AZURE,
     transit::KIND,
     gateway::KIND,
     auth::approle::KIND,

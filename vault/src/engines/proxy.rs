@@ -1,4 +1,4 @@
-//! Mounts served by another secret store (`type = "hashicorp"` or `"aws"`): the same routes, reply
+//! Mounts served by another secret store (`type = "hashicorp"`, `"aws"` or `"azure"`): the same routes, reply
 //! shapes, authorization and audit as `secret/` (KV version 1 to Vault's tools), with the
 //! values read from and written through to the upstream by a
 //! [`keyvault_proxy_backends::SecretBackend`], behind a bounded cache and a circuit
@@ -30,6 +30,19 @@ pub const HASHICORP: EngineKind = EngineKind {
     once: false,
     takes_options: true,
     build: |_, mount| Ok(Arc::new(Proxy::hashicorp(mount)?)),
+};
+
+pub const AZURE: EngineKind = EngineKind {
+    info: EngineInfo {
+        name: "azure",
+        description: "secrets kept in Azure Key Vault, served through KeyVault",
+        auth: false,
+        routes: ROUTES,
+    },
+    fixed_at: None,
+    once: false,
+    takes_options: true,
+    build: |_, mount| Ok(Arc::new(Proxy::azure(mount)?)),
 };
 
 pub const AWS: EngineKind = EngineKind {
@@ -118,6 +131,13 @@ impl Proxy {
         Ok(Proxy { info: &HASHICORP.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
     }
 
+    fn azure(mount: &MountConfig) -> Result<Self> {
+        use keyvault_proxy_backends::azure::{Azure, AzureConfig};
+        let (config, cache, policy): (AzureConfig, _, _) = options(mount)?;
+        let adapter = Azure::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
+        Ok(Proxy { info: &AZURE.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
+    }
+
     fn aws(mount: &MountConfig) -> Result<Self> {
         use keyvault_proxy_backends::aws::{Aws, AwsConfig};
         let (config, cache, policy): (AwsConfig, _, _) = options(mount)?;
@@ -182,6 +202,7 @@ impl Engine for Proxy {
                     created_time: v.created_time.clone().unwrap_or_default(),
                     deletion_time: String::new(),
                     destroyed: false,
+                    version_id: v.version_id.clone(),
                 };
                 Reply::raw_data(v.data.into_json()).extra("metadata", &metadata)
             }

@@ -208,7 +208,7 @@ impl MountTable {
                 // Vault's tools tell the key/value versions apart by `options.version`.
                 let (kind, version) = match m.engine.kind() {
                     // A proxied mount answers as KV version 1 (versions by `?version=N`).
-                    "kv" | "hashicorp" | "aws" => ("kv", Some("1")),
+                    "kv" | "hashicorp" | "aws" | "azure" => ("kv", Some("1")),
                     "kv-v2" => ("kv", Some("2")),
                     other => (other, None),
                 };

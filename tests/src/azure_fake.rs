@@ -1,0 +1,310 @@
+//! A fake of Azure Key Vault's secrets REST API (api-version 7.4) and of Microsoft Entra
+//! ID's client-credentials token endpoint, written from Microsoft's published API
+//! reference, for the `azure` adapter's tests: no emulator of Key Vault exists. It checks
+//! the shapes of what it is sent (the API version, the bearer token and its expiry, the
+//! token request's form, secret names) and keeps soft-deleted secrets recoverable, as
+//! Key Vault does with soft delete on. Lists come two to a page, linked by `nextLink`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+/// What a test sets up and reads back.
+pub struct FakeAzure {
+    pub url: String,
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: String,
+    state: Arc<Shared>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Store {
+    /// name -> versions (id, value, created), oldest first.
+    secrets: BTreeMap<String, Vec<(String, String, u64)>>,
+    deleted: BTreeMap<String, Vec<(String, String, u64)>>,
+    tokens: HashMap<String, Instant>,
+    tokens_issued: u64,
+    /// Requests refused for a missing, unknown or expired token.
+    refused: u64,
+    /// Requests refused for a missing or wrong api-version.
+    bad_version: u64,
+    pages_served: u64,
+}
+
+struct Shared {
+    base: String,
+    tenant: String,
+    client_id: String,
+    client_secret: String,
+    token_life: Duration,
+    store: Mutex<Store>,
+}
+
+fn err(status: StatusCode, code: &str, inner: Option<&str>, message: &str) -> Response {
+    let mut e = json!({"error": {"code": code, "message": message}});
+    if let Some(i) = inner {
+        e["error"]["innererror"] = json!({ "code": i });
+    }
+    (status, Json(e)).into_response()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    hex::encode(b)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// The checks every vault request passes first: `api-version=7.4`, a live bearer token.
+/// `Some`: the refusal to send.
+fn admit(s: &Shared, headers: &HeaderMap, q: &HashMap<String, String>) -> Option<Response> {
+    let mut st = s.store.lock().unwrap();
+    if q.get("api-version").map(String::as_str) != Some("7.4") {
+        st.bad_version += 1;
+        return Some(err(StatusCode::BAD_REQUEST, "BadParameter", None, "api-version 7.4 is required"));
+    }
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    match st.tokens.get(token) {
+        Some(exp) if Instant::now() < *exp => None,
+        _ => {
+            st.refused += 1;
+            Some(err(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                None,
+                "AKV10000: Request is missing a Bearer or PoP token.",
+            ))
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 127 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn bundle(s: &Shared, name: &str, v: &(String, String, u64)) -> Value {
+    json!({
+        "value": v.1,
+        "id": format!("{}/secrets/{name}/{}", s.base, v.0),
+        "attributes": {"enabled": true, "created": v.2, "updated": v.2, "recoveryLevel": "Recoverable+Purgeable"},
+    })
+}
+
+async fn token(
+    State(s): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let field = |k: &str| f.get(k).map(String::as_str).unwrap_or_default();
+    if tenant != s.tenant {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_request", "error_description": "AADSTS90002: Tenant not found."})),
+        )
+            .into_response();
+    }
+    if field("grant_type") != "client_credentials"
+        || field("scope") != "https://vault.azure.net/.default"
+        || field("client_id") != s.client_id
+        || field("client_secret") != s.client_secret
+    {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}))).into_response();
+    }
+    let t = random_hex(24);
+    let mut st = s.store.lock().unwrap();
+    st.tokens.insert(t.clone(), Instant::now() + s.token_life);
+    st.tokens_issued += 1;
+    Json(json!({"token_type": "Bearer", "expires_in": s.token_life.as_secs(), "ext_expires_in": s.token_life.as_secs(), "access_token": t}))
+        .into_response()
+}
+
+async fn list(State(s): State<Arc<Shared>>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+    if let Some(r) = admit(&s, &headers, &q) {
+        return r;
+    }
+    let skip: usize = q.get("$skiptoken").and_then(|t| t.parse().ok()).unwrap_or(0);
+    let mut st = s.store.lock().unwrap();
+    st.pages_served += 1;
+    let names: Vec<&String> = st.secrets.keys().collect();
+    let page: Vec<Value> = names
+        .iter()
+        .skip(skip)
+        .take(2)
+        .map(|n| json!({"id": format!("{}/secrets/{n}", s.base), "attributes": {"enabled": true}}))
+        .collect();
+    let next = (skip + 2 < names.len())
+        .then(|| format!("{}/secrets?api-version=7.4&$skiptoken={}&maxresults=25", s.base, skip + 2));
+    Json(json!({"value": page, "nextLink": next})).into_response()
+}
+
+async fn get_secret(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(params): Path<Vec<String>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = admit(&s, &headers, &q) {
+        return r;
+    }
+    let st = s.store.lock().unwrap();
+    let name = &params[0];
+    let found = st.secrets.get(name).and_then(|versions| match params.get(1) {
+        Some(id) => versions.iter().find(|v| &v.0 == id),
+        None => versions.last(),
+    });
+    match found {
+        Some(v) => Json(bundle(&s, name, v)).into_response(),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "SecretNotFound",
+            None,
+            &format!("A secret with (name/id) {name} was not found in this key vault."),
+        ),
+    }
+}
+
+async fn put_secret(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(r) = admit(&s, &headers, &q) {
+        return r;
+    }
+    if !valid_name(&name) {
+        return err(StatusCode::BAD_REQUEST, "BadParameter", None, "The request URI contains an invalid name");
+    }
+    let Some(value) = body["value"].as_str() else {
+        return err(StatusCode::BAD_REQUEST, "BadParameter", None, "Property value is required");
+    };
+    let mut st = s.store.lock().unwrap();
+    if st.deleted.contains_key(&name) {
+        return err(
+            StatusCode::CONFLICT,
+            "Conflict",
+            Some("ObjectIsDeletedButRecoverable"),
+            &format!(
+                "Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged."
+            ),
+        );
+    }
+    let v = (random_hex(16), value.to_owned(), now_secs());
+    let out = bundle(&s, &name, &v);
+    st.secrets.entry(name).or_default().push(v);
+    Json(out).into_response()
+}
+
+async fn delete_secret(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = admit(&s, &headers, &q) {
+        return r;
+    }
+    let mut st = s.store.lock().unwrap();
+    match st.secrets.remove(&name) {
+        Some(versions) => {
+            st.deleted.insert(name.clone(), versions);
+            Json(json!({"recoveryId": format!("{}/deletedsecrets/{name}", s.base)})).into_response()
+        }
+        None => err(StatusCode::NOT_FOUND, "SecretNotFound", None, "not found"),
+    }
+}
+
+async fn recover(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = admit(&s, &headers, &q) {
+        return r;
+    }
+    let mut st = s.store.lock().unwrap();
+    match st.deleted.remove(&name) {
+        Some(versions) => {
+            st.secrets.insert(name.clone(), versions);
+            Json(json!({"id": format!("{}/secrets/{name}", s.base)})).into_response()
+        }
+        None => err(StatusCode::NOT_FOUND, "SecretNotFound", None, "not found"),
+    }
+}
+
+/// Counters of what the fake saw.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    pub tokens_issued: u64,
+    pub refused: u64,
+    pub bad_version: u64,
+    pub pages_served: u64,
+}
+
+impl FakeAzure {
+    /// Start on a free port; tokens live `token_life`.
+    pub async fn start(token_life: Duration) -> FakeAzure {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let shared = Arc::new(Shared {
+            base: url.clone(),
+            tenant: "0a1b2c3d-tenant".into(),
+            client_id: "keyvault-app".into(),
+            client_secret: format!("client-secret-{}", random_hex(8)),
+            token_life,
+            store: Mutex::new(Store::default()),
+        });
+        let app = Router::new()
+            .route("/{tenant}/oauth2/v2.0/token", post(token))
+            .route("/secrets", get(list))
+            .route("/secrets/{name}", get(get_secret).put(put_secret).delete(delete_secret))
+            .route("/secrets/{name}/{version}", get(get_secret))
+            .route("/deletedsecrets/{name}/recover", post(recover))
+            .with_state(shared.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeAzure {
+            url,
+            tenant: shared.tenant.clone(),
+            client_id: shared.client_id.clone(),
+            client_secret: shared.client_secret.clone(),
+            state: shared,
+            _server: server,
+        }
+    }
+
+    pub fn seen(&self) -> Seen {
+        let st = self.state.store.lock().unwrap();
+        Seen {
+            tokens_issued: st.tokens_issued,
+            refused: st.refused,
+            bad_version: st.bad_version,
+            pages_served: st.pages_served,
+        }
+    }
+
+    /// A secret as another tool would have put it there.
+    pub fn put(&self, name: &str, value: &str) {
+        let mut st = self.state.store.lock().unwrap();
+        st.secrets.entry(name.into()).or_default().push((random_hex(16), value.into(), now_secs()));
+    }
+}

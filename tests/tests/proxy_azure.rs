@@ -1,0 +1,112 @@
+//! Mounts served by Azure Key Vault (`type = "azure"`), against a fake of its secrets API
+//! and of Entra ID's token endpoint (tests/src/azure_fake.rs: no emulator exists; the fake
+//! follows Microsoft's API reference and checks what it is sent). The conformance suite
+//! on the adapter, a unit reading through KeyVault, versions by id, paging, the token
+//! refreshed before it expires.
+
+use std::time::Duration;
+
+use keyvault_proxy_backends::azure::{Azure, AzureConfig};
+use keyvault_proxy_backends::{SecretBackend, Version};
+use keyvault_tests::azure_fake::FakeAzure;
+use keyvault_tests::server::{ServerOptions, TestServer, default_mounts_toml};
+use keyvault_tests::{Reply, json};
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+fn config(fake: &FakeAzure, secret_file: &std::path::Path) -> AzureConfig {
+    AzureConfig {
+        vault_url: fake.url.clone(),
+        tenant_id: fake.tenant.clone(),
+        client_id: fake.client_id.clone(),
+        client_secret_file: secret_file.to_owned(),
+        authority_host: fake.url.clone(),
+        ca_file: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_adapter_passes_the_conformance_suite_against_the_fake() {
+    let fake = FakeAzure::start(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, format!("{}\n", fake.client_secret)).unwrap();
+    let azure = Azure::new(config(&fake, &secret)).unwrap();
+    keyvault_proxy_backends::conformance::run(&azure, "conf-azure").await;
+    let seen = fake.seen();
+    assert_eq!(seen.tokens_issued, 1, "one token, cached");
+    assert_eq!((seen.refused, seen.bad_version), (0, 0), "every request had a live token and api-version 7.4");
+    // A wrong client secret: the token endpoint refuses, the adapter says so.
+    std::fs::write(&secret, "wrong").unwrap();
+    let e = Azure::new(config(&fake, &secret)).unwrap().read("x", &Version::Latest).await.unwrap_err();
+    assert!(e.to_string().contains("invalid_client"), "{e}");
+    assert!(!e.to_string().contains(&fake.client_secret));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_reads_secrets_kept_in_azure_through_keyvault() {
+    // Tokens live 2 s: the adapter takes a new one before each expires.
+    let fake = FakeAzure::start(Duration::from_secs(2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, &fake.client_secret).unwrap();
+    fake.put("db--password", "azure-pass-1");
+    fake.put("db--password", "azure-pass-2");
+    fake.put("db--config", r#"{"host": "db.internal", "port": "5432"}"#);
+    for i in 0..5 {
+        fake.put(&format!("app{i}"), "x");
+    }
+    let mounts = format!(
+        "[[mounts]]\npath = \"az\"\ntype = \"azure\"\n[mounts.options]\nvault_url = \"{url}\"\ntenant_id = \"{}\"\n\
+         client_id = \"{}\"\nclient_secret_file = \"{}\"\nauthority_host = \"{url}\"\n[mounts.options.cache]\nttl = 0\n",
+        fake.tenant,
+        fake.client_id,
+        secret.display(),
+        url = fake.url,
+    );
+    let s =
+        TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    let r = ok(c.get("az/db/password", &root).await, 200);
+    assert_eq!(r.body["data"]["value"], "azure-pass-2");
+    // A new version through KeyVault; the older one by its Key Vault version id.
+    let id2 = r.body["metadata"]["version_id"].as_str().unwrap().to_owned();
+    ok(c.put("az/db/password", &root, json!({"value": "azure-pass-3"})).await, 200);
+    assert_eq!(ok(c.get("az/db/password", &root).await, 200).body["data"]["value"], "azure-pass-3");
+    let r = ok(c.get(&format!("az/db/password?version_id={id2}"), &root).await, 200);
+    assert_eq!(r.body["data"]["value"], "azure-pass-2");
+    ok(c.get("az/db/password?version_id=0000000000", &root).await, 404);
+    let r = ok(c.get("az/db/config", &root).await, 200);
+    assert_eq!(r.body["data"], json!({"host": "db.internal", "port": "5432"}));
+    // Listing follows nextLink (two per page in the fake) and splits names on `--`.
+    let l = ok(c.send("LIST", "az", Some(&root), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["app0", "app1", "app2", "app3", "app4", "db/"]));
+    let l = ok(c.send("LIST", "az/db", Some(&root), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["config", "password"]));
+    assert!(fake.seen().pages_served >= 8, "{:?}", fake.seen());
+    // Writes go through; a path Key Vault cannot name is a 400.
+    ok(c.put("az/new/one", &root, json!({"value": "written"})).await, 200);
+    assert_eq!(ok(c.get("az/new/one", &root).await, 200).body["data"]["value"], "written");
+    ok(c.put("az/bad_name", &root, json!({"value": "x"})).await, 400);
+    ok(c.get("az/missing", &root).await, 404);
+    ok(c.get("az/db/password?version=2", &root).await, 400);
+
+    // Reads keep working across token lifetimes: a new token is taken before each
+    // expires (reads polled until two more were issued), and the fake refused none.
+    let first = fake.seen().tokens_issued;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fake.seen().tokens_issued < first + 2 {
+        assert!(std::time::Instant::now() < deadline, "no new token: {:?}", fake.seen());
+        assert_eq!(ok(c.get("az/db/password", &root).await, 200).body["data"]["value"], "azure-pass-3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = fake.seen();
+    assert!(seen.tokens_issued >= first + 2, "{seen:?}");
+    assert_eq!(seen.refused, 0, "no request went with an expired token: {seen:?}");
+    assert!(!s.log_text().contains(&fake.client_secret));
+}
