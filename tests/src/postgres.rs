@@ -60,6 +60,10 @@ impl TestPostgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        // The keyvault user needs no password; every other role logs in with its own
+        // (the database engine's tests check that a rotated password works and the old
+        // one does not).
+        std::fs::write(data.join("pg_hba.conf"), "local all keyvault trust\nlocal all all scram-sha-256\n").unwrap();
         let socket_dir = dir.path().join("sock");
         std::fs::create_dir(&socket_dir).unwrap();
         if is_root() {
@@ -124,6 +128,29 @@ impl TestPostgres {
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
+    }
+
+    /// A libpq connection string for `user` on database `db`, over the Unix socket.
+    pub fn connection_string(&self, user: &str, db: &str) -> String {
+        format!("host={} port={PORT} user={user} dbname={db}", self.socket_dir.display())
+    }
+
+    /// Run SQL as the superuser `keyvault` on database `postgres`.
+    pub fn psql(&self, sql: &str) {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", PORT, "-U", "keyvault", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Whether `user` can log in with `password`.
+    pub async fn can_log_in(&self, user: &str, password: &str) -> bool {
+        let mut c: tokio_postgres::Config = self.connection_string(user, "postgres").parse().unwrap();
+        c.password(password);
+        c.connect(tokio_postgres::NoTls).await.is_ok()
     }
 
     /// Create a database and return its URL.

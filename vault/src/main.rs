@@ -55,6 +55,10 @@ enum Command {
         /// `fail_closed`, `buffered`, or `dangerous_off` (benchmarks only).
         #[arg(long, default_value = "fail_closed")]
         audit_mode: String,
+        /// A TOML file of `[[mounts]]` entries served besides the default mounts (e.g. a
+        /// proxied `hashicorp` mount to try).
+        #[arg(long)]
+        mounts: Option<PathBuf>,
     },
     /// Administration that needs the HSM and the store directly.
     Operator {
@@ -247,8 +251,15 @@ struct BenchArgs {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter =
+    let mut filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Whatever the level asked for: tokio-postgres logs the text of every simple query at
+    // debug level, and the database engine's `ALTER ROLE ... PASSWORD` is one.
+    for quiet in ["tokio_postgres=info", "tokio_postgres::query=info"] {
+        if let Ok(d) = quiet.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -314,7 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
-        Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl, audit_mode } => {
+        Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl, audit_mode, mounts } => {
             init_logging(&log, false);
             let started = std::time::Instant::now();
             let layout = DevLayout::new(&data_dir)?;
@@ -323,6 +334,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = dev::config(&layout, module, address, dek_cache_ttl);
             config.audit.mode = serde_json::from_value(serde_json::Value::String(audit_mode.clone()))
                 .map_err(|_| anyhow::anyhow!("--audit-mode: use fail_closed, buffered or dangerous_off"))?;
+            if let Some(file) = &mounts {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Extra {
+                    mounts: Vec<keyvault::config::MountConfig>,
+                }
+                let text = std::fs::read_to_string(file).with_context(|| format!("--mounts {}", file.display()))?;
+                let extra: Extra = toml::from_str(&text).with_context(|| format!("--mounts {}", file.display()))?;
+                config.mounts = keyvault::config::default_mounts().into_iter().chain(extra.mounts).collect();
+            }
             let service = Builder::new(&config).init(Init::IfNew).build().await?;
             let root = service.issue_root_token(root_token_ttl).await?;
             let root = root.token.expose_secret().to_owned();

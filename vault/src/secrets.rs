@@ -44,6 +44,10 @@ impl From<keyvault_api::PathError> for Error {
 /// The namespace of the KV version 2 engine's secrets (see the module's documentation).
 pub const KV2_NAMESPACE: &str = "\u{2}v2/";
 
+/// Where the `database` engine keeps its passwords: sealed and counted like every secret
+/// (so master key rotation re-wraps them), in a namespace no KV path can name.
+pub const DATABASE_NAMESPACE: &str = "\u{3}db/";
+
 /// Metadata of one version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,6 +183,11 @@ impl Secrets {
     /// The KV version 1 store.
     pub fn new(store: Arc<dyn Store>, barrier: Barrier, max_versions: usize) -> Self {
         Secrets { store, barrier, max_versions: max_versions.max(1), ns: "" }
+    }
+
+    /// The `database` engine's passwords.
+    pub fn database(store: Arc<dyn Store>, barrier: Barrier, max_versions: usize) -> Self {
+        Secrets { ns: DATABASE_NAMESPACE, ..Self::new(store, barrier, max_versions) }
     }
 
     /// The KV version 2 store.

@@ -10,6 +10,7 @@ use crate::logical::{Engine, EngineInfo};
 use crate::shared::Core;
 
 pub mod auth;
+pub mod database;
 pub mod gateway;
 pub mod kv;
 pub mod kv2;
@@ -60,6 +61,7 @@ pub const KINDS: &[EngineKind] = &[
     proxy::HASHICORP,
     proxy::AWS,
     proxy::AZURE,
+    database::KIND,
     transit::KIND,
     gateway::KIND,
     auth::approle::KIND,

@@ -1,0 +1,563 @@
+//! The `database` engine: static roles whose PostgreSQL passwords KeyVault rotates (Vault's
+//! `database` secrets engine, static roles). KeyVault holds an admin connection per
+//! configured database; a static role names a connection and a database role; KeyVault
+//! sets a new random password with `ALTER ROLE` on a schedule (`rotation_period`) and on
+//! demand (`rotate-role/<name>`), and serves it at `static-creds/<name>`.
+//!
+//! Passwords are kept like secrets (sealed, one data key per version, re-wrapped by master
+//! key rotation) in a namespace of their own. A rotation is crash-safe: the new password
+//! is stored as *pending* before `ALTER ROLE`, and made current after; a pending password
+//! found later (after a crash, on any replica) is applied again (`ALTER ROLE` is
+//! idempotent) and made current. So there is never a moment when neither KeyVault nor the
+//! database knows the password. One replica rotates a role at a time (a claim in the
+//! store that expires by itself if its holder dies).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::EngineKind;
+use crate::config::MountConfig;
+use crate::error::{Error, Result};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::policy::Capability;
+use crate::secrets::{SecretPath, Secrets};
+use crate::shared::Core;
+use crate::store::{Store, decode_json, encode_json};
+use crate::unix_now;
+
+pub const KIND: EngineKind = EngineKind {
+    info: EngineInfo {
+        name: "database",
+        description: "PostgreSQL role passwords rotated by KeyVault (static roles)",
+        auth: false,
+        routes: ROUTES,
+    },
+    fixed_at: None,
+    once: true,
+    takes_options: true,
+    build: Database::build,
+};
+
+fn role_name(_: Operation, p: &mut Params) -> Result<()> {
+    let name = p.get("name").unwrap_or_default().to_owned();
+    if !keyvault_api::valid_name(&name) {
+        return Err(Error::invalid("a role name is 1-128 letters, digits, `.`, `_` or `-`"));
+    }
+    Ok(())
+}
+
+const ROUTES: &[Route] = &[
+    Route::new("static-roles", "list static roles", &[OpSpec::list(Access::Needs(Capability::List))]),
+    Route::new(
+        "static-roles/{name}",
+        "a static role: `db_name`, `username`, `rotation_period`",
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::write(Access::CreateOrUpdate),
+            OpSpec::delete(Access::Needs(Capability::Delete)),
+        ],
+    )
+    .normalize(role_name),
+    Route::new(
+        "static-creds/{name}",
+        "the role's current password (Vault's shape)",
+        &[OpSpec::read(Access::Needs(Capability::Read))],
+    )
+    .normalize(role_name),
+    Route::new(
+        "rotate-role/{name}",
+        "rotate the role's password now",
+        &[OpSpec::write(Access::Needs(Capability::Update))],
+    )
+    .normalize(role_name),
+];
+
+/// `[mounts.options.connections.<name>]`: how KeyVault reaches one database as its admin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionConfig {
+    /// A libpq connection string or URL (`host=/var/run/postgresql user=keyvault_admin dbname=postgres`).
+    connection: String,
+    /// The admin's password (read at start), if the database asks for one.
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    /// CA certificates (PEM): connect with TLS, verifying the server with them.
+    #[serde(default)]
+    tls_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    connections: BTreeMap<String, ConnectionConfig>,
+    /// How often the scheduler looks for roles due for rotation.
+    #[serde(default = "default_check", with = "duration_text")]
+    check_interval: Duration,
+}
+
+fn default_check() -> Duration {
+    Duration::from_secs(10)
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let t = String::deserialize(d)?;
+        keyvault_api::parse_duration(&t).map_err(serde::de::Error::custom)
+    }
+}
+
+struct Connection {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// A static role as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticRole {
+    db_name: String,
+    username: String,
+    rotation_period: u64,
+}
+
+/// The body of a static role write.
+#[derive(Debug, Deserialize)]
+struct RoleWrite {
+    db_name: Option<String>,
+    username: Option<String>,
+    #[serde(default, with = "keyvault_api::vault_duration")]
+    rotation_period: Option<Duration>,
+}
+
+/// The role's passwords, sealed: the current one, and one being applied.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Creds {
+    password: Option<String>,
+    pending: Option<String>,
+    rotated_at: u64,
+}
+
+impl Drop for Creds {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.password.zeroize();
+        self.pending.zeroize();
+    }
+}
+
+/// Vault's `static-creds` reply.
+#[derive(Serialize)]
+struct StaticCreds<'a> {
+    username: &'a str,
+    password: &'a str,
+    last_vault_rotation: String,
+    rotation_period: u64,
+    ttl: u64,
+}
+
+#[derive(Debug)]
+pub struct Database {
+    store: Arc<dyn Store>,
+    creds: Secrets,
+    connections: BTreeMap<String, Connection>,
+}
+
+const ROLE_PREFIX: &str = "database/static-roles/";
+const CLAIM_PREFIX: &str = "database/rotating/";
+/// How long a rotation's claim lasts if its replica dies holding it (a rotation takes a
+/// connection and one statement: well under this). Until it lapses, that role's
+/// credentials are 503 on every replica: a pending password is applied only under the
+/// claim (applied by two writers, an older pending could overwrite a newer password).
+const CLAIM_TTL: Duration = Duration::from_secs(15);
+
+/// PostgreSQL role names KeyVault manages: letters, digits, `_`, at most 63 bytes (they
+/// are quoted in `ALTER ROLE`, and nothing else is accepted).
+fn valid_username(u: &str) -> bool {
+    !u.is_empty() && u.len() <= 63 && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// 32 random letters and digits (about 190 bits): safe inside an SQL string literal.
+fn new_password() -> Result<Zeroizing<String>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = Zeroizing::new(String::with_capacity(32));
+    while out.len() < 32 {
+        let bytes: [u8; 64] = crate::barrier::random()?;
+        for b in bytes {
+            // 248 = 4 * 62: unbiased.
+            if b < 248 && out.len() < 32 {
+                out.push(ALPHABET[usize::from(b % 62)] as char);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Database {
+    fn build(core: &Arc<Core>, mount: &MountConfig) -> Result<Arc<dyn Engine>> {
+        let bad = |e: String| Error::Config(format!("mount {:?}: {e}", mount.path));
+        let options: Options =
+            toml::Value::Table(mount.options.clone()).try_into().map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        let mut connections = BTreeMap::new();
+        for (name, c) in &options.connections {
+            let mut config: tokio_postgres::Config = c
+                .connection
+                .parse()
+                .map_err(|_| bad(format!("connection {name}: not a PostgreSQL connection string")))?;
+            if let Some(f) = &c.password_file {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(f).map_err(|e| bad(format!("connection {name}: {}: {e}", f.display())))?,
+                );
+                config.password(text.trim());
+            }
+            config.connect_timeout(Duration::from_secs(5));
+            let tls = match &c.tls_ca_file {
+                Some(ca) => {
+                    use rustls_pki_types::pem::PemObject;
+                    let mut roots = rustls::RootCertStore::empty();
+                    let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+                        .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+                        .map_err(|e| bad(format!("connection {name}: tls_ca_file {}: {e}", ca.display())))?;
+                    for cert in certs {
+                        roots.add(cert).map_err(|e| bad(format!("connection {name}: {e}")))?;
+                    }
+                    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                        .with_safe_default_protocol_versions()
+                        .map_err(|e| bad(e.to_string()))?
+                        .with_root_certificates(roots)
+                        .with_no_client_auth();
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                }
+                None => None,
+            };
+            connections.insert(name.clone(), Connection { config, tls });
+        }
+        let max_versions = core.settings.secrets.max_versions;
+        let db = Arc::new(Database {
+            store: core.store.clone(),
+            creds: Secrets::database(core.store.clone(), core.barrier.clone(), max_versions),
+            connections,
+        });
+        // The scheduler: roles due for rotation, every `check_interval` (a sealed replica
+        // takes no step; the claim keeps two replicas from rotating one role at once).
+        let weak = Arc::downgrade(&db);
+        let keys = core.keys.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(options.check_interval);
+            loop {
+                tick.tick().await;
+                let Some(db) = weak.upgrade() else { return };
+                if keys.is_sealed() {
+                    continue;
+                }
+                if let Err(e) = db.rotate_due().await {
+                    tracing::warn!(error = %e, "database: scheduled rotation check failed");
+                }
+            }
+        });
+        Ok(db)
+    }
+
+    async fn role(&self, name: &str) -> Result<Option<StaticRole>> {
+        let key = format!("{ROLE_PREFIX}{name}");
+        match self.store.get(&key).await? {
+            Some(raw) => Ok(Some(decode_json(&key, &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn creds_path(name: &str) -> Result<SecretPath> {
+        Ok(SecretPath::parse(name)?)
+    }
+
+    async fn load_creds(&self, name: &str) -> Result<Option<(u64, Creds)>> {
+        let path = Self::creds_path(name)?;
+        if !self.creds.exists(&path).await? {
+            return Ok(None);
+        }
+        match self.creds.read(&path, None).await {
+            Ok(v) => {
+                let c: Creds = serde_json::from_slice(&v.data)
+                    .map_err(|_| Error::Internal(format!("the credentials of role {name} are not readable")))?;
+                Ok(Some((v.version, c)))
+            }
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn store_creds(&self, name: &str, creds: &Creds, expected: u64) -> Result<()> {
+        let body = Zeroizing::new(serde_json::to_vec(creds).map_err(|e| Error::Internal(e.to_string()))?);
+        let opts = crate::secrets::WriteOptions { cas: Some(expected), ..Default::default() };
+        self.creds.write_with(&Self::creds_path(name)?, &body, opts).await?;
+        Ok(())
+    }
+
+    /// `ALTER ROLE "<username>" WITH PASSWORD '<password>'` on the role's database.
+    async fn alter_role(&self, role: &StaticRole, password: &str) -> Result<()> {
+        let conn = self
+            .connections
+            .get(&role.db_name)
+            .ok_or_else(|| Error::invalid(format!("no database connection named {:?}", role.db_name)))?;
+        let unavailable = |e: tokio_postgres::Error| {
+            tracing::warn!(db = %role.db_name, error = %e, "database: the admin connection failed");
+            Error::Unavailable(format!("database {}: cannot set the password (see the server log)", role.db_name))
+        };
+        let client = match &conn.tls {
+            Some(tls) => {
+                let (client, connection) = conn.config.connect(tls.clone()).await.map_err(unavailable)?;
+                tokio::spawn(connection);
+                client
+            }
+            None => {
+                let (client, connection) = conn.config.connect(tokio_postgres::NoTls).await.map_err(unavailable)?;
+                tokio::spawn(connection);
+                client
+            }
+        };
+        // Neither part can carry a quote: the name is [A-Za-z0-9_], the password
+        // [A-Za-z0-9] (ALTER ROLE takes no bind parameters).
+        debug_assert!(valid_username(&role.username) && password.chars().all(|c| c.is_ascii_alphanumeric()));
+        let sql = Zeroizing::new(format!("ALTER ROLE \"{}\" WITH PASSWORD '{password}'", role.username));
+        client.batch_execute(&sql).await.map_err(|e| {
+            tracing::warn!(db = %role.db_name, role = %role.username, code = ?e.code(), "database: ALTER ROLE failed");
+            Error::Unavailable(format!(
+                "database {}: ALTER ROLE {} failed (see the server log)",
+                role.db_name, role.username
+            ))
+        })
+    }
+
+    /// Take the role's rotation claim (false: another rotation holds it).
+    async fn claim(&self, name: &str) -> Result<bool> {
+        let holder = uuid::Uuid::new_v4().to_string();
+        Ok(self.store.insert_if_absent(&format!("{CLAIM_PREFIX}{name}"), holder.as_bytes(), Some(CLAIM_TTL)).await?)
+    }
+
+    async fn release(&self, name: &str) {
+        if let Err(e) = self.store.delete(&format!("{CLAIM_PREFIX}{name}")).await {
+            tracing::warn!(role = name, error = %e, "database: releasing a rotation claim failed (it expires by itself)");
+        }
+    }
+
+    /// Rotate (or, with `finish_only`, only apply a pending password), holding the claim.
+    async fn rotate(&self, name: &str, finish_only: bool) -> Result<()> {
+        if !self.claim(name).await? {
+            return Err(Error::Conflict(format!("a rotation of role {name} is running")));
+        }
+        let r = self.rotate_claimed(name, finish_only).await;
+        self.release(name).await;
+        r
+    }
+
+    async fn rotate_claimed(&self, name: &str, finish_only: bool) -> Result<()> {
+        let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
+        let (version, creds) = match self.load_creds(name).await? {
+            Some((v, c)) => (v, c),
+            None => (0, Creds { password: None, pending: None, rotated_at: 0 }),
+        };
+        // A pending password from a rotation that stopped half way is applied again:
+        // the database may have it already.
+        let (pending, version) = match &creds.pending {
+            Some(p) => (Zeroizing::new(p.clone()), version),
+            None if finish_only => return Ok(()),
+            None => {
+                let p = new_password()?;
+                let staged = Creds {
+                    password: creds.password.clone(),
+                    pending: Some(p.to_string()),
+                    rotated_at: creds.rotated_at,
+                };
+                self.store_creds(name, &staged, version).await?;
+                crash_point_for_tests();
+                (p, version + 1)
+            }
+        };
+        self.alter_role(&role, &pending).await?;
+        let done = Creds { password: Some(pending.to_string()), pending: None, rotated_at: unix_now() };
+        self.store_creds(name, &done, version).await?;
+        tracing::info!(role = name, username = %role.username, "database: password rotated");
+        Ok(())
+    }
+
+    async fn rotate_due(&self) -> Result<()> {
+        let now = unix_now();
+        for (key, raw) in crate::store::scan_all(self.store.as_ref(), ROLE_PREFIX).await? {
+            let name = key.trim_start_matches(ROLE_PREFIX).to_owned();
+            let role: StaticRole = decode_json(&key, &raw)?;
+            let due = match self.load_creds(&name).await? {
+                Some((_, c)) => c.pending.is_some() || c.rotated_at.saturating_add(role.rotation_period) <= now,
+                None => true,
+            };
+            if due {
+                match self.rotate(&name, false).await {
+                    Ok(()) | Err(Error::Conflict(_)) => {}
+                    Err(e) => tracing::warn!(role = %name, error = %e, "database: scheduled rotation failed"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn static_creds(&self, name: &str) -> Result<Reply> {
+        let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
+        // A pending password is applied first (here, or by whoever holds the claim).
+        for _ in 0..20 {
+            match self.load_creds(name).await? {
+                Some((_, c)) if c.pending.is_none() => {
+                    let password = c.password.as_deref().ok_or_else(|| Error::Internal("no password".into()))?;
+                    let ttl = c.rotated_at.saturating_add(role.rotation_period).saturating_sub(unix_now());
+                    let last =
+                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(c.rotated_at));
+                    return Reply::data(&StaticCreds {
+                        username: &role.username,
+                        password,
+                        last_vault_rotation: last.to_string(),
+                        rotation_period: role.rotation_period,
+                        ttl,
+                    });
+                }
+                Some(_) => match self.rotate(name, true).await {
+                    Ok(()) => continue,
+                    Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => return Err(e),
+                },
+                None => match self.rotate(name, false).await {
+                    Ok(()) => continue,
+                    Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        Err(Error::Unavailable(format!("a rotation of role {name} is still running; retry")))
+    }
+}
+
+/// Test hook, in debug builds only: when the file named by
+/// `KEYVAULT_TEST_CRASH_DB_ROTATION` exists, the process dies (as `kill -9` would) right
+/// after the pending password is stored and before `ALTER ROLE`.
+#[cfg(debug_assertions)]
+fn crash_point_for_tests() {
+    if let Some(f) = std::env::var_os("KEYVAULT_TEST_CRASH_DB_ROTATION")
+        && std::path::Path::new(&f).exists()
+    {
+        std::process::abort();
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn crash_point_for_tests() {}
+
+#[async_trait]
+impl Engine for Database {
+    fn info(&self) -> &'static EngineInfo {
+        &KIND.info
+    }
+
+    async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
+        Ok(self.store.get(&format!("{ROLE_PREFIX}{}", req.param("name"))).await?)
+    }
+
+    async fn handle(&self, req: &mut Request) -> Result<Reply> {
+        let name = req.param("name").to_owned();
+        match (req.route.pattern, req.operation) {
+            ("static-roles", _) => Reply::keys(crate::store::list_names(self.store.as_ref(), ROLE_PREFIX).await?),
+            ("static-roles/{name}", Operation::Read) => {
+                let role = self.role(&name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
+                Reply::data(&role)
+            }
+            ("static-roles/{name}", Operation::Write) => {
+                let b: RoleWrite = req.data()?;
+                let old = self.role(&name).await?;
+                let role = StaticRole {
+                    db_name: b.db_name.or(old.as_ref().map(|r| r.db_name.clone())).unwrap_or_default(),
+                    username: b.username.or(old.as_ref().map(|r| r.username.clone())).unwrap_or_default(),
+                    rotation_period: b
+                        .rotation_period
+                        .map(|d| d.as_secs())
+                        .or(old.as_ref().map(|r| r.rotation_period))
+                        .unwrap_or(24 * 3600),
+                };
+                if !self.connections.contains_key(&role.db_name) {
+                    let known: Vec<&str> = self.connections.keys().map(String::as_str).collect();
+                    return Err(Error::invalid(format!(
+                        "db_name: one of the configured connections ({})",
+                        known.join(", ")
+                    )));
+                }
+                if !valid_username(&role.username) {
+                    return Err(Error::invalid("username: a PostgreSQL role of letters, digits and _ (at most 63)"));
+                }
+                if role.rotation_period < 5 {
+                    return Err(Error::invalid("rotation_period: at least 5 seconds"));
+                }
+                if old.as_ref().is_some_and(|o| o.username != role.username || o.db_name != role.db_name) {
+                    return Err(Error::invalid(
+                        "a static role's db_name and username cannot change; delete it and create another",
+                    ));
+                }
+                let key = format!("{ROLE_PREFIX}{name}");
+                let expected = req.existing.clone();
+                if !self.store.compare_and_swap(&key, expected.as_deref(), Some(&encode_json(&role))).await? {
+                    return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
+                }
+                // A new role's password is set at once (as Vault does).
+                if old.is_none() {
+                    self.rotate(&name, false).await?;
+                }
+                Ok(Reply::empty())
+            }
+            ("static-roles/{name}", Operation::Delete) => {
+                self.store.delete(&format!("{ROLE_PREFIX}{name}")).await?;
+                let path = Self::creds_path(&name)?;
+                if self.creds.exists(&path).await? {
+                    self.creds.delete_all(&path).await?;
+                }
+                Ok(Reply::empty())
+            }
+            ("static-creds/{name}", _) => self.static_creds(&name).await,
+            ("rotate-role/{name}", _) => {
+                req.data::<keyvault_api::Empty>()?;
+                self.rotate(&name, false).await?;
+                req.audit_detail(format!("password of static role {name} rotated"));
+                Ok(Reply::empty())
+            }
+            _ => Err(Error::UnsupportedOperation),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_names_cannot_break_out_of_the_statement() {
+        for _ in 0..100 {
+            let p = new_password().unwrap();
+            assert_eq!(p.len(), 32);
+            assert!(p.chars().all(|c| c.is_ascii_alphanumeric()));
+        }
+        assert!(valid_username("app_user1"));
+        for bad in ["", "a\"b", "a'b", "a b", "a;b", &"x".repeat(64)] {
+            assert!(!valid_username(bad), "{bad}");
+        }
+    }
+}
