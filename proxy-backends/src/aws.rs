@@ -9,9 +9,11 @@
 //!
 //! Credentials, in this order: the configuration (`access_key_id` with
 //! `secret_access_key_file`), the environment (`AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), the shared credentials file
-//! (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, profile `AWS_PROFILE` or the
-//! configured `profile`, else `default`). Read once at start; held in memory only.
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), web identity (`role_arn` and
+//! `web_identity_token_file`, or `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`: STS
+//! `AssumeRoleWithWebIdentity`, assumed again before the keys expire), the shared
+//! credentials file (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, profile
+//! `AWS_PROFILE` or the configured `profile`, else `default`). Held in memory only.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -49,6 +51,15 @@ pub struct AwsConfig {
     /// The shared credentials file's profile (default `AWS_PROFILE`, else `default`).
     #[serde(default)]
     pub profile: Option<String>,
+    /// Web identity (EKS IRSA, any OIDC): the role to assume and the file holding the
+    /// identity token (default `AWS_ROLE_ARN`, `AWS_WEB_IDENTITY_TOKEN_FILE`).
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    #[serde(default)]
+    pub web_identity_token_file: Option<PathBuf>,
+    /// STS for web identity (default `https://sts.<region>.amazonaws.com`).
+    #[serde(default)]
+    pub sts_endpoint: Option<String>,
     /// Days before a deleted secret is gone for good (7 to 30); `0` deletes at once.
     #[serde(default = "default_recovery")]
     pub recovery_window_days: u32,
@@ -61,10 +72,23 @@ fn default_recovery() -> u32 {
     7
 }
 
+#[derive(Clone)]
 struct Keys {
     access_key_id: String,
     secret: SecretString,
     session_token: Option<SecretString>,
+}
+
+/// Where the keys come from: fixed, or assumed by web identity (and renewed).
+enum Source {
+    Fixed(Keys),
+    WebIdentity {
+        role_arn: String,
+        token_file: PathBuf,
+        sts: String,
+        /// The keys and when to assume the role again (5 minutes before they expire).
+        current: tokio::sync::Mutex<Option<(Keys, std::time::Instant)>>,
+    },
 }
 
 /// An AWS Secrets Manager region (or endpoint).
@@ -74,7 +98,7 @@ pub struct Aws {
     region: String,
     prefix: String,
     recovery_days: u32,
-    keys: Keys,
+    source: Source,
 }
 
 impl std::fmt::Debug for Aws {
@@ -82,7 +106,7 @@ impl std::fmt::Debug for Aws {
         f.debug_struct("Aws")
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
-            .field("access_key_id", &self.keys.access_key_id)
+            .field("web_identity", &matches!(self.source, Source::WebIdentity { .. }))
             .finish_non_exhaustive()
     }
 }
@@ -113,28 +137,42 @@ fn profile_keys(text: &str, profile: &str) -> Option<Keys> {
     Some(Keys { access_key_id: id?, secret: secret?, session_token: token })
 }
 
-fn credentials(c: &AwsConfig) -> Result<Keys, BackendError> {
+fn credentials(c: &AwsConfig, region: &str) -> Result<Source, BackendError> {
     let invalid = BackendError::Invalid;
     if let (Some(id), Some(file)) = (&c.access_key_id, &c.secret_access_key_file) {
         let text = Zeroizing::new(
             std::fs::read_to_string(file)
                 .map_err(|e| invalid(format!("secret_access_key_file {}: {e}", file.display())))?,
         );
-        return Ok(Keys {
+        return Ok(Source::Fixed(Keys {
             access_key_id: id.clone(),
             secret: SecretString::from(text.trim().to_owned()),
             session_token: None,
-        });
+        }));
     }
     if c.access_key_id.is_some() || c.secret_access_key_file.is_some() {
         return Err(invalid("give both access_key_id and secret_access_key_file, or neither".into()));
     }
     if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-        return Ok(Keys {
+        return Ok(Source::Fixed(Keys {
             access_key_id: id,
             secret: SecretString::from(secret),
             session_token: env("AWS_SESSION_TOKEN").map(SecretString::from),
-        });
+        }));
+    }
+    let role = c.role_arn.clone().or_else(|| env("AWS_ROLE_ARN"));
+    let token_file =
+        c.web_identity_token_file.clone().or_else(|| env("AWS_WEB_IDENTITY_TOKEN_FILE").map(PathBuf::from));
+    if let (Some(role_arn), Some(token_file)) = (role, token_file) {
+        std::fs::metadata(&token_file)
+            .map_err(|e| invalid(format!("web identity token file {}: {e}", token_file.display())))?;
+        let sts = c
+            .sts_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"))
+            .trim_end_matches('/')
+            .to_owned();
+        return Ok(Source::WebIdentity { role_arn, token_file, sts, current: tokio::sync::Mutex::new(None) });
     }
     let file = env("AWS_SHARED_CREDENTIALS_FILE")
         .map(PathBuf::from)
@@ -144,9 +182,21 @@ fn credentials(c: &AwsConfig) -> Result<Keys, BackendError> {
         && let Ok(text) = std::fs::read_to_string(&file).map(Zeroizing::new)
     {
         return profile_keys(&text, &profile)
+            .map(Source::Fixed)
             .ok_or_else(|| invalid(format!("no credentials for profile {profile:?} in {}", file.display())));
     }
-    Err(invalid("no AWS credentials: configure access_key_id, set AWS_ACCESS_KEY_ID, or a credentials file".into()))
+    Err(invalid(
+        "no AWS credentials: configure access_key_id, set AWS_ACCESS_KEY_ID, web identity, or a credentials file"
+            .into(),
+    ))
+}
+
+/// The text of `<name>...</name>` in STS's XML reply (its elements hold no markup).
+fn xml_field<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{name}>"))? + start;
+    Some(xml[start..end].trim())
 }
 
 /// An error reply of the AWS JSON protocol: `{"__type": "...#Name", "message": "..."}`.
@@ -213,7 +263,7 @@ impl Aws {
         }
         Ok(Aws {
             http: builder.build().map_err(|e| invalid(format!("HTTP client: {e}")))?,
-            keys: credentials(&config)?,
+            source: credentials(&config, &region)?,
             endpoint,
             region,
             prefix: config.name_prefix,
@@ -221,17 +271,79 @@ impl Aws {
         })
     }
 
+    /// The keys to sign with: fixed, or assumed by web identity (again when they near
+    /// their expiry; the token file is read each time: it is rotated by its issuer).
+    async fn keys(&self) -> Result<Keys, BackendError> {
+        let Source::WebIdentity { role_arn, token_file, sts, current } = &self.source else {
+            let Source::Fixed(k) = &self.source else { unreachable!("two variants") };
+            return Ok(k.clone());
+        };
+        let mut cur = current.lock().await;
+        if let Some((k, renew_at)) = cur.as_ref()
+            && std::time::Instant::now() < *renew_at
+        {
+            return Ok(k.clone());
+        }
+        let what = "AWS STS AssumeRoleWithWebIdentity";
+        let token = Zeroizing::new(
+            std::fs::read_to_string(token_file)
+                .map_err(|e| BackendError::Unavailable(format!("{what}: token file {}: {e}", token_file.display())))?,
+        );
+        let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let body = Zeroizing::new(format!(
+            "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn={}&RoleSessionName=keyvault&WebIdentityToken={}",
+            enc(role_arn),
+            enc(token.trim())
+        ));
+        let resp = self
+            .http
+            .post(format!("{sts}/"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|_| BackendError::Unavailable(format!("{what}: cannot reach {sts}")))?;
+        let status = resp.status();
+        let xml = Zeroizing::new(
+            resp.text().await.map_err(|_| BackendError::Unavailable(format!("{what}: reply cut short")))?,
+        );
+        if !status.is_success() {
+            let code = xml_field(&xml, "Code").unwrap_or_default().to_owned();
+            return Err(BackendError::Denied(format!("{what}: {status} {code}")));
+        }
+        let field = |n: &str| {
+            xml_field(&xml, n).map(str::to_owned).ok_or_else(|| BackendError::Unavailable(format!("{what}: no {n}")))
+        };
+        let keys = Keys {
+            access_key_id: field("AccessKeyId")?,
+            secret: SecretString::from(field("SecretAccessKey")?),
+            session_token: Some(SecretString::from(field("SessionToken")?)),
+        };
+        // Assume again 5 minutes before they expire (the expiry from the reply; an hour
+        // if it cannot be read).
+        let life = xml_field(&xml, "Expiration")
+            .and_then(|e| humantime::parse_rfc3339_weak(e).ok())
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(3600));
+        let renew_at =
+            std::time::Instant::now() + life.saturating_sub(Duration::from_secs(300)).max(Duration::from_secs(1));
+        tracing::info!(role = %role_arn, expires_in_secs = life.as_secs(), "AWS credentials from web identity");
+        *cur = Some((keys.clone(), renew_at));
+        Ok(keys)
+    }
+
     /// One call of the Secrets Manager JSON protocol, signed.
     async fn call(&self, action: &str, body: &Value) -> Result<(StatusCode, Zeroizing<Vec<u8>>), BackendError> {
         let what = format!("AWS {action}");
+        let keys = self.keys().await?;
         let payload = Zeroizing::new(serde_json::to_vec(body).map_err(|e| BackendError::Invalid(e.to_string()))?);
         let target = format!("secretsmanager.{action}");
         let url = format!("{}/", self.endpoint);
         let headers = [("content-type", "application/x-amz-json-1.1"), ("x-amz-target", target.as_str())];
         let identity = Credentials::new(
-            self.keys.access_key_id.clone(),
-            self.keys.secret.expose_secret().to_owned(),
-            self.keys.session_token.as_ref().map(|t| t.expose_secret().to_owned()),
+            keys.access_key_id.clone(),
+            keys.secret.expose_secret().to_owned(),
+            keys.session_token.as_ref().map(|t| t.expose_secret().to_owned()),
             None,
             "keyvault",
         )
@@ -456,6 +568,16 @@ mod tests {
         assert_eq!(string_fields("{not json").unwrap().field("value").unwrap().as_str(), "{not json");
         assert_eq!(stored_string(&SecretData::from_fields([("value", "p")])).unwrap().as_str(), "p");
         assert_eq!(stored_string(&SecretData::from_fields([("a", "1")])).unwrap().as_str(), r#"{"a":"1"}"#);
+    }
+
+    #[test]
+    fn sts_replies_are_read() {
+        let xml = "<AssumeRoleWithWebIdentityResponse><Credentials><AccessKeyId>ASIA1</AccessKeyId>\
+                   <SecretAccessKey>sk</SecretAccessKey><SessionToken>st</SessionToken>\
+                   <Expiration>2030-01-01T00:00:00Z</Expiration></Credentials></AssumeRoleWithWebIdentityResponse>";
+        assert_eq!(xml_field(xml, "AccessKeyId"), Some("ASIA1"));
+        assert_eq!(xml_field(xml, "Expiration"), Some("2030-01-01T00:00:00Z"));
+        assert_eq!(xml_field(xml, "Missing"), None);
     }
 
     #[test]

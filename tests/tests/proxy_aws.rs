@@ -23,6 +23,9 @@ fn config(moto: &Moto, key_file: &std::path::Path, prefix: &str) -> AwsConfig {
         access_key_id: Some("AKIDKEYVAULTTEST".into()),
         secret_access_key_file: Some(key_file.to_owned()),
         profile: None,
+        role_arn: None,
+        web_identity_token_file: None,
+        sts_endpoint: None,
         recovery_window_days: 7,
         ca_file: None,
     }
@@ -105,4 +108,29 @@ async fn a_unit_reads_secrets_kept_in_aws_through_keyvault() {
     for leaked in ["test-secret-access-key", "aws-pass-1", "aws-pass-2", "just-a-string"] {
         assert!(!log.contains(leaked) && !msg.contains(leaked), "{leaked} leaked");
     }
+}
+
+/// Web identity: no keys configured, a role and an identity token file; STS (moto's)
+/// gives the keys, which sign the calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_identity_credentials_are_assumed_from_sts() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("web-identity-token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJrZXl2YXVsdCJ9.c2ln").unwrap();
+    let mounts = format!(
+        "[[mounts]]\npath = \"cloud\"\ntype = \"aws\"\n[mounts.options]\nregion = \"us-east-1\"\nendpoint = \"{e}\"\n\
+         sts_endpoint = \"{e}\"\nrole_arn = \"arn:aws:iam::123456789012:role/keyvault\"\nweb_identity_token_file = \"{}\"\n",
+        token.display(),
+        e = moto.endpoint,
+    );
+    let s =
+        TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("cloud/by-web-identity", &root, json!({"value": "assumed"})).await, 200);
+    assert_eq!(ok(c.get("cloud/by-web-identity", &root).await, 200).body["data"]["value"], "assumed");
+    let log = s.log_text();
+    assert!(log.contains("AWS credentials from web identity"), "{log}");
+    assert!(!log.contains("eyJzdWIiOiJrZXl2YXVsdCJ9"), "the identity token is in the log");
 }
