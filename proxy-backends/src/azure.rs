@@ -35,8 +35,15 @@ pub struct AzureConfig {
     pub vault_url: String,
     pub tenant_id: String,
     pub client_id: String,
-    /// The application's client secret.
-    pub client_secret_file: PathBuf,
+    /// The application's client secret; or, instead, a certificate registered with the
+    /// application and its private key (PEM): the token request then carries a client
+    /// assertion signed with the key (RS256, `x5t#S256` naming the certificate).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// Default `https://login.microsoftonline.com` (sovereign clouds have others).
     #[serde(default = "default_authority")]
     pub authority_host: String,
@@ -54,6 +61,16 @@ struct Token {
     refresh_at: Instant,
 }
 
+/// How the application proves itself to Entra ID.
+enum Credential {
+    Secret(SecretString),
+    /// The private key (PEM, zeroized on drop) and the certificate's SHA-256 thumbprint.
+    Certificate {
+        key_pem: Zeroizing<Vec<u8>>,
+        x5t_s256: String,
+    },
+}
+
 /// A Key Vault's secrets.
 pub struct Azure {
     http: reqwest::Client,
@@ -61,7 +78,7 @@ pub struct Azure {
     token_url: String,
     scope: String,
     client_id: String,
-    client_secret: SecretString,
+    credential: Credential,
     token: tokio::sync::Mutex<Option<Token>>,
 }
 
@@ -170,10 +187,33 @@ impl Azure {
         if !tenant_ok {
             return Err(invalid(format!("tenant_id {:?}", config.tenant_id)));
         }
-        let secret = Zeroizing::new(
-            std::fs::read_to_string(&config.client_secret_file)
-                .map_err(|e| invalid(format!("client_secret_file {}: {e}", config.client_secret_file.display())))?,
-        );
+        let credential = match (&config.client_secret_file, &config.client_certificate_file, &config.client_key_file) {
+            (Some(f), None, None) => {
+                let secret = Zeroizing::new(
+                    std::fs::read_to_string(f)
+                        .map_err(|e| invalid(format!("client_secret_file {}: {e}", f.display())))?,
+                );
+                Credential::Secret(SecretString::from(secret.trim().to_owned()))
+            }
+            (None, Some(cert), Some(key)) => {
+                use base64::Engine;
+                use rustls_pki_types::pem::PemObject;
+                use sha2::Digest;
+                let der = rustls_pki_types::CertificateDer::from_pem_file(cert)
+                    .map_err(|e| invalid(format!("client_certificate_file {}: {e}", cert.display())))?;
+                let key_pem = Zeroizing::new(
+                    std::fs::read(key).map_err(|e| invalid(format!("client_key_file {}: {e}", key.display())))?,
+                );
+                jsonwebtoken::EncodingKey::from_rsa_pem(&key_pem)
+                    .map_err(|_| invalid(format!("client_key_file {}: not an RSA private key (PEM)", key.display())))?;
+                let x5t_s256 =
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der.as_ref()));
+                Credential::Certificate { key_pem, x5t_s256 }
+            }
+            _ => {
+                return Err(invalid("give client_secret_file, or client_certificate_file with client_key_file".into()));
+            }
+        };
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
@@ -196,7 +236,7 @@ impl Azure {
             scope,
             vault,
             client_id: config.client_id,
-            client_secret: SecretString::from(secret.trim().to_owned()),
+            credential,
             token: tokio::sync::Mutex::new(None),
         })
     }
@@ -211,12 +251,19 @@ impl Azure {
             return Ok(t.value.clone());
         }
         let what = "Entra ID token";
-        let form = [
+        let proof = match &self.credential {
+            Credential::Secret(s) => ("client_secret", Zeroizing::new(s.expose_secret().to_owned())),
+            Credential::Certificate { key_pem, x5t_s256 } => ("client_assertion", self.assertion(key_pem, x5t_s256)?),
+        };
+        let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.expose_secret()),
+            (proof.0, proof.1.as_str()),
             ("scope", self.scope.as_str()),
         ];
+        if proof.0 == "client_assertion" {
+            form.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"));
+        }
         let body = Zeroizing::new(
             form.iter()
                 .map(|(k, v)| {
@@ -246,6 +293,26 @@ impl Azure {
         tracing::debug!(lifetime_secs = life.as_secs(), "Entra ID token obtained");
         *slot = Some(Token { value: token.clone(), refresh_at: Instant::now() + life - early });
         Ok(token)
+    }
+
+    /// A client assertion: a JWT for the token endpoint, signed with the certificate's
+    /// key, valid 10 minutes, used once.
+    fn assertion(&self, key_pem: &[u8], x5t_s256: &str) -> Result<Zeroizing<String>, BackendError> {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(key_pem)
+            .map_err(|_| BackendError::Invalid("the client key is not an RSA private key".into()))?;
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.x5t_s256 = Some(x5t_s256.to_owned());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut jti = [0u8; 16];
+        getrandom::fill(&mut jti).map_err(|_| BackendError::Unavailable("no randomness".into()))?;
+        let claims = json!({
+            "aud": self.token_url, "iss": self.client_id, "sub": self.client_id,
+            "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "nbf": now, "iat": now, "exp": now + 600,
+        });
+        jsonwebtoken::encode(&header, &claims, &key)
+            .map(Zeroizing::new)
+            .map_err(|e| BackendError::Invalid(format!("signing the client assertion: {e}")))
     }
 
     /// A call to the vault with the bearer token; a 401 drops the token and tries once more.

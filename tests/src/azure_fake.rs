@@ -47,6 +47,9 @@ struct Shared {
     client_secret: String,
     token_life: Duration,
     store: Mutex<Store>,
+    /// A certificate registered with the application: its public key (PEM) and SHA-256
+    /// thumbprint (`x5t#S256`).
+    certificate: Mutex<Option<(String, String)>>,
 }
 
 fn err(status: StatusCode, code: &str, inner: Option<&str>, message: &str) -> Response {
@@ -119,10 +122,16 @@ async fn token(
         )
             .into_response();
     }
+    let proof_ok = if f.contains_key("client_assertion") {
+        field("client_assertion_type") == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            && assertion_ok(&s, field("client_assertion"), &tenant)
+    } else {
+        field("client_secret") == s.client_secret
+    };
     if field("grant_type") != "client_credentials"
         || field("scope") != "https://vault.azure.net/.default"
         || field("client_id") != s.client_id
-        || field("client_secret") != s.client_secret
+        || !proof_ok
     {
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}))).into_response();
     }
@@ -132,6 +141,22 @@ async fn token(
     st.tokens_issued += 1;
     Json(json!({"token_type": "Bearer", "expires_in": s.token_life.as_secs(), "ext_expires_in": s.token_life.as_secs(), "access_token": t}))
         .into_response()
+}
+
+/// A client assertion as Entra ID checks it: RS256, signed by the registered
+/// certificate's key (named by `x5t#S256`), for this token endpoint, from the client.
+fn assertion_ok(s: &Shared, jwt: &str, tenant: &str) -> bool {
+    let Some((public_pem, thumbprint)) = s.certificate.lock().unwrap().clone() else { return false };
+    let Ok(header) = jsonwebtoken::decode_header(jwt) else { return false };
+    if header.alg != jsonwebtoken::Algorithm::RS256 || header.x5t_s256.as_deref() != Some(thumbprint.as_str()) {
+        return false;
+    }
+    let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(public_pem.as_bytes()) else { return false };
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.set_audience(&[format!("{}/{tenant}/oauth2/v2.0/token", s.base)]);
+    v.set_issuer(&[s.client_id.as_str()]);
+    v.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+    jsonwebtoken::decode::<Value>(jwt, &key, &v).is_ok_and(|d| d.claims["sub"] == s.client_id.as_str())
 }
 
 async fn list(State(s): State<Arc<Shared>>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
@@ -271,6 +296,7 @@ impl FakeAzure {
             client_secret: format!("client-secret-{}", random_hex(8)),
             token_life,
             store: Mutex::new(Store::default()),
+            certificate: Mutex::new(None),
         });
         let app = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token))
@@ -300,6 +326,12 @@ impl FakeAzure {
             bad_version: st.bad_version,
             pages_served: st.pages_served,
         }
+    }
+
+    /// Register a certificate with the application (as its public key PEM and SHA-256
+    /// thumbprint): client assertions signed by its key are accepted.
+    pub fn register_certificate(&self, public_key_pem: &str, x5t_s256: &str) {
+        *self.state.certificate.lock().unwrap() = Some((public_key_pem.to_owned(), x5t_s256.to_owned()));
     }
 
     /// A secret as another tool would have put it there.

@@ -23,7 +23,9 @@ fn config(fake: &FakeAzure, secret_file: &std::path::Path) -> AzureConfig {
         vault_url: fake.url.clone(),
         tenant_id: fake.tenant.clone(),
         client_id: fake.client_id.clone(),
-        client_secret_file: secret_file.to_owned(),
+        client_secret_file: Some(secret_file.to_owned()),
+        client_certificate_file: None,
+        client_key_file: None,
         authority_host: fake.url.clone(),
         ca_file: None,
     }
@@ -109,4 +111,41 @@ async fn a_unit_reads_secrets_kept_in_azure_through_keyvault() {
     assert!(seen.tokens_issued >= first + 2, "{seen:?}");
     assert_eq!(seen.refused, 0, "no request went with an expired token: {seen:?}");
     assert!(!s.log_text().contains(&fake.client_secret));
+}
+
+/// A certificate credential: the token request carries a client assertion signed with the
+/// certificate's key; a key the application does not know is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_credential_signs_a_client_assertion() {
+    use base64::Engine;
+    use sha2::Digest;
+    let fake = FakeAzure::start(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["keyvault-app".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let (cert_file, key_file) = (dir.path().join("app.pem"), dir.path().join("app-key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let thumbprint = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(cert.der()));
+    let with_cert = |cert: &std::path::Path, key: &std::path::Path| AzureConfig {
+        client_secret_file: None,
+        client_certificate_file: Some(cert.to_owned()),
+        client_key_file: Some(key.to_owned()),
+        ..config(&fake, dir.path())
+    };
+    // Not registered yet: refused.
+    let azure = Azure::new(with_cert(&cert_file, &key_file)).unwrap();
+    let e = azure.read("x", &Version::Latest).await.unwrap_err();
+    assert!(e.to_string().contains("invalid_client"), "{e}");
+    fake.register_certificate(&key.public_key_pem(), &thumbprint);
+    fake.put("from-cert", "it-works");
+    let v = azure.read("from-cert", &Version::Latest).await.unwrap();
+    assert_eq!(v.data.field("value").unwrap().as_str(), "it-works");
+    // Another key with the registered certificate's name: its signature fails.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let other_key = dir.path().join("other-key.pem");
+    std::fs::write(&other_key, other.serialize_pem()).unwrap();
+    let e =
+        Azure::new(with_cert(&cert_file, &other_key)).unwrap().read("from-cert", &Version::Latest).await.unwrap_err();
+    assert!(e.to_string().contains("invalid_client"), "{e}");
 }
