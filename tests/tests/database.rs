@@ -125,3 +125,66 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
         assert!(keyvault_tests::files_containing(s.dir.path(), p.as_bytes()).is_empty());
     }
 }
+
+/// Two replicas on one PostgreSQL store, both with the scheduler running, rotating on
+/// demand at once: each rotation is whole or a 409, and both replicas serve the password
+/// the database has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_rotate_one_role_at_a_time() {
+    let pg = TestPostgres::start();
+    pg.psql("CREATE ROLE shared LOGIN PASSWORD 'initial-password'");
+    let url = pg.database("replicas");
+    let storage = format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 4");
+    let mounts = format!(
+        "{}[[mounts]]\npath = \"database\"\ntype = \"database\"\n[mounts.options]\ncheck_interval = \"1s\"\n\
+         [mounts.options.connections.main]\nconnection = \"{}\"\n",
+        default_mounts_toml(),
+        pg.connection_string("keyvault", "postgres")
+    );
+    let a = TestServer::start(ServerOptions {
+        storage: Some(storage.clone()),
+        extra: mounts.clone(),
+        ..Default::default()
+    });
+    let b = TestServer::start(ServerOptions {
+        storage: Some(storage),
+        token: Some(a.token.clone()),
+        skip_init: true,
+        extra: mounts,
+        ..Default::default()
+    });
+    let (ca, cb) = (a.client(), b.client());
+    let root = a.root.clone();
+    let role = json!({"db_name": "main", "username": "shared", "rotation_period": "5s"});
+    ok(ca.post("database/static-roles/shared", Some(&root), role).await, 204);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (c, root) = (if i % 2 == 0 { ca.clone() } else { cb.clone() }, root.clone());
+            tokio::spawn(async move { c.post("database/rotate-role/shared", Some(&root), json!({})).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert!([204, 409].contains(&t.await.unwrap()));
+    }
+    // Past a scheduled rotation or two (either replica's scheduler), both agree with the
+    // database.
+    let first = password(&ca, &root, "shared").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = password(&ca, &root, "shared").await;
+        if now != first {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no scheduled rotation");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Read both replicas and the database in a window with no rotation between them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (pa, pb) = (password(&ca, &root, "shared").await, password(&cb, &root, "shared").await);
+        if pa == pb && pg.can_log_in("shared", &pa).await && password(&ca, &root, "shared").await == pa {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the replicas never agreed with the database");
+    }
+}

@@ -333,3 +333,26 @@ async fn a_thousand_secrets_move_to_openbao_and_back_by_configuration() {
         assert_eq!(r.body["data"]["data"]["n"], i);
     }
 }
+
+/// An upstream namespace: the mount reads the namespace's KV mount, not the root one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_reads_an_upstream_namespace() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    bao.ok(&["namespace", "create", "team1"]);
+    bao.ok(&["secrets", "enable", "-ns=team1", "-path=kv", "kv-v2"]);
+    bao.ok(&["kv", "put", "-ns=team1", "-mount=kv", "app/db", "password=in-team1"]);
+    bao.ok(&["kv", "put", "-mount=kv", "app/db", "password=in-root"]);
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let mounts =
+        mount(&up, "team1", "kv", 2, "token", "namespace = \"team1\"") + &mount(&up, "rootns", "kv", 2, "token", "");
+    let s = keyvault_with(&mounts, None);
+    let c = s.client();
+    let root = s.root.clone();
+    assert_eq!(ok(c.get("team1/app/db", &root).await, 200).body["data"]["password"], "in-team1");
+    assert_eq!(ok(c.get("rootns/app/db", &root).await, 200).body["data"]["password"], "in-root");
+    ok(c.put("team1/app/new", &root, json!({"password": "written-in-team1"})).await, 200);
+    assert_eq!(bao.ok(&["kv", "get", "-ns=team1", "-mount=kv", "-field=password", "app/new"]), "written-in-team1");
+    assert!(!bao.cli(&["kv", "get", "-mount=kv", "app/new"]).status.success(), "not in the root namespace");
+}
