@@ -332,20 +332,27 @@ impl Barrier {
     /// replica has retired since this one last looked (its token object gone) makes it
     /// re-read the keyring and seal under the new active version.
     pub async fn seal(&self, ctx: &RecordContext<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let used = self.active_version();
-        match self.seal_once(ctx, plaintext, used).await {
-            Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label))) => {
-                // The periodic sync may have caught up meanwhile: compare with the version
-                // this attempt used, not with what was known a moment ago.
-                self.keyring.follow().await?;
-                let active = self.active_version();
-                if active != used {
-                    return self.seal_once(ctx, plaintext, active).await;
+        let mut used = self.active_version();
+        // A version this replica took for active may be retired under it (another replica
+        // rotated and retired meanwhile, possibly several times): follow the keyring and
+        // seal again under the version active now, as long as it keeps moving. A key still
+        // missing while the keyring names it active is a real fault.
+        for _ in 0..16 {
+            match self.seal_once(ctx, plaintext, used).await {
+                Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label))) => {
+                    // The periodic sync may have caught up meanwhile: compare with the
+                    // version this attempt used, not with what was known a moment ago.
+                    self.keyring.follow().await?;
+                    let active = self.active_version();
+                    if active == used {
+                        return Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label)));
+                    }
+                    used = active;
                 }
-                Err(Error::Hsm(keyvault_hsm::HsmError::KeyNotFound(label)))
+                other => return other,
             }
-            other => other,
         }
+        Err(Error::Unavailable("the master key changed under every attempt to seal; retry".into()))
     }
 
     async fn seal_once(&self, ctx: &RecordContext<'_>, plaintext: &[u8], kek_version: KeyVersion) -> Result<Vec<u8>> {
