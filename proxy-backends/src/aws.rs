@@ -251,18 +251,8 @@ impl Aws {
         if config.recovery_window_days != 0 && !(7..=30).contains(&config.recovery_window_days) {
             return Err(invalid("recovery_window_days is 0 or 7 to 30".into()));
         }
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
-            builder = builder.tls_certs_only(certs);
-        }
         Ok(Aws {
-            http: builder.build().map_err(|e| invalid(format!("HTTP client: {e}")))?,
+            http: crate::http::client(config.ca_file.as_deref())?,
             source: credentials(&config, &region)?,
             endpoint,
             region,
@@ -366,18 +356,7 @@ impl Aws {
         for (k, v) in headers.iter().copied().chain(instructions.headers()) {
             r = r.header(k, v);
         }
-        let resp = r.send().await.map_err(|e| {
-            BackendError::Unavailable(format!(
-                "{what}: {}",
-                if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "cannot connect"
-                } else {
-                    "request failed"
-                }
-            ))
-        })?;
+        let resp = r.send().await.map_err(|e| crate::http::transport_error(&e, &what))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|_| BackendError::Unavailable(format!("{what}: reply cut short")))?;
         let body = Zeroizing::new(bytes.to_vec());
@@ -417,30 +396,6 @@ impl Drop for GetReply {
     }
 }
 
-/// The fields of a `SecretString`: a JSON object's, else `{"value": <string>}`.
-fn string_fields(s: &str) -> Result<SecretData, BackendError> {
-    if s.trim_start().starts_with('{')
-        && let Ok(d) = SecretData::from_json(Zeroizing::new(s.as_bytes().to_vec()))
-    {
-        return Ok(d);
-    }
-    Ok(SecretData::from_fields([("value", s)]))
-}
-
-/// What to store: the lone `value` string as itself, anything else as JSON text.
-fn stored_string(data: &SecretData) -> Result<Zeroizing<String>, BackendError> {
-    let map: serde_json::Map<String, Value> = serde_json::from_slice(data.as_bytes())
-        .map_err(|_| BackendError::Invalid("a secret is a JSON object".into()))?;
-    if map.len() == 1
-        && let Some(Value::String(v)) = map.get("value")
-    {
-        return Ok(Zeroizing::new(v.clone()));
-    }
-    String::from_utf8(data.as_bytes().to_vec())
-        .map(Zeroizing::new)
-        .map_err(|_| BackendError::Invalid("a secret is UTF-8 JSON".into()))
-}
-
 #[async_trait]
 impl SecretBackend for Aws {
     fn kind(&self) -> &'static str {
@@ -472,7 +427,7 @@ impl SecretBackend for Aws {
         let r: GetReply = serde_json::from_slice(&body)
             .map_err(|_| BackendError::Unavailable("AWS GetSecretValue: a reply not in its shape".into()))?;
         let data = match (&r.secret_string, &r.secret_binary) {
-            (Some(s), _) => string_fields(s)?,
+            (Some(s), _) => SecretData::from_text(s),
             (None, Some(b)) => SecretData::from_fields([("binary", b.as_str())]),
             (None, None) => return Err(BackendError::NotFound),
         };
@@ -484,7 +439,7 @@ impl SecretBackend for Aws {
     }
 
     async fn write(&self, path: &str, data: &SecretData, _expected: Option<u64>) -> Result<Option<u64>, BackendError> {
-        let value = stored_string(data)?;
+        let value = data.to_text()?;
         let name = self.name(path);
         let req = json!({ "SecretId": name, "SecretString": value.as_str() });
         // New, deleted within its recovery window (the name stays taken until restored:
@@ -563,11 +518,11 @@ mod tests {
 
     #[test]
     fn strings_and_json_map_to_fields_both_ways() {
-        assert_eq!(string_fields("plain").unwrap().field("value").unwrap().as_str(), "plain");
-        assert_eq!(string_fields(r#"{"u":"x"}"#).unwrap().field("u").unwrap().as_str(), "x");
-        assert_eq!(string_fields("{not json").unwrap().field("value").unwrap().as_str(), "{not json");
-        assert_eq!(stored_string(&SecretData::from_fields([("value", "p")])).unwrap().as_str(), "p");
-        assert_eq!(stored_string(&SecretData::from_fields([("a", "1")])).unwrap().as_str(), r#"{"a":"1"}"#);
+        assert_eq!(SecretData::from_text("plain").field("value").unwrap().as_str(), "plain");
+        assert_eq!(SecretData::from_text(r#"{"u":"x"}"#).field("u").unwrap().as_str(), "x");
+        assert_eq!(SecretData::from_text("{not json").field("value").unwrap().as_str(), "{not json");
+        assert_eq!(SecretData::from_fields([("value", "p")]).to_text().unwrap().as_str(), "p");
+        assert_eq!(SecretData::from_fields([("a", "1")]).to_text().unwrap().as_str(), r#"{"a":"1"}"#);
     }
 
     #[test]

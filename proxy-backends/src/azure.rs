@@ -129,17 +129,6 @@ fn azure_error(status: StatusCode, body: &[u8], what: &str) -> BackendError {
     }
 }
 
-fn transport(e: &reqwest::Error, what: &str) -> BackendError {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
-    };
-    BackendError::Unavailable(format!("{what}: {kind}"))
-}
-
 #[derive(Deserialize)]
 struct TokenReply {
     access_token: String,
@@ -214,16 +203,6 @@ impl Azure {
                 return Err(invalid("give client_secret_file, or client_certificate_file with client_key_file".into()));
             }
         };
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
-            builder = builder.tls_certs_only(certs);
-        }
         // Key Vault's audience is the vault's cloud (vault.azure.net in the public one).
         let host = vault.split("://").nth(1).unwrap_or_default();
         let scope = match host.split_once('.') {
@@ -231,7 +210,7 @@ impl Azure {
             _ => "https://vault.azure.net/.default".to_owned(),
         };
         Ok(Azure {
-            http: builder.build().map_err(|e| invalid(format!("HTTP client: {e}")))?,
+            http: crate::http::client(config.ca_file.as_deref())?,
             token_url: format!("{authority}/{}/oauth2/v2.0/token", config.tenant_id),
             scope,
             vault,
@@ -279,9 +258,9 @@ impl Azure {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| transport(&e, what))?;
+            .map_err(|e| crate::http::transport_error(&e, what))?;
         let status = resp.status();
-        let bytes = Zeroizing::new(resp.bytes().await.map_err(|e| transport(&e, what))?.to_vec());
+        let bytes = Zeroizing::new(resp.bytes().await.map_err(|e| crate::http::transport_error(&e, what))?.to_vec());
         if !status.is_success() {
             return Err(azure_error(status, &bytes, what));
         }
@@ -329,9 +308,10 @@ impl Azure {
             if let Some(b) = body {
                 r = r.header("Content-Type", "application/json").body(b.to_vec());
             }
-            let resp = r.send().await.map_err(|e| transport(&e, what))?;
+            let resp = r.send().await.map_err(|e| crate::http::transport_error(&e, what))?;
             let status = resp.status();
-            let bytes = Zeroizing::new(resp.bytes().await.map_err(|e| transport(&e, what))?.to_vec());
+            let bytes =
+                Zeroizing::new(resp.bytes().await.map_err(|e| crate::http::transport_error(&e, what))?.to_vec());
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 *self.token.lock().await = None;
                 continue;
@@ -347,16 +327,6 @@ impl Azure {
             None => format!("{}/secrets/{name}?api-version={API_VERSION}", self.vault),
         }
     }
-}
-
-/// The fields of a stored value: a JSON object's, else `{"value": <string>}`.
-fn value_fields(s: &str) -> Result<SecretData, BackendError> {
-    if s.trim_start().starts_with('{')
-        && let Ok(d) = SecretData::from_json(Zeroizing::new(s.as_bytes().to_vec()))
-    {
-        return Ok(d);
-    }
-    Ok(SecretData::from_fields([("value", s)]))
 }
 
 #[async_trait]
@@ -395,7 +365,7 @@ impl SecretBackend for Azure {
         }
         let b: Bundle =
             serde_json::from_slice(&body).map_err(|_| BackendError::Unavailable(format!("{what}: bad reply")))?;
-        let data = value_fields(b.value.as_deref().ok_or(BackendError::NotFound)?)?;
+        let data = SecretData::from_text(b.value.as_deref().ok_or(BackendError::NotFound)?);
         let version_id = b.id.as_deref().and_then(|id| id.rsplit('/').next()).map(str::to_owned);
         let created_time = b.attributes.as_ref().and_then(|a| a.created).map(|secs| {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
@@ -406,12 +376,7 @@ impl SecretBackend for Azure {
     async fn write(&self, path: &str, data: &SecretData, _expected: Option<u64>) -> Result<Option<u64>, BackendError> {
         let what = "Azure set secret";
         let name = name_of(path)?;
-        let map: serde_json::Map<String, Value> = serde_json::from_slice(data.as_bytes())
-            .map_err(|_| BackendError::Invalid("a secret is a JSON object".into()))?;
-        let value = match map.get("value") {
-            Some(Value::String(v)) if map.len() == 1 => Zeroizing::new(v.clone()),
-            _ => Zeroizing::new(String::from_utf8_lossy(data.as_bytes()).into_owned()),
-        };
+        let value = data.to_text()?;
         let body = Zeroizing::new(serde_json::to_vec(&json!({ "value": value.as_str() })).unwrap_or_default());
         let (status, reply) = self.call(reqwest::Method::PUT, &self.secret_url(&name, None), Some(&body), what).await?;
         if status.is_success() {

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use zeroize::Zeroizing;
 
+use crate::http::transport_error;
 use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue, Version};
 
 /// `[[mounts]] type = "hashicorp"`, `[mounts.options]`.
@@ -168,18 +169,6 @@ fn status_error(status: StatusCode, body: &[u8], what: &str) -> BackendError {
     }
 }
 
-/// A transport failure, summarized (never with headers or bodies).
-fn transport_error(e: &reqwest::Error, what: &str) -> BackendError {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
-    };
-    BackendError::Unavailable(format!("{what}: {kind}"))
-}
-
 #[derive(Deserialize)]
 struct AuthReply {
     auth: AuthBlock,
@@ -223,21 +212,7 @@ impl Hashicorp {
         if mount.is_empty() {
             return Err(invalid("mount: the upstream KV mount, e.g. \"secret\"".into()));
         }
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| invalid(format!("ca_file {}: {e}", ca.display())))?;
-            if certs.is_empty() {
-                return Err(invalid(format!("ca_file {}: no certificate", ca.display())));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        let http = builder.build().map_err(|e| invalid(format!("HTTP client: {e}")))?;
+        let http = crate::http::client(config.ca_file.as_deref())?;
         // The credential files must be readable now: a mistake shows at start.
         match &config.auth {
             AuthConfig::Token { token_file } => drop(read_secret_file(token_file, "token")?),

@@ -27,6 +27,8 @@ pub mod cache;
 pub mod conformance;
 #[cfg(feature = "hashicorp")]
 pub mod hashicorp;
+#[cfg(any(feature = "hashicorp", feature = "aws", feature = "azure"))]
+mod http;
 pub mod resilience;
 
 /// A secret's fields: the text of one JSON object, zeroized on drop, never shown by
@@ -51,6 +53,32 @@ impl SecretData {
             fields.into_iter().map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned()))).collect();
         // Invariant: a map of strings always serializes.
         SecretData(Zeroizing::new(serde_json::to_vec(&map).expect("a JSON map serializes")))
+    }
+
+    /// A value kept as one string upstream (AWS `SecretString`, an Azure secret): a JSON
+    /// object's fields, else `{"value": <string>}`.
+    pub fn from_text(text: &str) -> Self {
+        if text.trim_start().starts_with('{')
+            && let Ok(d) = SecretData::from_json(Zeroizing::new(text.as_bytes().to_vec()))
+        {
+            return d;
+        }
+        SecretData::from_fields([("value", text)])
+    }
+
+    /// The inverse of [`SecretData::from_text`]: a lone `value` string as itself, any
+    /// other object as its JSON text.
+    pub fn to_text(&self) -> Result<Zeroizing<String>, BackendError> {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&self.0).map_err(|_| BackendError::Invalid("a secret is a JSON object".into()))?;
+        if map.len() == 1
+            && let Some(serde_json::Value::String(v)) = map.get("value")
+        {
+            return Ok(Zeroizing::new(v.clone()));
+        }
+        String::from_utf8(self.0.to_vec())
+            .map(Zeroizing::new)
+            .map_err(|_| BackendError::Invalid("a secret is UTF-8 JSON".into()))
     }
 
     /// The JSON text, handed over (still zeroized on drop).

@@ -57,6 +57,25 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
         ok(c.post("database/static-roles/bad", Some(&root), bad).await, 400);
     }
 
+    // A caller with read on static-creds only: reads the password, changes nothing.
+    let policy = "path \"database/static-creds/app\" { capabilities = [\"read\"] }";
+    ok(c.put("sys/policies/acl/app-reader", &root, json!({ "policy": policy })).await, 204);
+    let b = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["app-reader"]})).await, 200);
+    let bt = b.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
+    let reader =
+        ok(c.post("auth/bootstrap/login", None, json!({ "token": bt })).await, 200).body["auth"]["client_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    assert_eq!(password(&c, &reader, "app").await, p1);
+    ok(c.post("database/rotate-role/app", Some(&reader), json!({})).await, 403);
+    ok(c.post("database/static-roles/app", Some(&reader), json!({"rotation_period": "5s"})).await, 403);
+    ok(c.post("database/static-roles/mine", Some(&reader), json!({"db_name": "main", "username": "app"})).await, 403);
+    ok(c.get("database/static-roles/app", &reader).await, 403);
+    ok(c.send("DELETE", "database/static-roles/app", Some(&reader), None).await, 403);
+    ok(c.get("database/static-creds/other", &reader).await, 403);
+    assert_eq!(password(&c, &root, "app").await, p1, "nothing changed");
+
     // On demand: the new password logs in, the old one no longer does.
     ok(c.post("database/rotate-role/app", Some(&root), json!({})).await, 204);
     let p2 = password(&c, &root, "app").await;

@@ -26,8 +26,9 @@ pub const KIND: EngineKind = EngineKind {
     build: |core, _| Ok(Arc::new(Kv::new(core))),
 };
 
-/// A path for reads, writes and deletes; a prefix (`a/b/`) for listings.
-fn normalize(op: Operation, p: &mut Params) -> Result<()> {
+/// A path for reads, writes and deletes; a prefix (`a/b/`) for listings. (The proxied
+/// mounts, which have these routes too, use it as well.)
+pub(crate) fn normalize(op: Operation, p: &mut Params) -> Result<()> {
     let raw = p.get("path").unwrap_or_default().to_owned();
     let canonical = if op == Operation::List {
         SecretPrefix::parse(&raw)?.as_str().to_owned()

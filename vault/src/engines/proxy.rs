@@ -15,7 +15,7 @@ use keyvault_proxy_backends::{BackendError, SecretBackend, SecretData, Version};
 use super::EngineKind;
 use crate::config::MountConfig;
 use crate::error::{Error, Result};
-use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
+use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::secrets::{SecretPath, SecretPrefix};
 
@@ -58,18 +58,6 @@ pub const AWS: EngineKind = EngineKind {
     build: |_, mount| Ok(Arc::new(Proxy::aws(mount)?)),
 };
 
-/// A path for reads, writes and deletes; a prefix for listings (as `secret/`).
-fn normalize(op: Operation, p: &mut Params) -> Result<()> {
-    let raw = p.get("path").unwrap_or_default().to_owned();
-    let canonical = if op == Operation::List {
-        SecretPrefix::parse(&raw)?.as_str().to_owned()
-    } else {
-        SecretPath::parse(&raw)?.as_str().to_owned()
-    };
-    p.set("path", canonical);
-    Ok(())
-}
-
 const ROUTES: &[Route] = &[
     Route::new("", "list the top level", &[OpSpec::list(Access::Needs(Capability::List))]),
     Route::new(
@@ -82,7 +70,7 @@ const ROUTES: &[Route] = &[
             OpSpec::delete(Access::Needs(Capability::Delete)),
         ],
     )
-    .normalize(normalize),
+    .normalize(super::kv::normalize),
 ];
 
 type Stack<B> = Cached<Resilient<B>>;
