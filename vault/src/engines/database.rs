@@ -96,24 +96,9 @@ struct ConnectionConfig {
 #[serde(deny_unknown_fields)]
 struct Options {
     connections: BTreeMap<String, ConnectionConfig>,
-    /// How often the scheduler looks for roles due for rotation.
-    #[serde(default = "default_check", with = "duration_text")]
-    check_interval: Duration,
-}
-
-fn default_check() -> Duration {
-    Duration::from_secs(10)
-}
-
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let t = String::deserialize(d)?;
-        keyvault_api::parse_duration(&t).map_err(serde::de::Error::custom)
-    }
+    /// How often the scheduler looks for roles due for rotation (default 10 s).
+    #[serde(default, with = "keyvault_api::vault_duration")]
+    check_interval: Option<Duration>,
 }
 
 struct Connection {
@@ -260,7 +245,7 @@ impl Database {
         let weak = Arc::downgrade(&db);
         let keys = core.keys.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(options.check_interval);
+            let mut tick = tokio::time::interval(options.check_interval.unwrap_or(Duration::from_secs(10)));
             loop {
                 tick.tick().await;
                 let Some(db) = weak.upgrade() else { return };
