@@ -280,7 +280,8 @@ async fn keyvault_renews_its_short_lived_upstream_token() {
     assert!(!log.contains("obtaining a new token"));
 }
 
-fn migrate(s: &TestServer, from: &str, to: &str, extra: &[&str]) -> String {
+/// `keyvault operator migrate`: success, and its stdout, or failure, and its stderr.
+fn try_migrate(s: &TestServer, from: &str, to: &str, extra: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new(keyvault_tests::keyvault_bin())
         .args(["operator", "migrate", "--address", &s.addr, "--ca-file"])
         .arg(&s.server_ca_file)
@@ -289,8 +290,16 @@ fn migrate(s: &TestServer, from: &str, to: &str, extra: &[&str]) -> String {
         .env("KEYVAULT_TOKEN", &s.root)
         .output()
         .unwrap();
-    assert!(out.status.success(), "migrate {from} -> {to}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[track_caller]
+fn migrate(s: &TestServer, from: &str, to: &str, extra: &[&str]) -> String {
+    try_migrate(s, from, to, extra).unwrap_or_else(|e| panic!("migrate {from} -> {to}: {e}"))
 }
 
 /// 1,000 secrets from the embedded store to OpenBao and back into the embedded KV version
@@ -332,6 +341,65 @@ async fn a_thousand_secrets_move_to_openbao_and_back_by_configuration() {
         assert_eq!(r.body["data"]["data"]["v"], value(i));
         assert_eq!(r.body["data"]["data"]["n"], i);
     }
+}
+
+/// `--all-versions`: every live version of the embedded KV version 2 engine's secrets,
+/// oldest first, into OpenBao's KV version 2 through a proxied mount; a deleted version
+/// is skipped; a later run copies only the versions written since; a destination whose
+/// history differs is left alone and named; a mount without numbered versions is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_version_moves_where_both_sides_keep_versions() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let s = keyvault_with(&mount(&up, "legacy", "kv", 2, "token", ""), None);
+    let (c, root) = (s.client(), s.root.clone());
+    let options = ok(c.get("sys/internal/ui/mounts/legacy", &root).await, 200).body["data"]["options"].clone();
+    assert_eq!(options, json!({ "version": "1", "upstream": "hashicorp", "versions": "numbered" }));
+
+    for (name, values) in [("a", &["a1", "a2", "a3"][..]), ("b", &["b1", "b2"][..]), ("c", &["c1"][..])] {
+        for v in values {
+            ok(c.put(&format!("kv/data/mig/{name}"), &root, json!({ "data": { "v": v } })).await, 200);
+        }
+    }
+    ok(c.post("kv/delete/mig/b", Some(&root), json!({ "versions": [1] })).await, 204);
+
+    let refused = try_migrate(&s, "kv", "secret", &["--all-versions"]).unwrap_err();
+    assert!(refused.contains("secret/ does not"), "{refused}");
+    assert_eq!(
+        migrate(&s, "kv", "legacy", &["--all-versions", "--dry-run"]),
+        "would copy 3 secrets (5 versions) from kv to legacy; 0 already equal"
+    );
+    ok(c.get("legacy/mig/a", &root).await, 404);
+    assert_eq!(
+        migrate(&s, "kv", "legacy", &["--all-versions"]),
+        "copied 3 secrets (5 versions) from kv to legacy; 0 already equal"
+    );
+    let upstream = |args: &[&str]| bao.ok(&[&["kv", "get", "-mount=kv", "-field=v"][..], args].concat());
+    assert_eq!(upstream(&["-version=1", "mig/a"]), "a1");
+    assert_eq!(upstream(&["-version=2", "mig/a"]), "a2");
+    assert_eq!(upstream(&["mig/a"]), "a3");
+    assert_eq!(upstream(&["mig/b"]), "b2", "the deleted b1 is not copied");
+    let meta: serde_json::Value =
+        serde_json::from_str(&bao.ok(&["kv", "metadata", "get", "-mount=kv", "-format=json", "mig/b"])).unwrap();
+    assert_eq!(meta["data"]["current_version"], 1, "{meta}");
+    let r = ok(c.get("legacy/mig/a?version=2", &root).await, 200);
+    assert_eq!((r.body["data"]["v"].as_str(), r.body["metadata"]["version"].as_u64()), (Some("a2"), Some(2)));
+
+    // Resumes: only what was written since.
+    ok(c.put("kv/data/mig/a", &root, json!({ "data": { "v": "a4" } })).await, 200);
+    assert_eq!(
+        migrate(&s, "kv", "legacy", &["--all-versions"]),
+        "copied 1 secrets (1 versions) from kv to legacy; 2 already equal"
+    );
+    assert_eq!(upstream(&["-version=4", "mig/a"]), "a4");
+
+    // A history of its own upstream is not overwritten.
+    bao.ok(&["kv", "put", "-mount=kv", "mig/c", "v=changed-upstream"]);
+    let conflict = try_migrate(&s, "kv", "legacy", &["--all-versions"]).unwrap_err();
+    assert!(conflict.contains("legacy/mig/c has versions that are not the first of kv/mig/c's"), "{conflict}");
+    assert_eq!(upstream(&["mig/c"]), "changed-upstream");
 }
 
 /// An upstream namespace: the mount reads the namespace's KV mount, not the root one's.

@@ -166,6 +166,10 @@ enum OperatorCommand {
         /// Only the secrets under this folder.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// Copy every live version, oldest first, not only the latest (both mounts must
+        /// keep numbered versions: KV version 2, or a proxied mount whose upstream does).
+        #[arg(long)]
+        all_versions: bool,
         /// Count what would be copied; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -464,12 +468,13 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             println!("sealed: {}", s.sealed);
             Ok(())
         }
-        OperatorCommand::Migrate { endpoint, from, to, prefix, dry_run, workers } => {
+        OperatorCommand::Migrate { endpoint, from, to, prefix, all_versions, dry_run, workers } => {
             init_logging("warn", false);
-            let (copied, equal) =
-                cli::migrate::run(&endpoint.endpoint(), &from, &to, &prefix, dry_run, workers).await?;
+            let s =
+                cli::migrate::run(&endpoint.endpoint(), &from, &to, &prefix, all_versions, dry_run, workers).await?;
             let verb = if dry_run { "would copy" } else { "copied" };
-            println!("{verb} {copied} secrets from {from} to {to}; {equal} already equal");
+            let versions = if all_versions { format!(" ({} versions)", s.versions) } else { String::new() };
+            println!("{verb} {} secrets{versions} from {from} to {to}; {} already equal", s.copied, s.equal);
             Ok(())
         }
         OperatorCommand::RootToken { config, ttl } => {

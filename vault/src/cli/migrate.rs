@@ -3,7 +3,9 @@
 //! API, so that moving units between the embedded store and an external vault is a
 //! change of configuration. Each copy is read back and compared; a secret already equal
 //! at the destination is skipped, so a run that stopped half way resumes by running it
-//! again. The latest version of each secret is copied.
+//! again. The latest version of each secret is copied, or with `--all-versions` (both
+//! mounts keeping numbered versions: KV version 2, or a proxied mount whose upstream
+//! does) every live version, oldest first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +43,8 @@ impl Conn {
                 .method(method)
                 .uri(format!("/v1/{path}"))
                 .header(hyper::header::HOST, self.target.host.as_str());
+            // A proxied mount's cache may hold a value older than the upstream's.
+            b = b.header(hyper::header::CACHE_CONTROL, "no-cache");
             if let Some(t) = &self.token {
                 b = b.header(self.header.as_str(), t.as_str());
             }
@@ -69,6 +73,9 @@ impl Conn {
 struct Mount {
     path: String,
     v2: bool,
+    /// Keeps numbered versions: KV version 2, or a proxied mount that says
+    /// `versions = "numbered"` (reads take `?version=N`, each write makes a version).
+    numbered: bool,
 }
 
 impl Mount {
@@ -112,7 +119,9 @@ async fn mount(conn: &mut Conn, path: &str) -> Result<Mount> {
     if v["data"]["type"] != "kv" {
         return Err(Error::invalid(format!("mount {path} is not a key/value store")));
     }
-    Ok(Mount { v2: v["data"]["options"]["version"] == "2", path })
+    let options = &v["data"]["options"];
+    let v2 = options["version"] == "2";
+    Ok(Mount { v2, numbered: v2 || options["versions"] == "numbered", path })
 }
 
 /// Every secret name under `prefix` (depth first).
@@ -141,32 +150,132 @@ async fn walk(conn: &mut Conn, m: &Mount, prefix: &str) -> Result<Vec<String>> {
 
 /// What happened to one secret.
 enum Outcome {
-    Copied,
+    /// This many versions written.
+    Copied(u64),
     Equal,
 }
 
-async fn copy_one(conn: &mut Conn, from: &Mount, to: &Mount, name: &str, dry_run: bool) -> Result<Outcome> {
-    let (status, body) = conn.send("GET", &from.data_path(name), None).await?;
-    if status != 200 {
-        return Err(Error::Internal(format!("read {}/{name}: {status} {}", from.path, errors(&body))));
+/// The fields of the latest version, or `None` when there is none.
+async fn latest(conn: &mut Conn, m: &Mount, name: &str) -> Result<Option<Value>> {
+    let (status, body) = conn.send("GET", &m.data_path(name), None).await?;
+    match status {
+        200 => m.fields(&body).map(Some),
+        404 => Ok(None),
+        s => Err(Error::Internal(format!("read {}/{name}: {s} {}", m.path, errors(&body)))),
     }
-    let fields = from.fields(&body)?;
-    let (status, body) = conn.send("GET", &to.data_path(name), None).await?;
-    if status == 200 && to.fields(&body).is_ok_and(|f| f == fields) {
-        return Ok(Outcome::Equal);
+}
+
+/// The live versions of a secret, oldest first (deleted and destroyed ones skipped): from
+/// KV version 2's metadata, or 1 to the latest by `?version=N` on a proxied mount.
+async fn history(conn: &mut Conn, m: &Mount, name: &str) -> Result<Vec<Value>> {
+    let numbers: Vec<u64> = if m.v2 {
+        let (status, body) = conn.send("GET", &format!("{}/metadata/{name}", m.path), None).await?;
+        match status {
+            404 => return Ok(Vec::new()),
+            200 => {}
+            s => return Err(Error::Internal(format!("metadata {}/{name}: {s} {}", m.path, errors(&body)))),
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|_| Error::Internal("metadata reply".into()))?;
+        let mut n: Vec<u64> = v["data"]["versions"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, meta)| meta["deletion_time"].as_str().is_none_or(str::is_empty) && meta["destroyed"] != true)
+            .filter_map(|(k, _)| k.parse().ok())
+            .collect();
+        n.sort_unstable();
+        n
+    } else {
+        let (status, body) = conn.send("GET", &m.data_path(name), None).await?;
+        match status {
+            404 => return Ok(Vec::new()),
+            200 => {}
+            s => return Err(Error::Internal(format!("read {}/{name}: {s} {}", m.path, errors(&body)))),
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|_| Error::Internal("read reply".into()))?;
+        match v["metadata"]["version"].as_u64() {
+            Some(n) if n > 0 => (1..=n).collect(),
+            _ => return Ok(vec![m.fields(&body)?]),
+        }
+    };
+    let mut out = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        let (status, body) = conn.send("GET", &format!("{}?version={n}", m.data_path(name)), None).await?;
+        match status {
+            200 => out.push(m.fields(&body)?),
+            404 => {} // deleted since it was listed, or deleted upstream
+            s => return Err(Error::Internal(format!("read {}/{name} version {n}: {s} {}", m.path, errors(&body)))),
+        }
     }
-    if dry_run {
-        return Ok(Outcome::Copied);
-    }
-    let (status, body) = conn.send("PUT", &to.data_path(name), Some(&to.write_body(&fields))).await?;
+    Ok(out)
+}
+
+async fn write(conn: &mut Conn, to: &Mount, name: &str, fields: &Value) -> Result<()> {
+    let (status, body) = conn.send("PUT", &to.data_path(name), Some(&to.write_body(fields))).await?;
     if !(200..300).contains(&status) {
         return Err(Error::Internal(format!("write {}/{name}: {status} {}", to.path, errors(&body))));
     }
-    let (status, body) = conn.send("GET", &to.data_path(name), None).await?;
-    if status != 200 || to.fields(&body)? != fields {
+    Ok(())
+}
+
+/// Copy the latest version, unless the destination's latest is equal.
+async fn copy_latest(conn: &mut Conn, from: &Mount, to: &Mount, name: &str, dry_run: bool) -> Result<Outcome> {
+    let Some(fields) = latest(conn, from, name).await? else {
+        return Err(Error::Internal(format!("read {}/{name}: gone since it was listed", from.path)));
+    };
+    if latest(conn, to, name).await?.as_ref() == Some(&fields) {
+        return Ok(Outcome::Equal);
+    }
+    if dry_run {
+        return Ok(Outcome::Copied(1));
+    }
+    write(conn, to, name, &fields).await?;
+    if latest(conn, to, name).await?.as_ref() != Some(&fields) {
         return Err(Error::Internal(format!("{}/{name}: the copy read back differs", to.path)));
     }
-    Ok(Outcome::Copied)
+    Ok(Outcome::Copied(1))
+}
+
+/// Copy every live version the destination lacks. The destination's live versions must
+/// be the first of the source's (none, or a run that stopped half way): any other
+/// history there is left alone and reported.
+async fn copy_history(conn: &mut Conn, from: &Mount, to: &Mount, name: &str, dry_run: bool) -> Result<Outcome> {
+    let source = history(conn, from, name).await?;
+    if source.is_empty() {
+        return Err(Error::Internal(format!("read {}/{name}: gone since it was listed", from.path)));
+    }
+    let have = history(conn, to, name).await?;
+    if have.len() > source.len() || source[..have.len()] != have[..] {
+        return Err(Error::Conflict(format!(
+            "{}/{name} has versions that are not the first of {}/{name}'s: left alone (copy the latest version only, or \
+             delete it there first)",
+            to.path, from.path
+        )));
+    }
+    let missing = &source[have.len()..];
+    if missing.is_empty() {
+        return Ok(Outcome::Equal);
+    }
+    if !dry_run {
+        for fields in missing {
+            write(conn, to, name, fields).await?;
+        }
+        if history(conn, to, name).await? != source {
+            return Err(Error::Internal(format!("{}/{name}: the versions read back differ", to.path)));
+        }
+    }
+    Ok(Outcome::Copied(missing.len() as u64))
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    /// Secrets written to (or, in a dry run, that would be).
+    pub copied: u64,
+    /// Versions written (equal to `copied` unless `--all-versions`).
+    pub versions: u64,
+    /// Secrets already equal at the destination.
+    pub equal: u64,
 }
 
 /// Copy every secret under `prefix` of `from` into `to` with `workers` connections.
@@ -175,44 +284,63 @@ pub async fn run(
     from: &str,
     to: &str,
     prefix: &str,
+    all_versions: bool,
     dry_run: bool,
     workers: usize,
-) -> Result<(u64, u64)> {
+) -> Result<Summary> {
     let target = Arc::new(e.target()?);
     let mut conn = Conn::new(target.clone(), e);
     let (from, to) = (mount(&mut conn, from).await?, mount(&mut conn, to).await?);
     if from.path == to.path {
         return Err(Error::invalid("--from and --to are the same mount"));
     }
+    if all_versions && !(from.numbered && to.numbered) {
+        let which = if from.numbered { &to.path } else { &from.path };
+        return Err(Error::invalid(format!(
+            "--all-versions needs both mounts to keep numbered versions; {which}/ does not (copy the latest version only)"
+        )));
+    }
     let names = walk(&mut conn, &from, prefix).await?;
     let total = names.len() as u64;
     eprintln!(
-        "{} {total} secrets from {}/ (KV v{}) to {}/ (KV v{})",
+        "{} {total} secrets ({}) from {}/ (KV v{}) to {}/ (KV v{})",
         if dry_run { "would copy" } else { "copying" },
+        if all_versions { "every live version" } else { "latest versions" },
         from.path,
         if from.v2 { 2 } else { 1 },
         to.path,
         if to.v2 { 2 } else { 1 }
     );
     let queue = Arc::new(std::sync::Mutex::new(names));
-    let (copied, equal, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counters = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let [copied, versions, equal, done] = [0, 1, 2, 3];
     let mut tasks: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
     for _ in 0..workers.max(1) {
-        let (queue, copied, equal, done) = (queue.clone(), copied.clone(), equal.clone(), done.clone());
+        let (queue, c) = (queue.clone(), counters.clone());
         let (from, to, mut conn) = (from.clone(), to.clone(), Conn::new(target.clone(), e));
         tasks.spawn(async move {
             loop {
                 let Some(name) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else { return Ok(()) };
-                match copy_one(&mut conn, &from, &to, &name, dry_run).await? {
-                    Outcome::Copied => copied.fetch_add(1, Ordering::Relaxed),
-                    Outcome::Equal => equal.fetch_add(1, Ordering::Relaxed),
+                let outcome = if all_versions {
+                    copy_history(&mut conn, &from, &to, &name, dry_run).await?
+                } else {
+                    copy_latest(&mut conn, &from, &to, &name, dry_run).await?
                 };
-                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                match outcome {
+                    Outcome::Copied(n) => {
+                        c[copied].fetch_add(1, Ordering::Relaxed);
+                        c[versions].fetch_add(n, Ordering::Relaxed);
+                    }
+                    Outcome::Equal => {
+                        c[equal].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let n = c[done].fetch_add(1, Ordering::Relaxed) + 1;
                 if n % 100 == 0 || n == total {
                     eprint!(
                         "\r  {n}/{total} done ({} copied, {} already equal)",
-                        copied.load(Ordering::Relaxed),
-                        equal.load(Ordering::Relaxed)
+                        c[copied].load(Ordering::Relaxed),
+                        c[equal].load(Ordering::Relaxed)
                     );
                 }
             }
@@ -224,5 +352,6 @@ pub async fn run(
     if total > 0 {
         eprintln!();
     }
-    Ok((copied.load(Ordering::Relaxed), equal.load(Ordering::Relaxed)))
+    let get = |i: usize| counters[i].load(Ordering::Relaxed);
+    Ok(Summary { copied: get(copied), versions: get(versions), equal: get(equal) })
 }

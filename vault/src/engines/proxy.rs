@@ -156,6 +156,14 @@ impl Engine for Proxy {
         self.info
     }
 
+    fn mount_options(&self) -> Vec<(&'static str, String)> {
+        let mut o = vec![("upstream", self.backend.kind().to_owned())];
+        if self.backend.capabilities().versions {
+            o.push(("versions", "numbered".to_owned()));
+        }
+        o
+    }
+
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
         let path = SecretPath::parse(req.param("path"))?;
         match self.backend.uncached().read(path.as_str(), &Version::Latest).await {
@@ -184,7 +192,9 @@ impl Engine for Proxy {
                     (None, None, Some(stage)) if !stage.is_empty() => Version::Stage(stage),
                     _ => return Err(Error::invalid("give at most one of version, version_id, version_stage")),
                 };
-                let v = self.backend.read(p, &version).await.map_err(|e| map_error(e, p))?;
+                let backend: &dyn SecretBackend =
+                    if req.no_cache { self.backend.uncached() } else { self.backend.as_ref() };
+                let v = backend.read(p, &version).await.map_err(|e| map_error(e, p))?;
                 let metadata = Metadata {
                     version: v.version.unwrap_or(0),
                     created_time: v.created_time.clone().unwrap_or_default(),

@@ -92,6 +92,16 @@ fn wrap_ttl(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Error> {
     crate::auth::parse_duration(text).map(Some)
 }
 
+/// `Cache-Control: no-cache` (a directive among others, any case).
+fn no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+}
+
 /// `X-Vault-Namespace`: KeyVault has one namespace. A request meant for another one is
 /// refused rather than served from the only one there is (fail closed); the root
 /// namespace (empty, `root`) is this one.
@@ -193,6 +203,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
     ctx.operation = resolved.describe(req.method().as_str());
     let token = token_from_headers(req.headers())?;
     let wrap_ttl = wrap_ttl(req.headers())?;
+    let no_cache = no_cache(req.headers());
     check_namespace(req.headers())?;
     if let Some(t) = &token {
         slot.lock().unwrap_or_else(|p| p.into_inner()).token_hmac = Some(service.audit_hmac(t.as_bytes()));
@@ -221,8 +232,16 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
         }
         ctx.had_intent = true;
     }
-    let incoming =
-        Incoming { request_id: ctx.id.clone(), token, body, query, peer: peer.clone(), audit: slot.clone(), wrap_ttl };
+    let incoming = Incoming {
+        request_id: ctx.id.clone(),
+        token,
+        body,
+        query,
+        peer: peer.clone(),
+        audit: slot.clone(),
+        wrap_ttl,
+        no_cache,
+    };
     Ok(service.dispatch(resolved, incoming).await?)
 }
 

@@ -379,6 +379,9 @@ pub struct Request {
     pub token: Option<Zeroizing<String>>,
     /// Wrap the reply for this long (`X-Vault-Wrap-TTL`; `sys/wrapping/wrap` sets it).
     pub wrap_ttl: Option<std::time::Duration>,
+    /// `Cache-Control: no-cache`: a proxied mount reads its upstream, not its cache (what
+    /// `operator migrate` compares must be the upstream's own value).
+    pub no_cache: bool,
     /// For [`Access::CreateOrUpdate`]: what the existence check found stored (the bytes
     /// a compare-and-swap should expect), `None` if nothing.
     pub existing: Option<Vec<u8>>,
@@ -610,6 +613,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Every path this engine serves, relative to its mount.
     fn routes(&self) -> &'static [Route] {
         self.info().routes
+    }
+
+    /// Options `sys/mounts` shows besides KV's `version` (a proxied mount:
+    /// `upstream`, and `versions = "numbered"` where the upstream keeps them).
+    fn mount_options(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
     }
 
     /// For routes with [`Access::CreateOrUpdate`]: what is stored at the request's path

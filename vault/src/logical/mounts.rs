@@ -220,7 +220,12 @@ impl MountTable {
                     seal_wrap: false,
                     external_entropy_access: false,
                     config: Default::default(),
-                    options: version.map(|v| [("version".to_owned(), v.to_owned())].into()),
+                    options: version.map(|v| {
+                        let mut o: std::collections::BTreeMap<String, String> =
+                            [("version".to_owned(), v.to_owned())].into();
+                        o.extend(m.engine.mount_options().into_iter().map(|(k, v)| (k.to_owned(), v)));
+                        o
+                    }),
                 };
                 (key, info)
             })

@@ -37,6 +37,8 @@ pub struct Incoming {
     pub audit: AuditSlot,
     /// Wrap the reply for this long (`X-Vault-Wrap-TTL`).
     pub wrap_ttl: Option<Duration>,
+    /// `Cache-Control: no-cache`: a proxied mount reads its upstream, not its cache.
+    pub no_cache: bool,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -56,6 +58,7 @@ impl Incoming {
             peer: Peer::local(),
             audit: AuditSlot::default(),
             wrap_ttl: None,
+            no_cache: false,
         }
     }
 }
@@ -154,6 +157,7 @@ impl Service {
             caller: None,
             token: incoming.token,
             wrap_ttl: incoming.wrap_ttl,
+            no_cache: incoming.no_cache,
             existing: None,
             audit: incoming.audit,
             warnings: Vec::new(),
