@@ -189,8 +189,9 @@ enum OperatorCommand {
 /// How to reach a running server.
 #[derive(clap::Args)]
 struct EndpointArgs {
-    /// `https://127.0.0.1:8200`, or `http://...` for a plain-HTTP server.
-    #[arg(long, env = "KEYVAULT_ADDR")]
+    /// `https://host:port`, or `http://...` for a plain-HTTP server (as Vault's tools,
+    /// `https://127.0.0.1:8200` when not given).
+    #[arg(long, env = "KEYVAULT_ADDR", default_value = "https://127.0.0.1:8200")]
     address: String,
     /// CA certificate for https.
     #[arg(long, env = "KEYVAULT_CACERT")]
@@ -249,6 +250,11 @@ struct BenchArgs {
     /// Write the secret (and create an AppRole role for logins) before the run.
     #[arg(long)]
     setup: bool,
+    /// `read` the upstream of a proxied mount directly, through the adapter KeyVault
+    /// uses: a TOML file of `[[mounts]]` (as for `dev --mounts`); `--path` names the
+    /// mount and the secret (`legacy/bench`). No KeyVault server is involved.
+    #[arg(long)]
+    upstream: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -523,7 +529,28 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         duration: a.duration,
         warmup: a.warmup,
         requests: a.requests,
+        upstream: None,
     };
+    if let Some(file) = &a.upstream {
+        #[derive(serde::Deserialize)]
+        struct Mounts {
+            mounts: Vec<keyvault::config::MountConfig>,
+        }
+        let text = std::fs::read_to_string(file).with_context(|| format!("--upstream {}", file.display()))?;
+        let mounts: Mounts = toml::from_str(&text).with_context(|| format!("--upstream {}", file.display()))?;
+        let found = mounts
+            .mounts
+            .iter()
+            .filter_map(|m| {
+                let mp = m.path.trim_matches('/');
+                o.path.strip_prefix(mp).and_then(|r| r.strip_prefix('/')).map(|rest| (m, rest.to_owned()))
+            })
+            .max_by_key(|(m, _)| m.path.len());
+        let Some((mount, rest)) = found else {
+            anyhow::bail!("--path {}: no mount of {} serves it", o.path, file.display());
+        };
+        o.upstream = Some((keyvault::engines::proxy::adapter(mount)?, rest));
+    }
     if a.setup
         && let Some((role_id, secret_id)) = bench::setup(&o).await?
     {

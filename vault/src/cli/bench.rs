@@ -94,6 +94,9 @@ pub struct BenchOptions {
     pub warmup: Duration,
     /// Stop after this many requests in all (or at the end of `duration`).
     pub requests: Option<u64>,
+    /// `read` straight from a proxied mount's upstream through its adapter (no KeyVault
+    /// server in between), at this path relative to the mount.
+    pub upstream: Option<(Arc<dyn keyvault_proxy_backends::SecretBackend>, String)>,
 }
 
 /// The outcome of one run.
@@ -186,7 +189,8 @@ fn build_request(o: &BenchOptions, host: &str, n: u64) -> Result<Request<Full<By
 
 /// Run the load and report.
 pub async fn run(o: BenchOptions) -> Result<BenchReport> {
-    let target = Arc::new(o.endpoint.target()?);
+    // The adapter of `--upstream` makes its own connections.
+    let target = if o.upstream.is_some() { None } else { Some(Arc::new(o.endpoint.target()?)) };
     let template = Arc::new(o.clone());
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
@@ -199,6 +203,27 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
+            if let Some((backend, path)) = &o.upstream {
+                let latest = keyvault_proxy_backends::Version::Latest;
+                while Instant::now() < end {
+                    let n = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if o.requests.is_some_and(|max| n >= max) {
+                        break;
+                    }
+                    let t0 = Instant::now();
+                    let ok = backend.read(path, &latest).await.is_ok();
+                    let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    if t0 >= start {
+                        if ok {
+                            lat.push(micros);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                return Ok((lat, errors));
+            }
+            let Some(target) = target else { return Err(Error::Internal("no server to load".into())) };
             if o.scenario == Scenario::Handshake {
                 // A fresh TCP connection and full TLS handshake per iteration.
                 while Instant::now() < end {
@@ -265,7 +290,10 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
     let seconds = Instant::now().min(end).saturating_duration_since(start).as_secs_f64().max(1e-3);
     Ok(BenchReport {
         scenario: o.scenario,
-        address: o.endpoint.address.clone(),
+        address: match &o.upstream {
+            Some((b, _)) => format!("{} upstream, directly", b.kind()),
+            None => o.endpoint.address.clone(),
+        },
         connections: o.connections,
         seconds,
         requests: all.len() as u64,
@@ -283,6 +311,14 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
 /// (enabling the AppRole mount first on servers that need it, such as OpenBao).
 /// Returns the role id and secret id for `approle-login`.
 pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
+    if let Some((backend, path)) = &o.upstream {
+        let value = keyvault_proxy_backends::SecretData::from_fields([("value", "bench-value-not-secret")]);
+        backend
+            .write(path, &value, None)
+            .await
+            .map_err(|e| Error::Internal(format!("writing {path} upstream: {e}")))?;
+        return Ok(None);
+    }
     let (s, _) =
         one_shot(&o.endpoint, "PUT", &o.path, Some(serde_json::json!({"value": "bench-value-not-secret"}))).await?;
     if !(200..300).contains(&s) {

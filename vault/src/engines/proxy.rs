@@ -110,6 +110,27 @@ fn options<T: serde::de::DeserializeOwned>(mount: &MountConfig) -> Result<(T, Ca
     Ok((adapter, cache, policy))
 }
 
+/// The bare adapter of a proxied mount's configuration, without cache or resilience
+/// layers (`keyvault bench --upstream` measures the upstream through it).
+pub fn adapter(mount: &MountConfig) -> Result<Arc<dyn SecretBackend>> {
+    let bad = |e: BackendError| Error::Config(format!("mount {:?}: {e}", mount.path));
+    Ok(match mount.kind.as_str() {
+        "hashicorp" => {
+            let (config, _, _) = options(mount)?;
+            Arc::new(keyvault_proxy_backends::hashicorp::HashicorpBackend::new(config).map_err(bad)?)
+        }
+        "aws" => {
+            let (config, _, _) = options(mount)?;
+            Arc::new(keyvault_proxy_backends::aws::Aws::new(config).map_err(bad)?)
+        }
+        "azure" => {
+            let (config, _, _) = options(mount)?;
+            Arc::new(keyvault_proxy_backends::azure::Azure::new(config).map_err(bad)?)
+        }
+        other => return Err(Error::Config(format!("mount {:?}: {other:?} is not a proxied mount", mount.path))),
+    })
+}
+
 impl Proxy {
     fn hashicorp(mount: &MountConfig) -> Result<Self> {
         use keyvault_proxy_backends::hashicorp::{HashicorpBackend, HashicorpConfig};
