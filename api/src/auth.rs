@@ -1,6 +1,7 @@
 //! `/v1/auth/...`: logins (every method), the roles and users they log in as, one-time
 //! bootstrap tokens, and the token's own lifecycle.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -39,11 +40,73 @@ pub struct TokenSettings {
     /// without one is refused.
     #[serde(default)]
     pub bind_certificate: bool,
+    /// Attributes carried by this role's tokens in the `attr` claim, for gateways that
+    /// verify tokens offline (e.g. `tenant_id`, `tier`, `capabilities`). Bounded by
+    /// [`check_attributes`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub token_attributes: Attributes,
+    /// Audiences of this role's tokens (the `aud` claim): the gateways meant to accept
+    /// them. At most 8, each 1-128 printable ASCII characters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_audiences: Vec<String>,
 }
 
 /// The fields of [`TokenSettings`], which every role body may carry besides its
 /// method's own.
-pub const TOKEN_FIELDS: [&str; 4] = ["token_policies", "token_ttl", "token_max_ttl", "bind_certificate"];
+pub const TOKEN_FIELDS: [&str; 6] =
+    ["token_policies", "token_ttl", "token_max_ttl", "bind_certificate", "token_attributes", "token_audiences"];
+
+/// One token attribute: a string or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttributeValue {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Token attributes by name (the `attr` claim).
+pub type Attributes = BTreeMap<String, AttributeValue>;
+
+/// At most this many attributes per role.
+pub const MAX_ATTRIBUTES: usize = 16;
+/// At most this many bytes of JSON for all of a role's attributes (they ride in every
+/// token).
+pub const MAX_ATTRIBUTES_BYTES: usize = 2048;
+
+/// The bounds of token attributes and audiences: names of 1-64 characters of
+/// `[a-z0-9_]`, values of at most 256 characters without control characters, lists of at
+/// most 32, [`MAX_ATTRIBUTES`] names and [`MAX_ATTRIBUTES_BYTES`] of JSON in all.
+pub fn check_attributes(attributes: &Attributes, audiences: &[String]) -> Result<(), String> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(format!("at most {MAX_ATTRIBUTES} token_attributes"));
+    }
+    let value_ok = |v: &str| v.len() <= 256 && !v.chars().any(char::is_control);
+    for (name, value) in attributes {
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!("token attribute name {name:?}: 1-64 characters of [a-z0-9_]"));
+        }
+        let ok = match value {
+            AttributeValue::One(v) => value_ok(v),
+            AttributeValue::Many(l) => l.len() <= 32 && l.iter().all(|v| value_ok(v)),
+        };
+        if !ok {
+            return Err(format!("token attribute {name}: values of at most 256 characters, lists of at most 32"));
+        }
+    }
+    let bytes = serde_json::to_vec(attributes).map(|v| v.len()).unwrap_or(usize::MAX);
+    if bytes > MAX_ATTRIBUTES_BYTES {
+        return Err(format!("token_attributes: {bytes} bytes of JSON, at most {MAX_ATTRIBUTES_BYTES}"));
+    }
+    if audiences.len() > 8
+        || audiences.iter().any(|a| a.is_empty() || a.len() > 128 || !a.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err("token_audiences: at most 8, each 1-128 printable ASCII characters".into());
+    }
+    Ok(())
+}
 
 /// A role as `GET` shows it: the token settings in seconds, and the method's own fields.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +115,10 @@ pub struct TokenSettingsView {
     pub token_ttl: u64,
     pub token_max_ttl: u64,
     pub bind_certificate: bool,
+    #[serde(default)]
+    pub token_attributes: Attributes,
+    #[serde(default)]
+    pub token_audiences: Vec<String>,
 }
 
 impl From<&TokenSettings> for TokenSettingsView {
@@ -62,6 +129,8 @@ impl From<&TokenSettings> for TokenSettingsView {
             token_ttl: secs(t.token_ttl),
             token_max_ttl: secs(t.token_max_ttl),
             bind_certificate: t.bind_certificate,
+            token_attributes: t.token_attributes.clone(),
+            token_audiences: t.token_audiences.clone(),
         }
     }
 }
@@ -372,4 +441,46 @@ pub struct Jwk {
     pub kid: String,
     /// The public key, base64url without padding.
     pub x: String,
+}
+
+/// `GET /v1/auth/revocations?since=<unix seconds>`: what a gateway verifying tokens
+/// offline must refuse besides expired tokens. Revoked accessors stay listed until the
+/// tokens they name could no longer be valid anyway; identity revocations (the kill
+/// switch) are listed with their generation: a token whose `idg` generation for that
+/// identity is lower is revoked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevocationFeed {
+    /// The server's clock when the feed was read: the next poll's `since` (minus a margin
+    /// for replicas' clocks).
+    pub now: u64,
+    pub accessors: Vec<RevokedAccessor>,
+    pub identities: Vec<RevokedIdentity>,
+}
+
+/// One revoked token accessor (tokens issued from it, `par` and `anc`, are revoked too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedAccessor {
+    pub accessor: String,
+    /// Unix seconds, by the revoking replica's clock (0: not recorded).
+    pub revoked_at: u64,
+    /// Listed until then.
+    pub until: u64,
+}
+
+/// One identity revoked by the kill switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedIdentity {
+    /// `role`, `user`, `cert` (the certificate's SHA-256, hex) or `spiffe`.
+    pub kind: String,
+    pub id: String,
+    pub generation: u64,
+    pub revoked_at: u64,
+}
+
+/// The query of `GET /v1/auth/revocations`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevocationsQuery {
+    /// Only what was revoked at or after this time (unix seconds; default: everything).
+    #[serde(default)]
+    pub since: u64,
 }

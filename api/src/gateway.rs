@@ -10,6 +10,16 @@ use serde::{Deserialize, Serialize};
 /// splits one way only (neither the timestamp nor the nonce can contain `.`).
 pub const NONCE_MIN: usize = 16;
 pub const NONCE_MAX: usize = 128;
+/// The five headers of a signed request, as a producer sends them and a gateway reads
+/// them (docs/api.md, "Gateway"). The certificate fingerprint is the SHA-256 (hex) of the
+/// producer's client certificate: a gateway takes it from its own TLS connection (or from
+/// the TLS terminator in front of it), never from what the producer claims.
+pub const HEADER_IDENTITY: &str = "x-keyvault-identity";
+pub const HEADER_CERT_SHA256: &str = "x-keyvault-cert-sha256";
+pub const HEADER_TIMESTAMP: &str = "x-keyvault-timestamp";
+pub const HEADER_NONCE: &str = "x-keyvault-nonce";
+pub const HEADER_SIGNATURE: &str = "x-keyvault-signature";
+
 /// The most items in one `batch`.
 pub const MAX_BATCH: usize = 1000;
 

@@ -233,6 +233,19 @@ impl TestServer {
         self.addr = format!("https://localhost:{port}");
     }
 
+    /// Kill the server (`SIGKILL`) and start it again on the same port, so that clients
+    /// made before keep working once it is back.
+    pub fn restart_same_port(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.config_file).unwrap();
+        let fixed = text.replacen("address = \"127.0.0.1:0\"", &format!("address = \"127.0.0.1:{}\"", self.port), 1);
+        std::fs::write(&self.config_file, fixed).unwrap();
+        let (child, port) = spawn_server(&self.config_file, &self.log, &self.env);
+        assert_eq!(port, self.port);
+        self.child = child;
+    }
+
     /// Move the server's wall clock `secs` seconds on (needs `settable_clock`).
     pub fn advance_clock(&mut self, secs: i64) {
         let f = self.clock_file.as_ref().expect("the server was started with settable_clock");

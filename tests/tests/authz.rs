@@ -178,6 +178,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
             Caps("sys/rotate/token-signing/retire", &["update", "sudo"]),
         ),
         row("GET", "auth/jwks", Value::Null, Nobody),
+        row("GET", "auth/revocations", Value::Null, Caps("auth/revocations", &["read"])),
         row("POST", "auth", json!({"role": "r1", "secret_id": "0"}), Nobody),
         row("POST", "auth/approle/login", json!({"role_id": "x", "secret_id": "0"}), Nobody),
         row("GET", "auth/approle/role/r1/role-id", Value::Null, Caps("auth/approle/role/r1/role-id", &["read"])),

@@ -438,6 +438,8 @@ impl Core {
             par: None,
             anc: Vec::new(),
             nren: true,
+            attr: role.token.token_attributes.clone(),
+            aud: role.token.token_audiences.clone(),
         });
         let acl = self.policies.acl(&claims.pol).await?;
         Ok(Caller { claims, acl, direct: true })
@@ -530,6 +532,8 @@ impl Core {
                 spiffe: cert.and_then(|c| c.spiffe_id()).map(str::to_owned),
                 generations,
                 parent: outcome.parent,
+                attributes: outcome.attributes,
+                audiences: outcome.audiences,
             })
             .await?;
         let method = engine.kind();
@@ -554,6 +558,8 @@ impl Core {
                 spiffe: None,
                 generations: Generations::new(),
                 parent: None,
+                attributes: Default::default(),
+                audiences: Vec::new(),
             })
             .await
     }

@@ -81,6 +81,12 @@ pub struct Claims {
     /// with `renewable: false`): a renewal is refused, as Vault does.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub nren: bool,
+    /// The role's token attributes, for gateways that verify tokens offline.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attr: keyvault_api::auth::Attributes,
+    /// The role's audiences: the gateways meant to accept the token offline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aud: Vec<String>,
 }
 
 /// What to put in a new token.
@@ -96,6 +102,8 @@ pub struct TokenSpec {
     pub spiffe: Option<String>,
     pub generations: Generations,
     pub parent: Option<String>,
+    pub attributes: keyvault_api::auth::Attributes,
+    pub audiences: Vec<String>,
 }
 
 /// A freshly signed token. The token string is a bearer credential.
@@ -256,6 +264,8 @@ impl TokenIssuer {
             par: spec.parent,
             anc: Vec::new(),
             nren: max_exp <= exp,
+            attr: spec.attributes,
+            aud: spec.audiences,
         };
         let token = self.sign(&claims).await?;
         Ok(IssuedToken { token, claims })
@@ -323,6 +333,9 @@ impl TokenIssuer {
         validation.set_issuer(&[&self.issuer]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "sub"]);
         validation.validate_nbf = true;
+        // `aud` names the gateways meant to accept a token offline; KeyVault accepts its
+        // own tokens whatever their audience.
+        validation.validate_aud = false;
         // Expiry is judged below, so that a renewed token's claims can be read.
         validation.validate_exp = false;
         // Replicas' clocks may differ a little; tokens live minutes.
@@ -446,6 +459,8 @@ mod tests {
             spiffe: None,
             generations: Default::default(),
             parent: None,
+            attributes: Default::default(),
+            audiences: Vec::new(),
         }
     }
 

@@ -33,7 +33,7 @@ pub fn validate_token_settings(t: &TokenSettings) -> Result<()> {
     {
         return Err(Error::invalid("token_ttl must not exceed token_max_ttl"));
     }
-    Ok(())
+    keyvault_api::auth::check_attributes(&t.token_attributes, &t.token_audiences).map_err(Error::invalid)
 }
 
 /// The role a login body claims (`role`, `name` or `role_id`), for the rate limiter;

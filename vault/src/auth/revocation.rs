@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::{Store, decode_json, encode_json};
+use crate::store::{Store, decode_json, encode_json, scan_all};
 use crate::unix_now;
 
 /// An identity the kill switch can revoke.
@@ -104,8 +104,18 @@ pub struct Revocations {
     store: Arc<dyn Store>,
 }
 
+const ACCESSOR_PREFIX: &str = "auth/token/revoked/";
+const IDENTITY_PREFIX: &str = "auth/revoked-identity/";
+
 fn accessor_key(accessor: &str) -> String {
-    format!("auth/token/revoked/{accessor}")
+    format!("{ACCESSOR_PREFIX}{accessor}")
+}
+
+/// A revoked accessor's record (empty in records of before the revocation feed).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RevokedToken {
+    revoked_at: u64,
+    until: u64,
 }
 
 impl Revocations {
@@ -116,9 +126,51 @@ impl Revocations {
     /// Revoke the token(s) with this accessor, and those issued from it, until `until`
     /// (unix seconds) has passed.
     pub async fn revoke_accessor(&self, accessor: &str, until: u64) -> Result<()> {
-        let ttl = Duration::from_secs(until.saturating_sub(unix_now()).saturating_add(60));
-        self.store.insert_if_absent(&accessor_key(accessor), b"", Some(ttl)).await?;
+        let now = unix_now();
+        let ttl = Duration::from_secs(until.saturating_sub(now).saturating_add(60));
+        let record = RevokedToken { revoked_at: now, until };
+        self.store.insert_if_absent(&accessor_key(accessor), &encode_json(&record), Some(ttl)).await?;
         Ok(())
+    }
+
+    /// What was revoked at or after `since` and still matters: the feed of gateways that
+    /// verify tokens offline (`GET /v1/auth/revocations`). Expired accessor records are
+    /// gone from the store already; identity revocations are listed whatever their age
+    /// when `since` is 0 (a token of any age carries its generations).
+    pub async fn feed(&self, since: u64) -> Result<keyvault_api::auth::RevocationFeed> {
+        let now = unix_now();
+        let mut accessors = Vec::new();
+        for (key, raw) in scan_all(self.store.as_ref(), ACCESSOR_PREFIX).await? {
+            let Some(accessor) = key.strip_prefix(ACCESSOR_PREFIX) else { continue };
+            // Records of before this feed existed are empty: time unknown, always listed.
+            let r: RevokedToken = if raw.is_empty() { RevokedToken::default() } else { decode_json(&key, &raw)? };
+            if r.revoked_at >= since || r.revoked_at == 0 {
+                accessors.push(keyvault_api::auth::RevokedAccessor {
+                    accessor: accessor.to_owned(),
+                    revoked_at: r.revoked_at,
+                    until: r.until,
+                });
+            }
+        }
+        let mut identities = Vec::new();
+        for (key, raw) in scan_all(self.store.as_ref(), IDENTITY_PREFIX).await? {
+            let Some((kind, id)) = key.strip_prefix(IDENTITY_PREFIX).and_then(|r| r.split_once('/')) else { continue };
+            let r: Revoked = decode_json(&key, &raw)?;
+            if r.revoked_at < since {
+                continue;
+            }
+            let id = match kind {
+                "spiffe" => String::from_utf8(hex::decode(id).unwrap_or_default()).unwrap_or_default(),
+                _ => id.to_owned(),
+            };
+            identities.push(keyvault_api::auth::RevokedIdentity {
+                kind: kind.to_owned(),
+                id,
+                generation: r.generation,
+                revoked_at: r.revoked_at,
+            });
+        }
+        Ok(keyvault_api::auth::RevocationFeed { now, accessors, identities })
     }
 
     pub async fn accessor_revoked(&self, accessor: &str) -> Result<bool> {

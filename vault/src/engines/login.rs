@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use super::EngineKind;
 use crate::error::{Error, Result};
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
+use crate::policy::Capability;
 use crate::shared::Core;
 
 pub const KIND: EngineKind = EngineKind {
@@ -29,6 +30,11 @@ const ROUTES: &[Route] = &[
     // A login may consume a credential (a bootstrap token, a limited secret id).
     Route::new("", "log in with `role` and the credentials of its method", &[OpSpec::write(Access::LoginByRole)]),
     Route::new("jwks", "the token-verification keys (JWK set, no token)", &[OpSpec::read(Access::Public)]),
+    Route::new(
+        "revocations",
+        "revoked token accessors and identities, for gateways that verify tokens offline (`?since=`)",
+        &[OpSpec::read(Access::Needs(Capability::Read))],
+    ),
 ];
 
 #[derive(Debug)]
@@ -45,6 +51,10 @@ impl Engine for Login {
     async fn handle(&self, req: &mut Request) -> Result<Reply> {
         match req.route.pattern {
             "jwks" => Reply::bare(&self.core.tokens.jwks()),
+            "revocations" => {
+                let q: keyvault_api::auth::RevocationsQuery = req.query()?;
+                Reply::data(&self.core.revocations.feed(q.since).await?)
+            }
             _ => Err(Error::UnsupportedOperation),
         }
     }

@@ -243,6 +243,9 @@ pub struct LoginOutcome {
     pub user: Option<String>,
     /// The accessor of the one-time credential used (a bootstrap token).
     pub parent: Option<String>,
+    /// The role's token attributes and audiences (the `attr` and `aud` claims).
+    pub attributes: keyvault_api::auth::Attributes,
+    pub audiences: Vec<String>,
 }
 
 impl LoginOutcome {
@@ -256,6 +259,8 @@ impl LoginOutcome {
             ttl: t.token_ttl,
             max_ttl: t.token_max_ttl,
             bind_certificate: t.bind_certificate,
+            attributes: t.token_attributes.clone(),
+            audiences: t.token_audiences.clone(),
             metadata: [("role_name".to_owned(), name.to_owned())].into(),
             user: None,
             parent: None,
@@ -347,6 +352,31 @@ impl Caller {
             let held = self.claims.pol.iter().any(|mine| mine == p);
             if !held && !self.acl.allows(&format!("sys/policies/grant/{p}"), Capability::Sudo) {
                 tracing::debug!(accessor = %self.claims.acc, policy = %p, "policy grant refused");
+                return Err(Error::PermissionDenied);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Caller {
+    /// Whether this caller may give tokens these attributes and audiences (a role write):
+    /// root may; anyone else needs `sudo` on `sys/token-attributes/grant/<name>` for each
+    /// attribute and on `sys/token-attributes/audience/<audience>` for each audience. A
+    /// gateway trusts what a token's attributes say (its tenant, its capabilities), so
+    /// writing them is a grant, like assigning a policy.
+    pub fn check_attribute_grant(&self, t: &keyvault_api::auth::TokenSettings) -> Result<()> {
+        if self.is_root() {
+            return Ok(());
+        }
+        let paths = t
+            .token_attributes
+            .keys()
+            .map(|n| format!("sys/token-attributes/grant/{n}"))
+            .chain(t.token_audiences.iter().map(|a| format!("sys/token-attributes/audience/{a}")));
+        for p in paths {
+            if !self.acl.allows(&p, Capability::Sudo) {
+                tracing::debug!(accessor = %self.claims.acc, path = %p, "token attribute grant refused");
                 return Err(Error::PermissionDenied);
             }
         }

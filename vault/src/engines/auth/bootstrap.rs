@@ -186,6 +186,7 @@ impl Engine for Bootstrap {
             token_ttl: stored.token_ttl.map(Duration::from_secs),
             token_max_ttl: None,
             bind_certificate: false,
+            ..Default::default()
         };
         let mut outcome = LoginOutcome::for_role(METHOD, &name, &settings);
         // A bootstrap token is not a role: no role-wide kill switch applies to it.

@@ -267,6 +267,8 @@ impl Engine for UserPass {
                 metadata: [("username".to_owned(), name.clone())].into(),
                 user: Some(name),
                 parent: None,
+                attributes: Default::default(),
+                audiences: Vec::new(),
             }),
             _ => Err(Error::Unauthenticated(AuthFailure::InvalidCredentials)),
         }

@@ -1,0 +1,667 @@
+//! The client: its builder, the token it keeps, and the one way every call is sent
+//! (retries with backoff and jitter on 429, 503 and connection errors only).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::auth::{Auth, SecretIdSource};
+use crate::error::{Error, Result};
+
+/// When to try a call again.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all (1: no retry).
+    pub attempts: u32,
+    /// The first backoff; it doubles per attempt (with full jitter) up to `max_delay`.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 4, base_delay: Duration::from_millis(50), max_delay: Duration::from_secs(2) }
+    }
+}
+
+/// Builds a [`Client`]. Nothing is sent until the first call.
+pub struct ClientBuilder {
+    address: Option<String>,
+    ca_pem: Option<Vec<u8>>,
+    ca_file: Option<PathBuf>,
+    identity: Option<Zeroizing<Vec<u8>>>,
+    identity_files: Option<(PathBuf, PathBuf)>,
+    connect_timeout: Duration,
+    timeout: Duration,
+    auth: Option<Auth>,
+    retry: RetryPolicy,
+    allow_plain_http: bool,
+    renew_by_login: bool,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("address", &self.address)
+            .field("ca_file", &self.ca_file)
+            .field("identity_files", &self.identity_files)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            address: None,
+            ca_pem: None,
+            ca_file: None,
+            identity: None,
+            identity_files: None,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+            auth: None,
+            retry: RetryPolicy::default(),
+            allow_plain_http: false,
+            renew_by_login: false,
+        }
+    }
+}
+
+/// The first of the variables set (`KEYVAULT_*` before Vault's own).
+fn env(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+}
+
+impl ClientBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Settings from the environment, as Vault's tools read them: `KEYVAULT_ADDR`
+    /// (`VAULT_ADDR`), `KEYVAULT_CACERT` (`VAULT_CACERT`), `KEYVAULT_CLIENT_CERT`
+    /// (`VAULT_CLIENT_CERT`) with `KEYVAULT_CLIENT_KEY` (`VAULT_CLIENT_KEY`), and
+    /// `KEYVAULT_TOKEN` (`VAULT_TOKEN`) as [`Auth::Token`]. Later calls override them.
+    pub fn from_env() -> Self {
+        let mut b = ClientBuilder {
+            address: env(&["KEYVAULT_ADDR", "VAULT_ADDR"]),
+            ca_file: env(&["KEYVAULT_CACERT", "VAULT_CACERT"]).map(PathBuf::from),
+            ..Self::default()
+        };
+        if let (Some(c), Some(k)) =
+            (env(&["KEYVAULT_CLIENT_CERT", "VAULT_CLIENT_CERT"]), env(&["KEYVAULT_CLIENT_KEY", "VAULT_CLIENT_KEY"]))
+        {
+            b.identity_files = Some((c.into(), k.into()));
+        }
+        if let Some(t) = env(&["KEYVAULT_TOKEN", "VAULT_TOKEN"]) {
+            b.auth = Some(Auth::token(t));
+        }
+        b
+    }
+
+    /// `https://host:port`.
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// Trust only the CA certificates of this PEM file.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Trust only these CA certificates (PEM).
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// The client certificate and key (PEM files) for mutual TLS.
+    pub fn client_identity_files(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.identity_files = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The client certificate chain and key as one PEM text.
+    pub fn client_identity_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some(Zeroizing::new(pem.into()));
+        self
+    }
+
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// The most one attempt of a call may take.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Allow `http://` to a host other than the loopback (tokens would cross the network in
+    /// clear: for tests behind a TLS-terminating proxy only).
+    pub fn allow_plain_http(mut self, allow: bool) -> Self {
+        self.allow_plain_http = allow;
+        self
+    }
+
+    /// At two thirds of the token's lifetime, log in again instead of renewing: every
+    /// token then carries its real expiry, which gateways that verify tokens offline need
+    /// (a renewal extends a token on the server only). For methods that can log in again.
+    pub fn renew_by_login(mut self, yes: bool) -> Self {
+        self.renew_by_login = yes;
+        self
+    }
+
+    pub fn build(self) -> Result<Client> {
+        let address = self.address.ok_or_else(|| Error::Config("no address (KEYVAULT_ADDR or VAULT_ADDR)".into()))?;
+        let url = reqwest::Url::parse(&address).map_err(|e| Error::Config(format!("address {address:?}: {e}")))?;
+        let loopback = url.host_str().is_some_and(|h| {
+            h == "localhost" || h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        });
+        match url.scheme() {
+            "https" => {}
+            "http" if loopback || self.allow_plain_http => {}
+            "http" => {
+                return Err(Error::Config(format!("{address}: plain HTTP to another host sends tokens in clear")));
+            }
+            s => return Err(Error::Config(format!("address {address:?}: scheme {s} (https expected)"))),
+        }
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none());
+        let ca = match (&self.ca_pem, &self.ca_file) {
+            (Some(pem), _) => Some(pem.clone()),
+            (None, Some(f)) => Some(read(f, "CA file")?.to_vec()),
+            (None, None) => None,
+        };
+        if let Some(pem) = ca {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Config(format!("CA: {e}")))?;
+            if certs.is_empty() {
+                return Err(Error::Config("CA: no certificate in the PEM".into()));
+            }
+            http = http.tls_certs_only(certs);
+        }
+        let identity = match (self.identity, &self.identity_files) {
+            (Some(pem), _) => Some(pem),
+            (None, Some((cert, key))) => {
+                let mut pem = read(cert, "client certificate")?;
+                pem.push(b'\n');
+                pem.extend_from_slice(&read(key, "client key")?);
+                Some(pem)
+            }
+            (None, None) => None,
+        };
+        if let Some(pem) = identity {
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|_| Error::Config("the client certificate or key is not valid PEM".into()))?;
+            http = http.identity(id);
+        }
+        let http = http.build().map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        let base = format!("{}/v1/", address.trim_end_matches('/'));
+        Ok(Client(Arc::new(Inner {
+            http,
+            base,
+            auth: self.auth,
+            retry: self.retry,
+            renew_by_login: self.renew_by_login,
+            token: tokio::sync::Mutex::new(None),
+            unwrapped_secret_id: Mutex::new(None),
+            renewer: Mutex::new(None),
+            mounts: Mutex::new(HashMap::new()),
+        })))
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>> {
+    std::fs::read(path).map(Zeroizing::new).map_err(|e| Error::Config(format!("{what} {}: {e}", path.display())))
+}
+
+/// The token held, and when to renew it.
+struct TokenState {
+    token: SecretString,
+    obtained: Instant,
+    /// Its lifetime when obtained or last renewed (`None`: does not expire).
+    ttl: Option<Duration>,
+    renewable: bool,
+}
+
+impl TokenState {
+    fn usable(&self) -> bool {
+        // A token within 2 s of its expiry is not sent: the request might arrive after it.
+        self.ttl.is_none_or(|ttl| self.obtained.elapsed() + Duration::from_secs(2) < ttl)
+    }
+}
+
+pub(crate) struct Inner {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<Auth>,
+    retry: RetryPolicy,
+    renew_by_login: bool,
+    token: tokio::sync::Mutex<Option<TokenState>>,
+    unwrapped_secret_id: Mutex<Option<SecretString>>,
+    renewer: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Mount path (`kv/`) -> KV version 2. As many entries as the server has mounts.
+    pub(crate) mounts: Mutex<HashMap<String, bool>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(h) = self.renewer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.abort();
+        }
+    }
+}
+
+/// A KeyVault client. Cheap to clone (one connection pool, one token, shared).
+///
+/// It logs in at the first call that needs a token, keeps the token in memory only,
+/// renews it in the background at two thirds of its lifetime, and logs in again when a
+/// renewal or a request is refused with 401 (for methods that can).
+#[derive(Clone)]
+pub struct Client(pub(crate) Arc<Inner>);
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("address", &self.0.base).field("auth", &self.0.auth).finish_non_exhaustive()
+    }
+}
+
+/// How a call authenticates.
+#[derive(Clone, Copy)]
+pub(crate) enum Credential<'a> {
+    /// No token (logins, `sys/health`, the JWKS).
+    None,
+    /// The client's token (logged in on demand).
+    Token,
+    /// This token (a wrapping token).
+    Given(&'a SecretString),
+}
+
+/// A body read from the server; zeroized on drop (it may hold secrets).
+pub(crate) type Body = Zeroizing<Vec<u8>>;
+
+/// `data` of an envelope, decoded.
+pub(crate) fn data<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let env: keyvault_api::Envelope<T> =
+        serde_json::from_slice(body).map_err(|e| Error::Decode(format!("reply: {}", e.classify_name())))?;
+    env.data.ok_or_else(|| Error::Decode("a reply without data".into()))
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    /// The kind of a JSON error, never its text (which can quote the input).
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "cannot be read",
+            serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Data => "not the expected shape",
+            serde_json::error::Category::Eof => "cut short",
+        }
+    }
+}
+
+/// Uniform in `0..=max`, from the OS's generator (full jitter).
+fn jitter(max: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return max / 2;
+    }
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(if nanos == 0 { 0 } else { u64::from_le_bytes(b) % (nanos + 1) })
+}
+
+/// `Retry-After` in seconds (an HTTP date is not honoured: KeyVault sends seconds).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+impl Client {
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::new()
+    }
+
+    /// The server's error messages of a reply body.
+    fn errors(body: &[u8]) -> Vec<String> {
+        serde_json::from_slice::<keyvault_api::ErrorBody>(body).map(|b| b.errors).unwrap_or_default()
+    }
+
+    /// Send one call: `path` under `/v1/`, a JSON body. Retries on 429, 503 and connection
+    /// errors (a timeout only for reads: a write may have been applied); logs in again once
+    /// on a 401 when the method can.
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Body>,
+        credential: Credential<'_>,
+    ) -> Result<Body> {
+        let method = Method::from_bytes(method.as_bytes()).map_err(|_| Error::Invalid(format!("method {method}")))?;
+        let idempotent = matches!(method.as_str(), "GET" | "LIST" | "HEAD");
+        let inner = &self.0;
+        let url = format!("{}{}", inner.base, path.trim_start_matches('/'));
+        let mut relogged = false;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let token = match credential {
+                Credential::None => None,
+                Credential::Given(t) => Some(t.clone()),
+                Credential::Token => Some(self.token().await?),
+            };
+            let mut req = inner.http.request(method.clone(), &url);
+            if let Some(t) = &token {
+                let mut v = reqwest::header::HeaderValue::from_str(t.expose_secret())
+                    .map_err(|_| Error::Invalid("a token that is not a header value".into()))?;
+                v.set_sensitive(true);
+                req = req.header("X-Vault-Token", v);
+            }
+            if let Some(b) = body {
+                req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b.to_vec());
+            }
+            let delay = match req.send().await {
+                Err(e) => {
+                    let kind = if e.is_timeout() {
+                        "timed out"
+                    } else if e.is_connect() {
+                        "cannot connect"
+                    } else {
+                        "connection failed"
+                    };
+                    let retriable = e.is_connect() || idempotent;
+                    if !retriable || attempt >= inner.retry.attempts {
+                        return Err(Error::Transport(format!("{} /v1/{path}: {kind}", method.as_str())));
+                    }
+                    tracing::debug!(path, attempt, kind, "retrying");
+                    None
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let after = retry_after(resp.headers());
+                    let bytes = resp
+                        .bytes()
+                        .await
+                        .map_err(|_| Error::Transport(format!("{} /v1/{path}: the reply was cut", method.as_str())))?;
+                    let body = take(bytes);
+                    if status.is_success() {
+                        return Ok(body);
+                    }
+                    let transient =
+                        status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+                    if status == StatusCode::UNAUTHORIZED
+                        && matches!(credential, Credential::Token)
+                        && !relogged
+                        && inner.auth.as_ref().is_some_and(Auth::can_login_again)
+                    {
+                        // The token was refused (expired, revoked): one new login, then again.
+                        relogged = true;
+                        *inner.token.lock().await = None;
+                        attempt -= 1;
+                        continue;
+                    }
+                    if !transient || attempt >= inner.retry.attempts {
+                        return Err(Error::Status { status: status.as_u16(), errors: Self::errors(&body) });
+                    }
+                    after
+                }
+            };
+            let backoff = inner.retry.base_delay.saturating_mul(1 << (attempt - 1).min(16)).min(inner.retry.max_delay);
+            tokio::time::sleep(delay.map(|d| d.min(inner.retry.max_delay)).unwrap_or_else(|| jitter(backoff))).await;
+        }
+    }
+
+    /// A call with a JSON body (serialized into a zeroizing buffer) and its `data`.
+    pub(crate) async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T> {
+        let body = match body {
+            Some(b) => Some(Zeroizing::new(
+                serde_json::to_vec(b).map_err(|_| Error::Invalid("a body that is not JSON".into()))?,
+            )),
+            None => None,
+        };
+        let reply = self.send(method, path, body.as_ref(), Credential::Token).await?;
+        data(&reply)
+    }
+
+    /// A call whose reply has no data worth reading (204, or an acknowledgement).
+    pub(crate) async fn call_empty(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<()> {
+        let body = match body {
+            Some(b) => Some(Zeroizing::new(
+                serde_json::to_vec(b).map_err(|_| Error::Invalid("a body that is not JSON".into()))?,
+            )),
+            None => None,
+        };
+        self.send(method, path, body.as_ref(), Credential::Token).await.map(drop)
+    }
+
+    // ---- the token ----
+
+    /// The current token, logging in first when there is none or it is about to expire.
+    pub async fn token(&self) -> Result<SecretString> {
+        let inner = &self.0;
+        let mut state = inner.token.lock().await;
+        if let Some(s) = state.as_ref().filter(|s| s.usable()) {
+            return Ok(s.token.clone());
+        }
+        let fresh = Box::pin(self.login()).await?;
+        let token = fresh.token.clone();
+        let renewable = fresh.renewable && fresh.ttl.is_some();
+        *state = Some(fresh);
+        drop(state);
+        if renewable {
+            self.start_renewer();
+        }
+        Ok(token)
+    }
+
+    /// Log in with the configured method (a given token is looked up instead).
+    async fn login(&self) -> Result<TokenState> {
+        let inner = &self.0;
+        let auth = inner.auth.as_ref().ok_or_else(|| Error::Config("no auth method and no token".into()))?;
+        let (path, body): (String, serde_json::Value) = match auth {
+            Auth::Token(t) => {
+                let reply = self.send("GET", "auth/token/lookup-self", None, Credential::Given(t)).await?;
+                let l: keyvault_api::auth::TokenLookup = data(&reply)?;
+                return Ok(TokenState {
+                    token: t.clone(),
+                    obtained: Instant::now(),
+                    ttl: (l.ttl > 0).then(|| Duration::from_secs(l.ttl)),
+                    renewable: l.renewable,
+                });
+            }
+            Auth::AppRole { mount, role_id, secret_id } => {
+                let secret_id = self.secret_id(secret_id).await?;
+                (
+                    format!("auth/{mount}/login"),
+                    serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose_secret() }),
+                )
+            }
+            Auth::Kubernetes { mount, role, jwt_file } => {
+                let jwt = read(jwt_file, "service account token")?;
+                let jwt =
+                    std::str::from_utf8(&jwt).map_err(|_| Error::Config("service account token: not UTF-8".into()))?;
+                (format!("auth/{mount}/login"), serde_json::json!({ "role": role, "jwt": jwt.trim() }))
+            }
+            Auth::Cert { mount, role } => (format!("auth/{mount}/login"), serde_json::json!({ "name": role })),
+            Auth::Bootstrap { mount, token } => {
+                (format!("auth/{mount}/login"), serde_json::json!({ "token": token.expose_secret() }))
+            }
+        };
+        let body = Zeroizing::new(serde_json::to_vec(&body).map_err(|_| Error::Invalid("login body".into()))?);
+        let reply = self.send("POST", &path, Some(&body), Credential::None).await?;
+        let env: keyvault_api::Envelope<serde_json::Value> =
+            serde_json::from_slice(&reply).map_err(|e| Error::Decode(format!("login reply: {}", e.classify_name())))?;
+        let a = env.auth.ok_or_else(|| Error::Decode("a login reply without auth".into()))?;
+        tracing::debug!(accessor = %a.accessor, ttl = a.lease_duration, "logged in to KeyVault");
+        Ok(TokenState {
+            token: a.client_token.into_secret(),
+            obtained: Instant::now(),
+            ttl: (a.lease_duration > 0).then(|| Duration::from_secs(a.lease_duration)),
+            renewable: a.renewable,
+        })
+    }
+
+    /// The AppRole secret id: given, read from its file, or unwrapped once.
+    async fn secret_id(&self, source: &SecretIdSource) -> Result<SecretString> {
+        match source {
+            SecretIdSource::Value(v) => Ok(v.clone()),
+            SecretIdSource::File(f) => {
+                let bytes = read(f, "secret id file")?;
+                let text =
+                    std::str::from_utf8(&bytes).map_err(|_| Error::Config("secret id file: not UTF-8".into()))?;
+                Ok(SecretString::from(text.trim().to_owned()))
+            }
+            SecretIdSource::Wrapped(wrapping) => {
+                if let Some(s) = self.0.unwrapped_secret_id.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                    return Ok(s);
+                }
+                let empty = Zeroizing::new(b"{}".to_vec());
+                let reply = self.send("POST", "sys/wrapping/unwrap", Some(&empty), Credential::Given(wrapping)).await?;
+                let sid: keyvault_api::auth::SecretId = data(&reply)?;
+                let s = SecretString::from(sid.secret_id.expose().to_owned());
+                *self.0.unwrapped_secret_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+
+    /// Renew the token now (`auth/token/renew-self`).
+    pub async fn renew(&self) -> Result<()> {
+        let inner = &self.0;
+        let mut state = inner.token.lock().await;
+        let Some(current) = state.as_ref() else { return Ok(()) };
+        let body = Zeroizing::new(b"{}".to_vec());
+        let reply = self.send("POST", "auth/token/renew-self", Some(&body), Credential::Given(&current.token)).await?;
+        let env: keyvault_api::Envelope<serde_json::Value> = serde_json::from_slice(&reply)
+            .map_err(|e| Error::Decode(format!("renewal reply: {}", e.classify_name())))?;
+        let a = env.auth.ok_or_else(|| Error::Decode("a renewal reply without auth".into()))?;
+        if let Some(s) = state.as_mut() {
+            s.obtained = Instant::now();
+            s.ttl = (a.lease_duration > 0).then(|| Duration::from_secs(a.lease_duration));
+            s.renewable = a.renewable;
+        }
+        tracing::debug!(ttl = a.lease_duration, "KeyVault token renewed");
+        Ok(())
+    }
+
+    fn start_renewer(&self) {
+        let mut slot = self.0.renewer.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.0);
+        *slot = Some(tokio::spawn(renew_loop(weak)).abort_handle());
+    }
+
+    /// Drop the token held (the next call logs in again). Does not revoke it.
+    pub async fn forget_token(&self) {
+        *self.0.token.lock().await = None;
+    }
+}
+
+/// Renew at two thirds of the lifetime; when a renewal is refused (or the maximum is near),
+/// log in again; when the server is unreachable, try again shortly.
+async fn renew_loop(weak: Weak<Inner>) {
+    loop {
+        let wait = {
+            let Some(inner) = weak.upgrade() else { return };
+            let state = inner.token.lock().await;
+            match state.as_ref() {
+                Some(s) if s.renewable => match s.ttl {
+                    Some(ttl) => (ttl * 2 / 3).saturating_sub(s.obtained.elapsed()),
+                    None => return,
+                },
+                _ => return,
+            }
+        };
+        tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let client = Client(inner);
+        if client.0.renew_by_login && client.0.auth.as_ref().is_some_and(Auth::can_login_again) {
+            client.forget_token().await;
+            if let Err(e) = client.token().await {
+                tracing::warn!(error = %e, "KeyVault login failed; the next call tries again");
+            }
+            continue; // this loop renews the new token
+        }
+        let before = client.0.token.lock().await.as_ref().and_then(|s| s.ttl);
+        match client.renew().await {
+            Ok(()) => {
+                // A renewal that no longer extends (the token's maximum is near): a new login
+                // before it runs out.
+                let after = client.0.token.lock().await.as_ref().and_then(|s| s.ttl);
+                if let (Some(b), Some(a)) = (before, after)
+                    && a < b / 2
+                    && client.0.auth.as_ref().is_some_and(Auth::can_login_again)
+                {
+                    client.forget_token().await;
+                    if let Err(e) = client.token().await {
+                        tracing::warn!(error = %e, "KeyVault login failed; retrying");
+                    }
+                    continue; // this loop renews the new token
+                }
+            }
+            Err(e) if e.status().is_some_and(|s| (400..500).contains(&s)) => {
+                tracing::info!(error = %e, "KeyVault refused the token's renewal; logging in again");
+                client.forget_token().await;
+                if client.0.auth.as_ref().is_some_and(Auth::can_login_again)
+                    && let Err(e) = client.token().await
+                {
+                    tracing::warn!(error = %e, "KeyVault login failed; the next call tries again");
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "KeyVault token renewal failed; retrying");
+                drop(client);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The reply's bytes as a zeroizing buffer, the original zeroized when this was its
+/// only owner.
+fn take(bytes: bytes::Bytes) -> Body {
+    let out = Zeroizing::new(bytes.to_vec());
+    if let Ok(mut m) = bytes.try_into_mut() {
+        m.as_mut().zeroize();
+    }
+    out
+}

@@ -1,0 +1,279 @@
+//! The gateway side of the gateway contract: a [`tower::Layer`] that checks every incoming
+//! signed request through `POST /v1/gateway/verify` before the handler sees it.
+//!
+//! A request passes with a [`Verified`] extension (the producer's identity and key id);
+//! one that fails is answered here with the contract's status and reason (401, 403, 409,
+//! 400 for malformed headers, 413 for a body over the limit, 503 when KeyVault cannot be
+//! asked: fail closed). With batching on, concurrent checks wait at most the batch window
+//! and go to KeyVault as one `{"batch": [...]}` call.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use keyvault_api::gateway::{
+    BatchVerdicts, HEADER_CERT_SHA256, HEADER_IDENTITY, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_BATCH,
+    Timestamp, Verdict, VerifyBatch, VerifyItem,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// What the handler of a verified request learns (a request extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub identity: String,
+    pub key_id: Option<String>,
+}
+
+/// The SHA-256 (hex) of the client certificate of the connection a request came on. A
+/// server that terminates TLS itself inserts it as a request extension; it then wins over
+/// the `x-keyvault-cert-sha256` header (which only a TLS terminator in front may set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate(pub String);
+
+/// How the layer checks.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Bodies larger than this are refused with 413 before any check.
+    pub max_body: usize,
+    /// `Some(w)`: concurrent checks wait at most `w` and go as one batch; `None`: one
+    /// verify request per check.
+    pub batch_window: Option<Duration>,
+    /// At most this many items per batch (KeyVault takes up to 1000).
+    pub max_batch: usize,
+    /// Batches in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            max_body: 1 << 20,
+            batch_window: Some(Duration::from_millis(1)),
+            max_batch: 256,
+            max_in_flight: 8,
+        }
+    }
+}
+
+type Waiter = (VerifyItem, oneshot::Sender<Result<Verdict>>);
+
+/// Asks KeyVault whether signed items are genuine; batches concurrent asks.
+pub struct Verifier {
+    client: Client,
+    queue: Option<mpsc::Sender<Waiter>>,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier").field("batching", &self.queue.is_some()).finish()
+    }
+}
+
+impl Verifier {
+    /// Must be called within a tokio runtime when batching (it starts the batcher).
+    pub fn new(client: Client, config: &GatewayConfig) -> Self {
+        let queue = config.batch_window.map(|window| {
+            let (tx, rx) = mpsc::channel(config.max_batch.clamp(1, MAX_BATCH) * config.max_in_flight.max(1) * 2);
+            tokio::spawn(batcher(
+                client.clone(),
+                rx,
+                window,
+                config.max_batch.clamp(1, MAX_BATCH),
+                config.max_in_flight.max(1),
+            ));
+            tx
+        });
+        Verifier { client, queue }
+    }
+
+    /// The verdict on one item.
+    pub async fn verify(&self, item: VerifyItem) -> Result<Verdict> {
+        match &self.queue {
+            None => send_batch(&self.client, vec![item]).await?.pop().ok_or_else(|| Error::Decode("no verdict".into())),
+            Some(q) => {
+                let (tx, rx) = oneshot::channel();
+                q.send((item, tx)).await.map_err(|_| Error::Transport("the batcher stopped".into()))?;
+                rx.await.map_err(|_| Error::Transport("the batcher stopped".into()))?
+            }
+        }
+    }
+}
+
+/// One `{"batch": [...]}` call: a verdict per item, in order.
+async fn send_batch(client: &Client, items: Vec<VerifyItem>) -> Result<Vec<Verdict>> {
+    let n = items.len();
+    let v: BatchVerdicts = client.call("POST", "gateway/verify", Some(&VerifyBatch { batch: items })).await?;
+    if v.batch_results.len() != n {
+        return Err(Error::Decode(format!("{} verdicts for {n} items", v.batch_results.len())));
+    }
+    Ok(v.batch_results)
+}
+
+async fn batcher(client: Client, mut rx: mpsc::Receiver<Waiter>, window: Duration, max: usize, in_flight: usize) {
+    let slots = Arc::new(Semaphore::new(in_flight));
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        let deadline = tokio::time::Instant::now() + window;
+        while waiters.len() < max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(w)) => waiters.push(w),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let client = client.clone();
+        tokio::spawn(async move {
+            let (items, senders): (Vec<_>, Vec<_>) = waiters.into_iter().unzip();
+            match send_batch(&client, items).await {
+                Ok(verdicts) => {
+                    for (s, v) in senders.into_iter().zip(verdicts) {
+                        let _ = s.send(Ok(v));
+                    }
+                }
+                Err(e) => {
+                    let summary = e.to_string();
+                    for s in senders {
+                        let _ = s.send(Err(Error::Transport(summary.clone())));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// The layer: wrap an axum `Router` (or any service of `http` requests) with it.
+#[derive(Clone)]
+pub struct VerifyLayer {
+    verifier: Arc<Verifier>,
+    max_body: usize,
+}
+
+impl fmt::Debug for VerifyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyLayer").field("verifier", &self.verifier).field("max_body", &self.max_body).finish()
+    }
+}
+
+impl VerifyLayer {
+    /// Within a tokio runtime (see [`Verifier::new`]).
+    pub fn new(client: Client, config: GatewayConfig) -> Self {
+        VerifyLayer { verifier: Arc::new(Verifier::new(client, &config)), max_body: config.max_body }
+    }
+}
+
+impl<S> tower::Layer<S> for VerifyLayer {
+    type Service = VerifyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        VerifyService { inner, verifier: self.verifier.clone(), max_body: self.max_body }
+    }
+}
+
+/// The service [`VerifyLayer`] makes.
+#[derive(Clone)]
+pub struct VerifyService<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+    max_body: usize,
+}
+
+impl<S> fmt::Debug for VerifyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyService").field("max_body", &self.max_body).finish_non_exhaustive()
+    }
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// A refusal in the contract's words: `{"valid": false, "reason": ...}`.
+fn refuse<B: From<Bytes>>(status: u16, reason: &str) -> Response<B> {
+    let body = serde_json::json!({ "valid": false, "reason": reason }).to_string();
+    let mut r = Response::new(B::from(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for VerifyService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    RB: From<Bytes> + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The clone is not ready; the instance that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (verifier, max_body) = (self.verifier.clone(), self.max_body);
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let bytes = match http_body_util::Limited::new(body, max_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    return Ok(refuse(413, "body_too_large"));
+                }
+                Err(_) => return Ok(refuse(400, "malformed_request")),
+            };
+            let h = &parts.headers;
+            let cert = parts
+                .extensions
+                .get::<PeerCertificate>()
+                .map(|p| p.0.clone())
+                .or_else(|| header(h, HEADER_CERT_SHA256));
+            let item = VerifyItem {
+                identity: header(h, HEADER_IDENTITY),
+                cert_sha256: cert,
+                timestamp: header(h, HEADER_TIMESTAMP).map(Timestamp::Text),
+                nonce: header(h, HEADER_NONCE),
+                signature: header(h, HEADER_SIGNATURE),
+                body: Some(STANDARD.encode(&bytes)),
+            };
+            if item.identity.is_none()
+                || item.cert_sha256.is_none()
+                || item.timestamp.is_none()
+                || item.nonce.is_none()
+                || item.signature.is_none()
+            {
+                return Ok(refuse(400, "malformed_request"));
+            }
+            let verdict = match verifier.verify(item).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway check unavailable: refusing the request");
+                    return Ok(refuse(503, "verifier_unavailable"));
+                }
+            };
+            if !verdict.valid {
+                let reason = verdict.reason.as_deref().unwrap_or("rejected");
+                return Ok(refuse(verdict.status.unwrap_or(401), reason));
+            }
+            let identity = header(&parts.headers, HEADER_IDENTITY).unwrap_or_default();
+            parts.extensions.insert(Verified { identity, key_id: verdict.key_id });
+            inner.call(Request::from_parts(parts, B::from(bytes))).await
+        })
+    }
+}

@@ -1,0 +1,653 @@
+//! The Rust client (`keyvault-client`, gateway-client/) against a real KeyVault (SoftHSM,
+//! TLS with client certificates): every public call of the crate, token renewal with a
+//! short TTL, the server restarted under it, a gateway protected by the verify layer
+//! (replays, other tenants, producers signing locally and through transit), offline token
+//! verification with attributes, certificate binding, the kill switch and accessor
+//! revocation through the feed; and that no token or secret value reaches `Debug`
+//! output, error messages or logs.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::Engine;
+use keyvault_client::gateway::{GatewayConfig, Verified, VerifyLayer};
+use keyvault_client::offline::{OfflineConfig, Rejection, TokenVerifier};
+use keyvault_client::producer::Signer;
+use keyvault_client::{Auth, Client, Error, ExposeSecret, RetryPolicy, SecretString};
+use keyvault_tests::pki::{Issued, TestCa};
+use keyvault_tests::server::{ServerOptions, TestServer};
+use keyvault_tests::{Reply, json};
+
+const SECRET: &str = "client-test-secret-value-\u{e9}-3f9a1c";
+const KV_SECRET: &str = "client-test-kv2-value-77e0b2";
+
+#[track_caller]
+fn ok(r: Reply, status: u16) -> Reply {
+    assert_eq!(r.status, status, "{r:?}");
+    r
+}
+
+/// Everything this test process logs (the client's `tracing` output at debug level).
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUF.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let make = move || Sink(writer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("keyvault_client=trace,reqwest=debug,hyper_util=debug")
+            .with_writer(make)
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[track_caller]
+fn assert_nowhere(what: &str, haystacks: &[(&str, &str)]) {
+    for (name, text) in haystacks {
+        assert!(!text.contains(what), "{name} contains a secret ({} bytes of it)", what.len());
+    }
+}
+
+struct World {
+    s: TestServer,
+    root: String,
+    unit: Issued,
+    other: Issued,
+    producer: Issued,
+    /// `app`'s role id and a file with a secret id.
+    role_id: String,
+    secret_id_file: tempfile::NamedTempFile,
+}
+
+const APP_POLICY: &str = r#"
+path "secret/app/*" { capabilities = ["create", "read", "update", "delete", "list"] }
+path "kv/data/app/*" { capabilities = ["create", "read", "update", "delete"] }
+path "kv/metadata/app/*" { capabilities = ["read", "list", "delete"] }
+path "transit/keys/app-*" { capabilities = ["read", "encrypt", "decrypt", "sign", "verify"] }
+"#;
+
+async fn world() -> World {
+    let ca = TestCa::new("client CA");
+    let unit = ca.leaf("unit", &["unit.corp"], 20, false);
+    let other = ca.leaf("unit-2", &["unit-2.corp"], 21, false);
+    let producer = ca.leaf("sensor-1", &[], 22, false);
+    let s = TestServer::start(ServerOptions {
+        client_auth: "optional",
+        client_ca_pem: Some(ca.pem()),
+        extra: "[auth.rate_limit]\nfailures_per_role_and_address = 1000\nfailures_per_address = 1000\n".into(),
+        ..Default::default()
+    });
+    let (c, root) = (s.client(), s.root.clone());
+    ok(c.put("sys/policies/acl/app", &root, json!({ "policy": APP_POLICY })).await, 204);
+    ok(c.post("auth/approle/role/app", Some(&root), json!({"token_policies": ["app"], "token_ttl": "1h"})).await, 204);
+    let role_id = ok(c.get("auth/approle/role/app/role-id", &root).await, 200).body["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sid =
+        ok(c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let mut secret_id_file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(secret_id_file, "{sid}").unwrap();
+    World { s, root, unit, other, producer, role_id, secret_id_file }
+}
+
+impl World {
+    fn builder(&self, id: &Issued) -> keyvault_client::ClientBuilder {
+        Client::builder().address(&self.s.addr).ca_file(&self.s.server_ca_file).client_identity_pem(id.identity_pem())
+    }
+
+    fn app_client(&self) -> Client {
+        self.builder(&self.unit).auth(Auth::approle_file(&self.role_id, self.secret_id_file.path())).build().unwrap()
+    }
+
+    /// An AppRole role `name` with `body`, and a client logged in as it.
+    async fn role_client(&self, name: &str, body: serde_json::Value) -> Client {
+        let c = self.s.client();
+        ok(c.post(&format!("auth/approle/role/{name}"), Some(&self.root), body).await, 204);
+        let rid =
+            ok(c.get(&format!("auth/approle/role/{name}/role-id"), &self.root).await, 200).body["data"]["role_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+        let sid = ok(c.post(&format!("auth/approle/role/{name}/secret-id"), Some(&self.root), json!({})).await, 200)
+            .body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.builder(&self.unit).auth(Auth::approle(rid, sid)).build().unwrap()
+    }
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+/// Every secrets, transit and envelope call of the crate, as a unit with a client
+/// certificate and an AppRole secret id read from a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_uses_every_call_of_the_client() {
+    let logs = logs();
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    let client = w.app_client();
+
+    // Key/value version 1.
+    client.put("secret/app/db", &json!({ "user": "app", "password": SECRET })).await.unwrap();
+    client.put("secret/app/single", &json!({ "value": "one" })).await.unwrap();
+    assert_eq!(client.secret_field("secret/app/db", "password").await.unwrap().expose_secret(), SECRET);
+    assert_eq!(client.secret("secret/app/single").await.unwrap().expose_secret(), "one");
+    let several = client.secret("secret/app/db").await.unwrap_err();
+    assert!(matches!(several, Error::Invalid(_)), "{several}");
+    let fields = client.secret_fields("secret/app/db").await.unwrap();
+    assert_eq!(fields["user"].expose_secret(), "app");
+    #[derive(Debug, serde::Deserialize)]
+    struct Db {
+        user: String,
+        password: SecretString,
+    }
+    let db: Db = client.secret_json("secret/app/db").await.unwrap();
+    assert_eq!((db.user.as_str(), db.password.expose_secret()), ("app", SECRET));
+    let mut names = client.list("secret/app").await.unwrap();
+    names.sort();
+    assert_eq!(names, ["db", "single"]);
+    assert!(client.list("secret/app/nothing-here").await.unwrap().is_empty());
+
+    // Start-up: all at once, or an error naming each failure.
+    let all = client.fetch_all(&["secret/app/single", "kv/app/none-yet"]).await.unwrap_err();
+    let Error::Fetch(failed) = &all else { panic!("{all}") };
+    assert_eq!(failed.len(), 1);
+    assert_eq!((failed[0].0.as_str(), failed[0].1.status()), ("kv/app/none-yet", Some(404)));
+    let denied = client.fetch_all(&["secret/other/x"]).await.unwrap_err();
+    assert!(denied.to_string().contains("secret/other/x (403"), "{denied}");
+
+    // Key/value version 2: the client finds the mount's version.
+    client.put("kv/app/cfg", &json!({ "value": "first" })).await.unwrap();
+    client.put("kv/app/cfg", &json!({ "value": KV_SECRET })).await.unwrap();
+    let both = client.fetch_all(&["secret/app/single", "kv/app/cfg"]).await.unwrap();
+    assert_eq!(both.iter().map(|s| s.expose_secret().to_owned()).collect::<Vec<_>>(), ["one", KV_SECRET]);
+    let versions = ok(c.get("kv/metadata/app/cfg", &root).await, 200);
+    assert_eq!(versions.body["data"]["current_version"], 2);
+    assert_eq!(client.list("kv/app").await.unwrap(), ["cfg"]);
+    client.delete("kv/app/cfg").await.unwrap();
+    assert!(client.secret("kv/app/cfg").await.unwrap_err().is_not_found());
+    client.delete("secret/app/single").await.unwrap();
+    assert!(client.secret("secret/app/single").await.unwrap_err().is_not_found());
+    // Refused before anything is sent.
+    assert!(matches!(client.secret("secret/app/../other").await.unwrap_err(), Error::Invalid(_)));
+    assert!(matches!(
+        client.put("secret/app/x", &json!(["not", "an", "object"])).await.unwrap_err(),
+        Error::Invalid(_)
+    ));
+
+    // Transit.
+    ok(c.post("transit/keys/app-aes", Some(&root), json!({ "type": "aes256-gcm96" })).await, 200);
+    ok(c.post("transit/keys/app-sign", Some(&root), json!({ "type": "ed25519" })).await, 200);
+    let ct = client.encrypt("app-aes", SECRET.as_bytes()).await.unwrap();
+    assert!(ct.starts_with("vault:v1:"), "{ct}");
+    assert_eq!(&client.decrypt("app-aes", &ct).await.unwrap()[..], SECRET.as_bytes());
+    let with_aad = client.encrypt_aad("app-aes", b"row 7", Some(b"table=users")).await.unwrap();
+    assert_eq!(&client.decrypt_aad("app-aes", &with_aad, Some(b"table=users")).await.unwrap()[..], b"row 7");
+    assert_eq!(client.decrypt_aad("app-aes", &with_aad, Some(b"table=other")).await.unwrap_err().status(), Some(400));
+    ok(c.post("transit/keys/app-aes/rotate", Some(&root), json!({})).await, 200);
+    let rewrapped = client.rewrap("app-aes", &ct).await.unwrap();
+    assert!(rewrapped.starts_with("vault:v2:"), "{rewrapped}");
+    assert_eq!(&client.decrypt("app-aes", &rewrapped).await.unwrap()[..], SECRET.as_bytes());
+    let dk = client.datakey("app-aes").await.unwrap();
+    assert_eq!(dk.plaintext.len(), 32);
+    assert_eq!(client.decrypt("app-aes", &dk.ciphertext).await.unwrap(), dk.plaintext);
+    assert!(!format!("{dk:?}").contains(&base64::engine::general_purpose::STANDARD.encode(&dk.plaintext[..])));
+    let wrapped = client.datakey_wrapped("app-aes").await.unwrap();
+    assert_eq!(client.decrypt("app-aes", &wrapped).await.unwrap().len(), 32);
+    let sig = client.sign("app-sign", b"message").await.unwrap();
+    assert!(client.verify("app-sign", b"message", &sig).await.unwrap());
+    assert!(!client.verify("app-sign", b"messagE", &sig).await.unwrap());
+    let cts = client.encrypt_batch("app-aes", &[b"a", b"bb", b"ccc"]).await.unwrap();
+    let cts: Vec<String> = cts.into_iter().map(Result::unwrap).collect();
+    let mut refs: Vec<&str> = cts.iter().map(String::as_str).collect();
+    refs.push("vault:v1:not-a-ciphertext");
+    let pts = client.decrypt_batch("app-aes", &refs).await.unwrap();
+    assert_eq!(pts.len(), 4);
+    assert_eq!(&pts[2].as_ref().unwrap()[..], b"ccc");
+    assert!(pts[3].is_err(), "a bad item fails alone");
+    let sigs: Vec<String> =
+        client.sign_batch("app-sign", &[b"x", b"y"]).await.unwrap().into_iter().map(Result::unwrap).collect();
+    let checks = client.verify_batch("app-sign", &[(b"x", &sigs[0]), (b"x", &sigs[1])]).await.unwrap();
+    assert_eq!(checks.into_iter().map(Result::unwrap).collect::<Vec<_>>(), [true, false]);
+    assert_eq!(client.encrypt("other-key", b"x").await.unwrap_err().status(), Some(403));
+
+    // Envelope encryption of a large payload: only the data key crosses the network.
+    let mut payload = vec![0u8; 1 << 20];
+    getrandom::fill(&mut payload).unwrap();
+    let sealed = client.seal_envelope("app-aes", &payload).await.unwrap();
+    assert_eq!(sealed.len(), payload.len() + 16 + 12 + 4 + 1 + "app-aes".len() + 2 + dk.ciphertext.len());
+    assert_eq!(&client.open_envelope(&sealed).await.unwrap()[..], &payload[..]);
+    let mut tampered = sealed.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    assert!(matches!(client.open_envelope(&tampered).await.unwrap_err(), Error::Crypto(_)));
+    let mut renamed = sealed.clone();
+    renamed[5..12].copy_from_slice(b"app-xyz");
+    assert!(client.open_envelope(&renamed).await.is_err(), "the key name is authenticated");
+
+    // Nothing secret in Debug output, errors or logs.
+    let token = client.token().await.unwrap().expose_secret().to_owned();
+    let sid = std::fs::read_to_string(w.secret_id_file.path()).unwrap().trim().to_owned();
+    let debug = format!("{client:?} {:?} {:?} {db:?} {fields:?}", Auth::approle("r", &sid), Auth::token(&token));
+    let errors = format!("{several} {all} {denied}");
+    let log = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let server_log = w.s.log_text();
+    let places =
+        [("Debug output", debug.as_str()), ("errors", &errors), ("client log", &log), ("server log", &server_log)];
+    for s in [SECRET, KV_SECRET, &token, &sid] {
+        assert_nowhere(s, &places);
+    }
+    assert!(log.contains("logged in to KeyVault"), "the client does log: {log}");
+}
+
+/// A token with a 3 s TTL is renewed in the background and stays the same; one whose
+/// maximum is near is replaced by a new login; a revoked one is replaced at the next
+/// call; a secret id delivered by response wrapping is unwrapped once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_renews_its_token_and_logs_in_again_when_it_must() {
+    let _ = logs();
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    ok(c.put("secret/app/db", &root, json!({ "value": SECRET })).await, 200);
+
+    let short =
+        w.role_client("short", json!({"token_policies": ["app"], "token_ttl": "3s", "token_max_ttl": "1h"})).await;
+    assert_eq!(short.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
+    let first = short.token().await.unwrap().expose_secret().to_owned();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Past its 3 s: the same token, renewed (twice), still accepted (it is bound to the
+    // unit's certificate: asked over a connection presenting it).
+    assert_eq!(short.token().await.unwrap().expose_secret(), first);
+    let cu = w.s.client_with(&w.unit);
+    ok(cu.get("secret/app/db", &first).await, 200);
+    let lookup = ok(cu.get("auth/token/lookup-self", &first).await, 200);
+    assert!(lookup.body["data"]["ttl"].as_u64().unwrap() >= 1, "{lookup:?}");
+
+    // Revoked behind its back: the next call gets 401, logs in again, and succeeds.
+    ok(c.post("auth/token/revoke", Some(&root), json!({ "token": first })).await, 204);
+    assert_eq!(short.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
+    let second = short.token().await.unwrap().expose_secret().to_owned();
+    assert_ne!(second, first);
+
+    // A maximum of 4 s: renewals stop extending it, and a new login replaces it.
+    let capped =
+        w.role_client("capped", json!({"token_policies": ["app"], "token_ttl": "2s", "token_max_ttl": "4s"})).await;
+    let t1 = capped.token().await.unwrap().expose_secret().to_owned();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(capped.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
+    assert_ne!(capped.token().await.unwrap().expose_secret(), t1);
+
+    // `renew_by_login`: a fresh token (its own expiry, for offline gateways) at 2/3 of 3 s.
+    ok(c.post("auth/approle/role/short/secret-id", Some(&root), json!({})).await, 200);
+    let rid = ok(c.get("auth/approle/role/short/role-id", &root).await, 200).body["data"]["role_id"].clone();
+    let sid =
+        ok(c.post("auth/approle/role/short/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .clone();
+    let relogin = w
+        .builder(&w.unit)
+        .auth(Auth::approle(rid.as_str().unwrap(), sid.as_str().unwrap()))
+        .renew_by_login(true)
+        .build()
+        .unwrap();
+    let r1 = relogin.token().await.unwrap().expose_secret().to_owned();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_ne!(relogin.token().await.unwrap().expose_secret(), r1);
+
+    // The secret id delivered wrapped: unwrapped at the first login, kept for later ones.
+    let wrapped = c
+        .http
+        .post(c.url("auth/approle/role/app/secret-id"))
+        .header("X-Vault-Token", &root)
+        .header("X-Vault-Wrap-TTL", "60s")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let wrapped = keyvault_tests::Client::reply(wrapped).await;
+    let wrapping = ok(wrapped, 200).body["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let unwrapped = w.builder(&w.unit).auth(Auth::approle_wrapped(&w.role_id, &wrapping)).build().unwrap();
+    assert_eq!(unwrapped.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
+    unwrapped.forget_token().await;
+    assert_eq!(unwrapped.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
+    // Spent: another client cannot use the wrapping token.
+    let thief = w.builder(&w.other).auth(Auth::approle_wrapped(&w.role_id, &wrapping)).build().unwrap();
+    assert_eq!(thief.secret("secret/app/db").await.unwrap_err().status(), Some(400));
+
+    let log = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    assert!(log.contains("KeyVault token renewed"), "renewals are logged (without the token)");
+    for s in [SECRET, &first, &second, &t1, &wrapping] {
+        assert_nowhere(s, &[("client log", &log), ("server log", &w.s.log_text())]);
+    }
+}
+
+/// The server killed and started again on the same address while a unit reads: the
+/// client's retries carry it over, with the same client and the same token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_recovers_when_the_server_restarts() {
+    let _ = logs();
+    let mut w = world().await;
+    let client = w
+        .builder(&w.unit)
+        .auth(Auth::approle_file(&w.role_id, w.secret_id_file.path()))
+        .retry(RetryPolicy {
+            attempts: 60,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(500),
+        })
+        .build()
+        .unwrap();
+    client.put("secret/app/db", &json!({ "value": SECRET })).await.unwrap();
+    let token = client.token().await.unwrap().expose_secret().to_owned();
+    let reader = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut reads = 0u32;
+            for _ in 0..200 {
+                assert_eq!(client.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            reads
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let w = tokio::task::spawn_blocking(move || {
+        w.s.restart_same_port();
+        w
+    })
+    .await
+    .unwrap();
+    assert_eq!(reader.await.unwrap(), 200, "every read succeeded");
+    drop(w);
+    assert_eq!(client.token().await.unwrap().expose_secret(), token, "the token outlives a restart");
+}
+
+/// The gateway body of the tenant rule.
+fn telemetry(tenant: &str) -> Vec<u8> {
+    json!({
+        "tenant_id": tenant, "operator_id": "op-001", "campaign_id": "c-1", "reading": 21.5,
+        "signed_metadata": { "tenant_id": tenant, "operator_id": "op-001", "campaign_id": "c-1" }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A gateway (axum) behind the verify layer, batching and not: a producer's signed
+/// request passes with its identity and key id; a replay is 409, another tenant's body
+/// 403, a wrong key 401, missing headers 400, an oversize body 413; a producer whose key
+/// is in the HSM signs through transit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_behind_the_layer_accepts_producers_and_refuses_replays_and_other_tenants() {
+    use axum::routing::post;
+    let _ = logs();
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    ok(
+        c.post(
+            "gateway/producers/sensor-1",
+            Some(&root),
+            json!({
+                "cert_sha256": [w.producer.sha256_hex],
+                "keys": [{ "key_id": "k1", "public_key": b64(key.verifying_key().as_bytes()) }],
+                "operator_tenants": { "op-001": "t-1" },
+            }),
+        )
+        .await,
+        204,
+    );
+    let gw = w.role_client("gateway", json!({"token_policies": ["gateway"], "token_ttl": "1h"})).await;
+    ok(
+        c.put(
+            "sys/policies/acl/gateway",
+            &root,
+            json!({"policy": "path \"gateway/verify\" { capabilities = [\"verify\"] }"}),
+        )
+        .await,
+        204,
+    );
+
+    let handler = |axum::Extension(v): axum::Extension<Verified>, body: axum::body::Bytes| async move {
+        format!("{} {} {}", v.identity, v.key_id.unwrap_or_default(), body.len())
+    };
+    let mut addrs = Vec::new();
+    for batch in [Some(Duration::from_millis(1)), None] {
+        let config = GatewayConfig { batch_window: batch, max_body: 64 * 1024, ..Default::default() };
+        let app = axum::Router::new().route("/telemetry", post(handler)).layer(VerifyLayer::new(gw.clone(), config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(format!("http://{}/telemetry", listener.local_addr().unwrap()));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    }
+    let http = reqwest::Client::new();
+    let signer = Signer::local("sensor-1", &w.producer.sha256_hex, key.clone());
+    for url in &addrs {
+        let send = |h: http::HeaderMap, body: Vec<u8>| http.post(url.as_str()).headers(h).body(body).send();
+        let body = telemetry("t-1");
+        let headers = signer.headers(&body).await.unwrap();
+        let r = send(headers.clone(), body.clone()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), format!("sensor-1 k1 {}", body.len()));
+        let replay = send(headers, body).await.unwrap();
+        assert_eq!(replay.status(), 409);
+        assert_eq!(replay.json::<serde_json::Value>().await.unwrap()["reason"], "replay");
+        let other = telemetry("t-2");
+        let r = send(signer.headers(&other).await.unwrap(), other).await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.json::<serde_json::Value>().await.unwrap()["reason"], "tenant_mapping_violation");
+        let forger = Signer::local("sensor-1", &w.producer.sha256_hex, ed25519_dalek::SigningKey::from_bytes(&[1; 32]));
+        let body = telemetry("t-1");
+        let r = send(forger.headers(&body).await.unwrap(), body).await.unwrap();
+        assert_eq!(
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap()["reason"].clone()),
+            (401, json!("invalid_signature"))
+        );
+        let r = http.post(url.as_str()).body(telemetry("t-1")).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let big = vec![b' '; 100 * 1024];
+        let r = send(signer.headers(&big).await.unwrap(), big).await.unwrap();
+        assert_eq!(r.status(), 413);
+        // Concurrent checks (batched into few calls where batching is on): all pass.
+        let many = (0..64).map(|_| async {
+            let body = telemetry("t-1");
+            send(signer.headers(&body).await.unwrap(), body).await.unwrap().status().as_u16()
+        });
+        assert!(futures_util::future::join_all(many).await.iter().all(|s| *s == 200));
+    }
+
+    // A producer whose key stays in the HSM: it signs through transit/sign.
+    ok(c.post("transit/keys/sensor-2", Some(&root), json!({ "type": "ed25519" })).await, 200);
+    ok(
+        c.post(
+            "gateway/producers/sensor-2",
+            Some(&root),
+            json!({ "cert_sha256": [w.other.sha256_hex], "transit_key": "sensor-2", "operator_tenants": { "op-001": "t-1" } }),
+        )
+        .await,
+        204,
+    );
+    ok(
+        c.put(
+            "sys/policies/acl/sensor-2",
+            &root,
+            json!({"policy": "path \"transit/keys/sensor-2\" { capabilities = [\"sign\"] }"}),
+        )
+        .await,
+        204,
+    );
+    let producer_client = w.role_client("sensor-2", json!({"token_policies": ["sensor-2"]})).await;
+    let hsm_signer = Signer::transit("sensor-2", &w.other.sha256_hex, producer_client, "sensor-2");
+    let body = telemetry("t-1");
+    let req = hsm_signer.sign_reqwest(http.post(&addrs[0]), body.clone()).await.unwrap();
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), format!("sensor-2 transit:sensor-2:v1 {}", body.len()));
+}
+
+/// Offline verification: a token from a certificate login carries its role's attributes
+/// and audience; it is refused with another certificate, for another audience, forged,
+/// and after the kill switch or an accessor revocation once the feed is polled (not
+/// before: that window is the documented limit). Giving tokens attributes is a grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_verify_offline_with_attributes_until_revoked() {
+    let _ = logs();
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    let attrs = json!({ "tenant_id": "t-1", "tier": "gold", "capabilities": ["read", "write"] });
+    let role = json!({
+        "certificate_sha256": [w.unit.sha256_hex], "token_policies": ["app"],
+        "token_attributes": attrs, "token_audiences": ["gateway-a"],
+    });
+    ok(c.post("auth/cert/role/gw-unit", Some(&root), role.clone()).await, 204);
+    let shown = ok(c.get("auth/cert/role/gw-unit", &root).await, 200);
+    assert_eq!(shown.body["data"]["token_attributes"], attrs);
+
+    // Attributes are a grant: a role admin without it cannot give them; bounds hold.
+    ok(
+        c.put(
+            "sys/policies/acl/role-admin",
+            &root,
+            json!({"policy": "path \"auth/cert/role/*\" { capabilities = [\"create\", \"update\", \"read\"] }\npath \"sys/token-attributes/grant/tier\" { capabilities = [\"sudo\"] }"}),
+        )
+        .await,
+        204,
+    );
+    let admin = w.role_client("role-admin", json!({"token_policies": ["role-admin"]})).await;
+    let admin_token = admin.token().await.unwrap().expose_secret().to_owned();
+    let ca = w.s.client_with(&w.unit);
+    let mut body = json!({"certificate_sha256": [w.other.sha256_hex], "token_attributes": { "tier": "gold" }});
+    ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body.clone()).await, 204);
+    body["token_attributes"] = json!({ "tier": "gold", "tenant_id": "t-2" });
+    ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body.clone()).await, 403);
+    body["token_attributes"] = json!({ "tier": "gold" });
+    body["token_audiences"] = json!(["gateway-a"]);
+    ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body).await, 403);
+    let too_many: serde_json::Map<String, serde_json::Value> = (0..17).map(|i| (format!("a{i}"), json!("v"))).collect();
+    ok(
+        c.post(
+            "auth/cert/role/big",
+            Some(&root),
+            json!({"certificate_sha256": [w.other.sha256_hex], "token_attributes": too_many}),
+        )
+        .await,
+        400,
+    );
+    ok(
+        c.post(
+            "auth/cert/role/big",
+            Some(&root),
+            json!({"certificate_sha256": [w.other.sha256_hex], "token_attributes": {"Bad Name": "v"}}),
+        )
+        .await,
+        400,
+    );
+
+    // The unit logs in with its certificate; the gateway verifies offline.
+    let unit = w.builder(&w.unit).auth(Auth::cert(Some("gw-unit"))).build().unwrap();
+    let token = unit.token().await.unwrap().expose_secret().to_owned();
+    ok(
+        c.put(
+            "sys/policies/acl/feed",
+            &root,
+            json!({"policy": "path \"auth/revocations\" { capabilities = [\"read\"] }"}),
+        )
+        .await,
+        204,
+    );
+    let feed_client = w.role_client("feed", json!({"token_policies": ["feed"]})).await;
+    let config = OfflineConfig { audience: Some("gateway-a".into()), revocation_poll: None, ..Default::default() };
+    let verifier = TokenVerifier::new(feed_client.clone(), config.clone()).await.unwrap();
+    let (unit_der, other_der) = (der(&w.unit.cert_pem), der(&w.other.cert_pem));
+    let v = verifier.verify(&token, Some(&unit_der)).await.unwrap();
+    assert_eq!(serde_json::to_value(&v.attributes).unwrap(), attrs);
+    assert_eq!((v.role.as_deref(), v.audiences.clone()), (Some("gw-unit"), vec!["gateway-a".to_owned()]));
+    assert_eq!(v.bound_certificate_sha256.as_deref(), Some(w.unit.sha256_hex.as_str()));
+    let refused = |e: Error| match e {
+        Error::Token(r) => r,
+        other => panic!("{other}"),
+    };
+    assert_eq!(refused(verifier.verify(&token, Some(&other_der)).await.unwrap_err()), Rejection::CertificateMismatch);
+    assert_eq!(refused(verifier.verify(&token, None).await.unwrap_err()), Rejection::CertificateMismatch);
+    let elsewhere =
+        TokenVerifier::new(feed_client.clone(), OfflineConfig { audience: Some("gateway-b".into()), ..config.clone() })
+            .await
+            .unwrap();
+    assert_eq!(refused(elsewhere.verify(&token, Some(&unit_der)).await.unwrap_err()), Rejection::WrongAudience);
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    claims["attr"]["tier"] = json!("platinum");
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()),
+        parts[2]
+    );
+    assert_eq!(refused(verifier.verify(&forged, Some(&unit_der)).await.unwrap_err()), Rejection::BadSignature);
+    assert_eq!(refused(verifier.verify("not.a.token", None).await.unwrap_err()), Rejection::Malformed);
+
+    // The kill switch: refused once the feed is polled.
+    ok(c.post("sys/revoke-identity", Some(&root), json!({ "role": "gw-unit" })).await, 200);
+    assert!(verifier.verify(&token, Some(&unit_der)).await.is_ok(), "not polled yet: the documented window");
+    verifier.refresh_revocations().await.unwrap();
+    assert_eq!(refused(verifier.verify(&token, Some(&unit_der)).await.unwrap_err()), Rejection::Revoked);
+
+    // An accessor revocation, through the background poll.
+    let polled = TokenVerifier::new(
+        feed_client.clone(),
+        OfflineConfig { audience: None, revocation_poll: Some(Duration::from_millis(200)), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    // No client certificate: an unbound token.
+    let app = Client::builder()
+        .address(&w.s.addr)
+        .ca_file(&w.s.server_ca_file)
+        .auth(Auth::approle_file(&w.role_id, w.secret_id_file.path()))
+        .build()
+        .unwrap();
+    let app_token = app.token().await.unwrap().expose_secret().to_owned();
+    let v = polled.verify(&app_token, None).await.unwrap();
+    assert!(v.attributes.is_empty() && v.bound_certificate_sha256.is_none());
+    let accessor = v.accessor.clone();
+    ok(c.post("auth/token/revoke-accessor", Some(&root), json!({ "accessor": accessor })).await, 204);
+    let mut refused_after = None;
+    for i in 0..50 {
+        if let Err(e) = polled.verify(&app_token, None).await {
+            refused_after = Some((i, e));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, e) = refused_after.expect("the background poll brings the revocation within 5 s");
+    assert_eq!(refused(e), Rejection::Revoked);
+    let feed = ok(c.get("auth/revocations?since=0", &root).await, 200);
+    assert!(feed.body["data"]["accessors"].as_array().unwrap().iter().any(|a| a["accessor"] == accessor.as_str()));
+    assert_eq!(feed.body["data"]["identities"][0]["id"], "gw-unit");
+    ok(c.get("auth/revocations", &app_token).await, 401);
+    // The feed needs `read` on auth/revocations.
+    let other_token = w.app_client().token().await.unwrap().expose_secret().to_owned();
+    ok(w.s.client_with(&w.unit).get("auth/revocations", &other_token).await, 403);
+}
