@@ -45,6 +45,8 @@ pub enum Auth {
     /// A one-time bootstrap token: consumed by the first login, so a token that can no
     /// longer be renewed cannot be replaced.
     Bootstrap { mount: String, token: SecretString },
+    /// A userpass user and password (people: administrators).
+    Userpass { mount: String, username: String, password: SecretString },
 }
 
 impl Auth {
@@ -91,6 +93,15 @@ impl Auth {
         Auth::Cert { mount: "cert".into(), role: role.map(str::to_owned) }
     }
 
+    /// A userpass user.
+    pub fn userpass(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Auth::Userpass {
+            mount: "userpass".into(),
+            username: username.into(),
+            password: SecretString::from(password.into()),
+        }
+    }
+
     /// A one-time bootstrap token.
     pub fn bootstrap(token: impl Into<String>) -> Self {
         Auth::Bootstrap { mount: "bootstrap".into(), token: SecretString::from(token.into()) }
@@ -104,6 +115,7 @@ impl Auth {
             Auth::AppRole { mount, .. }
             | Auth::Kubernetes { mount, .. }
             | Auth::Cert { mount, .. }
+            | Auth::Userpass { mount, .. }
             | Auth::Bootstrap { mount, .. } => *mount = m,
         }
         self
@@ -135,6 +147,12 @@ impl fmt::Debug for Auth {
             Auth::Bootstrap { mount, .. } => {
                 f.debug_struct("Bootstrap").field("mount", mount).field("token", &"[redacted]").finish()
             }
+            Auth::Userpass { mount, username, .. } => f
+                .debug_struct("Userpass")
+                .field("mount", mount)
+                .field("username", username)
+                .field("password", &"[redacted]")
+                .finish(),
         }
     }
 }

@@ -15,6 +15,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::auth::{Auth, SecretIdSource};
 use crate::error::{Error, Result};
+use crate::kv::Scrubbed;
 
 /// When to try a call again.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     allow_plain_http: bool,
     renew_by_login: bool,
+    headers: reqwest::header::HeaderMap,
+    max_idle: Option<usize>,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -72,6 +75,8 @@ impl Default for ClientBuilder {
             retry: RetryPolicy::default(),
             allow_plain_http: false,
             renew_by_login: false,
+            headers: reqwest::header::HeaderMap::new(),
+            max_idle: None,
         }
     }
 }
@@ -173,6 +178,19 @@ impl ClientBuilder {
         self
     }
 
+    /// A header sent with every request (e.g. `Cache-Control: no-cache` to read a proxied
+    /// mount's upstream).
+    pub fn header(mut self, name: &'static str, value: &'static str) -> Self {
+        self.headers.insert(name, reqwest::header::HeaderValue::from_static(value));
+        self
+    }
+
+    /// Keep at most this many idle connections (0: a new connection for every request).
+    pub fn max_idle_connections(mut self, n: usize) -> Self {
+        self.max_idle = Some(n);
+        self
+    }
+
     pub fn build(self) -> Result<Client> {
         let address = self.address.ok_or_else(|| Error::Config("no address (KEYVAULT_ADDR or VAULT_ADDR)".into()))?;
         let url = reqwest::Url::parse(&address).map_err(|e| Error::Config(format!("address {address:?}: {e}")))?;
@@ -191,7 +209,11 @@ impl ClientBuilder {
             .connect_timeout(self.connect_timeout)
             .timeout(self.timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            .default_headers(self.headers);
+        if let Some(n) = self.max_idle {
+            http = http.pool_max_idle_per_host(n);
+        }
         let ca = match (&self.ca_pem, &self.ca_file) {
             (Some(pem), _) => Some(pem.clone()),
             (None, Some(f)) => Some(read(f, "CA file")?.to_vec()),
@@ -437,6 +459,43 @@ impl Client {
         }
     }
 
+    /// The client's token when it has an auth method; none otherwise.
+    fn credential(&self) -> Credential<'static> {
+        if self.0.auth.is_some() { Credential::Token } else { Credential::None }
+    }
+
+    /// Any call: `method` (`GET`, `PUT`, `POST`, `DELETE`, `LIST`, `PATCH`), `path` under
+    /// `/v1/` (a query string allowed), an optional JSON body. Returns the whole reply
+    /// (`None` for an empty one, e.g. 204). Without an auth method no token is sent.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<Option<serde_json::Value>> {
+        let body = match body {
+            Some(b) => Some(Zeroizing::new(
+                serde_json::to_vec(b).map_err(|_| Error::Invalid("a body that is not JSON".into()))?,
+            )),
+            None => None,
+        };
+        let reply = self.send(method, path, body.as_ref(), self.credential()).await?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&reply).map(Some).map_err(|e| Error::Decode(format!("reply: {}", e.classify_name())))
+    }
+
+    /// Like [`Client::request`], with the reply's `data` decoded into `T`.
+    pub async fn request_data<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T> {
+        self.call(method, path, body).await
+    }
+
     /// A call with a JSON body (serialized into a zeroizing buffer) and its `data`.
     pub(crate) async fn call<T: DeserializeOwned>(
         &self,
@@ -450,7 +509,7 @@ impl Client {
             )),
             None => None,
         };
-        let reply = self.send(method, path, body.as_ref(), Credential::Token).await?;
+        let reply = self.send(method, path, body.as_ref(), self.credential()).await?;
         data(&reply)
     }
 
@@ -467,7 +526,7 @@ impl Client {
             )),
             None => None,
         };
-        self.send(method, path, body.as_ref(), Credential::Token).await.map(drop)
+        self.send(method, path, body.as_ref(), self.credential()).await.map(drop)
     }
 
     // ---- the token ----
@@ -479,7 +538,7 @@ impl Client {
         if let Some(s) = state.as_ref().filter(|s| s.usable()) {
             return Ok(s.token.clone());
         }
-        let fresh = Box::pin(self.login()).await?;
+        let (fresh, _) = Box::pin(self.login()).await?;
         let token = fresh.token.clone();
         let renewable = fresh.renewable && fresh.ttl.is_some();
         *state = Some(fresh);
@@ -490,51 +549,80 @@ impl Client {
         Ok(token)
     }
 
-    /// Log in with the configured method (a given token is looked up instead).
-    async fn login(&self) -> Result<TokenState> {
+    /// Log in with the configured method (a given token is looked up instead, and used
+    /// as it is when the lookup fails: its lifetime is then unknown and it is not renewed).
+    async fn login(&self) -> Result<(TokenState, Option<keyvault_api::auth::Auth>)> {
         let inner = &self.0;
         let auth = inner.auth.as_ref().ok_or_else(|| Error::Config("no auth method and no token".into()))?;
-        let (path, body): (String, serde_json::Value) = match auth {
+        let (path, body) = match auth {
             Auth::Token(t) => {
-                let reply = self.send("GET", "auth/token/lookup-self", None, Credential::Given(t)).await?;
-                let l: keyvault_api::auth::TokenLookup = data(&reply)?;
-                return Ok(TokenState {
+                let looked_up = match self.send("GET", "auth/token/lookup-self", None, Credential::Given(t)).await {
+                    Ok(reply) => data::<keyvault_api::auth::TokenLookup>(&reply).ok(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "token lookup failed; using the token as given");
+                        None
+                    }
+                };
+                let state = TokenState {
                     token: t.clone(),
                     obtained: Instant::now(),
-                    ttl: (l.ttl > 0).then(|| Duration::from_secs(l.ttl)),
-                    renewable: l.renewable,
-                });
+                    ttl: looked_up.as_ref().filter(|l| l.ttl > 0).map(|l| Duration::from_secs(l.ttl)),
+                    renewable: looked_up.is_some_and(|l| l.renewable),
+                };
+                return Ok((state, None));
             }
             Auth::AppRole { mount, role_id, secret_id } => {
                 let secret_id = self.secret_id(secret_id).await?;
                 (
                     format!("auth/{mount}/login"),
-                    serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose_secret() }),
+                    Scrubbed(serde_json::json!({ "role_id": role_id, "secret_id": secret_id.expose_secret() })),
                 )
             }
             Auth::Kubernetes { mount, role, jwt_file } => {
                 let jwt = read(jwt_file, "service account token")?;
                 let jwt =
                     std::str::from_utf8(&jwt).map_err(|_| Error::Config("service account token: not UTF-8".into()))?;
-                (format!("auth/{mount}/login"), serde_json::json!({ "role": role, "jwt": jwt.trim() }))
+                (format!("auth/{mount}/login"), Scrubbed(serde_json::json!({ "role": role, "jwt": jwt.trim() })))
             }
-            Auth::Cert { mount, role } => (format!("auth/{mount}/login"), serde_json::json!({ "name": role })),
+            Auth::Cert { mount, role } => {
+                (format!("auth/{mount}/login"), Scrubbed(serde_json::json!({ "name": role })))
+            }
+            Auth::Userpass { mount, username, password } => (
+                format!("auth/{mount}/login/{username}"),
+                Scrubbed(serde_json::json!({ "password": password.expose_secret() })),
+            ),
             Auth::Bootstrap { mount, token } => {
-                (format!("auth/{mount}/login"), serde_json::json!({ "token": token.expose_secret() }))
+                (format!("auth/{mount}/login"), Scrubbed(serde_json::json!({ "token": token.expose_secret() })))
             }
         };
-        let body = Zeroizing::new(serde_json::to_vec(&body).map_err(|_| Error::Invalid("login body".into()))?);
+        let body = Zeroizing::new(serde_json::to_vec(&body.0).map_err(|_| Error::Invalid("login body".into()))?);
         let reply = self.send("POST", &path, Some(&body), Credential::None).await?;
         let env: keyvault_api::Envelope<serde_json::Value> =
             serde_json::from_slice(&reply).map_err(|e| Error::Decode(format!("login reply: {}", e.classify_name())))?;
         let a = env.auth.ok_or_else(|| Error::Decode("a login reply without auth".into()))?;
         tracing::debug!(accessor = %a.accessor, ttl = a.lease_duration, "logged in to KeyVault");
-        Ok(TokenState {
-            token: a.client_token.into_secret(),
+        let state = TokenState {
+            token: a.client_token.clone().into_secret(),
             obtained: Instant::now(),
             ttl: (a.lease_duration > 0).then(|| Duration::from_secs(a.lease_duration)),
             renewable: a.renewable,
-        })
+        };
+        Ok((state, Some(a)))
+    }
+
+    /// Log in now (even with a token held) and return the login's `auth` block: the new
+    /// token, its accessor, policies and lifetime. Not for [`Auth::Token`].
+    pub async fn login_now(&self) -> Result<keyvault_api::auth::Auth> {
+        let mut state = self.0.token.lock().await;
+        let (fresh, auth) = Box::pin(self.login()).await?;
+        let auth = auth.ok_or_else(|| Error::Invalid("a given token is not a login".into()))?;
+        let renewable = fresh.renewable && fresh.ttl.is_some();
+        *state = Some(fresh);
+        drop(state);
+        if renewable {
+            self.start_renewer();
+        }
+        Ok(auth)
     }
 
     /// The AppRole secret id: given, read from its file, or unwrapped once.

@@ -351,7 +351,7 @@ async fn the_operator_command_shows_progress_and_retires() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("rotate answered 401"),
+        String::from_utf8_lossy(&out.stderr).contains("POST /v1/sys/rotate: 401: missing client token"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -16,8 +16,8 @@ use secrecy::ExposeSecret;
 
 mod cli;
 
+use cli::EndpointArgs;
 use cli::bench::{self, BenchOptions, Scenario};
-use cli::client::{call, request};
 use cli::dev::{self, DevLayout};
 
 #[derive(Parser)]
@@ -71,6 +71,33 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Log in with an auth method and print the token.
+    Login(cli::admin::LoginArgs),
+    /// Secrets on key/value mounts (version 1 and 2, and proxied mounts).
+    Secret {
+        #[command(subcommand)]
+        command: cli::admin::SecretCommand,
+    },
+    /// Named keys in the HSM: create, rotate, encrypt, decrypt, sign, verify.
+    Transit {
+        #[command(subcommand)]
+        command: cli::admin::TransitCommand,
+    },
+    /// ACL policies.
+    Policy {
+        #[command(subcommand)]
+        command: cli::admin::PolicyCommand,
+    },
+    /// Roles of the auth methods.
+    Role {
+        #[command(subcommand)]
+        command: cli::admin::RoleCommand,
+    },
+    /// The token in use: look it up, renew it, revoke it.
+    Token {
+        #[command(subcommand)]
+        command: cli::admin::TokenCommand,
     },
 }
 
@@ -184,42 +211,6 @@ enum OperatorCommand {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
-}
-
-/// How to reach a running server.
-#[derive(clap::Args)]
-struct EndpointArgs {
-    /// `https://host:port`, or `http://...` for a plain-HTTP server (as Vault's tools,
-    /// `https://127.0.0.1:8200` when not given).
-    #[arg(long, env = "KEYVAULT_ADDR", default_value = "https://127.0.0.1:8200")]
-    address: String,
-    /// CA certificate for https.
-    #[arg(long, env = "KEYVAULT_CACERT")]
-    ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    #[arg(long, env = "KEYVAULT_CLIENT_CERT")]
-    client_cert: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    #[arg(long, env = "KEYVAULT_CLIENT_KEY")]
-    client_key: Option<PathBuf>,
-    /// Token (prefer the environment variable: it stays out of `ps`).
-    #[arg(long, env = "KEYVAULT_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    #[arg(long, default_value = "X-Vault-Token")]
-    token_header: String,
-}
-
-impl EndpointArgs {
-    fn endpoint(self) -> cli::client::Endpoint {
-        cli::client::Endpoint {
-            address: self.address,
-            ca_file: self.ca_file,
-            client_cert: self.client_cert,
-            client_key: self.client_key,
-            token: self.token,
-            token_header: self.token_header,
-        }
-    }
 }
 
 #[derive(clap::Args)]
@@ -371,6 +362,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { command } => operator(command).await,
         Command::Bench(a) => bench_cmd(a).await,
         Command::Audit { command } => audit_cmd(command).await,
+        Command::Login(a) => client_cmd(cli::admin::login(a)).await,
+        Command::Secret { command } => client_cmd(cli::admin::secret(command)).await,
+        Command::Transit { command } => client_cmd(cli::admin::transit(command)).await,
+        Command::Policy { command } => client_cmd(cli::admin::policy(command)).await,
+        Command::Role { command } => client_cmd(cli::admin::role(command)).await,
+        Command::Token { command } => client_cmd(cli::admin::token(command)).await,
     }
 }
 
@@ -397,14 +394,14 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             let target =
                 keyvault_api::sys::IdentityTarget { role, certificate_sha256, spiffe_id, ..Default::default() };
             let revoked: keyvault_api::sys::Revoked =
-                call(&endpoint.endpoint(), "POST", "sys/revoke-identity", Some(serde_json::to_value(target)?)).await?;
+                endpoint.endpoint()?.client()?.request_data("POST", "sys/revoke-identity", Some(&target)).await?;
             println!("revoked {} at {}", revoked.identity, revoked.revoked_at);
             Ok(())
         }
         OperatorCommand::Rotate { endpoint, report: true, .. } => {
             init_logging("warn", false);
-            let e = endpoint.endpoint();
-            let d: RotationStatus = call(&e, "GET", "sys/rotate/status", None).await?;
+            let e = endpoint.endpoint()?.client()?;
+            let d: RotationStatus = e.request_data("GET", "sys/rotate/status", None::<&()>).await?;
             println!(
                 "active master key v{}, {}; records by version {}; {} remaining to re-wrap; {} set aside",
                 d.active_version,
@@ -413,7 +410,7 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
                 d.records_remaining,
                 d.set_aside
             );
-            let r: SetAside = call(&e, "GET", "sys/rotate/set-aside", None).await?;
+            let r: SetAside = e.request_data("GET", "sys/rotate/set-aside", None::<&()>).await?;
             for rec in r.records {
                 let key = rec.key.replace('\x1f', " version ");
                 let under = rec.counted_under.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
@@ -423,15 +420,18 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
         }
         OperatorCommand::Rotate { endpoint, no_wait, retire, .. } => {
             init_logging("warn", false);
-            let e = endpoint.endpoint();
-            let rotated: Rotated = call(&e, "POST", "sys/rotate", Some(serde_json::json!({}))).await?;
+            let e = endpoint.endpoint()?.client()?;
+            let rotated: Rotated = e
+                .request_data("POST", "sys/rotate", Some(&serde_json::json!({})))
+                .await
+                .context("POST /v1/sys/rotate")?;
             println!("master key v{} is active; re-wrapping stored data keys", rotated.version);
             if no_wait {
                 return Ok(());
             }
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let d: RotationStatus = call(&e, "GET", "sys/rotate/status", None).await?;
+                let d: RotationStatus = e.request_data("GET", "sys/rotate/status", None::<&()>).await?;
                 let (done, remaining) = (d.records_done, d.records_remaining);
                 let total = done + remaining;
                 let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
@@ -446,17 +446,14 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             }
             println!("re-wrap finished");
             if retire {
-                let r: Retired = call(&e, "POST", "sys/rotate/retire", Some(serde_json::json!({}))).await?;
+                let r: Retired = e.request_data("POST", "sys/rotate/retire", Some(&serde_json::json!({}))).await?;
                 println!("retired master key versions {:?}", r.retired);
             }
             Ok(())
         }
         OperatorCommand::Seal { endpoint } => {
             init_logging("warn", false);
-            let (status, reply) = request(&endpoint.endpoint(), "PUT", "sys/seal", Some(serde_json::json!({}))).await?;
-            if status != 204 {
-                anyhow::bail!("PUT /v1/sys/seal answered {status}: {}", error_messages(&reply));
-            }
+            endpoint.endpoint()?.client()?.request("PUT", "sys/seal", Some(&serde_json::json!({}))).await?;
             println!("sealed: every request but health, seal status and unseal is refused until unsealed");
             Ok(())
         }
@@ -464,12 +461,11 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             init_logging("warn", false);
             let config = Config::load(&config)?;
             let pin = config.hsm.pin_source()?.read()?;
-            let body =
-                serde_json::to_value(keyvault_api::sys::UnsealRequest { key: Some(pin.into()), ..Default::default() })?;
-            let (status, reply) = request(&endpoint.endpoint(), "PUT", "sys/unseal", Some(body)).await?;
-            if status != 200 {
-                anyhow::bail!("PUT /v1/sys/unseal answered {status}: {}", error_messages(&reply));
-            }
+            let body = keyvault_api::sys::UnsealRequest { key: Some(pin.into()), ..Default::default() };
+            // No token: a sealed server checks none; the PIN is the credential.
+            let mut e = endpoint.endpoint()?;
+            e.token = None;
+            let reply = e.client()?.request("PUT", "sys/unseal", Some(&body)).await?.unwrap_or_default();
             let s: keyvault_api::sys::SealStatus = serde_json::from_value(reply)?;
             println!("sealed: {}", s.sealed);
             Ok(())
@@ -477,7 +473,8 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
         OperatorCommand::Migrate { endpoint, from, to, prefix, all_versions, dry_run, workers } => {
             init_logging("warn", false);
             let s =
-                cli::migrate::run(&endpoint.endpoint(), &from, &to, &prefix, all_versions, dry_run, workers).await?;
+                cli::migrate::run(&migration_client(endpoint)?, &from, &to, &prefix, all_versions, dry_run, workers)
+                    .await?;
             let verb = if dry_run { "would copy" } else { "copied" };
             let versions = if all_versions { format!(" ({} versions)", s.versions) } else { String::new() };
             println!("{verb} {} secrets{versions} from {from} to {to}; {} already equal", s.copied, s.equal);
@@ -519,7 +516,7 @@ async fn audit_cmd(command: AuditCommand) -> anyhow::Result<()> {
 async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     init_logging("warn", false);
     let mut o = BenchOptions {
-        endpoint: a.endpoint.endpoint(),
+        endpoint: a.endpoint.endpoint()?,
         scenario: a.scenario,
         path: a.path,
         role: a.role,
@@ -566,9 +563,19 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `errors` of an error reply, joined (never a request body).
-fn error_messages(reply: &serde_json::Value) -> String {
-    serde_json::from_value::<keyvault_api::ErrorBody>(reply.clone())
-        .map(|b| b.errors.join("; "))
-        .unwrap_or_else(|_| "no error message".into())
+/// An admin command: quiet logging (warnings only, never request bodies).
+async fn client_cmd(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    init_logging("warn", false);
+    f.await
+}
+
+/// The client `operator migrate` uses: the caller's token, and `Cache-Control: no-cache`
+/// so that a proxied mount answers from its upstream, not its cache.
+fn migration_client(endpoint: EndpointArgs) -> anyhow::Result<keyvault_client::Client> {
+    let e = endpoint.endpoint()?;
+    let mut b = e.builder()?.header("cache-control", "no-cache");
+    if let Some(a) = e.auth() {
+        b = b.auth(a);
+    }
+    Ok(b.build()?)
 }

@@ -1,19 +1,20 @@
 //! `keyvault bench`: a load generator for any Vault-API server (KeyVault, OpenBao,
 //! HashiCorp Vault), so that one run measures them side by side on one machine.
 //!
-//! Each connection is a task with its own keep-alive HTTP/1.1 connection (TLS or plain)
-//! sending requests back to back; latencies are recorded per request and merged at the end.
+//! Each connection is a task with its own `keyvault-client` client (its own keep-alive
+//! connection, TLS or plain) sending requests back to back, with no retries; latencies are
+//! recorded per request and merged at the end. The handshake scenario opens TLS
+//! connections itself (a full handshake each, no resumption, nothing sent).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
+use anyhow::{Result, anyhow, bail};
+use keyvault_client::{Client, RetryPolicy};
 use serde::Serialize;
+use serde_json::{Value, json};
 
-use super::client::{Endpoint, call, connect, request as one_shot};
-use keyvault::error::{Error, Result};
+use super::Endpoint;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -136,73 +137,125 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-fn build_request(o: &BenchOptions, host: &str, n: u64) -> Result<Request<Full<Bytes>>> {
-    let mut b = Request::builder().header(hyper::header::HOST, host);
-    if let Some(t) = &o.endpoint.token {
-        b = b.header(o.endpoint.token_header.as_str(), t.as_str());
-    }
-    let req = match o.scenario {
-        Scenario::Handshake => {
-            return Err(Error::Internal("the handshake scenario sends no request".into()));
-        }
-        Scenario::CertLogin => b
-            .method("POST")
-            .uri("/v1/auth/cert/login")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(serde_json::json!({"name": o.role}).to_string()))),
-        Scenario::Read => b.method("GET").uri(format!("/v1/{}", o.path)).body(Full::new(Bytes::new())),
-        Scenario::Write => b
-            .method("PUT")
-            .uri(format!("/v1/{}/{n:08}", o.path))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(serde_json::json!({"value": format!("bench-value-{n}")}).to_string()))),
+/// The request of one iteration: method, path, body.
+fn build_request(o: &BenchOptions, n: u64) -> Result<(&'static str, String, Option<Value>)> {
+    Ok(match o.scenario {
+        Scenario::Handshake => bail!("the handshake scenario sends no request"),
+        Scenario::CertLogin => ("POST", "auth/cert/login".into(), Some(json!({"name": o.role}))),
+        Scenario::Read => ("GET", o.path.clone(), None),
+        Scenario::Write => ("PUT", format!("{}/{n:08}", o.path), Some(json!({"value": format!("bench-value-{n}")}))),
         Scenario::GatewayVerify | Scenario::GatewayVerifyBatch => {
             let key = ed25519_dalek::SigningKey::from_bytes(&PRODUCER_SEED);
             let body = if o.scenario == Scenario::GatewayVerify {
                 signed_item(&key)
             } else {
-                serde_json::json!({"batch": (0..BATCH).map(|_| signed_item(&key)).collect::<Vec<_>>()})
+                json!({"batch": (0..BATCH).map(|_| signed_item(&key)).collect::<Vec<_>>()})
             };
-            b.method("POST").uri("/v1/gateway/verify").body(Full::new(Bytes::from(body.to_string())))
+            ("POST", "gateway/verify".into(), Some(body))
         }
-        Scenario::TransitSign => b
-            .method("POST")
-            .uri("/v1/transit/sign/bench-sign")
-            .body(Full::new(Bytes::from_static(br#"{"input":"YmVuY2ggaW5wdXQ="}"#))),
-        Scenario::TransitEncrypt => b
-            .method("POST")
-            .uri("/v1/transit/encrypt/bench-enc")
-            .body(Full::new(Bytes::from_static(br#"{"plaintext":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}"#))),
-        Scenario::ApproleLogin => {
-            let body = serde_json::json!({
+        Scenario::TransitSign => ("POST", "transit/sign/bench-sign".into(), Some(json!({"input": "YmVuY2ggaW5wdXQ="}))),
+        Scenario::TransitEncrypt => (
+            "POST",
+            "transit/encrypt/bench-enc".into(),
+            Some(json!({"plaintext": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="})),
+        ),
+        Scenario::ApproleLogin => (
+            "POST",
+            "auth/approle/login".into(),
+            Some(json!({
                 "role_id": o.role_id.as_deref().unwrap_or_default(),
                 "secret_id": o.secret_id.as_deref().unwrap_or_default(),
-            });
-            b.method("POST")
-                .uri("/v1/auth/approle/login")
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
+            })),
+        ),
+    })
+}
+
+/// A full TLS handshake to the endpoint (no session resumption); the connection is
+/// dropped.
+struct Handshaker {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+    addr: String,
+}
+
+impl Handshaker {
+    fn new(e: &Endpoint) -> Result<Self> {
+        let url = reqwest::Url::parse(&e.address).map_err(|err| anyhow!("address {}: {err}", e.address))?;
+        if url.scheme() != "https" {
+            bail!("the handshake scenario needs https");
         }
-    };
-    req.map_err(|e| Error::Internal(format!("building request: {e}")))
+        let host = url.host_str().ok_or_else(|| anyhow!("address without a host"))?.trim_matches(['[', ']']).to_owned();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = e.ca_file.as_ref().ok_or_else(|| anyhow!("https needs --ca-file"))?;
+        for c in keyvault::tls::load_certs(ca)? {
+            roots.add(c)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let mut config = match (&e.client_cert, &e.client_key) {
+            (Some(c), Some(k)) => {
+                builder.with_client_auth_cert(keyvault::tls::load_certs(c)?, keyvault::tls::load_key(k)?)?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.resumption = rustls::client::Resumption::disabled();
+        let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+        Ok(Handshaker {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            name,
+            addr: format!("{host}:{port}"),
+        })
+    }
+
+    async fn once(&self) -> bool {
+        let Ok(tcp) = tokio::net::TcpStream::connect(&self.addr).await else { return false };
+        self.connector.connect(self.name.clone(), tcp).await.is_ok()
+    }
+}
+
+/// One load connection's client: no retries (a failure is counted), the token when the
+/// scenario needs one.
+fn load_client(o: &BenchOptions) -> Result<Client> {
+    let mut b = o.endpoint.builder()?.retry(RetryPolicy { attempts: 1, ..Default::default() }).max_idle_connections(1);
+    if o.scenario != Scenario::ApproleLogin
+        && let Some(auth) = o.endpoint.auth()
+    {
+        b = b.auth(auth);
+    }
+    Ok(b.build()?)
 }
 
 /// Run the load and report.
 pub async fn run(o: BenchOptions) -> Result<BenchReport> {
-    // The adapter of `--upstream` makes its own connections.
-    let target = if o.upstream.is_some() { None } else { Some(Arc::new(o.endpoint.target()?)) };
+    let handshaker = if o.scenario == Scenario::Handshake && o.upstream.is_none() {
+        Some(Arc::new(Handshaker::new(&o.endpoint)?))
+    } else {
+        None
+    };
     let template = Arc::new(o.clone());
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
     let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(o.connections);
     for _ in 0..o.connections.max(1) {
-        let target = target.clone();
+        let handshaker = handshaker.clone();
         let o = template.clone();
         let issued = issued.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
+            let mut record = |t0: Instant, ok: bool| {
+                let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                if t0 >= start {
+                    if ok {
+                        lat.push(micros);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            };
             if let Some((backend, path)) = &o.upstream {
                 let latest = keyvault_proxy_backends::Version::Latest;
                 while Instant::now() < end {
@@ -212,69 +265,36 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
                     }
                     let t0 = Instant::now();
                     let ok = backend.read(path, &latest).await.is_ok();
-                    let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                    if t0 >= start {
-                        if ok {
-                            lat.push(micros);
-                        } else {
-                            errors += 1;
-                        }
-                    }
+                    record(t0, ok);
+                }
+                return Ok::<_, anyhow::Error>((lat, errors));
+            }
+            if let Some(h) = handshaker {
+                while Instant::now() < end {
+                    let t0 = Instant::now();
+                    let ok = h.once().await;
+                    record(t0, ok);
                 }
                 return Ok((lat, errors));
             }
-            let Some(target) = target else { return Err(Error::Internal("no server to load".into())) };
-            if o.scenario == Scenario::Handshake {
-                // A fresh TCP connection and full TLS handshake per iteration.
-                while Instant::now() < end {
-                    let t0 = Instant::now();
-                    let ok = connect(&target).await.is_ok();
-                    let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                    if t0 >= start {
-                        if ok {
-                            lat.push(micros);
-                        } else {
-                            errors += 1;
-                        }
-                    }
-                }
-                return Ok::<_, Error>((lat, errors));
-            }
-            let mut sender = connect(&target).await?;
+            let client = load_client(&o)?;
             while Instant::now() < end {
                 let n = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if o.requests.is_some_and(|max| n >= max) {
                     break;
                 }
-                let req = build_request(&o, &target.host, n)?;
+                let (method, path, body) = build_request(&o, n)?;
                 let t0 = Instant::now();
-                let ok = match sender.send_request(req).await {
-                    Ok(resp) => {
-                        let good = resp.status().is_success();
-                        let drained = resp.into_body().collect().await.is_ok();
-                        good && drained
-                    }
-                    Err(_) => false,
-                };
-                let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                if t0 >= start {
-                    if ok {
-                        lat.push(micros);
-                    } else {
-                        errors += 1;
-                    }
-                }
-                if !ok && (sender.ready().await.is_err()) {
-                    sender = connect(&target).await?;
-                }
+                let ok = client.request(method, &path, body.as_ref()).await.is_ok();
+                record(t0, ok);
             }
-            Ok::<_, Error>((lat, errors))
+            Ok((lat, errors))
         }));
     }
     let mut all: Vec<u32> = Vec::new();
     let mut errors = 0;
     for t in tasks {
-        let (lat, e) = t.await.map_err(|e| Error::Internal(format!("load task: {e}")))??;
+        let (lat, e) = t.await.map_err(|e| anyhow!("load task: {e}"))??;
         all.extend(lat);
         errors += e;
     }
@@ -313,29 +333,27 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
 pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     if let Some((backend, path)) = &o.upstream {
         let value = keyvault_proxy_backends::SecretData::from_fields([("value", "bench-value-not-secret")]);
-        backend
-            .write(path, &value, None)
-            .await
-            .map_err(|e| Error::Internal(format!("writing {path} upstream: {e}")))?;
+        backend.write(path, &value, None).await.map_err(|e| anyhow!("writing {path} upstream: {e}"))?;
         return Ok(None);
     }
-    let (s, _) =
-        one_shot(&o.endpoint, "PUT", &o.path, Some(serde_json::json!({"value": "bench-value-not-secret"}))).await?;
-    if !(200..300).contains(&s) {
-        return Err(Error::Internal(format!("writing {} answered {s}", o.path)));
+    let mut b = o.endpoint.builder()?;
+    if let Some(auth) = o.endpoint.auth() {
+        b = b.auth(auth);
     }
+    let c = b.build()?;
+    c.request("PUT", &o.path, Some(&json!({"value": "bench-value-not-secret"})))
+        .await
+        .map_err(|e| anyhow!("writing {}: {e}", o.path))?;
     match o.scenario {
         Scenario::Handshake | Scenario::CertLogin => return Ok(None),
         Scenario::GatewayVerify | Scenario::GatewayVerifyBatch => {
             use base64::Engine;
             let public = ed25519_dalek::SigningKey::from_bytes(&PRODUCER_SEED).verifying_key();
-            let producer = serde_json::json!({"cert_sha256": [producer_cert()],
+            let producer = json!({"cert_sha256": [producer_cert()],
                 "keys": [{"key_id": "bench", "public_key": base64::engine::general_purpose::STANDARD.encode(public.as_bytes())}]});
-            let (s, _) =
-                one_shot(&o.endpoint, "POST", &format!("gateway/producers/{PRODUCER}"), Some(producer)).await?;
-            if !(200..300).contains(&s) {
-                return Err(Error::Internal(format!("registering the bench producer answered {s}")));
-            }
+            c.request("POST", &format!("gateway/producers/{PRODUCER}"), Some(&producer))
+                .await
+                .map_err(|e| anyhow!("registering the bench producer: {e}"))?;
             return Ok(None);
         }
         Scenario::TransitSign | Scenario::TransitEncrypt => {
@@ -344,12 +362,9 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
             } else {
                 ("bench-enc", "aes256-gcm96")
             };
-            let (s, _) =
-                one_shot(&o.endpoint, "POST", &format!("transit/keys/{name}"), Some(serde_json::json!({"type": kind})))
-                    .await?;
-            if !(200..300).contains(&s) {
-                return Err(Error::Internal(format!("creating the transit key answered {s}")));
-            }
+            c.request("POST", &format!("transit/keys/{name}"), Some(&json!({"type": kind})))
+                .await
+                .map_err(|e| anyhow!("creating the transit key: {e}"))?;
             return Ok(None);
         }
         Scenario::Read | Scenario::Write | Scenario::ApproleLogin => {}
@@ -357,20 +372,13 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
     if o.scenario != Scenario::ApproleLogin {
         return Ok(None);
     }
-    // OpenBao and Vault need the method mounted; KeyVault has it built in (404 here).
-    let _ = one_shot(&o.endpoint, "POST", "sys/auth/approle", Some(serde_json::json!({"type": "approle"}))).await?;
-    let (s, _) = one_shot(
-        &o.endpoint,
-        "POST",
-        "auth/approle/role/bench",
-        Some(serde_json::json!({"token_policies": ["default"], "token_ttl": "10m"})),
-    )
-    .await?;
-    if !(200..300).contains(&s) {
-        return Err(Error::Internal(format!("creating the bench role answered {s}")));
-    }
-    let r: keyvault_api::auth::RoleId = call(&o.endpoint, "GET", "auth/approle/role/bench/role-id", None).await?;
+    // OpenBao and Vault need the method mounted; KeyVault has it built in (an error here).
+    let _ = c.request("POST", "sys/auth/approle", Some(&json!({"type": "approle"}))).await;
+    c.request("POST", "auth/approle/role/bench", Some(&json!({"token_policies": ["default"], "token_ttl": "10m"})))
+        .await
+        .map_err(|e| anyhow!("creating the bench role: {e}"))?;
+    let r: keyvault_api::auth::RoleId = c.request_data("GET", "auth/approle/role/bench/role-id", None::<&()>).await?;
     let sid: keyvault_api::auth::SecretId =
-        call(&o.endpoint, "POST", "auth/approle/role/bench/secret-id", Some(serde_json::json!({}))).await?;
+        c.request_data("POST", "auth/approle/role/bench/secret-id", Some(&json!({}))).await?;
     Ok(Some((r.role_id, sid.secret_id.expose().to_owned())))
 }

@@ -1,9 +1,110 @@
 //! What the `keyvault` command does besides serving: the development set-up, the load
-//! generator, and the small HTTP client the operator commands use. Not part of the server
-//! library.
+//! generator, migration, and the admin commands, all talking to a running server through
+//! the `keyvault-client` crate. Not part of the server library.
 
+pub mod admin;
 pub mod bench;
-pub mod client;
 pub mod dev;
 pub mod dev_pki;
 pub mod migrate;
+
+use std::path::PathBuf;
+
+use keyvault_client::{Auth, ClientBuilder};
+use secrecy::{ExposeSecret, SecretString};
+
+/// A server to talk to, from the command line and the environment.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `https://host:port` (or `http://` to the loopback).
+    pub address: String,
+    /// CA certificate for https.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub token: Option<SecretString>,
+}
+
+impl Endpoint {
+    /// A client builder for this endpoint (no auth method yet).
+    pub fn builder(&self) -> anyhow::Result<ClientBuilder> {
+        let mut b = ClientBuilder::new().address(&self.address);
+        if let Some(ca) = &self.ca_file {
+            b = b.ca_file(ca);
+        }
+        match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => b = b.client_identity_files(c, k),
+            (None, None) => {}
+            _ => anyhow::bail!("give both --client-cert and --client-key"),
+        }
+        Ok(b)
+    }
+
+    /// The token given, as an auth method.
+    pub fn auth(&self) -> Option<Auth> {
+        self.token.as_ref().map(|t| Auth::token(t.expose_secret()))
+    }
+
+    /// A client with the token given (if any).
+    pub fn client(&self) -> anyhow::Result<keyvault_client::Client> {
+        let mut b = self.builder()?;
+        if let Some(a) = self.auth() {
+            b = b.auth(a);
+        }
+        Ok(b.build()?)
+    }
+}
+
+/// How to reach a running server: flags, else `KEYVAULT_*`, else Vault's `VAULT_*`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EndpointArgs {
+    /// `https://host:port` (`KEYVAULT_ADDR`, `VAULT_ADDR`; default `https://127.0.0.1:8200`).
+    #[arg(long)]
+    pub address: Option<String>,
+    /// CA certificate for https (`KEYVAULT_CACERT`, `VAULT_CACERT`).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (`KEYVAULT_CLIENT_CERT`, `VAULT_CLIENT_CERT`).
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS (`KEYVAULT_CLIENT_KEY`, `VAULT_CLIENT_KEY`).
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
+    /// A file holding the token (`KEYVAULT_TOKEN`, `VAULT_TOKEN`; a token never goes on the
+    /// command line, where `ps` shows it).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn env(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+}
+
+impl EndpointArgs {
+    pub fn endpoint(self) -> anyhow::Result<Endpoint> {
+        let token = match &self.token_file {
+            Some(f) => {
+                let text = zeroize::Zeroizing::new(
+                    std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?,
+                );
+                Some(SecretString::from(text.trim().to_owned()))
+            }
+            None => env(&["KEYVAULT_TOKEN", "VAULT_TOKEN"]).map(SecretString::from),
+        };
+        Ok(Endpoint {
+            address: self
+                .address
+                .or_else(|| env(&["KEYVAULT_ADDR", "VAULT_ADDR"]))
+                .unwrap_or_else(|| "https://127.0.0.1:8200".into()),
+            ca_file: self.ca_file.or_else(|| env(&["KEYVAULT_CACERT", "VAULT_CACERT"]).map(PathBuf::from)),
+            client_cert: self
+                .client_cert
+                .or_else(|| env(&["KEYVAULT_CLIENT_CERT", "VAULT_CLIENT_CERT"]).map(PathBuf::from)),
+            client_key: self
+                .client_key
+                .or_else(|| env(&["KEYVAULT_CLIENT_KEY", "VAULT_CLIENT_KEY"]).map(PathBuf::from)),
+            token,
+        })
+    }
+}
