@@ -37,15 +37,20 @@ pub enum Auth {
     /// renewable; it cannot be obtained again once it expires.
     Token(SecretString),
     /// AppRole: `POST /v1/auth/<mount>/login` with the role id and a secret id.
+    #[allow(missing_docs)]
     AppRole { mount: String, role_id: String, secret_id: SecretIdSource },
     /// Kubernetes: the pod's service-account token, read from `jwt_file` at each login.
+    #[allow(missing_docs)]
     Kubernetes { mount: String, role: String, jwt_file: PathBuf },
     /// The client certificate is the credential (mutual TLS; `role` picks one of several).
+    #[allow(missing_docs)]
     Cert { mount: String, role: Option<String> },
     /// A one-time bootstrap token: consumed by the first login, so a token that can no
     /// longer be renewed cannot be replaced.
+    #[allow(missing_docs)]
     Bootstrap { mount: String, token: SecretString },
     /// A userpass user and password (people: administrators).
+    #[allow(missing_docs)]
     Userpass { mount: String, username: String, password: SecretString },
 }
 

@@ -24,6 +24,7 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// The first backoff; it doubles per attempt (with full jitter) up to `max_delay`.
     pub base_delay: Duration,
+    /// The longest wait between two attempts (a `Retry-After` is capped by it too).
     pub max_delay: Duration,
 }
 
@@ -87,6 +88,7 @@ fn env(names: &[&str]) -> Option<String> {
 }
 
 impl ClientBuilder {
+    /// A builder with nothing set (see [`ClientBuilder::from_env`]).
     pub fn new() -> Self {
         Self::default()
     }
@@ -142,6 +144,7 @@ impl ClientBuilder {
         self
     }
 
+    /// The most a connection (TCP and TLS) may take (default 5 s).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
         self
@@ -153,11 +156,13 @@ impl ClientBuilder {
         self
     }
 
+    /// How the client logs in.
     pub fn auth(mut self, auth: Auth) -> Self {
         self.auth = Some(auth);
         self
     }
 
+    /// When calls are tried again (default [`RetryPolicy::default`]).
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -191,6 +196,7 @@ impl ClientBuilder {
         self
     }
 
+    /// The client; reads the CA and client certificate files now. Nothing is sent yet.
     pub fn build(self) -> Result<Client> {
         let address = self.address.ok_or_else(|| Error::Config("no address (KEYVAULT_ADDR or VAULT_ADDR)".into()))?;
         let url = reqwest::Url::parse(&address).map_err(|e| Error::Config(format!("address {address:?}: {e}")))?;
@@ -366,6 +372,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 impl Client {
+    /// [`ClientBuilder::new`].
     pub fn builder() -> ClientBuilder {
         ClientBuilder::new()
     }

@@ -6,6 +6,7 @@
 pub enum Error {
     /// The server answered with an error status; `errors` are its messages.
     #[error("{status}: {}", .errors.join("; "))]
+    #[allow(missing_docs)]
     Status { status: u16, errors: Vec<String> },
     /// No answer: the connection failed or timed out (after the retries allowed).
     #[error("cannot reach KeyVault: {0}")]

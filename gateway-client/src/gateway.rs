@@ -31,7 +31,10 @@ use crate::error::{Error, Result};
 /// What the handler of a verified request learns (a request extension).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// The producer (`X-KeyVault-Identity`).
     pub identity: String,
+    /// The producer key that verified the signature (`transit:<key>:v<N>` for a transit
+    /// key).
     pub key_id: Option<String>,
 }
 
@@ -61,7 +64,7 @@ impl Default for GatewayConfig {
             max_body: 1 << 20,
             batch_window: Some(Duration::from_millis(1)),
             max_batch: 256,
-            max_in_flight: 8,
+            max_in_flight: 2,
         }
     }
 }
@@ -122,7 +125,11 @@ async fn send_batch(client: &Client, items: Vec<VerifyItem>) -> Result<Vec<Verdi
 
 async fn batcher(client: Client, mut rx: mpsc::Receiver<Waiter>, window: Duration, max: usize, in_flight: usize) {
     let slots = Arc::new(Semaphore::new(in_flight));
-    while let Some(first) = rx.recv().await {
+    loop {
+        // A free slot first: while every slot is busy, checks queue up and the next batch
+        // takes them all (batches grow with the load instead of multiplying).
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
         let mut waiters = vec![first];
         let deadline = tokio::time::Instant::now() + window;
         while waiters.len() < max {
@@ -131,7 +138,6 @@ async fn batcher(client: Client, mut rx: mpsc::Receiver<Waiter>, window: Duratio
                 Ok(None) | Err(_) => break,
             }
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let client = client.clone();
         tokio::spawn(async move {
             let (items, senders): (Vec<_>, Vec<_>) = waiters.into_iter().unzip();

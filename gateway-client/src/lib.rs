@@ -31,6 +31,8 @@
 //! # fn connect_db(_: &str) {}
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod auth;
 mod client;
 pub mod envelope;

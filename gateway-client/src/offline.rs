@@ -26,6 +26,7 @@ use crate::client::{Client, Credential, data};
 use crate::error::{Error, Result};
 
 /// Why a token was refused offline.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("malformed token")]
@@ -77,6 +78,7 @@ impl Default for OfflineConfig {
 }
 
 /// A token that passed, and what it says.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedToken {
     pub subject: String,

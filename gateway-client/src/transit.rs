@@ -13,9 +13,11 @@ use crate::error::{Error, Result};
 /// A data key: its plaintext (use it, then drop it) and the same key wrapped by the
 /// transit key (store that).
 pub struct DataKey {
+    /// The key itself (32 bytes): use it and drop it.
     pub plaintext: Zeroizing<Vec<u8>>,
     /// `vault:v<N>:...`
     pub ciphertext: String,
+    /// The transit key's version that wrapped it.
     pub key_version: u32,
 }
 
@@ -76,10 +78,12 @@ impl Client {
         self.transit("encrypt", key, &req).await?.ciphertext.ok_or_else(|| Error::Decode("no ciphertext".into()))
     }
 
+    /// Decrypt a `vault:v<N>:...` ciphertext of the named key.
     pub async fn decrypt(&self, key: &str, ciphertext: &str) -> Result<Zeroizing<Vec<u8>>> {
         self.decrypt_aad(key, ciphertext, None).await
     }
 
+    /// Decrypt with the associated data given at encryption.
     pub async fn decrypt_aad(
         &self,
         key: &str,
@@ -126,6 +130,7 @@ impl Client {
         self.transit("sign", key, &req).await?.signature.ok_or_else(|| Error::Decode("no signature".into()))
     }
 
+    /// Whether `signature` (`vault:v<N>:...`) is the named key's over `input`.
     pub async fn verify(&self, key: &str, input: &[u8], signature: &str) -> Result<bool> {
         let req = OperationRequest {
             input: Some(B64.encode(input)),
@@ -148,6 +153,7 @@ impl Client {
             .collect())
     }
 
+    /// Decrypt many ciphertexts in one request; one result per item.
     pub async fn decrypt_batch(&self, key: &str, ciphertexts: &[&str]) -> Result<Vec<Result<Zeroizing<Vec<u8>>>>> {
         let items =
             ciphertexts.iter().map(|c| Item { ciphertext: Some((*c).to_owned()), ..Default::default() }).collect();
@@ -161,6 +167,7 @@ impl Client {
             .collect())
     }
 
+    /// Sign many inputs in one request; one result per item.
     pub async fn sign_batch(&self, key: &str, inputs: &[&[u8]]) -> Result<Vec<Result<String>>> {
         let items = inputs.iter().map(|i| Item { input: Some(B64.encode(i)), ..Default::default() }).collect();
         let out = self.transit_batch("sign", key, items).await?;

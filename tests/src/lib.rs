@@ -11,6 +11,7 @@ pub use serde_json::{Value, json};
 
 pub mod azure_fake;
 pub mod bao;
+pub mod kube;
 pub mod moto;
 pub mod pki;
 pub mod postgres;

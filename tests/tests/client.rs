@@ -651,3 +651,95 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     let other_token = w.app_client().token().await.unwrap().expose_secret().to_owned();
     ok(w.s.client_with(&w.unit).get("auth/revocations", &other_token).await, 403);
 }
+
+/// The other auth methods (Kubernetes, userpass, bootstrap, a given token), and the
+/// retries: a sealed server answers 503, and a client whose policy allows enough attempts
+/// gets its answer once the server is unsealed; one with a single attempt gets the 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_auth_method_logs_in_and_a_sealed_server_is_retried() {
+    use keyvault_tests::kube;
+    let _ = logs();
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    ok(c.put("secret/app/db", &root, json!({ "value": SECRET })).await, 200);
+    let read =
+        |client: Client| async move { client.secret("secret/app/db").await.map(|s| s.expose_secret().to_owned()) };
+
+    // Kubernetes: the service account token file is read at each login.
+    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+    let cluster = kube::Signer::new("k1");
+    let config = json!({"issuer": ISS, "public_keys": cluster.public_pem(), "audiences": ["keyvault"]});
+    ok(c.post("auth/kubernetes/config", Some(&root), config).await, 204);
+    let role = json!({"bound_service_account_names": ["api"], "bound_service_account_namespaces": ["payments"], "token_policies": ["app"]});
+    ok(c.post("auth/kubernetes/role/payments-api", Some(&root), role).await, 204);
+    let jwt_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(jwt_file.path(), cluster.sign(&kube::claims("payments", "api", "keyvault", ISS, 600))).unwrap();
+    let k8s = w.builder(&w.unit).auth(Auth::kubernetes("payments-api", jwt_file.path())).build().unwrap();
+    assert_eq!(read(k8s).await.unwrap(), SECRET);
+
+    // Userpass.
+    ok(
+        c.post(
+            "auth/userpass/users/ops",
+            Some(&root),
+            json!({"password": "a long passphrase", "token_policies": ["app"]}),
+        )
+        .await,
+        204,
+    );
+    let person = w.builder(&w.unit).auth(Auth::userpass("ops", "a long passphrase")).build().unwrap();
+    assert_eq!(read(person.clone()).await.unwrap(), SECRET);
+    let wrong = w.builder(&w.unit).auth(Auth::userpass("ops", "not it")).build().unwrap();
+    assert_eq!(read(wrong).await.unwrap_err().status(), Some(401));
+
+    // Bootstrap: one login, then the credential is spent.
+    let minted = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["app"]})).await, 200);
+    let bootstrap = minted.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
+    let once = w.builder(&w.unit).auth(Auth::bootstrap(&bootstrap)).build().unwrap();
+    assert_eq!(read(once.clone()).await.unwrap(), SECRET);
+    once.forget_token().await;
+    assert_eq!(read(once).await.unwrap_err().status(), Some(401), "a bootstrap token logs in once");
+
+    // A given token (as `VAULT_TOKEN`): used as it is.
+    let given = w.builder(&w.unit).auth(Auth::token(&root)).build().unwrap();
+    assert_eq!(read(given).await.unwrap(), SECRET);
+
+    // Sealed: 503 until unsealed.
+    let patient = w
+        .builder(&w.unit)
+        .auth(Auth::token(&root))
+        .retry(RetryPolicy {
+            attempts: 40,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(250),
+        })
+        .build()
+        .unwrap();
+    let impatient = w
+        .builder(&w.unit)
+        .auth(Auth::token(&root))
+        .retry(RetryPolicy { attempts: 1, ..Default::default() })
+        .build()
+        .unwrap();
+    patient.token().await.unwrap();
+    impatient.token().await.unwrap();
+    ok(c.send("PUT", "sys/seal", Some(&root), Some(b"{}".to_vec())).await, 204);
+    assert_eq!(read(impatient).await.unwrap_err().status(), Some(503));
+    let waiting = tokio::spawn(read(patient));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!waiting.is_finished(), "still retrying while sealed");
+    let pin = secrecy::ExposeSecret::expose_secret(&w.s.token.pin).to_owned();
+    ok(c.send("PUT", "sys/unseal", None, Some(json!({ "key": pin }).to_string().into_bytes())).await, 200);
+    assert_eq!(waiting.await.unwrap().unwrap(), SECRET);
+
+    // `sign_http`: the five headers on an `http` request.
+    let mut req = http::Request::new(b"{}".to_vec());
+    Signer::local("sensor-1", &w.producer.sha256_hex, ed25519_dalek::SigningKey::from_bytes(&[3; 32]))
+        .sign_http(&mut req)
+        .await
+        .unwrap();
+    let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("x-keyvault-")));
+    assert_nowhere(&bootstrap, &[("server log", &w.s.log_text())]);
+}

@@ -411,55 +411,9 @@ async fn a_crl_change_takes_effect_on_sighup_for_new_and_open_connections() {
     assert_eq!(s.client_with(&a).send("GET", "sys/health", None, None).await.status, 200);
 }
 
-mod kube {
-    use super::*;
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-
-    pub struct Signer {
-        pub key: rcgen::KeyPair,
-        pub kid: &'static str,
-    }
-
-    impl Signer {
-        pub fn new(kid: &'static str) -> Self {
-            Signer { key: rcgen::KeyPair::generate().unwrap(), kid }
-        }
-
-        pub fn sign(&self, claims: &serde_json::Value) -> String {
-            let mut h = Header::new(Algorithm::ES256);
-            h.kid = Some(self.kid.to_owned());
-            jsonwebtoken::encode(&h, claims, &EncodingKey::from_ec_pem(self.key.serialize_pem().as_bytes()).unwrap())
-                .unwrap()
-        }
-
-        pub fn public_pem(&self) -> String {
-            self.key.public_key_pem()
-        }
-
-        /// A JWKS with this key (EC P-256), as a cluster's `/openid/v1/jwks` serves it.
-        pub fn jwks(&self) -> String {
-            let raw = self.key.public_key_raw(); // 0x04 || x || y
-            use base64::Engine;
-            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-            json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": self.kid,
-                "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]})
-            .to_string()
-        }
-    }
-
-    pub fn claims(ns: &str, sa: &str, aud: &str, iss: &str, exp_in: i64) -> serde_json::Value {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        json!({
-            "iss": iss, "aud": [aud], "iat": now, "nbf": now, "exp": now + exp_in,
-            "sub": format!("system:serviceaccount:{ns}:{sa}"),
-            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "0f1e"}},
-        })
-    }
-}
-
 #[tokio::test]
 async fn kubernetes_service_account_login() {
-    use kube::*;
+    use keyvault_tests::kube::*;
     const ISS: &str = "https://kubernetes.default.svc.cluster.local";
     let w = world("").await;
     let c = w.s.client();

@@ -162,6 +162,12 @@ enum OperatorCommand {
         #[arg(long, conflicts_with_all = ["no_wait", "retire"])]
         report: bool,
     },
+    /// Destroy the master key versions nothing uses any more, after a rotation's re-wrap
+    /// (`POST /v1/sys/rotate/retire`, sudo).
+    Retire {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
     /// Emergency seal of one running replica (`PUT /v1/sys/seal`, sudo): it closes its
     /// sessions with the token, forgets the PIN, key handles and caches, and answers 503
     /// until unsealed. Other replicas are not affected.
@@ -449,6 +455,17 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
                 let r: Retired = e.request_data("POST", "sys/rotate/retire", Some(&serde_json::json!({}))).await?;
                 println!("retired master key versions {:?}", r.retired);
             }
+            Ok(())
+        }
+        OperatorCommand::Retire { endpoint } => {
+            init_logging("warn", false);
+            let r: Retired = endpoint
+                .endpoint()?
+                .client()?
+                .request_data("POST", "sys/rotate/retire", Some(&serde_json::json!({})))
+                .await
+                .context("POST /v1/sys/rotate/retire")?;
+            println!("retired master key versions {:?}", r.retired);
             Ok(())
         }
         OperatorCommand::Seal { endpoint } => {
