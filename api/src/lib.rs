@@ -94,6 +94,18 @@ impl Serialize for Sensitive {
     }
 }
 
+/// Zeroize every string of a JSON value in place (the fields of a secret met in a parsed
+/// body or reply; keys are field names, not secrets, and stay).
+pub fn scrub_json(v: &mut serde_json::Value) {
+    use zeroize::Zeroize;
+    match v {
+        serde_json::Value::String(s) => s.zeroize(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(scrub_json),
+        serde_json::Value::Object(o) => o.values_mut().for_each(scrub_json),
+        _ => {}
+    }
+}
+
 /// Names of roles, users and policies: 1-128 characters of `[A-Za-z0-9._-]`, so they are
 /// safe in storage keys, policy paths and log lines.
 pub fn valid_name(name: &str) -> bool {

@@ -21,16 +21,7 @@ pub(crate) struct Scrubbed(pub(crate) serde_json::Value);
 
 impl Drop for Scrubbed {
     fn drop(&mut self) {
-        fn scrub(v: &mut serde_json::Value) {
-            use zeroize::Zeroize;
-            match v {
-                serde_json::Value::String(s) => s.zeroize(),
-                serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
-                serde_json::Value::Object(o) => o.values_mut().for_each(scrub),
-                _ => {}
-            }
-        }
-        scrub(&mut self.0);
+        keyvault_api::scrub_json(&mut self.0);
     }
 }
 

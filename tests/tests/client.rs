@@ -608,6 +608,29 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     assert_eq!(refused(verifier.verify(&forged, Some(&unit_der)).await.unwrap_err()), Rejection::BadSignature);
     assert_eq!(refused(verifier.verify("not.a.token", None).await.unwrap_err()), Rejection::Malformed);
 
+    // A new token-signing key: a token with an unknown `kid` makes the verifier fetch the
+    // JWKS again, at most every `min_jwks_refresh`.
+    let eager = TokenVerifier::new(
+        feed_client.clone(),
+        OfflineConfig { min_jwks_refresh: Duration::ZERO, revocation_poll: None, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let lazy = TokenVerifier::new(
+        feed_client.clone(),
+        OfflineConfig { min_jwks_refresh: Duration::from_secs(3600), revocation_poll: None, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    ok(c.post("sys/rotate/token-signing", Some(&root), json!({})).await, 200);
+    let newer = w.builder(&w.unit).auth(Auth::cert(Some("gw-unit"))).build().unwrap();
+    let newer_token = newer.token().await.unwrap().expose_secret().to_owned();
+    let kid = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
+    assert_ne!(kid(&newer_token), kid(&token), "signed by the new key");
+    assert!(eager.verify(&newer_token, Some(&unit_der)).await.is_ok());
+    assert_eq!(refused(lazy.verify(&newer_token, Some(&unit_der)).await.unwrap_err()), Rejection::UnknownKey);
+    assert!(lazy.verify(&token, Some(&unit_der)).await.is_ok(), "the old key still verifies");
+
     // The kill switch: refused once the feed is polled.
     ok(c.post("sys/revoke-identity", Some(&root), json!({ "role": "gw-unit" })).await, 200);
     assert!(verifier.verify(&token, Some(&unit_der)).await.is_ok(), "not polled yet: the documented window");

@@ -58,6 +58,16 @@ fn print_map(m: &Map<String, Value>) {
     }
 }
 
+/// `LIST` a path and print its keys, one per line (or `{"keys": [...]}`).
+async fn list_keys(c: &ClientArgs, path: &str) -> Result<()> {
+    let keys: keyvault_api::KeyList = c.client()?.request_data("LIST", path, None::<&()>).await?;
+    match c.format {
+        Format::Text => keys.keys.iter().for_each(|k| println!("{k}")),
+        Format::Json => print_json(&json!({ "keys": keys.keys }))?,
+    }
+    Ok(())
+}
+
 /// Bytes from a file, or from stdin for `-`.
 fn read_input(path: &PathBuf) -> Result<Zeroizing<Vec<u8>>> {
     let mut buf = Zeroizing::new(Vec::new());
@@ -417,16 +427,7 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
                 Format::Json => print_json(&v["data"])?,
             }
         }
-        PolicyCommand::List { c } => {
-            let v = c.client()?.request("LIST", "sys/policies/acl", None::<&()>).await?.unwrap_or_default();
-            let keys = v["data"]["keys"].clone();
-            match c.format {
-                Format::Text => {
-                    keys.as_array().into_iter().flatten().for_each(|k| println!("{}", k.as_str().unwrap_or_default()))
-                }
-                Format::Json => print_json(&json!({ "keys": keys }))?,
-            }
-        }
+        PolicyCommand::List { c } => list_keys(&c, "sys/policies/acl").await?,
     }
     Ok(())
 }
@@ -518,16 +519,7 @@ pub async fn role(cmd: RoleCommand) -> Result<()> {
                 Format::Json => print_json(&serde_json::to_value(&s)?)?,
             }
         }
-        RoleCommand::List { c, method } => {
-            let v = c.client()?.request("LIST", &role_path(&method), None::<&()>).await?.unwrap_or_default();
-            let keys = v["data"]["keys"].clone();
-            match c.format {
-                Format::Text => {
-                    keys.as_array().into_iter().flatten().for_each(|k| println!("{}", k.as_str().unwrap_or_default()))
-                }
-                Format::Json => print_json(&json!({ "keys": keys }))?,
-            }
-        }
+        RoleCommand::List { c, method } => list_keys(&c, &role_path(&method)).await?,
     }
     Ok(())
 }

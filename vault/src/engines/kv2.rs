@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keyvault_api::kv2::{Config, Metadata, ReadQuery, Settings, Subkeys, VersionMetadata, VersionState, Versions};
+use keyvault_api::scrub_json as scrub;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use super::EngineKind;
 use crate::error::{Error, Result};
@@ -112,16 +113,6 @@ struct WriteBody<'a> {
     data: Option<&'a RawValue>,
     #[serde(default)]
     options: Option<keyvault_api::kv2::WriteOptions>,
-}
-
-/// Zeroize every string of a JSON value (values of a secret met while patching).
-fn scrub(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::String(s) => s.zeroize(),
-        serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
-        serde_json::Value::Object(o) => o.values_mut().for_each(scrub),
-        _ => {}
-    }
 }
 
 /// RFC 7396 JSON merge patch.
