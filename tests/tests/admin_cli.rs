@@ -186,6 +186,19 @@ async fn the_readme_flow_through_the_cli() {
             .contains("password")
     );
 
+    // Vault's variable names, when KeyVault's are not set.
+    let out = Command::new(keyvault_tests::keyvault_bin())
+        .args(["secret", "get", "secret/db/password", "--field", "value"])
+        .env_remove("KEYVAULT_ADDR")
+        .env_remove("KEYVAULT_CACERT")
+        .env_remove("KEYVAULT_TOKEN")
+        .env("VAULT_ADDR", &s.addr)
+        .env("VAULT_CACERT", &s.server_ca_file)
+        .env("VAULT_TOKEN", &s.root)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{SECRET}\n"), "{}", String::from_utf8_lossy(&out.stderr));
+
     assert_no_secret_in(Path::new(&s.log), &[SECRET, &token, sid.trim()]);
 }
 
