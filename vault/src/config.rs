@@ -264,6 +264,9 @@ pub struct HsmConfig {
     /// Most PKCS#11 sessions open at once.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
+    /// Threads that make the calls into the token (docs/architecture.md, "Token workers").
+    #[serde(default = "default_workers")]
+    pub workers: usize,
     /// `auto` (AES-GCM if the token has it, else AES key wrap with padding),
     /// `aes-gcm` or `aes-key-wrap-pad`.
     #[serde(default)]
@@ -275,6 +278,9 @@ fn default_key_prefix() -> String {
 }
 fn default_max_sessions() -> usize {
     4
+}
+fn default_workers() -> usize {
+    2
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

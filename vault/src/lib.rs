@@ -48,10 +48,114 @@ where
     F: FnOnce(&dyn KeyStore) -> keyvault_hsm::Result<T> + Send + 'static,
 {
     let keys = keys.clone();
-    tokio::task::spawn_blocking(move || f(keys.as_ref()))
-        .await
-        .map_err(|e| Error::Internal(format!("key store task failed: {e}")))?
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    token_workers::submit(Box::new(move || {
+        let _ = tx.send(f(keys.as_ref()));
+    }))?;
+    rx.await
+        .map_err(|_| Error::Internal("a key store call failed (its worker caught a panic)".into()))?
         .map_err(Error::Hsm)
+}
+
+/// The token workers (docs/architecture.md, "Token workers"): a few dedicated threads that
+/// make every request's calls into the key store, fed by one queue. A request task hands
+/// its call over and awaits the answer; a worker that finds calls waiting runs them one
+/// after another without going to sleep, so under load a wake-up serves many calls (with
+/// `spawn_blocking`, each call was a hand-off to a pool thread and back). SoftHSM
+/// serialises on a global lock: two workers suffice; a network HSM wants more
+/// (`[hsm] workers`). The queue holds what requests in flight asked for: it is bounded by
+/// the connection limits.
+pub mod token_workers {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{Receiver, Sender};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use crate::error::{Error, Result};
+
+    /// One call, with its answer channel inside.
+    pub type Job = Box<dyn FnOnce() + Send>;
+
+    static WANTED: AtomicUsize = AtomicUsize::new(2);
+    static QUEUE: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+
+    /// How many workers to start (before the first call; later calls change nothing).
+    pub fn configure(workers: usize) {
+        WANTED.store(workers.clamp(1, 64), Ordering::Relaxed);
+    }
+
+    fn queue() -> Result<&'static Mutex<Sender<Job>>> {
+        if let Some(q) = QUEUE.get() {
+            return Ok(q);
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut started = 0;
+        for i in 0..WANTED.load(Ordering::Relaxed) {
+            let rx = rx.clone();
+            if std::thread::Builder::new().name(format!("keyvault-token-{i}")).spawn(move || work(&rx)).is_ok() {
+                started += 1;
+            }
+        }
+        if started == 0 {
+            return Err(Error::Internal("cannot start a token worker thread".into()));
+        }
+        // Another caller may have won the race: its queue is the one (this one's workers
+        // end when their receiver's sender is dropped here).
+        Ok(QUEUE.get_or_init(|| Mutex::new(tx)))
+    }
+
+    fn work(rx: &Mutex<Receiver<Job>>) {
+        loop {
+            // One worker waits on the queue at a time; the others wait for the lock.
+            let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            };
+            // A panicking call drops its answer channel (its caller gets an error); the
+            // worker lives on.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        }
+    }
+
+    /// Queue a call for the workers.
+    pub fn submit(job: Job) -> Result<()> {
+        queue()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| Error::Internal("the token workers stopped".into()))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_panicking_call_fails_alone_and_the_workers_serve_on() {
+            let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+            submit(Box::new(move || {
+                let _answer = tx;
+                panic!("a call that panics");
+            }))
+            .unwrap();
+            assert!(rx.await.is_err(), "its caller learns it failed");
+            let calls: Vec<_> = (0..1000u32)
+                .map(|i| {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    submit(Box::new(move || {
+                        let _ = tx.send(i * 2);
+                    }))
+                    .unwrap();
+                    rx
+                })
+                .collect();
+            let mut answers = Vec::new();
+            for rx in calls {
+                answers.push(rx.await.unwrap());
+            }
+            assert_eq!(answers, (0..1000).map(|i| i * 2).collect::<Vec<_>>());
+        }
+    }
 }
 
 /// How much lower background work runs than requests (`nice` units).

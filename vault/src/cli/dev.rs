@@ -110,6 +110,7 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
             pin_env: None,
             key_prefix: "keyvault".into(),
             max_sessions: 4,
+            workers: 2,
             wrap_mechanism: WrapSetting::Auto,
         },
         tokens: TokenConfig::default(),
