@@ -5,6 +5,10 @@
 # bench`) runs on CPU 1; 32 connections, every scenario for `duration`.
 #
 #   ./scripts/bench-token-workers.sh BEFORE_BINARY AFTER_BINARY [duration]
+#
+# The figures in docs/PERFORMANCE.md: BEFORE built from commit ff33ff1 (the last with
+# `spawn_blocking`: `git worktree add /tmp/before ff33ff1 && (cd /tmp/before && cargo build
+# --release -p keyvault)`), AFTER from the commit that added the token workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
