@@ -471,6 +471,15 @@ impl Client {
         if self.0.auth.is_some() { Credential::Token } else { Credential::None }
     }
 
+    /// Send `body` as JSON, serialized into a zeroizing buffer (it may carry a secret).
+    async fn send_json(&self, method: &str, path: &str, body: Option<&(impl Serialize + ?Sized)>) -> Result<Body> {
+        let body = body
+            .map(|b| serde_json::to_vec(b).map(Zeroizing::new))
+            .transpose()
+            .map_err(|_| Error::Invalid("a body that is not JSON".into()))?;
+        self.send(method, path, body.as_ref(), self.credential()).await
+    }
+
     /// Any call: `method` (`GET`, `PUT`, `POST`, `DELETE`, `LIST`, `PATCH`), `path` under
     /// `/v1/` (a query string allowed), an optional JSON body. Returns the whole reply
     /// (`None` for an empty one, e.g. 204). Without an auth method no token is sent.
@@ -480,13 +489,7 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<Option<serde_json::Value>> {
-        let body = match body {
-            Some(b) => Some(Zeroizing::new(
-                serde_json::to_vec(b).map_err(|_| Error::Invalid("a body that is not JSON".into()))?,
-            )),
-            None => None,
-        };
-        let reply = self.send(method, path, body.as_ref(), self.credential()).await?;
+        let reply = self.send_json(method, path, body).await?;
         if reply.is_empty() {
             return Ok(None);
         }
@@ -500,24 +503,7 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T> {
-        self.call(method, path, body).await
-    }
-
-    /// A call with a JSON body (serialized into a zeroizing buffer) and its `data`.
-    pub(crate) async fn call<T: DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&(impl Serialize + ?Sized)>,
-    ) -> Result<T> {
-        let body = match body {
-            Some(b) => Some(Zeroizing::new(
-                serde_json::to_vec(b).map_err(|_| Error::Invalid("a body that is not JSON".into()))?,
-            )),
-            None => None,
-        };
-        let reply = self.send(method, path, body.as_ref(), self.credential()).await?;
-        data(&reply)
+        data(&self.send_json(method, path, body).await?)
     }
 
     /// A call whose reply has no data worth reading (204, or an acknowledgement).
@@ -527,13 +513,7 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<()> {
-        let body = match body {
-            Some(b) => Some(Zeroizing::new(
-                serde_json::to_vec(b).map_err(|_| Error::Invalid("a body that is not JSON".into()))?,
-            )),
-            None => None,
-        };
-        self.send(method, path, body.as_ref(), self.credential()).await.map(drop)
+        self.send_json(method, path, body).await.map(drop)
     }
 
     // ---- the token ----

@@ -116,7 +116,7 @@ impl Verifier {
 /// One `{"batch": [...]}` call: a verdict per item, in order.
 async fn send_batch(client: &Client, items: Vec<VerifyItem>) -> Result<Vec<Verdict>> {
     let n = items.len();
-    let v: BatchVerdicts = client.call("POST", "gateway/verify", Some(&VerifyBatch { batch: items })).await?;
+    let v: BatchVerdicts = client.request_data("POST", "gateway/verify", Some(&VerifyBatch { batch: items })).await?;
     if v.batch_results.len() != n {
         return Err(Error::Decode(format!("{} verdicts for {n} items", v.batch_results.len())));
     }

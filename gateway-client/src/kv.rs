@@ -56,7 +56,8 @@ impl Client {
                     #[serde(default)]
                     options: Option<BTreeMap<String, String>>,
                 }
-                let m: UiMount = self.call("GET", &format!("sys/internal/ui/mounts/{path}"), None::<&()>).await?;
+                let m: UiMount =
+                    self.request_data("GET", &format!("sys/internal/ui/mounts/{path}"), None::<&()>).await?;
                 let v2 = m.options.as_ref().and_then(|o| o.get("version")).is_some_and(|v| v == "2");
                 let mount = if m.path.ends_with('/') { m.path } else { format!("{}/", m.path) };
                 self.0.mounts.lock().unwrap_or_else(|p| p.into_inner()).insert(mount.clone(), v2);
@@ -171,7 +172,7 @@ impl Client {
         let at = self.locate(prefix).await?;
         let api_path =
             if at.v2 { format!("{}metadata/{}", at.mount, at.rest) } else { format!("{}{}", at.mount, at.rest) };
-        match self.call::<keyvault_api::KeyList>("LIST", &api_path, None::<&()>).await {
+        match self.request_data::<keyvault_api::KeyList>("LIST", &api_path, None::<&()>).await {
             Ok(l) => Ok(l.keys),
             Err(e) if e.is_not_found() => Ok(Vec::new()),
             Err(e) => Err(e),

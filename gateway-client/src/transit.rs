@@ -50,7 +50,7 @@ fn item_error(r: &ItemResult) -> Option<Error> {
 impl Client {
     async fn transit(&self, op: &str, key: &str, req: &OperationRequest) -> Result<ItemResult> {
         check_key(key)?;
-        self.call("POST", &format!("transit/{op}/{key}"), Some(req)).await
+        self.request_data("POST", &format!("transit/{op}/{key}"), Some(req)).await
     }
 
     async fn transit_batch(&self, op: &str, key: &str, items: Vec<Item>) -> Result<Vec<ItemResult>> {
@@ -59,7 +59,7 @@ impl Client {
             return Ok(Vec::new());
         }
         let req = OperationRequest { batch_input: Some(items), ..Default::default() };
-        let r: BatchResults = self.call("POST", &format!("transit/{op}/{key}"), Some(&req)).await?;
+        let r: BatchResults = self.request_data("POST", &format!("transit/{op}/{key}"), Some(&req)).await?;
         Ok(r.batch_results)
     }
 
@@ -109,8 +109,9 @@ impl Client {
     /// A new data key, plaintext and wrapped (`datakey/plaintext`).
     pub async fn datakey(&self, key: &str) -> Result<DataKey> {
         check_key(key)?;
-        let d: Datakey =
-            self.call("POST", &format!("transit/datakey/plaintext/{key}"), Some(&serde_json::json!({}))).await?;
+        let d: Datakey = self
+            .request_data("POST", &format!("transit/datakey/plaintext/{key}"), Some(&serde_json::json!({})))
+            .await?;
         let plaintext = unb64(d.plaintext.as_ref().ok_or_else(|| Error::Decode("no plaintext key".into()))?.expose())?;
         Ok(DataKey { plaintext, ciphertext: d.ciphertext, key_version: d.key_version })
     }
@@ -120,7 +121,7 @@ impl Client {
     pub async fn datakey_wrapped(&self, key: &str) -> Result<String> {
         check_key(key)?;
         let d: Datakey =
-            self.call("POST", &format!("transit/datakey/wrapped/{key}"), Some(&serde_json::json!({}))).await?;
+            self.request_data("POST", &format!("transit/datakey/wrapped/{key}"), Some(&serde_json::json!({}))).await?;
         Ok(d.ciphertext)
     }
 

@@ -202,6 +202,35 @@ pub trait SecretBackend: Send + Sync + fmt::Debug {
     async fn delete(&self, path: &str) -> Result<(), BackendError>;
 }
 
+/// An adapter chosen at run time (from a mount's `type`) is a backend too, so that one
+/// stack of layers serves every kind.
+#[async_trait]
+impl SecretBackend for std::sync::Arc<dyn SecretBackend> {
+    fn kind(&self) -> &'static str {
+        self.as_ref().kind()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.as_ref().capabilities()
+    }
+
+    async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
+        self.as_ref().read(path, version).await
+    }
+
+    async fn write(&self, path: &str, data: &SecretData, expected: Option<u64>) -> Result<Option<u64>, BackendError> {
+        self.as_ref().write(path, data, expected).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        self.as_ref().list(prefix).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), BackendError> {
+        self.as_ref().delete(path).await
+    }
+}
+
 /// Uniform random in `0..=max` from the OS's generator (jitter).
 pub(crate) fn jitter(max: std::time::Duration) -> std::time::Duration {
     let mut b = [0u8; 8];

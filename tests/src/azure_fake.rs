@@ -246,14 +246,7 @@ async fn delete_secret(
     if let Some(r) = admit(&s, &headers, &q) {
         return r;
     }
-    let mut st = s.store.lock().unwrap();
-    match st.secrets.remove(&name) {
-        Some(versions) => {
-            st.deleted.insert(name.clone(), versions);
-            Json(json!({"recoveryId": format!("{}/deletedsecrets/{name}", s.base)})).into_response()
-        }
-        None => err(StatusCode::NOT_FOUND, "SecretNotFound", None, "not found"),
-    }
+    move_secret(&s, &name, true)
 }
 
 async fn recover(
@@ -265,14 +258,25 @@ async fn recover(
     if let Some(r) = admit(&s, &headers, &q) {
         return r;
     }
-    let mut st = s.store.lock().unwrap();
-    match st.deleted.remove(&name) {
-        Some(versions) => {
-            st.secrets.insert(name.clone(), versions);
-            Json(json!({"id": format!("{}/secrets/{name}", s.base)})).into_response()
-        }
-        None => err(StatusCode::NOT_FOUND, "SecretNotFound", None, "not found"),
-    }
+    move_secret(&s, &name, false)
+}
+
+/// Soft delete (`to_deleted`) or recover: a secret's versions move between the live and
+/// the deleted store.
+fn move_secret(s: &Shared, name: &str, to_deleted: bool) -> Response {
+    let mut guard = s.store.lock().unwrap();
+    let st = &mut *guard;
+    let (from, to) = if to_deleted { (&mut st.secrets, &mut st.deleted) } else { (&mut st.deleted, &mut st.secrets) };
+    let Some(versions) = from.remove(name) else {
+        return err(StatusCode::NOT_FOUND, "SecretNotFound", None, "not found");
+    };
+    to.insert(name.to_owned(), versions);
+    let reply = if to_deleted {
+        json!({"recoveryId": format!("{}/deletedsecrets/{name}", s.base)})
+    } else {
+        json!({"id": format!("{}/secrets/{name}", s.base)})
+    };
+    Json(reply).into_response()
 }
 
 /// Counters of what the fake saw.

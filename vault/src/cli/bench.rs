@@ -336,11 +336,7 @@ pub async fn setup(o: &BenchOptions) -> Result<Option<(String, String)>> {
         backend.write(path, &value, None).await.map_err(|e| anyhow!("writing {path} upstream: {e}"))?;
         return Ok(None);
     }
-    let mut b = o.endpoint.builder()?;
-    if let Some(auth) = o.endpoint.auth() {
-        b = b.auth(auth);
-    }
-    let c = b.build()?;
+    let c = o.endpoint.client()?;
     c.request("PUT", &o.path, Some(&json!({"value": "bench-value-not-secret"})))
         .await
         .map_err(|e| anyhow!("writing {}: {e}", o.path))?;

@@ -29,7 +29,7 @@ pub const HASHICORP: EngineKind = EngineKind {
     fixed_at: None,
     once: false,
     takes_options: true,
-    build: |_, mount| Ok(Arc::new(Proxy::hashicorp(mount)?)),
+    build: |_, mount| Ok(Arc::new(Proxy::new(&HASHICORP.info, mount)?)),
 };
 
 pub const AZURE: EngineKind = EngineKind {
@@ -42,7 +42,7 @@ pub const AZURE: EngineKind = EngineKind {
     fixed_at: None,
     once: false,
     takes_options: true,
-    build: |_, mount| Ok(Arc::new(Proxy::azure(mount)?)),
+    build: |_, mount| Ok(Arc::new(Proxy::new(&AZURE.info, mount)?)),
 };
 
 pub const AWS: EngineKind = EngineKind {
@@ -55,7 +55,7 @@ pub const AWS: EngineKind = EngineKind {
     fixed_at: None,
     once: false,
     takes_options: true,
-    build: |_, mount| Ok(Arc::new(Proxy::aws(mount)?)),
+    build: |_, mount| Ok(Arc::new(Proxy::new(&AWS.info, mount)?)),
 };
 
 const ROUTES: &[Route] = &[
@@ -73,29 +73,15 @@ const ROUTES: &[Route] = &[
     .normalize(super::kv::normalize),
 ];
 
-type Stack<B> = Cached<Resilient<B>>;
-
-/// One proxied mount.
+/// One proxied mount: its adapter behind the resilience and cache layers.
 #[derive(Debug)]
 pub struct Proxy {
     info: &'static EngineInfo,
-    backend: Arc<dyn ProxyStack>,
+    backend: Cached<Resilient<Arc<dyn SecretBackend>>>,
 }
 
-/// The layered backend, with access to the uncached layer (existence checks decide
-/// between `create` and `update`, so they ask the upstream, not the cache).
-trait ProxyStack: SecretBackend {
-    fn uncached(&self) -> &dyn SecretBackend;
-}
-
-impl<B: SecretBackend + 'static> ProxyStack for Stack<B> {
-    fn uncached(&self) -> &dyn SecretBackend {
-        self.inner()
-    }
-}
-
-/// Split a mount's options into the adapter's, `cache` and `resilience`.
-fn options<T: serde::de::DeserializeOwned>(mount: &MountConfig) -> Result<(T, CacheConfig, Policy)> {
+/// Split a mount's options into the adapter's table, `cache` and `resilience`.
+fn options(mount: &MountConfig) -> Result<(toml::Value, CacheConfig, Policy)> {
     let mut table = mount.options.clone();
     let bad = |what: &str, e: String| Error::Config(format!("mount {:?}: {what}: {e}", mount.path));
     let cache = match table.remove("cache") {
@@ -106,52 +92,31 @@ fn options<T: serde::de::DeserializeOwned>(mount: &MountConfig) -> Result<(T, Ca
         Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("resilience", e.to_string()))?,
         None => Policy::default(),
     };
-    let adapter = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| bad("options", e.to_string()))?;
-    Ok((adapter, cache, policy))
+    Ok((toml::Value::Table(table), cache, policy))
 }
 
 /// The bare adapter of a proxied mount's configuration, without cache or resilience
-/// layers (`keyvault bench --upstream` measures the upstream through it).
+/// layers (those are `Proxy`'s; `keyvault bench --upstream` measures the upstream through
+/// the bare adapter).
 pub fn adapter(mount: &MountConfig) -> Result<Arc<dyn SecretBackend>> {
-    let bad = |e: BackendError| Error::Config(format!("mount {:?}: {e}", mount.path));
+    use keyvault_proxy_backends::{aws, azure, hashicorp};
+    let (table, _, _) = options(mount)?;
+    let bad = |e: String| Error::Config(format!("mount {:?}: {e}", mount.path));
+    let parse = |e: toml::de::Error| bad(format!("options: {e}"));
     Ok(match mount.kind.as_str() {
-        "hashicorp" => {
-            let (config, _, _) = options(mount)?;
-            Arc::new(keyvault_proxy_backends::hashicorp::HashicorpBackend::new(config).map_err(bad)?)
-        }
-        "aws" => {
-            let (config, _, _) = options(mount)?;
-            Arc::new(keyvault_proxy_backends::aws::Aws::new(config).map_err(bad)?)
-        }
-        "azure" => {
-            let (config, _, _) = options(mount)?;
-            Arc::new(keyvault_proxy_backends::azure::Azure::new(config).map_err(bad)?)
-        }
-        other => return Err(Error::Config(format!("mount {:?}: {other:?} is not a proxied mount", mount.path))),
+        "hashicorp" => Arc::new(
+            hashicorp::HashicorpBackend::new(table.try_into().map_err(parse)?).map_err(|e| bad(e.to_string()))?,
+        ),
+        "aws" => Arc::new(aws::Aws::new(table.try_into().map_err(parse)?).map_err(|e| bad(e.to_string()))?),
+        "azure" => Arc::new(azure::Azure::new(table.try_into().map_err(parse)?).map_err(|e| bad(e.to_string()))?),
+        other => return Err(bad(format!("{other:?} is not a proxied mount"))),
     })
 }
 
 impl Proxy {
-    fn hashicorp(mount: &MountConfig) -> Result<Self> {
-        use keyvault_proxy_backends::hashicorp::{HashicorpBackend, HashicorpConfig};
-        let (config, cache, policy): (HashicorpConfig, _, _) = options(mount)?;
-        let adapter =
-            HashicorpBackend::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
-        Ok(Proxy { info: &HASHICORP.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
-    }
-
-    fn azure(mount: &MountConfig) -> Result<Self> {
-        use keyvault_proxy_backends::azure::{Azure, AzureConfig};
-        let (config, cache, policy): (AzureConfig, _, _) = options(mount)?;
-        let adapter = Azure::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
-        Ok(Proxy { info: &AZURE.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
-    }
-
-    fn aws(mount: &MountConfig) -> Result<Self> {
-        use keyvault_proxy_backends::aws::{Aws, AwsConfig};
-        let (config, cache, policy): (AwsConfig, _, _) = options(mount)?;
-        let adapter = Aws::new(config).map_err(|e| Error::Config(format!("mount {:?}: {e}", mount.path)))?;
-        Ok(Proxy { info: &AWS.info, backend: Arc::new(Cached::new(Resilient::new(adapter, policy), cache)) })
+    fn new(info: &'static EngineInfo, mount: &MountConfig) -> Result<Self> {
+        let (_, cache, policy) = options(mount)?;
+        Ok(Proxy { info, backend: Cached::new(Resilient::new(adapter(mount)?, policy), cache) })
     }
 }
 
@@ -187,7 +152,7 @@ impl Engine for Proxy {
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
         let path = SecretPath::parse(req.param("path"))?;
-        match self.backend.uncached().read(path.as_str(), &Version::Latest).await {
+        match self.backend.inner().read(path.as_str(), &Version::Latest).await {
             Ok(v) => Ok(Some(v.version.unwrap_or(0).to_string().into_bytes())),
             Err(BackendError::NotFound) => Ok(None),
             Err(e) => Err(map_error(e, path.as_str())),
@@ -213,8 +178,7 @@ impl Engine for Proxy {
                     (None, None, Some(stage)) if !stage.is_empty() => Version::Stage(stage),
                     _ => return Err(Error::invalid("give at most one of version, version_id, version_stage")),
                 };
-                let backend: &dyn SecretBackend =
-                    if req.no_cache { self.backend.uncached() } else { self.backend.as_ref() };
+                let backend: &dyn SecretBackend = if req.no_cache { self.backend.inner() } else { &self.backend };
                 let v = backend.read(p, &version).await.map_err(|e| map_error(e, p))?;
                 let metadata = Metadata {
                     version: v.version.unwrap_or(0),
