@@ -564,6 +564,28 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
         400,
     );
 
+    // Every bound, just over it: a value, a list, the whole, the audiences.
+    let long = "v".repeat(257);
+    let list: Vec<String> = (0..33).map(|i| format!("c{i}")).collect();
+    let whole: serde_json::Map<String, serde_json::Value> =
+        (0..9).map(|i| (format!("a{i}"), json!("v".repeat(250)))).collect();
+    let audiences: Vec<String> = (0..9).map(|i| format!("gw-{i}")).collect();
+    for extra in [
+        json!({"token_attributes": {"tier": long}}),
+        json!({"token_attributes": {"tier": "a\u{7}b"}}),
+        json!({"token_attributes": {"capabilities": list}}),
+        json!({"token_attributes": whole}),
+        json!({"token_attributes": {"tier": 7}}),
+        json!({"token_audiences": audiences}),
+        json!({"token_audiences": ["with space"]}),
+        json!({"token_audiences": [""]}),
+    ] {
+        let mut body = json!({"certificate_sha256": [w.other.sha256_hex]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ok(c.post("auth/cert/role/big", Some(&root), body).await, 400);
+    }
+    ok(c.get("auth/cert/role/big", &root).await, 404);
+
     // The unit logs in with its certificate; the gateway verifies offline.
     let unit = w.builder(&w.unit).auth(Auth::cert(Some("gw-unit"))).build().unwrap();
     let token = unit.token().await.unwrap().expose_secret().to_owned();
@@ -666,6 +688,11 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     }
     let (_, e) = refused_after.expect("the background poll brings the revocation within 5 s");
     assert_eq!(refused(e), Rejection::Revoked);
+    for bad in ["since=abc", "since=-1", "since=99999999999999999999999"] {
+        ok(c.get(&format!("auth/revocations?{bad}"), &root).await, 400);
+    }
+    let later = ok(c.get(&format!("auth/revocations?since={}", u64::MAX / 2), &root).await, 200);
+    assert_eq!(later.body["data"]["accessors"], json!([]), "nothing revoked after the far future");
     let feed = ok(c.get("auth/revocations?since=0", &root).await, 200);
     assert!(feed.body["data"]["accessors"].as_array().unwrap().iter().any(|a| a["accessor"] == accessor.as_str()));
     assert_eq!(feed.body["data"]["identities"][0]["id"], "gw-unit");

@@ -127,6 +127,11 @@ async fn a_unit_reads_secrets_kept_in_openbao_through_keyvault() {
     // KeyVault's policies hold on the proxied mount: no write, nothing outside app/.
     ok(u.put("legacy/app/db", &t, json!({"password": "mine"})).await, 403);
     ok(u.get("legacy/other", &t).await, 403);
+    // Asking for the upstream itself changes nothing to authorization.
+    let no_cache =
+        |path: &str| u.http.get(u.url(path)).header("X-Vault-Token", &t).header("Cache-Control", "no-cache").send();
+    assert_eq!(no_cache("legacy/other").await.unwrap().status(), 403);
+    assert_eq!(no_cache("legacy/app/db").await.unwrap().status(), 200);
     ok(u.get("legacy/app/missing", &t).await, 404);
     // The same token is bound to the unit's certificate, on this mount as on any.
     ok(c.get("legacy/app/db", &t).await, 401);
