@@ -250,8 +250,9 @@ where
                 .get::<PeerCertificate>()
                 .map(|p| p.0.clone())
                 .or_else(|| header(h, HEADER_CERT_SHA256));
+            let identity = header(h, HEADER_IDENTITY);
             let item = VerifyItem {
-                identity: header(h, HEADER_IDENTITY),
+                identity: identity.clone(),
                 cert_sha256: cert,
                 timestamp: header(h, HEADER_TIMESTAMP).map(Timestamp::Text),
                 nonce: header(h, HEADER_NONCE),
@@ -277,8 +278,7 @@ where
                 let reason = verdict.reason.as_deref().unwrap_or("rejected");
                 return Ok(refuse(verdict.status.unwrap_or(401), reason));
             }
-            let identity = header(&parts.headers, HEADER_IDENTITY).unwrap_or_default();
-            parts.extensions.insert(Verified { identity, key_id: verdict.key_id });
+            parts.extensions.insert(Verified { identity: identity.unwrap_or_default(), key_id: verdict.key_id });
             inner.call(Request::from_parts(parts, B::from(bytes))).await
         })
     }
