@@ -134,6 +134,9 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// HMAC-SHA256 of `message` under the generic secret `label`, computed in the token.
     fn hmac_sha256(&self, label: &KeyLabel, message: &[u8]) -> Result<[u8; 32]>;
 
+    /// `len` bytes from the token's random number generator (`C_GenerateRandom`).
+    fn random_bytes(&self, len: usize) -> Result<Zeroizing<Vec<u8>>>;
+
     /// The mechanism new wraps use.
     fn wrap_mechanism(&self) -> WrapMechanism;
 

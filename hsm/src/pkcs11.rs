@@ -832,6 +832,17 @@ impl KeyStore for Pkcs11KeyStore {
         })
     }
 
+    fn random_bytes(&self, len: usize) -> Result<Zeroizing<Vec<u8>>> {
+        if len > 4096 {
+            return Err(HsmError::BadAttribute("at most 4096 random bytes per call"));
+        }
+        self.run(|_, session| {
+            let mut out = Zeroizing::new(vec![0u8; len]);
+            session.generate_random_slice(&mut out)?;
+            Ok(out)
+        })
+    }
+
     fn hmac_sha256(&self, label: &KeyLabel, message: &[u8]) -> Result<[u8; 32]> {
         self.run(|s, session| {
             let h = s.handle(session, label, ObjectClass::SECRET_KEY)?;

@@ -151,7 +151,7 @@ impl TestServer {
         } else {
             let init =
                 Command::new(keyvault_bin()).args(["operator", "init", "--config"]).arg(&config_file).output().unwrap();
-            assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+            assert!(init.status.success(), "init failed ({}): {}", init.status, String::from_utf8_lossy(&init.stderr));
             let stdout = String::from_utf8_lossy(&init.stdout);
             stdout.lines().find_map(|l| l.split("Root token").nth(1)).unwrap().rsplit(' ').next().unwrap().to_owned()
         };

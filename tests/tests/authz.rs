@@ -201,6 +201,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("POST", "auth/bootstrap/login", json!({"token": "kvb.x"}), Nobody),
         row("LIST", "auth/approle/role", Value::Null, Caps("auth/approle/role/", &["list"])),
         row("GET", "sys/mounts", Value::Null, Caps("sys/mounts", &["read"])),
+        row("GET", "sys/metrics", Value::Null, Caps("sys/metrics", &["read"])),
         // KV version 2 at kv/.
         row("GET", "kv/config", Value::Null, Caps("kv/config", &["read"])),
         row("POST", "kv/config", json!({"max_versions": 20}), Caps("kv/config", &["update"])),

@@ -124,7 +124,7 @@ async fn every_route_is_authorized_and_follows_vaults_conventions() {
                 Access::AnyToken => {
                     ok(c.send(method, &path, None, Some(b"{}".to_vec())).await, 401);
                 }
-                Access::Needs(_) | Access::Sudo(_) | Access::CreateOrUpdate => {
+                Access::Needs(_) | Access::Sudo(_) | Access::CreateOrUpdate | Access::Telemetry => {
                     ok(c.send(method, &path, None, Some(b"{}".to_vec())).await, 401);
                     let r = c.send(method, &path, Some(&nobody), Some(b"{}".to_vec())).await;
                     assert_eq!(r.status, 403, "{what} with a token of no policy: {r:?}");

@@ -32,11 +32,14 @@ fn bench(c: &mut Criterion) {
     let aes = KeyLabel::new("bench/transit/enc/v1").unwrap();
     keys.generate(&signing, KeyKind::Ed25519).unwrap();
     keys.generate(&aes, KeyKind::Aes256Gcm).unwrap();
+    let hmac = KeyLabel::new("bench/approle-hmac/v1").unwrap();
+    keys.generate(&hmac, KeyKind::HmacSha256).unwrap();
     g.throughput(Throughput::Elements(1));
     g.bench_function("softhsm_eddsa_sign", |b| b.iter(|| keys.sign_ed25519(&signing, b"bench input").unwrap()));
     g.bench_function("softhsm_aes_gcm_encrypt_32B", |b| {
         b.iter(|| keys.encrypt_aes_gcm(&aes, &[1u8; 32], b"").unwrap())
     });
+    g.bench_function("softhsm_hmac_sha256", |b| b.iter(|| keys.hmac_sha256(&hmac, b"a secret id").unwrap()));
     g.finish();
 }
 

@@ -15,6 +15,12 @@
 //! `wrapped_dek` starts with the wrap mechanism byte (see `keyvault_hsm::WrapMechanism`).
 //! Re-wrapping (master key rotation) replaces `kek_version` and `wrapped_dek` only: the
 //! value's ciphertext is untouched.
+//!
+//! Key tiers (`[secrets] key_tier`): with `epoch` (the default), the data key is wrapped in
+//! process by the epoch key of the master version (see [`crate::epoch`]; `wrapped_dek`
+//! then starts with [`crate::epoch::EPOCH_WRAP`]), so reads and writes do not call the
+//! token; with `token`, every data key is wrapped and unwrapped inside the token. Records
+//! of either kind open under either setting.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +32,7 @@ use keyvault_hsm::KeyStore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::epoch::{EpochKey, EpochKeys, is_epoch_wrapped};
 use crate::error::{Error, Result};
 use crate::hsm_call;
 use crate::keys::{KeyNames, KeyVersion, SharedKeyring};
@@ -221,6 +228,7 @@ fn rewrap_in_token(
     item: &RewrapItem,
     to: KeyVersion,
     known: &[KeyVersion],
+    epochs: &RewrapEpochs,
 ) -> Result<Option<Rewrapped>> {
     let record = Record::parse(&item.stored)?;
     if record.kek_version == to {
@@ -232,10 +240,17 @@ fn rewrap_in_token(
     }
     tries.extend(known.iter().rev().copied().filter(|v| *v != record.kek_version));
     for v in tries {
-        let dek = match k.unwrap_key(&names.master(v), record.wrapped_dek, &item.dek_aad) {
-            Ok(d) => d,
-            Err(keyvault_hsm::HsmError::InvalidCiphertext) => continue,
-            Err(e) => return Err(Error::Hsm(e)),
+        let dek = if is_epoch_wrapped(record.wrapped_dek) {
+            match epochs.loaded.get(&v).map(|e| e.unwrap(record.wrapped_dek, &item.dek_aad)) {
+                Some(Ok(d)) => d,
+                _ => continue,
+            }
+        } else {
+            match k.unwrap_key(&names.master(v), record.wrapped_dek, &item.dek_aad) {
+                Ok(d) => d,
+                Err(keyvault_hsm::HsmError::InvalidCiphertext) => continue,
+                Err(e) => return Err(Error::Hsm(e)),
+            }
         };
         if decrypt_value(&dek, &record.nonce, &item.value_aad, record.ciphertext).is_err() {
             continue;
@@ -250,7 +265,17 @@ fn rewrap_in_token(
                 "a record's key version was damaged; repaired"
             );
         }
-        let wrapped = k.wrap_key(&names.master(to), &dek, &item.dek_aad).map_err(Error::Hsm)?;
+        let wrapped = match &epochs.to {
+            Some(e) => {
+                let fixed: Zeroizing<[u8; 32]> = Zeroizing::new(
+                    dek.as_slice()
+                        .try_into()
+                        .map_err(|_| Error::Barrier(BarrierError::Malformed("data key is not 256 bits")))?,
+                );
+                e.wrap(&fixed, &item.dek_aad)?
+            }
+            None => k.wrap_key(&names.master(to), &dek, &item.dek_aad).map_err(Error::Hsm)?,
+        };
         return Ok(Some(Rewrapped {
             record: Record { kek_version: to, wrapped_dek: &wrapped, ..record }.encode(),
             from: v,
@@ -259,12 +284,34 @@ fn rewrap_in_token(
     Err(Error::Barrier(BarrierError::Integrity))
 }
 
-/// Seals and opens records with data keys wrapped by the master key in the token.
+/// The epoch keys a re-wrap batch may use, loaded before it leaves the runtime.
+struct RewrapEpochs {
+    /// Versions' epoch keys that records of the batch may be wrapped under.
+    loaded: HashMap<KeyVersion, Arc<EpochKey>>,
+    /// The target version's, when new wraps go to the epoch tier.
+    to: Option<Arc<EpochKey>>,
+}
+
+/// Where data keys of new records are wrapped (`[secrets] key_tier`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyTier {
+    /// In process, by the master version's epoch key (docs/architecture.md).
+    #[default]
+    Epoch,
+    /// Inside the token, by the master key: one token call per read and write.
+    Token,
+}
+
+/// Seals and opens records with data keys wrapped by an epoch key or by the master key
+/// in the token.
 #[derive(Clone)]
 pub struct Barrier {
     keys: Arc<dyn KeyStore>,
     names: KeyNames,
     keyring: SharedKeyring,
+    epochs: Arc<EpochKeys>,
+    tier: KeyTier,
     dek_cache: Option<Arc<DekCache>>,
     /// Records sealed by this process (automatic rotation by number of encryptions).
     sealed: Arc<std::sync::atomic::AtomicU64>,
@@ -278,7 +325,19 @@ impl std::fmt::Debug for Barrier {
 
 impl Barrier {
     pub fn new(keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
-        Barrier { keys, names, keyring, dek_cache: None, sealed: Default::default() }
+        let epochs = Arc::new(EpochKeys::new(keyring.store(), keys.clone(), names.clone()));
+        Barrier { keys, names, keyring, epochs, tier: KeyTier::default(), dek_cache: None, sealed: Default::default() }
+    }
+
+    /// Wrap data keys of new records in `tier`.
+    pub fn with_key_tier(mut self, tier: KeyTier) -> Self {
+        self.tier = tier;
+        self
+    }
+
+    /// This replica's epoch keys.
+    pub fn epoch_keys(&self) -> &EpochKeys {
+        &self.epochs
     }
 
     /// Make sure master key version `v` is in the keyring, following the stored keyring
@@ -303,13 +362,14 @@ impl Barrier {
         self
     }
 
-    /// Drop (and zeroize) every cached data key (emergency seal).
+    /// Drop (and zeroize) every epoch key and cached data key (emergency seal); how many.
     pub fn forget_cached_keys(&self) -> usize {
-        let Some(cache) = &self.dek_cache else { return 0 };
+        let epochs = self.epochs.forget();
+        let Some(cache) = &self.dek_cache else { return epochs };
         let mut map = cache.map.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.len();
         map.clear();
-        n
+        n + epochs
     }
 
     /// The master key version new records are wrapped with.
@@ -320,7 +380,14 @@ impl Barrier {
     /// Follow the stored keyring (a rotation closed the version this process sealed
     /// under); whether anything changed.
     pub async fn follow_keyring(&self) -> Result<bool> {
-        self.keyring.follow().await
+        let changed = self.keyring.follow().await?;
+        self.forget_retired_epochs();
+        Ok(changed)
+    }
+
+    /// Drop the epoch keys of master versions no longer in this replica's keyring.
+    pub fn forget_retired_epochs(&self) {
+        self.epochs.keep_only(&self.keyring.load().master.versions);
     }
 
     /// Records sealed by this process so far.
@@ -360,7 +427,10 @@ impl Barrier {
         let dek = Zeroizing::new(random::<32>()?);
         let nonce = random::<NONCE_LEN>()?;
         let ciphertext = encrypt_value(&dek, &nonce, &ctx.value_aad(), plaintext)?;
-        let wrapped_dek = self.wrap(kek_version, dek, ctx.dek_aad()).await?;
+        let wrapped_dek = match self.tier {
+            KeyTier::Epoch => self.epochs.get(kek_version, true).await?.wrap(&dek, &ctx.dek_aad())?,
+            KeyTier::Token => self.wrap(kek_version, dek, ctx.dek_aad()).await?,
+        };
         if wrapped_dek.len() > usize::from(u16::MAX) {
             return Err(Error::Internal("wrapped data key too long".into()));
         }
@@ -370,7 +440,18 @@ impl Barrier {
     /// Open a record sealed for `ctx`.
     pub async fn open(&self, ctx: &RecordContext<'_>, stored: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let record = Record::parse(stored)?;
-        let dek = self.unwrap(record.kek_version, record.wrapped_dek.to_vec(), ctx.dek_aad()).await?;
+        let dek = if is_epoch_wrapped(record.wrapped_dek) {
+            let epoch = match self.epochs.cached(record.kek_version) {
+                Some(e) => e,
+                None => {
+                    self.ensure_known(record.kek_version).await?;
+                    self.epochs.get(record.kek_version, false).await?
+                }
+            };
+            epoch.unwrap(record.wrapped_dek, &ctx.dek_aad())?
+        } else {
+            self.unwrap(record.kek_version, record.wrapped_dek.to_vec(), ctx.dek_aad()).await?
+        };
         decrypt_value(&dek, &record.nonce, &ctx.value_aad(), record.ciphertext)
     }
 
@@ -401,10 +482,11 @@ impl Barrier {
         self.ensure_known(to).await?;
         let known = self.keyring.load().master.versions.clone();
         let names = self.names.clone();
+        let epochs = self.rewrap_epochs(&items, to, &known).await?;
         crate::hsm_call_background(&self.keys, move |k| {
             let mut out = Vec::with_capacity(items.len());
             for item in &items {
-                out.push(match rewrap_in_token(k, &names, item, to, &known) {
+                out.push(match rewrap_in_token(k, &names, item, to, &known, &epochs) {
                     Err(Error::Hsm(e)) if !matches!(e, keyvault_hsm::HsmError::InvalidCiphertext) => return Err(e),
                     other => other,
                 });
@@ -412,6 +494,30 @@ impl Barrier {
             Ok(out)
         })
         .await
+    }
+
+    /// Load the epoch keys a re-wrap batch needs: of every known version, if any record of
+    /// the batch is epoch-wrapped (a record whose version bytes were damaged is tried under
+    /// each), and of the target when new wraps go to the epoch tier.
+    async fn rewrap_epochs(&self, items: &[RewrapItem], to: KeyVersion, known: &[KeyVersion]) -> Result<RewrapEpochs> {
+        let mut loaded = HashMap::new();
+        let any_epoch = items.iter().any(|i| Record::parse(&i.stored).is_ok_and(|r| is_epoch_wrapped(r.wrapped_dek)));
+        if any_epoch {
+            for v in known {
+                match self.epochs.get(*v, false).await {
+                    Ok(e) => {
+                        loaded.insert(*v, e);
+                    }
+                    Err(Error::Barrier(BarrierError::UnknownKeyVersion(_))) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let to = match self.tier {
+            KeyTier::Epoch => Some(self.epochs.get(to, true).await?),
+            KeyTier::Token => None,
+        };
+        Ok(RewrapEpochs { loaded, to })
     }
 
     async fn wrap(&self, v: KeyVersion, dek: Zeroizing<[u8; 32]>, aad: Vec<u8>) -> Result<Vec<u8>> {

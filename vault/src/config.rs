@@ -28,6 +28,8 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     #[serde(default)]
     pub rotation: RotationConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// Where the engines and auth methods are mounted (`[[mounts]]`); when absent, the
     /// defaults of [`default_mounts`]. When given, it is the whole list.
     #[serde(default = "default_mounts")]
@@ -67,6 +69,16 @@ pub fn default_mounts() -> Vec<MountConfig> {
     .into_iter()
     .map(|(path, kind)| MountConfig { path: path.into(), kind: kind.into(), options: Default::default() })
     .collect()
+}
+
+/// `[telemetry]`: the metrics endpoint (`/v1/sys/metrics`, `/metrics`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Serve the metrics without a token (Vault's listener option of the same name).
+    /// Off: a token with `read` on `sys/metrics` is needed.
+    #[serde(default)]
+    pub unauthenticated_metrics_access: bool,
 }
 
 /// `[rotation]`: automatic master key rotation, like Vault's keyring.
@@ -366,6 +378,11 @@ pub struct SecretsConfig {
     /// Most data keys cached at once.
     #[serde(default = "default_dek_cache_capacity")]
     pub dek_cache_capacity: usize,
+    /// Where data keys of new records are wrapped: `"epoch"` (the default: in process, by
+    /// the master version's epoch key, which the token unwraps once) or `"token"` (inside
+    /// the token, one call per read and write). See docs/architecture.md.
+    #[serde(default)]
+    pub key_tier: crate::barrier::KeyTier,
 }
 
 fn zero() -> Duration {
@@ -385,6 +402,7 @@ impl Default for SecretsConfig {
             max_versions: default_max_versions(),
             dek_cache_ttl: zero(),
             dek_cache_capacity: default_dek_cache_capacity(),
+            key_tier: Default::default(),
         }
     }
 }

@@ -187,6 +187,11 @@ impl SharedKeyring {
         Ok(load(store.as_ref()).await?.map(|ring| Self::new(ring, store)))
     }
 
+    /// The store the keyring lives in.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     pub fn load(&self) -> arc_swap::Guard<Arc<Keyring>> {
         self.ring.load()
     }

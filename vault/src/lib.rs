@@ -15,12 +15,14 @@ pub mod auth;
 pub mod barrier;
 pub mod config;
 pub mod engines;
+pub mod epoch;
 pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod json;
 pub mod keys;
 pub mod logical;
+pub mod metrics;
 pub mod policy;
 pub mod ratelog;
 pub mod rotation;
@@ -111,6 +113,7 @@ pub mod token_workers {
                 Ok(job) => job,
                 Err(_) => return,
             };
+            crate::metrics::get().token_queue_depth.dec();
             // A panicking call drops its answer channel (its caller gets an error); the
             // worker lives on.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
@@ -119,6 +122,7 @@ pub mod token_workers {
 
     /// Queue a call for the workers.
     pub fn submit(job: Job) -> Result<()> {
+        crate::metrics::get().token_queue_depth.inc();
         queue()?
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -281,7 +281,11 @@ impl Rotation {
         }
         for v in &retire {
             self.keyring.retire_version(&self.keys, &self.names, Family::Master, *v).await?;
+            // Its epoch key could be unwrapped by nothing now; drop the stored copy and
+            // this replica's (the others drop theirs when they follow the keyring).
+            self.store.delete(&crate::epoch::storage_key(*v)).await?;
         }
+        self.barrier.forget_retired_epochs();
         Ok(retire.iter().map(|v| v.get()).collect())
     }
 
@@ -357,6 +361,10 @@ impl Rotation {
             // which is harmless (records already at the target are skipped).
             return Ok(false);
         }
+        let m = crate::metrics::get();
+        m.rotation_active.set(i64::from(next.state == "rewrapping"));
+        m.rotation_records_done.set(next.done as i64);
+        m.rotation_records_total.set(next.total as i64);
         Ok(next.state == "rewrapping")
     }
 

@@ -35,6 +35,7 @@ pub struct Settings {
     pub secrets: SecretsConfig,
     pub rate_limit: crate::auth::limiter::LimitConfig,
     pub rotation: RotationConfig,
+    pub telemetry: crate::config::TelemetryConfig,
 }
 
 impl Settings {
@@ -44,6 +45,7 @@ impl Settings {
             secrets: c.secrets.clone(),
             rate_limit: c.auth.rate_limit,
             rotation: c.rotation.clone(),
+            telemetry: c.telemetry.clone(),
         }
     }
 }
@@ -147,6 +149,7 @@ impl Core {
         settings: Settings,
     ) -> Result<Core> {
         let barrier = Barrier::new(keys.clone(), names.clone(), keyring.clone())
+            .with_key_tier(settings.secrets.key_tier)
             .with_dek_cache(settings.secrets.dek_cache_ttl, settings.secrets.dek_cache_capacity);
         let tokens =
             TokenIssuer::new(keys.clone(), names.clone(), keyring.clone(), settings.tokens.issuer.clone()).await?;
@@ -197,7 +200,7 @@ impl Core {
         *failures = 0;
         let deks = self.barrier.forget_cached_keys();
         let tokens = self.tokens.forget_verified();
-        tracing::warn!(cached_data_keys = deks, verified_tokens = tokens, "KeyVault sealed");
+        tracing::warn!(epoch_and_data_keys = deks, verified_tokens = tokens, "KeyVault sealed");
     }
 
     /// Unseal with the token's user PIN (checked by logging in to the token). A store
@@ -246,6 +249,7 @@ impl Core {
     /// Follow the stored keyring, and load the token verification keys it names.
     pub(crate) async fn follow_keyring(&self) -> Result<()> {
         self.keyring.follow().await?;
+        self.barrier.forget_retired_epochs();
         self.tokens.sync_public_keys().await
     }
 

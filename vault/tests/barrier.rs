@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keyvault::Error;
-use keyvault::barrier::{Barrier, BarrierError, Record};
+use keyvault::barrier::{Barrier, BarrierError, KeyTier, Record};
 use keyvault::keys::{self, KeyNames, SharedKeyring};
 use keyvault::rotation::Rotation;
 use keyvault::secrets::{SecretPath, Secrets, data_prefix, parse_data_key, record_context};
@@ -233,7 +233,9 @@ async fn the_data_key_cache_keeps_every_integrity_check() {
     let f = fixture().await;
     let ring = keyvault::keys::load(f.store.as_ref()).await.unwrap().unwrap();
     let keyring = SharedKeyring::new(ring, f.store.clone());
+    // The cache is for the token tier (with the epoch tier no read calls the token).
     let cached = keyvault::barrier::Barrier::new(f.keys.clone(), f.names.clone(), keyring)
+        .with_key_tier(KeyTier::Token)
         .with_dek_cache(std::time::Duration::from_secs(60), 10);
     let a = SecretPath::parse("cached/a").unwrap();
     let b = SecretPath::parse("cached/b").unwrap();
@@ -329,4 +331,133 @@ async fn damaged_records_are_repaired_or_set_aside_and_never_stop_a_rotation() {
             format!(r#"{{"value":"v{i}"}}"#).as_bytes()
         );
     }
+}
+
+/// A barrier of its own over the same store and token, as another replica would have.
+async fn replica(f: &Fixture, tier: KeyTier) -> Barrier {
+    let keyring = SharedKeyring::open(f.store.clone()).await.unwrap().unwrap();
+    Barrier::new(f.keys.clone(), f.names.clone(), keyring).with_key_tier(tier)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_tier_touches_the_token_only_to_load_its_key_and_the_seal_drops_it() {
+    let token = testing::token();
+    let f = fixture_on(&token).await;
+    let barrier = replica(&f, KeyTier::Epoch).await;
+    let p = SecretPath::parse("epoch/a").unwrap();
+    let ctx = record_context(&p, 1);
+    let sealed = barrier.seal(&ctx, br#"{"value":"e"}"#).await.unwrap();
+    let record = Record::parse(&sealed).unwrap();
+    assert_eq!(record.wrapped_dek[0], keyvault::epoch::EPOCH_WRAP);
+    assert_eq!(record.wrapped_dek.len(), keyvault::epoch::WRAPPED_LEN);
+    // The epoch key is stored wrapped by master v1 (not as a key: a token-wrapped blob).
+    let blob = f.store.get("sys/epoch/1").await.unwrap().unwrap();
+    assert_eq!(blob[0], keyvault_hsm::WrapMechanism::AesGcm as u8);
+    assert_eq!(barrier.epoch_keys().loaded_count(), 1);
+
+    // With the token logged out, reads and writes go on: they never call it.
+    token.store.seal();
+    assert_eq!(barrier.open(&ctx, &sealed).await.unwrap().as_slice(), br#"{"value":"e"}"#);
+    let ctx2 = record_context(&p, 2);
+    let sealed2 = barrier.seal(&ctx2, br#"{"value":"f"}"#).await.unwrap();
+    assert_eq!(barrier.open(&ctx2, &sealed2).await.unwrap().as_slice(), br#"{"value":"f"}"#);
+    // Every integrity check holds: other context, flipped wrapped key, flipped value.
+    assert!(matches!(barrier.open(&ctx2, &sealed).await, Err(Error::Barrier(BarrierError::Integrity))));
+    for i in [11, 30, sealed.len() - 1] {
+        let mut bad = sealed.clone();
+        bad[i] ^= 1;
+        assert!(matches!(barrier.open(&ctx, &bad).await, Err(Error::Barrier(BarrierError::Integrity))), "byte {i}");
+    }
+    // The emergency seal drops the key: now the record needs the token, which is sealed.
+    assert_eq!(barrier.forget_cached_keys(), 1);
+    assert_eq!(barrier.epoch_keys().loaded_count(), 0);
+    let err = barrier.open(&ctx, &sealed).await.unwrap_err();
+    assert!(matches!(err, Error::Hsm(keyvault_hsm::HsmError::Sealed)), "{err:?}");
+    // Unsealed, the key is unwrapped again from storage and both records open.
+    token.store.unseal(token.config.pin.clone()).unwrap();
+    assert_eq!(barrier.open(&ctx, &sealed).await.unwrap().as_slice(), br#"{"value":"e"}"#);
+    assert_eq!(barrier.open(&ctx2, &sealed2).await.unwrap().as_slice(), br#"{"value":"f"}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_replicas_making_the_first_epoch_key_at_once_agree_on_one() {
+    let f = fixture().await;
+    let mut replicas = Vec::new();
+    for _ in 0..16 {
+        replicas.push(replica(&f, KeyTier::Epoch).await);
+    }
+    let tasks: Vec<_> = replicas
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, b)| {
+            tokio::spawn(async move {
+                let path = format!("race/{i}");
+                let p = SecretPath::parse(&path).unwrap();
+                b.seal(&record_context(&p, 1), format!(r#"{{"n":{i}}}"#).as_bytes()).await.unwrap()
+            })
+        })
+        .collect();
+    let mut sealed = Vec::new();
+    for t in tasks {
+        sealed.push(t.await.unwrap());
+    }
+    // Every replica opens every other's record: one epoch key won.
+    for reader in &replicas {
+        for (i, s) in sealed.iter().enumerate() {
+            let p = SecretPath::parse(&format!("race/{i}")).unwrap();
+            assert_eq!(
+                reader.open(&record_context(&p, 1), s).await.unwrap().as_slice(),
+                format!(r#"{{"n":{i}}}"#).as_bytes()
+            );
+        }
+    }
+    let stored = scan_all(f.store.as_ref(), "sys/epoch/").await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_moves_token_wrapped_records_to_the_new_epoch_key_and_retire_drops_the_old() {
+    let f = fixture().await;
+    // Records of both tiers under v1 (an installation that switched tiers).
+    let token_tier = replica(&f, KeyTier::Token).await;
+    let token_secrets = Secrets::new(f.store.clone(), token_tier.clone(), 100);
+    for i in 0..20 {
+        let p = SecretPath::parse(&format!("mixed/t{i}")).unwrap();
+        token_secrets.write(&p, format!(r#"{{"t":{i}}}"#).as_bytes()).await.unwrap();
+        let p = SecretPath::parse(&format!("mixed/e{i}")).unwrap();
+        f.vault.secrets.write(&p, format!(r#"{{"e":{i}}}"#).as_bytes()).await.unwrap();
+    }
+    let first = |r: &[u8]| Record::parse(r).unwrap().wrapped_dek[0];
+    let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
+    let kinds: std::collections::BTreeSet<u8> = records.iter().map(|(_, r)| first(r)).collect();
+    assert_eq!(kinds, [keyvault_hsm::WrapMechanism::AesGcm as u8, keyvault::epoch::EPOCH_WRAP].into());
+    // Each tier reads the other's records.
+    let p = SecretPath::parse("mixed/e3").unwrap();
+    assert_eq!(token_secrets.read(&p, None).await.unwrap().data.as_slice(), br#"{"e":3}"#);
+    let p = SecretPath::parse("mixed/t3").unwrap();
+    assert_eq!(f.vault.secrets.read(&p, None).await.unwrap().data.as_slice(), br#"{"t":3}"#);
+
+    f.vault.rotation.start().await.unwrap();
+    while f.vault.rotation.step().await.unwrap() {}
+    let records = scan_all(f.store.as_ref(), data_prefix()).await.unwrap();
+    assert_eq!(records.len(), 40);
+    for (k, r) in &records {
+        let rec = Record::parse(r).unwrap();
+        assert_eq!((rec.kek_version.get(), rec.wrapped_dek[0]), (2, keyvault::epoch::EPOCH_WRAP), "{k}");
+    }
+    assert!(f.store.get("sys/epoch/2").await.unwrap().is_some());
+    assert_eq!(f.vault.rotation.retire().await.unwrap(), vec![1]);
+    assert_eq!(f.store.get("sys/epoch/1").await.unwrap(), None, "the stored epoch key of v1 is gone");
+    assert_eq!(f.vault.barrier.epoch_keys().loaded_count(), 1, "only v2's is held");
+    for i in 0..20 {
+        for (kind, want) in [("t", format!(r#"{{"t":{i}}}"#)), ("e", format!(r#"{{"e":{i}}}"#))] {
+            let p = SecretPath::parse(&format!("mixed/{kind}{i}")).unwrap();
+            assert_eq!(f.vault.secrets.read(&p, None).await.unwrap().data.as_slice(), want.as_bytes());
+        }
+    }
+    // Another replica that still held v1's key drops it when it follows the keyring.
+    assert!(token_tier.epoch_keys().loaded_count() >= 1);
+    token_tier.follow_keyring().await.unwrap();
+    assert!(token_tier.epoch_keys().cached(keys::KeyVersion::FIRST).is_none());
 }

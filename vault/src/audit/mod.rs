@@ -726,7 +726,9 @@ impl Writer {
     /// Write a chained batch and make it durable, or leave the file as it was.
     fn commit(&mut self, c: Chained) -> std::io::Result<()> {
         let f = self.file.as_mut().ok_or_else(|| std::io::Error::other("no open audit file"))?;
+        let started = Instant::now();
         let result = f.write_all(&c.bytes).and_then(|()| f.sync_data());
+        crate::metrics::get().audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = result {
             // Cut off whatever part of the batch reached the file: the chain on disk
             // must end with an entry that is there.
@@ -1027,6 +1029,7 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
+            crate::metrics::get().audit_queue_depth.set(queue.len() as i64);
             let due = self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval;
             let on_demand = !queue.is_empty() && self.last_try.elapsed() >= RETRY_ON_DEMAND;
             if self.degraded() && Instant::now() < self.next_try && shutdown.is_none() && !on_demand {

@@ -248,12 +248,12 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
             let mut errors = 0u64;
             let mut record = |t0: Instant, ok: bool| {
                 let micros = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                if t0 >= start {
-                    if ok {
-                        lat.push(micros);
-                    } else {
-                        errors += 1;
-                    }
+                // A failure counts even during the warm-up: a run is good only if every
+                // response was 2xx.
+                if !ok {
+                    errors += 1;
+                } else if t0 >= start {
+                    lat.push(micros);
                 }
             };
             if let Some((backend, path)) = &o.upstream {

@@ -119,6 +119,7 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
         auth: Default::default(),
         audit: keyvault::audit::AuditConfig::at(layout.audit_log()),
         rotation: Default::default(),
+        telemetry: Default::default(),
         mounts: keyvault::config::default_mounts(),
     }
 }

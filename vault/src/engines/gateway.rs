@@ -83,6 +83,9 @@ impl GatewayEngine {
         };
         let verdicts = self.gateway.verify(&items, &self.transit, &self.revocations).await?;
         let caller = req.caller()?.claims.acc.clone();
+        for v in &verdicts {
+            crate::metrics::get().gateway_verdict(if v.valid { "valid" } else { v.reason.unwrap_or("refused") });
+        }
         let events = verdicts
             .iter()
             .map(|v| {

@@ -101,6 +101,11 @@ const ROUTES: &[Route] = &[
     )
     .policy("policies/acl/{name}")
     .normalize(policy_name),
+    Route::new(
+        "metrics",
+        "metrics in Prometheus' text format (`read`, unless `telemetry.unauthenticated_metrics_access`; also at `/metrics`)",
+        &[OpSpec::read(Access::Telemetry)],
+    ),
     Route::new("mounts", "the mounted engines (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
     Route::new("auth", "the mounted auth methods (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
     Route::new("policies/acl", "list policies", &[OpSpec::list(Access::Needs(Capability::List))]),
@@ -458,6 +463,13 @@ impl Engine for Sys {
         let name = req.param("name").to_owned();
         match (req.route.pattern, req.operation) {
             ("health", _) => self.health().await,
+            ("metrics", _) => {
+                let format = form_urlencoded::parse(req.query.as_bytes()).find(|(k, _)| k == "format").map(|(_, v)| v);
+                if format.is_some_and(|f| f != "prometheus") {
+                    return Err(Error::invalid("only `format=prometheus` is served (the default)"));
+                }
+                Ok(Reply::text(crate::metrics::get().encode().into_bytes()))
+            }
             ("mounts", _) => Reply::data(&core.mount_listing(false)),
             ("auth", _) => Reply::data(&core.mount_listing(true)),
             ("policies/acl" | "policy", _) => {

@@ -61,7 +61,18 @@ impl BodyLimits {
 
 /// The API.
 pub fn router(state: AppState) -> Router {
-    Router::new().route("/v1/{*path}", axum::routing::any(handle)).fallback(not_found).with_state(state)
+    Router::new()
+        .route("/v1/{*path}", axum::routing::any(handle))
+        .route("/metrics", axum::routing::get(prometheus_path))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// `/metrics`, Prometheus' default scrape path: `GET /v1/sys/metrics`, authorized and
+/// audited the same way.
+async fn prometheus_path(state: State<AppState>, mut req: Request) -> Response {
+    *req.uri_mut() = axum::http::Uri::from_static("/v1/sys/metrics");
+    handle(state, req).await
 }
 
 async fn not_found() -> Response {
@@ -142,8 +153,13 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_else(Peer::local);
     let slot = AuditSlot::default();
     let audit = state.service.audit().clone();
-    let mut ctx =
-        Ctx { id: id.clone(), operation: format!("{method} (no route)"), had_intent: false, intent_refused: false };
+    let mut ctx = Ctx {
+        id: id.clone(),
+        operation: format!("{method} (no route)"),
+        resolved: false,
+        had_intent: false,
+        intent_refused: false,
+    };
     let outcome = run(&state, req, &peer, &slot, &mut ctx).instrument(span.clone()).await;
     let mut resp = match outcome {
         Ok(reply) => render_reply(reply, &id),
@@ -170,6 +186,10 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
         resp.headers_mut().insert("x-keyvault-audit", HeaderValue::from_static("degraded"));
     }
     let status = resp.status();
+    // The route template, never the path (a bounded label): requests that matched no
+    // route share one.
+    let route = if ctx.resolved { ctx.operation.as_str() } else { "(no route)" };
+    crate::metrics::get().request(route, status.as_u16(), started.elapsed());
     span.in_scope(|| {
         let micros = started.elapsed().as_micros() as u64;
         if status.is_server_error() {
@@ -189,6 +209,8 @@ struct Ctx {
     id: String,
     /// `POST /v1/transit/encrypt/{name}`.
     operation: String,
+    /// Whether `operation` names a route (else the method only).
+    resolved: bool,
     had_intent: bool,
     /// The intent entry could not be written: the request was refused unrun.
     intent_refused: bool,
@@ -201,6 +223,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
     let raw = req.uri().path().strip_prefix("/v1/").unwrap_or_default().to_owned();
     let resolved: Resolved = service.resolve(op, &raw)?;
     ctx.operation = resolved.describe(req.method().as_str());
+    ctx.resolved = true;
     let token = token_from_headers(req.headers())?;
     let wrap_ttl = wrap_ttl(req.headers())?;
     let no_cache = no_cache(req.headers());
@@ -303,6 +326,14 @@ impl AsRef<[u8]> for ZeroizingBody {
 
 /// Turn a reply into HTTP: its status and the body [`render`] makes (204 for none).
 fn render_reply(reply: Reply, request_id: &str) -> Response {
+    if let crate::logical::ReplyBody::Text(text) = reply.body {
+        let mut resp = Response::new(Body::from(text));
+        *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return resp;
+    }
     match render(&reply, request_id) {
         Ok(None) => StatusCode::NO_CONTENT.into_response(),
         Ok(Some((code, buf))) => {

@@ -131,6 +131,7 @@ struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.conns.total.fetch_sub(1, Ordering::SeqCst);
+        crate::metrics::get().open_connections.dec();
         let mut map = self.conns.per_source.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&self.source) {
             *n -= 1;
@@ -154,6 +155,7 @@ impl Connections {
         }
         *n += 1;
         self.total.fetch_add(1, Ordering::SeqCst);
+        crate::metrics::get().open_connections.inc();
         Some(ConnGuard { conns: self.clone(), source })
     }
 }

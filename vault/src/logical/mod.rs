@@ -79,6 +79,9 @@ pub enum Access {
     /// This capability and `sudo` on the route's policy path (Vault's root-protected
     /// paths: `sudo` is needed in addition to the operation's capability, never instead).
     Sudo(Capability),
+    /// `read` on the route's policy path, unless the configuration opens it to
+    /// unauthenticated scrapers (`[telemetry] unauthenticated_metrics_access`, as Vault).
+    Telemetry,
 }
 
 /// One operation a route supports.
@@ -519,6 +522,8 @@ pub enum ReplyBody {
     Data(Zeroizing<Vec<u8>>),
     /// The whole body, no envelope (health, the token-verification keys).
     Bare(Zeroizing<Vec<u8>>),
+    /// Plain text, not JSON (the Prometheus metrics): sent as `text/plain`.
+    Text(Vec<u8>),
     /// A login succeeded: the pipeline turns this into a token.
     Login(Box<LoginOutcome>),
     /// A token was issued: the `auth` block.
@@ -531,6 +536,7 @@ impl std::fmt::Debug for ReplyBody {
             ReplyBody::Empty => f.write_str("Empty"),
             ReplyBody::Data(d) => write!(f, "Data(<{} bytes>)", d.len()),
             ReplyBody::Bare(d) => write!(f, "Bare(<{} bytes>)", d.len()),
+            ReplyBody::Text(d) => write!(f, "Text(<{} bytes>)", d.len()),
             ReplyBody::Login(_) => f.write_str("Login"),
             ReplyBody::Auth(_) => f.write_str("Auth"),
         }
@@ -589,6 +595,11 @@ impl Reply {
     /// The whole body, without the envelope.
     pub fn bare<T: Serialize + ?Sized>(body: &T) -> Result<Self> {
         Ok(Self::with(ReplyBody::Bare(to_json(body)?)))
+    }
+
+    /// 200 with a plain text body.
+    pub fn text(body: Vec<u8>) -> Self {
+        Self::with(ReplyBody::Text(body))
     }
 
     pub fn login(outcome: LoginOutcome) -> Self {

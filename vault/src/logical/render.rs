@@ -48,6 +48,7 @@ pub fn render(reply: &Reply, request_id: &str) -> Result<Option<(u16, Zeroizing<
         ReplyBody::Empty => (200, envelope(request_id, b"null", &reply.extra, &reply.warnings)?),
         ReplyBody::Data(data) => (reply.status, envelope(request_id, data, &reply.extra, &reply.warnings)?),
         ReplyBody::Bare(body) => (reply.status, body.clone()),
+        ReplyBody::Text(body) => (reply.status, Zeroizing::new(body.clone())),
         ReplyBody::Auth(token) => {
             let env = AuthEnvelope {
                 request_id,

@@ -58,7 +58,7 @@ pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
     p.max_sessions = config.hsm.max_sessions;
     crate::token_workers::configure(config.hsm.workers);
     p.wrap = config.hsm.wrap_preference();
-    Ok(Pkcs11KeyStore::open(&p)?)
+    Ok(Arc::new(crate::metrics::MeteredKeyStore::new(Pkcs11KeyStore::open(&p)?)))
 }
 
 /// Open the configured storage engine.
@@ -67,7 +67,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
         StorageConfig::Sled { path } => {
             std::fs::create_dir_all(path)
                 .map_err(|e| Error::Config(format!("cannot create storage directory {}: {e}", path.display())))?;
-            Ok(Arc::new(SledStore::open(path)?))
+            Ok(Arc::new(crate::metrics::MeteredStore::new(Arc::new(SledStore::open(path)?))))
         }
         StorageConfig::Postgres { url, password_file, tls_ca_file, pool_size } => {
             let password = match password_file {
@@ -84,7 +84,9 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
                 tls_ca_file: tls_ca_file.clone(),
                 pool_size: *pool_size,
             };
-            Ok(Arc::new(crate::store::PostgresStore::open(&options).await?))
+            Ok(Arc::new(crate::metrics::MeteredStore::new(Arc::new(
+                crate::store::PostgresStore::open(&options).await?,
+            ))))
         }
     }
 }

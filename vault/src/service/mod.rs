@@ -189,6 +189,12 @@ impl Service {
                 caller.require(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
+            Access::Telemetry if self.core.settings.telemetry.unauthenticated_metrics_access => {}
+            Access::Telemetry => {
+                let caller = self.authenticate(token, req).await?;
+                caller.require(&req.policy_path, Capability::Read)?;
+                req.caller = Some(caller);
+            }
             Access::Sudo(cap) => {
                 let caller = self.authenticate(token, req).await?;
                 caller.require_sudo(&req.policy_path, cap)?;
