@@ -16,6 +16,12 @@ use secrecy::ExposeSecret;
 
 mod cli;
 
+/// mimalloc instead of glibc's allocator: a request allocates and frees many small
+/// buffers across threads, and glibc's malloc/free took about 12% of a read's CPU in the
+/// profile of docs/PERFORMANCE.md ("Epoch keys and metrics").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use cli::EndpointArgs;
 use cli::bench::{self, BenchOptions, Scenario};
 use cli::dev::{self, DevLayout};
@@ -247,6 +253,10 @@ struct BenchArgs {
     /// Stop after this many requests in all (`write`: how many secrets to create).
     #[arg(long)]
     requests: Option<u64>,
+    /// `read`: spread the reads over this many secrets `<path>/00000000`.. (as `write`
+    /// names them), visited in a scattered order, instead of one.
+    #[arg(long)]
+    spread: Option<u64>,
     /// Write the secret (and create an AppRole role for logins) before the run.
     #[arg(long)]
     setup: bool,
@@ -548,6 +558,7 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         duration: a.duration,
         warmup: a.warmup,
         requests: a.requests,
+        spread: a.spread.filter(|n| *n > 0),
         upstream: None,
     };
     if let Some(file) = &a.upstream {

@@ -95,6 +95,8 @@ pub struct BenchOptions {
     pub warmup: Duration,
     /// Stop after this many requests in all (or at the end of `duration`).
     pub requests: Option<u64>,
+    /// `read`: over this many secrets `<path>/NNNNNNNN` instead of one.
+    pub spread: Option<u64>,
     /// `read` straight from a proxied mount's upstream through its adapter (no KeyVault
     /// server in between), at this path relative to the mount.
     pub upstream: Option<(Arc<dyn keyvault_proxy_backends::SecretBackend>, String)>,
@@ -142,7 +144,12 @@ fn build_request(o: &BenchOptions, n: u64) -> Result<(&'static str, String, Opti
     Ok(match o.scenario {
         Scenario::Handshake => bail!("the handshake scenario sends no request"),
         Scenario::CertLogin => ("POST", "auth/cert/login".into(), Some(json!({"name": o.role}))),
-        Scenario::Read => ("GET", o.path.clone(), None),
+        Scenario::Read => match o.spread {
+            // A multiplicative step co-prime with most sizes scatters consecutive reads
+            // across the key space (no two connections walk it in order).
+            Some(k) => ("GET", format!("{}/{:08}", o.path, n.wrapping_mul(2_654_435_761) % k), None),
+            None => ("GET", o.path.clone(), None),
+        },
         Scenario::Write => ("PUT", format!("{}/{n:08}", o.path), Some(json!({"value": format!("bench-value-{n}")}))),
         Scenario::GatewayVerify | Scenario::GatewayVerifyBatch => {
             let key = ed25519_dalek::SigningKey::from_bytes(&PRODUCER_SEED);

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Reads at 1,000 and at N secrets (default 1,000,000) on sled: the server (`keyvault dev`,
+# default configuration) pinned to CPU 0, the load generator to CPU 1. Reports read
+# p50/p99 spread over all the secrets, bytes on disk per secret, resident memory, and the
+# time a restart takes to serve with N secrets stored.
+#
+#   ./scripts/bench-scale.sh [N] [read duration]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+need_debs softhsm2 util-linux jq
+
+N=${1:-1000000}
+DURATION=${2:-8s}
+cargo build --release --quiet -p keyvault --bin keyvault
+KV=target/release/keyvault
+WORK=$(mktemp -d /tmp/keyvault-bench-scale.XXXXXX)
+PID=
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+bench() { KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --connections 32 --json "$@"; }
+rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status"; }
+disk_bytes() { du -sb "$WORK/kv/storage" | cut -f1; }
+report() { # label secrets
+    local out
+    out=$(bench --scenario read --path secret/scale --spread "$2" --duration "$DURATION")
+    echo "$out" | jq -c --arg l "$1" --argjson rss "$(rss_mib)" --argjson disk "$(disk_bytes)" --argjson n "$2" \
+        '{what: $l, secrets: $n, rps: (.requests_per_second|floor), p50_ms, p99_ms, errors, rss_mib: $rss, storage_bytes: $disk, bytes_per_secret: ($disk / $n | floor)}'
+}
+write() { # count
+    local t0 t1
+    t0=$(date +%s.%N)
+    bench --scenario write --path secret/scale --requests "$1" --duration 100000s --warmup 0s |
+        jq -c '{what: "write", requests, errors, rps: (.requests_per_second|floor), p50_ms, p99_ms}'
+    t1=$(date +%s.%N)
+    echo "{\"what\": \"write time\", \"seconds\": $(echo "$t1 - $t0" | bc)}"
+}
+
+start_dev
+write 1000
+report "read, 1000 secrets" 1000
+write "$N"
+report "read, $N secrets" "$N"
+
+# Restart on the same data: time until it serves.
+kill "$PID"; wait "$PID" 2>/dev/null || true
+t0=$(date +%s.%N)
+taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn > "$WORK/kv.out" 2> "$WORK/kv.err" &
+PID=$!
+for _ in $(seq 600); do grep -q "the certificate is the credential" "$WORK/kv.out" 2>/dev/null && break; sleep 0.02; done
+t1=$(date +%s.%N)
+echo "{\"what\": \"start-up with $N secrets\", \"seconds\": $(echo "$t1 - $t0" | bc)}"
+ADDR=$(awk '/Address:/ {print $2}' "$WORK/kv.out")
+TOKEN=$(awk '/Root token:/ {print $3}' "$WORK/kv.out")
+report "read after restart, $N secrets" "$N"
