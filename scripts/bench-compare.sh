@@ -56,6 +56,11 @@ for s in read approle-login transit-encrypt transit-sign gateway-verify gateway-
     run_bench keyvault "$ADDR" "$CA" "$TOKEN" "$s"
 done
 run_bench keyvault "$ADDR" "$CA" "$TOKEN" cert-login --role dev-client --client-cert "$CERT" --client-key "$KEY"
+# The same read once more while Prometheus-style scraping runs every second (its cost).
+( while true; do curl -sf --cacert "$CA" -H "X-Vault-Token: $TOKEN" "$ADDR/metrics" > /dev/null; sleep 1; done ) &
+SCRAPER=$!
+run_bench keyvault+scrape-1s "$ADDR" "$CA" "$TOKEN" read
+kill "$SCRAPER"
 kill "$PID"; wait "$PID" 2>/dev/null || true
 
 echo "== KeyVault, key_tier = token (every data key unwrapped in the token)"
@@ -87,6 +92,7 @@ jq -rs '
   def rate(s; n): (map(select(.server==s and .scenario==n)) | first | .items_per_second) // 0;
   def r2(x): (x * 100 | floor) / 100;
   "read, token tier: \(rate("keyvault-token-tier"; "read")|floor)/s (epoch tier \(r2(rate("keyvault"; "read") / rate("keyvault-token-tier"; "read")))x of it)",
+  "read while scraped every second: \(rate("keyvault+scrape-1s"; "read")|floor)/s (\(r2(rate("keyvault+scrape-1s"; "read") / rate("keyvault"; "read")))x of the read without)",
   "transit sign vs raw token signing: \(r2(rate("keyvault"; "transit-sign") / rate("raw"; "softhsm_eddsa_sign")))x",
   "transit encrypt vs raw token AES-GCM: \(r2(rate("keyvault"; "transit-encrypt") / rate("raw"; "softhsm_aes_gcm_encrypt_32B")))x",
   "AppRole login vs raw token signing: \(r2(rate("keyvault"; "approle-login") / rate("raw"; "softhsm_eddsa_sign")))x",
