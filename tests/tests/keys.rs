@@ -430,6 +430,20 @@ async fn gateway_check_matrix() {
     let audit = std::fs::read_to_string(s.audit_log()).unwrap();
     assert!(audit.contains("telemetry.accepted") && audit.contains("telemetry.rejected"));
     assert!(audit.contains("\"reason\":\"replay\"") && audit.contains("\"reason\":\"tenant_mapping_violation\""));
+    // Each verdict event is written just before its request's own entry (one fsync for
+    // both): for every event, the request entry with its request id comes after it.
+    let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut checked = 0;
+    for (i, e) in lines.iter().enumerate() {
+        if !e["event"].as_str().is_some_and(|x| x.starts_with("telemetry.")) {
+            continue;
+        }
+        let id = e["request_id"].as_str().unwrap();
+        let own = lines.iter().position(|l| l["type"] == "request" && l["request_id"] == id).unwrap();
+        assert!(own > i, "verdict event {i} of request {id} is not before the request's entry {own}");
+        checked += 1;
+    }
+    assert!(checked >= 4, "{checked} verdict events");
 
     // Producer registration is validated.
     ok(c.post("gateway/producers/p2", Some(&root), json!({"cert_sha256": [], "keys": []})).await, 400);

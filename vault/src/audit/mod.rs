@@ -130,6 +130,9 @@ pub struct AuditContext {
     pub reason: Option<String>,
     /// What a privileged operation did (e.g. which identity the kill switch revoked).
     pub detail: Option<String>,
+    /// Event entries the handler wants written just before the request's own entry, and
+    /// made durable with it (the gateway's verdicts): one fsync for both.
+    pub events: Vec<Map<String, Value>>,
 }
 
 /// A shared slot for [`AuditContext`], put in every request's extensions.
@@ -427,6 +430,43 @@ impl AuditLog {
             }
         }
         Ok(())
+    }
+
+    /// Write `events`, then `entry` (of `kind`), and return once all are durable. With
+    /// `fail_closed` they are queued together, so one fsync usually covers them all (a
+    /// request waits once, not once for its events and again for its entry); any of them
+    /// failing fails the call.
+    pub async fn append_with_events(
+        &self,
+        events: Vec<Map<String, Value>>,
+        entry: Map<String, Value>,
+        kind: EntryKind,
+    ) -> Result<()> {
+        let tx = match &self.tx {
+            Some(tx) if self.mode == AuditMode::FailClosed && !events.is_empty() => tx,
+            _ => {
+                self.append_many(events).await?;
+                return self.append_kind(entry, kind).await;
+            }
+        };
+        let mut waits = Vec::with_capacity(events.len());
+        for e in events {
+            let (ack, done) = oneshot::channel();
+            tx.try_send(Job::Append(e, Some(ack), EntryKind::Plain))
+                .map_err(|_| unavailable("the writer queue is full or stopped"))?;
+            waits.push(done);
+        }
+        // Queued after the events: the writer takes entries in order, so by the time
+        // this one is durable the events were written in the same batch or before it.
+        let own = self.append_kind(entry, kind).await;
+        for done in waits {
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(unavailable(&e)),
+                Err(_) => return Err(unavailable("the writer stopped")),
+            }
+        }
+        own
     }
 
     /// Write a final checkpoint and stop the writer (clean shutdown).

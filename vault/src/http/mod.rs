@@ -177,7 +177,8 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let reason = resp.extensions().get::<error::AuditReason>().map(|r| r.0);
     let entry = audit_entry(&ctx, &peer, &path, status, reason, &slot);
     let kind = if ctx.had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
-    if let Err(e) = audit.append_kind(entry, kind).await {
+    let events = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).events);
+    if let Err(e) = audit.append_with_events(events, entry, kind).await {
         span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
         resp = ApiError::from(e).into_response();
     }
