@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Reads at 1,000 and at N secrets (default 1,000,000) on sled: the server (`keyvault dev`,
-# default configuration) pinned to CPU 0, the load generator to CPU 1. Reports read
-# p50/p99 spread over all the secrets, bytes on disk per secret, resident memory, and the
-# time a restart takes to serve with N secrets stored.
+# Reads at 1,000 and at N secrets (default 1,000,000) on sled or PostgreSQL: the server
+# (`keyvault dev`, default configuration; with PostgreSQL, a throwaway cluster on the same
+# CPU) pinned to CPU 0, the load generator to CPU 1. Reports read p50/p99 spread over all
+# the secrets, bytes on disk per secret, resident memory, and the time a restart takes to
+# serve with N secrets stored.
 #
-#   ./scripts/bench-scale.sh [N] [read duration]
+#   ./scripts/bench-scale.sh [N] [read duration] [sled|postgres]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -12,16 +13,36 @@ need_debs softhsm2 util-linux jq
 
 N=${1:-1000000}
 DURATION=${2:-8s}
+STORE=${3:-sled}
 cargo build --release --quiet -p keyvault --bin keyvault
 KV=target/release/keyvault
 WORK=$(mktemp -d /tmp/keyvault-bench-scale.XXXXXX)
 PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
+PGBIN=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null
+    [ -n "$PGBIN" ] && as_root runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1
+    rm -rf "$WORK"
+}
 trap cleanup EXIT
+DEVARGS=()
+STORAGE_DIR=$WORK/kv/storage
+if [ "$STORE" = postgres ]; then
+    need_debs postgresql
+    PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    chmod 755 "$WORK"
+    mkdir -p "$WORK/pg/sock"
+    as_root chown -R postgres:postgres "$WORK/pg"
+    as_root runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg/data" -U keyvault --auth=trust -E UTF8 --no-instructions >/dev/null
+    as_root runuser -u postgres -- taskset -c 0 "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w \
+        -o "-p 5432 -c listen_addresses= -k $WORK/pg/sock" start >/dev/null
+    DEVARGS=(--postgres "postgres://keyvault@localhost:5432/postgres?host=$WORK/pg/sock")
+    STORAGE_DIR=$WORK/pg/data
+fi
 
 bench() { KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --connections 32 --json "$@"; }
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status"; }
-disk_bytes() { du -sb "$WORK/kv/storage" | cut -f1; }
+disk_bytes() { du -sb "$STORAGE_DIR" | cut -f1; }
 report() { # label secrets
     local out
     out=$(bench --scenario read --path secret/scale --spread "$2" --duration "$DURATION")
@@ -37,7 +58,7 @@ write() { # count
     echo "{\"what\": \"write time\", \"seconds\": $(echo "$t1 - $t0" | bc)}"
 }
 
-start_dev
+start_dev "${DEVARGS[@]}"
 write 1000
 report "read, 1000 secrets" 1000
 write "$N"
@@ -46,7 +67,7 @@ report "read, $N secrets" "$N"
 # Restart on the same data: time until it serves.
 kill "$PID"; wait "$PID" 2>/dev/null || true
 t0=$(date +%s.%N)
-taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn > "$WORK/kv.out" 2> "$WORK/kv.err" &
+taskset -c 0 "$KV" dev --data-dir "$WORK/kv" --address 127.0.0.1:0 --log warn "${DEVARGS[@]}" > "$WORK/kv.out" 2> "$WORK/kv.err" &
 PID=$!
 for _ in $(seq 600); do grep -q "the certificate is the credential" "$WORK/kv.out" 2>/dev/null && break; sleep 0.02; done
 t1=$(date +%s.%N)

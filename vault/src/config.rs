@@ -253,7 +253,8 @@ pub enum StorageConfig {
     },
 }
 
-fn default_pool_size() -> usize {
+/// The default `storage.pool_size`.
+pub fn default_pool_size() -> usize {
     16
 }
 

@@ -58,6 +58,10 @@ enum Command {
         /// Keep unwrapped data keys this long (`secrets.dek_cache_ttl`; 0s: off).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         dek_cache_ttl: Duration,
+        /// Store in this PostgreSQL database (`postgres://user@host/db?host=/socket/dir`)
+        /// instead of sled in the data directory (benchmarks, trying replicas).
+        #[arg(long)]
+        postgres: Option<String>,
         /// Where data keys are wrapped (`secrets.key_tier`): `epoch` or `token`.
         #[arg(long, default_value = "epoch")]
         key_tier: String,
@@ -345,7 +349,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             Ok(())
         }
-        Command::Dev { data_dir, address, root_token_ttl, log, dek_cache_ttl, key_tier, audit_mode, mounts } => {
+        Command::Dev {
+            data_dir,
+            address,
+            root_token_ttl,
+            log,
+            dek_cache_ttl,
+            postgres,
+            key_tier,
+            audit_mode,
+            mounts,
+        } => {
             init_logging(&log, false);
             let started = std::time::Instant::now();
             let layout = DevLayout::new(&data_dir)?;
@@ -354,6 +368,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = dev::config(&layout, module, address, dek_cache_ttl);
             config.audit.mode = serde_json::from_value(serde_json::Value::String(audit_mode.clone()))
                 .map_err(|_| anyhow::anyhow!("--audit-mode: use fail_closed, buffered or dangerous_off"))?;
+            if let Some(url) = postgres {
+                config.storage = keyvault::config::StorageConfig::Postgres {
+                    url,
+                    password_file: None,
+                    tls_ca_file: None,
+                    pool_size: keyvault::config::default_pool_size(),
+                };
+            }
             config.secrets.key_tier = serde_json::from_value(serde_json::Value::String(key_tier))
                 .map_err(|_| anyhow::anyhow!("--key-tier: use epoch or token"))?;
             if let Some(file) = &mounts {
