@@ -33,6 +33,12 @@ fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A token of one policy, made by root.
+async fn token_with(c: &Client, root: &str, policy: &str) -> String {
+    let r = ok(c.post("auth/token/create", Some(root), json!({"policies": [policy]})).await, 200);
+    r.body["auth"]["client_token"].as_str().unwrap().to_owned()
+}
+
 async fn approle_login(c: &Client, role_id: &str, secret_id: &str) -> String {
     let r = ok(c.post("auth/approle/login", None, json!({"role_id": role_id, "secret_id": secret_id})).await, 200);
     r.body["auth"]["client_token"].as_str().unwrap().to_owned()
@@ -57,16 +63,8 @@ async fn scraping_needs_read_on_sys_metrics_and_shows_every_family() {
             .await,
         204,
     );
-    let scraper = ok(c.post("auth/token/create", Some(&root), json!({"policies": ["scraper"]})).await, 200).body["auth"]
-        ["client_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let other = ok(c.post("auth/token/create", Some(&root), json!({"policies": ["other"]})).await, 200).body["auth"]
-        ["client_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let scraper = token_with(&c, &root, "scraper").await;
+    let other = token_with(&c, &root, "other").await;
     for path in ["/v1/sys/metrics", "/metrics"] {
         assert_eq!(scrape(&c, path, None).await.0, 401, "{path} without a token");
         assert_eq!(scrape(&c, path, Some(&other)).await.0, 403, "{path} without read on sys/metrics");
