@@ -126,6 +126,30 @@ async fn transit_encryption_round_trips_rotation_and_policies() {
     );
     assert!(r.body["data"]["batch_results"][0]["ciphertext"].as_str().unwrap().starts_with("vault:v2:"));
     ok(enc(json!({"plaintext": b64(b"a"), "batch_input": []})).await, 400);
+    // A large batch runs its items side by side: results still come back in item order
+    // (each decrypts to its own plaintext, references and errors where they were given).
+    let items: Vec<_> = (0..300)
+        .map(|i| {
+            if i % 97 == 0 {
+                json!({"plaintext": "%%"})
+            } else {
+                json!({"plaintext": b64(format!("item {i}").as_bytes()), "reference": format!("r{i}")})
+            }
+        })
+        .collect();
+    let r = ok(enc(json!({"batch_input": items})).await, 200);
+    let cts = r.body["data"]["batch_results"].as_array().unwrap().clone();
+    assert_eq!(cts.len(), 300);
+    let back: Vec<_> = cts.iter().map(|x| json!({"ciphertext": x["ciphertext"].as_str().unwrap_or("x")})).collect();
+    let d = ok(dec(json!({"batch_input": back})).await, 200).body["data"]["batch_results"].as_array().unwrap().clone();
+    for i in 0..300 {
+        if i % 97 == 0 {
+            assert!(cts[i]["error"].is_string() && d[i]["error"].is_string(), "item {i}");
+        } else {
+            assert_eq!(cts[i]["reference"], format!("r{i}"));
+            assert_eq!(d[i]["plaintext"], b64(format!("item {i}").as_bytes()), "item {i}");
+        }
+    }
 
     // Data keys (client-side envelope encryption).
     let r = ok(c.post("transit/datakey/plaintext/orders", Some(&root), json!({})).await, 200);
