@@ -175,6 +175,9 @@ fn required<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str> {
     v.as_deref().ok_or_else(|| Error::invalid(format!("missing field `{name}`")))
 }
 
+/// Items of one transit batch whose token calls may be queued at once.
+const BATCH_IN_FLIGHT: usize = 128;
+
 impl TransitEngine {
     async fn one(&self, name: &str, key: &TransitKey, op: Op, item: &Item) -> Result<ItemResult> {
         let t = &self.transit;
@@ -217,18 +220,19 @@ impl TransitEngine {
         if !batch {
             return Reply::data(&self.one(&name, &key, op, &items[0]).await?);
         }
-        // The items run side by side: their token calls reach the token workers together
-        // and are served in one wake-up, instead of one hand-off and back per item. Results
-        // keep the order of the items.
-        let results = futures_util::future::join_all(items.iter().map(|item| async {
-            let mut r = match self.one(&name, &key, op, item).await {
-                Ok(r) => r,
-                Err(e) => ItemResult { error: Some(e.client_message()), ..Default::default() },
-            };
-            r.reference = item.reference.clone();
-            r
-        }))
-        .await;
+        // Items run side by side in chunks of BATCH_IN_FLIGHT: their token calls reach the token
+        // workers together and are served in one wake-up, instead of one hand-off and back
+        // per item; the bound keeps one large batch from queueing a thousand calls ahead of
+        // every other request's. Results keep the order of the items.
+        let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
+        for chunk in items.chunks(BATCH_IN_FLIGHT) {
+            let done = futures_util::future::join_all(chunk.iter().map(|item| self.one(&name, &key, op, item))).await;
+            for (item, r) in chunk.iter().zip(done) {
+                let mut r = r.unwrap_or_else(|e| ItemResult { error: Some(e.client_message()), ..Default::default() });
+                r.reference = item.reference.clone();
+                results.push(r);
+            }
+        }
         Reply::data(&BatchResults { batch_results: results })
     }
 
