@@ -146,7 +146,13 @@ impl TestServer {
                 .arg(&config_file)
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "root-token failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "root-token failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         } else {
             let init =

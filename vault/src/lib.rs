@@ -162,6 +162,29 @@ pub mod token_workers {
     }
 }
 
+/// The way out of the PKCS#11 library at process exit. Every call into the key store
+/// holds this gate shared ([`crate::metrics::MeteredKeyStore`] wraps the one every process
+/// opens); [`token_gate::close`] takes it exclusively, waiting for the calls in flight, and
+/// never gives it back. `main` closes it last, so that no thread (a token worker, the
+/// audit writer) is inside the library while its static destructors run at exit: SoftHSM
+/// crashes then (seen as a segfault in `libsofthsm2.so` and a command that exits with
+/// signal 11 after doing its work).
+pub mod token_gate {
+    use std::sync::{RwLock, RwLockReadGuard};
+
+    static GATE: RwLock<()> = RwLock::new(());
+
+    /// Held while one call runs.
+    pub fn enter() -> RwLockReadGuard<'static, ()> {
+        GATE.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for the calls in flight and let no other one in, ever.
+    pub fn close() {
+        std::mem::forget(GATE.write().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
 /// How much lower background work runs than requests (`nice` units).
 const BACKGROUND_NICE: i32 = 10;
 

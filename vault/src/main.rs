@@ -310,7 +310,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Nothing may be inside the PKCS#11 library when the process exits (its destructors
+    // run then): stop the runtime, then wait for the token calls in flight and admit no
+    // more (keyvault::token_gate).
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    keyvault::token_gate::close();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

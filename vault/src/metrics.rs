@@ -332,6 +332,7 @@ impl MeteredKeyStore {
 }
 
 fn timed<T>(op: &'static str, f: impl FnOnce() -> keyvault_hsm::Result<T>) -> keyvault_hsm::Result<T> {
+    let _inside = crate::token_gate::enter();
     let t = Instant::now();
     let r = f();
     get().token_op(op, r.is_ok(), t.elapsed());
@@ -394,6 +395,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         self.inner.wrap_mechanism()
     }
     fn seal(&self) {
+        let _inside = crate::token_gate::enter();
         self.inner.seal()
     }
     fn unseal(&self, pin: secrecy::SecretString) -> keyvault_hsm::Result<()> {
