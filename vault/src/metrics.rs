@@ -319,15 +319,32 @@ impl<S: Store + ?Sized> Store for MeteredStore<S> {
     }
 }
 
-/// A key store that counts and times every call of the one it wraps.
+/// A key store that counts and times every call of the one it wraps, each inside the
+/// token gate ([`crate::token_gate`]), and its release too: dropping the last reference
+/// closes the PKCS#11 library, which must not race the process's exit.
 #[derive(Debug)]
 pub struct MeteredKeyStore {
-    inner: std::sync::Arc<dyn keyvault_hsm::KeyStore>,
+    /// `Some` until dropped.
+    inner: Option<std::sync::Arc<dyn keyvault_hsm::KeyStore>>,
 }
 
 impl MeteredKeyStore {
     pub fn new(inner: std::sync::Arc<dyn keyvault_hsm::KeyStore>) -> Self {
-        MeteredKeyStore { inner }
+        MeteredKeyStore { inner: Some(inner) }
+    }
+
+    fn k(&self) -> &dyn keyvault_hsm::KeyStore {
+        // Invariant: `inner` is taken only in `drop`.
+        self.inner.as_deref().expect("the key store is in use")
+    }
+}
+
+impl Drop for MeteredKeyStore {
+    fn drop(&mut self) {
+        // After `token_gate::close` (the process is exiting) this waits for good: the
+        // library is left to the exit.
+        let _inside = crate::token_gate::enter();
+        self.inner.take();
     }
 }
 
@@ -341,19 +358,19 @@ fn timed<T>(op: &'static str, f: impl FnOnce() -> keyvault_hsm::Result<T>) -> ke
 
 impl keyvault_hsm::KeyStore for MeteredKeyStore {
     fn generate(&self, label: &keyvault_hsm::KeyLabel, kind: keyvault_hsm::KeyKind) -> keyvault_hsm::Result<()> {
-        timed("generate", || self.inner.generate(label, kind))
+        timed("generate", || self.k().generate(label, kind))
     }
     fn exists(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
-        timed("exists", || self.inner.exists(label))
+        timed("exists", || self.k().exists(label))
     }
     fn list(&self, prefix: &str) -> keyvault_hsm::Result<Vec<keyvault_hsm::KeyLabel>> {
-        timed("list", || self.inner.list(prefix))
+        timed("list", || self.k().list(prefix))
     }
     fn destroy(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
-        timed("destroy", || self.inner.destroy(label))
+        timed("destroy", || self.k().destroy(label))
     }
     fn wrap_key(&self, kek: &keyvault_hsm::KeyLabel, key: &[u8], aad: &[u8]) -> keyvault_hsm::Result<Vec<u8>> {
-        timed("wrap_key", || self.inner.wrap_key(kek, key, aad))
+        timed("wrap_key", || self.k().wrap_key(kek, key, aad))
     }
     fn unwrap_key(
         &self,
@@ -361,7 +378,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         wrapped: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("unwrap_key", || self.inner.unwrap_key(kek, wrapped, aad))
+        timed("unwrap_key", || self.k().unwrap_key(kek, wrapped, aad))
     }
     fn encrypt_aes_gcm(
         &self,
@@ -369,7 +386,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         plaintext: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<Vec<u8>> {
-        timed("encrypt_aes_gcm", || self.inner.encrypt_aes_gcm(label, plaintext, aad))
+        timed("encrypt_aes_gcm", || self.k().encrypt_aes_gcm(label, plaintext, aad))
     }
     fn decrypt_aes_gcm(
         &self,
@@ -377,31 +394,31 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("decrypt_aes_gcm", || self.inner.decrypt_aes_gcm(label, ciphertext, aad))
+        timed("decrypt_aes_gcm", || self.k().decrypt_aes_gcm(label, ciphertext, aad))
     }
     fn sign_ed25519(&self, label: &keyvault_hsm::KeyLabel, message: &[u8]) -> keyvault_hsm::Result<[u8; 64]> {
-        timed("sign_ed25519", || self.inner.sign_ed25519(label, message))
+        timed("sign_ed25519", || self.k().sign_ed25519(label, message))
     }
     fn ed25519_public_key(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<[u8; 32]> {
-        timed("ed25519_public_key", || self.inner.ed25519_public_key(label))
+        timed("ed25519_public_key", || self.k().ed25519_public_key(label))
     }
     fn hmac_sha256(&self, label: &keyvault_hsm::KeyLabel, message: &[u8]) -> keyvault_hsm::Result<[u8; 32]> {
-        timed("hmac_sha256", || self.inner.hmac_sha256(label, message))
+        timed("hmac_sha256", || self.k().hmac_sha256(label, message))
     }
     fn random_bytes(&self, len: usize) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("random_bytes", || self.inner.random_bytes(len))
+        timed("random_bytes", || self.k().random_bytes(len))
     }
     fn wrap_mechanism(&self) -> keyvault_hsm::WrapMechanism {
-        self.inner.wrap_mechanism()
+        self.k().wrap_mechanism()
     }
     fn seal(&self) {
         let _inside = crate::token_gate::enter();
-        self.inner.seal()
+        self.k().seal()
     }
     fn unseal(&self, pin: secrecy::SecretString) -> keyvault_hsm::Result<()> {
-        timed("unseal", || self.inner.unseal(pin))
+        timed("unseal", || self.k().unseal(pin))
     }
     fn is_sealed(&self) -> bool {
-        self.inner.is_sealed()
+        self.k().is_sealed()
     }
 }
