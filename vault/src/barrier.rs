@@ -255,9 +255,11 @@ fn rewrap_in_token(
         if decrypt_value(&dek, &record.nonce, &item.value_aad, record.ciphertext).is_err() {
             continue;
         }
-        if dek.len() != 32 {
-            return Err(Error::Barrier(BarrierError::Malformed("data key is not 256 bits")));
-        }
+        let dek: Zeroizing<[u8; 32]> = Zeroizing::new(
+            dek.as_slice()
+                .try_into()
+                .map_err(|_| Error::Barrier(BarrierError::Malformed("data key is not 256 bits")))?,
+        );
         if v != record.kek_version {
             tracing::warn!(
                 recorded = record.kek_version.get(),
@@ -266,15 +268,8 @@ fn rewrap_in_token(
             );
         }
         let wrapped = match &epochs.to {
-            Some(e) => {
-                let fixed: Zeroizing<[u8; 32]> = Zeroizing::new(
-                    dek.as_slice()
-                        .try_into()
-                        .map_err(|_| Error::Barrier(BarrierError::Malformed("data key is not 256 bits")))?,
-                );
-                e.wrap(&fixed, &item.dek_aad)?
-            }
-            None => k.wrap_key(&names.master(to), &dek, &item.dek_aad).map_err(Error::Hsm)?,
+            Some(e) => e.wrap(&dek, &item.dek_aad)?,
+            None => k.wrap_key(&names.master(to), dek.as_slice(), &item.dek_aad).map_err(Error::Hsm)?,
         };
         return Ok(Some(Rewrapped {
             record: Record { kek_version: to, wrapped_dek: &wrapped, ..record }.encode(),
