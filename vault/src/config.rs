@@ -30,6 +30,9 @@ pub struct Config {
     pub rotation: RotationConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// `[memory]`: memory locking (docs/configuration.md).
+    #[serde(default)]
+    pub memory: crate::hardening::MemoryConfig,
     /// Where the engines and auth methods are mounted (`[[mounts]]`); when absent, the
     /// defaults of [`default_mounts`]. When given, it is the whole list.
     #[serde(default = "default_mounts")]

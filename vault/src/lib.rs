@@ -18,6 +18,7 @@ pub mod engines;
 pub mod epoch;
 pub mod error;
 pub mod gateway;
+pub mod hardening;
 pub mod http;
 pub mod json;
 pub mod keys;

@@ -19,8 +19,13 @@ mod cli;
 /// mimalloc instead of glibc's allocator: a request allocates and frees many small
 /// buffers across threads, and glibc's malloc/free took about 12% of a read's CPU in the
 /// profile of docs/PERFORMANCE.md ("Epoch keys and metrics").
+///
+/// Wrapped by `zalloc`, which zeroes every block when it is freed (and the old block of a
+/// reallocation): request bodies, secret values and decrypted records pass through buffers
+/// of hyper, rustls and serde_json that are not ours to zeroize; this wipes them all when
+/// released (docs/threat-model.md, "Memory").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: zalloc::ZeroizingAlloc<mimalloc::MiMalloc> = zalloc::ZeroizingAlloc(mimalloc::MiMalloc);
 
 use cli::EndpointArgs;
 use cli::bench::{self, BenchOptions, Scenario};
@@ -293,6 +298,12 @@ fn init_logging(filter: &str, json: bool) {
 }
 
 fn main() -> ExitCode {
+    // Before anything is read: no core dumps, no ptrace attach by the same user. Every
+    // command, as the CLI holds tokens and secret values too.
+    if let Err(e) = keyvault::hardening::disable_dumps() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     // `keyvault dev` runs SoftHSM from its own data directory. SoftHSM reads its
     // configuration path from SOFTHSM2_CONF when the module loads; rather than mutating
@@ -345,6 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server { config } => {
             let config = Config::load(&config)?;
             init_logging(&config.log.level, config.log.format == "json");
+            keyvault::hardening::log(&keyvault::hardening::apply(&config.memory)?);
             let service = Builder::new(&config).build().await?;
             keyvault::http::serve(service, |addr, _| {
                 tracing::info!(%addr, "KeyVault listening (TLS)");
@@ -367,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mounts,
         } => {
             init_logging(&log, false);
+            keyvault::hardening::log(&keyvault::hardening::apply(&Default::default())?);
             let started = std::time::Instant::now();
             let layout = DevLayout::new(&data_dir)?;
             let module = dev::ensure_token(&layout)?;

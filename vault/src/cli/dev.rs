@@ -120,6 +120,7 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
         audit: keyvault::audit::AuditConfig::at(layout.audit_log()),
         rotation: Default::default(),
         telemetry: Default::default(),
+        memory: Default::default(),
         mounts: keyvault::config::default_mounts(),
     }
 }
