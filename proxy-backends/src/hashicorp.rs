@@ -24,6 +24,7 @@ use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::http::transport_error;
@@ -334,7 +335,10 @@ impl Hashicorp {
     /// was replaced already.
     async fn refused(&self, token: &SecretString) {
         let mut st = self.auth.state.lock().await;
-        if st.as_ref().is_some_and(|s| s.token.expose_secret() == token.expose_secret()) {
+        // Constant time, as every comparison of a secret (docs/threat-model.md).
+        let same =
+            |s: &TokenState| bool::from(s.token.expose_secret().as_bytes().ct_eq(token.expose_secret().as_bytes()));
+        if st.as_ref().is_some_and(same) {
             tracing::warn!(upstream = %self.base, method = self.auth.method(), "the upstream refused its token; obtaining a new one");
             *st = None;
         }

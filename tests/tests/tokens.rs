@@ -80,8 +80,16 @@ async fn child_tokens_die_with_their_parents_and_never_hold_more() {
     assert_eq!(l.body["data"]["policies"], json!(["app"]));
     assert_eq!(l.body["data"]["orphan"], true);
     ok(c.post("auth/token/lookup", Some(&root), json!({"token": parent})).await, 400);
+    let caps = json!({"token": orphan, "paths": ["secret/app/x"]});
+    let r = ok(c.post("sys/capabilities", Some(&root), caps.clone()).await, 200);
+    assert_eq!(r.body["data"]["capabilities"], json!(["read"]), "{r:?}");
     ok(c.post("auth/token/revoke", Some(&root), json!({"token": orphan})).await, 204);
     ok(c.get("secret/app/x", &orphan).await, 401);
+    // Nothing answers for a revoked token: not sys/capabilities either (it did, found in
+    // review), nor for a revoked line (the parent's children).
+    let r = ok(c.post("sys/capabilities", Some(&root), caps).await, 400);
+    assert_eq!(r.body["errors"][0], "invalid token");
+    ok(c.post("sys/capabilities", Some(&root), json!({"token": child, "paths": ["secret/app/x"]})).await, 400);
 }
 
 #[tokio::test]

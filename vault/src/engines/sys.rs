@@ -562,7 +562,15 @@ impl Engine for Sys {
             ("capabilities", _) => {
                 let mut b: keyvault_api::sys::CapabilitiesRequest = req.data()?;
                 let token = b.token.take().ok_or_else(|| Error::invalid("missing field `token`"))?;
-                let claims = core.tokens.verify(token.expose()).map_err(|_| Error::invalid("invalid token"))?;
+                // The same standing as any other token named in a body: signature, expiry
+                // with renewals, revocation of it and its ancestors, the kill switch.
+                let invalid = || Error::invalid("invalid token");
+                let (claims, expired) = core.tokens.verify_signature(token.expose()).map_err(|_| invalid())?;
+                match core.check_other_token(&claims, expired).await {
+                    Ok(()) => {}
+                    Err(Error::Unauthenticated(_)) => return Err(invalid()),
+                    Err(e) => return Err(e),
+                }
                 let acl = core.policies.acl(&claims.pol).await?;
                 capabilities(&acl, b)
             }
