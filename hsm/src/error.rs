@@ -60,6 +60,11 @@ pub enum HsmError {
     #[error("timed out waiting for a free PKCS#11 session")]
     PoolTimeout,
 
+    /// A call did not return within `[hsm] call_timeout`: the token hangs (its thread is
+    /// left to finish; the caller is answered now).
+    #[error("the token did not answer within {secs} s")]
+    CallTimeout { secs: u64 },
+
     /// Any other failed `C_*` call, with the function and its return value.
     #[error("{function} failed: {rv}")]
     Pkcs11 { function: Function, rv: RvError },
@@ -72,10 +77,20 @@ pub enum HsmError {
 impl HsmError {
     /// True when retrying later (after the token comes back) may succeed; the HTTP layer
     /// answers 503 for these.
+    /// What a device failure looks like (`CKR_DEVICE_ERROR`), for fault injection in tests.
+    #[doc(hidden)]
+    pub fn simulated_device_error() -> Self {
+        HsmError::Unavailable { function: Function::GetSessionInfo, rv: RvError::DeviceError }
+    }
+
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            HsmError::Unavailable { .. } | HsmError::PoolTimeout | HsmError::TokenNotFound { .. } | HsmError::Sealed
+            HsmError::Unavailable { .. }
+                | HsmError::PoolTimeout
+                | HsmError::CallTimeout { .. }
+                | HsmError::TokenNotFound { .. }
+                | HsmError::Sealed
         )
         // Not `KeyNotFound`: the token answers but a key that KeyVault's state names is
         // not in it. That is a fault to fix (an error naming the key), not an outage to

@@ -137,6 +137,15 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// `len` bytes from the token's random number generator (`C_GenerateRandom`).
     fn random_bytes(&self, len: usize) -> Result<Zeroizing<Vec<u8>>>;
 
+    /// Re-initialise the module (`C_Finalize`, `C_Initialize`) and find the token again:
+    /// how a token that went away and came back is found, where the library only looks
+    /// for tokens when it is initialised (SoftHSM). The caller guarantees that no other
+    /// call into the module is in flight (KeyVault holds its token gate exclusively).
+    /// Ok(true) when the token is there afterwards.
+    fn reinitialize(&self) -> Result<bool> {
+        Ok(false)
+    }
+
     /// The mechanism new wraps use.
     fn wrap_mechanism(&self) -> WrapMechanism;
 

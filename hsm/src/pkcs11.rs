@@ -201,6 +201,9 @@ pub struct Pkcs11KeyStore {
     generating: std::sync::Mutex<()>,
     /// Serializes [`KeyStore::unseal`].
     unsealing: std::sync::Mutex<()>,
+    /// The token was not found at the last look: `slot` is stale (after a
+    /// re-initialisation its number may name another token). Calls look again first.
+    missing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Pkcs11KeyStore {
@@ -303,6 +306,7 @@ impl Pkcs11KeyStore {
             mechanisms,
             generating: std::sync::Mutex::new(()),
             unsealing: std::sync::Mutex::new(()),
+            missing: std::sync::atomic::AtomicBool::new(false),
         };
         // Log in now so that a wrong PIN fails start-up, not the first request.
         drop(store.lease()?);
@@ -343,6 +347,16 @@ impl Pkcs11KeyStore {
     fn lease(&self) -> Result<Lease<'_>> {
         if self.is_sealed() {
             return Err(HsmError::Sealed);
+        }
+        if self.missing.load(std::sync::atomic::Ordering::Acquire) {
+            match find_token(&self.ctx, &self.label)? {
+                Some(slot) => {
+                    *self.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
+                    self.missing.store(false, std::sync::atomic::Ordering::Release);
+                    tracing::warn!(token = %self.label, slot = slot.id(), "PKCS#11 token found again");
+                }
+                None => return Err(HsmError::TokenNotFound { label: self.label.clone() }),
+            }
         }
         let deadline = Instant::now() + self.pool.wait;
         let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -387,7 +401,10 @@ impl Pkcs11KeyStore {
                 tracing::warn!(token = %self.label, slot = slot.id(), "PKCS#11 token reconnected");
                 Ok(())
             }
-            None => Err(HsmError::TokenNotFound { label: self.label.clone() }),
+            None => {
+                self.missing.store(true, std::sync::atomic::Ordering::Release);
+                Err(HsmError::TokenNotFound { label: self.label.clone() })
+            }
         }
     }
 
@@ -867,6 +884,37 @@ impl KeyStore for Pkcs11KeyStore {
         }
         self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::warn!(token = %self.label, "key store sealed: sessions closed, handles and PIN dropped");
+    }
+
+    fn reinitialize(&self) -> Result<bool> {
+        {
+            let mut st = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let n = st.sessions.len();
+            st.sessions.clear();
+            st.open -= n;
+        }
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+        match self.ctx.clone().finalize() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match self.ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match find_token(&self.ctx, &self.label)? {
+            Some(slot) => {
+                *self.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
+                self.missing.store(false, std::sync::atomic::Ordering::Release);
+                tracing::warn!(token = %self.label, slot = slot.id(), "PKCS#11 module re-initialised: token found");
+                Ok(true)
+            }
+            None => {
+                self.missing.store(true, std::sync::atomic::Ordering::Release);
+                tracing::warn!(token = %self.label, "PKCS#11 module re-initialised: the token is still missing");
+                Ok(false)
+            }
+        }
     }
 
     fn unseal(&self, pin: SecretString) -> Result<()> {

@@ -16,6 +16,7 @@ pub mod moto;
 pub mod pki;
 pub mod postgres;
 pub mod server;
+pub mod tmpfs;
 
 /// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this
 /// test executable (`cargo test --workspace` builds it).

@@ -29,6 +29,8 @@ pub struct ServerOptions {
     pub skip_init: bool,
     /// Lines added to the `[listener]` section.
     pub listener_extra: String,
+    /// Lines added to the `[hsm]` section.
+    pub hsm_extra: String,
     /// Environment of the server process (e.g. libfaketime for another clock).
     pub env: Vec<(String, String)>,
     /// Where the audit log goes (default: `audit/audit.log` in the install's directory).
@@ -124,7 +126,7 @@ impl TestServer {
         let config = format!(
             "[listener]\naddress = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{listener_extra}\n\
              {}\n\n\
-             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\n\
+             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n{}\n\n\
              [log]\nlevel = \"debug\"\n\n[audit]\npath = \"{}\"\n{}\n\n{}\n",
             cert_file.display(),
             key_file.display(),
@@ -134,6 +136,7 @@ impl TestServer {
             token.module.display(),
             token.token_label,
             pin_file.display(),
+            opts.hsm_extra,
             opts.audit_path.clone().unwrap_or_else(|| d.join("audit").join("audit.log")).display(),
             opts.audit_extra,
             opts.extra,

@@ -283,6 +283,10 @@ pub struct HsmConfig {
     /// Threads that make the calls into the token (docs/architecture.md, "Token workers").
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// How long a request waits for one token call before it is answered 503 (a hung
+    /// module or network HSM must not hold requests, and their connections, forever).
+    #[serde(default = "default_call_timeout", deserialize_with = "crate::deserialize_duration")]
+    pub call_timeout: Duration,
     /// `auto` (AES-GCM if the token has it, else AES key wrap with padding),
     /// `aes-gcm` or `aes-key-wrap-pad`.
     #[serde(default)]
@@ -297,6 +301,9 @@ fn default_max_sessions() -> usize {
 }
 fn default_workers() -> usize {
     2
+}
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -71,7 +71,7 @@ impl std::fmt::Debug for EpochKey {
 }
 
 impl EpochKey {
-    fn new(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn new(bytes: &[u8]) -> Result<Self> {
         let fixed: [u8; 32] =
             bytes.try_into().map_err(|_| Error::Barrier(BarrierError::Malformed("epoch key is not 256 bits")))?;
         let key = Box::new(Zeroizing::new(fixed));

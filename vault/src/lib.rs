@@ -17,6 +17,11 @@ pub mod config;
 pub mod engines;
 pub mod epoch;
 pub mod error;
+#[cfg(debug_assertions)]
+pub mod faults;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod hardening;
 pub mod http;
@@ -51,13 +56,25 @@ where
     F: FnOnce(&dyn KeyStore) -> keyvault_hsm::Result<T> + Send + 'static,
 {
     let keys = keys.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = tokio::sync::oneshot::channel::<keyvault_hsm::Result<T>>();
     token_workers::submit(Box::new(move || {
+        // A caller that gave up (timed out, or its request was dropped) wants nothing:
+        // its call is not made at all.
+        if tx.is_closed() {
+            return;
+        }
         let _ = tx.send(f(keys.as_ref()));
     }))?;
-    rx.await
-        .map_err(|_| Error::Internal("a key store call failed (its worker caught a panic)".into()))?
-        .map_err(Error::Hsm)
+    let limit = token_workers::call_timeout();
+    match tokio::time::timeout(limit, rx).await {
+        Ok(answer) => answer
+            .map_err(|_| Error::Internal("a key store call failed (its worker caught a panic)".into()))?
+            .map_err(Error::Hsm),
+        Err(_) => {
+            crate::metrics::get().token_op("timeout", false, limit);
+            Err(Error::Hsm(keyvault_hsm::HsmError::CallTimeout { secs: limit.as_secs().max(1) }))
+        }
+    }
 }
 
 /// The token workers (docs/architecture.md, "Token workers"): a few dedicated threads that
@@ -79,11 +96,19 @@ pub mod token_workers {
     pub type Job = Box<dyn FnOnce() + Send>;
 
     static WANTED: AtomicUsize = AtomicUsize::new(2);
+    static TIMEOUT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(10_000);
     static QUEUE: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
 
-    /// How many workers to start (before the first call; later calls change nothing).
-    pub fn configure(workers: usize) {
+    /// How many workers to start (before the first call; later calls change nothing), and
+    /// how long a caller waits for its answer (`[hsm] call_timeout`).
+    pub fn configure(workers: usize, call_timeout: std::time::Duration) {
         WANTED.store(workers.clamp(1, 64), Ordering::Relaxed);
+        TIMEOUT_MS.store(call_timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// How long [`crate::hsm_call`] waits for an answer.
+    pub fn call_timeout() -> std::time::Duration {
+        std::time::Duration::from_millis(TIMEOUT_MS.load(Ordering::Relaxed))
     }
 
     fn queue() -> Result<&'static Mutex<Sender<Job>>> {
@@ -180,9 +205,92 @@ pub mod token_gate {
         GATE.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wait for the calls in flight and let no other one in, ever.
-    pub fn close() {
-        std::mem::forget(GATE.write().unwrap_or_else(|p| p.into_inner()));
+    /// Hold the gate alone, waiting at most `within` for the calls in flight: for
+    /// re-initialising the module ([`crate::token_recovery`]). None if a call does not
+    /// return in time (a hung module cannot be re-initialised under a caller).
+    pub fn exclusive(within: std::time::Duration) -> Option<std::sync::RwLockWriteGuard<'static, ()>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match GATE.try_write() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
+    }
+
+    /// Wait for the calls in flight and let no other one in, ever. A call that does not
+    /// return within `within` (a hung module) is given up on: false, and the process
+    /// exits anyway (it cannot wait for a module that never answers).
+    pub fn close(within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match GATE.try_write() {
+                Ok(g) => {
+                    std::mem::forget(g);
+                    return true;
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    std::mem::forget(p.into_inner());
+                    return true;
+                }
+                Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            }
+        }
+    }
+}
+
+/// Finding a token that went away and came back. PKCS#11 libraries such as SoftHSM look
+/// for tokens only when initialised, so reconnecting sessions is not enough: after a call
+/// fails because the token is unavailable or a key is missing, a thread re-initialises the
+/// module (`KeyStore::reinitialize`) while holding the token gate alone, so that no call
+/// is inside the library meanwhile. At most one attempt every [`token_recovery::EVERY`];
+/// requests meanwhile get their 503 as before.
+pub mod token_recovery {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use keyvault_hsm::{HsmError, KeyStore};
+
+    /// The least time between two attempts.
+    pub const EVERY: Duration = Duration::from_secs(2);
+
+    static RUNNING: AtomicBool = AtomicBool::new(false);
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+
+    /// Whether a failed call's error calls for an attempt.
+    pub fn wants(e: &HsmError) -> bool {
+        matches!(e, HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. } | HsmError::KeyNotFound(_))
+    }
+
+    /// Start an attempt in the background, unless one runs or ran less than [`EVERY`] ago.
+    pub fn kick(keys: Arc<dyn KeyStore>) {
+        {
+            let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < EVERY) || RUNNING.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let spawned = std::thread::Builder::new().name("keyvault-token-recovery".into()).spawn(move || {
+            if let Some(_alone) = crate::token_gate::exclusive(Duration::from_secs(2)) {
+                match keys.reinitialize() {
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "re-initialising the PKCS#11 module failed"),
+                }
+            }
+            RUNNING.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            RUNNING.store(false, Ordering::Release);
+        }
     }
 }
 

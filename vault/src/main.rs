@@ -326,7 +326,9 @@ fn main() -> ExitCode {
     // run then): stop the runtime, then wait for the token calls in flight and admit no
     // more (keyvault::token_gate).
     runtime.shutdown_timeout(Duration::from_secs(5));
-    keyvault::token_gate::close();
+    if !keyvault::token_gate::close(Duration::from_secs(10)) {
+        eprintln!("warning: a call into the PKCS#11 module did not return within 10 s; exiting without waiting for it");
+    }
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -348,29 +348,41 @@ impl Drop for MeteredKeyStore {
     }
 }
 
-fn timed<T>(op: &'static str, f: impl FnOnce() -> keyvault_hsm::Result<T>) -> keyvault_hsm::Result<T> {
+fn timed<T>(
+    op: &'static str,
+    recover: Option<&std::sync::Arc<dyn keyvault_hsm::KeyStore>>,
+    f: impl FnOnce() -> keyvault_hsm::Result<T>,
+) -> keyvault_hsm::Result<T> {
     let _inside = crate::token_gate::enter();
     let t = Instant::now();
+    #[cfg(debug_assertions)]
+    let r = crate::faults::before(op).and_then(|()| f());
+    #[cfg(not(debug_assertions))]
     let r = f();
+    if let (Err(e), Some(inner)) = (&r, recover)
+        && crate::token_recovery::wants(e)
+    {
+        crate::token_recovery::kick(inner.clone());
+    }
     get().token_op(op, r.is_ok(), t.elapsed());
     r
 }
 
 impl keyvault_hsm::KeyStore for MeteredKeyStore {
     fn generate(&self, label: &keyvault_hsm::KeyLabel, kind: keyvault_hsm::KeyKind) -> keyvault_hsm::Result<()> {
-        timed("generate", || self.k().generate(label, kind))
+        timed("generate", self.inner.as_ref(), || self.k().generate(label, kind))
     }
     fn exists(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
-        timed("exists", || self.k().exists(label))
+        timed("exists", self.inner.as_ref(), || self.k().exists(label))
     }
     fn list(&self, prefix: &str) -> keyvault_hsm::Result<Vec<keyvault_hsm::KeyLabel>> {
-        timed("list", || self.k().list(prefix))
+        timed("list", self.inner.as_ref(), || self.k().list(prefix))
     }
     fn destroy(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
-        timed("destroy", || self.k().destroy(label))
+        timed("destroy", self.inner.as_ref(), || self.k().destroy(label))
     }
     fn wrap_key(&self, kek: &keyvault_hsm::KeyLabel, key: &[u8], aad: &[u8]) -> keyvault_hsm::Result<Vec<u8>> {
-        timed("wrap_key", || self.k().wrap_key(kek, key, aad))
+        timed("wrap_key", self.inner.as_ref(), || self.k().wrap_key(kek, key, aad))
     }
     fn unwrap_key(
         &self,
@@ -378,7 +390,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         wrapped: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("unwrap_key", || self.k().unwrap_key(kek, wrapped, aad))
+        timed("unwrap_key", self.inner.as_ref(), || self.k().unwrap_key(kek, wrapped, aad))
     }
     fn encrypt_aes_gcm(
         &self,
@@ -386,7 +398,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         plaintext: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<Vec<u8>> {
-        timed("encrypt_aes_gcm", || self.k().encrypt_aes_gcm(label, plaintext, aad))
+        timed("encrypt_aes_gcm", self.inner.as_ref(), || self.k().encrypt_aes_gcm(label, plaintext, aad))
     }
     fn decrypt_aes_gcm(
         &self,
@@ -394,19 +406,19 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("decrypt_aes_gcm", || self.k().decrypt_aes_gcm(label, ciphertext, aad))
+        timed("decrypt_aes_gcm", self.inner.as_ref(), || self.k().decrypt_aes_gcm(label, ciphertext, aad))
     }
     fn sign_ed25519(&self, label: &keyvault_hsm::KeyLabel, message: &[u8]) -> keyvault_hsm::Result<[u8; 64]> {
-        timed("sign_ed25519", || self.k().sign_ed25519(label, message))
+        timed("sign_ed25519", self.inner.as_ref(), || self.k().sign_ed25519(label, message))
     }
     fn ed25519_public_key(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<[u8; 32]> {
-        timed("ed25519_public_key", || self.k().ed25519_public_key(label))
+        timed("ed25519_public_key", self.inner.as_ref(), || self.k().ed25519_public_key(label))
     }
     fn hmac_sha256(&self, label: &keyvault_hsm::KeyLabel, message: &[u8]) -> keyvault_hsm::Result<[u8; 32]> {
-        timed("hmac_sha256", || self.k().hmac_sha256(label, message))
+        timed("hmac_sha256", self.inner.as_ref(), || self.k().hmac_sha256(label, message))
     }
     fn random_bytes(&self, len: usize) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("random_bytes", || self.k().random_bytes(len))
+        timed("random_bytes", self.inner.as_ref(), || self.k().random_bytes(len))
     }
     fn wrap_mechanism(&self) -> keyvault_hsm::WrapMechanism {
         self.k().wrap_mechanism()
@@ -416,9 +428,13 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         self.k().seal()
     }
     fn unseal(&self, pin: secrecy::SecretString) -> keyvault_hsm::Result<()> {
-        timed("unseal", || self.k().unseal(pin))
+        timed("unseal", self.inner.as_ref(), || self.k().unseal(pin))
     }
     fn is_sealed(&self) -> bool {
         self.k().is_sealed()
+    }
+    fn reinitialize(&self) -> keyvault_hsm::Result<bool> {
+        // Called with the token gate held alone (token_recovery): no entry here.
+        self.k().reinitialize()
     }
 }

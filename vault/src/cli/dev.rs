@@ -112,6 +112,7 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
             max_sessions: 4,
             workers: 2,
             wrap_mechanism: WrapSetting::Auto,
+            call_timeout: std::time::Duration::from_secs(10),
         },
         tokens: TokenConfig::default(),
         secrets: SecretsConfig { dek_cache_ttl, ..SecretsConfig::default() },

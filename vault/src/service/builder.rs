@@ -56,7 +56,7 @@ pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
     let pin = config.hsm.pin_source()?.read()?;
     let mut p = Pkcs11Config::new(config.hsm.module.clone(), config.hsm.token_label.clone(), pin);
     p.max_sessions = config.hsm.max_sessions;
-    crate::token_workers::configure(config.hsm.workers);
+    crate::token_workers::configure(config.hsm.workers, config.hsm.call_timeout);
     p.wrap = config.hsm.wrap_preference();
     Ok(Arc::new(crate::metrics::MeteredKeyStore::new(Pkcs11KeyStore::open(&p)?)))
 }

@@ -1,9 +1,10 @@
 //! The embedded engine: sled, one process, one data directory.
 
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
@@ -18,6 +19,22 @@ const EXPIRING: u8 = 1;
 /// sled in one data directory. Each write is followed by a flush (an fsync of the log),
 /// so an acknowledged write survives `kill -9`.
 pub struct SledStore {
+    dir: PathBuf,
+    /// The open database; `None` only while a reopen failed (every call is then 503).
+    handles: RwLock<Option<Arc<Handles>>>,
+    /// An I/O error happened (sled keeps failing every write after one, e.g. after the
+    /// disk was full, even once space returns): writes try to reopen the database.
+    broken: AtomicBool,
+    last_reopen: Mutex<Option<Instant>>,
+    /// Group commit: writes are numbered; a flush covers every write numbered before it
+    /// started, so a writer whose write a finished flush already covers does not flush.
+    written: AtomicU64,
+    flushed: AtomicU64,
+    flush_lock: tokio::sync::Mutex<()>,
+}
+
+/// One open sled database and its trees.
+struct Handles {
     db: sled::Db,
     data: sled::Tree,
     /// `expiry_ms (8 bytes BE) || key` for every expiring entry, so a purge reads only
@@ -25,12 +42,26 @@ pub struct SledStore {
     expiry: sled::Tree,
     /// Counters (`TxOp::Count`): `value (i64 BE) || closed (1 byte)`.
     counters: sled::Tree,
-    /// Group commit: writes are numbered; a flush covers every write numbered before it
-    /// started, so a writer whose write a finished flush already covers does not flush.
-    written: AtomicU64,
-    flushed: AtomicU64,
-    flush_lock: tokio::sync::Mutex<()>,
 }
+
+impl Handles {
+    fn open(dir: &Path) -> StoreResult<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display())))?;
+        let data = db.open_tree("data").map_err(unavailable)?;
+        let expiry = db.open_tree("expiry").map_err(unavailable)?;
+        let counters = db.open_tree("counters").map_err(unavailable)?;
+        Ok(Handles { db, data, expiry, counters })
+    }
+}
+
+/// Free space a reopen wants on the data directory's file system (a few sled segments).
+const REOPEN_MIN_FREE: u64 = 8 << 20;
+/// The least time between two reopen attempts.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,31 +182,98 @@ fn apply_tx(data: &TransactionalTree, counters: &TransactionalTree, ops: &[TxOp]
     Ok(TxOutcome::Committed)
 }
 
-fn tx_error(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => unavailable(e),
-    }
-}
-
 impl SledStore {
+    /// The open database (cheap: an `Arc` clone).
+    fn h(&self) -> StoreResult<Arc<Handles>> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("sled: the store is being reopened after an I/O error".into()))
+    }
+
+    /// A sled error; an I/O error marks the database for a reopen.
+    fn failed(&self, e: sled::Error) -> StoreError {
+        if matches!(e, sled::Error::Io(_)) && !self.broken.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %e, dir = %self.dir.display(), "sled: I/O error; writes are refused until the database is reopened (tried once there is free space)");
+        }
+        unavailable(e)
+    }
+
+    fn tx_failed(&self, e: TransactionError<StoreError>) -> StoreError {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => self.failed(e),
+        }
+    }
+
+    /// Before a write: after an I/O error, reopen the database once there is room again
+    /// (sled fails every write after its first I/O error, for as long as it is open). At
+    /// most one attempt per [`REOPEN_EVERY`]; the attempt waits up to 2 s for calls in
+    /// flight to let go of the old database.
+    fn maybe_reopen(&self) {
+        if !self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let free = rustix::fs::statvfs(&self.dir).map(|v| v.f_bavail.saturating_mul(v.f_frsize)).unwrap_or(0);
+        if free < REOPEN_MIN_FREE {
+            return;
+        }
+        let mut slot = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut old) = slot.take() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(h) => {
+                        drop(h);
+                        break;
+                    }
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still) => {
+                        *slot = Some(still);
+                        return;
+                    }
+                }
+            }
+        }
+        match Handles::open(&self.dir) {
+            Ok(h) => {
+                *slot = Some(Arc::new(h));
+                self.broken.store(false, Ordering::Release);
+                tracing::warn!(dir = %self.dir.display(), "sled: reopened after an I/O error; writes are accepted again");
+            }
+            Err(e) => tracing::error!(error = %e, "sled: reopening after an I/O error failed; retrying"),
+        }
+    }
+
     /// Insert-if-absent without the flush (the caller flushes).
     fn insert_if_absent_unflushed(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        let h = self.h()?;
         check_key(key)?;
         let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
         loop {
-            let current = self.data.get(key).map_err(unavailable)?;
+            let current = h.data.get(key).map_err(|e| self.failed(e))?;
             if let Some(raw) = &current
                 && live(key, raw, now_ms())?.is_some()
             {
                 return Ok(false);
             }
-            match self.data.compare_and_swap(key, current, Some(encode(value, expires))).map_err(unavailable)? {
+            match h.data.compare_and_swap(key, current, Some(encode(value, expires))).map_err(|e| self.failed(e))? {
                 Ok(()) => {
                     if let Some(ms) = expires {
                         let mut idx = ms.to_be_bytes().to_vec();
                         idx.extend_from_slice(key.as_bytes());
-                        self.expiry.insert(idx, &[]).map_err(unavailable)?;
+                        h.expiry.insert(idx, &[]).map_err(|e| self.failed(e))?;
                     }
                     return Ok(true);
                 }
@@ -185,9 +283,10 @@ impl SledStore {
     }
 
     fn compare_and_swap_unflushed(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
+        let h = self.h()?;
         check_key(key)?;
         loop {
-            let current = self.data.get(key).map_err(unavailable)?;
+            let current = h.data.get(key).map_err(|e| self.failed(e))?;
             let logical = match &current {
                 Some(raw) => live(key, raw, now_ms())?,
                 None => None,
@@ -196,7 +295,7 @@ impl SledStore {
                 return Ok(false);
             }
             let replacement = new.map(|v| encode(v, None));
-            match self.data.compare_and_swap(key, current, replacement).map_err(unavailable)? {
+            match h.data.compare_and_swap(key, current, replacement).map_err(|e| self.failed(e))? {
                 Ok(()) => return Ok(true),
                 // Raced with another writer between our read and the swap: decide again.
                 Err(_) => continue,
@@ -206,19 +305,12 @@ impl SledStore {
 
     /// Open (or create) the store in `dir`. Fails clearly if another process holds it.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StoreError::Unavailable(format!("cannot open sled store in {}: {e}", dir.display())))?;
-        let data = db.open_tree("data").map_err(unavailable)?;
-        let expiry = db.open_tree("expiry").map_err(unavailable)?;
-        let counters = db.open_tree("counters").map_err(unavailable)?;
+        let handles = Handles::open(dir)?;
         Ok(SledStore {
-            db,
-            data,
-            expiry,
-            counters,
+            dir: dir.to_path_buf(),
+            handles: RwLock::new(Some(Arc::new(handles))),
+            broken: AtomicBool::new(false),
+            last_reopen: Mutex::new(None),
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -237,11 +329,11 @@ impl SledStore {
         let covers = self.written.load(Ordering::SeqCst);
         // Not `flush_async`: concurrent `flush_async` calls deadlock in sled 0.34
         // (sled issue 1308). A blocking flush on the blocking pool is correct.
-        let db = self.db.clone();
+        let db = self.h()?.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Unavailable(format!("flush task: {e}")))?
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         self.flushed.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
@@ -254,20 +346,24 @@ impl Store for SledStore {
     }
 
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let h = self.h()?;
         check_key(key)?;
-        match self.data.get(key).map_err(unavailable)? {
+        match h.data.get(key).map_err(|e| self.failed(e))? {
             Some(raw) => Ok(live(key, &raw, now_ms())?.map(<[u8]>::to_vec)),
             None => Ok(None),
         }
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.maybe_reopen();
+        let h = self.h()?;
         check_key(key)?;
-        self.data.insert(key, encode(value, None)).map_err(unavailable)?;
+        h.data.insert(key, encode(value, None)).map_err(|e| self.failed(e))?;
         self.flush().await
     }
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
+        self.maybe_reopen();
         let swapped = self.compare_and_swap_unflushed(key, expected, new)?;
         if swapped {
             self.flush().await?;
@@ -276,13 +372,15 @@ impl Store for SledStore {
     }
 
     async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
+        self.maybe_reopen();
+        let h = self.h()?;
         use sled::Transactional;
         check_tx_keys(&txs)?;
         let now = now_ms();
         // One sled transaction for the batch (serializable; sled retries it on conflict),
         // in which each of ours passes or fails on its own. Only transactions write
         // sealed records and counters, so none of them interleaves with a plain write.
-        let outcomes = (&self.data, &self.counters)
+        let outcomes = (&h.data, &h.counters)
             .transaction(|(data, counters)| {
                 let mut out = Vec::with_capacity(txs.len());
                 for ops in &txs {
@@ -290,7 +388,7 @@ impl Store for SledStore {
                 }
                 Ok(out)
             })
-            .map_err(tx_error)?;
+            .map_err(|e| self.tx_failed(e))?;
         // One fsync makes the whole batch durable.
         if outcomes.contains(&TxOutcome::Committed) {
             self.flush().await?;
@@ -299,8 +397,10 @@ impl Store for SledStore {
     }
 
     async fn close_counter(&self, key: &str) -> StoreResult<()> {
+        self.maybe_reopen();
+        let h = self.h()?;
         check_key(key)?;
-        self.counters
+        h.counters
             .transaction(|t| {
                 let value = match t.get(key)? {
                     Some(raw) => decode_counter(key.as_bytes(), &raw).map_err(abort)?.0,
@@ -309,14 +409,15 @@ impl Store for SledStore {
                 t.insert(key.as_bytes(), &encode_counter(value, true))?;
                 Ok(())
             })
-            .map_err(tx_error)?;
+            .map_err(|e| self.tx_failed(e))?;
         self.flush().await
     }
 
     async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
+        let h = self.h()?;
         let mut out = Vec::new();
-        for item in self.counters.scan_prefix(prefix.as_bytes()) {
-            let (k, raw) = item.map_err(unavailable)?;
+        for item in h.counters.scan_prefix(prefix.as_bytes()) {
+            let (k, raw) = item.map_err(|e| self.failed(e))?;
             let (value, closed) = decode_counter(&k, &raw)?;
             let key = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt {
                 key: String::from_utf8_lossy(&k).into_owned(),
@@ -328,13 +429,15 @@ impl Store for SledStore {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
+        self.maybe_reopen();
+        let h = self.h()?;
         check_key(key)?;
         loop {
-            let Some(current) = self.data.get(key).map_err(unavailable)? else {
+            let Some(current) = h.data.get(key).map_err(|e| self.failed(e))? else {
                 return Ok(false);
             };
             let was_live = live(key, &current, now_ms())?.is_some();
-            match self.data.compare_and_swap(key, Some(current), None::<&[u8]>).map_err(unavailable)? {
+            match h.data.compare_and_swap(key, Some(current), None::<&[u8]>).map_err(|e| self.failed(e))? {
                 Ok(()) => {
                     self.flush().await?;
                     return Ok(was_live);
@@ -350,17 +453,18 @@ impl Store for SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let h = self.h()?;
         let start = match after {
             Some(a) if a.as_bytes() >= prefix.as_bytes() => Bound::Excluded(a.as_bytes().to_vec()),
             _ => Bound::Included(prefix.as_bytes().to_vec()),
         };
         let now = now_ms();
         let mut out = Vec::new();
-        for item in self.data.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+        for item in h.data.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
             if out.len() >= limit {
                 break;
             }
-            let (k, raw) = item.map_err(unavailable)?;
+            let (k, raw) = item.map_err(|e| self.failed(e))?;
             if !k.starts_with(prefix.as_bytes()) {
                 break;
             }
@@ -376,6 +480,7 @@ impl Store for SledStore {
     }
 
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        self.maybe_reopen();
         let inserted = self.insert_if_absent_unflushed(key, value, ttl)?;
         if inserted {
             self.flush().await?;
@@ -384,6 +489,7 @@ impl Store for SledStore {
     }
 
     async fn insert_if_absent_many(&self, items: &[(String, Vec<u8>, Option<Duration>)]) -> StoreResult<Vec<bool>> {
+        self.maybe_reopen();
         let mut out = Vec::with_capacity(items.len());
         for (k, v, ttl) in items {
             out.push(self.insert_if_absent_unflushed(k, v, *ttl)?);
@@ -396,22 +502,28 @@ impl Store for SledStore {
     }
 
     async fn purge_expired(&self) -> StoreResult<u64> {
+        self.maybe_reopen();
+        let h = self.h()?;
         let now = now_ms();
         let mut purged = 0;
-        let due: Vec<sled::IVec> =
-            self.expiry.range(..now.to_be_bytes().to_vec()).keys().collect::<Result<_, _>>().map_err(unavailable)?;
+        let due: Vec<sled::IVec> = h
+            .expiry
+            .range(..now.to_be_bytes().to_vec())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.failed(e))?;
         for idx in due {
             let key = &idx[8..];
-            if let Some(raw) = self.data.get(key).map_err(unavailable)? {
+            if let Some(raw) = h.data.get(key).map_err(|e| self.failed(e))? {
                 let k = String::from_utf8_lossy(key);
                 // Only remove what is still expired: the key may have been re-inserted.
                 if live(&k, &raw, now)?.is_none()
-                    && self.data.compare_and_swap(key, Some(raw), None::<&[u8]>).map_err(unavailable)?.is_ok()
+                    && h.data.compare_and_swap(key, Some(raw), None::<&[u8]>).map_err(|e| self.failed(e))?.is_ok()
                 {
                     purged += 1;
                 }
             }
-            self.expiry.remove(&idx).map_err(unavailable)?;
+            h.expiry.remove(&idx).map_err(|e| self.failed(e))?;
         }
         if purged > 0 {
             self.flush().await?;
@@ -420,7 +532,8 @@ impl Store for SledStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.data.get("sys/ping").map_err(unavailable)?;
+        let h = self.h()?;
+        h.data.get("sys/ping").map_err(|e| self.failed(e))?;
         Ok(())
     }
 }

@@ -1,0 +1,157 @@
+//! Faults in the PKCS#11 module, injected under the server's key store (debug builds honour
+//! `KEYVAULT_TEST_TOKEN_FAULT=<file>`: vault/src/faults.rs): a failing device, a hung call,
+//! slow calls, calls failing at random, and a token that goes away and comes back. In each
+//! case the server stays up, answers what needs the token with 503 and a reason, serves
+//! what does not, says why in health, and recovers when the fault ends.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keyvault_tests::server::{ServerOptions, TestServer};
+use keyvault_tests::{Client, json, wait_for};
+use serde_json::Value;
+
+const UNAVAILABLE: &str = "the key store (HSM) is unavailable, retry later";
+
+fn set(fault: &Path, mode: &str) {
+    std::fs::write(fault, mode).unwrap();
+}
+
+async fn encrypt(c: &Client, root: &str) -> (u16, Value) {
+    let r = c.post("transit/encrypt/k", Some(root), json!({"plaintext": "aGk="})).await;
+    (r.status, r.body)
+}
+
+async fn health(c: &Client) -> (u16, Option<String>) {
+    let h = c.send("GET", "sys/health", None, None).await;
+    (h.status, h.body["hsm"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_hung_slow_or_flaky_token_is_a_503_with_a_reason_and_the_server_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    set(&fault, "");
+    let s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        hsm_extra: "call_timeout = \"2s\"".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    assert_eq!(c.put("secret/a", &root, json!({"value": "v"})).await.status, 200);
+    assert_eq!(c.post("transit/keys/k", Some(&root), json!({})).await.status, 200);
+    assert_eq!(encrypt(&c, &root).await.0, 200);
+    assert_eq!(health(&c).await, (200, Some("ok".into())));
+
+    // The device fails: what needs the token is 503 with the reason; secrets are served
+    // from the epoch key in memory (reads and writes make no token call).
+    set(&fault, "error");
+    let (status, body) = encrypt(&c, &root).await;
+    assert_eq!((status, body["errors"][0].as_str()), (503, Some(UNAVAILABLE)), "{body}");
+    let r = c.post("auth/token/create", Some(&root), json!({"policies": ["default"]})).await;
+    assert_eq!((r.status, r.body["errors"][0].as_str()), (503, Some(UNAVAILABLE)), "{r:?}");
+    assert_eq!(c.get("secret/a", &root).await.body["data"]["value"], "v");
+    assert_eq!(c.put("secret/b", &root, json!({"value": "w"})).await.status, 200);
+    assert_eq!(health(&c).await, (503, Some("unavailable".into())));
+    set(&fault, "");
+    assert_eq!(encrypt(&c, &root).await.0, 200);
+    assert_eq!(health(&c).await, (200, Some("ok".into())));
+
+    // A call hangs: the request is answered 503 once `call_timeout` (2 s) has passed, not
+    // held; everything that needs no token is still served while the workers are stuck.
+    set(&fault, "hang");
+    let t = Instant::now();
+    let (status, body) = encrypt(&c, &root).await;
+    let waited = t.elapsed();
+    assert_eq!((status, body["errors"][0].as_str()), (503, Some(UNAVAILABLE)), "{body}");
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(20), "answered after {waited:?}");
+    assert_eq!(c.get("secret/b", &root).await.body["data"]["value"], "w");
+    assert_eq!(health(&c).await.0, 503);
+    let log = s.log_text();
+    assert!(log.contains("did not answer within 2 s") || log.contains("unavailable"), "no reason logged");
+    set(&fault, "");
+    // The hung calls return; calls whose callers gave up are not made at all.
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for _ in 0..50 {
+        if encrypt(&c, &root).await.0 == 200 {
+            ok.store(true, std::sync::atomic::Ordering::Relaxed);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok.load(std::sync::atomic::Ordering::Relaxed), "transit did not recover after the hang");
+    assert_eq!(health(&c).await, (200, Some("ok".into())));
+
+    // Slow calls (300 ms each, under the timeout) succeed.
+    set(&fault, "slow 300");
+    let (status, body) = encrypt(&c, &root).await;
+    assert_eq!(status, 200, "{body}");
+    set(&fault, "");
+
+    // Half the calls fail at random: every answer is 200 or a 503 with the reason, never
+    // another status, and the server is healthy afterwards.
+    set(&fault, "flaky 50");
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let (status, body) = encrypt(&c, &root).await;
+        if status == 503 {
+            assert_eq!(body["errors"][0], UNAVAILABLE);
+        }
+        *seen.entry(status).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), vec![200, 503], "{seen:?}");
+    set(&fault, "");
+    assert_eq!(encrypt(&c, &root).await.0, 200);
+    assert_eq!(health(&c).await, (200, Some("ok".into())));
+    // Nothing the faults touched was lost.
+    assert_eq!(c.get("secret/a", &root).await.body["data"]["value"], "v");
+    assert_eq!(c.get("secret/b", &root).await.body["data"]["value"], "w");
+}
+
+/// The token's directory disappears (SoftHSM's way of pulling the token out) and comes
+/// back: 503 while it is gone, served again once it is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_goes_away_and_comes_back_is_served_again() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    assert_eq!(c.post("transit/keys/k", Some(&root), json!({})).await.status, 200);
+    assert_eq!(encrypt(&c, &root).await.0, 200);
+    let label = s.token.token_label.as_bytes().to_vec();
+    let dirs: Vec<_> = std::fs::read_dir(keyvault_hsm::softhsm::testing::token_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| std::fs::read(p.join("token.object")).is_ok_and(|b| b.windows(label.len()).any(|w| w == label)))
+        .collect();
+    assert_eq!(dirs.len(), 1);
+    // Out of SoftHSM's token directory (it would find the token in any directory there).
+    let away = tempfile::tempdir_in(keyvault_hsm::softhsm::testing::token_dir().parent().unwrap()).unwrap();
+    let aside = away.path().join("token");
+    std::fs::rename(&dirs[0], &aside).unwrap();
+    let (status, body) = encrypt(&c, &root).await;
+    assert_eq!(status, 503, "{body}");
+    let (h, why) = health(&c).await;
+    assert_eq!(h, 503);
+    assert!(matches!(why.as_deref(), Some("unavailable" | "key_missing")), "{why:?}");
+    std::fs::rename(&aside, &dirs[0]).unwrap();
+    let c2 = c.clone();
+    let root2 = root.clone();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = served.clone();
+    let probe = tokio::spawn(async move {
+        for _ in 0..60 {
+            if encrypt(&c2, &root2).await.0 == 200 {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    probe.await.unwrap();
+    wait_for(Duration::from_secs(1), "transit served again after the token came back", || {
+        served.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    assert_eq!(health(&c).await, (200, Some("ok".into())));
+}

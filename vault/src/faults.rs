@@ -1,0 +1,53 @@
+//! Fault injection into the key store, for tests of what the server does when its
+//! PKCS#11 module fails, hangs or slows down (tests/tests/faults.rs). Debug builds only:
+//! a release build never reads the variable, and [`before`] is compiled out of it.
+//!
+//! `KEYVAULT_TEST_TOKEN_FAULT=<file>`: before every key store call, the file is read (a
+//! missing file is no fault). Its content:
+//! - empty: no fault;
+//! - `error`: the call fails as a device error would (`CKR_DEVICE_ERROR`);
+//! - `hang`: the call blocks until the file says something else, then runs;
+//! - `slow <ms>`: the call waits that long, then runs;
+//! - `flaky <percent>`: that share of calls fails as with `error`.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn file() -> Option<&'static PathBuf> {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FILE.get_or_init(|| std::env::var_os("KEYVAULT_TEST_TOKEN_FAULT").map(PathBuf::from)).as_ref()
+}
+
+fn mode() -> String {
+    file().and_then(|f| std::fs::read_to_string(f).ok()).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Called by the metered key store before each call (`op` names it).
+pub fn before(_op: &'static str) -> keyvault_hsm::Result<()> {
+    if file().is_none() {
+        return Ok(());
+    }
+    loop {
+        let m = mode();
+        let mut words = m.split_whitespace();
+        match (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
+            (Some("error"), _) => return Err(keyvault_hsm::HsmError::simulated_device_error()),
+            (Some("hang"), _) => std::thread::sleep(Duration::from_millis(20)),
+            (Some("slow"), Some(ms)) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                return Ok(());
+            }
+            (Some("flaky"), Some(pct)) => {
+                let mut b = [0u8; 1];
+                let _ = getrandom::fill(&mut b);
+                return if u64::from(b[0]) * 100 < pct * 256 {
+                    Err(keyvault_hsm::HsmError::simulated_device_error())
+                } else {
+                    Ok(())
+                };
+            }
+            _ => return Ok(()),
+        }
+    }
+}
