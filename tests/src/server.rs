@@ -293,3 +293,33 @@ pub fn default_mounts_toml() -> String {
         .map(|m| format!("[[mounts]]\npath = \"{}\"\ntype = \"{}\"\n", m.path, m.kind))
         .collect()
 }
+
+/// Two replicas sharing a throwaway PostgreSQL database and one SoftHSM token.
+pub struct Cluster {
+    pub pg: crate::postgres::TestPostgres,
+    pub url: String,
+    pub a: TestServer,
+    pub b: TestServer,
+}
+
+impl Cluster {
+    /// A database `name` in a new PostgreSQL cluster; replica `a` initializes it, `b`
+    /// joins it. `env` is given to both servers.
+    pub fn start(name: &str, env: Vec<(String, String)>) -> Cluster {
+        let pg = crate::postgres::TestPostgres::start();
+        let url = pg.database(name);
+        let storage = format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 8");
+        let a =
+            TestServer::start(ServerOptions { storage: Some(storage.clone()), env: env.clone(), ..Default::default() });
+        // The second replica: same database, same token (started after the first:
+        // SoftHSMv2 issue 757), no init.
+        let b = TestServer::start(ServerOptions {
+            storage: Some(storage),
+            token: Some(a.token.clone()),
+            skip_init: true,
+            env,
+            ..Default::default()
+        });
+        Cluster { pg, url, a, b }
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keyvault::store::{PostgresOptions, PostgresStore, Store};
 use keyvault_tests::postgres::TestPostgres;
-use keyvault_tests::server::{ServerOptions, TestServer};
+use keyvault_tests::server::{Cluster, ServerOptions, TestServer};
 use keyvault_tests::{Reply, json};
 
 #[track_caller]
@@ -84,32 +84,12 @@ async fn the_database_going_away_gives_503_and_recovers() {
     assert_eq!(ok(c.get("secret/a", &s.root).await, 200).body["data"]["value"], "before", "no acknowledged write lost");
 }
 
-struct Cluster {
-    _pg: TestPostgres,
-    url: String,
-    a: TestServer,
-    b: TestServer,
-}
-
 fn cluster(name: &str) -> Cluster {
-    cluster_with(name, Vec::new())
+    Cluster::start(name, Vec::new())
 }
 
 fn cluster_with(name: &str, env: Vec<(String, String)>) -> Cluster {
-    let pg = TestPostgres::start();
-    let url = pg.database(name);
-    let storage = format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 8");
-    let a = TestServer::start(ServerOptions { storage: Some(storage.clone()), env: env.clone(), ..Default::default() });
-    // The second replica: same database, same token (started after the first: SoftHSMv2
-    // issue 757), no init.
-    let b = TestServer::start(ServerOptions {
-        storage: Some(storage),
-        token: Some(a.token.clone()),
-        skip_init: true,
-        env,
-        ..Default::default()
-    });
-    Cluster { _pg: pg, url, a, b }
+    Cluster::start(name, env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
