@@ -65,6 +65,9 @@ const TABLE: &[Row] = &[
     row("kv list -mount=secret", 0, &["Keys ---- db"]),
     row("kv delete -mount=secret db", 0, &["Success! Data deleted (if it existed) at: secret/db"]),
     row("kv get -mount=secret db", 2, &["No value found at secret/db"]),
+    // Deleting what is not there succeeds, as in Vault.
+    row("kv delete -mount=secret db", 0, &["Success! Data deleted (if it existed) at: secret/db"]),
+    row("kv delete -mount=secret never-written", 0, &["Success! Data deleted (if it existed)"]),
     // KV version 2 at kv/: versions, patch, metadata, check-and-set, soft delete.
     row("kv put -mount=kv app/config user=u1", 0, &["version 1"]),
     row("kv put -mount=kv app/config user=u2", 0, &["version 2"]),

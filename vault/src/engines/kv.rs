@@ -136,10 +136,13 @@ impl Engine for Kv {
                 let (version, meta) = self.secrets.write(&path, &req.body).await?;
                 Reply::data(&Written { version, created_time: meta.created_time })
             }
-            Operation::Delete => {
-                self.secrets.delete_latest(&path).await?;
-                Ok(Reply::empty())
-            }
+            Operation::Delete => match self.secrets.delete_latest(&path).await {
+                // Vault's KV version 1 delete is idempotent: nothing there (or its latest
+                // version deleted already) is a 204 too, and `vault kv delete` says "if it
+                // existed".
+                Ok(()) | Err(Error::NotFound(_)) => Ok(Reply::empty()),
+                Err(e) => Err(e),
+            },
             Operation::List | Operation::Patch => Err(Error::UnsupportedOperation),
         }
     }
