@@ -17,7 +17,7 @@ SECS=${1:-60}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(barrier_record wrapped_key transit_strings token gateway_request policy config audit_log)
+    TARGETS=(barrier_record wrapped_key transit_strings token gateway_request policy config audit_log pipeline)
 fi
 
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 1; }

@@ -73,6 +73,10 @@ fn the_targets_catch_what_they_check() {
     assert_eq!(fuzzing::gateway_request(&input), 1, "the signed item did not pass");
     input[0] = 0;
     assert_eq!(fuzzing::gateway_request(&input), 0);
+    // The pipeline answers: a root write is 200, the same with a forged token 401.
+    assert_eq!(fuzzing::pipeline(b"\x02\x00secret/fuzz/x\n{\"value\":\"v\"}"), 200);
+    assert_eq!(fuzzing::pipeline(b"\x00\x00secret/fuzz/x"), 200);
+    assert_eq!(fuzzing::pipeline(b"\x02\x02secret/fuzz/x\n{\"value\":\"v\"}"), 401);
 }
 
 fn gateway_item(nonce: &str) -> serde_json::Value {
@@ -175,4 +179,34 @@ path = "/tmp/audit.log"
         "raw-live",
         &with_mode(2, b"{\"type\":\"header\",\"genesis\":\"00\",\"prev\":\"00\",\"hash\":\"00\"}\n"),
     );
+    let requests: [(&str, u8, u8, &str); 12] = [
+        ("put-secret", 2, 0, "secret/app/db\n{\"value\": \"s3cret\", \"ttl\": \"1h\"}"),
+        ("get-secret", 0, 0, "secret/app/db"),
+        ("list-secrets", 4, 0, "secret/app/"),
+        ("kv2-write", 1, 0, "kv/data/app/config\n{\"options\": {\"cas\": 0}, \"data\": {\"user\": \"u\"}}"),
+        ("transit-create", 1, 0, "transit/keys/k1\n{\"type\": \"ed25519\"}"),
+        (
+            "transit-encrypt",
+            1,
+            0,
+            "transit/encrypt/k\n{\"batch_input\": [{\"plaintext\": \"aGk=\"}, {\"plaintext\": \"!\"}]}",
+        ),
+        (
+            "policy",
+            2,
+            0,
+            r#"sys/policies/acl/p
+{"policy": "path \"secret/*\" { capabilities = [\"read\"] }"}"#,
+        ),
+        ("approle-role", 1, 0, "auth/approle/role/web\n{\"token_policies\": [\"p\"], \"token_ttl\": \"10m\"}"),
+        ("approle-login", 1, 1, "auth/approle/login\n{\"role_id\": \"x\", \"secret_id\": \"y\"}"),
+        ("gateway-verify", 1, 0, "gateway/verify\n{\"batch\": [{\"identity\": \"a\", \"nonce\": \"n\"}]}"),
+        ("token-create", 1, 0, "auth/token/create\n{\"policies\": [\"default\"], \"ttl\": \"5m\"}"),
+        ("dotdot", 0, 0, "secret/../sys/policies/acl/root"),
+    ];
+    for (name, method, token, rest) in requests {
+        let mut v = vec![method, token];
+        v.extend_from_slice(rest.as_bytes());
+        put("pipeline", name, &v);
+    }
 }

@@ -28,8 +28,17 @@ use crate::token::TokenIssuer;
 use crate::transit::Transit;
 
 /// The fuzz targets, by name (the file names under `fuzz/fuzz_targets/`).
-pub const TARGETS: &[&str] =
-    &["barrier_record", "wrapped_key", "transit_strings", "token", "gateway_request", "policy", "config", "audit_log"];
+pub const TARGETS: &[&str] = &[
+    "barrier_record",
+    "wrapped_key",
+    "transit_strings",
+    "token",
+    "gateway_request",
+    "policy",
+    "config",
+    "audit_log",
+    "pipeline",
+];
 
 /// Run `target` on `data` (the regression tests' dispatcher).
 pub fn run(target: &str, data: &[u8]) {
@@ -48,6 +57,9 @@ pub fn run(target: &str, data: &[u8]) {
         "policy" => policy(data),
         "config" => config(data),
         "audit_log" => audit_log(data),
+        "pipeline" => {
+            pipeline(data);
+        }
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -368,4 +380,99 @@ pub fn audit_log(data: &[u8]) {
         crate::audit::verify::Report::Ok { entries: n, .. } => assert_eq!(n, entries),
         other => panic!("a correctly built chain of {entries} entries does not verify: {other:?}"),
     }
+}
+
+/// A whole server in process (the HTTP router over the service, as `keyvault server`
+/// builds it: SoftHSM, sled, the default mounts; audit off for speed) and a root token.
+pub struct Pipeline {
+    rt: tokio::runtime::Runtime,
+    router: axum::Router,
+    root: String,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pipeline(..)")
+    }
+}
+
+impl Pipeline {
+    pub fn get() -> &'static Pipeline {
+        static P: OnceLock<Pipeline> = OnceLock::new();
+        P.get_or_init(Pipeline::new)
+    }
+
+    fn new() -> Pipeline {
+        use secrecy::ExposeSecret;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let token = keyvault_hsm::softhsm::testing::token_config();
+        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+        let dir = tempfile::Builder::new().prefix("keyvault-fuzz-pipeline-").tempdir_in(base).expect("temp dir");
+        let d = dir.path();
+        std::fs::write(d.join("pin"), token.pin.expose_secret()).expect("pin");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        std::fs::write(d.join("cert.pem"), cert.pem()).expect("cert");
+        std::fs::write(d.join("key.pem"), key.serialize_pem()).expect("key");
+        let text = format!(
+            "[listener]\naddress = \"127.0.0.1:0\"\ntls_cert_file = \"{d}/cert.pem\"\ntls_key_file = \"{d}/key.pem\"\n\
+             [storage]\ntype = \"sled\"\npath = \"{d}/storage\"\n\
+             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{d}/pin\"\n\
+             [audit]\npath = \"{d}/audit.log\"\nmode = \"dangerous_off\"\n",
+            token.module.display(),
+            token.token_label,
+            d = d.display(),
+        );
+        let config = crate::config::Config::parse(&text).expect("config");
+        let (router, root) = rt.block_on(async {
+            let service =
+                crate::service::Builder::new(&config).init(crate::service::Init::IfNew).build().await.expect("service");
+            let root = service.issue_root_token(Duration::from_secs(24 * 3600)).await.expect("root token");
+            let state = crate::http::AppState {
+                service: Arc::new(service),
+                body: crate::http::BodyLimits::from_config(&config.listener),
+            };
+            (crate::http::router(state), root.token.expose_secret().to_owned())
+        });
+        Pipeline { rt, router, root, _dir: dir }
+    }
+}
+
+use std::time::Duration;
+
+/// The whole request pipeline: a method (first byte), a token (second byte: root, none or
+/// a forged one), a path and a body (split at the first newline). Whatever arrives, the
+/// answer is never a 5xx other than 503 (a panic or an internal error is a crash).
+/// `sys/seal` is left out: a sealed server answers every later input with 503.
+pub fn pipeline(data: &[u8]) -> u16 {
+    use tower::ServiceExt as _;
+    let p = Pipeline::get();
+    let [m, t, rest @ ..] = data else { return 0 };
+    let method = ["GET", "POST", "PUT", "DELETE", "LIST", "PATCH", "HEAD"][usize::from(*m) % 7];
+    let (path, body) = match rest.iter().position(|b| *b == b'\n') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let path = String::from_utf8_lossy(path);
+    if path.len() > 512 || path.contains("seal") {
+        return 0;
+    }
+    let Ok(uri) = axum::http::Uri::try_from(format!("/v1/{path}")) else { return 0 };
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    match t % 3 {
+        0 => req = req.header("x-vault-token", p.root.as_str()),
+        1 => {}
+        _ => req = req.header("x-vault-token", format!("{}x", p.root)),
+    }
+    if !body.is_empty() {
+        req = req.header("content-type", "application/json");
+    }
+    let Ok(req) = req.body(axum::body::Body::from(body.to_vec())) else { return 0 };
+    let status = p.rt.block_on(p.router.clone().oneshot(req)).map(|r| r.status().as_u16()).unwrap_or(0);
+    assert!(status < 500 || status == 503, "{method} /v1/{path} answered {status}");
+    status
 }
