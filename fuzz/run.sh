@@ -26,14 +26,17 @@ rustup toolchain list | grep -q '^nightly' || { echo "the nightly toolchain is m
 echo "building the fuzz targets (nightly, address sanitizer)..."
 cargo +nightly fuzz build >/dev/null
 
+TRIPLE=$(rustc +nightly -vV | sed -n 's/^host: //p')
 mkdir -p logs
 status=0
 printf '%-16s %8s %12s %10s %8s %8s %s\n' target seconds executions exec/s cov corpus crashes
 for t in "${TARGETS[@]}"; do
-    mkdir -p "corpus/$t" "seeds/$t"
+    mkdir -p "corpus/$t" "seeds/$t" "artifacts/$t"
     log="logs/$t.log"
     # -rss_limit_mb: SoftHSM and sled share the process; -timeout: a hang is a finding.
-    if cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+    # The binary built above, run directly: a source change during a long run does not
+    # trigger a rebuild in the middle of it.
+    if "target/$TRIPLE/release/$t" -artifact_prefix="artifacts/$t/" "corpus/$t" "seeds/$t" \
         -max_total_time="$SECS" -rss_limit_mb=4096 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         crashed=0
     else
