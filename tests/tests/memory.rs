@@ -127,3 +127,39 @@ fn rand_bytes() -> [u8; 20] {
     getrandom::fill(&mut b).unwrap();
     b
 }
+
+/// Without `CAP_IPC_LOCK` and with a finite `RLIMIT_MEMLOCK` (an unprivileged service),
+/// locking all memory could make a later allocation fail: the server does not lock, says
+/// why, and serves (`lock = "try"`); with `lock = "required"` it refuses to start, naming
+/// the fix.
+#[tokio::test]
+async fn without_the_right_to_lock_memory_the_server_warns_or_refuses_as_configured() {
+    let mut s = keyvault_tests::server::TestServer::start(Default::default());
+    s.stop();
+    let unprivileged = |extra: &str| {
+        let config = std::fs::read_to_string(&s.config_file).unwrap() + extra;
+        let file = s.config_file.with_file_name("unprivileged.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut cmd = std::process::Command::new("prlimit");
+        cmd.args(["--memlock=65536:65536", "setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", "--"])
+            .arg(keyvault_tests::keyvault_bin())
+            .args(["server", "--config"])
+            .arg(&file);
+        cmd
+    };
+    let out = unprivileged("\n[memory]\nlock = \"required\"\n").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without the right to lock memory");
+    assert!(err.contains("cannot lock memory") && err.contains("CAP_IPC_LOCK"), "{err}");
+
+    let mut child =
+        unprivileged("").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    use std::io::BufRead;
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let listening = stdout.lines().map_while(Result::ok).any(|l| l.contains("KeyVault listening on"));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(listening, "the server did not start: {err}");
+    assert!(err.contains("memory is NOT locked") && err.contains("RLIMIT_MEMLOCK"), "{err}");
+}

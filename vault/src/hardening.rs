@@ -64,11 +64,23 @@ pub fn disable_dumps() -> Result<(), HardeningError> {
 
 /// Apply the server's hardening: non-dumpable, then memory locked as configured. Pages are
 /// locked as they are touched (`MCL_ONFAULT`): reserved but unused address space (thread
-/// stacks, allocator arenas) costs nothing.
+/// stacks, allocator arenas) costs nothing. Memory is locked only where no limit can make
+/// a later allocation fail: `RLIMIT_MEMLOCK` unlimited (`LimitMEMLOCK=infinity`) or
+/// `CAP_IPC_LOCK`.
 pub fn apply(memory: &MemoryConfig) -> Result<Applied, HardeningError> {
     disable_dumps()?;
     let mut applied = Applied { not_dumpable: true, locked: false, lock_refused: None };
     if memory.lock == MemoryLock::Off {
+        return Ok(applied);
+    }
+    // With a finite RLIMIT_MEMLOCK and no CAP_IPC_LOCK, `mlockall(MCL_FUTURE)` may
+    // succeed while the process is small and make a later allocation fail once it grows
+    // past the limit (an abort under load). Lock only when growth cannot hit a limit.
+    if let Some(why) = lock_unsafe() {
+        if memory.lock == MemoryLock::Required {
+            return Err(HardeningError::Lock(std::io::Error::other(why)));
+        }
+        applied.lock_refused = Some(why);
         return Ok(applied);
     }
     use rustix::mm::MlockAllFlags;
@@ -78,6 +90,21 @@ pub fn apply(memory: &MemoryConfig) -> Result<Applied, HardeningError> {
         Err(e) => applied.lock_refused = Some(e.to_string()),
     }
     Ok(applied)
+}
+
+/// Why locking all memory is not safe here, if it is not: `RLIMIT_MEMLOCK` is finite and
+/// the process lacks `CAP_IPC_LOCK` (which lifts the limit).
+fn lock_unsafe() -> Option<String> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+    let capable =
+        rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(rustix::thread::CapabilitySet::IPC_LOCK));
+    match limit {
+        Some(bytes) if !capable => Some(format!(
+            "RLIMIT_MEMLOCK is {} KiB and the process lacks CAP_IPC_LOCK: locking every page would make allocations fail once the server outgrows it",
+            bytes / 1024
+        )),
+        _ => None,
+    }
 }
 
 /// Log what [`apply`] did: one line, and a warning when memory could not be locked.

@@ -366,8 +366,11 @@ pub async fn serve(
     let app = router(AppState { service: Arc::new(service), body: BodyLimits::from_config(&config) });
     let mut limits = server::Limits::from_config(&config);
     limits.max_connections = server::fit_file_limit(limits.max_connections);
+    // Signal handlers first: a stop requested as soon as the address is announced is a
+    // graceful one.
+    let stop = server::shutdown_signal();
     on_listening(addr, &audit);
-    let served = server::serve(listener, tls.current(), tls.revoked(), app, limits, server::shutdown_signal()).await;
+    let served = server::serve(listener, tls.current(), tls.revoked(), app, limits, stop).await;
     for task in background {
         task.abort();
     }
