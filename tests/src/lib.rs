@@ -380,6 +380,13 @@ pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin),
 }
 
 /// The resident memory of a process, in bytes.
+/// A random number from the OS.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status

@@ -269,6 +269,18 @@ impl TestServer {
         store.list(prefix).unwrap().into_iter().map(|l| l.as_str().to_owned()).collect()
     }
 
+    /// The directory SoftHSM keeps this server's token in (to take the token away).
+    pub fn token_directory(&self) -> PathBuf {
+        let label = self.token.token_label.as_bytes();
+        let dirs: Vec<_> = std::fs::read_dir(keyvault_hsm::softhsm::testing::token_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| std::fs::read(p.join("token.object")).is_ok_and(|b| b.windows(label.len()).any(|w| w == label)))
+            .collect();
+        assert_eq!(dirs.len(), 1, "the server's token directory: {dirs:?}");
+        dirs.into_iter().next().unwrap()
+    }
+
     pub fn sighup(&self) {
         assert!(Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().unwrap().success());
     }

@@ -14,13 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use keyvault_tests::server::Cluster;
-use keyvault_tests::{Client, Reply, json, keyvault_bin, wait_rotation_idle};
-
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).unwrap();
-    u64::from_le_bytes(b)
-}
+use keyvault_tests::{Client, Reply, json, keyvault_bin, random_u64, wait_rotation_idle};
 
 #[derive(Default)]
 struct Record {

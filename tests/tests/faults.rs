@@ -118,23 +118,17 @@ async fn a_token_that_goes_away_and_comes_back_is_served_again() {
     let root = s.root.clone();
     assert_eq!(c.post("transit/keys/k", Some(&root), json!({})).await.status, 200);
     assert_eq!(encrypt(&c, &root).await.0, 200);
-    let label = s.token.token_label.as_bytes().to_vec();
-    let dirs: Vec<_> = std::fs::read_dir(keyvault_hsm::softhsm::testing::token_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| std::fs::read(p.join("token.object")).is_ok_and(|b| b.windows(label.len()).any(|w| w == label)))
-        .collect();
-    assert_eq!(dirs.len(), 1);
+    let dir = s.token_directory();
     // Out of SoftHSM's token directory (it would find the token in any directory there).
     let away = tempfile::tempdir_in(keyvault_hsm::softhsm::testing::token_dir().parent().unwrap()).unwrap();
     let aside = away.path().join("token");
-    std::fs::rename(&dirs[0], &aside).unwrap();
+    std::fs::rename(&dir, &aside).unwrap();
     let (status, body) = encrypt(&c, &root).await;
     assert_eq!(status, 503, "{body}");
     let (h, why) = health(&c).await;
     assert_eq!(h, 503);
     assert!(matches!(why.as_deref(), Some("unavailable" | "key_missing")), "{why:?}");
-    std::fs::rename(&aside, &dirs[0]).unwrap();
+    std::fs::rename(&aside, &dir).unwrap();
     let c2 = c.clone();
     let root2 = root.clone();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

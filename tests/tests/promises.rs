@@ -75,14 +75,7 @@ async fn token_goes_away(tier: &str) {
     ok(c.get("secret/before", &s.root).await, 200);
     ok(c.post("transit/keys/k", Some(&s.root), json!({})).await, 200);
     // The server's token directory (SoftHSM keeps one directory per token) disappears.
-    let label = s.token.token_label.as_bytes().to_vec();
-    let dirs: Vec<_> = std::fs::read_dir(keyvault_hsm::softhsm::testing::token_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| std::fs::read(p.join("token.object")).is_ok_and(|b| b.windows(label.len()).any(|w| w == label)))
-        .collect();
-    assert_eq!(dirs.len(), 1, "found the server's token directory");
-    std::fs::remove_dir_all(&dirs[0]).unwrap();
+    std::fs::remove_dir_all(s.token_directory()).unwrap();
     let mut need_token = vec![("POST", "transit/encrypt/k", json!({"plaintext": "aGk="}))];
     if tier == "token" {
         need_token.push(("PUT", "secret/after", json!({"value": "v"})));

@@ -104,8 +104,7 @@ impl Fixture {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let token = keyvault_hsm::softhsm::testing::token();
         let keys: Arc<dyn KeyStore> = token.store.clone();
-        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-        let dir = tempfile::Builder::new().prefix("keyvault-fuzz-").tempdir_in(base).expect("temp dir");
+        let dir = scratch_dir("keyvault-fuzz-");
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).expect("sled"));
         let names = KeyNames::new("keyvault").expect("names");
         let (keyring, barrier, issuer, sealed) = rt.block_on(async {
@@ -182,6 +181,12 @@ impl Fixture {
         item.signature = Some(STANDARD.encode(sig.to_bytes()));
         item
     }
+}
+
+/// A temporary directory on tmpfs where there is one (fsyncs cost nothing there).
+fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+    tempfile::Builder::new().prefix(prefix).tempdir_in(base).expect("temp dir")
 }
 
 fn record_context() -> RecordContext<'static> {
@@ -407,8 +412,7 @@ impl Pipeline {
         use secrecy::ExposeSecret;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let token = keyvault_hsm::softhsm::testing::token_config();
-        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-        let dir = tempfile::Builder::new().prefix("keyvault-fuzz-pipeline-").tempdir_in(base).expect("temp dir");
+        let dir = scratch_dir("keyvault-fuzz-pipeline-");
         let d = dir.path();
         std::fs::write(d.join("pin"), token.pin.expose_secret()).expect("pin");
         let key = rcgen::KeyPair::generate().expect("key");
