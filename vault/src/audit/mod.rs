@@ -748,8 +748,18 @@ impl Writer {
         }
     }
 
-    /// Sign the head in the HSM and chain the checkpoint.
+    /// Sign the head in the HSM and chain the checkpoint. While the key store is sealed
+    /// nothing can be signed: the checkpoint waits for the unseal (the entries are
+    /// written and chained meanwhile; a stop while sealed ends the log without its final
+    /// checkpoint, and `audit verify` says so). Failing the write instead would refuse
+    /// every request, the unseal among them.
     fn push_checkpoint(&self, c: &mut Chained, is_final: bool) -> std::io::Result<()> {
+        if self.keys.is_sealed() {
+            if is_final {
+                tracing::warn!("stopping while sealed: the audit log ends without a final checkpoint");
+            }
+            return Ok(());
+        }
         let message = chain::checkpoint_message(&c.head, c.seq + 1, is_final);
         let label = self.names.audit_signing();
         let sig = self.keys.sign_ed25519(&label, &message).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -1083,6 +1093,9 @@ impl Writer {
             }
             if !queue.is_empty() || self.degraded() {
                 self.flush_queue(&mut queue);
+            } else if due && self.keys.is_sealed() {
+                // Nothing can be signed while sealed: try again one interval later.
+                self.last_checkpoint = Instant::now();
             } else if due {
                 let r = self.check_file().and_then(|()| {
                     let mut c = self.chain(&[])?;
