@@ -251,10 +251,14 @@ impl Client {
         if let Some(b) = body {
             req = req.body(b);
         }
-        match req.send().await {
-            Ok(resp) => Ok(Self::reply(resp).await),
-            Err(e) => Err(format!("{e:?}")),
-        }
+        // A reply cut off in its body (the server killed after sending the headers) is a
+        // failure too: the client never got the answer.
+        let resp = req.send().await.map_err(|e| format!("{e:?}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.map_err(|e| format!("{e:?}"))?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Reply { status, body, headers })
     }
 
     pub fn url(&self, path: &str) -> String {
