@@ -233,6 +233,19 @@ impl TestServer {
         path
     }
 
+    /// `keyvault audit verify` over this server's audit log, as an operator runs it after
+    /// a stop: (passed, its report line).
+    pub fn verify_audit_log(&self) -> (bool, String) {
+        let key = self.export_audit_key();
+        let out = Command::new(keyvault_bin())
+            .args(["audit", "verify", "--public-key"])
+            .arg(&key)
+            .arg(self.audit_log())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     /// Start the server again (after `stop` or a kill), with the same configuration. It
     /// listens on a new port: make clients after this (`client()`).
     pub fn restart(&mut self) {

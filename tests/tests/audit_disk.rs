@@ -6,12 +6,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyvault_tests::server::{ServerOptions, TestServer};
 use keyvault_tests::tmpfs::Tmpfs;
-use keyvault_tests::{Client, Reply, Value, json, keyvault_bin};
+use keyvault_tests::{Client, Reply, Value, json};
 
 #[track_caller]
 fn ok(r: Reply, status: u16) -> Reply {
@@ -145,15 +144,8 @@ async fn disk_fills_and_frees(mode: &str) {
     s.stop();
 
     // What the replies said, the log says.
-    let key = s.export_audit_key();
-    let out = Command::new(keyvault_bin())
-        .args(["audit", "verify", "--public-key"])
-        .arg(&key)
-        .arg(s.audit_log())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}");
+    let (verified, report) = s.verify_audit_log();
+    assert!(verified, "{report}");
     let (requests, intents, gaps) = entries(&[s.audit_log()]);
     assert!(gaps >= 1 && report.contains("gaps="), "the failure is a verifiable gap: {report}");
     s.restart();

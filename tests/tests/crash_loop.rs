@@ -6,14 +6,13 @@
 //! token holds every key version the state names, and the audit log verifies.
 //! `KEYVAULT_CRASH_ITERATIONS` changes the count (docs/RELIABILITY.md has the figures).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use keyvault_tests::server::{ServerOptions, TestServer};
-use keyvault_tests::{Client, json, keyvault_bin, random_u64, wait_rotation_idle};
+use keyvault_tests::{Client, json, random_u64, wait_rotation_idle};
 
 #[derive(Default)]
 struct Acknowledged {
@@ -152,15 +151,7 @@ async fn a_hundred_kill_9_at_random_moments_lose_nothing_acknowledged() {
     );
     // A clean stop, then the whole audit chain (across every kill) verifies.
     s.stop();
-    let key = s.export_audit_key();
-    let logs: Vec<PathBuf> = vec![s.audit_log()];
-    let out = std::process::Command::new(keyvault_bin())
-        .args(["audit", "verify", "--public-key"])
-        .arg(&key)
-        .args(&logs)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "the audit log does not verify after {iterations} kills: {report}");
-    println!("{summary}; audit: {}", report.trim());
+    let (verified, report) = s.verify_audit_log();
+    assert!(verified, "the audit log does not verify after {iterations} kills: {report}");
+    println!("{summary}; audit: {report}");
 }

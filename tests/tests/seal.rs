@@ -205,12 +205,6 @@ async fn a_checkpoint_due_while_sealed_waits_for_the_unseal() {
     assert_eq!(ok(unseal(&c, &pin).await, 200).body["sealed"], false);
     assert_eq!(ok(c.get("secret/a", &root).await, 200).body["data"]["value"], "v");
     s.stop();
-    let key = s.export_audit_key();
-    let out = Command::new(keyvault_bin())
-        .args(["audit", "verify", "--public-key"])
-        .arg(&key)
-        .arg(s.audit_log())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let (verified, report) = s.verify_audit_log();
+    assert!(verified, "{report}");
 }
