@@ -96,7 +96,7 @@ impl TransitKey {
         self.operation
             .as_ref()
             .filter(|o| o.until > now)
-            .filter(|o| !exclusive || o.owner.starts_with(process_instance()))
+            .filter(|o| !(exclusive && !o.owner.starts_with(process_instance())))
     }
 }
 
