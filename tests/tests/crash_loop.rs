@@ -122,13 +122,6 @@ async fn a_hundred_kill_9_at_random_moments_lose_nothing_acknowledged() {
     let key = c.get("transit/keys/k", &root).await;
     assert_eq!(key.status, 200);
     let latest = key.body["data"]["latest_version"].as_u64().unwrap();
-    // A rotation claimed by a killed process is taken over by the next one at once (the
-    // store is sled: one process), not refused for the claim's 60 s lease.
-    let rotated = a.statuses.get(&200).copied().unwrap_or(0);
-    assert!(
-        latest * 4 >= iterations,
-        "only {latest} transit key versions after {iterations} iterations ({rotated} × 200)"
-    );
     let objects = s.token_keys("keyvault/");
     for v in 1..=latest {
         let label = format!("keyvault/transit/k/v{v}");

@@ -74,12 +74,6 @@ pub struct Operation {
     pub until: u64,
 }
 
-/// This process's claims start with this id (see [`TransitKey::busy`]).
-fn process_instance() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| uuid::Uuid::new_v4().simple().to_string())
-}
-
 /// How long a claimed operation is its owner's alone.
 const OPERATION_LEASE: u64 = 60;
 
@@ -89,14 +83,8 @@ impl TransitKey {
         !matches!(self.operation.as_ref().map(|o| o.kind.as_str()), Some("create" | "delete"))
     }
 
-    /// The operation in progress, if another request may still be making it. `exclusive`:
-    /// the store is this process's alone (sled), so a claim made by an earlier process
-    /// is a crashed one whatever its lease says, and is taken over at once.
-    fn busy(&self, now: u64, exclusive: bool) -> Option<&Operation> {
-        self.operation
-            .as_ref()
-            .filter(|o| o.until > now)
-            .filter(|o| !(exclusive && !o.owner.starts_with(process_instance())))
+    fn busy(&self, now: u64) -> Option<&Operation> {
+        self.operation.as_ref().filter(|o| o.until > now)
     }
 }
 
@@ -202,14 +190,9 @@ impl Transit {
         Operation {
             kind: kind.to_owned(),
             version,
-            owner: format!("{}/{}", process_instance(), uuid::Uuid::new_v4().simple()),
+            owner: uuid::Uuid::new_v4().simple().to_string(),
             until: unix_now().saturating_add(OPERATION_LEASE),
         }
-    }
-
-    /// Whether the store is this process's alone (sled: one process holds its lock).
-    fn exclusive(&self) -> bool {
-        self.store.kind() == "sled"
     }
 
     fn conflict(name: &str) -> Error {
@@ -236,7 +219,7 @@ impl Transit {
                 }
                 return Ok(existing);
             }
-            Some((_, existing)) if existing.busy(now, self.exclusive()).is_some() => return Err(Self::conflict(name)),
+            Some((_, existing)) if existing.busy(now).is_some() => return Err(Self::conflict(name)),
             // An interrupted create (take it over) or an interrupted delete (refuse).
             Some((raw, existing)) => {
                 if existing.operation.as_ref().is_some_and(|o| o.kind != "create") {
@@ -275,7 +258,7 @@ impl Transit {
         if !key.usable() && key.operation.as_ref().is_some_and(|o| o.kind != "rotate") {
             return Err(Error::NotFound(format!("no transit key {name}")));
         }
-        if key.busy(unix_now(), self.exclusive()).is_some() {
+        if key.busy(unix_now()).is_some() {
             return Err(Self::conflict(name));
         }
         // A rotation a crashed owner left is finished with its version number.
@@ -332,7 +315,7 @@ impl Transit {
         if !key.deletion_allowed {
             return Err(Error::invalid("deletion is not allowed for this key (set deletion_allowed first)"));
         }
-        if key.busy(unix_now(), self.exclusive()).is_some() {
+        if key.busy(unix_now()).is_some() {
             return Err(Self::conflict(name));
         }
         key.operation = Some(self.claim("delete", 0));
