@@ -122,7 +122,7 @@ pub fn log(applied: &Applied) {
     );
 }
 
-/// Whether the calling process is dumpable (for tests and `sys/health` diagnostics).
+/// Whether the calling process is dumpable (for tests).
 pub fn is_dumpable() -> bool {
     !matches!(rustix::process::dumpable_behavior(), Ok(rustix::process::DumpableBehavior::NotDumpable))
 }
