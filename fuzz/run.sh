@@ -20,6 +20,10 @@ if [ ${#TARGETS[@]} -eq 0 ]; then
     TARGETS=(barrier_record wrapped_key transit_strings token gateway_request policy config audit_log pipeline)
 fi
 
+# The stateful targets open a real SoftHSM token: without it they die on their first input.
+. ../scripts/lib.sh
+need_debs softhsm2
+
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install cargo-fuzz" >&2; exit 1; }
 rustup toolchain list | grep -q '^nightly' || { echo "the nightly toolchain is missing: rustup toolchain install nightly" >&2; exit 1; }
 

@@ -10,10 +10,12 @@ use crate::{Sensitive, policy_list, vault_duration};
 
 /// The `auth` block of a login (and renewal) reply: the token and what it carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Auth {
     pub client_token: Sensitive,
     pub accessor: String,
     pub policies: Vec<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::schema::PolicyList))]
     pub token_policies: Vec<String>,
     #[serde(default)]
     pub metadata: std::collections::BTreeMap<String, String>,
@@ -29,12 +31,16 @@ pub struct Auth {
 
 /// The token settings every role carries (Vault's names).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenSettings {
     #[serde(default, with = "policy_list")]
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::schema::PolicyList))]
     pub token_policies: Vec<String>,
     #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub token_ttl: Option<Duration>,
     #[serde(default, with = "vault_duration", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub token_max_ttl: Option<Duration>,
     /// Tokens of this role must be bound to a client certificate (RFC 8705): a login
     /// without one is refused.
@@ -58,6 +64,7 @@ pub const TOKEN_FIELDS: [&str; 6] =
 
 /// One token attribute: a string or a list of strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum AttributeValue {
     One(String),
@@ -110,6 +117,7 @@ pub fn check_attributes(attributes: &Attributes, audiences: &[String]) -> Result
 
 /// A role as `GET` shows it: the token settings in seconds, and the method's own fields.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenSettingsView {
     pub token_policies: Vec<String>,
     pub token_ttl: u64,
@@ -140,6 +148,7 @@ impl From<&TokenSettings> for TokenSettingsView {
 /// `POST /v1/auth` (the short form): `{"role": ...}` and the credentials of the role's
 /// method, e.g. `{"role": "web", "secret_id": "..."}`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoleHint {
     #[serde(default)]
     pub role: Option<String>,
@@ -147,6 +156,7 @@ pub struct RoleHint {
 
 /// `POST /v1/auth/approle/login`: the role (by name, or by role id) and a secret id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AppRoleLogin {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -157,12 +167,14 @@ pub struct AppRoleLogin {
 
 /// `POST /v1/auth/userpass/login/<user>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserpassLogin {
     pub password: Sensitive,
 }
 
 /// `POST /v1/auth/cert/login` (over mutual TLS): optionally the role to log in as.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CertLogin {
     /// Vault's field name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +186,7 @@ pub struct CertLogin {
 
 /// `POST /v1/auth/kubernetes/login`: a role and the pod's service-account token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KubernetesLogin {
     pub role: String,
     pub jwt: Sensitive,
@@ -181,6 +194,7 @@ pub struct KubernetesLogin {
 
 /// `POST /v1/auth/bootstrap/login`: the one-time bootstrap token (consumed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BootstrapLogin {
     pub token: Sensitive,
 }
@@ -189,9 +203,11 @@ pub struct BootstrapLogin {
 
 /// AppRole's own role fields (`POST /v1/auth/approle/role/<name>`, with [`TokenSettings`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AppRoleRole {
     /// How long a secret id of this role stays valid. Default 7 days; `0` means never.
     #[serde(default = "default_secret_id_ttl", with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub secret_id_ttl: Option<Duration>,
     /// How many logins a secret id allows; `0`: any number.
     #[serde(default)]
@@ -213,12 +229,14 @@ impl Default for AppRoleRole {
 
 /// `GET /v1/auth/approle/role/<name>/role-id`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoleId {
     pub role_id: String,
 }
 
 /// `POST /v1/auth/approle/role/<name>/secret-id`: a new secret id, shown once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SecretId {
     pub secret_id: Sensitive,
     pub secret_id_accessor: String,
@@ -233,6 +251,7 @@ pub struct SecretId {
 /// Which certificates a cert role accepts (`/v1/auth/cert/certs/<name>`, with
 /// [`TokenSettings`]). Every category that is set must match; at least one must be set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CertRole {
     /// SHA-256 fingerprints of accepted certificates (hex; `:` separators allowed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -254,6 +273,7 @@ pub struct CertRole {
 
 /// `POST /v1/auth/kubernetes/config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KubernetesConfig {
     /// The `iss` of the cluster's service-account tokens.
     pub issuer: String,
@@ -265,6 +285,7 @@ pub struct KubernetesConfig {
 
 /// A Kubernetes role: which service accounts in which namespaces it accepts (`*`: any).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KubernetesRole {
     pub bound_service_account_names: Vec<String>,
     pub bound_service_account_namespaces: Vec<String>,
@@ -278,14 +299,18 @@ pub struct KubernetesRole {
 /// `POST /v1/auth/userpass/users/<user>`. As in Vault, an update changes only the fields
 /// it gives; `password` is required when creating.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserWrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<Sensitive>,
     #[serde(default, deserialize_with = "some_policies", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::PolicyList>))]
     pub token_policies: Option<Vec<String>>,
     #[serde(default, deserialize_with = "some_duration", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub token_ttl: Option<Option<Duration>>,
     #[serde(default, deserialize_with = "some_duration", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub token_max_ttl: Option<Option<Duration>>,
 }
 
@@ -299,6 +324,7 @@ fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option
 
 /// A user as `GET` shows it (never the hash).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserView {
     pub token_policies: Vec<String>,
     pub token_ttl: u64,
@@ -309,15 +335,19 @@ pub struct UserView {
 
 /// `POST /v1/auth/bootstrap/token`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BootstrapMint {
     /// Policies of the token the bootstrap token will be exchanged for.
     #[serde(default, with = "policy_list")]
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::schema::PolicyList))]
     pub policies: Vec<String>,
     /// How long the bootstrap token may wait to be used (default 15 minutes, at most 24 h).
     #[serde(default, with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub ttl: Option<Duration>,
     /// TTL of the token it is exchanged for.
     #[serde(default, with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub token_ttl: Option<Duration>,
     /// A name for audit and token metadata (e.g. the VM's host name).
     #[serde(default)]
@@ -326,6 +356,7 @@ pub struct BootstrapMint {
 
 /// A freshly minted bootstrap token, shown once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BootstrapMinted {
     pub bootstrap_token: Sensitive,
     pub accessor: String,
@@ -337,6 +368,7 @@ pub struct BootstrapMinted {
 
 /// `GET /v1/auth/token/lookup-self` (and `lookup`, `lookup-accessor`), Vault's shape.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenLookup {
     /// The token itself (`lookup-self` only: the caller's own; empty for a lookup by
     /// accessor, as in Vault).
@@ -367,9 +399,11 @@ pub struct TokenLookup {
 
 /// `POST /v1/auth/token/renew-self`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RenewSelf {
     /// Requested new TTL from now (capped by the token's maximum).
     #[serde(default, with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub increment: Option<Duration>,
 }
 
@@ -377,13 +411,17 @@ pub struct RenewSelf {
 /// starts (Vault's fields). Its policies must be the caller's to give; it lives no longer
 /// than its parent could, and dies with it (not an orphan's).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenCreate {
     /// Default: the caller's policies.
     #[serde(default, deserialize_with = "optional_policies", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::PolicyList>))]
     pub policies: Option<Vec<String>>,
     #[serde(default, with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub ttl: Option<Duration>,
     #[serde(default, with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub explicit_max_ttl: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
@@ -405,20 +443,24 @@ fn optional_policies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ve
 
 /// `POST /v1/auth/token/lookup` and `revoke`: another token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenRef {
     pub token: Sensitive,
 }
 
 /// `POST /v1/auth/token/renew`: another token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RenewToken {
     pub token: Sensitive,
     #[serde(default, with = "vault_duration")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::schema::Duration>))]
     pub increment: Option<Duration>,
 }
 
 /// `POST /v1/auth/token/revoke-accessor`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevokeAccessor {
     #[serde(default)]
     pub accessor: String,
@@ -426,12 +468,14 @@ pub struct RevokeAccessor {
 
 /// `GET /v1/auth/jwks`: the keys that verify KeyVault's tokens (no token needed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Jwks {
     pub keys: Vec<Jwk>,
 }
 
 /// One token-verification key (RFC 8037: an Ed25519 OKP key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Jwk {
     pub kty: String,
     pub crv: String,
@@ -449,6 +493,7 @@ pub struct Jwk {
 /// switch) are listed with their generation: a token whose `idg` generation for that
 /// identity is lower is revoked.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevocationFeed {
     /// The server's clock when the feed was read: the next poll's `since` (minus a margin
     /// for replicas' clocks).
@@ -459,6 +504,7 @@ pub struct RevocationFeed {
 
 /// One revoked token accessor (tokens issued from it, `par` and `anc`, are revoked too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevokedAccessor {
     pub accessor: String,
     /// Unix seconds, by the revoking replica's clock (0: not recorded).
@@ -469,6 +515,7 @@ pub struct RevokedAccessor {
 
 /// One identity revoked by the kill switch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevokedIdentity {
     /// `role`, `user`, `cert` (the certificate's SHA-256, hex) or `spiffe`.
     pub kind: String,
@@ -479,6 +526,7 @@ pub struct RevokedIdentity {
 
 /// The query of `GET /v1/auth/revocations`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevocationsQuery {
     /// Only what was revoked at or after this time (unix seconds; default: everything).
     #[serde(default)]

@@ -51,6 +51,7 @@ pub fn signing_input(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
 /// One signing key of a producer. Several at once give a dual-validation window during a
 /// key rotation; `not_after` closes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProducerKey {
     pub key_id: String,
     /// Base64 of the 32-byte Ed25519 public key.
@@ -61,6 +62,7 @@ pub struct ProducerKey {
 
 /// A registered producer (`POST /v1/gateway/producers/<identity>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Producer {
     /// SHA-256 fingerprints (hex) of the client certificates this producer presents.
     pub cert_sha256: Vec<String>,
@@ -91,6 +93,7 @@ fn default_nonce_ttl() -> u64 {
 
 /// A timestamp as decimal text (the header value) or a JSON number.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum Timestamp {
     Text(String),
@@ -99,6 +102,7 @@ pub enum Timestamp {
 
 /// One check: the producer's header values and the body it signed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerifyItem {
     #[serde(default)]
     pub identity: Option<String>,
@@ -118,6 +122,7 @@ pub struct VerifyItem {
 /// The request of `POST /v1/gateway/verify` for several items at once (one item is sent
 /// as a [`VerifyItem`] on its own).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerifyBatch {
     pub batch: Vec<VerifyItem>,
 }
@@ -125,6 +130,7 @@ pub struct VerifyBatch {
 /// The verdict on one item. A single check answers with the verdict's `status`; in a
 /// batch each result carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Verdict {
     pub valid: bool,
     pub reason: Option<String>,
@@ -135,6 +141,7 @@ pub struct Verdict {
 
 /// The `data` of a batch check.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchVerdicts {
     pub batch_results: Vec<Verdict>,
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// `options` of a write: check-and-set (`0`: only if the secret does not exist).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WriteOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cas: Option<u64>,
@@ -14,6 +15,7 @@ pub struct WriteOptions {
 
 /// One version's metadata (also the reply to a write).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VersionMetadata {
     pub created_time: String,
     pub custom_metadata: Option<BTreeMap<String, String>>,
@@ -25,6 +27,7 @@ pub struct VersionMetadata {
 
 /// `GET <mount>/metadata/<path>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Metadata {
     pub cas_required: bool,
     pub created_time: String,
@@ -40,6 +43,7 @@ pub struct Metadata {
 
 /// A version in [`Metadata`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VersionState {
     pub created_time: String,
     pub deletion_time: String,
@@ -48,6 +52,7 @@ pub struct VersionState {
 
 /// `POST <mount>/metadata/<path>` and `<mount>/config`: settings; absent ones unchanged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Settings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_versions: Option<usize>,
@@ -62,6 +67,7 @@ pub struct Settings {
 
 /// `GET <mount>/config`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Config {
     pub cas_required: bool,
     pub delete_version_after: String,
@@ -71,6 +77,7 @@ pub struct Config {
 /// `POST <mount>/delete/<path>`, `undelete/`, `destroy/`: which versions (numbers, or
 /// numbers as strings, as Vault's CLI sends them).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Versions {
     #[serde(default, deserialize_with = "numbers")]
     pub versions: Vec<u64>,
@@ -94,6 +101,7 @@ fn numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error>
 
 /// `GET <mount>/subkeys/<path>`: the value's keys, every leaf `null`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Subkeys {
     pub subkeys: serde_json::Value,
     pub metadata: VersionMetadata,
@@ -101,6 +109,7 @@ pub struct Subkeys {
 
 /// The query of `GET <mount>/data/<path>` and `subkeys/`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReadQuery {
     #[serde(default)]
     pub version: Option<u64>,

@@ -22,6 +22,7 @@ pub use secret::{PathError, SecretPath, SecretPrefix};
 /// The envelope of every Vault-shaped reply: `data` (or `auth` for a login) and the
 /// request's `warnings`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Envelope<T> {
     #[serde(default)]
     pub request_id: String,
@@ -40,18 +41,21 @@ pub struct Envelope<T> {
 
 /// The body of every error reply.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub errors: Vec<String>,
 }
 
 /// The `data` of every listing (`LIST` or `GET ...?list=true`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyList {
     pub keys: Vec<String>,
 }
 
 /// A body with no fields (actions such as `sys/rotate`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Empty {}
 
 /// A secret string on the wire (a password, a token, a plaintext): zeroized on drop and
@@ -207,5 +211,76 @@ mod tests {
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"hunter2\"");
         let back: Sensitive = serde_json::from_str("\"hunter2\"").unwrap();
         assert_eq!(back.expose(), "hunter2");
+    }
+}
+
+/// OpenAPI schemas of the wire types whose JSON is not what their Rust type says (a
+/// secret string, Vault's durations and policy lists), for `#[schema(value_type = ...)]`.
+#[cfg(feature = "openapi")]
+pub mod schema {
+    use std::borrow::Cow;
+
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+
+    fn string() -> ObjectBuilder {
+        ObjectBuilder::new().schema_type(Type::String)
+    }
+
+    impl utoipa::PartialSchema for super::Sensitive {
+        fn schema() -> RefOr<Schema> {
+            string()
+                .description(Some("A secret (a password, a token, a plaintext): never logged, zeroized after use."))
+                .into()
+        }
+    }
+
+    impl utoipa::ToSchema for super::Sensitive {
+        fn name() -> Cow<'static, str> {
+            "Sensitive".into()
+        }
+    }
+
+    /// Vault's durations: a number of seconds, or a string such as `"90s"`, `"10m"`,
+    /// `"1h"`; `0` means none. Replies give seconds.
+    #[derive(Debug)]
+    pub struct Duration;
+
+    impl utoipa::PartialSchema for Duration {
+        fn schema() -> RefOr<Schema> {
+            OneOfBuilder::new()
+                .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)))
+                .item(string().pattern(Some(r"^[0-9]{1,9}(s|m|h|d)?$")))
+                .description(Some("Seconds, or a duration such as \"90s\", \"10m\", \"1h\"; 0: none."))
+                .into()
+        }
+    }
+
+    impl utoipa::ToSchema for Duration {
+        fn name() -> Cow<'static, str> {
+            "Duration".into()
+        }
+    }
+
+    /// Policy names as Vault takes them: a list, or one comma-separated string. Replies
+    /// give a list.
+    #[derive(Debug)]
+    pub struct PolicyList;
+
+    impl utoipa::PartialSchema for PolicyList {
+        fn schema() -> RefOr<Schema> {
+            let name = || string().pattern(Some(r"^[A-Za-z0-9._-]{1,128}$"));
+            OneOfBuilder::new()
+                .item(ArrayBuilder::new().items(name()))
+                .item(string().pattern(Some(r"^[A-Za-z0-9._-]{1,128}(,[A-Za-z0-9._-]{1,128})*$")))
+                .description(Some("Policy names: a list, or one comma-separated string."))
+                .into()
+        }
+    }
+
+    impl utoipa::ToSchema for PolicyList {
+        fn name() -> Cow<'static, str> {
+            "PolicyList".into()
+        }
     }
 }

@@ -115,6 +115,7 @@ impl SecretPrefix {
 
 /// The reply to a write: the new version.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Written {
     pub version: u64,
     pub created_time: String,
@@ -122,6 +123,7 @@ pub struct Written {
 
 /// The `metadata` beside `data` in a read's reply.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Metadata {
     pub version: u64,
     pub created_time: String,
@@ -135,6 +137,7 @@ pub struct Metadata {
 
 /// The query of a read: `?version=N` (versions start at 1).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReadQuery {
     #[serde(default)]
     pub version: Option<u64>,
@@ -144,6 +147,7 @@ pub struct ReadQuery {
 /// or the upstream's own version id or staging label (AWS Secrets Manager, Azure Key
 /// Vault); at most one.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxyReadQuery {
     #[serde(default)]
     pub version: Option<u64>,

@@ -10,6 +10,7 @@ use crate::Sensitive;
 /// `GET /v1/sys/health` (no token): 200 when storage and the HSM answer, the clock agrees
 /// with the storage's and the audit log is not failed; 503 otherwise. Status words only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub initialized: bool,
     pub sealed: bool,
@@ -39,6 +40,7 @@ pub struct Health {
 
 /// `PUT /v1/sys/policies/acl/<name>`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PolicyWrite {
     /// HCL or JSON policy text.
     #[serde(default)]
@@ -47,6 +49,7 @@ pub struct PolicyWrite {
 
 /// `GET /v1/sys/policies/acl/<name>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PolicyRead {
     pub name: String,
     pub policy: String,
@@ -54,6 +57,7 @@ pub struct PolicyRead {
 
 /// `LIST /v1/sys/policies/acl` (Vault gives both names).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PolicyList {
     pub keys: Vec<String>,
     pub policies: Vec<String>,
@@ -62,6 +66,7 @@ pub struct PolicyList {
 /// `POST /v1/sys/revoke-identity` and `/restore-identity`: exactly one of `role`, `user`,
 /// `certificate_sha256`, `spiffe_id` (and, for revoke only, `accessor`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IdentityTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -77,6 +82,7 @@ pub struct IdentityTarget {
 
 /// The reply of the kill switch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Revoked {
     pub identity: String,
     /// The identity's new generation (none for an accessor).
@@ -86,6 +92,7 @@ pub struct Revoked {
 
 /// `POST /v1/sys/audit-hash`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditHashRequest {
     #[serde(default)]
     pub input: Option<Sensitive>,
@@ -93,24 +100,28 @@ pub struct AuditHashRequest {
 
 /// The HMAC a value has in this installation's audit log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditHash {
     pub hash: String,
 }
 
 /// A new key version is active (`sys/rotate`, `sys/rotate/token-signing`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Rotated {
     pub version: u32,
 }
 
 /// Versions destroyed (`sys/rotate/retire`, `sys/rotate/token-signing/retire`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Retired {
     pub retired: Vec<u32>,
 }
 
 /// `GET /v1/sys/rotate/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RotationStatus {
     pub active_version: u32,
     /// `idle`, `starting` or `rewrapping`.
@@ -130,6 +141,7 @@ pub struct RotationStatus {
 
 /// One record a rotation set aside as damaged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SetAsideRecord {
     pub key: String,
     pub reason: String,
@@ -139,12 +151,14 @@ pub struct SetAsideRecord {
 
 /// `GET /v1/sys/rotate/set-aside`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SetAside {
     pub records: Vec<SetAsideRecord>,
 }
 
 /// One mount as `GET /v1/sys/mounts` and `GET /v1/sys/auth` list it (Vault's shape).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MountInfo {
     #[serde(rename = "type")]
     pub kind: String,
@@ -159,6 +173,7 @@ pub struct MountInfo {
 
 /// A mount's tuning (Vault's fields; KeyVault has no leases, so they are zero).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MountConfig {
     pub default_lease_ttl: u64,
     pub max_lease_ttl: u64,
@@ -171,6 +186,7 @@ pub type Mounts = BTreeMap<String, MountInfo>;
 /// `GET /v1/sys/seal-status` (no token), Vault's shape. KeyVault has no unseal keys: it is
 /// sealed only by `sys/seal` and opened again with the token's PIN.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SealStatus {
     #[serde(rename = "type")]
     pub seal_type: String,
@@ -192,6 +208,7 @@ pub struct SealStatus {
 /// `POST /v1/sys/capabilities-self`: one `path` or several `paths`; `sys/capabilities`
 /// also takes the `token` to look at.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CapabilitiesRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -207,6 +224,7 @@ pub type Capabilities = BTreeMap<String, Vec<String>>;
 
 /// `GET /v1/sys/internal/ui/mounts`: the mounts a token may see.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UiMounts {
     pub secret: Mounts,
     pub auth: Mounts,
@@ -215,6 +233,7 @@ pub struct UiMounts {
 /// `GET /v1/sys/internal/ui/mounts/<path>`: the mount that serves `<path>` (how the CLI
 /// learns a KV mount's version).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UiMount {
     pub path: String,
     #[serde(flatten)]
@@ -224,6 +243,7 @@ pub struct UiMount {
 /// `GET /v1/sys/leader` (no token), Vault's shape. KeyVault's replicas are all active (no
 /// leader election: they share PostgreSQL), so `ha_enabled` is false.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Leader {
     pub ha_enabled: bool,
     pub is_self: bool,
@@ -236,6 +256,7 @@ pub struct Leader {
 
 /// A wrapped reply's `wrap_info` (Vault's shape): the single-use wrapping token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WrapInfo {
     pub token: crate::Sensitive,
     pub accessor: String,
@@ -249,6 +270,7 @@ pub struct WrapInfo {
 /// `POST /v1/sys/wrapping/lookup`, `unwrap`, `rewrap`: the wrapping token (or in
 /// `X-Vault-Token`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WrappingToken {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<crate::Sensitive>,
@@ -258,6 +280,7 @@ pub struct WrappingToken {
 /// (KeyVault has no unseal key shares); `reset` and `migrate` are accepted and mean
 /// nothing here. The reply is [`SealStatus`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UnsealRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<crate::Sensitive>,
@@ -269,6 +292,7 @@ pub struct UnsealRequest {
 
 /// `POST /v1/sys/wrapping/lookup`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WrappingLookup {
     pub creation_path: String,
     pub creation_time: String,

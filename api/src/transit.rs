@@ -9,6 +9,7 @@ use crate::Sensitive;
 
 /// The kinds of named key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum KeyType {
     #[serde(rename = "aes256-gcm96")]
     Aes256Gcm96,
@@ -18,6 +19,7 @@ pub enum KeyType {
 
 /// `POST /v1/transit/keys/<name>`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateKey {
     /// `aes256-gcm96` when absent.
     #[serde(default, rename = "type")]
@@ -26,6 +28,7 @@ pub struct CreateKey {
 
 /// `POST /v1/transit/keys/<name>/config`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyConfig {
     #[serde(default)]
     pub min_decryption_version: Option<u32>,
@@ -36,6 +39,7 @@ pub struct KeyConfig {
 /// One version of a key as `GET` shows it: its creation time, or for Ed25519 keys also
 /// its public key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum VersionInfo {
     Created(String),
@@ -44,6 +48,7 @@ pub enum VersionInfo {
 
 /// A key as `GET /v1/transit/keys/<name>` (and create, rotate, config) show it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyInfo {
     pub name: String,
     #[serde(rename = "type")]
@@ -63,6 +68,7 @@ pub struct KeyInfo {
 /// fields an operation reads: encrypt `plaintext`; decrypt and rewrap `ciphertext`; sign
 /// `input`; verify `input` and `signature`; `associated_data` for the AES ones.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Item {
     /// Base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +91,7 @@ pub struct Item {
 /// `POST /v1/transit/{encrypt,decrypt,rewrap,sign,verify}/<name>`: one item's fields, or
 /// `batch_input` (1 to 1000 items).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperationRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plaintext: Option<Sensitive>,
@@ -103,6 +110,7 @@ pub struct OperationRequest {
 /// The result of one item. Which fields are set depends on the operation; a failed
 /// batch item carries `error` only (and its `reference`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ItemResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ciphertext: Option<String>,
@@ -122,12 +130,14 @@ pub struct ItemResult {
 
 /// The `data` of a batch operation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchResults {
     pub batch_results: Vec<ItemResult>,
 }
 
 /// `POST /v1/transit/datakey/{plaintext,wrapped}/<name>`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DatakeyRequest {
     /// Base64.
     #[serde(default)]
@@ -137,6 +147,7 @@ pub struct DatakeyRequest {
 /// A fresh data key, encrypted under the named key; `plaintext` (base64) only for the
 /// `plaintext` kind.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Datakey {
     pub ciphertext: String,
     pub key_version: u32,

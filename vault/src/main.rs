@@ -78,6 +78,12 @@ enum Command {
         #[arg(long)]
         mounts: Option<PathBuf>,
     },
+    /// Print the OpenAPI document (YAML) of the HTTP API: of the default mounts
+    /// (docs/openapi.yaml), or of a configuration's mounts.
+    Openapi {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Administration that needs the HSM and the store directly.
     Operator {
         #[command(subcommand)]
@@ -422,6 +428,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             Ok(())
+        }
+        Command::Openapi { config } => {
+            let mounts = match config {
+                Some(path) => keyvault::config::Config::load(&path)?.mounts,
+                None => keyvault::config::default_mounts(),
+            };
+            let table = keyvault::service::describe_mounts(&mounts)?;
+            let doc = keyvault::logical::openapi::yaml(&table).map_err(keyvault::error::Error::Internal)?;
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), doc.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Command::Operator { command } => operator(command).await,
         Command::Bench(a) => bench_cmd(a).await,

@@ -26,6 +26,7 @@ use crate::tls::ClientCert;
 use crate::token::{Claims, IssuedToken};
 
 pub mod mounts;
+pub mod openapi;
 pub mod render;
 
 /// What a request does. HTTP maps onto these as Vault does: `GET` is [`Operation::Read`]
@@ -92,29 +93,71 @@ pub struct OpSpec {
     /// Whether it may change stored state. Such requests get an audit intent entry
     /// before they run (and do not run if it cannot be written).
     pub changes_state: bool,
+    /// The JSON body it reads (`None`: none, `{}` and `null` accepted). For the OpenAPI
+    /// document (docs/openapi.yaml), which is generated from these declarations.
+    pub body: Option<openapi::SchemaFn>,
+    /// The query parameters it reads.
+    pub query: Option<openapi::SchemaFn>,
+    /// What a success answers.
+    pub reply: openapi::Answer,
 }
 
 impl OpSpec {
+    const fn new(operation: Operation, access: Access, changes_state: bool) -> Self {
+        let reply =
+            if matches!(operation, Operation::List) { openapi::Answer::Keys } else { openapi::Answer::Undeclared };
+        OpSpec { operation, access, changes_state, body: None, query: None, reply }
+    }
     pub const fn read(access: Access) -> Self {
-        OpSpec { operation: Operation::Read, access, changes_state: false }
+        Self::new(Operation::Read, access, false)
     }
     pub const fn list(access: Access) -> Self {
-        OpSpec { operation: Operation::List, access, changes_state: false }
+        Self::new(Operation::List, access, false)
     }
     /// A write that changes stored state.
     pub const fn write(access: Access) -> Self {
-        OpSpec { operation: Operation::Write, access, changes_state: true }
+        Self::new(Operation::Write, access, true)
     }
     /// A write that computes and stores nothing (a transit operation, a login that
     /// consumes nothing).
     pub const fn compute(access: Access) -> Self {
-        OpSpec { operation: Operation::Write, access, changes_state: false }
+        Self::new(Operation::Write, access, false)
     }
     pub const fn delete(access: Access) -> Self {
-        OpSpec { operation: Operation::Delete, access, changes_state: true }
+        Self::new(Operation::Delete, access, true)
     }
     pub const fn patch(access: Access) -> Self {
-        OpSpec { operation: Operation::Patch, access, changes_state: true }
+        Self::new(Operation::Patch, access, true)
+    }
+
+    /// It reads a JSON body of type `T`.
+    pub const fn body<T: utoipa::ToSchema>(mut self) -> Self {
+        self.body = Some(openapi::schema_of::<T>);
+        self
+    }
+
+    /// It reads a JSON body that is any object (a secret's fields).
+    pub const fn any_body(mut self) -> Self {
+        self.body = Some(openapi::any_object);
+        self
+    }
+
+    /// It reads query parameters of type `T` (a struct of scalars).
+    pub const fn query<T: utoipa::ToSchema>(mut self) -> Self {
+        self.query = Some(openapi::schema_of::<T>);
+        self
+    }
+
+    /// A success answers 200 with `T` as the envelope's `data`.
+    pub const fn data<T: utoipa::ToSchema>(mut self) -> Self {
+        self.reply = openapi::Answer::Data(openapi::schema_of::<T>);
+        self
+    }
+
+    /// A success answers what `answer` says.
+    pub const fn answers(mut self, answer: openapi::Answer) -> Self {
+        self.reply = answer;
+        self
     }
 }
 

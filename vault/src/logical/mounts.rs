@@ -175,6 +175,11 @@ impl MountTable {
         Ok(Resolved { mount: mount.clone(), route, spec, params, policy_path, path: segs.join("/") })
     }
 
+    /// Every route of every mount (hidden ones too), with the mount's path.
+    pub fn each_route(&self) -> Vec<(String, &'static super::Route)> {
+        self.mounts.iter().flat_map(|m| m.engine.routes().iter().map(|r| (m.path.clone(), r))).collect()
+    }
+
     /// Every (route, operation) of every mount.
     pub fn route_info(&self) -> Vec<RouteInfo> {
         let mut out = Vec::new();
