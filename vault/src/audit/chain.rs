@@ -112,6 +112,28 @@ mod tests {
         assert_eq!(canonical(&v), br#"{"a":{"c":"x","d":[{"y":2,"z":1}]},"b":1}"#.to_vec());
     }
 
+    /// The verifier re-serializes what it parsed: the canonical form must survive a
+    /// round trip for every number (serde_json's `float_roundtrip`; without it some
+    /// floats came back one unit off and a correctly built entry failed to verify:
+    /// found by the audit_log fuzz target, fuzz/regressions/audit_log/).
+    #[test]
+    fn canonical_form_survives_a_round_trip_for_every_float() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = f64::from_bits(x);
+            if !f.is_finite() {
+                continue;
+            }
+            let v = serde_json::json!({ "n": f });
+            let once = canonical(&v);
+            let again: Value = serde_json::from_slice(&once).unwrap();
+            assert_eq!(canonical(&again), once, "{f:e}");
+        }
+    }
+
     #[test]
     fn seal_chains() {
         let mut e = Map::new();
