@@ -27,7 +27,7 @@ pub struct VersionMetadata {
 
 /// `GET <mount>/metadata/<path>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = kv2::Metadata))]
 pub struct Metadata {
     pub cas_required: bool,
     pub created_time: String,
@@ -109,11 +109,33 @@ pub struct Subkeys {
 
 /// The query of `GET <mount>/data/<path>` and `subkeys/`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = kv2::ReadQuery))]
 pub struct ReadQuery {
     #[serde(default)]
     pub version: Option<u64>,
     /// `subkeys/` only: how deep (0: all).
     #[serde(default)]
     pub depth: Option<u32>,
+}
+
+/// The body of a write or merge patch of `<mount>/data/<path>` (the server reads the value
+/// as raw text, so that it is stored exactly as sent; this type gives its shape).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DataWrite {
+    /// The secret's fields (a merge patch for `PATCH`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<WriteOptions>,
+}
+
+/// The `data` of a read of `<mount>/data/<path>`: the value as written, and its version's
+/// metadata. A deleted or destroyed version answers 404 with `data` null and the metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DataRead {
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub data: serde_json::Value,
+    pub metadata: VersionMetadata,
 }

@@ -280,7 +280,7 @@ pub mod schema {
 
     impl utoipa::ToSchema for PolicyList {
         fn name() -> Cow<'static, str> {
-            "PolicyList".into()
+            "PolicyNames".into()
         }
     }
 }

@@ -176,13 +176,28 @@ async fn a_randomized_workload_on_two_replicas_keeps_every_invariant() {
     }
     let rec = std::mem::take(&mut *rec.lock().unwrap());
 
-    // No 5xx but the documented 503 ("retry later"); count what each operation got.
+    // No 5xx but the documented 503 ("retry later"); count what each operation got. A
+    // 500's body says only "internal error": the replicas' logs say what it was.
+    let server_errors = || {
+        [("a", &cl.a), ("b", &cl.b)]
+            .iter()
+            .flat_map(|(name, s)| {
+                s.log_text()
+                    .lines()
+                    .filter(|l| l.contains("ERROR") || l.contains("internal error"))
+                    .map(|l| format!("replica {name}: {l}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     for ((op, status), n) in &rec.statuses {
         assert!(
             *status < 500 || *status == 503,
-            "{op} answered {status} {n} times: {:?}; {:?}",
+            "{op} answered {status} {n} times: {:?}; {:?}\nserver errors:\n{}",
             rec.statuses,
-            rec.failures
+            rec.failures,
+            server_errors()
         );
     }
     let unavailable: u64 = rec.statuses.iter().filter(|((_, s), _)| *s == 503).map(|(_, n)| n).sum();

@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 use super::EngineKind;
 use crate::config::MountConfig;
 use crate::error::{Error, Result};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::secrets::{SecretPath, Secrets};
@@ -58,22 +59,22 @@ const ROUTES: &[Route] = &[
         "static-roles/{name}",
         "a static role: `db_name`, `username`, `rotation_period`",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::read(Access::Needs(Capability::Read)).data::<StaticRole>(),
+            OpSpec::write(Access::CreateOrUpdate).body::<RoleWrite>().answers(Answer::Empty),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
         ],
     )
     .normalize(role_name),
     Route::new(
         "static-creds/{name}",
         "the role's current password (Vault's shape)",
-        &[OpSpec::read(Access::Needs(Capability::Read))],
+        &[OpSpec::read(Access::Needs(Capability::Read)).data::<StaticCreds<'static>>()],
     )
     .normalize(role_name),
     Route::new(
         "rotate-role/{name}",
         "rotate the role's password now",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<keyvault_api::Empty>().answers(Answer::Empty)],
     )
     .normalize(role_name),
 ];
@@ -113,7 +114,7 @@ impl std::fmt::Debug for Connection {
 }
 
 /// A static role as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StaticRole {
     db_name: String,
@@ -122,11 +123,12 @@ struct StaticRole {
 }
 
 /// The body of a static role write.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct RoleWrite {
     db_name: Option<String>,
     username: Option<String>,
     #[serde(default, with = "keyvault_api::vault_duration")]
+    #[schema(value_type = Option<keyvault_api::schema::Duration>)]
     rotation_period: Option<Duration>,
 }
 
@@ -148,7 +150,7 @@ impl Drop for Creds {
 }
 
 /// Vault's `static-creds` reply.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct StaticCreds<'a> {
     username: &'a str,
     password: &'a str,

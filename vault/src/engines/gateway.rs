@@ -11,6 +11,7 @@ use super::EngineKind;
 use crate::auth::revocation::Revocations;
 use crate::error::{Error, Result};
 use crate::gateway::{Gateway, validate_identity};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::Core;
@@ -39,9 +40,9 @@ const ROUTES: &[Route] = &[
         "producers/{*identity}",
         "register (or replace), read, delete a producer",
         &[
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::write(Access::CreateOrUpdate).body::<Producer>().answers(Answer::Empty),
+            OpSpec::read(Access::Needs(Capability::Read)).data::<Producer>(),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
         ],
     )
     .normalize(identity),
@@ -49,7 +50,9 @@ const ROUTES: &[Route] = &[
     Route::new(
         "verify",
         "check one signed request (the reply's status is the verdict's) or a `batch`",
-        &[OpSpec::write(Access::Needs(Capability::Verify))],
+        &[OpSpec::write(Access::Needs(Capability::Verify))
+            .body_either::<VerifyItem, VerifyBatch>()
+            .data_either::<Verdict, BatchVerdicts>()],
     ),
 ];
 

@@ -8,6 +8,7 @@ use keyvault_api::secret::{Metadata, ReadQuery, Written};
 
 use super::EngineKind;
 use crate::error::{Error, Result};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::secrets::{SecretPath, SecretPrefix, Secrets};
@@ -45,10 +46,10 @@ const ROUTES: &[Route] = &[
         "{*path}",
         "read (`?version=N`), write a new version, delete the latest version, list under",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::read(Access::Needs(Capability::Read)).query::<ReadQuery>().answers(Answer::AnyData),
             OpSpec::list(Access::Needs(Capability::List)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::write(Access::CreateOrUpdate).any_body().data::<Written>(),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
         ],
     )
     .normalize(normalize),

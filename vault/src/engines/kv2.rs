@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keyvault_api::kv2::{Config, Metadata, ReadQuery, Settings, Subkeys, VersionMetadata, VersionState, Versions};
+use keyvault_api::kv2::{
+    Config, DataRead, DataWrite, Metadata, ReadQuery, Settings, Subkeys, VersionMetadata, VersionState, Versions,
+};
 use keyvault_api::scrub_json as scrub;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -16,6 +18,7 @@ use zeroize::Zeroizing;
 
 use super::EngineKind;
 use crate::error::{Error, Result};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::secrets::{MetaUpdate, SecretMeta, SecretPath, SecretPrefix, Secrets, VersionMeta, WriteOptions};
@@ -59,16 +62,19 @@ const ROUTES: &[Route] = &[
     Route::new(
         "config",
         "the engine's settings: max_versions, cas_required, delete_version_after",
-        &[OpSpec::read(Access::Needs(Capability::Read)), OpSpec::write(Access::Needs(Capability::Update))],
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)).data::<Config>(),
+            OpSpec::write(Access::Needs(Capability::Update)).body::<Settings>().answers(Answer::Empty),
+        ],
     ),
     on_path(
         "data/{*path}",
         "read (`?version=N`), write a version (`options.cas`), delete the latest (soft), merge-patch",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
-            OpSpec::patch(Access::Needs(Capability::Update)),
+            OpSpec::read(Access::Needs(Capability::Read)).query::<ReadQuery>().data::<DataRead>(),
+            OpSpec::write(Access::CreateOrUpdate).body::<DataWrite>().data::<VersionMetadata>(),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
+            OpSpec::patch(Access::Needs(Capability::Update)).body::<DataWrite>().data::<VersionMetadata>(),
         ],
     ),
     Route::new("metadata", "list the top level", &[OpSpec::list(Access::Needs(Capability::List))]),
@@ -76,17 +82,26 @@ const ROUTES: &[Route] = &[
         "metadata/{*path}",
         "read the versions and settings, change the settings, list under, delete every version",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::read(Access::Needs(Capability::Read)).data::<Metadata>(),
             OpSpec::list(Access::Needs(Capability::List)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::write(Access::CreateOrUpdate).body::<Settings>().answers(Answer::Empty),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
         ],
     ),
-    on_path("delete/{*path}", "soft-delete versions", &[OpSpec::write(Access::Needs(Capability::Update))]),
-    on_path("undelete/{*path}", "bring back versions", &[OpSpec::write(Access::Needs(Capability::Update))]),
-    on_path("destroy/{*path}", "destroy versions for good", &[OpSpec::write(Access::Needs(Capability::Update))]),
-    on_path("subkeys/{*path}", "the value's keys, leaves null", &[OpSpec::read(Access::Needs(Capability::Read))]),
+    on_path("delete/{*path}", "soft-delete versions", &[versions_op()]),
+    on_path("undelete/{*path}", "bring back versions", &[versions_op()]),
+    on_path("destroy/{*path}", "destroy versions for good", &[versions_op()]),
+    on_path(
+        "subkeys/{*path}",
+        "the value's keys, leaves null",
+        &[OpSpec::read(Access::Needs(Capability::Read)).query::<ReadQuery>().data::<Subkeys>()],
+    ),
 ];
+
+/// `delete/`, `undelete/`, `destroy/`: `{"versions": [...]}`.
+const fn versions_op() -> OpSpec {
+    OpSpec::write(Access::Needs(Capability::Update)).body::<Versions>().answers(Answer::Empty)
+}
 
 /// The engine's settings as stored.
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use super::EngineKind;
 use crate::error::{Error, Result};
+use crate::logical::openapi::{Answer, schema_of};
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::Core;
@@ -28,12 +29,22 @@ pub const KIND: EngineKind = EngineKind {
 
 const ROUTES: &[Route] = &[
     // A login may consume a credential (a bootstrap token, a limited secret id).
-    Route::new("", "log in with `role` and the credentials of its method", &[OpSpec::write(Access::LoginByRole)]),
-    Route::new("jwks", "the token-verification keys (JWK set, no token)", &[OpSpec::read(Access::Public)]),
+    Route::new(
+        "",
+        "log in with `role` and the credentials of its method",
+        &[OpSpec::write(Access::LoginByRole).body::<keyvault_api::auth::RoleHint>().answers(Answer::Auth)],
+    ),
+    Route::new(
+        "jwks",
+        "the token-verification keys (JWK set, no token)",
+        &[OpSpec::read(Access::Public).answers(Answer::Bare(schema_of::<keyvault_api::auth::Jwks>))],
+    ),
     Route::new(
         "revocations",
         "revoked token accessors and identities, for gateways that verify tokens offline (`?since=`)",
-        &[OpSpec::read(Access::Needs(Capability::Read))],
+        &[OpSpec::read(Access::Needs(Capability::Read))
+            .query::<keyvault_api::auth::RevocationsQuery>()
+            .data::<keyvault_api::auth::RevocationFeed>()],
     ),
 ];
 

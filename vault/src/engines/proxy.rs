@@ -64,10 +64,12 @@ const ROUTES: &[Route] = &[
         "{*path}",
         "read (`?version=N` where the upstream keeps versions), write through, delete, list under",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)),
+            OpSpec::read(Access::Needs(Capability::Read))
+                .query::<keyvault_api::secret::ProxyReadQuery>()
+                .answers(crate::logical::openapi::Answer::AnyData),
             OpSpec::list(Access::Needs(Capability::List)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::write(Access::CreateOrUpdate).any_body().data::<keyvault_api::secret::Written>(),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(crate::logical::openapi::Answer::Empty),
         ],
     )
     .normalize(super::kv::normalize),

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keyvault_api::sys::{
-    AuditHash, AuditHashRequest, Health, IdentityTarget, PolicyList, PolicyRead, PolicyWrite, Retired, Revoked,
-    Rotated, SetAside,
+    AuditHash, AuditHashRequest, CapabilitiesRequest, Health, IdentityTarget, Leader, MountInfo, PolicyList,
+    PolicyRead, PolicyWrite, Retired, Revoked, Rotated, RotationStatus, SealStatus, SetAside, UiMount, UiMounts,
+    UnsealRequest, WrappingLookup, WrappingToken,
 };
 
 use super::EngineKind;
@@ -17,6 +18,7 @@ use crate::auth::revocation::Identity;
 use crate::error::{Error, Result};
 use crate::gateway::Gateway;
 use crate::keys::Family;
+use crate::logical::openapi::{Answer, capability_names, schema_of};
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::{Capability, ROOT_POLICY};
 use crate::shared::{Core, MAX_TOKEN_LIFETIME};
@@ -44,98 +46,157 @@ fn policy_name(_: Operation, p: &mut Params) -> Result<()> {
     Ok(())
 }
 
-const SUDO_UPDATE: &[OpSpec] = &[OpSpec::write(Access::Sudo(Capability::Update))];
+/// `sudo` and `update`, an empty body.
+const fn sudo_update() -> OpSpec {
+    OpSpec::write(Access::Sudo(Capability::Update)).body::<keyvault_api::Empty>()
+}
+
+/// A policy: read, write, delete.
+const POLICY_OPS: &[OpSpec] = &[
+    OpSpec::read(Access::Needs(Capability::Read)).data::<PolicyRead>(),
+    OpSpec::write(Access::CreateOrUpdate).body::<PolicyWrite>().answers(Answer::Empty),
+    OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
+];
 
 const ROUTES: &[Route] = &[
-    Route::new("health", "storage, HSM, clock, audit and seal status (no token)", &[OpSpec::read(Access::Public)])
-        .while_sealed(),
-    Route::new("seal-status", "Vault's seal status (no token)", &[OpSpec::read(Access::Public)]).while_sealed(),
-    Route::new("seal", "emergency seal of this replica: sessions, key handles, PIN and caches dropped", SUDO_UPDATE),
+    Route::new(
+        "health",
+        "storage, HSM, clock, audit and seal status (no token)",
+        &[OpSpec::read(Access::Public).answers(Answer::Health(schema_of::<Health>))],
+    )
+    .while_sealed(),
+    Route::new(
+        "seal-status",
+        "Vault's seal status (no token)",
+        &[OpSpec::read(Access::Public).answers(Answer::Bare(schema_of::<SealStatus>))],
+    )
+    .while_sealed(),
+    Route::new(
+        "seal",
+        "emergency seal of this replica: sessions, key handles, PIN and caches dropped",
+        &[sudo_update().answers(Answer::Empty)],
+    ),
     Route::new(
         "unseal",
         "unseal this replica with the token's PIN (`key`; no token)",
-        &[OpSpec::write(Access::Public)],
+        &[OpSpec::write(Access::Public).body::<UnsealRequest>().answers(Answer::Bare(schema_of::<SealStatus>))],
     )
     .while_sealed(),
-    Route::new("leader", "Vault's HA status (no token): every replica is active", &[OpSpec::read(Access::Public)]),
-    Route::new("internal/ui/mounts", "the mounts, for Vault's tools", &[OpSpec::read(Access::AnyToken)]),
+    Route::new(
+        "leader",
+        "Vault's HA status (no token): every replica is active",
+        &[OpSpec::read(Access::Public).answers(Answer::Bare(schema_of::<Leader>))],
+    ),
+    Route::new(
+        "internal/ui/mounts",
+        "the mounts, for Vault's tools",
+        &[OpSpec::read(Access::AnyToken).data::<UiMounts>()],
+    ),
     Route::new(
         "internal/ui/mounts/{*path}",
         "the mount serving a path (how the CLI learns a KV mount's version)",
-        &[OpSpec::read(Access::AnyToken)],
+        &[OpSpec::read(Access::AnyToken).data::<UiMount>()],
     ),
-    Route::new("capabilities-self", "the caller's capabilities on paths", &[OpSpec::compute(Access::AnyToken)]),
+    Route::new(
+        "capabilities-self",
+        "the caller's capabilities on paths",
+        &[OpSpec::compute(Access::AnyToken).body::<CapabilitiesRequest>().answers(Answer::Map(capability_names))],
+    ),
     Route::new(
         "capabilities",
         "another token's capabilities on paths",
-        &[OpSpec::compute(Access::Needs(Capability::Update))],
+        &[OpSpec::compute(Access::Needs(Capability::Update))
+            .body::<CapabilitiesRequest>()
+            .answers(Answer::Map(capability_names))],
     ),
     // Response wrapping: the wrapping token is the credential.
-    Route::new("wrapping/unwrap", "the wrapped reply, once", &[OpSpec::write(Access::Public)]),
+    Route::new(
+        "wrapping/unwrap",
+        "the wrapped reply, once",
+        &[OpSpec::write(Access::Public).body::<WrappingToken>().answers(Answer::Unwrapped)],
+    ),
     Route::new(
         "wrapping/lookup",
         "when and where a wrapping token was made (GET: `?token=`, as Vault's agent asks)",
-        &[OpSpec::compute(Access::Public), OpSpec::read(Access::Public)],
+        &[
+            OpSpec::compute(Access::Public).body::<WrappingToken>().data::<WrappingLookup>(),
+            OpSpec::read(Access::Public).query::<WrappingToken>().data::<WrappingLookup>(),
+        ],
     ),
-    Route::new("wrapping/rewrap", "a new wrapping token for the same reply", &[OpSpec::write(Access::Public)]),
+    Route::new(
+        "wrapping/rewrap",
+        "a new wrapping token for the same reply",
+        &[OpSpec::write(Access::Public).body::<WrappingToken>().answers(Answer::Wrapped)],
+    ),
     Route::new(
         "wrapping/wrap",
         "wrap the body (for `X-Vault-Wrap-TTL`, default 5 minutes)",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).any_body().answers(Answer::Wrapped)],
     ),
     // Vault's older policy endpoints, authorized as the paths they alias.
     Route::new(
         "policy",
         "list policies (Vault's older path)",
-        &[OpSpec::read(Access::Needs(Capability::List)), OpSpec::list(Access::Needs(Capability::List))],
-    )
-    .policy("policies/acl/"),
-    Route::new(
-        "policy/{name}",
-        "read, write, delete a policy (Vault's older path)",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::read(Access::Needs(Capability::List)).data::<PolicyList>(),
+            OpSpec::list(Access::Needs(Capability::List)).data::<PolicyList>(),
         ],
     )
-    .policy("policies/acl/{name}")
-    .normalize(policy_name),
+    .policy("policies/acl/"),
+    Route::new("policy/{name}", "read, write, delete a policy (Vault's older path)", POLICY_OPS)
+        .policy("policies/acl/{name}")
+        .normalize(policy_name),
     Route::new(
         "metrics",
         "metrics in Prometheus' text format (`read`, unless `telemetry.unauthenticated_metrics_access`; also at `/metrics`)",
-        &[OpSpec::read(Access::Telemetry)],
+        &[OpSpec::read(Access::Telemetry).answers(Answer::Text)],
     ),
-    Route::new("mounts", "the mounted engines (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
-    Route::new("auth", "the mounted auth methods (Vault's shape)", &[OpSpec::read(Access::Needs(Capability::Read))]),
-    Route::new("policies/acl", "list policies", &[OpSpec::list(Access::Needs(Capability::List))]),
     Route::new(
-        "policies/acl/{name}",
-        "read, write (`policy`: HCL or JSON), delete a policy",
-        &[
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
-        ],
-    )
-    .normalize(policy_name),
-    Route::new("revoke-identity", "the kill switch: revoke an identity everywhere", SUDO_UPDATE),
-    Route::new("restore-identity", "lift a revocation of an identity", SUDO_UPDATE),
+        "mounts",
+        "the mounted engines (Vault's shape)",
+        &[OpSpec::read(Access::Needs(Capability::Read)).answers(Answer::Map(schema_of::<MountInfo>))],
+    ),
+    Route::new(
+        "auth",
+        "the mounted auth methods (Vault's shape)",
+        &[OpSpec::read(Access::Needs(Capability::Read)).answers(Answer::Map(schema_of::<MountInfo>))],
+    ),
+    Route::new("policies/acl", "list policies", &[OpSpec::list(Access::Needs(Capability::List)).data::<PolicyList>()]),
+    Route::new("policies/acl/{name}", "read, write (`policy`: HCL or JSON), delete a policy", POLICY_OPS)
+        .normalize(policy_name),
+    Route::new(
+        "revoke-identity",
+        "the kill switch: revoke an identity everywhere",
+        &[OpSpec::write(Access::Sudo(Capability::Update)).body::<IdentityTarget>().data::<Revoked>()],
+    ),
+    Route::new(
+        "restore-identity",
+        "lift a revocation of an identity",
+        &[OpSpec::write(Access::Sudo(Capability::Update)).body::<IdentityTarget>().answers(Answer::Empty)],
+    ),
     Route::new(
         "audit-hash",
         "the HMAC a value has in the audit log",
-        &[OpSpec::compute(Access::Needs(Capability::Update))],
+        &[OpSpec::compute(Access::Needs(Capability::Update)).body::<AuditHashRequest>().data::<AuditHash>()],
     ),
-    Route::new("rotate", "start a master key rotation", SUDO_UPDATE),
-    Route::new("rotate/status", "rotation progress", &[OpSpec::read(Access::Needs(Capability::Read))]),
-    Route::new("rotate/retire", "destroy master key versions nothing uses", SUDO_UPDATE),
+    Route::new("rotate", "start a master key rotation", &[sudo_update().data::<Rotated>()]),
+    Route::new(
+        "rotate/status",
+        "rotation progress",
+        &[OpSpec::read(Access::Needs(Capability::Read)).data::<RotationStatus>()],
+    ),
+    Route::new("rotate/retire", "destroy master key versions nothing uses", &[sudo_update().data::<Retired>()]),
     Route::new(
         "rotate/set-aside",
         "records a rotation set aside as damaged",
-        &[OpSpec::read(Access::Needs(Capability::Read))],
+        &[OpSpec::read(Access::Needs(Capability::Read)).data::<SetAside>()],
     ),
-    Route::new("rotate/token-signing", "new token-signing key", SUDO_UPDATE),
-    Route::new("rotate/token-signing/retire", "destroy token-signing versions no token needs", SUDO_UPDATE),
+    Route::new("rotate/token-signing", "new token-signing key", &[sudo_update().data::<Rotated>()]),
+    Route::new(
+        "rotate/token-signing/retire",
+        "destroy token-signing versions no token needs",
+        &[sudo_update().data::<Retired>()],
+    ),
 ];
 
 #[derive(Debug)]

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use keyvault_api::auth::{RenewSelf, RevokeAccessor, TokenLookup};
+use keyvault_api::auth::{RenewSelf, RenewToken, RevokeAccessor, TokenCreate, TokenLookup, TokenRef};
 
 use super::EngineKind;
 use crate::error::{Error, Result};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Caller, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::shared::{Core, MAX_TOKEN_LIFETIME};
@@ -33,41 +34,56 @@ const ROUTES: &[Route] = &[
     Route::new(
         "lookup-self",
         "the caller's token (GET, or POST as Vault also takes it)",
-        &[OpSpec::read(Access::AnyToken), OpSpec::compute(Access::AnyToken)],
+        &[
+            OpSpec::read(Access::AnyToken).data::<TokenLookup>(),
+            OpSpec::compute(Access::AnyToken).body::<keyvault_api::Empty>().data::<TokenLookup>(),
+        ],
     ),
     // A renewal is stored (every replica honours it), so it changes state.
     Route::new(
         "renew-self",
         "extend the caller's token (the same token), up to its maximum",
-        &[OpSpec::write(Access::AnyToken)],
+        &[OpSpec::write(Access::AnyToken).body::<RenewSelf>().answers(Answer::Auth)],
     ),
     Route::new(
         "renew",
         "extend another token (the same token), up to its maximum",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<RenewToken>().answers(Answer::Auth)],
     ),
-    Route::new("revoke-self", "revoke the caller's token and its renewals", &[OpSpec::write(Access::AnyToken)]),
+    Route::new(
+        "revoke-self",
+        "revoke the caller's token and its renewals",
+        &[OpSpec::write(Access::AnyToken).body::<keyvault_api::Empty>().answers(Answer::Empty)],
+    ),
     Route::new(
         "create",
         "a child token of the caller (dies with it)",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<TokenCreate>().answers(Answer::Auth)],
     ),
-    Route::new("create-orphan", "a token with no parent", &[OpSpec::write(Access::Sudo(Capability::Update))]),
-    Route::new("lookup", "look up another token", &[OpSpec::compute(Access::Needs(Capability::Update))]),
+    Route::new(
+        "create-orphan",
+        "a token with no parent",
+        &[OpSpec::write(Access::Sudo(Capability::Update)).body::<TokenCreate>().answers(Answer::Auth)],
+    ),
+    Route::new(
+        "lookup",
+        "look up another token",
+        &[OpSpec::compute(Access::Needs(Capability::Update)).body::<TokenRef>().data::<TokenLookup>()],
+    ),
     Route::new(
         "revoke",
         "revoke another token and every token made from it",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<TokenRef>().answers(Answer::Empty)],
     ),
     Route::new(
         "lookup-accessor",
         "look up a token made by auth/token/create by its accessor",
-        &[OpSpec::compute(Access::Needs(Capability::Update))],
+        &[OpSpec::compute(Access::Needs(Capability::Update)).body::<RevokeAccessor>().data::<TokenLookup>()],
     ),
     Route::new(
         "revoke-accessor",
         "revoke the tokens with an accessor",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<RevokeAccessor>().answers(Answer::Empty)],
     ),
 ];
 

@@ -16,6 +16,7 @@ use keyvault_api::transit::{
 
 use super::EngineKind;
 use crate::error::{Error, Result};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::transit::{Transit, TransitKey, b64_field};
@@ -50,40 +51,41 @@ const fn on_key(pattern: &'static str, summary: &'static str, ops: &'static [OpS
     Route::new(pattern, summary, ops).policy("keys/{name}").normalize(key_name)
 }
 
+/// An operation on a key's data: one item, or `batch_input`.
+const fn item_op(access: Access) -> OpSpec {
+    OpSpec::compute(access).body::<OperationRequest>().data_either::<ItemResult, BatchResults>()
+}
+
 const ROUTES: &[Route] = &[
     Route::new("keys", "list keys", &[OpSpec::list(Access::Needs(Capability::List))]),
     on_key(
         "keys/{name}",
         "create (`type`: aes256-gcm96 or ed25519), read, delete (when `deletion_allowed`)",
         &[
-            OpSpec::write(Access::Needs(Capability::Create)),
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::write(Access::Needs(Capability::Create)).body::<CreateKey>().data::<KeyInfo>(),
+            OpSpec::read(Access::Needs(Capability::Read)).data::<KeyInfo>(),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
         ],
     ),
-    on_key("keys/{name}/rotate", "new key version", &[OpSpec::write(Access::Needs(Capability::Rotate))]),
+    on_key(
+        "keys/{name}/rotate",
+        "new key version",
+        &[OpSpec::write(Access::Needs(Capability::Rotate)).body::<keyvault_api::Empty>().data::<KeyInfo>()],
+    ),
     on_key(
         "keys/{name}/config",
         "min_decryption_version, deletion_allowed",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<KeyConfig>().data::<KeyInfo>()],
     ),
-    on_key("encrypt/{name}", "encrypt (or batch_input)", &[OpSpec::compute(Access::Needs(Capability::Encrypt))]),
-    on_key("decrypt/{name}", "decrypt (or batch_input)", &[OpSpec::compute(Access::Needs(Capability::Decrypt))]),
-    on_key(
-        "rewrap/{name}",
-        "re-encrypt under the latest version",
-        &[OpSpec::compute(Access::Needs(Capability::Encrypt))],
-    ),
-    on_key("sign/{name}", "Ed25519 signature (or batch_input)", &[OpSpec::compute(Access::Needs(Capability::Sign))]),
-    on_key(
-        "verify/{name}",
-        "check a signature (or batch_input)",
-        &[OpSpec::compute(Access::Needs(Capability::Verify))],
-    ),
+    on_key("encrypt/{name}", "encrypt (or batch_input)", &[item_op(Access::Needs(Capability::Encrypt))]),
+    on_key("decrypt/{name}", "decrypt (or batch_input)", &[item_op(Access::Needs(Capability::Decrypt))]),
+    on_key("rewrap/{name}", "re-encrypt under the latest version", &[item_op(Access::Needs(Capability::Encrypt))]),
+    on_key("sign/{name}", "Ed25519 signature (or batch_input)", &[item_op(Access::Needs(Capability::Sign))]),
+    on_key("verify/{name}", "check a signature (or batch_input)", &[item_op(Access::Needs(Capability::Verify))]),
     Route::new(
         "datakey/{kind}/{name}",
         "a fresh 256-bit data key encrypted under the key (`plaintext` also returns it)",
-        &[OpSpec::compute(Access::Needs(Capability::Encrypt))],
+        &[OpSpec::compute(Access::Needs(Capability::Encrypt)).body::<DatakeyRequest>().data::<Datakey>()],
     )
     .policy("keys/{name}")
     .normalize(datakey_params),

@@ -136,6 +136,30 @@ impl OpSpec {
         self
     }
 
+    /// It reads a JSON body of type `A` or `B` (one item or a batch).
+    pub const fn body_either<A: utoipa::ToSchema, B: utoipa::ToSchema>(mut self) -> Self {
+        self.body = Some(openapi::either::<A, B>);
+        self
+    }
+
+    /// A success answers 200 with `A` or `B` as `data` (one item or a batch).
+    pub const fn data_either<A: utoipa::ToSchema, B: utoipa::ToSchema>(mut self) -> Self {
+        self.reply = openapi::Answer::Data(openapi::either::<A, B>);
+        self
+    }
+
+    /// It reads a JSON body with the members of both `A` and `B`.
+    pub const fn body_both<A: utoipa::ToSchema, B: utoipa::ToSchema>(mut self) -> Self {
+        self.body = Some(openapi::both::<A, B>);
+        self
+    }
+
+    /// A success answers 200 with the members of both `A` and `B` as `data`.
+    pub const fn data_both<A: utoipa::ToSchema, B: utoipa::ToSchema>(mut self) -> Self {
+        self.reply = openapi::Answer::Data(openapi::both::<A, B>);
+        self
+    }
+
     /// It reads a JSON body that is any object (a secret's fields).
     pub const fn any_body(mut self) -> Self {
         self.body = Some(openapi::any_object);

@@ -45,6 +45,26 @@ pub fn schema_of<T: utoipa::ToSchema>(deps: &mut Schemas) -> RefOr<Schema> {
     RefOr::Ref(Ref::from_schema_name(name))
 }
 
+/// [`SchemaFn`] of either of two `keyvault-api` types (one item or a batch).
+pub fn either<A: utoipa::ToSchema, B: utoipa::ToSchema>(deps: &mut Schemas) -> RefOr<Schema> {
+    let a = schema_of::<A>(deps);
+    let b = schema_of::<B>(deps);
+    utoipa::openapi::schema::OneOfBuilder::new().item(a).item(b).into()
+}
+
+/// [`SchemaFn`] of an object with the members of two `keyvault-api` types (a role: its
+/// token settings and its method's own fields).
+pub fn both<A: utoipa::ToSchema, B: utoipa::ToSchema>(deps: &mut Schemas) -> RefOr<Schema> {
+    let a = schema_of::<A>(deps);
+    let b = schema_of::<B>(deps);
+    AllOfBuilder::new().item(a).item(b).into()
+}
+
+/// [`SchemaFn`] of a list of capability names.
+pub fn capability_names(_: &mut Schemas) -> RefOr<Schema> {
+    ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String)).into()
+}
+
 /// [`SchemaFn`] of any JSON object (a secret's fields, as they were written).
 pub fn any_object(_: &mut Schemas) -> RefOr<Schema> {
     ObjectBuilder::new().schema_type(Type::Object).description(Some("Any JSON object (the secret's fields).")).into()
@@ -59,6 +79,9 @@ pub enum Answer {
     Empty,
     /// 200, the envelope with this `data`.
     Data(SchemaFn),
+    /// 200, the envelope with `data` any JSON object (a secret's value, as written) and
+    /// the secret's `metadata` beside it.
+    AnyData,
     /// 200 with `data` or 204 with nothing (e.g. a delete that reports what it removed).
     DataOrEmpty(SchemaFn),
     /// 200, the envelope with `{"keys": [...]}`; 404 when there is nothing to list
@@ -66,6 +89,15 @@ pub enum Answer {
     Keys,
     /// 200, this body without the envelope.
     Bare(SchemaFn),
+    /// This body without the envelope, with 200 when all is well and 503 when not
+    /// (`sys/health`).
+    Health(SchemaFn),
+    /// 200, the envelope with `data` a map of names to `T` (mounts, capabilities).
+    Map(SchemaFn),
+    /// 200, the envelope with `data: null` and a `wrap_info` beside it (response wrapping).
+    Wrapped,
+    /// 200, a reply wrapped earlier, as it was (any JSON).
+    Unwrapped,
     /// 200, plain text (the Prometheus metrics).
     Text,
     /// 200, the envelope with a token in `auth` (a login, a new or renewed token).
@@ -229,13 +261,14 @@ fn operation(
         }
         _ => op = op.security(SecurityRequirement::new(TOKEN_SCHEME, Vec::<String>::new())),
     }
-    for (status, response) in success(spec, schemas) {
-        op = op.response(status, response);
-    }
     // Client errors (400 bad input, 401/403 for a token, 404, 405, 409, 413, 415, 429)
     // and 503 (sealed, storage or token unavailable) all carry the error body.
     for status in ["4XX", "503"] {
         op = op.response(status, RefOr::Ref(Ref::new("#/components/responses/Error")));
+    }
+    // After the errors: a success that documents 503 (health) replaces it.
+    for (status, response) in success(spec, schemas) {
+        op = op.response(status, response);
     }
     (path, method, op.build())
 }
@@ -290,6 +323,9 @@ fn success(spec: &OpSpec, schemas: &mut Schemas) -> Vec<(&'static str, utoipa::o
         Answer::Data(f) => {
             vec![("200", ok("Success.", Some(("application/json", json(enveloped("data", f(schemas)))))))]
         }
+        Answer::AnyData => {
+            vec![("200", ok("Success.", Some(("application/json", json(enveloped("data", any_object(schemas)))))))]
+        }
         Answer::DataOrEmpty(f) => vec![
             ("200", ok("Success.", Some(("application/json", json(enveloped("data", f(schemas))))))),
             ("204", ok("Done, nothing to report.", None)),
@@ -302,6 +338,29 @@ fn success(spec: &OpSpec, schemas: &mut Schemas) -> Vec<(&'static str, utoipa::o
             ),
         )],
         Answer::Bare(f) => vec![("200", ok("Success.", Some(("application/json", json(f(schemas))))))],
+        Answer::Health(f) => {
+            let body = f(schemas);
+            vec![
+                ("200", ok("All is well.", Some(("application/json", json(body.clone()))))),
+                ("503", ok("Something is not (the body says what).", Some(("application/json", json(body))))),
+            ]
+        }
+        Answer::Map(f) => {
+            let map: Schema =
+                ObjectBuilder::new().schema_type(Type::Object).additional_properties(Some(f(schemas))).into();
+            vec![("200", ok("Success.", Some(("application/json", json(enveloped("data", map.into()))))))]
+        }
+        Answer::Wrapped => {
+            let wrap = schema_of::<keyvault_api::sys::WrapInfo>(schemas);
+            vec![("200", ok("The reply, wrapped.", Some(("application/json", json(enveloped("wrap_info", wrap))))))]
+        }
+        Answer::Unwrapped => vec![(
+            "200",
+            ok(
+                "The wrapped reply, as it was.",
+                Some(("application/json", json(ObjectBuilder::new().schema_type(Type::Object)))),
+            ),
+        )],
         Answer::Text => {
             vec![("200", ok("Plain text.", Some(("text/plain", json(ObjectBuilder::new().schema_type(Type::String))))))]
         }
@@ -343,4 +402,47 @@ fn envelope_base() -> Schema {
         .required("renewable")
         .required("lease_duration")
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logical::Operation;
+
+    #[test]
+    fn every_operation_of_every_engine_declares_its_reply_and_every_write_its_body() {
+        for kind in crate::engines::KINDS {
+            for route in kind.info.routes {
+                for op in route.ops {
+                    let what = format!("{} {:?} {}", kind.info.name, route.pattern, op.operation.name());
+                    assert!(op.reply.is_declared(), "{what}: no reply declared");
+                    if matches!(op.operation, Operation::Write | Operation::Patch) {
+                        assert!(op.body.is_some(), "{what}: no body declared");
+                    }
+                }
+            }
+        }
+    }
+
+    /// docs/openapi.yaml is generated, never edited: regenerate it with
+    /// `cargo run -p keyvault -- openapi > docs/openapi.yaml`.
+    #[test]
+    fn the_committed_document_is_the_generated_one() {
+        let table = crate::service::describe_mounts(&crate::config::default_mounts()).unwrap();
+        let generated = yaml(&table).unwrap();
+        let committed = include_str!("../../../docs/openapi.yaml");
+        assert!(
+            generated == committed,
+            "docs/openapi.yaml is not what `keyvault openapi` generates: run \
+             `cargo run -p keyvault -- openapi > docs/openapi.yaml` and commit it"
+        );
+        // Every route of the default mounts is in it, with its schemas resolvable.
+        let doc: serde_json::Value = serde_json::to_value(document(&table)).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let text = serde_json::to_string(&doc).unwrap();
+        for r in text.split("#/components/schemas/").skip(1) {
+            let name = r.split('"').next().unwrap();
+            assert!(schemas.contains_key(name), "{name} is referred to but not defined");
+        }
+    }
 }

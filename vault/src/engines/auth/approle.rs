@@ -40,19 +40,31 @@ pub const KIND: EngineKind = EngineKind {
     },
 };
 
-const ROLES: [Route; 2] = crate::role_routes!("role", "role");
+const ROLES: [Route; 2] = crate::role_routes!("role", "role", keyvault_api::auth::AppRoleRole);
 
 const ROUTES: &[Route] = &[
     // A secret id with a number of uses is consumed by a login.
-    Route::new("login", "log in with role_id (or role) and secret_id", &[OpSpec::write(Access::Login)]),
+    Route::new(
+        "login",
+        "log in with role_id (or role) and secret_id",
+        &[OpSpec::write(Access::Login)
+            .body::<keyvault_api::auth::AppRoleLogin>()
+            .answers(crate::logical::openapi::Answer::Auth)],
+    ),
     ROLES[0],
     ROLES[1],
-    Route::new("role/{name}/role-id", "the role's role id", &[OpSpec::read(Access::Needs(Capability::Read))])
-        .normalize(super::role_name),
+    Route::new(
+        "role/{name}/role-id",
+        "the role's role id",
+        &[OpSpec::read(Access::Needs(Capability::Read)).data::<keyvault_api::auth::RoleId>()],
+    )
+    .normalize(super::role_name),
     Route::new(
         "role/{name}/secret-id",
         "a new secret id (shown once)",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update))
+            .body::<keyvault_api::Empty>()
+            .data::<keyvault_api::auth::SecretId>()],
     )
     .normalize(super::role_name),
 ];

@@ -40,10 +40,18 @@ const ROUTES: &[Route] = &[
     Route::new(
         "token",
         "mint a one-time bootstrap token (shown once)",
-        &[OpSpec::write(Access::Needs(Capability::Update))],
+        &[OpSpec::write(Access::Needs(Capability::Update))
+            .body::<keyvault_api::auth::BootstrapMint>()
+            .data::<keyvault_api::auth::BootstrapMinted>()],
     ),
     // The login consumes the bootstrap token.
-    Route::new("login", "exchange a bootstrap token for a token", &[OpSpec::write(Access::Login)]),
+    Route::new(
+        "login",
+        "exchange a bootstrap token for a token",
+        &[OpSpec::write(Access::Login)
+            .body::<keyvault_api::auth::BootstrapLogin>()
+            .answers(crate::logical::openapi::Answer::Auth)],
+    ),
 ];
 /// The longest a bootstrap token may wait to be used.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);

@@ -26,13 +26,19 @@ pub const KIND: EngineKind = EngineKind {
     build: |core, _| Ok(Arc::new(CertEngine(CertAuth::new(core.store.clone())))),
 };
 
-const ROLES: [Route; 2] = crate::role_routes!("role", "role");
+const ROLES: [Route; 2] = crate::role_routes!("role", "role", keyvault_api::auth::CertRole);
 /// Vault's path for cert roles, an alias authorized as `role/...` (so that a policy on
 /// either path means the same thing, denials included).
-const CERTS: [Route; 2] = crate::role_routes!("certs", "role");
+const CERTS: [Route; 2] = crate::role_routes!("certs", "role", keyvault_api::auth::CertRole);
 
 const ROUTES: &[Route] = &[
-    Route::new("login", "log in with the connection's client certificate", &[OpSpec::compute(Access::Login)]),
+    Route::new(
+        "login",
+        "log in with the connection's client certificate",
+        &[OpSpec::compute(Access::Login)
+            .body::<keyvault_api::auth::CertLogin>()
+            .answers(crate::logical::openapi::Answer::Auth)],
+    ),
     ROLES[0],
     ROLES[1],
     CERTS[0],

@@ -38,14 +38,25 @@ pub const KIND: EngineKind = EngineKind {
     build: |core, _| Ok(Arc::new(KubernetesAuth::new(core.store.clone()))),
 };
 
-const ROLES: [Route; 2] = crate::role_routes!("role", "role");
+const ROLES: [Route; 2] = crate::role_routes!("role", "role", keyvault_api::auth::KubernetesRole);
 
 const ROUTES: &[Route] = &[
-    Route::new("login", "log in with a role and a service-account token", &[OpSpec::compute(Access::Login)]),
+    Route::new(
+        "login",
+        "log in with a role and a service-account token",
+        &[OpSpec::compute(Access::Login)
+            .body::<keyvault_api::auth::KubernetesLogin>()
+            .answers(crate::logical::openapi::Answer::Auth)],
+    ),
     Route::new(
         "config",
         "the cluster's issuer, public keys and audiences",
-        &[OpSpec::read(Access::Needs(Capability::Read)), OpSpec::write(Access::Needs(Capability::Update))],
+        &[
+            OpSpec::read(Access::Needs(Capability::Read)).data::<keyvault_api::auth::KubernetesConfig>(),
+            OpSpec::write(Access::Needs(Capability::Update))
+                .body::<keyvault_api::auth::KubernetesConfig>()
+                .answers(crate::logical::openapi::Answer::Empty),
+        ],
     ),
     ROLES[0],
     ROLES[1],

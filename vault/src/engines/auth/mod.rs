@@ -61,10 +61,11 @@ pub fn role_name(_: Operation, p: &mut Params) -> Result<()> {
     validate_name("role", p.get("name").unwrap_or_default())
 }
 
-/// The routes of role administration, under `prefix/` (`role/`).
+/// The routes of role administration, under `prefix/` (`role/`); `$fields` is the
+/// method's own role fields (beside the token settings every role has).
 #[macro_export]
 macro_rules! role_routes {
-    ($prefix:literal, $policy:literal) => {
+    ($prefix:literal, $policy:literal, $fields:ty) => {
         [
             $crate::logical::Route::new(
                 $prefix,
@@ -76,9 +77,13 @@ macro_rules! role_routes {
                 concat!($prefix, "/{name}"),
                 "create or update (`create` or `update`), read, delete a role",
                 &[
-                    $crate::logical::OpSpec::write($crate::logical::Access::CreateOrUpdate),
-                    $crate::logical::OpSpec::read($crate::logical::Access::Needs($crate::policy::Capability::Read)),
-                    $crate::logical::OpSpec::delete($crate::logical::Access::Needs($crate::policy::Capability::Delete)),
+                    $crate::logical::OpSpec::write($crate::logical::Access::CreateOrUpdate)
+                        .body_both::<keyvault_api::auth::TokenSettings, $fields>()
+                        .answers($crate::logical::openapi::Answer::Empty),
+                    $crate::logical::OpSpec::read($crate::logical::Access::Needs($crate::policy::Capability::Read))
+                        .data_both::<keyvault_api::auth::TokenSettingsView, $fields>(),
+                    $crate::logical::OpSpec::delete($crate::logical::Access::Needs($crate::policy::Capability::Delete))
+                        .answers($crate::logical::openapi::Answer::Empty),
                 ],
             )
             .policy(concat!($policy, "/{name}"))

@@ -43,15 +43,24 @@ fn user_param(_: Operation, p: &mut crate::logical::Params) -> Result<()> {
 }
 
 const ROUTES: &[Route] = &[
-    Route::new("login/{user}", "log in with a password", &[OpSpec::compute(Access::Login)]).normalize(user_param),
+    Route::new(
+        "login/{user}",
+        "log in with a password",
+        &[OpSpec::compute(Access::Login)
+            .body::<keyvault_api::auth::UserpassLogin>()
+            .answers(crate::logical::openapi::Answer::Auth)],
+    )
+    .normalize(user_param),
     Route::new("users", "list users", &[OpSpec::list(Access::Needs(Capability::List))]),
     Route::new(
         "users/{name}",
         "create or update (`create` or `update`), read, delete a user",
         &[
-            OpSpec::write(Access::CreateOrUpdate),
-            OpSpec::read(Access::Needs(Capability::Read)),
-            OpSpec::delete(Access::Needs(Capability::Delete)),
+            OpSpec::write(Access::CreateOrUpdate)
+                .body::<keyvault_api::auth::UserWrite>()
+                .answers(crate::logical::openapi::Answer::Empty),
+            OpSpec::read(Access::Needs(Capability::Read)).data::<keyvault_api::auth::UserView>(),
+            OpSpec::delete(Access::Needs(Capability::Delete)).answers(crate::logical::openapi::Answer::Empty),
         ],
     )
     .normalize(user_param),
