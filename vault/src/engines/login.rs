@@ -32,7 +32,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "",
         "log in with `role` and the credentials of its method",
-        &[OpSpec::write(Access::LoginByRole).body::<keyvault_api::auth::RoleHint>().answers(Answer::Auth)],
+        &[OpSpec::write(Access::LoginByRole).body::<keyvault_api::auth::RoleHint>()],
     ),
     Route::new(
         "jwks",

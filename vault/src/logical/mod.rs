@@ -104,8 +104,12 @@ pub struct OpSpec {
 
 impl OpSpec {
     const fn new(operation: Operation, access: Access, changes_state: bool) -> Self {
-        let reply =
-            if matches!(operation, Operation::List) { openapi::Answer::Keys } else { openapi::Answer::Undeclared };
+        // A listing answers names; a login answers a token (the pipeline issues it).
+        let reply = match (operation, access) {
+            (Operation::List, _) => openapi::Answer::Keys,
+            (_, Access::Login | Access::LoginByRole) => openapi::Answer::Auth,
+            _ => openapi::Answer::Undeclared,
+        };
         OpSpec { operation, access, changes_state, body: None, query: None, reply }
     }
     pub const fn read(access: Access) -> Self {

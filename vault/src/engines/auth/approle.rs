@@ -47,9 +47,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "login",
         "log in with role_id (or role) and secret_id",
-        &[OpSpec::write(Access::Login)
-            .body::<keyvault_api::auth::AppRoleLogin>()
-            .answers(crate::logical::openapi::Answer::Auth)],
+        &[OpSpec::write(Access::Login).body::<keyvault_api::auth::AppRoleLogin>()],
     ),
     ROLES[0],
     ROLES[1],

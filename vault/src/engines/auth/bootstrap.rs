@@ -48,9 +48,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "login",
         "exchange a bootstrap token for a token",
-        &[OpSpec::write(Access::Login)
-            .body::<keyvault_api::auth::BootstrapLogin>()
-            .answers(crate::logical::openapi::Answer::Auth)],
+        &[OpSpec::write(Access::Login).body::<keyvault_api::auth::BootstrapLogin>()],
     ),
 ];
 /// The longest a bootstrap token may wait to be used.

@@ -35,9 +35,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "login",
         "log in with the connection's client certificate",
-        &[OpSpec::compute(Access::Login)
-            .body::<keyvault_api::auth::CertLogin>()
-            .answers(crate::logical::openapi::Answer::Auth)],
+        &[OpSpec::compute(Access::Login).body::<keyvault_api::auth::CertLogin>()],
     ),
     ROLES[0],
     ROLES[1],

@@ -44,9 +44,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "login",
         "log in with a role and a service-account token",
-        &[OpSpec::compute(Access::Login)
-            .body::<keyvault_api::auth::KubernetesLogin>()
-            .answers(crate::logical::openapi::Answer::Auth)],
+        &[OpSpec::compute(Access::Login).body::<keyvault_api::auth::KubernetesLogin>()],
     ),
     Route::new(
         "config",

@@ -46,9 +46,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "login/{user}",
         "log in with a password",
-        &[OpSpec::compute(Access::Login)
-            .body::<keyvault_api::auth::UserpassLogin>()
-            .answers(crate::logical::openapi::Answer::Auth)],
+        &[OpSpec::compute(Access::Login).body::<keyvault_api::auth::UserpassLogin>()],
     )
     .normalize(user_param),
     Route::new("users", "list users", &[OpSpec::list(Access::Needs(Capability::List))]),
