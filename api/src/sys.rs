@@ -132,7 +132,9 @@ pub struct RotationStatus {
     pub rate_per_second: f64,
     /// Versions that wrap at least one record, and the active one.
     pub versions_in_use: Vec<u32>,
-    /// Records per version (exact: counted with every write, re-wrap and deletion).
+    /// Records per version (exact: counted with every write, re-wrap and deletion). In
+    /// JSON the versions are object keys, so strings of digits.
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, i64>))]
     pub records_by_version: BTreeMap<u32, i64>,
     /// Records set aside as damaged.
     pub set_aside: u64,

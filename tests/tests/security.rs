@@ -197,6 +197,71 @@ async fn every_connection_is_bounded_in_time_and_number() {
     assert!((1..=10).contains(&refusals), "refusals are logged at most once a second: {refusals}");
 }
 
+/// One HTTP/1.1 reply read off a raw connection (its head and `Content-Length` bytes).
+async fn read_reply(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.expect("a reply").unwrap();
+        assert!(n > 0, "the connection closed before its reply: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The header timeout bounds a request's head, not the wait between requests: a
+/// keep-alive connection quiet for longer than the header timeout (but not the idle
+/// timeout) serves its next request; a head that trickles in byte by byte (so the
+/// connection is never idle) and a first request that never starts are cut off after the
+/// header timeout. (hyper's own timer closed keep-alive connections after the header
+/// timeout, without a reply, racing clients that reused them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn header_timeout_bounds_request_heads_not_keep_alive() {
+    let s = TestServer::start(ServerOptions {
+        listener_extra: "header_timeout = \"1s\"\nidle_timeout = \"6s\"".into(),
+        ..Default::default()
+    });
+    let health = b"GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+    let mut kept = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    kept.write_all(health).await.unwrap();
+    assert!(read_reply(&mut kept).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    kept.write_all(health).await.unwrap();
+    assert!(read_reply(&mut kept).await.starts_with("HTTP/1.1 200"), "the kept-alive connection serves again");
+
+    let trickle = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    let (mut rd, mut wr) = tokio::io::split(trickle);
+    let started = std::time::Instant::now();
+    let reader = tokio::spawn(async move { read_until_closed(&mut rd, Duration::from_secs(5)).await });
+    wr.write_all(b"GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+    while !reader.is_finished() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if wr.write_all(b"a").await.is_err() {
+            break;
+        }
+    }
+    let (reply, closed) = reader.await.unwrap();
+    assert!(closed && reply.is_empty(), "a trickled head is cut off: {}", String::from_utf8_lossy(&reply));
+    assert!(started.elapsed() < Duration::from_secs(4), "cut off by the header timeout, not later");
+
+    let mut silent = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    let started = std::time::Instant::now();
+    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed && started.elapsed() < Duration::from_secs(4), "a first request that never starts is cut off");
+}
+
 struct Producer {
     key: SigningKey,
     cert: String,

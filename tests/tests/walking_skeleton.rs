@@ -292,8 +292,16 @@ async fn bad_input_gets_4xx_and_changes_nothing() {
         c.http.get(c.url("secret/app/key")).header("Authorization", format!("Basic {root}")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     // Methods and routes.
-    assert_eq!(c.send("PATCH", "secret/app/key", Some(&root), None).await.status, 405);
-    assert_eq!(c.send("DELETE", "auth/approle/role/x/role-id", Some(&root), None).await.status, 405);
+    // A 405 names what the path does answer (RFC 9110), also for a method nobody serves.
+    let r = c.send("PATCH", "secret/app/key", Some(&root), None).await;
+    assert_eq!((r.status, r.headers["allow"].to_str().unwrap()), (405, "GET, LIST, POST, PUT, DELETE"));
+    let r = c.send("DELETE", "auth/approle/role/x/role-id", Some(&root), None).await;
+    assert_eq!((r.status, r.headers["allow"].to_str().unwrap()), (405, "GET"));
+    let r = c.send("TRACE", "transit/keys/", Some(&root), None).await;
+    assert_eq!((r.status, r.headers["allow"].to_str().unwrap()), (405, "LIST, GET"));
+    let r = c.send("TRACE", "no/such/route", Some(&root), None).await;
+    assert_eq!(r.status, 405);
+    assert!(r.headers.get("allow").is_none(), "{r:?}");
     assert_eq!(c.get("no/such/route", &root).await.status, 404);
     assert_eq!(c.send("LIST", "secret/none/", Some(&root), None).await.status, 404);
     // Deleting what is not there is a 204, as in Vault (KV version 1 delete is idempotent).

@@ -98,8 +98,14 @@ pub struct Verdict {
     pub identity: Option<String>,
 }
 
+/// The statuses a rejected single item answers (with its verdict as `data`): malformed
+/// 400, not authentic 401, outside its tenant 403, a replay 409. Declared in the OpenAPI
+/// document (docs/openapi.yaml).
+pub const VERDICT_STATUSES: &[&str] = &["400", "401", "403", "409"];
+
 impl Verdict {
     fn reject(status: u16, reason: &'static str, identity: Option<&str>) -> Self {
+        debug_assert!(VERDICT_STATUSES.contains(&status.to_string().as_str()), "undeclared verdict status {status}");
         Verdict { valid: false, reason: Some(reason), key_id: None, status, identity: identity.map(str::to_owned) }
     }
 }

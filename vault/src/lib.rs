@@ -330,6 +330,9 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// [`validate_name`] as a regular expression (for the OpenAPI document).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,128}$";
+
 /// Names of roles, users and policies: 1-128 characters of `[A-Za-z0-9._-]`, so they are
 /// safe in storage keys, policy paths and log lines.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {

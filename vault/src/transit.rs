@@ -88,6 +88,9 @@ impl TransitKey {
     }
 }
 
+/// [`validate_key_name`] as a regular expression (for the OpenAPI document).
+pub const KEY_NAME_PATTERN: &str = "^[A-Za-z0-9._-]{1,32}$";
+
 /// Transit key names: 1-32 characters of `[A-Za-z0-9._-]` (they become HSM labels).
 pub fn validate_key_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()

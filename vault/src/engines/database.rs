@@ -64,19 +64,22 @@ const ROUTES: &[Route] = &[
             OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
         ],
     )
-    .normalize(role_name),
+    .normalize(role_name)
+    .names(crate::NAME_PATTERN),
     Route::new(
         "static-creds/{name}",
         "the role's current password (Vault's shape)",
         &[OpSpec::read(Access::Needs(Capability::Read)).data::<StaticCreds<'static>>()],
     )
-    .normalize(role_name),
+    .normalize(role_name)
+    .names(crate::NAME_PATTERN),
     Route::new(
         "rotate-role/{name}",
         "rotate the role's password now",
         &[OpSpec::write(Access::Needs(Capability::Update)).body::<keyvault_api::Empty>().answers(Answer::Empty)],
     )
-    .normalize(role_name),
+    .normalize(role_name)
+    .names(crate::NAME_PATTERN),
 ];
 
 /// `[mounts.options.connections.<name>]`: how KeyVault reaches one database as its admin.

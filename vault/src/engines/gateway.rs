@@ -10,7 +10,7 @@ use keyvault_api::gateway::{BatchVerdicts, Producer, Verdict, VerifyBatch, Verif
 use super::EngineKind;
 use crate::auth::revocation::Revocations;
 use crate::error::{Error, Result};
-use crate::gateway::{Gateway, validate_identity};
+use crate::gateway::{Gateway, VERDICT_STATUSES, validate_identity};
 use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
@@ -52,7 +52,8 @@ const ROUTES: &[Route] = &[
         "check one signed request (the reply's status is the verdict's) or a `batch`",
         &[OpSpec::write(Access::Needs(Capability::Verify))
             .body_either::<VerifyItem, VerifyBatch>()
-            .data_either::<Verdict, BatchVerdicts>()],
+            .data_either::<Verdict, BatchVerdicts>()
+            .data_also_on(VERDICT_STATUSES)],
     ),
 ];
 

@@ -71,7 +71,10 @@ const ROUTES: &[Route] = &[
         "data/{*path}",
         "read (`?version=N`), write a version (`options.cas`), delete the latest (soft), merge-patch",
         &[
-            OpSpec::read(Access::Needs(Capability::Read)).query::<ReadQuery>().data::<DataRead>(),
+            OpSpec::read(Access::Needs(Capability::Read))
+                .query::<ReadQuery>()
+                .data::<DataRead>()
+                .data_also_on(&["404"]),
             OpSpec::write(Access::CreateOrUpdate).body::<DataWrite>().data::<VersionMetadata>(),
             OpSpec::delete(Access::Needs(Capability::Delete)).answers(Answer::Empty),
             OpSpec::patch(Access::Needs(Capability::Update)).body::<DataWrite>().data::<VersionMetadata>(),

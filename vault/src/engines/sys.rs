@@ -145,7 +145,8 @@ const ROUTES: &[Route] = &[
     .policy("policies/acl/"),
     Route::new("policy/{name}", "read, write, delete a policy (Vault's older path)", POLICY_OPS)
         .policy("policies/acl/{name}")
-        .normalize(policy_name),
+        .normalize(policy_name)
+        .names(crate::NAME_PATTERN),
     Route::new(
         "metrics",
         "metrics in Prometheus' text format (`read`, unless `telemetry.unauthenticated_metrics_access`; also at `/metrics`)",
@@ -163,7 +164,8 @@ const ROUTES: &[Route] = &[
     ),
     Route::new("policies/acl", "list policies", &[OpSpec::list(Access::Needs(Capability::List)).data::<PolicyList>()]),
     Route::new("policies/acl/{name}", "read, write (`policy`: HCL or JSON), delete a policy", POLICY_OPS)
-        .normalize(policy_name),
+        .normalize(policy_name)
+        .names(crate::NAME_PATTERN),
     Route::new(
         "revoke-identity",
         "the kill switch: revoke an identity everywhere",

@@ -48,7 +48,7 @@ fn datakey_params(op: Operation, p: &mut Params) -> Result<()> {
 }
 
 const fn on_key(pattern: &'static str, summary: &'static str, ops: &'static [OpSpec]) -> Route {
-    Route::new(pattern, summary, ops).policy("keys/{name}").normalize(key_name)
+    Route::new(pattern, summary, ops).policy("keys/{name}").normalize(key_name).names(crate::transit::KEY_NAME_PATTERN)
 }
 
 /// An operation on a key's data: one item, or `batch_input`.
@@ -88,7 +88,8 @@ const ROUTES: &[Route] = &[
         &[OpSpec::compute(Access::Needs(Capability::Encrypt)).body::<DatakeyRequest>().data::<Datakey>()],
     )
     .policy("keys/{name}")
-    .normalize(datakey_params),
+    .normalize(datakey_params)
+    .names(crate::transit::KEY_NAME_PATTERN),
 ];
 
 #[derive(Debug)]

@@ -165,6 +165,13 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
         Ok(reply) => render_reply(reply, &id),
         Err(e) => e.into_response(),
     };
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110: a 405 names the methods the path does answer.
+        let raw = path.strip_prefix("/v1/").unwrap_or_default();
+        if let Some(v) = state.service.allowed_methods(raw).and_then(|m| HeaderValue::from_str(&m).ok()) {
+            resp.headers_mut().insert(header::ALLOW, v);
+        }
+    }
     if ctx.intent_refused {
         // Refused before it ran because its intent could not be written: nothing happened,
         // and there is nothing more to write.

@@ -2,9 +2,10 @@
 //! hyper, drain connections on shutdown.
 //!
 //! Everything a client controls is bounded in time and number (docs/threat-model.md):
-//! the TLS handshake, reading request headers (HTTP/1.1), an idle connection (no request
-//! in flight and no bytes moving, both protocols), and reading a body (in the extractor:
-//! `listener.body_timeout`); connections in all and per source address (an IPv6 address
+//! the TLS handshake, reading request headers (HTTP/1.1: from the connection's start for
+//! its first request, from the first byte of each later one), an idle connection (no
+//! request in flight and no bytes moving, both protocols), and reading a body (in the
+//! extractor: `listener.body_timeout`); connections in all and per source address (an IPv6 address
 //! by its /64). A connection over a limit is closed at once, before its handshake. Accept
 //! errors (out of file descriptors) back off instead of spinning, and are logged at most
 //! once a second.
@@ -163,16 +164,32 @@ impl Connections {
 static ACCEPT_FAILED: RateLimitedLog = RateLimitedLog::new();
 static OVER_LIMIT: RateLimitedLog = RateLimitedLog::new();
 
-/// A stream that notes when bytes last moved (for the idle timeout).
+/// What the watchdog of one connection reads: milliseconds since the connection started.
+#[derive(Default)]
+struct Clock {
+    /// When bytes last moved (for the idle timeout).
+    last: AtomicU64,
+    /// When the head of the request being received began (+1; 0: none is), for the
+    /// header timeout: set by the first bytes read while no request is in flight (or at
+    /// the start of an HTTP/1.1 connection), cleared when the request reaches the
+    /// service. hyper's own header timer is not used: it also runs while a keep-alive
+    /// connection waits for its next request, so it closed idle connections after the
+    /// header timeout instead of the idle timeout, without a reply, racing clients that
+    /// were about to reuse them.
+    head: AtomicU64,
+}
+
+/// A stream that notes when bytes move and when a request's head starts to arrive.
 struct ActivityIo<T> {
     inner: T,
     started: Instant,
-    last: Arc<AtomicU64>,
+    clock: Arc<Clock>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl<T> ActivityIo<T> {
     fn touch(&self) {
-        self.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.clock.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -182,6 +199,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.touch();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                let now = self.started.elapsed().as_millis() as u64 + 1;
+                let _ = self.clock.head.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+            }
         }
         r
     }
@@ -209,8 +230,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
+    /// A request reached the service: its head is complete.
+    fn new(counter: &Arc<AtomicUsize>, clock: &Clock) -> Self {
         counter.fetch_add(1, Ordering::SeqCst);
+        clock.head.store(0, Ordering::SeqCst);
         InFlight(counter.clone())
     }
 }
@@ -232,7 +255,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    // The header timeout is the watchdog's (below), not hyper's.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(None);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(128);
     let conns: Arc<Connections> = Arc::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -287,33 +311,46 @@ pub async fn serve(
                 .and_then(|chain| chain.first())
                 .map(|der| Arc::new(ClientCert::from_der(der)));
             let info = Peer { remote, client_cert, revoked: Some(revoked) };
+            // HTTP/2 (by ALPN) has no request head to time: its streams are bounded by
+            // the idle timeout and the body timeout.
+            let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
             let in_flight: Arc<AtomicUsize> = Arc::default();
             let counter = in_flight.clone();
+            let clock = Arc::new(Clock::default());
+            if http1 {
+                // The first request's head is due from the start.
+                clock.head.store(1, Ordering::SeqCst);
+            }
+            let request_clock = clock.clone();
             let svc = app
                 .map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(info.clone());
                     req.map(axum::body::Body::new)
                 })
                 .map_future(move |fut| {
-                    let guard = InFlight::new(&counter);
+                    let guard = InFlight::new(&counter, &request_clock);
                     async move {
                         let r = fut.await;
                         drop(guard);
                         r
                     }
                 });
-            let last = Arc::new(AtomicU64::new(0));
-            let io = ActivityIo { inner: stream, started: Instant::now(), last: last.clone() };
+            let started = Instant::now();
+            let io = ActivityIo { inner: stream, started, clock: clock.clone(), in_flight: in_flight.clone() };
             let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
             tokio::pin!(conn);
-            let mut tick = tokio::time::interval(Duration::from_millis(250).min(limits.idle_timeout));
-            let started = Instant::now();
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(250).min(limits.idle_timeout).min(limits.header_timeout));
             // Since when a graceful close is under way: an HTTP/2 client may keep the
             // connection after GOAWAY; once nothing is in flight it gets a moment, then
             // the connection is dropped.
             let mut closing: Option<Instant> = None;
             loop {
                 tokio::select! {
+                    // The connection first: bytes already received are read before the
+                    // timeouts are looked at (a busy runtime must not cut off a request
+                    // that did arrive in time).
+                    biased;
                     r = conn.as_mut() => {
                         if let Err(e) = r {
                             tracing::debug!(%remote, error = %e, "connection ended with an error");
@@ -329,10 +366,21 @@ pub async fn serve(
                                 }
                             }
                             None => {
-                                let idle_ms = (started.elapsed().as_millis() as u64)
-                                    .saturating_sub(last.load(Ordering::Relaxed));
-                                if quiet && idle_ms >= limits.idle_timeout.as_millis() as u64 {
-                                    tracing::debug!(%remote, "closing an idle connection");
+                                let now = started.elapsed().as_millis() as u64;
+                                let idle_ms = now.saturating_sub(clock.last.load(Ordering::Relaxed));
+                                let head = clock.head.load(Ordering::SeqCst);
+                                let head_ms = if head == 0 { 0 } else { now.saturating_sub(head - 1) };
+                                let why = if !quiet {
+                                    None
+                                } else if http1 && head != 0 && head_ms >= limits.header_timeout.as_millis() as u64 {
+                                    Some("closing a connection whose request headers did not arrive in time")
+                                } else if idle_ms >= limits.idle_timeout.as_millis() as u64 {
+                                    Some("closing an idle connection")
+                                } else {
+                                    None
+                                };
+                                if let Some(why) = why {
+                                    tracing::debug!(%remote, "{why}");
                                     conn.as_mut().graceful_shutdown();
                                     closing = Some(Instant::now());
                                 }

@@ -100,6 +100,10 @@ pub struct OpSpec {
     pub query: Option<openapi::SchemaFn>,
     /// What a success answers.
     pub reply: openapi::Answer,
+    /// Statuses other than 200 that may answer the same envelope and `data` as a success
+    /// (a gateway verdict's status; a deleted version's metadata with 404) instead of the
+    /// error body.
+    pub data_also_on: &'static [&'static str],
 }
 
 impl OpSpec {
@@ -110,7 +114,7 @@ impl OpSpec {
             (_, Access::Login | Access::LoginByRole) => openapi::Answer::Auth,
             _ => openapi::Answer::Undeclared,
         };
-        OpSpec { operation, access, changes_state, body: None, query: None, reply }
+        OpSpec { operation, access, changes_state, body: None, query: None, reply, data_also_on: &[] }
     }
     pub const fn read(access: Access) -> Self {
         Self::new(Operation::Read, access, false)
@@ -182,6 +186,13 @@ impl OpSpec {
         self
     }
 
+    /// These statuses may answer the envelope with the success's `data` as well as the
+    /// error body (a verdict, a deleted version).
+    pub const fn data_also_on(mut self, statuses: &'static [&'static str]) -> Self {
+        self.data_also_on = statuses;
+        self
+    }
+
     /// A success answers what `answer` says.
     pub const fn answers(mut self, answer: openapi::Answer) -> Self {
         self.reply = answer;
@@ -226,11 +237,14 @@ pub struct Route {
     /// Served while the replica is sealed (health, seal status, unseal); every other
     /// route is answered 503 then.
     pub while_sealed: bool,
+    /// The pattern its `{name}` and `{user}` parameters follow (what `normalize` checks),
+    /// for the OpenAPI document.
+    pub names: Option<&'static str>,
 }
 
 impl Route {
     pub const fn new(pattern: &'static str, summary: &'static str, ops: &'static [OpSpec]) -> Self {
-        Route { pattern, policy: None, ops, normalize: None, summary, while_sealed: false }
+        Route { pattern, policy: None, ops, normalize: None, summary, while_sealed: false, names: None }
     }
 
     pub const fn while_sealed(mut self) -> Self {
@@ -245,6 +259,12 @@ impl Route {
 
     pub const fn normalize(mut self, f: Normalize) -> Self {
         self.normalize = Some(f);
+        self
+    }
+
+    /// Its `{name}`/`{user}` parameters match `pattern` (the rule `normalize` enforces).
+    pub const fn names(mut self, pattern: &'static str) -> Self {
+        self.names = Some(pattern);
         self
     }
 

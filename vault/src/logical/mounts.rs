@@ -147,6 +147,45 @@ impl MountTable {
     /// still percent-encoded): 404 if no engine serves the path, 405 if its route does not
     /// support the operation, 400 for a malformed path or parameter.
     pub fn resolve(&self, operation: Operation, raw_path: &str) -> Result<Resolved> {
+        let (mount, route, params, segs) = self.route(operation, raw_path)?;
+        let spec = *route.op(operation).ok_or(Error::UnsupportedOperation)?;
+        let mut params = params;
+        if let Some(normalize) = route.normalize {
+            normalize(operation, &mut params)?;
+        }
+        let mut policy_path = format!("{}{}", mount.path, route.render(&params));
+        if operation == Operation::List && !policy_path.ends_with('/') {
+            policy_path.push('/');
+        }
+        Ok(Resolved { mount: mount.clone(), route, spec, params, policy_path, path: segs.join("/") })
+    }
+
+    /// The methods `raw_path` answers (the `Allow` header of a 405), in Vault's mapping:
+    /// a read is `GET`, a listing `LIST` (or `GET` with `?list=true`), a write `POST` and
+    /// `PUT`. `None` when no route serves the path.
+    pub fn allowed_methods(&self, raw_path: &str) -> Option<String> {
+        let mut methods: Vec<&str> = Vec::new();
+        for operation in [Operation::Read, Operation::List, Operation::Write, Operation::Delete, Operation::Patch] {
+            let Ok((_, route, _, _)) = self.route(operation, raw_path) else { continue };
+            if route.op(operation).is_none() {
+                continue;
+            }
+            methods.extend_from_slice(match operation {
+                Operation::Read => &["GET"][..],
+                Operation::List => &["LIST", "GET"],
+                Operation::Write => &["POST", "PUT"],
+                Operation::Delete => &["DELETE"],
+                Operation::Patch => &["PATCH"],
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        methods.retain(|m| seen.insert(*m));
+        (!methods.is_empty()).then(|| methods.join(", "))
+    }
+
+    /// The mount and route that serve `raw_path` for `operation` (a listing drops a
+    /// trailing `/`), whatever operations the route supports.
+    fn route(&self, operation: Operation, raw_path: &str) -> Result<(&Mount, &'static Route, Params, Vec<String>)> {
         let segs = segments(raw_path, operation)?;
         let mount = self
             .mounts
@@ -163,16 +202,7 @@ impl MountTable {
             .iter()
             .find_map(|r| r.matches(rest).map(|p| (r, p)))
             .ok_or_else(|| Error::NotFound("no handler for this path".into()))?;
-        let spec = *route.op(operation).ok_or(Error::UnsupportedOperation)?;
-        let mut params = params;
-        if let Some(normalize) = route.normalize {
-            normalize(operation, &mut params)?;
-        }
-        let mut policy_path = format!("{}{}", mount.path, route.render(&params));
-        if operation == Operation::List && !policy_path.ends_with('/') {
-            policy_path.push('/');
-        }
-        Ok(Resolved { mount: mount.clone(), route, spec, params, policy_path, path: segs.join("/") })
+        Ok((mount, route, params, segs))
     }
 
     /// Every route of every mount (hidden ones too), with the mount's path.

@@ -110,6 +110,10 @@ impl Answer {
     }
 }
 
+/// What a path parameter's segments may hold (docs/api.md): no control character and no
+/// encoded `/` (and not `.` or `..`, which a pattern without look-ahead cannot say).
+const SEGMENT_PATTERN: &str = "^[^\\x00-\\x1F\\x7F-\\x9F/]+$";
+
 /// The header every request with a token carries (Vault's; `Authorization: Bearer` is
 /// accepted too).
 pub const TOKEN_SCHEME: &str = "token";
@@ -192,7 +196,12 @@ fn operation(
                         } else {
                             "One path segment."
                         }))
-                        .schema(Some(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1))))
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).pattern(Some(
+                            match route.names {
+                                Some(names) if !many && (n == "name" || n == "user") => names,
+                                _ => SEGMENT_PATTERN,
+                            },
+                        ))))
                         .build(),
                 );
                 segments.push(format!("{{{n}}}"));
@@ -245,10 +254,13 @@ fn operation(
     if let Some(body) = spec.body {
         let content_type =
             if spec.operation == Operation::Patch { "application/merge-patch+json" } else { "application/json" };
+        let schema = body(schemas);
+        // No body is `{}` (Vault's): required only when `{}` lacks a member it needs.
+        let required = object_fields(&schema, schemas).iter().any(|(_, _, required)| *required);
         op = op.request_body(Some(
             RequestBodyBuilder::new()
-                .required(Some(Required::False))
-                .content(content_type, ContentBuilder::new().schema(Some(body(schemas))).build())
+                .required(Some(if required { Required::True } else { Required::False }))
+                .content(content_type, ContentBuilder::new().schema(Some(schema)).build())
                 .build(),
         ));
     }
@@ -265,6 +277,21 @@ fn operation(
     // and 503 (sealed, storage or token unavailable) all carry the error body.
     for status in ["4XX", "503"] {
         op = op.response(status, RefOr::Ref(Ref::new("#/components/responses/Error")));
+    }
+    // A status that answers either the error body or the success's envelope (a gateway
+    // verdict, a deleted version) replaces the range.
+    if let (Answer::Data(f), false) = (spec.reply, spec.data_also_on.is_empty()) {
+        let either: RefOr<Schema> = utoipa::openapi::schema::OneOfBuilder::new()
+            .item(enveloped("data", f(schemas)))
+            .item(Ref::from_schema_name("ErrorBody"))
+            .into();
+        for status in spec.data_also_on {
+            let response = ResponseBuilder::new()
+                .description("The envelope with `data` as a success has it, or an error.")
+                .content("application/json", json(either.clone()))
+                .build();
+            op = op.response(*status, response);
+        }
     }
     // After the errors: a success that documents 503 (health) replaces it.
     for (status, response) in success(spec, schemas) {

@@ -123,6 +123,11 @@ impl Service {
         self.mounts.resolve(operation, raw_path)
     }
 
+    /// The methods a path answers (for the `Allow` header of a 405).
+    pub fn allowed_methods(&self, raw_path: &str) -> Option<String> {
+        self.mounts.allowed_methods(raw_path)
+    }
+
     /// 429 at once if `peer` is at its limit of failed logins: the transport asks before
     /// it reads a login's body.
     pub fn check_login_source(&self, peer: &Peer) -> Result<()> {

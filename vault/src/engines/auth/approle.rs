@@ -56,7 +56,8 @@ const ROUTES: &[Route] = &[
         "the role's role id",
         &[OpSpec::read(Access::Needs(Capability::Read)).data::<keyvault_api::auth::RoleId>()],
     )
-    .normalize(super::role_name),
+    .normalize(super::role_name)
+    .names(crate::NAME_PATTERN),
     Route::new(
         "role/{name}/secret-id",
         "a new secret id (shown once)",
@@ -64,7 +65,8 @@ const ROUTES: &[Route] = &[
             .body::<keyvault_api::Empty>()
             .data::<keyvault_api::auth::SecretId>()],
     )
-    .normalize(super::role_name),
+    .normalize(super::role_name)
+    .names(crate::NAME_PATTERN),
 ];
 
 /// AppRole's own role settings, as written (the token settings are common to every

@@ -87,7 +87,8 @@ macro_rules! role_routes {
                 ],
             )
             .policy(concat!($policy, "/{name}"))
-            .normalize($crate::engines::auth::role_name),
+            .normalize($crate::engines::auth::role_name)
+            .names($crate::NAME_PATTERN),
         ]
     };
 }

@@ -48,7 +48,8 @@ const ROUTES: &[Route] = &[
         "log in with a password",
         &[OpSpec::compute(Access::Login).body::<keyvault_api::auth::UserpassLogin>()],
     )
-    .normalize(user_param),
+    .normalize(user_param)
+    .names(crate::NAME_PATTERN),
     Route::new("users", "list users", &[OpSpec::list(Access::Needs(Capability::List))]),
     Route::new(
         "users/{name}",
@@ -61,7 +62,8 @@ const ROUTES: &[Route] = &[
             OpSpec::delete(Access::Needs(Capability::Delete)).answers(crate::logical::openapi::Answer::Empty),
         ],
     )
-    .normalize(user_param),
+    .normalize(user_param)
+    .names(crate::NAME_PATTERN),
 ];
 const MIN_PASSWORD_LEN: usize = 12;
 const MAX_PASSWORD_LEN: usize = 1024;
