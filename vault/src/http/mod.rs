@@ -203,7 +203,7 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
         if status.is_server_error() {
             tracing::warn!(%method, path, status = status.as_u16(), micros, "request");
         } else {
-            tracing::debug!(%method, path, status = status.as_u16(), micros, "request");
+            tracing::debug!(%method, path, status = status.as_u16(), micros, remote = %peer.remote, "request");
         }
     });
     if let Ok(v) = HeaderValue::from_str(&id) {

@@ -304,6 +304,7 @@ pub async fn serve(
                     return;
                 }
             };
+            tracing::debug!(%remote, "connection accepted");
             let client_cert = stream
                 .get_ref()
                 .1

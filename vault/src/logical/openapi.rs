@@ -122,9 +122,11 @@ pub const TOKEN_SCHEME: &str = "token";
 pub fn document(table: &MountTable) -> OpenApi {
     let mut schemas: Schemas = Vec::new();
     let mut paths = Paths::new();
-    for (mount, route) in table.each_route() {
+    let routes = table.each_route();
+    for (mount, route) in &routes {
         for spec in route.ops {
-            let (path, method, op) = operation(&mount, route, spec, &mut schemas);
+            let (path, method, mut op) = operation(mount, route, spec, &mut schemas);
+            add_links(&mut op, mount, route, spec, &routes);
             paths.add_path_operation(path, vec![method], op);
         }
     }
@@ -169,7 +171,34 @@ pub fn document(table: &MountTable) -> OpenApi {
 
 /// The document as YAML.
 pub fn yaml(table: &MountTable) -> Result<String, String> {
-    document(table).to_yaml().map_err(|e| format!("OpenAPI as YAML: {e}"))
+    let text = document(table).to_yaml().map_err(|e| format!("OpenAPI as YAML: {e}"))?;
+    Ok(camel_case_links(&text))
+}
+
+/// utoipa 5.5 writes a Link object's `operationId` as `operation_id` (its struct lacks
+/// the rename the other objects have); OpenAPI tools read only `operationId`. Renamed in
+/// the lines of `links:` blocks only: a schema property of that name is left alone.
+fn camel_case_links(yaml: &str) -> String {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut links_at: Option<usize> = None;
+    let mut out = String::with_capacity(yaml.len());
+    for line in yaml.lines() {
+        let i = indent(line);
+        if links_at.is_some_and(|at| i <= at && !line.trim().is_empty()) {
+            links_at = None;
+        }
+        match links_at {
+            Some(at) if i == at + 4 && line.trim_start().starts_with("operation_id:") => {
+                out.push_str(&line.replacen("operation_id:", "operationId:", 1));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+        if line.trim() == "links:" {
+            links_at = Some(i);
+        }
+    }
+    out
 }
 
 fn operation(
@@ -241,11 +270,7 @@ fn operation(
             );
         }
     }
-    let id = format!(
-        "{}_{}",
-        spec.operation.name(),
-        full.trim_end_matches('/').replace(['{', '}', '*'], "").replace(['/', '-'], "_")
-    );
+    let id = operation_id(spec.operation, mount, route);
     let mut op = OperationBuilder::new()
         .operation_id(Some(id))
         .summary(Some(route.summary))
@@ -298,6 +323,67 @@ fn operation(
         op = op.response(status, response);
     }
     (path, method, op.build())
+}
+
+/// `read_transit_keys_name`: unique per operation.
+fn operation_id(operation: Operation, mount: &str, route: &Route) -> String {
+    let full = format!("{mount}{}", route.pattern);
+    format!("{}_{}", operation.name(), full.trim_end_matches('/').replace(['{', '}', '*'], "").replace(['/', '-'], "_"))
+}
+
+/// The names of a route's path parameters.
+fn path_params(route: &Route) -> Vec<&'static str> {
+    route
+        .pattern
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix("{*").or_else(|| seg.strip_prefix('{')).and_then(|n| n.strip_suffix('}')))
+        .collect()
+}
+
+/// OpenAPI links from a write to what can follow it on the object it named (for stateful
+/// testing, e.g. schemathesis): the reads, deletes and patches of its own path, and every
+/// operation of the routes authorized on it (a transit key's encrypt, sign, rotate...).
+/// Each passes the write's path parameters on.
+fn add_links(
+    op: &mut utoipa::openapi::path::Operation,
+    mount: &str,
+    route: &Route,
+    spec: &OpSpec,
+    routes: &[(String, &'static Route)],
+) {
+    let params = path_params(route);
+    if spec.operation != Operation::Write || params.is_empty() {
+        return;
+    }
+    let mut targets: Vec<(String, String)> = Vec::new();
+    for (m, r) in routes {
+        let same = m == mount && std::ptr::eq(*r, route);
+        let on_it = m == mount && r.policy == Some(route.pattern) && path_params(r).iter().all(|p| params.contains(p));
+        for next in r.ops {
+            let wanted = if same {
+                matches!(next.operation, Operation::Read | Operation::Delete | Operation::Patch)
+            } else {
+                on_it && next.operation != Operation::List
+            };
+            if wanted {
+                let id = operation_id(next.operation, m, r);
+                targets.push((id.clone(), id));
+            }
+        }
+    }
+    if targets.is_empty() {
+        return;
+    }
+    for response in op.responses.responses.values_mut() {
+        let RefOr::T(response) = response else { continue };
+        for (name, id) in &targets {
+            let mut link = utoipa::openapi::link::LinkBuilder::new().operation_id(id.clone());
+            for p in &params {
+                link = link.parameter(*p, format!("$request.path.{p}"));
+            }
+            response.links.insert(name.clone(), RefOr::T(link.build()));
+        }
+    }
 }
 
 /// The members of an object schema (followed through its reference): name, schema,
