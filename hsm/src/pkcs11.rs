@@ -534,6 +534,71 @@ impl Pkcs11KeyStore {
         })
     }
 
+    /// Generate `kind` under `label` in the token: sensitive, non-extractable, private.
+    fn make_key(&self, session: &Session, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+        let name = label.as_str().as_bytes().to_vec();
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Label(name.clone()),
+        ];
+        match kind {
+            KeyKind::Aes256 => {
+                // The master key is usable for exactly the mechanism this token wraps with.
+                let (a, b) = match self.wrap {
+                    WrapMechanism::AesGcm => (Attribute::Encrypt(true), Attribute::Decrypt(true)),
+                    WrapMechanism::AesKeyWrapPad => (Attribute::Wrap(true), Attribute::Unwrap(true)),
+                };
+                let mut t = vec![
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    a,
+                    b,
+                ];
+                t.extend(private);
+                session.generate_key(&Mechanism::AesKeyGen, &t)?;
+            }
+            KeyKind::Aes256Gcm => {
+                let mut t = vec![
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                ];
+                t.extend(private);
+                session.generate_key(&Mechanism::AesKeyGen, &t)?;
+            }
+            KeyKind::HmacSha256 => {
+                let mut t = vec![
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Sign(true),
+                    Attribute::Verify(true),
+                ];
+                t.extend(private);
+                session.generate_key(&Mechanism::GenericSecretKeyGen, &t)?;
+            }
+            KeyKind::Ed25519 => {
+                let public = [
+                    Attribute::Token(true),
+                    Attribute::Private(false),
+                    Attribute::Verify(true),
+                    Attribute::EcParams(ED25519_OID.to_vec()),
+                    Attribute::Label(name.clone()),
+                ];
+                let mut t = vec![Attribute::Sign(true)];
+                t.extend(private);
+                session.generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &t)?;
+            }
+        }
+        Ok(())
+    }
+
     fn objects_with_label(&self, session: &Session, label: &KeyLabel) -> Result<Vec<ObjectHandle>> {
         Ok(session.find_objects(&[Attribute::Token(true), Attribute::Label(label.as_str().as_bytes().to_vec())])?)
     }
@@ -676,66 +741,20 @@ impl KeyStore for Pkcs11KeyStore {
             if !s.objects_with_label(session, label)?.is_empty() {
                 return Err(HsmError::KeyExists(label.to_string()));
             }
-            let name = label.as_str().as_bytes().to_vec();
-            let private = [
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Label(name.clone()),
-            ];
-            match kind {
-                KeyKind::Aes256 => {
-                    // The master key is usable for exactly the mechanism this token wraps with.
-                    let (a, b) = match s.wrap {
-                        WrapMechanism::AesGcm => (Attribute::Encrypt(true), Attribute::Decrypt(true)),
-                        WrapMechanism::AesKeyWrapPad => (Attribute::Wrap(true), Attribute::Unwrap(true)),
-                    };
-                    let mut t = vec![
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen(32.into()),
-                        a,
-                        b,
-                    ];
-                    t.extend(private);
-                    session.generate_key(&Mechanism::AesKeyGen, &t)?;
+            match s.make_key(session, label, kind) {
+                // SoftHSM answers CKR_GENERAL_ERROR now and then while another process
+                // writes the shared token directory, and says the call may have partly
+                // succeeded: remove whatever carries the label (no other process makes
+                // this label: each version is claimed in the store first), then once more.
+                Err(HsmError::Pkcs11 { function, rv: RvError::GeneralError }) => {
+                    tracing::warn!(key = %label, %function, "key generation failed (CKR_GENERAL_ERROR); cleaning up and trying once more");
+                    for h in s.objects_with_label(session, label)? {
+                        session.destroy_object(h)?;
+                    }
+                    s.make_key(session, label, kind)
                 }
-                KeyKind::Aes256Gcm => {
-                    let mut t = vec![
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::ValueLen(32.into()),
-                        Attribute::Encrypt(true),
-                        Attribute::Decrypt(true),
-                    ];
-                    t.extend(private);
-                    session.generate_key(&Mechanism::AesKeyGen, &t)?;
-                }
-                KeyKind::HmacSha256 => {
-                    let mut t = vec![
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::GENERIC_SECRET),
-                        Attribute::ValueLen(32.into()),
-                        Attribute::Sign(true),
-                        Attribute::Verify(true),
-                    ];
-                    t.extend(private);
-                    session.generate_key(&Mechanism::GenericSecretKeyGen, &t)?;
-                }
-                KeyKind::Ed25519 => {
-                    let public = [
-                        Attribute::Token(true),
-                        Attribute::Private(false),
-                        Attribute::Verify(true),
-                        Attribute::EcParams(ED25519_OID.to_vec()),
-                        Attribute::Label(name.clone()),
-                    ];
-                    let mut t = vec![Attribute::Sign(true)];
-                    t.extend(private);
-                    session.generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &t)?;
-                }
-            }
+                other => other,
+            }?;
             tracing::info!(key = %label, ?kind, "generated key in the token");
             Ok(())
         })

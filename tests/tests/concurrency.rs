@@ -122,12 +122,9 @@ async fn client(id: u64, clients: [Client; 2], root: String, rec: Arc<Mutex<Reco
                 }
             }
             84..=93 => {
-                // Transit goes to replica a only. KNOWN BUG, open: a transit key version
-                // one replica has just made is sometimes "missing from the HSM" (500) on
-                // the other replica sharing the SoftHSM token, even after a reconnect and
-                // 100 ms (SoftHSM's view of objects another process made); with transit on
-                // both replicas this test fails in about half of its runs.
-                let c = &clients[0];
+                // Transit on either replica: a key version one replica has just made is
+                // used by the other at once (it re-initialises its view of the shared
+                // token when the key is not found: docs/architecture.md).
                 let key = format!("k{}", random_u64() % 2);
                 let plaintext = STANDARD.encode(format!("p-{id}-{n}"));
                 let r = c.post(&format!("transit/encrypt/{key}"), Some(&root), json!({"plaintext": plaintext})).await;
@@ -138,7 +135,6 @@ async fn client(id: u64, clients: [Client; 2], root: String, rec: Arc<Mutex<Reco
                 }
             }
             94..=98 => {
-                let c = &clients[0];
                 let r = c.post(&format!("transit/keys/k{}/rotate", random_u64() % 2), Some(&root), json!({})).await;
                 note(&rec, "transit-rotate", &r);
             }
@@ -248,8 +244,13 @@ async fn a_randomized_workload_on_two_replicas_keeps_every_invariant() {
         assert!(verified, "{report}");
         checks += 1;
     }
+    // How often a replica had to look at the shared token afresh, and SoftHSM's spurious
+    // generation failures (both handled; counted to show they happened).
+    let logs = cl.a.log_text() + &cl.b.log_text();
+    let (reinits, regenerated) =
+        (logs.matches("PKCS#11 module re-initialised").count(), logs.matches("trying once more").count());
     println!(
-        "{} operations in {seconds} s on two replicas ({} secrets, {} ciphertexts, {} revoked tokens); {checks} invariant checks; statuses {:?}",
+        "{} operations in {seconds} s on two replicas ({} secrets, {} ciphertexts, {} revoked tokens); {checks} invariant checks; {reinits} token re-initialisations, {regenerated} key generations retried; statuses {:?}",
         rec.operations,
         rec.secrets.len(),
         rec.ciphertexts.len(),

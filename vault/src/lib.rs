@@ -270,6 +270,30 @@ pub mod token_recovery {
         matches!(e, HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. } | HsmError::KeyNotFound(_))
     }
 
+    /// When the last [`refresh_now`] started re-initialising.
+    static REFRESHED: Mutex<Option<Instant>> = Mutex::new(None);
+
+    /// Re-initialise the module now, on this thread, for a key found missing at `missed`
+    /// (a key another process sharing the token just made: SoftHSM reads the token's
+    /// objects afresh when initialised). Callers that missed a key at the same time share
+    /// one re-initialisation: one that started after `missed` serves. Waits at most 2 s
+    /// for the calls in flight. True when the token is there afterwards (look again).
+    pub fn refresh_now(keys: &Arc<dyn KeyStore>, missed: Instant) -> bool {
+        let mut last = REFRESHED.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t > missed) {
+            return true;
+        }
+        let Some(_alone) = crate::token_gate::exclusive(Duration::from_secs(2)) else { return false };
+        *last = Some(Instant::now());
+        match keys.reinitialize() {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "re-initialising the PKCS#11 module failed");
+                false
+            }
+        }
+    }
+
     /// Start an attempt in the background, unless one runs or ran less than [`EVERY`] ago.
     pub fn kick(keys: Arc<dyn KeyStore>) {
         {

@@ -351,20 +351,48 @@ impl Drop for MeteredKeyStore {
 fn timed<T>(
     op: &'static str,
     recover: Option<&std::sync::Arc<dyn keyvault_hsm::KeyStore>>,
-    f: impl FnOnce() -> keyvault_hsm::Result<T>,
+    f: impl Fn() -> keyvault_hsm::Result<T>,
 ) -> keyvault_hsm::Result<T> {
-    let _inside = crate::token_gate::enter();
     let t = Instant::now();
+    let mut r = call(op, &f);
+    // A key KeyVault's state names but the token does not show may have just been made by
+    // another replica sharing the token: SoftHSM does not always see another process's
+    // new object until it is initialised again (docs/architecture.md). Re-initialise now,
+    // alone under the token gate, and look once more; a key still missing is an error.
+    if let (Err(keyvault_hsm::HsmError::KeyNotFound(_)), Some(inner)) = (&r, recover)
+        && crate::token_recovery::refresh_now(inner, t)
+    {
+        r = call(op, &f);
+    }
+    finish(op, recover, r, t)
+}
+
+/// One call inside the token gate (and the test fault layer in debug builds).
+fn call<T>(op: &'static str, f: &impl Fn() -> keyvault_hsm::Result<T>) -> keyvault_hsm::Result<T> {
+    let _inside = crate::token_gate::enter();
     #[cfg(debug_assertions)]
     let r = crate::faults::before(op).and_then(|()| f());
     #[cfg(not(debug_assertions))]
-    let r = f();
+    let r = {
+        let _ = op;
+        f()
+    };
+    r
+}
+
+/// After a call: start recovering the token if the error calls for it, count the call.
+fn finish<T>(
+    op: &'static str,
+    recover: Option<&std::sync::Arc<dyn keyvault_hsm::KeyStore>>,
+    r: keyvault_hsm::Result<T>,
+    started: Instant,
+) -> keyvault_hsm::Result<T> {
     if let (Err(e), Some(inner)) = (&r, recover)
         && crate::token_recovery::wants(e)
     {
         crate::token_recovery::kick(inner.clone());
     }
-    get().token_op(op, r.is_ok(), t.elapsed());
+    get().token_op(op, r.is_ok(), started.elapsed());
     r
 }
 
@@ -428,7 +456,11 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         self.k().seal()
     }
     fn unseal(&self, pin: secrecy::SecretString) -> keyvault_hsm::Result<()> {
-        timed("unseal", self.inner.as_ref(), || self.k().unseal(pin))
+        // A missing key is not an unseal's error: no second look (the PIN is cloned only
+        // because the call is `Fn`, the clone zeroizes on drop).
+        let t = Instant::now();
+        let r = call("unseal", &|| self.k().unseal(pin.clone()));
+        finish("unseal", self.inner.as_ref(), r, t)
     }
     fn is_sealed(&self) -> bool {
         self.k().is_sealed()
