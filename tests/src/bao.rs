@@ -14,15 +14,7 @@ use crate::server::{ServerOptions, TestServer};
 
 /// The `bao` binary: `BAO_BIN`, or `bao` on the `PATH`.
 pub fn bao_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("BAO_BIN") {
-        return PathBuf::from(p);
-    }
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("bao"))
-        .find(|p| p.is_file());
-    found.expect("the OpenBao CLI (`bao`) is not installed: run the README's test command, which installs it")
+    crate::installed_tool("bao", "BAO_BIN")
 }
 
 /// What the commands run against.

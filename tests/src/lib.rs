@@ -35,6 +35,20 @@ pub fn keyvault_bin() -> PathBuf {
     bin
 }
 
+/// A tool the README's test command installs: `$<env_var>` if set, else `name` on the
+/// `PATH`; a clear message when it is missing.
+pub fn installed_tool(name: &str, env_var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_var) {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| panic!("`{name}` is not installed: run the README's test command, which installs it"))
+}
+
 /// libfaketime (the test command installs it): lets a test run a server on another clock.
 pub fn faketime_lib() -> PathBuf {
     let found = std::fs::read_dir("/usr/lib")

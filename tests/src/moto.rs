@@ -19,12 +19,7 @@ impl Drop for Moto {
 }
 
 fn moto_bin() -> std::path::PathBuf {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("moto_server"))
-        .find(|p| p.is_file());
-    found.expect("moto_server is not installed: run the README's test command, which installs it")
+    crate::installed_tool("moto_server", "MOTO_SERVER_BIN")
 }
 
 impl Moto {

@@ -18,19 +18,6 @@ use std::process::Command;
 use keyvault_tests::json;
 use keyvault_tests::server::{ServerOptions, TestServer};
 
-/// The `st` binary: `ST_BIN`, or `st` on the `PATH`.
-fn st_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ST_BIN") {
-        return PathBuf::from(p);
-    }
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("st"))
-        .find(|p| p.is_file());
-    found.expect("schemathesis (`st`) is not installed: run the README's test command, which installs it")
-}
-
 /// Examples per operation and the seed: fixed, so a run is repeatable (set
 /// `KEYVAULT_CONTRACT_SEED` to explore other cases; a failure prints the seed it used).
 const EXAMPLES: &str = "25";
@@ -85,7 +72,7 @@ async fn generated_requests_keep_the_openapi_contract() {
         std::fs::read_to_string(&spec).unwrap().lines().filter(|l| l.starts_with("      operationId:")).count();
     let seed = std::env::var("KEYVAULT_CONTRACT_SEED").unwrap_or_else(|_| DEFAULT_SEED.into());
     let work = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(st_bin());
+    let mut cmd = Command::new(keyvault_tests::installed_tool("st", "ST_BIN"));
     cmd.current_dir(work.path())
         .arg("run")
         .arg(&spec)
