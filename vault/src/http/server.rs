@@ -5,8 +5,8 @@
 //! the TLS handshake, reading request headers (HTTP/1.1: from the connection's start for
 //! its first request, from the first byte of each later one), an idle connection (no
 //! request in flight and no bytes moving, both protocols), and reading a body (in the
-//! extractor: `listener.body_timeout`); connections in all and per source address (an IPv6 address
-//! by its /64). A connection over a limit is closed at once, before its handshake. Accept
+//! extractor: `listener.body_timeout`); connections in all and per source address (an
+//! IPv6 address by its /64). A connection over a limit is closed at once, before its handshake. Accept
 //! errors (out of file descriptors) back off instead of spinning, and are logged at most
 //! once a second.
 
