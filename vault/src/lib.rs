@@ -270,18 +270,26 @@ pub mod token_recovery {
         matches!(e, HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. } | HsmError::KeyNotFound(_))
     }
 
+    /// The least time between two [`refresh_now`] re-initialisations.
+    pub const REFRESH_GAP: Duration = Duration::from_millis(200);
+
     /// When the last [`refresh_now`] started re-initialising.
     static REFRESHED: Mutex<Option<Instant>> = Mutex::new(None);
 
     /// Re-initialise the module now, on this thread, for a key found missing at `missed`
     /// (a key another process sharing the token just made: SoftHSM reads the token's
     /// objects afresh when initialised). Callers that missed a key at the same time share
-    /// one re-initialisation: one that started after `missed` serves. Waits at most 2 s
-    /// for the calls in flight. True when the token is there afterwards (look again).
+    /// one re-initialisation: one that started after `missed` serves. At most one every
+    /// [`REFRESH_GAP`] (a key truly missing must not keep the token gate shut), waiting
+    /// for the calls in flight at most 2 s. True when the token is there afterwards (look
+    /// again).
     pub fn refresh_now(keys: &Arc<dyn KeyStore>, missed: Instant) -> bool {
         let mut last = REFRESHED.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t > missed) {
             return true;
+        }
+        if let Some(wait) = last.and_then(|t| REFRESH_GAP.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
         }
         let Some(_alone) = crate::token_gate::exclusive(Duration::from_secs(2)) else { return false };
         *last = Some(Instant::now());
