@@ -545,11 +545,12 @@ impl Pkcs11KeyStore {
             Attribute::Label(name.clone()),
         ];
         match kind {
-            KeyKind::Aes256 => {
-                // The master key is usable for exactly the mechanism this token wraps with.
-                let (a, b) = match self.wrap {
-                    WrapMechanism::AesGcm => (Attribute::Encrypt(true), Attribute::Decrypt(true)),
-                    WrapMechanism::AesKeyWrapPad => (Attribute::Wrap(true), Attribute::Unwrap(true)),
+            KeyKind::Aes256 | KeyKind::Aes256Gcm => {
+                // The master key is usable for exactly the mechanism this token wraps with;
+                // a transit key encrypts and decrypts.
+                let (a, b) = match (kind, self.wrap) {
+                    (KeyKind::Aes256, WrapMechanism::AesKeyWrapPad) => (Attribute::Wrap(true), Attribute::Unwrap(true)),
+                    _ => (Attribute::Encrypt(true), Attribute::Decrypt(true)),
                 };
                 let mut t = vec![
                     Attribute::Class(ObjectClass::SECRET_KEY),
@@ -557,17 +558,6 @@ impl Pkcs11KeyStore {
                     Attribute::ValueLen(32.into()),
                     a,
                     b,
-                ];
-                t.extend(private);
-                session.generate_key(&Mechanism::AesKeyGen, &t)?;
-            }
-            KeyKind::Aes256Gcm => {
-                let mut t = vec![
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
                 ];
                 t.extend(private);
                 session.generate_key(&Mechanism::AesKeyGen, &t)?;
