@@ -368,16 +368,13 @@ fn timed<T>(
 }
 
 /// One call inside the token gate (and the test fault layer in debug builds).
-fn call<T>(op: &'static str, f: &impl Fn() -> keyvault_hsm::Result<T>) -> keyvault_hsm::Result<T> {
+fn call<T>(op: &'static str, f: impl FnOnce() -> keyvault_hsm::Result<T>) -> keyvault_hsm::Result<T> {
     let _inside = crate::token_gate::enter();
     #[cfg(debug_assertions)]
-    let r = crate::faults::before(op).and_then(|()| f());
+    crate::faults::before(op)?;
     #[cfg(not(debug_assertions))]
-    let r = {
-        let _ = op;
-        f()
-    };
-    r
+    let _ = op;
+    f()
 }
 
 /// After a call: start recovering the token if the error calls for it, count the call.
@@ -456,10 +453,10 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         self.k().seal()
     }
     fn unseal(&self, pin: secrecy::SecretString) -> keyvault_hsm::Result<()> {
-        // A missing key is not an unseal's error: no second look (the PIN is cloned only
-        // because the call is `Fn`, the clone zeroizes on drop).
+        // A missing key is not an unseal's error: no second look, so the PIN is moved in
+        // once (no copy of it).
         let t = Instant::now();
-        let r = call("unseal", &|| self.k().unseal(pin.clone()));
+        let r = call("unseal", || self.k().unseal(pin));
         finish("unseal", self.inner.as_ref(), r, t)
     }
     fn is_sealed(&self) -> bool {
