@@ -404,3 +404,51 @@ async fn a_killed_server_leaves_a_log_that_verifies_after_restart() {
     let (good, out) = verify_cli(&key, &[s.audit_log()], false);
     assert!(good, "{out}");
 }
+
+/// A login records an audit intent only when it consumes something (a use of a limited
+/// secret id, a bootstrap token); one that changes nothing waits for one entry, its own.
+/// Consumed or not, every login has its request entry, and the log verifies.
+#[tokio::test]
+async fn a_login_records_an_intent_only_when_it_consumes_a_use() {
+    let mut s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.post("auth/approle/role/free", Some(&root), json!({})).await, 204);
+    ok(c.post("auth/approle/role/twice", Some(&root), json!({"secret_id_num_uses": 2})).await, 204);
+    let sid = |role: &'static str| {
+        let (c, root) = (c.clone(), root.clone());
+        async move {
+            let r = ok(c.post(&format!("auth/approle/role/{role}/secret-id"), Some(&root), json!({})).await, 200);
+            r.body["data"]["secret_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (free, twice) = (sid("free").await, sid("twice").await);
+    let login = |path: &'static str, role: &'static str, secret: String, status: u16| {
+        let c = c.clone();
+        async move {
+            let r = ok(c.post(path, None, json!({"role": role, "secret_id": secret})).await, status);
+            r.headers["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    let unconsumed =
+        [login("auth", "free", free.clone(), 200).await, login("auth/approle/login", "free", free.clone(), 200).await];
+    let consumed = [
+        login("auth", "twice", twice.clone(), 200).await,
+        login("auth/approle/login", "twice", twice.clone(), 200).await,
+    ];
+    // Used up: refused, and nothing was consumed.
+    let refused = login("auth", "twice", twice.clone(), 401).await;
+    s.stop();
+
+    let log = std::fs::read_to_string(s.audit_log()).unwrap();
+    let entries: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let count = |kind: &str, id: &str| entries.iter().filter(|e| e["type"] == kind && e["request_id"] == id).count();
+    for id in unconsumed.iter().chain([&refused]) {
+        assert_eq!((count("intent", id), count("request", id)), (0, 1), "login {id}");
+    }
+    for id in &consumed {
+        assert_eq!((count("intent", id), count("request", id)), (1, 1), "login {id}");
+    }
+    let (good, out) = s.verify_audit_log();
+    assert!(good, "{out}");
+}

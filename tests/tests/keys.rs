@@ -541,3 +541,71 @@ async fn a_producer_signing_through_transit_never_holds_its_key() {
         (json!(true), json!("invalid_signature"), json!(true))
     );
 }
+
+/// The replay cache under the class of "16 copies at once" and `kill -9`: of 16 copies of
+/// one signed request sent together exactly one is accepted; every accepted nonce is
+/// durable before its reply (the nonces' sync runs beside the audit entry's fsync, and the
+/// reply waits for both), so after a SIGKILL right after the replies every one of them is
+/// still a replay; and the check records no intent entry, only its verdict events and its
+/// request entry.
+#[tokio::test]
+async fn gateway_nonces_are_durable_before_the_reply_and_one_of_sixteen_copies_wins() {
+    let mut s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let cert = "cd".repeat(32);
+    let p = Producer::new(7, &cert);
+    let id = "spiffe://corp/ns/iot/sa/sensor-9";
+    ok(
+        c.post(
+            &format!("gateway/producers/{id}"),
+            Some(&root),
+            json!({"cert_sha256": [cert], "keys": [{"key_id": "k", "public_key": p.public()}],
+                   "clock_skew_seconds": 60, "nonce_ttl_seconds": 600}),
+        )
+        .await,
+        204,
+    );
+    let gw = token_with(&c, &root, "gateway", r#"path "gateway/verify" { capabilities = ["verify"] }"#).await;
+    let body = b"{\"reading\": 1}";
+
+    // 16 copies of one request at once: one winner, 15 replays.
+    let item = p.item(id, now(), &nonce(9_000), body);
+    let copies = (0..16).map(|_| {
+        let (c, gw, item) = (c.clone(), gw.clone(), item.clone());
+        async move { c.post("gateway/verify", Some(&gw), item).await }
+    });
+    let replies = futures_util::future::join_all(copies).await;
+    let mut statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [vec![200], vec![409; 15]].concat(), "{replies:?}");
+
+    // 64 distinct requests at once (their nonces share syncs), then SIGKILL at once.
+    let items: Vec<serde_json::Value> = (0..64).map(|i| p.item(id, now(), &nonce(10_000 + i), body)).collect();
+    let sends = items.iter().map(|item| {
+        let (c, gw, item) = (c.clone(), gw.clone(), item.clone());
+        async move { c.post("gateway/verify", Some(&gw), item).await }
+    });
+    for r in futures_util::future::join_all(sends).await {
+        ok(r, 200);
+    }
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    s.restart();
+    let c = s.client();
+    for item in std::iter::once(&item).chain(&items) {
+        let r = ok(c.post("gateway/verify", Some(&gw), item.clone()).await, 409);
+        assert_eq!(r.body["data"]["reason"], "replay", "{r:?}");
+    }
+    s.stop();
+
+    let log = std::fs::read_to_string(s.audit_log()).unwrap();
+    let entries: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let checks: Vec<&serde_json::Value> =
+        entries.iter().filter(|e| e["type"] == "request" && e["path"] == "/v1/gateway/verify").collect();
+    assert_eq!(checks.len(), 16 + 64 + 65, "one request entry per check");
+    let accepted = entries.iter().filter(|e| e["event"] == "telemetry.accepted").count();
+    assert_eq!(accepted, 1 + 64, "one accepted verdict per 200");
+    let intents = entries.iter().filter(|e| e["type"] == "intent" && e["path"] == "/v1/gateway/verify").count();
+    assert_eq!(intents, 0, "a gateway check records no intent");
+}

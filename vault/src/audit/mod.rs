@@ -133,6 +133,72 @@ pub struct AuditContext {
     /// Event entries the handler wants written just before the request's own entry, and
     /// made durable with it (the gateway's verdicts): one fsync for both.
     pub events: Vec<Map<String, Value>>,
+    /// For a route whose handler records its own intent (`OpSpec::intent_by_handler`):
+    /// the intent entry, written by [`record_intent`] just before the state change, and
+    /// not at all by a request that turns out to change nothing.
+    pub pending_intent: Option<PendingIntent>,
+    /// The request's intent entry is on disk: its own entry is its outcome.
+    pub had_intent: bool,
+    /// The intent entry could not be written: the request was refused before it changed
+    /// anything, and there is nothing more to write.
+    pub intent_refused: bool,
+    /// What must be durable before the reply leaves, awaited together with the request's
+    /// own entry (the gateway's nonces: one wait for the store's sync and the audit fsync,
+    /// not one after the other).
+    pub before_reply: Vec<BeforeReply>,
+}
+
+/// An intent entry not written yet (see [`AuditContext::pending_intent`]).
+#[derive(Debug)]
+pub struct PendingIntent {
+    pub log: Arc<AuditLog>,
+    pub request_id: String,
+    pub entry: Map<String, Value>,
+}
+
+/// A step that makes part of a request's effect durable; the reply waits for it.
+pub struct BeforeReply(pub std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>);
+
+impl std::fmt::Debug for BeforeReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeReply")
+    }
+}
+
+/// Write the request's pending intent entry, if it has one (a route with
+/// `OpSpec::intent_by_handler`), before the state change its handler is about to make.
+/// Once per request; a no-op for a request without one (an in-process request, a route
+/// whose pipeline wrote the intent already). An error means nothing may change: the
+/// handler returns it (503).
+pub async fn record_intent(slot: &AuditSlot) -> Result<()> {
+    let pending = slot.lock().unwrap_or_else(|p| p.into_inner()).pending_intent.take();
+    let Some(p) = pending else { return Ok(()) };
+    let written = p.log.append_kind(p.entry, EntryKind::Intent(p.request_id)).await;
+    let mut ctx = slot.lock().unwrap_or_else(|p| p.into_inner());
+    match written {
+        Ok(()) => ctx.had_intent = true,
+        Err(ref e) => {
+            tracing::error!(error = %e, "audit entry not written: refusing the request");
+            ctx.intent_refused = true;
+        }
+    }
+    written
+}
+
+/// Wait for every [`BeforeReply`] step of the request (all of them, even after one
+/// failed: each is an effect that should become durable); the first failure is the
+/// answer.
+pub async fn settle(slot: &AuditSlot) -> Result<()> {
+    let steps = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).before_reply);
+    let mut first = Ok(());
+    for step in steps {
+        if let Err(e) = step.0.await
+            && first.is_ok()
+        {
+            first = Err(e);
+        }
+    }
+    first
 }
 
 /// A shared slot for [`AuditContext`], put in every request's extensions.

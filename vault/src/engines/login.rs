@@ -28,11 +28,12 @@ pub const KIND: EngineKind = EngineKind {
 };
 
 const ROUTES: &[Route] = &[
-    // A login may consume a credential (a bootstrap token, a limited secret id).
+    // A login may consume a credential (a limited secret id); the method's handler
+    // records the audit intent before it does.
     Route::new(
         "",
         "log in with `role` and the credentials of its method",
-        &[OpSpec::write(Access::LoginByRole).body::<keyvault_api::auth::RoleHint>()],
+        &[OpSpec::write(Access::LoginByRole).intent_by_handler().body::<keyvault_api::auth::RoleHint>()],
     ),
     Route::new(
         "jwks",

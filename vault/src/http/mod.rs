@@ -141,9 +141,11 @@ fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
 
 /// Everything about one request, from its arrival to its audit entry: resolve it, read
 /// its body within the limits, record an intent before anything that may change state
-/// (fail closed: no entry, no change), run it through the pipeline, write the outcome
-/// entry before the reply leaves (a reply whose entry cannot be written is replaced by
-/// 503), and log method, path, status and latency (never headers or bodies).
+/// (fail closed: no entry, no change; or leave it to the handler, on routes declared
+/// `intent_by_handler`), run it through the pipeline, write the outcome entry (beside
+/// whatever else the handler asked the reply to wait for) before the reply leaves (a
+/// reply whose entry cannot be written is replaced by 503), and log method, path, status
+/// and latency (never headers or bodies).
 async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("request", request_id = %id);
@@ -153,13 +155,7 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_else(Peer::local);
     let slot = AuditSlot::default();
     let audit = state.service.audit().clone();
-    let mut ctx = Ctx {
-        id: id.clone(),
-        operation: format!("{method} (no route)"),
-        resolved: false,
-        had_intent: false,
-        intent_refused: false,
-    };
+    let mut ctx = Ctx { id: id.clone(), operation: format!("{method} (no route)"), resolved: false };
     let outcome = run(&state, req, &peer, &slot, &mut ctx).instrument(span.clone()).await;
     let mut resp = match outcome {
         Ok(reply) => render_reply(reply, &id),
@@ -172,7 +168,11 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
             resp.headers_mut().insert(header::ALLOW, v);
         }
     }
-    if ctx.intent_refused {
+    let (had_intent, intent_refused) = {
+        let a = slot.lock().unwrap_or_else(|p| p.into_inner());
+        (a.had_intent, a.intent_refused)
+    };
+    if intent_refused {
         // Refused before it ran because its intent could not be written: nothing happened,
         // and there is nothing more to write.
         if let Ok(v) = HeaderValue::from_str(&id) {
@@ -183,10 +183,24 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let status = resp.status();
     let reason = resp.extensions().get::<error::AuditReason>().map(|r| r.0);
     let entry = audit_entry(&ctx, &peer, &path, status, reason, &slot);
-    let kind = if ctx.had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
+    let kind = if had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
     let events = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).events);
-    if let Err(e) = audit.append_with_events(events, entry, kind).await {
+    // The entry and whatever else the reply waits for become durable side by side.
+    let (written, settled) = tokio::join!(audit.append_with_events(events, entry, kind), crate::audit::settle(&slot));
+    if let Err(e) = written {
         span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
+        resp = ApiError::from(e).into_response();
+    } else if let Err(e) = settled {
+        // Logged as answered, but what it did is not durable: the client gets 503, and
+        // the log says the reply was withheld.
+        span.in_scope(|| tracing::error!(error = %e, "the request's effect is not durable: refusing the reply"));
+        let withheld = crate::audit::event(
+            "event",
+            serde_json::json!({"event": "reply_withheld", "request_id": id, "reason": e.audit_code()}),
+        );
+        if let Err(e) = audit.append(withheld).await {
+            span.in_scope(|| tracing::error!(error = %e, "audit entry not written"));
+        }
         resp = ApiError::from(e).into_response();
     }
     // Say so when this reply's entry is not on disk yet (buffered mode, failing disk).
@@ -219,9 +233,6 @@ struct Ctx {
     operation: String,
     /// Whether `operation` names a route (else the method only).
     resolved: bool,
-    had_intent: bool,
-    /// The intent entry could not be written: the request was refused unrun.
-    intent_refused: bool,
 }
 
 async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx: &mut Ctx) -> Result<Reply, ApiError> {
@@ -256,12 +267,13 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
                 "path": format!("/v1/{raw}"),
             }),
         );
-        if let Err(e) = service.audit().append_kind(intent, EntryKind::Intent(ctx.id.clone())).await {
-            tracing::error!(error = %e, "audit entry not written: refusing the request");
-            ctx.intent_refused = true;
-            return Err(e.into());
+        let pending =
+            crate::audit::PendingIntent { log: service.audit().clone(), request_id: ctx.id.clone(), entry: intent };
+        slot.lock().unwrap_or_else(|p| p.into_inner()).pending_intent = Some(pending);
+        if !resolved.spec.intent_by_handler {
+            // Before the request runs at all.
+            crate::audit::record_intent(slot).await?;
         }
-        ctx.had_intent = true;
     }
     let incoming = Incoming {
         request_id: ctx.id.clone(),

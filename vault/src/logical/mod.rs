@@ -93,6 +93,10 @@ pub struct OpSpec {
     /// Whether it may change stored state. Such requests get an audit intent entry
     /// before they run (and do not run if it cannot be written).
     pub changes_state: bool,
+    /// The handler writes the intent itself (`Request::intent`) just before it changes
+    /// state, so a request that changes nothing waits for one audit fsync, not two (a
+    /// login with a secret id of unlimited uses).
+    pub intent_by_handler: bool,
     /// The JSON body it reads (`None`: none, `{}` and `null` accepted). For the OpenAPI
     /// document (docs/openapi.yaml), which is generated from these declarations.
     pub body: Option<openapi::SchemaFn>,
@@ -114,7 +118,16 @@ impl OpSpec {
             (_, Access::Login | Access::LoginByRole) => openapi::Answer::Auth,
             _ => openapi::Answer::Undeclared,
         };
-        OpSpec { operation, access, changes_state, body: None, query: None, reply, data_also_on: &[] }
+        OpSpec {
+            operation,
+            access,
+            changes_state,
+            intent_by_handler: false,
+            body: None,
+            query: None,
+            reply,
+            data_also_on: &[],
+        }
     }
     pub const fn read(access: Access) -> Self {
         Self::new(Operation::Read, access, false)
@@ -136,6 +149,13 @@ impl OpSpec {
     }
     pub const fn patch(access: Access) -> Self {
         Self::new(Operation::Patch, access, true)
+    }
+
+    /// Its handler records the audit intent itself, with `Request::intent`, before each
+    /// state change it makes (none, for a request that changes nothing).
+    pub const fn intent_by_handler(mut self) -> Self {
+        self.intent_by_handler = true;
+        self
     }
 
     /// It reads a JSON body of type `T`.
@@ -529,6 +549,21 @@ impl Request {
     /// A parameter the route captured (empty if the route has none of that name).
     pub fn param(&self, name: &str) -> &str {
         self.params.get(name).unwrap_or_default()
+    }
+
+    /// Record this request's audit intent, on a route declared `intent_by_handler`,
+    /// before the state change that follows; an error means the change must not be made
+    /// (return it). Does nothing on other routes (their intent was written before they
+    /// ran) or the second time.
+    pub async fn intent(&self) -> Result<()> {
+        crate::audit::record_intent(&self.audit).await
+    }
+
+    /// A step the reply must wait for (making the request's effect durable); it runs
+    /// beside the write of the request's audit entry.
+    pub fn before_reply(&self, step: impl std::future::Future<Output = Result<()>> + Send + 'static) {
+        let step = crate::audit::BeforeReply(Box::pin(step));
+        self.audit.lock().unwrap_or_else(|p| p.into_inner()).before_reply.push(step);
     }
 
     /// The authenticated caller (an internal error on a route without one: a route

@@ -43,11 +43,12 @@ pub const KIND: EngineKind = EngineKind {
 const ROLES: [Route; 2] = crate::role_routes!("role", "role", keyvault_api::auth::AppRoleRole);
 
 const ROUTES: &[Route] = &[
-    // A secret id with a number of uses is consumed by a login.
+    // A secret id with a number of uses is consumed by a login (which records its audit
+    // intent first); one of unlimited uses changes nothing.
     Route::new(
         "login",
         "log in with role_id (or role) and secret_id",
-        &[OpSpec::write(Access::Login).body::<keyvault_api::auth::AppRoleLogin>()],
+        &[OpSpec::write(Access::Login).intent_by_handler().body::<keyvault_api::auth::AppRoleLogin>()],
     ),
     ROLES[0],
     ROLES[1],
@@ -330,8 +331,12 @@ impl Engine for AppRole {
             }
             let taken = match stored.uses_left {
                 None => true,
-                Some(0 | 1) => self.store.compare_and_swap(&key, Some(&raw), None).await?,
+                Some(0 | 1) => {
+                    req.intent().await?;
+                    self.store.compare_and_swap(&key, Some(&raw), None).await?
+                }
                 Some(n) => {
+                    req.intent().await?;
                     stored.uses_left = Some(n - 1);
                     self.store.compare_and_swap(&key, Some(&raw), Some(&encode_json(&stored))).await?
                 }

@@ -48,7 +48,7 @@ const ROUTES: &[Route] = &[
     Route::new(
         "login",
         "exchange a bootstrap token for a token",
-        &[OpSpec::write(Access::Login).body::<keyvault_api::auth::BootstrapLogin>()],
+        &[OpSpec::write(Access::Login).intent_by_handler().body::<keyvault_api::auth::BootstrapLogin>()],
     ),
 ];
 /// The longest a bootstrap token may wait to be used.
@@ -182,6 +182,7 @@ impl Engine for Bootstrap {
         let key = self.key_of(&token).await?;
         let raw = self.store.get(&key).await?.ok_or_else(invalid)?;
         // Consume: of concurrent attempts, only the one whose delete removed it wins.
+        req.intent().await?;
         if !self.store.delete(&key).await? {
             return Err(invalid());
         }
