@@ -74,8 +74,13 @@ async fn token_goes_away(tier: &str) {
     ok(c.put("secret/before", &s.root, json!({"value": "v"})).await, 200);
     ok(c.get("secret/before", &s.root).await, 200);
     ok(c.post("transit/keys/k", Some(&s.root), json!({})).await, 200);
-    // The server's token directory (SoftHSM keeps one directory per token) disappears.
-    std::fs::remove_dir_all(s.token_directory()).unwrap();
+    // The server's token directory (SoftHSM keeps one directory per token) disappears, at
+    // once: renamed away (removing it file by file raced SoftHSM making its lock files:
+    // "directory not empty", once in a full run), then removed.
+    let dir = s.token_directory();
+    let gone = dir.with_extension("gone");
+    std::fs::rename(&dir, &gone).unwrap();
+    let _ = std::fs::remove_dir_all(&gone);
     let mut need_token = vec![("POST", "transit/encrypt/k", json!({"plaintext": "aGk="}))];
     if tier == "token" {
         need_token.push(("PUT", "secret/after", json!({"value": "v"})));

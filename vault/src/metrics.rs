@@ -376,11 +376,16 @@ fn timed<T>(
     // another replica sharing the token: SoftHSM does not always see another process's
     // new object until it is initialised again (docs/architecture.md). Re-initialise now,
     // alone under the token gate, and look once more; a key still missing is an error.
+    let mut refreshed = false;
     if let (Err(keyvault_hsm::HsmError::KeyNotFound(_)), Some(inner)) = (&r, recover)
         && crate::token_recovery::refresh_now(inner, t)
     {
+        refreshed = true;
         r = call(op, &f);
     }
+    // A key still missing after a fresh re-initialisation needs no second one in the
+    // background.
+    let recover = recover.filter(|_| !(refreshed && matches!(r, Err(keyvault_hsm::HsmError::KeyNotFound(_)))));
     finish(op, recover, r, t)
 }
 
