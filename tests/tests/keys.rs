@@ -544,10 +544,9 @@ async fn a_producer_signing_through_transit_never_holds_its_key() {
 
 /// The replay cache under the class of "16 copies at once" and `kill -9`: of 16 copies of
 /// one signed request sent together exactly one is accepted; every accepted nonce is
-/// durable before its reply (the nonces' sync runs beside the audit entry's fsync, and the
-/// reply waits for both), so after a SIGKILL right after the replies every one of them is
-/// still a replay; and the check records no intent entry, only its verdict events and its
-/// request entry.
+/// durable before its reply, so after a SIGKILL right after the replies every one of them
+/// is still a replay; and the check records no intent entry, only its verdict events and
+/// its request entry.
 #[tokio::test]
 async fn gateway_nonces_are_durable_before_the_reply_and_one_of_sixteen_copies_wins() {
     let mut s = TestServer::start(ServerOptions::default());

@@ -237,22 +237,13 @@ impl Gateway {
         Ok(n)
     }
 
-    /// Make the nonces [`Gateway::verify`] recorded durable (with every other caller's:
-    /// one sync for all). A reply that accepted a nonce waits for this.
-    pub fn sync_nonces(&self) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
-        let store = self.store.clone();
-        async move { Ok(store.sync().await?) }
-    }
-
-    /// Check a batch of items; one verdict per item, in order. The nonces of the items
-    /// that passed are recorded (visible to every later check at once) but may not be
-    /// durable yet: when `.1` is true, the reply must wait for [`Gateway::sync_nonces`].
+    /// Check a batch of items; one verdict per item, in order.
     pub async fn verify(
         &self,
         items: &[VerifyItem],
         transit: &Transit,
         revocations: &Revocations,
-    ) -> Result<(Vec<Verdict>, bool)> {
+    ) -> Result<Vec<Verdict>> {
         if items.len() > MAX_BATCH {
             return Err(Error::invalid(format!("at most {MAX_BATCH} items per batch")));
         }
@@ -304,7 +295,7 @@ impl Gateway {
             candidates.push((i, p, message));
         }
         let key_ids = verify_signatures(&candidates, &producers);
-        // Register the nonces of every item whose signature verified, at once.
+        // Register the nonces of every item whose signature verified, durably, at once.
         let mut pending = Vec::new();
         for ((i, p, _), key_id) in candidates.into_iter().zip(key_ids) {
             match key_id {
@@ -328,8 +319,7 @@ impl Gateway {
                 (key, Vec::new(), Some(Duration::from_secs(ttl)))
             })
             .collect();
-        let fresh = self.store.insert_if_absent_many_unsynced(&inserts).await?;
-        let unsynced = fresh.iter().any(|f| *f);
+        let fresh = self.store.insert_if_absent_many(&inserts).await?;
         for ((i, p, key_id), fresh) in pending.into_iter().zip(fresh) {
             let id = Some(p.identity.as_str());
             let tenants = producers.get(&p.identity).and_then(|e| e.as_ref()).map(|(prod, _)| &prod.operator_tenants);
@@ -349,7 +339,7 @@ impl Gateway {
         }
         // Invariant: every index got a verdict above (rejected in the first pass, or
         // decided after the signature check).
-        Ok((verdicts.into_iter().map(|v| v.expect("every item has a verdict")).collect(), unsynced))
+        Ok(verdicts.into_iter().map(|v| v.expect("every item has a verdict")).collect())
     }
 
     /// A producer with the keys that are active at `now` (its own, and its transit key's

@@ -264,23 +264,6 @@ impl<S: Store + ?Sized> Store for MeteredStore<S> {
         r
     }
 
-    async fn insert_if_absent_many_unsynced(
-        &self,
-        items: &[(String, Vec<u8>, Option<Duration>)],
-    ) -> StoreResult<Vec<bool>> {
-        let t = Instant::now();
-        let r = self.inner.insert_if_absent_many_unsynced(items).await;
-        observe("insert_if_absent_many", items.len() as u64, t, &r);
-        r
-    }
-
-    async fn sync(&self) -> StoreResult<()> {
-        let t = Instant::now();
-        let r = self.inner.sync().await;
-        observe("sync", 0, t, &r);
-        r
-    }
-
     async fn transact(&self, ops: Vec<TxOp>) -> StoreResult<TxOutcome> {
         let t = Instant::now();
         let r = self.inner.transact(ops).await;

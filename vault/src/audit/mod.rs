@@ -142,10 +142,6 @@ pub struct AuditContext {
     /// The intent entry could not be written: the request was refused before it changed
     /// anything, and there is nothing more to write.
     pub intent_refused: bool,
-    /// What must be durable before the reply leaves, awaited together with the request's
-    /// own entry (the gateway's nonces: one wait for the store's sync and the audit fsync,
-    /// not one after the other).
-    pub before_reply: Vec<BeforeReply>,
 }
 
 /// An intent entry not written yet (see [`AuditContext::pending_intent`]).
@@ -154,15 +150,6 @@ pub struct PendingIntent {
     pub log: Arc<AuditLog>,
     pub request_id: String,
     pub entry: Map<String, Value>,
-}
-
-/// A step that makes part of a request's effect durable; the reply waits for it.
-pub struct BeforeReply(pub std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>);
-
-impl std::fmt::Debug for BeforeReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BeforeReply")
-    }
 }
 
 /// Write the request's pending intent entry, if it has one (a route with
@@ -183,22 +170,6 @@ pub async fn record_intent(slot: &AuditSlot) -> Result<()> {
         }
     }
     written
-}
-
-/// Wait for every [`BeforeReply`] step of the request (all of them, even after one
-/// failed: each is an effect that should become durable); the first failure is the
-/// answer.
-pub async fn settle(slot: &AuditSlot) -> Result<()> {
-    let steps = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).before_reply);
-    let mut first = Ok(());
-    for step in steps {
-        if let Err(e) = step.0.await
-            && first.is_ok()
-        {
-            first = Err(e);
-        }
-    }
-    first
 }
 
 /// A shared slot for [`AuditContext`], put in every request's extensions.

@@ -48,9 +48,10 @@ const ROUTES: &[Route] = &[
     .normalize(identity),
     // Records each nonce it accepts (replay protection), so it changes state; but that
     // state is only the replay cache, and every verdict is in the request's own audit
-    // entry, written before the reply: the handler records no intent (one audit wait per
-    // check, shared with the nonces' sync). A crash between the two loses no verdict a
-    // client saw; at worst a nonce is consumed whose verdict no one received.
+    // entry, written before the reply: the handler records no intent (a check waits for
+    // the nonces' flush and its entry's fsync, not for an intent's fsync first). A crash
+    // between the two loses no verdict a client saw; at worst a nonce is consumed whose
+    // verdict no one received.
     Route::new(
         "verify",
         "check one signed request (the reply's status is the verdict's) or a `batch`",
@@ -88,12 +89,7 @@ impl GatewayEngine {
         } else {
             (vec![req.data::<VerifyItem>()?], false)
         };
-        let (verdicts, unsynced) = self.gateway.verify(&items, &self.transit, &self.revocations).await?;
-        if unsynced {
-            // The nonces become durable while the audit entry is written; the reply
-            // waits for both.
-            req.before_reply(self.gateway.sync_nonces());
-        }
+        let verdicts = self.gateway.verify(&items, &self.transit, &self.revocations).await?;
         let caller = req.caller()?.claims.acc.clone();
         for v in &verdicts {
             crate::metrics::get().gateway_verdict(if v.valid { "valid" } else { v.reason.unwrap_or("refused") });

@@ -142,10 +142,9 @@ fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
 /// Everything about one request, from its arrival to its audit entry: resolve it, read
 /// its body within the limits, record an intent before anything that may change state
 /// (fail closed: no entry, no change; or leave it to the handler, on routes declared
-/// `intent_by_handler`), run it through the pipeline, write the outcome entry (beside
-/// whatever else the handler asked the reply to wait for) before the reply leaves (a
-/// reply whose entry cannot be written is replaced by 503), and log method, path, status
-/// and latency (never headers or bodies).
+/// `intent_by_handler`), run it through the pipeline, write the outcome entry before the
+/// reply leaves (a reply whose entry cannot be written is replaced by 503), and log
+/// method, path, status and latency (never headers or bodies).
 async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("request", request_id = %id);
@@ -185,22 +184,8 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let entry = audit_entry(&ctx, &peer, &path, status, reason, &slot);
     let kind = if had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
     let events = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).events);
-    // The entry and whatever else the reply waits for become durable side by side.
-    let (written, settled) = tokio::join!(audit.append_with_events(events, entry, kind), crate::audit::settle(&slot));
-    if let Err(e) = written {
+    if let Err(e) = audit.append_with_events(events, entry, kind).await {
         span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
-        resp = ApiError::from(e).into_response();
-    } else if let Err(e) = settled {
-        // Logged as answered, but what it did is not durable: the client gets 503, and
-        // the log says the reply was withheld.
-        span.in_scope(|| tracing::error!(error = %e, "the request's effect is not durable: refusing the reply"));
-        let withheld = crate::audit::event(
-            "event",
-            serde_json::json!({"event": "reply_withheld", "request_id": id, "reason": e.audit_code()}),
-        );
-        if let Err(e) = audit.append(withheld).await {
-            span.in_scope(|| tracing::error!(error = %e, "audit entry not written"));
-        }
         resp = ApiError::from(e).into_response();
     }
     // Say so when this reply's entry is not on disk yet (buffered mode, failing disk).

@@ -559,13 +559,6 @@ impl Request {
         crate::audit::record_intent(&self.audit).await
     }
 
-    /// A step the reply must wait for (making the request's effect durable); it runs
-    /// beside the write of the request's audit entry.
-    pub fn before_reply(&self, step: impl std::future::Future<Output = Result<()>> + Send + 'static) {
-        let step = crate::audit::BeforeReply(Box::pin(step));
-        self.audit.lock().unwrap_or_else(|p| p.into_inner()).before_reply.push(step);
-    }
-
     /// The authenticated caller (an internal error on a route without one: a route
     /// table mistake, not a client's).
     pub fn caller(&self) -> Result<&Caller> {

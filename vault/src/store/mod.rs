@@ -89,24 +89,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         Ok(out)
     }
 
-    /// [`Store::insert_if_absent_many`] that may return before the inserts are durable:
-    /// they are visible at once (a second insert of a key finds it), and durable once a
-    /// later [`Store::sync`] returns. An engine that commits every call durably (PostgreSQL)
-    /// does just that.
-    async fn insert_if_absent_many_unsynced(
-        &self,
-        items: &[(String, Vec<u8>, Option<Duration>)],
-    ) -> StoreResult<Vec<bool>> {
-        self.insert_if_absent_many(items).await
-    }
-
-    /// Make every change acknowledged before this call durable (with the writes of
-    /// other callers: one fsync for all). Nothing to do for an engine whose calls are
-    /// durable when they return.
-    async fn sync(&self) -> StoreResult<()> {
-        Ok(())
-    }
-
     /// Apply `ops` as one atomic transaction: all of them or none, on every engine and
     /// across every process sharing the store. Durable when it returns `Committed`.
     async fn transact(&self, ops: Vec<TxOp>) -> StoreResult<TxOutcome> {

@@ -501,18 +501,6 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    async fn insert_if_absent_many_unsynced(
-        &self,
-        items: &[(String, Vec<u8>, Option<Duration>)],
-    ) -> StoreResult<Vec<bool>> {
-        self.maybe_reopen();
-        items.iter().map(|(k, v, ttl)| self.insert_if_absent_unflushed(k, v, *ttl)).collect()
-    }
-
-    async fn sync(&self) -> StoreResult<()> {
-        self.flush().await
-    }
-
     async fn purge_expired(&self) -> StoreResult<u64> {
         self.maybe_reopen();
         let h = self.h()?;
