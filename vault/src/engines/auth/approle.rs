@@ -329,14 +329,14 @@ impl Engine for AppRole {
             if stored.expires.is_some_and(|e| e <= unix_now()) {
                 return Err(invalid());
             }
+            if stored.uses_left.is_some() {
+                // A use is about to be consumed: its audit intent first.
+                req.intent().await?;
+            }
             let taken = match stored.uses_left {
                 None => true,
-                Some(0 | 1) => {
-                    req.intent().await?;
-                    self.store.compare_and_swap(&key, Some(&raw), None).await?
-                }
+                Some(0 | 1) => self.store.compare_and_swap(&key, Some(&raw), None).await?,
                 Some(n) => {
-                    req.intent().await?;
                     stored.uses_left = Some(n - 1);
                     self.store.compare_and_swap(&key, Some(&raw), Some(&encode_json(&stored))).await?
                 }
