@@ -361,26 +361,25 @@ pub fn audit_log(data: &[u8]) {
     let mut header = Map::new();
     header.insert("type".into(), "header".into());
     header.insert("genesis".into(), Value::String(hex::encode(genesis)));
-    let (mut out, mut prev) = chain::seal(header, &genesis);
+    let (mut out, mut prev) = chain::seal(&header, 0, &genesis);
     let mut entries = 0u64;
     for line in rest.split(|b| *b == b'\n') {
         let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(line) else { continue };
         if matches!(obj.get("type").and_then(Value::as_str), Some("header" | "checkpoint")) {
             obj.remove("type");
         }
-        let (l, h) = chain::seal(obj, &prev);
+        entries += 1;
+        let (l, h) = chain::seal(&obj, entries, &prev);
         out.extend_from_slice(&l);
         prev = h;
-        entries += 1;
     }
     let mut cp = Map::new();
     cp.insert("type".into(), "checkpoint".into());
-    cp.insert("seq".into(), entries.into());
     cp.insert("head".into(), Value::String(hex::encode(prev)));
     cp.insert("final".into(), true.into());
-    let sig = key.sign(&chain::checkpoint_message(&prev, entries, true));
+    let sig = key.sign(&chain::checkpoint_message(&prev, entries + 1, true));
     cp.insert("signature".into(), Value::String(STANDARD.encode(sig.to_bytes())));
-    let (l, _) = chain::seal(cp, &prev);
+    let (l, _) = chain::seal(&cp, entries + 1, &prev);
     out.extend_from_slice(&l);
     std::fs::write(&file, &out).expect("write");
     let report = crate::audit::verify::verify(std::slice::from_ref(&file), &key.verifying_key(), false).expect("read");

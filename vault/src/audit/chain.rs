@@ -36,19 +36,16 @@ pub fn canonical(value: &Value) -> Vec<u8> {
 fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                // Invariant: serializing a string or a Value to a Vec cannot fail.
-                serde_json::to_writer(&mut *out, k).expect("string to JSON");
-                out.push(b':');
-                write_canonical(&map[k], out);
+            // serde_json's map is ordered by key (no `preserve_order` in this build):
+            // then its own order is the canonical one and nothing is collected. Sorted
+            // explicitly otherwise, so the form never depends on a feature flag.
+            if map.keys().is_sorted() {
+                write_members(map.iter(), out);
+            } else {
+                let mut members: Vec<(&String, &Value)> = map.iter().collect();
+                members.sort_unstable_by_key(|(k, _)| *k);
+                write_members(members.into_iter(), out);
             }
-            out.push(b'}');
         }
         Value::Array(items) => {
             out.push(b'[');
@@ -62,6 +59,21 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
         }
         scalar => serde_json::to_writer(&mut *out, scalar).expect("scalar to JSON"),
     }
+}
+
+/// An object's members, in the order given (sorted by key), as canonical JSON.
+fn write_members<'a, K: AsRef<str> + 'a>(members: impl Iterator<Item = (K, &'a Value)>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (k, v)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Invariant: serializing a string to a Vec cannot fail.
+        serde_json::to_writer(&mut *out, k.as_ref()).expect("string to JSON");
+        out.push(b':');
+        write_canonical(v, out);
+    }
+    out.push(b'}');
 }
 
 pub fn entry_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
@@ -81,14 +93,21 @@ pub fn checkpoint_message(head: &[u8; 32], seq: u64, is_final: bool) -> Vec<u8> 
     m
 }
 
-/// Chain `entry` after `prev`: sets `prev`, returns the line (with its newline) and the
-/// new head. The line is the canonical form with `"hash"` appended as the last member:
+/// Chain `entry` as number `seq` after `prev`: the line (with its newline) and the new
+/// head. The line is the canonical form of the entry with its `seq` and `prev` (any
+/// `seq`, `prev` or `hash` it had replaced), and `"hash"` appended as the last member:
 /// the verifier removes it and canonicalizes again, so only the hashed form must be
-/// canonical (and the writer canonicalizes once per entry).
-pub fn seal(mut entry: Map<String, Value>, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
-    entry.remove("hash");
-    entry.insert("prev".into(), Value::String(hex::encode(prev)));
-    let mut line = canonical(&Value::Object(entry));
+/// canonical (and the writer canonicalizes once per entry, without copying it).
+pub fn seal(entry: &Map<String, Value>, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
+    let prev_hex = Value::String(hex::encode(prev));
+    let seq = Value::from(seq);
+    let mut members: Vec<(&str, &Value)> = Vec::with_capacity(entry.len() + 2);
+    members.extend(entry.iter().map(|(k, v)| (k.as_str(), v)).filter(|(k, _)| !matches!(*k, "hash" | "prev" | "seq")));
+    members.push(("prev", &prev_hex));
+    members.push(("seq", &seq));
+    members.sort_unstable_by_key(|(k, _)| *k);
+    let mut line = Vec::with_capacity(512);
+    write_members(members.into_iter(), &mut line);
     let hash = entry_hash(prev, &line);
     // Invariant: the canonical form of an object ends with '}'.
     line.pop();
@@ -138,10 +157,32 @@ mod tests {
     fn seal_chains() {
         let mut e = Map::new();
         e.insert("type".into(), "request".into());
-        let (line, h1) = seal(e.clone(), &[0u8; 32]);
+        let (line, h1) = seal(&e, 1, &[0u8; 32]);
         let parsed: Map<String, Value> = serde_json::from_slice(&line).unwrap();
         assert_eq!(parsed["hash"], hex::encode(h1));
-        let (_, h2) = seal(e, &h1);
+        let (_, h2) = seal(&e, 2, &h1);
         assert_ne!(h1, h2);
+    }
+
+    /// The sealed line is exactly what the verifier recomputes: the canonical form of
+    /// the entry with `seq` and `prev` set and `hash` removed (members before, between
+    /// and after the two, nested objects, stale `seq`/`prev`/`hash` members replaced).
+    #[test]
+    fn seal_writes_the_canonical_form_the_verifier_recomputes() {
+        let entry: Map<String, Value> = serde_json::from_str(
+            r#"{"type":"request","a":1,"q":{"z":[1,{"y":"\u0001","b":null}],"c":true},"r":"é\"","zz":-1.5e300,
+                "seq":99,"prev":"old","hash":"old"}"#,
+        )
+        .unwrap();
+        let prev = [7u8; 32];
+        let (line, hash) = seal(&entry, 42, &prev);
+        let mut parsed: Map<String, Value> = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed.remove("hash"), Some(Value::String(hex::encode(hash))));
+        assert_eq!(parsed["seq"], 42);
+        assert_eq!(parsed["prev"], hex::encode(prev));
+        let recomputed = canonical(&Value::Object(parsed));
+        assert_eq!(entry_hash(&prev, &recomputed), hash);
+        assert!(line.starts_with(&recomputed[..recomputed.len() - 1]));
+        assert_eq!(line.last(), Some(&b'\n'));
     }
 }

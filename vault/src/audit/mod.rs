@@ -519,12 +519,13 @@ impl AuditLog {
 
 /// A new event entry (not a request): rotation steps, gaps, kill-switch details.
 pub fn event(kind: &str, fields: Value) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("type".into(), kind.into());
-    m.insert("time".into(), now_rfc3339().into());
-    if let Value::Object(f) = fields {
-        m.extend(f);
-    }
+    // The fields' own `type` or `time`, if any, win (as they always did).
+    let mut m = match fields {
+        Value::Object(f) => f,
+        _ => Map::new(),
+    };
+    m.entry("type").or_insert_with(|| kind.into());
+    m.entry("time").or_insert_with(|| now_rfc3339().into());
     m
 }
 
@@ -765,7 +766,7 @@ impl Writer {
             ));
         }
         for e in first.iter().chain(entries.iter().copied()) {
-            self.push(&mut c, e.clone());
+            self.push(&mut c, e);
             if c.since_checkpoint >= self.config.checkpoint_every {
                 self.push_checkpoint(&mut c, false)?;
             }
@@ -773,11 +774,10 @@ impl Writer {
         Ok(c)
     }
 
-    fn push(&self, c: &mut Chained, mut entry: Map<String, Value>) {
+    fn push(&self, c: &mut Chained, entry: &Map<String, Value>) {
         c.seq += 1;
-        entry.insert("seq".into(), c.seq.into());
         let is_checkpoint = entry.get("type").and_then(Value::as_str) == Some("checkpoint");
-        let (line, hash) = chain::seal(entry, &c.head);
+        let (line, hash) = chain::seal(entry, c.seq, &c.head);
         c.bytes.extend_from_slice(&line);
         c.head = hash;
         if !is_checkpoint {
@@ -804,7 +804,7 @@ impl Writer {
             "checkpoint",
             json!({"head": hex::encode(c.head), "final": is_final, "key": label.as_str(), "signature": STANDARD.encode(sig)}),
         );
-        self.push(c, cp);
+        self.push(c, &cp);
         c.since_checkpoint = 0;
         c.checkpointed = true;
         Ok(())

@@ -31,8 +31,8 @@ impl Mount {
         format!("{}_{}", self.engine.kind(), hex::encode(&digest[..4]))
     }
 
-    fn segments(&self) -> Vec<&str> {
-        self.path.trim_end_matches('/').split('/').filter(|s| !s.is_empty()).collect()
+    fn segments(&self) -> impl Iterator<Item = &str> {
+        self.path.trim_end_matches('/').split('/').filter(|s| !s.is_empty())
     }
 }
 
@@ -111,7 +111,7 @@ impl MountTable {
         for m in &mounts {
             let ok = m.path.ends_with('/')
                 && m.path.len() > 1
-                && segments(&m.path, Operation::List).map(|s| s.len() == m.segments().len()).unwrap_or(false);
+                && segments(&m.path, Operation::List).map(|s| s.len() == m.segments().count()).unwrap_or(false);
             if !ok {
                 return Err(Error::Config(format!("mount path {:?} is not a valid path", m.path)));
             }
@@ -130,7 +130,7 @@ impl MountTable {
                 }
             }
         }
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.segments().len()));
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.segments().count()));
         Ok(MountTable { mounts })
     }
 
@@ -187,15 +187,23 @@ impl MountTable {
     /// trailing `/`), whatever operations the route supports.
     fn route(&self, operation: Operation, raw_path: &str) -> Result<(&Mount, &'static Route, Params, Vec<String>)> {
         let segs = segments(raw_path, operation)?;
-        let mount = self
+        // The first mount whose every segment starts the path (the table is sorted longest
+        // first), and how many segments it has.
+        let (mount, depth) = self
             .mounts
             .iter()
-            .find(|m| {
-                let ms = m.segments();
-                segs.len() >= ms.len() && ms.iter().zip(&segs).all(|(a, b)| a == b)
+            .find_map(|m| {
+                let mut depth = 0;
+                for ms in m.segments() {
+                    if segs.get(depth).is_none_or(|s| s != ms) {
+                        return None;
+                    }
+                    depth += 1;
+                }
+                Some((m, depth))
             })
             .ok_or_else(|| Error::NotFound("no handler for this path".into()))?;
-        let rest = &segs[mount.segments().len()..];
+        let rest = &segs[depth..];
         let (route, params) = mount
             .engine
             .routes()
