@@ -438,16 +438,33 @@ async fn a_login_records_an_intent_only_when_it_consumes_a_use() {
     ];
     // Used up: refused, and nothing was consumed.
     let refused = login("auth", "twice", twice.clone(), 401).await;
+    // A bootstrap token is consumed by its login (an intent, before the request entry);
+    // presented again, or unknown, it consumes nothing.
+    let minted = ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["default"]})).await, 200);
+    let bootstrap = minted.body["data"]["bootstrap_token"].as_str().unwrap().to_owned();
+    let boot = |token: String, status: u16| {
+        let c = c.clone();
+        async move {
+            let r = ok(c.post("auth/bootstrap/login", None, json!({"token": token})).await, status);
+            r.headers["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    let boot_consumed = boot(bootstrap.clone(), 200).await;
+    let boot_refused = [boot(bootstrap.clone(), 401).await, boot("kvb.unknown".into(), 401).await];
     s.stop();
 
     let log = std::fs::read_to_string(s.audit_log()).unwrap();
     let entries: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let count = |kind: &str, id: &str| entries.iter().filter(|e| e["type"] == kind && e["request_id"] == id).count();
-    for id in unconsumed.iter().chain([&refused]) {
+    for id in unconsumed.iter().chain([&refused]).chain(&boot_refused) {
         assert_eq!((count("intent", id), count("request", id)), (0, 1), "login {id}");
     }
-    for id in &consumed {
+    let seq = |kind: &str, id: &str| {
+        entries.iter().find(|e| e["type"] == kind && e["request_id"] == id).and_then(|e| e["seq"].as_u64()).unwrap()
+    };
+    for id in consumed.iter().chain([&boot_consumed]) {
         assert_eq!((count("intent", id), count("request", id)), (1, 1), "login {id}");
+        assert!(seq("intent", id) < seq("request", id), "login {id}: its intent comes first");
     }
     let (good, out) = s.verify_audit_log();
     assert!(good, "{out}");

@@ -56,7 +56,7 @@ const ROUTES: &[Route] = &[
         "verify",
         "check one signed request (the reply's status is the verdict's) or a `batch`",
         &[OpSpec::write(Access::Needs(Capability::Verify))
-            .intent_by_handler()
+            .no_intent()
             .body_either::<VerifyItem, VerifyBatch>()
             .data_either::<Verdict, BatchVerdicts>()
             .data_also_on(VERDICT_STATUSES)],

@@ -142,7 +142,7 @@ fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
 /// Everything about one request, from its arrival to its audit entry: resolve it, read
 /// its body within the limits, record an intent before anything that may change state
 /// (fail closed: no entry, no change; or leave it to the handler, on routes declared
-/// `intent_by_handler`), run it through the pipeline, write the outcome entry before the
+/// `intent_by_handler`; none on a route declared `no_intent`), run it through the pipeline, write the outcome entry before the
 /// reply leaves (a reply whose entry cannot be written is replaced by 503), and log
 /// method, path, status and latency (never headers or bodies).
 async fn handle(State(state): State<AppState>, req: Request) -> Response {
@@ -244,7 +244,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
         state.body.max
     };
     let body = body::read_body(req, &state.body, limit).await?;
-    if resolved.spec.changes_state {
+    if resolved.spec.changes_state && resolved.spec.intent != crate::logical::Intent::Never {
         let intent = crate::audit::event(
             "intent",
             serde_json::json!({
@@ -255,7 +255,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
         let pending =
             crate::audit::PendingIntent { log: service.audit().clone(), request_id: ctx.id.clone(), entry: intent };
         slot.lock().unwrap_or_else(|p| p.into_inner()).pending_intent = Some(pending);
-        if !resolved.spec.intent_by_handler {
+        if resolved.spec.intent == crate::logical::Intent::BeforeHandler {
             // Before the request runs at all.
             crate::audit::record_intent(slot).await?;
         }

@@ -85,6 +85,20 @@ pub enum Access {
     Telemetry,
 }
 
+/// Where the audit intent entry of a request that may change state is written
+/// (docs/architecture.md, "Audit intent").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// By the pipeline, before the handler runs (the default).
+    BeforeHandler,
+    /// By the handler (`Request::intent`), just before the change it makes: a request
+    /// that changes nothing waits for one audit fsync, not two (a login with a secret id
+    /// of unlimited uses).
+    ByHandler,
+    /// Never (see [`OpSpec::no_intent`]).
+    Never,
+}
+
 /// One operation a route supports.
 #[derive(Debug, Clone, Copy)]
 pub struct OpSpec {
@@ -93,10 +107,8 @@ pub struct OpSpec {
     /// Whether it may change stored state. Such requests get an audit intent entry
     /// before they run (and do not run if it cannot be written).
     pub changes_state: bool,
-    /// The handler writes the intent itself (`Request::intent`) just before it changes
-    /// state, so a request that changes nothing waits for one audit fsync, not two (a
-    /// login with a secret id of unlimited uses).
-    pub intent_by_handler: bool,
+    /// Where the audit intent of a request that may change state is written.
+    pub intent: Intent,
     /// The JSON body it reads (`None`: none, `{}` and `null` accepted). For the OpenAPI
     /// document (docs/openapi.yaml), which is generated from these declarations.
     pub body: Option<openapi::SchemaFn>,
@@ -122,7 +134,7 @@ impl OpSpec {
             operation,
             access,
             changes_state,
-            intent_by_handler: false,
+            intent: Intent::BeforeHandler,
             body: None,
             query: None,
             reply,
@@ -154,7 +166,14 @@ impl OpSpec {
     /// Its handler records the audit intent itself, with `Request::intent`, before each
     /// state change it makes (none, for a request that changes nothing).
     pub const fn intent_by_handler(mut self) -> Self {
-        self.intent_by_handler = true;
+        self.intent = Intent::ByHandler;
+        self
+    }
+
+    /// No audit intent at all: the route's only state is a replay cache, and all it
+    /// decides is in the request's own entry, on disk before the reply (the gateway check).
+    pub const fn no_intent(mut self) -> Self {
+        self.intent = Intent::Never;
         self
     }
 
