@@ -48,7 +48,7 @@ const ROUTES: &[Route] = &[
     .normalize(identity),
     // Records each nonce it accepts (replay protection), so it changes state; but that
     // state is only the replay cache, and every verdict is in the request's own audit
-    // entry, written before the reply: the handler records no intent (a check waits for
+    // entry, written before the reply: the route declares `no_intent` (a check waits for
     // the nonces' flush and its entry's fsync, not for an intent's fsync first). A crash
     // between the two loses no verdict a client saw; at worst a nonce is consumed whose
     // verdict no one received.

@@ -142,9 +142,10 @@ fn operation(method: &Method, query: &str) -> Result<Operation, ApiError> {
 /// Everything about one request, from its arrival to its audit entry: resolve it, read
 /// its body within the limits, record an intent before anything that may change state
 /// (fail closed: no entry, no change; or leave it to the handler, on routes declared
-/// `intent_by_handler`; none on a route declared `no_intent`), run it through the pipeline, write the outcome entry before the
-/// reply leaves (a reply whose entry cannot be written is replaced by 503), and log
-/// method, path, status and latency (never headers or bodies).
+/// `intent_by_handler`; none on a route declared `no_intent`), run it through the
+/// pipeline, write the outcome entry before the reply leaves (a reply whose entry cannot
+/// be written is replaced by 503), and log method, path, status and latency (never
+/// headers or bodies).
 async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("request", request_id = %id);

@@ -105,7 +105,7 @@ pub struct OpSpec {
     pub operation: Operation,
     pub access: Access,
     /// Whether it may change stored state. Such requests get an audit intent entry
-    /// before they run (and do not run if it cannot be written).
+    /// where `intent` says (and change nothing if it cannot be written).
     pub changes_state: bool,
     /// Where the audit intent of a request that may change state is written.
     pub intent: Intent,
