@@ -73,6 +73,7 @@ for ROUND in $(seq "$ROUNDS"); do
             # second (its cost: adjacent runs, as the machine drifts within minutes).
             ( while true; do curl -sf --cacert "$CA" -H "X-Vault-Token: $TOKEN" "$ADDR/metrics" > /dev/null; sleep 1; done ) &
             SCRAPER=$!
+            PIDS+=("$SCRAPER") # stopped on exit too, should the run fail
             run_bench keyvault+scrape-1s "$ADDR" "$CA" "$TOKEN" read
             kill "$SCRAPER"
         fi
