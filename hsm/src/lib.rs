@@ -14,7 +14,10 @@ pub mod softhsm;
 pub use error::{HsmError, Result};
 pub use keystore::{KeyKind, KeyLabel, KeyStore, WrapMechanism};
 pub use pin::PinSource;
-pub use pkcs11::{KeyProtection, Pkcs11Config, Pkcs11KeyStore, WrapPreference, context, find_token};
+pub use pkcs11::{
+    COPY_RECHECK, DEFAULT_SESSION_COPIES, KeyProtection, Pkcs11Config, Pkcs11KeyStore, WrapPreference, context,
+    find_token,
+};
 
 #[cfg(test)]
 mod tests;

@@ -24,6 +24,13 @@ const ED25519_OID: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
 const GCM_IV_LEN: usize = 12;
 const GCM_TAG_BITS: u64 = 128;
 
+/// The default of [`Pkcs11Config::session_copies`].
+pub const DEFAULT_SESSION_COPIES: usize = 256;
+
+/// How long a session copy is used before the store checks again that the token object
+/// it was copied from still exists (another process may have destroyed it).
+pub const COPY_RECHECK: Duration = Duration::from_secs(1);
+
 /// Which wrap mechanism to use for new wraps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WrapPreference {
@@ -52,6 +59,9 @@ pub struct Pkcs11Config {
     /// that initialize at the same moment sometimes do not see the token).
     pub discovery_timeout: Duration,
     pub wrap: WrapPreference,
+    /// Most keys the store keeps a session copy of (0: none). See [`Pkcs11KeyStore`],
+    /// "Session copies".
+    pub session_copies: usize,
 }
 
 impl std::fmt::Debug for Pkcs11Config {
@@ -64,6 +74,7 @@ impl std::fmt::Debug for Pkcs11Config {
             .field("session_wait", &self.session_wait)
             .field("discovery_timeout", &self.discovery_timeout)
             .field("wrap", &self.wrap)
+            .field("session_copies", &self.session_copies)
             .finish()
     }
 }
@@ -78,6 +89,7 @@ impl Pkcs11Config {
             session_wait: Duration::from_secs(5),
             discovery_timeout: Duration::from_secs(3),
             wrap: WrapPreference::Auto,
+            session_copies: DEFAULT_SESSION_COPIES,
         }
     }
 }
@@ -184,6 +196,22 @@ impl Drop for Lease<'_> {
 }
 
 /// A [`KeyStore`] on a PKCS#11 token.
+///
+/// # Session copies
+///
+/// SoftHSM's file-backed token opens, locks and reads two files for every use of a
+/// token object (its generation and the object's own file), which costs more than the
+/// AES-GCM operation itself. So the store makes a *session copy* of each private and
+/// secret key it uses (`C_CopyObject` with `CKA_TOKEN` false, up to
+/// [`Pkcs11Config::session_copies`] keys) and calls with that. The copy is made and kept
+/// inside the token: PKCS#11 lets a copy only keep or tighten `CKA_SENSITIVE` and
+/// `CKA_EXTRACTABLE`, so it is as sensitive and unextractable as its original; its value
+/// is never read. All copies belong to one session of the
+/// store's, so closing that session destroys them: the store closes it when it seals,
+/// reconnects or re-initialises, and whenever a handle turns out stale. [`KeyStore::destroy`]
+/// destroys a key's copies with it. A key destroyed by another process is noticed within
+/// [`COPY_RECHECK`]: a copy is used that long before the store checks again that its
+/// token object still exists. A token that refuses `C_CopyObject` is used directly.
 pub struct Pkcs11KeyStore {
     ctx: Pkcs11,
     label: String,
@@ -192,8 +220,12 @@ pub struct Pkcs11KeyStore {
     slot: RwLock<Slot>,
     pool: Pool,
     /// Object handles by (label, class). Handles of token objects are valid in every
-    /// session of this application until the object is destroyed or the token goes away.
-    handles: RwLock<HashMap<(String, u8), ObjectHandle>>,
+    /// session of this application until the object is destroyed or the token goes away;
+    /// so are those of session copies, until their session closes.
+    handles: RwLock<HashMap<(String, u8), Cached>>,
+    /// The session that owns the session copies, and the limit on their number. Lock
+    /// order: `copies`, then `handles`.
+    copies: Mutex<Copies>,
     wrap: WrapMechanism,
     mechanisms: Vec<MechanismType>,
     /// Serializes generation in this process: "is the label free" and "make the object"
@@ -215,6 +247,43 @@ impl std::fmt::Debug for Pkcs11KeyStore {
     }
 }
 
+/// A cached handle.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    /// The handle calls use: the session copy if there is one, else the token object.
+    handle: ObjectHandle,
+    /// The token object.
+    token: ObjectHandle,
+    /// `handle` is a session copy, last seen backed by its token object at `checked`.
+    copy: bool,
+    checked: Instant,
+}
+
+/// Session copies of token keys ([`Pkcs11KeyStore`], "Session copies").
+struct Copies {
+    /// Owns every copy: closing it destroys them all.
+    owner: Option<Session>,
+    /// Most copies at once (0: none).
+    max: usize,
+    /// The token refused to copy a key: no more attempts.
+    refused: bool,
+}
+
+/// Whether `C_CopyObject` failed because the token does not copy keys (for good), not
+/// because of the moment.
+fn rv_refuses_copy(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::FunctionNotSupported
+            | RvError::ActionProhibited
+            | RvError::AttributeReadOnly
+            | RvError::AttributeTypeInvalid
+            | RvError::AttributeValueInvalid
+            | RvError::TemplateInconsistent
+            | RvError::TemplateIncomplete
+    )
+}
+
 /// Stable cache key for the three object classes KeyVault looks up
 /// (`ObjectClass` is not `Hash`).
 fn class_key(class: ObjectClass) -> u8 {
@@ -232,6 +301,8 @@ fn class_key(class: ObjectClass) -> u8 {
 pub struct KeyProtection {
     /// `CKO_SECRET_KEY` or `CKO_PRIVATE_KEY`.
     pub class: String,
+    /// A token object (`CKA_TOKEN`), not one of the store's session copies.
+    pub token_object: bool,
     pub sensitive: bool,
     pub extractable: bool,
     /// `C_WrapKey` of the object was refused by the token.
@@ -302,6 +373,7 @@ impl Pkcs11KeyStore {
                 wait: config.session_wait,
             },
             handles: RwLock::new(HashMap::new()),
+            copies: Mutex::new(Copies { owner: None, max: config.session_copies, refused: false }),
             wrap,
             mechanisms,
             generating: std::sync::Mutex::new(()),
@@ -394,7 +466,7 @@ impl Pkcs11KeyStore {
             st.sessions.clear();
             st.open -= n;
         }
-        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.forget_handles();
         match find_token(&self.ctx, &self.label)? {
             Some(slot) => {
                 *self.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
@@ -426,7 +498,7 @@ impl Pkcs11KeyStore {
                 Err(HsmError::Pkcs11 { function, rv }) if rv_is_stale_handle(rv) && !retried => {
                     drop(lease);
                     tracing::debug!(%function, "stale object handle, looking keys up again");
-                    self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+                    self.forget_handles();
                 }
                 // A key we expected is gone: the token may have been swapped or restored
                 // under us. Start from fresh sessions and a fresh slot lookup, once.
@@ -461,25 +533,122 @@ impl Pkcs11KeyStore {
         Ok(true)
     }
 
-    /// Handle of the object with `label` and `class`, from cache or by `C_FindObjects`.
+    /// Forget every cached handle and destroy every session copy (by closing the session
+    /// that owns them).
+    fn forget_handles(&self) {
+        let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        copies.owner = None;
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Handle of the object with `label` and `class` to call with: from the cache, else
+    /// found by `C_FindObjects` (and, for a private or secret key, copied into a session
+    /// object: see "Session copies" above).
     fn handle(&self, session: &Session, label: &KeyLabel, class: ObjectClass) -> Result<ObjectHandle> {
         let key = (label.as_str().to_owned(), class_key(class));
-        if let Some(h) = self.handles.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(*h);
+        let cached = self.handles.read().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+        if let Some(c) = cached {
+            if !c.copy || c.checked.elapsed() < COPY_RECHECK {
+                return Ok(c.handle);
+            }
+            // Is the token object still there? (Another process may have destroyed it.)
+            match session.get_attributes(c.token, &[AttributeType::Class]) {
+                Ok(_) => {
+                    if let Some(e) = self.handles.write().unwrap_or_else(|p| p.into_inner()).get_mut(&key)
+                        && e.handle == c.handle
+                    {
+                        e.checked = Instant::now();
+                    }
+                    return Ok(c.handle);
+                }
+                Err(CkError::Pkcs11(rv, function)) if rv_is_stale_handle(rv) => {
+                    self.forget_handles();
+                    return Err(HsmError::Pkcs11 { function, rv });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Under the copies lock: SoftHSM builds a copy attribute by attribute, and while
+        // it does, the copy still says `CKA_TOKEN` true and would be found here too.
+        let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        // Another call may have cached it meanwhile (one copy per key).
+        if let Some(c) = self.handles.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c.handle);
         }
         let found = session.find_objects(&[
             Attribute::Token(true),
             Attribute::Class(class),
             Attribute::Label(label.as_str().as_bytes().to_vec()),
         ])?;
-        match found.as_slice() {
-            [] => Err(HsmError::KeyNotFound(label.to_string())),
-            [h] => {
-                self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, *h);
-                Ok(*h)
-            }
-            _ => Err(HsmError::BadAttribute("several key objects share one label")),
+        let token = match found.as_slice() {
+            [] => return Err(HsmError::KeyNotFound(label.to_string())),
+            [h] => *h,
+            _ => return Err(HsmError::BadAttribute("several key objects share one label")),
+        };
+        if class == ObjectClass::PUBLIC_KEY {
+            let c = Cached { handle: token, token, copy: false, checked: Instant::now() };
+            self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, c);
+            return Ok(token);
         }
+        self.copy_of(&mut copies, key, token)
+    }
+
+    /// Destroy this application's session copies of `label` (those of any store: session
+    /// objects are visible to every session of the process) and forget its handles.
+    fn destroy_copies(&self, label: &KeyLabel) {
+        let gone = self.run(|s, session| {
+            // Under the copies lock, so that no copy is cached between the look-up and
+            // the removal below.
+            let _copies = s.copies.lock().unwrap_or_else(|p| p.into_inner());
+            let found = session
+                .find_objects(&[Attribute::Token(false), Attribute::Label(label.as_str().as_bytes().to_vec())])?;
+            for h in found {
+                session.destroy_object(h)?;
+            }
+            s.handles.write().unwrap_or_else(|p| p.into_inner()).retain(|(l, _), _| l != label.as_str());
+            Ok(())
+        });
+        if let Err(e) = gone {
+            // Closing the owner session destroys every copy of this store's.
+            tracing::warn!(key = %label, error = %e, "could not destroy a key's session copies; closing their session");
+            self.forget_handles();
+        }
+    }
+
+    /// Cache `token` under `key`, with a session copy of it if the limit allows and the
+    /// token agrees; the handle to call with.
+    fn copy_of(&self, copies: &mut Copies, key: (String, u8), token: ObjectHandle) -> Result<ObjectHandle> {
+        let made = self.handles.read().unwrap_or_else(|p| p.into_inner()).values().filter(|c| c.copy).count();
+        let mut cached = Cached { handle: token, token, copy: false, checked: Instant::now() };
+        if !copies.refused && made < copies.max {
+            if copies.owner.is_none() {
+                copies.owner = Some(self.open_session()?);
+            }
+            let owner = copies.owner.as_ref().expect("opened above");
+            match owner.copy_object(token, &[Attribute::Token(false)]) {
+                Ok(copy) => cached = Cached { handle: copy, token, copy: true, checked: Instant::now() },
+                Err(CkError::Pkcs11(rv, function)) if rv_is_stale_handle(rv) => {
+                    return Err(HsmError::Pkcs11 { function, rv });
+                }
+                Err(CkError::Pkcs11(rv @ (RvError::SessionHandleInvalid | RvError::SessionClosed), function)) => {
+                    // The owner session is gone, and its copies with it.
+                    copies.owner = None;
+                    self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+                    return Err(HsmError::Pkcs11 { function, rv });
+                }
+                Err(CkError::Pkcs11(rv, function)) if rv_refuses_copy(rv) => {
+                    copies.refused = true;
+                    tracing::info!(token = %self.label, %function, %rv, "the token does not copy keys into sessions; using its objects directly");
+                }
+                Err(e) => {
+                    // Not cached: the next call tries again.
+                    tracing::debug!(token = %self.label, error = %e, "could not copy a key into a session; using the token object");
+                    return Ok(token);
+                }
+            }
+        }
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, cached);
+        Ok(cached.handle)
     }
 
     /// How the token protects each private or secret key object labelled `label`: what
@@ -487,16 +656,25 @@ impl Pkcs11KeyStore {
     /// attempt to get it out of the token wrapped (`C_WrapKey` under a fresh session key)
     /// is refused. For audits and tests: nothing here returns key material.
     pub fn protection(&self, label: &KeyLabel) -> Result<Vec<KeyProtection>> {
-        self.run(|s, session| {
+        self.run(|_, session| {
             let mut out = Vec::new();
-            for h in s.objects_with_label(session, label)? {
-                let attrs = session
-                    .get_attributes(h, &[AttributeType::Class, AttributeType::Sensitive, AttributeType::Extractable])?;
-                let mut p =
-                    KeyProtection { class: String::new(), sensitive: false, extractable: true, wrap_refused: false };
+            // Token objects and this store's session copies of them alike.
+            for h in session.find_objects(&[Attribute::Label(label.as_str().as_bytes().to_vec())])? {
+                let attrs = session.get_attributes(
+                    h,
+                    &[AttributeType::Class, AttributeType::Token, AttributeType::Sensitive, AttributeType::Extractable],
+                )?;
+                let mut p = KeyProtection {
+                    class: String::new(),
+                    token_object: false,
+                    sensitive: false,
+                    extractable: true,
+                    wrap_refused: false,
+                };
                 for a in attrs {
                     match a {
                         Attribute::Class(c) => p.class = c.to_string(),
+                        Attribute::Token(v) => p.token_object = v,
                         Attribute::Sensitive(v) => p.sensitive = v,
                         Attribute::Extractable(v) => p.extractable = v,
                         _ => {}
@@ -783,8 +961,11 @@ impl KeyStore for Pkcs11KeyStore {
                 session.destroy_object(*h)?;
             }
             Ok(!objects.is_empty())
-        })?;
-        self.handles.write().unwrap_or_else(|p| p.into_inner()).retain(|(l, _), _| l != label.as_str());
+        });
+        // Then its session copies, whatever the outcome above: a copy made before this
+        // point is found here; one attempted after it finds no original to copy.
+        self.destroy_copies(label);
+        let destroyed = destroyed?;
         if destroyed {
             tracing::info!(key = %label, "destroyed key in the token");
         }
@@ -891,7 +1072,8 @@ impl KeyStore for Pkcs11KeyStore {
             st.sessions.clear();
             st.open -= n;
         }
-        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+        // With the session that owns them, every session copy of a key.
+        self.forget_handles();
         tracing::warn!(token = %self.label, "key store sealed: sessions closed, handles and PIN dropped");
     }
 
@@ -902,7 +1084,7 @@ impl KeyStore for Pkcs11KeyStore {
             st.sessions.clear();
             st.open -= n;
         }
-        self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.forget_handles();
         match self.ctx.clone().finalize() {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
             Err(e) => return Err(e.into()),

@@ -273,3 +273,146 @@ fn a_sealed_store_refuses_every_call_until_unsealed_with_the_pin() {
     // Unsealing an unsealed store checks nothing.
     t.store.unseal(testing::wrong_pin()).unwrap();
 }
+
+/// Use each kind of key once, so that the store makes its session copies.
+fn use_keys(store: &Pkcs11KeyStore, aes: &KeyLabel, hmac: &KeyLabel, ed: &KeyLabel) -> Result<(), HsmError> {
+    store.encrypt_aes_gcm(aes, b"x", b"")?;
+    store.hmac_sha256(hmac, b"x")?;
+    store.sign_ed25519(ed, b"x")?;
+    Ok(())
+}
+
+/// Per key: (token objects, session copies) among its private and secret objects, after
+/// checking that every one of them is sensitive, unextractable and refuses `C_WrapKey`.
+fn objects_of(store: &Pkcs11KeyStore, key: &KeyLabel) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for o in store.protection(key).unwrap() {
+        assert!(o.sensitive && !o.extractable && o.wrap_refused, "{key}: {o:?}");
+        if o.token_object {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn keys_are_used_through_session_copies_as_protected_as_their_originals() {
+    let t = testing::token();
+    let (aes, hmac, ed) = (label("keyvault/transit/a"), label("keyvault/hmac/v1"), label("keyvault/signing/v1"));
+    t.store.generate(&aes, KeyKind::Aes256Gcm).unwrap();
+    t.store.generate(&hmac, KeyKind::HmacSha256).unwrap();
+    t.store.generate(&ed, KeyKind::Ed25519).unwrap();
+    for key in [&aes, &hmac, &ed] {
+        assert_eq!(objects_of(&t.store, key), (1, 0), "{key}: no copy before the first use");
+    }
+    // Sixteen threads use the keys at once: one copy per key, never more.
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| use_keys(&t.store, &aes, &hmac, &ed).unwrap());
+        }
+    });
+    for key in [&aes, &hmac, &ed] {
+        assert_eq!(objects_of(&t.store, key), (1, 1), "{key}");
+    }
+    // A copy signs with the key itself.
+    let public = VerifyingKey::from_bytes(&t.store.ed25519_public_key(&ed).unwrap()).unwrap();
+    let sig = t.store.sign_ed25519(&ed, b"message").unwrap();
+    public.verify_strict(b"message", &Signature::from_bytes(&sig)).unwrap();
+
+    // Sealing closes the session that owns the copies: they are gone with it.
+    t.store.seal();
+    t.store.unseal(t.config.pin.clone()).unwrap();
+    for key in [&aes, &hmac, &ed] {
+        assert_eq!(objects_of(&t.store, key), (1, 0), "{key}: copies survived the seal");
+    }
+
+    // Destroying a key destroys its copy; the other keys keep theirs.
+    use_keys(&t.store, &aes, &hmac, &ed).unwrap();
+    assert!(t.store.destroy(&aes).unwrap());
+    assert_eq!(objects_of(&t.store, &aes), (0, 0));
+    assert_eq!(objects_of(&t.store, &hmac), (1, 1));
+    assert!(matches!(t.store.encrypt_aes_gcm(&aes, b"x", b""), Err(HsmError::KeyNotFound(_))));
+    // Made again under the same label: a new key, a new copy.
+    t.store.generate(&aes, KeyKind::Aes256Gcm).unwrap();
+    let ct = t.store.encrypt_aes_gcm(&aes, b"again", b"").unwrap();
+    assert_eq!(t.store.decrypt_aes_gcm(&aes, &ct, b"").unwrap().as_slice(), b"again");
+    assert_eq!(objects_of(&t.store, &aes), (1, 1));
+}
+
+#[test]
+fn session_copies_stop_at_the_configured_number_and_can_be_turned_off() {
+    let keys: Vec<KeyLabel> = (0..3).map(|i| label(&format!("keyvault/transit/k{i}"))).collect();
+    for (limit, copies) in [(2usize, 2usize), (0, 0)] {
+        let t = testing::token_with(|c| c.session_copies = limit);
+        for k in &keys {
+            t.store.generate(k, KeyKind::Aes256Gcm).unwrap();
+            t.store.encrypt_aes_gcm(k, b"x", b"").unwrap();
+        }
+        let made: usize = keys.iter().map(|k| objects_of(&t.store, k).1).sum();
+        assert_eq!(made, copies, "limit {limit}");
+        // Keys beyond the limit work all the same, through their token objects.
+        for k in &keys {
+            let ct = t.store.encrypt_aes_gcm(k, b"y", b"").unwrap();
+            assert_eq!(t.store.decrypt_aes_gcm(k, &ct, b"").unwrap().as_slice(), b"y");
+        }
+    }
+}
+
+/// The environment variables through which [`a_key_destroyed_by_another_process_is_not_used_after_the_recheck`]
+/// tells its child process what to destroy (the PIN is passed in a file, never in the
+/// environment).
+const CHILD_TOKEN: &str = "KEYVAULT_TEST_CHILD_TOKEN";
+const CHILD_PIN_FILE: &str = "KEYVAULT_TEST_CHILD_PIN_FILE";
+const CHILD_KEY: &str = "KEYVAULT_TEST_CHILD_KEY";
+
+/// Run as a child process by the test below: destroy one key in a token, as another
+/// replica sharing the token would. Does nothing when run on its own.
+#[test]
+#[ignore = "a helper that the test below runs in a child process"]
+fn child_destroys_a_key() {
+    let (Ok(token), Ok(pin_file), Ok(key)) =
+        (std::env::var(CHILD_TOKEN), std::env::var(CHILD_PIN_FILE), std::env::var(CHILD_KEY))
+    else {
+        return;
+    };
+    let pin = crate::pin::PinSource::File(pin_file.into()).read().unwrap();
+    let module = crate::softhsm::find_module().unwrap();
+    let store = Pkcs11KeyStore::open(&crate::Pkcs11Config::new(module, token, pin)).unwrap();
+    assert!(store.destroy(&label(&key)).unwrap(), "the child found no key to destroy");
+}
+
+#[test]
+fn a_key_destroyed_by_another_process_is_not_used_after_the_recheck() {
+    use secrecy::ExposeSecret;
+    let t = testing::token();
+    let key = label("keyvault/transit/shared");
+    t.store.generate(&key, KeyKind::Aes256Gcm).unwrap();
+    // Another key, so that the token is not left empty (an empty token is taken for a
+    // missing one).
+    t.store.generate(&label("keyvault/master/v1"), KeyKind::Aes256).unwrap();
+    let ct = t.store.encrypt_aes_gcm(&key, b"x", b"").unwrap();
+    assert_eq!(objects_of(&t.store, &key), (1, 1));
+
+    let dir = tempfile::tempdir().unwrap();
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, t.config.pin.expose_secret()).unwrap();
+    std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["tests::child_destroys_a_key", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(CHILD_TOKEN, &t.config.token_label)
+        .env(CHILD_PIN_FILE, &pin_file)
+        .env(CHILD_KEY, key.as_str())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1 passed"), "child: {stdout}");
+
+    // Within the recheck interval this process may still use its copy; after it, the
+    // store finds the original gone and answers as for any missing key.
+    std::thread::sleep(crate::pkcs11::COPY_RECHECK + std::time::Duration::from_millis(100));
+    let err = t.store.decrypt_aes_gcm(&key, &ct, b"").unwrap_err();
+    assert!(matches!(err, HsmError::KeyNotFound(_)), "{err:?}");
+    assert_eq!(objects_of(&t.store, &key), (0, 0), "the copy outlived its original");
+}

@@ -123,6 +123,9 @@ async fn a_token_that_goes_away_and_comes_back_is_served_again() {
     let away = tempfile::tempdir_in(keyvault_hsm::softhsm::testing::token_dir().parent().unwrap()).unwrap();
     let aside = away.path().join("token");
     std::fs::rename(&dir, &aside).unwrap();
+    // The key's session copy lives in the module, not in the directory: it may serve until
+    // the store checks the key's token object again (docs/architecture.md, "Session copies").
+    tokio::time::sleep(keyvault_hsm::COPY_RECHECK + Duration::from_millis(100)).await;
     let (status, body) = encrypt(&c, &root).await;
     assert_eq!(status, 503, "{body}");
     let (h, why) = health(&c).await;

@@ -462,6 +462,9 @@ async fn sixteen_concurrent_copies_of_every_change_leave_usable_objects() {
         let token = keyvault_hsm::Pkcs11KeyStore::open(&s.token).unwrap();
         assert!(token.destroy(&keyvault_hsm::KeyLabel::new("keyvault/transit/gone/v1").unwrap()).unwrap());
     }
+    // Destroyed by another process: the server's session copy of the key serves until it
+    // checks the token object again (docs/architecture.md, "Session copies").
+    tokio::time::sleep(keyvault_hsm::COPY_RECHECK + Duration::from_millis(100)).await;
     let r = ok(c.post("transit/encrypt/gone", Some(&root), json!({"plaintext": "aGk="})).await, 500);
     assert_eq!(r.body["errors"][0], "key keyvault/transit/gone/v1 is missing from the HSM");
     let h = ok(c.send("GET", "sys/health", None, None).await, 200);

@@ -291,6 +291,10 @@ pub struct HsmConfig {
     /// `aes-gcm` or `aes-key-wrap-pad`.
     #[serde(default)]
     pub wrap_mechanism: WrapSetting,
+    /// Most keys used through a session copy inside the token (0: none; docs/architecture.md,
+    /// "Session copies").
+    #[serde(default = "default_session_copies")]
+    pub session_copies: usize,
 }
 
 fn default_key_prefix() -> String {
@@ -301,6 +305,9 @@ fn default_max_sessions() -> usize {
 }
 fn default_workers() -> usize {
     2
+}
+fn default_session_copies() -> usize {
+    keyvault_hsm::DEFAULT_SESSION_COPIES
 }
 fn default_call_timeout() -> Duration {
     Duration::from_secs(10)

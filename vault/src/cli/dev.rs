@@ -113,6 +113,7 @@ pub fn config(layout: &DevLayout, module: PathBuf, address: SocketAddr, dek_cach
             workers: 2,
             wrap_mechanism: WrapSetting::Auto,
             call_timeout: std::time::Duration::from_secs(10),
+            session_copies: keyvault_hsm::DEFAULT_SESSION_COPIES,
         },
         tokens: TokenConfig::default(),
         secrets: SecretsConfig { dek_cache_ttl, ..SecretsConfig::default() },

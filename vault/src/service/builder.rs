@@ -58,6 +58,7 @@ pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
     p.max_sessions = config.hsm.max_sessions;
     crate::token_workers::configure(config.hsm.workers, config.hsm.call_timeout);
     p.wrap = config.hsm.wrap_preference();
+    p.session_copies = config.hsm.session_copies;
     Ok(Arc::new(crate::metrics::MeteredKeyStore::new(Pkcs11KeyStore::open(&p)?)))
 }
 
