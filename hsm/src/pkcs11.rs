@@ -254,9 +254,19 @@ struct Cached {
     handle: ObjectHandle,
     /// The token object.
     token: ObjectHandle,
-    /// `handle` is a session copy, last seen backed by its token object at `checked`.
-    copy: bool,
+    /// When the token object was last seen to exist (what a copy is rechecked by).
     checked: Instant,
+}
+
+impl Cached {
+    fn new(handle: ObjectHandle, token: ObjectHandle) -> Self {
+        Cached { handle, token, checked: Instant::now() }
+    }
+
+    /// `handle` is a session copy, not the token object itself.
+    fn is_copy(&self) -> bool {
+        self.handle != self.token
+    }
 }
 
 /// Session copies of token keys ([`Pkcs11KeyStore`], "Session copies").
@@ -536,7 +546,11 @@ impl Pkcs11KeyStore {
     /// Forget every cached handle and destroy every session copy (by closing the session
     /// that owns them).
     fn forget_handles(&self) {
-        let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        self.forget_handles_locked(&mut self.copies.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// [`Self::forget_handles`], for a caller that holds the copies lock.
+    fn forget_handles_locked(&self, copies: &mut Copies) {
         copies.owner = None;
         self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
@@ -548,25 +562,18 @@ impl Pkcs11KeyStore {
         let key = (label.as_str().to_owned(), class_key(class));
         let cached = self.handles.read().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
         if let Some(c) = cached {
-            if !c.copy || c.checked.elapsed() < COPY_RECHECK {
+            if !c.is_copy() || c.checked.elapsed() < COPY_RECHECK {
                 return Ok(c.handle);
             }
-            // Is the token object still there? (Another process may have destroyed it.)
-            match session.get_attributes(c.token, &[AttributeType::Class]) {
-                Ok(_) => {
-                    if let Some(e) = self.handles.write().unwrap_or_else(|p| p.into_inner()).get_mut(&key)
-                        && e.handle == c.handle
-                    {
-                        e.checked = Instant::now();
-                    }
-                    return Ok(c.handle);
-                }
-                Err(CkError::Pkcs11(rv, function)) if rv_is_stale_handle(rv) => {
-                    self.forget_handles();
-                    return Err(HsmError::Pkcs11 { function, rv });
-                }
-                Err(e) => return Err(e.into()),
+            // Is the token object still there? (Another process may have destroyed it.) If
+            // not, the stale handle's error makes `run` forget every handle and copy.
+            session.get_attributes(c.token, &[AttributeType::Class])?;
+            if let Some(e) = self.handles.write().unwrap_or_else(|p| p.into_inner()).get_mut(&key)
+                && e.handle == c.handle
+            {
+                e.checked = Instant::now();
             }
+            return Ok(c.handle);
         }
         // Under the copies lock: SoftHSM builds a copy attribute by attribute, and while
         // it does, the copy still says `CKA_TOKEN` true and would be found here too.
@@ -586,54 +593,30 @@ impl Pkcs11KeyStore {
             _ => return Err(HsmError::BadAttribute("several key objects share one label")),
         };
         if class == ObjectClass::PUBLIC_KEY {
-            let c = Cached { handle: token, token, copy: false, checked: Instant::now() };
-            self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, c);
+            self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, Cached::new(token, token));
             return Ok(token);
         }
         self.copy_of(&mut copies, key, token)
     }
 
-    /// Destroy this application's session copies of `label` (those of any store: session
-    /// objects are visible to every session of the process) and forget its handles.
-    fn destroy_copies(&self, label: &KeyLabel) {
-        let gone = self.run(|s, session| {
-            // Under the copies lock, so that no copy is cached between the look-up and
-            // the removal below.
-            let _copies = s.copies.lock().unwrap_or_else(|p| p.into_inner());
-            let found = session
-                .find_objects(&[Attribute::Token(false), Attribute::Label(label.as_str().as_bytes().to_vec())])?;
-            for h in found {
-                session.destroy_object(h)?;
-            }
-            s.handles.write().unwrap_or_else(|p| p.into_inner()).retain(|(l, _), _| l != label.as_str());
-            Ok(())
-        });
-        if let Err(e) = gone {
-            // Closing the owner session destroys every copy of this store's.
-            tracing::warn!(key = %label, error = %e, "could not destroy a key's session copies; closing their session");
-            self.forget_handles();
-        }
-    }
-
     /// Cache `token` under `key`, with a session copy of it if the limit allows and the
     /// token agrees; the handle to call with.
     fn copy_of(&self, copies: &mut Copies, key: (String, u8), token: ObjectHandle) -> Result<ObjectHandle> {
-        let made = self.handles.read().unwrap_or_else(|p| p.into_inner()).values().filter(|c| c.copy).count();
-        let mut cached = Cached { handle: token, token, copy: false, checked: Instant::now() };
+        let made = self.handles.read().unwrap_or_else(|p| p.into_inner()).values().filter(|c| c.is_copy()).count();
+        let mut cached = Cached::new(token, token);
         if !copies.refused && made < copies.max {
             if copies.owner.is_none() {
                 copies.owner = Some(self.open_session()?);
             }
             let owner = copies.owner.as_ref().expect("opened above");
             match owner.copy_object(token, &[Attribute::Token(false)]) {
-                Ok(copy) => cached = Cached { handle: copy, token, copy: true, checked: Instant::now() },
+                Ok(copy) => cached = Cached::new(copy, token),
                 Err(CkError::Pkcs11(rv, function)) if rv_is_stale_handle(rv) => {
                     return Err(HsmError::Pkcs11 { function, rv });
                 }
                 Err(CkError::Pkcs11(rv @ (RvError::SessionHandleInvalid | RvError::SessionClosed), function)) => {
                     // The owner session is gone, and its copies with it.
-                    copies.owner = None;
-                    self.handles.write().unwrap_or_else(|p| p.into_inner()).clear();
+                    self.forget_handles_locked(copies);
                     return Err(HsmError::Pkcs11 { function, rv });
                 }
                 Err(CkError::Pkcs11(rv, function)) if rv_refuses_copy(rv) => {
@@ -960,12 +943,26 @@ impl KeyStore for Pkcs11KeyStore {
             for h in &objects {
                 session.destroy_object(*h)?;
             }
+            // Then its session copies (those of any store: session objects are visible to
+            // every session of the process), under the copies lock: a copy made before
+            // this point is found here; one attempted after it finds no original to copy.
+            let _copies = s.copies.lock().unwrap_or_else(|p| p.into_inner());
+            for h in session
+                .find_objects(&[Attribute::Token(false), Attribute::Label(label.as_str().as_bytes().to_vec())])?
+            {
+                session.destroy_object(h)?;
+            }
+            s.handles.write().unwrap_or_else(|p| p.into_inner()).retain(|(l, _), _| l != label.as_str());
             Ok(!objects.is_empty())
         });
-        // Then its session copies, whatever the outcome above: a copy made before this
-        // point is found here; one attempted after it finds no original to copy.
-        self.destroy_copies(label);
-        let destroyed = destroyed?;
+        let destroyed = match destroyed {
+            Ok(d) => d,
+            Err(e) => {
+                // Closing the owner session destroys every copy of this store's.
+                self.forget_handles();
+                return Err(e);
+            }
+        };
         if destroyed {
             tracing::info!(key = %label, "destroyed key in the token");
         }
