@@ -6,6 +6,10 @@
 # serve with N secrets stored.
 #
 #   ./scripts/bench-scale.sh [N] [read duration] [sled|postgres]
+#
+# WRITE_CONNECTIONS (default 32) sets the connections that fill the store: a write waits
+# for durable steps in sequence, so more connections fill it faster (the reads always use
+# 32).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -40,20 +44,21 @@ if [ "$STORE" = postgres ]; then
     STORAGE_DIR=$WORK/pg/data
 fi
 
-bench() { KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --connections 32 --json "$@"; }
+WRITE_CONNECTIONS=${WRITE_CONNECTIONS:-32}
+bench() { KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --json "$@"; }
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status"; }
 disk_bytes() { du -sb "$STORAGE_DIR" | cut -f1; }
 report() { # label secrets
     local out
-    out=$(bench --scenario read --path secret/scale --spread "$2" --duration "$DURATION")
+    out=$(bench --connections 32 --scenario read --path secret/scale --spread "$2" --duration "$DURATION")
     echo "$out" | jq -c --arg l "$1" --argjson rss "$(rss_mib)" --argjson disk "$(disk_bytes)" --argjson n "$2" \
         '{what: $l, secrets: $n, rps: (.requests_per_second|floor), p50_ms, p99_ms, errors, rss_mib: $rss, storage_bytes: $disk, bytes_per_secret: ($disk / $n | floor)}'
 }
 write() { # count
     local t0 t1
     t0=$(date +%s.%N)
-    bench --scenario write --path secret/scale --requests "$1" --duration 100000s --warmup 0s |
-        jq -c '{what: "write", requests, errors, rps: (.requests_per_second|floor), p50_ms, p99_ms}'
+    bench --connections "$WRITE_CONNECTIONS" --scenario write --path secret/scale --requests "$1" --duration 100000s --warmup 0s |
+        jq -c --argjson c "$WRITE_CONNECTIONS" '{what: "write", connections: $c, requests, errors, rps: (.requests_per_second|floor), p50_ms, p99_ms}'
     t1=$(date +%s.%N)
     echo "{\"what\": \"write time\", \"seconds\": $(echo "$t1 - $t0" | bc)}"
 }

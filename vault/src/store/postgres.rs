@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::Statement;
 
 use super::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome, check_key, check_tx_keys};
 
@@ -55,6 +56,62 @@ impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore").finish_non_exhaustive()
     }
+}
+
+// Every statement is one fixed string, prepared once per pooled connection ([`prepared`]):
+// PostgreSQL parses and plans it once, and each call is then one round trip.
+
+/// A live row is one without expiry or whose expiry is still ahead (the database's clock).
+macro_rules! live {
+    () => {
+        "(expires_at IS NULL OR expires_at > now())"
+    };
+}
+const GET: &str = concat!("SELECT value FROM keyvault_kv WHERE key = $1 AND ", live!());
+const IS_LIVE: &str = concat!("SELECT 1 FROM keyvault_kv WHERE key = $1 AND ", live!());
+const PUT: &str = "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL) \
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL";
+/// Inserts unless a live row holds the key (an expired one is replaced).
+const INSERT_IF_ABSENT: &str = "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL) \
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL \
+    WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()";
+/// [`INSERT_IF_ABSENT`] with an optional time to live in milliseconds (`$3`).
+const INSERT_IF_ABSENT_TTL: &str = "INSERT INTO keyvault_kv (key, value, expires_at) \
+    VALUES ($1, $2, CASE WHEN $3::BIGINT IS NULL THEN NULL ELSE now() + $3::BIGINT * INTERVAL '1 millisecond' END) \
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at \
+    WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()";
+const SWAP: &str =
+    concat!("UPDATE keyvault_kv SET value = $3, expires_at = NULL WHERE key = $1 AND value = $2 AND ", live!());
+/// Many swaps in one statement: the keys, expected and new values as three arrays.
+const SWAP_MANY: &str = concat!(
+    "UPDATE keyvault_kv AS t SET value = u.new, expires_at = NULL \
+     FROM unnest($1::TEXT[], $2::BYTEA[], $3::BYTEA[]) AS u(key, old, new) \
+     WHERE t.key = u.key AND t.value = u.old AND ",
+    live!(),
+    " RETURNING t.key"
+);
+const DELETE_IF: &str = concat!("DELETE FROM keyvault_kv WHERE key = $1 AND value = $2 AND ", live!());
+/// Deletes the key; returns whether the row was live.
+const DELETE: &str = concat!("DELETE FROM keyvault_kv WHERE key = $1 RETURNING ", live!());
+const SCAN: &str = concat!(
+    "SELECT key, value FROM keyvault_kv WHERE key >= $1 AND key > $2 AND starts_with(key, $1) AND ",
+    live!(),
+    " ORDER BY key LIMIT $3"
+);
+const PURGE: &str = "DELETE FROM keyvault_kv WHERE expires_at IS NOT NULL AND expires_at <= now()";
+/// Adds `$2` to a counter unless it is closed and `$2` positive; returns a row if it did.
+const COUNT: &str = "INSERT INTO keyvault_counters (key, value) VALUES ($1, $2) \
+    ON CONFLICT (key) DO UPDATE SET value = keyvault_counters.value + EXCLUDED.value \
+    WHERE EXCLUDED.value <= 0 OR NOT keyvault_counters.closed RETURNING value";
+const CLOSE_COUNTER: &str = "INSERT INTO keyvault_counters (key, value, closed) VALUES ($1, 0, true) \
+    ON CONFLICT (key) DO UPDATE SET closed = true";
+const COUNTERS: &str = "SELECT key, value, closed FROM keyvault_counters WHERE starts_with(key, $1) ORDER BY key";
+const PING: &str = "SELECT 1";
+const CLOCK: &str = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8";
+
+/// `sql` as a statement prepared on this connection (cached by the pool with it).
+async fn prepared(c: &impl GenericClient, sql: &str) -> StoreResult<Statement> {
+    c.prepare_cached(sql).await.map_err(unavailable)
 }
 
 impl PostgresStore {
@@ -168,16 +225,7 @@ impl PostgresStore {
                 news.push(new);
             }
         }
-        let rows = tx
-            .query(
-                "UPDATE keyvault_kv AS t SET value = u.new, expires_at = NULL
-                 FROM unnest($1::TEXT[], $2::BYTEA[], $3::BYTEA[]) AS u(key, old, new)
-                 WHERE t.key = u.key AND t.value = u.old AND (t.expires_at IS NULL OR t.expires_at > now())
-                 RETURNING t.key",
-                &[&keys, &olds, &news],
-            )
-            .await
-            .map_err(unavailable)?;
+        let rows = tx.query(&prepared(tx, SWAP_MANY).await?, &[&keys, &olds, &news]).await.map_err(unavailable)?;
         let swapped: std::collections::HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
         let mut deltas: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
         let mut out = Vec::with_capacity(txs.len());
@@ -203,64 +251,32 @@ impl PostgresStore {
     }
 
     async fn insert_if_absent_in(
-        c: &impl deadpool_postgres::GenericClient,
+        c: &impl GenericClient,
         key: &str,
         value: &[u8],
         ttl: Option<Duration>,
     ) -> StoreResult<bool> {
         check_key(key)?;
         let ms: Option<i64> = ttl.map(|t| t.as_millis().min(i64::MAX as u128) as i64);
-        let n = c
-            .execute(
-                "INSERT INTO keyvault_kv (key, value, expires_at)
-                 VALUES ($1, $2, CASE WHEN $3::BIGINT IS NULL THEN NULL ELSE now() + $3::BIGINT * INTERVAL '1 millisecond' END)
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
-                 WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()",
-                &[&key, &value, &ms],
-            )
-            .await
-            .map_err(unavailable)?;
+        let n =
+            c.execute(&prepared(c, INSERT_IF_ABSENT_TTL).await?, &[&key, &value, &ms]).await.map_err(unavailable)?;
         Ok(n == 1)
     }
 }
 
-const LIVE: &str = "(expires_at IS NULL OR expires_at > now())";
-
 /// Run one transaction's steps in `c` (inside a transaction or savepoint); the first step
 /// that fails decides the outcome (the caller rolls back).
-async fn apply_ops(c: &impl deadpool_postgres::GenericClient, ops: &[TxOp]) -> StoreResult<TxOutcome> {
+async fn apply_ops(c: &impl GenericClient, ops: &[TxOp]) -> StoreResult<TxOutcome> {
     for op in ops {
         let ok = match op {
             TxOp::Insert { key, value } => {
-                c.execute(
-                    "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL)
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL
-                     WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()",
-                    &[key, value],
-                )
-                .await
-                .map_err(unavailable)?
-                    == 1
+                c.execute(&prepared(c, INSERT_IF_ABSENT).await?, &[key, value]).await.map_err(unavailable)? == 1
             }
             TxOp::Swap { key, expected, new: Some(new) } => {
-                c.execute(
-                    &format!(
-                        "UPDATE keyvault_kv SET value = $3, expires_at = NULL WHERE key = $1 AND value = $2 AND {LIVE}"
-                    ),
-                    &[key, expected, new],
-                )
-                .await
-                .map_err(unavailable)?
-                    == 1
+                c.execute(&prepared(c, SWAP).await?, &[key, expected, new]).await.map_err(unavailable)? == 1
             }
             TxOp::Swap { key, expected, new: None } => {
-                c.execute(
-                    &format!("DELETE FROM keyvault_kv WHERE key = $1 AND value = $2 AND {LIVE}"),
-                    &[key, expected],
-                )
-                .await
-                .map_err(unavailable)?
-                    == 1
+                c.execute(&prepared(c, DELETE_IF).await?, &[key, expected]).await.map_err(unavailable)? == 1
             }
             TxOp::Count { key, delta } => {
                 if !count(c, key, *delta).await? {
@@ -278,17 +294,8 @@ async fn apply_ops(c: &impl deadpool_postgres::GenericClient, ops: &[TxOp]) -> S
 
 /// Add `delta` to a counter; false if it is closed and `delta` positive. The row lock
 /// taken here is held until the transaction ends, so `close_counter` waits for it.
-async fn count(c: &impl deadpool_postgres::GenericClient, key: &str, delta: i64) -> StoreResult<bool> {
-    let row = c
-        .query_opt(
-            "INSERT INTO keyvault_counters (key, value) VALUES ($1, $2)
-             ON CONFLICT (key) DO UPDATE SET value = keyvault_counters.value + EXCLUDED.value
-             WHERE EXCLUDED.value <= 0 OR NOT keyvault_counters.closed
-             RETURNING value",
-            &[&key, &delta],
-        )
-        .await
-        .map_err(unavailable)?;
+async fn count(c: &impl GenericClient, key: &str, delta: i64) -> StoreResult<bool> {
+    let row = c.query_opt(&prepared(c, COUNT).await?, &[&key, &delta]).await.map_err(unavailable)?;
     Ok(row.is_some())
 }
 
@@ -307,23 +314,14 @@ impl Store for PostgresStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         check_key(key)?;
         let c = self.client().await?;
-        let row = c
-            .query_opt(&format!("SELECT value FROM keyvault_kv WHERE key = $1 AND {LIVE}"), &[&key])
-            .await
-            .map_err(unavailable)?;
+        let row = c.query_opt(&prepared(&c, GET).await?, &[&key]).await.map_err(unavailable)?;
         Ok(row.map(|r| r.get(0)))
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         check_key(key)?;
         let c = self.client().await?;
-        c.execute(
-            "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL)
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL",
-            &[&key, &value],
-        )
-        .await
-        .map_err(unavailable)?;
+        c.execute(&prepared(&c, PUT).await?, &[&key, &value]).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -331,35 +329,15 @@ impl Store for PostgresStore {
         check_key(key)?;
         let c = self.client().await?;
         let n = match (expected, new) {
-            (None, Some(n)) => c
-                .execute(
-                    "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL)
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL
-                     WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()",
-                    &[&key, &n],
-                )
-                .await
-                .map_err(unavailable)?,
+            (None, Some(n)) => {
+                c.execute(&prepared(&c, INSERT_IF_ABSENT).await?, &[&key, &n]).await.map_err(unavailable)?
+            }
             (None, None) => {
-                let live = c
-                    .query_opt(&format!("SELECT 1 FROM keyvault_kv WHERE key = $1 AND {LIVE}"), &[&key])
-                    .await
-                    .map_err(unavailable)?;
+                let live = c.query_opt(&prepared(&c, IS_LIVE).await?, &[&key]).await.map_err(unavailable)?;
                 u64::from(live.is_none())
             }
-            (Some(e), Some(n)) => c
-                .execute(
-                    &format!(
-                        "UPDATE keyvault_kv SET value = $3, expires_at = NULL WHERE key = $1 AND value = $2 AND {LIVE}"
-                    ),
-                    &[&key, &e, &n],
-                )
-                .await
-                .map_err(unavailable)?,
-            (Some(e), None) => c
-                .execute(&format!("DELETE FROM keyvault_kv WHERE key = $1 AND value = $2 AND {LIVE}"), &[&key, &e])
-                .await
-                .map_err(unavailable)?,
+            (Some(e), Some(n)) => c.execute(&prepared(&c, SWAP).await?, &[&key, &e, &n]).await.map_err(unavailable)?,
+            (Some(e), None) => c.execute(&prepared(&c, DELETE_IF).await?, &[&key, &e]).await.map_err(unavailable)?,
         };
         Ok(n == 1)
     }
@@ -367,10 +345,7 @@ impl Store for PostgresStore {
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         check_key(key)?;
         let c = self.client().await?;
-        let row = c
-            .query_opt(&format!("DELETE FROM keyvault_kv WHERE key = $1 RETURNING {LIVE}"), &[&key])
-            .await
-            .map_err(unavailable)?;
+        let row = c.query_opt(&prepared(&c, DELETE).await?, &[&key]).await.map_err(unavailable)?;
         Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
     }
 
@@ -386,17 +361,7 @@ impl Store for PostgresStore {
             _ => "",
         };
         let limit = limit.min(i64::MAX as usize) as i64;
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT key, value FROM keyvault_kv
-                     WHERE key >= $1 AND key > $2 AND starts_with(key, $1) AND {LIVE}
-                     ORDER BY key LIMIT $3"
-                ),
-                &[&prefix, &start, &limit],
-            )
-            .await
-            .map_err(unavailable)?;
+        let rows = c.query(&prepared(&c, SCAN).await?, &[&prefix, &start, &limit]).await.map_err(unavailable)?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -454,47 +419,30 @@ impl Store for PostgresStore {
     async fn close_counter(&self, key: &str) -> StoreResult<()> {
         check_key(key)?;
         let c = self.client().await?;
-        c.execute(
-            "INSERT INTO keyvault_counters (key, value, closed) VALUES ($1, 0, true)
-             ON CONFLICT (key) DO UPDATE SET closed = true",
-            &[&key],
-        )
-        .await
-        .map_err(unavailable)?;
+        c.execute(&prepared(&c, CLOSE_COUNTER).await?, &[&key]).await.map_err(unavailable)?;
         Ok(())
     }
 
     async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
         let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT key, value, closed FROM keyvault_counters WHERE starts_with(key, $1) ORDER BY key",
-                &[&prefix],
-            )
-            .await
-            .map_err(unavailable)?;
+        let rows = c.query(&prepared(&c, COUNTERS).await?, &[&prefix]).await.map_err(unavailable)?;
         Ok(rows.into_iter().map(|r| Counter { key: r.get(0), value: r.get(1), closed: r.get(2) }).collect())
     }
 
     async fn purge_expired(&self) -> StoreResult<u64> {
         let c = self.client().await?;
-        c.execute("DELETE FROM keyvault_kv WHERE expires_at IS NOT NULL AND expires_at <= now()", &[])
-            .await
-            .map_err(unavailable)
+        c.execute(&prepared(&c, PURGE).await?, &[]).await.map_err(unavailable)
     }
 
     async fn ping(&self) -> StoreResult<()> {
         let c = self.client().await?;
-        c.execute("SELECT 1", &[]).await.map_err(unavailable)?;
+        c.execute(&prepared(&c, PING).await?, &[]).await.map_err(unavailable)?;
         Ok(())
     }
 
     async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {
         let c = self.client().await?;
-        let row = c
-            .query_one("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8", &[])
-            .await
-            .map_err(unavailable)?;
+        let row = c.query_one(&prepared(&c, CLOCK).await?, &[]).await.map_err(unavailable)?;
         let micros: i64 = row.get(0);
         let micros = u64::try_from(micros).map_err(|_| unavailable("the database clock is before 1970"))?;
         Ok(Some(std::time::UNIX_EPOCH + Duration::from_micros(micros)))
