@@ -12,7 +12,7 @@
 //! the operator's tenant (403 `tenant_mapping_violation`). A malformed item is 400.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -164,14 +164,36 @@ fn tenant_ok(body: &[u8], tenants: &BTreeMap<String, String>) -> bool {
         && tenants.get(&operator) == Some(&tenant)
 }
 
+/// Decoded producer keys kept by this many base64 texts at most; past that the map starts
+/// over. Keys come from producer records (written by admins), never from a request.
+const DECODED_KEYS_MAX: usize = 4096;
+
 #[derive(Debug)]
 pub struct Gateway {
     store: Arc<dyn Store>,
+    /// Public keys already decoded and checked, by their base64 text. Decoding a key is a
+    /// point decompression (about as costly as a third of a signature check); the producer
+    /// record is still read on every check, so an edit or a disable applies at once.
+    decoded: Mutex<HashMap<String, VerifyingKey>>,
 }
 
 impl Gateway {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Gateway { store }
+        Gateway { store, decoded: Mutex::new(HashMap::new()) }
+    }
+
+    /// [`decode_public_key`], remembered. Only valid keys are kept.
+    fn public_key(&self, b64: &str) -> Option<VerifyingKey> {
+        if let Some(k) = self.decoded.lock().unwrap_or_else(|p| p.into_inner()).get(b64) {
+            return Some(*k);
+        }
+        let k = decode_public_key(b64)?;
+        let mut map = self.decoded.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= DECODED_KEYS_MAX {
+            map.clear();
+        }
+        map.insert(b64.to_owned(), k);
+        Some(k)
     }
 
     fn key(identity: &str) -> String {
@@ -350,7 +372,7 @@ impl Gateway {
             .keys
             .iter()
             .filter(|k| k.not_after.is_none_or(|na| na > now))
-            .filter_map(|k| decode_public_key(&k.public_key).map(|vk| (k.key_id.clone(), vk)))
+            .filter_map(|k| self.public_key(&k.public_key).map(|vk| (k.key_id.clone(), vk)))
             .collect();
         if let Some(t) = &prod.transit_key
             && let Ok(tk) = transit.get(t).await
@@ -409,6 +431,28 @@ fn verify_signatures(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoded_keys_are_remembered_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Gateway::new(Arc::new(crate::store::SledStore::open(dir.path()).unwrap()));
+        let vk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let b64 = STANDARD.encode(vk.as_bytes());
+        assert_eq!(g.public_key(&b64), Some(vk));
+        assert_eq!(g.public_key(&b64), Some(vk), "a remembered key is the same key");
+        // Invalid and weak keys are refused every time and never remembered.
+        let weak = STANDARD.encode([0u8; 32]);
+        assert_eq!(g.public_key(&weak), None);
+        assert_eq!(g.public_key("not base64"), None);
+        assert_eq!(g.decoded.lock().unwrap().len(), 1);
+        for i in 0..DECODED_KEYS_MAX as u32 + 10 {
+            let mut seed = [0u8; 32];
+            seed[..4].copy_from_slice(&i.to_le_bytes());
+            let k = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+            assert_eq!(g.public_key(&STANDARD.encode(k.as_bytes())), Some(k));
+            assert!(g.decoded.lock().unwrap().len() <= DECODED_KEYS_MAX);
+        }
+    }
 
     #[test]
     fn tenant_rule() {

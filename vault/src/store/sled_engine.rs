@@ -261,14 +261,12 @@ impl SledStore {
         let h = self.h()?;
         check_key(key)?;
         let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
+        let new = sled::IVec::from(encode(value, expires));
+        // Most keys are new (a nonce): swap against "absent" first, which saves a lookup;
+        // a key that is there but expired is replaced by swapping against its bytes.
+        let mut current: Option<sled::IVec> = None;
         loop {
-            let current = h.data.get(key).map_err(|e| self.failed(e))?;
-            if let Some(raw) = &current
-                && live(key, raw, now_ms())?.is_some()
-            {
-                return Ok(false);
-            }
-            match h.data.compare_and_swap(key, current, Some(encode(value, expires))).map_err(|e| self.failed(e))? {
+            match h.data.compare_and_swap(key, current, Some(new.clone())).map_err(|e| self.failed(e))? {
                 Ok(()) => {
                     if let Some(ms) = expires {
                         let mut idx = ms.to_be_bytes().to_vec();
@@ -277,7 +275,14 @@ impl SledStore {
                     }
                     return Ok(true);
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    if let Some(raw) = &e.current
+                        && live(key, raw, now_ms())?.is_some()
+                    {
+                        return Ok(false);
+                    }
+                    current = e.current;
+                }
             }
         }
     }
