@@ -50,7 +50,7 @@ pub struct VersionState {
     pub destroyed: bool,
 }
 
-/// `POST <mount>/metadata/<path>` and `<mount>/config`: settings; absent ones unchanged.
+/// `POST <mount>/metadata/<path>`: a secret's settings; absent ones unchanged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Settings {
@@ -63,6 +63,21 @@ pub struct Settings {
     pub delete_version_after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `POST <mount>/config`: the engine's settings; absent ones unchanged. Custom metadata
+/// belongs to a secret (`metadata/<path>`), not to the engine: sent here, it is an
+/// unknown field and comes back as a warning, as Vault does.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ConfigSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_versions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cas_required: Option<bool>,
+    /// A duration: `"30d"`, `"1h"`, seconds; `"0s"`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_version_after: Option<String>,
 }
 
 /// `GET <mount>/config`.

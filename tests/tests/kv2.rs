@@ -86,6 +86,31 @@ async fn versions_check_and_set_and_deletion_follow_vaults_kv_version_2() {
 }
 
 #[tokio::test]
+async fn engine_settings_round_trip_and_custom_metadata_there_is_a_warning() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.post("kv/config", Some(&root), json!({"max_versions": 3, "delete_version_after": "1h"})).await, 204);
+    let r = ok(c.get("kv/config", &root).await, 200);
+    assert_eq!(r.body["data"], json!({"cas_required": false, "delete_version_after": "1h0m0s", "max_versions": 3}));
+    // Custom metadata is a secret's, not the engine's: the rest of the write applies and
+    // the field comes back as ignored, as Vault answers.
+    let r = ok(
+        c.post("kv/config", Some(&root), json!({"cas_required": true, "custom_metadata": {"owner": "payments"}})).await,
+        200,
+    );
+    assert_eq!(r.body["warnings"], json!(["Endpoint ignored these unrecognized parameters: [custom_metadata]"]));
+    let r = ok(c.get("kv/config", &root).await, 200);
+    assert_eq!(r.body["data"], json!({"cas_required": true, "delete_version_after": "1h0m0s", "max_versions": 3}));
+    // A secret's own settings still take custom metadata.
+    ok(c.put("kv/data/app", &root, json!({"data": {"a": "1"}, "options": {"cas": 0}})).await, 200);
+    ok(c.post("kv/metadata/app", Some(&root), json!({"custom_metadata": {"owner": "payments"}})).await, 204);
+    let m = ok(c.get("kv/metadata/app", &root).await, 200);
+    assert_eq!(m.body["data"]["custom_metadata"], json!({"owner": "payments"}));
+    assert_eq!(m.body["data"]["max_versions"], 0, "the secret's own setting; the engine's applies");
+}
+
+#[tokio::test]
 async fn version_1_and_version_2_never_meet() {
     let s = TestServer::start(ServerOptions::default());
     let c = s.client();

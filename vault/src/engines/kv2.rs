@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keyvault_api::kv2::{
-    Config, DataRead, DataWrite, Metadata, ReadQuery, Settings, Subkeys, VersionMetadata, VersionState, Versions,
+    Config, ConfigSettings, DataRead, DataWrite, Metadata, ReadQuery, Settings, Subkeys, VersionMetadata, VersionState,
+    Versions,
 };
 use keyvault_api::scrub_json as scrub;
 use serde::Deserialize;
@@ -64,7 +65,7 @@ const ROUTES: &[Route] = &[
         "the engine's settings: max_versions, cas_required, delete_version_after",
         &[
             OpSpec::read(Access::Needs(Capability::Read)).data::<Config>(),
-            OpSpec::write(Access::Needs(Capability::Update)).body::<Settings>().answers(Answer::Empty),
+            OpSpec::write(Access::Needs(Capability::Update)).body::<ConfigSettings>().answers(Answer::Empty),
         ],
     ),
     on_path(
@@ -166,10 +167,15 @@ fn subkeys(v: &serde_json::Value, depth: u32, level: u32) -> serde_json::Value {
 }
 
 /// A duration as Vault shows it: `0s`, `1h30m`.
+/// A duration as Vault shows one (Go's `time.Duration` text: `0s`, `45s`, `30m0s`,
+/// `1h0m0s`, `720h0m0s`), which `parse_duration` reads back.
 fn duration_text(secs: Option<u64>) -> String {
-    match secs.unwrap_or(0) {
-        0 => "0s".into(),
-        s => humantime::format_duration(std::time::Duration::from_secs(s)).to_string().replace(' ', ""),
+    let s = secs.unwrap_or(0);
+    let (h, m, s) = (s / 3600, s % 3600 / 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
     }
 }
 
@@ -366,8 +372,13 @@ impl Engine for Kv2 {
                 })
             }
             ("config", _) => {
-                let s: Settings = req.data()?;
-                let update = Self::settings_update(s)?;
+                let s: ConfigSettings = req.data()?;
+                let update = Self::settings_update(Settings {
+                    max_versions: s.max_versions,
+                    cas_required: s.cas_required,
+                    delete_version_after: s.delete_version_after,
+                    custom_metadata: None,
+                })?;
                 let mut c = self.config().await?;
                 if let Some(m) = update.max_versions {
                     c.max_versions = (m > 0).then_some(m);
@@ -440,5 +451,21 @@ impl Engine for Kv2 {
             }
             _ => Err(Error::UnsupportedOperation),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_vault_shows_them_and_parse_back() {
+        for (secs, text) in
+            [(0, "0s"), (45, "45s"), (1800, "30m0s"), (3600, "1h0m0s"), (5430, "1h30m30s"), (2_592_000, "720h0m0s")]
+        {
+            assert_eq!(duration_text(Some(secs)), text);
+            assert_eq!(parse_duration(text).unwrap(), secs, "{text}");
+        }
+        assert_eq!(duration_text(None), "0s");
     }
 }
