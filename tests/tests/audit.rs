@@ -197,6 +197,10 @@ async fn a_full_run_verifies_and_every_tampering_is_detected() {
         first_cp + 1,
     ));
     cases.push(("drop the genesis header", original[1..].to_vec(), "missing_genesis", 1));
+    let mut recounted = original.clone();
+    recounted.remove(request_line + 1);
+    rechain(&mut recounted, request_line + 1, &attacker);
+    cases.push(("delete an entry and recompute the chain", recounted, "sequence_broken", request_line + 2));
     for (name, tampered, reason, line) in cases {
         let path = s.dir.path().join("tampered.log");
         write_lines(&path, &tampered);

@@ -361,7 +361,8 @@ pub fn audit_log(data: &[u8]) {
     let mut header = Map::new();
     header.insert("type".into(), "header".into());
     header.insert("genesis".into(), Value::String(hex::encode(genesis)));
-    let (mut out, mut prev) = chain::seal(&header, 0, &genesis);
+    // Numbered as the writer numbers them: the header is 1, each line one more.
+    let (mut out, mut prev) = chain::seal(&header, 1, &genesis);
     let mut entries = 0u64;
     for line in rest.split(|b| *b == b'\n') {
         let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(line) else { continue };
@@ -369,7 +370,7 @@ pub fn audit_log(data: &[u8]) {
             obj.remove("type");
         }
         entries += 1;
-        let (l, h) = chain::seal(&obj, entries, &prev);
+        let (l, h) = chain::seal(&obj, entries + 1, &prev);
         out.extend_from_slice(&l);
         prev = h;
     }
@@ -377,9 +378,9 @@ pub fn audit_log(data: &[u8]) {
     cp.insert("type".into(), "checkpoint".into());
     cp.insert("head".into(), Value::String(hex::encode(prev)));
     cp.insert("final".into(), true.into());
-    let sig = key.sign(&chain::checkpoint_message(&prev, entries + 1, true));
+    let sig = key.sign(&chain::checkpoint_message(&prev, entries + 2, true));
     cp.insert("signature".into(), Value::String(STANDARD.encode(sig.to_bytes())));
-    let (l, _) = chain::seal(&cp, entries + 1, &prev);
+    let (l, _) = chain::seal(&cp, entries + 2, &prev);
     out.extend_from_slice(&l);
     std::fs::write(&file, &out).expect("write");
     let report = crate::audit::verify::verify(std::slice::from_ref(&file), &key.verifying_key(), false).expect("read");

@@ -23,6 +23,9 @@ pub enum Failure {
     TruncatedAfterCheckpoint,
     /// The first file does not start with a genesis header.
     MissingGenesis,
+    /// A line's `seq` is not one more than the previous line's (the genesis header's is
+    /// 1): lines were removed or inserted and the chain recomputed, or the writer erred.
+    SequenceBroken,
 }
 
 impl Failure {
@@ -33,6 +36,7 @@ impl Failure {
             Failure::CheckpointSignatureInvalid => "checkpoint_signature_invalid",
             Failure::TruncatedAfterCheckpoint => "truncated_after_checkpoint",
             Failure::MissingGenesis => "missing_genesis",
+            Failure::SequenceBroken => "sequence_broken",
         }
     }
 }
@@ -88,6 +92,8 @@ pub fn read_public_key(path: &Path) -> Result<VerifyingKey, String> {
 
 struct State {
     prev: Option<[u8; 32]>,
+    /// `seq` of the previous line.
+    seq: u64,
     /// The previous line was a final checkpoint: only a continuation header may follow.
     closed: bool,
     entries: u64,
@@ -103,6 +109,7 @@ struct State {
 pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Result<Report> {
     let mut st = State {
         prev: None,
+        seq: 0,
         closed: false,
         entries: 0,
         last_checkpoint: None,
@@ -155,6 +162,12 @@ pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Res
             if entry_hash(&prev, &canonical(&Value::Object(obj.clone()))) != hash {
                 return fail(lineno, Failure::EntryHashMismatch);
             }
+            // Every line counts: the genesis header is 1, each line one more, across files.
+            let seq = obj.get("seq").and_then(Value::as_u64);
+            if seq != Some(st.seq + 1) {
+                return fail(lineno, Failure::SequenceBroken);
+            }
+            st.seq += 1;
             st.closed = false;
             match kind {
                 "checkpoint" => {
