@@ -7,7 +7,8 @@
 #
 #   ./scripts/bench-scale.sh [N] [read duration] [sled|postgres]
 #
-# WRITE_CONNECTIONS (default 32) sets the connections that fill the store: a write waits
+# KEYVAULT_BIN runs that binary instead of building this tree's. WRITE_CONNECTIONS
+# (default 32) sets the connections that fill the store: a write waits
 # for durable steps in sequence, so more connections fill it faster (the reads always use
 # 32).
 set -euo pipefail
@@ -18,8 +19,13 @@ need_debs softhsm2 util-linux jq
 N=${1:-1000000}
 DURATION=${2:-8s}
 STORE=${3:-sled}
-cargo build --release --quiet -p keyvault --bin keyvault
-KV=target/release/keyvault
+# KEYVAULT_BIN: a binary built elsewhere (to compare two builds); by default this tree's.
+if [ -n "${KEYVAULT_BIN:-}" ]; then
+    KV=$(realpath "$KEYVAULT_BIN")
+else
+    cargo build --release --quiet -p keyvault --bin keyvault
+    KV=target/release/keyvault
+fi
 WORK=$(mktemp -d /tmp/keyvault-bench-scale.XXXXXX)
 PID=
 PGBIN=

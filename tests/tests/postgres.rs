@@ -25,6 +25,14 @@ async fn the_store_conformance_suite_passes_on_postgres() {
     let pg = TestPostgres::start();
     let store = PostgresStore::open(&options(pg.database("conformance"))).await.unwrap();
     keyvault::store::conformance::run_all(&store).await;
+    // PostgreSQL fetches the last entry of the range with the key, in one statement.
+    store.put("pf/meta", b"m").await.unwrap();
+    store.put("pf/d\x1f1", b"v1").await.unwrap();
+    store.put("pf/d\x1f2", b"v2").await.unwrap();
+    assert_eq!(
+        store.get_and_last_under("pf/meta", "pf/d\x1f").await.unwrap(),
+        (Some(b"m".to_vec()), Some(("pf/d\x1f2".to_owned(), b"v2".to_vec())))
+    );
     keyvault::store::conformance::run_concurrent(Arc::new(store)).await;
     // Two stores on one database (two replicas) see each other's writes, and migrating an
     // already migrated schema is a no-op.
@@ -35,6 +43,49 @@ async fn the_store_conformance_suite_passes_on_postgres() {
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"from a"[..]));
     assert!(a.insert_if_absent("n", b"", Some(Duration::from_secs(60))).await.unwrap());
     assert!(!b.insert_if_absent("n", b"", Some(Duration::from_secs(60))).await.unwrap());
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_one_query() {
+    let pg = TestPostgres::start();
+    let s = TestServer::start(ServerOptions {
+        storage: Some(format!("[storage]\ntype = \"postgres\"\nurl = \"{}\"", pg.database("reads"))),
+        ..Default::default()
+    });
+    let c = s.client();
+    ok(c.put("secret/a", &s.root, json!({"value": "v1"})).await, 200);
+    ok(c.put("secret/a", &s.root, json!({"value": "v2"})).await, 200);
+    ok(c.put("kv/data/b", &s.root, json!({"data": {"value": "w1"}})).await, 200);
+    ok(c.get("secret/a", &s.root).await, 200);
+    let scrape = || async {
+        let r = c.http.get(format!("{}/metrics", c.base)).header("X-Vault-Token", &s.root).send().await.unwrap();
+        r.text().await.unwrap()
+    };
+    let ops = |t: &str, op: &str| metric(t, "keyvault_store_operations_total", &[&format!("op=\"{op}\"")]);
+    let before = scrape().await;
+    for _ in 0..10 {
+        assert_eq!(ok(c.get("secret/a", &s.root).await, 200).body["data"]["value"], "v2");
+        assert_eq!(ok(c.get("kv/data/b", &s.root).await, 200).body["data"]["data"]["value"], "w1");
+    }
+    let after = scrape().await;
+    // Each request's other query is the token's revocation check (a `get`), and each
+    // scrape makes one too: 20 reads and one scrape.
+    assert_eq!(ops(&after, "get_and_last_under") - ops(&before, "get_and_last_under"), 20.0, "one per read");
+    assert_eq!(ops(&after, "get") - ops(&before, "get"), 21.0, "no second query for the current version");
+    // An older version is the one case that needs its record by its key.
+    assert_eq!(ok(c.get("secret/a?version=1", &s.root).await, 200).body["data"]["value"], "v1");
+    let older = scrape().await;
+    assert_eq!(ops(&older, "get") - ops(&after, "get"), 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

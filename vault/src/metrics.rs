@@ -217,6 +217,13 @@ impl<S: Store + ?Sized> Store for MeteredStore<S> {
         r
     }
 
+    async fn get_and_last_under(&self, key: &str, prefix: &str) -> StoreResult<crate::store::GetAndLast> {
+        let t = Instant::now();
+        let r = self.inner.get_and_last_under(key, prefix).await;
+        observe("get_and_last_under", 0, t, &r);
+        r
+    }
+
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
         let t = Instant::now();
         let r = self.inner.put(key, value).await;

@@ -99,6 +99,19 @@ pub struct MetaUpdate {
     pub custom_metadata: Option<BTreeMap<String, String>>,
 }
 
+/// What [`Secrets::lookup`] found.
+#[derive(Debug)]
+pub enum Found {
+    /// No secret at the path.
+    NoSecret,
+    /// The secret has no such version.
+    NoVersion(SecretMeta, u64),
+    /// The version is deleted, destroyed or past `delete_version_after`.
+    Deleted(SecretMeta, u64),
+    /// The version's value.
+    Value(SecretMeta, SecretVersion),
+}
+
 /// A decrypted version.
 pub struct SecretVersion {
     pub version: u64,
@@ -328,27 +341,50 @@ impl Secrets {
 
     /// Read a version (default: the current one).
     pub async fn read(&self, path: &SecretPath, version: Option<u64>) -> Result<SecretVersion> {
-        let not_found = || Error::NotFound(format!("no secret at {}", path.as_str()));
-        let (raw, meta) = self.load_meta(path).await?;
-        if raw.is_none() {
-            return Err(not_found());
+        match self.lookup(path, version).await? {
+            Found::Value(_, v) => Ok(v),
+            Found::Deleted(_, version) => {
+                Err(Error::NotFound(format!("version {version} of {} is deleted", path.as_str())))
+            }
+            Found::NoSecret | Found::NoVersion(..) => Err(Error::NotFound(format!("no secret at {}", path.as_str()))),
         }
+    }
+
+    /// A secret's metadata and a version's value (default: the current version), in one
+    /// store query where the store can (PostgreSQL: the metadata and the newest record
+    /// together; an older version's record is a second query).
+    pub async fn lookup(&self, path: &SecretPath, version: Option<u64>) -> Result<Found> {
+        let meta_key = self.meta_key(path);
+        let records = format!("{DATA_PREFIX}{}{VERSION_SEP}", self.full(path));
+        let (raw, newest) = self.store.get_and_last_under(&meta_key, &records).await?;
+        let Some(raw) = raw else {
+            return Ok(Found::NoSecret);
+        };
+        let meta: SecretMeta = decode_json(&meta_key, &raw)?;
         let version = version.unwrap_or(meta.current_version);
-        let vmeta = meta.versions.get(&version).ok_or_else(not_found)?;
+        let Some(vmeta) = meta.versions.get(&version) else {
+            return Ok(Found::NoVersion(meta, version));
+        };
         if vmeta.deletion_time.is_some() || vmeta.destroyed || expired(&meta, vmeta) {
-            return Err(Error::NotFound(format!("version {version} of {} is deleted", path.as_str())));
+            return Ok(Found::Deleted(meta, version));
         }
         let key = self.data_key(path, version);
-        let Some(sealed) = self.store.get(&key).await? else {
+        let prefetched = newest.filter(|(k, _)| *k == key).map(|(_, v)| v);
+        let sealed = match prefetched {
+            Some(v) => Some(v),
+            None => self.store.get(&key).await?,
+        };
+        let Some(sealed) = sealed else {
             if self.store.get(&usage::set_aside_key(&key)).await?.is_some() {
                 tracing::error!(path = %path.as_str(), version, "this version's record was set aside as damaged by a rotation");
                 return Err(Error::Barrier(BarrierError::Integrity));
             }
             tracing::error!(path = %path.as_str(), version, "metadata names a version whose record is missing");
-            return Err(not_found());
+            return Err(Error::NotFound(format!("no secret at {}", path.as_str())));
         };
         let data = self.barrier.open(&record_context_raw(&self.full(path), version), &sealed).await?;
-        Ok(SecretVersion { version, meta: vmeta.clone(), data })
+        let v = SecretVersion { version, meta: vmeta.clone(), data };
+        Ok(Found::Value(meta, v))
     }
 
     /// Delete the current version: its record is destroyed, its metadata marked deleted.

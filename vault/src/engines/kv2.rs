@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Reply, Request, Route};
 use crate::policy::Capability;
-use crate::secrets::{MetaUpdate, SecretMeta, SecretPath, SecretPrefix, Secrets, VersionMeta, WriteOptions};
+use crate::secrets::{Found, MetaUpdate, SecretMeta, SecretPath, SecretPrefix, Secrets, VersionMeta, WriteOptions};
 use crate::shared::Core;
 use crate::store::{Store, decode_json, encode_json};
 
@@ -252,26 +252,27 @@ impl Kv2 {
         if q.version == Some(0) {
             return Err(Error::invalid("versions start at 1"));
         }
-        let meta = self
-            .secrets
-            .metadata(&path)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no secret at {}", path.as_str())))?;
-        let version = q.version.unwrap_or(meta.current_version);
-        let v = meta
-            .versions
-            .get(&version)
-            .ok_or_else(|| Error::NotFound(format!("no version {version} of {}", path.as_str())))?;
+        // One store query for the metadata and the current version's record (PostgreSQL).
+        let (meta, version, secret) = match self.secrets.lookup(&path, q.version).await? {
+            Found::NoSecret => return Err(Error::NotFound(format!("no secret at {}", path.as_str()))),
+            Found::NoVersion(_, version) => {
+                return Err(Error::NotFound(format!("no version {version} of {}", path.as_str())));
+            }
+            Found::Deleted(meta, version) => (meta, version, None),
+            Found::Value(meta, v) => (meta, v.version, Some(v)),
+        };
+        let Some(v) = meta.versions.get(&version) else {
+            return Err(Error::Internal("a version found is not in its metadata".into()));
+        };
         let vm = version_metadata(&meta, version, v);
-        if v.deletion_time.is_some() || v.destroyed || crate::secrets::expired(&meta, v) {
+        let Some(secret) = secret else {
             #[derive(serde::Serialize)]
             struct Deleted {
                 data: Option<()>,
                 metadata: VersionMetadata,
             }
             return Ok(Reply::data(&Deleted { data: None, metadata: vm })?.status(404));
-        }
-        let secret = self.secrets.read(&path, Some(version)).await?;
+        };
         let vm = serde_json::to_vec(&vm).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?;
         let mut buf = Zeroizing::new(Vec::with_capacity(secret.data.len() + vm.len() + 24));
         buf.extend_from_slice(b"{\"data\":");

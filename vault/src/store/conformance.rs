@@ -20,7 +20,39 @@ pub async fn run_all(store: &dyn Store) {
     invalid_keys(store).await;
     insert_if_absent_many(store).await;
     transactions(store).await;
+    get_and_last_under(store).await;
     store.ping().await.expect("ping");
+}
+
+/// A key and the last live entry under a prefix. The second part is a prefetch that an
+/// engine may leave out (`None`); when it gives it, it must be exactly right.
+pub async fn get_and_last_under(s: &dyn Store) {
+    let check = |got: super::GetAndLast, value: Option<&[u8]>, last: Option<(&str, &[u8])>| {
+        assert_eq!(got.0.as_deref(), value);
+        if let Some((k, v)) = &got.1 {
+            assert_eq!(Some((k.as_str(), v.as_slice())), last, "a prefetched entry is the last live one of the range");
+        }
+    };
+    let prefix = "c11/d/x\x1f";
+    check(s.get_and_last_under("c11/meta", prefix).await.unwrap(), None, None);
+    s.put("c11/meta", b"m").await.unwrap();
+    check(s.get_and_last_under("c11/meta", prefix).await.unwrap(), Some(b"m"), None);
+    s.put("c11/d/x\x1f001", b"a").await.unwrap();
+    s.put("c11/d/x\x1f002", b"b").await.unwrap();
+    // Around the range: a longer path, the key right after the range, and the prefix
+    // of another path that shares the first characters.
+    s.put("c11/d/x/y\x1f009", b"other path").await.unwrap();
+    s.put("c11/d/x ", b"after the range").await.unwrap();
+    s.put("c11/d/xy\x1f009", b"another path").await.unwrap();
+    check(s.get_and_last_under("c11/meta", prefix).await.unwrap(), Some(b"m"), Some(("c11/d/x\x1f002", b"b")));
+    // An expired entry is not the last one.
+    assert!(s.insert_if_absent("c11/d/x\x1f003", b"c", Some(Duration::from_millis(30))).await.unwrap());
+    wait_expired(s, "c11/d/x\x1f003").await;
+    check(s.get_and_last_under("c11/missing", prefix).await.unwrap(), None, Some(("c11/d/x\x1f002", b"b")));
+    // A prefix the range cannot be bounded by is refused.
+    assert!(s.get_and_last_under("c11/meta", "c11/d/\u{e9}").await.is_err());
+    assert!(s.get_and_last_under("c11/meta", "c11/d/\x7f").await.is_err());
+    assert!(s.get_and_last_under("c11/meta", "").await.is_err());
 }
 
 /// Concurrency checks need an owned handle to share between tasks.

@@ -52,11 +52,39 @@ pub(crate) fn check_key(key: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// What [`Store::get_and_last_under`] returns: the value under the key, and the last
+/// entry under the prefix with its key, if the engine fetched it.
+pub type GetAndLast = (Option<Vec<u8>>, Option<(String, Vec<u8>)>);
+
+/// The end of the key range of `prefix` (exclusive): its last character, which must be
+/// ASCII other than DEL, made the next one.
+pub fn prefix_end(prefix: &str) -> StoreResult<String> {
+    match prefix.as_bytes().last() {
+        Some(&b) if b < 0x7f => {
+            let mut end = prefix[..prefix.len() - 1].to_owned();
+            end.push(char::from(b + 1));
+            Ok(end)
+        }
+        _ => Err(StoreError::InvalidKey("a prefix for a range must end in an ASCII character other than DEL")),
+    }
+}
+
 /// The storage engine trait. Implementations: [`SledStore`]; PostgreSQL in `store::postgres`.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The value under `key`, or `None` (also for an entry whose expiry has passed).
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// The value under `key` and, where the engine can fetch it in the same round trip,
+    /// the last live entry (in key order) whose key starts with `prefix`: a secret's
+    /// metadata and its newest version's record in one query. The second is only a
+    /// prefetch: an engine without a cheaper way returns `None`, and the caller reads
+    /// what it needs with [`Store::get`]. `prefix` must end in an ASCII character other
+    /// than DEL (the engine bounds the range by the next one).
+    async fn get_and_last_under(&self, key: &str, prefix: &str) -> StoreResult<GetAndLast> {
+        prefix_end(prefix)?;
+        Ok((self.get(key).await?, None))
+    }
 
     /// Store `value` under `key`, replacing any previous value (and its expiry).
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()>;

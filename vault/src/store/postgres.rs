@@ -17,7 +17,9 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::Statement;
 
-use super::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome, check_key, check_tx_keys};
+use super::{
+    Counter, GetAndLast, Store, StoreError, StoreResult, TxOp, TxOutcome, check_key, check_tx_keys, prefix_end,
+};
 
 /// The schema version this build expects. 2: the `keyvault_counters` table.
 const SCHEMA_VERSION: i32 = 2;
@@ -68,6 +70,15 @@ macro_rules! live {
     };
 }
 const GET: &str = concat!("SELECT value FROM keyvault_kv WHERE key = $1 AND ", live!());
+/// A key's value (part 0) and the last live entry of the range [$2, $3) (part 1), in one
+/// statement, so both come from one snapshot.
+const GET_AND_LAST: &str = concat!(
+    "(SELECT 0 AS part, key, value FROM keyvault_kv WHERE key = $1 AND ",
+    live!(),
+    ") UNION ALL (SELECT 1, key, value FROM keyvault_kv WHERE key >= $2 AND key < $3 AND ",
+    live!(),
+    " ORDER BY key DESC LIMIT 1)"
+);
 const IS_LIVE: &str = concat!("SELECT 1 FROM keyvault_kv WHERE key = $1 AND ", live!());
 const PUT: &str = "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ($1, $2, NULL) \
     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = NULL";
@@ -316,6 +327,22 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let row = c.query_opt(&prepared(&c, GET).await?, &[&key]).await.map_err(unavailable)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn get_and_last_under(&self, key: &str, prefix: &str) -> StoreResult<GetAndLast> {
+        check_key(key)?;
+        check_key(prefix)?;
+        let end = prefix_end(prefix)?;
+        let c = self.client().await?;
+        let rows = c.query(&prepared(&c, GET_AND_LAST).await?, &[&key, &prefix, &end]).await.map_err(unavailable)?;
+        let mut out = (None, None);
+        for r in rows {
+            match r.get::<_, i32>(0) {
+                0 => out.0 = Some(r.get(2)),
+                _ => out.1 = Some((r.get(1), r.get(2))),
+            }
+        }
+        Ok(out)
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
