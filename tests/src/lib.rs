@@ -399,6 +399,17 @@ pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin),
 
 /// The resident memory of a process, in bytes.
 /// A random number from the OS.
+/// The sum of the samples of metric `name` in a Prometheus text scrape whose labels
+/// contain every one of `labels` (e.g. `op="get"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).unwrap();

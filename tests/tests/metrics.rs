@@ -3,7 +3,7 @@
 //! counts per login and per read that docs/PERFORMANCE.md quotes.
 
 use keyvault_tests::server::{ServerOptions, TestServer};
-use keyvault_tests::{Client, Reply, json};
+use keyvault_tests::{Client, Reply, json, metric_sum};
 
 #[track_caller]
 fn ok(r: Reply, status: u16) -> Reply {
@@ -21,16 +21,6 @@ async fn scrape(c: &Client, path: &str, token: Option<&str>) -> (u16, String, St
     let status = resp.status().as_u16();
     let ctype = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
     (status, ctype, resp.text().await.unwrap())
-}
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 /// A token of one policy, made by root.
@@ -104,16 +94,16 @@ async fn scraping_needs_read_on_sys_metrics_and_shows_every_family() {
     }
     // Route templates, never paths: the secret's name and the unknown mount appear nowhere.
     assert!(
-        sum(&text, "keyvault_requests_total", &["route=\"GET /v1/secret/{*path}\"", "status=\"200\""]) >= 1.0,
+        metric_sum(&text, "keyvault_requests_total", &["route=\"GET /v1/secret/{*path}\"", "status=\"200\""]) >= 1.0,
         "{text}"
     );
-    assert!(sum(&text, "keyvault_requests_total", &["route=\"(no route)\"", "status=\"404\""]) >= 1.0, "{text}");
+    assert!(metric_sum(&text, "keyvault_requests_total", &["route=\"(no route)\"", "status=\"404\""]) >= 1.0, "{text}");
     assert!(!text.contains("metrics-probe-7f3a") && !text.contains("no-such-mount-9c1e"), "{text}");
-    assert!(sum(&text, "keyvault_token_operations_total", &["op=\"sign_ed25519\"", "result=\"ok\""]) >= 1.0);
-    assert!(sum(&text, "keyvault_open_connections", &[]) >= 1.0);
-    assert_eq!(sum(&text, "keyvault_gateway_verdicts_total", &["reason=\"malformed_request\""]), 1.0, "{text}");
-    assert_eq!(sum(&text, "keyvault_epoch_keys_loaded", &[]), 1.0);
-    assert!(sum(&text, "keyvault_audit_fsync_duration_seconds_count", &[]) >= 1.0);
+    assert!(metric_sum(&text, "keyvault_token_operations_total", &["op=\"sign_ed25519\"", "result=\"ok\""]) >= 1.0);
+    assert!(metric_sum(&text, "keyvault_open_connections", &[]) >= 1.0);
+    assert_eq!(metric_sum(&text, "keyvault_gateway_verdicts_total", &["reason=\"malformed_request\""]), 1.0, "{text}");
+    assert_eq!(metric_sum(&text, "keyvault_epoch_keys_loaded", &[]), 1.0);
+    assert!(metric_sum(&text, "keyvault_audit_fsync_duration_seconds_count", &[]) >= 1.0);
     // The scrapes were audited like any request.
     assert!(std::fs::read_to_string(s.audit_log()).unwrap().contains("/v1/sys/metrics"));
 }
@@ -162,8 +152,9 @@ async fn logins_and_reads_write_nothing_and_reads_make_no_token_call() {
     let token = approle_login(&c, &role_id, &secret_id).await;
     ok(c.get("secret/db", &token).await, 200);
 
-    let counts =
-        |text: &str| (sum(text, "keyvault_store_writes_total", &[]), sum(text, "keyvault_token_operations_total", &[]));
+    let counts = |text: &str| {
+        (metric_sum(text, "keyvault_store_writes_total", &[]), metric_sum(text, "keyvault_token_operations_total", &[]))
+    };
     let (_, _, before) = scrape(&c, "/metrics", Some(&root)).await;
     let mut tokens = Vec::new();
     for _ in 0..25 {
@@ -182,7 +173,8 @@ async fn logins_and_reads_write_nothing_and_reads_make_no_token_call() {
     assert_eq!(t1 - t0, 50.0, "token calls for 25 logins (HMAC and signature each)");
     assert_eq!(w2 - w1, 0.0, "storage writes for 25 reads");
     assert_eq!(t2 - t1, 0.0, "token calls for 25 reads (epoch key tier)");
-    let logins =
-        |t: &str| sum(t, "keyvault_requests_total", &["route=\"POST /v1/auth/approle/login\"", "status=\"200\""]);
+    let logins = |t: &str| {
+        metric_sum(t, "keyvault_requests_total", &["route=\"POST /v1/auth/approle/login\"", "status=\"200\""])
+    };
     assert_eq!(logins(&after_logins) - logins(&before), 25.0);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use keyvault::store::{PostgresOptions, PostgresStore, Store};
 use keyvault_tests::postgres::TestPostgres;
 use keyvault_tests::server::{Cluster, ServerOptions, TestServer};
-use keyvault_tests::{Reply, json};
+use keyvault_tests::{Reply, json, metric_sum};
 
 #[track_caller]
 fn ok(r: Reply, status: u16) -> Reply {
@@ -45,16 +45,6 @@ async fn the_store_conformance_suite_passes_on_postgres() {
     assert!(!b.insert_if_absent("n", b"", Some(Duration::from_secs(60))).await.unwrap());
 }
 
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_is_one_query() {
     let pg = TestPostgres::start();
@@ -71,7 +61,7 @@ async fn a_read_is_one_query() {
         let r = c.http.get(format!("{}/metrics", c.base)).header("X-Vault-Token", &s.root).send().await.unwrap();
         r.text().await.unwrap()
     };
-    let ops = |t: &str, op: &str| metric(t, "keyvault_store_operations_total", &[&format!("op=\"{op}\"")]);
+    let ops = |t: &str, op: &str| metric_sum(t, "keyvault_store_operations_total", &[&format!("op=\"{op}\"")]);
     let before = scrape().await;
     for _ in 0..10 {
         assert_eq!(ok(c.get("secret/a", &s.root).await, 200).body["data"]["value"], "v2");
