@@ -273,9 +273,18 @@ impl Secrets {
             let ops = vec![TxOp::Insert { key: key.clone(), value: sealed }, usage::count(kek, &key, 1)];
             match self.store.transact(ops).await? {
                 TxOutcome::Committed => break,
-                // With check-and-set, another writer took the one version allowed.
-                TxOutcome::Conflict if opts.cas.is_some() => return Err(cas_mismatch()),
-                TxOutcome::Conflict => version += 1,
+                // The slot is taken: by a concurrent writer, or by the record of a writer
+                // that crashed before it reached the metadata (an orphan, never
+                // acknowledged). Take the next one. With check-and-set, only while the
+                // metadata still says `cas`; which writer wins is decided there (below).
+                TxOutcome::Conflict => {
+                    if let Some(cas) = opts.cas
+                        && self.load_meta(path).await?.1.current_version != cas
+                    {
+                        return Err(cas_mismatch());
+                    }
+                    version += 1;
+                }
                 TxOutcome::Closed => {
                     // A rotation closed `kek` after this replica sealed under it.
                     self.barrier.follow_keyring().await?;
@@ -286,6 +295,12 @@ impl Secrets {
         // Record the version in the metadata; merge with concurrent writers.
         loop {
             let (raw, mut meta) = self.load_meta(path).await?;
+            if opts.cas.is_some_and(|cas| cas != meta.current_version) {
+                // Another check-and-set writer got there first: this version was never
+                // acknowledged, and its record goes.
+                self.destroy_record(&self.data_key(path, version)).await?;
+                return Err(cas_mismatch());
+            }
             meta.versions.insert(version, vmeta.clone());
             meta.current_version = meta.current_version.max(version);
             meta.created_time.get_or_insert_with(|| vmeta.created_time.clone());
