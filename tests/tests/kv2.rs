@@ -102,6 +102,12 @@ async fn engine_settings_round_trip_and_custom_metadata_there_is_a_warning() {
     assert_eq!(r.body["warnings"], json!(["Endpoint ignored these unrecognized parameters: [custom_metadata]"]));
     let r = ok(c.get("kv/config", &root).await, 200);
     assert_eq!(r.body["data"], json!({"cas_required": true, "delete_version_after": "1h0m0s", "max_versions": 3}));
+    // Wrong types and unreadable durations are 400 and change nothing.
+    ok(c.post("kv/config", Some(&root), json!({"max_versions": "many"})).await, 400);
+    ok(c.post("kv/config", Some(&root), json!({"delete_version_after": "soon"})).await, 400);
+    ok(c.send("POST", "kv/config", Some(&root), Some(b"{\"max_versions\": 5".to_vec())).await, 400);
+    let r = ok(c.get("kv/config", &root).await, 200);
+    assert_eq!(r.body["data"], json!({"cas_required": true, "delete_version_after": "1h0m0s", "max_versions": 3}));
     // A secret's own settings still take custom metadata.
     ok(c.put("kv/data/app", &root, json!({"data": {"a": "1"}, "options": {"cas": 0}})).await, 200);
     ok(c.post("kv/metadata/app", Some(&root), json!({"custom_metadata": {"owner": "payments"}})).await, 204);

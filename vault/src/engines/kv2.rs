@@ -166,7 +166,6 @@ fn subkeys(v: &serde_json::Value, depth: u32, level: u32) -> serde_json::Value {
     }
 }
 
-/// A duration as Vault shows it: `0s`, `1h30m`.
 /// A duration as Vault shows one (Go's `time.Duration` text: `0s`, `45s`, `30m0s`,
 /// `1h0m0s`, `720h0m0s`), which `parse_duration` reads back.
 fn duration_text(secs: Option<u64>) -> String {
@@ -374,20 +373,15 @@ impl Engine for Kv2 {
             }
             ("config", _) => {
                 let s: ConfigSettings = req.data()?;
-                let update = Self::settings_update(Settings {
-                    max_versions: s.max_versions,
-                    cas_required: s.cas_required,
-                    delete_version_after: s.delete_version_after,
-                    custom_metadata: None,
-                })?;
+                let delete_after = s.delete_version_after.as_deref().map(parse_duration).transpose()?;
                 let mut c = self.config().await?;
-                if let Some(m) = update.max_versions {
+                if let Some(m) = s.max_versions {
                     c.max_versions = (m > 0).then_some(m);
                 }
-                if let Some(r) = update.cas_required {
+                if let Some(r) = s.cas_required {
                     c.cas_required = r;
                 }
-                if let Some(d) = update.delete_version_after {
+                if let Some(d) = delete_after {
                     c.delete_version_after = (d > 0).then_some(d);
                 }
                 self.store.put(CONFIG_KEY, &encode_json(&c)).await?;
