@@ -108,6 +108,22 @@ async fn engine_settings_round_trip_and_custom_metadata_there_is_a_warning() {
     ok(c.send("POST", "kv/config", Some(&root), Some(b"{\"max_versions\": 5".to_vec())).await, 400);
     let r = ok(c.get("kv/config", &root).await, 200);
     assert_eq!(r.body["data"], json!({"cas_required": true, "delete_version_after": "1h0m0s", "max_versions": 3}));
+    // 16 writes at once, each of one setting: every one of them holds (none is lost to
+    // a write of another setting that read the settings before it).
+    let writes = (0..16).map(|i| {
+        let c = s.client();
+        let root = root.clone();
+        async move {
+            let body = match i % 2 {
+                0 => json!({"max_versions": 7}),
+                _ => json!({"cas_required": false, "delete_version_after": "2h"}),
+            };
+            c.post("kv/config", Some(&root), body).await.status
+        }
+    });
+    assert!(futures_util::future::join_all(writes).await.iter().all(|st| *st == 204));
+    let r = ok(c.get("kv/config", &root).await, 200);
+    assert_eq!(r.body["data"], json!({"cas_required": false, "delete_version_after": "2h0m0s", "max_versions": 7}));
     // A secret's own settings still take custom metadata.
     ok(c.put("kv/data/app", &root, json!({"data": {"a": "1"}, "options": {"cas": 0}})).await, 200);
     ok(c.post("kv/metadata/app", Some(&root), json!({"custom_metadata": {"owner": "payments"}})).await, 204);

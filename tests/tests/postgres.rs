@@ -93,7 +93,25 @@ async fn check_and_set_writes_go_past_an_orphan_record_and_have_one_winner() {
     let c = s.client();
     let store = PostgresStore::open(&options(url)).await.unwrap();
     let record = |v: u64| format!("kv/data/\u{2}v2/app\u{1f}{v:020}");
-    ok(c.post("kv/config", Some(&s.root), json!({"cas_required": true})).await, 204);
+    // Settings writes of different settings at once all hold (each is a compare-and-swap
+    // on the stored settings).
+    let writes = (0..16).map(|i| {
+        let c = s.client();
+        let root = s.root.clone();
+        async move {
+            let body = match i % 2 {
+                0 => json!({"max_versions": 7}),
+                _ => json!({"cas_required": true}),
+            };
+            c.post("kv/config", Some(&root), body).await.status
+        }
+    });
+    assert!(futures_util::future::join_all(writes).await.iter().all(|st| *st == 204));
+    let r = ok(c.get("kv/config", &s.root).await, 200);
+    assert_eq!(
+        (r.body["data"]["max_versions"].as_u64(), r.body["data"]["cas_required"].as_bool()),
+        (Some(7), Some(true))
+    );
     ok(c.put("kv/data/app", &s.root, json!({"data": {"v": "1"}, "options": {"cas": 0}})).await, 200);
     // What a crash after the slot's insert leaves: a record the metadata never names.
     store.put(&record(2), b"an orphan").await.unwrap();

@@ -206,10 +206,17 @@ impl Kv2 {
     }
 
     async fn config(&self) -> Result<StoredConfig> {
-        Ok(match self.store.get(CONFIG_KEY).await? {
-            Some(raw) => decode_json(CONFIG_KEY, &raw)?,
+        Ok(self.config_raw().await?.1)
+    }
+
+    /// The stored settings and their bytes (the compare-and-swap of a settings write).
+    async fn config_raw(&self) -> Result<(Option<Vec<u8>>, StoredConfig)> {
+        let raw = self.store.get(CONFIG_KEY).await?;
+        let c = match &raw {
+            Some(r) => decode_json(CONFIG_KEY, r)?,
             None => StoredConfig::default(),
-        })
+        };
+        Ok((raw, c))
     }
 
     fn path(req: &Request) -> Result<SecretPath> {
@@ -374,18 +381,23 @@ impl Engine for Kv2 {
             ("config", _) => {
                 let s: ConfigSettings = req.data()?;
                 let delete_after = s.delete_version_after.as_deref().map(parse_duration).transpose()?;
-                let mut c = self.config().await?;
-                if let Some(m) = s.max_versions {
-                    c.max_versions = (m > 0).then_some(m);
+                // Each write changes only the settings it names, on the latest stored
+                // ones: concurrent writes of different settings all hold.
+                loop {
+                    let (raw, mut c) = self.config_raw().await?;
+                    if let Some(m) = s.max_versions {
+                        c.max_versions = (m > 0).then_some(m);
+                    }
+                    if let Some(r) = s.cas_required {
+                        c.cas_required = r;
+                    }
+                    if let Some(d) = delete_after {
+                        c.delete_version_after = (d > 0).then_some(d);
+                    }
+                    if self.store.compare_and_swap(CONFIG_KEY, raw.as_deref(), Some(&encode_json(&c))).await? {
+                        return Ok(Reply::empty());
+                    }
                 }
-                if let Some(r) = s.cas_required {
-                    c.cas_required = r;
-                }
-                if let Some(d) = delete_after {
-                    c.delete_version_after = (d > 0).then_some(d);
-                }
-                self.store.put(CONFIG_KEY, &encode_json(&c)).await?;
-                Ok(Reply::empty())
             }
             ("data/{*path}", Operation::Read) => self.read(req).await,
             ("data/{*path}", Operation::Write) => self.write(req).await,
