@@ -40,6 +40,14 @@ pub enum HsmError {
     #[error("no key labelled {0:?} in the token")]
     KeyNotFound(String),
 
+    /// Several objects of one class carry this label, where labels are unique names.
+    /// SoftHSM can show one object twice to a process that indexed the token directory
+    /// while it was creating the object (and another process had changed the token): the
+    /// view is rebuilt by re-initialising the module. Still there after that, it is a
+    /// real second object, a fault for an operator: which one holds the key is unknown.
+    #[error("several key objects are labelled {0:?} in the token")]
+    DuplicateLabel(String),
+
     /// A key with this label already exists; labels are unique names.
     #[error("a key labelled {0:?} already exists in the token")]
     KeyExists(String),
@@ -81,6 +89,13 @@ impl HsmError {
     #[doc(hidden)]
     pub fn simulated_device_error() -> Self {
         HsmError::Unavailable { function: Function::GetSessionInfo, rv: RvError::DeviceError }
+    }
+
+    /// True when the process's view of the token may be stale: a key missing (another
+    /// process sharing the token made it after this one last indexed the token) or shown
+    /// twice. Re-initialising the module rebuilds the view; if the error stays, it is real.
+    pub fn may_be_stale_view(&self) -> bool {
+        matches!(self, HsmError::KeyNotFound(_) | HsmError::DuplicateLabel(_))
     }
 
     pub fn is_unavailable(&self) -> bool {

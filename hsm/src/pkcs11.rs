@@ -590,7 +590,7 @@ impl Pkcs11KeyStore {
         let token = match found.as_slice() {
             [] => return Err(HsmError::KeyNotFound(label.to_string())),
             [h] => *h,
-            _ => return Err(HsmError::BadAttribute("several key objects share one label")),
+            _ => return Err(HsmError::DuplicateLabel(label.to_string())),
         };
         if class == ObjectClass::PUBLIC_KEY {
             self.handles.write().unwrap_or_else(|p| p.into_inner()).insert(key, Cached::new(token, token));
@@ -750,6 +750,58 @@ impl Pkcs11KeyStore {
         Ok(())
     }
 
+    /// Whether a key just made under `label` is in the token as it was made: its private
+    /// or secret object a private, sensitive, unextractable token object (and an Ed25519
+    /// key's public half a token object too).
+    fn stored_as_made(&self, session: &Session, label: &KeyLabel, kind: KeyKind) -> Result<bool> {
+        let name = label.as_str().as_bytes().to_vec();
+        let secret = if kind == KeyKind::Ed25519 { ObjectClass::PRIVATE_KEY } else { ObjectClass::SECRET_KEY };
+        let found = session.find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(secret),
+            Attribute::Label(name.clone()),
+        ])?;
+        if found.is_empty() {
+            return Ok(false);
+        }
+        for h in found {
+            let attrs = session
+                .get_attributes(h, &[AttributeType::Private, AttributeType::Sensitive, AttributeType::Extractable])?;
+            let (mut private, mut sensitive, mut extractable) = (false, false, true);
+            for a in attrs {
+                match a {
+                    Attribute::Private(v) => private = v,
+                    Attribute::Sensitive(v) => sensitive = v,
+                    Attribute::Extractable(v) => extractable = v,
+                    _ => {}
+                }
+            }
+            if !(private && sensitive && !extractable) {
+                return Ok(false);
+            }
+        }
+        if kind == KeyKind::Ed25519 {
+            let public = session.find_objects(&[
+                Attribute::Token(true),
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Label(name),
+            ])?;
+            if public.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Destroy every object labelled `label`, token object or not (what a failed or
+    /// wrongly stored generation left; a label being made has no session copies).
+    fn remove_label(&self, session: &Session, label: &KeyLabel) -> Result<()> {
+        for h in session.find_objects(&[Attribute::Label(label.as_str().as_bytes().to_vec())])? {
+            session.destroy_object(h)?;
+        }
+        Ok(())
+    }
+
     fn objects_with_label(&self, session: &Session, label: &KeyLabel) -> Result<Vec<ObjectHandle>> {
         Ok(session.find_objects(&[Attribute::Token(true), Attribute::Label(label.as_str().as_bytes().to_vec())])?)
     }
@@ -861,6 +913,13 @@ impl Pkcs11KeyStore {
         })
     }
 
+    /// Make a second token object under a label that already has one (what no code path
+    /// does: for the tests of duplicate labels).
+    #[cfg(test)]
+    pub(crate) fn make_second_object(&self, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+        self.run(|s, session| s.make_key(session, label, kind))
+    }
+
     #[cfg(test)]
     pub(crate) fn value_attributes_returned(&self, label: &KeyLabel, class: ObjectClass) -> Result<usize> {
         self.run(|s, session| {
@@ -885,6 +944,10 @@ fn parse_ec_point(point: &[u8]) -> Result<[u8; 32]> {
     Ok(out)
 }
 
+/// How many times [`KeyStore::generate`] tries to make a key when the token fails the
+/// generation or does not store the key as made.
+const GENERATE_ATTEMPTS: u32 = 4;
+
 impl KeyStore for Pkcs11KeyStore {
     fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()> {
         let _one_at_a_time = self.generating.lock().unwrap_or_else(|p| p.into_inner());
@@ -892,22 +955,37 @@ impl KeyStore for Pkcs11KeyStore {
             if !s.objects_with_label(session, label)?.is_empty() {
                 return Err(HsmError::KeyExists(label.to_string()));
             }
-            match s.make_key(session, label, kind) {
-                // SoftHSM answers CKR_GENERAL_ERROR now and then while another process
-                // writes the shared token directory, and says the call may have partly
-                // succeeded: remove whatever carries the label (no other process makes
-                // this label: each version is claimed in the store first), then once more.
-                Err(HsmError::Pkcs11 { function, rv: RvError::GeneralError }) => {
-                    tracing::warn!(key = %label, %function, "key generation failed (CKR_GENERAL_ERROR); cleaning up and trying once more");
-                    for h in s.objects_with_label(session, label)? {
-                        session.destroy_object(h)?;
+            let mut last = HsmError::BadAttribute("the token did not store a new key as it was made");
+            for attempt in 1..=GENERATE_ATTEMPTS {
+                match s.make_key(session, label, kind) {
+                    // Read back what the token stored before anyone relies on the key: with
+                    // several processes making keys at once, SoftHSM's file store has been
+                    // seen to save a new key with CKA_TOKEN and CKA_SENSITIVE false (so it
+                    // is not found as a token key, and its value would be readable).
+                    Ok(()) if s.stored_as_made(session, label, kind)? => {
+                        tracing::info!(key = %label, ?kind, "generated key in the token");
+                        return Ok(());
                     }
-                    s.make_key(session, label, kind)
+                    Ok(()) => {
+                        tracing::warn!(key = %label, attempt, "the token did not store the new key as it was made (not a sensitive, unextractable token object); destroying it");
+                    }
+                    // And while another process writes the shared token directory, SoftHSM
+                    // now and then answers CKR_GENERAL_ERROR (saying the call may have
+                    // partly succeeded) or even calls KeyVault's constant template
+                    // inconsistent. Either way: remove whatever carries the label (no
+                    // other process makes this label: each version is claimed in the store
+                    // first), then again.
+                    Err(e @ HsmError::Pkcs11 { rv: RvError::GeneralError | RvError::TemplateInconsistent, .. }) => {
+                        tracing::warn!(key = %label, attempt, error = %e, "key generation failed; cleaning up");
+                        last = e;
+                    }
+                    Err(e) => return Err(e),
                 }
-                other => other,
-            }?;
-            tracing::info!(key = %label, ?kind, "generated key in the token");
-            Ok(())
+                s.remove_label(session, label)?;
+                // The other process is likely still writing: give it a moment.
+                std::thread::sleep(Duration::from_millis(10 * u64::from(attempt)));
+            }
+            Err(last)
         })
     }
 
@@ -940,6 +1018,22 @@ impl KeyStore for Pkcs11KeyStore {
     fn destroy(&self, label: &KeyLabel) -> Result<bool> {
         let destroyed = self.run(|s, session| {
             let objects = s.objects_with_label(session, label)?;
+            // Two objects of one class under the label: either SoftHSM shows one object
+            // twice (destroying the second view would fail half way) or there is a real
+            // second key. Neither is for this call to settle (see `DuplicateLabel`).
+            if objects.len() > 1 {
+                let mut classes = Vec::with_capacity(objects.len());
+                for h in &objects {
+                    for attr in session.get_attributes(*h, &[AttributeType::Class])? {
+                        if let Attribute::Class(c) = attr {
+                            if classes.contains(&c) {
+                                return Err(HsmError::DuplicateLabel(label.to_string()));
+                            }
+                            classes.push(c);
+                        }
+                    }
+                }
+            }
             for h in &objects {
                 session.destroy_object(*h)?;
             }

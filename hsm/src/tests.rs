@@ -416,3 +416,26 @@ fn a_key_destroyed_by_another_process_is_not_used_after_the_recheck() {
     assert!(matches!(err, HsmError::KeyNotFound(_)), "{err:?}");
     assert_eq!(objects_of(&t.store, &key), (0, 0), "the copy outlived its original");
 }
+
+#[test]
+fn a_label_on_two_objects_is_refused_for_use_and_destruction() {
+    let t = testing::token();
+    let key = label("keyvault/transit/twice/v1");
+    t.store.generate(&key, KeyKind::Aes256Gcm).unwrap();
+    t.store.make_second_object(&key, KeyKind::Aes256Gcm).unwrap();
+    // Which one holds the key is unknown, so neither is used.
+    let err = t.store.encrypt_aes_gcm(&key, b"x", b"").unwrap_err();
+    assert!(matches!(&err, HsmError::DuplicateLabel(l) if l == key.as_str()), "{err:?}");
+    assert!(err.may_be_stale_view());
+    let err = t.store.decrypt_aes_gcm(&key, &[1u8; 40], b"").unwrap_err();
+    assert!(matches!(&err, HsmError::DuplicateLabel(_)), "{err:?}");
+    // Nor does a destroy pick: both objects stay.
+    let err = t.store.destroy(&key).unwrap_err();
+    assert!(matches!(&err, HsmError::DuplicateLabel(_)), "{err:?}");
+    assert_eq!(objects_of(&t.store, &key).0, 2);
+    // An Ed25519 key's two objects (private and public) under one label are not a duplicate.
+    let ed = label("keyvault/transit/pair/v1");
+    t.store.generate(&ed, KeyKind::Ed25519).unwrap();
+    assert!(t.store.destroy(&ed).unwrap());
+    assert!(!t.store.exists(&ed).unwrap());
+}

@@ -35,6 +35,8 @@ pub mod rotation;
 pub mod secrets;
 pub mod service;
 pub mod shared;
+#[cfg(test)]
+mod shared_token_tests;
 pub mod store;
 pub mod tls;
 pub mod token;
@@ -196,52 +198,39 @@ pub mod token_workers {
 /// crashes then (seen as a segfault in `libsofthsm2.so` and a command that exits with
 /// signal 11 after doing its work).
 pub mod token_gate {
-    use std::sync::{RwLock, RwLockReadGuard};
+    use std::time::Duration;
 
-    static GATE: RwLock<()> = RwLock::new(());
+    use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+    /// parking_lot's lock is fair: once a thread waits to take it alone, calls that come
+    /// after wait behind it. (With the standard library's lock and `try_write`, calls one
+    /// after another on two threads kept it shared for good, and a re-initialisation
+    /// never got its turn: tested in `shared_token_tests`.)
+    static GATE: RwLock<()> = parking_lot::const_rwlock(());
 
     /// Held while one call runs.
     pub fn enter() -> RwLockReadGuard<'static, ()> {
-        GATE.read().unwrap_or_else(|p| p.into_inner())
+        GATE.read()
     }
 
-    /// Hold the gate alone, waiting at most `within` for the calls in flight: for
-    /// re-initialising the module ([`crate::token_recovery`]). None if a call does not
-    /// return in time (a hung module cannot be re-initialised under a caller).
-    pub fn exclusive(within: std::time::Duration) -> Option<std::sync::RwLockWriteGuard<'static, ()>> {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            match GATE.try_write() {
-                Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => return None,
-            }
-        }
+    /// Hold the gate alone, waiting at most `within` for the calls in flight (new calls
+    /// wait meanwhile): for re-initialising the module ([`crate::token_recovery`]). None if
+    /// a call does not return in time (a hung module cannot be re-initialised under a
+    /// caller); the calls that waited then go on.
+    pub fn exclusive(within: Duration) -> Option<RwLockWriteGuard<'static, ()>> {
+        GATE.try_write_for(within)
     }
 
     /// Wait for the calls in flight and let no other one in, ever. A call that does not
     /// return within `within` (a hung module) is given up on: false, and the process
     /// exits anyway (it cannot wait for a module that never answers).
-    pub fn close(within: std::time::Duration) -> bool {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            match GATE.try_write() {
-                Ok(g) => {
-                    std::mem::forget(g);
-                    return true;
-                }
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    std::mem::forget(p.into_inner());
-                    return true;
-                }
-                Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => return false,
+    pub fn close(within: Duration) -> bool {
+        match GATE.try_write_for(within) {
+            Some(g) => {
+                std::mem::forget(g);
+                true
             }
+            None => false,
         }
     }
 }
@@ -267,7 +256,7 @@ pub mod token_recovery {
 
     /// Whether a failed call's error calls for an attempt.
     pub fn wants(e: &HsmError) -> bool {
-        matches!(e, HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. } | HsmError::KeyNotFound(_))
+        matches!(e, HsmError::Unavailable { .. } | HsmError::TokenNotFound { .. }) || e.may_be_stale_view()
     }
 
     /// The least time between two [`refresh_now`] re-initialisations.

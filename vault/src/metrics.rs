@@ -364,18 +364,21 @@ fn timed<T>(
     let mut r = call(op, &f);
     // A key KeyVault's state names but the token does not show may have just been made by
     // another replica sharing the token: SoftHSM does not always see another process's
-    // new object until it is initialised again (docs/architecture.md). Re-initialise now,
-    // alone under the token gate, and look once more; a key still missing is an error.
+    // new object until it is initialised again. And SoftHSM can show a key twice to a
+    // process that indexed the token while making it (docs/architecture.md). Either way,
+    // re-initialise now, alone under the token gate, and look once more; a key still
+    // missing or still shown twice is an error.
     let mut refreshed = false;
-    if let (Err(keyvault_hsm::HsmError::KeyNotFound(_)), Some(inner)) = (&r, recover)
+    if let (Err(e), Some(inner)) = (&r, recover)
+        && e.may_be_stale_view()
         && crate::token_recovery::refresh_now(inner, t)
     {
         refreshed = true;
         r = call(op, &f);
     }
-    // A key still missing after a fresh re-initialisation needs no second one in the
+    // A view still wrong after a fresh re-initialisation needs no second one in the
     // background.
-    let recover = recover.filter(|_| !(refreshed && matches!(r, Err(keyvault_hsm::HsmError::KeyNotFound(_)))));
+    let recover = recover.filter(|_| !(refreshed && r.as_ref().is_err_and(|e| e.may_be_stale_view())));
     finish(op, recover, r, t)
 }
 

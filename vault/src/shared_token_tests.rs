@@ -1,0 +1,167 @@
+//! Two processes sharing one SoftHSM token, as replicas do: a key one process has just
+//! made is used at once, even when SoftHSM shows it twice (docs/architecture.md: a lookup
+//! that finds a label on several objects re-initialises the module and looks again).
+//!
+//! The test runs two children of this test binary: one makes and destroys keys in a loop
+//! (the other replica), the other makes keys and uses each at once through the metered key
+//! store, with two threads looking keys up meanwhile (what makes SoftHSM index the token
+//! directory while a key is being made).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyvault_hsm::{HsmError, KeyKind, KeyLabel, KeyStore, PinSource, Pkcs11Config, Pkcs11KeyStore};
+
+const TOKEN: &str = "KEYVAULT_TEST_SHARED_TOKEN";
+const PIN_FILE: &str = "KEYVAULT_TEST_SHARED_PIN_FILE";
+const SECS: &str = "KEYVAULT_TEST_SHARED_SECS";
+
+fn label(s: &str) -> KeyLabel {
+    KeyLabel::new(s).unwrap()
+}
+
+/// The token the parent made, opened in a child; `None` when run on its own.
+fn child_store() -> Option<(Arc<Pkcs11KeyStore>, Instant)> {
+    let (Ok(token), Ok(pin_file), Ok(secs)) = (std::env::var(TOKEN), std::env::var(PIN_FILE), std::env::var(SECS))
+    else {
+        return None;
+    };
+    let pin = PinSource::File(pin_file.into()).read().unwrap();
+    let module = keyvault_hsm::softhsm::find_module().unwrap();
+    let store = Pkcs11KeyStore::open(&Pkcs11Config::new(module, token, pin)).unwrap();
+    Some((store, Instant::now() + Duration::from_secs(secs.parse().unwrap())))
+}
+
+#[test]
+#[ignore = "a helper that the test below runs in a child process"]
+fn child_churns_keys() {
+    let Some((store, until)) = child_store() else { return };
+    // The parent starts the other child only now: SoftHSM does not always find a token
+    // when two processes initialise at the same moment (docs/architecture.md).
+    println!("opened");
+    let mut n = 0u64;
+    while Instant::now() < until {
+        let l = label(&format!("keyvault/churn/v{n}"));
+        // SoftHSM now and then fails a generation while the other process writes the
+        // token directory; the other replica would answer that request 500 and go on.
+        if store.generate(&l, KeyKind::Aes256Gcm).is_ok() {
+            let _ = store.destroy(&l);
+        }
+        n += 1;
+    }
+    println!("churned {n} keys");
+}
+
+#[test]
+#[ignore = "a helper that the test below runs in a child process"]
+fn child_uses_fresh_keys() {
+    let Some((pkcs11, until)) = child_store() else { return };
+    // The key store's warnings (retried generations, re-initialisations), for the parent
+    // to count.
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stdout).with_ansi(false).try_init();
+    let raw: Arc<dyn KeyStore> = pkcs11.clone();
+    let keys = Arc::new(crate::metrics::MeteredKeyStore::new(raw.clone()));
+    keys.generate(&label("keyvault/master/v1"), KeyKind::Aes256).unwrap();
+    let lookers: Vec<_> = (0..2)
+        .map(|_| {
+            let keys = keys.clone();
+            std::thread::spawn(move || {
+                let m = label("keyvault/master/v1");
+                while Instant::now() < until {
+                    keys.exists(&m).unwrap();
+                }
+            })
+        })
+        .collect();
+    let (mut used, mut shown_twice, mut not_shown, mut generation_failed) = (0u64, 0u64, 0u64, 0u64);
+    while Instant::now() < until {
+        let l = label(&format!("keyvault/fresh/v{}", used + generation_failed));
+        if let Err(e) = keys.generate(&l, KeyKind::Aes256Gcm) {
+            println!("generation failed: {e}");
+            generation_failed += 1;
+            continue;
+        }
+        // The store itself (inside the token gate, as every call is): does SoftHSM show
+        // the new key once?
+        let direct = {
+            let _inside = crate::token_gate::enter();
+            raw.encrypt_aes_gcm(&l, b"x", b"")
+        };
+        match direct {
+            Ok(_) => {}
+            Err(HsmError::DuplicateLabel(_)) => shown_twice += 1,
+            Err(HsmError::KeyNotFound(_)) => not_shown += 1,
+            Err(e) => panic!("{l}: {e}"),
+        }
+        // Through the metered store the key is used, shown twice or not.
+        let ct = keys.encrypt_aes_gcm(&l, b"fresh", b"aad").unwrap_or_else(|e| panic!("{l}: {e}"));
+        assert_eq!(keys.decrypt_aes_gcm(&l, &ct, b"aad").unwrap().as_slice(), b"fresh");
+        used += 1;
+    }
+    for h in lookers {
+        h.join().unwrap();
+    }
+    // No object under a label made here is left unprotected (a key SoftHSM stored with
+    // CKA_SENSITIVE false is destroyed when generated): each is a sensitive, unextractable
+    // token object, or this process's sensitive session copy of one.
+    let _inside = crate::token_gate::enter();
+    for n in 0..used + generation_failed {
+        for o in pkcs11.protection(&label(&format!("keyvault/fresh/v{n}"))).unwrap() {
+            assert!(o.sensitive && !o.extractable && o.wrap_refused, "keyvault/fresh/v{n}: {o:?}");
+        }
+    }
+    println!(
+        "used {used} fresh keys ({shown_twice} shown twice and {not_shown} not shown by the token at first), {generation_failed} generations failed"
+    );
+}
+
+#[test]
+fn a_key_made_while_another_process_changes_the_token_is_used_at_once() {
+    use secrecy::ExposeSecret;
+    let token = keyvault_hsm::softhsm::testing::token_config();
+    let dir = tempfile::tempdir().unwrap();
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
+    std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let child = |name: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(TOKEN, &token.token_label)
+            .env(PIN_FILE, &pin_file)
+            .env(SECS, "4")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut churn = child("shared_token_tests::child_churns_keys");
+    let mut churn_out = String::new();
+    let mut lines = std::io::BufReader::new(churn.stdout.take().unwrap());
+    while !churn_out.contains("opened") {
+        if std::io::BufRead::read_line(&mut lines, &mut churn_out).unwrap() == 0 {
+            break;
+        }
+    }
+    let user = child("shared_token_tests::child_uses_fresh_keys");
+    std::io::Read::read_to_string(&mut lines, &mut churn_out).unwrap();
+    let (user, churn) = (user.wait_with_output().unwrap(), churn.wait_with_output().unwrap());
+    let text = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    let (user_out, churn_out) = (text(&user), churn_out + &text(&churn));
+    assert!(churn.status.success() && churn_out.contains("1 passed"), "churn: {churn_out}");
+    assert!(user.status.success() && user_out.contains("1 passed"), "user: {user_out}");
+    let summary = |out: &str, word: &str| {
+        let line = out.lines().find(|l| l.contains(word)).unwrap_or_default();
+        line.rsplit("... ").next().unwrap_or_default().to_owned()
+    };
+    let count = |what: &str| user_out.matches(what).count();
+    println!(
+        "{}; {}; in the user: {} generations failed and retried, {} keys stored wrongly and made again, {} re-initialisations",
+        summary(&user_out, "used "),
+        summary(&churn_out, "churned"),
+        count("key generation failed; cleaning up"),
+        count("did not store the new key as it was made"),
+        count("PKCS#11 module re-initialised"),
+    );
+}
