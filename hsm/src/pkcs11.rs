@@ -62,6 +62,12 @@ pub struct Pkcs11Config {
     /// Most keys the store keeps a session copy of (0: none). See [`Pkcs11KeyStore`],
     /// "Session copies".
     pub session_copies: usize,
+    /// The only user of the module in this process (the server): while the token is not
+    /// found at start-up, the module may be re-initialised between looks. SoftHSM reads a
+    /// token's files when it first lists it; read while another process rewrites them, the
+    /// token stays invisible to this process until the module is initialised again. False
+    /// where other threads may be using the module (tests opening several tokens).
+    pub alone_in_process: bool,
 }
 
 impl std::fmt::Debug for Pkcs11Config {
@@ -75,6 +81,7 @@ impl std::fmt::Debug for Pkcs11Config {
             .field("discovery_timeout", &self.discovery_timeout)
             .field("wrap", &self.wrap)
             .field("session_copies", &self.session_copies)
+            .field("alone_in_process", &self.alone_in_process)
             .finish()
     }
 }
@@ -90,6 +97,7 @@ impl Pkcs11Config {
             discovery_timeout: Duration::from_secs(3),
             wrap: WrapPreference::Auto,
             session_copies: DEFAULT_SESSION_COPIES,
+            alone_in_process: false,
         }
     }
 }
@@ -332,6 +340,17 @@ impl Pkcs11KeyStore {
                 Ok(None) | Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(400));
+                    if config.alone_in_process {
+                        tracing::debug!(token = %config.token_label, "token not found yet; re-initialising the module");
+                        match ctx.clone().finalize() {
+                            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                 }
                 Ok(None) => {
                     return Err(HsmError::TokenNotFound { label: config.token_label.clone() });

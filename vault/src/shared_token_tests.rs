@@ -2,10 +2,11 @@
 //! made is used at once, even when SoftHSM shows it twice (docs/architecture.md: a lookup
 //! that finds a label on several objects re-initialises the module and looks again).
 //!
-//! The test runs two children of this test binary: one makes and destroys keys in a loop
-//! (the other replica), the other makes keys and uses each at once through the metered key
-//! store, with two threads looking keys up meanwhile (what makes SoftHSM index the token
-//! directory while a key is being made).
+//! The test runs two children of this test binary, started at once: one makes and destroys
+//! keys in a loop (the other replica), the other makes keys and uses each at once through
+//! the metered key store, with two threads looking keys up meanwhile (what makes SoftHSM
+//! index the token directory while a key is being made). Each reads its own child's
+//! output.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,10 @@ fn child_store() -> Option<(Arc<Pkcs11KeyStore>, Instant)> {
     };
     let pin = PinSource::File(pin_file.into()).read().unwrap();
     let module = keyvault_hsm::softhsm::find_module().unwrap();
-    let store = Pkcs11KeyStore::open(&Pkcs11Config::new(module, token, pin)).unwrap();
+    let mut config = Pkcs11Config::new(module, token, pin);
+    // The child process opens this one token only, as the server does.
+    config.alone_in_process = true;
+    let store = Pkcs11KeyStore::open(&config).unwrap();
     Some((store, Instant::now() + Duration::from_secs(secs.parse().unwrap())))
 }
 
@@ -36,9 +40,6 @@ fn child_store() -> Option<(Arc<Pkcs11KeyStore>, Instant)> {
 #[ignore = "a helper that the test below runs in a child process"]
 fn child_churns_keys() {
     let Some((store, until)) = child_store() else { return };
-    // The parent starts the other child only now: SoftHSM does not always find a token
-    // when two processes initialise at the same moment (docs/architecture.md).
-    println!("opened");
     let mut n = 0u64;
     while Instant::now() < until {
         let l = label(&format!("keyvault/churn/v{n}"));
@@ -134,21 +135,15 @@ fn a_key_made_while_another_process_changes_the_token_is_used_at_once() {
             .spawn()
             .unwrap()
     };
-    let mut churn = child("shared_token_tests::child_churns_keys");
-    let mut churn_out = String::new();
-    let mut lines = std::io::BufReader::new(churn.stdout.take().unwrap());
-    while !churn_out.contains("opened") {
-        if std::io::BufRead::read_line(&mut lines, &mut churn_out).unwrap() == 0 {
-            break;
-        }
-    }
+    // Both start at once: SoftHSM does not always find a token when two processes
+    // initialise at the same moment, which `alone_in_process` makes good.
+    let churn = child("shared_token_tests::child_churns_keys");
     let user = child("shared_token_tests::child_uses_fresh_keys");
-    std::io::Read::read_to_string(&mut lines, &mut churn_out).unwrap();
     let (user, churn) = (user.wait_with_output().unwrap(), churn.wait_with_output().unwrap());
     let text = |o: &std::process::Output| {
         format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
     };
-    let (user_out, churn_out) = (text(&user), churn_out + &text(&churn));
+    let (user_out, churn_out) = (text(&user), text(&churn));
     assert!(churn.status.success() && churn_out.contains("1 passed"), "churn: {churn_out}");
     assert!(user.status.success() && user_out.contains("1 passed"), "user: {user_out}");
     let summary = |out: &str, word: &str| {

@@ -59,6 +59,8 @@ pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
     crate::token_workers::configure(config.hsm.workers, config.hsm.call_timeout);
     p.wrap = config.hsm.wrap_preference();
     p.session_copies = config.hsm.session_copies;
+    // The server opens one token, before anything else uses the module.
+    p.alone_in_process = true;
     Ok(Arc::new(crate::metrics::MeteredKeyStore::new(Pkcs11KeyStore::open(&p)?)))
 }
 
