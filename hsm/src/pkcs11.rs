@@ -812,6 +812,31 @@ impl Pkcs11KeyStore {
         Ok(true)
     }
 
+    /// Whether a private, sensitive, unextractable secret or private key token object is
+    /// labelled `label`.
+    fn holds_protected_key(&self, session: &Session, label: &KeyLabel) -> Result<bool> {
+        for h in self.objects_with_label(session, label)? {
+            let attrs = session.get_attributes(
+                h,
+                &[AttributeType::Class, AttributeType::Private, AttributeType::Sensitive, AttributeType::Extractable],
+            )?;
+            let (mut key, mut private, mut sensitive, mut extractable) = (false, false, false, true);
+            for a in attrs {
+                match a {
+                    Attribute::Class(c) => key = c == ObjectClass::SECRET_KEY || c == ObjectClass::PRIVATE_KEY,
+                    Attribute::Private(v) => private = v,
+                    Attribute::Sensitive(v) => sensitive = v,
+                    Attribute::Extractable(v) => extractable = v,
+                    _ => {}
+                }
+            }
+            if key && private && sensitive && !extractable {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Destroy every object labelled `label`, token object or not (what a failed or
     /// wrongly stored generation left; a label being made has no session copies).
     fn remove_label(&self, session: &Session, label: &KeyLabel) -> Result<()> {
@@ -939,6 +964,22 @@ impl Pkcs11KeyStore {
         self.run(|s, session| s.make_key(session, label, kind))
     }
 
+    /// Destroy the token objects of one class under a label (for tests of leftovers).
+    #[cfg(test)]
+    pub(crate) fn destroy_class(&self, label: &KeyLabel, class: ObjectClass) -> Result<()> {
+        self.run(|s, session| {
+            for h in session.find_objects(&[
+                Attribute::Token(true),
+                Attribute::Class(class),
+                Attribute::Label(label.as_str().as_bytes().to_vec()),
+            ])? {
+                session.destroy_object(h)?;
+            }
+            s.forget_handles();
+            Ok(())
+        })
+    }
+
     #[cfg(test)]
     pub(crate) fn value_attributes_returned(&self, label: &KeyLabel, class: ObjectClass) -> Result<usize> {
         self.run(|s, session| {
@@ -972,7 +1013,14 @@ impl KeyStore for Pkcs11KeyStore {
         let _one_at_a_time = self.generating.lock().unwrap_or_else(|p| p.into_inner());
         self.run(|s, session| {
             if !s.objects_with_label(session, label)?.is_empty() {
-                return Err(HsmError::KeyExists(label.to_string()));
+                // A protected key under this label (of any kind) is the caller's to adopt
+                // or refuse. Anything else under it (a generation interrupted half way,
+                // or stored wrongly: see below) was never a usable key: replace it.
+                if s.holds_protected_key(session, label)? {
+                    return Err(HsmError::KeyExists(label.to_string()));
+                }
+                tracing::warn!(key = %label, "an object under this label is not a key as it would be made; destroying it and making the key afresh");
+                s.remove_label(session, label)?;
             }
             let mut last = HsmError::BadAttribute("the token did not store a new key as it was made");
             for attempt in 1..=GENERATE_ATTEMPTS {

@@ -439,3 +439,23 @@ fn a_label_on_two_objects_is_refused_for_use_and_destruction() {
     assert!(t.store.destroy(&ed).unwrap());
     assert!(!t.store.exists(&ed).unwrap());
 }
+
+#[test]
+fn a_broken_leftover_under_a_label_is_replaced_and_a_key_is_not() {
+    let t = testing::token();
+    // A key as made: generating under its label again is refused (the caller adopts it or
+    // reports the conflict), whatever kind is asked for.
+    let key = label("keyvault/master/v1");
+    t.store.generate(&key, KeyKind::Aes256).unwrap();
+    assert!(matches!(t.store.generate(&key, KeyKind::Aes256), Err(HsmError::KeyExists(_))));
+    assert!(matches!(t.store.generate(&key, KeyKind::Ed25519), Err(HsmError::KeyExists(_))));
+    // An Ed25519 public half alone (a pair whose private half is gone) is no key: the
+    // generation replaces it with a whole pair.
+    let ed = label("keyvault/transit/half/v1");
+    t.store.generate(&ed, KeyKind::Ed25519).unwrap();
+    let public = t.store.ed25519_public_key(&ed).unwrap();
+    t.store.destroy_class(&ed, ObjectClass::PRIVATE_KEY).unwrap();
+    t.store.generate(&ed, KeyKind::Ed25519).unwrap();
+    assert_ne!(t.store.ed25519_public_key(&ed).unwrap(), public);
+    assert_eq!(objects_of(&t.store, &ed), (1, 0));
+}

@@ -54,9 +54,21 @@ async fn a_failing_hung_slow_or_flaky_token_is_a_503_with_a_reason_and_the_serve
     assert_eq!(c.get("secret/a", &root).await.body["data"]["value"], "v");
     assert_eq!(c.put("secret/b", &root, json!({"value": "w"})).await.status, 200);
     assert_eq!(health(&c).await, (503, Some("unavailable".into())));
+    // Key rotations fail the same way, and give back their claim on the new version: once
+    // the token is back, the next rotation goes ahead at once (no 409 for the lease).
+    for route in ["transit/keys/k/rotate", "sys/rotate"] {
+        let r = c.post(route, Some(&root), json!({})).await;
+        assert_eq!((r.status, r.body["errors"][0].as_str()), (503, Some(UNAVAILABLE)), "{route}: {r:?}");
+    }
     set(&fault, "");
     assert_eq!(encrypt(&c, &root).await.0, 200);
     assert_eq!(health(&c).await, (200, Some("ok".into())));
+    let r = c.post("transit/keys/k/rotate", Some(&root), json!({})).await;
+    assert_eq!((r.status, r.body["data"]["latest_version"].as_u64()), (200, Some(2)), "{r:?}");
+    let r = c.post("sys/rotate", Some(&root), json!({})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let status = keyvault_tests::wait_rotation_idle(&c, &root).await;
+    assert_eq!(status["active_version"], 2, "{status}");
 
     // A call hangs: the request is answered 503 once `call_timeout` (2 s) has passed, not
     // held; everything that needs no token is still served while the workers are stuck.

@@ -349,7 +349,15 @@ pub async fn add_version(
         Err(Error::Hsm(keyvault_hsm::HsmError::KeyExists(_))) => {
             tracing::warn!(?family, version = %next, "adopting a key object left by an interrupted rotation");
         }
-        Err(e) => return Err(e),
+        Err(e) => {
+            // The token failed the generation (it cleans up after itself): give the claim
+            // back now rather than make every rotation wait out its lease with a 409. A
+            // claim that cannot be given back (the keyring changed) expires as before.
+            if !matches!(store.compare_and_swap(KEYRING_KEY, Some(&claimed), Some(&raw)).await, Ok(true)) {
+                tracing::warn!(?family, version = %next, "could not give back the claim of a failed rotation; it expires with its lease");
+            }
+            return Err(e);
+        }
     }
     let fam = family.of(&mut ring);
     fam.pending = None;

@@ -202,6 +202,21 @@ impl Transit {
         Error::Conflict(format!("transit key {name} is being changed by another request; retry"))
     }
 
+    /// After a failed token call of a claimed create or rotate: put back the metadata as
+    /// it was before the claim (the token cleans up a failed generation), so that the next
+    /// request can go ahead at once instead of getting 409 until the claim's lease runs
+    /// out. If the metadata changed meanwhile, the claim expires as before. `e` is passed
+    /// through.
+    async fn give_back(&self, name: &str, claimed: &[u8], before: Option<&[u8]>, e: Error) -> Error {
+        if !matches!(self.store.compare_and_swap(&key_path(name), Some(claimed), before).await, Ok(true)) {
+            tracing::warn!(
+                key = name,
+                "could not give back the claim of a failed transit key change; it expires with its lease"
+            );
+        }
+        e
+    }
+
     /// Replace the stored metadata if it is still `expected`; 409 otherwise.
     async fn swap(&self, name: &str, expected: Option<&[u8]>, key: Option<&TransitKey>) -> Result<Vec<u8>> {
         let new = key.map(encode_json);
@@ -244,7 +259,10 @@ impl Transit {
         };
         key.operation = Some(self.claim("create", 1));
         let claimed = self.swap(name, expected.as_deref(), Some(&key)).await?;
-        let v1 = self.new_version(name, key.key_type, 1).await?;
+        let v1 = match self.new_version(name, key.key_type, 1).await {
+            Ok(v1) => v1,
+            Err(e) => return Err(self.give_back(name, &claimed, expected.as_deref(), e).await),
+        };
         key.versions.insert(1, v1);
         key.latest_version = 1;
         key.operation = None;
@@ -271,7 +289,10 @@ impl Transit {
         };
         key.operation = Some(self.claim("rotate", v));
         let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
-        let meta = self.new_version(name, key.key_type, v).await?;
+        let meta = match self.new_version(name, key.key_type, v).await {
+            Ok(meta) => meta,
+            Err(e) => return Err(self.give_back(name, &claimed, Some(&raw), e).await),
+        };
         key.versions.insert(v, meta);
         key.latest_version = v;
         key.operation = None;
