@@ -95,18 +95,30 @@ impl WrapMechanism {
 /// every other crate talks to). All calls block: async callers run them on a blocking
 /// thread.
 pub trait KeyStore: Send + Sync + std::fmt::Debug {
-    /// Generate a new key inside the token: persistent, sensitive, not extractable.
-    /// Fails with [`HsmError::KeyExists`] if the label is taken.
+    /// Generate a new key inside the token: persistent, private, sensitive, not
+    /// extractable, and read back as such before this returns.
+    ///
+    /// The caller holds a claim on `label` in KeyVault's store (a pending version in the
+    /// keyring, a transit key's operation, an initialization or start-up claim), so no
+    /// other caller, in this process or another, makes the label meanwhile. What is
+    /// already under the label was then made by an earlier claimer that did not finish,
+    /// and no committed state names it: a whole key of `kind` gives
+    /// [`HsmError::KeyExists`] (the caller adopts it); anything else (half a key pair, an
+    /// unprotected object, a key of another kind, two objects) is destroyed and the key
+    /// made afresh. A generation the token fails or stores wrongly is cleaned up and
+    /// tried again, a few times.
     fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()>;
 
-    /// True if a key (secret key or private key) with this label exists.
+    /// True if any token object carries this label (a key, or part of one).
     fn exists(&self, label: &KeyLabel) -> Result<bool>;
 
     /// Labels of the keys whose label starts with `prefix` (one entry per key, not per
     /// object of a key pair), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<KeyLabel>>;
 
-    /// Destroy every object carrying this label. Returns false if there was none.
+    /// Destroy every object carrying this label. Returns false if there was none. Two
+    /// objects of one class under the label are refused with
+    /// [`HsmError::DuplicateLabel`]: which one is the key is not for this call to settle.
     fn destroy(&self, label: &KeyLabel) -> Result<bool>;
 
     /// Wrap a data key (16 to 64 bytes) under the AES key `kek`, binding `aad` where the

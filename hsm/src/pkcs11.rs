@@ -255,6 +255,18 @@ impl std::fmt::Debug for Pkcs11KeyStore {
     }
 }
 
+/// What the token holds under a label, against the key a caller wants there
+/// ([`Pkcs11KeyStore::key_as_made`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Made {
+    /// The key, whole and protected, as generation makes it.
+    Whole,
+    /// Two objects of the key's class (or two public halves).
+    Twice,
+    /// Anything else: a part of a key, an unprotected object, a key of another kind.
+    NotWhole,
+}
+
 /// A cached handle.
 #[derive(Debug, Clone, Copy)]
 struct Cached {
@@ -769,72 +781,59 @@ impl Pkcs11KeyStore {
         Ok(())
     }
 
-    /// Whether a key just made under `label` is in the token as it was made: its private
-    /// or secret object a private, sensitive, unextractable token object (and an Ed25519
-    /// key's public half a token object too).
-    fn stored_as_made(&self, session: &Session, label: &KeyLabel, kind: KeyKind) -> Result<bool> {
-        let name = label.as_str().as_bytes().to_vec();
-        let secret = if kind == KeyKind::Ed25519 { ObjectClass::PRIVATE_KEY } else { ObjectClass::SECRET_KEY };
-        let found = session.find_objects(&[
-            Attribute::Token(true),
-            Attribute::Class(secret),
-            Attribute::Label(name.clone()),
-        ])?;
-        if found.is_empty() {
-            return Ok(false);
-        }
-        for h in found {
-            let attrs = session
-                .get_attributes(h, &[AttributeType::Private, AttributeType::Sensitive, AttributeType::Extractable])?;
-            let (mut private, mut sensitive, mut extractable) = (false, false, true);
-            for a in attrs {
-                match a {
-                    Attribute::Private(v) => private = v,
-                    Attribute::Sensitive(v) => sensitive = v,
-                    Attribute::Extractable(v) => extractable = v,
-                    _ => {}
-                }
-            }
-            if !(private && sensitive && !extractable) {
-                return Ok(false);
-            }
-        }
-        if kind == KeyKind::Ed25519 {
-            let public = session.find_objects(&[
-                Attribute::Token(true),
-                Attribute::Class(ObjectClass::PUBLIC_KEY),
-                Attribute::Label(name),
-            ])?;
-            if public.is_empty() {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Whether a private, sensitive, unextractable secret or private key token object is
-    /// labelled `label`.
-    fn holds_protected_key(&self, session: &Session, label: &KeyLabel) -> Result<bool> {
+    /// What the token holds under `label`, judged against a key of `kind` as
+    /// [`Self::make_key`] makes it: exactly one object of the key's class (secret, or
+    /// private for Ed25519) that is a private, sensitive, unextractable token object;
+    /// for Ed25519 exactly one public half; of the kind's key type; nothing else under
+    /// the label.
+    fn key_as_made(&self, session: &Session, label: &KeyLabel, kind: KeyKind) -> Result<Made> {
+        let (secret, key_type) = match kind {
+            KeyKind::Ed25519 => (ObjectClass::PRIVATE_KEY, KeyType::EC_EDWARDS),
+            KeyKind::HmacSha256 => (ObjectClass::SECRET_KEY, KeyType::GENERIC_SECRET),
+            KeyKind::Aes256 | KeyKind::Aes256Gcm => (ObjectClass::SECRET_KEY, KeyType::AES),
+        };
+        let (mut secrets, mut publics, mut others, mut protected) = (0usize, 0usize, 0usize, true);
         for h in self.objects_with_label(session, label)? {
             let attrs = session.get_attributes(
                 h,
-                &[AttributeType::Class, AttributeType::Private, AttributeType::Sensitive, AttributeType::Extractable],
+                &[
+                    AttributeType::Class,
+                    AttributeType::KeyType,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
             )?;
-            let (mut key, mut private, mut sensitive, mut extractable) = (false, false, false, true);
+            let (mut class, mut private, mut sensitive, mut extractable) = (None, false, false, true);
+            let mut right_type = false;
             for a in attrs {
                 match a {
-                    Attribute::Class(c) => key = c == ObjectClass::SECRET_KEY || c == ObjectClass::PRIVATE_KEY,
+                    Attribute::Class(c) => class = Some(c),
+                    Attribute::KeyType(t) => right_type = t == key_type,
                     Attribute::Private(v) => private = v,
                     Attribute::Sensitive(v) => sensitive = v,
                     Attribute::Extractable(v) => extractable = v,
                     _ => {}
                 }
             }
-            if key && private && sensitive && !extractable {
-                return Ok(true);
+            match class {
+                Some(c) if c == secret => {
+                    secrets += 1;
+                    protected &= right_type && private && sensitive && !extractable;
+                }
+                Some(c) if c == ObjectClass::PUBLIC_KEY && kind == KeyKind::Ed25519 => publics += 1,
+                _ => others += 1,
             }
         }
-        Ok(false)
+        let publics_wanted = usize::from(kind == KeyKind::Ed25519);
+        Ok(if secrets > 1 || publics > 1 {
+            // One object shown twice (SoftHSM, see `DuplicateLabel`) or two keys.
+            Made::Twice
+        } else if secrets == 1 && protected && publics == publics_wanted && others == 0 {
+            Made::Whole
+        } else {
+            Made::NotWhole
+        })
     }
 
     /// Destroy every object labelled `label`, token object or not (what a failed or
@@ -843,6 +842,8 @@ impl Pkcs11KeyStore {
         for h in session.find_objects(&[Attribute::Label(label.as_str().as_bytes().to_vec())])? {
             session.destroy_object(h)?;
         }
+        // A handle cached for the label (a lookup before it was made) names nothing now.
+        self.handles.write().unwrap_or_else(|p| p.into_inner()).retain(|(l, _), _| l != label.as_str());
         Ok(())
     }
 
@@ -1013,44 +1014,58 @@ impl KeyStore for Pkcs11KeyStore {
         let _one_at_a_time = self.generating.lock().unwrap_or_else(|p| p.into_inner());
         self.run(|s, session| {
             if !s.objects_with_label(session, label)?.is_empty() {
-                // A protected key under this label (of any kind) is the caller's to adopt
-                // or refuse. Anything else under it (a generation interrupted half way,
-                // or stored wrongly: see below) was never a usable key: replace it.
-                if s.holds_protected_key(session, label)? {
+                // The caller holds a claim on the label (see the trait): what is under it
+                // was made by an earlier claimer that did not finish, and nothing
+                // committed names it. A whole key is the caller's to adopt; anything else
+                // (half a key pair, an unprotected object, a key of another kind, two
+                // objects) was never a usable key: replace it.
+                if s.key_as_made(session, label, kind)? == Made::Whole {
                     return Err(HsmError::KeyExists(label.to_string()));
                 }
-                tracing::warn!(key = %label, "an object under this label is not a key as it would be made; destroying it and making the key afresh");
+                tracing::warn!(key = %label, "the objects under this label are not a whole key as it would be made; destroying them and making the key afresh");
                 s.remove_label(session, label)?;
             }
             let mut last = HsmError::BadAttribute("the token did not store a new key as it was made");
             for attempt in 1..=GENERATE_ATTEMPTS {
+                if attempt > 1 {
+                    // The other process is likely still writing: give it a moment.
+                    std::thread::sleep(Duration::from_millis(10 * u64::from(attempt - 1)));
+                }
                 match s.make_key(session, label, kind) {
                     // Read back what the token stored before anyone relies on the key: with
                     // several processes making keys at once, SoftHSM's file store has been
                     // seen to save a new key with CKA_TOKEN and CKA_SENSITIVE false (so it
                     // is not found as a token key, and its value would be readable).
-                    Ok(()) if s.stored_as_made(session, label, kind)? => {
-                        tracing::info!(key = %label, ?kind, "generated key in the token");
-                        return Ok(());
-                    }
-                    Ok(()) => {
-                        tracing::warn!(key = %label, attempt, "the token did not store the new key as it was made (not a sensitive, unextractable token object); destroying it");
-                    }
+                    Ok(()) => match s.key_as_made(session, label, kind)? {
+                        Made::Whole => {
+                            tracing::info!(key = %label, ?kind, "generated key in the token");
+                            return Ok(());
+                        }
+                        // Most likely SoftHSM showing the new object twice to a process
+                        // that indexed the token while making it; the caller's key store
+                        // looks again after re-initialising the module, and then finds
+                        // the key whole (`KeyExists`: adopt it) or replaces what is there.
+                        Made::Twice => return Err(HsmError::DuplicateLabel(label.to_string())),
+                        Made::NotWhole => {
+                            tracing::warn!(key = %label, attempt, "the token did not store the new key as it was made (not a sensitive, unextractable token object); destroying it");
+                            last = HsmError::BadAttribute("the token did not store a new key as it was made");
+                        }
+                    },
                     // And while another process writes the shared token directory, SoftHSM
                     // now and then answers CKR_GENERAL_ERROR (saying the call may have
                     // partly succeeded) or even calls KeyVault's constant template
-                    // inconsistent. Either way: remove whatever carries the label (no
-                    // other process makes this label: each version is claimed in the store
-                    // first), then again.
+                    // inconsistent. Either way: remove whatever carries the label (the
+                    // caller's claim means no one else makes it), then again.
                     Err(e @ HsmError::Pkcs11 { rv: RvError::GeneralError | RvError::TemplateInconsistent, .. }) => {
                         tracing::warn!(key = %label, attempt, error = %e, "key generation failed; cleaning up");
                         last = e;
                     }
                     Err(e) => return Err(e),
                 }
-                s.remove_label(session, label)?;
-                // The other process is likely still writing: give it a moment.
-                std::thread::sleep(Duration::from_millis(10 * u64::from(attempt)));
+                if let Err(e) = s.remove_label(session, label) {
+                    tracing::warn!(key = %label, error = %e, "could not remove a failed generation's objects");
+                    return Err(last);
+                }
             }
             Err(last)
         })

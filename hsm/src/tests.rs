@@ -443,12 +443,24 @@ fn a_label_on_two_objects_is_refused_for_use_and_destruction() {
 #[test]
 fn a_broken_leftover_under_a_label_is_replaced_and_a_key_is_not() {
     let t = testing::token();
-    // A key as made: generating under its label again is refused (the caller adopts it or
-    // reports the conflict), whatever kind is asked for.
+    // A key as made: generating it again is refused (the caller, holding the label's
+    // claim, adopts it).
     let key = label("keyvault/master/v1");
     t.store.generate(&key, KeyKind::Aes256).unwrap();
+    let sealed = t.store.wrap_key(&key, &[7u8; 32], b"aad").unwrap();
     assert!(matches!(t.store.generate(&key, KeyKind::Aes256), Err(HsmError::KeyExists(_))));
-    assert!(matches!(t.store.generate(&key, KeyKind::Ed25519), Err(HsmError::KeyExists(_))));
+    assert_eq!(&t.store.unwrap_key(&key, &sealed, b"aad").unwrap()[..], &[7u8; 32]);
+    // A key of another kind under the label (a failed claimer's, with another key type
+    // asked for) is not the key wanted: it is replaced, not adopted.
+    let other = label("keyvault/transit/kind/v1");
+    t.store.generate(&other, KeyKind::Aes256Gcm).unwrap();
+    t.store.generate(&other, KeyKind::Ed25519).unwrap();
+    t.store.ed25519_public_key(&other).unwrap();
+    assert!(t.store.encrypt_aes_gcm(&other, b"x", b"").is_err());
+    // An HMAC key is a secret key too, but not an AES key.
+    t.store.generate(&other, KeyKind::HmacSha256).unwrap();
+    t.store.generate(&other, KeyKind::Aes256Gcm).unwrap();
+    t.store.encrypt_aes_gcm(&other, b"x", b"").unwrap();
     // An Ed25519 public half alone (a pair whose private half is gone) is no key: the
     // generation replaces it with a whole pair.
     let ed = label("keyvault/transit/half/v1");
@@ -458,4 +470,16 @@ fn a_broken_leftover_under_a_label_is_replaced_and_a_key_is_not() {
     t.store.generate(&ed, KeyKind::Ed25519).unwrap();
     assert_ne!(t.store.ed25519_public_key(&ed).unwrap(), public);
     assert_eq!(objects_of(&t.store, &ed), (1, 0));
+    // Nor is a private half alone: no adoption of a key without its public half.
+    let public = t.store.ed25519_public_key(&ed).unwrap();
+    t.store.destroy_class(&ed, ObjectClass::PUBLIC_KEY).unwrap();
+    t.store.generate(&ed, KeyKind::Ed25519).unwrap();
+    assert_ne!(t.store.ed25519_public_key(&ed).unwrap(), public);
+    // Two objects under the label are no key either.
+    let twice = label("keyvault/transit/twice/v1");
+    t.store.generate(&twice, KeyKind::Aes256Gcm).unwrap();
+    t.store.make_second_object(&twice, KeyKind::Aes256Gcm).unwrap();
+    t.store.generate(&twice, KeyKind::Aes256Gcm).unwrap();
+    assert_eq!(objects_of(&t.store, &twice), (1, 0));
+    t.store.encrypt_aes_gcm(&twice, b"x", b"").unwrap();
 }

@@ -41,6 +41,7 @@ async fn a_failing_hung_slow_or_flaky_token_is_a_503_with_a_reason_and_the_serve
     let root = s.root.clone();
     assert_eq!(c.put("secret/a", &root, json!({"value": "v"})).await.status, 200);
     assert_eq!(c.post("transit/keys/k", Some(&root), json!({})).await.status, 200);
+    assert_eq!(c.post("transit/keys/r", Some(&root), json!({})).await.status, 200);
     assert_eq!(encrypt(&c, &root).await.0, 200);
     assert_eq!(health(&c).await, (200, Some("ok".into())));
 
@@ -80,6 +81,11 @@ async fn a_failing_hung_slow_or_flaky_token_is_a_503_with_a_reason_and_the_serve
     assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(20), "answered after {waited:?}");
     assert_eq!(c.get("secret/b", &root).await.body["data"]["value"], "w");
     assert_eq!(health(&c).await.0, 503);
+    // A rotation whose key generation times out keeps its claim on the new version (unlike
+    // one the token refused, above): the token may still be making that key, and no one
+    // else may make its label until the claim's lease is out.
+    let r = c.post("transit/keys/r/rotate", Some(&root), json!({})).await;
+    assert_eq!((r.status, r.body["errors"][0].as_str()), (503, Some(UNAVAILABLE)), "{r:?}");
     let log = s.log_text();
     assert!(log.contains("did not answer within 2 s") || log.contains("unavailable"), "no reason logged");
     set(&fault, "");
@@ -94,6 +100,11 @@ async fn a_failing_hung_slow_or_flaky_token_is_a_503_with_a_reason_and_the_serve
     }
     assert!(ok.load(std::sync::atomic::Ordering::Relaxed), "transit did not recover after the hang");
     assert_eq!(health(&c).await, (200, Some("ok".into())));
+    let r = c.post("transit/keys/r/rotate", Some(&root), json!({})).await;
+    assert_eq!(r.status, 409, "the timed-out rotation's claim was given back: {r:?}");
+    assert!(s.log_text().contains("its claim expires with its lease"));
+    let r = c.post("transit/encrypt/r", Some(&root), json!({"plaintext": "aGk="})).await;
+    assert_eq!((r.status, r.body["data"]["ciphertext"].as_str().map(|c| &c[..9])), (200, Some("vault:v1:")), "{r:?}");
 
     // Slow calls (300 ms each, under the timeout) succeed.
     set(&fault, "slow 300");

@@ -22,6 +22,8 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = AuditConfig::at(dir.path().join("audit.log"));
     config.max_file_bytes = u64::MAX;
+    keys.generate(&names.audit_signing(), keyvault_hsm::KeyKind::Ed25519).unwrap();
+    keys.generate(&names.audit_hmac(), keyvault_hsm::KeyKind::HmacSha256).unwrap();
     let log = rt.block_on(AuditLog::open(&config, &keys, &names)).unwrap();
     let entry = || {
         event(

@@ -157,6 +157,7 @@ impl Error {
             Error::Hsm(h) if h.is_unavailable() => "the key store (HSM) is unavailable, retry later".into(),
             Error::Barrier(BarrierError::Integrity) => "a stored record failed its integrity check".into(),
             Error::Hsm(HsmError::KeyNotFound(label)) => format!("key {label} is missing from the HSM"),
+            Error::Hsm(HsmError::DuplicateLabel(label)) => format!("key {label} is on several objects in the HSM"),
             Error::Unavailable(m) => m.clone(),
             e if e.is_server_side() => "internal error".into(),
             e => e.to_string(),
@@ -182,6 +183,6 @@ impl Error {
     }
 }
 
-/// Requests that failed because a key KeyVault's state names is missing from the token
-/// (reported by `/v1/sys/health`).
+/// Requests that failed because a key KeyVault's state names is missing from the token, or
+/// is on several objects in it (reported by `/v1/sys/health`).
 pub static MISSING_KEY_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

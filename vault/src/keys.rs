@@ -98,16 +98,71 @@ impl KeyNames {
     }
 }
 
-/// Generate the audit keys if this installation has none yet (installations initialized
-/// before the audit log existed get them at their next start).
-pub async fn ensure_audit_keys(keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
-    for (label, kind) in [(names.audit_signing(), KeyKind::Ed25519), (names.audit_hmac(), KeyKind::HmacSha256)] {
-        let l = label.clone();
-        if !hsm_call(keys, move |k| k.exists(&l)).await? {
-            hsm_call(keys, move |k| k.generate(&label, kind)).await?;
+/// Where the claim on a key being made outside any versioned record lives (see
+/// [`claim_label`]).
+fn claim_key(label: &KeyLabel) -> String {
+    format!("sys/key-claims/{label}")
+}
+
+/// How long a claim on a label is its claimer's alone (a claimer that crashed leaves it
+/// to expire). Longer than the token call timeout, so that a call still running in the
+/// token when its caller gave up ends before anyone else may make the label.
+const LABEL_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Claim `label` for a generation in the store every replica shares: of concurrent
+/// claimers exactly one gets `true`. [`KeyStore::generate`] relies on it: what it finds
+/// under a claimed label no one else is making.
+async fn claim_label(store: &dyn Store, label: &KeyLabel) -> Result<bool> {
+    Ok(store.insert_if_absent(&claim_key(label), b"{}", Some(LABEL_CLAIM_LEASE)).await?)
+}
+
+/// Make the keys an installation needs beyond its keyring if it has none yet (the audit
+/// and response-wrapping keys of an installation initialized before they existed), each
+/// under a claim in the store: of replicas starting at once one makes a key and the others
+/// wait for it.
+pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
+    let wanted = [
+        (names.audit_signing(), KeyKind::Ed25519),
+        (names.audit_hmac(), KeyKind::HmacSha256),
+        (names.wrapping(), KeyKind::Aes256),
+    ];
+    for (label, kind) in wanted {
+        let deadline = std::time::Instant::now() + LABEL_CLAIM_LEASE + std::time::Duration::from_secs(5);
+        loop {
+            let l = label.clone();
+            let exists = hsm_call(keys, move |k| k.exists(&l)).await?;
+            // Checked after the token: a key seen while nobody claims its label is whole.
+            let claimed = store.get(&claim_key(&label)).await?.is_some();
+            if exists && !claimed {
+                break;
+            }
+            if !exists && !claimed && claim_label(store, &label).await? {
+                let l = label.clone();
+                let made = match hsm_call(keys, move |k| k.generate(&l, kind)).await {
+                    Ok(()) | Err(Error::Hsm(HsmError::KeyExists(_))) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if !made.as_ref().is_err_and(token_call_may_still_run) {
+                    store.delete(&claim_key(&label)).await?;
+                }
+                made?;
+                tracing::info!(key = %label, "made a key this installation did not have yet");
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Conflict(format!("key {label} is being made by another process; retry")));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
     Ok(())
+}
+
+/// Whether a token call that failed with `e` may still be running in the token: one that
+/// timed out (its caller gave up, the token had not answered). What it makes is still its
+/// claimer's, so its claim is not given back: it expires with its lease.
+pub(crate) fn token_call_may_still_run(e: &Error) -> bool {
+    matches!(e, Error::Hsm(HsmError::CallTimeout { .. }))
 }
 
 /// One family of versioned keys: which version new operations use, which still exist.
@@ -245,9 +300,28 @@ pub async fn load(store: &dyn Store) -> Result<Option<Keyring>> {
     Ok(get_json(store, KEYRING_KEY).await?)
 }
 
+/// The claim of a first-time initialization (see [`initialize`]).
+const INIT_CLAIM_KEY: &str = "sys/key-claims/init";
+
 /// First-time initialization: generate version 1 of every key inside the token and record
-/// the keyring. Refuses if the store already holds a keyring.
+/// the keyring. Refuses if the store already holds a keyring, if another process is
+/// initializing the same store (its claim), or if the token already holds a key under one
+/// of the labels (another installation's, or one whose store was lost).
 pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
+    if load(store).await?.is_some() {
+        return Err(Error::Conflict("KeyVault is already initialized".into()));
+    }
+    if !store.insert_if_absent(INIT_CLAIM_KEY, b"{}", Some(LABEL_CLAIM_LEASE)).await? {
+        return Err(Error::Conflict("another process is initializing KeyVault; retry".into()));
+    }
+    let made = initialize_claimed(store, keys, names).await;
+    if !made.as_ref().is_err_and(token_call_may_still_run) {
+        store.delete(INIT_CLAIM_KEY).await?;
+    }
+    made
+}
+
+async fn initialize_claimed(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
     if load(store).await?.is_some() {
         return Err(Error::Conflict("KeyVault is already initialized".into()));
     }
@@ -258,18 +332,25 @@ pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Key
         (names.approle_hmac(v1), KeyKind::HmacSha256),
         (names.audit_signing(), KeyKind::Ed25519),
         (names.audit_hmac(), KeyKind::HmacSha256),
+        (names.wrapping(), KeyKind::Aes256),
     ];
-    for (label, kind) in wanted {
+    // Under the claim nobody else makes these labels: anything already under one is not
+    // this initialization's to take or to destroy.
+    for (label, _) in &wanted {
         let l = label.clone();
-        match hsm_call(keys, move |k| k.generate(&l, kind)).await {
-            Ok(()) => {}
-            Err(Error::Hsm(HsmError::KeyExists(_))) => {
-                return Err(Error::Conflict(format!(
-                    "the token already holds a key labelled {label} but the store has no keyring: \
-                     this token belongs to another installation (choose another hsm.key_prefix) \
-                     or the store was lost (restore it from backup)"
-                )));
-            }
+        if hsm_call(keys, move |k| k.exists(&l)).await? {
+            return Err(Error::Conflict(format!(
+                "the token already holds a key labelled {label} but the store has no keyring: \
+                 this token belongs to another installation (choose another hsm.key_prefix), \
+                 an initialization was interrupted (remove its keys from the token), \
+                 or the store was lost (restore it from backup)"
+            )));
+        }
+    }
+    for (label, kind) in wanted {
+        match hsm_call(keys, move |k| k.generate(&label, kind)).await {
+            // Only this claim made it (a second look after SoftHSM showed it twice).
+            Ok(()) | Err(Error::Hsm(HsmError::KeyExists(_))) => {}
             Err(e) => return Err(e),
         }
     }
@@ -279,7 +360,9 @@ pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Key
     if !store.insert_if_absent(KEYRING_KEY, &raw, None).await? {
         return Err(Error::Conflict("another process initialized KeyVault at the same time".into()));
     }
-    tracing::info!("initialized the key hierarchy: master v1, token-signing v1, approle-hmac v1");
+    tracing::info!(
+        "initialized the key hierarchy: master v1, token-signing v1, approle-hmac v1, audit and wrapping keys"
+    );
     Ok(ring)
 }
 
@@ -318,9 +401,10 @@ impl Family {
 /// Generate version N+1 of a family inside the token and make it active (the first step
 /// of a rotation). The version is claimed in the keyring first (compare-and-swap), so of
 /// concurrent callers, on any replica, exactly one generates it and the others get 409;
-/// then the new version is recorded by a second compare-and-swap. Nothing is ever
-/// destroyed here: a token object left by a claimer that crashed is adopted by whoever
-/// finishes its claim (no committed state ever referenced it).
+/// then the new version is recorded by a second compare-and-swap. A whole key left under
+/// the label by a claimer that crashed is adopted by whoever finishes its claim; anything
+/// else there is replaced by the token (see [`KeyStore::generate`]): no committed state
+/// ever referenced it.
 pub async fn add_version(
     store: &dyn Store,
     keys: &Arc<dyn KeyStore>,
@@ -347,13 +431,17 @@ pub async fn add_version(
     match hsm_call(keys, move |k| k.generate(&l, family.kind())).await {
         Ok(()) => {}
         Err(Error::Hsm(keyvault_hsm::HsmError::KeyExists(_))) => {
-            tracing::warn!(?family, version = %next, "adopting a key object left by an interrupted rotation");
+            tracing::warn!(?family, version = %next, "adopting the whole key under the label (left by an interrupted rotation, or shown twice by the token and looked at again)");
         }
         Err(e) => {
             // The token failed the generation (it cleans up after itself): give the claim
-            // back now rather than make every rotation wait out its lease with a 409. A
-            // claim that cannot be given back (the keyring changed) expires as before.
-            if !matches!(store.compare_and_swap(KEYRING_KEY, Some(&claimed), Some(&raw)).await, Ok(true)) {
+            // back now rather than make every rotation wait out its lease with a 409. Not
+            // after a call that timed out: the token may still be making the key, and no
+            // one else may make the label until it is done. A claim that cannot be given
+            // back (the keyring changed) expires as before.
+            if token_call_may_still_run(&e) {
+                tracing::warn!(?family, version = %next, "the token did not answer a key generation; its claim expires with its lease");
+            } else if !matches!(store.compare_and_swap(KEYRING_KEY, Some(&claimed), Some(&raw)).await, Ok(true)) {
                 tracing::warn!(?family, version = %next, "could not give back the claim of a failed rotation; it expires with its lease");
             }
             return Err(e);

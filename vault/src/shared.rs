@@ -156,7 +156,6 @@ impl Core {
         let rotation =
             Arc::new(Rotation::new(store.clone(), keys.clone(), names.clone(), keyring.clone(), barrier.clone()));
         let cluster_id = cluster_id(store.as_ref()).await?;
-        crate::wrapping::Wrapping::ensure_key(&keys, &names).await?;
         Ok(Core {
             policies: PolicyStore::new(store.clone()),
             revocations: Revocations::new(store.clone()),

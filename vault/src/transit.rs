@@ -175,7 +175,11 @@ impl Transit {
         match hsm_call(&self.keys, move |k| k.generate(&l, token_kind(key_type))).await {
             Ok(()) => {}
             Err(Error::Hsm(HsmError::KeyExists(_))) => {
-                tracing::warn!(key = name, version = v, "adopting a key object left by an interrupted operation");
+                tracing::warn!(
+                    key = name,
+                    version = v,
+                    "adopting the whole key under the label (left by an interrupted operation, or shown twice by the token and looked at again)"
+                );
             }
             Err(e) => return Err(e),
         }
@@ -205,9 +209,15 @@ impl Transit {
     /// After a failed token call of a claimed create or rotate: put back the metadata as
     /// it was before the claim (the token cleans up a failed generation), so that the next
     /// request can go ahead at once instead of getting 409 until the claim's lease runs
-    /// out. If the metadata changed meanwhile, the claim expires as before. `e` is passed
-    /// through.
+    /// out. If the metadata changed meanwhile, or the call timed out, the claim expires as
+    /// before. `e` is passed through.
     async fn give_back(&self, name: &str, claimed: &[u8], before: Option<&[u8]>, e: Error) -> Error {
+        // A call that timed out may still be making the key in the token: no one else may
+        // make its label until the claim's lease is out.
+        if crate::keys::token_call_may_still_run(&e) {
+            tracing::warn!(key = name, "the token did not answer a key generation; its claim expires with its lease");
+            return e;
+        }
         if !matches!(self.store.compare_and_swap(&key_path(name), Some(claimed), before).await, Ok(true)) {
             tracing::warn!(
                 key = name,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use keyvault_hsm::{KeyKind, KeyStore};
+use keyvault_hsm::KeyStore;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -87,19 +87,6 @@ fn aad(key: &str) -> Vec<u8> {
 impl Wrapping {
     pub fn new(store: Arc<dyn Store>, keys: Arc<dyn KeyStore>, names: KeyNames, keyring: SharedKeyring) -> Self {
         Wrapping { store, keys, names, keyring }
-    }
-
-    /// Make the wrapping key in the HSM if this installation has none yet.
-    pub async fn ensure_key(keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
-        let label = names.wrapping();
-        let l = label.clone();
-        if hsm_call(keys, move |k| k.exists(&l)).await? {
-            return Ok(());
-        }
-        match hsm_call(keys, move |k| k.generate(&label, KeyKind::Aes256)).await {
-            Ok(()) | Err(Error::Hsm(keyvault_hsm::HsmError::KeyExists(_))) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     async fn key_of(&self, token: &str) -> Result<String> {

@@ -206,11 +206,16 @@ async fn keys_are_sensitive_and_initialization_is_once() {
     let f = fixture_on(&token).await;
     f.vault.transit.create("aes", keyvault::transit::KeyType::Aes256Gcm96).await.unwrap();
     f.vault.transit.create("ed", keyvault::transit::KeyType::Ed25519).await.unwrap();
-    keyvault::keys::ensure_audit_keys(&f.keys, &f.names).await.unwrap();
+    // Nothing to make at start-up for an installation initialized with every key.
+    keyvault::keys::ensure_keys(f.store.as_ref(), &f.keys, &f.names).await.unwrap();
     // Every key the installation made, as the token reports it: sensitive, not
     // extractable, and C_WrapKey of it refused.
     let labels = token.store.list("keyvault/").unwrap();
-    assert_eq!(labels.len(), 7, "master, token-signing, approle-hmac, audit, audit-hmac, two transit keys: {labels:?}");
+    assert_eq!(
+        labels.len(),
+        8,
+        "master, token-signing, approle-hmac, audit, audit-hmac, wrapping, two transit keys: {labels:?}"
+    );
     for label in &labels {
         let p = token.store.protection(label).unwrap();
         assert!(!p.is_empty(), "{label}");
@@ -226,6 +231,56 @@ async fn keys_are_sensitive_and_initialization_is_once() {
     let other: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let err = keys::initialize(other.as_ref(), &f.keys, &f.names).await.unwrap_err().to_string();
     assert!(err.contains("already holds a key"), "{err}");
+}
+
+/// Sixteen initializations of one new store at once: one makes the keys, the others are
+/// refused, and the token holds each key once (no two processes made one label).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_initializations_make_each_key_once() {
+    let token = testing::token();
+    let keys: Arc<dyn KeyStore> = token.store.clone();
+    let names = KeyNames::new("race").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let mut calls = Vec::new();
+    for _ in 0..16 {
+        let (store, keys, names) = (store.clone(), keys.clone(), names.clone());
+        calls.push(tokio::spawn(async move { keys::initialize(store.as_ref(), &keys, &names).await }));
+    }
+    let (mut made, mut refused) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => made += 1,
+            Err(Error::Conflict(_)) => refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!((made, refused), (1, 15));
+    let labels = token.store.list("race/").unwrap();
+    assert_eq!(labels.len(), 6, "{labels:?}");
+    for label in &labels {
+        let p = token.store.protection(label).unwrap();
+        assert_eq!(p.iter().filter(|o| o.token_object).count(), 1, "{label}: {p:?}");
+    }
+    // The keys an older installation lacks are made at start-up, once, however many
+    // replicas start at once.
+    for label in [names.audit_hmac(), names.wrapping()] {
+        assert!(token.store.destroy(&label).unwrap());
+    }
+    let mut starts = Vec::new();
+    for _ in 0..16 {
+        let (store, keys, names) = (store.clone(), keys.clone(), names.clone());
+        starts.push(tokio::spawn(async move { keys::ensure_keys(store.as_ref(), &keys, &names).await }));
+    }
+    for s in starts {
+        s.await.unwrap().unwrap();
+    }
+    for label in [names.audit_hmac(), names.wrapping()] {
+        let p = token.store.protection(&label).unwrap();
+        assert_eq!(p.iter().filter(|o| o.token_object).count(), 1, "{label}: {p:?}");
+    }
+    // And the claims are gone: nothing left to wait for at the next start.
+    assert!(scan_all(store.as_ref(), "sys/key-claims/").await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

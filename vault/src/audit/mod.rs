@@ -309,7 +309,6 @@ impl AuditLog {
         names: &KeyNames,
         say_off: bool,
     ) -> Result<Arc<AuditLog>> {
-        crate::keys::ensure_audit_keys(keys, names).await?;
         let sign_label = names.audit_signing();
         let public_key = hsm_call(keys, move |k| k.ed25519_public_key(&sign_label)).await?;
         // The HMAC key of audit entries is derived in the HSM from the audit HMAC key,

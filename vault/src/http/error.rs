@@ -95,9 +95,18 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if let ApiError::Domain(e) = &self {
-            if let Error::Hsm(HsmError::KeyNotFound(label)) = e {
-                crate::error::MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(key = %label, "a key named by KeyVault's state is missing from the HSM");
+            match e {
+                Error::Hsm(HsmError::KeyNotFound(label)) => {
+                    crate::error::MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(key = %label, "a key named by KeyVault's state is missing from the HSM");
+                }
+                // Still two objects after a re-initialisation: which one holds the key is
+                // unknown, so it is as good as missing until an operator settles it.
+                Error::Hsm(HsmError::DuplicateLabel(label)) => {
+                    crate::error::MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(key = %label, "a key named by KeyVault's state is on several objects in the HSM");
+                }
+                _ => {}
             }
             if status.is_server_error() {
                 tracing::error!(error = %e, status = status.as_u16(), "request failed");

@@ -193,6 +193,7 @@ impl<'a> Builder<'a> {
         let keyring = SharedKeyring::open(store.clone()).await?.ok_or_else(|| {
             Error::Config("KeyVault is not initialized: run `keyvault operator init --config <file>` first".into())
         })?;
+        keys::ensure_keys(store.as_ref(), &keys, &names).await?;
         crate::usage::ensure_counted(store.as_ref(), crate::secrets::data_prefix()).await?;
         let audit = match self.purpose {
             Purpose::Serve => AuditLog::open(&config.audit, &keys, &names).await?,
