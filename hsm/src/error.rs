@@ -73,6 +73,12 @@ pub enum HsmError {
     #[error("the token did not answer within {secs} s")]
     CallTimeout { secs: u64 },
 
+    /// A claimed key generation ([`crate::KeyStore::generate_claimed`]) reached the end of
+    /// its claim before the token made the key (a slow or hung token): it stops there
+    /// rather than make or destroy anything another claimer may now own.
+    #[error("the claim on key {0:?} ran out before the token made it")]
+    ClaimExpired(String),
+
     /// Any other failed `C_*` call, with the function and its return value.
     #[error("{function} failed: {rv}")]
     Pkcs11 { function: Function, rv: RvError },
@@ -104,6 +110,7 @@ impl HsmError {
             HsmError::Unavailable { .. }
                 | HsmError::PoolTimeout
                 | HsmError::CallTimeout { .. }
+                | HsmError::ClaimExpired(_)
                 | HsmError::TokenNotFound { .. }
                 | HsmError::Sealed
         )

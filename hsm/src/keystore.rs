@@ -4,6 +4,8 @@
 //! key's value: keys are generated inside the token and only their public halves, and
 //! the results of operations with them, come out.
 
+use std::time::{Duration, Instant};
+
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -98,16 +100,27 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// Generate a new key inside the token: persistent, private, sensitive, not
     /// extractable, and read back as such before this returns.
     ///
-    /// The caller holds a claim on `label` in KeyVault's store (a pending version in the
-    /// keyring, a transit key's operation, an initialization or start-up claim), so no
-    /// other caller, in this process or another, makes the label meanwhile. What is
-    /// already under the label was then made by an earlier claimer that did not finish,
-    /// and no committed state names it: a whole key of `kind` gives
-    /// [`HsmError::KeyExists`] (the caller adopts it); anything else (half a key pair, an
-    /// unprotected object, a key of another kind, two objects) is destroyed and the key
-    /// made afresh. A generation the token fails or stores wrongly is cleaned up and
-    /// tried again, a few times.
-    fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()>;
+    /// The caller holds a claim on `label` in KeyVault's store until `claim_ends` (a
+    /// pending version in the keyring, a transit key's operation, an initialization or
+    /// start-up claim), so no other caller, in this process or another, makes the label
+    /// meanwhile. What is already under the label was then made by an earlier claimer
+    /// that did not finish, and no committed state names it: a whole key of `kind` (one
+    /// protected object of its class and key type, generated in the token, and one public
+    /// half for Ed25519) gives [`HsmError::KeyExists`] (the caller adopts it); anything
+    /// else (half a key pair, an unprotected object, a key of another kind, two objects)
+    /// is destroyed and the key made afresh. A generation the token fails with
+    /// `CKR_GENERAL_ERROR` or stores wrongly is cleaned up and tried again, a few times;
+    /// other errors return at once and may leave objects under the label for the next
+    /// claimer to replace. Past `claim_ends` nothing more is made or destroyed
+    /// ([`HsmError::ClaimExpired`]): another claimer may own the label by then.
+    fn generate_claimed(&self, label: &KeyLabel, kind: KeyKind, claim_ends: Instant) -> Result<()>;
+
+    /// [`KeyStore::generate_claimed`] with a claim that does not end: for tests, and for
+    /// tools that own the token alone.
+    fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        self.generate_claimed(label, kind, far)
+    }
 
     /// True if any token object carries this label (a key, or part of one).
     fn exists(&self, label: &KeyLabel) -> Result<bool>;

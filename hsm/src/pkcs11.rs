@@ -783,7 +783,8 @@ impl Pkcs11KeyStore {
 
     /// What the token holds under `label`, judged against a key of `kind` as
     /// [`Self::make_key`] makes it: exactly one object of the key's class (secret, or
-    /// private for Ed25519) that is a private, sensitive, unextractable token object;
+    /// private for Ed25519) that is a private, sensitive, unextractable token object,
+    /// generated in the token (`CKA_LOCAL`) and never extractable or readable since;
     /// for Ed25519 exactly one public half; of the kind's key type; nothing else under
     /// the label.
     fn key_as_made(&self, session: &Session, label: &KeyLabel, kind: KeyKind) -> Result<Made> {
@@ -802,10 +803,15 @@ impl Pkcs11KeyStore {
                     AttributeType::Private,
                     AttributeType::Sensitive,
                     AttributeType::Extractable,
+                    AttributeType::Local,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
                 ],
             )?;
             let (mut class, mut private, mut sensitive, mut extractable) = (None, false, false, true);
-            let mut right_type = false;
+            // Made inside the token and never readable: not a key imported with a value
+            // someone chose.
+            let (mut right_type, mut local, mut always_sensitive, mut never_extractable) = (false, false, false, false);
             for a in attrs {
                 match a {
                     Attribute::Class(c) => class = Some(c),
@@ -813,13 +819,22 @@ impl Pkcs11KeyStore {
                     Attribute::Private(v) => private = v,
                     Attribute::Sensitive(v) => sensitive = v,
                     Attribute::Extractable(v) => extractable = v,
+                    Attribute::Local(v) => local = v,
+                    Attribute::AlwaysSensitive(v) => always_sensitive = v,
+                    Attribute::NeverExtractable(v) => never_extractable = v,
                     _ => {}
                 }
             }
             match class {
                 Some(c) if c == secret => {
                     secrets += 1;
-                    protected &= right_type && private && sensitive && !extractable;
+                    protected &= right_type
+                        && private
+                        && sensitive
+                        && !extractable
+                        && local
+                        && always_sensitive
+                        && never_extractable;
                 }
                 Some(c) if c == ObjectClass::PUBLIC_KEY && kind == KeyKind::Ed25519 => publics += 1,
                 _ => others += 1,
@@ -981,6 +996,24 @@ impl Pkcs11KeyStore {
         })
     }
 
+    /// Destroy the private half of an Ed25519 key, leaving its public half: what a
+    /// generation interrupted half way can leave. For tests of leftovers in other crates;
+    /// it destroys, it reads nothing.
+    #[doc(hidden)]
+    pub fn destroy_private_half(&self, label: &KeyLabel) -> Result<()> {
+        self.run(|s, session| {
+            for h in session.find_objects(&[
+                Attribute::Token(true),
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.as_str().as_bytes().to_vec()),
+            ])? {
+                session.destroy_object(h)?;
+            }
+            s.forget_handles();
+            Ok(())
+        })
+    }
+
     #[cfg(test)]
     pub(crate) fn value_attributes_returned(&self, label: &KeyLabel, class: ObjectClass) -> Result<usize> {
         self.run(|s, session| {
@@ -1010,9 +1043,15 @@ fn parse_ec_point(point: &[u8]) -> Result<[u8; 32]> {
 const GENERATE_ATTEMPTS: u32 = 4;
 
 impl KeyStore for Pkcs11KeyStore {
-    fn generate(&self, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+    fn generate_claimed(&self, label: &KeyLabel, kind: KeyKind, claim_ends: Instant) -> Result<()> {
         let _one_at_a_time = self.generating.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked before each step that makes or destroys: a call held up (by a hung
+        // token, or waiting for the lock above) past its claim touches nothing.
+        let in_claim = || {
+            if Instant::now() < claim_ends { Ok(()) } else { Err(HsmError::ClaimExpired(label.to_string())) }
+        };
         self.run(|s, session| {
+            in_claim()?;
             if !s.objects_with_label(session, label)?.is_empty() {
                 // The caller holds a claim on the label (see the trait): what is under it
                 // was made by an earlier claimer that did not finish, and nothing
@@ -1023,6 +1062,7 @@ impl KeyStore for Pkcs11KeyStore {
                     return Err(HsmError::KeyExists(label.to_string()));
                 }
                 tracing::warn!(key = %label, "the objects under this label are not a whole key as it would be made; destroying them and making the key afresh");
+                in_claim()?;
                 s.remove_label(session, label)?;
             }
             let mut last = HsmError::BadAttribute("the token did not store a new key as it was made");
@@ -1031,6 +1071,7 @@ impl KeyStore for Pkcs11KeyStore {
                     // The other process is likely still writing: give it a moment.
                     std::thread::sleep(Duration::from_millis(10 * u64::from(attempt - 1)));
                 }
+                in_claim()?;
                 match s.make_key(session, label, kind) {
                     // Read back what the token stored before anyone relies on the key: with
                     // several processes making keys at once, SoftHSM's file store has been
@@ -1062,6 +1103,7 @@ impl KeyStore for Pkcs11KeyStore {
                     }
                     Err(e) => return Err(e),
                 }
+                in_claim()?;
                 if let Err(e) = s.remove_label(session, label) {
                     tracing::warn!(key = %label, error = %e, "could not remove a failed generation's objects");
                     return Err(last);

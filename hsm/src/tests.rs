@@ -483,3 +483,21 @@ fn a_broken_leftover_under_a_label_is_replaced_and_a_key_is_not() {
     assert_eq!(objects_of(&t.store, &twice), (1, 0));
     t.store.encrypt_aes_gcm(&twice, b"x", b"").unwrap();
 }
+
+#[test]
+fn a_generation_past_its_claim_makes_and_destroys_nothing() {
+    let t = testing::token();
+    let over = std::time::Instant::now() - std::time::Duration::from_millis(1);
+    let key = label("keyvault/transit/late/v1");
+    let err = t.store.generate_claimed(&key, KeyKind::Aes256Gcm, over).unwrap_err();
+    assert!(matches!(&err, HsmError::ClaimExpired(l) if l == key.as_str()), "{err:?}");
+    assert!(err.is_unavailable());
+    assert!(!t.store.exists(&key).unwrap());
+    // What is under the label stays as it is, even what a claimer in time would replace.
+    let ed = label("keyvault/transit/late-half/v1");
+    t.store.generate(&ed, KeyKind::Ed25519).unwrap();
+    let public = t.store.ed25519_public_key(&ed).unwrap();
+    t.store.destroy_private_half(&ed).unwrap();
+    assert!(matches!(t.store.generate_claimed(&ed, KeyKind::Ed25519, over), Err(HsmError::ClaimExpired(_))));
+    assert_eq!(t.store.ed25519_public_key(&ed).unwrap(), public);
+}

@@ -109,6 +109,22 @@ fn claim_key(label: &KeyLabel) -> String {
 /// token when its caller gave up ends before anyone else may make the label.
 const LABEL_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long before its lease's end a claimer stops touching the token: a margin for clocks
+/// (a lease's end is wall-clock seconds, compared on every replica) and for the call in
+/// flight.
+const CLAIM_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The instant until which a claim taken now with `lease` is safely its claimer's, for
+/// [`KeyStore::generate_claimed`].
+pub(crate) fn claim_ends(lease: std::time::Duration) -> std::time::Instant {
+    std::time::Instant::now() + lease.saturating_sub(CLAIM_MARGIN)
+}
+
+/// Where a key made by [`ensure_keys`] (or at initialization) is recorded as made.
+fn made_key(label: &KeyLabel) -> String {
+    format!("sys/keys-made/{label}")
+}
+
 /// Claim `label` for a generation in the store every replica shares: of concurrent
 /// claimers exactly one gets `true`. [`KeyStore::generate`] relies on it: what it finds
 /// under a claimed label no one else is making.
@@ -119,7 +135,11 @@ async fn claim_label(store: &dyn Store, label: &KeyLabel) -> Result<bool> {
 /// Make the keys an installation needs beyond its keyring if it has none yet (the audit
 /// and response-wrapping keys of an installation initialized before they existed), each
 /// under a claim in the store: of replicas starting at once one makes a key and the others
-/// wait for it.
+/// wait for it. A key made is recorded in the store (`sys/keys-made/<label>`), and the
+/// record, not the token, says it is done: a replica whose view of a shared token is stale
+/// would not see a key another replica just made, and a key a crashed claimer left half
+/// made is in the token but not done. An older installation's keys, made before these
+/// records, are adopted under the claim if whole (and replaced if not).
 pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
     let wanted = [
         (names.audit_signing(), KeyKind::Ed25519),
@@ -128,25 +148,13 @@ pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Ke
     ];
     for (label, kind) in wanted {
         let deadline = std::time::Instant::now() + LABEL_CLAIM_LEASE + std::time::Duration::from_secs(5);
-        loop {
-            let l = label.clone();
-            let exists = hsm_call(keys, move |k| k.exists(&l)).await?;
-            // Checked after the token: a key seen while nobody claims its label is whole.
-            let claimed = store.get(&claim_key(&label)).await?.is_some();
-            if exists && !claimed {
-                break;
-            }
-            if !exists && !claimed && claim_label(store, &label).await? {
-                let l = label.clone();
-                let made = match hsm_call(keys, move |k| k.generate(&l, kind)).await {
-                    Ok(()) | Err(Error::Hsm(HsmError::KeyExists(_))) => Ok(()),
-                    Err(e) => Err(e),
-                };
+        while store.get(&made_key(&label)).await?.is_none() {
+            if claim_label(store, &label).await? {
+                let made = make_claimed(store, keys, &label, kind).await;
                 if !made.as_ref().is_err_and(token_call_may_still_run) {
-                    store.delete(&claim_key(&label)).await?;
+                    release(store, &claim_key(&label)).await;
                 }
                 made?;
-                tracing::info!(key = %label, "made a key this installation did not have yet");
                 break;
             }
             if std::time::Instant::now() > deadline {
@@ -156,6 +164,30 @@ pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Ke
         }
     }
     Ok(())
+}
+
+/// [`ensure_keys`] for one label, its claim held.
+async fn make_claimed(store: &dyn Store, keys: &Arc<dyn KeyStore>, label: &KeyLabel, kind: KeyKind) -> Result<()> {
+    let ends = claim_ends(LABEL_CLAIM_LEASE);
+    // Made by the claimer just before this one, which recorded it before letting go.
+    if store.get(&made_key(label)).await?.is_some() {
+        return Ok(());
+    }
+    let l = label.clone();
+    match hsm_call(keys, move |k| k.generate_claimed(&l, kind, ends)).await {
+        Ok(()) => tracing::info!(key = %label, "made a key this installation did not have yet"),
+        Err(Error::Hsm(HsmError::KeyExists(_))) => {}
+        Err(e) => return Err(e),
+    }
+    store.put(&made_key(label), b"{}").await?;
+    Ok(())
+}
+
+/// Let go of a claim; one that cannot be deleted expires with its lease.
+async fn release(store: &dyn Store, claim: &str) {
+    if let Err(e) = store.delete(claim).await {
+        tracing::warn!(claim, error = %e, "could not release a claim; it expires with its lease");
+    }
 }
 
 /// Whether a token call that failed with `e` may still be running in the token: one that
@@ -316,12 +348,13 @@ pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Key
     }
     let made = initialize_claimed(store, keys, names).await;
     if !made.as_ref().is_err_and(token_call_may_still_run) {
-        store.delete(INIT_CLAIM_KEY).await?;
+        release(store, INIT_CLAIM_KEY).await;
     }
     made
 }
 
 async fn initialize_claimed(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
+    let ends = claim_ends(LABEL_CLAIM_LEASE);
     if load(store).await?.is_some() {
         return Err(Error::Conflict("KeyVault is already initialized".into()));
     }
@@ -347,12 +380,15 @@ async fn initialize_claimed(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: 
             )));
         }
     }
-    for (label, kind) in wanted {
-        match hsm_call(keys, move |k| k.generate(&label, kind)).await {
+    for (label, kind) in wanted.clone() {
+        match hsm_call(keys, move |k| k.generate_claimed(&label, kind, ends)).await {
             // Only this claim made it (a second look after SoftHSM showed it twice).
             Ok(()) | Err(Error::Hsm(HsmError::KeyExists(_))) => {}
             Err(e) => return Err(e),
         }
+    }
+    for (label, _) in &wanted[3..] {
+        store.put(&made_key(label), b"{}").await?;
     }
     let ring =
         Keyring { master: KeyFamily::first(), token_signing: KeyFamily::first(), approle_hmac: KeyFamily::first() };
@@ -421,14 +457,16 @@ pub async fn add_version(
         Some(p) => p.version,
         None => fam.versions.iter().copied().max().unwrap_or(fam.active).next(),
     };
-    fam.pending = Some(PendingVersion { version: next, until: now.saturating_add(PENDING_LEASE) });
+    let ours = PendingVersion { version: next, until: now.saturating_add(PENDING_LEASE) };
+    fam.pending = Some(ours.clone());
     let claimed = encode_json(&ring);
     if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&claimed)).await? {
         return Err(conflict());
     }
+    let ends = claim_ends(std::time::Duration::from_secs(PENDING_LEASE));
     let label = family.label(names, next);
     let l = label.clone();
-    match hsm_call(keys, move |k| k.generate(&l, family.kind())).await {
+    match hsm_call(keys, move |k| k.generate_claimed(&l, family.kind(), ends)).await {
         Ok(()) => {}
         Err(Error::Hsm(keyvault_hsm::HsmError::KeyExists(_))) => {
             tracing::warn!(?family, version = %next, "adopting the whole key under the label (left by an interrupted rotation, or shown twice by the token and looked at again)");
@@ -447,16 +485,25 @@ pub async fn add_version(
             return Err(e);
         }
     }
-    let fam = family.of(&mut ring);
-    fam.pending = None;
-    fam.versions.push(next);
-    fam.active = next;
-    fam.activated_at = crate::unix_now();
-    if !store.compare_and_swap(KEYRING_KEY, Some(&claimed), Some(&encode_json(&ring))).await? {
-        return Err(conflict());
+    // Record the version, as long as the claim is still ours: the keyring may have changed
+    // meanwhile in other ways (the other family rotated), which is no reason to fail.
+    let mut current = claimed;
+    loop {
+        let mut ring: Keyring = decode_json(KEYRING_KEY, &current)?;
+        let fam = family.of(&mut ring);
+        if fam.pending.as_ref() != Some(&ours) {
+            return Err(conflict());
+        }
+        fam.pending = None;
+        fam.versions.push(next);
+        fam.active = next;
+        fam.activated_at = crate::unix_now();
+        if store.compare_and_swap(KEYRING_KEY, Some(&current), Some(&encode_json(&ring))).await? {
+            tracing::info!(?family, version = %next, "new key version is active");
+            return Ok(ring);
+        }
+        current = store.get(KEYRING_KEY).await?.ok_or_else(conflict)?;
     }
-    tracing::info!(?family, version = %next, "new key version is active");
-    Ok(ring)
 }
 
 /// Retire a version: remove it from the keyring (never the active one), then destroy its

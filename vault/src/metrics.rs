@@ -409,8 +409,13 @@ fn finish<T>(
 }
 
 impl keyvault_hsm::KeyStore for MeteredKeyStore {
-    fn generate(&self, label: &keyvault_hsm::KeyLabel, kind: keyvault_hsm::KeyKind) -> keyvault_hsm::Result<()> {
-        timed("generate", self.inner.as_ref(), || self.k().generate(label, kind))
+    fn generate_claimed(
+        &self,
+        label: &keyvault_hsm::KeyLabel,
+        kind: keyvault_hsm::KeyKind,
+        claim_ends: std::time::Instant,
+    ) -> keyvault_hsm::Result<()> {
+        timed("generate", self.inner.as_ref(), || self.k().generate_claimed(label, kind, claim_ends))
     }
     fn exists(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
         timed("exists", self.inner.as_ref(), || self.k().exists(label))

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -169,10 +170,11 @@ impl Transit {
     /// Make version `v` of a key in the token, or adopt the object an owner that crashed
     /// left under that label (it was never referenced by committed state, so nothing was
     /// encrypted or signed with it). Only the holder of the key's operation calls this.
-    async fn new_version(&self, name: &str, key_type: KeyType, v: u32) -> Result<KeyVersionMeta> {
+    /// Make version `v` in the token, under a claim that is safely this caller's until `ends`.
+    async fn new_version(&self, name: &str, key_type: KeyType, v: u32, ends: Instant) -> Result<KeyVersionMeta> {
         let label = self.label(name, v)?;
         let l = label.clone();
-        match hsm_call(&self.keys, move |k| k.generate(&l, token_kind(key_type))).await {
+        match hsm_call(&self.keys, move |k| k.generate_claimed(&l, token_kind(key_type), ends)).await {
             Ok(()) => {}
             Err(Error::Hsm(HsmError::KeyExists(_))) => {
                 tracing::warn!(
@@ -268,8 +270,9 @@ impl Transit {
             ),
         };
         key.operation = Some(self.claim("create", 1));
+        let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
         let claimed = self.swap(name, expected.as_deref(), Some(&key)).await?;
-        let v1 = match self.new_version(name, key.key_type, 1).await {
+        let v1 = match self.new_version(name, key.key_type, 1, ends).await {
             Ok(v1) => v1,
             Err(e) => return Err(self.give_back(name, &claimed, expected.as_deref(), e).await),
         };
@@ -298,8 +301,9 @@ impl Transit {
             None => key.latest_version + 1,
         };
         key.operation = Some(self.claim("rotate", v));
+        let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
         let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
-        let meta = match self.new_version(name, key.key_type, v).await {
+        let meta = match self.new_version(name, key.key_type, v, ends).await {
             Ok(meta) => meta,
             Err(e) => return Err(self.give_back(name, &claimed, Some(&raw), e).await),
         };

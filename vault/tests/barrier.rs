@@ -263,9 +263,15 @@ async fn concurrent_initializations_make_each_key_once() {
         assert_eq!(p.iter().filter(|o| o.token_object).count(), 1, "{label}: {p:?}");
     }
     // The keys an older installation lacks are made at start-up, once, however many
-    // replicas start at once.
+    // replicas start at once; one left half made (an Ed25519 public half alone, as a
+    // claimer killed half way leaves it) is replaced, not taken as made. (An older
+    // installation has no record of them as made: `sys/keys-made/`.)
     for label in [names.audit_hmac(), names.wrapping()] {
         assert!(token.store.destroy(&label).unwrap());
+    }
+    token.store.destroy_private_half(&names.audit_signing()).unwrap();
+    for (key, _) in scan_all(store.as_ref(), "sys/keys-made/").await.unwrap() {
+        assert!(store.delete(&key).await.unwrap());
     }
     let mut starts = Vec::new();
     for _ in 0..16 {
@@ -275,10 +281,12 @@ async fn concurrent_initializations_make_each_key_once() {
     for s in starts {
         s.await.unwrap().unwrap();
     }
-    for label in [names.audit_hmac(), names.wrapping()] {
+    for label in [names.audit_hmac(), names.wrapping(), names.audit_signing()] {
         let p = token.store.protection(&label).unwrap();
         assert_eq!(p.iter().filter(|o| o.token_object).count(), 1, "{label}: {p:?}");
     }
+    token.store.ed25519_public_key(&names.audit_signing()).unwrap();
+    assert_eq!(scan_all(store.as_ref(), "sys/keys-made/").await.unwrap().len(), 3);
     // And the claims are gone: nothing left to wait for at the next start.
     assert!(scan_all(store.as_ref(), "sys/key-claims/").await.unwrap().is_empty());
 }
@@ -515,4 +523,23 @@ async fn rotation_moves_token_wrapped_records_to_the_new_epoch_key_and_retire_dr
     assert!(token_tier.epoch_keys().loaded_count() >= 1);
     token_tier.follow_keyring().await.unwrap();
     assert!(token_tier.epoch_keys().cached(keys::KeyVersion::FIRST).is_none());
+}
+
+/// A rotation of one key family while the other family rotates: both are recorded (the
+/// keyring changed under each, but not their claims).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_families_rotate_at_once() {
+    let token = testing::token();
+    let f = fixture_on(&token).await;
+    for round in 0..6u32 {
+        let (a, b) = tokio::join!(
+            keys::add_version(f.store.as_ref(), &f.keys, &f.names, keys::Family::Master),
+            keys::add_version(f.store.as_ref(), &f.keys, &f.names, keys::Family::TokenSigning),
+        );
+        a.unwrap_or_else(|e| panic!("master, round {round}: {e:?}"));
+        b.unwrap_or_else(|e| panic!("token signing, round {round}: {e:?}"));
+    }
+    let ring = keys::load(f.store.as_ref()).await.unwrap().unwrap();
+    assert_eq!((ring.master.active.get(), ring.token_signing.active.get()), (7, 7));
+    assert!(ring.master.pending.is_none() && ring.token_signing.pending.is_none());
 }
