@@ -810,8 +810,9 @@ impl Pkcs11KeyStore {
             )?;
             let (mut class, mut private, mut sensitive, mut extractable) = (None, false, false, true);
             // Made inside the token and never readable: not a key imported with a value
-            // someone chose.
-            let (mut right_type, mut local, mut always_sensitive, mut never_extractable) = (false, false, false, false);
+            // someone chose. (A token that does not report these attributes is taken at
+            // its word on the others; one that reports any of them false is not.)
+            let (mut right_type, mut local, mut always_sensitive, mut never_extractable) = (false, true, true, true);
             for a in attrs {
                 match a {
                     Attribute::Class(c) => class = Some(c),
@@ -1000,6 +1001,7 @@ impl Pkcs11KeyStore {
     /// generation interrupted half way can leave. For tests of leftovers in other crates;
     /// it destroys, it reads nothing.
     #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn destroy_private_half(&self, label: &KeyLabel) -> Result<()> {
         self.run(|s, session| {
             for h in session.find_objects(&[

@@ -99,7 +99,7 @@ impl KeyNames {
 }
 
 /// Where the claim on a key being made outside any versioned record lives (see
-/// [`claim_label`]).
+/// [`LabelClaim`]).
 fn claim_key(label: &KeyLabel) -> String {
     format!("sys/key-claims/{label}")
 }
@@ -114,8 +114,9 @@ const LABEL_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(60
 /// flight.
 const CLAIM_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The instant until which a claim taken now with `lease` is safely its claimer's, for
-/// [`KeyStore::generate_claimed`].
+/// The instant until which a claim taken from now on with `lease` is safely its
+/// claimer's, for [`KeyStore::generate_claimed`]. Taken before the claim is stored, so
+/// that the store's latency comes out of the lease, not out of the margin.
 pub(crate) fn claim_ends(lease: std::time::Duration) -> std::time::Instant {
     std::time::Instant::now() + lease.saturating_sub(CLAIM_MARGIN)
 }
@@ -125,11 +126,71 @@ fn made_key(label: &KeyLabel) -> String {
     format!("sys/keys-made/{label}")
 }
 
-/// Claim `label` for a generation in the store every replica shares: of concurrent
-/// claimers exactly one gets `true`. [`KeyStore::generate`] relies on it: what it finds
-/// under a claimed label no one else is making.
-async fn claim_label(store: &dyn Store, label: &KeyLabel) -> Result<bool> {
-    Ok(store.insert_if_absent(&claim_key(label), b"{}", Some(LABEL_CLAIM_LEASE)).await?)
+/// A claim's stored record: who holds it, until when (unix seconds). An `until` of 0 is a
+/// claim given up after a failed generation: free to take, and saying that what is under
+/// the label is a claimer's leftover.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimRecord {
+    owner: String,
+    until: u64,
+}
+
+/// A claim held on a label (or on the first initialization), stored at `key` so that of
+/// concurrent claimers on every replica exactly one holds it. [`KeyStore::generate_claimed`]
+/// relies on it: what it finds under a claimed label no one else is making.
+struct LabelClaim {
+    key: String,
+    value: Vec<u8>,
+    /// Until when the claimer may touch the token.
+    ends: std::time::Instant,
+    /// Whether an earlier claimer held it (crashed, or gave up after a failure): whatever
+    /// is under the label then is a leftover of one, not another installation's key.
+    after_another: bool,
+}
+
+impl LabelClaim {
+    /// Take the claim if it is free (absent, expired or given up); `None` if another holds it.
+    async fn take(store: &dyn Store, key: String) -> Result<Option<LabelClaim>> {
+        let ends = claim_ends(LABEL_CLAIM_LEASE);
+        let record = ClaimRecord {
+            owner: uuid::Uuid::new_v4().simple().to_string(),
+            until: crate::unix_now().saturating_add(LABEL_CLAIM_LEASE.as_secs()),
+        };
+        let value = encode_json(&record);
+        if store.insert_if_absent(&key, &value, None).await? {
+            return Ok(Some(LabelClaim { key, value, ends, after_another: false }));
+        }
+        let Some(current) = store.get(&key).await? else { return Ok(None) };
+        let held: ClaimRecord = decode_json(&key, &current)?;
+        if held.until > crate::unix_now() || !store.compare_and_swap(&key, Some(&current), Some(&value)).await? {
+            return Ok(None);
+        }
+        Ok(Some(LabelClaim { key, value, ends, after_another: true }))
+    }
+
+    /// Let go after success: the claim is deleted, if it is still ours.
+    async fn release(self, store: &dyn Store) {
+        if !matches!(store.compare_and_swap(&self.key, Some(&self.value), None).await, Ok(true)) {
+            tracing::warn!(claim = %self.key, "could not release a claim; it expires with its lease");
+        }
+    }
+
+    /// Let go after a failure: free to take at once, and marked as a claimer's. Not after
+    /// a call that may still run in the token: then it runs out its lease.
+    async fn give_up(self, store: &dyn Store, e: &Error) {
+        if token_call_may_still_run(e) {
+            return;
+        }
+        let record: ClaimRecord = match decode_json(&self.key, &self.value) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let given_up = encode_json(&ClaimRecord { owner: record.owner, until: 0 });
+        if !matches!(store.compare_and_swap(&self.key, Some(&self.value), Some(&given_up)).await, Ok(true)) {
+            tracing::warn!(claim = %self.key, "could not give up a claim; it expires with its lease");
+        }
+    }
 }
 
 /// Make the keys an installation needs beyond its keyring if it has none yet (the audit
@@ -138,8 +199,9 @@ async fn claim_label(store: &dyn Store, label: &KeyLabel) -> Result<bool> {
 /// wait for it. A key made is recorded in the store (`sys/keys-made/<label>`), and the
 /// record, not the token, says it is done: a replica whose view of a shared token is stale
 /// would not see a key another replica just made, and a key a crashed claimer left half
-/// made is in the token but not done. An older installation's keys, made before these
-/// records, are adopted under the claim if whole (and replaced if not).
+/// made is in the token but not done. A key in the token under a label no one ever
+/// claimed is an older installation's, made before these records and in use: it is
+/// recorded as it is, never replaced.
 pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
     let wanted = [
         (names.audit_signing(), KeyKind::Ed25519),
@@ -149,12 +211,14 @@ pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Ke
     for (label, kind) in wanted {
         let deadline = std::time::Instant::now() + LABEL_CLAIM_LEASE + std::time::Duration::from_secs(5);
         while store.get(&made_key(&label)).await?.is_none() {
-            if claim_label(store, &label).await? {
-                let made = make_claimed(store, keys, &label, kind).await;
-                if !made.as_ref().is_err_and(token_call_may_still_run) {
-                    release(store, &claim_key(&label)).await;
+            if let Some(claim) = LabelClaim::take(store, claim_key(&label)).await? {
+                match make_claimed(store, keys, &label, kind, &claim).await {
+                    Ok(()) => claim.release(store).await,
+                    Err(e) => {
+                        claim.give_up(store, &e).await;
+                        return Err(e);
+                    }
                 }
-                made?;
                 break;
             }
             if std::time::Instant::now() > deadline {
@@ -167,27 +231,30 @@ pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Ke
 }
 
 /// [`ensure_keys`] for one label, its claim held.
-async fn make_claimed(store: &dyn Store, keys: &Arc<dyn KeyStore>, label: &KeyLabel, kind: KeyKind) -> Result<()> {
-    let ends = claim_ends(LABEL_CLAIM_LEASE);
+async fn make_claimed(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    label: &KeyLabel,
+    kind: KeyKind,
+    claim: &LabelClaim,
+) -> Result<()> {
     // Made by the claimer just before this one, which recorded it before letting go.
     if store.get(&made_key(label)).await?.is_some() {
         return Ok(());
     }
     let l = label.clone();
-    match hsm_call(keys, move |k| k.generate_claimed(&l, kind, ends)).await {
-        Ok(()) => tracing::info!(key = %label, "made a key this installation did not have yet"),
-        Err(Error::Hsm(HsmError::KeyExists(_))) => {}
-        Err(e) => return Err(e),
+    if !claim.after_another && hsm_call(keys, move |k| k.exists(&l)).await? {
+        tracing::info!(key = %label, "recording a key this installation made before keys were recorded");
+    } else {
+        let (l, ends) = (label.clone(), claim.ends);
+        match hsm_call(keys, move |k| k.generate_claimed(&l, kind, ends)).await {
+            Ok(()) => tracing::info!(key = %label, "made a key this installation did not have yet"),
+            Err(Error::Hsm(HsmError::KeyExists(_))) => {}
+            Err(e) => return Err(e),
+        }
     }
     store.put(&made_key(label), b"{}").await?;
     Ok(())
-}
-
-/// Let go of a claim; one that cannot be deleted expires with its lease.
-async fn release(store: &dyn Store, claim: &str) {
-    if let Err(e) = store.delete(claim).await {
-        tracing::warn!(claim, error = %e, "could not release a claim; it expires with its lease");
-    }
 }
 
 /// Whether a token call that failed with `e` may still be running in the token: one that
@@ -343,18 +410,23 @@ pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Key
     if load(store).await?.is_some() {
         return Err(Error::Conflict("KeyVault is already initialized".into()));
     }
-    if !store.insert_if_absent(INIT_CLAIM_KEY, b"{}", Some(LABEL_CLAIM_LEASE)).await? {
+    let Some(claim) = LabelClaim::take(store, INIT_CLAIM_KEY.to_owned()).await? else {
         return Err(Error::Conflict("another process is initializing KeyVault; retry".into()));
-    }
-    let made = initialize_claimed(store, keys, names).await;
-    if !made.as_ref().is_err_and(token_call_may_still_run) {
-        release(store, INIT_CLAIM_KEY).await;
+    };
+    let made = initialize_claimed(store, keys, names, claim.ends).await;
+    match &made {
+        Ok(_) => claim.release(store).await,
+        Err(e) => claim.give_up(store, e).await,
     }
     made
 }
 
-async fn initialize_claimed(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<Keyring> {
-    let ends = claim_ends(LABEL_CLAIM_LEASE);
+async fn initialize_claimed(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+    ends: std::time::Instant,
+) -> Result<Keyring> {
     if load(store).await?.is_some() {
         return Err(Error::Conflict("KeyVault is already initialized".into()));
     }
@@ -457,13 +529,14 @@ pub async fn add_version(
         Some(p) => p.version,
         None => fam.versions.iter().copied().max().unwrap_or(fam.active).next(),
     };
+    let before = fam.pending.clone();
     let ours = PendingVersion { version: next, until: now.saturating_add(PENDING_LEASE) };
     fam.pending = Some(ours.clone());
     let claimed = encode_json(&ring);
+    let ends = claim_ends(std::time::Duration::from_secs(PENDING_LEASE));
     if !store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&claimed)).await? {
         return Err(conflict());
     }
-    let ends = claim_ends(std::time::Duration::from_secs(PENDING_LEASE));
     let label = family.label(names, next);
     let l = label.clone();
     match hsm_call(keys, move |k| k.generate_claimed(&l, family.kind(), ends)).await {
@@ -472,37 +545,57 @@ pub async fn add_version(
             tracing::warn!(?family, version = %next, "adopting the whole key under the label (left by an interrupted rotation, or shown twice by the token and looked at again)");
         }
         Err(e) => {
-            // The token failed the generation (it cleans up after itself): give the claim
-            // back now rather than make every rotation wait out its lease with a 409. Not
-            // after a call that timed out: the token may still be making the key, and no
-            // one else may make the label until it is done. A claim that cannot be given
-            // back (the keyring changed) expires as before.
+            // The token failed the generation (it cleans up after itself, or leaves what
+            // the next claimer replaces): give the claim back now rather than make every
+            // rotation wait out its lease with a 409. Not after a call that timed out: the
+            // token may still be making the key, and no one else may make the label until
+            // it is done.
             if token_call_may_still_run(&e) {
                 tracing::warn!(?family, version = %next, "the token did not answer a key generation; its claim expires with its lease");
-            } else if !matches!(store.compare_and_swap(KEYRING_KEY, Some(&claimed), Some(&raw)).await, Ok(true)) {
+            } else if !matches!(
+                while_ours(store, family, &ours, claimed, |f| f.pending = before.clone()).await,
+                Ok(Some(_))
+            ) {
                 tracing::warn!(?family, version = %next, "could not give back the claim of a failed rotation; it expires with its lease");
             }
             return Err(e);
         }
     }
-    // Record the version, as long as the claim is still ours: the keyring may have changed
-    // meanwhile in other ways (the other family rotated), which is no reason to fail.
-    let mut current = claimed;
+    let record = |f: &mut KeyFamily| {
+        f.pending = None;
+        f.versions.push(next);
+        f.active = next;
+        f.activated_at = crate::unix_now();
+    };
+    let ring = while_ours(store, family, &ours, claimed, record).await?.ok_or_else(conflict)?;
+    tracing::info!(?family, version = %next, "new key version is active");
+    Ok(ring)
+}
+
+/// Change `family` in the stored keyring (`current`: its last bytes seen) while its
+/// pending version is still `ours`, by compare-and-swap, again after any other change (the
+/// other family rotated meanwhile: no reason to fail). `None` once the claim is not ours.
+async fn while_ours(
+    store: &dyn Store,
+    family: Family,
+    ours: &PendingVersion,
+    mut current: Vec<u8>,
+    change: impl Fn(&mut KeyFamily),
+) -> Result<Option<Keyring>> {
     loop {
         let mut ring: Keyring = decode_json(KEYRING_KEY, &current)?;
         let fam = family.of(&mut ring);
-        if fam.pending.as_ref() != Some(&ours) {
-            return Err(conflict());
+        if fam.pending.as_ref() != Some(ours) {
+            return Ok(None);
         }
-        fam.pending = None;
-        fam.versions.push(next);
-        fam.active = next;
-        fam.activated_at = crate::unix_now();
+        change(fam);
         if store.compare_and_swap(KEYRING_KEY, Some(&current), Some(&encode_json(&ring))).await? {
-            tracing::info!(?family, version = %next, "new key version is active");
-            return Ok(ring);
+            return Ok(Some(ring));
         }
-        current = store.get(KEYRING_KEY).await?.ok_or_else(conflict)?;
+        match store.get(KEYRING_KEY).await? {
+            Some(c) => current = c,
+            None => return Ok(None),
+        }
     }
 }
 

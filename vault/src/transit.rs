@@ -269,8 +269,8 @@ impl Transit {
                 },
             ),
         };
-        key.operation = Some(self.claim("create", 1));
         let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
+        key.operation = Some(self.claim("create", 1));
         let claimed = self.swap(name, expected.as_deref(), Some(&key)).await?;
         let v1 = match self.new_version(name, key.key_type, 1, ends).await {
             Ok(v1) => v1,
@@ -300,8 +300,8 @@ impl Transit {
             Some(o) => o.version,
             None => key.latest_version + 1,
         };
-        key.operation = Some(self.claim("rotate", v));
         let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
+        key.operation = Some(self.claim("rotate", v));
         let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
         let meta = match self.new_version(name, key.key_type, v, ends).await {
             Ok(meta) => meta,

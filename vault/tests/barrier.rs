@@ -262,17 +262,20 @@ async fn concurrent_initializations_make_each_key_once() {
         let p = token.store.protection(label).unwrap();
         assert_eq!(p.iter().filter(|o| o.token_object).count(), 1, "{label}: {p:?}");
     }
-    // The keys an older installation lacks are made at start-up, once, however many
-    // replicas start at once; one left half made (an Ed25519 public half alone, as a
-    // claimer killed half way leaves it) is replaced, not taken as made. (An older
-    // installation has no record of them as made: `sys/keys-made/`.)
-    for label in [names.audit_hmac(), names.wrapping()] {
-        assert!(token.store.destroy(&label).unwrap());
-    }
+    // At start-up, however many replicas start at once: a key an older installation lacks
+    // is made, once; one a claimer left half made (an Ed25519 public half alone, and the
+    // crashed claimer's expired claim) is replaced; one an older installation made before
+    // keys were recorded as made (no record, no claim) is in use and kept as it is.
+    let wrapping = names.wrapping();
+    let sealed = token.store.wrap_key(&wrapping, &[9u8; 32], b"aad").unwrap();
+    assert!(token.store.destroy(&names.audit_hmac()).unwrap());
+    let half_public = token.store.ed25519_public_key(&names.audit_signing()).unwrap();
     token.store.destroy_private_half(&names.audit_signing()).unwrap();
     for (key, _) in scan_all(store.as_ref(), "sys/keys-made/").await.unwrap() {
         assert!(store.delete(&key).await.unwrap());
     }
+    let crashed = format!("sys/key-claims/{}", names.audit_signing());
+    store.put(&crashed, br#"{"owner":"crashed","until":1}"#).await.unwrap();
     let mut starts = Vec::new();
     for _ in 0..16 {
         let (store, keys, names) = (store.clone(), keys.clone(), names.clone());
@@ -285,7 +288,8 @@ async fn concurrent_initializations_make_each_key_once() {
         let p = token.store.protection(&label).unwrap();
         assert_eq!(p.iter().filter(|o| o.token_object).count(), 1, "{label}: {p:?}");
     }
-    token.store.ed25519_public_key(&names.audit_signing()).unwrap();
+    assert_ne!(token.store.ed25519_public_key(&names.audit_signing()).unwrap(), half_public);
+    assert_eq!(&token.store.unwrap_key(&wrapping, &sealed, b"aad").unwrap()[..], &[9u8; 32]);
     assert_eq!(scan_all(store.as_ref(), "sys/keys-made/").await.unwrap().len(), 3);
     // And the claims are gone: nothing left to wait for at the next start.
     assert!(scan_all(store.as_ref(), "sys/key-claims/").await.unwrap().is_empty());
