@@ -982,7 +982,7 @@ impl Pkcs11KeyStore {
     }
 
     /// Destroy the token objects of one class under a label (for tests of leftovers).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn destroy_class(&self, label: &KeyLabel, class: ObjectClass) -> Result<()> {
         self.run(|s, session| {
             for h in session.find_objects(&[
@@ -1003,17 +1003,7 @@ impl Pkcs11KeyStore {
     #[doc(hidden)]
     #[cfg(any(test, feature = "testing"))]
     pub fn destroy_private_half(&self, label: &KeyLabel) -> Result<()> {
-        self.run(|s, session| {
-            for h in session.find_objects(&[
-                Attribute::Token(true),
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Label(label.as_str().as_bytes().to_vec()),
-            ])? {
-                session.destroy_object(h)?;
-            }
-            s.forget_handles();
-            Ok(())
-        })
+        self.destroy_class(label, ObjectClass::PRIVATE_KEY)
     }
 
     #[cfg(test)]
