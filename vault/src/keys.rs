@@ -126,69 +126,44 @@ fn made_key(label: &KeyLabel) -> String {
     format!("sys/keys-made/{label}")
 }
 
-/// A claim's stored record: who holds it, until when (unix seconds). An `until` of 0 is a
-/// claim given up after a failed generation: free to take, and saying that what is under
-/// the label is a claimer's leftover.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClaimRecord {
-    owner: String,
-    until: u64,
+/// Where a key being made by [`ensure_keys`] is marked as being made, from just before
+/// its generation until it is recorded as made: what a claimer finds under a label so
+/// marked is an earlier claimer's leftover, to replace.
+fn making_key(label: &KeyLabel) -> String {
+    format!("sys/keys-making/{label}")
 }
 
 /// A claim held on a label (or on the first initialization), stored at `key` so that of
 /// concurrent claimers on every replica exactly one holds it. [`KeyStore::generate_claimed`]
-/// relies on it: what it finds under a claimed label no one else is making.
+/// relies on it: what it finds under a claimed label no one else is making. Its record
+/// names its owner and expires with its lease by the store's clock (PostgreSQL's on every
+/// replica), never a replica's own.
 struct LabelClaim {
     key: String,
-    value: Vec<u8>,
+    owner: Vec<u8>,
     /// Until when the claimer may touch the token.
     ends: std::time::Instant,
-    /// Whether an earlier claimer held it (crashed, or gave up after a failure): whatever
-    /// is under the label then is a leftover of one, not another installation's key.
-    after_another: bool,
 }
 
 impl LabelClaim {
-    /// Take the claim if it is free (absent, expired or given up); `None` if another holds it.
+    /// Take the claim if it is free (absent or expired); `None` if another holds it.
     async fn take(store: &dyn Store, key: String) -> Result<Option<LabelClaim>> {
         let ends = claim_ends(LABEL_CLAIM_LEASE);
-        let record = ClaimRecord {
-            owner: uuid::Uuid::new_v4().simple().to_string(),
-            until: crate::unix_now().saturating_add(LABEL_CLAIM_LEASE.as_secs()),
-        };
-        let value = encode_json(&record);
-        if store.insert_if_absent(&key, &value, None).await? {
-            return Ok(Some(LabelClaim { key, value, ends, after_another: false }));
+        let owner = uuid::Uuid::new_v4().simple().to_string().into_bytes();
+        if store.insert_if_absent(&key, &owner, Some(LABEL_CLAIM_LEASE)).await? {
+            return Ok(Some(LabelClaim { key, owner, ends }));
         }
-        let Some(current) = store.get(&key).await? else { return Ok(None) };
-        let held: ClaimRecord = decode_json(&key, &current)?;
-        if held.until > crate::unix_now() || !store.compare_and_swap(&key, Some(&current), Some(&value)).await? {
-            return Ok(None);
-        }
-        Ok(Some(LabelClaim { key, value, ends, after_another: true }))
+        Ok(None)
     }
 
-    /// Let go after success: the claim is deleted, if it is still ours.
-    async fn release(self, store: &dyn Store) {
-        if !matches!(store.compare_and_swap(&self.key, Some(&self.value), None).await, Ok(true)) {
-            tracing::warn!(claim = %self.key, "could not release a claim; it expires with its lease");
-        }
-    }
-
-    /// Let go after a failure: free to take at once, and marked as a claimer's. Not after
-    /// a call that may still run in the token: then it runs out its lease.
-    async fn give_up(self, store: &dyn Store, e: &Error) {
-        if token_call_may_still_run(e) {
+    /// Let go, if it is still ours. Not after a failed call that may still run in the
+    /// token: then it runs out its lease.
+    async fn release(self, store: &dyn Store, failed: Option<&Error>) {
+        if failed.is_some_and(token_call_may_still_run) {
             return;
         }
-        let record: ClaimRecord = match decode_json(&self.key, &self.value) {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        let given_up = encode_json(&ClaimRecord { owner: record.owner, until: 0 });
-        if !matches!(store.compare_and_swap(&self.key, Some(&self.value), Some(&given_up)).await, Ok(true)) {
-            tracing::warn!(claim = %self.key, "could not give up a claim; it expires with its lease");
+        if !matches!(store.compare_and_swap(&self.key, Some(&self.owner), None).await, Ok(true)) {
+            tracing::warn!(claim = %self.key, "could not release a claim; it expires with its lease");
         }
     }
 }
@@ -212,13 +187,9 @@ pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Ke
         let deadline = std::time::Instant::now() + LABEL_CLAIM_LEASE + std::time::Duration::from_secs(5);
         while store.get(&made_key(&label)).await?.is_none() {
             if let Some(claim) = LabelClaim::take(store, claim_key(&label)).await? {
-                match make_claimed(store, keys, &label, kind, &claim).await {
-                    Ok(()) => claim.release(store).await,
-                    Err(e) => {
-                        claim.give_up(store, &e).await;
-                        return Err(e);
-                    }
-                }
+                let made = make_claimed(store, keys, &label, kind, &claim).await;
+                claim.release(store, made.as_ref().err()).await;
+                made?;
                 break;
             }
             if std::time::Instant::now() > deadline {
@@ -243,17 +214,21 @@ async fn make_claimed(
         return Ok(());
     }
     let l = label.clone();
-    if !claim.after_another && hsm_call(keys, move |k| k.exists(&l)).await? {
+    let making = store.get(&making_key(label)).await?.is_some();
+    if !making && hsm_call(keys, move |k| k.exists(&l)).await? {
         tracing::info!(key = %label, "recording a key this installation made before keys were recorded");
-    } else {
-        let (l, ends) = (label.clone(), claim.ends);
-        match hsm_call(keys, move |k| k.generate_claimed(&l, kind, ends)).await {
-            Ok(()) => tracing::info!(key = %label, "made a key this installation did not have yet"),
-            Err(Error::Hsm(HsmError::KeyExists(_))) => {}
-            Err(e) => return Err(e),
-        }
+        store.put(&made_key(label), b"{}").await?;
+        return Ok(());
+    }
+    store.put(&making_key(label), b"{}").await?;
+    let (l, ends) = (label.clone(), claim.ends);
+    match hsm_call(keys, move |k| k.generate_claimed(&l, kind, ends)).await {
+        Ok(()) => tracing::info!(key = %label, "made a key this installation did not have yet"),
+        Err(Error::Hsm(HsmError::KeyExists(_))) => {}
+        Err(e) => return Err(e),
     }
     store.put(&made_key(label), b"{}").await?;
+    store.delete(&making_key(label)).await?;
     Ok(())
 }
 
@@ -414,10 +389,7 @@ pub async fn initialize(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &Key
         return Err(Error::Conflict("another process is initializing KeyVault; retry".into()));
     };
     let made = initialize_claimed(store, keys, names, claim.ends).await;
-    match &made {
-        Ok(_) => claim.release(store).await,
-        Err(e) => claim.give_up(store, e).await,
-    }
+    claim.release(store, made.as_ref().err()).await;
     made
 }
 
@@ -529,7 +501,6 @@ pub async fn add_version(
         Some(p) => p.version,
         None => fam.versions.iter().copied().max().unwrap_or(fam.active).next(),
     };
-    let before = fam.pending.clone();
     let ours = PendingVersion { version: next, until: now.saturating_add(PENDING_LEASE) };
     fam.pending = Some(ours.clone());
     let claimed = encode_json(&ring);
@@ -549,13 +520,12 @@ pub async fn add_version(
             // the next claimer replaces): give the claim back now rather than make every
             // rotation wait out its lease with a 409. Not after a call that timed out: the
             // token may still be making the key, and no one else may make the label until
-            // it is done.
+            // it is done. Given back as no claim at all, never as the claim this one took
+            // over: that would hand a version back to a slow claimer whose key this one
+            // may have destroyed. (The next rotation makes the same version number.)
             if token_call_may_still_run(&e) {
                 tracing::warn!(?family, version = %next, "the token did not answer a key generation; its claim expires with its lease");
-            } else if !matches!(
-                while_ours(store, family, &ours, claimed, |f| f.pending = before.clone()).await,
-                Ok(Some(_))
-            ) {
+            } else if !matches!(while_ours(store, family, &ours, claimed, |f| f.pending = None).await, Ok(Some(_))) {
                 tracing::warn!(?family, version = %next, "could not give back the claim of a failed rotation; it expires with its lease");
             }
             return Err(e);

@@ -209,7 +209,8 @@ impl Transit {
     }
 
     /// After a failed token call of a claimed create or rotate: put back the metadata as
-    /// it was before the claim (the token cleans up a failed generation), so that the next
+    /// it was before the claim, without a claim (the token cleans up a failed generation,
+    /// or leaves what the next claimer replaces), so that the next
     /// request can go ahead at once instead of getting 409 until the claim's lease runs
     /// out. If the metadata changed meanwhile, or the call timed out, the claim expires as
     /// before. `e` is passed through.
@@ -274,7 +275,9 @@ impl Transit {
         let claimed = self.swap(name, expected.as_deref(), Some(&key)).await?;
         let v1 = match self.new_version(name, key.key_type, 1, ends).await {
             Ok(v1) => v1,
-            Err(e) => return Err(self.give_back(name, &claimed, expected.as_deref(), e).await),
+            // Given back as no key at all: an interrupted create this one took over is not
+            // handed back to its slow owner (whose key this one may have replaced).
+            Err(e) => return Err(self.give_back(name, &claimed, None, e).await),
         };
         key.versions.insert(1, v1);
         key.latest_version = 1;
@@ -301,11 +304,15 @@ impl Transit {
             None => key.latest_version + 1,
         };
         let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
+        // Given back without any operation: a rotation this one took over is not handed
+        // back to its slow owner (whose key this one may have replaced); the next rotation
+        // makes the same version number.
+        let released = encode_json(&TransitKey { operation: None, ..key.clone() });
         key.operation = Some(self.claim("rotate", v));
         let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
         let meta = match self.new_version(name, key.key_type, v, ends).await {
             Ok(meta) => meta,
-            Err(e) => return Err(self.give_back(name, &claimed, Some(&raw), e).await),
+            Err(e) => return Err(self.give_back(name, &claimed, Some(&released), e).await),
         };
         key.versions.insert(v, meta);
         key.latest_version = v;

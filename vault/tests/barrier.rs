@@ -274,8 +274,9 @@ async fn concurrent_initializations_make_each_key_once() {
     for (key, _) in scan_all(store.as_ref(), "sys/keys-made/").await.unwrap() {
         assert!(store.delete(&key).await.unwrap());
     }
-    let crashed = format!("sys/key-claims/{}", names.audit_signing());
-    store.put(&crashed, br#"{"owner":"crashed","until":1}"#).await.unwrap();
+    // The crashed claimer had marked the key as being made; its claim has expired.
+    let crashed = format!("sys/keys-making/{}", names.audit_signing());
+    store.put(&crashed, b"{}").await.unwrap();
     let mut starts = Vec::new();
     for _ in 0..16 {
         let (store, keys, names) = (store.clone(), keys.clone(), names.clone());
@@ -293,6 +294,7 @@ async fn concurrent_initializations_make_each_key_once() {
     assert_eq!(scan_all(store.as_ref(), "sys/keys-made/").await.unwrap().len(), 3);
     // And the claims are gone: nothing left to wait for at the next start.
     assert!(scan_all(store.as_ref(), "sys/key-claims/").await.unwrap().is_empty());
+    assert!(scan_all(store.as_ref(), "sys/keys-making/").await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
