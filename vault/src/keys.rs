@@ -105,13 +105,12 @@ fn claim_key(label: &KeyLabel) -> String {
 }
 
 /// How long a claim on a label is its claimer's alone (a claimer that crashed leaves it
-/// to expire). Longer than the token call timeout, so that a call still running in the
-/// token when its caller gave up ends before anyone else may make the label.
+/// to expire). Its generation stops [`CLAIM_MARGIN`] before that.
 const LABEL_CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long before its lease's end a claimer stops touching the token: a margin for clocks
-/// (a lease's end is wall-clock seconds, compared on every replica) and for the call in
-/// flight.
+/// (a keyring or transit claim's end is wall-clock seconds, compared on every replica) and
+/// for the call in flight.
 const CLAIM_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The instant until which a claim taken from now on with `lease` is safely its
@@ -168,6 +167,16 @@ impl LabelClaim {
     }
 }
 
+/// The keys an installation has beside its keyring's versioned families, one version each:
+/// made at initialization, or by [`ensure_keys`] for an installation older than they are.
+fn unversioned_keys(names: &KeyNames) -> [(KeyLabel, KeyKind); 3] {
+    [
+        (names.audit_signing(), KeyKind::Ed25519),
+        (names.audit_hmac(), KeyKind::HmacSha256),
+        (names.wrapping(), KeyKind::Aes256),
+    ]
+}
+
 /// Make the keys an installation needs beyond its keyring if it has none yet (the audit
 /// and response-wrapping keys of an installation initialized before they existed), each
 /// under a claim in the store: of replicas starting at once one makes a key and the others
@@ -178,12 +187,7 @@ impl LabelClaim {
 /// claimed is an older installation's, made before these records and in use: it is
 /// recorded as it is, never replaced.
 pub async fn ensure_keys(store: &dyn Store, keys: &Arc<dyn KeyStore>, names: &KeyNames) -> Result<()> {
-    let wanted = [
-        (names.audit_signing(), KeyKind::Ed25519),
-        (names.audit_hmac(), KeyKind::HmacSha256),
-        (names.wrapping(), KeyKind::Aes256),
-    ];
-    for (label, kind) in wanted {
+    for (label, kind) in unversioned_keys(names) {
         let deadline = std::time::Instant::now() + LABEL_CLAIM_LEASE + std::time::Duration::from_secs(5);
         while store.get(&made_key(&label)).await?.is_none() {
             if let Some(claim) = LabelClaim::take(store, claim_key(&label)).await? {
@@ -403,14 +407,12 @@ async fn initialize_claimed(
         return Err(Error::Conflict("KeyVault is already initialized".into()));
     }
     let v1 = KeyVersion::FIRST;
-    let wanted = [
+    let mut wanted = vec![
         (names.master(v1), KeyKind::Aes256),
         (names.token_signing(v1), KeyKind::Ed25519),
         (names.approle_hmac(v1), KeyKind::HmacSha256),
-        (names.audit_signing(), KeyKind::Ed25519),
-        (names.audit_hmac(), KeyKind::HmacSha256),
-        (names.wrapping(), KeyKind::Aes256),
     ];
+    wanted.extend(unversioned_keys(names));
     // Under the claim nobody else makes these labels: anything already under one is not
     // this initialization's to take or to destroy.
     for (label, _) in &wanted {
@@ -424,15 +426,15 @@ async fn initialize_claimed(
             )));
         }
     }
-    for (label, kind) in wanted.clone() {
+    for (label, kind) in wanted {
         match hsm_call(keys, move |k| k.generate_claimed(&label, kind, ends)).await {
             // Only this claim made it (a second look after SoftHSM showed it twice).
             Ok(()) | Err(Error::Hsm(HsmError::KeyExists(_))) => {}
             Err(e) => return Err(e),
         }
     }
-    for (label, _) in &wanted[3..] {
-        store.put(&made_key(label), b"{}").await?;
+    for (label, _) in unversioned_keys(names) {
+        store.put(&made_key(&label), b"{}").await?;
     }
     let ring =
         Keyring { master: KeyFamily::first(), token_signing: KeyFamily::first(), approle_hmac: KeyFamily::first() };
@@ -483,7 +485,7 @@ impl Family {
 /// concurrent callers, on any replica, exactly one generates it and the others get 409;
 /// then the new version is recorded by a second compare-and-swap. A whole key left under
 /// the label by a claimer that crashed is adopted by whoever finishes its claim; anything
-/// else there is replaced by the token (see [`KeyStore::generate`]): no committed state
+/// else there is replaced by the token (see [`KeyStore::generate_claimed`]): no committed state
 /// ever referenced it.
 pub async fn add_version(
     store: &dyn Store,

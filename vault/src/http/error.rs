@@ -95,18 +95,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if let ApiError::Domain(e) = &self {
-            match e {
-                Error::Hsm(HsmError::KeyNotFound(label)) => {
-                    crate::error::MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(key = %label, "a key named by KeyVault's state is missing from the HSM");
-                }
-                // Still two objects after a re-initialisation: which one holds the key is
-                // unknown, so it is as good as missing until an operator settles it.
-                Error::Hsm(HsmError::DuplicateLabel(label)) => {
-                    crate::error::MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(key = %label, "a key named by KeyVault's state is on several objects in the HSM");
-                }
-                _ => {}
+            // A key on several objects even after a re-initialisation is as good as missing
+            // (which one holds it is unknown) until an operator settles it.
+            if let Error::Hsm(h @ (HsmError::KeyNotFound(label) | HsmError::DuplicateLabel(label))) = e {
+                crate::error::MISSING_KEY_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(key = %label, error = %h, "a key named by KeyVault's state is missing from the HSM or on several objects in it");
             }
             if status.is_server_error() {
                 tracing::error!(error = %e, status = status.as_u16(), "request failed");
