@@ -24,6 +24,19 @@ pub struct CreateKey {
     /// `aes256-gcm96` when absent.
     #[serde(default, rename = "type")]
     pub key_type: Option<KeyType>,
+    /// Vault's key derivation from a per-request `context`: not supported, refused when
+    /// true (a ciphertext is bound to its key and its `associated_data` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<bool>,
+    /// Refused when true (needs derivation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergent_encryption: Option<bool>,
+    /// Refused when true: no key leaves the HSM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exportable: Option<bool>,
+    /// Refused when true: no key leaves the HSM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plaintext_backup: Option<bool>,
 }
 
 /// `POST /v1/transit/keys/<name>/config`.
@@ -83,6 +96,16 @@ pub struct Item {
     pub input: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// Vault's derivation context: refused unless empty (keys are not derived; a
+    /// context that was silently ignored would bind nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Vault's convergent-encryption nonce: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Refused when true: signatures are over the input itself (Ed25519).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prehashed: Option<bool>,
     /// Echoed in the item's result (batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
@@ -103,6 +126,16 @@ pub struct OperationRequest {
     pub input: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// Vault's derivation context: refused unless empty (keys are not derived; a
+    /// context that was silently ignored would bind nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Vault's convergent-encryption nonce: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Refused when true: signatures are over the input itself (Ed25519).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prehashed: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_input: Option<Vec<Item>>,
 }
@@ -142,6 +175,12 @@ pub struct DatakeyRequest {
     /// Base64.
     #[serde(default)]
     pub associated_data: Option<String>,
+    /// Refused unless empty, as for the other operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// A fresh data key, encrypted under the named key; `plaintext` (base64) only for the

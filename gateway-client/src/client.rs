@@ -384,7 +384,9 @@ impl Client {
 
     /// Send one call: `path` under `/v1/`, a JSON body. Retries on 429, 503 and connection
     /// errors (a timeout only for reads: a write may have been applied); logs in again once
-    /// on a 401 when the method can.
+    /// on a 401 when the method can. A gateway check is not sent again after a 503: its
+    /// nonces are recorded before its audit entry, so a 503 from the audit log can follow
+    /// a check whose nonces are taken, and the same items sent again would be replays.
     pub(crate) async fn send(
         &self,
         method: &str,
@@ -394,6 +396,7 @@ impl Client {
     ) -> Result<Body> {
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| Error::Invalid(format!("method {method}")))?;
         let idempotent = matches!(method.as_str(), "GET" | "LIST" | "HEAD");
+        let takes_nonces = path.trim_start_matches('/').starts_with("gateway/verify");
         let inner = &self.0;
         let url = format!("{}{}", inner.base, path.trim_start_matches('/'));
         let mut relogged = false;
@@ -442,8 +445,8 @@ impl Client {
                     if status.is_success() {
                         return Ok(body);
                     }
-                    let transient =
-                        status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+                    let transient = status == StatusCode::TOO_MANY_REQUESTS
+                        || (status == StatusCode::SERVICE_UNAVAILABLE && !takes_nonces);
                     if status == StatusCode::UNAUTHORIZED
                         && matches!(credential, Credential::Token)
                         && !relogged

@@ -47,7 +47,8 @@ pub struct PeerCertificate(pub String);
 /// How the layer checks.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Bodies larger than this are refused with 413 before any check.
+    /// Bodies larger than this are refused with 413 before any check (default 512 KiB: a
+    /// check carries the body in base64, and KeyVault takes requests of at most 1 MiB).
     pub max_body: usize,
     /// `Some(w)`: concurrent checks wait at most `w` and go as one batch; `None`: one
     /// verify request per check.
@@ -61,7 +62,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            max_body: 1 << 20,
+            max_body: 512 * 1024,
             batch_window: Some(Duration::from_millis(1)),
             max_batch: 256,
             max_in_flight: 2,
@@ -123,18 +124,44 @@ async fn send_batch(client: &Client, items: Vec<VerifyItem>) -> Result<Vec<Verdi
     Ok(v.batch_results)
 }
 
+/// The most bytes of items one batch carries, well under KeyVault's default request limit
+/// (1 MiB): one large item must not make a whole batch 413, failing every check in it.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
+
+/// About what an item adds to a batch's JSON.
+fn item_bytes(item: &VerifyItem) -> usize {
+    serde_json::to_vec(item).map(|v| v.len()).unwrap_or(usize::MAX / 2) + 1
+}
+
 async fn batcher(client: Client, mut rx: mpsc::Receiver<Waiter>, window: Duration, max: usize, in_flight: usize) {
     let slots = Arc::new(Semaphore::new(in_flight));
+    // An item that did not fit the last batch: it opens the next one.
+    let mut carried: Option<Waiter> = None;
     loop {
         // A free slot first: while every slot is busy, checks queue up and the next batch
         // takes them all (batches grow with the load instead of multiplying).
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Some(first) = rx.recv().await else { return };
+        let first = match carried.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut bytes = item_bytes(&first.0);
         let mut waiters = vec![first];
         let deadline = tokio::time::Instant::now() + window;
-        while waiters.len() < max {
+        while waiters.len() < max && bytes < MAX_BATCH_BYTES {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(w)) => waiters.push(w),
+                Ok(Some(w)) => {
+                    let size = item_bytes(&w.0);
+                    if bytes + size > MAX_BATCH_BYTES {
+                        carried = Some(w);
+                        break;
+                    }
+                    bytes += size;
+                    waiters.push(w);
+                }
                 Ok(None) | Err(_) => break,
             }
         }

@@ -266,7 +266,12 @@ impl TokenVerifier {
         validation.validate_nbf = true;
         validation.leeway = self.config.leeway.as_secs();
         match &self.config.audience {
-            Some(a) => validation.set_audience(&[a]),
+            Some(a) => {
+                validation.set_audience(&[a]);
+                // jsonwebtoken checks `aud` only when a token has one: a token of a role
+                // with no audiences would pass a gateway that requires its own.
+                validation.set_required_spec_claims(&["exp", "nbf", "iss", "sub", "aud"]);
+            }
             None => validation.validate_aud = false,
         }
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
@@ -278,6 +283,7 @@ impl TokenVerifier {
                     K::ImmatureSignature => Rejection::NotYetValid,
                     K::InvalidIssuer => Rejection::WrongIssuer,
                     K::InvalidAudience => Rejection::WrongAudience,
+                    K::MissingRequiredClaim(c) if c == "aud" => Rejection::WrongAudience,
                     _ => Rejection::Malformed,
                 })
             })?

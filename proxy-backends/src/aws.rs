@@ -294,9 +294,8 @@ impl Aws {
             .await
             .map_err(|_| BackendError::Unavailable(format!("{what}: cannot reach {sts}")))?;
         let status = resp.status();
-        let xml = Zeroizing::new(
-            resp.text().await.map_err(|_| BackendError::Unavailable(format!("{what}: reply cut short")))?,
-        );
+        let xml = crate::http::read_limited(resp, what).await?;
+        let xml = Zeroizing::new(String::from_utf8_lossy(&xml).into_owned());
         if !status.is_success() {
             let code = xml_field(&xml, "Code").unwrap_or_default().to_owned();
             return Err(BackendError::Denied(format!("{what}: {status} {code}")));
@@ -358,9 +357,7 @@ impl Aws {
         }
         let resp = r.send().await.map_err(|e| crate::http::transport_error(&e, &what))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|_| BackendError::Unavailable(format!("{what}: reply cut short")))?;
-        let body = Zeroizing::new(bytes.to_vec());
-        drop(bytes);
+        let body = crate::http::read_limited(resp, &what).await?;
         if !status.is_success() {
             return Err(aws_error(status, &body, &what));
         }
@@ -489,6 +486,12 @@ impl SecretBackend for Aws {
                     None if !rest.is_empty() => names.insert(rest.to_owned()),
                     _ => false,
                 };
+            }
+            if names.len() > crate::http::MAX_LIST_NAMES {
+                return Err(BackendError::Unavailable(format!(
+                    "AWS ListSecrets: more than {} names",
+                    crate::http::MAX_LIST_NAMES
+                )));
             }
             next = v["NextToken"].as_str().filter(|t| !t.is_empty()).map(str::to_owned);
             if next.is_none() {

@@ -260,7 +260,7 @@ impl Azure {
             .await
             .map_err(|e| crate::http::transport_error(&e, what))?;
         let status = resp.status();
-        let bytes = Zeroizing::new(resp.bytes().await.map_err(|e| crate::http::transport_error(&e, what))?.to_vec());
+        let bytes = crate::http::read_limited(resp, what).await?;
         if !status.is_success() {
             return Err(azure_error(status, &bytes, what));
         }
@@ -310,8 +310,7 @@ impl Azure {
             }
             let resp = r.send().await.map_err(|e| crate::http::transport_error(&e, what))?;
             let status = resp.status();
-            let bytes =
-                Zeroizing::new(resp.bytes().await.map_err(|e| crate::http::transport_error(&e, what))?.to_vec());
+            let bytes = crate::http::read_limited(resp, what).await?;
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 *self.token.lock().await = None;
                 continue;
@@ -420,6 +419,12 @@ impl SecretBackend for Azure {
                     None if !rest.is_empty() => names.insert(rest.to_owned()),
                     _ => false,
                 };
+            }
+            if names.len() > crate::http::MAX_LIST_NAMES {
+                return Err(BackendError::Unavailable(format!(
+                    "{what}: more than {} names",
+                    crate::http::MAX_LIST_NAMES
+                )));
             }
             // Follow nextLink only to the same vault (it carries the bearer token).
             match v["nextLink"].as_str().filter(|l| !l.is_empty()) {

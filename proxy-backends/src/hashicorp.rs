@@ -261,9 +261,7 @@ impl Hashicorp {
     ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), BackendError> {
         let resp = r.send().await.map_err(|e| transport_error(&e, what))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| transport_error(&e, what))?;
-        let body = Zeroizing::new(bytes.to_vec());
-        drop(bytes);
+        let body = crate::http::read_limited(resp, what).await?;
         Ok((status, body))
     }
 

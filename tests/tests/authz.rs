@@ -195,9 +195,9 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
             "POST",
             "auth/kubernetes/config",
             json!({"issuer": "i", "public_keys": "x", "audiences": ["a"]}),
-            Caps("auth/kubernetes/config", &["update"]),
+            Caps("auth/kubernetes/config", &["update", "sudo"]),
         ),
-        row("POST", "auth/bootstrap/token", e.clone(), Caps("auth/bootstrap/token", &["update"])),
+        row("POST", "auth/bootstrap/token", e.clone(), Caps("auth/bootstrap/token", &["update", "sudo"])),
         row("POST", "auth/bootstrap/login", json!({"token": "kvb.x"}), Nobody),
         row("LIST", "auth/approle/role", Value::Null, Caps("auth/approle/role/", &["list"])),
         row("GET", "sys/mounts", Value::Null, Caps("sys/mounts", &["read"])),
@@ -466,7 +466,7 @@ async fn no_request_grants_more_than_its_caller_holds() {
         hcl("auth/approle/role/*", &manage),
         hcl("auth/cert/role/*", &manage),
         hcl("auth/kubernetes/role/*", &manage),
-        hcl("auth/bootstrap/token", &["update"]),
+        hcl("auth/bootstrap/token", &["update", "sudo"]),
     ]
     .join("\n");
     let mgr = token_with(&c, &root, "user-manager", Some(policy)).await;
@@ -521,4 +521,72 @@ async fn no_request_grants_more_than_its_caller_holds() {
     .await;
     ok(c.post("auth/approle/role/ops", Some(&granter), json!({"token_policies": ["admin"]})).await, 204);
     ok(c.post("auth/approle/role/ops2", Some(&granter), json!({"token_policies": ["user-manager"]})).await, 403);
+}
+
+/// The class beyond assigning policies: a request that makes a credential for something
+/// that already has policies (a password reset, an AppRole secret id, the keys that sign
+/// Kubernetes logins) hands out what that credential's logins get, so it needs the
+/// caller to hold it too.
+#[tokio::test]
+async fn no_credential_is_made_for_more_than_its_caller_holds() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("sys/policies/acl/admin", &root, json!({"policy": hcl("*", &ALL)})).await, 204);
+    let manage = ["create", "read", "update", "delete", "list", "sudo"];
+    let policy = [
+        hcl("auth/userpass/users/*", &manage),
+        hcl("auth/approle/role/*", &manage),
+        hcl("auth/kubernetes/config", &manage),
+    ]
+    .join("\n");
+    let mgr = token_with(&c, &root, "manager", Some(policy)).await;
+
+    // A password reset of a user whose logins get a policy the caller does not hold.
+    let pw = json!({"password": "the owner's passphrase"});
+    let mut alice = pw.clone();
+    alice["token_policies"] = json!(["admin"]);
+    ok(c.post("auth/userpass/users/alice", Some(&root), alice).await, 204);
+    ok(c.post("auth/userpass/users/alice", Some(&mgr), json!({"password": "the attacker's passphrase"})).await, 403);
+    ok(c.post("auth/userpass/users/alice", Some(&mgr), json!({"token_ttl": "1h"})).await, 403);
+    ok(c.post("auth/userpass/login/alice", None, json!({"password": "the attacker's passphrase"})).await, 401);
+    ok(c.post("auth/userpass/login/alice", None, pw.clone()).await, 200);
+    // A user of the caller's own policy it may reset.
+    let mut bob = pw.clone();
+    bob["token_policies"] = json!(["manager"]);
+    ok(c.post("auth/userpass/users/bob", Some(&root), bob).await, 204);
+    ok(c.post("auth/userpass/users/bob", Some(&mgr), json!({"password": "a new passphrase here"})).await, 204);
+    ok(c.post("auth/userpass/login/bob", None, json!({"password": "a new passphrase here"})).await, 200);
+
+    // A secret id for a role whose logins get a policy, or an attribute, the caller does not hold.
+    ok(c.post("auth/approle/role/prod", Some(&root), json!({"token_policies": ["admin"]})).await, 204);
+    ok(c.post("auth/approle/role/tenant", Some(&root), json!({"token_attributes": {"tenant_id": "t1"}})).await, 204);
+    ok(c.post("auth/approle/role/mine", Some(&root), json!({"token_policies": ["manager"]})).await, 204);
+    for role in ["prod", "tenant"] {
+        let r = c.post(&format!("auth/approle/role/{role}/secret-id"), Some(&mgr), json!({})).await;
+        assert_eq!(r.status, 403, "{role}: {r:?}");
+        assert!(r.body["data"].is_null(), "no secret id is shown: {r:?}");
+    }
+    let sid =
+        ok(c.post("auth/approle/role/mine/secret-id", Some(&mgr), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    ok(c.post("auth", None, json!({"role": "mine", "secret_id": sid})).await, 200);
+
+    // The Kubernetes issuer and keys sign a login for every role of the method.
+    let config = json!({"issuer": "https://attacker", "public_keys": "x", "audiences": ["a"]});
+    ok(c.post("auth/kubernetes/config", Some(&mgr), config.clone()).await, 400);
+    ok(
+        c.post(
+            "auth/kubernetes/role/prod-k8s",
+            Some(&root),
+            json!({"bound_service_account_names": ["*"], "bound_service_account_namespaces": ["*"], "token_policies": ["admin"]}),
+        )
+        .await,
+        204,
+    );
+    ok(c.post("auth/kubernetes/config", Some(&mgr), config.clone()).await, 403);
+    // Root may (and gets past the grant to the keys' own check).
+    ok(c.post("auth/kubernetes/config", Some(&root), config).await, 400);
 }

@@ -476,6 +476,36 @@ async fn a_gateway_behind_the_layer_accepts_producers_and_refuses_replays_and_ot
         });
         assert!(futures_util::future::join_all(many).await.iter().all(|s| *s == 200));
     }
+    // With the layer's defaults, large bodies among small ones (concurrent, so batched
+    // together): a batch carries at most 512 KiB of items, so no verify request exceeds
+    // KeyVault's 1 MiB limit and fails every check in it.
+    let app = axum::Router::new()
+        .route("/telemetry", post(handler))
+        .layer(VerifyLayer::new(gw.clone(), GatewayConfig::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/telemetry", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let large = |i: usize| {
+        let mut v: serde_json::Value = serde_json::from_slice(&telemetry("t-1")).unwrap();
+        v["padding"] = json!("p".repeat(if i.is_multiple_of(4) { 400 * 1024 } else { 64 }));
+        v.to_string().into_bytes()
+    };
+    let mixed = (0..24).map(|i| {
+        let (http, url, signer) = (&http, &url, &signer);
+        async move {
+            let body = large(i);
+            http.post(url.as_str())
+                .headers(signer.headers(&body).await.unwrap())
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(mixed).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 
     // A producer whose key stays in the HSM: it signs through transit/sign.
     ok(c.post("transit/keys/sensor-2", Some(&root), json!({ "type": "ed25519" })).await, 200);
@@ -617,6 +647,16 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
             .await
             .unwrap();
     assert_eq!(refused(elsewhere.verify(&token, Some(&unit_der)).await.unwrap_err()), Rejection::WrongAudience);
+    // A token with no audience at all (its role names none) is not for a gateway that
+    // requires one.
+    let no_audience = feed_client.token().await.unwrap().expose_secret().to_owned();
+    let claims = no_audience.split('.').nth(1).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+    assert!(claims.get("aud").is_none(), "{claims}");
+    for cert in [None, Some(unit_der.as_slice())] {
+        assert_eq!(refused(verifier.verify(&no_audience, cert).await.unwrap_err()), Rejection::WrongAudience);
+    }
     let parts: Vec<&str> = token.split('.').collect();
     let mut claims: serde_json::Value =
         serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();

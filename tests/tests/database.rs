@@ -56,6 +56,26 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     {
         ok(c.post("database/static-roles/bad", Some(&root), bad).await, 400);
     }
+    // Whoever may write static roles must not get the password of a role that can
+    // administer the database (its admin connection's own user, a superuser, CREATEROLE),
+    // of a role that does not exist, or of one another static role manages.
+    pg.psql("CREATE ROLE other_admin LOGIN SUPERUSER PASSWORD 'x'");
+    pg.psql("CREATE ROLE role_maker LOGIN CREATEROLE PASSWORD 'x'");
+    for (username, says) in [
+        ("keyvault", "can administer"),
+        ("other_admin", "can administer"),
+        ("role_maker", "can administer"),
+        ("nobody_here", "has no role"),
+        ("app", "managed by static role app"),
+    ] {
+        let r = ok(
+            c.post("database/static-roles/taker", Some(&root), json!({"db_name": "main", "username": username})).await,
+            400,
+        );
+        assert!(r.body["errors"][0].as_str().unwrap().contains(says), "{username}: {r:?}");
+    }
+    assert!(pg.can_log_in("other_admin", "x").await, "its password was not changed");
+    assert_eq!(c.get("database/static-roles/taker", &root).await.status, 404);
 
     // A caller with read on static-creds only: reads the password, changes nothing.
     let policy = "path \"database/static-creds/app\" { capabilities = [\"read\"] }";
@@ -93,6 +113,34 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     for t in tasks {
         assert!([204, 409].contains(&t.await.unwrap()));
     }
+    let p3 = password(&c, &root, "app").await;
+    assert!(pg.can_log_in("app", &p3).await);
+
+    // A rotation that meets a lock on the role, held by a transaction left open (by the
+    // role's own user, say), fails after the admin connection's lock timeout instead of
+    // waiting for good; once the lock is gone, the rotation goes through.
+    let holder_config: tokio_postgres::Config = pg.connection_string("keyvault", "postgres").parse().unwrap();
+    let (holder, connection) = holder_config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    holder.batch_execute("BEGIN; ALTER ROLE app WITH PASSWORD 'held-by-another'").await.unwrap();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        c.post("database/rotate-role/app", Some(&root), json!({})),
+    )
+    .await
+    .expect("a rotation behind a held lock is answered");
+    assert_eq!(r.status, 503, "{r:?}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let mut status = 0;
+    for _ in 0..40 {
+        status = c.post("database/rotate-role/app", Some(&root), json!({})).await.status;
+        if status == 204 {
+            break;
+        }
+        assert_eq!(status, 409, "another rotation (the scheduler's, of the pending password) runs");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(status, 204);
     let p3 = password(&c, &root, "app").await;
     assert!(pg.can_log_in("app", &p3).await);
 

@@ -553,20 +553,27 @@ async fn bootstrap_tokens_are_used_once_even_concurrently() {
     w.s.advance_clock(61);
     assert_eq!(c.post("auth/bootstrap/login", None, json!({"token": short})).await.status, 401);
 
-    // Nobody mints more than they have.
+    // Nobody mints more than they have. A bootstrap token's login has no parent, so it
+    // outlives the minter's token: minting needs `sudo`, as `create-orphan` does.
     let app = approle_token(&c, &root, "app").await;
-    ok(
-        c.put(
-            "sys/policies/acl/minter",
-            &root,
-            json!({"policy": "path \"auth/bootstrap/token\" { capabilities = [\"update\"] }"}),
-        )
-        .await,
-        204,
-    );
-    ok(c.post("auth/approle/role/minter", Some(&root), json!({"token_policies": ["minter", "read-app"]})).await, 204);
+    for (caps, status) in [("\"update\"", 403), ("\"update\", \"sudo\"", 200)] {
+        ok(
+            c.put(
+                "sys/policies/acl/minter",
+                &root,
+                json!({"policy": format!("path \"auth/bootstrap/token\" {{ capabilities = [{caps}] }}")}),
+            )
+            .await,
+            204,
+        );
+        ok(
+            c.post("auth/approle/role/minter", Some(&root), json!({"token_policies": ["minter", "read-app"]})).await,
+            204,
+        );
+        let minter = approle_token(&c, &root, "minter").await;
+        ok(c.post("auth/bootstrap/token", Some(&minter), json!({"policies": ["read-app"]})).await, status);
+    }
     let minter = approle_token(&c, &root, "minter").await;
-    ok(c.post("auth/bootstrap/token", Some(&minter), json!({"policies": ["read-app"]})).await, 200);
     ok(c.post("auth/bootstrap/token", Some(&minter), json!({"policies": ["admin"]})).await, 403);
     ok(c.post("auth/bootstrap/token", Some(&app), json!({"policies": ["read-app"]})).await, 403);
     ok(c.post("auth/bootstrap/token", Some(&root), json!({"policies": ["root"]})).await, 400);
@@ -672,12 +679,26 @@ async fn kill_switch_revokes_an_identity_everywhere_at_once() {
     assert_eq!(none.get("secret/app/x", &fresh).await.status, 200);
     assert_eq!(none.get("secret/app/x", &t_app).await.status, 401);
 
-    // A certificate: bound tokens, direct requests, cert logins, and its pin.
+    // A certificate: bound tokens, direct requests, cert logins, and its pin. A role
+    // pinned to it that also names a SAN is removed with the pin, not widened to every
+    // certificate with that SAN (B has it).
+    ok(
+        none.post(
+            "auth/cert/role/role-a-dns",
+            Some(&root),
+            json!({"certificate_sha256": [w.a.sha256_hex], "allowed_dns_sans": ["unit-b.corp"], "token_policies": ["read-app"]}),
+        )
+        .await,
+        204,
+    );
+    assert_eq!(cb.post("auth/cert/login", None, json!({"name": "role-a-dns"})).await.status, 401);
     ok(
         none.post("sys/revoke-identity", Some(&root), json!({"certificate_sha256": w.a.sha256_hex.to_uppercase()}))
             .await,
         200,
     );
+    assert_eq!(none.get("auth/cert/role/role-a-dns", &root).await.status, 404, "removed with its only pin");
+    assert_eq!(cb.post("auth/cert/login", None, json!({"name": "role-a-dns"})).await.status, 401);
     assert_eq!(ca.get("secret/app/x", &t_a).await.status, 401);
     assert_eq!(ca.send("GET", "secret/app/x", None, None).await.status, 401, "direct request");
     assert_eq!(ca.post("auth/cert/login", None, json!({"name": "role-spiffe"})).await.status, 401);
@@ -699,6 +720,43 @@ async fn kill_switch_revokes_an_identity_everywhere_at_once() {
     assert_eq!(ca.get("secret/app/x", &t_spiffe).await.status, 401);
     assert_eq!(ca.post("auth/cert/login", None, json!({"name": "role-spiffe"})).await.status, 401);
     assert!(w.s.log_text().contains("identity revoked (kill switch)"));
+}
+
+/// A secret id belongs to the role it was made for, not to the role's name: one made
+/// while the role is being deleted (or left behind by a delete that was cut short) never
+/// logs in to a role made again under the same name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_ids_of_a_deleted_role_never_log_in_to_one_made_again_under_its_name() {
+    let w = world("").await;
+    let c = w.s.client();
+    let root = w.s.root.clone();
+    let role = json!({"token_policies": ["read-app"]});
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        ok(c.post("auth/approle/role/again", Some(&root), role.clone()).await, 204);
+        let mints = (0..16).map(|_| c.post("auth/approle/role/again/secret-id", Some(&root), json!({})));
+        let (minted, deleted) = tokio::join!(
+            futures_util::future::join_all(mints),
+            c.send("DELETE", "auth/approle/role/again", Some(&root), None)
+        );
+        assert_eq!(deleted.status, 204, "{deleted:?}");
+        old.extend(
+            minted.iter().filter(|r| r.status == 200).map(|r| r.body["data"]["secret_id"].as_str().unwrap().to_owned()),
+        );
+    }
+    ok(c.post("auth/approle/role/again", Some(&root), role).await, 204);
+    assert!(!old.is_empty());
+    for sid in &old {
+        let r = c.post("auth", None, json!({"role": "again", "secret_id": sid})).await;
+        assert_eq!(r.status, 401, "a secret id of a deleted role: {r:?}");
+    }
+    // The role made again works with its own.
+    let sid =
+        ok(c.post("auth/approle/role/again/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    token(&c.post("auth", None, json!({"role": "again", "secret_id": sid})).await);
 }
 
 #[tokio::test]

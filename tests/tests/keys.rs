@@ -186,6 +186,47 @@ async fn transit_encryption_round_trips_rotation_and_policies() {
     ok(c.post("transit/encrypt/orders", Some(&root), json!({"plaintext": 7})).await, 400);
 }
 
+/// Vault's fields that change what a key or an operation means, and that KeyVault does
+/// not support, are refused with 400 rather than ignored with a warning: a `context`
+/// ignored would let a caller believe that two tenants' ciphertexts are kept apart.
+#[tokio::test]
+async fn transit_refuses_derivation_and_export_rather_than_ignoring_them() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    for field in ["derived", "convergent_encryption", "exportable", "allow_plaintext_backup"] {
+        let r = ok(c.post("transit/keys/refused", Some(&root), json!({ field: true })).await, 400);
+        assert!(r.body["errors"][0].as_str().unwrap().contains(field), "{r:?}");
+    }
+    assert_eq!(c.get("transit/keys/refused", &root).await.status, 404, "no key was made");
+    ok(c.post("transit/keys/t", Some(&root), json!({"derived": false, "exportable": false})).await, 200);
+    ok(c.post("transit/keys/s", Some(&root), json!({"type": "ed25519"})).await, 200);
+    let ct = ok(c.post("transit/encrypt/t", Some(&root), json!({"plaintext": b64(b"tenant A")})).await, 200).body
+        ["data"]["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refused = [
+        ("transit/encrypt/t", json!({"plaintext": b64(b"x"), "context": b64(b"tenant-a")})),
+        ("transit/encrypt/t", json!({"plaintext": b64(b"x"), "nonce": b64(&[0; 12])})),
+        (
+            "transit/encrypt/t",
+            json!({"batch_input": [{"plaintext": b64(b"x")}, {"plaintext": b64(b"y"), "context": b64(b"b")}]}),
+        ),
+        ("transit/decrypt/t", json!({"ciphertext": ct, "context": b64(b"tenant-b")})),
+        ("transit/rewrap/t", json!({"ciphertext": ct, "context": b64(b"tenant-b")})),
+        ("transit/datakey/wrapped/t", json!({"context": b64(b"tenant-a")})),
+        ("transit/sign/s", json!({"input": b64(b"x"), "prehashed": true})),
+    ];
+    for (path, body) in refused {
+        let r = ok(c.post(path, Some(&root), body.clone()).await, 400);
+        assert!(r.body["data"].is_null(), "{path} {body}: {r:?}");
+    }
+    // An empty context is no context (as in Vault).
+    let r = ok(c.post("transit/decrypt/t", Some(&root), json!({"ciphertext": ct, "context": ""})).await, 200);
+    assert_eq!(r.body["data"]["plaintext"], b64(b"tenant A"));
+}
+
 #[tokio::test]
 async fn transit_signatures_verify_independently() {
     let s = TestServer::start(ServerOptions::default());

@@ -129,6 +129,51 @@ async fn login_bodies_and_limiter_keys_cannot_exhaust_memory() {
     assert_eq!(s.client().send("GET", "sys/health", None, None).await.status, 200);
 }
 
+/// The budget of body bytes being received counts what clients send, not what they
+/// announce: bodies declared large (or of unknown length, as every HTTP/2 request and every
+/// GET is) and then not sent hold no room, so a few such connections cannot make every
+/// other request wait out the body timeout and get 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_announced_but_not_sent_do_not_take_the_body_budget() {
+    let s = TestServer::start(ServerOptions {
+        listener_extra: "body_timeout = \"30s\"\nmax_body_bytes_in_flight = 2097152".into(),
+        ..Default::default()
+    });
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let mut conn = tls_connect(&s.addr, &s.server_ca_file, None).await;
+        let head = if i % 2 == 0 {
+            format!("PUT /v1/secret/held{i} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n{{")
+        } else {
+            format!(
+                "PUT /v1/secret/held{i} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{{\r\n"
+            )
+        };
+        conn.write_all(head.as_bytes()).await.unwrap();
+        held.push(conn);
+    }
+    // Let the server take them in before the requests that must not wait behind them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = s.client();
+    // Well within the 30 s body timeout that the held bodies would keep their room for.
+    let within = Duration::from_secs(10);
+    let r = tokio::time::timeout(within, c.put("secret/after", &s.root, json!({"value": "v"})))
+        .await
+        .expect("a small write is answered while bodies are held open");
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = tokio::time::timeout(within, c.get("secret/after", &s.root)).await.expect("a read is answered");
+    assert_eq!(r.status, 200, "{r:?}");
+    // A large body still fits: 600 KB of the 2 MiB budget (its buffer grows to 1 MiB).
+    let big = "x".repeat(600_000);
+    let r = tokio::time::timeout(within, c.put("secret/big", &s.root, json!({"value": big.clone()})))
+        .await
+        .expect("a large write is answered");
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = c.get("secret/big", &s.root).await;
+    assert_eq!(r.body["data"]["value"].as_str().map(str::len), Some(big.len()));
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_connection_is_bounded_in_time_and_number() {
     let s = TestServer::start(ServerOptions {

@@ -99,3 +99,27 @@ async fn reads_writes_and_wrap_itself_can_be_wrapped_and_rewrapped() {
     ok(c.post("sys/wrapping/unwrap", None, json!({"token": "kvw.0000"})).await, 400);
     ok(c.post("sys/wrapping/unwrap", None, json!({})).await, 400);
 }
+
+/// An anonymous client cannot have replies wrapped: the endpoints that need no token
+/// answer plainly whatever `X-Vault-Wrap-TTL` says (as Vault's do), and store nothing
+/// (a wrapped reply costs token calls and a stored record for its whole TTL).
+#[tokio::test]
+async fn replies_of_endpoints_without_a_token_are_never_wrapped() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let writes = |text: &str| keyvault_tests::metric_sum(text, "keyvault_store_writes_total", &[]);
+    let scrape = || async {
+        let r = c.http.get(format!("{}/metrics", c.base)).header("X-Vault-Token", &s.root).send().await.unwrap();
+        r.text().await.unwrap()
+    };
+    let before = writes(&scrape().await);
+    for path in ["sys/health", "sys/seal-status", "sys/leader", "auth/jwks"] {
+        for _ in 0..5 {
+            let req = c.http.get(c.url(path)).header("X-Vault-Wrap-TTL", "24h");
+            let r = Client::reply(req.send().await.unwrap()).await;
+            assert!(r.status < 300, "{path}: {r:?}");
+            assert!(r.body["wrap_info"].is_null(), "{path} was wrapped: {r:?}");
+        }
+    }
+    assert_eq!(writes(&scrape().await), before, "nothing was stored");
+}

@@ -378,11 +378,15 @@ fn key(name: &str) -> String {
 pub struct PolicyStore {
     store: Arc<dyn Store>,
     cache: RwLock<HashMap<String, Arc<Policy>>>,
+    /// Counts the changes made to the cache by writes, deletes and invalidations (under
+    /// its write lock). A read that missed the cache fills it only if no change came
+    /// since it started: otherwise it could put back what a change just replaced.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 impl PolicyStore {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        PolicyStore { store, cache: RwLock::new(HashMap::new()) }
+        PolicyStore { store, cache: RwLock::new(HashMap::new()), changes: Default::default() }
     }
 
     pub async fn put(&self, name: &str, text: &str) -> Result<()> {
@@ -407,7 +411,9 @@ impl PolicyStore {
         if !self.store.compare_and_swap(&key(name), expected, Some(&raw)).await? {
             return Err(Error::Conflict(format!("policy {name} changed concurrently; retry")));
         }
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), Arc::new(policy));
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        cache.insert(name.to_owned(), Arc::new(policy));
         Ok(())
     }
 
@@ -416,19 +422,25 @@ impl PolicyStore {
         if let Some(p) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             return Ok(Some(p.clone()));
         }
+        let seen = self.changes.load(std::sync::atomic::Ordering::Acquire);
         let Some(raw) = self.store.get(&key(name)).await? else {
             return Ok(None);
         };
         let stored: StoredPolicy = decode_json(&key(name), &raw)?;
         let policy = Arc::new(Policy::parse(name, &stored.text)?);
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), policy.clone());
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if self.changes.load(std::sync::atomic::Ordering::Acquire) == seen {
+            cache.insert(name.to_owned(), policy.clone());
+        }
         Ok(Some(policy))
     }
 
     /// Forget the parsed policies: the next use reads them from the store again (another
     /// replica may have changed them).
     pub fn invalidate(&self) {
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        cache.clear();
     }
 
     pub async fn delete(&self, name: &str) -> Result<bool> {
@@ -437,7 +449,9 @@ impl PolicyStore {
             return Err(Error::invalid("the root policy cannot be deleted"));
         }
         let existed = self.store.delete(&key(name)).await?;
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        cache.remove(name);
         Ok(existed)
     }
 
@@ -467,6 +481,122 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose first `get` of `key` reads, then waits for `go` before returning:
+    /// a read that lost the race with a write.
+    #[derive(Debug)]
+    struct PausedRead {
+        inner: crate::store::SledStore,
+        key: String,
+        paused: std::sync::atomic::AtomicBool,
+        read: tokio::sync::Notify,
+        go: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for PausedRead {
+        async fn get(&self, key: &str) -> crate::store::StoreResult<Option<Vec<u8>>> {
+            let v = self.inner.get(key).await?;
+            if key == self.key && !self.paused.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let go = self.go.notified();
+                self.read.notify_one();
+                go.await;
+            }
+            Ok(v)
+        }
+        async fn put(&self, key: &str, value: &[u8]) -> crate::store::StoreResult<()> {
+            self.inner.put(key, value).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &str,
+            expected: Option<&[u8]>,
+            new: Option<&[u8]>,
+        ) -> crate::store::StoreResult<bool> {
+            self.inner.compare_and_swap(key, expected, new).await
+        }
+        async fn delete(&self, key: &str) -> crate::store::StoreResult<bool> {
+            self.inner.delete(key).await
+        }
+        async fn scan_prefix(
+            &self,
+            prefix: &str,
+            after: Option<&str>,
+            limit: usize,
+        ) -> crate::store::StoreResult<Vec<(String, Vec<u8>)>> {
+            self.inner.scan_prefix(prefix, after, limit).await
+        }
+        async fn insert_if_absent(
+            &self,
+            key: &str,
+            value: &[u8],
+            ttl: Option<std::time::Duration>,
+        ) -> crate::store::StoreResult<bool> {
+            self.inner.insert_if_absent(key, value, ttl).await
+        }
+        async fn transact_many(
+            &self,
+            txs: Vec<Vec<crate::store::TxOp>>,
+        ) -> crate::store::StoreResult<Vec<crate::store::TxOutcome>> {
+            self.inner.transact_many(txs).await
+        }
+        async fn close_counter(&self, key: &str) -> crate::store::StoreResult<()> {
+            self.inner.close_counter(key).await
+        }
+        async fn counters(&self, prefix: &str) -> crate::store::StoreResult<Vec<crate::store::Counter>> {
+            self.inner.counters(prefix).await
+        }
+        async fn purge_expired(&self) -> crate::store::StoreResult<u64> {
+            self.inner.purge_expired().await
+        }
+        async fn ping(&self) -> crate::store::StoreResult<()> {
+            self.inner.ping().await
+        }
+        fn kind(&self) -> &'static str {
+            "paused"
+        }
+    }
+
+    /// A read that missed the cache and then lost the race with a change (a write or a
+    /// delete) does not put the old policy back into the cache.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_read_does_not_put_back_a_changed_or_deleted_policy() {
+        let old = "path \"secret/a\" { capabilities = [\"read\"] }";
+        let new = "path \"secret/b\" { capabilities = [\"read\"] }";
+        for delete in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(PausedRead {
+                inner: crate::store::SledStore::open(dir.path()).unwrap(),
+                key: key("p"),
+                paused: std::sync::atomic::AtomicBool::new(true),
+                read: tokio::sync::Notify::new(),
+                go: tokio::sync::Notify::new(),
+            });
+            let policies = Arc::new(PolicyStore::new(store.clone()));
+            policies.put("p", old).await.unwrap();
+            policies.invalidate();
+            store.paused.store(false, std::sync::atomic::Ordering::Release);
+            let slow = tokio::spawn({
+                let policies = policies.clone();
+                async move { policies.get("p").await.unwrap() }
+            });
+            store.read.notified().await;
+            if delete {
+                assert!(policies.delete("p").await.unwrap());
+            } else {
+                policies.put("p", new).await.unwrap();
+            }
+            store.go.notify_one();
+            let seen = slow.await.unwrap().expect("it existed when read");
+            assert!(seen.text.contains("secret/a"), "the slow read saw the old policy");
+            let now = policies.get("p").await.unwrap();
+            if delete {
+                assert!(now.is_none(), "a deleted policy came back");
+            } else {
+                assert!(now.unwrap().text.contains("secret/b"), "the old policy came back");
+            }
+        }
+    }
 
     fn acl(text: &str) -> Acl {
         Acl::from_policies([&Policy::parse("p", text).unwrap()])

@@ -53,8 +53,14 @@ pub fn normalize(mut role: CertRoleConfig) -> Result<CertRoleConfig> {
     Ok(role)
 }
 
-/// Whether `c` meets every constraint `role` sets.
+/// Whether `c` meets every constraint `role` sets. A certificate with more than one
+/// SPIFFE ID matches no role: an X.509 SVID has exactly one, and the kill switch revokes
+/// a certificate by the one it names ([`ClientCert::spiffe_id`]), so a second one could
+/// log in to a role that the revoked ID no longer may.
 pub fn matches(role: &CertRoleConfig, c: &ClientCert) -> bool {
+    if c.uri_sans.iter().filter(|u| u.starts_with("spiffe://")).count() > 1 {
+        return false;
+    }
     let pin = role.certificate_sha256.is_empty() || role.certificate_sha256.contains(&c.sha256_hex);
     let cn = role.allowed_common_names.is_empty()
         || c.common_name.as_ref().is_some_and(|cn| role.allowed_common_names.contains(cn));
@@ -79,8 +85,9 @@ impl CertAuth {
         Ok(self.roles.all().await?.into_iter().find(|(_, r)| r.config.allow_direct && matches(&r.config, cert)))
     }
 
-    /// Remove a fingerprint pin from every role (the kill switch). A role left with no
-    /// constraint at all is deleted rather than left matching nothing by accident.
+    /// Remove a fingerprint pin from every role (the kill switch). A role whose only pin
+    /// it was is deleted: without its pins it would accept any certificate that meets its
+    /// other constraints (its names and SANs), more than it accepted before.
     pub async fn remove_pin(&self, fingerprint: &str) -> Result<usize> {
         let mut changed = 0;
         for (name, raw, mut role) in self.roles.all_raw().await? {
@@ -90,11 +97,10 @@ impl CertAuth {
                 continue;
             }
             changed += 1;
-            match normalize(role.config.clone()) {
-                Ok(_) => self.roles.save(&name, &role, Some(&raw)).await?,
-                Err(_) => {
-                    self.roles.delete(&name).await?;
-                }
+            if role.config.certificate_sha256.is_empty() || normalize(role.config.clone()).is_err() {
+                self.roles.delete(&name).await?;
+            } else {
+                self.roles.save(&name, &role, Some(&raw)).await?;
             }
         }
         Ok(changed)
@@ -137,5 +143,19 @@ mod tests {
         assert!(matches(&pin, &c));
         assert!(normalize(CertRoleConfig::default()).is_err(), "no constraint at all is refused");
         assert!(normalize_fingerprint("xyz").is_err());
+    }
+
+    #[test]
+    fn a_certificate_with_two_spiffe_ids_matches_no_role() {
+        let mut c = cert();
+        c.uri_sans = vec!["spiffe://corp/x".into(), "spiffe://corp/ns/payments/sa/api".into()];
+        let by_uri =
+            CertRoleConfig { allowed_uri_sans: vec!["spiffe://corp/ns/payments/*".into()], ..Default::default() };
+        assert!(!matches(&by_uri, &c));
+        let by_pin = CertRoleConfig { certificate_sha256: vec!["ab".repeat(32)], ..Default::default() };
+        assert!(!matches(&by_pin, &c));
+        // One SPIFFE ID beside other URIs is fine.
+        c.uri_sans = vec!["https://corp/x".into(), "spiffe://corp/ns/payments/sa/api".into()];
+        assert!(matches(&by_uri, &c));
     }
 }

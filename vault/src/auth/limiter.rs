@@ -159,6 +159,12 @@ impl Drop for Reservation {
                 if self.counted {
                     c.failures = c.failures.saturating_add(1);
                 }
+                // A counter that holds nothing is not kept: attempts that do not count
+                // (a malformed body, a success) leave no entry behind, so the table is
+                // filled only by failures, which the per-source limit bounds.
+                if c.failures == 0 && c.in_flight == 0 {
+                    map.remove(k);
+                }
             }
         }
         drop(map);
@@ -376,6 +382,24 @@ mod tests {
             tried += u32::from(t.await.unwrap());
         }
         assert_eq!(tried, 5, "exactly the limit got to try");
+    }
+
+    /// Attempts that do not count (a malformed login body, a success) leave no counter:
+    /// one address cannot fill the table with identities it never failed as.
+    #[tokio::test]
+    async fn attempts_that_do_not_count_leave_no_counter() {
+        let l = limiter(5, 10);
+        let a: IpAddr = "10.0.0.3".parse().unwrap();
+        for i in 0..(MAX_ENTRIES + 10) {
+            let r = l.reserve("approle", Some(&format!("role-{i}")), a).await.unwrap();
+            if i.is_multiple_of(2) { r.not_counted() } else { r.succeeded() }
+        }
+        assert!(l.is_empty(), "{} counters left", l.len());
+        // Failures still count, and only they stay.
+        drop(l.reserve("approle", Some("x"), a).await.unwrap());
+        assert_eq!(l.len(), 2);
+        l.reserve("approle", Some("y"), a).await.unwrap().not_counted();
+        assert_eq!(l.len(), 2);
     }
 
     #[tokio::test]

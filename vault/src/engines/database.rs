@@ -94,6 +94,10 @@ struct ConnectionConfig {
     /// CA certificates (PEM): connect with TLS, verifying the server with them.
     #[serde(default)]
     tls_ca_file: Option<PathBuf>,
+    /// The database roles that static roles on this connection may manage: names, or
+    /// prefixes ending in `*` (`["app_*", "reporting"]`). Empty: any ordinary role.
+    #[serde(default)]
+    allowed_usernames: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +112,7 @@ struct Options {
 struct Connection {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    allowed_usernames: Vec<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -170,6 +175,12 @@ pub struct Database {
 }
 
 const ROLE_PREFIX: &str = "database/static-roles/";
+/// `database/managed/<db_name>/<username>`: the static role that manages a database role.
+const MANAGED_PREFIX: &str = "database/managed/";
+
+fn managed_key(db_name: &str, username: &str) -> String {
+    format!("{MANAGED_PREFIX}{db_name}/{username}")
+}
 const CLAIM_PREFIX: &str = "database/rotating/";
 /// How long a rotation's claim lasts if its replica dies holding it (a rotation takes a
 /// connection and one statement: well under this). Until it lapses, that role's
@@ -217,6 +228,9 @@ impl Database {
                 config.password(text.trim());
             }
             config.connect_timeout(Duration::from_secs(5));
+            // A rotation's ALTER ROLE must not wait for good on a lock that the role
+            // itself (or anyone) holds in an open transaction: it fails and is retried.
+            crate::store::bound_in_time(&mut config, "statement_timeout=15s -c lock_timeout=5s");
             let tls = match &c.tls_ca_file {
                 Some(ca) => {
                     use rustls_pki_types::pem::PemObject;
@@ -237,7 +251,8 @@ impl Database {
                 }
                 None => None,
             };
-            connections.insert(name.clone(), Connection { config, tls });
+            connections
+                .insert(name.clone(), Connection { config, tls, allowed_usernames: c.allowed_usernames.clone() });
         }
         let max_versions = core.settings.secrets.max_versions;
         let db = Arc::new(Database {
@@ -300,17 +315,17 @@ impl Database {
         Ok(())
     }
 
-    /// `ALTER ROLE "<username>" WITH PASSWORD '<password>'` on the role's database.
-    async fn alter_role(&self, role: &StaticRole, password: &str) -> Result<()> {
+    /// A connection as the admin of `db_name`.
+    async fn admin_client(&self, db_name: &str) -> Result<tokio_postgres::Client> {
         let conn = self
             .connections
-            .get(&role.db_name)
-            .ok_or_else(|| Error::invalid(format!("no database connection named {:?}", role.db_name)))?;
+            .get(db_name)
+            .ok_or_else(|| Error::invalid(format!("no database connection named {db_name:?}")))?;
         let unavailable = |e: tokio_postgres::Error| {
-            tracing::warn!(db = %role.db_name, error = %e, "database: the admin connection failed");
-            Error::Unavailable(format!("database {}: cannot set the password (see the server log)", role.db_name))
+            tracing::warn!(db = %db_name, error = %e, "database: the admin connection failed");
+            Error::Unavailable(format!("database {db_name}: cannot connect as its admin (see the server log)"))
         };
-        let client = match &conn.tls {
+        Ok(match &conn.tls {
             Some(tls) => {
                 let (client, connection) = conn.config.connect(tls.clone()).await.map_err(unavailable)?;
                 tokio::spawn(connection);
@@ -321,7 +336,66 @@ impl Database {
                 tokio::spawn(connection);
                 client
             }
-        };
+        })
+    }
+
+    /// Whether a static role may manage `username` on `db_name`: it must be one of the
+    /// connection's `allowed_usernames` (when the connection names any), a role that
+    /// exists, and one that cannot administer the database: not the admin connection's
+    /// own user, no superuser, no `CREATEROLE`, replication or `BYPASSRLS` (a caller who
+    /// may write static roles would otherwise read the password of the database's admin).
+    async fn check_manageable(&self, db_name: &str, username: &str) -> Result<()> {
+        let allowed = self.connections.get(db_name).map(|c| c.allowed_usernames.as_slice()).unwrap_or_default();
+        let allowed_here = allowed.is_empty()
+            || allowed.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => username.starts_with(prefix),
+                None => p == username,
+            });
+        if !allowed_here {
+            return Err(Error::invalid(format!(
+                "username: connection {db_name} allows only {} (allowed_usernames)",
+                allowed.join(", ")
+            )));
+        }
+        let client = self.admin_client(db_name).await?;
+        let row = client
+            .query_opt(
+                "SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls, rolname = current_user \
+                 FROM pg_roles WHERE rolname = $1",
+                &[&username],
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(db = %db_name, error = %e, "database: looking up a role failed");
+                Error::Unavailable(format!("database {db_name}: cannot look up role {username} (see the server log)"))
+            })?
+            .ok_or_else(|| Error::invalid(format!("username: database {db_name} has no role {username}")))?;
+        let (privileged, is_admin): (bool, bool) = (row.get(0), row.get(1));
+        if privileged || is_admin {
+            return Err(Error::invalid(format!(
+                "username: {username} can administer database {db_name} (the admin connection's own user, a \
+                 superuser, or a role with CREATEROLE, REPLICATION or BYPASSRLS); static roles manage ordinary roles only"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The static role other than `name` that manages `role`'s database role, if any
+    /// (roles made before the `database/managed/` records are found by this scan).
+    async fn managed_by(&self, role: &StaticRole, name: &str) -> Result<Option<String>> {
+        for (key, raw) in crate::store::scan_all(self.store.as_ref(), ROLE_PREFIX).await? {
+            let other = key.trim_start_matches(ROLE_PREFIX);
+            let r: StaticRole = decode_json(&key, &raw)?;
+            if other != name && r.db_name == role.db_name && r.username == role.username {
+                return Ok(Some(other.to_owned()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `ALTER ROLE "<username>" WITH PASSWORD '<password>'` on the role's database.
+    async fn alter_role(&self, role: &StaticRole, password: &str) -> Result<()> {
+        let client = self.admin_client(&role.db_name).await?;
         // Neither part can carry a quote: the name is [A-Za-z0-9_], the password
         // [A-Za-z0-9] (ALTER ROLE takes no bind parameters).
         debug_assert!(valid_username(&role.username) && password.chars().all(|c| c.is_ascii_alphanumeric()));
@@ -505,7 +579,33 @@ impl Engine for Database {
                 }
                 let key = format!("{ROLE_PREFIX}{name}");
                 let expected = req.existing.clone();
+                // A database role is managed by one static role: two would each set a
+                // password the other serves, and the second would read the first's.
+                let managed = managed_key(&role.db_name, &role.username);
+                let mut claimed = false;
+                if old.is_none() {
+                    self.check_manageable(&role.db_name, &role.username).await?;
+                    if let Some(other) = self.managed_by(&role, &name).await? {
+                        return Err(Error::invalid(format!(
+                            "username: {} on {} is managed by static role {other}",
+                            role.username, role.db_name
+                        )));
+                    }
+                    if !self.store.insert_if_absent(&managed, name.as_bytes(), None).await? {
+                        let other = self.store.get(&managed).await?.unwrap_or_default();
+                        if other != name.as_bytes() {
+                            return Err(Error::Conflict(format!(
+                                "username: {} on {} is being taken by another static role",
+                                role.username, role.db_name
+                            )));
+                        }
+                    }
+                    claimed = true;
+                }
                 if !self.store.compare_and_swap(&key, expected.as_deref(), Some(&encode_json(&role))).await? {
+                    if claimed {
+                        let _ = self.store.compare_and_swap(&managed, Some(name.as_bytes()), None).await;
+                    }
                     return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
                 }
                 // A new role's password is set at once (as Vault does).
@@ -515,7 +615,12 @@ impl Engine for Database {
                 Ok(Reply::empty())
             }
             ("static-roles/{name}", Operation::Delete) => {
+                let role = self.role(&name).await?;
                 self.store.delete(&format!("{ROLE_PREFIX}{name}")).await?;
+                if let Some(role) = role {
+                    let managed = managed_key(&role.db_name, &role.username);
+                    self.store.compare_and_swap(&managed, Some(name.as_bytes()), None).await?;
+                }
                 let path = Self::creds_path(&name)?;
                 if self.creds.exists(&path).await? {
                     self.creds.delete_all(&path).await?;

@@ -133,10 +133,35 @@ enum Op {
     Verify,
 }
 
+/// Vault's fields that change what an operation means and that KeyVault does not
+/// support: refused, not ignored with a warning (a `context` that bound nothing would let
+/// a caller believe two tenants' ciphertexts are separated).
+fn refuse_unsupported(context: Option<&str>, nonce: Option<&str>, prehashed: Option<bool>) -> Result<()> {
+    if context.is_some_and(|c| !c.is_empty()) {
+        return Err(Error::invalid(
+            "context is not supported: transit keys are not derived, a ciphertext is bound to its key and its \
+             associated_data (use associated_data, or one key per tenant)",
+        ));
+    }
+    if nonce.is_some_and(|n| !n.is_empty()) {
+        return Err(Error::invalid("nonce is not supported: there is no convergent encryption"));
+    }
+    if prehashed == Some(true) {
+        return Err(Error::invalid("prehashed is not supported: Ed25519 signs the input itself"));
+    }
+    Ok(())
+}
+
 /// The items of an operation, and whether it was a batch.
 fn into_items(body: OperationRequest) -> Result<(Vec<Item>, bool)> {
     {
         let this = body;
+        refuse_unsupported(this.context.as_deref(), this.nonce.as_deref(), this.prehashed)?;
+        if let Some(batch) = &this.batch_input {
+            for item in batch {
+                refuse_unsupported(item.context.as_deref(), item.nonce.as_deref(), item.prehashed)?;
+            }
+        }
         match this.batch_input {
             Some(batch) => {
                 let single = this.plaintext.is_some()
@@ -159,7 +184,7 @@ fn into_items(body: OperationRequest) -> Result<(Vec<Item>, bool)> {
                     associated_data: this.associated_data,
                     input: this.input,
                     signature: this.signature,
-                    reference: None,
+                    ..Default::default()
                 }],
                 false,
             )),
@@ -243,6 +268,7 @@ impl TransitEngine {
         let name = req.param("name").to_owned();
         let with_plaintext = req.param("kind") == "plaintext";
         let b: DatakeyRequest = req.data()?;
+        refuse_unsupported(b.context.as_deref(), b.nonce.as_deref(), None)?;
         let key = self.transit.get(&name).await?;
         let aad = match &b.associated_data {
             Some(a) => b64_field("associated_data", a)?.to_vec(),
@@ -266,6 +292,15 @@ impl Engine for TransitEngine {
             ("keys", Operation::List) => Reply::keys(self.transit.list().await?),
             ("keys/{name}", Operation::Write) => {
                 let b: CreateKey = req.data()?;
+                let refused = [
+                    ("derived", b.derived, "keys are not derived from a context"),
+                    ("convergent_encryption", b.convergent_encryption, "there is no convergent encryption"),
+                    ("exportable", b.exportable, "no key leaves the HSM"),
+                    ("allow_plaintext_backup", b.allow_plaintext_backup, "no key leaves the HSM"),
+                ];
+                if let Some((field, _, why)) = refused.iter().find(|(_, v, _)| *v == Some(true)) {
+                    return Err(Error::invalid(format!("{field} is not supported: {why}")));
+                }
                 let k = self.transit.create(&name, b.key_type.unwrap_or(KeyType::Aes256Gcm96)).await?;
                 Reply::data(&key_info(&name, &k))
             }

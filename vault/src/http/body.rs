@@ -31,31 +31,63 @@ pub async fn read_body(req: Request, limits: &BodyLimits, limit: usize) -> Resul
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let deadline = tokio::time::Instant::now() + limits.timeout;
-    // Room in the budget of bodies being received: the declared length, or the limit.
-    let want = declared.map(|n| n as usize).unwrap_or(limit).div_ceil(1024).max(1);
-    let want = u32::try_from(want).unwrap_or(u32::MAX);
-    let _room = match tokio::time::timeout_at(deadline, limits.budget.clone().acquire_many_owned(want)).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            return Err(Error::Unavailable("too many request bodies are being received; retry later".into()).into());
+    collect(req.into_body(), limits, limit, deadline).await
+}
+
+/// Gather a body's bytes, taking room in the budget of bodies being received (permits of
+/// 1 KiB) for the buffer as it grows, before it grows: what a request holds is what it
+/// has sent, rounded up to at most twice that. A body announced but not sent (a declared
+/// length, a chunked body that never comes, an HTTP/2 stream left open, every GET) holds
+/// nothing, so clients that send nothing cannot take the budget from the others.
+async fn collect(
+    mut body: Body,
+    limits: &BodyLimits,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = Zeroizing::new(Vec::new());
+    let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut held_kib = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::RequestTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(Error::invalid("could not read the request body").into()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let needed = buf.len() + data.len();
+        if needed > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
         }
-    };
-    let body: Body = req.into_body();
-    let read = tokio::time::timeout_at(deadline, axum::body::to_bytes(body, limit)).await;
-    let bytes = match read {
-        Err(_) => return Err(ApiError::RequestTimeout),
-        Ok(r) => r.map_err(|e| {
-            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            if too_large {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::from(Error::invalid("could not read the request body"))
+        if needed > buf.capacity() {
+            let capacity = needed.max(buf.capacity() * 2).max(4096).min(limit);
+            let want = capacity.div_ceil(1024);
+            if want > held_kib {
+                let more = u32::try_from(want - held_kib).unwrap_or(u32::MAX);
+                let permit =
+                    match tokio::time::timeout_at(deadline, limits.budget.clone().acquire_many_owned(more)).await {
+                        Ok(Ok(permit)) => permit,
+                        _ => {
+                            return Err(Error::Unavailable(
+                                "too many request bodies are being received; retry later".into(),
+                            )
+                            .into());
+                        }
+                    };
+                match &mut room {
+                    Some(held) => held.merge(permit),
+                    None => room = Some(permit),
+                }
+                held_kib = want;
             }
-        })?,
-    };
-    // Takes the allocation without copying when this is the only reference.
-    Ok(Zeroizing::new(Vec::from(bytes)))
+            let more = capacity - buf.len();
+            buf.reserve_exact(more);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf)
 }
 
 /// Read and discard up to `cap` bytes of a body within `within`.

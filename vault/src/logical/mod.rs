@@ -493,6 +493,16 @@ impl Caller {
 }
 
 impl Caller {
+    /// Whether this caller may hand out logins with these token settings: it must be able
+    /// to grant their policies ([`Caller::check_grant`]) and their attributes and
+    /// audiences ([`Caller::check_attribute_grant`]). Every request that writes a role,
+    /// or makes a credential for one (an AppRole secret id), passes this: a credential is
+    /// worth what its logins get.
+    pub fn check_settings_grant(&self, t: &keyvault_api::auth::TokenSettings) -> Result<()> {
+        self.check_grant(&t.token_policies)?;
+        self.check_attribute_grant(t)
+    }
+
     /// Whether this caller may give tokens these attributes and audiences (a role write):
     /// root may; anyone else needs `sudo` on `sys/token-attributes/grant/<name>` for each
     /// attribute and on `sys/token-attributes/audience/<audience>` for each audience. A

@@ -179,7 +179,10 @@ impl Service {
         let token = req.token.clone();
         let token = token.as_ref().map(|t| t.as_str());
         match access {
-            Access::Public => {}
+            // Nobody is known: no reply is wrapped (as in Vault, whose unauthenticated
+            // endpoints ignore the header). Wrapping costs token calls and a stored
+            // record; an anonymous client must not be able to make the server spend them.
+            Access::Public => req.wrap_ttl = None,
             Access::Login => {
                 let issued = self.core.login(engine.as_ref(), req).await?;
                 return Ok(self.login_reply(req, issued));
@@ -194,7 +197,7 @@ impl Service {
                 caller.require(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
-            Access::Telemetry if self.core.settings.telemetry.unauthenticated_metrics_access => {}
+            Access::Telemetry if self.core.settings.telemetry.unauthenticated_metrics_access => req.wrap_ttl = None,
             Access::Telemetry => {
                 let caller = self.authenticate(token, req).await?;
                 caller.require(&req.policy_path, Capability::Read)?;

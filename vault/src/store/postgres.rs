@@ -120,6 +120,24 @@ const COUNTERS: &str = "SELECT key, value, closed FROM keyvault_counters WHERE s
 const PING: &str = "SELECT 1";
 const CLOCK: &str = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8";
 
+/// Bound a PostgreSQL connection in time on both sides: server-side limits for each
+/// statement, each lock wait and each idle transaction (`-c` settings sent at connect,
+/// after any the URL gives), and TCP keepalives plus a user timeout so that a peer that
+/// went silent (a dropped route, a blackholed packet) fails the connection within about
+/// a minute instead of holding a request and a pool slot for good.
+pub fn bound_in_time(pg: &mut tokio_postgres::Config, settings: &str) {
+    let options = match pg.get_options() {
+        Some(o) if !o.trim().is_empty() => format!("{o} -c {settings}"),
+        _ => format!("-c {settings}"),
+    };
+    pg.options(options);
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
+    pg.keepalives_interval(Duration::from_secs(10));
+    pg.keepalives_retries(3);
+    pg.tcp_user_timeout(Duration::from_secs(60));
+}
+
 /// `sql` as a statement prepared on this connection (cached by the pool with it).
 async fn prepared(c: &impl GenericClient, sql: &str) -> StoreResult<Statement> {
     c.prepare_cached(sql).await.map_err(unavailable)
@@ -136,6 +154,7 @@ impl PostgresStore {
             pg.password(p.expose_secret());
         }
         pg.connect_timeout(Duration::from_secs(5));
+        bound_in_time(&mut pg, "statement_timeout=30s -c lock_timeout=10s -c idle_in_transaction_session_timeout=60s");
         let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let manager = match &options.tls_ca_file {
             Some(ca) => {
@@ -401,9 +420,15 @@ impl Store for PostgresStore {
         let mut c = self.client().await?;
         // One transaction: one commit (one WAL flush) for the whole batch.
         let tx = c.transaction().await.map_err(unavailable)?;
-        let mut out = Vec::with_capacity(items.len());
-        for (k, v, ttl) in items {
-            out.push(Self::insert_if_absent_in(&tx, k, v, *ttl).await?);
+        // In key order: two batches that share keys in different orders would otherwise
+        // wait on each other's rows (a deadlock PostgreSQL resolves by failing one whole
+        // batch). A stable sort keeps the first of two equal keys first.
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by(|&a, &b| items[a].0.cmp(&items[b].0));
+        let mut out = vec![false; items.len()];
+        for i in order {
+            let (k, v, ttl) = &items[i];
+            out[i] = Self::insert_if_absent_in(&tx, k, v, *ttl).await?;
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(out)

@@ -97,6 +97,12 @@ struct StoredSecretId {
     /// deletes the record), so concurrent logins never use one more than allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     uses_left: Option<u64>,
+    /// The role id of the role it was made for. A role deleted and made again under the
+    /// same name has a new role id, so a secret id of the old role (one left behind by a
+    /// delete that was interrupted, or made while the delete ran) logs in to nothing.
+    /// Secret ids stored without one (made before this field) are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    role_id: Option<String>,
 }
 
 /// A freshly generated secret id: shown once, never stored.
@@ -199,6 +205,7 @@ impl AppRole {
             created: unix_now(),
             expires: ttl.map(|t| unix_now().saturating_add(t.as_secs())),
             uses_left: (num_uses > 0).then_some(num_uses),
+            role_id: Some(role.config.role_id.clone()),
         };
         let key = format!("{}{mac}", secret_id_prefix(name));
         if !self.store.insert_if_absent(&key, &encode_json(&entry), ttl).await? {
@@ -275,6 +282,9 @@ impl Engine for AppRole {
             "role/{name}/role-id" => Reply::data(&keyvault_api::auth::RoleId { role_id: self.role_id(&name).await? }),
             "role/{name}/secret-id" => {
                 req.data::<keyvault_api::Empty>()?;
+                // A secret id logs in as the role: making one needs what the role grants.
+                let role = self.roles.require(&name).await?;
+                req.caller()?.check_settings_grant(&role.token)?;
                 let s = self.new_secret_id(&name).await?;
                 Reply::data(&keyvault_api::auth::SecretId {
                     secret_id: s.secret_id.into(),
@@ -327,6 +337,11 @@ impl Engine for AppRole {
                 return Err(invalid());
             }
             if stored.expires.is_some_and(|e| e <= unix_now()) {
+                return Err(invalid());
+            }
+            let same_role =
+                stored.role_id.as_ref().is_some_and(|r| bool::from(r.as_bytes().ct_eq(role.config.role_id.as_bytes())));
+            if !same_role {
                 return Err(invalid());
             }
             if stored.uses_left.is_some() {

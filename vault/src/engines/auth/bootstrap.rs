@@ -40,7 +40,9 @@ const ROUTES: &[Route] = &[
     Route::new(
         "token",
         "mint a one-time bootstrap token (shown once)",
-        &[OpSpec::write(Access::Needs(Capability::Update))
+        // Its login makes a token with no parent, which outlives the minter's own token
+        // and its revocation: `sudo`, as for `auth/token/create-orphan`.
+        &[OpSpec::write(Access::Sudo(Capability::Update))
             .body::<keyvault_api::auth::BootstrapMint>()
             .data::<keyvault_api::auth::BootstrapMinted>()],
     ),

@@ -51,7 +51,9 @@ const ROUTES: &[Route] = &[
         "the cluster's issuer, public keys and audiences",
         &[
             OpSpec::read(Access::Needs(Capability::Read)).data::<keyvault_api::auth::KubernetesConfig>(),
-            OpSpec::write(Access::Needs(Capability::Update))
+            // The issuer and keys decide who logs in as every role of the method: `sudo`,
+            // and the grants of every role (docs/api.md).
+            OpSpec::write(Access::Sudo(Capability::Update))
                 .body::<keyvault_api::auth::KubernetesConfig>()
                 .answers(crate::logical::openapi::Answer::Empty),
         ],
@@ -259,7 +261,20 @@ impl Engine for KubernetesAuth {
         match (req.route.pattern, req.operation) {
             ("config", Operation::Read) => Reply::data(&self.read_config().await?),
             ("config", _) => {
-                self.write_config(req.data()?).await?;
+                let config = req.data()?;
+                // Whoever sets the keys can sign a login for any role: the caller must be
+                // able to grant what each role's logins get.
+                let caller = req.caller()?;
+                let names = match self.roles.names().await {
+                    Err(Error::NotFound(_)) => Vec::new(),
+                    other => other?,
+                };
+                for name in names {
+                    if let Some(role) = self.roles.load(&name).await? {
+                        caller.check_settings_grant(&role.token)?;
+                    }
+                }
+                self.write_config(config).await?;
                 Ok(Reply::empty())
             }
             _ => super::handle_role(self, req).await,

@@ -103,8 +103,7 @@ pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<R
         Operation::Read => admin.read_role(&name).await,
         Operation::Write => {
             let (config, token) = parse_role_body::<R::Config>(req)?;
-            req.caller()?.check_grant(&token.token_policies)?;
-            req.caller()?.check_attribute_grant(&token)?;
+            req.caller()?.check_settings_grant(&token)?;
             admin.write_role(&name, config, token, req.existing.as_deref()).await?;
             Ok(Reply::empty())
         }

@@ -237,9 +237,15 @@ impl Engine for UserPass {
             Operation::Read => Reply::data(&self.read_user(&name).await?),
             Operation::Write => {
                 let w: UserWrite = req.data()?;
-                if let Some(p) = &w.token_policies {
-                    req.caller()?.check_grant(p)?;
-                }
+                // Whoever sets a user's password can log in as the user: every write (a
+                // password reset as much as a policy change) needs the caller to hold the
+                // policies the user's logins will get.
+                let policies = match (&w.token_policies, req.existing.as_deref()) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(raw)) => decode_json::<StoredUser>(&user_key(&name), raw)?.token_policies,
+                    (None, None) => Vec::new(),
+                };
+                req.caller()?.check_grant(&policies)?;
                 self.write_user(&name, w, req.existing.as_deref()).await?;
                 Ok(Reply::empty())
             }
