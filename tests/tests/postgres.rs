@@ -462,3 +462,33 @@ async fn replicas_share_replay_protection_versions_and_policy_changes() {
     parts[0] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string());
     ok(cb.get("auth/token/lookup-self", &parts.join(".")).await, 401);
 }
+
+/// A role delete cut short once the role itself is gone (a crash, a dropped request)
+/// leaves the role's secret ids behind. They must log in to nothing, also after a role of
+/// the same name is made again: a secret id belongs to the role it was made for (its role
+/// id), not to the name. The delete's first steps are made here directly in the shared
+/// store, as `RoleStore::delete` makes them.
+#[tokio::test]
+async fn secret_ids_left_by_an_interrupted_role_delete_log_in_to_nothing() {
+    let pg = TestPostgres::start();
+    let url = pg.database("leftovers");
+    let s = TestServer::start(ServerOptions {
+        storage: Some(format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"")),
+        ..Default::default()
+    });
+    let c = s.client();
+    ok(c.post("auth/approle/role/again", Some(&s.root), json!({})).await, 204);
+    let sid =
+        ok(c.post("auth/approle/role/again/secret-id", Some(&s.root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let login = json!({"role": "again", "secret_id": sid});
+    ok(c.post("auth", None, login.clone()).await, 200);
+    let store = PostgresStore::open(&options(url)).await.unwrap();
+    assert!(store.delete("auth/approle/role/again").await.unwrap());
+    assert!(store.delete("auth/roles/again").await.unwrap());
+    assert_eq!(c.post("auth", None, login.clone()).await.status, 401, "no role");
+    ok(c.post("auth/approle/role/again", Some(&s.root), json!({})).await, 204);
+    assert_eq!(c.post("auth", None, login).await.status, 401, "the old role's secret id, for the new role");
+}
