@@ -196,6 +196,78 @@ async fn rotation_twice_under_load_then_retire_on_sled() {
     );
 }
 
+/// A start cut short at its worst point (killed right after its new version became
+/// active: the older version not yet closed, no re-wrap recorded) is finished by the
+/// restarted process once the start's claim expires: the re-wrap runs to the end and the
+/// old version can be retired. (Before, the rotation stayed `starting` for good: nothing
+/// re-wrapped, and retire refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_start_cut_short_after_its_new_version_is_finished_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = dir.path().join("crash-now");
+    let mut s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_CRASH_ROTATION_START".into(), crash.display().to_string())],
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    seed(&c, &root, 300).await;
+    std::fs::write(&crash, "").unwrap();
+    let r = c.try_send("POST", "sys/rotate", Some(&root), Some(b"{}".to_vec())).await;
+    assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status >= 500), "{r:?}");
+    assert!(s.child.wait().unwrap().code().is_none(), "the server died of a signal");
+    std::fs::remove_file(&crash).unwrap();
+    s.restart();
+    let c = s.client();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..600 {
+        last = ok(c.get("sys/rotate/status", &root).await, 200).body["data"].clone();
+        if last["active_version"] == 2 && last["versions_in_use"] == json!([2]) && last["state"] == "idle" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((&last["active_version"], &last["versions_in_use"]), (&json!(2), &json!([2])), "{last}");
+    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([1]), "{r:?}");
+    for i in (0..300).step_by(37) {
+        assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
+    }
+    assert!(s.log_text().contains("finishing a master key rotation that was cut short"));
+}
+
+/// A retire whose destroy fails (the token refuses it) after the keyring no longer lists
+/// the version is finished by the next retire: the retired key does not stay in the token
+/// for good. (Before, the next retire found nothing to retire and the key stayed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retire_cut_short_is_finished_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    std::fs::write(&fault, "").unwrap();
+    let s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    seed(&c, &root, 50).await;
+    ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
+    let status = wait_idle(&c, &root).await;
+    assert_eq!(status["versions_in_use"], json!([2]), "{status}");
+    let master = || {
+        let mut v = s.token_keys("keyvault/master/");
+        v.sort();
+        v
+    };
+    assert_eq!(master().len(), 2);
+    std::fs::write(&fault, "error destroy").unwrap();
+    assert_eq!(c.post("sys/rotate/retire", Some(&root), json!({})).await.status, 503);
+    std::fs::write(&fault, "").unwrap();
+    ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(master(), vec!["keyvault/master/v2".to_owned()]);
+    assert_eq!(ok(c.get("secret/seed/7", &root).await, 200).body["data"]["value"], "seed-7");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_interrupted_by_kill_9_resumes_after_restart() {
     let hold = Hold::new();

@@ -123,3 +123,38 @@ async fn replies_of_endpoints_without_a_token_are_never_wrapped() {
     }
     assert_eq!(writes(&scrape().await), before, "nothing was stored");
 }
+
+/// A wrapped reply is opened before it is consumed: an unwrap or a rewrap that fails on
+/// the way (the token cannot unwrap the reply's key) leaves the wrapping token good for
+/// the next try, and the reply is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unwrap_or_rewrap_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    std::fs::write(&fault, "").unwrap();
+    let s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("secret/w", &root, json!({"value": "wrapped value"})).await, 200);
+    let r = ok(wrapped(&c, "GET", "secret/w", &root, serde_json::Value::Null, "5m").await, 200);
+    let mut w = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
+    for path in ["sys/wrapping/rewrap", "sys/wrapping/unwrap"] {
+        std::fs::write(&fault, "error unwrap_key").unwrap();
+        let r = c.send("POST", path, Some(&w), None).await;
+        assert_eq!(r.status, 503, "{path}: {r:?}");
+        std::fs::write(&fault, "").unwrap();
+        let r = ok(c.send("POST", path, Some(&w), None).await, 200);
+        if path.ends_with("rewrap") {
+            let old = w.clone();
+            w = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
+            assert_ne!(old, w);
+            assert_eq!(c.send("POST", "sys/wrapping/unwrap", Some(&old), None).await.status, 400, "spent");
+        } else {
+            assert_eq!(r.body["data"]["value"], "wrapped value", "{r:?}");
+        }
+    }
+    assert_eq!(c.send("POST", "sys/wrapping/unwrap", Some(&w), None).await.status, 400, "used once");
+}

@@ -6,6 +6,8 @@
 //! missing file is no fault). Its content:
 //! - empty: no fault;
 //! - `error`: the call fails as a device error would (`CKR_DEVICE_ERROR`);
+//! - `error <op>`: only calls of that kind fail so (`unwrap_key`, `sign_ed25519`, ...: the
+//!   names of the `keyvault_token_operations_total` metric);
 //! - `hang`: the call blocks until the file says something else, then runs;
 //! - `slow <ms>`: the call waits that long, then runs;
 //! - `flaky <percent>`: that share of calls fails as with `error`.
@@ -24,15 +26,19 @@ fn mode() -> String {
 }
 
 /// Called by the metered key store before each call (`op` names it).
-pub fn before(_op: &'static str) -> keyvault_hsm::Result<()> {
+pub fn before(op: &'static str) -> keyvault_hsm::Result<()> {
     if file().is_none() {
         return Ok(());
     }
     loop {
         let m = mode();
         let mut words = m.split_whitespace();
-        match (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
-            (Some("error"), _) => return Err(keyvault_hsm::HsmError::simulated_device_error()),
+        let (first, second) = (words.next(), words.next());
+        match (first, second.and_then(|n| n.parse::<u64>().ok())) {
+            (Some("error"), _) if second.is_none_or(|o| o == op) => {
+                return Err(keyvault_hsm::HsmError::simulated_device_error());
+            }
+            (Some("error"), _) => return Ok(()),
             (Some("hang"), _) => std::thread::sleep(Duration::from_millis(20)),
             (Some("slow"), Some(ms)) => {
                 std::thread::sleep(Duration::from_millis(ms));

@@ -175,11 +175,27 @@ pub struct Gateway {
     /// point decompression (about as costly as a third of a signature check); the producer
     /// record is still read on every check, so an edit or a disable applies at once.
     decoded: Mutex<HashMap<String, VerifyingKey>>,
+    /// Added to every nonce's lifetime: twice the most a replica's clock may be off the
+    /// store's (`[tokens] max_clock_offset`). A nonce expires by the store's clock, a
+    /// timestamp is judged by the replica's: without the margin, a replay could reach a
+    /// replica running behind just after the nonce expired and still be in its window.
+    clock_margin: Duration,
 }
 
 impl Gateway {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Gateway { store, decoded: Mutex::new(HashMap::new()) }
+        Gateway { store, decoded: Mutex::new(HashMap::new()), clock_margin: Duration::ZERO }
+    }
+
+    /// With a margin for replica clocks that may be `max_offset` off the store's.
+    pub fn with_clock_offset(mut self, max_offset: Duration) -> Self {
+        self.clock_margin = max_offset.saturating_mul(2);
+        self
+    }
+
+    /// How long a nonce of a producer with `nonce_ttl_seconds` is remembered.
+    fn nonce_ttl(&self, nonce_ttl_seconds: u64) -> Duration {
+        Duration::from_secs(nonce_ttl_seconds) + Duration::from_secs(self.clock_margin.as_secs_f64().ceil() as u64)
     }
 
     /// [`decode_public_key`], remembered. Only valid keys are kept.
@@ -338,7 +354,7 @@ impl Gateway {
                     hex::encode(Sha256::digest(p.identity.as_bytes())),
                     hex::encode(Sha256::digest(p.nonce.as_bytes()))
                 );
-                (key, Vec::new(), Some(Duration::from_secs(ttl)))
+                (key, Vec::new(), Some(self.nonce_ttl(ttl)))
             })
             .collect();
         let fresh = self.store.insert_if_absent_many(&inserts).await?;
@@ -451,6 +467,26 @@ mod tests {
             let k = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
             assert_eq!(g.public_key(&STANDARD.encode(k.as_bytes())), Some(k));
             assert!(g.decoded.lock().unwrap().len() <= DECODED_KEYS_MAX);
+        }
+    }
+
+    /// A nonce outlives every moment at which its timestamp is within the skew on some
+    /// replica: with replicas up to `d` off the store's clock in either direction, that is
+    /// 2 x skew + 1 + 2d seconds of the store's clock.
+    #[test]
+    fn nonces_are_remembered_for_the_skew_window_plus_the_replicas_clock_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let skew = 30u64;
+        let producer_ttl = 2 * skew + 1;
+        for offset_ms in [0u64, 500, 2000, 2500] {
+            let g = Gateway::new(store.clone()).with_clock_offset(Duration::from_millis(offset_ms));
+            let ttl = g.nonce_ttl(producer_ttl);
+            // Accepted on a replica d ahead at the earliest store time, replayed on one d
+            // behind at the latest: the nonce must still be there.
+            let d = Duration::from_millis(offset_ms);
+            let window = Duration::from_secs(2 * skew) + 2 * d;
+            assert!(ttl > window, "offset {offset_ms} ms: {ttl:?} <= {window:?}");
         }
     }
 

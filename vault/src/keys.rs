@@ -256,6 +256,12 @@ pub struct KeyFamily {
     /// so that of concurrent rotations exactly one makes it (see [`add_version`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingVersion>,
+    /// Versions taken out of `versions` whose token objects may still exist: a retire
+    /// marks a version here in the same write that removes it, destroys its object, then
+    /// unmarks it. A retire cut short (a failed destroy, a crash) is finished by the next
+    /// one ([`finish_retiring`]), so no retired key stays in the token for good.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<KeyVersion>,
 }
 
 /// A version whose token object is being generated.
@@ -277,6 +283,7 @@ impl KeyFamily {
             versions: vec![KeyVersion::FIRST],
             activated_at: crate::unix_now(),
             pending: None,
+            retiring: Vec::new(),
         }
     }
 }
@@ -370,6 +377,15 @@ impl SharedKeyring {
         let ring = retire_version(self.store.as_ref(), keys, names, family, v).await?;
         self.ring.store(Arc::new(ring.clone()));
         Ok(ring)
+    }
+
+    /// Finish the retires of `family` that were cut short ([`finish_retiring`]).
+    pub async fn finish_retiring(&self, keys: &Arc<dyn KeyStore>, names: &KeyNames, family: Family) -> Result<()> {
+        let ring = finish_retiring(self.store.as_ref(), keys, names, family).await?;
+        if let Some(ring) = ring {
+            self.ring.store(Arc::new(ring));
+        }
+        Ok(())
     }
 }
 
@@ -588,11 +604,36 @@ pub async fn retire_version(
             return Err(Error::Conflict(format!("version {v} is active and cannot be retired")));
         }
         fam.versions.retain(|x| *x != v);
+        if !fam.retiring.contains(&v) {
+            fam.retiring.push(v);
+        }
         if store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
-            let label = family.label(names, v);
-            hsm_call(keys, move |k| k.destroy(&label)).await?;
+            break;
+        }
+    }
+    let ring = finish_retiring(store, keys, names, family).await?;
+    ring.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))
+}
+
+/// Destroy the token object of every version of `family` marked as retiring, and unmark
+/// each once it is gone (a destroy finds nothing to destroy the second time). The keyring
+/// as it is at the end; `None` if there is none.
+pub async fn finish_retiring(
+    store: &dyn Store,
+    keys: &Arc<dyn KeyStore>,
+    names: &KeyNames,
+    family: Family,
+) -> Result<Option<Keyring>> {
+    loop {
+        let Some(raw) = store.get(KEYRING_KEY).await? else { return Ok(None) };
+        let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
+        let fam = family.of(&mut ring);
+        let Some(&v) = fam.retiring.first() else { return Ok(Some(ring)) };
+        let label = family.label(names, v);
+        hsm_call(keys, move |k| k.destroy(&label)).await?;
+        fam.retiring.retain(|x| *x != v);
+        if store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
             tracing::info!(?family, version = %v, "key version retired and destroyed in the token");
-            return Ok(ring);
         }
     }
 }

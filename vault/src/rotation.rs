@@ -149,8 +149,13 @@ impl Rotation {
         }
         // Claim the rotation record first, so that two concurrent starts cannot both add
         // a version.
+        // The claim names the version active when it was taken: a start cut short (a
+        // crash, a dropped request, a failed step) is finished by the driver if a newer
+        // version was made meanwhile ([`Rotation::resume_start`]).
+        self.keyring.follow().await?;
         let mut claim = current.clone();
         claim.state = "starting".into();
+        claim.target = self.keyring.load().master.active.get();
         claim.lease_owner = Some(self.replica.clone());
         claim.lease_until = unix_now() + LEASE.as_secs();
         if current.state == "starting" && !lease_expired(&current, unix_now()) {
@@ -168,8 +173,19 @@ impl Rotation {
             }
         };
         let target = ring.master.active;
+        crash_point_for_tests();
+        self.begin_rewrap(&claimed, target, &ring.master.versions).await?;
+        tracing::info!(version = %target, "master key rotation started");
+        self.wake.notify_one();
+        Ok(target)
+    }
+
+    /// The second half of a start, once the new version `target` is active: close the
+    /// older versions, count what is to re-wrap, and record the re-wrap (replacing the
+    /// `starting` claim `claimed`).
+    async fn begin_rewrap(&self, claimed: &[u8], target: KeyVersion, versions: &[KeyVersion]) -> Result<()> {
         // From here on no record can commit under an older version, on any replica.
-        for v in ring.master.versions.iter().copied().filter(|v| *v != target) {
+        for v in versions.iter().copied().filter(|v| *v != target) {
             usage::close(self.store.as_ref(), v).await?;
         }
         let total = self.usage().await?.outside(target).max(0) as u64;
@@ -188,12 +204,41 @@ impl Rotation {
             failed: 0,
             versions_at_start: Vec::new(),
         };
-        if !self.save(Some(&claimed), &record).await? {
+        if !self.save(Some(claimed), &record).await? {
             return Err(Error::Internal("the rotation record changed while starting".into()));
         }
-        tracing::info!(version = %target, records = total, "master key rotation started");
-        self.wake.notify_one();
-        Ok(target)
+        tracing::info!(version = %target, records = total, "master key rotation: re-wrapping");
+        Ok(())
+    }
+
+    /// A start whose claim expired without its re-wrap being recorded was cut short. If a
+    /// version newer than the one its claim names is active, the start made it: take the
+    /// claim over and finish the start (close the older versions, record the re-wrap),
+    /// which the driver then runs. Otherwise nothing was made: back to idle.
+    async fn resume_start(&self, raw: Option<Vec<u8>>, r: RotationRecord) -> Result<bool> {
+        self.keyring.follow().await?;
+        let ring = self.keyring.load_full();
+        let active = ring.master.active;
+        let mut next = r.clone();
+        next.lease_owner = Some(self.replica.clone());
+        next.lease_until = unix_now() + LEASE.as_secs();
+        if active.get() <= r.target {
+            next.state = "idle".into();
+            next.lease_owner = None;
+            next.lease_until = 0;
+            if self.save(raw.as_deref(), &next).await? {
+                tracing::warn!(
+                    "a master key rotation was cut short before its new version was made; nothing to finish"
+                );
+            }
+            return Ok(false);
+        }
+        if !self.save(raw.as_deref(), &next).await? {
+            return Ok(false);
+        }
+        tracing::warn!(version = %active, "finishing a master key rotation that was cut short after its new version was made");
+        self.begin_rewrap(&encode_json(&next), active, &ring.master.versions).await?;
+        Ok(true)
     }
 
     /// Progress from the rotation record, counts from the version counters: a few
@@ -256,7 +301,8 @@ impl Rotation {
             return Err(Error::Conflict("a rotation is still re-wrapping; retire when it is idle".into()));
         }
         // Decide on the keyring as stored (another replica may have rotated less than a
-        // sync ago), never on this replica's copy.
+        // sync ago), never on this replica's copy. First, finish any retire cut short.
+        self.keyring.finish_retiring(&self.keys, &self.names, Family::Master).await?;
         self.keyring.follow().await?;
         let ring = self.keyring.load_full();
         let active = ring.master.active;
@@ -293,6 +339,9 @@ impl Rotation {
     /// Returns whether there is more to do right away.
     pub async fn step(&self) -> Result<bool> {
         let (raw, mut r) = self.load().await?;
+        if r.state == "starting" && lease_expired(&r, unix_now()) {
+            return self.resume_start(raw, r).await;
+        }
         if r.state != "rewrapping" {
             return Ok(false);
         }
@@ -406,6 +455,21 @@ fn held_for_tests(done: u64) -> bool {
 fn held_for_tests(_: u64) -> bool {
     false
 }
+
+/// Test hook, in debug builds only: the process aborts right after a start made its new
+/// master version, before the re-wrap is recorded, while the file named by
+/// `KEYVAULT_TEST_CRASH_ROTATION_START` exists (a start cut short at its worst point).
+#[cfg(debug_assertions)]
+fn crash_point_for_tests() {
+    if let Some(f) = std::env::var_os("KEYVAULT_TEST_CRASH_ROTATION_START")
+        && std::path::Path::new(&f).exists()
+    {
+        std::process::abort();
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn crash_point_for_tests() {}
 
 fn lease_expired_now(until: u64) -> bool {
     until <= unix_now()

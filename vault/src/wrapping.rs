@@ -149,13 +149,15 @@ impl Wrapping {
         decrypt_value(&dek, &nonce, &aad(key), &b64(&stored.ciphertext)?)
     }
 
-    /// The wrapped reply, once: the record is deleted before it is opened.
+    /// The wrapped reply, once. It is opened first and consumed second: of concurrent
+    /// unwraps only the one whose delete removed the record returns it, and an unwrap that
+    /// fails to open it (the token unavailable) leaves it for the next try.
     pub async fn unwrap(&self, token: &str) -> Result<(Zeroizing<Vec<u8>>, String)> {
         let (key, _, stored) = self.load(token).await?;
+        let reply = self.open(&key, &stored).await?;
         if !self.store.delete(&key).await? {
             return Err(invalid());
         }
-        let reply = self.open(&key, &stored).await?;
         Ok((reply, stored.accessor))
     }
 
@@ -166,13 +168,19 @@ impl Wrapping {
 
     /// A new wrapping token for the same reply (with its remaining TTL); the old one is
     /// spent.
+    /// The new one is stored before the old one is consumed, so a failure on the way
+    /// (the token unavailable) loses nothing; of concurrent uses of the old token only one
+    /// wins, and a rewrap that lost takes its new record back.
     pub async fn rewrap(&self, token: &str) -> Result<WrapInfo> {
         let (key, _, stored) = self.load(token).await?;
-        if !self.store.delete(&key).await? {
-            return Err(invalid());
-        }
         let reply = self.open(&key, &stored).await?;
         let left = (stored.creation_time + stored.ttl).saturating_sub(unix_now()).max(1);
-        self.wrap(&reply, Duration::from_secs(left), &stored.creation_path).await
+        let info = self.wrap(&reply, Duration::from_secs(left), &stored.creation_path).await?;
+        if !self.store.delete(&key).await? {
+            let new_key = self.key_of(info.token.expose_secret()).await?;
+            self.store.delete(&new_key).await?;
+            return Err(invalid());
+        }
+        Ok(info)
     }
 }

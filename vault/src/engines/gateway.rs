@@ -73,7 +73,7 @@ pub struct GatewayEngine {
 impl GatewayEngine {
     fn new(core: &Arc<Core>) -> Self {
         GatewayEngine {
-            gateway: Gateway::new(core.store.clone()),
+            gateway: Gateway::new(core.store.clone()).with_clock_offset(core.settings.tokens.max_clock_offset),
             transit: Transit::new(core.store.clone(), core.keys.clone(), core.names.clone()),
             revocations: Revocations::new(core.store.clone()),
         }

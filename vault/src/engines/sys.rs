@@ -491,6 +491,7 @@ impl Sys {
     async fn retire_token_signing(&self, req: &mut Request) -> Result<Reply> {
         req.data::<keyvault_api::Empty>()?;
         let core = &self.core;
+        core.keyring.finish_retiring(&core.keys, &core.names, Family::TokenSigning).await?;
         let fam = core.keyring.load().token_signing.clone();
         let lifetime = MAX_TOKEN_LIFETIME.max(core.settings.tokens.max_ttl).as_secs();
         let since = unix_now().saturating_sub(fam.activated_at);
