@@ -227,6 +227,49 @@ async fn transit_refuses_derivation_and_export_rather_than_ignoring_them() {
     assert_eq!(r.body["data"]["plaintext"], b64(b"tenant A"));
 }
 
+/// A transit key deleted while requests that loaded it are in flight: they get 200 (made
+/// before the delete) or 404, never a 500 for a key "missing from the HSM", and health
+/// counts no missing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_transit_key_under_load_gives_404_not_500() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..4 {
+        let name = format!("del{round}");
+        ok(c.post(&format!("transit/keys/{name}"), Some(&root), json!({})).await, 200);
+        ok(c.post(&format!("transit/keys/{name}/config"), Some(&root), json!({"deletion_allowed": true})).await, 200);
+        let load: Vec<_> = (0..16)
+            .map(|_| {
+                let (c, root, name) = (c.clone(), root.clone(), name.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    for _ in 0..15 {
+                        let r =
+                            c.post(&format!("transit/encrypt/{name}"), Some(&root), json!({"plaintext": "aGk="})).await;
+                        seen.push(r.status);
+                        if r.status == 404 {
+                            break;
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        ok(c.send("DELETE", &format!("transit/keys/{name}"), Some(&root), None).await, 204);
+        for t in load {
+            for st in t.await.unwrap() {
+                *statuses.entry(st).or_insert(0u32) += 1;
+            }
+        }
+    }
+    assert!(statuses.keys().all(|st| [200, 404].contains(st)), "{statuses:?}");
+    let h = ok(c.send("GET", "sys/health", None, None).await, 200);
+    assert_eq!(h.body["missing_key_errors"], 0, "{h:?}");
+}
+
 #[tokio::test]
 async fn transit_signatures_verify_independently() {
     let s = TestServer::start(ServerOptions::default());

@@ -333,11 +333,41 @@ impl<S: Store + ?Sized> Store for MeteredStore<S> {
 pub struct MeteredKeyStore {
     /// `Some` until dropped.
     inner: Option<std::sync::Arc<dyn keyvault_hsm::KeyStore>>,
+    /// Labels this process destroyed in the last [`DESTROYED_FOR`] (at most
+    /// [`DESTROYED_MAX`]): a call that then finds such a key missing is told so at once,
+    /// without re-initialising the module (a transit key deleted while requests that
+    /// loaded it were in flight is gone, not a stale view; a re-initialisation would make
+    /// every token call of the process wait for it).
+    destroyed: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
+
+const DESTROYED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+const DESTROYED_MAX: usize = 4096;
 
 impl MeteredKeyStore {
     pub fn new(inner: std::sync::Arc<dyn keyvault_hsm::KeyStore>) -> Self {
-        MeteredKeyStore { inner: Some(inner) }
+        MeteredKeyStore { inner: Some(inner), destroyed: Default::default() }
+    }
+
+    /// The store to re-initialise when `label` looks missing: none for a key this process
+    /// has just destroyed.
+    fn recover(&self, label: &keyvault_hsm::KeyLabel) -> Option<&std::sync::Arc<dyn keyvault_hsm::KeyStore>> {
+        let destroyed = self.destroyed.lock().unwrap_or_else(|p| p.into_inner());
+        match destroyed.get(label.as_str()) {
+            Some(t) if t.elapsed() < DESTROYED_FOR => None,
+            _ => self.inner.as_ref(),
+        }
+    }
+
+    fn destroyed_now(&self, label: &keyvault_hsm::KeyLabel) {
+        let mut destroyed = self.destroyed.lock().unwrap_or_else(|p| p.into_inner());
+        if destroyed.len() >= DESTROYED_MAX {
+            destroyed.retain(|_, t| t.elapsed() < DESTROYED_FOR);
+            if destroyed.len() >= DESTROYED_MAX {
+                destroyed.clear();
+            }
+        }
+        destroyed.insert(label.as_str().to_owned(), Instant::now());
     }
 
     fn k(&self) -> &dyn keyvault_hsm::KeyStore {
@@ -415,19 +445,25 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         kind: keyvault_hsm::KeyKind,
         claim_ends: std::time::Instant,
     ) -> keyvault_hsm::Result<()> {
+        // A label made again (a transit key deleted and created anew) is a live key.
+        self.destroyed.lock().unwrap_or_else(|p| p.into_inner()).remove(label.as_str());
         timed("generate", self.inner.as_ref(), || self.k().generate_claimed(label, kind, claim_ends))
     }
     fn exists(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
-        timed("exists", self.inner.as_ref(), || self.k().exists(label))
+        timed("exists", self.recover(label), || self.k().exists(label))
     }
     fn list(&self, prefix: &str) -> keyvault_hsm::Result<Vec<keyvault_hsm::KeyLabel>> {
         timed("list", self.inner.as_ref(), || self.k().list(prefix))
     }
     fn destroy(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<bool> {
-        timed("destroy", self.inner.as_ref(), || self.k().destroy(label))
+        let r = timed("destroy", self.inner.as_ref(), || self.k().destroy(label));
+        if r.is_ok() {
+            self.destroyed_now(label);
+        }
+        r
     }
     fn wrap_key(&self, kek: &keyvault_hsm::KeyLabel, key: &[u8], aad: &[u8]) -> keyvault_hsm::Result<Vec<u8>> {
-        timed("wrap_key", self.inner.as_ref(), || self.k().wrap_key(kek, key, aad))
+        timed("wrap_key", self.recover(kek), || self.k().wrap_key(kek, key, aad))
     }
     fn unwrap_key(
         &self,
@@ -435,7 +471,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         wrapped: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("unwrap_key", self.inner.as_ref(), || self.k().unwrap_key(kek, wrapped, aad))
+        timed("unwrap_key", self.recover(kek), || self.k().unwrap_key(kek, wrapped, aad))
     }
     fn encrypt_aes_gcm(
         &self,
@@ -443,7 +479,7 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         plaintext: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<Vec<u8>> {
-        timed("encrypt_aes_gcm", self.inner.as_ref(), || self.k().encrypt_aes_gcm(label, plaintext, aad))
+        timed("encrypt_aes_gcm", self.recover(label), || self.k().encrypt_aes_gcm(label, plaintext, aad))
     }
     fn decrypt_aes_gcm(
         &self,
@@ -451,16 +487,16 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
-        timed("decrypt_aes_gcm", self.inner.as_ref(), || self.k().decrypt_aes_gcm(label, ciphertext, aad))
+        timed("decrypt_aes_gcm", self.recover(label), || self.k().decrypt_aes_gcm(label, ciphertext, aad))
     }
     fn sign_ed25519(&self, label: &keyvault_hsm::KeyLabel, message: &[u8]) -> keyvault_hsm::Result<[u8; 64]> {
-        timed("sign_ed25519", self.inner.as_ref(), || self.k().sign_ed25519(label, message))
+        timed("sign_ed25519", self.recover(label), || self.k().sign_ed25519(label, message))
     }
     fn ed25519_public_key(&self, label: &keyvault_hsm::KeyLabel) -> keyvault_hsm::Result<[u8; 32]> {
-        timed("ed25519_public_key", self.inner.as_ref(), || self.k().ed25519_public_key(label))
+        timed("ed25519_public_key", self.recover(label), || self.k().ed25519_public_key(label))
     }
     fn hmac_sha256(&self, label: &keyvault_hsm::KeyLabel, message: &[u8]) -> keyvault_hsm::Result<[u8; 32]> {
-        timed("hmac_sha256", self.inner.as_ref(), || self.k().hmac_sha256(label, message))
+        timed("hmac_sha256", self.recover(label), || self.k().hmac_sha256(label, message))
     }
     fn random_bytes(&self, len: usize) -> keyvault_hsm::Result<zeroize::Zeroizing<Vec<u8>>> {
         timed("random_bytes", self.inner.as_ref(), || self.k().random_bytes(len))

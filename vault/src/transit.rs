@@ -414,7 +414,10 @@ impl Transit {
         }
         let v = key.latest_version;
         let label = self.label(name, v)?;
-        let ct = hsm_call(&self.keys, move |k| k.encrypt_aes_gcm(&label, &plaintext, &aad)).await?;
+        let ct = match hsm_call(&self.keys, move |k| k.encrypt_aes_gcm(&label, &plaintext, &aad)).await {
+            Err(e) => return Err(self.deleted_meanwhile(name, e).await),
+            Ok(ct) => ct,
+        };
         Ok(format_versioned(v, &ct))
     }
 
@@ -434,7 +437,22 @@ impl Transit {
         let label = self.label(name, v)?;
         match hsm_call(&self.keys, move |k| k.decrypt_aes_gcm(&label, &bytes, &aad)).await {
             Err(Error::Hsm(HsmError::InvalidCiphertext)) => Err(Error::invalid("the ciphertext failed authentication")),
-            other => other,
+            Err(e) => Err(self.deleted_meanwhile(name, e).await),
+            ok => ok,
+        }
+    }
+
+    /// A token call on key `name` failed with `e`: if the key's object is missing because
+    /// the key was deleted (or the version trimmed) after this request loaded it, that is
+    /// a 404, not a key missing from the HSM (500, and a health alarm).
+    async fn deleted_meanwhile(&self, name: &str, e: Error) -> Error {
+        if !matches!(e, Error::Hsm(HsmError::KeyNotFound(_))) {
+            return e;
+        }
+        match self.load_raw(name).await {
+            Ok(Some((_, k))) if TransitKey::usable(&k) => e,
+            Ok(_) => Error::NotFound(format!("transit key {name} was deleted")),
+            Err(_) => e,
         }
     }
 
@@ -458,7 +476,10 @@ impl Transit {
         }
         let v = key.latest_version;
         let label = self.label(name, v)?;
-        let sig = hsm_call(&self.keys, move |k| k.sign_ed25519(&label, &input)).await?;
+        let sig = match hsm_call(&self.keys, move |k| k.sign_ed25519(&label, &input)).await {
+            Err(e) => return Err(self.deleted_meanwhile(name, e).await),
+            Ok(sig) => sig,
+        };
         Ok(format_versioned(v, &sig))
     }
 
