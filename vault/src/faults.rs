@@ -9,7 +9,8 @@
 //! - `error <op>`: only calls of that kind fail so (`unwrap_key`, `sign_ed25519`, ...: the
 //!   names of the `keyvault_token_operations_total` metric);
 //! - `hang`: the call blocks until the file says something else, then runs;
-//! - `slow <ms>`: the call waits that long, then runs;
+//! - `slow <ms>`: the call waits that long, then runs (`slow <ms> <op>`: only calls of
+//!   that kind);
 //! - `flaky <percent>`: that share of calls fails as with `error`.
 
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ pub fn before(op: &'static str) -> keyvault_hsm::Result<()> {
     loop {
         let m = mode();
         let mut words = m.split_whitespace();
-        let (first, second) = (words.next(), words.next());
+        let (first, second, third) = (words.next(), words.next(), words.next());
         match (first, second.and_then(|n| n.parse::<u64>().ok())) {
             (Some("error"), _) if second.is_none_or(|o| o == op) => {
                 return Err(keyvault_hsm::HsmError::simulated_device_error());
@@ -41,7 +42,9 @@ pub fn before(op: &'static str) -> keyvault_hsm::Result<()> {
             (Some("error"), _) => return Ok(()),
             (Some("hang"), _) => std::thread::sleep(Duration::from_millis(20)),
             (Some("slow"), Some(ms)) => {
-                std::thread::sleep(Duration::from_millis(ms));
+                if third.is_none_or(|o| o == op) {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
                 return Ok(());
             }
             (Some("flaky"), Some(pct)) => {
