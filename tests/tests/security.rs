@@ -406,6 +406,37 @@ async fn copies(c: &Client, n: usize, method: &'static str, path: &str, token: &
     out
 }
 
+/// One role namespace across auth methods, under concurrent creates and deletes of one
+/// name: afterwards a role exists exactly when its name is taken, so another method can
+/// take the name only when no role has it. (A delete removed the role, then released the
+/// name: a create between the two kept its role, and lost its name.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_role_creates_and_deletes_keep_one_namespace() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    for round in 0..12 {
+        let name = format!("ns{round}");
+        ok(c.post(&format!("auth/approle/role/{name}"), Some(&root), json!({})).await, 204);
+        let changes = (0..16).map(|i| {
+            let (c, root, path) = (c.clone(), root.clone(), format!("auth/approle/role/{name}"));
+            async move {
+                if i % 2 == 0 {
+                    c.post(&path, Some(&root), json!({})).await.status
+                } else {
+                    c.send("DELETE", &path, Some(&root), None).await.status
+                }
+            }
+        });
+        let statuses = futures_util::future::join_all(changes).await;
+        assert!(statuses.iter().all(|st| [204, 404, 409].contains(st)), "{statuses:?}");
+        let exists = c.get(&format!("auth/approle/role/{name}"), &root).await.status == 200;
+        let other =
+            c.post(&format!("auth/cert/role/{name}"), Some(&root), json!({"allowed_common_names": ["x"]})).await;
+        assert_eq!(other.status, if exists { 409 } else { 204 }, "approle role there: {exists}; {other:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_concurrent_copies_of_every_change_leave_usable_objects() {
     let s = TestServer::start(ServerOptions::default());

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::{Store, decode_json, encode_json, scan_all};
+use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json, scan_all};
 
 pub mod cert;
 pub mod limiter;
@@ -107,22 +107,46 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     /// Create or replace a role (claiming its name in the shared role namespace), if what
     /// is stored is still `expected` (`None`: the role must not exist). Of concurrent
     /// writers exactly one wins; the others get 409 and change nothing.
+    ///
+    /// The role and its name in the namespace are written in one transaction (and
+    /// [`RoleStore::delete`] removes both in one): a delete racing a save can never leave
+    /// a role whose name another method may then take.
     pub async fn save(&self, name: &str, role: &StoredRole<T>, expected: Option<&[u8]>) -> Result<()> {
         validate_name("role", name)?;
         validate_token_settings(&role.token)?;
-        claim_role_name(self.store.as_ref(), name, self.method).await?;
-        if !self.store.compare_and_swap(&self.key(name), expected, Some(&encode_json(role))).await? {
-            return Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method)));
+        let index = role_index_key(name);
+        let method = self.method.as_bytes().to_vec();
+        let claim = match self.store.get(&index).await? {
+            None => TxOp::Insert { key: index, value: method },
+            Some(m) if m == method => TxOp::Swap { key: index, expected: m, new: Some(method) },
+            Some(_) => return Err(Error::Conflict(format!("role name {name:?} is used by another auth method"))),
+        };
+        let value = encode_json(role);
+        let write = match expected {
+            None => TxOp::Insert { key: self.key(name), value },
+            Some(old) => TxOp::Swap { key: self.key(name), expected: old.to_vec(), new: Some(value) },
+        };
+        match self.store.transact(vec![claim, write]).await? {
+            TxOutcome::Committed => Ok(()),
+            _ => Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method))),
         }
-        Ok(())
     }
 
-    /// Delete a role and release its name; returns what was stored.
+    /// Delete a role and release its name (in one transaction); returns what was stored.
     pub async fn delete(&self, name: &str) -> Result<StoredRole<T>> {
-        let role = self.require(name).await?;
-        self.store.delete(&self.key(name)).await?;
-        release_role_name(self.store.as_ref(), name).await?;
-        Ok(role)
+        let (raw, role) =
+            self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))?;
+        let index = role_index_key(name);
+        let mut ops = vec![TxOp::Swap { key: self.key(name), expected: raw, new: None }];
+        if let Some(m) = self.store.get(&index).await?
+            && m == self.method.as_bytes()
+        {
+            ops.push(TxOp::Swap { key: index, expected: m, new: None });
+        }
+        match self.store.transact(ops).await? {
+            TxOutcome::Committed => Ok(role),
+            _ => Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method))),
+        }
     }
 
     pub async fn all(&self) -> Result<Vec<(String, StoredRole<T>)>> {
@@ -152,30 +176,6 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
 
 fn role_index_key(name: &str) -> String {
     format!("auth/roles/{name}")
-}
-
-/// Claim `name` for `method` in the shared role namespace (idempotent for the same method).
-pub async fn claim_role_name(store: &dyn Store, name: &str, method: &str) -> Result<()> {
-    if store.insert_if_absent(&role_index_key(name), method.as_bytes(), None).await? {
-        return Ok(());
-    }
-    match store.get(&role_index_key(name)).await? {
-        Some(m) if m == method.as_bytes() => Ok(()),
-        Some(_) => Err(Error::Conflict(format!("role name {name:?} is used by another auth method"))),
-        // Deleted in between: try once more.
-        None => {
-            if store.insert_if_absent(&role_index_key(name), method.as_bytes(), None).await? {
-                Ok(())
-            } else {
-                Err(Error::Conflict(format!("role name {name:?} is being created concurrently")))
-            }
-        }
-    }
-}
-
-pub async fn release_role_name(store: &dyn Store, name: &str) -> Result<()> {
-    store.delete(&role_index_key(name)).await?;
-    Ok(())
 }
 
 /// The method that owns role `name`, if any.
