@@ -20,6 +20,33 @@ pub mod tmpfs;
 
 /// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this
 /// test executable (`cargo test --workspace` builds it).
+/// The fault layer of the server's debug builds (vault/src/faults.rs): a file read before
+/// every token call. Pass [`TokenFault::env`] to the server, then [`TokenFault::set`] a
+/// fault (`"error"`, `"error unwrap_key"`, `"slow 500 encrypt_aes_gcm"`, ...; `""` for none).
+pub struct TokenFault {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl TokenFault {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> TokenFault {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("fault");
+        std::fs::write(&path, "").expect("the fault file");
+        TokenFault { _dir: dir, path }
+    }
+
+    /// The variable that points the server at the file.
+    pub fn env(&self) -> (String, String) {
+        ("KEYVAULT_TEST_TOKEN_FAULT".into(), self.path.display().to_string())
+    }
+
+    pub fn set(&self, mode: &str) {
+        std::fs::write(&self.path, mode).expect("the fault file");
+    }
+}
+
 pub fn keyvault_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KEYVAULT_BIN") {
         return PathBuf::from(p);

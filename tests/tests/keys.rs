@@ -233,11 +233,9 @@ async fn transit_refuses_derivation_and_export_rather_than_ignoring_them() {
 /// worker each) until the delete has destroyed the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_transit_key_under_load_gives_404_not_500() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    std::fs::write(&fault, "").unwrap();
+    let fault = keyvault_tests::TokenFault::new();
     let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        env: vec![fault.env()],
         hsm_extra: "workers = 16".into(),
         ..Default::default()
     });
@@ -246,7 +244,7 @@ async fn deleting_a_transit_key_under_load_gives_404_not_500() {
     ok(c.post("transit/keys/del", Some(&root), json!({})).await, 200);
     ok(c.post("transit/keys/del/config", Some(&root), json!({"deletion_allowed": true})).await, 200);
     ok(c.post("transit/encrypt/del", Some(&root), json!({"plaintext": "aGk="})).await, 200);
-    std::fs::write(&fault, "slow 1500 encrypt_aes_gcm").unwrap();
+    fault.set("slow 1500 encrypt_aes_gcm");
     let held: Vec<_> = (0..8)
         .map(|_| {
             let (c, root) = (c.clone(), root.clone());
@@ -259,7 +257,7 @@ async fn deleting_a_transit_key_under_load_gives_404_not_500() {
         let r = t.await.unwrap();
         assert_eq!(r.status, 404, "{r:?}");
     }
-    std::fs::write(&fault, "").unwrap();
+    fault.set("");
     let h = ok(c.send("GET", "sys/health", None, None).await, 200);
     assert_eq!(h.body["missing_key_errors"], 0, "{h:?}");
 }

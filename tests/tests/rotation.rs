@@ -241,13 +241,8 @@ async fn a_rotation_start_cut_short_after_its_new_version_is_finished_after_rest
 /// for good. (Before, the next retire found nothing to retire and the key stayed.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retire_cut_short_is_finished_by_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    std::fs::write(&fault, "").unwrap();
-    let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
-        ..Default::default()
-    });
+    let fault = keyvault_tests::TokenFault::new();
+    let s = TestServer::start(ServerOptions { env: vec![fault.env()], ..Default::default() });
     let c = s.client();
     let root = s.root.clone();
     seed(&c, &root, 50).await;
@@ -260,9 +255,9 @@ async fn a_retire_cut_short_is_finished_by_the_next() {
         v
     };
     assert_eq!(master().len(), 2);
-    std::fs::write(&fault, "error destroy").unwrap();
+    fault.set("error destroy");
     assert_eq!(c.post("sys/rotate/retire", Some(&root), json!({})).await.status, 503);
-    std::fs::write(&fault, "").unwrap();
+    fault.set("");
     ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
     assert_eq!(master(), vec!["keyvault/master/v2".to_owned()]);
     assert_eq!(ok(c.get("secret/seed/7", &root).await, 200).body["data"]["value"], "seed-7");

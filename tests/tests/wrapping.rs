@@ -129,23 +129,18 @@ async fn replies_of_endpoints_without_a_token_are_never_wrapped() {
 /// the next try, and the reply is not lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_unwrap_or_rewrap_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    std::fs::write(&fault, "").unwrap();
-    let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
-        ..Default::default()
-    });
+    let fault = keyvault_tests::TokenFault::new();
+    let s = TestServer::start(ServerOptions { env: vec![fault.env()], ..Default::default() });
     let c = s.client();
     let root = s.root.clone();
     ok(c.put("secret/w", &root, json!({"value": "wrapped value"})).await, 200);
     let r = ok(wrapped(&c, "GET", "secret/w", &root, serde_json::Value::Null, "5m").await, 200);
     let mut w = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
     for path in ["sys/wrapping/rewrap", "sys/wrapping/unwrap"] {
-        std::fs::write(&fault, "error unwrap_key").unwrap();
+        fault.set("error unwrap_key");
         let r = c.send("POST", path, Some(&w), None).await;
         assert_eq!(r.status, 503, "{path}: {r:?}");
-        std::fs::write(&fault, "").unwrap();
+        fault.set("");
         let r = ok(c.send("POST", path, Some(&w), None).await, 200);
         if path.ends_with("rewrap") {
             let old = w.clone();
