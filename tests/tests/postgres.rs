@@ -492,27 +492,3 @@ async fn secret_ids_left_by_an_interrupted_role_delete_log_in_to_nothing() {
     ok(c.post("auth/approle/role/again", Some(&s.root), json!({})).await, 204);
     assert_eq!(c.post("auth", None, login).await.status, 401, "the old role's secret id, for the new role");
 }
-
-/// A KV destroy cut short after its metadata is written (the record removal failed: the
-/// store went away, the request was dropped) is finished by the next destroy of the same
-/// version, instead of answering 204 with the sealed record still there. The state such a
-/// destroy leaves is made here directly in the shared store.
-#[tokio::test]
-async fn a_destroy_cut_short_after_its_metadata_is_finished_by_the_next() {
-    let pg = TestPostgres::start();
-    let url = pg.database("destroys");
-    let s = TestServer::start(ServerOptions {
-        storage: Some(format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"")),
-        ..Default::default()
-    });
-    let c = s.client();
-    ok(c.put("kv/data/app", &s.root, json!({"data": {"password": "destroy me"}})).await, 200);
-    let store = PostgresStore::open(&options(url)).await.unwrap();
-    let key = format!("kv/data/\u{2}v2/app\u{1f}{:020}", 1);
-    let raw = store.get(&key).await.unwrap().expect("the version's record");
-    ok(c.post("kv/destroy/app", Some(&s.root), json!({"versions": [1]})).await, 204);
-    assert!(store.get(&key).await.unwrap().is_none());
-    store.put(&key, &raw).await.unwrap();
-    ok(c.post("kv/destroy/app", Some(&s.root), json!({"versions": [1]})).await, 204);
-    assert!(store.get(&key).await.unwrap().is_none(), "the next destroy removes the record");
-}

@@ -426,10 +426,7 @@ impl Secrets {
 
     /// Change the metadata of the versions given (KV version 2 `delete`, `undelete`,
     /// `destroy`; `None`: the current version): `change` returns whether it changed one.
-    /// Records of versions destroyed go: those of the versions given that the metadata
-    /// marks destroyed, also when this call changed nothing (a destroy whose record
-    /// removal failed after its metadata was written is finished by the next one; a
-    /// destroyed version's number is never used again, so its record is nobody else's).
+    /// Records of versions destroyed go.
     async fn change_versions(
         &self,
         path: &SecretPath,
@@ -449,16 +446,14 @@ impl Secrets {
             let mut changed = false;
             for v in &wanted {
                 if let Some(m) = meta.versions.get_mut(v) {
+                    let was_destroyed = m.destroyed;
                     changed |= change(m);
-                    if m.destroyed {
+                    if m.destroyed && !was_destroyed {
                         destroy.push(*v);
                     }
                 }
             }
             if !changed {
-                for v in destroy {
-                    self.destroy_record(&self.data_key(path, v)).await?;
-                }
                 return Ok(());
             }
             meta.updated_time = Some(now_rfc3339());
