@@ -18,8 +18,6 @@ pub mod postgres;
 pub mod server;
 pub mod tmpfs;
 
-/// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this
-/// test executable (`cargo test --workspace` builds it).
 /// The fault layer of the server's debug builds (vault/src/faults.rs): a file read before
 /// every token call. Pass [`TokenFault::env`] to the server, then [`TokenFault::set`] a
 /// fault (`"error"`, `"error unwrap_key"`, `"slow 500 encrypt_aes_gcm"`, ...; `""` for none).
@@ -47,6 +45,8 @@ impl TokenFault {
     }
 }
 
+/// The `keyvault` binary under test: `KEYVAULT_BIN`, or the one cargo built next to this
+/// test executable (`cargo test --workspace` builds it).
 pub fn keyvault_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("KEYVAULT_BIN") {
         return PathBuf::from(p);

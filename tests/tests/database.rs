@@ -61,10 +61,17 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     // of a role that does not exist, or of one another static role manages.
     pg.psql("CREATE ROLE other_admin LOGIN SUPERUSER PASSWORD 'x'");
     pg.psql("CREATE ROLE role_maker LOGIN CREATEROLE PASSWORD 'x'");
+    // Members of such roles can take their privileges with SET ROLE.
+    pg.psql("CREATE ROLE admin_member LOGIN PASSWORD 'x'");
+    pg.psql("GRANT other_admin TO admin_member");
+    pg.psql("CREATE ROLE file_writer LOGIN PASSWORD 'x'");
+    pg.psql("GRANT pg_write_server_files TO file_writer");
     for (username, says) in [
         ("keyvault", "can administer"),
         ("other_admin", "can administer"),
         ("role_maker", "can administer"),
+        ("admin_member", "can administer"),
+        ("file_writer", "can administer"),
         ("nobody_here", "has no role"),
         ("app", "managed by static role app"),
     ] {

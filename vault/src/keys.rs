@@ -379,13 +379,19 @@ impl SharedKeyring {
         Ok(ring)
     }
 
-    /// Finish the retires of `family` that were cut short ([`finish_retiring`]).
-    pub async fn finish_retiring(&self, keys: &Arc<dyn KeyStore>, names: &KeyNames, family: Family) -> Result<()> {
-        let ring = finish_retiring(self.store.as_ref(), keys, names, family).await?;
+    /// Finish the retires of `family` that were cut short ([`finish_retiring`]); the
+    /// versions it finished.
+    pub async fn finish_retiring(
+        &self,
+        keys: &Arc<dyn KeyStore>,
+        names: &KeyNames,
+        family: Family,
+    ) -> Result<Vec<KeyVersion>> {
+        let (ring, finished) = finish_retiring(self.store.as_ref(), keys, names, family).await?;
         if let Some(ring) = ring {
             self.ring.store(Arc::new(ring));
         }
-        Ok(())
+        Ok(finished)
     }
 }
 
@@ -611,29 +617,31 @@ pub async fn retire_version(
             break;
         }
     }
-    let ring = finish_retiring(store, keys, names, family).await?;
+    let (ring, _) = finish_retiring(store, keys, names, family).await?;
     ring.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))
 }
 
 /// Destroy the token object of every version of `family` marked as retiring, and unmark
 /// each once it is gone (a destroy finds nothing to destroy the second time). The keyring
-/// as it is at the end; `None` if there is none.
+/// as it is at the end (`None` if there is none), and the versions this call unmarked.
 pub async fn finish_retiring(
     store: &dyn Store,
     keys: &Arc<dyn KeyStore>,
     names: &KeyNames,
     family: Family,
-) -> Result<Option<Keyring>> {
+) -> Result<(Option<Keyring>, Vec<KeyVersion>)> {
+    let mut finished = Vec::new();
     loop {
-        let Some(raw) = store.get(KEYRING_KEY).await? else { return Ok(None) };
+        let Some(raw) = store.get(KEYRING_KEY).await? else { return Ok((None, finished)) };
         let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
         let fam = family.of(&mut ring);
-        let Some(&v) = fam.retiring.first() else { return Ok(Some(ring)) };
+        let Some(&v) = fam.retiring.first() else { return Ok((Some(ring), finished)) };
         let label = family.label(names, v);
         hsm_call(keys, move |k| k.destroy(&label)).await?;
         fam.retiring.retain(|x| *x != v);
         if store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
             tracing::info!(?family, version = %v, "key version retired and destroyed in the token");
+            finished.push(v);
         }
     }
 }

@@ -341,7 +341,11 @@ pub struct MeteredKeyStore {
     destroyed: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
 
-const DESTROYED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// Long enough for requests that loaded a key before its delete to reach the token (a call
+/// times out after `[hsm] call_timeout`, 10 s by default); short, because another replica
+/// sharing the token may make a key under the same label again (a transit key deleted and
+/// created anew), which this process then sees only after a re-initialisation.
+const DESTROYED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 const DESTROYED_MAX: usize = 4096;
 
 impl MeteredKeyStore {

@@ -302,7 +302,10 @@ impl Rotation {
         }
         // Decide on the keyring as stored (another replica may have rotated less than a
         // sync ago), never on this replica's copy. First, finish any retire cut short.
-        self.keyring.finish_retiring(&self.keys, &self.names, Family::Master).await?;
+        // The stored epoch keys of the versions it finishes could be unwrapped by nothing.
+        for gone in self.keyring.finish_retiring(&self.keys, &self.names, Family::Master).await? {
+            self.store.delete(&crate::epoch::storage_key(gone)).await?;
+        }
         self.keyring.follow().await?;
         let ring = self.keyring.load_full();
         let active = ring.master.active;

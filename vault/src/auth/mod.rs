@@ -137,12 +137,15 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
         let (raw, role) =
             self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))?;
         let index = role_index_key(name);
-        let mut ops = vec![TxOp::Swap { key: self.key(name), expected: raw, new: None }];
+        // The name first, then the role: the order `save` takes them in (PostgreSQL locks
+        // rows in the order a transaction writes them; two orders could deadlock).
+        let mut ops = Vec::with_capacity(2);
         if let Some(m) = self.store.get(&index).await?
             && m == self.method.as_bytes()
         {
             ops.push(TxOp::Swap { key: index, expected: m, new: None });
         }
+        ops.push(TxOp::Swap { key: self.key(name), expected: raw, new: None });
         match self.store.transact(ops).await? {
             TxOutcome::Committed => Ok(role),
             _ => Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method))),

@@ -29,7 +29,7 @@ use crate::logical::{Access, Engine, EngineInfo, OpSpec, Operation, Params, Repl
 use crate::policy::Capability;
 use crate::secrets::{SecretPath, Secrets};
 use crate::shared::Core;
-use crate::store::{Store, decode_json, encode_json};
+use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json};
 use crate::unix_now;
 
 pub const KIND: EngineKind = EngineKind {
@@ -358,23 +358,32 @@ impl Database {
             )));
         }
         let client = self.admin_client(db_name).await?;
-        let row = client
-            .query_opt(
-                "SELECT rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls, rolname = current_user \
-                 FROM pg_roles WHERE rolname = $1",
+        let failed = |e: tokio_postgres::Error| {
+            tracing::warn!(db = %db_name, error = %e, "database: looking up a role failed");
+            Error::Unavailable(format!("database {db_name}: cannot look up role {username} (see the server log)"))
+        };
+        if client.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&username]).await.map_err(failed)?.is_none()
+        {
+            return Err(Error::invalid(format!("username: database {db_name} has no role {username}")));
+        }
+        // The role itself, and every role it is a member of, directly or not (whose
+        // privileges it can take with SET ROLE): none may administer the database.
+        let privileged: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE pg_has_role($1, r.oid, 'MEMBER') AND \
+                 (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls OR r.rolname = current_user \
+                 OR r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files', \
+                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend')))",
                 &[&username],
             )
             .await
-            .map_err(|e| {
-                tracing::warn!(db = %db_name, error = %e, "database: looking up a role failed");
-                Error::Unavailable(format!("database {db_name}: cannot look up role {username} (see the server log)"))
-            })?
-            .ok_or_else(|| Error::invalid(format!("username: database {db_name} has no role {username}")))?;
-        let (privileged, is_admin): (bool, bool) = (row.get(0), row.get(1));
-        if privileged || is_admin {
+            .map_err(failed)?
+            .get(0);
+        if privileged {
             return Err(Error::invalid(format!(
-                "username: {username} can administer database {db_name} (the admin connection's own user, a \
-                 superuser, or a role with CREATEROLE, REPLICATION or BYPASSRLS); static roles manage ordinary roles only"
+                "username: {username} can administer database {db_name} (it is, or is a member of, the admin \
+                 connection's own user, a superuser, a role with CREATEROLE, REPLICATION or BYPASSRLS, or a \
+                 predefined role that reaches the server's files or all data); static roles manage ordinary roles only"
             )));
         }
         Ok(())
@@ -581,32 +590,37 @@ impl Engine for Database {
                 let expected = req.existing.clone();
                 // A database role is managed by one static role: two would each set a
                 // password the other serves, and the second would read the first's.
-                let managed = managed_key(&role.db_name, &role.username);
-                let mut claimed = false;
-                if old.is_none() {
-                    self.check_manageable(&role.db_name, &role.username).await?;
-                    if let Some(other) = self.managed_by(&role, &name).await? {
-                        return Err(Error::invalid(format!(
-                            "username: {} on {} is managed by static role {other}",
-                            role.username, role.db_name
-                        )));
-                    }
-                    if !self.store.insert_if_absent(&managed, name.as_bytes(), None).await? {
-                        let other = self.store.get(&managed).await?.unwrap_or_default();
-                        if other != name.as_bytes() {
-                            return Err(Error::Conflict(format!(
-                                "username: {} on {} is being taken by another static role",
+                // A new role and its claim on the database role are written in one
+                // transaction: of two static roles naming one user, one wins.
+                let write = match (old.is_none(), expected) {
+                    (true, _) => {
+                        self.check_manageable(&role.db_name, &role.username).await?;
+                        if let Some(other) = self.managed_by(&role, &name).await? {
+                            return Err(Error::invalid(format!(
+                                "username: {} on {} is managed by static role {other}",
                                 role.username, role.db_name
                             )));
                         }
+                        vec![
+                            TxOp::Insert {
+                                key: managed_key(&role.db_name, &role.username),
+                                value: name.as_bytes().to_vec(),
+                            },
+                            TxOp::Insert { key: key.clone(), value: encode_json(&role) },
+                        ]
                     }
-                    claimed = true;
-                }
-                if !self.store.compare_and_swap(&key, expected.as_deref(), Some(&encode_json(&role))).await? {
-                    if claimed {
-                        let _ = self.store.compare_and_swap(&managed, Some(name.as_bytes()), None).await;
+                    (false, Some(raw)) => {
+                        vec![TxOp::Swap { key: key.clone(), expected: raw, new: Some(encode_json(&role)) }]
                     }
-                    return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
+                    (false, None) => {
+                        return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
+                    }
+                };
+                if self.store.transact(write).await? != TxOutcome::Committed {
+                    return Err(Error::Conflict(format!(
+                        "static role {name}, or another static role for {} on {}, was written concurrently",
+                        role.username, role.db_name
+                    )));
                 }
                 // A new role's password is set at once (as Vault does).
                 if old.is_none() {
@@ -615,11 +629,20 @@ impl Engine for Database {
                 Ok(Reply::empty())
             }
             ("static-roles/{name}", Operation::Delete) => {
-                let role = self.role(&name).await?;
-                self.store.delete(&format!("{ROLE_PREFIX}{name}")).await?;
-                if let Some(role) = role {
+                let key = format!("{ROLE_PREFIX}{name}");
+                if let Some(raw) = self.store.get(&key).await? {
+                    let role: StaticRole = decode_json(&key, &raw)?;
+                    // The role and its claim go together (a claim whose role is gone would
+                    // refuse every later static role for that user).
                     let managed = managed_key(&role.db_name, &role.username);
-                    self.store.compare_and_swap(&managed, Some(name.as_bytes()), None).await?;
+                    let mut ops = Vec::with_capacity(2);
+                    if self.store.get(&managed).await?.as_deref() == Some(name.as_bytes()) {
+                        ops.push(TxOp::Swap { key: managed, expected: name.as_bytes().to_vec(), new: None });
+                    }
+                    ops.push(TxOp::Swap { key, expected: raw, new: None });
+                    if self.store.transact(ops).await? != TxOutcome::Committed {
+                        return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
+                    }
                 }
                 let path = Self::creds_path(&name)?;
                 if self.creds.exists(&path).await? {
