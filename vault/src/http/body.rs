@@ -66,19 +66,28 @@ async fn collect(
             let want = capacity.div_ceil(1024);
             if want > held_kib {
                 let more = u32::try_from(want - held_kib).unwrap_or(u32::MAX);
-                let permit =
-                    match tokio::time::timeout_at(deadline, limits.budget.clone().acquire_many_owned(more)).await {
-                        Ok(Ok(permit)) => permit,
-                        _ => {
-                            return Err(Error::Unavailable(
-                                "too many request bodies are being received; retry later".into(),
-                            )
-                            .into());
+                match limits.budget.clone().try_acquire_many_owned(more) {
+                    Ok(permit) => match &mut room {
+                        Some(held) => held.merge(permit),
+                        None => room = Some(permit),
+                    },
+                    Err(_) => {
+                        // Never wait while holding room: bodies that each held part and
+                        // waited for more could hold each other up until their timeouts.
+                        // Give it back, then wait for the whole of it at once.
+                        drop(room.take());
+                        let all = u32::try_from(want).unwrap_or(u32::MAX);
+                        let acquire = limits.budget.clone().acquire_many_owned(all);
+                        match tokio::time::timeout_at(deadline, acquire).await {
+                            Ok(Ok(permit)) => room = Some(permit),
+                            _ => {
+                                return Err(Error::Unavailable(
+                                    "too many request bodies are being received; retry later".into(),
+                                )
+                                .into());
+                            }
                         }
-                    };
-                match &mut room {
-                    Some(held) => held.merge(permit),
-                    None => room = Some(permit),
+                    }
                 }
                 held_kib = want;
             }
@@ -126,5 +135,48 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         Err(ApiError::UnsupportedMediaType(format!(
             "request bodies are JSON: send Content-Type: application/json (not {essence:?})"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body whose frames come from a channel, as the test sends them.
+    fn channel_body() -> (tokio::sync::mpsc::UnboundedSender<Vec<u8>>, Body) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (Ok::<_, std::io::Error>(chunk), rx))
+        });
+        (tx, Body::from_stream(stream))
+    }
+
+    /// Two bodies that together need more than the budget, sent a frame of each in turn:
+    /// both are read whole, one after the other. (Taking room while holding some, each
+    /// held half the budget and waited for the other's half until both timed out.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bodies_that_together_exceed_the_budget_are_read_one_after_the_other() {
+        let limits = BodyLimits::new(1 << 20, std::time::Duration::from_secs(5), 1 << 20);
+        let deadline = tokio::time::Instant::now() + limits.timeout;
+        let (tx_a, body_a) = channel_body();
+        let (tx_b, body_b) = channel_body();
+        let a = tokio::spawn({
+            let limits = limits.clone();
+            async move { collect(body_a, &limits, 1 << 20, deadline).await.map(|b| b.len()) }
+        });
+        let b = tokio::spawn({
+            let limits = limits.clone();
+            async move { collect(body_b, &limits, 1 << 20, deadline).await.map(|b| b.len()) }
+        });
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..11 {
+            tx_a.send(chunk.clone()).unwrap();
+            tx_b.send(chunk.clone()).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        drop((tx_a, tx_b));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert_eq!((a.ok(), b.ok()), (Some(11 * 64 * 1024), Some(11 * 64 * 1024)));
+        assert_eq!(limits.budget.available_permits(), 1024, "all room given back");
     }
 }
