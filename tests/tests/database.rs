@@ -83,6 +83,32 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     }
     assert!(pg.can_log_in("other_admin", "x").await, "its password was not changed");
     assert_eq!(c.get("database/static-roles/taker", &root).await.status, 404);
+    // Sixteen static roles naming one database role at once: one is made, the rest 400 or
+    // 409, and the one made serves the password the database has.
+    pg.psql("CREATE ROLE contested LOGIN PASSWORD 'x'");
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (c, root) = (c.clone(), root.clone());
+            tokio::spawn(async move {
+                let body = json!({"db_name": "main", "username": "contested", "rotation_period": "1h"});
+                (i, c.post(&format!("database/static-roles/contest-{i}"), Some(&root), body).await.status)
+            })
+        })
+        .collect();
+    let mut made = Vec::new();
+    for t in tasks {
+        let (i, status) = t.await.unwrap();
+        assert!([204, 400, 409].contains(&status), "{status}");
+        if status == 204 {
+            made.push(i);
+        }
+    }
+    assert_eq!(made.len(), 1, "{made:?}");
+    let winner = format!("contest-{}", made[0]);
+    let r = ok(c.get(&format!("database/static-creds/{winner}"), &root).await, 200);
+    assert_eq!(r.body["data"]["username"], "contested");
+    assert!(pg.can_log_in("contested", r.body["data"]["password"].as_str().unwrap()).await);
+    ok(c.send("DELETE", &format!("database/static-roles/{winner}"), Some(&root), None).await, 204);
 
     // A caller with read on static-creds only: reads the password, changes nothing.
     let policy = "path \"database/static-creds/app\" { capabilities = [\"read\"] }";

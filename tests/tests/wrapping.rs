@@ -152,4 +152,26 @@ async fn a_failed_unwrap_or_rewrap_loses_nothing() {
         }
     }
     assert_eq!(c.send("POST", "sys/wrapping/unwrap", Some(&w), None).await.status, 400, "used once");
+
+    // Sixteen rewraps of one token at once: one new token, and it unwraps the reply.
+    let r = ok(wrapped(&c, "GET", "secret/w", &root, serde_json::Value::Null, "5m").await, 200);
+    let w = r.body["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, w) = (c.clone(), w.clone());
+            tokio::spawn(async move { c.send("POST", "sys/wrapping/rewrap", Some(&w), None).await })
+        })
+        .collect();
+    let mut new_tokens = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => new_tokens.push(r.body["wrap_info"]["token"].as_str().unwrap().to_owned()),
+            400 => {}
+            other => panic!("{other}: {r:?}"),
+        }
+    }
+    assert_eq!(new_tokens.len(), 1, "exactly one rewrap wins");
+    let r = ok(c.send("POST", "sys/wrapping/unwrap", Some(&new_tokens[0]), None).await, 200);
+    assert_eq!(r.body["data"]["value"], "wrapped value");
 }
