@@ -346,6 +346,15 @@ pub(crate) fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Re
     humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
+/// `value` is `pattern`, or starts with what precedes a trailing `*` of it (cert roles'
+/// `allowed_uri_sans`, database connections' `allowed_usernames`).
+pub fn prefix_glob_matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

@@ -173,7 +173,9 @@ impl Rotation {
             }
         };
         let target = ring.master.active;
-        crash_point_for_tests();
+        // Test hook: die with the new version made and active, before the re-wrap is recorded.
+        #[cfg(debug_assertions)]
+        crate::faults::crash_point("KEYVAULT_TEST_CRASH_ROTATION_START");
         self.begin_rewrap(&claimed, target, &ring.master.versions).await?;
         tracing::info!(version = %target, "master key rotation started");
         self.wake.notify_one();
@@ -458,21 +460,6 @@ fn held_for_tests(done: u64) -> bool {
 fn held_for_tests(_: u64) -> bool {
     false
 }
-
-/// Test hook, in debug builds only: the process aborts right after a start made its new
-/// master version, before the re-wrap is recorded, while the file named by
-/// `KEYVAULT_TEST_CRASH_ROTATION_START` exists (a start cut short at its worst point).
-#[cfg(debug_assertions)]
-fn crash_point_for_tests() {
-    if let Some(f) = std::env::var_os("KEYVAULT_TEST_CRASH_ROTATION_START")
-        && std::path::Path::new(&f).exists()
-    {
-        std::process::abort();
-    }
-}
-
-#[cfg(not(debug_assertions))]
-fn crash_point_for_tests() {}
 
 fn lease_expired_now(until: u64) -> bool {
     until <= unix_now()

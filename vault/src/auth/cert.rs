@@ -30,13 +30,6 @@ pub fn normalize_fingerprint(fp: &str) -> Result<String> {
     }
 }
 
-fn uri_matches(pattern: &str, uri: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => uri.starts_with(prefix),
-        None => pattern == uri,
-    }
-}
-
 /// Check a role's constraints: fingerprints normalized, at least one category set.
 pub fn normalize(mut role: CertRoleConfig) -> Result<CertRoleConfig> {
     role.certificate_sha256 =
@@ -66,7 +59,7 @@ pub fn matches(role: &CertRoleConfig, c: &ClientCert) -> bool {
         || c.common_name.as_ref().is_some_and(|cn| role.allowed_common_names.contains(cn));
     let dns = role.allowed_dns_sans.is_empty() || c.dns_sans.iter().any(|d| role.allowed_dns_sans.contains(d));
     let uri = role.allowed_uri_sans.is_empty()
-        || c.uri_sans.iter().any(|u| role.allowed_uri_sans.iter().any(|p| uri_matches(p, u)));
+        || c.uri_sans.iter().any(|u| role.allowed_uri_sans.iter().any(|p| crate::prefix_glob_matches(p, u)));
     pin && cn && dns && uri
 }
 

@@ -346,11 +346,7 @@ impl Database {
     /// may write static roles would otherwise read the password of the database's admin).
     async fn check_manageable(&self, db_name: &str, username: &str) -> Result<()> {
         let allowed = self.connections.get(db_name).map(|c| c.allowed_usernames.as_slice()).unwrap_or_default();
-        let allowed_here = allowed.is_empty()
-            || allowed.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => username.starts_with(prefix),
-                None => p == username,
-            });
+        let allowed_here = allowed.is_empty() || allowed.iter().any(|p| crate::prefix_glob_matches(p, username));
         if !allowed_here {
             return Err(Error::invalid(format!(
                 "username: connection {db_name} allows only {} (allowed_usernames)",
@@ -362,22 +358,20 @@ impl Database {
             tracing::warn!(db = %db_name, error = %e, "database: looking up a role failed");
             Error::Unavailable(format!("database {db_name}: cannot look up role {username} (see the server log)"))
         };
-        if client.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&username]).await.map_err(failed)?.is_none()
-        {
-            return Err(Error::invalid(format!("username: database {db_name} has no role {username}")));
-        }
-        // The role itself, and every role it is a member of, directly or not (whose
-        // privileges it can take with SET ROLE): none may administer the database.
+        // No row: no such role. Else whether the role itself, or any role it is a member
+        // of, directly or not (whose privileges it can take with SET ROLE), may
+        // administer the database.
         let privileged: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE pg_has_role($1, r.oid, 'MEMBER') AND \
+            .query_opt(
+                "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE pg_has_role(u.oid, r.oid, 'MEMBER') AND \
                  (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls OR r.rolname = current_user \
                  OR r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files', \
-                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend')))",
+                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend'))) FROM pg_roles u WHERE u.rolname = $1",
                 &[&username],
             )
             .await
             .map_err(failed)?
+            .ok_or_else(|| Error::invalid(format!("username: database {db_name} has no role {username}")))?
             .get(0);
         if privileged {
             return Err(Error::invalid(format!(
@@ -459,7 +453,9 @@ impl Database {
                     rotated_at: creds.rotated_at,
                 };
                 self.store_creds(name, &staged, version).await?;
-                crash_point_for_tests();
+                // Test hook: die after the pending password is stored, before ALTER ROLE.
+                #[cfg(debug_assertions)]
+                crate::faults::crash_point("KEYVAULT_TEST_CRASH_DB_ROTATION");
                 (p, version + 1)
             }
         };
@@ -522,21 +518,6 @@ impl Database {
         Err(Error::Unavailable(format!("a rotation of role {name} is still running; retry")))
     }
 }
-
-/// Test hook, in debug builds only: when the file named by
-/// `KEYVAULT_TEST_CRASH_DB_ROTATION` exists, the process dies (as `kill -9` would) right
-/// after the pending password is stored and before `ALTER ROLE`.
-#[cfg(debug_assertions)]
-fn crash_point_for_tests() {
-    if let Some(f) = std::env::var_os("KEYVAULT_TEST_CRASH_DB_ROTATION")
-        && std::path::Path::new(&f).exists()
-    {
-        std::process::abort();
-    }
-}
-
-#[cfg(not(debug_assertions))]
-fn crash_point_for_tests() {}
 
 #[async_trait]
 impl Engine for Database {

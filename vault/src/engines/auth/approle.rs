@@ -191,9 +191,9 @@ impl AppRole {
         .await
     }
 
-    /// Generate a secret id for a role: 256 random bits, returned once.
-    pub async fn new_secret_id(&self, name: &str) -> Result<NewSecretId> {
-        let role = self.roles.require(name).await?;
+    /// Generate a secret id for `role` (as loaded, under `name`): 256 random bits,
+    /// returned once.
+    async fn new_secret_id(&self, name: &str, role: &StoredRole<AppRoleData>) -> Result<NewSecretId> {
         let secret_id = SecretString::from(random_hex::<32>()?);
         let accessor = random_hex::<16>()?;
         let mac = hex::encode(self.secret_id_hmac(name, &secret_id).await?);
@@ -285,7 +285,7 @@ impl Engine for AppRole {
                 // A secret id logs in as the role: making one needs what the role grants.
                 let role = self.roles.require(&name).await?;
                 req.caller()?.check_settings_grant(&role.token)?;
-                let s = self.new_secret_id(&name).await?;
+                let s = self.new_secret_id(&name, &role).await?;
                 Reply::data(&keyvault_api::auth::SecretId {
                     secret_id: s.secret_id.into(),
                     secret_id_accessor: s.accessor,

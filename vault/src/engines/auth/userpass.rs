@@ -149,14 +149,23 @@ impl UserPass {
     }
 
     /// Create (`expected == None`) or update the user `name` (a normalized name) if its
-    /// stored bytes are still `expected`; 409 otherwise.
-    pub async fn write_user(&self, name: &str, w: UserWrite, expected: Option<&[u8]>) -> Result<()> {
+    /// stored bytes are still `expected`; 409 otherwise. `grant` is asked first, with the
+    /// policies the user's logins will get (before any password is hashed).
+    pub async fn write_user(
+        &self,
+        name: &str,
+        w: UserWrite,
+        expected: Option<&[u8]>,
+        grant: impl FnOnce(&[String]) -> Result<()>,
+    ) -> Result<()> {
         validate_name("user", name)?;
         let existing: Option<StoredUser> = expected.map(|raw| decode_json(&user_key(name), raw)).transpose()?;
         let (old_policies, old_ttl, old_max) = match &existing {
             Some(u) => (u.token_policies.clone(), u.token_ttl, u.token_max_ttl),
             None => (Vec::new(), None, None),
         };
+        let token_policies = w.token_policies.unwrap_or(old_policies);
+        grant(&token_policies)?;
         let password_hash = match (w.password.map(keyvault_api::Sensitive::into_secret), existing) {
             (Some(pw), _) => {
                 let len = pw.expose_secret().chars().count();
@@ -172,7 +181,7 @@ impl UserPass {
         };
         let stored = StoredUser {
             password_hash,
-            token_policies: w.token_policies.unwrap_or(old_policies),
+            token_policies,
             token_ttl: w.token_ttl.unwrap_or(old_ttl),
             token_max_ttl: w.token_max_ttl.unwrap_or(old_max),
         };
@@ -240,13 +249,8 @@ impl Engine for UserPass {
                 // Whoever sets a user's password can log in as the user: every write (a
                 // password reset as much as a policy change) needs the caller to hold the
                 // policies the user's logins will get.
-                let policies = match (&w.token_policies, req.existing.as_deref()) {
-                    (Some(p), _) => p.clone(),
-                    (None, Some(raw)) => decode_json::<StoredUser>(&user_key(&name), raw)?.token_policies,
-                    (None, None) => Vec::new(),
-                };
-                req.caller()?.check_grant(&policies)?;
-                self.write_user(&name, w, req.existing.as_deref()).await?;
+                let caller = req.caller()?;
+                self.write_user(&name, w, req.existing.as_deref(), |p| caller.check_grant(p)).await?;
                 Ok(Reply::empty())
             }
             Operation::Delete => {
