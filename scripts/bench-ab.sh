@@ -12,12 +12,14 @@
 # CARGO_TARGET_DIR=$OLDPWD/target cargo build --release -p keyvault --bin keyvault`)
 # and copy each target/release/keyvault aside. SCENARIO is one of `keyvault bench`'s
 # (read, approle-login, transit-encrypt, transit-sign, gateway-verify, ...).
+# BASE_DEV_ARGS and NEW_DEV_ARGS add options to each side's `keyvault dev` (one binary
+# in two configurations: pass it twice, e.g. BASE_DEV_ARGS="--audit-fsyncs-in-flight 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_debs softhsm2 util-linux jq linux-perf
 
-[ $# -ge 3 ] || { sed -n 2,14p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,16p "$0"; exit 2; }
 BASE=$(realpath "$1")
 NEW=$(realpath "$2")
 SCENARIO=$3
@@ -32,8 +34,9 @@ trap cleanup EXIT
 failed=0
 for round in $(seq "$ROUNDS"); do
     for build in base new; do
-        if [ "$build" = base ]; then KV=$BASE; else KV=$NEW; fi
-        start_dev
+        if [ "$build" = base ]; then KV=$BASE; ARGS=${BASE_DEV_ARGS:-}; else KV=$NEW; ARGS=${NEW_DEV_ARGS:-}; fi
+        # shellcheck disable=SC2086 # the options are words
+        start_dev $ARGS
         PIDS+=("$PID")
         KEYVAULT_TOKEN=$TOKEN taskset -c 1 "$KV" bench --address "$ADDR" --ca-file "$CA" --scenario "$SCENARIO" \
             --connections 32 --duration "${DURATION}s" --setup --json > "$WORK/bench.json" &

@@ -24,24 +24,39 @@ pub mod tmpfs;
 pub struct TokenFault {
     _dir: tempfile::TempDir,
     path: PathBuf,
+    var: &'static str,
 }
 
 impl TokenFault {
     #[allow(clippy::new_without_default)]
     pub fn new() -> TokenFault {
+        Self::of("KEYVAULT_TEST_TOKEN_FAULT")
+    }
+
+    /// The same for the audit log's `fdatasync` calls (`"error"`, `"slow 20"`).
+    pub fn audit_fsync() -> TokenFault {
+        Self::of("KEYVAULT_TEST_AUDIT_FSYNC_FAULT")
+    }
+
+    fn of(var: &'static str) -> TokenFault {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("fault");
         std::fs::write(&path, "").expect("the fault file");
-        TokenFault { _dir: dir, path }
+        TokenFault { _dir: dir, path, var }
     }
 
     /// The variable that points the server at the file.
     pub fn env(&self) -> (String, String) {
-        ("KEYVAULT_TEST_TOKEN_FAULT".into(), self.path.display().to_string())
+        (self.var.into(), self.path.display().to_string())
     }
 
     pub fn set(&self, mode: &str) {
         std::fs::write(&self.path, mode).expect("the fault file");
+    }
+
+    /// What the file says now (a fault that rewrites itself, as `error then ...`).
+    pub fn get(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
     }
 }
 

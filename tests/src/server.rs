@@ -236,11 +236,16 @@ impl TestServer {
     /// `keyvault audit verify` over this server's audit log, as an operator runs it after
     /// a stop: (passed, its report line).
     pub fn verify_audit_log(&self) -> (bool, String) {
+        self.verify_audit_files(&[self.audit_log()])
+    }
+
+    /// `keyvault audit verify` over these files of this server's log, in chain order.
+    pub fn verify_audit_files(&self, files: &[PathBuf]) -> (bool, String) {
         let key = self.export_audit_key();
         let out = Command::new(keyvault_bin())
             .args(["audit", "verify", "--public-key"])
             .arg(&key)
-            .arg(self.audit_log())
+            .args(files)
             .output()
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned())

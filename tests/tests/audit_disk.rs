@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use keyvault_tests::server::{ServerOptions, TestServer};
 use keyvault_tests::tmpfs::Tmpfs;
-use keyvault_tests::{Client, Reply, Value, json};
+use keyvault_tests::{Client, Reply, TokenFault, Value, json};
 
 #[track_caller]
 fn ok(r: Reply, status: u16) -> Reply {
@@ -205,4 +205,169 @@ async fn fail_closed_on_a_full_disk_refuses_before_changing_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_on_a_full_disk_keeps_every_entry_and_says_so() {
     disk_fills_and_frees("buffered").await;
+}
+
+/// The files of an audit log in chain order: those set aside as anomalies (named
+/// `<log>.anomaly-<time>-<seq>`), by sequence number, then the active file.
+fn audit_files(log: &std::path::Path) -> Vec<PathBuf> {
+    let prefix = format!("{}.anomaly-", log.file_name().unwrap().to_string_lossy());
+    let mut aside: Vec<(u64, PathBuf)> = std::fs::read_dir(log.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let seq = name.strip_prefix(&prefix)?.rsplit('-').next()?.parse().ok()?;
+            Some((seq, p))
+        })
+        .collect();
+    aside.sort();
+    aside.into_iter().map(|(_, p)| p).chain([log.to_path_buf()]).collect()
+}
+
+/// The writer starts a batch's `fdatasync` while the last batch's is still under way
+/// (`fsyncs_in_flight`). The fault layer slows every sync so that batches overlap, then
+/// fails every sync until requests have been refused, then lets them succeed again, while
+/// 16 clients write, log in, encrypt and revoke. Every reply agrees with the log: an
+/// answered request is logged with its status; a refused one is not, nor is its intent,
+/// and nothing of it changed. The log verifies with the failure as a gap.
+async fn syncs_fail_while_batches_overlap(in_flight: usize) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const INCIDENTS: usize = 20;
+
+    let fault = TokenFault::audit_fsync();
+    let mut s = TestServer::start(ServerOptions {
+        audit_extra: format!("fsyncs_in_flight = {in_flight}"),
+        env: vec![fault.env()],
+        extra: "[auth.rate_limit]\nfailures_per_role_and_address = 100000\nfailures_per_address = 100000\n".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.post("auth/approle/role/app", Some(&root), json!({})).await, 204);
+    let sid =
+        ok(c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    ok(c.post("transit/keys/k", Some(&root), json!({})).await, 200);
+    let mut victims = Vec::new();
+    for _ in 0..200 {
+        let r = ok(c.post("auth", None, json!({"role": "app", "secret_id": sid})).await, 200);
+        victims.push((
+            r.body["auth"]["client_token"].as_str().unwrap().to_owned(),
+            r.body["auth"]["accessor"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let victims = Arc::new(victims);
+
+    fault.set("slow 20");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (c, root, sid, victims, stop) = (c.clone(), root.clone(), sid.clone(), victims.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut i = t;
+            while !stop.load(Ordering::SeqCst) {
+                let r = one(&c, &root, i, &sid, &victims[(i / 4) % victims.len()]).await;
+                sent.push(r);
+                i += 16;
+            }
+            sent
+        }));
+    }
+    // Waits until the health report says `audit` is `state` with at least `failures`
+    // failed writes.
+    let health = |state: &'static str, failures: u64| {
+        let c = c.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let h = c.send("GET", "sys/health", None, None).await.body;
+                if h["audit"] == state && h["audit_failed_writes"].as_u64().unwrap() >= failures {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "waiting for audit {state} after {failures} failed writes: {h}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    // Incidents, one after the other: one sync fails, and the syncs started while it ran
+    // succeed; the batches chained on the failed one must fail with it. The next incident
+    // begins once the log has recovered from the last (its gap is written).
+    for n in 1..=INCIDENTS as u64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fault.set("error then slow 20");
+        health("ok", n).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.extend(t.await.unwrap());
+    }
+    fault.set("");
+    health("ok", INCIDENTS as u64).await;
+    for i in 0..8 {
+        let r = one(&c, &root, i * 4 + 1, &sid, &victims[0]).await;
+        assert_eq!((r.status / 100, r.degraded), (2, false), "after recovery");
+    }
+    let scrape = c.http.get(format!("{}/metrics", c.base)).header("X-Vault-Token", &root).send().await.unwrap();
+    assert_eq!(scrape.status(), 200);
+    let text = scrape.text().await.unwrap();
+    let overlapped = keyvault_tests::metric_sum(&text, "keyvault_audit_fsyncs_overlapped_total", &[]);
+    s.stop();
+
+    if in_flight > 1 {
+        assert!(overlapped >= 10.0, "the syncs overlapped: {overlapped}");
+    } else {
+        assert_eq!(overlapped, 0.0, "one sync at a time");
+    }
+    let files = audit_files(&s.audit_log());
+    let (verified, report) = s.verify_audit_files(&files);
+    assert!(verified, "{report}");
+    let (requests, intents, gaps) = entries(&files);
+    assert!(gaps >= INCIDENTS, "every failure is a gap in the log: {gaps}");
+    let refused = sent.iter().filter(|r| r.status == 503).count();
+    assert!(refused >= INCIDENTS, "{refused} refused");
+    s.restart();
+    let check = s.client();
+    for r in &sent {
+        match r.status {
+            200 | 204 => {
+                assert_eq!(
+                    requests.get(&r.id),
+                    Some(&u64::from(r.status)),
+                    "{:?} {} answered, not logged",
+                    r.kind,
+                    r.id
+                )
+            }
+            503 => {
+                assert!(!requests.contains_key(&r.id), "{:?} {}: refused but logged", r.kind, r.id);
+                assert!(!intents.contains(&r.id), "{:?} {}: refused, yet its intent is in the log", r.kind, r.id);
+                match r.kind {
+                    Kind::Write => {
+                        ok(check.get(&r.subject, &root).await, 404);
+                    }
+                    // Unless another revocation of the same token went through.
+                    Kind::Revoke if !sent.iter().any(|o| o.subject == r.subject && o.status == 204) => {
+                        ok(check.send("GET", "auth/token/lookup-self", Some(&r.subject), None).await, 200);
+                    }
+                    Kind::Revoke | Kind::Login | Kind::Encrypt => {}
+                }
+            }
+            other => panic!("{:?} {}: {other}", r.kind, r.id),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_syncs_of_overlapping_batches_lose_nothing_acknowledged() {
+    syncs_fail_while_batches_overlap(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_syncs_one_batch_at_a_time_lose_nothing_acknowledged() {
+    syncs_fail_while_batches_overlap(1).await;
 }

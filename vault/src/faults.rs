@@ -12,6 +12,12 @@
 //! - `slow <ms>`: the call waits that long, then runs (`slow <ms> <op>`: only calls of
 //!   that kind);
 //! - `flaky <percent>`: that share of calls fails as with `error`.
+//!
+//! `KEYVAULT_TEST_AUDIT_FSYNC_FAULT=<file>`: read before every `fdatasync` of the audit
+//! log ([`audit_fsync`]): `error` fails the sync as a disk error would (`EIO`), `slow <ms>`
+//! delays it; `error then <mode>` fails one sync: the file says `<mode>` from then on, and
+//! the failing sync takes as long as `<mode>` says (so that a later sync can overlap it
+//! and succeed).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -58,6 +64,32 @@ pub fn before(op: &'static str) -> keyvault_hsm::Result<()> {
             }
             _ => return Ok(()),
         }
+    }
+}
+
+/// Called by the audit writer before each `fdatasync` of the log.
+pub fn audit_fsync() -> std::io::Result<()> {
+    static FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let Some(f) = FILE.get_or_init(|| std::env::var_os("KEYVAULT_TEST_AUDIT_FSYNC_FAULT").map(PathBuf::from)) else {
+        return Ok(());
+    };
+    let m = std::fs::read_to_string(f).unwrap_or_default();
+    if let Some(then) = m.trim().strip_prefix("error then ") {
+        let _ = std::fs::write(f, then);
+        let mut words = then.split_whitespace();
+        if let (Some("slow"), Some(ms)) = (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        return Err(std::io::Error::from_raw_os_error(5));
+    }
+    let mut words = m.split_whitespace();
+    match (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
+        (Some("error"), _) => Err(std::io::Error::from_raw_os_error(5)),
+        (Some("slow"), Some(ms)) => {
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
