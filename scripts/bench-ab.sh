@@ -13,7 +13,7 @@
 # and copy each target/release/keyvault aside. SCENARIO is one of `keyvault bench`'s
 # (read, approle-login, transit-encrypt, transit-sign, gateway-verify, ...).
 # BASE_DEV_ARGS and NEW_DEV_ARGS add options to each side's `keyvault dev` (one binary
-# in two configurations: pass it twice, e.g. BASE_DEV_ARGS="--audit-fsyncs-in-flight 1").
+# in two configurations: pass it twice, e.g. NEW_DEV_ARGS="--audit-mode buffered").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh

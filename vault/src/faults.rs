@@ -1,6 +1,8 @@
-//! Fault injection into the key store, for tests of what the server does when its
-//! PKCS#11 module fails, hangs or slows down (tests/tests/faults.rs). Debug builds only:
-//! a release build never reads the variable, and [`before`] is compiled out of it.
+//! Fault injection into the key store and the audit log's disk, for tests of what the
+//! server does when its PKCS#11 module fails, hangs or slows down (tests/tests/faults.rs)
+//! and when the audit log's syncs fail (tests/tests/audit_disk.rs). Debug builds only: a
+//! release build never reads the variables; [`before`] and [`audit_fsync`] are compiled
+//! out of it.
 //!
 //! `KEYVAULT_TEST_TOKEN_FAULT=<file>`: before every key store call, the file is read (a
 //! missing file is no fault). Its content:
@@ -16,8 +18,7 @@
 //! `KEYVAULT_TEST_AUDIT_FSYNC_FAULT=<file>`: read before every `fdatasync` of the audit
 //! log ([`audit_fsync`]): `error` fails the sync as a disk error would (`EIO`), `slow <ms>`
 //! delays it; `error then <mode>` fails one sync: the file says `<mode>` from then on, and
-//! the failing sync takes as long as `<mode>` says (so that a later sync can overlap it
-//! and succeed).
+//! the failing sync takes as long as `<mode>` says.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -73,10 +73,6 @@ enum Command {
         /// `fail_closed`, `buffered`, or `dangerous_off` (benchmarks only).
         #[arg(long, default_value = "fail_closed")]
         audit_mode: String,
-        /// With `fail_closed`: how many audit batches may wait for their fsync at once
-        /// (`audit.fsyncs_in_flight`; 1: one at a time).
-        #[arg(long, default_value_t = 2)]
-        audit_fsyncs_in_flight: usize,
         /// A TOML file of `[[mounts]]` entries served besides the default mounts (e.g. a
         /// proxied `hashicorp` mount to try).
         #[arg(long)]
@@ -388,7 +384,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             postgres,
             key_tier,
             audit_mode,
-            audit_fsyncs_in_flight,
             mounts,
         } => {
             init_logging(&log, false);
@@ -400,7 +395,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = dev::config(&layout, module, address, dek_cache_ttl);
             config.audit.mode = serde_json::from_value(serde_json::Value::String(audit_mode.clone()))
                 .map_err(|_| anyhow::anyhow!("--audit-mode: use fail_closed, buffered or dangerous_off"))?;
-            config.audit.fsyncs_in_flight = audit_fsyncs_in_flight;
             if let Some(url) = postgres {
                 config.storage = keyvault::config::StorageConfig::Postgres {
                     url,

@@ -66,7 +66,6 @@ pub struct Metrics {
     pub gateway_verdicts: Family<Reason, Counter>,
     pub audit_queue_depth: Gauge,
     pub audit_fsync_seconds: Histogram,
-    pub audit_fsyncs_overlapped: Counter,
     pub rotation_active: Gauge,
     pub rotation_records_done: Gauge,
     pub rotation_records_total: Gauge,
@@ -102,7 +101,6 @@ impl Metrics {
             gateway_verdicts: Family::default(),
             audit_queue_depth: Gauge::default(),
             audit_fsync_seconds: latency(),
-            audit_fsyncs_overlapped: Counter::default(),
             rotation_active: Gauge::default(),
             rotation_records_done: Gauge::default(),
             rotation_records_total: Gauge::default(),
@@ -140,11 +138,6 @@ impl Metrics {
             "audit_fsync_duration_seconds",
             "Audit log write and fsync latency",
             m.audit_fsync_seconds.clone(),
-        );
-        registry.register(
-            "audit_fsyncs_overlapped",
-            "Audit fsyncs started while an earlier batch's was still under way",
-            m.audit_fsyncs_overlapped.clone(),
         );
         registry.register(
             "rotation_active",

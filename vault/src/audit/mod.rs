@@ -12,9 +12,8 @@
 pub mod chain;
 pub mod verify;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -75,11 +74,6 @@ pub struct AuditConfig {
     /// fsync: the most an acknowledged request's entry waits for the disk.
     #[serde(default = "default_linger", deserialize_with = "crate::deserialize_duration")]
     pub buffered_linger: Duration,
-    /// In `fail_closed` mode, how many batches may be waiting for their `fdatasync` at
-    /// once: the next batch is written and its sync started while the last one's is still
-    /// under way (docs/architecture.md, "Audit log"). 1 writes and syncs one batch at a time.
-    #[serde(default = "default_fsyncs_in_flight")]
-    pub fsyncs_in_flight: usize,
     /// This replica's name in the log header (default: the host name).
     #[serde(default)]
     pub replica_id: Option<String>,
@@ -100,9 +94,6 @@ fn default_buffer() -> usize {
 fn default_linger() -> Duration {
     Duration::from_millis(5)
 }
-fn default_fsyncs_in_flight() -> usize {
-    2
-}
 
 impl AuditConfig {
     pub fn at(path: PathBuf) -> Self {
@@ -114,7 +105,6 @@ impl AuditConfig {
             max_file_bytes: default_max_file_bytes(),
             buffer_entries: default_buffer(),
             buffered_linger: default_linger(),
-            fsyncs_in_flight: default_fsyncs_in_flight(),
             replica_id: None,
         }
     }
@@ -262,8 +252,6 @@ type Ack = oneshot::Sender<std::result::Result<(), String>>;
 enum Job {
     Append(Map<String, Value>, Option<Ack>, EntryKind),
     Shutdown(oneshot::Sender<()>),
-    /// A sync thread finished (its result is on the writer's own channel).
-    Wake,
 }
 
 /// How long a request whose change was made waits for its outcome entry when the disk
@@ -355,9 +343,6 @@ impl AuditLog {
                 .create(dir)
                 .map_err(|e| Error::Config(format!("cannot create audit directory {}: {e}", dir.display())))?;
         }
-        if !(1..=16).contains(&config.fsyncs_in_flight) {
-            return Err(Error::Config("audit.fsyncs_in_flight must be between 1 and 16".into()));
-        }
         let writer = Writer::open(config.clone(), keys.clone(), names.clone(), public_key, shared.clone())?;
         let bound = match config.mode {
             AuditMode::Buffered => config.buffer_entries.max(1),
@@ -366,13 +351,6 @@ impl AuditLog {
             _ => 65_536,
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(bound);
-        let mut writer = writer;
-        if config.mode == AuditMode::FailClosed && config.fsyncs_in_flight > 1 {
-            writer.syncers = Some(
-                Syncers::start(config.fsyncs_in_flight, &tx)
-                    .map_err(|e| Error::Internal(format!("cannot start the audit sync threads: {e}")))?,
-            );
-        }
         std::thread::Builder::new()
             .name("keyvault-audit".into())
             .spawn(move || writer.run(rx))
@@ -606,8 +584,6 @@ struct Writer {
     identity: (u64, u64),
     /// Durable size of the file.
     size: u64,
-    /// End of what was written to the file: `size` plus the batches in flight.
-    written: u64,
     seq: u64,
     head: [u8; 32],
     since_checkpoint: u64,
@@ -626,66 +602,6 @@ struct Writer {
     next_try: Instant,
     last_try: Instant,
     backoff: Duration,
-    /// Threads that sync batches while the next ones are written (`fail_closed` with
-    /// `fsyncs_in_flight` > 1; none otherwise: each batch is synced by the writer).
-    syncers: Option<Syncers>,
-    /// Batches written and not yet known durable, oldest first.
-    in_flight: VecDeque<InFlight>,
-}
-
-/// A batch written to the file whose `fdatasync` has not been settled yet.
-struct InFlight {
-    ticket: u64,
-    /// The file's size once this batch is durable.
-    end: u64,
-    head: [u8; 32],
-    seq: u64,
-    since_checkpoint: u64,
-    checkpointed: bool,
-    entries: Vec<Queued>,
-    result: Option<std::io::Result<()>>,
-}
-
-/// The sync threads of the overlapped writer. Batch `ticket` is synced by thread
-/// `ticket % n` through its own open file description of the active file: at most `n`
-/// batches are in flight, so a thread and its description serve one sync at a time.
-/// Each description has its own cursor of the file's writeback errors (Linux reports an
-/// error to every open description that syncs after it happened), so a sync that
-/// succeeds proves that no write-back of the data before it failed, whichever of the
-/// threads met the error first.
-struct Syncers {
-    requests: Vec<SyncSender<(u64, Arc<std::fs::File>)>>,
-    done: Receiver<(u64, std::io::Result<()>)>,
-    /// One description per thread, of the active file (emptied when a new file is made).
-    files: Vec<Arc<std::fs::File>>,
-    next_ticket: u64,
-}
-
-impl Syncers {
-    fn start(n: usize, wake: &SyncSender<Job>) -> std::io::Result<Self> {
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let mut requests = Vec::with_capacity(n);
-        for i in 0..n {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Arc<std::fs::File>)>(1);
-            let done_tx = done_tx.clone();
-            let wake = wake.clone();
-            std::thread::Builder::new().name(format!("keyvault-audit-sync-{i}")).spawn(move || {
-                // Ends when the writer drops its end of `rx`.
-                while let Ok((ticket, file)) = rx.recv() {
-                    let started = Instant::now();
-                    let r = sync(&file);
-                    crate::metrics::get().audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
-                    if done_tx.send((ticket, r)).is_err() {
-                        return;
-                    }
-                    // A full channel wakes the writer anyway.
-                    let _ = wake.try_send(Job::Wake);
-                }
-            })?;
-            requests.push(tx);
-        }
-        Ok(Syncers { requests, done, files: Vec::new(), next_ticket: 0 })
-    }
 }
 
 /// `fdatasync` (behind the test fault layer in debug builds).
@@ -693,16 +609,6 @@ fn sync(f: &std::fs::File) -> std::io::Result<()> {
     #[cfg(debug_assertions)]
     crate::faults::audit_fsync()?;
     f.sync_data()
-}
-
-/// What [`Writer::write_overlapped`] did with the queue.
-enum Overlapped {
-    /// Written and its sync under way, or the write failed and the failure is handled.
-    Done,
-    /// As many batches as may be are in flight: the queue waits for one to settle.
-    Full,
-    /// This batch must be written the one-at-a-time way.
-    NotHere,
 }
 
 /// The head, sequence number and state of an existing file's last complete line.
@@ -776,7 +682,6 @@ impl Writer {
             file: None,
             identity: (0, 0),
             size: 0,
-            written: 0,
             seq: 0,
             head: [0u8; 32],
             since_checkpoint: 0,
@@ -790,8 +695,6 @@ impl Writer {
             next_try: Instant::now(),
             last_try: Instant::now(),
             backoff: Duration::from_millis(50),
-            syncers: None,
-            in_flight: VecDeque::new(),
         };
         match tail {
             None => {
@@ -809,7 +712,6 @@ impl Writer {
                 }
                 w.identity = (meta.dev(), meta.ino());
                 w.size = t.valid_len;
-                w.written = t.valid_len;
                 w.file = Some(f);
                 w.seq = t.seq;
                 w.head = t.head;
@@ -835,27 +737,23 @@ impl Writer {
         if meta.len() != 0 {
             return Err(std::io::Error::other("a new audit file is not empty"));
         }
-        debug_assert!(self.in_flight.is_empty(), "a new file while batches are in flight");
         self.identity = (meta.dev(), meta.ino());
         self.size = 0;
-        self.written = 0;
         self.reserved_end = 0;
-        if let Some(s) = &mut self.syncers {
-            s.files.clear();
-        }
         self.file = Some(f);
         self.start = Some(start);
         Ok(())
     }
 
-    /// Chain `entries` (after whatever must come first) from the head of what was
-    /// written: the durable head, or the last batch in flight.
+    /// Chain `entries` (after whatever must come first) from the durable head.
     fn chain(&self, entries: &[&Map<String, Value>]) -> std::io::Result<Chained> {
-        let (head, seq, since_checkpoint) = match self.in_flight.back() {
-            Some(b) => (b.head, b.seq, b.since_checkpoint),
-            None => (self.head, self.seq, self.since_checkpoint),
+        let mut c = Chained {
+            bytes: Vec::new(),
+            head: self.head,
+            seq: self.seq,
+            since_checkpoint: self.since_checkpoint,
+            checkpointed: false,
         };
-        let mut c = Chained { bytes: Vec::new(), head, seq, since_checkpoint, checkpointed: false };
         let mut first: Vec<Map<String, Value>> = Vec::new();
         match self.start {
             Some(FileStart::Genesis(g)) => first.push(header(&self.replica, &self.public_key, Some(g), None)),
@@ -922,18 +820,21 @@ impl Writer {
 
     /// Write a chained batch and make it durable, or leave the file as it was.
     fn commit(&mut self, c: Chained) -> std::io::Result<()> {
-        debug_assert!(self.in_flight.is_empty(), "a batch committed while others are in flight");
         let f = self.file.as_mut().ok_or_else(|| std::io::Error::other("no open audit file"))?;
         let started = Instant::now();
         let result = f.write_all(&c.bytes).and_then(|()| sync(f));
         crate::metrics::get().audit_fsync_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = result {
-            // Cut off whatever part of the batch reached the file.
-            self.cut_back();
+            // Cut off whatever part of the batch reached the file: the chain on disk
+            // must end with an entry that is there.
+            if let Err(t) = f.set_len(self.size).and_then(|()| sync(f)) {
+                tracing::error!(error = %t, "cannot cut a failed audit write off the file");
+                self.preamble.push(event("event", json!({"event": "audit_file_unrepairable"})));
+                self.file = None;
+            }
             return Err(e);
         }
         self.size += c.bytes.len() as u64;
-        self.written = self.size;
         self.head = c.head;
         self.seq = c.seq;
         self.since_checkpoint = c.since_checkpoint;
@@ -959,7 +860,7 @@ impl Writer {
     /// Reserve room on disk (without changing the file's size) for `bytes` beyond its
     /// end. Space that is reserved cannot run out under a later write.
     fn reserve(&mut self, bytes: u64) -> std::io::Result<()> {
-        let want = self.written + bytes;
+        let want = self.size + bytes;
         if want <= self.reserved_end {
             return Ok(());
         }
@@ -968,7 +869,7 @@ impl Writer {
         }
         let f = self.file.as_ref().ok_or_else(|| std::io::Error::other("no open audit file"))?;
         let end = want + RESERVE_CHUNK;
-        match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, self.written, end - self.written) {
+        match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, self.size, end - self.size) {
             Ok(()) => {
                 self.reserved_end = end;
                 Ok(())
@@ -989,7 +890,16 @@ impl Writer {
     /// Is the file at the path still ours, as we left it? A deleted, replaced or changed
     /// file is set aside (once) and a new one continues the chain with a gap entry.
     fn check_file(&mut self) -> std::io::Result<()> {
-        let Some(reason) = self.file_changed()? else { return Ok(()) };
+        let reason = match std::fs::metadata(&self.config.path) {
+            _ if self.file.is_none() => Some("write_failed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("deleted"),
+            Err(e) => return Err(e),
+            Ok(m) if (m.dev(), m.ino()) != self.identity => Some("replaced"),
+            Ok(m) if m.len() < self.size => Some("truncated"),
+            Ok(m) if m.len() > self.size => Some("appended_by_another_writer"),
+            Ok(_) => None,
+        };
+        let Some(reason) = reason else { return Ok(()) };
         tracing::error!(path = %self.config.path.display(), reason, "the audit log file changed under the writer; starting a new file with a gap entry");
         let found = std::fs::metadata(&self.config.path).map(|m| m.len()).ok();
         if found.is_some() {
@@ -1001,19 +911,6 @@ impl Writer {
         self.create_file(FileStart::Continues)?;
         self.preamble.push(event("gap", json!({"reason": reason, "expected_size": self.size, "found_size": found})));
         Ok(())
-    }
-
-    /// How the file at the path differs from the one we write, if it does.
-    fn file_changed(&self) -> std::io::Result<Option<&'static str>> {
-        Ok(match std::fs::metadata(&self.config.path) {
-            _ if self.file.is_none() => Some("write_failed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("deleted"),
-            Err(e) => return Err(e),
-            Ok(m) if (m.dev(), m.ino()) != self.identity => Some("replaced"),
-            Ok(m) if m.len() < self.written => Some("truncated"),
-            Ok(m) if m.len() > self.written => Some("appended_by_another_writer"),
-            Ok(_) => None,
-        })
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
@@ -1115,24 +1012,6 @@ impl Writer {
         if queue.is_empty() && !self.degraded() {
             return;
         }
-        match self.write_overlapped(queue) {
-            Overlapped::Done | Overlapped::Full => {
-                self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
-                return;
-            }
-            Overlapped::NotHere => {
-                let was_degraded = self.degraded();
-                self.settle_all(queue);
-                if self.degraded() && !was_degraded {
-                    // A batch in flight failed: back off as after any failed write.
-                    self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
-                    return;
-                }
-                if queue.is_empty() && !self.degraded() {
-                    return;
-                }
-            }
-        }
         let fail_closed = self.config.mode == AuditMode::FailClosed;
         let prepared = self.check_file().and_then(|()| {
             let entries: Vec<&Map<String, Value>> = queue.iter().map(|q| &q.entry).collect();
@@ -1173,7 +1052,20 @@ impl Writer {
                 if self.incident.take().is_some() {
                     tracing::warn!("the audit log writes again; the failure is recorded in it as a gap");
                 }
-                self.acknowledge(std::mem::take(queue));
+                for q in queue.drain(..) {
+                    match &q.kind {
+                        EntryKind::Intent(id) => {
+                            self.awaiting.insert(id.clone());
+                        }
+                        EntryKind::Outcome(id) => {
+                            self.awaiting.remove(id);
+                        }
+                        EntryKind::Plain => {}
+                    }
+                    if let Some(ack) = q.ack {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
                 self.backoff = Duration::from_millis(50);
                 self.shared.set_state(AuditState::Writing);
                 if self.size > self.config.max_file_bytes
@@ -1185,205 +1077,6 @@ impl Writer {
             Err(e) => self.failed(&e, queue),
         }
         self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Entries that are durable: their requests go on.
-    fn acknowledge(&mut self, entries: Vec<Queued>) {
-        for q in entries {
-            match &q.kind {
-                EntryKind::Intent(id) => {
-                    self.awaiting.insert(id.clone());
-                }
-                EntryKind::Outcome(id) => {
-                    self.awaiting.remove(id);
-                }
-                EntryKind::Plain => {}
-            }
-            if let Some(ack) = q.ack {
-                let _ = ack.send(Ok(()));
-            }
-        }
-    }
-
-    /// Write the queue as one batch and start its sync on a sync thread, without waiting
-    /// for the syncs already under way. Only the plain case is taken here: a file that is
-    /// as we left it, nothing to write first (a header, a gap), no failure being ridden
-    /// out, and room reserved; everything else goes the one-at-a-time way, after the
-    /// batches in flight are settled.
-    fn write_overlapped(&mut self, queue: &mut Vec<Queued>) -> Overlapped {
-        let Some(syncers) = &self.syncers else { return Overlapped::NotHere };
-        if self.in_flight.len() >= syncers.requests.len() {
-            return Overlapped::Full;
-        }
-        if self.start.is_some()
-            || !self.preamble.is_empty()
-            || self.incident.is_some()
-            || self.written > self.config.max_file_bytes
-            || !matches!(self.file_changed(), Ok(None))
-        {
-            return Overlapped::NotHere;
-        }
-        let Some(file) = &self.file else { return Overlapped::NotHere };
-        if syncers.files.is_empty() {
-            // Each thread syncs through a description of its own (see [`Syncers`]),
-            // opened on this very file, not on whatever the path names now.
-            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            let opened: std::io::Result<Vec<_>> =
-                (0..syncers.requests.len()).map(|_| std::fs::File::open(&path).map(Arc::new)).collect();
-            let Ok(files) = opened else { return Overlapped::NotHere };
-            if let Some(s) = &mut self.syncers {
-                s.files = files;
-            }
-        }
-        let entries: Vec<&Map<String, Value>> = queue.iter().map(|q| &q.entry).collect();
-        let Ok(c) = self.chain(&entries) else { return Overlapped::NotHere };
-        let intents = queue
-            .iter()
-            .chain(self.in_flight.iter().flat_map(|b| &b.entries))
-            .filter(|q| matches!(q.kind, EntryKind::Intent(_)))
-            .count() as u64;
-        let outcomes = (self.awaiting.len() as u64 + intents + 1) * OUTCOME_RESERVE;
-        if self.reserve(c.bytes.len() as u64 + outcomes).is_err() {
-            return Overlapped::NotHere;
-        }
-        let Some(file) = self.file.as_mut() else { return Overlapped::NotHere };
-        if let Err(e) = file.write_all(&c.bytes) {
-            // Part of the batch may be in the file: settle the batches before it, cut
-            // the file back to what is durable, and ride the failure out as ever.
-            self.settle_all(queue);
-            if self.incident.is_none() {
-                // (A failed settle has cut the file back already.)
-                self.cut_back();
-                self.failed(&e, queue);
-            }
-            return Overlapped::Done;
-        }
-        self.written += c.bytes.len() as u64;
-        let Some(syncers) = &mut self.syncers else { return Overlapped::NotHere };
-        let ticket = syncers.next_ticket;
-        syncers.next_ticket += 1;
-        let slot = (ticket % syncers.requests.len() as u64) as usize;
-        if self.in_flight.iter().any(|b| b.result.is_none()) {
-            crate::metrics::get().audit_fsyncs_overlapped.inc();
-        }
-        let sent = syncers.requests[slot].send((ticket, syncers.files[slot].clone())).is_ok();
-        self.in_flight.push_back(InFlight {
-            ticket,
-            end: self.written,
-            head: c.head,
-            seq: c.seq,
-            since_checkpoint: c.since_checkpoint,
-            checkpointed: c.checkpointed,
-            entries: std::mem::take(queue),
-            result: (!sent).then(|| Err(std::io::Error::other("the audit sync thread stopped"))),
-        });
-        Overlapped::Done
-    }
-
-    /// Take the results of finished syncs; with `block`, wait until every batch in flight
-    /// has one.
-    fn collect_syncs(&mut self, block: bool) {
-        let Some(syncers) = &self.syncers else { return };
-        loop {
-            let pending = self.in_flight.iter().any(|b| b.result.is_none());
-            if !pending {
-                return;
-            }
-            let next = if block {
-                syncers.done.recv().map_err(|_| std::sync::mpsc::TryRecvError::Disconnected)
-            } else {
-                syncers.done.try_recv()
-            };
-            match next {
-                Ok((ticket, r)) => {
-                    if let Some(b) = self.in_flight.iter_mut().find(|b| b.ticket == ticket) {
-                        b.result = Some(r);
-                    }
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    for b in self.in_flight.iter_mut().filter(|b| b.result.is_none()) {
-                        b.result = Some(Err(std::io::Error::other("the audit sync thread stopped")));
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Settle the batches in flight whose syncs have finished, oldest first: a batch is
-    /// durable when its own sync succeeded and every batch before it is durable. The
-    /// first failure fails it and every batch after it (their syncs are waited for, and
-    /// their outcome is not trusted: the data of a failed write-back may be gone while a
-    /// later sync reports nothing), the file is cut back to what is durable, and the
-    /// entries go back to the front of the queue to be refused or kept as [`Writer::failed`]
-    /// decides.
-    fn settle(&mut self, queue: &mut Vec<Queued>) {
-        self.collect_syncs(false);
-        while let Some(front) = self.in_flight.front() {
-            match &front.result {
-                None => return,
-                Some(Ok(())) => {
-                    let Some(b) = self.in_flight.pop_front() else { return };
-                    self.size = b.end;
-                    self.head = b.head;
-                    self.seq = b.seq;
-                    self.since_checkpoint = b.since_checkpoint;
-                    if b.checkpointed {
-                        self.last_checkpoint = Instant::now();
-                    }
-                    self.acknowledge(b.entries);
-                    self.backoff = Duration::from_millis(50);
-                    self.shared.set_state(AuditState::Writing);
-                }
-                Some(Err(_)) => {
-                    self.collect_syncs(true);
-                    let mut error = None;
-                    let mut back = Vec::new();
-                    for mut b in self.in_flight.drain(..) {
-                        if error.is_none() {
-                            error = b.result.take().and_then(std::result::Result::err);
-                        }
-                        back.extend(b.entries);
-                    }
-                    back.append(queue);
-                    *queue = back;
-                    self.cut_back();
-                    let e = error.unwrap_or_else(|| std::io::Error::other("audit sync failed"));
-                    self.failed(&e, queue);
-                    self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Wait for every batch in flight and settle them all.
-    fn settle_all(&mut self, queue: &mut Vec<Queued>) {
-        if self.in_flight.is_empty() {
-            return;
-        }
-        self.collect_syncs(true);
-        self.settle(queue);
-    }
-
-    /// Settle every batch in flight; true if they all became durable.
-    fn settled(&mut self, queue: &mut Vec<Queued>) -> bool {
-        self.settle_all(queue);
-        !self.degraded()
-    }
-
-    /// Cut off what was written beyond the durable size: the chain on disk must end with
-    /// an entry that is there.
-    fn cut_back(&mut self) {
-        debug_assert!(self.in_flight.is_empty());
-        self.written = self.size;
-        let Some(f) = self.file.as_mut() else { return };
-        if let Err(t) = f.set_len(self.size).and_then(|()| sync(f)) {
-            tracing::error!(error = %t, "cannot cut a failed audit write off the file");
-            self.preamble.push(event("event", json!({"event": "audit_file_unrepairable"})));
-            self.file = None;
-        }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -1427,18 +1120,12 @@ impl Writer {
                         queue.push(Queued { entry, ack, kind, since: Instant::now() });
                     }
                     Job::Shutdown(ack) => shutdown = Some(ack),
-                    Job::Wake => {}
                 }
                 let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
                 if queue.len() < 8192 && shutdown.is_none() && room {
                     next = rx.try_recv().ok();
                 }
             }
-            if Arc::strong_count(&self.shared) == 1 {
-                // The log was dropped (the sync threads keep the channel open).
-                return;
-            }
-            self.settle(&mut queue);
             crate::metrics::get().audit_queue_depth.set(queue.len() as i64);
             let due = self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval;
             let on_demand = !queue.is_empty() && self.last_try.elapsed() >= RETRY_ON_DEMAND;
@@ -1456,7 +1143,7 @@ impl Writer {
             } else if due && self.keys.is_sealed() {
                 // Nothing can be signed while sealed: try again one interval later.
                 self.last_checkpoint = Instant::now();
-            } else if due && self.settled(&mut queue) {
+            } else if due {
                 let r = self.check_file().and_then(|()| {
                     let mut c = self.chain(&[])?;
                     self.push_checkpoint(&mut c, false)?;
@@ -1469,7 +1156,6 @@ impl Writer {
                 self.last_checkpoint = Instant::now();
             }
             if let Some(ack) = shutdown {
-                self.settle_all(&mut queue);
                 let r = self.check_file().and_then(|()| {
                     let mut c = self.chain(&queue.iter().map(|q| &q.entry).collect::<Vec<_>>())?;
                     self.push_checkpoint(&mut c, true)?;
