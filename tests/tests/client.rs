@@ -554,12 +554,16 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     let shown = ok(c.get("auth/cert/role/gw-unit", &root).await, 200);
     assert_eq!(shown.body["data"]["token_attributes"], attrs);
 
-    // Attributes are a grant: a role admin without it cannot give them; bounds hold.
+    // Attributes are a grant, of each value: a role admin without it cannot give them;
+    // bounds hold.
     ok(
         c.put(
             "sys/policies/acl/role-admin",
             &root,
-            json!({"policy": "path \"auth/cert/role/*\" { capabilities = [\"create\", \"update\", \"read\"] }\npath \"sys/token-attributes/grant/tier\" { capabilities = [\"sudo\"] }"}),
+            json!({"policy": "path \"auth/cert/role/*\" { capabilities = [\"create\", \"update\", \"read\"] }\n\
+                path \"sys/token-attributes/grant/tier/*\" { capabilities = [\"sudo\"] }\n\
+                path \"sys/token-attributes/grant/tenant_id/t-2\" { capabilities = [\"sudo\"] }\n\
+                path \"sys/token-attributes/grant/capabilities/read\" { capabilities = [\"sudo\"] }"}),
         )
         .await,
         204,
@@ -569,8 +573,28 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     let ca = w.s.client_with(&w.unit);
     let mut body = json!({"certificate_sha256": [w.other.sha256_hex], "token_attributes": { "tier": "gold" }});
     ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body.clone()).await, 204);
+    for (granted, attributes) in [
+        (true, json!({ "tier": "silver", "tenant_id": "t-2", "capabilities": ["read"] })),
+        // Another tenant than the one granted; a value of a granted name's prefix.
+        (false, json!({ "tier": "gold", "tenant_id": "t-1" })),
+        (false, json!({ "tenant_id": "t-2/x" })),
+        (false, json!({ "tenant_id": "t-" })),
+        // Each element of a list is a value; an empty list is one too.
+        (false, json!({ "capabilities": ["read", "write"] })),
+        (false, json!({ "capabilities": [] })),
+        // A name not granted at all.
+        (false, json!({ "region": "eu" })),
+    ] {
+        body["token_attributes"] = attributes.clone();
+        let status = if granted { 204 } else { 403 };
+        assert_eq!(
+            ca.post("auth/cert/role/admin-made", Some(&admin_token), body.clone()).await.status,
+            status,
+            "{attributes}"
+        );
+    }
     body["token_attributes"] = json!({ "tier": "gold", "tenant_id": "t-2" });
-    ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body.clone()).await, 403);
+    ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body.clone()).await, 204);
     body["token_attributes"] = json!({ "tier": "gold" });
     body["token_audiences"] = json!(["gateway-a"]);
     ok(ca.post("auth/cert/role/admin-made", Some(&admin_token), body).await, 403);

@@ -504,18 +504,27 @@ impl Caller {
     }
 
     /// Whether this caller may give tokens these attributes and audiences (a role write):
-    /// root may; anyone else needs `sudo` on `sys/token-attributes/grant/<name>` for each
-    /// attribute and on `sys/token-attributes/audience/<audience>` for each audience. A
+    /// root may; anyone else needs `sudo` on `sys/token-attributes/grant/<name>/<value>`
+    /// for each value of each attribute (each element of a list; an empty list is the
+    /// value ``) and on `sys/token-attributes/audience/<audience>` for each audience. A
     /// gateway trusts what a token's attributes say (its tenant, its capabilities), so
-    /// writing them is a grant, like assigning a policy.
+    /// writing them is a grant, like assigning a policy, and the grant is of the value: a
+    /// tenant's administrator gets `grant/tenant_id/<its tenant>`, not every tenant. Names
+    /// have no `/`, so the name and the value of a path are never in doubt.
     pub fn check_attribute_grant(&self, t: &keyvault_api::auth::TokenSettings) -> Result<()> {
+        use keyvault_api::auth::AttributeValue;
         if self.is_root() {
             return Ok(());
         }
+        let grant = |n: &str, v: &str| format!("sys/token-attributes/grant/{n}/{v}");
         let paths = t
             .token_attributes
-            .keys()
-            .map(|n| format!("sys/token-attributes/grant/{n}"))
+            .iter()
+            .flat_map(|(n, v)| match v {
+                AttributeValue::One(one) => vec![grant(n, one)],
+                AttributeValue::Many(many) if many.is_empty() => vec![grant(n, "")],
+                AttributeValue::Many(many) => many.iter().map(|one| grant(n, one)).collect(),
+            })
             .chain(t.token_audiences.iter().map(|a| format!("sys/token-attributes/audience/{a}")));
         for p in paths {
             if !self.acl.allows(&p, Capability::Sudo) {
