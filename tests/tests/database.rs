@@ -177,6 +177,25 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     let p3 = password(&c, &root, "app").await;
     assert!(pg.can_log_in("app", &p3).await);
 
+    // A role that can administer the database since its static role was made (made a
+    // superuser, made a member of a predefined role that reads all data): its static role
+    // serves and rotates no password until that is undone, and the database keeps the
+    // password it has.
+    for (grant, revoke) in [
+        ("ALTER ROLE app SUPERUSER", "ALTER ROLE app NOSUPERUSER"),
+        ("GRANT pg_read_all_data TO app", "REVOKE pg_read_all_data FROM app"),
+        ("GRANT role_maker TO app", "REVOKE role_maker FROM app"),
+    ] {
+        pg.psql(grant);
+        let r = ok(c.get("database/static-creds/app", &root).await, 409);
+        let says = r.body["errors"][0].as_str().unwrap();
+        assert!(says.contains("can now administer") && !says.contains(&p3), "{grant}: {says}");
+        ok(c.post("database/rotate-role/app", Some(&root), json!({})).await, 409);
+        assert!(pg.can_log_in("app", &p3).await, "{grant}: the password was not changed");
+        pg.psql(revoke);
+        assert_eq!(password(&c, &root, "app").await, p3, "{revoke}: served again");
+    }
+
     // On schedule: a 5-second period is rotated by the scheduler.
     let role = json!({"db_name": "main", "username": "batch", "rotation_period": "5s"});
     ok(c.post("database/static-roles/batch", Some(&root), role).await, 204);

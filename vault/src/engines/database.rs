@@ -345,15 +345,62 @@ impl Database {
     /// own user, no superuser, no `CREATEROLE`, replication or `BYPASSRLS` (a caller who
     /// may write static roles would otherwise read the password of the database's admin).
     async fn check_manageable(&self, db_name: &str, username: &str) -> Result<()> {
-        let allowed = self.connections.get(db_name).map(|c| c.allowed_usernames.as_slice()).unwrap_or_default();
-        let allowed_here = allowed.is_empty() || allowed.iter().any(|p| crate::prefix_glob_matches(p, username));
-        if !allowed_here {
+        if !self.allowed(db_name, username) {
+            let allowed = self.connections.get(db_name).map(|c| c.allowed_usernames.join(", ")).unwrap_or_default();
             return Err(Error::invalid(format!(
-                "username: connection {db_name} allows only {} (allowed_usernames)",
-                allowed.join(", ")
+                "username: connection {db_name} allows only {allowed} (allowed_usernames)"
             )));
         }
         let client = self.admin_client(db_name).await?;
+        match self.administers(&client, db_name, username).await? {
+            None => Err(Error::invalid(format!("username: database {db_name} has no role {username}"))),
+            Some(true) => Err(Error::invalid(format!(
+                "username: {username} can administer database {db_name} (it is, or is a member of, the admin \
+                 connection's own user, a superuser, a role with CREATEROLE, REPLICATION or BYPASSRLS, or a \
+                 predefined role that reaches the server's files or all data); static roles manage ordinary roles only"
+            ))),
+            Some(false) => Ok(()),
+        }
+    }
+
+    /// Whether `username` is one of the connection's `allowed_usernames` (any, when it
+    /// names none).
+    fn allowed(&self, db_name: &str, username: &str) -> bool {
+        let allowed = self.connections.get(db_name).map(|c| c.allowed_usernames.as_slice()).unwrap_or_default();
+        allowed.is_empty() || allowed.iter().any(|p| crate::prefix_glob_matches(p, username))
+    }
+
+    /// The check of [`Self::check_manageable`] again, before a password is served or set:
+    /// a role may have been made a superuser (or a member of one, ...) since its static
+    /// role was made, or the connection's `allowed_usernames` changed. Such a static role
+    /// serves and rotates no password until that is undone (409), so that whoever may read
+    /// it does not get the password of a role that administers the database.
+    async fn check_still_manageable(&self, client: &tokio_postgres::Client, role: &StaticRole) -> Result<()> {
+        let (db, user) = (&role.db_name, &role.username);
+        let why = if !self.allowed(db, user) {
+            "is no longer one of its connection's allowed_usernames"
+        } else {
+            match self.administers(client, db, user).await? {
+                Some(false) => return Ok(()),
+                Some(true) => "can now administer the database",
+                None => "no longer exists",
+            }
+        };
+        tracing::warn!(db = %db, role = %user, why, "database: a static role's database role is no longer manageable");
+        Err(Error::Conflict(format!(
+            "database {db}: role {user} {why}; its static role serves and rotates no password until that is \
+             undone (or the static role is deleted)"
+        )))
+    }
+
+    /// Whether `username` (or a role it is a member of) may administer the database;
+    /// `None` if there is no such role.
+    async fn administers(
+        &self,
+        client: &tokio_postgres::Client,
+        db_name: &str,
+        username: &str,
+    ) -> Result<Option<bool>> {
         let failed = |e: tokio_postgres::Error| {
             tracing::warn!(db = %db_name, error = %e, "database: looking up a role failed");
             Error::Unavailable(format!("database {db_name}: cannot look up role {username} (see the server log)"))
@@ -361,7 +408,7 @@ impl Database {
         // No row: no such role. Else whether the role itself, or any role it is a member
         // of, directly or not (whose privileges it can take with SET ROLE), may
         // administer the database.
-        let privileged: bool = client
+        Ok(client
             .query_opt(
                 "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE pg_has_role(u.oid, r.oid, 'MEMBER') AND \
                  (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls OR r.rolname = current_user \
@@ -371,16 +418,7 @@ impl Database {
             )
             .await
             .map_err(failed)?
-            .ok_or_else(|| Error::invalid(format!("username: database {db_name} has no role {username}")))?
-            .get(0);
-        if privileged {
-            return Err(Error::invalid(format!(
-                "username: {username} can administer database {db_name} (it is, or is a member of, the admin \
-                 connection's own user, a superuser, a role with CREATEROLE, REPLICATION or BYPASSRLS, or a \
-                 predefined role that reaches the server's files or all data); static roles manage ordinary roles only"
-            )));
-        }
-        Ok(())
+            .map(|row| row.get(0)))
     }
 
     /// The static role other than `name` that manages `role`'s database role, if any
@@ -397,8 +435,7 @@ impl Database {
     }
 
     /// `ALTER ROLE "<username>" WITH PASSWORD '<password>'` on the role's database.
-    async fn alter_role(&self, role: &StaticRole, password: &str) -> Result<()> {
-        let client = self.admin_client(&role.db_name).await?;
+    async fn alter_role(&self, client: &tokio_postgres::Client, role: &StaticRole, password: &str) -> Result<()> {
         // Neither part can carry a quote: the name is [A-Za-z0-9_], the password
         // [A-Za-z0-9] (ALTER ROLE takes no bind parameters).
         debug_assert!(valid_username(&role.username) && password.chars().all(|c| c.is_ascii_alphanumeric()));
@@ -440,11 +477,17 @@ impl Database {
             Some((v, c)) => (v, c),
             None => (0, Creds { password: None, pending: None, rotated_at: 0 }),
         };
+        if creds.pending.is_none() && finish_only {
+            return Ok(());
+        }
+        // Checked before a new password is staged: a role that may no longer be managed
+        // keeps the password it has, and none is left pending for later.
+        let client = self.admin_client(&role.db_name).await?;
+        self.check_still_manageable(&client, &role).await?;
         // A pending password from a rotation that stopped half way is applied again:
         // the database may have it already.
         let (pending, version) = match &creds.pending {
             Some(p) => (Zeroizing::new(p.clone()), version),
-            None if finish_only => return Ok(()),
             None => {
                 let p = new_password()?;
                 let staged = Creds {
@@ -459,7 +502,7 @@ impl Database {
                 (p, version + 1)
             }
         };
-        self.alter_role(&role, &pending).await?;
+        self.alter_role(&client, &role, &pending).await?;
         let done = Creds { password: Some(pending.to_string()), pending: None, rotated_at: unix_now() };
         self.store_creds(name, &done, version).await?;
         tracing::info!(role = name, username = %role.username, "database: password rotated");
@@ -491,6 +534,8 @@ impl Database {
         for _ in 0..20 {
             match self.load_creds(name).await? {
                 Some((_, c)) if c.pending.is_none() => {
+                    let client = self.admin_client(&role.db_name).await?;
+                    self.check_still_manageable(&client, &role).await?;
                     let password = c.password.as_deref().ok_or_else(|| Error::Internal("no password".into()))?;
                     let ttl = c.rotated_at.saturating_add(role.rotation_period).saturating_sub(unix_now());
                     let last =
