@@ -481,81 +481,7 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A store whose first `get` of `key` reads, then waits for `go` before returning:
-    /// a read that lost the race with a write.
-    #[derive(Debug)]
-    struct PausedRead {
-        inner: crate::store::SledStore,
-        key: String,
-        paused: std::sync::atomic::AtomicBool,
-        read: tokio::sync::Notify,
-        go: tokio::sync::Notify,
-    }
-
-    #[async_trait::async_trait]
-    impl Store for PausedRead {
-        async fn get(&self, key: &str) -> crate::store::StoreResult<Option<Vec<u8>>> {
-            let v = self.inner.get(key).await?;
-            if key == self.key && !self.paused.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                let go = self.go.notified();
-                self.read.notify_one();
-                go.await;
-            }
-            Ok(v)
-        }
-        async fn put(&self, key: &str, value: &[u8]) -> crate::store::StoreResult<()> {
-            self.inner.put(key, value).await
-        }
-        async fn compare_and_swap(
-            &self,
-            key: &str,
-            expected: Option<&[u8]>,
-            new: Option<&[u8]>,
-        ) -> crate::store::StoreResult<bool> {
-            self.inner.compare_and_swap(key, expected, new).await
-        }
-        async fn delete(&self, key: &str) -> crate::store::StoreResult<bool> {
-            self.inner.delete(key).await
-        }
-        async fn scan_prefix(
-            &self,
-            prefix: &str,
-            after: Option<&str>,
-            limit: usize,
-        ) -> crate::store::StoreResult<Vec<(String, Vec<u8>)>> {
-            self.inner.scan_prefix(prefix, after, limit).await
-        }
-        async fn insert_if_absent(
-            &self,
-            key: &str,
-            value: &[u8],
-            ttl: Option<std::time::Duration>,
-        ) -> crate::store::StoreResult<bool> {
-            self.inner.insert_if_absent(key, value, ttl).await
-        }
-        async fn transact_many(
-            &self,
-            txs: Vec<Vec<crate::store::TxOp>>,
-        ) -> crate::store::StoreResult<Vec<crate::store::TxOutcome>> {
-            self.inner.transact_many(txs).await
-        }
-        async fn close_counter(&self, key: &str) -> crate::store::StoreResult<()> {
-            self.inner.close_counter(key).await
-        }
-        async fn counters(&self, prefix: &str) -> crate::store::StoreResult<Vec<crate::store::Counter>> {
-            self.inner.counters(prefix).await
-        }
-        async fn purge_expired(&self) -> crate::store::StoreResult<u64> {
-            self.inner.purge_expired().await
-        }
-        async fn ping(&self) -> crate::store::StoreResult<()> {
-            self.inner.ping().await
-        }
-        fn kind(&self) -> &'static str {
-            "paused"
-        }
-    }
+    use crate::store::test_stores::{PauseAt, Paused};
 
     /// A read that missed the cache and then lost the race with a change (a write or a
     /// delete) does not put the old policy back into the cache.
@@ -565,22 +491,17 @@ mod tests {
         let new = "path \"secret/b\" { capabilities = [\"read\"] }";
         for delete in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(PausedRead {
-                inner: crate::store::SledStore::open(dir.path()).unwrap(),
-                key: key("p"),
-                paused: std::sync::atomic::AtomicBool::new(true),
-                read: tokio::sync::Notify::new(),
-                go: tokio::sync::Notify::new(),
-            });
+            let sled = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+            let store = Arc::new(Paused::new(sled, PauseAt::Get, &key("p")));
             let policies = Arc::new(PolicyStore::new(store.clone()));
             policies.put("p", old).await.unwrap();
             policies.invalidate();
-            store.paused.store(false, std::sync::atomic::Ordering::Release);
+            store.arm();
             let slow = tokio::spawn({
                 let policies = policies.clone();
                 async move { policies.get("p").await.unwrap() }
             });
-            store.read.notified().await;
+            store.reached.notified().await;
             if delete {
                 assert!(policies.delete("p").await.unwrap());
             } else {

@@ -645,86 +645,6 @@ mod tests {
         assert_eq!(parse_data_key("kv/meta/x"), None);
     }
 
-    /// A store that takes `left` more writes, then fails every write as a store that
-    /// went away would (reads go on): a process stopped at that point.
-    #[derive(Debug)]
-    struct StopsAfter {
-        inner: Arc<dyn Store>,
-        left: std::sync::atomic::AtomicI64,
-    }
-
-    impl StopsAfter {
-        fn write(&self) -> crate::store::StoreResult<()> {
-            if self.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
-                Ok(())
-            } else {
-                Err(crate::store::StoreError::Unavailable("stopped".into()))
-            }
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Store for StopsAfter {
-        async fn get(&self, key: &str) -> crate::store::StoreResult<Option<Vec<u8>>> {
-            self.inner.get(key).await
-        }
-        async fn put(&self, key: &str, value: &[u8]) -> crate::store::StoreResult<()> {
-            self.write()?;
-            self.inner.put(key, value).await
-        }
-        async fn compare_and_swap(
-            &self,
-            key: &str,
-            expected: Option<&[u8]>,
-            new: Option<&[u8]>,
-        ) -> crate::store::StoreResult<bool> {
-            self.write()?;
-            self.inner.compare_and_swap(key, expected, new).await
-        }
-        async fn delete(&self, key: &str) -> crate::store::StoreResult<bool> {
-            self.write()?;
-            self.inner.delete(key).await
-        }
-        async fn scan_prefix(
-            &self,
-            prefix: &str,
-            after: Option<&str>,
-            limit: usize,
-        ) -> crate::store::StoreResult<Vec<(String, Vec<u8>)>> {
-            self.inner.scan_prefix(prefix, after, limit).await
-        }
-        async fn insert_if_absent(
-            &self,
-            key: &str,
-            value: &[u8],
-            ttl: Option<std::time::Duration>,
-        ) -> crate::store::StoreResult<bool> {
-            self.write()?;
-            self.inner.insert_if_absent(key, value, ttl).await
-        }
-        async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> crate::store::StoreResult<Vec<TxOutcome>> {
-            self.write()?;
-            self.inner.transact_many(txs).await
-        }
-        async fn close_counter(&self, key: &str) -> crate::store::StoreResult<()> {
-            self.write()?;
-            self.inner.close_counter(key).await
-        }
-        async fn counters(&self, prefix: &str) -> crate::store::StoreResult<Vec<crate::store::Counter>> {
-            self.inner.counters(prefix).await
-        }
-        async fn purge_expired(&self) -> crate::store::StoreResult<u64> {
-            self.write()?;
-            self.inner.purge_expired().await
-        }
-        async fn ping(&self) -> crate::store::StoreResult<()> {
-            self.inner.ping().await
-        }
-        fn kind(&self) -> &'static str {
-            "stops-after"
-        }
-    }
-
     /// Every way of removing versions, stopped after each of its store writes in turn
     /// (as `kill -9` or a store outage would stop it): afterwards the secret is as before
     /// or as after, never in between. A version the metadata no longer serves has no
@@ -751,7 +671,7 @@ mod tests {
                 for i in 1..=3 {
                     whole.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
                 }
-                let stops = StopsAfter { inner: store.clone(), left: std::sync::atomic::AtomicI64::new(stop_after) };
+                let stops = crate::store::test_stores::StopsAfter::new(store.clone(), stop_after);
                 let cut = Secrets { store: Arc::new(stops), barrier, max_versions: 3, ns: whole.ns };
                 let result = match op {
                     "delete_latest" => cut.delete_latest(&path).await,

@@ -250,8 +250,17 @@ impl RoleAdmin for AppRole {
 
     async fn delete_role(&self, name: &str) -> Result<()> {
         let role = self.roles.delete(name).await?;
-        for (k, _) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
-            self.store.delete(&k).await?;
+        // Only this role's secret ids (and those stored without a role id, refused at
+        // login anyway): a role made again under the same name meanwhile keeps its own.
+        // A record that changed since the scan (a login used it) is read again next time.
+        for (k, raw) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
+            let ours = match decode_json::<StoredSecretId>(&k, &raw) {
+                Ok(s) => s.role_id.as_deref().is_none_or(|id| id == role.config.role_id),
+                Err(_) => true,
+            };
+            if ours {
+                self.store.compare_and_swap(&k, Some(&raw), None).await?;
+            }
         }
         self.store.delete(&role_id_key(&role.config.role_id)).await?;
         Ok(())
@@ -360,5 +369,54 @@ impl Engine for AppRole {
                 return Ok(LoginOutcome::for_role(METHOD, &name, &role.token));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::TokenSettings;
+    use crate::store::test_stores::{PauseAt, Paused};
+
+    /// A role deleted while it is made again under its name, the new role's secret id
+    /// minted before the delete scans for the old role's: the delete removes the old
+    /// role's secret ids only; the new one stays, bound to the new role.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_a_role_keeps_the_secret_ids_of_one_made_again_meanwhile() {
+        let token = keyvault_hsm::softhsm::testing::token();
+        let keys: Arc<dyn KeyStore> = token.store.clone();
+        let names = KeyNames::new("keyvault").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let ring = crate::keys::initialize(sled.as_ref(), &keys, &names).await.unwrap();
+        let keyring = SharedKeyring::new(ring, sled.clone());
+        let store = Arc::new(Paused::new(sled.clone(), PauseAt::Scan, &secret_id_prefix("web")));
+        let approle = Arc::new(AppRole::new(store.clone(), keys, names, keyring));
+        let config = RoleConfig { secret_id_ttl: None, secret_id_num_uses: 0 };
+        let record = |s: &NewSecretId| {
+            let (approle, sid) = (approle.clone(), s.secret_id.clone());
+            async move {
+                let mac = approle.secret_id_hmac("web", &sid).await.unwrap();
+                approle.store.get(&format!("{}{}", secret_id_prefix("web"), hex::encode(mac))).await.unwrap()
+            }
+        };
+
+        approle.write("web", config.clone(), TokenSettings::default(), None).await.unwrap();
+        let old = approle.new_secret_id("web", &approle.roles.require("web").await.unwrap()).await.unwrap();
+        store.arm();
+        let deleting = tokio::spawn({
+            let approle = approle.clone();
+            async move { approle.delete_role("web").await }
+        });
+        store.reached.notified().await;
+        approle.write("web", config, TokenSettings::default(), None).await.unwrap();
+        let new = approle.new_secret_id("web", &approle.roles.require("web").await.unwrap()).await.unwrap();
+        store.go.notify_one();
+        deleting.await.unwrap().unwrap();
+
+        assert!(record(&old).await.is_none(), "the deleted role's secret id is gone");
+        let kept = record(&new).await.expect("the new role's secret id is kept");
+        let kept: StoredSecretId = decode_json("kept", &kept).unwrap();
+        assert_eq!(kept.role_id, Some(approle.role_id("web").await.unwrap()));
     }
 }
