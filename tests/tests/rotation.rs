@@ -236,6 +236,50 @@ async fn a_rotation_start_cut_short_after_its_new_version_is_finished_after_rest
     assert!(s.log_text().contains("finishing a master key rotation that was cut short"));
 }
 
+/// Sixteen retires at once, while reads go on: each answers 200 or 409, each old version
+/// is retired by exactly one of them, the token keeps only the active version, and every
+/// secret still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_retires_at_once_retire_each_version_once() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    seed(&c, &root, 50).await;
+    for expected in [2, 3] {
+        ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
+        assert_eq!(wait_idle(&c, &root).await["versions_in_use"], json!([expected]));
+    }
+    let (stop, count, failures, handles) = load(&c, &root, 4);
+    ran(&count, 10).await;
+    let retires: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, root) = (c.clone(), root.clone());
+            tokio::spawn(async move { c.post("sys/rotate/retire", Some(&root), json!({})).await })
+        })
+        .collect();
+    let mut retired = Vec::new();
+    for r in retires {
+        let r = r.await.unwrap();
+        assert!([200, 409].contains(&r.status), "{r:?}");
+        if r.status == 200 {
+            retired.extend(r.body["data"]["retired"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()));
+        }
+    }
+    retired.sort_unstable();
+    assert_eq!(retired, vec![1, 2], "each old version retired once");
+    ran(&count, 10).await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request failed during the retires");
+    assert_eq!(s.token_keys("keyvault/master/"), vec!["keyvault/master/v3"]);
+    for i in (0..50).step_by(7) {
+        assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
+    }
+    assert_eq!(ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200).body["data"]["retired"], json!([]));
+}
+
 /// A retire whose destroy fails (the token refuses it) after the keyring no longer lists
 /// the version is finished by the next retire: the retired key does not stay in the token
 /// for good. (Before, the next retire found nothing to retire and the key stayed.)

@@ -366,17 +366,18 @@ impl SharedKeyring {
         Ok(ring)
     }
 
-    /// Retire version `v` of `family` (see [`retire_version`]).
+    /// Retire version `v` of `family` (see [`retire_version`]): whether this call
+    /// retired it (false: it was no longer in the keyring).
     pub async fn retire_version(
         &self,
         keys: &Arc<dyn KeyStore>,
         names: &KeyNames,
         family: Family,
         v: KeyVersion,
-    ) -> Result<Keyring> {
-        let ring = retire_version(self.store.as_ref(), keys, names, family, v).await?;
-        self.ring.store(Arc::new(ring.clone()));
-        Ok(ring)
+    ) -> Result<bool> {
+        let (ring, retired) = retire_version(self.store.as_ref(), keys, names, family, v).await?;
+        self.ring.store(Arc::new(ring));
+        Ok(retired)
     }
 
     /// Finish the retires of `family` that were cut short ([`finish_retiring`]); the
@@ -594,14 +595,17 @@ async fn while_ours(
 }
 
 /// Retire a version: remove it from the keyring (never the active one), then destroy its
-/// token object. The caller has checked that nothing needs it any more.
+/// token object. The caller has checked that nothing needs it any more. The keyring
+/// after, and whether this call retired the version: a version no longer in the keyring
+/// (retired by another call meanwhile) is left alone, never marked again.
 pub async fn retire_version(
     store: &dyn Store,
     keys: &Arc<dyn KeyStore>,
     names: &KeyNames,
     family: Family,
     v: KeyVersion,
-) -> Result<Keyring> {
+) -> Result<(Keyring, bool)> {
+    let mut retired = false;
     loop {
         let raw = store.get(KEYRING_KEY).await?.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?;
         let mut ring: Keyring = decode_json(KEYRING_KEY, &raw)?;
@@ -609,16 +613,48 @@ pub async fn retire_version(
         if fam.active == v {
             return Err(Error::Conflict(format!("version {v} is active and cannot be retired")));
         }
+        if !fam.versions.contains(&v) {
+            break;
+        }
         fam.versions.retain(|x| *x != v);
         if !fam.retiring.contains(&v) {
             fam.retiring.push(v);
         }
         if store.compare_and_swap(KEYRING_KEY, Some(&raw), Some(&encode_json(&ring))).await? {
+            retired = true;
             break;
         }
     }
     let (ring, _) = finish_retiring(store, keys, names, family).await?;
-    ring.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))
+    Ok((ring.ok_or_else(|| Error::Conflict("KeyVault is not initialized".into()))?, retired))
+}
+
+/// How long a retire's claim holds when its holder stops without releasing it.
+const RETIRE_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Run `retire` holding the retire claim of `family` (`sys/rotate/retire-claim/<family>`,
+/// insert-if-absent with a TTL): of concurrent retires on any replica one runs, and the
+/// others get 409. A retire that stops without releasing the claim holds it for at most
+/// [`RETIRE_CLAIM_TTL`].
+pub async fn retiring_alone<T>(
+    store: &dyn Store,
+    family: Family,
+    retire: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let name = match family {
+        Family::Master => "master",
+        Family::TokenSigning => "token-signing",
+    };
+    let key = format!("sys/rotate/retire-claim/{name}");
+    let holder = uuid::Uuid::new_v4().to_string();
+    if !store.insert_if_absent(&key, holder.as_bytes(), Some(RETIRE_CLAIM_TTL)).await? {
+        return Err(Error::Conflict(format!("a retire of the {name} keys is already running; retry when it is done")));
+    }
+    let r = retire.await;
+    if let Err(e) = store.compare_and_swap(&key, Some(holder.as_bytes()), None).await {
+        tracing::warn!(error = %e, key, "releasing a retire claim failed (it expires by itself)");
+    }
+    r
 }
 
 /// Destroy the token object of every version of `family` marked as retiring, and unmark

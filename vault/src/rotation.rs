@@ -298,6 +298,10 @@ impl Rotation {
     /// (which waits for writes that hold its counters), then its count is read: zero
     /// means no record, committed or in flight on any replica, needs it.
     pub async fn retire(&self) -> Result<Vec<u32>> {
+        crate::keys::retiring_alone(self.store.as_ref(), Family::Master, self.retire_claimed()).await
+    }
+
+    async fn retire_claimed(&self) -> Result<Vec<u32>> {
         let (_, r) = self.load().await?;
         if r.state == "rewrapping" || r.state == "starting" {
             return Err(Error::Conflict("a rotation is still re-wrapping; retire when it is idle".into()));
@@ -330,14 +334,17 @@ impl Rotation {
             };
             return Err(Error::Conflict(why));
         }
-        for v in &retire {
-            self.keyring.retire_version(&self.keys, &self.names, Family::Master, *v).await?;
+        let mut retired = Vec::new();
+        for v in retire {
+            if self.keyring.retire_version(&self.keys, &self.names, Family::Master, v).await? {
+                retired.push(v.get());
+            }
             // Its epoch key could be unwrapped by nothing now; drop the stored copy and
             // this replica's (the others drop theirs when they follow the keyring).
-            self.store.delete(&crate::epoch::storage_key(*v)).await?;
+            self.store.delete(&crate::epoch::storage_key(v)).await?;
         }
         self.barrier.forget_retired_epochs();
-        Ok(retire.iter().map(|v| v.get()).collect())
+        Ok(retired)
     }
 
     /// One step of the driver: take or renew the lease, re-wrap one batch, checkpoint.

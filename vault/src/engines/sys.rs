@@ -491,7 +491,19 @@ impl Sys {
     async fn retire_token_signing(&self, req: &mut Request) -> Result<Reply> {
         req.data::<keyvault_api::Empty>()?;
         let core = &self.core;
+        let retired =
+            crate::keys::retiring_alone(core.store.as_ref(), Family::TokenSigning, self.retire_token_signing_claimed())
+                .await?;
+        req.audit_detail(format!("token-signing versions retired: {retired:?}"));
+        Reply::data(&Retired { retired })
+    }
+
+    async fn retire_token_signing_claimed(&self) -> Result<Vec<u32>> {
+        let core = &self.core;
         core.keyring.finish_retiring(&core.keys, &core.names, Family::TokenSigning).await?;
+        // Decide on the keyring as stored: another replica may have made a newer version
+        // active less than a sync ago, and its predecessor signed tokens until then.
+        core.keyring.follow().await?;
         let fam = core.keyring.load().token_signing.clone();
         let lifetime = MAX_TOKEN_LIFETIME.max(core.settings.tokens.max_ttl).as_secs();
         let since = unix_now().saturating_sub(fam.activated_at);
@@ -503,12 +515,12 @@ impl Sys {
         }
         let mut retired = Vec::new();
         for v in fam.versions.iter().copied().filter(|v| *v != fam.active) {
-            core.keyring.retire_version(&core.keys, &core.names, Family::TokenSigning, v).await?;
-            retired.push(v.get());
+            if core.keyring.retire_version(&core.keys, &core.names, Family::TokenSigning, v).await? {
+                retired.push(v.get());
+            }
         }
         core.tokens.sync_public_keys().await?;
-        req.audit_detail(format!("token-signing versions retired: {retired:?}"));
-        Reply::data(&Retired { retired })
+        Ok(retired)
     }
 }
 
