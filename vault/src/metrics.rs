@@ -527,3 +527,22 @@ impl keyvault_hsm::KeyStore for MeteredKeyStore {
         self.k().reinitialize()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However many keys a process destroys, the labels it remembers as just destroyed
+    /// are at most `DESTROYED_MAX`, and the last one is among them.
+    #[test]
+    fn the_labels_just_destroyed_stay_bounded() {
+        let m = MeteredKeyStore { inner: None, destroyed: Default::default() };
+        let label = |i: usize| keyvault_hsm::KeyLabel::new(format!("keyvault/transit/k{i}")).unwrap();
+        let n = DESTROYED_MAX * 3 + 7;
+        for i in 0..n {
+            m.destroyed_now(&label(i));
+            assert!(m.destroyed.lock().unwrap().len() <= DESTROYED_MAX, "after {i}");
+        }
+        assert!(m.destroyed.lock().unwrap().contains_key(label(n - 1).as_str()));
+    }
+}
