@@ -81,13 +81,20 @@ pub const MAX_ATTRIBUTES: usize = 16;
 pub const MAX_ATTRIBUTES_BYTES: usize = 2048;
 
 /// The bounds of token attributes and audiences: names of 1-64 characters of
-/// `[a-z0-9_]`, values of at most 256 characters without control characters, lists of at
-/// most 32, [`MAX_ATTRIBUTES`] names and [`MAX_ATTRIBUTES_BYTES`] of JSON in all.
+/// `[a-z0-9_]`; values of 1-256 characters without control characters whose
+/// `/`-separated parts are none of ``, `.` and `..` (a value is granted by its path,
+/// `sys/token-attributes/grant/<name>/<value>`, and one that a consumer could normalise
+/// into another could pass a grant meant for a prefix of it); lists of 1-32 values;
+/// [`MAX_ATTRIBUTES`] names and [`MAX_ATTRIBUTES_BYTES`] of JSON in all.
 pub fn check_attributes(attributes: &Attributes, audiences: &[String]) -> Result<(), String> {
     if attributes.len() > MAX_ATTRIBUTES {
         return Err(format!("at most {MAX_ATTRIBUTES} token_attributes"));
     }
-    let value_ok = |v: &str| v.len() <= 256 && !v.chars().any(char::is_control);
+    let value_ok = |v: &str| {
+        (1..=256).contains(&v.len())
+            && !v.chars().any(char::is_control)
+            && (!v.contains('/') || v.split('/').all(|part| !matches!(part, "" | "." | "..")))
+    };
     for (name, value) in attributes {
         if name.is_empty()
             || name.len() > 64
@@ -97,10 +104,13 @@ pub fn check_attributes(attributes: &Attributes, audiences: &[String]) -> Result
         }
         let ok = match value {
             AttributeValue::One(v) => value_ok(v),
-            AttributeValue::Many(l) => l.len() <= 32 && l.iter().all(|v| value_ok(v)),
+            AttributeValue::Many(l) => (1..=32).contains(&l.len()) && l.iter().all(|v| value_ok(v)),
         };
         if !ok {
-            return Err(format!("token attribute {name}: values of at most 256 characters, lists of at most 32"));
+            return Err(format!(
+                "token attribute {name}: values of 1-256 characters (no empty, `.` or `..` part between `/`), \
+                 lists of 1-32 values"
+            ));
         }
     }
     let bytes = serde_json::to_vec(attributes).map(|v| v.len()).unwrap_or(usize::MAX);

@@ -50,13 +50,12 @@ impl TokenFault {
         (self.var.into(), self.path.display().to_string())
     }
 
+    /// Set the fault: written aside and renamed over the file, so that the server never
+    /// reads half of it.
     pub fn set(&self, mode: &str) {
-        std::fs::write(&self.path, mode).expect("the fault file");
-    }
-
-    /// What the file says now (a fault that rewrites itself, as `error then ...`).
-    pub fn get(&self) -> String {
-        std::fs::read_to_string(&self.path).unwrap_or_default()
+        let aside = self.path.with_extension("new");
+        std::fs::write(&aside, mode).expect("the fault file");
+        std::fs::rename(&aside, &self.path).expect("the fault file");
     }
 }
 

@@ -76,7 +76,11 @@ pub fn audit_fsync() -> std::io::Result<()> {
     };
     let m = std::fs::read_to_string(f).unwrap_or_default();
     if let Some(then) = m.trim().strip_prefix("error then ") {
-        let _ = std::fs::write(f, then);
+        // Written aside and renamed: a reader never sees half of it.
+        let aside = f.with_extension("then");
+        if std::fs::write(&aside, then).is_ok() {
+            let _ = std::fs::rename(&aside, f);
+        }
         let mut words = then.split_whitespace();
         if let (Some("slow"), Some(ms)) = (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
             std::thread::sleep(Duration::from_millis(ms));

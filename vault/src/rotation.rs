@@ -298,7 +298,7 @@ impl Rotation {
     /// (which waits for writes that hold its counters), then its count is read: zero
     /// means no record, committed or in flight on any replica, needs it.
     pub async fn retire(&self) -> Result<Vec<u32>> {
-        crate::keys::retiring_alone(self.store.as_ref(), Family::Master, self.retire_claimed()).await
+        crate::keys::retiring_alone(&self.store, Family::Master, self.retire_claimed()).await
     }
 
     async fn retire_claimed(&self) -> Result<Vec<u32>> {
@@ -514,11 +514,15 @@ impl Rotation {
         let mut aside = Vec::new();
         for (outcome, (key, item)) in results.into_iter().zip(work) {
             match outcome {
-                Ok(Some(rw)) => swaps.push(vec![
-                    TxOp::Swap { key: key.clone(), expected: item.stored, new: Some(rw.record) },
-                    usage::count(rw.from, &key, -1),
-                    usage::count(target, &key, 1),
-                ]),
+                Ok(Some(rw)) => {
+                    // The counters in key order, as every transaction takes them
+                    // (PostgreSQL row locks: "v10" sorts before "v9").
+                    let mut counts = [usage::count(rw.from, &key, -1), usage::count(target, &key, 1)];
+                    counts.sort_by(|a, b| a.key().cmp(b.key()));
+                    let mut ops = vec![TxOp::Swap { key: key.clone(), expected: item.stored, new: Some(rw.record) }];
+                    ops.extend(counts);
+                    swaps.push(ops);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     // The key names the record, never its value.

@@ -182,11 +182,12 @@ pub fn expired(meta: &SecretMeta, v: &VersionMeta) -> bool {
     created.checked_add(std::time::Duration::from_secs(after)).is_some_and(|t| t <= std::time::SystemTime::now())
 }
 
-/// The key a transaction step names.
-fn tx_key(op: &TxOp) -> &str {
-    match op {
-        TxOp::Insert { key, .. } | TxOp::Swap { key, .. } | TxOp::Count { key, .. } => key,
-    }
+/// How many times a change of a secret's versions reads and tries again when the secret
+/// changed under it, before it answers 409.
+const MAX_CHANGE_ATTEMPTS: usize = 100;
+
+fn changing_concurrently(path: &SecretPath) -> Error {
+    Error::Conflict(format!("{} is being changed concurrently; retry", path.as_str()))
 }
 
 /// The secret engine.
@@ -268,7 +269,7 @@ impl Secrets {
         // Claim a version slot: the next number whose record does not exist yet.
         let mut version = meta.current_version + 1;
         let mut attempts = 0;
-        loop {
+        'claim: loop {
             attempts += 1;
             if attempts > MAX_WRITE_ATTEMPTS {
                 return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.as_str())));
@@ -279,7 +280,7 @@ impl Secrets {
             let key = self.data_key(path, version);
             let ops = vec![TxOp::Insert { key: key.clone(), value: sealed }, usage::count(kek, &key, 1)];
             match self.store.transact(ops).await? {
-                TxOutcome::Committed => break,
+                TxOutcome::Committed => {}
                 // The slot is taken: by a concurrent writer, or by the record of a writer
                 // that crashed before it reached the metadata (an orphan, never
                 // acknowledged). Take the next one. With check-and-set, only while the
@@ -291,42 +292,68 @@ impl Secrets {
                         return Err(cas_mismatch());
                     }
                     version += 1;
+                    continue;
                 }
                 TxOutcome::Closed => {
                     // A rotation closed `kek` after this replica sealed under it.
                     self.barrier.follow_keyring().await?;
+                    continue;
                 }
             }
-        }
-        let vmeta = VersionMeta { created_time: now_rfc3339(), deletion_time: None, destroyed: false };
-        // Record the version in the metadata; merge with concurrent writers.
-        loop {
-            let (raw, mut meta) = self.load_meta(path).await?;
-            if opts.cas.is_some_and(|cas| cas != meta.current_version) {
-                // Another check-and-set writer got there first: this version was never
-                // acknowledged, and its record goes.
-                self.destroy_record(&self.data_key(path, version)).await?;
-                return Err(cas_mismatch());
-            }
-            meta.versions.insert(version, vmeta.clone());
-            meta.current_version = meta.current_version.max(version);
-            meta.created_time.get_or_insert_with(|| vmeta.created_time.clone());
-            meta.updated_time = Some(vmeta.created_time.clone());
-            let max = opts.max_versions.or(meta.max_versions).unwrap_or(self.max_versions).max(1);
-            let mut pruned = Vec::new();
-            while meta.versions.len() > max {
-                if let Some((old, _)) = meta.versions.pop_first() {
-                    pruned.push(old);
+            let vmeta = VersionMeta { created_time: now_rfc3339(), deletion_time: None, destroyed: false };
+            // Record the version in the metadata; merge with concurrent writers.
+            loop {
+                let (raw, mut meta) = self.load_meta(path).await?;
+                if opts.cas.is_some_and(|cas| cas != meta.current_version) {
+                    // Another check-and-set writer got there first: this version was never
+                    // acknowledged, and its record goes.
+                    self.destroy_record(&key).await?;
+                    return Err(cas_mismatch());
                 }
-            }
-            let new = encode_json(&meta);
-            let recorded = match raw {
+                // The record must still be there when the metadata names it: a removal
+                // that read metadata listing this number (a version removed earlier,
+                // which freed the slot) deletes whatever record holds the number. And
+                // one number is never recorded for two values: if the metadata lists it
+                // already, this record gives the slot up and the write takes a number
+                // above the current one. (Either way nothing was acknowledged yet.)
+                let present = self.store.get(&key).await?;
+                let taken = meta.versions.contains_key(&version);
+                let Some(present) = present.filter(|_| !taken) else {
+                    if taken {
+                        self.destroy_record(&key).await?;
+                    }
+                    version = meta.current_version.max(version) + 1;
+                    continue 'claim;
+                };
+                meta.versions.insert(version, vmeta.clone());
+                meta.current_version = meta.current_version.max(version);
+                meta.created_time.get_or_insert_with(|| vmeta.created_time.clone());
+                meta.updated_time = Some(vmeta.created_time.clone());
+                let max = opts.max_versions.or(meta.max_versions).unwrap_or(self.max_versions).max(1);
+                let mut pruned = Vec::new();
+                while meta.versions.len() > max {
+                    if let Some((old, _)) = meta.versions.pop_first() {
+                        pruned.push(old);
+                    }
+                }
+                if pruned.contains(&version) {
+                    // Older than every version kept (later writers recorded theirs
+                    // first): take a number above them rather than be pruned at once.
+                    self.destroy_record(&key).await?;
+                    version = meta.current_version + 1;
+                    continue 'claim;
+                }
+                let keep = TxOp::Swap { key: key.clone(), expected: present.clone(), new: Some(present) };
                 // Versions beyond the limit go with the same metadata change.
-                Some(raw) if !pruned.is_empty() => self.commit_removal(path, raw, Some(new), pruned).await?,
-                raw => self.store.compare_and_swap(&self.meta_key(path), raw.as_deref(), Some(&new)).await?,
-            };
-            if recorded {
-                return Ok((version, vmeta));
+                if self.commit_meta(path, raw, encode_json(&meta), vec![keep], pruned).await? {
+                    return Ok((version, vmeta));
+                }
+                attempts += 1;
+                if attempts > MAX_WRITE_ATTEMPTS {
+                    // Never acknowledged: its record goes.
+                    self.destroy_record(&key).await?;
+                    return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.as_str())));
+                }
             }
         }
     }
@@ -350,17 +377,41 @@ impl Secrets {
         }
     }
 
-    /// Change the metadata of `path` from `raw` to `new` (`None`: delete it) and delete the
-    /// records of `versions` with their counts, in one transaction: a destroy is done
-    /// whole or not at all, wherever a crash or a store failure stops it (a record left
-    /// behind by a metadata change that went through could not be told later from a live
-    /// one, as version numbers are used again after a delete). False if the metadata or a
-    /// record changed meanwhile (a writer, a re-wrap): read again and retry.
+    /// Write new metadata of `path` (over `raw`, or where there was none) with the steps
+    /// `with`, and delete the records of `versions` with their counts, in one transaction
+    /// ([`Secrets::commit_removal`]).
+    async fn commit_meta(
+        &self,
+        path: &SecretPath,
+        raw: Option<Vec<u8>>,
+        new: Vec<u8>,
+        with: Vec<TxOp>,
+        versions: Vec<u64>,
+    ) -> Result<bool> {
+        match raw {
+            Some(raw) => self.commit_removal(path, raw, Some(new), with, versions).await,
+            None => {
+                // A new secret: nothing older to remove.
+                let mut ops = vec![TxOp::Insert { key: self.meta_key(path), value: new }];
+                ops.extend(with);
+                Ok(self.store.transact(ops).await? == TxOutcome::Committed)
+            }
+        }
+    }
+
+    /// Change the metadata of `path` from `raw` to `new` (`None`: delete it), with the
+    /// steps `with`, and delete the records of `versions` with their counts, in one
+    /// transaction: a destroy is done whole or not at all, wherever a crash or a store
+    /// failure stops it (a record left behind by a metadata change that went through could
+    /// not be told later from a live one, as version numbers are used again after a
+    /// delete). False if the metadata or a record changed meanwhile (a writer, a re-wrap):
+    /// read again and retry.
     async fn commit_removal(
         &self,
         path: &SecretPath,
         raw: Vec<u8>,
         new: Option<Vec<u8>>,
+        with: Vec<TxOp>,
         versions: impl IntoIterator<Item = u64>,
     ) -> Result<bool> {
         let mut removals = Vec::new();
@@ -385,11 +436,14 @@ impl Secrets {
                 set_aside.push(key);
             }
         }
-        // Rows in key order, counters last and in key order: concurrent transactions take
-        // their locks in the same order (PostgreSQL).
-        removals.sort_by(|a, b| tx_key(a).cmp(tx_key(b)));
+        // The metadata first (everything that changes a secret's versions takes it first),
+        // then the records in key order, then the counters in key order: concurrent
+        // transactions take their locks in the same order (PostgreSQL).
+        let mut rows = with;
+        rows.extend(removals);
+        rows.sort_by(|a, b| a.key().cmp(b.key()));
         let mut ops = vec![TxOp::Swap { key: self.meta_key(path), expected: raw, new }];
-        ops.extend(removals);
+        ops.extend(rows);
         ops.extend(counts.into_iter().map(|(key, delta)| TxOp::Count { key, delta }));
         match self.store.transact(ops).await? {
             TxOutcome::Committed => {
@@ -465,7 +519,7 @@ impl Secrets {
 
     /// Delete the current version: its record is destroyed, its metadata marked deleted.
     pub async fn delete_latest(&self, path: &SecretPath) -> Result<()> {
-        loop {
+        for _ in 0..MAX_CHANGE_ATTEMPTS {
             let (raw, mut meta) = self.load_meta(path).await?;
             let Some(raw) = raw else {
                 return Err(Error::NotFound(format!("no secret at {}", path.as_str())));
@@ -477,10 +531,11 @@ impl Secrets {
                     return Err(Error::NotFound(format!("the latest version of {} is already deleted", path.as_str())));
                 }
             }
-            if self.commit_removal(path, raw, Some(encode_json(&meta)), [current]).await? {
+            if self.commit_removal(path, raw, Some(encode_json(&meta)), Vec::new(), [current]).await? {
                 return Ok(());
             }
         }
+        Err(changing_concurrently(path))
     }
 
     /// Change the metadata of the versions given (KV version 2 `delete`, `undelete`,
@@ -492,7 +547,7 @@ impl Secrets {
         versions: Option<&[u64]>,
         change: impl Fn(&mut VersionMeta) -> bool,
     ) -> Result<()> {
-        loop {
+        for _ in 0..MAX_CHANGE_ATTEMPTS {
             let (raw, mut meta) = self.load_meta(path).await?;
             let Some(raw) = raw else {
                 return Err(Error::NotFound(format!("no secret at {}", path.as_str())));
@@ -516,10 +571,11 @@ impl Secrets {
                 return Ok(());
             }
             meta.updated_time = Some(now_rfc3339());
-            if self.commit_removal(path, raw, Some(encode_json(&meta)), destroy).await? {
+            if self.commit_removal(path, raw, Some(encode_json(&meta)), Vec::new(), destroy).await? {
                 return Ok(());
             }
         }
+        Err(changing_concurrently(path))
     }
 
     /// Mark versions deleted, keeping their records (undelete brings them back).
@@ -547,13 +603,14 @@ impl Secrets {
 
     /// Delete a secret entirely: every version's record and its metadata.
     pub async fn delete_all(&self, path: &SecretPath) -> Result<()> {
-        loop {
+        for _ in 0..MAX_CHANGE_ATTEMPTS {
             let (raw, meta) = self.load_meta(path).await?;
             let Some(raw) = raw else { return Ok(()) };
-            if self.commit_removal(path, raw, None, meta.versions.keys().copied()).await? {
+            if self.commit_removal(path, raw, None, Vec::new(), meta.versions.keys().copied()).await? {
                 return Ok(());
             }
         }
+        Err(changing_concurrently(path))
     }
 
     /// Change a secret's settings, creating its metadata if it has none.
@@ -703,6 +760,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A writer that read the metadata before a version was written and deleted (which
+    /// frees that version's slot) claims the freed slot, and a delete of the whole secret
+    /// runs between its claim and its recording. The write answers with a version that
+    /// serves its value, never with the number the deleted version had.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_on_a_stale_view_never_records_a_removed_version_or_a_lost_record() {
+        use crate::keys::{self, KeyNames, SharedKeyring};
+        use crate::store::test_stores::{PauseAt, Paused};
+        let token = keyvault_hsm::softhsm::testing::token();
+        let keys: Arc<dyn keyvault_hsm::KeyStore> = token.store.clone();
+        let names = KeyNames::new("keyvault").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let ring = keys::initialize(sled.as_ref(), &keys, &names).await.unwrap();
+        let barrier = Barrier::new(keys.clone(), names.clone(), SharedKeyring::new(ring, sled.clone()));
+        let plain = Secrets::kv2(sled.clone(), barrier.clone(), 10);
+        let path = SecretPath::parse("app/stale").unwrap();
+        let paused = Arc::new(Paused::new(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
+        let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
+        for i in 1..=5 {
+            plain.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
+        }
+        // W reads the metadata (version 5 is the latest) and is held.
+        paused.arm();
+        let w = tokio::spawn({
+            let (stale, path) = (stale.clone(), path.clone());
+            async move { stale.write(&path, br#"{"v":"w"}"#).await }
+        });
+        paused.reached.notified().await;
+        // Version 6 is written and deleted: its slot is free again.
+        assert_eq!(plain.write(&path, br#"{"v":"x"}"#).await.unwrap().0, 6);
+        plain.delete_latest(&path).await.unwrap();
+        // W claims a slot, then reads the metadata to record it, and is held there while
+        // the whole secret is deleted.
+        paused.arm();
+        paused.go.notify_one();
+        paused.reached.notified().await;
+        plain.delete_all(&path).await.unwrap();
+        paused.go.notify_one();
+        let (version, _) = w.await.unwrap().unwrap();
+        assert_ne!(version, 6, "the number of the version written and deleted is not used again");
+        let read = plain.read(&path, Some(version)).await.unwrap();
+        assert_eq!(&*read.data, br#"{"v":"w"}"#.as_slice(), "the acknowledged version serves its value");
     }
 
     /// 16 clients at once write, destroy, delete the latest version of and delete one

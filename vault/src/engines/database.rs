@@ -178,6 +178,10 @@ const ROLE_PREFIX: &str = "database/static-roles/";
 /// `database/managed/<db_name>/<username>`: the static role that manages a database role.
 const MANAGED_PREFIX: &str = "database/managed/";
 
+/// A static role whose database role is no longer manageable is warned about on every
+/// read and scheduled check: at most one line a second.
+static NOT_MANAGEABLE: crate::ratelog::RateLimitedLog = crate::ratelog::RateLimitedLog::new();
+
 fn managed_key(db_name: &str, username: &str) -> String {
     format!("{MANAGED_PREFIX}{db_name}/{username}")
 }
@@ -386,7 +390,10 @@ impl Database {
                 None => "no longer exists",
             }
         };
-        tracing::warn!(db = %db, role = %user, why, "database: a static role's database role is no longer manageable");
+        NOT_MANAGEABLE.warn(
+            "database: a static role's database role is no longer manageable",
+            &format_args!("database {db}, role {user} {why}"),
+        );
         Err(Error::Conflict(format!(
             "database {db}: role {user} {why}; its static role serves and rotates no password until that is \
              undone (or the static role is deleted)"
@@ -530,12 +537,14 @@ impl Database {
 
     async fn static_creds(&self, name: &str) -> Result<Reply> {
         let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
+        // Checked once, before anything is served (a rotation below checks again).
+        let client = self.admin_client(&role.db_name).await?;
+        self.check_still_manageable(&client, &role).await?;
+        drop(client);
         // A pending password is applied first (here, or by whoever holds the claim).
         for _ in 0..20 {
             match self.load_creds(name).await? {
                 Some((_, c)) if c.pending.is_none() => {
-                    let client = self.admin_client(&role.db_name).await?;
-                    self.check_still_manageable(&client, &role).await?;
                     let password = c.password.as_deref().ok_or_else(|| Error::Internal("no password".into()))?;
                     let ttl = c.rotated_at.saturating_add(role.rotation_period).saturating_sub(unix_now());
                     let last =

@@ -492,8 +492,7 @@ impl Sys {
         req.data::<keyvault_api::Empty>()?;
         let core = &self.core;
         let retired =
-            crate::keys::retiring_alone(core.store.as_ref(), Family::TokenSigning, self.retire_token_signing_claimed())
-                .await?;
+            crate::keys::retiring_alone(&core.store, Family::TokenSigning, self.retire_token_signing_claimed()).await?;
         req.audit_detail(format!("token-signing versions retired: {retired:?}"));
         Reply::data(&Retired { retired })
     }

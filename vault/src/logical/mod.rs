@@ -505,8 +505,9 @@ impl Caller {
 
     /// Whether this caller may give tokens these attributes and audiences (a role write):
     /// root may; anyone else needs `sudo` on `sys/token-attributes/grant/<name>/<value>`
-    /// for each value of each attribute (each element of a list; an empty list is the
-    /// value ``) and on `sys/token-attributes/audience/<audience>` for each audience. A
+    /// for each value of each attribute (each element of a list; values and lists are
+    /// never empty, `keyvault_api::auth::check_attributes`) and on
+    /// `sys/token-attributes/audience/<audience>` for each audience. A
     /// gateway trusts what a token's attributes say (its tenant, its capabilities), so
     /// writing them is a grant, like assigning a policy, and the grant is of the value: a
     /// tenant's administrator gets `grant/tenant_id/<its tenant>`, not every tenant. Names
@@ -522,7 +523,9 @@ impl Caller {
             .iter()
             .flat_map(|(n, v)| match v {
                 AttributeValue::One(one) => vec![grant(n, one)],
-                AttributeValue::Many(many) if many.is_empty() => vec![grant(n, "")],
+                // (Refused before this by `check_attributes`; were one to pass, it would
+                // need every value of the name.)
+                AttributeValue::Many(many) if many.is_empty() => vec![grant(n, "*")],
                 AttributeValue::Many(many) => many.iter().map(|one| grant(n, one)).collect(),
             })
             .chain(t.token_audiences.iter().map(|a| format!("sys/token-attributes/audience/{a}")));

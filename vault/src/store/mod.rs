@@ -168,6 +168,15 @@ pub enum TxOp {
     Count { key: String, delta: i64 },
 }
 
+impl TxOp {
+    /// The key the step names.
+    pub fn key(&self) -> &str {
+        match self {
+            TxOp::Insert { key, .. } | TxOp::Swap { key, .. } | TxOp::Count { key, .. } => key,
+        }
+    }
+}
+
 /// How a transaction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxOutcome {
@@ -189,9 +198,7 @@ pub struct Counter {
 /// Check every key a transaction names.
 pub(crate) fn check_tx_keys(txs: &[Vec<TxOp>]) -> StoreResult<()> {
     for op in txs.iter().flatten() {
-        match op {
-            TxOp::Insert { key, .. } | TxOp::Swap { key, .. } | TxOp::Count { key, .. } => check_key(key)?,
-        }
+        check_key(op.key())?;
     }
     Ok(())
 }

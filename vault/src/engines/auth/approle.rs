@@ -251,15 +251,21 @@ impl RoleAdmin for AppRole {
     async fn delete_role(&self, name: &str) -> Result<()> {
         let role = self.roles.delete(name).await?;
         // Only this role's secret ids (and those stored without a role id, refused at
-        // login anyway): a role made again under the same name meanwhile keeps its own.
-        // A record that changed since the scan (a login used it) is read again next time.
-        for (k, raw) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
-            let ours = match decode_json::<StoredSecretId>(&k, &raw) {
-                Ok(s) => s.role_id.as_deref().is_none_or(|id| id == role.config.role_id),
-                Err(_) => true,
-            };
-            if ours {
-                self.store.compare_and_swap(&k, Some(&raw), None).await?;
+        // login anyway): a role made again under the same name meanwhile keeps its own. A
+        // record that a login changed since it was read is read again.
+        for (k, mut raw) in scan_all(self.store.as_ref(), &secret_id_prefix(name)).await? {
+            loop {
+                let stale = match decode_json::<StoredSecretId>(&k, &raw) {
+                    Ok(s) => s.role_id.as_deref().is_none_or(|id| id == role.config.role_id),
+                    Err(_) => true,
+                };
+                if !stale || self.store.compare_and_swap(&k, Some(&raw), None).await? {
+                    break;
+                }
+                match self.store.get(&k).await? {
+                    Some(now) => raw = now,
+                    None => break,
+                }
             }
         }
         self.store.delete(&role_id_key(&role.config.role_id)).await?;
