@@ -349,6 +349,13 @@ impl Client {
         self.send("PUT", path, Some(token), Some(body.to_string().into_bytes())).await
     }
 
+    /// A new secret id of AppRole role `role` (minted with `token`; panics unless 200).
+    pub async fn secret_id(&self, token: &str, role: &str) -> String {
+        let r = self.post(&format!("auth/approle/role/{role}/secret-id"), Some(token), serde_json::json!({})).await;
+        assert_eq!(r.status, 200, "minting a secret id of {role}: {r:?}");
+        r.body["data"]["secret_id"].as_str().expect("a secret id").to_owned()
+    }
+
     pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
         self.send("POST", path, token, Some(body.to_string().into_bytes())).await
     }

@@ -57,6 +57,24 @@ async fn one(c: &Client, root: &str, i: usize, sid: &str, victim: &(String, Stri
     }
 }
 
+/// What the requests of [`one`] need: the AppRole role `app` and a secret id of it, the
+/// transit key `k`, and `n` tokens (with their accessors) for the revocations to target,
+/// one per revocation.
+async fn set_up(c: &Client, root: &str, n: usize) -> (String, Vec<(String, String)>) {
+    ok(c.post("auth/approle/role/app", Some(root), json!({})).await, 204);
+    let sid = c.secret_id(root, "app").await;
+    ok(c.post("transit/keys/k", Some(root), json!({})).await, 200);
+    let mut victims = Vec::new();
+    for _ in 0..n {
+        let r = ok(c.post("auth", None, json!({"role": "app", "secret_id": sid})).await, 200);
+        victims.push((
+            r.body["auth"]["client_token"].as_str().unwrap().to_owned(),
+            r.body["auth"]["accessor"].as_str().unwrap().to_owned(),
+        ));
+    }
+    (sid, victims)
+}
+
 /// The request entries and intents of a log, by request id.
 fn entries(files: &[PathBuf]) -> (HashMap<String, u64>, Vec<String>, usize) {
     let mut requests = HashMap::new();
@@ -92,22 +110,7 @@ async fn disk_fills_and_frees(mode: &str) {
     });
     let c = s.client();
     let root = s.root.clone();
-    ok(c.post("auth/approle/role/app", Some(&root), json!({})).await, 204);
-    let sid =
-        ok(c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-    ok(c.post("transit/keys/k", Some(&root), json!({})).await, 200);
-    // Tokens whose accessors the revocations target, one per revocation.
-    let mut victims = Vec::new();
-    for _ in 0..150 {
-        let r = ok(c.post("auth", None, json!({"role": "app", "secret_id": sid})).await, 200);
-        victims.push((
-            r.body["auth"]["client_token"].as_str().unwrap().to_owned(),
-            r.body["auth"]["accessor"].as_str().unwrap().to_owned(),
-        ));
-    }
+    let (sid, victims) = set_up(&c, &root, 150).await;
 
     let filler = fs.fill();
     let started = Instant::now();
@@ -243,21 +246,7 @@ async fn failing_syncs_under_concurrent_requests_lose_nothing_acknowledged() {
     });
     let c = s.client();
     let root = s.root.clone();
-    ok(c.post("auth/approle/role/app", Some(&root), json!({})).await, 204);
-    let sid =
-        ok(c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-    ok(c.post("transit/keys/k", Some(&root), json!({})).await, 200);
-    let mut victims = Vec::new();
-    for _ in 0..200 {
-        let r = ok(c.post("auth", None, json!({"role": "app", "secret_id": sid})).await, 200);
-        victims.push((
-            r.body["auth"]["client_token"].as_str().unwrap().to_owned(),
-            r.body["auth"]["accessor"].as_str().unwrap().to_owned(),
-        ));
-    }
+    let (sid, victims) = set_up(&c, &root, 200).await;
     let victims = Arc::new(victims);
 
     fault.set("slow 20");

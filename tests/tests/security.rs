@@ -81,11 +81,7 @@ async fn logins_get_no_more_guesses_than_the_limit() {
 
     // Revoked credentials answer exactly like wrong ones.
     ok(c.post("auth/approle/role/app", Some(&root), json!({})).await, 204);
-    let sid =
-        ok(c.post("auth/approle/role/app/secret-id", Some(&root), json!({})).await, 200).body["data"]["secret_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+    let sid = c.secret_id(&root, "app").await;
     ok(c.post("sys/revoke-identity", Some(&root), json!({"role": "app"})).await, 200);
     let four = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.4".parse().unwrap());
     let right = ok(four.post("auth", None, json!({"role": "app", "secret_id": sid})).await, 401);

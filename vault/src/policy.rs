@@ -481,7 +481,7 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_stores::{PauseAt, Paused};
+    use crate::store::test_stores::{PauseAt, TestStore};
 
     /// A read that missed the cache and then lost the race with a change (a write or a
     /// delete) does not put the old policy back into the cache.
@@ -492,7 +492,7 @@ mod tests {
         for delete in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let sled = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
-            let store = Arc::new(Paused::new(sled, PauseAt::Get, &key("p")));
+            let store = Arc::new(TestStore::holding(sled, PauseAt::Get, &key("p")));
             let policies = Arc::new(PolicyStore::new(store.clone()));
             policies.put("p", old).await.unwrap();
             policies.invalidate();

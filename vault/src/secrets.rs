@@ -310,21 +310,24 @@ impl Secrets {
                     self.destroy_record(&key).await?;
                     return Err(cas_mismatch());
                 }
-                // The record must still be there when the metadata names it: a removal
-                // that read metadata listing this number (a version removed earlier,
-                // which freed the slot) deletes whatever record holds the number. And
-                // one number is never recorded for two values: if the metadata lists it
-                // already, this record gives the slot up and the write takes a number
-                // above the current one. (Either way nothing was acknowledged yet.)
-                let present = self.store.get(&key).await?;
+                // One number is never recorded for two values: if the metadata lists it
+                // already (a version removed earlier freed its slot, and this writer
+                // claimed it on an older view), this record gives the slot up and the
+                // write takes a number above the current one. And the record must still
+                // be there: a removal that read metadata listing the number deletes
+                // whatever record holds it. Read after the metadata, the record is there
+                // unless such a removal committed first; one that commits later changes
+                // the metadata read here, and the compare-and-swap below fails. (Nothing
+                // was acknowledged yet either way.)
                 let taken = meta.versions.contains_key(&version);
-                let Some(present) = present.filter(|_| !taken) else {
+                let present = self.store.get(&key).await?.is_some();
+                if taken || !present {
                     if taken {
                         self.destroy_record(&key).await?;
                     }
                     version = meta.current_version.max(version) + 1;
                     continue 'claim;
-                };
+                }
                 meta.versions.insert(version, vmeta.clone());
                 meta.current_version = meta.current_version.max(version);
                 meta.created_time.get_or_insert_with(|| vmeta.created_time.clone());
@@ -343,9 +346,13 @@ impl Secrets {
                     version = meta.current_version + 1;
                     continue 'claim;
                 }
-                let keep = TxOp::Swap { key: key.clone(), expected: present.clone(), new: Some(present) };
-                // Versions beyond the limit go with the same metadata change.
-                if self.commit_meta(path, raw, encode_json(&meta), vec![keep], pruned).await? {
+                let new = encode_json(&meta);
+                let recorded = match raw {
+                    // Versions beyond the limit go with the same metadata change.
+                    Some(raw) if !pruned.is_empty() => self.commit_removal(path, raw, Some(new), pruned).await?,
+                    raw => self.store.compare_and_swap(&self.meta_key(path), raw.as_deref(), Some(&new)).await?,
+                };
+                if recorded {
                     return Ok((version, vmeta));
                 }
                 attempts += 1;
@@ -377,41 +384,17 @@ impl Secrets {
         }
     }
 
-    /// Write new metadata of `path` (over `raw`, or where there was none) with the steps
-    /// `with`, and delete the records of `versions` with their counts, in one transaction
-    /// ([`Secrets::commit_removal`]).
-    async fn commit_meta(
-        &self,
-        path: &SecretPath,
-        raw: Option<Vec<u8>>,
-        new: Vec<u8>,
-        with: Vec<TxOp>,
-        versions: Vec<u64>,
-    ) -> Result<bool> {
-        match raw {
-            Some(raw) => self.commit_removal(path, raw, Some(new), with, versions).await,
-            None => {
-                // A new secret: nothing older to remove.
-                let mut ops = vec![TxOp::Insert { key: self.meta_key(path), value: new }];
-                ops.extend(with);
-                Ok(self.store.transact(ops).await? == TxOutcome::Committed)
-            }
-        }
-    }
-
-    /// Change the metadata of `path` from `raw` to `new` (`None`: delete it), with the
-    /// steps `with`, and delete the records of `versions` with their counts, in one
-    /// transaction: a destroy is done whole or not at all, wherever a crash or a store
-    /// failure stops it (a record left behind by a metadata change that went through could
-    /// not be told later from a live one, as version numbers are used again after a
-    /// delete). False if the metadata or a record changed meanwhile (a writer, a re-wrap):
-    /// read again and retry.
+    /// Change the metadata of `path` from `raw` to `new` (`None`: delete it) and delete the
+    /// records of `versions` with their counts, in one transaction: a destroy is done
+    /// whole or not at all, wherever a crash or a store failure stops it (a record left
+    /// behind by a metadata change that went through could not be told later from a live
+    /// one, as version numbers are used again after a delete). False if the metadata or a
+    /// record changed meanwhile (a writer, a re-wrap): read again and retry.
     async fn commit_removal(
         &self,
         path: &SecretPath,
         raw: Vec<u8>,
         new: Option<Vec<u8>>,
-        with: Vec<TxOp>,
         versions: impl IntoIterator<Item = u64>,
     ) -> Result<bool> {
         let mut removals = Vec::new();
@@ -439,11 +422,9 @@ impl Secrets {
         // The metadata first (everything that changes a secret's versions takes it first),
         // then the records in key order, then the counters in key order: concurrent
         // transactions take their locks in the same order (PostgreSQL).
-        let mut rows = with;
-        rows.extend(removals);
-        rows.sort_by(|a, b| a.key().cmp(b.key()));
+        removals.sort_by(|a, b| a.key().cmp(b.key()));
         let mut ops = vec![TxOp::Swap { key: self.meta_key(path), expected: raw, new }];
-        ops.extend(rows);
+        ops.extend(removals);
         ops.extend(counts.into_iter().map(|(key, delta)| TxOp::Count { key, delta }));
         match self.store.transact(ops).await? {
             TxOutcome::Committed => {
@@ -531,7 +512,7 @@ impl Secrets {
                     return Err(Error::NotFound(format!("the latest version of {} is already deleted", path.as_str())));
                 }
             }
-            if self.commit_removal(path, raw, Some(encode_json(&meta)), Vec::new(), [current]).await? {
+            if self.commit_removal(path, raw, Some(encode_json(&meta)), [current]).await? {
                 return Ok(());
             }
         }
@@ -571,7 +552,7 @@ impl Secrets {
                 return Ok(());
             }
             meta.updated_time = Some(now_rfc3339());
-            if self.commit_removal(path, raw, Some(encode_json(&meta)), Vec::new(), destroy).await? {
+            if self.commit_removal(path, raw, Some(encode_json(&meta)), destroy).await? {
                 return Ok(());
             }
         }
@@ -606,7 +587,7 @@ impl Secrets {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
             let (raw, meta) = self.load_meta(path).await?;
             let Some(raw) = raw else { return Ok(()) };
-            if self.commit_removal(path, raw, None, Vec::new(), meta.versions.keys().copied()).await? {
+            if self.commit_removal(path, raw, None, meta.versions.keys().copied()).await? {
                 return Ok(());
             }
         }
@@ -675,6 +656,7 @@ impl Secrets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_stores::Keyed;
 
     #[test]
     fn paths_are_validated() {
@@ -708,14 +690,8 @@ mod tests {
     /// record left, and a version it serves has its record; the record counts match.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_removal_stopped_at_any_write_is_done_whole_or_not_at_all() {
-        use crate::keys::{self, KeyNames, SharedKeyring};
-        let token = keyvault_hsm::softhsm::testing::token();
-        let keys: Arc<dyn keyvault_hsm::KeyStore> = token.store.clone();
-        let names = KeyNames::new("keyvault").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
-        let ring = keys::initialize(store.as_ref(), &keys, &names).await.unwrap();
-        let barrier = Barrier::new(keys.clone(), names.clone(), SharedKeyring::new(ring, store.clone()));
+        let keyed = Keyed::new().await;
+        let (store, barrier) = (keyed.store.clone(), keyed.barrier());
         for op in ["delete_latest", "destroy", "delete_all", "write_past_max", "kv2_destroy"] {
             for stop_after in 0..4i64 {
                 let barrier = barrier.clone();
@@ -728,7 +704,7 @@ mod tests {
                 for i in 1..=3 {
                     whole.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
                 }
-                let stops = crate::store::test_stores::StopsAfter::new(store.clone(), stop_after);
+                let stops = crate::store::test_stores::TestStore::stopping_after(store.clone(), stop_after);
                 let cut = Secrets { store: Arc::new(stops), barrier, max_versions: 3, ns: whole.ns };
                 let result = match op {
                     "delete_latest" => cut.delete_latest(&path).await,
@@ -768,18 +744,12 @@ mod tests {
     /// serves its value, never with the number the deleted version had.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_on_a_stale_view_never_records_a_removed_version_or_a_lost_record() {
-        use crate::keys::{self, KeyNames, SharedKeyring};
-        use crate::store::test_stores::{PauseAt, Paused};
-        let token = keyvault_hsm::softhsm::testing::token();
-        let keys: Arc<dyn keyvault_hsm::KeyStore> = token.store.clone();
-        let names = KeyNames::new("keyvault").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let sled: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
-        let ring = keys::initialize(sled.as_ref(), &keys, &names).await.unwrap();
-        let barrier = Barrier::new(keys.clone(), names.clone(), SharedKeyring::new(ring, sled.clone()));
+        use crate::store::test_stores::{PauseAt, TestStore};
+        let keyed = Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
         let plain = Secrets::kv2(sled.clone(), barrier.clone(), 10);
         let path = SecretPath::parse("app/stale").unwrap();
-        let paused = Arc::new(Paused::new(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
+        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
         let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
         for i in 1..=5 {
             plain.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
@@ -813,14 +783,8 @@ mod tests {
     /// record is counted once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sixteen_removals_and_writes_at_once_keep_metadata_and_records_in_step() {
-        use crate::keys::{self, KeyNames, SharedKeyring};
-        let token = keyvault_hsm::softhsm::testing::token();
-        let keys: Arc<dyn keyvault_hsm::KeyStore> = token.store.clone();
-        let names = KeyNames::new("keyvault").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
-        let ring = keys::initialize(store.as_ref(), &keys, &names).await.unwrap();
-        let barrier = Barrier::new(keys.clone(), names.clone(), SharedKeyring::new(ring, store.clone()));
+        let keyed = Keyed::new().await;
+        let (store, barrier) = (keyed.store.clone(), keyed.barrier());
         let secrets = Arc::new(Secrets::kv2(store.clone(), barrier, 5));
         let path = SecretPath::parse("app/shared").unwrap();
         let mut tasks = Vec::new();

@@ -1,6 +1,7 @@
-//! Stores for unit tests that put a process's interleavings and interruptions where a
-//! test wants them: [`Paused`] holds one read until told to go on, [`StopsAfter`] fails
-//! every write after a number of them (a process stopped there).
+//! What unit tests put under the code they test: [`Keyed`], a SoftHSM token with a
+//! keyring made in it, on sled; and [`TestStore`], a store that puts a process's
+//! interleavings and interruptions where a test wants them (one read held until told to
+//! go on, or every write failed after a number of them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -9,39 +10,82 @@ use async_trait::async_trait;
 
 use super::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome};
 
-/// Which read [`Paused`] holds: the first `get` of the key, or the first `scan_prefix`
-/// of the prefix.
+/// A fresh SoftHSM token with a keyring made in it, over a sled store in a temporary
+/// directory (both removed when this is dropped).
+pub struct Keyed {
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<dyn keyvault_hsm::KeyStore>,
+    pub names: crate::keys::KeyNames,
+    pub keyring: crate::keys::SharedKeyring,
+    _dir: tempfile::TempDir,
+    _token: keyvault_hsm::softhsm::testing::TestToken,
+}
+
+impl Keyed {
+    pub async fn new() -> Keyed {
+        let token = keyvault_hsm::softhsm::testing::token();
+        let keys: Arc<dyn keyvault_hsm::KeyStore> = token.store.clone();
+        let names = crate::keys::KeyNames::new("keyvault").expect("names");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store: Arc<dyn Store> = Arc::new(super::SledStore::open(dir.path()).expect("sled"));
+        let ring = crate::keys::initialize(store.as_ref(), &keys, &names).await.expect("a keyring");
+        let keyring = crate::keys::SharedKeyring::new(ring, store.clone());
+        Keyed { store, keys, names, keyring, _dir: dir, _token: token }
+    }
+
+    /// A barrier over the token and keyring.
+    pub fn barrier(&self) -> crate::barrier::Barrier {
+        crate::barrier::Barrier::new(self.keys.clone(), self.names.clone(), self.keyring.clone())
+    }
+}
+
+/// Which read a [`TestStore`] holds: the first `get` of the key, or the first
+/// `scan_prefix` of the prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PauseAt {
     Get,
     Scan,
 }
 
-/// A store that holds its first read of one kind of one key until `go` is notified
-/// (`reached` is notified when it is held). A `get` is made, then held: it returns what
-/// it read, a read that lost the race with what the test does meanwhile. A scan is held,
-/// then made: it sees what the test did meanwhile. Not armed until [`Paused::arm`].
+/// A store over another that can hold one read, fail writes, or both.
+///
+/// Held read ([`TestStore::holding`], armed by [`TestStore::arm`]): the first read of one kind of
+/// one key is held until `go` is notified (`reached` is notified when it is held). A
+/// `get` is made, then held: it returns what it read, a read that lost the race with
+/// what the test does meanwhile. A scan is held, then made: it sees what the test did
+/// meanwhile.
+///
+/// Failing writes ([`TestStore::stopping_after`]): after a number of writes every write fails as
+/// a store that went away would (reads go on): a process stopped at that point.
 #[derive(Debug)]
-pub struct Paused {
+pub struct TestStore {
     pub inner: Arc<dyn Store>,
     at: PauseAt,
     key: String,
     done: AtomicBool,
     pub reached: tokio::sync::Notify,
     pub go: tokio::sync::Notify,
+    /// Writes left before every write fails; `None`: no limit.
+    writes_left: Option<AtomicI64>,
 }
 
-impl Paused {
-    /// Not armed: every call passes until [`Paused::arm`].
-    pub fn new(inner: Arc<dyn Store>, at: PauseAt, key: &str) -> Self {
-        Paused {
+impl TestStore {
+    /// Holds the first read of `key` of kind `at` once armed ([`TestStore::arm`]).
+    pub fn holding(inner: Arc<dyn Store>, at: PauseAt, key: &str) -> Self {
+        TestStore {
             inner,
             at,
             key: key.to_owned(),
             done: AtomicBool::new(true),
             reached: tokio::sync::Notify::new(),
             go: tokio::sync::Notify::new(),
+            writes_left: None,
         }
+    }
+
+    /// Takes `writes` more writes, then fails every write; holds nothing.
+    pub fn stopping_after(inner: Arc<dyn Store>, writes: i64) -> Self {
+        TestStore { writes_left: Some(AtomicI64::new(writes)), ..TestStore::holding(inner, PauseAt::Get, "") }
     }
 
     pub fn arm(&self) {
@@ -55,22 +99,32 @@ impl Paused {
             go.await;
         }
     }
+
+    fn write(&self) -> StoreResult<()> {
+        match &self.writes_left {
+            Some(left) if left.fetch_sub(1, Ordering::SeqCst) <= 0 => Err(StoreError::Unavailable("stopped".into())),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
-impl Store for Paused {
+impl Store for TestStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let v = self.inner.get(key).await?;
         self.hold(PauseAt::Get, key).await;
         Ok(v)
     }
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.write()?;
         self.inner.put(key, value).await
     }
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
+        self.write()?;
         self.inner.compare_and_swap(key, expected, new).await
     }
     async fn delete(&self, key: &str) -> StoreResult<bool> {
+        self.write()?;
         self.inner.delete(key).await
     }
     async fn scan_prefix(
@@ -83,76 +137,6 @@ impl Store for Paused {
         self.inner.scan_prefix(prefix, after, limit).await
     }
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<std::time::Duration>) -> StoreResult<bool> {
-        self.inner.insert_if_absent(key, value, ttl).await
-    }
-    async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
-        self.inner.transact_many(txs).await
-    }
-    async fn close_counter(&self, key: &str) -> StoreResult<()> {
-        self.inner.close_counter(key).await
-    }
-    async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
-        self.inner.counters(prefix).await
-    }
-    async fn purge_expired(&self) -> StoreResult<u64> {
-        self.inner.purge_expired().await
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
-    }
-    fn kind(&self) -> &'static str {
-        "paused"
-    }
-}
-
-/// A store that takes `left` more writes, then fails every write as a store that went
-/// away would (reads go on): a process stopped at that point.
-#[derive(Debug)]
-pub struct StopsAfter {
-    pub inner: Arc<dyn Store>,
-    left: AtomicI64,
-}
-
-impl StopsAfter {
-    pub fn new(inner: Arc<dyn Store>, writes: i64) -> Self {
-        StopsAfter { inner, left: AtomicI64::new(writes) }
-    }
-
-    fn write(&self) -> StoreResult<()> {
-        if self.left.fetch_sub(1, Ordering::SeqCst) > 0 {
-            Ok(())
-        } else {
-            Err(StoreError::Unavailable("stopped".into()))
-        }
-    }
-}
-
-#[async_trait]
-impl Store for StopsAfter {
-    async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
-        self.write()?;
-        self.inner.put(key, value).await
-    }
-    async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
-        self.write()?;
-        self.inner.compare_and_swap(key, expected, new).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<bool> {
-        self.write()?;
-        self.inner.delete(key).await
-    }
-    async fn scan_prefix(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<(String, Vec<u8>)>> {
-        self.inner.scan_prefix(prefix, after, limit).await
-    }
-    async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<std::time::Duration>) -> StoreResult<bool> {
         self.write()?;
         self.inner.insert_if_absent(key, value, ttl).await
     }
@@ -175,6 +159,6 @@ impl Store for StopsAfter {
         self.inner.ping().await
     }
     fn kind(&self) -> &'static str {
-        "stops-after"
+        "test"
     }
 }

@@ -382,22 +382,17 @@ impl Engine for AppRole {
 mod tests {
     use super::*;
     use crate::auth::TokenSettings;
-    use crate::store::test_stores::{PauseAt, Paused};
+    use crate::store::test_stores::{Keyed, PauseAt, TestStore};
 
     /// A role deleted while it is made again under its name, the new role's secret id
     /// minted before the delete scans for the old role's: the delete removes the old
     /// role's secret ids only; the new one stays, bound to the new role.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deleting_a_role_keeps_the_secret_ids_of_one_made_again_meanwhile() {
-        let token = keyvault_hsm::softhsm::testing::token();
-        let keys: Arc<dyn KeyStore> = token.store.clone();
-        let names = KeyNames::new("keyvault").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let sled: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
-        let ring = crate::keys::initialize(sled.as_ref(), &keys, &names).await.unwrap();
-        let keyring = SharedKeyring::new(ring, sled.clone());
-        let store = Arc::new(Paused::new(sled.clone(), PauseAt::Scan, &secret_id_prefix("web")));
-        let approle = Arc::new(AppRole::new(store.clone(), keys, names, keyring));
+        let keyed = Keyed::new().await;
+        let store = Arc::new(TestStore::holding(keyed.store.clone(), PauseAt::Scan, &secret_id_prefix("web")));
+        let approle =
+            Arc::new(AppRole::new(store.clone(), keyed.keys.clone(), keyed.names.clone(), keyed.keyring.clone()));
         let config = RoleConfig { secret_id_ttl: None, secret_id_num_uses: 0 };
         let record = |s: &NewSecretId| {
             let (approle, sid) = (approle.clone(), s.secret_id.clone());
