@@ -75,6 +75,47 @@ async fn set_up(c: &Client, root: &str, n: usize) -> (String, Vec<(String, Strin
     (sid, victims)
 }
 
+/// What the replies said, the log says: an answered request is logged with its status; a
+/// refused one is not, nor is its intent, and nothing of it changed (checked with
+/// `check`, a client of the server started again).
+async fn replies_agree_with_the_log(
+    check: &Client,
+    root: &str,
+    sent: &[Sent],
+    requests: &HashMap<String, u64>,
+    intents: &[String],
+) {
+    for r in sent {
+        match r.status {
+            200 | 204 => {
+                assert_eq!(
+                    requests.get(&r.id),
+                    Some(&u64::from(r.status)),
+                    "{:?} {} answered, not logged",
+                    r.kind,
+                    r.id
+                )
+            }
+            503 => {
+                assert!(!requests.contains_key(&r.id), "{:?} {}: refused but logged", r.kind, r.id);
+                assert!(!intents.contains(&r.id), "{:?} {}: refused, yet its intent is in the log", r.kind, r.id);
+                // Refused before it ran: nothing changed.
+                match r.kind {
+                    Kind::Write => {
+                        ok(check.get(&r.subject, root).await, 404);
+                    }
+                    // Unless another revocation of the same token went through.
+                    Kind::Revoke if !sent.iter().any(|o| o.subject == r.subject && o.status == 204) => {
+                        ok(check.send("GET", "auth/token/lookup-self", Some(&r.subject), None).await, 200);
+                    }
+                    Kind::Revoke | Kind::Login | Kind::Encrypt => {}
+                }
+            }
+            other => panic!("{:?} {}: {other}", r.kind, r.id),
+        }
+    }
+}
+
 /// The request entries and intents of a log, by request id.
 fn entries(files: &[PathBuf]) -> (HashMap<String, u64>, Vec<String>, usize) {
     let mut requests = HashMap::new();
@@ -152,40 +193,7 @@ async fn disk_fills_and_frees(mode: &str) {
     let (requests, intents, gaps) = entries(&[s.audit_log()]);
     assert!(gaps >= 1 && report.contains("gaps="), "the failure is a verifiable gap: {report}");
     s.restart();
-    let check = s.client();
-    for r in &sent {
-        match r.status {
-            200 | 204 => {
-                assert_eq!(
-                    requests.get(&r.id),
-                    Some(&u64::from(r.status)),
-                    "{:?} {} answered but not logged",
-                    r.kind,
-                    r.id
-                );
-            }
-            503 => {
-                assert_eq!(mode, "fail_closed", "buffered mode queues instead of refusing");
-                assert!(!requests.contains_key(&r.id), "{:?} {}: refused but logged", r.kind, r.id);
-                assert!(!intents.contains(&r.id), "{:?} {}: refused, yet its intent is in the log", r.kind, r.id);
-                // Refused before it ran: nothing changed.
-                match r.kind {
-                    Kind::Write => ok(check.get(&r.subject, &root).await, 404),
-                    Kind::Revoke => {
-                        let later =
-                            sent.iter().any(|o| o.kind == Kind::Revoke && o.subject == r.subject && o.status == 204);
-                        if !later {
-                            ok(check.send("GET", "auth/token/lookup-self", Some(&r.subject), None).await, 200)
-                        } else {
-                            continue;
-                        }
-                    }
-                    _ => continue,
-                };
-            }
-            other => panic!("{:?} {}: {other}", r.kind, r.id),
-        }
-    }
+    replies_agree_with_the_log(&s.client(), &root, &sent, &requests, &intents).await;
     if mode == "buffered" {
         assert!(degraded >= 20, "buffered replies say when their entry is not on disk yet");
         assert_eq!(refused, 0);
@@ -309,33 +317,5 @@ async fn failing_syncs_under_concurrent_requests_lose_nothing_acknowledged() {
     let refused = sent.iter().filter(|r| r.status == 503).count();
     assert!(refused >= INCIDENTS, "{refused} refused");
     s.restart();
-    let check = s.client();
-    for r in &sent {
-        match r.status {
-            200 | 204 => {
-                assert_eq!(
-                    requests.get(&r.id),
-                    Some(&u64::from(r.status)),
-                    "{:?} {} answered, not logged",
-                    r.kind,
-                    r.id
-                )
-            }
-            503 => {
-                assert!(!requests.contains_key(&r.id), "{:?} {}: refused but logged", r.kind, r.id);
-                assert!(!intents.contains(&r.id), "{:?} {}: refused, yet its intent is in the log", r.kind, r.id);
-                match r.kind {
-                    Kind::Write => {
-                        ok(check.get(&r.subject, &root).await, 404);
-                    }
-                    // Unless another revocation of the same token went through.
-                    Kind::Revoke if !sent.iter().any(|o| o.subject == r.subject && o.status == 204) => {
-                        ok(check.send("GET", "auth/token/lookup-self", Some(&r.subject), None).await, 200);
-                    }
-                    Kind::Revoke | Kind::Login | Kind::Encrypt => {}
-                }
-            }
-            other => panic!("{:?} {}: {other}", r.kind, r.id),
-        }
-    }
+    replies_agree_with_the_log(&s.client(), &root, &sent, &requests, &intents).await;
 }
