@@ -38,6 +38,8 @@ pub mod shared;
 #[cfg(test)]
 mod shared_token_tests;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod tls;
 pub mod token;
 pub mod transit;

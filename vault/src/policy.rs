@@ -481,7 +481,7 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_stores::{PauseAt, TestStore};
+    use crate::test_support::{PauseAt, TestStore};
 
     /// A read that missed the cache and then lost the race with a change (a write or a
     /// delete) does not put the old policy back into the cache.

@@ -656,7 +656,7 @@ impl Secrets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_stores::Keyed;
+    use crate::test_support::Keyed;
 
     #[test]
     fn paths_are_validated() {
@@ -704,7 +704,7 @@ mod tests {
                 for i in 1..=3 {
                     whole.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
                 }
-                let stops = crate::store::test_stores::TestStore::stopping_after(store.clone(), stop_after);
+                let stops = crate::test_support::TestStore::stopping_after(store.clone(), stop_after);
                 let cut = Secrets { store: Arc::new(stops), barrier, max_versions: 3, ns: whole.ns };
                 let result = match op {
                     "delete_latest" => cut.delete_latest(&path).await,
@@ -744,7 +744,7 @@ mod tests {
     /// serves its value, never with the number the deleted version had.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_on_a_stale_view_never_records_a_removed_version_or_a_lost_record() {
-        use crate::store::test_stores::{PauseAt, TestStore};
+        use crate::test_support::{PauseAt, TestStore};
         let keyed = Keyed::new().await;
         let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
         let plain = Secrets::kv2(sled.clone(), barrier.clone(), 10);

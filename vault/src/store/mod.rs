@@ -15,8 +15,6 @@ mod sled_engine;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
-#[cfg(test)]
-pub(crate) mod test_stores;
 
 pub use postgres::{PostgresOptions, PostgresStore, bound_in_time};
 pub use sled_engine::SledStore;

@@ -382,7 +382,7 @@ impl Engine for AppRole {
 mod tests {
     use super::*;
     use crate::auth::TokenSettings;
-    use crate::store::test_stores::{Keyed, PauseAt, TestStore};
+    use crate::test_support::{Keyed, PauseAt, TestStore};
 
     /// A role deleted while it is made again under its name, the new role's secret id
     /// minted before the delete scans for the old role's: the delete removes the old

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use async_trait::async_trait;
 
-use super::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome};
+use crate::store::{Counter, Store, StoreError, StoreResult, TxOp, TxOutcome};
 
 /// A fresh SoftHSM token with a keyring made in it, over a sled store in a temporary
 /// directory (both removed when this is dropped).
@@ -27,7 +27,7 @@ impl Keyed {
         let keys: Arc<dyn keyvault_hsm::KeyStore> = token.store.clone();
         let names = crate::keys::KeyNames::new("keyvault").expect("names");
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let store: Arc<dyn Store> = Arc::new(super::SledStore::open(dir.path()).expect("sled"));
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).expect("sled"));
         let ring = crate::keys::initialize(store.as_ref(), &keys, &names).await.expect("a keyring");
         let keyring = crate::keys::SharedKeyring::new(ring, store.clone());
         Keyed { store, keys, names, keyring, _dir: dir, _token: token }
