@@ -31,6 +31,12 @@ pub struct SledStore {
     written: AtomicU64,
     flushed: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Keys whose last write reached sled's memory but not the disk (its flush failed),
+    /// with the value each had before (`None`: absent). Reads serve that value until the
+    /// database is reopened from what is on disk: without it, a write answered 503 (its
+    /// flush failed: the disk is full) would read back until then.
+    unflushed: Mutex<std::collections::HashMap<String, Option<Vec<u8>>>>,
+    any_unflushed: AtomicBool,
 }
 
 /// One open sled database and its trees.
@@ -249,11 +255,37 @@ impl SledStore {
         match Handles::open(&self.dir) {
             Ok(h) => {
                 *slot = Some(Arc::new(h));
+                // What is read from now on is what is on disk.
+                self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.any_unflushed.store(false, Ordering::Release);
                 self.broken.store(false, Ordering::Release);
                 tracing::warn!(dir = %self.dir.display(), "sled: reopened after an I/O error; writes are accepted again");
             }
             Err(e) => tracing::error!(error = %e, "sled: reopening after an I/O error failed; retrying"),
         }
+    }
+
+    /// Flush after a write of `keys` (each with its value before the write): if the flush
+    /// fails, reads serve those values until the database is reopened (see `unflushed`).
+    async fn flush_or_shadow(&self, keys: impl IntoIterator<Item = (String, Option<Vec<u8>>)>) -> StoreResult<()> {
+        let r = self.flush().await;
+        if r.is_err() {
+            let mut shadow = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, before) in keys {
+                // The oldest value is the durable one: keep it.
+                shadow.entry(key).or_insert(before);
+            }
+            self.any_unflushed.store(!shadow.is_empty(), Ordering::Release);
+        }
+        r
+    }
+
+    /// A key's value as reads must see it, if a failed flush left it in memory only.
+    fn shadowed(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        if !self.any_unflushed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
     /// Insert-if-absent without the flush (the caller flushes).
@@ -316,6 +348,8 @@ impl SledStore {
             handles: RwLock::new(Some(Arc::new(handles))),
             broken: AtomicBool::new(false),
             last_reopen: Mutex::new(None),
+            unflushed: Mutex::new(std::collections::HashMap::new()),
+            any_unflushed: AtomicBool::new(false),
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -353,6 +387,9 @@ impl Store for SledStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let h = self.h()?;
         check_key(key)?;
+        if let Some(before) = self.shadowed(key) {
+            return Ok(before);
+        }
         match h.data.get(key).map_err(|e| self.failed(e))? {
             Some(raw) => Ok(live(key, &raw, now_ms())?.map(<[u8]>::to_vec)),
             None => Ok(None),
@@ -363,15 +400,18 @@ impl Store for SledStore {
         self.maybe_reopen();
         let h = self.h()?;
         check_key(key)?;
-        h.data.insert(key, encode(value, None)).map_err(|e| self.failed(e))?;
-        self.flush().await
+        let before = match h.data.insert(key, encode(value, None)).map_err(|e| self.failed(e))? {
+            Some(raw) => live(key, &raw, now_ms())?.map(<[u8]>::to_vec),
+            None => None,
+        };
+        self.flush_or_shadow([(key.to_owned(), before)]).await
     }
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
         self.maybe_reopen();
         let swapped = self.compare_and_swap_unflushed(key, expected, new)?;
         if swapped {
-            self.flush().await?;
+            self.flush_or_shadow([(key.to_owned(), expected.map(<[u8]>::to_vec))]).await?;
         }
         Ok(swapped)
     }
@@ -396,7 +436,16 @@ impl Store for SledStore {
             .map_err(|e| self.tx_failed(e))?;
         // One fsync makes the whole batch durable.
         if outcomes.contains(&TxOutcome::Committed) {
-            self.flush().await?;
+            let written =
+                txs.iter().zip(&outcomes).filter(|(_, o)| **o == TxOutcome::Committed).flat_map(|(ops, _)| {
+                    ops.iter().filter_map(|op| match op {
+                        TxOp::Insert { key, .. } => Some((key.clone(), None)),
+                        TxOp::Swap { key, expected, .. } => Some((key.clone(), Some(expected.clone()))),
+                        // Counters are not read back by requests.
+                        TxOp::Count { .. } => None,
+                    })
+                });
+            self.flush_or_shadow(written.collect::<Vec<_>>()).await?;
         }
         Ok(outcomes)
     }
@@ -441,10 +490,11 @@ impl Store for SledStore {
             let Some(current) = h.data.get(key).map_err(|e| self.failed(e))? else {
                 return Ok(false);
             };
-            let was_live = live(key, &current, now_ms())?.is_some();
+            let before = live(key, &current, now_ms())?.map(<[u8]>::to_vec);
+            let was_live = before.is_some();
             match h.data.compare_and_swap(key, Some(current), None::<&[u8]>).map_err(|e| self.failed(e))? {
                 Ok(()) => {
-                    self.flush().await?;
+                    self.flush_or_shadow([(key.to_owned(), before)]).await?;
                     return Ok(was_live);
                 }
                 Err(_) => continue,
@@ -464,9 +514,21 @@ impl Store for SledStore {
             _ => Bound::Included(prefix.as_bytes().to_vec()),
         };
         let now = now_ms();
+        // Keys a failed flush left in memory only are read as they were before it.
+        let shadow: Vec<(String, Option<Vec<u8>>)> = if self.any_unflushed.load(Ordering::Acquire) {
+            let shadow = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            shadow
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let raw_limit = limit.saturating_add(shadow.len());
         let mut out = Vec::new();
         for item in h.data.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
-            if out.len() >= limit {
+            if out.len() >= raw_limit {
                 break;
             }
             let (k, raw) = item.map_err(|e| self.failed(e))?;
@@ -481,6 +543,12 @@ impl Store for SledStore {
                 out.push((key, v.to_vec()));
             }
         }
+        if !shadow.is_empty() {
+            out.retain(|(k, _)| !shadow.iter().any(|(s, _)| s == k));
+            out.extend(shadow.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -488,7 +556,7 @@ impl Store for SledStore {
         self.maybe_reopen();
         let inserted = self.insert_if_absent_unflushed(key, value, ttl)?;
         if inserted {
-            self.flush().await?;
+            self.flush_or_shadow([(key.to_owned(), None)]).await?;
         }
         Ok(inserted)
     }
@@ -501,7 +569,8 @@ impl Store for SledStore {
         }
         // One fsync makes the whole batch durable.
         if out.iter().any(|b| *b) {
-            self.flush().await?;
+            let inserted = items.iter().zip(&out).filter(|(_, new)| **new).map(|((k, _, _), _)| (k.clone(), None));
+            self.flush_or_shadow(inserted.collect::<Vec<_>>()).await?;
         }
         Ok(out)
     }
