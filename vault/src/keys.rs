@@ -633,10 +633,8 @@ pub async fn retire_version(
 const RETIRE_CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Run `retire` holding the retire claim of `family` (`sys/rotate/retire-claim/<family>`,
-/// insert-if-absent with a TTL): of concurrent retires on any replica one runs, and the
-/// others get 409. The claim is released when `retire` ends, also when its request is
-/// dropped half way (a client that hangs up); a process that stops holds it for at most
-/// [`RETIRE_CLAIM_TTL`].
+/// [`crate::store::while_claimed`]): of concurrent retires on any replica one runs, and
+/// the others get 409.
 pub async fn retiring_alone<T>(
     store: &Arc<dyn Store>,
     family: Family,
@@ -647,51 +645,9 @@ pub async fn retiring_alone<T>(
         Family::TokenSigning => "token-signing",
     };
     let key = format!("sys/rotate/retire-claim/{name}");
-    let holder = uuid::Uuid::new_v4().to_string();
-    if !store.insert_if_absent(&key, holder.as_bytes(), Some(RETIRE_CLAIM_TTL)).await? {
-        return Err(Error::Conflict(format!("a retire of the {name} keys is already running; retry when it is done")));
-    }
-    let mut claim = Claim { store: store.clone(), key, holder, held: true };
-    let r = retire.await;
-    claim.release().await;
-    r
-}
-
-/// A held claim. Released by [`Claim::release`], or, when it is dropped still held (its
-/// request was dropped half way), by a task of its own.
-struct Claim {
-    store: Arc<dyn Store>,
-    key: String,
-    holder: String,
-    held: bool,
-}
-
-impl Claim {
-    async fn release(&mut self) {
-        self.held = false;
-        if let Err(e) = self.store.compare_and_swap(&self.key, Some(self.holder.as_bytes()), None).await {
-            tracing::warn!(error = %e, key = %self.key, "releasing a claim failed (it expires by itself)");
-        }
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if !self.held {
-            return;
-        }
-        let mut claim = Claim {
-            store: self.store.clone(),
-            key: std::mem::take(&mut self.key),
-            holder: std::mem::take(&mut self.holder),
-            held: false,
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move { claim.release().await });
-            }
-            Err(_) => tracing::warn!(key = %claim.key, "no runtime to release a claim on (it expires by itself)"),
-        }
+    match crate::store::while_claimed(store, &key, RETIRE_CLAIM_TTL, retire).await? {
+        Some(r) => r,
+        None => Err(Error::Conflict(format!("a retire of the {name} keys is already running; retry when it is done"))),
     }
 }
 

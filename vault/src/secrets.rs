@@ -182,6 +182,15 @@ pub fn expired(meta: &SecretMeta, v: &VersionMeta) -> bool {
     created.checked_add(std::time::Duration::from_secs(after)).is_some_and(|t| t <= std::time::SystemTime::now())
 }
 
+/// The steps that delete one stored record ([`Secrets::record_removal`]).
+struct Removal {
+    swap: TxOp,
+    /// The counter it is counted under (minus one when it goes).
+    counter: Option<String>,
+    /// It is the copy a rotation set aside, not the record itself.
+    set_aside: bool,
+}
+
 /// How many times a change of a secret's versions reads and tries again when the secret
 /// changed under it, before it answers 409.
 const MAX_CHANGE_ATTEMPTS: usize = 100;
@@ -263,6 +272,8 @@ impl Secrets {
         validate_value(value)?;
         let (_, meta) = self.load_meta(path).await?;
         let cas_mismatch = || Error::Conflict("check-and-set parameter did not match the current version".into());
+        let written_concurrently =
+            || Error::Conflict(format!("{} is being written concurrently; retry", path.as_str()));
         if opts.cas.is_some_and(|cas| cas != meta.current_version) {
             return Err(cas_mismatch());
         }
@@ -272,7 +283,7 @@ impl Secrets {
         'claim: loop {
             attempts += 1;
             if attempts > MAX_WRITE_ATTEMPTS {
-                return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.as_str())));
+                return Err(written_concurrently());
             }
             let full = self.full(path);
             let sealed = self.barrier.seal(&record_context_raw(&full, version), value).await?;
@@ -359,27 +370,40 @@ impl Secrets {
                 if attempts > MAX_WRITE_ATTEMPTS {
                     // Never acknowledged: its record goes.
                     self.destroy_record(&key).await?;
-                    return Err(Error::Conflict(format!("{} is being written concurrently; retry", path.as_str())));
+                    return Err(written_concurrently());
                 }
             }
         }
     }
 
-    /// Delete a stored record and its count, in one transaction; a record set aside by a
-    /// rotation goes with its count too.
+    /// What deletes the record under `key` now: the swap that removes it (or the copy a
+    /// rotation set aside of it) and the counter it is counted under; `None` if there is
+    /// neither.
+    async fn record_removal(&self, key: &str) -> Result<Option<Removal>> {
+        if let Some(raw) = self.store.get(key).await? {
+            let counter = Record::parse(&raw).ok().map(|r| usage::counter_key(r.kek_version, key));
+            let swap = TxOp::Swap { key: key.to_owned(), expected: raw, new: None };
+            return Ok(Some(Removal { swap, counter, set_aside: false }));
+        }
+        let aside_key = usage::set_aside_key(key);
+        let Some(raw) = self.store.get(&aside_key).await? else { return Ok(None) };
+        let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
+        let counter = aside.counted_under.and_then(KeyVersion::new).map(|v| usage::counter_key(v, key));
+        Ok(Some(Removal { swap: TxOp::Swap { key: aside_key, expected: raw, new: None }, counter, set_aside: true }))
+    }
+
+    /// Delete a stored record and its count, in one transaction (a record set aside by a
+    /// rotation goes with its count too); read again if it was re-wrapped meanwhile.
     async fn destroy_record(&self, key: &str) -> Result<()> {
         loop {
-            let Some(raw) = self.store.get(key).await? else {
-                return self.discard_set_aside(key).await;
-            };
-            let mut ops = vec![TxOp::Swap { key: key.to_owned(), expected: raw.clone(), new: None }];
-            if let Ok(r) = Record::parse(&raw) {
-                ops.push(usage::count(r.kek_version, key, -1));
-            }
-            match self.store.transact(ops).await? {
-                TxOutcome::Committed => return Ok(()),
-                // Re-wrapped meanwhile: read it again.
-                _ => continue,
+            let Some(r) = self.record_removal(key).await? else { return Ok(()) };
+            let mut ops = vec![r.swap];
+            ops.extend(r.counter.map(|key| TxOp::Count { key, delta: -1 }));
+            if self.store.transact(ops).await? == TxOutcome::Committed {
+                if r.set_aside {
+                    tracing::warn!(record = %key, "a record set aside by a rotation was deleted with its secret version");
+                }
+                return Ok(());
             }
         }
     }
@@ -402,20 +426,12 @@ impl Secrets {
         let mut set_aside = Vec::new();
         for v in versions {
             let key = self.data_key(path, v);
-            if let Some(raw) = self.store.get(&key).await? {
-                if let Ok(r) = Record::parse(&raw) {
-                    *counts.entry(usage::counter_key(r.kek_version, &key)).or_default() -= 1;
-                }
-                removals.push(TxOp::Swap { key, expected: raw, new: None });
-                continue;
+            let Some(r) = self.record_removal(&key).await? else { continue };
+            if let Some(counter) = r.counter {
+                *counts.entry(counter).or_default() -= 1;
             }
-            let aside_key = usage::set_aside_key(&key);
-            if let Some(raw) = self.store.get(&aside_key).await? {
-                let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
-                if let Some(kv) = aside.counted_under.and_then(KeyVersion::new) {
-                    *counts.entry(usage::counter_key(kv, &key)).or_default() -= 1;
-                }
-                removals.push(TxOp::Swap { key: aside_key, expected: raw, new: None });
+            removals.push(r.swap);
+            if r.set_aside {
                 set_aside.push(key);
             }
         }
@@ -435,19 +451,6 @@ impl Secrets {
             }
             TxOutcome::Conflict | TxOutcome::Closed => Ok(false),
         }
-    }
-
-    async fn discard_set_aside(&self, key: &str) -> Result<()> {
-        let aside_key = usage::set_aside_key(key);
-        let Some(raw) = self.store.get(&aside_key).await? else { return Ok(()) };
-        let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
-        let mut ops = vec![TxOp::Swap { key: aside_key, expected: raw, new: None }];
-        if let Some(v) = aside.counted_under.and_then(KeyVersion::new) {
-            ops.push(usage::count(v, key, -1));
-        }
-        self.store.transact(ops).await?;
-        tracing::warn!(record = %key, "a record set aside by a rotation was deleted with its secret version");
-        Ok(())
     }
 
     /// Read a version (default: the current one).

@@ -456,26 +456,14 @@ impl Database {
         })
     }
 
-    /// Take the role's rotation claim (false: another rotation holds it).
-    async fn claim(&self, name: &str) -> Result<bool> {
-        let holder = uuid::Uuid::new_v4().to_string();
-        Ok(self.store.insert_if_absent(&format!("{CLAIM_PREFIX}{name}"), holder.as_bytes(), Some(CLAIM_TTL)).await?)
-    }
-
-    async fn release(&self, name: &str) {
-        if let Err(e) = self.store.delete(&format!("{CLAIM_PREFIX}{name}")).await {
-            tracing::warn!(role = name, error = %e, "database: releasing a rotation claim failed (it expires by itself)");
-        }
-    }
-
-    /// Rotate (or, with `finish_only`, only apply a pending password), holding the claim.
+    /// Rotate (or, with `finish_only`, only apply a pending password), holding the role's
+    /// rotation claim ([`crate::store::while_claimed`]; 409 while another holds it).
     async fn rotate(&self, name: &str, finish_only: bool) -> Result<()> {
-        if !self.claim(name).await? {
-            return Err(Error::Conflict(format!("a rotation of role {name} is running")));
+        let key = format!("{CLAIM_PREFIX}{name}");
+        match crate::store::while_claimed(&self.store, &key, CLAIM_TTL, self.rotate_claimed(name, finish_only)).await? {
+            Some(r) => r,
+            None => Err(Error::Conflict(format!("a rotation of role {name} is running"))),
         }
-        let r = self.rotate_claimed(name, finish_only).await;
-        self.release(name).await;
-        r
     }
 
     async fn rotate_claimed(&self, name: &str, finish_only: bool) -> Result<()> {

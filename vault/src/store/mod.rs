@@ -193,6 +193,66 @@ pub struct Counter {
     pub closed: bool,
 }
 
+/// Run `work` holding the claim `key`: a random holder inserted if absent, with `ttl`.
+/// `None`, and `work` is not run, if another holder has the claim, in any process sharing
+/// the store: of concurrent callers one runs. The claim is released (compare-and-delete
+/// of this holder's value, so a claim taken over after its TTL is never released by the
+/// old holder) when `work` ends, or by a task of its own when `work` is dropped half way
+/// (a client that hung up); a process that stops holds it for at most `ttl`.
+pub async fn while_claimed<T>(
+    store: &std::sync::Arc<dyn Store>,
+    key: &str,
+    ttl: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> StoreResult<Option<T>> {
+    let holder = uuid::Uuid::new_v4().to_string();
+    if !store.insert_if_absent(key, holder.as_bytes(), Some(ttl)).await? {
+        return Ok(None);
+    }
+    let mut claim = Claim { store: store.clone(), key: key.to_owned(), holder, held: true };
+    let r = work.await;
+    claim.release().await;
+    Ok(Some(r))
+}
+
+/// A held claim ([`while_claimed`]). Released by [`Claim::release`], or, when it is
+/// dropped still held, by a task of its own.
+struct Claim {
+    store: std::sync::Arc<dyn Store>,
+    key: String,
+    holder: String,
+    held: bool,
+}
+
+impl Claim {
+    async fn release(&mut self) {
+        self.held = false;
+        if let Err(e) = self.store.compare_and_swap(&self.key, Some(self.holder.as_bytes()), None).await {
+            tracing::warn!(error = %e, key = %self.key, "releasing a claim failed (it expires by itself)");
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let mut claim = Claim {
+            store: self.store.clone(),
+            key: std::mem::take(&mut self.key),
+            holder: std::mem::take(&mut self.holder),
+            held: false,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { claim.release().await });
+            }
+            Err(_) => tracing::warn!(key = %claim.key, "no runtime to release a claim on (it expires by itself)"),
+        }
+    }
+}
+
 /// Check every key a transaction names.
 pub(crate) fn check_tx_keys(txs: &[Vec<TxOp>]) -> StoreResult<()> {
     for op in txs.iter().flatten() {
