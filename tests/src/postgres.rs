@@ -146,6 +146,18 @@ impl TestPostgres {
         assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The first column of the first row `sql` returns, as text (run as `keyvault`).
+    pub fn query_value(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", PORT, "-U", "keyvault", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tA", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Whether `user` can log in with `password`.
     pub async fn can_log_in(&self, user: &str, password: &str) -> bool {
         let mut c: tokio_postgres::Config = self.connection_string(user, "postgres").parse().unwrap();

@@ -245,6 +245,95 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     }
 }
 
+/// The admin connections are a bounded pool, reused: a burst of 32 concurrent
+/// `static-creds` reads and rotations, against an admin whose database allows it only 2
+/// connections (`CONNECTION LIMIT 2`) and `max_open_connections = 2`, is served whole. With
+/// one connection per request, the database refused the third ("too many connections for
+/// role") and the reads answered 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_a_bounded_pool() {
+    let pg = TestPostgres::start();
+    pg.psql("CREATE ROLE kv_admin LOGIN CREATEROLE CONNECTION LIMIT 2 PASSWORD 'admin-password'");
+    pg.psql("CREATE ROLE pooled LOGIN PASSWORD 'initial-password'");
+    // PostgreSQL 16 lets a CREATEROLE role alter only the roles it administers.
+    pg.psql("GRANT pooled TO kv_admin WITH ADMIN OPTION");
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("admin-password");
+    std::fs::write(&password_file, "admin-password\n").unwrap();
+    let mounts = format!(
+        "[[mounts]]\npath = \"database\"\ntype = \"database\"\n[mounts.options]\ncheck_interval = \"1s\"\n\
+         [mounts.options.connections.main]\nconnection = \"{}\"\npassword_file = \"{}\"\n\
+         max_open_connections = 2\nmax_connection_lifetime = \"1h\"\n\
+         [mounts.options.connections.short]\nconnection = \"{}\"\nmax_connection_lifetime = \"1s\"\n",
+        pg.connection_string("kv_admin", "postgres"),
+        password_file.display(),
+        pg.connection_string("keyvault", "postgres"),
+    );
+    let s =
+        TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    let role = json!({"db_name": "main", "username": "pooled", "rotation_period": "1h"});
+    ok(c.post("database/static-roles/pooled", Some(&root), role).await, 204);
+    // The backends of a user's connections, other than this query's own.
+    let backends = |user: &str| {
+        let pids = pg.query_value(&format!(
+            "SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity \
+             WHERE usename = '{user}' AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ));
+        pids.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (c, root) = (c.clone(), root.clone());
+                tokio::spawn(async move {
+                    if i % 8 == 7 {
+                        let r = c.post("database/rotate-role/pooled", Some(&root), json!({})).await;
+                        (r.status, r.body)
+                    } else {
+                        let r = c.get("database/static-creds/pooled", &root).await;
+                        (r.status, r.body)
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (status, body) = t.await.unwrap();
+            // A rotation may find another running (409); nothing is refused for want of
+            // a connection.
+            assert!(status == 200 || status == 204 || status == 409, "round {round}: {status} {body}");
+        }
+        let open = backends("kv_admin");
+        assert!((1..=2).contains(&open.len()), "round {round}: admin connections {open:?}");
+        seen.push(open);
+    }
+    // The same connections served every round (reused, not opened per request).
+    assert_eq!(seen[1], seen[2]);
+    // A connection older than `max_connection_lifetime` is not used again: another replaces it.
+    pg.psql("CREATE ROLE lifer LOGIN PASSWORD 'x'");
+    let role = json!({"db_name": "short", "username": "lifer", "rotation_period": "1h"});
+    ok(c.post("database/static-roles/lifer", Some(&root), role).await, 204);
+    let first = backends("keyvault");
+    assert!(!first.is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(pg.can_log_in("lifer", &password(&c, &root, "lifer").await).await);
+    // (A backend whose connection was closed leaves pg_stat_activity shortly after.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = backends("keyvault");
+        if !now.is_empty() && now.iter().all(|p| !first.contains(p)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "connections past their lifetime still open: {first:?} {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The password served is the database's.
+    let p = password(&c, &root, "pooled").await;
+    assert!(pg.can_log_in("pooled", &p).await);
+}
+
 /// Two replicas on one PostgreSQL store, both with the scheduler running, rotating on
 /// demand at once: each rotation is whole or a 409, and both replicas serve the password
 /// the database has.

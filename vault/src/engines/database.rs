@@ -1,5 +1,5 @@
 //! The `database` engine: static roles whose PostgreSQL passwords KeyVault rotates (Vault's
-//! `database` secrets engine, static roles). KeyVault holds an admin connection per
+//! `database` secrets engine, static roles). KeyVault holds a pool of admin connections per
 //! configured database; a static role names a connection and a database role; KeyVault
 //! sets a new random password with `ALTER ROLE` on a schedule (`rotation_period`) and on
 //! demand (`rotate-role/<name>`), and serves it at `static-creds/<name>`.
@@ -98,7 +98,34 @@ struct ConnectionConfig {
     /// prefixes ending in `*` (`["app_*", "reporting"]`). Empty: any ordinary role.
     #[serde(default)]
     allowed_usernames: Vec<String>,
+    /// At most this many admin connections to the database at once (Vault's
+    /// `max_open_connections`; default 4). Requests beyond it wait for one to come free,
+    /// up to [`POOL_WAIT`], then answer 503.
+    #[serde(default = "default_max_open_connections")]
+    max_open_connections: usize,
+    /// An admin connection is closed once it is this old (Vault's
+    /// `max_connection_lifetime`; default: no limit). One unused for [`POOL_IDLE`] is closed.
+    #[serde(default, with = "keyvault_api::vault_duration")]
+    max_connection_lifetime: Option<Duration>,
 }
+
+impl ConnectionConfig {
+    fn check(&self) -> std::result::Result<(), &'static str> {
+        if !(1..=64).contains(&self.max_open_connections) {
+            return Err("max_open_connections: 1 to 64");
+        }
+        Ok(())
+    }
+}
+
+fn default_max_open_connections() -> usize {
+    4
+}
+
+/// How long a request waits for a free admin connection before it answers 503.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+/// An admin connection unused this long is closed (by the scheduler's next check).
+const POOL_IDLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,15 +136,17 @@ struct Options {
     check_interval: Option<Duration>,
 }
 
+/// One configured database: its admin connections (a bounded pool: a burst of reads must
+/// not use up the database's `max_connections`, nor open one connection per request).
 struct Connection {
-    config: tokio_postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    pool: deadpool_postgres::Pool,
+    max_open: usize,
     allowed_usernames: Vec<String>,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("tls", &self.tls.is_some()).finish_non_exhaustive()
+        f.debug_struct("Connection").field("max_open", &self.max_open).finish_non_exhaustive()
     }
 }
 
@@ -235,7 +264,10 @@ impl Database {
             // A rotation's ALTER ROLE must not wait for good on a lock that the role
             // itself (or anyone) holds in an open transaction: it fails and is retried.
             crate::store::bound_in_time(&mut config, "statement_timeout=15s -c lock_timeout=5s");
-            let tls = match &c.tls_ca_file {
+            c.check().map_err(|e| bad(format!("connection {name}: {e}")))?;
+            let recycling =
+                deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast };
+            let manager = match &c.tls_ca_file {
                 Some(ca) => {
                     use rustls_pki_types::pem::PemObject;
                     let mut roots = rustls::RootCertStore::empty();
@@ -251,12 +283,30 @@ impl Database {
                         .with_root_certificates(roots)
                         .with_no_client_auth();
                     config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                    Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+                    deadpool_postgres::Manager::from_config(config, tls, recycling)
                 }
-                None => None,
+                None => deadpool_postgres::Manager::from_config(config, tokio_postgres::NoTls, recycling),
             };
-            connections
-                .insert(name.clone(), Connection { config, tls, allowed_usernames: c.allowed_usernames.clone() });
+            let mut pool = deadpool_postgres::Pool::builder(manager)
+                .max_size(c.max_open_connections)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(Duration::from_secs(10)))
+                .runtime(deadpool_postgres::Runtime::Tokio1);
+            if let Some(lifetime) = c.max_connection_lifetime.filter(|d| !d.is_zero()) {
+                pool = pool.pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| {
+                    if metrics.age() < lifetime {
+                        Ok(())
+                    } else {
+                        Err(deadpool_postgres::HookError::message("max_connection_lifetime reached"))
+                    }
+                }));
+            }
+            let pool = pool.build().map_err(|e| bad(format!("connection {name}: {e}")))?;
+            connections.insert(
+                name.clone(),
+                Connection { pool, max_open: c.max_open_connections, allowed_usernames: c.allowed_usernames.clone() },
+            );
         }
         let max_versions = core.settings.secrets.max_versions;
         let db = Arc::new(Database {
@@ -273,6 +323,9 @@ impl Database {
             loop {
                 tick.tick().await;
                 let Some(db) = weak.upgrade() else { return };
+                for c in db.connections.values() {
+                    c.pool.retain(|_, m| m.last_used() < POOL_IDLE);
+                }
                 if keys.is_sealed() {
                     continue;
                 }
@@ -319,26 +372,21 @@ impl Database {
         Ok(())
     }
 
-    /// A connection as the admin of `db_name`.
-    async fn admin_client(&self, db_name: &str) -> Result<tokio_postgres::Client> {
+    /// A connection as the admin of `db_name`, from its pool: 503 if the database cannot
+    /// be reached, or if all its `max_open_connections` stay busy for [`POOL_WAIT`].
+    async fn admin_client(&self, db_name: &str) -> Result<deadpool_postgres::Object> {
         let conn = self
             .connections
             .get(db_name)
             .ok_or_else(|| Error::invalid(format!("no database connection named {db_name:?}")))?;
-        let unavailable = |e: tokio_postgres::Error| {
-            tracing::warn!(db = %db_name, error = %e, "database: the admin connection failed");
-            Error::Unavailable(format!("database {db_name}: cannot connect as its admin (see the server log)"))
-        };
-        Ok(match &conn.tls {
-            Some(tls) => {
-                let (client, connection) = conn.config.connect(tls.clone()).await.map_err(unavailable)?;
-                tokio::spawn(connection);
-                client
-            }
-            None => {
-                let (client, connection) = conn.config.connect(tokio_postgres::NoTls).await.map_err(unavailable)?;
-                tokio::spawn(connection);
-                client
+        conn.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Timeout(_) => Error::Unavailable(format!(
+                "database {db_name}: all {} admin connections (max_open_connections) stayed busy; retry",
+                conn.max_open
+            )),
+            e => {
+                tracing::warn!(db = %db_name, error = %e, "database: the admin connection failed");
+                Error::Unavailable(format!("database {db_name}: cannot connect as its admin (see the server log)"))
             }
         })
     }
@@ -688,6 +736,24 @@ impl Engine for Database {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_options_are_bounded() {
+        let parse = |extra: &str| -> ConnectionConfig {
+            toml::from_str(&format!("connection = \"host=/tmp user=admin\"\n{extra}")).unwrap()
+        };
+        let c = parse("");
+        assert_eq!((c.max_open_connections, c.max_connection_lifetime), (4, None));
+        assert!(c.check().is_ok());
+        assert_eq!(parse("max_connection_lifetime = \"10m\"").max_connection_lifetime, Some(Duration::from_secs(600)));
+        for n in [1, 64] {
+            assert!(parse(&format!("max_open_connections = {n}")).check().is_ok());
+        }
+        for n in [0, 65, 100_000] {
+            assert!(parse(&format!("max_open_connections = {n}")).check().is_err(), "{n}");
+        }
+        assert!(toml::from_str::<ConnectionConfig>("connection = \"x\"\nmax_open = 3").is_err());
+    }
 
     #[test]
     fn passwords_and_names_cannot_break_out_of_the_statement() {
