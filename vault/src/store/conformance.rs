@@ -131,6 +131,22 @@ pub async fn compare_and_swap(s: &dyn Store) {
     wait_expired(s, "c2/exp").await;
     assert!(s.compare_and_swap("c2/exp", None, Some(b"fresh")).await.unwrap());
     assert_eq!(s.get("c2/exp").await.unwrap().as_deref(), Some(&b"fresh"[..]));
+    // A swapped entry keeps its expiry, by compare-and-swap and in a transaction (a
+    // limited-use credential whose count went down still lapses, and a purge removes it);
+    // one made in place of an expired entry has none.
+    for k in ["c2/ttl-cas", "c2/ttl-tx", "c2/ttl-remade"] {
+        assert!(s.insert_if_absent(k, b"3", Some(Duration::from_millis(300))).await.unwrap());
+    }
+    assert!(s.compare_and_swap("c2/ttl-cas", Some(b"3"), Some(b"2")).await.unwrap());
+    assert_eq!(s.transact(vec![swap("c2/ttl-tx", "3", Some("2"))]).await.unwrap(), TxOutcome::Committed);
+    assert_eq!(s.get("c2/ttl-cas").await.unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(s.get("c2/ttl-tx").await.unwrap().as_deref(), Some(&b"2"[..]));
+    wait_expired(s, "c2/ttl-remade").await;
+    assert!(s.compare_and_swap("c2/ttl-remade", None, Some(b"new")).await.unwrap());
+    wait_expired(s, "c2/ttl-cas").await;
+    wait_expired(s, "c2/ttl-tx").await;
+    assert!(s.purge_expired().await.unwrap() >= 2);
+    assert_eq!(s.get("c2/ttl-remade").await.unwrap().as_deref(), Some(&b"new"[..]));
 }
 
 fn ins(key: &str, value: &str) -> TxOp {

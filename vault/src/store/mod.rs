@@ -91,6 +91,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Atomically replace the value under `key` if the current value equals `expected`
     /// (`None`: the key is absent). `new == None` deletes. Returns whether it swapped.
+    /// A swapped entry keeps its expiry (a limited-use credential stored with a TTL still
+    /// leaves storage when it lapses); one made where the key was absent has none.
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool>;
 
     /// Remove `key`. Returns whether it was present (and not expired): a consuming read

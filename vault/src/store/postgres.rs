@@ -91,11 +91,11 @@ const INSERT_IF_ABSENT_TTL: &str = "INSERT INTO keyvault_kv (key, value, expires
     VALUES ($1, $2, CASE WHEN $3::BIGINT IS NULL THEN NULL ELSE now() + $3::BIGINT * INTERVAL '1 millisecond' END) \
     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at \
     WHERE keyvault_kv.expires_at IS NOT NULL AND keyvault_kv.expires_at <= now()";
-const SWAP: &str =
-    concat!("UPDATE keyvault_kv SET value = $3, expires_at = NULL WHERE key = $1 AND value = $2 AND ", live!());
+/// Only a live row is swapped, and it keeps its expiry (see [`Store::compare_and_swap`]).
+const SWAP: &str = concat!("UPDATE keyvault_kv SET value = $3 WHERE key = $1 AND value = $2 AND ", live!());
 /// Many swaps in one statement: the keys, expected and new values as three arrays.
 const SWAP_MANY: &str = concat!(
-    "UPDATE keyvault_kv AS t SET value = u.new, expires_at = NULL \
+    "UPDATE keyvault_kv AS t SET value = u.new \
      FROM unnest($1::TEXT[], $2::BYTEA[], $3::BYTEA[]) AS u(key, old, new) \
      WHERE t.key = u.key AND t.value = u.old AND ",
     live!(),

@@ -97,6 +97,14 @@ fn live<'a>(key: &str, raw: &'a [u8], now: u64) -> StoreResult<Option<&'a [u8]>>
     }
 }
 
+/// The expiry (unix ms) a stored entry carries, if any.
+fn expiry_of(raw: &[u8]) -> Option<u64> {
+    match raw.split_first() {
+        Some((&EXPIRING, rest)) => rest.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
+        _ => None,
+    }
+}
+
 fn encode(value: &[u8], expires_ms: Option<u64>) -> Vec<u8> {
     let mut out = Vec::with_capacity(value.len() + 9);
     match expires_ms {
@@ -171,7 +179,9 @@ fn apply_tx(data: &TransactionalTree, counters: &TransactionalTree, ops: &[TxOp]
                 data.insert(key.as_bytes(), encode(value, None))?;
             }
             TxOp::Swap { key, new: Some(v), .. } => {
-                data.insert(key.as_bytes(), encode(v, None))?;
+                // Checked live above: it keeps its expiry.
+                let keeps = data.get(key)?.as_deref().and_then(expiry_of);
+                data.insert(key.as_bytes(), encode(v, keeps))?;
             }
             TxOp::Swap { key, new: None, .. } => {
                 data.remove(key.as_bytes())?;
@@ -331,7 +341,9 @@ impl SledStore {
             if logical != expected {
                 return Ok(false);
             }
-            let replacement = new.map(|v| encode(v, None));
+            // A live entry keeps its expiry; one made where the key was absent has none.
+            let keeps = logical.and(current.as_deref()).and_then(expiry_of);
+            let replacement = new.map(|v| encode(v, keeps));
             match h.data.compare_and_swap(key, current, replacement).map_err(|e| self.failed(e))? {
                 Ok(()) => return Ok(true),
                 // Raced with another writer between our read and the swap: decide again.

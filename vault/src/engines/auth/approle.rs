@@ -208,8 +208,19 @@ impl AppRole {
             role_id: Some(role.config.role_id.clone()),
         };
         let key = format!("{}{mac}", secret_id_prefix(name));
-        if !self.store.insert_if_absent(&key, &encode_json(&entry), ttl).await? {
+        let raw = encode_json(&entry);
+        if !self.store.insert_if_absent(&key, &raw, ttl).await? {
             return Err(Error::Internal("secret id collision".into()));
+        }
+        // A delete of the role may have scanned for its secret ids before this one was
+        // stored (the role was read before the delete): if the role is gone now, or is
+        // another role of that name, the id is taken back, or it would stay in storage for
+        // good (it could not log in). A delete removes the role before it scans, so either
+        // this look finds it gone or the delete's scan finds this id.
+        let same = self.roles.load_raw(name).await?.is_some_and(|(_, now)| now.config.role_id == role.config.role_id);
+        if !same {
+            self.store.compare_and_swap(&key, Some(&raw), None).await?;
+            return Err(Error::NotFound(format!("no role {name}")));
         }
         Ok(NewSecretId { secret_id, accessor, ttl, num_uses })
     }
@@ -419,5 +430,31 @@ mod tests {
         let kept = record(&new).await.expect("the new role's secret id is kept");
         let kept: StoredSecretId = decode_json("kept", &kept).unwrap();
         assert_eq!(kept.role_id, Some(approle.role_id("web").await.unwrap()));
+    }
+
+    /// A secret id minted for a role that a delete removed meanwhile (after the mint read
+    /// the role, before it stored the id, so the delete's scan missed it): the mint
+    /// answers 404 and leaves nothing in storage. The same when the role was made again
+    /// under its name: the id was for the one deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_secret_id_minted_for_a_role_deleted_meanwhile_is_not_kept() {
+        let keyed = Keyed::new().await;
+        let approle = AppRole::new(keyed.store.clone(), keyed.keys.clone(), keyed.names.clone(), keyed.keyring.clone());
+        let config = RoleConfig { secret_id_ttl: None, secret_id_num_uses: 0 };
+        let stored = || async { scan_all(keyed.store.as_ref(), &secret_id_prefix("web")).await.unwrap().len() };
+
+        approle.write("web", config.clone(), TokenSettings::default(), None).await.unwrap();
+        let read_before = approle.roles.require("web").await.unwrap();
+        approle.delete_role("web").await.unwrap();
+        let minted = approle.new_secret_id("web", &read_before).await;
+        assert!(matches!(minted, Err(Error::NotFound(_))), "{:?}", minted.map(|m| m.accessor));
+        assert_eq!(stored().await, 0);
+
+        approle.write("web", config, TokenSettings::default(), None).await.unwrap();
+        assert!(matches!(approle.new_secret_id("web", &read_before).await, Err(Error::NotFound(_))));
+        assert_eq!(stored().await, 0);
+        // The role as it is now mints as before.
+        approle.new_secret_id("web", &approle.roles.require("web").await.unwrap()).await.unwrap();
+        assert_eq!(stored().await, 1);
     }
 }
