@@ -35,17 +35,50 @@ pub fn valid_timestamp(timestamp: &str) -> bool {
     !timestamp.is_empty() && timestamp.len() <= 12 && timestamp.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The bytes a producer signs with Ed25519: `"{timestamp}.{nonce}." + body`. With a
-/// timestamp of digits and a nonce of `[A-Za-z0-9_-]` (neither contains `.`), the input
-/// splits back one way only: no two (timestamp, nonce, body) give the same bytes.
+/// The domain tag that starts every signing input. A signature made with a producer's key
+/// for anything else (another protocol, a document, a token) is over bytes that do not start
+/// with it, so it never verifies as a gateway request, whatever those bytes are.
+pub const SIGNING_TAG: &[u8] = b"keyvault/gateway/request/v1\n";
+
+/// The bytes a producer signs with Ed25519: [`SIGNING_TAG`] then
+/// `"{timestamp}.{nonce}." + body`. With a timestamp of digits and a nonce of
+/// `[A-Za-z0-9_-]` (neither contains `.`), the input splits back one way only: no two
+/// (timestamp, nonce, body) give the same bytes.
 pub fn signing_input(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNING_TAG.len() + timestamp.len() + nonce.len() + 2 + body.len());
+    message.extend_from_slice(SIGNING_TAG);
+    push_untagged(&mut message, timestamp, nonce, body);
+    message
+}
+
+/// The signing input of producers registered before [`SIGNING_TAG`]:
+/// `"{timestamp}.{nonce}." + body`, with no tag. Accepted only from producers whose
+/// `signing_input` is [`SigningInput::TaggedOrUntagged`].
+pub fn untagged_signing_input(timestamp: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(timestamp.len() + nonce.len() + 2 + body.len());
+    push_untagged(&mut message, timestamp, nonce, body);
+    message
+}
+
+fn push_untagged(message: &mut Vec<u8>, timestamp: &str, nonce: &str, body: &[u8]) {
     message.extend_from_slice(timestamp.as_bytes());
     message.push(b'.');
     message.extend_from_slice(nonce.as_bytes());
     message.push(b'.');
     message.extend_from_slice(body);
-    message
+}
+
+/// Which signing inputs a producer's signatures may be over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SigningInput {
+    /// [`signing_input`] only: what a producer registered now accepts.
+    #[default]
+    Tagged,
+    /// Also [`untagged_signing_input`]: what a producer registered before the tag accepts,
+    /// until its signers are upgraded and it is set to `tagged`.
+    TaggedOrUntagged,
 }
 
 /// One signing key of a producer. Several at once give a dual-validation window during a
@@ -81,6 +114,11 @@ pub struct Producer {
     /// Set by the kill switch: every request of this producer is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    /// Which signing inputs its signatures may be over. Left out of a write: `tagged` for a
+    /// new producer, what it was for one replaced. Stored without it (registered before the
+    /// tag): `tagged_or_untagged`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_input: Option<SigningInput>,
 }
 
 fn default_skew() -> u64 {
@@ -152,7 +190,16 @@ mod tests {
 
     #[test]
     fn the_signing_input_splits_one_way() {
-        assert_eq!(signing_input("1700000000", "abcdefghijklmnop", b"{}"), b"1700000000.abcdefghijklmnop.{}".to_vec());
+        assert_eq!(
+            signing_input("1700000000", "abcdefghijklmnop", b"{}"),
+            b"keyvault/gateway/request/v1\n1700000000.abcdefghijklmnop.{}".to_vec()
+        );
+        assert_eq!(
+            untagged_signing_input("1700000000", "abcdefghijklmnop", b"{}"),
+            b"1700000000.abcdefghijklmnop.{}".to_vec()
+        );
+        // No untagged input is a tagged one: an untagged input starts with a digit.
+        assert!(SIGNING_TAG[0].is_ascii_alphabetic());
         assert!(valid_nonce("abcdefghijklmnop"));
         assert!(!valid_nonce("abcdefghijklmno."));
         assert!(!valid_nonce("short"));

@@ -384,6 +384,63 @@ async fn the_gateway_signing_input_and_bodies_read_one_way_only() {
     ok(c.get("auth/approle/role/dup", &root).await, 404);
 }
 
+/// Producer signatures are domain-separated: a producer registered now accepts only
+/// signatures over the tagged input (`keyvault/gateway/request/v1\n...`), so a signature its
+/// key made over the same bytes without the tag (for another protocol, or by a signer of
+/// before the tag) is 401 `invalid_signature`. A producer set to `tagged_or_untagged` (what
+/// one registered before the tag is) accepts both, alone and mixed in a batch, and keeps
+/// that when replaced by a write that leaves the field out.
+#[tokio::test]
+async fn gateway_signatures_are_domain_separated() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let p = Producer { key: SigningKey::from_bytes(&[6; 32]), cert: "ef".repeat(32) };
+    let register = |extra: Value| {
+        let mut b = json!({"cert_sha256": [p.cert], "keys": [{"key_id": "k",
+            "public_key": STANDARD.encode(p.key.verifying_key().as_bytes())}]});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let untagged = |id: &str, nonce: &str| {
+        let ts = now().to_string();
+        let msg = keyvault_api::gateway::untagged_signing_input(&ts, nonce, b"{}");
+        p.item_with_signature(id, &ts, nonce, b"{}", &p.key.sign(&msg).to_bytes())
+    };
+    let tagged = |id: &str, nonce: &str| p.item(id, &now().to_string(), nonce, b"{}");
+    let verdict = |r: Reply| (r.status, r.body["data"]["reason"].as_str().map(str::to_owned));
+
+    ok(c.post("gateway/producers/new", Some(&root), register(json!({}))).await, 204);
+    let r = ok(c.get("gateway/producers/new", &root).await, 200);
+    assert_eq!(r.body["data"]["signing_input"], "tagged");
+    let r = c.post("gateway/verify", Some(&root), untagged("new", "nonce-new-000000000001")).await;
+    assert_eq!(verdict(r), (401, Some("invalid_signature".into())));
+    ok(c.post("gateway/verify", Some(&root), tagged("new", "nonce-new-000000000002")).await, 200);
+
+    let legacy = json!({"signing_input": "tagged_or_untagged"});
+    ok(c.post("gateway/producers/old", Some(&root), register(legacy)).await, 204);
+    ok(c.post("gateway/verify", Some(&root), untagged("old", "nonce-old-000000000001")).await, 200);
+    ok(c.post("gateway/verify", Some(&root), tagged("old", "nonce-old-000000000002")).await, 200);
+    let batch = json!({"batch": [untagged("old", "nonce-old-000000000003"), tagged("old", "nonce-old-000000000004"),
+        untagged("old", "nonce-old-000000000005"), untagged("new", "nonce-new-000000000003")]});
+    let r = ok(c.post("gateway/verify", Some(&root), batch).await, 200);
+    let statuses: Vec<u64> =
+        r.body["data"]["batch_results"].as_array().unwrap().iter().map(|v| v["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [200, 200, 200, 401], "{r:?}");
+    // Replaced without the field: it keeps accepting both. Set to `tagged`: no longer.
+    ok(c.post("gateway/producers/old", Some(&root), register(json!({"clock_skew_seconds": 20}))).await, 204);
+    let r = ok(c.get("gateway/producers/old", &root).await, 200);
+    assert_eq!(r.body["data"]["signing_input"], "tagged_or_untagged");
+    ok(c.post("gateway/verify", Some(&root), untagged("old", "nonce-old-000000000006")).await, 200);
+    ok(c.post("gateway/producers/old", Some(&root), register(json!({"signing_input": "tagged"}))).await, 204);
+    let r = c.post("gateway/verify", Some(&root), untagged("old", "nonce-old-000000000007")).await;
+    assert_eq!(verdict(r), (401, Some("invalid_signature".into())));
+    ok(c.post("gateway/verify", Some(&root), tagged("old", "nonce-old-000000000008")).await, 200);
+    // An unknown choice is refused.
+    let r = c.post("gateway/producers/odd", Some(&root), register(json!({"signing_input": "none"}))).await;
+    assert_eq!(r.status, 400, "{r:?}");
+}
+
 /// Fire `n` copies of one request at once; the statuses.
 async fn copies(c: &Client, n: usize, method: &'static str, path: &str, token: &str, body: Value) -> Vec<u16> {
     let tasks: Vec<_> = (0..n)

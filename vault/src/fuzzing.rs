@@ -131,6 +131,7 @@ impl Fixture {
             clock_skew_seconds: 30,
             nonce_ttl_seconds: 120,
             disabled: false,
+            signing_input: None,
         };
         rt.block_on(gateway.put_producer(PRODUCER, producer, None)).expect("producer");
         let transit = Transit::new(store.clone(), keys.clone(), names.clone());

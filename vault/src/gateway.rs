@@ -1,8 +1,9 @@
 //! Gateway signature checks (docs/architecture.md, "Key operations"): is a producer's
 //! signed request genuine, fresh, not replayed, and within its tenant mapping?
 //!
-//! The producer signs `"{timestamp}.{nonce}." + raw_body` with Ed25519
-//! ([`keyvault_api::gateway::signing_input`]). Checks, in order:
+//! The producer signs `"keyvault/gateway/request/v1\n{timestamp}.{nonce}." + raw_body` with
+//! Ed25519 ([`keyvault_api::gateway::signing_input`]; producers registered before the tag
+//! also accept the input without it). Checks, in order:
 //! identity known and its certificate fingerprint pinned (401 `identity_mismatch`, or 401
 //! `revoked_identity` after the kill switch), timestamp within the producer's skew (401
 //! `timestamp_out_of_skew`), signature valid under an active key (401 `invalid_signature`),
@@ -28,7 +29,10 @@ use crate::transit::Transit;
 use crate::unix_now;
 
 const PREFIX: &str = "gateway/producers/";
-pub use keyvault_api::gateway::{MAX_BATCH, Producer, ProducerKey, Timestamp, VerifyItem, signing_input, valid_nonce};
+pub use keyvault_api::gateway::{
+    MAX_BATCH, Producer, ProducerKey, SigningInput, Timestamp, VerifyItem, signing_input, untagged_signing_input,
+    valid_nonce,
+};
 
 const MAX_SKEW: u64 = 300;
 /// The longest a nonce is remembered (a day).
@@ -218,8 +222,16 @@ impl Gateway {
 
     /// Register or replace a producer if its stored bytes are still `expected` (`None`: it
     /// must not exist); 409 otherwise.
-    pub async fn put_producer(&self, identity: &str, p: Producer, expected: Option<&[u8]>) -> Result<()> {
+    /// A write that leaves out `signing_input` gets `tagged` for a new producer, and keeps
+    /// what the replaced one had.
+    pub async fn put_producer(&self, identity: &str, mut p: Producer, expected: Option<&[u8]>) -> Result<()> {
         validate_identity(identity)?;
+        if p.signing_input.is_none() {
+            p.signing_input = Some(match expected {
+                Some(raw) => Self::accepts(&decode_json::<Producer>(&Self::key(identity), raw)?),
+                None => SigningInput::Tagged,
+            });
+        }
         let new = encode_json(&validate_producer(p)?);
         if !self.store.compare_and_swap(&Self::key(identity), expected, Some(&new)).await? {
             return Err(Error::Conflict(format!("producer {identity} changed concurrently; retry")));
@@ -233,13 +245,24 @@ impl Gateway {
         Ok(self.store.get(&Self::key(identity)).await?)
     }
 
+    /// A producer as stored, with the signing inputs it accepts filled in.
     pub async fn producer(&self, identity: &str) -> Result<Option<Producer>> {
         validate_identity(identity)?;
         let k = Self::key(identity);
         match self.store.get(&k).await? {
-            Some(raw) => Ok(Some(decode_json(&k, &raw)?)),
+            Some(raw) => {
+                let mut p: Producer = decode_json(&k, &raw)?;
+                p.signing_input = Some(Self::accepts(&p));
+                Ok(Some(p))
+            }
             None => Ok(None),
         }
+    }
+
+    /// The signing inputs a stored producer accepts: one stored without a choice was
+    /// registered before the tag, and accepts the untagged input too.
+    fn accepts(p: &Producer) -> SigningInput {
+        p.signing_input.unwrap_or(SigningInput::TaggedOrUntagged)
     }
 
     pub async fn delete_producer(&self, identity: &str) -> Result<()> {
@@ -332,7 +355,22 @@ impl Gateway {
             let message = signing_input(&p.ts_text, &p.nonce, &p.body);
             candidates.push((i, p, message));
         }
-        let key_ids = verify_signatures(&candidates, &producers);
+        let mut key_ids = verify_signatures(&candidates, &producers);
+        // A producer registered before the tag may still have signers that sign without
+        // it: an item that did not verify is checked against that input too.
+        for ((_, p, _), key_id) in candidates.iter().zip(key_ids.iter_mut()) {
+            if key_id.is_some() {
+                continue;
+            }
+            let Some(Some((prod, keys))) = producers.get(&p.identity) else { continue };
+            if Self::accepts(prod) == SigningInput::TaggedOrUntagged {
+                let message = untagged_signing_input(&p.ts_text, &p.nonce, &p.body);
+                *key_id = keys
+                    .iter()
+                    .find(|(_, vk)| vk.verify_strict(&message, &p.signature).is_ok())
+                    .map(|(k, _)| k.clone());
+            }
+        }
         // Register the nonces of every item whose signature verified, durably, at once.
         let mut pending = Vec::new();
         for ((i, p, _), key_id) in candidates.into_iter().zip(key_ids) {
@@ -447,6 +485,30 @@ fn verify_signatures(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A producer stored before the tag (no `signing_input`) accepts both inputs, and a
+    /// write that replaces it without the field keeps that; a new one accepts the tagged.
+    #[tokio::test]
+    async fn producers_stored_before_the_tag_keep_accepting_the_untagged_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let g = Gateway::new(store.clone());
+        let vk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let old = serde_json::json!({"cert_sha256": ["ab".repeat(32)],
+            "keys": [{"key_id": "k", "public_key": STANDARD.encode(vk.as_bytes())}],
+            "clock_skew_seconds": 30, "nonce_ttl_seconds": 120});
+        let raw = serde_json::to_vec(&old).unwrap();
+        store.put(&Gateway::key("before"), &raw).await.unwrap();
+        let stored = g.producer("before").await.unwrap().unwrap();
+        assert_eq!(stored.signing_input, Some(SigningInput::TaggedOrUntagged));
+        let mut replaced: Producer = serde_json::from_value(old).unwrap();
+        replaced.clock_skew_seconds = 20;
+        g.put_producer("before", replaced.clone(), Some(&raw)).await.unwrap();
+        let after = g.producer("before").await.unwrap().unwrap();
+        assert_eq!((after.signing_input, after.clock_skew_seconds), (Some(SigningInput::TaggedOrUntagged), 20));
+        g.put_producer("new", replaced, None).await.unwrap();
+        assert_eq!(g.producer("new").await.unwrap().unwrap().signing_input, Some(SigningInput::Tagged));
+    }
 
     #[test]
     fn decoded_keys_are_remembered_and_bounded() {
