@@ -215,8 +215,8 @@ fn managed_key(db_name: &str, username: &str) -> String {
     format!("{MANAGED_PREFIX}{db_name}/{username}")
 }
 const CLAIM_PREFIX: &str = "database/rotating/";
-/// How long a rotation's claim lasts if its replica dies holding it (a rotation takes a
-/// connection and one statement: well under this). Until it lapses, that role's
+/// How long a rotation's claim lasts if its replica dies holding it (a rotation, with its
+/// admin connection already taken, runs a lookup and one statement: well under this). Until it lapses, that role's
 /// credentials are 503 on every replica: a pending password is applied only under the
 /// claim (applied by two writers, an older pending could overwrite a newer password).
 const CLAIM_TTL: Duration = Duration::from_secs(15);
@@ -380,7 +380,7 @@ impl Database {
             .get(db_name)
             .ok_or_else(|| Error::invalid(format!("no database connection named {db_name:?}")))?;
         conn.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Timeout(_) => Error::Unavailable(format!(
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => Error::Unavailable(format!(
                 "database {db_name}: all {} admin connections (max_open_connections) stayed busy; retry",
                 conn.max_open
             )),
@@ -506,16 +506,31 @@ impl Database {
 
     /// Rotate (or, with `finish_only`, only apply a pending password), holding the role's
     /// rotation claim ([`crate::store::while_claimed`]; 409 while another holds it).
+    ///
+    /// The admin connection is taken before the claim: waiting for a free one (up to
+    /// [`POOL_WAIT`]) must not eat into the claim's [`CLAIM_TTL`].
     async fn rotate(&self, name: &str, finish_only: bool) -> Result<()> {
+        let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
+        let client = self.admin_client(&role.db_name).await?;
         let key = format!("{CLAIM_PREFIX}{name}");
-        match crate::store::while_claimed(&self.store, &key, CLAIM_TTL, self.rotate_claimed(name, finish_only)).await? {
+        let work = self.rotate_claimed(name, &role.db_name, &client, finish_only);
+        match crate::store::while_claimed(&self.store, &key, CLAIM_TTL, work).await? {
             Some(r) => r,
             None => Err(Error::Conflict(format!("a rotation of role {name} is running"))),
         }
     }
 
-    async fn rotate_claimed(&self, name: &str, finish_only: bool) -> Result<()> {
+    async fn rotate_claimed(
+        &self,
+        name: &str,
+        db_name: &str,
+        client: &tokio_postgres::Client,
+        finish_only: bool,
+    ) -> Result<()> {
         let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
+        if role.db_name != db_name {
+            return Err(Error::Conflict(format!("static role {name} was made again meanwhile; retry")));
+        }
         let (version, creds) = match self.load_creds(name).await? {
             Some((v, c)) => (v, c),
             None => (0, Creds { password: None, pending: None, rotated_at: 0 }),
@@ -525,8 +540,7 @@ impl Database {
         }
         // Checked before a new password is staged: a role that may no longer be managed
         // keeps the password it has, and none is left pending for later.
-        let client = self.admin_client(&role.db_name).await?;
-        self.check_still_manageable(&client, &role).await?;
+        self.check_still_manageable(client, &role).await?;
         // A pending password from a rotation that stopped half way is applied again:
         // the database may have it already.
         let (pending, version) = match &creds.pending {
@@ -545,7 +559,7 @@ impl Database {
                 (p, version + 1)
             }
         };
-        self.alter_role(&client, &role, &pending).await?;
+        self.alter_role(client, &role, &pending).await?;
         let done = Creds { password: Some(pending.to_string()), pending: None, rotated_at: unix_now() };
         self.store_creds(name, &done, version).await?;
         tracing::info!(role = name, username = %role.username, "database: password rotated");

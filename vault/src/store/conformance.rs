@@ -135,7 +135,7 @@ pub async fn compare_and_swap(s: &dyn Store) {
     // limited-use credential whose count went down still lapses, and a purge removes it);
     // one made in place of an expired entry has none.
     for k in ["c2/ttl-cas", "c2/ttl-tx", "c2/ttl-remade"] {
-        assert!(s.insert_if_absent(k, b"3", Some(Duration::from_millis(300))).await.unwrap());
+        assert!(s.insert_if_absent(k, b"3", Some(Duration::from_secs(2))).await.unwrap());
     }
     assert!(s.compare_and_swap("c2/ttl-cas", Some(b"3"), Some(b"2")).await.unwrap());
     assert_eq!(s.transact(vec![swap("c2/ttl-tx", "3", Some("2"))]).await.unwrap(), TxOutcome::Committed);

@@ -217,10 +217,17 @@ impl AppRole {
         // another role of that name, the id is taken back, or it would stay in storage for
         // good (it could not log in). A delete removes the role before it scans, so either
         // this look finds it gone or the delete's scan finds this id.
-        let same = self.roles.load_raw(name).await?.is_some_and(|(_, now)| now.config.role_id == role.config.role_id);
-        if !same {
-            self.store.compare_and_swap(&key, Some(&raw), None).await?;
-            return Err(Error::NotFound(format!("no role {name}")));
+        // (No one has seen the id yet: on any failure it is deleted.)
+        let outcome = match self.roles.load_raw(name).await {
+            Ok(Some((_, now))) if now.config.role_id == role.config.role_id => Ok(()),
+            Ok(_) => Err(Error::NotFound(format!("no role {name}"))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = outcome {
+            if let Err(d) = self.store.delete(&key).await {
+                tracing::warn!(role = name, error = %d, "approle: a secret id of a role deleted meanwhile stays in storage");
+            }
+            return Err(e);
         }
         Ok(NewSecretId { secret_id, accessor, ttl, num_uses })
     }
