@@ -183,6 +183,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("POST", "auth/approle/login", json!({"role_id": "x", "secret_id": "0"}), Nobody),
         row("GET", "auth/approle/role/r1/role-id", Value::Null, Caps("auth/approle/role/r1/role-id", &["read"])),
         row("POST", "auth/approle/role/r1/secret-id", e.clone(), Caps("auth/approle/role/r1/secret-id", &["update"])),
+        row("POST", "auth/approle/tidy/secret-id", e.clone(), Caps("auth/approle/tidy/secret-id", &["update"])),
         row("POST", "auth/cert/login", e.clone(), Nobody),
         row("LIST", "auth/cert/certs", Value::Null, Caps("auth/cert/role/", &["list"])),
         row("GET", "auth/cert/certs/c1", Value::Null, Caps("auth/cert/role/c1", &["read"])),

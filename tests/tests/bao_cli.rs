@@ -105,6 +105,8 @@ const TABLE: &[Row] = &[
     save("unwrap -field=secret_id {wrapped_secret_id}", "unwrapped_secret_id"),
     row("write auth/approle/login role_id={role_id} secret_id={unwrapped_secret_id}", 0, &["token_policies"]),
     row("unwrap {wrapped_secret_id}", 2, &["wrapping token is not valid or does not exist"]),
+    // Vault's tidy of secret ids: started in the background, answered with a warning.
+    row("write -f auth/approle/tidy/secret-id", 0, &["Tidy operation"]),
     // Transit.
     row("write -f transit/keys/k1", 0, &["type aes256-gcm96", "latest_version 1"]),
     save("write -field=ciphertext transit/encrypt/k1 plaintext=aGVsbG8=", "ciphertext"),

@@ -18,6 +18,7 @@ use super::{LoginOutcome, RoleAdmin, RoleStore, RoleView, StoredRole, validate_n
 use crate::engines::EngineKind;
 use crate::error::{AuthFailure, Error, Result};
 use crate::keys::{KeyNames, SharedKeyring, keyed_hash};
+use crate::logical::openapi::Answer;
 use crate::logical::{Access, Engine, EngineInfo, OpSpec, Reply, Request, Route};
 use crate::policy::Capability;
 use crate::store::{Store, decode_json, encode_json, scan_all};
@@ -68,7 +69,20 @@ const ROUTES: &[Route] = &[
     )
     .normalize(super::role_name)
     .names(crate::NAME_PATTERN),
+    Route::new(
+        "tidy/secret-id",
+        "remove stored secret ids that can no longer log in (Vault's tidy; runs in the background)",
+        &[OpSpec::write(Access::Needs(Capability::Update)).body::<keyvault_api::Empty>().answers(Answer::Empty)],
+    ),
 ];
+
+/// The tidy's claim: one runs at a time across replicas; a holder that dies releases it
+/// when this runs out.
+const TIDY_CLAIM: &str = "auth/approle/tidy-claim";
+const TIDY_CLAIM_TTL: Duration = Duration::from_secs(600);
+const TIDY_STARTED: &str =
+    "Tidy operation successfully started. Any information from the operation will be printed to the server log.";
+const TIDY_RUNNING: &str = "Tidy operation already in progress.";
 
 /// AppRole's own role settings, as written (the token settings are common to every
 /// method).
@@ -233,6 +247,88 @@ impl AppRole {
     }
 }
 
+impl AppRole {
+    /// Start a tidy of the stored secret ids in the background, unless one is running
+    /// (on any replica): whether it started.
+    async fn start_tidy(&self) -> Result<bool> {
+        let holder = random_hex::<16>()?;
+        if !self.store.insert_if_absent(TIDY_CLAIM, holder.as_bytes(), Some(TIDY_CLAIM_TTL)).await? {
+            return Ok(false);
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match tidy_secret_ids(&store).await {
+                Ok(t) => tracing::info!(scanned = t.scanned, removed = t.removed, "approle: tidy of secret ids done"),
+                Err(e) => tracing::warn!(error = %e, "approle: tidy of secret ids stopped"),
+            }
+            if let Err(e) = store.compare_and_swap(TIDY_CLAIM, Some(holder.as_bytes()), None).await {
+                tracing::warn!(error = %e, "approle: the tidy's claim stays until it runs out");
+            }
+        });
+        Ok(true)
+    }
+}
+
+/// What a tidy did.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tidied {
+    scanned: u64,
+    removed: u64,
+}
+
+/// Remove every stored secret id that can no longer log in: past its `expires`, with no
+/// use left, of a role that is gone or was made again under its name (another role id),
+/// or stored without a role id. Such records are left by older versions (a limited-use
+/// id lost its storage TTL at its first login), and by a delete or a mint cut short.
+/// Each is removed by compare-and-delete, so a login that changed it meanwhile keeps it
+/// (for the next tidy). Pages through the ids in key order (grouped by role, so one role
+/// lookup per role); a progress line every 10,000.
+async fn tidy_secret_ids(store: &Arc<dyn Store>) -> Result<Tidied> {
+    const ROOT: &str = "auth/approle/secret-id/";
+    let roles: RoleStore<AppRoleData> = RoleStore::new(store.clone(), METHOD);
+    let now = unix_now();
+    let mut done = Tidied::default();
+    // The role of the ids being looked at: (name, its role id if it exists).
+    let mut role: Option<(String, Option<String>)> = None;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.scan_prefix(ROOT, after.as_deref(), 1000).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (key, raw) in page {
+            done.scanned += 1;
+            if done.scanned % 10_000 == 0 {
+                tracing::info!(scanned = done.scanned, removed = done.removed, "approle: tidy of secret ids");
+            }
+            let Some((name, _)) = key[ROOT.len()..].split_once('/') else { continue };
+            if role.as_ref().is_none_or(|(n, _)| n != name) {
+                let id = match roles.load(name).await {
+                    Ok(r) => r.map(|r| r.config.role_id),
+                    // Not a name a role can have: no role has it.
+                    Err(Error::InvalidRequest(_)) => None,
+                    Err(e) => return Err(e),
+                };
+                role = Some((name.to_owned(), id));
+            }
+            let role_id = role.as_ref().and_then(|(_, id)| id.as_deref());
+            let dead = match decode_json::<StoredSecretId>(&key, &raw) {
+                Ok(s) => {
+                    s.expires.is_some_and(|e| e <= now)
+                        || s.uses_left == Some(0)
+                        || s.role_id.is_none()
+                        || s.role_id.as_deref() != role_id
+                }
+                // Not a secret id this version can read: left alone.
+                Err(_) => false,
+            };
+            if dead && store.compare_and_swap(&key, Some(&raw), None).await? {
+                done.removed += 1;
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// What `GET` shows of a role (the role id has its own endpoint, as in Vault).
 #[derive(Serialize)]
 struct RoleFields {
@@ -325,6 +421,12 @@ impl Engine for AppRole {
                     secret_id_ttl: s.ttl.map(|t| t.as_secs()).unwrap_or(0),
                     secret_id_num_uses: s.num_uses,
                 })
+            }
+            "tidy/secret-id" => {
+                req.data::<keyvault_api::Empty>()?;
+                let mut reply = Reply::empty();
+                reply.warnings.push(if self.start_tidy().await? { TIDY_STARTED } else { TIDY_RUNNING }.to_owned());
+                Ok(reply)
             }
             _ => super::handle_role(self, req).await,
         }
@@ -437,6 +539,76 @@ mod tests {
         let kept = record(&new).await.expect("the new role's secret id is kept");
         let kept: StoredSecretId = decode_json("kept", &kept).unwrap();
         assert_eq!(kept.role_id, Some(approle.role_id("web").await.unwrap()));
+    }
+
+    /// The tidy removes exactly the ids that can no longer log in, keeps the rest, and
+    /// runs once at a time (its claim held: it does not start).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tidy_removes_the_secret_ids_that_cannot_log_in_and_only_those() {
+        let keyed = Keyed::new().await;
+        let approle = AppRole::new(keyed.store.clone(), keyed.keys.clone(), keyed.names.clone(), keyed.keyring.clone());
+        let config = RoleConfig { secret_id_ttl: None, secret_id_num_uses: 0 };
+        approle.write("web", config, TokenSettings::default(), None).await.unwrap();
+        let web = approle.roles.require("web").await.unwrap();
+        let unlimited = approle.new_secret_id("web", &web).await.unwrap();
+        let mut limited_role = web.clone();
+        limited_role.config.secret_id_num_uses = 3;
+        limited_role.config.secret_id_ttl = Some(Duration::from_secs(3600));
+        let limited = approle.new_secret_id("web", &limited_role).await.unwrap();
+        let now = unix_now();
+        let record = |role_id: Option<&str>, expires: Option<u64>, uses_left: Option<u64>| {
+            encode_json(&StoredSecretId {
+                hmac: "00".repeat(32),
+                accessor: "a".into(),
+                created: now - 100,
+                expires,
+                uses_left,
+                role_id: role_id.map(str::to_owned),
+            })
+        };
+        let id = web.config.role_id.as_str();
+        let dead = [
+            ("web", record(Some(id), Some(now - 10), Some(2))),
+            ("web", record(None, None, None)),
+            ("web", record(Some("another-role-id"), None, None)),
+            ("web", record(Some(id), None, Some(0))),
+            ("gone", record(Some(id), None, None)),
+        ];
+        for (i, (role, raw)) in dead.iter().enumerate() {
+            keyed.store.put(&format!("{}dead{i}", secret_id_prefix(role)), raw).await.unwrap();
+        }
+        keyed.store.put(&format!("{}unreadable", secret_id_prefix("web")), b"{not json").await.unwrap();
+        let all = || async { scan_all(keyed.store.as_ref(), "auth/approle/secret-id/").await.unwrap().len() };
+        assert_eq!(all().await, 8);
+
+        assert_eq!(tidy_secret_ids(&keyed.store).await.unwrap(), Tidied { scanned: 8, removed: 5 });
+        let left: Vec<String> = scan_all(keyed.store.as_ref(), "auth/approle/secret-id/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert!(left.iter().all(|k| !k.contains("dead")), "{left:?}");
+        for s in [&unlimited, &limited] {
+            let mac = hex::encode(approle.secret_id_hmac("web", &s.secret_id).await.unwrap());
+            assert!(left.contains(&format!("{}{mac}", secret_id_prefix("web"))));
+        }
+        assert_eq!(tidy_secret_ids(&keyed.store).await.unwrap(), Tidied { scanned: 3, removed: 0 });
+
+        // One at a time: a held claim keeps a second from starting.
+        keyed.store.put(&format!("{}dead9", secret_id_prefix("gone")), &dead[4].1).await.unwrap();
+        keyed.store.insert_if_absent(TIDY_CLAIM, b"someone", Some(TIDY_CLAIM_TTL)).await.unwrap();
+        assert!(!approle.start_tidy().await.unwrap());
+        assert_eq!(all().await, 4);
+        keyed.store.delete(TIDY_CLAIM).await.unwrap();
+        assert!(approle.start_tidy().await.unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while keyed.store.get(TIDY_CLAIM).await.unwrap().is_some() {
+            assert!(std::time::Instant::now() < deadline, "the tidy never released its claim");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(all().await, 3);
     }
 
     /// A secret id minted for a role that a delete removed meanwhile (after the mint read
