@@ -276,6 +276,16 @@ struct Tidied {
     removed: u64,
 }
 
+/// The role id of role `name`, if there is such a role.
+async fn role_id_of(roles: &RoleStore<AppRoleData>, name: &str) -> Result<Option<String>> {
+    match roles.load(name).await {
+        Ok(r) => Ok(r.map(|r| r.config.role_id)),
+        // Not a name a role can have: no role has it.
+        Err(Error::InvalidRequest(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Remove every stored secret id that can no longer log in: past its `expires`, with no
 /// use left, of a role that is gone or was made again under its name (another role id),
 /// or stored without a role id. Such records are left by older versions (a limited-use
@@ -301,26 +311,23 @@ async fn tidy_secret_ids(store: &Arc<dyn Store>) -> Result<Tidied> {
                 tracing::info!(scanned = done.scanned, removed = done.removed, "approle: tidy of secret ids");
             }
             let Some((name, _)) = key[ROOT.len()..].split_once('/') else { continue };
-            if role.as_ref().is_none_or(|(n, _)| n != name) {
-                let id = match roles.load(name).await {
-                    Ok(r) => r.map(|r| r.config.role_id),
-                    // Not a name a role can have: no role has it.
-                    Err(Error::InvalidRequest(_)) => None,
-                    Err(e) => return Err(e),
-                };
-                role = Some((name.to_owned(), id));
-            }
-            let role_id = role.as_ref().and_then(|(_, id)| id.as_deref());
-            let dead = match decode_json::<StoredSecretId>(&key, &raw) {
-                Ok(s) => {
-                    s.expires.is_some_and(|e| e <= now)
-                        || s.uses_left == Some(0)
-                        || s.role_id.is_none()
-                        || s.role_id.as_deref() != role_id
+            // Not a secret id this version can read: left alone.
+            let Ok(id) = decode_json::<StoredSecretId>(&key, &raw) else { continue };
+            let mut dead = id.expires.is_some_and(|e| e <= now) || id.uses_left == Some(0) || id.role_id.is_none();
+            if !dead {
+                // Its role as looked up for the ids before it, or looked up again when it
+                // differs: a role made again since (a new role id) has ids of its own,
+                // which must not be taken for the old role's.
+                for fresh in [false, true] {
+                    if fresh || role.as_ref().is_none_or(|(n, _)| n != name) {
+                        role = Some((name.to_owned(), role_id_of(&roles, name).await?));
+                    }
+                    dead = id.role_id != role.as_ref().and_then(|(_, r)| r.clone());
+                    if !dead {
+                        break;
+                    }
                 }
-                // Not a secret id this version can read: left alone.
-                Err(_) => false,
-            };
+            }
             if dead && store.compare_and_swap(&key, Some(&raw), None).await? {
                 done.removed += 1;
             }
