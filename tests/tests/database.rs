@@ -29,6 +29,7 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     assert!(pg.can_log_in("app", "initial-password").await);
     let dir = tempfile::tempdir().unwrap();
     let crash = dir.path().join("crash-now");
+    let crash_delete = dir.path().join("crash-delete");
     let mounts = format!(
         "[[mounts]]\npath = \"database\"\ntype = \"database\"\n[mounts.options]\ncheck_interval = \"1s\"\n\
          [mounts.options.connections.main]\nconnection = \"{}\"\n",
@@ -36,7 +37,10 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     );
     let mut s = TestServer::start(ServerOptions {
         extra: format!("{}{mounts}", default_mounts_toml()),
-        env: vec![("KEYVAULT_TEST_CRASH_DB_ROTATION".into(), crash.display().to_string())],
+        env: vec![
+            ("KEYVAULT_TEST_CRASH_DB_ROTATION".into(), crash.display().to_string()),
+            ("KEYVAULT_TEST_CRASH_DB_DELETE".into(), crash_delete.display().to_string()),
+        ],
         ..Default::default()
     });
     let c = s.client();
@@ -237,9 +241,25 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     assert_ne!(p4, p3);
     assert!(!pg.can_log_in("app", &p3).await);
 
+    // A crash in a delete, after the passwords are deleted and before the static role is:
+    // the role is still there, and its next read sets a new password that works.
+    std::fs::write(&crash_delete, "").unwrap();
+    let r = c.try_send("DELETE", "database/static-roles/app", Some(&root), None).await;
+    assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status >= 500), "{r:?}");
+    assert!(s.child.wait().unwrap().code().is_none(), "the server died of a signal");
+    std::fs::remove_file(&crash_delete).unwrap();
+    s.restart();
+    let c = s.client();
+    ok(c.get("database/static-roles/app", &root).await, 200);
+    let p5 = password(&c, &root, "app").await;
+    assert_ne!(p5, p4);
+    assert!(pg.can_log_in("app", &p5).await, "the password set after the stopped delete works");
+    ok(c.send("DELETE", "database/static-roles/app", Some(&root), None).await, 204);
+    ok(c.get("database/static-creds/app", &root).await, 404);
+
     // No password is in a log or, unsealed, in any file of the install.
     let log = s.log_text();
-    for p in [&p1, &p2, &p3, &p4, &b1, &b2] {
+    for p in [&p1, &p2, &p3, &p4, &p5, &b1, &b2] {
         assert!(!log.contains(p.as_str()), "a password is in the server log");
         assert!(keyvault_tests::files_containing(s.dir.path(), p.as_bytes()).is_empty());
     }

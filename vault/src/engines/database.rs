@@ -169,13 +169,41 @@ struct RoleWrite {
     rotation_period: Option<Duration>,
 }
 
-/// The role's passwords, sealed: the current one, and one being applied.
+/// The role's passwords, sealed: the current one, and one being applied; and the
+/// database role they are for.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Creds {
     password: Option<String>,
     pending: Option<String>,
     rotated_at: u64,
+    /// The database and role the passwords are for (absent in credentials stored before
+    /// this field: taken to be the static role's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    db_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    username: Option<String>,
+}
+
+impl Creds {
+    /// None yet, for `role`.
+    fn none(role: &StaticRole) -> Self {
+        Creds {
+            password: None,
+            pending: None,
+            rotated_at: 0,
+            db_name: Some(role.db_name.clone()),
+            username: Some(role.username.clone()),
+        }
+    }
+
+    /// Whether these are `role`'s passwords: credentials stored for another database role
+    /// (by a static role of the same name deleted while a rotation of it ran, and made
+    /// again for another user) must never be served as this one's.
+    fn is_for(&self, role: &StaticRole) -> bool {
+        self.db_name.as_ref().is_none_or(|d| *d == role.db_name)
+            && self.username.as_ref().is_none_or(|u| *u == role.username)
+    }
 }
 
 impl Drop for Creds {
@@ -349,7 +377,10 @@ impl Database {
         Ok(SecretPath::parse(name)?)
     }
 
-    async fn load_creds(&self, name: &str) -> Result<Option<(u64, Creds)>> {
+    /// The stored credentials of static role `name` and their version. Credentials of
+    /// another database role ([`Creds::is_for`]) read as none yet, at their version (a
+    /// rotation replaces them).
+    async fn load_creds(&self, name: &str, role: &StaticRole) -> Result<Option<(u64, Creds)>> {
         let path = Self::creds_path(name)?;
         if !self.creds.exists(&path).await? {
             return Ok(None);
@@ -358,7 +389,12 @@ impl Database {
             Ok(v) => {
                 let c: Creds = serde_json::from_slice(&v.data)
                     .map_err(|_| Error::Internal(format!("the credentials of role {name} are not readable")))?;
-                Ok(Some((v.version, c)))
+                if c.is_for(role) {
+                    Ok(Some((v.version, c)))
+                } else {
+                    tracing::warn!(role = name, "database: stored credentials of another database role are ignored");
+                    Ok(Some((v.version, Creds::none(role))))
+                }
             }
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -531,9 +567,9 @@ impl Database {
         if role.db_name != db_name {
             return Err(Error::Conflict(format!("static role {name} was made again meanwhile; retry")));
         }
-        let (version, creds) = match self.load_creds(name).await? {
+        let (version, creds) = match self.load_creds(name, &role).await? {
             Some((v, c)) => (v, c),
-            None => (0, Creds { password: None, pending: None, rotated_at: 0 }),
+            None => (0, Creds::none(&role)),
         };
         if creds.pending.is_none() && finish_only {
             return Ok(());
@@ -547,11 +583,10 @@ impl Database {
             Some(p) => (Zeroizing::new(p.clone()), version),
             None => {
                 let p = new_password()?;
-                let staged = Creds {
-                    password: creds.password.clone(),
-                    pending: Some(p.to_string()),
-                    rotated_at: creds.rotated_at,
-                };
+                let mut staged = Creds::none(&role);
+                staged.password = creds.password.clone();
+                staged.pending = Some(p.to_string());
+                staged.rotated_at = creds.rotated_at;
                 self.store_creds(name, &staged, version).await?;
                 // Test hook: die after the pending password is stored, before ALTER ROLE.
                 #[cfg(debug_assertions)]
@@ -560,7 +595,9 @@ impl Database {
             }
         };
         self.alter_role(client, &role, &pending).await?;
-        let done = Creds { password: Some(pending.to_string()), pending: None, rotated_at: unix_now() };
+        let mut done = Creds::none(&role);
+        done.password = Some(pending.to_string());
+        done.rotated_at = unix_now();
         self.store_creds(name, &done, version).await?;
         tracing::info!(role = name, username = %role.username, "database: password rotated");
         Ok(())
@@ -571,7 +608,7 @@ impl Database {
         for (key, raw) in crate::store::scan_all(self.store.as_ref(), ROLE_PREFIX).await? {
             let name = key.trim_start_matches(ROLE_PREFIX).to_owned();
             let role: StaticRole = decode_json(&key, &raw)?;
-            let due = match self.load_creds(&name).await? {
+            let due = match self.load_creds(&name, &role).await? {
                 Some((_, c)) => c.pending.is_some() || c.rotated_at.saturating_add(role.rotation_period) <= now,
                 None => true,
             };
@@ -593,9 +630,9 @@ impl Database {
         drop(client);
         // A pending password is applied first (here, or by whoever holds the claim).
         for _ in 0..20 {
-            match self.load_creds(name).await? {
-                Some((_, c)) if c.pending.is_none() => {
-                    let password = c.password.as_deref().ok_or_else(|| Error::Internal("no password".into()))?;
+            match self.load_creds(name, &role).await? {
+                Some((_, c)) if c.pending.is_none() && c.password.is_some() => {
+                    let password = c.password.as_deref().unwrap_or_default();
                     let ttl = c.rotated_at.saturating_add(role.rotation_period).saturating_sub(unix_now());
                     let last =
                         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(c.rotated_at));
@@ -607,12 +644,13 @@ impl Database {
                         ttl,
                     });
                 }
-                Some(_) => match self.rotate(name, true).await {
+                Some((_, c)) if c.pending.is_some() => match self.rotate(name, true).await {
                     Ok(()) => continue,
                     Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
                     Err(e) => return Err(e),
                 },
-                None => match self.rotate(name, false).await {
+                // None yet (or only another database role's).
+                _ => match self.rotate(name, false).await {
                     Ok(()) => continue,
                     Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
                     Err(e) => return Err(e),
@@ -714,6 +752,18 @@ impl Engine for Database {
                 Ok(Reply::empty())
             }
             ("static-roles/{name}", Operation::Delete) => {
+                // The passwords go first: stopped between the two steps, the static role
+                // is still there with none, and its next read sets a new one. (The other
+                // way round, the passwords of a deleted role stayed, for a role made
+                // again under its name; [`Creds::is_for`] keeps them from being served for
+                // another database role.)
+                let path = Self::creds_path(&name)?;
+                if self.creds.exists(&path).await? {
+                    self.creds.delete_all(&path).await?;
+                }
+                // Test hook: die after the passwords are deleted, before the role is.
+                #[cfg(debug_assertions)]
+                crate::faults::crash_point("KEYVAULT_TEST_CRASH_DB_DELETE");
                 let key = format!("{ROLE_PREFIX}{name}");
                 if let Some(raw) = self.store.get(&key).await? {
                     let role: StaticRole = decode_json(&key, &raw)?;
@@ -728,10 +778,6 @@ impl Engine for Database {
                     if self.store.transact(ops).await? != TxOutcome::Committed {
                         return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
                     }
-                }
-                let path = Self::creds_path(&name)?;
-                if self.creds.exists(&path).await? {
-                    self.creds.delete_all(&path).await?;
                 }
                 Ok(Reply::empty())
             }
@@ -750,6 +796,23 @@ impl Engine for Database {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stored passwords are served only for the database role they were set for;
+    /// those stored before the binding are taken to be the static role's.
+    #[test]
+    fn credentials_are_bound_to_their_database_role() {
+        let role = |db: &str, user: &str| StaticRole { db_name: db.into(), username: user.into(), rotation_period: 60 };
+        let app = role("main", "app");
+        let mut c = Creds::none(&app);
+        c.password = Some("p".into());
+        assert!(c.is_for(&app));
+        assert!(!c.is_for(&role("main", "other")));
+        assert!(!c.is_for(&role("other", "app")));
+        let legacy: Creds = serde_json::from_str(r#"{"password":"p","pending":null,"rotated_at":1}"#).unwrap();
+        assert!(legacy.is_for(&role("any", "one")));
+        let stored = serde_json::to_string(&c).unwrap();
+        assert!(stored.contains(r#""db_name":"main""#) && stored.contains(r#""username":"app""#), "{stored}");
+    }
 
     #[test]
     fn connection_options_are_bounded() {
