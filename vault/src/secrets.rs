@@ -421,6 +421,19 @@ impl Secrets {
         new: Option<Vec<u8>>,
         versions: impl IntoIterator<Item = u64>,
     ) -> Result<bool> {
+        self.commit_removal_with(path, raw, new, versions, Vec::new()).await
+    }
+
+    /// [`Self::commit_removal`], with `also` (changes of the caller's own keys) in the same
+    /// transaction, after the secret's.
+    async fn commit_removal_with(
+        &self,
+        path: &SecretPath,
+        raw: Vec<u8>,
+        new: Option<Vec<u8>>,
+        versions: impl IntoIterator<Item = u64>,
+        also: Vec<TxOp>,
+    ) -> Result<bool> {
         let mut removals = Vec::new();
         let mut counts: BTreeMap<String, i64> = BTreeMap::new();
         let mut set_aside = Vec::new();
@@ -442,6 +455,7 @@ impl Secrets {
         let mut ops = vec![TxOp::Swap { key: self.meta_key(path), expected: raw, new }];
         ops.extend(removals);
         ops.extend(counts.into_iter().map(|(key, delta)| TxOp::Count { key, delta }));
+        ops.extend(also);
         match self.store.transact(ops).await? {
             TxOutcome::Committed => {
                 for key in set_aside {
@@ -595,6 +609,18 @@ impl Secrets {
             }
         }
         Err(changing_concurrently(path))
+    }
+
+    /// [`Self::delete_all`] and `also` in one transaction: both or neither (false if the
+    /// secret or anything `also` expects changed meanwhile: read again and retry). With no
+    /// secret at `path`, `also` alone.
+    pub async fn delete_all_with(&self, path: &SecretPath, also: Vec<TxOp>) -> Result<bool> {
+        let (raw, meta) = self.load_meta(path).await?;
+        match raw {
+            None if also.is_empty() => Ok(true),
+            None => Ok(self.store.transact(also).await? == TxOutcome::Committed),
+            Some(raw) => self.commit_removal_with(path, raw, None, meta.versions.keys().copied(), also).await,
+        }
     }
 
     /// Change a secret's settings, creating its metadata if it has none.

@@ -540,6 +540,30 @@ impl Database {
         })
     }
 
+    /// Delete static role `name`, its claim on its database role and its passwords, in one
+    /// transaction: stopped anywhere, all of it is there or none.
+    async fn delete_role(&self, name: &str) -> Result<()> {
+        let key = format!("{ROLE_PREFIX}{name}");
+        let path = Self::creds_path(name)?;
+        for _ in 0..100 {
+            let mut ops = Vec::with_capacity(2);
+            if let Some(raw) = self.store.get(&key).await? {
+                let role: StaticRole = decode_json(&key, &raw)?;
+                // The role and its claim go together (a claim whose role is gone would
+                // refuse every later static role for that user).
+                let managed = managed_key(&role.db_name, &role.username);
+                if self.store.get(&managed).await?.as_deref() == Some(name.as_bytes()) {
+                    ops.push(TxOp::Swap { key: managed, expected: name.as_bytes().to_vec(), new: None });
+                }
+                ops.push(TxOp::Swap { key: key.clone(), expected: raw, new: None });
+            }
+            if self.creds.delete_all_with(&path, ops).await? {
+                return Ok(());
+            }
+        }
+        Err(Error::Conflict(format!("static role {name} was changed concurrently; retry")))
+    }
+
     /// Rotate (or, with `finish_only`, only apply a pending password), holding the role's
     /// rotation claim ([`crate::store::while_claimed`]; 409 while another holds it).
     ///
@@ -739,7 +763,15 @@ impl Engine for Database {
                         return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
                     }
                 };
-                if self.store.transact(write).await? != TxOutcome::Committed {
+                // A new role: passwords stored at its name (left by an older version, which
+                // deleted the role before its passwords) are not its own, and go in the
+                // same transaction.
+                let committed = if old.is_none() {
+                    self.creds.delete_all_with(&Self::creds_path(&name)?, write).await?
+                } else {
+                    self.store.transact(write).await? == TxOutcome::Committed
+                };
+                if !committed {
                     return Err(Error::Conflict(format!(
                         "static role {name}, or another static role for {} on {}, was written concurrently",
                         role.username, role.db_name
@@ -752,32 +784,13 @@ impl Engine for Database {
                 Ok(Reply::empty())
             }
             ("static-roles/{name}", Operation::Delete) => {
-                // The passwords go first: stopped between the two steps, the static role
-                // is still there with none, and its next read sets a new one. (The other
-                // way round, the passwords of a deleted role stayed, for a role made
-                // again under its name; [`Creds::is_for`] keeps them from being served for
-                // another database role.)
-                let path = Self::creds_path(&name)?;
-                if self.creds.exists(&path).await? {
-                    self.creds.delete_all(&path).await?;
-                }
-                // Test hook: die after the passwords are deleted, before the role is.
-                #[cfg(debug_assertions)]
-                crate::faults::crash_point("KEYVAULT_TEST_CRASH_DB_DELETE");
-                let key = format!("{ROLE_PREFIX}{name}");
-                if let Some(raw) = self.store.get(&key).await? {
-                    let role: StaticRole = decode_json(&key, &raw)?;
-                    // The role and its claim go together (a claim whose role is gone would
-                    // refuse every later static role for that user).
-                    let managed = managed_key(&role.db_name, &role.username);
-                    let mut ops = Vec::with_capacity(2);
-                    if self.store.get(&managed).await?.as_deref() == Some(name.as_bytes()) {
-                        ops.push(TxOp::Swap { key: managed, expected: name.as_bytes().to_vec(), new: None });
-                    }
-                    ops.push(TxOp::Swap { key, expected: raw, new: None });
-                    if self.store.transact(ops).await? != TxOutcome::Committed {
-                        return Err(Error::Conflict(format!("static role {name} was changed concurrently")));
-                    }
+                // Under the role's rotation claim: no rotation runs meanwhile (one that
+                // ran after the passwords were gone would set and store a new one for a
+                // role being deleted).
+                let claim = format!("{CLAIM_PREFIX}{name}");
+                match crate::store::while_claimed(&self.store, &claim, CLAIM_TTL, self.delete_role(&name)).await? {
+                    Some(r) => r?,
+                    None => return Err(Error::Conflict(format!("a rotation of role {name} is running; retry"))),
                 }
                 Ok(Reply::empty())
             }

@@ -257,7 +257,7 @@ impl AppRole {
         }
         let store = self.store.clone();
         tokio::spawn(async move {
-            match tidy_secret_ids(&store).await {
+            match tidy_secret_ids(&store, Some(holder.as_bytes())).await {
                 Ok(t) => tracing::info!(scanned = t.scanned, removed = t.removed, "approle: tidy of secret ids done"),
                 Err(e) => tracing::warn!(error = %e, "approle: tidy of secret ids stopped"),
             }
@@ -293,15 +293,30 @@ async fn role_id_of(roles: &RoleStore<AppRoleData>, name: &str) -> Result<Option
 /// Each is removed by compare-and-delete, so a login that changed it meanwhile keeps it
 /// (for the next tidy). Pages through the ids in key order (grouped by role, so one role
 /// lookup per role); a progress line every 10,000.
-async fn tidy_secret_ids(store: &Arc<dyn Store>) -> Result<Tidied> {
+///
+/// Under the claim `holder` (when given), renewed every minute: a tidy that can no longer
+/// renew it (another took it after it ran out) stops.
+async fn tidy_secret_ids(store: &Arc<dyn Store>, holder: Option<&[u8]>) -> Result<Tidied> {
     const ROOT: &str = "auth/approle/secret-id/";
     let roles: RoleStore<AppRoleData> = RoleStore::new(store.clone(), METHOD);
+    let mut renewed = std::time::Instant::now();
     let now = unix_now();
     let mut done = Tidied::default();
     // The role of the ids being looked at: (name, its role id if it exists).
     let mut role: Option<(String, Option<String>)> = None;
     let mut after: Option<String> = None;
     loop {
+        if let Some(holder) = holder
+            && renewed.elapsed() >= Duration::from_secs(60)
+        {
+            // A compare-and-swap keeps an expiry: the claim is taken again, fresh.
+            let kept = store.compare_and_swap(TIDY_CLAIM, Some(holder), None).await?
+                && store.insert_if_absent(TIDY_CLAIM, holder, Some(TIDY_CLAIM_TTL)).await?;
+            if !kept {
+                return Err(Error::Conflict("the tidy's claim was lost; another tidy goes on".into()));
+            }
+            renewed = std::time::Instant::now();
+        }
         let page = store.scan_prefix(ROOT, after.as_deref(), 1000).await?;
         let Some((last, _)) = page.last() else { break };
         after = Some(last.clone());
@@ -478,7 +493,7 @@ impl Engine for AppRole {
             if !bool::from(stored_mac.as_slice().ct_eq(&mac)) {
                 return Err(invalid());
             }
-            if stored.expires.is_some_and(|e| e <= unix_now()) {
+            if stored.expires.is_some_and(|e| e <= unix_now()) || stored.uses_left == Some(0) {
                 return Err(invalid());
             }
             let same_role =
@@ -588,7 +603,7 @@ mod tests {
         let all = || async { scan_all(keyed.store.as_ref(), "auth/approle/secret-id/").await.unwrap().len() };
         assert_eq!(all().await, 8);
 
-        assert_eq!(tidy_secret_ids(&keyed.store).await.unwrap(), Tidied { scanned: 8, removed: 5 });
+        assert_eq!(tidy_secret_ids(&keyed.store, None).await.unwrap(), Tidied { scanned: 8, removed: 5 });
         let left: Vec<String> = scan_all(keyed.store.as_ref(), "auth/approle/secret-id/")
             .await
             .unwrap()
@@ -601,7 +616,7 @@ mod tests {
             let mac = hex::encode(approle.secret_id_hmac("web", &s.secret_id).await.unwrap());
             assert!(left.contains(&format!("{}{mac}", secret_id_prefix("web"))));
         }
-        assert_eq!(tidy_secret_ids(&keyed.store).await.unwrap(), Tidied { scanned: 3, removed: 0 });
+        assert_eq!(tidy_secret_ids(&keyed.store, None).await.unwrap(), Tidied { scanned: 3, removed: 0 });
 
         // One at a time: a held claim keeps a second from starting.
         keyed.store.put(&format!("{}dead9", secret_id_prefix("gone")), &dead[4].1).await.unwrap();
