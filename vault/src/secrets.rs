@@ -360,7 +360,9 @@ impl Secrets {
                 let new = encode_json(&meta);
                 let recorded = match raw {
                     // Versions beyond the limit go with the same metadata change.
-                    Some(raw) if !pruned.is_empty() => self.commit_removal(path, raw, Some(new), pruned).await?,
+                    Some(raw) if !pruned.is_empty() => {
+                        self.commit_removal(path, raw, Some(new), pruned, Vec::new()).await?
+                    }
                     raw => self.store.compare_and_swap(&self.meta_key(path), raw.as_deref(), Some(&new)).await?,
                 };
                 if recorded {
@@ -413,20 +415,10 @@ impl Secrets {
     /// whole or not at all, wherever a crash or a store failure stops it (a record left
     /// behind by a metadata change that went through could not be told later from a live
     /// one, as version numbers are used again after a delete). False if the metadata or a
-    /// record changed meanwhile (a writer, a re-wrap): read again and retry.
-    async fn commit_removal(
-        &self,
-        path: &SecretPath,
-        raw: Vec<u8>,
-        new: Option<Vec<u8>>,
-        versions: impl IntoIterator<Item = u64>,
-    ) -> Result<bool> {
-        self.commit_removal_with(path, raw, new, versions, Vec::new()).await
-    }
-
-    /// [`Self::commit_removal`], with `also` (changes of the caller's own keys) in the same
+    /// record changed meanwhile (a writer, a re-wrap): read again and retry. `also` (the
+    /// caller's own changes: a static role deleted with its passwords) goes in the same
     /// transaction, after the secret's.
-    async fn commit_removal_with(
+    async fn commit_removal(
         &self,
         path: &SecretPath,
         raw: Vec<u8>,
@@ -529,7 +521,7 @@ impl Secrets {
                     return Err(Error::NotFound(format!("the latest version of {} is already deleted", path.as_str())));
                 }
             }
-            if self.commit_removal(path, raw, Some(encode_json(&meta)), [current]).await? {
+            if self.commit_removal(path, raw, Some(encode_json(&meta)), [current], Vec::new()).await? {
                 return Ok(());
             }
         }
@@ -569,7 +561,7 @@ impl Secrets {
                 return Ok(());
             }
             meta.updated_time = Some(now_rfc3339());
-            if self.commit_removal(path, raw, Some(encode_json(&meta)), destroy).await? {
+            if self.commit_removal(path, raw, Some(encode_json(&meta)), destroy, Vec::new()).await? {
                 return Ok(());
             }
         }
@@ -604,7 +596,7 @@ impl Secrets {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
             let (raw, meta) = self.load_meta(path).await?;
             let Some(raw) = raw else { return Ok(()) };
-            if self.commit_removal(path, raw, None, meta.versions.keys().copied()).await? {
+            if self.commit_removal(path, raw, None, meta.versions.keys().copied(), Vec::new()).await? {
                 return Ok(());
             }
         }
@@ -619,7 +611,7 @@ impl Secrets {
         match raw {
             None if also.is_empty() => Ok(true),
             None => Ok(self.store.transact(also).await? == TxOutcome::Committed),
-            Some(raw) => self.commit_removal_with(path, raw, None, meta.versions.keys().copied(), also).await,
+            Some(raw) => self.commit_removal(path, raw, None, meta.versions.keys().copied(), also).await,
         }
     }
 
