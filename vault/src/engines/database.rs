@@ -243,10 +243,11 @@ fn managed_key(db_name: &str, username: &str) -> String {
     format!("{MANAGED_PREFIX}{db_name}/{username}")
 }
 const CLAIM_PREFIX: &str = "database/rotating/";
-/// How long a rotation's claim lasts if its replica dies holding it (a rotation, with its
-/// admin connection already taken, runs a lookup and one statement: well under this). Until it lapses, that role's
-/// credentials are 503 on every replica: a pending password is applied only under the
-/// claim (applied by two writers, an older pending could overwrite a newer password).
+/// How long a rotation's (or a delete's) claim lasts if its replica dies holding it (a
+/// rotation, with its admin connection already taken, runs a lookup and one statement:
+/// well under this). Until it lapses, that role's credentials are 503 on every replica: a
+/// pending password is applied only under the claim (applied by two writers, an older
+/// pending could overwrite a newer password).
 const CLAIM_TTL: Duration = Duration::from_secs(15);
 
 /// PostgreSQL role names KeyVault manages: letters, digits, `_`, at most 63 bytes (they
