@@ -38,7 +38,16 @@ enum Needs {
     Preflight,
     /// These capabilities on this policy path.
     Caps(&'static str, &'static [&'static str]),
+    /// These capabilities on this policy path, checked as [`Needs::Caps`], with this
+    /// further policy (HCL) held throughout (the Kubernetes keys also need a grant of
+    /// everything: `authz::no_credential_is_made_for_more_than_its_caller_holds`).
+    CapsWith(&'static str, &'static [&'static str], &'static str),
 }
+
+/// A grant of every policy, attribute value and audience.
+const GRANT_EVERYTHING: &str = "path \"sys/policies/grant/*\" { capabilities = [\"sudo\"] }\n\
+    path \"sys/token-attributes/grant/*\" { capabilities = [\"sudo\"] }\n\
+    path \"sys/token-attributes/audience/*\" { capabilities = [\"sudo\"] }";
 
 struct Row {
     method: &'static str,
@@ -196,7 +205,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
             "POST",
             "auth/kubernetes/config",
             json!({"issuer": "i", "public_keys": "x", "audiences": ["a"]}),
-            Caps("auth/kubernetes/config", &["update", "sudo"]),
+            CapsWith("auth/kubernetes/config", &["update", "sudo"], GRANT_EVERYTHING),
         ),
         row("POST", "auth/bootstrap/token", e.clone(), Caps("auth/bootstrap/token", &["update", "sudo"])),
         row("POST", "auth/bootstrap/login", json!({"token": "kvb.x"}), Nobody),
@@ -416,27 +425,31 @@ async fn every_route_authorizes_by_vault_rules() {
                 let reply = send(&c, r, &mut n, Some(&t)).await;
                 assert_eq!(reply.status, 200, "{what} with read on secret/x: {reply:?}");
             }
-            Needs::Caps(path, caps) => {
+            Needs::Caps(path, caps) | Needs::CapsWith(path, caps, _) => {
+                let with = match &r.needs {
+                    Needs::CapsWith(_, _, extra) => format!("\n{extra}"),
+                    _ => String::new(),
+                };
                 // Without a token: 401.
                 assert_eq!(send(&c, r, &mut n, None).await.status, 401, "{what} without a token");
                 // Every capability but the ones needed: 403.
                 let others: Vec<&str> = ALL.iter().copied().filter(|a| !caps.contains(a)).collect();
                 policy += 1;
-                let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, &others))).await;
+                let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, &others) + &with)).await;
                 let reply = send(&c, r, &mut n, Some(&t)).await;
                 assert_eq!(reply.status, 403, "{what} with {others:?} on {path}: {reply:?}");
                 // All but one of the ones needed: 403 (e.g. `sudo` without `update`).
                 for missing in caps.iter().filter(|_| caps.len() > 1) {
                     let partial: Vec<&str> = caps.iter().copied().filter(|c| c != missing).collect();
                     policy += 1;
-                    let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, &partial))).await;
+                    let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, &partial) + &with)).await;
                     let reply = send(&c, r, &mut n, Some(&t)).await;
                     assert_eq!(reply.status, 403, "{what} with {partial:?} on {path}: {reply:?}");
                 }
                 // Exactly the ones needed: through; and a field no endpoint reads is named
                 // in the warnings, not refused (Vault's convention).
                 policy += 1;
-                let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, caps))).await;
+                let t = token_with(&c, &root, &format!("t{policy}"), Some(hcl(path, caps) + &with)).await;
                 let body = with_unknown_field(r).unwrap_or_else(|| r.body.clone());
                 let reply = send_with(&c, r, &mut n, Some(&t), &body).await;
                 assert!(![401, 403].contains(&reply.status), "{what} with {caps:?} on {path}: {reply:?}");
@@ -575,9 +588,26 @@ async fn no_credential_is_made_for_more_than_its_caller_holds() {
             .to_owned();
     ok(c.post("auth", None, json!({"role": "mine", "secret_id": sid})).await, 200);
 
-    // The Kubernetes issuer and keys sign a login for every role of the method.
+    // The Kubernetes issuer and keys sign a login for every role of the method, now and
+    // later: no role that the caller could not grant exists yet, and still 403 (before,
+    // the keys were set here, and signed logins for the role root makes next).
     let config = json!({"issuer": "https://attacker", "public_keys": "x", "audiences": ["a"]});
-    ok(c.post("auth/kubernetes/config", Some(&mgr), config.clone()).await, 400);
+    ok(c.post("auth/kubernetes/config", Some(&mgr), config.clone()).await, 403);
+    // A grant of everything a role can carry gets past the grant (to the keys' own check).
+    let everything = [
+        hcl("auth/kubernetes/config", &manage),
+        hcl("sys/policies/grant/*", &["sudo"]),
+        hcl("sys/token-attributes/grant/*", &["sudo"]),
+        hcl("sys/token-attributes/audience/*", &["sudo"]),
+    ];
+    let kube_admin = token_with(&c, &root, "kube-admin", Some(everything.join("\n"))).await;
+    ok(c.post("auth/kubernetes/config", Some(&kube_admin), config.clone()).await, 400);
+    for missing in 1..everything.len() {
+        let partial: Vec<&str> =
+            everything.iter().enumerate().filter(|(i, _)| *i != missing).map(|(_, h)| h.as_str()).collect();
+        let t = token_with(&c, &root, &format!("kube-partial-{missing}"), Some(partial.join("\n"))).await;
+        ok(c.post("auth/kubernetes/config", Some(&t), config.clone()).await, 403);
+    }
     ok(
         c.post(
             "auth/kubernetes/role/prod-k8s",

@@ -503,6 +503,26 @@ impl Caller {
         self.check_attribute_grant(t)
     }
 
+    /// Whether this caller may hand out logins with any token settings at all: root, or
+    /// `sudo` on `sys/policies/grant/*`, `sys/token-attributes/grant/*` and
+    /// `sys/token-attributes/audience/*` (those paths as written: a grant of every policy,
+    /// attribute value and audience). For what decides the logins of every role of a
+    /// method, now and later (the Kubernetes issuer and keys): checked against the roles
+    /// there are now, a caller could set the keys while no role it cannot grant exists
+    /// (or delete one first) and sign logins for a role made later.
+    pub fn check_any_grant(&self) -> Result<()> {
+        if self.is_root() {
+            return Ok(());
+        }
+        for p in ["sys/policies/grant/*", "sys/token-attributes/grant/*", "sys/token-attributes/audience/*"] {
+            if !self.acl.allows(p, Capability::Sudo) {
+                tracing::debug!(accessor = %self.claims.acc, path = p, "a grant of everything refused");
+                return Err(Error::PermissionDenied);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether this caller may give tokens these attributes and audiences (a role write):
     /// root may; anyone else needs `sudo` on `sys/token-attributes/grant/<name>/<value>`
     /// for each value of each attribute (each element of a list; values and lists are
