@@ -238,6 +238,13 @@ impl<S: Store + ?Sized> Store for MeteredStore<S> {
         r
     }
 
+    async fn renew(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        let t = Instant::now();
+        let r = self.inner.renew(key, value, ttl).await;
+        observe("renew", 1, t, &r);
+        r
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         let t = Instant::now();
         let r = self.inner.delete(key).await;

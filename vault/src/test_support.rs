@@ -123,6 +123,10 @@ impl Store for TestStore {
         self.write()?;
         self.inner.compare_and_swap(key, expected, new).await
     }
+    async fn renew(&self, key: &str, value: &[u8], ttl: std::time::Duration) -> StoreResult<bool> {
+        self.write()?;
+        self.inner.renew(key, value, ttl).await
+    }
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         self.write()?;
         self.inner.delete(key).await

@@ -16,6 +16,7 @@ pub async fn run_all(store: &dyn Store) {
     compare_and_swap(store).await;
     scan_prefix_pages_and_bounds(store).await;
     insert_if_absent_with_expiry(store).await;
+    renew(store).await;
     purge_expired(store).await;
     invalid_keys(store).await;
     insert_if_absent_many(store).await;
@@ -328,6 +329,25 @@ pub async fn insert_if_absent_with_expiry(s: &dyn Store) {
     assert!(s.insert_if_absent("c4/put-twin", b"a", Some(Duration::from_millis(20))).await.unwrap());
     wait_expired(s, "c4/put-twin").await;
     assert_eq!(s.get("c4/put").await.unwrap().as_deref(), Some(&b"b"[..]));
+}
+
+/// A claim renewed by its holder lives on past its first expiry; anyone else's renewal, of
+/// an absent or an expired entry, does nothing.
+pub async fn renew(s: &dyn Store) {
+    assert!(s.insert_if_absent("c11/claim", b"holder", Some(Duration::from_millis(1500))).await.unwrap());
+    assert!(!s.renew("c11/claim", b"someone else", Duration::from_secs(60)).await.unwrap());
+    assert!(s.renew("c11/claim", b"holder", Duration::from_secs(60)).await.unwrap());
+    assert!(s.insert_if_absent("c11/twin", b"holder", Some(Duration::from_millis(1500))).await.unwrap());
+    wait_expired(s, "c11/twin").await;
+    assert_eq!(s.get("c11/claim").await.unwrap().as_deref(), Some(&b"holder"[..]), "renewed");
+    assert!(!s.renew("c11/twin", b"holder", Duration::from_secs(60)).await.unwrap(), "an expired entry");
+    assert_eq!(s.get("c11/twin").await.unwrap(), None);
+    assert!(!s.renew("c11/absent", b"holder", Duration::from_secs(60)).await.unwrap());
+    assert_eq!(s.get("c11/absent").await.unwrap(), None);
+    // Renewed to a short time, it runs out then, and the purge removes it.
+    assert!(s.renew("c11/claim", b"holder", Duration::from_millis(50)).await.unwrap());
+    wait_expired(s, "c11/claim").await;
+    assert!(s.insert_if_absent("c11/claim", b"next", None).await.unwrap());
 }
 
 pub async fn purge_expired(s: &dyn Store) {

@@ -95,6 +95,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// leaves storage when it lapses); one made where the key was absent has none.
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool>;
 
+    /// If the live value under `key` is `value`, make it expire `ttl` from now (a claim
+    /// renewed by its holder). Returns whether it did.
+    async fn renew(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool>;
+
     /// Remove `key`. Returns whether it was present (and not expired): a consuming read
     /// for one-time values, since exactly one of two concurrent deletes sees `true`.
     async fn delete(&self, key: &str) -> StoreResult<bool>;
@@ -200,7 +204,10 @@ pub struct Counter {
 /// the store: of concurrent callers one runs. The claim is released (compare-and-delete
 /// of this holder's value, so a claim taken over after its TTL is never released by the
 /// old holder) when `work` ends, or by a task of its own when `work` is dropped half way
-/// (a client that hung up); a process that stops holds it for at most `ttl`.
+/// (a client that hung up); a process that stops holds it for at most `ttl`. While `work`
+/// runs the claim is renewed every third of `ttl` ([`Store::renew`]), so work that takes
+/// longer than `ttl` keeps it (a renewal that finds the claim gone, taken over after a
+/// stall longer than `ttl`, is logged).
 pub async fn while_claimed<T>(
     store: &std::sync::Arc<dyn Store>,
     key: &str,
@@ -212,7 +219,23 @@ pub async fn while_claimed<T>(
         return Ok(None);
     }
     let mut claim = Claim { store: store.clone(), key: key.to_owned(), holder, held: true };
-    let r = work.await;
+    let renew = async {
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            match store.renew(key, claim.holder.as_bytes(), ttl).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(key, "a claim ran out while its work went on (another may hold it now)");
+                    return std::future::pending::<()>().await;
+                }
+                Err(e) => tracing::warn!(key, error = %e, "renewing a claim failed (it is tried again)"),
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = work => r,
+        () = renew => unreachable!("renewing never ends"),
+    };
     claim.release().await;
     Ok(Some(r))
 }
@@ -300,5 +323,29 @@ pub async fn scan_all(store: &dyn Store, prefix: &str) -> StoreResult<Vec<(Strin
         if done {
             return Ok(out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that runs four times its claim's TTL keeps the claim throughout (it is
+    /// renewed): every other claimant meanwhile is refused; released at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_is_kept_while_its_work_runs_past_its_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        let ttl = Duration::from_millis(300);
+        let other = store.clone();
+        let work = async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert_eq!(while_claimed(&other, "claims/x", ttl, async {}).await.unwrap(), None, "taken over");
+            }
+            7
+        };
+        assert_eq!(while_claimed(&store, "claims/x", ttl, work).await.unwrap(), Some(7));
+        assert_eq!(while_claimed(&store, "claims/x", ttl, async { 1 }).await.unwrap(), Some(1), "released");
     }
 }

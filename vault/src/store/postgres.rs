@@ -101,6 +101,12 @@ const SWAP_MANY: &str = concat!(
     live!(),
     " RETURNING t.key"
 );
+/// Renews a live row holding `$2`: it expires `$3` milliseconds from now.
+const RENEW: &str = concat!(
+    "UPDATE keyvault_kv SET expires_at = now() + $3::BIGINT * INTERVAL '1 millisecond' \
+     WHERE key = $1 AND value = $2 AND ",
+    live!()
+);
 const DELETE_IF: &str = concat!("DELETE FROM keyvault_kv WHERE key = $1 AND value = $2 AND ", live!());
 /// Deletes the key; returns whether the row was live.
 const DELETE: &str = concat!("DELETE FROM keyvault_kv WHERE key = $1 RETURNING ", live!());
@@ -390,6 +396,14 @@ impl Store for PostgresStore {
             (Some(e), Some(n)) => c.execute(&prepared(&c, SWAP).await?, &[&key, &e, &n]).await.map_err(unavailable)?,
             (Some(e), None) => c.execute(&prepared(&c, DELETE_IF).await?, &[&key, &e]).await.map_err(unavailable)?,
         };
+        Ok(n == 1)
+    }
+
+    async fn renew(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        check_key(key)?;
+        let c = self.client().await?;
+        let ms = ttl.as_millis().min(i64::MAX as u128) as i64;
+        let n = c.execute(&prepared(&c, RENEW).await?, &[&key, &value, &ms]).await.map_err(unavailable)?;
         Ok(n == 1)
     }
 

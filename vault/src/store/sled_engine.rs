@@ -428,6 +428,33 @@ impl Store for SledStore {
         Ok(swapped)
     }
 
+    async fn renew(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
+        self.maybe_reopen();
+        let h = self.h()?;
+        check_key(key)?;
+        let expires = now_ms().saturating_add(ttl.as_millis() as u64);
+        loop {
+            let current = h.data.get(key).map_err(|e| self.failed(e))?;
+            let held = match &current {
+                Some(raw) => live(key, raw, now_ms())? == Some(value),
+                None => false,
+            };
+            if !held {
+                return Ok(false);
+            }
+            let renewed = encode(value, Some(expires));
+            match h.data.compare_and_swap(key, current, Some(renewed)).map_err(|e| self.failed(e))? {
+                Ok(()) => break,
+                Err(_) => continue,
+            }
+        }
+        let mut idx = expires.to_be_bytes().to_vec();
+        idx.extend_from_slice(key.as_bytes());
+        h.expiry.insert(idx, &[]).map_err(|e| self.failed(e))?;
+        self.flush_or_shadow([(key.to_owned(), Some(value.to_vec()))]).await?;
+        Ok(true)
+    }
+
     async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
         self.maybe_reopen();
         let h = self.h()?;

@@ -309,10 +309,7 @@ async fn tidy_secret_ids(store: &Arc<dyn Store>, holder: Option<&[u8]>) -> Resul
         if let Some(holder) = holder
             && renewed.elapsed() >= Duration::from_secs(60)
         {
-            // A compare-and-swap keeps an expiry: the claim is taken again, fresh.
-            let kept = store.compare_and_swap(TIDY_CLAIM, Some(holder), None).await?
-                && store.insert_if_absent(TIDY_CLAIM, holder, Some(TIDY_CLAIM_TTL)).await?;
-            if !kept {
+            if !store.renew(TIDY_CLAIM, holder, TIDY_CLAIM_TTL).await? {
                 return Err(Error::Conflict("the tidy's claim was lost; another tidy goes on".into()));
             }
             renewed = std::time::Instant::now();
