@@ -608,6 +608,17 @@ async fn no_credential_is_made_for_more_than_its_caller_holds() {
         let t = token_with(&c, &root, &format!("kube-partial-{missing}"), Some(partial.join("\n"))).await;
         ok(c.post("auth/kubernetes/config", Some(&t), config.clone()).await, 403);
     }
+    // Not everything: a `+` where attribute grants have two segments (name, value), or a
+    // narrower rule that refuses one policy.
+    let narrow = [
+        everything.join("\n").replace("sys/token-attributes/grant/*", "sys/token-attributes/grant/+"),
+        format!("{}\n{}", everything.join("\n"), hcl("sys/policies/grant/admin", &["deny"])),
+        format!("{}\n{}", everything.join("\n"), hcl("sys/token-attributes/audience/+", &["read"])),
+    ];
+    for (i, policy) in narrow.into_iter().enumerate() {
+        let t = token_with(&c, &root, &format!("kube-narrow-{i}"), Some(policy)).await;
+        ok(c.post("auth/kubernetes/config", Some(&t), config.clone()).await, 403);
+    }
     ok(
         c.post(
             "auth/kubernetes/role/prod-k8s",

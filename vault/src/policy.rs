@@ -171,6 +171,37 @@ impl Pattern {
         self.glob || rest.is_empty()
     }
 
+    /// Whether this pattern matches every path that starts with `prefix`: its parts match
+    /// the start of `prefix` (a `+` only a whole segment of it) and a trailing `*` the rest.
+    fn covers_all_under(&self, prefix: &str) -> bool {
+        let mut rest = prefix;
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => match rest.strip_prefix(l.as_str()) {
+                    Some(r) => rest = r,
+                    None => return false,
+                },
+                Part::Segment => match rest.find('/') {
+                    Some(end) if end > 0 => rest = &rest[end..],
+                    _ => return false,
+                },
+            }
+        }
+        // The trailing `*` takes whatever of `prefix` is left, and all that follows it.
+        self.glob
+    }
+
+    /// Whether this pattern might match some path that starts with `prefix`: the text
+    /// before its first wildcard and `prefix` agree as far as both go (conservative: a
+    /// `+` or `*` later on is taken to match).
+    fn may_match_under(&self, prefix: &str) -> bool {
+        let head = match &self.parts.first() {
+            Some(Part::Literal(l)) => l.as_str(),
+            _ => "",
+        };
+        head.starts_with(prefix) || prefix.starts_with(head)
+    }
+
     /// Vault's priority: a later first wildcard, no trailing glob, fewer `+`, longer, then
     /// lexicographically larger wins.
     fn priority(&self) -> (usize, bool, std::cmp::Reverse<usize>, usize, &str) {
@@ -350,6 +381,31 @@ impl Acl {
         self.root
     }
 
+    /// Whether `cap` is granted on every path under `prefix` (which ends in `/`), whatever
+    /// follows it: a rule whose pattern takes in all of them (the prefix, or a part of it,
+    /// then a trailing `*`) grants `cap`, and every rule that outranks it and could match
+    /// some path under `prefix` grants `cap` too (no narrower deny, no narrower rule
+    /// without it). Conservative: a rule that might overlap counts as overlapping.
+    pub fn grants_all_under(&self, prefix: &str, cap: Capability) -> bool {
+        if self.root {
+            return true;
+        }
+        let grants = |caps: &Caps| caps.contains(cap) && !caps.contains(Capability::Deny);
+        let Some((cover, caps)) = self
+            .rules
+            .iter()
+            .filter(|(p, _)| p.covers_all_under(prefix))
+            .max_by(|a, b| a.0.priority().cmp(&b.0.priority()))
+        else {
+            return false;
+        };
+        grants(caps)
+            && self
+                .rules
+                .iter()
+                .all(|(p, caps)| p.priority() <= cover.priority() || !p.may_match_under(prefix) || grants(caps))
+    }
+
     /// Whether any rule grants something on a path under `prefix` (a mount path ending in
     /// `/`): Vault's preflight check before it describes a mount to a token.
     pub fn grants_under(&self, prefix: &str) -> bool {
@@ -521,6 +577,44 @@ mod tests {
 
     fn acl(text: &str) -> Acl {
         Acl::from_policies([&Policy::parse("p", text).unwrap()])
+    }
+
+    /// A grant of everything under a prefix: a covering `*` rule, and nothing narrower
+    /// that outranks it without the capability.
+    #[test]
+    fn all_under_a_prefix_needs_a_covering_rule_and_no_narrower_refusal() {
+        let p = "sys/policies/grant/";
+        let rule = |path: &str, caps: &str| format!("path \"{path}\" {{ capabilities = [{caps}] }}\n");
+        let sudo = "\"sudo\"";
+        for yes in [
+            rule("sys/policies/grant/*", sudo),
+            rule("sys/*", sudo),
+            rule("*", sudo),
+            rule("sys/+/grant/*", sudo),
+            rule("sys/policies/grant/*", sudo) + &rule("sys/policies/grant/admin", "\"sudo\", \"read\""),
+            rule("sys/policies/grant/*", sudo) + &rule("secret/*", "\"deny\""),
+        ] {
+            assert!(acl(&yes).grants_all_under(p, Capability::Sudo), "{yes}");
+        }
+        for no in [
+            rule("sys/policies/grant/+", sudo),
+            rule("sys/policies/grant/a*", sudo),
+            rule("sys/policies/grant/*", "\"read\""),
+            rule("sys/policies/grant/*", sudo) + &rule("sys/policies/grant/admin", "\"deny\""),
+            rule("sys/policies/grant/*", sudo) + &rule("sys/policies/grant/admin", "\"read\""),
+            rule("sys/policies/grant/*", sudo) + &rule("sys/policies/grant/+", "\"read\""),
+            rule("sys/policies/grant/*", sudo) + &rule("sys/policies/grant/adm*", "\"read\""),
+            rule("sys/*", sudo) + &rule("sys/policies/*", "\"read\""),
+            String::new() + &rule("sys/policies/grant/x", sudo),
+        ] {
+            assert!(!acl(&no).grants_all_under(p, Capability::Sudo), "{no}");
+        }
+        assert!(Acl::root().grants_all_under(p, Capability::Sudo));
+        // Paths of two segments under the prefix: `+` covers none of them.
+        let two = "sys/token-attributes/grant/";
+        assert!(!acl(&rule("sys/token-attributes/grant/+", sudo)).grants_all_under(two, Capability::Sudo));
+        assert!(!acl(&rule("sys/token-attributes/grant/+/*", sudo)).grants_all_under(two, Capability::Sudo));
+        assert!(acl(&rule("sys/token-attributes/grant/*", sudo)).grants_all_under(two, Capability::Sudo));
     }
 
     #[test]

@@ -504,9 +504,9 @@ impl Caller {
     }
 
     /// Whether this caller may hand out logins with any token settings at all: root, or
-    /// `sudo` on `sys/policies/grant/*`, `sys/token-attributes/grant/*` and
-    /// `sys/token-attributes/audience/*` (those paths as written: a grant of every policy,
-    /// attribute value and audience). For what decides the logins of every role of a
+    /// `sudo` on every path under `sys/policies/grant/`, `sys/token-attributes/grant/` and
+    /// `sys/token-attributes/audience/` ([`crate::policy::Acl::grants_all_under`]: a `*`
+    /// rule over each, with no narrower rule that refuses a name). For what decides the logins of every role of a
     /// method, now and later (the Kubernetes issuer and keys): checked against the roles
     /// there are now, a caller could set the keys while no role it cannot grant exists
     /// (or delete one first) and sign logins for a role made later.
@@ -514,8 +514,8 @@ impl Caller {
         if self.is_root() {
             return Ok(());
         }
-        for p in ["sys/policies/grant/*", "sys/token-attributes/grant/*", "sys/token-attributes/audience/*"] {
-            if !self.acl.allows(p, Capability::Sudo) {
+        for p in ["sys/policies/grant/", "sys/token-attributes/grant/", "sys/token-attributes/audience/"] {
+            if !self.acl.grants_all_under(p, Capability::Sudo) {
                 tracing::debug!(accessor = %self.claims.acc, path = p, "a grant of everything refused");
                 return Err(Error::PermissionDenied);
             }

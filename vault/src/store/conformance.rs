@@ -344,7 +344,7 @@ pub async fn renew(s: &dyn Store) {
     assert_eq!(s.get("c11/twin").await.unwrap(), None);
     assert!(!s.renew("c11/absent", b"holder", Duration::from_secs(60)).await.unwrap());
     assert_eq!(s.get("c11/absent").await.unwrap(), None);
-    // Renewed to a short time, it runs out then, and the purge removes it.
+    // Renewed to a short time, it runs out then, and frees the key.
     assert!(s.renew("c11/claim", b"holder", Duration::from_millis(50)).await.unwrap());
     wait_expired(s, "c11/claim").await;
     assert!(s.insert_if_absent("c11/claim", b"next", None).await.unwrap());

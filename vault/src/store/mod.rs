@@ -336,11 +336,11 @@ mod tests {
     async fn a_claim_is_kept_while_its_work_runs_past_its_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
-        let ttl = Duration::from_millis(300);
+        let ttl = Duration::from_millis(1000);
         let other = store.clone();
         let work = async move {
-            for _ in 0..6 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 assert_eq!(while_claimed(&other, "claims/x", ttl, async {}).await.unwrap(), None, "taken over");
             }
             7
