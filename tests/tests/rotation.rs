@@ -79,11 +79,13 @@ async fn seed(c: &Client, root: &str, n: usize) {
 }
 
 /// Units writing and reading their own secrets in a loop; every read must return the last
-/// value that unit wrote. Returns (stop flag, request count, failures, handles).
+/// value that unit wrote; and reads of the `seeded` secrets of [`seed`]. Returns (stop
+/// flag, request count, failures, handles).
 fn load(
     c: &Client,
     root: &str,
     units: usize,
+    seeded: usize,
 ) -> (Arc<AtomicBool>, Arc<AtomicU64>, Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let (count, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -109,7 +111,7 @@ fn load(
                     }
                     count.fetch_add(2, Ordering::Relaxed);
                     // Reads of the seeded secrets, older than any rotation.
-                    let i = (n as usize * 7 + u) % 400;
+                    let i = (n as usize * 7 + u) % seeded;
                     match c.try_send("GET", &format!("secret/seed/{i}"), Some(&root), None).await {
                         Ok(r) if r.status == 200 && r.body["data"]["value"] == format!("seed-{i}").as_str() => {}
                         other => {
@@ -133,7 +135,7 @@ async fn rotation_twice_under_load_then_retire_on_sled() {
     let root = s.root.clone();
     seed(&c, &root, 400).await;
     assert_eq!(s.token_keys("keyvault/master/"), vec!["keyvault/master/v1"]);
-    let (stop, count, failures, handles) = load(&c, &root, 8);
+    let (stop, count, failures, handles) = load(&c, &root, 8, 400);
     ran(&count, 30).await;
 
     for expected in [2, 3] {
@@ -249,7 +251,7 @@ async fn sixteen_retires_at_once_retire_each_version_once() {
         ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
         assert_eq!(wait_idle(&c, &root).await["versions_in_use"], json!([expected]));
     }
-    let (stop, count, failures, handles) = load(&c, &root, 4);
+    let (stop, count, failures, handles) = load(&c, &root, 4, 50);
     ran(&count, 10).await;
     let retires: Vec<_> = (0..16)
         .map(|_| {
