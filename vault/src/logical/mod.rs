@@ -543,14 +543,24 @@ impl Caller {
             .iter()
             .flat_map(|(n, v)| match v {
                 AttributeValue::One(one) => vec![grant(n, one)],
-                // (Refused before this by `check_attributes`; were one to pass, it would
-                // need every value of the name.)
-                AttributeValue::Many(many) if many.is_empty() => vec![grant(n, "*")],
                 AttributeValue::Many(many) => many.iter().map(|one| grant(n, one)).collect(),
             })
             .chain(t.token_audiences.iter().map(|a| format!("sys/token-attributes/audience/{a}")));
+        // An empty list (refused before this by `check_attributes`; were one to pass) needs
+        // every value of its name: a grant over every path under `grant/<name>/`, as
+        // [`Caller::check_any_grant`] checks it (a literal `*` path would pass a `+` rule).
+        let every_value = t.token_attributes.iter().filter_map(|(n, v)| match v {
+            AttributeValue::Many(many) if many.is_empty() => Some(format!("sys/token-attributes/grant/{n}/")),
+            _ => None,
+        });
         for p in paths {
             if !self.acl.allows(&p, Capability::Sudo) {
+                tracing::debug!(accessor = %self.claims.acc, path = %p, "token attribute grant refused");
+                return Err(Error::PermissionDenied);
+            }
+        }
+        for p in every_value {
+            if !self.acl.grants_all_under(&p, Capability::Sudo) {
                 tracing::debug!(accessor = %self.claims.acc, path = %p, "token attribute grant refused");
                 return Err(Error::PermissionDenied);
             }
