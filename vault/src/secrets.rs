@@ -594,9 +594,7 @@ impl Secrets {
     /// Delete a secret entirely: every version's record and its metadata.
     pub async fn delete_all(&self, path: &SecretPath) -> Result<()> {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
-            let (raw, meta) = self.load_meta(path).await?;
-            let Some(raw) = raw else { return Ok(()) };
-            if self.commit_removal(path, raw, None, meta.versions.keys().copied(), Vec::new()).await? {
+            if self.delete_all_with(path, Vec::new()).await? {
                 return Ok(());
             }
         }
