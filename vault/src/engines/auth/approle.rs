@@ -327,18 +327,14 @@ async fn tidy_secret_ids(store: &Arc<dyn Store>, holder: Option<&[u8]>) -> Resul
             let Ok(id) = decode_json::<StoredSecretId>(&key, &raw) else { continue };
             let mut dead = id.expires.is_some_and(|e| e <= now) || id.uses_left == Some(0) || id.role_id.is_none();
             if !dead {
-                // Its role as looked up for the ids before it, or looked up again when it
-                // differs: a role made again since (a new role id) has ids of its own,
-                // which must not be taken for the old role's.
-                for fresh in [false, true] {
-                    if fresh || role.as_ref().is_none_or(|(n, _)| n != name) {
-                        role = Some((name.to_owned(), role_id_of(&roles, name).await?));
-                    }
-                    dead = id.role_id != role.as_ref().and_then(|(_, r)| r.clone());
-                    if !dead {
-                        break;
-                    }
+                // Its role as looked up for the ids before it; looked up (again) when that
+                // is another name or another role id: a role made again since has ids of
+                // its own, which must not be taken for the old role's.
+                let cached = role.as_ref().filter(|(n, _)| n == name).map(|(_, r)| r);
+                if cached != Some(&id.role_id) {
+                    role = Some((name.to_owned(), role_id_of(&roles, name).await?));
                 }
+                dead = role.as_ref().map(|(_, r)| r) != Some(&id.role_id);
             }
             if dead && store.compare_and_swap(&key, Some(&raw), None).await? {
                 done.removed += 1;
