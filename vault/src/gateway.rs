@@ -365,10 +365,7 @@ impl Gateway {
             let Some(Some((prod, keys))) = producers.get(&p.identity) else { continue };
             if Self::accepts(prod) == SigningInput::TaggedOrUntagged {
                 let message = untagged_signing_input(&p.ts_text, &p.nonce, &p.body);
-                *key_id = keys
-                    .iter()
-                    .find(|(_, vk)| vk.verify_strict(&message, &p.signature).is_ok())
-                    .map(|(k, _)| k.clone());
+                *key_id = key_that_verifies(keys, &message, &p.signature);
             }
         }
         // Register the nonces of every item whose signature verified, durably, at once.
@@ -472,14 +469,14 @@ fn verify_signatures(
         .iter()
         .zip(out)
         .map(|((_, p, message), decided)| {
-            decided.unwrap_or_else(|| {
-                keys_of(&p.identity)
-                    .iter()
-                    .find(|(_, vk)| vk.verify_strict(message, &p.signature).is_ok())
-                    .map(|(k, _)| k.clone())
-            })
+            decided.unwrap_or_else(|| key_that_verifies(keys_of(&p.identity), message, &p.signature))
         })
         .collect()
+}
+
+/// The id of the first of `keys` under which `signature` of `message` verifies (strictly).
+fn key_that_verifies(keys: &[(String, VerifyingKey)], message: &[u8], signature: &Signature) -> Option<String> {
+    keys.iter().find(|(_, vk)| vk.verify_strict(message, signature).is_ok()).map(|(k, _)| k.clone())
 }
 
 #[cfg(test)]
