@@ -298,6 +298,15 @@ impl SledStore {
         self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
+    /// Note in the expiry index that `key` expires at `ms` (`expiry_ms || key`: the purge
+    /// reads the index up to now, and checks each key before it removes it).
+    fn index_expiry(&self, h: &Handles, key: &str, ms: u64) -> StoreResult<()> {
+        let mut idx = ms.to_be_bytes().to_vec();
+        idx.extend_from_slice(key.as_bytes());
+        h.expiry.insert(idx, &[]).map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
     /// Insert-if-absent without the flush (the caller flushes).
     fn insert_if_absent_unflushed(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
         let h = self.h()?;
@@ -311,9 +320,7 @@ impl SledStore {
             match h.data.compare_and_swap(key, current, Some(new.clone())).map_err(|e| self.failed(e))? {
                 Ok(()) => {
                     if let Some(ms) = expires {
-                        let mut idx = ms.to_be_bytes().to_vec();
-                        idx.extend_from_slice(key.as_bytes());
-                        h.expiry.insert(idx, &[]).map_err(|e| self.failed(e))?;
+                        self.index_expiry(&h, key, ms)?;
                     }
                     return Ok(true);
                 }
@@ -448,9 +455,7 @@ impl Store for SledStore {
                 Err(_) => continue,
             }
         }
-        let mut idx = expires.to_be_bytes().to_vec();
-        idx.extend_from_slice(key.as_bytes());
-        h.expiry.insert(idx, &[]).map_err(|e| self.failed(e))?;
+        self.index_expiry(&h, key, expires)?;
         self.flush_or_shadow([(key.to_owned(), Some(value.to_vec()))]).await?;
         Ok(true)
     }
