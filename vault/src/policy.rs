@@ -152,43 +152,39 @@ impl Pattern {
     }
 
     pub fn matches(&self, path: &str) -> bool {
-        let mut rest = path;
-        for part in &self.parts {
-            match part {
-                Part::Literal(l) => match rest.strip_prefix(l.as_str()) {
-                    Some(r) => rest = r,
-                    None => return false,
-                },
-                Part::Segment => {
-                    let end = rest.find('/').unwrap_or(rest.len());
-                    if end == 0 {
-                        return false;
-                    }
-                    rest = &rest[end..];
-                }
-            }
-        }
-        self.glob || rest.is_empty()
+        self.walk(path, true).is_some_and(|rest| self.glob || rest.is_empty())
     }
 
     /// Whether this pattern matches every path that starts with `prefix`: its parts match
     /// the start of `prefix` (a `+` only a whole segment of it) and a trailing `*` the rest.
     fn covers_all_under(&self, prefix: &str) -> bool {
-        let mut rest = prefix;
+        // The trailing `*` takes whatever of `prefix` is left, and all that follows it.
+        self.glob && self.walk(prefix, false).is_some()
+    }
+
+    /// `text` after this pattern's parts (before any trailing `*`), or `None` if they do
+    /// not match its start. A `+` takes one non-empty segment; with `to_end`, the last
+    /// segment of `text` may be it (a whole path), else it must end at a `/` of `text`
+    /// (a prefix, whose last segment goes on after it).
+    fn walk<'a>(&self, text: &'a str, to_end: bool) -> Option<&'a str> {
+        let mut rest = text;
         for part in &self.parts {
             match part {
-                Part::Literal(l) => match rest.strip_prefix(l.as_str()) {
-                    Some(r) => rest = r,
-                    None => return false,
-                },
-                Part::Segment => match rest.find('/') {
-                    Some(end) if end > 0 => rest = &rest[end..],
-                    _ => return false,
-                },
+                Part::Literal(l) => rest = rest.strip_prefix(l.as_str())?,
+                Part::Segment => {
+                    let end = match rest.find('/') {
+                        Some(end) => end,
+                        None if to_end => rest.len(),
+                        None => return None,
+                    };
+                    if end == 0 {
+                        return None;
+                    }
+                    rest = &rest[end..];
+                }
             }
         }
-        // The trailing `*` takes whatever of `prefix` is left, and all that follows it.
-        self.glob
+        Some(rest)
     }
 
     /// Whether this pattern might match some path that starts with `prefix`: the text
