@@ -796,6 +796,44 @@ mod tests {
         assert_eq!(&*read.data, br#"{"v":"w"}"#.as_slice(), "the acknowledged version serves its value");
     }
 
+    /// A writer that claimed its number and is overtaken by `max_versions` others before it
+    /// records it would be pruned by its own write. It takes a number above theirs instead:
+    /// the value it acknowledges is kept, the number it gave up is skipped and its record
+    /// is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_overtaken_by_max_versions_others_takes_a_higher_number() {
+        use crate::test_support::{PauseAt, TestStore};
+        let keyed = Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
+        let plain = Secrets::kv2(sled.clone(), barrier.clone(), 3);
+        let path = SecretPath::parse("app/overtaken").unwrap();
+        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
+        let slow = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 3, ns: plain.ns });
+        // W reads the (absent) metadata, claims version 1, and is held before recording it.
+        paused.arm();
+        let w = tokio::spawn({
+            let (slow, path) = (slow.clone(), path.clone());
+            async move { slow.write(&path, br#"{"v":"w"}"#).await }
+        });
+        paused.reached.notified().await;
+        paused.arm();
+        paused.go.notify_one();
+        paused.reached.notified().await;
+        assert!(sled.get(&plain.data_key(&path, 1)).await.unwrap().is_some(), "W holds slot 1");
+        // Three others write meanwhile: 2, 3 and 4 fill the three versions kept.
+        for (i, expected) in (2..=4).enumerate() {
+            assert_eq!(plain.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap().0, expected);
+        }
+        paused.go.notify_one();
+        let (version, _) = w.await.unwrap().unwrap();
+        assert_eq!(version, 5, "W takes the number above the others");
+        assert_eq!(&*plain.read(&path, Some(5)).await.unwrap().data, br#"{"v":"w"}"#.as_slice());
+        let meta = plain.metadata(&path).await.unwrap().unwrap();
+        assert_eq!(meta.versions.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert!(sled.get(&plain.data_key(&path, 1)).await.unwrap().is_none(), "the slot given up leaves no record");
+        assert!(sled.get(&plain.data_key(&path, 2)).await.unwrap().is_none(), "version 2 was pruned with its record");
+    }
+
     /// 16 clients at once write, destroy, delete the latest version of and delete one
     /// secret, ten times each: whatever wins, the metadata and the records agree at the
     /// end (a served version has its record, no record outlives its version), and every
