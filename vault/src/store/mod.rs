@@ -206,8 +206,11 @@ pub struct Counter {
 /// old holder) when `work` ends, or by a task of its own when `work` is dropped half way
 /// (a client that hung up); a process that stops holds it for at most `ttl`. While `work`
 /// runs the claim is renewed every third of `ttl` ([`Store::renew`]), so work that takes
-/// longer than `ttl` keeps it (a renewal that finds the claim gone, taken over after a
-/// stall longer than `ttl`, is logged).
+/// longer than `ttl` keeps it. A renewal that finds the claim gone (run out after a stall
+/// longer than `ttl`, and perhaps taken by another) stops `work` where it is, as a client
+/// hanging up would, and answers `None`: two holders never work on one claim for longer
+/// than that stall. `work` must therefore be safe to stop at any await point, which every
+/// claimed task already is (its client may hang up).
 pub async fn while_claimed<T>(
     store: &std::sync::Arc<dyn Store>,
     key: &str,
@@ -219,25 +222,28 @@ pub async fn while_claimed<T>(
         return Ok(None);
     }
     let mut claim = Claim { store: store.clone(), key: key.to_owned(), holder, held: true };
-    let renew = async {
+    let lost = async {
         loop {
             tokio::time::sleep(ttl / 3).await;
             match store.renew(key, claim.holder.as_bytes(), ttl).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(key, "a claim ran out while its work went on (another may hold it now)");
-                    return std::future::pending::<()>().await;
-                }
+                Ok(false) => return,
                 Err(e) => tracing::warn!(key, error = %e, "renewing a claim failed (it is tried again)"),
             }
         }
     };
-    let r = tokio::select! {
-        r = work => r,
-        () = renew => unreachable!("renewing never ends"),
-    };
-    claim.release().await;
-    Ok(Some(r))
+    tokio::select! {
+        r = work => {
+            claim.release().await;
+            Ok(Some(r))
+        }
+        () = lost => {
+            // Not ours any more: nothing to release.
+            claim.held = false;
+            tracing::warn!(key, "a claim ran out while its work went on: the work is stopped");
+            Ok(None)
+        }
+    }
 }
 
 /// A held claim ([`while_claimed`]). Released by [`Claim::release`], or, when it is
@@ -347,5 +353,28 @@ mod tests {
         };
         assert_eq!(while_claimed(&store, "claims/x", ttl, work).await.unwrap(), Some(7));
         assert_eq!(while_claimed(&store, "claims/x", ttl, async { 1 }).await.unwrap(), Some(1), "released");
+    }
+
+    /// Work whose claim is taken over (here: the claim is removed and another holder
+    /// inserts its own, as after a stall longer than the TTL) is stopped at the next
+    /// renewal, before it goes on to its next step, and the other holder's claim stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_claim_is_taken_over_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        let ttl = Duration::from_millis(900);
+        let went_on = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (other, flag) = (store.clone(), went_on.clone());
+        let work = async move {
+            other.delete("claims/y").await.unwrap();
+            assert!(other.insert_if_absent("claims/y", b"someone", Some(Duration::from_secs(60))).await.unwrap());
+            // Longer than a renewal period: the renewal finds the claim taken meanwhile.
+            tokio::time::sleep(ttl * 2).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        };
+        assert_eq!(while_claimed(&store, "claims/y", ttl, work).await.unwrap(), None);
+        assert!(!went_on.load(std::sync::atomic::Ordering::SeqCst), "the work went on without its claim");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.get("claims/y").await.unwrap().as_deref(), Some(b"someone".as_slice()), "not released");
     }
 }
