@@ -509,6 +509,26 @@ async fn kubernetes_service_account_login() {
     assert_eq!(c.get("sys/health", &root).await.status, 200);
     // Roles need bounds.
     ok(c.post("auth/kubernetes/role/loose", Some(&root), json!({"bound_service_account_names": ["api"]})).await, 400);
+
+    // 16 config writes at once, each with its own issuer and key: each is taken whole,
+    // and the one left is one of them whole (never one write's issuer with another's
+    // keys). Only its key, with its issuer, logs in.
+    let signers: Vec<Signer> = (0..16).map(|_| Signer::new("k1")).collect();
+    let writes = signers.iter().enumerate().map(|(i, signer)| {
+        let (c, root) = (c.clone(), root.clone());
+        let body =
+            json!({"issuer": format!("{ISS}/{i}"), "public_keys": signer.public_pem(), "audiences": ["keyvault"]});
+        async move { c.post("auth/kubernetes/config", Some(&root), body).await.status }
+    });
+    let statuses = futures_util::future::join_all(writes).await;
+    assert!(statuses.iter().all(|st| *st == 204), "{statuses:?}");
+    let config = ok(c.get("auth/kubernetes/config", &root).await, 200);
+    let issuer = config.body["data"]["issuer"].as_str().unwrap().to_owned();
+    let winner: usize = issuer.strip_prefix(&format!("{ISS}/")).unwrap().parse().unwrap();
+    for (i, signer) in signers.iter().enumerate() {
+        let r = login(signer.sign(&claims("payments", "api", "keyvault", &issuer, 600))).await;
+        assert_eq!(r.status, if i == winner { 200 } else { 401 }, "signer {i} (config of {winner}): {r:?}");
+    }
 }
 
 #[tokio::test]

@@ -439,6 +439,40 @@ async fn gateway_signatures_are_domain_separated() {
     // An unknown choice is refused.
     let r = c.post("gateway/producers/odd", Some(&root), register(json!({"signing_input": "none"}))).await;
     assert_eq!(r.status, 400, "{r:?}");
+
+    // 16 writes at once: the producer left is one of them whole (its skew with its
+    // choice). Then 16 writes that leave the field out: none of them resets the choice.
+    let writes = |field: bool| {
+        let (c, root, register) = (c.clone(), root.clone(), &register);
+        (0..16).map(move |i| {
+            let (c, root) = (c.clone(), root.clone());
+            let mut extra = json!({"clock_skew_seconds": 10 + i});
+            if field {
+                extra["signing_input"] = json!(if i % 2 == 0 { "tagged" } else { "tagged_or_untagged" });
+            }
+            let body = register(extra);
+            async move { c.post("gateway/producers/old", Some(&root), body).await.status }
+        })
+    };
+    // (A write that loses a race is 409 and changes nothing.)
+    let statuses = futures_util::future::join_all(writes(true)).await;
+    assert!(statuses.iter().all(|st| [204, 409].contains(st)), "{statuses:?}");
+    let r = ok(c.get("gateway/producers/old", &root).await, 200);
+    let winner = r.body["data"]["clock_skew_seconds"].as_u64().unwrap() - 10;
+    assert_eq!(statuses[winner as usize], 204, "the producer left is an acknowledged write: {statuses:?}");
+    let choice = if winner.is_multiple_of(2) { "tagged" } else { "tagged_or_untagged" };
+    assert_eq!(r.body["data"]["signing_input"], choice, "the write of skew {} whole: {r:?}", winner + 10);
+    let r = c.post("gateway/verify", Some(&root), untagged("old", "nonce-old-000000000009")).await;
+    assert_eq!(r.status, if winner.is_multiple_of(2) { 401 } else { 200 }, "{r:?}");
+    ok(
+        c.post("gateway/producers/old", Some(&root), register(json!({"signing_input": "tagged_or_untagged"}))).await,
+        204,
+    );
+    let statuses = futures_util::future::join_all(writes(false)).await;
+    assert!(statuses.iter().all(|st| [204, 409].contains(st)) && statuses.contains(&204), "{statuses:?}");
+    let r = ok(c.get("gateway/producers/old", &root).await, 200);
+    assert_eq!(r.body["data"]["signing_input"], "tagged_or_untagged", "{r:?}");
+    ok(c.post("gateway/verify", Some(&root), untagged("old", "nonce-old-000000000010")).await, 200);
 }
 
 /// Fire `n` copies of one request at once; the statuses.
