@@ -276,10 +276,25 @@ struct TokenState {
     renewable: bool,
 }
 
+/// A token within this of its expiry is not sent: the request might arrive after it.
+const SEND_MARGIN: Duration = Duration::from_secs(2);
+
 impl TokenState {
     fn usable(&self) -> bool {
-        // A token within 2 s of its expiry is not sent: the request might arrive after it.
-        self.ttl.is_none_or(|ttl| self.obtained.elapsed() + Duration::from_secs(2) < ttl)
+        self.ttl.is_none_or(|ttl| self.obtained.elapsed() + SEND_MARGIN < ttl)
+    }
+}
+
+/// When to renew a token of lifetime `ttl`, after it was obtained or last renewed: at two
+/// thirds of it, and in any case before it comes within [`SEND_MARGIN`] of its expiry
+/// (with up to a second, or half the time left, for the renewal's round trip), or a short
+/// token would be replaced by a new login at every call made between the two.
+fn renew_after(ttl: Duration) -> Duration {
+    let two_thirds = ttl * 2 / 3;
+    match ttl.checked_sub(SEND_MARGIN).filter(|room| !room.is_zero()) {
+        Some(room) => two_thirds.min(room.saturating_sub(Duration::from_secs(1)).max(room / 2)),
+        // Never sent anyway: each call logs in.
+        None => two_thirds,
     }
 }
 
@@ -673,7 +688,7 @@ impl Client {
     }
 }
 
-/// Renew at two thirds of the lifetime; when a renewal is refused (or the maximum is near),
+/// Renew at two thirds of the lifetime (earlier for short ones, [`renew_after`]); when a renewal is refused (or the maximum is near),
 /// log in again; when the server is unreachable, try again shortly.
 async fn renew_loop(weak: Weak<Inner>) {
     loop {
@@ -682,7 +697,7 @@ async fn renew_loop(weak: Weak<Inner>) {
             let state = inner.token.lock().await;
             match state.as_ref() {
                 Some(s) if s.renewable => match s.ttl {
-                    Some(ttl) => (ttl * 2 / 3).saturating_sub(s.obtained.elapsed()),
+                    Some(ttl) => renew_after(ttl).saturating_sub(s.obtained.elapsed()),
                     None => return,
                 },
                 _ => return,
@@ -742,4 +757,31 @@ fn take(bytes: bytes::Bytes) -> Body {
         m.as_mut().zeroize();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token is renewed while it is still sent: before it comes within `SEND_MARGIN` of
+    /// its expiry, with room for the round trip; at two thirds of a long lifetime.
+    #[test]
+    fn tokens_are_renewed_while_they_are_still_sent() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        for (ttl, at) in [
+            (s(3), ms(500)),
+            (s(4), s(1)),
+            (s(6), s(3)),
+            (s(10), Duration::from_nanos(6_666_666_666)),
+            (s(3600), s(2400)),
+        ] {
+            assert_eq!(renew_after(ttl), at, "ttl {ttl:?}");
+        }
+        for ttl in [ms(2500), s(3), s(4), s(5), s(6), s(30), s(3600)] {
+            assert!(renew_after(ttl) + SEND_MARGIN < ttl, "ttl {ttl:?}: renewed while it is still sent");
+        }
+        // Too short to be sent at all: renewed at two thirds (each call logs in anyway).
+        assert_eq!(renew_after(s(2)), Duration::from_nanos(1_333_333_333));
+    }
 }

@@ -262,7 +262,8 @@ async fn a_unit_uses_every_call_of_the_client() {
     assert!(log.contains("logged in to KeyVault"), "the client does log: {log}");
 }
 
-/// A token with a 3 s TTL is renewed in the background and stays the same; one whose
+/// A token with a 4 s TTL is renewed in the background (before it comes within 2 s of
+/// its expiry, past which the client stops sending it) and stays the same; one whose
 /// maximum is near is replaced by a new login; a revoked one is replaced at the next
 /// call; a secret id delivered by response wrapping is unwrapped once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,11 +274,11 @@ async fn the_client_renews_its_token_and_logs_in_again_when_it_must() {
     ok(c.put("secret/app/db", &root, json!({ "value": SECRET })).await, 200);
 
     let short =
-        w.role_client("short", json!({"token_policies": ["app"], "token_ttl": "3s", "token_max_ttl": "1h"})).await;
+        w.role_client("short", json!({"token_policies": ["app"], "token_ttl": "4s", "token_max_ttl": "1h"})).await;
     assert_eq!(short.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
     let first = short.token().await.unwrap().expose_secret().to_owned();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    // Past its 3 s: the same token, renewed (twice), still accepted (it is bound to the
+    // Past its 4 s: the same token, renewed (every second), still accepted (it is bound to the
     // unit's certificate: asked over a connection presenting it).
     assert_eq!(short.token().await.unwrap().expose_secret(), first);
     let cu = w.s.client_with(&w.unit);
