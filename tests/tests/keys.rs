@@ -244,7 +244,7 @@ async fn deleting_a_transit_key_under_load_gives_404_not_500() {
     ok(c.post("transit/keys/del", Some(&root), json!({})).await, 200);
     ok(c.post("transit/keys/del/config", Some(&root), json!({"deletion_allowed": true})).await, 200);
     ok(c.post("transit/encrypt/del", Some(&root), json!({"plaintext": "aGk="})).await, 200);
-    fault.set("slow 1500 encrypt_aes_gcm");
+    fault.set("slow 3000 encrypt_aes_gcm");
     let held: Vec<_> = (0..8)
         .map(|_| {
             let (c, root) = (c.clone(), root.clone());

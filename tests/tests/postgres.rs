@@ -45,6 +45,50 @@ async fn the_store_conformance_suite_passes_on_postgres() {
     assert!(!b.insert_if_absent("n", b"", Some(Duration::from_secs(60))).await.unwrap());
 }
 
+/// The clock offset a replica measures against the database is the reading's alone: a
+/// wait for a pooled connection (here 2 s, the only one held by a write waiting for a row
+/// lock) does not skew it (it used to by half the wait, enough to refuse every request
+/// past the default 2 s limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_connection_does_not_skew_the_clock_offset() {
+    let pg = TestPostgres::start();
+    let url = pg.database("clock");
+    let store = Arc::new(PostgresStore::open(&PostgresOptions { pool_size: 1, ..options(url) }).await.unwrap());
+    store.put("held", b"v").await.unwrap();
+    assert!(store.clock_offset_ms().await.unwrap().unwrap().abs() < 500, "one machine, one clock");
+    let (locker, conn) =
+        tokio_postgres::connect(&pg.connection_string("keyvault", "clock"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    locker.batch_execute("BEGIN; SELECT * FROM keyvault_kv WHERE key = 'held' FOR UPDATE").await.unwrap();
+    let write = tokio::spawn({
+        let store = store.clone();
+        async move { store.put("held", b"w").await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = locker
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the write never reached the held row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reading = tokio::spawn({
+        let store = store.clone();
+        async move { store.clock_offset_ms().await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!reading.is_finished(), "the reading waits for the pool's only connection");
+    locker.batch_execute("COMMIT").await.unwrap();
+    write.await.unwrap().unwrap();
+    let offset = reading.await.unwrap().unwrap().unwrap();
+    assert!(offset.abs() < 500, "offset {offset} ms after a 2 s wait for a connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_is_one_query() {
     let pg = TestPostgres::start();
@@ -62,20 +106,43 @@ async fn a_read_is_one_query() {
         r.text().await.unwrap()
     };
     let ops = |t: &str, op: &str| metric_sum(t, "keyvault_store_operations_total", &[&format!("op=\"{op}\"")]);
-    let before = scrape().await;
-    for _ in 0..10 {
-        assert_eq!(ok(c.get("secret/a", &s.root).await, 200).body["data"]["value"], "v2");
-        assert_eq!(ok(c.get("kv/data/b", &s.root).await, 200).body["data"]["data"]["value"], "w1");
-    }
-    let after = scrape().await;
     // Each request's other query is the token's revocation check (a `get`), and each
-    // scrape makes one too: 20 reads and one scrape.
-    assert_eq!(ops(&after, "get_and_last_under") - ops(&before, "get_and_last_under"), 20.0, "one per read");
-    assert_eq!(ops(&after, "get") - ops(&before, "get"), 21.0, "no second query for the current version");
+    // scrape makes one too: 20 reads and one scrape. Background work (the rotation
+    // driver's and the keyring follower's ticks) reads too, now and then: of up to five
+    // windows, the quietest counts (a second query per read would add 20 to every one).
+    let mut gets = Vec::new();
+    let mut after = String::new();
+    for _ in 0..5 {
+        let before = scrape().await;
+        for _ in 0..10 {
+            assert_eq!(ok(c.get("secret/a", &s.root).await, 200).body["data"]["value"], "v2");
+            assert_eq!(ok(c.get("kv/data/b", &s.root).await, 200).body["data"]["data"]["value"], "w1");
+        }
+        after = scrape().await;
+        assert_eq!(ops(&after, "get_and_last_under") - ops(&before, "get_and_last_under"), 20.0, "one per read");
+        gets.push(ops(&after, "get") - ops(&before, "get"));
+        if gets.last() == Some(&21.0) {
+            break;
+        }
+    }
+    assert_eq!(
+        gets.iter().copied().fold(f64::MAX, f64::min),
+        21.0,
+        "no second query for the current version: {gets:?}"
+    );
     // An older version is the one case that needs its record by its key.
-    assert_eq!(ok(c.get("secret/a?version=1", &s.root).await, 200).body["data"]["value"], "v1");
-    let older = scrape().await;
-    assert_eq!(ops(&older, "get") - ops(&after, "get"), 3.0);
+    // (Its record, the revocation check and the scrape; the quietest of up to five.)
+    let mut gets = Vec::new();
+    for _ in 0..5 {
+        assert_eq!(ok(c.get("secret/a?version=1", &s.root).await, 200).body["data"]["value"], "v1");
+        let older = scrape().await;
+        gets.push(ops(&older, "get") - ops(&after, "get"));
+        after = older;
+        if gets.last() == Some(&3.0) {
+            break;
+        }
+    }
+    assert_eq!(gets.iter().copied().fold(f64::MAX, f64::min), 3.0, "{gets:?}");
 }
 
 /// A writer that crashes between claiming a version's slot and recording it in the
@@ -139,8 +206,11 @@ async fn check_and_set_writes_go_past_an_orphan_record_and_have_one_winner() {
     let r = ok(c.get("kv/data/app", &s.root).await, 200);
     assert_eq!(r.body["data"]["metadata"]["version"].as_u64(), Some(version));
     let m = ok(c.get("kv/metadata/app", &s.root).await, 200);
-    let versions: Vec<String> = m.body["data"]["versions"].as_object().unwrap().keys().cloned().collect();
-    assert_eq!(versions, vec!["1".to_owned(), "3".to_owned(), version.to_string()]);
+    // (The winner's number is any of 4..=19: compared as numbers.)
+    let mut versions: Vec<u64> =
+        m.body["data"]["versions"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+    versions.sort();
+    assert_eq!(versions, vec![1, 3, version]);
     // The losers' slots were given back: only the orphan and the three versions remain.
     let stored: Vec<String> =
         store.scan_prefix("kv/data/\u{2}v2/app\u{1f}", None, 100).await.unwrap().into_iter().map(|(k, _)| k).collect();
@@ -445,8 +515,9 @@ async fn replicas_share_replay_protection_versions_and_policy_changes() {
         ca.put("sys/policies/acl/p", &root, json!({"policy": "path \"other/*\" { capabilities = [\"read\"] }"})).await,
         204,
     );
-    // B follows within a second (it drops its policy cache every second).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // B follows within a second (it drops its policy cache every second; 30 s allowed
+    // for a loaded machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while cb.get("secret/contended", &t).await.status != 403 {
         assert!(std::time::Instant::now() < deadline, "B never saw the policy change");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -36,21 +36,32 @@ async fn unknown_users_take_as_long_as_wrong_passwords() {
     // affects both the same.
     time(c.clone(), "alice").await;
     time(c.clone(), "nobody").await;
-    let (mut known, mut unknown) = (Vec::new(), Vec::new());
-    for _ in 0..21 {
-        known.push(time(c.clone(), "alice").await);
-        unknown.push(time(c.clone(), "nobody").await);
-    }
     // Without the dummy hash an unknown user would answer some 20 times faster (no
     // Argon2id at all); with it the two distributions overlap: compare their medians
-    // and their fast ends (the 3rd fastest of 21).
-    let (k, u) = (median(known.clone()), median(unknown.clone()));
-    let ratio = u.as_secs_f64() / k.as_secs_f64();
-    assert!((0.6..1.6).contains(&ratio), "median unknown {u:?} vs known {k:?}: {ratio:.2}");
-    known.sort();
-    unknown.sort();
-    let fast = unknown[2].as_secs_f64() / known[2].as_secs_f64();
-    assert!((0.5..2.0).contains(&fast), "fast end unknown {:?} vs known {:?}: {fast:.2}", unknown[2], known[2]);
+    // and their fast ends (the 3rd fastest of 21). A burst of load on this shared
+    // machine can skew one set of 21: up to three sets are taken, and one must agree
+    // (the difference guarded against skews every set).
+    let mut sets = Vec::new();
+    for _ in 0..3 {
+        let (mut known, mut unknown) = (Vec::new(), Vec::new());
+        for _ in 0..21 {
+            known.push(time(c.clone(), "alice").await);
+            unknown.push(time(c.clone(), "nobody").await);
+        }
+        let (k, u) = (median(known.clone()), median(unknown.clone()));
+        let ratio = u.as_secs_f64() / k.as_secs_f64();
+        known.sort();
+        unknown.sort();
+        let fast = unknown[2].as_secs_f64() / known[2].as_secs_f64();
+        sets.push(format!(
+            "median unknown {u:?} vs known {k:?}: {ratio:.2}; 3rd fastest {:?} vs {:?}: {fast:.2}",
+            unknown[2], known[2]
+        ));
+        if (0.6..1.6).contains(&ratio) && (0.5..2.0).contains(&fast) {
+            return;
+        }
+    }
+    panic!("an unknown user's login time differs from a wrong password's: {sets:#?}");
 }
 
 /// With the token tier every secret read and write needs the token: 503 once it is gone.

@@ -264,7 +264,8 @@ async fn an_upstream_that_restarts_or_dies_is_retried_served_stale_or_503() {
 async fn keyvault_renews_its_short_lived_upstream_token() {
     let bao = OpenBaoDev::start(true);
     let dir = tempfile::tempdir().unwrap();
-    let role_id = prepare_upstream(&bao, dir.path(), "3s");
+    // 6 s leases: renewed at 4 s, 2 s before OpenBao would refuse them.
+    let role_id = prepare_upstream(&bao, dir.path(), "6s");
     bao.ok(&["kv", "put", "-mount=kv", "app/db", "password=renewed"]);
     let nocache = "[mounts.options.cache]\nttl = 0\n";
     let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
@@ -272,7 +273,7 @@ async fn keyvault_renews_its_short_lived_upstream_token() {
     let c = s.client();
     let root = s.root.clone();
     ok(c.get("legacy/app/db", &root).await, 200);
-    // Renewed at two thirds of each 3 s lease: two renewals take at least 4 s, past the
+    // Renewed at two thirds of each 6 s lease: two renewals take at least 8 s, past the
     // first lease.
     keyvault_tests::wait_for(std::time::Duration::from_secs(60), "two upstream token renewals", || {
         s.log_text().matches("upstream token renewed").count() >= 2

@@ -325,9 +325,9 @@ impl<S: Store + ?Sized> Store for MeteredStore<S> {
         self.inner.kind()
     }
 
-    async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {
+    async fn clock_offset_ms(&self) -> StoreResult<Option<i64>> {
         let t = Instant::now();
-        let r = self.inner.clock().await;
+        let r = self.inner.clock_offset_ms().await;
         observe("clock", 0, t, &r);
         r
     }

@@ -255,14 +255,7 @@ impl Core {
     /// Compare the local clock with the storage's (half the round trip is allowed for).
     async fn measure_clock(&self) -> Result<()> {
         use std::sync::atomic::Ordering;
-        let before = std::time::SystemTime::now();
-        let Some(theirs) = self.store.clock().await? else { return Ok(()) };
-        let after = std::time::SystemTime::now();
-        let ms = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-        };
-        let local = (ms(before) + ms(after)) / 2;
-        let offset = ms(theirs) - local;
+        let Some(offset) = self.store.clock_offset_ms().await? else { return Ok(()) };
         let c = &self.clock;
         c.offset_ms.store(offset, Ordering::Relaxed);
         c.measured.store(true, Ordering::Relaxed);

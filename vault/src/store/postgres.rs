@@ -521,11 +521,19 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn clock(&self) -> StoreResult<Option<std::time::SystemTime>> {
+    async fn clock_offset_ms(&self) -> StoreResult<Option<i64>> {
+        // The connection and the statement first: waiting for them is not the reading.
         let c = self.client().await?;
-        let row = c.query_one(&prepared(&c, CLOCK).await?, &[]).await.map_err(unavailable)?;
+        let statement = prepared(&c, CLOCK).await?;
+        let local_ms =
+            || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let before = local_ms();
+        let row = c.query_one(&statement, &[]).await.map_err(unavailable)?;
+        let after = local_ms();
         let micros: i64 = row.get(0);
-        let micros = u64::try_from(micros).map_err(|_| unavailable("the database clock is before 1970"))?;
-        Ok(Some(std::time::UNIX_EPOCH + Duration::from_micros(micros)))
+        if micros < 0 {
+            return Err(unavailable("the database clock is before 1970"));
+        }
+        Ok(Some(micros / 1000 - (before + after) / 2))
     }
 }
