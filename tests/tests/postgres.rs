@@ -45,6 +45,43 @@ async fn the_store_conformance_suite_passes_on_postgres() {
     assert!(!b.insert_if_absent("n", b"", Some(Duration::from_secs(60))).await.unwrap());
 }
 
+/// A retire leaves no stored epoch key of a version that is gone: each goes before its
+/// version does, and one left by a retire stopped in between (an earlier release deleted
+/// it last) is dropped by the next retire. The active version's stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retires_leave_no_epoch_key_of_a_version_that_is_gone() {
+    let pg = TestPostgres::start();
+    let s = TestServer::start(ServerOptions {
+        storage: Some(format!("[storage]\ntype = \"postgres\"\nurl = \"{}\"", pg.database("epochs"))),
+        ..Default::default()
+    });
+    let (c, root) = (s.client(), s.root.clone());
+    let (db, conn) =
+        tokio_postgres::connect(&pg.connection_string("keyvault", "epochs"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let epoch_keys = || async {
+        let rows =
+            db.query("SELECT key FROM keyvault_kv WHERE key LIKE 'sys/epoch/%' ORDER BY key", &[]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+    };
+    for round in 0..2 {
+        ok(c.put("secret/e", &root, json!({"value": format!("v{round}")})).await, 200);
+        ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
+        keyvault_tests::wait_rotation_idle(&c, &root).await;
+    }
+    ok(c.put("secret/e", &root, json!({"value": "v3"})).await, 200);
+    assert_eq!(epoch_keys().await, ["sys/epoch/1", "sys/epoch/2", "sys/epoch/3"]);
+    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([1, 2]));
+    assert_eq!(epoch_keys().await, ["sys/epoch/3"]);
+    // What a retire stopped after its version was gone leaves: the next retire drops it.
+    db.execute("INSERT INTO keyvault_kv (key, value) VALUES ('sys/epoch/2', 'left behind')", &[]).await.unwrap();
+    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([]));
+    assert_eq!(epoch_keys().await, ["sys/epoch/3"]);
+    assert_eq!(ok(c.get("secret/e", &root).await, 200).body["data"]["value"], "v3");
+}
+
 /// The clock offset a replica measures against the database is the reading's alone: a
 /// wait for a pooled connection (here 2 s, the only one held by a write waiting for a row
 /// lock) does not skew it (it used to by half the wait, enough to refuse every request

@@ -46,8 +46,11 @@ pub const WRAPPED_LEN: usize = 1 + NONCE_LEN + 32 + 16;
 
 /// Where the wrapped epoch key of master version `v` is stored.
 pub fn storage_key(v: KeyVersion) -> String {
-    format!("sys/epoch/{}", v.get())
+    format!("{STORAGE_PREFIX}{}", v.get())
 }
+
+/// Where the wrapped epoch keys are stored, one per master version.
+pub const STORAGE_PREFIX: &str = "sys/epoch/";
 
 /// Associated data of an epoch key's wrap in the token: it binds the blob to its version.
 fn wrap_aad(v: KeyVersion) -> Vec<u8> {

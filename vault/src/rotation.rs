@@ -315,6 +315,20 @@ impl Rotation {
         self.keyring.follow().await?;
         let ring = self.keyring.load_full();
         let active = ring.master.active;
+        // Stored epoch keys of versions that are gone (left by a retire of an earlier
+        // release, stopped after its version was gone and before its epoch key was):
+        // nothing can unwrap them. Gone is below the highest version the keyring lists
+        // and neither listed nor retiring; a version being made is always above it.
+        if let Some(highest) = ring.master.versions.iter().max() {
+            let known = |v: u32| ring.master.versions.iter().chain(&ring.master.retiring).any(|k| k.get() == v);
+            for (key, _) in crate::store::scan_all(self.store.as_ref(), crate::epoch::STORAGE_PREFIX).await? {
+                let v = key[crate::epoch::STORAGE_PREFIX.len()..].parse::<u32>().ok();
+                if v.is_some_and(|v| v < highest.get() && !known(v)) {
+                    self.store.delete(&key).await?;
+                    tracing::info!(key, "dropped the stored epoch key of a retired master key version");
+                }
+            }
+        }
         let old: Vec<KeyVersion> = ring.master.versions.iter().copied().filter(|v| *v != active).collect();
         for v in &old {
             usage::close(self.store.as_ref(), *v).await?;
@@ -336,12 +350,14 @@ impl Rotation {
         }
         let mut retired = Vec::new();
         for v in retire {
+            // Its stored epoch key goes first (no record needs it: the version is closed
+            // and wraps none), so that a retire stopped anywhere leaves none behind for a
+            // version that is gone; this replica's copy goes below, the others' when they
+            // follow the keyring.
+            self.store.delete(&crate::epoch::storage_key(v)).await?;
             if self.keyring.retire_version(&self.keys, &self.names, Family::Master, v).await? {
                 retired.push(v.get());
             }
-            // Its epoch key could be unwrapped by nothing now; drop the stored copy and
-            // this replica's (the others drop theirs when they follow the keyring).
-            self.store.delete(&crate::epoch::storage_key(v)).await?;
         }
         self.barrier.forget_retired_epochs();
         Ok(retired)

@@ -206,44 +206,81 @@ pub struct Counter {
 /// the store: of concurrent callers one runs. The claim is released (compare-and-delete
 /// of this holder's value, so a claim taken over after its TTL is never released by the
 /// old holder) when `work` ends, or by a task of its own when `work` is dropped half way
-/// (a client that hung up); a process that stops holds it for at most `ttl`. While `work`
-/// runs the claim is renewed every third of `ttl` ([`Store::renew`]), so work that takes
-/// longer than `ttl` keeps it. A renewal that finds the claim gone (run out after a stall
-/// longer than `ttl`, and perhaps taken by another) stops `work` where it is, as a client
-/// hanging up would, and answers `None`: two holders never work on one claim for longer
-/// than that stall. `work` must therefore be safe to stop at any await point, which every
-/// claimed task already is (its client may hang up).
+/// (a client that hung up); a process that stops holds it for at most `ttl`.
+///
+/// While `work` runs the claim is renewed every third of `ttl` ([`Store::renew`]; soon
+/// again after a failed renewal), so work that takes longer than `ttl` keeps it. The work
+/// is polled only while the claim is known to hold: until nine tenths of `ttl` after the
+/// last renewal that succeeded was sent (the insert, at first). Once that moment passes
+/// without a renewal (a stall of the process, a store that does not answer), or a
+/// renewal finds the claim gone, `work` is stopped where it is, as a client hanging up
+/// would, never polled again, and the answer is [`StoreError::Unavailable`] (503: retry).
+/// `work` must therefore be safe to
+/// stop at any await point, which every claimed task is (its client may hang up): what
+/// it handed to the store or the token before it was stopped may still complete.
 pub async fn while_claimed<T>(
     store: &std::sync::Arc<dyn Store>,
     key: &str,
     ttl: Duration,
     work: impl std::future::Future<Output = T>,
 ) -> StoreResult<Option<T>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::time::Instant;
     let holder = uuid::Uuid::new_v4().to_string();
+    let base = Instant::now();
     if !store.insert_if_absent(key, holder.as_bytes(), Some(ttl)).await? {
         return Ok(None);
     }
     let mut claim = Claim { store: store.clone(), key: key.to_owned(), holder, held: true };
-    let lost = async {
+    // Until when the claim is known to hold, in nanoseconds after `base`.
+    let held_for = ttl.mul_f64(0.9);
+    let holds_until = AtomicU64::new(held_for.as_nanos() as u64);
+    let deadline = || base + Duration::from_nanos(holds_until.load(Ordering::Acquire));
+    let mine = claim.holder.clone();
+    let renewing = async {
+        let mut next = base + ttl / 3;
         loop {
-            tokio::time::sleep(ttl / 3).await;
-            match store.renew(key, claim.holder.as_bytes(), ttl).await {
-                Ok(true) => {}
+            tokio::time::sleep_until(next).await;
+            let sent = Instant::now();
+            match store.renew(key, mine.as_bytes(), ttl).await {
+                Ok(true) => {
+                    holds_until.store((sent - base + held_for).as_nanos() as u64, Ordering::Release);
+                    next = sent + ttl / 3;
+                }
                 Ok(false) => return,
-                Err(e) => tracing::warn!(key, error = %e, "renewing a claim failed (it is tried again)"),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "renewing a claim failed (it is tried again)");
+                    next = Instant::now() + (ttl / 10).max(Duration::from_millis(10));
+                }
             }
         }
     };
-    tokio::select! {
-        r = work => {
-            claim.release().await;
-            Ok(Some(r))
+    let lapse = async {
+        loop {
+            let at = deadline();
+            tokio::time::sleep_until(at).await;
+            if deadline() <= Instant::now() {
+                return;
+            }
         }
-        () = lost => {
-            // Not ours any more: nothing to release.
-            claim.held = false;
-            tracing::warn!(key, "a claim ran out while its work went on: the work is stopped");
-            Ok(None)
+    };
+    let (mut work, mut renewing, mut lapse) = (std::pin::pin!(work), std::pin::pin!(renewing), std::pin::pin!(lapse));
+    let outcome = std::future::poll_fn(|cx| {
+        // Checked before the work is polled, also when a timer has not fired yet.
+        if deadline() <= Instant::now() || lapse.as_mut().poll(cx).is_ready() || renewing.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        work.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    // Released in either case: a compare-and-delete of this holder's value, which does
+    // nothing to a claim another holder has taken.
+    claim.release().await;
+    match outcome {
+        Some(r) => Ok(Some(r)),
+        None => {
+            tracing::warn!(key, "a claim could not be kept while its work went on: the work is stopped");
+            Err(StoreError::Unavailable(format!("{key} could not be kept while the work went on; retry")))
         }
     }
 }
@@ -359,6 +396,32 @@ mod tests {
         assert_eq!(while_claimed(&store, "claims/x", ttl, async { 1 }).await.unwrap(), Some(1), "released");
     }
 
+    /// Work whose claim cannot be renewed (the store refuses every write after the claim's
+    /// insert, and never says the claim is gone) is stopped once the claim may have run
+    /// out, never polled after that, and answers 503 (`Unavailable`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_claim_cannot_be_renewed_is_stopped_when_it_may_have_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled: std::sync::Arc<dyn Store> = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        let store: std::sync::Arc<dyn Store> =
+            std::sync::Arc::new(crate::test_support::TestStore::stopping_after(sled, 1));
+        let ttl = Duration::from_millis(1500);
+        let polls_after = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (counter, started) = (polls_after.clone(), std::time::Instant::now());
+        let work = async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if started.elapsed() >= ttl {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        };
+        let stopped = tokio::time::timeout(ttl * 4, while_claimed(&store, "claims/z", ttl, work)).await;
+        assert!(matches!(stopped.expect("the work went on without its claim"), Err(StoreError::Unavailable(_))));
+        assert_eq!(polls_after.load(std::sync::atomic::Ordering::SeqCst), 0, "the work went on past the claim's TTL");
+        assert!(started.elapsed() >= ttl.mul_f64(0.85), "stopped at nine tenths of the TTL: {:?}", started.elapsed());
+    }
+
     /// Work whose claim is taken over (here: the claim is removed and another holder
     /// inserts its own, as after a stall longer than the TTL) is stopped at the next
     /// renewal, before it goes on to its next step, and the other holder's claim stays.
@@ -376,7 +439,7 @@ mod tests {
             tokio::time::sleep(ttl * 5).await;
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         };
-        assert_eq!(while_claimed(&store, "claims/y", ttl, work).await.unwrap(), None);
+        assert!(matches!(while_claimed(&store, "claims/y", ttl, work).await, Err(StoreError::Unavailable(_))));
         assert!(!went_on.load(std::sync::atomic::Ordering::SeqCst), "the work went on without its claim");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(store.get("claims/y").await.unwrap().as_deref(), Some(b"someone".as_slice()), "not released");
