@@ -290,7 +290,7 @@ impl TokenState {
 /// (with up to a second, or half the time left, for the renewal's round trip), or a short
 /// token would be replaced by a new login at every call made between the two.
 fn renew_after(ttl: Duration) -> Duration {
-    let two_thirds = ttl * 2 / 3;
+    let two_thirds = ttl / 3 * 2;
     match ttl.checked_sub(SEND_MARGIN).filter(|room| !room.is_zero()) {
         Some(room) => two_thirds.min(room.saturating_sub(Duration::from_secs(1)).max(room / 2)),
         // Never sent anyway: each call logs in.
@@ -666,7 +666,12 @@ impl Client {
         let a = env.auth.ok_or_else(|| Error::Decode("a renewal reply without auth".into()))?;
         if let Some(s) = state.as_mut() {
             s.obtained = Instant::now();
-            s.ttl = (a.lease_duration > 0).then(|| Duration::from_secs(a.lease_duration));
+            // A lease of 0 is a token that never expires only if it never did (root); a
+            // renewal in the last second before a token's maximum answers 0 too.
+            s.ttl = match (s.ttl, a.lease_duration) {
+                (None, 0) => None,
+                (_, secs) => Some(Duration::from_secs(secs)),
+            };
             s.renewable = a.renewable;
         }
         tracing::debug!(ttl = a.lease_duration, "KeyVault token renewed");
@@ -716,11 +721,11 @@ async fn renew_loop(weak: Weak<Inner>) {
         let before = client.0.token.lock().await.as_ref().and_then(|s| s.ttl);
         match client.renew().await {
             Ok(()) => {
-                // A renewal that no longer extends (the token's maximum is near): a new login
-                // before it runs out.
+                // A renewal that no longer extends (the token's maximum is near), or leaves
+                // a token too short to be sent: a new login before it runs out.
                 let after = client.0.token.lock().await.as_ref().and_then(|s| s.ttl);
                 if let (Some(b), Some(a)) = (before, after)
-                    && a < b / 2
+                    && (a < b / 2 || a <= SEND_MARGIN)
                     && client.0.auth.as_ref().is_some_and(Auth::can_login_again)
                 {
                     client.forget_token().await;
@@ -782,6 +787,8 @@ mod tests {
             assert!(renew_after(ttl) + SEND_MARGIN < ttl, "ttl {ttl:?}: renewed while it is still sent");
         }
         // Too short to be sent at all: renewed at two thirds (each call logs in anyway).
-        assert_eq!(renew_after(s(2)), Duration::from_nanos(1_333_333_333));
+        assert_eq!(renew_after(s(2)), Duration::from_nanos(1_333_333_332));
+        // No overflow for an absurd lifetime from a broken server.
+        assert!(renew_after(Duration::MAX) < Duration::MAX);
     }
 }
