@@ -245,18 +245,27 @@ async fn deleting_a_transit_key_under_load_gives_404_not_500() {
     ok(c.post("transit/keys/del/config", Some(&root), json!({"deletion_allowed": true})).await, 200);
     ok(c.post("transit/encrypt/del", Some(&root), json!({"plaintext": "aGk="})).await, 200);
     fault.set("slow 3000 encrypt_aes_gcm");
+    let sent = std::time::Instant::now();
     let held: Vec<_> = (0..8)
         .map(|_| {
             let (c, root) = (c.clone(), root.clone());
-            tokio::spawn(async move { c.post("transit/encrypt/del", Some(&root), json!({"plaintext": "aGk="})).await })
+            tokio::spawn(async move {
+                let r = c.post("transit/encrypt/del", Some(&root), json!({"plaintext": "aGk="})).await;
+                (r, sent.elapsed())
+            })
         })
         .collect();
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     ok(c.send("DELETE", "transit/keys/del", Some(&root), None).await, 204);
+    let mut waited = Vec::new();
     for t in held {
-        let r = t.await.unwrap();
+        let (r, took) = t.await.unwrap();
         assert_eq!(r.status, 404, "{r:?}");
+        waited.push(took);
     }
+    // Held in the token layer, not refused before it (the key was still there when they
+    // were sent): at least one took the fault's 3 s.
+    assert!(waited.iter().any(|t| *t >= std::time::Duration::from_millis(2900)), "{waited:?}");
     fault.set("");
     let h = ok(c.send("GET", "sys/health", None, None).await, 200);
     assert_eq!(h.body["missing_key_errors"], 0, "{h:?}");
