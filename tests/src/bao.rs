@@ -63,11 +63,29 @@ impl OpenBaoDev {
             port: free_port(),
             tls_dir,
         };
-        dev.spawn();
-        dev
+        // The port was free a moment ago; another test may have taken it since: a server
+        // that could not listen exits before printing its unseal key, and is started
+        // again on another port.
+        for attempt in 1..=3 {
+            match dev.try_spawn() {
+                Ok(()) => return dev,
+                Err(e) if attempt < 3 => {
+                    eprintln!("OpenBao dev server on port {}: {e}; another port", dev.port);
+                    dev.port = free_port();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the last attempt panics")
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(bao_bin());
         cmd.args(["server", "-dev", "-dev-kv-v1", "-dev-no-store-token"])
             .arg(format!("-dev-root-token-id={}", self.root))
@@ -90,15 +108,25 @@ impl OpenBaoDev {
                 }
             }
         });
-        self.unseal_key = rx.recv_timeout(Duration::from_secs(60)).expect("bao server -dev printed no unseal key");
+        self.unseal_key = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(key) => key,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("bao server -dev printed no unseal key".into());
+            }
+        };
         self.child = child;
         let scheme = if self.tls_dir.is_some() { "https" } else { "http" };
         self.addr = format!("{scheme}://127.0.0.1:{}", self.port);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !self.cli(&["status"]).status.success() {
-            assert!(std::time::Instant::now() < deadline, "the OpenBao dev server did not come up");
+            if std::time::Instant::now() >= deadline {
+                return Err("the OpenBao dev server did not come up".into());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Stop it (in memory: everything it held is gone).

@@ -25,14 +25,23 @@ fn moto_bin() -> std::path::PathBuf {
 impl Moto {
     pub fn start() -> Moto {
         // moto cannot report a port it picked: take a free one from the OS.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut m =
-            Moto { child: Command::new("true").spawn().unwrap(), endpoint: format!("http://127.0.0.1:{port}"), port };
-        m.spawn();
-        m
+        // It was free a moment ago; another test may have taken it since: a moto_server
+        // that could not listen exits, and is started again on another port.
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut m = Moto { child: Command::new("true").spawn().unwrap(), endpoint: String::new(), port: 0 };
+        for attempt in 1..=3 {
+            m.port = free();
+            m.endpoint = format!("http://127.0.0.1:{}", m.port);
+            match m.try_spawn() {
+                Ok(()) => return m,
+                Err(e) if attempt < 3 => eprintln!("moto_server on port {}: {e}; another port", m.port),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the last attempt panics")
     }
 
-    fn spawn(&mut self) {
+    fn try_spawn(&mut self) -> Result<(), String> {
         let _ = self.child.wait();
         self.child = Command::new(moto_bin())
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
@@ -41,8 +50,18 @@ impl Moto {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
+        loop {
+            let listening = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            // Exited: it could not listen (what answered, if anything, is not moto).
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("moto_server exited ({status})"));
+            }
+            if listening {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err("moto_server did not start".into());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
