@@ -702,6 +702,8 @@ async fn renew_loop(weak: Weak<Inner>) {
             let state = inner.token.lock().await;
             match state.as_ref() {
                 Some(s) if s.renewable => match s.ttl {
+                    // Never sent (each call logs in by itself): not kept alive either.
+                    Some(ttl) if ttl <= SEND_MARGIN => return,
                     Some(ttl) => renew_after(ttl).saturating_sub(s.obtained.elapsed()),
                     None => return,
                 },
@@ -725,7 +727,7 @@ async fn renew_loop(weak: Weak<Inner>) {
                 // a token too short to be sent: a new login before it runs out.
                 let after = client.0.token.lock().await.as_ref().and_then(|s| s.ttl);
                 if let (Some(b), Some(a)) = (before, after)
-                    && (a < b / 2 || a <= SEND_MARGIN)
+                    && (a < b / 2 || (a <= SEND_MARGIN && b > SEND_MARGIN))
                     && client.0.auth.as_ref().is_some_and(Auth::can_login_again)
                 {
                     client.forget_token().await;

@@ -292,15 +292,17 @@ async fn the_client_renews_its_token_and_logs_in_again_when_it_must() {
     let second = short.token().await.unwrap().expose_secret().to_owned();
     assert_ne!(second, first);
 
-    // A maximum of 4 s: renewals stop extending it, and a new login replaces it.
+    // A maximum of 6 s: renewals stop extending it, and a new login replaces it (before
+    // its maximum, once a renewal leaves it too short to be sent).
     let capped =
-        w.role_client("capped", json!({"token_policies": ["app"], "token_ttl": "2s", "token_max_ttl": "4s"})).await;
+        w.role_client("capped", json!({"token_policies": ["app"], "token_ttl": "4s", "token_max_ttl": "6s"})).await;
     let t1 = capped.token().await.unwrap().expose_secret().to_owned();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     assert_eq!(capped.secret("secret/app/db").await.unwrap().expose_secret(), SECRET);
     assert_ne!(capped.token().await.unwrap().expose_secret(), t1);
 
-    // `renew_by_login`: a fresh token (its own expiry, for offline gateways) at 2/3 of 3 s.
+    // `renew_by_login`: a fresh token (its own expiry, for offline gateways) where a
+    // renewal would be (after 1 s of a 4 s token).
     ok(c.post("auth/approle/role/short/secret-id", Some(&root), json!({})).await, 200);
     let rid = ok(c.get("auth/approle/role/short/role-id", &root).await, 200).body["data"]["role_id"].clone();
     let sid =

@@ -153,6 +153,9 @@ impl Error {
     pub fn client_message(&self) -> String {
         match self {
             Error::Store(StoreError::Unavailable(_)) => "storage is unavailable, retry later".into(),
+            Error::Store(StoreError::ClaimLost(_)) => {
+                "the operation was stopped: its claim could not be kept (a stall or a storage outage), retry".into()
+            }
             Error::Hsm(HsmError::Sealed) => "KeyVault is sealed".into(),
             Error::Hsm(h) if h.is_unavailable() => "the key store (HSM) is unavailable, retry later".into(),
             Error::Barrier(BarrierError::Integrity) => "a stored record failed its integrity check".into(),

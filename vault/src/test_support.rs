@@ -166,3 +166,37 @@ impl Store for TestStore {
         "test"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work whose claim cannot be renewed (the store refuses every write after the claim's
+    /// insert, and never says the claim is gone) is stopped once the claim may have run
+    /// out, never polled after that, and answers 503 (`ClaimLost`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_claim_cannot_be_renewed_is_stopped_when_it_may_have_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled: std::sync::Arc<dyn crate::store::Store> =
+            std::sync::Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let store: std::sync::Arc<dyn crate::store::Store> = std::sync::Arc::new(TestStore::stopping_after(sled, 1));
+        let ttl = std::time::Duration::from_millis(1500);
+        let polls_after = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (counter, started) = (polls_after.clone(), std::time::Instant::now());
+        let work = async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                if started.elapsed() >= ttl {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        };
+        let stopped = tokio::time::timeout(ttl * 4, crate::store::while_claimed(&store, "claims/z", ttl, work)).await;
+        assert!(matches!(
+            stopped.expect("the work went on without its claim"),
+            Err(crate::store::StoreError::ClaimLost(_))
+        ));
+        assert_eq!(polls_after.load(std::sync::atomic::Ordering::SeqCst), 0, "the work went on past the claim's TTL");
+        assert!(started.elapsed() >= ttl.mul_f64(0.85), "stopped at nine tenths of the TTL: {:?}", started.elapsed());
+    }
+}

