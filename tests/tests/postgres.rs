@@ -45,6 +45,100 @@ async fn the_store_conformance_suite_passes_on_postgres() {
     assert!(!b.insert_if_absent("n", b"", Some(Duration::from_secs(60))).await.unwrap());
 }
 
+/// 16 tidies of AppRole's secret ids at once: while another replica's tidy holds the
+/// claim, every one answers "already in progress" and starts nothing; once it is free,
+/// every one answers 200 with one of Vault's two warnings, at least one starts, and when
+/// the tidies are done the ids that cannot log in are gone and the others log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_tidies_at_once_run_one_at_a_time() {
+    const STARTED: &str =
+        "Tidy operation successfully started. Any information from the operation will be printed to the server log.";
+    const RUNNING: &str = "Tidy operation already in progress.";
+    let pg = TestPostgres::start();
+    let s = TestServer::start(ServerOptions {
+        storage: Some(format!("[storage]\ntype = \"postgres\"\nurl = \"{}\"", pg.database("tidy"))),
+        ..Default::default()
+    });
+    let (c, root) = (s.client(), s.root.clone());
+    let (db, conn) =
+        tokio_postgres::connect(&pg.connection_string("keyvault", "tidy"), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    ok(c.post("auth/approle/role/t", Some(&root), json!({})).await, 204);
+    let role_id = ok(c.get("auth/approle/role/t/role-id", &root).await, 200).body["data"]["role_id"].clone();
+    let mut live = Vec::new();
+    for _ in 0..3 {
+        let r = ok(c.post("auth/approle/role/t/secret-id", Some(&root), json!({})).await, 200);
+        live.push(r.body["data"]["secret_id"].clone());
+    }
+    // Ids that cannot log in: stored without a role id (as older releases did).
+    for i in 0..20 {
+        db.execute(
+            "INSERT INTO keyvault_kv (key, value) VALUES ($1, $2)",
+            &[
+                &format!("auth/approle/secret-id/t/dead{i:04}"),
+                &br#"{"hmac":"00","accessor":"a","created":1,"expires":null}"#.to_vec(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let dead = || async {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM keyvault_kv WHERE key LIKE 'auth/approle/secret-id/t/dead%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    let tidies = || {
+        futures_util::future::join_all((0..16).map(|_| {
+            let (c, root) = (c.clone(), root.clone());
+            async move {
+                let r = ok(c.post("auth/approle/tidy/secret-id", Some(&root), json!({})).await, 200);
+                r.body["warnings"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            }
+        }))
+    };
+    db.execute(
+        "INSERT INTO keyvault_kv (key, value, expires_at) VALUES ('auth/approle/tidy-claim', 'elsewhere', now() + interval '10 minutes')",
+        &[],
+    )
+    .await
+    .unwrap();
+    for warnings in tidies().await {
+        assert_eq!(warnings, [RUNNING]);
+    }
+    assert_eq!(dead().await, 20, "no tidy ran while the claim was held elsewhere");
+    db.execute("DELETE FROM keyvault_kv WHERE key = 'auth/approle/tidy-claim'", &[]).await.unwrap();
+    let all = tidies().await;
+    for warnings in &all {
+        assert!(warnings == &[STARTED] || warnings == &[RUNNING], "{warnings:?}");
+    }
+    assert!(all.iter().any(|w| w == &[STARTED]), "{all:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let claimed: i64 = db
+            .query_one("SELECT count(*) FROM keyvault_kv WHERE key = 'auth/approle/tidy-claim'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if claimed == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the tidies never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead().await, 0);
+    for sid in live {
+        ok(c.post("auth/approle/login", None, json!({"role_id": role_id, "secret_id": sid})).await, 200);
+    }
+}
+
 /// A retire leaves no stored epoch key of a version that is gone: each goes before its
 /// version does, and one left by a retire stopped in between (an earlier release deleted
 /// it last) is dropped by the next retire. The active version's stays.
