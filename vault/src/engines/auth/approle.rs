@@ -249,23 +249,36 @@ impl AppRole {
 
 impl AppRole {
     /// Start a tidy of the stored secret ids in the background, unless one is running
-    /// (on any replica): whether it started.
+    /// (on any replica): whether it started. It runs under the claim [`TIDY_CLAIM`]
+    /// ([`crate::store::while_claimed`]: renewed while it runs, and the tidy stopped if
+    /// the claim cannot be kept).
     async fn start_tidy(&self) -> Result<bool> {
-        let holder = random_hex::<16>()?;
-        if !self.store.insert_if_absent(TIDY_CLAIM, holder.as_bytes(), Some(TIDY_CLAIM_TTL)).await? {
-            return Ok(false);
-        }
         let store = self.store.clone();
-        tokio::spawn(async move {
-            match tidy_secret_ids(&store, Some(holder.as_bytes())).await {
-                Ok(t) => tracing::info!(scanned = t.scanned, removed = t.removed, "approle: tidy of secret ids done"),
-                Err(e) => tracing::warn!(error = %e, "approle: tidy of secret ids stopped"),
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<bool>>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let answer = move |r: Result<bool>| {
+            if let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(r);
             }
-            if let Err(e) = store.compare_and_swap(TIDY_CLAIM, Some(holder.as_bytes()), None).await {
-                tracing::warn!(error = %e, "approle: the tidy's claim stays until it runs out");
+        };
+        tokio::spawn(async move {
+            let work = async {
+                answer(Ok(true));
+                tidy_secret_ids(&store).await
+            };
+            match crate::store::while_claimed(&store, TIDY_CLAIM, TIDY_CLAIM_TTL, work).await {
+                Ok(Some(Ok(t))) => {
+                    tracing::info!(scanned = t.scanned, removed = t.removed, "approle: tidy of secret ids done")
+                }
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "approle: tidy of secret ids stopped"),
+                Ok(None) => answer(Ok(false)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "approle: tidy of secret ids stopped");
+                    answer(Err(e.into()));
+                }
             }
         });
-        Ok(true)
+        rx.await.map_err(|_| Error::Internal("the tidy task ended without an answer".into()))?
     }
 }
 
@@ -293,27 +306,15 @@ async fn role_id_of(roles: &RoleStore<AppRoleData>, name: &str) -> Result<Option
 /// Each is removed by compare-and-delete, so a login that changed it meanwhile keeps it
 /// (for the next tidy). Pages through the ids in key order (grouped by role, so one role
 /// lookup per role); a progress line every 10,000.
-///
-/// Under the claim `holder` (when given), renewed every minute: a tidy that can no longer
-/// renew it (another took it after it ran out) stops.
-async fn tidy_secret_ids(store: &Arc<dyn Store>, holder: Option<&[u8]>) -> Result<Tidied> {
+async fn tidy_secret_ids(store: &Arc<dyn Store>) -> Result<Tidied> {
     const ROOT: &str = "auth/approle/secret-id/";
     let roles: RoleStore<AppRoleData> = RoleStore::new(store.clone(), METHOD);
-    let mut renewed = std::time::Instant::now();
     let now = unix_now();
     let mut done = Tidied::default();
     // The role of the ids being looked at: (name, its role id if it exists).
     let mut role: Option<(String, Option<String>)> = None;
     let mut after: Option<String> = None;
     loop {
-        if let Some(holder) = holder
-            && renewed.elapsed() >= Duration::from_secs(60)
-        {
-            if !store.renew(TIDY_CLAIM, holder, TIDY_CLAIM_TTL).await? {
-                return Err(Error::Conflict("the tidy's claim was lost; another tidy goes on".into()));
-            }
-            renewed = std::time::Instant::now();
-        }
         let page = store.scan_prefix(ROOT, after.as_deref(), 1000).await?;
         let Some((last, _)) = page.last() else { break };
         after = Some(last.clone());
@@ -596,7 +597,7 @@ mod tests {
         let all = || async { scan_all(keyed.store.as_ref(), "auth/approle/secret-id/").await.unwrap().len() };
         assert_eq!(all().await, 8);
 
-        assert_eq!(tidy_secret_ids(&keyed.store, None).await.unwrap(), Tidied { scanned: 8, removed: 5 });
+        assert_eq!(tidy_secret_ids(&keyed.store).await.unwrap(), Tidied { scanned: 8, removed: 5 });
         let left: Vec<String> = scan_all(keyed.store.as_ref(), "auth/approle/secret-id/")
             .await
             .unwrap()
@@ -609,7 +610,7 @@ mod tests {
             let mac = hex::encode(approle.secret_id_hmac("web", &s.secret_id).await.unwrap());
             assert!(left.contains(&format!("{}{mac}", secret_id_prefix("web"))));
         }
-        assert_eq!(tidy_secret_ids(&keyed.store, None).await.unwrap(), Tidied { scanned: 3, removed: 0 });
+        assert_eq!(tidy_secret_ids(&keyed.store).await.unwrap(), Tidied { scanned: 3, removed: 0 });
 
         // One at a time: a held claim keeps a second from starting.
         keyed.store.put(&format!("{}dead9", secret_id_prefix("gone")), &dead[4].1).await.unwrap();
