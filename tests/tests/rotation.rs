@@ -505,3 +505,42 @@ async fn a_retired_token_signing_version_verifies_nothing_any_more() {
     assert!(audit.contains("\"reason\":\"unknown_signing_key\""), "the refusal names the retired key");
     ok(c.get("auth/token/lookup-self", &fresh).await, 200);
 }
+
+/// A rotation start slower than its lease (the token takes 12 s to make the new master
+/// key; meanwhile the driver takes the start for one cut short before its version was made
+/// and puts the record back to idle) still records its re-wrap once the version is made:
+/// the rotation runs to the end and the old version can be retired. (Before, the start
+/// answered 500 and left the new version active with no re-wrap and the old one open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_start_slower_than_its_lease_still_rewraps() {
+    let fault = keyvault_tests::TokenFault::new();
+    let s = TestServer::start(ServerOptions {
+        env: vec![fault.env()],
+        hsm_extra: "call_timeout = \"60s\"".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    for i in 0..5 {
+        ok(c.put(&format!("secret/slow/{i}"), &root, json!({"value": format!("v{i}")})).await, 200);
+    }
+    fault.set("slow 12000 generate");
+    let r = ok(c.post("sys/rotate", Some(&root), json!({})).await, 200);
+    fault.set("");
+    assert_eq!(r.body["data"]["version"], 2);
+    let st = keyvault_tests::wait_rotation_idle(&c, &root).await;
+    assert_eq!(st["active_version"], 2, "{st}");
+    assert_eq!(st["records_remaining"], 0, "{st}");
+    assert!(st["records_by_version"].get("1").is_none(), "{st}");
+    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([1]));
+    for i in 0..5 {
+        assert_eq!(ok(c.get(&format!("secret/slow/{i}"), &root).await, 200).body["data"]["value"], format!("v{i}"));
+    }
+    let log = s.log_text();
+    assert!(
+        log.contains("a master key rotation was cut short before its new version was made"),
+        "the driver took the start over"
+    );
+    assert!(log.contains("its re-wrap is recorded"), "the start recorded its re-wrap afterwards");
+}

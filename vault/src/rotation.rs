@@ -176,16 +176,46 @@ impl Rotation {
         // Test hook: die with the new version made and active, before the re-wrap is recorded.
         #[cfg(debug_assertions)]
         crate::faults::crash_point("KEYVAULT_TEST_CRASH_ROTATION_START");
-        self.begin_rewrap(&claimed, target, &ring.master.versions).await?;
+        if !self.begin_rewrap(&claimed, target, &ring.master.versions).await? {
+            self.record_rewrap_after_lost_claim(target).await?;
+        }
         tracing::info!(version = %target, "master key rotation started");
         self.wake.notify_one();
         Ok(target)
     }
 
+    /// The new version `target` is made and active, but the `starting` claim changed
+    /// meanwhile: the start took longer than its lease (a slow token), and the driver
+    /// took it for one cut short. Taken back to idle (it looked before `target` was
+    /// made): the re-wrap is recorded now, from the record as it is. Already recorded, or
+    /// another start under way (its re-wrap covers `target`'s predecessors too): nothing
+    /// to do. Without this, `target` would be active with no re-wrap recorded and the
+    /// older versions still open.
+    async fn record_rewrap_after_lost_claim(&self, target: KeyVersion) -> Result<()> {
+        for _ in 0..10 {
+            let (raw, r) = self.load().await?;
+            if r.state != "idle" {
+                tracing::warn!(version = %target, state = %r.state, "a master key rotation start outlived its lease; the rotation record was taken over");
+                return Ok(());
+            }
+            self.keyring.follow().await?;
+            let ring = self.keyring.load_full();
+            if ring.master.active != target {
+                return Err(Error::Conflict(format!("master key version {} was made meanwhile", ring.master.active)));
+            }
+            let Some(raw) = raw else { return Err(Error::Internal("no rotation record while starting".into())) };
+            if self.begin_rewrap(&raw, target, &ring.master.versions).await? {
+                tracing::warn!(version = %target, "a master key rotation start outlived its lease; its re-wrap is recorded");
+                return Ok(());
+            }
+        }
+        Err(Error::Conflict("the rotation record keeps changing; retry".into()))
+    }
+
     /// The second half of a start, once the new version `target` is active: close the
     /// older versions, count what is to re-wrap, and record the re-wrap (replacing the
-    /// `starting` claim `claimed`).
-    async fn begin_rewrap(&self, claimed: &[u8], target: KeyVersion, versions: &[KeyVersion]) -> Result<()> {
+    /// record `claimed`, the `starting` claim); false if that record changed meanwhile.
+    async fn begin_rewrap(&self, claimed: &[u8], target: KeyVersion, versions: &[KeyVersion]) -> Result<bool> {
         // From here on no record can commit under an older version, on any replica.
         for v in versions.iter().copied().filter(|v| *v != target) {
             usage::close(self.store.as_ref(), v).await?;
@@ -207,10 +237,10 @@ impl Rotation {
             versions_at_start: Vec::new(),
         };
         if !self.save(Some(claimed), &record).await? {
-            return Err(Error::Internal("the rotation record changed while starting".into()));
+            return Ok(false);
         }
         tracing::info!(version = %target, records = total, "master key rotation: re-wrapping");
-        Ok(())
+        Ok(true)
     }
 
     /// A start whose claim expired without its re-wrap being recorded was cut short. If a
@@ -239,8 +269,7 @@ impl Rotation {
             return Ok(false);
         }
         tracing::warn!(version = %active, "finishing a master key rotation that was cut short after its new version was made");
-        self.begin_rewrap(&encode_json(&next), active, &ring.master.versions).await?;
-        Ok(true)
+        self.begin_rewrap(&encode_json(&next), active, &ring.master.versions).await
     }
 
     /// Progress from the rotation record, counts from the version counters: a few
