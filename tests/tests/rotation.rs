@@ -544,3 +544,50 @@ async fn a_rotation_start_slower_than_its_lease_still_rewraps() {
     );
     assert!(log.contains("its re-wrap is recorded"), "the start recorded its re-wrap afterwards");
 }
+
+/// A start slower than its lease that dies once its version is made, after the driver put
+/// its claim back to `idle`: no `starting` claim is left to finish, the new version is
+/// active and the old one still open and wrapping records. The driver (after the restart)
+/// sees that no re-wrap was recorded to the active version and records it; the rotation
+/// runs to the end and the old version can be retired. (Before, it stayed so for good:
+/// retire refused with "rotate first".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_made_with_no_rewrap_recorded_is_rewrapped_by_the_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = dir.path().join("crash-now");
+    let fault = keyvault_tests::TokenFault::new();
+    let mut s = TestServer::start(ServerOptions {
+        env: vec![fault.env(), ("KEYVAULT_TEST_CRASH_ROTATION_START".into(), crash.display().to_string())],
+        hsm_extra: "call_timeout = \"60s\"".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    seed(&c, &root, 50).await;
+    fault.set("slow 12000 generate");
+    std::fs::write(&crash, "").unwrap();
+    let r = c.try_send("POST", "sys/rotate", Some(&root), Some(b"{}".to_vec())).await;
+    assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status >= 500), "{r:?}");
+    assert!(s.child.wait().unwrap().code().is_none(), "the server died of a signal");
+    let log = s.log_text();
+    assert!(log.contains("a master key rotation was cut short before its new version was made"), "{log}");
+    std::fs::remove_file(&crash).unwrap();
+    fault.set("");
+    s.restart();
+    let c = s.client();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..600 {
+        last = ok(c.get("sys/rotate/status", &root).await, 200).body["data"].clone();
+        if last["active_version"] == 2 && last["versions_in_use"] == json!([2]) && last["state"] == "idle" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((&last["active_version"], &last["versions_in_use"]), (&json!(2), &json!([2])), "{last}");
+    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    assert_eq!(r.body["data"]["retired"], json!([1]), "{r:?}");
+    for i in (0..50).step_by(7) {
+        assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
+    }
+    assert!(s.log_text().contains("which no rotation had recorded"));
+}

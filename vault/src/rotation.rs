@@ -186,30 +186,70 @@ impl Rotation {
 
     /// The new version `target` is made and active, but the `starting` claim changed
     /// meanwhile: the start took longer than its lease (a slow token), and the driver
-    /// took it for one cut short. Taken back to idle (it looked before `target` was
-    /// made): the re-wrap is recorded now, from the record as it is. Already recorded, or
-    /// another start under way (its re-wrap covers `target`'s predecessors too): nothing
-    /// to do. Without this, `target` would be active with no re-wrap recorded and the
-    /// older versions still open.
+    /// took it for one cut short and put the record back to `idle` before `target` was
+    /// made. The re-wrap is recorded now, from the record as it is, unless it names a
+    /// newer version or records a re-wrap already. Whatever this leaves (another start
+    /// under way that then fails, a store error here) the driver repairs
+    /// ([`Rotation::record_unrecorded_rewrap`]).
     async fn record_rewrap_after_lost_claim(&self, target: KeyVersion) -> Result<()> {
         for _ in 0..10 {
             let (raw, r) = self.load().await?;
-            if r.state != "idle" {
-                tracing::warn!(version = %target, state = %r.state, "a master key rotation start outlived its lease; the rotation record was taken over");
-                return Ok(());
-            }
             self.keyring.follow().await?;
             let ring = self.keyring.load_full();
             if ring.master.active != target {
-                return Err(Error::Conflict(format!("master key version {} was made meanwhile", ring.master.active)));
+                tracing::warn!(version = %target, newer = %ring.master.active, "a master key rotation start outlived its lease; a newer version was made meanwhile");
+                return Ok(());
             }
             let Some(raw) = raw else { return Err(Error::Internal("no rotation record while starting".into())) };
-            if self.begin_rewrap(&raw, target, &ring.master.versions).await? {
+            let recorded = match r.state.as_str() {
+                "idle" => self.begin_rewrap(&raw, target, &ring.master.versions).await?,
+                "rewrapping" if r.target >= target.get() => true,
+                "rewrapping" => self.record_unrecorded_rewrap(&raw, &r).await?,
+                // Another start under way: its re-wrap covers `target`, or the driver
+                // repairs what it leaves.
+                _ => true,
+            };
+            if recorded {
                 tracing::warn!(version = %target, "a master key rotation start outlived its lease; its re-wrap is recorded");
                 return Ok(());
             }
         }
         Err(Error::Conflict("the rotation record keeps changing; retry".into()))
+    }
+
+    /// Repair: the active master version has no re-wrap recorded to it although older
+    /// versions may still wrap records, and the record `raw` (`r`) is `idle` with an
+    /// older version still open, or `rewrapping` to an older target. That is what a
+    /// start leaves when it outlived its lease and another start then failed, or when it
+    /// stopped (a crash, a store error) after the driver had put its claim back to
+    /// `idle`. The re-wrap to the active version is recorded (closing the older ones);
+    /// whether it was. Looks at this replica's keyring first (followed every second), so
+    /// that an idle replica with one version reads nothing more.
+    async fn record_unrecorded_rewrap(&self, raw: &[u8], r: &RotationRecord) -> Result<bool> {
+        let local = self.keyring.load_full();
+        let looks_so = match r.state.as_str() {
+            "idle" => local.master.versions.len() > 1,
+            "rewrapping" => local.master.active.get() > r.target,
+            _ => false,
+        };
+        if !looks_so {
+            return Ok(false);
+        }
+        self.keyring.follow().await?;
+        let ring = self.keyring.load_full();
+        let active = ring.master.active;
+        let unrecorded = match r.state.as_str() {
+            "idle" => {
+                let usage = self.usage().await?;
+                ring.master.versions.iter().any(|v| *v != active && usage.closed.get(&v.get()) == Some(&false))
+            }
+            _ => active.get() > r.target,
+        };
+        if !unrecorded {
+            return Ok(false);
+        }
+        tracing::warn!(version = %active, state = %r.state, target = r.target, "recording the re-wrap to the active master key version, which no rotation had recorded");
+        self.begin_rewrap(raw, active, &ring.master.versions).await
     }
 
     /// The second half of a start, once the new version `target` is active: close the
@@ -398,6 +438,11 @@ impl Rotation {
         let (raw, mut r) = self.load().await?;
         if r.state == "starting" && lease_expired(&r, unix_now()) {
             return self.resume_start(raw, r).await;
+        }
+        if let Some(raw) = &raw
+            && self.record_unrecorded_rewrap(raw, &r).await?
+        {
+            return Ok(true);
         }
         if r.state != "rewrapping" {
             return Ok(false);
