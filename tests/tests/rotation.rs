@@ -551,13 +551,23 @@ async fn a_rotation_start_slower_than_its_lease_still_rewraps() {
 /// sees that no re-wrap was recorded to the active version and records it; the rotation
 /// runs to the end and the old version can be retired. (Before, it stayed so for good:
 /// retire refused with "rotate first".)
+/// Both where the start dies before it closes the older versions and after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_made_with_no_rewrap_recorded_is_rewrapped_by_the_driver() {
+    version_made_with_no_rewrap_recorded("KEYVAULT_TEST_CRASH_ROTATION_START").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_made_and_the_older_closed_with_no_rewrap_recorded_is_rewrapped_by_the_driver() {
+    version_made_with_no_rewrap_recorded("KEYVAULT_TEST_CRASH_ROTATION_CLOSED").await;
+}
+
+async fn version_made_with_no_rewrap_recorded(crash_at: &str) {
     let dir = tempfile::tempdir().unwrap();
     let crash = dir.path().join("crash-now");
     let fault = keyvault_tests::TokenFault::new();
     let mut s = TestServer::start(ServerOptions {
-        env: vec![fault.env(), ("KEYVAULT_TEST_CRASH_ROTATION_START".into(), crash.display().to_string())],
+        env: vec![fault.env(), (crash_at.into(), crash.display().to_string())],
         hsm_extra: "call_timeout = \"60s\"".into(),
         ..Default::default()
     });

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::barrier::{Barrier, Record, RewrapItem, Rewrapped};
 use crate::error::{Error, Result};
-use crate::keys::{Family, KeyNames, KeyVersion, SharedKeyring};
+use crate::keys::{Family, KeyNames, KeyVersion, Keyring, SharedKeyring};
 use crate::secrets::{data_prefix, parse_data_key_raw, record_context_raw};
 use crate::store::{Store, TxOp, TxOutcome, decode_json, encode_json};
 use crate::unix_now;
@@ -217,37 +217,30 @@ impl Rotation {
         Err(Error::Conflict("the rotation record keeps changing; retry".into()))
     }
 
-    /// Repair: the active master version has no re-wrap recorded to it although older
-    /// versions may still wrap records, and the record `raw` (`r`) is `idle` with an
-    /// older version still open, or `rewrapping` to an older target. That is what a
-    /// start leaves when it outlived its lease and another start then failed, or when it
-    /// stopped (a crash, a store error) after the driver had put its claim back to
-    /// `idle`. The re-wrap to the active version is recorded (closing the older ones);
-    /// whether it was. Looks at this replica's keyring first (followed every second), so
-    /// that an idle replica with one version reads nothing more.
+    /// Repair: the active master version is newer than the one the record `raw` (`r`)
+    /// names, and no start is under way: `idle` (every path that writes `idle` names
+    /// the version active then) or `rewrapping` to an older target. That is what a start
+    /// leaves when it outlived its lease and then died, or left the record to another
+    /// start that failed. The re-wrap to the active version is recorded (closing the
+    /// older ones); whether it was. Looks at this replica's keyring first (followed every
+    /// second), so that a replica with nothing to repair reads nothing more.
     async fn record_unrecorded_rewrap(&self, raw: &[u8], r: &RotationRecord) -> Result<bool> {
-        let local = self.keyring.load_full();
-        let looks_so = match r.state.as_str() {
-            "idle" => local.master.versions.len() > 1,
-            "rewrapping" => local.master.active.get() > r.target,
-            _ => false,
+        let newer = |ring: &Keyring| {
+            ring.master.versions.len() > 1
+                && ring.master.active.get() > r.target
+                && (r.state == "idle" || r.state == "rewrapping")
         };
-        if !looks_so {
+        if !newer(&self.keyring.load_full()) {
             return Ok(false);
         }
         self.keyring.follow().await?;
         let ring = self.keyring.load_full();
-        let active = ring.master.active;
-        let unrecorded = match r.state.as_str() {
-            "idle" => {
-                let usage = self.usage().await?;
-                ring.master.versions.iter().any(|v| *v != active && usage.closed.get(&v.get()) == Some(&false))
-            }
-            _ => active.get() > r.target,
-        };
-        if !unrecorded {
+        // Still so once the keyring is followed: a start that made its version since the
+        // record was read has changed the record (it is `starting`), and is left alone.
+        if !newer(&ring) || self.load().await?.0.as_deref() != Some(raw) {
             return Ok(false);
         }
+        let active = ring.master.active;
         tracing::warn!(version = %active, state = %r.state, target = r.target, "recording the re-wrap to the active master key version, which no rotation had recorded");
         self.begin_rewrap(raw, active, &ring.master.versions).await
     }
@@ -260,6 +253,9 @@ impl Rotation {
         for v in versions.iter().copied().filter(|v| *v != target) {
             usage::close(self.store.as_ref(), v).await?;
         }
+        // Test hook: die with the older versions closed, before the re-wrap is recorded.
+        #[cfg(debug_assertions)]
+        crate::faults::crash_point("KEYVAULT_TEST_CRASH_ROTATION_CLOSED");
         let total = self.usage().await?.outside(target).max(0) as u64;
         let record = RotationRecord {
             state: "rewrapping".into(),
