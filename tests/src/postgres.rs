@@ -183,3 +183,22 @@ impl Drop for TestPostgres {
         self.halt();
     }
 }
+
+/// Wait (up to 30 s) until some session of the cluster `client` is connected to waits for
+/// a lock: a statement the test made block on a row or role it holds. `what` names it
+/// in the failure.
+pub async fn wait_for_a_lock_wait(client: &tokio_postgres::Client, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never reached the held lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -251,19 +251,7 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     // Wait until the database shows the rotation's ALTER ROLE waiting for that lock (its
     // claim is taken by then), and delete at once (the admin connection's lock_timeout
     // is 5 s).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = held
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the rotation never reached the held lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    keyvault_tests::postgres::wait_for_a_lock_wait(&held, "the rotation").await;
     let r = c.send("DELETE", "database/static-roles/app", Some(&root), None).await;
     assert_eq!(r.status, 409, "{r:?}");
     held.batch_execute("ROLLBACK").await.unwrap();

@@ -75,19 +75,7 @@ async fn a_write_in_flight_across_rotate_and_retire_is_never_lost() {
         tokio::spawn(async move { cb.put("secret/race/x", &root, json!({"value": "acknowledged"})).await })
     };
     // Wait until the database shows B's insert waiting for the held row's lock.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = psql
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "B's write never reached the held row");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    keyvault_tests::postgres::wait_for_a_lock_wait(&psql, "B's write").await;
     assert!(!write.is_finished(), "B's write waits for the held row");
     // A rotates and retires meanwhile.
     ok(ca.post("sys/rotate", Some(&root), json!({})).await, 200);

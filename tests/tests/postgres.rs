@@ -195,19 +195,7 @@ async fn a_wait_for_a_connection_does_not_skew_the_clock_offset() {
         let store = store.clone();
         async move { store.put("held", b"w").await }
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting: i64 = locker
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the write never reached the held row");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    keyvault_tests::postgres::wait_for_a_lock_wait(&locker, "the write").await;
     let reading = tokio::spawn({
         let store = store.clone();
         async move { store.clock_offset_ms().await }

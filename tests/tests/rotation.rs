@@ -221,21 +221,27 @@ async fn a_rotation_start_cut_short_after_its_new_version_is_finished_after_rest
     std::fs::remove_file(&crash).unwrap();
     s.restart();
     let c = s.client();
+    version_2_alone_then_retire_1(&c, &root).await;
+    for i in (0..300).step_by(37) {
+        assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
+    }
+    assert!(s.log_text().contains("finishing a master key rotation that was cut short"));
+}
+
+/// Wait (up to 60 s) until version 2 is active, idle and the only one wrapping records;
+/// then retire: version 1 goes.
+async fn version_2_alone_then_retire_1(c: &Client, root: &str) {
     let mut last = serde_json::Value::Null;
     for _ in 0..600 {
-        last = ok(c.get("sys/rotate/status", &root).await, 200).body["data"].clone();
+        last = ok(c.get("sys/rotate/status", root).await, 200).body["data"].clone();
         if last["active_version"] == 2 && last["versions_in_use"] == json!([2]) && last["state"] == "idle" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!((&last["active_version"], &last["versions_in_use"]), (&json!(2), &json!([2])), "{last}");
-    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
+    let r = ok(c.post("sys/rotate/retire", Some(root), json!({})).await, 200);
     assert_eq!(r.body["data"]["retired"], json!([1]), "{r:?}");
-    for i in (0..300).step_by(37) {
-        assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
-    }
-    assert!(s.log_text().contains("finishing a master key rotation that was cut short"));
 }
 
 /// Sixteen retires at once, while reads go on: each answers 200 or 409, each old version
@@ -585,17 +591,7 @@ async fn version_made_with_no_rewrap_recorded(crash_at: &str) {
     fault.set("");
     s.restart();
     let c = s.client();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..600 {
-        last = ok(c.get("sys/rotate/status", &root).await, 200).body["data"].clone();
-        if last["active_version"] == 2 && last["versions_in_use"] == json!([2]) && last["state"] == "idle" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!((&last["active_version"], &last["versions_in_use"]), (&json!(2), &json!([2])), "{last}");
-    let r = ok(c.post("sys/rotate/retire", Some(&root), json!({})).await, 200);
-    assert_eq!(r.body["data"]["retired"], json!([1]), "{r:?}");
+    version_2_alone_then_retire_1(&c, &root).await;
     for i in (0..50).step_by(7) {
         assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
     }
