@@ -693,8 +693,9 @@ impl Client {
     }
 }
 
-/// Renew at two thirds of the lifetime (earlier for short ones, [`renew_after`]); when a renewal is refused (or the maximum is near),
-/// log in again; when the server is unreachable, try again shortly.
+/// Renew at two thirds of the lifetime (earlier for short ones, [`renew_after`]); when a
+/// renewal is refused (or the maximum is near), log in again; when the server is
+/// unreachable, try again shortly.
 async fn renew_loop(weak: Weak<Inner>) {
     loop {
         let wait = {

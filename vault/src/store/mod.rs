@@ -219,10 +219,10 @@ pub struct Counter {
 /// without a renewal (a stall of the process, a store that does not answer), or a
 /// renewal finds the claim gone, `work` is stopped where it is, as a client hanging up
 /// would, never polled again, and the answer is [`StoreError::ClaimLost`] (503: retry);
-/// the claim is then left to run out rather than released.
-/// `work` must therefore be safe to
-/// stop at any await point, which every claimed task is (its client may hang up): what
-/// it handed to the store or the token before it was stopped may still complete.
+/// the claim is then left to run out rather than released. `work` must therefore be
+/// safe to stop at any await point, which every claimed task is (its client may hang
+/// up): what it handed to the store or the token before it was stopped may still
+/// complete.
 pub async fn while_claimed<T>(
     store: &std::sync::Arc<dyn Store>,
     key: &str,
