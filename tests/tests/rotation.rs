@@ -1,4 +1,5 @@
-//! Master key rotation while units keep reading and writing, on the embedded store.
+//! Master key rotation while units keep reading and writing, on the embedded store (and
+//! on PostgreSQL where a test holds a row lock to stop a start at one point).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -596,4 +597,81 @@ async fn version_made_with_no_rewrap_recorded(crash_at: &str) {
         assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
     }
     assert!(s.log_text().contains("which no rotation had recorded"));
+}
+
+/// Two starts, each cut short, the second claimed after the first made its version: a
+/// slow start S (a token call past the lease) is put back to `idle` by the driver before
+/// v2 is made; S makes v2 and is held (a row lock on a v1 counter, on PostgreSQL) before
+/// it records its re-wrap; a second start B claims the record, naming v2 as the version
+/// active at its claim, and the server is killed while B makes its own version. After the
+/// restart the driver puts B's claim back to `idle`, which must not name v2 as re-wrapped
+/// to: it gets its re-wrap recorded, and v1 can be retired. (Before, the `idle` record
+/// named v2, nothing recorded a re-wrap to it, and retire refused with "rotate first"
+/// until the next rotation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_claimed_after_a_slow_start_made_its_version_and_then_killed_leaves_it_rewrapped() {
+    let pg = keyvault_tests::postgres::TestPostgres::start();
+    let url = pg.database("twostarts");
+    let fault = keyvault_tests::TokenFault::new();
+    let mut s = TestServer::start(ServerOptions {
+        env: vec![fault.env()],
+        hsm_extra: "call_timeout = \"60s\"".into(),
+        storage: Some(format!("[storage]\ntype = \"postgres\"\nurl = \"{url}\"\npool_size = 8")),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    seed(&c, &root, 40).await;
+    let (psql, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let counter: String = psql
+        .query_one("SELECT key FROM keyvault_counters WHERE key LIKE 'master/v1/%' ORDER BY key LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Closing v1 takes its counters in key order: the first one held stops every close.
+    psql.batch_execute(&format!("BEGIN; SELECT 1 FROM keyvault_counters WHERE key = '{counter}' FOR UPDATE"))
+        .await
+        .unwrap();
+    fault.set("slow 13000 generate");
+    let slow = {
+        let (c, root) = (c.clone(), root.clone());
+        tokio::spawn(async move { c.try_send("POST", "sys/rotate", Some(&root), Some(b"{}".to_vec())).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s.log_text().contains("a master key rotation was cut short before its new version was made") {
+        assert!(std::time::Instant::now() < deadline, "the driver never put the slow start back: {}", s.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // S made v2 and waits to close v1 (so may the driver, repairing).
+    keyvault_tests::postgres::wait_for_a_lock_wait(&psql, "closing v1").await;
+    let second = {
+        let (c, root) = (c.clone(), root.clone());
+        tokio::spawn(async move { c.try_send("POST", "sys/rotate", Some(&root), Some(b"{}".to_vec())).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let raw: Vec<u8> =
+            psql.query_one("SELECT value FROM keyvault_kv WHERE key = 'sys/rotation'", &[]).await.unwrap().get(0);
+        let record: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        if record["state"] == "starting" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the second start never claimed the record: {record}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B is making its version (13 s in the token): kill -9.
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    for r in [slow.await.unwrap(), second.await.unwrap()] {
+        assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status >= 500), "{r:?}");
+    }
+    psql.batch_execute("ROLLBACK").await.unwrap();
+    fault.set("");
+    s.restart();
+    let c = s.client();
+    version_2_alone_then_retire_1(&c, &root).await;
+    for i in (0..40).step_by(7) {
+        assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
+    }
 }

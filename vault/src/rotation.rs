@@ -43,9 +43,17 @@ const MAX_PASSES: u32 = 100;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotationRecord {
-    /// `idle` or `rewrapping`.
+    /// `idle`, `starting` or `rewrapping`.
     pub state: String,
+    /// The version the last recorded re-wrap was to (`rewrapping`: the one under way).
+    /// A start leaves it as it was until it records its own re-wrap, so an active
+    /// version newer than it means one that no re-wrap was recorded to.
     pub target: u32,
+    /// While `starting`: the version active when the claim was taken (a newer active
+    /// version means the start made it). `None` otherwise; a claim of an earlier release
+    /// named it in `target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<u32>,
     /// The last data key re-wrapped (the scan resumes after it); `None`: from the start.
     pub cursor: Option<String>,
     pub done: u64,
@@ -151,11 +159,13 @@ impl Rotation {
         // a version.
         // The claim names the version active when it was taken: a start cut short (a
         // crash, a dropped request, a failed step) is finished by the driver if a newer
-        // version was made meanwhile ([`Rotation::resume_start`]).
+        // version was made meanwhile ([`Rotation::resume_start`]). Its `target` stays
+        // the last re-wrap's, so that a claim put back to `idle` never names a version
+        // no re-wrap was recorded to ([`Rotation::record_unrecorded_rewrap`]).
         self.keyring.follow().await?;
         let mut claim = current.clone();
         claim.state = "starting".into();
-        claim.target = self.keyring.load().master.active.get();
+        claim.claimed_at = Some(self.keyring.load().master.active.get());
         claim.lease_owner = Some(self.replica.clone());
         claim.lease_until = unix_now() + LEASE.as_secs();
         if current.state == "starting" && !lease_expired(&current, unix_now()) {
@@ -218,8 +228,8 @@ impl Rotation {
     }
 
     /// Repair: the active master version is newer than the one the record `raw` (`r`)
-    /// names, and no start is under way: `idle` (every path that writes `idle` names
-    /// the version active then) or `rewrapping` to an older target. That is what a start
+    /// names, and no start is under way: `idle` (its target is the last re-wrap's; a
+    /// start put back to `idle` keeps it) or `rewrapping` to an older target. That is what a start
     /// leaves when it outlived its lease and then died, or left the record to another
     /// start that failed. The re-wrap to the active version is recorded (closing the
     /// older ones); whether it was. Looks at this replica's keyring first (followed every
@@ -271,6 +281,7 @@ impl Rotation {
             pass_done: 0,
             failed: 0,
             versions_at_start: Vec::new(),
+            claimed_at: None,
         };
         if !self.save(Some(claimed), &record).await? {
             return Ok(false);
@@ -290,8 +301,12 @@ impl Rotation {
         let mut next = r.clone();
         next.lease_owner = Some(self.replica.clone());
         next.lease_until = unix_now() + LEASE.as_secs();
-        if active.get() <= r.target {
+        if active.get() <= r.claimed_at.unwrap_or(r.target) {
+            // Back to `idle` with the last re-wrap's target: if a start this claim was
+            // taken after has made a version meanwhile (its own claim had been put back
+            // to `idle` too), that version is newer and gets its re-wrap recorded.
             next.state = "idle".into();
+            next.claimed_at = None;
             next.lease_owner = None;
             next.lease_until = 0;
             if self.save(raw.as_deref(), &next).await? {
