@@ -184,14 +184,14 @@ impl Drop for TestPostgres {
     }
 }
 
-/// Wait (up to 30 s) until some session of the cluster `client` is connected to waits for
-/// a lock: a statement the test made block on a row or role it holds. `what` names it
-/// in the failure.
+/// Wait (up to 30 s) until some session of the cluster waits for a lock that `client`'s
+/// own session holds: a statement the test made block on a row or role it holds (a wait
+/// on any other lock does not count). `what` names it in the failure.
 pub async fn wait_for_a_lock_wait(client: &tokio_postgres::Client, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let waiting: i64 = client
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))", &[])
             .await
             .unwrap()
             .get(0);

@@ -655,6 +655,8 @@ async fn a_start_claimed_after_a_slow_start_made_its_version_and_then_killed_lea
             psql.query_one("SELECT value FROM keyvault_kv WHERE key = 'sys/rotation'", &[]).await.unwrap().get(0);
         let record: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         if record["state"] == "starting" {
+            // B's claim: taken with v2 active, the re-wrap last recorded to none.
+            assert_eq!((&record["claimed_at"], &record["target"]), (&json!(2), &json!(0)), "{record}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the second start never claimed the record: {record}");
@@ -674,4 +676,6 @@ async fn a_start_claimed_after_a_slow_start_made_its_version_and_then_killed_lea
     for i in (0..40).step_by(7) {
         assert_eq!(ok(c.get(&format!("secret/seed/{i}"), &root).await, 200).body["data"]["value"], format!("seed-{i}"));
     }
+    let log = s.log_text();
+    assert!(log.contains("which no rotation had recorded"), "the driver's repair recorded the re-wrap: {log}");
 }

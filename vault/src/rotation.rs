@@ -302,9 +302,10 @@ impl Rotation {
         next.lease_owner = Some(self.replica.clone());
         next.lease_until = unix_now() + LEASE.as_secs();
         if active.get() <= r.claimed_at.unwrap_or(r.target) {
-            // Back to `idle` with the last re-wrap's target: if a start this claim was
-            // taken after has made a version meanwhile (its own claim had been put back
-            // to `idle` too), that version is newer and gets its re-wrap recorded.
+            // Back to `idle` with the last re-wrap's target: if an earlier start (whose
+            // own claim had been put back to `idle`) made a version before this claim was
+            // taken, that version is newer than the target and the driver's repair
+            // records its re-wrap ([`Rotation::record_unrecorded_rewrap`]).
             next.state = "idle".into();
             next.claimed_at = None;
             next.lease_owner = None;
