@@ -113,18 +113,26 @@ impl<B: SecretBackend> Resilient<B> {
         &self.inner
     }
 
-    /// Let a call through, or refuse it at once while the breaker is open.
-    fn admit(&self) -> Result<(), BackendError> {
+    /// Let a call through, or refuse it at once while the breaker is open: whether the
+    /// call let through is the one probe of an open breaker.
+    fn admit(&self) -> Result<bool, BackendError> {
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         match b.open_until {
             Some(until) if Instant::now() < until => Err(open_error(&b, until)),
             Some(until) if b.probing => Err(open_error(&b, until)),
             Some(_) => {
                 b.probing = true;
-                Ok(())
+                Ok(true)
             }
-            None => Ok(()),
+            None => Ok(false),
         }
+    }
+
+    /// A probe that ended with no outcome (its caller hung up, or it panicked): the next
+    /// call may probe.
+    fn probe_abandoned(&self) {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.probing = false;
     }
 
     fn record(&self, failed: bool) {
@@ -151,7 +159,10 @@ impl<B: SecretBackend> Resilient<B> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
     {
-        self.admit()?;
+        let probe = self.admit()?;
+        // A probe dropped before its outcome is recorded would leave the breaker open for
+        // good (every later call refused as "a probe is under way").
+        let mut probe = ProbeGuard(probe.then_some(self));
         let attempts = attempts.max(1);
         let mut attempt = 0;
         let result = loop {
@@ -172,8 +183,21 @@ impl<B: SecretBackend> Resilient<B> {
                 other => break other,
             }
         };
+        probe.0 = None;
         self.record(matches!(&result, Err(e) if e.is_transient()));
         result
+    }
+}
+
+/// Held by the probe of an open breaker until it records its outcome; dropped before
+/// that (the call was dropped half way), it lets the next call probe.
+struct ProbeGuard<'a, B: SecretBackend>(Option<&'a Resilient<B>>);
+
+impl<B: SecretBackend> Drop for ProbeGuard<'_, B> {
+    fn drop(&mut self) {
+        if let Some(r) = self.0 {
+            r.probe_abandoned();
+        }
     }
 }
 
@@ -209,5 +233,88 @@ impl<B: SecretBackend> SecretBackend for Resilient<B> {
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
         self.call(self.policy.attempts, || self.inner.delete(path)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use super::*;
+
+    const UP: u8 = 0;
+    const DOWN: u8 = 1;
+    const HANGS: u8 = 2;
+
+    /// A backend whose reads succeed, fail or never answer, as the test sets (the
+    /// breaker's own logic under test; the adapters are tested against real upstreams).
+    #[derive(Debug, Default)]
+    struct Switch(AtomicU8);
+
+    #[async_trait]
+    impl SecretBackend for Switch {
+        fn kind(&self) -> &'static str {
+            "switch"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                versions: false,
+                version_ids: false,
+                version_stages: false,
+                writes: false,
+                deletes: false,
+                list: false,
+            }
+        }
+        async fn read(&self, _: &str, _: &Version) -> Result<SecretValue, BackendError> {
+            match self.0.load(Ordering::Relaxed) {
+                UP => Ok(SecretValue {
+                    data: SecretData::from_fields([("v", "1")]),
+                    version: None,
+                    version_id: None,
+                    created_time: None,
+                }),
+                DOWN => Err(BackendError::Unavailable("down".into())),
+                _ => std::future::pending().await,
+            }
+        }
+        async fn write(&self, _: &str, _: &SecretData, _: Option<u64>) -> Result<Option<u64>, BackendError> {
+            Err(BackendError::Unsupported("write"))
+        }
+        async fn list(&self, _: &str) -> Result<Vec<String>, BackendError> {
+            Err(BackendError::Unsupported("list"))
+        }
+        async fn delete(&self, _: &str) -> Result<(), BackendError> {
+            Err(BackendError::Unsupported("delete"))
+        }
+    }
+
+    /// The probe of an open breaker whose caller hangs up (the call is dropped before it
+    /// has an outcome) must not leave the breaker refusing every call for good: the next
+    /// call probes, and finds the upstream back.
+    #[tokio::test]
+    async fn a_probe_dropped_half_way_lets_the_next_call_probe() {
+        let policy = Policy {
+            timeout: Duration::from_secs(60),
+            attempts: 1,
+            breaker_failures: 1,
+            breaker_cooldown: Duration::from_millis(20),
+            ..Policy::default()
+        };
+        let r = Resilient::new(Switch::default(), policy);
+        r.inner().0.store(DOWN, Ordering::Relaxed);
+        assert!(r.read("a", &Version::Latest).await.is_err());
+        let refused = r.read("a", &Version::Latest).await;
+        assert!(matches!(&refused, Err(BackendError::Unavailable(m)) if m.contains("circuit open")), "{refused:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // The probe: the upstream does not answer, and its caller gives up.
+        r.inner().0.store(HANGS, Ordering::Relaxed);
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), r.read("a", &Version::Latest)).await;
+        assert!(gave_up.is_err(), "the probe was still waiting");
+        r.inner().0.store(UP, Ordering::Relaxed);
+        let back = r.read("a", &Version::Latest).await;
+        assert_eq!(back.unwrap().data.field("v").unwrap().as_str(), "1");
+        // Closed again: calls go through.
+        assert!(r.read("a", &Version::Latest).await.is_ok());
     }
 }
