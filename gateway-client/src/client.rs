@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::auth::{Auth, SecretIdSource};
@@ -468,8 +469,19 @@ impl Client {
                         && inner.auth.as_ref().is_some_and(Auth::can_login_again)
                     {
                         // The token was refused (expired, revoked): one new login, then again.
+                        // Forgotten only if it is still the one held: of calls refused at
+                        // once, the first logs in and the others take its new token.
                         relogged = true;
-                        *inner.token.lock().await = None;
+                        if let Some(refused) = &token {
+                            let mut held = inner.token.lock().await;
+                            // Constant time, as every comparison of a secret.
+                            let same = |s: &TokenState| {
+                                bool::from(s.token.expose_secret().as_bytes().ct_eq(refused.expose_secret().as_bytes()))
+                            };
+                            if held.as_ref().is_some_and(same) {
+                                *held = None;
+                            }
+                        }
                         attempt -= 1;
                         continue;
                     }

@@ -345,6 +345,32 @@ async fn the_client_renews_its_token_and_logs_in_again_when_it_must() {
     }
 }
 
+/// Sixteen calls in flight when the token is revoked all get 401 at once: the first logs
+/// in again and the others take its new token, instead of each forgetting the token the
+/// last one got and logging in once more. With a secret id good for two logins, every
+/// call succeeds and all end on one new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_at_once_log_in_again_once() {
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    ok(c.put("secret/app/db", &root, json!({ "value": SECRET })).await, 200);
+    let client = w.role_client("twice", json!({"token_policies": ["app"], "secret_id_num_uses": 2})).await;
+    let first = client.token().await.unwrap().expose_secret().to_owned();
+    ok(c.post("auth/token/revoke", Some(&root), json!({ "token": first })).await, 204);
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.secret("secret/app/db").await.map(|s| s.expose_secret().to_owned()) })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), SECRET);
+    }
+    let second = client.token().await.unwrap().expose_secret().to_owned();
+    assert_ne!(second, first);
+    ok(w.s.client_with(&w.unit).get("auth/token/lookup-self", &second).await, 200);
+}
+
 /// The server killed and started again on the same address while a unit reads: the
 /// client's retries carry it over, with the same client and the same token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
