@@ -89,15 +89,19 @@ impl std::fmt::Debug for Azure {
 }
 
 /// A path's Key Vault name (`a/b` is `a--b`); names allow `[0-9A-Za-z-]`, 1 to 127.
+/// Key Vault's names are case-insensitive, so paths must be lower case: `PROD/db` would
+/// name the secret `prod/db` is, past a policy written for `prod/*` (one secret, one
+/// path).
 fn name_of(path: &str) -> Result<String, BackendError> {
     let name = path.trim_matches('/').split('/').collect::<Vec<_>>().join("--");
     let ok = !name.is_empty()
         && name.len() <= 127
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && path.split('/').all(|s| !s.is_empty() && !s.contains("--") && !s.starts_with('-') && !s.ends_with('-'));
     if !ok {
         return Err(BackendError::Invalid(format!(
-            "{path:?} cannot be an Azure Key Vault name: segments of letters, digits and single dashes, 127 characters in all"
+            "{path:?} cannot be an Azure Key Vault name: segments of lower-case letters, digits and single dashes \
+             (Key Vault's names are case-insensitive), 127 characters in all"
         )));
     }
     Ok(name)
@@ -412,7 +416,9 @@ impl SecretBackend for Azure {
             let v: Value =
                 serde_json::from_slice(&body).map_err(|_| BackendError::Unavailable(format!("{what}: bad reply")))?;
             for item in v["value"].as_array().into_iter().flatten() {
+                // Listed in lower case, the one spelling a path may have ([`name_of`]).
                 let Some(name) = item["id"].as_str().and_then(|id| id.rsplit('/').next()) else { continue };
+                let name = name.to_ascii_lowercase();
                 let Some(rest) = name.strip_prefix(under.as_str()) else { continue };
                 match rest.split_once("--") {
                     Some((dir, _)) if !dir.is_empty() => names.insert(format!("{dir}/")),
@@ -455,7 +461,9 @@ mod tests {
     fn paths_map_to_key_vault_names() {
         assert_eq!(name_of("db/password").unwrap(), "db--password");
         assert_eq!(name_of("a").unwrap(), "a");
-        for bad in ["a--b", "a_b", "a/-b", "", "x.y"] {
+        assert_eq!(name_of("prod-1/db").unwrap(), "prod-1--db");
+        // Key Vault's names are case-insensitive: one spelling per secret.
+        for bad in ["a--b", "a_b", "a/-b", "", "x.y", "PROD/db", "prod/Db"] {
             assert!(name_of(bad).is_err(), "{bad}");
         }
         assert!(name_of(&"a".repeat(128)).is_err());

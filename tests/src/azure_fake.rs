@@ -26,11 +26,15 @@ pub struct FakeAzure {
     _server: tokio::task::JoinHandle<()>,
 }
 
+/// Names are case-insensitive, as in Key Vault: the maps are keyed by the lower-case
+/// name ([`folded`]), and a secret keeps the case it was made with (`shown`).
 #[derive(Default)]
 struct Store {
     /// name -> versions (id, value, created), oldest first.
     secrets: BTreeMap<String, Vec<(String, String, u64)>>,
     deleted: BTreeMap<String, Vec<(String, String, u64)>>,
+    /// name -> the name as it was made.
+    shown: HashMap<String, String>,
     tokens: HashMap<String, Instant>,
     tokens_issued: u64,
     /// Requests refused for a missing, unknown or expired token.
@@ -95,6 +99,10 @@ fn admit(s: &Shared, headers: &HeaderMap, q: &HashMap<String, String>) -> Option
             ))
         }
     }
+}
+
+fn folded(name: &str) -> String {
+    name.to_ascii_lowercase()
 }
 
 fn valid_name(name: &str) -> bool {
@@ -166,7 +174,7 @@ async fn list(State(s): State<Arc<Shared>>, headers: HeaderMap, Query(q): Query<
     let skip: usize = q.get("$skiptoken").and_then(|t| t.parse().ok()).unwrap_or(0);
     let mut st = s.store.lock().unwrap();
     st.pages_served += 1;
-    let names: Vec<&String> = st.secrets.keys().collect();
+    let names: Vec<&String> = st.secrets.keys().map(|k| st.shown.get(k).unwrap_or(k)).collect();
     let page: Vec<Value> = names
         .iter()
         .skip(skip)
@@ -188,8 +196,8 @@ async fn get_secret(
         return r;
     }
     let st = s.store.lock().unwrap();
-    let name = &params[0];
-    let found = st.secrets.get(name).and_then(|versions| match params.get(1) {
+    let name = st.shown.get(&folded(&params[0])).unwrap_or(&params[0]);
+    let found = st.secrets.get(&folded(name)).and_then(|versions| match params.get(1) {
         Some(id) => versions.iter().find(|v| &v.0 == id),
         None => versions.last(),
     });
@@ -221,7 +229,7 @@ async fn put_secret(
         return err(StatusCode::BAD_REQUEST, "BadParameter", None, "Property value is required");
     };
     let mut st = s.store.lock().unwrap();
-    if st.deleted.contains_key(&name) {
+    if st.deleted.contains_key(&folded(&name)) {
         return err(
             StatusCode::CONFLICT,
             "Conflict",
@@ -232,8 +240,9 @@ async fn put_secret(
         );
     }
     let v = (random_hex(16), value.to_owned(), now_secs());
+    let name = st.shown.entry(folded(&name)).or_insert(name).clone();
     let out = bundle(&s, &name, &v);
-    st.secrets.entry(name).or_default().push(v);
+    st.secrets.entry(folded(&name)).or_default().push(v);
     Json(out).into_response()
 }
 
@@ -267,10 +276,11 @@ fn move_secret(s: &Shared, name: &str, to_deleted: bool) -> Response {
     let mut guard = s.store.lock().unwrap();
     let st = &mut *guard;
     let (from, to) = if to_deleted { (&mut st.secrets, &mut st.deleted) } else { (&mut st.deleted, &mut st.secrets) };
-    let Some(versions) = from.remove(name) else {
+    let Some(versions) = from.remove(&folded(name)) else {
         return err(StatusCode::NOT_FOUND, "SecretNotFound", None, "not found");
     };
-    to.insert(name.to_owned(), versions);
+    to.insert(folded(name), versions);
+    let name = st.shown.get(&folded(name)).map_or(name, String::as_str);
     let reply = if to_deleted {
         json!({"recoveryId": format!("{}/deletedsecrets/{name}", s.base)})
     } else {
@@ -338,9 +348,11 @@ impl FakeAzure {
         *self.state.certificate.lock().unwrap() = Some((public_key_pem.to_owned(), x5t_s256.to_owned()));
     }
 
-    /// A secret as another tool would have put it there.
+    /// A secret as another tool would have put it there (names are case-insensitive; a
+    /// secret keeps the case it was first made with).
     pub fn put(&self, name: &str, value: &str) {
         let mut st = self.state.store.lock().unwrap();
-        st.secrets.entry(name.into()).or_default().push((random_hex(16), value.into(), now_secs()));
+        st.shown.entry(folded(name)).or_insert_with(|| name.to_owned());
+        st.secrets.entry(folded(name)).or_default().push((random_hex(16), value.into(), now_secs()));
     }
 }

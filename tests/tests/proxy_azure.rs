@@ -63,16 +63,7 @@ async fn a_unit_reads_secrets_kept_in_azure_through_keyvault() {
     for i in 0..5 {
         fake.put(&format!("app{i}"), "x");
     }
-    let mounts = format!(
-        "[[mounts]]\npath = \"az\"\ntype = \"azure\"\n[mounts.options]\nvault_url = \"{url}\"\ntenant_id = \"{}\"\n\
-         client_id = \"{}\"\nclient_secret_file = \"{}\"\nauthority_host = \"{url}\"\n[mounts.options.cache]\nttl = 0\n",
-        fake.tenant,
-        fake.client_id,
-        secret.display(),
-        url = fake.url,
-    );
-    let s =
-        TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() });
+    let s = server_with_azure_mount(&fake, &secret);
     let c = s.client();
     let root = s.root.clone();
     let r = ok(c.get("az/db/password", &root).await, 200);
@@ -112,6 +103,58 @@ async fn a_unit_reads_secrets_kept_in_azure_through_keyvault() {
     assert!(seen.tokens_issued >= first + 2, "{seen:?}");
     assert_eq!(seen.refused, 0, "no request went with an expired token: {seen:?}");
     assert!(!s.log_text().contains(&fake.client_secret));
+}
+
+/// A server with the mount `az/` on the fake, by client secret (in `secret_file`), no cache.
+fn server_with_azure_mount(fake: &FakeAzure, secret_file: &std::path::Path) -> TestServer {
+    let mounts = format!(
+        "[[mounts]]\npath = \"az\"\ntype = \"azure\"\n[mounts.options]\nvault_url = \"{url}\"\ntenant_id = \"{}\"\n\
+         client_id = \"{}\"\nclient_secret_file = \"{}\"\nauthority_host = \"{url}\"\n[mounts.options.cache]\nttl = 0\n",
+        fake.tenant,
+        fake.client_id,
+        secret_file.display(),
+        url = fake.url,
+    );
+    TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() })
+}
+
+/// Key Vault's names are case-insensitive, KeyVault's paths and policies are not: a path
+/// in another case would name the same secret past a policy written for its lower-case
+/// path. Such paths are refused (400) for reads and writes; listings give the one
+/// spelling a path may have (lower case), which reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_in_another_case_does_not_pass_a_policy_on_azure_names() {
+    let fake = FakeAzure::start(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, &fake.client_secret).unwrap();
+    fake.put("prod--db", "prod-password");
+    fake.put("Made-Elsewhere--Key", "made-elsewhere");
+    let s = server_with_azure_mount(&fake, &secret);
+    let c = s.client();
+    let root = s.root.clone();
+    let policy = "path \"az/*\" { capabilities = [\"read\", \"create\", \"update\"] }\n\
+                  path \"az/prod/*\" { capabilities = [\"deny\"] }\n";
+    ok(c.put("sys/policies/acl/az-not-prod", &root, json!({"policy": policy})).await, 204);
+    let t = ok(c.post("auth/token/create", Some(&root), json!({"policies": ["az-not-prod"]})).await, 200).body["auth"]
+        ["client_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(c.get("az/prod/db", &t).await, 403);
+    for path in ["az/PROD/db", "az/Prod/db", "az/pRod/DB"] {
+        let r = ok(c.get(path, &t).await, 400);
+        assert!(!r.body.to_string().contains("prod-password"), "{r:?}");
+        assert!(r.body["errors"][0].as_str().unwrap().contains("case-insensitive"), "{r:?}");
+        ok(c.put(path, &t, json!({"value": "overwritten"})).await, 400);
+    }
+    assert_eq!(ok(c.get("az/prod/db", &root).await, 200).body["data"]["value"], "prod-password");
+    // A secret made elsewhere with capitals lists in lower case, and reads so.
+    let l = ok(c.send("LIST", "az", Some(&root), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["made-elsewhere/", "prod/"]));
+    let l = ok(c.send("LIST", "az/made-elsewhere", Some(&root), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["key"]));
+    assert_eq!(ok(c.get("az/made-elsewhere/key", &t).await, 200).body["data"]["value"], "made-elsewhere");
 }
 
 /// A certificate credential: the token request carries a client assertion signed with the
