@@ -42,6 +42,8 @@ struct Store {
     /// Requests refused for a missing or wrong api-version.
     bad_version: u64,
     pages_served: u64,
+    /// Reads of a secret (any outcome).
+    secret_reads: u64,
 }
 
 struct Shared {
@@ -195,7 +197,8 @@ async fn get_secret(
     if let Some(r) = admit(&s, &headers, &q) {
         return r;
     }
-    let st = s.store.lock().unwrap();
+    let mut st = s.store.lock().unwrap();
+    st.secret_reads += 1;
     let name = st.shown.get(&folded(&params[0])).unwrap_or(&params[0]);
     let found = st.secrets.get(&folded(name)).and_then(|versions| match params.get(1) {
         Some(id) => versions.iter().find(|v| &v.0 == id),
@@ -296,6 +299,7 @@ pub struct Seen {
     pub refused: u64,
     pub bad_version: u64,
     pub pages_served: u64,
+    pub secret_reads: u64,
 }
 
 impl FakeAzure {
@@ -339,6 +343,7 @@ impl FakeAzure {
             refused: st.refused,
             bad_version: st.bad_version,
             pages_served: st.pages_served,
+            secret_reads: st.secret_reads,
         }
     }
 

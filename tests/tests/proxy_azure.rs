@@ -157,6 +157,57 @@ async fn a_path_in_another_case_does_not_pass_a_policy_on_azure_names() {
     assert_eq!(ok(c.get("az/made-elsewhere/key", &t).await, 200).body["data"]["value"], "made-elsewhere");
 }
 
+/// A write (PUT or POST) is a create or an update by whether the secret exists, which
+/// the server asks the upstream. A caller who may do neither is refused before that: it
+/// cannot make the server read upstream secrets with its credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_who_may_not_write_makes_no_upstream_read() {
+    let fake = FakeAzure::start(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, &fake.client_secret).unwrap();
+    fake.put("db", "upstream-value");
+    let s = server_with_azure_mount(&fake, &secret);
+    let c = s.client();
+    let root = s.root.clone();
+    ok(
+        c.put("sys/policies/acl/az-create", &root, json!({"policy": "path \"az/*\" { capabilities = [\"create\"] }"}))
+            .await,
+        204,
+    );
+    ok(
+        c.put("sys/policies/acl/az-read", &root, json!({"policy": "path \"az/*\" { capabilities = [\"read\"] }"}))
+            .await,
+        204,
+    );
+    let token = |policies: serde_json::Value| {
+        let (c, root) = (c.clone(), root.clone());
+        async move {
+            ok(c.post("auth/token/create", Some(&root), json!({ "policies": policies })).await, 200).body["auth"]
+                ["client_token"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let (none, reader, creator) =
+        (token(json!(["default"])).await, token(json!(["az-read"])).await, token(json!(["az-create"])).await);
+    let reads = fake.seen().secret_reads;
+    for t in [&none, &reader] {
+        for method in ["PUT", "POST"] {
+            let r = c.send(method, "az/db", Some(t), Some(json!({"value": "x"}).to_string().into_bytes())).await;
+            assert_eq!(r.status, 403, "{r:?}");
+        }
+    }
+    assert_eq!(fake.seen().secret_reads, reads, "no upstream read for callers who may not write");
+    // One who may create is asked about: the secret exists, so this is an update (403),
+    // and a new one is created.
+    ok(c.send("PUT", "az/db", Some(&creator), Some(json!({"value": "x"}).to_string().into_bytes())).await, 403);
+    assert!(fake.seen().secret_reads > reads);
+    ok(c.send("PUT", "az/fresh", Some(&creator), Some(json!({"value": "new"}).to_string().into_bytes())).await, 200);
+    assert_eq!(ok(c.get("az/db", &root).await, 200).body["data"]["value"], "upstream-value");
+}
+
 /// A certificate credential: the token request carries a client assertion signed with the
 /// certificate's key; a key the application does not know is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

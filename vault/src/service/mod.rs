@@ -210,6 +210,11 @@ impl Service {
             }
             Access::CreateOrUpdate => {
                 let caller = self.authenticate(token, req).await?;
+                // A caller who may do neither is refused before the existence check, which
+                // reads (on a proxy mount, from the upstream, with KeyVault's credentials).
+                if !caller.acl.allows(&req.policy_path, Capability::Create) {
+                    caller.require(&req.policy_path, Capability::Update)?;
+                }
                 req.existing = engine.existence(req).await?;
                 let cap = if req.existing.is_some() { Capability::Update } else { Capability::Create };
                 caller.require(&req.policy_path, cap)?;
