@@ -313,7 +313,8 @@ impl Aws {
         let life = xml_field(&xml, "Expiration")
             .and_then(|e| humantime::parse_rfc3339_weak(e).ok())
             .and_then(|t| t.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::from_secs(3600));
+            .unwrap_or(Duration::from_secs(3600))
+            .min(crate::MAX_UPSTREAM_LIFE);
         let renew_at =
             std::time::Instant::now() + life.saturating_sub(Duration::from_secs(300)).max(Duration::from_secs(1));
         tracing::info!(role = %role_arn, expires_in_secs = life.as_secs(), "AWS credentials from web identity");
@@ -428,10 +429,7 @@ impl SecretBackend for Aws {
             (None, Some(b)) => SecretData::from_fields([("binary", b.as_str())]),
             (None, None) => return Err(BackendError::NotFound),
         };
-        let created_time = r.created.and_then(|secs| {
-            let t = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs_f64(secs.max(0.0)))?;
-            Some(humantime::format_rfc3339_seconds(t).to_string())
-        });
+        let created_time = r.created.and_then(crate::rfc3339_of_unix);
         Ok(SecretValue { data, version: None, version_id: r.version_id.clone(), created_time })
     }
 

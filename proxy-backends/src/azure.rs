@@ -270,7 +270,7 @@ impl Azure {
         }
         let t: TokenReply =
             serde_json::from_slice(&bytes).map_err(|_| BackendError::Unavailable(format!("{what}: bad reply")))?;
-        let life = Duration::from_secs(t.expires_in.max(1));
+        let life = crate::upstream_life(t.expires_in.max(1));
         let early = (life / 5).min(Duration::from_secs(300));
         let token = SecretString::from(t.access_token);
         tracing::debug!(lifetime_secs = life.as_secs(), "Entra ID token obtained");
@@ -370,9 +370,8 @@ impl SecretBackend for Azure {
             serde_json::from_slice(&body).map_err(|_| BackendError::Unavailable(format!("{what}: bad reply")))?;
         let data = SecretData::from_text(b.value.as_deref().ok_or(BackendError::NotFound)?);
         let version_id = b.id.as_deref().and_then(|id| id.rsplit('/').next()).map(str::to_owned);
-        let created_time = b.attributes.as_ref().and_then(|a| a.created).map(|secs| {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
-        });
+        let created_time =
+            b.attributes.as_ref().and_then(|a| a.created).and_then(|secs| crate::rfc3339_of_unix(secs as f64));
         Ok(SecretValue { data, version: None, version_id, created_time })
     }
 

@@ -287,7 +287,7 @@ impl Hashicorp {
                 }
                 let a: AuthReply = serde_json::from_slice(&reply)
                     .map_err(|_| BackendError::Unavailable(format!("{what}: bad reply")))?;
-                let lease = Duration::from_secs(a.auth.lease_duration);
+                let lease = crate::upstream_life(a.auth.lease_duration);
                 tracing::info!(upstream = %self.base, lease_secs = lease.as_secs(), "logged in to the upstream (AppRole)");
                 Ok(TokenState {
                     token: SecretString::from(a.auth.client_token),
@@ -305,7 +305,7 @@ impl Hashicorp {
                 }
                 let l: LookupReply = serde_json::from_slice(&reply)
                     .map_err(|_| BackendError::Unavailable(format!("{what}: bad reply")))?;
-                let lease = Duration::from_secs(l.data.ttl);
+                let lease = crate::upstream_life(l.data.ttl);
                 Ok(TokenState {
                     token,
                     renew_at: (l.data.renewable && !lease.is_zero()).then(|| Instant::now() + lease * 2 / 3),
@@ -381,7 +381,7 @@ impl Hashicorp {
         match self.send(r, what).await {
             Ok((status, reply)) if status.is_success() => match serde_json::from_slice::<AuthReply>(&reply) {
                 Ok(a) => {
-                    let lease = Duration::from_secs(a.auth.lease_duration);
+                    let lease = crate::upstream_life(a.auth.lease_duration);
                     tracing::debug!(upstream = %self.base, lease_secs = lease.as_secs(), "upstream token renewed");
                     s.renew_at = (a.auth.renewable && !lease.is_zero()).then(|| Instant::now() + lease * 2 / 3);
                 }

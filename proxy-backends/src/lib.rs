@@ -242,9 +242,43 @@ pub(crate) fn jitter(max: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
 }
 
+/// The longest lease or token lifetime taken from an upstream: a longer one (a number
+/// near `u64::MAX` in a reply) is taken as this, so the timing made from it never
+/// overflows.
+pub(crate) const MAX_UPSTREAM_LIFE: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
+
+/// A lifetime in seconds as an upstream gave it, at most [`MAX_UPSTREAM_LIFE`].
+pub(crate) fn upstream_life(secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(secs).min(MAX_UPSTREAM_LIFE)
+}
+
+/// RFC 3339 of a Unix time an upstream gave (seconds), or `None` for one that is no such
+/// time this can write: negative, not a number, or past the year 9999.
+pub(crate) fn rfc3339_of_unix(secs: f64) -> Option<String> {
+    if !(0.0..=253_402_300_799.0).contains(&secs) {
+        return None;
+    }
+    let t = std::time::UNIX_EPOCH.checked_add(std::time::Duration::try_from_secs_f64(secs).ok()?)?;
+    Some(humantime::format_rfc3339_seconds(t).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Numbers an upstream may send that are no time or no lifetime: no panic, no time made up.
+    #[test]
+    fn odd_upstream_times_and_lifetimes_are_bounded() {
+        assert_eq!(rfc3339_of_unix(0.0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(rfc3339_of_unix(1_700_000_000.5).as_deref(), Some("2023-11-14T22:13:20Z"));
+        for odd in [-1.0, f64::NAN, f64::INFINITY, 1e300, 253_402_300_800.0, u64::MAX as f64] {
+            assert_eq!(rfc3339_of_unix(odd), None, "{odd}");
+        }
+        assert_eq!(upstream_life(u64::MAX), MAX_UPSTREAM_LIFE);
+        assert_eq!(upstream_life(60), std::time::Duration::from_secs(60));
+        // What the adapters compute from a lifetime.
+        let _ = std::time::Instant::now() + upstream_life(u64::MAX) * 2 / 3;
+    }
 
     #[test]
     fn secret_data_is_an_object_and_never_shown() {
