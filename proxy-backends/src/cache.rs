@@ -84,6 +84,9 @@ struct State {
     order: VecDeque<(Key, u64)>,
     bytes: usize,
     next_seq: u64,
+    /// Bumped by every write and delete ([`Cached::invalidate`]): a read that began before
+    /// one may carry what that write replaced, so its answer is not kept.
+    invalidations: u64,
 }
 
 /// Counters of a cache (for tests and the benchmark).
@@ -161,8 +164,18 @@ impl<B: SecretBackend> Cached<B> {
         e.value.as_ref().filter(|_| e.fetched.elapsed() < limit).cloned()
     }
 
-    fn insert(&self, key: Key, value: Option<SecretValue>) {
+    /// The invalidation count now: what a read notes before it asks the upstream.
+    fn invalidations(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).invalidations
+    }
+
+    /// Keep what a read found, unless a write or delete came since the read began
+    /// (`invalidations` then): the upstream may have answered from before it.
+    fn insert(&self, key: Key, value: Option<SecretValue>, invalidations: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.invalidations != invalidations {
+            return;
+        }
         let seq = st.next_seq;
         st.next_seq += 1;
         let entry = Entry { value, fetched: Instant::now(), seq };
@@ -192,6 +205,7 @@ impl<B: SecretBackend> Cached<B> {
 
     fn invalidate(&self, path: &str) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.invalidations = st.invalidations.wrapping_add(1);
         let before = st.bytes;
         let mut freed = 0;
         st.map.retain(|(p, _), e| {
@@ -225,13 +239,14 @@ impl<B: SecretBackend> SecretBackend for Cached<B> {
             return hit;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        let invalidations = self.invalidations();
         match self.inner.read(path, version).await {
             Ok(v) => {
-                self.insert(key, Some(v.clone()));
+                self.insert(key, Some(v.clone()), invalidations);
                 Ok(v)
             }
             Err(BackendError::NotFound) => {
-                self.insert(key, None);
+                self.insert(key, None, invalidations);
                 Err(BackendError::NotFound)
             }
             Err(e) if e.is_transient() => match self.stale(&key) {
@@ -278,6 +293,8 @@ mod tests {
         down: AtomicBool,
         reads: AtomicU64,
         map: Mutex<HashMap<String, SecretValue>>,
+        /// When set, a read takes its answer and then waits for a permit before giving it.
+        hold: Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
     }
 
     #[async_trait]
@@ -300,7 +317,12 @@ mod tests {
             if self.down.load(Ordering::Relaxed) {
                 return Err(BackendError::Unavailable("down".into()));
             }
-            self.map.lock().unwrap().get(path).cloned().ok_or(BackendError::NotFound)
+            let answer = self.map.lock().unwrap().get(path).cloned().ok_or(BackendError::NotFound);
+            let hold = self.hold.lock().unwrap().clone();
+            if let Some(hold) = hold {
+                hold.acquire().await.unwrap().forget();
+            }
+            answer
         }
         async fn write(&self, path: &str, data: &SecretData, _: Option<u64>) -> Result<Option<u64>, BackendError> {
             let v = SecretValue { data: data.clone(), version: None, version_id: None, created_time: None };
@@ -347,6 +369,40 @@ mod tests {
             small.read(&p, &Version::Latest).await.unwrap();
             let s = small.stats();
             assert!(s.entries <= 3 && s.bytes <= 40, "{s:?}");
+        }
+    }
+
+    /// A read that took its answer before a write (or a delete) and returns after it does
+    /// not keep that answer: the next read asks the upstream and gets the new value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_overtaken_by_a_write_or_delete_keeps_nothing() {
+        for delete in [false, true] {
+            let c = std::sync::Arc::new(Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0)));
+            c.write("a", &SecretData::from_fields([("v", "old")]), None).await.unwrap();
+            let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+            *c.inner().hold.lock().unwrap() = Some(hold.clone());
+            let reader = {
+                let c = c.clone();
+                tokio::spawn(async move { c.read("a", &Version::Latest).await })
+            };
+            while c.inner().reads.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+            if delete {
+                c.delete("a").await.unwrap();
+            } else {
+                c.write("a", &SecretData::from_fields([("v", "new")]), None).await.unwrap();
+            }
+            hold.add_permits(1);
+            assert_eq!(reader.await.unwrap().unwrap().data.field("v").unwrap().as_str(), "old");
+            *c.inner().hold.lock().unwrap() = None;
+            let now = c.read("a", &Version::Latest).await;
+            if delete {
+                assert_eq!(now, Err(BackendError::NotFound));
+            } else {
+                assert_eq!(now.unwrap().data.field("v").unwrap().as_str(), "new");
+            }
+            assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the second read asked the upstream");
         }
     }
 
