@@ -329,6 +329,13 @@ impl Hashicorp {
         Ok(token)
     }
 
+    /// Whether the upstream says `token` is gone (expired, revoked): its own lookup is
+    /// refused. Anything else (the lookup answers, or cannot be made) keeps the token.
+    async fn token_gone(&self, token: &SecretString) -> bool {
+        let lookup = self.request(Method::GET, "auth/token/lookup-self", Some(token));
+        matches!(self.send(lookup, "upstream token lookup").await, Ok((StatusCode::FORBIDDEN, _)))
+    }
+
     /// Forget a token the upstream refused (the next call obtains a new one), unless it
     /// was replaced already.
     async fn refused(&self, token: &SecretString) {
@@ -404,8 +411,8 @@ impl Hashicorp {
         }
     }
 
-    /// A call with the token; when the upstream refuses it (403), once more with a new
-    /// token (a 403 then is the upstream's policy, not an old token).
+    /// A call with the token; when the upstream refuses it (403) and the token is gone
+    /// there, once more with a new token (a 403 then is the upstream's policy).
     async fn call(
         self: &Arc<Self>,
         method: Method,
@@ -422,8 +429,14 @@ impl Hashicorp {
             }
             let (status, reply) = self.send(r, what).await?;
             if status == StatusCode::FORBIDDEN && !retried {
-                self.refused(&token).await;
                 retried = true;
+                // Vault answers 403 both for a token it no longer knows and for a path its
+                // policy denies. A new login for the second would change nothing, use up
+                // a secret id use each time and leave a token behind: ask which first.
+                if !self.token_gone(&token).await {
+                    return Ok((status, reply));
+                }
+                self.refused(&token).await;
                 continue;
             }
             return Ok((status, reply));

@@ -286,6 +286,39 @@ async fn keyvault_renews_its_short_lived_upstream_token() {
     assert!(!log.contains("obtaining a new token"));
 }
 
+/// Vault answers 403 both for a token it no longer knows and for a path its policy
+/// denies. A path the upstream denies does not make KeyVault log in again at each read
+/// (each login would use up a use of the secret id and leave a token behind): it asks
+/// whether its token still stands first. A revoked token is still replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_the_upstream_denies_does_not_make_keyvault_log_in_again() {
+    let bao = OpenBaoDev::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let role_id = prepare_upstream(&bao, dir.path(), "1h");
+    // A mount KeyVault's upstream policy does not cover.
+    bao.ok(&["secrets", "enable", "-path=closed", "kv-v2"]);
+    bao.ok(&["kv", "put", "-mount=closed", "x", "password=not-for-keyvault"]);
+    bao.ok(&["kv", "put", "-mount=kv", "app/db", "password=open"]);
+    let nocache = "[mounts.options.cache]\nttl = 0\n[mounts.options.resilience]\nbreaker_failures = 100\n";
+    let up = Upstream { bao: &bao, dir: dir.path(), role_id: &role_id };
+    let mounts = mount(&up, "shut", "closed", 2, "approle", nocache) + &mount(&up, "open", "kv", 2, "approle", nocache);
+    let s = keyvault_with(&mounts, None);
+    let c = s.client();
+    let root = s.root.clone();
+    for _ in 0..5 {
+        let r = c.get("shut/x", &root).await;
+        assert_ne!(r.status, 200, "{r:?}");
+        assert!(!r.body.to_string().contains("not-for-keyvault"), "{r:?}");
+    }
+    let logins = |log: &str| log.matches("logged in to the upstream (AppRole)").count();
+    assert_eq!(logins(&s.log_text()), 1, "one login for the denied mount: {}", s.log_text());
+    assert_eq!(ok(c.get("open/app/db", &root).await, 200).body["data"]["password"], "open");
+    // KeyVault's token on the upstream revoked behind its back: the next read logs in again.
+    bao.ok(&["lease", "revoke", "-prefix", "auth/approle/login"]);
+    assert_eq!(ok(c.get("open/app/db", &root).await, 200).body["data"]["password"], "open");
+    assert_eq!(logins(&s.log_text()), 3, "{}", s.log_text());
+}
+
 /// `keyvault operator migrate`: success, and its stdout, or failure, and its stderr.
 fn try_migrate(s: &TestServer, from: &str, to: &str, extra: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new(keyvault_tests::keyvault_bin())
