@@ -50,7 +50,11 @@ pub struct ClientBuilder {
     renew_by_login: bool,
     headers: reqwest::header::HeaderMap,
     max_idle: Option<usize>,
+    max_reply_bytes: usize,
 }
+
+/// The largest reply read by default (a listing of a few hundred thousand names fits).
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 64 << 20;
 
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -77,6 +81,7 @@ impl Default for ClientBuilder {
             retry: RetryPolicy::default(),
             allow_plain_http: false,
             renew_by_login: false,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             headers: reqwest::header::HeaderMap::new(),
             max_idle: None,
         }
@@ -154,6 +159,13 @@ impl ClientBuilder {
     /// The most one attempt of a call may take.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
+        self
+    }
+
+    /// The largest reply body read (default [`DEFAULT_MAX_REPLY_BYTES`]); a larger one
+    /// fails the call with [`Error::Transport`] before it is held in memory whole.
+    pub fn max_reply_bytes(mut self, n: usize) -> Self {
+        self.max_reply_bytes = n;
         self
     }
 
@@ -256,6 +268,7 @@ impl ClientBuilder {
             auth: self.auth,
             retry: self.retry,
             renew_by_login: self.renew_by_login,
+            max_reply_bytes: self.max_reply_bytes,
             token: tokio::sync::Mutex::new(None),
             unwrapped_secret_id: Mutex::new(None),
             renewer: Mutex::new(None),
@@ -305,6 +318,7 @@ pub(crate) struct Inner {
     auth: Option<Auth>,
     retry: RetryPolicy,
     renew_by_login: bool,
+    max_reply_bytes: usize,
     token: tokio::sync::Mutex<Option<TokenState>>,
     unwrapped_secret_id: Mutex<Option<SecretString>>,
     renewer: Mutex<Option<tokio::task::AbortHandle>>,
@@ -453,11 +467,9 @@ impl Client {
                 Ok(resp) => {
                     let status = resp.status();
                     let after = retry_after(resp.headers());
-                    let bytes = resp
-                        .bytes()
+                    let body = read_reply(resp, inner.max_reply_bytes)
                         .await
-                        .map_err(|_| Error::Transport(format!("{} /v1/{path}: the reply was cut", method.as_str())))?;
-                    let body = take(bytes);
+                        .map_err(|why| Error::Transport(format!("{} /v1/{path}: {why}", method.as_str())))?;
                     if status.is_success() {
                         return Ok(body);
                     }
@@ -769,14 +781,25 @@ async fn renew_loop(weak: Weak<Inner>) {
     }
 }
 
-/// The reply's bytes as a zeroizing buffer, the original zeroized when this was its
-/// only owner.
-fn take(bytes: bytes::Bytes) -> Body {
-    let out = Zeroizing::new(bytes.to_vec());
-    if let Ok(mut m) = bytes.try_into_mut() {
-        m.as_mut().zeroize();
+/// The reply's body, at most `max` bytes, into a zeroizing buffer; each chunk zeroized
+/// after it is copied when this was its only owner. Why not, otherwise.
+async fn read_reply(mut resp: reqwest::Response, max: usize) -> std::result::Result<Body, String> {
+    let too_large = || format!("the reply is larger than {max} bytes (max_reply_bytes)");
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
     }
-    out
+    // Of a known length, one allocation: no copy left behind by a growing buffer.
+    let mut out = Zeroizing::new(Vec::with_capacity(resp.content_length().map_or(0, |n| n as usize)));
+    while let Some(chunk) = resp.chunk().await.map_err(|_| "the reply was cut".to_owned())? {
+        if out.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&chunk);
+        if let Ok(mut m) = chunk.try_into_mut() {
+            m.as_mut().zeroize();
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

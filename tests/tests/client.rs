@@ -371,6 +371,26 @@ async fn calls_refused_at_once_log_in_again_once() {
     ok(w.s.client_with(&w.unit).get("auth/token/lookup-self", &second).await, 200);
 }
 
+/// A reply larger than the client's `max_reply_bytes` fails the call (a transport error
+/// naming the limit) instead of being read whole; within the default limit it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_larger_than_the_limit_is_not_read() {
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    let big = "b".repeat(20_000);
+    ok(c.put("secret/app/big", &root, json!({ "value": big })).await, 200);
+    let small_limit = w
+        .builder(&w.unit)
+        .auth(Auth::approle_file(&w.role_id, w.secret_id_file.path()))
+        .max_reply_bytes(8_192)
+        .build()
+        .unwrap();
+    let e = small_limit.secret("secret/app/big").await.unwrap_err();
+    assert!(matches!(&e, keyvault_client::Error::Transport(m) if m.contains("larger than 8192 bytes")), "{e:?}");
+    assert!(!e.to_string().contains(&big[..100]));
+    assert_eq!(w.app_client().secret("secret/app/big").await.unwrap().expose_secret(), big);
+}
+
 /// The server killed and started again on the same address while a unit reads: the
 /// client's retries carry it over, with the same client and the same token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
