@@ -693,7 +693,19 @@ mod tests {
             s.put("kv/a", b"1").await.unwrap();
             assert!(s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60))).await.unwrap());
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        // sled's flusher thread lets go of the database, and of its file lock, a moment
+        // after the last handle is dropped: open again until it has (in one process only;
+        // a process that exits releases the lock at once).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match SledStore::open(dir.path()) {
+                Ok(s) => break s,
+                Err(e) if e.to_string().contains("could not acquire lock") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(s.get("kv/a").await.unwrap().as_deref(), Some(&b"1"[..]));
         assert!(!s.insert_if_absent("n/x", b"", Some(Duration::from_secs(60))).await.unwrap());
     }
