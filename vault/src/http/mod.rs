@@ -96,11 +96,17 @@ pub fn token_from_headers(headers: &HeaderMap) -> Result<Option<Zeroizing<String
     Ok(None)
 }
 
-/// `X-Vault-Wrap-TTL: 5m` (or seconds): wrap the reply (see [`crate::wrapping`]).
+/// `X-Vault-Wrap-TTL: 5m` (or seconds): wrap the reply (see [`crate::wrapping`]). Its
+/// range is checked here, before the request runs: a write refused afterwards for its
+/// TTL would have been made all the same.
 fn wrap_ttl(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Error> {
     let Some(v) = headers.get("x-vault-wrap-ttl") else { return Ok(None) };
     let text = v.to_str().map_err(|_| Error::invalid("invalid X-Vault-Wrap-TTL"))?;
-    crate::auth::parse_duration(text).map(Some)
+    let ttl = crate::auth::parse_duration(text)?;
+    if ttl.is_zero() || ttl > crate::wrapping::MAX_TTL {
+        return Err(Error::invalid("X-Vault-Wrap-TTL: the wrapping TTL is 1 s to 24 h"));
+    }
+    Ok(Some(ttl))
 }
 
 /// `Cache-Control: no-cache` (a directive among others, any case).
