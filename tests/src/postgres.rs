@@ -75,6 +75,21 @@ impl TestPostgres {
         pg
     }
 
+    fn log_path(&self) -> PathBuf {
+        self._dir.path().join("postgres.log")
+    }
+
+    /// The server's log (appended to by each start).
+    fn log_file(&self) -> Stdio {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        Stdio::from(f)
+    }
+
+    /// What the server has logged so far.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// Start the server process (again).
     pub fn run(&mut self) {
         let child = pg_command(&self.bin.join("postgres"))
@@ -84,8 +99,11 @@ impl TestPostgres {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.socket_dir.display()))
             .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"])
+            // Every ALTER ROLE (and every failed statement) in the server's log, which
+            // tests read: a password must never be found there.
+            .args(["-c", "log_statement=ddl"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .unwrap();
         self.child = Some(child);

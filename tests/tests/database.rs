@@ -66,12 +66,16 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     pg.psql("GRANT other_admin TO admin_member");
     pg.psql("CREATE ROLE file_writer LOGIN PASSWORD 'x'");
     pg.psql("GRANT pg_write_server_files TO file_writer");
+    // Monitoring roles read every session's last statement (pg_stat_activity).
+    pg.psql("CREATE ROLE monitor LOGIN PASSWORD 'x'");
+    pg.psql("GRANT pg_monitor TO monitor");
     for (username, says) in [
         ("keyvault", "can administer"),
         ("other_admin", "can administer"),
         ("role_maker", "can administer"),
         ("admin_member", "can administer"),
         ("file_writer", "can administer"),
+        ("monitor", "can administer"),
         ("nobody_here", "has no role"),
         ("app", "managed by static role app"),
     ] {
@@ -307,12 +311,18 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     assert!(!pg.can_log_in("app", &p5).await);
     ok(c.send("DELETE", "database/static-roles/app", Some(&root), None).await, 204);
 
-    // No password is in a log or, unsealed, in any file of the install.
+    // No password is in a log or, unsealed, in any file of the install; nor in
+    // PostgreSQL's log, which has every ALTER ROLE (`log_statement = ddl`) and the ones
+    // that failed behind the held locks above: the statement carries a SCRAM verifier,
+    // never the password.
     let log = s.log_text();
+    let pg_log = pg.server_log();
     for p in [&p1, &p2, &p3, &p4, &p5, &b1, &b2] {
         assert!(!log.contains(p.as_str()), "a password is in the server log");
+        assert!(!pg_log.contains(p.as_str()), "a password is in PostgreSQL's log");
         assert!(keyvault_tests::files_containing(s.dir.path(), p.as_bytes()).is_empty());
     }
+    assert!(pg_log.contains("ALTER ROLE \"app\" WITH PASSWORD 'SCRAM-SHA-256$"), "the statements are logged");
 }
 
 /// The admin connections are a bounded pool, reused: a burst of 32 concurrent

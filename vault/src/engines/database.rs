@@ -505,7 +505,8 @@ impl Database {
                 "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE pg_has_role(u.oid, r.oid, 'MEMBER') AND \
                  (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls OR r.rolname = current_user \
                  OR r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files', \
-                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend'))) FROM pg_roles u WHERE u.rolname = $1",
+                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend', 'pg_read_all_stats', 'pg_monitor'))) \
+                 FROM pg_roles u WHERE u.rolname = $1",
                 &[&username],
             )
             .await
@@ -526,12 +527,23 @@ impl Database {
         Ok(None)
     }
 
-    /// `ALTER ROLE "<username>" WITH PASSWORD '<password>'` on the role's database.
+    /// `ALTER ROLE "<username>" WITH PASSWORD '<SCRAM-SHA-256 verifier>'` on the role's
+    /// database. The password itself is never sent: PostgreSQL writes a failed statement
+    /// to its log (and `log_statement = ddl` every one), shows the last statement of a
+    /// session in `pg_stat_activity`, and a connection without TLS carries it in clear.
+    /// The verifier, made here (PBKDF2 with a random salt, as `psql`'s `\password`
+    /// does), is stored as it is and checks the password at login.
     async fn alter_role(&self, client: &tokio_postgres::Client, role: &StaticRole, password: &str) -> Result<()> {
-        // Neither part can carry a quote: the name is [A-Za-z0-9_], the password
-        // [A-Za-z0-9] (ALTER ROLE takes no bind parameters).
-        debug_assert!(valid_username(&role.username) && password.chars().all(|c| c.is_ascii_alphanumeric()));
-        let sql = Zeroizing::new(format!("ALTER ROLE \"{}\" WITH PASSWORD '{password}'", role.username));
+        // Neither part can carry a quote: the name is [A-Za-z0-9_], the verifier
+        // `SCRAM-SHA-256$<iterations>:<base64>$<base64>:<base64>` (ALTER ROLE takes no
+        // bind parameters).
+        debug_assert!(valid_username(&role.username));
+        let secret = Zeroizing::new(password.as_bytes().to_vec());
+        let verifier = tokio::task::spawn_blocking(move || postgres_protocol::password::scram_sha_256(&secret))
+            .await
+            .map_err(|e| Error::Internal(format!("password verifier: {e}")))?;
+        debug_assert!(verifier.chars().all(|c| c.is_ascii_alphanumeric() || "$:+/=-".contains(c)));
+        let sql = Zeroizing::new(format!("ALTER ROLE \"{}\" WITH PASSWORD '{verifier}'", role.username));
         client.batch_execute(&sql).await.map_err(|e| {
             tracing::warn!(db = %role.db_name, role = %role.username, code = ?e.code(), "database: ALTER ROLE failed");
             Error::Unavailable(format!(
