@@ -246,11 +246,22 @@ impl Policy {
         if text.len() > 64 * 1024 {
             return Err(Error::invalid("policy text is longer than 64 KiB"));
         }
+        // A path or an attribute given twice is refused in both forms: which one holds
+        // would depend on the parser (Vault merges them, deny winning), so a reader could
+        // see a deny that is not there.
         let doc: PolicyDoc = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| Error::invalid(format!("policy JSON: {e}")))?
+            crate::json::from_slice_strict(text.as_bytes()).map_err(|e| {
+                if crate::json::is_duplicate_key_error(&e) {
+                    Error::invalid("policy JSON: a path or a key is given twice")
+                } else {
+                    Error::invalid(format!("policy JSON: {e}"))
+                }
+            })?
         } else {
             check_policy_hcl(text)?;
-            hcl::from_str(text).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?
+            let body = hcl::parse(text).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?;
+            check_hcl_repeats(&body)?;
+            hcl::from_body(body).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?
         };
         let mut rules = Vec::with_capacity(doc.path.len());
         for (raw, block) in doc.path {
@@ -263,6 +274,26 @@ impl Policy {
         }
         Ok(Policy { name: name.to_owned(), text: text.to_owned(), rules })
     }
+}
+
+/// Refuse a block given twice under one name and labels (`path "a/*"` twice), or an
+/// attribute given twice in one body, at any depth.
+fn check_hcl_repeats(body: &hcl::Body) -> Result<()> {
+    let mut attributes = std::collections::HashSet::new();
+    for a in body.attributes() {
+        if !attributes.insert(a.key()) {
+            return Err(Error::invalid(format!("policy HCL: {:?} is given twice in one block", a.key())));
+        }
+    }
+    let mut blocks = std::collections::HashSet::new();
+    for b in body.blocks() {
+        let labels: Vec<&str> = b.labels().iter().map(|l| l.as_str()).collect();
+        if !blocks.insert((b.identifier(), labels.clone())) {
+            return Err(Error::invalid(format!("policy HCL: {} {labels:?} is given twice", b.identifier())));
+        }
+        check_hcl_repeats(&b.body)?;
+    }
+    Ok(())
 }
 
 /// Policy HCL is blocks, attributes, strings, lists and numbers: nothing of what HCL's
@@ -533,6 +564,27 @@ impl PolicyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path named twice in one policy, or a block with its capabilities twice: which one
+    /// holds would depend on the parser (Vault merges them, deny winning; the parsers
+    /// here keep the last), so a reader could see a deny that is not there. Refused.
+    #[test]
+    fn a_path_or_capabilities_given_twice_is_refused() {
+        let twice = [
+            "path \"secret/admin/*\" { capabilities = [\"deny\"] }\npath \"secret/admin/*\" { capabilities = [\"read\"] }",
+            "path \"secret/admin/*\" {\n  capabilities = [\"deny\"]\n  capabilities = [\"read\"]\n}",
+            r#"{"path": {"secret/admin/*": {"capabilities": ["deny"]}, "secret/admin/*": {"capabilities": ["read"]}}}"#,
+            r#"{"path": {"secret/admin/*": {"capabilities": ["deny"], "capabilities": ["read"]}}}"#,
+        ];
+        for text in twice {
+            let e = Policy::parse("p", text).err().unwrap_or_else(|| panic!("accepted: {text}"));
+            // (HCL's own parser refuses an attribute given twice.)
+            assert!(e.to_string().contains("twice") || e.to_string().contains("HCL parse error"), "{text}: {e}");
+        }
+        // Distinct paths are fine.
+        Policy::parse("p", "path \"a/*\" { capabilities = [\"read\"] }\npath \"b/*\" { capabilities = [\"read\"] }")
+            .unwrap();
+    }
     use crate::test_support::{PauseAt, TestStore};
 
     /// A read that missed the cache and then lost the race with a change (a write or a
