@@ -753,7 +753,13 @@ impl Engine for Database {
                 // A new role and its claim on the database role are written in one
                 // transaction: of two static roles naming one user, one wins.
                 let write = match (old.is_none(), expected) {
-                    (true, _) => {
+                    // The existence check found the role (so `update` sufficed), and it
+                    // has been deleted since: making it now would be a create by a caller
+                    // who may lack `create`.
+                    (true, Some(_)) => {
+                        return Err(Error::Conflict(format!("static role {name} was deleted concurrently")));
+                    }
+                    (true, None) => {
                         self.check_manageable(&role.db_name, &role.username).await?;
                         if let Some(other) = self.managed_by(&role, &name).await? {
                             return Err(Error::invalid(format!(
