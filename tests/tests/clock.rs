@@ -120,3 +120,29 @@ async fn clock_jumps_keep_expiry_replay_protection_and_rotation_leases_safe() {
         assert_eq!(ok(c.get(&format!("secret/clock/{i}"), &root).await, 200).body["data"]["value"], format!("v{i}"));
     }
 }
+
+/// A producer's clock skew raised after a request was accepted (edits apply at once)
+/// must not let that request be accepted again: its nonce is remembered until its
+/// timestamp is out of the largest skew a producer may have (300 s), whatever the nonce
+/// TTL was when it was seen. Before, the nonce went with the old TTL (61 s) and the
+/// request, replayed 200 s later under the raised skew, was accepted a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_clock_skew_does_not_let_a_request_be_accepted_twice() {
+    let mut s = TestServer::start(ServerOptions { settable_clock: true, ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    let key = SigningKey::from_bytes(&[5u8; 32]);
+    let cert = "ef".repeat(32);
+    let id = "sensor-skew";
+    let producer = |skew: u64, ttl: u64| {
+        json!({"cert_sha256": [cert], "keys": [{"key_id": "k1", "public_key": STANDARD.encode(key.verifying_key().as_bytes())}],
+               "clock_skew_seconds": skew, "nonce_ttl_seconds": ttl})
+    };
+    ok(c.post(&format!("gateway/producers/{id}"), Some(&root), producer(30, 61)).await, 204);
+    let first = item(&key, &cert, id, now(), "nonce-skew-000001");
+    assert_eq!(c.post("gateway/verify", Some(&root), first.clone()).await.status, 200);
+    ok(c.post(&format!("gateway/producers/{id}"), Some(&root), producer(300, 601)).await, 204);
+    s.advance_clock(200);
+    let r = c.post("gateway/verify", Some(&root), first).await;
+    assert_eq!((r.status, r.body["data"]["reason"].as_str()), (409, Some("replay")), "{r:?}");
+}

@@ -389,7 +389,11 @@ impl Gateway {
                     hex::encode(Sha256::digest(p.identity.as_bytes())),
                     hex::encode(Sha256::digest(p.nonce.as_bytes()))
                 );
-                (key, Vec::new(), Some(self.nonce_ttl(ttl)))
+                // The producer's skew may be raised later (edits apply at once), up to
+                // MAX_SKEW: its timestamp could then be accepted until ts + MAX_SKEW, so
+                // the nonce is remembered at least that long, whatever its TTL says now.
+                let outlive = p.ts.saturating_add(MAX_SKEW).saturating_sub(now);
+                (key, Vec::new(), Some(self.nonce_ttl(ttl.max(outlive))))
             })
             .collect();
         let fresh = self.store.insert_if_absent_many(&inserts).await?;
