@@ -478,6 +478,28 @@ async fn kubernetes_service_account_login() {
         let r = login(jwt).await;
         assert_eq!(r.status, 401, "{name}: {r:?}");
     }
+    // A role narrows the mount's audiences and never widens them: an audience the mount
+    // does not list (the API server's default audience, say, which every pod's token
+    // carries) is refused when the role is written, and when a role names an audience the
+    // mount no longer lists, its logins are refused.
+    let role_with = |audience: &str| {
+        json!({"bound_service_account_names": ["api"], "bound_service_account_namespaces": ["payments"],
+               "token_policies": ["read-app"], "audience": audience})
+    };
+    let r = ok(c.post("auth/kubernetes/role/wide", Some(&root), role_with(ISS)).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("not one of the mount's audiences"), "{r:?}");
+    let config_with = |audiences: serde_json::Value| json!({"issuer": ISS, "public_keys": signer.public_pem(), "audiences": audiences});
+    ok(c.post("auth/kubernetes/config", Some(&root), config_with(json!(["keyvault", "extra"]))).await, 204);
+    ok(c.post("auth/kubernetes/role/narrow", Some(&root), role_with("extra")).await, 204);
+    let narrow = |jwt: String| {
+        let c = c.clone();
+        async move { c.post("auth/kubernetes/login", None, json!({"role": "narrow", "jwt": jwt})).await }
+    };
+    ok(narrow(signer.sign(&claims("payments", "api", "extra", ISS, 600))).await, 200);
+    ok(narrow(signer.sign(&claims("payments", "api", "keyvault", ISS, 600))).await, 401);
+    ok(c.post("auth/kubernetes/config", Some(&root), config_with(json!(["keyvault"]))).await, 204);
+    ok(narrow(signer.sign(&claims("payments", "api", "extra", ISS, 600))).await, 401);
+    ok(c.send("DELETE", "auth/kubernetes/role/narrow", Some(&root), None).await, 204);
     assert_eq!(c.post("auth/kubernetes/login", None, json!({"role": "payments-api"})).await.status, 400);
     assert_eq!(c.post("auth/kubernetes/login", None, json!({"role": "nope", "jwt": "x.y.z"})).await.status, 401);
 

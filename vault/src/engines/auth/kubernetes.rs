@@ -227,6 +227,19 @@ impl RoleAdmin for KubernetesAuth {
                 "bound_service_account_names and bound_service_account_namespaces are required (\"*\" for any)",
             ));
         }
+        // A role narrows the mount's audiences, never widens them: setting those takes
+        // `sudo` and a grant of everything, writing a role does not. (Checked at login
+        // too, against the configuration then.)
+        if let Some(a) = &config.audience {
+            match get_json::<KubeConfig>(self.store.as_ref(), CONFIG_KEY).await? {
+                Some(c) if !c.audiences.contains(a) => {
+                    return Err(Error::invalid(format!(
+                        "audience {a:?} is not one of the mount's audiences (auth/kubernetes/config)"
+                    )));
+                }
+                _ => {}
+            }
+        }
         self.roles.save(name, &StoredRole { config, token }, expected).await
     }
 
@@ -288,7 +301,10 @@ impl Engine for KubernetesAuth {
         }
         let keys = self.keys(&config.public_keys)?;
         let audiences: Vec<&str> = match &role.config.audience {
-            Some(a) => vec![a.as_str()],
+            // One of the mount's audiences as they are now, or none (a role written before
+            // the mount's audiences changed).
+            Some(a) if config.audiences.contains(a) => vec![a.as_str()],
+            Some(_) => return Err(invalid()),
             None => config.audiences.iter().map(String::as_str).collect(),
         };
         let mut validation = Validation::new(header.alg);
