@@ -358,7 +358,8 @@ impl TokenIssuer {
 /// hold) and is valid past its own `exp` until the renewal's, never past its `max_exp`.
 /// A renewal is a record `auth/renewals/<accessor>/<expiry>`, kept until that expiry (one
 /// record per renewal, each with its own time to live: concurrent renewals on several
-/// replicas need no compare-and-swap, and the latest expiry wins). It is read only for a token whose own `exp` has passed, and then kept in memory
+/// replicas need no compare-and-swap, and the latest expiry wins); a renewal removes the
+/// ones it supersedes. It is read only for a token whose own `exp` has passed, and then kept in memory
 /// until the expiry it names (a later renewal on another replica only extends it, so a
 /// cached value is never too generous): checking an unexpired token reads nothing. A
 /// verifier outside KeyVault (with the JWKS) sees the JWT's own `exp`, not the renewal.
@@ -409,17 +410,32 @@ impl Renewals {
     }
 
     /// Extend the token with `claims` to `until` (capped by its `max_exp`; never
-    /// shortened). Returns the expiry in force.
+    /// shortened). Returns the expiry in force. The renewals it extends are removed once
+    /// it is stored, so a token holds a record or two however often it is renewed (one
+    /// renewal per second of its lifetime would otherwise leave thousands, each read by
+    /// every later renewal).
     pub async fn renew(&self, claims: &Claims, until: u64) -> Result<u64> {
         let until = until.min(claims.max_exp.unwrap_or(claims.exp));
-        let current = self.stored(&claims.acc).await?.unwrap_or(0).max(claims.exp);
+        let prefix = renewal_prefix(&claims.acc);
+        let earlier: Vec<u64> = crate::store::list_names(self.store.as_ref(), &prefix)
+            .await?
+            .iter()
+            .filter_map(|n| n.parse::<u64>().ok())
+            .collect();
+        let current = earlier.iter().copied().max().unwrap_or(0).max(claims.exp);
         if until <= current {
             return Ok(current);
         }
         let ttl = std::time::Duration::from_secs(until.saturating_sub(unix_now()) + 60);
-        let key = format!("{}{until:020}", renewal_prefix(&claims.acc));
+        let key = format!("{prefix}{until:020}");
         self.store.insert_if_absent(&key, b"", Some(ttl)).await?;
         self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(claims.acc.clone(), until);
+        // Now superseded (a concurrent renewal to a later expiry keeps its own record).
+        for old in earlier {
+            if let Err(e) = self.store.delete(&format!("{prefix}{old:020}")).await {
+                tracing::warn!(accessor = %claims.acc, error = %e, "removing a superseded token renewal failed (it expires by itself)");
+            }
+        }
         Ok(until)
     }
 }
@@ -462,6 +478,27 @@ mod tests {
             attributes: Default::default(),
             audiences: Vec::new(),
         }
+    }
+
+    /// A token renewed again and again keeps one renewal record, the latest, and is
+    /// valid until it.
+    #[tokio::test]
+    async fn renewals_keep_one_record_per_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let r = Renewals::new(store.clone());
+        let now = unix_now();
+        let claims: Claims = serde_json::from_value(serde_json::json!({
+            "iss": "keyvault", "sub": "approle:web", "iat": now, "nbf": now, "exp": now + 10,
+            "jti": "j", "acc": "acc-renewed", "pol": [], "meth": "approle", "max_exp": now + 100_000
+        }))
+        .unwrap();
+        for i in 1..=200 {
+            assert_eq!(r.renew(&claims, now + 10 + i).await.unwrap(), now + 10 + i);
+        }
+        let left = crate::store::list_names(store.as_ref(), &renewal_prefix("acc-renewed")).await.unwrap();
+        assert_eq!(left, vec![format!("{:020}", now + 210)]);
+        assert_eq!(Renewals::new(store).valid_until(&claims).await.unwrap(), now + 210);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
