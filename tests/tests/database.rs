@@ -47,6 +47,9 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     ok(c.post("database/static-roles/app", Some(&root), role).await, 204);
     let p1 = password(&c, &root, "app").await;
     assert!(pg.can_log_in("app", &p1).await);
+    // The passwords are kept in a namespace of the store that no KV listing shows.
+    let l = c.send("LIST", "secret", Some(&root), None).await;
+    assert_eq!(l.status, 404, "{l:?}");
     assert!(!pg.can_log_in("app", "initial-password").await);
     let r = ok(c.get("database/static-roles/app", &root).await, 200);
     assert_eq!(r.body["data"]["rotation_period"], 3600);

@@ -652,8 +652,10 @@ impl Secrets {
                     Some(i) => &rest[..=i],
                     None => rest,
                 };
-                // The version 2 engine's namespace is not a folder of version 1.
-                let other_namespace = self.ns.is_empty() && child.starts_with('\u{2}');
+                // Other engines' namespaces (KV version 2's, the database engine's: each
+                // starts with a control character no path can have) are not folders of
+                // version 1.
+                let other_namespace = self.ns.is_empty() && child.starts_with(|c: char| c.is_ascii_control());
                 if !other_namespace && keys.last().map(String::as_str) != Some(child) {
                     keys.push(child.to_owned());
                 }
