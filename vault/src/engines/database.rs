@@ -250,6 +250,20 @@ const CLAIM_PREFIX: &str = "database/rotating/";
 /// pending could overwrite a newer password).
 const CLAIM_TTL: Duration = Duration::from_secs(15);
 
+/// When a rotation runs, decided once the role's rotation claim is held (a pending
+/// password is applied in every case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rotate {
+    /// Only a pending password.
+    Pending,
+    /// If the role has no password yet (its first, for a new role or a first read).
+    NoPassword,
+    /// If its rotation period has passed (the scheduler).
+    Due,
+    /// Whatever was done last (`rotate-role`).
+    Now,
+}
+
 /// PostgreSQL role names KeyVault manages: letters, digits, `_`, at most 63 bytes (they
 /// are quoted in `ALTER ROLE`, and nothing else is accepted).
 fn valid_username(u: &str) -> bool {
@@ -577,16 +591,17 @@ impl Database {
         Err(Error::Conflict(format!("static role {name} was changed concurrently; retry")))
     }
 
-    /// Rotate (or, with `finish_only`, only apply a pending password), holding the role's
-    /// rotation claim ([`crate::store::while_claimed`]; 409 while another holds it).
+    /// Rotate if `when` still holds once the role's rotation claim is taken
+    /// ([`crate::store::while_claimed`]; 409 while another holds it): a pending password
+    /// is always applied first.
     ///
     /// The admin connection is taken before the claim: waiting for a free one (up to
     /// [`POOL_WAIT`]) must not eat into the claim's [`CLAIM_TTL`].
-    async fn rotate(&self, name: &str, finish_only: bool) -> Result<()> {
+    async fn rotate(&self, name: &str, when: Rotate) -> Result<()> {
         let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
         let client = self.admin_client(&role.db_name).await?;
         let key = format!("{CLAIM_PREFIX}{name}");
-        let work = self.rotate_claimed(name, &role.db_name, &client, finish_only);
+        let work = self.rotate_claimed(name, &role.db_name, &client, when);
         match crate::store::while_claimed(&self.store, &key, CLAIM_TTL, work).await? {
             Some(r) => r,
             None => Err(Error::Conflict(format!("a rotation of role {name} is running"))),
@@ -598,7 +613,7 @@ impl Database {
         name: &str,
         db_name: &str,
         client: &tokio_postgres::Client,
-        finish_only: bool,
+        when: Rotate,
     ) -> Result<()> {
         let role = self.role(name).await?.ok_or_else(|| Error::NotFound(format!("no static role {name}")))?;
         if role.db_name != db_name {
@@ -608,7 +623,17 @@ impl Database {
             Some((v, c)) => (v, c),
             None => (0, Creds::none(&role)),
         };
-        if creds.pending.is_none() && finish_only {
+        // Decided again under the claim: a rotation another request or replica made
+        // since the caller looked is not followed by a second one at once (which would
+        // replace a password just served).
+        let has_password = creds.password.is_some();
+        let wanted = match when {
+            Rotate::Pending => false,
+            Rotate::NoPassword => !has_password,
+            Rotate::Due => !has_password || creds.rotated_at.saturating_add(role.rotation_period) <= unix_now(),
+            Rotate::Now => true,
+        };
+        if creds.pending.is_none() && !wanted {
             return Ok(());
         }
         // Checked before a new password is staged: a role that may no longer be managed
@@ -650,7 +675,7 @@ impl Database {
                 None => true,
             };
             if due {
-                match self.rotate(&name, false).await {
+                match self.rotate(&name, Rotate::Due).await {
                     Ok(()) | Err(Error::Conflict(_)) => {}
                     Err(e) => tracing::warn!(role = %name, error = %e, "database: scheduled rotation failed"),
                 }
@@ -681,13 +706,13 @@ impl Database {
                         ttl,
                     });
                 }
-                Some((_, c)) if c.pending.is_some() => match self.rotate(name, true).await {
+                Some((_, c)) if c.pending.is_some() => match self.rotate(name, Rotate::Pending).await {
                     Ok(()) => continue,
                     Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
                     Err(e) => return Err(e),
                 },
                 // None yet (or only another database role's).
-                _ => match self.rotate(name, false).await {
+                _ => match self.rotate(name, Rotate::NoPassword).await {
                     Ok(()) => continue,
                     Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
                     Err(e) => return Err(e),
@@ -798,7 +823,7 @@ impl Engine for Database {
                 }
                 // A new role's password is set at once (as Vault does).
                 if old.is_none() {
-                    self.rotate(&name, false).await?;
+                    self.rotate(&name, Rotate::NoPassword).await?;
                 }
                 Ok(Reply::empty())
             }
@@ -816,7 +841,7 @@ impl Engine for Database {
             ("static-creds/{name}", _) => self.static_creds(&name).await,
             ("rotate-role/{name}", _) => {
                 req.data::<keyvault_api::Empty>()?;
-                self.rotate(&name, false).await?;
+                self.rotate(&name, Rotate::Now).await?;
                 req.audit_detail(format!("password of static role {name} rotated"));
                 Ok(Reply::empty())
             }
