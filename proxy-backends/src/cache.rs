@@ -85,9 +85,15 @@ struct State {
     bytes: usize,
     next_seq: u64,
     /// Bumped by every write and delete ([`Cached::invalidate`]): a read that began before
-    /// one may carry what that write replaced, so its answer is not kept.
+    /// one of its path may carry what that write replaced, so its answer is not kept.
     invalidations: u64,
+    /// The latest invalidations (number, path), at most [`RECENT_INVALIDATIONS`]: which
+    /// paths they were for. A read older than all of them keeps nothing.
+    recent: VecDeque<(u64, String)>,
 }
+
+/// How many invalidations are remembered by path.
+const RECENT_INVALIDATIONS: usize = 1024;
 
 /// Counters of a cache (for tests and the benchmark).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -169,12 +175,17 @@ impl<B: SecretBackend> Cached<B> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).invalidations
     }
 
-    /// Keep what a read found, unless a write or delete came since the read began
-    /// (`invalidations` then): the upstream may have answered from before it.
+    /// Keep what a read found, unless a write or delete of its path came since the read
+    /// began (`invalidations` then): the upstream may have answered from before it.
+    /// Writes of other paths do not matter, unless so many came that the ones since the
+    /// read are no longer all remembered.
     fn insert(&self, key: Key, value: Option<SecretValue>, invalidations: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.invalidations != invalidations {
-            return;
+            let all_remembered = st.recent.front().is_some_and(|(n, _)| *n <= invalidations.wrapping_add(1));
+            if !all_remembered || st.recent.iter().any(|(n, p)| *n > invalidations && *p == key.0) {
+                return;
+            }
         }
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -206,6 +217,11 @@ impl<B: SecretBackend> Cached<B> {
     fn invalidate(&self, path: &str) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.invalidations = st.invalidations.wrapping_add(1);
+        let n = st.invalidations;
+        if st.recent.len() >= RECENT_INVALIDATIONS {
+            st.recent.pop_front();
+        }
+        st.recent.push_back((n, path.to_owned()));
         let before = st.bytes;
         let mut freed = 0;
         st.map.retain(|(p, _), e| {
@@ -313,11 +329,13 @@ mod tests {
             }
         }
         async fn read(&self, path: &str, _: &Version) -> Result<SecretValue, BackendError> {
-            self.reads.fetch_add(1, Ordering::Relaxed);
             if self.down.load(Ordering::Relaxed) {
+                self.reads.fetch_add(1, Ordering::Relaxed);
                 return Err(BackendError::Unavailable("down".into()));
             }
             let answer = self.map.lock().unwrap().get(path).cloned().ok_or(BackendError::NotFound);
+            // Counted once the answer is taken (a test waits for this to write after it).
+            self.reads.fetch_add(1, Ordering::Relaxed);
             let hold = self.hold.lock().unwrap().clone();
             if let Some(hold) = hold {
                 hold.acquire().await.unwrap().forget();
@@ -404,6 +422,24 @@ mod tests {
             }
             assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the second read asked the upstream");
         }
+        // A write of another path meanwhile does not keep a read's answer out.
+        let c = std::sync::Arc::new(Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0)));
+        c.write("a", &SecretData::from_fields([("v", "1")]), None).await.unwrap();
+        let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        *c.inner().hold.lock().unwrap() = Some(hold.clone());
+        let reader = {
+            let c = c.clone();
+            tokio::spawn(async move { c.read("a", &Version::Latest).await })
+        };
+        while c.inner().reads.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        c.write("other", &SecretData::from_fields([("v", "x")]), None).await.unwrap();
+        hold.add_permits(1);
+        reader.await.unwrap().unwrap();
+        *c.inner().hold.lock().unwrap() = None;
+        c.read("a", &Version::Latest).await.unwrap();
+        assert_eq!(c.inner().reads.load(Ordering::Relaxed), 1, "the answer was kept");
     }
 
     #[tokio::test]

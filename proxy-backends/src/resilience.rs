@@ -94,6 +94,8 @@ struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     probing: bool,
+    /// Numbers the probes, so that an abandoned one clears only its own.
+    probes: u64,
 }
 
 /// [`SecretBackend`] with retries, timeouts and a circuit breaker.
@@ -113,26 +115,29 @@ impl<B: SecretBackend> Resilient<B> {
         &self.inner
     }
 
-    /// Let a call through, or refuse it at once while the breaker is open: whether the
-    /// call let through is the one probe of an open breaker.
-    fn admit(&self) -> Result<bool, BackendError> {
+    /// Let a call through, or refuse it at once while the breaker is open: the number of
+    /// the probe, when the call let through is the one probe of an open breaker.
+    fn admit(&self) -> Result<Option<u64>, BackendError> {
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         match b.open_until {
             Some(until) if Instant::now() < until => Err(open_error(&b, until)),
             Some(until) if b.probing => Err(open_error(&b, until)),
             Some(_) => {
                 b.probing = true;
-                Ok(true)
+                b.probes = b.probes.wrapping_add(1);
+                Ok(Some(b.probes))
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
-    /// A probe that ended with no outcome (its caller hung up, or it panicked): the next
-    /// call may probe.
-    fn probe_abandoned(&self) {
+    /// Probe `n` ended with no outcome (its caller hung up, or it panicked): the next call
+    /// may probe, unless another probe is under way by now.
+    fn probe_abandoned(&self, n: u64) {
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        b.probing = false;
+        if b.probing && b.probes == n {
+            b.probing = false;
+        }
     }
 
     fn record(&self, failed: bool) {
@@ -162,7 +167,7 @@ impl<B: SecretBackend> Resilient<B> {
         let probe = self.admit()?;
         // A probe dropped before its outcome is recorded would leave the breaker open for
         // good (every later call refused as "a probe is under way").
-        let mut probe = ProbeGuard(probe.then_some(self));
+        let mut probe = ProbeGuard(probe.map(|n| (self, n)));
         let attempts = attempts.max(1);
         let mut attempt = 0;
         let result = loop {
@@ -191,12 +196,12 @@ impl<B: SecretBackend> Resilient<B> {
 
 /// Held by the probe of an open breaker until it records its outcome; dropped before
 /// that (the call was dropped half way), it lets the next call probe.
-struct ProbeGuard<'a, B: SecretBackend>(Option<&'a Resilient<B>>);
+struct ProbeGuard<'a, B: SecretBackend>(Option<(&'a Resilient<B>, u64)>);
 
 impl<B: SecretBackend> Drop for ProbeGuard<'_, B> {
     fn drop(&mut self) {
-        if let Some(r) = self.0 {
-            r.probe_abandoned();
+        if let Some((r, n)) = self.0 {
+            r.probe_abandoned(n);
         }
     }
 }

@@ -69,16 +69,12 @@ async fn static_role_passwords_rotate_and_survive_a_crash_mid_rotation() {
     pg.psql("GRANT other_admin TO admin_member");
     pg.psql("CREATE ROLE file_writer LOGIN PASSWORD 'x'");
     pg.psql("GRANT pg_write_server_files TO file_writer");
-    // Monitoring roles read every session's last statement (pg_stat_activity).
-    pg.psql("CREATE ROLE monitor LOGIN PASSWORD 'x'");
-    pg.psql("GRANT pg_monitor TO monitor");
     for (username, says) in [
         ("keyvault", "can administer"),
         ("other_admin", "can administer"),
         ("role_maker", "can administer"),
         ("admin_member", "can administer"),
         ("file_writer", "can administer"),
-        ("monitor", "can administer"),
         ("nobody_here", "has no role"),
         ("app", "managed by static role app"),
     ] {

@@ -392,7 +392,8 @@ impl Gateway {
                 // The producer's skew may be raised later (edits apply at once), up to
                 // MAX_SKEW: its timestamp could then be accepted until ts + MAX_SKEW, so
                 // the nonce is remembered at least that long, whatever its TTL says now.
-                let outlive = p.ts.saturating_add(MAX_SKEW).saturating_sub(now);
+                // (Accepted while |now - ts| <= skew: still at ts + MAX_SKEW, so one more.)
+                let outlive = p.ts.saturating_add(MAX_SKEW + 1).saturating_sub(now);
                 (key, Vec::new(), Some(self.nonce_ttl(ttl.max(outlive))))
             })
             .collect();

@@ -223,10 +223,42 @@ pub struct Policy {
 #[serde(deny_unknown_fields)]
 struct PolicyDoc {
     #[serde(default)]
-    path: BTreeMap<String, PathBlock>,
+    path: MergedPaths,
 }
 
-#[derive(Deserialize)]
+/// The `path` rules, a path named twice merged as Vault merges it: the capabilities of
+/// both (so a deny in either wins). A map that kept one of them would grant what a
+/// reader sees denied.
+#[derive(Default)]
+struct MergedPaths(BTreeMap<String, PathBlock>);
+
+impl MergedPaths {
+    fn add(&mut self, path: String, block: PathBlock) {
+        self.0.entry(path).or_default().capabilities.extend(block.capabilities);
+    }
+}
+
+impl<'de> Deserialize<'de> for MergedPaths {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = MergedPaths;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of paths to rules")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<MergedPaths, A::Error> {
+                let mut paths = MergedPaths::default();
+                while let Some((path, block)) = map.next_entry::<String, PathBlock>()? {
+                    paths.add(path, block);
+                }
+                Ok(paths)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PathBlock {
     capabilities: Vec<String>,
@@ -246,25 +278,16 @@ impl Policy {
         if text.len() > 64 * 1024 {
             return Err(Error::invalid("policy text is longer than 64 KiB"));
         }
-        // A path or an attribute given twice is refused in both forms: which one holds
-        // would depend on the parser (Vault merges them, deny winning), so a reader could
-        // see a deny that is not there.
+        // A path named twice is merged as Vault merges it ([`MergedPaths`]), in both forms.
         let doc: PolicyDoc = if text.trim_start().starts_with('{') {
-            crate::json::from_slice_strict(text.as_bytes()).map_err(|e| {
-                if crate::json::is_duplicate_key_error(&e) {
-                    Error::invalid("policy JSON: a path or a key is given twice")
-                } else {
-                    Error::invalid(format!("policy JSON: {e}"))
-                }
-            })?
+            serde_json::from_str(text).map_err(|e| Error::invalid(format!("policy JSON: {e}")))?
         } else {
             check_policy_hcl(text)?;
             let body = hcl::parse(text).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?;
-            check_hcl_repeats(&body)?;
-            hcl::from_body(body).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?
+            hcl_paths(body)?
         };
-        let mut rules = Vec::with_capacity(doc.path.len());
-        for (raw, block) in doc.path {
+        let mut rules = Vec::with_capacity(doc.path.0.len());
+        for (raw, block) in doc.path.0 {
             let pattern = Pattern::parse(&raw)?;
             let mut caps = Caps::default();
             for c in &block.capabilities {
@@ -276,24 +299,29 @@ impl Policy {
     }
 }
 
-/// Refuse a block given twice under one name and labels (`path "a/*"` twice), or an
-/// attribute given twice in one body, at any depth.
-fn check_hcl_repeats(body: &hcl::Body) -> Result<()> {
-    let mut attributes = std::collections::HashSet::new();
-    for a in body.attributes() {
-        if !attributes.insert(a.key()) {
-            return Err(Error::invalid(format!("policy HCL: {:?} is given twice in one block", a.key())));
-        }
+/// The rules of a policy in HCL: `path "<pattern>" { ... }` blocks and nothing else, each
+/// read on its own (the HCL deserializer would let a later block, or a `path = {...}`
+/// attribute, replace an earlier one of the same path), a path named twice merged.
+fn hcl_paths(body: hcl::Body) -> Result<PolicyDoc> {
+    if let Some(a) = body.attributes().next() {
+        return Err(Error::invalid(format!(
+            "policy HCL: {:?} = ...: a policy is `path \"...\" {{ }}` blocks",
+            a.key()
+        )));
     }
-    let mut blocks = std::collections::HashSet::new();
-    for b in body.blocks() {
-        let labels: Vec<&str> = b.labels().iter().map(|l| l.as_str()).collect();
-        if !blocks.insert((b.identifier(), labels.clone())) {
-            return Err(Error::invalid(format!("policy HCL: {} {labels:?} is given twice", b.identifier())));
+    let mut paths = MergedPaths::default();
+    for block in body.into_blocks() {
+        let [label] = block.labels.as_slice() else {
+            return Err(Error::invalid("policy HCL: a block other than `path \"<pattern>\" { ... }`"));
+        };
+        if block.identifier.as_str() != "path" {
+            return Err(Error::invalid(format!("policy HCL: unknown block {:?}", block.identifier.as_str())));
         }
-        check_hcl_repeats(&b.body)?;
+        let path = label.as_str().to_owned();
+        let rule: PathBlock = hcl::from_body(block.body).map_err(|e| Error::invalid(format!("policy HCL: {e}")))?;
+        paths.add(path, rule);
     }
-    Ok(())
+    Ok(PolicyDoc { path: paths })
 }
 
 /// Policy HCL is blocks, attributes, strings, lists and numbers: nothing of what HCL's
@@ -565,25 +593,33 @@ impl PolicyStore {
 mod tests {
     use super::*;
 
-    /// A path named twice in one policy, or a block with its capabilities twice: which one
-    /// holds would depend on the parser (Vault merges them, deny winning; the parsers
-    /// here keep the last), so a reader could see a deny that is not there. Refused.
+    /// A path named twice in one policy is merged as Vault merges it: the capabilities of
+    /// both, a deny in either winning (the parsers kept the last one, so a reader saw a deny
+    /// that was not there). A `path = {...}` attribute beside the blocks is refused (the
+    /// HCL deserializer let it replace a block).
     #[test]
-    fn a_path_or_capabilities_given_twice_is_refused() {
-        let twice = [
+    fn a_path_named_twice_is_merged_with_deny_winning() {
+        let acl = |text: &str| Acl::from_policies([&Policy::parse("p", text).unwrap()]);
+        for text in [
             "path \"secret/admin/*\" { capabilities = [\"deny\"] }\npath \"secret/admin/*\" { capabilities = [\"read\"] }",
-            "path \"secret/admin/*\" {\n  capabilities = [\"deny\"]\n  capabilities = [\"read\"]\n}",
+            "path \"secret/admin/*\" { capabilities = [\"read\"] }\npath \"secret/admin/*\" { capabilities = [\"deny\"] }",
             r#"{"path": {"secret/admin/*": {"capabilities": ["deny"]}, "secret/admin/*": {"capabilities": ["read"]}}}"#,
-            r#"{"path": {"secret/admin/*": {"capabilities": ["deny"], "capabilities": ["read"]}}}"#,
-        ];
-        for text in twice {
-            let e = Policy::parse("p", text).err().unwrap_or_else(|| panic!("accepted: {text}"));
-            // (HCL's own parser refuses an attribute given twice.)
-            assert!(e.to_string().contains("twice") || e.to_string().contains("HCL parse error"), "{text}: {e}");
+        ] {
+            assert!(!acl(text).allows("secret/admin/x", Capability::Read), "{text}");
         }
-        // Distinct paths are fine.
-        Policy::parse("p", "path \"a/*\" { capabilities = [\"read\"] }\npath \"b/*\" { capabilities = [\"read\"] }")
-            .unwrap();
+        let both = acl("path \"a/*\" { capabilities = [\"read\"] }\npath \"a/*\" { capabilities = [\"list\"] }\n\
+             path \"b/*\" { capabilities = [\"read\"] }");
+        assert!(both.allows("a/x", Capability::Read) && both.allows("a/x", Capability::List));
+        assert!(both.allows("b/x", Capability::Read));
+        for bad in [
+            "path \"secret/admin/*\" { capabilities = [\"deny\"] }\npath = { \"secret/*\" = { capabilities = [\"read\"] } }",
+            "path \"x\" {\n  capabilities = [\"deny\"]\n  capabilities = [\"read\"]\n}",
+            r#"{"path": {"secret/admin/*": {"capabilities": ["deny"], "capabilities": ["read"]}}}"#,
+            "other \"x\" { capabilities = [\"read\"] }",
+            "path \"x\" \"y\" { capabilities = [\"read\"] }",
+        ] {
+            assert!(Policy::parse("p", bad).is_err(), "{bad}");
+        }
     }
     use crate::test_support::{PauseAt, TestStore};
 

@@ -430,8 +430,10 @@ impl Renewals {
         let key = format!("{prefix}{until:020}");
         self.store.insert_if_absent(&key, b"", Some(ttl)).await?;
         self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(claims.acc.clone(), until);
-        // Now superseded (a concurrent renewal to a later expiry keeps its own record).
-        for old in earlier {
+        // Now superseded (a concurrent renewal to a later expiry keeps its own record). At
+        // most 64 per renewal: a token that gathered many under an older version loses
+        // them over its next renewals (or they expire), not in one request.
+        for old in earlier.into_iter().take(64) {
             if let Err(e) = self.store.delete(&format!("{prefix}{old:020}")).await {
                 tracing::warn!(accessor = %claims.acc, error = %e, "removing a superseded token renewal failed (it expires by itself)");
             }

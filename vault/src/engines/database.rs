@@ -519,8 +519,7 @@ impl Database {
                 "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE pg_has_role(u.oid, r.oid, 'MEMBER') AND \
                  (r.rolsuper OR r.rolcreaterole OR r.rolreplication OR r.rolbypassrls OR r.rolname = current_user \
                  OR r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files', \
-                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend', 'pg_read_all_stats', 'pg_monitor'))) \
-                 FROM pg_roles u WHERE u.rolname = $1",
+                 'pg_read_all_data', 'pg_write_all_data', 'pg_signal_backend'))) FROM pg_roles u WHERE u.rolname = $1",
                 &[&username],
             )
             .await

@@ -103,7 +103,11 @@ fn wrap_ttl(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Error> {
     let Some(v) = headers.get("x-vault-wrap-ttl") else { return Ok(None) };
     let text = v.to_str().map_err(|_| Error::invalid("invalid X-Vault-Wrap-TTL"))?;
     let ttl = crate::auth::parse_duration(text)?;
-    if ttl.is_zero() || ttl > crate::wrapping::MAX_TTL {
+    // 0: no wrapping, as in Vault.
+    if ttl.is_zero() {
+        return Ok(None);
+    }
+    if ttl > crate::wrapping::MAX_TTL {
         return Err(Error::invalid("X-Vault-Wrap-TTL: the wrapping TTL is 1 s to 24 h"));
     }
     Ok(Some(ttl))
