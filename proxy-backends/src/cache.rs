@@ -390,41 +390,13 @@ mod tests {
         }
     }
 
-    /// A read that took its answer before a write (or a delete) and returns after it does
-    /// not keep that answer: the next read asks the upstream and gets the new value.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_overtaken_by_a_write_or_delete_keeps_nothing() {
-        for delete in [false, true] {
-            let c = std::sync::Arc::new(Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0)));
-            c.write("a", &SecretData::from_fields([("v", "old")]), None).await.unwrap();
-            let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-            *c.inner().hold.lock().unwrap() = Some(hold.clone());
-            let reader = {
-                let c = c.clone();
-                tokio::spawn(async move { c.read("a", &Version::Latest).await })
-            };
-            while c.inner().reads.load(Ordering::Relaxed) == 0 {
-                tokio::task::yield_now().await;
-            }
-            if delete {
-                c.delete("a").await.unwrap();
-            } else {
-                c.write("a", &SecretData::from_fields([("v", "new")]), None).await.unwrap();
-            }
-            hold.add_permits(1);
-            assert_eq!(reader.await.unwrap().unwrap().data.field("v").unwrap().as_str(), "old");
-            *c.inner().hold.lock().unwrap() = None;
-            let now = c.read("a", &Version::Latest).await;
-            if delete {
-                assert_eq!(now, Err(BackendError::NotFound));
-            } else {
-                assert_eq!(now.unwrap().data.field("v").unwrap().as_str(), "new");
-            }
-            assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the second read asked the upstream");
-        }
-        // A write of another path meanwhile does not keep a read's answer out.
+    type Shared = std::sync::Arc<Cached<Memory>>;
+
+    /// A cache over a backend holding `a` = `v`, and a read of `a` that has taken its
+    /// answer from the backend and waits; `then` runs, and the read returns.
+    async fn read_overtaken_by<F: std::future::Future<Output = ()>>(v: &str, then: impl FnOnce(Shared) -> F) -> Shared {
         let c = std::sync::Arc::new(Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0)));
-        c.write("a", &SecretData::from_fields([("v", "1")]), None).await.unwrap();
+        c.write("a", &SecretData::from_fields([("v", v)]), None).await.unwrap();
         let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
         *c.inner().hold.lock().unwrap() = Some(hold.clone());
         let reader = {
@@ -434,10 +406,35 @@ mod tests {
         while c.inner().reads.load(Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
-        c.write("other", &SecretData::from_fields([("v", "x")]), None).await.unwrap();
+        then(c.clone()).await;
         hold.add_permits(1);
-        reader.await.unwrap().unwrap();
+        assert_eq!(reader.await.unwrap().unwrap().data.field("v").unwrap().as_str(), v);
         *c.inner().hold.lock().unwrap() = None;
+        c
+    }
+
+    /// A read that took its answer before a write (or a delete) and returns after it does
+    /// not keep that answer: the next read asks the upstream and gets the new value. A
+    /// write of another path meanwhile does not keep the answer out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_overtaken_by_a_write_or_delete_keeps_nothing() {
+        let new = SecretData::from_fields([("v", "new")]);
+        let c = read_overtaken_by("old", |c| async move {
+            c.write("a", &new, None).await.unwrap();
+        })
+        .await;
+        assert_eq!(c.read("a", &Version::Latest).await.unwrap().data.field("v").unwrap().as_str(), "new");
+        assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the second read asked the upstream");
+
+        let c = read_overtaken_by("old", |c| async move { c.delete("a").await.unwrap() }).await;
+        assert_eq!(c.read("a", &Version::Latest).await, Err(BackendError::NotFound));
+        assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "the second read asked the upstream");
+
+        let other = SecretData::from_fields([("v", "x")]);
+        let c = read_overtaken_by("1", |c| async move {
+            c.write("other", &other, None).await.unwrap();
+        })
+        .await;
         c.read("a", &Version::Latest).await.unwrap();
         assert_eq!(c.inner().reads.load(Ordering::Relaxed), 1, "the answer was kept");
     }

@@ -53,10 +53,7 @@ async fn the_azure_adapter_passes_the_conformance_suite_against_the_fake() {
 async fn a_unit_reads_secrets_kept_in_azure_through_keyvault() {
     // Tokens live 5 s: the adapter takes a new one a fifth of that (1 s) before each
     // expires, room enough for a read sent just before on a loaded machine.
-    let fake = FakeAzure::start(Duration::from_secs(5)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, &fake.client_secret).unwrap();
+    let (fake, _dir, secret) = fake_with_secret_file(Duration::from_secs(5)).await;
     fake.put("db--password", "azure-pass-1");
     fake.put("db--password", "azure-pass-2");
     fake.put("db--config", r#"{"host": "db.internal", "port": "5432"}"#);
@@ -105,6 +102,16 @@ async fn a_unit_reads_secrets_kept_in_azure_through_keyvault() {
     assert!(!s.log_text().contains(&fake.client_secret));
 }
 
+/// The fake (its tokens living `token_life`), and its client secret in a file of a new
+/// directory (kept while the directory is).
+async fn fake_with_secret_file(token_life: Duration) -> (FakeAzure, tempfile::TempDir, std::path::PathBuf) {
+    let fake = FakeAzure::start(token_life).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, &fake.client_secret).unwrap();
+    (fake, dir, secret)
+}
+
 /// A server with the mount `az/` on the fake, by client secret (in `secret_file`), no cache.
 fn server_with_azure_mount(fake: &FakeAzure, secret_file: &std::path::Path) -> TestServer {
     let mounts = format!(
@@ -124,10 +131,7 @@ fn server_with_azure_mount(fake: &FakeAzure, secret_file: &std::path::Path) -> T
 /// spelling a path may have (lower case), which reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_in_another_case_does_not_pass_a_policy_on_azure_names() {
-    let fake = FakeAzure::start(Duration::from_secs(300)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, &fake.client_secret).unwrap();
+    let (fake, _dir, secret) = fake_with_secret_file(Duration::from_secs(300)).await;
     fake.put("prod--db", "prod-password");
     fake.put("Made-Elsewhere--Key", "made-elsewhere");
     let s = server_with_azure_mount(&fake, &secret);
@@ -162,10 +166,7 @@ async fn a_path_in_another_case_does_not_pass_a_policy_on_azure_names() {
 /// cannot make the server read upstream secrets with its credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_who_may_not_write_makes_no_upstream_read() {
-    let fake = FakeAzure::start(Duration::from_secs(300)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, &fake.client_secret).unwrap();
+    let (fake, _dir, secret) = fake_with_secret_file(Duration::from_secs(300)).await;
     fake.put("db", "upstream-value");
     let s = server_with_azure_mount(&fake, &secret);
     let c = s.client();
