@@ -624,9 +624,11 @@ impl Store for SledStore {
         let h = self.h()?;
         let now = now_ms();
         let mut purged = 0;
+        // Every index entry whose expiry is at or before `now` (an entry is expired at its
+        // expiry: `live`), those of this very millisecond included.
         let due: Vec<sled::IVec> = h
             .expiry
-            .range(..now.to_be_bytes().to_vec())
+            .range(..now.saturating_add(1).to_be_bytes().to_vec())
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| self.failed(e))?;
