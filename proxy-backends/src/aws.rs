@@ -365,9 +365,23 @@ impl Aws {
         Ok((status, body))
     }
 
-    fn name(&self, path: &str) -> String {
-        format!("{}{path}", self.prefix)
+    /// The secret's name: the prefix and the path. A path must be a name's characters
+    /// (`[A-Za-z0-9/_+=.@-]`): Secrets Manager takes an ARN as a `SecretId` too, and
+    /// `arn:aws:...:secret:x` (a `:` no name has) would reach a secret outside the
+    /// prefix, of another account where its policy allows.
+    fn name(&self, path: &str) -> Result<String, BackendError> {
+        secret_name(&self.prefix, path)
     }
+}
+
+/// [`Aws::name`]: `prefix` and `path`, or why `path` cannot be part of a name.
+fn secret_name(prefix: &str, path: &str) -> Result<String, BackendError> {
+    if path.is_empty() || !path.chars().all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c)) {
+        return Err(BackendError::Invalid(format!(
+            "{path:?} cannot be a Secrets Manager name: letters, digits and /_+=.@- only"
+        )));
+    }
+    Ok(format!("{prefix}{path}"))
 }
 
 #[derive(Deserialize)]
@@ -412,7 +426,7 @@ impl SecretBackend for Aws {
     }
 
     async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
-        let mut req = json!({ "SecretId": self.name(path) });
+        let mut req = json!({ "SecretId": self.name(path)? });
         match version {
             Version::Latest => {}
             Version::Id(id) => req["VersionId"] = json!(id),
@@ -435,7 +449,7 @@ impl SecretBackend for Aws {
 
     async fn write(&self, path: &str, data: &SecretData, _expected: Option<u64>) -> Result<Option<u64>, BackendError> {
         let value = data.to_text()?;
-        let name = self.name(path);
+        let name = self.name(path)?;
         let req = json!({ "SecretId": name, "SecretString": value.as_str() });
         // New, deleted within its recovery window (the name stays taken until restored:
         // writing it again restores it), or live.
@@ -500,7 +514,7 @@ impl SecretBackend for Aws {
     }
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        let mut req = json!({ "SecretId": self.name(path) });
+        let mut req = json!({ "SecretId": self.name(path)? });
         if self.recovery_days == 0 {
             req["ForceDeleteWithoutRecovery"] = json!(true);
         } else {
@@ -516,6 +530,17 @@ impl SecretBackend for Aws {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path is made of a name's characters: an ARN (with `:`), which Secrets Manager
+    /// would take as a `SecretId` outside the prefix, is refused.
+    #[test]
+    fn paths_are_names_never_arns() {
+        assert_eq!(secret_name("prod/", "db/password").unwrap(), "prod/db/password");
+        assert_eq!(secret_name("", "a+b=c.d@e_f-g").unwrap(), "a+b=c.d@e_f-g");
+        for bad in ["arn:aws:secretsmanager:us-east-1:210987654321:secret:theirs-AbCdEf", "a b", "", "x?y", "é"] {
+            assert!(matches!(secret_name("", bad), Err(BackendError::Invalid(_))), "{bad}");
+        }
+    }
 
     #[test]
     fn strings_and_json_map_to_fields_both_ways() {
