@@ -278,11 +278,10 @@ impl<B: SecretBackend> SecretBackend for Cached<B> {
     }
 
     async fn write(&self, path: &str, data: &SecretData, expected: Option<u64>) -> Result<Option<u64>, BackendError> {
-        let r = self.inner.write(path, data, expected).await;
-        // Whatever the outcome (a timed-out write may have landed), the cached value may
-        // be wrong now.
-        self.invalidate(path);
-        r
+        // Whatever the outcome (a timed-out write may have landed, and so may one whose
+        // caller hung up half way), the cached value may be wrong once it ends.
+        let _invalidate = InvalidateWhenDone(self, path);
+        self.inner.write(path, data, expected).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
@@ -290,9 +289,18 @@ impl<B: SecretBackend> SecretBackend for Cached<B> {
     }
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        let r = self.inner.delete(path).await;
-        self.invalidate(path);
-        r
+        let _invalidate = InvalidateWhenDone(self, path);
+        self.inner.delete(path).await
+    }
+}
+
+/// Drops a path's cached entries when the write or delete holding it ends, returned or
+/// dropped half way (its request may have reached the upstream all the same).
+struct InvalidateWhenDone<'a, B: SecretBackend>(&'a Cached<B>, &'a str);
+
+impl<B: SecretBackend> Drop for InvalidateWhenDone<'_, B> {
+    fn drop(&mut self) {
+        self.0.invalidate(self.1);
     }
 }
 
@@ -311,6 +319,8 @@ mod tests {
         map: Mutex<HashMap<String, SecretValue>>,
         /// When set, a read takes its answer and then waits for a permit before giving it.
         hold: Mutex<Option<std::sync::Arc<tokio::sync::Semaphore>>>,
+        /// A write lands and then never answers.
+        writes_hang: AtomicBool,
     }
 
     #[async_trait]
@@ -345,6 +355,10 @@ mod tests {
         async fn write(&self, path: &str, data: &SecretData, _: Option<u64>) -> Result<Option<u64>, BackendError> {
             let v = SecretValue { data: data.clone(), version: None, version_id: None, created_time: None };
             self.map.lock().unwrap().insert(path.into(), v);
+            // Landed upstream; the answer may never come back.
+            if self.writes_hang.load(Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
             Ok(None)
         }
         async fn list(&self, _: &str) -> Result<Vec<String>, BackendError> {
@@ -437,6 +451,19 @@ mod tests {
         .await;
         c.read("a", &Version::Latest).await.unwrap();
         assert_eq!(c.inner().reads.load(Ordering::Relaxed), 1, "the answer was kept");
+    }
+
+    /// A write whose caller gives up after it reached the upstream (it landed, no answer
+    /// came) still drops the cached value: the next read asks the upstream.
+    #[tokio::test]
+    async fn a_write_dropped_half_way_drops_the_cached_value() {
+        let c = Cached::new(Memory::default(), cfg(Duration::from_secs(60), 0));
+        c.write("a", &SecretData::from_fields([("v", "old")]), None).await.unwrap();
+        assert_eq!(c.read("a", &Version::Latest).await.unwrap().data.field("v").unwrap().as_str(), "old");
+        c.inner().writes_hang.store(true, Ordering::Relaxed);
+        let new = SecretData::from_fields([("v", "new")]);
+        assert!(tokio::time::timeout(Duration::from_millis(50), c.write("a", &new, None)).await.is_err());
+        assert_eq!(c.read("a", &Version::Latest).await.unwrap().data.field("v").unwrap().as_str(), "new");
     }
 
     #[tokio::test]
