@@ -638,11 +638,10 @@ async fn a_start_claimed_after_a_slow_start_made_its_version_and_then_killed_lea
         let (c, root) = (c.clone(), root.clone());
         tokio::spawn(async move { c.try_send("POST", "sys/rotate", Some(&root), Some(b"{}".to_vec())).await })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !s.log_text().contains("a master key rotation was cut short before its new version was made") {
-        assert!(std::time::Instant::now() < deadline, "the driver never put the slow start back: {}", s.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    keyvault_tests::wait_for(Duration::from_secs(30), "the driver to put the slow start back", || {
+        s.log_text().contains("a master key rotation was cut short before its new version was made")
+    })
+    .await;
     // S made v2 and waits to close v1 (so may the driver, repairing).
     keyvault_tests::postgres::wait_for_a_lock_wait(&psql, "closing v1").await;
     let second = {

@@ -29,6 +29,14 @@ use crate::unix_now;
 /// The longest a wrapped reply waits to be unwrapped.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// A wrapping TTL is 1 s to [`MAX_TTL`].
+pub fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(Error::invalid("the wrapping TTL is 1 s to 24 h"));
+    }
+    Ok(())
+}
+
 const PREFIX: &str = "sys/wrapping/";
 
 /// A wrapped reply as stored.
@@ -100,9 +108,7 @@ impl Wrapping {
 
     /// Seal `reply` and store it for `ttl`; the wrapping token.
     pub async fn wrap(&self, reply: &[u8], ttl: Duration, creation_path: &str) -> Result<WrapInfo> {
-        if ttl.is_zero() || ttl > MAX_TTL {
-            return Err(Error::invalid("the wrapping TTL is 1 s to 24 h"));
-        }
+        check_ttl(ttl)?;
         let token = SecretString::from(format!("kvw.{}", hex::encode(random::<32>()?)));
         let accessor = hex::encode(random::<12>()?);
         let key = self.key_of(token.expose_secret()).await?;

@@ -186,6 +186,11 @@ struct Creds {
 }
 
 impl Creds {
+    /// When the password in force is due to be rotated (unix seconds).
+    fn next_rotation(&self, role: &StaticRole) -> u64 {
+        self.rotated_at.saturating_add(role.rotation_period)
+    }
+
     /// None yet, for `role`.
     fn none(role: &StaticRole) -> Self {
         Creds {
@@ -629,7 +634,7 @@ impl Database {
         let wanted = match when {
             Rotate::Pending => false,
             Rotate::NoPassword => !has_password,
-            Rotate::Due => !has_password || creds.rotated_at.saturating_add(role.rotation_period) <= unix_now(),
+            Rotate::Due => !has_password || creds.next_rotation(&role) <= unix_now(),
             Rotate::Now => true,
         };
         if creds.pending.is_none() && !wanted {
@@ -670,7 +675,7 @@ impl Database {
             let name = key.trim_start_matches(ROLE_PREFIX).to_owned();
             let role: StaticRole = decode_json(&key, &raw)?;
             let due = match self.load_creds(&name, &role).await? {
-                Some((_, c)) => c.pending.is_some() || c.rotated_at.saturating_add(role.rotation_period) <= now,
+                Some((_, c)) => c.pending.is_some() || c.next_rotation(&role) <= now,
                 None => true,
             };
             if due {
@@ -694,7 +699,7 @@ impl Database {
             match self.load_creds(name, &role).await? {
                 Some((_, c)) if c.pending.is_none() && c.password.is_some() => {
                     let password = c.password.as_deref().unwrap_or_default();
-                    let ttl = c.rotated_at.saturating_add(role.rotation_period).saturating_sub(unix_now());
+                    let ttl = c.next_rotation(&role).saturating_sub(unix_now());
                     let last =
                         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(c.rotated_at));
                     return Reply::data(&StaticCreds {

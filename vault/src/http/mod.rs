@@ -107,9 +107,7 @@ fn wrap_ttl(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Error> {
     if ttl.is_zero() {
         return Ok(None);
     }
-    if ttl > crate::wrapping::MAX_TTL {
-        return Err(Error::invalid("X-Vault-Wrap-TTL: the wrapping TTL is 1 s to 24 h"));
-    }
+    crate::wrapping::check_ttl(ttl)?;
     Ok(Some(ttl))
 }
 
