@@ -453,6 +453,22 @@ mod tests {
         assert_eq!(c.inner().reads.load(Ordering::Relaxed), 1, "the answer was kept");
     }
 
+    /// Writes of many distinct paths during one read: the paths remembered stay bounded
+    /// (1024), and once the ones since the read are no longer all remembered, the read's
+    /// answer is not kept (it cannot be told apart from one overtaken by its own path).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalidations_of_many_paths_stay_bounded_and_fail_safe() {
+        let c = read_overtaken_by("1", |c| async move {
+            for i in 0..3 * RECENT_INVALIDATIONS {
+                c.write(&format!("other-{i}"), &SecretData::from_fields([("v", "x")]), None).await.unwrap();
+            }
+        })
+        .await;
+        assert_eq!(c.state.lock().unwrap().recent.len(), RECENT_INVALIDATIONS);
+        c.read("a", &Version::Latest).await.unwrap();
+        assert_eq!(c.inner().reads.load(Ordering::Relaxed), 2, "not kept: the read asked again");
+    }
+
     /// A write whose caller gives up after it reached the upstream (it landed, no answer
     /// came) still drops the cached value: the next read asks the upstream.
     #[tokio::test]

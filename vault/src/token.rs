@@ -503,6 +503,34 @@ mod tests {
         assert_eq!(Renewals::new(store).valid_until(&claims).await.unwrap(), now + 210);
     }
 
+    /// Sixteen renewals of one token at once, each to its own expiry: the latest holds
+    /// (no renewal removes a record it did not supersede), on a fresh reader too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sixteen_concurrent_renewals_keep_the_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let r = Arc::new(Renewals::new(store.clone()));
+        let now = unix_now();
+        let claims: Claims = serde_json::from_value(serde_json::json!({
+            "iss": "keyvault", "sub": "approle:web", "iat": now, "nbf": now, "exp": now + 10,
+            "jti": "j", "acc": "acc-raced", "pol": [], "meth": "approle", "max_exp": now + 100_000
+        }))
+        .unwrap();
+        for round in 0..5u64 {
+            let tasks: Vec<_> = (1..=16u64)
+                .map(|i| {
+                    let (r, claims) = (r.clone(), claims.clone());
+                    tokio::spawn(async move { r.renew(&claims, now + 100 * round + 10 + i).await.unwrap() })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let latest = now + 100 * round + 26;
+            assert_eq!(Renewals::new(store.clone()).valid_until(&claims).await.unwrap(), latest, "round {round}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn issued_tokens_verify_and_carry_claims() {
         let (_d, iss) = issuer().await;
