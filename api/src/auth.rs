@@ -510,6 +510,10 @@ pub struct RevocationFeed {
     pub now: u64,
     pub accessors: Vec<RevokedAccessor>,
     pub identities: Vec<RevokedIdentity>,
+    /// More records follow: ask again with the same `since` and this as `after`. Absent on
+    /// the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// One revoked token accessor (tokens issued from it, `par` and `anc`, are revoked too).
@@ -541,4 +545,16 @@ pub struct RevocationsQuery {
     /// Only what was revoked at or after this time (unix seconds; default: everything).
     #[serde(default)]
     pub since: u64,
+    /// The `next` of the previous page (opaque).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most this many stored records are read for the page (1 to
+    /// [`REVOCATION_PAGE_MAX`]); a page may hold fewer entries and still have a `next`.
+    /// Without it the whole feed is answered in one reply if it is at most
+    /// [`REVOCATION_PAGE_MAX`] records, and refused (400) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
+
+/// The largest page of `GET /v1/auth/revocations`, in stored records.
+pub const REVOCATION_PAGE_MAX: u32 = 10_000;

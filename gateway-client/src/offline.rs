@@ -25,6 +25,9 @@ use sha2::{Digest, Sha256};
 use crate::client::{Client, Credential, data};
 use crate::error::{Error, Result};
 
+/// The records the verifier asks for in one page of the revocation feed, by default.
+pub const REVOCATION_POLL_PAGE: u32 = 1000;
+
 /// Why a token was refused offline.
 #[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +66,9 @@ pub struct OfflineConfig {
     /// Poll the revocation feed this often (`None`: only by
     /// [`TokenVerifier::refresh_revocations`]).
     pub revocation_poll: Option<Duration>,
+    /// The records asked for in one page of the revocation feed (1 to 10,000; a poll reads
+    /// every page).
+    pub revocation_page: u32,
 }
 
 impl Default for OfflineConfig {
@@ -73,6 +79,7 @@ impl Default for OfflineConfig {
             leeway: Duration::from_secs(5),
             min_jwks_refresh: Duration::from_secs(10),
             revocation_poll: Some(Duration::from_secs(10)),
+            revocation_page: REVOCATION_POLL_PAGE,
         }
     }
 }
@@ -206,25 +213,46 @@ impl TokenVerifier {
         Ok(())
     }
 
-    /// Poll the revocation feed now.
+    /// Poll the revocation feed now, every page of it (`revocation_page` records each);
+    /// nothing is applied unless every page was read.
     pub async fn refresh_revocations(&self) -> Result<()> {
         let since = self.revoked.read().unwrap_or_else(|p| p.into_inner()).next_since;
-        let reply =
-            self.client.send("GET", &format!("auth/revocations?since={since}"), None, Credential::Token).await?;
-        let feed: RevocationFeed = data(&reply)?;
+        let mut accessors = Vec::new();
+        let mut identities = Vec::new();
+        let mut first_now = None;
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("auth/revocations?since={since}&limit={}", self.config.revocation_page);
+            if let Some(a) = &after {
+                path.push_str("&after=");
+                path.extend(percent_encoding::utf8_percent_encode(a, percent_encoding::NON_ALPHANUMERIC));
+            }
+            let reply = self.client.send("GET", &path, None, Credential::Token).await?;
+            let feed: RevocationFeed = data(&reply)?;
+            first_now.get_or_insert(feed.now);
+            accessors.extend(feed.accessors);
+            identities.extend(feed.identities);
+            match feed.next {
+                // A cursor that does not move would loop for ever.
+                Some(next) if after.as_ref() != Some(&next) => after = Some(next),
+                Some(_) => return Err(Error::Decode("revocation feed: a page named itself as the next".into())),
+                None => break,
+            }
+        }
         let now = unix_now();
         let mut r = self.revoked.write().unwrap_or_else(|p| p.into_inner());
-        for a in feed.accessors {
+        for a in accessors {
             r.accessors.insert(a.accessor, a.until);
         }
-        for i in feed.identities {
+        for i in identities {
             let slot = r.identities.entry((i.kind, i.id)).or_insert(0);
             *slot = (*slot).max(i.generation);
         }
         // Tokens of an accessor past its `until` are expired anyway: forget them.
         r.accessors.retain(|_, until| *until + 60 >= now);
-        // Replicas' clocks differ: ask again for the last minute.
-        r.next_since = feed.now.saturating_sub(60);
+        // Replicas' clocks differ: ask again for the last minute (from the first page's
+        // clock: what was revoked while later pages were read is read again next time).
+        r.next_since = first_now.unwrap_or(now).saturating_sub(60);
         Ok(())
     }
 

@@ -819,6 +819,24 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     }
     let (_, e) = refused_after.expect("the background poll brings the revocation within 5 s");
     assert_eq!(refused(e), Rejection::Revoked);
+    // A verifier reading the feed one record per page sees both revocations, at its first
+    // read and at a poll.
+    let paged = TokenVerifier::new(
+        feed_client.clone(),
+        OfflineConfig { revocation_poll: None, revocation_page: 1, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    paged.refresh_revocations().await.unwrap();
+    assert_eq!(refused(paged.verify(&app_token, None).await.unwrap_err()), Rejection::Revoked);
+    assert_eq!(refused(paged.verify(&token, Some(&unit_der)).await.unwrap_err()), Rejection::Revoked);
+    let first = ok(c.get("auth/revocations?since=0&limit=1", &root).await, 200);
+    let next = first.body["data"]["next"].as_str().expect("a next page").to_owned();
+    let second = ok(c.get(&format!("auth/revocations?since=0&limit=1&after={next}"), &root).await, 200);
+    assert_ne!(first.body["data"], second.body["data"]);
+    for bad in ["limit=0", "limit=10001", "limit=-1", "after=%00", "after=bm90IGEgY3Vyc29y"] {
+        ok(c.get(&format!("auth/revocations?{bad}"), &root).await, 400);
+    }
     for bad in ["since=abc", "since=-1", "since=99999999999999999999999"] {
         ok(c.get(&format!("auth/revocations?{bad}"), &root).await, 400);
     }

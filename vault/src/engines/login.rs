@@ -65,7 +65,7 @@ impl Engine for Login {
             "jwks" => Reply::bare(&self.core.tokens.jwks()),
             "revocations" => {
                 let q: keyvault_api::auth::RevocationsQuery = req.query()?;
-                Reply::data(&self.core.revocations.feed(q.since).await?)
+                Reply::data(&self.core.revocations.feed(&q).await?)
             }
             _ => Err(Error::UnsupportedOperation),
         }
