@@ -473,3 +473,42 @@ async fn a_login_records_an_intent_only_when_it_consumes_a_use() {
     let (good, out) = s.verify_audit_log();
     assert!(good, "{out}");
 }
+
+/// A request whose client goes away after its intent was written still gets an outcome
+/// entry, `cancelled` with status 499 (its change may or may not have been made): the
+/// log then shows no unfinished intent, and the writer keeps no room reserved for it. The
+/// request is held in the token (`slow 3000 generate`) while its client hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_hangs_up_after_its_intent_gets_a_cancelled_outcome() {
+    use tokio::io::AsyncWriteExt;
+    let fault = keyvault_tests::TokenFault::new();
+    let s = TestServer::start(ServerOptions { env: vec![fault.env()], ..Default::default() });
+    fault.set("slow 3000 generate");
+    let mut stream = keyvault_tests::tls_connect(&s.addr, &s.server_ca_file, None).await;
+    let body = "{}";
+    let head = format!(
+        "POST /v1/transit/keys/dropped HTTP/1.1\r\nhost: localhost\r\nx-vault-token: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        s.root,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    keyvault_tests::wait_for(Duration::from_secs(10), "the intent on disk", || {
+        lines(&s.audit_log()).iter().any(|l| l.contains("\"type\":\"intent\"") && l.contains("transit/keys/dropped"))
+    })
+    .await;
+    drop(stream);
+    keyvault_tests::wait_for(Duration::from_secs(10), "the cancelled outcome", || {
+        lines(&s.audit_log()).iter().any(|l| l.contains("\"outcome\":\"cancelled\""))
+    })
+    .await;
+    let log = lines(&s.audit_log());
+    let cancelled = log.iter().find(|l| l.contains("\"outcome\":\"cancelled\"")).unwrap();
+    let entry: Value = serde_json::from_str(cancelled).unwrap();
+    assert_eq!((entry["type"].as_str(), entry["status"].as_u64()), (Some("request"), Some(499)), "{entry}");
+    assert_eq!(entry["operation"], "POST /v1/transit/keys/{name}", "{entry}");
+    fault.set("");
+    let (good, out) = verify_cli(&s.export_audit_key(), &[s.audit_log()], true);
+    assert!(good && out.contains("unfinished_intents=0"), "{out}");
+}

@@ -12,7 +12,7 @@
 pub mod chain;
 pub mod verify;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -139,6 +139,10 @@ pub struct AuditContext {
     pub pending_intent: Option<PendingIntent>,
     /// The request's intent entry is on disk: its own entry is its outcome.
     pub had_intent: bool,
+    /// The intent entry was handed to the writer (it may be on disk even if the request
+    /// is dropped before it hears so): a request dropped before its outcome was queued
+    /// owes one, written for it as `cancelled`.
+    pub intent_queued: bool,
     /// The intent entry could not be written: the request was refused before it changed
     /// anything, and there is nothing more to write.
     pub intent_refused: bool,
@@ -160,6 +164,9 @@ pub struct PendingIntent {
 pub async fn record_intent(slot: &AuditSlot) -> Result<()> {
     let pending = slot.lock().unwrap_or_else(|p| p.into_inner()).pending_intent.take();
     let Some(p) = pending else { return Ok(()) };
+    // From here the intent may reach the disk even if this request is dropped: its
+    // outcome is owed (see `AuditContext::intent_queued`).
+    slot.lock().unwrap_or_else(|p| p.into_inner()).intent_queued = true;
     let written = p.log.append_kind(p.entry, EntryKind::Intent(p.request_id)).await;
     let mut ctx = slot.lock().unwrap_or_else(|p| p.into_inner());
     match written {
@@ -259,6 +266,10 @@ enum Job {
 const OUTCOME_WAIT: Duration = Duration::from_secs(30);
 /// Room kept on disk for the outcome entry of every request whose intent was written.
 const OUTCOME_RESERVE: u64 = 8 * 1024;
+/// An intent whose outcome has not come in this long no longer has room kept for it (its
+/// request was lost without one: a full queue when it was dropped). No request runs
+/// this long; an outcome queued behind a failing disk is still written when it recovers.
+const AWAITING_LIMIT: Duration = Duration::from_secs(3600);
 /// Extra room reserved at a time, so that reserving is rare.
 const RESERVE_CHUNK: u64 = 64 * 1024;
 /// The longest pause between two tries of a failing disk.
@@ -507,6 +518,19 @@ impl AuditLog {
         own
     }
 
+    /// Queue an entry without waiting for it (for a request being dropped: its outcome).
+    /// A full queue or a stopped writer loses it, logged; the writer's record of the
+    /// intent then ages out (see `AWAITING_LIMIT`).
+    pub fn append_detached(&self, entry: Map<String, Value>, kind: EntryKind) {
+        let Some(tx) = &self.tx else { return };
+        if self.mode == AuditMode::DangerousOff {
+            return;
+        }
+        if tx.try_send(Job::Append(entry, None, kind)).is_err() {
+            tracing::error!("audit entry of a cancelled request not queued: the writer queue is full or stopped");
+        }
+    }
+
     /// Write a final checkpoint and stop the writer (clean shutdown).
     pub async fn shutdown(&self) {
         if let Some(tx) = &self.tx {
@@ -596,8 +620,9 @@ struct Writer {
     reserved_end: u64,
     /// The file system supports reserving room.
     can_reserve: bool,
-    /// Requests whose intent is on disk and whose outcome is not yet.
-    awaiting: HashSet<String>,
+    /// Requests whose intent is on disk and whose outcome is not yet, with when the
+    /// intent was written.
+    awaiting: HashMap<String, Instant>,
     incident: Option<Incident>,
     next_try: Instant,
     last_try: Instant,
@@ -690,7 +715,7 @@ impl Writer {
             preamble: Vec::new(),
             reserved_end: 0,
             can_reserve: true,
-            awaiting: HashSet::new(),
+            awaiting: HashMap::new(),
             incident: None,
             next_try: Instant::now(),
             last_try: Instant::now(),
@@ -1017,6 +1042,7 @@ impl Writer {
             let entries: Vec<&Map<String, Value>> = queue.iter().map(|q| &q.entry).collect();
             let c = self.chain(&entries)?;
             let intents = queue.iter().filter(|q| matches!(q.kind, EntryKind::Intent(_))).count() as u64;
+            self.awaiting.retain(|_, at| at.elapsed() < AWAITING_LIMIT);
             let outcomes = (self.awaiting.len() as u64 + intents + 1) * OUTCOME_RESERVE;
             self.reserve(c.bytes.len() as u64 + outcomes)?;
             Ok(c)
@@ -1055,7 +1081,7 @@ impl Writer {
                 for q in queue.drain(..) {
                     match &q.kind {
                         EntryKind::Intent(id) => {
-                            self.awaiting.insert(id.clone());
+                            self.awaiting.insert(id.clone(), Instant::now());
                         }
                         EntryKind::Outcome(id) => {
                             self.awaiting.remove(id);

@@ -163,8 +163,19 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_else(Peer::local);
     let slot = AuditSlot::default();
     let audit = state.service.audit().clone();
-    let mut ctx = Ctx { id: id.clone(), operation: format!("{method} (no route)"), resolved: false };
-    let outcome = run(&state, req, &peer, &slot, &mut ctx).instrument(span.clone()).await;
+    let ctx = Ctx { id: id.clone(), operation: format!("{method} (no route)"), resolved: false };
+    // Owes the outcome entry of a request dropped half way (its client went away) once
+    // its intent was queued: an intent without an outcome would keep room reserved for
+    // it for good.
+    let mut owed = OwedOutcome {
+        ctx,
+        peer: peer.clone(),
+        path: path.clone(),
+        slot: slot.clone(),
+        audit: audit.clone(),
+        armed: true,
+    };
+    let outcome = run(&state, req, &peer, &slot, &mut owed.ctx).instrument(span.clone()).await;
     let mut resp = match outcome {
         Ok(reply) => render_reply(reply, &id),
         Err(e) => e.into_response(),
@@ -190,9 +201,12 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     }
     let status = resp.status();
     let reason = resp.extensions().get::<error::AuditReason>().map(|r| r.0);
-    let entry = audit_entry(&ctx, &peer, &path, status, reason, &slot);
+    let entry = audit_entry(&owed.ctx, &peer, &path, status, reason, &slot);
     let kind = if had_intent { EntryKind::Outcome(id.clone()) } else { EntryKind::Plain };
     let events = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).events);
+    // Queued at the first poll of the append below: from here the outcome is not owed.
+    owed.armed = false;
+    let ctx = &owed.ctx;
     if let Err(e) = audit.append_with_events(events, entry, kind).await {
         span.in_scope(|| tracing::error!(error = %e, "audit entry not written: refusing the reply"));
         resp = ApiError::from(e).into_response();
@@ -218,6 +232,29 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// The outcome entry of a request that is dropped (its client went away, hyper drops
+/// the handler) after its intent was queued: written as `cancelled` (status 499), since
+/// its change may or may not have been made. Disarmed once the request queues its own.
+struct OwedOutcome {
+    ctx: Ctx,
+    peer: Peer,
+    path: String,
+    slot: AuditSlot,
+    audit: Arc<crate::audit::AuditLog>,
+    armed: bool,
+}
+
+impl Drop for OwedOutcome {
+    fn drop(&mut self) {
+        if !self.armed || !self.slot.lock().unwrap_or_else(|p| p.into_inner()).intent_queued {
+            return;
+        }
+        let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+        let entry = audit_entry(&self.ctx, &self.peer, &self.path, status, Some("cancelled"), &self.slot);
+        self.audit.append_detached(entry, EntryKind::Outcome(self.ctx.id.clone()));
+    }
 }
 
 /// What the audit entry of a request needs from its handling.
@@ -294,6 +331,8 @@ fn audit_entry(
     let a = slot.lock().unwrap_or_else(|p| p.into_inner());
     let outcome = match status.as_u16() {
         200..=399 => "ok",
+        // The client went away before the request finished (see `OwedOutcome`).
+        499 => "cancelled",
         401 | 403 | 429 => "denied",
         400..=499 => "refused",
         _ => "error",
