@@ -426,6 +426,26 @@ pub async fn tls_connect(
     connector.connect(name, tcp).await.unwrap()
 }
 
+/// A TLS connection to `addr` that negotiated HTTP/2 by ALPN (the test speaks it by hand).
+pub async fn tls_connect_h2(addr: &str, ca: &Path) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in keyvault::tls::load_certs(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(keyvault::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()), "the server offers h2");
+    stream
+}
+
 /// Read from `stream` until the server closes it (or `within` passes); returns what was
 /// read and whether it closed in time.
 pub async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> (Vec<u8>, bool) {

@@ -238,6 +238,95 @@ async fn every_connection_is_bounded_in_time_and_number() {
     assert!((1..=10).contains(&refusals), "refusals are logged at most once a second: {refusals}");
 }
 
+/// Write `next(i)` for i = 0, 1, ... every `every`, reading whatever the server sends,
+/// until the server closes the connection (true) or `within` passes (false).
+async fn kept_open_by(
+    conn: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    mut next: impl FnMut(usize) -> Option<Vec<u8>>,
+    every: Duration,
+    within: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut i = 0;
+    while started.elapsed() < within {
+        if let Some(chunk) = next(i)
+            && (conn.write_all(&chunk).await.is_err() || conn.flush().await.is_err())
+        {
+            return true;
+        }
+        i += 1;
+        let until = tokio::time::Instant::now() + every;
+        loop {
+            match tokio::time::timeout_at(until, conn.read(&mut buf)).await {
+                Err(_) => break,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+    false
+}
+
+/// The protocol served is the one ALPN chose, and on HTTP/2 only requests keep a
+/// connection open, not bytes: an HTTP/1.1 head trickled on a connection that
+/// negotiated h2, a client that only sends PINGs (which the server answers), and a
+/// HEADERS frame that never ends are all closed (header and idle timeouts of 1 s; each
+/// client keeps sending for up to 8 s). Before, each held its connection for as long as
+/// it kept sending a byte now and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_kept_open_by_requests_not_by_bytes() {
+    let s = TestServer::start(ServerOptions {
+        listener_extra: "header_timeout = \"1s\"\nidle_timeout = \"1s\"".into(),
+        ..Default::default()
+    });
+    let (every, within) = (Duration::from_millis(300), Duration::from_secs(8));
+    let head = b"GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut h1 = keyvault_tests::tls_connect_h2(&s.addr, &s.server_ca_file).await;
+    assert!(
+        kept_open_by(&mut h1, |i| head.get(i).map(|b| vec![*b]), every, within).await,
+        "HTTP/1.1 trickled over h2 is cut off"
+    );
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    let start = [PREFACE.to_vec(), frame(4, 0, 0, &[])].concat();
+    let mut pings = keyvault_tests::tls_connect_h2(&s.addr, &s.server_ca_file).await;
+    let ping = frame(6, 0, 0, &[7; 8]);
+    assert!(
+        kept_open_by(&mut pings, |i| Some(if i == 0 { start.clone() } else { ping.clone() }), every, within).await,
+        "a client that only PINGs is closed"
+    );
+
+    // HEADERS without END_HEADERS, then CONTINUATION frames of one byte each (a literal
+    // header field, never finished).
+    let mut trickled = keyvault_tests::tls_connect_h2(&s.addr, &s.server_ca_file).await;
+    let headers = frame(1, 0x1, 1, &[0x00, 0x7f]);
+    assert!(
+        kept_open_by(
+            &mut trickled,
+            |i| Some(match i {
+                0 => [start.clone(), headers.clone()].concat(),
+                _ => frame(9, 0, 1, b"a"),
+            }),
+            every,
+            within
+        )
+        .await,
+        "a HEADERS frame trickled in is cut off"
+    );
+    // A real HTTP/2 client is served.
+    let r = s.client().send("GET", "sys/health", None, None).await;
+    assert_eq!(r.status, 200);
+}
+
 /// One HTTP/1.1 reply read off a raw connection (its head and `Content-Length` bytes).
 async fn read_reply(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     use tokio::io::AsyncReadExt;

@@ -165,9 +165,15 @@ static ACCEPT_FAILED: RateLimitedLog = RateLimitedLog::new();
 static OVER_LIMIT: RateLimitedLog = RateLimitedLog::new();
 
 /// What the watchdog of one connection reads: milliseconds since the connection started.
-#[derive(Default)]
 struct Clock {
-    /// When bytes last moved (for the idle timeout).
+    started: Instant,
+    /// Whether bytes moving count as activity (HTTP/1.1, whose request heads have a
+    /// timeout of their own). On HTTP/2 only requests do: a client's PINGs (which the
+    /// server answers) or a HEADERS frame trickled in never completing would otherwise
+    /// hold a connection for ever.
+    bytes_are_activity: bool,
+    /// When bytes last moved on HTTP/1.1, or a request started or ended (for the idle
+    /// timeout).
     last: AtomicU64,
     /// When the head of the request being received began (+1; 0: none is), for the
     /// header timeout: set by the first bytes read while no request is in flight (or at
@@ -179,17 +185,32 @@ struct Clock {
     head: AtomicU64,
 }
 
+impl Clock {
+    fn new(http1: bool) -> Clock {
+        Clock { started: Instant::now(), bytes_are_activity: http1, last: AtomicU64::new(0), head: AtomicU64::new(0) }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// A stream that notes when bytes move and when a request's head starts to arrive.
 struct ActivityIo<T> {
     inner: T,
-    started: Instant,
     clock: Arc<Clock>,
     in_flight: Arc<AtomicUsize>,
 }
 
 impl<T> ActivityIo<T> {
     fn touch(&self) {
-        self.clock.last.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if self.clock.bytes_are_activity {
+            self.clock.touch();
+        }
     }
 }
 
@@ -200,7 +221,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.touch();
             if self.in_flight.load(Ordering::SeqCst) == 0 {
-                let now = self.started.elapsed().as_millis() as u64 + 1;
+                let now = self.clock.now_ms() + 1;
                 let _ = self.clock.head.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
             }
         }
@@ -227,19 +248,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 }
 
 /// Counts a request in flight on its connection until its handler returns.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<AtomicUsize>, Arc<Clock>);
 
 impl InFlight {
     /// A request reached the service: its head is complete.
-    fn new(counter: &Arc<AtomicUsize>, clock: &Clock) -> Self {
+    fn new(counter: &Arc<AtomicUsize>, clock: &Arc<Clock>) -> Self {
         counter.fetch_add(1, Ordering::SeqCst);
         clock.head.store(0, Ordering::SeqCst);
-        InFlight(counter.clone())
+        clock.touch();
+        InFlight(counter.clone(), clock.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.1.touch();
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -317,7 +340,7 @@ pub async fn serve(
             let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
             let in_flight: Arc<AtomicUsize> = Arc::default();
             let counter = in_flight.clone();
-            let clock = Arc::new(Clock::default());
+            let clock = Arc::new(Clock::new(http1));
             if http1 {
                 // The first request's head is due from the start.
                 clock.head.store(1, Ordering::SeqCst);
@@ -336,8 +359,10 @@ pub async fn serve(
                         r
                     }
                 });
-            let started = Instant::now();
-            let io = ActivityIo { inner: stream, started, clock: clock.clone(), in_flight: in_flight.clone() };
+            let io = ActivityIo { inner: stream, clock: clock.clone(), in_flight: in_flight.clone() };
+            // The protocol ALPN chose, and only it: the timeouts above assume it (left
+            // to itself, the builder serves HTTP/1.1 on a connection that negotiated h2).
+            let builder = if http1 { builder.http1_only() } else { builder.http2_only() };
             let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
             tokio::pin!(conn);
             let mut tick =
@@ -367,7 +392,7 @@ pub async fn serve(
                                 }
                             }
                             None => {
-                                let now = started.elapsed().as_millis() as u64;
+                                let now = clock.now_ms();
                                 let idle_ms = now.saturating_sub(clock.last.load(Ordering::Relaxed));
                                 let head = clock.head.load(Ordering::SeqCst);
                                 let head_ms = if head == 0 { 0 } else { now.saturating_sub(head - 1) };
