@@ -759,6 +759,42 @@ mod tests {
         }
     }
 
+    /// Secret paths of the longest length (512 bytes) can be written, read, destroyed,
+    /// pruned and deleted in both engines: the set-aside name a removal looks up fits a
+    /// store key. Before, it was the record key in hex, over 1,024 bytes for paths over
+    /// about 472 bytes, and every removal that looked for it failed (a destroyed
+    /// version's secret could never be deleted, nor written past `max_versions`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_longest_paths_can_be_destroyed_pruned_and_deleted() {
+        let keyed = Keyed::new().await;
+        let (store, barrier) = (keyed.store.clone(), keyed.barrier());
+        for (kv2, name) in [(false, "v1"), (true, "v2")] {
+            let secrets = if kv2 {
+                Secrets::kv2(store.clone(), barrier.clone(), 2)
+            } else {
+                Secrets::new(store.clone(), barrier.clone(), 2)
+            };
+            let long = format!("{name}/{}", "p".repeat(keyvault_api::secret::MAX_PATH_LEN - name.len() - 1));
+            let path = SecretPath::parse(&long).unwrap();
+            assert_eq!(path.as_str().len(), keyvault_api::secret::MAX_PATH_LEN);
+            assert!(usage::set_aside_key(&secrets.data_key(&path, u64::MAX)).len() <= crate::store::MAX_KEY_LEN);
+            secrets.write(&path, br#"{"v":"1"}"#).await.unwrap();
+            secrets.write(&path, br#"{"v":"2"}"#).await.unwrap();
+            secrets.destroy(&path, &[1]).await.unwrap();
+            // Pruning past max_versions (2) removes the destroyed version 1.
+            secrets.write(&path, br#"{"v":"3"}"#).await.unwrap();
+            secrets.delete_latest(&path).await.unwrap();
+            for i in 4..=6 {
+                secrets.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
+            }
+            assert_eq!(&secrets.read(&path, None).await.unwrap().data[..], br#"{"v":"6"}"#);
+            secrets.delete_all(&path).await.unwrap();
+            assert!(secrets.metadata(&path).await.unwrap().is_none(), "{name}: deleted");
+        }
+        let left = store.scan_prefix(DATA_PREFIX, None, 100).await.unwrap();
+        assert!(left.is_empty(), "no record left: {}", left.len());
+    }
+
     /// A writer that read the metadata before a version was written and deleted (which
     /// frees that version's slot) claims the freed slot, and a delete of the whole secret
     /// runs between its claim and its recording. The write answers with a version that

@@ -105,8 +105,17 @@ pub struct SetAside {
     pub set_aside_at: u64,
 }
 
+/// Where the copy of the record under `record_key` is kept: the key in hex, or, when that
+/// would be longer than a store key may be (a secret path near its 512 bytes), the
+/// SHA-256 of the key (`sha256-<hex>`, which no hex name can be). The record's key is
+/// inside the entry either way.
 pub fn set_aside_key(record_key: &str) -> String {
-    format!("{SET_ASIDE_PREFIX}{}", hex::encode(record_key.as_bytes()))
+    let plain = format!("{SET_ASIDE_PREFIX}{}", hex::encode(record_key.as_bytes()));
+    if plain.len() <= crate::store::MAX_KEY_LEN {
+        return plain;
+    }
+    use sha2::Digest;
+    format!("{SET_ASIDE_PREFIX}sha256-{}", hex::encode(sha2::Sha256::digest(record_key.as_bytes())))
 }
 
 /// Every record set aside.
