@@ -104,6 +104,13 @@ async fn engine_settings_round_trip_and_custom_metadata_there_is_a_warning() {
     assert_eq!(r.body["data"], json!({"cas_required": true, "delete_version_after": "1h0m0s", "max_versions": 3}));
     // Wrong types and unreadable durations are 400 and change nothing.
     ok(c.post("kv/config", Some(&root), json!({"max_versions": "many"})).await, 400);
+    // At most 1,000 versions kept, for the engine and for a secret (every write rewrites
+    // the list of them all).
+    ok(c.post("kv/config", Some(&root), json!({"max_versions": 1001})).await, 400);
+    ok(c.post("kv/config", Some(&root), json!({"max_versions": u64::MAX})).await, 400);
+    ok(c.post("kv/metadata/capped", Some(&root), json!({"max_versions": 1001})).await, 400);
+    ok(c.get("kv/metadata/capped", &root).await, 404);
+    ok(c.post("kv/metadata/capped", Some(&root), json!({"max_versions": 1000})).await, 204);
     ok(c.post("kv/config", Some(&root), json!({"delete_version_after": "soon"})).await, 400);
     ok(c.send("POST", "kv/config", Some(&root), Some(b"{\"max_versions\": 5".to_vec())).await, 400);
     let r = ok(c.get("kv/config", &root).await, 200);
@@ -184,4 +191,36 @@ async fn a_rotation_rewraps_version_2_records_and_retires_the_old_key() {
         let r = ok(c.get(&format!("kv/data/r{i}"), &root).await, 200);
         assert_eq!(r.body["data"]["data"]["n"], i.to_string());
     }
+}
+
+/// The mount's `delete_version_after` applies to every secret, the shorter of it and the
+/// secret's own when both are set (as in Vault): past it a version reads as deleted (404
+/// with its metadata), and patch and subkeys find nothing. Before, only the secret's own
+/// setting was applied, while the metadata showed the mount's.
+#[tokio::test]
+async fn the_mounts_delete_version_after_deletes_versions() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    ok(c.put("kv/data/plain", &root, json!({"data": {"a": "1"}})).await, 200);
+    ok(c.put("kv/data/own", &root, json!({"data": {"a": "1"}})).await, 200);
+    ok(c.post("kv/metadata/own", Some(&root), json!({"delete_version_after": "1h"})).await, 204);
+    ok(c.put("kv/data/kept", &root, json!({"data": {"a": "1"}})).await, 200);
+    ok(c.post("kv/config", Some(&root), json!({"delete_version_after": "1s"})).await, 204);
+    let m = ok(c.get("kv/metadata/own", &root).await, 200);
+    assert_eq!(m.body["data"]["delete_version_after"], "1s", "the shorter applies");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for path in ["plain", "own"] {
+        let r = ok(c.get(&format!("kv/data/{path}"), &root).await, 404);
+        assert_eq!(r.body["data"]["metadata"]["version"], 1, "{path}: {r:?}");
+        assert!(r.body["data"]["data"].is_null(), "{path}");
+        ok(c.get(&format!("kv/subkeys/{path}"), &root).await, 404);
+        let patch =
+            c.send("PATCH", &format!("kv/data/{path}"), Some(&root), Some(br#"{"data": {"b": "2"}}"#.to_vec())).await;
+        assert_eq!(patch.status, 404, "{path}: {patch:?}");
+    }
+    // Off again (0): versions are served.
+    ok(c.post("kv/config", Some(&root), json!({"delete_version_after": "0s"})).await, 204);
+    let r = ok(c.get("kv/data/kept", &root).await, 200);
+    assert_eq!(r.body["data"]["data"]["a"], "1");
 }

@@ -86,8 +86,12 @@ pub struct SecretMeta {
 pub struct WriteOptions {
     /// Check-and-set: write only if the current version is this one (0: no secret yet).
     pub cas: Option<u64>,
-    /// Keep at most this many versions (else the secret's setting, else the engine's).
+    /// The mount's limit of versions kept, for a secret that sets none (its own setting,
+    /// read when the write is recorded, wins; else the engine's).
     pub max_versions: Option<usize>,
+    /// The mount requires check-and-set (so does a secret whose metadata says so, read
+    /// when the write is recorded).
+    pub cas_required: bool,
 }
 
 /// A change of a secret's settings (KV version 2 `metadata`); `None` leaves one as is.
@@ -175,9 +179,19 @@ pub fn validate_value(body: &[u8]) -> Result<()> {
 
 pub use crate::json::json_error_category;
 
-/// Whether a version counts as deleted by its secret's `delete_version_after`.
-pub fn expired(meta: &SecretMeta, v: &VersionMeta) -> bool {
-    let Some(after) = meta.delete_version_after else { return false };
+/// The `delete_version_after` that applies to a secret: its own and the mount's, the
+/// shorter of the two when both are set (as in Vault).
+pub fn delete_after(meta: &SecretMeta, mount: Option<u64>) -> Option<u64> {
+    match (meta.delete_version_after, mount) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether a version counts as deleted by the `delete_version_after` that applies (see
+/// [`delete_after`]).
+pub fn expired(meta: &SecretMeta, v: &VersionMeta, mount: Option<u64>) -> bool {
+    let Some(after) = delete_after(meta, mount) else { return false };
     let Ok(created) = humantime::parse_rfc3339_weak(&v.created_time) else { return false };
     created.checked_add(std::time::Duration::from_secs(after)).is_some_and(|t| t <= std::time::SystemTime::now())
 }
@@ -274,6 +288,10 @@ impl Secrets {
         let cas_mismatch = || Error::Conflict("check-and-set parameter did not match the current version".into());
         let written_concurrently =
             || Error::Conflict(format!("{} is being written concurrently; retry", path.as_str()));
+        let cas_required = || Error::invalid("check-and-set parameter required for this call");
+        if opts.cas.is_none() && (opts.cas_required || meta.cas_required) {
+            return Err(cas_required());
+        }
         if opts.cas.is_some_and(|cas| cas != meta.current_version) {
             return Err(cas_mismatch());
         }
@@ -321,6 +339,12 @@ impl Secrets {
                     self.destroy_record(&key).await?;
                     return Err(cas_mismatch());
                 }
+                // The settings as they are now, not as they were when the write began: a
+                // secret made to require check-and-set meanwhile refuses this write.
+                if opts.cas.is_none() && meta.cas_required {
+                    self.destroy_record(&key).await?;
+                    return Err(cas_required());
+                }
                 // One number is never recorded for two values: if the metadata lists it
                 // already (a version removed earlier freed its slot, and this writer
                 // claimed it on an older view), this record gives the slot up and the
@@ -343,7 +367,9 @@ impl Secrets {
                 meta.current_version = meta.current_version.max(version);
                 meta.created_time.get_or_insert_with(|| vmeta.created_time.clone());
                 meta.updated_time = Some(vmeta.created_time.clone());
-                let max = opts.max_versions.or(meta.max_versions).unwrap_or(self.max_versions).max(1);
+                // The secret's own limit as recorded now (a raise made while this write ran
+                // must not prune what it keeps), else the mount's, else the engine's.
+                let max = meta.max_versions.or(opts.max_versions).unwrap_or(self.max_versions).max(1);
                 let mut pruned = Vec::new();
                 while meta.versions.len() > max {
                     if let Some((old, _)) = meta.versions.pop_first() {
@@ -461,7 +487,17 @@ impl Secrets {
 
     /// Read a version (default: the current one).
     pub async fn read(&self, path: &SecretPath, version: Option<u64>) -> Result<SecretVersion> {
-        match self.lookup(path, version).await? {
+        self.read_with(path, version, None).await
+    }
+
+    /// [`Secrets::read`] under a mount's `delete_version_after` as well as the secret's.
+    pub async fn read_with(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+        mount_delete_after: Option<u64>,
+    ) -> Result<SecretVersion> {
+        match self.lookup(path, version, mount_delete_after).await? {
             Found::Value(_, v) => Ok(v),
             Found::Deleted(_, version) => {
                 Err(Error::NotFound(format!("version {version} of {} is deleted", path.as_str())))
@@ -473,7 +509,14 @@ impl Secrets {
     /// A secret's metadata and a version's value (default: the current version), in one
     /// store query where the store can (PostgreSQL: the metadata and the newest record
     /// together; an older version's record is a second query).
-    pub async fn lookup(&self, path: &SecretPath, version: Option<u64>) -> Result<Found> {
+    /// A version past the `delete_version_after` that applies (the secret's, or
+    /// `mount_delete_after`, the shorter) is deleted.
+    pub async fn lookup(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+        mount_delete_after: Option<u64>,
+    ) -> Result<Found> {
         let meta_key = self.meta_key(path);
         let records = format!("{DATA_PREFIX}{}{VERSION_SEP}", self.full(path));
         let (raw, newest) = self.store.get_and_last_under(&meta_key, &records).await?;
@@ -485,7 +528,7 @@ impl Secrets {
         let Some(vmeta) = meta.versions.get(&version) else {
             return Ok(Found::NoVersion(meta, version));
         };
-        if vmeta.deletion_time.is_some() || vmeta.destroyed || expired(&meta, vmeta) {
+        if vmeta.deletion_time.is_some() || vmeta.destroyed || expired(&meta, vmeta, mount_delete_after) {
             return Ok(Found::Deleted(meta, version));
         }
         let key = self.data_key(path, version);
@@ -793,6 +836,37 @@ mod tests {
         }
         let left = store.scan_prefix(DATA_PREFIX, None, 100).await.unwrap();
         assert!(left.is_empty(), "no record left: {}", left.len());
+    }
+
+    /// A write applies the secret's settings as recorded when it commits, not as its
+    /// caller saw them: with `max_versions` raised from 2 to 50 while it ran (its caller
+    /// passing the mount's 2), it keeps all 13 versions; before, the limit the engine had
+    /// read first pruned them to 2, destroying versions others wrote after the raise. A
+    /// secret made to require check-and-set refuses a write without one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_applies_the_settings_recorded_when_it_commits() {
+        let keyed = Keyed::new().await;
+        let secrets = Secrets::kv2(keyed.store.clone(), keyed.barrier(), 10);
+        let path = SecretPath::parse("app/settings").unwrap();
+        secrets.update_metadata(&path, MetaUpdate { max_versions: Some(2), ..Default::default() }).await.unwrap();
+        for i in 0..2 {
+            secrets.write(&path, format!(r#"{{"v":{i}}}"#).as_bytes()).await.unwrap();
+        }
+        secrets.update_metadata(&path, MetaUpdate { max_versions: Some(50), ..Default::default() }).await.unwrap();
+        for i in 2..12 {
+            secrets.write(&path, format!(r#"{{"v":{i}}}"#).as_bytes()).await.unwrap();
+        }
+        let opts = WriteOptions { max_versions: Some(2), ..Default::default() };
+        secrets.write_with(&path, br#"{"v":12}"#, opts).await.unwrap();
+        assert_eq!(secrets.metadata(&path).await.unwrap().unwrap().versions.len(), 13);
+
+        secrets.update_metadata(&path, MetaUpdate { cas_required: Some(true), ..Default::default() }).await.unwrap();
+        match secrets.write_with(&path, br#"{"v":13}"#, WriteOptions::default()).await {
+            Err(Error::InvalidRequest(m)) => assert!(m.contains("check-and-set"), "{m}"),
+            other => panic!("a write without check-and-set is refused: {other:?}"),
+        }
+        let cas = WriteOptions { cas: Some(13), ..Default::default() };
+        assert_eq!(secrets.write_with(&path, br#"{"v":13}"#, cas).await.unwrap().0, 14);
     }
 
     /// A writer that read the metadata before a version was written and deleted (which

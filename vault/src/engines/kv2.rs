@@ -189,6 +189,19 @@ fn check_custom(m: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// The most versions a secret may keep: every write rewrites its metadata, which lists
+/// them all, and `GET kv/metadata` answers them all.
+pub const MAX_VERSIONS_LIMIT: usize = 1000;
+
+fn check_max_versions(m: Option<usize>) -> Result<()> {
+    match m {
+        Some(m) if m > MAX_VERSIONS_LIMIT => {
+            Err(Error::invalid(format!("max_versions must be at most {MAX_VERSIONS_LIMIT}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn version_metadata(meta: &SecretMeta, version: u64, v: &VersionMeta) -> VersionMetadata {
     VersionMetadata {
         created_time: v.created_time.clone(),
@@ -242,10 +255,8 @@ impl Kv2 {
     async fn write_value(&self, path: &SecretPath, value: &[u8], cas: Option<u64>) -> Result<Reply> {
         let config = self.config().await?;
         let meta = self.secrets.metadata(path).await?.unwrap_or_default();
-        if (config.cas_required || meta.cas_required) && cas.is_none() {
-            return Err(Error::invalid("check-and-set parameter required for this call"));
-        }
-        let opts = WriteOptions { cas, max_versions: meta.max_versions.or(config.max_versions) };
+        // The secret's own settings are read again when the write is recorded.
+        let opts = WriteOptions { cas, max_versions: config.max_versions, cas_required: config.cas_required };
         let (version, vmeta) = self.secrets.write_with(path, value, opts).await?;
         Reply::data(&version_metadata(&meta, version, &vmeta))
     }
@@ -259,7 +270,8 @@ impl Kv2 {
             return Err(Error::invalid("versions start at 1"));
         }
         // One store query for the metadata and the current version's record (PostgreSQL).
-        let (meta, version, secret) = match self.secrets.lookup(&path, q.version).await? {
+        let mount_delete_after = self.config().await?.delete_version_after;
+        let (meta, version, secret) = match self.secrets.lookup(&path, q.version, mount_delete_after).await? {
             Found::NoSecret => return Err(Error::NotFound(format!("no secret at {}", path.as_str()))),
             Found::NoVersion(_, version) => {
                 return Err(Error::NotFound(format!("no version {version} of {}", path.as_str())));
@@ -300,7 +312,8 @@ impl Kv2 {
             options: Option<keyvault_api::kv2::WriteOptions>,
         }
         let mut body: PatchBody = req.data()?;
-        let current = self.secrets.read(&path, None).await?;
+        let mount_delete_after = self.config().await?.delete_version_after;
+        let current = self.secrets.read_with(&path, None, mount_delete_after).await?;
         let mut value: serde_json::Value =
             serde_json::from_slice(&current.data).map_err(|e| Error::Internal(format!("stored value: {e}")))?;
         merge_patch(&mut value, &body.data);
@@ -337,7 +350,7 @@ impl Kv2 {
             created_time: meta.created_time.clone().unwrap_or_default(),
             current_version: meta.current_version,
             custom_metadata: (!meta.custom_metadata.is_empty()).then(|| meta.custom_metadata.clone()),
-            delete_version_after: duration_text(meta.delete_version_after.or(config.delete_version_after)),
+            delete_version_after: duration_text(crate::secrets::delete_after(&meta, config.delete_version_after)),
             max_versions: meta.max_versions.unwrap_or(0),
             oldest_version: meta.versions.keys().next().copied().unwrap_or(0),
             updated_time: meta.updated_time.clone().unwrap_or_default(),
@@ -349,6 +362,7 @@ impl Kv2 {
         if let Some(c) = &s.custom_metadata {
             check_custom(c)?;
         }
+        check_max_versions(s.max_versions)?;
         Ok(MetaUpdate {
             max_versions: s.max_versions,
             cas_required: s.cas_required,
@@ -380,6 +394,7 @@ impl Engine for Kv2 {
             }
             ("config", _) => {
                 let s: ConfigSettings = req.data()?;
+                check_max_versions(s.max_versions)?;
                 let delete_after = s.delete_version_after.as_deref().map(parse_duration).transpose()?;
                 // Each write changes only the settings it names, on the latest stored
                 // ones: concurrent writes of different settings all hold.
@@ -448,7 +463,8 @@ impl Engine for Kv2 {
             ("subkeys/{*path}", _) => {
                 let path = Self::path(req)?;
                 let q: ReadQuery = req.query()?;
-                let secret = self.secrets.read(&path, q.version).await?;
+                let mount_delete_after = self.config().await?.delete_version_after;
+                let secret = self.secrets.read_with(&path, q.version, mount_delete_after).await?;
                 let meta = self.secrets.metadata(&path).await?.unwrap_or_default();
                 let mut value: serde_json::Value =
                     serde_json::from_slice(&secret.data).map_err(|e| Error::Internal(format!("stored value: {e}")))?;
