@@ -16,7 +16,7 @@ mod sled_engine;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 
-pub use postgres::{PostgresOptions, PostgresStore, bound_in_time};
+pub use postgres::{PostgresOptions, PostgresStore, SCAN_STATEMENT, bound_in_time};
 pub use sled_engine::SledStore;
 
 /// Why a storage call failed. Messages never include values.

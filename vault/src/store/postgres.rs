@@ -110,11 +110,24 @@ const RENEW: &str = concat!(
 const DELETE_IF: &str = concat!("DELETE FROM keyvault_kv WHERE key = $1 AND value = $2 AND ", live!());
 /// Deletes the key; returns whether the row was live.
 const DELETE: &str = concat!("DELETE FROM keyvault_kv WHERE key = $1 RETURNING ", live!());
+/// A page of the keys in [$1, $4) after $2. The range's end, not `starts_with` alone,
+/// bounds the index scan: a prepared statement's generic plan cannot turn
+/// `starts_with($1)` into a range, so a prefix with fewer than `$3` keys read the rest
+/// of the table.
 const SCAN: &str = concat!(
+    "SELECT key, value FROM keyvault_kv WHERE key >= $1 AND key > $2 AND key < $4 AND starts_with(key, $1) AND ",
+    live!(),
+    " ORDER BY key LIMIT $3"
+);
+/// [`SCAN`] for a prefix with no range end (empty, or ending in a non-ASCII character).
+const SCAN_TO_END: &str = concat!(
     "SELECT key, value FROM keyvault_kv WHERE key >= $1 AND key > $2 AND starts_with(key, $1) AND ",
     live!(),
     " ORDER BY key LIMIT $3"
 );
+/// The scan statement, for a test of its plan (`tests/tests/postgres.rs`).
+#[doc(hidden)]
+pub const SCAN_STATEMENT: &str = SCAN;
 /// One batch of the purge of expired entries: small enough to finish well within the
 /// statement timeout whatever the backlog, and skipping rows another replica's purge holds
 /// (no lock waits between replicas purging at once).
@@ -426,7 +439,11 @@ impl Store for PostgresStore {
             _ => "",
         };
         let limit = limit.min(i64::MAX as usize) as i64;
-        let rows = c.query(&prepared(&c, SCAN).await?, &[&prefix, &start, &limit]).await.map_err(unavailable)?;
+        let rows = match prefix_end(prefix) {
+            Ok(end) => c.query(&prepared(&c, SCAN).await?, &[&prefix, &start, &limit, &end]).await,
+            Err(_) => c.query(&prepared(&c, SCAN_TO_END).await?, &[&prefix, &start, &limit]).await,
+        }
+        .map_err(unavailable)?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
