@@ -37,6 +37,31 @@ pub struct CreateKey {
     /// Refused when true: no key leaves the HSM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_plaintext_backup: Option<bool>,
+    /// Refused unless 0: keys are rotated by `keys/<name>/rotate` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rotate_period: Option<Period>,
+}
+
+/// A period as Vault takes it: seconds, or a duration text (`"24h"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum Period {
+    Seconds(u64),
+    Text(String),
+}
+
+impl Period {
+    /// Whether it says "never" (0, `"0"`, `"0s"`, empty).
+    pub fn is_zero(&self) -> bool {
+        match self {
+            Period::Seconds(s) => *s == 0,
+            Period::Text(t) => {
+                let digits = t.trim().trim_end_matches(['s', 'm', 'h']);
+                digits.is_empty() || digits.bytes().all(|b| b == b'0')
+            }
+        }
+    }
 }
 
 /// `POST /v1/transit/keys/<name>/config`.
@@ -47,6 +72,17 @@ pub struct KeyConfig {
     pub min_decryption_version: Option<u32>,
     #[serde(default)]
     pub deletion_allowed: Option<bool>,
+    /// Vault's fields that would change what the key does: refused unless they ask for
+    /// nothing (0 or false). There is no automatic rotation, every version encrypts
+    /// until rotated, and no key leaves the HSM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_rotate_period: Option<Period>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_encryption_version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exportable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plaintext_backup: Option<bool>,
 }
 
 /// One version of a key as `GET` shows it: its creation time, or for Ed25519 keys also

@@ -198,8 +198,37 @@ async fn transit_refuses_derivation_and_export_rather_than_ignoring_them() {
         let r = ok(c.post("transit/keys/refused", Some(&root), json!({ field: true })).await, 400);
         assert!(r.body["errors"][0].as_str().unwrap().contains(field), "{r:?}");
     }
+    let r = ok(c.post("transit/keys/refused", Some(&root), json!({"auto_rotate_period": "24h"})).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("auto_rotate_period"), "{r:?}");
     assert_eq!(c.get("transit/keys/refused", &root).await.status, 404, "no key was made");
-    ok(c.post("transit/keys/t", Some(&root), json!({"derived": false, "exportable": false})).await, 200);
+    ok(
+        c.post("transit/keys/t", Some(&root), json!({"derived": false, "exportable": false, "auto_rotate_period": 0}))
+            .await,
+        200,
+    );
+    // The settings of a key: an automatic rotation, a minimum encryption version or an
+    // export asked for are refused, not ignored with a warning (the key would not do
+    // what its owner believes); asking for none of them is fine.
+    for (field, value) in [
+        ("auto_rotate_period", json!("24h")),
+        ("auto_rotate_period", json!(3600)),
+        ("min_encryption_version", json!(1)),
+        ("exportable", json!(true)),
+        ("allow_plaintext_backup", json!(true)),
+    ] {
+        let r = ok(c.post("transit/keys/t/config", Some(&root), json!({ field: value })).await, 400);
+        assert!(r.body["errors"][0].as_str().unwrap().contains(field), "{field}: {r:?}");
+    }
+    let r = ok(
+        c.post(
+            "transit/keys/t/config",
+            Some(&root),
+            json!({"auto_rotate_period": "0s", "min_encryption_version": 0, "exportable": false, "deletion_allowed": false}),
+        )
+        .await,
+        200,
+    );
+    assert!(r.body["warnings"].is_null(), "{r:?}");
     ok(c.post("transit/keys/s", Some(&root), json!({"type": "ed25519"})).await, 200);
     let ct = ok(c.post("transit/encrypt/t", Some(&root), json!({"plaintext": b64(b"tenant A")})).await, 200).body
         ["data"]["ciphertext"]

@@ -105,10 +105,12 @@ pub fn parse_versioned(s: &str) -> Result<(u32, Vec<u8>)> {
     let bad = || Error::invalid("expected vault:v<N>:<base64>");
     let rest = s.strip_prefix("vault:v").ok_or_else(bad)?;
     let (v, b64) = rest.split_once(':').ok_or_else(bad)?;
-    let v: u32 = v.parse().map_err(|_| bad())?;
-    if v == 0 {
+    // One spelling per version: digits, no sign, no leading zero (`v+1`, `v01` are
+    // refused, so one ciphertext or signature has one text).
+    if !v.bytes().all(|b| b.is_ascii_digit()) || v.starts_with('0') {
         return Err(bad());
     }
+    let v: u32 = v.parse().map_err(|_| bad())?;
     let bytes = STANDARD.decode(b64).map_err(|_| Error::invalid("invalid base64 in the ciphertext or signature"))?;
     Ok((v, bytes))
 }
@@ -485,18 +487,21 @@ impl Transit {
 
     /// The verifying keys of every version at or above `min_decryption_version`.
     pub fn public_keys(key: &TransitKey) -> Result<Vec<(u32, VerifyingKey)>> {
-        let mut out = Vec::new();
-        for (v, meta) in key.versions.range(key.min_decryption_version..) {
-            let raw =
-                meta.public_key.as_deref().ok_or_else(|| Error::invalid("this key does not support verification"))?;
-            let raw: [u8; 32] = STANDARD
-                .decode(raw)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| Error::Internal(format!("stored public key of version {v} is corrupt")))?;
-            out.push((*v, VerifyingKey::from_bytes(&raw).map_err(|e| Error::Internal(format!("public key: {e}")))?));
-        }
-        Ok(out)
+        key.versions
+            .range(key.min_decryption_version..)
+            .map(|(v, meta)| Ok((*v, Self::public_key(*v, meta)?)))
+            .collect()
+    }
+
+    /// The verifying key of one version.
+    fn public_key(v: u32, meta: &KeyVersionMeta) -> Result<VerifyingKey> {
+        let raw = meta.public_key.as_deref().ok_or_else(|| Error::invalid("this key does not support verification"))?;
+        let raw: [u8; 32] = STANDARD
+            .decode(raw)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| Error::Internal(format!("stored public key of version {v} is corrupt")))?;
+        VerifyingKey::from_bytes(&raw).map_err(|e| Error::Internal(format!("public key: {e}")))
     }
 
     /// Verify a `vault:v<N>:` signature in process.
@@ -506,10 +511,66 @@ impl Transit {
         }
         let (v, sig) = parse_versioned(signature)?;
         Self::usable(key, v)?;
-        let Some((_, vk)) = Self::public_keys(key)?.into_iter().find(|(kv, _)| *kv == v) else {
+        // Only the version named is decoded: a key rotated a thousand times costs a
+        // verification no more than a new one.
+        let Some(meta) = key.versions.get(&v).filter(|_| v >= key.min_decryption_version) else {
             return Ok(false);
         };
+        let vk = Self::public_key(v, meta)?;
         let Ok(sig) = Signature::from_slice(&sig) else { return Ok(false) };
         Ok(vk.verify_strict(input, &sig).is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One text per version: a sign, a leading zero or no digits at all are refused.
+    #[test]
+    fn versioned_texts_have_one_spelling() {
+        assert_eq!(parse_versioned("vault:v12:AAAA").unwrap(), (12, vec![0, 0, 0]));
+        for bad in
+            ["vault:v+1:AAAA", "vault:v01:AAAA", "vault:v0:AAAA", "vault:v:AAAA", "vault:v-1:AAAA", "vault:v 1:AAAA"]
+        {
+            assert!(parse_versioned(bad).is_err(), "{bad}");
+        }
+        assert!(parse_versioned("vault:v4294967296:AAAA").is_err(), "past u32");
+    }
+
+    /// A verification decodes the public key of the version it names, not of every
+    /// version kept: with 5,000 versions whose other keys would not even decode, version
+    /// 1's signature verifies. (Before, every version's key was decoded per item.)
+    #[test]
+    fn a_verification_decodes_only_the_version_it_names() {
+        use ed25519_dalek::Signer;
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            1,
+            KeyVersionMeta {
+                creation_time: "2026-01-01T00:00:00Z".into(),
+                public_key: Some(STANDARD.encode(signer.verifying_key().as_bytes())),
+            },
+        );
+        for v in 2..=5000 {
+            versions.insert(
+                v,
+                KeyVersionMeta { creation_time: "2026-01-01T00:00:00Z".into(), public_key: Some("corrupt".into()) },
+            );
+        }
+        let key = TransitKey {
+            key_type: KeyType::Ed25519,
+            versions,
+            latest_version: 5000,
+            min_decryption_version: 1,
+            deletion_allowed: false,
+            operation: None,
+        };
+        let sig = format_versioned(1, &signer.sign(b"message").to_bytes());
+        assert!(Transit::verify(&key, b"message", &sig).unwrap());
+        assert!(!Transit::verify(&key, b"other", &sig).unwrap());
+        let below = TransitKey { min_decryption_version: 2, ..key };
+        assert!(Transit::verify(&below, b"message", &sig).is_err(), "below min_decryption_version");
     }
 }

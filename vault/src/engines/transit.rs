@@ -136,6 +136,9 @@ enum Op {
 /// Vault's fields that change what an operation means and that KeyVault does not
 /// support: refused, not ignored with a warning (a `context` that bound nothing would let
 /// a caller believe two tenants' ciphertexts are separated).
+const NO_AUTO_ROTATION: &str =
+    "auto_rotate_period is not supported: keys rotate by transit/keys/<name>/rotate only (run it on a schedule)";
+
 fn refuse_unsupported(context: Option<&str>, nonce: Option<&str>, prehashed: Option<bool>) -> Result<()> {
     if context.is_some_and(|c| !c.is_empty()) {
         return Err(Error::invalid(
@@ -301,6 +304,9 @@ impl Engine for TransitEngine {
                 if let Some((field, _, why)) = refused.iter().find(|(_, v, _)| *v == Some(true)) {
                     return Err(Error::invalid(format!("{field} is not supported: {why}")));
                 }
+                if b.auto_rotate_period.as_ref().is_some_and(|p| !p.is_zero()) {
+                    return Err(Error::invalid(NO_AUTO_ROTATION));
+                }
                 let k = self.transit.create(&name, b.key_type.unwrap_or(KeyType::Aes256Gcm96)).await?;
                 Reply::data(&key_info(&name, &k))
             }
@@ -315,6 +321,19 @@ impl Engine for TransitEngine {
             }
             ("keys/{name}/config", _) => {
                 let b: KeyConfig = req.data()?;
+                if b.auto_rotate_period.as_ref().is_some_and(|p| !p.is_zero()) {
+                    return Err(Error::invalid(NO_AUTO_ROTATION));
+                }
+                if b.min_encryption_version.is_some_and(|v| v != 0) {
+                    return Err(Error::invalid(
+                        "min_encryption_version is not supported: the latest version encrypts (rotate the key)",
+                    ));
+                }
+                if b.exportable == Some(true) || b.allow_plaintext_backup == Some(true) {
+                    return Err(Error::invalid(
+                        "exportable and allow_plaintext_backup are not supported: no key leaves the HSM",
+                    ));
+                }
                 let k = self.transit.configure(&name, b.min_decryption_version, b.deletion_allowed).await?;
                 Reply::data(&key_info(&name, &k))
             }
