@@ -175,3 +175,61 @@ async fn a_token_that_goes_away_and_comes_back_is_served_again() {
     .await;
     assert_eq!(health(&c).await, (200, Some("ok".into())));
 }
+
+/// The audit log's checkpoints are signed in the token; a token that fails, or hangs,
+/// does not stop the audit writer: requests that need no token call go on being served
+/// and audited (a checkpoint every 5 entries), the failure is logged, and once the token
+/// is back a checkpoint signs everything written meanwhile (`audit verify` passes).
+/// Before, a failed signature failed every batch past the checkpoint (503 for every
+/// request) and a hung one held every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_hung_token_does_not_stop_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    set(&fault, "");
+    let s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        hsm_extra: "call_timeout = \"1s\"".into(),
+        audit_extra: "checkpoint_every = 5".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    assert_eq!(c.put("secret/a", &root, json!({"value": "v"})).await.status, 200);
+    for mode in ["error sign_ed25519", "hang"] {
+        set(&fault, mode);
+        for i in 0..20 {
+            let r = tokio::time::timeout(Duration::from_secs(20), c.get("secret/a", &root))
+                .await
+                .unwrap_or_else(|_| panic!("{mode}: request {i} answered"));
+            assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some("v")), "{mode}: {r:?}");
+        }
+        set(&fault, "");
+    }
+    assert!(s.log_text().contains("audit checkpoint not signed"));
+    // Back: after the retry pause, a checkpoint again.
+    let before = std::fs::read_to_string(s.audit_log()).unwrap().lines().count();
+    let c2 = c.clone();
+    let root2 = root.clone();
+    let mut checkpointed = false;
+    for _ in 0..30 {
+        for _ in 0..5 {
+            assert_eq!(c2.get("secret/a", &root2).await.status, 200);
+        }
+        let text = std::fs::read_to_string(s.audit_log()).unwrap();
+        if text.lines().skip(before).any(|l| l.contains("\"type\":\"checkpoint\"")) {
+            checkpointed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(checkpointed, "a checkpoint once the token is back");
+    let key = s.export_audit_key();
+    let out = std::process::Command::new(keyvault_tests::keyvault_bin())
+        .args(["audit", "verify", "--live", "--public-key"])
+        .arg(&key)
+        .arg(s.audit_log())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -264,6 +264,8 @@ enum Job {
 /// How long a request whose change was made waits for its outcome entry when the disk
 /// fails, before it is answered 503 (the entry is still written when the disk recovers).
 const OUTCOME_WAIT: Duration = Duration::from_secs(30);
+/// After a checkpoint signature failed or timed out, the next is not tried for this long.
+const SIGN_RETRY: Duration = Duration::from_secs(10);
 /// Room kept on disk for the outcome entry of every request whose intent was written.
 const OUTCOME_RESERVE: u64 = 8 * 1024;
 /// An intent whose outcome has not come in this long no longer has room kept for it (its
@@ -623,6 +625,8 @@ struct Writer {
     /// Requests whose intent is on disk and whose outcome is not yet, with when the
     /// intent was written.
     awaiting: HashMap<String, Instant>,
+    /// A checkpoint signature failed or timed out: none is tried again before then.
+    sign_retry_at: std::cell::Cell<Option<Instant>>,
     incident: Option<Incident>,
     next_try: Instant,
     last_try: Instant,
@@ -716,6 +720,7 @@ impl Writer {
             reserved_end: 0,
             can_reserve: true,
             awaiting: HashMap::new(),
+            sign_retry_at: std::cell::Cell::new(None),
             incident: None,
             next_try: Instant::now(),
             last_try: Instant::now(),
@@ -832,7 +837,14 @@ impl Writer {
         }
         let message = chain::checkpoint_message(&c.head, c.seq + 1, is_final);
         let label = self.names.audit_signing();
-        let sig = self.keys.sign_ed25519(&label, &message).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let Some(sig) = self.sign_checkpoint(&label, message) else {
+            // The entries are written and chained without it; the next checkpoint signs
+            // them all.
+            if is_final {
+                tracing::warn!("stopping without a final audit checkpoint: the key store did not sign it");
+            }
+            return Ok(());
+        };
         let cp = event(
             "checkpoint",
             json!({"head": hex::encode(c.head), "final": is_final, "key": label.as_str(), "signature": STANDARD.encode(sig)}),
@@ -841,6 +853,35 @@ impl Writer {
         c.since_checkpoint = 0;
         c.checkpointed = true;
         Ok(())
+    }
+
+    /// Sign a checkpoint in the key store, through the token workers and within
+    /// `[hsm] call_timeout`: a failing or hung token must not stop the writer (every
+    /// request waits on it, those that need no token call too). A failure or a timeout is
+    /// logged, and no checkpoint is tried for [`SIGN_RETRY`]: entries are written meanwhile,
+    /// and the next checkpoint covers them.
+    fn sign_checkpoint(&self, label: &keyvault_hsm::KeyLabel, message: Vec<u8>) -> Option<[u8; 64]> {
+        if self.sign_retry_at.get().is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (keys, job_label) = (self.keys.clone(), label.clone());
+        let submitted = crate::token_workers::submit(Box::new(move || {
+            let _ = tx.send(keys.sign_ed25519(&job_label, &message));
+        }));
+        let limit = crate::token_workers::call_timeout();
+        let failure = match submitted.map(|()| rx.recv_timeout(limit)) {
+            Ok(Ok(Ok(sig))) => {
+                self.sign_retry_at.set(None);
+                return Some(sig);
+            }
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(_)) => format!("no answer within {} ms", limit.as_millis()),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %failure, "audit checkpoint not signed; entries are written without one until it can be");
+        self.sign_retry_at.set(Some(Instant::now() + SIGN_RETRY));
+        None
     }
 
     /// Write a chained batch and make it durable, or leave the file as it was.
