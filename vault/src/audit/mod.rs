@@ -658,13 +658,29 @@ fn read_tail(path: &Path) -> std::io::Result<Option<Tail>> {
     if len == 0 {
         return Ok(None);
     }
-    let start = len.saturating_sub(256 * 1024);
-    f.seek(SeekFrom::Start(start))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    // The last complete line ends at the last newline; anything after it is a torn write.
-    let Some(end) = buf.iter().rposition(|b| *b == b'\n') else { return Ok(None) };
-    let begin = buf[..end].iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+    // The last 256 KiB, or more until the last complete line is whole in what was read
+    // (a line longer than that: an older version wrote a request's method or path whole).
+    let mut window = 256 * 1024u64;
+    let (start, buf, end, begin) = loop {
+        let start = len.saturating_sub(window);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        // The last complete line ends at the last newline; anything after it is a torn
+        // write.
+        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+            if start == 0 {
+                return Ok(None);
+            }
+            window = window.saturating_mul(4);
+            continue;
+        };
+        match buf[..end].iter().rposition(|b| *b == b'\n') {
+            Some(i) => break (start, buf, end, i + 1),
+            None if start == 0 => break (start, buf, end, 0),
+            None => window = window.saturating_mul(4),
+        }
+    };
     let line: Value = serde_json::from_slice(&buf[begin..end]).map_err(std::io::Error::other)?;
     let head = line.get("hash").and_then(Value::as_str).and_then(chain::decode_hash);
     let seq = line.get("seq").and_then(Value::as_u64);
@@ -1269,4 +1285,33 @@ fn header(
         h.insert("continues".into(), hex::encode(c).into());
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tail of a log whose last line is longer than the first window read (an older
+    /// version wrote a request's method or path whole): found whole, not refused as a
+    /// torn line, and the torn write after it is cut.
+    #[test]
+    fn the_tail_is_found_behind_a_line_longer_than_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut entry = Map::new();
+        entry.insert("type".into(), "request".into());
+        let (first, head) = chain::seal(&entry, 1, &[0; 32]);
+        entry.insert("path".into(), "x".repeat(1024 * 1024).into());
+        let (long, head) = chain::seal(&entry, 2, &head);
+        let mut bytes = [first, long].concat();
+        let valid_len = bytes.len() as u64;
+        bytes.extend_from_slice(b"{\"torn");
+        std::fs::write(&path, &bytes).unwrap();
+
+        let tail = read_tail(&path).unwrap().expect("a tail");
+        assert_eq!(tail.seq, 2);
+        assert_eq!(tail.head, head);
+        assert_eq!(tail.valid_len, valid_len);
+        assert!(!tail.is_final_checkpoint);
+    }
 }

@@ -163,7 +163,7 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let peer = req.extensions().get::<Peer>().cloned().unwrap_or_else(Peer::local);
     let slot = AuditSlot::default();
     let audit = state.service.audit().clone();
-    let ctx = Ctx { id: id.clone(), operation: format!("{method} (no route)"), resolved: false };
+    let ctx = Ctx { id: id.clone(), operation: format!("{} (no route)", method_label(&method)), resolved: false };
     // Owes the outcome entry of a request dropped half way (its client went away) once
     // its intent was queued: an intent without an outcome would keep room reserved for
     // it for good.
@@ -194,6 +194,7 @@ async fn handle(State(state): State<AppState>, req: Request) -> Response {
     if intent_refused {
         // Refused before it ran because its intent could not be written: nothing happened,
         // and there is nothing more to write.
+        owed.armed = false;
         if let Ok(v) = HeaderValue::from_str(&id) {
             resp.headers_mut().insert("x-request-id", v);
         }
@@ -257,6 +258,27 @@ impl Drop for OwedOutcome {
     }
 }
 
+/// A request's method as its audit entry names it: any method hyper accepts can be
+/// hundreds of kilobytes long (a 405), and an audit line must stay short.
+fn method_label(method: &axum::http::Method) -> &str {
+    if method.as_str().len() <= 16 { method.as_str() } else { "(long method)" }
+}
+
+/// The most of a request's path an audit entry keeps (paths KeyVault serves are far
+/// shorter; a longer one is cut, marked with `...`).
+const AUDIT_PATH_MAX: usize = 4096;
+
+fn audit_path(path: &str) -> String {
+    if path.len() <= AUDIT_PATH_MAX {
+        return path.to_owned();
+    }
+    let mut end = AUDIT_PATH_MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &path[..end])
+}
+
 /// What the audit entry of a request needs from its handling.
 struct Ctx {
     id: String,
@@ -295,7 +317,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
             "intent",
             serde_json::json!({
                 "request_id": ctx.id, "remote": peer.remote.to_string(), "operation": ctx.operation,
-                "path": format!("/v1/{raw}"),
+                "path": audit_path(&format!("/v1/{raw}")),
             }),
         );
         let pending =
@@ -344,7 +366,7 @@ fn audit_entry(
             "request_id": ctx.id,
             "remote": peer.remote.to_string(),
             "operation": ctx.operation,
-            "path": path,
+            "path": audit_path(path),
             "status": status.as_u16(),
             "outcome": outcome,
             "reason": reason.map(str::to_owned).or_else(|| a.reason.clone()),
@@ -429,4 +451,25 @@ pub async fn serve(
     watcher.abort();
     audit.shutdown().await;
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An audit entry names a request's method and path in bounded space, whatever the
+    /// client sent (hyper accepts a method of any length; a path is bounded only by the
+    /// header limit).
+    #[test]
+    fn an_audit_entry_keeps_the_method_and_path_short() {
+        let long = axum::http::Method::from_bytes("X".repeat(300_000).as_bytes()).unwrap();
+        assert_eq!(method_label(&long), "(long method)");
+        assert_eq!(method_label(&axum::http::Method::PATCH), "PATCH");
+
+        let path = format!("/v1/secret/{}", "é".repeat(100_000));
+        let kept = audit_path(&path);
+        assert!(kept.len() <= AUDIT_PATH_MAX + 3, "{}", kept.len());
+        assert!(kept.ends_with("...") && path.starts_with(kept.trim_end_matches("...")));
+        assert_eq!(audit_path("/v1/secret/a"), "/v1/secret/a");
+    }
 }
