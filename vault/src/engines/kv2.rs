@@ -123,6 +123,22 @@ struct StoredConfig {
 pub struct Kv2 {
     secrets: Secrets,
     store: Arc<dyn Store>,
+    /// The mount's `delete_version_after` as reads apply it (see [`Kv2::read_settings`]).
+    read_settings: std::sync::Mutex<ReadSettings>,
+}
+
+/// How long a read applies the mount's `delete_version_after` as last fetched before it
+/// fetches it again: a change made on this replica applies at once, one made on another
+/// replica within this long (docs/api.md). A read is one storage query.
+const READ_SETTINGS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The mount's setting reads apply, when it was fetched, and the generation of the
+/// settings (bumped by each settings write here: a fetch that began before it does not
+/// replace what it wrote).
+#[derive(Debug, Default)]
+struct ReadSettings {
+    delete_version_after: Option<(std::time::Instant, Option<u64>)>,
+    generation: u64,
 }
 
 /// The body of a write: the value (kept as the raw text it came as) and its options.
@@ -215,7 +231,39 @@ fn version_metadata(meta: &SecretMeta, version: u64, v: &VersionMeta) -> Version
 impl Kv2 {
     fn new(core: &Arc<Core>) -> Self {
         let max = core.settings.secrets.max_versions;
-        Kv2 { secrets: Secrets::kv2(core.store.clone(), core.barrier.clone(), max), store: core.store.clone() }
+        Kv2 {
+            secrets: Secrets::kv2(core.store.clone(), core.barrier.clone(), max),
+            store: core.store.clone(),
+            read_settings: Default::default(),
+        }
+    }
+
+    /// The mount's `delete_version_after` for a read: as fetched within the last
+    /// [`READ_SETTINGS_RECHECK`], else fetched now.
+    async fn read_delete_after(&self) -> Result<Option<u64>> {
+        let generation = {
+            let r = self.read_settings.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, d)) = r.delete_version_after
+                && at.elapsed() < READ_SETTINGS_RECHECK
+            {
+                return Ok(d);
+            }
+            r.generation
+        };
+        let fetched_at = std::time::Instant::now();
+        let d = self.config().await?.delete_version_after;
+        let mut r = self.read_settings.lock().unwrap_or_else(|p| p.into_inner());
+        if r.generation == generation {
+            r.delete_version_after = Some((fetched_at, d));
+        }
+        Ok(d)
+    }
+
+    /// After a settings write: reads fetch the settings again.
+    fn settings_changed(&self) {
+        let mut r = self.read_settings.lock().unwrap_or_else(|p| p.into_inner());
+        r.generation += 1;
+        r.delete_version_after = None;
     }
 
     async fn config(&self) -> Result<StoredConfig> {
@@ -270,7 +318,7 @@ impl Kv2 {
             return Err(Error::invalid("versions start at 1"));
         }
         // One store query for the metadata and the current version's record (PostgreSQL).
-        let mount_delete_after = self.config().await?.delete_version_after;
+        let mount_delete_after = self.read_delete_after().await?;
         let (meta, version, secret) = match self.secrets.lookup(&path, q.version, mount_delete_after).await? {
             Found::NoSecret => return Err(Error::NotFound(format!("no secret at {}", path.as_str()))),
             Found::NoVersion(_, version) => {
@@ -312,7 +360,7 @@ impl Kv2 {
             options: Option<keyvault_api::kv2::WriteOptions>,
         }
         let mut body: PatchBody = req.data()?;
-        let mount_delete_after = self.config().await?.delete_version_after;
+        let mount_delete_after = self.read_delete_after().await?;
         let current = self.secrets.read_with(&path, None, mount_delete_after).await?;
         let mut value: serde_json::Value =
             serde_json::from_slice(&current.data).map_err(|e| Error::Internal(format!("stored value: {e}")))?;
@@ -409,7 +457,11 @@ impl Engine for Kv2 {
                     if let Some(d) = delete_after {
                         c.delete_version_after = (d > 0).then_some(d);
                     }
-                    if self.store.compare_and_swap(CONFIG_KEY, raw.as_deref(), Some(&encode_json(&c))).await? {
+                    let swapped = self.store.compare_and_swap(CONFIG_KEY, raw.as_deref(), Some(&encode_json(&c))).await;
+                    // Whatever the outcome (a write whose reply was lost may have
+                    // committed), reads fetch the settings again.
+                    self.settings_changed();
+                    if swapped? {
                         return Ok(Reply::empty());
                     }
                 }
@@ -463,7 +515,7 @@ impl Engine for Kv2 {
             ("subkeys/{*path}", _) => {
                 let path = Self::path(req)?;
                 let q: ReadQuery = req.query()?;
-                let mount_delete_after = self.config().await?.delete_version_after;
+                let mount_delete_after = self.read_delete_after().await?;
                 let secret = self.secrets.read_with(&path, q.version, mount_delete_after).await?;
                 let meta = self.secrets.metadata(&path).await?.unwrap_or_default();
                 let mut value: serde_json::Value =
