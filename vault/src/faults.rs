@@ -100,7 +100,8 @@ pub fn audit_fsync() -> std::io::Result<()> {
 
 /// A crash point: the process aborts here (as `kill -9` would) while the file named by
 /// the variable `var` exists. Tests use it to stop a long operation at its worst point
-/// (`KEYVAULT_TEST_CRASH_DB_ROTATION`, `KEYVAULT_TEST_CRASH_ROTATION_START`). Debug builds
+/// (`KEYVAULT_TEST_CRASH_DB_ROTATION`, `KEYVAULT_TEST_CRASH_ROTATION_START`,
+/// `KEYVAULT_TEST_CRASH_APPROLE_WRITE`). Debug builds
 /// only, as the rest of this module.
 pub fn crash_point(var: &str) {
     if let Some(f) = std::env::var_os(var)

@@ -182,10 +182,15 @@ impl AppRole {
             secret_id_ttl: config.secret_id_ttl,
             secret_id_num_uses: config.secret_id_num_uses,
         };
+        // The role id's index first: a role whose save commits has its index whatever
+        // happens next (a crash, a failing store). One whose save does not leaves an
+        // entry that logs nobody in (a login checks the role's own role id), and every
+        // update writes the entry again (a role left without one by an older version
+        // gets it back).
+        self.store.put(&role_id_key(&role_id), name.as_bytes()).await?;
+        #[cfg(debug_assertions)]
+        crate::faults::crash_point("KEYVAULT_TEST_CRASH_APPROLE_WRITE");
         self.roles.save(name, &StoredRole { config: data, token }, expected).await?;
-        if existing.is_none() {
-            self.store.put(&role_id_key(&role_id), name.as_bytes()).await?;
-        }
         Ok(())
     }
 
