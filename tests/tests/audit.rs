@@ -61,9 +61,10 @@ fn rechain(lines: &mut [String], from: usize, attacker: &ed25519_dalek::SigningK
             let sig = attacker.sign(&msg);
             obj.insert("signature".into(), base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()).into());
         }
-        let hash = entry_hash(&prev, &canonical(&Value::Object(obj.clone())));
-        obj.insert("hash".into(), hex::encode(hash).into());
-        *line = String::from_utf8(canonical(&Value::Object(obj))).unwrap();
+        // The writer's form: the canonical entry, `"hash"` appended as its last member.
+        let hashed = String::from_utf8(canonical(&Value::Object(obj))).unwrap();
+        let hash = entry_hash(&prev, hashed.as_bytes());
+        *line = format!("{},\"hash\":\"{}\"}}", hashed.strip_suffix('}').unwrap(), hex::encode(hash));
         prev = hash;
     }
 }
@@ -169,6 +170,15 @@ async fn a_full_run_verifies_and_every_tampering_is_detected() {
     let mut edited = original.clone();
     edited[request_line + 2] = edited[request_line + 2].replacen("\"status\":", "\"status\":1", 1);
     cases.push(("edit a field", edited, "entry_hash_mismatch", request_line + 3));
+    // The same entry to serde, other bytes: a key given twice (a reader that keeps the
+    // first of duplicates sees status 500), spaces.
+    let mut duplicated = original.clone();
+    duplicated[request_line + 2] =
+        duplicated[request_line + 2].replacen("\"status\":", "\"status\":500,\"status\":", 1);
+    cases.push(("give a key twice", duplicated, "entry_hash_mismatch", request_line + 3));
+    let mut spaced = original.clone();
+    spaced[request_line + 2] = spaced[request_line + 2].replacen(",", ", ", 1);
+    cases.push(("add a space", spaced, "entry_hash_mismatch", request_line + 3));
     let mut deleted = original.clone();
     deleted.remove(request_line + 1);
     cases.push(("delete an entry", deleted, "previous_hash_mismatch", request_line + 2));

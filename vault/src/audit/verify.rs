@@ -159,7 +159,10 @@ pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Res
                     return fail(lineno, Failure::PreviousHashMismatch);
                 }
             }
-            if entry_hash(&prev, &canonical(&Value::Object(obj.clone()))) != hash {
+            let hashed = canonical(&Value::Object(obj.clone()));
+            if entry_hash(&prev, &hashed) != hash
+                || !(is_written_form(raw, &hashed, &hash) || is_older_form(raw, &obj, &hash))
+            {
                 return fail(lineno, Failure::EntryHashMismatch);
             }
             // Every line counts: the genesis header is 1, each line one more, across files.
@@ -229,6 +232,29 @@ pub fn verify(files: &[PathBuf], key: &VerifyingKey, live: bool) -> std::io::Res
     })
 }
 
+/// Whether a line is byte for byte what the writer makes of its hashed form: the
+/// canonical entry with `"hash"` appended as its last member. A line that only parses to
+/// the same entry is not (a key given twice, whose first value a reader that keeps the
+/// first of duplicates would show; added spaces; escapes spelled otherwise): the log's
+/// bytes are what the chain covers, whatever parser reads them.
+fn is_written_form(raw: &[u8], hashed: &[u8], hash: &[u8; 32]) -> bool {
+    let Some(body) = hashed.strip_suffix(b"}") else { return false };
+    let Some(rest) = raw.strip_prefix(body) else { return false };
+    let mut tail = Vec::with_capacity(76);
+    tail.extend_from_slice(b",\"hash\":\"");
+    tail.extend_from_slice(hex::encode(hash).as_bytes());
+    tail.extend_from_slice(b"\"}");
+    rest == tail.as_slice()
+}
+
+/// Whether a line is the form writers before 2026-11-25 made: the canonical form of the
+/// entry with its `"hash"` (among the keys, in order). As unambiguous as the current one.
+fn is_older_form(raw: &[u8], obj: &Map<String, Value>, hash: &[u8; 32]) -> bool {
+    let mut with_hash = obj.clone();
+    with_hash.insert("hash".into(), Value::String(hex::encode(hash)));
+    raw == canonical(&Value::Object(with_hash)).as_slice()
+}
+
 fn checkpoint_ok(obj: &Map<String, Value>, prev: &[u8; 32], key: &VerifyingKey) -> bool {
     let head = obj.get("head").and_then(Value::as_str).and_then(decode_hash);
     let seq = obj.get("seq").and_then(Value::as_u64);
@@ -240,4 +266,47 @@ fn checkpoint_ok(obj: &Map<String, Value>, prev: &[u8; 32], key: &VerifyingKey) 
     }
     let Ok(sig) = Signature::from_slice(&sig) else { return false };
     key.verify_strict(&checkpoint_message(&head, seq, is_final), &sig).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line in the older form (the hash among the keys, in order) verifies, as does the
+    /// current one; one that only parses to the same entry does not.
+    #[test]
+    fn a_line_verifies_in_a_form_a_writer_made_and_in_no_other() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let genesis = [9u8; 32];
+        let mut header = Map::new();
+        header.insert("type".into(), "header".into());
+        header.insert("genesis".into(), hex::encode(genesis).into());
+        let (header_line, head) = super::super::chain::seal(&header, 1, &genesis);
+        let mut entry = Map::new();
+        entry.insert("type".into(), "request".into());
+        entry.insert("status".into(), 200.into());
+        let (current, _) = super::super::chain::seal(&entry, 2, &head);
+        let current = String::from_utf8(current).unwrap();
+        let mut parsed: Map<String, Value> = serde_json::from_str(&current).unwrap();
+        let hash = parsed.remove("hash").unwrap();
+        parsed.insert("hash".into(), hash);
+        let older = format!("{}\n", String::from_utf8(canonical(&Value::Object(parsed))).unwrap());
+        assert_ne!(older, current);
+        let twice = current.replacen("\"status\":", "\"status\":500,\"status\":", 1);
+        let spaced = current.replacen(',', ", ", 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let check = |line: &str| {
+            let path = dir.path().join("audit.log");
+            std::fs::write(&path, [header_line.as_slice(), line.as_bytes()].concat()).unwrap();
+            verify(&[path], &key, true).unwrap()
+        };
+        for good in [&current, &older] {
+            assert!(matches!(check(good), Report::Ok { entries: 1, .. }), "{good}");
+        }
+        for bad in [&twice, &spaced] {
+            let r = check(bad);
+            assert!(matches!(r, Report::Failed { line: 2, reason: Failure::EntryHashMismatch, .. }), "{bad}: {r}");
+        }
+    }
 }
