@@ -88,6 +88,20 @@ async fn logins_get_no_more_guesses_than_the_limit() {
     let wrong = ok(four.post("auth", None, json!({"role": "app", "secret_id": "0".repeat(64)})).await, 401);
     assert_eq!(right.body, wrong.body);
     assert_eq!(right.body["errors"][0], "invalid credentials");
+
+    // A field the login does not read does not give the same guesses a fresh counter.
+    ok(c.post("auth/approle/role/web", Some(&root), json!({})).await, 204);
+    let role_id = ok(c.get("auth/approle/role/web/role-id", &root).await, 200).body["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let five = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.5".parse().unwrap());
+    for i in 0..5 {
+        let body = json!({"role_id": role_id, "secret_id": "0".repeat(64), "name": format!("n{i}")});
+        ok(five.post("auth/approle/login", None, body).await, 401);
+    }
+    let body = json!({"role_id": role_id, "secret_id": "0".repeat(64), "name": "n5"});
+    ok(five.post("auth/approle/login", None, body).await, 429);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -36,20 +36,40 @@ pub fn validate_token_settings(t: &TokenSettings) -> Result<()> {
     keyvault_api::auth::check_attributes(&t.token_attributes, &t.token_audiences).map_err(Error::invalid)
 }
 
-/// The role a login body claims (`role`, `name` or `role_id`), for the rate limiter;
-/// nothing is checked here, and a body that does not parse claims nothing.
-pub fn claimed_role(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize, Default)]
-    struct Hint {
-        #[serde(default)]
-        role: Option<String>,
-        #[serde(default)]
-        role_id: Option<String>,
-        #[serde(default)]
-        name: Option<String>,
+/// The fields a login body may name its role by, for the rate limiter; nothing is checked
+/// here, and a body that does not parse claims nothing. Each method counts by the fields
+/// its login reads ([`LoginClaim::approle`], ...): a field it ignores must not give the
+/// same guesses a fresh counter.
+#[derive(Debug, Deserialize, Default)]
+pub struct LoginClaim {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    role_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+impl LoginClaim {
+    pub fn parse(body: &[u8]) -> LoginClaim {
+        serde_json::from_slice(body).unwrap_or_default()
     }
-    let hint: Hint = serde_json::from_slice(body).unwrap_or_default();
-    hint.role.or(hint.name).or(hint.role_id)
+
+    /// AppRole: `role`, or `role_id` (a body with both is refused before any guess).
+    pub fn approle(self) -> Option<String> {
+        self.role.or(self.role_id)
+    }
+
+    /// Kubernetes: `role`.
+    pub fn role(self) -> Option<String> {
+        self.role
+    }
+
+    /// Certificates: `name` (Vault's field), else `role` (the short form's), as the login
+    /// reads them.
+    pub fn cert(self) -> Option<String> {
+        self.name.or(self.role)
+    }
 }
 
 pub use crate::validate_name;

@@ -423,7 +423,7 @@ impl Engine for AppRole {
     }
 
     fn login_identity(&self, req: &Request) -> Option<String> {
-        super::claimed_role(&req.body)
+        super::LoginClaim::parse(&req.body).approle()
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {

@@ -89,7 +89,7 @@ impl Engine for CertEngine {
     }
 
     fn login_identity(&self, req: &Request) -> Option<String> {
-        super::claimed_role(&req.body)
+        super::LoginClaim::parse(&req.body).cert()
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {

@@ -267,7 +267,7 @@ impl Engine for KubernetesAuth {
     }
 
     fn login_identity(&self, req: &Request) -> Option<String> {
-        super::claimed_role(&req.body)
+        super::LoginClaim::parse(&req.body).role()
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {
