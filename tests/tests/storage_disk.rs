@@ -86,3 +86,57 @@ async fn a_full_storage_disk_refuses_writes_keeps_reads_and_loses_nothing() {
         assert_eq!(c.get(path, &root).await.status, 404, "{path} was refused but is there after the restart");
     }
 }
+
+/// Read-and-swap writes (KV version 2's metadata and settings) on a disk that fills up:
+/// the secret whose write was refused stays unreadable, the swaps answer 503 promptly,
+/// and once space returns the same writes succeed. (The unit test
+/// `sled_engine::tests::a_read_and_swap_loop_ends_after_a_failed_flush` covers the case
+/// of a key whose failed flush left it shadowed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_on_a_full_disk_is_refused_not_retried_for_good() {
+    let fs = Tmpfs::new("16m");
+    let storage = format!("[storage]\ntype = \"sled\"\npath = \"{}\"", fs.path().join("storage").display());
+    let s = TestServer::start(ServerOptions { storage: Some(storage), ..Default::default() });
+    let c = s.client();
+    let root = s.root.clone();
+    let filler = fs.fill();
+    let mut refused = None;
+    for i in 0..200 {
+        let path = format!("kv/data/full/{i}");
+        let r = c.put(&path, &root, json!({"data": {"value": format!("{i}-{}", "x".repeat(4096))}})).await;
+        match r.status {
+            200 => {}
+            503 => {
+                refused = Some(i);
+                break;
+            }
+            other => panic!("a write on a full disk answered {other}: {r:?}"),
+        }
+    }
+    let i = refused.expect("the disk never filled");
+    assert_eq!(c.get(&format!("kv/data/full/{i}"), &root).await.status, 404, "refused, yet readable");
+    let settings = [
+        (format!("kv/metadata/full/{i}"), json!({"max_versions": 3})),
+        ("kv/config".to_owned(), json!({"max_versions": 7})),
+    ];
+    for (path, body) in &settings {
+        let r = tokio::time::timeout(Duration::from_secs(20), c.post(path, Some(&root), body.clone()))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer in 20 s"));
+        assert_eq!(r.status, 503, "{path}: {r:?}");
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    for (path, body) in &settings {
+        let mut status = 0;
+        for _ in 0..100 {
+            status = c.post(path, Some(&root), body.clone()).await.status;
+            if status != 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 204, "{path} once space returned");
+    }
+    assert_eq!(c.get("kv/config", &root).await.body["data"]["max_versions"], 7);
+}

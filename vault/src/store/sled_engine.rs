@@ -275,6 +275,22 @@ impl SledStore {
         }
     }
 
+    /// Before a write: reopen the database if it is due (see [`SledStore::maybe_reopen`]),
+    /// and refuse the write while it is still marked broken. Sled fails every write after
+    /// an I/O error anyway; refusing here also covers a compare-and-swap, which would
+    /// otherwise compare with the value on disk while reads serve the shadowed one (see
+    /// `unflushed`) and answer "changed meanwhile" for good: a caller's read-and-swap loop
+    /// then spun without end.
+    fn writable(&self) -> StoreResult<()> {
+        self.maybe_reopen();
+        if self.broken.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "sled: writes are refused until the database is reopened after an I/O error".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Flush after a write of `keys` (each with its value before the write): if the flush
     /// fails, reads serve those values until the database is reopened (see `unflushed`).
     async fn flush_or_shadow(&self, keys: impl IntoIterator<Item = (String, Option<Vec<u8>>)>) -> StoreResult<()> {
@@ -286,6 +302,11 @@ impl SledStore {
                 shadow.entry(key).or_insert(before);
             }
             self.any_unflushed.store(!shadow.is_empty(), Ordering::Release);
+            // Whatever failed, what is on disk is unknown until the database is reopened
+            // (which clears the shadow): writes wait for that.
+            if !self.broken.swap(true, Ordering::AcqRel) {
+                tracing::error!(dir = %self.dir.display(), "sled: a flush failed; writes are refused until the database is reopened");
+            }
         }
         r
     }
@@ -416,7 +437,7 @@ impl Store for SledStore {
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
-        self.maybe_reopen();
+        self.writable()?;
         let h = self.h()?;
         check_key(key)?;
         let before = match h.data.insert(key, encode(value, None)).map_err(|e| self.failed(e))? {
@@ -427,7 +448,7 @@ impl Store for SledStore {
     }
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
-        self.maybe_reopen();
+        self.writable()?;
         let swapped = self.compare_and_swap_unflushed(key, expected, new)?;
         if swapped {
             self.flush_or_shadow([(key.to_owned(), expected.map(<[u8]>::to_vec))]).await?;
@@ -436,7 +457,7 @@ impl Store for SledStore {
     }
 
     async fn renew(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<bool> {
-        self.maybe_reopen();
+        self.writable()?;
         let h = self.h()?;
         check_key(key)?;
         let expires = now_ms().saturating_add(ttl.as_millis() as u64);
@@ -461,7 +482,7 @@ impl Store for SledStore {
     }
 
     async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
-        self.maybe_reopen();
+        self.writable()?;
         let h = self.h()?;
         use sled::Transactional;
         check_tx_keys(&txs)?;
@@ -495,7 +516,7 @@ impl Store for SledStore {
     }
 
     async fn close_counter(&self, key: &str) -> StoreResult<()> {
-        self.maybe_reopen();
+        self.writable()?;
         let h = self.h()?;
         check_key(key)?;
         h.counters
@@ -527,7 +548,7 @@ impl Store for SledStore {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
-        self.maybe_reopen();
+        self.writable()?;
         let h = self.h()?;
         check_key(key)?;
         loop {
@@ -597,7 +618,7 @@ impl Store for SledStore {
     }
 
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
-        self.maybe_reopen();
+        self.writable()?;
         let inserted = self.insert_if_absent_unflushed(key, value, ttl)?;
         if inserted {
             self.flush_or_shadow([(key.to_owned(), None)]).await?;
@@ -606,7 +627,7 @@ impl Store for SledStore {
     }
 
     async fn insert_if_absent_many(&self, items: &[(String, Vec<u8>, Option<Duration>)]) -> StoreResult<Vec<bool>> {
-        self.maybe_reopen();
+        self.writable()?;
         let mut out = Vec::with_capacity(items.len());
         for (k, v, ttl) in items {
             out.push(self.insert_if_absent_unflushed(k, v, *ttl)?);
@@ -620,7 +641,7 @@ impl Store for SledStore {
     }
 
     async fn purge_expired(&self) -> StoreResult<u64> {
-        self.maybe_reopen();
+        self.writable()?;
         let h = self.h()?;
         let now = now_ms();
         let mut purged = 0;
@@ -678,6 +699,43 @@ mod tests {
     async fn conformance_concurrent() {
         let (_dir, s) = store().await;
         super::super::conformance::run_concurrent(std::sync::Arc::new(s)).await;
+    }
+
+    /// A flush that fails leaves a key that reads as it was before while sled's memory
+    /// holds the new value. A read-and-swap loop on it (KV version 2's metadata and
+    /// settings writes) must end: a swap is refused, or made against what the reopened
+    /// database holds. (Before, it answered "changed meanwhile" for good.)
+    #[tokio::test]
+    async fn a_read_and_swap_loop_ends_after_a_failed_flush() {
+        let (_dir, s) = store().await;
+        s.put("k", b"v1").await.unwrap();
+        // A write reaches sled's memory; its flush fails (here: the database is being
+        // reopened, so the flush finds no handle).
+        let h = s.h().unwrap();
+        h.data.insert("k", encode(b"v2", None)).unwrap();
+        let taken = s.handles.write().unwrap().take();
+        assert!(s.flush_or_shadow([("k".to_owned(), Some(b"v1".to_vec()))]).await.is_err());
+        *s.handles.write().unwrap() = taken;
+        drop(h);
+        assert_eq!(s.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]), "reads serve the durable value");
+
+        let mut tries = 0;
+        let outcome = loop {
+            tries += 1;
+            if tries > 100 {
+                break "spun";
+            }
+            let seen = s.get("k").await.unwrap();
+            match s.compare_and_swap("k", seen.as_deref(), Some(b"v3")).await {
+                Ok(true) => break "swapped",
+                Ok(false) => continue,
+                Err(_) => break "refused",
+            }
+        };
+        assert_ne!(outcome, "spun");
+        if outcome == "swapped" {
+            assert_eq!(s.get("k").await.unwrap().as_deref(), Some(&b"v3"[..]));
+        }
     }
 
     #[tokio::test]
