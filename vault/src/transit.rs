@@ -67,7 +67,8 @@ pub struct TransitKey {
 pub struct Operation {
     /// `create`, `rotate` or `delete`.
     pub kind: String,
-    /// The version being made (create, rotate).
+    /// The version being made (create, rotate); for a delete, a version an interrupted
+    /// create or rotation may have left in the token (0: none).
     pub version: u32,
     pub owner: String,
     /// Unix seconds after which another request may take the operation over (its owner
@@ -246,11 +247,13 @@ impl Transit {
     pub async fn create(&self, name: &str, key_type: KeyType) -> Result<TransitKey> {
         let now = unix_now();
         let (expected, mut key) = match self.load_raw(name).await? {
-            Some((_, existing)) if existing.operation.is_none() => {
+            // The key exists (a rotation in progress, or one a crashed owner left, does
+            // not change that): as for any existing key, nothing to do.
+            Some((_, existing)) if existing.usable() => {
                 if existing.key_type != key_type {
                     return Err(Error::Conflict(format!("transit key {name} exists with another type")));
                 }
-                return Ok(existing);
+                return Ok(TransitKey { operation: None, ..existing });
             }
             Some((_, existing)) if existing.busy(now).is_some() => return Err(Self::conflict(name)),
             // An interrupted create (take it over) or an interrupted delete (refuse).
@@ -365,10 +368,18 @@ impl Transit {
         if key.busy(unix_now()).is_some() {
             return Err(Self::conflict(name));
         }
-        key.operation = Some(self.claim("delete", 0));
+        // The versions made, and the one an interrupted rotation or create may have left
+        // in the token without committing it (recorded in the delete's claim, for a
+        // delete that is itself interrupted): a key made again under this name must not
+        // adopt it.
+        let uncommitted =
+            key.operation.as_ref().map(|o| o.version).filter(|v| *v != 0 && !key.versions.contains_key(v));
+        let mut versions: Vec<u32> = key.versions.keys().copied().collect();
+        versions.extend(uncommitted);
+        key.operation = Some(self.claim("delete", uncommitted.unwrap_or(0)));
         let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
-        for v in key.versions.keys() {
-            let label = self.label(name, *v)?;
+        for v in versions {
+            let label = self.label(name, v)?;
             hsm_call(&self.keys, move |k| k.destroy(&label)).await?;
         }
         self.swap(name, Some(&claimed), None).await?;
@@ -536,6 +547,45 @@ mod tests {
             assert!(parse_versioned(bad).is_err(), "{bad}");
         }
         assert!(parse_versioned("vault:v4294967296:AAAA").is_err(), "past u32");
+    }
+
+    /// A rotation whose owner crashed after making its version in the token (its claim
+    /// expired, its version not committed): creating the key again is the no-op it is
+    /// for any existing key (it was 409), and deleting the key destroys that version's
+    /// token object too, even when the delete is itself interrupted and finished by
+    /// another (it was left, for a key made again under the name to adopt).
+    #[tokio::test]
+    async fn an_interrupted_rotation_neither_blocks_a_create_nor_outlives_a_delete() {
+        let k = crate::test_support::Keyed::new().await;
+        let t = Transit::new(k.store.clone(), k.keys.clone(), k.names.clone());
+        let crashed_rotation = |key: &TransitKey, kind: &str, version: u32| {
+            let mut key = key.clone();
+            key.operation = Some(Operation { kind: kind.into(), version, owner: "gone".into(), until: unix_now() - 1 });
+            encode_json(&key)
+        };
+        for interrupted_delete in [false, true] {
+            t.create("k", KeyType::Aes256Gcm96).await.unwrap();
+            let key = t.configure("k", None, Some(true)).await.unwrap();
+            let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
+            t.new_version("k", KeyType::Aes256Gcm96, 2, ends).await.unwrap();
+            k.store.put(&key_path("k"), &crashed_rotation(&key, "rotate", 2)).await.unwrap();
+            let label = t.label("k", 2).unwrap();
+            assert!(k.keys.exists(&label).unwrap());
+
+            let again = t.create("k", KeyType::Aes256Gcm96).await.unwrap();
+            assert_eq!((again.latest_version, again.operation), (1, None));
+            if interrupted_delete {
+                // A delete that claimed the key and stopped before the token calls.
+                let (raw, _) = t.load_raw("k").await.unwrap().unwrap();
+                let mut claimed: TransitKey = serde_json::from_slice(&raw).unwrap();
+                claimed.operation =
+                    Some(Operation { kind: "delete".into(), version: 2, owner: "gone".into(), until: unix_now() - 1 });
+                k.store.put(&key_path("k"), &encode_json(&claimed)).await.unwrap();
+            }
+            t.delete("k").await.unwrap();
+            assert!(!k.keys.exists(&label).unwrap(), "version 2 of the deleted key is left in the token");
+            assert!(!k.keys.exists(&t.label("k", 1).unwrap()).unwrap());
+        }
     }
 
     /// A verification decodes the public key of the version it names, not of every
