@@ -161,6 +161,9 @@ struct DekCache {
     ttl: Duration,
     capacity: usize,
     map: Mutex<HashMap<[u8; 32], CachedDek>>,
+    /// Bumped (under `map`'s lock) by [`DekCache::forget`]: an unwrap that began before
+    /// does not put its key back after an emergency seal.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Expiry and value of one cached data key.
@@ -185,12 +188,30 @@ impl DekCache {
         }
     }
 
-    fn insert(&self, key: [u8; 32], dek: &[u8]) {
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Drop (and zeroize) every cached key; how many.
+    fn forget(&self) -> usize {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n = map.len();
+        map.clear();
+        n
+    }
+
+    /// Cache a key unwrapped by a call that began at `generation` (see
+    /// [`DekCache::generation`]); not if the cache was emptied since.
+    fn insert(&self, key: [u8; 32], dek: &[u8], generation: u64) {
         let Ok(fixed) = <[u8; 32]>::try_from(dek) else {
             return;
         };
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation() != generation {
+            return;
+        }
         if map.len() >= self.capacity {
             map.retain(|_, (expires, _)| *expires > now);
             if map.len() >= self.capacity {
@@ -352,7 +373,12 @@ impl Barrier {
     /// Keep unwrapped data keys for `ttl` (at most `capacity` of them). See [`DekCache`].
     pub fn with_dek_cache(mut self, ttl: Duration, capacity: usize) -> Self {
         if !ttl.is_zero() && capacity > 0 {
-            self.dek_cache = Some(Arc::new(DekCache { ttl, capacity, map: Mutex::new(HashMap::new()) }));
+            self.dek_cache = Some(Arc::new(DekCache {
+                ttl,
+                capacity,
+                map: Mutex::new(HashMap::new()),
+                generation: Default::default(),
+            }));
         }
         self
     }
@@ -361,10 +387,7 @@ impl Barrier {
     pub fn forget_cached_keys(&self) -> usize {
         let epochs = self.epochs.forget();
         let Some(cache) = &self.dek_cache else { return epochs };
-        let mut map = cache.map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.len();
-        map.clear();
-        n + epochs
+        cache.forget() + epochs
     }
 
     /// The master key version new records are wrapped with.
@@ -521,6 +544,7 @@ impl Barrier {
     }
 
     async fn unwrap(&self, v: KeyVersion, wrapped: Vec<u8>, aad: Vec<u8>) -> Result<Zeroizing<Vec<u8>>> {
+        let generation = self.dek_cache.as_ref().map(|c| c.generation());
         self.ensure_known(v).await?;
         let cache_key = self.dek_cache.as_ref().map(|_| DekCache::key(v, &wrapped, &aad));
         if let (Some(cache), Some(k)) = (&self.dek_cache, &cache_key)
@@ -533,8 +557,8 @@ impl Barrier {
             Err(Error::Hsm(keyvault_hsm::HsmError::InvalidCiphertext)) => Err(Error::Barrier(BarrierError::Integrity)),
             other => other,
         }?;
-        if let (Some(cache), Some(k)) = (&self.dek_cache, cache_key) {
-            cache.insert(k, &dek);
+        if let (Some(cache), Some(k), Some(g)) = (&self.dek_cache, cache_key, generation) {
+            cache.insert(k, &dek, g);
         }
         Ok(dek)
     }
@@ -543,6 +567,27 @@ impl Barrier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A data key unwrapped by a call that began before an emergency seal emptied the
+    /// cache is not cached after it; one from a call that began after is.
+    #[test]
+    fn a_key_unwrapped_across_a_seal_is_not_cached() {
+        let cache = DekCache {
+            ttl: Duration::from_secs(60),
+            capacity: 10,
+            map: Mutex::new(HashMap::new()),
+            generation: Default::default(),
+        };
+        let before = cache.generation();
+        cache.insert([1; 32], &[7; 32], before);
+        assert!(cache.get(&[1; 32]).is_some());
+        let began = cache.generation();
+        assert_eq!(cache.forget(), 1);
+        cache.insert([2; 32], &[8; 32], began);
+        assert!(cache.get(&[2; 32]).is_none(), "put back after the seal");
+        cache.insert([3; 32], &[9; 32], cache.generation());
+        assert!(cache.get(&[3; 32]).is_some());
+    }
 
     #[test]
     fn record_parse_rejects_garbage() {

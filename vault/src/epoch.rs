@@ -130,6 +130,9 @@ pub struct EpochKeys {
     keys: Arc<dyn KeyStore>,
     names: KeyNames,
     loaded: RwLock<HashMap<KeyVersion, Arc<EpochKey>>>,
+    /// Bumped (under `loaded`'s write lock) each time keys are dropped ([`EpochKeys::forget`],
+    /// [`EpochKeys::keep_only`]): a load that began before does not put its key back.
+    generation: std::sync::atomic::AtomicU64,
     /// One load at a time (a burst of first reads after start-up unwraps once).
     loading: tokio::sync::Mutex<()>,
 }
@@ -142,7 +145,14 @@ impl std::fmt::Debug for EpochKeys {
 
 impl EpochKeys {
     pub fn new(store: Arc<dyn Store>, keys: Arc<dyn KeyStore>, names: KeyNames) -> Self {
-        EpochKeys { store, keys, names, loaded: RwLock::new(HashMap::new()), loading: tokio::sync::Mutex::new(()) }
+        EpochKeys {
+            store,
+            keys,
+            names,
+            loaded: RwLock::new(HashMap::new()),
+            generation: Default::default(),
+            loading: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The epoch key of master version `v` if this replica holds it already.
@@ -163,6 +173,7 @@ impl EpochKeys {
         if let Some(k) = self.cached(v) {
             return Ok(k);
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let at = storage_key(v);
         let blob = match self.store.get(&at).await? {
             Some(b) => b,
@@ -184,7 +195,11 @@ impl EpochKeys {
         }?;
         let key = Arc::new(EpochKey::new(&plain)?);
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        map.insert(v, key.clone());
+        // Keys dropped meanwhile (an emergency seal, a retired version): this caller uses
+        // the key once, nothing keeps it.
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+            map.insert(v, key.clone());
+        }
         crate::metrics::get().epoch_keys_loaded.set(map.len() as i64);
         Ok(key)
     }
@@ -203,6 +218,7 @@ impl EpochKeys {
     /// Drop (and zeroize) every loaded epoch key (emergency seal); how many there were.
     pub fn forget(&self) -> usize {
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let n = map.len();
         map.clear();
         crate::metrics::get().epoch_keys_loaded.set(0);
@@ -212,11 +228,42 @@ impl EpochKeys {
     /// Drop the epoch keys of versions that are no longer in the keyring (retired).
     pub fn keep_only(&self, versions: &[KeyVersion]) {
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         map.retain(|v, _| versions.contains(v));
         crate::metrics::get().epoch_keys_loaded.set(map.len() as i64);
     }
 
     pub fn loaded_count(&self) -> usize {
         self.loaded.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{Keyed, PauseAt, TestStore};
+
+    /// An emergency seal while an epoch key is being loaded: the load finishes for its
+    /// caller, but the key is not kept (before, it was put back after the seal had
+    /// dropped every key, and stayed in memory).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_that_began_before_a_seal_keeps_nothing() {
+        let k = Keyed::new().await;
+        let v = k.keyring.load().master.active;
+        let store = Arc::new(TestStore::holding(k.store.clone(), PauseAt::Get, &storage_key(v)));
+        let epochs = Arc::new(EpochKeys::new(store.clone(), k.keys.clone(), k.names.clone()));
+        store.arm();
+        let load = tokio::spawn({
+            let epochs = epochs.clone();
+            async move { epochs.get(v, true).await.map(|_| ()) }
+        });
+        store.reached.notified().await;
+        epochs.forget();
+        store.go.notify_one();
+        load.await.unwrap().unwrap();
+        assert_eq!(epochs.loaded_count(), 0, "the seal dropped every key; the load put one back");
+        // A load after it keeps its key.
+        epochs.get(v, false).await.unwrap();
+        assert_eq!(epochs.loaded_count(), 1);
     }
 }
