@@ -62,9 +62,22 @@ fn wrap_aad(v: KeyVersion) -> Vec<u8> {
 /// One epoch key in memory: on the heap, locked against swapping where the system allows
 /// it, zeroized when dropped.
 pub struct EpochKey {
-    key: Box<Zeroizing<[u8; 32]>>,
-    /// Dropped after `key` (fields drop in order): the memory is zeroized, then unlocked.
+    /// The key in the first 32 bytes of a page of its own: locking it locks nothing else,
+    /// and unlocking it (when the key is dropped) unlocks nothing else.
+    page: Box<Zeroizing<KeyPage>>,
+    /// Dropped after `page` (fields drop in order): the memory is zeroized, then unlocked.
     _locked: Option<region::LockGuard>,
+}
+
+/// A page-sized, page-aligned block (4 KiB; on systems with larger pages, a lock covers
+/// the larger page: see [`EpochKey::new`]).
+#[repr(C, align(4096))]
+struct KeyPage([u8; 4096]);
+
+impl zeroize::Zeroize for KeyPage {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
 }
 
 impl std::fmt::Debug for EpochKey {
@@ -77,23 +90,36 @@ impl EpochKey {
     pub(crate) fn new(bytes: &[u8]) -> Result<Self> {
         let fixed: [u8; 32] =
             bytes.try_into().map_err(|_| Error::Barrier(BarrierError::Malformed("epoch key is not 256 bits")))?;
-        let key = Box::new(Zeroizing::new(fixed));
-        let locked = match region::lock(key.as_ptr(), 32) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                static WARN: crate::ratelog::RateLimitedLog = crate::ratelog::RateLimitedLog::new();
-                WARN.warn("cannot lock an epoch key in memory; it may be swapped out", &e);
-                None
+        let fixed = Zeroizing::new(fixed);
+        let mut page = Box::new(Zeroizing::new(KeyPage([0; 4096])));
+        page.0[..32].copy_from_slice(fixed.as_ref());
+        // With all memory locked (`mlockall`), the page is locked already, and a lock of
+        // its own would, when the key is dropped, unlock the page (munlock does not count)
+        // for good, whatever of the process lands in it later.
+        let locked = if crate::hardening::all_memory_locked() {
+            None
+        } else {
+            match region::lock(page.0.as_ptr(), 32) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    static WARN: crate::ratelog::RateLimitedLog = crate::ratelog::RateLimitedLog::new();
+                    WARN.warn("cannot lock an epoch key in memory; it may be swapped out", &e);
+                    None
+                }
             }
         };
-        Ok(EpochKey { key, _locked: locked })
+        Ok(EpochKey { page, _locked: locked })
+    }
+
+    fn key(&self) -> &[u8; 32] {
+        self.page.0.first_chunk().expect("a page holds 32 bytes")
     }
 
     /// Wrap a data key for `aad` (the record context's `dek_aad`, see the barrier).
     pub fn wrap(&self, dek: &[u8; 32], aad: &[u8]) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| Error::Internal(format!("OS RNG failed: {e}")))?;
-        let cipher = Aes256Gcm::new((&**self.key).into());
+        let cipher = Aes256Gcm::new(self.key().into());
         let sealed = cipher
             .encrypt((&nonce).into(), Payload { msg: dek, aad })
             .map_err(|_| Error::Internal("AES-GCM encryption failed".into()))?;
@@ -111,7 +137,7 @@ impl EpochKey {
         }
         let (nonce, sealed) = wrapped[1..].split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| Error::Barrier(BarrierError::Integrity))?;
-        let cipher = Aes256Gcm::new((&**self.key).into());
+        let cipher = Aes256Gcm::new(self.key().into());
         cipher
             .decrypt((&nonce).into(), Payload { msg: sealed, aad })
             .map(Zeroizing::new)
@@ -242,6 +268,24 @@ impl EpochKeys {
 mod tests {
     use super::*;
     use crate::test_support::{Keyed, PauseAt, TestStore};
+
+    /// Each epoch key has a page of its own (what its lock covers, and what dropping it
+    /// unlocks); under `mlockall` it takes no lock of its own (dropping one would unlock
+    /// its page for good).
+    #[test]
+    fn an_epoch_key_has_a_page_of_its_own() {
+        let a = EpochKey::new(&[1; 32]).unwrap();
+        let b = EpochKey::new(&[2; 32]).unwrap();
+        for k in [&a, &b] {
+            assert_eq!(k.key().as_ptr() as usize % 4096, 0);
+        }
+        assert_ne!(a.key().as_ptr() as usize / 4096, b.key().as_ptr() as usize / 4096);
+        assert_eq!((a.key(), b.key()), (&[1; 32], &[2; 32]));
+        crate::hardening::set_all_memory_locked_for_test(true);
+        let c = EpochKey::new(&[3; 32]).unwrap();
+        crate::hardening::set_all_memory_locked_for_test(false);
+        assert!(c._locked.is_none());
+    }
 
     /// An emergency seal while an epoch key is being loaded: the load finishes for its
     /// caller, but the key is not kept (before, it was put back after the seal had

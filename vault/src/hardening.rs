@@ -85,11 +85,29 @@ pub fn apply(memory: &MemoryConfig) -> Result<Applied, HardeningError> {
     }
     use rustix::mm::MlockAllFlags;
     match rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
-        Ok(()) => applied.locked = true,
+        Ok(()) => {
+            applied.locked = true;
+            ALL_LOCKED.store(true, std::sync::atomic::Ordering::Release);
+        }
         Err(e) if memory.lock == MemoryLock::Required => return Err(HardeningError::Lock(e.into())),
         Err(e) => applied.lock_refused = Some(e.to_string()),
     }
     Ok(applied)
+}
+
+/// Set once `mlockall` succeeded (see [`all_memory_locked`]).
+static ALL_LOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether every page of the process is locked (`mlockall` succeeded): code that would
+/// lock a region of its own must not, since unlocking it later would unlock those pages
+/// for good (`munlock` does not count locks).
+pub fn all_memory_locked() -> bool {
+    ALL_LOCKED.load(std::sync::atomic::Ordering::Acquire)
+}
+
+#[cfg(test)]
+pub(crate) fn set_all_memory_locked_for_test(locked: bool) {
+    ALL_LOCKED.store(locked, std::sync::atomic::Ordering::Release);
 }
 
 /// Why locking all memory is not safe here, if it is not: `RLIMIT_MEMLOCK` is finite and
