@@ -174,7 +174,19 @@ async fn transit_encryption_round_trips_rotation_and_policies() {
     ok(c.post("transit/keys/orders/config", Some(&root), json!({"deletion_allowed": true})).await, 200);
     ok(c.send("DELETE", "transit/keys/orders", Some(&root), None).await, 204);
     ok(c.get("transit/keys/orders", &root).await, 404);
-    ok(c.post("transit/keys/orders", Some(&root), json!({})).await, 200);
+    // The name stays taken for a few seconds (another replica may still use a copy of
+    // the destroyed key in its token session for up to a second), then it is free.
+    let r = ok(c.post("transit/keys/orders", Some(&root), json!({})).await, 409);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("was deleted less than"), "{r:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = c.post("transit/keys/orders", Some(&root), json!({})).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(r.status == 409 && std::time::Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     ok(dec(json!({"ciphertext": ct2})).await, 400);
     // Bad requests.
     ok(c.post("transit/keys/bad%20name", Some(&root), json!({})).await, 400);

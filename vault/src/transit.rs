@@ -65,7 +65,8 @@ pub struct TransitKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Operation {
-    /// `create`, `rotate` or `delete`.
+    /// `create`, `rotate` or `delete`; or `deleted`: not an operation, the record a
+    /// delete leaves (see `DELETED_HOLD`).
     pub kind: String,
     /// The version being made (create, rotate); for a delete, a version an interrupted
     /// create or rotation may have left in the token (0: none).
@@ -79,10 +80,23 @@ pub struct Operation {
 /// How long a claimed operation is its owner's alone.
 const OPERATION_LEASE: u64 = 60;
 
+/// How long a deleted key's name stays taken (a `deleted` record, then reused by the next
+/// create): longer than another replica may go on using a session copy of a destroyed
+/// key (`keyvault_hsm::COPY_RECHECK`, 1 s) plus clock skew between replicas. A key made
+/// again under the name sooner would share its token labels with the deleted key while
+/// such a copy of it is still used, and what that replica encrypted could not be
+/// decrypted by anyone.
+const DELETED_HOLD: u64 = 3;
+
 impl TransitKey {
-    /// Usable for operations: not being created or deleted.
+    /// Usable for operations: not being created or deleted, nor deleted (a `deleted`
+    /// record keeps the name taken for [`DELETED_HOLD`]).
     fn usable(&self) -> bool {
-        !matches!(self.operation.as_ref().map(|o| o.kind.as_str()), Some("create" | "delete"))
+        !matches!(self.operation.as_ref().map(|o| o.kind.as_str()), Some("create" | "delete" | "deleted"))
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.operation.as_ref().is_some_and(|o| o.kind == "deleted")
     }
 
     fn busy(&self, now: u64) -> Option<&Operation> {
@@ -255,7 +269,24 @@ impl Transit {
                 }
                 return Ok(TransitKey { operation: None, ..existing });
             }
+            Some((_, existing)) if existing.is_deleted() && existing.busy(now).is_some() => {
+                return Err(Error::Conflict(format!(
+                    "transit key {name} was deleted less than {DELETED_HOLD} s ago; its name can be used again after that"
+                )));
+            }
             Some((_, existing)) if existing.busy(now).is_some() => return Err(Self::conflict(name)),
+            // A key deleted long enough ago: its name is free.
+            Some((raw, existing)) if existing.is_deleted() => (
+                Some(raw),
+                TransitKey {
+                    key_type,
+                    versions: BTreeMap::new(),
+                    latest_version: 0,
+                    min_decryption_version: 1,
+                    deletion_allowed: false,
+                    operation: None,
+                },
+            ),
             // An interrupted create (take it over) or an interrupted delete (refuse).
             Some((raw, existing)) => {
                 if existing.operation.as_ref().is_some_and(|o| o.kind != "create") {
@@ -354,7 +385,9 @@ impl Transit {
 
     /// Delete a key whose `deletion_allowed` is set: it is marked as being deleted (from
     /// then on it is 404 and cannot be created again), its token objects are destroyed,
-    /// then its metadata is removed. A delete interrupted half way is finished by the next.
+    /// then its metadata is replaced by a `deleted` record, which keeps the name taken for
+    /// [`DELETED_HOLD`] (a create answers 409 until then). A delete interrupted half way
+    /// is finished by the next.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let (raw, mut key) =
             self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
@@ -382,7 +415,22 @@ impl Transit {
             let label = self.label(name, v)?;
             hsm_call(&self.keys, move |k| k.destroy(&label)).await?;
         }
-        self.swap(name, Some(&claimed), None).await?;
+        // The name stays taken for a while (see `DELETED_HOLD`); the next create after
+        // that replaces the record.
+        let deleted = TransitKey {
+            versions: BTreeMap::new(),
+            latest_version: 0,
+            min_decryption_version: 1,
+            deletion_allowed: false,
+            operation: Some(Operation {
+                kind: "deleted".into(),
+                version: 0,
+                owner: String::new(),
+                until: unix_now().saturating_add(DELETED_HOLD),
+            }),
+            ..key
+        };
+        self.swap(name, Some(&claimed), Some(&deleted)).await?;
         tracing::info!(key = name, "transit key deleted");
         Ok(())
     }
@@ -549,6 +597,42 @@ mod tests {
         assert!(parse_versioned("vault:v4294967296:AAAA").is_err(), "past u32");
     }
 
+    /// As if the `deleted` record of `name` had been written [`DELETED_HOLD`] ago.
+    async fn age_deleted_record(k: &crate::test_support::Keyed, name: &str) {
+        let raw = k.store.get(&key_path(name)).await.unwrap().unwrap();
+        let mut key: TransitKey = serde_json::from_slice(&raw).unwrap();
+        let op = key.operation.as_mut().unwrap();
+        assert_eq!(op.kind, "deleted");
+        op.until = unix_now() - 1;
+        k.store.put(&key_path(name), &encode_json(&key)).await.unwrap();
+    }
+
+    /// A deleted key's name stays taken for `DELETED_HOLD`: a create answers 409 (another
+    /// replica may still use a session copy of the destroyed key for up to a second, and
+    /// a key made again would share its labels); the key is gone for everything else
+    /// (404, not listed); after the hold, the name is free.
+    #[tokio::test]
+    async fn a_deleted_keys_name_is_taken_for_a_while() {
+        let k = crate::test_support::Keyed::new().await;
+        let t = Transit::new(k.store.clone(), k.keys.clone(), k.names.clone());
+        t.create("k", KeyType::Aes256Gcm96).await.unwrap();
+        t.create("other", KeyType::Aes256Gcm96).await.unwrap();
+        t.configure("k", None, Some(true)).await.unwrap();
+        t.delete("k").await.unwrap();
+        let again = t.create("k", KeyType::Aes256Gcm96).await.unwrap_err();
+        assert!(matches!(again, Error::Conflict(ref m) if m.contains("deleted less than")), "{again:?}");
+        assert!(matches!(t.get("k").await, Err(Error::NotFound(_))));
+        assert!(matches!(t.rotate("k").await, Err(Error::NotFound(_))));
+        assert!(matches!(t.configure("k", None, Some(true)).await, Err(Error::NotFound(_))));
+        assert!(matches!(t.delete("k").await, Err(Error::NotFound(_))));
+        assert_eq!(t.list().await.unwrap(), vec!["other".to_owned()]);
+
+        age_deleted_record(&k, "k").await;
+        let made = t.create("k", KeyType::Ed25519).await.unwrap();
+        assert_eq!((made.latest_version, made.key_type, made.operation), (1, KeyType::Ed25519, None));
+        assert_eq!(t.get("k").await.unwrap().key_type, KeyType::Ed25519);
+    }
+
     /// A rotation whose owner crashed after making its version in the token (its claim
     /// expired, its version not committed): creating the key again is the no-op it is
     /// for any existing key (it was 409), and deleting the key destroys that version's
@@ -585,6 +669,7 @@ mod tests {
             t.delete("k").await.unwrap();
             assert!(!k.keys.exists(&label).unwrap(), "version 2 of the deleted key is left in the token");
             assert!(!k.keys.exists(&t.label("k", 1).unwrap()).unwrap());
+            age_deleted_record(&k, "k").await;
         }
     }
 
