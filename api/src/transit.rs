@@ -145,6 +145,11 @@ pub struct Item {
     /// Echoed in the item's result (batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The version to encrypt, rewrap or sign with (absent or 0: the latest); it must
+    /// exist and not be below `min_decryption_version`. Refused on decrypt and verify
+    /// (their version is the one their text names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
 }
 
 /// `POST /v1/transit/{encrypt,decrypt,rewrap,sign,verify}/<name>`: one item's fields, or
@@ -172,6 +177,9 @@ pub struct OperationRequest {
     /// Refused when true: signatures are over the input itself (Ed25519).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prehashed: Option<bool>,
+    /// As an item's `key_version`; with `batch_input`, for the items that name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_input: Option<Vec<Item>>,
 }

@@ -88,12 +88,31 @@ async fn transit_encryption_round_trips_rotation_and_policies() {
     assert!(ct1b.starts_with("vault:v2:"));
     assert!(rewrapped.body["data"].get("plaintext").is_none(), "rewrap never returns plaintext");
     assert_eq!(ok(dec(json!({"ciphertext": ct1b})).await, 200).body["data"]["plaintext"], b64(pt));
+    // key_version picks the version to encrypt or rewrap with (0: the latest); one that
+    // does not exist is refused, as is key_version on a decryption (before, the field
+    // was ignored with a warning and the latest version used).
+    let r = ok(enc(json!({"plaintext": b64(pt), "key_version": 1})).await, 200);
+    assert!(r.body["data"]["ciphertext"].as_str().unwrap().starts_with("vault:v1:"), "{r:?}");
+    assert_eq!(r.body["data"]["key_version"], 1);
+    assert!(r.body.get("warnings").is_none(), "{r:?}");
+    let r = ok(enc(json!({"plaintext": b64(pt), "key_version": 0})).await, 200);
+    assert!(r.body["data"]["ciphertext"].as_str().unwrap().starts_with("vault:v2:"), "{r:?}");
+    let r = ok(c.post("transit/rewrap/orders", Some(&root), json!({"ciphertext": ct2, "key_version": 1})).await, 200);
+    assert!(r.body["data"]["ciphertext"].as_str().unwrap().starts_with("vault:v1:"), "{r:?}");
+    ok(enc(json!({"plaintext": b64(pt), "key_version": 3})).await, 400);
+    ok(dec(json!({"ciphertext": ct1, "key_version": 1})).await, 400);
+    let r = ok(enc(json!({"key_version": 1, "batch_input": [{"plaintext": b64(pt)}, {"plaintext": b64(pt), "key_version": 2}]})).await, 200);
+    let items = &r.body["data"]["batch_results"];
+    assert!(items[0]["ciphertext"].as_str().unwrap().starts_with("vault:v1:"), "{r:?}");
+    assert!(items[1]["ciphertext"].as_str().unwrap().starts_with("vault:v2:"), "{r:?}");
     // min_decryption_version.
     ok(c.post("transit/keys/orders/config", Some(&root), json!({"min_decryption_version": 2})).await, 200);
     let r = ok(dec(json!({"ciphertext": ct1})).await, 400);
     assert!(r.body["errors"][0].as_str().unwrap().contains("min_decryption_version"));
     ok(dec(json!({"ciphertext": ct1b})).await, 200);
     ok(c.post("transit/keys/orders/config", Some(&root), json!({"min_decryption_version": 5})).await, 400);
+    let r = ok(enc(json!({"plaintext": b64(pt), "key_version": 1})).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("below min_decryption_version"), "{r:?}");
     let r = ok(c.get("transit/keys/orders", &root).await, 200);
     assert_eq!(r.body["data"]["keys"].as_object().unwrap().len(), 2);
     assert_eq!(r.body["data"]["min_decryption_version"], 2);
@@ -347,6 +366,10 @@ async fn transit_signatures_verify_independently() {
             .unwrap()
             .to_owned();
     assert!(sig2.starts_with("vault:v2:"));
+    let r = ok(c.post("transit/sign/attest", Some(&root), json!({"input": b64(msg), "key_version": 1})).await, 200);
+    let sig1b = r.body["data"]["signature"].as_str().unwrap().to_owned();
+    assert!(sig1b.starts_with("vault:v1:"), "{r:?}");
+    assert_eq!(ok(verify(msg, &sig1b).await, 200).body["data"]["valid"], true);
     assert_eq!(ok(verify(msg, &sig).await, 200).body["data"]["valid"], true);
     ok(c.post("transit/keys/attest/config", Some(&root), json!({"min_decryption_version": 2})).await, 200);
     ok(verify(msg, &sig).await, 400);

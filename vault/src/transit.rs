@@ -449,7 +449,7 @@ impl Transit {
         Ok(names)
     }
 
-    fn usable(key: &TransitKey, v: u32) -> Result<()> {
+    pub fn usable(key: &TransitKey, v: u32) -> Result<()> {
         if !key.versions.contains_key(&v) {
             return Err(Error::invalid(format!("key version {v} does not exist")));
         }
@@ -470,10 +470,21 @@ impl Transit {
         plaintext: Zeroizing<Vec<u8>>,
         aad: Vec<u8>,
     ) -> Result<String> {
+        self.encrypt_with(name, key, key.latest_version, plaintext, aad).await
+    }
+
+    /// Encrypt under version `v` (checked by the caller: [`Transit::usable`]).
+    pub async fn encrypt_with(
+        &self,
+        name: &str,
+        key: &TransitKey,
+        v: u32,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad: Vec<u8>,
+    ) -> Result<String> {
         if key.key_type != KeyType::Aes256Gcm96 {
             return Err(Error::invalid("this key does not support encryption"));
         }
-        let v = key.latest_version;
         let label = self.label(name, v)?;
         let ct = match hsm_call(&self.keys, move |k| k.encrypt_aes_gcm(&label, &plaintext, &aad)).await {
             Err(e) => return Err(self.deleted_meanwhile(name, e).await),
@@ -518,9 +529,9 @@ impl Transit {
     }
 
     /// Re-encrypt under the latest version; the plaintext never leaves this function.
-    pub async fn rewrap(&self, name: &str, key: &TransitKey, ciphertext: &str, aad: Vec<u8>) -> Result<String> {
+    pub async fn rewrap(&self, name: &str, key: &TransitKey, v: u32, ciphertext: &str, aad: Vec<u8>) -> Result<String> {
         let plaintext = self.decrypt(name, key, ciphertext, aad.clone()).await?;
-        self.encrypt(name, key, plaintext, aad).await
+        self.encrypt_with(name, key, v, plaintext, aad).await
     }
 
     /// A fresh 256-bit data key and its encryption under the named key.
@@ -532,10 +543,14 @@ impl Transit {
 
     /// Sign inside the token with the latest version.
     pub async fn sign(&self, name: &str, key: &TransitKey, input: Vec<u8>) -> Result<String> {
+        self.sign_with(name, key, key.latest_version, input).await
+    }
+
+    /// Sign with version `v` (checked by the caller: [`Transit::usable`]).
+    pub async fn sign_with(&self, name: &str, key: &TransitKey, v: u32, input: Vec<u8>) -> Result<String> {
         if key.key_type != KeyType::Ed25519 {
             return Err(Error::invalid("this key does not support signing"));
         }
-        let v = key.latest_version;
         let label = self.label(name, v)?;
         let sig = match hsm_call(&self.keys, move |k| k.sign_ed25519(&label, &input)).await {
             Err(e) => return Err(self.deleted_meanwhile(name, e).await),

@@ -178,6 +178,10 @@ fn into_items(body: OperationRequest) -> Result<(Vec<Item>, bool)> {
                 if batch.is_empty() || batch.len() > keyvault_api::gateway::MAX_BATCH {
                     return Err(Error::invalid("batch_input holds 1 to 1000 items"));
                 }
+                let batch = batch
+                    .into_iter()
+                    .map(|item| Item { key_version: item.key_version.or(this.key_version), ..item })
+                    .collect();
                 Ok((batch, true))
             }
             None => Ok((
@@ -187,6 +191,7 @@ fn into_items(body: OperationRequest) -> Result<(Vec<Item>, bool)> {
                     associated_data: this.associated_data,
                     input: this.input,
                     signature: this.signature,
+                    key_version: this.key_version,
                     ..Default::default()
                 }],
                 false,
@@ -212,12 +217,25 @@ const BATCH_IN_FLIGHT: usize = 128;
 impl TransitEngine {
     async fn one(&self, name: &str, key: &TransitKey, op: Op, item: &Item) -> Result<ItemResult> {
         let t = &self.transit;
-        let version = Some(key.latest_version);
+        // The version to encrypt, rewrap or sign with.
+        let v = match item.key_version.filter(|v| *v != 0) {
+            None => key.latest_version,
+            Some(_) if matches!(op, Op::Decrypt | Op::Verify) => {
+                return Err(Error::invalid(
+                    "key_version applies to encrypt, rewrap and sign; a decryption or verification uses the version its text names",
+                ));
+            }
+            Some(v) => {
+                Transit::usable(key, v)?;
+                v
+            }
+        };
+        let version = Some(v);
         Ok(match op {
             Op::Encrypt => {
                 let pt = item.plaintext.as_ref().ok_or_else(|| Error::invalid("missing field `plaintext`"))?;
                 let pt = b64_field("plaintext", pt.expose())?;
-                let ct = t.encrypt(name, key, pt, aad(item)?).await?;
+                let ct = t.encrypt_with(name, key, v, pt, aad(item)?).await?;
                 ItemResult { ciphertext: Some(ct), key_version: version, ..Default::default() }
             }
             Op::Decrypt => {
@@ -225,12 +243,12 @@ impl TransitEngine {
                 ItemResult { plaintext: Some(Sensitive::new(STANDARD.encode(pt.as_slice()))), ..Default::default() }
             }
             Op::Rewrap => {
-                let ct = t.rewrap(name, key, required(&item.ciphertext, "ciphertext")?, aad(item)?).await?;
+                let ct = t.rewrap(name, key, v, required(&item.ciphertext, "ciphertext")?, aad(item)?).await?;
                 ItemResult { ciphertext: Some(ct), key_version: version, ..Default::default() }
             }
             Op::Sign => {
                 let input = b64_field("input", required(&item.input, "input")?)?;
-                let sig = t.sign(name, key, input.to_vec()).await?;
+                let sig = t.sign_with(name, key, v, input.to_vec()).await?;
                 ItemResult { signature: Some(sig), key_version: version, ..Default::default() }
             }
             Op::Verify => {
