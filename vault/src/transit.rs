@@ -80,6 +80,11 @@ pub struct Operation {
 /// How long a claimed operation is its owner's alone.
 const OPERATION_LEASE: u64 = 60;
 
+/// The most versions a key keeps (rotations past it are refused): every operation reads
+/// the key's record, which lists them all, and a caller allowed to rotate must not be able
+/// to make it grow without end.
+pub const MAX_KEY_VERSIONS: usize = 1000;
+
 /// How long a deleted key's name stays taken (a `deleted` record, then reused by the next
 /// create): longer than another replica may go on using a session copy of a destroyed
 /// key (`keyvault_hsm::COPY_RECHECK`, 1 s) plus clock skew between replicas. A key made
@@ -339,6 +344,11 @@ impl Transit {
             Some(o) => o.version,
             None => key.latest_version + 1,
         };
+        if key.versions.len() >= MAX_KEY_VERSIONS {
+            return Err(Error::invalid(format!(
+                "transit key {name} has {MAX_KEY_VERSIONS} versions, the most a key keeps: create a new key for new data"
+            )));
+        }
         let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
         // Given back without any operation: a rotation this one took over is not handed
         // back to its slow owner (whose key this one may have replaced); the next rotation
@@ -610,6 +620,26 @@ mod tests {
             assert!(parse_versioned(bad).is_err(), "{bad}");
         }
         assert!(parse_versioned("vault:v4294967296:AAAA").is_err(), "past u32");
+    }
+
+    /// A key keeps at most `MAX_KEY_VERSIONS` versions: the rotation past it is refused
+    /// and changes nothing.
+    #[tokio::test]
+    async fn rotations_stop_at_the_most_versions_a_key_keeps() {
+        let k = crate::test_support::Keyed::new().await;
+        let t = Transit::new(k.store.clone(), k.keys.clone(), k.names.clone());
+        let key = t.create("k", KeyType::Aes256Gcm96).await.unwrap();
+        // As if rotated to the limit (the record only: no token call is made past it).
+        let mut full = key.clone();
+        for v in 2..=MAX_KEY_VERSIONS as u32 {
+            full.versions.insert(v, key.versions[&1].clone());
+        }
+        full.latest_version = MAX_KEY_VERSIONS as u32;
+        k.store.put(&key_path("k"), &encode_json(&full)).await.unwrap();
+        let e = t.rotate("k").await.unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(ref m) if m.contains("the most a key keeps")), "{e:?}");
+        assert_eq!(t.get("k").await.unwrap().latest_version, MAX_KEY_VERSIONS as u32);
+        assert!(!k.keys.exists(&t.label("k", MAX_KEY_VERSIONS as u32 + 1).unwrap()).unwrap());
     }
 
     /// As if the `deleted` record of `name` had been written [`DELETED_HOLD`] ago.
