@@ -689,6 +689,17 @@ impl Secrets {
         loop {
             let page = self.store.scan_prefix(&full, after.as_deref(), 1000).await?;
             let done = page.len() < 1000;
+            // Where the next page starts: after this one's last key, or, when that key is
+            // inside a folder, after everything in that folder (a folder is one name in
+            // the listing, however many secrets it holds; and version 1's listing skips
+            // other engines' namespaces whole).
+            let next = page.last().map(|(k, _)| {
+                let rest = &k[full.len()..];
+                match rest.find('/') {
+                    Some(i) => format!("{full}{}{}", &rest[..=i], char::MAX),
+                    None => k.clone(),
+                }
+            });
             for (k, _) in &page {
                 let rest = &k[full.len()..];
                 let child = match rest.find('/') {
@@ -703,7 +714,7 @@ impl Secrets {
                     keys.push(child.to_owned());
                 }
             }
-            after = page.last().map(|(k, _)| k.clone());
+            after = next;
             if done {
                 break;
             }
@@ -721,6 +732,40 @@ impl Secrets {
 mod tests {
     use super::*;
     use crate::test_support::Keyed;
+
+    /// A listing reads a folder's first entries, not everything in it: three folders of
+    /// 3,000 secrets each, KV version 2's secrets beside them, and the root listing
+    /// reads a few pages (before: every key under the prefix, all 12,000, values
+    /// included).
+    #[tokio::test]
+    async fn a_listing_skips_over_folders() {
+        use crate::test_support::{PauseAt, TestStore};
+        let k = Keyed::new().await;
+        let mut ops = Vec::new();
+        for folder in ["a", "b", "c"] {
+            for i in 0..3000 {
+                ops.push(format!("{META_PREFIX}{folder}/s{i:05}"));
+            }
+        }
+        for i in 0..3000 {
+            ops.push(format!("{META_PREFIX}{KV2_NAMESPACE}x/s{i:05}"));
+        }
+        for key in ["top", "b/direct"] {
+            ops.push(format!("{META_PREFIX}{key}"));
+        }
+        for chunk in ops.chunks(1000) {
+            let tx = chunk.iter().map(|key| TxOp::Insert { key: key.clone(), value: b"{}".to_vec() }).collect();
+            k.store.transact(tx).await.unwrap();
+        }
+        let store = Arc::new(TestStore::holding(k.store.clone(), PauseAt::Get, ""));
+        let v1 = Secrets::new(store.clone(), k.barrier(), 10);
+        assert_eq!(v1.list(&SecretPrefix::parse("").unwrap()).await.unwrap(), ["a/", "b/", "c/", "top"]);
+        let read = store.scanned.swap(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(read <= 5 * 1000, "the root listing read {read} entries");
+        let v2 = Secrets::kv2(store.clone(), k.barrier(), 10);
+        assert_eq!(v2.list(&SecretPrefix::parse("").unwrap()).await.unwrap(), ["x/"]);
+        assert_eq!(v1.list(&SecretPrefix::parse("b/").unwrap()).await.unwrap().len(), 3001);
+    }
 
     #[test]
     fn paths_are_validated() {

@@ -67,6 +67,8 @@ pub struct TestStore {
     pub go: tokio::sync::Notify,
     /// Writes left before every write fails; `None`: no limit.
     writes_left: Option<AtomicI64>,
+    /// Entries the scans returned so far.
+    pub scanned: std::sync::atomic::AtomicU64,
 }
 
 impl TestStore {
@@ -80,6 +82,7 @@ impl TestStore {
             reached: tokio::sync::Notify::new(),
             go: tokio::sync::Notify::new(),
             writes_left: None,
+            scanned: Default::default(),
         }
     }
 
@@ -138,7 +141,9 @@ impl Store for TestStore {
         limit: usize,
     ) -> StoreResult<Vec<(String, Vec<u8>)>> {
         self.hold(PauseAt::Scan, prefix).await;
-        self.inner.scan_prefix(prefix, after, limit).await
+        let page = self.inner.scan_prefix(prefix, after, limit).await?;
+        self.scanned.fetch_add(page.len() as u64, Ordering::Relaxed);
+        Ok(page)
     }
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<std::time::Duration>) -> StoreResult<bool> {
         self.write()?;

@@ -298,6 +298,11 @@ pub async fn scan_prefix_pages_and_bounds(s: &dyn Store) {
     assert!(s.insert_if_absent("c3/items/999", b"", Some(Duration::from_millis(20))).await.unwrap());
     wait_expired(s, "c3/items/999").await;
     assert_eq!(scan_all(s, "c3/items/").await.unwrap().len(), 25);
+    // Keys compare byte by byte: `after` ending in the largest character skips a whole
+    // folder (a listing steps over folders so), and lands before the next name.
+    s.put("c3/itemz", b"next").await.unwrap();
+    let past = s.scan_prefix("c3/item", Some(&format!("c3/items/{}", char::MAX)), 10).await.unwrap();
+    assert_eq!(past.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["c3/items0", "c3/itemt", "c3/itemz"]);
 }
 
 /// Wait (up to a few seconds) until the entry under `key` has expired.
