@@ -92,6 +92,9 @@ pub struct WriteOptions {
     /// The mount requires check-and-set (so does a secret whose metadata says so, read
     /// when the write is recorded).
     pub cas_required: bool,
+    /// Write only if the secret exists (`Some(true)`) or does not (`Some(false)`) when
+    /// the write is recorded (see `Request::must_exist`): 409 otherwise.
+    pub must_exist: Option<bool>,
 }
 
 /// A change of a secret's settings (KV version 2 `metadata`); `None` leaves one as is.
@@ -284,7 +287,17 @@ impl Secrets {
     /// [`Secrets::write`] with check-and-set and a version limit.
     pub async fn write_with(&self, path: &SecretPath, value: &[u8], opts: WriteOptions) -> Result<(u64, VersionMeta)> {
         validate_value(value)?;
-        let (_, meta) = self.load_meta(path).await?;
+        let (raw, meta) = self.load_meta(path).await?;
+        let existence_changed = |exists: bool| {
+            Error::Conflict(format!(
+                "{} was {} meanwhile; retry",
+                path.as_str(),
+                if exists { "created" } else { "deleted" }
+            ))
+        };
+        if opts.must_exist.is_some_and(|m| m != raw.is_some()) {
+            return Err(existence_changed(raw.is_some()));
+        }
         let cas_mismatch = || Error::Conflict("check-and-set parameter did not match the current version".into());
         let written_concurrently =
             || Error::Conflict(format!("{} is being written concurrently; retry", path.as_str()));
@@ -333,6 +346,12 @@ impl Secrets {
             // Record the version in the metadata; merge with concurrent writers.
             loop {
                 let (raw, mut meta) = self.load_meta(path).await?;
+                if opts.must_exist.is_some_and(|m| m != raw.is_some()) {
+                    // Created or deleted since the caller's permission was checked: this
+                    // version was never acknowledged, and its record goes.
+                    self.destroy_record(&key).await?;
+                    return Err(existence_changed(raw.is_some()));
+                }
                 if opts.cas.is_some_and(|cas| cas != meta.current_version) {
                     // Another check-and-set writer got there first: this version was never
                     // acknowledged, and its record goes.
@@ -918,6 +937,50 @@ mod tests {
     /// frees that version's slot) claims the freed slot, and a delete of the whole secret
     /// runs between its claim and its recording. The write answers with a version that
     /// serves its value, never with the number the deleted version had.
+    /// A write whose caller may only create (or only update) is recorded only if the
+    /// secret still does not exist (or still does) when it commits: a create-only writer
+    /// that saw no secret does not overwrite one made meanwhile, an update-only writer
+    /// does not bring back one deleted meanwhile (409; its record is removed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_keeps_to_the_existence_its_permission_was_checked_on() {
+        use crate::test_support::{PauseAt, TestStore};
+        let keyed = Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
+        let plain = Secrets::new(sled.clone(), barrier.clone(), 10);
+        let path = SecretPath::parse("app/owned").unwrap();
+        let only = |must_exist| WriteOptions { must_exist: Some(must_exist), ..Default::default() };
+        // Checked at once, too.
+        assert!(matches!(plain.write_with(&path, br#"{"v":"u"}"#, only(true)).await, Err(Error::Conflict(_))));
+        for (must_exist, before, meanwhile) in [(false, None, "made"), (true, Some("first"), "deleted")] {
+            let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
+            let held = Arc::new(Secrets { store: paused.clone(), barrier: barrier.clone(), max_versions: 10, ns: "" });
+            if let Some(v) = before {
+                plain.write(&path, format!(r#"{{"v":"{v}"}}"#).as_bytes()).await.unwrap();
+            }
+            // The writer reads the metadata (as its permission was checked on) and is held
+            // while another request makes (or deletes) the secret.
+            paused.arm();
+            let w = tokio::spawn({
+                let (held, path) = (held.clone(), path.clone());
+                async move { held.write_with(&path, br#"{"v":"w"}"#, only(must_exist)).await }
+            });
+            paused.reached.notified().await;
+            if meanwhile == "made" {
+                plain.write(&path, br#"{"v":"other"}"#).await.unwrap();
+            } else {
+                plain.delete_all(&path).await.unwrap();
+            }
+            paused.go.notify_one();
+            let r = w.await.unwrap();
+            assert!(matches!(r, Err(Error::Conflict(_))), "{meanwhile} meanwhile: {r:?}");
+            match meanwhile {
+                "made" => assert_eq!(&*plain.read(&path, None).await.unwrap().data, br#"{"v":"other"}"#.as_slice()),
+                _ => assert!(!plain.exists(&path).await.unwrap(), "brought back by an update-only write"),
+            }
+            plain.delete_all(&path).await.ok();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_on_a_stale_view_never_records_a_removed_version_or_a_lost_record() {
         use crate::test_support::{PauseAt, TestStore};

@@ -134,7 +134,8 @@ impl Engine for Kv {
             }
             Operation::Write => {
                 self.refuse_version_2(&path, &req.body)?;
-                let (version, meta) = self.secrets.write(&path, &req.body).await?;
+                let opts = crate::secrets::WriteOptions { must_exist: req.must_exist, ..Default::default() };
+                let (version, meta) = self.secrets.write_with(&path, &req.body, opts).await?;
                 Reply::data(&Written { version, created_time: meta.created_time })
             }
             Operation::Delete => match self.secrets.delete_latest(&path).await {

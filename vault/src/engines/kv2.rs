@@ -297,14 +297,21 @@ impl Kv2 {
         }
         let data = parsed.data.ok_or_else(|| Error::invalid("no data provided"))?;
         let cas = parsed.options.and_then(|o| o.cas);
-        self.write_value(&path, data.get().as_bytes(), cas).await
+        self.write_value(&path, data.get().as_bytes(), cas, req.must_exist).await
     }
 
-    async fn write_value(&self, path: &SecretPath, value: &[u8], cas: Option<u64>) -> Result<Reply> {
+    async fn write_value(
+        &self,
+        path: &SecretPath,
+        value: &[u8],
+        cas: Option<u64>,
+        must_exist: Option<bool>,
+    ) -> Result<Reply> {
         let config = self.config().await?;
         let meta = self.secrets.metadata(path).await?.unwrap_or_default();
         // The secret's own settings are read again when the write is recorded.
-        let opts = WriteOptions { cas, max_versions: config.max_versions, cas_required: config.cas_required };
+        let opts =
+            WriteOptions { cas, max_versions: config.max_versions, cas_required: config.cas_required, must_exist };
         let (version, vmeta) = self.secrets.write_with(path, value, opts).await?;
         Reply::data(&version_metadata(&meta, version, &vmeta))
     }
@@ -370,7 +377,7 @@ impl Kv2 {
             Zeroizing::new(serde_json::to_vec(&value).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?);
         scrub(&mut value);
         let cas = body.options.and_then(|o| o.cas).or(Some(current.version));
-        self.write_value(&path, &text, cas).await
+        self.write_value(&path, &text, cas, None).await
     }
 
     async fn metadata(&self, req: &Request) -> Result<Reply> {

@@ -600,6 +600,12 @@ pub struct Request {
     /// For [`Access::CreateOrUpdate`]: what the existence check found stored (the bytes
     /// a compare-and-swap should expect), `None` if nothing.
     pub existing: Option<Vec<u8>>,
+    /// For [`Access::CreateOrUpdate`], when the caller may only update (`Some(true)`) or
+    /// only create (`Some(false)`): the handler makes its change only if the thing still
+    /// exists (or still does not) when the change commits. Else a change racing the
+    /// check would grant what the caller does not hold (an update-only caller creating a
+    /// secret deleted meanwhile; a create-only one overwriting one made meanwhile).
+    pub must_exist: Option<bool>,
     /// What the audit entry of this request should say.
     pub audit: AuditSlot,
     /// Fields of the body (or query) that no endpoint reads: named in the reply.

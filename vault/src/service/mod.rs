@@ -164,6 +164,7 @@ impl Service {
             wrap_ttl: incoming.wrap_ttl,
             no_cache: incoming.no_cache,
             existing: None,
+            must_exist: None,
             audit: incoming.audit,
             warnings: Vec::new(),
         };
@@ -216,8 +217,15 @@ impl Service {
                     caller.require(&req.policy_path, Capability::Update)?;
                 }
                 req.existing = engine.existence(req).await?;
-                let cap = if req.existing.is_some() { Capability::Update } else { Capability::Create };
+                let (cap, other) = if req.existing.is_some() {
+                    (Capability::Update, Capability::Create)
+                } else {
+                    (Capability::Create, Capability::Update)
+                };
                 caller.require(&req.policy_path, cap)?;
+                if !caller.acl.allows(&req.policy_path, other) {
+                    req.must_exist = Some(req.existing.is_some());
+                }
                 req.caller = Some(caller);
             }
         }
