@@ -320,7 +320,7 @@ impl Secrets {
             let sealed = self.barrier.seal(&record_context_raw(&full, version), value).await?;
             let kek = Record::parse(&sealed)?.kek_version;
             let key = self.data_key(path, version);
-            let ops = vec![TxOp::Insert { key: key.clone(), value: sealed }, usage::count(kek, &key, 1)];
+            let ops = vec![TxOp::Insert { key: key.clone(), value: sealed.clone() }, usage::count(kek, &key, 1)];
             match self.store.transact(ops).await? {
                 TxOutcome::Committed => {}
                 // The slot is taken: by a concurrent writer, or by the record of a writer
@@ -349,35 +349,37 @@ impl Secrets {
                 if opts.must_exist.is_some_and(|m| m != raw.is_some()) {
                     // Created or deleted since the caller's permission was checked: this
                     // version was never acknowledged, and its record goes.
-                    self.destroy_record(&key).await?;
+                    self.destroy_own_record(&key, &sealed).await?;
                     return Err(existence_changed(raw.is_some()));
                 }
                 if opts.cas.is_some_and(|cas| cas != meta.current_version) {
                     // Another check-and-set writer got there first: this version was never
                     // acknowledged, and its record goes.
-                    self.destroy_record(&key).await?;
+                    self.destroy_own_record(&key, &sealed).await?;
                     return Err(cas_mismatch());
                 }
                 // The settings as they are now, not as they were when the write began: a
                 // secret made to require check-and-set meanwhile refuses this write.
                 if opts.cas.is_none() && meta.cas_required {
-                    self.destroy_record(&key).await?;
+                    self.destroy_own_record(&key, &sealed).await?;
                     return Err(cas_required());
                 }
                 // One number is never recorded for two values: if the metadata lists it
                 // already (a version removed earlier freed its slot, and this writer
                 // claimed it on an older view), this record gives the slot up and the
-                // write takes a number above the current one. And the record must still
-                // be there: a removal that read metadata listing the number deletes
-                // whatever record holds it. Read after the metadata, the record is there
-                // unless such a removal committed first; one that commits later changes
-                // the metadata read here, and the compare-and-swap below fails. (Nothing
-                // was acknowledged yet either way.)
+                // write takes a number above the current one. And this writer's own
+                // record must still be there: a removal that read metadata listing the
+                // number deletes whatever record holds it, and another writer may have
+                // claimed the freed slot since (its record there is its own, never this
+                // one's to record or delete). Read after the metadata, the record is
+                // there unless such a removal committed first; one that commits later
+                // changes the metadata read here, and the compare-and-swap below fails.
+                // (Nothing was acknowledged yet either way.)
                 let taken = meta.versions.contains_key(&version);
-                let present = self.store.get(&key).await?.is_some();
-                if taken || !present {
+                let mine = self.store.get(&key).await?.is_some_and(|r| same_value(&r, &sealed));
+                if taken || !mine {
                     if taken {
-                        self.destroy_record(&key).await?;
+                        self.destroy_own_record(&key, &sealed).await?;
                     }
                     version = meta.current_version.max(version) + 1;
                     continue 'claim;
@@ -398,7 +400,7 @@ impl Secrets {
                 if pruned.contains(&version) {
                     // Older than every version kept (later writers recorded theirs
                     // first): take a number above them rather than be pruned at once.
-                    self.destroy_record(&key).await?;
+                    self.destroy_own_record(&key, &sealed).await?;
                     version = meta.current_version + 1;
                     continue 'claim;
                 }
@@ -416,9 +418,29 @@ impl Secrets {
                 attempts += 1;
                 if attempts > MAX_WRITE_ATTEMPTS {
                     // Never acknowledged: its record goes.
-                    self.destroy_record(&key).await?;
+                    self.destroy_own_record(&key, &sealed).await?;
                     return Err(written_concurrently());
                 }
+            }
+        }
+    }
+
+    /// Delete this writer's own record under `key` (the one it inserted: `sealed`, or
+    /// that record re-wrapped by a rotation since) with its count; another writer's record
+    /// in the same slot is left alone. A record a rotation set aside is deleted as
+    /// [`Secrets::destroy_record`] does.
+    async fn destroy_own_record(&self, key: &str, sealed: &[u8]) -> Result<()> {
+        loop {
+            let Some(current) = self.store.get(key).await? else { return self.destroy_record(key).await };
+            if !same_value(&current, sealed) {
+                return Ok(());
+            }
+            let mut ops = vec![TxOp::Swap { key: key.to_owned(), expected: current.clone(), new: None }];
+            if let Ok(r) = Record::parse(&current) {
+                ops.push(usage::count(r.kek_version, key, -1));
+            }
+            if self.store.transact(ops).await? == TxOutcome::Committed {
+                return Ok(());
             }
         }
     }
@@ -747,6 +769,16 @@ impl Secrets {
     }
 }
 
+/// Whether two sealed records hold the same sealing of a value: the same nonce and
+/// ciphertext (a re-wrap by a rotation changes only the wrapped data key; every write
+/// seals with a fresh random nonce, so no two writes share them).
+fn same_value(a: &[u8], b: &[u8]) -> bool {
+    match (Record::parse(a), Record::parse(b)) {
+        (Ok(a), Ok(b)) => a.nonce == b.nonce && a.ciphertext == b.ciphertext,
+        _ => a == b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -979,6 +1011,43 @@ mod tests {
             }
             plain.delete_all(&path).await.ok();
         }
+    }
+
+    /// A writer whose record was taken out of its slot, and the slot claimed and recorded
+    /// by another writer meanwhile, neither records nor deletes that writer's record: the
+    /// other's acknowledged version keeps its value. (Before, the first writer's
+    /// metadata retry saw the slot listed and deleted whatever record held it: the
+    /// other's.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_never_deletes_another_writers_record_in_its_slot() {
+        use crate::test_support::{PauseAt, TestStore};
+        let keyed = Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
+        let plain = Secrets::new(sled.clone(), barrier.clone(), 10);
+        let path = SecretPath::parse("app/slot").unwrap();
+        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
+        let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
+        plain.write(&path, br#"{"v":"1"}"#).await.unwrap();
+        // W reads the metadata (version 1), claims slot 2, and is held as it reads the
+        // metadata again to record it.
+        paused.arm();
+        let w = tokio::spawn({
+            let (stale, path) = (stale.clone(), path.clone());
+            async move { stale.write(&path, br#"{"v":"w"}"#).await }
+        });
+        paused.reached.notified().await;
+        paused.arm();
+        paused.go.notify_one();
+        paused.reached.notified().await;
+        // W's record leaves the slot (as a removal that read a listing of number 2 would
+        // take it), and X claims and records number 2.
+        assert!(sled.delete(&plain.data_key(&path, 2)).await.unwrap());
+        assert_eq!(plain.write(&path, br#"{"v":"x"}"#).await.unwrap().0, 2);
+        paused.go.notify_one();
+        let (version, _) = w.await.unwrap().unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(&*plain.read(&path, Some(2)).await.unwrap().data, br#"{"v":"x"}"#.as_slice(), "X's version");
+        assert_eq!(&*plain.read(&path, Some(3)).await.unwrap().data, br#"{"v":"w"}"#.as_slice());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
