@@ -102,6 +102,9 @@ async fn logins_get_no_more_guesses_than_the_limit() {
     }
     let body = json!({"role_id": role_id, "secret_id": "0".repeat(64), "name": "n5"});
     ok(five.post("auth/approle/login", None, body).await, 429);
+    // Nor does a field of another type, which the login ignores as well.
+    let body = json!({"role_id": role_id, "secret_id": "0".repeat(64), "name": 0});
+    ok(five.post("auth/approle/login", None, body).await, 429);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

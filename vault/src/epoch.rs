@@ -157,7 +157,8 @@ pub struct EpochKeys {
     names: KeyNames,
     loaded: RwLock<HashMap<KeyVersion, Arc<EpochKey>>>,
     /// Bumped (under `loaded`'s write lock) each time keys are dropped ([`EpochKeys::forget`],
-    /// [`EpochKeys::keep_only`]): a load that began before does not put its key back.
+    /// and [`EpochKeys::keep_only`] when it drops one): a load that began before does not
+    /// put its key back.
     generation: std::sync::atomic::AtomicU64,
     /// One load at a time (a burst of first reads after start-up unwraps once).
     loading: tokio::sync::Mutex<()>,
@@ -254,8 +255,14 @@ impl EpochKeys {
     /// Drop the epoch keys of versions that are no longer in the keyring (retired).
     pub fn keep_only(&self, versions: &[KeyVersion]) {
         let mut map = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let before = map.len();
         map.retain(|v, _| versions.contains(v));
+        // Only when a key went: this runs on every keyring sync, and a bump throws away
+        // the loads under way (a load of a version retired meanwhile that this misses is
+        // dropped by the next sync).
+        if map.len() != before {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         crate::metrics::get().epoch_keys_loaded.set(map.len() as i64);
     }
 

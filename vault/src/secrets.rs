@@ -427,11 +427,20 @@ impl Secrets {
 
     /// Delete this writer's own record under `key` (the one it inserted: `sealed`, or
     /// that record re-wrapped by a rotation since) with its count; another writer's record
-    /// in the same slot is left alone. A record a rotation set aside is deleted as
-    /// [`Secrets::destroy_record`] does.
+    /// in the same slot is left alone. This writer's record set aside by a rotation is
+    /// deleted as [`Secrets::destroy_record`] does.
     async fn destroy_own_record(&self, key: &str, sealed: &[u8]) -> Result<()> {
         loop {
-            let Some(current) = self.store.get(key).await? else { return self.destroy_record(key).await };
+            let Some(current) = self.store.get(key).await? else {
+                // Set aside by a rotation, perhaps: only if that copy is this writer's.
+                let aside_key = usage::set_aside_key(key);
+                let Some(raw) = self.store.get(&aside_key).await? else { return Ok(()) };
+                let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
+                if hex::decode(&aside.record).is_ok_and(|r| same_value(&r, sealed)) {
+                    return self.destroy_record(key).await;
+                }
+                return Ok(());
+            };
             if !same_value(&current, sealed) {
                 return Ok(());
             }
@@ -699,8 +708,27 @@ impl Secrets {
 
     /// Change a secret's settings, creating its metadata if it has none.
     pub async fn update_metadata(&self, path: &SecretPath, update: MetaUpdate) -> Result<()> {
+        self.update_metadata_if(path, update, None).await
+    }
+
+    /// [`Secrets::update_metadata`], only if the secret exists (`Some(true)`) or does not
+    /// (`Some(false)`) when the change commits (see `WriteOptions::must_exist`): 409
+    /// otherwise.
+    pub async fn update_metadata_if(
+        &self,
+        path: &SecretPath,
+        update: MetaUpdate,
+        must_exist: Option<bool>,
+    ) -> Result<()> {
         loop {
             let (raw, mut meta) = self.load_meta(path).await?;
+            if must_exist.is_some_and(|m| m != raw.is_some()) {
+                return Err(Error::Conflict(format!(
+                    "{} was {} meanwhile; retry",
+                    path.as_str(),
+                    if raw.is_some() { "created" } else { "deleted" }
+                )));
+            }
             if let Some(m) = update.max_versions {
                 meta.max_versions = (m > 0).then_some(m);
             }
@@ -965,10 +993,6 @@ mod tests {
         assert_eq!(secrets.write_with(&path, br#"{"v":13}"#, cas).await.unwrap().0, 14);
     }
 
-    /// A writer that read the metadata before a version was written and deleted (which
-    /// frees that version's slot) claims the freed slot, and a delete of the whole secret
-    /// runs between its claim and its recording. The write answers with a version that
-    /// serves its value, never with the number the deleted version had.
     /// A write whose caller may only create (or only update) is recorded only if the
     /// secret still does not exist (or still does) when it commits: a create-only writer
     /// that saw no secret does not overwrite one made meanwhile, an update-only writer
@@ -1011,6 +1035,15 @@ mod tests {
             }
             plain.delete_all(&path).await.ok();
         }
+        // KV version 2's metadata writes keep to it too.
+        let meta_only = SecretPath::parse("app/meta").unwrap();
+        let change = || MetaUpdate { max_versions: Some(3), ..Default::default() };
+        let refused = plain.update_metadata_if(&meta_only, change(), Some(true)).await;
+        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+        assert!(!plain.exists(&meta_only).await.unwrap());
+        plain.update_metadata_if(&meta_only, change(), Some(false)).await.unwrap();
+        let refused = plain.update_metadata_if(&meta_only, change(), Some(false)).await;
+        assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
     }
 
     /// A writer whose record was taken out of its slot, and the slot claimed and recorded
@@ -1050,6 +1083,10 @@ mod tests {
         assert_eq!(&*plain.read(&path, Some(3)).await.unwrap().data, br#"{"v":"w"}"#.as_slice());
     }
 
+    /// A writer that read the metadata before a version was written and deleted (which
+    /// frees that version's slot) claims the freed slot, and a delete of the whole secret
+    /// runs between its claim and its recording. The write answers with a version that
+    /// serves its value, never with the number the deleted version had.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_on_a_stale_view_never_records_a_removed_version_or_a_lost_record() {
         use crate::test_support::{PauseAt, TestStore};

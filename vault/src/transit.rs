@@ -65,8 +65,7 @@ pub struct TransitKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Operation {
-    /// `create`, `rotate` or `delete`; or `deleted`: not an operation, the record a
-    /// delete leaves (see `DELETED_HOLD`).
+    /// `create`, `rotate` or `delete`.
     pub kind: String,
     /// The version being made (create, rotate); for a delete, a version an interrupted
     /// create or rotation may have left in the token (0: none).
@@ -85,23 +84,23 @@ const OPERATION_LEASE: u64 = 60;
 /// to make it grow without end.
 pub const MAX_KEY_VERSIONS: usize = 1000;
 
-/// How long a deleted key's name stays taken (a `deleted` record, then reused by the next
-/// create): longer than another replica may go on using a session copy of a destroyed
-/// key (`keyvault_hsm::COPY_RECHECK`, 1 s) plus clock skew between replicas. A key made
+/// How long a deleted key's name stays taken (an entry at `transit/deleted/<name>` that
+/// expires by the store's clock, the same for every replica): longer than another replica
+/// may go on using a session copy of a destroyed key (`keyvault_hsm::COPY_RECHECK`, 1 s,
+/// by its own monotonic clock), with a margin for an operation under way. A key made
 /// again under the name sooner would share its token labels with the deleted key while
 /// such a copy of it is still used, and what that replica encrypted could not be
 /// decrypted by anyone.
-const DELETED_HOLD: u64 = 3;
+const DELETED_HOLD: Duration = Duration::from_secs(3);
+
+fn deleted_path(name: &str) -> String {
+    format!("transit/deleted/{name}")
+}
 
 impl TransitKey {
-    /// Usable for operations: not being created or deleted, nor deleted (a `deleted`
-    /// record keeps the name taken for [`DELETED_HOLD`]).
+    /// Usable for operations: not being created or deleted.
     fn usable(&self) -> bool {
-        !matches!(self.operation.as_ref().map(|o| o.kind.as_str()), Some("create" | "delete" | "deleted"))
-    }
-
-    fn is_deleted(&self) -> bool {
-        self.operation.as_ref().is_some_and(|o| o.kind == "deleted")
+        !matches!(self.operation.as_ref().map(|o| o.kind.as_str()), Some("create" | "delete"))
     }
 
     fn busy(&self, now: u64) -> Option<&Operation> {
@@ -265,6 +264,14 @@ impl Transit {
     /// concurrent creates of a new key, one makes it and the others get 409.
     pub async fn create(&self, name: &str, key_type: KeyType) -> Result<TransitKey> {
         let now = unix_now();
+        // A key deleted moments ago keeps its name (see `DELETED_HOLD`). Checked before the
+        // record: a delete makes this entry before it removes the record.
+        if self.store.get(&deleted_path(name)).await?.is_some() {
+            return Err(Error::Conflict(format!(
+                "transit key {name} was deleted less than {} s ago; its name can be used again after that",
+                DELETED_HOLD.as_secs()
+            )));
+        }
         let (expected, mut key) = match self.load_raw(name).await? {
             // The key exists (a rotation in progress, or one a crashed owner left, does
             // not change that): as for any existing key, nothing to do.
@@ -274,24 +281,7 @@ impl Transit {
                 }
                 return Ok(TransitKey { operation: None, ..existing });
             }
-            Some((_, existing)) if existing.is_deleted() && existing.busy(now).is_some() => {
-                return Err(Error::Conflict(format!(
-                    "transit key {name} was deleted less than {DELETED_HOLD} s ago; its name can be used again after that"
-                )));
-            }
             Some((_, existing)) if existing.busy(now).is_some() => return Err(Self::conflict(name)),
-            // A key deleted long enough ago: its name is free.
-            Some((raw, existing)) if existing.is_deleted() => (
-                Some(raw),
-                TransitKey {
-                    key_type,
-                    versions: BTreeMap::new(),
-                    latest_version: 0,
-                    min_decryption_version: 1,
-                    deletion_allowed: false,
-                    operation: None,
-                },
-            ),
             // An interrupted create (take it over) or an interrupted delete (refuse).
             Some((raw, existing)) => {
                 if existing.operation.as_ref().is_some_and(|o| o.kind != "create") {
@@ -395,9 +385,8 @@ impl Transit {
 
     /// Delete a key whose `deletion_allowed` is set: it is marked as being deleted (from
     /// then on it is 404 and cannot be created again), its token objects are destroyed,
-    /// then its metadata is replaced by a `deleted` record, which keeps the name taken for
-    /// [`DELETED_HOLD`] (a create answers 409 until then). A delete interrupted half way
-    /// is finished by the next.
+    /// then the name is held for [`DELETED_HOLD`] (a create answers 409 until then) and
+    /// the metadata removed. A delete interrupted half way is finished by the next.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let (raw, mut key) =
             self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no transit key {name}")))?;
@@ -425,22 +414,11 @@ impl Transit {
             let label = self.label(name, v)?;
             hsm_call(&self.keys, move |k| k.destroy(&label)).await?;
         }
-        // The name stays taken for a while (see `DELETED_HOLD`); the next create after
-        // that replaces the record.
-        let deleted = TransitKey {
-            versions: BTreeMap::new(),
-            latest_version: 0,
-            min_decryption_version: 1,
-            deletion_allowed: false,
-            operation: Some(Operation {
-                kind: "deleted".into(),
-                version: 0,
-                owner: String::new(),
-                until: unix_now().saturating_add(DELETED_HOLD),
-            }),
-            ..key
-        };
-        self.swap(name, Some(&claimed), Some(&deleted)).await?;
+        // The name stays taken for a while (see `DELETED_HOLD`), from before the record
+        // goes: a create reads this entry first. One left by an earlier attempt of this
+        // delete is older, and its objects were destroyed as long ago.
+        self.store.insert_if_absent(&deleted_path(name), b"", Some(DELETED_HOLD)).await?;
+        self.swap(name, Some(&claimed), None).await?;
         tracing::info!(key = name, "transit key deleted");
         Ok(())
     }
@@ -642,14 +620,9 @@ mod tests {
         assert!(!k.keys.exists(&t.label("k", MAX_KEY_VERSIONS as u32 + 1).unwrap()).unwrap());
     }
 
-    /// As if the `deleted` record of `name` had been written [`DELETED_HOLD`] ago.
+    /// As if `name` had been deleted [`DELETED_HOLD`] ago.
     async fn age_deleted_record(k: &crate::test_support::Keyed, name: &str) {
-        let raw = k.store.get(&key_path(name)).await.unwrap().unwrap();
-        let mut key: TransitKey = serde_json::from_slice(&raw).unwrap();
-        let op = key.operation.as_mut().unwrap();
-        assert_eq!(op.kind, "deleted");
-        op.until = unix_now() - 1;
-        k.store.put(&key_path(name), &encode_json(&key)).await.unwrap();
+        assert!(k.store.delete(&deleted_path(name)).await.unwrap(), "no hold on the name");
     }
 
     /// A deleted key's name stays taken for `DELETED_HOLD`: a create answers 409 (another

@@ -37,22 +37,25 @@ pub fn validate_token_settings(t: &TokenSettings) -> Result<()> {
 }
 
 /// The fields a login body may name its role by, for the rate limiter; nothing is checked
-/// here, and a body that does not parse claims nothing. Each method counts by the fields
-/// its login reads ([`LoginClaim::approle`], ...): a field it ignores must not give the
-/// same guesses a fresh counter.
-#[derive(Debug, Deserialize, Default)]
+/// here. Each method counts by the fields its login reads ([`LoginClaim::approle`], ...):
+/// a field it ignores must not give the same guesses a fresh counter. Only string values
+/// count (the body is read as any JSON object: a field of another type elsewhere in it
+/// must not make the whole claim vanish); a body that is not a JSON object claims
+/// nothing, and its login fails before any credential is looked at.
+#[derive(Debug, Default)]
 pub struct LoginClaim {
-    #[serde(default)]
     role: Option<String>,
-    #[serde(default)]
     role_id: Option<String>,
-    #[serde(default)]
     name: Option<String>,
 }
 
 impl LoginClaim {
     pub fn parse(body: &[u8]) -> LoginClaim {
-        serde_json::from_slice(body).unwrap_or_default()
+        let Ok(fields) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+            return LoginClaim::default();
+        };
+        let text = |k: &str| fields.get(k).and_then(serde_json::Value::as_str).map(str::to_owned);
+        LoginClaim { role: text("role"), role_id: text("role_id"), name: text("name") }
     }
 
     /// AppRole: `role`, or `role_id` (a body with both is refused before any guess).

@@ -488,7 +488,7 @@ impl Engine for Kv2 {
             ("metadata/{*path}", Operation::Write) => {
                 let s: Settings = req.data()?;
                 let update = Self::settings_update(s)?;
-                self.secrets.update_metadata(&Self::path(req)?, update).await?;
+                self.secrets.update_metadata_if(&Self::path(req)?, update, req.must_exist).await?;
                 Ok(Reply::empty())
             }
             ("metadata/{*path}", Operation::Delete) => {

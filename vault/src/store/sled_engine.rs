@@ -529,7 +529,9 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(|e| self.tx_failed(e))?;
-        self.flush().await
+        // Nothing to shadow (counters are read from sled as they are), but a failed flush
+        // marks the database for the reopen as any other.
+        self.flush_or_shadow(std::iter::empty()).await
     }
 
     async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
@@ -667,7 +669,7 @@ impl Store for SledStore {
             h.expiry.remove(&idx).map_err(|e| self.failed(e))?;
         }
         if purged > 0 {
-            self.flush().await?;
+            self.flush_or_shadow(std::iter::empty()).await?;
         }
         Ok(purged)
     }
