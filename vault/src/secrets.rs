@@ -1046,6 +1046,24 @@ mod tests {
         assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
     }
 
+    /// What the held-writer tests share: a store (`plain`, over sled) and the same store
+    /// seen through a [`crate::test_support::TestStore`] that holds the first read of
+    /// `path`'s metadata once armed (`stale`, `paused`).
+    #[allow(clippy::type_complexity)]
+    async fn held_writer(
+        make: fn(Arc<dyn Store>, Barrier, usize) -> Secrets,
+        path: &str,
+    ) -> (Keyed, Arc<dyn Store>, Secrets, SecretPath, Arc<crate::test_support::TestStore>, Arc<Secrets>) {
+        use crate::test_support::{PauseAt, TestStore};
+        let keyed = Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
+        let plain = make(sled.clone(), barrier.clone(), 10);
+        let path = SecretPath::parse(path).unwrap();
+        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
+        let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
+        (keyed, sled, plain, path, paused, stale)
+    }
+
     /// A writer whose record was taken out of its slot, and the slot claimed and recorded
     /// by another writer meanwhile, neither records nor deletes that writer's record: the
     /// other's acknowledged version keeps its value. (Before, the first writer's
@@ -1053,13 +1071,7 @@ mod tests {
     /// other's.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_never_deletes_another_writers_record_in_its_slot() {
-        use crate::test_support::{PauseAt, TestStore};
-        let keyed = Keyed::new().await;
-        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
-        let plain = Secrets::new(sled.clone(), barrier.clone(), 10);
-        let path = SecretPath::parse("app/slot").unwrap();
-        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
-        let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
+        let (_keyed, sled, plain, path, paused, stale) = held_writer(Secrets::new, "app/slot").await;
         plain.write(&path, br#"{"v":"1"}"#).await.unwrap();
         // W reads the metadata (version 1), claims slot 2, and is held as it reads the
         // metadata again to record it.
@@ -1089,13 +1101,7 @@ mod tests {
     /// serves its value, never with the number the deleted version had.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_on_a_stale_view_never_records_a_removed_version_or_a_lost_record() {
-        use crate::test_support::{PauseAt, TestStore};
-        let keyed = Keyed::new().await;
-        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
-        let plain = Secrets::kv2(sled.clone(), barrier.clone(), 10);
-        let path = SecretPath::parse("app/stale").unwrap();
-        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
-        let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
+        let (_keyed, _sled, plain, path, paused, stale) = held_writer(Secrets::kv2, "app/stale").await;
         for i in 1..=5 {
             plain.write(&path, format!(r#"{{"v":"{i}"}}"#).as_bytes()).await.unwrap();
         }
