@@ -88,11 +88,12 @@ impl std::fmt::Debug for EpochKey {
 
 impl EpochKey {
     pub(crate) fn new(bytes: &[u8]) -> Result<Self> {
-        let fixed: [u8; 32] =
-            bytes.try_into().map_err(|_| Error::Barrier(BarrierError::Malformed("epoch key is not 256 bits")))?;
-        let fixed = Zeroizing::new(fixed);
+        if bytes.len() != 32 {
+            return Err(Error::Barrier(BarrierError::Malformed("epoch key is not 256 bits")));
+        }
+        // Straight into its page: no other copy of the key.
         let mut page = Box::new(Zeroizing::new(KeyPage([0; 4096])));
-        page.0[..32].copy_from_slice(fixed.as_ref());
+        page.0[..32].copy_from_slice(bytes);
         // With all memory locked (`mlockall`), the page is locked already, and a lock of
         // its own would, when the key is dropped, unlock the page (munlock does not count)
         // for good, whatever of the process lands in it later.

@@ -202,6 +202,9 @@ pub fn expired(meta: &SecretMeta, v: &VersionMeta, mount: Option<u64>) -> bool {
 /// The steps that delete one stored record ([`Secrets::record_removal`]).
 struct Removal {
     swap: TxOp,
+    /// The record's stored bytes (the copy set aside: as the rotation found them), when
+    /// readable.
+    record: Option<Vec<u8>>,
     /// The counter it is counted under (minus one when it goes).
     counter: Option<String>,
     /// It is the copy a rotation set aside, not the record itself.
@@ -288,15 +291,8 @@ impl Secrets {
     pub async fn write_with(&self, path: &SecretPath, value: &[u8], opts: WriteOptions) -> Result<(u64, VersionMeta)> {
         validate_value(value)?;
         let (raw, meta) = self.load_meta(path).await?;
-        let existence_changed = |exists: bool| {
-            Error::Conflict(format!(
-                "{} was {} meanwhile; retry",
-                path.as_str(),
-                if exists { "created" } else { "deleted" }
-            ))
-        };
         if opts.must_exist.is_some_and(|m| m != raw.is_some()) {
-            return Err(existence_changed(raw.is_some()));
+            return Err(existence_changed(path, raw.is_some()));
         }
         let cas_mismatch = || Error::Conflict("check-and-set parameter did not match the current version".into());
         let written_concurrently =
@@ -350,7 +346,7 @@ impl Secrets {
                     // Created or deleted since the caller's permission was checked: this
                     // version was never acknowledged, and its record goes.
                     self.destroy_own_record(&key, &sealed).await?;
-                    return Err(existence_changed(raw.is_some()));
+                    return Err(existence_changed(path, raw.is_some()));
                 }
                 if opts.cas.is_some_and(|cas| cas != meta.current_version) {
                     // Another check-and-set writer got there first: this version was never
@@ -425,56 +421,33 @@ impl Secrets {
         }
     }
 
-    /// Delete this writer's own record under `key` (the one it inserted: `sealed`, or
-    /// that record re-wrapped by a rotation since) with its count; another writer's record
-    /// in the same slot is left alone. This writer's record set aside by a rotation is
-    /// deleted as [`Secrets::destroy_record`] does.
-    async fn destroy_own_record(&self, key: &str, sealed: &[u8]) -> Result<()> {
-        loop {
-            let Some(current) = self.store.get(key).await? else {
-                // Set aside by a rotation, perhaps: only if that copy is this writer's.
-                let aside_key = usage::set_aside_key(key);
-                let Some(raw) = self.store.get(&aside_key).await? else { return Ok(()) };
-                let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
-                if hex::decode(&aside.record).is_ok_and(|r| same_value(&r, sealed)) {
-                    return self.destroy_record(key).await;
-                }
-                return Ok(());
-            };
-            if !same_value(&current, sealed) {
-                return Ok(());
-            }
-            let mut ops = vec![TxOp::Swap { key: key.to_owned(), expected: current.clone(), new: None }];
-            if let Ok(r) = Record::parse(&current) {
-                ops.push(usage::count(r.kek_version, key, -1));
-            }
-            if self.store.transact(ops).await? == TxOutcome::Committed {
-                return Ok(());
-            }
-        }
-    }
-
     /// What deletes the record under `key` now: the swap that removes it (or the copy a
     /// rotation set aside of it) and the counter it is counted under; `None` if there is
     /// neither.
     async fn record_removal(&self, key: &str) -> Result<Option<Removal>> {
         if let Some(raw) = self.store.get(key).await? {
             let counter = Record::parse(&raw).ok().map(|r| usage::counter_key(r.kek_version, key));
-            let swap = TxOp::Swap { key: key.to_owned(), expected: raw, new: None };
-            return Ok(Some(Removal { swap, counter, set_aside: false }));
+            let swap = TxOp::Swap { key: key.to_owned(), expected: raw.clone(), new: None };
+            return Ok(Some(Removal { swap, record: Some(raw), counter, set_aside: false }));
         }
         let aside_key = usage::set_aside_key(key);
         let Some(raw) = self.store.get(&aside_key).await? else { return Ok(None) };
         let aside: usage::SetAside = decode_json(&aside_key, &raw)?;
         let counter = aside.counted_under.and_then(KeyVersion::new).map(|v| usage::counter_key(v, key));
-        Ok(Some(Removal { swap: TxOp::Swap { key: aside_key, expected: raw, new: None }, counter, set_aside: true }))
+        let swap = TxOp::Swap { key: aside_key, expected: raw, new: None };
+        Ok(Some(Removal { swap, record: hex::decode(&aside.record).ok(), counter, set_aside: true }))
     }
 
-    /// Delete a stored record and its count, in one transaction (a record set aside by a
-    /// rotation goes with its count too); read again if it was re-wrapped meanwhile.
-    async fn destroy_record(&self, key: &str) -> Result<()> {
+    /// Delete a writer's own record under `key` (the one it inserted: `sealed`, or that
+    /// record re-wrapped by a rotation since, or set aside by one) and its count, in one
+    /// transaction; read again if it was re-wrapped meanwhile. Another writer's record in
+    /// the same slot is left alone.
+    async fn destroy_own_record(&self, key: &str, sealed: &[u8]) -> Result<()> {
         loop {
             let Some(r) = self.record_removal(key).await? else { return Ok(()) };
+            if !r.record.as_deref().is_some_and(|record| same_value(record, sealed)) {
+                return Ok(());
+            }
             let mut ops = vec![r.swap];
             ops.extend(r.counter.map(|key| TxOp::Count { key, delta: -1 }));
             if self.store.transact(ops).await? == TxOutcome::Committed {
@@ -723,11 +696,7 @@ impl Secrets {
         loop {
             let (raw, mut meta) = self.load_meta(path).await?;
             if must_exist.is_some_and(|m| m != raw.is_some()) {
-                return Err(Error::Conflict(format!(
-                    "{} was {} meanwhile; retry",
-                    path.as_str(),
-                    if raw.is_some() { "created" } else { "deleted" }
-                )));
+                return Err(existence_changed(path, raw.is_some()));
             }
             if let Some(m) = update.max_versions {
                 meta.max_versions = (m > 0).then_some(m);
@@ -795,6 +764,13 @@ impl Secrets {
         }
         Ok(keys)
     }
+}
+
+/// A write kept to the existence its caller's permission was checked on (see
+/// `WriteOptions::must_exist`) found the secret created or deleted since.
+fn existence_changed(path: &SecretPath, exists: bool) -> Error {
+    let what = if exists { "created" } else { "deleted" };
+    Error::Conflict(format!("{} was {what} meanwhile; retry", path.as_str()))
 }
 
 /// Whether two sealed records hold the same sealing of a value: the same nonce and

@@ -529,13 +529,8 @@ impl Transit {
         Ok((dk, ct))
     }
 
-    /// Sign inside the token with the latest version.
-    pub async fn sign(&self, name: &str, key: &TransitKey, input: Vec<u8>) -> Result<String> {
-        self.sign_with(name, key, key.latest_version, input).await
-    }
-
-    /// Sign with version `v` (checked by the caller: [`Transit::usable`]).
-    pub async fn sign_with(&self, name: &str, key: &TransitKey, v: u32, input: Vec<u8>) -> Result<String> {
+    /// Sign inside the token with version `v` (checked by the caller: [`Transit::usable`]).
+    pub async fn sign(&self, name: &str, key: &TransitKey, v: u32, input: Vec<u8>) -> Result<String> {
         if key.key_type != KeyType::Ed25519 {
             return Err(Error::invalid("this key does not support signing"));
         }
@@ -621,7 +616,7 @@ mod tests {
     }
 
     /// As if `name` had been deleted [`DELETED_HOLD`] ago.
-    async fn age_deleted_record(k: &crate::test_support::Keyed, name: &str) {
+    async fn lift_hold(k: &crate::test_support::Keyed, name: &str) {
         assert!(k.store.delete(&deleted_path(name)).await.unwrap(), "no hold on the name");
     }
 
@@ -645,7 +640,7 @@ mod tests {
         assert!(matches!(t.delete("k").await, Err(Error::NotFound(_))));
         assert_eq!(t.list().await.unwrap(), vec!["other".to_owned()]);
 
-        age_deleted_record(&k, "k").await;
+        lift_hold(&k, "k").await;
         let made = t.create("k", KeyType::Ed25519).await.unwrap();
         assert_eq!((made.latest_version, made.key_type, made.operation), (1, KeyType::Ed25519, None));
         assert_eq!(t.get("k").await.unwrap().key_type, KeyType::Ed25519);
@@ -660,7 +655,8 @@ mod tests {
     async fn an_interrupted_rotation_neither_blocks_a_create_nor_outlives_a_delete() {
         let k = crate::test_support::Keyed::new().await;
         let t = Transit::new(k.store.clone(), k.keys.clone(), k.names.clone());
-        let crashed_rotation = |key: &TransitKey, kind: &str, version: u32| {
+        // The record of `key` with an operation of `kind` on `version` whose owner is gone.
+        let interrupted = |key: &TransitKey, kind: &str, version: u32| {
             let mut key = key.clone();
             key.operation = Some(Operation { kind: kind.into(), version, owner: "gone".into(), until: unix_now() - 1 });
             encode_json(&key)
@@ -670,24 +666,20 @@ mod tests {
             let key = t.configure("k", None, Some(true)).await.unwrap();
             let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
             t.new_version("k", KeyType::Aes256Gcm96, 2, ends).await.unwrap();
-            k.store.put(&key_path("k"), &crashed_rotation(&key, "rotate", 2)).await.unwrap();
+            k.store.put(&key_path("k"), &interrupted(&key, "rotate", 2)).await.unwrap();
             let label = t.label("k", 2).unwrap();
             assert!(k.keys.exists(&label).unwrap());
 
             let again = t.create("k", KeyType::Aes256Gcm96).await.unwrap();
-            assert_eq!((again.latest_version, again.operation), (1, None));
+            assert_eq!((again.latest_version, &again.operation), (1, &None));
             if interrupted_delete {
                 // A delete that claimed the key and stopped before the token calls.
-                let (raw, _) = t.load_raw("k").await.unwrap().unwrap();
-                let mut claimed: TransitKey = serde_json::from_slice(&raw).unwrap();
-                claimed.operation =
-                    Some(Operation { kind: "delete".into(), version: 2, owner: "gone".into(), until: unix_now() - 1 });
-                k.store.put(&key_path("k"), &encode_json(&claimed)).await.unwrap();
+                k.store.put(&key_path("k"), &interrupted(&again, "delete", 2)).await.unwrap();
             }
             t.delete("k").await.unwrap();
             assert!(!k.keys.exists(&label).unwrap(), "version 2 of the deleted key is left in the token");
             assert!(!k.keys.exists(&t.label("k", 1).unwrap()).unwrap());
-            age_deleted_record(&k, "k").await;
+            lift_hold(&k, "k").await;
         }
     }
 

@@ -667,18 +667,14 @@ fn read_tail(path: &Path) -> std::io::Result<Option<Tail>> {
         let mut buf = Vec::new();
         f.read_to_end(&mut buf)?;
         // The last complete line ends at the last newline; anything after it is a torn
-        // write.
-        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
-            if start == 0 {
-                return Ok(None);
-            }
-            window = window.saturating_mul(4);
-            continue;
-        };
-        match buf[..end].iter().rposition(|b| *b == b'\n') {
-            Some(i) => break (start, buf, end, i + 1),
-            None if start == 0 => break (start, buf, end, 0),
-            None => window = window.saturating_mul(4),
+        // write. It begins after the newline before, or at the start of the file.
+        let end = buf.iter().rposition(|b| *b == b'\n');
+        let begin = end.and_then(|e| buf[..e].iter().rposition(|b| *b == b'\n')).map(|i| i + 1);
+        match (end, begin) {
+            (Some(end), Some(begin)) => break (start, buf, end, begin),
+            (Some(end), None) if start == 0 => break (start, buf, end, 0),
+            (None, _) if start == 0 => return Ok(None),
+            _ => window = window.saturating_mul(4),
         }
     };
     let line: Value = serde_json::from_slice(&buf[begin..end]).map_err(std::io::Error::other)?;

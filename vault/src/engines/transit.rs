@@ -248,7 +248,7 @@ impl TransitEngine {
             }
             Op::Sign => {
                 let input = b64_field("input", required(&item.input, "input")?)?;
-                let sig = t.sign_with(name, key, v, input.to_vec()).await?;
+                let sig = t.sign(name, key, v, input.to_vec()).await?;
                 ItemResult { signature: Some(sig), key_version: version, ..Default::default() }
             }
             Op::Verify => {
