@@ -100,6 +100,9 @@ async fn transit_encryption_round_trips_rotation_and_policies() {
     let r = ok(c.post("transit/rewrap/orders", Some(&root), json!({"ciphertext": ct2, "key_version": 1})).await, 200);
     assert!(r.body["data"]["ciphertext"].as_str().unwrap().starts_with("vault:v1:"), "{r:?}");
     ok(enc(json!({"plaintext": b64(pt), "key_version": 3})).await, 400);
+    for malformed in [json!("1"), json!(-1), json!(1.5), json!(4294967296u64)] {
+        ok(enc(json!({"plaintext": b64(pt), "key_version": malformed})).await, 400);
+    }
     ok(dec(json!({"ciphertext": ct1, "key_version": 1})).await, 400);
     let r = ok(enc(json!({"key_version": 1, "batch_input": [{"plaintext": b64(pt)}, {"plaintext": b64(pt), "key_version": 2}]})).await, 200);
     let items = &r.body["data"]["batch_results"];
