@@ -121,9 +121,13 @@ impl Pattern {
         if raw.chars().any(char::is_control) {
             return Err(bad("contains a control character"));
         }
-        let (body, glob) = match raw.strip_suffix('*') {
+        // One leading `/` is dropped, as Vault does (its paths start after the `/` of the
+        // API path): `/secret/admin/*` is `secret/admin/*`. Kept, it would name a path no
+        // request has, and a deny written that way would deny nothing.
+        let path = raw.strip_prefix('/').unwrap_or(raw);
+        let (body, glob) = match path.strip_suffix('*') {
             Some(b) => (b, true),
-            None => (raw, false),
+            None => (path, false),
         };
         if body.contains('*') {
             return Err(bad("'*' is only allowed at the end"));
@@ -517,14 +521,17 @@ impl PolicyStore {
         if name == ROOT_POLICY {
             return Err(Error::invalid("the root policy cannot be changed"));
         }
-        let policy = Policy::parse(name, text)?;
+        Policy::parse(name, text)?;
         let raw = encode_json(&StoredPolicy { name: name.to_owned(), text: text.to_owned() });
         if !self.store.compare_and_swap(&key(name), expected, Some(&raw)).await? {
             return Err(Error::Conflict(format!("policy {name} changed concurrently; retry")));
         }
+        // Forgotten, not filled with this write's policy: a later write may already have
+        // replaced it in the store (and in the cache) while this one was on its way here.
+        // The next use reads whatever the store holds.
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         self.changes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        cache.insert(name.to_owned(), Arc::new(policy));
+        cache.remove(name);
         Ok(())
     }
 
@@ -661,6 +668,54 @@ mod tests {
 
     fn acl(text: &str) -> Acl {
         Acl::from_policies([&Policy::parse("p", text).unwrap()])
+    }
+
+    /// Two writes of one policy: the first is held after its swap is made, the second
+    /// (checked against the first's bytes) finishes meanwhile. The first does not put its
+    /// policy into the cache when it resumes: the store's (the second) is what is used.
+    /// Before, the first filled the cache after its swap, and the replica enforced the
+    /// replaced policy until its next cache sync.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_write_does_not_put_back_the_policy_a_later_write_replaced() {
+        let broad = "path \"secret/*\" { capabilities = [\"read\"] }";
+        let narrow = "path \"secret/app/*\" { capabilities = [\"read\"] }";
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let store = Arc::new(TestStore::holding(sled, PauseAt::Swap, &key("p")));
+        let policies = Arc::new(PolicyStore::new(store.clone()));
+        store.arm();
+        let slow = tokio::spawn({
+            let policies = policies.clone();
+            async move { policies.put_if("p", broad, None).await }
+        });
+        store.reached.notified().await;
+        let first = policies.raw("p").await.unwrap().expect("the first write's swap is made");
+        policies.put_if("p", narrow, Some(&first)).await.unwrap();
+        store.go.notify_one();
+        slow.await.unwrap().unwrap();
+        let now = policies.get("p").await.unwrap().unwrap();
+        assert!(now.text.contains("secret/app/"), "the replaced policy is enforced: {}", now.text);
+        let acl = policies.acl(&["p".to_owned()]).await.unwrap();
+        assert!(!acl.allows("secret/other", Capability::Read));
+    }
+
+    /// A path with a leading `/` is the path without it, as in Vault: a deny written so
+    /// denies (before, it named a path no request has, and denied nothing), a grant grants.
+    #[test]
+    fn a_leading_slash_is_dropped_as_vault_does() {
+        let acl = acl("path \"secret/*\" { capabilities = [\"read\"] }\n\
+             path \"/secret/admin/*\" { capabilities = [\"deny\"] }\n\
+             path \"/kv/+/app\" { capabilities = [\"read\"] }");
+        assert!(!acl.allows("secret/admin/db", Capability::Read), "the deny applies");
+        assert!(acl.allows("secret/app/db", Capability::Read));
+        assert!(acl.allows("kv/data/app", Capability::Read), "the grant applies");
+        let json = Acl::from_policies([&Policy::parse(
+            "p",
+            r#"{"path": {"secret/*": {"capabilities": ["read"]}, "/secret/admin/*": {"capabilities": ["deny"]}}}"#,
+        )
+        .unwrap()]);
+        assert!(!json.allows("secret/admin/db", Capability::Read), "the JSON form too");
+        assert_eq!(Pattern::parse("/a/b").unwrap(), Pattern { raw: "/a/b".into(), ..Pattern::parse("a/b").unwrap() });
     }
 
     /// A grant of everything under a prefix: a covering `*` rule, and nothing narrower

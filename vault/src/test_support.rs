@@ -39,12 +39,14 @@ impl Keyed {
     }
 }
 
-/// Which read a [`TestStore`] holds: the first `get` of the key, or the first
-/// `scan_prefix` of the prefix.
+/// What a [`TestStore`] holds: the first `get` of the key, the first `scan_prefix` of
+/// the prefix, or the first compare-and-swap of the key (once made).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PauseAt {
     Get,
     Scan,
+    /// A compare-and-swap, held after it is made (its caller has not seen the outcome).
+    Swap,
 }
 
 /// A store over another that can hold one read, fail writes, or both.
@@ -124,7 +126,9 @@ impl Store for TestStore {
     }
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
         self.write()?;
-        self.inner.compare_and_swap(key, expected, new).await
+        let swapped = self.inner.compare_and_swap(key, expected, new).await?;
+        self.hold(PauseAt::Swap, key).await;
+        Ok(swapped)
     }
     async fn renew(&self, key: &str, value: &[u8], ttl: std::time::Duration) -> StoreResult<bool> {
         self.write()?;
