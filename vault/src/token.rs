@@ -121,10 +121,13 @@ impl std::fmt::Debug for IssuedToken {
 /// Verified tokens, by SHA-256 of the token string. A hit replaces an Ed25519 verification
 /// (~42 µs) by a hash and a map lookup (~1 µs); it only ever holds tokens whose signature
 /// verified, and expiry is checked again on every hit, so it accepts nothing that a full
-/// verification would refuse.
+/// verification would refuse. It is emptied when a verification key is no longer loaded
+/// (a retired signing version) and at an emergency seal; `generation` counts those, so
+/// that a verification that began before one does not put its token back after it.
 struct VerifiedCache {
     map: RwLock<HashMap<[u8; 32], Arc<Claims>>>,
     capacity: usize,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl VerifiedCache {
@@ -133,8 +136,16 @@ impl VerifiedCache {
         map.get(digest).filter(|c| c.exp > now).cloned()
     }
 
-    fn insert(&self, digest: [u8; 32], claims: Arc<Claims>, now: u64) {
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Remember a token verified with the keys of `generation` (none if it has passed).
+    fn insert(&self, digest: [u8; 32], claims: Arc<Claims>, now: u64, generation: u64) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation() != generation {
+            return;
+        }
         if map.len() >= self.capacity {
             map.retain(|_, c| c.exp > now);
             if map.len() >= self.capacity {
@@ -142,6 +153,15 @@ impl VerifiedCache {
             }
         }
         map.insert(digest, claims);
+    }
+
+    /// Forget every token; the number forgotten.
+    fn clear(&self) -> usize {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let n = map.len();
+        map.clear();
+        n
     }
 }
 
@@ -178,7 +198,11 @@ impl TokenIssuer {
             issuer,
             verifiers: RwLock::new(HashMap::new()),
             public_keys: RwLock::new(Vec::new()),
-            cache: VerifiedCache { map: RwLock::new(HashMap::new()), capacity: 100_000 },
+            cache: VerifiedCache {
+                map: RwLock::new(HashMap::new()),
+                capacity: 100_000,
+                generation: Default::default(),
+            },
         };
         issuer.load_public_keys().await?;
         Ok(issuer)
@@ -186,10 +210,7 @@ impl TokenIssuer {
 
     /// Forget every verified token (emergency seal): each is verified afresh after.
     pub fn forget_verified(&self) -> usize {
-        let mut map = self.cache.map.write().unwrap_or_else(|p| p.into_inner());
-        let n = map.len();
-        map.clear();
-        n
+        self.cache.clear()
     }
 
     /// (Re)load the verification keys of the keyring's signing versions.
@@ -203,8 +224,20 @@ impl TokenIssuer {
             loaded.insert(kid(v), Arc::new(DecodingKey::from_ed_der(&public)));
             raw.push((kid(v), public));
         }
-        *self.verifiers.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        let dropped = {
+            let mut verifiers = self.verifiers.write().unwrap_or_else(|p| p.into_inner());
+            let dropped = verifiers.keys().any(|k| !loaded.contains_key(k));
+            *verifiers = loaded;
+            dropped
+        };
         *self.public_keys.write().unwrap_or_else(|p| p.into_inner()) = raw;
+        // A version no longer loaded (retired) verifies nothing: nor do the tokens it
+        // signed that were verified before (emptied after the keys are replaced, so a
+        // verification under the old keys cannot put one back: see `VerifiedCache`).
+        if dropped {
+            let n = self.cache.clear();
+            tracing::info!(forgotten = n, "token-signing keys retired: verified tokens forgotten");
+        }
         Ok(())
     }
 
@@ -317,6 +350,8 @@ impl TokenIssuer {
         if let Some(c) = self.cache.get(&digest, now) {
             return Ok((c, false));
         }
+        // Read before the key: a retire after this point makes the insert below a no-op.
+        let generation = self.cache.generation();
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::MalformedToken)?;
         if header.alg != Algorithm::EdDSA {
             return Err(AuthFailure::MalformedToken);
@@ -348,7 +383,7 @@ impl TokenIssuer {
         let claims = Arc::new(data.claims);
         let expired = claims.exp.saturating_add(LEEWAY) < now;
         if !expired {
-            self.cache.insert(digest, claims.clone(), now);
+            self.cache.insert(digest, claims.clone(), now, generation);
         }
         Ok((claims, expired))
     }
@@ -390,16 +425,22 @@ impl Renewals {
         }
         let until = self.stored(&claims.acc).await?.unwrap_or(claims.exp);
         if until > now {
-            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= self.capacity {
-                cache.retain(|_, u| *u > now);
-                if cache.len() >= self.capacity {
-                    cache.clear();
-                }
-            }
-            cache.insert(claims.acc.clone(), until);
+            self.remember(&claims.acc, until, now);
         }
         Ok(until.max(claims.exp).min(cap))
+    }
+
+    /// Keep `accessor`'s expiry in memory, within `capacity` entries: when full, the past
+    /// ones go, then all.
+    fn remember(&self, accessor: &str, until: u64, now: u64) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= self.capacity && !cache.contains_key(accessor) {
+            cache.retain(|_, u| *u > now);
+            if cache.len() >= self.capacity {
+                cache.clear();
+            }
+        }
+        cache.insert(accessor.to_owned(), until);
     }
 
     /// The latest renewal stored for `accessor`.
@@ -429,7 +470,7 @@ impl Renewals {
         let ttl = std::time::Duration::from_secs(until.saturating_sub(unix_now()) + 60);
         let key = format!("{prefix}{until:020}");
         self.store.insert_if_absent(&key, b"", Some(ttl)).await?;
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(claims.acc.clone(), until);
+        self.remember(&claims.acc, until, unix_now());
         // Now superseded (a concurrent renewal to a later expiry keeps its own record). At
         // most 64 per renewal: a token that gathered many under an older version loses
         // them over its next renewals (or they expire), not in one request.
@@ -479,6 +520,54 @@ mod tests {
             parent: None,
             attributes: Default::default(),
             audiences: Vec::new(),
+        }
+    }
+
+    /// A token verified (and so remembered) under a signing version that is then retired
+    /// is refused at once, on a replica that follows the keyring too. Before, the
+    /// remembered token passed until it expired, the cache filled, or a seal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_of_a_retired_signing_version_is_refused_though_verified_before() {
+        let (_dir, issuer) = issuer().await;
+        let old = issuer.issue(spec(3600)).await.unwrap();
+        let old = old.token.expose_secret().to_owned();
+        issuer.verify(&old).unwrap();
+        issuer.verify(&old).unwrap();
+        issuer.keyring.add_version(&issuer.keys, &issuer.names, crate::keys::Family::TokenSigning).await.unwrap();
+        issuer.sync_public_keys().await.unwrap();
+        let new = issuer.issue(spec(3600)).await.unwrap();
+        let new = new.token.expose_secret().to_owned();
+        issuer.verify(&new).unwrap();
+        assert!(issuer.verify(&old).is_ok(), "an older live version still verifies");
+        let v1 = crate::keys::KeyVersion::new(1).unwrap();
+        assert!(
+            issuer
+                .keyring
+                .retire_version(&issuer.keys, &issuer.names, crate::keys::Family::TokenSigning, v1)
+                .await
+                .unwrap()
+        );
+        issuer.sync_public_keys().await.unwrap();
+        assert_eq!(issuer.verify(&old).unwrap_err(), AuthFailure::UnknownSigningKey);
+        assert!(issuer.verify(&new).is_ok(), "the active version's tokens pass");
+    }
+
+    /// The renewal cache keeps to its capacity on renewals too (before, only a read that
+    /// missed it checked the bound, so renewals of many tokens grew it past it).
+    #[tokio::test]
+    async fn the_renewal_cache_keeps_its_bound_on_renewals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let r = Renewals { capacity: 4, ..Renewals::new(store) };
+        let now = unix_now();
+        for i in 0..20 {
+            let claims: Claims = serde_json::from_value(serde_json::json!({
+                "iss": "keyvault", "sub": "approle:web", "iat": now, "nbf": now, "exp": now + 10,
+                "jti": "j", "acc": format!("acc-{i}"), "pol": [], "meth": "approle", "max_exp": now + 100_000
+            }))
+            .unwrap();
+            assert_eq!(r.renew(&claims, now + 100).await.unwrap(), now + 100);
+            assert!(r.cache.read().unwrap().len() <= 4, "after {} renewals", i + 1);
         }
     }
 
