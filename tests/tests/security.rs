@@ -105,6 +105,22 @@ async fn logins_get_no_more_guesses_than_the_limit() {
     // Nor does a field of another type, which the login ignores as well.
     let body = json!({"role_id": role_id, "secret_id": "0".repeat(64), "name": 0});
     ok(five.post("auth/approle/login", None, body).await, 429);
+    // A role named by its name or by its role id is one identity: guesses by one count
+    // against the other (before, each had its own 5).
+    let six = Client::from_address(&s.addr, &s.server_ca_file, "127.0.0.6".parse().unwrap());
+    for i in 0..5 {
+        let body = if i % 2 == 0 {
+            json!({"role_id": role_id, "secret_id": "0".repeat(64)})
+        } else {
+            json!({"role": "web", "secret_id": "0".repeat(64)})
+        };
+        ok(six.post("auth/approle/login", None, body).await, 401);
+    }
+    ok(six.post("auth/approle/login", None, json!({"role": "web", "secret_id": "0".repeat(64)})).await, 429);
+    ok(six.post("auth", None, json!({"role": "web", "secret_id": "0".repeat(64)})).await, 429);
+    ok(six.post("auth/approle/login", None, json!({"role_id": role_id, "secret_id": "0".repeat(64)})).await, 429);
+    // An unknown role id counts as itself (another identity).
+    ok(six.post("auth/approle/login", None, json!({"role_id": "no-such-role-id", "secret_id": "x"})).await, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -463,7 +463,7 @@ impl Core {
     pub(crate) async fn login(&self, engine: &dyn Engine, req: &mut Request) -> Result<IssuedToken> {
         self.check_clock()?;
         req.peer.check_certificate()?;
-        let identity = engine.login_identity(req);
+        let identity = engine.login_identity(req).await;
         let reservation = self.limiter.reserve(engine.kind(), identity.as_deref(), req.peer.ip()).await?;
         match self.login_checked(engine, req).await {
             Ok(token) => {

@@ -59,8 +59,12 @@ impl LoginClaim {
     }
 
     /// AppRole: `role`, or `role_id` (a body with both is refused before any guess).
-    pub fn approle(self) -> Option<String> {
-        self.role.or(self.role_id)
+    pub fn approle_by(self) -> Option<ClaimedRole> {
+        match (self.role, self.role_id) {
+            (Some(name), _) => Some(ClaimedRole::Name(name)),
+            (None, Some(id)) => Some(ClaimedRole::Id(id)),
+            (None, None) => None,
+        }
     }
 
     /// Kubernetes: `role`.
@@ -73,6 +77,13 @@ impl LoginClaim {
     pub fn cert(self) -> Option<String> {
         self.name.or(self.role)
     }
+}
+
+/// How an AppRole login names its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimedRole {
+    Name(String),
+    Id(String),
 }
 
 pub use crate::validate_name;

@@ -878,7 +878,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 
     /// The rate limiter's notion of who a login claims to be (the user of the URL, the
     /// role of the body, ...). `None`: the source address alone.
-    fn login_identity(&self, req: &Request) -> Option<String> {
+    async fn login_identity(&self, req: &Request) -> Option<String> {
         let _ = req;
         None
     }

@@ -422,8 +422,22 @@ impl Engine for AppRole {
         self.current(req.param("name")).await
     }
 
-    fn login_identity(&self, req: &Request) -> Option<String> {
-        super::LoginClaim::parse(&req.body).approle()
+    /// The role a login names, by its name or by its role id: both count as the same
+    /// identity (before, a role id and its role's name each had their own guesses). A role
+    /// id that names no role (or a store that cannot say) counts as itself.
+    async fn login_identity(&self, req: &Request) -> Option<String> {
+        match super::LoginClaim::parse(&req.body).approle_by() {
+            Some(super::ClaimedRole::Name(name)) => Some(name),
+            Some(super::ClaimedRole::Id(role_id)) => {
+                let named = if role_id.len() <= 128 {
+                    self.store.get(&role_id_key(&role_id)).await.ok().flatten().and_then(|n| String::from_utf8(n).ok())
+                } else {
+                    None
+                };
+                Some(named.unwrap_or(role_id))
+            }
+            None => None,
+        }
     }
 
     async fn handle(&self, req: &mut Request) -> Result<Reply> {

@@ -151,7 +151,7 @@ impl Engine for Bootstrap {
 
     /// A digest of the token presented: one failing unit behind a NAT address does not
     /// lock the others out.
-    fn login_identity(&self, req: &Request) -> Option<String> {
+    async fn login_identity(&self, req: &Request) -> Option<String> {
         use sha2::Digest;
         #[derive(Deserialize)]
         struct TokenHint {

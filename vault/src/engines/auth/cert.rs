@@ -88,7 +88,7 @@ impl Engine for CertEngine {
         self.current(req.param("name")).await
     }
 
-    fn login_identity(&self, req: &Request) -> Option<String> {
+    async fn login_identity(&self, req: &Request) -> Option<String> {
         super::LoginClaim::parse(&req.body).cert()
     }
 

@@ -266,7 +266,7 @@ impl Engine for KubernetesAuth {
         self.current(req.param("name")).await
     }
 
-    fn login_identity(&self, req: &Request) -> Option<String> {
+    async fn login_identity(&self, req: &Request) -> Option<String> {
         super::LoginClaim::parse(&req.body).role()
     }
 

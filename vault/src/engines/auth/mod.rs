@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 pub use crate::auth::{
-    LoginClaim, LoginOutcome, RoleStore, StoredRole, TokenSettings, policy_list, validate_name, vault_duration,
+    ClaimedRole, LoginClaim, LoginOutcome, RoleStore, StoredRole, TokenSettings, policy_list, validate_name,
+    vault_duration,
 };
 use crate::error::{Error, Result};
 use crate::logical::{Operation, Params, Reply, Request};

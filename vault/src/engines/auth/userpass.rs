@@ -235,7 +235,7 @@ impl Engine for UserPass {
         self.current(req.param("name")).await
     }
 
-    fn login_identity(&self, req: &Request) -> Option<String> {
+    async fn login_identity(&self, req: &Request) -> Option<String> {
         Some(req.param("user").to_owned())
     }
 
