@@ -277,7 +277,11 @@ impl Aws {
         let what = "AWS STS AssumeRoleWithWebIdentity";
         let token = Zeroizing::new(
             std::fs::read_to_string(token_file)
-                .map_err(|e| BackendError::Unavailable(format!("{what}: token file {}: {e}", token_file.display())))?,
+                .map_err(|e| {
+                    // The path is the server's business: logged, not answered.
+                    tracing::error!(file = %token_file.display(), error = %e, "{what}: the web identity token file cannot be read");
+                    BackendError::Unavailable(format!("{what}: the web identity token file cannot be read (see the server log)"))
+                })?,
         );
         let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
         let body = Zeroizing::new(format!(
@@ -292,7 +296,7 @@ impl Aws {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|_| BackendError::Unavailable(format!("{what}: cannot reach {sts}")))?;
+            .map_err(|_| BackendError::Unavailable(format!("{what}: cannot reach the STS endpoint")))?;
         let status = resp.status();
         let xml = crate::http::read_limited(resp, what).await?;
         let xml = Zeroizing::new(String::from_utf8_lossy(&xml).into_owned());

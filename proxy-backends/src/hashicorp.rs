@@ -130,6 +130,14 @@ pub struct Hashicorp {
     auth: Arc<Auth>,
 }
 
+/// A credential file that cannot be read at run time (a login again) is KeyVault's own
+/// failure, not the caller's: the detail (the file's path) goes to the server log, the
+/// caller gets a summary (503).
+fn at_run_time(e: BackendError) -> BackendError {
+    tracing::error!(error = %e, "upstream credential file");
+    BackendError::Unavailable("KeyVault's upstream credential file cannot be read (see the server log)".into())
+}
+
 fn read_secret_file(path: &std::path::Path, what: &str) -> Result<SecretString, BackendError> {
     let text =
         Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
@@ -269,7 +277,7 @@ impl Hashicorp {
     async fn obtain(&self) -> Result<TokenState, BackendError> {
         match &self.auth.config {
             AuthConfig::Approle { role_id, secret_id_file, mount } => {
-                let secret_id = read_secret_file(secret_id_file, "secret id")?;
+                let secret_id = read_secret_file(secret_id_file, "secret id").map_err(at_run_time)?;
                 let mut body = Zeroizing::new(Vec::new());
                 serde_json::to_writer(
                     &mut *body,
@@ -296,7 +304,7 @@ impl Hashicorp {
                 })
             }
             AuthConfig::Token { token_file } => {
-                let token = read_secret_file(token_file, "token")?;
+                let token = read_secret_file(token_file, "token").map_err(at_run_time)?;
                 let what = "upstream token lookup";
                 let (status, reply) =
                     self.send(self.request(Method::GET, "auth/token/lookup-self", Some(&token)), what).await?;

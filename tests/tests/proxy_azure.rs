@@ -201,11 +201,25 @@ async fn a_caller_who_may_not_write_makes_no_upstream_read() {
         }
     }
     assert_eq!(fake.seen().secret_reads, reads, "no upstream read for callers who may not write");
-    // One who may create is asked about: the secret exists, so this is an update (403),
-    // and a new one is created.
+    // One who may create is asked about: the secret exists, so this is an update (403).
+    // A new one is refused too: Azure has no "create only if absent", so a secret made
+    // between the check and the write would be overwritten by a caller who may only
+    // create. Nothing is written upstream.
     ok(c.send("PUT", "az/db", Some(&creator), Some(json!({"value": "x"}).to_string().into_bytes())).await, 403);
     assert!(fake.seen().secret_reads > reads);
-    ok(c.send("PUT", "az/fresh", Some(&creator), Some(json!({"value": "new"}).to_string().into_bytes())).await, 200);
+    ok(c.send("PUT", "az/fresh", Some(&creator), Some(json!({"value": "new"}).to_string().into_bytes())).await, 403);
+    ok(c.get("az/fresh", &root).await, 404);
+    // One who may only update, the same (no check-and-set on Azure): an update of a secret
+    // deleted meanwhile would bring it back. One who holds both writes.
+    ok(
+        c.put("sys/policies/acl/az-update", &root, json!({"policy": "path \"az/*\" { capabilities = [\"update\"] }"}))
+            .await,
+        204,
+    );
+    let updater = token(json!(["az-update"])).await;
+    ok(c.send("PUT", "az/db", Some(&updater), Some(json!({"value": "x"}).to_string().into_bytes())).await, 403);
+    let both = token(json!(["az-create", "az-update"])).await;
+    ok(c.send("PUT", "az/fresh", Some(&both), Some(json!({"value": "new"}).to_string().into_bytes())).await, 200);
     assert_eq!(ok(c.get("az/db", &root).await, 200).body["data"]["value"], "upstream-value");
 }
 

@@ -164,6 +164,33 @@ async fn a_unit_reads_secrets_kept_in_openbao_through_keyvault() {
     let meta = bao.ok(&["kv", "metadata", "get", "-mount=kv", "-format=json", "app/db"]);
     let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["data"]["current_version"], 3 + won, "one version per successful write");
+    // A caller that may only update: an update of a KV version 2 upstream's secret is a
+    // check-and-set, so it goes through; a write of a secret that does not exist is a
+    // create (403). One that may only create: refused before anything is sent (no
+    // upstream has a create-only-if-absent this mount uses), on either mount.
+    let only = |cap: &'static str| {
+        let (c, root) = (c.clone(), root.clone());
+        async move {
+            let policy = format!(
+                "path \"legacy/app/*\" {{ capabilities = [\"{cap}\"] }}\npath \"legacy1/app/*\" {{ capabilities = [\"{cap}\"] }}"
+            );
+            ok(c.put(&format!("sys/policies/acl/only-{cap}"), &root, json!({ "policy": policy })).await, 204);
+            let r =
+                ok(c.post("auth/token/create", Some(&root), json!({ "policies": [format!("only-{cap}")] })).await, 200);
+            r.body["auth"]["client_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let (updater, creator) = (only("update").await, only("create").await);
+    let before = meta["data"]["current_version"].as_u64().unwrap();
+    let w = ok(c.put("legacy/app/db", &updater, json!({"password": "updated-only"})).await, 200);
+    assert_eq!(w.body["data"]["version"], before + 1);
+    ok(c.put("legacy/app/new-one", &updater, json!({"password": "x"})).await, 403);
+    ok(c.put("legacy/app/fresh", &creator, json!({"password": "x"})).await, 403);
+    ok(c.put("legacy/app/db", &creator, json!({"password": "x"})).await, 403);
+    ok(c.put("legacy1/app/fresh", &creator, json!({"key": "x"})).await, 403);
+    assert_eq!(bao.ok(&["kv", "get", "-mount=kv", "-field=password", "app/db"]), "updated-only");
+    let absent = bao.cli(&["kv", "get", "-mount=kv", "app/fresh"]);
+    assert!(!absent.status.success(), "nothing was sent upstream for the create-only caller");
     let l = ok(c.send("LIST", "legacy/app", Some(&root), None).await, 200);
     assert_eq!(l.body["data"]["keys"], json!(["db"]));
     ok(c.send("DELETE", "legacy1/app/api", Some(&root), None).await, 204);

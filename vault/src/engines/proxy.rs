@@ -204,6 +204,26 @@ impl Engine for Proxy {
                     .and_then(|v| std::str::from_utf8(v).ok())
                     .and_then(|s| s.parse::<u64>().ok())
                     .filter(|v| *v > 0);
+                // A caller that holds only `create` or only `update` (`must_exist`): the write
+                // must keep to the existence its permission was checked on when it lands
+                // upstream. An update can, as a check-and-set against the version seen, where
+                // the upstream keeps versions; an upstream offers no "create only if absent"
+                // this mount could use. Anything else is refused, before it is sent: a
+                // create-only caller must not overwrite a secret made meanwhile, nor an
+                // update-only one bring back one deleted meanwhile (docs/api.md, "Proxied
+                // mounts").
+                match (req.must_exist, expected) {
+                    (None, _) | (Some(true), Some(_)) => {}
+                    (Some(exists), _) => {
+                        tracing::info!(
+                            path = p,
+                            holds = if exists { "update" } else { "create" },
+                            "proxied write refused: the caller holds only one of create and update, \
+                             and the upstream cannot keep the write to it"
+                        );
+                        return Err(Error::PermissionDenied);
+                    }
+                }
                 let version = self.backend.write(p, &data, expected).await.map_err(|e| map_error(e, p))?;
                 Reply::data(&Written {
                     version: version.unwrap_or(0),
