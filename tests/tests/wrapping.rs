@@ -107,6 +107,22 @@ async fn reads_writes_and_wrap_itself_can_be_wrapped_and_rewrapped() {
     assert_eq!((r.body["data"]["password"].as_str(), r.body.get("wrap_info")), (Some("s3cret-wrapped"), None));
     ok(c.post("sys/wrapping/unwrap", None, json!({"token": "kvw.0000"})).await, 400);
     ok(c.post("sys/wrapping/unwrap", None, json!({})).await, 400);
+    // Anything but the form tokens are made in (`kvw.` and 64 lower-case hex digits) is
+    // refused before its keyed hash (a token call an anonymous caller could spend).
+    let hex = "ab".repeat(32);
+    for bad in [
+        format!("kvw.{}", hex.to_uppercase()),
+        format!("kvw.{}", &hex[..62]),
+        format!("kvw.{hex}0"),
+        format!("kvw.{}g", &hex[..63]),
+        format!("kvx.{hex}"),
+        format!(" kvw.{hex}"),
+    ] {
+        ok(c.post("sys/wrapping/unwrap", None, json!({ "token": bad })).await, 400);
+        ok(c.post("sys/wrapping/lookup", None, json!({ "token": bad })).await, 400);
+    }
+    // A well-formed one that was never issued is looked up (one keyed hash) and refused alike.
+    ok(c.post("sys/wrapping/lookup", None, json!({ "token": format!("kvw.{hex}") })).await, 400);
 }
 
 /// An anonymous client cannot have replies wrapped: the endpoints that need no token

@@ -98,7 +98,12 @@ impl Wrapping {
     }
 
     async fn key_of(&self, token: &str) -> Result<String> {
-        if !token.starts_with("kvw.") || token.len() > 128 {
+        // The exact form tokens are made in (`wrap`): anything else is refused before the
+        // keyed hash, which costs a token call an anonymous caller could otherwise spend.
+        let well_formed = token
+            .strip_prefix("kvw.")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        if !well_formed {
             return Err(invalid());
         }
         let mac =
