@@ -55,6 +55,17 @@ pub fn decode_segments(raw: &str) -> Result<Vec<String>, PathError> {
         .collect()
 }
 
+/// Every byte but letters, digits and `-._~` (RFC 3986's unreserved characters).
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Percent-encode each `/`-separated segment of `path` (names, not URL syntax): the
+/// inverse of [`decode_segments`]. `%2e%2e` stays a name (`%252e%252e`), `?` and `#` do not
+/// start a query or a fragment, and no URL parser turns a segment into `..`.
+pub fn encode_segments(path: &str) -> String {
+    path.split('/').map(|s| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()).collect::<Vec<_>>().join("/")
+}
+
 impl SecretPath {
     /// Parse the part of a URL path after the mount (still percent-encoded).
     pub fn from_url(raw: &str) -> Result<Self, PathError> {

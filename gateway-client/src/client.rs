@@ -617,7 +617,7 @@ impl Client {
                 (format!("auth/{mount}/login"), Scrubbed(serde_json::json!({ "name": role })))
             }
             Auth::Userpass { mount, username, password } => (
-                format!("auth/{mount}/login/{username}"),
+                format!("auth/{mount}/login/{}", keyvault_api::secret::encode_segments(username)),
                 Scrubbed(serde_json::json!({ "password": password.expose_secret() })),
             ),
             Auth::Bootstrap { mount, token } => {

@@ -4,7 +4,7 @@
 //! A request passes with a [`Verified`] extension (the producer's identity and key id);
 //! one that fails is answered here with the contract's status and reason (401, 403, 409,
 //! 400 for malformed headers, 413 for a body over the limit, 503 when KeyVault cannot be
-//! asked: fail closed). With batching on, concurrent checks wait at most the batch window
+//! asked or the checks under way already hold `max_pending_bytes`: fail closed). With batching on, concurrent checks wait at most the batch window
 //! and go to KeyVault as one `{"batch": [...]}` call.
 
 use std::fmt;
@@ -57,6 +57,12 @@ pub struct GatewayConfig {
     pub max_batch: usize,
     /// Batches in flight at once.
     pub max_in_flight: usize,
+    /// The memory the checks under way may hold at once, in bytes (default 64 MiB): each
+    /// reserves room for its body (by its `Content-Length`, else `max_body`), its base64 and
+    /// its JSON before its body is read, and a check that finds no room is answered 503
+    /// (`verifier_busy`) at once instead of waiting. A flood of large bodies is refused,
+    /// not buffered.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +72,7 @@ impl Default for GatewayConfig {
             batch_window: Some(Duration::from_millis(1)),
             max_batch: 256,
             max_in_flight: 2,
+            max_pending_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -191,6 +198,24 @@ async fn batcher(client: Client, mut rx: mpsc::Receiver<Waiter>, window: Duratio
 pub struct VerifyLayer {
     verifier: Arc<Verifier>,
     max_body: usize,
+    budget: Budget,
+}
+
+/// The room the checks under way hold, in KiB ([`GatewayConfig::max_pending_bytes`]).
+#[derive(Debug, Clone)]
+struct Budget(Arc<Semaphore>);
+
+impl Budget {
+    fn new(bytes: usize) -> Self {
+        Budget(Arc::new(Semaphore::new((bytes / 1024).clamp(1, Semaphore::MAX_PERMITS))))
+    }
+
+    /// Room for a check of a body of at most `body` bytes: the body, its base64 (4/3) and
+    /// the JSON around it. `None`: not now.
+    fn take(&self, body: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = (body.saturating_mul(7) / 3 / 1024).saturating_add(1);
+        self.0.clone().try_acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX)).ok()
+    }
 }
 
 impl fmt::Debug for VerifyLayer {
@@ -202,7 +227,11 @@ impl fmt::Debug for VerifyLayer {
 impl VerifyLayer {
     /// Within a tokio runtime (see [`Verifier::new`]).
     pub fn new(client: Client, config: GatewayConfig) -> Self {
-        VerifyLayer { verifier: Arc::new(Verifier::new(client, &config)), max_body: config.max_body }
+        VerifyLayer {
+            verifier: Arc::new(Verifier::new(client, &config)),
+            max_body: config.max_body,
+            budget: Budget::new(config.max_pending_bytes),
+        }
     }
 }
 
@@ -210,7 +239,7 @@ impl<S> tower::Layer<S> for VerifyLayer {
     type Service = VerifyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        VerifyService { inner, verifier: self.verifier.clone(), max_body: self.max_body }
+        VerifyService { inner, verifier: self.verifier.clone(), max_body: self.max_body, budget: self.budget.clone() }
     }
 }
 
@@ -220,6 +249,7 @@ pub struct VerifyService<S> {
     inner: S,
     verifier: Arc<Verifier>,
     max_body: usize,
+    budget: Budget,
 }
 
 impl<S> fmt::Debug for VerifyService<S> {
@@ -261,39 +291,53 @@ where
         // The clone is not ready; the instance that was polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (verifier, max_body) = (self.verifier.clone(), self.max_body);
+        let (verifier, max_body, budget) = (self.verifier.clone(), self.max_body, self.budget.clone());
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
-            let bytes = match http_body_util::Limited::new(body, max_body).collect().await {
+            let h = &parts.headers;
+            // The headers first: a request without them is refused before its body is read.
+            let cert = parts
+                .extensions
+                .get::<PeerCertificate>()
+                .map(|p| p.0.clone())
+                .or_else(|| header(h, HEADER_CERT_SHA256));
+            let (identity, timestamp, nonce, signature) = (
+                header(h, HEADER_IDENTITY),
+                header(h, HEADER_TIMESTAMP),
+                header(h, HEADER_NONCE),
+                header(h, HEADER_SIGNATURE),
+            );
+            if identity.is_none() || cert.is_none() || timestamp.is_none() || nonce.is_none() || signature.is_none() {
+                return Ok(refuse(400, "malformed_request"));
+            }
+            // Then room for the check, by the length the body declares (at most `max_body`),
+            // before it is read: no room, 503 at once.
+            let declared =
+                h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+            let limit = match declared {
+                Some(n) if n > max_body as u64 => return Ok(refuse(413, "body_too_large")),
+                Some(n) => n as usize,
+                None => max_body,
+            };
+            let Some(room) = budget.take(limit) else {
+                tracing::debug!("gateway checks under way hold max_pending_bytes: refusing the request");
+                return Ok(refuse(503, "verifier_busy"));
+            };
+            let bytes = match http_body_util::Limited::new(body, limit).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
                     return Ok(refuse(413, "body_too_large"));
                 }
                 Err(_) => return Ok(refuse(400, "malformed_request")),
             };
-            let h = &parts.headers;
-            let cert = parts
-                .extensions
-                .get::<PeerCertificate>()
-                .map(|p| p.0.clone())
-                .or_else(|| header(h, HEADER_CERT_SHA256));
-            let identity = header(h, HEADER_IDENTITY);
             let item = VerifyItem {
                 identity: identity.clone(),
                 cert_sha256: cert,
-                timestamp: header(h, HEADER_TIMESTAMP).map(Timestamp::Text),
-                nonce: header(h, HEADER_NONCE),
-                signature: header(h, HEADER_SIGNATURE),
+                timestamp: timestamp.map(Timestamp::Text),
+                nonce,
+                signature,
                 body: Some(STANDARD.encode(&bytes)),
             };
-            if item.identity.is_none()
-                || item.cert_sha256.is_none()
-                || item.timestamp.is_none()
-                || item.nonce.is_none()
-                || item.signature.is_none()
-            {
-                return Ok(refuse(400, "malformed_request"));
-            }
             let verdict = match verifier.verify(item).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -301,6 +345,7 @@ where
                     return Ok(refuse(503, "verifier_unavailable"));
                 }
             };
+            drop(room);
             if !verdict.valid {
                 let reason = verdict.reason.as_deref().unwrap_or("rejected");
                 return Ok(refuse(verdict.status.unwrap_or(401), reason));

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use futures_util::future::join_all;
+use keyvault_api::secret::encode_segments;
 use secrecy::SecretString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,6 +33,17 @@ struct Located {
     v2: bool,
 }
 
+impl Located {
+    /// The API path (under `/v1/`) of the secret, with `v2_part` (`data/`, `metadata/`)
+    /// after the mount on KV version 2; each segment percent-encoded, so that the path is
+    /// the names given and nothing else (no `%2e%2e` a URL parser turns into `..`, no `?`
+    /// starting a query).
+    fn api_path(&self, v2_part: &str) -> String {
+        let part = if self.v2 { v2_part } else { "" };
+        format!("{}{part}{}", encode_segments(&self.mount), encode_segments(&self.rest))
+    }
+}
+
 impl Client {
     /// The mount serving `path` (asked once per mount, then remembered).
     async fn locate(&self, path: &str) -> Result<Located> {
@@ -56,8 +68,9 @@ impl Client {
                     #[serde(default)]
                     options: Option<BTreeMap<String, String>>,
                 }
-                let m: UiMount =
-                    self.request_data("GET", &format!("sys/internal/ui/mounts/{path}"), None::<&()>).await?;
+                let m: UiMount = self
+                    .request_data("GET", &format!("sys/internal/ui/mounts/{}", encode_segments(path)), None::<&()>)
+                    .await?;
                 let v2 = m.options.as_ref().and_then(|o| o.get("version")).is_some_and(|v| v == "2");
                 let mount = if m.path.ends_with('/') { m.path } else { format!("{}/", m.path) };
                 self.0.mounts.lock().unwrap_or_else(|p| p.into_inner()).insert(mount.clone(), v2);
@@ -72,8 +85,7 @@ impl Client {
     /// JSON text of one object.
     pub async fn secret_raw(&self, path: &str) -> Result<Zeroizing<Vec<u8>>> {
         let at = self.locate(path).await?;
-        let api_path = if at.v2 { format!("{}data/{}", at.mount, at.rest) } else { format!("{}{}", at.mount, at.rest) };
-        let reply = self.send("GET", &api_path, None, Credential::Token).await?;
+        let reply = self.send("GET", &at.api_path("data/"), None, Credential::Token).await?;
         let v = Scrubbed(data(&reply)?);
         let fields = if at.v2 { &v.0["data"] } else { &v.0 };
         if !fields.is_object() {
@@ -159,9 +171,9 @@ impl Client {
             struct V2<'a> {
                 data: &'a serde_json::Value,
             }
-            self.call_empty("PUT", &format!("{}data/{}", at.mount, at.rest), Some(&V2 { data: &value.0 })).await
+            self.call_empty("PUT", &at.api_path("data/"), Some(&V2 { data: &value.0 })).await
         } else {
-            self.call_empty("PUT", &format!("{}{}", at.mount, at.rest), Some(&value.0)).await
+            self.call_empty("PUT", &at.api_path("data/"), Some(&value.0)).await
         }
     }
 
@@ -170,9 +182,7 @@ impl Client {
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let prefix = prefix.trim_matches('/');
         let at = self.locate(prefix).await?;
-        let api_path =
-            if at.v2 { format!("{}metadata/{}", at.mount, at.rest) } else { format!("{}{}", at.mount, at.rest) };
-        match self.request_data::<keyvault_api::KeyList>("LIST", &api_path, None::<&()>).await {
+        match self.request_data::<keyvault_api::KeyList>("LIST", &at.api_path("metadata/"), None::<&()>).await {
             Ok(l) => Ok(l.keys),
             Err(e) if e.is_not_found() => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -182,7 +192,6 @@ impl Client {
     /// Delete the secret at `path` (on KV version 2: its latest version, soft).
     pub async fn delete(&self, path: &str) -> Result<()> {
         let at = self.locate(path).await?;
-        let api_path = if at.v2 { format!("{}data/{}", at.mount, at.rest) } else { format!("{}{}", at.mount, at.rest) };
-        self.call_empty("DELETE", &api_path, None::<&()>).await
+        self.call_empty("DELETE", &at.api_path("data/"), None::<&()>).await
     }
 }

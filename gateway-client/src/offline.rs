@@ -5,7 +5,8 @@
 //! request; and reads the attributes the token's role gave it (`attr`).
 //!
 //! What it cannot know: a revocation newer than its last poll (the kill switch reaches it
-//! within the poll interval), and a renewal (a renewed token keeps its string, and its
+//! within the poll interval; a verifier whose last poll is older than
+//! `max_revocation_age` refuses every token instead of trusting an old list), and a renewal (a renewed token keeps its string, and its
 //! own `exp`: offline it expires then). Short token lifetimes bound both: a unit that
 //! talks to offline gateways logs in again instead of renewing
 //! ([`crate::ClientBuilder::renew_by_login`]).
@@ -69,6 +70,12 @@ pub struct OfflineConfig {
     /// The records asked for in one page of the revocation feed (1 to 10,000; a poll reads
     /// every page).
     pub revocation_page: u32,
+    /// The oldest revocation list `verify` trusts: once the last poll that read the whole
+    /// feed began longer ago than this (KeyVault out of reach, the client's token refused),
+    /// every token is refused with [`Error::Transport`] until a poll succeeds again, so
+    /// that a gateway cut off from KeyVault does not accept revoked tokens until they
+    /// expire (fail closed). `None`: the last list is trusted however old (fail open).
+    pub max_revocation_age: Option<Duration>,
 }
 
 impl Default for OfflineConfig {
@@ -80,6 +87,7 @@ impl Default for OfflineConfig {
             min_jwks_refresh: Duration::from_secs(10),
             revocation_poll: Some(Duration::from_secs(10)),
             revocation_page: REVOCATION_POLL_PAGE,
+            max_revocation_age: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -143,6 +151,8 @@ struct Revoked {
     identities: HashMap<(String, String), u64>,
     /// The `since` of the next poll.
     next_since: u64,
+    /// When the last poll that read every page began.
+    polled_at: Option<Instant>,
 }
 
 /// Verifies KeyVault tokens offline. Keep one per process (`Arc`).
@@ -216,6 +226,7 @@ impl TokenVerifier {
     /// Poll the revocation feed now, every page of it (`revocation_page` records each);
     /// nothing is applied unless every page was read.
     pub async fn refresh_revocations(&self) -> Result<()> {
+        let began = Instant::now();
         let since = self.revoked.read().unwrap_or_else(|p| p.into_inner()).next_since;
         let mut accessors = Vec::new();
         let mut identities = Vec::new();
@@ -248,8 +259,8 @@ impl TokenVerifier {
             let slot = r.identities.entry((i.kind, i.id)).or_insert(0);
             *slot = (*slot).max(i.generation);
         }
-        // Tokens of an accessor past its `until` are expired anyway: forget them.
-        r.accessors.retain(|_, until| *until + 60 >= now);
+        forget_expired(&mut r.accessors, now, self.config.leeway);
+        r.polled_at = Some(r.polled_at.map_or(began, |t| t.max(began)));
         // Replicas' clocks differ: ask again for the last minute (from the first page's
         // clock: what was revoked while later pages were read is read again next time).
         r.next_since = first_now.unwrap_or(now).saturating_sub(60);
@@ -327,6 +338,7 @@ impl TokenVerifier {
             }
             None => None,
         };
+        self.check_revocations_fresh()?;
         if self.revoked_token(&claims, bound.as_deref()) {
             return Err(reject(Rejection::Revoked));
         }
@@ -342,6 +354,20 @@ impl TokenVerifier {
             spiffe_id: claims.spiffe,
             attributes: claims.attr,
         })
+    }
+
+    /// [`Error::Transport`] if the revocation list is older than `max_revocation_age`.
+    fn check_revocations_fresh(&self) -> Result<()> {
+        let Some(max) = self.config.max_revocation_age else { return Ok(()) };
+        let polled_at = self.revoked.read().unwrap_or_else(|p| p.into_inner()).polled_at;
+        match polled_at.map(|t| t.elapsed()) {
+            Some(age) if age <= max => Ok(()),
+            age => Err(Error::Transport(format!(
+                "the revocation feed was last read {} ago, longer than max_revocation_age ({} s): no token is accepted until it is read again",
+                age.map_or("never".to_owned(), |a| format!("{} s", a.as_secs())),
+                max.as_secs()
+            ))),
+        }
     }
 
     /// Revoked by accessor (its own, its parent's or an ancestor's), or one of its
@@ -362,12 +388,43 @@ impl TokenVerifier {
     }
 }
 
+/// Forget revoked accessors whose tokens have all expired: past `until`, with the clock
+/// difference `verify` allows on `exp` (`leeway`) and a minute more.
+fn forget_expired(accessors: &mut HashMap<String, u64>, now: u64, leeway: Duration) {
+    let keep_for = leeway.as_secs().saturating_add(60);
+    accessors.retain(|_, until| until.saturating_add(keep_for) >= now);
+}
+
 async fn poll(weak: Weak<TokenVerifier>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(v) = weak.upgrade() else { return };
         if let Err(e) = v.refresh_revocations().await {
             tracing::warn!(error = %e, "KeyVault revocation feed not read; keeping the last one");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revoked accessor is kept as long as a token of it could still pass `verify`:
+    /// past its `until` by the leeway (before: a fixed minute, so a leeway over a minute
+    /// let a revoked token pass again).
+    #[test]
+    fn a_revoked_accessor_outlives_the_leeway() {
+        let now = 1_000_000;
+        for leeway in [0, 5, 60, 300, 3600] {
+            let leeway = Duration::from_secs(leeway);
+            let mut a: HashMap<String, u64> = HashMap::new();
+            // `until` such that a token of it still passes `verify` now: exp + leeway >= now.
+            let until = now - leeway.as_secs();
+            a.insert("live".into(), until);
+            a.insert("gone".into(), now - leeway.as_secs() - 61);
+            forget_expired(&mut a, now, leeway);
+            assert!(a.contains_key("live"), "leeway {leeway:?}");
+            assert!(!a.contains_key("gone"), "leeway {leeway:?}");
         }
     }
 }

@@ -186,6 +186,20 @@ async fn a_unit_uses_every_call_of_the_client() {
     assert_eq!(both.iter().map(|s| s.expose_secret().to_owned()).collect::<Vec<_>>(), ["one", KV_SECRET]);
     let versions = ok(c.get("kv/metadata/app/cfg", &root).await, 200);
     assert_eq!(versions.body["data"]["current_version"], 2);
+    // A path is names, not URL syntax: each segment is percent-encoded. `%2e%2e` is a name
+    // (before, the URL parser made it `..` and `app/sub/%2e%2e/single` read
+    // `app/single`); `?` and `#` are parts of a name, not a query or a fragment.
+    assert!(client.secret("secret/app/sub/%2e%2e/single").await.unwrap_err().is_not_found());
+    assert!(client.secret("kv/app/sub/%2E%2E/cfg").await.unwrap_err().is_not_found());
+    assert!(client.secret("secret/app/single?version=1").await.unwrap_err().is_not_found());
+    assert!(client.secret("secret/app/single#x").await.unwrap_err().is_not_found());
+    let odd = "secret/app/we ird?x=1#f%2F";
+    client.put(odd, &json!({"value": "odd"})).await.unwrap();
+    assert_eq!(client.secret(odd).await.unwrap().expose_secret(), "odd");
+    let stored = ok(c.get("secret/app/we%20ird%3Fx%3D1%23f%252F", &root).await, 200);
+    assert_eq!(stored.body["data"]["value"], "odd", "stored under the name given");
+    assert!(client.list("secret/app").await.unwrap().contains(&"we ird?x=1#f%2F".to_owned()));
+    client.delete(odd).await.unwrap();
     assert_eq!(client.list("kv/app").await.unwrap(), ["cfg"]);
     client.delete("kv/app/cfg").await.unwrap();
     assert!(client.secret("kv/app/cfg").await.unwrap_err().is_not_found());
@@ -720,7 +734,13 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
         204,
     );
     let feed_client = w.role_client("feed", json!({"token_policies": ["feed"]})).await;
-    let config = OfflineConfig { audience: Some("gateway-a".into()), revocation_poll: None, ..Default::default() };
+    // Polled by hand here: the list is trusted however old (the age limit has its own test).
+    let config = OfflineConfig {
+        audience: Some("gateway-a".into()),
+        revocation_poll: None,
+        max_revocation_age: None,
+        ..Default::default()
+    };
     let verifier = TokenVerifier::new(feed_client.clone(), config.clone()).await.unwrap();
     let (unit_der, other_der) = (der(&w.unit.cert_pem), der(&w.other.cert_pem));
     let v = verifier.verify(&token, Some(&unit_der)).await.unwrap();
@@ -765,13 +785,23 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     // JWKS again, at most every `min_jwks_refresh`.
     let eager = TokenVerifier::new(
         feed_client.clone(),
-        OfflineConfig { min_jwks_refresh: Duration::ZERO, revocation_poll: None, ..Default::default() },
+        OfflineConfig {
+            min_jwks_refresh: Duration::ZERO,
+            revocation_poll: None,
+            max_revocation_age: None,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
     let lazy = TokenVerifier::new(
         feed_client.clone(),
-        OfflineConfig { min_jwks_refresh: Duration::from_secs(3600), revocation_poll: None, ..Default::default() },
+        OfflineConfig {
+            min_jwks_refresh: Duration::from_secs(3600),
+            revocation_poll: None,
+            max_revocation_age: None,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -849,6 +879,143 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     // The feed needs `read` on auth/revocations.
     let other_token = w.app_client().token().await.unwrap().expose_secret().to_owned();
     ok(w.s.client_with(&w.unit).get("auth/revocations", &other_token).await, 403);
+}
+
+/// The verify layer bounds what the checks under way hold: a request without the
+/// signature headers is refused before its body is read (a body that never ends gets its
+/// 400), a body whose declared length is over `max_body` gets 413 unread, and a check that
+/// finds no room in `max_pending_bytes` is answered 503 `verifier_busy` at once. The room
+/// comes back when a check ends. (Before, every request's body was read and queued in
+/// base64 first, whatever its headers, and a flood of large bodies grew memory.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verify_layer_refuses_what_it_has_no_room_for_before_reading_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // KeyVault that never answers: a check sent there stays under way.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = Client::builder().address(format!("http://{}", hole.local_addr().unwrap())).build().unwrap();
+    let config = GatewayConfig {
+        batch_window: None,
+        max_body: 512 * 1024,
+        max_pending_bytes: 1024 * 1024,
+        ..Default::default()
+    };
+    let app = axum::Router::new()
+        .route("/telemetry", axum::routing::post(|| async { "passed" }))
+        .layer(VerifyLayer::new(gw, config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let signed = "x-keyvault-identity: sensor-1\r\nx-keyvault-cert-sha256: 00\r\nx-keyvault-timestamp: 1\r\n\
+                  x-keyvault-nonce: n\r\nx-keyvault-signature: s\r\n";
+    let post = |headers: &'static str, length: usize, sent: usize| async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /telemetry HTTP/1.1\r\nhost: gw\r\n{headers}content-length: {length}\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&vec![b'a'; sent]).await.unwrap();
+        conn
+    };
+    let answer = |mut conn: tokio::net::TcpStream| async move {
+        let mut buf = vec![0; 4096];
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !String::from_utf8_lossy(&got).contains("\"reason\"") {
+            let n = tokio::time::timeout_at(deadline, conn.read(&mut buf)).await.expect("an answer").unwrap();
+            assert!(n > 0, "closed without an answer: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, text)
+    };
+
+    // No signature headers, a body declared at 400 KiB of which 10 bytes come: 400 now.
+    let (status, text) = answer(post("", 400 * 1024, 10).await).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("malformed_request"), "{text}");
+    // Over `max_body` by its declared length: 413 before any of it is read.
+    let (status, text) = answer(post(signed, 600 * 1024, 10).await).await;
+    assert_eq!(status, 413, "{text}");
+
+    // A check of 300 KiB takes 700 KiB of the 1 MiB and stays under way (KeyVault is
+    // silent); a second of the same size finds no room: 503 at once.
+    let first = post(signed, 300 * 1024, 300 * 1024).await;
+    let (upstream, _) = tokio::time::timeout(Duration::from_secs(30), hole.accept()).await.unwrap().unwrap();
+    let (status, text) = answer(post(signed, 300 * 1024, 300 * 1024).await).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("verifier_busy"), "{text}");
+    // The first check ends (KeyVault gone: 503, fail closed) and gives its room back: a
+    // check of the same size is sent to KeyVault again.
+    drop(upstream);
+    let (status, text) = answer(first).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("verifier_unavailable"), "{text}");
+    let _again = post(signed, 300 * 1024, 300 * 1024).await;
+    tokio::time::timeout(Duration::from_secs(30), hole.accept()).await.expect("the room came back").unwrap();
+}
+
+/// A verifier that cannot read the revocation feed (its token lost `read` on
+/// `auth/revocations`; KeyVault out of reach is the same) refuses every token once its
+/// last whole poll is older than `max_revocation_age`, and accepts them again after the
+/// next poll that succeeds. Before, it kept the last list for good: a token revoked
+/// meanwhile passed until it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_verifier_cut_off_from_the_feed_fails_closed() {
+    let _ = logs();
+    let w = world().await;
+    let (c, root) = (w.s.client(), w.root.clone());
+    let feed_policy = json!({"policy": "path \"auth/revocations\" { capabilities = [\"read\"] }"});
+    ok(c.put("sys/policies/acl/feed", &root, feed_policy.clone()).await, 204);
+    let feed_client = w.role_client("feed", json!({"token_policies": ["feed"]})).await;
+    let max_age = Duration::from_secs(2);
+    let verifier = TokenVerifier::new(
+        feed_client,
+        OfflineConfig {
+            revocation_poll: Some(Duration::from_millis(200)),
+            max_revocation_age: Some(max_age),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // No client certificate: an unbound token.
+    let app = Client::builder()
+        .address(&w.s.addr)
+        .ca_file(&w.s.server_ca_file)
+        .auth(Auth::approle_file(&w.role_id, w.secret_id_file.path()))
+        .build()
+        .unwrap();
+    let app_token = app.token().await.unwrap().expose_secret().to_owned();
+    verifier.verify(&app_token, None).await.unwrap();
+
+    // The feed refused: accepted while the list is young, refused once it is too old.
+    ok(c.send("DELETE", "sys/policies/acl/feed", Some(&root), None).await, 204);
+    let cut_at = std::time::Instant::now();
+    let refused = loop {
+        match verifier.verify(&app_token, None).await {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+        assert!(cut_at.elapsed() < Duration::from_secs(30), "still accepted 30 s after the feed was refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(cut_at.elapsed() >= max_age.saturating_sub(Duration::from_millis(300)), "{:?}", cut_at.elapsed());
+    match &refused {
+        Error::Transport(why) => assert!(why.contains("max_revocation_age"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Whatever the token (a forged one is still refused for its signature first); a
+    // manual refresh fails too.
+    assert!(matches!(verifier.verify(&app_token, None).await, Err(Error::Transport(_))));
+    assert!(matches!(verifier.verify("not.a.token", None).await, Err(Error::Token(Rejection::Malformed))));
+    assert!(verifier.refresh_revocations().await.is_err());
+
+    // The feed readable again: the next poll brings the verifier back.
+    ok(c.put("sys/policies/acl/feed", &root, feed_policy).await, 204);
+    let back = std::time::Instant::now();
+    while verifier.verify(&app_token, None).await.is_err() {
+        assert!(back.elapsed() < Duration::from_secs(30), "not accepted again 30 s after the feed came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The other auth methods (Kubernetes, userpass, bootstrap, a given token), and the
