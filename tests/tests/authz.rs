@@ -365,6 +365,38 @@ fn with_unknown_field(r: &Row) -> Option<Value> {
     Some(body)
 }
 
+/// `GET sys/internal/ui/mounts` lists only the mounts a token may do something under, as
+/// Vault does (before, every mount to any token): a token with rules under `secret/app/`
+/// and `auth/approle/` sees `secret/` and `approle/`, not `kv/`, `transit/` or the other
+/// auth methods; a token of no policy sees no secret mount; root sees every one.
+#[tokio::test]
+async fn the_mount_listing_shows_a_token_only_the_mounts_it_may_use() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let names = |r: &Reply, kind: &str| -> Vec<String> {
+        let mut v: Vec<String> = r.body["data"][kind].as_object().unwrap().keys().cloned().collect();
+        v.sort();
+        v
+    };
+    let all = ok(c.get("sys/internal/ui/mounts", &root).await, 200);
+    for m in ["secret/", "kv/", "transit/"] {
+        assert!(names(&all, "secret").contains(&m.to_owned()), "root sees {m}: {all:?}");
+    }
+    assert!(names(&all, "auth").contains(&"approle/".to_owned()), "{all:?}");
+    let policy = format!("{}\n{}", hcl("secret/app/*", &["read"]), hcl("auth/approle/role/+/role-id", &["read"]));
+    let t = token_with(&c, &root, "some", Some(policy)).await;
+    let mine = ok(c.get("sys/internal/ui/mounts", &t).await, 200);
+    assert_eq!(names(&mine, "secret"), ["secret/"], "{mine:?}");
+    assert!(names(&mine, "auth").contains(&"approle/".to_owned()), "{mine:?}");
+    for hidden in ["cert/", "userpass/", "kubernetes/"] {
+        assert!(!names(&mine, "auth").contains(&hidden.to_owned()), "{hidden}: {mine:?}");
+    }
+    let none = token_with(&c, &root, "unused", None).await;
+    let nothing = ok(c.get("sys/internal/ui/mounts", &none).await, 200);
+    assert!(names(&nothing, "secret").is_empty(), "{nothing:?}");
+}
+
 #[tokio::test]
 async fn every_route_authorizes_by_vault_rules() {
     let s = TestServer::start(ServerOptions {

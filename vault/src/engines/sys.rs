@@ -624,10 +624,22 @@ impl Engine for Sys {
                 performance_standby: false,
                 performance_standby_last_remote_wal: 0,
             }),
-            ("internal/ui/mounts", _) => Reply::data(&keyvault_api::sys::UiMounts {
-                secret: core.mount_listing(false),
-                auth: core.mount_listing(true),
-            }),
+            ("internal/ui/mounts", _) => {
+                // Only the mounts the token may do something under, as Vault lists them
+                // (the same preflight as the one-mount form below): mount names and kinds
+                // are not every token's to learn.
+                let acl = &req.caller()?.acl;
+                let visible = |listing: keyvault_api::sys::Mounts, prefix: &str| -> keyvault_api::sys::Mounts {
+                    listing
+                        .into_iter()
+                        .filter(|(m, _)| acl.is_root() || acl.grants_under(&format!("{prefix}{m}")))
+                        .collect()
+                };
+                Reply::data(&keyvault_api::sys::UiMounts {
+                    secret: visible(core.mount_listing(false), ""),
+                    auth: visible(core.mount_listing(true), "auth/"),
+                })
+            }
             ("internal/ui/mounts/{*path}", _) => self.ui_mount(req),
             ("capabilities-self", _) => {
                 let b: keyvault_api::sys::CapabilitiesRequest = req.data()?;
