@@ -4,7 +4,7 @@
 //! A request passes with a [`Verified`] extension (the producer's identity and key id);
 //! one that fails is answered here with the contract's status and reason (401, 403, 409,
 //! 400 for malformed headers, 413 for a body over the limit, 503 when KeyVault cannot be
-//! asked or the checks under way already hold `max_pending_bytes`: fail closed). With batching on, concurrent checks wait at most the batch window
+//! asked, or the checks under way already hold `max_pending_bytes`: fail closed). With batching on, concurrent checks wait at most the batch window
 //! and go to KeyVault as one `{"batch": [...]}` call.
 
 use std::fmt;
@@ -58,10 +58,10 @@ pub struct GatewayConfig {
     /// Batches in flight at once.
     pub max_in_flight: usize,
     /// The memory the checks under way may hold at once, in bytes (default 64 MiB): each
-    /// reserves room for its body (by its `Content-Length`, else `max_body`), its base64 and
-    /// its JSON before its body is read, and a check that finds no room is answered 503
-    /// (`verifier_busy`) at once instead of waiting. A flood of large bodies is refused,
-    /// not buffered.
+    /// takes room for its body, its base64 and its JSON (7/3 of the body) before it reads
+    /// the body (by its `Content-Length`; a body of unknown length takes room as it
+    /// arrives), and a check that finds no room is answered 503 (`verifier_busy`) at once
+    /// instead of waiting. A flood of large bodies is refused, not buffered.
     pub max_pending_bytes: usize,
 }
 
@@ -210,12 +210,73 @@ impl Budget {
         Budget(Arc::new(Semaphore::new((bytes / 1024).clamp(1, Semaphore::MAX_PERMITS))))
     }
 
-    /// Room for a check of a body of at most `body` bytes: the body, its base64 (4/3) and
-    /// the JSON around it. `None`: not now.
-    fn take(&self, body: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let kib = (body.saturating_mul(7) / 3 / 1024).saturating_add(1);
-        self.0.clone().try_acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX)).ok()
+    /// The room, in KiB, a check of a body of `body` bytes holds: the body, its base64
+    /// (4/3) and the JSON around it.
+    fn kib_for(body: usize) -> usize {
+        (body.saturating_mul(7) / 3 / 1024).saturating_add(1)
     }
+
+    /// Room for a check of a body of at most `body` bytes. `None`: not now.
+    fn take(&self, body: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_many_owned(u32::try_from(Self::kib_for(body)).unwrap_or(u32::MAX)).ok()
+    }
+
+    /// Grow `room` (held for a body of `held` bytes) to a body of `body` bytes. `false`:
+    /// no room now.
+    fn grow(&self, room: &mut tokio::sync::OwnedSemaphorePermit, held: usize, body: usize) -> bool {
+        let more = Self::kib_for(body).saturating_sub(Self::kib_for(held));
+        if more == 0 {
+            return true;
+        }
+        match self.0.clone().try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX)) {
+            Ok(p) => {
+                room.merge(p);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// How a body read under a [`Budget`] ended.
+enum Read {
+    Whole(Bytes),
+    TooLarge,
+    NoRoom,
+    Malformed,
+}
+
+/// Read `body` frame by frame, at most `limit` bytes, growing `room` (held for `held`
+/// bytes) as the body grows: a body of unknown length takes room as it arrives, not the
+/// most it could need.
+async fn read_body<B>(
+    body: B,
+    limit: usize,
+    budget: &Budget,
+    room: &mut tokio::sync::OwnedSemaphorePermit,
+    mut held: usize,
+) -> Read
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return Read::Malformed };
+        let Ok(data) = frame.into_data() else { continue };
+        let len = buf.len() + data.len();
+        if len > limit {
+            return Read::TooLarge;
+        }
+        if len > held {
+            if !budget.grow(room, held, len) {
+                return Read::NoRoom;
+            }
+            held = len;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Read::Whole(buf.freeze())
 }
 
 impl fmt::Debug for VerifyLayer {
@@ -310,25 +371,26 @@ where
             if identity.is_none() || cert.is_none() || timestamp.is_none() || nonce.is_none() || signature.is_none() {
                 return Ok(refuse(400, "malformed_request"));
             }
-            // Then room for the check, by the length the body declares (at most `max_body`),
-            // before it is read: no room, 503 at once.
+            // Then room for the check, before the body is read: by the length the body
+            // declares (at most `max_body`), or, for a body of unknown length, room that
+            // grows as it arrives. No room: 503 at once.
             let declared =
                 h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-            let limit = match declared {
+            let (limit, first) = match declared {
                 Some(n) if n > max_body as u64 => return Ok(refuse(413, "body_too_large")),
-                Some(n) => n as usize,
-                None => max_body,
+                Some(n) => (n as usize, n as usize),
+                None => (max_body, 0),
             };
-            let Some(room) = budget.take(limit) else {
+            let busy = || {
                 tracing::debug!("gateway checks under way hold max_pending_bytes: refusing the request");
-                return Ok(refuse(503, "verifier_busy"));
+                refuse(503, "verifier_busy")
             };
-            let bytes = match http_body_util::Limited::new(body, limit).collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                    return Ok(refuse(413, "body_too_large"));
-                }
-                Err(_) => return Ok(refuse(400, "malformed_request")),
+            let Some(mut room) = budget.take(first) else { return Ok(busy()) };
+            let bytes = match read_body(body, limit, &budget, &mut room, first).await {
+                Read::Whole(b) => b,
+                Read::TooLarge => return Ok(refuse(413, "body_too_large")),
+                Read::NoRoom => return Ok(busy()),
+                Read::Malformed => return Ok(refuse(400, "malformed_request")),
             };
             let item = VerifyItem {
                 identity: identity.clone(),

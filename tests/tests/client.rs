@@ -943,6 +943,20 @@ async fn the_verify_layer_refuses_what_it_has_no_room_for_before_reading_it() {
     let (status, text) = answer(post(signed, 300 * 1024, 300 * 1024).await).await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("verifier_busy"), "{text}");
+    // A body of unknown length (chunked) takes room as it arrives: 300 KiB do not fit.
+    let mut chunked = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST /telemetry HTTP/1.1\r\nhost: gw\r\n{signed}transfer-encoding: chunked\r\n\r\n");
+    chunked.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..30 {
+        let chunk = format!("2800\r\n{}\r\n", "a".repeat(10 * 1024));
+        if chunked.write_all(chunk.as_bytes()).await.is_err() {
+            break; // answered and closed before all was sent
+        }
+    }
+    let _ = chunked.write_all(b"0\r\n\r\n").await;
+    let (status, text) = answer(chunked).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("verifier_busy"), "{text}");
     // The first check ends (KeyVault gone: 503, fail closed) and gives its room back: a
     // check of the same size is sent to KeyVault again.
     drop(upstream);
