@@ -224,6 +224,38 @@ async fn every_credential_on_every_connection() {
     // Bad cert roles are refused.
     ok(none.post("auth/cert/role/empty", Some(&root), json!({"token_policies": ["x"]})).await, 400);
     ok(none.post("auth/cert/role/badpin", Some(&root), json!({"certificate_sha256": ["abc"]})).await, 400);
+    // A Vault restriction KeyVault does not enforce is refused, not dropped with a warning
+    // (the role would accept whom its author meant to shut out): a role's own CA, CIDR
+    // bounds, a use count. The values tools send for "unset" pass, with a warning.
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+    for (field, value) in [
+        ("certificate", json!(pem)),
+        ("allowed_organizational_units", json!(["eng"])),
+        ("token_bound_cidrs", json!(["10.0.0.0/8"])),
+        ("token_bound_cidrs", json!("10.0.0.0/8")),
+        ("token_num_uses", json!(3)),
+        ("ocsp_enabled", json!(true)),
+    ] {
+        let mut body = json!({"allowed_common_names": ["unit-a"]});
+        body[field] = value;
+        let r = none.post("auth/cert/certs/restricted", Some(&root), body).await;
+        assert_eq!(r.status, 400, "{field}: {r:?}");
+        assert!(r.body["errors"][0].as_str().unwrap().contains(field), "{r:?}");
+    }
+    ok(none.get("auth/cert/role/restricted", &root).await, 404);
+    for (field, unset) in [("certificate", json!("")), ("token_bound_cidrs", json!([])), ("token_num_uses", json!(0))] {
+        let mut body = json!({"allowed_common_names": ["unit-a"]});
+        body[field] = unset;
+        let r = ok(none.post("auth/cert/certs/unset", Some(&root), body).await, 200);
+        assert!(r.body["warnings"][0].as_str().unwrap().contains(field), "{r:?}");
+    }
+    ok(none.send("DELETE", "auth/cert/role/unset", Some(&root), None).await, 204);
+    for (path, body) in [
+        ("auth/approle/role/cidr", json!({"secret_id_bound_cidrs": ["10.0.0.0/8"]})),
+        ("auth/userpass/users/cidr", json!({"password": "a long passphrase", "token_bound_cidrs": ["10.0.0.0/8"]})),
+    ] {
+        ok(none.post(path, Some(&root), body).await, 400);
+    }
     let r = none.get("auth/cert/certs/role-b", &root).await;
     assert_eq!(r.body["data"]["allowed_dns_sans"], json!(["unit-b.corp"]));
     assert_eq!(

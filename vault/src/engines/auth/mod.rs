@@ -116,10 +116,62 @@ pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<R
     }
 }
 
+/// Vault's role fields that restrict who logs in or what a token may do, which KeyVault
+/// does not enforce. Given a value that would restrict (anything but `null`, `""`, `[]`,
+/// `{}`, `false` or `0`, the values tools send for "unset"), a role write is refused
+/// (400): a field that only warned would leave the role open to whom its author meant to
+/// shut out (a `certificate` naming the one CA a role trusts, among several the listener
+/// trusts; `token_bound_cidrs`; `token_num_uses`).
+const UNENFORCED_RESTRICTIONS: &[&str] = &[
+    "certificate",
+    "allowed_names",
+    "allowed_email_sans",
+    "allowed_organizational_units",
+    "required_extensions",
+    "allowed_metadata_extensions",
+    "ocsp_enabled",
+    "ocsp_ca_certificates",
+    "bound_cidrs",
+    "bound_cidr_list",
+    "secret_id_bound_cidrs",
+    "token_bound_cidrs",
+    "token_num_uses",
+    "token_explicit_max_ttl",
+    "bound_service_account_namespace_selector",
+];
+
+/// Whether a JSON value says "unset" rather than restricting something.
+fn is_unset(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty() || s == "0",
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+    }
+}
+
+/// 400 if `body` gives one of [`UNENFORCED_RESTRICTIONS`] a value that would restrict.
+pub fn refuse_unenforced_restrictions(body: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    for f in UNENFORCED_RESTRICTIONS {
+        if body.get(*f).is_some_and(|v| !is_unset(v)) {
+            return Err(Error::invalid(format!(
+                "{f}: KeyVault does not enforce this restriction, so it cannot be given \
+                 (docs/api.md, \"Authentication\"); leave it unset"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Parse a role's body: the method's own fields into `T`, the common token fields into
-/// [`TokenSettings`]; fields of neither are named in the reply's warnings.
+/// [`TokenSettings`]; fields of neither are named in the reply's warnings, but a Vault
+/// restriction KeyVault does not enforce ([`UNENFORCED_RESTRICTIONS`]) is refused.
 pub fn parse_role_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<(T, TokenSettings)> {
     let mut own: serde_json::Map<String, serde_json::Value> = crate::json::parse_body(&req.body)?;
+    refuse_unenforced_restrictions(&own)?;
     let mut token = serde_json::Map::new();
     for f in crate::auth::TOKEN_FIELDS {
         if let Some(v) = own.remove(f) {

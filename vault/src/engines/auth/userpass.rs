@@ -245,6 +245,7 @@ impl Engine for UserPass {
             Operation::List => Reply::keys(self.list_users().await?),
             Operation::Read => Reply::data(&self.read_user(&name).await?),
             Operation::Write => {
+                super::refuse_unenforced_restrictions(&crate::json::parse_body(&req.body)?)?;
                 let w: UserWrite = req.data()?;
                 // Whoever sets a user's password can log in as the user: every write (a
                 // password reset as much as a policy change) needs the caller to hold the
