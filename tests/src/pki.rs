@@ -86,6 +86,15 @@ impl TestCa {
         issued(&cert, &key)
     }
 
+    /// A client certificate whose validity ends `secs` seconds from now.
+    pub fn expiring(&self, cn: &str, serial: u64, secs: i64) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params = leaf_params(cn, &[], serial, false);
+        params.not_after = OffsetDateTime::now_utc() + Duration::seconds(secs);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        issued(&cert, &key)
+    }
+
     /// A CRL (PEM) revoking the given serial numbers.
     pub fn crl(&self, revoked: &[u64]) -> String {
         let now = OffsetDateTime::now_utc();

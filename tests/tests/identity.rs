@@ -384,6 +384,39 @@ async fn certificate_reload_under_continuous_requests_loses_none() {
     assert!(w.s.log_text().contains("TLS configuration reloaded"));
 }
 
+/// A connection outlives its client certificate's validity: the certificate is checked
+/// at the handshake, and then its expiry on every request. A login and a token bound to it
+/// work while it is valid; on the same connection after `notAfter`, both are 401 with
+/// `certificate_expired` in the log (before, the connection, or a resumed session, went
+/// on as if it were valid).
+#[tokio::test]
+async fn an_open_connection_is_refused_once_its_certificate_expires() {
+    let ca = TestCa::new("client CA");
+    let s = TestServer::start(ServerOptions {
+        client_auth: "optional",
+        client_ca_pem: Some(ca.pem()),
+        ..Default::default()
+    });
+    let root = s.root.clone();
+    let role = json!({"allowed_common_names": ["short-lived"], "token_policies": ["default"]});
+    ok(s.client().post("auth/cert/role/short", Some(&root), role).await, 204);
+    let short = ca.expiring("short-lived", 40, 4);
+    let valid_until = std::time::SystemTime::now() + Duration::from_secs(4);
+    let c = s.client_with(&short);
+    let login = ok(c.post("auth/cert/login", None, json!({"name": "short"})).await, 200);
+    let t = login.body["auth"]["client_token"].as_str().unwrap().to_owned();
+    ok(c.get("auth/token/lookup-self", &t).await, 200);
+    // Past notAfter (at one-second resolution), on the connection opened before it.
+    while std::time::SystemTime::now() < valid_until + Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = c.send("GET", "auth/token/lookup-self", Some(&t), None).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let r = c.send("POST", "auth/cert/login", None, Some(json!({"name": "short"}).to_string().into_bytes())).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(s.log_text().contains("request on a connection whose certificate has expired"), "the reason is logged");
+}
+
 #[tokio::test]
 async fn a_crl_change_takes_effect_on_sighup_for_new_and_open_connections() {
     let ca = TestCa::new("client CA");

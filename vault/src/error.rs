@@ -39,6 +39,9 @@ pub enum AuthFailure {
     RevokedIdentity,
     /// The connection's client certificate was revoked (CRL) after the handshake.
     CertificateRevoked,
+    /// The connection's client certificate expired after the handshake (a long-lived or
+    /// resumed connection).
+    CertificateExpired,
     /// Right credentials of a revoked identity at login: answered like wrong ones.
     LoginRevokedIdentity,
     /// Right credentials of a role that binds tokens to a certificate, at a login without
@@ -62,6 +65,7 @@ impl AuthFailure {
             AuthFailure::RevokedIdentity | AuthFailure::LoginRevokedIdentity => "identity_revoked",
             AuthFailure::LoginCertificateRequired => "certificate_required",
             AuthFailure::CertificateRevoked => "certificate_revoked",
+            AuthFailure::CertificateExpired => "certificate_expired",
         }
     }
 
@@ -78,6 +82,7 @@ impl AuthFailure {
             }
             AuthFailure::Revoked => "token revoked",
             AuthFailure::CertificateRevoked => "the client certificate is revoked",
+            AuthFailure::CertificateExpired => "the client certificate has expired",
             AuthFailure::RevokedIdentity => "identity revoked",
             _ => "invalid token",
         }

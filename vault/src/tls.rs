@@ -286,6 +286,10 @@ pub struct ClientCert {
     /// Issuer name (DER) and serial number, to look the certificate up in CRLs.
     pub issuer_der: Vec<u8>,
     pub serial: Vec<u8>,
+    /// The end of its validity (unix seconds), checked on every request: a connection
+    /// (kept alive, or resumed without a new verification) outlives its certificate's
+    /// validity otherwise. `i64::MIN` if the certificate could not be read (fail closed).
+    pub not_after: i64,
 }
 
 impl ClientCert {
@@ -302,12 +306,14 @@ impl ClientCert {
             uri_sans: Vec::new(),
             issuer_der: Vec::new(),
             serial: Vec::new(),
+            not_after: i64::MIN,
         };
         // The handshake already verified the certificate; a parse failure here only
         // means no name-based identities.
         if let Ok((_, x)) = X509Certificate::from_der(der) {
             c.issuer_der = x.issuer().as_raw().to_vec();
             c.serial = x.raw_serial().to_vec();
+            c.not_after = x.validity().not_after.timestamp();
             c.common_name = x.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
             if let Ok(Some(san)) = x.subject_alternative_name() {
                 for name in &san.value.general_names {

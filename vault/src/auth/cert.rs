@@ -113,6 +113,7 @@ mod tests {
             uri_sans: vec!["spiffe://corp/ns/payments/sa/api".into()],
             issuer_der: Vec::new(),
             serial: vec![1],
+            not_after: i64::MAX,
         }
     }
 
