@@ -198,6 +198,38 @@ async fn the_readme_flow_through_the_cli() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{SECRET}\n"), "{}", String::from_utf8_lossy(&out.stderr));
+    // One family at a time, never a mix: Vault's token does not go to the server
+    // KEYVAULT_ADDR names (nor KeyVault's token to the one VAULT_ADDR names). Each
+    // command below has a token only in the other family: it is sent none and refused.
+    let cmd = |set: &[(&str, &str)]| {
+        let mut c = Command::new(keyvault_tests::keyvault_bin());
+        c.args(["secret", "get", "secret/db/password", "--field", "value"]);
+        for v in ["KEYVAULT_ADDR", "KEYVAULT_CACERT", "KEYVAULT_TOKEN", "VAULT_ADDR", "VAULT_CACERT", "VAULT_TOKEN"] {
+            c.env_remove(v);
+        }
+        for (k, v) in set {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let ca = s.server_ca_file.to_str().unwrap();
+    for set in [
+        [("KEYVAULT_ADDR", s.addr.as_str()), ("KEYVAULT_CACERT", ca), ("VAULT_TOKEN", s.root.as_str())],
+        [("VAULT_ADDR", s.addr.as_str()), ("VAULT_CACERT", ca), ("KEYVAULT_TOKEN", s.root.as_str())],
+    ] {
+        let out = cmd(&set);
+        assert!(!out.status.success(), "{set:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(SECRET));
+    }
+    // The HSM PIN goes only to a server named for KeyVault.
+    let out = Command::new(keyvault_tests::keyvault_bin())
+        .args(["operator", "unseal", "--config", "/nonexistent/keyvault.toml"])
+        .env_remove("KEYVAULT_ADDR")
+        .env("VAULT_ADDR", &s.addr)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEYVAULT_ADDR"), "{}", String::from_utf8_lossy(&out.stderr));
 
     assert_no_secret_in(Path::new(&s.log), &[SECRET, &token, sid.trim()]);
 }

@@ -552,6 +552,14 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
         }
         OperatorCommand::Unseal { endpoint, config } => {
             init_logging("warn", false);
+            // Checked before the PIN is read: it goes only to a server named for KeyVault,
+            // never to the Vault server `VAULT_ADDR` may name for the operator's other tools.
+            if endpoint.family() == cli::EnvFamily::Vault {
+                anyhow::bail!(
+                    "unseal sends the token's PIN: name the server with --address or KEYVAULT_ADDR \
+                     (VAULT_ADDR is not used for it)"
+                );
+            }
             let config = Config::load(&config)?;
             let pin = config.hsm.pin_source()?.read()?;
             let body = keyvault_api::sys::UnsealRequest { key: Some(pin.into()), ..Default::default() };

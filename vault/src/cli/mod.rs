@@ -56,7 +56,11 @@ impl Endpoint {
     }
 }
 
-/// How to reach a running server: flags, else `KEYVAULT_*`, else Vault's `VAULT_*`.
+/// How to reach a running server: flags, else the variables of one family, `KEYVAULT_*`,
+/// or Vault's `VAULT_*` when `KEYVAULT_ADDR` is unset, `VAULT_ADDR` is set and no
+/// `--address` is given. Never a mix: `VAULT_TOKEN` (a Vault credential) must not go to
+/// a KeyVault named by `KEYVAULT_ADDR` or `--address`, nor `KEYVAULT_TOKEN` to the Vault
+/// server `VAULT_ADDR` names.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EndpointArgs {
     /// `https://host:port` (`KEYVAULT_ADDR`, `VAULT_ADDR`; default `https://127.0.0.1:8200`).
@@ -81,8 +85,35 @@ fn env(names: &[&str]) -> Option<String> {
     names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
 
+/// The environment variable family an [`EndpointArgs`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvFamily {
+    KeyVault,
+    Vault,
+}
+
+impl EnvFamily {
+    fn var(self, name: &str) -> Option<String> {
+        let prefix = match self {
+            EnvFamily::KeyVault => "KEYVAULT_",
+            EnvFamily::Vault => "VAULT_",
+        };
+        env(&[&format!("{prefix}{name}")])
+    }
+}
+
 impl EndpointArgs {
+    /// The family of variables these arguments read (see [`EndpointArgs`]).
+    pub fn family(&self) -> EnvFamily {
+        if self.address.is_none() && env(&["KEYVAULT_ADDR"]).is_none() && env(&["VAULT_ADDR"]).is_some() {
+            EnvFamily::Vault
+        } else {
+            EnvFamily::KeyVault
+        }
+    }
+
     pub fn endpoint(self) -> anyhow::Result<Endpoint> {
+        let family = self.family();
         let token = match &self.token_file {
             Some(f) => {
                 let text = zeroize::Zeroizing::new(
@@ -90,20 +121,13 @@ impl EndpointArgs {
                 );
                 Some(SecretString::from(text.trim().to_owned()))
             }
-            None => env(&["KEYVAULT_TOKEN", "VAULT_TOKEN"]).map(SecretString::from),
+            None => family.var("TOKEN").map(SecretString::from),
         };
         Ok(Endpoint {
-            address: self
-                .address
-                .or_else(|| env(&["KEYVAULT_ADDR", "VAULT_ADDR"]))
-                .unwrap_or_else(|| "https://127.0.0.1:8200".into()),
-            ca_file: self.ca_file.or_else(|| env(&["KEYVAULT_CACERT", "VAULT_CACERT"]).map(PathBuf::from)),
-            client_cert: self
-                .client_cert
-                .or_else(|| env(&["KEYVAULT_CLIENT_CERT", "VAULT_CLIENT_CERT"]).map(PathBuf::from)),
-            client_key: self
-                .client_key
-                .or_else(|| env(&["KEYVAULT_CLIENT_KEY", "VAULT_CLIENT_KEY"]).map(PathBuf::from)),
+            address: self.address.or_else(|| family.var("ADDR")).unwrap_or_else(|| "https://127.0.0.1:8200".into()),
+            ca_file: self.ca_file.or_else(|| family.var("CACERT").map(PathBuf::from)),
+            client_cert: self.client_cert.or_else(|| family.var("CLIENT_CERT").map(PathBuf::from)),
+            client_key: self.client_key.or_else(|| family.var("CLIENT_KEY").map(PathBuf::from)),
             token,
         })
     }
