@@ -360,6 +360,40 @@ async fn http2_connections_are_kept_open_by_requests_not_by_bytes() {
     assert_eq!(r.status, 200);
 }
 
+/// An HTTP/2 connection that sends no request is closed after the header timeout, not
+/// the idle timeout: completing handshakes and then staying silent cannot hold the
+/// connection cap's slots for a minute each (header timeout 1 s, idle timeout 60 s here;
+/// before, such a connection lasted the full idle timeout). A connection that has been
+/// served is kept for the idle timeout as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_sends_no_request_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(ServerOptions {
+        listener_extra: "header_timeout = \"1s\"\nidle_timeout = \"60s\"".into(),
+        ..Default::default()
+    });
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let mut silent = keyvault_tests::tls_connect_h2(&s.addr, &s.server_ca_file).await;
+    silent.write_all(&[PREFACE, &settings].concat()).await.unwrap();
+    let opened = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("a silent HTTP/2 connection is still open after 20 s"),
+        }
+    }
+    assert!(opened.elapsed() >= Duration::from_millis(900), "closed before the header timeout");
+    // A client that was served is served again after a quiet spell longer than the
+    // header timeout.
+    let c = s.client();
+    assert_eq!(c.send("GET", "sys/health", None, None).await.status, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.send("GET", "sys/health", None, None).await.status, 200);
+}
+
 /// One HTTP/1.1 reply read off a raw connection (its head and `Content-Length` bytes).
 async fn read_reply(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     use tokio::io::AsyncReadExt;

@@ -3,7 +3,8 @@
 //!
 //! Everything a client controls is bounded in time and number (docs/threat-model.md):
 //! the TLS handshake, reading request headers (HTTP/1.1: from the connection's start for
-//! its first request, from the first byte of each later one), an idle connection (no
+//! its first request, from the first byte of each later one; HTTP/2: its first request,
+//! from the connection's start), an idle connection (no
 //! request in flight and no bytes moving, both protocols), and reading a body (in the
 //! extractor: `listener.body_timeout`); connections in all and per source address (an
 //! IPv6 address by its /64). A connection over a limit is closed at once, before its handshake. Accept
@@ -183,11 +184,21 @@ struct Clock {
     /// header timeout instead of the idle timeout, without a reply, racing clients that
     /// were about to reuse them.
     head: AtomicU64,
+    /// Whether a request has reached the service: an HTTP/2 connection that sends none
+    /// within the header timeout is closed (it would hold a connection slot for the whole
+    /// idle timeout otherwise, a connection cap filled by handshakes alone).
+    served: std::sync::atomic::AtomicBool,
 }
 
 impl Clock {
     fn new(http1: bool) -> Clock {
-        Clock { started: Instant::now(), bytes_are_activity: http1, last: AtomicU64::new(0), head: AtomicU64::new(0) }
+        Clock {
+            started: Instant::now(),
+            bytes_are_activity: http1,
+            last: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            served: Default::default(),
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -255,6 +266,7 @@ impl InFlight {
     fn new(counter: &Arc<AtomicUsize>, clock: &Arc<Clock>) -> Self {
         counter.fetch_add(1, Ordering::SeqCst);
         clock.head.store(0, Ordering::SeqCst);
+        clock.served.store(true, Ordering::SeqCst);
         clock.touch();
         InFlight(counter.clone(), clock.clone())
     }
@@ -400,6 +412,11 @@ pub async fn serve(
                                     None
                                 } else if http1 && head != 0 && head_ms >= limits.header_timeout.as_millis() as u64 {
                                     Some("closing a connection whose request headers did not arrive in time")
+                                } else if !http1
+                                    && !clock.served.load(Ordering::SeqCst)
+                                    && now >= limits.header_timeout.as_millis() as u64
+                                {
+                                    Some("closing an HTTP/2 connection that sent no request in time")
                                 } else if idle_ms >= limits.idle_timeout.as_millis() as u64 {
                                     Some("closing an idle connection")
                                 } else {
