@@ -97,10 +97,15 @@ impl TestCa {
 
     /// A CRL (PEM) revoking the given serial numbers.
     pub fn crl(&self, revoked: &[u64]) -> String {
+        self.crl_until(revoked, OffsetDateTime::now_utc() + Duration::days(7))
+    }
+
+    /// A CRL (PEM) revoking the given serial numbers, whose nextUpdate is `next_update`.
+    pub fn crl_until(&self, revoked: &[u64], next_update: OffsetDateTime) -> String {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(7),
+            this_update: (now - Duration::minutes(5)).min(next_update - Duration::days(1)),
+            next_update,
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
             revoked_certs: revoked

@@ -103,6 +103,7 @@ impl TestServer {
         let token_for_later = token.clone();
         let pin_file = d.join("hsm-pin");
         std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
+        std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let server_ca = TestCa::new("test server CA");
         let server = server_ca.leaf("localhost", &["localhost", "127.0.0.1"], 1, true);
         let (server_ca_file, cert_file, key_file) =

@@ -417,6 +417,25 @@ async fn an_open_connection_is_refused_once_its_certificate_expires() {
     assert!(s.log_text().contains("request on a connection whose certificate has expired"), "the reason is logged");
 }
 
+/// A CRL past its nextUpdate is still used (its revoked certificates are refused, the
+/// others accepted: refusing every client because a publisher is late would stop the
+/// fleet), and the server log says it is stale, naming the file.
+#[tokio::test]
+async fn a_stale_crl_is_used_and_reported() {
+    let ca = TestCa::new("client CA");
+    let (good, revoked) = (ca.leaf("unit-a", &[], 10, false), ca.leaf("unit-b", &[], 11, false));
+    let stale = ca.crl_until(&[11], time::OffsetDateTime::now_utc() - time::Duration::days(1));
+    let s = TestServer::start(ServerOptions {
+        client_auth: "optional",
+        client_ca_pem: Some(ca.pem()),
+        crl_pem: Some(stale),
+        ..Default::default()
+    });
+    assert_eq!(s.client_with(&good).send("GET", "sys/health", None, None).await.status, 200);
+    assert!(s.client_with(&revoked).try_send("GET", "sys/health", None, None).await.is_err(), "revoked: refused");
+    assert!(s.log_text().contains("a CRL is past its nextUpdate"), "{}", s.log_text());
+}
+
 #[tokio::test]
 async fn a_crl_change_takes_effect_on_sighup_for_new_and_open_connections() {
     let ca = TestCa::new("client CA");

@@ -33,6 +33,7 @@ fn install() -> Install {
     let token = testing::token_config();
     let pin_file = dir.join("hsm-pin");
     std::fs::write(&pin_file, token.pin.expose_secret()).unwrap();
+    std::fs::set_permissions(&pin_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let ca = TestCa::new("KeyVault test CA");
     let server = ca.leaf("localhost", &["localhost", "127.0.0.1"], 1, true);
     let pki = Pki {

@@ -147,6 +147,18 @@ impl RevokedCerts {
                 let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
                     .map_err(|e| Error::Config(format!("CRL in {}: {e}", f.display())))?;
                 let issuer = crl.issuer().as_raw().to_vec();
+                // A CRL past its nextUpdate may miss revocations made since: it is still
+                // used (refusing every client because the publisher is late would stop the
+                // fleet), and the operator is told at every load.
+                if let Some(next) = crl.next_update()
+                    && next.timestamp() < crate::unix_now() as i64
+                {
+                    tracing::warn!(
+                        file = %f.display(),
+                        next_update = %next,
+                        "a CRL is past its nextUpdate: certificates revoked since it was issued are not refused; publish a fresh one and reload (SIGHUP)"
+                    );
+                }
                 for r in crl.iter_revoked_certificates() {
                     set.insert((issuer.clone(), r.raw_serial().to_vec()));
                 }
