@@ -57,11 +57,11 @@ pub struct GatewayConfig {
     pub max_batch: usize,
     /// Batches in flight at once.
     pub max_in_flight: usize,
-    /// The memory the checks under way may hold at once, in bytes (default 64 MiB): each
-    /// takes room for its body, its base64 and its JSON (7/3 of the body) before it reads
-    /// the body (by its `Content-Length`; a body of unknown length takes room as it
-    /// arrives), and a check that finds no room is answered 503 (`verifier_busy`) at once
-    /// instead of waiting. A flood of large bodies is refused, not buffered.
+    /// The memory the checks under way may hold at once, in bytes (default 64 MiB, and at
+    /// least what one body of `max_body` needs): each takes room for its body, its base64
+    /// and its JSON (7/3 of the body) as the body arrives, and a check that finds no room
+    /// is answered 503 (`verifier_busy`) at once instead of waiting. A flood of large
+    /// bodies is refused, not buffered.
     pub max_pending_bytes: usize,
 }
 
@@ -291,7 +291,7 @@ impl VerifyLayer {
         VerifyLayer {
             verifier: Arc::new(Verifier::new(client, &config)),
             max_body: config.max_body,
-            budget: Budget::new(config.max_pending_bytes),
+            budget: Budget::new(config.max_pending_bytes.max(Budget::kib_for(config.max_body).saturating_mul(1024))),
         }
     }
 }
@@ -371,22 +371,22 @@ where
             if identity.is_none() || cert.is_none() || timestamp.is_none() || nonce.is_none() || signature.is_none() {
                 return Ok(refuse(400, "malformed_request"));
             }
-            // Then room for the check, before the body is read: by the length the body
-            // declares (at most `max_body`), or, for a body of unknown length, room that
-            // grows as it arrives. No room: 503 at once.
+            // Then room for the check, taken as the body arrives (never for bytes a client
+            // only declares: an idle connection with a large `Content-Length` holds
+            // nothing), up to the length it declares or `max_body`. No room: 503 at once.
             let declared =
                 h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-            let (limit, first) = match declared {
+            let limit = match declared {
                 Some(n) if n > max_body as u64 => return Ok(refuse(413, "body_too_large")),
-                Some(n) => (n as usize, n as usize),
-                None => (max_body, 0),
+                Some(n) => n as usize,
+                None => max_body,
             };
             let busy = || {
                 tracing::debug!("gateway checks under way hold max_pending_bytes: refusing the request");
                 refuse(503, "verifier_busy")
             };
-            let Some(mut room) = budget.take(first) else { return Ok(busy()) };
-            let bytes = match read_body(body, limit, &budget, &mut room, first).await {
+            let Some(mut room) = budget.take(0) else { return Ok(busy()) };
+            let bytes = match read_body(body, limit, &budget, &mut room, 0).await {
                 Read::Whole(b) => b,
                 Read::TooLarge => return Ok(refuse(413, "body_too_large")),
                 Read::NoRoom => return Ok(busy()),

@@ -152,7 +152,9 @@ impl Pattern {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        Ok(Pattern { raw: raw.to_owned(), parts, glob })
+        // `raw` is the path as matched (the leading `/` dropped): rules are merged and ranked
+        // by it, so `/secret/*` and `secret/*` are one rule, as in Vault.
+        Ok(Pattern { raw: path.to_owned(), parts, glob })
     }
 
     pub fn matches(&self, path: &str) -> bool {
@@ -715,7 +717,21 @@ mod tests {
         )
         .unwrap()]);
         assert!(!json.allows("secret/admin/db", Capability::Read), "the JSON form too");
-        assert_eq!(Pattern::parse("/a/b").unwrap(), Pattern { raw: "/a/b".into(), ..Pattern::parse("a/b").unwrap() });
+        assert_eq!(Pattern::parse("/a/b").unwrap(), Pattern::parse("a/b").unwrap());
+        // One rule with the other spelling: merged, not ranked apart. A grant written with the
+        // `/` does not outrank a deny written without it (nor the other way), in one policy
+        // or across two.
+        let deny = "path \"secret/admin/*\" { capabilities = [\"deny\"] }";
+        let read = "path \"/secret/admin/*\" { capabilities = [\"read\"] }";
+        let one = Acl::from_policies([&Policy::parse("p", &format!("{deny}\n{read}")).unwrap()]);
+        assert!(!one.allows("secret/admin/db", Capability::Read));
+        let (a, b) = (Policy::parse("a", deny).unwrap(), Policy::parse("b", read).unwrap());
+        assert!(!Acl::from_policies([&a, &b]).allows("secret/admin/db", Capability::Read));
+        let slash_deny = "path \"/secret/admin/*\" { capabilities = [\"deny\"] }";
+        let plain_read = "path \"secret/admin/*\" { capabilities = [\"read\"] }";
+        let (a, b) = (Policy::parse("a", slash_deny).unwrap(), Policy::parse("b", plain_read).unwrap());
+        assert!(!Acl::from_policies([&a, &b]).allows("secret/admin/db", Capability::Read));
+        assert!(acl.grants_under("kv/"), "a grant written with the slash counts for the mount listing");
     }
 
     /// A grant of everything under a prefix: a covering `*` rule, and nothing narrower
