@@ -263,6 +263,11 @@ pub struct SecretId {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CertRole {
+    /// Vault's `certificate` (PEM): a CA certificate that must have issued the client
+    /// certificate itself (its issuer name is the CA's subject), or a certificate that is
+    /// not a CA, which the client certificate must be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
     /// SHA-256 fingerprints of accepted certificates (hex; `:` separators allowed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificate_sha256: Vec<String>,

@@ -225,11 +225,9 @@ async fn every_credential_on_every_connection() {
     ok(none.post("auth/cert/role/empty", Some(&root), json!({"token_policies": ["x"]})).await, 400);
     ok(none.post("auth/cert/role/badpin", Some(&root), json!({"certificate_sha256": ["abc"]})).await, 400);
     // A Vault restriction KeyVault does not enforce is refused, not dropped with a warning
-    // (the role would accept whom its author meant to shut out): a role's own CA, CIDR
-    // bounds, a use count. The values tools send for "unset" pass, with a warning.
-    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+    // (the role would accept whom its author meant to shut out): organizational units,
+    // CIDR bounds, a use count. The values tools send for "unset" pass, with a warning.
     for (field, value) in [
-        ("certificate", json!(pem)),
         ("allowed_organizational_units", json!(["eng"])),
         ("token_bound_cidrs", json!(["10.0.0.0/8"])),
         ("token_bound_cidrs", json!("10.0.0.0/8")),
@@ -243,13 +241,29 @@ async fn every_credential_on_every_connection() {
         assert!(r.body["errors"][0].as_str().unwrap().contains(field), "{r:?}");
     }
     ok(none.get("auth/cert/role/restricted", &root).await, 404);
-    for (field, unset) in [("certificate", json!("")), ("token_bound_cidrs", json!([])), ("token_num_uses", json!(0))] {
+    for (field, unset) in
+        [("ocsp_enabled", json!(false)), ("token_bound_cidrs", json!([])), ("token_num_uses", json!(0))]
+    {
         let mut body = json!({"allowed_common_names": ["unit-a"]});
         body[field] = unset;
         let r = ok(none.post("auth/cert/certs/unset", Some(&root), body).await, 200);
         assert!(r.body["warnings"][0].as_str().unwrap().contains(field), "{r:?}");
     }
     ok(none.send("DELETE", "auth/cert/role/unset", Some(&root), None).await, 204);
+    // The CLI's text for "unset" passes too.
+    for unset in ["false", "0", "0s", " FALSE "] {
+        let body = json!({"allowed_common_names": ["unit-a"], "ocsp_enabled": unset, "token_num_uses": unset});
+        ok(none.post("auth/cert/certs/unset", Some(&root), body).await, 200);
+    }
+    ok(none.send("DELETE", "auth/cert/role/unset", Some(&root), None).await, 204);
+    // Vault's older names of the token TTLs, and a secret id's own bounds.
+    ok(none.post("auth/approle/role/old-ttl", Some(&root), json!({"ttl": "1m"})).await, 400);
+    ok(none.post("auth/approle/role/limited", Some(&root), json!({})).await, 204);
+    for body in [json!({"num_uses": 1}), json!({"ttl": "60s"}), json!({"cidr_list": "10.0.0.0/8"})] {
+        let r = none.post("auth/approle/role/limited/secret-id", Some(&root), body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {r:?}");
+    }
+    ok(none.post("auth/approle/role/limited/secret-id", Some(&root), json!({"num_uses": 0, "ttl": ""})).await, 200);
     for (path, body) in [
         ("auth/approle/role/cidr", json!({"secret_id_bound_cidrs": ["10.0.0.0/8"]})),
         ("auth/userpass/users/cidr", json!({"password": "a long passphrase", "token_bound_cidrs": ["10.0.0.0/8"]})),
@@ -434,6 +448,43 @@ async fn a_stale_crl_is_used_and_reported() {
     assert_eq!(s.client_with(&good).send("GET", "sys/health", None, None).await.status, 200);
     assert!(s.client_with(&revoked).try_send("GET", "sys/health", None, None).await.is_err(), "revoked: refused");
     assert!(s.log_text().contains("a CRL is past its nextUpdate"), "{}", s.log_text());
+}
+
+/// Vault's `certificate` on a cert role: with two CAs trusted by the listener, a role
+/// whose `certificate` is one CA accepts that CA's certificates with its names, not the
+/// other CA's with the same names (before, the field was dropped with a warning and both
+/// logged in); a role whose `certificate` is a leaf accepts that leaf only. A PEM that is
+/// not a certificate is refused.
+#[tokio::test]
+async fn a_cert_role_with_a_certificate_accepts_only_what_that_ca_issued() {
+    let (internal, partner) = (TestCa::new("internal CA"), TestCa::new("partner CA"));
+    let ours = internal.leaf("web", &[], 50, false);
+    let theirs = partner.leaf("web", &[], 51, false);
+    let other_of_ours = internal.leaf("web", &[], 52, false);
+    let s = TestServer::start(ServerOptions {
+        client_auth: "optional",
+        client_ca_pem: Some(format!("{}\n{}", internal.pem(), partner.pem())),
+        ..Default::default()
+    });
+    let (c, root) = (s.client(), s.root.clone());
+    let role = json!({"certificate": internal.pem(), "allowed_common_names": ["web"], "token_policies": ["default"]});
+    ok(c.post("auth/cert/certs/web", Some(&root), role).await, 204);
+    let shown = ok(c.get("auth/cert/certs/web", &root).await, 200);
+    assert_eq!(shown.body["data"]["certificate"].as_str().unwrap(), internal.pem().trim());
+    let login = |id: &Issued| {
+        let c = s.client_with(id);
+        async move { c.post("auth/cert/login", None, json!({"name": "web"})).await.status }
+    };
+    assert_eq!(login(&ours).await, 200);
+    assert_eq!(login(&other_of_ours).await, 200);
+    assert_eq!(login(&theirs).await, 401, "the partner CA's `web` is not the role's");
+    // A leaf as `certificate`: that certificate only.
+    let pinned = json!({"certificate": ours.cert_pem, "token_policies": ["default"]});
+    ok(c.post("auth/cert/certs/web", Some(&root), pinned).await, 204);
+    assert_eq!(login(&ours).await, 200);
+    assert_eq!(login(&other_of_ours).await, 401);
+    let bad = json!({"certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"});
+    ok(c.post("auth/cert/certs/bad", Some(&root), bad).await, 400);
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! TLS certificate auth, its domain part (the engine is `engines/auth/cert.rs`): a role names the client certificates it accepts, by SHA-256
-//! fingerprint pin, subject CN, DNS SAN or URI SAN (SPIFFE IDs included). The certificate
+//! fingerprint pin, subject CN, DNS SAN or URI SAN (SPIFFE IDs included), and the CA that
+//! must have issued them (Vault's `certificate`). The certificate
 //! itself was verified by the TLS handshake (chain to the client CA bundle, validity,
 //! CRLs); this method decides which role it is.
 //!
@@ -30,17 +31,48 @@ pub fn normalize_fingerprint(fp: &str) -> Result<String> {
     }
 }
 
-/// Check a role's constraints: fingerprints normalized, at least one category set.
+/// What a role's `certificate` (Vault's field) requires of a client certificate.
+#[derive(Debug, PartialEq, Eq)]
+enum Anchor {
+    /// Issued by this CA: the client certificate's issuer name (DER) is its subject.
+    /// (The handshake verified the chain to a CA of the listener's bundle; of those, the
+    /// one with this name.)
+    IssuedBy(Vec<u8>),
+    /// A certificate that is not a CA: the client certificate must be this one (SHA-256).
+    Exactly(String),
+}
+
+fn anchor(pem: &str) -> Result<Anchor> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let bad = |why: &str| Error::invalid(format!("certificate: {why}"));
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| bad("not a PEM certificate"))?;
+    let (_, x) = X509Certificate::from_der(der.as_ref()).map_err(|_| bad("not an X.509 certificate"))?;
+    if x.is_ca() {
+        Ok(Anchor::IssuedBy(x.subject().as_raw().to_vec()))
+    } else {
+        Ok(Anchor::Exactly(ClientCert::from_der(der.as_ref()).sha256_hex))
+    }
+}
+
+/// Check a role's constraints: fingerprints normalized, `certificate` a certificate, at
+/// least one category set.
 pub fn normalize(mut role: CertRoleConfig) -> Result<CertRoleConfig> {
     role.certificate_sha256 =
         role.certificate_sha256.iter().map(|f| normalize_fingerprint(f)).collect::<Result<_>>()?;
-    let set = !role.certificate_sha256.is_empty()
+    role.certificate = role.certificate.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
+    if let Some(pem) = &role.certificate {
+        anchor(pem)?;
+    }
+    let set = role.certificate.is_some()
+        || !role.certificate_sha256.is_empty()
         || !role.allowed_common_names.is_empty()
         || !role.allowed_dns_sans.is_empty()
         || !role.allowed_uri_sans.is_empty();
     if !set {
         return Err(Error::invalid(
-            "a cert role needs at least one of certificate_sha256, allowed_common_names, allowed_dns_sans, allowed_uri_sans",
+            "a cert role needs at least one of certificate, certificate_sha256, allowed_common_names, allowed_dns_sans, allowed_uri_sans",
         ));
     }
     Ok(role)
@@ -60,7 +92,13 @@ pub fn matches(role: &CertRoleConfig, c: &ClientCert) -> bool {
     let dns = role.allowed_dns_sans.is_empty() || c.dns_sans.iter().any(|d| role.allowed_dns_sans.contains(d));
     let uri = role.allowed_uri_sans.is_empty()
         || c.uri_sans.iter().any(|u| role.allowed_uri_sans.iter().any(|p| crate::prefix_glob_matches(p, u)));
-    pin && cn && dns && uri
+    let issued = match role.certificate.as_deref().map(anchor) {
+        None => true,
+        Some(Ok(Anchor::IssuedBy(subject))) => c.issuer_der == subject,
+        Some(Ok(Anchor::Exactly(sha256))) => c.sha256_hex == sha256,
+        Some(Err(_)) => false,
+    };
+    issued && pin && cn && dns && uri
 }
 
 #[derive(Debug)]

@@ -445,6 +445,10 @@ impl Engine for AppRole {
         match req.route.pattern {
             "role/{name}/role-id" => Reply::data(&keyvault_api::auth::RoleId { role_id: self.role_id(&name).await? }),
             "role/{name}/secret-id" => {
+                super::refuse_unenforced(
+                    &crate::json::parse_body(&req.body)?,
+                    super::UNENFORCED_SECRET_ID_RESTRICTIONS,
+                )?;
                 req.data::<keyvault_api::Empty>()?;
                 // A secret id logs in as the role: making one needs what the role grants.
                 let role = self.roles.require(&name).await?;

@@ -120,10 +120,8 @@ pub async fn handle_role<R: RoleAdmin>(admin: &R, req: &mut Request) -> Result<R
 /// does not enforce. Given a value that would restrict (anything but `null`, `""`, `[]`,
 /// `{}`, `false` or `0`, the values tools send for "unset"), a role write is refused
 /// (400): a field that only warned would leave the role open to whom its author meant to
-/// shut out (a `certificate` naming the one CA a role trusts, among several the listener
-/// trusts; `token_bound_cidrs`; `token_num_uses`).
+/// shut out (`allowed_organizational_units`, `token_bound_cidrs`, `token_num_uses`).
 const UNENFORCED_RESTRICTIONS: &[&str] = &[
-    "certificate",
     "allowed_names",
     "allowed_email_sans",
     "allowed_organizational_units",
@@ -138,7 +136,18 @@ const UNENFORCED_RESTRICTIONS: &[&str] = &[
     "token_num_uses",
     "token_explicit_max_ttl",
     "bound_service_account_namespace_selector",
+    // Vault's older names of `token_ttl` and `token_max_ttl`: dropped, tokens would live
+    // the method's default, longer than written.
+    "ttl",
+    "max_ttl",
 ];
+
+/// The same for a secret id (`role/<name>/secret-id`): Vault's own `num_uses`, `ttl` and
+/// CIDR bounds of one secret id, which KeyVault does not take (its secret ids have the
+/// role's `secret_id_num_uses` and `secret_id_ttl`). Dropped, a "single use, one minute"
+/// secret id would have the role's, maybe unlimited, uses and lifetime.
+pub const UNENFORCED_SECRET_ID_RESTRICTIONS: &[&str] =
+    &["num_uses", "ttl", "cidr_list", "token_bound_cidrs", "metadata_restrictions"];
 
 /// Whether a JSON value says "unset" rather than restricting something.
 fn is_unset(v: &serde_json::Value) -> bool {
@@ -147,7 +156,11 @@ fn is_unset(v: &serde_json::Value) -> bool {
         Value::Null => true,
         Value::Bool(b) => !b,
         Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::String(s) => s.is_empty() || s == "0",
+        // The CLI sends `key=value` as text: `false`, `0`, `0s` are unset too.
+        Value::String(s) => {
+            let s = s.trim();
+            s.is_empty() || s.eq_ignore_ascii_case("false") || matches!(s, "0" | "0s" | "0m" | "0h")
+        }
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
     }
@@ -155,7 +168,12 @@ fn is_unset(v: &serde_json::Value) -> bool {
 
 /// 400 if `body` gives one of [`UNENFORCED_RESTRICTIONS`] a value that would restrict.
 pub fn refuse_unenforced_restrictions(body: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
-    for f in UNENFORCED_RESTRICTIONS {
+    refuse_unenforced(body, UNENFORCED_RESTRICTIONS)
+}
+
+/// 400 if `body` gives one of `fields` a value that would restrict.
+pub fn refuse_unenforced(body: &serde_json::Map<String, serde_json::Value>, fields: &[&str]) -> Result<()> {
+    for f in fields {
         if body.get(*f).is_some_and(|v| !is_unset(v)) {
             return Err(Error::invalid(format!(
                 "{f}: KeyVault does not enforce this restriction, so it cannot be given \
