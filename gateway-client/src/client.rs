@@ -99,22 +99,27 @@ impl ClientBuilder {
         Self::default()
     }
 
-    /// Settings from the environment, as Vault's tools read them: `KEYVAULT_ADDR`
-    /// (`VAULT_ADDR`), `KEYVAULT_CACERT` (`VAULT_CACERT`), `KEYVAULT_CLIENT_CERT`
-    /// (`VAULT_CLIENT_CERT`) with `KEYVAULT_CLIENT_KEY` (`VAULT_CLIENT_KEY`), and
-    /// `KEYVAULT_TOKEN` (`VAULT_TOKEN`) as [`Auth::Token`]. Later calls override them.
+    /// Settings from the environment, as Vault's tools read them: `KEYVAULT_ADDR`,
+    /// `KEYVAULT_CACERT`, `KEYVAULT_CLIENT_CERT` with `KEYVAULT_CLIENT_KEY`, and
+    /// `KEYVAULT_TOKEN` as [`Auth::Token`]; or, when `KEYVAULT_ADDR` is unset and
+    /// `VAULT_ADDR` is set, Vault's `VAULT_*` names, all of them. Never a mix: a Vault
+    /// token must not go to the KeyVault `KEYVAULT_ADDR` names, nor the other way. Later
+    /// calls override them.
     pub fn from_env() -> Self {
-        let mut b = ClientBuilder {
-            address: env(&["KEYVAULT_ADDR", "VAULT_ADDR"]),
-            ca_file: env(&["KEYVAULT_CACERT", "VAULT_CACERT"]).map(PathBuf::from),
-            ..Self::default()
-        };
-        if let (Some(c), Some(k)) =
-            (env(&["KEYVAULT_CLIENT_CERT", "VAULT_CLIENT_CERT"]), env(&["KEYVAULT_CLIENT_KEY", "VAULT_CLIENT_KEY"]))
-        {
+        Self::from_vars(|name| env(&[name]))
+    }
+
+    /// [`ClientBuilder::from_env`] with the variables read by `lookup`.
+    fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let prefix =
+            if lookup("KEYVAULT_ADDR").is_none() && lookup("VAULT_ADDR").is_some() { "VAULT_" } else { "KEYVAULT_" };
+        let var = |name: &str| lookup(&format!("{prefix}{name}"));
+        let mut b =
+            ClientBuilder { address: var("ADDR"), ca_file: var("CACERT").map(PathBuf::from), ..Self::default() };
+        if let (Some(c), Some(k)) = (var("CLIENT_CERT"), var("CLIENT_KEY")) {
             b.identity_files = Some((c.into(), k.into()));
         }
-        if let Some(t) = env(&["KEYVAULT_TOKEN", "VAULT_TOKEN"]) {
+        if let Some(t) = var("TOKEN") {
             b.auth = Some(Auth::token(t));
         }
         b
@@ -616,6 +621,11 @@ impl Client {
             Auth::Cert { mount, role } => {
                 (format!("auth/{mount}/login"), Scrubbed(serde_json::json!({ "name": role })))
             }
+            Auth::Userpass { username, .. }
+                if username.is_empty() || username.contains('/') || username == "." || username == ".." =>
+            {
+                return Err(Error::Invalid("a userpass user name is one path segment".into()));
+            }
             Auth::Userpass { mount, username, password } => (
                 format!("auth/{mount}/login/{}", keyvault_api::secret::encode_segments(username)),
                 Scrubbed(serde_json::json!({ "password": password.expose_secret() })),
@@ -805,6 +815,31 @@ async fn read_reply(mut resp: reqwest::Response, max: usize) -> std::result::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The environment is read as one family: `KEYVAULT_*`, or all of Vault's `VAULT_*`
+    /// when only `VAULT_ADDR` names the server. A token of the other family is not taken
+    /// (before, each setting fell back on its own: `KEYVAULT_ADDR` with `VAULT_TOKEN` sent
+    /// the Vault token to KeyVault).
+    #[test]
+    fn the_environment_is_read_as_one_family() {
+        let build = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            ClientBuilder::from_vars(|n| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()))
+        };
+        let b = build(&[("KEYVAULT_ADDR", "https://kv:8200"), ("VAULT_TOKEN", "hvs.vault-token")]);
+        assert_eq!(b.address.as_deref(), Some("https://kv:8200"));
+        assert!(b.auth.is_none(), "the Vault token is not taken for KeyVault");
+        let b = build(&[("VAULT_ADDR", "https://vault:8200"), ("KEYVAULT_TOKEN", "kv-token"), ("VAULT_CACERT", "ca")]);
+        assert_eq!(b.address.as_deref(), Some("https://vault:8200"));
+        assert!(b.auth.is_none(), "KeyVault's token is not sent to the server VAULT_ADDR names");
+        assert_eq!(b.ca_file.as_deref(), Some(std::path::Path::new("ca")));
+        let b = build(&[("VAULT_ADDR", "https://kv:8200"), ("VAULT_TOKEN", "t")]);
+        assert!(b.auth.is_some(), "Vault's names, all of them");
+        let b =
+            build(&[("KEYVAULT_ADDR", "https://kv:8200"), ("VAULT_ADDR", "https://vault"), ("KEYVAULT_TOKEN", "t")]);
+        assert_eq!(b.address.as_deref(), Some("https://kv:8200"));
+        assert!(b.auth.is_some());
+    }
 
     /// A token is renewed while it is still sent: before it comes within `SEND_MARGIN` of
     /// its expiry, with room for the round trip; at two thirds of a long lifetime.

@@ -187,6 +187,15 @@ impl TokenVerifier {
     /// Fetch the keys and the revocations once, then poll the feed in the background. The
     /// client's token needs `read` on `auth/revocations`.
     pub async fn new(client: Client, config: OfflineConfig) -> Result<Arc<Self>> {
+        if let (Some(every), Some(max)) = (config.revocation_poll, config.max_revocation_age)
+            && every >= max
+        {
+            return Err(Error::Config(format!(
+                "revocation_poll ({} ms) must be shorter than max_revocation_age ({} ms): every token would be refused between polls",
+                every.as_millis(),
+                max.as_millis()
+            )));
+        }
         let v = Arc::new(TokenVerifier {
             client,
             config,

@@ -461,6 +461,16 @@ async fn every_version_moves_where_both_sides_keep_versions() {
     );
     assert_eq!(upstream(&["-version=4", "mig/a"]), "a4");
 
+    // A name with characters a URL reads as syntax (a space, `?`, an encoded dot) moves
+    // as that name (before, migrate put names into paths as they were: `?` began a query).
+    ok(c.put("kv/data/mig/we%20ird%3F%252e", &root, json!({ "data": { "v": "odd" } })).await, 200);
+    assert_eq!(
+        migrate(&s, "kv", "legacy", &["--all-versions"]),
+        "copied 1 secrets (1 versions) from kv to legacy; 3 already equal"
+    );
+    let r = ok(c.get("legacy/mig/we%20ird%3F%252e", &root).await, 200);
+    assert_eq!(r.body["data"]["v"], "odd");
+
     // A history of its own upstream is not overwritten.
     bao.ok(&["kv", "put", "-mount=kv", "mig/c", "v=changed-upstream"]);
     let conflict = try_migrate(&s, "kv", "legacy", &["--all-versions"]).unwrap_err();

@@ -33,13 +33,20 @@ struct Mount {
     numbered: bool,
 }
 
+fn enc(names: &str) -> String {
+    keyvault_api::secret::encode_segments(names)
+}
+
 impl Mount {
     fn list_path(&self, prefix: &str) -> String {
-        let p = if prefix.is_empty() { String::new() } else { format!("{}/", prefix.trim_end_matches('/')) };
+        // Names as names: each segment percent-encoded (a secret named `%2e%2e` or `a?b`
+        // is that secret, not another path or a query).
+        let p = if prefix.is_empty() { String::new() } else { format!("{}/", enc(prefix.trim_end_matches('/'))) };
         if self.v2 { format!("{}/metadata/{p}", self.path) } else { format!("{}/{p}", self.path) }
     }
 
     fn data_path(&self, name: &str) -> String {
+        let name = enc(name);
         if self.v2 { format!("{}/data/{name}", self.path) } else { format!("{}/{name}", self.path) }
     }
 
@@ -108,7 +115,7 @@ async fn latest(c: &Client, m: &Mount, name: &str) -> Result<Option<Value>> {
 /// KV version 2's metadata, or 1 to the latest by `?version=N` on a proxied mount.
 async fn history(c: &Client, m: &Mount, name: &str) -> Result<Vec<Value>> {
     let numbers: Vec<u64> = if m.v2 {
-        let Some(v) = fetch(c, "GET", &format!("{}/metadata/{name}", m.path), None).await? else {
+        let Some(v) = fetch(c, "GET", &format!("{}/metadata/{}", m.path, enc(name)), None).await? else {
             return Ok(Vec::new());
         };
         let mut n: Vec<u64> = v["data"]["versions"]

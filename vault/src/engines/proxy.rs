@@ -210,8 +210,10 @@ impl Engine for Proxy {
                 // the upstream keeps versions; an upstream offers no "create only if absent"
                 // this mount could use. Anything else is refused, before it is sent: a
                 // create-only caller must not overwrite a secret made meanwhile, nor an
-                // update-only one bring back one deleted meanwhile (docs/api.md, "Proxied
-                // mounts").
+                // update-only one make one whose metadata was deleted meanwhile. (A KV
+                // version 2 secret whose latest version was only soft-deleted keeps its
+                // version number and exists for the check-and-set, as it does for Vault's
+                // own existence check: writing it is an update.)
                 match (req.must_exist, expected) {
                     (None, _) | (Some(true), Some(_)) => {}
                     (Some(exists), _) => {
