@@ -119,6 +119,17 @@ impl World {
     }
 
     /// An AppRole role `name` with `body`, and a client logged in as it.
+    /// A token of the `app` role from a client without a certificate (not bound to one).
+    async fn unbound_app_token(&self) -> String {
+        let app = Client::builder()
+            .address(&self.s.addr)
+            .ca_file(&self.s.server_ca_file)
+            .auth(Auth::approle_file(&self.role_id, self.secret_id_file.path()))
+            .build()
+            .unwrap();
+        app.token().await.unwrap().expose_secret().to_owned()
+    }
+
     async fn role_client(&self, name: &str, body: serde_json::Value) -> Client {
         let c = self.s.client();
         ok(c.post(&format!("auth/approle/role/{name}"), Some(&self.root), body).await, 204);
@@ -835,14 +846,7 @@ async fn tokens_verify_offline_with_attributes_until_revoked() {
     };
     let client_for_config = w.role_client("feed-2", json!({"token_policies": ["feed"]})).await;
     assert!(matches!(TokenVerifier::new(client_for_config, slow).await, Err(Error::Config(_))));
-    // No client certificate: an unbound token.
-    let app = Client::builder()
-        .address(&w.s.addr)
-        .ca_file(&w.s.server_ca_file)
-        .auth(Auth::approle_file(&w.role_id, w.secret_id_file.path()))
-        .build()
-        .unwrap();
-    let app_token = app.token().await.unwrap().expose_secret().to_owned();
+    let app_token = w.unbound_app_token().await;
     let v = polled.verify(&app_token, None).await.unwrap();
     assert!(v.attributes.is_empty() && v.bound_certificate_sha256.is_none());
     let accessor = v.accessor.clone();
@@ -1006,14 +1010,7 @@ async fn an_offline_verifier_cut_off_from_the_feed_fails_closed() {
     )
     .await
     .unwrap();
-    // No client certificate: an unbound token.
-    let app = Client::builder()
-        .address(&w.s.addr)
-        .ca_file(&w.s.server_ca_file)
-        .auth(Auth::approle_file(&w.role_id, w.secret_id_file.path()))
-        .build()
-        .unwrap();
-    let app_token = app.token().await.unwrap().expose_secret().to_owned();
+    let app_token = w.unbound_app_token().await;
     verifier.verify(&app_token, None).await.unwrap();
 
     // The feed refused: accepted while the list is young, refused once it is too old.
