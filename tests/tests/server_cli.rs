@@ -147,6 +147,18 @@ fn clear_errors_for_operator_mistakes() {
 
     // Initializing twice is refused.
     fails_with(&["operator", "init", "--config", cfg_s], "already initialized");
+
+    // Credentials never on the command line (other users read it in /proc): a dev
+    // PostgreSQL URL with a password is refused before anything is made, without repeating
+    // it; the bench takes a secret id from a file only.
+    let dev_dir = i.dir.join("dev-refused");
+    let url = "postgres://keyvault:hunter2-on-argv@localhost/postgres";
+    fails_with(&["dev", "--data-dir", dev_dir.to_str().unwrap(), "--postgres", url], "holds a password");
+    assert!(!String::from_utf8_lossy(&keyvault(&["dev", "--postgres", url]).stderr).contains("hunter2-on-argv"));
+    assert!(!dev_dir.exists(), "nothing was made");
+    let out = keyvault(&["bench", "--secret-id", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--secret-id-file"), "clap suggests the file option");
 }
 
 #[tokio::test]

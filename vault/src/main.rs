@@ -257,8 +257,10 @@ struct BenchArgs {
     role: String,
     #[arg(long)]
     role_id: Option<String>,
+    /// A file holding the AppRole secret id for `approle-login` (a secret id never goes on
+    /// the command line, where other users can read it; `--setup` makes one).
     #[arg(long)]
-    secret_id: Option<String>,
+    secret_id_file: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     connections: usize,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -314,8 +316,8 @@ fn main() -> ExitCode {
     // `keyvault dev` runs SoftHSM from its own data directory. SoftHSM reads its
     // configuration path from SOFTHSM2_CONF when the module loads; rather than mutating
     // the environment of a running process, re-execute with the variable set.
-    if let Command::Dev { data_dir, .. } = &cli.command
-        && let Err(e) = ensure_softhsm_env(data_dir)
+    if let Command::Dev { data_dir, postgres, .. } = &cli.command
+        && let Err(e) = refuse_password_on_argv(postgres.as_deref()).and_then(|()| ensure_softhsm_env(data_dir))
     {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
@@ -342,6 +344,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A password in `--postgres`'s URL is on the command line, which every local user can
+/// read (`/proc/<pid>/cmdline`): refused before anything is made (the message does not
+/// repeat the URL).
+fn refuse_password_on_argv(postgres: Option<&str>) -> anyhow::Result<()> {
+    if postgres.is_some_and(|url| url.parse::<tokio_postgres::Config>().is_ok_and(|c| c.get_password().is_some())) {
+        anyhow::bail!(
+            "--postgres: the URL holds a password, which other users can read on the command line; \
+             use a socket or trust/peer authentication, or a configuration file with storage.password_file"
+        );
+    }
+    Ok(())
 }
 
 fn ensure_softhsm_env(data_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -622,7 +637,15 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         path: a.path,
         role: a.role,
         role_id: a.role_id,
-        secret_id: a.secret_id,
+        secret_id: match &a.secret_id_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("--secret-id-file {}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        },
         connections: a.connections,
         duration: a.duration,
         warmup: a.warmup,
