@@ -19,7 +19,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -29,6 +28,8 @@ use zeroize::Zeroizing;
 
 use crate::http::transport_error;
 use crate::{BackendError, Capabilities, SecretBackend, SecretData, SecretValue, Version};
+// Each segment percent-encoded (every byte but letters, digits and `-._~`).
+use keyvault_api::secret::encode_segments as encode_path;
 
 /// `[[mounts]] type = "hashicorp"`, `[mounts.options]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -72,13 +73,6 @@ pub enum AuthConfig {
 
 fn default_approle_mount() -> String {
     "approle".into()
-}
-
-/// Every byte but letters, digits and `-._~` is percent-encoded in a path segment.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
-
-fn encode_path(path: &str) -> String {
-    path.split('/').map(|s| utf8_percent_encode(s, SEGMENT).to_string()).collect::<Vec<_>>().join("/")
 }
 
 /// The upstream token and when to renew it.
