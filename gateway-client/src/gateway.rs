@@ -216,67 +216,48 @@ impl Budget {
         (body.saturating_mul(7) / 3 / 1024).saturating_add(1)
     }
 
-    /// Room for a check of a body of at most `body` bytes. `None`: not now.
-    fn take(&self, body: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.0.clone().try_acquire_many_owned(u32::try_from(Self::kib_for(body)).unwrap_or(u32::MAX)).ok()
-    }
-
-    /// Grow `room` (held for a body of `held` bytes) to a body of `body` bytes. `false`:
-    /// no room now.
-    fn grow(&self, room: &mut tokio::sync::OwnedSemaphorePermit, held: usize, body: usize) -> bool {
-        let more = Self::kib_for(body).saturating_sub(Self::kib_for(held));
-        if more == 0 {
-            return true;
-        }
-        match self.0.clone().try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX)) {
-            Ok(p) => {
-                room.merge(p);
-                true
-            }
-            Err(_) => false,
-        }
+    /// `kib` more KiB of room. `None`: not now.
+    fn take(&self, kib: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX)).ok()
     }
 }
 
-/// How a body read under a [`Budget`] ended.
-enum Read {
-    Whole(Bytes),
+/// Why a body read under a [`Budget`] stopped short.
+enum Unread {
     TooLarge,
     NoRoom,
     Malformed,
 }
 
-/// Read `body` frame by frame, at most `limit` bytes, growing `room` (held for `held`
-/// bytes) as the body grows: a body of unknown length takes room as it arrives, not the
-/// most it could need.
+/// Read `body` frame by frame, at most `limit` bytes, taking room in `budget` as it
+/// arrives (never for bytes only declared); the body and the room it holds.
 async fn read_body<B>(
     body: B,
     limit: usize,
     budget: &Budget,
-    room: &mut tokio::sync::OwnedSemaphorePermit,
-    mut held: usize,
-) -> Read
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Unread>
 where
     B: http_body::Body<Data = Bytes>,
 {
+    let mut held = Budget::kib_for(0);
+    let mut room = budget.take(held).ok_or(Unread::NoRoom)?;
     let mut body = std::pin::pin!(body);
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return Read::Malformed };
+        let Ok(frame) = frame else { return Err(Unread::Malformed) };
         let Ok(data) = frame.into_data() else { continue };
         let len = buf.len() + data.len();
         if len > limit {
-            return Read::TooLarge;
+            return Err(Unread::TooLarge);
         }
-        if len > held {
-            if !budget.grow(room, held, len) {
-                return Read::NoRoom;
-            }
-            held = len;
+        let needed = Budget::kib_for(len);
+        if needed > held {
+            room.merge(budget.take(needed - held).ok_or(Unread::NoRoom)?);
+            held = needed;
         }
         buf.extend_from_slice(&data);
     }
-    Read::Whole(buf.freeze())
+    Ok((buf.freeze(), room))
 }
 
 impl fmt::Debug for VerifyLayer {
@@ -381,16 +362,14 @@ where
                 Some(n) => n as usize,
                 None => max_body,
             };
-            let busy = || {
-                tracing::debug!("gateway checks under way hold max_pending_bytes: refusing the request");
-                refuse(503, "verifier_busy")
-            };
-            let Some(mut room) = budget.take(0) else { return Ok(busy()) };
-            let bytes = match read_body(body, limit, &budget, &mut room, 0).await {
-                Read::Whole(b) => b,
-                Read::TooLarge => return Ok(refuse(413, "body_too_large")),
-                Read::NoRoom => return Ok(busy()),
-                Read::Malformed => return Ok(refuse(400, "malformed_request")),
+            let (bytes, room) = match read_body(body, limit, &budget).await {
+                Ok(read) => read,
+                Err(Unread::TooLarge) => return Ok(refuse(413, "body_too_large")),
+                Err(Unread::NoRoom) => {
+                    tracing::debug!("gateway checks under way hold max_pending_bytes: refusing the request");
+                    return Ok(refuse(503, "verifier_busy"));
+                }
+                Err(Unread::Malformed) => return Ok(refuse(400, "malformed_request")),
             };
             let item = VerifyItem {
                 identity: identity.clone(),
