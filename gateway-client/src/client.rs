@@ -93,6 +93,22 @@ fn env(names: &[&str]) -> Option<String> {
     names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
 
+/// The prefix of the one family of environment variables a client reads: `VAULT_` when
+/// no address is given otherwise (`address_given`), `KEYVAULT_ADDR` is unset and
+/// `VAULT_ADDR` is set; else `KEYVAULT_`. Never a mix: a Vault token must not go to the
+/// KeyVault `KEYVAULT_ADDR` names, nor the other way.
+pub fn env_prefix(address_given: bool) -> &'static str {
+    env_family(&|name: &str| env(&[name]), address_given)
+}
+
+fn env_family(lookup: &impl Fn(&str) -> Option<String>, address_given: bool) -> &'static str {
+    if !address_given && lookup("KEYVAULT_ADDR").is_none() && lookup("VAULT_ADDR").is_some() {
+        "VAULT_"
+    } else {
+        "KEYVAULT_"
+    }
+}
+
 impl ClientBuilder {
     /// A builder with nothing set (see [`ClientBuilder::from_env`]).
     pub fn new() -> Self {
@@ -111,8 +127,7 @@ impl ClientBuilder {
 
     /// [`ClientBuilder::from_env`] with the variables read by `lookup`.
     fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Self {
-        let prefix =
-            if lookup("KEYVAULT_ADDR").is_none() && lookup("VAULT_ADDR").is_some() { "VAULT_" } else { "KEYVAULT_" };
+        let prefix = env_family(&lookup, false);
         let var = |name: &str| lookup(&format!("{prefix}{name}"));
         let mut b =
             ClientBuilder { address: var("ADDR"), ca_file: var("CACERT").map(PathBuf::from), ..Self::default() };

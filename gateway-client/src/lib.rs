@@ -44,6 +44,6 @@ pub mod producer;
 pub mod transit;
 
 pub use auth::{Auth, SecretIdSource};
-pub use client::{Client, ClientBuilder, DEFAULT_MAX_REPLY_BYTES, RetryPolicy};
+pub use client::{Client, ClientBuilder, DEFAULT_MAX_REPLY_BYTES, RetryPolicy, env_prefix};
 pub use error::{Error, Result};
 pub use secrecy::{ExposeSecret, SecretString};

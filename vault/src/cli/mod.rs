@@ -93,19 +93,23 @@ pub enum EnvFamily {
 }
 
 impl EnvFamily {
-    fn var(self, name: &str) -> Option<String> {
-        let prefix = match self {
+    fn prefix(self) -> &'static str {
+        match self {
             EnvFamily::KeyVault => "KEYVAULT_",
             EnvFamily::Vault => "VAULT_",
-        };
-        env(&[&format!("{prefix}{name}")])
+        }
+    }
+
+    fn var(self, name: &str) -> Option<String> {
+        env(&[&format!("{}{name}", self.prefix())])
     }
 }
 
 impl EndpointArgs {
     /// The family of variables these arguments read (see [`EndpointArgs`]).
+    /// The Rust client's rule ([`keyvault_client::env_prefix`]), so the two never disagree.
     pub fn family(&self) -> EnvFamily {
-        if self.address.is_none() && env(&["KEYVAULT_ADDR"]).is_none() && env(&["VAULT_ADDR"]).is_some() {
+        if keyvault_client::env_prefix(self.address.is_some()) == EnvFamily::Vault.prefix() {
             EnvFamily::Vault
         } else {
             EnvFamily::KeyVault
