@@ -421,15 +421,11 @@ impl Peer {
     /// 401 if the connection's client certificate has expired since the handshake, or is in
     /// the current CRLs.
     pub fn check_certificate(&self) -> Result<()> {
-        if let Some(cert) = &self.client_cert {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(i64::MAX);
-            if cert.not_after < now {
-                tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate has expired");
-                return Err(Error::Unauthenticated(AuthFailure::CertificateExpired));
-            }
+        if let Some(cert) = &self.client_cert
+            && cert.not_after < i64::try_from(crate::unix_now()).unwrap_or(i64::MAX)
+        {
+            tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate has expired");
+            return Err(Error::Unauthenticated(AuthFailure::CertificateExpired));
         }
         if let (Some(cert), Some(revoked)) = (&self.client_cert, &self.revoked)
             && revoked.load().contains(cert)
