@@ -308,6 +308,10 @@ pub const KEYRING_KEY: &str = "sys/keyring";
 pub struct SharedKeyring {
     ring: Arc<ArcSwap<Keyring>>,
     store: Arc<dyn Store>,
+    /// Taken for each read of the stored keyring that this copy then takes, so that the
+    /// copy is always the last read's: a slower caller cannot put back a keyring it read
+    /// (or committed) before a later change another caller already took.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for SharedKeyring {
@@ -319,7 +323,7 @@ impl std::fmt::Debug for SharedKeyring {
 impl SharedKeyring {
     /// The owner of a keyring read from (or just written to) `store`.
     pub fn new(ring: Keyring, store: Arc<dyn Store>) -> Self {
-        SharedKeyring { ring: Arc::new(ArcSwap::from_pointee(ring)), store }
+        SharedKeyring { ring: Arc::new(ArcSwap::from_pointee(ring)), store, turn: Default::default() }
     }
 
     /// Load the stored keyring; `None` if the installation is not initialized.
@@ -345,6 +349,7 @@ impl SharedKeyring {
     /// (the periodic sync, a record or token naming a version this copy lacks, a key
     /// another replica retired).
     pub async fn follow(&self) -> Result<bool> {
+        let _turn = self.turn.lock().await;
         let Some(fresh) = load(self.store.as_ref()).await? else { return Ok(false) };
         let current = self.ring.load_full();
         if *current == fresh {
@@ -362,8 +367,25 @@ impl SharedKeyring {
     /// Generate version N+1 of `family` and make it active (see [`add_version`]).
     pub async fn add_version(&self, keys: &Arc<dyn KeyStore>, names: &KeyNames, family: Family) -> Result<Keyring> {
         let ring = add_version(self.store.as_ref(), keys, names, family).await?;
-        self.ring.store(Arc::new(ring.clone()));
+        self.take_stored(&ring).await;
         Ok(ring)
+    }
+
+    /// Take the stored keyring after this process changed it (`committed`: the keyring its
+    /// change left). Read again, in turn with every other read this copy takes: the
+    /// keyring `committed` was read from may already have been changed again by a caller
+    /// that took its own result first, and taking `committed` would put that change back
+    /// (until the next sync). Only if the store cannot be read is `committed` taken.
+    async fn take_stored(&self, committed: &Keyring) {
+        let _turn = self.turn.lock().await;
+        match load(self.store.as_ref()).await {
+            Ok(Some(fresh)) => self.ring.store(Arc::new(fresh)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the keyring could not be read again after a change; taking the change");
+                self.ring.store(Arc::new(committed.clone()));
+            }
+        }
     }
 
     /// Retire version `v` of `family` (see [`retire_version`]): whether this call
@@ -376,7 +398,7 @@ impl SharedKeyring {
         v: KeyVersion,
     ) -> Result<bool> {
         let (ring, retired) = retire_version(self.store.as_ref(), keys, names, family, v).await?;
-        self.ring.store(Arc::new(ring));
+        self.take_stored(&ring).await;
         Ok(retired)
     }
 
@@ -390,7 +412,7 @@ impl SharedKeyring {
     ) -> Result<Vec<KeyVersion>> {
         let (ring, finished) = finish_retiring(self.store.as_ref(), keys, names, family).await?;
         if let Some(ring) = ring {
-            self.ring.store(Arc::new(ring));
+            self.take_stored(&ring).await;
         }
         Ok(finished)
     }
@@ -709,5 +731,49 @@ mod tests {
         assert!(KeyNames::new("bad prefix").is_err());
         assert!(KeyNames::new(&"p".repeat(40)).is_err());
         assert!(KeyVersion::new(0).is_none());
+    }
+
+    /// A caller that read the stored keyring before another caller's change, and takes
+    /// what it read after that change was taken, does not put the older keyring back:
+    /// neither a follow nor a finished retire (before, this process ran on the older
+    /// keyring, here token-signing version 1 as active, until the next sync).
+    #[tokio::test]
+    async fn a_slower_reader_does_not_put_back_an_older_keyring() {
+        use crate::test_support::{Keyed, PauseAt, TestStore};
+        let k = Keyed::new().await;
+        for slow_follow in [true, false] {
+            let store = Arc::new(TestStore::holding(k.store.clone(), PauseAt::Get, KEYRING_KEY));
+            let ring = SharedKeyring::new(load(store.as_ref()).await.unwrap().unwrap(), store.clone());
+            let before = ring.load().token_signing.active;
+            store.arm();
+            let slow = tokio::spawn({
+                let (ring, keys, names) = (ring.clone(), k.keys.clone(), k.names.clone());
+                async move {
+                    if slow_follow {
+                        ring.follow().await.map(|_| ())
+                    } else {
+                        ring.finish_retiring(&keys, &names, Family::Master).await.map(|_| ())
+                    }
+                }
+            });
+            store.reached.notified().await;
+            let change = tokio::spawn({
+                let (ring, keys, names) = (ring.clone(), k.keys.clone(), k.names.clone());
+                async move { ring.add_version(&keys, &names, Family::TokenSigning).await }
+            });
+            // The change commits while the slow caller holds its older read (the change
+            // may wait for the slow caller's turn to take it).
+            let committed = loop {
+                let stored = load(k.store.as_ref()).await.unwrap().unwrap();
+                if stored.token_signing.active != before {
+                    break stored.token_signing.active;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            };
+            store.go.notify_one();
+            slow.await.unwrap().unwrap();
+            change.await.unwrap().unwrap();
+            assert_eq!(ring.load().token_signing.active, committed, "slow follow: {slow_follow}");
+        }
     }
 }
