@@ -92,13 +92,15 @@ pub fn matches(role: &CertRoleConfig, c: &ClientCert) -> bool {
     let dns = role.allowed_dns_sans.is_empty() || c.dns_sans.iter().any(|d| role.allowed_dns_sans.contains(d));
     let uri = role.allowed_uri_sans.is_empty()
         || c.uri_sans.iter().any(|u| role.allowed_uri_sans.iter().any(|p| crate::prefix_glob_matches(p, u)));
-    let issued = match role.certificate.as_deref().map(anchor) {
+    // The role's `certificate` is parsed last, only for a certificate its other
+    // constraints already accept (a direct request tries every role).
+    let issued = || match role.certificate.as_deref().map(anchor) {
         None => true,
         Some(Ok(Anchor::IssuedBy(subject))) => c.issuer_der == subject,
         Some(Ok(Anchor::Exactly(sha256))) => c.sha256_hex == sha256,
         Some(Err(_)) => false,
     };
-    issued && pin && cn && dns && uri
+    pin && cn && dns && uri && issued()
 }
 
 #[derive(Debug)]
