@@ -264,15 +264,23 @@ impl Transit {
     /// concurrent creates of a new key, one makes it and the others get 409.
     pub async fn create(&self, name: &str, key_type: KeyType) -> Result<TransitKey> {
         let now = unix_now();
-        // A key deleted moments ago keeps its name (see `DELETED_HOLD`). Checked before the
-        // record: a delete makes this entry before it removes the record.
-        if self.store.get(&deleted_path(name)).await?.is_some() {
+        let record = self.load_raw(name).await?;
+        // Every version the key may have must have a label: checked here, not at the
+        // rotation that would need it (a name that fits a long key prefix for version 9
+        // only could never be rotated past it, even after a compromise).
+        self.label(name, MAX_KEY_VERSIONS as u32)?;
+        // A key deleted moments ago keeps its name (see `DELETED_HOLD`). Checked after the
+        // record was found absent: a delete makes this entry before it removes the record,
+        // so a record gone by then left its entry before. (Read the other way round, a
+        // delete that ran between the two reads went unseen, and its name was used again
+        // at once.)
+        if record.is_none() && self.store.get(&deleted_path(name)).await?.is_some() {
             return Err(Error::Conflict(format!(
                 "transit key {name} was deleted less than {} s ago; its name can be used again after that",
                 DELETED_HOLD.as_secs()
             )));
         }
-        let (expected, mut key) = match self.load_raw(name).await? {
+        let (expected, mut key) = match record {
             // The key exists (a rotation in progress, or one a crashed owner left, does
             // not change that): as for any existing key, nothing to do.
             Some((_, existing)) if existing.usable() => {
@@ -680,6 +688,69 @@ mod tests {
             assert!(!k.keys.exists(&label).unwrap(), "version 2 of the deleted key is left in the token");
             assert!(!k.keys.exists(&t.label("k", 1).unwrap()).unwrap());
             lift_hold(&k, "k").await;
+        }
+    }
+
+    /// A name is taken only if every version the key may have gets a label under this
+    /// installation's key prefix: with a 20-character prefix a 32-character name is
+    /// refused at create (before, it was made, and its rotation to version 10 failed for
+    /// good), a 29-character one is made and rotates past version 9.
+    #[tokio::test]
+    async fn a_key_name_fits_every_version_it_may_have() {
+        let k = crate::test_support::Keyed::new().await;
+        let names = KeyNames::new(&"p".repeat(20)).unwrap();
+        let t = Transit::new(k.store.clone(), k.keys.clone(), names);
+        let e = t.create(&"n".repeat(32), KeyType::Aes256Gcm96).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(ref m) if m.contains("too long")), "{e:?}");
+        assert!(t.load_raw(&"n".repeat(32)).await.unwrap().is_none());
+        let name = "n".repeat(29);
+        t.create(&name, KeyType::Aes256Gcm96).await.unwrap();
+        for _ in 0..9 {
+            t.rotate(&name).await.unwrap();
+        }
+        assert_eq!(t.get(&name).await.unwrap().latest_version, 10);
+        assert!(t.label(&name, MAX_KEY_VERSIONS as u32).is_ok());
+    }
+
+    /// A delete that runs to its end between a create's reads is seen: the create answers
+    /// 409, and the deleted name is not used again at once. (The create read the hold
+    /// first, found none, then found no record: it made version 1 again, milliseconds
+    /// after the old one was destroyed.)
+    #[tokio::test]
+    async fn a_create_does_not_miss_a_delete_that_ends_between_its_reads() {
+        use crate::test_support::{Keyed, PauseAt, TestStore};
+        let k = Keyed::new().await;
+        let t = Transit::new(k.store.clone(), k.keys.clone(), k.names.clone());
+        t.create("k", KeyType::Aes256Gcm96).await.unwrap();
+        t.configure("k", None, Some(true)).await.unwrap();
+        // The create's read of the record, or of the hold, is held (if the create makes
+        // it), and the whole delete runs meanwhile.
+        for held_read in [key_path("k"), deleted_path("k")] {
+            let paused = Arc::new(TestStore::holding(k.store.clone(), PauseAt::Get, &held_read));
+            let slow = Transit::new(paused.clone(), k.keys.clone(), k.names.clone());
+            paused.arm();
+            let create = tokio::spawn(async move { slow.create("k", KeyType::Aes256Gcm96).await });
+            let held = tokio::time::timeout(Duration::from_secs(2), paused.reached.notified()).await.is_ok();
+            if held {
+                t.delete("k").await.unwrap();
+                paused.go.notify_one();
+            }
+            match create.await.unwrap() {
+                // The create found the key there: it answered with it, as a create that
+                // came before the delete.
+                Ok(key) => assert_eq!(key.latest_version, 1),
+                Err(Error::Conflict(m)) => assert!(m.contains("deleted less than"), "{m}"),
+                Err(e) => panic!("holding the read of {held_read}: {e:?}"),
+            }
+            if !held {
+                paused.go.notify_one(); // (in case the read comes after all)
+                t.delete("k").await.unwrap();
+            }
+            assert!(t.load_raw("k").await.unwrap().is_none(), "the deleted name was used again at once");
+            assert!(!k.keys.exists(&t.label("k", 1).unwrap()).unwrap());
+            lift_hold(&k, "k").await;
+            t.create("k", KeyType::Aes256Gcm96).await.unwrap();
+            t.configure("k", None, Some(true)).await.unwrap();
         }
     }
 
