@@ -103,6 +103,9 @@ async fn fixtures(c: &Client, root: &str) -> (String, String) {
         ok(c.put(&format!("kv/data/{p}"), root, json!({"data": {"a": "1"}})).await, 200);
     }
     ok(c.put("secret/sdel", root, json!({"value": "v"})).await, 200);
+    // Deleted: writing it again is a create, as in Vault's KV version 1.
+    ok(c.put("secret/sgone", root, json!({"value": "v"})).await, 200);
+    ok(c.send("DELETE", "secret/sgone", Some(root), None).await, 204);
     for r in ["r1", "rdel", "victim"] {
         ok(c.post(&format!("auth/approle/role/{r}"), Some(root), json!({})).await, 204);
     }
@@ -337,6 +340,7 @@ fn rows(ct: &str, sig: &str) -> Vec<Row> {
         row("GET", "secret/app/x", Value::Null, Caps("secret/app/x", &["read"])),
         row("PUT", "secret/new-{n}", json!({"value": "v"}), Caps("secret/new-*", &["create"])),
         row("PUT", "secret/app/x", json!({"value": "w"}), Caps("secret/app/x", &["update"])),
+        row("PUT", "secret/sgone", json!({"value": "w"}), Caps("secret/sgone", &["create"])),
         row("DELETE", "secret/sdel", Value::Null, Caps("secret/sdel", &["delete"])),
         row("LIST", "secret/app/", Value::Null, Caps("secret/app/", &["list"])),
     ]

@@ -268,8 +268,22 @@ impl Secrets {
         }
     }
 
+    /// Whether the secret exists, for the existence check that decides between `create`
+    /// and `update` (and for `must_exist` when a write commits: one rule for both).
     pub async fn exists(&self, path: &SecretPath) -> Result<bool> {
-        Ok(self.store.get(&self.meta_key(path)).await?.is_some())
+        let (raw, meta) = self.load_meta(path).await?;
+        Ok(self.exists_as(raw.is_some(), &meta))
+    }
+
+    /// The existence rule: KV version 2 as in Vault (a secret with metadata exists, its
+    /// latest version soft-deleted or not); KV version 1 while its latest version is
+    /// there: a DELETE makes it a secret that a write must `create` again, as in Vault,
+    /// whose KV version 1 delete removes the entry. (Before, its metadata kept it
+    /// existing, so a caller holding only `update` could write it again.)
+    fn exists_as(&self, has_meta: bool, meta: &SecretMeta) -> bool {
+        has_meta
+            && (!self.ns.is_empty()
+                || meta.versions.get(&meta.current_version).is_some_and(|v| v.deletion_time.is_none() && !v.destroyed))
     }
 
     /// A secret's metadata, if it has any.
@@ -291,8 +305,9 @@ impl Secrets {
     pub async fn write_with(&self, path: &SecretPath, value: &[u8], opts: WriteOptions) -> Result<(u64, VersionMeta)> {
         validate_value(value)?;
         let (raw, meta) = self.load_meta(path).await?;
-        if opts.must_exist.is_some_and(|m| m != raw.is_some()) {
-            return Err(existence_changed(path, raw.is_some()));
+        let exists = self.exists_as(raw.is_some(), &meta);
+        if opts.must_exist.is_some_and(|m| m != exists) {
+            return Err(existence_changed(path, exists));
         }
         let cas_mismatch = || Error::Conflict("check-and-set parameter did not match the current version".into());
         let written_concurrently =
@@ -342,11 +357,12 @@ impl Secrets {
             // Record the version in the metadata; merge with concurrent writers.
             loop {
                 let (raw, mut meta) = self.load_meta(path).await?;
-                if opts.must_exist.is_some_and(|m| m != raw.is_some()) {
+                let exists = self.exists_as(raw.is_some(), &meta);
+                if opts.must_exist.is_some_and(|m| m != exists) {
                     // Created or deleted since the caller's permission was checked: this
                     // version was never acknowledged, and its record goes.
                     self.destroy_own_record(&key, &sealed).await?;
-                    return Err(existence_changed(path, raw.is_some()));
+                    return Err(existence_changed(path, exists));
                 }
                 if opts.cas.is_some_and(|cas| cas != meta.current_version) {
                     // Another check-and-set writer got there first: this version was never
@@ -983,7 +999,9 @@ mod tests {
         let only = |must_exist| WriteOptions { must_exist: Some(must_exist), ..Default::default() };
         // Checked at once, too.
         assert!(matches!(plain.write_with(&path, br#"{"v":"u"}"#, only(true)).await, Err(Error::Conflict(_))));
-        for (must_exist, before, meanwhile) in [(false, None, "made"), (true, Some("first"), "deleted")] {
+        for (must_exist, before, meanwhile) in
+            [(false, None, "made"), (true, Some("first"), "deleted"), (true, Some("first"), "latest deleted")]
+        {
             let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
             let held = Arc::new(Secrets { store: paused.clone(), barrier: barrier.clone(), max_versions: 10, ns: "" });
             if let Some(v) = before {
@@ -997,10 +1015,12 @@ mod tests {
                 async move { held.write_with(&path, br#"{"v":"w"}"#, only(must_exist)).await }
             });
             paused.reached.notified().await;
-            if meanwhile == "made" {
-                plain.write(&path, br#"{"v":"other"}"#).await.unwrap();
-            } else {
-                plain.delete_all(&path).await.unwrap();
+            match meanwhile {
+                "made" => drop(plain.write(&path, br#"{"v":"other"}"#).await.unwrap()),
+                "deleted" => plain.delete_all(&path).await.unwrap(),
+                // KV version 1's DELETE: the latest version goes, and with it the secret,
+                // for a writer's existence (its earlier versions are kept).
+                _ => plain.delete_latest(&path).await.unwrap(),
             }
             paused.go.notify_one();
             let r = w.await.unwrap();
