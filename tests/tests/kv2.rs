@@ -73,9 +73,19 @@ async fn versions_check_and_set_and_deletion_follow_vaults_kv_version_2() {
     );
     ok(c.put("kv/data/db", &root, json!({"data": {"a": "1"}})).await, 400);
     ok(c.put("kv/data/db", &root, json!({"data": {"a": "1"}, "options": {"cas": 3}})).await, 200);
+    // A patch too (before, it took the version it read as its check-and-set, and so
+    // never needed one): without `cas` 400, with another version's 409, with this one's 200.
+    let patch =
+        |body: serde_json::Value| c.send("PATCH", "kv/data/db", Some(&root), Some(body.to_string().into_bytes()));
+    ok(patch(json!({"data": {"b": "2"}})).await, 400);
+    ok(patch(json!({"data": {"b": "2"}, "options": {"cas": 3}})).await, 409);
+    ok(patch(json!({"data": {"b": "2"}, "options": {"cas": 4}})).await, 200);
+    let r = ok(c.get("kv/data/db", &root).await, 200);
+    assert_eq!(r.body["data"]["data"], json!({"a": "1", "b": "2"}));
+    ok(c.put("kv/data/db", &root, json!({"data": {"a": "1"}, "options": {"cas": 5}})).await, 200);
     let m = ok(c.get("kv/metadata/db", &root).await, 200);
     let versions: Vec<&String> = m.body["data"]["versions"].as_object().unwrap().keys().collect();
-    assert_eq!(versions, vec!["3", "4"], "pruned to two");
+    assert_eq!(versions, vec!["5", "6"], "pruned to two");
     assert_eq!(m.body["data"]["custom_metadata"], json!({"owner": "payments"}));
     // Listing and deleting everything.
     ok(c.put("kv/data/dir/a", &root, json!({"data": {"x": "1"}})).await, 200);

@@ -376,8 +376,21 @@ impl Kv2 {
         let text =
             Zeroizing::new(serde_json::to_vec(&value).map_err(|e| Error::Internal(format!("JSON encoding: {e}")))?);
         scrub(&mut value);
-        let cas = body.options.and_then(|o| o.cas).or(Some(current.version));
-        self.write_value(&path, &text, cas, None).await
+        // Check-and-set as for a write (Vault's `validateCheckAndSetOption`): required by
+        // the mount or the secret, the caller must name the version it patches, and a
+        // version named must be the one patched. Without a requirement, the version read
+        // is the check-and-set (a concurrent write makes the patch 409).
+        let given = body.options.and_then(|o| o.cas);
+        if given.is_none() {
+            let secret_requires = self.secrets.metadata(&path).await?.is_some_and(|m| m.cas_required);
+            if secret_requires || self.config().await?.cas_required {
+                return Err(Error::invalid("check-and-set parameter required for this call"));
+            }
+        }
+        if given.is_some_and(|cas| cas != current.version) {
+            return Err(Error::Conflict("check-and-set parameter did not match the current version".into()));
+        }
+        self.write_value(&path, &text, Some(given.unwrap_or(current.version)), None).await
     }
 
     async fn metadata(&self, req: &Request) -> Result<Reply> {
