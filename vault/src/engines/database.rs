@@ -670,22 +670,42 @@ impl Database {
     }
 
     async fn rotate_due(&self) -> Result<()> {
-        let now = unix_now();
-        for (key, raw) in crate::store::scan_all(self.store.as_ref(), ROLE_PREFIX).await? {
-            let name = key.trim_start_matches(ROLE_PREFIX).to_owned();
-            let role: StaticRole = decode_json(&key, &raw)?;
-            let due = match self.load_creds(&name, &role).await? {
-                Some((_, c)) => c.pending.is_some() || c.next_rotation(&role) <= now,
-                None => true,
-            };
-            if due {
-                match self.rotate(&name, Rotate::Due).await {
-                    Ok(()) | Err(Error::Conflict(_)) => {}
-                    Err(e) => tracing::warn!(role = %name, error = %e, "database: scheduled rotation failed"),
-                }
+        for name in self.due_roles().await? {
+            match self.rotate(&name, Rotate::Due).await {
+                Ok(()) | Err(Error::Conflict(_)) => {}
+                Err(e) => tracing::warn!(role = %name, error = %e, "database: scheduled rotation failed"),
             }
         }
         Ok(())
+    }
+
+    /// The static roles due for rotation. A role whose record or credentials cannot be
+    /// read is warned about and skipped: the roles after it are still rotated. (Before,
+    /// the first such role ended the pass, and every role after it in name order kept a
+    /// password past its rotation period for as long as that one stayed unreadable.)
+    async fn due_roles(&self) -> Result<Vec<String>> {
+        let now = unix_now();
+        let mut due = Vec::new();
+        for (key, raw) in crate::store::scan_all(self.store.as_ref(), ROLE_PREFIX).await? {
+            let name = key.trim_start_matches(ROLE_PREFIX).to_owned();
+            let check = async {
+                let role: StaticRole = decode_json(&key, &raw)?;
+                Ok::<_, Error>(match self.load_creds(&name, &role).await? {
+                    Some((_, c)) => c.pending.is_some() || c.next_rotation(&role) <= now,
+                    None => true,
+                })
+            };
+            match check.await {
+                Ok(true) => due.push(name),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    role = %name,
+                    error = %e,
+                    "database: the static role or its credentials cannot be read; its scheduled rotation is skipped"
+                ),
+            }
+        }
+        Ok(due)
     }
 
     async fn static_creds(&self, name: &str) -> Result<Reply> {
@@ -873,6 +893,26 @@ mod tests {
         assert!(legacy.is_for(&role("any", "one")));
         let stored = serde_json::to_string(&c).unwrap();
         assert!(stored.contains(r#""db_name":"main""#) && stored.contains(r#""username":"app""#), "{stored}");
+    }
+
+    /// A role whose record or credentials cannot be read does not stop the scheduled
+    /// pass: the roles after it are still found due.
+    #[tokio::test]
+    async fn an_unreadable_role_does_not_hide_the_roles_after_it() {
+        let k = crate::test_support::Keyed::new().await;
+        let db = Database {
+            store: k.store.clone(),
+            creds: Secrets::database(k.store.clone(), k.barrier(), 10),
+            connections: BTreeMap::new(),
+        };
+        let role = StaticRole { db_name: "main".into(), username: "app".into(), rotation_period: 60 };
+        k.store.put(&format!("{ROLE_PREFIX}a"), b"not a role").await.unwrap();
+        for name in ["b", "c"] {
+            k.store.put(&format!("{ROLE_PREFIX}{name}"), &encode_json(&role)).await.unwrap();
+        }
+        // `c`'s credentials are there but not credentials.
+        db.creds.write(&Database::creds_path("c").unwrap(), br#"{"password": 5}"#).await.unwrap();
+        assert_eq!(db.due_roles().await.unwrap(), ["b"]);
     }
 
     #[test]
