@@ -282,17 +282,34 @@ impl Gateway {
     }
 
     /// The kill switch: disable every producer that pins `fingerprint` (or is `identity`).
+    /// A producer changed between the scan and its disable is read again and judged on
+    /// what it is now (before, the lost compare-and-swap was passed over, and a producer
+    /// re-registered at that moment stayed enabled while the kill switch answered 200).
     pub async fn disable_matching(&self, fingerprint: Option<&str>, identity: Option<&str>) -> Result<usize> {
         let mut n = 0;
-        for (k, raw) in scan_all(self.store.as_ref(), PREFIX).await? {
-            let mut p: Producer = decode_json(&k, &raw)?;
-            let hit = fingerprint.is_some_and(|f| p.cert_sha256.iter().any(|c| c == f))
-                || identity == Some(&k[PREFIX.len()..]);
-            if hit && !p.disabled {
-                p.disabled = true;
-                if self.store.compare_and_swap(&k, Some(&raw), Some(&encode_json(&p))).await? {
-                    n += 1;
+        for (k, first) in scan_all(self.store.as_ref(), PREFIX).await? {
+            let mut raw = Some(first);
+            let mut attempts = 0;
+            while let Some(current) = raw {
+                let mut p: Producer = decode_json(&k, &current)?;
+                let hit = fingerprint.is_some_and(|f| p.cert_sha256.iter().any(|c| c == f))
+                    || identity == Some(&k[PREFIX.len()..]);
+                if !hit || p.disabled {
+                    break;
                 }
+                p.disabled = true;
+                if self.store.compare_and_swap(&k, Some(&current), Some(&encode_json(&p))).await? {
+                    n += 1;
+                    break;
+                }
+                attempts += 1;
+                if attempts >= 100 {
+                    return Err(Error::Conflict(format!(
+                        "producer {} kept changing; the kill switch did not disable it: retry",
+                        &k[PREFIX.len()..]
+                    )));
+                }
+                raw = self.store.get(&k).await?;
             }
         }
         Ok(n)
@@ -510,6 +527,39 @@ mod tests {
         assert_eq!((after.signing_input, after.clock_skew_seconds), (Some(SigningInput::TaggedOrUntagged), 20));
         g.put_producer("new", replaced, None).await.unwrap();
         assert_eq!(g.producer("new").await.unwrap().unwrap().signing_input, Some(SigningInput::Tagged));
+    }
+
+    /// A producer re-registered between the kill switch's scan and its disable is
+    /// disabled all the same (the write changes its bytes; the kill switch reads it again).
+    #[tokio::test]
+    async fn the_kill_switch_disables_a_producer_changed_under_it() {
+        use crate::test_support::{PauseAt, TestStore};
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let store = Arc::new(TestStore::holding(sled.clone(), PauseAt::BeforeSwap, &Gateway::key("p")));
+        let g = Arc::new(Gateway::new(store.clone()));
+        let vk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let (x, y) = ("ab".repeat(32), "cd".repeat(32));
+        let producer = |skew: u64| -> Producer {
+            serde_json::from_value(serde_json::json!({"cert_sha256": [x, y],
+                "keys": [{"key_id": "k", "public_key": STANDARD.encode(vk.as_bytes())}],
+                "clock_skew_seconds": skew, "nonce_ttl_seconds": 120}))
+            .unwrap()
+        };
+        let plain = Gateway::new(sled.clone());
+        plain.put_producer("p", producer(30), None).await.unwrap();
+        store.arm();
+        let kill = tokio::spawn({
+            let (g, x) = (g.clone(), x.clone());
+            async move { g.disable_matching(Some(&x), None).await }
+        });
+        store.reached.notified().await;
+        let raw = plain.producer_raw("p").await.unwrap();
+        plain.put_producer("p", producer(20), raw.as_deref()).await.unwrap();
+        store.go.notify_one();
+        assert_eq!(kill.await.unwrap().unwrap(), 1);
+        let p = plain.producer("p").await.unwrap().unwrap();
+        assert!(p.disabled && p.clock_skew_seconds == 20, "the re-registered producer is disabled");
     }
 
     #[test]

@@ -40,13 +40,16 @@ impl Keyed {
 }
 
 /// What a [`TestStore`] holds: the first `get` of the key, the first `scan_prefix` of
-/// the prefix, or the first compare-and-swap of the key (once made).
+/// the prefix, or the first compare-and-swap of the key (once made, or before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PauseAt {
     Get,
     Scan,
     /// A compare-and-swap, held after it is made (its caller has not seen the outcome).
     Swap,
+    /// A compare-and-swap, held before it is made (what its caller read may change
+    /// meanwhile).
+    BeforeSwap,
 }
 
 /// A store over another that can hold one read, fail writes, or both.
@@ -126,6 +129,7 @@ impl Store for TestStore {
     }
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
         self.write()?;
+        self.hold(PauseAt::BeforeSwap, key).await;
         let swapped = self.inner.compare_and_swap(key, expected, new).await?;
         self.hold(PauseAt::Swap, key).await;
         Ok(swapped)
