@@ -233,3 +233,34 @@ async fn a_failing_or_hung_token_does_not_stop_the_audit_log() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// A token call that fails once during a re-wrap, in the way SoftHSM reports a failed
+/// integrity check (`CKR_GENERAL_ERROR`, read as a bad tag), sets no secret aside: the
+/// record gets a second try, and every secret reads back after the rotation. (Before,
+/// the one failure took an acknowledged secret out of service for good: 500 on read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    set(&fault, "");
+    let s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        extra: "[secrets]\nkey_tier = \"token\"\n".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    for i in 0..5 {
+        assert_eq!(c.put(&format!("secret/r/{i}"), &root, json!({"value": format!("v{i}")})).await.status, 200);
+    }
+    // The first data-key unwrap from here on is the re-wrap's.
+    set(&fault, "bad_tag_once unwrap_key");
+    assert_eq!(c.post("sys/rotate", Some(&root), json!({})).await.status, 200);
+    let status = keyvault_tests::wait_rotation_idle(&c, &root).await;
+    assert_eq!((status["active_version"].as_u64(), status["set_aside"].as_u64()), (Some(2), Some(0)), "{status}");
+    for i in 0..5 {
+        let r = c.get(&format!("secret/r/{i}"), &root).await;
+        assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{r:?}");
+    }
+    assert!(!s.log_text().contains("setting it aside"), "a record was set aside");
+}

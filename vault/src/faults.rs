@@ -13,7 +13,10 @@
 //! - `hang`: the call blocks until the file says something else, then runs;
 //! - `slow <ms>`: the call waits that long, then runs (`slow <ms> <op>`: only calls of
 //!   that kind);
-//! - `flaky <percent>`: that share of calls fails as with `error`.
+//! - `flaky <percent>`: that share of calls fails as with `error`;
+//! - `bad_tag_once <op>`: the first call of that kind fails as a failed integrity check
+//!   would (`InvalidCiphertext`: SoftHSM's `CKR_GENERAL_ERROR` is read so), once per
+//!   process; every call after it runs.
 //!
 //! `KEYVAULT_TEST_AUDIT_FSYNC_FAULT=<file>`: read before every `fdatasync` of the audit
 //! log ([`audit_fsync`]): `error` fails the sync as a disk error would (`EIO`), `slow <ms>`
@@ -47,6 +50,14 @@ pub fn before(op: &'static str) -> keyvault_hsm::Result<()> {
                 return Err(keyvault_hsm::HsmError::simulated_device_error());
             }
             (Some("error"), _) => return Ok(()),
+            (Some("bad_tag_once"), _) => {
+                static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                return if second == Some(op) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    Err(keyvault_hsm::HsmError::InvalidCiphertext)
+                } else {
+                    Ok(())
+                };
+            }
             (Some("hang"), _) => std::thread::sleep(Duration::from_millis(20)),
             (Some("slow"), Some(ms)) => {
                 if third.is_none_or(|o| o == op) {

@@ -611,6 +611,18 @@ impl Rotation {
         for task in tasks {
             results.extend(task.await.map_err(|e| Error::Internal(format!("rewrap task: {e}")))??);
         }
+        // A record that could not be opened gets a second try before it is set aside: a
+        // token can fail one call in a way that reads as a failed integrity check (SoftHSM
+        // answers both with CKR_GENERAL_ERROR), and setting aside takes an acknowledged
+        // secret out of service. Damage fails both tries.
+        let failed: Vec<usize> = results.iter().enumerate().filter(|(_, r)| r.is_err()).map(|(i, _)| i).collect();
+        if !failed.is_empty() {
+            let items: Vec<RewrapItem> = failed.iter().map(|i| work[*i].1.clone()).collect();
+            let again = self.barrier.rewrap_batch(items, target).await?;
+            for (i, outcome) in failed.into_iter().zip(again) {
+                results[i] = outcome;
+            }
+        }
         let known_max = self.keyring.load().master.versions.iter().copied().max().unwrap_or(target);
         let mut swaps = Vec::new();
         let mut aside = Vec::new();
