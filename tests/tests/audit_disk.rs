@@ -319,3 +319,41 @@ async fn failing_syncs_under_concurrent_requests_lose_nothing_acknowledged() {
     s.restart();
     replies_agree_with_the_log(&s.client(), &root, &sent, &requests, &intents).await;
 }
+
+/// Buffered mode on a disk whose syncs all fail, its buffer full: a write whose intent
+/// got in has made its change, and its outcome entry waits beside the full queue until
+/// the disk is back, instead of being dropped. Its reply is never "nothing was changed".
+/// (Before, such an outcome found the queue full: 503 saying nothing was changed for a
+/// write that was made, and the log kept its intent without an outcome.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_outcomes_are_never_dropped_for_want_of_room() {
+    let fault = TokenFault::audit_fsync();
+    let mut s = TestServer::start(ServerOptions {
+        env: vec![fault.env()],
+        audit_extra: "mode = \"buffered\"\nbuffer_entries = 4".into(),
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    fault.set("error");
+    let none = (String::new(), String::new());
+    let sent = futures_util::future::join_all((0..48).map(|i| one(&c, &root, i * 4, "", &none))).await;
+    let made = sent.iter().filter(|r| r.status == 200).count();
+    assert!(made > 0 && made < sent.len(), "some writes got in, the rest were refused: {made}");
+    fault.set("");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.send("GET", "sys/health", None, None).await.body["audit"] != "ok" {
+        assert!(Instant::now() < deadline, "the audit log recovers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stop();
+    let files = audit_files(&s.audit_log());
+    let (verified, report) = s.verify_audit_files(&files);
+    assert!(verified, "{report}");
+    let (requests, intents, _) = entries(&files);
+    for id in &intents {
+        assert!(requests.contains_key(id), "intent {id} has no outcome in the log");
+    }
+    s.restart();
+    replies_agree_with_the_log(&s.client(), &root, &sent, &requests, &intents).await;
+}

@@ -229,6 +229,30 @@ struct Shared {
     refused: AtomicU64,
     /// Entries waiting in memory for the disk.
     waiting: AtomicU64,
+    /// Outcome entries that found the writer's channel full. An outcome is never refused
+    /// for want of room (its request's change was made, and every intent gets an
+    /// outcome): it waits here, beside the channel, until the writer takes it. Bounded by
+    /// the intents in flight, each of which has at most one outcome.
+    overflow: Overflow,
+}
+
+#[derive(Default)]
+struct Overflow(std::sync::Mutex<Vec<Job>>);
+
+impl std::fmt::Debug for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Overflow({})", self.0.lock().unwrap_or_else(|p| p.into_inner()).len())
+    }
+}
+
+impl Overflow {
+    fn push(&self, job: Job) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(job);
+    }
+
+    fn take(&self) -> Vec<Job> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl Shared {
@@ -300,6 +324,13 @@ type HmacSha256 = Hmac<Sha256>;
 
 fn unavailable(why: &str) -> Error {
     Error::Unavailable(format!("the audit log is unavailable ({why}); nothing was changed, retry later"))
+}
+
+/// The error of a request whose change was made but whose outcome entry cannot be
+/// written at all (the writer stopped): it must not say "nothing was changed".
+fn not_recorded(why: &str) -> Error {
+    tracing::error!(why, "the outcome entry of a request that was carried out is lost");
+    Error::Unavailable(format!("the request was carried out, but the audit log cannot record it ({why})"))
 }
 
 impl AuditLog {
@@ -431,7 +462,9 @@ impl AuditLog {
                 let (ack, done) = oneshot::channel();
                 match tx.try_send(Job::Append(entry, Some(ack), kind)) {
                     Ok(()) => {}
+                    Err(TrySendError::Full(job)) if outcome => self.shared.overflow.push(job),
                     Err(TrySendError::Full(_)) => return Err(unavailable("the writer queue is full")),
+                    Err(TrySendError::Disconnected(_)) if outcome => return Err(not_recorded("the writer stopped")),
                     Err(TrySendError::Disconnected(_)) => return Err(unavailable("the writer stopped")),
                 }
                 match done.await {
@@ -446,9 +479,16 @@ impl AuditLog {
             }
             AuditMode::Buffered => match tx.try_send(Job::Append(entry, None, kind)) {
                 Ok(()) => Ok(()),
+                Err(TrySendError::Full(job)) if matches!(job, Job::Append(_, _, EntryKind::Outcome(_))) => {
+                    self.shared.overflow.push(job);
+                    Ok(())
+                }
                 Err(TrySendError::Full(_)) => {
                     self.shared.set_state(AuditState::Failed);
                     Err(unavailable("the buffer is full"))
+                }
+                Err(TrySendError::Disconnected(Job::Append(_, _, EntryKind::Outcome(_)))) => {
+                    Err(not_recorded("the writer stopped"))
                 }
                 Err(TrySendError::Disconnected(_)) => Err(unavailable("the writer stopped")),
             },
@@ -528,8 +568,14 @@ impl AuditLog {
         if self.mode == AuditMode::DangerousOff {
             return;
         }
-        if tx.try_send(Job::Append(entry, None, kind)).is_err() {
-            tracing::error!("audit entry of a cancelled request not queued: the writer queue is full or stopped");
+        match tx.try_send(Job::Append(entry, None, kind)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) if matches!(job, Job::Append(_, _, EntryKind::Outcome(_))) => {
+                self.shared.overflow.push(job)
+            }
+            Err(_) => {
+                tracing::error!("audit entry of a cancelled request not queued: the writer queue is full or stopped")
+            }
         }
     }
 
@@ -1192,6 +1238,8 @@ impl Writer {
                 // one write and one fsync cover them all.
                 std::thread::sleep(self.config.buffered_linger);
             }
+            // The channel was found empty (a receive that timed out).
+            let mut drained = room && first.is_none();
             let mut next = first;
             while let Some(job) = next.take() {
                 match job {
@@ -1203,6 +1251,19 @@ impl Writer {
                 let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
                 if queue.len() < 8192 && shutdown.is_none() && room {
                     next = rx.try_recv().ok();
+                    drained = next.is_none();
+                }
+            }
+            // Outcomes that found the channel full, once the channel is empty: whatever
+            // was in it when they were put aside (their intents among it) is queued
+            // before them. In `fail_closed` mode an outcome's intent is on disk before
+            // its request runs, so they are taken at once.
+            if drained || self.config.mode == AuditMode::FailClosed || shutdown.is_some() {
+                for job in self.shared.overflow.take() {
+                    match job {
+                        Job::Append(entry, ack, kind) => queue.push(Queued { entry, ack, kind, since: Instant::now() }),
+                        Job::Shutdown(ack) => shutdown = Some(ack),
+                    }
                 }
             }
             crate::metrics::get().audit_queue_depth.set(queue.len() as i64);
