@@ -264,3 +264,37 @@ async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
     }
     assert!(!s.log_text().contains("setting it aside"), "a record was set aside");
 }
+
+/// A transit rotation that fails after its version's token object was made (here the
+/// public key read fails) gives the key back still naming that version: a delete of the
+/// key then destroys the object. (Before, it was given back naming none, and version 2's
+/// object outlived the delete.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transit_rotation_leaves_nothing_a_delete_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    set(&fault, "");
+    let s = TestServer::start(ServerOptions {
+        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+        ..Default::default()
+    });
+    let c = s.client();
+    let root = s.root.clone();
+    assert_eq!(c.post("transit/keys/k", Some(&root), json!({"type": "ed25519"})).await.status, 200);
+    assert_eq!(c.post("transit/keys/k/config", Some(&root), json!({"deletion_allowed": true})).await.status, 200);
+    set(&fault, "error ed25519_public_key");
+    let r = c.post("transit/keys/k/rotate", Some(&root), json!({})).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    set(&fault, "");
+    let label = keyvault_hsm::KeyLabel::new("keyvault/transit/k/v2").unwrap();
+    {
+        use keyvault_hsm::KeyStore;
+        let token = keyvault_hsm::Pkcs11KeyStore::open(&s.token).unwrap();
+        assert!(token.exists(&label).unwrap(), "the failed rotation made version 2's object");
+    }
+    assert_eq!(c.send("DELETE", "transit/keys/k", Some(&root), None).await.status, 204);
+    use keyvault_hsm::KeyStore;
+    let token = keyvault_hsm::Pkcs11KeyStore::open(&s.token).unwrap();
+    assert!(!token.exists(&label).unwrap(), "version 2's object outlived the delete of its key");
+    assert!(!token.exists(&keyvault_hsm::KeyLabel::new("keyvault/transit/k/v1").unwrap()).unwrap());
+}

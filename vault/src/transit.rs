@@ -348,10 +348,14 @@ impl Transit {
             )));
         }
         let ends = crate::keys::claim_ends(Duration::from_secs(OPERATION_LEASE));
-        // Given back without any operation: a rotation this one took over is not handed
-        // back to its slow owner (whose key this one may have replaced); the next rotation
-        // makes the same version number.
-        let released = encode_json(&TransitKey { operation: None, ..key.clone() });
+        // Given back with an operation that has ended: a rotation this one took over is not
+        // handed back to its slow owner (whose key this one may have replaced), and the
+        // version is still named, since its token object may be there (made by this call
+        // before it failed, or by the owner this one took over from): the next rotation
+        // makes the same version number, and a delete destroys it. (Given back with no
+        // operation, that object outlived a delete of the key.)
+        let ended = Operation { kind: "rotate".into(), version: v, owner: String::new(), until: 0 };
+        let released = encode_json(&TransitKey { operation: Some(ended), ..key.clone() });
         key.operation = Some(self.claim("rotate", v));
         let claimed = self.swap(name, Some(&raw), Some(&key)).await?;
         let meta = match self.new_version(name, key.key_type, v, ends).await {
