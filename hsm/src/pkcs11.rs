@@ -905,14 +905,20 @@ impl Pkcs11KeyStore {
     fn kwp_wrap(&self, session: &Session, kek: ObjectHandle, key: &[u8]) -> Result<Vec<u8>> {
         // C_WrapKey needs the data key as an object: a session object (never on the
         // token's storage), destroyed straight after.
-        let obj = session.create_object(&[
+        let mut template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::GENERIC_SECRET),
             Attribute::Token(false),
             Attribute::Sensitive(false),
             Attribute::Extractable(true),
             Attribute::Value(key.to_vec()),
-        ])?;
+        ];
+        let obj = session.create_object(&template);
+        // The template's copy of the data key is zeroized before it is freed.
+        if let Attribute::Value(v) = &mut template[5] {
+            zeroize::Zeroize::zeroize(v);
+        }
+        let obj = obj?;
         let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, kek, obj);
         let destroyed = session.destroy_object(obj);
         let wrapped = wrapped?;

@@ -65,8 +65,18 @@ pub struct EpochKey {
     /// The key in the first 32 bytes of a page of its own: locking it locks nothing else,
     /// and unlocking it (when the key is dropped) unlocks nothing else.
     page: Box<Zeroizing<KeyPage>>,
-    /// Dropped after `page` (fields drop in order): the memory is zeroized, then unlocked.
-    _locked: Option<region::LockGuard>,
+    /// The page's lock, released in [`Drop`] after the key is zeroized and before its
+    /// memory is freed. (Released after the free, as field order had it, the unlock could
+    /// undo the lock of another key placed in the freed page meanwhile: locks of one page
+    /// do not nest.)
+    locked: Option<region::LockGuard>,
+}
+
+impl Drop for EpochKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(self.page.as_mut());
+        drop(self.locked.take());
+    }
 }
 
 /// A page-sized, page-aligned block (4 KiB; on systems with larger pages, a lock covers
@@ -109,7 +119,7 @@ impl EpochKey {
                 }
             }
         };
-        Ok(EpochKey { page, _locked: locked })
+        Ok(EpochKey { page, locked })
     }
 
     fn key(&self) -> &[u8; 32] {
@@ -292,7 +302,7 @@ mod tests {
         crate::hardening::set_all_memory_locked_for_test(true);
         let c = EpochKey::new(&[3; 32]).unwrap();
         crate::hardening::set_all_memory_locked_for_test(false);
-        assert!(c._locked.is_none());
+        assert!(c.locked.is_none());
     }
 
     /// An emergency seal while an epoch key is being loaded: the load finishes for its

@@ -121,7 +121,7 @@ impl Wrapping {
         let nonce = random::<12>()?;
         let ciphertext = encrypt_value(&dek, &nonce, &aad(&key), reply)?;
         let label = self.names.wrapping();
-        let (d, a) = (dek.to_vec(), aad(&key));
+        let (d, a) = (Zeroizing::new(dek.to_vec()), aad(&key));
         let wrapped = hsm_call(&self.keys, move |k| k.wrap_key(&label, &d, &a)).await?;
         let stored = Stored {
             accessor: accessor.clone(),

@@ -360,8 +360,9 @@ impl AuditLog {
         // on every replica and in every log file, wherever the files are.
         let hmac_label = names.audit_hmac();
         let context = b"keyvault.audit.hmac.v2".to_vec();
-        let derived = hsm_call(keys, move |k| k.hmac_sha256(&hmac_label, &context)).await?;
+        let mut derived = hsm_call(keys, move |k| k.hmac_sha256(&hmac_label, &context)).await?;
         let hmac_key = SecretBox::new(Box::new(derived));
+        zeroize::Zeroize::zeroize(&mut derived);
         let shared = Arc::new(Shared::default());
         if config.mode == AuditMode::DangerousOff {
             if say_off {
