@@ -584,7 +584,19 @@ impl Secrets {
             tracing::error!(path = %path.as_str(), version, "metadata names a version whose record is missing");
             return Err(Error::NotFound(format!("no secret at {}", path.as_str())));
         };
-        let data = self.barrier.open(&record_context_raw(&self.full(path), version), &sealed).await?;
+        let full = self.full(path);
+        let context = record_context_raw(&full, version);
+        let data = match self.barrier.open(&context, &sealed).await {
+            Ok(data) => data,
+            // A record fetched under a master version that a rotation and a retire ended
+            // before it was opened (its epoch key or token key gone meanwhile) has been
+            // re-wrapped since: the record as it is now opens. Tried once, and only for
+            // a record that changed; anything else is the error it was.
+            Err(e) => match self.store.get(&key).await? {
+                Some(now) if now != sealed => self.barrier.open(&context, &now).await?,
+                _ => return Err(e),
+            },
+        };
         let v = SecretVersion { version, meta: vmeta.clone(), data };
         Ok(Found::Value(meta, v))
     }
@@ -1040,6 +1052,42 @@ mod tests {
         plain.update_metadata_if(&meta_only, change(), Some(false)).await.unwrap();
         let refused = plain.update_metadata_if(&meta_only, change(), Some(false)).await;
         assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+    }
+
+    /// A read that fetched a record before a rotation re-wrapped it and a retire ended
+    /// its master version (the epoch key gone) opens the record as it is now, not 500.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_overtaken_by_a_rotation_and_a_retire_opens_the_record_as_it_is_now() {
+        use crate::test_support::{PauseAt, TestStore};
+        let keyed = Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
+        let plain = Secrets::new(sled.clone(), barrier.clone(), 10);
+        let path = SecretPath::parse("app/overtaken").unwrap();
+        plain.write(&path, br#"{"v":"1"}"#).await.unwrap();
+        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.data_key(&path, 1)));
+        let held = Arc::new(Secrets { store: paused.clone(), barrier: barrier.clone(), max_versions: 10, ns: "" });
+        paused.arm();
+        let read = tokio::spawn({
+            let (held, path) = (held.clone(), path.clone());
+            async move { held.read(&path, None).await }
+        });
+        paused.reached.notified().await;
+        let rotation = crate::rotation::Rotation::new(
+            sled.clone(),
+            keyed.keys.clone(),
+            keyed.names.clone(),
+            keyed.keyring.clone(),
+            barrier.clone(),
+        );
+        rotation.start().await.unwrap();
+        while rotation.step().await.unwrap() {}
+        while rotation.status().await.unwrap().state != "idle" {
+            rotation.step().await.unwrap();
+        }
+        assert_eq!(rotation.retire().await.unwrap(), [1]);
+        paused.go.notify_one();
+        let v = read.await.unwrap().unwrap();
+        assert_eq!(&*v.data, br#"{"v":"1"}"#.as_slice());
     }
 
     /// What the held-writer tests share: a store (`plain`, over sled) and the same store
