@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -236,22 +236,67 @@ struct Shared {
     overflow: Overflow,
 }
 
+/// The most outcome entries that may wait beside a full queue. Past it an outcome is
+/// lost, loudly (its request answers that it was carried out but not recorded): a bound
+/// for buffered mode, where requests do not wait for their entries and so nothing else
+/// bounds the intents outstanding.
+const OVERFLOW_MAX: usize = 65_536;
+/// How long an outcome waits beside the queue for its intent to come through the queue
+/// first; after that it is written anyway (after its intent is better, but written is
+/// what matters: an intent refused after it was queued never comes).
+const OVERFLOW_PATIENCE: Duration = Duration::from_secs(60);
+
 #[derive(Default)]
-struct Overflow(std::sync::Mutex<Vec<Job>>);
+struct Overflow {
+    jobs: std::sync::Mutex<Vec<(Instant, Job)>>,
+    /// How many jobs wait (read without the lock, to shorten the writer's waits).
+    len: std::sync::atomic::AtomicUsize,
+    /// Set once the writer has stopped: nothing put here after it is taken.
+    closed: AtomicBool,
+}
 
 impl std::fmt::Debug for Overflow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Overflow({})", self.0.lock().unwrap_or_else(|p| p.into_inner()).len())
+        write!(f, "Overflow({})", self.len.load(Ordering::Relaxed))
     }
 }
 
 impl Overflow {
-    fn push(&self, job: Job) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(job);
+    /// Put an outcome beside the full queue; `false` if it cannot wait (too many wait,
+    /// or the writer stopped): the job is dropped, and with it any waiter's ack.
+    fn push(&self, job: Job) -> bool {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.len() >= OVERFLOW_MAX || self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        jobs.push((Instant::now(), job));
+        self.len.store(jobs.len(), Ordering::Relaxed);
+        true
     }
 
-    fn take(&self) -> Vec<Job> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Take the jobs `ready` accepts, and those that waited longer than
+    /// [`OVERFLOW_PATIENCE`], in the order they came; the others stay.
+    fn take(&self, mut ready: impl FnMut(&Job) -> bool) -> Vec<Job> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *jobs)
+            .into_iter()
+            .partition(|(since, j)| since.elapsed() >= OVERFLOW_PATIENCE || ready(j));
+        *jobs = kept;
+        self.len.store(jobs.len(), Ordering::Relaxed);
+        taken.into_iter().map(|(_, j)| j).collect()
+    }
+
+    /// The writer stopped: whatever waits is dropped (its waiters learn that it was not
+    /// written), and nothing more is taken.
+    fn close(&self) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        let lost = jobs.len();
+        jobs.clear();
+        self.len.store(0, Ordering::Relaxed);
+        if lost > 0 {
+            tracing::error!(entries = lost, "outcome entries waiting for the stopped audit writer are lost");
+        }
     }
 }
 
@@ -463,7 +508,11 @@ impl AuditLog {
                 let (ack, done) = oneshot::channel();
                 match tx.try_send(Job::Append(entry, Some(ack), kind)) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(job)) if outcome => self.shared.overflow.push(job),
+                    Err(TrySendError::Full(job)) if outcome => {
+                        if !self.shared.overflow.push(job) {
+                            return Err(not_recorded("too many entries wait for the writer"));
+                        }
+                    }
                     Err(TrySendError::Full(_)) => return Err(unavailable("the writer queue is full")),
                     Err(TrySendError::Disconnected(_)) if outcome => return Err(not_recorded("the writer stopped")),
                     Err(TrySendError::Disconnected(_)) => return Err(unavailable("the writer stopped")),
@@ -475,14 +524,18 @@ impl AuditLog {
                          its entry is written when the log recovers"
                     ))),
                     Ok(Err(e)) => Err(unavailable(&e)),
+                    Err(_) if outcome => Err(not_recorded("the writer stopped")),
                     Err(_) => Err(unavailable("the writer stopped")),
                 }
             }
             AuditMode::Buffered => match tx.try_send(Job::Append(entry, None, kind)) {
                 Ok(()) => Ok(()),
                 Err(TrySendError::Full(job)) if matches!(job, Job::Append(_, _, EntryKind::Outcome(_))) => {
-                    self.shared.overflow.push(job);
-                    Ok(())
+                    if self.shared.overflow.push(job) {
+                        Ok(())
+                    } else {
+                        Err(not_recorded("too many entries wait for the writer"))
+                    }
                 }
                 Err(TrySendError::Full(_)) => {
                     self.shared.set_state(AuditState::Failed);
@@ -572,7 +625,9 @@ impl AuditLog {
         match tx.try_send(Job::Append(entry, None, kind)) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) if matches!(job, Job::Append(_, _, EntryKind::Outcome(_))) => {
-                self.shared.overflow.push(job)
+                if !self.shared.overflow.push(job) {
+                    tracing::error!("audit entry of a cancelled request lost: too many entries wait for the writer");
+                }
             }
             Err(_) => {
                 tracing::error!("audit entry of a cancelled request not queued: the writer queue is full or stopped")
@@ -1206,6 +1261,15 @@ impl Writer {
     }
 
     fn run(mut self, rx: Receiver<Job>) {
+        // However the writer ends, outcomes put beside the queue after its last look are
+        // dropped (their waiters answered), and no more are put there.
+        struct CloseOnExit(Arc<Shared>);
+        impl Drop for CloseOnExit {
+            fn drop(&mut self) {
+                self.0.overflow.close();
+            }
+        }
+        let _closing = CloseOnExit(self.shared.clone());
         let mut queue: Vec<Queued> = Vec::new();
         // In buffered mode the queue holds what the channel held: when the disk fails,
         // entries wait here (and then in the channel, which fills and makes requests
@@ -1220,6 +1284,12 @@ impl Writer {
             };
             let mut shutdown = None;
             let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
+            // Outcomes waiting beside the queue are looked at again soon.
+            let wait = if self.shared.overflow.len.load(Ordering::Relaxed) > 0 {
+                wait.min(Duration::from_millis(10))
+            } else {
+                wait
+            };
             let first = if room {
                 match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
                     Ok(job) => Some(job),
@@ -1239,8 +1309,6 @@ impl Writer {
                 // one write and one fsync cover them all.
                 std::thread::sleep(self.config.buffered_linger);
             }
-            // The channel was found empty (a receive that timed out).
-            let mut drained = room && first.is_none();
             let mut next = first;
             while let Some(job) = next.take() {
                 match job {
@@ -1252,18 +1320,31 @@ impl Writer {
                 let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
                 if queue.len() < 8192 && shutdown.is_none() && room {
                     next = rx.try_recv().ok();
-                    drained = next.is_none();
                 }
             }
-            // Outcomes that found the channel full, once the channel is empty: whatever
-            // was in it when they were put aside (their intents among it) is queued
-            // before them. In `fail_closed` mode an outcome's intent is on disk before
-            // its request runs, so they are taken at once.
-            if drained || self.config.mode == AuditMode::FailClosed || shutdown.is_some() {
-                for job in self.shared.overflow.take() {
-                    match job {
-                        Job::Append(entry, ack, kind) => queue.push(Queued { entry, ack, kind, since: Instant::now() }),
-                        Job::Shutdown(ack) => shutdown = Some(ack),
+            // Outcomes that found the channel full, each once its intent has come through
+            // it (queued, or written and awaiting its outcome), so that it follows its
+            // intent in the log; one whose intent is still in the channel waits for the
+            // next pass. (In `fail_closed` mode an intent is on disk before its request
+            // runs: its outcome is always ready.)
+            if self.shared.overflow.len.load(Ordering::Relaxed) > 0 {
+                let awaiting = &self.awaiting;
+                let intents: std::collections::HashSet<&str> = queue
+                    .iter()
+                    .filter_map(|q| match &q.kind {
+                        EntryKind::Intent(id) => Some(id.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                let ready = |job: &Job| match job {
+                    Job::Append(_, _, EntryKind::Outcome(id)) => {
+                        awaiting.contains_key(id) || intents.contains(id.as_str())
+                    }
+                    _ => true,
+                };
+                for job in self.shared.overflow.take(ready) {
+                    if let Job::Append(entry, ack, kind) = job {
+                        queue.push(Queued { entry, ack, kind, since: Instant::now() });
                     }
                 }
             }
@@ -1297,6 +1378,11 @@ impl Writer {
                 self.last_checkpoint = Instant::now();
             }
             if let Some(ack) = shutdown {
+                for job in self.shared.overflow.take(|_| true) {
+                    if let Job::Append(entry, ack, kind) = job {
+                        queue.push(Queued { entry, ack, kind, since: Instant::now() });
+                    }
+                }
                 let r = self.check_file().and_then(|()| {
                     let mut c = self.chain(&queue.iter().map(|q| &q.entry).collect::<Vec<_>>())?;
                     self.push_checkpoint(&mut c, true)?;
