@@ -263,6 +263,26 @@ async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
         assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{r:?}");
     }
     assert!(!s.log_text().contains("setting it aside"), "a record was set aside");
+
+    // A token that fails every unwrap for a while: the records fail both tries, but the
+    // token fails its own wrap-and-unwrap check too, so none is set aside; the rotation
+    // waits, and finishes once the token is back.
+    set(&fault, "bad_tag unwrap_key");
+    assert_eq!(c.post("sys/rotate", Some(&root), json!({})).await.status, 200);
+    wait_for(Duration::from_secs(30), "the token's failed check in the log", || {
+        s.log_text().contains("records it cannot open now are not set aside")
+    })
+    .await;
+    let status = c.get("sys/rotate/status", &root).await.body["data"].clone();
+    assert_eq!((status["state"].as_str(), status["set_aside"].as_u64()), (Some("rewrapping"), Some(0)), "{status}");
+    set(&fault, "");
+    let status = keyvault_tests::wait_rotation_idle(&c, &root).await;
+    assert_eq!((status["active_version"].as_u64(), status["set_aside"].as_u64()), (Some(3), Some(0)), "{status}");
+    for i in 0..5 {
+        let r = c.get(&format!("secret/r/{i}"), &root).await;
+        assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{r:?}");
+    }
+    assert!(!s.log_text().contains("setting it aside"), "a record was set aside");
 }
 
 /// A transit rotation that fails after its version's token object was made (here the

@@ -538,6 +538,25 @@ impl Barrier {
         Ok(RewrapEpochs { loaded, to })
     }
 
+    /// Whether the token wraps and unwraps a fresh key under master version `v` as it
+    /// should: told apart from damaged records, a token that fails such calls (SoftHSM
+    /// answers a failed tag check and some of its own faults alike) is unavailable, and
+    /// nothing may be judged damaged on its word.
+    pub async fn token_answers(&self, v: KeyVersion) -> Result<()> {
+        let probe = Zeroizing::new(random::<32>()?);
+        let aad = b"keyvault.token-probe.v1".to_vec();
+        let wrapped = self.wrap(v, probe.clone(), aad.clone()).await?;
+        let label = self.names.master(v);
+        match hsm_call(&self.keys, move |k| k.unwrap_key(&label, &wrapped, &aad)).await {
+            Ok(back) if back.as_slice() == probe.as_slice() => Ok(()),
+            Ok(_) | Err(Error::Hsm(keyvault_hsm::HsmError::InvalidCiphertext)) => Err(Error::Unavailable(
+                "the token did not unwrap a key it had just wrapped; records it cannot open now are not set aside"
+                    .into(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn wrap(&self, v: KeyVersion, dek: Zeroizing<[u8; 32]>, aad: Vec<u8>) -> Result<Vec<u8>> {
         let label = self.names.master(v);
         hsm_call(&self.keys, move |k| k.wrap_key(&label, dek.as_ref(), &aad)).await

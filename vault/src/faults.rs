@@ -16,7 +16,8 @@
 //! - `flaky <percent>`: that share of calls fails as with `error`;
 //! - `bad_tag_once <op>`: the first call of that kind fails as a failed integrity check
 //!   would (`InvalidCiphertext`: SoftHSM's `CKR_GENERAL_ERROR` is read so), once per
-//!   process; every call after it runs.
+//!   process; every call after it runs;
+//! - `bad_tag <op>`: every call of that kind fails so.
 //!
 //! `KEYVAULT_TEST_AUDIT_FSYNC_FAULT=<file>`: read before every `fdatasync` of the audit
 //! log ([`audit_fsync`]): `error` fails the sync as a disk error would (`EIO`), `slow <ms>`
@@ -50,6 +51,7 @@ pub fn before(op: &'static str) -> keyvault_hsm::Result<()> {
                 return Err(keyvault_hsm::HsmError::simulated_device_error());
             }
             (Some("error"), _) => return Ok(()),
+            (Some("bad_tag"), _) if second == Some(op) => return Err(keyvault_hsm::HsmError::InvalidCiphertext),
             (Some("bad_tag_once"), _) => {
                 static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
                 return if second == Some(op) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -619,8 +619,14 @@ impl Rotation {
         if !failed.is_empty() {
             let items: Vec<RewrapItem> = failed.iter().map(|i| work[*i].1.clone()).collect();
             let again = self.barrier.rewrap_batch(items, target).await?;
+            let still = again.iter().any(|r| r.is_err());
             for (i, outcome) in failed.into_iter().zip(again) {
                 results[i] = outcome;
+            }
+            // Failed twice: damage, if the token does right by a key of its own now; if
+            // it does not, the token is at fault, and the step is tried again later.
+            if still {
+                self.barrier.token_answers(target).await?;
             }
         }
         let known_max = self.keyring.load().master.versions.iter().copied().max().unwrap_or(target);
