@@ -47,8 +47,8 @@ pub enum PauseAt {
     Scan,
     /// A compare-and-swap, held after it is made (its caller has not seen the outcome).
     Swap,
-    /// A compare-and-swap, held before it is made (what its caller read may change
-    /// meanwhile).
+    /// A compare-and-swap (or a transaction that writes the key), held before it is made
+    /// (what its caller read may change meanwhile).
     BeforeSwap,
 }
 
@@ -159,6 +159,10 @@ impl Store for TestStore {
     }
     async fn transact_many(&self, txs: Vec<Vec<TxOp>>) -> StoreResult<Vec<TxOutcome>> {
         self.write()?;
+        // A transaction that writes the key is held as a compare-and-swap of it would be.
+        if txs.iter().flatten().any(|op| op.key() == self.key) {
+            self.hold(PauseAt::BeforeSwap, &self.key).await;
+        }
         self.inner.transact_many(txs).await
     }
     async fn close_counter(&self, key: &str) -> StoreResult<()> {

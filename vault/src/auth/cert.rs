@@ -120,20 +120,34 @@ impl CertAuth {
 
     /// Remove a fingerprint pin from every role (the kill switch). A role whose only pin
     /// it was is deleted: without its pins it would accept any certificate that meets its
-    /// other constraints (its names and SANs), more than it accepted before.
+    /// other constraints (its names and SANs), more than it accepted before. A role
+    /// changed between the scan and its change is read again and judged on what it is
+    /// now (before, such a change made the kill switch 409 half way, or a delete removed
+    /// whatever the role had become).
     pub async fn remove_pin(&self, fingerprint: &str) -> Result<usize> {
         let mut changed = 0;
-        for (name, raw, mut role) in self.roles.all_raw().await? {
-            let before = role.config.certificate_sha256.len();
-            role.config.certificate_sha256.retain(|f| f != fingerprint);
-            if role.config.certificate_sha256.len() == before {
-                continue;
-            }
-            changed += 1;
-            if role.config.certificate_sha256.is_empty() || normalize(role.config.clone()).is_err() {
-                self.roles.delete(&name).await?;
-            } else {
-                self.roles.save(&name, &role, Some(&raw)).await?;
+        for (name, raw, role) in self.roles.all_raw().await? {
+            let mut current = Some((raw, role));
+            let mut attempts = 0;
+            while let Some((raw, mut role)) = current.take() {
+                let before = role.config.certificate_sha256.len();
+                role.config.certificate_sha256.retain(|f| f != fingerprint);
+                if role.config.certificate_sha256.len() == before {
+                    break;
+                }
+                let done = if role.config.certificate_sha256.is_empty() || normalize(role.config.clone()).is_err() {
+                    self.roles.delete_exact(&name, raw).await
+                } else {
+                    self.roles.save(&name, &role, Some(&raw)).await
+                };
+                match done {
+                    Ok(()) => changed += 1,
+                    Err(Error::Conflict(_)) if attempts < 100 => {
+                        attempts += 1;
+                        current = self.roles.load_raw(&name).await?;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(changed)
@@ -143,6 +157,41 @@ impl CertAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A role rewritten between the kill switch's scan and its change loses the pin all
+    /// the same, and keeps the rewrite (before: 409, and the kill switch stopped half way).
+    #[tokio::test]
+    async fn the_kill_switch_removes_a_pin_from_a_role_changed_under_it() {
+        use crate::test_support::{PauseAt, TestStore};
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn Store> = Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let plain = CertAuth::new(sled.clone());
+        let store = Arc::new(TestStore::holding(sled.clone(), PauseAt::BeforeSwap, &plain.roles.key("web")));
+        let held = Arc::new(CertAuth::new(store.clone()));
+        let (x, y) = ("ab".repeat(32), "cd".repeat(32));
+        let role = |cn: &str| StoredRole {
+            config: CertRoleConfig {
+                certificate_sha256: vec![x.clone(), y.clone()],
+                allowed_common_names: vec![cn.into()],
+                ..Default::default()
+            },
+            token: Default::default(),
+        };
+        plain.roles.save("web", &role("web"), None).await.unwrap();
+        store.arm();
+        let kill = tokio::spawn({
+            let (held, x) = (held.clone(), x.clone());
+            async move { held.remove_pin(&x).await }
+        });
+        store.reached.notified().await;
+        let (raw, _) = plain.roles.load_raw("web").await.unwrap().unwrap();
+        plain.roles.save("web", &role("web2"), Some(&raw)).await.unwrap();
+        store.go.notify_one();
+        assert_eq!(kill.await.unwrap().unwrap(), 1);
+        let now = plain.roles.require("web").await.unwrap();
+        assert_eq!(now.config.certificate_sha256, std::slice::from_ref(&y), "the pin is gone");
+        assert_eq!(now.config.allowed_common_names, ["web2"], "the rewrite is kept");
+    }
 
     fn cert() -> ClientCert {
         ClientCert {

@@ -170,6 +170,13 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
     pub async fn delete(&self, name: &str) -> Result<StoredRole<T>> {
         let (raw, role) =
             self.load_raw(name).await?.ok_or_else(|| Error::NotFound(format!("no {} role {name}", self.method)))?;
+        self.delete_exact(name, raw).await?;
+        Ok(role)
+    }
+
+    /// Delete a role and release its name if what is stored is still `raw`; 409 if it
+    /// changed.
+    pub async fn delete_exact(&self, name: &str, raw: Vec<u8>) -> Result<()> {
         let index = role_index_key(name);
         // The name first, then the role: the order `save` takes them in (PostgreSQL locks
         // rows in the order a transaction writes them; two orders could deadlock).
@@ -181,7 +188,7 @@ impl<T: Serialize + serde::de::DeserializeOwned> RoleStore<T> {
         }
         ops.push(TxOp::Swap { key: self.key(name), expected: raw, new: None });
         match self.store.transact(ops).await? {
-            TxOutcome::Committed => Ok(role),
+            TxOutcome::Committed => Ok(()),
             _ => Err(Error::Conflict(format!("{} role {name} changed concurrently; retry", self.method))),
         }
     }

@@ -420,9 +420,11 @@ impl Sys {
                 // identity), tidy up: certificate pins and gateway producers.
                 let producers = match &identity {
                     Identity::Certificate(fp) => {
-                        let roles = self.cert.remove_pin(fp).await?;
-                        tracing::info!(roles, "certificate pin removed from cert roles");
-                        self.gateway.disable_matching(Some(fp), None).await?
+                        // Both tidy-ups run, whatever the first one's outcome.
+                        let roles = self.cert.remove_pin(fp).await;
+                        let producers = self.gateway.disable_matching(Some(fp), None).await;
+                        tracing::info!(roles = roles?, "certificate pin removed from cert roles");
+                        producers?
                     }
                     Identity::Spiffe(id) => self.gateway.disable_matching(None, Some(id)).await?,
                     Identity::Role(_) | Identity::User(_) => 0,
