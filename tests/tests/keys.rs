@@ -601,6 +601,15 @@ async fn gateway_check_matrix() {
     expect(&check(new.item(id, later, &nonce(303), &good_body)).await, 401, Some("revoked_identity"));
     let r = ok(c.get(&format!("gateway/producers/{id}"), &root).await, 200);
     assert_eq!(r.body["data"]["disabled"], true);
+    // Registered again still pinning the revoked certificate (with another beside it), it
+    // is refused: that would enable the producer again for the other pin.
+    let other = "cd".repeat(32);
+    let again = json!({"cert_sha256": [cert, other], "keys": [{"key_id": "k-new", "public_key": new.public()}],
+                       "operator_tenants": {"op-001": tenant}});
+    let r = ok(c.post(&format!("gateway/producers/{id}"), Some(&root), again).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("is revoked (kill switch)"), "{r:?}");
+    let r = ok(c.get(&format!("gateway/producers/{id}"), &root).await, 200);
+    assert_eq!(r.body["data"]["disabled"], true, "still disabled");
 
     // Every verdict is an audit event.
     let audit = std::fs::read_to_string(s.audit_log()).unwrap();

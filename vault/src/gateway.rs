@@ -54,7 +54,7 @@ fn decode_public_key(b64: &str) -> Option<VerifyingKey> {
 }
 
 /// Check and normalize a producer before it is stored.
-fn validate_producer(mut p: Producer) -> Result<Producer> {
+pub(crate) fn validate_producer(mut p: Producer) -> Result<Producer> {
     if p.cert_sha256.is_empty() {
         return Err(Error::invalid("a producer needs at least one pinned cert_sha256"));
     }

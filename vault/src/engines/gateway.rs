@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use keyvault_api::gateway::{BatchVerdicts, Producer, Verdict, VerifyBatch, VerifyItem};
 
 use super::EngineKind;
-use crate::auth::revocation::Revocations;
+use crate::auth::revocation::{Identity, Revocations};
 use crate::error::{Error, Result};
 use crate::gateway::{Gateway, VERDICT_STATUSES, validate_identity};
 use crate::logical::openapi::Answer;
@@ -140,6 +140,17 @@ impl Engine for GatewayEngine {
             ("producers", _) => Reply::keys(self.gateway.list_producers().await?),
             ("producers/{*identity}", Operation::Write) => {
                 let p: Producer = req.data()?;
+                // A certificate the kill switch revoked cannot be pinned again: a
+                // re-registration (a reconcile job's, say) would otherwise enable again a
+                // producer the kill switch disabled, for its other pins. Restore the
+                // certificate first (`sys/restore-identity`), or leave it out.
+                for fp in &crate::gateway::validate_producer(p.clone())?.cert_sha256 {
+                    if self.revocations.identity_state(&Identity::Certificate(fp.clone())).await?.blocks_logins {
+                        return Err(Error::invalid(format!(
+                            "certificate {fp} is revoked (kill switch): leave it out of cert_sha256, or restore it first"
+                        )));
+                    }
+                }
                 self.gateway.put_producer(&identity, p, req.existing.as_deref()).await?;
                 Ok(Reply::empty())
             }
