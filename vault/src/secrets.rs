@@ -766,12 +766,21 @@ impl Secrets {
                     None => k.clone(),
                 }
             });
-            for (k, _) in &page {
+            for (k, raw) in &page {
                 let rest = &k[full.len()..];
                 let child = match rest.find('/') {
                     Some(i) => &rest[..=i],
                     None => rest,
                 };
+                // A secret that does not exist by the engine's rule (KV version 1: its
+                // latest version deleted) is not listed, as Vault's KV version 1 lists no
+                // deleted entry. (A folder is listed while it holds any secret's metadata.)
+                if child == rest
+                    && self.ns.is_empty()
+                    && decode_json::<SecretMeta>(k, raw).is_ok_and(|m| !self.exists_as(true, &m))
+                {
+                    continue;
+                }
                 // Other engines' namespaces (KV version 2's, the database engine's: each
                 // starts with a control character no path can have) are not folders of
                 // version 1.
@@ -1052,6 +1061,24 @@ mod tests {
         plain.update_metadata_if(&meta_only, change(), Some(false)).await.unwrap();
         let refused = plain.update_metadata_if(&meta_only, change(), Some(false)).await;
         assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+    }
+
+    /// KV version 1 lists no secret whose latest version was deleted (it no longer exists
+    /// for it, as in Vault); KV version 2 lists a soft-deleted one (it has metadata).
+    #[tokio::test]
+    async fn listings_keep_to_each_engines_existence_rule() {
+        let keyed = Keyed::new().await;
+        let prefix = SecretPrefix::parse("app/").unwrap();
+        for (secrets, listed) in [
+            (Secrets::new(keyed.store.clone(), keyed.barrier(), 10), vec!["kept", "sub/"]),
+            (Secrets::kv2(keyed.store.clone(), keyed.barrier(), 10), vec!["gone", "kept", "sub/"]),
+        ] {
+            for p in ["app/kept", "app/gone", "app/sub/x"] {
+                secrets.write(&SecretPath::parse(p).unwrap(), br#"{"v":"1"}"#).await.unwrap();
+            }
+            secrets.delete_latest(&SecretPath::parse("app/gone").unwrap()).await.unwrap();
+            assert_eq!(secrets.list(&prefix).await.unwrap(), listed);
+        }
     }
 
     /// A read that fetched a record before a rotation re-wrapped it and a retire ended
