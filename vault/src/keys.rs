@@ -763,13 +763,18 @@ mod tests {
             });
             // The change commits while the slow caller holds its older read (the change
             // may wait for the slow caller's turn to take it).
-            let committed = loop {
-                let stored = load(k.store.as_ref()).await.unwrap().unwrap();
-                if stored.token_signing.active != before {
-                    break stored.token_signing.active;
+            let committed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                loop {
+                    let stored = load(k.store.as_ref()).await.unwrap().unwrap();
+                    if stored.token_signing.active != before {
+                        break stored.token_signing.active;
+                    }
+                    assert!(!change.is_finished(), "the change ended without committing");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            };
+            })
+            .await
+            .expect("the change commits");
             store.go.notify_one();
             slow.await.unwrap().unwrap();
             change.await.unwrap().unwrap();

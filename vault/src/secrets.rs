@@ -95,6 +95,10 @@ pub struct WriteOptions {
     /// Write only if the secret exists (`Some(true)`) or does not (`Some(false)`) when
     /// the write is recorded (see `Request::must_exist`): 409 otherwise.
     pub must_exist: Option<bool>,
+    /// `cas` is the version the engine read, not one the caller named (a KV version 2
+    /// patch without `options.cas`): it guards against a lost update, but does not meet
+    /// a `cas_required` setting, at the start or when the write is recorded.
+    pub implicit_cas: bool,
 }
 
 /// A change of a secret's settings (KV version 2 `metadata`); `None` leaves one as is.
@@ -313,7 +317,7 @@ impl Secrets {
         let written_concurrently =
             || Error::Conflict(format!("{} is being written concurrently; retry", path.as_str()));
         let cas_required = || Error::invalid("check-and-set parameter required for this call");
-        if opts.cas.is_none() && (opts.cas_required || meta.cas_required) {
+        if (opts.cas.is_none() || opts.implicit_cas) && (opts.cas_required || meta.cas_required) {
             return Err(cas_required());
         }
         if opts.cas.is_some_and(|cas| cas != meta.current_version) {
@@ -372,7 +376,7 @@ impl Secrets {
                 }
                 // The settings as they are now, not as they were when the write began: a
                 // secret made to require check-and-set meanwhile refuses this write.
-                if opts.cas.is_none() && meta.cas_required {
+                if (opts.cas.is_none() || opts.implicit_cas) && meta.cas_required {
                     self.destroy_own_record(&key, &sealed).await?;
                     return Err(cas_required());
                 }
@@ -1004,6 +1008,28 @@ mod tests {
         }
         let cas = WriteOptions { cas: Some(13), ..Default::default() };
         assert_eq!(secrets.write_with(&path, br#"{"v":13}"#, cas).await.unwrap().0, 14);
+        // The version an engine read (a patch's) is not the caller's check-and-set.
+        let implicit = WriteOptions { cas: Some(14), implicit_cas: true, ..Default::default() };
+        assert!(matches!(secrets.write_with(&path, br#"{"v":14}"#, implicit).await, Err(Error::InvalidRequest(_))));
+    }
+
+    /// A patch (check-and-set on the version it read, not the caller's) held while the
+    /// secret is made to require check-and-set is refused when it commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_patch_meets_a_check_and_set_requirement_made_while_it_ran() {
+        let (_keyed, _sled, plain, path, paused, stale) = held_writer(Secrets::kv2, "app/patched").await;
+        plain.write(&path, br#"{"v":"1"}"#).await.unwrap();
+        paused.arm();
+        let w = tokio::spawn({
+            let (stale, path) = (stale.clone(), path.clone());
+            let opts = WriteOptions { cas: Some(1), implicit_cas: true, ..Default::default() };
+            async move { stale.write_with(&path, br#"{"v":"p"}"#, opts).await }
+        });
+        paused.reached.notified().await;
+        plain.update_metadata(&path, MetaUpdate { cas_required: Some(true), ..Default::default() }).await.unwrap();
+        paused.go.notify_one();
+        assert!(matches!(w.await.unwrap(), Err(Error::InvalidRequest(_))));
+        assert_eq!(plain.metadata(&path).await.unwrap().unwrap().current_version, 1);
     }
 
     /// A write whose caller may only create (or only update) is recorded only if the

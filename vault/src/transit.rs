@@ -265,10 +265,12 @@ impl Transit {
     pub async fn create(&self, name: &str, key_type: KeyType) -> Result<TransitKey> {
         let now = unix_now();
         let record = self.load_raw(name).await?;
-        // Every version the key may have must have a label: checked here, not at the
+        // Every version a new key may have must have a label: checked here, not at the
         // rotation that would need it (a name that fits a long key prefix for version 9
         // only could never be rotated past it, even after a compromise).
-        self.label(name, MAX_KEY_VERSIONS as u32)?;
+        if record.is_none() {
+            self.label(name, MAX_KEY_VERSIONS as u32)?;
+        }
         // A key deleted moments ago keeps its name (see `DELETED_HOLD`). Checked after the
         // record was found absent: a delete makes this entry before it removes the record,
         // so a record gone by then left its entry before. (Read the other way round, a

@@ -297,7 +297,7 @@ impl Kv2 {
         }
         let data = parsed.data.ok_or_else(|| Error::invalid("no data provided"))?;
         let cas = parsed.options.and_then(|o| o.cas);
-        self.write_value(&path, data.get().as_bytes(), cas, req.must_exist).await
+        self.write_value(&path, data.get().as_bytes(), cas, req.must_exist, false).await
     }
 
     async fn write_value(
@@ -306,12 +306,18 @@ impl Kv2 {
         value: &[u8],
         cas: Option<u64>,
         must_exist: Option<bool>,
+        implicit_cas: bool,
     ) -> Result<Reply> {
         let config = self.config().await?;
         let meta = self.secrets.metadata(path).await?.unwrap_or_default();
         // The secret's own settings are read again when the write is recorded.
-        let opts =
-            WriteOptions { cas, max_versions: config.max_versions, cas_required: config.cas_required, must_exist };
+        let opts = WriteOptions {
+            cas,
+            max_versions: config.max_versions,
+            cas_required: config.cas_required,
+            must_exist,
+            implicit_cas,
+        };
         let (version, vmeta) = self.secrets.write_with(path, value, opts).await?;
         Reply::data(&version_metadata(&meta, version, &vmeta))
     }
@@ -380,17 +386,13 @@ impl Kv2 {
         // the mount or the secret, the caller must name the version it patches, and a
         // version named must be the one patched. Without a requirement, the version read
         // is the check-and-set (a concurrent write makes the patch 409).
+        // (The requirement is checked by the write, at its start and when it is recorded,
+        // with the version read marked as not the caller's.)
         let given = body.options.and_then(|o| o.cas);
-        if given.is_none() {
-            let secret_requires = self.secrets.metadata(&path).await?.is_some_and(|m| m.cas_required);
-            if secret_requires || self.config().await?.cas_required {
-                return Err(Error::invalid("check-and-set parameter required for this call"));
-            }
-        }
         if given.is_some_and(|cas| cas != current.version) {
             return Err(Error::Conflict("check-and-set parameter did not match the current version".into()));
         }
-        self.write_value(&path, &text, Some(given.unwrap_or(current.version)), None).await
+        self.write_value(&path, &text, Some(given.unwrap_or(current.version)), None, given.is_none()).await
     }
 
     async fn metadata(&self, req: &Request) -> Result<Reply> {
