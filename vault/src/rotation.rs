@@ -619,14 +619,29 @@ impl Rotation {
         if !failed.is_empty() {
             let items: Vec<RewrapItem> = failed.iter().map(|i| work[*i].1.clone()).collect();
             let again = self.barrier.rewrap_batch(items, target).await?;
+            // Failed twice: damage, if the token does right by keys of its own now, under
+            // the target version and under each known version those records name; if it
+            // does not, the token is at fault (or that version's key in it is), and the
+            // step is tried again later.
+            let known = self.keyring.load().master.versions.clone();
+            let mut probe: Vec<KeyVersion> = vec![target];
+            for (i, outcome) in failed.iter().zip(&again) {
+                if outcome.is_err()
+                    && let Ok(r) = Record::parse(&work[*i].1.stored)
+                    && known.contains(&r.kek_version)
+                    && !probe.contains(&r.kek_version)
+                {
+                    probe.push(r.kek_version);
+                }
+            }
             let still = again.iter().any(|r| r.is_err());
             for (i, outcome) in failed.into_iter().zip(again) {
                 results[i] = outcome;
             }
-            // Failed twice: damage, if the token does right by a key of its own now; if
-            // it does not, the token is at fault, and the step is tried again later.
             if still {
-                self.barrier.token_answers(target).await?;
+                for v in probe {
+                    self.barrier.token_answers(v).await?;
+                }
             }
         }
         let known_max = self.keyring.load().master.versions.iter().copied().max().unwrap_or(target);
@@ -675,5 +690,47 @@ impl Rotation {
             );
         }
         Ok((committed(&swapped), n_aside))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::Secrets;
+
+    /// A read that fetched a record before a rotation re-wrapped it and a retire ended
+    /// its master version (the epoch key gone) opens the record as it is now, not 500.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_overtaken_by_a_rotation_and_a_retire_opens_the_record_as_it_is_now() {
+        use crate::test_support::{PauseAt, TestStore};
+        let keyed = crate::test_support::Keyed::new().await;
+        let (sled, barrier) = (keyed.store.clone(), keyed.barrier());
+        let plain = Secrets::new(sled.clone(), barrier.clone(), 10);
+        let path = keyvault_api::secret::SecretPath::parse("app/overtaken").unwrap();
+        plain.write(&path, br#"{"v":"1"}"#).await.unwrap();
+        let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.data_key(&path, 1)));
+        let held = Arc::new(Secrets::new(paused.clone(), barrier.clone(), 10));
+        paused.arm();
+        let read = tokio::spawn({
+            let (held, path) = (held.clone(), path.clone());
+            async move { held.read(&path, None).await }
+        });
+        paused.reached.notified().await;
+        let rotation = Rotation::new(
+            sled.clone(),
+            keyed.keys.clone(),
+            keyed.names.clone(),
+            keyed.keyring.clone(),
+            barrier.clone(),
+        );
+        rotation.start().await.unwrap();
+        while rotation.step().await.unwrap() {}
+        while rotation.status().await.unwrap().state != "idle" {
+            rotation.step().await.unwrap();
+        }
+        assert_eq!(rotation.retire().await.unwrap(), [1]);
+        paused.go.notify_one();
+        let v = read.await.unwrap().unwrap();
+        assert_eq!(&*v.data, br#"{"v":"1"}"#.as_slice());
     }
 }

@@ -1009,7 +1009,10 @@ impl Writer {
             // must end with an entry that is there.
             if let Err(t) = f.set_len(self.size).and_then(|()| sync(f)) {
                 tracing::error!(error = %t, "cannot cut a failed audit write off the file");
-                self.preamble.push(event("event", json!({"event": "audit_file_unrepairable"})));
+                // Once per incident: a disk that keeps failing fails every cut-back.
+                if !self.preamble.iter().any(|e| e.get("event").is_some_and(|v| v == "audit_file_unrepairable")) {
+                    self.preamble.push(event("event", json!({"event": "audit_file_unrepairable"})));
+                }
                 self.file = None;
             }
             return Err(e);
@@ -1080,8 +1083,22 @@ impl Writer {
             Ok(_) => None,
         };
         let Some(reason) = reason else { return Ok(()) };
+        let found = std::fs::metadata(&self.config.path).ok();
+        // A file of ours that no write ever reached durably (made after an earlier failure,
+        // or the first file of a new log, and every write to it failed): nothing in it was
+        // acknowledged, so it is removed rather than set aside, and the file made in its
+        // place begins as it would have, its gap (if any) still waiting in the preamble.
+        // So a disk whose syncs fail for a long time leaves one anomaly file, not one per
+        // retry (empty ones among them, which no verifier reads as a log).
+        let ours = found.as_ref().is_some_and(|m| (m.dev(), m.ino()) == self.identity);
+        if reason == "write_failed" && ours && self.size == 0 && self.start.is_some() {
+            let start = self.start.take().unwrap_or(FileStart::Continues);
+            std::fs::remove_file(&self.config.path)?;
+            self.file = None;
+            return self.create_file(start);
+        }
         tracing::error!(path = %self.config.path.display(), reason, "the audit log file changed under the writer; starting a new file with a gap entry");
-        let found = std::fs::metadata(&self.config.path).map(|m| m.len()).ok();
+        let expected_size = self.size;
         if found.is_some() {
             let aside =
                 PathBuf::from(format!("{}.anomaly-{}-{}", self.config.path.display(), crate::unix_now(), self.seq));
@@ -1089,7 +1106,10 @@ impl Writer {
         }
         self.file = None;
         self.create_file(FileStart::Continues)?;
-        self.preamble.push(event("gap", json!({"reason": reason, "expected_size": self.size, "found_size": found})));
+        self.preamble.push(event(
+            "gap",
+            json!({"reason": reason, "expected_size": expected_size, "found_size": found.map(|m| m.len())}),
+        ));
         Ok(())
     }
 
@@ -1284,20 +1304,22 @@ impl Writer {
             };
             let mut shutdown = None;
             let room = self.config.mode != AuditMode::Buffered || queue.len() < capacity;
-            // Outcomes waiting beside the queue are looked at again soon.
-            let wait = if self.shared.overflow.len.load(Ordering::Relaxed) > 0 {
-                wait.min(Duration::from_millis(10))
+            // Outcomes waiting beside the queue are looked at again soon; and the writer
+            // never sleeps long, so that an outcome put there just after it looked waits
+            // at most that long.
+            let nap = if self.shared.overflow.len.load(Ordering::Relaxed) > 0 {
+                Duration::from_millis(10)
             } else {
-                wait
+                Duration::from_millis(100)
             };
             let first = if room {
-                match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                match rx.recv_timeout(wait.min(nap).max(Duration::from_millis(1))) {
                     Ok(job) => Some(job),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             } else {
-                std::thread::sleep(wait.max(Duration::from_millis(1)));
+                std::thread::sleep(wait.min(nap).max(Duration::from_millis(1)));
                 None
             };
             if first.is_some()
@@ -1309,6 +1331,9 @@ impl Writer {
                 // one write and one fsync cover them all.
                 std::thread::sleep(self.config.buffered_linger);
             }
+            // An entry came in this pass (a nap that ended with nothing is no reason to try
+            // a failing disk before its backoff is out).
+            let arrived = first.is_some();
             let mut next = first;
             while let Some(job) = next.take() {
                 match job {
@@ -1348,16 +1373,17 @@ impl Writer {
                     }
                 }
             }
-            crate::metrics::get().audit_queue_depth.set(queue.len() as i64);
+            let overflowing = self.shared.overflow.len.load(Ordering::Relaxed);
+            crate::metrics::get().audit_queue_depth.set((queue.len() + overflowing) as i64);
             let due = self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval;
-            let on_demand = !queue.is_empty() && self.last_try.elapsed() >= RETRY_ON_DEMAND;
+            let on_demand = arrived && !queue.is_empty() && self.last_try.elapsed() >= RETRY_ON_DEMAND;
             if self.degraded() && Instant::now() < self.next_try && shutdown.is_none() && !on_demand {
                 if self.config.mode == AuditMode::FailClosed {
                     // Do not make requests wait out the backoff: refuse what may be
                     // refused now (nothing of theirs was changed).
                     self.refuse_non_outcomes(&mut queue, "the audit log cannot be written (backing off)");
                 }
-                self.shared.waiting.store(queue.len() as u64, Ordering::Relaxed);
+                self.shared.waiting.store((queue.len() + overflowing) as u64, Ordering::Relaxed);
                 continue;
             }
             if !queue.is_empty() || self.degraded() {

@@ -144,6 +144,13 @@ impl Engine for GatewayEngine {
                 // re-registration (a reconcile job's, say) would otherwise enable again a
                 // producer the kill switch disabled, for its other pins. Restore the
                 // certificate first (`sys/restore-identity`), or leave it out.
+                if identity.starts_with("spiffe://")
+                    && self.revocations.identity_state(&Identity::Spiffe(identity.clone())).await?.blocks_logins
+                {
+                    return Err(Error::invalid(format!(
+                        "{identity} is revoked (kill switch): restore it before registering it again"
+                    )));
+                }
                 for fp in &crate::gateway::validate_producer(p.clone())?.cert_sha256 {
                     if self.revocations.identity_state(&Identity::Certificate(fp.clone())).await?.blocks_logins {
                         return Err(Error::invalid(format!(
