@@ -438,6 +438,15 @@ async fn automatic_rotation_by_age_and_by_encryptions() {
             .to_owned();
     wait_for_version(c.clone(), watcher.clone(), 3).await;
     assert!(s.log_text().contains("automatic master key rotation started"));
+    // No request asked for these rotations: the audit log has an event for each.
+    let audit = std::fs::read_to_string(s.audit_log()).unwrap();
+    let started: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "master_rotation_started")
+        .collect();
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert!(started.iter().all(|e| e["automatic"] == true), "{started:?}");
     let st = ok(c.get("sys/rotate/status", &watcher).await, 200).body["data"].clone();
     assert_eq!(st["records_by_version"], json!({"3": 25}), "{st}");
 }

@@ -365,9 +365,6 @@ fn default_ttl() -> Duration {
 fn default_max_ttl() -> Duration {
     Duration::from_secs(3600)
 }
-/// The most `[tokens] max_clock_offset` may be (see `Config::validate`).
-const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(4);
-
 fn default_max_clock_offset() -> Duration {
     Duration::from_secs(2)
 }
@@ -478,15 +475,6 @@ impl Config {
         if self.tokens.default_ttl.is_zero() {
             return Err(Error::Config("tokens.default_ttl must be positive".into()));
         }
-        // Claims on token keys (transit and keyring versions being made) end by wall-clock
-        // seconds compared on every replica, and their holders stop 10 s before the end:
-        // two replicas may be up to twice this offset apart, which must stay inside that.
-        if self.tokens.max_clock_offset > MAX_CLOCK_OFFSET {
-            return Err(Error::Config(format!(
-                "tokens.max_clock_offset may be at most {} s (replicas further apart could both make a key                  under one claim)",
-                MAX_CLOCK_OFFSET.as_secs()
-            )));
-        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(Error::Config("log.format must be \"text\" or \"json\"".into()));
         }
@@ -538,8 +526,5 @@ mod tests {
         let err =
             Config::parse(&EXAMPLE.replace("default_ttl = \"10m\"", "default_ttl = \"2h\"")).unwrap_err().to_string();
         assert!(err.contains("exceeds"), "{err}");
-        let err =
-            Config::parse(&EXAMPLE.replace("[tokens]", "[tokens]\nmax_clock_offset = \"5s\"")).unwrap_err().to_string();
-        assert!(err.contains("max_clock_offset may be at most 4 s"), "{err}");
     }
 }

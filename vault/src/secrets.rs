@@ -10,7 +10,7 @@
 //!   record format). A version's slot is claimed with insert-if-absent, so two writers
 //!   racing for the same number end up with two distinct versions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -756,6 +756,8 @@ impl Secrets {
         let full = format!("{META_PREFIX}{}{}", self.ns, prefix.as_str());
         let mut keys: Vec<String> = Vec::new();
         let mut after: Option<String> = None;
+        // KV version 1 folders already looked into, and whether they hold a secret.
+        let mut folders: HashMap<String, bool> = HashMap::new();
         loop {
             let page = self.store.scan_prefix(&full, after.as_deref(), 1000).await?;
             let done = page.len() < 1000;
@@ -776,19 +778,28 @@ impl Secrets {
                     Some(i) => &rest[..=i],
                     None => rest,
                 };
-                // A secret that does not exist by the engine's rule (KV version 1: its
-                // latest version deleted) is not listed, as Vault's KV version 1 lists no
-                // deleted entry. (A folder is listed while it holds any secret's metadata.)
-                if child == rest
-                    && self.ns.is_empty()
-                    && decode_json::<SecretMeta>(k, raw).is_ok_and(|m| !self.exists_as(true, &m))
-                {
-                    continue;
-                }
                 // Other engines' namespaces (KV version 2's, the database engine's: each
                 // starts with a control character no path can have) are not folders of
                 // version 1.
                 let other_namespace = self.ns.is_empty() && child.starts_with(|c: char| c.is_ascii_control());
+                // A secret that does not exist by the engine's rule (KV version 1: its
+                // latest version deleted) is not listed, as Vault's KV version 1 lists no
+                // deleted entry; nor is a folder that holds no secret that exists (its
+                // own listing would be 404).
+                if self.ns.is_empty() && !other_namespace {
+                    let listed = if child == rest {
+                        !matches!(decode_json::<SecretMeta>(k, raw), Ok(m) if !self.exists_as(true, &m))
+                    } else if let Some(known) = folders.get(child) {
+                        *known
+                    } else {
+                        let holds = self.holds_a_secret(&format!("{full}{child}")).await?;
+                        folders.insert(child.to_owned(), holds);
+                        holds
+                    };
+                    if !listed {
+                        continue;
+                    }
+                }
                 if !other_namespace && keys.last().map(String::as_str) != Some(child) {
                     keys.push(child.to_owned());
                 }
@@ -804,6 +815,27 @@ impl Secrets {
             return Err(Error::NotFound(format!("nothing under {:?}", prefix.as_str())));
         }
         Ok(keys)
+    }
+
+    /// Whether any secret under the metadata prefix `full` exists by this engine's rule
+    /// (metadata that cannot be read counts as a secret: it is there).
+    async fn holds_a_secret(&self, full: &str) -> Result<bool> {
+        let mut after: Option<String> = None;
+        // Small pages first: the first secret usually exists, and a folder may hold many.
+        let mut limit = 16;
+        loop {
+            let page = self.store.scan_prefix(full, after.as_deref(), limit).await?;
+            for (k, raw) in &page {
+                if !matches!(decode_json::<SecretMeta>(k, raw), Ok(m) if !self.exists_as(true, &m)) {
+                    return Ok(true);
+                }
+            }
+            if page.len() < limit {
+                return Ok(false);
+            }
+            after = page.last().map(|(k, _)| k.clone());
+            limit = (limit * 4).min(1000);
+        }
     }
 }
 
@@ -1090,19 +1122,22 @@ mod tests {
     }
 
     /// KV version 1 lists no secret whose latest version was deleted (it no longer exists
-    /// for it, as in Vault); KV version 2 lists a soft-deleted one (it has metadata).
+    /// for it, as in Vault), nor a folder holding only such secrets (its own listing would
+    /// be 404); KV version 2 lists a soft-deleted one (it has metadata).
     #[tokio::test]
     async fn listings_keep_to_each_engines_existence_rule() {
         let keyed = Keyed::new().await;
         let prefix = SecretPrefix::parse("app/").unwrap();
         for (secrets, listed) in [
             (Secrets::new(keyed.store.clone(), keyed.barrier(), 10), vec!["kept", "sub/"]),
-            (Secrets::kv2(keyed.store.clone(), keyed.barrier(), 10), vec!["gone", "kept", "sub/"]),
+            (Secrets::kv2(keyed.store.clone(), keyed.barrier(), 10), vec!["empty/", "gone", "kept", "sub/"]),
         ] {
-            for p in ["app/kept", "app/gone", "app/sub/x"] {
+            for p in ["app/kept", "app/gone", "app/sub/x", "app/empty/y"] {
                 secrets.write(&SecretPath::parse(p).unwrap(), br#"{"v":"1"}"#).await.unwrap();
             }
-            secrets.delete_latest(&SecretPath::parse("app/gone").unwrap()).await.unwrap();
+            for p in ["app/gone", "app/empty/y"] {
+                secrets.delete_latest(&SecretPath::parse(p).unwrap()).await.unwrap();
+            }
             assert_eq!(secrets.list(&prefix).await.unwrap(), listed);
         }
     }

@@ -590,7 +590,18 @@ impl Core {
         let too_used = cfg.master_max_encryptions.is_some_and(|max| count >= max);
         if too_old || too_used {
             match self.rotation.start().await {
-                Ok(v) => tracing::warn!(version = %v, too_old, too_used, "automatic master key rotation started"),
+                Ok(v) => {
+                    tracing::warn!(version = %v, too_old, too_used, "automatic master key rotation started");
+                    // No request asked for it: the audit log records it as an event.
+                    let entry = crate::audit::event(
+                        "event",
+                        serde_json::json!({"event": "master_rotation_started", "version": v.get(),
+                                           "automatic": true, "too_old": too_old, "too_used": too_used}),
+                    );
+                    if let Err(e) = self.audit.append(entry).await {
+                        tracing::error!(error = %e, "the automatic rotation's audit event was not written");
+                    }
+                }
                 Err(Error::Conflict(_)) => {}
                 Err(e) => return Err(e),
             }
