@@ -17,6 +17,24 @@ fn set(fault: &Path, mode: &str) {
     std::fs::write(fault, mode).unwrap();
 }
 
+/// A server whose key store calls read their fault from a file (empty: none), with
+/// `options` for the rest; the directory holding the file, and the file.
+fn with_faults(options: ServerOptions) -> (TestServer, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    set(&fault, "");
+    let env = vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())];
+    (TestServer::start(ServerOptions { env, ..options }), dir, fault)
+}
+
+/// Every secret `secret/r/<i>` of `0..n` reads back its value `v<i>`.
+async fn read_back(c: &Client, root: &str, n: usize) {
+    for i in 0..n {
+        let r = c.get(&format!("secret/r/{i}"), root).await;
+        assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{r:?}");
+    }
+}
+
 async fn encrypt(c: &Client, root: &str) -> (u16, Value) {
     let r = c.post("transit/encrypt/k", Some(root), json!({"plaintext": "aGk="})).await;
     (r.status, r.body)
@@ -29,14 +47,8 @@ async fn health(c: &Client) -> (u16, Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_hung_slow_or_flaky_token_is_a_503_with_a_reason_and_the_server_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    set(&fault, "");
-    let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
-        hsm_extra: "call_timeout = \"2s\"".into(),
-        ..Default::default()
-    });
+    let (s, _dir, fault) =
+        with_faults(ServerOptions { hsm_extra: "call_timeout = \"2s\"".into(), ..Default::default() });
     let c = s.client();
     let root = s.root.clone();
     assert_eq!(c.put("secret/a", &root, json!({"value": "v"})).await.status, 200);
@@ -184,11 +196,7 @@ async fn a_token_that_goes_away_and_comes_back_is_served_again() {
 /// request) and a hung one held every request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_hung_token_does_not_stop_the_audit_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    set(&fault, "");
-    let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
+    let (s, _dir, fault) = with_faults(ServerOptions {
         hsm_extra: "call_timeout = \"1s\"".into(),
         audit_extra: "checkpoint_every = 5".into(),
         ..Default::default()
@@ -240,14 +248,8 @@ async fn a_failing_or_hung_token_does_not_stop_the_audit_log() {
 /// the one failure took an acknowledged secret out of service for good: 500 on read.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    set(&fault, "");
-    let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
-        extra: "[secrets]\nkey_tier = \"token\"\n".into(),
-        ..Default::default()
-    });
+    let (s, _dir, fault) =
+        with_faults(ServerOptions { extra: "[secrets]\nkey_tier = \"token\"\n".into(), ..Default::default() });
     let c = s.client();
     let root = s.root.clone();
     for i in 0..5 {
@@ -258,10 +260,7 @@ async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
     assert_eq!(c.post("sys/rotate", Some(&root), json!({})).await.status, 200);
     let status = keyvault_tests::wait_rotation_idle(&c, &root).await;
     assert_eq!((status["active_version"].as_u64(), status["set_aside"].as_u64()), (Some(2), Some(0)), "{status}");
-    for i in 0..5 {
-        let r = c.get(&format!("secret/r/{i}"), &root).await;
-        assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{r:?}");
-    }
+    read_back(&c, &root, 5).await;
     assert!(!s.log_text().contains("setting it aside"), "a record was set aside");
 
     // A token that fails every unwrap for a while: the records fail both tries, but the
@@ -278,10 +277,7 @@ async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
     set(&fault, "");
     let status = keyvault_tests::wait_rotation_idle(&c, &root).await;
     assert_eq!((status["active_version"].as_u64(), status["set_aside"].as_u64()), (Some(3), Some(0)), "{status}");
-    for i in 0..5 {
-        let r = c.get(&format!("secret/r/{i}"), &root).await;
-        assert_eq!((r.status, r.body["data"]["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{r:?}");
-    }
+    read_back(&c, &root, 5).await;
     assert!(!s.log_text().contains("setting it aside"), "a record was set aside");
 }
 
@@ -291,13 +287,7 @@ async fn one_failed_token_call_in_a_rewrap_sets_no_secret_aside() {
 /// object outlived the delete.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_transit_rotation_leaves_nothing_a_delete_misses() {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("fault");
-    set(&fault, "");
-    let s = TestServer::start(ServerOptions {
-        env: vec![("KEYVAULT_TEST_TOKEN_FAULT".into(), fault.display().to_string())],
-        ..Default::default()
-    });
+    let (s, _dir, fault) = with_faults(ServerOptions::default());
     let c = s.client();
     let root = s.root.clone();
     assert_eq!(c.post("transit/keys/k", Some(&root), json!({"type": "ed25519"})).await.status, 200);
