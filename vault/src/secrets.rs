@@ -275,6 +275,10 @@ impl Secrets {
     /// Whether the secret exists, for the existence check that decides between `create`
     /// and `update` (and for `must_exist` when a write commits: one rule for both).
     pub async fn exists(&self, path: &SecretPath) -> Result<bool> {
+        if !self.ns.is_empty() {
+            // Metadata is existence: no need to decode it.
+            return Ok(self.store.get(&self.meta_key(path)).await?.is_some());
+        }
         let (raw, meta) = self.load_meta(path).await?;
         Ok(self.exists_as(raw.is_some(), &meta))
     }
@@ -788,7 +792,7 @@ impl Secrets {
                 // own listing would be 404).
                 if self.ns.is_empty() && !other_namespace {
                     let listed = if child == rest {
-                        !matches!(decode_json::<SecretMeta>(k, raw), Ok(m) if !self.exists_as(true, &m))
+                        self.stored_exists(k, raw)
                     } else if let Some(known) = folders.get(child) {
                         *known
                     } else {
@@ -817,18 +821,22 @@ impl Secrets {
         Ok(keys)
     }
 
+    /// Whether the secret whose stored metadata is `raw` (under key `k`) exists by this
+    /// engine's rule; metadata that cannot be read counts as a secret (it is there).
+    fn stored_exists(&self, k: &str, raw: &[u8]) -> bool {
+        decode_json::<SecretMeta>(k, raw).map_or(true, |m| self.exists_as(true, &m))
+    }
+
     /// Whether any secret under the metadata prefix `full` exists by this engine's rule
-    /// (metadata that cannot be read counts as a secret: it is there).
+    /// ([`Secrets::stored_exists`]).
     async fn holds_a_secret(&self, full: &str) -> Result<bool> {
         let mut after: Option<String> = None;
         // Small pages first: the first secret usually exists, and a folder may hold many.
         let mut limit = 16;
         loop {
             let page = self.store.scan_prefix(full, after.as_deref(), limit).await?;
-            for (k, raw) in &page {
-                if !matches!(decode_json::<SecretMeta>(k, raw), Ok(m) if !self.exists_as(true, &m)) {
-                    return Ok(true);
-                }
+            if page.iter().any(|(k, raw)| self.stored_exists(k, raw)) {
+                return Ok(true);
             }
             if page.len() < limit {
                 return Ok(false);

@@ -265,22 +265,22 @@ impl Transit {
     pub async fn create(&self, name: &str, key_type: KeyType) -> Result<TransitKey> {
         let now = unix_now();
         let record = self.load_raw(name).await?;
-        // Every version a new key may have must have a label: checked here, not at the
-        // rotation that would need it (a name that fits a long key prefix for version 9
-        // only could never be rotated past it, even after a compromise).
         if record.is_none() {
+            // Every version a new key may have must have a label: checked here, not at the
+            // rotation that would need it (a name that fits a long key prefix for version
+            // 9 only could never be rotated past it, even after a compromise).
             self.label(name, MAX_KEY_VERSIONS as u32)?;
-        }
-        // A key deleted moments ago keeps its name (see `DELETED_HOLD`). Checked after the
-        // record was found absent: a delete makes this entry before it removes the record,
-        // so a record gone by then left its entry before. (Read the other way round, a
-        // delete that ran between the two reads went unseen, and its name was used again
-        // at once.)
-        if record.is_none() && self.store.get(&deleted_path(name)).await?.is_some() {
-            return Err(Error::Conflict(format!(
-                "transit key {name} was deleted less than {} s ago; its name can be used again after that",
-                DELETED_HOLD.as_secs()
-            )));
+            // A key deleted moments ago keeps its name (see `DELETED_HOLD`). Checked after
+            // the record was found absent: a delete makes this entry before it removes the
+            // record, so a record gone by then left its entry before. (Read the other way
+            // round, a delete that ran between the two reads went unseen, and its name was
+            // used again at once.)
+            if self.store.get(&deleted_path(name)).await?.is_some() {
+                return Err(Error::Conflict(format!(
+                    "transit key {name} was deleted less than {} s ago; its name can be used again after that",
+                    DELETED_HOLD.as_secs()
+                )));
+            }
         }
         let (expected, mut key) = match record {
             // The key exists (a rotation in progress, or one a crashed owner left, does

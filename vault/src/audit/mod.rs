@@ -229,10 +229,10 @@ struct Shared {
     refused: AtomicU64,
     /// Entries waiting in memory for the disk.
     waiting: AtomicU64,
-    /// Outcome entries that found the writer's channel full. An outcome is never refused
+    /// Outcome entries that found the writer's channel full. An outcome is not refused
     /// for want of room (its request's change was made, and every intent gets an
-    /// outcome): it waits here, beside the channel, until the writer takes it. Bounded by
-    /// the intents in flight, each of which has at most one outcome.
+    /// outcome): it waits here, beside the channel, until the writer takes it (at most
+    /// [`OVERFLOW_MAX`]).
     overflow: Overflow,
 }
 
@@ -371,6 +371,20 @@ fn unavailable(why: &str) -> Error {
     Error::Unavailable(format!("the audit log is unavailable ({why}); nothing was changed, retry later"))
 }
 
+impl Job {
+    fn is_outcome(&self) -> bool {
+        matches!(self, Job::Append(_, _, EntryKind::Outcome(_)))
+    }
+
+    /// An entry to append, as the writer queues it from now on.
+    fn queued(self) -> Option<Queued> {
+        match self {
+            Job::Append(entry, ack, kind) => Some(Queued { entry, ack, kind, since: Instant::now() }),
+            Job::Shutdown(_) => None,
+        }
+    }
+}
+
 /// The error of a request whose change was made but whose outcome entry cannot be
 /// written at all (the writer stopped): it must not say "nothing was changed".
 fn not_recorded(why: &str) -> Error {
@@ -379,6 +393,16 @@ fn not_recorded(why: &str) -> Error {
 }
 
 impl AuditLog {
+    /// An outcome that found the writer's channel full waits beside it (see
+    /// `Shared::overflow`); an error if it cannot (it is lost, and logged).
+    fn wait_beside(&self, job: Job) -> Result<()> {
+        if self.shared.overflow.push(job) {
+            Ok(())
+        } else {
+            Err(not_recorded("too many entries wait for the writer, or it stopped"))
+        }
+    }
+
     /// A log that writes nothing, for administrative commands that serve no request
     /// (`operator init`, `operator root-token`): they must not write to the file a running
     /// server writes.
@@ -508,11 +532,7 @@ impl AuditLog {
                 let (ack, done) = oneshot::channel();
                 match tx.try_send(Job::Append(entry, Some(ack), kind)) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(job)) if outcome => {
-                        if !self.shared.overflow.push(job) {
-                            return Err(not_recorded("too many entries wait for the writer"));
-                        }
-                    }
+                    Err(TrySendError::Full(job)) if outcome => self.wait_beside(job)?,
                     Err(TrySendError::Full(_)) => return Err(unavailable("the writer queue is full")),
                     Err(TrySendError::Disconnected(_)) if outcome => return Err(not_recorded("the writer stopped")),
                     Err(TrySendError::Disconnected(_)) => return Err(unavailable("the writer stopped")),
@@ -530,13 +550,7 @@ impl AuditLog {
             }
             AuditMode::Buffered => match tx.try_send(Job::Append(entry, None, kind)) {
                 Ok(()) => Ok(()),
-                Err(TrySendError::Full(job)) if matches!(job, Job::Append(_, _, EntryKind::Outcome(_))) => {
-                    if self.shared.overflow.push(job) {
-                        Ok(())
-                    } else {
-                        Err(not_recorded("too many entries wait for the writer"))
-                    }
-                }
+                Err(TrySendError::Full(job)) if job.is_outcome() => self.wait_beside(job),
                 Err(TrySendError::Full(_)) => {
                     self.shared.set_state(AuditState::Failed);
                     Err(unavailable("the buffer is full"))
@@ -624,10 +638,9 @@ impl AuditLog {
         }
         match tx.try_send(Job::Append(entry, None, kind)) {
             Ok(()) => {}
-            Err(TrySendError::Full(job)) if matches!(job, Job::Append(_, _, EntryKind::Outcome(_))) => {
-                if !self.shared.overflow.push(job) {
-                    tracing::error!("audit entry of a cancelled request lost: too many entries wait for the writer");
-                }
+            Err(TrySendError::Full(job)) if job.is_outcome() => {
+                // (`wait_beside` logs a loss.)
+                let _ = self.wait_beside(job);
             }
             Err(_) => {
                 tracing::error!("audit entry of a cancelled request not queued: the writer queue is full or stopped")
@@ -1367,11 +1380,8 @@ impl Writer {
                     }
                     _ => true,
                 };
-                for job in self.shared.overflow.take(ready) {
-                    if let Job::Append(entry, ack, kind) = job {
-                        queue.push(Queued { entry, ack, kind, since: Instant::now() });
-                    }
-                }
+                let taken = self.shared.overflow.take(ready);
+                queue.extend(taken.into_iter().filter_map(Job::queued));
             }
             let overflowing = self.shared.overflow.len.load(Ordering::Relaxed);
             crate::metrics::get().audit_queue_depth.set((queue.len() + overflowing) as i64);
@@ -1404,11 +1414,7 @@ impl Writer {
                 self.last_checkpoint = Instant::now();
             }
             if let Some(ack) = shutdown {
-                for job in self.shared.overflow.take(|_| true) {
-                    if let Job::Append(entry, ack, kind) = job {
-                        queue.push(Queued { entry, ack, kind, since: Instant::now() });
-                    }
-                }
+                queue.extend(self.shared.overflow.take(|_| true).into_iter().filter_map(Job::queued));
                 let r = self.check_file().and_then(|()| {
                     let mut c = self.chain(&queue.iter().map(|q| &q.entry).collect::<Vec<_>>())?;
                     self.push_checkpoint(&mut c, true)?;
