@@ -205,25 +205,26 @@ impl FailureLimiter {
         let new_keys = keys.iter().filter(|(k, _)| !map.contains_key(k)).count();
         if map.len() + new_keys > MAX_ENTRIES {
             let window = c.window;
-            map.retain(|_, v| v.in_flight > 0 || now.duration_since(v.start) < window);
+            map.retain(|_, v| v.in_flight > 0 || (v.failures > 0 && now.duration_since(v.start) < window));
             if map.len() + new_keys > MAX_ENTRIES {
                 tracing::warn!(entries = map.len(), "login rate limiter table full; refusing new sources");
                 return Decision::Refuse(c.window.as_secs().max(1));
             }
         }
+        // Counters are only read here: an attempt that waits or is refused leaves no
+        // entry behind (a source could otherwise fill the table with empty counters, one
+        // per identity it names, while a few of its attempts are held in flight).
         let mut wait = false;
         for (key, per_identity) in keys {
             let limit = if *per_identity { c.failures_per_role_and_address } else { c.failures_per_address };
-            let counter = map.entry(*key).or_insert(Counter { start: now, failures: 0, in_flight: 0 });
-            if now.duration_since(counter.start) >= c.window {
-                counter.start = now;
-                counter.failures = 0;
-            }
-            if counter.failures >= limit {
+            let Some(counter) = map.get(key) else { continue };
+            let in_window = now.duration_since(counter.start) < c.window;
+            let failures = if in_window { counter.failures } else { 0 };
+            if failures >= limit {
                 let retry = c.window.saturating_sub(now.duration_since(counter.start));
                 return Decision::Refuse(retry.as_secs().max(1));
             }
-            if counter.failures + counter.in_flight >= limit {
+            if failures + counter.in_flight >= limit {
                 wait = true;
             }
         }
@@ -231,9 +232,12 @@ impl FailureLimiter {
             return Decision::Wait;
         }
         for (key, _) in keys {
-            if let Some(counter) = map.get_mut(key) {
-                counter.in_flight += 1;
+            let counter = map.entry(*key).or_insert(Counter { start: now, failures: 0, in_flight: 0 });
+            if now.duration_since(counter.start) >= c.window {
+                counter.start = now;
+                counter.failures = 0;
             }
+            counter.in_flight += 1;
         }
         Decision::Go
     }
@@ -288,7 +292,7 @@ impl FailureLimiter {
         let window = self.inner.config.window;
         let mut map = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner());
         let before = map.len();
-        map.retain(|_, v| v.in_flight > 0 || now.duration_since(v.start) < window);
+        map.retain(|_, v| v.in_flight > 0 || (v.failures > 0 && now.duration_since(v.start) < window));
         before - map.len()
     }
 
@@ -400,6 +404,32 @@ mod tests {
         assert_eq!(l.len(), 2);
         l.reserve("approle", Some("y"), a).await.unwrap().not_counted();
         assert_eq!(l.len(), 2);
+    }
+
+    /// Attempts that wait (the source's limit is taken by attempts in flight) leave no
+    /// counter either: one source naming a new identity on each attempt while holding a
+    /// few in flight could otherwise fill the table with empty counters, and every new
+    /// source's login would then be refused.
+    #[tokio::test]
+    async fn waiting_attempts_leave_no_counter() {
+        let l = limiter(5, 2);
+        let a: IpAddr = "10.0.0.5".parse().unwrap();
+        let held =
+            [l.reserve("userpass", Some("u"), a).await.unwrap(), l.reserve("userpass", Some("v"), a).await.unwrap()];
+        assert_eq!(l.len(), 3);
+        for i in 0..1000 {
+            let role = format!("r{i}");
+            let wait = tokio::time::timeout(Duration::from_millis(1), l.reserve("approle", Some(&role), a));
+            assert!(wait.await.is_err(), "attempt {i} went ahead of the two in flight");
+        }
+        assert_eq!(l.len(), 3, "the waiting attempts left counters");
+        for r in held {
+            r.succeeded();
+        }
+        assert!(l.is_empty(), "{} counters left", l.len());
+        // A purge keeps failures and drops nothing else it should keep.
+        drop(l.reserve("approle", Some("x"), a).await.unwrap());
+        assert_eq!((l.purge(), l.len()), (0, 2));
     }
 
     #[tokio::test]
