@@ -200,3 +200,38 @@ async fn a_failed_unwrap_or_rewrap_loses_nothing() {
     let r = ok(c.send("POST", "sys/wrapping/unwrap", Some(&new_tokens[0]), None).await, 200);
     assert_eq!(r.body["data"]["value"], "wrapped value");
 }
+
+/// Guessing wrapping tokens is rate limited like logins: each guess costs a keyed hash in
+/// the token before the store can say the wrapping token does not exist, and it needs no
+/// other credential. A source's failed guesses count against its login limit (20 per
+/// address by default); past it, guesses are refused with 429 before any token call, and
+/// a real wrapping token from that source waits for the window as well.
+#[tokio::test]
+async fn guessing_wrapping_tokens_is_rate_limited_before_any_token_call() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let hmacs =
+        |text: &str| keyvault_tests::metric_sum(text, "keyvault_token_operations_total", &["op=\"hmac_sha256\""]);
+    let scrape = || async {
+        let r = c.http.get(format!("{}/metrics", c.base)).header("X-Vault-Token", &s.root).send().await.unwrap();
+        r.text().await.unwrap()
+    };
+    let guess = |i: u32| format!("kvw.{:064x}", 0xfeed_0000u64 + u64::from(i));
+    for i in 0..20 {
+        let path = if i % 2 == 0 { "sys/wrapping/lookup" } else { "sys/wrapping/unwrap" };
+        let r = ok(c.post(path, None, json!({ "token": guess(i) })).await, 400);
+        assert_eq!(r.body["errors"][0], "wrapping token is not valid or does not exist");
+    }
+    let before = hmacs(&scrape().await);
+    for i in 20..60 {
+        for path in ["sys/wrapping/lookup", "sys/wrapping/unwrap", "sys/wrapping/rewrap"] {
+            let r = c.post(path, None, json!({ "token": guess(i) })).await;
+            assert_eq!(r.status, 429, "{path}: {r:?}");
+        }
+        let r = c.send("GET", &format!("sys/wrapping/lookup?token={}", guess(i)), None, None).await;
+        assert_eq!(r.status, 429, "{r:?}");
+    }
+    assert_eq!(hmacs(&scrape().await), before, "a refused guess cost a token call");
+    // Logins from the guessing source wait for the window too (the same counter).
+    ok(c.post("auth/approle/login", None, json!({"role_id": "r", "secret_id": "s"})).await, 429);
+}

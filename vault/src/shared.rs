@@ -482,6 +482,34 @@ impl Core {
         }
     }
 
+    /// A use of a wrapping token (unwrap, lookup, rewrap). It needs no other credential,
+    /// and each costs a keyed hash in the token before the store can say whether the
+    /// wrapping token exists: so it takes its place in the login limiter of its source
+    /// (by address, as a login that names no identity), and a token that is not valid or
+    /// does not exist counts as a failed attempt. A source guessing wrapping tokens gets
+    /// 429 after its limit, and never has more attempts in flight than that limit.
+    pub(crate) async fn wrapping_use<T>(
+        &self,
+        peer: &Peer,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let reservation = self.limiter.reserve("wrapping", None, peer.ip()).await?;
+        match op.await {
+            Ok(v) => {
+                reservation.succeeded();
+                Ok(v)
+            }
+            Err(e @ Error::InvalidRequest(_)) => {
+                drop(reservation);
+                Err(e)
+            }
+            Err(e) => {
+                reservation.not_counted();
+                Err(e)
+            }
+        }
+    }
+
     /// An unknown role in the short login form: a failed attempt like any other (and
     /// answered the same).
     pub(crate) async fn unknown_role(&self, role: &str, peer: &Peer) -> Result<IssuedToken> {

@@ -571,7 +571,7 @@ impl Engine for Sys {
             }
             ("wrapping/unwrap", _) => {
                 let token = wrapping_token(req)?;
-                let (reply, accessor) = core.wrapping.unwrap(&token).await?;
+                let (reply, accessor) = core.wrapping_use(&req.peer, core.wrapping.unwrap(&token)).await?;
                 req.audit_detail(format!("wrapped reply unwrapped (wrapping token accessor {accessor})"));
                 Ok(Reply {
                     status: 200,
@@ -582,7 +582,7 @@ impl Engine for Sys {
             }
             ("wrapping/lookup", _) => {
                 let token = wrapping_token(req)?;
-                let l = core.wrapping.lookup(&token).await?;
+                let l = core.wrapping_use(&req.peer, core.wrapping.lookup(&token)).await?;
                 Reply::data(&keyvault_api::sys::WrappingLookup {
                     creation_path: l.creation_path,
                     creation_time: humantime::format_rfc3339_seconds(
@@ -594,7 +594,7 @@ impl Engine for Sys {
             }
             ("wrapping/rewrap", _) => {
                 let token = wrapping_token(req)?;
-                let info = core.wrapping.rewrap(&token).await?;
+                let info = core.wrapping_use(&req.peer, core.wrapping.rewrap(&token)).await?;
                 req.audit_detail(format!("wrapped reply rewrapped (new wrapping token accessor {})", info.accessor));
                 let wrap_info = keyvault_api::sys::WrapInfo {
                     token: info.token.into(),
