@@ -974,3 +974,53 @@ async fn failed_logins_are_rate_limited_per_role_and_address() {
     assert_eq!(c.post("auth", None, wrong_batch.clone()).await.status, 429, "per-address limit");
     assert_eq!(unit.post("auth", None, wrong_batch).await.status, 401);
 }
+
+/// A web page the user visits cannot act with the user's client certificate. A browser
+/// sends a body without a `Content-Type` across sites without a preflight (an
+/// `ArrayBuffer` body, `navigator.sendBeacon`), and presents the certificate: a direct
+/// request (no token) that names a page's origin (`Origin`) or another site
+/// (`Sec-Fetch-Site`) is refused 401 as one without a credential, and nothing is
+/// changed. The same certificate without those headers (curl, a service) still works,
+/// and a token still works from a page (a page cannot attach one across sites).
+#[tokio::test]
+async fn a_web_page_gets_nothing_from_a_client_certificate() {
+    let w = world("").await;
+    let root = w.s.root.clone();
+    let c = w.s.client();
+    let write_app = json!({"policy": "path \"secret/app/*\" { capabilities = [\"create\", \"update\", \"read\"] }"});
+    ok(c.put("sys/policies/acl/write-app", &root, write_app).await, 204);
+    let role = json!({"certificate_sha256": [w.a.sha256_hex], "token_policies": ["write-app"], "allow_direct": true});
+    ok(c.post("auth/cert/role/role-a", Some(&root), role).await, 204);
+    let ca = w.s.client_with(&w.a);
+    let page_headers: [&[(&str, &str)]; 4] = [
+        &[("Origin", "https://evil.example"), ("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors")],
+        &[("Origin", "null")],
+        &[("Sec-Fetch-Site", "same-site")],
+        &[("Sec-Fetch-Site", "cross-site")],
+    ];
+    for headers in page_headers {
+        for (method, path) in [("POST", "secret/app/x"), ("PUT", "secret/app/csrf"), ("GET", "secret/app/x")] {
+            let mut req = ca.http.request(method.parse().unwrap(), ca.url(path));
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            if method != "GET" {
+                req = req.body(r#"{"value":"attacker"}"#.as_bytes().to_vec());
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 401, "{method} {path} with {headers:?}");
+        }
+    }
+    assert_eq!(ok(c.get("secret/app/x", &root).await, 200).body["data"]["value"], SECRET);
+    ok(c.get("secret/app/csrf", &root).await, 404);
+    // The certificate alone, as a service sends it: a direct request still works, and so
+    // does a request typed into the address bar (`Sec-Fetch-Site: none`).
+    let r =
+        ca.http.put(ca.url("secret/app/direct")).body(r#"{"value":"mine"}"#.as_bytes().to_vec()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = ca.http.get(ca.url("secret/app/direct")).header("Sec-Fetch-Site", "none").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // A token from a page is the page's own credential: not refused for the headers.
+    let r = c.http.get(c.url("secret/app/x")).header("X-Vault-Token", &root).header("Origin", "https://a.example");
+    assert_eq!(r.send().await.unwrap().status().as_u16(), 200);
+}

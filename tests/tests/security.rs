@@ -158,6 +158,32 @@ async fn login_bodies_and_limiter_keys_cannot_exhaust_memory() {
     assert_eq!(s.client().send("GET", "sys/health", None, None).await.status, 200);
 }
 
+/// A client with no credential cannot make the server hold a large body for it: a route
+/// that needs a caller authenticates it before the body is read, so a token-less request
+/// sending most of a 1 MB body is answered 401 at once (it used to be read, up to the
+/// body timeout, into the budget that every other client's body shares). The bodies of
+/// requests that need no token (logins, unseal, wrapping tokens) are small and take
+/// room of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_without_a_credential_is_not_read() {
+    use tokio::io::AsyncReadExt;
+    let s = TestServer::start(ServerOptions {
+        listener_extra: "body_timeout = \"3s\"\nmax_body_bytes_in_flight = 2097152".into(),
+        ..Default::default()
+    });
+    for token in ["", "X-Vault-Token: kv.forged\r\n"] {
+        let mut conn = tls_connect(&s.addr, &s.server_ca_file, None).await;
+        let head = format!("PUT /v1/secret/held HTTP/1.1\r\nHost: localhost\r\n{token}Content-Length: 1000000\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&vec![b' '; 600_000]).await.unwrap();
+        let mut reply = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut reply)).await.expect("an answer").unwrap();
+        let reply = String::from_utf8_lossy(&reply[..n]);
+        assert!(reply.starts_with("HTTP/1.1 401") || reply.starts_with("HTTP/1.1 403"), "{token:?}: {reply}");
+    }
+    ok(s.client().get("secret/held", &s.root).await, 404);
+}
+
 /// The budget of body bytes being received counts what clients send, not what they
 /// announce: bodies declared large (or of unknown length, as every HTTP/2 request and every
 /// GET is) and then not sent hold no room, so a few such connections cannot make every

@@ -4,6 +4,7 @@
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::HeaderMap;
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::BodyLimits;
@@ -14,7 +15,14 @@ use crate::error::Error;
 /// (HTTP/1.1 and HTTP/2 alike), 408 if it does not arrive within the body timeout, 415
 /// for a media type that a browser may send across sites without asking (see
 /// [`check_content_type`]).
-pub async fn read_body(req: Request, limits: &BodyLimits, limit: usize) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+/// The body's bytes take room in `room` (the budget of authenticated callers, or the
+/// anonymous one).
+pub async fn read_body(
+    req: Request,
+    limits: &BodyLimits,
+    limit: usize,
+    room: &Arc<tokio::sync::Semaphore>,
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     check_content_type(req.headers())?;
     let declared = req
         .headers()
@@ -25,13 +33,12 @@ pub async fn read_body(req: Request, limits: &BodyLimits, limit: usize) -> Resul
         // Answer 413 at once, and read (and drop) what the client is still sending for a
         // little while: an HTTP/1.1 client that is still writing its body when the
         // connection closes sees a broken pipe instead of the reply.
-        let body = req.into_body();
         let cap = limit.saturating_mul(4).min(16 * 1024 * 1024);
-        tokio::spawn(drain(body, cap, limits.timeout.min(std::time::Duration::from_secs(5))));
+        tokio::spawn(drain(req.into_body(), cap, limits.timeout.min(std::time::Duration::from_secs(5))));
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let deadline = tokio::time::Instant::now() + limits.timeout;
-    collect(req.into_body(), limits, limit, deadline).await
+    collect(req.into_body(), room, limit, deadline).await
 }
 
 /// Gather a body's bytes, taking room in the budget of bodies being received (permits of
@@ -41,7 +48,7 @@ pub async fn read_body(req: Request, limits: &BodyLimits, limit: usize) -> Resul
 /// nothing, so clients that send nothing cannot take the budget from the others.
 async fn collect(
     mut body: Body,
-    limits: &BodyLimits,
+    budget: &Arc<tokio::sync::Semaphore>,
     limit: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
@@ -66,7 +73,7 @@ async fn collect(
             let want = capacity.div_ceil(1024);
             if want > held_kib {
                 let more = u32::try_from(want - held_kib).unwrap_or(u32::MAX);
-                match limits.budget.clone().try_acquire_many_owned(more) {
+                match budget.clone().try_acquire_many_owned(more) {
                     Ok(permit) => match &mut room {
                         Some(held) => held.merge(permit),
                         None => room = Some(permit),
@@ -77,7 +84,7 @@ async fn collect(
                         // Give it back, then wait for the whole of it at once.
                         drop(room.take());
                         let all = u32::try_from(want).unwrap_or(u32::MAX);
-                        let acquire = limits.budget.clone().acquire_many_owned(all);
+                        let acquire = budget.clone().acquire_many_owned(all);
                         match tokio::time::timeout_at(deadline, acquire).await {
                             Ok(Ok(permit)) => room = Some(permit),
                             _ => {
@@ -97,6 +104,14 @@ async fn collect(
         buf.extend_from_slice(&data);
     }
     Ok(buf)
+}
+
+/// A request refused before its body was read (its caller could not be authenticated):
+/// what the client is still sending is read and dropped for a little while, as after a
+/// 413, so that it sees the reply rather than a broken pipe. Nothing is kept.
+pub fn discard(req: Request, limits: &BodyLimits) {
+    let cap = limits.max.saturating_mul(4).min(16 * 1024 * 1024);
+    tokio::spawn(drain(req.into_body(), cap, limits.timeout.min(std::time::Duration::from_secs(5))));
 }
 
 /// Read and discard up to `cap` bytes of a body within `within`.
@@ -162,11 +177,11 @@ mod tests {
         let (tx_b, body_b) = channel_body();
         let a = tokio::spawn({
             let limits = limits.clone();
-            async move { collect(body_a, &limits, 1 << 20, deadline).await.map(|b| b.len()) }
+            async move { collect(body_a, &limits.budget, 1 << 20, deadline).await.map(|b| b.len()) }
         });
         let b = tokio::spawn({
             let limits = limits.clone();
-            async move { collect(body_b, &limits, 1 << 20, deadline).await.map(|b| b.len()) }
+            async move { collect(body_b, &limits.budget, 1 << 20, deadline).await.map(|b| b.len()) }
         });
         let chunk = vec![b'x'; 64 * 1024];
         for _ in 0..11 {

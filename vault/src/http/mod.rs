@@ -44,14 +44,24 @@ pub struct AppState {
 pub struct BodyLimits {
     pub max: usize,
     pub timeout: std::time::Duration,
-    /// Permits are KiB of body being received.
+    /// Permits are KiB of body being received, by authenticated callers.
     pub budget: Arc<tokio::sync::Semaphore>,
+    /// The room, apart, of bodies sent before anyone is known (logins, the endpoints
+    /// that need no token): a quarter of the budget. Such bodies are small
+    /// ([`MAX_LOGIN_BODY`]), and however many an anonymous client sends, they never take
+    /// room from an authenticated caller's body.
+    pub anonymous: Arc<tokio::sync::Semaphore>,
 }
 
 impl BodyLimits {
     pub fn new(max: usize, timeout: std::time::Duration, in_flight_bytes: usize) -> Self {
         let permits = (in_flight_bytes / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-        BodyLimits { max, timeout, budget: Arc::new(tokio::sync::Semaphore::new(permits)) }
+        BodyLimits {
+            max,
+            timeout,
+            budget: Arc::new(tokio::sync::Semaphore::new(permits)),
+            anonymous: Arc::new(tokio::sync::Semaphore::new((permits / 4).max(1))),
+        }
     }
 
     pub fn from_config(l: &crate::config::ListenerConfig) -> Self {
@@ -258,6 +268,19 @@ impl Drop for OwedOutcome {
     }
 }
 
+/// Whether a browser sent the request for a web page: it names the page's origin
+/// (`Origin`, sent with every request a page makes but a plain GET) or says the request
+/// comes from another site (`Sec-Fetch-Site`). KeyVault has no web interface and sends
+/// no CORS headers, so no page has a reason to call it; what such a request cannot have
+/// is the ambient authority of the user's client certificate (a direct request, with no
+/// token). A page can send a body without a `Content-Type` across sites without a
+/// preflight (an `ArrayBuffer` body, `navigator.sendBeacon`), so the JSON-only rule of
+/// [`body::check_content_type`] alone does not keep it out.
+fn from_a_web_page(headers: &axum::http::HeaderMap) -> bool {
+    let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+    headers.contains_key(axum::http::header::ORIGIN) || site.is_some_and(|v| v != b"none" && v != b"same-origin")
+}
+
 /// A request's method as its audit entry names it: any method hyper accepts can be
 /// hundreds of kilobytes long (a 405), and an audit line must stay short.
 fn method_label(method: &axum::http::Method) -> &str {
@@ -304,14 +327,26 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
         slot.lock().unwrap_or_else(|p| p.into_inner()).token_hmac = Some(service.audit_hmac(t.as_bytes()));
     }
     let login = matches!(resolved.spec.access, Access::Login | Access::LoginByRole);
-    let limit = if login {
+    if login {
         // No credential check, and no parse of a large body, before the limiter.
         service.check_login_source(peer)?;
-        MAX_LOGIN_BODY.min(state.body.max)
-    } else {
-        state.body.max
+    }
+    // Whoever the route needs is known before the body is read: a client with no
+    // credential sends at most a small body, into room of its own (see `BodyLimits`).
+    let browser = token.is_none() && from_a_web_page(req.headers());
+    let early = service.authenticate_early(&resolved, token.as_deref().map(|t| t.as_str()), browser, peer, slot).await;
+    let caller = match early {
+        Ok(caller) => caller,
+        Err(e) => {
+            body::discard(req, &state.body);
+            return Err(e.into());
+        }
     };
-    let body = body::read_body(req, &state.body, limit).await?;
+    let (limit, room) = match &caller {
+        Some(_) => (state.body.max, &state.body.budget),
+        None => (MAX_LOGIN_BODY.min(state.body.max), &state.body.anonymous),
+    };
+    let body = body::read_body(req, &state.body, limit, room).await?;
     if resolved.spec.changes_state && resolved.spec.intent != crate::logical::Intent::Never {
         let intent = crate::audit::event(
             "intent",
@@ -337,6 +372,7 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
         audit: slot.clone(),
         wrap_ttl,
         no_cache,
+        caller,
     };
     Ok(service.dispatch(resolved, incoming).await?)
 }

@@ -39,6 +39,9 @@ pub struct Incoming {
     pub wrap_ttl: Option<Duration>,
     /// `Cache-Control: no-cache`: a proxied mount reads its upstream, not its cache.
     pub no_cache: bool,
+    /// The caller, when the transport authenticated it before reading the body
+    /// ([`Service::authenticate_early`]).
+    pub caller: Option<Caller>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -59,6 +62,7 @@ impl Incoming {
             audit: AuditSlot::default(),
             wrap_ttl: None,
             no_cache: false,
+            caller: None,
         }
     }
 }
@@ -139,6 +143,40 @@ impl Service {
         self.core.audit.hmac(value)
     }
 
+    /// Authenticate a request before its body is read, if its route needs a caller (a
+    /// token, or a direct certificate request): a client with no credential cannot make
+    /// the server hold a large body for it. `None` for the routes anyone may call (logins,
+    /// health, unseal, wrapping tokens). `from_a_web_page`: a browser sent the request for
+    /// a page, which is refused the ambient authority of a client certificate (a direct
+    /// request): 401 as for a missing token.
+    pub async fn authenticate_early(
+        &self,
+        resolved: &Resolved,
+        token: Option<&str>,
+        from_a_web_page: bool,
+        peer: &Peer,
+        audit: &AuditSlot,
+    ) -> Result<Option<Caller>> {
+        let needs_caller = match resolved.spec.access {
+            Access::AnyToken | Access::Needs(_) | Access::Sudo(_) | Access::CreateOrUpdate => true,
+            Access::Telemetry => !self.core.settings.telemetry.unauthenticated_metrics_access,
+            Access::Public | Access::Login | Access::LoginByRole => false,
+        };
+        if !needs_caller {
+            return Ok(None);
+        }
+        if !resolved.route.while_sealed && self.core.is_sealed() {
+            return Err(crate::error::Error::Hsm(keyvault_hsm::HsmError::Sealed));
+        }
+        let token = token.filter(|t| !t.is_empty());
+        if token.is_none() && from_a_web_page {
+            return Err(Error::Unauthenticated(crate::error::AuthFailure::MissingToken));
+        }
+        let caller = self.core.authenticate(token, peer).await?;
+        record_identity(audit, &caller.claims, peer);
+        Ok(Some(caller))
+    }
+
     /// Run one resolved request: authenticate and authorize it as its route declares, run
     /// its engine, and turn a successful login into a token. Unknown body fields end up in
     /// the reply's warnings.
@@ -148,6 +186,7 @@ impl Service {
             return Err(crate::error::Error::Hsm(keyvault_hsm::HsmError::Sealed));
         }
         let engine = mount.engine.clone();
+        let early = incoming.caller;
         let mut req = Request {
             request_id: incoming.request_id,
             path,
@@ -168,7 +207,7 @@ impl Service {
             audit: incoming.audit,
             warnings: Vec::new(),
         };
-        let reply = self.run(&engine, spec.access, &mut req).await?;
+        let reply = self.run(&engine, spec.access, &mut req, early).await?;
         match req.wrap_ttl {
             Some(ttl) => self.wrap(reply, ttl, &req).await,
             None => Ok(reply),
@@ -176,9 +215,16 @@ impl Service {
     }
 
     /// Authorize as the route declares and run the engine (or the login).
-    async fn run(&self, engine: &Arc<dyn crate::logical::Engine>, access: Access, req: &mut Request) -> Result<Reply> {
+    async fn run(
+        &self,
+        engine: &Arc<dyn crate::logical::Engine>,
+        access: Access,
+        req: &mut Request,
+        early: Option<Caller>,
+    ) -> Result<Reply> {
         let token = req.token.clone();
         let token = token.as_ref().map(|t| t.as_str());
+        let mut early = early;
         match access {
             // Nobody is known: no reply is wrapped (as in Vault, whose unauthenticated
             // endpoints ignore the header). Wrapping costs token calls and a stored
@@ -192,25 +238,25 @@ impl Service {
                 let issued = self.login_by_role(req).await?;
                 return Ok(self.login_reply(req, issued));
             }
-            Access::AnyToken => req.caller = Some(self.authenticate(token, req).await?),
+            Access::AnyToken => req.caller = Some(self.authenticate(early.take(), token, req).await?),
             Access::Needs(cap) => {
-                let caller = self.authenticate(token, req).await?;
+                let caller = self.authenticate(early.take(), token, req).await?;
                 caller.require(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
             Access::Telemetry if self.core.settings.telemetry.unauthenticated_metrics_access => req.wrap_ttl = None,
             Access::Telemetry => {
-                let caller = self.authenticate(token, req).await?;
+                let caller = self.authenticate(early.take(), token, req).await?;
                 caller.require(&req.policy_path, Capability::Read)?;
                 req.caller = Some(caller);
             }
             Access::Sudo(cap) => {
-                let caller = self.authenticate(token, req).await?;
+                let caller = self.authenticate(early.take(), token, req).await?;
                 caller.require_sudo(&req.policy_path, cap)?;
                 req.caller = Some(caller);
             }
             Access::CreateOrUpdate => {
-                let caller = self.authenticate(token, req).await?;
+                let caller = self.authenticate(early.take(), token, req).await?;
                 // A caller who may do neither is refused before the existence check, which
                 // reads (on a proxy mount, from the upstream, with KeyVault's credentials).
                 if !caller.acl.allows(&req.policy_path, Capability::Create) {
@@ -257,7 +303,11 @@ impl Service {
         Reply::raw_data(Zeroizing::new(b"null".to_vec())).extra("wrap_info", &wrap_info)
     }
 
-    async fn authenticate(&self, token: Option<&str>, req: &Request) -> Result<Caller> {
+    /// The caller `early` if the transport authenticated it already, else authenticate.
+    async fn authenticate(&self, early: Option<Caller>, token: Option<&str>, req: &Request) -> Result<Caller> {
+        if let Some(caller) = early {
+            return Ok(caller);
+        }
         let caller = self.core.authenticate(token, &req.peer).await?;
         record_identity(&req.audit, &caller.claims, &req.peer);
         Ok(caller)
