@@ -432,11 +432,13 @@ impl Client {
         serde_json::from_slice::<keyvault_api::ErrorBody>(body).map(|b| b.errors).unwrap_or_default()
     }
 
-    /// Send one call: `path` under `/v1/`, a JSON body. Retries on 429, 503 and connection
-    /// errors (a timeout only for reads: a write may have been applied); logs in again once
-    /// on a 401 when the method can. A gateway check is not sent again after a 503: its
-    /// nonces are recorded before its audit entry, so a 503 from the audit log can follow
-    /// a check whose nonces are taken, and the same items sent again would be replays.
+    /// Send one call: `path` under `/v1/`, a JSON body. Retries on 429 (refused before
+    /// anything was done) and on connection errors that sent nothing; a read also on 503
+    /// and on a timeout. A write (and a gateway check) is not sent again after a 503 or a
+    /// timeout: it may have been applied (a proxied write whose upstream answered too
+    /// late, storage that failed after its commit, a gateway check whose nonces were taken
+    /// before its audit entry failed), and sent again it would be applied twice or be a
+    /// replay. Logs in again once on a 401 when the method can.
     pub(crate) async fn send(
         &self,
         method: &str,
@@ -446,7 +448,6 @@ impl Client {
     ) -> Result<Body> {
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| Error::Invalid(format!("method {method}")))?;
         let idempotent = matches!(method.as_str(), "GET" | "LIST" | "HEAD");
-        let takes_nonces = path.trim_start_matches('/').starts_with("gateway/verify");
         let inner = &self.0;
         let url = format!("{}{}", inner.base, path.trim_start_matches('/'));
         let mut relogged = false;
@@ -494,7 +495,7 @@ impl Client {
                         return Ok(body);
                     }
                     let transient = status == StatusCode::TOO_MANY_REQUESTS
-                        || (status == StatusCode::SERVICE_UNAVAILABLE && !takes_nonces);
+                        || (status == StatusCode::SERVICE_UNAVAILABLE && idempotent);
                     if status == StatusCode::UNAUTHORIZED
                         && matches!(credential, Credential::Token)
                         && !relogged

@@ -1141,3 +1141,78 @@ async fn every_auth_method_logs_in_and_a_sealed_server_is_retried() {
     assert!(names.iter().all(|n| n.starts_with("x-keyvault-")));
     assert_nowhere(&bootstrap, &[("server log", &w.s.log_text())]);
 }
+
+/// A write answered 503 is not sent again: it may have been applied (a proxied write
+/// whose upstream answered after the per-attempt timeout is 503, and the upstream has the
+/// value), and each resend would be another write upstream (another AWS version, another
+/// KV version 2 version that can push real history out). A read is retried as before.
+/// A stub server that answers every request 503 counts what reaches it.
+#[tokio::test]
+async fn a_write_answered_503_is_not_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stub = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request per connection: headers, then the body they announce.
+                        let Ok(n) = conn.read(&mut chunk).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else { continue };
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + length {
+                            continue;
+                        }
+                        let line = text.lines().next().unwrap_or_default().to_owned();
+                        // The client asks where the mount is first: that is answered.
+                        let (status, body) = if line.starts_with("GET /v1/sys/internal/ui/mounts/") {
+                            ("200 OK", r#"{"data":{"path":"cloud/","type":"aws","options":{}}}"#)
+                        } else {
+                            ("503 Service Unavailable", r#"{"errors":["upstream: no answer within 5s"]}"#)
+                        };
+                        if line.contains(" /v1/cloud/") {
+                            seen.lock().unwrap().push(line);
+                        }
+                        let reply = format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = conn.write_all(reply.as_bytes()).await;
+                        return;
+                    }
+                });
+            }
+        }
+    });
+    let client = Client::builder()
+        .address(format!("http://{addr}"))
+        .auth(Auth::token("kv.stub"))
+        .retry(RetryPolicy { attempts: 4, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(5) })
+        .build()
+        .unwrap();
+    let err = client.put("cloud/db", &json!({"password": "p"})).await.unwrap_err();
+    assert_eq!(err.status(), Some(503));
+    assert_eq!(seen.lock().unwrap().clone(), vec!["PUT /v1/cloud/db HTTP/1.1".to_owned()], "sent once");
+    seen.lock().unwrap().clear();
+    assert_eq!(client.secret("cloud/db").await.unwrap_err().status(), Some(503));
+    assert_eq!(seen.lock().unwrap().len(), 4, "a read is retried: {:?}", seen.lock().unwrap());
+    stub.abort();
+}
