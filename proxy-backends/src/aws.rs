@@ -504,7 +504,8 @@ impl SecretBackend for Aws {
                 };
             }
             if names.len() > crate::http::MAX_LIST_NAMES {
-                return Err(BackendError::Unavailable(format!(
+                // The same answer every time (see `read_limited`): not a failing upstream.
+                return Err(BackendError::Invalid(format!(
                     "AWS ListSecrets: more than {} names",
                     crate::http::MAX_LIST_NAMES
                 )));

@@ -426,10 +426,8 @@ impl SecretBackend for Azure {
                 };
             }
             if names.len() > crate::http::MAX_LIST_NAMES {
-                return Err(BackendError::Unavailable(format!(
-                    "{what}: more than {} names",
-                    crate::http::MAX_LIST_NAMES
-                )));
+                // The same answer every time (see `read_limited`): not a failing upstream.
+                return Err(BackendError::Invalid(format!("{what}: more than {} names", crate::http::MAX_LIST_NAMES)));
             }
             // Follow nextLink only to the same vault (it carries the bearer token).
             match v["nextLink"].as_str().filter(|l| !l.is_empty()) {
@@ -438,7 +436,7 @@ impl SecretBackend for Azure {
                 None => return Ok(names.into_iter().collect()),
             }
         }
-        Err(BackendError::Unavailable(format!("{what}: too many pages")))
+        Err(BackendError::Invalid(format!("{what}: too many pages")))
     }
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {

@@ -18,7 +18,10 @@ pub(crate) const MAX_LIST_NAMES: usize = 100_000;
 
 /// Read a reply's body into zeroizing memory, at most [`MAX_REPLY_BYTES`].
 pub(crate) async fn read_limited(mut resp: reqwest::Response, what: &str) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-    let too_large = || BackendError::Unavailable(format!("{what}: reply larger than {MAX_REPLY_BYTES} bytes"));
+    // Not `Unavailable`: the upstream answered, and asking again gets the same answer. A
+    // caller who can make a reply large (a folder it filled) must not be able to retry
+    // it, nor count it towards the mount's circuit breaker, which every caller shares.
+    let too_large = || BackendError::Invalid(format!("{what}: reply larger than {MAX_REPLY_BYTES} bytes"));
     if resp.content_length().is_some_and(|n| n > MAX_REPLY_BYTES as u64) {
         return Err(too_large());
     }

@@ -159,7 +159,13 @@ impl<B: SecretBackend> Resilient<B> {
         }
     }
 
-    async fn call<T, F, Fut>(&self, attempts: u32, f: F) -> Result<T, BackendError>
+    /// Call with retries. `counted`: the outcome counts towards the breaker. A listing's
+    /// does not: how long a walk over the upstream's pages takes depends on what the
+    /// caller asks to list (the root of a large account can take longer than the
+    /// per-attempt timeout every time), and a caller who may only list must not be able
+    /// to open the circuit for every other caller. A listing that probes an open breaker
+    /// leaves the probe to the next call.
+    async fn call<T, F, Fut>(&self, attempts: u32, counted: bool, f: F) -> Result<T, BackendError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
@@ -188,8 +194,10 @@ impl<B: SecretBackend> Resilient<B> {
                 other => break other,
             }
         };
-        probe.0 = None;
-        self.record(matches!(&result, Err(e) if e.is_transient()));
+        if counted {
+            probe.0 = None;
+            self.record(matches!(&result, Err(e) if e.is_transient()));
+        }
         result
     }
 }
@@ -225,19 +233,19 @@ impl<B: SecretBackend> SecretBackend for Resilient<B> {
     }
 
     async fn read(&self, path: &str, version: &Version) -> Result<SecretValue, BackendError> {
-        self.call(self.policy.attempts, || self.inner.read(path, version)).await
+        self.call(self.policy.attempts, true, || self.inner.read(path, version)).await
     }
 
     async fn write(&self, path: &str, data: &SecretData, expected: Option<u64>) -> Result<Option<u64>, BackendError> {
-        self.call(1, || self.inner.write(path, data, expected)).await
+        self.call(1, true, || self.inner.write(path, data, expected)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
-        self.call(self.policy.attempts, || self.inner.list(prefix)).await
+        self.call(self.policy.attempts, false, || self.inner.list(prefix)).await
     }
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
-        self.call(self.policy.attempts, || self.inner.delete(path)).await
+        self.call(self.policy.attempts, true, || self.inner.delete(path)).await
     }
 }
 
@@ -254,7 +262,7 @@ mod tests {
     /// A backend whose reads succeed, fail or never answer, as the test sets (the
     /// breaker's own logic under test; the adapters are tested against real upstreams).
     #[derive(Debug, Default)]
-    struct Switch(AtomicU8);
+    struct Switch(AtomicU8, AtomicU8);
 
     #[async_trait]
     impl SecretBackend for Switch {
@@ -286,8 +294,13 @@ mod tests {
         async fn write(&self, _: &str, _: &SecretData, _: Option<u64>) -> Result<Option<u64>, BackendError> {
             Err(BackendError::Unsupported("write"))
         }
+        /// The second switch: lists succeed, or time out (as a walk over a large
+        /// account's pages can, every time).
         async fn list(&self, _: &str) -> Result<Vec<String>, BackendError> {
-            Err(BackendError::Unsupported("list"))
+            match self.1.load(Ordering::Relaxed) {
+                UP => Ok(Vec::new()),
+                _ => Err(BackendError::Unavailable("no answer within 5s".into())),
+            }
         }
         async fn delete(&self, _: &str) -> Result<(), BackendError> {
             Err(BackendError::Unsupported("delete"))
@@ -321,5 +334,30 @@ mod tests {
         assert_eq!(back.unwrap().data.field("v").unwrap().as_str(), "1");
         // Closed again: calls go through.
         assert!(r.read("a", &Version::Latest).await.is_ok());
+    }
+
+    /// A caller who may only list cannot open the circuit for everyone: listings that
+    /// fail (a walk over a large account that takes longer than the timeout, every time)
+    /// do not count towards the breaker, and reads go on.
+    #[tokio::test]
+    async fn failing_listings_do_not_open_the_circuit() {
+        let policy =
+            Policy { attempts: 1, breaker_failures: 2, breaker_cooldown: Duration::from_secs(60), ..Policy::default() };
+        let r = Resilient::new(Switch::default(), policy);
+        r.inner().1.store(DOWN, Ordering::Relaxed);
+        for _ in 0..10 {
+            assert!(matches!(r.list("").await, Err(BackendError::Unavailable(_))));
+        }
+        assert!(r.read("a", &Version::Latest).await.is_ok(), "the circuit opened");
+        // Reads that fail still open it, and a listing cannot close it either.
+        r.inner().0.store(DOWN, Ordering::Relaxed);
+        assert!(r.read("a", &Version::Latest).await.is_err());
+        assert!(r.read("a", &Version::Latest).await.is_err());
+        r.inner().0.store(UP, Ordering::Relaxed);
+        let refused = r.read("a", &Version::Latest).await;
+        assert!(matches!(&refused, Err(BackendError::Unavailable(m)) if m.contains("circuit open")), "{refused:?}");
+        r.inner().1.store(UP, Ordering::Relaxed);
+        let listed = r.list("").await;
+        assert!(matches!(&listed, Err(BackendError::Unavailable(m)) if m.contains("circuit open")), "{listed:?}");
     }
 }
