@@ -1024,3 +1024,44 @@ async fn a_web_page_gets_nothing_from_a_client_certificate() {
     let r = c.http.get(c.url("secret/app/x")).header("X-Vault-Token", &root).header("Origin", "https://a.example");
     assert_eq!(r.send().await.unwrap().status().as_u16(), 200);
 }
+
+/// A renewal asks the role or user that issued the token again, as Vault does: a token
+/// of a user or role that was deleted, or whose policies were cut, is not renewed (400:
+/// log in again), so an admin's delete ends such tokens at their current expiry instead
+/// of their maximum lifetime. Nothing changed: renewed as before.
+#[tokio::test]
+async fn a_token_of_a_deleted_user_or_role_is_not_renewed() {
+    let w = world("").await;
+    let root = w.s.root.clone();
+    let c = w.s.client();
+    let user = json!({"password": "a long passphrase", "token_policies": ["read-app"], "token_max_ttl": "1h"});
+    ok(c.post("auth/userpass/users/alice", Some(&root), user.clone()).await, 204);
+    let login =
+        || async { token(&c.post("auth/userpass/login/alice", None, json!({"password": "a long passphrase"})).await) };
+    let t = login().await;
+    ok(c.post("auth/token/renew-self", Some(&t), json!({"increment": "10m"})).await, 200);
+    ok(c.send("DELETE", "auth/userpass/users/alice", Some(&root), None).await, 204);
+    let r = ok(c.post("auth/token/renew-self", Some(&t), json!({"increment": "10m"})).await, 400);
+    assert_eq!(r.body["errors"][0], "the role or user this token was issued by no longer exists; log in again");
+    ok(c.post("auth/token/renew", Some(&root), json!({"token": t})).await, 400);
+    // Made again with fewer policies: the old token is not renewed either; a new one is.
+    let fewer = json!({"password": "a long passphrase", "token_policies": [], "token_max_ttl": "1h"});
+    ok(c.post("auth/userpass/users/alice", Some(&root), fewer).await, 204);
+    let r = ok(c.post("auth/token/renew-self", Some(&t), json!({})).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("policies"), "{r:?}");
+    let t2 = login().await;
+    ok(c.post("auth/token/renew-self", Some(&t2), json!({})).await, 200);
+
+    // AppRole: the same for a deleted role.
+    let t_app = approle_token(&c, &root, "app").await;
+    ok(c.post("auth/token/renew-self", Some(&t_app), json!({})).await, 200);
+    ok(c.send("DELETE", "auth/approle/role/app", Some(&root), None).await, 204);
+    ok(c.post("auth/token/renew-self", Some(&t_app), json!({})).await, 400);
+    // A certificate role whose policies were cut.
+    let ca = w.s.client_with(&w.a);
+    let t_a = token(&ca.post("auth/cert/login", None, json!({"name": "role-a"})).await);
+    ok(ca.post("auth/token/renew-self", Some(&t_a), json!({})).await, 200);
+    let cut = json!({"certificate_sha256": [w.a.sha256_hex], "token_policies": [], "allow_direct": true});
+    ok(c.post("auth/cert/role/role-a", Some(&root), cut).await, 204);
+    ok(ca.post("auth/token/renew-self", Some(&t_a), json!({})).await, 400);
+}

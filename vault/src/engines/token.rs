@@ -140,6 +140,7 @@ impl TokenEngine {
         if claims.max_exp.unwrap_or(claims.exp) <= now {
             return Err(Error::invalid("the token has reached its maximum TTL; log in again"));
         }
+        super::auth::still_granted(&self.core.store, claims).await?;
         let exp = self.core.renewals.renew(claims, wanted).await?;
         tracing::info!(accessor = %claims.acc, exp, "token renewed");
         let claims = Claims { exp, ..claims.clone() };

@@ -19,6 +19,42 @@ pub mod cert;
 pub mod kubernetes;
 pub mod userpass;
 
+/// Whether the role or user a token was issued by still grants it, as a renewal needs
+/// (as in Vault: "role does not exist during renewal", "policies have changed"): it
+/// exists, and its policies still include every policy of the token. Tokens of other
+/// methods (bootstrap, token create) have nothing to check here. 400 otherwise: the
+/// caller logs in again, and gets what the role grants now.
+pub async fn still_granted(
+    store: &std::sync::Arc<dyn crate::store::Store>,
+    claims: &crate::token::Claims,
+) -> Result<()> {
+    let role = || claims.role.as_deref();
+    let current = match claims.meth.as_str() {
+        approle::METHOD | kubernetes::METHOD | crate::auth::cert::METHOD => {
+            let Some(name) = role() else { return Ok(()) };
+            let method = match claims.meth.as_str() {
+                approle::METHOD => approle::METHOD,
+                kubernetes::METHOD => kubernetes::METHOD,
+                _ => crate::auth::cert::METHOD,
+            };
+            let roles: RoleStore<serde_json::Value> = RoleStore::new(store.clone(), method);
+            roles.load(name).await?.map(|r| r.token.token_policies)
+        }
+        crate::auth::userpass::METHOD => {
+            let Some(name) = claims.sub.strip_prefix("userpass:") else { return Ok(()) };
+            userpass::UserPass::new(store.clone()).current_policies(name).await?
+        }
+        _ => return Ok(()),
+    };
+    match current {
+        None => Err(Error::invalid("the role or user this token was issued by no longer exists; log in again")),
+        Some(now) if !claims.pol.iter().all(|p| now.contains(p)) => {
+            Err(Error::invalid("the policies of the role or user this token was issued by have changed; log in again"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Role administration, the same for every method with roles (`auth/<mount>/role/<name>`).
 #[async_trait]
 pub trait RoleAdmin: Send + Sync {

@@ -143,6 +143,11 @@ impl UserPass {
         Ok(get_json(self.store.as_ref(), &user_key(name)).await?)
     }
 
+    /// The policies user `name` (a normalized name) grants now, if it exists.
+    pub async fn current_policies(&self, name: &str) -> Result<Option<Vec<String>>> {
+        Ok(self.load(name).await?.map(|u| u.token_policies))
+    }
+
     /// The stored bytes of user `name` (a normalized name), if it exists.
     pub async fn current(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.store.get(&user_key(name)).await?)
