@@ -453,6 +453,14 @@ impl SecretBackend for Aws {
 
     async fn write(&self, path: &str, data: &SecretData, _expected: Option<u64>) -> Result<Option<u64>, BackendError> {
         let value = data.to_text()?;
+        // Refused here, before a deleted secret is restored for it: a write that AWS
+        // then refuses would leave the deleted (perhaps leaked) value current again.
+        if value.len() > MAX_SECRET_STRING {
+            return Err(BackendError::Invalid(format!(
+                "AWS Secrets Manager keeps at most {MAX_SECRET_STRING} bytes per secret (this one has {})",
+                value.len()
+            )));
+        }
         let name = self.name(path)?;
         let req = json!({ "SecretId": name, "SecretString": value.as_str() });
         // New, deleted within its recovery window (the name stays taken until restored:
@@ -468,6 +476,16 @@ impl SecretBackend for Aws {
                 let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 if v.get("DeletedDate").is_some_and(|d| !d.is_null()) {
                     self.call("RestoreSecret", &json!({ "SecretId": name })).await?;
+                    // Restored for this write only: if the write fails, the secret is
+                    // deleted again (its old value must not become current because of
+                    // a write that did not happen).
+                    if let Err(e) = self.call("PutSecretValue", &req).await {
+                        if let Err(d) = self.delete(path).await {
+                            tracing::error!(secret = %name, error = %d, "AWS: a secret restored for a write that failed could not be deleted again; delete it by hand");
+                        }
+                        return Err(e);
+                    }
+                    return Ok(None);
                 }
             }
         }
@@ -531,6 +549,9 @@ impl SecretBackend for Aws {
         }
     }
 }
+
+/// The most bytes of a `SecretString` (AWS Secrets Manager's quota).
+const MAX_SECRET_STRING: usize = 65_536;
 
 #[cfg(test)]
 mod tests {

@@ -379,6 +379,14 @@ impl SecretBackend for Azure {
         let what = "Azure set secret";
         let name = name_of(path)?;
         let value = data.to_text()?;
+        // Refused here, before a deleted secret is recovered for it: a write that Key
+        // Vault then refuses would leave the deleted (perhaps leaked) value current again.
+        if value.len() > MAX_SECRET_VALUE {
+            return Err(BackendError::Invalid(format!(
+                "Azure Key Vault keeps at most {MAX_SECRET_VALUE} bytes per secret (this one has {})",
+                value.len()
+            )));
+        }
         let body = Zeroizing::new(serde_json::to_vec(&json!({ "value": value.as_str() })).unwrap_or_default());
         let (status, reply) = self.call(reqwest::Method::PUT, &self.secret_url(&name, None), Some(&body), what).await?;
         if status.is_success() {
@@ -394,11 +402,17 @@ impl SecretBackend for Azure {
         if !s.is_success() {
             return Err(azure_error(s, &r, "Azure recover secret"));
         }
-        let (status, reply) = self.call(reqwest::Method::PUT, &self.secret_url(&name, None), Some(&body), what).await?;
-        if !status.is_success() {
-            return Err(azure_error(status, &reply, what));
+        // Recovered for this write only: if the write fails, the secret is deleted again
+        // (its old value must not become current because of a write that did not happen).
+        let set = match self.call(reqwest::Method::PUT, &self.secret_url(&name, None), Some(&body), what).await {
+            Ok((status, _)) if status.is_success() => return Ok(None),
+            Ok((status, reply)) => azure_error(status, &reply, what),
+            Err(e) => e,
+        };
+        if let Err(d) = self.delete(path).await {
+            tracing::error!(secret = %name, error = %d, "Azure: a secret recovered for a write that failed could not be deleted again; delete it by hand");
         }
-        Ok(None)
+        Err(set)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
@@ -449,6 +463,9 @@ impl SecretBackend for Azure {
         Err(azure_error(status, &body, what))
     }
 }
+
+/// The most bytes of a secret's value (Azure Key Vault's limit: 25 KB).
+const MAX_SECRET_VALUE: usize = 25 * 1024;
 
 #[cfg(test)]
 mod tests {

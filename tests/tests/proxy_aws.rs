@@ -134,3 +134,30 @@ async fn web_identity_credentials_are_assumed_from_sts() {
     assert!(log.contains("AWS credentials from web identity"), "{log}");
     assert!(!log.contains("eyJzdWIiOiJrZXl2YXVsdCJ9"), "the identity token is in the log");
 }
+
+/// A write to a secret deleted within its recovery window restores it first. A write AWS
+/// would refuse (a value over its 65,536 bytes) is refused before that restore: before,
+/// the restore stayed and the deleted (perhaps leaked) value was current again, though
+/// the writer was told its write failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_does_not_bring_a_deleted_secret_back() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("aws-secret");
+    std::fs::write(&key, "test-secret-access-key").unwrap();
+    let aws = Aws::new(config(&moto, &key, "")).unwrap();
+    aws.write("gone", &SecretData::from_fields([("value", "leaked-credential")]), None).await.unwrap();
+    aws.delete("gone").await.unwrap();
+    let big = "x".repeat(70_000);
+    let e = aws.write("gone", &SecretData::from_fields([("value", big.as_str())]), None).await.unwrap_err();
+    assert!(e.to_string().contains("at most 65536 bytes"), "{e}");
+    let r = aws.read("gone", &Version::Latest).await;
+    assert!(
+        r.is_err(),
+        "the deleted secret is readable again: {:?}",
+        r.map(|v| v.data.field("value").map(|f| f.as_str().len()))
+    );
+    // A write that fits restores it with the new value.
+    aws.write("gone", &SecretData::from_fields([("value", "rotated")]), None).await.unwrap();
+    assert_eq!(aws.read("gone", &Version::Latest).await.unwrap().data.field("value").unwrap().as_str(), "rotated");
+}

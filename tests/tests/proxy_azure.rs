@@ -259,3 +259,26 @@ async fn a_certificate_credential_signs_a_client_assertion() {
         Azure::new(with_cert(&cert_file, &other_key)).unwrap().read("from-cert", &Version::Latest).await.unwrap_err();
     assert!(e.to_string().contains("invalid_client"), "{e}");
 }
+
+/// A write to a soft-deleted secret recovers it first. A write Key Vault would refuse (a
+/// value over its 25 KB) is refused before that recovery: before, the recovery stayed
+/// and the deleted (perhaps leaked) value was current again, though the writer was told
+/// its write failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_does_not_bring_a_deleted_secret_back() {
+    let (fake, _dir, secret) = fake_with_secret_file(Duration::from_secs(3600)).await;
+    let azure = Azure::new(config(&fake, &secret)).unwrap();
+    let old = keyvault_proxy_backends::SecretData::from_fields([("value", "leaked-credential")]);
+    azure.write("gone", &old, None).await.unwrap();
+    azure.delete("gone").await.unwrap();
+    let big = keyvault_proxy_backends::SecretData::from_fields([("value", "x".repeat(30_000).as_str())]);
+    let e = azure.write("gone", &big, None).await.unwrap_err();
+    assert!(e.to_string().contains("at most 25600 bytes"), "{e}");
+    let r = azure.read("gone", &Version::Latest).await;
+    assert!(matches!(r, Err(keyvault_proxy_backends::BackendError::NotFound)), "{r:?}");
+    // A write that fits recovers it with the new value.
+    let new = keyvault_proxy_backends::SecretData::from_fields([("value", "rotated")]);
+    azure.write("gone", &new, None).await.unwrap();
+    let v = azure.read("gone", &Version::Latest).await.unwrap();
+    assert_eq!(v.data.field("value").unwrap().as_str(), "rotated");
+}
