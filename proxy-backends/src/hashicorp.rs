@@ -561,6 +561,32 @@ impl SecretBackend for HashicorpBackend {
         }
     }
 
+    /// KV version 2 answers a read of a soft-deleted or destroyed latest version 404,
+    /// with its metadata: the secret still has that version, and a write of it is an
+    /// update (a check-and-set against it), as Vault's own existence check says.
+    async fn current_version(&self, path: &str) -> Result<Option<u64>, BackendError> {
+        let h = &self.0;
+        if !h.v2 {
+            return match self.read(path, &Version::Latest).await {
+                Ok(_) => Ok(Some(0)),
+                Err(BackendError::NotFound) => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        let what = "upstream read";
+        let (status, body) = h.call(Method::GET, &h.data_path(path), None, what).await?;
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            if let Ok(r) = serde_json::from_slice::<V2Read>(&body) {
+                return Ok(Some(r.data.metadata.version));
+            }
+            if status == StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            return Err(BackendError::Unavailable(format!("{what}: a reply not in KV's shape")));
+        }
+        Err(status_error(status, &body, what))
+    }
+
     async fn write(&self, path: &str, data: &SecretData, expected: Option<u64>) -> Result<Option<u64>, BackendError> {
         let h = &self.0;
         let what = "upstream write";

@@ -200,6 +200,18 @@ pub trait SecretBackend: Send + Sync + fmt::Debug {
 
     /// Delete the secret (its latest version where versions are kept, as `secret/` does).
     async fn delete(&self, path: &str) -> Result<(), BackendError>;
+
+    /// Whether the secret exists for a write, and at which version (`0` where the
+    /// backend keeps none): what the create-or-update check and the check-and-set of an
+    /// update need. By default: its latest version can be read. A backend whose deleted
+    /// latest version still has a version number (Vault's KV version 2) says so.
+    async fn current_version(&self, path: &str) -> Result<Option<u64>, BackendError> {
+        match self.read(path, &Version::Latest).await {
+            Ok(v) => Ok(Some(v.version.unwrap_or(0))),
+            Err(BackendError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// An adapter chosen at run time (from a mount's `type`) is a backend too, so that one
@@ -228,6 +240,10 @@ impl SecretBackend for std::sync::Arc<dyn SecretBackend> {
 
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
         self.as_ref().delete(path).await
+    }
+
+    async fn current_version(&self, path: &str) -> Result<Option<u64>, BackendError> {
+        self.as_ref().current_version(path).await
     }
 }
 

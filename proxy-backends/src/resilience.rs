@@ -247,6 +247,10 @@ impl<B: SecretBackend> SecretBackend for Resilient<B> {
     async fn delete(&self, path: &str) -> Result<(), BackendError> {
         self.call(self.policy.attempts, true, || self.inner.delete(path)).await
     }
+
+    async fn current_version(&self, path: &str) -> Result<Option<u64>, BackendError> {
+        self.call(self.policy.attempts, true, || self.inner.current_version(path)).await
+    }
 }
 
 #[cfg(test)]

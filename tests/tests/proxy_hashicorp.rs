@@ -189,6 +189,14 @@ async fn a_unit_reads_secrets_kept_in_openbao_through_keyvault() {
     ok(c.put("legacy/app/db", &creator, json!({"password": "x"})).await, 403);
     ok(c.put("legacy1/app/fresh", &creator, json!({"key": "x"})).await, 403);
     assert_eq!(bao.ok(&["kv", "get", "-mount=kv", "-field=password", "app/db"]), "updated-only");
+    // Its latest version soft-deleted upstream: the secret keeps that version (the
+    // upstream answers its read 404 with the metadata), so writing it is an update, a
+    // check-and-set on that version, as Vault's own existence check says.
+    bao.ok(&["kv", "delete", "-mount=kv", "app/db"]);
+    ok(c.get("legacy/app/db", &root).await, 404);
+    let w = ok(c.put("legacy/app/db", &updater, json!({"password": "after-delete"})).await, 200);
+    assert_eq!(w.body["data"]["version"], before + 2);
+    assert_eq!(bao.ok(&["kv", "get", "-mount=kv", "-field=password", "app/db"]), "after-delete");
     let absent = bao.cli(&["kv", "get", "-mount=kv", "app/fresh"]);
     assert!(!absent.status.success(), "nothing was sent upstream for the create-only caller");
     let l = ok(c.send("LIST", "legacy/app", Some(&root), None).await, 200);

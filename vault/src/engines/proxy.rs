@@ -154,9 +154,8 @@ impl Engine for Proxy {
 
     async fn existence(&self, req: &Request) -> Result<Option<Vec<u8>>> {
         let path = SecretPath::parse(req.param("path"))?;
-        match self.backend.inner().read(path.as_str(), &Version::Latest).await {
-            Ok(v) => Ok(Some(v.version.unwrap_or(0).to_string().into_bytes())),
-            Err(BackendError::NotFound) => Ok(None),
+        match self.backend.inner().current_version(path.as_str()).await {
+            Ok(v) => Ok(v.map(|v| v.to_string().into_bytes())),
             Err(e) => Err(map_error(e, path.as_str())),
         }
     }
