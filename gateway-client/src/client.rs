@@ -432,9 +432,10 @@ impl Client {
         serde_json::from_slice::<keyvault_api::ErrorBody>(body).map(|b| b.errors).unwrap_or_default()
     }
 
-    /// Send one call: `path` under `/v1/`, a JSON body. Retries on 429 (refused before
-    /// anything was done) and on connection errors that sent nothing; a read also on 503
-    /// and on a timeout. A write (and a gateway check) is not sent again after a 503 or a
+    /// Send one call: `path` under `/v1/`, a JSON body. Retries on 429 and on a 503 with
+    /// `Retry-After` (refused before anything was done: sealed, no room for the body),
+    /// and on connection errors that sent nothing; a read also on any 503 and on a
+    /// timeout. A write (and a gateway check) is not sent again after a 503 or a
     /// timeout: it may have been applied (a proxied write whose upstream answered too
     /// late, storage that failed after its commit, a gateway check whose nonces were taken
     /// before its audit entry failed), and sent again it would be applied twice or be a
@@ -494,8 +495,10 @@ impl Client {
                     if status.is_success() {
                         return Ok(body);
                     }
+                    // A 503 with `Retry-After` was refused before anything ran (sealed,
+                    // no room for the body): safe to send again, writes included.
                     let transient = status == StatusCode::TOO_MANY_REQUESTS
-                        || (status == StatusCode::SERVICE_UNAVAILABLE && idempotent);
+                        || (status == StatusCode::SERVICE_UNAVAILABLE && (idempotent || after.is_some()));
                     if status == StatusCode::UNAUTHORIZED
                         && matches!(credential, Credential::Token)
                         && !relogged

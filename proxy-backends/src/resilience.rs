@@ -117,9 +117,12 @@ impl<B: SecretBackend> Resilient<B> {
 
     /// Let a call through, or refuse it at once while the breaker is open: the number of
     /// the probe, when the call let through is the one probe of an open breaker.
-    fn admit(&self) -> Result<Option<u64>, BackendError> {
+    fn admit(&self, counted: bool) -> Result<Option<u64>, BackendError> {
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         match b.open_until {
+            // A call whose outcome does not count is never the probe: a listing that
+            // takes long would hold every other call off for its whole walk.
+            Some(until) if !counted => Err(open_error(&b, until)),
             Some(until) if Instant::now() < until => Err(open_error(&b, until)),
             Some(until) if b.probing => Err(open_error(&b, until)),
             Some(_) => {
@@ -170,7 +173,7 @@ impl<B: SecretBackend> Resilient<B> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
     {
-        let probe = self.admit()?;
+        let probe = self.admit(counted)?;
         // A probe dropped before its outcome is recorded would leave the breaker open for
         // good (every later call refused as "a probe is under way").
         let mut probe = ProbeGuard(probe.map(|n| (self, n)));
@@ -345,8 +348,12 @@ mod tests {
     /// do not count towards the breaker, and reads go on.
     #[tokio::test]
     async fn failing_listings_do_not_open_the_circuit() {
-        let policy =
-            Policy { attempts: 1, breaker_failures: 2, breaker_cooldown: Duration::from_secs(60), ..Policy::default() };
+        let policy = Policy {
+            attempts: 1,
+            breaker_failures: 2,
+            breaker_cooldown: Duration::from_millis(50),
+            ..Policy::default()
+        };
         let r = Resilient::new(Switch::default(), policy);
         r.inner().1.store(DOWN, Ordering::Relaxed);
         for _ in 0..10 {
@@ -363,5 +370,12 @@ mod tests {
         r.inner().1.store(UP, Ordering::Relaxed);
         let listed = r.list("").await;
         assert!(matches!(&listed, Err(BackendError::Unavailable(m)) if m.contains("circuit open")), "{listed:?}");
+        // Past the cooldown a listing is still not the probe (a long walk would hold
+        // every other call off): refused, and the next read probes and closes it.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let listed = r.list("").await;
+        assert!(matches!(&listed, Err(BackendError::Unavailable(m)) if m.contains("circuit open")), "{listed:?}");
+        assert!(r.read("a", &Version::Latest).await.is_ok());
+        assert!(r.list("").await.is_ok());
     }
 }

@@ -1121,14 +1121,36 @@ async fn every_auth_method_logs_in_and_a_sealed_server_is_retried() {
         .unwrap();
     patient.token().await.unwrap();
     impatient.token().await.unwrap();
+    // One that has not logged in yet: its login (a POST) is retried too, as a sealed
+    // server's 503 says with `Retry-After` that nothing was done.
+    let fresh = w
+        .builder(&w.unit)
+        .auth(Auth::userpass("ops", "a long passphrase"))
+        .retry(RetryPolicy {
+            attempts: 40,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(250),
+        })
+        .build()
+        .unwrap();
     ok(c.send("PUT", "sys/seal", Some(&root), Some(b"{}".to_vec())).await, 204);
     assert_eq!(read(impatient).await.unwrap_err().status(), Some(503));
+    let sealed = c.send("GET", "secret/app/db", Some(&root), None).await;
+    assert_eq!((sealed.status, sealed.headers.get("retry-after").map(|v| v.to_str().unwrap())), (503, Some("1")));
+    let logging_in = tokio::spawn(read(fresh));
+    let writing = tokio::spawn({
+        let patient = patient.clone();
+        async move { patient.put("secret/app/while-sealed", &json!({"value": "w"})).await }
+    });
     let waiting = tokio::spawn(read(patient));
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!waiting.is_finished(), "still retrying while sealed");
     let pin = secrecy::ExposeSecret::expose_secret(&w.s.token.pin).to_owned();
     ok(c.send("PUT", "sys/unseal", None, Some(json!({ "key": pin }).to_string().into_bytes())).await, 200);
     assert_eq!(waiting.await.unwrap().unwrap(), SECRET);
+    assert_eq!(logging_in.await.unwrap().unwrap(), SECRET);
+    writing.await.unwrap().unwrap();
+    assert_eq!(ok(c.get("secret/app/while-sealed", &root).await, 200).body["data"]["value"], "w");
 
     // `sign_http`: the five headers on an `http` request.
     let mut req = http::Request::new(b"{}".to_vec());

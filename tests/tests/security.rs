@@ -184,6 +184,36 @@ async fn a_body_without_a_credential_is_not_read() {
     ok(s.client().get("secret/held", &s.root).await, 404);
 }
 
+/// A caller is authenticated before its body is read, and again after it if the body
+/// took over a second: a token revoked while its request's body was still arriving is
+/// refused, as it would be on a request that came a second later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_revoked_while_its_body_arrives_is_refused() {
+    use tokio::io::AsyncReadExt;
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let writer = json!({"policy": "path \"secret/*\" { capabilities = [\"create\", \"update\"] }"});
+    ok(c.put("sys/policies/acl/writer", &s.root, writer).await, 204);
+    let made = ok(c.post("auth/token/create", Some(&s.root), json!({"policies": ["writer"]})).await, 200);
+    let t = made.body["auth"]["client_token"].as_str().unwrap().to_owned();
+    let body = br#"{"value":"written-after-revocation"}"#;
+    let mut conn = tls_connect(&s.addr, &s.server_ca_file, None).await;
+    let head = format!(
+        "PUT /v1/secret/slow HTTP/1.1\r\nHost: localhost\r\nX-Vault-Token: {t}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body[..10]).await.unwrap();
+    ok(c.post("auth/token/revoke", Some(&s.root), json!({ "token": t })).await, 204);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    conn.write_all(&body[10..]).await.unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut reply)).await.expect("an answer").unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 401") || reply.starts_with("HTTP/1.1 403"), "{reply}");
+    ok(c.get("secret/slow", &s.root).await, 404);
+}
+
 /// The budget of body bytes being received counts what clients send, not what they
 /// announce: bodies declared large (or of unknown length, as every HTTP/2 request and every
 /// GET is) and then not sent hold no room, so a few such connections cannot make every

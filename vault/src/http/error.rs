@@ -28,6 +28,10 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     /// The body did not arrive in time (408).
     RequestTimeout,
+    /// Refused before the request ran at all (sealed, not authenticated, no room for its
+    /// body): nothing was done, and a 503 of this kind carries `Retry-After`, which tells
+    /// a client that sending the same request again is safe, writes included.
+    NotStarted(Error),
 }
 
 impl From<Error> for ApiError {
@@ -62,7 +66,7 @@ pub fn status_of(e: &Error) -> StatusCode {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::Domain(e) => status_of(e),
+            ApiError::Domain(e) | ApiError::NotStarted(e) => status_of(e),
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -72,7 +76,7 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::Domain(e) => e.client_message(),
+            ApiError::Domain(e) | ApiError::NotStarted(e) => e.client_message(),
             ApiError::MethodNotAllowed => "method not allowed".into(),
             ApiError::PayloadTooLarge { limit } => format!("request body is larger than the limit of {limit} bytes"),
             ApiError::UnsupportedMediaType(m) => m.clone(),
@@ -82,7 +86,7 @@ impl ApiError {
 
     fn audit_code(&self) -> &'static str {
         match self {
-            ApiError::Domain(e) => e.audit_code(),
+            ApiError::Domain(e) | ApiError::NotStarted(e) => e.audit_code(),
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -93,6 +97,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let (not_started, this) = match self {
+            ApiError::NotStarted(e) => (true, ApiError::Domain(e)),
+            other => (false, other),
+        };
+        let mut resp = this.response();
+        if not_started && resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+        }
+        resp
+    }
+}
+
+impl ApiError {
+    fn response(self) -> Response {
         let status = self.status();
         if let ApiError::Domain(e) = &self {
             // A key on several objects even after a re-initialisation is as good as missing

@@ -60,7 +60,9 @@ impl BodyLimits {
             max,
             timeout,
             budget: Arc::new(tokio::sync::Semaphore::new(permits)),
-            anonymous: Arc::new(tokio::sync::Semaphore::new((permits / 4).max(1))),
+            // At least one login body's worth (a small budget would otherwise leave logins
+            // no room at all).
+            anonymous: Arc::new(tokio::sync::Semaphore::new((permits / 4).max(MAX_LOGIN_BODY / 1024).min(permits))),
         }
     }
 
@@ -333,20 +335,30 @@ async fn run(state: &AppState, req: Request, peer: &Peer, slot: &AuditSlot, ctx:
     }
     // Whoever the route needs is known before the body is read: a client with no
     // credential sends at most a small body, into room of its own (see `BodyLimits`).
-    let browser = token.is_none() && from_a_web_page(req.headers());
+    let browser = token.as_deref().is_none_or(|t| t.is_empty()) && from_a_web_page(req.headers());
     let early = service.authenticate_early(&resolved, token.as_deref().map(|t| t.as_str()), browser, peer, slot).await;
     let caller = match early {
         Ok(caller) => caller,
         Err(e) => {
             body::discard(req, &state.body);
-            return Err(e.into());
+            return Err(ApiError::NotStarted(e));
         }
     };
+    let authenticated_at = std::time::Instant::now();
     let (limit, room) = match &caller {
         Some(_) => (state.body.max, &state.body.budget),
         None => (MAX_LOGIN_BODY.min(state.body.max), &state.body.anonymous),
     };
-    let body = body::read_body(req, &state.body, limit, room).await?;
+    let body = match body::read_body(req, &state.body, limit, room).await {
+        Ok(body) => body,
+        // No room for the body: nothing was done.
+        Err(ApiError::Domain(e @ crate::error::Error::Unavailable(_))) => return Err(ApiError::NotStarted(e)),
+        Err(e) => return Err(e),
+    };
+    // A body that took a while (up to the body timeout): the caller is authenticated
+    // again, so that a revocation or a policy change made meanwhile applies, as it would
+    // within a second (the time replicas take to follow each other) to any request.
+    let caller = caller.filter(|_| authenticated_at.elapsed() < std::time::Duration::from_secs(1));
     if resolved.spec.changes_state && resolved.spec.intent != crate::logical::Intent::Never {
         let intent = crate::audit::event(
             "intent",

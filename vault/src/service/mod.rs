@@ -41,7 +41,7 @@ pub struct Incoming {
     pub no_cache: bool,
     /// The caller, when the transport authenticated it before reading the body
     /// ([`Service::authenticate_early`]).
-    pub caller: Option<Caller>,
+    pub(crate) caller: Option<Caller>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -157,6 +157,9 @@ impl Service {
         peer: &Peer,
         audit: &AuditSlot,
     ) -> Result<Option<Caller>> {
+        if !resolved.route.while_sealed && self.core.is_sealed() {
+            return Err(crate::error::Error::Hsm(keyvault_hsm::HsmError::Sealed));
+        }
         let needs_caller = match resolved.spec.access {
             Access::AnyToken | Access::Needs(_) | Access::Sudo(_) | Access::CreateOrUpdate => true,
             Access::Telemetry => !self.core.settings.telemetry.unauthenticated_metrics_access,
@@ -164,9 +167,6 @@ impl Service {
         };
         if !needs_caller {
             return Ok(None);
-        }
-        if !resolved.route.while_sealed && self.core.is_sealed() {
-            return Err(crate::error::Error::Hsm(keyvault_hsm::HsmError::Sealed));
         }
         let token = token.filter(|t| !t.is_empty());
         if token.is_none() && from_a_web_page {

@@ -22,12 +22,17 @@ pub mod userpass;
 /// Whether the role or user a token was issued by still grants it, as a renewal needs
 /// (as in Vault: "role does not exist during renewal", "policies have changed"): it
 /// exists, and its policies still include every policy of the token. Tokens of other
-/// methods (bootstrap, token create) have nothing to check here. 400 otherwise: the
-/// caller logs in again, and gets what the role grants now.
+/// methods (bootstrap, token create) have nothing to check here, nor a child token (made
+/// by `auth/token/create`: it carries its parent's method and role, but its policies were
+/// granted by its parent, and Vault renews it through the token store). 400 otherwise:
+/// the caller logs in again, and gets what the role grants now.
 pub async fn still_granted(
     store: &std::sync::Arc<dyn crate::store::Store>,
     claims: &crate::token::Claims,
 ) -> Result<()> {
+    if claims.par.is_some() {
+        return Ok(());
+    }
     let role = || claims.role.as_deref();
     let current = match claims.meth.as_str() {
         approle::METHOD | kubernetes::METHOD | crate::auth::cert::METHOD => {
