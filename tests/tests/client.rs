@@ -1103,16 +1103,12 @@ async fn every_auth_method_logs_in_and_a_sealed_server_is_retried() {
     assert_eq!(read(given).await.unwrap(), SECRET);
 
     // Sealed: 503 until unsealed.
-    let patient = w
-        .builder(&w.unit)
-        .auth(Auth::token(&root))
-        .retry(RetryPolicy {
-            attempts: 40,
-            base_delay: Duration::from_millis(100),
-            max_delay: Duration::from_millis(250),
-        })
-        .build()
-        .unwrap();
+    let patient_with = |auth: Auth| {
+        let retry =
+            RetryPolicy { attempts: 40, base_delay: Duration::from_millis(100), max_delay: Duration::from_millis(250) };
+        w.builder(&w.unit).auth(auth).retry(retry).build().unwrap()
+    };
+    let patient = patient_with(Auth::token(&root));
     let impatient = w
         .builder(&w.unit)
         .auth(Auth::token(&root))
@@ -1123,16 +1119,7 @@ async fn every_auth_method_logs_in_and_a_sealed_server_is_retried() {
     impatient.token().await.unwrap();
     // One that has not logged in yet: its login (a POST) is retried too, as a sealed
     // server's 503 says with `Retry-After` that nothing was done.
-    let fresh = w
-        .builder(&w.unit)
-        .auth(Auth::userpass("ops", "a long passphrase"))
-        .retry(RetryPolicy {
-            attempts: 40,
-            base_delay: Duration::from_millis(100),
-            max_delay: Duration::from_millis(250),
-        })
-        .build()
-        .unwrap();
+    let fresh = patient_with(Auth::userpass("ops", "a long passphrase"));
     ok(c.send("PUT", "sys/seal", Some(&root), Some(b"{}".to_vec())).await, 204);
     assert_eq!(read(impatient).await.unwrap_err().status(), Some(503));
     let sealed = c.send("GET", "secret/app/db", Some(&root), None).await;
