@@ -159,7 +159,8 @@ async fn login_bodies_and_limiter_keys_cannot_exhaust_memory() {
 }
 
 /// A client with no credential cannot make the server hold a large body for it: a route
-/// that needs a caller authenticates it before the body is read, so a token-less request
+/// that needs a caller authenticates it (and checks what its policies allow without the
+/// body) before the body is read, so a token-less request
 /// sending most of a 1 MB body is answered 401 at once (it used to be read, up to the
 /// body timeout, into the budget that every other client's body shares). The bodies of
 /// requests that need no token (logins, unseal, wrapping tokens) are small and take
@@ -171,7 +172,12 @@ async fn a_body_without_a_credential_is_not_read() {
         listener_extra: "body_timeout = \"3s\"\nmax_body_bytes_in_flight = 2097152".into(),
         ..Default::default()
     });
-    for token in ["", "X-Vault-Token: kv.forged\r\n"] {
+    // A token whose policies do not allow the write is refused before its body as well.
+    let reader = json!({"policy": "path \"secret/*\" { capabilities = [\"read\"] }"});
+    ok(s.client().put("sys/policies/acl/reader", &s.root, reader).await, 204);
+    let made = ok(s.client().post("auth/token/create", Some(&s.root), json!({"policies": ["reader"]})).await, 200);
+    let reader = format!("X-Vault-Token: {}\r\n", made.body["auth"]["client_token"].as_str().unwrap());
+    for token in ["", "X-Vault-Token: kv.forged\r\n", reader.as_str()] {
         let mut conn = tls_connect(&s.addr, &s.server_ca_file, None).await;
         let head = format!("PUT /v1/secret/held HTTP/1.1\r\nHost: localhost\r\n{token}Content-Length: 1000000\r\n\r\n");
         conn.write_all(head.as_bytes()).await.unwrap();

@@ -174,6 +174,17 @@ impl Service {
         }
         let caller = self.core.authenticate(token, peer).await?;
         record_identity(audit, &caller.claims, peer);
+        // What the policy can say without the body, it says now: a caller whose policies
+        // do not allow the operation does not get its body read (and held) either. The
+        // same checks run again when the request runs ([`Service::run`]).
+        match resolved.spec.access {
+            Access::Needs(cap) => caller.require(&resolved.policy_path, cap)?,
+            Access::Sudo(cap) => caller.require_sudo(&resolved.policy_path, cap)?,
+            Access::CreateOrUpdate if !caller.acl.allows(&resolved.policy_path, Capability::Create) => {
+                caller.require(&resolved.policy_path, Capability::Update)?
+            }
+            _ => {}
+        }
         Ok(Some(caller))
     }
 
