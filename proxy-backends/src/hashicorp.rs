@@ -567,11 +567,7 @@ impl SecretBackend for HashicorpBackend {
     async fn current_version(&self, path: &str) -> Result<Option<u64>, BackendError> {
         let h = &self.0;
         if !h.v2 {
-            return match self.read(path, &Version::Latest).await {
-                Ok(_) => Ok(Some(0)),
-                Err(BackendError::NotFound) => Ok(None),
-                Err(e) => Err(e),
-            };
+            return crate::current_version_by_read(self, path).await;
         }
         let what = "upstream read";
         let (status, body) = h.call(Method::GET, &h.data_path(path), None, what).await?;

@@ -206,11 +206,20 @@ pub trait SecretBackend: Send + Sync + fmt::Debug {
     /// update need. By default: its latest version can be read. A backend whose deleted
     /// latest version still has a version number (Vault's KV version 2) says so.
     async fn current_version(&self, path: &str) -> Result<Option<u64>, BackendError> {
-        match self.read(path, &Version::Latest).await {
-            Ok(v) => Ok(Some(v.version.unwrap_or(0))),
-            Err(BackendError::NotFound) => Ok(None),
-            Err(e) => Err(e),
-        }
+        current_version_by_read(self, path).await
+    }
+}
+
+/// [`SecretBackend::current_version`] as most backends answer it: the version of the
+/// latest value, if it can be read (`0` where the backend keeps none).
+pub(crate) async fn current_version_by_read<B: SecretBackend + ?Sized>(
+    backend: &B,
+    path: &str,
+) -> Result<Option<u64>, BackendError> {
+    match backend.read(path, &Version::Latest).await {
+        Ok(v) => Ok(Some(v.version.unwrap_or(0))),
+        Err(BackendError::NotFound) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

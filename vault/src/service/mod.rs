@@ -98,6 +98,22 @@ fn record_identity(slot: &AuditSlot, claims: &Claims, peer: &Peer) {
     };
 }
 
+/// What a route's access rule allows or refuses before anything of the request is read
+/// (its body, or on a create-or-update route the existing value): the operation's
+/// capability, sudo, and for create-or-update at least one of the two. The transport
+/// asks before it reads the body ([`Service::authenticate_early`]), and [`Service::run`]
+/// asks again when the request runs.
+fn authorize_without_body(caller: &Caller, access: Access, policy_path: &str) -> Result<()> {
+    match access {
+        Access::Needs(cap) => caller.require(policy_path, cap),
+        Access::Sudo(cap) => caller.require_sudo(policy_path, cap),
+        Access::CreateOrUpdate if !caller.acl.allows(policy_path, Capability::Create) => {
+            caller.require(policy_path, Capability::Update)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A body that is empty, white space or `null` is `{}` (Vault's rule: `vault write -f`
 /// sends `null`).
 fn normalize_body(body: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
@@ -177,14 +193,7 @@ impl Service {
         // What the policy can say without the body, it says now: a caller whose policies
         // do not allow the operation does not get its body read (and held) either. The
         // same checks run again when the request runs ([`Service::run`]).
-        match resolved.spec.access {
-            Access::Needs(cap) => caller.require(&resolved.policy_path, cap)?,
-            Access::Sudo(cap) => caller.require_sudo(&resolved.policy_path, cap)?,
-            Access::CreateOrUpdate if !caller.acl.allows(&resolved.policy_path, Capability::Create) => {
-                caller.require(&resolved.policy_path, Capability::Update)?
-            }
-            _ => {}
-        }
+        authorize_without_body(&caller, resolved.spec.access, &resolved.policy_path)?;
         Ok(Some(caller))
     }
 
@@ -250,9 +259,9 @@ impl Service {
                 return Ok(self.login_reply(req, issued));
             }
             Access::AnyToken => req.caller = Some(self.authenticate(early.take(), token, req).await?),
-            Access::Needs(cap) => {
+            Access::Needs(_) => {
                 let caller = self.authenticate(early.take(), token, req).await?;
-                caller.require(&req.policy_path, cap)?;
+                authorize_without_body(&caller, access, &req.policy_path)?;
                 req.caller = Some(caller);
             }
             Access::Telemetry if self.core.settings.telemetry.unauthenticated_metrics_access => req.wrap_ttl = None,
@@ -261,18 +270,16 @@ impl Service {
                 caller.require(&req.policy_path, Capability::Read)?;
                 req.caller = Some(caller);
             }
-            Access::Sudo(cap) => {
+            Access::Sudo(_) => {
                 let caller = self.authenticate(early.take(), token, req).await?;
-                caller.require_sudo(&req.policy_path, cap)?;
+                authorize_without_body(&caller, access, &req.policy_path)?;
                 req.caller = Some(caller);
             }
             Access::CreateOrUpdate => {
                 let caller = self.authenticate(early.take(), token, req).await?;
                 // A caller who may do neither is refused before the existence check, which
                 // reads (on a proxy mount, from the upstream, with KeyVault's credentials).
-                if !caller.acl.allows(&req.policy_path, Capability::Create) {
-                    caller.require(&req.policy_path, Capability::Update)?;
-                }
+                authorize_without_body(&caller, access, &req.policy_path)?;
                 req.existing = engine.existence(req).await?;
                 let (cap, other) = if req.existing.is_some() {
                     (Capability::Update, Capability::Create)
