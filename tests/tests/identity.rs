@@ -546,6 +546,58 @@ async fn a_crl_change_takes_effect_on_sighup_for_new_and_open_connections() {
     assert_eq!(s.client_with(&a).send("GET", "sys/health", None, None).await.status, 200);
 }
 
+/// A CA removed from the client CA bundle ends its certificates' connections opened
+/// before the reload too (kept alive, or HTTP/2), at their next request: not only new
+/// handshakes. The other CA's connection goes on.
+#[tokio::test]
+async fn a_ca_removed_from_the_bundle_reaches_open_connections() {
+    let (ours, partner) = (TestCa::new("our CA"), TestCa::new("partner CA"));
+    let a = ours.leaf("unit-a", &[], 10, false);
+    let p = partner.leaf("unit-p", &[], 20, false);
+    let s = TestServer::start(ServerOptions {
+        client_auth: "optional",
+        client_ca_pem: Some(format!("{}{}", ours.pem(), partner.pem())),
+        ..Default::default()
+    });
+    let root = s.root.clone();
+    let none = s.client();
+    for (name, id) in [("role-a", &a), ("role-p", &p)] {
+        let role = json!({"certificate_sha256": [id.sha256_hex], "token_policies": ["default"], "allow_direct": true});
+        ok(none.post(&format!("auth/cert/role/{name}"), Some(&root), role).await, 204);
+    }
+    // Each opens a keep-alive connection and logs in over it.
+    let (ca, cp) = (s.client_with(&a), s.client_with(&p));
+    let t_a = token(&ca.post("auth/cert/login", None, json!({"name": "role-a"})).await);
+    let t_p = token(&cp.post("auth/cert/login", None, json!({"name": "role-p"})).await);
+    ok(cp.get("auth/token/lookup-self", &t_p).await, 200);
+    let reloads = s.log_text().matches("TLS configuration reloaded").count();
+    std::fs::write(&s.client_ca_file, ours.pem()).unwrap();
+    s.sighup();
+    keyvault_tests::wait_for(Duration::from_secs(10), "the TLS reload", || {
+        s.log_text().matches("TLS configuration reloaded").count() > reloads
+    })
+    .await;
+    // A new connection of the partner's certificate fails the handshake...
+    assert!(s.client_with(&p).try_send("GET", "sys/health", None, None).await.is_err(), "the partner CA is gone");
+    // ...and the one it opened before is refused: bound token, direct request, new login.
+    let r = ok(cp.get("auth/token/lookup-self", &t_p).await, 401);
+    assert_eq!(r.body["errors"][0], "the client certificate is no longer trusted");
+    ok(cp.send("GET", "auth/token/lookup-self", None, None).await, 401);
+    ok(cp.post("auth/cert/login", None, json!({"name": "role-p"})).await, 401);
+    // Our CA's connection, opened before the reload, and a new one, go on.
+    ok(ca.get("auth/token/lookup-self", &t_a).await, 200);
+    ok(s.client_with(&a).get("auth/token/lookup-self", &t_a).await, 200);
+    // Back in the bundle: the partner's open connection stands again.
+    let reloads = s.log_text().matches("TLS configuration reloaded").count();
+    std::fs::write(&s.client_ca_file, format!("{}{}", ours.pem(), partner.pem())).unwrap();
+    s.sighup();
+    keyvault_tests::wait_for(Duration::from_secs(10), "the TLS reload", || {
+        s.log_text().matches("TLS configuration reloaded").count() > reloads
+    })
+    .await;
+    ok(cp.get("auth/token/lookup-self", &t_p).await, 200);
+}
+
 #[tokio::test]
 async fn kubernetes_service_account_login() {
     use keyvault_tests::kube::*;
@@ -1028,7 +1080,8 @@ async fn a_web_page_gets_nothing_from_a_client_certificate() {
 /// A renewal asks the role or user that issued the token again, as Vault does: a token
 /// of a user or role that was deleted, or whose policies were cut, is not renewed (400:
 /// log in again), so an admin's delete ends such tokens at their current expiry instead
-/// of their maximum lifetime. Nothing changed: renewed as before.
+/// of their maximum lifetime. Nothing changed: renewed as before. A certificate login's
+/// token is renewed over its certificate, which must still meet the role.
 #[tokio::test]
 async fn a_token_of_a_deleted_user_or_role_is_not_renewed() {
     let w = world("").await;
@@ -1057,10 +1110,24 @@ async fn a_token_of_a_deleted_user_or_role_is_not_renewed() {
     ok(c.post("auth/token/renew-self", Some(&t_app), json!({})).await, 200);
     ok(c.send("DELETE", "auth/approle/role/app", Some(&root), None).await, 204);
     ok(c.post("auth/token/renew-self", Some(&t_app), json!({})).await, 400);
-    // A certificate role whose policies were cut.
+    // A certificate role: its token is renewed by its holder only, over its certificate.
     let ca = w.s.client_with(&w.a);
     let t_a = token(&ca.post("auth/cert/login", None, json!({"name": "role-a"})).await);
     ok(ca.post("auth/token/renew-self", Some(&t_a), json!({})).await, 200);
+    let r = ok(c.post("auth/token/renew", Some(&root), json!({"token": t_a})).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("renewed by its holder"), "{r:?}");
+    let cb = w.s.client_with(&w.b);
+    ok(cb.post("auth/token/renew", Some(&t_a), json!({"token": t_a})).await, 401);
+    // A role narrowed to exclude the certificate, its policies the same: not renewed (as
+    // in Vault); renewed again once the role takes the certificate back.
+    let role_a =
+        |pins: Vec<&str>| json!({"certificate_sha256": pins, "token_policies": ["read-app"], "allow_direct": true});
+    ok(c.post("auth/cert/role/role-a", Some(&root), role_a(vec![w.b.sha256_hex.as_str()])).await, 204);
+    let r = ok(ca.post("auth/token/renew-self", Some(&t_a), json!({})).await, 400);
+    assert!(r.body["errors"][0].as_str().unwrap().contains("no longer meets the role"), "{r:?}");
+    ok(c.post("auth/cert/role/role-a", Some(&root), role_a(vec![w.a.sha256_hex.as_str()])).await, 204);
+    ok(ca.post("auth/token/renew-self", Some(&t_a), json!({})).await, 200);
+    // A role whose policies were cut.
     let cut = json!({"certificate_sha256": [w.a.sha256_hex], "token_policies": [], "allow_direct": true});
     ok(c.post("auth/cert/role/role-a", Some(&root), cut).await, 204);
     ok(ca.post("auth/token/renew-self", Some(&t_a), json!({})).await, 400);

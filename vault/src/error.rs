@@ -39,6 +39,9 @@ pub enum AuthFailure {
     RevokedIdentity,
     /// The connection's client certificate was revoked (CRL) after the handshake.
     CertificateRevoked,
+    /// The connection's client certificate is no longer verified by the reloaded client
+    /// CA bundle (its CA was removed).
+    CertificateUntrusted,
     /// The connection's client certificate expired after the handshake (a long-lived or
     /// resumed connection).
     CertificateExpired,
@@ -65,6 +68,7 @@ impl AuthFailure {
             AuthFailure::RevokedIdentity | AuthFailure::LoginRevokedIdentity => "identity_revoked",
             AuthFailure::LoginCertificateRequired => "certificate_required",
             AuthFailure::CertificateRevoked => "certificate_revoked",
+            AuthFailure::CertificateUntrusted => "certificate_untrusted",
             AuthFailure::CertificateExpired => "certificate_expired",
         }
     }
@@ -82,6 +86,7 @@ impl AuthFailure {
             }
             AuthFailure::Revoked => "token revoked",
             AuthFailure::CertificateRevoked => "the client certificate is revoked",
+            AuthFailure::CertificateUntrusted => "the client certificate is no longer trusted",
             AuthFailure::CertificateExpired => "the client certificate has expired",
             AuthFailure::RevokedIdentity => "identity revoked",
             _ => "invalid token",

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
@@ -87,13 +88,15 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
 /// The server configuration: certificate chain and key, and for mutual TLS the client CA
 /// bundle and CRLs (chain, validity period and revocation of the end-entity certificate
 /// are checked by rustls/webpki; a certificate not issued by the CA bundle, a self-signed
-/// one, an expired one or a revoked one fails the handshake).
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+/// one, an expired one or a revoked one fails the handshake). With the client verifier it
+/// was built with, which [`ConnectionTrust`] asks again after a reload.
+pub fn server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Option<ClientVerifier>)> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    let mut client_verifier = None;
     let builder = match (files.client_auth, &files.client_ca) {
         (ClientAuth::Off, None) => builder.with_no_client_auth(),
         (ClientAuth::Off, Some(_)) => {
@@ -121,6 +124,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
                 v = v.allow_unauthenticated();
             }
             let verifier = v.build().map_err(|e| Error::Config(format!("client certificate verifier: {e}")))?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -128,7 +132,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
         Error::Config(format!("TLS certificate {} / key {}: {e}", files.cert.display(), files.key.display()))
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), client_verifier))
 }
 
 /// The certificates the loaded CRLs revoke, as (issuer name DER, serial number bytes):
@@ -180,9 +184,85 @@ impl RevokedCerts {
     }
 }
 
-/// The live set of revoked client certificates, shared by the listener and every
-/// connection's [`crate::vault::Peer`].
-pub type SharedRevoked = Arc<ArcSwap<RevokedCerts>>;
+/// A listener's client certificate verifier.
+pub type ClientVerifier = Arc<dyn ClientCertVerifier>;
+
+/// What a client certificate is judged by after its handshake, as of the listener's
+/// current TLS configuration: the certificates its CRLs revoke, and its client verifier
+/// (the client CA bundle and CRLs), numbered by the reload that made them.
+#[derive(Debug)]
+pub struct ClientTrust {
+    pub revoked: RevokedCerts,
+    verifier: Option<ClientVerifier>,
+    /// 0 at start, one more at every successful reload.
+    pub generation: u64,
+}
+
+/// The live [`ClientTrust`], shared by the listener and every connection's
+/// [`ConnectionTrust`].
+pub type SharedTrust = Arc<ArcSwap<ClientTrust>>;
+
+/// A connection's standing under the listener's current [`ClientTrust`], checked on every
+/// request (see [`crate::logical::Peer::check_certificate`]): a reload reaches
+/// connections opened before it (kept alive, HTTP/2), not only new handshakes. The CRLs
+/// are looked up every time; the chain is verified again by the current client verifier
+/// once per reload, so a CA removed from the bundle ends its certificates' connections.
+#[derive(Debug, Clone)]
+pub struct ConnectionTrust {
+    shared: SharedTrust,
+    /// The client's chain as presented in the handshake (end entity first).
+    chain: Arc<[CertificateDer<'static>]>,
+    /// The generation whose verifier last accepted the chain.
+    verified_at: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Why a connection's certificate no longer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Trusted,
+    /// In the current CRLs.
+    Revoked,
+    /// The current client CA bundle (or CRLs) no longer verify its chain.
+    Untrusted,
+}
+
+impl ConnectionTrust {
+    /// `generation`: that of the [`ClientTrust`] read *before* the configuration the
+    /// handshake used (a reload in between costs one needless verification, never a
+    /// missed one: [`TlsReloader::reload`] stores the configuration first).
+    pub fn new(shared: SharedTrust, generation: u64, chain: Vec<CertificateDer<'static>>) -> Self {
+        ConnectionTrust {
+            shared,
+            chain: chain.into(),
+            verified_at: Arc::new(std::sync::atomic::AtomicU64::new(generation)),
+        }
+    }
+
+    /// Whether `cert` (this connection's end entity) still stands.
+    pub fn standing(&self, cert: &ClientCert) -> Standing {
+        use std::sync::atomic::Ordering;
+        let trust = self.shared.load();
+        if trust.revoked.contains(cert) {
+            return Standing::Revoked;
+        }
+        if self.verified_at.load(Ordering::Acquire) == trust.generation {
+            return Standing::Trusted;
+        }
+        let (Some(verifier), Some((end_entity, intermediates))) = (&trust.verifier, self.chain.split_first()) else {
+            return Standing::Trusted;
+        };
+        match verifier.verify_client_cert(end_entity, intermediates, rustls_pki_types::UnixTime::now()) {
+            Ok(_) => {
+                self.verified_at.store(trust.generation, Ordering::Release);
+                Standing::Trusted
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a connection's client certificate fails the reloaded verifier");
+                Standing::Untrusted
+            }
+        }
+    }
+}
 
 /// A file's identity and size as seen by the last (re)load.
 type Stamp = Option<(std::time::SystemTime, u64, u64)>;
@@ -193,32 +273,34 @@ fn stamp(p: &Path) -> Stamp {
 }
 
 /// The live TLS configuration of a listener, rebuilt from its files on SIGHUP or when a
-/// file changes. New connections use the new configuration; open ones keep theirs, so a
-/// reload drops nothing. A broken new file keeps the old configuration and logs why.
+/// file changes. New connections use the new configuration; open ones keep their
+/// session, so a reload drops nothing, but their client certificate is judged by the new
+/// CRLs and CA bundle at their next request ([`ConnectionTrust`]). A broken new file
+/// keeps the old configuration and logs why.
 #[derive(Debug)]
 pub struct TlsReloader {
     files: TlsFiles,
     current: Arc<ArcSwap<ServerConfig>>,
-    revoked: SharedRevoked,
+    trust: SharedTrust,
     stamps: Mutex<Vec<Stamp>>,
 }
 
 impl TlsReloader {
     pub fn new(files: TlsFiles) -> Result<Arc<Self>> {
-        let config = server_config(&files)?;
+        let (config, verifier) = server_config(&files)?;
         let revoked = RevokedCerts::from_files(&files.crls)?;
         let stamps = files.watched().iter().map(|p| stamp(p)).collect();
         Ok(Arc::new(TlsReloader {
             files,
             current: Arc::new(ArcSwap::new(config)),
-            revoked: Arc::new(ArcSwap::from_pointee(revoked)),
+            trust: Arc::new(ArcSwap::from_pointee(ClientTrust { revoked, verifier, generation: 0 })),
             stamps: Mutex::new(stamps),
         }))
     }
 
-    /// The revoked client certificates of the current CRLs (see [`RevokedCerts`]).
-    pub fn revoked(&self) -> SharedRevoked {
-        self.revoked.clone()
+    /// What open connections' certificates are judged by (see [`ConnectionTrust`]).
+    pub fn trust(&self) -> SharedTrust {
+        self.trust.clone()
     }
 
     /// The configuration handle the listener reads for every new connection.
@@ -230,9 +312,12 @@ impl TlsReloader {
     pub fn reload(&self, why: &str) -> bool {
         let stamps: Vec<Stamp> = self.files.watched().iter().map(|p| stamp(p)).collect();
         match server_config(&self.files).and_then(|c| Ok((c, RevokedCerts::from_files(&self.files.crls)?))) {
-            Ok((config, revoked)) => {
+            Ok(((config, verifier), revoked)) => {
+                // The configuration first, then the trust: a connection reads them in the
+                // other order (see [`ConnectionTrust::new`]).
                 self.current.store(config);
-                self.revoked.store(Arc::new(revoked));
+                let generation = self.trust.load().generation + 1;
+                self.trust.store(Arc::new(ClientTrust { revoked, verifier, generation }));
                 *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
                 tracing::info!(trigger = why, "TLS configuration reloaded");
                 true
@@ -347,15 +432,47 @@ impl ClientCert {
 }
 
 /// Write a file readable by its owner only.
+///
+/// Written to a new file beside it (created 0600, never through a symlink: `O_EXCL`),
+/// synced, then renamed over `path`: a file that was there keeps neither its mode nor
+/// its place if it was a symlink, and a crash leaves the old file or the new one whole.
 pub fn write_private(path: &Path, content: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))?;
-    f.write_all(content.as_bytes()).map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))
+    let failed = |e: std::io::Error| Error::Config(format!("cannot write {}: {e}", path.display()));
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".new-{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(failed)?;
+    f.write_all(content.as_bytes()).and_then(|()| f.sync_all()).map_err(failed)?;
+    std::fs::rename(&tmp, path).map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private file is the owner's only even where a file was there before, and a
+    /// symlink at its place is replaced, not written through.
+    #[test]
+    fn a_private_file_is_never_written_through_a_link_or_left_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        let was_open = dir.path().join("pin");
+        std::fs::write(&was_open, "old").unwrap();
+        std::fs::set_permissions(&was_open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&was_open, "new").unwrap();
+        assert_eq!((std::fs::read_to_string(&was_open).unwrap().as_str(), mode(&was_open)), ("new", 0o600));
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "not yours").unwrap();
+        let link = dir.path().join("key.pem");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        write_private(&link, "secret").unwrap();
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "not yours");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_file());
+        assert_eq!(mode(&link), 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary file left");
+    }
 }

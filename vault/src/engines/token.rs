@@ -126,7 +126,16 @@ impl TokenEngine {
     /// Extend a token: the same token string stays valid until now + `increment` (or
     /// its original TTL), capped by its `max_exp`, on every replica (see
     /// [`crate::token::Renewals`]). Vault's clients keep the token they hold.
-    async fn renew(&self, token: &str, claims: &Claims, increment: Option<Duration>) -> Result<Reply> {
+    /// `peer`: the renewing connection's client certificate (a certificate login's token
+    /// is renewed over the certificate it is bound to; see
+    /// [`super::auth::still_granted`]).
+    async fn renew(
+        &self,
+        token: &str,
+        claims: &Claims,
+        increment: Option<Duration>,
+        peer: Option<&crate::tls::ClientCert>,
+    ) -> Result<Reply> {
         let now = unix_now();
         if increment.is_some_and(|d| d > MAX_TOKEN_LIFETIME) {
             return Err(Error::invalid(format!("increment out of range (at most {} s)", MAX_TOKEN_LIFETIME.as_secs())));
@@ -140,7 +149,7 @@ impl TokenEngine {
         if claims.max_exp.unwrap_or(claims.exp) <= now {
             return Err(Error::invalid("the token has reached its maximum TTL; log in again"));
         }
-        super::auth::still_granted(&self.core.store, claims).await?;
+        super::auth::still_granted(&self.core.store, claims, peer).await?;
         let exp = self.core.renewals.renew(claims, wanted).await?;
         tracing::info!(accessor = %claims.acc, exp, "token renewed");
         let claims = Claims { exp, ..claims.clone() };
@@ -270,12 +279,12 @@ impl Engine for TokenEngine {
                 }
                 let claims = caller.claims.clone();
                 let token = req.token.clone().unwrap_or_default();
-                self.renew(&token, &claims, b.increment).await
+                self.renew(&token, &claims, b.increment, req.peer.client_cert.as_deref()).await
             }
             "renew" => {
                 let b: keyvault_api::auth::RenewToken = req.data()?;
                 let claims = self.other(b.token.expose()).await?;
-                self.renew(b.token.expose(), &claims, b.increment).await
+                self.renew(b.token.expose(), &claims, b.increment, req.peer.client_cert.as_deref()).await
             }
             "create" => self.create(req, false).await,
             "create-orphan" => self.create(req, true).await,

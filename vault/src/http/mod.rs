@@ -492,7 +492,7 @@ pub async fn serve(
     // graceful one.
     let stop = server::shutdown_signal();
     on_listening(addr, &audit);
-    let served = server::serve(listener, tls.current(), tls.revoked(), app, limits, stop).await;
+    let served = server::serve(listener, tls.current(), tls.trust(), app, limits, stop).await;
     for task in background {
         task.abort();
     }

@@ -34,7 +34,7 @@ use crate::auth::limiter::source;
 use crate::error::{Error, Result};
 use crate::logical::Peer;
 use crate::ratelog::RateLimitedLog;
-use crate::tls::{ClientCert, SharedRevoked};
+use crate::tls::{ClientCert, ConnectionTrust, SharedTrust};
 
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -284,7 +284,7 @@ impl Drop for InFlight {
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ArcSwap<ServerConfig>>,
-    revoked: SharedRevoked,
+    trust: SharedTrust,
     app: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -320,11 +320,13 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        // The trust's generation before the configuration (see [`ConnectionTrust::new`]).
+        let generation = trust.load().generation;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
         let app = app.clone();
         let builder = builder.clone();
         let limits = limits.clone();
-        let revoked = revoked.clone();
+        let trust = trust.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _guard = guard;
@@ -340,13 +342,16 @@ pub async fn serve(
                 }
             };
             tracing::debug!(%remote, "connection accepted");
-            let client_cert = stream
+            let chain: Vec<_> = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|der| Arc::new(ClientCert::from_der(der)));
-            let info = Peer { remote, client_cert, revoked: Some(revoked) };
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect();
+            let client_cert = chain.first().map(|der| Arc::new(ClientCert::from_der(der)));
+            let info = Peer { remote, client_cert, trust: Some(ConnectionTrust::new(trust, generation, chain)) };
             // HTTP/2 (by ALPN) has no request head to time: its streams are bounded by
             // the idle timeout and the body timeout.
             let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());

@@ -407,19 +407,20 @@ impl LoginOutcome {
 pub struct Peer {
     pub remote: SocketAddr,
     pub client_cert: Option<Arc<ClientCert>>,
-    /// The listener's current CRL contents: a certificate revoked after the connection
-    /// was opened is refused at its next request.
-    pub revoked: Option<crate::tls::SharedRevoked>,
+    /// The connection's standing under the listener's current CRLs and client CA
+    /// bundle: a certificate revoked, or whose CA was removed, after the connection was
+    /// opened is refused at its next request.
+    pub trust: Option<crate::tls::ConnectionTrust>,
 }
 
 impl Peer {
     /// A peer for in-process calls (the command line, tests, benchmarks).
     pub fn local() -> Self {
-        Peer { remote: SocketAddr::from(([127, 0, 0, 1], 0)), client_cert: None, revoked: None }
+        Peer { remote: SocketAddr::from(([127, 0, 0, 1], 0)), client_cert: None, trust: None }
     }
 
-    /// 401 if the connection's client certificate has expired since the handshake, or is in
-    /// the current CRLs.
+    /// 401 if the connection's client certificate has expired since the handshake, is in
+    /// the current CRLs, or is no longer verified by the current client CA bundle.
     pub fn check_certificate(&self) -> Result<()> {
         if let Some(cert) = &self.client_cert
             && cert.not_after < i64::try_from(crate::unix_now()).unwrap_or(i64::MAX)
@@ -427,13 +428,21 @@ impl Peer {
             tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate has expired");
             return Err(Error::Unauthenticated(AuthFailure::CertificateExpired));
         }
-        if let (Some(cert), Some(revoked)) = (&self.client_cert, &self.revoked)
-            && revoked.load().contains(cert)
-        {
-            tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate is now revoked");
-            return Err(Error::Unauthenticated(AuthFailure::CertificateRevoked));
+        let (Some(cert), Some(trust)) = (&self.client_cert, &self.trust) else { return Ok(()) };
+        match trust.standing(cert) {
+            crate::tls::Standing::Trusted => Ok(()),
+            crate::tls::Standing::Revoked => {
+                tracing::info!(cert_sha256 = %cert.sha256_hex, "request on a connection whose certificate is now revoked");
+                Err(Error::Unauthenticated(AuthFailure::CertificateRevoked))
+            }
+            crate::tls::Standing::Untrusted => {
+                tracing::info!(
+                    cert_sha256 = %cert.sha256_hex,
+                    "request on a connection whose certificate the reloaded client CA bundle no longer trusts"
+                );
+                Err(Error::Unauthenticated(AuthFailure::CertificateUntrusted))
+            }
         }
-        Ok(())
     }
 
     pub fn ip(&self) -> IpAddr {

@@ -26,22 +26,44 @@ pub mod userpass;
 /// by `auth/token/create`: it carries its parent's method and role, but its policies were
 /// granted by its parent, and Vault renews it through the token store). 400 otherwise:
 /// the caller logs in again, and gets what the role grants now.
+///
+/// A certificate login's token is renewed by its holder only, over the certificate it is
+/// bound to (`peer`: the renewing connection's), and that certificate must still meet
+/// the role's constraints (its pins, names, SANs and `certificate`), as Vault's cert
+/// method checks at renewal: a role narrowed by an admin to exclude a certificate ends
+/// that certificate's tokens at their current expiry.
 pub async fn still_granted(
     store: &std::sync::Arc<dyn crate::store::Store>,
     claims: &crate::token::Claims,
+    peer: Option<&crate::tls::ClientCert>,
 ) -> Result<()> {
     if claims.par.is_some() {
         return Ok(());
     }
     let role = || claims.role.as_deref();
     let current = match claims.meth.as_str() {
-        approle::METHOD | kubernetes::METHOD | crate::auth::cert::METHOD => {
+        crate::auth::cert::METHOD => {
             let Some(name) = role() else { return Ok(()) };
-            let method = match claims.meth.as_str() {
-                approle::METHOD => approle::METHOD,
-                kubernetes::METHOD => kubernetes::METHOD,
-                _ => crate::auth::cert::METHOD,
+            let holder = peer.filter(|c| claims.cnf.as_ref().is_some_and(|b| b.x5t_s256 == c.x5t_s256));
+            let Some(cert) = holder else {
+                return Err(Error::invalid(
+                    "a certificate login's token is renewed by its holder, over the certificate it is bound to",
+                ));
             };
+            let roles: RoleStore<crate::auth::cert::CertRoleConfig> =
+                RoleStore::new(store.clone(), crate::auth::cert::METHOD);
+            match roles.load(name).await? {
+                Some(r) if !crate::auth::cert::matches(&r.config, cert) => {
+                    return Err(Error::invalid(
+                        "the certificate no longer meets the role this token was issued by; log in again",
+                    ));
+                }
+                r => r.map(|r| r.token.token_policies),
+            }
+        }
+        approle::METHOD | kubernetes::METHOD => {
+            let Some(name) = role() else { return Ok(()) };
+            let method = if claims.meth == approle::METHOD { approle::METHOD } else { kubernetes::METHOD };
             let roles: RoleStore<serde_json::Value> = RoleStore::new(store.clone(), method);
             roles.load(name).await?.map(|r| r.token.token_policies)
         }
