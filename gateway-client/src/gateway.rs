@@ -300,8 +300,16 @@ impl<S> fmt::Debug for VerifyService<S> {
     }
 }
 
+/// A header's one value. A header given twice counts as missing (400): a TLS terminator
+/// that appends its `X-KeyVault-Cert-SHA256` instead of replacing the client's would
+/// otherwise let the client's own value, first in line, stand for the certificate.
 fn header(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    let mut values = h.get_all(name).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok().map(str::to_owned)
 }
 
 /// A refusal in the contract's words: `{"valid": false, "reason": ...}`.

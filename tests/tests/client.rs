@@ -540,6 +540,16 @@ async fn a_gateway_behind_the_layer_accepts_producers_and_refuses_replays_and_ot
         );
         let r = http.post(url.as_str()).body(telemetry("t-1")).send().await.unwrap();
         assert_eq!(r.status(), 400);
+        // A header given twice (a terminator that appends its certificate header after
+        // the client's own) is 400: neither value is taken.
+        let body = telemetry("t-1");
+        for name in ["x-keyvault-cert-sha256", "x-keyvault-identity", "x-keyvault-nonce"] {
+            let mut h = signer.headers(&body).await.unwrap();
+            let first = h.get(name).unwrap().clone();
+            h.append(name, first);
+            let r = send(h, body.clone()).await.unwrap();
+            assert_eq!(r.status(), 400, "{name} twice");
+        }
         // On a client of its own: the 413 is answered before the body is read, and the
         // connection closed; a pooled client could otherwise send one of the checks below
         // on that closing connection (a broken pipe, seen once in a full run).

@@ -687,6 +687,52 @@ async fn gateway_signatures_are_domain_separated() {
     ok(c.post("gateway/verify", Some(&root), untagged("old", "nonce-old-000000000010")).await, 200);
 }
 
+/// The signed input names no producer, so a nonce is spent for the key that verified it
+/// too: two producers that trust one key (a unit moving to a new identity, or two naming
+/// one transit key) accept one signed request once between them, not once each, also
+/// in one batch and when 16 copies arrive at once under both names.
+#[tokio::test]
+async fn a_signed_request_is_accepted_once_by_the_producers_that_share_its_key() {
+    let s = TestServer::start(ServerOptions::default());
+    let c = s.client();
+    let root = s.root.clone();
+    let p = Producer { key: SigningKey::from_bytes(&[7; 32]), cert: "ab".repeat(32) };
+    let register = json!({"cert_sha256": [p.cert], "keys": [{"key_id": "k",
+        "public_key": STANDARD.encode(p.key.verifying_key().as_bytes())}]});
+    for name in ["unit-old", "unit-new"] {
+        ok(c.post(&format!("gateway/producers/{name}"), Some(&root), register.clone()).await, 204);
+    }
+    let reason = |r: &Reply| r.body["data"]["reason"].as_str().map(str::to_owned);
+    let ts = now().to_string();
+    let nonce = "nonce-shared-00000001";
+    ok(c.post("gateway/verify", Some(&root), p.item("unit-old", &ts, nonce, b"{}")).await, 200);
+    let r = c.post("gateway/verify", Some(&root), p.item("unit-new", &ts, nonce, b"{}")).await;
+    assert_eq!((r.status, reason(&r)), (409, Some("replay".into())), "{r:?}");
+    // A nonce of one producer does not spend another key's: a second key, same nonce.
+    let q = Producer { key: SigningKey::from_bytes(&[8; 32]), cert: p.cert.clone() };
+    let other = json!({"cert_sha256": [q.cert], "keys": [{"key_id": "k",
+        "public_key": STANDARD.encode(q.key.verifying_key().as_bytes())}]});
+    ok(c.post("gateway/producers/unit-other", Some(&root), other).await, 204);
+    ok(c.post("gateway/verify", Some(&root), q.item("unit-other", &ts, nonce, b"{}")).await, 200);
+    // In one batch: the first wins.
+    let nonce = "nonce-shared-00000002";
+    let batch = json!({"batch": [p.item("unit-new", &ts, nonce, b"{}"), p.item("unit-old", &ts, nonce, b"{}")]});
+    let r = ok(c.post("gateway/verify", Some(&root), batch).await, 200);
+    let statuses: Vec<u64> =
+        r.body["data"]["batch_results"].as_array().unwrap().iter().map(|v| v["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [200, 409], "{r:?}");
+    // 16 copies at once, half under each name: one is accepted.
+    let nonce = "nonce-shared-00000003";
+    let copies = (0..16).map(|i| {
+        let (c, root) = (c.clone(), root.clone());
+        let item = p.item(if i % 2 == 0 { "unit-old" } else { "unit-new" }, &ts, nonce, b"{}");
+        async move { c.post("gateway/verify", Some(&root), item).await.status }
+    });
+    let statuses = futures_util::future::join_all(copies).await;
+    assert_eq!(statuses.iter().filter(|st| **st == 200).count(), 1, "{statuses:?}");
+    assert!(statuses.iter().all(|st| [200, 409].contains(st)), "{statuses:?}");
+}
+
 /// Fire `n` copies of one request at once; the statuses.
 async fn copies(c: &Client, n: usize, method: &'static str, path: &str, token: &str, body: Value) -> Vec<u16> {
     let tasks: Vec<_> = (0..n)

@@ -385,7 +385,14 @@ impl Gateway {
                 *key_id = key_that_verifies(keys, &message, &p.signature);
             }
         }
-        // Register the nonces of every item whose signature verified, durably, at once.
+        // Register the nonces of every item whose signature verified, durably, at once:
+        // under the key that verified it, which decides, and under its producer. The
+        // signed input names no producer, so producers that share a key (one unit moving
+        // to a new identity, or two naming one transit key) would each accept the same
+        // signed request once if nonces were only the producer's. The producer's record
+        // is what replicas of before this rule write and read: one found there that such a
+        // replica wrote (its value empty) is a replay; one written by a concurrent copy
+        // here (its value `NONCE_BY_KEY_TOO`) lost the key's record, so it is not.
         let mut pending = Vec::new();
         for ((i, p, _), key_id) in candidates.into_iter().zip(key_ids) {
             match key_id {
@@ -395,27 +402,32 @@ impl Gateway {
         }
         let inserts: Vec<(String, Vec<u8>, Option<Duration>)> = pending
             .iter()
-            .map(|(_, p, _)| {
-                let ttl = producers
-                    .get(&p.identity)
-                    .and_then(|e| e.as_ref())
-                    .map(|(prod, _)| prod.nonce_ttl_seconds)
-                    .unwrap_or(120);
-                let key = format!(
-                    "gateway/nonce/{}/{}",
-                    hex::encode(Sha256::digest(p.identity.as_bytes())),
-                    hex::encode(Sha256::digest(p.nonce.as_bytes()))
-                );
+            .flat_map(|(_, p, (_, vk))| {
+                let entry = producers.get(&p.identity).and_then(|e| e.as_ref());
+                let ttl = entry.map(|(prod, _)| prod.nonce_ttl_seconds).unwrap_or(120);
+                let nonce = hex::encode(Sha256::digest(p.nonce.as_bytes()));
+                let by_producer =
+                    format!("gateway/nonce/{}/{nonce}", hex::encode(Sha256::digest(p.identity.as_bytes())));
+                let by_key = format!("gateway/nonce-by-key/{}/{nonce}", hex::encode(Sha256::digest(vk.as_bytes())));
                 // The producer's skew may be raised later (edits apply at once), up to
                 // MAX_SKEW: its timestamp could then be accepted until ts + MAX_SKEW, so
                 // the nonce is remembered at least that long, whatever its TTL says now.
                 // (Accepted while |now - ts| <= skew: still at ts + MAX_SKEW, so one more.)
                 let outlive = p.ts.saturating_add(MAX_SKEW + 1).saturating_sub(now);
-                (key, Vec::new(), Some(self.nonce_ttl(ttl.max(outlive))))
+                let ttl = Some(self.nonce_ttl(ttl.max(outlive)));
+                [(by_key, Vec::new(), ttl), (by_producer, NONCE_BY_KEY_TOO.to_vec(), ttl)]
             })
             .collect();
-        let fresh = self.store.insert_if_absent_many(&inserts).await?;
-        for ((i, p, key_id), fresh) in pending.into_iter().zip(fresh) {
+        let inserted = self.store.insert_if_absent_many(&inserts).await?;
+        let mut fresh = Vec::with_capacity(pending.len());
+        for (records, both) in inserts.chunks(2).zip(inserted.chunks(2)) {
+            fresh.push(match both {
+                [true, true] => true,
+                [true, _] => self.store.get(&records[1].0).await?.is_some_and(|v| v == NONCE_BY_KEY_TOO),
+                _ => false,
+            });
+        }
+        for ((i, p, (key_id, _)), fresh) in pending.into_iter().zip(fresh) {
             let id = Some(p.identity.as_str());
             let tenants = producers.get(&p.identity).and_then(|e| e.as_ref()).map(|(prod, _)| &prod.operator_tenants);
             verdicts[i] = Some(if !fresh {
@@ -457,16 +469,20 @@ impl Gateway {
     }
 }
 
-/// The key id that verifies each candidate, if any. Items of a producer with one active
+/// The value of a producer's nonce record written with a record under the verifying key
+/// (an empty one was written by a replica of before that record).
+const NONCE_BY_KEY_TOO: &[u8] = b"k";
+
+/// The key (id and key) that verifies each candidate, if any. Items of a producer with one active
 /// key are checked together with `verify_batch` (about 2.4x the rate of one by one); if the
 /// batch fails, or a producer has several keys (a rotation window), each item is checked
 /// on its own with `verify_strict`, so a bad item only costs its own verdict.
 fn verify_signatures(
     candidates: &[(usize, Parsed, Vec<u8>)],
     producers: &HashMap<String, Option<ActiveProducer>>,
-) -> Vec<Option<String>> {
+) -> Vec<Option<(String, VerifyingKey)>> {
     let keys_of = |id: &str| producers.get(id).and_then(|e| e.as_ref()).map(|(_, k)| k.as_slice()).unwrap_or(&[]);
-    let mut out: Vec<Option<Option<String>>> = vec![None; candidates.len()];
+    let mut out: Vec<Option<Option<(String, VerifyingKey)>>> = vec![None; candidates.len()];
     let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
     for (n, (_, p, _)) in candidates.iter().enumerate() {
         if keys_of(&p.identity).len() == 1 {
@@ -483,7 +499,7 @@ fn verify_signatures(
         let vks = vec![*vk; members.len()];
         if ed25519_dalek::verify_batch(&messages, &signatures, &vks).is_ok() {
             for n in members {
-                out[n] = Some(Some(key_id.clone()));
+                out[n] = Some(Some((key_id.clone(), *vk)));
             }
         }
     }
@@ -497,8 +513,13 @@ fn verify_signatures(
 }
 
 /// The id of the first of `keys` under which `signature` of `message` verifies (strictly).
-fn key_that_verifies(keys: &[(String, VerifyingKey)], message: &[u8], signature: &Signature) -> Option<String> {
-    keys.iter().find(|(_, vk)| vk.verify_strict(message, signature).is_ok()).map(|(k, _)| k.clone())
+/// The key (its id, and the key itself) that verifies `signature` over `message`.
+fn key_that_verifies(
+    keys: &[(String, VerifyingKey)],
+    message: &[u8],
+    signature: &Signature,
+) -> Option<(String, VerifyingKey)> {
+    keys.iter().find(|(_, vk)| vk.verify_strict(message, signature).is_ok()).cloned()
 }
 
 #[cfg(test)]
