@@ -558,31 +558,64 @@ impl Secrets {
     /// together; an older version's record is a second query).
     /// A version past the `delete_version_after` that applies (the secret's, or
     /// `mount_delete_after`, the shorter) is deleted.
+    ///
+    /// A record read after its metadata (not in the same query) is taken only if the
+    /// metadata still says the same of that version afterwards: between the two reads, a
+    /// delete could free the record's slot and a writer with an older view fill it with
+    /// a value not (or not yet) acknowledged as that version. Read again then.
     pub async fn lookup(
         &self,
         path: &SecretPath,
         version: Option<u64>,
         mount_delete_after: Option<u64>,
     ) -> Result<Found> {
+        for _ in 0..MAX_CHANGE_ATTEMPTS {
+            if let Some(found) = self.lookup_once(path, version, mount_delete_after).await? {
+                return Ok(found);
+            }
+        }
+        Err(Error::Conflict(format!("{} kept changing while it was read; read it again", path.as_str())))
+    }
+
+    /// [`Secrets::lookup`], once: `None` if the version's metadata changed under the read.
+    async fn lookup_once(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+        mount_delete_after: Option<u64>,
+    ) -> Result<Option<Found>> {
         let meta_key = self.meta_key(path);
         let records = format!("{DATA_PREFIX}{}{VERSION_SEP}", self.full(path));
         let (raw, newest) = self.store.get_and_last_under(&meta_key, &records).await?;
         let Some(raw) = raw else {
-            return Ok(Found::NoSecret);
+            return Ok(Some(Found::NoSecret));
         };
         let meta: SecretMeta = decode_json(&meta_key, &raw)?;
         let version = version.unwrap_or(meta.current_version);
         let Some(vmeta) = meta.versions.get(&version) else {
-            return Ok(Found::NoVersion(meta, version));
+            return Ok(Some(Found::NoVersion(meta, version)));
         };
         if vmeta.deletion_time.is_some() || vmeta.destroyed || expired(&meta, vmeta, mount_delete_after) {
-            return Ok(Found::Deleted(meta, version));
+            return Ok(Some(Found::Deleted(meta, version)));
         }
         let key = self.data_key(path, version);
         let prefetched = newest.filter(|(k, _)| *k == key).map(|(_, v)| v);
         let sealed = match prefetched {
             Some(v) => Some(v),
-            None => self.store.get(&key).await?,
+            None => {
+                let sealed = self.store.get(&key).await?;
+                let again = self.store.get(&meta_key).await?;
+                if again.as_deref() != Some(raw.as_slice()) {
+                    let same = match &again {
+                        Some(a) => decode_json::<SecretMeta>(&meta_key, a)?.versions.get(&version) == Some(vmeta),
+                        None => false,
+                    };
+                    if !same {
+                        return Ok(None);
+                    }
+                }
+                sealed
+            }
         };
         let Some(sealed) = sealed else {
             if self.store.get(&usage::set_aside_key(&key)).await?.is_some() {
@@ -606,7 +639,7 @@ impl Secrets {
             },
         };
         let v = SecretVersion { version, meta: vmeta.clone(), data };
-        Ok(Found::Value(meta, v))
+        Ok(Some(Found::Value(meta, v)))
     }
 
     /// Delete the current version: its record is destroyed, its metadata marked deleted.
@@ -1166,6 +1199,35 @@ mod tests {
         let paused = Arc::new(TestStore::holding(sled.clone(), PauseAt::Get, &plain.meta_key(&path)));
         let stale = Arc::new(Secrets { store: paused.clone(), barrier, max_versions: 10, ns: plain.ns });
         (keyed, sled, plain, path, paused, stale)
+    }
+
+    /// A read that has the metadata (version 2 live), then finds version 2's slot
+    /// refilled by a writer with an older view after a delete freed it, does not serve
+    /// that writer's value as version 2: it reads again and answers what the metadata
+    /// says now (deleted). (Before, the unacknowledged value was served.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_never_serves_a_record_that_refilled_its_versions_slot() {
+        let (_keyed, sled, plain, path, paused, stale) = held_writer(Secrets::kv2, "app/refill").await;
+        plain.write(&path, br#"{"v":"1"}"#).await.unwrap();
+        plain.write(&path, br#"{"v":"2"}"#).await.unwrap();
+        // R reads the metadata and is held before it reads version 2's record.
+        paused.arm();
+        let r = tokio::spawn({
+            let (stale, path) = (stale.clone(), path.clone());
+            async move { stale.read(&path, None).await }
+        });
+        paused.reached.notified().await;
+        // Version 2 is deleted (its record goes), and a writer with an older view puts
+        // its record in the free slot (it would then find number 2 listed, and delete it).
+        plain.delete_latest(&path).await.unwrap();
+        let full = plain.full(&path);
+        let sealed = plain.barrier.seal(&record_context_raw(&full, 2), br#"{"v":"unacknowledged"}"#).await.unwrap();
+        assert!(sled.insert_if_absent(&plain.data_key(&path, 2), &sealed, None).await.unwrap());
+        paused.go.notify_one();
+        match r.await.unwrap() {
+            Err(Error::NotFound(m)) => assert!(m.contains("deleted"), "{m}"),
+            other => panic!("the read served {:?}", other.map(|v| String::from_utf8_lossy(&v.data).into_owned())),
+        }
     }
 
     /// A writer whose record was taken out of its slot, and the slot claimed and recorded

@@ -596,11 +596,13 @@ impl Core {
     // ---- automatic rotation ----
 
     /// Start a rotation when the active master version is too old or has sealed too much.
-    pub(crate) async fn auto_rotate(&self, newly_sealed: u64) -> Result<()> {
+    /// `unreported`: records sealed since the last count stored; 0 once they are counted.
+    pub(crate) async fn auto_rotate(&self, unreported: &mut u64) -> Result<()> {
         let cfg = &self.settings.rotation;
         let active = self.keyring.load().master.clone();
         let key = format!("sys/rotation/encryptions/v{}", active.active.get());
         let mut count = 0;
+        let newly_sealed = *unreported;
         if newly_sealed > 0 || cfg.master_max_encryptions.is_some() {
             loop {
                 let raw = self.store.get(&key).await?;
@@ -613,6 +615,9 @@ impl Core {
                 }
             }
         }
+        // Counted: only now are they reported (a store that failed keeps them for the
+        // next check, so the count a rotation is started by is not short).
+        *unreported = 0;
         let too_old =
             cfg.master_max_age.is_some_and(|age| unix_now().saturating_sub(active.activated_at) > age.as_secs());
         let too_used = cfg.master_max_encryptions.is_some_and(|max| count >= max);
@@ -659,20 +664,35 @@ impl Core {
             let me = self.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
-                let mut reported = me.barrier.sealed_count();
-                let mut last_auto_check = std::time::Instant::now();
                 loop {
                     tick.tick().await;
                     if let Err(e) = me.sync_once().await {
                         tracing::warn!(error = %e, "following the keyring failed");
                     }
-                    if last_auto_check.elapsed() >= me.settings.rotation.check_interval && !me.is_sealed() {
-                        last_auto_check = std::time::Instant::now();
-                        let sealed = me.barrier.sealed_count();
-                        if let Err(e) = me.auto_rotate(sealed - reported).await {
-                            tracing::warn!(error = %e, "automatic rotation check failed");
-                        }
-                        reported = sealed;
+                }
+            })
+        };
+        // Apart from the sync above: starting a rotation makes a key in the token (seconds
+        // on a slow one), and the policies other replicas change must still reach this
+        // one within a second meanwhile.
+        let auto = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(me.settings.rotation.check_interval.max(Duration::from_secs(1)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                let mut seen = me.barrier.sealed_count();
+                let mut unreported = 0;
+                loop {
+                    tick.tick().await;
+                    if me.is_sealed() {
+                        continue;
+                    }
+                    let sealed = me.barrier.sealed_count();
+                    unreported += sealed - seen;
+                    seen = sealed;
+                    if let Err(e) = me.auto_rotate(&mut unreported).await {
+                        tracing::warn!(error = %e, "automatic rotation check failed");
                     }
                 }
             })
@@ -691,6 +711,6 @@ impl Core {
                 }
             })
         };
-        vec![purge, sync, limiter, self.rotation.spawn_driver()]
+        vec![purge, sync, auto, limiter, self.rotation.spawn_driver()]
     }
 }

@@ -31,6 +31,11 @@ pub struct SledStore {
     written: AtomicU64,
     flushed: AtomicU64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// The generation of the open [`Handles`] (one more at every reopen).
+    generation: AtomicU64,
+    /// Tests: the next flush fails as one on a full disk would.
+    #[cfg(test)]
+    fail_next_flush: AtomicBool,
     /// Keys whose last write reached sled's memory but not the disk (its flush failed),
     /// with the value each had before (`None`: absent). Reads serve that value until the
     /// database is reopened from what is on disk: without it, a write answered 503 (its
@@ -48,10 +53,14 @@ struct Handles {
     expiry: sled::Tree,
     /// Counters (`TxOp::Count`): `value (i64 BE) || closed (1 byte)`.
     counters: sled::Tree,
+    /// Which opening of the database this is. A write is acknowledged only by a flush of
+    /// the database it went into: one reopened meanwhile (after an I/O error) was read
+    /// from the disk, without it.
+    generation: u64,
 }
 
 impl Handles {
-    fn open(dir: &Path) -> StoreResult<Self> {
+    fn open(dir: &Path, generation: u64) -> StoreResult<Self> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -60,8 +69,15 @@ impl Handles {
         let data = db.open_tree("data").map_err(unavailable)?;
         let expiry = db.open_tree("expiry").map_err(unavailable)?;
         let counters = db.open_tree("counters").map_err(unavailable)?;
-        Ok(Handles { db, data, expiry, counters })
+        Ok(Handles { db, data, expiry, counters, generation })
     }
+}
+
+/// Why a flush did not acknowledge a write.
+enum Flush {
+    /// The database was reopened since the write: the write is not in it.
+    Reopened,
+    Failed(StoreError),
 }
 
 /// Free space a reopen wants on the data directory's file system (a few sled segments).
@@ -262,8 +278,9 @@ impl SledStore {
                 }
             }
         }
-        match Handles::open(&self.dir) {
+        match Handles::open(&self.dir, self.generation.load(Ordering::SeqCst) + 1) {
             Ok(h) => {
+                self.generation.store(h.generation, Ordering::SeqCst);
                 *slot = Some(Arc::new(h));
                 // What is read from now on is what is on disk.
                 self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -291,10 +308,28 @@ impl SledStore {
         Ok(())
     }
 
-    /// Flush after a write of `keys` (each with its value before the write): if the flush
-    /// fails, reads serve those values until the database is reopened (see `unflushed`).
-    async fn flush_or_shadow(&self, keys: impl IntoIterator<Item = (String, Option<Vec<u8>>)>) -> StoreResult<()> {
-        let r = self.flush().await;
+    /// Flush after a write of `keys` (each with its value before the write) into the
+    /// database `h`: if the flush fails, reads serve those values until the database is
+    /// reopened (see `unflushed`). The writer holds `h` from its write to here, so the
+    /// database cannot be reopened under it (a reopen waits for every holder to let go);
+    /// should it have been all the same, the caller is told the write was not stored
+    /// (503): neither a flush of the new database nor one that already covered the
+    /// write's number acknowledges it.
+    async fn flush_or_shadow(
+        &self,
+        h: &Handles,
+        keys: impl IntoIterator<Item = (String, Option<Vec<u8>>)>,
+    ) -> StoreResult<()> {
+        let r = match self.flush(h).await {
+            Err(Flush::Reopened) => {
+                return Err(StoreError::Unavailable(
+                    "sled: the database was reopened after an I/O error before this write was flushed; it was not stored"
+                        .into(),
+                ));
+            }
+            Err(Flush::Failed(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
         if r.is_err() {
             let mut shadow = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
             for (key, before) in keys {
@@ -329,8 +364,13 @@ impl SledStore {
     }
 
     /// Insert-if-absent without the flush (the caller flushes).
-    fn insert_if_absent_unflushed(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
-        let h = self.h()?;
+    fn insert_if_absent_unflushed(
+        &self,
+        h: &Handles,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> StoreResult<bool> {
         check_key(key)?;
         let expires = ttl.map(|t| now_ms().saturating_add(t.as_millis() as u64));
         let new = sled::IVec::from(encode(value, expires));
@@ -341,7 +381,7 @@ impl SledStore {
             match h.data.compare_and_swap(key, current, Some(new.clone())).map_err(|e| self.failed(e))? {
                 Ok(()) => {
                     if let Some(ms) = expires {
-                        self.index_expiry(&h, key, ms)?;
+                        self.index_expiry(h, key, ms)?;
                     }
                     return Ok(true);
                 }
@@ -357,8 +397,13 @@ impl SledStore {
         }
     }
 
-    fn compare_and_swap_unflushed(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
-        let h = self.h()?;
+    fn compare_and_swap_unflushed(
+        &self,
+        h: &Handles,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> StoreResult<bool> {
         check_key(key)?;
         loop {
             let current = h.data.get(key).map_err(|e| self.failed(e))?;
@@ -382,7 +427,7 @@ impl SledStore {
 
     /// Open (or create) the store in `dir`. Fails clearly if another process holds it.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        let handles = Handles::open(dir)?;
+        let handles = Handles::open(dir, 0)?;
         Ok(SledStore {
             dir: dir.to_path_buf(),
             handles: RwLock::new(Some(Arc::new(handles))),
@@ -393,26 +438,38 @@ impl SledStore {
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             flush_lock: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_flush: AtomicBool::new(false),
         })
     }
 
     /// Make every write made so far by this caller durable. Concurrent callers share
     /// fsyncs: while one flush runs, the others wait, and whoever finds their write already
     /// covered returns at once; at most one more flush covers all the rest.
-    async fn flush(&self) -> StoreResult<()> {
+    ///
+    /// `h`: the database the write went into, held by the caller since.
+    async fn flush(&self, h: &Handles) -> Result<(), Flush> {
         let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         let _turn = self.flush_lock.lock().await;
+        if self.generation.load(Ordering::SeqCst) != h.generation {
+            return Err(Flush::Reopened);
+        }
+        #[cfg(test)]
+        if self.fail_next_flush.swap(false, Ordering::SeqCst) {
+            return Err(Flush::Failed(StoreError::Unavailable("sled: injected flush failure".into())));
+        }
         if self.flushed.load(Ordering::SeqCst) >= mine {
             return Ok(());
         }
         let covers = self.written.load(Ordering::SeqCst);
         // Not `flush_async`: concurrent `flush_async` calls deadlock in sled 0.34
         // (sled issue 1308). A blocking flush on the blocking pool is correct.
-        let db = self.h()?.db.clone();
+        let db = h.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
-            .map_err(|e| StoreError::Unavailable(format!("flush task: {e}")))?
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| Flush::Failed(StoreError::Unavailable(format!("flush task: {e}"))))?
+            .map_err(|e| Flush::Failed(self.failed(e)))?;
         self.flushed.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
@@ -444,14 +501,15 @@ impl Store for SledStore {
             Some(raw) => live(key, &raw, now_ms())?.map(<[u8]>::to_vec),
             None => None,
         };
-        self.flush_or_shadow([(key.to_owned(), before)]).await
+        self.flush_or_shadow(&h, [(key.to_owned(), before)]).await
     }
 
     async fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: Option<&[u8]>) -> StoreResult<bool> {
         self.writable()?;
-        let swapped = self.compare_and_swap_unflushed(key, expected, new)?;
+        let h = self.h()?;
+        let swapped = self.compare_and_swap_unflushed(&h, key, expected, new)?;
         if swapped {
-            self.flush_or_shadow([(key.to_owned(), expected.map(<[u8]>::to_vec))]).await?;
+            self.flush_or_shadow(&h, [(key.to_owned(), expected.map(<[u8]>::to_vec))]).await?;
         }
         Ok(swapped)
     }
@@ -477,7 +535,7 @@ impl Store for SledStore {
             }
         }
         self.index_expiry(&h, key, expires)?;
-        self.flush_or_shadow([(key.to_owned(), Some(value.to_vec()))]).await?;
+        self.flush_or_shadow(&h, [(key.to_owned(), Some(value.to_vec()))]).await?;
         Ok(true)
     }
 
@@ -510,7 +568,7 @@ impl Store for SledStore {
                         TxOp::Count { .. } => None,
                     })
                 });
-            self.flush_or_shadow(written.collect::<Vec<_>>()).await?;
+            self.flush_or_shadow(&h, written.collect::<Vec<_>>()).await?;
         }
         Ok(outcomes)
     }
@@ -531,7 +589,7 @@ impl Store for SledStore {
             .map_err(|e| self.tx_failed(e))?;
         // Nothing to shadow (counters are read from sled as they are), but a failed flush
         // marks the database for the reopen as any other.
-        self.flush_or_shadow(std::iter::empty()).await
+        self.flush_or_shadow(&h, std::iter::empty()).await
     }
 
     async fn counters(&self, prefix: &str) -> StoreResult<Vec<Counter>> {
@@ -561,7 +619,7 @@ impl Store for SledStore {
             let was_live = before.is_some();
             match h.data.compare_and_swap(key, Some(current), None::<&[u8]>).map_err(|e| self.failed(e))? {
                 Ok(()) => {
-                    self.flush_or_shadow([(key.to_owned(), before)]).await?;
+                    self.flush_or_shadow(&h, [(key.to_owned(), before)]).await?;
                     return Ok(was_live);
                 }
                 Err(_) => continue,
@@ -621,23 +679,25 @@ impl Store for SledStore {
 
     async fn insert_if_absent(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
         self.writable()?;
-        let inserted = self.insert_if_absent_unflushed(key, value, ttl)?;
+        let h = self.h()?;
+        let inserted = self.insert_if_absent_unflushed(&h, key, value, ttl)?;
         if inserted {
-            self.flush_or_shadow([(key.to_owned(), None)]).await?;
+            self.flush_or_shadow(&h, [(key.to_owned(), None)]).await?;
         }
         Ok(inserted)
     }
 
     async fn insert_if_absent_many(&self, items: &[(String, Vec<u8>, Option<Duration>)]) -> StoreResult<Vec<bool>> {
         self.writable()?;
+        let h = self.h()?;
         let mut out = Vec::with_capacity(items.len());
         for (k, v, ttl) in items {
-            out.push(self.insert_if_absent_unflushed(k, v, *ttl)?);
+            out.push(self.insert_if_absent_unflushed(&h, k, v, *ttl)?);
         }
         // One fsync makes the whole batch durable.
         if out.iter().any(|b| *b) {
             let inserted = items.iter().zip(&out).filter(|(_, new)| **new).map(|((k, _, _), _)| (k.clone(), None));
-            self.flush_or_shadow(inserted.collect::<Vec<_>>()).await?;
+            self.flush_or_shadow(&h, inserted.collect::<Vec<_>>()).await?;
         }
         Ok(out)
     }
@@ -669,7 +729,7 @@ impl Store for SledStore {
             h.expiry.remove(&idx).map_err(|e| self.failed(e))?;
         }
         if purged > 0 {
-            self.flush_or_shadow(std::iter::empty()).await?;
+            self.flush_or_shadow(&h, std::iter::empty()).await?;
         }
         Ok(purged)
     }
@@ -711,13 +771,11 @@ mod tests {
     async fn a_read_and_swap_loop_ends_after_a_failed_flush() {
         let (_dir, s) = store().await;
         s.put("k", b"v1").await.unwrap();
-        // A write reaches sled's memory; its flush fails (here: the database is being
-        // reopened, so the flush finds no handle).
+        // A write reaches sled's memory; its flush fails.
         let h = s.h().unwrap();
         h.data.insert("k", encode(b"v2", None)).unwrap();
-        let taken = s.handles.write().unwrap().take();
-        assert!(s.flush_or_shadow([("k".to_owned(), Some(b"v1".to_vec()))]).await.is_err());
-        *s.handles.write().unwrap() = taken;
+        s.fail_next_flush.store(true, Ordering::SeqCst);
+        assert!(s.flush_or_shadow(&h, [("k".to_owned(), Some(b"v1".to_vec()))]).await.is_err());
         drop(h);
         assert_eq!(s.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]), "reads serve the durable value");
 
@@ -738,6 +796,50 @@ mod tests {
         if outcome == "swapped" {
             assert_eq!(s.get("k").await.unwrap().as_deref(), Some(&b"v3"[..]));
         }
+    }
+
+    /// A reopen (after an I/O error) cannot take the database from under a write that
+    /// waits for its flush: the write is flushed into the database it went into and
+    /// stays. (Before, a compare-and-swap let go of the database before its flush: the
+    /// reopen went ahead, and a flush of the reopened database acknowledged a write it
+    /// did not hold.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reopen_waits_for_a_write_to_be_flushed() {
+        let (_dir, s) = store().await;
+        let s = Arc::new(s);
+        s.put("k", b"v1").await.unwrap();
+        // The swap is made, and waits its turn to flush.
+        let turn = s.flush_lock.lock().await;
+        let before = s.written.load(Ordering::SeqCst);
+        let w = tokio::spawn({
+            let s = s.clone();
+            async move { s.compare_and_swap("k", Some(b"v1"), Some(b"v2")).await }
+        });
+        while s.written.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // An I/O error elsewhere; a reopen is tried (there is room) and must give up.
+        s.broken.store(true, Ordering::SeqCst);
+        tokio::task::block_in_place(|| s.maybe_reopen());
+        assert!(s.broken.load(Ordering::SeqCst), "the database was reopened under a write");
+        drop(turn);
+        assert!(w.await.unwrap().unwrap());
+        assert_eq!(s.get("k").await.unwrap().as_deref(), Some(&b"v2"[..]));
+    }
+
+    /// Should the database be reopened between a write and its flush all the same, the
+    /// write is not acknowledged: not by a flush of the reopened database, nor by the
+    /// group commit's count of flushed writes, which goes on across a reopen.
+    #[tokio::test]
+    async fn a_write_is_not_acknowledged_after_its_database_was_reopened() {
+        let (_dir, s) = store().await;
+        s.put("k", b"v1").await.unwrap();
+        let h = s.h().unwrap();
+        assert!(s.compare_and_swap_unflushed(&h, "k", Some(b"v1"), Some(b"v2")).unwrap());
+        s.put("other", b"x").await.unwrap();
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        let err = s.flush_or_shadow(&h, [("k".to_owned(), Some(b"v1".to_vec()))]).await.unwrap_err();
+        assert!(err.to_string().contains("it was not stored"), "{err}");
     }
 
     #[tokio::test]
