@@ -61,7 +61,9 @@ const SEGMENT: &percent_encoding::AsciiSet =
 
 /// Percent-encode each `/`-separated segment of `path` (names, not URL syntax): the
 /// inverse of [`decode_segments`]. `%2e%2e` stays a name (`%252e%252e`), `?` and `#` do not
-/// start a query or a fragment, and no URL parser turns a segment into `..`.
+/// start a query or a fragment. A segment that is `.` or `..` itself is not a name: URL
+/// parsers resolve it (percent-encoded too), so callers refuse such names first, as
+/// [`SecretPath`] does.
 pub fn encode_segments(path: &str) -> String {
     path.split('/').map(|s| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()).collect::<Vec<_>>().join("/")
 }

@@ -99,7 +99,8 @@ async fn the_readme_flow_through_the_cli() {
     let role_id = cli.ok(root, &["role", "role-id", "web"]).trim().to_owned();
     let sid = cli.ok(root, &["role", "secret-id", "web"]);
     std::fs::write(&sid_file, &sid).unwrap();
-    cli.ok(root, &["secret", "put", "secret/db/password", &format!("value={SECRET}")]);
+    // As the README: the value from stdin, not on the command line.
+    cli.ok_in(root, &["secret", "put", "secret/db/password", "value=@-"], Some(SECRET));
     let file = dir.path().join("cert.pem");
     std::fs::write(&file, "-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n").unwrap();
     cli.ok(root, &["secret", "put", "secret/db/tls", &format!("cert=@{}", file.display()), "port=5432"]);
@@ -146,7 +147,8 @@ async fn the_readme_flow_through_the_cli() {
     assert!(wrong.contains("401") && wrong.contains("invalid credentials"), "{wrong}");
     let no_token = cli.fails(None, &["secret", "list", "secret/db"]);
     assert!(no_token.contains("401"), "{no_token}");
-    assert!(cli.fails(root, &["secret", "put", "secret/db/x", "novalue"]).contains("key=value expected"));
+    let err = cli.fails(root, &["secret", "put", "secret/db/x", "novalue"]);
+    assert!(err.contains("argument 1: key=value expected") && !err.contains("novalue"), "{err}");
 
     // Lists, deletes.
     assert_eq!(cli.ok(root, &["secret", "list", "secret/db"]), "password\ntls\n");

@@ -45,6 +45,18 @@ async fn the_aws_adapter_passes_the_conformance_suite() {
     assert_eq!(scoped.list("").await.unwrap(), vec!["conf/".to_owned()]);
 }
 
+/// A server whose mount `cloud/` is the moto account's `prod/` names (no cache, one try).
+fn server_with_cloud(moto: &Moto, key: &std::path::Path) -> TestServer {
+    let mounts = format!(
+        "[[mounts]]\npath = \"cloud\"\ntype = \"aws\"\n[mounts.options]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n\
+         name_prefix = \"prod/\"\naccess_key_id = \"AKIDKEYVAULTTEST\"\nsecret_access_key_file = \"{}\"\n\
+         [mounts.options.cache]\nttl = 0\n[mounts.options.resilience]\nattempts = 1\ntimeout = \"2s\"\n",
+        moto.endpoint,
+        key.display()
+    );
+    TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_reads_secrets_kept_in_aws_through_keyvault() {
     let mut moto = Moto::start();
@@ -58,15 +70,7 @@ async fn a_unit_reads_secrets_kept_in_aws_through_keyvault() {
     aws.write("db", &SecretData::from_fields([("username", "app"), ("password", "aws-pass-2")]), None).await.unwrap();
     aws.write("plain", &SecretData::from_fields([("value", "just-a-string")]), None).await.unwrap();
 
-    let mounts = format!(
-        "[[mounts]]\npath = \"cloud\"\ntype = \"aws\"\n[mounts.options]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n\
-         name_prefix = \"prod/\"\naccess_key_id = \"AKIDKEYVAULTTEST\"\nsecret_access_key_file = \"{}\"\n\
-         [mounts.options.cache]\nttl = 0\n[mounts.options.resilience]\nattempts = 1\ntimeout = \"2s\"\n",
-        moto.endpoint,
-        key.display()
-    );
-    let s =
-        TestServer::start(ServerOptions { extra: format!("{}{mounts}", default_mounts_toml()), ..Default::default() });
+    let s = server_with_cloud(&moto, &key);
     let c = s.client();
     let root = s.root.clone();
     let policy = "path \"cloud/*\" { capabilities = [\"read\", \"list\"] }";
@@ -160,4 +164,70 @@ async fn a_refused_write_does_not_bring_a_deleted_secret_back() {
     // A write that fits restores it with the new value.
     aws.write("gone", &SecretData::from_fields([("value", "rotated")]), None).await.unwrap();
     assert_eq!(aws.read("gone", &Version::Latest).await.unwrap().data.field("value").unwrap().as_str(), "rotated");
+}
+
+/// `keyvault operator migrate` with the root token: success and its stdout, or failure
+/// and its stderr.
+fn migrate(s: &TestServer, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(keyvault_tests::keyvault_bin())
+        .args(["operator", "migrate", "--address", &s.addr, "--ca-file"])
+        .arg(&s.server_ca_file)
+        .args(args)
+        .env("KEYVAULT_TOKEN", &s.root)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    if out.status.success() { Ok(text(&out.stdout)) } else { Err(text(&out.stderr)) }
+}
+
+/// What a migration must not copy: a destination secret that holds another value (someone
+/// wrote it there; copying would put the older value back) is left alone and named, and
+/// the run fails, unless `--overwrite`; a folder inside a mount is not a mount; an
+/// upstream name with `..` in it (a valid AWS name) is not listed, so nothing is read or
+/// written at the path it would resolve to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_leaves_alone_what_it_must_not_copy() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("aws-secret");
+    std::fs::write(&key, "test-secret-access-key").unwrap();
+    let aws = Aws::new(config(&moto, &key, "prod/")).unwrap();
+    aws.write("mig/ok", &SecretData::from_fields([("value", "from-aws")]), None).await.unwrap();
+    aws.write("mig/../escape", &SecretData::from_fields([("value", "steered")]), None).await.unwrap();
+    let s = server_with_cloud(&moto, &key);
+    let (c, root) = (s.client(), s.root.clone());
+
+    ok(c.put("secret/mig/a", &root, json!({"v": "old"})).await, 200);
+    ok(c.put("secret/mig/b", &root, json!({"v": "b"})).await, 200);
+    ok(c.put("kv/data/mig/a", &root, json!({"data": {"v": "newer"}})).await, 200);
+    // Deleted at the destination (its latest version): not new there either.
+    ok(c.put("secret/mig/c", &root, json!({"v": "c"})).await, 200);
+    ok(c.put("kv/data/mig/c", &root, json!({"data": {"v": "deleted-there"}})).await, 200);
+    ok(c.send("DELETE", "kv/data/mig/c", Some(&root), None).await, 204);
+    let err = migrate(&s, &["--from", "secret", "--to", "kv", "--prefix", "mig"]).unwrap_err();
+    assert!(
+        err.contains(
+            "2 secrets hold another value at kv and were left alone (--overwrite copies over them): mig/a, mig/c"
+        ),
+        "{err}"
+    );
+    ok(c.get("kv/data/mig/c", &root).await, 404);
+    let v = |r: Reply| r.body["data"]["data"]["v"].clone();
+    assert_eq!(v(ok(c.get("kv/data/mig/a", &root).await, 200)), "newer");
+    assert_eq!(v(ok(c.get("kv/data/mig/b", &root).await, 200)), "b", "the rest is copied");
+    let out = migrate(&s, &["--from", "secret", "--to", "kv", "--prefix", "mig", "--overwrite"]).unwrap();
+    assert_eq!(out, "copied 2 secrets from secret to kv; 1 already equal");
+    assert_eq!(v(ok(c.get("kv/data/mig/a", &root).await, 200)), "old");
+    assert_eq!(v(ok(c.get("kv/data/mig/c", &root).await, 200)), "c");
+
+    let err = migrate(&s, &["--from", "kv/mig", "--to", "secret"]).unwrap_err();
+    assert!(err.contains("is inside the mount kv/"), "{err}");
+
+    let l = ok(c.send("LIST", "cloud/mig", Some(&root), None).await, 200);
+    assert_eq!(l.body["data"]["keys"], json!(["ok"]), "the `..` folder is not listed");
+    let out = migrate(&s, &["--from", "cloud", "--to", "kv", "--prefix", "mig"]).unwrap();
+    assert_eq!(out, "copied 1 secrets from cloud to kv; 0 already equal");
+    assert_eq!(ok(c.get("kv/data/mig/ok", &root).await, 200).body["data"]["data"]["value"], "from-aws");
+    ok(c.get("kv/data/escape", &root).await, 404);
+    ok(c.get("kv/data/mig/escape", &root).await, 404);
 }

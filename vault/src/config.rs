@@ -462,7 +462,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let config: Config = from_toml(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -498,8 +498,89 @@ impl Config {
         if self.listener.max_request_bytes < 1024 {
             return Err(Error::Config("listener.max_request_bytes must be at least 1024".into()));
         }
+        // Zero here does not mean "no limit": a zero window forgets every failure at once
+        // (no brute-force limit at all), and zero rotation limits start a rotation after
+        // every rotation.
+        let limit = &self.auth.rate_limit;
+        if limit.window < Duration::from_secs(1) {
+            return Err(Error::Config("auth.rate_limit.window must be at least 1s".into()));
+        }
+        if limit.failures_per_role_and_address == 0 || limit.failures_per_address == 0 {
+            return Err(Error::Config("auth.rate_limit failure counts must be positive".into()));
+        }
+        let rotation = &self.rotation;
+        if rotation.master_max_age.is_some_and(|d| d < Duration::from_secs(60)) {
+            return Err(Error::Config("rotation.master_max_age must be at least 1m".into()));
+        }
+        if rotation.master_max_encryptions.is_some_and(|n| n == 0 || n > MAX_ENCRYPTIONS_PER_KEY) {
+            return Err(Error::Config(format!(
+                "rotation.master_max_encryptions must be between 1 and {MAX_ENCRYPTIONS_PER_KEY} (AES-GCM with random nonces: 2^32 per key)"
+            )));
+        }
         Ok(())
     }
+}
+
+/// The most encryptions one AES-GCM key with random 96-bit nonces may make (NIST SP
+/// 800-38D: 2^32).
+const MAX_ENCRYPTIONS_PER_KEY: u64 = 1 << 32;
+
+/// Parse a TOML document (the configuration file, `--mounts`, `--upstream`). Its errors
+/// name the line, the column and what is wrong, never the text there: the `toml` crate's
+/// own message quotes the offending line, which may hold a PIN, a password or an
+/// upstream token that was put in the wrong place, and this error goes to the journal.
+pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| {
+            let before = text.get(..s.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: ")
+        });
+        Error::Config(format!("{}{}", at.unwrap_or_default(), without_values(e.message())))
+    })
+}
+
+/// A TOML value's deserialization error (a mount's options), without the values it
+/// quotes (see [`from_toml`]).
+pub fn value_error(e: &toml::de::Error) -> String {
+    without_values(e.message())
+}
+
+/// A parse or type error's message with the values it quotes left out (serde's "invalid
+/// type: string \"…\", expected …" names the value it found); field names stay.
+fn without_values(message: &str) -> String {
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(lead) {
+            let kind = rest.split([' ', ',']).next().unwrap_or_default();
+            let expected = rest.rfind(", expected").map_or("", |i| &rest[i..]);
+            return format!("{lead}{kind}{expected}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let expected = rest.rfind("`, expected").map_or("", |i| &rest[i + 1..]);
+        return format!("unknown variant{expected}");
+    }
+    // Anything else quoted in double quotes (a custom message about a value).
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    let mut escaped = false;
+    for ch in message.chars() {
+        if inside {
+            match (escaped, ch) {
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    inside = false;
+                    out.push_str("…\"");
+                }
+                _ => escaped = false,
+            }
+        } else {
+            out.push(ch);
+            inside = ch == '"';
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -526,5 +607,50 @@ mod tests {
         let err =
             Config::parse(&EXAMPLE.replace("default_ttl = \"10m\"", "default_ttl = \"2h\"")).unwrap_err().to_string();
         assert!(err.contains("exceeds"), "{err}");
+    }
+
+    /// A parse error names where, never what: a secret typed into the wrong place (or
+    /// with a typo in its key) is not printed back into the journal.
+    #[test]
+    fn a_parse_error_does_not_repeat_the_text() {
+        const SECRET: &str = "8f3a-secret-pin-9c1d";
+        let cases = [
+            // An unknown key (a typo, or a PIN put inline).
+            EXAMPLE.replace("pin_file =", &format!("pin = \"{SECRET}\"\npin_file =")),
+            // A value of the wrong type.
+            EXAMPLE.replace("default_ttl = \"10m\"", &format!("default_ttl = [\"{SECRET}\"]")),
+            EXAMPLE.replace("default_ttl = \"10m\"", "default_ttl = 918273645"),
+            EXAMPLE.replace("default_ttl = \"10m\"", &format!("default_ttl = \"{SECRET}\"")),
+            // Broken syntax on the secret's line.
+            format!("{EXAMPLE}\n[extra]\ntoken = \"{SECRET}"),
+            format!("{EXAMPLE}\n{SECRET} {SECRET}\n"),
+        ];
+        for (i, text) in cases.iter().enumerate() {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(!err.contains(SECRET) && !err.contains("918273645"), "case {i}: {err}");
+            assert!(err.contains("line "), "case {i}: {err}");
+        }
+        let err = Config::parse(&cases[0]).unwrap_err().to_string();
+        assert!(err.contains("unknown field `pin`"), "{err}");
+    }
+
+    /// Zero limits are refused, not taken as "no limit".
+    #[test]
+    fn zero_limits_are_refused() {
+        for (line, replacement, says) in [
+            ("window = \"1m\"", "window = \"0s\"", "window"),
+            ("window = \"1m\"", "window = \"500ms\"", "window"),
+            ("failures_per_address = 20", "failures_per_address = 0", "failure counts"),
+            ("failures_per_role_and_address = 5", "failures_per_role_and_address = 0", "failure counts"),
+            ("master_max_encryptions = 1073741824", "master_max_encryptions = 0", "master_max_encryptions"),
+            ("master_max_encryptions = 1073741824", "master_max_encryptions = 5000000000", "master_max_encryptions"),
+            ("# master_max_age = \"90d\"", "master_max_age = \"0s\"", "master_max_age"),
+        ] {
+            assert!(EXAMPLE.contains(line), "{line}");
+            let err = Config::parse(&EXAMPLE.replace(line, replacement)).unwrap_err().to_string();
+            assert!(err.contains(says), "{replacement}: {err}");
+        }
+        let fine = EXAMPLE.replace("# master_max_age = \"90d\"", "master_max_age = \"90d\"");
+        assert_eq!(Config::parse(&fine).unwrap().rotation.master_max_age, Some(Duration::from_secs(90 * 86400)));
     }
 }

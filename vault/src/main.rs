@@ -230,6 +230,10 @@ enum OperatorCommand {
         /// Count what would be copied; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Copy the latest version over a secret that holds another value at the
+        /// destination (left alone and named otherwise, and the run fails).
+        #[arg(long)]
+        overwrite: bool,
         /// Connections working at once.
         #[arg(long, default_value_t = 8)]
         workers: usize,
@@ -427,7 +431,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     mounts: Vec<keyvault::config::MountConfig>,
                 }
                 let text = std::fs::read_to_string(file).with_context(|| format!("--mounts {}", file.display()))?;
-                let extra: Extra = toml::from_str(&text).with_context(|| format!("--mounts {}", file.display()))?;
+                let extra: Extra =
+                    keyvault::config::from_toml(&text).with_context(|| format!("--mounts {}", file.display()))?;
                 config.mounts = keyvault::config::default_mounts().into_iter().chain(extra.mounts).collect();
             }
             let service = Builder::new(&config).init(Init::IfNew).build().await?;
@@ -586,14 +591,21 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             println!("sealed: {}", s.sealed);
             Ok(())
         }
-        OperatorCommand::Migrate { endpoint, from, to, prefix, all_versions, dry_run, workers } => {
+        OperatorCommand::Migrate { endpoint, from, to, prefix, all_versions, dry_run, overwrite, workers } => {
             init_logging("warn", false);
-            let s =
-                cli::migrate::run(&migration_client(endpoint)?, &from, &to, &prefix, all_versions, dry_run, workers)
-                    .await?;
+            let opts = cli::migrate::Options { all_versions, dry_run, overwrite, workers };
+            let s = cli::migrate::run(&migration_client(endpoint)?, &from, &to, &prefix, opts).await?;
             let verb = if dry_run { "would copy" } else { "copied" };
             let versions = if all_versions { format!(" ({} versions)", s.versions) } else { String::new() };
             println!("{verb} {} secrets{versions} from {from} to {to}; {} already equal", s.copied, s.equal);
+            if s.differ > 0 {
+                anyhow::bail!(
+                    "{} secrets hold another value at {to} and were left alone (--overwrite copies over them): {}{}",
+                    s.differ,
+                    s.differ_names.join(", "),
+                    if s.differ > s.differ_names.len() as u64 { ", ..." } else { "" }
+                );
+            }
             Ok(())
         }
         OperatorCommand::RootToken { config, ttl } => {
@@ -659,7 +671,8 @@ async fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
             mounts: Vec<keyvault::config::MountConfig>,
         }
         let text = std::fs::read_to_string(file).with_context(|| format!("--upstream {}", file.display()))?;
-        let mounts: Mounts = toml::from_str(&text).with_context(|| format!("--upstream {}", file.display()))?;
+        let mounts: Mounts =
+            keyvault::config::from_toml(&text).with_context(|| format!("--upstream {}", file.display()))?;
         let found = mounts
             .mounts
             .iter()

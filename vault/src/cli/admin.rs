@@ -90,10 +90,9 @@ fn fields(pairs: &[String]) -> Result<Map<String, Value>> {
         };
     }
     let mut out = Map::new();
-    for p in pairs {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| anyhow!("{k:?}: key=value expected", k = p.split('=').next().unwrap_or("")))?;
+    for (i, p) in pairs.iter().enumerate() {
+        // Not repeated in the error: a value typed without its key may be the secret.
+        let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("argument {}: key=value expected", i + 1))?;
         let value = if let Some(file) = v.strip_prefix('@') {
             let bytes = read_input(&PathBuf::from(file))?;
             Value::String(String::from_utf8(bytes.to_vec()).map_err(|_| anyhow!("{file}: not UTF-8"))?)

@@ -6,6 +6,12 @@
 //! again. The latest version of each secret is copied, or with `--all-versions` (both
 //! mounts keeping numbered versions: KV version 2, or a proxied mount whose upstream
 //! does) every live version, oldest first.
+//!
+//! A secret that exists at the destination with another value is left alone and named
+//! (the run then fails): it was written there by someone else, perhaps after the
+//! applications moved, and copying over it would put an older value back. `--overwrite`
+//! copies over it. A new secret is written to KV version 2 with `cas: 0`, so a writer
+//! that creates it meanwhile is not overwritten either.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,14 +70,22 @@ impl Mount {
     }
 }
 
-/// Learn a mount's KV version the way Vault's tools do.
+/// Learn a mount's KV version the way Vault's tools do. `path` must be the mount itself,
+/// not a folder inside one (that is `--prefix`).
 async fn mount(c: &Client, path: &str) -> Result<Mount> {
     let path = path.trim_matches('/').to_owned();
+    if path.split('/').any(|s| matches!(s, "" | "." | "..")) {
+        bail!("mount {path:?}: not a mount path");
+    }
     let v = fetch(c, "GET", &format!("sys/internal/ui/mounts/{path}"), None)
         .await?
         .ok_or_else(|| anyhow!("mount {path}: not found"))?;
     if v["data"]["type"] != "kv" {
         bail!("mount {path} is not a key/value store");
+    }
+    let served_by = v["data"]["path"].as_str().unwrap_or_default().trim_matches('/');
+    if served_by != path {
+        bail!("{path} is inside the mount {served_by}/: give --from/--to {served_by} and --prefix for the folder");
     }
     let options = &v["data"]["options"];
     let v2 = options["version"] == "2";
@@ -85,6 +99,13 @@ async fn walk(c: &Client, m: &Mount, prefix: &str) -> Result<Vec<String>> {
     while let Some(folder) = folders.pop() {
         let Some(v) = fetch(c, "LIST", &m.list_path(&folder), None).await? else { continue };
         for k in v["data"]["keys"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            // A listing (from an upstream, perhaps) names one entry per key: no `/` but
+            // a folder's last, and no `.`/`..`, which a URL would resolve to another path
+            // read and written with the operator's token.
+            let entry = k.strip_suffix('/').unwrap_or(k);
+            if entry.is_empty() || entry.contains('/') || entry == "." || entry == ".." {
+                bail!("the listing of {}/{folder} names {k:?}, which is not a secret name; nothing was copied", m.path);
+            }
             let full = if folder.is_empty() { k.to_owned() } else { format!("{folder}/{k}") };
             match full.strip_suffix('/') {
                 Some(f) => folders.push(f.to_owned()),
@@ -101,6 +122,8 @@ enum Outcome {
     /// This many versions written.
     Copied(u64),
     Equal,
+    /// The destination holds another value: left alone (without `--overwrite`).
+    Differs,
 }
 
 /// The fields of the latest version, or `None` when there is none.
@@ -109,6 +132,12 @@ async fn latest(c: &Client, m: &Mount, name: &str) -> Result<Option<Value>> {
         Some(v) => m.fields(&v).map(Some),
         None => Ok(None),
     }
+}
+
+/// Whether a KV version 2 secret has metadata with any version (deleted ones too).
+async fn has_versions(c: &Client, m: &Mount, name: &str) -> Result<bool> {
+    let meta = fetch(c, "GET", &format!("{}/metadata/{}", m.path, enc(name)), None).await?;
+    Ok(meta.is_some_and(|v| v["data"]["current_version"].as_u64().unwrap_or(0) > 0))
 }
 
 /// The live versions of a secret, oldest first (deleted and destroyed ones skipped): from
@@ -144,25 +173,37 @@ async fn history(c: &Client, m: &Mount, name: &str) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-async fn write(c: &Client, to: &Mount, name: &str, fields: &Value) -> Result<()> {
-    c.request("PUT", &to.data_path(name), Some(&to.write_body(fields)))
-        .await
-        .with_context(|| format!("write {}/{name}", to.path))?;
+/// Write one version. `new`: the secret is absent at the destination, and a KV version 2
+/// destination is told so (`cas: 0`: refused if someone created it meanwhile).
+async fn write(c: &Client, to: &Mount, name: &str, fields: &Value, new: bool) -> Result<()> {
+    let mut body = to.write_body(fields);
+    if to.v2 && new {
+        body["options"] = serde_json::json!({ "cas": 0 });
+    }
+    c.request("PUT", &to.data_path(name), Some(&body)).await.with_context(|| format!("write {}/{name}", to.path))?;
     Ok(())
 }
 
-/// Copy the latest version, unless the destination's latest is equal.
-async fn copy_latest(c: &Client, from: &Mount, to: &Mount, name: &str, dry_run: bool) -> Result<Outcome> {
+/// Copy the latest version, unless the destination's latest is equal, or differs and
+/// `overwrite` is off.
+async fn copy_latest(c: &Client, from: &Mount, to: &Mount, name: &str, opts: &Options) -> Result<Outcome> {
     let Some(fields) = latest(c, from, name).await? else {
         bail!("read {}/{name}: gone since it was listed", from.path);
     };
-    if latest(c, to, name).await?.as_ref() == Some(&fields) {
+    let there = latest(c, to, name).await?;
+    if there.as_ref() == Some(&fields) {
         return Ok(Outcome::Equal);
     }
-    if dry_run {
+    // A KV version 2 secret whose latest version was deleted there reads 404 but is
+    // not new: someone deleted it, and a copy would bring a value back.
+    let new = there.is_none() && !(to.v2 && has_versions(c, to, name).await?);
+    if !new && !opts.overwrite {
+        return Ok(Outcome::Differs);
+    }
+    if opts.dry_run {
         return Ok(Outcome::Copied(1));
     }
-    write(c, to, name, &fields).await?;
+    write(c, to, name, &fields, new).await?;
     if latest(c, to, name).await?.as_ref() != Some(&fields) {
         bail!("{}/{name}: the copy read back differs", to.path);
     }
@@ -191,8 +232,8 @@ async fn copy_history(c: &Client, from: &Mount, to: &Mount, name: &str, dry_run:
         return Ok(Outcome::Equal);
     }
     if !dry_run {
-        for fields in missing {
-            write(c, to, name, fields).await?;
+        for (i, fields) in missing.iter().enumerate() {
+            write(c, to, name, fields, have.is_empty() && i == 0).await?;
         }
         if history(c, to, name).await? != source {
             bail!("{}/{name}: the versions read back differ", to.path);
@@ -202,7 +243,7 @@ async fn copy_history(c: &Client, from: &Mount, to: &Mount, name: &str, dry_run:
 }
 
 /// What a run did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Summary {
     /// Secrets written to (or, in a dry run, that would be).
     pub copied: u64,
@@ -210,21 +251,31 @@ pub struct Summary {
     pub versions: u64,
     /// Secrets already equal at the destination.
     pub equal: u64,
+    /// Secrets left alone because the destination holds another value (at most 20 named).
+    pub differ: u64,
+    pub differ_names: Vec<String>,
 }
 
-/// Copy every secret under `prefix` of `from` into `to` with `workers` connections.
-pub async fn run(
-    client: &Client,
-    from: &str,
-    to: &str,
-    prefix: &str,
-    all_versions: bool,
-    dry_run: bool,
-    workers: usize,
-) -> Result<Summary> {
+/// How a run copies.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Every live version, not only the latest.
+    pub all_versions: bool,
+    /// Count; write nothing.
+    pub dry_run: bool,
+    /// Copy the latest version over a different value at the destination.
+    pub overwrite: bool,
+    /// Connections working at once.
+    pub workers: usize,
+}
+
+/// Copy every secret under `prefix` of `from` into `to`.
+pub async fn run(client: &Client, from: &str, to: &str, prefix: &str, opts: Options) -> Result<Summary> {
+    let Options { all_versions, dry_run, workers, .. } = opts;
     let (from, to) = (mount(client, from).await?, mount(client, to).await?);
-    if from.path == to.path {
-        bail!("--from and --to are the same mount");
+    let inside = |a: &str, b: &str| a.strip_prefix(b).is_some_and(|rest| rest.starts_with('/'));
+    if from.path == to.path || inside(&from.path, &to.path) || inside(&to.path, &from.path) {
+        bail!("--from and --to are the same mount, or one is inside the other");
     }
     if all_versions && !(from.numbered && to.numbered) {
         let which = if from.numbered { &to.path } else { &from.path };
@@ -246,9 +297,10 @@ pub async fn run(
     let queue = Arc::new(std::sync::Mutex::new(names));
     let counters = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
     let [copied, versions, equal, done] = [0, 1, 2, 3];
+    let differ: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let mut tasks: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
     for _ in 0..workers.max(1) {
-        let (queue, c) = (queue.clone(), counters.clone());
+        let (queue, c, differ) = (queue.clone(), counters.clone(), differ.clone());
         let (from, to, cl) = (from.clone(), to.clone(), client.clone());
         tasks.spawn(async move {
             loop {
@@ -256,7 +308,7 @@ pub async fn run(
                 let outcome = if all_versions {
                     copy_history(&cl, &from, &to, &name, dry_run).await?
                 } else {
-                    copy_latest(&cl, &from, &to, &name, dry_run).await?
+                    copy_latest(&cl, &from, &to, &name, &opts).await?
                 };
                 match outcome {
                     Outcome::Copied(n) => {
@@ -266,6 +318,7 @@ pub async fn run(
                     Outcome::Equal => {
                         c[equal].fetch_add(1, Ordering::Relaxed);
                     }
+                    Outcome::Differs => differ.lock().unwrap_or_else(|p| p.into_inner()).push(name),
                 }
                 let n = c[done].fetch_add(1, Ordering::Relaxed) + 1;
                 if n % 100 == 0 || n == total {
@@ -285,5 +338,9 @@ pub async fn run(
         eprintln!();
     }
     let get = |i: usize| counters[i].load(Ordering::Relaxed);
-    Ok(Summary { copied: get(copied), versions: get(versions), equal: get(equal) })
+    let mut differ_names = std::mem::take(&mut *differ.lock().unwrap_or_else(|p| p.into_inner()));
+    differ_names.sort();
+    let differ = differ_names.len() as u64;
+    differ_names.truncate(20);
+    Ok(Summary { copied: get(copied), versions: get(versions), equal: get(equal), differ, differ_names })
 }

@@ -294,8 +294,9 @@ fn new_password() -> Result<Zeroizing<String>> {
 impl Database {
     fn build(core: &Arc<Core>, mount: &MountConfig) -> Result<Arc<dyn Engine>> {
         let bad = |e: String| Error::Config(format!("mount {:?}: {e}", mount.path));
-        let options: Options =
-            toml::Value::Table(mount.options.clone()).try_into().map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        let options: Options = toml::Value::Table(mount.options.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(crate::config::value_error(&e)))?;
         let mut connections = BTreeMap::new();
         for (name, c) in &options.connections {
             let mut config: tokio_postgres::Config = c

@@ -87,11 +87,11 @@ fn options(mount: &MountConfig) -> Result<(toml::Value, CacheConfig, Policy)> {
     let mut table = mount.options.clone();
     let bad = |what: &str, e: String| Error::Config(format!("mount {:?}: {what}: {e}", mount.path));
     let cache = match table.remove("cache") {
-        Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("cache", e.to_string()))?,
+        Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("cache", crate::config::value_error(&e)))?,
         None => CacheConfig::default(),
     };
     let policy = match table.remove("resilience") {
-        Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("resilience", e.to_string()))?,
+        Some(v) => v.try_into().map_err(|e: toml::de::Error| bad("resilience", crate::config::value_error(&e)))?,
         None => Policy::default(),
     };
     Ok((toml::Value::Table(table), cache, policy))
@@ -104,7 +104,7 @@ pub fn adapter(mount: &MountConfig) -> Result<Arc<dyn SecretBackend>> {
     use keyvault_proxy_backends::{aws, azure, hashicorp};
     let (table, _, _) = options(mount)?;
     let bad = |e: String| Error::Config(format!("mount {:?}: {e}", mount.path));
-    let parse = |e: toml::de::Error| bad(format!("options: {e}"));
+    let parse = |e: toml::de::Error| bad(format!("options: {}", crate::config::value_error(&e)));
     Ok(match mount.kind.as_str() {
         "hashicorp" => Arc::new(
             hashicorp::HashicorpBackend::new(table.try_into().map_err(parse)?).map_err(|e| bad(e.to_string()))?,
@@ -163,7 +163,23 @@ impl Engine for Proxy {
     async fn handle(&self, req: &mut Request) -> Result<Reply> {
         if req.operation == Operation::List {
             let prefix = SecretPrefix::parse(req.param("path"))?;
-            let keys = self.backend.list(prefix.as_str()).await.map_err(|e| map_error(e, prefix.as_str()))?;
+            let mut keys = self.backend.list(prefix.as_str()).await.map_err(|e| map_error(e, prefix.as_str()))?;
+            // An upstream's names are not all names here: `a/../b` is a valid AWS name,
+            // listed as the folder `../`. A client that walks the listing would address
+            // another path with it (its `..` resolved by the URL), so such entries are
+            // left out, as names this API cannot address.
+            let before = keys.len();
+            keys.retain(|k| {
+                let entry = k.strip_suffix('/').unwrap_or(k);
+                !entry.is_empty() && !entry.contains('/') && entry != "." && entry != ".."
+            });
+            if keys.len() < before {
+                tracing::warn!(
+                    mount = %req.mount,
+                    left_out = before - keys.len(),
+                    "an upstream listing named entries that are not names (., .., empty); left out"
+                );
+            }
             return Reply::keys(keys);
         }
         let path = SecretPath::parse(req.param("path"))?;

@@ -68,8 +68,24 @@ pub fn open_keystore(config: &Config) -> Result<Arc<dyn KeyStore>> {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     match &config.storage {
         StorageConfig::Sled { path } => {
-            std::fs::create_dir_all(path)
+            // Owner only, as the audit directory: record keys are secret paths in clear.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
                 .map_err(|e| Error::Config(format!("cannot create storage directory {}: {e}", path.display())))?;
+            // One that was there already keeps its mode: said, not changed.
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(path)
+                && m.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    dir = %path.display(),
+                    mode = format!("{:o}", m.permissions().mode() & 0o777),
+                    "the storage directory is open to other users (secret paths are stored in clear); chmod 700 it"
+                );
+            }
             Ok(Arc::new(crate::metrics::MeteredStore::new(Arc::new(SledStore::open(path)?))))
         }
         StorageConfig::Postgres { url, password_file, tls_ca_file, pool_size } => {
@@ -209,5 +225,27 @@ impl<'a> Builder<'a> {
             Purpose::Admin => None,
         };
         Ok(Service { core, mounts, listener })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sled directory is the owner's only, whatever the umask: record keys (secret
+    /// paths) are stored in clear.
+    #[tokio::test]
+    async fn the_storage_directory_is_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/store");
+        let example = include_str!("../../../deploy/keyvault.example.toml");
+        let mut config = Config::parse(example).unwrap();
+        config.storage = StorageConfig::Sled { path: path.clone() };
+        drop(open_store(&config).await.unwrap());
+        for p in [&path, &dir.path().join("data")] {
+            let mode = std::fs::metadata(p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        }
     }
 }
