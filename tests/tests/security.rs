@@ -714,6 +714,16 @@ async fn a_signed_request_is_accepted_once_by_the_producers_that_share_its_key()
         "public_key": STANDARD.encode(q.key.verifying_key().as_bytes())}]});
     ok(c.post("gateway/producers/unit-other", Some(&root), other).await, 204);
     ok(c.post("gateway/verify", Some(&root), q.item("unit-other", &ts, nonce, b"{}")).await, 200);
+    // One producer with two keys (a rotation window): a nonce spent under one of its keys
+    // is spent for the producer, whichever key signs it again.
+    let both = json!({"cert_sha256": [p.cert], "keys": [
+        {"key_id": "k1", "public_key": STANDARD.encode(p.key.verifying_key().as_bytes())},
+        {"key_id": "k2", "public_key": STANDARD.encode(q.key.verifying_key().as_bytes())}]});
+    ok(c.post("gateway/producers/unit-two-keys", Some(&root), both).await, 204);
+    let nonce = "nonce-shared-00000004";
+    ok(c.post("gateway/verify", Some(&root), p.item("unit-two-keys", &ts, nonce, b"{}")).await, 200);
+    let r = c.post("gateway/verify", Some(&root), q.item("unit-two-keys", &ts, nonce, b"{}")).await;
+    assert_eq!((r.status, reason(&r)), (409, Some("replay".into())), "{r:?}");
     // In one batch: the first wins.
     let nonce = "nonce-shared-00000002";
     let batch = json!({"batch": [p.item("unit-new", &ts, nonce, b"{}"), p.item("unit-old", &ts, nonce, b"{}")]});

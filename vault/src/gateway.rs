@@ -390,9 +390,11 @@ impl Gateway {
         // signed input names no producer, so producers that share a key (one unit moving
         // to a new identity, or two naming one transit key) would each accept the same
         // signed request once if nonces were only the producer's. The producer's record
-        // is what replicas of before this rule write and read: one found there that such a
-        // replica wrote (its value empty) is a replay; one written by a concurrent copy
-        // here (its value `NONCE_BY_KEY_TOO`) lost the key's record, so it is not.
+        // is what replicas of before this rule write and read; here its value is the
+        // verifying key's hash. Found taken while the key's record was new, it is a
+        // replay if an older replica wrote it (empty) or another key of the producer did
+        // (a rotation window); if it names this key, a concurrent copy wrote it and lost
+        // the key's record, so this one is not a replay.
         let mut pending = Vec::new();
         for ((i, p, _), key_id) in candidates.into_iter().zip(key_ids) {
             match key_id {
@@ -406,16 +408,17 @@ impl Gateway {
                 let entry = producers.get(&p.identity).and_then(|e| e.as_ref());
                 let ttl = entry.map(|(prod, _)| prod.nonce_ttl_seconds).unwrap_or(120);
                 let nonce = hex::encode(Sha256::digest(p.nonce.as_bytes()));
+                let key_hash = hex::encode(Sha256::digest(vk.as_bytes()));
                 let by_producer =
                     format!("gateway/nonce/{}/{nonce}", hex::encode(Sha256::digest(p.identity.as_bytes())));
-                let by_key = format!("gateway/nonce-by-key/{}/{nonce}", hex::encode(Sha256::digest(vk.as_bytes())));
+                let by_key = format!("gateway/nonce-by-key/{key_hash}/{nonce}");
                 // The producer's skew may be raised later (edits apply at once), up to
                 // MAX_SKEW: its timestamp could then be accepted until ts + MAX_SKEW, so
                 // the nonce is remembered at least that long, whatever its TTL says now.
                 // (Accepted while |now - ts| <= skew: still at ts + MAX_SKEW, so one more.)
                 let outlive = p.ts.saturating_add(MAX_SKEW + 1).saturating_sub(now);
                 let ttl = Some(self.nonce_ttl(ttl.max(outlive)));
-                [(by_key, Vec::new(), ttl), (by_producer, NONCE_BY_KEY_TOO.to_vec(), ttl)]
+                [(by_key, Vec::new(), ttl), (by_producer, key_hash.into_bytes(), ttl)]
             })
             .collect();
         let inserted = self.store.insert_if_absent_many(&inserts).await?;
@@ -423,7 +426,7 @@ impl Gateway {
         for (records, both) in inserts.chunks(2).zip(inserted.chunks(2)) {
             fresh.push(match both {
                 [true, true] => true,
-                [true, _] => self.store.get(&records[1].0).await?.is_some_and(|v| v == NONCE_BY_KEY_TOO),
+                [true, _] => self.store.get(&records[1].0).await?.is_some_and(|v| v == records[1].1),
                 _ => false,
             });
         }
@@ -468,10 +471,6 @@ impl Gateway {
         Ok(Some((prod, keys)))
     }
 }
-
-/// The value of a producer's nonce record written with a record under the verifying key
-/// (an empty one was written by a replica of before that record).
-const NONCE_BY_KEY_TOO: &[u8] = b"k";
 
 /// The key (id and key) that verifies each candidate, if any. Items of a producer with one active
 /// key are checked together with `verify_batch` (about 2.4x the rate of one by one); if the

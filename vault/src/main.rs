@@ -600,8 +600,10 @@ async fn operator(command: OperatorCommand) -> anyhow::Result<()> {
             println!("{verb} {} secrets{versions} from {from} to {to}; {} already equal", s.copied, s.equal);
             if s.differ > 0 {
                 anyhow::bail!(
-                    "{} secrets hold another value at {to} and were left alone (--overwrite copies over them): {}{}",
+                    "{} secrets hold another value at {to} and {} left alone (--overwrite copies over them{}): {}{}",
                     s.differ,
+                    if dry_run { "would be" } else { "were" },
+                    if all_versions { ", but not with --all-versions" } else { "" },
                     s.differ_names.join(", "),
                     if s.differ > s.differ_names.len() as u64 { ", ..." } else { "" }
                 );

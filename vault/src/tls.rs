@@ -444,9 +444,22 @@ pub fn write_private(path: &Path, content: &str) -> Result<()> {
     name.push(format!(".new-{}", std::process::id()));
     let tmp = path.with_file_name(name);
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(failed)?;
-    f.write_all(content.as_bytes()).and_then(|()| f.sync_all()).map_err(failed)?;
-    std::fs::rename(&tmp, path).map_err(failed)
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(content.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Config(format!("cannot write {} (through {}): {e}", path.display(), tmp.display())));
+    }
+    // The rename itself made durable.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(failed)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -135,9 +135,15 @@ async fn latest(c: &Client, m: &Mount, name: &str) -> Result<Option<Value>> {
 }
 
 /// Whether a KV version 2 secret has metadata with any version (deleted ones too).
+/// Without `read` on the metadata (403) it is not known: `false`, and the write's
+/// `cas: 0` is what refuses a secret that exists there.
 async fn has_versions(c: &Client, m: &Mount, name: &str) -> Result<bool> {
-    let meta = fetch(c, "GET", &format!("{}/metadata/{}", m.path, enc(name)), None).await?;
-    Ok(meta.is_some_and(|v| v["data"]["current_version"].as_u64().unwrap_or(0) > 0))
+    let path = format!("{}/metadata/{}", m.path, enc(name));
+    match c.request("GET", &path, None::<&Value>).await {
+        Ok(v) => Ok(v.is_some_and(|v| v["data"]["current_version"].as_u64().unwrap_or(0) > 0)),
+        Err(e) if e.is_not_found() || e.status() == Some(403) => Ok(false),
+        Err(e) => Err(anyhow!("GET /v1/{path}: {e}")),
+    }
 }
 
 /// The live versions of a secret, oldest first (deleted and destroyed ones skipped): from
@@ -203,7 +209,19 @@ async fn copy_latest(c: &Client, from: &Mount, to: &Mount, name: &str, opts: &Op
     if opts.dry_run {
         return Ok(Outcome::Copied(1));
     }
-    write(c, to, name, &fields, new).await?;
+    if let Err(e) = write(c, to, name, &fields, new).await {
+        // `cas: 0` refused: the secret appeared there meanwhile (or was there, deleted,
+        // unseen without `read` on its metadata). Judged as it is now, not the run's end.
+        let status = e.downcast_ref::<keyvault_client::Error>().and_then(keyvault_client::Error::status);
+        if !new || !matches!(status, Some(400 | 409)) {
+            return Err(e);
+        }
+        return Ok(if latest(c, to, name).await?.as_ref() == Some(&fields) {
+            Outcome::Equal
+        } else {
+            Outcome::Differs
+        });
+    }
     if latest(c, to, name).await?.as_ref() != Some(&fields) {
         bail!("{}/{name}: the copy read back differs", to.path);
     }
@@ -212,20 +230,17 @@ async fn copy_latest(c: &Client, from: &Mount, to: &Mount, name: &str, opts: &Op
 
 /// Copy every live version the destination lacks. The destination's live versions must
 /// be the first of the source's (none, or a run that stopped half way): any other
-/// history there is left alone and reported.
+/// history there, or a secret whose every version was deleted there, is left alone and
+/// reported (`--overwrite` does not apply: versions are appended, never replaced).
 async fn copy_history(c: &Client, from: &Mount, to: &Mount, name: &str, dry_run: bool) -> Result<Outcome> {
     let source = history(c, from, name).await?;
     if source.is_empty() {
         bail!("read {}/{name}: gone since it was listed", from.path);
     }
     let have = history(c, to, name).await?;
-    if have.len() > source.len() || source[..have.len()] != have[..] {
-        bail!(
-            "{}/{name} has versions that are not the first of {}/{name}'s: left alone (copy the latest version only, or \
-             delete it there first)",
-            to.path,
-            from.path
-        );
+    let diverged = have.len() > source.len() || source[..have.len()] != have[..];
+    if diverged || (have.is_empty() && to.v2 && has_versions(c, to, name).await?) {
+        return Ok(Outcome::Differs);
     }
     let missing = &source[have.len()..];
     if missing.is_empty() {
