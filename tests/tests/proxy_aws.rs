@@ -45,6 +45,15 @@ async fn the_aws_adapter_passes_the_conformance_suite() {
     assert_eq!(scoped.list("").await.unwrap(), vec!["conf/".to_owned()]);
 }
 
+/// moto, started, and a file with the access key's secret (the directory holds it).
+fn moto_and_key() -> (Moto, tempfile::TempDir, std::path::PathBuf) {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("aws-secret");
+    std::fs::write(&key, "test-secret-access-key").unwrap();
+    (moto, dir, key)
+}
+
 /// A server whose mount `cloud/` is the moto account's `prod/` names (no cache, one try).
 fn server_with_cloud(moto: &Moto, key: &std::path::Path) -> TestServer {
     let mounts = format!(
@@ -59,10 +68,7 @@ fn server_with_cloud(moto: &Moto, key: &std::path::Path) -> TestServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_reads_secrets_kept_in_aws_through_keyvault() {
-    let mut moto = Moto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("aws-secret");
-    std::fs::write(&key, "test-secret-access-key").unwrap();
+    let (mut moto, _dir, key) = moto_and_key();
     // Secrets put there by another tool (the adapter, used here as a plain client).
     let aws = Aws::new(config(&moto, &key, "prod/")).unwrap();
     aws.write("db", &SecretData::from_fields([("username", "app"), ("password", "aws-pass-1")]), None).await.unwrap();
@@ -145,10 +151,7 @@ async fn web_identity_credentials_are_assumed_from_sts() {
 /// the writer was told its write failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_write_does_not_bring_a_deleted_secret_back() {
-    let moto = Moto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("aws-secret");
-    std::fs::write(&key, "test-secret-access-key").unwrap();
+    let (moto, _dir, key) = moto_and_key();
     let aws = Aws::new(config(&moto, &key, "")).unwrap();
     aws.write("gone", &SecretData::from_fields([("value", "leaked-credential")]), None).await.unwrap();
     aws.delete("gone").await.unwrap();
@@ -187,10 +190,7 @@ fn migrate(s: &TestServer, args: &[&str]) -> Result<String, String> {
 /// written at the path it would resolve to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_leaves_alone_what_it_must_not_copy() {
-    let moto = Moto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("aws-secret");
-    std::fs::write(&key, "test-secret-access-key").unwrap();
+    let (moto, _dir, key) = moto_and_key();
     let aws = Aws::new(config(&moto, &key, "prod/")).unwrap();
     aws.write("mig/ok", &SecretData::from_fields([("value", "from-aws")]), None).await.unwrap();
     aws.write("mig/../escape", &SecretData::from_fields([("value", "steered")]), None).await.unwrap();
