@@ -43,6 +43,14 @@ fn check_segment(seg: &str) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Whether one entry of a listing (`name`, or `folder/`) is a name this API can address:
+/// the rule of every path segment. An upstream's listing may name others (`a/../b` is a
+/// valid AWS name, listed as the folder `../`); a client walking the listing would
+/// address another path with them.
+pub fn check_listing_entry(entry: &str) -> Result<(), PathError> {
+    check_segment(entry.strip_suffix('/').unwrap_or(entry))
+}
+
 /// Percent-decode each `/`-separated segment of a URL path remainder.
 pub fn decode_segments(raw: &str) -> Result<Vec<String>, PathError> {
     raw.split('/')

@@ -431,6 +431,17 @@ impl ClientCert {
     }
 }
 
+/// Create `dir` (and its missing parents) readable by its owner only (0700). One that
+/// exists keeps its mode. `what` names it in the error (`audit`, `storage`).
+pub fn create_private_dir(dir: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::Config(format!("cannot create {what} directory {}: {e}", dir.display())))
+}
+
 /// Write a file readable by its owner only.
 ///
 /// Written to a new file beside it (created 0600, never through a symlink: `O_EXCL`),

@@ -450,12 +450,7 @@ impl AuditLog {
             // Only its owner may read the audit log: it names identities, paths and
             // outcomes (created 0700 here; an existing directory is left as the operator
             // set it, e.g. group-readable for a log shipper).
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| Error::Config(format!("cannot create audit directory {}: {e}", dir.display())))?;
+            crate::tls::create_private_dir(dir, "audit")?;
         }
         let writer = Writer::open(config.clone(), keys.clone(), names.clone(), public_key, shared.clone())?;
         let bound = match config.mode {

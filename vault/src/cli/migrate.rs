@@ -74,7 +74,7 @@ impl Mount {
 /// not a folder inside one (that is `--prefix`).
 async fn mount(c: &Client, path: &str) -> Result<Mount> {
     let path = path.trim_matches('/').to_owned();
-    if path.split('/').any(|s| matches!(s, "" | "." | "..")) {
+    if keyvault_api::secret::SecretPath::parse(&path).is_err() {
         bail!("mount {path:?}: not a mount path");
     }
     let v = fetch(c, "GET", &format!("sys/internal/ui/mounts/{path}"), None)
@@ -99,11 +99,9 @@ async fn walk(c: &Client, m: &Mount, prefix: &str) -> Result<Vec<String>> {
     while let Some(folder) = folders.pop() {
         let Some(v) = fetch(c, "LIST", &m.list_path(&folder), None).await? else { continue };
         for k in v["data"]["keys"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-            // A listing (from an upstream, perhaps) names one entry per key: no `/` but
-            // a folder's last, and no `.`/`..`, which a URL would resolve to another path
-            // read and written with the operator's token.
-            let entry = k.strip_suffix('/').unwrap_or(k);
-            if entry.is_empty() || entry.contains('/') || entry == "." || entry == ".." {
+            // Read and written with the operator's token: an entry that is not a name
+            // (`..`, which a URL resolves) would address another path.
+            if keyvault_api::secret::check_listing_entry(k).is_err() {
                 bail!("the listing of {}/{folder} names {k:?}, which is not a secret name; nothing was copied", m.path);
             }
             let full = if folder.is_empty() { k.to_owned() } else { format!("{folder}/{k}") };

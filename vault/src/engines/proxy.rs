@@ -164,20 +164,15 @@ impl Engine for Proxy {
         if req.operation == Operation::List {
             let prefix = SecretPrefix::parse(req.param("path"))?;
             let mut keys = self.backend.list(prefix.as_str()).await.map_err(|e| map_error(e, prefix.as_str()))?;
-            // An upstream's names are not all names here: `a/../b` is a valid AWS name,
-            // listed as the folder `../`. A client that walks the listing would address
-            // another path with it (its `..` resolved by the URL), so such entries are
-            // left out, as names this API cannot address.
+            // An upstream's names are not all names here (see `check_listing_entry`):
+            // such entries are left out, as names this API cannot address.
             let before = keys.len();
-            keys.retain(|k| {
-                let entry = k.strip_suffix('/').unwrap_or(k);
-                !entry.is_empty() && !entry.contains('/') && entry != "." && entry != ".."
-            });
+            keys.retain(|k| keyvault_api::secret::check_listing_entry(k).is_ok());
             if keys.len() < before {
                 tracing::warn!(
                     mount = %req.mount,
                     left_out = before - keys.len(),
-                    "an upstream listing named entries that are not names (., .., empty); left out"
+                    "an upstream listing named entries that are not names (., .., empty, control characters); left out"
                 );
             }
             return Reply::keys(keys);

@@ -69,12 +69,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     match &config.storage {
         StorageConfig::Sled { path } => {
             // Owner only, as the audit directory: record keys are secret paths in clear.
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(path)
-                .map_err(|e| Error::Config(format!("cannot create storage directory {}: {e}", path.display())))?;
+            crate::tls::create_private_dir(path, "storage")?;
             // One that was there already keeps its mode: said, not changed.
             use std::os::unix::fs::PermissionsExt;
             if let Ok(m) = std::fs::metadata(path)
